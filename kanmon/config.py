@@ -1,0 +1,538 @@
+"""Configuration: TOML text -> validated, frozen models.
+
+Role: the only place that reads kanmon's configuration file. Every key is declared
+here with its type, default and a one-line description (the description is what
+docs/configuration.md and `kanmon config reference` print).
+
+Trusts: nothing. The file is operator input; every value is checked before any
+listener starts (DESIGN.md promise 8). An unknown key, a bad address, CIDR, size or
+duration is a ConfigError that names the key and, where it can be found, the line.
+
+Never: start anything, touch the network, or create files (creating data_dir is the
+server's job).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# ---------------------------------------------------------------------------
+# Value types: durations ("30s", "5m", "4h", "3d"), sizes ("512KB", "1GB"),
+# host:port endpoints and CIDR networks.
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> float:
+    """'30s' -> 30.0, '5m' -> 300.0, '0' -> 0.0. A bare number means seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is written like 30s, 5m, 4h or 3d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("a duration is written like 30s, 5m, 4h or 3d")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (write 30s, 5m, 4h or 3d)")
+    number, unit = m.groups()
+    if unit is None and float(number) != 0:
+        raise ValueError(f"{value!r} needs a unit (30s, 5m, 4h or 3d)")
+    return float(number) * _DURATION_UNITS[unit or "s"]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.I)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_size(value: Any) -> int:
+    """'512KB' -> 512000, '50MB' -> 50000000, '1GiB' -> 1073741824; a bare integer is bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size is written like 512KB, 50MB or 1GB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a size is written like 512KB, 50MB or 1GB")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size (write 512KB, 50MB or 1GB)")
+    number, unit = m.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+def parse_hostport(value: Any) -> tuple[str, int]:
+    """'127.0.0.1:2525' -> ('127.0.0.1', 2525); '[::1]:25' -> ('::1', 25).
+
+    The host must be an IP address or a DNS name; the port 1..65535.
+    """
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        value = f"{value[0]}:{value[1]}"
+    if not isinstance(value, str):
+        raise ValueError("an endpoint is written ip:port, e.g. 127.0.0.1:2525")
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:\[\]\s]+):(\d+)$", value)
+    if not m:
+        raise ValueError(f"{value!r} is not ip:port (e.g. 127.0.0.1:2525 or [::1]:2525)")
+    host, port_text = m.groups()
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port {port} is out of range 1..65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.match(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$", host):
+            raise ValueError(f"{value!r}: {host!r} is neither an IP address nor a host name") from None
+    return (host, port)
+
+
+def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("a network is written in CIDR form, e.g. 192.0.2.0/24")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR network (e.g. 192.0.2.0/24)") from None
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(parse_network)]
+
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
+
+TlsPolicy = Literal["none", "opportunistic", "required", "verify", "smtps"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors; values are frozen after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+class ServerSection(Section):
+    hostname: str = Field("mx1.example.test", description="Name in the SMTP banner, EHLO and Received: headers")
+    data_dir: Path = Field(Path("./kanmon-data"), description="Spool, mailboxes, records and logs live here")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not _DOMAIN_RE.match(v.lower()):
+            raise ValueError(f"{v!r} is not a host name")
+        return v.lower()
+
+
+class SmtpSection(Section):
+    listen: list[HostPort] = Field(
+        default_factory=lambda: [("127.0.0.1", 2525)], description="One or more ip:port to accept SMTP on"
+    )
+    max_message_size: Size = Field(50_000_000, description="Largest message accepted (advertised as SIZE)")
+    max_recipients: int = Field(1000, ge=100, description="Recipients per message (RFC 5321 4.5.3.1.8: at least 100)")
+    max_connections: int = Field(1000, ge=1, description="Concurrent SMTP connections in all")
+    max_connections_per_ip: int = Field(50, ge=1, description="Concurrent SMTP connections from one client IP")
+    relay_networks: list[Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8")],
+        description="Clients in these networks may send to any domain",
+    )
+    min_free_disk: Size = Field(1_000_000_000, description="Below this much free space in data_dir, MAIL gets 452 4.3.1")
+    command_timeout: Duration = Field(300.0, gt=0, description="Idle time allowed between commands (RFC 5321 4.5.3.2.7)")
+    data_timeout: Duration = Field(600.0, gt=0, description="Idle time allowed inside DATA")
+    session_timeout: Duration = Field(3600.0, gt=0, description="Total time one SMTP session may last")
+    max_errors: int = Field(10, ge=1, description="Bad commands before the connection is closed with 421")
+    trusted_proxies: list[Network] = Field(
+        default_factory=list, description="Balancers allowed to send a PROXY protocol header (v1/v2)"
+    )
+
+
+class TlsSection(Section):
+    cert: Path = Field(description="PEM certificate chain offered by STARTTLS")
+    key: Path = Field(description="PEM private key of that certificate")
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.is_file():
+            raise ValueError(f"file {str(v)!r} does not exist")
+        return v
+
+
+class DomainSection(Section):
+    name: str = Field(description="A domain we receive mail for")
+    deliver: Literal["local", "relay"] = Field("local", description="local: mailboxes on this node; relay: forward to servers")
+    mailboxes: list[str] = Field(default_factory=list, description="Local parts that have a mailbox (deliver = local)")
+    aliases: dict[str, list[str]] = Field(
+        default_factory=dict, description="Local part -> mailboxes (or full addresses) it expands to"
+    )
+    servers: list[HostPort] = Field(
+        default_factory=list, description="deliver = relay: next hops in order; the rest are alternates"
+    )
+    tls: TlsPolicy = Field("opportunistic", description="TLS towards the servers: none|opportunistic|required|verify|smtps")
+    quota: Size | None = Field(None, description="Per-mailbox quota in this domain; over it, RCPT gets 452 4.2.2")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        if not _DOMAIN_RE.match(v):
+            raise ValueError(f"{v!r} is not a domain name")
+        return v
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _mailboxes(cls, v: list[str]) -> list[str]:
+        for lp in v:
+            if not _LOCAL_RE.match(lp) or lp.startswith(".") or lp.endswith(".") or ".." in lp or "/" in lp:
+                raise ValueError(f"{lp!r} is not a usable mailbox name")
+        return [lp.lower() for lp in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DomainSection:
+        if self.deliver == "relay" and not self.servers:
+            raise ValueError(f"domain {self.name!r}: deliver = \"relay\" needs servers = [\"host:port\", ...]")
+        if self.deliver == "local":
+            known = set(self.mailboxes)
+            for alias, targets in self.aliases.items():
+                if alias.lower() in known:
+                    raise ValueError(f"alias {alias!r} has the same name as a mailbox")
+                for t in targets:
+                    if "@" not in t and t.lower() not in known:
+                        raise ValueError(f"alias {alias!r} points at {t!r}, which is not a mailbox of {self.name}")
+        return self
+
+
+class OutboundSection(Section):
+    smarthost: list[HostPort] = Field(
+        default_factory=list, description="Mail for other domains goes here, in order; empty: by MX"
+    )
+    tls: TlsPolicy = Field("opportunistic", description="TLS for outbound mail: none|opportunistic|required|verify|smtps")
+    ca_file: Path | None = Field(None, description="CA bundle for tls = verify (default: the system's)")
+    mx_port: int = Field(25, ge=1, le=65535, description="Port used for MX delivery (tests point it elsewhere)")
+    max_per_destination: int = Field(20, ge=1, description="Concurrent connections per next hop")
+    connect_timeout: Duration = Field(30.0, gt=0, description="Time to connect and get the greeting")
+    command_timeout: Duration = Field(300.0, gt=0, description="Time for a reply to MAIL/RCPT/EHLO (RFC 5321 4.5.3.2)")
+    data_timeout: Duration = Field(600.0, gt=0, description="Time for the reply after the final dot (RFC 5321 4.5.3.2.6)")
+    source_ips: list[str] = Field(default_factory=list, description="Addresses our outgoing mail leaves from (for dns check)")
+
+
+class DnsSection(Section):
+    servers: list[HostPort] = Field(default_factory=list, description="DNS servers to ask; empty: the system resolver")
+    timeout: Duration = Field(5.0, gt=0, description="Time for one DNS query")
+
+
+class QueueSection(Section):
+    retry: str = Field("5m..1h", description="first..max retry interval; doubling, jittered")
+    warn_after: Duration = Field(4 * 3600.0, description='One delay notice to the sender after this; "0" = never')
+    lifetime: Duration = Field(3 * 86400.0, description='Then a failure notice; "0" = a temporary failure bounces at once')
+    max_active: int = Field(10_000, ge=10, description="Messages held in memory by the queue manager at once")
+
+    @field_validator("retry")
+    @classmethod
+    def _retry(cls, v: str) -> str:
+        parse_retry(v)
+        return v
+
+    @property
+    def retry_bounds(self) -> tuple[float, float]:
+        return parse_retry(self.retry)
+
+
+def parse_retry(value: str) -> tuple[float, float]:
+    """'5m..1h' -> (300, 3600)."""
+    first, sep, last = value.partition("..")
+    if not sep:
+        raise ValueError(f"{value!r}: write first..max, e.g. 5m..1h")
+    lo, hi = parse_duration(first), parse_duration(last)
+    if lo <= 0 or hi < lo:
+        raise ValueError(f"{value!r}: first must be > 0 and not above max")
+    return lo, hi
+
+
+class DnsCheckSection(Section):
+    every: Duration | None = Field(None, description="Run the DNS health check inside kanmon serve this often")
+    domains: list[str] = Field(default_factory=list, description="Domains to check (default: every [[domain]])")
+    ips: list[str] = Field(default_factory=list, description="Our outgoing IPs (default: outbound.source_ips)")
+    helo: str | None = Field(None, description="Name we announce (default: server.hostname)")
+    dkim_selector: str | None = Field(None, description="DKIM selector whose record is checked")
+    dkim_key: Path | None = Field(None, description="Our DKIM key (PEM, private or public) to compare with DNS")
+
+
+class ListenerPair(Section):
+    listen: list[HostPort] = Field(default_factory=list, description="Plain listeners (STARTTLS offered)")
+    listen_tls: list[HostPort] = Field(default_factory=list, description="Implicit TLS listeners (RFC 8314)")
+
+
+class SubmissionSection(ListenerPair):
+    pass
+
+
+class Pop3Section(ListenerPair):
+    pass
+
+
+class ImapSection(ListenerPair):
+    pass
+
+
+class HealthCheck(Section):
+    type: Literal["tcp", "smtp", "http", "ping"] = Field("smtp", description="tcp | smtp | http | ping")
+    interval: Duration = Field(10.0, gt=0, description="Time between checks")
+    timeout: Duration = Field(2.0, gt=0, description="Time one check may take")
+    retries: int = Field(3, ge=1, description="Failed checks in a row before a server is down (alias of fall)")
+    fall: int | None = Field(None, ge=1, description="Failed checks in a row before down (default: retries)")
+    rise: int = Field(1, ge=1, description="Passed checks in a row before up again")
+    path: str = Field("/", description="http: path to ask for")
+    host: str | None = Field(None, description="http: Host header")
+
+
+class RealServer(Section):
+    address: HostPort = Field(description="ip:port of a real server")
+    mode: Literal["active", "standby", "disabled"] = Field("active", description="active | standby | disabled")
+    weight: int = Field(1, ge=0, description="Share for the weighted method")
+    max_connections: int = Field(0, ge=0, description="0 = unlimited")
+
+
+class VirtualServer(Section):
+    name: str = Field(description="Name in logs and status")
+    listen: HostPort = Field(description="The virtual address clients connect to")
+    method: Literal["source-ip-hash", "round-robin", "weighted", "first-alive", "least-rtt", "least-session"] = Field(
+        "first-alive", description="How a real server is chosen"
+    )
+    proxy_protocol: bool = Field(False, description="Send a PROXY protocol v2 header to the real server")
+    health: HealthCheck = Field(default_factory=HealthCheck, description="Health check of the real servers")
+    connect_timeout: Duration = Field(5.0, gt=0, description="Time to connect to a real server")
+    idle_timeout: Duration = Field(600.0, gt=0, description="A spliced connection idle this long is closed")
+    real: list[RealServer] = Field(default_factory=list, description="[[balancer.virtual_server.real]] tables")
+
+
+class BalancerSection(Section):
+    virtual_server: list[VirtualServer] = Field(default_factory=list, description="[[balancer.virtual_server]] tables")
+
+
+class Config(Section):
+    server: ServerSection = Field(default_factory=ServerSection, description="Identity and storage")
+    smtp: SmtpSection = Field(default_factory=SmtpSection, description="The SMTP listener (port 25 role)")
+    tls: TlsSection | None = Field(None, description="Certificate for STARTTLS; without it a self-signed pair is made")
+    domain: list[DomainSection] = Field(default_factory=list, description="Our domains ([[domain]] tables)")
+    outbound: OutboundSection = Field(default_factory=OutboundSection, description="Mail for every other domain")
+    dns: DnsSection = Field(default_factory=DnsSection, description="How kanmon resolves MX/A/AAAA")
+    queue: QueueSection = Field(default_factory=QueueSection, description="Retries, delay notices, bounces")
+    dnscheck: DnsCheckSection = Field(default_factory=DnsCheckSection, description="DNS health check")
+    submission: SubmissionSection | None = Field(None, description="Authenticated submission (RFC 6409)")
+    pop3: Pop3Section | None = Field(None, description="POP3 access to mailboxes")
+    imap: ImapSection | None = Field(None, description="IMAP access to mailboxes")
+    balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> Config:
+        seen: set[str] = set()
+        for d in self.domain:
+            if d.name in seen:
+                raise ValueError(f"domain {d.name!r} is listed twice")
+            seen.add(d.name)
+        return self
+
+    def find_domain(self, name: str) -> DomainSection | None:
+        name = name.lower().rstrip(".")
+        for d in self.domain:
+            if d.name == name:
+                return d
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; str() names the key (and line)."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "list[", "tuple[", "json-or")):
+            continue  # pydantic's internal validator names
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _find_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best effort: the line where the innermost named key of loc is written."""
+    keys = [str(p) for p in loc if isinstance(p, str) and not p.startswith(("function-", "list[", "tuple["))]
+    if not text or not keys:
+        return None
+    lines = text.splitlines()
+    # Prefer the line of the innermost key after the line of its section header.
+    start = 0
+    if len(keys) > 1:
+        header = re.compile(r"^\s*\[\[?\s*" + re.escape(keys[0]) + r"[\].]")
+        for i, line in enumerate(lines):
+            if header.match(line):
+                start = i
+                break
+    key_re = re.compile(r"^\s*\"?" + re.escape(keys[-1]) + r"\"?\s*=")
+    for i in range(start, len(lines)):
+        if key_re.match(lines[i]):
+            return i + 1
+    for i, line in enumerate(lines):
+        if key_re.match(line) or re.match(r"^\s*\[\[?\s*" + re.escape(keys[-1]) + r"\s*\]", line):
+            return i + 1
+    return None
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text; raise ConfigError naming every bad key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        messages = []
+        for err in e.errors():
+            loc = err["loc"]
+            where = _loc_text(loc)
+            line = _find_line(text, loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            at = f" (line {line})" if line else ""
+            messages.append(f"{source}: {where}{at}: {msg}")
+        raise ConfigError(messages) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The config at path, or the embedded default when path is None."""
+    if path is None:
+        return parse_config(default_config_text(), "<embedded default>")
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text"]) from None
+    return parse_config(text, str(p))
+
+
+def default_config_text() -> str:
+    return resources.files("kanmon").joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def example_config_text() -> str:
+    return resources.files("kanmon").joinpath("example.toml").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Reference documentation, generated from the models above.
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation)
+    for raw, nice in (
+        ("typing.Annotated[float, BeforeValidator(func=<function parse_duration", "duration"),
+        ("typing.Annotated[int, BeforeValidator(func=<function parse_size", "size"),
+        ("typing.Annotated[tuple[str, int], BeforeValidator(func=<function parse_hostport", "ip:port"),
+        ("typing.Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network", "CIDR"),
+    ):
+        if raw in text:
+            return nice
+    return (
+        text.replace("typing.", "")
+        .replace("pathlib.Path", "path")
+        .replace("<class '", "")
+        .replace("'>", "")
+        .replace("kanmon.config.", "")
+    )
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md's key table, made from the models (a test keeps them equal)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `kanmon/config.py` by `kanmon config reference`; a test checks that this",
+        "file matches the code. Durations: `30s`, `5m`, `4h`, `3d`. Sizes: `512KB`, `50MB`, `1GB`",
+        "(`KiB`/`MiB`/`GiB` for powers of two). Endpoints: `ip:port` or `[ipv6]:port`.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        subsections = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            inner = getattr(ann, "__args__", None)
+            sub = None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                sub = ann
+            elif inner:
+                for a in inner:
+                    if isinstance(a, type) and issubclass(a, BaseModel):
+                        sub = a
+                    elif getattr(a, "__args__", None):
+                        for b in a.__args__:
+                            if isinstance(b, type) and issubclass(b, BaseModel):
+                                sub = b
+            if sub is not None:
+                is_list = "list[" in repr(ann)
+                subsections.append((name, sub, is_list, field.description or ""))
+                continue
+            if field.is_required():
+                default = "(required)"
+            elif field.default_factory is not None:
+                default = repr(field.default_factory())
+            else:
+                default = repr(field.default)
+            default = (
+                default.replace("IPv4Network(", "")
+                .replace("')", "'")
+                .replace("PosixPath(", "")
+            )
+            rows.append(f"| `{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+        if rows:
+            lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for name, sub, is_list, desc in subsections:
+            full = f"{prefix}.{name}" if prefix else name
+            header = f"[[{full}]]" if is_list else f"[{full}]"
+            lines.extend([f"## `{header}`", "", desc, ""])
+            walk(sub, full)
+
+    walk(Config, "")
+    return "\n".join(lines).rstrip() + "\n"

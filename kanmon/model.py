@@ -1,0 +1,166 @@
+"""Data passed between stages: queue ids, addresses, envelopes, replies, verdicts.
+
+Role: plain values only. No I/O, no clocks except where a caller passes a time.
+Trusts: its callers; parsing of untrusted text lives in smtp/ and policy/.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+# ---------------------------------------------------------------------------
+# Queue ids: sortable by arrival, unique across processes and restarts.
+# 10 characters of time (microseconds, base 32) + 4 of process/counter entropy,
+# like Postfix's long queue ids.
+
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZb"  # no vowels: ids never spell words
+_counter_lock = threading.Lock()
+_counter = int.from_bytes(os.urandom(2), "big")
+
+
+def _b32(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        out.append(_ALPHABET[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    global _counter
+    with _counter_lock:
+        _counter = (_counter + 1) & 0xFFFFF
+        c = _counter
+    t = int((time.time() if now is None else now) * 1_000_000)
+    return _b32(t, 11) + _b32(c ^ (os.getpid() << 4), 4)
+
+
+def is_queue_id(text: str) -> bool:
+    return len(text) == 15 and all(ch in _ALPHABET for ch in text)
+
+
+# ---------------------------------------------------------------------------
+# Replies
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, enhanced status code (RFC 3463), text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def wire(self) -> bytes:
+        """CRLF-terminated reply line(s); a multi-line text becomes 250-... lines."""
+        lines = self.text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            sep = "-" if i < len(lines) - 1 else " "
+            prefix = f"{self.code}{sep}{self.enhanced} " if self.enhanced else f"{self.code}{sep}"
+            out.append(prefix + line + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+
+class SmtpError(Exception):
+    """The one error type that carries an SMTP reply (DESIGN.md promise 7)."""
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+        super().__init__(str(reply))
+
+
+class VerdictKind(Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"  # 5xx
+    DEFER = "defer"  # 4xx
+    DISCARD = "discard"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: VerdictKind
+    reply: Reply | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind is VerdictKind.ACCEPT
+
+
+ACCEPT = Verdict(VerdictKind.ACCEPT)
+
+
+# ---------------------------------------------------------------------------
+# Envelopes
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """Who is talking to us (the real client after a PROXY header)."""
+
+    ip: str
+    port: int = 0
+    name: str = "unknown"  # reverse DNS name, when looked up
+    helo: str = ""
+    proto: str = "SMTP"  # SMTP | ESMTP | ESMTPS | ESMTPA | ESMTPSA
+    tls_version: str = ""
+    tls_cipher: str = ""
+    tls_bits: int = 0
+    auth_user: str = ""
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What the SMTP transaction said about a message (not its content)."""
+
+    mail_from: str  # "" for the null sender <>
+    rcpts: list[str] = field(default_factory=list)
+    client: ClientInfo | None = None
+    size_hint: int = 0  # SIZE= parameter
+    body_8bit: bool = False
+    smtputf8: bool = False
+    received_at: float = 0.0
+    # DSN origin: a notice (bounce/delay) we generated; never causes another notice.
+    is_notice: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Delivery: what the queue manager hands a delivery agent, and what comes back.
+
+
+class Status(Enum):
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The outcome of one delivery attempt for one recipient."""
+
+    rcpt: str
+    status: Status
+    reply: Reply
+    relay: str = ""  # "host [ip]:port" or "local"
+    mailer: str = ""  # local | esmtp
+    tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL"
