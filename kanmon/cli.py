@@ -46,3 +46,5 @@ def main() -> None:
 # ---------------------------------------------------------------------------
 # Feature command groups, each defined in its own package, registered here so that
 # `kanmon --help` lists them all. Add one import and one add_command per group.
+from kanmon.store.cli import user  # noqa: E402
+main.add_command(user)

@@ -1,0 +1,140 @@
+"""`kanmon user`: passwords, lock state and a listing of the store's mailboxes.
+
+Role: the administrator's commands for accounts (kanmon/store/users.py does the work).
+Trusts: nothing from argv; an address that is not a configured mailbox exits 2 with a
+clear message. Passwords come from a prompt (asked twice) or, with --stdin, the first
+line of standard input.
+
+Never: echo a password, accept an empty one, or print a traceback for an expected error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kanmon.cli import config_option, load_or_exit
+from kanmon.store.users import UnknownMailbox, Users
+
+
+def _users(config_path: str | None) -> Users:
+    return Users(load_or_exit(config_path))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"kanmon: {message}", err=True)
+    sys.exit(code)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@click.group("user")
+def user() -> None:
+    """Mailbox accounts: passwords, lock state, listing."""
+
+
+@user.command("passwd")
+@click.argument("address")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@config_option
+def passwd(address: str, from_stdin: bool, config_path: str | None) -> None:
+    """Set the password of mailbox ADDRESS (prompts twice)."""
+    users = _users(config_path)
+    if not users.is_mailbox(address):
+        _fail(f"{address} is not a mailbox of a local domain in the config")
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        password = click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
+    if not password:
+        _fail("the password is empty; nothing changed")
+    try:
+        users.set_password(address, password)
+    except (ValueError, UnknownMailbox) as e:
+        _fail(f"{e}; nothing changed")
+    click.echo(f"password set for {address.lower()}")
+
+
+@user.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@config_option
+def list_users(as_json: bool, config_path: str | None) -> None:
+    """List mailboxes: password set, locked, size, messages, last login."""
+    users = _users(config_path)
+    infos = users.list()
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "mailbox": i.address,
+                        "has_password": i.has_password,
+                        "locked": i.locked,
+                        "size": i.size,
+                        "messages": i.messages,
+                        "last_login": i.last_login,
+                        "last_ip": i.last_ip,
+                    }
+                    for i in infos
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title="Mailboxes")
+    for col in ("mailbox", "password", "locked", "size", "messages", "last login"):
+        table.add_column(col, justify="right" if col in ("size", "messages") else "left")
+    for i in infos:
+        table.add_row(
+            i.address,
+            "yes" if i.has_password else "no",
+            "LOCKED" if i.locked else "",
+            _human_size(i.size),
+            str(i.messages),
+            _when(i.last_login) + (f" from {i.last_ip}" if i.last_ip else ""),
+        )
+    Console(width=160).print(table)
+
+
+def _set_locked(address: str, config_path: str | None, locked: bool) -> None:
+    users = _users(config_path)
+    try:
+        users.set_locked(address, locked)
+    except UnknownMailbox as e:
+        _fail(str(e))
+    click.echo(f"{address.lower()} {'locked' if locked else 'unlocked'}")
+
+
+@user.command("lock")
+@click.argument("address")
+@config_option
+def lock(address: str, config_path: str | None) -> None:
+    """Refuse every login of ADDRESS (mail is still delivered)."""
+    _set_locked(address, config_path, True)
+
+
+@user.command("unlock")
+@click.argument("address")
+@config_option
+def unlock(address: str, config_path: str | None) -> None:
+    """Allow logins of ADDRESS again."""
+    _set_locked(address, config_path, False)

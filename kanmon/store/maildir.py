@@ -1,0 +1,698 @@
+"""Maildir++ mailboxes: the reading and writing side used by POP3, IMAP and the admin.
+
+Role: one account's mailbox at ``<data_dir>/mailboxes/<domain>/<local-part>`` in the
+Maildir++ layout Dovecot uses (``mail_location = maildir:<data_dir>/mailboxes/%d/%n``):
+INBOX is the root's ``new/ cur/ tmp/``, folders are ``.Name`` and ``.Parent.Child``
+directories (hierarchy delimiter "."), flags live in the ``:2,FLAGS`` filename suffix,
+messages are stored with LF line endings. UIDs and UIDVALIDITY are kept per folder in
+``kanmon-uidlist`` (written in dovecot-uidlist version 3 syntax, atomically replaced),
+so they survive restarts. Delivery (kanmon/deliver) writes into ``new/``; a scan moves
+such files to ``cur/`` the way an IMAP server does.
+
+Trusts: the files under the mailbox root (written by delivery, Dovecot or us) to be
+Maildir files; file names that do not parse are skipped, never fatal. Folder names come
+from IMAP clients and are checked by ``check_folder_name`` before they touch a path.
+
+Never: follow a folder name out of the mailbox root (no "/" or NUL, no empty
+hierarchy parts), write a message anywhere but ``tmp/`` first (rename into place), or
+reuse a UID within one UIDVALIDITY.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DELIMITER = "."
+UIDLIST = "kanmon-uidlist"
+SUBSCRIPTIONS = "subscriptions"
+MAX_FOLDER_NAME = 200
+
+# Maildir info flags (cr.yp.to/proto/maildir.html, Dovecot's mapping of IMAP flags).
+FLAG_TO_LETTER = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_TO_FLAG = {v: k for k, v in FLAG_TO_LETTER.items()}
+SYSTEM_FLAGS = frozenset(FLAG_TO_LETTER)
+
+# RFC 6154 special-use folders created with every mailbox.
+SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
+
+
+class MaildirError(Exception):
+    """A mailbox operation that cannot be done; str() is safe to show the user."""
+
+
+class FolderNotFound(MaildirError):
+    pass
+
+
+class FolderExists(MaildirError):
+    pass
+
+
+class BadFolderName(MaildirError):
+    pass
+
+
+def mailbox_path(data_dir: Path | str, domain: str, local: str) -> Path:
+    """Where the Maildir of local@domain lives (both parts lower-cased, as config does)."""
+    domain = domain.lower()
+    local = local.lower()
+    for part in (domain, local):
+        if not part or "/" in part or "\0" in part or part in (".", "..") or part.startswith("."):
+            raise MaildirError(f"{part!r} cannot name a mailbox directory")
+    return Path(data_dir) / "mailboxes" / domain / local
+
+
+def check_folder_name(name: str) -> str:
+    """The folder name, or BadFolderName. INBOX (any case) is returned as "INBOX"."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if not name or len(name) > MAX_FOLDER_NAME:
+        raise BadFolderName("folder name is empty or too long")
+    if any(ch in name for ch in "/\\\0\r\n") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise BadFolderName("folder name has a character that is not allowed")
+    parts = name.split(DELIMITER)
+    if any(not p for p in parts):
+        raise BadFolderName("folder name has an empty hierarchy level")
+    if parts[0].upper() == "INBOX":
+        raise BadFolderName("folders below INBOX are not supported; create it at the top level")
+    return name
+
+
+_hostname_cache: list[str] = []
+
+
+def _host_part() -> str:
+    if not _hostname_cache:
+        _hostname_cache.append(socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost")
+    return _hostname_cache[0]
+
+
+_seq = itertools.count(1)
+
+
+def unique_name(size: int, vsize: int, now: float | None = None) -> str:
+    """A Maildir unique name: <time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>."""
+    t = time.time() if now is None else now
+    sec = int(t)
+    usec = int((t - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{_host_part()},S={size},W={vsize}"
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Stored (LF) text -> wire (CRLF) text; a CRLF already present stays one CRLF."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def to_lf(data: bytes) -> bytes:
+    """Wire (CRLF) text -> stored (LF) text."""
+    return data.replace(b"\r\n", b"\n")
+
+
+_SIZE_RE = re.compile(r",S=(\d+)")
+_VSIZE_RE = re.compile(r",W=(\d+)")
+
+
+@dataclass(slots=True)
+class MessageInfo:
+    """One message as a scan saw it. ``flags`` are IMAP system flags."""
+
+    uid: int
+    base: str  # unique part of the file name (before ":2,")
+    subdir: str  # "cur" or "new"
+    flags: frozenset[str]
+    extra: str = ""  # info letters we do not map (keywords, P); kept on rename
+    size: int | None = None  # stored size (LF)
+    vsize: int | None = None  # wire size (CRLF), what POP3 and IMAP report
+    recent: bool = False  # moved from new/ by the scan that found it
+
+    @property
+    def filename(self) -> str:
+        if self.subdir == "new" and not self.flags and not self.extra:
+            return self.base
+        return f"{self.base}:2,{flag_letters(self.flags, self.extra)}"
+
+
+def flag_letters(flags: Iterable[str], extra: str = "") -> str:
+    letters = {FLAG_TO_LETTER[f] for f in flags if f in FLAG_TO_LETTER} | set(extra)
+    return "".join(sorted(letters))
+
+
+def parse_filename(name: str) -> tuple[str, frozenset[str], str] | None:
+    """'base:2,FS' -> (base, {\\Flagged, \\Seen}, extra). None if it is not a message name."""
+    if not name or name.startswith("."):
+        return None
+    base, sep, info = name.partition(":")
+    flags: set[str] = set()
+    extra = ""
+    if sep and info.startswith("2,"):
+        for ch in info[2:]:
+            if ch in LETTER_TO_FLAG:
+                flags.add(LETTER_TO_FLAG[ch])
+            elif ch.isalpha():
+                extra += ch
+    return base, frozenset(flags), extra
+
+
+@dataclass
+class _UidState:
+    uidvalidity: int = 0
+    uidnext: int = 1
+    uids: dict[str, int] = field(default_factory=dict)  # base -> uid
+    stamp: tuple[int, int, int] | None = None  # (ino, size, mtime_ns) of the file read
+
+
+class Folder:
+    """One Maildir (INBOX or a Maildir++ subfolder). Shared by all sessions of a process.
+
+    ``sync()`` is the only way to learn the folder's contents; it returns the messages
+    ordered by UID. Methods that change a message take a MessageInfo from a sync and
+    return the new one (or None when the message is gone).
+    """
+
+    def __init__(self, path: Path, name: str):
+        self.path = path
+        self.name = name
+        self._lock = threading.RLock()
+        self._state = _UidState()
+        self._messages: dict[str, MessageInfo] = {}  # base -> info
+
+    # -- locking: a thread lock for this process, flock for others (another kanmon, CLI)
+    def _flock(self) -> int:
+        fd = os.open(self.path / f"{UIDLIST}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    @property
+    def uidvalidity(self) -> int:
+        return self._state.uidvalidity
+
+    @property
+    def uidnext(self) -> int:
+        return self._state.uidnext
+
+    def exists(self) -> bool:
+        return (self.path / "cur").is_dir()
+
+    def _read_uidlist(self) -> None:
+        p = self.path / UIDLIST
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            if self._state.uidvalidity == 0:
+                self._state = _UidState(uidvalidity=int(time.time()), uidnext=1)
+            return
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self._state.stamp:
+            return
+        state = _UidState(stamp=stamp)
+        try:
+            lines = p.read_text("utf-8", "replace").splitlines()
+        except OSError:
+            lines = []
+        if lines:
+            for tok in lines[0].split()[1:]:
+                if tok[:1] == "V" and tok[1:].isdigit():
+                    state.uidvalidity = int(tok[1:])
+                elif tok[:1] == "N" and tok[1:].isdigit():
+                    state.uidnext = int(tok[1:])
+        for line in lines[1:]:
+            uid_text, _, rest = line.partition(" ")
+            base = rest.rpartition(":")[2] if ":" in rest else rest
+            if uid_text.isdigit() and base:
+                uid = int(uid_text)
+                state.uids[base] = uid
+                state.uidnext = max(state.uidnext, uid + 1)
+        if state.uidvalidity == 0:
+            state.uidvalidity = int(time.time())
+        self._state = state
+
+    def _write_uidlist(self) -> None:
+        s = self._state
+        lines = [f"3 V{s.uidvalidity} N{s.uidnext}"]
+        lines.extend(f"{uid} :{base}" for base, uid in sorted(s.uids.items(), key=lambda kv: kv[1]))
+        tmp = self.path / f"{UIDLIST}.tmp"
+        data = ("\n".join(lines) + "\n").encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path / UIDLIST)
+        st = (self.path / UIDLIST).stat()
+        s.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def sync(self, move_new: bool = True) -> list[MessageInfo]:
+        """Scan new/ and cur/, give new files UIDs, persist, return messages by UID.
+
+        With move_new, files in new/ are renamed to cur/ and come back with recent=True.
+        """
+        with self._lock:
+            if not self.exists():
+                raise FolderNotFound(f"folder {self.name} does not exist")
+            fd = self._flock()
+            try:
+                return self._sync_locked(move_new)
+            finally:
+                os.close(fd)
+
+    def _sync_locked(self, move_new: bool) -> list[MessageInfo]:
+        self._read_uidlist()
+        state = self._state
+        found: dict[str, MessageInfo] = {}
+        newly: list[str] = []
+        listing = {}
+        for subdir in ("cur", "new"):  # list both before moving anything
+            try:
+                listing[subdir] = os.listdir(self.path / subdir)
+            except FileNotFoundError:
+                listing[subdir] = []
+        for subdir in ("cur", "new"):
+            for name in listing[subdir]:
+                parsed = parse_filename(name)
+                if parsed is None:
+                    continue
+                base, flags, extra = parsed
+                if base in found:  # the same message in new/ and cur/: keep cur/
+                    continue
+                sub = subdir
+                recent = False
+                if subdir == "new" and move_new:
+                    target = f"{base}:2,{flag_letters(flags, extra)}"
+                    try:
+                        os.rename(self.path / "new" / name, self.path / "cur" / target)
+                        sub = "cur"
+                        recent = True
+                    except FileNotFoundError:
+                        continue  # someone else moved or removed it
+                old = self._messages.get(base)
+                size = vsize = None
+                if old is not None:
+                    size, vsize = old.size, old.vsize
+                else:
+                    m = _SIZE_RE.search(base)
+                    size = int(m.group(1)) if m else None
+                    m = _VSIZE_RE.search(base)
+                    vsize = int(m.group(1)) if m else None
+                found[base] = MessageInfo(0, base, sub, flags, extra, size, vsize, recent)
+                if base not in state.uids:
+                    newly.append(base)
+        changed = False
+        for base in sorted(newly, key=_arrival_key):
+            state.uids[base] = state.uidnext
+            state.uidnext += 1
+            changed = True
+        for base in list(state.uids):
+            if base not in found:
+                del state.uids[base]
+                changed = True
+        if changed or not (self.path / UIDLIST).exists():
+            self._write_uidlist()
+        for base, info in found.items():
+            info.uid = state.uids[base]
+        self._messages = found
+        return sorted(found.values(), key=lambda m: m.uid)
+
+    def path_of(self, msg: MessageInfo) -> Path:
+        return self.path / msg.subdir / msg.filename
+
+    def _locate(self, msg: MessageInfo) -> Path | None:
+        """The file of msg now (another session may have changed its flags)."""
+        cur = self._messages.get(msg.base)
+        if cur is not None:
+            p = self.path_of(cur)
+            if p.exists():
+                return p
+        for subdir in ("cur", "new"):
+            try:
+                for name in os.listdir(self.path / subdir):
+                    if name == msg.base or name.startswith(msg.base + ":"):
+                        return self.path / subdir / name
+            except FileNotFoundError:
+                pass
+        return None
+
+    def read(self, msg: MessageInfo) -> bytes | None:
+        """The stored (LF) bytes of msg, or None if it was expunged meanwhile."""
+        p = self._locate(msg)
+        if p is None:
+            return None
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def wire_size(self, msg: MessageInfo) -> int:
+        """Size with CRLF line endings (RFC822.SIZE, POP3 LIST); 0 if gone."""
+        if msg.vsize is None:
+            data = self.read(msg)
+            msg.vsize = len(to_crlf(data)) if data is not None else 0
+            cached = self._messages.get(msg.base)
+            if cached is not None:
+                cached.vsize = msg.vsize
+        return msg.vsize
+
+    def internal_date(self, msg: MessageInfo) -> float:
+        p = self._locate(msg)
+        try:
+            return p.stat().st_mtime if p else time.time()
+        except FileNotFoundError:
+            return time.time()
+
+    def set_flags(self, msg: MessageInfo, flags: Iterable[str]) -> MessageInfo | None:
+        """Rename msg so its info carries exactly these system flags."""
+        flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
+        with self._lock:
+            src = self._locate(msg)
+            if src is None:
+                return None
+            parsed = parse_filename(src.name)
+            extra = parsed[2] if parsed else msg.extra
+            new = MessageInfo(msg.uid, msg.base, "cur", flags, extra, msg.size, msg.vsize, msg.recent)
+            dst = self.path / "cur" / new.filename
+            if src != dst:
+                try:
+                    os.rename(src, dst)
+                except FileNotFoundError:
+                    return None
+            self._messages[msg.base] = new
+            return new
+
+    def _deliver_tmp(self, data: bytes, flags: Iterable[str], internaldate: float | None) -> tuple[str, Path]:
+        """Write stored bytes into tmp/, fsync; return (base, tmp path)."""
+        vsize = len(to_crlf(data))
+        base = unique_name(len(data), vsize)
+        tmp = self.path / "tmp" / base
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if internaldate is not None:
+            os.utime(tmp, (internaldate, internaldate))
+        return base, tmp
+
+    def append(
+        self, wire_data: bytes, flags: Iterable[str] = (), internaldate: float | None = None
+    ) -> MessageInfo:
+        """Store a message given in wire form (CRLF); return it with its new UID."""
+        data = to_lf(wire_data)
+        flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
+        base, tmp = self._deliver_tmp(data, flags, internaldate)
+        info = MessageInfo(0, base, "cur", flags, "", len(data), None)
+        os.rename(tmp, self.path / "cur" / info.filename)
+        _fsync_dir(self.path / "cur")
+        return self._assign(info)
+
+    def _assign(self, info: MessageInfo) -> MessageInfo:
+        with self._lock:
+            fd = self._flock()
+            try:
+                self._read_uidlist()
+                st = self._state
+                uid = st.uids.get(info.base)
+                if uid is None:
+                    uid = st.uidnext
+                    st.uids[info.base] = uid
+                    st.uidnext += 1
+                    self._write_uidlist()
+                info.uid = uid
+                self._messages[info.base] = info
+                return info
+            finally:
+                os.close(fd)
+
+    def copy_in(self, src: Folder, msg: MessageInfo, flags: Iterable[str] | None = None) -> MessageInfo | None:
+        """Copy msg from src into this folder (hard link when possible); None if gone."""
+        path = src._locate(msg)
+        if path is None:
+            return None
+        keep = msg.flags if flags is None else frozenset(flags)
+        vsize = msg.vsize
+        size = msg.size
+        if size is None:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return None
+        if vsize is None:
+            vsize = src.wire_size(msg)
+        base = unique_name(size, vsize)
+        info = MessageInfo(0, base, "cur", keep, "", size, vsize)
+        tmp = self.path / "tmp" / base
+        try:
+            os.link(path, tmp)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            try:
+                shutil.copy2(path, tmp)
+            except FileNotFoundError:
+                return None
+        os.rename(tmp, self.path / "cur" / info.filename)
+        _fsync_dir(self.path / "cur")
+        return self._assign(info)
+
+    def remove(self, msgs: Iterable[MessageInfo]) -> list[MessageInfo]:
+        """Unlink messages; return those that were removed (not already gone)."""
+        removed = []
+        with self._lock:
+            for msg in msgs:
+                p = self._locate(msg)
+                if p is None:
+                    continue
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    continue
+                self._messages.pop(msg.base, None)
+                removed.append(msg)
+        return removed
+
+    def usage(self) -> tuple[int, int]:
+        """(message count, stored bytes) without assigning UIDs or moving files."""
+        count = total = 0
+        for subdir in ("new", "cur"):
+            try:
+                entries = list(os.scandir(self.path / subdir))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                parsed = parse_filename(entry.name)
+                if parsed is None:
+                    continue
+                m = _SIZE_RE.search(parsed[0])
+                if m:
+                    size = int(m.group(1))
+                else:
+                    try:
+                        size = entry.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                count += 1
+                total += size
+        return count, total
+
+
+def _arrival_key(base: str) -> tuple[int, int, str]:
+    sec, _, rest = base.partition(".")
+    m = re.match(r"M(\d+)", rest)
+    return (int(sec) if sec.isdigit() else 0, int(m.group(1)) if m else 0, base)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_folders: dict[Path, Folder] = {}
+_folders_lock = threading.Lock()
+
+
+def _shared_folder(path: Path, name: str) -> Folder:
+    with _folders_lock:
+        f = _folders.get(path)
+        if f is None or f.name != name:
+            f = Folder(path, name)
+            _folders[path] = f
+        return f
+
+
+def _make_maildir(path: Path) -> None:
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+class Mailbox:
+    """One account's Maildir++ tree: INBOX plus folders."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @classmethod
+    def for_address(cls, data_dir: Path | str, domain: str, local: str) -> Mailbox:
+        return cls(mailbox_path(data_dir, domain, local))
+
+    def ensure(self, special_use: bool = True) -> Mailbox:
+        """Create INBOX (and the special-use folders) if missing."""
+        _make_maildir(self.root)
+        if special_use:
+            for name in SPECIAL_USE:
+                p = self._folder_path(name)
+                if not p.exists():
+                    _make_maildir(p)
+                    (p / "maildirfolder").touch()
+                    self.subscribe(name)
+        return self
+
+    def _folder_path(self, name: str) -> Path:
+        name = check_folder_name(name)
+        if name == "INBOX":
+            return self.root
+        return self.root / (DELIMITER + name)
+
+    def folder(self, name: str) -> Folder:
+        name = check_folder_name(name)
+        path = self._folder_path(name)
+        if not (path / "cur").is_dir():
+            raise FolderNotFound(f"folder {name} does not exist")
+        return _shared_folder(path, name)
+
+    def folder_names(self) -> list[str]:
+        """Every folder, INBOX first, then by name."""
+        names = []
+        if (self.root / "cur").is_dir():
+            names.append("INBOX")
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return names
+        for entry in sorted(entries):
+            if entry.startswith(".") and entry not in (".", "..") and (self.root / entry / "cur").is_dir():
+                try:
+                    names.append(check_folder_name(entry[1:]))
+                except BadFolderName:
+                    continue
+        return names
+
+    def create_folder(self, name: str) -> None:
+        name = check_folder_name(name)
+        if name == "INBOX" or self._folder_path(name).exists():
+            raise FolderExists(f"folder {name} already exists")
+        p = self._folder_path(name)
+        _make_maildir(p)
+        (p / "maildirfolder").touch()
+
+    def delete_folder(self, name: str) -> None:
+        name = check_folder_name(name)
+        if name == "INBOX":
+            raise MaildirError("INBOX cannot be deleted")
+        p = self._folder_path(name)
+        if not (p / "cur").is_dir():
+            raise FolderNotFound(f"folder {name} does not exist")
+        # Rename first so a concurrent scan never sees a half-deleted folder.
+        trash = self.root / f"..deleting.{os.getpid()}.{next(_seq)}"
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        with _folders_lock:
+            _folders.pop(p, None)
+        self.unsubscribe(name)
+
+    def rename_folder(self, old: str, new: str) -> None:
+        """Rename a folder and its children (RFC 3501 6.3.5)."""
+        old = check_folder_name(old)
+        new = check_folder_name(new)
+        if old == "INBOX":
+            raise MaildirError("renaming INBOX is not supported")
+        if new == "INBOX" or self._folder_path(new).exists():
+            raise FolderExists(f"folder {new} already exists")
+        if not (self._folder_path(old) / "cur").is_dir():
+            raise FolderNotFound(f"folder {old} does not exist")
+        if new.startswith(old + DELIMITER):
+            raise MaildirError("a folder cannot be moved below itself")
+        moves = [(old, new)]
+        for name in self.folder_names():
+            if name.startswith(old + DELIMITER):
+                moves.append((name, new + name[len(old):]))
+        subs = self.subscriptions()
+        for src, dst in moves:
+            os.rename(self._folder_path(src), self._folder_path(dst))
+            with _folders_lock:
+                _folders.pop(self._folder_path(src), None)
+            if src in subs:
+                self.unsubscribe(src)
+                self.subscribe(dst)
+
+    # -- subscriptions: one name per line in <root>/subscriptions (Dovecot reads this)
+    def subscriptions(self) -> list[str]:
+        try:
+            text = (self.root / SUBSCRIPTIONS).read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line == "V\t2":
+                continue
+            out.extend(n for n in line.split("\t") if n)
+        return out
+
+    def _write_subscriptions(self, names: list[str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{SUBSCRIPTIONS}.tmp"
+        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
+        os.replace(tmp, self.root / SUBSCRIPTIONS)
+
+    def subscribe(self, name: str) -> None:
+        name = check_folder_name(name)
+        subs = self.subscriptions()
+        if name not in subs:
+            self._write_subscriptions([*subs, name])
+
+    def unsubscribe(self, name: str) -> None:
+        subs = self.subscriptions()
+        if name in subs:
+            self._write_subscriptions([n for n in subs if n != name])
+
+    def usage(self) -> tuple[int, int]:
+        """(messages, bytes) over all folders."""
+        count = total = 0
+        for name in self.folder_names():
+            c, t = Folder(self._folder_path(name), name).usage()
+            count += c
+            total += t
+        return count, total
+
+
+def mailbox_usage(data_dir: Path | str, domain: str, local: str) -> int:
+    """Bytes stored in local@domain's mailbox, all folders (for quota checks)."""
+    try:
+        return Mailbox.for_address(data_dir, domain, local).usage()[1]
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return 0
+        raise

@@ -1,0 +1,338 @@
+"""Accounts of the mail store and the brute-force throttle of every login path.
+
+Role: mailboxes are declared in the config (``[[domain]] deliver = "local"``,
+``mailboxes = [...]``); their passwords, lock state and last login live in the table
+``accounts`` of the records database ``<data_dir>/records.sqlite`` (SQLite, WAL). This
+module owns that table only; other tables in the file belong to other modules.
+Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). ``AuthThrottle``
+counts failed logins per client IP and per account and answers with a growing delay,
+then a temporary block; SMTP submission, POP3 and IMAP all use one instance.
+
+Trusts: the validated config. Addresses and passwords come from clients and are only
+compared, hashed or used as SQL parameters.
+
+Never: store or log a password, say *why* a login failed to the client (unknown,
+locked and wrong password all look the same), or answer an unknown address faster
+than a known one (a dummy hash is verified instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from kanmon.config import Config
+from kanmon.store.maildir import Mailbox
+
+MAX_ADDRESS = 320  # RFC 5321 4.5.3.1: 64 + "@" + 255
+MAX_PASSWORD = 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    address    TEXT PRIMARY KEY,
+    hash       TEXT,
+    locked     INTEGER NOT NULL DEFAULT 0,
+    last_login REAL,
+    last_ip    TEXT,
+    changed    REAL
+)
+"""
+
+
+class UnknownMailbox(Exception):
+    """The address is not a mailbox of a local domain in the config."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    address: str
+    has_password: bool
+    locked: bool
+    last_login: float | None
+    last_ip: str | None
+    size: int
+    messages: int
+
+
+def normalize(address: str) -> str:
+    return address.strip().lower()
+
+
+class Users:
+    """Accounts: config mailboxes + the ``accounts`` table. Safe to use from threads
+    (each call opens its own short connection), so ``verify`` can run in an executor.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        db_path: Path | None = None,
+        hasher: PasswordHasher | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.data_dir = Path(config.server.data_dir)
+        self.db_path = Path(db_path) if db_path else self.data_dir / "records.sqlite"
+        self.hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 low-memory profile
+        self.clock = clock
+        self._dummy_hash = self.hasher.hash("kanmon: no such account")
+        self._init_lock = threading.Lock()
+        self._initialised = False
+
+    # -- database
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        if not self._initialised:
+            with self._init_lock:
+                if not self._initialised:
+                    self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                    with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
+                        conn.execute("PRAGMA journal_mode=WAL")
+                        conn.execute(_SCHEMA)
+                        conn.commit()
+                    self._initialised = True
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    # -- the config side
+    def mailboxes(self) -> list[str]:
+        """Every mailbox address the config declares, in config order."""
+        out = []
+        for d in self.config.domain:
+            if d.deliver == "local":
+                out.extend(f"{lp}@{d.name}" for lp in d.mailboxes)
+        return out
+
+    def is_mailbox(self, address: str) -> bool:
+        address = normalize(address)
+        local, at, domain = address.rpartition("@")
+        if not at or len(address) > MAX_ADDRESS:
+            return False
+        d = self.config.find_domain(domain)
+        return d is not None and d.deliver == "local" and local in d.mailboxes
+
+    def _require(self, address: str) -> str:
+        address = normalize(address)
+        if not self.is_mailbox(address):
+            raise UnknownMailbox(f"{address} is not a mailbox of a local domain in the config")
+        return address
+
+    def mailbox(self, address: str) -> Mailbox:
+        """The Maildir of a configured mailbox (created on first use)."""
+        address = self._require(address)
+        local, _, domain = address.rpartition("@")
+        return Mailbox.for_address(self.data_dir, domain, local)
+
+    # -- passwords
+    def set_password(self, address: str, password: str) -> None:
+        address = self._require(address)
+        if not password:
+            raise ValueError("the password is empty")
+        if len(password) > MAX_PASSWORD:
+            raise ValueError(f"the password is longer than {MAX_PASSWORD} characters")
+        h = self.hasher.hash(password)
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO accounts(address, hash, changed) VALUES(?, ?, ?) "
+                "ON CONFLICT(address) DO UPDATE SET hash = excluded.hash, changed = excluded.changed",
+                (address, h, self.clock()),
+            )
+
+    def verify(self, address: str, password: str) -> bool:
+        """True only for a configured, unlocked mailbox whose password matches."""
+        address = normalize(address)
+        row = None
+        if self.is_mailbox(address) and len(password) <= MAX_PASSWORD:
+            with self._db() as db:
+                row = db.execute("SELECT hash, locked FROM accounts WHERE address = ?", (address,)).fetchone()
+        stored = row[0] if row and row[0] else None
+        try:
+            ok = self.hasher.verify(stored or self._dummy_hash, password[:MAX_PASSWORD])
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        if not ok or stored is None or row[1]:
+            return False
+        if self.hasher.check_needs_rehash(stored):
+            with contextlib.suppress(sqlite3.Error):
+                with self._db() as db:
+                    db.execute("UPDATE accounts SET hash = ? WHERE address = ?", (self.hasher.hash(password), address))
+        return True
+
+    def record_login(self, address: str, ip: str | None = None) -> None:
+        address = normalize(address)
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO accounts(address, last_login, last_ip) VALUES(?, ?, ?) "
+                "ON CONFLICT(address) DO UPDATE SET last_login = excluded.last_login, last_ip = excluded.last_ip",
+                (address, self.clock(), ip),
+            )
+
+    def set_locked(self, address: str, locked: bool) -> None:
+        address = self._require(address)
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO accounts(address, locked) VALUES(?, ?) "
+                "ON CONFLICT(address) DO UPDATE SET locked = excluded.locked",
+                (address, int(locked)),
+            )
+
+    def lock(self, address: str) -> None:
+        self.set_locked(address, True)
+
+    def unlock(self, address: str) -> None:
+        self.set_locked(address, False)
+
+    def info(self, address: str) -> AccountInfo:
+        address = self._require(address)
+        with self._db() as db:
+            row = db.execute(
+                "SELECT hash, locked, last_login, last_ip FROM accounts WHERE address = ?", (address,)
+            ).fetchone()
+        local, _, domain = address.rpartition("@")
+        messages, size = Mailbox.for_address(self.data_dir, domain, local).usage()
+        if row is None:
+            return AccountInfo(address, False, False, None, None, size, messages)
+        return AccountInfo(address, bool(row[0]), bool(row[1]), row[2], row[3], size, messages)
+
+    def list(self) -> list[AccountInfo]:
+        return [self.info(a) for a in self.mailboxes()]
+
+
+# ---------------------------------------------------------------------------
+# Brute-force throttle
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What one failed login costs: wait ``delay`` seconds before answering; ``blocked``
+    is set when this failure started a block (log it once)."""
+
+    delay: float
+    blocked: bool
+    key: str = ""  # "ip 192.0.2.1" or "account a@b": what was blocked
+
+
+class AuthThrottle:
+    """Failed logins per client IP and per account, in a sliding window.
+
+    After ``free_failures`` failures in ``window`` seconds each further failure is
+    answered after a delay that doubles from ``base_delay`` up to ``max_delay``. At
+    ``block_ip_after`` failures from one IP (or ``block_account_after`` for one account)
+    that IP (account) is refused for ``block_for`` seconds, even with the right password.
+    A success clears the account's count (not the IP's). Memory is bounded: at most
+    ``max_keys`` keys are tracked, the stalest dropped first.
+
+    ``clock`` is a monotonic time source; tests pass one they can advance.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        window: float = 900.0,
+        free_failures: int = 3,
+        base_delay: float = 1.0,
+        max_delay: float = 10.0,
+        block_ip_after: int = 20,
+        block_account_after: int = 10,
+        block_for: float = 900.0,
+        max_keys: int = 100_000,
+    ):
+        self.clock = clock
+        self.window = window
+        self.free_failures = free_failures
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.block_ip_after = block_ip_after
+        self.block_account_after = block_account_after
+        self.block_for = block_for
+        self.max_keys = max_keys
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}  # key -> until
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _keys(ip: str, account: str | None) -> tuple[str, str | None]:
+        return f"ip {ip}", (f"account {normalize(account)[:MAX_ADDRESS]}" if account else None)
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        q = self._failures.get(key)
+        if q is None:
+            return deque()
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._failures[key]
+        return q
+
+    def blocked_for(self, ip: str, account: str | None = None) -> float:
+        """Seconds until this IP (and account) may try again; 0.0 when not blocked."""
+        now = self.clock()
+        with self._lock:
+            left = 0.0
+            for key in self._keys(ip, account):
+                if key is None:
+                    continue
+                until = self._blocked.get(key)
+                if until is not None:
+                    if until <= now:
+                        del self._blocked[key]
+                    else:
+                        left = max(left, until - now)
+            return left
+
+    def failed(self, ip: str, account: str | None) -> Failure:
+        """Record a failed login; return how long to wait before answering."""
+        now = self.clock()
+        with self._lock:
+            self._prune(now)
+            ip_key, acct_key = self._keys(ip, account)
+            worst = 0
+            blocked_key = ""
+            for key, limit in ((ip_key, self.block_ip_after), (acct_key, self.block_account_after)):
+                if key is None:
+                    continue
+                q = self._recent(key, now)
+                if not q:
+                    q = self._failures.setdefault(key, deque(maxlen=max(self.block_ip_after, self.block_account_after)))
+                q.append(now)
+                worst = max(worst, len(q))
+                if len(q) >= limit and key not in self._blocked:
+                    self._blocked[key] = now + self.block_for
+                    q.clear()
+                    blocked_key = blocked_key or key
+            over = worst - self.free_failures
+            delay = 0.0 if over <= 0 else min(self.max_delay, self.base_delay * 2 ** (over - 1))
+            if blocked_key:
+                delay = self.max_delay
+            return Failure(delay, bool(blocked_key), blocked_key)
+
+    def succeeded(self, ip: str, account: str) -> None:
+        with self._lock:
+            _, acct_key = self._keys(ip, account)
+            if acct_key:
+                self._failures.pop(acct_key, None)
+
+    def _prune(self, now: float) -> None:
+        if len(self._failures) + len(self._blocked) < self.max_keys:
+            return
+        for key in [k for k, until in self._blocked.items() if until <= now]:
+            del self._blocked[key]
+        for key in list(self._failures):
+            self._recent(key, now)
+        while len(self._failures) >= self.max_keys // 2:
+            stalest = min(self._failures, key=lambda k: self._failures[k][-1] if self._failures[k] else 0)
+            del self._failures[stalest]

@@ -1,0 +1,164 @@
+"""Accounts (argon2id hashes in records.sqlite) and the brute-force throttle."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from kanmon.config import parse_config
+from kanmon.store.users import AuthThrottle, UnknownMailbox, Users
+
+FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def make_users(tmp_path: Path) -> Users:
+    config = parse_config(
+        f"""
+[server]
+data_dir = "{tmp_path}"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob"]
+[[domain]]
+name = "relay.test"
+deliver = "relay"
+servers = ["127.0.0.1:25"]
+"""
+    )
+    return Users(config, hasher=FAST)
+
+
+def test_set_and_verify(tmp_path: Path) -> None:
+    users = make_users(tmp_path)
+    assert not users.verify("alice@example.test", "s3cret")  # no password yet
+    users.set_password("Alice@Example.test", "s3cret")
+    assert users.verify("alice@example.test", "s3cret")
+    assert users.verify("ALICE@example.test", "s3cret")
+    assert not users.verify("alice@example.test", "S3cret")
+    assert not users.verify("carol@example.test", "s3cret")
+    assert not users.verify("x@relay.test", "s3cret")
+    assert not users.verify("alice@example.test", "s3cret" * 1000)
+
+
+def test_hash_is_argon2id_and_table_is_ours(tmp_path: Path) -> None:
+    users = make_users(tmp_path)
+    users.set_password("alice@example.test", "pw")
+    with sqlite3.connect(tmp_path / "records.sqlite") as db:
+        (h,) = db.execute("SELECT hash FROM accounts").fetchone()
+        (mode,) = db.execute("PRAGMA journal_mode").fetchone()
+    db.close()
+    assert h.startswith("$argon2id$") and "pw" not in h
+    assert mode == "wal"
+
+
+def test_other_tables_in_the_database_are_left_alone(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    db.execute("CREATE TABLE events(x)")
+    db.execute("INSERT INTO events VALUES (1)")
+    db.commit()
+    db.close()
+    users = make_users(tmp_path)
+    users.set_password("bob@example.test", "pw")
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    assert db.execute("SELECT x FROM events").fetchall() == [(1,)]
+    db.close()
+
+
+def test_lock_refuses_the_right_password(tmp_path: Path) -> None:
+    users = make_users(tmp_path)
+    users.set_password("alice@example.test", "pw")
+    users.lock("alice@example.test")
+    assert not users.verify("alice@example.test", "pw")
+    users.unlock("alice@example.test")
+    assert users.verify("alice@example.test", "pw")
+
+
+def test_unknown_mailbox_is_an_error_for_admin_operations(tmp_path: Path) -> None:
+    users = make_users(tmp_path)
+    for op in (lambda: users.set_password("carol@example.test", "x"), lambda: users.lock("x@relay.test")):
+        with pytest.raises(UnknownMailbox):
+            op()
+    with pytest.raises(ValueError):
+        users.set_password("alice@example.test", "")
+
+
+def test_list_reports_password_usage_and_last_login(tmp_path: Path) -> None:
+    clock = [1_800_000_000.0]
+    users = make_users(tmp_path)
+    users.clock = lambda: clock[0]
+    users.set_password("bob@example.test", "pw")
+    users.mailbox("bob@example.test").ensure().folder("INBOX").append(b"Subject: x\r\n\r\nhello\r\n")
+    users.record_login("bob@example.test", "127.0.0.1")
+    alice, bob = users.list()
+    assert (alice.address, alice.has_password, alice.messages, alice.last_login) == ("alice@example.test", False, 0, None)
+    assert (bob.has_password, bob.messages, bob.size, bob.last_login, bob.last_ip) == (
+        True, 1, len(b"Subject: x\n\nhello\n"), 1_800_000_000.0, "127.0.0.1",
+    )
+
+
+def test_rehash_on_login_when_parameters_change(tmp_path: Path) -> None:
+    users = make_users(tmp_path)
+    users.set_password("alice@example.test", "pw")
+    users.hasher = PasswordHasher(time_cost=2, memory_cost=1024, parallelism=1)
+    assert users.verify("alice@example.test", "pw")
+    with sqlite3.connect(tmp_path / "records.sqlite") as db:
+        (h,) = db.execute("SELECT hash FROM accounts").fetchone()
+    db.close()
+    assert "t=2" in h
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_grows_delay_then_blocks_the_account() -> None:
+    clock = Clock()
+    t = AuthThrottle(clock, free_failures=2, base_delay=1, max_delay=8, block_account_after=6, block_ip_after=100)
+    delays = [t.failed("192.0.2.1", "alice@example.test").delay for _ in range(5)]
+    assert delays == [0, 0, 1, 2, 4]
+    assert t.blocked_for("192.0.2.1", "alice@example.test") == 0
+    sixth = t.failed("192.0.2.1", "alice@example.test")
+    assert sixth.blocked and sixth.key == "account alice@example.test"
+    # Blocked for every IP, even with the right password (the caller checks first).
+    assert t.blocked_for("198.51.100.7", "Alice@example.test") == 900
+    assert t.blocked_for("198.51.100.7", "bob@example.test") == 0
+    clock.now += 901
+    assert t.blocked_for("198.51.100.7", "alice@example.test") == 0
+
+
+def test_throttle_blocks_an_ip_spraying_accounts() -> None:
+    clock = Clock()
+    t = AuthThrottle(clock, block_ip_after=5, block_account_after=100, block_for=60)
+    results = [t.failed("192.0.2.9", f"user{i}@example.test") for i in range(5)]
+    assert [r.blocked for r in results] == [False] * 4 + [True]
+    assert t.blocked_for("192.0.2.9") == 60
+    assert t.blocked_for("192.0.2.10") == 0
+    clock.now += 30
+    assert t.blocked_for("192.0.2.9", "anyone@example.test") == 30
+
+
+def test_throttle_window_forgets_old_failures_and_success_clears_account() -> None:
+    clock = Clock()
+    t = AuthThrottle(clock, window=100, free_failures=1, block_account_after=3, block_ip_after=100)
+    t.failed("192.0.2.1", "a@example.test")
+    t.failed("192.0.2.1", "a@example.test")
+    clock.now += 101
+    assert t.failed("192.0.2.1", "a@example.test").delay == 0  # the first two expired
+    t.succeeded("192.0.2.1", "a@example.test")
+    assert not t.failed("192.0.2.1", "a@example.test").blocked
+    assert not t.failed("192.0.2.1", "a@example.test").blocked
+
+
+def test_throttle_memory_is_bounded() -> None:
+    clock = Clock()
+    t = AuthThrottle(clock, max_keys=100)
+    for i in range(1000):
+        t.failed(f"10.0.{i // 256}.{i % 256}", None)
+    assert len(t._failures) <= 100
