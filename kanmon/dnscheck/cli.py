@@ -1,0 +1,93 @@
+"""`kanmon dns check`: the DNS health check from the command line.
+
+Role: parse options, build the source and targets (targets.py), run the checks and print
+one line per finding and a summary (or JSON). Exit 0 all good, 1 warnings, 2 errors;
+a usage, config, zone-file or key error is also exit 2, with a message and no traceback.
+
+Trusts: nothing from argv: IPs, names and endpoints are validated here.
+Never: use the system resolver when --zone or --server (or [dns] servers) is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+import click
+
+from kanmon.cli import config_option, load_or_exit
+from kanmon.config import parse_hostport
+from kanmon.dnscheck.checks import check_domain
+from kanmon.dnscheck.report import render_json, render_text
+from kanmon.dnscheck.sources import ZoneFileError
+from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets
+
+
+def _ip(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_address(v)))
+        except ValueError:
+            raise click.BadParameter(f"{v!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _server(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_hostport(value if ":" in value else f"{value}:53")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group("dns")
+def dns() -> None:
+    """DNS health check: the MX/A/PTR/SPF mistakes that make servers refuse our mail."""
+
+
+@dns.command("check")
+@click.argument("domain")
+@click.option("--ip", "ips", multiple=True, callback=_ip, help="Our outgoing address (repeatable). Default: from -c.")
+@click.option("--helo", default=None, help="The name we announce in EHLO. Default: from -c.")
+@click.option("--zone", "zones", multiple=True, type=click.Path(dir_okay=False),
+              help="Check this BIND zone file (repeatable: forward and reverse zones), no DNS server used.")
+@click.option("--server", default=None, callback=_server, metavar="HOST:PORT",
+              help="Ask this DNS server. Default: [dns] servers from -c, else the system resolver.")
+@click.option("--dkim-selector", default=None, help="DKIM selector to check. Default: [dnscheck] dkim_selector.")
+@click.option("--dkim-key", default=None, type=click.Path(dir_okay=False),
+              help="Our DKIM key (PEM) to compare with DNS. Default: [dnscheck] dkim_key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_option
+def check(
+    domain: str,
+    ips: tuple[str, ...],
+    helo: str | None,
+    zones: tuple[str, ...],
+    server: tuple[str, int] | None,
+    dkim_selector: str | None,
+    dkim_key: str | None,
+    as_json: bool,
+    config_path: str | None,
+) -> None:
+    """Check DOMAIN's MX, reverse DNS of our IPs, HELO name, SPF, DMARC, DKIM, MTA-STS, TLS-RPT.
+
+    Exit 0: all good; 1: warnings; 2: errors.
+    """
+    if zones and server:
+        raise click.UsageError("--zone and --server exclude each other: zone files are checked without DNS")
+    config = load_or_exit(config_path) if config_path else None
+    try:
+        key = load_dkim_key(dkim_key) if dkim_key else None
+        source = make_source(config, server, zones)
+        targets = make_targets(config, [domain], ips, helo, dkim_selector, key)
+    except (ZoneFileError, TargetError) as e:
+        click.echo(f"kanmon: {e}", err=True)
+        sys.exit(2)
+    reports = [check_domain(source, t) for t in targets]
+    if as_json:
+        click.echo(render_json(reports), nl=False)
+    else:
+        click.echo(render_text(reports, colour=sys.stdout.isatty()), nl=False)
+    sys.exit(max(r.exit_code for r in reports))

@@ -1,0 +1,240 @@
+"""Where the DNS health check gets its answers: a DNS server, or BIND zone files.
+
+Role: one small interface, ``lookup(name, rdtype) -> Answer``, with two sources behind
+it. ``ResolverSource`` asks DNS servers (the ones given with --server or ``[dns]
+servers``, else the system resolver) through dnspython. ``ZoneSource`` reads BIND-format
+zone files (forward and reverse) with dnspython's zone parser and answers from them as
+an authoritative server would, with no network at all, so zones can be checked before
+they are published. Every check, including the SPF evaluation, asks the same source.
+
+Trusts: nothing it reads. Answers from the network and zone file contents are data;
+a zone file that does not parse is a ZoneFileError naming the file and line.
+
+Never: fall back from one source to another (a zone-file check never touches the
+network; a --server check never asks the system resolver), raise on an ordinary DNS
+failure (SERVFAIL, timeout, NXDOMAIN are Answers the checks report), or cache between
+runs (each check run builds a new source, so a fixed zone shows up at once).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.zone
+
+_MAX_CNAME_CHAIN = 8
+
+
+class Status(Enum):
+    OK = "ok"  # records of the asked type (possibly after CNAMEs)
+    NODATA = "nodata"  # the name exists, no record of that type
+    NXDOMAIN = "nxdomain"  # the name does not exist
+    FAILED = "failed"  # SERVFAIL, REFUSED, timeout: nothing can be said
+    OUTSIDE = "outside"  # zone files only: no given zone holds the name
+
+
+@dataclass(frozen=True)
+class Answer:
+    name: str  # as asked, lower case, no trailing dot
+    rdtype: str  # "A", "MX", ...
+    status: Status
+    records: tuple[dns.rdata.Rdata, ...] = ()
+    canonical: str = ""  # the name the records belong to, after CNAMEs
+    error: str = ""  # FAILED / OUTSIDE: why
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+    @property
+    def via_cname(self) -> bool:
+        return bool(self.canonical) and self.canonical != self.name
+
+    def texts(self) -> list[str]:
+        """TXT records, each one's character-strings joined (RFC 7208 3.3)."""
+        out = []
+        for rd in self.records:
+            strings = getattr(rd, "strings", None)
+            if strings is not None:
+                out.append(b"".join(strings).decode("utf-8", "replace"))
+        return out
+
+    def addresses(self) -> list[str]:
+        return [rd.address for rd in self.records if hasattr(rd, "address")]
+
+    def describe(self) -> str:
+        """A short phrase for finding texts: 'NXDOMAIN', 'no MX record', 'SERVFAIL'."""
+        if self.status is Status.NXDOMAIN:
+            return f"{self.name} does not exist (NXDOMAIN)"
+        if self.status is Status.NODATA:
+            return f"{self.name} has no {self.rdtype} record"
+        if self.status in (Status.FAILED, Status.OUTSIDE):
+            return f"{self.rdtype} lookup of {self.name} failed: {self.error}"
+        return ", ".join(rd.to_text() for rd in self.records)
+
+
+class DnsSource(Protocol):
+    description: str
+
+    def lookup(self, name: str, rdtype: str) -> Answer: ...
+
+
+def _norm(name: str | dns.name.Name) -> str:
+    text = name.to_text() if isinstance(name, dns.name.Name) else name
+    return text.lower().rstrip(".")
+
+
+# ---------------------------------------------------------------------------
+# DNS servers
+
+
+class ResolverSource:
+    """Asks DNS servers: the given ones (host, port), or the system resolver when none."""
+
+    def __init__(self, servers: Sequence[tuple[str, int]] = (), timeout: float = 5.0):
+        if servers:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(_server_address(host), port) for host, port in servers
+            ]
+            self.description = "DNS server " + ", ".join(
+                f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in servers
+            )
+        else:
+            resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+            self.description = "system resolver (" + ", ".join(str(n) for n in resolver.nameservers) + ")"
+        resolver.timeout = timeout
+        resolver.lifetime = timeout
+        resolver.cache = None
+        self._resolver = resolver
+        self._timeout = timeout
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        asked = _norm(name)
+        try:
+            ans = self._resolver.resolve(asked + ".", rdtype, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN as e:
+            canonical = _norm(e.canonical_name) if e.kwargs.get("qnames") else asked
+            return Answer(asked, rdtype, Status.NXDOMAIN, canonical=canonical)
+        except dns.resolver.NoNameservers as e:
+            return Answer(asked, rdtype, Status.FAILED, error=_server_errors(e))
+        except dns.exception.Timeout:
+            return Answer(asked, rdtype, Status.FAILED, error=f"no answer within {self._timeout:g}s")
+        except dns.exception.DNSException as e:
+            return Answer(asked, rdtype, Status.FAILED, error=str(e))
+        records = tuple(ans.rrset) if ans.rrset is not None else ()
+        return Answer(
+            asked,
+            rdtype,
+            Status.OK if records else Status.NODATA,
+            records,
+            canonical=_norm(ans.canonical_name),
+        )
+
+
+def _server_address(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return socket.getaddrinfo(host, 53, proto=socket.IPPROTO_UDP)[0][4][0]
+
+
+def _server_errors(e: dns.resolver.NoNameservers) -> str:
+    answers = []
+    for err in e.kwargs.get("errors", []):
+        text = str(err[-1])
+        answers.append(text.removeprefix("answered ").strip())
+    return "; ".join(dict.fromkeys(answers)) or "no server answered"
+
+
+# ---------------------------------------------------------------------------
+# Zone files
+
+
+class ZoneFileError(Exception):
+    """A zone file that cannot be read or parsed; the text names the file (and line)."""
+
+
+def load_zone(path: str | Path) -> dns.zone.Zone:
+    """A zone file parsed by dnspython. Without $ORIGIN, the origin is the file name
+    minus a .zone/.db suffix or db. prefix (named.conf gives it; we cannot)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ZoneFileError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ZoneFileError(f"{p}: not UTF-8 text") from None
+    try:
+        return dns.zone.from_text(text, origin=None, relativize=False, filename=str(p), check_origin=False)
+    except dns.zone.UnknownOrigin:
+        origin = _origin_from_filename(p)
+        try:
+            return dns.zone.from_text(text, origin=origin, relativize=False, filename=str(p), check_origin=False)
+        except dns.exception.DNSException as e:
+            raise ZoneFileError(f"{p}: {e} (no $ORIGIN in the file; assumed {origin}.)") from None
+    except dns.exception.DNSException as e:
+        raise ZoneFileError(f"{p}: {e}") from None
+
+
+def _origin_from_filename(p: Path) -> str:
+    name = p.name
+    for suffix in (".zone", ".db", ".hosts"):
+        name = name.removesuffix(suffix)
+    return name.removeprefix("db.") + "."
+
+
+class ZoneSource:
+    """Answers from BIND zone files, as their authoritative server would."""
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.zones = [load_zone(p) for p in self.paths]
+        self.description = "zone files " + ", ".join(str(p) for p in self.paths)
+
+    def _zone_for(self, name: dns.name.Name) -> dns.zone.Zone | None:
+        best = None
+        for zone in self.zones:
+            if name.is_subdomain(zone.origin) and (best is None or len(zone.origin) > len(best.origin)):
+                best = zone
+        return best
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        asked = _norm(name)
+        qname = dns.name.from_text(asked)
+        want = dns.rdatatype.from_text(rdtype)
+        for _ in range(_MAX_CNAME_CHAIN):
+            zone = self._zone_for(qname)
+            if zone is None:
+                return Answer(
+                    asked, rdtype, Status.OUTSIDE, canonical=_norm(qname),
+                    error=f"{_norm(qname)} is in none of the given zone files",
+                )
+            node = zone.get_node(qname)
+            if node is None:
+                exists = any(n.is_subdomain(qname) for n in zone.nodes)
+                status = Status.NODATA if exists else Status.NXDOMAIN
+                return Answer(asked, rdtype, status, canonical=_norm(qname))
+            rdataset = node.get_rdataset(dns.rdataclass.IN, want)
+            if rdataset:
+                return Answer(asked, rdtype, Status.OK, tuple(rdataset), canonical=_norm(qname))
+            cname = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
+            if cname and want != dns.rdatatype.CNAME:
+                qname = next(iter(cname)).target
+                continue
+            return Answer(asked, rdtype, Status.NODATA, canonical=_norm(qname))
+        return Answer(asked, rdtype, Status.FAILED, error=f"CNAME chain longer than {_MAX_CNAME_CHAIN}")

@@ -1,0 +1,91 @@
+"""What the DNS health check looks at and whom it asks, from the config and the command line.
+
+Role: turn a Config (and the command's options, which win) into Targets and a
+DnsSource. Shared by `kanmon dns check` and the in-server monitor so both check the
+same things the same way.
+
+Trusts: the Config (validated by config.py); options are validated by the CLI.
+Never: run a check, or pick the system resolver when zone files or servers were given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+
+from kanmon.config import Config
+from kanmon.dnscheck.checks import Target, dkim_public_key_from_pem
+from kanmon.dnscheck.sources import DnsSource, ResolverSource, ZoneSource
+
+
+class TargetError(Exception):
+    """Something to check is unusable: a bad IP in the config, an unreadable DKIM key."""
+
+
+def load_dkim_key(path: str | Path) -> tuple[str, bytes]:
+    p = Path(path)
+    try:
+        pem = p.read_bytes()
+    except OSError as e:
+        raise TargetError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        return dkim_public_key_from_pem(pem)
+    except (ValueError, TypeError) as e:
+        raise TargetError(f"{p}: not a PEM private or public key ({e})") from None
+
+
+def make_source(
+    config: Config | None, server: tuple[str, int] | None = None, zones: Sequence[str | Path] = ()
+) -> DnsSource:
+    """Zone files if given; else --server; else [dns] servers; else the system resolver."""
+    if zones:
+        return ZoneSource(zones)
+    timeout = config.dns.timeout if config is not None else 5.0
+    if server is not None:
+        return ResolverSource([server], timeout)
+    if config is not None and config.dns.servers:
+        return ResolverSource(config.dns.servers, timeout)
+    return ResolverSource((), timeout)
+
+
+def make_targets(
+    config: Config | None,
+    domains: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    helo: str | None = None,
+    dkim_selector: str | None = None,
+    dkim_key: tuple[str, bytes] | None = None,
+) -> list[Target]:
+    """Targets for domains (default: [dnscheck] domains, else every [[domain]]).
+    Without a config nothing is defaulted: the embedded default's names are examples."""
+    if config is not None:
+        dc = config.dnscheck
+        domains = list(domains) or list(dc.domains) or [d.name for d in config.domain]
+        if not ips:
+            ips = _valid_ips(dc.ips, "dnscheck.ips") or _valid_ips(config.outbound.source_ips, "outbound.source_ips")
+        helo = helo or dc.helo or config.server.hostname
+        dkim_selector = dkim_selector or dc.dkim_selector
+        if dkim_key is None and dc.dkim_key is not None and dkim_selector:
+            dkim_key = load_dkim_key(dc.dkim_key)
+    return [
+        Target(
+            domain=d.lower().rstrip("."),
+            ips=tuple(ips),
+            helo=helo.lower().rstrip(".") if helo else None,
+            dkim_selector=dkim_selector,
+            dkim_key=dkim_key,
+            receives_mail=config is not None and config.find_domain(d) is not None,
+        )
+        for d in domains
+    ]
+
+
+def _valid_ips(ips: Sequence[str], key: str) -> list[str]:
+    out = []
+    for ip in ips:
+        try:
+            out.append(str(ipaddress.ip_address(ip.strip())))
+        except ValueError:
+            raise TargetError(f"{key}: {ip!r} is not an IP address") from None
+    return out
