@@ -48,3 +48,137 @@ def main() -> None:
 # `kanmon --help` lists them all. Add one import and one add_command per group.
 from kanmon.store.cli import user  # noqa: E402
 main.add_command(user)
+
+# ---------------------------------------------------------------------------
+# serve and config
+
+
+@main.command()
+@config_option
+@click.option("--quiet", is_flag=True, help="Do not echo event-log lines to stdout (they still go to the log file).")
+def serve(config_path: str | None, quiet: bool) -> None:
+    """Run the roles the config asks for (the embedded default without -c)."""
+    from kanmon.node import run_node
+
+    config = load_or_exit(config_path)
+    sys.exit(run_node(config, echo=None if quiet else sys.stdout))
+
+
+@main.group()
+def config() -> None:
+    """Check, print and document configuration files."""
+
+
+@config.command("check")
+@config_option
+def config_check(config_path: str | None) -> None:
+    """Validate a configuration; exit 0 if it is usable, 2 naming each bad key if not."""
+    load_or_exit(config_path)
+    click.echo(f"{config_path or '<embedded default>'}: ok")
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print a complete, commented example configuration."""
+    from kanmon.config import example_config_text
+
+    click.echo(example_config_text(), nl=False)
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print the reference of every key (docs/configuration.md is this output)."""
+    from kanmon.config import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
+from kanmon.dnscheck.cli import dns  # noqa: E402
+main.add_command(dns)
+
+
+# ---------------------------------------------------------------------------
+# log
+
+
+def _since(text: str | None) -> float | None:
+    import time
+
+    from kanmon.config import parse_duration
+
+    if text is None:
+        return None
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+
+
+def _stamp(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@main.group()
+def log() -> None:
+    """Search the event log and the message history."""
+
+
+@log.command("events")
+@config_option
+@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
+@click.option("--id", "queue_id", help="Only lines about this queue id.")
+@click.option("--grep", help="Only lines containing TEXT (case-insensitive).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", default=10_000, show_default=True, help="At most this many lines (the newest).")
+def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
+    """The event log: connections, TLS, accepts, rejects, deliveries."""
+    import json
+
+    from kanmon.records.query import search_events
+
+    cfg = load_or_exit(config_path)
+    rows = search_events(cfg.server.data_dir, since=_since(since), queue_id=queue_id, grep=grep, limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps({"time": r.ts, "queue_id": r.queue_id, "kind": r.kind, "text": r.text}))
+        else:
+            click.echo(f"{_stamp(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
+
+
+@log.command("history")
+@config_option
+@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
+@click.option("--from", "mail_from", help="Envelope sender contains TEXT.")
+@click.option("--to", "rcpt", help="Recipient contains TEXT.")
+@click.option("--subject", help="Subject contains TEXT.")
+@click.option("--id", "queue_id", help="This queue id.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", default=10_000, show_default=True, help="At most this many rows (the newest).")
+def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json, limit) -> None:
+    """The message history: one row per message and recipient."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kanmon.records.query import search_history
+
+    cfg = load_or_exit(config_path)
+    rows = search_history(
+        cfg.server.data_dir, since=_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
+        queue_id=queue_id, limit=limit,
+    )
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            _stamp(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
+            r.disposition, r.queue_id, r.status,
+        )
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)

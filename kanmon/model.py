@@ -134,7 +134,8 @@ class Envelope:
     """What the SMTP transaction said about a message (not its content)."""
 
     mail_from: str  # "" for the null sender <>
-    rcpts: list[str] = field(default_factory=list)
+    rcpts: list[str] = field(default_factory=list)  # final recipients, aliases expanded
+    original_rcpts: dict[str, str] = field(default_factory=dict)  # final -> as the client wrote it, when different
     client: ClientInfo | None = None
     size_hint: int = 0  # SIZE= parameter
     body_8bit: bool = False

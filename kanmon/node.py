@@ -1,0 +1,147 @@
+"""A running kanmon node: starts the roles the config asks for, in order, and stops them.
+
+Role: the composition root. Order at start: data_dir and records, spool recovery (so a
+crash is repaired before anything listens), the queue manager with what recovery found,
+then the listeners. Order at stop: listeners first (no new mail), then the queue manager,
+then records (so every event is written).
+
+Trusts: a Config that passed validation. Never: start a listener before recovery; leave
+a task that does not belong to the node's TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from kanmon.clock import SystemClock
+from kanmon.config import Config
+from kanmon.deliver.local import LocalDelivery
+from kanmon.policy.access import AcceptPolicy
+from kanmon.queue.manager import QueueManager
+from kanmon.records.store import Records
+from kanmon.smtp.server import SmtpServer
+from kanmon.spool.store import Spool
+from kanmon.tlscert import server_context
+
+
+class Node:
+    def __init__(self, config: Config, *, echo: TextIO | None = None, clock=None, fsync: bool = True):
+        self.config = config
+        self.echo = echo
+        self.clock = clock or SystemClock()
+        self.fsync = fsync
+        self.data_dir = Path(config.server.data_dir)
+        self.records: Records | None = None
+        self.spool: Spool | None = None
+        self.queue: QueueManager | None = None
+        self.smtp: SmtpServer | None = None
+        self.services: list = []
+        self.started = asyncio.Event()
+
+    def _build(self) -> None:
+        config = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.records = Records(self.data_dir, config.server.hostname, echo=self.echo)
+        self.spool = Spool(self.data_dir, fsync=self.fsync)
+        self.local = LocalDelivery(self.data_dir, fsync=self.fsync)
+        self.queue = QueueManager(config, self.spool, self.records, self.local, clock=self.clock)
+        self.tls_context = server_context(config)
+        self.policy = AcceptPolicy(config)
+        self.smtp = SmtpServer(
+            config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context
+        )
+
+    def recover(self) -> None:
+        assert self.spool and self.records and self.queue
+        entries, corrupt, removed = self.spool.recover()
+        for qid, why in corrupt:
+            self.records.emit(f"corrupt queue file moved to spool/corrupt/: {why}", qid, "critical")
+        if removed:
+            self.records.emit(f"recovery: removed {removed} unacknowledged incoming file(s)")
+        self.queue.load_recovered(entries)
+        self.records.emit(f"recovery: {len(entries)} message(s) in the queue, {len(corrupt)} corrupt")
+
+    async def run(self) -> None:
+        """Start everything, then wait until cancelled; stop in order."""
+        self._build()
+        assert self.records and self.smtp and self.queue
+        try:
+            self.recover()
+            await self.smtp.start()
+            started = []
+            try:
+                for service in self.services:
+                    await service.start()
+                    started.append(service)
+                self.started.set()
+                await self.queue.run()  # until cancelled
+            finally:
+                await self.smtp.stop()
+                for service in reversed(started):
+                    await service.stop()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.local.close()
+            if self.spool:
+                self.spool.close()
+            self.records.emit("stopped")
+            self.records.close()
+
+    def describe(self) -> str:
+        """What the operator sees at start: listeners, where mail goes, where data lives."""
+        c = self.config
+        lines = [f"kanmon: {c.server.hostname}, data in {self.data_dir.resolve()}"]
+        for host, port in c.smtp.listen:
+            lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        for d in c.domain:
+            if d.deliver == "local":
+                lines.append(
+                    f"kanmon: mail for @{d.name} ({', '.join(d.mailboxes) or 'no mailboxes'}) -> "
+                    f"{(self.data_dir / 'mailboxes' / d.name).resolve()}/<mailbox>/new/"
+                )
+            else:
+                hops = ", ".join(f"{h}:{p}" for h, p in d.servers)
+                lines.append(f"kanmon: mail for @{d.name} -> relayed to {hops}")
+        out = c.outbound
+        if out.smarthost:
+            lines.append("kanmon: other domains -> smarthost " + ", ".join(f"{h}:{p}" for h, p in out.smarthost))
+        else:
+            lines.append("kanmon: other domains -> by MX (relay_networks: "
+                         + ", ".join(str(n) for n in c.smtp.relay_networks) + ")")
+        return "\n".join(lines)
+
+
+def run_node(config: Config, echo: TextIO | None = sys.stdout) -> int:
+    """`kanmon serve`: run until SIGINT/SIGTERM."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional, faster event loop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+
+    async def main() -> int:
+        node = Node(config, echo=echo)
+        task = asyncio.ensure_future(node.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        waiter = asyncio.ensure_future(node.started.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            print(node.describe(), flush=True)
+        else:
+            waiter.cancel()
+        try:
+            await task
+        except OSError as e:
+            print(f"kanmon: cannot start: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    return runner(main())

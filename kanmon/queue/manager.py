@@ -1,0 +1,324 @@
+"""The queue manager: what is due, where it goes, how many at once; retries and notices.
+
+Role: takes messages the spool made durable (new ones at once, recovered ones by their
+persisted schedule), routes each pending recipient, hands groups to the delivery agents,
+writes every result to the spool journal before acting on it, and decides what follows:
+finished (removed from the spool), deferred (next retry from [queue] retry), a delay
+notice after warn_after, a failure notice at lifetime or on a 5xx (RFC 3464).
+
+Memory: the in-memory active set (messages with envelope loaded) is bounded by
+[queue] max_active; deferred messages wait as (due time, id) pairs only.
+
+Trusts: the spool's entries. Never: remove a message whose recipients are not all final;
+send a notice about a message from <> or about a notice (DESIGN.md promise 5); let an
+exception in one delivery stop the others (it becomes 451 4.3.0 and an event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from kanmon.clock import SystemClock
+from kanmon.config import Config
+from kanmon.deliver.local import LocalDelivery
+from kanmon.model import Envelope, RecipientResult, Reply, Status, new_queue_id
+from kanmon.records.store import Records
+from kanmon.routing import Route, Router
+from kanmon.spool.store import Spool, SpoolEntry
+
+INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
+NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
+LIFETIME_EXPIRED = "message expired in the queue"
+
+RemoteDeliver = Callable[[str, str, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
+NoticeBuilder = Callable[..., bytes]
+
+
+def hms(seconds: float) -> str:
+    """Sendmail-style delay: [d+]hh:mm:ss."""
+    seconds = max(0, int(seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}+" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def retry_delay(attempts: int, first: float, most: float, rng: random.Random) -> float:
+    """[queue] retry = "first..most": doubling per failed attempt, jittered upward by up to 10%, capped."""
+    base = first * (2 ** max(0, attempts - 1))
+    return min(most, base * rng.uniform(1.0, 1.1))
+
+
+@dataclass(order=True, slots=True)
+class _Due:
+    at: float
+    seq: int
+    queue_id: str = field(compare=False)
+
+
+class QueueManager:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        records: Records,
+        local: LocalDelivery,
+        remote: RemoteDeliver | None = None,
+        *,
+        clock=None,
+        notices=None,
+        workers: int = 32,
+    ):
+        self.config = config
+        self.spool = spool
+        self.records = records
+        self.local = local
+        self.remote = remote
+        self.clock = clock or SystemClock()
+        self.notices = notices  # kanmon.queue.notices.Notices, or None: no DSNs
+        self.router = Router(config)
+        self.workers = workers
+        self._rng = random.Random()
+        self._heap: list[_Due] = []
+        self._seq = itertools.count()
+        self._ready: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+        self._in_memory: set[str] = set()  # queued in _ready or being delivered
+        self._scheduled: dict[str, float] = {}  # id -> due time in the heap (latest wins)
+        self._wake = asyncio.Event()
+        self._dest_limits: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(config.outbound.max_per_destination)
+        )
+        self.idle = asyncio.Event()  # set when nothing is in memory (tests wait on it)
+        self.idle.set()
+        self.delivered = 0
+
+    # -- input ----------------------------------------------------------------------------
+
+    def submit_nowait(self, queue_id: str, content: bytes | None = None) -> None:
+        """A message was just stored: deliver it now (content kept to save a read)."""
+        if len(self._in_memory) >= self.config.queue.max_active:
+            self.schedule(queue_id, self.clock.now())
+            return
+        if queue_id in self._in_memory:
+            return
+        self._in_memory.add(queue_id)
+        self.idle.clear()
+        self._ready.put_nowait((queue_id, content))
+
+    def schedule(self, queue_id: str, at: float) -> None:
+        self._scheduled[queue_id] = at
+        heapq.heappush(self._heap, _Due(at, next(self._seq), queue_id))
+        self._wake.set()
+
+    def load_recovered(self, entries: list[SpoolEntry]) -> None:
+        """After a restart: each message at its persisted next attempt (not all at once)."""
+        now = self.clock.now()
+        for e in entries:
+            if e.state.hold:
+                continue
+            self.schedule(e.queue_id, max(e.state.next_attempt, now) if e.state.next_attempt else now)
+
+    def flush_nowait(self, queue_ids: list[str] | None = None) -> int:
+        """Make scheduled messages due now (all, or the given ids)."""
+        now = self.clock.now()
+        targets = list(self._scheduled) if queue_ids is None else [q for q in queue_ids if q in self._scheduled]
+        for qid in targets:
+            self.schedule(qid, now)
+        return len(targets)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._scheduler())
+            for _ in range(self.workers):
+                tg.create_task(self._worker())
+
+    async def _scheduler(self) -> None:
+        while True:
+            now = self.clock.now()
+            while self._heap and self._heap[0].at <= now and len(self._in_memory) < self.config.queue.max_active:
+                due = heapq.heappop(self._heap)
+                if self._scheduled.get(due.queue_id) != due.at:
+                    continue  # superseded by a later schedule() for the same id
+                del self._scheduled[due.queue_id]
+                if due.queue_id in self._in_memory:
+                    continue
+                self._in_memory.add(due.queue_id)
+                self.idle.clear()
+                self._ready.put_nowait((due.queue_id, None))
+            self._wake.clear()
+            if self._heap and len(self._in_memory) < self.config.queue.max_active:
+                delay = self._heap[0].at - now
+                sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+                waker = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleeper.cancel()
+                    waker.cancel()
+            else:
+                await self._wake.wait()
+
+    async def _worker(self) -> None:
+        while True:
+            queue_id, content = await self._ready.get()
+            try:
+                await self._process(queue_id, content)
+            except Exception as e:  # noqa: BLE001 - one message never stops the queue
+                self.records.emit(f"queue manager error: {type(e).__name__}: {e}; will retry", queue_id, "error")
+                self.schedule(queue_id, self.clock.now() + self.config.queue.retry_bounds[0])
+            finally:
+                self._in_memory.discard(queue_id)
+                if not self._in_memory:
+                    self.idle.set()
+                self._wake.set()
+
+    # -- one message -------------------------------------------------------------------------
+
+    async def _process(self, queue_id: str, content: bytes | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            entry = await loop.run_in_executor(None, self.spool.load, queue_id)
+        except FileNotFoundError:
+            return  # deleted meanwhile (admin action)
+        if entry.state.hold:
+            return
+        if content is None:
+            content = await loop.run_in_executor(None, self.spool.read_content, queue_id)
+        env = entry.envelope
+        pending = entry.pending_rcpts()
+        start = self.clock.now()
+        groups: dict[Route, list[str]] = defaultdict(list)
+        for rcpt in pending:
+            groups[self.router.route(rcpt)].append(rcpt)
+        results: list[RecipientResult] = []
+        outcomes = await asyncio.gather(
+            *(self._deliver_group(queue_id, env, rcpts, content, route) for route, rcpts in groups.items()),
+            return_exceptions=True,
+        )
+        for (route, rcpts), outcome in zip(groups.items(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self.records.emit(f"delivery agent error: {type(outcome).__name__}: {outcome}", queue_id, "error")
+                results.extend(RecipientResult(r, Status.DEFERRED, INTERNAL_ERROR, mailer=route.transport) for r in rcpts)
+            else:
+                results.extend(outcome)
+        now = self.clock.now()
+        await self._settle(entry, content, results, start, now)
+
+    async def _deliver_group(
+        self, queue_id: str, env: Envelope, rcpts: list[str], content: bytes, route: Route
+    ) -> list[RecipientResult]:
+        if route.transport == "local":
+            return await self.local.deliver(env.mail_from, rcpts, content)
+        if self.remote is None:
+            return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
+        async with self._dest_limits[route.key]:
+            return await self.remote(queue_id, env.mail_from, rcpts, content, route)
+
+    async def _settle(
+        self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], start: float, now: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        env = entry.envelope
+        qid = entry.queue_id
+        state = entry.state
+        q = self.config.queue
+        age = now - (env.received_at or now)
+        deferred = [r for r in results if r.status is Status.DEFERRED]
+        # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces.
+        expired = bool(deferred) and (q.lifetime == 0 or age >= q.lifetime)
+        final: list[RecipientResult] = []
+        for r in results:
+            if r.status is Status.DEFERRED and expired:
+                text = f"{r.reply.text} ({LIFETIME_EXPIRED})" if q.lifetime else r.reply.text
+                r = RecipientResult(r.rcpt, Status.BOUNCED, Reply(r.reply.code + 100 if r.reply.code < 500 else r.reply.code,
+                                    "5" + r.reply.enhanced[1:] if r.reply.enhanced else "5.4.7", text),
+                                    r.relay, r.mailer, r.tls)
+            final.append(r)
+        still_deferred = [r for r in final if r.status is Status.DEFERRED]
+        records: list[dict] = [
+            {"k": "result", "t": now, "rcpt": r.rcpt, "status": r.status.value, "reply": str(r.reply),
+             "relay": r.relay, "mailer": r.mailer, "tls": r.tls}
+            for r in final
+        ]
+        next_at = 0.0
+        if still_deferred:
+            first, most = q.retry_bounds
+            next_at = now + retry_delay(state.attempts + 1, first, most, self._rng)
+            records.append({"k": "attempt", "t": now, "n": state.attempts + 1, "next": next_at})
+        warn = (
+            still_deferred and q.warn_after > 0 and age >= q.warn_after and not state.warned
+            and env.mail_from and not env.is_notice and self.notices is not None
+        )
+        if warn:
+            records.append({"k": "warned", "t": now})
+        # The journal first: after a crash, what is written here is what happened.
+        await loop.run_in_executor(None, self.spool.append_state, qid, records)
+        for r in final:
+            self._log_result(qid, env, r, start, now)
+        bounced = [r for r in final if r.status is Status.BOUNCED]
+        if bounced:
+            await self._notify(entry, content, bounced, "failed", now)
+        if warn:
+            await self._notify(entry, content, still_deferred, "delayed", now)
+        if still_deferred:
+            self.schedule(qid, next_at)
+            return
+        # Every recipient is final.
+        await loop.run_in_executor(None, self.spool.remove, qid)
+        self.delivered += 1
+        self.records.emit("removed", qid)
+
+    def _log_result(self, qid: str, env: Envelope, r: RecipientResult, start: float, now: float) -> None:
+        parts = [f"to=<{r.rcpt}>"]
+        orig = env.original_rcpts.get(r.rcpt)
+        if orig:
+            parts.append(f"orig_to=<{orig}>")
+        parts.append(f"delay={hms(now - (env.received_at or now))}")
+        parts.append(f"xdelay={hms(now - start)}")
+        parts.append(f"mailer={r.mailer or 'local'}")
+        if r.relay and r.relay != "local":
+            parts.append(f"relay={r.relay}")
+        parts.append(f"dsn={r.reply.enhanced or ('2.0.0' if r.reply.code < 400 else '4.0.0')}")
+        if r.status is Status.SENT:
+            stat = "Sent" if r.mailer in ("local", "") else f"Sent ({r.reply})"
+        elif r.status is Status.DEFERRED:
+            stat = f"Deferred: {r.reply}" if r.reply.code else f"Deferred: {r.reply.text}"
+        else:
+            stat = f"Bounced: {r.reply}"
+        parts.append(f"stat={stat}")
+        self.records.emit(", ".join(parts), qid)
+        if r.status is not Status.DEFERRED:
+            self.records.history_status(qid, r.rcpt, "Delivered" if r.status is Status.SENT else "Bounced")
+        else:
+            self.records.history_status(qid, r.rcpt, f"Deferred: {r.reply}")
+
+    async def _notify(self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], action: str, now: float) -> None:
+        """A delay or failure notice to the sender, re-entering through the spool (RFC 3464)."""
+        env = entry.envelope
+        if not env.mail_from or env.is_notice:
+            self.records.emit(f"no notice ({action}) for a message from <> or a notice: dropped", entry.queue_id)
+            return
+        if self.notices is None:
+            return
+        notice_id = new_queue_id()
+        notice_env, notice_content = self.notices.build(entry, content, results, action, now)
+        try:
+            await self.spool.store(notice_id, notice_env, notice_content)
+        except Exception as e:  # noqa: BLE001
+            self.records.emit(f"cannot queue {action} notice: {e}", entry.queue_id, "error")
+            return
+        kind = "failure" if action == "failed" else "delay"
+        self.records.emit(f"sender {kind} notification: {notice_id}", entry.queue_id)
+        self.records.emit(f"from=<>, size={len(notice_content)}, nrcpts=1, proto=internal, relay=local", notice_id)
+        self.records.history_accept(notice_id, notice_env, len(notice_content), notice_content)
+        self.submit_nowait(notice_id, notice_content)
+
+

@@ -1,0 +1,109 @@
+"""Searching the records: event log and history, for the CLI and the web console.
+
+Role: read-only queries over records.sqlite with filters. Trusts: filter values from
+the admin, passed as SQL parameters only (never formatted into SQL).
+Never: write, or lock the database against the running server (read-only connection).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from kanmon.records.store import open_db
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    ts: float
+    queue_id: str | None
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    ts: float
+    client_ip: str
+    mail_from: str
+    rcpt: str
+    subject: str
+    message_id: str
+    size: int
+    classification: str
+    disposition: str
+    queue_id: str
+    status: str
+    auth_user: str
+
+
+def _connect(data_dir: Path) -> sqlite3.Connection | None:
+    path = Path(data_dir) / "records.sqlite"
+    if not path.exists():
+        return None
+    return open_db(path, readonly=True)
+
+
+def search_events(
+    data_dir: Path, *, since: float | None = None, queue_id: str | None = None, grep: str | None = None,
+    limit: int = 10_000,
+) -> list[EventRow]:
+    db = _connect(data_dir)
+    if db is None:
+        return []
+    where, args = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        args.append(since)
+    if queue_id:
+        where.append("(queue_id = ? OR text LIKE ?)")
+        args += [queue_id, f"%{queue_id}%"]
+    if grep:
+        where.append("(instr(lower(text), lower(?)) > 0 OR instr(lower(coalesce(queue_id, '')), lower(?)) > 0)")
+        args += [grep, grep]
+    sql = "SELECT ts, queue_id, kind, text FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    try:
+        rows = [EventRow(*r) for r in db.execute(sql, args)]
+    finally:
+        db.close()
+    rows.reverse()
+    return rows
+
+
+def search_history(
+    data_dir: Path, *, since: float | None = None, mail_from: str | None = None, rcpt: str | None = None,
+    subject: str | None = None, queue_id: str | None = None, limit: int = 10_000,
+) -> list[HistoryRow]:
+    db = _connect(data_dir)
+    if db is None:
+        return []
+    where, args = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        args.append(since)
+    for column, value in (("mail_from", mail_from), ("rcpt", rcpt), ("subject", subject)):
+        if value:
+            where.append(f"instr(lower({column}), lower(?)) > 0")
+            args.append(value)
+    if queue_id:
+        where.append("queue_id = ?")
+        args.append(queue_id)
+    sql = (
+        "SELECT ts, client_ip, mail_from, rcpt, subject, message_id, size, classification, disposition,"
+        " queue_id, status, auth_user FROM history"
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    try:
+        rows = [HistoryRow(*(("" if v is None else v) for v in r)) for r in db.execute(sql, args)]
+    finally:
+        db.close()
+    rows.reverse()
+    return rows

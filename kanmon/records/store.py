@@ -1,0 +1,245 @@
+"""Records: the event log and the message history, in SQLite (WAL) in data_dir.
+
+Role: every stage writes here; nothing reads it to make delivery decisions (DESIGN.md).
+Writes are queued in memory and committed in batches by one writer thread, off the
+mail path; event lines also go to stdout (when asked) and to <data_dir>/log/kanmon.log.
+
+Trusts: its callers. Text from the network (subjects, addresses) is stored as data,
+never interpreted. Decoding of MIME encoded-words happens here, in the writer thread,
+and a malformed header is recorded as it is, never a crash.
+Never: block the caller on disk I/O (emit() only appends to a bounded queue; when the
+queue is full the oldest pending lines are still written — the caller waits briefly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from email.header import decode_header, make_header
+from pathlib import Path
+from typing import TextIO
+
+from kanmon.model import Envelope, Reply
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    queue_id TEXT,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events(ts);
+CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    client_ip TEXT,
+    mail_from TEXT,
+    rcpt TEXT,
+    subject TEXT,
+    message_id TEXT,
+    size INTEGER,
+    classification TEXT,
+    disposition TEXT,
+    queue_id TEXT,
+    status TEXT,
+    auth_user TEXT,
+    updated REAL
+);
+CREATE INDEX IF NOT EXISTS history_ts ON history(ts);
+CREATE INDEX IF NOT EXISTS history_queue_id ON history(queue_id, rcpt);
+"""
+
+MAX_PENDING = 200_000
+log = logging.getLogger("kanmon.records")
+
+
+def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    else:
+        db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+    return db
+
+
+def decode_subject(raw: str) -> str:
+    """RFC 2047 decoding; a broken encoded-word is kept as written."""
+    if "=?" not in raw:
+        return raw
+    try:
+        return str(make_header(decode_header(raw)))
+    except Exception:  # noqa: BLE001 - any malformed header: record it raw
+        return raw
+
+
+def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"message-id")) -> dict[str, str]:
+    """Unfolded values of a few header fields, looking only at the header block."""
+    end = content.find(b"\r\n\r\n")
+    block = content[: end if end >= 0 else min(len(content), 65536)][:65536]
+    out: dict[str, str] = {}
+    current: str | None = None
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                out[current] += " " + line.strip().decode("utf-8", "replace")
+            continue
+        current = None
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        key = name.strip().lower()
+        if key in names and key.decode() not in out:
+            current = key.decode("ascii", "replace")
+            out[current] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+class Records:
+    def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True):
+        self.data_dir = Path(data_dir)
+        self.hostname = hostname
+        self.db_path = self.data_dir / "records.sqlite"
+        self._echo = echo
+        self._log_path = self.data_dir / "log" / "kanmon.log" if log_file else None
+        if self._log_path:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._pending: deque[tuple] = deque()
+        self._cond = threading.Condition()
+        self._flushed = threading.Condition()
+        self._seq = 0  # items queued
+        self._done = 0  # items written
+        self._stop = False
+        self._db = open_db(self.db_path)
+        self._thread = threading.Thread(target=self._writer, name="records", daemon=True)
+        self._thread.start()
+
+    # -- producers (any thread) -------------------------------------------------------
+
+    def _put(self, item: tuple) -> None:
+        with self._cond:
+            self._pending.append(item)
+            self._seq += 1
+            if len(self._pending) == 1:
+                self._cond.notify()
+
+    def emit(self, text: str, queue_id: str | None = None, kind: str = "info") -> None:
+        """One event-log line: `<queue id>: text` (or just text for session events)."""
+        self._put(("event", time.time(), queue_id, kind, text))
+
+    def history_accept(self, queue_id: str, env: Envelope, size: int, content: bytes) -> None:
+        fields = header_fields(content)
+        client = env.client
+        for rcpt in env.rcpts:
+            self._put((
+                "hist", time.time(), client.ip if client else "", env.mail_from, rcpt,
+                fields.get("subject", ""), fields.get("message-id", ""), size, "NotSpam", "Accept",
+                queue_id, "Queued", client.auth_user if client else "",
+            ))
+
+    def history_reject(self, env: Envelope | None, rcpt: str, reply: Reply, client_ip: str, auth_user: str = "") -> None:
+        rcpts = [rcpt] if rcpt else (env.rcpts if env and env.rcpts else [""])
+        for r in rcpts:
+            self._put((
+                "hist", time.time(), client_ip, env.mail_from if env else "", r, "", "", env.size_hint if env else 0,
+                "NotSpam", "Reject", "", str(reply), auth_user,
+            ))
+
+    def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
+        self._put(("status", time.time(), queue_id, rcpt, status))
+
+    # -- writer thread ----------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        log_fh = open(self._log_path, "a", encoding="utf-8") if self._log_path else None  # noqa: SIM115
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._stop:
+                        self._cond.wait(0.5)
+                    if not self._pending and self._stop:
+                        return
+                    batch = list(self._pending)
+                    self._pending.clear()
+                try:
+                    self._write(batch, log_fh)
+                except Exception as e:  # noqa: BLE001 - records must never stop mail
+                    print(f"kanmon: records write failed: {e}", file=sys.stderr)
+                with self._flushed:
+                    self._done += len(batch)
+                    self._flushed.notify_all()
+        finally:
+            if log_fh:
+                log_fh.close()
+
+    def _write(self, batch: list[tuple], log_fh: TextIO | None) -> None:
+        events, hist, status, lines = [], [], [], []
+        pid = os.getpid()
+        for item in batch:
+            if item[0] == "event":
+                _, ts, qid, kind, text = item
+                events.append((ts, qid, kind, text))
+                stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
+                prefix = f"{qid}: " if qid else ""
+                lines.append(f"{stamp} {self.hostname} kanmon[{pid}]: {prefix}{text}\n")
+            elif item[0] == "hist":
+                row = list(item[1:])
+                row[4] = decode_subject(row[4])
+                hist.append(row)
+            elif item[0] == "status":
+                _, ts, qid, rcpt, st = item
+                status.append((st, ts, qid, rcpt))
+        with self._db:
+            if events:
+                self._db.executemany("INSERT INTO events(ts, queue_id, kind, text) VALUES (?,?,?,?)", events)
+            if hist:
+                self._db.executemany(
+                    "INSERT INTO history(ts, client_ip, mail_from, rcpt, subject, message_id, size, classification,"
+                    " disposition, queue_id, status, auth_user) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    hist,
+                )
+            if status:
+                self._db.executemany(
+                    "UPDATE history SET status = ?, updated = ? WHERE queue_id = ? AND rcpt = ?", status
+                )
+        if lines:
+            text = "".join(lines)
+            if log_fh:
+                log_fh.write(text)
+                log_fh.flush()
+            if self._echo is not None:
+                try:
+                    self._echo.write(text)
+                    self._echo.flush()
+                except (OSError, ValueError):
+                    pass
+
+    # -- control ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything emitted so far is written."""
+        with self._cond:
+            target = self._seq
+            self._cond.notify()
+        deadline = time.monotonic() + timeout
+        with self._flushed:
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._flushed.wait(left)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        self._db.close()

@@ -1,0 +1,62 @@
+"""Named SMTP replies, used by the session, the listener and the tests.
+
+Every reply carries an enhanced status code (RFC 2034, RFC 3463).
+"""
+
+from kanmon.model import Reply
+
+OK = Reply(250, "2.0.0", "Ok")
+RSET_OK = Reply(250, "2.0.0", "Ok")
+NOOP_OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+BYE = Reply(221, "2.0.0", "Bye")
+VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+# 4xx
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+STORAGE_ERROR = Reply(451, "4.3.0", "Error: queue file write error, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+LOW_DISK = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+
+# 5xx
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
+BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
+SYNTAX_PARAMS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RCPT_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+ALREADY_TLS = Reply(503, "5.5.1", "Error: TLS already active")
+PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+NO_UTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
+MESSAGE_TOO_BIG_SIZE = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+ROUTED_ADDRESS = Reply(550, "5.7.1", "Error: routed addresses (%, !, @ or source routes) are not accepted")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+UNKNOWN_USER = Reply(550, "5.1.1", "User unknown in local recipient table")
+MAIL_LOOP = Reply(554, "5.4.6", "Error: too many hops (mail loop)")
+PROXY_REFUSED = Reply(550, "5.7.0", "Error: PROXY header from an untrusted address")
+OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full, try again later")

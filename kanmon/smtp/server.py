@@ -1,0 +1,376 @@
+"""The SMTP listener: sockets, TLS, limits and timeouts around the I/O-free Session.
+
+Role: a thin asyncio.Protocol adapter. It feeds received bytes to kanmon.smtp.session,
+carries out the actions it returns (write, STARTTLS, store in the spool, close), keeps
+connection limits (in all and per client IP) and the idle/session timeouts, and writes
+session events (connect, TLS, rejects, disconnect) to the records.
+
+Trusts: nothing from the client. Reading is paused while a message is being made
+durable and while too much pipelined input is waiting, so one client costs at most one
+message plus MAX_PIPELINE_BUFFER of memory (DESIGN.md promise 6).
+Never: answer 250 to DATA before the spool returned (promise 1); turn an unexpected
+exception into anything but 451 4.3.0 and an event (promise 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from kanmon.config import Config
+from kanmon.model import ClientInfo, Reply
+from kanmon.policy.access import AcceptPolicy
+from kanmon.records.store import Records
+from kanmon.smtp import proxy_protocol, replies
+from kanmon.smtp.session import (
+    MAX_PIPELINE_BUFFER,
+    Close,
+    Rejected,
+    Send,
+    Session,
+    SessionSettings,
+    StartTls,
+    StoreMessage,
+)
+from kanmon.spool.store import Spool, SpoolError
+
+PROXY_HEADER_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class SmtpServer:
+    """All SMTP listeners of one node, with shared limits."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: AcceptPolicy,
+        spool: Spool,
+        records: Records,
+        on_stored: Callable[[str, bytes], None],
+        tls_context: ssl.SSLContext | None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.policy = policy
+        self.spool = spool
+        self.records = records
+        self.on_stored = on_stored
+        self.tls_context = tls_context
+        self.clock = clock
+        self.connections: set[SmtpProtocol] = set()
+        self.per_ip: Counter[str] = Counter()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._trusted_proxies = list(config.smtp.trusted_proxies)
+        self.accepted = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port in self.config.smtp.listen:
+                server = await loop.create_server(
+                    lambda: SmtpProtocol(self), host, port, reuse_address=True, backlog=1024
+                )
+                self._servers.append(server)
+        except OSError:
+            await self.stop()
+            raise
+        self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for s in self._servers:
+            for sock in s.sockets:
+                out.append(sock.getsockname()[:2])
+        return out
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        if self._sweeper:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.shutdown(replies.SHUTTING_DOWN)
+        for s in self._servers:
+            await s.wait_closed()
+        self._servers.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def spawn(self, coro) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def is_trusted_proxy(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted_proxies)
+
+    async def _sweep(self) -> None:
+        """One timer for all connections: idle timeouts and the total session deadline."""
+        smtp = self.config.smtp
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                limit = smtp.data_timeout if conn.session and conn.session.in_data else smtp.command_timeout
+                if conn.waiting_for_us:
+                    continue
+                if now - conn.last_activity > limit:
+                    conn.shutdown(replies.TIMEOUT, "timeout")
+                elif now - conn.started > smtp.session_timeout:
+                    conn.shutdown(replies.SESSION_TOO_LONG, "session time limit")
+
+
+class SmtpProtocol(asyncio.Protocol):
+    def __init__(self, server: SmtpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.client: ClientInfo | None = None
+        self.peer_ip = ""
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.waiting_for_us = False  # storing a message or in a TLS handshake
+        self._paused = False
+        self._closed = False
+        self._counted = False
+        self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        self.peer_ip = peer[0]
+        server = self.server
+        server.connections.add(self)
+        if self.peer_ip and server.is_trusted_proxy(self.peer_ip):
+            # The balancer speaks first (PROXY protocol); the greeting waits for it.
+            self._proxy_buf = bytearray()
+            self.waiting_for_us = False
+            return
+        self._begin(ClientInfo(ip=self.peer_ip, port=peer[1]))
+
+    def _begin(self, client: ClientInfo) -> None:
+        server = self.server
+        smtp = server.config.smtp
+        self.client = client
+        ip = client.ip
+        if len(server.connections) > smtp.max_connections:
+            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached")
+            return
+        if server.per_ip[ip] >= smtp.max_connections_per_ip:
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {smtp.max_connections_per_ip} reached")
+            return
+        server.per_ip[ip] += 1
+        self._counted = True
+        settings = SessionSettings(
+            hostname=server.config.server.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+            tls_available=server.tls_context is not None,
+        )
+        self.session = Session(settings, server.policy, client, server.clock())
+        server.records.emit(f"connect from {client.name}[{ip}]")
+        self._do(self.session.greeting())
+
+    def _refuse(self, reply: Reply, why: str) -> None:
+        self.server.records.emit(f"reject: connect from unknown[{self.client.ip if self.client else self.peer_ip}]: {reply} ({why})")
+        assert self.transport is not None
+        self.transport.write(reply.wire())
+        self.transport.close()
+        self._closed = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server.connections.discard(self)
+        if self._counted and self.client:
+            server.per_ip[self.client.ip] -= 1
+            if server.per_ip[self.client.ip] <= 0:
+                del server.per_ip[self.client.ip]
+        if self.session is not None and self.client is not None:
+            server.records.emit(f"disconnect from {self.client.name}[{self.client.ip}]")
+        self._closed = True
+
+    def shutdown(self, reply: Reply | None, why: str = "") -> None:
+        if self._closed or self.transport is None:
+            return
+        if self.session is None:
+            self.transport.close()
+            self._closed = True
+            return
+        if why and self.client:
+            self.server.records.emit(f"{why} after {self.session.state.value} from {self.client.name}[{self.client.ip}]")
+        self._do(self.session.close(reply))
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self._proxy_buf is not None:
+            self._proxy_header(data)
+            return
+        if self.session is None:
+            return
+        if not self.session.in_data and self.session.state.value == "greeting" and self.session.messages == 0:
+            if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
+                # A PROXY header from an address that is not a trusted balancer.
+                self.server.records.emit(f"reject: PROXY header from untrusted {self.peer_ip}")
+                self._do(self.session.close(replies.PROXY_REFUSED))
+                return
+        try:
+            actions = self.session.feed(data)
+        except Exception as e:  # noqa: BLE001 - promise 7
+            self.server.records.emit(f"session error: {type(e).__name__}: {e}", kind="error")
+            self._do(self.session.close(replies.LOCAL_ERROR))
+            return
+        self._do(actions)
+
+    def _proxy_header(self, data: bytes) -> None:
+        assert self._proxy_buf is not None
+        self._proxy_buf += data
+        try:
+            result = proxy_protocol.parse_proxy_header(self._proxy_buf)
+        except proxy_protocol.ProxyProtocolError as e:
+            self.server.records.emit(f"reject: bad PROXY header from {self.peer_ip}: {e}")
+            assert self.transport is not None
+            self.transport.write(replies.SYNTAX_PARAMS.wire())
+            self.transport.close()
+            self._closed = True
+            return
+        if result is None:
+            return  # need more bytes
+        rest = bytes(self._proxy_buf[result.consumed :])
+        self._proxy_buf = None
+        src = result.source
+        client = ClientInfo(ip=src[0], port=src[1]) if src else ClientInfo(ip=self.peer_ip)
+        self._begin(client)
+        if rest and self.session is not None and not self._closed:
+            self._do(self.session.feed(rest))
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _do(self, actions) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for a in actions:
+            if isinstance(a, Send):
+                if not self._closed:
+                    transport.write(a.data)
+            elif isinstance(a, Rejected):
+                self._log_reject(a)
+            elif isinstance(a, StoreMessage):
+                self._pause()
+                self.waiting_for_us = True
+                self.server.spawn(self._store(a))
+            elif isinstance(a, StartTls):
+                # Pause now, before the client's ClientHello can be read as plaintext.
+                self._pause()
+                self.waiting_for_us = True
+                self.server.spawn(self._start_tls())
+            elif isinstance(a, Close):
+                if not self._closed:
+                    self._closed = True
+                    transport.close()
+        if self.session is not None and not self.waiting_for_us and not self._closed:
+            if self.session.buffered() > MAX_PIPELINE_BUFFER:
+                self._pause()
+            else:
+                self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self._closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _log_reject(self, a: Rejected) -> None:
+        c = self.client
+        assert c is not None
+        env = a.envelope
+        detail = f"; from=<{env.mail_from}>" if env else ""
+        if a.rcpt:
+            detail += f" to=<{a.rcpt}>"
+        self.server.records.emit(
+            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto if c.helo else 'SMTP'} helo=<{c.helo}>"
+        )
+        if a.command in ("RCPT", "DATA"):
+            self.server.records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user)
+
+    async def _store(self, a: StoreMessage) -> None:
+        server = self.server
+        assert self.session is not None and self.client is not None
+        try:
+            await server.spool.store(a.queue_id, a.envelope, a.content)
+        except SpoolError as e:
+            server.records.emit(f"warning: {e}; answered {replies.STORAGE_ERROR}", a.queue_id, "error")
+            actions = self.session.message_failed(replies.STORAGE_ERROR)
+        except Exception as e:  # noqa: BLE001 - promise 7
+            server.records.emit(f"error storing message: {type(e).__name__}: {e}", a.queue_id, "error")
+            actions = self.session.message_failed(replies.LOCAL_ERROR)
+        else:
+            server.accepted += 1
+            env = a.envelope
+            c = self.client
+            from kanmon.records.store import header_fields
+
+            msgid = header_fields(a.content, (b"message-id",)).get("message-id", "")
+            server.records.emit(
+                f"from=<{env.mail_from}>, size={len(a.content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, "
+                f"proto={c.proto}, relay={c.name} [{c.ip}]" + (f", auth={c.auth_user}" if c.auth_user else ""),
+                a.queue_id,
+            )
+            server.records.history_accept(a.queue_id, env, len(a.content), a.content)
+            server.on_stored(a.queue_id, a.content)
+            actions = self.session.message_stored(a.queue_id)
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        self._do(actions)
+
+    async def _start_tls(self) -> None:
+        server = self.server
+        loop = asyncio.get_running_loop()
+        assert self.session is not None and self.client is not None and server.tls_context is not None
+        try:
+            transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, server.tls_context, server_side=True),
+                TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            server.records.emit(f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], error: {e or type(e).__name__}")
+            if self.transport is not None:
+                self.transport.close()
+            self._closed = True
+            return
+        if transport is None:
+            self._closed = True
+            return
+        self.transport = transport
+        self._paused = False
+        ssl_obj = transport.get_extra_info("ssl_object")
+        version = ssl_obj.version() if ssl_obj else ""
+        cipher, _proto, bits = ssl_obj.cipher() if ssl_obj else ("", "", 0)
+        server.records.emit(
+            f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], version={version}, verify=NO, "
+            f"cipher={cipher}, bits={bits}/{bits}"
+        )
+        self.waiting_for_us = False
+        self._do(self.session.tls_started(version, cipher, bits))

@@ -1,0 +1,527 @@
+"""The ESMTP server session: an I/O-free state machine (RFC 5321).
+
+Role: fed whole buffers of client bytes, it returns Actions for the listener: bytes to
+send, "store this message", "start TLS", "close". It never touches a socket, a file or a
+clock; the listener (kanmon.smtp.server) does, and reports back with message_stored(),
+message_failed(), tls_started(). The same object is driven by bytes in the protocol tests.
+
+Trusts: nothing the client sends. Every buffer is bounded: a command line is at most
+512 octets (RFC 5321 4.5.3.1.4); DATA beyond max_message_size is read to its end but not
+kept. Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
+rejects it with 550 5.5.2 and nothing of it is queued (SMTP smuggling,
+CVE-2023-51764/5/6). After STARTTLS, bytes the client sent before the handshake are
+discarded (CVE-2011-0411).
+
+Never: answer 250 to DATA by itself — that is the listener's job, after the spool says
+the message is durable (DESIGN.md promise 1).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
+from kanmon.policy.access import AcceptPolicy
+from kanmon.smtp import replies
+from kanmon.smtp.address import parse_path
+
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
+MAX_RECEIVED = 50  # RFC 5321 6.3: loop detection by counting Received: headers
+MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
+
+
+# ---------------------------------------------------------------------------
+# Actions: what the session asks its listener to do.
+
+
+@dataclass(slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(slots=True)
+class Close:
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class StartTls:
+    pass
+
+
+@dataclass(slots=True)
+class StoreMessage:
+    """Make the message durable, then call message_stored() or message_failed()."""
+
+    queue_id: str
+    envelope: Envelope
+    content: bytes  # Received: header + message, CRLF line ends, dot-unstuffed
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A refused command, for the event log (the reply itself is in a Send)."""
+
+    command: str
+    reply: Reply
+    envelope: Envelope | None = None
+    rcpt: str = ""
+
+
+Action = Send | Close | StartTls | StoreMessage | Rejected
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # before HELO/EHLO
+    READY = "ready"  # after HELO/EHLO, no transaction
+    MAIL = "mail"  # MAIL accepted
+    RCPT = "rcpt"  # at least one RCPT accepted
+    DATA = "data"  # reading message content
+    WAIT_STORE = "wait_store"  # content complete, the listener is storing it
+    WAIT_TLS = "wait_tls"  # 220 sent to STARTTLS, handshake pending
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class SessionSettings:
+    hostname: str
+    max_message_size: int
+    max_recipients: int
+    max_errors: int = 10
+    tls_available: bool = True
+    tls_active: bool = False  # implicit TLS listener
+
+
+@dataclass(slots=True)
+class _Transaction:
+    envelope: Envelope
+    accepted_rcpts: int = 0
+    original: list[str] = field(default_factory=list)
+
+
+class Session:
+    def __init__(self, settings: SessionSettings, policy: AcceptPolicy, client: ClientInfo, now: float = 0.0):
+        self.settings = settings
+        self.policy = policy
+        self.client = client
+        self.state = State.GREETING
+        self.tls_active = settings.tls_active
+        self.esmtp = False
+        self.errors = 0
+        self.messages = 0
+        self._buf = bytearray()
+        self._skip_line = False  # discarding an over-long line up to its LF
+        self._tx: _Transaction | None = None
+        self._data = bytearray()
+        self._scan_from = 0
+        self._data_len = 0
+        self._data_too_big = False
+        self._now = now
+
+    # -- listener interface -------------------------------------------------------
+
+    def greeting(self) -> list[Action]:
+        return [Send(Reply(220, "", f"{self.settings.hostname} ESMTP kanmon").wire())]
+
+    def set_time(self, now: float) -> None:
+        """The listener tells the session the wall-clock time (for Received: dates)."""
+        self._now = now
+
+    @property
+    def waiting(self) -> bool:
+        return self.state in (State.WAIT_STORE, State.WAIT_TLS)
+
+    @property
+    def in_data(self) -> bool:
+        return self.state is State.DATA
+
+    def feed(self, data: bytes) -> list[Action]:
+        """Process client bytes; returns the actions to carry out, in order."""
+        if self.state is State.CLOSED:
+            return []
+        out: list[Action] = []
+        if self.state is State.DATA:
+            self._feed_data(data, out)
+        else:
+            self._buf += data
+        self._run(out)
+        return out
+
+    def buffered(self) -> int:
+        """Unprocessed bytes held; the listener pauses reading above MAX_PIPELINE_BUFFER."""
+        return len(self._buf)
+
+    def message_stored(self, queue_id: str) -> list[Action]:
+        assert self.state is State.WAIT_STORE
+        self.messages += 1
+        self._end_transaction()
+        out: list[Action] = [Send(replies.queued(queue_id).wire())]
+        self._run(out)
+        return out
+
+    def message_failed(self, reply: Reply) -> list[Action]:
+        assert self.state is State.WAIT_STORE
+        self._end_transaction()
+        out: list[Action] = [Send(reply.wire())]
+        self._run(out)
+        return out
+
+    def tls_started(self, version: str, cipher: str, bits: int) -> list[Action]:
+        assert self.state is State.WAIT_TLS
+        # RFC 3207 4.2: forget everything, the client must EHLO again.
+        self.tls_active = True
+        self.client.tls_version, self.client.tls_cipher, self.client.tls_bits = version, cipher, bits
+        self.client.helo = ""
+        self.esmtp = False
+        self._tx = None
+        self.state = State.GREETING
+        # Plaintext pipelined behind STARTTLS was dropped when 220 was sent (CVE-2011-0411);
+        # what is buffered now came through the TLS layer after the handshake.
+        out: list[Action] = []
+        self._run(out)
+        return out
+
+    def close(self, reply: Reply | None = None) -> list[Action]:
+        """Close from the listener's side (timeout, shutdown)."""
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        out: list[Action] = []
+        if reply is not None:
+            out.append(Send(reply.wire()))
+        out.append(Close(str(reply) if reply else ""))
+        return out
+
+    # -- command mode ----------------------------------------------------------------
+
+    def _run(self, out: list[Action]) -> None:
+        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.CLOSED):
+            lf = self._buf.find(b"\n")
+            if self._skip_line:
+                if lf < 0:
+                    self._buf.clear()
+                    return
+                del self._buf[: lf + 1]
+                self._skip_line = False
+                continue
+            if lf < 0:
+                if len(self._buf) > MAX_COMMAND_LINE:
+                    # RFC 5321 4.5.3.1.4: never buffer an unbounded line.
+                    self._buf.clear()
+                    self._skip_line = True
+                    self._error(replies.LINE_TOO_LONG, "line", out)
+                return
+            if lf + 1 > MAX_COMMAND_LINE:
+                del self._buf[: lf + 1]
+                self._error(replies.LINE_TOO_LONG, "line", out)
+                continue
+            raw = bytes(self._buf[:lf])
+            del self._buf[: lf + 1]
+            if not raw.endswith(b"\r") or b"\r" in raw[:-1]:
+                # Bare LF (or bare CR inside the line): RFC 5321 2.3.8.
+                self._tx = None
+                if self.state in (State.MAIL, State.RCPT):
+                    self.state = State.READY
+                self._error(replies.BARE_NEWLINE, "line", out)
+                continue
+            self._command(raw[:-1], out)
+        if self.state is State.DATA and self._buf:
+            pending = bytes(self._buf)
+            self._buf.clear()
+            self._feed_data(pending, out)
+            self._run(out)
+
+    def _error(self, reply: Reply, command: str, out: list[Action]) -> None:
+        self.errors += 1
+        out.append(Send(reply.wire()))
+        out.append(Rejected(command, reply, self._tx.envelope if self._tx else None))
+        if self.errors >= self.settings.max_errors:
+            out.append(Send(replies.TOO_MANY_ERRORS.wire()))
+            out.append(Close("too many errors"))
+            self.state = State.CLOSED
+
+    def _command(self, line: bytes, out: list[Action]) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(replies.SYNTAX_PARAMS, "line", out)
+            return
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self._error(replies.UNKNOWN_COMMAND, verb[:20] or "empty", out)
+            return
+        try:
+            handler(self, arg, out)
+        except SmtpError as e:
+            self._error(e.reply, verb, out)
+
+    def _reply(self, reply: Reply, out: list[Action]) -> None:
+        out.append(Send(reply.wire()))
+
+    def _end_transaction(self) -> None:
+        self._tx = None
+        self._data = bytearray()
+        self._data_len = 0
+        self._data_too_big = False
+        if self.state is not State.CLOSED:
+            self.state = State.READY
+
+    # -- commands (RFC 5321 4.1.1) -------------------------------------------------------
+
+    def _ehlo(self, arg: str, out: list[Action]) -> None:
+        name = arg.strip()
+        if not name or " " in name:
+            raise SmtpError(replies.EHLO_SYNTAX)
+        self.client.helo = name
+        self.esmtp = True
+        self._tx = None
+        self.state = State.READY
+        lines = [
+            f"{self.settings.hostname} Hello {name} [{self.client.ip}]",
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self.settings.tls_available and not self.tls_active:
+            lines.append("STARTTLS")
+        self._reply(Reply(250, "", "\n".join(lines)), out)
+
+    def _helo(self, arg: str, out: list[Action]) -> None:
+        name = arg.strip()
+        if not name or " " in name:
+            raise SmtpError(replies.HELO_SYNTAX)
+        self.client.helo = name
+        self.esmtp = False
+        self._tx = None
+        self.state = State.READY
+        self._reply(Reply(250, "", self.settings.hostname), out)
+
+    def _mail(self, arg: str, out: list[Action]) -> None:
+        if self.state is State.GREETING:
+            raise SmtpError(replies.NEED_HELO)
+        if self._tx is not None:
+            raise SmtpError(replies.NESTED_MAIL)
+        if not arg[:5].upper() == "FROM:":
+            raise SmtpError(replies.MAIL_SYNTAX)
+        path = parse_path(arg[5:], is_sender=True, smtputf8_allowed=self.esmtp)
+        env = Envelope(mail_from=path.address, client=self.client)
+        for key, value in path.params.items():
+            if not self.esmtp:
+                raise SmtpError(replies.PARAM_UNKNOWN)
+            if key == "SIZE":
+                # RFC 1870: refuse at MAIL when the declared size is over the limit.
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SmtpError(replies.SYNTAX_PARAMS)
+                env.size_hint = int(value)
+                if env.size_hint > self.settings.max_message_size:
+                    raise SmtpError(replies.MESSAGE_TOO_BIG_SIZE)
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SmtpError(replies.SYNTAX_PARAMS)
+                env.body_8bit = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    raise SmtpError(replies.SYNTAX_PARAMS)
+                env.smtputf8 = True
+            else:
+                raise SmtpError(replies.PARAM_UNKNOWN)
+        verdict = self.policy.check_mail(self.client, path)
+        if not verdict.accepted:
+            raise SmtpError(verdict.reply or replies.LOCAL_ERROR)
+        self._tx = _Transaction(env)
+        self.state = State.MAIL
+        self._reply(replies.SENDER_OK, out)
+
+    def _rcpt(self, arg: str, out: list[Action]) -> None:
+        if self._tx is None:
+            raise SmtpError(replies.NEED_MAIL if self.state is not State.GREETING else replies.NEED_HELO)
+        if not arg[:3].upper() == "TO:":
+            raise SmtpError(replies.RCPT_SYNTAX)
+        if self._tx.accepted_rcpts >= self.settings.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452 and the client sends the rest later.
+            self.errors -= 1  # not the client's fault; never counts toward max_errors
+            raise SmtpError(replies.TOO_MANY_RECIPIENTS)
+        path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8)
+        if path.params:
+            raise SmtpError(replies.PARAM_UNKNOWN)
+        decision = self.policy.check_rcpt(self.client, path)
+        if not decision.verdict.accepted:
+            reply = decision.verdict.reply or replies.LOCAL_ERROR
+            self.errors += 1
+            out.append(Send(reply.wire()))
+            out.append(Rejected("RCPT", reply, self._tx.envelope, path.address))
+            if self.errors >= self.settings.max_errors:
+                out.append(Send(replies.TOO_MANY_ERRORS.wire()))
+                out.append(Close("too many errors"))
+                self.state = State.CLOSED
+            return
+        env = self._tx.envelope
+        for target in decision.expands_to:
+            if target not in env.rcpts:
+                env.rcpts.append(target)
+                if target != path.address:
+                    env.original_rcpts[target] = path.address
+        self._tx.accepted_rcpts += 1
+        self.state = State.RCPT
+        self._reply(replies.RCPT_OK, out)
+
+    def _data_cmd(self, arg: str, out: list[Action]) -> None:
+        if arg.strip():
+            raise SmtpError(replies.SYNTAX_PARAMS)
+        if self._tx is None:
+            raise SmtpError(replies.NEED_MAIL if self.state is not State.GREETING else replies.NEED_HELO)
+        if self.state is not State.RCPT:
+            raise SmtpError(replies.NEED_RCPT)
+        self.state = State.DATA
+        # A virtual CRLF before the content lets ".\r\n" as the very first line end DATA.
+        self._data = bytearray(b"\r\n")
+        self._scan_from = 0
+        self._data_len = 0
+        self._data_too_big = False
+        self._reply(replies.START_DATA, out)
+
+    def _rset(self, arg: str, out: list[Action]) -> None:
+        self._tx = None
+        if self.state not in (State.GREETING,):
+            self.state = State.READY
+        self._reply(replies.RSET_OK, out)
+
+    def _noop(self, arg: str, out: list[Action]) -> None:
+        self._reply(replies.NOOP_OK, out)
+
+    def _quit(self, arg: str, out: list[Action]) -> None:
+        self.state = State.CLOSED
+        self._reply(replies.BYE, out)
+        out.append(Close("QUIT"))
+
+    def _vrfy(self, arg: str, out: list[Action]) -> None:
+        # RFC 5321 3.5.3: 252 neither confirms nor denies (no address harvesting).
+        self._reply(replies.VRFY_CANNOT, out)
+
+    def _help(self, arg: str, out: list[Action]) -> None:
+        self._reply(replies.HELP, out)
+
+    def _starttls(self, arg: str, out: list[Action]) -> None:
+        if arg.strip():
+            raise SmtpError(replies.SYNTAX_PARAMS)
+        if self.tls_active:
+            raise SmtpError(replies.ALREADY_TLS)
+        if not self.settings.tls_available:
+            raise SmtpError(replies.TLS_NOT_AVAILABLE)
+        if self.state is State.GREETING and not self.esmtp and not self.client.helo:
+            pass  # RFC 3207 allows STARTTLS right after EHLO; be liberal before it too
+        self._reply(replies.READY_TLS, out)
+        self._buf.clear()  # CVE-2011-0411: discard whatever was pipelined behind STARTTLS
+        self.state = State.WAIT_TLS
+        out.append(StartTls())
+
+    # -- DATA (RFC 5321 4.1.1.4, 4.5.2) ------------------------------------------------
+
+    def _feed_data(self, data: bytes, out: list[Action]) -> None:
+        limit = self.settings.max_message_size
+        self._data += data
+        self._data_len += len(data)
+        end = self._data.find(b"\r\n.\r\n", self._scan_from)
+        if end < 0:
+            if self._data_len > limit + 4096:
+                # Too big: keep reading to the end, keep only the tail for the scan.
+                self._data_too_big = True
+                del self._data[:-4]
+                self._scan_from = 0
+            else:
+                self._scan_from = max(0, len(self._data) - 4)
+            return
+        rest = bytes(self._data[end + 5 :])
+        content = bytes(self._data[2 : end + 2])  # drop the virtual CRLF, keep the last CRLF
+        self._data = bytearray()
+        self._buf[:0] = rest  # pipelined commands after the dot
+        self._finish_data(content, out)
+
+    def _finish_data(self, content: bytes, out: list[Action]) -> None:
+        tx = self._tx
+        assert tx is not None
+        if self._data_too_big or len(content) > self.settings.max_message_size + 2:
+            self._end_transaction()
+            self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)
+            return
+        # Every CR must be followed by LF and every LF preceded by CR (C-level counts).
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+            self._end_transaction()
+            self._reply_rejected(replies.BARE_NEWLINE, tx.envelope, out)
+            return
+        # RFC 5321 4.5.2: remove the transparency dot.
+        if content.startswith(b".."):
+            content = content[1:]
+        content = content.replace(b"\r\n..", b"\r\n.")
+        if len(content) > self.settings.max_message_size:
+            self._end_transaction()
+            self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)
+            return
+        header_end = content.find(b"\r\n\r\n")
+        header = content if header_end < 0 else content[: header_end + 2]
+        received = header.lower().count(b"\r\nreceived:") + header[:9].lower().startswith(b"received:")
+        if received >= MAX_RECEIVED:
+            self._end_transaction()
+            self._reply_rejected(replies.MAIL_LOOP, tx.envelope, out)
+            return
+        queue_id = new_queue_id(self._now or None)
+        env = tx.envelope
+        env.received_at = self._now
+        env.client = self.client
+        trace = self._received_header(queue_id, env)
+        self.state = State.WAIT_STORE
+        out.append(StoreMessage(queue_id, env, trace + content))
+
+    def _reply_rejected(self, reply: Reply, envelope: Envelope, out: list[Action]) -> None:
+        self.errors += 1
+        out.append(Send(reply.wire()))
+        out.append(Rejected("DATA", reply, envelope))
+
+    def _received_header(self, queue_id: str, env: Envelope) -> bytes:
+        """RFC 5321 4.4 trace field, folded like Postfix's."""
+        c = self.client
+        if c.auth_user:
+            proto = "ESMTPSA" if self.tls_active else "ESMTPA"
+        else:
+            proto = "ESMTPS" if self.tls_active else ("ESMTP" if self.esmtp else "SMTP")
+        c.proto = proto
+        helo = _printable(c.helo or "unknown")
+        lines = [f"Received: from {helo} ({_printable(c.name)} [{c.ip}])"]
+        if self.tls_active and c.tls_version:
+            lines.append(f"\t(using {c.tls_version} with cipher {c.tls_cipher} ({c.tls_bits}/{c.tls_bits} bits))")
+        lines.append(f"\tby {self.settings.hostname} (kanmon) with {proto} id {queue_id}")
+        if len(env.rcpts) == 1:
+            lines.append(f"\tfor <{_printable(env.rcpts[0])}>; {formatdate(self._now or None, localtime=True)}")
+        else:
+            lines.append(f"\t; {formatdate(self._now or None, localtime=True)}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e\u00a0-\uffff]")
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub("?", text)[:255]
+
+
+_HANDLERS = {
+    "EHLO": Session._ehlo,
+    "HELO": Session._helo,
+    "MAIL": Session._mail,
+    "RCPT": Session._rcpt,
+    "DATA": Session._data_cmd,
+    "RSET": Session._rset,
+    "NOOP": Session._noop,
+    "QUIT": Session._quit,
+    "VRFY": Session._vrfy,
+    "HELP": Session._help,
+    "STARTTLS": Session._starttls,
+}

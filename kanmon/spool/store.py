@@ -1,0 +1,365 @@
+"""The spool: where a message becomes durable, and the only door to queue state.
+
+Role: the durability boundary and the contract between stages (DESIGN.md). A message
+exists once store() returns: its file and the directory entry are fsynced. Every later
+stage reads and changes queue state only through this API. Crash recovery is a rescan.
+
+Layout under <data_dir>/spool/:
+    incoming/<id>    being written; never acknowledged; removed at start
+    queue/<id>       the message: header line, envelope JSON, content (immutable)
+    state/<id>       append-only journal of what happened to it (JSON lines)
+    corrupt/<id>     entries that failed their checks at start, kept for the admin
+
+Queue file format (docs/spool-format.md):
+    b"KANMON-Q1 <envelope length> <content length> <crc32 hex>\\n"
+    <envelope JSON> b"\\n" <content>
+The CRC covers envelope JSON and content, so a truncated or damaged file is detected.
+
+Group commit: content is written and fsynced in worker threads (the kernel's journal
+merges concurrent fsyncs); the renames into queue/ of all messages ready at that moment
+are then made durable with one directory fsync. store() returns only after its own
+file and its rename are durable.
+
+Trusts: its callers in this process. Never: acknowledge before fsync; delete a queue
+file whose recipients are not all final; read or write mailbox files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kanmon.model import ClientInfo, Envelope
+
+MAGIC = b"KANMON-Q1 "
+MAX_HEADER_LINE = 128
+
+
+class SpoolError(Exception):
+    """A storage failure: the caller answers 451 4.3.0."""
+
+
+class CorruptEntry(Exception):
+    pass
+
+
+def envelope_to_json(env: Envelope) -> bytes:
+    c = env.client
+    data = {
+        "from": env.mail_from,
+        "rcpts": env.rcpts,
+        "orcpts": env.original_rcpts,
+        "at": env.received_at,
+        "size_hint": env.size_hint,
+        "8bit": env.body_8bit,
+        "utf8": env.smtputf8,
+        "notice": env.is_notice,
+    }
+    if c is not None:
+        data["client"] = {
+            "ip": c.ip, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
+            "tls": c.tls_version, "cipher": c.tls_cipher, "bits": c.tls_bits, "auth": c.auth_user,
+        }
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def envelope_from_json(raw: bytes) -> Envelope:
+    d = json.loads(raw)
+    c = d.get("client")
+    client = None
+    if c:
+        client = ClientInfo(
+            ip=c["ip"], port=c.get("port", 0), name=c.get("name", "unknown"), helo=c.get("helo", ""),
+            proto=c.get("proto", "SMTP"), tls_version=c.get("tls", ""), tls_cipher=c.get("cipher", ""),
+            tls_bits=c.get("bits", 0), auth_user=c.get("auth", ""),
+        )
+    if not isinstance(d["from"], str) or not isinstance(d["rcpts"], list) or not d["rcpts"]:
+        raise ValueError("envelope without sender or recipients")
+    return Envelope(
+        mail_from=d["from"], rcpts=list(d["rcpts"]), original_rcpts=dict(d.get("orcpts", {})), client=client,
+        size_hint=d.get("size_hint", 0), body_8bit=d.get("8bit", False), smtputf8=d.get("utf8", False),
+        received_at=d.get("at", 0.0), is_notice=d.get("notice", False),
+    )
+
+
+def encode_queue_file(env: Envelope, content: bytes) -> bytes:
+    ej = envelope_to_json(env)
+    crc = zlib.crc32(content, zlib.crc32(ej))
+    return b"".join((MAGIC, b"%d %d %08x\n" % (len(ej), len(content), crc), ej, b"\n", content))
+
+
+def decode_queue_header(head: bytes) -> tuple[int, int, int, int]:
+    """(envelope length, content length, crc, offset of envelope) from the first bytes."""
+    nl = head.find(b"\n", 0, MAX_HEADER_LINE)
+    if not head.startswith(MAGIC) or nl < 0:
+        raise CorruptEntry("not a kanmon queue file")
+    try:
+        elen, clen, crc_hex = head[len(MAGIC) : nl].split(b" ")
+        return int(elen), int(clen), int(crc_hex, 16), nl + 1
+    except ValueError:
+        raise CorruptEntry("bad header line") from None
+
+
+# ---------------------------------------------------------------------------
+# Per-message state journal
+
+
+@dataclass(slots=True)
+class QueueState:
+    """What the journal says about one message."""
+
+    done: dict[str, dict] = field(default_factory=dict)  # rcpt -> final result record
+    last: dict[str, dict] = field(default_factory=dict)  # rcpt -> last (deferred) result
+    attempts: int = 0
+    next_attempt: float = 0.0
+    hold: bool = False
+    warned: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def apply(self, rec: dict) -> None:
+        kind = rec.get("k")
+        if kind == "result":
+            if rec.get("status") in ("sent", "bounced"):
+                self.done[rec["rcpt"]] = rec
+                self.last.pop(rec["rcpt"], None)
+            else:
+                self.last[rec["rcpt"]] = rec
+            self.history.append(rec)
+        elif kind == "attempt":
+            self.attempts = rec.get("n", self.attempts + 1)
+            self.next_attempt = rec.get("next", 0.0)
+        elif kind == "hold":
+            self.hold = bool(rec.get("on", True))
+            self.history.append(rec)
+        elif kind == "warned":
+            self.warned = True
+            self.history.append(rec)
+        elif kind == "schedule":
+            self.next_attempt = rec.get("next", 0.0)
+
+
+@dataclass(slots=True)
+class SpoolEntry:
+    queue_id: str
+    envelope: Envelope
+    size: int  # content length
+    state: QueueState
+
+    def pending_rcpts(self) -> list[str]:
+        return [r for r in self.envelope.rcpts if r not in self.state.done]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, data_dir: Path, *, fsync: bool = True, writer_threads: int = 4):
+        self.root = Path(data_dir) / "spool"
+        self.incoming = self.root / "incoming"
+        self.queue = self.root / "queue"
+        self.state_dir = self.root / "state"
+        self.corrupt = self.root / "corrupt"
+        self.fsync = fsync
+        for d in (self.incoming, self.queue, self.state_dir, self.corrupt):
+            d.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="spool")
+        self._pending: list[tuple[str, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- acceptance (hot path) -------------------------------------------------------
+
+    async def store(self, queue_id: str, env: Envelope, content: bytes) -> None:
+        """Make the message durable; raise SpoolError if it could not be."""
+        loop = asyncio.get_running_loop()
+        data = encode_queue_file(env, content)
+        try:
+            await loop.run_in_executor(self._pool, self._write_incoming, queue_id, data)
+        except OSError as e:
+            raise SpoolError(f"cannot write queue file: {e.strerror or e}") from e
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((queue_id, fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_batches())
+        await fut
+
+    def _write_incoming(self, queue_id: str, data: bytes) -> None:
+        path = self.incoming / queue_id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+
+    async def _commit_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                failed = await loop.run_in_executor(self._pool, self._commit, [qid for qid, _ in batch])
+            except OSError as e:  # the directory fsync failed: nothing in the batch is durable
+                failed = {qid: e for qid, _ in batch}
+            for qid, fut in batch:
+                if fut.done():
+                    continue
+                if qid in failed:
+                    err = failed[qid]
+                    fut.set_exception(SpoolError(f"cannot commit queue file: {err.strerror or err}"))
+                else:
+                    fut.set_result(None)
+
+    def _commit(self, ids: list[str]) -> dict[str, OSError]:
+        failed: dict[str, OSError] = {}
+        for qid in ids:
+            try:
+                os.rename(self.incoming / qid, self.queue / qid)
+            except OSError as e:
+                failed[qid] = e
+        if self.fsync:
+            _fsync_dir(self.queue)
+        return failed
+
+    # -- state journal ---------------------------------------------------------------
+
+    def append_state(self, queue_id: str, records: list[dict]) -> None:
+        """Append journal records durably (blocking: call from a worker thread)."""
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        path = self.state_dir / queue_id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def read_state(self, queue_id: str) -> QueueState:
+        state = QueueState()
+        try:
+            raw = (self.state_dir / queue_id).read_bytes()
+        except FileNotFoundError:
+            return state
+        for line in raw.split(b"\n"):
+            if not line:
+                continue
+            try:
+                state.apply(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash: at worst a retry
+        return state
+
+    def remove(self, queue_id: str) -> None:
+        """The message is finished (every recipient final): forget it."""
+        for p in (self.queue / queue_id, self.state_dir / queue_id):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read_envelope(self, queue_id: str) -> tuple[Envelope, int]:
+        """Envelope and content size, without reading the content."""
+        path = self.queue / queue_id
+        with open(path, "rb") as f:
+            head = f.read(MAX_HEADER_LINE)
+            elen, clen, _crc, off = decode_queue_header(head)
+            f.seek(off)
+            ej = f.read(elen)
+        try:
+            return envelope_from_json(ej), clen
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"bad envelope: {e}") from None
+
+    def read_content(self, queue_id: str) -> bytes:
+        env_json, content = self._read_checked(self.queue / queue_id)
+        return content
+
+    def _read_checked(self, path: Path) -> tuple[bytes, bytes]:
+        data = path.read_bytes()
+        elen, clen, crc, off = decode_queue_header(data[:MAX_HEADER_LINE])
+        ej = data[off : off + elen]
+        if data[off + elen : off + elen + 1] != b"\n":
+            raise CorruptEntry("truncated (envelope)")
+        content = data[off + elen + 1 :]
+        if len(content) != clen:
+            raise CorruptEntry(f"truncated: content is {len(content)} of {clen} bytes")
+        if zlib.crc32(content, zlib.crc32(ej)) != crc:
+            raise CorruptEntry("checksum mismatch")
+        return ej, content
+
+    def load(self, queue_id: str) -> SpoolEntry:
+        env, size = self.read_envelope(queue_id)
+        return SpoolEntry(queue_id, env, size, self.read_state(queue_id))
+
+    def queue_ids(self) -> Iterator[str]:
+        with os.scandir(self.queue) as it:
+            for e in it:
+                if e.is_file() and not e.name.startswith("."):
+                    yield e.name
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def recover(self) -> tuple[list[SpoolEntry], list[tuple[str, str]], int]:
+        """Rescan after a start or a crash.
+
+        Returns (entries to schedule, [(id, reason) moved to corrupt/], incoming removed).
+        incoming/ files were never acknowledged, so removing them loses nothing.
+        """
+        removed = 0
+        for p in self.incoming.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        entries: list[SpoolEntry] = []
+        corrupt: list[tuple[str, str]] = []
+        for qid in sorted(self.queue_ids()):
+            path = self.queue / qid
+            try:
+                ej, content = self._read_checked(path)
+                env = envelope_from_json(ej)
+            except (CorruptEntry, ValueError, KeyError, TypeError) as e:
+                self.move_to_corrupt(qid)
+                corrupt.append((qid, str(e) or type(e).__name__))
+                continue
+            except OSError as e:
+                corrupt.append((qid, f"unreadable: {e.strerror}"))
+                continue
+            entries.append(SpoolEntry(qid, env, len(content), self.read_state(qid)))
+        # Journals without a message (finished just before a crash) are leftovers.
+        known = {e.queue_id for e in entries}
+        for p in self.state_dir.iterdir():
+            if p.name not in known and not (self.queue / p.name).exists():
+                p.unlink(missing_ok=True)
+        return entries, corrupt, removed
+
+    def move_to_corrupt(self, queue_id: str) -> None:
+        for src, suffix in ((self.queue / queue_id, ""), (self.state_dir / queue_id, ".state")):
+            if src.exists():
+                os.replace(src, self.corrupt / (queue_id + suffix))
+        if self.fsync:
+            _fsync_dir(self.corrupt)
