@@ -1,0 +1,1104 @@
+"""Outbound SMTP client: one connection to one server, and a small pool of them.
+
+Role: speak ESMTP to a next hop (a relay server, a smarthost or an MX host) and report
+what it said for each recipient. Greeting, EHLO (HELO fallback), STARTTLS by policy,
+PIPELINING, SIZE, 8BITMIME/SMTPUTF8, DATA, RSET between transactions, QUIT. The
+caller (deliver/smtp.py) decides what to do with the results; this module never
+touches the spool or the records.
+
+Trusts: the caller's envelope and body (already accepted and spooled by us) — but still
+refuses addresses with control characters, because they would become SMTP commands.
+Does not trust the server at all: every reply line is bounded (RFC 5321 4.5.3.1.5,
+MAX_REPLY_LINE, MAX_REPLY_LINES), every read has a timeout (RFC 5321 4.5.3.2), reply
+text is stripped of control characters before anyone logs it or puts it into a DSN, and
+whatever the server sent after its `220` to STARTTLS is thrown away (CVE-2011-0411;
+DESIGN.md promise 3).
+
+Never: send a body with bare CR or LF (it is normalised to CRLF so a downstream server
+cannot be smuggled a second message, CVE-2023-51764), send anything but `.\\r\\n` as the
+end of data, wait on the network without a timeout, or buffer a server's reply without a
+bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kanmon.model import Reply
+
+if TYPE_CHECKING:
+    from kanmon.config import Config, TlsPolicy
+
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.
+MAX_REPLY_LINE = 512
+# Our own bound on a multi-line reply (an EHLO answer has ~10-20 lines).
+MAX_REPLY_LINES = 100
+# Pause reading from a server that sends more than this without being asked.
+READ_HIGH_WATER = 64 * 1024
+
+TLS_POLICIES = ("none", "opportunistic", "required", "verify", "smtps")
+
+_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_ADDRESS_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f<>\x85\u2028\u2029]")
+
+
+# ---------------------------------------------------------------------------
+# Replies and errors
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply(Reply):
+    """A reply kanmon made up itself (connection refused, timeout, TLS missing...).
+
+    Logged as its bare text (`stat=Deferred: Connection refused by 192.0.2.7`), and put
+    in a DSN as `Diagnostic-Code: X-Kanmon; ...` rather than `smtp; ...`, because no
+    server said it.
+    """
+
+
+def describe_reply(reply: Reply) -> str:
+    """Text for the event log: a server's reply as `451 4.3.0 text`, ours as bare text."""
+    return reply.text if isinstance(reply, LocalReply) else str(reply).replace("\n", " ")
+
+
+class SmtpClientError(Exception):
+    """A failure of the session (not of one recipient). `reply` is what to record.
+
+    `try_next` says whether another server should be tried in the same attempt.
+    """
+
+    try_next = True
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+        super().__init__(describe_reply(reply))
+
+
+class ConnectFailed(SmtpClientError):
+    """The TCP connection (or implicit TLS handshake) could not be made."""
+
+
+class ServerRefused(SmtpClientError):
+    """4xx/5xx to the greeting, EHLO or HELO: the server will not talk to us now."""
+
+
+class TlsUnavailable(SmtpClientError):
+    """The TLS policy asks for TLS (or a valid certificate) and this server cannot give it."""
+
+
+class ConnectionLost(SmtpClientError):
+    """The server went away, timed out or spoke garbage during a session.
+
+    `after_data_end`: the final dot had been sent, so the message may have been delivered;
+    the caller must not send it to another server in the same attempt.
+    """
+
+    def __init__(self, reply: Reply, *, after_data_end: bool = False):
+        super().__init__(reply)
+        self.after_data_end = after_data_end
+        self.try_next = not after_data_end
+
+
+def clean_text(text: str) -> str:
+    """Replace control characters (CR, LF, NUL, ESC, DEL, U+2028...) with '?'."""
+    return _CONTROL_RE.sub("?", text)
+
+
+def check_address(address: str) -> None:
+    """Raise ValueError if an envelope address could break an SMTP command line."""
+    if _ADDRESS_FORBIDDEN_RE.search(address):
+        raise ValueError(f"address {address!r} contains a control character or angle bracket")
+    if len(address) > 1000:
+        raise ValueError("address is longer than 1000 characters")
+
+
+def parse_reply(lines: Sequence[bytes]) -> Reply:
+    """Reply lines (CRLF stripped) -> Reply. Raises ValueError for malformed lines.
+
+    RFC 5321 4.2: `ddd-text` for all lines but the last, `ddd text` (or `ddd`) last.
+    RFC 2034: a leading enhanced status code x.y.z of the same class is split off.
+    """
+    if not lines:
+        raise ValueError("empty reply")
+    code = None
+    texts: list[str] = []
+    enhanced = ""
+    for i, raw in enumerate(lines):
+        if len(raw) < 3 or not raw[:3].isdigit():
+            raise ValueError(f"malformed reply line {raw[:40]!r}")
+        this_code = int(raw[:3])
+        if code is None:
+            code = this_code
+        elif this_code != code:
+            raise ValueError("reply lines with different codes")
+        sep = raw[3:4]
+        last = i == len(lines) - 1
+        if sep not in (b" ", b"-", b"") or (sep == b"-") == last:
+            raise ValueError(f"malformed reply line {raw[:40]!r}")
+        text = clean_text(raw[4:].decode("utf-8", "replace"))
+        m = _ENHANCED_RE.match(text)
+        if m and int(m.group(1)) == code // 100:
+            if i == 0:
+                enhanced = ".".join(m.group(1, 2, 3))
+            if ".".join(m.group(1, 2, 3)) == enhanced:
+                text = text[m.end():]
+        texts.append(text.strip())
+    assert code is not None
+    if not 200 <= code <= 599:
+        raise ValueError(f"reply code {code} out of range")
+    return Reply(code, enhanced, "\n".join(texts))
+
+
+# ---------------------------------------------------------------------------
+# The body on the wire
+
+
+def encode_data(body: bytes) -> bytes:
+    """The spooled message -> the bytes after DATA, ending with `.\\r\\n`.
+
+    Bare CR and bare LF become CRLF (no smuggling downstream, CVE-2023-51764), the body
+    ends with CRLF, leading dots are doubled (RFC 5321 4.5.2). All C-level scans.
+    """
+    if b"\r" in body or b"\n" in body:
+        if body.count(b"\r") != body.count(b"\r\n") or body.count(b"\n") != body.count(b"\r\n"):
+            body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    # RFC 5321 4.5.2: transparency.
+    body = body.replace(b"\r\n.", b"\r\n..")
+    if body.startswith(b"."):
+        body = b"." + body
+    return body + b".\r\n"
+
+
+# ---------------------------------------------------------------------------
+# Settings and TLS
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """What a connection needs from the configuration (RFC 5321 4.5.3.2 timeouts)."""
+
+    hostname: str
+    connect_timeout: float = 30.0  # connect + greeting (RFC: 5 min for the greeting)
+    command_timeout: float = 300.0  # EHLO, MAIL, RCPT, DATA, RSET, each data block
+    data_timeout: float = 600.0  # reply to the final dot (RFC 5321 4.5.3.2.6)
+    ca_file: Path | None = None  # for verify=OK/FAIL and tls = verify
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClientSettings:
+        out = config.outbound
+        return cls(
+            hostname=config.server.hostname,
+            connect_timeout=out.connect_timeout,
+            command_timeout=out.command_timeout,
+            data_timeout=out.data_timeout,
+            ca_file=out.ca_file,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the event log says about a TLS session."""
+
+    version: str
+    cipher: str
+    bits: int
+    alg_bits: int
+    verify: str  # OK | FAIL | NONE
+
+    def describe(self) -> str:
+        """For RecipientResult.tls: `TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL`."""
+        return f"{self.version} {self.cipher} verify={self.verify}"
+
+    def log_fields(self) -> str:
+        return (
+            f"version={self.version}, verify={self.verify}, cipher={self.cipher}, "
+            f"bits={self.bits}/{self.alg_bits}"
+        )
+
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _verifying_context(ca_file: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@lru_cache(maxsize=8)
+def _trust_store(ca_file: str | None):  # -> cryptography Store | None
+    from cryptography import x509
+    from cryptography.x509.verification import Store
+
+    paths: list[Path] = []
+    if ca_file:
+        paths.append(Path(ca_file))
+    else:
+        default = ssl.get_default_verify_paths()
+        for p in (default.cafile, default.openssl_cafile):
+            if p and Path(p).is_file():
+                paths.append(Path(p))
+                break
+    certs = []
+    for p in paths:
+        try:
+            certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
+        except (OSError, ValueError):
+            continue
+    return Store(certs) if certs else None
+
+
+def _leaf_policy():  # -> cryptography ExtensionPolicy
+    """Web PKI rules for the server certificate, but tolerant of a critical
+    subjectAltName or extendedKeyUsage (OpenSSL accepts both; test CAs such as trustme
+    issue them). serverAuth is still required when an extendedKeyUsage is present."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    def server_auth(_policy, _cert, eku) -> None:
+        if eku is not None and not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku):
+            raise ValueError("certificate is not for TLS servers")
+
+    return (
+        ExtensionPolicy.webpki_defaults_ee()
+        .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, server_auth)
+    )
+
+
+def verify_peer_chain(chain_der: Sequence[bytes], server_name: str, ca_file: Path | None) -> bool:
+    """Would this certificate chain pass verification for server_name? (for verify=OK|FAIL)
+
+    Used on sessions that did not require verification (opportunistic, required, smtps):
+    the handshake went on regardless, the answer only goes into the event log.
+    """
+    if not chain_der:
+        return False
+    try:
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder
+
+        store = _trust_store(str(ca_file) if ca_file else None)
+        if store is None:
+            return False
+        certs = [x509.load_der_x509_certificate(d) for d in chain_der]
+        try:
+            subject = x509.IPAddress(ipaddress.ip_address(server_name))
+        except ValueError:
+            subject = x509.DNSName(server_name.rstrip("."))
+        verifier = (
+            PolicyBuilder()
+            .store(store)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_leaf_policy())
+            .build_server_verifier(subject)
+        )
+        verifier.verify(certs[0], certs[1:])
+        return True
+    except Exception:  # any reason at all: not verified
+        return False
+
+
+def _tls_info(transport: asyncio.BaseTransport, verify: str | None, server_name: str, ca_file: Path | None) -> TlsInfo:
+    sslobj = transport.get_extra_info("ssl_object")
+    cipher = transport.get_extra_info("cipher") or ("", "", 0)
+    version = sslobj.version() if sslobj is not None else ""
+    if verify is None:
+        chain: list[bytes] = []
+        inner = getattr(sslobj, "_sslobj", None)
+        get_chain = getattr(inner, "get_unverified_chain", None)
+        if get_chain is not None:
+            try:
+                chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in get_chain() or []]  # type: ignore[attr-defined]
+            except Exception:
+                chain = []
+        if not chain and sslobj is not None:
+            leaf = sslobj.getpeercert(binary_form=True)
+            chain = [leaf] if leaf else []
+        verify = "OK" if verify_peer_chain(chain, server_name, ca_file) else "FAIL"
+    bits = cipher[2] or 0
+    return TlsInfo(version=version or "", cipher=cipher[0] or "", bits=bits, alg_bits=bits, verify=verify)
+
+
+# ---------------------------------------------------------------------------
+# The byte pipe: a Protocol with a bounded read buffer
+
+
+class _Pipe(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self.closed = False
+        self.close_exc: BaseException | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > READ_HIGH_WATER and not self._read_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._read_paused = True
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake_reader()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.close_exc = exc
+        self._wake_reader()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    # used by SmtpConnection (callers wrap these in timeouts)
+    async def read_line(self) -> bytes:
+        """One line without its CRLF; at most MAX_REPLY_LINE bytes."""
+        while True:
+            end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                if self._read_paused and len(self._buffer) <= READ_HIGH_WATER // 2 and self.transport is not None:
+                    self._read_paused = False
+                    self.transport.resume_reading()
+                return line.rstrip(b"\r\n")
+            if len(self._buffer) >= MAX_REPLY_LINE:
+                raise ValueError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            if self.closed:
+                raise EOFError
+            if self._read_paused and self.transport is not None:
+                self._read_paused = False
+                self.transport.resume_reading()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+
+    def discard_buffered(self) -> int:
+        """Throw away whatever the server sent that we have not read (CVE-2011-0411)."""
+        n = len(self._buffer)
+        self._buffer.clear()
+        return n
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise EOFError
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self._write_paused and not self.closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self.closed:
+            raise EOFError
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# ---------------------------------------------------------------------------
+# One connection
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    """Per-recipient replies of one mail transaction, in the order of `rcpts`."""
+
+    replies: list[tuple[str, Reply]]
+    mail_reply: Reply | None = None  # the reply to MAIL FROM (None: not sent)
+    data_reply: Reply | None = None  # the reply to the final dot, if we got that far
+
+
+@dataclass(slots=True)
+class _Stage:
+    name: str = "connecting"
+
+
+class SmtpConnection:
+    """An open, greeted, EHLO'd (and maybe TLS'd) SMTP session with one server.
+
+    Made by `open_connection`. Use `send_message` for each transaction (`reset` between
+    them when reusing), `quit` at the end. `address`/`port` is where we are connected,
+    `server_name` the name we verify TLS for and log (`relay=`).
+    """
+
+    def __init__(self, pipe: _Pipe, *, address: str, port: int, server_name: str, settings: ClientSettings):
+        self._pipe = pipe
+        self.address = address
+        self.port = port
+        self.server_name = server_name
+        self.settings = settings
+        self.tls: TlsInfo | None = None
+        self.tls_note = ""  # why a session is plaintext although TLS was wanted
+        self.esmtp = False
+        self.greeting: Reply | None = None
+        self.extensions: dict[str, str] = {}
+        self.transactions = 0
+        self.last_used = time.monotonic()
+        self._stage = _Stage()
+        self._usable = True
+
+    # -- state
+
+    @property
+    def usable(self) -> bool:
+        """Still connected and in a known state (no half-finished transaction)."""
+        t = self._pipe.transport
+        return self._usable and not self._pipe.closed and t is not None and not t.is_closing()
+
+    @property
+    def max_size(self) -> int:
+        """RFC 1870 SIZE limit of the server; 0 = none announced."""
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() else 0
+
+    def supports(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+    # -- low-level I/O
+
+    def _lost(self, what: str, *, after_data_end: bool = False) -> ConnectionLost:
+        self._usable = False
+        self._pipe.abort()
+        return ConnectionLost(
+            LocalReply(451, "4.4.2", f"lost connection with {self.address} while {what}"),
+            after_data_end=after_data_end,
+        )
+
+    def _timed_out(self, what: str, *, after_data_end: bool = False) -> ConnectionLost:
+        self._usable = False
+        self._pipe.abort()
+        return ConnectionLost(
+            LocalReply(451, "4.4.2", f"conversation with {self.address} timed out while {what}"),
+            after_data_end=after_data_end,
+        )
+
+    async def _read_reply(self, timeout: float, what: str, *, after_data_end: bool = False) -> Reply:
+        lines: list[bytes] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self._pipe.read_line()
+                    lines.append(line)
+                    if len(line) < 4 or line[3:4] != b"-":
+                        break
+                    if len(lines) >= MAX_REPLY_LINES:
+                        raise ValueError(f"reply longer than {MAX_REPLY_LINES} lines")
+            return parse_reply(lines)
+        except TimeoutError:
+            raise self._timed_out(what, after_data_end=after_data_end) from None
+        except EOFError:
+            raise self._lost(what, after_data_end=after_data_end) from None
+        except ValueError as e:
+            self._usable = False
+            self._pipe.abort()
+            raise ConnectionLost(
+                LocalReply(451, "4.5.0", f"protocol error from {self.address} while {what}: {clean_text(str(e))}"),
+                after_data_end=after_data_end,
+            ) from None
+
+    async def _send(self, data: bytes, what: str, *, timeout: float | None = None) -> None:
+        try:
+            self._pipe.write(data)
+            async with asyncio.timeout(self.settings.command_timeout if timeout is None else timeout):
+                await self._pipe.drain()
+        except TimeoutError:
+            raise self._timed_out(what) from None
+        except EOFError:
+            raise self._lost(what) from None
+
+    async def _command(self, line: str, what: str, *, timeout: float | None = None) -> Reply:
+        await self._send(line.encode("utf-8") + b"\r\n", what)
+        return await self._read_reply(self.settings.command_timeout if timeout is None else timeout, what)
+
+    # -- session setup
+
+    async def _greet(self) -> None:
+        # RFC 5321 4.5.3.2.1: initial 220 message (connect_timeout covers connect + this).
+        self._stage.name = "receiving the initial server greeting"
+        self.greeting = await self._read_reply(self.settings.connect_timeout, self._stage.name)
+        if self.greeting.code != 220:
+            await self.quit()
+            raise ServerRefused(self.greeting)
+
+    async def _hello(self) -> None:
+        """EHLO, HELO when EHLO gets a 5xx (RFC 5321 3.2)."""
+        self._stage.name = "performing the EHLO handshake"
+        reply = await self._command(f"EHLO {self.settings.hostname}", self._stage.name)
+        if reply.code == 250:
+            self.esmtp = True
+            self.extensions = {}
+            for line in reply.text.split("\n")[1:]:
+                keyword, _, params = line.strip().partition(" ")
+                if keyword:
+                    self.extensions[keyword.upper()] = params.strip()
+            return
+        if reply.is_permanent and reply.code != 554:
+            self._stage.name = "performing the HELO handshake"
+            reply = await self._command(f"HELO {self.settings.hostname}", self._stage.name)
+            if reply.code == 250:
+                self.esmtp = False
+                self.extensions = {}
+                return
+        await self.quit()
+        raise ServerRefused(reply)
+
+    async def _starttls(self, policy: str) -> None:
+        """RFC 3207. Raises TlsUnavailable or returns with self.tls set (or tls_note)."""
+        if not self.supports("STARTTLS"):
+            if policy == "opportunistic":
+                self.tls_note = "server does not offer STARTTLS"
+                return
+            await self.quit()
+            raise TlsUnavailable(LocalReply(451, "4.7.4", f"TLS is required, but was not offered by host {self.address}"))
+        self._stage.name = "sending STARTTLS"
+        reply = await self._command("STARTTLS", self._stage.name)
+        if reply.code != 220:
+            if policy == "opportunistic":
+                self.tls_note = f"STARTTLS refused: {reply}"
+                return
+            await self.quit()
+            raise TlsUnavailable(
+                LocalReply(451, "4.7.5", f"TLS is required, but host {self.address} refused STARTTLS: {reply}")
+            )
+        # CVE-2011-0411: anything the server sent after its 220 came before TLS; drop it.
+        self._pipe.discard_buffered()
+        await self._handshake(policy)
+        # RFC 3207 4.2: forget what the server said before TLS and ask again.
+        await self._hello()
+
+    async def _handshake(self, policy: str) -> None:
+        loop = asyncio.get_running_loop()
+        verifying = policy == "verify"
+        ctx = _verifying_context(self.settings.ca_file) if verifying else _unverified_context()
+        transport = self._pipe.transport
+        assert transport is not None
+        try:
+            new_transport = await loop.start_tls(
+                transport,
+                self._pipe,
+                ctx,
+                server_hostname=self.server_name,
+                ssl_handshake_timeout=self.settings.connect_timeout,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            self._usable = False
+            transport.abort()
+            raise TlsUnavailable(
+                LocalReply(451, "4.7.5", f"TLS handshake with {self.address} failed: {clean_text(str(e) or type(e).__name__)}")
+            ) from None
+        if new_transport is None:
+            self._usable = False
+            raise TlsUnavailable(LocalReply(451, "4.7.5", f"TLS handshake with {self.address} failed: connection closed"))
+        self._pipe.transport = new_transport  # type: ignore[assignment]
+        self.tls = _tls_info(new_transport, "OK" if verifying else None, self.server_name, self.settings.ca_file)
+
+    # -- transactions
+
+    async def reset(self) -> bool:
+        """RSET before reusing the connection; False if it is no longer fit for use."""
+        if not self.usable:
+            return False
+        try:
+            reply = await self._command("RSET", "sending RSET")
+        except ConnectionLost:
+            return False
+        if reply.code != 250:
+            self._usable = False
+            await self.quit()
+            return False
+        return True
+
+    async def send_message(
+        self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool = False
+    ) -> TransactionResult:
+        """One mail transaction. Returns each recipient's final reply.
+
+        A recipient refused at RCPT gets that reply; an accepted one gets the reply to the
+        final dot. Raises ConnectionLost when the session breaks (after_data_end tells
+        whether the dot was sent), ValueError for an address with control characters.
+        """
+        if not rcpts:
+            raise ValueError("send_message needs at least one recipient")
+        check_address(mail_from)
+        for r in rcpts:
+            check_address(r)
+        if not self.usable:
+            raise self._lost("starting a new transaction")
+        self.last_used = time.monotonic()
+        self.transactions += 1
+
+        need_utf8 = smtputf8 or not mail_from.isascii() or not all(r.isascii() for r in rcpts)
+        if need_utf8 and not self.supports("SMTPUTF8"):
+            # RFC 6531 3.2: cannot downgrade non-ASCII addresses.
+            reply = LocalReply(
+                550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.address}"
+            )
+            return TransactionResult([(r, reply) for r in rcpts])
+        data = encode_data(body)
+        size = len(data)
+        if self.max_size and size > self.max_size:
+            # RFC 1870 6.1: the server told us it will not take it.
+            reply = LocalReply(
+                552, "5.3.4",
+                f"message size {size} exceeds size limit {self.max_size} of server {self.address}",
+            )
+            return TransactionResult([(r, reply) for r in rcpts])
+
+        params = []
+        if self.supports("SIZE"):
+            params.append(f"SIZE={size}")
+        if not body.isascii() and self.supports("8BITMIME"):
+            params.append("BODY=8BITMIME")  # RFC 6152
+        if need_utf8:
+            params.append("SMTPUTF8")  # RFC 6531 3.4
+        mail_line = f"MAIL FROM:<{mail_from}>" + "".join(" " + p for p in params)
+        rcpt_lines = [f"RCPT TO:<{r}>" for r in rcpts]
+
+        if self.supports("PIPELINING"):
+            return await self._transaction_pipelined(mail_line, rcpt_lines, rcpts, data)
+        return await self._transaction_lockstep(mail_line, rcpt_lines, rcpts, data)
+
+    async def _transaction_pipelined(
+        self, mail_line: str, rcpt_lines: list[str], rcpts: Sequence[str], data: bytes
+    ) -> TransactionResult:
+        # RFC 2920 3.1: MAIL, all RCPTs and DATA in one go; DATA is the last of the group.
+        batch = "\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n"
+        await self._send(batch.encode("utf-8"), "sending MAIL FROM")
+        mail_reply = await self._read_reply(self.settings.command_timeout, "receiving the reply to MAIL FROM")
+        replies: list[tuple[str, Reply]] = []
+        for r in rcpts:
+            rr = await self._read_reply(self.settings.command_timeout, "receiving the reply to RCPT TO")
+            replies.append((r, rr))
+        data_cmd_reply = await self._read_reply(self.settings.command_timeout, "receiving the reply to DATA")
+        if mail_reply.code != 250:
+            self._after_failed_mail(data_cmd_reply)
+            return TransactionResult([(r, mail_reply) for r in rcpts], mail_reply)
+        accepted = [r for r, rr in replies if rr.code in (250, 251)]
+        if data_cmd_reply.code != 354:
+            return self._merge(mail_reply, replies, data_cmd_reply if accepted else None, None)
+        if not accepted:
+            # RFC 2920 3.1: DATA accepted although no recipient was; end it empty.
+            await self._send(b".\r\n", "sending an empty message")
+            await self._read_reply(self.settings.data_timeout, "ending an empty message")
+            return self._merge(mail_reply, replies, None, None)
+        return await self._send_body(mail_reply, replies, data)
+
+    async def _transaction_lockstep(
+        self, mail_line: str, rcpt_lines: list[str], rcpts: Sequence[str], data: bytes
+    ) -> TransactionResult:
+        mail_reply = await self._command(mail_line, "sending MAIL FROM")
+        if mail_reply.code != 250:
+            return TransactionResult([(r, mail_reply) for r in rcpts], mail_reply)
+        replies = []
+        for r, line in zip(rcpts, rcpt_lines):
+            replies.append((r, await self._command(line, "sending RCPT TO")))
+        if not any(rr.code in (250, 251) for _, rr in replies):
+            await self.reset()
+            return self._merge(mail_reply, replies, None, None)
+        data_cmd_reply = await self._command("DATA", "sending DATA")
+        if data_cmd_reply.code != 354:
+            return self._merge(mail_reply, replies, data_cmd_reply, None)
+        return await self._send_body(mail_reply, replies, data)
+
+    def _after_failed_mail(self, data_cmd_reply: Reply) -> None:
+        if data_cmd_reply.code == 354:
+            # A broken server opened DATA without a sender; we cannot trust its state.
+            self._usable = False
+            self._pipe.abort()
+
+    async def _send_body(self, mail_reply: Reply, replies: list[tuple[str, Reply]], data: bytes) -> TransactionResult:
+        # RFC 5321 4.5.3.2.5: each data block must be taken within the timeout.
+        self._stage.name = "sending message body"
+        await self._send(data, "sending message body")
+        # RFC 5321 4.5.3.2.6: reply to the final dot.
+        final = await self._read_reply(self.settings.data_timeout, "waiting for the reply after end of data", after_data_end=True)
+        return self._merge(mail_reply, replies, final, final)
+
+    @staticmethod
+    def _merge(
+        mail_reply: Reply, replies: list[tuple[str, Reply]], for_accepted: Reply | None, data_reply: Reply | None
+    ) -> TransactionResult:
+        out = []
+        for r, rr in replies:
+            if rr.code in (250, 251) and for_accepted is not None:
+                out.append((r, for_accepted))
+            elif rr.code in (250, 251):
+                out.append((r, LocalReply(451, "4.3.0", "message was not sent: no recipient was accepted")))
+            else:
+                out.append((r, rr))
+        return TransactionResult(out, mail_reply, data_reply)
+
+    async def quit(self) -> None:
+        """QUIT (short wait for 221), then close. Never raises."""
+        self._usable = False
+        pipe = self._pipe
+        if pipe.closed or pipe.transport is None or pipe.transport.is_closing():
+            pipe.abort()
+            return
+        try:
+            pipe.write(b"QUIT\r\n")
+            async with asyncio.timeout(min(self.settings.command_timeout, 5.0)):
+                await pipe.read_line()
+        except (TimeoutError, EOFError, ValueError, OSError):
+            pass
+        pipe.abort()
+
+    def close_nowait(self) -> None:
+        """Send QUIT without waiting for its reply, and close."""
+        self._usable = False
+        t = self._pipe.transport
+        if t is not None and not t.is_closing():
+            try:
+                t.write(b"QUIT\r\n")
+            except Exception:
+                pass
+            t.close()
+
+
+# ---------------------------------------------------------------------------
+# Opening a connection, by TLS policy
+
+
+def _connect_reason(error: BaseException, address: str) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return f"Connection refused by {address}"
+    if isinstance(error, TimeoutError):
+        return f"Connection timed out with {address}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake with {address} failed: {clean_text(str(error))}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({address})"
+    return f"cannot connect to {address}: {clean_text(str(error) or type(error).__name__)}"
+
+
+async def _connect(
+    address: str, port: int, server_name: str, settings: ClientSettings, implicit_tls: bool
+) -> SmtpConnection:
+    loop = asyncio.get_running_loop()
+    pipe = _Pipe()
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            await loop.create_connection(
+                lambda: pipe,
+                host=address,
+                port=port,
+                ssl=_unverified_context() if implicit_tls else None,
+                server_hostname=server_name if implicit_tls else None,
+                ssl_handshake_timeout=settings.connect_timeout if implicit_tls else None,
+            )
+    except (OSError, TimeoutError, ssl.SSLError) as e:
+        pipe.abort()
+        cls = TlsUnavailable if isinstance(e, ssl.SSLError) else ConnectFailed
+        raise cls(LocalReply(451, "4.4.1", _connect_reason(e, address))) from None
+    conn = SmtpConnection(pipe, address=address, port=port, server_name=server_name, settings=settings)
+    if implicit_tls:
+        assert pipe.transport is not None
+        conn.tls = _tls_info(pipe.transport, None, server_name, settings.ca_file)
+    return conn
+
+
+async def open_connection(
+    address: str,
+    port: int,
+    *,
+    server_name: str,
+    policy: TlsPolicy,
+    settings: ClientSettings,
+) -> SmtpConnection:
+    """Connect to address:port, read the greeting, EHLO, and do TLS as `policy` says.
+
+    - none: plaintext.
+    - opportunistic: STARTTLS if offered, certificate not required (verify=OK|FAIL is
+      recorded); plaintext on the same connection if STARTTLS is not offered or refused,
+      on a new connection if the handshake fails (conn.tls_note says why).
+    - required: STARTTLS must work (certificate not checked) — else TlsUnavailable.
+    - verify: STARTTLS and a certificate valid for server_name (settings.ca_file or the
+      system CAs) — else TlsUnavailable.
+    - smtps: implicit TLS from the first byte (RFC 8314), certificate not required.
+
+    Raises ConnectFailed, ServerRefused, TlsUnavailable, ConnectionLost; every one of them
+    means "try the next server".
+    """
+    if policy not in TLS_POLICIES:
+        raise ValueError(f"unknown TLS policy {policy!r} (one of {', '.join(TLS_POLICIES)})")
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    conn = await _connect(address, port, server_name, settings, implicit_tls=policy == "smtps")
+    try:
+        await conn._greet()
+        await conn._hello()
+        if policy in ("none", "smtps"):
+            return conn
+        try:
+            await conn._starttls(policy)
+        except TlsUnavailable as e:
+            if policy != "opportunistic":
+                raise
+            # The handshake failed; the old connection is unusable. Plaintext, anew.
+            conn = await _connect(address, port, server_name, settings, implicit_tls=False)
+            conn.tls_note = f"{e.reply.text}; continued without TLS"
+            await conn._greet()
+            await conn._hello()
+        return conn
+    except BaseException:
+        conn._pipe.abort()
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Connection reuse
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    address: str
+    port: int
+    server_name: str
+    policy: str
+
+
+@dataclass(slots=True)
+class _Destination:
+    idle: list[tuple[SmtpConnection, asyncio.TimerHandle]] = field(default_factory=list)
+    busy: int = 0
+    waiters: int = 0
+
+
+class SmtpConnectionPool:
+    """Open connections kept for further messages to the same next hop.
+
+    `async with pool.connection(address, port, server_name=..., policy=...) as conn:` gives
+    an idle connection (after a successful RSET) or a new one. At most
+    `max_per_destination` connections per address:port exist at once; more callers wait
+    (bounded by connect_timeout). A connection returned in a clean state is kept idle for
+    `idle_timeout` seconds, then closed with QUIT. `close()` ends them all.
+    """
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        *,
+        max_per_destination: int = 20,
+        idle_timeout: float = 5.0,
+        max_transactions: int = 100,
+    ):
+        if max_per_destination < 1:
+            raise ValueError("max_per_destination must be at least 1")
+        self.settings = settings
+        self.max_per_destination = max_per_destination
+        self.idle_timeout = idle_timeout
+        self.max_transactions = max_transactions
+        self._destinations: dict[tuple[str, int], _Destination] = {}
+        self._keys: dict[int, PoolKey] = {}
+        self._changed: asyncio.Condition | None = None
+        self.opened = 0  # connections opened in all (for tests and stats)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def _dest(self, address: str, port: int) -> _Destination:
+        return self._destinations.setdefault((address, port), _Destination())
+
+    def connection(self, address: str, port: int, *, server_name: str, policy: TlsPolicy) -> _Lease:
+        return _Lease(self, PoolKey(address, port, server_name, policy))
+
+    async def _acquire(self, key: PoolKey) -> tuple[SmtpConnection, bool]:
+        """(connection, reused)."""
+        dest = self._dest(key.address, key.port)
+        cond = self._condition()
+        # Reuse an idle connection of the same kind, if one still answers RSET.
+        while True:
+            for i, (conn, timer) in enumerate(dest.idle):
+                if self._keys.get(id(conn)) == key:
+                    del dest.idle[i]
+                    timer.cancel()
+                    dest.busy += 1
+                    if await conn.reset():
+                        return conn, True
+                    await conn.quit()
+                    self._forget(conn)
+                    dest.busy -= 1
+                    break
+            else:
+                if dest.busy + len(dest.idle) < self.max_per_destination:
+                    break
+                if dest.idle:
+                    # Idle connections of another kind (TLS policy): close one to make room.
+                    conn, timer = dest.idle.pop(0)
+                    timer.cancel()
+                    self._forget(conn)
+                    conn.close_nowait()
+                    continue
+                try:
+                    async with asyncio.timeout(self.settings.connect_timeout):
+                        async with cond:
+                            dest.waiters += 1
+                            try:
+                                await cond.wait()
+                            finally:
+                                dest.waiters -= 1
+                except TimeoutError:
+                    raise ConnectFailed(
+                        LocalReply(451, "4.4.5", f"too many connections to {key.address}:{key.port} already")
+                    ) from None
+        dest.busy += 1
+        try:
+            conn = await open_connection(
+                key.address, key.port, server_name=key.server_name, policy=key.policy, settings=self.settings  # type: ignore[arg-type]
+            )
+        except BaseException:
+            dest.busy -= 1
+            await self._notify()
+            raise
+        self.opened += 1
+        self._keys[id(conn)] = key
+        return conn, False
+
+    async def _release(self, conn: SmtpConnection) -> None:
+        key = self._keys.get(id(conn))
+        dest = self._dest(conn.address, conn.port)
+        dest.busy -= 1
+        if key is not None and conn.usable and conn.transactions < self.max_transactions and self.idle_timeout > 0:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.idle_timeout, self._expire, conn)
+            dest.idle.append((conn, timer))
+        else:
+            self._forget(conn)
+            await conn.quit()
+        await self._notify()
+
+    def _discard(self, conn: SmtpConnection) -> None:
+        dest = self._dest(conn.address, conn.port)
+        dest.busy -= 1
+        self._forget(conn)
+        conn._pipe.abort()
+
+    def _forget(self, conn: SmtpConnection) -> None:
+        self._keys.pop(id(conn), None)
+
+    async def _notify(self) -> None:
+        cond = self._condition()
+        async with cond:
+            cond.notify_all()
+
+    def _expire(self, conn: SmtpConnection) -> None:
+        dest = self._dest(conn.address, conn.port)
+        for i, (c, _timer) in enumerate(dest.idle):
+            if c is conn:
+                del dest.idle[i]
+                break
+        self._forget(conn)
+        conn.close_nowait()
+
+    def idle_count(self) -> int:
+        return sum(len(d.idle) for d in self._destinations.values())
+
+    async def close(self) -> None:
+        """QUIT every idle connection (busy ones are closed by their users)."""
+        idle = []
+        for dest in self._destinations.values():
+            for conn, timer in dest.idle:
+                timer.cancel()
+                idle.append(conn)
+            dest.idle.clear()
+        for conn in idle:
+            self._forget(conn)
+            await conn.quit()
+
+
+class _Lease:
+    """`async with pool.connection(...) as conn` — returned to the pool on exit.
+
+    On an exception the connection is closed, not kept. `lease.reused` tells whether the
+    connection came from the pool.
+    """
+
+    def __init__(self, pool: SmtpConnectionPool, key: PoolKey):
+        self._pool = pool
+        self._key = key
+        self._conn: SmtpConnection | None = None
+        self.reused = False
+
+    async def __aenter__(self) -> SmtpConnection:
+        self._conn, self.reused = await self._pool._acquire(self._key)
+        return self._conn
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        conn = self._conn
+        self._conn = None
+        if conn is None:
+            return
+        if exc_type is None:
+            await self._pool._release(conn)
+        else:
+            self._pool._discard(conn)
+            await self._pool._notify()
+
+
+__all__ = [
+    "MAX_REPLY_LINE",
+    "MAX_REPLY_LINES",
+    "ClientSettings",
+    "ConnectFailed",
+    "ConnectionLost",
+    "LocalReply",
+    "ServerRefused",
+    "SmtpClientError",
+    "SmtpConnection",
+    "SmtpConnectionPool",
+    "TlsInfo",
+    "TlsUnavailable",
+    "TransactionResult",
+    "check_address",
+    "clean_text",
+    "describe_reply",
+    "encode_data",
+    "open_connection",
+    "parse_reply",
+]

@@ -1,0 +1,479 @@
+"""The outbound SMTP client against a real SMTP server on loopback (tests/support/smtpsink).
+
+Real sockets on 127.0.0.x, real TLS with trustme certificates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import trustme
+
+from kanmon.smtp.client import (
+    ClientSettings,
+    ConnectFailed,
+    ConnectionLost,
+    LocalReply,
+    ServerRefused,
+    SmtpConnectionPool,
+    TlsUnavailable,
+    open_connection,
+)
+from tests.support.smtpsink import SmtpSink, tls_server_context
+
+HOST = "127.0.0.31"
+NAME = "store.corp.example"
+BODY = b"Subject: test\r\nFrom: a@relay.test\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def sink():
+    with SmtpSink(HOST) as s:
+        yield s
+
+
+@pytest.fixture
+def tls_sink(ca):
+    with SmtpSink(HOST, ssl_context=tls_server_context(ca, NAME, HOST)) as s:
+        yield s
+
+
+def settings(**kw) -> ClientSettings:
+    base = dict(hostname="relay.kanmon.test", connect_timeout=5.0, command_timeout=5.0, data_timeout=5.0)
+    base.update(kw)
+    return ClientSettings(**base)
+
+
+async def send(sink: SmtpSink, *, policy="none", rcpts=("b@corp.example",), body=BODY, mail_from="a@relay.test", **kw):
+    conn = await open_connection(sink.host, sink.port, server_name=NAME, policy=policy, settings=settings(**kw))
+    try:
+        result = await conn.send_message(mail_from, list(rcpts), body)
+    finally:
+        await conn.quit()
+    return conn, result
+
+
+def codes(result) -> dict[str, int]:
+    return {r: reply.code for r, reply in result.replies}
+
+
+# ---------------------------------------------------------------------------
+# Transactions
+
+
+def test_plain_delivery_is_pipelined_with_our_ehlo_name(sink):
+    sink.require_pipelining = True  # replies to MAIL/RCPT held until DATA arrives
+    conn, result = asyncio.run(send(sink, rcpts=["b@corp.example", "c@corp.example"], command_timeout=2.0))
+    assert codes(result) == {"b@corp.example": 250, "c@corp.example": 250}
+    msg = sink.wait_for_messages(1)[0]
+    assert (msg.mail_from, msg.rcpts, msg.data) == ("a@relay.test", ["b@corp.example", "c@corp.example"], BODY)
+    assert msg.helo == "relay.kanmon.test"
+    assert f"SIZE={len(BODY) + 3}" in msg.params
+    assert conn.tls is None
+    assert sink.commands[-1] == "QUIT"
+
+
+def test_without_pipelining_commands_go_one_by_one(sink):
+    sink.pipelining = False
+    sink.rcpt_replies = {"bad@corp.example": "550 5.1.1 <bad@corp.example>: User unknown"}
+    _, result = asyncio.run(send(sink, rcpts=["b@corp.example", "bad@corp.example"]))
+    assert codes(result) == {"b@corp.example": 250, "bad@corp.example": 550}
+    assert sink.wait_for_messages(1)[0].rcpts == ["b@corp.example"]
+
+
+def test_per_recipient_results_sent_deferred_bounced(sink):
+    sink.rcpt_replies = {
+        "full@corp.example": "452 4.2.2 <full@corp.example>: Mailbox full",
+        "gone@corp.example": "550 5.1.1 <gone@corp.example>: User unknown",
+    }
+    _, result = asyncio.run(send(sink, rcpts=["ok@corp.example", "full@corp.example", "gone@corp.example"]))
+    replies = dict(result.replies)
+    assert replies["ok@corp.example"].code == 250
+    assert replies["ok@corp.example"].enhanced == "2.0.0"
+    assert str(replies["full@corp.example"]) == "452 4.2.2 <full@corp.example>: Mailbox full"
+    assert replies["gone@corp.example"].is_permanent
+    assert replies["gone@corp.example"].enhanced == "5.1.1"
+    assert result.data_reply is not None and result.data_reply.code == 250
+
+
+def test_all_recipients_refused_sends_no_body(sink):
+    sink.default_rcpt_reply = "550 5.1.1 User unknown"
+    _, result = asyncio.run(send(sink, rcpts=["x@corp.example", "y@corp.example"]))
+    assert codes(result) == {"x@corp.example": 550, "y@corp.example": 550}
+    assert sink.messages == []
+
+
+def test_mail_from_refused_applies_to_every_recipient(sink):
+    sink.mail_reply = "451 4.3.1 Insufficient system storage"
+    _, result = asyncio.run(send(sink, rcpts=["x@corp.example", "y@corp.example"]))
+    assert result.mail_reply is not None and result.mail_reply.code == 451
+    assert {str(r) for _, r in result.replies} == {"451 4.3.1 Insufficient system storage"}
+
+
+def test_data_end_reply_applies_to_accepted_recipients(sink):
+    sink.data_reply = "554 5.7.1 Message rejected as spam"
+    sink.rcpt_replies = {"later@corp.example": "451 4.3.0 try later"}
+    _, result = asyncio.run(send(sink, rcpts=["x@corp.example", "later@corp.example"]))
+    replies = dict(result.replies)
+    assert str(replies["x@corp.example"]) == "554 5.7.1 Message rejected as spam"
+    assert replies["later@corp.example"].code == 451
+
+
+def test_helo_when_ehlo_is_not_understood(sink):
+    sink.esmtp = False
+    conn, result = asyncio.run(send(sink))
+    assert codes(result) == {"b@corp.example": 250}
+    assert not conn.esmtp
+    assert "HELO relay.kanmon.test" in sink.commands
+    assert sink.wait_for_messages(1)[0].params == ""  # no ESMTP parameters to a HELO server
+
+
+def test_body_is_dot_stuffed_and_line_ends_normalised(sink):
+    body = b".leading dot\r\nbare LF\nbare CR\r.\r\n..two\r\nno final newline"
+    asyncio.run(send(sink, body=body))
+    msg = sink.wait_for_messages(1)[0]
+    assert msg.raw_data == b"..leading dot\r\nbare LF\r\nbare CR\r\n..\r\n...two\r\nno final newline\r\n"
+    assert msg.data == b".leading dot\r\nbare LF\r\nbare CR\r\n.\r\n..two\r\nno final newline\r\n"
+
+
+def test_smuggling_attempt_in_body_stays_one_message(sink):
+    # A body that a lenient server would end at "\n.\n" and read a second MAIL from.
+    body = b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@corp.example>\r\n"
+    _, result = asyncio.run(send(sink, body=body))
+    assert codes(result) == {"b@corp.example": 250}
+    assert len(sink.wait_for_messages(1)) == 1
+    assert sink.messages[0].raw_data.count(b"\r\n.\r\n") == 0
+    assert not any(c.startswith("MAIL FROM:<evil") for c in sink.commands)
+
+
+def test_8bit_body_and_utf8_addresses(sink):
+    body = "Subject: grüße\r\n\r\nÄpfel\r\n".encode()
+    asyncio.run(send(sink, body=body, rcpts=["jörg@corp.example"]))
+    msg = sink.wait_for_messages(1)[0]
+    assert "BODY=8BITMIME" in msg.params and "SMTPUTF8" in msg.params
+    assert msg.rcpts == ["jörg@corp.example"]
+    assert msg.data == body
+
+
+def test_utf8_address_to_server_without_smtputf8_bounces(sink):
+    sink.smtputf8 = False
+    _, result = asyncio.run(send(sink, rcpts=["jörg@corp.example"]))
+    reply = result.replies[0][1]
+    assert isinstance(reply, LocalReply) and (reply.code, reply.enhanced) == (550, "5.6.7")
+    assert not any(c.startswith("MAIL") for c in sink.commands)
+
+
+def test_message_over_the_servers_size_limit_is_not_sent(sink):
+    sink.size_limit = 100
+    _, result = asyncio.run(send(sink, body=b"x" * 200 + b"\r\n"))
+    reply = result.replies[0][1]
+    assert (reply.code, reply.enhanced) == (552, "5.3.4")
+    assert "exceeds size limit 100" in reply.text
+    assert not any(c.startswith("MAIL") for c in sink.commands)
+
+
+def test_address_with_crlf_is_refused_before_sending(sink):
+    async def go():
+        conn = await open_connection(sink.host, sink.port, server_name=NAME, policy="none", settings=settings())
+        try:
+            with pytest.raises(ValueError, match="control character"):
+                await conn.send_message("a@relay.test", ["b@x\r\nRCPT TO:<c@y>"], BODY)
+        finally:
+            await conn.quit()
+
+    asyncio.run(go())
+    assert not any(c.startswith(("MAIL", "RCPT")) for c in sink.commands)
+
+
+# ---------------------------------------------------------------------------
+# Servers that will not talk
+
+
+@pytest.mark.parametrize("greeting", ["421 4.3.2 Service not available", "554 5.7.1 No SMTP service here"])
+def test_bad_greeting_is_a_server_refusal(sink, greeting):
+    sink.greeting = greeting
+    with pytest.raises(ServerRefused) as info:
+        asyncio.run(send(sink))
+    assert str(info.value.reply) == greeting
+    assert info.value.try_next
+    assert sink.commands == ([] if greeting.startswith("421") else ["QUIT"])
+
+
+def test_ehlo_4xx_is_a_server_refusal(sink):
+    sink.ehlo_reply = "421 4.7.0 Too many connections"
+    with pytest.raises(ServerRefused) as info:
+        asyncio.run(send(sink))
+    assert info.value.reply.code == 421
+    assert "HELO relay.kanmon.test" not in sink.commands
+
+
+def test_connection_refused(sink):
+    sink.stop()
+    with pytest.raises(ConnectFailed) as info:
+        asyncio.run(send(sink))
+    assert info.value.reply.text == f"Connection refused by {HOST}"
+    assert info.value.reply.is_transient
+    sink.start()
+    _, result = asyncio.run(send(sink))
+    assert codes(result) == {"b@corp.example": 250}
+
+
+def test_greeting_timeout(sink):
+    sink.hang = "greeting"
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink, connect_timeout=0.3))
+    assert "timed out while receiving the initial server greeting" in info.value.reply.text
+
+
+def test_no_reply_after_data_end_times_out_as_maybe_delivered(sink):
+    sink.hang = "data-end"
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink, data_timeout=0.3))
+    assert info.value.after_data_end and not info.value.try_next
+    assert "after end of data" in info.value.reply.text
+
+
+def test_connection_dropped_after_data(sink):
+    sink.drop = "after-data"
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink))
+    assert info.value.reply.text.startswith(f"lost connection with {HOST}")
+    assert info.value.after_data_end
+
+
+def test_connection_dropped_mid_data(sink):
+    sink.drop = "mid-data"
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink, body=b"line\r\n" * 1000))
+    assert info.value.reply.text.startswith(f"lost connection with {HOST}")
+    assert sink.messages == []
+
+
+def test_overlong_reply_line_is_a_protocol_error(sink):
+    sink.greeting = "220 " + "x" * 600
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink))
+    assert "longer than 512 bytes" in info.value.reply.text
+
+
+def test_reply_with_too_many_lines_is_a_protocol_error(sink):
+    sink.ehlo_reply = "\r\n".join(["250-x"] * 150 + ["250 y"])
+    with pytest.raises(ConnectionLost) as info:
+        asyncio.run(send(sink))
+    assert "longer than 100 lines" in info.value.reply.text
+
+
+def test_control_characters_in_replies_are_cleaned(sink):
+    sink.rcpt_replies = {"b@corp.example": "550 5.1.1 bad\x1b[2J\x00user"}
+    _, result = asyncio.run(send(sink))
+    assert result.replies[0][1].text == "bad?[2J?user"
+
+
+# ---------------------------------------------------------------------------
+# TLS
+
+
+def test_opportunistic_tls_with_a_trusted_certificate(tls_sink, ca_file):
+    conn, result = asyncio.run(send(tls_sink, policy="opportunistic", ca_file=ca_file))
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is not None
+    assert conn.tls.verify == "OK"
+    assert conn.tls.version in ("TLSv1.2", "TLSv1.3")
+    assert conn.tls.cipher and conn.tls.bits >= 128
+    assert conn.tls.describe().endswith("verify=OK")
+    msg = tls_sink.wait_for_messages(1)[0]
+    assert msg.tls and msg.helo == "relay.kanmon.test"
+    assert tls_sink.commands.count("EHLO relay.kanmon.test") == 2  # RFC 3207 4.2
+
+
+def test_opportunistic_tls_with_an_untrusted_certificate_goes_on(tls_sink):
+    conn, result = asyncio.run(send(tls_sink, policy="opportunistic"))  # system CAs only
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is not None and conn.tls.verify == "FAIL"
+    assert tls_sink.wait_for_messages(1)[0].tls
+
+
+def test_opportunistic_tls_with_a_certificate_for_another_name(ca, ca_file):
+    with SmtpSink(HOST, ssl_context=tls_server_context(ca, "other.example")) as s:
+        conn, _ = asyncio.run(send(s, policy="opportunistic", ca_file=ca_file))
+    assert conn.tls is not None and conn.tls.verify == "FAIL"
+
+
+def test_opportunistic_without_starttls_sends_in_plaintext(sink):
+    conn, result = asyncio.run(send(sink, policy="opportunistic"))
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is None and "does not offer STARTTLS" in conn.tls_note
+    assert not sink.wait_for_messages(1)[0].tls
+
+
+def test_opportunistic_falls_back_to_a_new_plaintext_connection_when_the_handshake_fails(tls_sink):
+    tls_sink.drop = "starttls"  # 220, then the connection is gone
+    conn, result = asyncio.run(send(tls_sink, policy="opportunistic"))
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is None and "continued without TLS" in conn.tls_note
+    assert tls_sink.connections == 2
+    assert tls_sink.commands.count("STARTTLS") == 1
+    assert not tls_sink.wait_for_messages(1)[0].tls
+
+
+def test_required_tls_against_a_plaintext_server(sink):
+    with pytest.raises(TlsUnavailable) as info:
+        asyncio.run(send(sink, policy="required"))
+    assert (info.value.reply.code, info.value.reply.enhanced) == (451, "4.7.4")
+    assert sink.messages == [] and "QUIT" in sink.commands
+
+
+def test_required_tls_when_the_server_refuses_starttls(tls_sink):
+    tls_sink.starttls_reply = "454 4.7.0 TLS not available due to local problem"
+    with pytest.raises(TlsUnavailable) as info:
+        asyncio.run(send(tls_sink, policy="required"))
+    assert "454 4.7.0" in info.value.reply.text
+    assert tls_sink.messages == []
+
+
+def test_required_tls_does_not_check_the_certificate(tls_sink):
+    conn, result = asyncio.run(send(tls_sink, policy="required"))
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is not None and conn.tls.verify == "FAIL"
+
+
+def test_verify_with_the_right_ca(tls_sink, ca_file):
+    conn, _ = asyncio.run(send(tls_sink, policy="verify", ca_file=ca_file))
+    assert conn.tls is not None and conn.tls.verify == "OK"
+    assert tls_sink.wait_for_messages(1)[0].tls
+
+
+def test_verify_without_the_ca_refuses(tls_sink):
+    with pytest.raises(TlsUnavailable) as info:
+        asyncio.run(send(tls_sink, policy="verify"))
+    assert info.value.reply.enhanced == "4.7.5"
+    assert "certificate" in info.value.reply.text.lower()
+    assert tls_sink.messages == []
+
+
+def test_verify_with_a_certificate_for_another_name_refuses(ca, ca_file):
+    with SmtpSink(HOST, ssl_context=tls_server_context(ca, "other.example")) as s:
+        with pytest.raises(TlsUnavailable):
+            asyncio.run(send(s, policy="verify", ca_file=ca_file))
+        assert s.messages == []
+
+
+def test_smtps_implicit_tls(ca, ca_file):
+    with SmtpSink(HOST, ssl_context=tls_server_context(ca, NAME), implicit_tls=True) as s:
+        conn, result = asyncio.run(send(s, policy="smtps", ca_file=ca_file))
+        assert codes(result) == {"b@corp.example": 250}
+        assert conn.tls is not None and conn.tls.verify == "OK"
+        assert s.wait_for_messages(1)[0].tls
+        assert "STARTTLS" not in s.commands
+
+
+def test_smtps_against_a_plaintext_server_fails(sink):
+    with pytest.raises(TlsUnavailable):
+        asyncio.run(send(sink, policy="smtps", connect_timeout=2.0))
+
+
+def test_server_data_pipelined_after_starttls_220_is_discarded(tls_sink, ca_file):
+    # CVE-2011-0411: a man in the middle appends a reply after the 220; a client that
+    # kept it would take "554" as the answer to its EHLO inside TLS.
+    tls_sink.starttls_junk = b"554 5.7.0 injected before TLS\r\n250 injected\r\n"
+    conn, result = asyncio.run(send(tls_sink, policy="required", ca_file=ca_file))
+    assert codes(result) == {"b@corp.example": 250}
+    assert conn.tls is not None
+    assert tls_sink.wait_for_messages(1)[0].tls
+
+
+def test_unknown_policy_is_a_clear_error(sink):
+    with pytest.raises(ValueError, match="unknown TLS policy"):
+        asyncio.run(send(sink, policy="maybe"))
+
+
+# ---------------------------------------------------------------------------
+# Connection reuse
+
+
+def test_pool_reuses_a_connection_with_rset_between_transactions(sink):
+    async def go():
+        pool = SmtpConnectionPool(settings(), max_per_destination=2, idle_timeout=30.0)
+        try:
+            for i in range(3):
+                async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
+                    await conn.send_message("a@relay.test", [f"r{i}@corp.example"], BODY)
+            assert pool.idle_count() == 1
+        finally:
+            await pool.close()
+        return pool
+
+    pool = asyncio.run(go())
+    assert pool.opened == 1 and sink.connections == 1
+    assert [m.rcpts for m in sink.wait_for_messages(3)] == [["r0@corp.example"], ["r1@corp.example"], ["r2@corp.example"]]
+    assert sink.commands.count("RSET") == 2
+    assert sink.commands[-1] == "QUIT"
+
+
+def test_pool_opens_a_new_connection_when_the_idle_one_died(sink):
+    async def go():
+        pool = SmtpConnectionPool(settings(), idle_timeout=30.0)
+        try:
+            async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
+                await conn.send_message("a@relay.test", ["r0@corp.example"], BODY)
+            await asyncio.to_thread(sink.stop)  # closes the idle connection server-side
+            await asyncio.to_thread(sink.start)
+            async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
+                await conn.send_message("a@relay.test", ["r1@corp.example"], BODY)
+        finally:
+            await pool.close()
+        return pool
+
+    pool = asyncio.run(go())
+    assert pool.opened == 2
+    assert len(sink.wait_for_messages(2)) == 2
+
+
+def test_pool_bounds_connections_per_destination(sink):
+    sink.require_pipelining = False
+
+    async def one(pool, i):
+        async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
+            return await conn.send_message("a@relay.test", [f"r{i}@corp.example"], BODY)
+
+    async def go():
+        pool = SmtpConnectionPool(settings(), max_per_destination=1, idle_timeout=30.0)
+        try:
+            results = await asyncio.gather(*(one(pool, i) for i in range(4)))
+        finally:
+            await pool.close()
+        return pool, results
+
+    pool, results = asyncio.run(go())
+    assert all(r.replies[0][1].code == 250 for r in results)
+    assert pool.opened == 1 and sink.connections == 1
+    assert len(sink.wait_for_messages(4)) == 4
+
+
+def test_pool_closes_idle_connections_after_the_idle_timeout(sink):
+    async def go():
+        pool = SmtpConnectionPool(settings(), idle_timeout=0.05)
+        async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
+            await conn.send_message("a@relay.test", ["r0@corp.example"], BODY)
+        assert pool.idle_count() == 1
+        for _ in range(200):  # wait for the idle timer, at most 2 s
+            if pool.idle_count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.idle_count() == 0
+        await pool.close()
+
+    asyncio.run(go())
