@@ -1,0 +1,252 @@
+"""Splicing one client connection to one real server (TCP, both directions).
+
+Role: a pair of asyncio.Protocols joined by a Link. Bytes read on one side are written
+to the other; when a side's write buffer passes HIGH_WATER the other side stops reading
+(pause_reading) until it drains below LOW_WATER, so a fast sender and a slow receiver
+cost at most about HIGH_WATER plus one read per direction. Half-close is passed on
+(EOF from one side becomes write_eof on the other); the link closes when both
+directions are done, when either side is lost, or after idle_timeout without traffic.
+
+Trusts: nothing in the bytes: they are never parsed, only counted and copied.
+
+Never: buffer without bound, keep a client connection open after its real server is
+gone (that closes this client only, nothing else), or outlive its Link (every timer and
+transport is released in Link.finish()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kanmon.balancer.pool import RealServerState
+
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+
+
+class End(asyncio.Protocol):
+    """One side of a spliced connection: the client's or the real server's."""
+
+    def __init__(self, link: Link, side: str, first_bytes: bytes = b""):
+        self.link = link
+        self.side = side  # "client" | "server"
+        self._first_bytes = first_bytes  # server side: the PROXY header, sent before anything else
+        self.transport: asyncio.Transport | None = None
+        self._pause_reasons: set[str] = set()
+        self.eof = False
+        self.lost = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        if self.side == "client":
+            # Read nothing until the real server is connected (bounded: the kernel's
+            # receive buffer holds what the client sends meanwhile).
+            self.pause_reading("connecting")
+            self.link.client_connected(self)
+        else:
+            # The real server may speak first (an SMTP banner) before the connecting
+            # task resumes: from now on its bytes go to the client.
+            self.link.server = self
+            if self._first_bytes:
+                transport.write(self._first_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        self.link.forward(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.link.eof_from(self)
+        return True  # keep our write direction open (half-close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.link.lost(self, exc)
+
+    def pause_writing(self) -> None:
+        # Our write buffer is full: stop reading from the other side.
+        other = self.link.other(self)
+        if other is not None:
+            other.pause_reading("peer-full")
+
+    def resume_writing(self) -> None:
+        other = self.link.other(self)
+        if other is not None:
+            other.resume_reading("peer-full")
+
+    # -- flow control with reasons (connecting, peer-full) -------------------------
+
+    def pause_reading(self, reason: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self._pause_reasons:
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+
+class Link:
+    """A client connection and, once connected, its real server connection."""
+
+    def __init__(
+        self,
+        idle_timeout: float,
+        on_client: Callable[[Link], None],
+        on_finish: Callable[[Link], None],
+    ):
+        self.loop = asyncio.get_running_loop()
+        self.client: End | None = None
+        self.server: End | None = None
+        self.real: RealServerState | None = None  # the real server it is (being) spliced to
+        self._slot: RealServerState | None = None  # whose connection count we hold
+        self.connect_task: asyncio.Task[None] | None = None
+        self.finished = False
+        self._idle_timeout = idle_timeout
+        self._last_activity = self.loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._on_client = on_client
+        self._on_finish = on_finish
+
+    @property
+    def client_address(self) -> tuple[str, int] | None:
+        peer = self.client.transport.get_extra_info("peername") if self.client and self.client.transport else None
+        return (peer[0], peer[1]) if peer else None
+
+    @property
+    def virtual_address(self) -> tuple[str, int] | None:
+        sock = self.client.transport.get_extra_info("sockname") if self.client and self.client.transport else None
+        return (sock[0], sock[1]) if sock else None
+
+    def other(self, end: End) -> End | None:
+        """The opposite side; None for a server End that is no longer (or not yet) ours,
+        e.g. an attempt abandoned after a connect timeout."""
+        if end is self.client:
+            return self.server
+        if end is self.server:
+            return self.client
+        return None
+
+    def client_connected(self, end: End) -> None:
+        self.client = end
+        self._idle_timer = self.loop.call_later(self._idle_timeout, self._check_idle)
+        self._on_client(self)
+
+    def reserve(self, real: RealServerState) -> None:
+        """Count this connection against real (max_connections) while it connects and runs."""
+        self.release()
+        self.real = self._slot = real
+        real.connections += 1
+
+    def release(self) -> None:
+        """Give the connection slot back (idempotent)."""
+        if self._slot is not None:
+            self._slot.connections -= 1
+            self._slot = None
+
+    def server_connected(self, end: End) -> None:
+        """The real server is connected: start reading from the client."""
+        self.server = end
+        self.touch()
+        if self.client is not None:
+            self.client.resume_reading("connecting")
+
+    def touch(self) -> None:
+        self._last_activity = self.loop.time()
+
+    def forward(self, source: End, data: bytes) -> None:
+        self.touch()
+        target = self.other(source)
+        if target is None:
+            return
+        target.write(data)
+        if self.real is not None:
+            if source is self.client:
+                self.real.bytes_in += len(data)
+            else:
+                self.real.bytes_out += len(data)
+
+    def eof_from(self, source: End) -> None:
+        target = self.other(source)
+        if source is not self.client and source is not self.server:
+            return
+        if target is not None and target.transport is not None and not target.transport.is_closing():
+            if target.transport.can_write_eof():
+                target.transport.write_eof()
+            else:
+                target.close()
+        if self.client is not None and self.server is not None and self.client.eof and self.server.eof:
+            self.close()
+        elif self.server is None and source is self.client:
+            self.close()
+
+    def lost(self, end: End, exc: Exception | None) -> None:
+        # Either side gone: close the other (a dead real server closes this client
+        # only). close() flushes what is already buffered for the survivor.
+        if end is not self.client and end is not self.server:
+            return  # an abandoned connect attempt
+        other = self.other(end)
+        if other is not None:
+            other.close()
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        if (self.client is None or self.client.lost) and (self.server is None or self.server.lost):
+            self.finish()
+        elif other is None:
+            self.finish()
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self.finished:
+            return
+        idle = self.loop.time() - self._last_activity
+        if idle >= self._idle_timeout:
+            self.close()
+        else:
+            self._idle_timer = self.loop.call_later(self._idle_timeout - idle, self._check_idle)
+
+    def close(self) -> None:
+        """Close both sides gracefully (buffered bytes are still sent)."""
+        for end in (self.client, self.server):
+            if end is not None:
+                end.close()
+        if self.server is None and self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+
+    def abort(self) -> None:
+        for end in (self.client, self.server):
+            if end is not None:
+                end.abort()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.release()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._on_finish(self)
