@@ -1,0 +1,411 @@
+"""asyncio adapter that drives an I/O-free POP3 or IMAP session over a socket.
+
+Role: the thin layer between a listening socket and a session object from pop3.py or
+imap/session.py. It feeds received bytes to the session and carries out what the
+session asks for, in order: send bytes, wait (login throttle), verify a password in a
+worker thread (argon2 must not stall the event loop), upgrade to TLS, close. It owns
+the timeouts: idle time between commands, TLS handshake, and writes to a peer that
+does not read. ``ListenerSet`` binds the plain and implicit-TLS listeners of a service
+and keeps every connection task in one TaskGroup.
+
+Trusts: nothing the peer sends; it only buffers it (bounded: reading pauses when
+``max_inbox`` bytes wait) and hands it to the session.
+
+Never: pass bytes received before a TLS handshake to the session after it (RFC 2595
+3.1 / RFC 3501 6.2.1, CVE-2011-0411: the inbox is cleared before ``start_tls``), wait
+on the network without a timeout, or let one connection's failure end another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+# ---------------------------------------------------------------------------
+# What a session asks the adapter to do.
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Check user/password (in a worker thread), then call ``session.auth_result``."""
+
+    user: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Discard all buffered input, do the server-side TLS handshake, then call
+    ``session.tls_started()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    pass
+
+
+Event = Send | Delay | Verify | StartTls | Close
+
+_POLL = object()
+_TIMEOUT = object()
+
+
+class Session(Protocol):
+    """What the adapter needs from a protocol session."""
+
+    poll_interval: float | None  # not None: call poll() this often (IMAP IDLE)
+    idle_timeout: float
+
+    def start(self) -> list[Event]: ...
+    def receive(self, data: bytes) -> list[Event]: ...
+    def auth_result(self, ok: bool) -> list[Event]: ...
+    def tls_started(self) -> list[Event]: ...
+    def poll(self) -> list[Event]: ...
+    def timed_out(self) -> list[Event]: ...
+    def connection_lost(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    ip: str
+    port: int
+    tls: bool
+
+
+SessionFactory = Callable[[PeerInfo], Session]
+
+
+class SessionConnection(asyncio.Protocol):
+    """One client connection: an asyncio.Protocol plus a driver coroutine."""
+
+    def __init__(
+        self,
+        make_session: SessionFactory,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        spawn: Callable[[Any], None],
+        verify: Callable[[str, str], bool],
+        *,
+        handshake_timeout: float = 30.0,
+        write_timeout: float = 120.0,
+        max_inbox: int = 256 * 1024,
+        on_close: Callable[[SessionConnection], None] | None = None,
+    ):
+        self.make_session = make_session
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.spawn = spawn
+        self.verify = verify
+        self.handshake_timeout = handshake_timeout
+        self.write_timeout = write_timeout
+        self.max_inbox = max_inbox
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._wakeup = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._paused = False
+        self._lost = False
+        self._eof = False
+        self._upgrading = False
+        self._deadline: float | None = None
+
+    # -- asyncio.Protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # start_tls hands us the new transport this way
+            self.transport = transport  # type: ignore[assignment]
+            return
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.peer = PeerInfo(str(peer[0]), int(peer[1]), self.implicit_tls)
+        self.spawn(self._drive())
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgrading:
+            return  # plaintext sent during the STARTTLS switch: never reaches the session
+        self._inbox += data
+        if len(self._inbox) >= self.max_inbox and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wakeup.set()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wakeup.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._wakeup.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- the driver
+    async def _drive(self) -> None:
+        session: Session | None = None
+        try:
+            session = self.make_session(self.peer)
+            if not await self._run(session, session.start()):
+                return
+            while not self._lost:
+                data = await self._next_input(session)
+                if data is _POLL:
+                    events = session.poll()
+                elif data is _TIMEOUT:
+                    await self._run(session, session.timed_out())
+                    return
+                elif data == b"":
+                    return  # the peer closed its side
+                else:
+                    events = session.receive(data)  # type: ignore[arg-type]
+                if not await self._run(session, events):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one connection's bug must not end the server
+            with contextlib.suppress(Exception):
+                if self.transport and not self._lost:
+                    self.transport.write(b"* BYE internal error\r\n" if _is_imap(session) else b"-ERR internal error\r\n")
+        finally:
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    session.connection_lost()
+            if self.transport is not None:
+                self.transport.close()
+            if self.on_close:
+                self.on_close(self)
+
+    async def _next_input(self, session: Session) -> bytes | object:
+        """Buffered input, b"" at EOF, _POLL when the session's poll is due, _TIMEOUT
+        when nothing came for session.idle_timeout seconds."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + session.idle_timeout
+        while True:
+            if self._inbox:
+                data = bytes(self._inbox)
+                self._inbox.clear()
+                self._deadline = None
+                if self._paused and self.transport and not self._lost:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._eof or self._lost:
+                return b""
+            self._wakeup.clear()
+            wait = self._deadline - loop.time()
+            if wait <= 0:
+                return _TIMEOUT
+            poll = session.poll_interval
+            polling = poll is not None and poll < wait
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), poll if polling else wait)
+            except TimeoutError:
+                if polling:
+                    return _POLL
+
+    async def _run(self, session: Session, events: list[Event]) -> bool:
+        """Carry out events in order; False when the connection is finished."""
+        queue = list(events)
+        while queue:
+            ev = queue.pop(0)
+            if self._lost:
+                return False
+            if isinstance(ev, Send):
+                assert self.transport is not None
+                self.transport.write(ev.data)
+                if not self._writable.is_set():
+                    try:
+                        await asyncio.wait_for(self._writable.wait(), self.write_timeout)
+                    except TimeoutError:
+                        return False
+            elif isinstance(ev, Delay):
+                if ev.seconds > 0:
+                    await asyncio.sleep(ev.seconds)
+            elif isinstance(ev, Verify):
+                loop = asyncio.get_running_loop()
+                ok = await loop.run_in_executor(None, self.verify, ev.user, ev.password)
+                queue[:0] = session.auth_result(ok)
+            elif isinstance(ev, StartTls):
+                if not await self._start_tls():
+                    return False
+                queue[:0] = session.tls_started()
+            elif isinstance(ev, Close):
+                return False
+        return not self._lost
+
+    async def _start_tls(self) -> bool:
+        assert self.transport is not None and self.tls_context is not None
+        loop = asyncio.get_running_loop()
+        self._upgrading = True
+        self._inbox.clear()  # CVE-2011-0411: nothing pipelined before the handshake survives
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        try:
+            new = await loop.start_tls(
+                self.transport,
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            return False
+        if new is None:
+            return False
+        self.transport = new
+        self._inbox.clear()
+        self._upgrading = False
+        return True
+
+
+def _is_imap(session: object) -> bool:
+    return type(session).__module__.startswith("kanmon.store.imap")
+
+
+class ListenerSet:
+    """The plain and implicit-TLS listeners of one service, and its connections.
+
+    ``start()`` binds every endpoint or raises OSError (then nothing stays bound);
+    ``stop()`` closes listeners, then cancels and awaits every connection task.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        plain: list[tuple[str, int]],
+        implicit: list[tuple[str, int]],
+        tls_context: ssl.SSLContext | None,
+        make_session: Callable[[PeerInfo, bool], Session],
+        verify: Callable[[str, str], bool],
+        *,
+        max_connections: int = 1000,
+        handshake_timeout: float = 30.0,
+    ):
+        self.name = name
+        self.plain = plain
+        self.implicit = implicit
+        self.tls_context = tls_context
+        self.make_session = make_session
+        self.verify = verify
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
+        self._connections: set[SessionConnection] = set()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Bound (host, port) of every listener, plain first (port 0 resolves here)."""
+        out = []
+        for s in self.servers:
+            for sock in s.sockets:
+                out.append(sock.getsockname()[:2])
+        return out
+
+    async def _hold(self, ready: asyncio.Future[None]) -> None:
+        assert self._stopping is not None
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            ready.set_result(None)
+            await self._stopping.wait()
+            for t in list(self._tasks):
+                t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        if self._group is None or self._stopping is None or self._stopping.is_set():
+            coro.close()
+            return
+        task = self._group.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.implicit and self.tls_context is None:
+            raise OSError(f"{self.name}: listen_tls needs a TLS certificate")
+        self._stopping = asyncio.Event()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._runner = asyncio.create_task(self._hold(ready))
+        await ready
+        try:
+            for endpoints, implicit in ((self.plain, False), (self.implicit, True)):
+                for host, port in endpoints:
+                    server = await loop.create_server(
+                        lambda implicit=implicit: self._protocol(implicit),
+                        host,
+                        port,
+                        ssl=self.tls_context if implicit else None,
+                        ssl_handshake_timeout=self.handshake_timeout if implicit else None,
+                        reuse_address=True,
+                    )
+                    self.servers.append(server)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _protocol(self, implicit: bool) -> asyncio.Protocol:
+        if len(self._connections) >= self.max_connections:
+            return _Refuse(b"* BYE too many connections\r\n" if "IMAP" in self.name else b"-ERR [SYS/TEMP] too many connections\r\n")
+        conn = SessionConnection(
+            lambda peer: self.make_session(peer, implicit),
+            self.tls_context,
+            implicit,
+            self._spawn,
+            self.verify,
+            handshake_timeout=self.handshake_timeout,
+            on_close=self._connections.discard,
+        )
+        self._connections.add(conn)
+        return conn
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.close()
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 5)
+        self.servers = []
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await self._runner
+            self._runner = None
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._connections.clear()
+
+
+class _Refuse(asyncio.Protocol):
+    def __init__(self, line: bytes):
+        self.line = line
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.line)  # type: ignore[attr-defined]
+        transport.close()

@@ -1,0 +1,526 @@
+"""POP3 server: an I/O-free session state machine and the service that listens.
+
+Role: RFC 1939 (POP3) with RFC 2449 (CAPA, response codes), RFC 2595 (STLS) and
+RFC 5034 (AUTH PLAIN) over one account's INBOX (kanmon/store/maildir.py).
+``Pop3Session`` is fed bytes and returns events (kanmon/store/connection.py);
+``Pop3Service`` binds ``[pop3] listen`` (STLS offered) and ``listen_tls`` (implicit
+TLS, RFC 8314) and drives sessions with the shared asyncio adapter.
+
+Trusts: nothing the client sends. Lines are bounded (``MAX_LINE``); message numbers
+are range-checked; passwords go only to ``Users.verify`` (in a worker thread) and
+never into a log line.
+
+Never: accept USER/PASS/AUTH on a plain connection before STLS; let bytes pipelined
+before the TLS handshake reach the session after it (CVE-2011-0411); delete anything
+unless the client said QUIT in the TRANSACTION state (RFC 1939 6: a dropped connection
+deletes nothing); give a second session the same mailbox (``-ERR [IN-USE]``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import os
+import ssl
+import threading
+from collections.abc import Callable
+
+from kanmon.config import Config
+from kanmon.store.connection import Close, Delay, Event, ListenerSet, PeerInfo, Send, StartTls, Verify
+from kanmon.store.maildir import Folder, MaildirError, MessageInfo, to_crlf
+from kanmon.store.users import AuthThrottle, Users
+
+MAX_LINE = 2048  # RFC 2449 4: commands are at most 255 octets; AUTH PLAIN lines are longer
+MAX_ERRORS = 10
+IDLE_TIMEOUT = 600.0  # RFC 1939 3: the autologout timer is at least 10 minutes
+
+Emit = Callable[..., None]
+
+# Replies (RFC 1939 3, response codes from RFC 2449 8 and RFC 3206).
+OK_GREETING = "+OK {host} POP3 ready"
+ERR_NEED_TLS = "-ERR [AUTH] TLS is required first: use STLS"
+ERR_AUTH_FAILED = "-ERR [AUTH] authentication failed"
+ERR_BLOCKED = "-ERR [SYS/TEMP] too many failed logins; try again later"
+ERR_IN_USE = "-ERR [IN-USE] mailbox is in use by another session"
+ERR_NO_MSG = "-ERR no such message"
+ERR_GONE = "-ERR message was removed by another session"
+ERR_UNKNOWN = "-ERR unknown command"
+ERR_BAD_STATE = "-ERR command not valid in this state"
+ERR_SYNTAX = "-ERR syntax error"
+ERR_LINE_TOO_LONG = "-ERR line too long"
+ERR_TOO_MANY_ERRORS = "-ERR too many errors, closing"
+ERR_TIMEOUT = "-ERR autologout: idle for too long"
+ERR_STORE = "-ERR [SYS/TEMP] the mailbox cannot be read now"
+OK_TLS = "+OK begin TLS negotiation"
+
+
+class MailboxLocks:
+    """Which mailboxes have a POP3 session (RFC 1939 8: exclusive-access lock).
+
+    In this process a set; across processes an flock on ``<mailbox>/kanmon-pop3.lock``.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, address: str, root: os.PathLike[str] | str) -> bool:
+        with self._lock:
+            if address in self._held:
+                return False
+            os.makedirs(root, exist_ok=True)
+            fd = os.open(os.path.join(root, "kanmon-pop3.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._held[address] = fd
+            return True
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            fd = self._held.pop(address, None)
+            if fd is not None:
+                os.close(fd)
+
+
+def _dot_stuff(wire: bytes) -> bytes:
+    """RFC 1939 3: lines starting with "." get one more; the body ends with CRLF."""
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    wire = wire.replace(b"\r\n.", b"\r\n..")
+    if not wire.endswith(b"\r\n"):
+        wire += b"\r\n"
+    return wire
+
+
+class Pop3Session:
+    """One POP3 conversation. Feed it bytes with receive(); it returns events."""
+
+    poll_interval = None
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        users: Users,
+        throttle: AuthThrottle,
+        locks: MailboxLocks,
+        peer: PeerInfo,
+        tls_available: bool,
+        emit: Emit,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ):
+        self.hostname = hostname
+        self.users = users
+        self.throttle = throttle
+        self.locks = locks
+        self.peer = peer
+        self.tls_active = peer.tls
+        self.tls_available = tls_available
+        self.emit = emit
+        self.idle_timeout = idle_timeout
+        self.state = "AUTHORIZATION"  # -> TRANSACTION -> (UPDATE at QUIT)
+        self._buf = bytearray()
+        self._user: str | None = None
+        self._pending: str | None = None  # address whose password is being verified
+        self._sasl_wait = False  # AUTH PLAIN sent without an initial response
+        self._errors = 0
+        self._closed = False
+        self._address: str | None = None
+        self._folder: Folder | None = None
+        self._messages: list[MessageInfo] = []
+        self._sizes: list[int] = []
+        self._deleted: set[int] = set()
+        self._retrieved: set[int] = set()
+
+    # -- adapter interface
+    def start(self) -> list[Event]:
+        return [Send(self._line(OK_GREETING.format(host=self.hostname)))]
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self._closed:
+            return []
+        self._buf += data
+        return self._process()
+
+    def tls_started(self) -> list[Event]:
+        self.tls_active = True
+        self._buf.clear()  # CVE-2011-0411
+        self._user = None
+        return []
+
+    def auth_result(self, ok: bool) -> list[Event]:
+        address = self._pending
+        self._pending = None
+        assert address is not None
+        out = self._login(address) if ok else self._failed(address)
+        if not self._closed:
+            out += self._process()
+        return out
+
+    def poll(self) -> list[Event]:
+        return []
+
+    def timed_out(self) -> list[Event]:
+        self._closed = True
+        return [Send(self._line(ERR_TIMEOUT)), Close()]
+
+    def connection_lost(self) -> None:
+        """The connection ended: release the lock, delete nothing (RFC 1939 6)."""
+        if self._address is not None:
+            self.locks.release(self._address)
+            self._address = None
+        self._closed = True
+
+    # -- input
+    @staticmethod
+    def _line(text: str) -> bytes:
+        return text.encode("utf-8", "replace") + b"\r\n"
+
+    def _process(self) -> list[Event]:
+        out: list[Event] = []
+        while not self._closed and self._pending is None:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > MAX_LINE:
+                    self._closed = True
+                    out += [Send(self._line(ERR_LINE_TOO_LONG)), Close()]
+                break
+            raw = bytes(self._buf[:nl]).rstrip(b"\r")
+            del self._buf[: nl + 1]
+            if len(raw) > MAX_LINE:
+                out.append(Send(self._line(ERR_LINE_TOO_LONG)))
+                out += self._error()
+                continue
+            events = self._command(raw)
+            out += events
+            if any(isinstance(e, StartTls) for e in events):
+                self._buf.clear()  # CVE-2011-0411: what followed STLS is not ours to read
+                break
+        return out
+
+    def _error(self) -> list[Event]:
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self._closed = True
+            return [Send(self._line(ERR_TOO_MANY_ERRORS)), Close()]
+        return []
+
+    def _err(self, text: str) -> list[Event]:
+        return [Send(self._line(text)), *self._error()]
+
+    def _ok(self, text: str = "") -> list[Event]:
+        return [Send(self._line("+OK" + (" " + text if text else "")))]
+
+    def _command(self, raw: bytes) -> list[Event]:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._err(ERR_SYNTAX)
+        if self._sasl_wait:
+            self._sasl_wait = False
+            return self._auth_plain(line.strip())
+        verb, _, rest = line.strip().partition(" ")
+        verb = verb.upper()
+        args = rest.split()
+        handler = getattr(self, f"_cmd_{verb.lower()}", None) if verb.isalpha() else None
+        if handler is None:
+            return self._err(ERR_UNKNOWN)
+        if verb in _TRANSACTION_ONLY and self.state != "TRANSACTION":
+            return self._err(ERR_BAD_STATE)
+        if verb in _AUTH_ONLY and self.state != "AUTHORIZATION":
+            return self._err(ERR_BAD_STATE)
+        if verb == "PASS":
+            return handler(rest)  # a password may contain spaces
+        return handler(args)
+
+    # -- AUTHORIZATION (RFC 1939 4, 7)
+    def _cmd_capa(self, args: list[str]) -> list[Event]:
+        # RFC 2449 5
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.state == "AUTHORIZATION":
+            if self.tls_active:
+                caps += ["USER", "SASL PLAIN"]
+            elif self.tls_available:
+                caps.append("STLS")
+        caps.append("IMPLEMENTATION kanmon")
+        body = "".join(c + "\r\n" for c in caps)
+        return [Send(b"+OK capability list follows\r\n" + body.encode() + b".\r\n")]
+
+    def _cmd_stls(self, args: list[str]) -> list[Event]:
+        # RFC 2595 4
+        if self.tls_active or not self.tls_available:
+            return self._err("-ERR TLS is not available here" if not self.tls_active else "-ERR TLS is already active")
+        return [Send(self._line(OK_TLS)), StartTls()]
+
+    def _cmd_user(self, args: list[str]) -> list[Event]:
+        if not self.tls_active:
+            return self._err(ERR_NEED_TLS)
+        if len(args) != 1:
+            return self._err(ERR_SYNTAX)
+        self._user = args[0]
+        return self._ok("send PASS")
+
+    def _cmd_pass(self, rest: str) -> list[Event]:
+        if not self.tls_active:
+            return self._err(ERR_NEED_TLS)
+        if self._user is None:
+            return self._err("-ERR USER first")
+        user, self._user = self._user, None
+        return self._check(user, rest)
+
+    def _cmd_auth(self, args: list[str]) -> list[Event]:
+        # RFC 5034
+        if not args:
+            return [Send(b"+OK methods follow\r\nPLAIN\r\n.\r\n")]
+        if not self.tls_active:
+            return self._err(ERR_NEED_TLS)
+        if args[0].upper() != "PLAIN" or len(args) > 2:
+            return self._err("-ERR [AUTH] unsupported mechanism (PLAIN only)")
+        if len(args) == 1:
+            self._sasl_wait = True
+            return [Send(b"+ \r\n")]
+        return self._auth_plain(args[1])
+
+    def _auth_plain(self, text: str) -> list[Event]:
+        # RFC 4616: [authzid] NUL authcid NUL passwd
+        if text == "*":
+            return self._err("-ERR authentication cancelled")
+        try:
+            decoded = base64.b64decode(text, validate=True).decode("utf-8")
+            authzid, authcid, password = decoded.split("\0")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return self._err("-ERR [AUTH] malformed AUTH PLAIN response")
+        if authzid and authzid.lower() != authcid.lower():
+            return self._failed(authcid)
+        return self._check(authcid, password)
+
+    def _check(self, user: str, password: str) -> list[Event]:
+        if self.throttle.blocked_for(self.peer.ip, user) > 0:
+            self.emit(f"pop3 login refused (blocked) user={user[:100]} ip={self.peer.ip}")
+            self._closed = True
+            return [Send(self._line(ERR_BLOCKED)), Close()]
+        self._pending = user
+        return [Verify(user, password)]
+
+    def _failed(self, user: str) -> list[Event]:
+        f = self.throttle.failed(self.peer.ip, user)
+        self.emit(f"pop3 login failed user={user[:100]} ip={self.peer.ip}")
+        if f.blocked:
+            self.emit(f"pop3 login blocked {f.key} after repeated failures")
+            self._closed = True
+            return [Delay(f.delay), Send(self._line(ERR_BLOCKED)), Close()]
+        return [Delay(f.delay), *self._err(ERR_AUTH_FAILED)]
+
+    def _login(self, user: str) -> list[Event]:
+        address = user.strip().lower()
+        self.throttle.succeeded(self.peer.ip, address)
+        try:
+            box = self.users.mailbox(address).ensure()
+        except (MaildirError, OSError):
+            return self._err(ERR_STORE)
+        if not self.locks.acquire(address, box.root):
+            self.emit(f"pop3 login {address} ip={self.peer.ip}: mailbox in use")
+            return self._err(ERR_IN_USE)
+        self._address = address
+        try:
+            self._folder = box.folder("INBOX")
+            self._messages = self._folder.sync(move_new=True)
+            self._sizes = [self._folder.wire_size(m) for m in self._messages]
+        except (MaildirError, OSError):
+            self.locks.release(address)
+            self._address = None
+            return self._err(ERR_STORE)
+        self.state = "TRANSACTION"
+        try:
+            self.users.record_login(address, self.peer.ip)
+        except Exception:  # noqa: BLE001 - a records hiccup must not refuse the login
+            pass
+        self.emit(f"pop3 login {address} ip={self.peer.ip} tls={'yes' if self.tls_active else 'no'}")
+        return self._ok(f"{len(self._messages)} messages ({sum(self._sizes)} octets)")
+
+    # -- TRANSACTION (RFC 1939 5)
+    def _msg(self, arg: str) -> int | None:
+        """Index into _messages for a message number, or None (bad or deleted)."""
+        if not arg.isdigit() or len(arg) > 9:
+            return None
+        n = int(arg)
+        if not 1 <= n <= len(self._messages) or (n - 1) in self._deleted:
+            return None
+        return n - 1
+
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self._messages)) if i not in self._deleted]
+
+    def _cmd_stat(self, args: list[str]) -> list[Event]:
+        live = self._live()
+        return self._ok(f"{len(live)} {sum(self._sizes[i] for i in live)}")
+
+    def _listing(self, args: list[str], value: Callable[[int], str]) -> list[Event]:
+        if len(args) > 1:
+            return self._err(ERR_SYNTAX)
+        if args:
+            i = self._msg(args[0])
+            if i is None:
+                return self._err(ERR_NO_MSG)
+            return self._ok(f"{i + 1} {value(i)}")
+        lines = "".join(f"{i + 1} {value(i)}\r\n" for i in self._live())
+        return [Send(b"+OK\r\n" + lines.encode() + b".\r\n")]
+
+    def _cmd_list(self, args: list[str]) -> list[Event]:
+        return self._listing(args, lambda i: str(self._sizes[i]))
+
+    def _cmd_uidl(self, args: list[str]) -> list[Event]:
+        # RFC 1939 7: unique-id; Dovecot's default pop3_uidl_format %08Xu%08Xv
+        assert self._folder is not None
+        v = self._folder.uidvalidity
+        return self._listing(args, lambda i: f"{self._messages[i].uid:08X}{v:08X}")
+
+    def _content(self, i: int) -> bytes | None:
+        assert self._folder is not None
+        data = self._folder.read(self._messages[i])
+        return None if data is None else to_crlf(data)
+
+    def _cmd_retr(self, args: list[str]) -> list[Event]:
+        if len(args) != 1:
+            return self._err(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is None:
+            return self._err(ERR_NO_MSG)
+        wire = self._content(i)
+        if wire is None:
+            return self._err(ERR_GONE)
+        self._retrieved.add(i)
+        return [Send(self._line(f"+OK {len(wire)} octets") + _dot_stuff(wire) + b".\r\n")]
+
+    def _cmd_top(self, args: list[str]) -> list[Event]:
+        if len(args) != 2 or not args[1].isdigit():
+            return self._err(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is None:
+            return self._err(ERR_NO_MSG)
+        wire = self._content(i)
+        if wire is None:
+            return self._err(ERR_GONE)
+        end = wire.find(b"\r\n\r\n")
+        if end < 0:
+            head, body = wire, b""
+        else:
+            head, body = wire[: end + 4], wire[end + 4 :]
+        n = min(int(args[1][:9]), 10**9)
+        lines = body.split(b"\r\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        part = b"".join(line + b"\r\n" for line in lines[:n])
+        return [Send(b"+OK\r\n" + _dot_stuff(head + part) + b".\r\n")]
+
+    def _cmd_dele(self, args: list[str]) -> list[Event]:
+        if len(args) != 1:
+            return self._err(ERR_SYNTAX)
+        i = self._msg(args[0])
+        if i is None:
+            return self._err(ERR_NO_MSG)
+        self._deleted.add(i)
+        return self._ok(f"message {i + 1} deleted")
+
+    def _cmd_rset(self, args: list[str]) -> list[Event]:
+        self._deleted.clear()
+        return self._ok(f"{len(self._messages)} messages")
+
+    def _cmd_noop(self, args: list[str]) -> list[Event]:
+        return self._ok()
+
+    def _cmd_quit(self, args: list[str]) -> list[Event]:
+        self._closed = True
+        if self.state != "TRANSACTION":
+            return [Send(self._line(f"+OK {self.hostname} POP3 signing off")), Close()]
+        # RFC 1939 6: the UPDATE state; only now are messages removed.
+        assert self._folder is not None and self._address is not None
+        self.state = "UPDATE"
+        failed = False
+        try:
+            for i in sorted(self._retrieved - self._deleted):
+                m = self._messages[i]
+                if "\\Seen" not in m.flags:
+                    self._folder.set_flags(m, m.flags | {"\\Seen"})
+            doomed = [self._messages[i] for i in sorted(self._deleted)]
+            self._folder.remove(doomed)
+        except OSError:
+            failed = True
+        if self._deleted:
+            self.emit(f"pop3 {self._address} deleted {len(self._deleted)} messages")
+        self.locks.release(self._address)
+        self._address = None
+        if failed:
+            return [Send(self._line("-ERR [SYS/TEMP] some deleted messages not removed")), Close()]
+        return [Send(self._line(f"+OK {self.hostname} POP3 signing off")), Close()]
+
+
+_TRANSACTION_ONLY = {"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET"}
+_AUTH_ONLY = {"USER", "PASS", "AUTH", "STLS"}
+
+
+class Pop3Service:
+    """The POP3 listeners of ``kanmon serve``.
+
+    ``tls_context`` is a server-side SSLContext (the same certificate as SMTP); it is
+    needed for STLS and for ``listen_tls``. ``emit(text, queue_id=None)`` writes an
+    event-log line (logins, failures, blocks).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        tls_context: ssl.SSLContext | None,
+        users: Users,
+        throttle: AuthThrottle,
+        emit: Emit,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_connections: int = 1000,
+    ):
+        self.config = config
+        self.users = users
+        self.throttle = throttle
+        self.emit = emit
+        self.tls_context = tls_context
+        self.idle_timeout = idle_timeout
+        self.locks = MailboxLocks()
+        section = config.pop3
+        self.listeners = ListenerSet(
+            "POP3",
+            list(section.listen) if section else [],
+            list(section.listen_tls) if section else [],
+            tls_context,
+            self._session,
+            users.verify,
+            max_connections=max_connections,
+        )
+
+    def _session(self, peer: PeerInfo, implicit: bool) -> Pop3Session:
+        return Pop3Session(
+            hostname=self.config.server.hostname,
+            users=self.users,
+            throttle=self.throttle,
+            locks=self.locks,
+            peer=peer,
+            tls_available=self.tls_context is not None,
+            emit=self.emit,
+            idle_timeout=self.idle_timeout,
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
+
+    async def start(self) -> None:
+        """Bind every [pop3] listener; OSError if one cannot be bound."""
+        await self.listeners.start()
+        for host, port in self.addresses:
+            self.emit(f"pop3 listening on {host}:{port}")
+
+    async def stop(self) -> None:
+        await self.listeners.stop()
