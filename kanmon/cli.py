@@ -182,6 +182,3 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
             r.disposition, r.queue_id, r.status,
         )
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
-
-from kanmon.dnscheck.cli import dns  # noqa: E402
-main.add_command(dns)
