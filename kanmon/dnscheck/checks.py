@@ -434,10 +434,15 @@ def check_spf(source: DnsSource, domain: str, ips: Sequence[str], helo: str | No
                 "spf", ip, f"SPF of {domain} for {ip} could not be evaluated: {verdict.explanation}",
                 "receivers that hit the same failure defer our mail or treat it as unauthenticated",
             ))
+        elif verdict.result == "permerror":
+            reason = verdict.explanation.removeprefix("SPF Permanent Error: ")
+            findings.append(_error(
+                "spf", ip, f"SPF of {domain} gives permerror for {ip}: {reason}",
+                _SPF_PERMERROR + ". Fix the record",
+            ))
         else:
             findings.append(_error(
-                "spf", ip, f"SPF of {domain} does not authorize {ip} (result: {verdict.result}"
-                + (f", {verdict.explanation}" if verdict.explanation and verdict.result == "permerror" else "") + ")",
+                "spf", ip, f"SPF of {domain} does not authorize {ip} (result: {verdict.result})",
                 f"receivers see SPF {verdict.result} for our mail from {ip}: it is rejected (550 5.7.23) or "
                 f"junked, and DMARC fails unless DKIM passes. Add ip{ipaddress.ip_address(ip).version}:{ip} "
                 "to the record",

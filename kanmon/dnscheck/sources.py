@@ -155,9 +155,8 @@ def _server_address(host: str) -> str:
 
 def _server_errors(e: dns.resolver.NoNameservers) -> str:
     answers = []
-    for err in e.kwargs.get("errors", []):
-        text = str(err[-1])
-        answers.append(text.removeprefix("answered ").strip())
+    for err in e.kwargs.get("errors", []):  # (server, tcp, port, error or rcode text, response)
+        answers.append(str(err[3]) if len(err) > 3 else str(err[-1]))
     return "; ".join(dict.fromkeys(answers)) or "no server answered"
 
 
@@ -187,8 +186,8 @@ def load_zone(path: str | Path) -> dns.zone.Zone:
             return dns.zone.from_text(text, origin=origin, relativize=False, filename=str(p), check_origin=False)
         except dns.exception.DNSException as e:
             raise ZoneFileError(f"{p}: {e} (no $ORIGIN in the file; assumed {origin}.)") from None
-    except dns.exception.DNSException as e:
-        raise ZoneFileError(f"{p}: {e}") from None
+    except dns.exception.DNSException as e:  # dnspython's text starts "file:line:"
+        raise ZoneFileError(str(e) if str(e).startswith(str(p)) else f"{p}: {e}") from None
 
 
 def _origin_from_filename(p: Path) -> str:

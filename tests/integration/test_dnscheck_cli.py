@@ -1,0 +1,406 @@
+"""`kanmon dns check` end to end: the real CLI, against the real loopback DNS server
+(tests/support/dnsserver.py) and, offline, against the same zones as BIND zone files.
+
+Every broken case of issue 6 is served both ways (``via`` = "server" | "zone") and the
+finding's mark, check, text and the exit code are asserted. The system resolver is
+never used: building one fails the test, and so does pyspf's own DNS lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dns.resolver
+import pytest
+import spf
+from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kanmon.cli import main
+from tests.support.dnsserver import DnsServer, txt
+
+IP = "203.0.113.3"
+HELO = "relay.example.test"
+
+_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+_KEY_PEM = _KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
+_PUB_B64 = base64.b64encode(
+    _KEY.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+).decode()
+
+FORWARD = f"""\
+$ORIGIN example.test.
+$TTL 300
+@           IN SOA  ns1 hostmaster 2026112801 3600 600 1209600 300
+@           IN NS   ns1
+ns1         IN A    192.0.2.53
+@           IN MX   10 mx1
+@           IN MX   20 mx2
+mx1         IN A    192.0.2.1
+mx2         IN A    192.0.2.2
+mx2         IN AAAA 2001:db8::2
+relay       IN A    {IP}
+@           IN TXT  "v=spf1 ip4:{IP} mx -all"
+@           IN TXT  "google-site-verification=abc"
+_dmarc      IN TXT  "v=DMARC1; p=reject; rua=mailto:dmarc@example.test"
+_mta-sts    IN TXT  "v=STSv1; id=20261128T1"
+_smtp._tls  IN TXT  "v=TLSRPTv1; rua=mailto:tlsrpt@example.test"
+sel1._domainkey IN TXT {txt("v=DKIM1; k=rsa; p=" + _PUB_B64)}
+"""
+
+REVERSE = f"""\
+$ORIGIN 113.0.203.in-addr.arpa.
+$TTL 300
+@   IN SOA ns1.example.test. hostmaster.example.test. 1 3600 600 1209600 300
+@   IN NS  ns1.example.test.
+3   IN PTR {HELO}.
+"""
+
+
+def edit(zone: str, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """The zone without the lines starting with any of `drop`, plus the lines `add`."""
+    lines = [line for line in zone.splitlines() if not any(line.startswith(d) for d in drop)]
+    return "\n".join(lines + list(add)) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def no_system_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the system resolver must not be used in tests")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", refuse)
+    monkeypatch.setattr(spf, "DNSLookup", refuse)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[DnsServer]:
+    with DnsServer() as srv:
+        yield srv
+
+
+Check = Callable[..., Result]
+
+
+@pytest.fixture(params=["server", "zone"])
+def check(request: pytest.FixtureRequest, server: DnsServer, tmp_path: Path) -> Check:
+    """check(forward, reverse, *args) runs `kanmon dns check example.test ...` against the
+    zones, served by the loopback DNS server or read from zone files."""
+
+    def run(forward: str = FORWARD, reverse: str = REVERSE, *args: str) -> Result:
+        if request.param == "server":
+            server.set_records(zone=forward + reverse)
+            where = ["--server", server.address]
+        else:
+            (tmp_path / "fwd.zone").write_text(forward)
+            (tmp_path / "rev.zone").write_text(reverse)
+            where = ["--zone", str(tmp_path / "fwd.zone"), "--zone", str(tmp_path / "rev.zone")]
+        defaults = ["--ip", IP, "--helo", HELO] if not any(a in args for a in ("--ip", "--helo", "-c")) else []
+        return CliRunner().invoke(main, ["dns", "check", "example.test", *where, *defaults, *args])
+
+    run.via = request.param  # type: ignore[attr-defined]
+    return run
+
+
+def lines(result: Result, mark: str | None = None, check: str | None = None) -> list[str]:
+    out = result.output.splitlines()
+    return [
+        line for line in out
+        if (mark is None or line.startswith(mark)) and (check is None or line[6:].split(" ", 1)[0] == check)
+    ]
+
+
+def only(result: Result, mark: str, check: str) -> str:
+    found = lines(result, mark, check)
+    assert len(found) == 1, result.output
+    return found[0]
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_good_zones_are_all_ok(check: Check, tmp_path: Path) -> None:
+    key = tmp_path / "dkim.pem"
+    key.write_bytes(_KEY_PEM)
+    r = check(FORWARD, REVERSE, "--ip", IP, "--helo", HELO, "--dkim-selector", "sel1", "--dkim-key", str(key))
+    assert r.exit_code == 0, r.output
+    assert not lines(r, "WARN") and not lines(r, "ERROR"), r.output
+    out = r.output
+    assert "ok    mx       example.test: MX 10 mx1.example.test -> 192.0.2.1" in out
+    assert "ok    mx       example.test: MX 20 mx2.example.test -> 192.0.2.2, 2001:db8::2" in out
+    assert f"ok    ptr      {IP}: PTR {HELO}" in out
+    assert f"ok    fcrdns   {IP}: PTR {HELO} has A {IP} (forward-confirmed)" in out
+    assert f"ok    helo     {HELO}: HELO name {HELO} -> {IP} (ours)" in out
+    assert f"ok    spf      example.test: SPF record 'v=spf1 ip4:{IP} mx -all', 1 of 10 DNS-querying terms" in out
+    assert f"ok    spf      {IP}: SPF of example.test authorizes {IP} (pass)" in out
+    assert "ok    dmarc    _dmarc.example.test: DMARC p=reject, reports to mailto:dmarc@example.test" in out
+    assert "ok    dkim     sel1._domainkey.example.test: DKIM rsa key published and matches ours" in out
+    assert "ok    mta-sts  _mta-sts.example.test: MTA-STS policy id 20261128T1" in out
+    assert "ok    tls-rpt  _smtp._tls.example.test: TLS-RPT reports to mailto:tlsrpt@example.test" in out
+    assert out.splitlines()[-1] == "example.test: 0 errors, 0 warnings, 11 ok (exit 0)"
+    assert out.splitlines()[0].startswith(
+        "DNS check of example.test using " + ("DNS server 127.0.0.1:" if check.via == "server" else "zone files ")
+    )
+
+
+def test_missing_ptr(check: Check) -> None:
+    r = check(FORWARD, edit(REVERSE, drop=("3 ",)))
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "ptr")
+    assert line.startswith(f"ERROR ptr      {IP}: no PTR record for {IP} (3.113.0.203.in-addr.arpa: NXDOMAIN) -- ")
+    assert f"will answer '450 4.7.1 Access denied. IP name lookup failed [{IP}]'" in line
+    assert "our mail to them will queue until a PTR is published" in line
+    assert r.output.splitlines()[-1] == "example.test: 1 error, 0 warnings, 8 ok (exit 2)"
+
+
+def test_ptr_to_a_name_whose_a_differs(check: Check) -> None:
+    """The classic after a DNS move: the relay's A points at the old address."""
+    r = check(edit(FORWARD, drop=("relay ",), add=("relay IN A 198.51.100.7",)))
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "fcrdns")
+    assert f"PTR names {HELO}, but {HELO} has A 198.51.100.7, not {IP} -- " in line
+    assert f"not forward-confirmed: servers that require it answer '450 4.7.1 Client host rejected: cannot find your hostname [{IP}]'" in line
+    helo = only(r, "WARN", "helo")
+    assert f"HELO name {HELO} resolves to 198.51.100.7, none of our IPs ({IP})" in helo
+
+
+def test_ptr_name_that_does_not_exist(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("relay ",)), REVERSE, "--ip", IP, "--helo", "mx1.example.test")
+    assert r.exit_code == 2
+    assert f"PTR names {HELO}, which does not exist (NXDOMAIN)" in only(r, "ERROR", "fcrdns")
+
+
+def test_helo_name_not_resolving(check: Check) -> None:
+    r = check(FORWARD, REVERSE, "--ip", IP, "--helo", "nowhere.example.test")
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "helo")
+    assert line.startswith("ERROR helo     nowhere.example.test: HELO name nowhere.example.test does not exist (NXDOMAIN) -- ")
+    assert "'450 4.7.1 Helo command rejected: Host not found'" in line
+
+
+def test_helo_not_fully_qualified(check: Check) -> None:
+    r = check(FORWARD, REVERSE, "--ip", IP, "--helo", "relay")
+    assert r.exit_code == 2
+    assert "HELO name relay is not a fully qualified host name" in only(r, "ERROR", "helo")
+
+
+def test_two_spf_records(check: Check) -> None:
+    r = check(edit(FORWARD, add=('@ IN TXT "v=spf1 a -all"',)))
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "spf")
+    assert f"2 SPF records: v=spf1 ip4:{IP} mx -all | v=spf1 a -all" in line or \
+        f"2 SPF records: v=spf1 a -all | v=spf1 ip4:{IP} mx -all" in line
+    assert "RFC 7208 4.5 allows exactly one; receivers get 'permerror'" in line
+
+
+def test_spf_not_covering_the_ip(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("@           IN TXT  \"v=spf1",), add=('@ IN TXT "v=spf1 mx -all"',)))
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "spf")
+    assert line.startswith(f"ERROR spf      {IP}: SPF of example.test does not authorize {IP} (result: fail) -- ")
+    assert "rejected (550 5.7.23) or junked" in line and f"Add ip4:{IP} to the record" in line
+
+
+def test_spf_with_11_lookups(check: Check) -> None:
+    includes = [f"s{i}" for i in range(1, 5)]
+    spf_text = "v=spf1 a mx " + " ".join(f"include:{s}.example.test" for s in includes) + f" ip4:{IP} -all"
+    subs = [  # 2 + 2 + 1 + 0 terms; with the 6 above: 11
+        's1 IN TXT "v=spf1 a:mx1.example.test mx:example.test -all"',
+        's2 IN TXT "v=spf1 a:mx2.example.test mx:example.test -all"',
+        's3 IN TXT "v=spf1 a:mx1.example.test -all"',
+        's4 IN TXT "v=spf1 ip4:192.0.2.0/24 -all"',
+    ]
+    r = check(edit(FORWARD, drop=('@           IN TXT  "v=spf1',), add=(f'@ IN TXT "{spf_text}"', *subs)))
+    assert r.exit_code == 2
+    errors = lines(r, "ERROR", "spf")
+    assert any(f"example.test: 11 DNS-querying terms (include, a, mx, ptr, exists, redirect; limit 10, RFC 7208 4.6.4)" in e for e in errors), r.output
+    # pyspf, evaluating the same DNS, stops at the limit before reaching ip4:
+    assert any(f"{IP}: SPF of example.test gives permerror for {IP}: Too many DNS lookups -- receivers get 'permerror'" in e for e in errors), r.output
+
+
+def test_spf_plus_all_and_no_all(check: Check) -> None:
+    r = check(edit(FORWARD, drop=('@           IN TXT  "v=spf1',), add=(f'@ IN TXT "v=spf1 ip4:{IP} +all"',)))
+    assert r.exit_code == 2
+    assert "SPF ends in +all: every host on the internet is authorized -- anyone can send mail as this domain" in \
+        only(r, "ERROR", "spf")
+    r = check(edit(FORWARD, drop=('@           IN TXT  "v=spf1',), add=(f'@ IN TXT "v=spf1 ip4:{IP}"',)))
+    assert r.exit_code == 1
+    assert "SPF has no 'all' term (and no redirect=) -- mail from hosts not listed gets 'neutral'" in only(r, "WARN", "spf")
+
+
+def test_spf_syntax_error_and_missing_record(check: Check) -> None:
+    r = check(edit(FORWARD, drop=('@           IN TXT  "v=spf1',), add=(f'@ IN TXT "v=spf1 ip4:{IP} mx:bad:x foo -all"',)))
+    assert r.exit_code == 2
+    assert "SPF record does not parse: unknown mechanism 'foo'" in only(r, "ERROR", "spf")
+    r = check(edit(FORWARD, drop=('@           IN TXT  "v=spf1',)))
+    assert r.exit_code == 2
+    assert "no SPF record (no TXT starting with v=spf1 at example.test)" in only(r, "ERROR", "spf")
+
+
+def test_mx_to_a_cname(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("@           IN MX   10",), add=("@ IN MX 10 mail", "mail IN CNAME mx1")))
+    assert r.exit_code == 2
+    line = only(r, "ERROR", "mx")
+    assert "MX 10 mail.example.test is a CNAME (to mx1.example.test) -- an MX must name the host itself (RFC 2181 10.3)" in line
+
+
+def test_mx_host_without_address_and_ip_literal(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("mx2 ",)))
+    assert r.exit_code == 2
+    assert "MX 20 mx2.example.test does not exist (NXDOMAIN) -- senders cannot connect to mx2.example.test" in \
+        only(r, "ERROR", "mx")
+    r = check(edit(FORWARD, drop=("@           IN MX",), add=("@ IN MX 10 192.0.2.1.",)))
+    assert r.exit_code == 2
+    errors = lines(r, "ERROR", "mx")
+    assert "MX 10 192.0.2.1 is an IP address, not a host name" in errors[0]
+    assert "no MX host of the domain is usable -- no sender can deliver to example.test" in errors[1]
+
+
+def test_null_mx(check: Check, tmp_path: Path) -> None:
+    null = edit(FORWARD, drop=("@           IN MX",), add=("@ IN MX 0 .",))
+    r = check(null)
+    assert r.exit_code == 0, r.output
+    assert "ok    mx       example.test: deliberate null MX (MX 0 .): the domain accepts no mail (RFC 7505)" in r.output
+    # ... but a mistake for a domain kanmon receives mail for
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(f'[dnscheck]\nips = ["{IP}"]\nhelo = "{HELO}"\n\n[[domain]]\nname = "example.test"\n')
+    r = check(null, REVERSE, "-c", str(cfg))
+    assert r.exit_code == 2
+    assert "but kanmon is configured to receive mail for it" in only(r, "ERROR", "mx")
+    r = check(edit(null, add=("@ IN MX 10 mx1",)))
+    assert "null MX (MX 0 .) mixed with other MX records" in only(r, "ERROR", "mx")
+
+
+def test_no_mx_but_an_a(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("@           IN MX",), add=("@ IN A 192.0.2.80",)))
+    assert r.exit_code == 1
+    line = only(r, "WARN", "mx")
+    assert "no MX record; senders use the domain's own address 192.0.2.80 (implicit MX) -- mail goes to whatever host" in line
+    r = check(edit(FORWARD, drop=("@           IN MX",)))
+    assert r.exit_code == 2
+    assert "no MX record and no A/AAAA record -- no one can send mail to example.test" in only(r, "ERROR", "mx")
+
+
+def test_dmarc_missing_and_broken(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("_dmarc",)))
+    assert r.exit_code == 1
+    assert "no DMARC record at _dmarc.example.test -- receivers apply their own policy" in only(r, "WARN", "dmarc")
+    r = check(edit(FORWARD, drop=("_dmarc",), add=('_dmarc IN TXT "v=DMARC1; rua=mailto:d@example.test"',)))
+    assert r.exit_code == 2
+    assert "DMARC record does not parse: p= is missing" in only(r, "ERROR", "dmarc")
+    r = check(edit(FORWARD, drop=("_dmarc",), add=('_dmarc IN TXT "v=DMARC1; p=none"',)))
+    assert r.exit_code == 0
+    assert "DMARC p=none, no aggregate reports (rua) -- monitoring only" in only(r, "ok", "dmarc")
+
+
+def test_dkim_missing_and_not_our_key(check: Check, tmp_path: Path) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    key = tmp_path / "other.pem"
+    key.write_bytes(other.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    r = check(FORWARD, REVERSE, "--ip", IP, "--helo", HELO, "--dkim-selector", "sel1", "--dkim-key", str(key))
+    assert r.exit_code == 2
+    assert "the rsa key in DNS is not the key kanmon signs with -- every message we sign fails DKIM" in \
+        only(r, "ERROR", "dkim")
+    r = check(FORWARD, REVERSE, "--ip", IP, "--helo", HELO, "--dkim-selector", "sel2")
+    assert r.exit_code == 2
+    assert "no DKIM key record at sel2._domainkey.example.test" in only(r, "ERROR", "dkim")
+
+
+def test_mta_sts_and_tls_rpt_broken_or_absent(check: Check) -> None:
+    r = check(edit(FORWARD, drop=("_mta-sts", "_smtp._tls"), add=('_mta-sts IN TXT "v=STSv1; id=bad-id!"',)))
+    assert r.exit_code == 1
+    assert "MTA-STS record does not parse: id=bad-id! is not 1-32 letters and digits" in only(r, "WARN", "mta-sts")
+    assert "no TLS-RPT record (optional)" in only(r, "ok", "tls-rpt")
+
+
+def test_json_output(check: Check) -> None:
+    r = check(FORWARD, edit(REVERSE, drop=("3 ",)), "--ip", IP, "--helo", HELO, "--json")
+    assert r.exit_code == 2
+    data = json.loads(r.output)
+    assert data["domain"] == "example.test" and data["worst"] == "error" and data["exit_code"] == 2
+    assert data["counts"] == {"ok": 8, "warning": 0, "error": 1}
+    ptr = [f for f in data["findings"] if f["check"] == "ptr"]
+    assert ptr == [{
+        "severity": "error", "check": "ptr", "subject": IP,
+        "seen": f"no PTR record for {IP} (3.113.0.203.in-addr.arpa: NXDOMAIN)",
+        "consequence": ptr[0]["consequence"],
+    }]
+    assert "IP name lookup failed" in ptr[0]["consequence"]
+    assert data["notes"] == ["DKIM not checked: no selector configured ([dnscheck] dkim_selector or --dkim-selector)"]
+
+
+# ---------------------------------------------------------------------------
+# Server-only and zone-only behaviour
+
+
+def run_cli(*args: str) -> Result:
+    return CliRunner().invoke(main, ["dns", "check", *args])
+
+
+def test_config_supplies_server_ips_and_helo(server: DnsServer, tmp_path: Path) -> None:
+    server.set_records(zone=FORWARD + edit(REVERSE, drop=("3 ",)))
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(
+        f'[server]\nhostname = "{HELO}"\n\n[outbound]\nsource_ips = ["{IP}"]\n\n'
+        f'[dns]\nservers = ["{server.address}"]\ntimeout = "1s"\n'
+    )
+    r = run_cli("example.test", "-c", str(cfg))
+    assert r.exit_code == 2, r.output
+    assert f"no PTR record for {IP}" in only(r, "ERROR", "ptr")
+    assert f"HELO name {HELO} -> {IP} (ours)" in only(r, "ok", "helo")
+    assert f"using DNS server {server.address}" in r.output.splitlines()[0]
+
+
+def test_servfail_and_timeout_are_errors(server: DnsServer, tmp_path: Path) -> None:
+    server.set_records(zone=FORWARD + REVERSE)
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(f'[dns]\nservers = ["{server.address}"]\ntimeout = "200ms"\n')
+    server.servfail("example.test", "MX")
+    server.drop("3.113.0.203.in-addr.arpa")
+    try:
+        r = run_cli("example.test", "-c", str(cfg), "--ip", IP, "--helo", HELO)
+    finally:
+        server.clear_faults()
+    assert r.exit_code == 2
+    assert "MX lookup of example.test failed: SERVFAIL -- senders cannot find where to deliver" in only(r, "ERROR", "mx")
+    ptr = only(r, "ERROR", "ptr")
+    assert "PTR lookup of 3.113.0.203.in-addr.arpa failed: no answer within 0.2s" in ptr
+    assert "IP name lookup failed" in ptr
+
+
+def test_zone_files_name_outside_the_given_zones(tmp_path: Path) -> None:
+    (tmp_path / "fwd.zone").write_text(FORWARD)
+    r = run_cli("example.test", "--zone", str(tmp_path / "fwd.zone"), "--ip", IP, "--helo", HELO)
+    assert r.exit_code == 1, r.output
+    assert f"{IP}: 3.113.0.203.in-addr.arpa is in none of the given zone files -- reverse DNS not checked" in \
+        only(r, "WARN", "ptr")
+
+
+def test_zone_file_without_origin_takes_it_from_the_file_name(tmp_path: Path) -> None:
+    body = FORWARD.replace("$ORIGIN example.test.\n", "")
+    (tmp_path / "example.test.zone").write_text(body)
+    (tmp_path / "db.113.0.203.in-addr.arpa").write_text(REVERSE.replace("$ORIGIN 113.0.203.in-addr.arpa.\n", ""))
+    r = run_cli("example.test", "--zone", str(tmp_path / "example.test.zone"),
+                "--zone", str(tmp_path / "db.113.0.203.in-addr.arpa"), "--ip", IP, "--helo", HELO)
+    assert r.exit_code == 0, r.output
+
+
+def test_usage_errors_exit_2(tmp_path: Path, server: DnsServer) -> None:
+    bad = tmp_path / "bad.zone"
+    bad.write_text("$ORIGIN example.test.\n@ IN MX ten mx1\n")
+    r = run_cli("example.test", "--zone", str(bad))
+    assert r.exit_code == 2
+    assert f"kanmon: {bad}:2:" in r.output
+    r = run_cli("example.test", "--zone", str(bad), "--server", server.address)
+    assert r.exit_code == 2 and "--zone and --server exclude each other" in r.output
+    r = run_cli("example.test", "--server", server.address, "--ip", "300.1.1.1")
+    assert r.exit_code == 2 and "'300.1.1.1' is not an IP address" in r.output
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[dnscheck]\nips = ["nonsense"]\n')
+    r = run_cli("example.test", "--server", server.address, "-c", str(cfg))
+    assert r.exit_code == 2 and "kanmon: dnscheck.ips: 'nonsense' is not an IP address" in r.output
