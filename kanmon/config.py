@@ -250,6 +250,7 @@ class QueueSection(Section):
     warn_after: Duration = Field(4 * 3600.0, description='One delay notice to the sender after this; "0" = never')
     lifetime: Duration = Field(3 * 86400.0, description='Then a failure notice; "0" = a temporary failure bounces at once')
     max_active: int = Field(10_000, ge=10, description="Messages held in memory by the queue manager at once")
+    suspend_delivery: bool = Field(False, description="Accept and queue mail but deliver nothing (maintenance, benchmarks)")
 
     @field_validator("retry")
     @classmethod

@@ -102,7 +102,7 @@ class QueueManager:
 
     def submit_nowait(self, queue_id: str, content: bytes | None = None) -> None:
         """A message was just stored: deliver it now (content kept to save a read)."""
-        if len(self._in_memory) >= self.config.queue.max_active:
+        if len(self._in_memory) >= self.config.queue.max_active or self.config.queue.suspend_delivery:
             self.schedule(queue_id, self.clock.now())
             return
         if queue_id in self._in_memory:
@@ -142,6 +142,8 @@ class QueueManager:
 
     async def _scheduler(self) -> None:
         while True:
+            if self.config.queue.suspend_delivery:
+                await asyncio.Event().wait()  # [queue] suspend_delivery: nothing leaves
             now = self.clock.now()
             while self._heap and self._heap[0].at <= now and len(self._in_memory) < self.config.queue.max_active:
                 due = heapq.heappop(self._heap)

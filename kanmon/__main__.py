@@ -1,0 +1,5 @@
+"""`python -m kanmon` is the `kanmon` command."""
+
+from kanmon.cli import main
+
+main()

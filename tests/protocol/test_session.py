@@ -1,0 +1,318 @@
+"""The ESMTP session state machine, driven by bytes (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kanmon.config import parse_config
+from kanmon.model import ClientInfo
+from kanmon.policy.access import AcceptPolicy
+from kanmon.smtp import replies
+from kanmon.smtp.session import Close, Rejected, Send, Session, SessionSettings, StartTls, State, StoreMessage
+
+CONFIG = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "/nonexistent"
+[smtp]
+relay_networks = ["127.0.0.1/32"]
+max_message_size = "10KB"
+max_recipients = 100
+min_free_disk = "0"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob", "postmaster"]
+aliases = { info = ["alice", "bob"], all = ["alice", "bob", "ALICE"] }
+[[domain]]
+name = "corp.example"
+deliver = "relay"
+servers = ["127.0.0.7:25"]
+"""
+
+
+def make_session(ip: str = "127.0.0.1", *, free_disk: int = 10**12, config: str = CONFIG, **settings) -> Session:
+    cfg = parse_config(config)
+    policy = AcceptPolicy(cfg, free_disk=lambda: free_disk)
+    s = SessionSettings(
+        hostname="mx1.example.test",
+        max_message_size=cfg.smtp.max_message_size,
+        max_recipients=cfg.smtp.max_recipients,
+        max_errors=settings.pop("max_errors", 10),
+        **settings,
+    )
+    return Session(s, policy, ClientInfo(ip=ip), now=1_700_000_000.0)
+
+
+def sent(actions) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, Send))
+
+
+def stores(actions) -> list[StoreMessage]:
+    return [a for a in actions if isinstance(a, StoreMessage)]
+
+
+def codes(actions) -> list[str]:
+    """The reply code of every reply line that ends a reply (no continuation lines)."""
+    out = []
+    for line in sent(actions).split(b"\r\n"):
+        if len(line) >= 4 and line[3:4] == b" ":
+            out.append(line[:3].decode())
+    return out
+
+
+def ready(s: Session) -> Session:
+    s.greeting()
+    s.feed(b"EHLO client.example\r\n")
+    return s
+
+
+TX = b"MAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+
+
+def test_greeting_and_ehlo_advertise_extensions():
+    s = make_session()
+    assert sent(s.greeting()) == b"220 mx1.example.test ESMTP kanmon\r\n"
+    reply = sent(s.feed(b"EHLO client.example\r\n")).decode()
+    for ext in ("PIPELINING", "SIZE 10000", "8BITMIME", "ENHANCEDSTATUSCODES", "STARTTLS", "SMTPUTF8"):
+        assert f"250-{ext}" in reply or f"250 {ext}" in reply
+    assert reply.endswith("250 STARTTLS\r\n")
+
+
+def test_pipelined_transaction_is_stored_and_acknowledged_only_after_storage():
+    s = ready(make_session())
+    actions = s.feed(TX + b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert codes(actions) == ["250", "250", "354"]  # no reply to the dot yet, QUIT waits
+    (store,) = stores(actions)
+    assert store.envelope.mail_from == "sender@remote.example"
+    assert store.envelope.rcpts == ["alice@example.test"]
+    assert store.content.startswith(b"Received: from client.example (unknown [127.0.0.1])\r\n")
+    assert store.content.endswith(b"Subject: hi\r\n\r\nbody\r\n")
+    assert s.state is State.WAIT_STORE
+    after = s.message_stored(store.queue_id)
+    assert sent(after) == f"250 2.0.0 Ok: queued as {store.queue_id}\r\n221 2.0.0 Bye\r\n".encode()
+    assert any(isinstance(a, Close) for a in after)
+
+
+def test_storage_failure_answers_451_and_queues_nothing():
+    s = ready(make_session())
+    (store,) = stores(s.feed(TX + b"x\r\n.\r\n"))
+    assert sent(s.message_failed(replies.STORAGE_ERROR)).startswith(b"451 4.3.0")
+    assert s.state is State.READY
+
+
+def test_data_split_across_many_feeds_and_terminator_split():
+    s = ready(make_session())
+    s.feed(TX)
+    chunks = [b"Subject: a\r\n", b"\r\nline one\r", b"\n", b"line two\r\n", b".", b"\r", b"\n"]
+    out = []
+    for c in chunks:
+        out += s.feed(c)
+    (store,) = stores(out)
+    assert store.content.endswith(b"\r\nline one\r\nline two\r\n")
+
+
+def test_empty_message_is_ended_by_a_lone_dot():
+    s = ready(make_session())
+    (store,) = stores(s.feed(TX + b".\r\n"))
+    assert store.content.endswith(b"for <alice@example.test>; " + store.content.split(b"; ")[-1])
+
+
+def test_dot_unstuffing():
+    s = ready(make_session())
+    (store,) = stores(s.feed(TX + b"..leading\r\nmid\r\n...two\r\n.\r\n"))
+    body = store.content.split(b"\r\n", 3)[-1]  # after the 3-line Received: header
+    assert body == b".leading\r\nmid\r\n..two\r\n"
+
+
+# RFC 5321 smuggling endings: none of these ends DATA; the message that contains one is
+# rejected with 550 5.5.2 (bare CR/LF) and nothing is stored, so nothing can be smuggled.
+@pytest.mark.parametrize(
+    "ending",
+    [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r", b"\r.\n", b".\n"],
+    ids=["LF.LF", "LF.CRLF", "CR.CR", "CRLF.CR", "CR.LF", "dotLF-at-start"],
+)
+def test_smuggling_endings_reject_the_whole_message(ending):
+    s = ready(make_session())
+    smuggled = b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nevil\r\n"
+    prefix = b"" if ending == b".\n" else b"Subject: x\r\n\r\nhello"
+    actions = s.feed(TX + prefix + ending + smuggled + b".\r\n")
+    assert stores(actions) == []
+    assert codes(actions) == ["250", "250", "354", "550"]
+    assert b"550 5.5.2" in sent(actions)
+    assert s.state is State.READY
+
+
+def test_nul_dot_is_not_an_end_of_data():
+    s = ready(make_session())
+    actions = s.feed(TX + b"a\r\n\x00.\r\nMAIL FROM:<evil@x.example>\r\n.\r\n")
+    (store,) = stores(actions)
+    assert b"\x00.\r\nMAIL FROM:<evil@x.example>\r\n" in store.content
+    assert codes(actions) == ["250", "250", "354"]  # one message, no command run from DATA
+
+
+def test_bare_lf_in_a_command_is_refused_and_resets_the_transaction():
+    s = ready(make_session())
+    actions = s.feed(b"MAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.test>\nDATA\r\n")
+    assert codes(actions) == ["250", "550", "503"]
+    assert b"550 5.5.2" in sent(actions)
+
+
+def test_starttls_discards_pipelined_commands():
+    s = ready(make_session())
+    actions = s.feed(b"STARTTLS\r\nMAIL FROM:<evil@remote.example>\r\n")
+    assert sent(actions) == b"220 2.0.0 Ready to start TLS\r\n"
+    assert any(isinstance(a, StartTls) for a in actions)
+    assert s.feed(b"") == []
+    assert s.tls_started("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256) == []
+    # The injected MAIL was never run: a RCPT now has no transaction.
+    assert codes(s.feed(b"EHLO again\r\nRCPT TO:<alice@example.test>\r\n")) == ["250", "503"]
+
+
+def test_after_tls_ehlo_no_longer_offers_starttls_and_received_shows_tls():
+    s = ready(make_session())
+    s.feed(b"STARTTLS\r\n")
+    s.tls_started("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+    assert b"STARTTLS" not in sent(s.feed(b"EHLO c\r\n"))
+    (store,) = stores(s.feed(TX + b"x\r\n.\r\n"))
+    assert b"(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))" in store.content
+    assert b"with ESMTPS id " + store.queue_id.encode() in store.content
+
+
+def test_command_line_too_long_is_refused_without_buffering_it():
+    s = ready(make_session())
+    actions = s.feed(b"NOOP " + b"x" * 5000)
+    assert codes(actions) == ["500"]
+    assert s.buffered() == 0
+    # The rest of the long line is skipped, then the session goes on.
+    assert codes(s.feed(b"yyyy\r\nNOOP\r\n")) == ["250"]
+
+
+def test_101_recipients_with_max_100():
+    s = ready(make_session())
+    s.feed(b"MAIL FROM:<a@remote.example>\r\n")
+    out = []
+    for i in range(101):
+        out += s.feed(f"RCPT TO:<r{i}@corp.example>\r\n".encode())
+    c = codes(out)
+    assert c[:100] == ["250"] * 100 and c[100] == "452"
+    assert b"452 4.5.3" in sent(out)
+
+
+def test_size_parameter_over_the_limit():
+    s = ready(make_session())
+    actions = s.feed(b"MAIL FROM:<a@remote.example> SIZE=20000\r\n")
+    assert sent(actions).startswith(b"552 5.3.4")
+
+
+def test_message_growing_past_the_limit_is_read_to_the_end_then_refused():
+    s = ready(make_session())
+    s.feed(TX)
+    out = []
+    for _ in range(10):
+        out += s.feed(b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n")
+    out += s.feed(b".\r\nNOOP\r\n")
+    assert stores(out) == []
+    assert codes(out) == ["552", "250"]
+    assert len(s._data) <= 8  # only the scan tail was kept
+
+
+def test_unknown_user_and_relay_denied_and_aliases():
+    s = ready(make_session(ip="127.0.0.9"))
+    out = s.feed(b"MAIL FROM:<a@remote.example>\r\n")
+    out = s.feed(
+        b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<x@victim.example>\r\nRCPT TO:<info@example.test>\r\n"
+        b"RCPT TO:<all@example.test>\r\nDATA\r\nx\r\n.\r\n"
+    )
+    assert codes(out)[:4] == ["550", "554", "250", "250"]
+    assert b"550 5.1.1" in sent(out) and b"554 5.7.1 Relay access denied" in sent(out)
+    (store,) = stores(out)
+    assert store.envelope.rcpts == ["alice@example.test", "bob@example.test"]  # each once
+    rejected = [a for a in out if isinstance(a, Rejected)]
+    assert [r.rcpt for r in rejected] == ["nobody@example.test", "x@victim.example"]
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        b"<u%victim.example@example.test>",
+        b"<victim.example!u@example.test>",
+        b'<"u@victim.example"@example.test>',
+        b"<@example.test:u@victim.example>",
+        b"<u@victim.example@example.test>",
+        b"<U%VICTIM.EXAMPLE@EXAMPLE.TEST>",
+    ],
+)
+def test_routed_addresses_are_refused_even_from_relay_networks(rcpt):
+    s = ready(make_session(ip="127.0.0.1"))
+    s.feed(b"MAIL FROM:<a@remote.example>\r\n")
+    assert sent(s.feed(b"RCPT TO:" + rcpt + b"\r\n")).startswith(b"550 5.7.1")
+
+
+def test_trailing_dot_domain_is_not_accepted_from_outside():
+    s = ready(make_session(ip="127.0.0.9"))
+    s.feed(b"MAIL FROM:<a@remote.example>\r\n")
+    assert sent(s.feed(b"RCPT TO:<u@victim.example.>\r\n"))[:1] == b"5"
+
+
+def test_null_sender_is_accepted():
+    s = ready(make_session(ip="127.0.0.9"))
+    assert codes(s.feed(b"MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\n")) == ["250", "250"]
+
+
+def test_low_disk_answers_452_at_mail():
+    s = ready(make_session(free_disk=10, config=CONFIG.replace('min_free_disk = "0"', 'min_free_disk = "1GB"')))
+    assert sent(s.feed(b"MAIL FROM:<a@remote.example>\r\n")).startswith(b"452 4.3.1")
+
+
+def test_too_many_received_headers_is_a_loop():
+    s = ready(make_session())
+    headers = b"".join(b"Received: from hop%d\r\n" % i for i in range(51))
+    out = s.feed(TX + headers + b"\r\nbody\r\n.\r\n")
+    assert stores(out) == []
+    assert b"554 5.4.6" in sent(out)
+
+
+def test_fifty_received_headers_still_pass():
+    s = ready(make_session())
+    headers = b"".join(b"Received: from hop%d\r\n" % i for i in range(49))
+    assert len(stores(s.feed(TX + headers + b"\r\nbody\r\n.\r\n"))) == 1
+
+
+def test_too_many_errors_closes_with_421():
+    s = ready(make_session(max_errors=3))
+    out = s.feed(b"FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n")
+    assert codes(out) == ["500", "500", "500", "421"]
+    assert isinstance(out[-1], Close)
+    assert s.feed(b"NOOP\r\n") == []
+
+
+def test_sequence_errors():
+    s = make_session()
+    s.greeting()
+    assert sent(s.feed(b"MAIL FROM:<a@b.example>\r\n")).startswith(b"503 5.5.1")
+    ready(s)
+    assert sent(s.feed(b"DATA\r\n")).startswith(b"503 5.5.1")
+    s.feed(b"MAIL FROM:<a@b.example>\r\n")
+    assert sent(s.feed(b"MAIL FROM:<a@b.example>\r\n")).startswith(b"503 5.5.1")
+    assert sent(s.feed(b"DATA\r\n")).startswith(b"503 5.5.1")
+
+
+def test_vrfy_help_noop_rset_quit():
+    s = ready(make_session())
+    assert codes(s.feed(b"VRFY alice\r\nHELP\r\nNOOP\r\nRSET\r\n")) == ["252", "214", "250", "250"]
+    out = s.feed(b"QUIT\r\n")
+    assert sent(out) == b"221 2.0.0 Bye\r\n" and isinstance(out[-1], Close)
+
+
+def test_helo_then_esmtp_parameters_are_refused():
+    s = make_session()
+    s.greeting()
+    assert codes(s.feed(b"HELO c\r\n")) == ["250"]
+    assert sent(s.feed(b"MAIL FROM:<a@b.example> SIZE=10\r\n")).startswith(b"555")
+
+
+def test_every_reply_has_an_enhanced_status_code():
+    s = ready(make_session())
+    out = s.feed(b"NOOP\r\nBOGUS\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\nVRFY x\r\n")
+    for line in sent(out).split(b"\r\n")[:-1]:
+        assert line[4:5].isdigit() and line[5:6] == b".", line

@@ -1,0 +1,192 @@
+"""Run a real kanmon node for integration tests.
+
+RunningNode: the Node of kanmon.node in a background thread with its own event loop,
+listening on real loopback sockets; the test talks to it with real clients.
+KanmonProcess: `kanmon serve -c FILE` as a subprocess, for crash (kill -9) tests.
+free_port(host): a port free on that loopback address.
+
+Config text is TOML with {port}, {data_dir} and {host} placeholders filled in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kanmon.clock import ManualClock
+from kanmon.config import Config, parse_config
+from kanmon.node import Node
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a condition with a bounded deadline (never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    def ok() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_for(ok, timeout, f"{host}:{port} to listen")
+
+
+def make_config(template: str, data_dir: Path, host: str = "127.0.0.1", port: int | None = None, **extra) -> tuple[Config, str]:
+    port = port or free_port(host)
+    text = template.format(port=port, data_dir=str(data_dir), host=host, **extra)
+    return parse_config(text), text
+
+
+class RunningNode:
+    def __init__(self, config: Config, *, clock: ManualClock | None = None, fsync: bool = True):
+        self.config = config
+        self.clock = clock
+        self.node = Node(config, clock=clock, fsync=fsync)
+        self.loop = asyncio.new_event_loop()
+        self._task: asyncio.Task | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def host(self) -> str:
+        return self.config.smtp.listen[0][0]
+
+    @property
+    def port(self) -> int:
+        return self.config.smtp.listen[0][1]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.server.data_dir)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._task = self.loop.create_task(self.node.run())
+        try:
+            self.loop.run_until_complete(self._task)
+        except BaseException as e:  # noqa: BLE001 - reported by start()/stop()
+            self._error = e
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def start(self) -> RunningNode:
+        self._thread.start()
+        wait_for(lambda: self.node.started.is_set() or self._error is not None or not self._thread.is_alive(),
+                 15, "node start")
+        if self._error is not None or not self.node.started.is_set():
+            raise RuntimeError(f"node did not start: {self._error!r}")
+        return self
+
+    def call(self, fn: Callable, *args):
+        """Run fn(*args) in the node's loop thread and return its result."""
+        result: list = []
+        done = threading.Event()
+
+        def wrapper():
+            try:
+                result.append(fn(*args))
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(wrapper)
+        done.wait(10)
+        return result[0] if result else None
+
+    def advance(self, seconds: float) -> None:
+        assert self.clock is not None
+        self.call(self.clock.advance, seconds)
+
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Until the queue manager holds nothing in memory, then records are flushed."""
+        q = self.node.queue
+        assert q is not None
+        wait_for(lambda: q.idle.is_set() and q._ready.empty(), timeout, "queue idle")
+        self.flush()
+
+    def flush(self) -> None:
+        assert self.node.records is not None
+        self.node.records.flush()
+
+    def stop(self) -> None:
+        if self._task is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:
+                pass
+        self._thread.join(30)
+
+    def __enter__(self) -> RunningNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class KanmonProcess:
+    """`kanmon serve -c FILE --quiet` in a subprocess."""
+
+    def __init__(self, config_file: Path, host: str, port: int):
+        self.config_file = config_file
+        self.host, self.port = host, port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> KanmonProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kanmon", "serve", "-c", str(self.config_file), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            wait_port(self.host, self.port, 20)
+        except AssertionError:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            self.proc.wait(10)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+
+    def terminate(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def maildir_messages(data_dir: Path, address: str) -> list[bytes]:
+    local, _, domain = address.partition("@")
+    base = Path(data_dir) / "mailboxes" / domain / local
+    out = []
+    for sub in ("new", "cur"):
+        d = base / sub
+        if d.is_dir():
+            out.extend(p.read_bytes() for p in sorted(d.iterdir()))
+    return out
