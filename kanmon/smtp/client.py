@@ -449,6 +449,7 @@ class TransactionResult:
 
     replies: list[tuple[str, Reply]]
     mail_reply: Reply | None = None  # the reply to MAIL FROM (None: not sent)
+    rcpt_replies: list[tuple[str, Reply]] = field(default_factory=list)  # the RCPT stage's own replies
     data_reply: Reply | None = None  # the reply to the final dot, if we got that far
 
 
@@ -770,7 +771,7 @@ class SmtpConnection:
                 out.append((r, LocalReply(451, "4.3.0", "message was not sent: no recipient was accepted")))
             else:
                 out.append((r, rr))
-        return TransactionResult(out, mail_reply, data_reply)
+        return TransactionResult(out, mail_reply, list(replies), data_reply)
 
     async def quit(self) -> None:
         """QUIT (short wait for 221), then close. Never raises."""

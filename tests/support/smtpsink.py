@@ -46,6 +46,8 @@ Behaviour, set as attributes at any time (read at each connection / command):
     mail_reply = "250 2.1.0 Ok"
     rcpt_replies = {}            # {"b@x.test": "550 5.1.1 <b@x.test>: User unknown"}
     default_rcpt_reply = "250 2.1.5 Ok"
+    max_rcpts = 0                # >0: RCPTs beyond this many per transaction get
+                                 # "452 4.5.3 Too many recipients"
     data_reply = "250 2.0.0 Ok: queued as {n}"    # {n}: transaction number
     drop = None                  # "greeting" | "starttls" (right after its 220) | "mid-data" |
                                  # "after-data": close the connection there
@@ -128,6 +130,7 @@ class SmtpSink:
         self.mail_reply = "250 2.1.0 Ok"
         self.rcpt_replies: dict[str, str] = {}
         self.default_rcpt_reply = "250 2.1.5 Ok"
+        self.max_rcpts = 0
         self.data_reply = "250 2.0.0 Ok: queued as {n}"
         self.drop: str | None = None
         self.hang: str | None = None
@@ -328,6 +331,8 @@ class SmtpSink:
                     continue
                 address = arg[3:].strip().strip("<>") if arg.upper().startswith("TO:") else arg
                 text = self.rcpt_replies.get(address.lower(), self.default_rcpt_reply)
+                if self.max_rcpts and len(tx.rcpts) >= self.max_rcpts:
+                    text = "452 4.5.3 Too many recipients"
                 if text.startswith("25"):
                     tx.rcpts.append(address)
                 await reply(text)

@@ -1,0 +1,263 @@
+"""The SMTP delivery agent: one message's recipients to one destination, over SMTP.
+
+Role: given the ordered server list of a destination (a `[[domain]] deliver = "relay"`
+servers list, the smarthost list, or the MX result of kanmon.deliver.mx), try the servers
+in order within ONE attempt and return one RecipientResult per recipient:
+
+- a server that cannot be reached, refuses (4xx/5xx greeting or EHLO), cannot give the
+  TLS the policy asks for, answers 4xx to MAIL FROM, or drops the connection before the
+  final dot -> the next address / the next server;
+- once a server has taken the transaction, its per-recipient answers are final for this
+  attempt: 2xx SENT, 4xx DEFERRED, 5xx BOUNCED;
+- a connection lost after the final dot -> DEFERRED without trying another server (the
+  message may have arrived; a duplicate later is better than two now);
+- every server failed -> every recipient DEFERRED with the last reason
+  (`Connection refused by 192.0.2.7`, or the server's `451 4.3.0 ...`).
+
+Connections are reused through kanmon.smtp.client.SmtpConnectionPool (bounded by
+[outbound] max_per_destination). Each TLS session and each failed try is written to the
+event log through `emit(text, queue_id)`; the queue manager writes the `to=<..>, stat=`
+lines from the results.
+
+Trusts: the queue manager's envelope (spooled by us); the server list from config or
+DNS. Never: give up on a recipient because of a temporary problem (that is the queue's
+decision), send one message to two servers in one attempt after one may have taken it,
+or raise for a network problem — every such problem becomes a RecipientResult.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kanmon.deliver.mx import MxResolver, NextHop
+from kanmon.model import RecipientResult, Reply, SmtpError, Status
+from kanmon.smtp.client import (
+    TLS_POLICIES,
+    ClientSettings,
+    ConnectionLost,
+    LocalReply,
+    SmtpClientError,
+    SmtpConnection,
+    SmtpConnectionPool,
+    check_address,
+    describe_reply,
+)
+
+if TYPE_CHECKING:
+    from kanmon.config import Config, TlsPolicy
+
+MAILER = "esmtp"
+
+Emit = Callable[[str, "str | None"], Any]
+
+NO_SERVER_REACHED = LocalReply(451, "4.4.1", "no server could be reached")
+BAD_SENDER = "Bad sender address syntax"
+BAD_RECIPIENT = "Bad recipient address syntax"
+
+
+def status_of(reply: Reply) -> Status:
+    if reply.is_positive:
+        return Status.SENT
+    if reply.is_transient:
+        return Status.DEFERRED
+    return Status.BOUNCED
+
+
+class SmtpDelivery:
+    """The SMTP transport. One per node; `deliver` may run concurrently.
+
+    config: server.hostname (EHLO), [outbound] timeouts, ca_file, max_per_destination,
+    mx_port, [dns]. emit: the event log, `emit(text, queue_id)`. resolver/pool: given by
+    tests; made from config otherwise. idle_timeout: seconds an unused connection is kept.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        emit: Emit,
+        *,
+        resolver: MxResolver | None = None,
+        pool: SmtpConnectionPool | None = None,
+        idle_timeout: float = 5.0,
+    ):
+        self.emit = emit
+        self.settings = ClientSettings.from_config(config)
+        self.resolver = resolver or MxResolver.from_config(config)
+        self.pool = pool or SmtpConnectionPool(
+            self.settings, max_per_destination=config.outbound.max_per_destination, idle_timeout=idle_timeout
+        )
+
+    async def close(self) -> None:
+        """Close the idle connections (QUIT). Call at shutdown."""
+        await self.pool.close()
+
+    # -- resolution
+
+    async def resolve(self, domain: str) -> list[NextHop]:
+        """A domain's MX hosts (kanmon.deliver.mx). Raises SmtpError: 5xx bounce, 4xx defer."""
+        return await self.resolver.resolve_domain(domain)
+
+    async def deliver_route(self, queue_id: str, mail_from: str, rcpts: list[str], body: bytes, route: Any) -> list[RecipientResult]:
+        """Adapter for a kanmon.routing.Route (transport, domain, hops, tls).
+
+        transport "mx": resolve route.domain (a DNS error applies to every recipient);
+        otherwise route.hops are the configured servers in order.
+        """
+        if route.transport == "mx":
+            try:
+                hops = await self.resolve(route.domain)
+            except SmtpError as e:
+                self.emit(f"domain {route.domain}: {describe_reply(e.reply)}", queue_id)
+                return [RecipientResult(r, status_of(e.reply), e.reply, "", MAILER) for r in rcpts]
+        else:
+            hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
+        return await self.deliver(queue_id, mail_from, rcpts, body, hops, route.tls)
+
+    # -- delivery
+
+    async def deliver(
+        self,
+        queue_id: str,
+        mail_from: str,
+        rcpts: list[str],
+        body: bytes,
+        hops: Sequence[NextHop],
+        tls: TlsPolicy,
+        *,
+        smtputf8: bool = False,
+    ) -> list[RecipientResult]:
+        """One attempt for these recipients over the servers in `hops`, in order.
+
+        Returns one RecipientResult per recipient, in the order of `rcpts`. Raises only
+        ValueError for a programming error (no hops, unknown TLS policy).
+        """
+        if tls not in TLS_POLICIES:
+            raise ValueError(f"unknown TLS policy {tls!r} (one of {', '.join(TLS_POLICIES)})")
+        if not hops:
+            raise ValueError("deliver needs at least one next hop")
+        hops = [h if isinstance(h, NextHop) else NextHop.from_endpoint(tuple(h)) for h in hops]
+        results: dict[str, RecipientResult] = {}
+        try:
+            check_address(mail_from)
+        except ValueError:
+            reply = LocalReply(550, "5.1.7", BAD_SENDER)
+            return [RecipientResult(r, Status.BOUNCED, reply, "", MAILER) for r in rcpts]
+        pending: list[str] = []
+        for r in rcpts:
+            try:
+                check_address(r)
+                if not r:
+                    raise ValueError("empty recipient")
+            except ValueError:
+                results[r] = RecipientResult(r, Status.BOUNCED, LocalReply(550, "5.1.3", BAD_RECIPIENT), "", MAILER)
+                continue
+            if r not in pending:
+                pending.append(r)
+
+        last: Reply = NO_SERVER_REACHED
+        last_relay = ""
+        for index, hop in enumerate(hops):
+            if not pending:
+                break
+            try:
+                hop = await self.resolver.resolve_hop(hop)
+            except SmtpError as e:
+                last = LocalReply(451, "4.4.3", e.reply.text)
+                last_relay = ""
+                self.emit(f"relay={hop.host}: {e.reply.text}{self._next_note(index, len(hops))}", queue_id)
+                continue
+            for n, address in enumerate(hop.addresses):
+                if not pending:
+                    break
+                relay = hop.relay_text(address)
+                more = index < len(hops) - 1 or n < len(hop.addresses) - 1
+                outcome = await self._try_server(queue_id, hop, address, relay, mail_from, pending, body, tls, smtputf8)
+                if isinstance(outcome, dict):
+                    results.update(outcome)
+                    pending = []
+                    break
+                error, final = outcome
+                last, last_relay = error, relay
+                if final:
+                    more = False
+                self.emit(f"relay={relay}, {describe_reply(error)}" + ("; trying next server" if more else ""), queue_id)
+                if final:
+                    for r in pending:
+                        results[r] = RecipientResult(r, Status.DEFERRED, error, relay, MAILER)
+                    pending = []
+        for r in pending:
+            results[r] = RecipientResult(r, Status.DEFERRED, last, last_relay, MAILER)
+        return [results[r] for r in rcpts]
+
+    @staticmethod
+    def _next_note(index: int, count: int) -> str:
+        return "; trying next server" if index < count - 1 else ""
+
+    async def _try_server(
+        self,
+        queue_id: str,
+        hop: NextHop,
+        address: str,
+        relay: str,
+        mail_from: str,
+        rcpts: list[str],
+        body: bytes,
+        tls: TlsPolicy,
+        smtputf8: bool,
+    ) -> dict[str, RecipientResult] | tuple[Reply, bool]:
+        """Results for every recipient, or (reason, final) when this server did not take it.
+
+        final: the connection was lost after the final dot; do not try another server.
+        """
+        for _ in range(2):  # a second go only when a reused connection turned out dead
+            lease = self.pool.connection(address, hop.port, server_name=hop.host, policy=tls)
+            try:
+                async with lease as conn:
+                    if not lease.reused:
+                        self._log_session(queue_id, conn, hop)
+                    tls_text = conn.tls.describe() if conn.tls else ""
+                    results = await self._transactions(conn, mail_from, rcpts, body, smtputf8)
+            except ConnectionLost as e:
+                if lease.reused and e.try_next:
+                    continue
+                return e.reply, not e.try_next
+            except SmtpClientError as e:
+                return e.reply, False
+            if isinstance(results, Reply):
+                return results, False
+            return {r: RecipientResult(r, status_of(reply), reply, relay, MAILER, tls_text) for r, reply in results}
+        return LocalReply(451, "4.4.2", f"lost connection with {address}"), False
+
+    async def _transactions(
+        self, conn: SmtpConnection, mail_from: str, rcpts: list[str], body: bytes, smtputf8: bool
+    ) -> list[tuple[str, Reply]] | Reply:
+        """Send the message; more transactions for recipients refused with 452 (too many
+        recipients, RFC 5321 4.5.3.1.10) as long as each one makes progress.
+
+        Returns per-recipient replies, or the MAIL FROM reply when it was 4xx (the caller
+        tries another server).
+        """
+        final: dict[str, Reply] = {}
+        remaining = list(rcpts)
+        while remaining:
+            result = await conn.send_message(mail_from, remaining, body, smtputf8=smtputf8)
+            if result.mail_reply is not None and result.mail_reply.is_transient and not final:
+                return result.mail_reply
+            final.update(result.replies)
+            accepted = any(rr.code in (250, 251) for _, rr in result.rcpt_replies)
+            delivered = result.data_reply is not None and result.data_reply.is_positive
+            again = [r for r, rr in result.rcpt_replies if rr.code == 452]
+            if not (accepted and delivered and again):
+                break
+            remaining = again
+        return [(r, final[r]) for r in rcpts]
+
+    def _log_session(self, queue_id: str, conn: SmtpConnection, hop: NextHop) -> None:
+        if conn.tls is not None:
+            self.emit(f"STARTTLS=client, relay={hop.host}, {conn.tls.log_fields()}", queue_id)
+        elif conn.tls_note and "does not offer" not in conn.tls_note:
+            self.emit(f"STARTTLS=client, relay={hop.host}, {conn.tls_note}", queue_id)
+
+
+__all__ = ["MAILER", "SmtpDelivery", "status_of"]
