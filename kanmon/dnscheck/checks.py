@@ -157,7 +157,7 @@ def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> lis
     if not ans.records:
         return [_implicit_mx(source, domain)]
 
-    mxs = sorted(((rd.preference, rd.exchange.to_text().lower()) for rd in ans.records), key=lambda m: m)
+    mxs = sorted((rd.preference, rd.exchange.to_text().lower()) for rd in ans.records)
     if any(host == "." for _, host in mxs):
         if mxs == [(0, ".")]:  # RFC 7505 3
             if receives_mail:

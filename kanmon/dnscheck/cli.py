@@ -15,7 +15,6 @@ import sys
 
 import click
 
-from kanmon.cli import config_option, load_or_exit
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
@@ -45,6 +44,11 @@ def _server(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
 @click.group("dns")
 def dns() -> None:
     """DNS health check: the MX/A/PTR/SPF mistakes that make servers refuse our mail."""
+
+
+# kanmon.cli imports `dns` from here to register it; importing kanmon.cli only once `dns`
+# exists lets either module be imported first without a circular-import error.
+from kanmon.cli import config_option, load_or_exit  # noqa: E402
 
 
 @dns.command("check")
