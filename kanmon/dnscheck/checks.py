@@ -159,6 +159,11 @@ def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> lis
 
     mxs = sorted((rd.preference, rd.exchange.to_text().lower()) for rd in ans.records)
     if any(host == "." for _, host in mxs):
+        if len(mxs) == 1 and mxs[0][0] != 0:  # RFC 7505 3: the null MX has preference 0
+            return [_warn(
+                "mx", domain, f"null MX written as MX {mxs[0][0]} . (RFC 7505 says MX 0 .)",
+                f"most senders still read it as 'accepts no mail' and bounce mail to {domain}; write MX 0 .",
+            )]
         if mxs == [(0, ".")]:  # RFC 7505 3
             if receives_mail:
                 return [_error(

@@ -18,7 +18,7 @@ import click
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
-from kanmon.dnscheck.sources import ZoneFileError
+from kanmon.dnscheck.sources import SourceError
 from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets
 
 
@@ -86,7 +86,7 @@ def check(
         key = load_dkim_key(dkim_key) if dkim_key else None
         source = make_source(config, server, zones)
         targets = make_targets(config, [domain], ips, helo, dkim_selector, key)
-    except (ZoneFileError, TargetError) as e:
+    except (SourceError, TargetError) as e:
         click.echo(f"kanmon: {e}", err=True)
         sys.exit(2)
     reports = [check_domain(source, t) for t in targets]

@@ -22,7 +22,7 @@ from typing import Protocol
 from kanmon.config import Config
 from kanmon.dnscheck.checks import Report, Severity, check_domain
 from kanmon.dnscheck.report import problem_summary, summary_line
-from kanmon.dnscheck.sources import ZoneFileError
+from kanmon.dnscheck.sources import SourceError
 from kanmon.dnscheck.targets import TargetError, make_source, make_targets
 
 
@@ -72,7 +72,7 @@ class DnsMonitor:
     async def run_once(self) -> None:
         try:
             reports = await asyncio.to_thread(self.check_now)
-        except (ZoneFileError, TargetError) as e:
+        except (SourceError, TargetError) as e:
             self.emit(f"dnscheck: cannot run: {e}")
             return
         except Exception as e:  # noqa: BLE001 - the server goes on; the event says what broke

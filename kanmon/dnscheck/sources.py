@@ -86,6 +86,10 @@ class Answer:
         return ", ".join(rd.to_text() for rd in self.records)
 
 
+class SourceError(Exception):
+    """No source can be built: no resolver configuration, a zone file that does not parse."""
+
+
 class DnsSource(Protocol):
     description: str
 
@@ -114,7 +118,10 @@ class ResolverSource:
                 f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in servers
             )
         else:
-            resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+            try:
+                resolver = dns.resolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:
+                raise SourceError("no DNS server configured on this system: give --server or [dns] servers") from None
             self.description = "system resolver (" + ", ".join(str(n) for n in resolver.nameservers) + ")"
         resolver.timeout = timeout
         resolver.lifetime = timeout
@@ -164,7 +171,7 @@ def _server_errors(e: dns.resolver.NoNameservers) -> str:
 # Zone files
 
 
-class ZoneFileError(Exception):
+class ZoneFileError(SourceError):
     """A zone file that cannot be read or parsed; the text names the file (and line)."""
 
 

@@ -116,3 +116,8 @@ def test_ipv6_reverse_and_several_ptrs(tmp_path: Path) -> None:
         ("ok", "PTR mx1.example.test has A 192.0.2.1 (forward-confirmed)"),
         ("error", "PTR names www.example.test, but www.example.test has A 192.0.2.80, not 192.0.2.1"),
     ]
+
+
+def test_null_mx_with_nonzero_preference(tmp_path: Path) -> None:
+    src = source(tmp_path, "@ IN MX 10 .\n")
+    assert seen(check_mx(src, "example.test")) == [("warning", "null MX written as MX 10 . (RFC 7505 says MX 0 .)")]
