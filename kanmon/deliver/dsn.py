@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import NamedTuple
 
-from kanmon.model import Reply
+from kanmon.model import RecipientResult, Reply
 from kanmon.smtp.client import LocalReply
 
 FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
@@ -55,6 +55,20 @@ class NoticeRecipient:
     rcpt: str
     reply: Reply  # the last reply (remote or a LocalReply)
     remote_mta: str = ""  # host name or [ip] of the server that said it, if any
+    original_rcpt: str = ""  # the address as the client wrote it (alias), if different
+
+    @classmethod
+    def from_result(cls, result: RecipientResult, original_rcpt: str = "") -> NoticeRecipient:
+        """From a delivery result; Remote-MTA is taken from its relay
+        (`store.corp.example. [192.0.2.7]:25` -> `store.corp.example`, `[192.0.2.7]` as is)."""
+        relay = result.relay.strip()
+        if not relay or relay == "local":
+            mta = ""
+        elif relay.startswith("["):
+            mta = relay[: relay.find("]") + 1] if "]" in relay else ""
+        else:
+            mta = relay.split()[0].rstrip(".")
+        return cls(result.rcpt, result.reply, mta, original_rcpt)
 
 
 def _clean(text: str, limit: int = MAX_FIELD) -> str:
@@ -138,7 +152,7 @@ def _build(
     original: bytes,
     sender: str,
     hostname: str,
-    recipients: Sequence[NoticeRecipient],
+    recipients: Sequence[NoticeRecipient | tuple[str, Reply, str]],
     arrival: float,
     now: float,
     queue_id: str,
@@ -149,6 +163,7 @@ def _build(
         raise ValueError("no notice is sent about a message from the null sender <> (RFC 3464 / promise 5)")
     if not recipients:
         raise ValueError("a notice needs at least one recipient to report on")
+    recipients = [r if isinstance(r, NoticeRecipient) else NoticeRecipient(*r) for r in recipients]
     hostname = _clean(hostname, 253) or "localhost"
     sender_h = _clean(sender, 512)
     failed = action == "failed"
@@ -192,8 +207,10 @@ def _build(
         status_part.append(f"X-Kanmon-Queue-ID: {_clean(queue_id, 64)}")
     status_part.append(f"Arrival-Date: {_date(arrival)}")
     for r in recipients:
+        status_part.append("")
+        if r.original_rcpt and r.original_rcpt != r.rcpt:
+            status_part.append(f"Original-Recipient: rfc822; {_clean(r.original_rcpt, 512)}")
         status_part += [
-            "",
             f"Final-Recipient: rfc822; {_clean(r.rcpt, 512)}",
             f"Action: {action}",
             f"Status: {_status(r.reply, failed=failed)}",
@@ -236,7 +253,7 @@ def build_failure_notice(
     original: bytes,
     sender: str,
     hostname: str,
-    recipients: Sequence[NoticeRecipient],
+    recipients: Sequence[NoticeRecipient | tuple[str, Reply, str]],
     arrival: float,
     now: float | None = None,
     *,
@@ -283,7 +300,7 @@ def build_delay_notice(
     original: bytes,
     sender: str,
     hostname: str,
-    recipients: Sequence[NoticeRecipient],
+    recipients: Sequence[NoticeRecipient | tuple[str, Reply, str]],
     arrival: float,
     now: float | None = None,
     *,

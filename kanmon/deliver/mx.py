@@ -30,7 +30,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 
 from kanmon.model import Reply, SmtpError

@@ -43,6 +43,9 @@ MAX_REPLY_LINE = 512
 MAX_REPLY_LINES = 100
 # Pause reading from a server that sends more than this without being asked.
 READ_HIGH_WATER = 64 * 1024
+# The body goes out in blocks; each must be taken within command_timeout
+# (RFC 5321 4.5.3.2.5: data block, 3 minutes), so a big message on a slow link is fine.
+DATA_BLOCK = 256 * 1024
 
 TLS_POLICIES = ("none", "opportunistic", "required", "verify", "smtps")
 
@@ -419,7 +422,7 @@ class _Pipe(asyncio.Protocol):
         self._buffer.clear()
         return n
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise EOFError
         self.transport.write(data)
@@ -541,7 +544,7 @@ class SmtpConnection:
                 after_data_end=after_data_end,
             ) from None
 
-    async def _send(self, data: bytes, what: str, *, timeout: float | None = None) -> None:
+    async def _send(self, data: bytes | memoryview, what: str, *, timeout: float | None = None) -> None:
         try:
             self._pipe.write(data)
             async with asyncio.timeout(self.settings.command_timeout if timeout is None else timeout):
@@ -754,7 +757,9 @@ class SmtpConnection:
     async def _send_body(self, mail_reply: Reply, replies: list[tuple[str, Reply]], data: bytes) -> TransactionResult:
         # RFC 5321 4.5.3.2.5: each data block must be taken within the timeout.
         self._stage.name = "sending message body"
-        await self._send(data, "sending message body")
+        view = memoryview(data)
+        for start in range(0, len(data), DATA_BLOCK):
+            await self._send(view[start : start + DATA_BLOCK], "sending message body")
         # RFC 5321 4.5.3.2.6: reply to the final dot.
         final = await self._read_reply(self.settings.data_timeout, "waiting for the reply after end of data", after_data_end=True)
         return self._merge(mail_reply, replies, final, final)

@@ -477,3 +477,10 @@ def test_pool_closes_idle_connections_after_the_idle_timeout(sink):
         await pool.close()
 
     asyncio.run(go())
+
+
+def test_a_large_body_arrives_intact(sink):
+    body = b"Subject: big\r\n\r\n" + b"".join(b".%07d " % i + b"x" * 90 + b"\r\n" for i in range(30000))  # ~3 MB
+    _, result = asyncio.run(send(sink, body=body))
+    assert codes(result) == {"b@corp.example": 250}
+    assert sink.wait_for_messages(1)[0].data == body

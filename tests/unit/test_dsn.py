@@ -214,3 +214,28 @@ def test_hostname_cannot_inject_headers():
 def test_original_without_a_body_is_all_headers():
     data, _ = build_failure_notice(b"Subject: only headers", "a@corp.example", "h.example", [REMOTE], ARRIVAL, ARRIVAL)
     assert parts(parse(data))[2].get_payload().startswith("Subject: only headers")
+
+
+def test_recipients_as_plain_tuples_and_original_recipient():
+    data, _ = build_failure_notice(
+        ORIGINAL, "a@corp.example", "h.example",
+        [("bob@dest.example", Reply(550, "5.1.1", "unknown"), "mx1.dest.example"),
+         NoticeRecipient("c@dest.example", Reply(550, "5.1.1", "unknown"), "", original_rcpt="sales@dest.example")],
+        ARRIVAL, ARRIVAL,
+    )
+    groups = status_groups(parse(data))
+    assert groups[1]["Remote-MTA"] == "dns; mx1.dest.example"
+    assert groups[2]["Original-Recipient"] == "rfc822; sales@dest.example"
+    assert "Original-Recipient" not in groups[1]
+
+
+@pytest.mark.parametrize(
+    ("relay", "mta"),
+    [("store.corp.example. [192.0.2.7]:2525", "store.corp.example"), ("[192.0.2.7]:25", "[192.0.2.7]"),
+     ("[192.0.2.7]", "[192.0.2.7]"), ("", ""), ("local", "")],
+)
+def test_notice_recipient_from_a_delivery_result(relay, mta):
+    from kanmon.model import RecipientResult, Status
+
+    result = RecipientResult("b@dest.example", Status.BOUNCED, Reply(550, "5.1.1", "unknown"), relay, "esmtp")
+    assert NoticeRecipient.from_result(result).remote_mta == mta
