@@ -1,0 +1,91 @@
+"""IMAP4rev1 access to the mail store (RFC 3501, with IDLE, UIDPLUS, LITERAL+, MOVE).
+
+Role: ``ImapService`` binds ``[imap] listen`` (STARTTLS offered, LOGINDISABLED until
+then) and ``listen_tls`` (implicit TLS, RFC 8314) and drives one ``ImapSession``
+(session.py, I/O-free) per connection through the shared asyncio adapter
+(kanmon/store/connection.py). parser.py frames and tokenizes commands; message.py
+renders ENVELOPE, BODYSTRUCTURE and body sections.
+
+Trusts: the validated config, the Users and AuthThrottle it is given.
+Never: accept credentials before TLS on a plain listener, or bind anything outside the
+configured endpoints.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+from kanmon.config import Config
+from kanmon.store.connection import ListenerSet, PeerInfo
+from kanmon.store.imap.session import IDLE_POLL, IDLE_TIMEOUT, ImapSession
+from kanmon.store.users import AuthThrottle, Users
+
+__all__ = ["ImapService", "ImapSession"]
+
+
+class ImapService:
+    """The IMAP listeners of ``kanmon serve``.
+
+    ``tls_context``: server-side SSLContext for STARTTLS and ``listen_tls``.
+    ``emit(text, queue_id=None)``: writes an event-log line (logins, failures, blocks).
+    ``max_literal`` bounds APPEND (default: ``smtp.max_message_size``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        tls_context: ssl.SSLContext | None,
+        users: Users,
+        throttle: AuthThrottle,
+        emit: Callable[..., None],
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        idle_poll: float = IDLE_POLL,
+        max_literal: int | None = None,
+        max_connections: int = 1000,
+    ):
+        self.config = config
+        self.tls_context = tls_context
+        self.users = users
+        self.throttle = throttle
+        self.emit = emit
+        self.idle_timeout = idle_timeout
+        self.idle_poll = idle_poll
+        self.max_literal = max_literal if max_literal is not None else config.smtp.max_message_size
+        section = config.imap
+        self.listeners = ListenerSet(
+            "IMAP",
+            list(section.listen) if section else [],
+            list(section.listen_tls) if section else [],
+            tls_context,
+            self._session,
+            users.verify,
+            max_connections=max_connections,
+        )
+
+    def _session(self, peer: PeerInfo, implicit: bool) -> ImapSession:
+        return ImapSession(
+            hostname=self.config.server.hostname,
+            users=self.users,
+            throttle=self.throttle,
+            peer=peer,
+            tls_available=self.tls_context is not None,
+            emit=self.emit,
+            max_literal=self.max_literal,
+            idle_timeout=self.idle_timeout,
+            idle_poll=self.idle_poll,
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
+
+    async def start(self) -> None:
+        """Bind every [imap] listener; OSError if one cannot be bound."""
+        await self.listeners.start()
+        for host, port in self.addresses:
+            self.emit(f"imap listening on {host}:{port}")
+
+    async def stop(self) -> None:
+        await self.listeners.stop()

@@ -1,0 +1,1158 @@
+"""IMAP4rev1 session state machine (RFC 3501) with IDLE, UIDPLUS, LITERAL+, MOVE.
+
+Role: one IMAP conversation over one account's Maildir++ folders. It is fed bytes and
+returns events for the adapter (kanmon/store/connection.py): Send, Verify (password
+check in a worker thread), StartTls, Delay, Close. Extensions: IDLE (RFC 2177),
+UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE (RFC 6851), SPECIAL-USE (RFC 6154),
+UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID (RFC 2971), SASL-IR (RFC 4959).
+
+Trusts: nothing the client sends. Command framing and literal sizes are bounded by
+parser.CommandReader before memory is taken; folder names go through
+maildir.check_folder_name; message numbers and UIDs are looked up, never indexed blindly.
+
+Never: accept LOGIN/AUTHENTICATE on a plain connection before STARTTLS (LOGINDISABLED,
+RFC 3501 6.2.3); keep bytes pipelined before the TLS handshake (CVE-2011-0411); send
+EXPUNGE responses during FETCH, STORE or SEARCH (RFC 3501 7.4.1); change a mailbox
+selected with EXAMINE.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import calendar
+import email.header
+import email.utils
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kanmon.store.connection import Close, Delay, Event, PeerInfo, Send, StartTls, Verify
+from kanmon.store.imap import message as mime
+from kanmon.store.imap.parser import (
+    CommandReader,
+    Literal,
+    ParseError,
+    QStr,
+    astring,
+    in_set,
+    parse_sequence_set,
+    tokenize,
+)
+from kanmon.store.maildir import (
+    DELIMITER,
+    SPECIAL_USE,
+    SYSTEM_FLAGS,
+    BadFolderName,
+    Folder,
+    FolderExists,
+    FolderNotFound,
+    Mailbox,
+    MaildirError,
+    MessageInfo,
+    check_folder_name,
+    to_crlf,
+)
+from kanmon.store.users import AuthThrottle, Users
+
+IDLE_TIMEOUT = 1800.0  # RFC 3501 5.4: at least 30 minutes
+IDLE_POLL = 2.0  # how often IDLE looks at the folder for new mail
+MAX_ERRORS = 20
+PERMANENT_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+FLAGS_LINE = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID"
+_SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+Emit = Callable[..., None]
+
+
+class Bad(Exception):
+    """Answer the command with BAD (syntax)."""
+
+
+class No(Exception):
+    """Answer the command with NO (a valid command that cannot be done)."""
+
+
+def imap_date(ts: float) -> str:
+    """INTERNALDATE: "dd-Mon-yyyy hh:mm:ss +zzzz" (RFC 3501 9 date-time), in UTC."""
+    t = time.gmtime(ts)
+    return f"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+def parse_date(text: str) -> tuple[int, int, int]:
+    """SEARCH date (RFC 3501 9 date: d-Mon-yyyy) -> (y, m, d)."""
+    m = re.match(r"^(\d{1,2})-([A-Za-z]{3})-(\d{4})$", text)
+    if not m or m.group(2).capitalize() not in _MONTHS:
+        raise Bad(f"bad date {text[:30]!r}")
+    return int(m.group(3)), _MONTHS.index(m.group(2).capitalize()) + 1, int(m.group(1))
+
+
+def parse_datetime(text: str) -> float:
+    """APPEND date-time "dd-Mon-yyyy hh:mm:ss +zzzz" -> epoch seconds."""
+    m = re.match(r"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$", text)
+    if not m or m.group(2).capitalize() not in _MONTHS:
+        raise Bad("bad date-time")
+    d, mon, y, hh, mm, ss, sign, zh, zm = m.groups()
+    base = calendar.timegm((int(y), _MONTHS.index(mon.capitalize()) + 1, int(d), int(hh), int(mm), int(ss)))
+    offset = (int(zh) * 3600 + int(zm) * 60) * (1 if sign == "+" else -1)
+    return float(base - offset)
+
+
+def _flag_list(flags: frozenset[str] | set[str], recent: bool = False) -> str:
+    order = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
+    items = [f for f in order if f in flags]
+    if recent:
+        items.append("\\Recent")
+    return "(" + " ".join(items) + ")"
+
+
+def _decode_header(value: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # noqa: BLE001 - a broken encoded-word still searches as raw text
+        return value
+
+
+@dataclass
+class _Selected:
+    name: str
+    folder: Folder
+    readonly: bool
+    uids: list[int]  # sequence number - 1 -> uid
+    infos: dict[int, MessageInfo]
+    recent: set[int]
+
+
+class ImapSession:
+    """One IMAP conversation. Feed it bytes with receive(); it returns events."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        users: Users,
+        throttle: AuthThrottle,
+        peer: PeerInfo,
+        tls_available: bool,
+        emit: Emit,
+        max_literal: int = 50_000_000,
+        idle_timeout: float = IDLE_TIMEOUT,
+        idle_poll: float = IDLE_POLL,
+    ):
+        self.hostname = hostname
+        self.users = users
+        self.throttle = throttle
+        self.peer = peer
+        self.tls_active = peer.tls
+        self.tls_available = tls_available
+        self.emit = emit
+        self.idle_timeout = idle_timeout
+        self.idle_poll = idle_poll
+        self.reader = CommandReader(max_literal)
+        self.state = "NOT_AUTHENTICATED"  # AUTHENTICATED, SELECTED, LOGOUT
+        self.user: str | None = None
+        self.mailbox: Mailbox | None = None
+        self.sel: _Selected | None = None
+        self._pending_tag: str | None = None  # tag of a LOGIN/AUTHENTICATE being verified
+        self._pending_user = ""
+        self._sasl_tag: str | None = None  # AUTHENTICATE PLAIN waiting for its response
+        self._idle_tag: str | None = None
+        self._errors = 0
+        self._closed = False
+
+    # -- adapter interface
+    @property
+    def poll_interval(self) -> float | None:
+        return self.idle_poll if self._idle_tag is not None else None
+
+    def start(self) -> list[Event]:
+        return [Send(f"* OK [CAPABILITY {self.capabilities()}] {self.hostname} IMAP4rev1 ready\r\n".encode())]
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self._closed:
+            return []
+        self.reader.feed(data)
+        return self._process()
+
+    def tls_started(self) -> list[Event]:
+        self.tls_active = True
+        self.reader.clear()  # CVE-2011-0411
+        return []
+
+    def auth_result(self, ok: bool) -> list[Event]:
+        tag, user = self._pending_tag, self._pending_user
+        self._pending_tag = None
+        assert tag is not None
+        out = self._login_ok(tag, user) if ok else self._login_failed(tag, user)
+        if not self._closed:
+            out += self._process()
+        return out
+
+    def poll(self) -> list[Event]:
+        if self._idle_tag is None or self.sel is None:
+            return []
+        return [Send(b"".join(self._refresh(allow_expunge=True)))] if self.sel else []
+
+    def timed_out(self) -> list[Event]:
+        self._closed = True
+        return [Send(b"* BYE autologout; idle for too long\r\n"), Close()]
+
+    def connection_lost(self) -> None:
+        self._closed = True
+        self.sel = None
+
+    # -- capabilities
+    def capabilities(self) -> str:
+        caps = BASE_CAPS
+        if self.state == "NOT_AUTHENTICATED":
+            if self.tls_active:
+                caps += " AUTH=PLAIN"
+            else:
+                if self.tls_available:
+                    caps += " STARTTLS"
+                caps += " LOGINDISABLED"
+        return caps
+
+    # -- framing
+    def _process(self) -> list[Event]:
+        out: list[Event] = []
+        while not self._closed and self._pending_tag is None:
+            frame = self.reader.next()
+            if frame is None:
+                break
+            if frame.kind == "continue":
+                out.append(Send(b"+ Ready for literal data\r\n"))
+                continue
+            if frame.kind == "line_too_long":
+                self._closed = True
+                out += [Send(b"* BYE line too long\r\n"), Close()]
+                break
+            if frame.kind == "fatal":
+                self._closed = True
+                out += [Send(b"* BYE literal too large\r\n"), Close()]
+                break
+            if frame.kind == "too_big":
+                tag = frame.data.split(b" ", 1)[0].decode("ascii", "replace")[:64] or "*"
+                out.append(Send(f"{tag} NO [TOOBIG] literal of {frame.size} octets is too large\r\n".encode()))
+                out += self._error()
+                continue
+            events = self._frame(frame.data)
+            out += events
+            if any(isinstance(e, StartTls) for e in events):
+                self.reader.clear()  # CVE-2011-0411: anything after STARTTLS is dropped
+                break
+        return out
+
+    def _error(self) -> list[Event]:
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self._closed = True
+            return [Send(b"* BYE too many errors\r\n"), Close()]
+        return []
+
+    def _frame(self, data: bytes) -> list[Event]:
+        line = data[:-2] if data.endswith(b"\r\n") else data.rstrip(b"\n")
+        if self._idle_tag is not None:
+            return self._idle_input(line)
+        if self._sasl_tag is not None:
+            tag, self._sasl_tag = self._sasl_tag, None
+            return self._sasl_response(tag, line.strip().decode("ascii", "replace"))
+        if not line.strip():
+            return []
+        try:
+            tokens = tokenize(line)
+        except ParseError as e:
+            tag = line.split(b" ", 1)[0].decode("ascii", "replace")[:64]
+            return [Send(f"{tag or '*'} BAD {e}\r\n".encode()), *self._error()]
+        if len(tokens) < 2 or not isinstance(tokens[0], str) or isinstance(tokens[0], QStr) or not isinstance(tokens[1], str):
+            tag = tokens[0] if tokens and isinstance(tokens[0], str) else "*"
+            return [Send(f"{tag[:64]} BAD missing command\r\n".encode()), *self._error()]
+        tag = tokens[0]
+        if not re.match(r"^[\x21-\x7e]{1,64}$", tag) or "+" in tag:
+            return [Send(b"* BAD invalid tag\r\n"), *self._error()]
+        cmd = tokens[1].upper()
+        args = tokens[2:]
+        uid = False
+        if cmd == "UID":
+            if not args or not isinstance(args[0], str):
+                return [Send(f"{tag} BAD UID needs a command\r\n".encode()), *self._error()]
+            uid = True
+            cmd = args[0].upper()
+            args = args[1:]
+            if cmd not in ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"):
+                return [Send(f"{tag} BAD UID {cmd[:20]} is not a command\r\n".encode()), *self._error()]
+        handler = getattr(self, f"_cmd_{cmd.lower()}", None) if re.match(r"^[A-Z]+$", cmd) else None
+        if handler is None:
+            return [Send(f"{tag} BAD unknown command\r\n".encode()), *self._error()]
+        allowed = _STATES.get(cmd, ("NOT_AUTHENTICATED", "AUTHENTICATED", "SELECTED"))
+        if self.state not in allowed:
+            return [Send(f"{tag} BAD {cmd} is not allowed now\r\n".encode()), *self._error()]
+        try:
+            if cmd in _UID_COMMANDS:
+                return handler(tag, args, uid)
+            return handler(tag, args)
+        except Bad as e:
+            return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
+        except ParseError as e:
+            return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
+        except No as e:
+            return [Send(f"{tag} NO {e}\r\n".encode())]
+        except (MaildirError, OSError) as e:
+            self.emit(f"imap {self.user or '-'} store error: {e}")
+            return [Send(f"{tag} NO [SERVERBUG] the mailbox cannot be accessed now\r\n".encode())]
+
+    # -- any state (RFC 3501 6.1)
+    def _cmd_capability(self, tag: str, args: list) -> list[Event]:
+        return [Send(f"* CAPABILITY {self.capabilities()}\r\n{tag} OK CAPABILITY completed\r\n".encode())]
+
+    def _cmd_noop(self, tag: str, args: list) -> list[Event]:
+        updates = self._refresh(allow_expunge=True) if self.sel else []
+        return [Send(b"".join(updates) + f"{tag} OK NOOP completed\r\n".encode())]
+
+    _cmd_check = _cmd_noop
+
+    def _cmd_logout(self, tag: str, args: list) -> list[Event]:
+        self._closed = True
+        self.state = "LOGOUT"
+        return [Send(f"* BYE {self.hostname} logging out\r\n{tag} OK LOGOUT completed\r\n".encode()), Close()]
+
+    def _cmd_id(self, tag: str, args: list) -> list[Event]:
+        return [Send(f'* ID ("name" "kanmon")\r\n{tag} OK ID completed\r\n'.encode())]
+
+    # -- not authenticated (RFC 3501 6.2)
+    def _cmd_starttls(self, tag: str, args: list) -> list[Event]:
+        if self.tls_active:
+            raise Bad("TLS is already active")
+        if not self.tls_available:
+            raise No("TLS is not available")
+        return [Send(f"{tag} OK Begin TLS negotiation now\r\n".encode()), StartTls()]
+
+    def _cmd_login(self, tag: str, args: list) -> list[Event]:
+        if not self.tls_active:
+            return [Send(f"{tag} NO [PRIVACYREQUIRED] LOGIN is disabled until STARTTLS\r\n".encode())]
+        if len(args) != 2:
+            raise Bad("LOGIN needs a user name and a password")
+        return self._check(tag, astring(args[0]), astring(args[1]))
+
+    def _cmd_authenticate(self, tag: str, args: list) -> list[Event]:
+        if not self.tls_active:
+            return [Send(f"{tag} NO [PRIVACYREQUIRED] AUTHENTICATE is disabled until STARTTLS\r\n".encode())]
+        if not args or not isinstance(args[0], str) or len(args) > 2:
+            raise Bad("AUTHENTICATE needs a mechanism")
+        if args[0].upper() != "PLAIN":
+            raise No("unsupported mechanism (PLAIN only)")
+        if len(args) == 2:  # RFC 4959 SASL-IR
+            return self._sasl_response(tag, astring(args[1]))
+        self._sasl_tag = tag
+        return [Send(b"+ \r\n")]
+
+    def _sasl_response(self, tag: str, text: str) -> list[Event]:
+        if text == "*":
+            return [Send(f"{tag} BAD AUTHENTICATE cancelled\r\n".encode())]
+        try:
+            decoded = base64.b64decode(text if text != "=" else "", validate=True).decode("utf-8")
+            authzid, authcid, password = decoded.split("\0")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return [Send(f"{tag} BAD malformed AUTHENTICATE PLAIN response\r\n".encode()), *self._error()]
+        if authzid and authzid.lower() != authcid.lower():
+            return self._login_failed(tag, authcid)
+        return self._check(tag, authcid, password)
+
+    def _check(self, tag: str, user: str, password: str) -> list[Event]:
+        if self.throttle.blocked_for(self.peer.ip, user) > 0:
+            self.emit(f"imap login refused (blocked) user={user[:100]} ip={self.peer.ip}")
+            self._closed = True
+            return [Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
+        self._pending_tag = tag
+        self._pending_user = user
+        return [Verify(user, password)]
+
+    def _login_failed(self, tag: str, user: str) -> list[Event]:
+        f = self.throttle.failed(self.peer.ip, user)
+        self.emit(f"imap login failed user={user[:100]} ip={self.peer.ip}")
+        if f.blocked:
+            self.emit(f"imap login blocked {f.key} after repeated failures")
+            self._closed = True
+            return [Delay(f.delay), Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
+        return [Delay(f.delay), Send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n".encode()), *self._error()]
+
+    def _login_ok(self, tag: str, user: str) -> list[Event]:
+        address = user.strip().lower()
+        self.throttle.succeeded(self.peer.ip, address)
+        try:
+            self.mailbox = self.users.mailbox(address).ensure()
+        except (MaildirError, OSError):
+            return [Send(f"{tag} NO [UNAVAILABLE] the mailbox cannot be opened now\r\n".encode())]
+        self.user = address
+        self.state = "AUTHENTICATED"
+        try:
+            self.users.record_login(address, self.peer.ip)
+        except Exception:  # noqa: BLE001 - a records hiccup must not refuse the login
+            pass
+        self.emit(f"imap login {address} ip={self.peer.ip} tls={'yes' if self.tls_active else 'no'}")
+        return [Send(f"{tag} OK [CAPABILITY {self.capabilities()}] Logged in\r\n".encode())]
+
+    # -- authenticated (RFC 3501 6.3)
+    def _folder_name(self, value: object) -> str:
+        name = astring(value)
+        try:
+            return check_folder_name(name)
+        except BadFolderName as e:
+            raise No(str(e)) from None
+
+    def _cmd_namespace(self, tag: str, args: list) -> list[Event]:
+        return [Send(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL\r\n{tag} OK NAMESPACE completed\r\n'.encode())]
+
+    def _select(self, tag: str, args: list, readonly: bool) -> list[Event]:
+        if len(args) != 1:
+            raise Bad("SELECT needs a mailbox name")
+        assert self.mailbox is not None
+        self.sel = None
+        self.state = "AUTHENTICATED"
+        name = self._folder_name(args[0])
+        try:
+            folder = self.mailbox.folder(name)
+        except FolderNotFound:
+            raise No("[NONEXISTENT] no such mailbox") from None
+        msgs = folder.sync(move_new=True)
+        sel = _Selected(folder.name, folder, readonly, [m.uid for m in msgs], {m.uid: m for m in msgs},
+                        {m.uid for m in msgs if m.recent})
+        self.sel = sel
+        self.state = "SELECTED"
+        out = [
+            f"* FLAGS {FLAGS_LINE}",
+            f"* OK [PERMANENTFLAGS ({PERMANENT_FLAGS})] Limited" if not readonly else "* OK [PERMANENTFLAGS ()] Read-only",
+            f"* {len(msgs)} EXISTS",
+            f"* {len(sel.recent)} RECENT",
+        ]
+        first_unseen = next((i + 1 for i, m in enumerate(msgs) if "\\Seen" not in m.flags), None)
+        if first_unseen:
+            out.append(f"* OK [UNSEEN {first_unseen}] First unseen")
+        out += [f"* OK [UIDVALIDITY {folder.uidvalidity}] UIDs valid", f"* OK [UIDNEXT {folder.uidnext}] Predicted next UID"]
+        mode = "READ-ONLY" if readonly else "READ-WRITE"
+        verb = "EXAMINE" if readonly else "SELECT"
+        return [Send(("\r\n".join(out) + f"\r\n{tag} OK [{mode}] {verb} completed\r\n").encode())]
+
+    def _cmd_select(self, tag: str, args: list) -> list[Event]:
+        return self._select(tag, args, readonly=False)
+
+    def _cmd_examine(self, tag: str, args: list) -> list[Event]:
+        return self._select(tag, args, readonly=True)
+
+    def _cmd_create(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 1:
+            raise Bad("CREATE needs a mailbox name")
+        assert self.mailbox is not None
+        name = astring(args[0]).rstrip(DELIMITER)  # RFC 3501 6.3.3: a trailing delimiter is a hint
+        name = self._folder_name(name)
+        try:
+            self.mailbox.create_folder(name)
+        except FolderExists:
+            raise No("[ALREADYEXISTS] mailbox already exists") from None
+        return [Send(f"{tag} OK CREATE completed\r\n".encode())]
+
+    def _cmd_delete(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 1:
+            raise Bad("DELETE needs a mailbox name")
+        assert self.mailbox is not None
+        name = self._folder_name(args[0])
+        if name == "INBOX":
+            raise No("INBOX cannot be deleted")
+        if self.sel and self.sel.name == name:
+            self.sel = None
+            self.state = "AUTHENTICATED"
+        try:
+            self.mailbox.delete_folder(name)
+        except FolderNotFound:
+            raise No("[NONEXISTENT] no such mailbox") from None
+        return [Send(f"{tag} OK DELETE completed\r\n".encode())]
+
+    def _cmd_rename(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 2:
+            raise Bad("RENAME needs two mailbox names")
+        assert self.mailbox is not None
+        old, new = self._folder_name(args[0]), self._folder_name(args[1])
+        try:
+            self.mailbox.rename_folder(old, new)
+        except FolderNotFound:
+            raise No("[NONEXISTENT] no such mailbox") from None
+        except FolderExists:
+            raise No("[ALREADYEXISTS] target mailbox exists") from None
+        except MaildirError as e:
+            raise No(str(e)) from None
+        return [Send(f"{tag} OK RENAME completed\r\n".encode())]
+
+    def _cmd_subscribe(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 1:
+            raise Bad("SUBSCRIBE needs a mailbox name")
+        assert self.mailbox is not None
+        self.mailbox.subscribe(self._folder_name(args[0]))
+        return [Send(f"{tag} OK SUBSCRIBE completed\r\n".encode())]
+
+    def _cmd_unsubscribe(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 1:
+            raise Bad("UNSUBSCRIBE needs a mailbox name")
+        assert self.mailbox is not None
+        self.mailbox.unsubscribe(astring(args[0]))
+        return [Send(f"{tag} OK UNSUBSCRIBE completed\r\n".encode())]
+
+    def _list(self, tag: str, args: list, verb: str) -> list[Event]:
+        if len(args) != 2:
+            raise Bad(f"{verb} needs a reference and a pattern")
+        assert self.mailbox is not None
+        ref, pattern = astring(args[0]), astring(args[1])
+        if pattern == "":
+            # RFC 3501 6.3.8: the hierarchy delimiter and root name
+            return [Send(f'* {verb} (\\Noselect) "{DELIMITER}" ""\r\n{tag} OK {verb} completed\r\n'.encode())]
+        full = ref + pattern if ref and not ref.endswith(DELIMITER) and not pattern.startswith(DELIMITER) else ref + pattern
+        rx = _pattern_regex(full)
+        names = self.mailbox.folder_names()
+        existing = set(names)
+        if verb == "LSUB":
+            subs = self.mailbox.subscriptions()
+            candidates = [n for n in subs] + (["INBOX"] if "INBOX" not in subs else [])
+        else:
+            candidates = names
+        lines = []
+        for name in candidates:
+            if name == "INBOX":
+                if not re.match(rx.pattern, name, re.I):
+                    continue
+            elif not rx.match(name):
+                continue
+            attrs = []
+            if name not in existing:
+                attrs.append("\\NonExistent" if verb == "LIST" else "\\Noselect")
+            elif any(other.startswith(name + DELIMITER) for other in existing):
+                attrs.append("\\HasChildren")
+            else:
+                attrs.append("\\HasNoChildren")
+            if name in SPECIAL_USE:
+                attrs.append(SPECIAL_USE[name])
+            lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + mime.iastring(name) + b"\r\n")
+        return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
+
+    def _cmd_list(self, tag: str, args: list) -> list[Event]:
+        return self._list(tag, args, "LIST")
+
+    def _cmd_lsub(self, tag: str, args: list) -> list[Event]:
+        return self._list(tag, args, "LSUB")
+
+    def _cmd_status(self, tag: str, args: list) -> list[Event]:
+        if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
+            raise Bad("STATUS needs a mailbox and a list of items")
+        assert self.mailbox is not None
+        name = self._folder_name(args[0])
+        try:
+            folder = self.mailbox.folder(name)
+        except FolderNotFound:
+            raise No("[NONEXISTENT] no such mailbox") from None
+        msgs = folder.sync(move_new=False)
+        items = []
+        for item in args[1]:
+            key = str(item).upper()
+            if key == "MESSAGES":
+                items.append(f"MESSAGES {len(msgs)}")
+            elif key == "RECENT":
+                items.append(f"RECENT {sum(1 for m in msgs if m.subdir == 'new')}")
+            elif key == "UIDNEXT":
+                items.append(f"UIDNEXT {folder.uidnext}")
+            elif key == "UIDVALIDITY":
+                items.append(f"UIDVALIDITY {folder.uidvalidity}")
+            elif key == "UNSEEN":
+                unseen = sum(1 for m in msgs if "\\Seen" not in m.flags)
+                items.append(f"UNSEEN {unseen}")
+            else:
+                raise Bad(f"unknown STATUS item {key[:30]}")
+        line = b"* STATUS " + mime.iastring(name) + f" ({' '.join(items)})\r\n".encode()
+        return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
+
+    def _cmd_append(self, tag: str, args: list) -> list[Event]:
+        if len(args) < 2 or not isinstance(args[-1], Literal):
+            raise Bad("APPEND needs a mailbox and a message literal")
+        assert self.mailbox is not None
+        name = self._folder_name(args[0])
+        flags: set[str] = set()
+        when: float | None = None
+        for extra in args[1:-1]:
+            if isinstance(extra, list):
+                flags = self._flags(extra)
+            elif isinstance(extra, str):
+                when = parse_datetime(extra)
+            else:
+                raise Bad("bad APPEND arguments")
+        data = args[-1].data
+        if not data:
+            raise No("empty message")
+        try:
+            folder = self.mailbox.folder(name)
+        except FolderNotFound:
+            raise No("[TRYCREATE] no such mailbox") from None
+        info = folder.append(data, flags, when)
+        out = []
+        if self.sel and self.sel.folder is folder:
+            out = self._refresh(allow_expunge=True)
+        return [Send(b"".join(out) + f"{tag} OK [APPENDUID {folder.uidvalidity} {info.uid}] APPEND completed\r\n".encode())]
+
+    def _cmd_idle(self, tag: str, args: list) -> list[Event]:
+        # RFC 2177
+        self._idle_tag = tag
+        updates = self._refresh(allow_expunge=True) if self.sel else []
+        return [Send(b"+ idling\r\n" + b"".join(updates))]
+
+    def _idle_input(self, line: bytes) -> list[Event]:
+        tag, self._idle_tag = self._idle_tag, None
+        if line.strip().upper() != b"DONE":
+            return [Send(f"{tag} BAD expected DONE\r\n".encode()), *self._error()]
+        updates = self._refresh(allow_expunge=True) if self.sel else []
+        return [Send(b"".join(updates) + f"{tag} OK IDLE terminated\r\n".encode())]
+
+    # -- selected (RFC 3501 6.4)
+    def _refresh(self, allow_expunge: bool) -> list[bytes]:
+        """Untagged EXPUNGE/EXISTS/RECENT/FETCH for what changed since we last looked."""
+        sel = self.sel
+        assert sel is not None
+        try:
+            msgs = sel.folder.sync(move_new=True)
+        except FolderNotFound:
+            self._closed = True
+            return [b"* BYE the selected mailbox was deleted\r\n"]
+        now = {m.uid: m for m in msgs}
+        out: list[bytes] = []
+        if allow_expunge:
+            for seq in range(len(sel.uids), 0, -1):
+                uid = sel.uids[seq - 1]
+                if uid not in now:
+                    out.append(f"* {seq} EXPUNGE\r\n".encode())
+                    del sel.uids[seq - 1]
+                    sel.infos.pop(uid, None)
+                    sel.recent.discard(uid)
+        for seq, uid in enumerate(sel.uids, 1):
+            m = now.get(uid)
+            if m is not None and m.flags != sel.infos[uid].flags:
+                out.append(f"* {seq} FETCH (UID {uid} FLAGS {_flag_list(m.flags, uid in sel.recent)})\r\n".encode())
+            if m is not None:
+                sel.infos[uid] = m
+        known = set(sel.uids)
+        added = [m for m in msgs if m.uid not in known and m.uid > (sel.uids[-1] if sel.uids else 0)]
+        if added:
+            for m in added:
+                sel.uids.append(m.uid)
+                sel.infos[m.uid] = m
+                if m.recent:
+                    sel.recent.add(m.uid)
+            out.append(f"* {len(sel.uids)} EXISTS\r\n* {len(sel.recent)} RECENT\r\n".encode())
+        return out
+
+    def _messages(self, spec: object, uid: bool) -> list[tuple[int, int]]:
+        """[(seq, uid)] for a sequence set (RFC 3501 9) or UID set (6.4.8)."""
+        sel = self.sel
+        assert sel is not None
+        if not isinstance(spec, str) or isinstance(spec, QStr):
+            raise Bad("bad sequence set")
+        ranges = parse_sequence_set(spec)
+        if uid:
+            largest = sel.uids[-1] if sel.uids else 0
+            return [(i + 1, u) for i, u in enumerate(sel.uids) if in_set(ranges, u, largest)]
+        n = len(sel.uids)
+        if n == 0 and any(a is not None or b is not None for a, b in ranges):
+            raise Bad("no messages")
+        for a, b in ranges:
+            for v in (a, b):
+                if v is not None and v > n:
+                    raise Bad("message number out of range")
+        return [(i + 1, u) for i, u in enumerate(sel.uids) if in_set(ranges, i + 1, n)]
+
+    def _flags(self, items: list) -> set[str]:
+        flags = set()
+        for f in items:
+            if not isinstance(f, str):
+                raise Bad("bad flag")
+            norm = _SYSTEM_BY_LOWER.get(f.lower(), f) if f.startswith("\\") else f
+            if norm.startswith("\\") and norm not in SYSTEM_FLAGS:
+                raise Bad(f"unknown system flag {f[:20]}")
+            if norm in SYSTEM_FLAGS:
+                flags.add(norm)
+            # keywords are accepted and not kept (PERMANENTFLAGS has no \*)
+        return flags
+
+    def _cmd_close(self, tag: str, args: list) -> list[Event]:
+        sel = self.sel
+        assert sel is not None
+        if not sel.readonly:
+            self._expunge(None, report=False)
+        self.sel = None
+        self.state = "AUTHENTICATED"
+        return [Send(f"{tag} OK CLOSE completed\r\n".encode())]
+
+    def _cmd_unselect(self, tag: str, args: list) -> list[Event]:
+        self.sel = None
+        self.state = "AUTHENTICATED"
+        return [Send(f"{tag} OK UNSELECT completed\r\n".encode())]
+
+    def _expunge(self, only: set[int] | None, report: bool) -> list[bytes]:
+        sel = self.sel
+        assert sel is not None
+        updates = self._refresh(allow_expunge=True) if report else []
+        doomed = [
+            sel.infos[u] for u in sel.uids
+            if "\\Deleted" in sel.infos[u].flags and (only is None or u in only)
+        ]
+        sel.folder.remove(doomed)
+        out = list(updates)
+        gone = {m.uid for m in doomed}
+        for seq in range(len(sel.uids), 0, -1):
+            uid = sel.uids[seq - 1]
+            if uid in gone:
+                if report:
+                    out.append(f"* {seq} EXPUNGE\r\n".encode())
+                del sel.uids[seq - 1]
+                sel.infos.pop(uid, None)
+                sel.recent.discard(uid)
+        return out
+
+    def _cmd_expunge(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        sel = self.sel
+        assert sel is not None
+        if sel.readonly:
+            raise No("[READ-ONLY] mailbox is read-only")
+        only = None
+        if uid:  # RFC 4315 2.1 UID EXPUNGE
+            if len(args) != 1:
+                raise Bad("UID EXPUNGE needs a UID set")
+            only = {u for _, u in self._messages(args[0], uid=True)}
+        out = self._expunge(only, report=True)
+        return [Send(b"".join(out) + f"{tag} OK EXPUNGE completed\r\n".encode())]
+
+    def _cmd_store(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        sel = self.sel
+        assert sel is not None
+        if len(args) != 3 or not isinstance(args[1], str):
+            raise Bad("STORE needs a set, an item and flags")
+        targets = self._messages(args[0], uid)
+        item = args[1].upper()
+        m = re.match(r"^([+-]?)FLAGS(\.SILENT)?$", item)
+        if not m:
+            raise Bad(f"unknown STORE item {item[:30]}")
+        flags = self._flags(args[2] if isinstance(args[2], list) else [args[2]])
+        if sel.readonly:
+            raise No("[READ-ONLY] mailbox is read-only")
+        op, silent = m.group(1), bool(m.group(2))
+        out = self._refresh(allow_expunge=False)
+        for seq, u in targets:
+            info = sel.infos.get(u)
+            if info is None:
+                continue
+            if op == "+":
+                new = info.flags | flags
+            elif op == "-":
+                new = info.flags - flags
+            else:
+                new = frozenset(flags)
+            if new != info.flags:
+                changed = sel.folder.set_flags(info, new)
+                if changed is not None:
+                    sel.infos[u] = changed
+            if not silent:
+                uid_part = f"UID {u} " if uid else ""
+                out.append(f"* {seq} FETCH ({uid_part}FLAGS {_flag_list(sel.infos[u].flags, u in sel.recent)})\r\n".encode())
+        return [Send(b"".join(out) + f"{tag} OK STORE completed\r\n".encode())]
+
+    def _copy(self, tag: str, args: list, uid: bool, move: bool) -> list[Event]:
+        sel = self.sel
+        assert sel is not None and self.mailbox is not None
+        verb = "MOVE" if move else "COPY"
+        if len(args) != 2:
+            raise Bad(f"{verb} needs a set and a mailbox")
+        targets = self._messages(args[0], uid)
+        name = self._folder_name(args[1])
+        if move and sel.readonly:
+            raise No("[READ-ONLY] mailbox is read-only")
+        try:
+            dest = self.mailbox.folder(name)
+        except FolderNotFound:
+            raise No("[TRYCREATE] no such mailbox") from None
+        pairs = []
+        for _, u in targets:
+            info = sel.infos.get(u)
+            if info is None:
+                continue
+            copied = dest.copy_in(sel.folder, info, info.flags)
+            if copied is not None:
+                pairs.append((u, copied.uid))
+        code = ""
+        if pairs:
+            code = f"[COPYUID {dest.uidvalidity} {_uid_set([a for a, _ in pairs])} {_uid_set([b for _, b in pairs])}] "
+        if not move:
+            out = self._refresh(allow_expunge=False) if dest is not sel.folder else self._refresh(allow_expunge=False)
+            return [Send(b"".join(out) + f"{tag} OK {code}COPY completed\r\n".encode())]
+        # RFC 6851 3.3: COPYUID goes in an untagged OK before the EXPUNGEs
+        moved = {a for a, _ in pairs}
+        sel.folder.remove([sel.infos[u] for u in moved if u in sel.infos])
+        out = [f"* OK {code}Moved\r\n".encode()] if code else []
+        for seq in range(len(sel.uids), 0, -1):
+            u = sel.uids[seq - 1]
+            if u in moved:
+                out.append(f"* {seq} EXPUNGE\r\n".encode())
+                del sel.uids[seq - 1]
+                sel.infos.pop(u, None)
+                sel.recent.discard(u)
+        out += self._refresh(allow_expunge=True)
+        return [Send(b"".join(out) + f"{tag} OK MOVE completed\r\n".encode())]
+
+    def _cmd_copy(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        return self._copy(tag, args, uid, move=False)
+
+    def _cmd_move(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        return self._copy(tag, args, uid, move=True)
+
+    # -- FETCH (RFC 3501 6.4.5)
+    def _cmd_fetch(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        sel = self.sel
+        assert sel is not None
+        if len(args) != 2:
+            raise Bad("FETCH needs a set and items")
+        targets = self._messages(args[0], uid)
+        items = args[1] if isinstance(args[1], list) else [args[1]]
+        wanted = _fetch_items(items)
+        if uid and "UID" not in [w[0] for w in wanted]:
+            wanted.insert(0, ("UID", None, None))
+        out = self._refresh(allow_expunge=False)
+        for seq, u in targets:
+            info = sel.infos.get(u)
+            if info is None:
+                continue
+            out.append(self._fetch_one(seq, u, info, wanted))
+        return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
+
+    def _fetch_one(self, seq: int, u: int, info: MessageInfo, wanted: list) -> bytes:
+        sel = self.sel
+        assert sel is not None
+        parts: list[bytes] = []
+        wire: bytes | None = None
+        tree: mime.Part | None = None
+        set_seen = False
+
+        def load() -> tuple[bytes, mime.Part]:
+            nonlocal wire, tree
+            if wire is None:
+                raw = sel.folder.read(info)
+                wire = to_crlf(raw) if raw is not None else b""
+                tree = mime.parse(wire)
+            assert tree is not None
+            return wire, tree
+
+        for name, section, partial in wanted:
+            if name == "UID":
+                parts.append(f"UID {u}".encode())
+            elif name == "FLAGS":
+                continue  # added at the end, after a possible \Seen
+            elif name == "INTERNALDATE":
+                parts.append(f'INTERNALDATE "{imap_date(sel.folder.internal_date(info))}"'.encode())
+            elif name == "RFC822.SIZE":
+                parts.append(f"RFC822.SIZE {sel.folder.wire_size(info)}".encode())
+            elif name == "ENVELOPE":
+                parts.append(b"ENVELOPE " + mime.envelope(load()[1]))
+            elif name in ("BODYSTRUCTURE", "BODY") and section is None:
+                parts.append(name.encode() + b" " + mime.bodystructure(load()[1], extended=name == "BODYSTRUCTURE"))
+            elif name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+                w, t = load()
+                data = w if name == "RFC822" else (t.header if name == "RFC822.HEADER" else t.body)
+                parts.append(name.encode() + b" " + mime.istr(data) if data else name.encode() + b' ""')
+                if name != "RFC822.HEADER":
+                    set_seen = True
+            else:  # BODY[...] / BODY.PEEK[...]
+                w, t = load()
+                data = mime.section_bytes(t, w, section) or b""
+                label = f"BODY[{section.label()}]"
+                if partial is not None:
+                    start, length = partial
+                    data = data[start:] if length is None else data[start:start + length]
+                    label += f"<{start}>"
+                parts.append(label.encode() + b" " + (b"{%d}\r\n" % len(data) + data))
+                if name == "BODY":
+                    set_seen = True
+        if set_seen and not sel.readonly and "\\Seen" not in info.flags:
+            changed = sel.folder.set_flags(info, info.flags | {"\\Seen"})
+            if changed is not None:
+                sel.infos[u] = info = changed
+            if not any(w[0] == "FLAGS" for w in wanted):
+                wanted = [*wanted, ("FLAGS", None, None)]
+        if any(w[0] == "FLAGS" for w in wanted):
+            parts.append(f"FLAGS {_flag_list(sel.infos[u].flags, u in sel.recent)}".encode())
+        return f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n"
+
+    # -- SEARCH (RFC 3501 6.4.4)
+    def _cmd_search(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+        sel = self.sel
+        assert sel is not None
+        args = list(args)
+        if len(args) >= 2 and isinstance(args[0], str) and args[0].upper() == "CHARSET":
+            charset = astring(args[1]).upper()
+            if charset not in ("US-ASCII", "UTF-8"):
+                raise No("[BADCHARSET (US-ASCII UTF-8)] unsupported charset")
+            args = args[2:]
+        if not args:
+            raise Bad("SEARCH needs a key")
+        pos = 0
+        keys = []
+        while pos < len(args):
+            key, pos = self._search_key(args, pos)
+            keys.append(key)
+        out = self._refresh(allow_expunge=False)
+        n = len(sel.uids)
+        largest = sel.uids[-1] if sel.uids else 0
+        hits = []
+        for i, u in enumerate(sel.uids):
+            info = sel.infos.get(u)
+            if info is None:
+                continue
+            ctx = _SearchContext(self, i + 1, u, info, n, largest)
+            if all(k(ctx) for k in keys):
+                hits.append(str(u if uid else i + 1))
+        line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
+        return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
+
+    def _search_key(self, args: list, pos: int):  # noqa: C901 - one branch per key
+        if pos >= len(args):
+            raise Bad("SEARCH key missing")
+        a = args[pos]
+        pos += 1
+        if isinstance(a, list):
+            subs = []
+            p = 0
+            while p < len(a):
+                k, p = self._search_key(a, p)
+                subs.append(k)
+            return (lambda c, subs=subs: all(k(c) for k in subs)), pos
+        if not isinstance(a, str) or isinstance(a, QStr):
+            raise Bad("bad SEARCH key")
+        key = a.upper()
+
+        def arg() -> str:
+            nonlocal pos
+            if pos >= len(args):
+                raise Bad(f"SEARCH {key} needs an argument")
+            v = args[pos]
+            pos += 1
+            return astring(v)
+
+        flag_keys = {
+            "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+            "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+            "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+            "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+            "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+        }
+        if key == "ALL":
+            return (lambda c: True), pos
+        if key in flag_keys:
+            flag, want = flag_keys[key]
+            return (lambda c: (flag in c.info.flags) == want), pos
+        if key == "RECENT":
+            return (lambda c: c.uid in c.session.sel.recent), pos
+        if key == "OLD":
+            return (lambda c: c.uid not in c.session.sel.recent), pos
+        if key == "NEW":
+            return (lambda c: c.uid in c.session.sel.recent and "\\Seen" not in c.info.flags), pos
+        if key == "KEYWORD":
+            arg()
+            return (lambda c: False), pos
+        if key == "UNKEYWORD":
+            arg()
+            return (lambda c: True), pos
+        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            needle = arg().lower()
+            field = key.lower()
+            return (lambda c: needle in c.header(field)), pos
+        if key == "HEADER":
+            field = arg().lower()
+            needle = arg().lower()
+            return (lambda c: (needle in c.header(field)) if needle else c.has_header(field)), pos
+        if key == "BODY":
+            needle = arg().lower()
+            return (lambda c: needle.encode() in c.body().lower()), pos
+        if key == "TEXT":
+            needle = arg().lower()
+            return (lambda c: needle.encode() in c.whole().lower() or needle in c.all_headers()), pos
+        if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
+            day = parse_date(arg())
+            sent = key.startswith("SENT")
+            op = key[4:] if sent else key
+
+            def cmp(c, day=day, sent=sent, op=op) -> bool:
+                d = c.sent_day() if sent else c.internal_day()
+                if d is None:
+                    return False
+                return d < day if op == "BEFORE" else (d == day if op == "ON" else d >= day)
+
+            return cmp, pos
+        if key in ("LARGER", "SMALLER"):
+            text = arg()
+            if not text.isdigit() or len(text) > 15:
+                raise Bad(f"{key} needs a number")
+            size = int(text)
+            if key == "LARGER":
+                return (lambda c: c.size() > size), pos
+            return (lambda c: c.size() < size), pos
+        if key == "UID":
+            ranges = parse_sequence_set(arg())
+            return (lambda c: in_set(ranges, c.uid, c.largest_uid)), pos
+        if key == "NOT":
+            k, pos = self._search_key(args, pos)
+            return (lambda c: not k(c)), pos
+        if key == "OR":
+            k1, pos = self._search_key(args, pos)
+            k2, pos = self._search_key(args, pos)
+            return (lambda c: k1(c) or k2(c)), pos
+        if re.match(r"^[\d*:,]+$", key):
+            ranges = parse_sequence_set(key)
+            return (lambda c: in_set(ranges, c.seq, c.count)), pos
+        raise Bad(f"unknown SEARCH key {key[:30]}")
+
+
+class _SearchContext:
+    """One message as SEARCH sees it; content is read once, only when a key needs it."""
+
+    def __init__(self, session: ImapSession, seq: int, uid: int, info: MessageInfo, count: int, largest: int):
+        self.session = session
+        self.seq = seq
+        self.uid = uid
+        self.info = info
+        self.count = count
+        self.largest_uid = largest
+        self._wire: bytes | None = None
+        self._tree: mime.Part | None = None
+
+    def _load(self) -> tuple[bytes, mime.Part]:
+        if self._wire is None:
+            sel = self.session.sel
+            assert sel is not None
+            raw = sel.folder.read(self.info)
+            self._wire = to_crlf(raw) if raw is not None else b""
+            self._tree = mime.parse(self._wire)
+        assert self._tree is not None
+        return self._wire, self._tree
+
+    def header(self, name: str) -> str:
+        t = self._load()[1]
+        return " ".join(_decode_header(v) for n, v, _ in t.fields if n == name).lower()
+
+    def has_header(self, name: str) -> bool:
+        return any(n == name for n, _, _ in self._load()[1].fields)
+
+    def all_headers(self) -> str:
+        return " ".join(_decode_header(v) for _, v, _ in self._load()[1].fields).lower()
+
+    def body(self) -> bytes:
+        return self._load()[1].body
+
+    def whole(self) -> bytes:
+        return self._load()[0]
+
+    def size(self) -> int:
+        sel = self.session.sel
+        assert sel is not None
+        return sel.folder.wire_size(self.info)
+
+    def internal_day(self) -> tuple[int, int, int]:
+        sel = self.session.sel
+        assert sel is not None
+        t = time.gmtime(sel.folder.internal_date(self.info))
+        return (t.tm_year, t.tm_mon, t.tm_mday)
+
+    def sent_day(self) -> tuple[int, int, int] | None:
+        value = self._load()[1].get("date")
+        if not value:
+            return None
+        try:
+            d = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        return (d.year, d.month, d.day)
+
+
+def _uid_set(uids: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1:3,7' (RFC 4315 uid-set)."""
+    out = []
+    start = prev = None
+    for u in uids:
+        if start is None:
+            start = prev = u
+        elif u == prev + 1:
+            prev = u
+        else:
+            out.append(f"{start}:{prev}" if start != prev else str(start))
+            start = prev = u
+    if start is not None:
+        out.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(out)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """LIST pattern: * matches anything, % anything but the delimiter (RFC 3501 6.3.8)."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(f"[^{re.escape(DELIMITER)}]*")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("^" + "".join(out) + "$")
+
+
+_FETCH_MACROS = {
+    "ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+    "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+    "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
+}
+_SIMPLE_ITEMS = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
+                 "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
+_BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<(\d{1,10})(?:\.(\d{1,10}))?>)?$", re.I)
+
+
+def _fetch_items(items: list) -> list[tuple[str, mime.Section | None, tuple[int, int | None] | None]]:
+    if len(items) == 1 and isinstance(items[0], str) and items[0].upper() in _FETCH_MACROS:
+        items = _FETCH_MACROS[items[0].upper()]
+    out: list = []
+    for item in items:
+        if not isinstance(item, str) or isinstance(item, QStr):
+            raise Bad("bad FETCH item")
+        up = item.upper()
+        if up in _SIMPLE_ITEMS:
+            out.append((up, None, None))
+            continue
+        m = _BODY_ITEM.match(item)
+        if not m:
+            raise Bad(f"unknown FETCH item {item[:40]}")
+        section = mime.parse_section(m.group(2))
+        if section is None:
+            raise Bad(f"bad section {m.group(2)[:40]}")
+        partial = None
+        if m.group(3) is not None:
+            if m.group(4) is None:
+                raise Bad("a partial needs <start.length>")
+            partial = (int(m.group(3)), int(m.group(4)))
+        out.append(("BODY" if m.group(1).upper() == "BODY" else "BODY.PEEK", section, partial))
+    return out
+
+
+_AUTH = ("AUTHENTICATED", "SELECTED")
+_STATES = {
+    "STARTTLS": ("NOT_AUTHENTICATED",),
+    "LOGIN": ("NOT_AUTHENTICATED",),
+    "AUTHENTICATE": ("NOT_AUTHENTICATED",),
+    "SELECT": _AUTH, "EXAMINE": _AUTH, "CREATE": _AUTH, "DELETE": _AUTH, "RENAME": _AUTH,
+    "SUBSCRIBE": _AUTH, "UNSUBSCRIBE": _AUTH, "LIST": _AUTH, "LSUB": _AUTH, "STATUS": _AUTH,
+    "APPEND": _AUTH, "IDLE": _AUTH, "NAMESPACE": _AUTH,
+    "CHECK": ("SELECTED",), "CLOSE": ("SELECTED",), "UNSELECT": ("SELECTED",), "EXPUNGE": ("SELECTED",),
+    "SEARCH": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
+    "MOVE": ("SELECTED",),
+}
+_UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
+
+__all__ = ["ImapSession", "imap_date"]
