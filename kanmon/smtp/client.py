@@ -617,7 +617,13 @@ class SmtpConnection:
     async def _handshake(self, policy: str) -> None:
         loop = asyncio.get_running_loop()
         verifying = policy == "verify"
-        ctx = _verifying_context(self.settings.ca_file) if verifying else _unverified_context()
+        try:
+            ctx = _verifying_context(self.settings.ca_file) if verifying else _unverified_context()
+        except (OSError, ssl.SSLError) as e:
+            await self.quit()
+            raise TlsUnavailable(
+                LocalReply(451, "4.7.5", f"cannot load the CA file {self.settings.ca_file}: {clean_text(str(e))}")
+            ) from None
         transport = self._pipe.transport
         assert transport is not None
         try:

@@ -484,3 +484,10 @@ def test_a_large_body_arrives_intact(sink):
     _, result = asyncio.run(send(sink, body=body))
     assert codes(result) == {"b@corp.example": 250}
     assert sink.wait_for_messages(1)[0].data == body
+
+
+def test_verify_with_a_missing_ca_file_is_a_tls_failure(tls_sink, tmp_path):
+    with pytest.raises(TlsUnavailable) as info:
+        asyncio.run(send(tls_sink, policy="verify", ca_file=tmp_path / "missing.pem"))
+    assert "cannot load the CA file" in info.value.reply.text
+    assert tls_sink.messages == []

@@ -359,3 +359,13 @@ def test_route_with_configured_servers(primary, alternate):
     r = SimpleNamespace(transport="relay", domain="corp.example", hops=((PRIMARY, primary.port), (ALTERNATE, primary.port)), tls="none")
     results, _ = run_delivery(make_config(), lambda a: a.deliver_route("Q", "a@corp.example", ["b@corp.example"], BODY, r))
     assert results[0].status is Status.SENT and ALTERNATE in results[0].relay
+
+
+def test_opportunistic_handshake_failure_is_logged_and_mail_goes_in_plaintext(tls_primary):
+    tls_primary.drop = "starttls"
+    results, log = deliver(make_config(), ["b@corp.example"], hops(tls_primary, port=tls_primary.port), tls="opportunistic")
+    assert results[0].status is Status.SENT and results[0].tls == ""
+    [line] = [t for t, _ in log.lines if t.startswith("STARTTLS=client")]
+    assert line.startswith(f"STARTTLS=client, relay={PRIMARY}, TLS handshake with {PRIMARY} failed")
+    assert line.endswith("continued without TLS")
+    assert not tls_primary.wait_for_messages(1)[0].tls
