@@ -217,7 +217,7 @@ class TlsInfo:
     cipher: str
     bits: int
     alg_bits: int
-    verify: str  # OK | FAIL | NONE
+    verify: str  # OK (valid for the server name) | FAIL (not) | NONE (no certificate shown)
 
     def describe(self) -> str:
         """For RecipientResult.tls: `TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL`."""
@@ -336,7 +336,10 @@ def _tls_info(transport: asyncio.BaseTransport, verify: str | None, server_name:
         if not chain and sslobj is not None:
             leaf = sslobj.getpeercert(binary_form=True)
             chain = [leaf] if leaf else []
-        verify = "OK" if verify_peer_chain(chain, server_name, ca_file) else "FAIL"
+        if not chain:
+            verify = "NONE"  # the server showed no certificate at all
+        else:
+            verify = "OK" if verify_peer_chain(chain, server_name, ca_file) else "FAIL"
     bits = cipher[2] or 0
     return TlsInfo(version=version or "", cipher=cipher[0] or "", bits=bits, alg_bits=bits, verify=verify)
 
