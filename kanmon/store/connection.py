@@ -122,7 +122,6 @@ class SessionConnection(asyncio.Protocol):
         self._paused = False
         self._lost = False
         self._eof = False
-        self._upgrading = False
         self._deadline: float | None = None
 
     # -- asyncio.Protocol callbacks
@@ -136,8 +135,6 @@ class SessionConnection(asyncio.Protocol):
         self.spawn(self._drive())
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrading:
-            return  # plaintext sent during the STARTTLS switch: never reaches the session
         self._inbox += data
         if len(self._inbox) >= self.max_inbox and not self._paused and self.transport:
             self._paused = True
@@ -257,8 +254,10 @@ class SessionConnection(asyncio.Protocol):
     async def _start_tls(self) -> bool:
         assert self.transport is not None and self.tls_context is not None
         loop = asyncio.get_running_loop()
-        self._upgrading = True
-        self._inbox.clear()  # CVE-2011-0411: nothing pipelined before the handshake survives
+        # CVE-2011-0411: nothing received before the handshake survives it. start_tls
+        # swaps the transport's protocol before its first await, so from here on every
+        # byte goes through TLS; only what is already in the inbox is plaintext.
+        self._inbox.clear()
         if self._paused:
             self._paused = False
             self.transport.resume_reading()
@@ -275,8 +274,6 @@ class SessionConnection(asyncio.Protocol):
         if new is None:
             return False
         self.transport = new
-        self._inbox.clear()
-        self._upgrading = False
         return True
 
 

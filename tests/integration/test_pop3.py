@@ -286,3 +286,24 @@ def test_unknown_and_locked_users_fail_the_same_way(server) -> None:
         with contextlib.suppress(Exception):
             c.quit()
     assert len(set(answers)) == 1
+
+
+def test_idle_connection_is_logged_out_and_connection_limit_holds(server) -> None:
+    svc = Pop3Service(server.svc.config, server.svc.tls_context, server.users, server.svc.throttle,
+                      lambda *a, **k: None, idle_timeout=0.2, max_connections=1)
+    svc.listeners.plain = [("127.0.0.1", free_port())]
+    svc.listeners.implicit = []
+    server.loop.run(svc.start())
+    try:
+        (host, port), = svc.addresses
+        with socket.create_connection((host, port), timeout=10) as first:
+            f = first.makefile("rb")
+            assert f.readline().startswith(b"+OK")
+            with socket.create_connection((host, port), timeout=10) as second:
+                assert second.makefile("rb").readline() == b"-ERR [SYS/TEMP] too many connections\r\n"
+            # Nothing sent: the autologout timer ends the session (the socket timeout bounds the wait).
+            assert f.readline() == b"-ERR autologout: idle for too long\r\n"
+            assert f.readline() == b""
+            f.close()
+    finally:
+        server.loop.run(svc.stop())
