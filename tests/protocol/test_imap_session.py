@@ -487,3 +487,29 @@ def test_sections_of_nested_message() -> None:
     assert section_bytes(tree, outer, parse_section("1")) == b"A"
     assert section_bytes(tree, outer, parse_section("3")) is None
     assert parse_section("0") is None and parse_section("HEADER.FIELDS") is None
+
+
+# -- hostile input never crashes the session ------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_WORDS = st.sampled_from([
+    "a", "UID", "FETCH", "STORE", "SEARCH", "COPY", "MOVE", "SELECT", "LIST", "APPEND", "IDLE", "DONE",
+    "1", "1:*", "*", "0", "2,4:5", "(", ")", "[", "]", "BODY[", "BODY.PEEK[1.2.MIME]<0.5>", "{3}", "{2+}",
+    '"x"', "\\Seen", "+FLAGS", "FLAGS.SILENT", "INBOX", "Trash", "OR", "NOT", "SINCE", "1-Jan-2026", "\r\n", " ",
+    "BODYSTRUCTURE", "ENVELOPE", "HEADER.FIELDS", "(FROM)", "NIL", "\x00", "\xff", "CHARSET", "EXPUNGE",
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.one_of(st.binary(max_size=40), _WORDS.map(str.encode)), max_size=30))
+def test_random_input_never_raises(env, chunks: list[bytes]) -> None:
+    if not env.box.folder("INBOX").sync():
+        deliver_new(env.box.root, MULTIPART)
+        deliver_new(env.box.root, SIMPLE)
+    d = logged_in(env)
+    for chunk in chunks:
+        d.send(chunk)
+    d.send(b"\r\nz NOOP\r\n")
+    d.session.connection_lost()

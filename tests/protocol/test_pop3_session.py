@@ -260,3 +260,22 @@ def test_timeout_says_why_and_closes(env) -> None:
     d = env.session()
     d.run(d.session.timed_out())
     assert d.out.endswith(b"-ERR autologout: idle for too long\r\n") and d.closed
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_WORDS = st.sampled_from(["USER", "PASS", "AUTH PLAIN", "STAT", "LIST", "RETR", "TOP", "DELE", "UIDL", "RSET",
+                          "CAPA", "STLS", "QUIT", " 1", " 0", " 99", " -1", " x", "\r\n", "\n", "*", "\x00"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.one_of(st.binary(max_size=40), _WORDS.map(str.encode)), max_size=30))
+def test_random_input_never_raises(env, chunks: list[bytes]) -> None:
+    if not env.box.folder("INBOX").sync():
+        deliver_new(env.box.root, b"Subject: f\n\nfuzz\n")
+    d = env.session()
+    login(d)
+    for chunk in chunks:
+        d.send(chunk)
+    d.session.connection_lost()
