@@ -29,7 +29,7 @@ from collections.abc import Callable
 from kanmon.config import Config
 from kanmon.store.connection import Close, Delay, Event, ListenerSet, PeerInfo, Send, StartTls, Verify
 from kanmon.store.maildir import Folder, MaildirError, MessageInfo, to_crlf
-from kanmon.store.users import AuthThrottle, Users
+from kanmon.store.users import AuthThrottle, Users, log_safe
 
 MAX_LINE = 2048  # RFC 2449 4: commands are at most 255 octets; AUTH PLAIN lines are longer
 MAX_ERRORS = 10
@@ -300,7 +300,7 @@ class Pop3Session:
 
     def _check(self, user: str, password: str) -> list[Event]:
         if self.throttle.blocked_for(self.peer.ip, user) > 0:
-            self.emit(f"pop3 login refused (blocked) user={user[:100]} ip={self.peer.ip}")
+            self.emit(f"pop3 login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
             self._closed = True
             return [Send(self._line(ERR_BLOCKED)), Close()]
         self._pending = user
@@ -308,7 +308,7 @@ class Pop3Session:
 
     def _failed(self, user: str) -> list[Event]:
         f = self.throttle.failed(self.peer.ip, user)
-        self.emit(f"pop3 login failed user={user[:100]} ip={self.peer.ip}")
+        self.emit(f"pop3 login failed user={log_safe(user)} ip={self.peer.ip}")
         if f.blocked:
             self.emit(f"pop3 login blocked {f.key} after repeated failures")
             self._closed = True

@@ -67,6 +67,12 @@ def normalize(address: str) -> str:
     return address.strip().lower()
 
 
+def log_safe(text: str, limit: int = 100) -> str:
+    """Client-supplied text (a user name) made safe for one event-log line."""
+    text = text[:limit]
+    return "".join(ch if ch.isprintable() and ch != "\\" else ch.encode("unicode_escape").decode() for ch in text)
+
+
 class Users:
     """Accounts: config mailboxes + the ``accounts`` table. Safe to use from threads
     (each call opens its own short connection), so ``verify`` can run in an executor.
@@ -129,6 +135,11 @@ class Users:
         if not self.is_mailbox(address):
             raise UnknownMailbox(f"{address} is not a mailbox of a local domain in the config")
         return address
+
+    def quota(self, address: str) -> int | None:
+        """The quota of the mailbox's domain in bytes (None: unlimited)."""
+        d = self.config.find_domain(normalize(address).rpartition("@")[2])
+        return d.quota if d is not None else None
 
     def mailbox(self, address: str) -> Mailbox:
         """The Maildir of a configured mailbox (created on first use)."""

@@ -513,3 +513,21 @@ def test_random_input_never_raises(env, chunks: list[bytes]) -> None:
         d.send(chunk)
     d.send(b"\r\nz NOOP\r\n")
     d.session.connection_lost()
+
+
+def test_append_and_copy_over_quota_are_refused(tmp_path: Path) -> None:
+    config = parse_config(
+        f'[server]\ndata_dir = "{tmp_path}"\n[[domain]]\nname = "example.test"\nmailboxes = ["alice"]\nquota = "150B"\n'
+    )
+    users = Users(config, hasher=FAST)
+    users.set_password(ALICE, "pw")
+    box = users.mailbox(ALICE).ensure()
+    deliver_new(box.root, SIMPLE)  # 78 bytes stored
+    s = ImapSession(hostname="h", users=users, throttle=AuthThrottle(), peer=PeerInfo("127.0.0.1", 1, True),
+                    tls_available=True, emit=lambda *a, **k: None)
+    d = Driver(s, users)
+    d.cmd(f"a LOGIN {ALICE} pw")
+    d.cmd("b SELECT INBOX")
+    assert "c NO [OVERQUOTA]" in d.cmd("c COPY 1 Sent")
+    assert "d NO [OVERQUOTA]" in d.send(b"d APPEND INBOX {100+}\r\n" + b"x" * 100 + b"\r\n")
+    assert "e OK [APPENDUID" in d.send(b"e APPEND INBOX {10+}\r\n" + b"y" * 10 + b"\r\n")

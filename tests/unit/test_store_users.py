@@ -162,3 +162,11 @@ def test_throttle_memory_is_bounded() -> None:
     for i in range(1000):
         t.failed(f"10.0.{i // 256}.{i % 256}", None)
     assert len(t._failures) <= 100
+
+
+def test_log_safe_escapes_control_characters() -> None:
+    from kanmon.store.users import log_safe
+
+    assert log_safe("evil\r\nFAKE LINE") == "evil\\r\\nFAKE LINE"
+    assert log_safe("x" * 500) == "x" * 100
+    assert log_safe("álice@example.test") == "álice@example.test"

@@ -54,7 +54,7 @@ from kanmon.store.maildir import (
     check_folder_name,
     to_crlf,
 )
-from kanmon.store.users import AuthThrottle, Users
+from kanmon.store.users import AuthThrottle, Users, log_safe
 
 IDLE_TIMEOUT = 1800.0  # RFC 3501 5.4: at least 30 minutes
 IDLE_POLL = 2.0  # how often IDLE looks at the folder for new mail
@@ -363,7 +363,7 @@ class ImapSession:
 
     def _check(self, tag: str, user: str, password: str) -> list[Event]:
         if self.throttle.blocked_for(self.peer.ip, user) > 0:
-            self.emit(f"imap login refused (blocked) user={user[:100]} ip={self.peer.ip}")
+            self.emit(f"imap login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
             self._closed = True
             return [Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
         self._pending_tag = tag
@@ -372,7 +372,7 @@ class ImapSession:
 
     def _login_failed(self, tag: str, user: str) -> list[Event]:
         f = self.throttle.failed(self.peer.ip, user)
-        self.emit(f"imap login failed user={user[:100]} ip={self.peer.ip}")
+        self.emit(f"imap login failed user={log_safe(user)} ip={self.peer.ip}")
         if f.blocked:
             self.emit(f"imap login blocked {f.key} after repeated failures")
             self._closed = True
@@ -591,6 +591,9 @@ class ImapSession:
             folder = self.mailbox.folder(name)
         except FolderNotFound:
             raise No("[TRYCREATE] no such mailbox") from None
+        quota = self.users.quota(self.user or "")
+        if quota is not None and self.mailbox.usage()[1] + len(data) > quota:
+            raise No("[OVERQUOTA] the mailbox is over its quota")  # RFC 5530 3
         info = folder.append(data, flags, when)
         out = []
         if self.sel and self.sel.folder is folder:
@@ -775,6 +778,11 @@ class ImapSession:
             dest = self.mailbox.folder(name)
         except FolderNotFound:
             raise No("[TRYCREATE] no such mailbox") from None
+        quota = self.users.quota(self.user or "")
+        if not move and quota is not None:
+            adding = sum(sel.folder.wire_size(sel.infos[u]) for _, u in targets if u in sel.infos)
+            if self.mailbox.usage()[1] + adding > quota:
+                raise No("[OVERQUOTA] the mailbox is over its quota")
         pairs = []
         for _, u in targets:
             info = sel.infos.get(u)
@@ -787,7 +795,7 @@ class ImapSession:
         if pairs:
             code = f"[COPYUID {dest.uidvalidity} {_uid_set([a for a, _ in pairs])} {_uid_set([b for _, b in pairs])}] "
         if not move:
-            out = self._refresh(allow_expunge=False) if dest is not sel.folder else self._refresh(allow_expunge=False)
+            out = self._refresh(allow_expunge=False)
             return [Send(b"".join(out) + f"{tag} OK {code}COPY completed\r\n".encode())]
         # RFC 6851 3.3: COPYUID goes in an untagged OK before the EXPUNGEs
         moved = {a for a, _ in pairs}
