@@ -24,6 +24,7 @@ from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer
+from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
 from kanmon.tlscert import server_context
 
@@ -46,8 +47,9 @@ class Node:
         config = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo)
-        self.spool = Spool(self.data_dir, fsync=self.fsync)
-        self.local = LocalDelivery(self.data_dir, fsync=self.fsync)
+        self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
+        self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
+        self.local = LocalDelivery(self.data_dir, self.committer)
         self.queue = QueueManager(config, self.spool, self.records, self.local, clock=self.clock)
         self.tls_context = server_context(config)
         self.policy = AcceptPolicy(config)
@@ -87,8 +89,9 @@ class Node:
             pass
         finally:
             self.local.close()
-            if self.spool:
-                self.spool.close()
+            self.queue.close()
+            self.spool.close()
+            self.committer.close()
             self.records.emit("stopped")
             self.records.close()
 

@@ -2,7 +2,7 @@
 
 Role: the `local` delivery agent. Writes each message into
 <data_dir>/mailboxes/<domain>/<local-part>/{tmp,new,cur} the standard Maildir way
-(write in tmp/, fsync, rename into new/, fsync new/), so Dovecot can serve it with
+(write in tmp/, flush, rename into new/, flush new/), so Dovecot can serve it with
 `mail_location = maildir:<data_dir>/mailboxes/%d/%n`. Adds Return-Path: and
 Delivered-To:, and stores LF line endings as Maildir readers expect.
 
@@ -13,15 +13,14 @@ file and its directory entry are durable; write outside the mailbox directory.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kanmon.model import RecipientResult, Reply, Status
+from kanmon.spool.groupcommit import GroupCommitter
 
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
@@ -46,64 +45,58 @@ def unique_name(size: int) -> str:
     return f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}.{host},S={size}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_maildir(mailbox: Path, data: bytes, fsync: bool = True) -> Path:
-    ensure_maildir(mailbox)
-    name = unique_name(len(data))
-    tmp = mailbox / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    final = mailbox / "new" / name
-    os.rename(tmp, final)
-    if fsync:
-        _fsync_dir(mailbox / "new")
-    return final
-
-
 class LocalDelivery:
-    """Deliver one message to local mailboxes; one RecipientResult per recipient."""
+    """Deliver one message to local mailboxes; one RecipientResult per recipient.
+
+    The files of all recipients (and of all messages being delivered at that moment)
+    are made durable together by the group committer shared with the spool.
+    """
 
     mailer = "local"
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True, threads: int = 4):
+    def __init__(self, data_dir: Path, committer: GroupCommitter):
         self.data_dir = Path(data_dir)
-        self.fsync = fsync
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="local")
+        self.committer = committer
+        self._known: set[Path] = set()  # mailboxes whose tmp/new/cur exist
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        pass
 
     async def deliver(self, mail_from: str, rcpts: list[str], content: bytes) -> list[RecipientResult]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.deliver_blocking, mail_from, rcpts, content)
-
-    def deliver_blocking(self, mail_from: str, rcpts: list[str], content: bytes) -> list[RecipientResult]:
-        body = content.replace(b"\r\n", b"\n")
-        results = []
+        # Accepted content has no bare CR (the session refuses it), so deleting every CR
+        # turns CRLF into LF in one C-level pass (4x faster than replace on 100 KB).
+        body = content.translate(None, b"\r")
+        files: list[tuple[Path, Path, bytes]] = []
+        results: list[RecipientResult | None] = []
         for rcpt in rcpts:
-            head = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace")
             try:
-                write_maildir(mailbox_path(self.data_dir, rcpt), head + body, self.fsync)
+                box = mailbox_path(self.data_dir, rcpt)
+                if box not in self._known:
+                    ensure_maildir(box)
+                    self._known.add(box)
             except (OSError, ValueError) as e:
-                reply = Reply(451, "4.3.0", f"cannot write to mailbox: {getattr(e, 'strerror', None) or e}")
-                results.append(RecipientResult(rcpt, Status.DEFERRED, reply, relay="local", mailer="local"))
+                results.append(_deferred(rcpt, e))
                 continue
-            results.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
-        return results
+            data = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace") + body
+            name = unique_name(len(data))
+            files.append((box / "tmp" / name, box / "new" / name, data))
+            results.append(None)
+        errors = await self.committer.commit(files) if files else []
+        out: list[RecipientResult] = []
+        it = iter(errors)
+        for rcpt, res in zip(rcpts, results, strict=True):
+            if res is not None:
+                out.append(res)
+                continue
+            err = next(it)
+            if err is not None:
+                self._known.discard(mailbox_path(self.data_dir, rcpt))
+                out.append(_deferred(rcpt, err))
+            else:
+                out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
+        return out
+
+
+def _deferred(rcpt: str, e: Exception) -> RecipientResult:
+    reply = Reply(451, "4.3.0", f"cannot write to mailbox: {getattr(e, 'strerror', None) or e}")
+    return RecipientResult(rcpt, Status.DEFERRED, reply, relay="local", mailer="local")

@@ -22,6 +22,7 @@ import itertools
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kanmon.clock import SystemClock
@@ -30,7 +31,7 @@ from kanmon.deliver.local import LocalDelivery
 from kanmon.model import Envelope, RecipientResult, Reply, Status, new_queue_id
 from kanmon.records.store import Records
 from kanmon.routing import Route, Router
-from kanmon.spool.store import Spool, SpoolEntry
+from kanmon.spool.store import QueueState, Spool, SpoolEntry
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
 NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
@@ -87,7 +88,7 @@ class QueueManager:
         self._rng = random.Random()
         self._heap: list[_Due] = []
         self._seq = itertools.count()
-        self._ready: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+        self._ready: asyncio.Queue[tuple[str, tuple[SpoolEntry, bytes] | None]] = asyncio.Queue()
         self._in_memory: set[str] = set()  # queued in _ready or being delivered
         self._scheduled: dict[str, float] = {}  # id -> due time in the heap (latest wins)
         self._wake = asyncio.Event()
@@ -97,11 +98,16 @@ class QueueManager:
         self.idle = asyncio.Event()  # set when nothing is in memory (tests wait on it)
         self.idle.set()
         self.delivered = 0
+        # Spool reads, journal appends and removals block on the disk: a pool of their own.
+        self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="queue-io")
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
 
     # -- input ----------------------------------------------------------------------------
 
-    def submit_nowait(self, queue_id: str, content: bytes | None = None) -> None:
-        """A message was just stored: deliver it now (content kept to save a read)."""
+    def submit_nowait(self, queue_id: str, envelope: Envelope | None = None, content: bytes | None = None) -> None:
+        """A message was just stored: deliver it now (envelope and content kept: no re-read)."""
         if len(self._in_memory) >= self.config.queue.max_active or self.config.queue.suspend_delivery:
             self.schedule(queue_id, self.clock.now())
             return
@@ -109,7 +115,10 @@ class QueueManager:
             return
         self._in_memory.add(queue_id)
         self.idle.clear()
-        self._ready.put_nowait((queue_id, content))
+        fresh = None
+        if envelope is not None and content is not None:
+            fresh = (SpoolEntry(queue_id, envelope, len(content), QueueState()), content)
+        self._ready.put_nowait((queue_id, fresh))
 
     def schedule(self, queue_id: str, at: float) -> None:
         self._scheduled[queue_id] = at
@@ -170,9 +179,9 @@ class QueueManager:
 
     async def _worker(self) -> None:
         while True:
-            queue_id, content = await self._ready.get()
+            queue_id, fresh = await self._ready.get()
             try:
-                await self._process(queue_id, content)
+                await self._process(queue_id, fresh)
             except Exception as e:  # noqa: BLE001 - one message never stops the queue
                 self.records.emit(f"queue manager error: {type(e).__name__}: {e}; will retry", queue_id, "error")
                 self.schedule(queue_id, self.clock.now() + self.config.queue.retry_bounds[0])
@@ -184,16 +193,18 @@ class QueueManager:
 
     # -- one message -------------------------------------------------------------------------
 
-    async def _process(self, queue_id: str, content: bytes | None) -> None:
+    async def _process(self, queue_id: str, fresh: tuple[SpoolEntry, bytes] | None) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            entry = await loop.run_in_executor(None, self.spool.load, queue_id)
-        except FileNotFoundError:
-            return  # deleted meanwhile (admin action)
+        if fresh is not None:
+            entry, content = fresh  # just accepted: nothing on disk to read back
+        else:
+            try:
+                entry = await loop.run_in_executor(self._io, self.spool.load, queue_id)
+                content = await loop.run_in_executor(self._io, self.spool.read_content, queue_id)
+            except FileNotFoundError:
+                return  # deleted meanwhile (admin action)
         if entry.state.hold:
             return
-        if content is None:
-            content = await loop.run_in_executor(None, self.spool.read_content, queue_id)
         env = entry.envelope
         pending = entry.pending_rcpts()
         start = self.clock.now()
@@ -261,11 +272,14 @@ class QueueManager:
         )
         if warn:
             records.append({"k": "warned", "t": now})
-        # The journal first: after a crash, what is written here is what happened.
-        await loop.run_in_executor(None, self.spool.append_state, qid, records)
+        bounced = [r for r in final if r.status is Status.BOUNCED]
+        # The journal first: after a crash, what is written here is what happened. When
+        # every recipient was delivered the removal below is the record (a crash before it
+        # delivers again: twice, never zero times).
+        if still_deferred or bounced or warn:
+            await loop.run_in_executor(self._io, self.spool.append_state, qid, records)
         for r in final:
             self._log_result(qid, env, r, start, now)
-        bounced = [r for r in final if r.status is Status.BOUNCED]
         if bounced:
             await self._notify(entry, content, bounced, "failed", now)
         if warn:
@@ -274,7 +288,7 @@ class QueueManager:
             self.schedule(qid, next_at)
             return
         # Every recipient is final.
-        await loop.run_in_executor(None, self.spool.remove, qid)
+        await loop.run_in_executor(self._io, self.spool.remove, qid)
         self.delivered += 1
         self.records.emit("removed", qid)
 
@@ -321,6 +335,6 @@ class QueueManager:
         self.records.emit(f"sender {kind} notification: {notice_id}", entry.queue_id)
         self.records.emit(f"from=<>, size={len(notice_content)}, nrcpts=1, proto=internal, relay=local", notice_id)
         self.records.history_accept(notice_id, notice_env, len(notice_content), notice_content)
-        self.submit_nowait(notice_id, notice_content)
+        self.submit_nowait(notice_id, notice_env, notice_content)
 
 

@@ -22,9 +22,9 @@ from collections import Counter
 from collections.abc import Callable
 
 from kanmon.config import Config
-from kanmon.model import ClientInfo, Reply
+from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import AcceptPolicy
-from kanmon.records.store import Records
+from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
 from kanmon.smtp.session import (
     MAX_PIPELINE_BUFFER,
@@ -51,7 +51,7 @@ class SmtpServer:
         policy: AcceptPolicy,
         spool: Spool,
         records: Records,
-        on_stored: Callable[[str, bytes], None],
+        on_stored: Callable[[str, Envelope, bytes], None],
         tls_context: ssl.SSLContext | None,
         *,
         clock: Callable[[], float] = time.time,
@@ -330,8 +330,6 @@ class SmtpProtocol(asyncio.Protocol):
             server.accepted += 1
             env = a.envelope
             c = self.client
-            from kanmon.records.store import header_fields
-
             msgid = header_fields(a.content, (b"message-id",)).get("message-id", "")
             server.records.emit(
                 f"from=<{env.mail_from}>, size={len(a.content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, "
@@ -339,7 +337,7 @@ class SmtpProtocol(asyncio.Protocol):
                 a.queue_id,
             )
             server.records.history_accept(a.queue_id, env, len(a.content), a.content)
-            server.on_stored(a.queue_id, a.content)
+            server.on_stored(a.queue_id, env, a.content)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()

@@ -460,7 +460,8 @@ class Session:
         # RFC 5321 4.5.2: remove the transparency dot.
         if content.startswith(b".."):
             content = content[1:]
-        content = content.replace(b"\r\n..", b"\r\n.")
+        if b"\r\n.." in content:
+            content = content.replace(b"\r\n..", b"\r\n.")
         if len(content) > self.settings.max_message_size:
             self._end_transaction()
             self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)

@@ -15,10 +15,9 @@ Queue file format (docs/spool-format.md):
     <envelope JSON> b"\\n" <content>
 The CRC covers envelope JSON and content, so a truncated or damaged file is detected.
 
-Group commit: content is written and fsynced in worker threads (the kernel's journal
-merges concurrent fsyncs); the renames into queue/ of all messages ready at that moment
-are then made durable with one directory fsync. store() returns only after its own
-file and its rename are durable.
+Group commit (kanmon.spool.groupcommit): the queue files of all sessions waiting at
+that moment are written to incoming/, flushed together, renamed into queue/, and the
+directory flushed; store() returns only after its own file and its rename are durable.
 
 Trusts: its callers in this process. Never: acknowledge before fsync; delete a queue
 file whose recipients are not all final; read or write mailbox files.
@@ -31,11 +30,11 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
+from kanmon.spool.groupcommit import GroupCommitter
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
@@ -164,7 +163,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, data_dir: Path, *, fsync: bool = True, writer_threads: int = 4):
+    def __init__(self, data_dir: Path, *, fsync: bool = True, committer: GroupCommitter | None = None):
         self.root = Path(data_dir) / "spool"
         self.incoming = self.root / "incoming"
         self.queue = self.root / "queue"
@@ -173,76 +172,24 @@ class Spool:
         self.fsync = fsync
         for d in (self.incoming, self.queue, self.state_dir, self.corrupt):
             d.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=writer_threads, thread_name_prefix="spool")
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._committer: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._own_committer = committer is None
+        self.committer = committer or GroupCommitter(self.root, fsync=fsync)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._own_committer:
+            self.committer.close()
 
     # -- acceptance (hot path) -------------------------------------------------------
 
     async def store(self, queue_id: str, env: Envelope, content: bytes) -> None:
-        """Make the message durable; raise SpoolError if it could not be."""
-        loop = asyncio.get_running_loop()
+        """Make the message durable (group commit); raise SpoolError if it could not be."""
         data = encode_queue_file(env, content)
         try:
-            await loop.run_in_executor(self._pool, self._write_incoming, queue_id, data)
+            (err,) = await self.committer.commit([(self.incoming / queue_id, self.queue / queue_id, data)])
         except OSError as e:
-            raise SpoolError(f"cannot write queue file: {e.strerror or e}") from e
-        fut: asyncio.Future[None] = loop.create_future()
-        self._pending.append((queue_id, fut))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.ensure_future(self._commit_batches())
-        await fut
-
-    def _write_incoming(self, queue_id: str, data: bytes) -> None:
-        path = self.incoming / queue_id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if self.fsync:
-                os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            try:
-                path.unlink()
-            except OSError:
-                pass
-            raise
-        os.close(fd)
-
-    async def _commit_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                failed = await loop.run_in_executor(self._pool, self._commit, [qid for qid, _ in batch])
-            except OSError as e:  # the directory fsync failed: nothing in the batch is durable
-                failed = {qid: e for qid, _ in batch}
-            for qid, fut in batch:
-                if fut.done():
-                    continue
-                if qid in failed:
-                    err = failed[qid]
-                    fut.set_exception(SpoolError(f"cannot commit queue file: {err.strerror or err}"))
-                else:
-                    fut.set_result(None)
-
-    def _commit(self, ids: list[str]) -> dict[str, OSError]:
-        failed: dict[str, OSError] = {}
-        for qid in ids:
-            try:
-                os.rename(self.incoming / qid, self.queue / qid)
-            except OSError as e:
-                failed[qid] = e
-        if self.fsync:
-            _fsync_dir(self.queue)
-        return failed
+            err = e
+        if err is not None:
+            raise SpoolError(f"cannot write queue file: {err.strerror or err}")
 
     # -- state journal ---------------------------------------------------------------
 
