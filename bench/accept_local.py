@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Benchmark: how fast kanmon accepts mail (each 250 only after the durable spool write)
+and how fast that mail reaches a local Maildir.
+
+Drives `kanmon serve` with Postfix's smtp-source (installs Debian's postfix package for
+it, with "No configuration" so no Postfix daemon starts). Prints the figures; nothing
+asserts them. Usage:
+
+    python bench/accept_local.py                       # 100 KB, 20 sessions, 20,000 messages
+    python bench/accept_local.py --size 5120 --messages 5000
+
+Only loopback addresses are used (127.0.0.60 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def ensure_smtp_source() -> str:
+    path = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    if os.path.exists(path):
+        return path
+    print("installing Debian's postfix for smtp-source (No configuration: no daemon starts)...", flush=True)
+    subprocess.run(["debconf-set-selections"], input=b"postfix postfix/main_mailer_type select No configuration\n",
+                   check=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True, env=env)
+    return "/usr/sbin/smtp-source"
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def count_files(d: Path) -> int:
+    try:
+        return sum(1 for _ in os.scandir(d))
+    except FileNotFoundError:
+        return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--size", type=int, default=102400, help="message size in bytes (smtp-source -l)")
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--host", default="127.0.0.60")
+    ap.add_argument("--port", type=int, default=2526)
+    ap.add_argument("--keep", action="store_true", help="keep the data directory")
+    ap.add_argument("--hold", action="store_true", help="receive only: [queue] suspend_delivery = true")
+    args = ap.parse_args()
+
+    smtp_source = ensure_smtp_source()
+    work = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+    cfg = work / "kanmon.toml"
+    cfg.write_text(f"""
+[server]
+hostname = "bench.example.test"
+data_dir = "{work / 'data'}"
+[smtp]
+listen = ["{args.host}:{args.port}"]
+relay_networks = ["127.0.0.0/8"]
+max_connections_per_ip = 1000
+min_free_disk = "1GB"
+[[domain]]
+name = "example.test"
+mailboxes = ["bench"]
+[queue]
+suspend_delivery = {"true" if args.hold else "false"}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg), "--quiet"],
+                            stdout=subprocess.DEVNULL)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kb(proc.pid))
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            r = subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/{args.host}/{args.port}"], capture_output=True)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        new = work / "data/mailboxes/example.test/bench/new"
+        t0 = time.perf_counter()
+        subprocess.run([smtp_source, "-s", str(args.sessions), "-l", str(args.size), "-m", str(args.messages),
+                        "-f", "sender@remote.example", "-t", "bench@example.test", f"{args.host}:{args.port}"],
+                       check=True)
+        t_accept = time.perf_counter() - t0
+        while not args.hold and count_files(new) < args.messages:
+            if time.perf_counter() - t0 > 600:
+                print(f"gave up: {count_files(new)} of {args.messages} delivered after 600 s")
+                break
+            time.sleep(0.05)
+        t_deliver = time.perf_counter() - t0
+        delivered = count_files(new)
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"kanmon accept-to-Maildir, {args.messages} x {args.size} bytes, {args.sessions} sessions, fsync on")
+    print(f"  accepted : {args.messages / t_accept:8.0f} msg/s  ({t_accept:.1f} s until smtp-source finished)")
+    print(f"  delivered: {delivered / t_deliver:8.0f} msg/s  ({delivered} in Maildir after {t_deliver:.1f} s)")
+    print(f"  peak RSS : {peak[0] / 1024:8.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

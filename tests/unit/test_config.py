@@ -1,0 +1,151 @@
+"""Configuration: value types, complete validation, errors that name the key and line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kanmon.config import (
+    Config,
+    ConfigError,
+    default_config_text,
+    example_config_text,
+    parse_config,
+    parse_duration,
+    parse_hostport,
+    parse_size,
+    reference_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "text,seconds", [("30s", 30), ("5m", 300), ("4h", 14400), ("3d", 259200), ("0", 0), ("1.5h", 5400), (45, 45)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5", "5 minutes", "-1s", "h", "", True])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "text,size", [("512KB", 512000), ("50MB", 50_000_000), ("1GB", 10**9), ("1GiB", 2**30), ("100", 100), (7, 7)]
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1XB", "lots", "-5", ""])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_hostports():
+    assert parse_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
+    assert parse_hostport("[::1]:25") == ("::1", 25)
+    assert parse_hostport("store.corp.example:25") == ("store.corp.example", 25)
+    for bad in ("127.0.0.1", "127.0.0.1:0", "1.2.3.4:70000", "::1:25", "bad host:25"):
+        with pytest.raises(ValueError):
+            parse_hostport(bad)
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "k.toml")
+    return e.value.messages
+
+
+def test_unknown_key_is_named_with_its_line():
+    assert errors_of('[server]\nhostname = "a.example"\n\n[smtp]\nlisten = ["127.0.0.1:25"]\nlisen = 1\n') == [
+        "k.toml: smtp.lisen (line 6): unknown key"
+    ]
+
+
+def test_bad_values_are_each_named():
+    msgs = errors_of(
+        '[smtp]\nlisten = ["127.0.0.1"]\nrelay_networks = ["10.0.0.0/33"]\nmax_message_size = "huge"\n'
+        '[queue]\nretry = "1h..5m"\nwarn_after = "soon"\n'
+    )
+    joined = "\n".join(msgs)
+    assert "smtp.listen[0] (line 2): '127.0.0.1' is not ip:port" in joined
+    assert "smtp.relay_networks[0] (line 3): '10.0.0.0/33' is not a CIDR network" in joined
+    assert "smtp.max_message_size (line 4): 'huge' is not a size" in joined
+    assert "queue.retry (line 6):" in joined
+    assert "queue.warn_after (line 7): 'soon' is not a duration" in joined
+
+
+def test_missing_certificate_file_is_an_error(tmp_path):
+    msgs = errors_of(f'[tls]\ncert = "{tmp_path}/nope.pem"\nkey = "{tmp_path}/nope.key"\n')
+    assert any("tls.cert (line 2): file" in m and "does not exist" in m for m in msgs)
+
+
+def test_domain_errors():
+    assert any("domain[0]" in m and "needs servers" in m for m in errors_of('[[domain]]\nname = "a.example"\ndeliver = "relay"\n'))
+    assert any("is listed twice" in m for m in errors_of('[[domain]]\nname = "a.example"\n[[domain]]\nname = "A.example"\n'))
+    assert any("not a mailbox" in m for m in errors_of('[[domain]]\nname = "a.example"\naliases = { x = ["nobody"] }\n'))
+    assert any("not a usable mailbox name" in m for m in errors_of('[[domain]]\nname = "a.example"\nmailboxes = ["../etc"]\n'))
+
+
+def test_max_recipients_at_least_100():
+    assert any("smtp.max_recipients" in m for m in errors_of("[smtp]\nmax_recipients = 50\n"))
+
+
+def test_toml_syntax_error_has_a_line():
+    (msg,) = errors_of("[smtp\n")
+    assert "not valid TOML" in msg and "line 1" in msg
+
+
+def test_embedded_default_and_example_are_valid():
+    default = parse_config(default_config_text())
+    assert default.smtp.listen == [("127.0.0.1", 2525)]
+    assert str(default.server.data_dir) == "kanmon-data"
+    assert default.domain[0].name == "example.test" and default.domain[0].mailboxes == ["postmaster"]
+    assert [str(n) for n in default.smtp.relay_networks] == ["127.0.0.0/8"]
+    parse_config(example_config_text())
+
+
+def test_example_mentions_every_key():
+    text = example_config_text()
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield name
+            ann = repr(field.annotation)
+            for sub in ("ServerSection", "SmtpSection", "TlsSection", "DomainSection", "OutboundSection", "DnsSection",
+                        "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection",
+                        "BalancerSection", "VirtualServer", "RealServer", "HealthCheck"):
+                if f"kanmon.config.{sub}" in ann or ann.endswith(f".{sub}'>"):
+                    import kanmon.config as c
+
+                    yield from keys(getattr(c, sub))
+
+    missing = [k for k in set(keys(Config)) if not re.search(rf"(^|[\s{{,#\[]){k}\s*=|\[\[?([a-z_.]*\.)?{k}[\].]", text, re.M)]
+    assert missing == []
+
+
+def test_docs_configuration_matches_the_models():
+    assert (ROOT / "docs/configuration.md").read_text() == reference_markdown()
+
+
+def test_config_check_cli_exit_codes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(example_config_text())
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[smtp]\nlisten = ["nowhere"]\n')
+    ok = subprocess.run([sys.executable, "-m", "kanmon", "config", "check", "-c", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    err = subprocess.run([sys.executable, "-m", "kanmon", "config", "check", "-c", str(bad)], capture_output=True, text=True)
+    assert err.returncode == 2
+    assert "smtp.listen[0] (line 2): 'nowhere' is not ip:port" in err.stderr
+    serve = subprocess.run([sys.executable, "-m", "kanmon", "serve", "-c", str(bad)], capture_output=True, text=True, timeout=30)
+    assert serve.returncode == 2 and "config error" in serve.stderr

@@ -1,0 +1,80 @@
+"""Spool file format, journal and recovery (durability promise 1)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.spool.store import CorruptEntry, Spool, SpoolError, decode_queue_header, encode_queue_file
+
+
+def env() -> Envelope:
+    return Envelope("a@remote.example", ["alice@example.test", "bob@example.test"],
+                    {"bob@example.test": "info@example.test"}, ClientInfo("127.0.0.6", helo="c"), received_at=1.5)
+
+
+def test_round_trip_and_recovery(tmp_path):
+    spool = Spool(tmp_path)
+    ids = [new_queue_id() for _ in range(20)]
+
+    async def store_all():
+        await asyncio.gather(*(spool.store(q, env(), b"Subject: %d\r\n\r\nx\r\n" % i) for i, q in enumerate(ids)))
+
+    asyncio.run(store_all())
+    assert sorted(p.name for p in (tmp_path / "spool/queue").iterdir()) == sorted(ids)
+    assert list((tmp_path / "spool/incoming").iterdir()) == []
+    spool.append_state(ids[0], [{"k": "result", "rcpt": "alice@example.test", "status": "sent", "reply": "250"}])
+    spool.append_state(ids[0], [{"k": "attempt", "n": 1, "next": 99.0}])
+    with open(tmp_path / "spool/state" / ids[0], "ab") as f:
+        f.write(b'{"k": "result", "rcpt": "bob@ex')  # torn last line after a crash
+    entries, corrupt, removed = Spool(tmp_path).recover()
+    assert corrupt == [] and removed == 0 and len(entries) == 20
+    first = next(e for e in entries if e.queue_id == ids[0])
+    assert first.pending_rcpts() == ["bob@example.test"]
+    assert first.state.next_attempt == 99.0 and first.state.attempts == 1
+    assert first.envelope.original_rcpts == {"bob@example.test": "info@example.test"}
+    assert first.envelope.client.helo == "c"
+    assert spool.read_content(ids[3]) == b"Subject: 3\r\n\r\nx\r\n"
+    spool.close()
+
+
+@pytest.mark.parametrize(
+    "damage", [lambda b: b[:-1], lambda b: b[:30], lambda b: b.replace(b"x\r\n", b"y\r\n"), lambda b: b"junk",
+               lambda b: b""],
+    ids=["truncated-by-one", "header-only", "bit-flip", "junk", "empty"],
+)
+def test_damaged_files_move_to_corrupt(tmp_path, damage):
+    spool = Spool(tmp_path)
+    q = new_queue_id()
+    asyncio.run(spool.store(q, env(), b"Subject: s\r\n\r\nx\r\n"))
+    path = tmp_path / "spool/queue" / q
+    path.write_bytes(damage(path.read_bytes()))
+    entries, corrupt, _ = spool.recover()
+    assert entries == [] and [c[0] for c in corrupt] == [q]
+    assert (tmp_path / "spool/corrupt" / q).exists() and not path.exists()
+    spool.close()
+
+
+def test_header_parsing():
+    data = encode_queue_file(env(), b"abc")
+    elen, clen, crc, off = decode_queue_header(data)
+    assert clen == 3 and data[off + elen : off + elen + 1] == b"\n"
+    with pytest.raises(CorruptEntry):
+        decode_queue_header(b"KANMON-Q1 x y z\n")
+
+
+def test_write_failure_raises_spool_error(tmp_path):
+    spool = Spool(tmp_path)
+    (tmp_path / "spool/incoming").rmdir()
+    (tmp_path / "spool/incoming").write_text("")
+    with pytest.raises(SpoolError):
+        asyncio.run(spool.store(new_queue_id(), env(), b"x"))
+    assert list((tmp_path / "spool/queue").iterdir()) == []
+    spool.close()
+
+
+def test_queue_ids_are_unique_and_sortable():
+    ids = [new_queue_id(1000.0 + i / 1e3) for i in range(1000)]
+    assert len(set(ids)) == 1000 and ids == sorted(ids)
