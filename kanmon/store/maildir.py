@@ -5,8 +5,8 @@ Maildir++ layout Dovecot uses (``mail_location = maildir:<data_dir>/mailboxes/%d
 INBOX is the root's ``new/ cur/ tmp/``, folders are ``.Name`` and ``.Parent.Child``
 directories (hierarchy delimiter "."), flags live in the ``:2,FLAGS`` filename suffix,
 messages are stored with LF line endings. UIDs and UIDVALIDITY are kept per folder in
-``kanmon-uidlist`` (written in dovecot-uidlist version 3 syntax, atomically replaced),
-so they survive restarts. Delivery (kanmon/deliver) writes into ``new/``; a scan moves
+Dovecot's own ``dovecot-uidlist`` (version 3 format, updated under Dovecot's dotlock
+and replaced atomically), so they survive restarts and Dovecot shows the same UIDs. Delivery (kanmon/deliver) writes into ``new/``; a scan moves
 such files to ``cur/`` the way an IMAP server does.
 
 Trusts: the files under the mailbox root (written by delivery, Dovecot or us) to be
@@ -20,8 +20,8 @@ reuse a UID within one UIDVALIDITY.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import itertools
 import os
 import re
@@ -29,12 +29,15 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DELIMITER = "."
-UIDLIST = "kanmon-uidlist"
+UIDLIST = "dovecot-uidlist"  # Dovecot's own file and format, so both agree on UIDs
+LOCK_STALE = 120.0  # a dotlock older than this was left by a crash (Dovecot uses 2 min)
+LOCK_WAIT = 10.0
 SUBSCRIPTIONS = "subscriptions"
 MAX_FOLDER_NAME = 200
 
@@ -175,6 +178,8 @@ class _UidState:
     uidvalidity: int = 0
     uidnext: int = 1
     uids: dict[str, int] = field(default_factory=dict)  # base -> uid
+    exts: dict[str, str] = field(default_factory=dict)  # base -> Dovecot's per-line extension fields
+    guid: str = ""  # Dovecot's mailbox GUID header field (kept as found, made when missing)
     stamp: tuple[int, int, int] | None = None  # (ino, size, mtime_ns) of the file read
 
 
@@ -193,11 +198,9 @@ class Folder:
         self._state = _UidState()
         self._messages: dict[str, MessageInfo] = {}  # base -> info
 
-    # -- locking: a thread lock for this process, flock for others (another kanmon, CLI)
-    def _flock(self) -> int:
-        fd = os.open(self.path / f"{UIDLIST}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+    # -- locking: a thread lock for this process, Dovecot's dotlock for other processes
+    def _dotlock(self) -> _DotLock:
+        return _DotLock(self.path / UIDLIST)
 
     @property
     def uidvalidity(self) -> int:
@@ -211,12 +214,14 @@ class Folder:
         return (self.path / "cur").is_dir()
 
     def _read_uidlist(self) -> None:
+        """Load dovecot-uidlist (version 3: "3 V<validity> N<next> G<guid>", then
+        "<uid> [ext...] :<base name>" per message) if it changed since we read it."""
         p = self.path / UIDLIST
         try:
             st = p.stat()
         except FileNotFoundError:
             if self._state.uidvalidity == 0:
-                self._state = _UidState(uidvalidity=int(time.time()), uidnext=1)
+                self._state = _UidState(uidvalidity=int(time.time()), uidnext=1, guid=uuid.uuid4().hex)
             return
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp == self._state.stamp:
@@ -232,30 +237,34 @@ class Folder:
                     state.uidvalidity = int(tok[1:])
                 elif tok[:1] == "N" and tok[1:].isdigit():
                     state.uidnext = int(tok[1:])
+                elif tok[:1] == "G":
+                    state.guid = tok[1:]
         for line in lines[1:]:
-            uid_text, _, rest = line.partition(" ")
-            base = rest.rpartition(":")[2] if ":" in rest else rest
+            head, colon, base = line.partition(":")
+            uid_text, _, ext = head.strip().partition(" ")
+            if not colon:  # version 1 lines: "<uid> <flags> <name>"
+                parts = line.split()
+                uid_text, base, ext = (parts[0], parts[-1], "") if len(parts) >= 2 else ("", "", "")
+            base = base.partition(":")[0]
             if uid_text.isdigit() and base:
                 uid = int(uid_text)
                 state.uids[base] = uid
+                if ext.strip():
+                    state.exts[base] = ext.strip()
                 state.uidnext = max(state.uidnext, uid + 1)
         if state.uidvalidity == 0:
             state.uidvalidity = int(time.time())
+        if not state.guid:
+            state.guid = uuid.uuid4().hex
         self._state = state
 
-    def _write_uidlist(self) -> None:
+    def _write_uidlist(self, lock: _DotLock) -> None:
         s = self._state
-        lines = [f"3 V{s.uidvalidity} N{s.uidnext}"]
-        lines.extend(f"{uid} :{base}" for base, uid in sorted(s.uids.items(), key=lambda kv: kv[1]))
-        tmp = self.path / f"{UIDLIST}.tmp"
-        data = ("\n".join(lines) + "\n").encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path / UIDLIST)
+        lines = [f"3 V{s.uidvalidity} N{s.uidnext} G{s.guid}"]
+        for base, uid in sorted(s.uids.items(), key=lambda kv: kv[1]):
+            ext = s.exts.get(base)
+            lines.append(f"{uid} {ext} :{base}" if ext else f"{uid} :{base}")
+        lock.commit(("\n".join(lines) + "\n").encode())
         st = (self.path / UIDLIST).stat()
         s.stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -267,13 +276,10 @@ class Folder:
         with self._lock:
             if not self.exists():
                 raise FolderNotFound(f"folder {self.name} does not exist")
-            fd = self._flock()
-            try:
-                return self._sync_locked(move_new)
-            finally:
-                os.close(fd)
+            with self._dotlock() as lock:
+                return self._sync_locked(move_new, lock)
 
-    def _sync_locked(self, move_new: bool) -> list[MessageInfo]:
+    def _sync_locked(self, move_new: bool, lock: _DotLock) -> list[MessageInfo]:
         self._read_uidlist()
         state = self._state
         found: dict[str, MessageInfo] = {}
@@ -323,8 +329,11 @@ class Folder:
             if base not in found:
                 del state.uids[base]
                 changed = True
+        for base in list(state.exts):
+            if base not in state.uids:
+                del state.exts[base]
         if changed or not (self.path / UIDLIST).exists():
-            self._write_uidlist()
+            self._write_uidlist(lock)
         for base, info in found.items():
             info.uid = state.uids[base]
         self._messages = found
@@ -427,8 +436,7 @@ class Folder:
 
     def _assign(self, info: MessageInfo) -> MessageInfo:
         with self._lock:
-            fd = self._flock()
-            try:
+            with self._dotlock() as lock:
                 self._read_uidlist()
                 st = self._state
                 uid = st.uids.get(info.base)
@@ -436,12 +444,10 @@ class Folder:
                     uid = st.uidnext
                     st.uids[info.base] = uid
                     st.uidnext += 1
-                    self._write_uidlist()
+                    self._write_uidlist(lock)
                 info.uid = uid
                 self._messages[info.base] = info
                 return info
-            finally:
-                os.close(fd)
 
     def copy_in(self, src: Folder, msg: MessageInfo, flags: Iterable[str] | None = None) -> MessageInfo | None:
         """Copy msg from src into this folder (hard link when possible); None if gone."""
@@ -513,6 +519,56 @@ class Folder:
                 count += 1
                 total += size
         return count, total
+
+
+class _DotLock:
+    """Dovecot's dotlock for dovecot-uidlist: ``<file>.lock`` created with O_EXCL; a
+    commit writes the new content into the lock file and renames it over the file, which
+    also releases the lock. A lock older than LOCK_STALE seconds is taken over.
+    Waiting for another process's lock blocks the caller (briefly: Dovecot holds it for
+    milliseconds) and gives up after LOCK_WAIT seconds with MaildirError.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.path = target.with_name(target.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> _DotLock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                return self
+            except FileExistsError:
+                try:
+                    age = time.time() - self.path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > LOCK_STALE:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                if time.monotonic() > deadline:
+                    raise MaildirError(f"{self.target.parent.name}: the folder is locked by another process") from None
+                time.sleep(0.005)
+
+    def commit(self, data: bytes) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.rename(self.path, self.target)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def _arrival_key(base: str) -> tuple[int, int, str]:

@@ -310,6 +310,7 @@ def test_curl_fetches_and_lists(server, tmp_path: Path) -> None:
 
 
 DOVECOT = "/usr/lib/dovecot/imap"
+FROM_DOVECOT = b"Subject: from dovecot\r\n\r\nhi\r\n"
 
 
 @pytest.mark.skipif(not os.path.exists(DOVECOT), reason="Dovecot (dovecot-imapd) is not installed")
@@ -326,6 +327,7 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         c.store("1", "+FLAGS", r"(\Flagged)")
         c.create("Projects")
         c.append("Projects", r"(\Seen)", None, MSG.replace(b"quarterly", b"from kanmon"))
+        validity = s.box.folder("INBOX").uidvalidity
         c.logout()
         for p in [base, *base.rglob("*")]:
             os.chown(p, 65534, 65534)
@@ -335,16 +337,26 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
             f"mail_location = maildir:{base}/data/mailboxes/%d/%n:INDEX=MEMORY\nmail_home = {base}/home\n"
             "ssl = no\nprotocols = imap\nmail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
         )
-        script = (b'a SELECT INBOX\r\nb FETCH 1 (FLAGS BODY.PEEK[])\r\nc LIST "" "*"\r\n'
-                  b"d SELECT Projects\r\ne FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\nf LOGOUT\r\n")
+        script = (b'a SELECT INBOX\r\nb FETCH 1 (UID FLAGS BODY.PEEK[])\r\nc LIST "" "*"\r\n'
+                  b"d SELECT Projects\r\ne FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
+                  b"g APPEND INBOX {%d+}\r\n%s\r\nf LOGOUT\r\n" % (len(FROM_DOVECOT), FROM_DOVECOT))
         r = subprocess.run([DOVECOT, "-c", str(conf)], input=script, capture_output=True, timeout=30,
                            env={"USER": ALICE, "PATH": os.environ.get("PATH", "")})
         out = r.stdout
         assert b"* PREAUTH" in out, r.stderr
-        assert re.search(rb"\* 1 FETCH \(FLAGS \(\\Flagged \\Recent\) BODY\[\] \{%d\}" % len(MSG), out), out
+        # Same UIDVALIDITY and UID: Dovecot read kanmon's dovecot-uidlist.
+        assert f"* OK [UIDVALIDITY {validity}]".encode() in out
+        assert re.search(rb"\* 1 FETCH \(UID 1 FLAGS \(\\Flagged\) BODY\[\] \{%d\}" % len(MSG), out), out
         assert b"The numbers are in." in out
         assert b'"." Projects' in out and b'"." Sent' in out
-        assert b"FLAGS (\\Seen \\Recent) BODY[HEADER.FIELDS (SUBJECT)]" in out and b"Subject: from kanmon" in out
+        assert b"FLAGS (\\Seen) BODY[HEADER.FIELDS (SUBJECT)]" in out and b"Subject: from kanmon" in out
+        assert re.search(rb"g OK \[APPENDUID %d 2\]" % validity, out), out
+        # And back: kanmon sees the message Dovecot stored, under Dovecot's UID.
+        c = connect(s)
+        c.select("INBOX")
+        typ, data = c.uid("FETCH", "2", "(BODY.PEEK[])")
+        assert data[0][1] == FROM_DOVECOT
+        c.logout()
     finally:
         s.loop.run(s.svc.stop())
         s.loop.close()

@@ -79,7 +79,8 @@ def test_uids_and_uidvalidity_survive_restart(box: Mailbox) -> None:
     msgs = other.sync()
     assert other.uidvalidity == validity
     assert [m.uid for m in msgs] == [2]  # a UID is never reused
-    assert (box.root / "kanmon-uidlist").read_text().startswith(f"3 V{validity} N3")
+    assert (box.root / "dovecot-uidlist").read_text().startswith(f"3 V{validity} N3 G")
+    assert not (box.root / "dovecot-uidlist.lock").exists()
 
 
 def test_flags_live_in_the_file_name(box: Mailbox) -> None:
@@ -165,3 +166,33 @@ def test_unparseable_files_are_skipped(box: Mailbox) -> None:
     (box.root / "cur" / ".nfs0001").write_bytes(b"junk")
     deliver_new(box.root, MSG)
     assert len(box.folder("INBOX").sync()) == 1
+
+
+def test_reads_dovecot_written_uidlist_and_keeps_its_fields(box: Mailbox) -> None:
+    for name in ("1700000000.M1P1Q1.host,S=10", "1700000001.M1P1Q1.host,S=10"):
+        (box.root / "cur" / (name + ":2,S")).write_bytes(b"Subject: x\n")
+    (box.root / "dovecot-uidlist").write_text(
+        "3 V1234 N1 Gabcdef\n"
+        "7 W11 :1700000000.M1P1Q1.host,S=10\n"
+        "9 :1700000001.M1P1Q1.host,S=10\n"
+    )
+    deliver_new(box.root, MSG)
+    inbox = box.folder("INBOX")
+    msgs = inbox.sync()
+    assert [m.uid for m in msgs] == [7, 9, 10] and inbox.uidvalidity == 1234
+    text = (box.root / "dovecot-uidlist").read_text()
+    assert text.startswith("3 V1234 N11 Gabcdef\n") and "7 W11 :1700000000.M1P1Q1.host,S=10\n" in text
+
+
+def test_stale_dotlock_is_taken_over_and_a_live_one_is_waited_for(box: Mailbox, monkeypatch) -> None:
+    lock = box.root / "dovecot-uidlist.lock"
+    lock.write_text("12345")
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    deliver_new(box.root, MSG)
+    assert len(box.folder("INBOX").sync()) == 1  # a crashed process's lock does not block us
+    assert not lock.exists()
+    lock.write_text("12345")  # fresh: someone is writing right now
+    monkeypatch.setattr(maildir, "LOCK_WAIT", 0.0)
+    with pytest.raises(maildir.MaildirError, match="locked by another process"):
+        box.folder("INBOX").sync()
