@@ -14,7 +14,6 @@ of a section.
 
 from __future__ import annotations
 
-import email.message
 import email.utils
 import re
 from dataclasses import dataclass, field
@@ -118,20 +117,56 @@ class Part:
         return self.maintype == "message" and self.subtype == "rfc822" and self.message is not None
 
 
-def _content_type(value: str | None, default: str) -> tuple[str, str, list[tuple[str, str]]]:
-    m = email.message.Message()
-    if value:
-        m["Content-Type"] = value.encode("ascii", "replace").decode("ascii")
-    ctype = m.get_content_type() if value else default
-    if value and ctype == "text/plain" and not value.strip().lower().startswith("text/plain"):
-        ctype = default if "/" not in value else ctype
-    maintype, _, subtype = ctype.partition("/")
+def split_params(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """'text/plain; charset="utf-8"; x*=a' -> ('text/plain', [('charset', 'utf-8'), ('x*', 'a')]).
+
+    Parameters stay as written (RFC 2231 forms included), as IMAP servers return them.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    escaped = False
+    for ch in value:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            current.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            current.append(ch)
+        elif ch == ";" and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    head = items[0].strip()
     params: list[tuple[str, str]] = []
-    for k, v in (m.get_params() or [])[1:]:
-        if isinstance(v, tuple):
-            v = email.utils.collapse_rfc2231_value(v)
-        params.append((k.lower(), email.utils.unquote(str(v))))
-    return maintype.lower(), subtype.lower(), params
+    for item in items[1:]:
+        name, eq, val = item.partition("=")
+        name = name.strip().lower()
+        if not eq or not name:
+            continue
+        val = val.strip()
+        if len(val) >= 2 and val[0] == val[-1] == '"':
+            val = re.sub(r"\\(.)", r"\1", val[1:-1])
+        params.append((name, val))
+    return head, params
+
+
+def _content_type(value: str | None, default: str) -> tuple[str, str, list[tuple[str, str]]]:
+    if not value:
+        maintype, _, subtype = default.partition("/")
+        return maintype, subtype, []
+    head, params = split_params(value)
+    maintype, slash, subtype = head.lower().partition("/")
+    if not slash or not maintype.strip() or not subtype.strip() or " " in head:
+        # RFC 2045 5.2: an unparseable Content-Type means the default
+        maintype, _, subtype = default.partition("/")
+        params = [(k, v) for k, v in params if k == "charset"]
+    return maintype.strip(), subtype.strip(), params
 
 
 def _split_header(data: bytes) -> tuple[bytes, bytes]:
@@ -266,18 +301,10 @@ def _disposition(part: Part) -> bytes:
     value = part.get("content-disposition")
     if not value:
         return b"NIL"
-    m = email.message.Message()
-    m["Content-Disposition"] = value.encode("ascii", "replace").decode("ascii")
-    params = m.get_params(header="content-disposition") or []
-    if not params:
+    kind, params = split_params(value)
+    if not kind:
         return b"NIL"
-    kind = params[0][0]
-    rest = []
-    for k, v in params[1:]:
-        if isinstance(v, tuple):
-            v = email.utils.collapse_rfc2231_value(v)
-        rest.append((k.lower(), email.utils.unquote(str(v))))
-    return ilist([istr(kind.upper()), _params(rest)])
+    return ilist([istr(kind.upper()), _params(params)])
 
 
 def _lines(body: bytes) -> int:
