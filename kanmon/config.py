@@ -237,7 +237,18 @@ class OutboundSection(Section):
     connect_timeout: Duration = Field(30.0, gt=0, description="Time to connect and get the greeting")
     command_timeout: Duration = Field(300.0, gt=0, description="Time for a reply to MAIL/RCPT/EHLO (RFC 5321 4.5.3.2)")
     data_timeout: Duration = Field(600.0, gt=0, description="Time for the reply after the final dot (RFC 5321 4.5.3.2.6)")
+    bind_address: str | None = Field(None, description="Local address outgoing connections leave from (like smtp_bind_address)")
     source_ips: list[str] = Field(default_factory=list, description="Addresses our outgoing mail leaves from (for dns check)")
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address") from None
+        return v
 
 
 class DnsSection(Section):

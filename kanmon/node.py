@@ -20,8 +20,10 @@ from typing import TextIO
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
+from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
+from kanmon.queue.notices import Notices
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer
 from kanmon.spool.groupcommit import GroupCommitter
@@ -50,11 +52,16 @@ class Node:
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
         self.local = LocalDelivery(self.data_dir, self.committer)
-        self.queue = QueueManager(config, self.spool, self.records, self.local, clock=self.clock)
+        self.remote = SmtpDelivery(config, self.records.emit)
+        self.queue = QueueManager(
+            config, self.spool, self.records, self.local, self.remote.deliver_route,
+            clock=self.clock, notices=Notices(config),
+        )
         self.tls_context = server_context(config)
         self.policy = AcceptPolicy(config)
         self.smtp = SmtpServer(
-            config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context
+            config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
+            clock=self.clock.now,
         )
 
     def recover(self) -> None:
@@ -90,6 +97,7 @@ class Node:
         finally:
             self.local.close()
             self.queue.close()
+            await self.remote.close()
             self.spool.close()
             self.committer.close()
             self.records.emit("stopped")

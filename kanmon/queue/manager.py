@@ -30,6 +30,7 @@ from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.model import Envelope, RecipientResult, Reply, Status, new_queue_id
 from kanmon.records.store import Records
+from kanmon.smtp.client import describe_reply
 from kanmon.routing import Route, Router
 from kanmon.spool.store import QueueState, Spool, SpoolEntry
 
@@ -250,10 +251,8 @@ class QueueManager:
         final: list[RecipientResult] = []
         for r in results:
             if r.status is Status.DEFERRED and expired:
-                text = f"{r.reply.text} ({LIFETIME_EXPIRED})" if q.lifetime else r.reply.text
-                r = RecipientResult(r.rcpt, Status.BOUNCED, Reply(r.reply.code + 100 if r.reply.code < 500 else r.reply.code,
-                                    "5" + r.reply.enhanced[1:] if r.reply.enhanced else "5.4.7", text),
-                                    r.relay, r.mailer, r.tls)
+                # The last reply is kept; the notice reports it as a permanent 5.x.x.
+                r = RecipientResult(r.rcpt, Status.BOUNCED, r.reply, r.relay, r.mailer, r.tls)
             final.append(r)
         still_deferred = [r for r in final if r.status is Status.DEFERRED]
         records: list[dict] = [
@@ -279,7 +278,7 @@ class QueueManager:
         if still_deferred or bounced or warn:
             await loop.run_in_executor(self._io, self.spool.append_state, qid, records)
         for r in final:
-            self._log_result(qid, env, r, start, now)
+            self._log_result(qid, env, r, start, now, expired)
         if bounced:
             await self._notify(entry, content, bounced, "failed", now)
         if warn:
@@ -292,7 +291,10 @@ class QueueManager:
         self.delivered += 1
         self.records.emit("removed", qid)
 
-    def _log_result(self, qid: str, env: Envelope, r: RecipientResult, start: float, now: float) -> None:
+    def _log_result(
+        self, qid: str, env: Envelope, r: RecipientResult, start: float, now: float, expired: bool = False
+    ) -> None:
+        """Sendmail/Postfix-style delivery line: to=<..>, delay=.., mailer=.., dsn=.., stat=.."""
         parts = [f"to=<{r.rcpt}>"]
         orig = env.original_rcpts.get(r.rcpt)
         if orig:
@@ -302,19 +304,25 @@ class QueueManager:
         parts.append(f"mailer={r.mailer or 'local'}")
         if r.relay and r.relay != "local":
             parts.append(f"relay={r.relay}")
-        parts.append(f"dsn={r.reply.enhanced or ('2.0.0' if r.reply.code < 400 else '4.0.0')}")
+        enhanced = r.reply.enhanced or ("2.0.0" if r.reply.code < 400 else "4.0.0" if r.reply.code < 500 else "5.0.0")
+        if r.status is Status.BOUNCED and enhanced.startswith("4"):
+            enhanced = "5" + enhanced[1:]
+        parts.append(f"dsn={enhanced}")
+        text = describe_reply(r.reply)
         if r.status is Status.SENT:
-            stat = "Sent" if r.mailer in ("local", "") else f"Sent ({r.reply})"
+            stat = "Sent" if r.mailer in ("local", "") else f"Sent ({text})"
         elif r.status is Status.DEFERRED:
-            stat = f"Deferred: {r.reply}" if r.reply.code else f"Deferred: {r.reply.text}"
+            stat = f"Deferred: {text}"
         else:
-            stat = f"Bounced: {r.reply}"
+            stat = f"Bounced: {text}" + (f" ({LIFETIME_EXPIRED})" if expired and self.config.queue.lifetime else "")
         parts.append(f"stat={stat}")
         self.records.emit(", ".join(parts), qid)
-        if r.status is not Status.DEFERRED:
-            self.records.history_status(qid, r.rcpt, "Delivered" if r.status is Status.SENT else "Bounced")
+        if r.status is Status.SENT:
+            self.records.history_status(qid, r.rcpt, "Delivered")
+        elif r.status is Status.BOUNCED:
+            self.records.history_status(qid, r.rcpt, f"Bounced: {text}")
         else:
-            self.records.history_status(qid, r.rcpt, f"Deferred: {r.reply}")
+            self.records.history_status(qid, r.rcpt, f"Deferred: {text}")
 
     async def _notify(self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], action: str, now: float) -> None:
         """A delay or failure notice to the sender, re-entering through the spool (RFC 3464)."""

@@ -23,6 +23,7 @@ bound.
 from __future__ import annotations
 
 import asyncio
+import warnings
 import re
 import ssl
 import time
@@ -196,6 +197,7 @@ class ClientSettings:
     command_timeout: float = 300.0  # EHLO, MAIL, RCPT, DATA, RSET, each data block
     data_timeout: float = 600.0  # reply to the final dot (RFC 5321 4.5.3.2.6)
     ca_file: Path | None = None  # for verify=OK/FAIL and tls = verify
+    bind_address: str | None = None  # local address connections leave from (smtp_bind_address)
 
     @classmethod
     def from_config(cls, config: Config) -> ClientSettings:
@@ -206,6 +208,7 @@ class ClientSettings:
             command_timeout=out.command_timeout,
             data_timeout=out.data_timeout,
             ca_file=out.ca_file,
+            bind_address=out.bind_address,
         )
 
 
@@ -261,7 +264,11 @@ def _trust_store(ca_file: str | None):  # -> cryptography Store | None
     certs = []
     for p in paths:
         try:
-            certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
+            with warnings.catch_warnings():
+                # System bundles hold old roots with odd serial numbers; cryptography warns
+                # about them (CryptographyDeprecationWarning) but loads them.
+                warnings.simplefilter("ignore")
+                certs.extend(x509.load_pem_x509_certificates(p.read_bytes()))
         except (OSError, ValueError):
             continue
     return Store(certs) if certs else None
@@ -841,6 +848,7 @@ async def _connect(
                 lambda: pipe,
                 host=address,
                 port=port,
+                local_addr=(settings.bind_address, 0) if settings.bind_address else None,
                 ssl=_unverified_context() if implicit_tls else None,
                 server_hostname=server_name if implicit_tls else None,
                 ssl_handshake_timeout=settings.connect_timeout if implicit_tls else None,

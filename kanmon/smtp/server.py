@@ -310,7 +310,7 @@ class SmtpProtocol(asyncio.Protocol):
         if a.rcpt:
             detail += f" to=<{a.rcpt}>"
         self.server.records.emit(
-            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto if c.helo else 'SMTP'} helo=<{c.helo}>"
+            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>"
         )
         if a.command in ("RCPT", "DATA"):
             self.server.records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user)

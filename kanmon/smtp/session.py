@@ -278,6 +278,7 @@ class Session:
         if not name or " " in name:
             raise SmtpError(replies.EHLO_SYNTAX)
         self.client.helo = name
+        self.client.proto = "ESMTPS" if self.tls_active else "ESMTP"
         self.esmtp = True
         self._tx = None
         self.state = State.READY
@@ -298,6 +299,7 @@ class Session:
         if not name or " " in name:
             raise SmtpError(replies.HELO_SYNTAX)
         self.client.helo = name
+        self.client.proto = "SMTP"
         self.esmtp = False
         self._tx = None
         self.state = State.READY
