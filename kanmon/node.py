@@ -20,6 +20,7 @@ from typing import TextIO
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
+from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
@@ -87,7 +88,11 @@ class Node:
                     await service.start()
                     started.append(service)
                 self.started.set()
-                await self.queue.run()  # until cancelled
+                async with asyncio.TaskGroup() as tg:  # until cancelled
+                    tg.create_task(self.queue.run())
+                    if self.config.dnscheck.every:
+                        monitor = DnsMonitor(self.config, self.records.emit, None, self.clock)
+                        tg.create_task(monitor.run())
             finally:
                 await self.smtp.stop()
                 for service in reversed(started):
