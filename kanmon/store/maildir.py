@@ -52,6 +52,18 @@ FLAG_TO_LETTER = {
 LETTER_TO_FLAG = {v: k for k, v in FLAG_TO_LETTER.items()}
 SYSTEM_FLAGS = frozenset(FLAG_TO_LETTER)
 
+# Keywords ($Junk, $Forwarded, $label1, ...) are the letters a..z in the info part; the
+# names are in the folder's dovecot-keywords file, "<index> <name>" per line (Dovecot's).
+KEYWORDS_FILE = "dovecot-keywords"
+MAX_KEYWORDS = 26
+_KEYWORD_RE = re.compile(r"^[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,100}$")
+
+
+def is_keyword(name: str) -> bool:
+    """An IMAP flag-keyword (RFC 3501 9: atom, no backslash) that we can store."""
+    return bool(_KEYWORD_RE.match(name))
+
+
 # RFC 6154 special-use folders created with every mailbox.
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
 
@@ -197,6 +209,8 @@ class Folder:
         self._lock = threading.RLock()
         self._state = _UidState()
         self._messages: dict[str, MessageInfo] = {}  # base -> info
+        self._keywords: list[str] = []  # index -> name, from dovecot-keywords
+        self._keywords_stamp: tuple[int, int, int] | None = None
 
     # -- locking: a thread lock for this process, Dovecot's dotlock for other processes
     def _dotlock(self) -> _DotLock:
@@ -281,6 +295,7 @@ class Folder:
 
     def _sync_locked(self, move_new: bool, lock: _DotLock) -> list[MessageInfo]:
         self._read_uidlist()
+        self._load_keywords()
         state = self._state
         found: dict[str, MessageInfo] = {}
         newly: list[str] = []
@@ -385,8 +400,73 @@ class Folder:
         except FileNotFoundError:
             return time.time()
 
-    def set_flags(self, msg: MessageInfo, flags: Iterable[str]) -> MessageInfo | None:
-        """Rename msg so its info carries exactly these system flags."""
+    # -- keywords
+    def _load_keywords(self) -> None:
+        p = self.path / KEYWORDS_FILE
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            self._keywords, self._keywords_stamp = [], None
+            return
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self._keywords_stamp:
+            return
+        names: list[str] = []
+        try:
+            text = p.read_text("utf-8", "replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            idx, _, name = line.partition(" ")
+            if idx.isdigit() and int(idx) < MAX_KEYWORDS and name:
+                i = int(idx)
+                while len(names) <= i:
+                    names.append("")
+                names[i] = name
+        self._keywords, self._keywords_stamp = names, stamp
+
+    def keyword_names(self) -> list[str]:
+        """Keywords defined in this folder (what PERMANENTFLAGS/FLAGS list)."""
+        self._load_keywords()
+        return [n for n in self._keywords if n]
+
+    def keywords_of(self, msg: MessageInfo) -> frozenset[str]:
+        out = set()
+        for ch in msg.extra:
+            i = ord(ch) - ord("a")
+            if 0 <= i < len(self._keywords) and self._keywords[i]:
+                out.add(self._keywords[i])
+        return frozenset(out)
+
+    def _letters(self, names: Iterable[str]) -> str:
+        """Letters for these keywords, defining new ones (up to 26; the rest are dropped)."""
+        wanted = [n for n in dict.fromkeys(names) if is_keyword(n)]
+        if not wanted:
+            return ""
+        self._load_keywords()
+        known = {n.lower() for n in self._keywords if n}
+        if any(n.lower() not in known for n in wanted):
+            with _DotLock(self.path / KEYWORDS_FILE) as lock:
+                self._keywords_stamp = None
+                self._load_keywords()
+                table = list(self._keywords)
+                lowers = {x.lower() for x in table if x}
+                for n in wanted:
+                    if n.lower() not in lowers and len(table) < MAX_KEYWORDS:
+                        table.append(n)
+                        lowers.add(n.lower())
+                if len(table) != len(self._keywords):
+                    lock.commit("".join(f"{i} {n}\n" for i, n in enumerate(table) if n).encode())
+            self._keywords_stamp = None
+            self._load_keywords()
+        index = {n.lower(): i for i, n in enumerate(self._keywords) if n}
+        return "".join(sorted({chr(ord("a") + index[n.lower()]) for n in wanted if n.lower() in index}))
+
+    def set_flags(
+        self, msg: MessageInfo, flags: Iterable[str], keywords: Iterable[str] | None = None
+    ) -> MessageInfo | None:
+        """Rename msg so its info carries exactly these system flags (and keywords,
+        when given; otherwise its keywords stay)."""
         flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
         with self._lock:
             src = self._locate(msg)
@@ -394,6 +474,9 @@ class Folder:
                 return None
             parsed = parse_filename(src.name)
             extra = parsed[2] if parsed else msg.extra
+            if keywords is not None:
+                others = "".join(ch for ch in extra if not "a" <= ch <= "z")
+                extra = others + self._letters(keywords)
             new = MessageInfo(msg.uid, msg.base, "cur", flags, extra, msg.size, msg.vsize, msg.recent)
             dst = self.path / "cur" / new.filename
             if src != dst:
@@ -423,13 +506,17 @@ class Folder:
         return base, tmp
 
     def append(
-        self, wire_data: bytes, flags: Iterable[str] = (), internaldate: float | None = None
+        self,
+        wire_data: bytes,
+        flags: Iterable[str] = (),
+        internaldate: float | None = None,
+        keywords: Iterable[str] = (),
     ) -> MessageInfo:
         """Store a message given in wire form (CRLF); return it with its new UID."""
         data = to_lf(wire_data)
         flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
         base, tmp = self._deliver_tmp(data, flags, internaldate)
-        info = MessageInfo(0, base, "cur", flags, "", len(data), None)
+        info = MessageInfo(0, base, "cur", flags, self._letters(keywords), len(data), None)
         os.rename(tmp, self.path / "cur" / info.filename)
         _fsync_dir(self.path / "cur")
         return self._assign(info)
@@ -450,11 +537,13 @@ class Folder:
                 return info
 
     def copy_in(self, src: Folder, msg: MessageInfo, flags: Iterable[str] | None = None) -> MessageInfo | None:
-        """Copy msg from src into this folder (hard link when possible); None if gone."""
+        """Copy msg from src into this folder (hard link when possible), with its flags
+        and keywords (keyword letters are translated: each folder has its own table)."""
         path = src._locate(msg)
         if path is None:
             return None
         keep = msg.flags if flags is None else frozenset(flags)
+        letters = self._letters(src.keywords_of(msg))
         vsize = msg.vsize
         size = msg.size
         if size is None:
@@ -465,7 +554,7 @@ class Folder:
         if vsize is None:
             vsize = src.wire_size(msg)
         base = unique_name(size, vsize)
-        info = MessageInfo(0, base, "cur", keep, "", size, vsize)
+        info = MessageInfo(0, base, "cur", keep, letters, size, vsize)
         tmp = self.path / "tmp" / base
         try:
             os.link(path, tmp)

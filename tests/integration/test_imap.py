@@ -324,7 +324,7 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         deliver_new(s.box.root, MSG)
         c = connect(s)
         c.select("INBOX")
-        c.store("1", "+FLAGS", r"(\Flagged)")
+        c.store("1", "+FLAGS", r"(\Flagged $Important)")
         c.create("Projects")
         c.append("Projects", r"(\Seen)", None, MSG.replace(b"quarterly", b"from kanmon"))
         validity = s.box.folder("INBOX").uidvalidity
@@ -344,9 +344,10 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
                            env={"USER": ALICE, "PATH": os.environ.get("PATH", "")})
         out = r.stdout
         assert b"* PREAUTH" in out, r.stderr
-        # Same UIDVALIDITY and UID: Dovecot read kanmon's dovecot-uidlist.
+        # Same UIDVALIDITY and UID: Dovecot read kanmon's dovecot-uidlist (and the keyword
+        # from dovecot-keywords).
         assert f"* OK [UIDVALIDITY {validity}]".encode() in out
-        assert re.search(rb"\* 1 FETCH \(UID 1 FLAGS \(\\Flagged\) BODY\[\] \{%d\}" % len(MSG), out), out
+        assert re.search(rb"\* 1 FETCH \(UID 1 FLAGS \(\\Flagged \$Important\) BODY\[\] \{%d\}" % len(MSG), out), out
         assert b"The numbers are in." in out
         assert b'"." Projects' in out and b'"." Sent' in out
         assert b"FLAGS (\\Seen) BODY[HEADER.FIELDS (SUBJECT)]" in out and b"Subject: from kanmon" in out

@@ -280,7 +280,7 @@ def test_select_reports_and_examine_is_read_only(env) -> None:
     out = d.cmd("a SELECT INBOX")
     for line in ("* 2 EXISTS", "* 2 RECENT", "* OK [UNSEEN 1]", "* OK [UIDNEXT 3]", "a OK [READ-WRITE]"):
         assert line in out
-    assert "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)]" in out
+    assert "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)]" in out
     out = d.cmd("b EXAMINE INBOX")
     assert "b OK [READ-ONLY]" in out and "* 0 RECENT" in out
     assert "c NO [READ-ONLY]" in d.cmd("c STORE 1 +FLAGS (\\Seen)")
@@ -344,13 +344,30 @@ def test_store_flags_persist(env) -> None:
     d = logged_in(env)
     assert "FLAGS (\\Flagged \\Seen \\Recent)" in d.cmd("a STORE 1 +FLAGS (\\Seen \\Flagged)")
     assert "FETCH" not in d.cmd("b STORE 1 -FLAGS.SILENT (\\Flagged)")
-    assert "FLAGS (\\Answered \\Recent)" in d.cmd("c STORE 1 FLAGS (\\Answered $Label1)")
+    out = d.cmd("c STORE 1 FLAGS (\\Answered $Label1)")
+    # A new keyword: the client is told the new FLAGS (RFC 3501 7.2.6), then the FETCH.
+    assert out.index("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Label1)") < out.index("FETCH")
+    assert "* 1 FETCH (FLAGS (\\Answered \\Recent $Label1))" in out
     assert "d BAD" in d.cmd("d STORE 1 +FLAGS (\\Bogus)")
     assert "e BAD" in d.cmd("e STORE 1 +SOMETHING (\\Seen)")
+    assert "f BAD" in d.cmd('f STORE 1 +FLAGS ("quoted")')
     (m,) = env.box.folder("INBOX").sync()
-    assert m.flags == {"\\Answered"}
+    assert m.flags == {"\\Answered"} and m.filename.endswith(":2,Ra")
+    assert (env.box.root / "dovecot-keywords").read_text() == "0 $Label1\n"
     d2 = logged_in(env)
-    assert "FLAGS (\\Answered)" in d2.cmd("f FETCH 1 FLAGS")
+    assert "FLAGS (\\Answered $Label1)" in d2.cmd("g FETCH 1 FLAGS")
+    assert "* SEARCH 1" in d2.cmd("h SEARCH KEYWORD $label1")
+    assert "* SEARCH\r\n" in d2.cmd("i SEARCH UNKEYWORD $Label1")
+    assert "FLAGS (\\Answered)" in d2.cmd("j STORE 1 -FLAGS ($Label1)")
+
+
+def test_keywords_follow_copies_into_another_folder(env) -> None:
+    deliver_new(env.box.root, SIMPLE)
+    d = logged_in(env)
+    d.cmd("a STORE 1 +FLAGS ($Other $Junk)")
+    d.cmd("b COPY 1 Junk")
+    d.cmd("c SELECT Junk")
+    assert "FLAGS ($Junk $Other)" in d.cmd("d FETCH 1 FLAGS")
 
 
 def test_other_sessions_see_flag_changes_and_expunges(env) -> None:

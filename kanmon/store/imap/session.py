@@ -52,6 +52,7 @@ from kanmon.store.maildir import (
     MaildirError,
     MessageInfo,
     check_folder_name,
+    is_keyword,
     to_crlf,
 )
 from kanmon.store.users import AuthThrottle, Users, log_safe
@@ -59,8 +60,7 @@ from kanmon.store.users import AuthThrottle, Users, log_safe
 IDLE_TIMEOUT = 1800.0  # RFC 3501 5.4: at least 30 minutes
 IDLE_POLL = 2.0  # how often IDLE looks at the folder for new mail
 MAX_ERRORS = 20
-PERMANENT_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
-FLAGS_LINE = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
+SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
 BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID"
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -102,10 +102,11 @@ def parse_datetime(text: str) -> float:
 
 
 def _flag_list(flags: frozenset[str] | set[str], recent: bool = False) -> str:
-    order = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-    items = [f for f in order if f in flags]
+    """System flags in a fixed order, then \\Recent, then keywords."""
+    items = [f for f in SYSTEM_ORDER if f in flags]
     if recent:
         items.append("\\Recent")
+    items += sorted(f for f in flags if not f.startswith("\\"))
     return "(" + " ".join(items) + ")"
 
 
@@ -423,8 +424,7 @@ class ImapSession:
         self.sel = sel
         self.state = "SELECTED"
         out = [
-            f"* FLAGS {FLAGS_LINE}",
-            f"* OK [PERMANENTFLAGS ({PERMANENT_FLAGS})] Limited" if not readonly else "* OK [PERMANENTFLAGS ()] Read-only",
+            *self._flags_announcement(folder, readonly),
             f"* {len(msgs)} EXISTS",
             f"* {len(sel.recent)} RECENT",
         ]
@@ -594,7 +594,7 @@ class ImapSession:
         quota = self.users.quota(self.user or "")
         if quota is not None and self.mailbox.usage()[1] + len(data) > quota:
             raise No("[OVERQUOTA] the mailbox is over its quota")  # RFC 5530 3
-        info = folder.append(data, flags, when)
+        info = folder.append(data, flags & SYSTEM_FLAGS, when, flags - SYSTEM_FLAGS)
         out = []
         if self.sel and self.sel.folder is folder:
             out = self._refresh(allow_expunge=True)
@@ -635,8 +635,9 @@ class ImapSession:
                     sel.recent.discard(uid)
         for seq, uid in enumerate(sel.uids, 1):
             m = now.get(uid)
-            if m is not None and m.flags != sel.infos[uid].flags:
-                out.append(f"* {seq} FETCH (UID {uid} FLAGS {_flag_list(m.flags, uid in sel.recent)})\r\n".encode())
+            old = sel.infos[uid]
+            if m is not None and (m.flags != old.flags or m.extra != old.extra):
+                out.append(f"* {seq} FETCH (UID {uid} FLAGS {_flag_list(self._all_flags(m), uid in sel.recent)})\r\n".encode())
             if m is not None:
                 sel.infos[uid] = m
         known = set(sel.uids)
@@ -649,6 +650,18 @@ class ImapSession:
                     sel.recent.add(m.uid)
             out.append(f"* {len(sel.uids)} EXISTS\r\n* {len(sel.recent)} RECENT\r\n".encode())
         return out
+
+    def _flags_announcement(self, folder: Folder, readonly: bool = False) -> list[str]:
+        """* FLAGS and PERMANENTFLAGS (RFC 3501 7.2.6, 7.1): keywords may be created (\\*)."""
+        keywords = folder.keyword_names()
+        names = " ".join([*SYSTEM_ORDER, *keywords])
+        perm = "* OK [PERMANENTFLAGS ()] Read-only" if readonly else f"* OK [PERMANENTFLAGS ({names} \\*)] Flags permitted"
+        return [f"* FLAGS ({names})", perm]
+
+    def _all_flags(self, info: MessageInfo) -> frozenset[str]:
+        """System flags and keywords of a message."""
+        assert self.sel is not None
+        return info.flags | self.sel.folder.keywords_of(info)
 
     def _messages(self, spec: object, uid: bool) -> list[tuple[int, int]]:
         """[(seq, uid)] for a sequence set (RFC 3501 9) or UID set (6.4.8)."""
@@ -670,16 +683,22 @@ class ImapSession:
         return [(i + 1, u) for i, u in enumerate(sel.uids) if in_set(ranges, i + 1, n)]
 
     def _flags(self, items: list) -> set[str]:
+        """A flag list from the client: system flags (any case) and keywords."""
         flags = set()
         for f in items:
-            if not isinstance(f, str):
+            if not isinstance(f, str) or isinstance(f, QStr):
                 raise Bad("bad flag")
-            norm = _SYSTEM_BY_LOWER.get(f.lower(), f) if f.startswith("\\") else f
-            if norm.startswith("\\") and norm not in SYSTEM_FLAGS:
-                raise Bad(f"unknown system flag {f[:20]}")
-            if norm in SYSTEM_FLAGS:
+            if f.startswith("\\"):
+                norm = _SYSTEM_BY_LOWER.get(f.lower())
+                if f.lower() == "\\recent":
+                    continue  # RFC 3501 2.3.2: the client cannot set \Recent
+                if norm is None:
+                    raise Bad(f"unknown system flag {f[:20]}")
                 flags.add(norm)
-            # keywords are accepted and not kept (PERMANENTFLAGS has no \*)
+            elif is_keyword(f):
+                flags.add(f)
+            else:
+                raise Bad(f"bad keyword {f[:20]}")
         return flags
 
     def _cmd_close(self, tag: str, args: list) -> list[Event]:
@@ -745,23 +764,30 @@ class ImapSession:
             raise No("[READ-ONLY] mailbox is read-only")
         op, silent = m.group(1), bool(m.group(2))
         out = self._refresh(allow_expunge=False)
+        keywords_before = sel.folder.keyword_names()
+        fetches = []
         for seq, u in targets:
             info = sel.infos.get(u)
             if info is None:
                 continue
+            current = self._all_flags(info)
             if op == "+":
-                new = info.flags | flags
+                new = current | flags
             elif op == "-":
-                new = info.flags - flags
+                new = current - flags
             else:
                 new = frozenset(flags)
-            if new != info.flags:
-                changed = sel.folder.set_flags(info, new)
+            if new != current:
+                changed = sel.folder.set_flags(info, new & SYSTEM_FLAGS, new - SYSTEM_FLAGS)
                 if changed is not None:
                     sel.infos[u] = changed
             if not silent:
                 uid_part = f"UID {u} " if uid else ""
-                out.append(f"* {seq} FETCH ({uid_part}FLAGS {_flag_list(sel.infos[u].flags, u in sel.recent)})\r\n".encode())
+                all_flags = self._all_flags(sel.infos[u])
+                fetches.append(f"* {seq} FETCH ({uid_part}FLAGS {_flag_list(all_flags, u in sel.recent)})\r\n".encode())
+        if sel.folder.keyword_names() != keywords_before:  # RFC 3501 7.2.6: new keywords
+            out += [(line + "\r\n").encode() for line in self._flags_announcement(sel.folder)]
+        out += fetches
         return [Send(b"".join(out) + f"{tag} OK STORE completed\r\n".encode())]
 
     def _copy(self, tag: str, args: list, uid: bool, move: bool) -> list[Event]:
@@ -890,7 +916,7 @@ class ImapSession:
             if not any(w[0] == "FLAGS" for w in wanted):
                 wanted = [*wanted, ("FLAGS", None, None)]
         if any(w[0] == "FLAGS" for w in wanted):
-            parts.append(f"FLAGS {_flag_list(sel.infos[u].flags, u in sel.recent)}".encode())
+            parts.append(f"FLAGS {_flag_list(self._all_flags(sel.infos[u]), u in sel.recent)}".encode())
         return f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n"
 
     # -- SEARCH (RFC 3501 6.4.4)
@@ -966,12 +992,10 @@ class ImapSession:
             return (lambda c: c.uid not in c.session.sel.recent), pos
         if key == "NEW":
             return (lambda c: c.uid in c.session.sel.recent and "\\Seen" not in c.info.flags), pos
-        if key == "KEYWORD":
-            arg()
-            return (lambda c: False), pos
-        if key == "UNKEYWORD":
-            arg()
-            return (lambda c: True), pos
+        if key in ("KEYWORD", "UNKEYWORD"):
+            word = arg().lower()
+            want = key == "KEYWORD"
+            return (lambda c: (word in {k.lower() for k in c.session._all_flags(c.info)}) == want), pos
         if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
             needle = arg().lower()
             field = key.lower()
