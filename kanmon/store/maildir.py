@@ -290,10 +290,15 @@ class Folder:
         with self._lock:
             if not self.exists():
                 raise FolderNotFound(f"folder {self.name} does not exist")
+            try:  # most scans change nothing: they need no lock (IDLE polls often)
+                return self._sync_locked(move_new, None)
+            except _NeedLock:
+                pass
             with self._dotlock() as lock:
                 return self._sync_locked(move_new, lock)
 
-    def _sync_locked(self, move_new: bool, lock: _DotLock) -> list[MessageInfo]:
+    def _sync_locked(self, move_new: bool, lock: _DotLock | None) -> list[MessageInfo]:
+        """The scan; without a lock it raises _NeedLock before changing anything."""
         self._read_uidlist()
         self._load_keywords()
         state = self._state
@@ -316,6 +321,8 @@ class Folder:
                 sub = subdir
                 recent = False
                 if subdir == "new" and move_new:
+                    if lock is None:
+                        raise _NeedLock
                     target = f"{base}:2,{flag_letters(flags, extra)}"
                     try:
                         os.rename(self.path / "new" / name, self.path / "cur" / target)
@@ -335,6 +342,8 @@ class Folder:
                 found[base] = MessageInfo(0, base, sub, flags, extra, size, vsize, recent)
                 if base not in state.uids:
                     newly.append(base)
+        if lock is None and (newly or len(found) != len(state.uids) or not (self.path / UIDLIST).exists()):
+            raise _NeedLock
         changed = False
         for base in sorted(newly, key=_arrival_key):
             state.uids[base] = state.uidnext
@@ -348,6 +357,7 @@ class Folder:
             if base not in state.uids:
                 del state.exts[base]
         if changed or not (self.path / UIDLIST).exists():
+            assert lock is not None
             self._write_uidlist(lock)
         for base, info in found.items():
             info.uid = state.uids[base]
@@ -608,6 +618,10 @@ class Folder:
                 count += 1
                 total += size
         return count, total
+
+
+class _NeedLock(Exception):
+    """A scan found something to change: do it again holding the uidlist lock."""
 
 
 class _DotLock:

@@ -194,5 +194,9 @@ def test_stale_dotlock_is_taken_over_and_a_live_one_is_waited_for(box: Mailbox, 
     assert not lock.exists()
     lock.write_text("12345")  # fresh: someone is writing right now
     monkeypatch.setattr(maildir, "LOCK_WAIT", 0.0)
+    assert len(box.folder("INBOX").sync()) == 1  # a scan that changes nothing needs no lock
+    deliver_new(box.root, MSG)
     with pytest.raises(maildir.MaildirError, match="locked by another process"):
-        box.folder("INBOX").sync()
+        box.folder("INBOX").sync()  # a new message needs a UID: that waits for the lock
+    lock.unlink()
+    assert [m.uid for m in box.folder("INBOX").sync()] == [1, 2]
