@@ -548,3 +548,22 @@ def test_append_and_copy_over_quota_are_refused(tmp_path: Path) -> None:
     assert "c NO [OVERQUOTA]" in d.cmd("c COPY 1 Sent")
     assert "d NO [OVERQUOTA]" in d.send(b"d APPEND INBOX {100+}\r\n" + b"x" * 100 + b"\r\n")
     assert "e OK [APPENDUID" in d.send(b"e APPEND INBOX {10+}\r\n" + b"y" * 10 + b"\r\n")
+
+
+def test_idle_on_a_folder_deleted_elsewhere_says_bye_and_closes(env) -> None:
+    env.box.create_folder("Work")
+    d = logged_in(env, select="Work")
+    d.send("i IDLE\r\n")
+    env.box.delete_folder("Work")
+    d.out.clear()
+    d.run(d.session.poll())
+    assert d.out == b"* BYE the selected mailbox was deleted\r\n" and d.closed
+
+
+def test_hostile_tags_are_not_echoed(env) -> None:
+    d = env.session()
+    d.session.reader.max_literal = 10
+    assert d.send("x\x01y{99}\r\n").startswith("* ")
+    assert d.send('"quoted" NOOP\r\n') == "* BAD invalid tag\r\n"
+    assert d.send("a+b NOOP\r\n") == "* BAD invalid tag\r\n"
+    assert d.send("abc\r\n") == "abc BAD missing command\r\n"

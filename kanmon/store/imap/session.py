@@ -195,7 +195,10 @@ class ImapSession:
     def poll(self) -> list[Event]:
         if self._idle_tag is None or self.sel is None:
             return []
-        return [Send(b"".join(self._refresh(allow_expunge=True)))] if self.sel else []
+        events: list[Event] = [Send(b"".join(self._refresh(allow_expunge=True)))]
+        if self._closed:
+            events.append(Close())
+        return events
 
     def timed_out(self) -> list[Event]:
         self._closed = True
@@ -236,11 +239,14 @@ class ImapSession:
                 out += [Send(b"* BYE literal too large\r\n"), Close()]
                 break
             if frame.kind == "too_big":
-                tag = frame.data.split(b" ", 1)[0].decode("ascii", "replace")[:64] or "*"
+                m = re.match(rb"[\x21-\x7e]{1,64}(?= )", frame.data)
+                tag = m.group(0).decode("ascii") if m else "*"
                 out.append(Send(f"{tag} NO [TOOBIG] literal of {frame.size} octets is too large\r\n".encode()))
                 out += self._error()
                 continue
             events = self._frame(frame.data)
+            if self._closed and not any(isinstance(e, Close) for e in events):
+                events.append(Close())  # e.g. BYE because the selected folder was deleted
             out += events
             if any(isinstance(e, StartTls) for e in events):
                 self.reader.clear()  # CVE-2011-0411: anything after STARTTLS is dropped
@@ -266,14 +272,14 @@ class ImapSession:
         try:
             tokens = tokenize(line)
         except ParseError as e:
-            tag = line.split(b" ", 1)[0].decode("ascii", "replace")[:64]
-            return [Send(f"{tag or '*'} BAD {e}\r\n".encode()), *self._error()]
-        if len(tokens) < 2 or not isinstance(tokens[0], str) or isinstance(tokens[0], QStr) or not isinstance(tokens[1], str):
-            tag = tokens[0] if tokens and isinstance(tokens[0], str) else "*"
-            return [Send(f"{tag[:64]} BAD missing command\r\n".encode()), *self._error()]
-        tag = tokens[0]
+            m = re.match(rb"[\x21-\x7e]{1,64}(?= )", line)
+            tag = m.group(0).decode("ascii") if m else "*"
+            return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
+        tag = tokens[0] if tokens and isinstance(tokens[0], str) and not isinstance(tokens[0], QStr) else ""
         if not re.match(r"^[\x21-\x7e]{1,64}$", tag) or "+" in tag:
             return [Send(b"* BAD invalid tag\r\n"), *self._error()]
+        if len(tokens) < 2 or not isinstance(tokens[1], str) or isinstance(tokens[1], QStr):
+            return [Send(f"{tag} BAD missing command\r\n".encode()), *self._error()]
         cmd = tokens[1].upper()
         args = tokens[2:]
         uid = False
