@@ -223,7 +223,7 @@ class Pop3Session:
         if self._sasl_wait:
             self._sasl_wait = False
             return self._auth_plain(line.strip())
-        verb, _, rest = line.strip().partition(" ")
+        verb, _, rest = line.lstrip().partition(" ")  # rest unstripped: PASS may end in spaces
         verb = verb.upper()
         args = rest.split()
         handler = getattr(self, f"_cmd_{verb.lower()}", None) if verb.isalpha() else None

@@ -279,3 +279,10 @@ def test_random_input_never_raises(env, chunks: list[bytes]) -> None:
     for chunk in chunks:
         d.send(chunk)
     d.session.connection_lost()
+
+
+def test_password_with_spaces_is_kept_whole(env) -> None:
+    env.users.set_password(ALICE, " two words ")
+    d = env.session()
+    d.send(f"USER {ALICE}\r\n".encode())
+    assert d.send(b"PASS  two words \r\n").startswith(b"+OK")
