@@ -26,14 +26,20 @@ from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
 from kanmon.records.store import Records
-from kanmon.smtp.server import SmtpServer
+from kanmon.smtp.server import SmtpServer, SubmissionAuth
+from kanmon.store.imap import ImapService
+from kanmon.store.pop3 import Pop3Service
+from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
 from kanmon.tlscert import server_context
 
 
 class Node:
-    def __init__(self, config: Config, *, echo: TextIO | None = None, clock=None, fsync: bool = True):
+    def __init__(
+        self, config: Config, *, echo: TextIO | None = None, clock=None, fsync: bool = True, auth_throttle=None
+    ):
+        self.auth_throttle = auth_throttle
         self.config = config
         self.echo = echo
         self.clock = clock or SystemClock()
@@ -64,6 +70,20 @@ class Node:
             config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
             clock=self.clock.now,
         )
+        # The store role: accounts, submission, POP3, IMAP (each only when configured).
+        self.users = Users(config)
+        self.throttle = self.auth_throttle or AuthThrottle()
+        if config.submission is not None:
+            sub = config.submission
+            self.services.append(SmtpServer(
+                config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
+                clock=self.clock.now, submission=True, auth=SubmissionAuth(self.users, self.throttle),
+                listeners=[(h, p, False) for h, p in sub.listen] + [(h, p, True) for h, p in sub.listen_tls],
+            ))
+        if config.pop3 is not None:
+            self.services.append(Pop3Service(config, self.tls_context, self.users, self.throttle, self.records.emit))
+        if config.imap is not None:
+            self.services.append(ImapService(config, self.tls_context, self.users, self.throttle, self.records.emit))
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
@@ -114,6 +134,12 @@ class Node:
         lines = [f"kanmon: {c.server.hostname}, data in {self.data_dir.resolve()}"]
         for host, port in c.smtp.listen:
             lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP")):
+            if section is not None:
+                for host, port in section.listen:
+                    lines.append(f"kanmon: {name} on {host}:{port} (STARTTLS)")
+                for host, port in section.listen_tls:
+                    lines.append(f"kanmon: {name} on {host}:{port} (implicit TLS)")
         for d in c.domain:
             if d.deliver == "local":
                 lines.append(

@@ -78,6 +78,19 @@ class AcceptPolicy:
                 self._disk_low = True
         return self._disk_low
 
+    def sender_addresses(self, user: str) -> set[str]:
+        """Envelope senders an authenticated mailbox may use: itself and its aliases."""
+        user = user.lower()
+        local, _, domain_name = user.rpartition("@")
+        out = {user}
+        domain = self._domains.get(domain_name)
+        if domain is not None:
+            for alias, targets in domain.aliases.items():
+                expanded = {t.lower() if "@" in t else f"{t.lower()}@{domain.name}" for t in targets}
+                if user in expanded:
+                    out.add(f"{alias.lower()}@{domain.name}")
+        return out
+
     # -- phases ----------------------------------------------------------------
 
     def check_mail(self, client: ClientInfo, sender: Path) -> Verdict:

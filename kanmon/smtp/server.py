@@ -20,6 +20,8 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from kanmon.config import Config
 from kanmon.model import ClientInfo, Envelope, Reply
@@ -28,6 +30,7 @@ from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
 from kanmon.smtp.session import (
     MAX_PIPELINE_BUFFER,
+    Authenticate,
     Close,
     Rejected,
     Send,
@@ -37,13 +40,22 @@ from kanmon.smtp.session import (
     StoreMessage,
 )
 from kanmon.spool.store import Spool, SpoolError
+from kanmon.store.users import log_safe
 
 PROXY_HEADER_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
+@dataclass(slots=True)
+class SubmissionAuth:
+    """What AUTH needs: the accounts (kanmon.store.users.Users) and the brute-force throttle."""
+
+    users: Any
+    throttle: Any
+
+
 class SmtpServer:
-    """All SMTP listeners of one node, with shared limits."""
+    """The SMTP listeners of one role (port 25, or submission), with shared limits."""
 
     def __init__(
         self,
@@ -55,7 +67,15 @@ class SmtpServer:
         tls_context: ssl.SSLContext | None,
         *,
         clock: Callable[[], float] = time.time,
+        listeners: list[tuple[str, int, bool]] | None = None,
+        submission: bool = False,
+        auth: SubmissionAuth | None = None,
     ):
+        """listeners: (host, port, implicit TLS); default: [smtp] listen, plain.
+        submission: RFC 6409 profile (AUTH after TLS, required for MAIL) with auth."""
+        self.listeners = listeners if listeners is not None else [(h, p, False) for h, p in config.smtp.listen]
+        self.submission = submission
+        self.auth = auth
         self.config = config
         self.policy = policy
         self.spool = spool
@@ -74,9 +94,13 @@ class SmtpServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            for host, port in self.config.smtp.listen:
+            for host, port, implicit_tls in self.listeners:
+                if implicit_tls and self.tls_context is None:
+                    raise OSError(f"{host}:{port}: implicit TLS needs a certificate")
                 server = await loop.create_server(
-                    lambda: SmtpProtocol(self), host, port, reuse_address=True, backlog=1024
+                    lambda: SmtpProtocol(self), host, port, reuse_address=True, backlog=1024,
+                    ssl=self.tls_context if implicit_tls else None,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
                 self._servers.append(server)
         except OSError:
@@ -151,7 +175,16 @@ class SmtpProtocol(asyncio.Protocol):
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
+        try:
+            self._connection_made(transport)
+        except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never a hang
+            self.server.records.emit(f"session error at connect: {type(e).__name__}: {e}", kind="error")
+            transport.write(replies.LOCAL_ERROR.wire())  # type: ignore[attr-defined]
+            transport.close()
+            self._closed = True
+
+    def _connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         self.peer_ip = peer[0]
         server = self.server
@@ -161,7 +194,12 @@ class SmtpProtocol(asyncio.Protocol):
             self._proxy_buf = bytearray()
             self.waiting_for_us = False
             return
-        self._begin(ClientInfo(ip=self.peer_ip, port=peer[1]))
+        client = ClientInfo(ip=self.peer_ip, port=peer[1])
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:  # implicit TLS listener (RFC 8314)
+            cipher, _proto, bits = ssl_obj.cipher()
+            client.tls_version, client.tls_cipher, client.tls_bits = ssl_obj.version(), cipher, bits
+        self._begin(client)
 
     def _begin(self, client: ClientInfo) -> None:
         server = self.server
@@ -182,6 +220,9 @@ class SmtpProtocol(asyncio.Protocol):
             max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
             tls_available=server.tls_context is not None,
+            tls_active=bool(client.tls_version),
+            submission=server.submission,
+            sender_addresses=server.policy.sender_addresses if server.submission else None,
         )
         self.session = Session(settings, server.policy, client, server.clock())
         server.records.emit(f"connect from {client.name}[{ip}]")
@@ -277,6 +318,10 @@ class SmtpProtocol(asyncio.Protocol):
                 self._pause()
                 self.waiting_for_us = True
                 self.server.spawn(self._store(a))
+            elif isinstance(a, Authenticate):
+                self._pause()
+                self.waiting_for_us = True
+                self.server.spawn(self._authenticate(a))
             elif isinstance(a, StartTls):
                 # Pause now, before the client's ClientHello can be read as plaintext.
                 self._pause()
@@ -372,3 +417,43 @@ class SmtpProtocol(asyncio.Protocol):
         )
         self.waiting_for_us = False
         self._do(self.session.tls_started(version, cipher, bits))
+
+    async def _authenticate(self, a: Authenticate) -> None:
+        """Check credentials off the event loop (argon2 is slow on purpose), throttled."""
+        server = self.server
+        assert self.session is not None and self.client is not None
+        c = self.client
+        auth = server.auth
+        user = log_safe(a.username)
+        loop = asyncio.get_running_loop()
+        if auth is None:
+            actions = self.session.auth_result(None, replies.LOCAL_ERROR)
+        elif auth.throttle.blocked_for(c.ip, a.username) > 0:
+            server.records.emit(f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} blocked for user={user}: too many failures")
+            actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
+        else:
+            try:
+                ok = await loop.run_in_executor(None, auth.users.verify, a.username, a.password)
+            except Exception as e:  # noqa: BLE001 - promise 7
+                server.records.emit(f"error checking credentials: {type(e).__name__}: {e}", kind="error")
+                ok = None
+            if ok:
+                auth.throttle.succeeded(c.ip, a.username)
+                address = a.username.strip().lower()
+                await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
+                server.records.emit(f"{c.name}[{c.ip}]: sasl_method={a.mechanism}, sasl_username={address}")
+                actions = self.session.auth_result(address)
+            elif ok is None:
+                actions = self.session.auth_result(None, replies.LOCAL_ERROR)
+            else:
+                failure = auth.throttle.failed(c.ip, a.username)
+                server.records.emit(
+                    f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} authentication failed for user={user}"
+                    + (f"; blocked ({failure.key})" if failure.blocked else "")
+                )
+                if failure.delay > 0 and not self._closed:
+                    await asyncio.sleep(failure.delay)  # slow the guessing down
+                actions = self.session.auth_result(None, replies.AUTH_BLOCKED if failure.blocked else None)
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        self._do(actions)

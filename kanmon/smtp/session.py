@@ -18,8 +18,10 @@ the message is durable (DESIGN.md promise 1).
 
 from __future__ import annotations
 
+import base64
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
@@ -71,7 +73,16 @@ class Rejected:
     rcpt: str = ""
 
 
-Action = Send | Close | StartTls | StoreMessage | Rejected
+@dataclass(slots=True)
+class Authenticate:
+    """Check these credentials, then call auth_result() (RFC 4954)."""
+
+    mechanism: str
+    username: str
+    password: str
+
+
+Action = Send | Close | StartTls | StoreMessage | Rejected | Authenticate
 
 
 class State(enum.Enum):
@@ -82,6 +93,8 @@ class State(enum.Enum):
     DATA = "data"  # reading message content
     WAIT_STORE = "wait_store"  # content complete, the listener is storing it
     WAIT_TLS = "wait_tls"  # 220 sent to STARTTLS, handshake pending
+    AUTH_INPUT = "auth_input"  # 334 sent, the next line is the client's response
+    WAIT_AUTH = "wait_auth"  # credentials handed to the listener
     CLOSED = "closed"
 
 
@@ -93,6 +106,8 @@ class SessionSettings:
     max_errors: int = 10
     tls_available: bool = True
     tls_active: bool = False  # implicit TLS listener
+    submission: bool = False  # RFC 6409 port: AUTH offered after TLS, and required for MAIL
+    sender_addresses: Callable[[str], set[str]] | None = None  # user -> envelope senders it may use
 
 
 @dataclass(slots=True)
@@ -120,6 +135,8 @@ class Session:
         self._data_len = 0
         self._data_too_big = False
         self._now = now
+        self._auth_mech = ""  # mechanism waiting for input (AUTH_INPUT)
+        self._auth_user = ""  # LOGIN: the user name given so far
 
     # -- listener interface -------------------------------------------------------
 
@@ -132,7 +149,7 @@ class Session:
 
     @property
     def waiting(self) -> bool:
-        return self.state in (State.WAIT_STORE, State.WAIT_TLS)
+        return self.state in (State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH)
 
     @property
     def in_data(self) -> bool:
@@ -184,6 +201,25 @@ class Session:
         self._run(out)
         return out
 
+    def auth_result(self, username: str | None, reply: Reply | None = None) -> list[Action]:
+        """The listener checked the credentials: username when they were right, or the
+        reply to give (535 by default; 421 closes, for a blocked client)."""
+        assert self.state is State.WAIT_AUTH
+        self.state = State.READY
+        out: list[Action] = []
+        if username:
+            self.client.auth_user = username
+            out.append(Send(replies.AUTH_OK.wire()))
+        else:
+            reply = reply or replies.AUTH_FAILED
+            if reply.code == 421:
+                self.state = State.CLOSED
+                out += [Send(reply.wire()), Close("auth blocked")]
+                return out
+            self._error(reply, "AUTH", out)
+        self._run(out)
+        return out
+
     def close(self, reply: Reply | None = None) -> list[Action]:
         """Close from the listener's side (timeout, shutdown)."""
         if self.state is State.CLOSED:
@@ -198,7 +234,7 @@ class Session:
     # -- command mode ----------------------------------------------------------------
 
     def _run(self, out: list[Action]) -> None:
-        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.CLOSED):
+        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.CLOSED):
             lf = self._buf.find(b"\n")
             if self._skip_line:
                 if lf < 0:
@@ -227,7 +263,10 @@ class Session:
                     self.state = State.READY
                 self._error(replies.BARE_NEWLINE, "line", out)
                 continue
-            self._command(raw[:-1], out)
+            if self.state is State.AUTH_INPUT:
+                self._auth_input(raw[:-1], out)
+            else:
+                self._command(raw[:-1], out)
         if self.state is State.DATA and self._buf:
             pending = bytes(self._buf)
             self._buf.clear()
@@ -292,6 +331,8 @@ class Session:
         ]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
+        if self.settings.submission and self.tls_active:
+            lines.append("AUTH PLAIN LOGIN")  # RFC 4954; only over TLS (RFC 8314 / smtpd_tls_auth_only)
         self._reply(Reply(250, "", "\n".join(lines)), out)
 
     def _helo(self, arg: str, out: list[Action]) -> None:
@@ -312,7 +353,13 @@ class Session:
             raise SmtpError(replies.NESTED_MAIL)
         if not arg[:5].upper() == "FROM:":
             raise SmtpError(replies.MAIL_SYNTAX)
+        if self.settings.submission and not self.client.auth_user:
+            raise SmtpError(replies.AUTH_REQUIRED)  # RFC 6409 4.3
         path = parse_path(arg[5:], is_sender=True, smtputf8_allowed=self.esmtp)
+        if self.client.auth_user and path.address and self.settings.sender_addresses is not None:
+            # RFC 6409 8.1: an authenticated user sends as itself (or one of its aliases).
+            if path.address.lower() not in self.settings.sender_addresses(self.client.auth_user):
+                raise SmtpError(replies.SENDER_NOT_OWNED)
         env = Envelope(mail_from=path.address, client=self.client)
         for key, value in path.params.items():
             if not self.esmtp:
@@ -424,6 +471,71 @@ class Session:
         self.state = State.WAIT_TLS
         out.append(StartTls())
 
+    # -- AUTH (RFC 4954; PLAIN RFC 4616; LOGIN draft-murchison-sasl-login) ------------------
+
+    def _auth(self, arg: str, out: list[Action]) -> None:
+        if not self.settings.submission:
+            raise SmtpError(replies.UNKNOWN_COMMAND)
+        if self.state is State.GREETING or not self.esmtp:
+            raise SmtpError(replies.NEED_HELO)
+        if not self.tls_active:
+            raise SmtpError(replies.ENCRYPTION_REQUIRED)  # RFC 4954 4: 538 5.7.11
+        if self.client.auth_user:
+            raise SmtpError(replies.ALREADY_AUTHENTICATED)
+        if self._tx is not None:
+            raise SmtpError(replies.AUTH_IN_TRANSACTION)
+        mech, _, initial = arg.strip().partition(" ")
+        mech = mech.upper()
+        initial = initial.strip()
+        if mech == "PLAIN":
+            self._auth_mech = "PLAIN"
+            if initial:
+                self._auth_input(initial.encode(), out)
+            else:
+                self.state = State.AUTH_INPUT
+                self._reply(Reply(334, "", ""), out)
+        elif mech == "LOGIN":
+            self._auth_mech = "LOGIN"
+            self._auth_user = ""
+            if initial:
+                self._auth_input(initial.encode(), out)
+            else:
+                self.state = State.AUTH_INPUT
+                self._reply(Reply(334, "", "VXNlcm5hbWU6"), out)  # "Username:"
+        else:
+            raise SmtpError(replies.AUTH_MECHANISM)
+
+    def _auth_input(self, line: bytes, out: list[Action]) -> None:
+        self.state = State.READY
+        text = line.strip()
+        if text == b"*":
+            self._error(replies.AUTH_ABORTED, "AUTH", out)  # RFC 4954 4: client cancelled
+            return
+        try:
+            decoded = base64.b64decode(text, validate=True) if text not in (b"", b"=") else b""
+            value = decoded.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            self._error(replies.AUTH_BAD_BASE64, "AUTH", out)
+            return
+        if self._auth_mech == "LOGIN" and not self._auth_user:
+            if not value:
+                self._error(replies.AUTH_BAD_BASE64, "AUTH", out)
+                return
+            self._auth_user = value
+            self.state = State.AUTH_INPUT
+            self._reply(Reply(334, "", "UGFzc3dvcmQ6"), out)  # "Password:"
+            return
+        if self._auth_mech == "LOGIN":
+            user, password = self._auth_user, value
+        else:
+            parts = value.split("\x00")  # authzid NUL authcid NUL passwd (RFC 4616 2)
+            if len(parts) != 3 or not parts[1] or (parts[0] and parts[0] != parts[1]):
+                self._error(replies.AUTH_BAD_BASE64, "AUTH", out)
+                return
+            user, password = parts[1], parts[2]
+        self.state = State.WAIT_AUTH
+        out.append(Authenticate(self._auth_mech, user, password))
+
     # -- DATA (RFC 5321 4.1.1.4, 4.5.2) ------------------------------------------------
 
     def _feed_data(self, data: bytes, out: list[Action]) -> None:
@@ -527,4 +639,5 @@ _HANDLERS = {
     "VRFY": Session._vrfy,
     "HELP": Session._help,
     "STARTTLS": Session._starttls,
+    "AUTH": Session._auth,
 }

@@ -316,3 +316,75 @@ def test_every_reply_has_an_enhanced_status_code():
     out = s.feed(b"NOOP\r\nBOGUS\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\nVRFY x\r\n")
     for line in sent(out).split(b"\r\n")[:-1]:
         assert line[4:5].isdigit() and line[5:6] == b".", line
+
+
+# -- AUTH on a submission session (RFC 4954, RFC 6409) -------------------------------------
+
+from kanmon.smtp.session import Authenticate  # noqa: E402
+
+
+def submission_session(tls: bool = True) -> Session:
+    cfg = parse_config(CONFIG)
+    policy = AcceptPolicy(cfg, free_disk=lambda: 10**12)
+    s = Session(
+        SessionSettings("mx1.example.test", 10_000, 100, tls_active=tls, submission=True,
+                        sender_addresses=policy.sender_addresses),
+        policy, ClientInfo(ip="192.0.2.50"),
+    )
+    s.greeting()
+    return s
+
+
+def b64(text: str) -> bytes:
+    import base64
+
+    return base64.b64encode(text.encode())
+
+
+def test_auth_is_offered_only_over_tls_and_required_for_mail():
+    plain = submission_session(tls=False)
+    assert b"AUTH" not in sent(plain.feed(b"EHLO pc\r\n"))
+    assert sent(plain.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0pw") + b"\r\n")).startswith(b"538 5.7.11")
+    s = submission_session()
+    assert b"250 AUTH PLAIN LOGIN" in sent(s.feed(b"EHLO pc\r\n"))
+    assert sent(s.feed(b"MAIL FROM:<alice@example.test>\r\n")).startswith(b"530 5.7.0")
+
+
+def test_auth_plain_initial_response_then_sender_rules():
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    out = s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0secret") + b"\r\nMAIL FROM:<alice@example.test>\r\n")
+    (auth,) = [a for a in out if isinstance(a, Authenticate)]
+    assert (auth.mechanism, auth.username, auth.password) == ("PLAIN", "alice@example.test", "secret")
+    assert sent(out) == b""  # nothing answered until the credentials are checked
+    after = s.auth_result("alice@example.test")
+    assert codes(after) == ["235", "250"]  # the pipelined MAIL ran after AUTH succeeded
+    s.feed(b"RSET\r\n")
+    assert sent(s.feed(b"MAIL FROM:<bob@example.test>\r\n")).startswith(b"553 5.7.1")
+    assert sent(s.feed(b"MAIL FROM:<info@example.test>\r\n")).startswith(b"250")  # an alias of alice
+    s.feed(b"RSET\r\n")
+    # Authenticated users may send anywhere.
+    assert codes(s.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\n")) == ["250", "250"]
+
+
+def test_auth_login_dialogue_and_failures():
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    assert sent(s.feed(b"AUTH LOGIN\r\n")) == b"334 VXNlcm5hbWU6\r\n"
+    assert sent(s.feed(b64("alice@example.test") + b"\r\n")) == b"334 UGFzc3dvcmQ6\r\n"
+    (auth,) = [a for a in s.feed(b64("pw") + b"\r\n") if isinstance(a, Authenticate)]
+    assert auth.username == "alice@example.test" and auth.password == "pw"
+    assert sent(s.auth_result(None)).startswith(b"535 5.7.8")
+    assert sent(s.feed(b"AUTH PLAIN\r\n")) == b"334 \r\n"
+    assert sent(s.feed(b"%%%\r\n")).startswith(b"501")
+    s.feed(b"AUTH LOGIN\r\n")
+    assert sent(s.feed(b"*\r\n")).startswith(b"501 5.7.0")
+    assert sent(s.feed(b"AUTH CRAM-MD5\r\n")).startswith(b"504")
+    out = s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0pw") + b"\r\n")
+    out = s.auth_result(None, replies.AUTH_BLOCKED)
+    assert sent(out).startswith(b"421 4.7.0") and isinstance(out[-1], Close)
+
+
+def test_auth_is_unknown_on_port_25():
+    s = ready(make_session())
+    assert sent(s.feed(b"AUTH PLAIN " + b64("\0a\0b") + b"\r\n")).startswith(b"500 5.5.2")
