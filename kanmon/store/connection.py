@@ -103,6 +103,7 @@ class SessionConnection(asyncio.Protocol):
         handshake_timeout: float = 30.0,
         write_timeout: float = 120.0,
         max_inbox: int = 256 * 1024,
+        on_open: Callable[[SessionConnection], None] | None = None,
         on_close: Callable[[SessionConnection], None] | None = None,
     ):
         self.make_session = make_session
@@ -113,7 +114,8 @@ class SessionConnection(asyncio.Protocol):
         self.handshake_timeout = handshake_timeout
         self.write_timeout = write_timeout
         self.max_inbox = max_inbox
-        self.on_close = on_close
+        self.on_open = on_open
+        self.on_close = on_close  # called once the socket is gone (connection_lost)
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
         self._wakeup = asyncio.Event()
@@ -130,6 +132,8 @@ class SessionConnection(asyncio.Protocol):
             self.transport = transport  # type: ignore[assignment]
             return
         self.transport = transport  # type: ignore[assignment]
+        if self.on_open:
+            self.on_open(self)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer = PeerInfo(str(peer[0]), int(peer[1]), self.implicit_tls)
         self.spawn(self._drive())
@@ -150,6 +154,8 @@ class SessionConnection(asyncio.Protocol):
         self._lost = True
         self._wakeup.set()
         self._writable.set()
+        if self.on_close:
+            self.on_close(self)
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -189,8 +195,6 @@ class SessionConnection(asyncio.Protocol):
                     session.connection_lost()
             if self.transport is not None:
                 self.transport.close()
-            if self.on_close:
-                self.on_close(self)
 
     async def _next_input(self, session: Session) -> bytes | object:
         """Buffered input, b"" at EOF, _POLL when the session's poll is due, _TIMEOUT
@@ -313,7 +317,8 @@ class ListenerSet:
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._stopping: asyncio.Event | None = None
-        self._connections: set[SessionConnection] = set()
+        self._connections: set[SessionConnection] = set()  # established, not yet lost
+        self._none_left = asyncio.Event()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -375,10 +380,19 @@ class ListenerSet:
             self._spawn,
             self.verify,
             handshake_timeout=self.handshake_timeout,
-            on_close=self._connections.discard,
+            on_open=self._opened,
+            on_close=self._closed,
         )
-        self._connections.add(conn)
         return conn
+
+    def _opened(self, conn: SessionConnection) -> None:
+        self._connections.add(conn)
+        self._none_left.clear()
+
+    def _closed(self, conn: SessionConnection) -> None:
+        self._connections.discard(conn)
+        if not self._connections:
+            self._none_left.set()
 
     async def stop(self) -> None:
         for s in self.servers:
@@ -396,7 +410,9 @@ class ListenerSet:
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.abort()
-        self._connections.clear()
+        if self._connections:  # let connection_lost run, so every socket is really closed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_left.wait(), 5)
 
 
 class _Refuse(asyncio.Protocol):

@@ -307,3 +307,25 @@ def test_idle_connection_is_logged_out_and_connection_limit_holds(server) -> Non
             f.close()
     finally:
         server.loop.run(svc.stop())
+
+
+def test_failed_tls_handshakes_do_not_use_up_connection_slots(server) -> None:
+    svc = Pop3Service(server.svc.config, server.svc.tls_context, server.users, server.svc.throttle,
+                      lambda *a, **k: None, max_connections=1)
+    svc.listeners.plain = []
+    svc.listeners.implicit = [("127.0.0.1", free_port())]
+    server.loop.run(svc.start())
+    try:
+        (host, port), = svc.addresses
+        for _ in range(3):
+            with socket.create_connection((host, port), timeout=10) as bad:
+                bad.sendall(b"USER not-tls\r\n\r\n")  # not a TLS ClientHello: the handshake fails
+                assert bad.recv(100) == b""  # the server hangs up
+        t = poplib.POP3_SSL(host, port, context=server.client_ctx, timeout=10)
+        try:
+            t.user(ALICE)
+            assert t.pass_("correct horse").startswith(b"+OK")
+        finally:
+            t.quit()
+    finally:
+        server.loop.run(svc.stop())
