@@ -294,6 +294,87 @@ class DnsCheckSection(Section):
     dkim_key: Path | None = Field(None, description="Our DKIM key (PEM, private or public) to compare with DNS")
 
 
+class RecordsSection(Section):
+    keep: Duration = Field(90 * 86400.0, description='Event log and history older than this are pruned daily; "0" = keep all')
+
+
+class MetricsSection(Section):
+    listen: HostPort | None = Field(None, description="ip:port serving Prometheus metrics at /metrics; unset: off")
+
+
+ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "certificate", "dns")
+
+
+class AlertsSection(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    to: list[str] = Field(default_factory=list, description="Alert mail goes to these addresses; empty: log and stderr only")
+    from_: str = Field("", alias="from", description="Sender of alert mail (default: kanmon@<server.hostname>)")
+    min_interval: Duration = Field(3600.0, description="The same alert is mailed at most once per interval")
+    disk_free_below: Size | None = Field(None, description="disk: free space in data_dir under this (default: smtp.min_free_disk)")
+    queue_size_above: int = Field(1000, ge=1, description="queue: more messages than this in the queue")
+    queue_oldest_above: Duration = Field(4 * 3600.0, gt=0, description="queue: the oldest message waited longer than this")
+    deferred_ratio_above: float = Field(
+        0.5, ge=0, le=1, description="delivery: share of deferred results over the last hour (at least 10 results)"
+    )
+    cert_expires_within: Duration = Field(14 * 86400.0, description="certificate: our TLS certificate expires within this")
+    categories: list[Literal["critical", "disk", "queue", "delivery", "certificate", "dns"]] = Field(
+        default_factory=lambda: list(ALERT_CATEGORIES), description="Categories mailed; the others are only logged"
+    )
+
+    @field_validator("to")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            local, at, domain = a.rpartition("@")
+            if not at or not local or not _DOMAIN_RE.match(domain.lower()):
+                raise ValueError(f"{a!r} is not a mail address")
+        return v
+
+    @field_validator("from_")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        if v:
+            local, at, domain = v.rpartition("@")
+            if not at or not local or not _DOMAIN_RE.match(domain.lower()):
+                raise ValueError(f"{v!r} is not a mail address")
+        return v
+
+
+class MaintenanceJob(Section):
+    """[[maintenance]]: a queue operation `kanmon serve` runs on a cron schedule (docs/queue.md)."""
+
+    name: str | None = Field(None, description="Name for logs and `kanmon maintenance run NAME` (default: job<index>)")
+    schedule: str = Field(description='When, in cron syntax: "minute hour day-of-month month day-of-week", local time')
+    action: Literal["delete", "hold", "bounce", "flush"] = Field(description="delete | hold | bounce | flush")
+    older_than: Duration | None = Field(None, description="Only messages that arrived longer ago than this")
+    reason: str | None = Field(None, description="Only messages whose last reply matches this regex (case-insensitive)")
+    state: Literal["deferred", "hold", "all"] = Field("deferred", description="Which messages it looks at: deferred | hold | all")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from kanmon.admin.cron import parse_schedule  # noqa: PLC0415 - admin imports config
+
+        return parse_schedule(v)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _bounded(self) -> MaintenanceJob:
+        if self.action != "flush" and self.older_than is None and self.reason is None:
+            raise ValueError(f"action = {self.action!r} needs older_than or reason (it would act on the whole queue)")
+        return self
+
+
 class ListenerPair(Section):
     listen: list[HostPort] = Field(default_factory=list, description="Plain listeners (STARTTLS offered)")
     listen_tls: list[HostPort] = Field(default_factory=list, description="Implicit TLS listeners (RFC 8314)")
@@ -359,6 +440,9 @@ class Config(Section):
     pop3: Pop3Section | None = Field(None, description="POP3 access to mailboxes")
     imap: ImapSection | None = Field(None, description="IMAP access to mailboxes")
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
+    records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")
+    metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus metrics endpoint")
+    alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert mail to the administrator")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -537,7 +621,7 @@ def reference_markdown() -> str:
                 .replace("')", "'")
                 .replace("PosixPath(", "")
             )
-            rows.append(f"| `{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+            rows.append(f"| `{field.alias or name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
         if rows:
             lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
         for name, sub, is_list, desc in subsections:

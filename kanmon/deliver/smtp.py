@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 MAILER = "esmtp"
 
 Emit = Callable[[str, "str | None"], Any]
+# on_server_used(destination, used, failed): after a watched attempt (relay/smarthost
+# routes) a server took the transaction; used is its relay text, failed the (relay,
+# reason) pairs tried before it in this attempt (empty: the first server answered).
+ServerUsed = Callable[[str, str, "list[tuple[str, str]]"], Any]
 
 NO_SERVER_REACHED = LocalReply(451, "4.4.1", "no server could be reached")
 BAD_SENDER = "Bad sender address syntax"
@@ -82,6 +86,7 @@ class SmtpDelivery:
         idle_timeout: float = 5.0,
     ):
         self.emit = emit
+        self.on_server_used: ServerUsed | None = None  # failover alerts (kanmon.alerts)
         self.settings = ClientSettings.from_config(config)
         self.resolver = resolver or MxResolver.from_config(config)
         self.pool = pool or SmtpConnectionPool(
@@ -112,6 +117,7 @@ class SmtpDelivery:
                 return [RecipientResult(r, status_of(e.reply), e.reply, "", MAILER) for r in rcpts]
         else:
             hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
+            return await self.deliver(queue_id, mail_from, rcpts, body, hops, route.tls, watch=True)
         return await self.deliver(queue_id, mail_from, rcpts, body, hops, route.tls)
 
     # -- delivery
@@ -126,8 +132,11 @@ class SmtpDelivery:
         tls: TlsPolicy,
         *,
         smtputf8: bool = False,
+        watch: bool = False,
     ) -> list[RecipientResult]:
         """One attempt for these recipients over the servers in `hops`, in order.
+
+        watch: tell on_server_used which server took it (configured relay/smarthost lists).
 
         Returns one RecipientResult per recipient, in the order of `rcpts`. Raises only
         ValueError for a programming error (no hops, unknown TLS policy).
@@ -157,6 +166,7 @@ class SmtpDelivery:
 
         last: Reply = NO_SERVER_REACHED
         last_relay = ""
+        failed: list[tuple[str, str]] = []
         for index, hop in enumerate(hops):
             if not pending:
                 break
@@ -165,6 +175,7 @@ class SmtpDelivery:
             except SmtpError as e:
                 last = LocalReply(451, "4.4.3", e.reply.text)
                 last_relay = ""
+                failed.append((hop.host, e.reply.text))
                 self.emit(f"relay={hop.host}: {e.reply.text}{self._next_note(index, len(hops))}", queue_id)
                 continue
             for n, address in enumerate(hop.addresses):
@@ -176,9 +187,13 @@ class SmtpDelivery:
                 if isinstance(outcome, dict):
                     results.update(outcome)
                     pending = []
+                    if watch and self.on_server_used is not None:
+                        destination = ", ".join(f"{h.host}:{h.port}" for h in hops)
+                        self.on_server_used(destination, relay, failed)
                     break
                 error, final = outcome
                 last, last_relay = error, relay
+                failed.append((relay, describe_reply(error)))
                 if final:
                     more = False
                 self.emit(f"relay={relay}, {describe_reply(error)}" + ("; trying next server" if more else ""), queue_id)

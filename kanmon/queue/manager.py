@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import itertools
 import random
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,8 @@ class QueueManager:
         self.idle = asyncio.Event()  # set when nothing is in memory (tests wait on it)
         self.idle.set()
         self.delivered = 0
+        # Metrics hook (kanmon.metrics): on_attempt(route, results, seconds) after each remote attempt.
+        self.on_attempt: Callable[[Route, list[RecipientResult], float], None] | None = None
         # Spool reads, journal appends and removals block on the disk: a pool of their own.
         self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="queue-io")
 
@@ -234,7 +237,11 @@ class QueueManager:
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
         async with self._dest_limits[route.key]:
-            return await self.remote(queue_id, env.mail_from, rcpts, content, route)
+            started = time.monotonic()
+            results = await self.remote(queue_id, env.mail_from, rcpts, content, route)
+            if self.on_attempt is not None:
+                self.on_attempt(route, results, time.monotonic() - started)
+            return results
 
     async def _settle(
         self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], start: float, now: float
@@ -316,7 +323,7 @@ class QueueManager:
         else:
             stat = f"Bounced: {text}" + (f" ({LIFETIME_EXPIRED})" if expired and self.config.queue.lifetime else "")
         parts.append(f"stat={stat}")
-        self.records.emit(", ".join(parts), qid)
+        self.records.emit(", ".join(parts), qid, detail={"tls": r.tls} if r.tls else None)
         if r.status is Status.SENT:
             self.records.history_status(qid, r.rcpt, "Delivered")
         elif r.status is Status.BOUNCED:

@@ -14,6 +14,7 @@ a queue the writer drains every WRITE_INTERVAL).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sqlite3
 import sys
@@ -22,9 +23,11 @@ import time
 from collections import deque
 from email.header import decode_header, make_header
 from pathlib import Path
-from typing import TextIO
+from collections import Counter
+from typing import Any, TextIO
 
 from kanmon.model import Envelope, Reply
+from kanmon.records.counters import add_counts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -54,7 +57,51 @@ CREATE TABLE IF NOT EXISTS history (
 );
 CREATE INDEX IF NOT EXISTS history_ts ON history(ts);
 CREATE INDEX IF NOT EXISTS history_queue_id ON history(queue_id, rcpt);
+CREATE TABLE IF NOT EXISTS counters (
+    pid INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (pid, name)
+);
 """
+
+# Columns added after the first release: (table, column, declaration). open_db adds the
+# missing ones to an old database (docs/records.md); old rows get the defaults, and the
+# `first` flag is filled in once from the rows already there.
+ADDED_COLUMNS = (
+    ("events", "session", "TEXT"),
+    ("events", "detail", "TEXT"),
+    ("history", "helo", "TEXT"),
+    ("history", "first", "INTEGER NOT NULL DEFAULT 0"),
+    ("history", "deferrals", "INTEGER NOT NULL DEFAULT 0"),
+)
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS events_session ON events(session);
+CREATE INDEX IF NOT EXISTS history_message_id ON history(message_id);
+CREATE INDEX IF NOT EXISTS history_rcpt ON history(rcpt COLLATE NOCASE);
+CREATE INDEX IF NOT EXISTS history_mail_from ON history(mail_from COLLATE NOCASE);
+"""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring an old records database up to the current schema (idempotent, safe when
+    several processes open the database at the same time)."""
+    for table, column, decl in ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column in have:
+            continue
+        try:
+            with db:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                if (table, column) == ("history", "first"):
+                    db.execute(
+                        "UPDATE history SET first = 1 WHERE id IN"
+                        " (SELECT min(id) FROM history WHERE disposition = 'Accept' GROUP BY queue_id)"
+                    )
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):
+                raise
+    db.executescript(ADDED_INDEXES)
 
 WRITE_INTERVAL = 0.2  # seconds between batches of record writes
 
@@ -67,6 +114,7 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        migrate(db)
     return db
 
 
@@ -130,26 +178,36 @@ class Records:
         self._pending.append(item)
         self._seq = next(self._queued)  # itertools.count is atomic under the GIL
 
-    def emit(self, text: str, queue_id: str | None = None, kind: str = "info") -> None:
-        """One event-log line: `<queue id>: text` (or just text for session events)."""
-        self._put(("event", time.time(), queue_id, kind, text))
+    def emit(
+        self, text: str, queue_id: str | None = None, kind: str = "info", *,
+        session: str | None = None, detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One event-log line: `<queue id>: text` (or just text for session events).
+
+        session: the SMTP session the line belongs to (kanmon trace joins on it);
+        detail: structured fields stored beside the line (JSON), never printed in it.
+        """
+        self._put(("event", time.time(), queue_id, kind, text, session, detail))
 
     def history_accept(self, queue_id: str, env: Envelope, size: int, content: bytes) -> None:
         fields = header_fields(content)
         client = env.client
-        for rcpt in env.rcpts:
+        for n, rcpt in enumerate(env.rcpts):
             self._put((
                 "hist", time.time(), client.ip if client else "", env.mail_from, rcpt,
                 fields.get("subject", ""), fields.get("message-id", ""), size, "NotSpam", "Accept",
-                queue_id, "Queued", client.auth_user if client else "",
+                queue_id, "Queued", client.auth_user if client else "", client.helo if client else "",
+                1 if n == 0 else 0,
             ))
 
-    def history_reject(self, env: Envelope | None, rcpt: str, reply: Reply, client_ip: str, auth_user: str = "") -> None:
+    def history_reject(
+        self, env: Envelope | None, rcpt: str, reply: Reply, client_ip: str, auth_user: str = "", helo: str = ""
+    ) -> None:
         rcpts = [rcpt] if rcpt else (env.rcpts if env and env.rcpts else [""])
         for r in rcpts:
             self._put((
                 "hist", time.time(), client_ip, env.mail_from if env else "", r, "", "", env.size_hint if env else 0,
-                "NotSpam", "Reject", "", str(reply), auth_user,
+                "NotSpam", "Reject", "", str(reply), auth_user, helo, 0,
             ))
 
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
@@ -188,11 +246,13 @@ class Records:
 
     def _write(self, batch: list[tuple], log_fh: TextIO | None) -> None:
         events, hist, status, lines = [], [], [], []
+        counts: Counter[str] = Counter()
         pid = os.getpid()
         for item in batch:
             if item[0] == "event":
-                _, ts, qid, kind, text = item
-                events.append((ts, qid, kind, text))
+                _, ts, qid, kind, text, session, detail = item
+                events.append((ts, qid, kind, text, session, json.dumps(detail) if detail else None))
+                add_counts(counts, text, qid)
                 stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
                 prefix = f"{qid}: " if qid else ""
                 lines.append(f"{stamp} {self.hostname} kanmon[{pid}]: {prefix}{text}\n")
@@ -202,19 +262,28 @@ class Records:
                 hist.append(row)
             elif item[0] == "status":
                 _, ts, qid, rcpt, st = item
-                status.append((st, ts, qid, rcpt))
+                status.append((st, ts, 1 if st.startswith("Deferred") else 0, qid, rcpt))
         with self._db:
             if events:
-                self._db.executemany("INSERT INTO events(ts, queue_id, kind, text) VALUES (?,?,?,?)", events)
+                self._db.executemany(
+                    "INSERT INTO events(ts, queue_id, kind, text, session, detail) VALUES (?,?,?,?,?,?)", events
+                )
             if hist:
                 self._db.executemany(
                     "INSERT INTO history(ts, client_ip, mail_from, rcpt, subject, message_id, size, classification,"
-                    " disposition, queue_id, status, auth_user) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " disposition, queue_id, status, auth_user, helo, first) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     hist,
                 )
             if status:
                 self._db.executemany(
-                    "UPDATE history SET status = ?, updated = ? WHERE queue_id = ? AND rcpt = ?", status
+                    "UPDATE history SET status = ?, updated = ?, deferrals = deferrals + ?"
+                    " WHERE queue_id = ? AND rcpt = ?", status
+                )
+            if counts:
+                self._db.executemany(
+                    "INSERT INTO counters(pid, name, value) VALUES (?,?,?)"
+                    " ON CONFLICT(pid, name) DO UPDATE SET value = value + excluded.value",
+                    [(pid, name, value) for name, value in counts.items()],
                 )
         if lines:
             text = "".join(lines)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
+import os
 import ssl
 import time
 from collections import Counter
@@ -44,6 +46,7 @@ from kanmon.store.users import log_safe
 
 PROXY_HEADER_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
+_session_ids = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -171,6 +174,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._closed = False
         self._counted = False
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
+        self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             self._connection_made(transport)
         except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never a hang
-            self.server.records.emit(f"session error at connect: {type(e).__name__}: {e}", kind="error")
+            self.server.records.emit(f"session error at connect: {type(e).__name__}: {e}", kind="error", session=self.sid)
             transport.write(replies.LOCAL_ERROR.wire())  # type: ignore[attr-defined]
             transport.close()
             self._closed = True
@@ -225,11 +229,11 @@ class SmtpProtocol(asyncio.Protocol):
             sender_addresses=server.policy.sender_addresses if server.submission else None,
         )
         self.session = Session(settings, server.policy, client, server.clock())
-        server.records.emit(f"connect from {client.name}[{ip}]")
+        server.records.emit(f"connect from {client.name}[{ip}]", session=self.sid)
         self._do(self.session.greeting())
 
     def _refuse(self, reply: Reply, why: str) -> None:
-        self.server.records.emit(f"reject: connect from unknown[{self.client.ip if self.client else self.peer_ip}]: {reply} ({why})")
+        self.server.records.emit(f"reject: connect from unknown[{self.client.ip if self.client else self.peer_ip}]: {reply} ({why})", session=self.sid)
         assert self.transport is not None
         self.transport.write(reply.wire())
         self.transport.close()
@@ -243,7 +247,7 @@ class SmtpProtocol(asyncio.Protocol):
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
         if self.session is not None and self.client is not None:
-            server.records.emit(f"disconnect from {self.client.name}[{self.client.ip}]")
+            server.records.emit(f"disconnect from {self.client.name}[{self.client.ip}]", session=self.sid)
         self._closed = True
 
     def shutdown(self, reply: Reply | None, why: str = "") -> None:
@@ -254,7 +258,7 @@ class SmtpProtocol(asyncio.Protocol):
             self._closed = True
             return
         if why and self.client:
-            self.server.records.emit(f"{why} after {self.session.state.value} from {self.client.name}[{self.client.ip}]")
+            self.server.records.emit(f"{why} after {self.session.state.value} from {self.client.name}[{self.client.ip}]", session=self.sid)
         self._do(self.session.close(reply))
 
     # -- input ---------------------------------------------------------------------------------
@@ -269,13 +273,13 @@ class SmtpProtocol(asyncio.Protocol):
         if not self.session.in_data and self.session.state.value == "greeting" and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
                 # A PROXY header from an address that is not a trusted balancer.
-                self.server.records.emit(f"reject: PROXY header from untrusted {self.peer_ip}")
+                self.server.records.emit(f"reject: PROXY header from untrusted {self.peer_ip}", session=self.sid)
                 self._do(self.session.close(replies.PROXY_REFUSED))
                 return
         try:
             actions = self.session.feed(data)
         except Exception as e:  # noqa: BLE001 - promise 7
-            self.server.records.emit(f"session error: {type(e).__name__}: {e}", kind="error")
+            self.server.records.emit(f"session error: {type(e).__name__}: {e}", kind="error", session=self.sid)
             self._do(self.session.close(replies.LOCAL_ERROR))
             return
         self._do(actions)
@@ -286,7 +290,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             result = proxy_protocol.parse_proxy_header(self._proxy_buf)
         except proxy_protocol.ProxyProtocolError as e:
-            self.server.records.emit(f"reject: bad PROXY header from {self.peer_ip}: {e}")
+            self.server.records.emit(f"reject: bad PROXY header from {self.peer_ip}: {e}", session=self.sid)
             assert self.transport is not None
             self.transport.write(replies.SYNTAX_PARAMS.wire())
             self.transport.close()
@@ -355,10 +359,10 @@ class SmtpProtocol(asyncio.Protocol):
         if a.rcpt:
             detail += f" to=<{a.rcpt}>"
         self.server.records.emit(
-            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>"
+            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>", session=self.sid,
         )
         if a.command in ("RCPT", "DATA"):
-            self.server.records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user)
+            self.server.records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo)
 
     async def _store(self, a: StoreMessage) -> None:
         server = self.server
@@ -366,10 +370,10 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             await server.spool.store(a.queue_id, a.envelope, a.content)
         except SpoolError as e:
-            server.records.emit(f"warning: {e}; answered {replies.STORAGE_ERROR}", a.queue_id, "error")
+            server.records.emit(f"warning: {e}; answered {replies.STORAGE_ERROR}", a.queue_id, "error", session=self.sid)
             actions = self.session.message_failed(replies.STORAGE_ERROR)
         except Exception as e:  # noqa: BLE001 - promise 7
-            server.records.emit(f"error storing message: {type(e).__name__}: {e}", a.queue_id, "error")
+            server.records.emit(f"error storing message: {type(e).__name__}: {e}", a.queue_id, "error", session=self.sid)
             actions = self.session.message_failed(replies.LOCAL_ERROR)
         else:
             server.accepted += 1
@@ -379,7 +383,7 @@ class SmtpProtocol(asyncio.Protocol):
             server.records.emit(
                 f"from=<{env.mail_from}>, size={len(a.content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, "
                 f"proto={c.proto}, relay={c.name} [{c.ip}]" + (f", auth={c.auth_user}" if c.auth_user else ""),
-                a.queue_id,
+                a.queue_id, session=self.sid,
             )
             server.records.history_accept(a.queue_id, env, len(a.content), a.content)
             server.on_stored(a.queue_id, env, a.content)
@@ -398,7 +402,7 @@ class SmtpProtocol(asyncio.Protocol):
                 TLS_HANDSHAKE_TIMEOUT,
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
-            server.records.emit(f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], error: {e or type(e).__name__}")
+            server.records.emit(f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], error: {e or type(e).__name__}", session=self.sid)
             if self.transport is not None:
                 self.transport.close()
             self._closed = True
@@ -413,7 +417,7 @@ class SmtpProtocol(asyncio.Protocol):
         cipher, _proto, bits = ssl_obj.cipher() if ssl_obj else ("", "", 0)
         server.records.emit(
             f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], version={version}, verify=NO, "
-            f"cipher={cipher}, bits={bits}/{bits}"
+            f"cipher={cipher}, bits={bits}/{bits}", session=self.sid,
         )
         self.waiting_for_us = False
         self._do(self.session.tls_started(version, cipher, bits))
@@ -429,19 +433,19 @@ class SmtpProtocol(asyncio.Protocol):
         if auth is None:
             actions = self.session.auth_result(None, replies.LOCAL_ERROR)
         elif auth.throttle.blocked_for(c.ip, a.username) > 0:
-            server.records.emit(f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} blocked for user={user}: too many failures")
+            server.records.emit(f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} blocked for user={user}: too many failures", session=self.sid)
             actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
         else:
             try:
                 ok = await loop.run_in_executor(None, auth.users.verify, a.username, a.password)
             except Exception as e:  # noqa: BLE001 - promise 7
-                server.records.emit(f"error checking credentials: {type(e).__name__}: {e}", kind="error")
+                server.records.emit(f"error checking credentials: {type(e).__name__}: {e}", kind="error", session=self.sid)
                 ok = None
             if ok:
                 auth.throttle.succeeded(c.ip, a.username)
                 address = a.username.strip().lower()
                 await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
-                server.records.emit(f"{c.name}[{c.ip}]: sasl_method={a.mechanism}, sasl_username={address}")
+                server.records.emit(f"{c.name}[{c.ip}]: sasl_method={a.mechanism}, sasl_username={address}", session=self.sid)
                 actions = self.session.auth_result(address)
             elif ok is None:
                 actions = self.session.auth_result(None, replies.LOCAL_ERROR)
@@ -449,7 +453,7 @@ class SmtpProtocol(asyncio.Protocol):
                 failure = auth.throttle.failed(c.ip, a.username)
                 server.records.emit(
                     f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} authentication failed for user={user}"
-                    + (f"; blocked ({failure.key})" if failure.blocked else "")
+                    + (f"; blocked ({failure.key})" if failure.blocked else ""), session=self.sid,
                 )
                 if failure.delay > 0 and not self._closed:
                     await asyncio.sleep(failure.delay)  # slow the guessing down
