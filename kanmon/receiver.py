@@ -1,0 +1,225 @@
+"""SMTP receiver processes: the listeners run beside the main process, sharing the spool.
+
+Role: use the second core the way Postfix does (smtpd apart from qmgr). The main process
+binds every SMTP and submission socket, runs recovery, then starts `[server] workers`
+receiver processes (`python -m kanmon.receiver`) that inherit the listening sockets and
+accept on them. A receiver makes each message durable in the spool itself (the same
+group commit and promise 1), then tells the main process "queued <id>" over a pipe; the
+main process's queue manager reads the message from the spool and delivers it. A
+receiver that dies is started again; one that is not told about cannot lose anything:
+its messages are in the spool and recovery schedules them at the next start.
+
+Trusts: the main process (its config file and the socket descriptors it passes).
+Never: outlive the main process (PR_SET_PDEATHSIG on Linux, and EOF on the control
+pipe); deliver mail (only the main process's queue manager does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kanmon.config import Config, load_config
+
+RESTART_DELAY = 1.0  # seconds before a receiver that died is started again
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------
+# Main-process side
+
+
+class ReceiverPool:
+    """Starts, watches and stops the receiver processes of one node."""
+
+    def __init__(
+        self,
+        config_source: str | None,
+        listeners: list[dict],
+        sockets: list[socket.socket],
+        count: int,
+        on_queued: Callable[[str], None],
+        emit: Callable[..., None],
+        *,
+        quiet: bool = True,
+    ):
+        self.config_source = config_source
+        self.listeners = listeners  # [{"fd": n, "role": "smtp"|"submission", "tls": bool}]
+        self.sockets = sockets
+        self.count = count
+        self.on_queued = on_queued
+        self.emit = emit
+        self.quiet = quiet
+        self._procs: list[subprocess.Popen | None] = [None] * count
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        for i in range(self.count):
+            self._tasks.append(asyncio.ensure_future(self._supervise(i)))
+
+    async def _supervise(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            read_fd, write_fd = os.pipe()
+            fds = [s.fileno() for s in self.sockets] + [write_fd]
+            cmd = [sys.executable, "-m", "kanmon.receiver", "--index", str(index), "--notify-fd", str(write_fd),
+                   "--listeners", json.dumps(self.listeners)]
+            if self.config_source is not None:
+                cmd += ["--config", self.config_source]
+            if self.quiet:
+                cmd.append("--quiet")
+            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
+            os.close(write_fd)
+            self._procs[index] = proc
+            reader = asyncio.StreamReader(limit=1 << 16)
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+            )
+            try:
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        break  # the receiver exited (or closed its end)
+                    kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+                    if kind == "queued" and arg:
+                        self.on_queued(arg)
+            finally:
+                transport.close()
+            code = await loop.run_in_executor(None, proc.wait)
+            self._procs[index] = None
+            if self._stopping:
+                return
+            self.emit(f"warning: SMTP receiver {index} (pid {proc.pid}) exited with status {code}; restarting",
+                      kind="error")
+            await asyncio.sleep(RESTART_DELAY)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for proc in self._procs:
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        for s in self.sockets:
+            s.close()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None]
+
+
+# ---------------------------------------------------------------------------
+# Receiver-process side
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the main process dies (even by kill -9)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(0)  # the parent is already gone
+
+
+async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
+    from kanmon.policy.access import AcceptPolicy
+    from kanmon.records.store import Records
+    from kanmon.smtp.server import SmtpServer, SubmissionAuth
+    from kanmon.spool.store import Spool
+    from kanmon.store.users import AuthThrottle, Users
+    from kanmon.tlscert import server_context
+
+    data_dir = Path(config.server.data_dir)
+    records = Records(data_dir, config.server.hostname, echo=None if quiet else sys.stdout)
+    spool = Spool(data_dir)
+    notify = os.fdopen(notify_fd, "wb", buffering=0)
+    policy = AcceptPolicy(config)
+    tls = server_context(config)
+
+    def queued(queue_id: str, envelope, content: bytes) -> None:
+        try:
+            notify.write(f"queued {queue_id}\n".encode())
+        except (BrokenPipeError, OSError):
+            pass  # the main process is gone; recovery will find the message
+
+    servers = []
+    for role in ("smtp", "submission"):
+        socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]
+        if not socks:
+            continue
+        auth = SubmissionAuth(Users(config), AuthThrottle()) if role == "submission" else None
+        servers.append(SmtpServer(config, policy, spool, records, queued, tls, sockets=socks,
+                                  submission=role == "submission", auth=auth))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for s in servers:
+            await s.start()
+        await stop.wait()
+    finally:
+        for s in servers:
+            await s.stop()
+        spool.close()
+        records.close()
+        notify.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kanmon.receiver", description="kanmon SMTP receiver process")
+    ap.add_argument("--config")
+    ap.add_argument("--index", type=int, default=0)
+    ap.add_argument("--notify-fd", type=int, required=True)
+    ap.add_argument("--listeners", required=True)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    config = load_config(args.config)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(_serve(config, json.loads(args.listeners), args.notify_fd, args.index, args.quiet))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

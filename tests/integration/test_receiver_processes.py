@@ -1,0 +1,123 @@
+"""`kanmon serve` with [server] workers: SMTP receivers in child processes (kanmon.receiver)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+from pathlib import Path
+
+from tests.support.kanmon_node import KanmonProcess, free_port, maildir_messages, wait_for
+
+CONFIG = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+workers = {workers}
+[smtp]
+listen = ["127.0.0.1:{port}"]
+min_free_disk = "1MB"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+"""
+
+
+def receiver_pids(main_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "kanmon.receiver"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def start(tmp_path, workers=2) -> tuple[KanmonProcess, int]:
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=workers))
+    return KanmonProcess(cfg, "127.0.0.1", port).start(), port
+
+
+def send(port: int, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("a@remote.example", ["alice@example.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+
+
+def test_receivers_accept_and_the_main_process_delivers(tmp_path):
+    proc, port = start(tmp_path, workers=2)
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+        for i in range(10):
+            send(port, f"m{i}")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 10, "delivery")
+    finally:
+        proc.terminate()
+
+
+def test_a_killed_receiver_is_restarted_and_nothing_is_lost(tmp_path):
+    proc, port = start(tmp_path, workers=1)
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        (first,) = receiver_pids(proc.proc.pid)
+        send(port, "before")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: receiver_pids(proc.proc.pid) not in ([], [first]), 15, "a new receiver")
+        wait_for(lambda: _sent_ok(port, "after"), 15, "mail accepted again")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 2, 10, "delivery")
+        log = (tmp_path / "data/log/kanmon.log").read_text()
+        assert f"SMTP receiver 0 (pid {first}) exited with status -9; restarting" in log
+    finally:
+        proc.terminate()
+
+
+def _sent_ok(port: int, subject: str) -> bool:
+    try:
+        send(port, subject)
+        return True
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def test_receivers_die_with_the_main_process(tmp_path):
+    proc, port = start(tmp_path, workers=2)
+    wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+    children = receiver_pids(proc.proc.pid)
+    proc.kill()  # SIGKILL: no chance to clean up
+    wait_for(lambda: not any(alive(p) for p in children), 10, "receivers to die")
+    # and the port is free for the next start
+    proc2, _ = start_same(tmp_path, port)
+    proc2.terminate()
+
+
+def start_same(tmp_path, port) -> tuple[KanmonProcess, int]:
+    return KanmonProcess(tmp_path / "kanmon.toml", "127.0.0.1", port).start(), port
+
+
+def test_port_in_use_is_a_clear_start_error(tmp_path):
+    import socket
+    import sys
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=1))
+    try:
+        out = subprocess.run([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg), "--quiet"],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        blocker.close()
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
