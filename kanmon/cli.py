@@ -61,7 +61,7 @@ def serve(config_path: str | None, quiet: bool) -> None:
     from kanmon.node import run_node
 
     config = load_or_exit(config_path)
-    sys.exit(run_node(config, echo=None if quiet else sys.stdout))
+    sys.exit(run_node(config, config_path, echo=None if quiet else sys.stdout))
 
 
 @main.group()

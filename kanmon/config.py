@@ -139,6 +139,10 @@ class Section(BaseModel):
 class ServerSection(Section):
     hostname: str = Field("mx1.example.test", description="Name in the SMTP banner, EHLO and Received: headers")
     data_dir: Path = Field(Path("./kanmon-data"), description="Spool, mailboxes, records and logs live here")
+    workers: int = Field(
+        1, ge=0, le=64,
+        description="SMTP receiver processes beside the main one (queue, delivery); 0: all in one process",
+    )
 
     @field_validator("hostname")
     @classmethod

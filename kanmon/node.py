@@ -25,6 +25,7 @@ from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
+from kanmon.receiver import ReceiverPool, bind_listener
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -37,9 +38,22 @@ from kanmon.tlscert import server_context
 
 class Node:
     def __init__(
-        self, config: Config, *, echo: TextIO | None = None, clock=None, fsync: bool = True, auth_throttle=None
+        self,
+        config: Config,
+        *,
+        echo: TextIO | None = None,
+        clock=None,
+        fsync: bool = True,
+        auth_throttle=None,
+        workers: int = 0,
+        config_source: str | None = None,
     ):
+        """workers: SMTP receiver processes (kanmon.receiver); 0 receives in this process.
+        config_source: the config file the receivers load (None: the embedded default)."""
         self.auth_throttle = auth_throttle
+        self.workers = workers
+        self.config_source = config_source
+        self.receivers: ReceiverPool | None = None
         self.config = config
         self.echo = echo
         self.clock = clock or SystemClock()
@@ -66,14 +80,15 @@ class Node:
         )
         self.tls_context = server_context(config)
         self.policy = AcceptPolicy(config)
-        self.smtp = SmtpServer(
-            config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
-            clock=self.clock.now,
-        )
+        if not self.workers:
+            self.smtp = SmtpServer(
+                config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
+                clock=self.clock.now,
+            )
         # The store role: accounts, submission, POP3, IMAP (each only when configured).
         self.users = Users(config)
         self.throttle = self.auth_throttle or AuthThrottle()
-        if config.submission is not None:
+        if config.submission is not None and not self.workers:
             sub = config.submission
             self.services.append(SmtpServer(
                 config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
@@ -98,12 +113,18 @@ class Node:
     async def run(self) -> None:
         """Start everything, then wait until cancelled; stop in order."""
         self._build()
-        assert self.records and self.smtp and self.queue
+        assert self.records and self.queue
         try:
             self.recover()
-            await self.smtp.start()
             started = []
             try:
+                if self.smtp is not None:
+                    await self.smtp.start()
+                    started.append(self.smtp)
+                if self.workers:
+                    self.receivers = self._receiver_pool()
+                    await self.receivers.start()
+                    started.append(self.receivers)
                 for service in self.services:
                     await service.start()
                     started.append(service)
@@ -114,7 +135,6 @@ class Node:
                         monitor = DnsMonitor(self.config, self.records.emit, None, self.clock)
                         tg.create_task(monitor.run())
             finally:
-                await self.smtp.stop()
                 for service in reversed(started):
                     await service.stop()
         except asyncio.CancelledError:
@@ -127,6 +147,27 @@ class Node:
             self.committer.close()
             self.records.emit("stopped")
             self.records.close()
+
+    def _receiver_pool(self) -> ReceiverPool:
+        """Bind every SMTP/submission socket here (errors show at start), then hand them
+        to the receiver processes."""
+        c = self.config
+        plan = [(h, p, "smtp", False) for h, p in c.smtp.listen]
+        if c.submission is not None:
+            plan += [(h, p, "submission", False) for h, p in c.submission.listen]
+            plan += [(h, p, "submission", True) for h, p in c.submission.listen_tls]
+        sockets = []
+        try:
+            for host, port, _role, _tls in plan:
+                sockets.append(bind_listener(host, port))
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        listeners = [{"fd": s.fileno(), "role": role, "tls": tls} for s, (_h, _p, role, tls) in zip(sockets, plan)]
+        assert self.queue is not None and self.records is not None
+        return ReceiverPool(self.config_source, listeners, sockets, self.workers, self.queue.submit_nowait,
+                            self.records.emit, quiet=self.echo is None)
 
     def describe(self) -> str:
         """What the operator sees at start: listeners, where mail goes, where data lives."""
@@ -158,7 +199,7 @@ class Node:
         return "\n".join(lines)
 
 
-def run_node(config: Config, echo: TextIO | None = sys.stdout) -> int:
+def run_node(config: Config, config_source: str | None = None, echo: TextIO | None = sys.stdout) -> int:
     """`kanmon serve`: run until SIGINT/SIGTERM."""
     try:
         import uvloop  # noqa: PLC0415 - optional, faster event loop
@@ -168,7 +209,7 @@ def run_node(config: Config, echo: TextIO | None = sys.stdout) -> int:
         runner = asyncio.run
 
     async def main() -> int:
-        node = Node(config, echo=echo)
+        node = Node(config, echo=echo, workers=config.server.workers, config_source=config_source)
         task = asyncio.ensure_future(node.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -49,6 +49,17 @@ class AcceptPolicy:
         self._relay_nets = list(config.smtp.relay_networks)
         self._domains: dict[str, DomainSection] = {d.name: d for d in config.domain}
         self._free_disk = free_disk or (lambda: free_disk_bytes(str(config.server.data_dir)))
+        if quota_usage is None and any(d.quota is not None for d in config.domain):
+            from kanmon.store.maildir import mailbox_usage
+
+            data_dir = config.server.data_dir
+
+            def quota_usage(domain: str, local: str) -> int:
+                try:
+                    return mailbox_usage(data_dir, domain, local)
+                except OSError:
+                    return 0  # an unreadable mailbox is delivery's problem, not a quota answer
+
         self._quota_usage = quota_usage
         self._disk_checked_at = 0.0
         self._disk_low = False

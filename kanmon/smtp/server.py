@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import itertools
 import os
+import socket
 import ssl
 import time
 from collections import Counter
@@ -71,12 +72,17 @@ class SmtpServer:
         *,
         clock: Callable[[], float] = time.time,
         listeners: list[tuple[str, int, bool]] | None = None,
+        sockets: list[tuple[socket.socket, bool]] | None = None,
         submission: bool = False,
         auth: SubmissionAuth | None = None,
     ):
-        """listeners: (host, port, implicit TLS); default: [smtp] listen, plain.
+        """listeners: (host, port, implicit TLS) to bind; default: [smtp] listen, plain.
+        sockets: (already listening socket, implicit TLS), e.g. inherited by a receiver process.
         submission: RFC 6409 profile (AUTH after TLS, required for MAIL) with auth."""
+        if sockets is not None:
+            listeners = []
         self.listeners = listeners if listeners is not None else [(h, p, False) for h, p in config.smtp.listen]
+        self.sockets = sockets or []
         self.submission = submission
         self.auth = auth
         self.config = config
@@ -102,6 +108,13 @@ class SmtpServer:
                     raise OSError(f"{host}:{port}: implicit TLS needs a certificate")
                 server = await loop.create_server(
                     lambda: SmtpProtocol(self), host, port, reuse_address=True, backlog=1024,
+                    ssl=self.tls_context if implicit_tls else None,
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+                )
+                self._servers.append(server)
+            for sock, implicit_tls in self.sockets:
+                server = await loop.create_server(
+                    lambda: SmtpProtocol(self), sock=sock, backlog=1024,
                     ssl=self.tls_context if implicit_tls else None,
                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
@@ -453,8 +466,8 @@ class SmtpProtocol(asyncio.Protocol):
                 failure = auth.throttle.failed(c.ip, a.username)
                 server.records.emit(
                     f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} authentication failed for user={user}"
-                    + (f"; blocked ({failure.key})" if failure.blocked else ""), session=self.sid,
-                )
+                    + (f"; blocked ({failure.key})" if failure.blocked else "")
+                , session=self.sid)
                 if failure.delay > 0 and not self._closed:
                     await asyncio.sleep(failure.delay)  # slow the guessing down
                 actions = self.session.auth_result(None, replies.AUTH_BLOCKED if failure.blocked else None)

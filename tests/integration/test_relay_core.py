@@ -415,3 +415,20 @@ def test_kill_9_during_a_stream_loses_nothing(tmp_path):
         wait_for(all_there, 20, "every acknowledged message")
     finally:
         proc.terminate()
+
+
+def test_over_quota_mailbox_defers_at_rcpt(tmp_path):
+    port = free_port()
+    text = config_text(tmp_path / "data", port).replace(
+        'aliases = { info = ["alice", "bob"] }', 'aliases = { info = ["alice", "bob"] }\nquota = "2KB"'
+    )
+    with RunningNode(parse_config(text)) as n:
+        with smtp(n) as s:
+            assert s.sendmail("a@remote.example", ["alice@example.test"], msg("big", "x" * 3000 + "\r\n")) == {}
+        n.wait_idle()
+        with smtp(n) as s:
+            s.ehlo()
+            s.mail("a@remote.example")
+            code, text_ = s.rcpt("alice@example.test")
+            assert (code, text_[:5]) == (452, b"4.2.2")  # the sender's server retries later
+            assert s.rcpt("bob@example.test")[0] == 250  # other mailboxes are not affected
