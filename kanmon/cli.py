@@ -182,3 +182,6 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
             r.disposition, r.queue_id, r.status,
         )
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
+from kanmon.admin.cli import queue, maintenance  # noqa: E402
+main.add_command(queue)
+main.add_command(maintenance)

@@ -350,10 +350,10 @@ class MaintenanceJob(Section):
 
     name: str | None = Field(None, description="Name for logs and `kanmon maintenance run NAME` (default: job<index>)")
     schedule: str = Field(description='When, in cron syntax: "minute hour day-of-month month day-of-week", local time')
-    action: Literal["delete", "hold", "bounce", "flush"] = Field(description="delete | hold | bounce | flush")
+    action: Literal["delete", "hold", "bounce", "flush"] = Field(description="delete, hold, bounce or flush")
     older_than: Duration | None = Field(None, description="Only messages that arrived longer ago than this")
     reason: str | None = Field(None, description="Only messages whose last reply matches this regex (case-insensitive)")
-    state: Literal["deferred", "hold", "all"] = Field("deferred", description="Which messages it looks at: deferred | hold | all")
+    state: Literal["deferred", "hold", "all"] = Field("deferred", description="Which messages it looks at: deferred, hold or all")
 
     @field_validator("schedule")
     @classmethod
@@ -444,6 +444,7 @@ class Config(Section):
     pop3: Pop3Section | None = Field(None, description="POP3 access to mailboxes")
     imap: ImapSection | None = Field(None, description="IMAP access to mailboxes")
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
+    maintenance: list[MaintenanceJob] = Field(default_factory=list, description="Scheduled queue maintenance ([[maintenance]] tables)")
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus metrics endpoint")
     alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert mail to the administrator")
@@ -455,6 +456,10 @@ class Config(Section):
             if d.name in seen:
                 raise ValueError(f"domain {d.name!r} is listed twice")
             seen.add(d.name)
+        names = [job.name for job in self.maintenance if job.name]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"maintenance job name {name!r} is used twice")
         return self
 
     def find_domain(self, name: str) -> DomainSection | None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from kanmon.admin.service import AdminPlane
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
@@ -99,6 +100,10 @@ class Node:
             self.services.append(Pop3Service(config, self.tls_context, self.users, self.throttle, self.records.emit))
         if config.imap is not None:
             self.services.append(ImapService(config, self.tls_context, self.users, self.throttle, self.records.emit))
+        # Queue operations (issue 4): the data_dir lock (taken here, before recovery), the
+        # control socket and [[maintenance]] jobs (kanmon.admin.service).
+        self.admin = AdminPlane(self)
+        self.services.append(self.admin)
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
@@ -131,6 +136,7 @@ class Node:
                 self.started.set()
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     tg.create_task(self.queue.run())
+                    tg.create_task(self.admin.run_maintenance())  # issue 4
                     if self.config.dnscheck.every:
                         monitor = DnsMonitor(self.config, self.records.emit, None, self.clock)
                         tg.create_task(monitor.run())
@@ -147,6 +153,7 @@ class Node:
             self.committer.close()
             self.records.emit("stopped")
             self.records.close()
+            self.admin.close()  # issue 4: release the data_dir lock last
 
     def _receiver_pool(self) -> ReceiverPool:
         """Bind every SMTP/submission socket here (errors show at start), then hand them

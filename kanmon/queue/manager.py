@@ -93,6 +93,7 @@ class QueueManager:
         self._ready: asyncio.Queue[tuple[str, tuple[SpoolEntry, bytes] | None]] = asyncio.Queue()
         self._in_memory: set[str] = set()  # queued in _ready or being delivered
         self._scheduled: dict[str, float] = {}  # id -> due time in the heap (latest wins)
+        self._leaving: dict[str, list[asyncio.Future[None]]] = {}  # admin waits for an active id
         self._wake = asyncio.Event()
         self._dest_limits: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(config.outbound.max_per_destination)
@@ -145,6 +146,34 @@ class QueueManager:
             self.schedule(qid, now)
         return len(targets)
 
+    # -- admin operations (kanmon.admin.queue_ops through the control socket) ----------------
+
+    def is_active(self, queue_id: str) -> bool:
+        """Loaded in memory: waiting for a worker or being delivered right now."""
+        return queue_id in self._in_memory
+
+    def active_ids(self) -> set[str]:
+        return set(self._in_memory)
+
+    async def wait_inactive(self, queue_id: str) -> None:
+        """Until the message's current attempt has settled (its results are journaled)."""
+        if queue_id not in self._in_memory:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._leaving.setdefault(queue_id, []).append(fut)
+        await fut
+
+    def unschedule(self, queue_id: str) -> bool:
+        """Forget a scheduled message (held or deleted by the admin); its stale heap entry is skipped."""
+        return self._scheduled.pop(queue_id, None) is not None
+
+    def due_now(self, queue_ids: list[str]) -> None:
+        """Released, flushed, requeued or restored: deliver these now, scheduled or not."""
+        now = self.clock.now()
+        for qid in queue_ids:
+            if qid not in self._in_memory:
+                self.schedule(qid, now)
+
     # -- running ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -191,6 +220,9 @@ class QueueManager:
                 self.schedule(queue_id, self.clock.now() + self.config.queue.retry_bounds[0])
             finally:
                 self._in_memory.discard(queue_id)
+                for fut in self._leaving.pop(queue_id, ()):
+                    if not fut.done():
+                        fut.set_result(None)
                 if not self._in_memory:
                     self.idle.set()
                 self._wake.set()

@@ -19,8 +19,14 @@ Group commit (kanmon.spool.groupcommit): the queue files of all sessions waiting
 that moment are written to incoming/, flushed together, renamed into queue/, and the
 directory flushed; store() returns only after its own file and its rename are durable.
 
+Admin operations (kanmon.admin.queue_ops, issue 4) use scan() to walk the queue without
+reading bodies (the envelope is at the start of each queue file), set_hold() and
+set_schedule() to append to a journal, delete() to remove a message on the admin's
+word, and export_raw()/import_raw() to move queue files between nodes unchanged.
+
 Trusts: its callers in this process. Never: acknowledge before fsync; delete a queue
-file whose recipients are not all final; read or write mailbox files.
+file whose recipients are not all final, except on delete() (the admin's decision, which
+the caller records in the event log); read or write mailbox files.
 """
 
 from __future__ import annotations
@@ -303,6 +309,146 @@ class Spool:
             if p.name not in known and not (self.queue / p.name).exists():
                 p.unlink(missing_ok=True)
         return entries, corrupt, removed
+
+    # -- admin operations (issue 4) ----------------------------------------------------------
+
+    def scan(self, envelope_filter=None) -> Iterator[SpoolEntry]:
+        """Every queue entry, envelope and journal, without reading message bodies.
+
+        envelope_filter(queue_id, envelope) -> bool, when given, is asked before the
+        journal is read, so a filter on sender, recipients or age costs one small read per
+        message. Entries that vanish meanwhile (delivered) or cannot be parsed are skipped:
+        corrupt files are moved aside by recovery, not here.
+        """
+        for qid in self.queue_ids():
+            try:
+                env, size = self._read_envelope_fast(qid)
+            except (OSError, CorruptEntry):
+                continue
+            if envelope_filter is not None and not envelope_filter(qid, env):
+                continue
+            yield SpoolEntry(qid, env, size, self.read_state(qid))
+
+    def _read_envelope_fast(self, queue_id: str) -> tuple[Envelope, int]:
+        """read_envelope() with one read(2) for the usual envelope (< 4 KiB)."""
+        fd = os.open(self.queue / queue_id, os.O_RDONLY)
+        try:
+            head = os.read(fd, 4096)
+            elen, clen, _crc, off = decode_queue_header(head)
+            ej = head[off : off + elen]
+            if len(ej) < elen:
+                ej = os.pread(fd, elen, off)
+        finally:
+            os.close(fd)
+        try:
+            return envelope_from_json(ej), clen
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"bad envelope: {e}") from None
+
+    def corrupt_ids(self) -> list[str]:
+        """Queue ids in corrupt/ (moved there by recovery; kept for the admin)."""
+        return sorted(p.name for p in self.corrupt.iterdir() if not p.name.endswith(".state"))
+
+    def exists(self, queue_id: str) -> bool:
+        return (self.queue / queue_id).is_file()
+
+    def set_hold(self, queue_id: str, on: bool, t: float, by: str = "") -> None:
+        """Journal: held (the queue manager leaves it alone) or released."""
+        if not self.exists(queue_id):
+            raise FileNotFoundError(queue_id)
+        self.append_state(queue_id, [{"k": "hold", "on": on, "t": t, "by": by}])
+
+    def set_schedule(self, queue_id: str, next_attempt: float, *, reset_attempts: bool = False, t: float = 0.0) -> None:
+        """Journal: the next attempt is at next_attempt (requeue: also restart the backoff)."""
+        if not self.exists(queue_id):
+            raise FileNotFoundError(queue_id)
+        records: list[dict] = []
+        if reset_attempts:
+            records.append({"k": "attempt", "t": t, "n": 0, "next": next_attempt})
+        records.append({"k": "schedule", "t": t, "next": next_attempt})
+        self.append_state(queue_id, records)
+
+    def delete(self, queue_id: str) -> bool:
+        """Remove a message on the admin's word (queue file first: then it no longer exists)."""
+        try:
+            (self.queue / queue_id).unlink()
+        except FileNotFoundError:
+            return False
+        (self.state_dir / queue_id).unlink(missing_ok=True)
+        return True
+
+    def delete_corrupt(self, queue_id: str) -> bool:
+        found = False
+        for p in (self.corrupt / queue_id, self.corrupt / (queue_id + ".state")):
+            try:
+                p.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+        return found
+
+    def sync_dirs(self) -> None:
+        """Make removals and renames in queue/ and state/ durable (once per batch)."""
+        if self.fsync:
+            _fsync_dir(self.queue)
+            _fsync_dir(self.state_dir)
+
+    def export_raw(self, queue_id: str) -> tuple[bytes, bytes]:
+        """(queue file bytes, journal bytes), the queue file's checksum verified."""
+        data = (self.queue / queue_id).read_bytes()
+        path = self.queue / queue_id
+        self._check_bytes(data, str(path))
+        try:
+            state = (self.state_dir / queue_id).read_bytes()
+        except FileNotFoundError:
+            state = b""
+        return data, state
+
+    @staticmethod
+    def _check_bytes(data: bytes, what: str = "") -> Envelope:
+        elen, clen, crc, off = decode_queue_header(data[:MAX_HEADER_LINE])
+        ej = data[off : off + elen]
+        content = data[off + elen + 1 :]
+        if data[off + elen : off + elen + 1] != b"\n" or len(content) != clen:
+            raise CorruptEntry(f"{what}: truncated")
+        if zlib.crc32(content, zlib.crc32(ej)) != crc:
+            raise CorruptEntry(f"{what}: checksum mismatch")
+        try:
+            return envelope_from_json(ej)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"{what}: bad envelope: {e}") from None
+
+    def import_raw(self, queue_id: str, queue_bytes: bytes, state_bytes: bytes) -> bool:
+        """Put a message exported by export_raw() into this queue; False if it is already here.
+
+        The journal is written first (temporary name, then renamed), then the queue file
+        through incoming/ and the group committer, so the message exists only once both
+        are durable. Interrupted at any point, a second import_raw() completes it.
+        """
+        self._check_bytes(queue_bytes, queue_id)
+        if self.exists(queue_id):
+            return False
+        tmp = self.state_dir / f".{queue_id}.restore"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, state_bytes)
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_dir / queue_id)
+        (err,) = self.committer.commit_blocking([(self.incoming / queue_id, self.queue / queue_id, queue_bytes)])
+        if err is not None:
+            raise SpoolError(f"cannot write queue file: {err.strerror or err}")
+        return True
+
+    def store_blocking(self, queue_id: str, env: Envelope, content: bytes) -> None:
+        """store() for a caller outside the event loop (admin: notices from `queue bounce`)."""
+        (err,) = self.committer.commit_blocking(
+            [(self.incoming / queue_id, self.queue / queue_id, encode_queue_file(env, content))]
+        )
+        if err is not None:
+            raise SpoolError(f"cannot write queue file: {err.strerror or err}")
 
     def move_to_corrupt(self, queue_id: str) -> None:
         for src, suffix in ((self.queue / queue_id, ""), (self.state_dir / queue_id, ".state")):

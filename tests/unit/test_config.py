@@ -123,7 +123,7 @@ def test_example_mentions_every_key():
             ann = repr(field.annotation)
             for sub in ("ServerSection", "SmtpSection", "TlsSection", "DomainSection", "OutboundSection", "DnsSection",
                         "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection",
-                        "BalancerSection", "VirtualServer", "RealServer", "HealthCheck"):
+                        "BalancerSection", "VirtualServer", "RealServer", "HealthCheck", "MaintenanceJob"):
                 if f"kanmon.config.{sub}" in ann or ann.endswith(f".{sub}'>"):
                     import kanmon.config as c
 

@@ -1,0 +1,473 @@
+"""`kanmon queue ...` and `kanmon maintenance ...`: the queue operations on the command line.
+
+Role: parse arguments, find the way to the spool — the running server's control socket
+if one answers, else the spool itself under <data_dir>/kanmon.lock — call
+kanmon.admin.queue_ops, print the result (mailq-style text by default, JSON with --json).
+docs/queue.md is the user's page for every command here.
+
+Trusts: nothing from argv (durations, regexes and ids are checked before anything is
+done). Never: open spool files itself (queue_ops does, through the Spool API); act on a
+filter match without showing how many and asking, unless --yes; print a traceback for
+an expected error (exit 1 for a failed operation, 2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from kanmon.admin.queue_ops import STATES, Filters, OfflineLink, QueueOps, dispatch
+from kanmon.cli import config_option, load_or_exit
+from kanmon.config import Config, parse_duration, parse_hostport
+from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
+
+FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket listens
+
+
+class AdminSession:
+    """`with AdminSession(cfg) as admin: admin.call("list", {...})`."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.data_dir = Path(config.server.data_dir)
+        self.client: ControlClient | None = None
+        self.lock: DataDirLock | None = None
+        self._offline: tuple | None = None
+        self.ops: QueueOps | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.client is not None
+
+    def __enter__(self) -> AdminSession:
+        if not (self.data_dir / "spool").is_dir():
+            _fail(f"no spool in {self.data_dir} (wrong -c file, or kanmon never ran here)")
+        deadline = time.monotonic() + FIND_SERVER_WAIT
+        while True:
+            try:
+                self.client = ControlClient(self.data_dir).connect()
+                return self
+            except NoServer:
+                pass
+            except OSError as e:
+                _fail(f"cannot reach the control socket in {self.data_dir}: {e}")
+            lock = DataDirLock(self.data_dir)
+            try:
+                lock.acquire(wait=0)
+                self.lock = lock
+                break
+            except LockBusy as e:
+                if time.monotonic() >= deadline:
+                    _fail(f"{e}, and no control socket answers")
+                time.sleep(0.1)
+        from kanmon.records.store import Records  # noqa: PLC0415
+        from kanmon.spool.store import Spool  # noqa: PLC0415
+
+        spool = Spool(self.data_dir)
+        records = Records(self.data_dir, self.config.server.hostname, echo=None)
+        link = OfflineLink()
+        self._offline = (spool, records, link)
+        self.ops = QueueOps(self.config, spool, records, link)
+        return self
+
+    def call(self, op: str, args: dict | None = None) -> dict:
+        request = {"op": op, "args": args or {}}
+        if self.client is not None:
+            try:
+                reply = self.client.request(op, args)
+            except (OSError, ValueError) as e:
+                _fail(f"control socket: {e}")
+        else:
+            assert self.ops is not None
+            reply = dispatch(self.ops, request)
+        if not reply.get("ok"):
+            _fail(str(reply.get("error")), 1)
+        return reply["result"]
+
+    def __exit__(self, *exc) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._offline is not None:
+            spool, records, link = self._offline
+            link.close()
+            spool.close()
+            records.flush()
+            records.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"kanmon: {message}", err=True)
+    sys.exit(code)
+
+
+def _stamp(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------------------
+# Filters as options
+
+
+def filter_options(fn=None, *, to_flag: str = "--to"):
+    """The filter options; drain names its recipient filter --rcpt (its --to is the target)."""
+    if fn is None:
+        return lambda f: filter_options(f, to_flag=to_flag)
+    for opt in reversed([
+        click.option("--state", type=click.Choice(STATES), default=None,
+                     help="Messages in this state only (default: all but corrupt)."),
+        click.option("--older-than", "older_than", metavar="DURATION", help="Arrived longer ago than DURATION (4h, 3d)."),
+        click.option("--from", "mail_from", metavar="PATTERN", help="Sender matches PATTERN (glob, or substring; <> = null sender)."),
+        click.option(to_flag, "to", metavar="PATTERN", help="A pending recipient matches PATTERN."),
+        click.option("--domain", metavar="DOMAIN", help="A pending recipient is in DOMAIN."),
+        click.option("--reason", metavar="REGEX", help="The last reply matches REGEX (case-insensitive)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def make_filters(ids=(), state=None, older_than=None, mail_from=None, to=None, domain=None, reason=None) -> dict:
+    seconds = None
+    if older_than is not None:
+        try:
+            seconds = parse_duration(older_than)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--older-than") from None
+    try:
+        f = Filters(ids=list(ids), state=state or "all", older_than=seconds, mail_from=mail_from, to=to,
+                    domain=domain, reason=reason)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return f.to_json()
+
+
+def _echo_json(value) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, indent=1))
+
+
+# ---------------------------------------------------------------------------
+
+
+@click.group("queue")
+def queue() -> None:
+    """The mail queue: list, inspect, hold, release, delete, bounce, flush, back up, move."""
+
+
+@queue.command("list")
+@config_option
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of the mailq-style listing.")
+def list_cmd(config_path, as_json, **filters) -> None:
+    """What is queued (like mailq): id, arrival, size, sender, recipients, last reply, next try.
+
+    Marks after the id: * active (being delivered), ! held, # corrupt.
+    """
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        result = admin.call("list", {"filters": make_filters(**filters)})
+    if as_json:
+        _echo_json(result)
+        return
+    items = result["items"]
+    if not items:
+        click.echo("Mail queue is empty" if not any(filters.values()) else "No message matches")
+        return
+    click.echo(f"{'-Queue ID-':<17} {'--Size--':>8} {'----Arrival Time----':<20} -Sender/Recipient-------")
+    total = 0
+    for r in items:
+        mark = {"active": "*", "hold": "!", "corrupt": "#"}.get(r["state"], " ")
+        total += r["size"] or 0
+        size = str(r["size"]) if r["size"] is not None else "?"
+        sender = r["from"] or ("MAILER-DAEMON" if r["state"] != "corrupt" else "(damaged queue file)")
+        click.echo(f"{r['id'] + mark:<17} {size:>8} {_stamp(r['arrival']):<20} {sender}")
+        if r["last_reply"]:
+            click.echo(f"{'':<48}({r['last_reply'][:200]})")
+        for rcpt in r["rcpts"]:
+            click.echo(f"{'':<48}{rcpt}")
+        if r["state"] == "deferred" and r["next_attempt"]:
+            click.echo(f"{'':<48}next attempt {_stamp(r['next_attempt'])}, {r['attempts']} so far")
+        click.echo("")
+    click.echo(f"-- {total // 1024} Kbytes in {len(items)} Request{'s' if len(items) != 1 else ''}.")
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id")
+@click.option("--lines", default=50, show_default=True, help="Body lines to show.")
+@click.option("--json", "as_json", is_flag=True)
+def show_cmd(config_path, queue_id, lines, as_json) -> None:
+    """One message: envelope, attempt history with remote replies, headers, first body lines."""
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        d = admin.call("show", {"id": queue_id, "lines": lines})
+    if as_json:
+        _echo_json(d)
+        return
+    _print_detail(d)
+
+
+def _print_detail(d: dict) -> None:
+    click.echo(f"Queue ID:  {d['id']} ({d['state']})")
+    click.echo(f"Arrival:   {_stamp(d['arrival'])}")
+    click.echo(f"Size:      {d['size']} bytes")
+    click.echo(f"Sender:    <{d['from']}>")
+    c = d.get("client")
+    if c:
+        click.echo(f"Client:    {c.get('name')} [{c.get('ip')}] helo={c.get('helo')} {c.get('proto')}"
+                   + (f" auth={c['auth_user']}" if c.get("auth_user") else ""))
+    for r in d["rcpts_all"]:
+        orig = f" (orig {r['original']})" if r.get("original") else ""
+        click.echo(f"Recipient: <{r['rcpt']}>{orig} {r['status']}")
+    if d["state"] == "deferred":
+        click.echo(f"Attempts:  {d['attempts']}, next {_stamp(d['next_attempt'])}")
+    if d["history"]:
+        click.echo("History:")
+        for h in d["history"]:
+            if h.get("k") == "result":
+                click.echo(f"  {_stamp(h.get('t'))} <{h.get('rcpt')}> {h.get('status')}: {h.get('reply')}"
+                           + (f" (relay {h['relay']})" if h.get("relay") else ""))
+            elif h.get("k") == "hold":
+                click.echo(f"  {_stamp(h.get('t'))} {'held' if h.get('on') else 'released'}"
+                           + (f" by {h['by']}" if h.get("by") else ""))
+            elif h.get("k") == "warned":
+                click.echo(f"  {_stamp(h.get('t'))} delay notice sent")
+    click.echo("")
+    click.echo(d["headers"].rstrip("\r\n").replace("\r\n", "\n"))
+    click.echo("")
+    click.echo(d["body"].replace("\r\n", "\n"))
+    shown = d["body"].count("\r\n") + 1 if d["body"] else 0
+    if d["body_lines_total"] > shown:
+        click.echo(f"[... {d['body_lines_total'] - shown} more line(s)]")
+
+
+def _act_command(action: str, doc: str, confirm: bool = True):
+    @queue.command(action, help=doc)
+    @config_option
+    @click.argument("ids", nargs=-1)
+    @filter_options
+    @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
+    @click.option("--yes", "-y", is_flag=True, help="Do not ask before acting on a filter match.")
+    @click.option("--json", "as_json", is_flag=True)
+    def command(config_path, ids, dry_run, yes, as_json, **filters) -> None:
+        cfg = load_or_exit(config_path)
+        f = make_filters(ids, **filters)
+        by_filter = any(v is not None for v in filters.values())
+        whole = filters.get("state") == "all"
+        if not ids and not by_filter and confirm:
+            raise click.UsageError(f"give queue ids or filters (--state all for the whole queue)")
+        source = f"kanmon queue {action}"
+        with AdminSession(cfg) as admin:
+            if by_filter or dry_run:
+                preview = admin.call("act", {"action": action, "filters": f, "dry_run": True, "whole_queue": whole})
+                if dry_run:
+                    if as_json:
+                        _echo_json(preview)
+                    else:
+                        click.echo(f"{preview['matched']} message(s) match; would {action}:")
+                        for qid in preview["ids"]:
+                            click.echo(f"  {qid}")
+                    return
+                if not preview["ids"]:
+                    click.echo("No message matches")
+                    return
+                if confirm and not yes:
+                    click.echo(f"{preview['matched']} message(s) match.")
+                    if not click.confirm(f"{action.capitalize()} them?", default=False):
+                        click.echo("Nothing done.")
+                        return
+                # Exactly the messages counted (still matching): nothing new slips in.
+                f = dict(f, ids=preview["ids"])
+            result = admin.call("act", {"action": action, "filters": f, "source": source, "whole_queue": whole})
+        if as_json:
+            _echo_json(result)
+            return
+        done = {"delete": "deleted", "hold": "held", "release": "released", "bounce": "returned to sender",
+                "flush": "scheduled for delivery now", "requeue": "requeued"}[action]
+        click.echo(f"{len(result['acted'])} message(s) {done}")
+        if result["skipped"]:
+            click.echo(f"{len(result['skipped'])} skipped (no longer queued): {' '.join(result['skipped'][:20])}")
+
+    return command
+
+
+_act_command("delete", "Delete messages (postsuper -d): by id, or every message the filters match.")
+_act_command("hold", "Put messages on hold (postsuper -h): the queue leaves them alone until released.")
+_act_command("release", "Release held messages (postsuper -H); they are delivered now.")
+_act_command("bounce", "Return messages to their senders with a failure notice (postsuper -e), then delete them.")
+_act_command("flush", "Try these messages now (postqueue -f / -i); without ids or filters: every deferred one.", False)
+_act_command("requeue", "Route again and try now, with the retry backoff restarted (postsuper -r).", False)
+
+
+@queue.command("summary")
+@config_option
+@filter_options
+@click.option("--by", type=click.Choice(["domain", "sender"]), default="domain", show_default=True,
+              help="Rows by recipient domain, or by sender domain (qshape -s).")
+@click.option("--json", "as_json", is_flag=True)
+def summary_cmd(config_path, by, as_json, **filters) -> None:
+    """Counts by destination and age (like Postfix's qshape), in minutes since arrival."""
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        s = admin.call("summary", {"filters": make_filters(**filters), "by": by})
+    if as_json:
+        _echo_json(s)
+        return
+    heads = ["T"] + [b.rstrip("m") for b in s["buckets"]]
+    width = max([len(r["key"]) for r in s["rows"]] + [5]) + 1
+    click.echo(" " * width + "".join(f"{h:>7}" for h in heads))
+    for key, row in [("TOTAL", s["total"])] + [(r["key"], r) for r in s["rows"]]:
+        click.echo(f"{key:>{width}}" + "".join(f"{n:>7}" for n in [row["count"], *row["counts"]]))
+
+
+@queue.command("review")
+@config_option
+@filter_options
+def review_cmd(config_path, **filters) -> None:
+    """Go through messages one by one: envelope, last reply, first 50 lines; keep, delete, hold or quit."""
+    cfg = load_or_exit(config_path)
+    counts = {"kept": 0, "deleted": 0, "held": 0}
+    with AdminSession(cfg) as admin:
+        items = [r for r in admin.call("list", {"filters": make_filters(**filters)})["items"] if r["state"] != "corrupt"]
+        if not items:
+            click.echo("No message matches")
+            return
+        for n, item in enumerate(items, 1):
+            reply = admin.client.request("show", {"id": item["id"], "lines": 50}) if admin.online else \
+                dispatch(admin.ops, {"op": "show", "args": {"id": item["id"], "lines": 50}})
+            if not reply.get("ok"):
+                click.echo(f"{item['id']}: gone ({reply.get('error')})")
+                continue
+            click.echo(f"==== {n}/{len(items)} " + "=" * 60)
+            _print_detail(reply["result"])
+            choice = click.prompt("[k]eep, [d]elete, [h]old, [q]uit", type=click.Choice(["k", "d", "h", "q"]),
+                                  default="k", show_choices=False)
+            if choice == "q":
+                break
+            if choice == "k":
+                counts["kept"] += 1
+                continue
+            action = "delete" if choice == "d" else "hold"
+            result = admin.call("act", {"action": action, "filters": {"ids": [item["id"]]},
+                                        "source": "kanmon queue review"})
+            if result["acted"]:
+                counts["deleted" if action == "delete" else "held"] += 1
+                click.echo(f"{item['id']}: {'deleted' if action == 'delete' else 'held'}")
+    click.echo(f"Reviewed: {counts['kept']} kept, {counts['deleted']} deleted, {counts['held']} held")
+
+
+@queue.command("backup")
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@filter_options
+def backup_cmd(config_path, file, **filters) -> None:
+    """Write the matching messages, envelopes and attempt history to FILE (docs/queue-backup.md)."""
+    cfg = load_or_exit(config_path)
+    path = Path(file).resolve()
+    with AdminSession(cfg) as admin:
+        r = admin.call("backup", {"path": str(path), "filters": make_filters(**filters)})
+    click.echo(f"{r['count']} message(s) written to {r['path']}")
+
+
+@queue.command("restore")
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--hold", is_flag=True, help="Restore on hold instead of scheduling for delivery.")
+@click.option("--json", "as_json", is_flag=True)
+def restore_cmd(config_path, file, hold, as_json) -> None:
+    """Put the messages of a backup into this queue (checksums verified; never twice)."""
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold})
+    if as_json:
+        _echo_json(r)
+        return
+    for qid in r["restored"]:
+        click.echo(f"restored {qid}" + (" (held)" if hold else ""))
+    click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped'])} already here, "
+               f"{r['in_archive']} in the archive")
+
+
+@queue.command("drain")
+@config_option
+@click.option("--to", "target", required=True, metavar="HOST:PORT", help="The relay that takes the mail over.")
+@click.option("--tls", type=click.Choice(["none", "opportunistic", "required", "verify", "smtps"]),
+              default="opportunistic", show_default=True)
+@click.argument("ids", nargs=-1)
+@filter_options(to_flag="--rcpt")
+@click.option("--json", "as_json", is_flag=True)
+def drain_cmd(config_path, target, tls, ids, as_json, **filters) -> None:
+    """Deliver queued messages to HOST:PORT; each is removed here only after its 250."""
+    cfg = load_or_exit(config_path)
+    try:
+        host, port = parse_hostport(target)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--to") from None
+    with AdminSession(cfg) as admin:
+        r = admin.call("drain", {"host": host, "port": port, "tls": tls, "filters": make_filters(ids, **filters)})
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{len(r['drained'])} message(s) delivered to {r['to']} and removed here")
+    for k in r["kept"]:
+        click.echo(f"kept {k['id']}: " + "; ".join(f"<{a}> {b}" for a, b in k["replies"].items()))
+    if r["kept"]:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------
+
+
+@click.group("maintenance")
+def maintenance() -> None:
+    """Scheduled queue maintenance ([[maintenance]] in the config)."""
+
+
+@maintenance.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def maintenance_list(config_path, as_json) -> None:
+    """The configured jobs and when each runs next."""
+    cfg = load_or_exit(config_path)
+    if not cfg.maintenance:
+        click.echo("No [[maintenance]] jobs configured")
+        return
+    with AdminSession(cfg) as admin:
+        r = admin.call("maintenance_list")
+    if as_json:
+        _echo_json(r)
+        return
+    for j in r["jobs"]:
+        what = []
+        if j["older_than"] is not None:
+            what.append(f"older than {int(j['older_than'])}s")
+        if j["reason"]:
+            what.append(f"reason ~ {j['reason']!r}")
+        click.echo(f"{j['index']}. {j['name']}: \"{j['schedule']}\" {j['action']} {j['state']} messages"
+                   + (f" {', '.join(what)}" if what else "") + f"; next run {_stamp(j['next_run'])}")
+
+
+@maintenance.command("run")
+@config_option
+@click.argument("job")
+@click.option("--dry-run", is_flag=True, help="Show what it would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def maintenance_run(config_path, job, dry_run, as_json) -> None:
+    """Run job NAME (or its 1-based INDEX) now."""
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        r = admin.call("maintenance_run", {"job": job, "dry_run": dry_run})
+    if as_json:
+        _echo_json(r)
+        return
+    if dry_run:
+        click.echo(f"{r['job']}: {r['matched']} message(s) match; would {r['action']}: {' '.join(r['ids'])}")
+    else:
+        click.echo(f"{r['job']}: {r['action']} matched {r['matched']}, acted on {len(r['acted'])}")

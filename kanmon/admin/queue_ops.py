@@ -1,0 +1,655 @@
+"""Queue operations: list, show, hold, release, delete, bounce, flush, requeue, summary,
+backup, restore, drain and the [[maintenance]] jobs (issue 4, docs/queue.md).
+
+Role: the one implementation of every queue operation, shared by the CLI, the control
+socket (kanmon.control: `kanmon serve` runs these in a worker thread of its own process)
+and the web console. It reads and changes queue state only through the Spool API and
+tells the running queue manager through a ManagerLink: with the server running that is
+NodeLink (kanmon.admin.service), without it OfflineLink (nothing in memory to tell; the
+journal is what the next start reads). Each operation returns a JSON-able dict, the
+same over the socket and in process.
+
+Postfix equivalents: list = mailq/postqueue -p, hold/release/delete/requeue = postsuper
+-h/-H/-d/-r, flush = postqueue -f / -i, bounce = postsuper -e (return to sender),
+summary = qshape (same age buckets), drain = what `postqueue -f` to a new relayhost does.
+
+Trusts: filters from the admin (regexes compiled here; a bad one is a ValueError), queue
+ids only after is_queue_id(). Never: read message bodies to list, filter or summarise
+(the envelope is at the start of each queue file, the rest is in the journal); act on
+a message the queue manager is delivering at that moment (the link waits until its
+attempt settles); remove a drained message before the new relay said 250 for all of its
+recipients; change the queue without an event-log line saying what, how many, which
+ids and from which command.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
+from kanmon.admin.cron import CronSchedule
+from kanmon.config import Config, MaintenanceJob
+from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id, new_queue_id
+from kanmon.queue.notices import Notices
+from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
+
+STATES = ("active", "deferred", "hold", "corrupt", "all")
+ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
+# qshape's age buckets, in minutes; the last column is "older than 1280m".
+BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+RETURNED = "message returned to sender by the administrator"
+RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
+EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
+
+_REPLY_RE = re.compile(r"^([2-5]\d\d)(?: ([2-5]\.\d{1,3}\.\d{1,3}))? ?(.*)$", re.S)
+
+
+class ManagerLink(Protocol):
+    """What an operation may ask of the queue manager (kanmon.admin.service.NodeLink)."""
+
+    def now(self) -> float: ...
+    def active_ids(self) -> set[str]: ...
+    def quiesce(self, queue_ids: list[str]) -> None: ...  # wait out attempts in flight, unschedule
+    def due_now(self, queue_ids: list[str]) -> None: ...
+    def reschedule(self, queue_id: str, at: float) -> None: ...
+    def submit(self, queue_id: str) -> None: ...  # a new message (a notice) is in the spool
+    def run_async(self, coro) -> Any: ...  # run a coroutine where delivery agents live
+
+
+class OfflineLink:
+    """No server runs: nothing is in memory; coroutines run on a private event loop."""
+
+    def __init__(self, clock=None):
+        self._clock = clock
+        self._loop = None
+
+    def now(self) -> float:
+        return self._clock.now() if self._clock else time.time()
+
+    def active_ids(self) -> set[str]:
+        return set()
+
+    def quiesce(self, queue_ids: list[str]) -> None:
+        pass
+
+    def due_now(self, queue_ids: list[str]) -> None:
+        pass
+
+    def reschedule(self, queue_id: str, at: float) -> None:
+        pass
+
+    def submit(self, queue_id: str) -> None:
+        pass
+
+    def run_async(self, coro) -> Any:
+        import asyncio  # noqa: PLC0415
+
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+
+
+# ---------------------------------------------------------------------------
+# Filters
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A shell glob (`*@example.com`) or, without wildcards, a substring; case-insensitive."""
+    if any(ch in pattern for ch in "*?["):
+        return re.compile(fnmatch.translate(pattern), re.I)
+    return re.compile(re.escape(pattern), re.I)
+
+
+@dataclass
+class Filters:
+    ids: list[str] = field(default_factory=list)
+    state: str = "all"
+    older_than: float | None = None  # seconds
+    mail_from: str | None = None  # glob or substring; "<>" is the null sender
+    to: str | None = None
+    domain: str | None = None
+    reason: str | None = None  # regex over the last reply
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}")
+        bad = [i for i in self.ids if not is_queue_id(i)]
+        if bad:
+            raise ValueError(f"not a queue id: {', '.join(bad[:5])}")
+        try:
+            self._reason = re.compile(self.reason, re.I) if self.reason else None
+        except re.error as e:
+            raise ValueError(f"--reason {self.reason!r}: {e}") from None
+        self._from = _pattern(self.mail_from) if self.mail_from and self.mail_from != "<>" else None
+        self._to = _pattern(self.to) if self.to else None
+        self._domain = self.domain.lower().strip().rstrip(".") if self.domain else None
+        self._idset = set(self.ids)
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> Filters:
+        data = dict(data or {})
+        known = {k: data[k] for k in ("ids", "state", "older_than", "mail_from", "to", "domain", "reason") if k in data}
+        return cls(**known)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+    @property
+    def empty(self) -> bool:
+        return not (self.ids or self.older_than is not None or self.mail_from or self.to or self.domain or self.reason)
+
+    def describe(self) -> str:
+        parts = list(self.ids[:5]) + ([f"... ({len(self.ids)} ids)"] if len(self.ids) > 5 else [])
+        if self.state != "all":
+            parts.append(f"--state {self.state}")
+        if self.older_than is not None:
+            parts.append(f"--older-than {int(self.older_than)}s")
+        for flag, value in (("--from", self.mail_from), ("--to", self.to), ("--domain", self.domain),
+                            ("--reason", self.reason)):
+            if value:
+                parts.append(f"{flag} {value!r}")
+        return " ".join(parts) or "(whole queue)"
+
+    def match_envelope(self, qid: str, env: Envelope, now: float) -> bool:
+        """The checks that need only the envelope (before the journal is read)."""
+        if self._idset and qid not in self._idset:
+            return False
+        if self.older_than is not None and now - (env.received_at or now) < self.older_than:
+            return False
+        if self.mail_from == "<>" and env.mail_from:
+            return False
+        if self._from is not None and not self._from.search(env.mail_from or "<>"):
+            return False
+        if self._to is not None and not any(self._to.search(r) for r in env.rcpts):
+            return False
+        if self._domain is not None and not any(_domain_of(r) == self._domain for r in env.rcpts):
+            return False
+        return True
+
+    def match_entry(self, entry: SpoolEntry, state: str) -> bool:
+        if self.state != "all" and self.state != state:
+            return False
+        pending = entry.pending_rcpts()
+        if self._to is not None and not any(self._to.search(r) for r in pending):
+            return False
+        if self._domain is not None and not any(_domain_of(r) == self._domain for r in pending):
+            return False
+        if self._reason is not None and not self._reason.search(last_reply(entry)[0]):
+            return False
+        return True
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def last_reply(entry: SpoolEntry) -> tuple[str, float]:
+    """The most recent reply recorded for a still-pending recipient ("" if none)."""
+    best, at = "", -1.0
+    for rcpt, rec in entry.state.last.items():
+        if rcpt in entry.state.done:
+            continue
+        t = rec.get("t", 0.0)
+        if t >= at:
+            best, at = str(rec.get("reply", "")), t
+    return best, max(at, 0.0)
+
+
+def parse_reply_text(text: str) -> Reply:
+    m = _REPLY_RE.match(text.strip())
+    if not m:
+        return Reply(451, "4.0.0", text)
+    return Reply(int(m.group(1)), m.group(2) or "", m.group(3))
+
+
+# ---------------------------------------------------------------------------
+# The operations
+
+
+class QueueOps:
+    def __init__(self, config: Config, spool: Spool, records, link: ManagerLink):
+        self.config = config
+        self.spool = spool
+        self.records = records
+        self.link = link
+        self.notices = Notices(config)
+
+    # -- selecting -----------------------------------------------------------------------
+
+    def _state_of(self, entry: SpoolEntry, active: set[str]) -> str:
+        if entry.state.hold:
+            return "hold"
+        if entry.queue_id in active:
+            return "active"
+        return "deferred"
+
+    def select(self, filters: Filters) -> Iterator[tuple[SpoolEntry, str]]:
+        """(entry, state) for every message the filters match (corrupt entries excluded)."""
+        if filters.state == "corrupt":
+            return
+        now = self.link.now()
+        active = self.link.active_ids()
+        if filters.ids:
+            entries = (self._load(q) for q in dict.fromkeys(filters.ids))
+            source = (e for e in entries if e is not None and filters.match_envelope(e.queue_id, e.envelope, now))
+        else:
+            source = self.spool.scan(lambda qid, env: filters.match_envelope(qid, env, now))
+        for entry in source:
+            state = self._state_of(entry, active)
+            if filters.match_entry(entry, state):
+                yield entry, state
+
+    def _load(self, qid: str) -> SpoolEntry | None:
+        try:
+            return self.spool.load(qid)
+        except (FileNotFoundError, CorruptEntry):
+            return None
+
+    def row(self, entry: SpoolEntry, state: str) -> dict:
+        reply, _ = last_reply(entry)
+        st = entry.state
+        return {
+            "id": entry.queue_id, "state": state, "arrival": entry.envelope.received_at, "size": entry.size,
+            "from": entry.envelope.mail_from, "rcpts": entry.pending_rcpts(), "done": len(st.done),
+            "last_reply": reply, "attempts": st.attempts,
+            "next_attempt": None if state == "hold" else (st.next_attempt or None),
+        }
+
+    def list(self, filters: dict | Filters | None = None) -> dict:
+        f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        rows = [self.row(e, s) for e, s in self.select(f)]
+        if f.state == "corrupt" or (f.state == "all" and f.older_than is None
+                                    and not (f.mail_from or f.to or f.domain or f.reason)):
+            rows.extend(self._corrupt_rows(f))  # no envelope to filter on: only by id
+        rows.sort(key=lambda r: (r["arrival"] or 0, r["id"]))
+        return {"items": rows, "count": len(rows), "now": self.link.now()}
+
+    def _corrupt_rows(self, f: Filters) -> list[dict]:
+        out = []
+        for qid in self.spool.corrupt_ids():
+            if f.ids and qid not in f.ids:
+                continue
+            out.append({"id": qid, "state": "corrupt", "arrival": None, "size": None, "from": "", "rcpts": [],
+                        "done": 0, "last_reply": "", "attempts": 0, "next_attempt": None})
+        return out
+
+    def show(self, queue_id: str, lines: int = 50) -> dict:
+        if not is_queue_id(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        try:
+            entry = self.spool.load(queue_id)
+            content = self.spool.read_content(queue_id)
+        except FileNotFoundError:
+            raise LookupError(f"{queue_id}: not in the queue") from None
+        except CorruptEntry as e:
+            raise LookupError(f"{queue_id}: damaged queue file: {e}") from None
+        state = self._state_of(entry, self.link.active_ids())
+        end = content.find(b"\r\n\r\n")
+        head, body = (content, b"") if end < 0 else (content[: end + 2], content[end + 4 :])
+        body_lines = body.split(b"\r\n")
+        env = entry.envelope
+        client = asdict(env.client) if env.client else None
+        return {
+            **self.row(entry, state),
+            "rcpts_all": [{"rcpt": r, "original": env.original_rcpts.get(r, ""),
+                           "status": entry.state.done[r]["status"] if r in entry.state.done else "pending"}
+                          for r in env.rcpts],
+            "client": client,
+            "history": entry.state.history,
+            "headers": head.decode("utf-8", "replace"),
+            "body": b"\r\n".join(body_lines[:lines]).decode("utf-8", "replace"),
+            "body_lines_total": len(body_lines),
+        }
+
+    # -- acting ----------------------------------------------------------------------------
+
+    def act(self, action: str, filters: dict | Filters, *, dry_run: bool = False, source: str = "kanmon queue",
+            states: tuple[str, ...] | None = None, whole_queue: bool = False) -> dict:
+        """delete | hold | release | bounce | flush | requeue the matching messages.
+
+        states: which states the action applies to when selecting by filters (release:
+        held ones; flush/requeue: not held ones); given ids are taken as they are.
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        if f.empty and action in ("delete", "hold", "release", "bounce") and f.state == "all" and not whole_queue:
+            raise ValueError(f"{action} needs queue ids or filters (use --state all to mean the whole queue)")
+        if states is None:
+            states = {"release": ("hold",), "flush": ("deferred", "active"), "requeue": ("deferred", "active"),
+                      "hold": ("deferred", "active")}.get(action, ("deferred", "active", "hold"))
+        targets = [e.queue_id for e, s in self.select(f) if s in states]
+        corrupt = []
+        if action == "delete" and f.state in ("corrupt", "all") and (f.ids or f.state == "corrupt"):
+            corrupt = [r["id"] for r in self._corrupt_rows(f)]
+        result = {"action": action, "matched": len(targets) + len(corrupt), "dry_run": dry_run,
+                  "ids": targets + corrupt, "acted": [], "skipped": []}
+        if dry_run:
+            return result
+        now = self.link.now()
+        acted: list[str] = []
+        # Deletes and holds keep the manager away first; then the journal (or removal).
+        for chunk_start in range(0, len(targets), 1000):
+            chunk = targets[chunk_start : chunk_start + 1000]
+            if action in ("delete", "hold", "bounce"):
+                self.link.quiesce(chunk)
+            for qid in chunk:
+                try:
+                    if self._apply(action, qid, now, source):
+                        acted.append(qid)
+                    else:
+                        result["skipped"].append(qid)
+                except FileNotFoundError:
+                    result["skipped"].append(qid)
+            if action in ("release", "flush", "requeue"):
+                self.link.due_now([q for q in chunk if q in set(acted)])
+        for qid in corrupt:
+            if self.spool.delete_corrupt(qid):
+                acted.append(qid)
+        if action in ("delete", "bounce"):
+            self.spool.sync_dirs()
+        result["acted"] = acted
+        self._log(action, acted, source, f.describe())
+        return result
+
+    def _apply(self, action: str, qid: str, now: float, source: str) -> bool:
+        if action == "delete":
+            return self.spool.delete(qid)
+        if action == "hold":
+            self.spool.set_hold(qid, True, now, source)
+            return True
+        if action == "release":
+            self.spool.set_hold(qid, False, now, source)
+            self.spool.set_schedule(qid, now, t=now)
+            return True
+        if action == "flush":
+            self.spool.set_schedule(qid, now, t=now)
+            return True
+        if action == "requeue":
+            # Routing is decided at each attempt from the current config, so "route
+            # again" is: due now, backoff restarted (postsuper -r).
+            self.spool.set_schedule(qid, now, reset_attempts=True, t=now)
+            return True
+        if action == "bounce":
+            return self._bounce(qid, now, source)
+        raise ValueError(action)
+
+    def _bounce(self, qid: str, now: float, source: str) -> bool:
+        """Return to sender: failure notice first (twice rather than never), then removal."""
+        try:
+            entry = self.spool.load(qid)
+            content = self.spool.read_content(qid)
+        except CorruptEntry as e:
+            self.records.emit(f"bounce: damaged queue file: {e}", qid, "error")
+            return False
+        pending = entry.pending_rcpts()
+        results = []
+        for r in pending:
+            last = entry.state.last.get(r)
+            text = RETURNED + (f"; last reply: {last['reply']}" if last and last.get("reply") else "")
+            results.append(RecipientResult(r, Status.BOUNCED, Reply(550, "5.0.0", text), (last or {}).get("relay", ""),
+                                           "admin"))
+        env = entry.envelope
+        if results and env.mail_from and not env.is_notice:
+            notice_id = new_queue_id()
+            notice_env, notice_content = self.notices.build(entry, content, results, "failed", now)
+            self.spool.store_blocking(notice_id, notice_env, notice_content)
+            self.records.emit(f"sender failure notification: {notice_id}", qid)
+            self.records.emit(f"from=<>, size={len(notice_content)}, nrcpts=1, proto=internal, relay=local", notice_id)
+            self.records.history_accept(notice_id, notice_env, len(notice_content), notice_content)
+            self.link.submit(notice_id)
+        elif results:
+            self.records.emit("no notice (failed) for a message from <> or a notice: dropped", qid)
+        for r in results:
+            self.records.emit(f"to=<{r.rcpt}>, mailer=admin, dsn=5.0.0, stat=Bounced: {RETURNED} ({source})", qid)
+            self.records.history_status(qid, r.rcpt, f"Bounced: {RETURNED}")
+        self.spool.delete(qid)
+        return True
+
+    def _log(self, action: str, ids: list[str], source: str, what: str) -> None:
+        """Every change to the queue in the event log: what, how many, which ids, from where."""
+        verb = {"delete": "deleted", "hold": "held", "release": "released", "bounce": "returned to sender",
+                "flush": "flushed", "requeue": "requeued", "restore": "restored", "drain": "drained"}.get(action, action)
+        shown = " ".join(ids[:EVENT_ID_LIMIT]) + (f" ... and {len(ids) - EVENT_ID_LIMIT} more" if len(ids) > EVENT_ID_LIMIT else "")
+        self.records.emit(f"admin: {action} {len(ids)} message(s) by `{source}` matching {what}: {shown or 'none'}",
+                          None, "admin")
+        for qid in ids:
+            self.records.emit(f"{verb} by administrator (`{source}`)", qid, "admin")
+
+    # -- summary (qshape) --------------------------------------------------------------------
+
+    def summary(self, filters: dict | Filters | None = None, by: str = "domain") -> dict:
+        f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        if by not in ("domain", "sender"):
+            raise ValueError("--by is domain or sender")
+        now = self.link.now()
+        rows: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
+        states: Counter[str] = Counter()
+        for entry, state in self.select(f):
+            states[state] += 1
+            age_min = max(0.0, now - (entry.envelope.received_at or now)) / 60
+            col = next((i for i, b in enumerate(BUCKETS) if age_min <= b), len(BUCKETS))
+            if by == "sender":
+                keys = {_domain_of(entry.envelope.mail_from) if entry.envelope.mail_from else "<>"}
+            else:
+                keys = {_domain_of(r) for r in entry.pending_rcpts()}
+            for k in keys:
+                rows[k][col] += 1
+        total = [sum(col) for col in zip(*rows.values())] if rows else [0] * (len(BUCKETS) + 1)
+        ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+        return {
+            "by": by, "buckets": [f"{b}m" for b in BUCKETS] + [f"{BUCKETS[-1]}m+"],
+            "total": {"count": sum(total), "counts": total},
+            "rows": [{"key": k, "count": sum(v), "counts": v} for k, v in ordered],
+            "states": dict(states),
+        }
+
+    # -- backup and restore -----------------------------------------------------------------
+
+    def backup(self, path: str, filters: dict | Filters | None = None, source: str = "kanmon queue backup") -> dict:
+        f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        target = Path(path)
+        writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now())
+        try:
+            for entry, state in self.select(f):
+                env = entry.envelope
+                writer.add(self.spool, entry.queue_id, {
+                    "from": env.mail_from, "rcpts": entry.pending_rcpts(), "arrival": env.received_at,
+                    "size": entry.size, "state": state,
+                })
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        self.records.emit(f"admin: backup of {len(writer.ids)} message(s) to {target} by `{source}`", None, "admin")
+        return {"path": str(target), "count": len(writer.ids), "ids": writer.ids}
+
+    def _ledger(self) -> Path:
+        return self.spool.root / RESTORE_LEDGER
+
+    def _restored_ids(self) -> set[str]:
+        try:
+            return set(self._ledger().read_text().split())
+        except FileNotFoundError:
+            return set()
+
+    def restore(self, path: str, hold: bool = False, source: str = "kanmon queue restore") -> dict:
+        """Verify the whole archive, then put each message in the queue once.
+
+        The queue id is the identity: a message already in the queue, or restored here
+        before (the ledger spool/restored), is skipped; so restoring twice, or again after
+        an interrupted restore, never duplicates.
+        """
+        archive = Path(path)
+        total = verify_archive(archive)
+        done = self._restored_ids()
+        now = self.link.now()
+        restored, skipped = [], []
+        for msg in read_archive(archive):
+            qid = msg.queue_id
+            if qid in done:
+                skipped.append(qid)
+                continue
+            records = [{"k": "hold", "on": hold, "t": now, "by": source},
+                       {"k": "schedule", "t": now, "next": now}]
+            state = msg.state_bytes
+            if state and not state.endswith(b"\n"):
+                state += b"\n"  # a torn last line in the source journal stays harmless
+            state += b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+            created = self.spool.import_raw(qid, msg.queue_bytes, state)
+            self._append_ledger(qid)
+            if created:
+                restored.append(qid)
+                env, size = self.spool.read_envelope(qid)
+                self.records.emit(
+                    f"from=<{env.mail_from}>, size={size}, nrcpts={len(env.rcpts)}, proto=restore"
+                    + (", held" if hold else ""), qid)
+                if not hold:
+                    self.link.due_now([qid])
+            else:
+                skipped.append(qid)
+        self._log("restore", restored, source, f"archive {archive} ({total} in it)")
+        return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold}
+
+    def _append_ledger(self, qid: str) -> None:
+        fd = os.open(self._ledger(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, qid.encode() + b"\n")
+            if self.spool.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    # -- drain --------------------------------------------------------------------------------
+
+    def drain(self, host: str, port: int, filters: dict | Filters | None = None, tls: str = "opportunistic",
+              source: str = "kanmon queue drain") -> dict:
+        """Deliver each matching message to host:port; remove it only after 250 for every
+        pending recipient. Recipients the new relay refuses stay here, as they were."""
+        from kanmon.deliver.mx import NextHop  # noqa: PLC0415
+        from kanmon.deliver.smtp import SmtpDelivery  # noqa: PLC0415
+
+        f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        hop = NextHop.from_endpoint((host, port))
+        targets = [e.queue_id for e, s in self.select(f) if s != "hold" or f.ids]
+
+        async def make_agent():
+            return SmtpDelivery(self.config, self.records.emit, idle_timeout=30.0)
+
+        agent = self.link.run_async(make_agent())
+        drained, kept = [], []
+        try:
+            for qid in targets:
+                self.link.quiesce([qid])
+                entry = self._load(qid)
+                if entry is None:
+                    continue
+                try:
+                    content = self.spool.read_content(qid)
+                except (FileNotFoundError, CorruptEntry):
+                    continue
+                pending = entry.pending_rcpts()
+                results = self.link.run_async(agent.deliver(
+                    qid, entry.envelope.mail_from, pending, content, [hop], tls, smtputf8=entry.envelope.smtputf8))
+                now = self.link.now()
+                sent = [r for r in results if r.status is Status.SENT]
+                for r in results:
+                    self.records.emit(f"to=<{r.rcpt}>, relay={r.relay or f'{host}:{port}'}, mailer=drain, "
+                                      f"stat={'Sent' if r.status is Status.SENT else 'Not drained'} ({r.reply})", qid)
+                if len(sent) == len(pending):
+                    self.spool.delete(qid)
+                    drained.append(qid)
+                    for r in sent:
+                        self.records.history_status(qid, r.rcpt, f"Drained to {host}:{port}")
+                    continue
+                if sent:
+                    self.spool.append_state(qid, [
+                        {"k": "result", "t": now, "rcpt": r.rcpt, "status": "sent", "reply": str(r.reply),
+                         "relay": r.relay, "mailer": "drain", "tls": r.tls} for r in sent])
+                kept.append({"id": qid, "replies": {r.rcpt: str(r.reply) for r in results if r.status is not Status.SENT}})
+                if not entry.state.hold:
+                    self.link.reschedule(qid, max(now, entry.state.next_attempt))
+        finally:
+            self.link.run_async(agent.close())
+            self.spool.sync_dirs()
+        self._log("drain", drained, source, f"{f.describe()} to {host}:{port}")
+        return {"to": f"{host}:{port}", "drained": drained, "kept": kept}
+
+    # -- maintenance jobs ----------------------------------------------------------------------
+
+    def maintenance_jobs(self) -> list[tuple[str, MaintenanceJob]]:
+        return [(job.name or f"job{i + 1}", job) for i, job in enumerate(self.config.maintenance)]
+
+    def find_job(self, key: str) -> tuple[str, MaintenanceJob]:
+        jobs = self.maintenance_jobs()
+        for name, job in jobs:
+            if name == key:
+                return name, job
+        if key.isdigit() and 1 <= int(key) <= len(jobs):
+            return jobs[int(key) - 1]
+        raise LookupError(f"no maintenance job {key!r} (names: {', '.join(n for n, _ in jobs) or 'none configured'})")
+
+    def maintenance_list(self) -> dict:
+        now = self.link.now()
+        out = []
+        for i, (name, job) in enumerate(self.maintenance_jobs()):
+            out.append({
+                "index": i + 1, "name": name, "schedule": job.schedule, "action": job.action,
+                "older_than": job.older_than, "reason": job.reason, "state": job.state,
+                "next_run": CronSchedule.parse(job.schedule).next_after(now),
+            })
+        return {"jobs": out, "now": now}
+
+    def maintenance_run(self, key: str, dry_run: bool = False, source: str | None = None) -> dict:
+        name, job = self.find_job(key)
+        f = Filters(state=job.state, older_than=job.older_than, reason=job.reason)
+        src = source or f"maintenance {name}"
+        result = self.act(job.action, f, dry_run=dry_run, source=src,
+                          states=None if job.state == "all" else (job.state,) + (("active",) if job.state == "deferred" else ()))
+        result["job"] = name
+        if not dry_run:
+            self.records.emit(
+                f"maintenance {name}: {job.action} matched {result['matched']}, acted on {len(result['acted'])}"
+                + (f": {' '.join(result['acted'][:EVENT_ID_LIMIT])}" if result["acted"] else ""), None, "admin")
+        return result
+
+
+OPERATIONS = {
+    # name over the control socket -> how to call QueueOps with the request's args
+    "list": lambda ops, a: ops.list(a.get("filters")),
+    "show": lambda ops, a: ops.show(a["id"], int(a.get("lines", 50))),
+    "act": lambda ops, a: ops.act(a["action"], a.get("filters") or {}, dry_run=bool(a.get("dry_run")),
+                                  source=str(a.get("source", "kanmon queue")), whole_queue=bool(a.get("whole_queue"))),
+    "summary": lambda ops, a: ops.summary(a.get("filters"), a.get("by", "domain")),
+    "backup": lambda ops, a: ops.backup(a["path"], a.get("filters"), str(a.get("source", "kanmon queue backup"))),
+    "restore": lambda ops, a: ops.restore(a["path"], bool(a.get("hold")), str(a.get("source", "kanmon queue restore"))),
+    "drain": lambda ops, a: ops.drain(a["host"], int(a["port"]), a.get("filters"), a.get("tls", "opportunistic"),
+                                      str(a.get("source", "kanmon queue drain"))),
+    "maintenance_list": lambda ops, a: ops.maintenance_list(),
+    "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run"))),
+}
+
+
+def dispatch(ops: QueueOps, request: dict) -> dict:
+    """One control-socket request -> {"ok": true, "result": ..} or {"ok": false, "error": ..}."""
+    name = request.get("op")
+    args = request.get("args") or {}
+    if name not in OPERATIONS or not isinstance(args, dict):
+        return {"ok": False, "error": f"unknown operation {name!r}"}
+    try:
+        return {"ok": True, "result": OPERATIONS[name](ops, args)}
+    except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError) as e:
+        return {"ok": False, "error": str(e) or type(e).__name__}

@@ -1,0 +1,248 @@
+"""The control socket and the data_dir lock: how admin commands reach a running server.
+
+Role: `kanmon serve` listens on <data_dir>/control.sock (a Unix socket, mode 0600, in a
+data_dir that must belong to us and be writable by nobody else); the CLI connects, sends
+one request per line and reads one reply per line:
+
+    -> {"op": "act", "args": {"action": "hold", "filters": {...}, "source": "..."}}\\n
+    <- {"ok": true, "result": {...}}\\n          or  {"ok": false, "error": "..."}\\n
+
+The server also holds an exclusive flock(2) on <data_dir>/kanmon.lock for its whole
+life, taken before spool recovery. An admin command that finds no server answering
+takes the same lock before it touches the spool, so two offline admins, or an offline
+admin and a server that is starting, never work on the spool at once (docs/queue.md).
+
+Trusts: only connections from our own user id (SO_PEERCRED), and even those only as
+far as kanmon.admin.queue_ops validates their arguments. A request line is bounded
+(MAX_REQUEST); an idle connection is closed after IDLE_TIMEOUT.
+Never: listen on a network address, accept a request from another user, or run two
+admin operations at once (they are serialised by the caller's lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import socket
+import stat
+import struct
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+SOCKET_NAME = "control.sock"
+LOCK_NAME = "kanmon.lock"
+MAX_REQUEST = 1 << 20  # 1 MiB: a request is a few filters or a list of ids
+IDLE_TIMEOUT = 600.0
+CONNECT_TIMEOUT = 5.0
+
+
+class NoServer(Exception):
+    """Nothing answers on the control socket: no `kanmon serve` for this data_dir."""
+
+
+class LockBusy(OSError):
+    """Another kanmon process holds <data_dir>/kanmon.lock."""
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The socket and lock live here: it must be ours and not writable by anyone else."""
+    st = os.stat(data_dir)
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{data_dir} belongs to uid {st.st_uid}, not to us ({os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{data_dir} is writable by group or others (chmod go-w {data_dir})")
+
+
+class DataDirLock:
+    """flock(2) on <data_dir>/kanmon.lock; the holder's pid is written in it for messages."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0, poll: float = 0.1) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    os.close(fd)
+                    raise LockBusy(f"{self.path} is held by another kanmon process (pid {holder})") from None
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing drops the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class ControlServer:
+    """The server side; handler(request dict) -> reply dict, awaited one at a time."""
+
+    def __init__(self, data_dir: Path, handler: Callable[[dict], Awaitable[dict]]):
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / SOCKET_NAME
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        check_data_dir(self.data_dir)
+        # Bind in a private directory, restrict, then rename into place: the socket is
+        # never reachable with looser permissions. Long paths go through /proc/self/fd.
+        tmpdir = Path(tempfile.mkdtemp(prefix=".control-", dir=self.data_dir))
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with _short(tmpdir / "s") as short:
+                    sock.bind(short)
+                os.chmod(tmpdir / "s", 0o600)
+                os.replace(tmpdir / "s", self.path)  # we hold the lock: an old socket is stale
+                sock.listen(16)
+                sock.setblocking(False)
+                self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            for p in tmpdir.iterdir():
+                p.unlink(missing_ok=True)
+            tmpdir.rmdir()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and _peer_uid(sock) not in (None, os.geteuid()):
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except (asyncio.LimitOverrunError, ValueError):
+                    await self._reply(writer, {"ok": False, "error": "request too long"})
+                    return
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError
+                except ValueError:
+                    await self._reply(writer, {"ok": False, "error": "a request is one JSON object per line"})
+                    return
+                async with self._lock:
+                    reply = await self.handler(request)
+                await self._reply(writer, reply)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
+        writer.write(json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        await writer.drain()
+
+
+class _short:
+    """A path usable by bind/connect (sun_path is 108 bytes): via /proc/self/fd if long."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> str:
+        text = str(self.path)
+        if len(text.encode()) < 100:
+            return text
+        self._fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self._fd}/{self.path.name}"
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+class ControlClient:
+    """The CLI side: connect() raises NoServer when no server listens."""
+
+    def __init__(self, data_dir: Path, timeout: float | None = 3600.0):
+        self.path = Path(data_dir) / SOCKET_NAME
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file = None
+
+    def connect(self) -> ControlClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            with _short(self.path) as short:
+                sock.connect(short)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
+            sock.close()
+            raise NoServer(str(e)) from None
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        return self
+
+    def request(self, op: str, args: dict | None = None) -> dict:
+        assert self._sock is not None and self._file is not None
+        self._sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("the server closed the control connection")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._file = None
+
+    def __enter__(self) -> ControlClient:
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
