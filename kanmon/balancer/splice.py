@@ -3,9 +3,10 @@
 Role: a pair of asyncio.Protocols joined by a Link. Bytes read on one side are written
 to the other; when a side's write buffer passes HIGH_WATER the other side stops reading
 (pause_reading) until it drains below LOW_WATER, so a fast sender and a slow receiver
-cost at most about HIGH_WATER plus one read per direction. Half-close is passed on
-(EOF from one side becomes write_eof on the other); the link closes when both
-directions are done, when either side is lost, or after idle_timeout without traffic.
+cost at most about HIGH_WATER plus one read per direction. A client's half-close is
+passed on (its EOF becomes write_eof towards the real server, whose reply still flows
+back); EOF from the real server closes the link, as do either side being lost and
+idle_timeout without traffic.
 
 Trusts: nothing in the bytes: they are never parsed, only counted and copied.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from kanmon.balancer.pool import RealServerState
@@ -42,9 +43,9 @@ class End(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        # (uvloop's transports do not subclass asyncio.Transport; they behave as one.)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self.side == "client":
             # Read nothing until the real server is connected (bounded: the kernel's
             # receive buffer holds what the client sends meanwhile).
@@ -55,7 +56,7 @@ class End(asyncio.Protocol):
             # task resumes: from now on its bytes go to the client.
             self.link.server = self
             if self._first_bytes:
-                transport.write(self._first_bytes)
+                self.transport.write(self._first_bytes)
 
     def data_received(self, data: bytes) -> None:
         self.link.forward(self, data)
@@ -192,6 +193,13 @@ class Link:
     def eof_from(self, source: End) -> None:
         target = self.other(source)
         if source is not self.client and source is not self.server:
+            return
+        if source is self.server:
+            # The real server has finished (SMTP servers close after 221, or when they
+            # die): close the client too once what we hold for it is sent. Only the
+            # client's half-close is passed on, so a client that shuts down writing
+            # after QUIT still reads the 221.
+            self.close()
             return
         if target is not None and target.transport is not None and not target.transport.is_closing():
             if target.transport.can_write_eof():
