@@ -1,0 +1,126 @@
+"""`kanmon balance`: the balancer's status and its HAProxy export.
+
+Role: `status` reads <data_dir>/balancer-status.json, which the running service
+rewrites every second, and shows each real server (state, checks, connections, bytes)
+as a table or JSON; `export --haproxy` prints the equivalent HAProxy configuration.
+
+Trusts: nothing from argv or the status file (status.read_status checks it).
+Never: contact the running service or the real servers, or print a traceback for an
+expected problem (exit 1: not running or stale; exit 2: config error).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kanmon.balancer.haproxy import haproxy_config
+from kanmon.balancer.status import read_status, status_path
+from kanmon.cli import config_option, load_or_exit
+
+
+@click.group("balance")
+def balance() -> None:
+    """The balancer: status of the real servers, HAProxy export."""
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _since(t: Any, now: float) -> str:
+    if not isinstance(t, (int, float)):
+        return "-"
+    s = max(0, int(now - t))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+@balance.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+def status_command(config_path: str | None, as_json: bool) -> None:
+    """Each real server: state, checks passed/failed, connections now and in all, bytes in/out."""
+    config = load_or_exit(config_path)
+    if config.balancer is None:
+        click.echo(f"kanmon: {config_path or 'the embedded default config'} has no [balancer] section", err=True)
+        sys.exit(2)
+    path = status_path(config.server.data_dir)
+    found = read_status(path)
+    if as_json:
+        click.echo(json.dumps({"status": found.document, "problem": found.problem, "file": str(path)}, indent=1))
+        sys.exit(1 if found.problem else 0)
+    if found.problem:
+        click.echo(f"kanmon: {found.problem}", err=True)
+    if found.document is not None:
+        _print_table(found.document, stale=found.problem is not None)
+    sys.exit(1 if found.problem else 0)
+
+
+def _print_table(doc: dict[str, Any], stale: bool) -> None:
+    now = time.time()
+    console = Console(width=160)
+    for vs in doc.get("virtual_servers", []):
+        if not isinstance(vs, dict):
+            continue
+        title = (
+            f"{vs.get('name')}  {vs.get('listen')}  method {vs.get('method')}  "
+            f"checks {vs.get('health')}  serving {vs.get('serving')}"
+            + ("  (last known, stale)" if stale else "")
+        )
+        table = Table(title=title, title_justify="left")
+        for col, justify in (
+            ("real server", "left"), ("mode", "left"), ("state", "left"), ("since", "right"),
+            ("checks ok", "right"), ("failed", "right"), ("last check", "left"), ("rtt ms", "right"),
+            ("conns", "right"), ("total", "right"), ("bytes in", "right"), ("bytes out", "right"),
+        ):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for s in vs.get("servers", []):
+            if not isinstance(s, dict):
+                continue
+            state = str(s.get("state"))
+            style = {"up": "green", "down": "bold red", "disabled": "dim"}.get(state, "")
+            rtt = s.get("rtt_ms")
+            table.add_row(
+                str(s.get("address")), str(s.get("mode")), f"[{style}]{state}[/]" if style else state,
+                _since(s.get("since"), now), str(s.get("checks_passed")), str(s.get("checks_failed")),
+                str(s.get("last_check"))[:40], "-" if rtt is None else f"{rtt:.1f}",
+                str(s.get("connections")), str(s.get("total_connections")),
+                _bytes(s.get("bytes_in")), _bytes(s.get("bytes_out")),
+            )
+        console.print(table)
+
+
+@balance.command("export")
+@config_option
+@click.option("--haproxy", "haproxy", is_flag=True, help="Print an equivalent HAProxy configuration.")
+def export_command(config_path: str | None, haproxy: bool) -> None:
+    """Print the [balancer] setup in another balancer's configuration language."""
+    if not haproxy:
+        raise click.UsageError("say which format: --haproxy")
+    config = load_or_exit(config_path)
+    if config.balancer is None or not config.balancer.virtual_server:
+        click.echo(f"kanmon: {config_path or 'the embedded default config'} has no [[balancer.virtual_server]]", err=True)
+        sys.exit(2)
+    export = haproxy_config(config, config_path or "the embedded default config")
+    click.echo(export.text, nl=False)
+    for note in export.notes:
+        click.echo(f"kanmon: note: {note}", err=True)
