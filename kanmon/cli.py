@@ -187,8 +187,3 @@ main.add_command(queue)
 main.add_command(maintenance)
 from kanmon.balancer.cli import balance  # noqa: E402
 main.add_command(balance)
-from kanmon.records.cli import stats, trace  # noqa: E402
-from kanmon.alerts_cli import alert  # noqa: E402
-main.add_command(trace)
-main.add_command(stats)
-main.add_command(alert)
