@@ -64,6 +64,25 @@ def serve(config_path: str | None, quiet: bool) -> None:
     sys.exit(run_node(config, config_path, echo=None if quiet else sys.stdout))
 
 
+@main.command()
+@config_option
+def reload(config_path: str | None) -> None:
+    """Validate the config, then tell the running `kanmon serve` to reload it (SIGHUP)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    config = load_or_exit(config_path)
+    pid_file = Path(config.server.data_dir) / "kanmon.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError):
+        click.echo(f"kanmon: no running server found ({pid_file})", err=True)
+        sys.exit(1)
+    click.echo(f"kanmon: asked pid {pid} to reload {config_path or '<embedded default>'}")
+
+
 @main.group()
 def config() -> None:
     """Check, print and document configuration files."""
@@ -187,3 +206,8 @@ main.add_command(queue)
 main.add_command(maintenance)
 from kanmon.balancer.cli import balance  # noqa: E402
 main.add_command(balance)
+from kanmon.records.cli import stats, trace  # noqa: E402
+from kanmon.alerts_cli import alert  # noqa: E402
+main.add_command(trace)
+main.add_command(stats)
+main.add_command(alert)

@@ -12,6 +12,7 @@ a task that does not belong to the node's TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TextIO
 
 from kanmon.admin.service import AdminPlane
 from kanmon.clock import SystemClock
-from kanmon.config import Config
+from kanmon.config import Config, ConfigError, load_config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
@@ -207,7 +208,13 @@ class Node:
 
 
 def run_node(config: Config, config_source: str | None = None, echo: TextIO | None = sys.stdout) -> int:
-    """`kanmon serve`: run until SIGINT/SIGTERM."""
+    """`kanmon serve`: run until SIGINT/SIGTERM; SIGHUP reloads the config file.
+
+    Reload (DESIGN.md promise 8): the file is validated completely first; a bad file is
+    refused with an event naming the key, and the running configuration stays. A good one
+    restarts the node in this process (listeners close with 421, the queue is recovered
+    from the spool), like a `postfix reload` that also re-binds listeners.
+    """
     try:
         import uvloop  # noqa: PLC0415 - optional, faster event loop
 
@@ -216,22 +223,51 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         runner = asyncio.run
 
     async def main() -> int:
-        node = Node(config, echo=echo, workers=config.server.workers, config_source=config_source)
-        task = asyncio.ensure_future(node.run())
+        current = config
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        waiter = asyncio.ensure_future(node.started.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter in done:
-            print(node.describe(), flush=True)
-        else:
-            waiter.cancel()
-        try:
-            await task
-        except OSError as e:
-            print(f"kanmon: cannot start: {e}", file=sys.stderr)
-            return 1
-        return 0
+        pid_file = Path(config.server.data_dir) / "kanmon.pid"
+        while True:
+            node = Node(current, echo=echo, workers=current.server.workers, config_source=config_source)
+            task = asyncio.ensure_future(node.run())
+            reload_to: list[Config] = []
+
+            def on_hup(node: Node = node, task: asyncio.Task = task, reload_to: list[Config] = reload_to) -> None:
+                try:
+                    new = load_config(config_source)
+                except ConfigError as e:
+                    for line in e.messages:
+                        if node.records is not None:
+                            node.records.emit(f"reload refused, the running configuration stays: {line}",
+                                              kind="error")
+                        print(f"kanmon: reload refused: {line}", file=sys.stderr, flush=True)
+                    return
+                if node.records is not None:
+                    node.records.emit("reload: configuration valid; restarting")
+                reload_to.append(new)
+                task.cancel()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+            waiter = asyncio.ensure_future(node.started.wait())
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                Path(current.server.data_dir).mkdir(parents=True, exist_ok=True)
+                pid_file = Path(current.server.data_dir) / "kanmon.pid"
+                pid_file.write_text(f"{os.getpid()}\n")
+                print(node.describe(), flush=True)
+            else:
+                waiter.cancel()
+            try:
+                await task
+            except OSError as e:
+                print(f"kanmon: cannot start: {e}", file=sys.stderr)
+                return 1
+            except asyncio.CancelledError:
+                pass
+            if not reload_to:
+                pid_file.unlink(missing_ok=True)
+                return 0
+            current = reload_to[-1]
 
     return runner(main())
