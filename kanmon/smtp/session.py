@@ -172,6 +172,8 @@ class Session:
         return len(self._buf)
 
     def message_stored(self, queue_id: str) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []  # closed meanwhile (shutdown): nothing more to say
         assert self.state is State.WAIT_STORE
         self.messages += 1
         self._end_transaction()
@@ -180,6 +182,8 @@ class Session:
         return out
 
     def message_failed(self, reply: Reply) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []  # closed meanwhile (shutdown): nothing more to say
         assert self.state is State.WAIT_STORE
         self._end_transaction()
         out: list[Action] = [Send(reply.wire())]
@@ -187,6 +191,8 @@ class Session:
         return out
 
     def tls_started(self, version: str, cipher: str, bits: int) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []  # closed meanwhile (shutdown): nothing more to say
         assert self.state is State.WAIT_TLS
         # RFC 3207 4.2: forget everything, the client must EHLO again.
         self.tls_active = True
@@ -204,6 +210,8 @@ class Session:
     def auth_result(self, username: str | None, reply: Reply | None = None) -> list[Action]:
         """The listener checked the credentials: username when they were right, or the
         reply to give (535 by default; 421 closes, for a blocked client)."""
+        if self.state is State.CLOSED:
+            return []
         assert self.state is State.WAIT_AUTH
         self.state = State.READY
         out: list[Action] = []

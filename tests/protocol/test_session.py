@@ -388,3 +388,10 @@ def test_auth_login_dialogue_and_failures():
 def test_auth_is_unknown_on_port_25():
     s = ready(make_session())
     assert sent(s.feed(b"AUTH PLAIN " + b64("\0a\0b") + b"\r\n")).startswith(b"500 5.5.2")
+
+
+def test_results_arriving_after_a_close_are_ignored():
+    s = ready(make_session())
+    (store,) = stores(s.feed(TX + b"x\r\n.\r\n"))
+    s.close(replies.SHUTTING_DOWN)
+    assert s.message_stored(store.queue_id) == []
