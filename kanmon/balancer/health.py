@@ -40,14 +40,20 @@ class CheckResult:
     rtt: float | None = None  # seconds
 
 
-async def run_check(health: HealthCheck, address: tuple[str, int], *, send_proxy_local: bool) -> CheckResult:
-    """One check of address as configured; never raises (except cancellation)."""
+async def run_check(
+    health: HealthCheck,
+    address: tuple[str, int],
+    *,
+    send_proxy_local: bool,
+    source: tuple[str, int] | None = None,
+) -> CheckResult:
+    """One check of address as configured, from source when given; never raises (except cancellation)."""
     start = time.monotonic()
     try:
         async with asyncio.timeout(health.timeout):
             if health.type == "ping":
                 return await _check_ping(address[0], start)
-            reader, writer = await asyncio.open_connection(address[0], address[1], limit=MAX_LINE)
+            reader, writer = await asyncio.open_connection(address[0], address[1], limit=MAX_LINE, local_addr=source)
             try:
                 if send_proxy_local:
                     writer.write(build_proxy_v2(None, None))

@@ -18,6 +18,7 @@ the privilege for an ICMP socket is a ConfigError at start, not a check that alw
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from kanmon.balancer import health
 from kanmon.balancer.pool import Pool, PoolEvent, RealServerState, address_text
 from kanmon.balancer.splice import End, Link
 from kanmon.balancer.status import FORMAT_VERSION, status_path, write_status
-from kanmon.config import Config, ConfigError
+from kanmon.config import Config, ConfigError, VirtualServer
 from kanmon.smtp.proxy_protocol import build_proxy_v2
 
 log = logging.getLogger("kanmon.balancer")
@@ -48,6 +49,24 @@ class Emit(Protocol):
 
 
 Alert = Callable[[str, str], None]
+
+
+def source_address(vs: VirtualServer, real_host: str) -> tuple[str, int] | None:
+    """The address our connections to a real server leave from: the virtual address.
+
+    The real servers see the balancer as the virtual server's IP (what they list in
+    smtp.trusted_proxies), not as whatever source the kernel would pick. Only when
+    the virtual address is a specific IP of the real server's family; otherwise the
+    kernel chooses.
+    """
+    try:
+        listen = ipaddress.ip_address(vs.listen[0])
+        real = ipaddress.ip_address(real_host)
+    except ValueError:
+        return None
+    if listen.is_unspecified or listen.version != real.version:
+        return None
+    return (str(listen), 0)
 
 
 def balancer_config_problems(config: Config) -> list[str]:
@@ -113,7 +132,7 @@ class _Virtual:
     notices: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (last emitted, suppressed)
 
     @property
-    def vs(self):  # noqa: ANN201 - VirtualServer
+    def vs(self) -> VirtualServer:
         return self.pool.vs
 
 
@@ -279,7 +298,12 @@ class BalancerService:
         hc = v.vs.health
         while True:
             try:
-                result = await health.run_check(hc, real.config.address, send_proxy_local=v.vs.proxy_protocol)
+                result = await health.run_check(
+                    hc,
+                    real.config.address,
+                    send_proxy_local=v.vs.proxy_protocol,
+                    source=source_address(v.vs, real.config.address[0]),
+                )
             except Exception as e:  # run_check should not raise; a bug must not stop checking
                 log.exception("balancer: health check of %s crashed", real.address)
                 result = health.CheckResult(False, f"check failed: {e!r}")
@@ -364,7 +388,9 @@ class BalancerService:
             host, port = real.config.address
             try:
                 async with asyncio.timeout(v.vs.connect_timeout):
-                    _, end = await loop.create_connection(lambda: End(link, "server", header), host, port)
+                    _, end = await loop.create_connection(
+                        lambda: End(link, "server", header), host, port, local_addr=source_address(v.vs, host)
+                    )
             except (OSError, TimeoutError) as e:
                 link.release()
                 link.real = None

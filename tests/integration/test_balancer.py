@@ -558,13 +558,39 @@ def test_proxy_v2_header_carries_the_client_address(tmp_path):
         assert (session.proxy.version, session.proxy.command, session.proxy.family) == (2, "PROXY", "TCP4")
         assert session.proxy.source == ("127.0.0.77", client_port)
         assert session.proxy.destination == (VIP, port)
-        # The real server sees the balancer as its peer; the header tells the truth.
-        assert session.peer[0] != "127.0.0.77"
+        # The real server sees the balancer's virtual address as its peer (what it lists
+        # in smtp.trusted_proxies); the header tells the truth about the client.
+        assert session.peer[0] == VIP
         checks = [c for c in mr1.connections if c.helo is None]
         assert checks and all(c.proxy is not None and c.proxy.command == "LOCAL" for c in checks)
+        assert all(c.peer[0] == VIP for c in checks)
         await kill_all(mr1)
 
     run(main())
+
+
+def test_failover_and_proxy_header_under_uvloop(tmp_path):
+    """kanmon serve uses uvloop when it is importable: the same splice must work there."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        mr1 = await FakeRelay(MR1, "mr1", expect_proxy=True).start()
+        mr2 = await FakeRelay(MR2, "mr2", expect_proxy=True).start()
+        port = free_port(VIP)
+        vs = one_vs(port, [(mr1, "active"), (mr2, "standby")], extra_vs="proxy_protocol = true")
+        async with balancer(tmp_path, vs) as b:
+            assert "uvloop" in type(asyncio.get_running_loop()).__module__
+            assert await Client(port, "127.0.0.79").session() == "mr1"
+            await mr1.kill()
+            await wait_until(lambda: b.saw("failover"), "failover")
+            assert await Client(port, "127.0.0.79").session() == "mr2"
+        for relay in (mr1, mr2):
+            proxy = relay.sessions[0].proxy
+            assert proxy is not None and proxy.source is not None and proxy.source[0] == "127.0.0.79"
+        await kill_all(mr2)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 30))
 
 
 # ---------------------------------------------------------------------------
