@@ -24,6 +24,7 @@ from kanmon.config import Config, ConfigError, load_config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
+from kanmon.monitoring import Monitoring
 from kanmon.policy.access import AcceptPolicy
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
@@ -105,6 +106,9 @@ class Node:
         # control socket and [[maintenance]] jobs (kanmon.admin.service).
         self.admin = AdminPlane(self)
         self.services.append(self.admin)
+        # Monitoring (issue 5): alerts, metrics endpoint, records retention (kanmon.monitoring).
+        self.monitoring = Monitoring(self)
+        self.services.append(self.monitoring)
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
@@ -137,9 +141,10 @@ class Node:
                 self.started.set()
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     tg.create_task(self.queue.run())
+                    tg.create_task(self.monitoring.run())  # issue 5
                     tg.create_task(self.admin.run_maintenance())  # issue 4
                     if self.config.dnscheck.every:
-                        monitor = DnsMonitor(self.config, self.records.emit, None, self.clock)
+                        monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
                         tg.create_task(monitor.run())
             finally:
                 for service in reversed(started):

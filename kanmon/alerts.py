@@ -1,0 +1,487 @@
+"""Alert mail: the administrator hears about trouble before the users call.
+
+Role: in the main process, one Alerts object takes alerts from every source —
+`raise_alert(category, key, text)` — and mails them through kanmon's own queue (stored
+with Spool.store and handed to the queue manager, like delay and failure notices), so
+they follow routing. Categories (docs/monitoring.md):
+
+- critical: an error event of any stage or process (event kind "error"/"critical",
+  read back from the records, so receiver processes count too), a corrupt spool entry;
+- disk: free space in data_dir under [alerts] disk_free_below;
+- queue: more than queue_size_above messages, or the oldest older than queue_oldest_above;
+- delivery: a configured relay server or smarthost failed and its alternate took the
+  mail (SmtpDelivery.on_server_used), and when the first server takes mail again;
+  the share of deferred results over the last hour above deferred_ratio_above;
+- certificate: our TLS certificate expires within cert_expires_within;
+- dns: raised by the DNS health check (kanmon.dnscheck.monitor).
+
+The same alert (category and key) is mailed at most once per [alerts] min_interval
+while it lasts; each one says what happened, since when, and the command to look
+closer. Every alert, mailed or not, is an event of kind "alert" with structured detail:
+`kanmon alert list` reads those. When the queue cannot take an alert (no recipients
+configured, spool error) it goes to the event log and stderr.
+
+Trusts: its callers (kanmon's own stages). Never: raise into a caller (an alert that
+cannot be sent is logged), send mail about its own mail (alerts are notices: a failed
+alert never causes a DSN), or block the event loop on disk (checks run in a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import TextIO
+
+from kanmon.config import ALERT_CATEGORIES, Config
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+
+CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
+EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
+RATIO_WINDOW = 3600.0
+RATIO_MIN_RESULTS = 10
+
+LOOK_CLOSER = {
+    "critical": "kanmon log events --since 1h --grep error",
+    "disk": "df -h {data_dir}; kanmon queue summary",
+    "queue": "kanmon queue summary",
+    "delivery": "kanmon log events --since 1h --grep 'trying next server'",
+    "certificate": "openssl x509 -noout -subject -enddate -in {cert}",
+    "dns": "kanmon dns check",
+}
+
+
+@dataclass(slots=True)
+class AlertState:
+    category: str
+    key: str
+    text: str
+    since: float
+    last_sent: float | None = None
+    active: bool = True
+
+
+def free_disk_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def cert_not_after(path: Path) -> datetime.datetime:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    return cert.not_valid_after_utc if hasattr(cert, "not_valid_after_utc") else cert.not_valid_after.replace(
+        tzinfo=datetime.timezone.utc
+    )
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+class Alerts:
+    def __init__(
+        self,
+        config: Config,
+        records,
+        spool,
+        queue,
+        clock,
+        *,
+        cert_path: Path | None = None,
+        free_disk: Callable[[], int] | None = None,
+        stderr: TextIO | None = None,
+    ):
+        self.config = config
+        self.cfg = config.alerts
+        self.records = records
+        self.spool = spool
+        self.queue = queue
+        self.clock = clock
+        self.cert_path = cert_path
+        self.data_dir = Path(config.server.data_dir)
+        self.free_disk = free_disk or (lambda: free_disk_bytes(self.data_dir))
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.sender = self.cfg.from_ or f"kanmon@{config.server.hostname}"
+        self.states: dict[tuple[str, str], AlertState] = {}
+        self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
+        self.sent = 0
+        self._outbox: asyncio.Queue[tuple[str, str, str, bool]] | None = None
+        self._db_path = self.data_dir / "records.sqlite"
+        self._last_event_id = self._max_event_id()
+
+    # -- raising ------------------------------------------------------------------------
+
+    def raise_alert(self, category: str, key: str, text: str, *, force: bool = False) -> bool:
+        """Note an alert; mail it unless the same one was mailed within min_interval.
+
+        Returns whether a mail is on its way. force: ignore the rate limit and the
+        category list (the test button). Safe to call from the event loop's thread only.
+        """
+        if category not in ALERT_CATEGORIES:
+            category = "critical"
+        now = self.clock.now()
+        st = self.states.get((category, key))
+        if st is None or not st.active:
+            st = AlertState(category, key, text, since=now)
+            self.states[(category, key)] = st
+        st.text = text
+        mailed = category in self.cfg.categories or force
+        if not force and st.last_sent is not None and now - st.last_sent < self.cfg.min_interval:
+            self._event(st, "suppressed", f"alert {category}/{key} (already mailed {_stamp(st.last_sent)}): {_first(text)}")
+            return False
+        if not mailed:
+            self._event(st, "raised", f"alert {category}/{key} (category not mailed): {_first(text)}")
+            return False
+        st.last_sent = now
+        self._event(st, "raised", f"alert {category}/{key}: {_first(text)}")
+        self._enqueue(category, key, self._subject(category, text), self._body(st, text), force)
+        return True
+
+    def clear(self, category: str, key: str, text: str, *, mail: bool = False) -> None:
+        """The condition is over. mail: say so by mail (delivery recovery does)."""
+        st = self.states.get((category, key))
+        if st is None or not st.active:
+            return
+        st.active = False
+        self._event(st, "cleared", f"alert {category}/{key} cleared: {_first(text)}")
+        if mail and category in self.cfg.categories:
+            body = (f"Resolved: {text}\n\nThe problem began {_stamp(st.since)}; resolved {_stamp(self.clock.now())}.\n"
+                    f"\nTo look closer: {self._command(category)}\n")
+            self._enqueue(category, key, self._subject(category, "resolved: " + _first(text)), body, True)
+
+    def alert_callable(self, category: str) -> Callable[[str, str], None]:
+        """`alert(category, text)` for sources that give no key (the DNS monitor): the
+        key is the text's first line up to its first colon."""
+        def alert(cat: str, text: str) -> None:
+            self.raise_alert(cat or category, _first(text).split(":", 1)[0], text)
+        return alert
+
+    # -- sources --------------------------------------------------------------------------
+
+    def on_server_used(self, destination: str, used: str, failed: list[tuple[str, str]]) -> None:
+        """SmtpDelivery hook: failover to an alternate, and recovery of the first server."""
+        if failed:
+            tried = "; ".join(f"{relay}: {why}" for relay, why in failed)
+            self.failover[destination] = used
+            self.raise_alert(
+                "delivery", f"failover {destination}",
+                f"relay failover: {failed[0][0]} did not take mail; alternate {used} is in use\n"
+                f"Servers of this route, in order: {destination}\nFailed: {tried}",
+            )
+        elif destination in self.failover:
+            was = self.failover.pop(destination)
+            self.clear("delivery", f"failover {destination}",
+                       f"relay recovered: the first server {used} takes mail again (alternate {was} no longer needed)",
+                       mail=True)
+
+    def check_now(self) -> None:
+        """Threshold checks: disk, queue, deferred ratio, certificate (blocking: in a thread)."""
+        checks = (self._check_disk, self._check_queue, self._check_ratio, self._check_cert)
+        for check in checks:
+            try:
+                check()
+            except Exception as e:  # noqa: BLE001 - one broken check must not stop the others
+                self.records.emit(f"alerts: {check.__name__[7:]} check failed: {type(e).__name__}: {e}")
+
+    def _check_disk(self) -> None:
+        limit = self.cfg.disk_free_below if self.cfg.disk_free_below is not None else self.config.smtp.min_free_disk
+        free = self.free_disk()
+        text = f"free disk space in {self.data_dir}: {_size(free)}, below the threshold {_size(limit)}"
+        if free < limit:
+            self._call_soon(self.raise_alert, "disk", str(self.data_dir), text +
+                            ("\nSMTP answers 452 4.3.1 to MAIL while free space is under smtp.min_free_disk "
+                             f"({_size(self.config.smtp.min_free_disk)})."))
+        else:
+            self._call_soon(self.clear, "disk", str(self.data_dir), f"free disk space {_size(free)}")
+
+    def _check_queue(self) -> None:
+        from kanmon.metrics import queue_snapshot
+
+        snap = queue_snapshot(self.spool)
+        limit = self.cfg.queue_size_above
+        states = ", ".join(f"{k} {v}" for k, v in snap.counts.items())
+        if snap.size > limit:
+            self._call_soon(self.raise_alert, "queue", "size",
+                            f"{snap.size} messages in the queue, above the threshold {limit} ({states})")
+        else:
+            self._call_soon(self.clear, "queue", "size", f"{snap.size} messages in the queue")
+        age = self.clock.now() - snap.oldest if snap.oldest is not None else 0.0
+        if age > self.cfg.queue_oldest_above:
+            self._call_soon(self.raise_alert, "queue", "oldest",
+                            f"the oldest message ({snap.oldest_id}) has waited {_duration(age)}, above the threshold "
+                            f"{_duration(self.cfg.queue_oldest_above)}\nTo see its history: kanmon trace {snap.oldest_id}")
+        else:
+            self._call_soon(self.clear, "queue", "oldest", f"oldest message waited {_duration(age)}")
+
+    def _check_ratio(self) -> None:
+        if not self._db_path.exists():
+            return
+        since = self.clock.now() - RATIO_WINDOW
+        db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            deferred, total = db.execute(
+                "SELECT SUM(text LIKE '%, stat=Deferred%'), COUNT(*) FROM events"
+                " WHERE ts >= ? AND queue_id IS NOT NULL AND text LIKE 'to=<%'",
+                (since,),
+            ).fetchone()
+        finally:
+            db.close()
+        deferred, total = deferred or 0, total or 0
+        if total >= RATIO_MIN_RESULTS and deferred / total > self.cfg.deferred_ratio_above:
+            self._call_soon(self.raise_alert, "delivery", "deferred ratio",
+                            f"{deferred} of {total} delivery results in the last hour were deferred "
+                            f"({deferred / total:.0%}, threshold {self.cfg.deferred_ratio_above:.0%})")
+        else:
+            self._call_soon(self.clear, "delivery", "deferred ratio", f"{deferred} of {total} deferred")
+
+    def _check_cert(self) -> None:
+        if self.cert_path is None or not Path(self.cert_path).exists():
+            return
+        not_after = cert_not_after(self.cert_path).timestamp()
+        left = not_after - self.clock.now()
+        if left < self.cfg.cert_expires_within:
+            what = "expired" if left <= 0 else f"expires in {_duration(left)}"
+            self._call_soon(self.raise_alert, "certificate", str(self.cert_path),
+                            f"our TLS certificate {self.cert_path} {what} (not after {_stamp(not_after)}); "
+                            f"threshold {_duration(self.cfg.cert_expires_within)}")
+        else:
+            self._call_soon(self.clear, "certificate", str(self.cert_path), "certificate renewed")
+
+    def _max_event_id(self) -> int:
+        if not self._db_path.exists():
+            return 0
+        db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+        except sqlite3.OperationalError:
+            return 0
+        finally:
+            db.close()
+
+    def poll_events(self) -> list[tuple[str, str | None, str, str]]:
+        """New error/critical events and alert requests since the last look (blocking)."""
+        if not self._db_path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = db.execute(
+                "SELECT id, kind, queue_id, text FROM events WHERE id > ? AND kind IN ('error', 'critical', 'alert-request')"
+                " ORDER BY id",
+                (self._last_event_id,),
+            ).fetchall()
+            top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+        finally:
+            db.close()
+        self._last_event_id = max(self._last_event_id, top, *(r[0] for r in rows)) if rows else max(self._last_event_id, top)
+        return [(kind, qid, text, "") for _id, kind, qid, text in rows]
+
+    def _on_event(self, kind: str, qid: str | None, text: str) -> None:
+        if kind == "alert-request":
+            category = text.rpartition(" ")[2] if text.startswith("test alert requested:") else "critical"
+            self.raise_alert(category, "test", f"test alert ({category}) requested with `kanmon alert test`: "
+                             "if you read this, alert mail reaches you", force=True)
+            return
+        where = f"{qid}: " if qid else ""
+        key = re.sub(r"[0-9A-Z]{15}|\d+", "#", text)[:80]
+        look = f"\nTo see the message's history: kanmon trace {qid}" if qid else ""
+        self.raise_alert("critical", key, f"{'critical' if kind == 'critical' else 'error'} event: {where}{text}{look}")
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The sender, the event watcher and the threshold checks (until cancelled)."""
+        self._outbox = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._sender())
+            tg.create_task(self._watch_events())
+            tg.create_task(self._checks())
+
+    async def _checks(self) -> None:
+        while True:
+            await asyncio.to_thread(self.check_now)
+            await self.clock.sleep(CHECK_INTERVAL)
+
+    async def _watch_events(self) -> None:
+        while True:
+            try:
+                for kind, qid, text, _ in await asyncio.to_thread(self.poll_events):
+                    self._on_event(kind, qid, text)
+            except sqlite3.Error as e:
+                print(f"kanmon: alerts cannot read the records: {e}", file=self.stderr)
+            await asyncio.sleep(EVENT_POLL)
+
+    async def _sender(self) -> None:
+        assert self._outbox is not None
+        while True:
+            category, key, subject, body = (await self._outbox.get())[:4]
+            await self.send(category, key, subject, body)
+
+    def _call_soon(self, fn, *args) -> None:
+        """From the check thread into the event loop's thread."""
+        loop = getattr(self, "_loop", None)
+        if loop is None:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _enqueue(self, category: str, key: str, subject: str, body: str, force: bool) -> None:
+        if self._outbox is None:  # not running (tests driving it by hand): log only
+            self._fallback(subject, body, "alerts not running")
+            return
+        self._outbox.put_nowait((category, key, subject, body))
+
+    async def send(self, category: str, key: str, subject: str, body: str) -> str | None:
+        """Queue one alert mail; its queue id, or None when it went to log and stderr."""
+        if not self.cfg.to:
+            self._fallback(subject, body, "no [alerts] to")
+            return None
+        now = self.clock.now()
+        hostname = self.config.server.hostname
+        headers = [
+            f"From: kanmon on {hostname} <{self.sender}>",
+            "To: " + ", ".join(self.cfg.to),
+            f"Subject: {subject}",
+            f"Date: {format_datetime(datetime.datetime.fromtimestamp(now).astimezone())}",
+            f"Message-ID: {make_msgid('alert', domain=hostname)}",
+            "Auto-Submitted: auto-generated",
+            f"X-Kanmon-Alert: {category}",
+            "MIME-Version: 1.0",
+            "Content-Type: text/plain; charset=utf-8",
+            "Content-Transfer-Encoding: 8bit",
+        ]
+        content = ("\r\n".join(headers) + "\r\n\r\n" + body.replace("\r\n", "\n").replace("\n", "\r\n")).encode("utf-8")
+        env = Envelope(
+            mail_from=self.sender, rcpts=list(self.cfg.to),
+            client=ClientInfo(ip="127.0.0.1", name="localhost", helo=hostname, proto="internal"),
+            received_at=now, is_notice=True,
+        )
+        qid = new_queue_id()
+        try:
+            await self.spool.store(qid, env, content)
+        except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
+            self._fallback(subject, body, f"queue refused it: {e}")
+            return None
+        msgid = [h for h in headers if h.startswith("Message-ID: ")][0][12:]
+        self.records.emit(
+            f"from=<{self.sender}>, size={len(content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, proto=internal, relay=local",
+            qid,
+        )
+        self.records.emit(f"alert mail ({category}/{key}) queued: {subject}", qid, "alert-mail")
+        self.records.history_accept(qid, env, len(content), content)
+        self.queue.submit_nowait(qid, env, content)
+        self.sent += 1
+        return qid
+
+    def _fallback(self, subject: str, body: str, why: str) -> None:
+        self.records.emit(f"alert not mailed ({why}): {subject}", kind="alert-mail")
+        try:
+            print(f"kanmon: ALERT: {subject}\n{body}", file=self.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def _event(self, st: AlertState, state: str, line: str) -> None:
+        self.records.emit(line, kind="alert", detail={
+            "category": st.category, "key": st.key, "state": state, "since": st.since, "text": st.text,
+        })
+
+    def _subject(self, category: str, text: str) -> str:
+        return f"[kanmon {self.config.server.hostname}] {category}: {_first(text)}"[:200]
+
+    def _command(self, category: str) -> str:
+        cert = self.cert_path or "<certificate>"
+        return LOOK_CLOSER[category].format(data_dir=self.data_dir, cert=cert)
+
+    def _body(self, st: AlertState, text: str) -> str:
+        return (
+            f"What happened: {text}\n\n"
+            f"Since: {_stamp(st.since)}\n"
+            f"Category: {st.category}\n"
+            f"Server: {self.config.server.hostname}\n\n"
+            f"To look closer: {self._command(st.category)}\n\n"
+            f"This alert is mailed at most once every {_duration(self.cfg.min_interval)} while it lasts;\n"
+            "`kanmon alert list` shows recent alerts and which are still active.\n"
+        )
+
+
+def _first(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {s}s"
+    return f"{s}s"
+
+
+# ---------------------------------------------------------------------------
+# Reading alerts back (kanmon alert list)
+
+
+@dataclass(slots=True)
+class AlertRecord:
+    ts: float
+    category: str
+    key: str
+    state: str  # raised | suppressed | cleared
+    since: float
+    text: str
+
+
+def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list[AlertRecord]]:
+    """(every alert event since `since`, oldest first; the alerts active now)."""
+    import json
+
+    path = Path(data_dir) / "records.sqlite"
+    if not path.exists():
+        return [], []
+    from kanmon.records.stats import connect_records
+
+    db = connect_records(Path(data_dir))
+    assert db is not None
+    try:
+        rows = db.execute(
+            "SELECT ts, detail FROM events WHERE kind = 'alert' AND ts >= ? ORDER BY id", (since,)
+        ).fetchall()
+    finally:
+        db.close()
+    out: list[AlertRecord] = []
+    latest: dict[tuple[str, str], AlertRecord] = {}
+    for ts, detail in rows:
+        try:
+            d = json.loads(detail or "{}")
+        except ValueError:
+            continue
+        rec = AlertRecord(ts, d.get("category", ""), d.get("key", ""), d.get("state", ""), d.get("since", ts),
+                          d.get("text", ""))
+        out.append(rec)
+        latest[(rec.category, rec.key)] = rec
+    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
+    return out, active

@@ -1,0 +1,105 @@
+"""`kanmon alert test` and `kanmon alert list`.
+
+Role: the appliance's test button and the list of recent alerts. `alert test` leaves a
+request (an event of kind "alert-request") in records.sqlite; the running server's
+Alerts watcher picks it up within a second or two and mails a test alert through the
+queue; the command waits for that and says what happened. `alert list` reads the
+alert events back (kanmon.alerts.recent_alerts).
+
+Trusts: nothing from argv (the category is one of a fixed set). Never: open spool files
+or send mail itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from kanmon.cli import config_option, load_or_exit
+from kanmon.config import ALERT_CATEGORIES
+
+WAIT_FOR_SERVER = 15.0
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@click.group()
+def alert() -> None:
+    """Alert mail: send a test alert, list recent alerts."""
+
+
+@alert.command("test")
+@config_option
+@click.option("--category", type=click.Choice(ALERT_CATEGORIES), default="critical", show_default=True)
+@click.option("--wait", default=WAIT_FOR_SERVER, show_default=True, help="Seconds to wait for the server.")
+def alert_test(config_path, category, wait) -> None:
+    """Ask the running server to mail a test alert now."""
+    from pathlib import Path
+
+    from kanmon.records.store import open_db
+
+    cfg = load_or_exit(config_path)
+    path = Path(cfg.server.data_dir) / "records.sqlite"
+    if not path.exists():
+        raise click.ClickException(f"no records in {cfg.server.data_dir}: has kanmon serve run with this config?")
+    db = open_db(path)
+    try:
+        with db:
+            cur = db.execute(
+                "INSERT INTO events(ts, queue_id, kind, text) VALUES (?, NULL, 'alert-request', ?)",
+                (time.time(), f"test alert requested: {category}"),
+            )
+            request_id = cur.lastrowid
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            row = db.execute(
+                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE ? ORDER BY id LIMIT 1",
+                (request_id, f"%({category}/test)%"),
+            ).fetchone() or db.execute(
+                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE 'alert not mailed%'"
+                " ORDER BY id LIMIT 1",
+                (request_id,),
+            ).fetchone()
+            if row:
+                click.echo(f"kanmon: {row[0]}")
+                if row[0].startswith("alert not mailed"):
+                    raise SystemExit(1)
+                click.echo("kanmon: follow it with `kanmon log events --since 5m --grep alert`")
+                return
+            time.sleep(0.2)
+    finally:
+        db.close()
+    raise click.ClickException(f"no running kanmon serve took the request within {wait:.0f} s")
+
+
+@alert.command("list")
+@config_option
+@click.option("--since", default="7d", show_default=True, help="Alerts of the last DURATION.")
+@click.option("--json", "as_json", is_flag=True, help="JSON: {\"active\": [...], \"recent\": [...]}.")
+def alert_list(config_path, since, as_json) -> None:
+    """Recent alerts, and which are still active."""
+    import dataclasses
+
+    from kanmon.alerts import recent_alerts
+    from kanmon.config import parse_duration
+
+    cfg = load_or_exit(config_path)
+    try:
+        start = time.time() - parse_duration(since)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    recent, active = recent_alerts(cfg.server.data_dir, start)
+    if as_json:
+        click.echo(json.dumps({"active": [dataclasses.asdict(a) for a in active],
+                               "recent": [dataclasses.asdict(a) for a in recent]}, ensure_ascii=False))
+        return
+    click.echo(f"active ({len(active)}):")
+    for a in active:
+        click.echo(f"  {a.category:<12} since {_stamp(a.since)}  {a.key}: {a.text.splitlines()[0] if a.text else ''}")
+    click.echo(f"\nrecent ({len(recent)}):")
+    for a in recent:
+        click.echo(f"  {_stamp(a.ts)}  {a.category:<12} {a.state:<10} {a.key}: {a.text.splitlines()[0] if a.text else ''}")

@@ -1,0 +1,78 @@
+"""Retention: `[records] keep`; older event-log and history rows are pruned daily.
+
+Role: a loop in the node's TaskGroup. Once at start and then every day (on the node's
+clock) it deletes rows older than `keep` in small transactions (PRUNE_BATCH rows each,
+its own connection, in a worker thread), so the records writer — and through it the
+mail path — never waits long for the database lock. A failure is an event of kind
+"error" (the critical alert category picks it up) and the loop goes on.
+
+Trusts: the validated Config. Never: delete the counters table (metrics are running
+totals), or run on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from kanmon.records.store import open_db
+
+PRUNE_BATCH = 5000
+DAY = 86400.0
+
+
+def prune(db_path: Path, before: float, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+    """Delete events and history rows with ts < before; (events, history) deleted."""
+    if not Path(db_path).exists():
+        return 0, 0
+    db = open_db(db_path)
+    counts = []
+    try:
+        for table in ("events", "history"):
+            total = 0
+            while True:
+                with db:
+                    cur = db.execute(
+                        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)",
+                        (before, batch),
+                    )
+                total += cur.rowcount
+                if cur.rowcount < batch:
+                    break
+                time.sleep(0.01)  # let the writer in between batches
+            counts.append(total)
+    finally:
+        db.close()
+    return counts[0], counts[1]
+
+
+class Retention:
+    def __init__(self, config, emit, clock):
+        self.keep = config.records.keep
+        self.db_path = Path(config.server.data_dir) / "records.sqlite"
+        self.emit = emit
+        self.clock = clock
+
+    async def run_once(self) -> tuple[int, int]:
+        if not self.keep:
+            return 0, 0
+        cutoff = self.clock.now() - self.keep
+        try:
+            events, history = await asyncio.to_thread(prune, self.db_path, cutoff)
+        except sqlite3.Error as e:
+            self.emit(f"records: pruning failed: {e}", kind="error")
+            return 0, 0
+        if events or history:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(cutoff))
+            self.emit(f"records: pruned {events} event line(s) and {history} history row(s) older than {stamp}")
+        return events, history
+
+    async def run(self) -> None:
+        """Prune now and then daily, until cancelled; nothing when keep is 0."""
+        if not self.keep:
+            return
+        while True:
+            await self.run_once()
+            await self.clock.sleep(DAY)

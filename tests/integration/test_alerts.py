@@ -1,0 +1,258 @@
+"""Issue 5, alert mail: every category triggered for real, the mail received by a sink
+on loopback (the alert recipient's domain is relayed to it), rate limiting on a clock the
+test advances, `kanmon alert test` and `kanmon alert list`."""
+
+from __future__ import annotations
+
+import datetime
+import email
+import json
+import subprocess
+import sys
+from email.message import Message
+
+import smtplib
+
+import pytest
+import trustme
+
+from kanmon.alerts import CHECK_INTERVAL
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.records.query import search_events
+from tests.support.dnsserver import DnsServer
+from tests.support.kanmon_node import RunningNode, free_port, wait_for
+from tests.support.smtpsink import SmtpSink
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+relay_networks = ["127.0.0.0/8"]
+min_free_disk = "1MB"
+{tls}
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob"]
+[[domain]]
+name = "admin.example"
+deliver = "relay"
+servers = ["{admin}"]
+tls = "none"
+[[domain]]
+name = "corp.example"
+deliver = "relay"
+servers = [{corp}]
+tls = "none"
+[[domain]]
+name = "down.example"
+deliver = "relay"
+servers = ["127.0.0.1:1"]
+tls = "none"
+[outbound]
+connect_timeout = "2s"
+[queue]
+retry = "5m..1h"
+[alerts]
+to = ["admin@admin.example"]
+from = "kanmon@mx1.example.test"
+min_interval = "1h"
+{alerts}
+{extra}
+"""
+
+
+@pytest.fixture
+def admin_sink():
+    with SmtpSink("127.0.0.1") as sink:
+        yield sink
+
+
+def start(tmp_path, admin_sink, *, corp=("127.0.0.1:1",), alerts="", tls="", extra="", clock=None,
+          before_start=None) -> RunningNode:
+    text = NODE.format(
+        data_dir=tmp_path / "data", port=free_port(), admin=admin_sink.address,
+        corp=", ".join(f'"{c}"' for c in corp), alerts=alerts, tls=tls, extra=extra,
+    )
+    (tmp_path / "kanmon.toml").write_text(text)
+    node = RunningNode(parse_config(text), clock=clock or ManualClock())
+    if before_start:
+        before_start(node)
+    return node.start()
+
+
+def alert_mails(sink: SmtpSink, category: str | None = None) -> list[Message]:
+    out = []
+    for m in sink.messages:
+        msg = email.message_from_bytes(m.data)
+        if m.rcpts == ["admin@admin.example"] and (category is None or msg["X-Kanmon-Alert"] == category):
+            out.append(msg)
+    return out
+
+
+def wait_alert(sink: SmtpSink, category: str, count: int = 1, timeout: float = 15.0) -> list[Message]:
+    wait_for(lambda: len(alert_mails(sink, category)) >= count, timeout, f"{count} {category} alert mail(s)")
+    return alert_mails(sink, category)
+
+
+def body(msg: Message) -> str:
+    return msg.get_payload(decode=True).decode()
+
+
+def send(node: RunningNode, rcpt: str, subject: str = "test") -> None:
+    msg = f"From: alice@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\nhello\r\n"
+    with smtplib.SMTP(node.host, node.port, timeout=10) as s:
+        s.sendmail("alice@example.test", [rcpt], msg)
+
+
+def wait_event(node: RunningNode, needle: str, timeout: float = 15.0) -> None:
+    def look() -> bool:
+        node.flush()
+        return any(needle in e.text for e in search_events(node.data_dir))
+
+    wait_for(look, timeout, f"event containing {needle!r}")
+
+
+def test_queue_over_threshold_alert_is_mailed_once_per_interval(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink, alerts="queue_size_above = 3\nqueue_oldest_above = \"1d\"")
+    try:
+        for n in range(4):
+            send(node, "user@down.example", f"stuck{n}")
+        wait_event(node, "stat=Deferred")
+        node.wait_idle()
+        node.advance(CHECK_INTERVAL)  # the next threshold check sees 4 > 3
+        (mail,) = wait_alert(admin_sink, "queue")
+        assert mail["Subject"].startswith("[kanmon mx1.example.test] queue: 4 messages in the queue")
+        text = body(mail)
+        assert "above the threshold 3" in text and "Since: " in text and "kanmon queue summary" in text
+        assert mail["From"] == "kanmon on mx1.example.test <kanmon@mx1.example.test>"
+        # Still over the threshold a minute later: noted, not mailed again.
+        node.advance(CHECK_INTERVAL)
+        wait_event(node, "alert queue/size (already mailed")
+        assert len(alert_mails(admin_sink, "queue")) == 1
+        # After min_interval the alert, still true, is mailed again.
+        node.advance(3600)
+        second = wait_alert(admin_sink, "queue", 2)
+        assert len(second) == 2
+    finally:
+        node.stop()
+
+
+def test_failover_to_the_alternate_and_recovery_are_mailed(tmp_path, admin_sink):
+    port = free_port("127.0.0.7")
+    primary = SmtpSink("127.0.0.7", port)
+    alternate = SmtpSink("127.0.0.17", port)
+    primary.stop()
+    node = start(tmp_path, admin_sink, corp=(f"127.0.0.7:{port}", f"127.0.0.17:{port}"))
+    try:
+        send(node, "user@corp.example", "while-down")
+        alternate.wait_for_messages(1)
+        (mail,) = wait_alert(admin_sink, "delivery")
+        assert "relay failover" in mail["Subject"]
+        text = body(mail)
+        assert f"127.0.0.7:{port}" in text and "[127.0.0.17]" in text and "Connection refused" in text
+        assert "trying next server" in text  # the command to look closer
+        primary.start()
+        send(node, "user@corp.example", "after-back")
+        primary.wait_for_messages(1)
+        mails = wait_alert(admin_sink, "delivery", 2)
+        assert "resolved: relay recovered" in mails[1]["Subject"]
+        assert "Since" not in mails[1]["Subject"] and "The problem began" in body(mails[1])
+    finally:
+        node.stop()
+        primary.close()
+        alternate.close()
+
+
+def test_certificate_expiring_in_three_days(tmp_path, admin_sink):
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx1.example.test", not_after=datetime.datetime.now(datetime.timezone.utc)
+                         + datetime.timedelta(days=3))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    node = start(tmp_path, admin_sink, tls=f'[tls]\ncert = "{cert_path}"\nkey = "{key_path}"',
+                 alerts='cert_expires_within = "14d"')
+    try:
+        (mail,) = wait_alert(admin_sink, "certificate")
+        assert "certificate" in mail["Subject"] and "expires in 2d" in mail["Subject"]
+        assert f"openssl x509 -noout -subject -enddate -in {cert_path}" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_free_disk_threshold_above_the_real_free_space(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        (mail,) = wait_alert(admin_sink, "disk")
+        assert "below the threshold 1000.0 TB" in mail["Subject"]
+        assert f"df -h {tmp_path / 'data'}" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_injected_stage_failure_and_corrupt_spool_entry_are_critical(tmp_path, admin_sink):
+    def corrupt_and_break(node: RunningNode) -> None:
+        queue_dir = tmp_path / "data" / "spool" / "queue"
+        queue_dir.mkdir(parents=True)
+        (queue_dir / "0000000000000BAD").write_bytes(b"not a queue file")
+
+    node = start(tmp_path, admin_sink, before_start=corrupt_and_break)
+    try:
+        (mail,) = wait_alert(admin_sink, "critical")
+        assert "corrupt queue file moved to spool/corrupt/" in mail["Subject"]
+
+        async def boom(*args):
+            raise RuntimeError("injected stage failure")
+
+        node.node.local.deliver = boom
+        send(node, "bob@example.test", "doomed")
+        mails = wait_alert(admin_sink, "critical", 2)
+        assert "delivery agent error: RuntimeError: injected stage failure" in mails[1]["Subject"]
+        assert "kanmon trace " in body(mails[1])
+    finally:
+        node.stop()
+
+
+def test_dns_check_getting_worse_is_mailed(tmp_path, admin_sink):
+    records = {
+        "example.test": ["MX 10 mx1.example.test.", 'TXT "v=spf1 ip4:192.0.2.1 -all"'],
+        "mx1.example.test": ["A 192.0.2.1"],
+    }  # no PTR, no DMARC
+    with DnsServer(records=records) as dns:
+        extra = f'[dns]\nservers = ["{dns.address}"]\ntimeout = "1s"\n[dnscheck]\nevery = "6h"\ndomains = ["example.test"]\nips = ["192.0.2.1"]'
+        node = start(tmp_path, admin_sink, extra=extra)
+        try:
+            (mail,) = wait_alert(admin_sink, "dns")
+            assert "DNS check of example.test" in mail["Subject"]
+            assert "kanmon dns check" in body(mail)
+        finally:
+            node.stop()
+
+
+def test_alert_test_and_list_commands(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink, alerts='categories = ["critical"]')
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "test", "-c", str(tmp_path / "kanmon.toml"), "--category", "queue"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "alert mail (queue/test) queued" in out.stdout
+        (mail,) = wait_alert(admin_sink, "queue")  # the test button ignores the category list
+        assert "test alert (queue)" in mail["Subject"]
+        # A category left out of [alerts] categories is recorded, not mailed.
+        node.call(node.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
+        node.flush()
+        listing = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        data = json.loads(listing.stdout)
+        assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data")]
+        assert {(a["category"], a["state"]) for a in data["recent"]} == {("queue", "raised"), ("disk", "raised")}
+        assert alert_mails(admin_sink, "disk") == []
+    finally:
+        node.stop()
