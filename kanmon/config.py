@@ -504,10 +504,14 @@ def _find_line(text: str, loc: tuple[Any, ...]) -> int | None:
     start = 0
     if len(keys) > 1:
         header = re.compile(r"^\s*\[\[?\s*" + re.escape(keys[0]) + r"[\].]")
+        # [[table]] arrays: the n-th header for loc ("table", n, ...).
+        nth = loc[1] if len(loc) > 1 and isinstance(loc[1], int) and loc[0] == keys[0] else 0
         for i, line in enumerate(lines):
             if header.match(line):
                 start = i
-                break
+                if nth == 0:
+                    break
+                nth -= 1
     key_re = re.compile(r"^\s*\"?" + re.escape(keys[-1]) + r"\"?\s*=")
     for i in range(start, len(lines)):
         if key_re.match(lines[i]):

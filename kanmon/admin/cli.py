@@ -192,8 +192,9 @@ def list_cmd(config_path, as_json, **filters) -> None:
             click.echo(f"{'':<48}({r['last_reply'][:200]})")
         for rcpt in r["rcpts"]:
             click.echo(f"{'':<48}{rcpt}")
-        if r["state"] == "deferred" and r["next_attempt"]:
-            click.echo(f"{'':<48}next attempt {_stamp(r['next_attempt'])}, {r['attempts']} so far")
+        if r["state"] == "deferred":
+            when = _stamp(r["next_attempt"]) if r["next_attempt"] else "as soon as possible"
+            click.echo(f"{'':<48}next attempt {when}, {r['attempts']} so far")
         click.echo("")
     click.echo(f"-- {total // 1024} Kbytes in {len(items)} Request{'s' if len(items) != 1 else ''}.")
 
@@ -320,7 +321,7 @@ def summary_cmd(config_path, by, as_json, **filters) -> None:
     if as_json:
         _echo_json(s)
         return
-    heads = ["T"] + [b.rstrip("m") for b in s["buckets"]]
+    heads = ["T"] + [b.replace("m", "") for b in s["buckets"]]
     width = max([len(r["key"]) for r in s["rows"]] + [5]) + 1
     click.echo(" " * width + "".join(f"{h:>7}" for h in heads))
     for key, row in [("TOTAL", s["total"])] + [(r["key"], r) for r in s["rows"]]:

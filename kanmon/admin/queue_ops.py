@@ -371,17 +371,19 @@ class QueueOps:
         if action == "hold":
             self.spool.set_hold(qid, True, now, source)
             return True
+        # next = 0 in the journal means "as soon as the queue manager sees it", whatever
+        # its clock says (a stopped node's admin and the next start need not agree).
         if action == "release":
             self.spool.set_hold(qid, False, now, source)
-            self.spool.set_schedule(qid, now, t=now)
+            self.spool.set_schedule(qid, 0.0, t=now)
             return True
         if action == "flush":
-            self.spool.set_schedule(qid, now, t=now)
+            self.spool.set_schedule(qid, 0.0, t=now)
             return True
         if action == "requeue":
             # Routing is decided at each attempt from the current config, so "route
             # again" is: due now, backoff restarted (postsuper -r).
-            self.spool.set_schedule(qid, now, reset_attempts=True, t=now)
+            self.spool.set_schedule(qid, 0.0, reset_attempts=True, t=now)
             return True
         if action == "bounce":
             return self._bounce(qid, now, source)
@@ -437,18 +439,21 @@ class QueueOps:
             raise ValueError("--by is domain or sender")
         now = self.link.now()
         rows: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
+        total = [0] * (len(BUCKETS) + 1)  # messages (a row counts each message once per domain)
         states: Counter[str] = Counter()
         for entry, state in self.select(f):
             states[state] += 1
             age_min = max(0.0, now - (entry.envelope.received_at or now)) / 60
             col = next((i for i, b in enumerate(BUCKETS) if age_min <= b), len(BUCKETS))
+            total[col] += 1
             if by == "sender":
                 keys = {_domain_of(entry.envelope.mail_from) if entry.envelope.mail_from else "<>"}
             else:
                 keys = {_domain_of(r) for r in entry.pending_rcpts()}
+                if f.domain:
+                    keys &= {f.domain.lower().rstrip(".")}
             for k in keys:
                 rows[k][col] += 1
-        total = [sum(col) for col in zip(*rows.values())] if rows else [0] * (len(BUCKETS) + 1)
         ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
         return {
             "by": by, "buckets": [f"{b}m" for b in BUCKETS] + [f"{BUCKETS[-1]}m+"],
@@ -504,7 +509,7 @@ class QueueOps:
                 skipped.append(qid)
                 continue
             records = [{"k": "hold", "on": hold, "t": now, "by": source},
-                       {"k": "schedule", "t": now, "next": now}]
+                       {"k": "schedule", "t": now, "next": 0.0}]
             state = msg.state_bytes
             if state and not state.endswith(b"\n"):
                 state += b"\n"  # a torn last line in the source journal stays harmless
@@ -615,10 +620,12 @@ class QueueOps:
 
     def maintenance_run(self, key: str, dry_run: bool = False, source: str | None = None) -> dict:
         name, job = self.find_job(key)
-        f = Filters(state=job.state, older_than=job.older_than, reason=job.reason)
+        # "deferred" includes messages in the middle of an attempt at that moment: act()
+        # waits for the attempt to settle, then acts (a job must not miss them by chance).
+        f = Filters(state="all", older_than=job.older_than, reason=job.reason)
+        states = {"deferred": ("deferred", "active"), "hold": ("hold",), "all": ("deferred", "active", "hold")}[job.state]
         src = source or f"maintenance {name}"
-        result = self.act(job.action, f, dry_run=dry_run, source=src,
-                          states=None if job.state == "all" else (job.state,) + (("active",) if job.state == "deferred" else ()))
+        result = self.act(job.action, f, dry_run=dry_run, source=src, states=states, whole_queue=True)
         result["job"] = name
         if not dry_run:
             self.records.emit(

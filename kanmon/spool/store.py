@@ -437,6 +437,8 @@ class Spool:
         finally:
             os.close(fd)
         os.replace(tmp, self.state_dir / queue_id)
+        # A copy in incoming/ is what an import killed before its rename left behind.
+        (self.incoming / queue_id).unlink(missing_ok=True)
         (err,) = self.committer.commit_blocking([(self.incoming / queue_id, self.queue / queue_id, queue_bytes)])
         if err is not None:
             raise SpoolError(f"cannot write queue file: {err.strerror or err}")

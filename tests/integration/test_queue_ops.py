@@ -1,0 +1,628 @@
+"""Issue 4, queue operations, end to end: every command against a running node (through
+its control socket) and against a stopped one (straight on the spool, under the lock);
+real SMTP on loopback, a clock the tests advance, the CLI through click and through
+real processes (`python -m kanmon`, a pseudo-terminal for review)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+from click.testing import CliRunner
+
+import kanmon.admin.service as admin_service
+from kanmon.admin.queue_ops import QueueOps
+from kanmon.cli import main
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.control import ControlClient, DataDirLock, LockBusy
+from kanmon.records.query import search_events
+from kanmon.spool.store import Spool
+from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, maildir_messages, wait_for
+from tests.support.smtpsink import SmtpSink
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+workers = 0
+[smtp]
+listen = ["127.0.0.1:{port}"]
+min_free_disk = "1MB"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob"]
+[[domain]]
+name = "corp.example"
+deliver = "relay"
+servers = ["{corp}"]
+tls = "none"
+[[domain]]
+name = "other.example"
+deliver = "relay"
+servers = ["{other}"]
+tls = "none"
+[queue]
+retry = "5m..1h"
+warn_after = "0"
+lifetime = "10d"
+{extra}
+"""
+
+# 2026-01-01 04:00 local time: the maintenance examples fire at 05:00 and 06:00.
+T0 = time.mktime((2026, 1, 1, 4, 0, 0, 0, 0, -1))
+
+
+class Site:
+    """A node's config file and data_dir; start() runs it in this process on a ManualClock."""
+
+    def __init__(self, tmp_path: Path, name: str, *, corp: str | None = None, other: str | None = None, extra: str = "",
+                 start: float | None = None):
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        self.port = free_port()
+        self.corp = corp or f"127.0.0.7:{free_port('127.0.0.7')}"  # nothing listens: deferred
+        self.other = other or f"127.0.0.8:{free_port('127.0.0.8')}"
+        self.extra = extra
+        self.config_file = self.dir / "kanmon.toml"
+        self.write()
+        # A stopped node's clock is the system clock: by default the test clock starts
+        # 2 hours back, so after _queue_three() both agree on every message's age.
+        self.clock = ManualClock(time.time() - 7200 if start is None else start)
+        self.node: RunningNode | None = None
+
+    def write(self) -> None:
+        self.config_file.write_text(NODE.format(
+            data_dir=self.dir / "data", port=self.port, corp=self.corp, other=self.other, extra=self.extra))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    def start(self) -> RunningNode:
+        config = parse_config(self.config_file.read_text())
+        self.node = RunningNode(config, clock=self.clock).start()
+        return self.node
+
+    def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+
+    def send(self, sender: str, rcpts: list[str], subject: str, body: str = "hello") -> str:
+        assert self.node is not None
+        msg = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n{body}\r\n"
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as s:
+            s.sendmail(sender, rcpts, msg)
+        self.node.wait_idle()
+        return self.item(subject=subject)["id"] if subject else ""
+
+    def cli(self, *args: str, input: str | None = None, code: int = 0):
+        result = CliRunner().invoke(main, [*args, "-c", str(self.config_file)], input=input)
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+
+    def cli_json(self, *args: str) -> dict:
+        return json.loads(self.cli(*args, "--json").output)
+
+    def ids(self, *args: str) -> list[str]:
+        return [r["id"] for r in self.cli_json("queue", "list", *args)["items"]]
+
+    def item(self, subject: str) -> dict:
+        for r in self.cli_json("queue", "list")["items"]:
+            if r["state"] != "corrupt" and subject in self.cli_json("queue", "show", r["id"])["headers"]:
+                return r
+        raise AssertionError(f"no queued message with subject {subject!r}")
+
+    def events(self) -> list[str]:
+        if self.node is not None:
+            self.node.flush()
+        return [(e.queue_id or "") + ": " + e.text for e in search_events(self.data_dir)]
+
+    def wait_event(self, needle: str, timeout: float = 10.0) -> str:
+        found: list[str] = []
+
+        def look() -> bool:
+            found[:] = [t for t in self.events() if needle in t]
+            return bool(found)
+
+        wait_for(look, timeout, f"event containing {needle!r}")
+        return found[0]
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path, "a")
+    yield s
+    s.stop()
+
+
+def _queue_three(site: Site, other_sink: SmtpSink | None = None) -> dict[str, str]:
+    """m1 alice -> corp (2h old), m2 bob -> corp, m3 alice -> other ('User unknown' if a sink answers)."""
+    ids = {"m1": site.send("alice@example.test", ["u1@corp.example"], "m1")}
+    site.node.advance(7200)
+    ids["m2"] = site.send("bob@example.test", ["u2@corp.example"], "m2")
+    ids["m3"] = site.send("alice@example.test", ["x@other.example"], "m3")
+    return ids
+
+
+# -- list and filters ----------------------------------------------------------------------
+
+
+def _check_filters(site: Site, ids: dict[str, str]) -> None:
+    assert sorted(site.ids()) == sorted(ids.values())
+    assert site.ids("--from", "alice", "--older-than", "1h") == [ids["m1"]]
+    assert site.ids("--domain", "other.example", "--reason", "user UNKNOWN") == [ids["m3"]]
+    assert site.ids("--from", "bob@*", "--to", "*@corp.example") == [ids["m2"]]
+    assert site.ids("--from", "alice", "--domain", "corp.example", "--older-than", "1h", "--reason", "refused") == [ids["m1"]]
+    assert site.ids("--from", "alice", "--domain", "corp.example", "--older-than", "3h") == []
+    assert site.ids("--state", "hold") == []
+    assert site.ids("--state", "deferred", "--to", "u2") == [ids["m2"]]
+    text = site.cli("queue", "list").output
+    assert "Connection refused by 127.0.0.7" in text and "u1@corp.example" in text and "3 Requests" in text
+    row = next(r for r in site.cli_json("queue", "list")["items"] if r["id"] == ids["m3"])
+    assert row["from"] == "alice@example.test" and row["rcpts"] == ["x@other.example"]
+    assert row["last_reply"].startswith("450 4.1.1") and row["next_attempt"] > row["arrival"] and row["attempts"] == 1
+
+
+def test_list_with_combined_filters_running_and_stopped(site):
+    with SmtpSink("127.0.0.8") as other:
+        other.rcpt_replies = {"x@other.example": "450 4.1.1 <x@other.example>: User unknown in local recipient table"}
+        site.other = other.address
+        site.write()
+        site.start()
+        ids = _queue_three(site)
+        assert site.node.node.admin.control is not None  # through the socket
+        _check_filters(site, ids)
+        site.stop()
+        _check_filters(site, ids)  # straight on the spool
+
+
+def test_bad_filter_values_are_usage_errors(site):
+    site.start()
+    assert "not a duration" in site.cli("queue", "list", "--older-than", "soon", code=2).output
+    assert "--reason" in site.cli("queue", "list", "--reason", "(", code=2).output
+    assert "give queue ids or filters" in site.cli("queue", "delete", code=2).output
+    assert "not a queue id" in site.cli("queue", "delete", "../../etc/passwd", code=2).output
+
+
+# -- show ----------------------------------------------------------------------------------
+
+
+def test_show_running_and_stopped(site):
+    site.start()
+    qid = site.send("alice@example.test", ["u1@corp.example"], "shown", body="line1\r\nline2\r\nline3")
+    for _ in range(2):
+        d = site.cli_json("queue", "show", qid, "--lines", "2")
+        assert d["from"] == "alice@example.test" and d["rcpts_all"][0]["status"] == "pending"
+        assert "Subject: shown" in d["headers"] and d["body"] == "line1\r\nline2" and d["body_lines_total"] >= 3
+        assert any(h.get("reply", "").startswith("451 4.4.1 Connection refused") for h in d["history"])
+        text = site.cli("queue", "show", qid, "--lines", "1").output
+        assert "Recipient: <u1@corp.example> pending" in text and "Connection refused" in text and "more line(s)" in text
+        site.stop()
+    assert "not in the queue" in site.cli("queue", "show", "0000000000000BB", code=1).output
+
+
+# -- hold, release, delete, flush ------------------------------------------------------------
+
+
+def test_hold_flush_release_delete_on_a_running_node(site):
+    port = int(site.corp.rpartition(":")[2])
+    site.start()
+    ids = _queue_three(site)
+    assert "1 message(s) held" in site.cli("queue", "hold", ids["m1"]).output
+    assert site.ids("--state", "hold") == [ids["m1"]]
+    with SmtpSink("127.0.0.7", port) as corp:
+        site.cli("queue", "flush")  # m2 now; m1 is held, m3's server is still down
+        (m,) = corp.wait_for_messages(1)
+        assert b"Subject: m2" in m.data
+        site.node.wait_idle()
+        assert len(corp.messages) == 1 and sorted(site.ids()) == sorted([ids["m1"], ids["m3"]])
+        site.cli("queue", "release", ids["m1"])
+        corp.wait_for_messages(2)
+        assert b"Subject: m1" in corp.messages[1].data
+    # A filter match is counted and confirmed first.
+    out = site.cli("queue", "delete", "--domain", "other.example", input="n\n").output
+    assert "1 message(s) match" in out and "Nothing done" in out and site.ids() == [ids["m3"]]
+    out = site.cli("queue", "delete", "--domain", "other.example", input="y\n").output
+    assert "1 message(s) deleted" in out and site.ids() == []
+    line = site.wait_event("admin: delete 1 message(s) by `kanmon queue delete`")
+    assert ids["m3"] in line and "--domain 'other.example'" in line
+    site.wait_event(f"{ids['m3']}: deleted by administrator")
+    assert any(f"{ids['m1']}: held by administrator" in e for e in site.events())
+
+
+def test_hold_release_delete_flush_on_a_stopped_node_then_start(site):
+    port = int(site.corp.rpartition(":")[2])
+    site.start()
+    ids = _queue_three(site)
+    m4 = site.send("bob@example.test", ["u4@corp.example"], "m4")
+    site.stop()
+    site.cli("queue", "hold", ids["m1"], ids["m2"])
+    site.cli("queue", "release", ids["m2"])
+    out = site.cli("queue", "delete", "--to", "x@other*", "--dry-run").output
+    assert "1 message(s) match; would delete" in out and ids["m3"] in out
+    assert ids["m3"] in site.ids()
+    site.cli("queue", "delete", "--to", "x@other*", "--yes")
+    site.cli("queue", "flush", m4)
+    assert site.ids("--state", "hold") == [ids["m1"]] and ids["m3"] not in site.ids()
+    assert any("admin: hold 2 message(s)" in e for e in site.events())
+    with SmtpSink("127.0.0.7", port) as corp:
+        site.start()  # released and flushed: due at once; no clock advance
+        corp.wait_for_messages(2)
+        site.node.wait_idle()
+        assert sorted(m.data.split(b"Subject: ")[1][:2] for m in corp.messages) == [b"m2", b"m4"]
+        assert site.ids() == [ids["m1"]]
+
+
+# -- bounce --------------------------------------------------------------------------------
+
+
+def test_bounce_running_and_stopped(site):
+    site.start()
+    ids = _queue_three(site)
+    assert "1 message(s) returned to sender" in site.cli("queue", "bounce", ids["m1"]).output
+    wait_for(lambda: maildir_messages(site.data_dir, "alice@example.test"), 10, "failure notice to alice")
+    (notice,) = maildir_messages(site.data_dir, "alice@example.test")
+    assert b"Undelivered Mail Returned to Sender" in notice and b"returned to sender by the administrator" in notice
+    assert b"Connection refused" in notice  # the last reply is reported too
+    assert ids["m1"] not in site.ids()
+    site.stop()
+    site.cli("queue", "bounce", "--from", "bob@example.test", "--yes")
+    (row,) = [r for r in site.cli_json("queue", "list")["items"] if r["id"] != ids["m3"]]
+    assert row["from"] == "" and row["rcpts"] == ["bob@example.test"]  # the notice, queued
+    site.start()
+    wait_for(lambda: maildir_messages(site.data_dir, "bob@example.test"), 10, "failure notice to bob")
+    assert site.ids() == [ids["m3"]]
+
+
+# -- requeue ---------------------------------------------------------------------------------
+
+
+def test_requeue_after_a_routing_change(site):
+    site.start()
+    a = site.send("alice@example.test", ["u1@corp.example"], "ra")
+    b = site.send("alice@example.test", ["u2@corp.example"], "rb")
+    site.stop()
+    with SmtpSink("127.0.0.9") as new_store:
+        site.corp = new_store.address  # corp.example moved to a new server
+        site.write()
+        site.cli("queue", "requeue", a)  # stopped: due at start, backoff restarted
+        site.start()
+        (m,) = new_store.wait_for_messages(1)
+        assert b"Subject: ra" in m.data
+        site.node.wait_idle()
+        assert site.ids() == [b] and len(new_store.messages) == 1  # b waits for its retry time
+        site.cli("queue", "requeue", "--domain", "corp.example")
+        new_store.wait_for_messages(2)
+        assert b"Subject: rb" in new_store.messages[1].data
+
+
+# -- summary -------------------------------------------------------------------------------
+
+
+def test_summary_by_domain_and_age(tmp_path):
+    site = Site(tmp_path, "a", start=time.time() - 2 * 86400 - 25 * 60)
+    site.start()
+    site.send("alice@example.test", ["u1@corp.example", "u9@other.example"], "s1")
+    site.node.advance(25 * 60)
+    site.send("alice@example.test", ["u2@corp.example"], "s2")
+    site.node.advance(2 * 86400)
+    site.send("bob@example.test", ["u3@corp.example"], "s3")
+    for _ in range(2):
+        s = site.cli_json("queue", "summary")
+        assert s["buckets"][0] == "5m" and s["buckets"][-1] == "1280m+"
+        rows = {r["key"]: r["counts"] for r in s["rows"]}
+        assert rows["corp.example"] == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+        assert rows["other.example"] == [0] * 9 + [1]
+        assert s["total"]["count"] == 3 and s["total"]["counts"] == [1] + [0] * 8 + [2]  # messages
+        by_sender = {r["key"]: r["count"] for r in site.cli_json("queue", "summary", "--by", "sender")["rows"]}
+        assert by_sender == {"example.test": 3}
+        text = site.cli("queue", "summary", "--domain", "corp.example").output.splitlines()
+        assert text[0].split() == ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
+        assert text[1].split() == ["TOTAL", "3", "1", "0", "0", "0", "0", "0", "0", "0", "0", "2"]
+        assert text[2].split()[0] == "corp.example" and len(text) == 3
+        site.stop()  # and again on the stopped node, on the system clock
+
+
+# -- review (a pseudo-terminal) ----------------------------------------------------------------
+
+
+def _spawn(site: Site, *args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "kanmon", *args, "-c", str(site.config_file)], cwd=str(ROOT),
+                         timeout=20, encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100"))
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_review_in_a_terminal(site, running):
+    site.start()
+    ids = _queue_three(site)
+    if not running:
+        site.stop()
+    child = _spawn(site, "queue", "review", "--from", "*@example.test")
+    try:
+        for subject, key in (("m1", "d"), ("m2", "h"), ("m3", "q")):
+            child.expect(r"Subject: " + subject)
+            child.expect(r"\[k\]eep, \[d\]elete, \[h\]old, \[q\]uit")
+            child.sendline(key)
+        child.expect("Reviewed: 0 kept, 1 deleted, 1 held")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert sorted(site.ids()) == sorted([ids["m2"], ids["m3"]]) and site.ids("--state", "hold") == [ids["m2"]]
+    assert any("`kanmon queue review`" in e and ids["m1"] in e for e in site.events())
+
+
+# -- backup and restore ------------------------------------------------------------------------
+
+
+def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
+    a = Site(tmp_path, "a")
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        try:
+            a.start()
+            ids = _queue_three(a)
+            a.cli("queue", "hold", ids["m2"])
+            archive = tmp_path / "queue.kbk"
+            assert "2 message(s) written" in a.cli("queue", "backup", str(archive), "--domain", "corp.example").output
+            assert sorted(a.ids()) == sorted(ids.values())  # a backup takes nothing away
+            b.start()
+            out = b.cli("queue", "restore", str(archive)).output
+            assert f"restored {ids['m1']}" in out and "2 message(s) restored, 0 already here" in out
+            store.wait_for_messages(2)
+            b.node.wait_idle()
+            assert sorted(m.data.split(b"Subject: ")[1][:2] for m in store.messages) == [b"m1", b"m2"]
+            out = b.cli("queue", "restore", str(archive)).output  # again: nothing twice
+            assert "0 message(s) restored, 2 already here" in out
+            b.node.wait_idle()
+            assert len(store.messages) == 2 and b.ids() == []
+            b.wait_event("admin: restore 2 message(s) by `kanmon queue restore`")
+            b.stop()
+            # On a stopped node, held: arrival time and attempt history travel along.
+            c = Site(tmp_path, "c")
+            Spool(c.data_dir).close()
+            c.cli("queue", "restore", str(archive), "--hold")
+            held = c.cli_json("queue", "list", "--state", "hold")["items"]
+            assert sorted(r["id"] for r in held) == sorted([ids["m1"], ids["m2"]])
+            m1 = next(r for r in held if r["id"] == ids["m1"])
+            assert m1["arrival"] == pytest.approx(a.clock.now() - 7200, abs=5) and "Connection refused" in m1["last_reply"]
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_damaged_archive_is_refused_whole(site, tmp_path):
+    site.start()
+    _queue_three(site)
+    archive = tmp_path / "q.kbk"
+    site.cli("queue", "backup", str(archive))
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"Subject: m3")
+    data[at + 9] ^= 0x20
+    archive.write_bytes(bytes(data))
+    b = Site(tmp_path, "b")
+    Spool(b.data_dir).close()
+    assert "SHA-256 mismatch" in b.cli("queue", "restore", str(archive), code=1).output
+    archive.write_bytes(bytes(data[: len(data) // 2]))
+    assert b.cli("queue", "restore", str(archive), code=1).output
+    assert b.ids() == []
+
+
+def _backup_of(site: Site, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    site.start()
+    ids = [site.send("alice@example.test", [f"u{i}@corp.example"], f"r{i:02d}") for i in range(n)]
+    archive = tmp_path / "q.kbk"
+    site.cli("queue", "backup", str(archive))
+    site.stop()
+    return archive, ids
+
+
+def _deliver_all_once(b: Site, store: SmtpSink, n: int) -> None:
+    b.start()
+    store.wait_for_messages(n)
+    b.node.wait_idle()
+    subjects = sorted(m.data.split(b"Subject: ")[1][:3] for m in store.messages)
+    assert subjects == [f"r{i:02d}".encode() for i in range(n)]
+    assert b.ids() == []
+
+
+def test_restore_interrupted_then_run_again_every_message_once(site, tmp_path, monkeypatch):
+    archive, ids = _backup_of(site, tmp_path, 6)
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        Spool(b.data_dir).close()
+        calls = {"n": 0}
+        real = QueueOps._append_ledger
+
+        def dies_on_the_fourth(self, qid):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the 4th queue file is durable, the ledger not yet written
+                raise KeyboardInterrupt
+            real(self, qid)
+
+        monkeypatch.setattr(QueueOps, "_append_ledger", dies_on_the_fourth)
+        assert b.cli("queue", "restore", str(archive), code=1).exit_code == 1
+        assert len(b.ids()) == 4
+        monkeypatch.setattr(QueueOps, "_append_ledger", real)
+        out = b.cli("queue", "restore", str(archive)).output
+        assert "2 message(s) restored, 4 already here" in out
+        _deliver_all_once(b, store, 6)
+        b.stop()
+
+
+def test_restore_killed_then_run_again_every_message_once(site, tmp_path):
+    archive, ids = _backup_of(site, tmp_path, 30)
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        Spool(b.data_dir).close()
+        ledger = b.data_dir / "spool" / "restored"
+        proc = subprocess.Popen([sys.executable, "-m", "kanmon", "queue", "restore", str(archive), "-c", str(b.config_file)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        try:
+            wait_for(lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 3, 20, "restore under way")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        b.cli("queue", "restore", str(archive))
+        _deliver_all_once(b, store, 30)
+        b.stop()
+
+
+# -- drain -------------------------------------------------------------------------------------
+
+
+def test_drain_to_a_second_instance(tmp_path):
+    a = Site(tmp_path, "a")
+    target = Site(tmp_path, "b")
+    # b: corp.example is a local domain with three mailboxes (u9 is not one).
+    target.config_file.write_text(target.config_file.read_text().replace(
+        'name = "corp.example"\ndeliver = "relay"\nservers = ["%s"]\ntls = "none"' % target.corp,
+        'name = "corp.example"\nmailboxes = ["u1", "u2", "u3"]'))
+    try:
+        target.start()
+        a.start()
+        m1 = a.send("alice@example.test", ["u1@corp.example"], "d1")
+        m2 = a.send("alice@example.test", ["u2@corp.example", "u9@corp.example"], "d2")
+        m3 = a.send("bob@example.test", ["u3@corp.example"], "d3")
+        to = f"--to=127.0.0.1:{target.port}"
+        out = a.cli("queue", "drain", to, "--from", "alice*", "--tls", "none", code=1).output
+        assert "1 message(s) delivered" in out and f"kept {m2}: <u9@corp.example> 550 5.1.1" in out
+        assert sorted(a.ids()) == sorted([m2, m3])
+        # What the new relay took is not sent again; what it refused stays here.
+        assert [r["rcpts"] for r in a.cli_json("queue", "list") ["items"] if r["id"] == m2] == [["u9@corp.example"]]
+        a.wait_event(f"admin: drain 1 message(s) by `kanmon queue drain`")
+        a.stop()
+        out = a.cli("queue", "drain", to, "--rcpt", "u3@*", "--tls", "none").output  # stopped node
+        assert "1 message(s) delivered" in out and a.ids() == [m2]
+        target.node.wait_idle()
+        for box in ("u1", "u2", "u3"):
+            assert len(maildir_messages(target.data_dir, f"{box}@corp.example")) == 1
+        assert m1 not in a.ids() and m3 not in a.ids()
+    finally:
+        a.stop()
+        target.stop()
+
+
+# -- maintenance -------------------------------------------------------------------------------
+
+MAINTENANCE = """
+[[maintenance]]
+schedule = "0 5 * * *"
+action = "delete"
+older_than = "4d"
+
+[[maintenance]]
+schedule = "0 6 * * *"
+action = "delete"
+reason = "User unknown|5\\\\.1\\\\.1"
+"""
+
+
+def test_both_maintenance_examples_fire_on_an_advanced_clock(tmp_path):
+    with SmtpSink("127.0.0.8") as other:
+        other.rcpt_replies = {"ghost@other.example": "450 4.1.1 <ghost@other.example>: Recipient address rejected: User unknown"}
+        s = Site(tmp_path, "a", other=other.address, extra=MAINTENANCE, start=T0)
+        try:
+            s.start()
+            stale = s.send("alice@example.test", ["u1@corp.example"], "stale")
+            ghost = s.send("alice@example.test", ["ghost@other.example"], "ghost")
+            jobs = s.cli_json("maintenance", "list")["jobs"]
+            assert [(j["name"], j["next_run"]) for j in jobs] == [("job1", T0 + 3600), ("job2", T0 + 7200)]
+            assert "would delete" in s.cli("maintenance", "run", "2", "--dry-run").output
+            s.node.advance(3600)  # 05:00: job1 runs; nothing is 4 days old yet
+            s.wait_event("maintenance job1: delete matched 0, acted on 0")
+            s.node.advance(3600)  # 06:00: job2 deletes the "User unknown" message
+            line = s.wait_event("maintenance job2: delete matched 1, acted on 1")
+            assert ghost in line and sorted(s.ids()) == [stale]
+            s.node.advance(4 * 86400)  # the 05:00 run after 4 days takes the stale one
+            line = s.wait_event("maintenance job1: delete matched 1")
+            assert stale in line and s.ids() == []
+            assert any(f"{stale}: deleted by administrator (`maintenance job1`)" in e for e in s.events())
+            s.stop()
+            listing = s.cli("maintenance", "list").output  # stopped: next runs from the system clock
+            assert '1. job1: "0 5 * * *" delete deferred messages older than 345600s' in listing
+            assert "job2: matched 0, acted on 0" not in s.cli("maintenance", "run", "job2").output
+            assert "no maintenance job 'nope'" in s.cli("maintenance", "run", "nope", code=1).output
+        finally:
+            s.stop()
+
+
+def test_malformed_schedule_is_a_config_error_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[maintenance]]\nschedule = "0 5 * * *"\naction = "flush"\n\n'
+                   '[[maintenance]]\nschedule = "0 25 * * *"\naction = "delete"\nolder_than = "4d"\n'
+                   '[[maintenance]]\nschedule = "0 6 * * *"\naction = "delete"\nreason = "User (unknown"\n')
+    for cmd in (["config", "check"], ["serve"]):
+        r = subprocess.run([sys.executable, "-m", "kanmon", *cmd, "-c", str(bad)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=30)
+        assert r.returncode == 2
+        assert "maintenance[1].schedule (line 6): hour: 25 is out of range 0-23" in r.stderr
+        assert "maintenance[2].reason" in r.stderr and "not a regular expression" in r.stderr
+
+
+# -- the control socket and the lock -------------------------------------------------------------
+
+
+def test_control_socket_is_owner_only_and_the_lock_keeps_others_out(site, monkeypatch):
+    site.start()
+    sock = site.data_dir / "control.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    with pytest.raises(LockBusy):
+        DataDirLock(site.data_dir).acquire()
+    with ControlClient(site.data_dir) as c:
+        assert c.request("nonsense")["ok"] is False
+        assert c.request("list", {"filters": {"ids": ["../x"]}})["error"].startswith("not a queue id")
+    # A second server on the same data_dir does not start while the first runs.
+    monkeypatch.setattr(admin_service, "LOCK_WAIT", 0.2)
+    second = RunningNode(parse_config(site.config_file.read_text().replace(str(site.port), str(free_port()))),
+                         clock=ManualClock(T0))
+    with pytest.raises(RuntimeError, match="held by another kanmon process"):
+        second.start()
+    second.stop()
+    site.stop()
+    assert not sock.exists()
+    lock = DataDirLock(site.data_dir)
+    lock.acquire()  # free again
+    lock.release()
+
+
+def test_serve_and_cli_as_processes(tmp_path):
+    s = Site(tmp_path, "a")
+    s.config_file.write_text(s.config_file.read_text().replace("workers = 0", "workers = 1"))
+    proc = KanmonProcess(s.config_file, "127.0.0.1", s.port).start()
+
+    def kanmon(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kanmon", *args, "-c", str(s.config_file)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=30)
+
+    try:
+        for n in (1, 2):
+            with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as c:
+                c.sendmail("alice@example.test", [f"u{n}@corp.example"], f"Subject: p{n}\r\n\r\nx\r\n")
+
+        def listed() -> list[dict]:
+            return json.loads(kanmon("queue", "list", "--json").stdout)["items"]
+
+        wait_for(lambda: len(listed()) == 2 and all(r["attempts"] for r in listed()), 20, "two deferred")
+        first = listed()[0]["id"]
+        r = kanmon("queue", "delete", first)
+        assert r.returncode == 0 and "1 message(s) deleted" in r.stdout
+        assert [x["id"] for x in listed()] != [] and first not in [x["id"] for x in listed()]
+    finally:
+        proc.terminate()
+    r = kanmon("queue", "list", "--json")  # stopped: on the spool
+    assert r.returncode == 0 and len(json.loads(r.stdout)["items"]) == 1
