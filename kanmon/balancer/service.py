@@ -217,6 +217,7 @@ class BalancerService:
                         host,
                         port,
                         reuse_address=True,
+                        start_serving=False,  # not before the task group can take connections
                     )
                 except OSError as e:
                     raise OSError(
@@ -233,6 +234,9 @@ class BalancerService:
         self._state = "running"
         self._main = asyncio.create_task(self._run(), name="kanmon-balancer")
         await self._ready.wait()
+        for v in self._virtuals:
+            assert v.server is not None
+            await v.server.start_serving()
         for v in self._virtuals:
             vs = v.vs
             reals = ", ".join(f"{s.address} ({s.mode})" for s in v.pool.servers)
