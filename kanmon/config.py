@@ -165,10 +165,15 @@ class SmtpSection(Section):
         description="Clients in these networks may send to any domain",
     )
     min_free_disk: Size = Field(1_000_000_000, description="Below this much free space in data_dir, MAIL gets 452 4.3.1")
-    command_timeout: Duration = Field(300.0, gt=0, description="Idle time allowed between commands (RFC 5321 4.5.3.2.7)")
+    command_timeout: Duration = Field(
+        300.0, gt=0, description="Time allowed for each complete command line (RFC 5321 4.5.3.2.7)"
+    )
     data_timeout: Duration = Field(600.0, gt=0, description="Idle time allowed inside DATA")
     session_timeout: Duration = Field(3600.0, gt=0, description="Total time one SMTP session may last")
     max_errors: int = Field(10, ge=1, description="Bad commands before the connection is closed with 421")
+    greet_pause: Duration = Field(
+        0.5, description="Clients outside relay_networks that talk before the banner within this wait get 554 5.5.1; 0: off",
+    )
     trusted_proxies: list[Network] = Field(
         default_factory=list, description="Balancers allowed to send a PROXY protocol header (v1/v2)"
     )

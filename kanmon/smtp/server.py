@@ -187,6 +187,8 @@ class SmtpProtocol(asyncio.Protocol):
         self._closed = False
         self._counted = False
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
+        self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
+        self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
         self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
 
     # -- connection ----------------------------------------------------------------------
@@ -243,7 +245,17 @@ class SmtpProtocol(asyncio.Protocol):
         )
         self.session = Session(settings, server.policy, client, server.clock())
         server.records.emit(f"connect from {client.name}[{ip}]", session=self.sid)
+        if smtp.greet_pause > 0 and not server.submission and not server.policy.is_relay_client(ip):
+            # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
+            # banner (RFC 5321 3.1); spambots often do not. Relay clients and submission skip it.
+            self._greet_timer = asyncio.get_running_loop().call_later(smtp.greet_pause, self._greet)
+            return
         self._do(self.session.greeting())
+
+    def _greet(self) -> None:
+        self._greet_timer = None
+        if self.session is not None and not self._closed:
+            self._do(self.session.greeting())
 
     def _refuse(self, reply: Reply, why: str) -> None:
         self.server.records.emit(f"reject: connect from unknown[{self.client.ip if self.client else self.peer_ip}]: {reply} ({why})", session=self.sid)
@@ -254,6 +266,9 @@ class SmtpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
         server.connections.discard(self)
         if self._counted and self.client:
             server.per_ip[self.client.ip] -= 1
@@ -277,8 +292,9 @@ class SmtpProtocol(asyncio.Protocol):
     # -- input ---------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        now = time.monotonic()
         if self._proxy_buf is not None:
+            self.last_activity = now
             self._proxy_header(data)
             return
         if self.session is None:
@@ -289,12 +305,27 @@ class SmtpProtocol(asyncio.Protocol):
                 self.server.records.emit(f"reject: PROXY header from untrusted {self.peer_ip}", session=self.sid)
                 self._do(self.session.close(replies.PROXY_REFUSED))
                 return
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
+            c = self.session.client
+            self.server.records.emit(f"reject: early talker {c.name}[{c.ip}] sent {len(data)} bytes before the greeting: "
+                                     f"{replies.EARLY_TALKER}", session=self.sid)
+            self._do(self.session.close(replies.EARLY_TALKER))
+            return
+        was_in_data = self.session.in_data
         try:
             actions = self.session.feed(data)
         except Exception as e:  # noqa: BLE001 - promise 7
             self.server.records.emit(f"session error: {type(e).__name__}: {e}", kind="error", session=self.sid)
             self._do(self.session.close(replies.LOCAL_ERROR))
             return
+        if was_in_data or self.session.in_data or self.session.lines_read != self._lines_seen:
+            # Progress: DATA bytes, or a complete command line. Bytes of one command line
+            # trickled in do not count, so command_timeout is a deadline per command, not per
+            # read (Postfix smtpd_per_record_deadline): one byte a second cannot hold a session.
+            self._lines_seen = self.session.lines_read
+            self.last_activity = now
         self._do(actions)
 
     def _proxy_header(self, data: bytes) -> None:
@@ -317,7 +348,7 @@ class SmtpProtocol(asyncio.Protocol):
         client = ClientInfo(ip=src[0], port=src[1]) if src else ClientInfo(ip=self.peer_ip)
         self._begin(client)
         if rest and self.session is not None and not self._closed:
-            self._do(self.session.feed(rest))
+            self.data_received(rest)  # through the pregreet test and the deadlines
 
     # -- actions -------------------------------------------------------------------------------
 

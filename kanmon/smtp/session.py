@@ -6,8 +6,10 @@ clock; the listener (kanmon.smtp.server) does, and reports back with message_sto
 message_failed(), tls_started(). The same object is driven by bytes in the protocol tests.
 
 Trusts: nothing the client sends. Every buffer is bounded: a command line is at most
-512 octets (RFC 5321 4.5.3.1.4); DATA beyond max_message_size is read to its end but not
-kept. Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
+512 octets (RFC 5321 4.5.3.1.4), and one that runs past 64 KiB closes the connection
+(421); DATA beyond max_message_size is read to its end but not kept. A HELO client (not
+offered PIPELINING) that sends a command before the reply to the previous one is
+disconnected with 554 5.5.0 (RFC 2920; Postfix smtpd_forbid_unauth_pipelining). Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
 rejects it with 550 5.5.2 and nothing of it is queued (SMTP smuggling,
 CVE-2023-51764/5/6). After STARTTLS, bytes the client sent before the handshake are
 discarded (CVE-2011-0411).
@@ -33,6 +35,7 @@ from kanmon.smtp.address import parse_path
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
 MAX_RECEIVED = 50  # RFC 5321 6.3: loop detection by counting Received: headers
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
+MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
 
 
 # ---------------------------------------------------------------------------
@@ -129,6 +132,8 @@ class Session:
         self.messages = 0
         self._buf = bytearray()
         self._skip_line = False  # discarding an over-long line up to its LF
+        self._skipped = 0  # bytes of that line discarded so far
+        self.lines_read = 0  # complete command lines taken (the listener's per-command deadline)
         self._tx: _Transaction | None = None
         self._data = bytearray()
         self._scan_from = 0
@@ -246,7 +251,13 @@ class Session:
             lf = self._buf.find(b"\n")
             if self._skip_line:
                 if lf < 0:
+                    self._skipped += len(self._buf)
                     self._buf.clear()
+                    if self._skipped > MAX_DISCARDED_LINE:
+                        # No client sends a 64 KiB command by mistake (a 1 GB "line" is an
+                        # attack on memory or time): stop reading it.
+                        self.state = State.CLOSED
+                        out += [Send(replies.LINE_FLOOD.wire()), Close("command line flood")]
                     return
                 del self._buf[: lf + 1]
                 self._skip_line = False
@@ -254,6 +265,7 @@ class Session:
             if lf < 0:
                 if len(self._buf) > MAX_COMMAND_LINE:
                     # RFC 5321 4.5.3.1.4: never buffer an unbounded line.
+                    self._skipped = len(self._buf)
                     self._buf.clear()
                     self._skip_line = True
                     self._error(replies.LINE_TOO_LONG, "line", out)
@@ -264,6 +276,14 @@ class Session:
                 continue
             raw = bytes(self._buf[:lf])
             del self._buf[: lf + 1]
+            self.lines_read += 1
+            if self._buf and self.client.helo and not self.esmtp and self.state is not State.AUTH_INPUT:
+                # RFC 2920 / RFC 5321 4.1.1: a client that was not offered PIPELINING (it said
+                # HELO) must wait for each reply. One that does not is a bulk sender or an
+                # attack on reply synchronisation (Postfix smtpd_forbid_unauth_pipelining).
+                self.state = State.CLOSED
+                out += [Send(replies.UNAUTH_PIPELINING.wire()), Close("pipelining without PIPELINING")]
+                return
             if not raw.endswith(b"\r") or b"\r" in raw[:-1]:
                 # Bare LF (or bare CR inside the line): RFC 5321 2.3.8.
                 self._tx = None
