@@ -215,7 +215,9 @@ class Pool:
         if self.tier == "none":
             return []
         first = self._order(self._eligible(self.tier), client_ip)
-        if self.tier == "active":
+        if self.tier == "active" and first:
+            # Only behind active servers that will be tried: when every active server
+            # is full the connection is refused, it does not overflow to a standby.
             first.extend(self._order_without_state(self._eligible("standby"), client_ip))
         return first
 

@@ -258,6 +258,8 @@ class BalancerService:
                 await self._main
             except asyncio.CancelledError:
                 pass
+            except Exception:  # a bug in a check or status task; stopping goes on
+                log.exception("balancer: its task group failed")
         links = [link for v in self._virtuals for link in v.links]
         for link in links:
             link.close()
