@@ -130,8 +130,8 @@ class Alerts:
             category = "critical"
         now = self.clock.now()
         st = self.states.get((category, key))
-        if st is None or not st.active:
-            st = AlertState(category, key, text, since=now)
+        if st is None or not st.active:  # a new episode; the rate limit spans episodes (flapping)
+            st = AlertState(category, key, text, since=now, last_sent=st.last_sent if st else None)
             self.states[(category, key)] = st
         st.text = text
         mailed = category in self.cfg.categories or force

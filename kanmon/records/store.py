@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 # Columns added after the first release: (table, column, declaration). open_db adds the
-# missing ones to an old database (docs/records.md); old rows get the defaults, and the
+# missing ones to an old database (docs/monitoring.md); old rows get the defaults, and the
 # `first` flag is filled in once from the rows already there.
 ADDED_COLUMNS = (
     ("events", "session", "TEXT"),

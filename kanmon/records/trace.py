@@ -33,7 +33,7 @@ _ACCEPT_RE = re.compile(r"^from=<([^>]*)>, size=(\d+), nrcpts=(\d+)(?:, msgid=([
 @dataclass(slots=True)
 class Step:
     ts: float
-    step: str  # session | tls | reject | accepted | tls-out | attempt | notice | removed | error | info
+    step: str  # session | tls | reject | accepted | tls-out | hop | attempt | notice | removed | error | info
     text: str
     detail: dict = field(default_factory=dict)
 
@@ -71,8 +71,10 @@ def classify(text: str, queue_id: str | None, kind: str) -> str:
         return "accepted"
     if text.startswith("STARTTLS=client"):
         return "tls-out"
-    if text.startswith("to=<") or text.startswith("relay=") or text.startswith("domain "):
+    if text.startswith("to=<"):
         return "attempt"
+    if text.startswith(("relay=", "domain ")):
+        return "hop"  # a next hop that did not take the message in this attempt
     if _NOTICE_RE.match(text):
         return "notice"
     if text == "removed":

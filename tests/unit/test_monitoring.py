@@ -1,0 +1,221 @@
+"""Issue 5 units: counters from event lines, schema migration of an old records
+database, stats arithmetic, retention, alert fallback and rate limit, queue id ages."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+import time
+
+import pytest
+
+from kanmon.alerts import Alerts
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.metrics import DeliveryMetrics, Metrics, queue_id_time
+from kanmon.model import ClientInfo, Envelope, Reply, new_queue_id
+from kanmon.records.counters import classify, reason_class
+from kanmon.records.query import search_history
+from kanmon.records.retention import Retention, prune
+from kanmon.records.stats import collect
+from kanmon.records.store import Records, open_db
+from kanmon.spool.store import Spool
+from tests.integration.test_trace_metrics import parse_metrics
+
+OLD_SCHEMA = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, queue_id TEXT, kind TEXT NOT NULL, text TEXT NOT NULL);
+CREATE TABLE history (id INTEGER PRIMARY KEY, ts REAL NOT NULL, client_ip TEXT, mail_from TEXT, rcpt TEXT,
+    subject TEXT, message_id TEXT, size INTEGER, classification TEXT, disposition TEXT, queue_id TEXT,
+    status TEXT, auth_user TEXT, updated REAL);
+"""
+
+
+@pytest.mark.parametrize("text,qid,expected", [
+    ("connect from unknown[127.0.0.1]", None, [("connections", 1)]),
+    ("disconnect from unknown[127.0.0.1]", None, [("disconnections", 1)]),
+    ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <x@example.test>: Recipient address rejected: "
+     "User unknown; from=<a@b.test> to=<x@example.test> proto=ESMTP helo=<c>", None,
+     [("rejected|stage=RCPT|class=address", 1)]),
+    ("NOQUEUE: reject: MAIL from unknown[::1]: 452 4.3.1 Insufficient system storage; from=<a@b.test> proto=ESMTP helo=<c>",
+     None, [("rejected|stage=MAIL|class=system", 1)]),
+    ("reject: connect from unknown[127.0.0.1]: 421 4.7.0 mx1 Too many connections (limit)", None,
+     [("rejected|stage=CONNECT|class=policy", 1)]),
+    ("from=<a@b.test>, size=120, nrcpts=2, msgid=<m@x>, proto=ESMTPS, relay=unknown [127.0.0.1]", "Q",
+     [("received|source=smtp", 1), ("received_bytes|source=smtp", 120), ("received_tls", 1)]),
+    ("from=<>, size=900, nrcpts=1, proto=internal, relay=local", "Q",
+     [("received|source=internal", 1), ("received_bytes|source=internal", 900)]),
+    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, relay=[127.0.0.7]:25, dsn=2.0.0, stat=Sent (250 ok)",
+     "Q", [("delivered|mailer=esmtp", 1)]),
+    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, dsn=4.4.1, stat=Deferred: Connection refused",
+     "Q", [("deferred|class=network", 1)]),
+    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, dsn=5.1.1, stat=Bounced: 550 unknown", "Q",
+     [("bounced|class=address", 1)]),
+    ("sender delay notification: 0123456789BCDFG", "Q", [("notices|type=delay", 1)]),
+    ("removed", "Q", []),
+    ("", None, []),
+])
+def test_counters_from_event_lines(text, qid, expected):
+    assert classify(text, qid) == expected
+
+
+def test_reason_class():
+    assert reason_class("5.7.1") == "policy" and reason_class("4.4.1") == "network"
+    assert reason_class("") == "other" and reason_class("x") == "other"
+
+
+def test_an_old_records_database_is_migrated_and_keeps_working(tmp_path):
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    rows = [
+        (now, "127.0.0.1", "a@b.test", "x@example.test", "s", "<m@x>", 100, "NotSpam", "Accept", "Q1", "Delivered", ""),
+        (now, "127.0.0.1", "a@b.test", "y@example.test", "s", "<m@x>", 100, "NotSpam", "Accept", "Q1", "Delivered", ""),
+        (now, "127.0.0.1", "c@b.test", "z@example.test", "", "", 0, "NotSpam", "Reject", "", "550 5.1.1 no", ""),
+    ]
+    db.executemany("INSERT INTO history(ts, client_ip, mail_from, rcpt, subject, message_id, size, classification,"
+                   " disposition, queue_id, status, auth_user) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    db.execute("INSERT INTO events(ts, queue_id, kind, text) VALUES (?, 'Q1', 'info', 'removed')", (now,))
+    db.commit()
+    db.close()
+    records = Records(tmp_path, "mx1.example.test", log_file=False)  # the writer migrates at open
+    records.emit("connect from unknown[127.0.0.1]", session="1.1")
+    records.flush()
+    records.close()
+    db = open_db(tmp_path / "records.sqlite", readonly=True)
+    assert [r[0] for r in db.execute("SELECT first FROM history ORDER BY id")] == [1, 0, 0]
+    assert db.execute("SELECT session FROM events ORDER BY id DESC LIMIT 1").fetchone() == ("1.1",)
+    assert db.execute("SELECT value FROM counters WHERE name = 'connections'").fetchone() == (1,)
+    db.close()
+    assert len(search_history(tmp_path)) == 3
+    s = collect(tmp_path, now - 3600, by="hour")
+    assert (s.totals.received, s.totals.bytes, s.totals.delivered, s.totals.rejected) == (1, 100, 2, 1)
+
+
+def test_stats_count_messages_once_and_deferrals_per_recipient(tmp_path):
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    env = Envelope("a@b.test", ["x@example.test", "y@other.test"], client=ClientInfo("127.0.0.1", helo="c.test"))
+    records.history_accept("Q1", env, 500, b"Subject: hi\r\nMessage-ID: <1@b>\r\n\r\nbody\r\n")
+    records.history_accept("Q2", Envelope("a@b.test", ["x@example.test"], client=ClientInfo("127.0.0.1")), 300, b"\r\n")
+    records.history_reject(Envelope("e@f.test"), "nobody@example.test", Reply(550, "5.1.1", "no"), "127.0.0.1")
+    records.flush()
+    records.history_status("Q1", "y@other.test", "Deferred: 451 later")
+    records.flush()
+    records.history_status("Q1", "y@other.test", "Delivered")
+    records.history_status("Q1", "x@example.test", "Bounced: 550 no")
+    records.history_status("Q2", "x@example.test", "Delivered")
+    records.flush()
+    records.close()
+    s = collect(tmp_path, time.time() - 86400)
+    t = s.totals
+    assert (t.received, t.bytes, t.delivered, t.deferred, t.bounced, t.rejected) == (2, 800, 2, 1, 1, 1)
+    assert s.top_senders == [("a@b.test", 2)]
+    assert s.top_recipients == [("x@example.test", 2), ("y@other.test", 1)]
+    assert s.top_domains == [("example.test", 2), ("other.test", 1)]
+    assert len(s.buckets) == 1 and s.buckets[0].start <= time.time()
+    with pytest.raises(ValueError):
+        collect(tmp_path, 0, by="week")
+
+
+def test_pruning_deletes_only_old_rows(tmp_path):
+    db = open_db(tmp_path / "records.sqlite")
+    now = time.time()
+    with db:
+        db.executemany("INSERT INTO events(ts, kind, text) VALUES (?, 'info', ?)",
+                       [(now - 100 * 86400, f"old {n}") for n in range(12)] + [(now, "new")])
+        db.executemany("INSERT INTO history(ts, rcpt, disposition) VALUES (?, ?, 'Accept')",
+                       [(now - 100 * 86400, "old@x"), (now, "new@x")])
+    db.close()
+    assert prune(tmp_path / "records.sqlite", now - 90 * 86400, batch=5) == (12, 1)
+    db = open_db(tmp_path / "records.sqlite", readonly=True)
+    assert [r[0] for r in db.execute("SELECT text FROM events")] == ["new"]
+    db.close()
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nkeep = "1d"\n')
+    lines: list[str] = []
+    clock = ManualClock(now + 2 * 86400)
+    assert asyncio.run(Retention(cfg, lambda text, *a, **k: lines.append(text), clock).run_once()) == (1, 1)
+    assert lines and lines[0].startswith("records: pruned 1 event line(s) and 1 history row(s)")
+    keep_all = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nkeep = "0"\n')
+    assert asyncio.run(Retention(keep_all, print, clock).run_once()) == (0, 0)
+
+
+class FakeRecords:
+    def __init__(self):
+        self.lines: list[tuple[str, str | None, str]] = []
+
+    def emit(self, text, queue_id=None, kind="info", **kw):
+        self.lines.append((text, queue_id, kind))
+
+    def history_accept(self, *a):
+        pass
+
+
+class FakeQueue:
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit_nowait(self, qid, env, content):
+        self.submitted.append(qid)
+
+
+def make_alerts(tmp_path, to='["admin@admin.example"]', spool=None):
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[alerts]\nto = {to}\nmin_interval = "1h"\n')
+    err = io.StringIO()
+    records, queue = FakeRecords(), FakeQueue()
+    clock = ManualClock(1_000_000.0)
+    alerts = Alerts(cfg, records, spool or Spool(tmp_path, fsync=False), queue, clock, stderr=err)
+    return alerts, records, queue, clock, err
+
+
+def test_alert_without_recipients_or_spool_goes_to_log_and_stderr(tmp_path):
+    alerts, records, queue, _, err = make_alerts(tmp_path, to="[]")
+    assert asyncio.run(alerts.send("disk", "d", "[kanmon] disk: low", "What happened: low")) is None
+    assert "kanmon: ALERT: [kanmon] disk: low" in err.getvalue()
+    assert any(t.startswith("alert not mailed (no [alerts] to)") for t, _, _ in records.lines)
+
+    class BrokenSpool:
+        async def store(self, *a):
+            raise OSError("disk full")
+
+    alerts, records, queue, _, err = make_alerts(tmp_path, spool=BrokenSpool())
+    assert asyncio.run(alerts.send("disk", "d", "[kanmon] disk: low", "body")) is None
+    assert "queue refused it: disk full" in records.lines[-1][0] and queue.submitted == []
+
+
+def test_alert_goes_through_the_spool_and_the_queue(tmp_path):
+    spool = Spool(tmp_path, fsync=False)
+    alerts, records, queue, _, _ = make_alerts(tmp_path, spool=spool)
+    qid = asyncio.run(alerts.send("queue", "size", "[kanmon mx1] queue: 5 messages", "What happened: 5"))
+    assert queue.submitted == [qid]
+    entry = spool.load(qid)
+    assert entry.envelope.rcpts == ["admin@admin.example"] and entry.envelope.is_notice
+    assert entry.envelope.mail_from == "kanmon@mx1.example.test"
+    content = spool.read_content(qid)
+    assert b"Subject: [kanmon mx1] queue: 5 messages\r\n" in content and b"Auto-Submitted: auto-generated" in content
+    spool.close()
+
+
+def test_rate_limit_per_alert_on_the_clock(tmp_path):
+    alerts, records, _, clock, _ = make_alerts(tmp_path)
+    assert alerts.raise_alert("queue", "size", "5 messages") is True
+    assert alerts.raise_alert("queue", "size", "6 messages") is False  # same alert within 1h
+    assert alerts.raise_alert("queue", "oldest", "old") is True  # another key
+    clock.advance(3599)
+    assert alerts.raise_alert("queue", "size", "7 messages") is False
+    clock.advance(1)
+    assert alerts.raise_alert("queue", "size", "8 messages") is True
+    st = alerts.states[("queue", "size")]
+    assert st.since == 1_000_000.0 and st.text == "8 messages"
+    alerts.clear("queue", "size", "ok")
+    assert not st.active and alerts.raise_alert("queue", "size", "9 messages") is False  # still within the interval
+    assert alerts.states[("queue", "size")].since == clock.now()  # a new episode
+
+
+def test_queue_id_time_and_empty_metrics_are_well_formed(tmp_path):
+    at = 1_700_000_000.25
+    assert queue_id_time(new_queue_id(at)) == pytest.approx(at, abs=1e-6)
+    assert queue_id_time("short") is None and queue_id_time("aaaaaaaaaaaaaaa") is None
+    spool = Spool(tmp_path, fsync=False)
+    m = parse_metrics(Metrics(tmp_path, spool, DeliveryMetrics()).render())
+    assert m['kanmon_queue_messages{state="new"}'] == 0 and m["kanmon_smtp_open_connections"] == 0
+    spool.close()
