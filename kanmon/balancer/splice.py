@@ -129,6 +129,7 @@ class Link:
         self._idle_timeout = idle_timeout
         self._last_activity = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._closing = False
         self._on_client = on_client
         self._on_finish = on_finish
 
@@ -232,12 +233,20 @@ class Link:
             return
         idle = self.loop.time() - self._last_activity
         if idle >= self._idle_timeout:
+            if self._closing:
+                # Closed an idle_timeout ago and still not gone: a peer that does not
+                # read what we hold for it. Drop it (and its buffer).
+                self.abort()
+                return
             self.close()
+            self._idle_timer = self.loop.call_later(self._idle_timeout, self._check_idle)
         else:
             self._idle_timer = self.loop.call_later(self._idle_timeout - idle, self._check_idle)
 
     def close(self) -> None:
-        """Close both sides gracefully (buffered bytes are still sent)."""
+        """Close both sides gracefully (buffered bytes are still sent; a peer that takes
+        none of them for idle_timeout is aborted)."""
+        self._closing = True
         for end in (self.client, self.server):
             if end is not None:
                 end.close()

@@ -678,6 +678,49 @@ def test_idle_connection_is_closed(tmp_path):
     run(main())
 
 
+def test_client_that_never_reads_is_dropped_after_the_server_left(tmp_path):
+    """The server sends a lot and closes; the client reads nothing. The balancer holds at
+    most its buffer for that client, and drops it an idle_timeout later."""
+
+    async def main() -> None:
+        async def flood(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                w.write(b"220 flood\r\n")
+                if (await asyncio.wait_for(r.readline(), DEADLINE)).startswith(b"HELO"):
+                    for _ in range(80):
+                        w.write(b"y" * 65536)
+                        await asyncio.wait_for(w.drain(), DEADLINE)
+            except (ConnectionError, TimeoutError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(flood, MR1, 0)
+        sport = server.sockets[0].getsockname()[1]
+        port = free_port(VIP)
+        vs = (
+            f'[[balancer.virtual_server]]\nname = "flood"\nlisten = "{VIP}:{port}"\nidle_timeout = "0.3s"\n'
+            'health = { type = "tcp", interval = "60s" }\n'
+            f'[[balancer.virtual_server.real]]\naddress = "{MR1}:{sport}"\n'
+        )
+        async with balancer(tmp_path, vs) as b:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (VIP, port))
+            await asyncio.get_running_loop().sock_sendall(sock, b"HELO x\r\n")
+            await wait_until(lambda: b.server(0)["total_connections"] == 1, "the splice")
+            # The balancer stops reading from the server once the client's buffer is full,
+            # so the server's 5 MB cannot all have passed; then the link is dropped.
+            await wait_until(lambda: b.server(0)["connections"] == 0, "the stuck link to be dropped")
+            assert b.server(0)["bytes_out"] < 80 * 65536
+            sock.close()
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
 def test_stop_closes_connections_and_frees_the_address(tmp_path):
     async def main() -> None:
         (mr1,) = await relays((MR1, "mr1"))
