@@ -318,6 +318,43 @@ def test_connect_refused_before_the_check_notices_goes_to_the_next_server(tmp_pa
     run(main())
 
 
+def test_connect_timeout_moves_on_to_the_next_server(tmp_path):
+    async def main() -> None:
+        # A listener that never accepts, with its accept queue full: the kernel drops
+        # further SYNs, so a connect to it hangs (a host that is gone from the network).
+        hung = socket.socket()
+        hung.bind((MR1, 0))
+        hung.listen(0)
+        hport = hung.getsockname()[1]
+        fillers = []
+        for _ in range(8):
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect((MR1, hport))
+            fillers.append(f)
+        (mr2,) = await relays((MR2, "mr2"))
+        port = free_port(VIP)
+        vs = (
+            f'[[balancer.virtual_server]]\nname = "mail"\nlisten = "{VIP}:{port}"\nconnect_timeout = "0.3s"\n'
+            'health = { type = "tcp", interval = "60s", timeout = "0.3s", retries = 5 }\n'
+            f'[[balancer.virtual_server.real]]\naddress = "{MR1}:{hport}"\n'
+            f'[[balancer.virtual_server.real]]\naddress = "{mr2.address}"\nmode = "standby"\n'
+        )
+        try:
+            async with balancer(tmp_path, vs) as b:
+                assert await Client(port).session() == "mr2"
+                assert b.server(0)["failed_connects"] == 1
+                assert b.saw(f"connect to real server {MR1}:{hport} failed: timed out")
+        finally:
+            for f in fillers:
+                f.close()
+            hung.close()
+            await kill_all(mr2)
+
+    run(main())
+
+
 def test_all_real_servers_down_refuses_connections_and_says_so(tmp_path):
     async def main() -> None:
         (mr1,) = await relays((MR1, "mr1"))
