@@ -35,7 +35,7 @@ from pathlib import Path
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "kanmon.lock"
-MAX_REQUEST = 1 << 20  # 1 MiB: a request is a few filters or a list of ids
+MAX_REQUEST = 32 << 20  # 32 MiB: filters, or the ids a confirmed filter matched (100,000 are ~2 MB)
 IDLE_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 5.0
 

@@ -243,6 +243,27 @@ def test_hold_flush_release_delete_on_a_running_node(site):
     assert any(f"{ids['m1']}: held by administrator" in e for e in site.events())
 
 
+def test_hold_waits_for_the_attempt_in_flight_then_nothing_more_is_tried(tmp_path):
+    with SmtpSink("127.0.0.7") as corp:
+        corp.hang = "data-end"  # the attempt stays in flight until our data timeout
+        s = Site(tmp_path, "a", corp=corp.address, extra='[outbound]\ndata_timeout = "1s"\n')
+        try:
+            s.start()
+            with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as c:
+                c.sendmail("alice@example.test", ["u1@corp.example"], "Subject: inflight\r\n\r\nx\r\n")
+            wait_for(lambda: s.ids("--state", "active"), 10, "a delivery in flight")
+            (qid,) = s.ids("--state", "active")
+            assert "1 message(s) held" in s.cli("queue", "hold", qid).output
+            d = s.cli_json("queue", "show", qid)
+            assert d["state"] == "hold" and [h["status"] for h in d["history"] if h.get("k") == "result"] == ["deferred"]
+            tried = corp.connections
+            s.node.advance(3 * 3600)  # many retry intervals
+            s.node.wait_idle()
+            assert corp.connections == tried and s.ids("--state", "hold") == [qid]
+        finally:
+            s.stop()
+
+
 def test_hold_release_delete_flush_on_a_stopped_node_then_start(site):
     port = int(site.corp.rpartition(":")[2])
     site.start()
