@@ -247,6 +247,12 @@ class Session:
     # -- command mode ----------------------------------------------------------------
 
     def _run(self, out: list[Action]) -> None:
+        self._run_commands(out)
+        if self.state is State.CLOSED:
+            self._buf.clear()  # closed with input left (too many errors, QUIT): none of it is read
+            self._data = bytearray()
+
+    def _run_commands(self, out: list[Action]) -> None:
         while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.CLOSED):
             lf = self._buf.find(b"\n")
             if self._skip_line:
@@ -299,7 +305,7 @@ class Session:
             pending = bytes(self._buf)
             self._buf.clear()
             self._feed_data(pending, out)
-            self._run(out)
+            self._run_commands(out)
 
     def _error(self, reply: Reply, command: str, out: list[Action]) -> None:
         self.errors += 1
