@@ -47,7 +47,7 @@ connect_timeout = "2s"
 [queue]
 retry = "5m..1h"
 [metrics]
-listen = "127.0.0.1:{metrics_port}"
+listen = "127.0.0.9:{metrics_port}"
 """
 
 SAMPLE_RE = re.compile(r'^([a-z_]+)(\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})? (-?[0-9.e+]+)$')
@@ -75,7 +75,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.9:{port}/metrics", timeout=10) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return parse_metrics(r.read().decode())
 
@@ -101,7 +101,7 @@ def world(tmp_path_factory):
     corp.stop()
     bounce = SmtpSink("127.0.0.8")
     bounce.rcpt_replies = {"nobody@bounce.example": "550 5.1.1 <nobody@bounce.example>: User unknown"}
-    metrics_port = free_port()
+    metrics_port = free_port("127.0.0.9")  # its own address: no clash with the SMTP port
     text = NODE.format(data_dir=tmp / "data", port=free_port(), corp=f"127.0.0.7:{corp_port}", bounce=bounce.address,
                        metrics_port=metrics_port)
     (tmp / "kanmon.toml").write_text(text)
@@ -249,6 +249,56 @@ def test_metrics_open_connections_and_queue_gauges(world):
 
         wait_for(one_open, 10, "one open connection in the metrics")
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+        urllib.request.urlopen(f"http://127.0.0.9:{port}/other", timeout=10)
     e.value.close()
     assert e.value.code == 404
+
+
+MULTI = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+workers = 2
+[smtp]
+listen = ["127.0.0.1:{port}"]
+min_free_disk = "1MB"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+[metrics]
+listen = "127.0.0.9:{metrics_port}"
+"""
+
+
+def test_metrics_count_what_receiver_processes_did(tmp_path):
+    """SMTP is received in child processes; the main process's endpoint still counts it
+    (from the counters the receivers' records writers keep in records.sqlite)."""
+    from tests.support.kanmon_node import KanmonProcess, wait_port
+
+    port, metrics_port = free_port(), free_port("127.0.0.9")
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(MULTI.format(data_dir=tmp_path / "data", port=port, metrics_port=metrics_port))
+    proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+    try:
+        wait_port("127.0.0.9", metrics_port)
+        for n in range(3):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("a@remote.example", ["alice@example.test"], f"Subject: {n}\r\n\r\nx\r\n")
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                s.sendmail("a@remote.example", ["nobody@example.test"], "Subject: no\r\n\r\nx\r\n")
+            wait_for(lambda: scrape(metrics_port)["kanmon_smtp_open_connections"] == 1, 10, "one open connection")
+
+        def counted() -> bool:
+            m = scrape(metrics_port)
+            # a labelled series appears with its first count
+            return (m.get('kanmon_messages_received_total{source="smtp"}') == 3
+                    and m.get('kanmon_deliveries_total{mailer="local"}') == 3
+                    and m.get('kanmon_messages_rejected_total{class="address",stage="RCPT"}') == 1
+                    and m["kanmon_smtp_open_connections"] == 0)
+
+        wait_for(counted, 15, "the receivers' mail in the metrics")
+        # the four sessions and KanmonProcess's readiness probe (a connect and close)
+        assert scrape(metrics_port)["kanmon_smtp_connections_total"] == 5
+    finally:
+        proc.terminate()

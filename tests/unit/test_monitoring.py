@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kanmon.alerts import Alerts
+from kanmon.alerts import RATIO_WINDOW, Alerts
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.metrics import DeliveryMetrics, Metrics, queue_id_time
@@ -219,3 +219,20 @@ def test_queue_id_time_and_empty_metrics_are_well_formed(tmp_path):
     m = parse_metrics(Metrics(tmp_path, spool, DeliveryMetrics()).render())
     assert m['kanmon_queue_messages{state="new"}'] == 0 and m["kanmon_smtp_open_connections"] == 0
     spool.close()
+
+
+def test_deferred_ratio_over_the_last_hour(tmp_path):
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    alerts, fake, _, clock, _ = make_alerts(tmp_path)
+    clock.advance(time.time() - clock.now())  # the records' timestamps are wall time
+    for n in range(9):
+        records.emit(f"to=<r{n}@x.test>, delay=00:00:01, mailer=esmtp, dsn=4.4.1, stat=Deferred: refused", "Q")
+    records.emit("to=<ok@x.test>, delay=00:00:01, mailer=esmtp, dsn=2.0.0, stat=Sent (250 ok)", "Q")
+    records.flush()
+    alerts._check_ratio()
+    st = alerts.states[("delivery", "deferred ratio")]
+    assert st.active and st.text.startswith("9 of 10 delivery results in the last hour were deferred (90%")
+    clock.advance(RATIO_WINDOW + 1)  # an hour later the window is empty: cleared
+    alerts._check_ratio()
+    assert not st.active
+    records.close()
