@@ -341,28 +341,41 @@ class QueueOps:
             return result
         now = self.link.now()
         acted: list[str] = []
-        # Deletes and holds keep the manager away first; then the journal (or removal).
-        for chunk_start in range(0, len(targets), 1000):
-            chunk = targets[chunk_start : chunk_start + 1000]
-            if action in ("delete", "hold", "bounce"):
-                self.link.quiesce(chunk)
-            for qid in chunk:
+        # Deletes, holds and bounces keep the manager away first (an attempt in flight
+        # settles), then the journal or the removal; the others tell it afterwards.
+        quiesced = action in ("delete", "hold", "bounce")
+        try:
+            for chunk_start in range(0, len(targets), 1000):
+                chunk = targets[chunk_start : chunk_start + 1000]
+                if quiesced:
+                    self.link.quiesce(chunk)
+                done: list[str] = []
                 try:
-                    if self._apply(action, qid, now, source):
-                        acted.append(qid)
-                    else:
-                        result["skipped"].append(qid)
-                except FileNotFoundError:
-                    result["skipped"].append(qid)
-            if action in ("release", "flush", "requeue"):
-                self.link.due_now([q for q in chunk if q in set(acted)])
-        for qid in corrupt:
-            if self.spool.delete_corrupt(qid):
-                acted.append(qid)
-        if action in ("delete", "bounce"):
-            self.spool.sync_dirs()
+                    for qid in chunk:
+                        try:
+                            ok = self._apply(action, qid, now, source)
+                        except FileNotFoundError:
+                            ok = False
+                        (done if ok else result["skipped"]).append(qid)
+                except BaseException:
+                    # The disk said no: what was taken off the schedule and not acted on
+                    # goes back to it (delivered, rather than forgotten until a restart).
+                    if quiesced:
+                        handled = set(done) | set(result["skipped"])
+                        self.link.due_now([q for q in chunk if q not in handled])
+                    raise
+                finally:
+                    acted.extend(done)
+                if action in ("release", "flush", "requeue"):
+                    self.link.due_now(done)
+            for qid in corrupt:
+                if self.spool.delete_corrupt(qid):
+                    acted.append(qid)
+        finally:
+            if action in ("delete", "bounce"):
+                self.spool.sync_dirs()
+            self._log(action, acted, source, f.describe())
         result["acted"] = acted
-        self._log(action, acted, source, f.describe())
         return result
 
     def _apply(self, action: str, qid: str, now: float, source: str) -> bool:
@@ -564,11 +577,15 @@ class QueueOps:
                     continue
                 try:
                     content = self.spool.read_content(qid)
-                except (FileNotFoundError, CorruptEntry):
-                    continue
-                pending = entry.pending_rcpts()
-                results = self.link.run_async(agent.deliver(
-                    qid, entry.envelope.mail_from, pending, content, [hop], tls, smtputf8=entry.envelope.smtputf8))
+                    pending = entry.pending_rcpts()
+                    results = self.link.run_async(agent.deliver(
+                        qid, entry.envelope.mail_from, pending, content, [hop], tls, smtputf8=entry.envelope.smtputf8))
+                except BaseException as e:
+                    if not entry.state.hold:  # back to its schedule, not forgotten until a restart
+                        self.link.reschedule(qid, max(self.link.now(), entry.state.next_attempt))
+                    if isinstance(e, (FileNotFoundError, CorruptEntry)):
+                        continue  # gone meanwhile, or damaged (recovery moves it aside)
+                    raise
                 now = self.link.now()
                 sent = [r for r in results if r.status is Status.SENT]
                 for r in results:

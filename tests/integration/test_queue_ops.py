@@ -445,9 +445,9 @@ def test_damaged_archive_is_refused_whole(site, tmp_path):
 def _backup_of(site: Site, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     site.start()
     ids = [site.send("alice@example.test", [f"u{i}@corp.example"], f"r{i:02d}") for i in range(n)]
-    archive = tmp_path / "q.kbk"
-    site.cli("queue", "backup", str(archive))
     site.stop()
+    archive = tmp_path / "q.kbk"
+    assert f"{n} message(s) written" in site.cli("queue", "backup", str(archive)).output  # stopped node
     return archive, ids
 
 
@@ -647,3 +647,17 @@ def test_serve_and_cli_as_processes(tmp_path):
         proc.terminate()
     r = kanmon("queue", "list", "--json")  # stopped: on the spool
     assert r.returncode == 0 and len(json.loads(r.stdout)["items"]) == 1
+
+
+def test_corrupt_entries_listed_and_deleted(site):
+    spool_queue = site.data_dir / "spool" / "queue"
+    spool_queue.mkdir(parents=True)
+    bad = "1M1C97Q7ZXJ5SSD"
+    (spool_queue / bad).write_bytes(b"KANMON-Q1 10 10 00000000\nnot a message")
+    site.start()  # recovery moves it to spool/corrupt/
+    (row,) = site.cli_json("queue", "list", "--state", "corrupt")["items"]
+    assert row["id"] == bad and "#" in site.cli("queue", "list").output
+    assert site.ids("--from", "anyone") == []  # no envelope: only ids and --state find it
+    assert "1 message(s) deleted" in site.cli("queue", "delete", "--state", "corrupt", "--yes").output
+    assert site.ids("--state", "corrupt") == [] and not (site.data_dir / "spool" / "corrupt" / bad).exists()
+    site.wait_event(f"{bad}: deleted by administrator")

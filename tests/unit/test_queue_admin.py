@@ -216,3 +216,61 @@ def test_truncated_or_tampered_archives_are_refused(tmp_path):
 def test_encode_is_the_spool_format(tmp_path):
     env = Envelope("a@b.example", ["c@d.example"])
     assert encode_queue_file(env, b"x").startswith(b"KANMON-Q1 ")
+
+
+class RecordingLink:
+    def __init__(self):
+        self.calls = []
+
+    def now(self):
+        return 1000.0
+
+    def active_ids(self):
+        return set()
+
+    def quiesce(self, ids):
+        self.calls.append(("quiesce", list(ids)))
+
+    def due_now(self, ids):
+        self.calls.append(("due_now", list(ids)))
+
+    def reschedule(self, qid, at):
+        self.calls.append(("reschedule", qid))
+
+    def submit(self, qid):
+        self.calls.append(("submit", qid))
+
+
+class Events:
+    def __init__(self):
+        self.lines = []
+
+    def emit(self, text, queue_id=None, kind="info"):
+        self.lines.append((queue_id, text))
+
+
+def test_a_failed_hold_puts_the_rest_back_on_the_schedule_and_logs_what_was_done(tmp_path, monkeypatch):
+    from kanmon.admin.queue_ops import QueueOps
+    from kanmon.config import parse_config
+
+    spool = Spool(tmp_path, fsync=False)
+    ids = sorted(new_queue_id() for _ in range(3))
+    for qid in ids:
+        spool.store_blocking(qid, Envelope("a@b.example", ["c@d.example"]), b"x")
+    real = Spool.set_hold
+
+    def disk_full_on_the_second(self, qid, *a, **kw):
+        if qid == ids[1]:
+            raise OSError(28, "No space left on device")
+        return real(self, qid, *a, **kw)
+
+    monkeypatch.setattr(Spool, "set_hold", disk_full_on_the_second)
+    link, events = RecordingLink(), Events()
+    ops = QueueOps(parse_config(""), spool, events, link)
+    with pytest.raises(OSError, match="No space"):
+        ops.act("hold", Filters(ids=ids), source="test")
+    assert link.calls[0] == ("quiesce", ids)
+    assert link.calls[-1] == ("due_now", ids[1:])  # not held: back to delivery
+    assert spool.read_state(ids[0]).hold and not spool.read_state(ids[2]).hold
+    assert any(t.startswith("admin: hold 1 message(s) by `test`") and ids[0] in t for _, t in events.lines)
+    spool.close()
