@@ -114,6 +114,7 @@ class Alerts:
         self.states: dict[tuple[str, str], AlertState] = {}
         self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
         self.sent = 0
+        self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
         self._outbox: asyncio.Queue[tuple[str, str, str, bool]] | None = None
         self._db_path = self.data_dir / "records.sqlite"
         self._last_event_id = self._max_event_id()
@@ -309,6 +310,7 @@ class Alerts:
     async def _checks(self) -> None:
         while True:
             await asyncio.to_thread(self.check_now)
+            self.checks += 1  # no await between this and the sleep below registering
             await self.clock.sleep(CHECK_INTERVAL)
 
     async def _watch_events(self) -> None:
