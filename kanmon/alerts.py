@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import re
 import sqlite3
 import sys
@@ -43,6 +42,7 @@ from typing import TextIO
 
 from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
 EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
@@ -67,11 +67,6 @@ class AlertState:
     since: float
     last_sent: float | None = None
     active: bool = True
-
-
-def free_disk_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def cert_not_after(path: Path) -> datetime.datetime:
@@ -108,7 +103,7 @@ class Alerts:
         self.clock = clock
         self.cert_path = cert_path
         self.data_dir = Path(config.server.data_dir)
-        self.free_disk = free_disk or (lambda: free_disk_bytes(self.data_dir))
+        self.free_disk = free_disk or (lambda: free_disk_bytes(str(self.data_dir)))
         self.stderr = stderr if stderr is not None else sys.stderr
         self.sender = self.cfg.from_ or f"kanmon@{config.server.hostname}"
         self.states: dict[tuple[str, str], AlertState] = {}

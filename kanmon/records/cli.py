@@ -59,7 +59,7 @@ def trace(config_path, query, since, as_json) -> None:
             extra = ""
             if s.detail.get("tls"):
                 extra = f"  [TLS {s.detail['tls']}]"
-            elif s.step == "attempt" and s.text.startswith("to=<") and "mailer=esmtp" in s.text:
+            elif s.step == "attempt" and "mailer=esmtp" in s.text and "stat=Deferred" not in s.text:
                 extra = "  [no TLS]"
             if s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"

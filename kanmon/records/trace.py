@@ -234,6 +234,9 @@ def _rejected(db, event_id: int) -> Timeline:
     helo = re.search(r" helo=<([^>]*)>", text)
     t.helo = helo.group(1) if helo else ""
     t.steps = _session_steps(db, row[5], row[0]) + [_step(row)]
+    for s in t.steps:
+        if t.helo and s.text.startswith("connect from "):
+            s.detail.setdefault("helo", t.helo)
     reply = re.search(r"\]: (.*?)(?:; from=<|$)", text)
     t.final = "rejected: " + (reply.group(1) if reply else text)
     return t
