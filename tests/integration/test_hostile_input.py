@@ -255,7 +255,7 @@ def test_one_byte_at_a_time_meets_the_per_command_deadline(tmp_path):
         assert recv_reply(raw).startswith(b"220 ")
         raw.settimeout(0.3)
         got = b""
-        for byte in b"EHLO " + b"x" * 200:
+        for byte in b"EHLO " + b"x" * 30:
             try:
                 raw.send(bytes([byte]))
                 got += raw.recv(4096)
