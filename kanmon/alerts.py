@@ -108,6 +108,7 @@ class Alerts:
         self.sender = self.cfg.from_ or f"kanmon@{config.server.hostname}"
         self.states: dict[tuple[str, str], AlertState] = {}
         self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
+        self._resolved_sent: dict[tuple[str, str], float] = {}
         self.sent = 0
         self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
         self._outbox: asyncio.Queue[tuple[str, str, str, bool]] | None = None
@@ -149,7 +150,12 @@ class Alerts:
             return
         st.active = False
         self._event(st, "cleared", f"alert {category}/{key} cleared: {_first(text)}")
+        now = self.clock.now()
+        last = self._resolved_sent.get((category, key))
+        if mail and last is not None and now - last < self.cfg.min_interval:
+            return  # a flapping server: one "resolved" mail per interval too
         if mail and category in self.cfg.categories:
+            self._resolved_sent[(category, key)] = now
             body = (f"Resolved: {text}\n\nThe problem began {_stamp(st.since)}; resolved {_stamp(self.clock.now())}.\n"
                     f"\nTo look closer: {self._command(category)}\n")
             self._enqueue(category, key, self._subject(category, "resolved: " + _first(text)), body, True)

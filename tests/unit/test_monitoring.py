@@ -236,3 +236,20 @@ def test_deferred_ratio_over_the_last_hour(tmp_path):
     alerts._check_ratio()
     assert not st.active
     records.close()
+
+
+def test_failover_and_recovery_mails_are_rate_limited_when_a_server_flaps(tmp_path):
+    alerts, records, _, clock, _ = make_alerts(tmp_path)
+    mails: list[str] = []
+    alerts._enqueue = lambda category, key, subject, body, force: mails.append(subject)
+    dest = "127.0.0.7:25, 127.0.0.17:25"
+    for _ in range(3):  # down, up, down, up, ... within one interval
+        alerts.on_server_used(dest, "[127.0.0.17]:25", [("[127.0.0.7]:25", "Connection refused by 127.0.0.7")])
+        alerts.on_server_used(dest, "[127.0.0.7]:25", [])
+        clock.advance(60)
+    assert len(mails) == 2 and "relay failover" in mails[0] and "resolved: relay recovered" in mails[1]
+    alerts.on_server_used(dest, "[127.0.0.7]:25", [])  # no failover outstanding: nothing to say
+    assert len(mails) == 2
+    clock.advance(3600)
+    alerts.on_server_used(dest, "[127.0.0.17]:25", [("[127.0.0.7]:25", "refused")])
+    assert len(mails) == 3
