@@ -269,22 +269,22 @@ class Alerts:
         finally:
             db.close()
 
-    def poll_events(self) -> list[tuple[str, str | None, str, str]]:
+    def poll_events(self) -> list[tuple[str, str | None, str]]:
         """New error/critical events and alert requests since the last look (blocking)."""
         if not self._db_path.exists():
             return []
         db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
         try:
-            rows = db.execute(
-                "SELECT id, kind, queue_id, text FROM events WHERE id > ? AND kind IN ('error', 'critical', 'alert-request')"
-                " ORDER BY id",
-                (self._last_event_id,),
-            ).fetchall()
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+            rows = db.execute(
+                "SELECT kind, queue_id, text FROM events WHERE id > ? AND id <= ?"
+                " AND kind IN ('error', 'critical', 'alert-request') ORDER BY id",
+                (self._last_event_id, top),
+            ).fetchall()
         finally:
             db.close()
-        self._last_event_id = max(self._last_event_id, top, *(r[0] for r in rows)) if rows else max(self._last_event_id, top)
-        return [(kind, qid, text, "") for _id, kind, qid, text in rows]
+        self._last_event_id = max(self._last_event_id, top)
+        return rows
 
     def _on_event(self, kind: str, qid: str | None, text: str) -> None:
         if kind == "alert-request":
@@ -317,7 +317,7 @@ class Alerts:
     async def _watch_events(self) -> None:
         while True:
             try:
-                for kind, qid, text, _ in await asyncio.to_thread(self.poll_events):
+                for kind, qid, text in await asyncio.to_thread(self.poll_events):
                     self._on_event(kind, qid, text)
             except sqlite3.Error as e:
                 print(f"kanmon: alerts cannot read the records: {e}", file=self.stderr)
