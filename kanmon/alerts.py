@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import email.policy
 import re
 import sqlite3
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TextIO
@@ -350,19 +352,16 @@ class Alerts:
             return None
         now = self.clock.now()
         hostname = self.config.server.hostname
-        headers = [
-            f"From: kanmon on {hostname} <{self.sender}>",
-            "To: " + ", ".join(self.cfg.to),
-            f"Subject: {subject}",
-            f"Date: {format_datetime(datetime.datetime.fromtimestamp(now).astimezone())}",
-            f"Message-ID: {make_msgid('alert', domain=hostname)}",
-            "Auto-Submitted: auto-generated",
-            f"X-Kanmon-Alert: {category}",
-            "MIME-Version: 1.0",
-            "Content-Type: text/plain; charset=utf-8",
-            "Content-Transfer-Encoding: 8bit",
-        ]
-        content = ("\r\n".join(headers) + "\r\n\r\n" + body.replace("\r\n", "\n").replace("\n", "\r\n")).encode("utf-8")
+        msg = EmailMessage(policy=email.policy.SMTP)  # CRLF, encoded words, folded headers
+        msg["From"] = f"kanmon on {hostname} <{self.sender}>"
+        msg["To"] = ", ".join(self.cfg.to)
+        msg["Subject"] = re.sub(r"[\r\n\t]+", " ", subject)  # event text never makes a header of its own
+        msg["Date"] = format_datetime(datetime.datetime.fromtimestamp(now).astimezone())
+        msg["Message-ID"] = msgid = make_msgid("alert", domain=hostname)
+        msg["Auto-Submitted"] = "auto-generated"  # RFC 3834
+        msg["X-Kanmon-Alert"] = category
+        msg.set_content(body)
+        content = msg.as_bytes()
         env = Envelope(
             mail_from=self.sender, rcpts=list(self.cfg.to),
             client=ClientInfo(ip="127.0.0.1", name="localhost", helo=hostname, proto="internal"),
@@ -374,7 +373,6 @@ class Alerts:
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
             self._fallback(subject, body, f"queue refused it: {e}")
             return None
-        msgid = [h for h in headers if h.startswith("Message-ID: ")][0][12:]
         self.records.emit(
             f"from=<{self.sender}>, size={len(content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, proto=internal, relay=local",
             qid,

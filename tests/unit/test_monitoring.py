@@ -253,3 +253,17 @@ def test_failover_and_recovery_mails_are_rate_limited_when_a_server_flaps(tmp_pa
     clock.advance(3600)
     alerts.on_server_used(dest, "[127.0.0.17]:25", [("[127.0.0.7]:25", "refused")])
     assert len(mails) == 3
+
+
+def test_alert_mail_text_cannot_inject_headers_and_is_encoded(tmp_path):
+    spool = Spool(tmp_path, fsync=False)
+    alerts, _, queue, _, _ = make_alerts(tmp_path, spool=spool)
+    subject = "[kanmon] critical: error in Zürich\r\nBcc: victim@example.test"
+    qid = asyncio.run(alerts.send("critical", "k", subject, "What happened: ünïcode\n" + "x" * 2000 + "\n"))
+    import email as email_lib
+
+    msg = email_lib.message_from_bytes(spool.read_content(qid))
+    assert msg["Bcc"] is None and "Zürich" in str(email_lib.header.make_header(email_lib.header.decode_header(msg["Subject"])))
+    assert "ünïcode" in msg.get_payload(decode=True).decode()
+    assert all(len(line) <= 998 for line in spool.read_content(qid).split(b"\r\n"))
+    spool.close()
