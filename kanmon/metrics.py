@@ -166,10 +166,15 @@ def _alive(pid: int) -> bool:
 # Exposition
 
 
+def _escape(value: str) -> str:
+    """A label value in the text format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(d: dict[str, str]) -> str:
     if not d:
         return ""
-    inner = ",".join(f'{k}="{v}"'.replace("\n", " ") for k, v in sorted(d.items()))
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(d.items()))
     return "{" + inner + "}"
 
 

@@ -267,3 +267,14 @@ def test_alert_mail_text_cannot_inject_headers_and_is_encoded(tmp_path):
     assert "ünïcode" in msg.get_payload(decode=True).decode()
     assert all(len(line) <= 998 for line in spool.read_content(qid).split(b"\r\n"))
     spool.close()
+
+
+def test_metric_label_values_are_escaped(tmp_path):
+    db = open_db(tmp_path / "records.sqlite")
+    with db:
+        db.execute("INSERT INTO counters VALUES (1, ?, 2)", ('rejected|stage=a"b\\c|class=x',))
+    db.close()
+    spool = Spool(tmp_path, fsync=False)
+    text = Metrics(tmp_path, spool, DeliveryMetrics()).render()
+    assert 'kanmon_messages_rejected_total{class="x",stage="a\\"b\\\\c"} 2' in text.splitlines()
+    spool.close()
