@@ -677,3 +677,6 @@ def dispatch(ops: QueueOps, request: dict) -> dict:
         return {"ok": True, "result": OPERATIONS[name](ops, args)}
     except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError) as e:
         return {"ok": False, "error": str(e) or type(e).__name__}
+    except Exception as e:  # noqa: BLE001 - an answer and an event, never a dead connection
+        ops.records.emit(f"admin: {name} failed: {type(e).__name__}: {e}", None, "error")
+        return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}

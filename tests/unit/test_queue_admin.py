@@ -274,3 +274,33 @@ def test_a_failed_hold_puts_the_rest_back_on_the_schedule_and_logs_what_was_done
     assert spool.read_state(ids[0]).hold and not spool.read_state(ids[2]).hold
     assert any(t.startswith("admin: hold 1 message(s) by `test`") and ids[0] in t for _, t in events.lines)
     spool.close()
+
+
+def test_control_socket_on_a_long_path_and_only_in_a_private_data_dir(tmp_path):
+    import asyncio
+    import os
+
+    from kanmon.control import ControlClient, ControlServer
+
+    deep = tmp_path / ("x" * 60) / ("y" * 60)  # beyond sun_path's 108 bytes
+    deep.mkdir(parents=True)
+
+    async def handler(request):
+        return {"ok": True, "result": request["args"]}
+
+    async def run(directory):
+        server = ControlServer(directory, handler)
+        await server.start()
+        try:
+            def ask():
+                with ControlClient(directory) as c:
+                    return c.request("echo", {"n": 1})
+
+            return await asyncio.to_thread(ask), oct(server.path.stat().st_mode & 0o777)
+        finally:
+            await server.stop()
+
+    assert asyncio.run(run(deep)) == ({"ok": True, "result": {"n": 1}}, "0o600")
+    os.chmod(deep, 0o777)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        asyncio.run(run(deep))
