@@ -8,6 +8,7 @@ times, each with a journal saying one attempt failed — then times, on that spo
     list --older-than 2d      (QueueOps.list, and `kanmon queue list ... --json` as a process)
     summary                   (QueueOps.summary, and `kanmon queue summary` as a process)
     a filtered delete         (`kanmon queue delete --domain d7.example --older-than 3d --yes`)
+    hold and release of a fifth of the queue (one syncfs per 1,000 journal records)
 
 Nothing reads message bodies for these (the envelope is at the start of each queue
 file, the rest is in the journal). Prints figures; asserts nothing. Usage:
@@ -132,6 +133,10 @@ def main() -> None:
         print("    " + out.stdout.decode().strip())
         timed("kanmon queue hold --reason 'User unknown' --from user1@* --yes", lambda: cli(
             "queue", "hold", "--reason", "User unknown", "--from", "user1@*", "--yes"))
+        out = timed("kanmon queue hold --older-than 4d --yes", lambda: cli("queue", "hold", "--older-than", "4d", "--yes"))
+        print("    " + out.stdout.decode().strip())
+        out = timed("kanmon queue release --state hold --yes", lambda: cli("queue", "release", "--state", "hold", "--yes"))
+        print("    " + out.stdout.decode().strip())
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)

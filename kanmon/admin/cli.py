@@ -123,7 +123,8 @@ def filter_options(fn=None, *, to_flag: str = "--to"):
         return lambda f: filter_options(f, to_flag=to_flag)
     for opt in reversed([
         click.option("--state", type=click.Choice(STATES), default=None,
-                     help="Messages in this state only (default: all but corrupt)."),
+                     help="Messages in this state only (default: all; corrupt files, which have no envelope, "
+                          "only when no other filter is given)."),
         click.option("--older-than", "older_than", metavar="DURATION", help="Arrived longer ago than DURATION (4h, 3d)."),
         click.option("--from", "mail_from", metavar="PATTERN", help="Sender matches PATTERN (glob, or substring; <> = null sender)."),
         click.option(to_flag, "to", metavar="PATTERN", help="A pending recipient matches PATTERN."),

@@ -50,6 +50,18 @@ RETURNED = "message returned to sender by the administrator"
 RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
 EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
 
+# The actions that are journal records (kanmon.spool.store.QueueState.apply reads them).
+# "next": 0 means "as soon as the queue manager sees it", whatever its clock says (a
+# stopped node's admin and the next start need not agree). Routing is decided at each
+# attempt from the running config, so requeue ("route again", postsuper -r) is: due
+# now, with the retry backoff restarted.
+JOURNALED = {
+    "hold": lambda t, by: [{"k": "hold", "on": True, "t": t, "by": by}],
+    "release": lambda t, by: [{"k": "hold", "on": False, "t": t, "by": by}, {"k": "schedule", "t": t, "next": 0.0}],
+    "flush": lambda t, by: [{"k": "schedule", "t": t, "next": 0.0}],
+    "requeue": lambda t, by: [{"k": "attempt", "t": t, "n": 0, "next": 0.0}, {"k": "schedule", "t": t, "next": 0.0}],
+}
+
 _REPLY_RE = re.compile(r"^([2-5]\d\d)(?: ([2-5]\.\d{1,3}\.\d{1,3}))? ?(.*)$", re.S)
 
 
@@ -351,7 +363,13 @@ class QueueOps:
                     self.link.quiesce(chunk)
                 done: list[str] = []
                 try:
-                    for qid in chunk:
+                    if action in JOURNALED:
+                        # One journal record each, made durable together (one syncfs).
+                        records = JOURNALED[action](now, source)
+                        gone = set(self.spool.append_states([(qid, records) for qid in chunk]))
+                        for qid in chunk:
+                            (result["skipped"] if qid in gone else done).append(qid)
+                    for qid in chunk if action not in JOURNALED else ():
                         try:
                             ok = self._apply(action, qid, now, source)
                         except FileNotFoundError:
@@ -381,23 +399,6 @@ class QueueOps:
     def _apply(self, action: str, qid: str, now: float, source: str) -> bool:
         if action == "delete":
             return self.spool.delete(qid)
-        if action == "hold":
-            self.spool.set_hold(qid, True, now, source)
-            return True
-        # next = 0 in the journal means "as soon as the queue manager sees it", whatever
-        # its clock says (a stopped node's admin and the next start need not agree).
-        if action == "release":
-            self.spool.set_hold(qid, False, now, source)
-            self.spool.set_schedule(qid, 0.0, t=now)
-            return True
-        if action == "flush":
-            self.spool.set_schedule(qid, 0.0, t=now)
-            return True
-        if action == "requeue":
-            # Routing is decided at each attempt from the current config, so "route
-            # again" is: due now, backoff restarted (postsuper -r).
-            self.spool.set_schedule(qid, 0.0, reset_attempts=True, t=now)
-            return True
         if action == "bounce":
             return self._bounce(qid, now, source)
         raise ValueError(action)

@@ -32,6 +32,7 @@ the caller records in the event log); read or write mailbox files.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import zlib
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
-from kanmon.spool.groupcommit import GroupCommitter
+from kanmon.spool.groupcommit import GroupCommitter, _syncfs
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
@@ -367,6 +368,34 @@ class Spool:
             records.append({"k": "attempt", "t": t, "n": 0, "next": next_attempt})
         records.append({"k": "schedule", "t": t, "next": next_attempt})
         self.append_state(queue_id, records)
+
+    def append_states(self, batch: list[tuple[str, list[dict]]]) -> list[str]:
+        """append_state() for many messages, made durable by one syncfs(2) for the batch
+        (fdatasync per file where syncfs is missing). Messages no longer queued are left
+        alone; returns their ids."""
+        gone: list[str] = []
+        fds: list[int] = []
+        try:
+            for queue_id, records in batch:
+                if not self.exists(queue_id):
+                    gone.append(queue_id)
+                    continue
+                data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+                fd = os.open(self.state_dir / queue_id, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                fds.append(fd)
+                os.write(fd, data)
+            if self.fsync and fds:
+                if _syncfs is not None:
+                    if _syncfs(fds[0]) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"syncfs: {os.strerror(err)}")
+                else:
+                    for fd in fds:
+                        os.fdatasync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return gone
 
     def delete(self, queue_id: str) -> bool:
         """Remove a message on the admin's word (queue file first: then it no longer exists)."""

@@ -122,6 +122,9 @@ def test_hold_and_schedule_journal_records(tmp_path):
     assert not st.hold and st.attempts == 0 and st.next_attempt == 0.0
     with pytest.raises(FileNotFoundError):
         spool.set_hold("0000000000000BB", True, 1.0)
+    assert spool.append_states([(qid, [{"k": "hold", "on": True}]), ("0000000000000BB", [{"k": "hold"}])]) == [
+        "0000000000000BB"]
+    assert spool.read_state(qid).hold and not (spool.state_dir / "0000000000000BB").exists()
     spool.close()
 
 
@@ -249,58 +252,40 @@ class Events:
         self.lines.append((queue_id, text))
 
 
-def test_a_failed_hold_puts_the_rest_back_on_the_schedule_and_logs_what_was_done(tmp_path, monkeypatch):
+def test_a_failed_hold_or_delete_puts_the_rest_back_on_the_schedule_and_logs_what_was_done(tmp_path, monkeypatch):
     from kanmon.admin.queue_ops import QueueOps
     from kanmon.config import parse_config
 
-    spool = Spool(tmp_path, fsync=False)
-    ids = sorted(new_queue_id() for _ in range(3))
+    spool = Spool(tmp_path, fsync=True)
+    ids = sorted(new_queue_id() for _ in range(4))
     for qid in ids:
         spool.store_blocking(qid, Envelope("a@b.example", ["c@d.example"]), b"x")
-    real = Spool.set_hold
-
-    def disk_full_on_the_second(self, qid, *a, **kw):
-        if qid == ids[1]:
-            raise OSError(28, "No space left on device")
-        return real(self, qid, *a, **kw)
-
-    monkeypatch.setattr(Spool, "set_hold", disk_full_on_the_second)
     link, events = RecordingLink(), Events()
     ops = QueueOps(parse_config(""), spool, events, link)
+    assert ops.act("hold", Filters(ids=ids[:2]), source="test")["acted"] == ids[:2]
+    assert spool.read_state(ids[0]).hold and spool.read_state(ids[1]).hold and not spool.read_state(ids[2]).hold
+
+    real = Spool.delete
+
+    def disk_error_on_the_fourth(self, qid):
+        if qid == ids[3]:
+            raise OSError(5, "Input/output error")
+        return real(self, qid)
+
+    monkeypatch.setattr(Spool, "delete", disk_error_on_the_fourth)
+    link.calls.clear()
+    with pytest.raises(OSError, match="Input/output"):
+        ops.act("delete", Filters(ids=ids[2:]), source="test")
+    assert link.calls == [("quiesce", ids[2:]), ("due_now", ids[3:])]  # not deleted: back to delivery
+    assert not spool.exists(ids[2]) and spool.exists(ids[3])
+    assert any(t.startswith("admin: delete 1 message(s) by `test`") and ids[2] in t for _, t in events.lines)
+
+    def full(self, batch):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "append_states", full)
+    link.calls.clear()
     with pytest.raises(OSError, match="No space"):
-        ops.act("hold", Filters(ids=ids), source="test")
-    assert link.calls[0] == ("quiesce", ids)
-    assert link.calls[-1] == ("due_now", ids[1:])  # not held: back to delivery
-    assert spool.read_state(ids[0]).hold and not spool.read_state(ids[2]).hold
-    assert any(t.startswith("admin: hold 1 message(s) by `test`") and ids[0] in t for _, t in events.lines)
+        ops.act("hold", Filters(ids=[ids[3]]), source="test")
+    assert link.calls == [("quiesce", [ids[3]]), ("due_now", [ids[3]])]
     spool.close()
-
-
-def test_control_socket_on_a_long_path_and_only_in_a_private_data_dir(tmp_path):
-    import asyncio
-    import os
-
-    from kanmon.control import ControlClient, ControlServer
-
-    deep = tmp_path / ("x" * 60) / ("y" * 60)  # beyond sun_path's 108 bytes
-    deep.mkdir(parents=True)
-
-    async def handler(request):
-        return {"ok": True, "result": request["args"]}
-
-    async def run(directory):
-        server = ControlServer(directory, handler)
-        await server.start()
-        try:
-            def ask():
-                with ControlClient(directory) as c:
-                    return c.request("echo", {"n": 1})
-
-            return await asyncio.to_thread(ask), oct(server.path.stat().st_mode & 0o777)
-        finally:
-            await server.stop()
-
-    assert asyncio.run(run(deep)) == ({"ok": True, "result": {"n": 1}}, "0o600")
-    os.chmod(deep, 0o777)
-    with pytest.raises(PermissionError, match="writable by group or others"):
-        asyncio.run(run(deep))
