@@ -20,7 +20,6 @@ file, the rest is in the journal). Prints figures; asserts nothing. Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import subprocess

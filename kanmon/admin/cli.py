@@ -264,7 +264,7 @@ def _act_command(action: str, doc: str, confirm: bool = True):
         by_filter = any(v is not None for v in filters.values())
         whole = filters.get("state") == "all"
         if not ids and not by_filter and confirm:
-            raise click.UsageError(f"give queue ids or filters (--state all for the whole queue)")
+            raise click.UsageError("give queue ids or filters (--state all for the whole queue)")
         source = f"kanmon queue {action}"
         with AdminSession(cfg) as admin:
             if by_filter or dry_run:

@@ -308,6 +308,16 @@ def test_bounce_running_and_stopped(site):
     assert site.ids() == [ids["m3"]]
 
 
+def test_bounce_of_a_message_from_the_null_sender_sends_no_notice(site):
+    site.start()
+    qid = site.send("", ["u1@corp.example"], "from-null")
+    site.cli("queue", "bounce", qid)
+    site.node.wait_idle()
+    assert site.ids() == []  # removed, and no notice queued or delivered
+    site.wait_event(f"{qid}: no notice (failed) for a message from <> or a notice")
+    assert maildir_messages(site.data_dir, "alice@example.test") == []
+
+
 # -- requeue ---------------------------------------------------------------------------------
 
 
@@ -525,7 +535,7 @@ def test_drain_to_a_second_instance(tmp_path):
         assert sorted(a.ids()) == sorted([m2, m3])
         # What the new relay took is not sent again; what it refused stays here.
         assert [r["rcpts"] for r in a.cli_json("queue", "list") ["items"] if r["id"] == m2] == [["u9@corp.example"]]
-        a.wait_event(f"admin: drain 1 message(s) by `kanmon queue drain`")
+        a.wait_event("admin: drain 1 message(s) by `kanmon queue drain`")
         a.stop()
         out = a.cli("queue", "drain", to, "--rcpt", "u3@*", "--tls", "none").output  # stopped node
         assert "1 message(s) delivered" in out and a.ids() == [m2]
