@@ -278,3 +278,33 @@ def test_metric_label_values_are_escaped(tmp_path):
     text = Metrics(tmp_path, spool, DeliveryMetrics()).render()
     assert 'kanmon_messages_rejected_total{class="x",stage="a\\"b\\\\c"} 2' in text.splitlines()
     spool.close()
+
+
+def test_trace_of_the_second_message_of_a_session_shows_only_its_own_transaction(tmp_path):
+    from kanmon.records.trace import trace
+
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    s = "1f.7"
+    records.emit("connect from unknown[127.0.0.1]", session=s)
+    records.emit("STARTTLS=server, relay=unknown [127.0.0.1], version=TLSv1.3, verify=NO, cipher=X, bits=256/256", session=s)
+    records.emit("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 no; from=<a@b.test> to=<x@example.test> "
+                 "proto=ESMTPS helo=<c>", session=s)
+    records.emit("from=<a@b.test>, size=10, nrcpts=1, msgid=<one@b>, proto=ESMTPS, relay=unknown [127.0.0.1]",
+                 "0000000000001BC", session=s)
+    records.emit("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 no; from=<a@b.test> to=<y@example.test> "
+                 "proto=ESMTPS helo=<c>", session=s)
+    records.emit("from=<a@b.test>, size=20, nrcpts=1, msgid=<two@b>, proto=ESMTPS, relay=unknown [127.0.0.1]",
+                 "0000000000002BC", session=s)
+    records.emit("to=<z@example.test>, delay=00:00:00, xdelay=00:00:00, mailer=esmtp, relay=[192.0.2.1]:25, "
+                 "dsn=2.0.0, stat=Sent (250 ok)", "0000000000002BC", detail={"tls": "TLSv1.3 X verify=OK"})
+    records.emit("removed", "0000000000002BC")
+    records.flush()
+    records.close()
+    (t,) = trace(tmp_path, "0000000000002BC")
+    assert [x.step for x in t.steps] == ["session", "tls", "reject", "accepted", "attempt", "removed"]
+    assert "to=<y@example.test>" in t.steps[2].text  # not the first transaction's reject of x@
+    assert t.steps[4].detail == {"tls": "TLSv1.3 X verify=OK"}
+    assert t.message_id == "<two@b>" and t.size == 20 and t.final == "delivered to z@example.test"
+    (first,) = trace(tmp_path, "0000000000001BC")
+    assert [x.step for x in first.steps] == ["session", "tls", "reject", "accepted"]
+    assert first.final == "in the queue, not tried yet"
