@@ -119,6 +119,20 @@ def test_a_patient_client_from_outside_gets_the_banner(node):
         assert s.sendmail("a@remote.example", ["alice@example.test"], "Subject: patient\r\n\r\nx\r\n") == {}
 
 
+def test_early_talker_behind_a_trusted_balancer_is_judged_by_its_own_address(tmp_path):
+    text = config_text(tmp_path / "data", free_port(), greet_pause="3s").replace(
+        "[smtp]", '[smtp]\ntrusted_proxies = ["127.0.0.5/32"]')
+    with RunningNode(parse_config(text)) as n:
+        with socket.create_connection((n.host, n.port), timeout=15, source_address=("127.0.0.5", 0)) as raw:
+            # The balancer sends the header, and the outside client's early bytes right behind it.
+            raw.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\nEHLO bot\r\n")
+            assert recv_all(raw).startswith(b"554 5.5.1 ")
+        with socket.create_connection((n.host, n.port), timeout=15, source_address=("127.0.0.5", 0)) as raw:
+            # A relay client (127.0.0.1) behind the balancer is not delayed.
+            raw.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40001 25\r\nEHLO ok\r\n")
+            assert b"250-mx1.example.test Hello ok" in recv_until(raw, b"\r\n250 ")
+
+
 def test_relay_clients_are_not_made_to_wait(node):
     with connect(node) as raw:
         raw.sendall(b"EHLO early\r\n")  # before the banner, but from a relay network
