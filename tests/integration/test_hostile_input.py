@@ -269,7 +269,7 @@ def test_one_byte_at_a_time_meets_the_per_command_deadline(tmp_path):
         assert recv_reply(raw).startswith(b"220 ")
         raw.settimeout(0.3)
         got = b""
-        for byte in b"EHLO " + b"x" * 30:
+        for byte in b"EHLO " + b"x" * 40:  # 13 s of trickling, far past the 1 s deadline
             try:
                 raw.send(bytes([byte]))
                 got += raw.recv(4096)
@@ -279,6 +279,9 @@ def test_one_byte_at_a_time_meets_the_per_command_deadline(tmp_path):
                 break
             if got:
                 break
+        # The server ended it while the client was still trickling (an idle timeout per
+        # read would never fire: each byte came well within command_timeout).
+        assert got.startswith(b"421 4.4.2"), "no timeout while trickling"
         raw.settimeout(15)
         got += recv_all(raw)
     assert got == b"421 4.4.2 Timeout exceeded, closing connection\r\n"
