@@ -92,7 +92,16 @@ def config() -> None:
 @config_option
 def config_check(config_path: str | None) -> None:
     """Validate a configuration; exit 0 if it is usable, 2 naming each bad key if not."""
-    load_or_exit(config_path)
+    cfg = load_or_exit(config_path)
+    if cfg.balancer is not None:
+        from kanmon.balancer.service import validate_balancer
+
+        try:
+            validate_balancer(cfg)  # what the models alone cannot see (duplicates, ICMP privilege)
+        except ConfigError as e:
+            for line in e.messages:
+                click.echo(f"kanmon: config error: {line}", err=True)
+            sys.exit(2)
     click.echo(f"{config_path or '<embedded default>'}: ok")
 
 

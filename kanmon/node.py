@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kanmon.admin.service import AdminPlane
+from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config
 from kanmon.deliver.local import LocalDelivery
@@ -83,7 +84,12 @@ class Node:
         )
         self.tls_context = server_context(config)
         self.policy = AcceptPolicy(config)
-        if not self.workers:
+        # A config with only [server] and [balancer] is a node that only balances.
+        self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set
+                               and not config.domain)
+        if not self.mail_roles:
+            self.workers = 0
+        elif not self.workers:
             self.smtp = SmtpServer(
                 config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
                 clock=self.clock.now,
@@ -91,7 +97,7 @@ class Node:
         # The store role: accounts, submission, POP3, IMAP (each only when configured).
         self.users = Users(config)
         self.throttle = self.auth_throttle or AuthThrottle()
-        if config.submission is not None and not self.workers:
+        if config.submission is not None and not self.workers and self.mail_roles:
             sub = config.submission
             self.services.append(SmtpServer(
                 config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
@@ -109,6 +115,11 @@ class Node:
         # Monitoring (issue 5): alerts, metrics endpoint, records retention (kanmon.monitoring).
         self.monitoring = Monitoring(self)
         self.services.append(self.monitoring)
+        # The balancer role (issue 10): virtual addresses in front of real servers.
+        if config.balancer is not None:
+            self.services.append(
+                BalancerService(config, self.records.emit, self.monitoring.alerts.alert_callable("delivery"))
+            )
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
@@ -186,8 +197,12 @@ class Node:
         """What the operator sees at start: listeners, where mail goes, where data lives."""
         c = self.config
         lines = [f"kanmon: {c.server.hostname}, data in {self.data_dir.resolve()}"]
-        for host, port in c.smtp.listen:
-            lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        if self.mail_roles:
+            for host, port in c.smtp.listen:
+                lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        for vs in c.balancer.virtual_server if c.balancer else []:
+            reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({r.mode})" for r in vs.real)
+            lines.append(f"kanmon: balancer {vs.name} on {vs.listen[0]}:{vs.listen[1]} ({vs.method}) -> {reals}")
         for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP")):
             if section is not None:
                 for host, port in section.listen:

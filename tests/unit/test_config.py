@@ -149,3 +149,9 @@ def test_config_check_cli_exit_codes(tmp_path):
     assert "smtp.listen[0] (line 2): 'nowhere' is not ip:port" in err.stderr
     serve = subprocess.run([sys.executable, "-m", "kanmon", "serve", "-c", str(bad)], capture_output=True, text=True, timeout=30)
     assert serve.returncode == 2 and "config error" in serve.stderr
+
+
+def test_docs_cli_matches_the_commands():
+    from kanmon.clidoc import reference_markdown as cli_reference
+
+    assert (ROOT / "docs/cli.md").read_text() == cli_reference(), "run: python -m kanmon.clidoc > docs/cli.md"
