@@ -40,13 +40,17 @@ def ensure_smtp_source() -> str:
 
 
 def rss_kb(pid: int) -> int:
+    """RSS of a process and its children (the SMTP receiver processes)."""
+    total = 0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+                total += int(line.split()[1])
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += rss_kb(int(child))
     except OSError:
         pass
-    return 0
+    return total
 
 
 def count_files(d: Path) -> int:
@@ -65,6 +69,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=2526)
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     ap.add_argument("--hold", action="store_true", help="receive only: [queue] suspend_delivery = true")
+    ap.add_argument("--workers", type=int, default=1, help="[server] workers (SMTP receiver processes)")
     args = ap.parse_args()
 
     smtp_source = ensure_smtp_source()
@@ -74,6 +79,7 @@ def main() -> int:
 [server]
 hostname = "bench.example.test"
 data_dir = "{work / 'data'}"
+workers = {args.workers}
 [smtp]
 listen = ["{args.host}:{args.port}"]
 relay_networks = ["127.0.0.0/8"]
@@ -87,6 +93,7 @@ suspend_delivery = {"true" if args.hold else "false"}
 """)
     proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg), "--quiet"],
                             stdout=subprocess.DEVNULL)
+    print(f"kanmon serve, [server] workers = {args.workers}", flush=True)
     peak = [0]
     stop = threading.Event()
 
