@@ -34,6 +34,7 @@ from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
 from kanmon.store.pop3 import Pop3Service
+from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
@@ -84,6 +85,9 @@ class Node:
         )
         self.tls_context = server_context(config)
         self.policy = AcceptPolicy(config)
+        self.policy.quota_notices = QuotaNotices(
+            self.data_dir, config.server.hostname, self.spool, self.records, self.queue.submit_nowait
+        )
         # A config with only [server] and [balancer] is a node that only balances.
         self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set
                                and not config.domain)

@@ -158,6 +158,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
+    from kanmon.store.quota import QuotaNotices
     from kanmon.store.users import AuthThrottle, Users
     from kanmon.tlscert import server_context
 
@@ -174,6 +175,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         except (BrokenPipeError, OSError):
             pass  # the main process is gone; recovery will find the message
 
+    policy.quota_notices = QuotaNotices(data_dir, config.server.hostname, spool, records, queued)
     servers = []
     for role in ("smtp", "submission"):
         socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]

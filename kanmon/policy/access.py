@@ -61,6 +61,7 @@ class AcceptPolicy:
                     return 0  # an unreadable mailbox is delivery's problem, not a quota answer
 
         self._quota_usage = quota_usage
+        self.quota_notices = None  # kanmon.store.quota.QuotaNotices, set by the listener's owner
         self._disk_checked_at = 0.0
         self._disk_low = False
 
@@ -137,6 +138,13 @@ class AcceptPolicy:
         if domain.quota is not None and self._quota_usage is not None:
             for t in targets:
                 lp, _, dom = t.partition("@")
-                if dom == domain.name and self._quota_usage(dom, lp) >= domain.quota:
+                if dom != domain.name:
+                    continue
+                usage = self._quota_usage(dom, lp)
+                if usage >= domain.quota:
+                    if self.quota_notices is not None:
+                        self.quota_notices.over(t, usage, domain.quota)
                     return RcptDecision(reject(replies.OVER_QUOTA))
+                if self.quota_notices is not None:
+                    self.quota_notices.under(t)
         return RcptDecision(ACCEPT, targets)

@@ -432,3 +432,16 @@ def test_over_quota_mailbox_defers_at_rcpt(tmp_path):
             code, text_ = s.rcpt("alice@example.test")
             assert (code, text_[:5]) == (452, b"4.2.2")  # the sender's server retries later
             assert s.rcpt("bob@example.test")[0] == 250  # other mailboxes are not affected
+            assert s.rcpt("alice@example.test")[0] == 452  # refused again: still only one notice
+        n.wait_idle()
+        wait_for(lambda: len(maildir_messages(n.data_dir, "alice@example.test")) == 2, 10, "the notice")
+        n.wait_idle()
+        notices = [m for m in maildir_messages(n.data_dir, "alice@example.test") if b"Subject: Your mailbox is full" in m]
+        assert len(notices) == 1 and b"452 4.2.2" in notices[0]
+        # The owner cleans up: the mailbox is under its quota again, and a later overflow
+        # is notified anew.
+        for p in (n.data_dir / "mailboxes/example.test/alice/new").iterdir():
+            p.unlink()
+        with smtp(n) as s:
+            assert s.sendmail("a@remote.example", ["alice@example.test"], msg("small")) == {}
+        assert not (n.data_dir / "mailboxes/example.test/alice/.kanmon-quota-notified").exists()

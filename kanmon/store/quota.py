@@ -1,0 +1,83 @@
+"""Over-quota notices: the mailbox owner is told once that mail is being refused.
+
+Role: when the accept checks refuse a recipient with 452 4.2.2 (mailbox over its
+quota), the owner gets one notice in the mailbox (delivered regardless of the quota,
+as Dovecot's quota warnings are), so they know to clean up; senders' servers retry
+meanwhile. A marker file in the mailbox remembers that the notice went out; it is
+removed when the mailbox is under its quota again, so the next overflow notifies anew.
+
+Trusts: addresses that are configured mailboxes (the accept checks resolved them).
+Never: block the SMTP session (the notice is stored in a task); send more than one
+notice per overflow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+from kanmon.deliver.local import mailbox_path
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+
+MARKER = ".kanmon-quota-notified"
+
+
+class QuotaNotices:
+    def __init__(self, data_dir: Path, hostname: str, spool, records, on_stored: Callable[[str, Envelope, bytes], None]):
+        self.data_dir = Path(data_dir)
+        self.hostname = hostname
+        self.spool = spool
+        self.records = records
+        self.on_stored = on_stored
+        self._tasks: set[asyncio.Task] = set()
+
+    def _marker(self, address: str) -> Path:
+        return mailbox_path(self.data_dir, address) / MARKER
+
+    def over(self, address: str, usage: int, quota: int) -> None:
+        """A recipient was refused for being over quota (called from the accept checks)."""
+        marker = self._marker(address)
+        if marker.exists():
+            return
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{usage} {quota}\n")
+        except OSError:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(address, usage, quota))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def under(self, address: str) -> None:
+        """The mailbox is under its quota: the next overflow gets a new notice."""
+        self._marker(address).unlink(missing_ok=True)
+
+    async def _send(self, address: str, usage: int, quota: int) -> None:
+        text = (
+            f"From: Mail Delivery System <MAILER-DAEMON@{self.hostname}>\r\n"
+            f"To: <{address}>\r\n"
+            f"Subject: Your mailbox is full\r\n"
+            f"Date: {formatdate(localtime=True)}\r\n"
+            f"Message-ID: {make_msgid(domain=self.hostname)}\r\n"
+            "Auto-Submitted: auto-generated\r\n"
+            "MIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "\r\n"
+            f"Your mailbox {address} holds {usage:,} bytes; its quota is {quota:,} bytes.\r\n"
+            "\r\n"
+            "New mail for you is being refused for now (452 4.2.2 Mailbox full). The\r\n"
+            "senders' servers keep trying for a few days, so nothing is lost yet: delete\r\n"
+            "or move old messages (empty the Trash too) and it will arrive.\r\n"
+        ).encode("utf-8")
+        env = Envelope(mail_from="", rcpts=[address], is_notice=True,
+                       client=ClientInfo(ip="127.0.0.1", name="localhost", helo=self.hostname, proto="internal"))
+        qid = new_queue_id()
+        try:
+            await self.spool.store(qid, env, text)
+        except Exception as e:  # noqa: BLE001 - a notice must never break the session
+            self.records.emit(f"cannot queue the over-quota notice for <{address}>: {e}", kind="error")
+            return
+        self.records.emit(f"over-quota notice for <{address}> ({usage} of {quota} bytes): {qid}")
+        self.on_stored(qid, env, text)
