@@ -143,6 +143,9 @@ class Envelope:
     received_at: float = 0.0
     # DSN origin: a notice (bounce/delay) we generated; never causes another notice.
     is_notice: bool = False
+    # The content was checked at DATA: CRLF line ends only (no bare CR or LF). The
+    # outbound client then need not scan it again before sending.
+    crlf_checked: bool = False
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.model import Envelope, RecipientResult, Reply, Status, new_queue_id
 from kanmon.records.store import Records
-from kanmon.smtp.client import describe_reply
+from kanmon.smtp.client import CrlfChecked, describe_reply
 from kanmon.routing import Route, Router
 from kanmon.spool.store import QueueState, Spool, SpoolEntry
 
@@ -268,6 +268,8 @@ class QueueManager:
             return await self.local.deliver(env.mail_from, rcpts, content)
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
+        if env.crlf_checked and not isinstance(content, CrlfChecked):
+            content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
         async with self._dest_limits[route.key]:
             started = time.monotonic()
             results = await self.remote(queue_id, env.mail_from, rcpts, content, route)

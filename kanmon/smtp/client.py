@@ -166,14 +166,23 @@ def parse_reply(lines: Sequence[bytes]) -> Reply:
 # The body on the wire
 
 
-def encode_data(body: bytes) -> bytes:
-    """The spooled message -> the bytes after DATA, ending with `.\\r\\n`.
+class CrlfChecked(bytes):
+    """A body whose line ends were already checked to be CRLF only (the SMTP session
+    refuses anything else at DATA): encode_data need not scan it again."""
 
-    Bare CR and bare LF become CRLF (no smuggling downstream, CVE-2023-51764), the body
-    ends with CRLF, leading dots are doubled (RFC 5321 4.5.2). All C-level scans.
+    __slots__ = ()
+
+
+def encode_data(body: bytes) -> bytes:
+    """The spooled message -> the bytes after DATA, ending with `.\r\n`.
+
+    Bare CR and bare LF become CRLF (no smuggling downstream, CVE-2023-51764), unless the
+    body is CrlfChecked; the body ends with CRLF, leading dots are doubled (RFC 5321
+    4.5.2). All C-level scans.
     """
-    if b"\r" in body or b"\n" in body:
-        if body.count(b"\r") != body.count(b"\r\n") or body.count(b"\n") != body.count(b"\r\n"):
+    if not isinstance(body, CrlfChecked):
+        crlf = body.count(b"\r\n")
+        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
             body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
@@ -1121,6 +1130,7 @@ __all__ = [
     "check_address",
     "clean_text",
     "describe_reply",
+    "CrlfChecked",
     "encode_data",
     "open_connection",
     "parse_reply",

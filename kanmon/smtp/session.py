@@ -624,6 +624,7 @@ class Session:
         queue_id = new_queue_id(self._now or None)
         env = tx.envelope
         env.received_at = self._now
+        env.crlf_checked = True  # checked above: only CRLF line ends
         env.client = self.client
         trace = self._received_header(queue_id, env)
         self.state = State.WAIT_STORE

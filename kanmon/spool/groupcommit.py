@@ -47,7 +47,22 @@ class _Job:
     done: threading.Event | None = None
 
 
-def _fsync_path(path: Path) -> None:
+def sync_files(fds: Sequence[int]) -> None:
+    """Make the data of these open files durable: one syncfs(2) for their filesystem, or
+    fdatasync each where syncfs is missing."""
+    if not fds:
+        return
+    if _syncfs is not None:
+        if _syncfs(fds[0]) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+    else:
+        for fd in fds:
+            os.fdatasync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creates, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -145,9 +160,7 @@ class GroupCommitter:
         if self.fsync and _syncfs is not None:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                if _syncfs(fd) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"syncfs: {os.strerror(err)}")
+                sync_files([fd])
             finally:
                 os.close(fd)
         dirs: set[Path] = set()
@@ -161,7 +174,7 @@ class GroupCommitter:
             dirs.add(final.parent)
         if self.fsync:
             for d in dirs:
-                _fsync_path(d)
+                fsync_dir(d)
 
     @staticmethod
     def _write(path: Path, data: bytes, sync: bool) -> None:

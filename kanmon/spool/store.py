@@ -31,8 +31,6 @@ the caller records in the event log); read or write mailbox files.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import json
 import os
 import zlib
@@ -41,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
-from kanmon.spool.groupcommit import GroupCommitter, _syncfs
+from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
@@ -67,6 +65,8 @@ def envelope_to_json(env: Envelope) -> bytes:
         "utf8": env.smtputf8,
         "notice": env.is_notice,
     }
+    if env.crlf_checked:
+        data["crlf"] = True
     if c is not None:
         data["client"] = {
             "ip": c.ip, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
@@ -90,7 +90,7 @@ def envelope_from_json(raw: bytes) -> Envelope:
     return Envelope(
         mail_from=d["from"], rcpts=list(d["rcpts"]), original_rcpts=dict(d.get("orcpts", {})), client=client,
         size_hint=d.get("size_hint", 0), body_8bit=d.get("8bit", False), smtputf8=d.get("utf8", False),
-        received_at=d.get("at", 0.0), is_notice=d.get("notice", False),
+        received_at=d.get("at", 0.0), is_notice=d.get("notice", False), crlf_checked=d.get("crlf", False),
     )
 
 
@@ -161,12 +161,6 @@ class SpoolEntry:
         return [r for r in self.envelope.rcpts if r not in self.state.done]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -384,14 +378,8 @@ class Spool:
                 fd = os.open(self.state_dir / queue_id, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 fds.append(fd)
                 os.write(fd, data)
-            if self.fsync and fds:
-                if _syncfs is not None:
-                    if _syncfs(fds[0]) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"syncfs: {os.strerror(err)}")
-                else:
-                    for fd in fds:
-                        os.fdatasync(fd)
+            if self.fsync:
+                sync_files(fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -419,8 +407,8 @@ class Spool:
     def sync_dirs(self) -> None:
         """Make removals and renames in queue/ and state/ durable (once per batch)."""
         if self.fsync:
-            _fsync_dir(self.queue)
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.queue)
+            fsync_dir(self.state_dir)
 
     def export_raw(self, queue_id: str) -> tuple[bytes, bytes]:
         """(queue file bytes, journal bytes), the queue file's checksum verified."""
@@ -486,4 +474,4 @@ class Spool:
             if src.exists():
                 os.replace(src, self.corrupt / (queue_id + suffix))
         if self.fsync:
-            _fsync_dir(self.corrupt)
+            fsync_dir(self.corrupt)

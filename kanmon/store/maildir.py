@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+from kanmon.spool.groupcommit import fsync_dir
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,7 +529,7 @@ class Folder:
         base, tmp = self._deliver_tmp(data, flags, internaldate)
         info = MessageInfo(0, base, "cur", flags, self._letters(keywords), len(data), None)
         os.rename(tmp, self.path / "cur" / info.filename)
-        _fsync_dir(self.path / "cur")
+        fsync_dir(self.path / "cur")
         return self._assign(info)
 
     def _assign(self, info: MessageInfo) -> MessageInfo:
@@ -576,7 +577,7 @@ class Folder:
             except FileNotFoundError:
                 return None
         os.rename(tmp, self.path / "cur" / info.filename)
-        _fsync_dir(self.path / "cur")
+        fsync_dir(self.path / "cur")
         return self._assign(info)
 
     def remove(self, msgs: Iterable[MessageInfo]) -> list[MessageInfo]:
@@ -680,12 +681,6 @@ def _arrival_key(base: str) -> tuple[int, int, str]:
     return (int(sec) if sec.isdigit() else 0, int(m.group(1)) if m else 0, base)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _folders: dict[Path, Folder] = {}

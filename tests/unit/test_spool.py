@@ -78,3 +78,19 @@ def test_write_failure_raises_spool_error(tmp_path):
 def test_queue_ids_are_unique_and_sortable():
     ids = [new_queue_id(1000.0 + i / 1e3) for i in range(1000)]
     assert len(set(ids)) == 1000 and ids == sorted(ids)
+
+
+def test_crlf_checked_flag_survives_the_spool_and_skips_the_outbound_scan(tmp_path):
+    from kanmon.smtp.client import CrlfChecked, encode_data
+
+    spool = Spool(tmp_path)
+    q = new_queue_id()
+    e = env()
+    e.crlf_checked = True
+    asyncio.run(spool.store(q, e, b"a\r\n"))
+    assert spool.load(q).envelope.crlf_checked is True
+    assert env().crlf_checked is False
+    spool.close()
+    # A checked body is sent as it is (stuffed); an unchecked one is normalised.
+    assert encode_data(CrlfChecked(b"a\r\n.b\r\n")) == b"a\r\n..b\r\n.\r\n"
+    assert encode_data(b"a\n.b\r") == b"a\r\n..b\r\n.\r\n"
