@@ -17,14 +17,10 @@ import time
 
 import click
 
-from kanmon.cli import config_option, load_or_exit
+from kanmon.cli import config_option, format_time, load_or_exit, parse_since
 from kanmon.config import ALERT_CATEGORIES
 
 WAIT_FOR_SERVER = 15.0
-
-
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 @click.group()
@@ -85,13 +81,9 @@ def alert_list(config_path, since, as_json) -> None:
     import dataclasses
 
     from kanmon.alerts import recent_alerts
-    from kanmon.config import parse_duration
 
     cfg = load_or_exit(config_path)
-    try:
-        start = time.time() - parse_duration(since)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
+    start = parse_since(since)
     recent, active = recent_alerts(cfg.server.data_dir, start)
     if as_json:
         click.echo(json.dumps({"active": [dataclasses.asdict(a) for a in active],
@@ -99,7 +91,7 @@ def alert_list(config_path, since, as_json) -> None:
         return
     click.echo(f"active ({len(active)}):")
     for a in active:
-        click.echo(f"  {a.category:<12} since {_stamp(a.since)}  {a.key}: {a.text.splitlines()[0] if a.text else ''}")
+        click.echo(f"  {a.category:<12} since {format_time(a.since)}  {a.key}: {a.text.splitlines()[0] if a.text else ''}")
     click.echo(f"\nrecent ({len(recent)}):")
     for a in recent:
-        click.echo(f"  {_stamp(a.ts)}  {a.category:<12} {a.state:<10} {a.key}: {a.text.splitlines()[0] if a.text else ''}")
+        click.echo(f"  {format_time(a.ts)}  {a.category:<12} {a.state:<10} {a.key}: {a.text.splitlines()[0] if a.text else ''}")

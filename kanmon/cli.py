@@ -127,7 +127,8 @@ main.add_command(dns)
 # log
 
 
-def _since(text: str | None) -> float | None:
+def parse_since(text: str | None, option: str = "--since") -> float | None:
+    """`--since 3d` -> the Unix time 3 days ago (None stays None); a bad value is a usage error."""
     import time
 
     from kanmon.config import parse_duration
@@ -137,12 +138,15 @@ def _since(text: str | None) -> float | None:
     try:
         return time.time() - parse_duration(text)
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
+        raise click.BadParameter(str(e), param_hint=option) from None
 
 
-def _stamp(ts: float) -> str:
+def format_time(ts: float | None, empty: str = "-") -> str:
+    """How every command shows a time: local, to the second."""
     import time
 
+    if not ts:
+        return empty
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
@@ -165,12 +169,12 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
     from kanmon.records.query import search_events
 
     cfg = load_or_exit(config_path)
-    rows = search_events(cfg.server.data_dir, since=_since(since), queue_id=queue_id, grep=grep, limit=limit)
+    rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
     for r in rows:
         if as_json:
             click.echo(json.dumps({"time": r.ts, "queue_id": r.queue_id, "kind": r.kind, "text": r.text}))
         else:
-            click.echo(f"{_stamp(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
+            click.echo(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
 
 
 @log.command("history")
@@ -194,7 +198,7 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
 
     cfg = load_or_exit(config_path)
     rows = search_history(
-        cfg.server.data_dir, since=_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
+        cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
         queue_id=queue_id, limit=limit,
     )
     if as_json:
@@ -206,7 +210,7 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
-            _stamp(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
+            format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
             r.disposition, r.queue_id, r.status,
         )
     Console(width=200 if not sys.stdout.isatty() else None).print(table)

@@ -13,7 +13,6 @@ an expected error (exit 1 for a failed operation, 2 for bad arguments).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import click
 
 from kanmon.admin.queue_ops import STATES, Filters, OfflineLink, QueueOps, dispatch
-from kanmon.cli import config_option, load_or_exit
+from kanmon.cli import config_option, format_time, load_or_exit
 from kanmon.config import Config, parse_duration, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
 
@@ -107,12 +106,6 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
-def _stamp(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
 # ---------------------------------------------------------------------------
 # Filters as options
 
@@ -188,13 +181,13 @@ def list_cmd(config_path, as_json, **filters) -> None:
         total += r["size"] or 0
         size = str(r["size"]) if r["size"] is not None else "?"
         sender = r["from"] or ("MAILER-DAEMON" if r["state"] != "corrupt" else "(damaged queue file)")
-        click.echo(f"{r['id'] + mark:<17} {size:>8} {_stamp(r['arrival']):<20} {sender}")
+        click.echo(f"{r['id'] + mark:<17} {size:>8} {format_time(r['arrival']):<20} {sender}")
         if r["last_reply"]:
             click.echo(f"{'':<48}({r['last_reply'][:200]})")
         for rcpt in r["rcpts"]:
             click.echo(f"{'':<48}{rcpt}")
         if r["state"] == "deferred":
-            when = _stamp(r["next_attempt"]) if r["next_attempt"] else "as soon as possible"
+            when = format_time(r["next_attempt"]) if r["next_attempt"] else "as soon as possible"
             click.echo(f"{'':<48}next attempt {when}, {r['attempts']} so far")
         click.echo("")
     click.echo(f"-- {total // 1024} Kbytes in {len(items)} Request{'s' if len(items) != 1 else ''}.")
@@ -218,7 +211,7 @@ def show_cmd(config_path, queue_id, lines, as_json) -> None:
 
 def _print_detail(d: dict) -> None:
     click.echo(f"Queue ID:  {d['id']} ({d['state']})")
-    click.echo(f"Arrival:   {_stamp(d['arrival'])}")
+    click.echo(f"Arrival:   {format_time(d['arrival'])}")
     click.echo(f"Size:      {d['size']} bytes")
     click.echo(f"Sender:    <{d['from']}>")
     c = d.get("client")
@@ -229,18 +222,18 @@ def _print_detail(d: dict) -> None:
         orig = f" (orig {r['original']})" if r.get("original") else ""
         click.echo(f"Recipient: <{r['rcpt']}>{orig} {r['status']}")
     if d["state"] == "deferred":
-        click.echo(f"Attempts:  {d['attempts']}, next {_stamp(d['next_attempt'])}")
+        click.echo(f"Attempts:  {d['attempts']}, next {format_time(d['next_attempt'])}")
     if d["history"]:
         click.echo("History:")
         for h in d["history"]:
             if h.get("k") == "result":
-                click.echo(f"  {_stamp(h.get('t'))} <{h.get('rcpt')}> {h.get('status')}: {h.get('reply')}"
+                click.echo(f"  {format_time(h.get('t'))} <{h.get('rcpt')}> {h.get('status')}: {h.get('reply')}"
                            + (f" (relay {h['relay']})" if h.get("relay") else ""))
             elif h.get("k") == "hold":
-                click.echo(f"  {_stamp(h.get('t'))} {'held' if h.get('on') else 'released'}"
+                click.echo(f"  {format_time(h.get('t'))} {'held' if h.get('on') else 'released'}"
                            + (f" by {h['by']}" if h.get("by") else ""))
             elif h.get("k") == "warned":
-                click.echo(f"  {_stamp(h.get('t'))} delay notice sent")
+                click.echo(f"  {format_time(h.get('t'))} delay notice sent")
     click.echo("")
     click.echo(d["headers"].rstrip("\r\n").replace("\r\n", "\n"))
     click.echo("")
@@ -453,7 +446,7 @@ def maintenance_list(config_path, as_json) -> None:
         if j["reason"]:
             what.append(f"reason ~ {j['reason']!r}")
         click.echo(f"{j['index']}. {j['name']}: \"{j['schedule']}\" {j['action']} {j['state']} messages"
-                   + (f" {', '.join(what)}" if what else "") + f"; next run {_stamp(j['next_run'])}")
+                   + (f" {', '.join(what)}" if what else "") + f"; next run {format_time(j['next_run'])}")
 
 
 @maintenance.command("run")

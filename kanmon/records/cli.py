@@ -12,20 +12,7 @@ import time
 
 import click
 
-from kanmon.cli import config_option, load_or_exit
-
-
-def _since(text: str) -> float:
-    from kanmon.config import parse_duration
-
-    try:
-        return time.time() - parse_duration(text)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
-
-
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+from kanmon.cli import config_option, format_time, load_or_exit, parse_since
 
 
 @click.command()
@@ -38,7 +25,7 @@ def trace(config_path, query, since, as_json) -> None:
     from kanmon.records.trace import trace as find
 
     cfg = load_or_exit(config_path)
-    timelines = find(cfg.server.data_dir, query, _since(since))
+    timelines = find(cfg.server.data_dir, query, parse_since(since))
     if as_json:
         for t in timelines:
             click.echo(json.dumps(t.as_dict(), ensure_ascii=False))
@@ -63,7 +50,7 @@ def trace(config_path, query, since, as_json) -> None:
                 extra = "  [no TLS]"
             if s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"
-            click.echo(f"  {_stamp(s.ts)}  {s.step:<9} {s.text}{extra}")
+            click.echo(f"  {format_time(s.ts)}  {s.step:<9} {s.text}{extra}")
         click.echo(f"  final: {t.final}")
 
 
@@ -82,7 +69,7 @@ def stats(config_path, by, since, as_json, top) -> None:
     from kanmon.records.stats import collect
 
     cfg = load_or_exit(config_path)
-    report = collect(cfg.server.data_dir, _since(since), by=by, top=top)
+    report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top)
     if as_json:
         click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
         return
