@@ -213,6 +213,8 @@ maillog_file = {self.dir}/maillog
 class Kanmon:
     name = "kanmon"
 
+    workers = 1  # --workers
+
     def __init__(self, work: Path, hold: bool = False):
         self.dir = work / "kanmon"
         self.dir.mkdir()
@@ -221,7 +223,7 @@ class Kanmon:
 [server]
 hostname = "kanmon.bench.test"
 data_dir = "{self.dir / 'data'}"
-workers = 1
+workers = {self.workers}
 [smtp]
 listen = ["{KANMON[0]}:{KANMON[1]}"]
 relay_networks = ["127.0.0.0/8"]
@@ -257,6 +259,10 @@ suspend_delivery = {"true" if hold else "false"}
 
 def run_one(system, sink: Sink, size: int, messages: int, sessions: int, hold: bool = False) -> dict:
     host, port = (KANMON if system.name == "kanmon" else POSTFIX)
+    # Start every run from a clean disk: the previous run's writeback must not be
+    # charged to this one (both systems flush their queue files; kanmon with syncfs).
+    os.sync()
+    time.sleep(2)
     system.start()
     try:
         start_count = sink.count
@@ -309,7 +315,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sizes", default="102400,5120")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold (0: skip)")
+    ap.add_argument("--workers", type=int, default=1, help="kanmon's [server] workers")
     args = ap.parse_args()
+    Kanmon.workers = args.workers
     if os.geteuid() != 0:
         raise SystemExit("run as root (Postfix and smtp-sink need it)")
     ensure_postfix()

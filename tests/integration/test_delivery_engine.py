@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import smtplib
 
-import pytest
 import trustme
 
 from kanmon.clock import ManualClock
@@ -120,7 +119,7 @@ def test_all_servers_down_defers_then_delivers_on_retry(tmp_path):
     try:
         send(node, ["user@corp.example"], subject="queued")
         line = wait_event(node, "stat=Deferred")
-        assert f"Connection refused by 127.0.0.7" in line
+        assert "Connection refused by 127.0.0.7" in line
         store.start()
         node.advance(200)  # before the first retry (5 minutes): nothing happens
         node.wait_idle()
