@@ -2,8 +2,10 @@
 
 Role: the composition root. Order at start: data_dir and records, spool recovery (so a
 crash is repaired before anything listens), the queue manager with what recovery found,
-then the listeners. Order at stop: listeners first (no new mail), then the queue manager,
-then records (so every event is written).
+then the listeners (in this process, or in `[server] workers` receiver processes) and
+the other services. Order at stop: the queue manager and background tasks end, then the
+services and listeners in reverse order of start (anything accepted meanwhile is in the
+spool for the next start), then records (so every event is written).
 
 Trusts: a Config that passed validation. Never: start a listener before recovery; leave
 a task that does not belong to the node's TaskGroup.
