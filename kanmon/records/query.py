@@ -65,7 +65,7 @@ def search_events(
     sql = "SELECT ts, queue_id, kind, text FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
+    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
     args.append(limit)
     try:
         rows = [EventRow(*r) for r in db.execute(sql, args)]
@@ -99,7 +99,7 @@ def search_history(
     )
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
+    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
     args.append(limit)
     try:
         rows = [HistoryRow(*(("" if v is None else v) for v in r)) for r in db.execute(sql, args)]

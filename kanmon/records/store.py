@@ -104,6 +104,7 @@ def migrate(db: sqlite3.Connection) -> None:
     db.executescript(ADDED_INDEXES)
 
 WRITE_INTERVAL = 0.2  # seconds between batches of record writes
+STATUS_RETRIES = 150  # batches (30 s) a status update waits for its history row
 
 
 def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -220,12 +221,13 @@ class Records:
         try:
             while True:
                 with self._cond:
-                    if not self._pending and not self._stop:
-                        self._cond.wait(WRITE_INTERVAL)
-                    if not self._pending:
-                        if self._stop:
-                            return
-                        continue
+                    if not self._stop:
+                        self._cond.wait(WRITE_INTERVAL)  # flush() and close() wake it early
+                    stopping = self._stop
+                if not self._pending:
+                    if stopping:
+                        return
+                    continue
                 batch = []
                 pop = self._pending.popleft
                 try:
@@ -234,7 +236,7 @@ class Records:
                 except IndexError:
                     pass
                 try:
-                    self._write(batch, log_fh)
+                    self._write(batch, log_fh, retry=not stopping)
                 except Exception as e:  # noqa: BLE001 - records must never stop mail
                     print(f"kanmon: records write failed: {e}", file=sys.stderr)
                 with self._flushed:
@@ -244,7 +246,7 @@ class Records:
             if log_fh:
                 log_fh.close()
 
-    def _write(self, batch: list[tuple], log_fh: TextIO | None) -> None:
+    def _write(self, batch: list[tuple], log_fh: TextIO | None, retry: bool = True) -> None:
         events, hist, status, lines = [], [], [], []
         counts: Counter[str] = Counter()
         pid = os.getpid()
@@ -261,8 +263,7 @@ class Records:
                 row[4] = decode_subject(row[4])
                 hist.append(row)
             elif item[0] == "status":
-                _, ts, qid, rcpt, st = item
-                status.append((st, ts, 1 if st.startswith("Deferred") else 0, qid, rcpt))
+                status.append(item)
         with self._db:
             if events:
                 self._db.executemany(
@@ -274,11 +275,21 @@ class Records:
                     " disposition, queue_id, status, auth_user, helo, first) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     hist,
                 )
-            if status:
-                self._db.executemany(
+            for item in status:
+                _, ts, qid, rcpt, st, *tries = item
+                cur = self._db.execute(
                     "UPDATE history SET status = ?, updated = ?, deferrals = deferrals + ?"
-                    " WHERE queue_id = ? AND rcpt = ?", status
+                    " WHERE queue_id = ? AND rcpt = ?", (st, ts, 1 if st.startswith("Deferred") else 0, qid, rcpt)
                 )
+                if cur.rowcount == 0:
+                    # The row is written by another process (an SMTP receiver) whose writer
+                    # has not flushed yet: try again with the next batches.
+                    n = (tries[0] if tries else 0) + 1
+                    if retry and n <= STATUS_RETRIES:
+                        self._pending.append(("status", ts, qid, rcpt, st, n))
+                    elif retry:
+                        print(f"kanmon: records: no history row for {qid} {rcpt}; status {st!r} dropped",
+                              file=sys.stderr)
             if counts:
                 self._db.executemany(
                     "INSERT INTO counters(pid, name, value) VALUES (?,?,?)"

@@ -60,6 +60,12 @@ def test_receivers_accept_and_the_main_process_delivers(tmp_path):
         for i in range(10):
             send(port, f"m{i}")
         wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 10, "delivery")
+        # The history row is written by the receiver, its final status by the main process:
+        # every row ends up "Delivered", whichever writer flushes first.
+        from kanmon.records.query import search_history
+
+        wait_for(lambda: [r.status for r in search_history(tmp_path / "data")] == ["Delivered"] * 10, 15,
+                 "delivered status in the history")
     finally:
         proc.terminate()
 
