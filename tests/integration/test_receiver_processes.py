@@ -25,8 +25,20 @@ mailboxes = ["alice"]
 
 
 def receiver_pids(main_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(main_pid), "-f", "kanmon.receiver"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """Live children of the main process running kanmon.receiver (from /proc)."""
+    try:
+        children = Path(f"/proc/{main_pid}/task/{main_pid}/children").read_text().split()
+    except OSError:
+        return []
+    out = []
+    for pid in children:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"kanmon.receiver" in cmdline and alive(int(pid)):
+            out.append(int(pid))
+    return out
 
 
 def alive(pid: int) -> bool:
