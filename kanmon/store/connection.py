@@ -422,3 +422,48 @@ class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.write(self.line)  # type: ignore[attr-defined]
         transport.close()
+
+
+class AccessService:
+    """The shell shared by the POP3 and IMAP services of ``kanmon serve``: the accounts,
+    the throttle, the event log and the listeners of one ``[pop3]``/``[imap]`` section.
+    A subclass names the protocol and makes one I/O-free session per connection.
+
+    ``tls_context``: server-side SSLContext (the same certificate as SMTP), needed for
+    STLS/STARTTLS and ``listen_tls``. ``emit(text, queue_id=None)``: an event-log line
+    (logins, failures, blocks).
+    """
+
+    protocol = ""  # "POP3" | "IMAP"
+
+    def __init__(self, config, section, tls_context, users, throttle, emit, *, max_connections: int = 1000):
+        self.config = config
+        self.tls_context = tls_context
+        self.users = users
+        self.throttle = throttle
+        self.emit = emit
+        self.listeners = ListenerSet(
+            self.protocol,
+            list(section.listen) if section else [],
+            list(section.listen_tls) if section else [],
+            tls_context,
+            self._session,
+            users.verify,
+            max_connections=max_connections,
+        )
+
+    def _session(self, peer: PeerInfo, implicit: bool):
+        raise NotImplementedError
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.listeners.addresses
+
+    async def start(self) -> None:
+        """Bind every listener of the section; OSError if one cannot be bound."""
+        await self.listeners.start()
+        for host, port in self.addresses:
+            self.emit(f"{self.protocol.lower()} listening on {host}:{port}")
+
+    async def stop(self) -> None:
+        await self.listeners.stop()

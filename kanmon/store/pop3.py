@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 
 from kanmon.config import Config
-from kanmon.store.connection import Close, Delay, Event, ListenerSet, PeerInfo, Send, StartTls, Verify
+from kanmon.store.connection import AccessService, Close, Delay, Event, PeerInfo, Send, StartTls, Verify
 from kanmon.store.maildir import Folder, MaildirError, MessageInfo, to_crlf
 from kanmon.store.users import AuthThrottle, Users, log_safe
 
@@ -463,13 +463,10 @@ _TRANSACTION_ONLY = {"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET"}
 _AUTH_ONLY = {"USER", "PASS", "AUTH", "STLS"}
 
 
-class Pop3Service:
-    """The POP3 listeners of ``kanmon serve``.
+class Pop3Service(AccessService):
+    """The POP3 listeners of ``kanmon serve`` (see AccessService)."""
 
-    ``tls_context`` is a server-side SSLContext (the same certificate as SMTP); it is
-    needed for STLS and for ``listen_tls``. ``emit(text, queue_id=None)`` writes an
-    event-log line (logins, failures, blocks).
-    """
+    protocol = "POP3"
 
     def __init__(
         self,
@@ -482,23 +479,9 @@ class Pop3Service:
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = 1000,
     ):
-        self.config = config
-        self.users = users
-        self.throttle = throttle
-        self.emit = emit
-        self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.locks = MailboxLocks()
-        section = config.pop3
-        self.listeners = ListenerSet(
-            "POP3",
-            list(section.listen) if section else [],
-            list(section.listen_tls) if section else [],
-            tls_context,
-            self._session,
-            users.verify,
-            max_connections=max_connections,
-        )
+        super().__init__(config, config.pop3, tls_context, users, throttle, emit, max_connections=max_connections)
 
     def _session(self, peer: PeerInfo, implicit: bool) -> Pop3Session:
         return Pop3Session(
@@ -511,16 +494,3 @@ class Pop3Service:
             emit=self.emit,
             idle_timeout=self.idle_timeout,
         )
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return self.listeners.addresses
-
-    async def start(self) -> None:
-        """Bind every [pop3] listener; OSError if one cannot be bound."""
-        await self.listeners.start()
-        for host, port in self.addresses:
-            self.emit(f"pop3 listening on {host}:{port}")
-
-    async def stop(self) -> None:
-        await self.listeners.stop()

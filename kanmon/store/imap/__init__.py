@@ -17,20 +17,20 @@ import ssl
 from collections.abc import Callable
 
 from kanmon.config import Config
-from kanmon.store.connection import ListenerSet, PeerInfo
+from kanmon.store.connection import AccessService, PeerInfo
 from kanmon.store.imap.session import IDLE_POLL, IDLE_TIMEOUT, ImapSession
 from kanmon.store.users import AuthThrottle, Users
 
 __all__ = ["ImapService", "ImapSession"]
 
 
-class ImapService:
-    """The IMAP listeners of ``kanmon serve``.
+class ImapService(AccessService):
+    """The IMAP listeners of ``kanmon serve`` (see AccessService).
 
-    ``tls_context``: server-side SSLContext for STARTTLS and ``listen_tls``.
-    ``emit(text, queue_id=None)``: writes an event-log line (logins, failures, blocks).
     ``max_literal`` bounds APPEND (default: ``smtp.max_message_size``).
     """
+
+    protocol = "IMAP"
 
     def __init__(
         self,
@@ -45,24 +45,10 @@ class ImapService:
         max_literal: int | None = None,
         max_connections: int = 1000,
     ):
-        self.config = config
-        self.tls_context = tls_context
-        self.users = users
-        self.throttle = throttle
-        self.emit = emit
         self.idle_timeout = idle_timeout
         self.idle_poll = idle_poll
         self.max_literal = max_literal if max_literal is not None else config.smtp.max_message_size
-        section = config.imap
-        self.listeners = ListenerSet(
-            "IMAP",
-            list(section.listen) if section else [],
-            list(section.listen_tls) if section else [],
-            tls_context,
-            self._session,
-            users.verify,
-            max_connections=max_connections,
-        )
+        super().__init__(config, config.imap, tls_context, users, throttle, emit, max_connections=max_connections)
 
     def _session(self, peer: PeerInfo, implicit: bool) -> ImapSession:
         return ImapSession(
@@ -76,16 +62,3 @@ class ImapService:
             idle_timeout=self.idle_timeout,
             idle_poll=self.idle_poll,
         )
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        return self.listeners.addresses
-
-    async def start(self) -> None:
-        """Bind every [imap] listener; OSError if one cannot be bound."""
-        await self.listeners.start()
-        for host, port in self.addresses:
-            self.emit(f"imap listening on {host}:{port}")
-
-    async def stop(self) -> None:
-        await self.listeners.stop()
