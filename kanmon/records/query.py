@@ -45,13 +45,24 @@ def _connect(data_dir: Path) -> sqlite3.Connection | None:
     return open_db(path, readonly=True)
 
 
+def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: int, row) -> list:
+    """The newest `limit` rows matching `where`, returned oldest first."""
+    db = _connect(data_dir)
+    if db is None:
+        return []
+    sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY ts DESC, id DESC LIMIT ?"
+    try:
+        rows = [row(*(("" if v is None and row is HistoryRow else v) for v in r)) for r in db.execute(sql, [*args, limit])]
+    finally:
+        db.close()
+    rows.reverse()
+    return rows
+
+
 def search_events(
     data_dir: Path, *, since: float | None = None, queue_id: str | None = None, grep: str | None = None,
     limit: int = 10_000,
 ) -> list[EventRow]:
-    db = _connect(data_dir)
-    if db is None:
-        return []
     where, args = [], []
     if since is not None:
         where.append("ts >= ?")
@@ -62,26 +73,13 @@ def search_events(
     if grep:
         where.append("(instr(lower(text), lower(?)) > 0 OR instr(lower(coalesce(queue_id, '')), lower(?)) > 0)")
         args += [grep, grep]
-    sql = "SELECT ts, queue_id, kind, text FROM events"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
-    args.append(limit)
-    try:
-        rows = [EventRow(*r) for r in db.execute(sql, args)]
-    finally:
-        db.close()
-    rows.reverse()
-    return rows
+    return _newest(data_dir, "SELECT ts, queue_id, kind, text FROM events", where, args, limit, EventRow)
 
 
 def search_history(
     data_dir: Path, *, since: float | None = None, mail_from: str | None = None, rcpt: str | None = None,
     subject: str | None = None, queue_id: str | None = None, limit: int = 10_000,
 ) -> list[HistoryRow]:
-    db = _connect(data_dir)
-    if db is None:
-        return []
     where, args = [], []
     if since is not None:
         where.append("ts >= ?")
@@ -93,17 +91,9 @@ def search_history(
     if queue_id:
         where.append("queue_id = ?")
         args.append(queue_id)
-    sql = (
+    return _newest(
+        data_dir,
         "SELECT ts, client_ip, mail_from, rcpt, subject, message_id, size, classification, disposition,"
-        " queue_id, status, auth_user FROM history"
+        " queue_id, status, auth_user FROM history",
+        where, args, limit, HistoryRow,
     )
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY ts DESC, id DESC LIMIT ?"
-    args.append(limit)
-    try:
-        rows = [HistoryRow(*(("" if v is None else v) for v in r)) for r in db.execute(sql, args)]
-    finally:
-        db.close()
-    rows.reverse()
-    return rows
