@@ -209,10 +209,13 @@ def _final(t: Timeline, rows) -> str:
         parts.append("delivered to " + ", ".join(delivered))
     if bounced:
         parts.append("bounced for " + ", ".join(f"{r} ({results[r][len('Bounced: '):]})" for r in bounced))
+    holds = [r[4] for r in rows if r[4].startswith(("held by administrator", "released by administrator"))]
+    on_hold = bool(holds) and holds[-1].startswith("held") and not removed
     if deferred and not removed:
-        parts.append("in the queue, deferred for " + ", ".join(f"{r} ({results[r][len('Deferred: '):]})" for r in deferred))
+        state = "on hold" if on_hold else "in the queue"
+        parts.append(f"{state}, deferred for " + ", ".join(f"{r} ({results[r][len('Deferred: '):]})" for r in deferred))
     if not results:
-        parts.append("in the queue, not tried yet" if not removed else "removed")
+        parts.append("removed" if removed else "on hold, not tried yet" if on_hold else "in the queue, not tried yet")
     elif not removed and not deferred:
         parts.append("still in the queue")
     return "; ".join(parts)

@@ -223,6 +223,8 @@ def test_hold_flush_release_delete_on_a_running_node(site):
     ids = _queue_three(site)
     assert "1 message(s) held" in site.cli("queue", "hold", ids["m1"]).output
     assert site.ids("--state", "hold") == [ids["m1"]]
+    site.wait_event(f"{ids['m1']}: held by administrator")
+    assert "final: on hold, deferred for" in site.cli("trace", ids["m1"]).output
     with SmtpSink("127.0.0.7", port) as corp:
         site.cli("queue", "flush")  # m2 now; m1 is held, m3's server is still down
         (m,) = corp.wait_for_messages(1)
