@@ -17,6 +17,7 @@ exception in one delivery stop the others (it becomes 451 4.3.0 and an event).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -95,9 +96,9 @@ class QueueManager:
         self._scheduled: dict[str, float] = {}  # id -> due time in the heap (latest wins)
         self._leaving: dict[str, list[asyncio.Future[None]]] = {}  # admin waits for an active id
         self._wake = asyncio.Event()
-        self._dest_limits: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(config.outbound.max_per_destination)
-        )
+        # Per-destination concurrency ([outbound] max_per_destination); an entry lives only
+        # while deliveries to that destination are in flight (no growth per MX domain).
+        self._dest_limits: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self.idle = asyncio.Event()  # set when nothing is in memory (tests wait on it)
         self.idle.set()
         self.delivered = 0
@@ -270,12 +271,26 @@ class QueueManager:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
         if env.crlf_checked and not isinstance(content, CrlfChecked):
             content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
-        async with self._dest_limits[route.key]:
+        async with self._destination_slot(route.key):
             started = time.monotonic()
             results = await self.remote(queue_id, env.mail_from, rcpts, content, route)
             if self.on_attempt is not None:
                 self.on_attempt(route, results, time.monotonic() - started)
             return results
+
+    @contextlib.asynccontextmanager
+    async def _destination_slot(self, key: str):
+        sem, users = self._dest_limits.get(key) or (asyncio.Semaphore(self.config.outbound.max_per_destination), 0)
+        self._dest_limits[key] = (sem, users + 1)
+        try:
+            async with sem:
+                yield
+        finally:
+            sem, users = self._dest_limits[key]
+            if users <= 1:
+                del self._dest_limits[key]
+            else:
+                self._dest_limits[key] = (sem, users - 1)
 
     async def _settle(
         self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], start: float, now: float

@@ -348,3 +348,16 @@ def test_restart_keeps_the_retry_schedule(tmp_path):
     finally:
         node.stop()
         store.close()
+
+
+def test_per_destination_slots_are_not_kept_after_delivery(tmp_path):
+    port = free_port("127.0.0.7")
+    with SmtpSink("127.0.0.7", port) as store:
+        node = start_node(tmp_path, servers=[f"127.0.0.7:{port}"])
+        try:
+            send(node, ["a@corp.example"])
+            store.wait_for_messages(1)
+            node.wait_idle()
+            assert node.node.queue._dest_limits == {}
+        finally:
+            node.stop()
