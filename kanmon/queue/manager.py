@@ -236,8 +236,7 @@ class QueueManager:
             entry, content = fresh  # just accepted: nothing on disk to read back
         else:
             try:
-                entry = await loop.run_in_executor(self._io, self.spool.load, queue_id)
-                content = await loop.run_in_executor(self._io, self.spool.read_content, queue_id)
+                entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile (admin action)
         if entry.state.hold:

@@ -265,6 +265,15 @@ class Spool:
         env, size = self.read_envelope(queue_id)
         return SpoolEntry(queue_id, env, size, self.read_state(queue_id))
 
+    def load_with_content(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
+        """Entry and content in one read of the queue file (checked against its CRC)."""
+        ej, content = self._read_checked(self.queue / queue_id)
+        try:
+            env = envelope_from_json(ej)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptEntry(f"bad envelope: {e}") from None
+        return SpoolEntry(queue_id, env, len(content), self.read_state(queue_id)), content
+
     def queue_ids(self) -> Iterator[str]:
         with os.scandir(self.queue) as it:
             for e in it:
