@@ -165,7 +165,9 @@ def _session_steps(db, session: str | None, before_id: int) -> list[Step]:
 def _message(db, qid: str) -> Timeline:
     t = Timeline(queue_id=qid)
     rows = db.execute(
-        "SELECT id, ts, queue_id, kind, text, session, detail FROM events WHERE queue_id = ? ORDER BY id", (qid,)
+        # In time order: with receiver processes, a message's lines come from two writers
+        # whose batches land in either order, so ids alone do not order them.
+        "SELECT id, ts, queue_id, kind, text, session, detail FROM events WHERE queue_id = ? ORDER BY ts, id", (qid,)
     ).fetchall()
     hist = db.execute(
         "SELECT rcpt, mail_from, message_id, subject, size, client_ip, helo, status FROM history"

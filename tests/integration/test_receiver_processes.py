@@ -78,6 +78,13 @@ def test_receivers_accept_and_the_main_process_delivers(tmp_path):
 
         wait_for(lambda: [r.status for r in search_history(tmp_path / "data")] == ["Delivered"] * 10, 15,
                  "delivered status in the history")
+        # And a message's timeline reads in the order things happened across both writers.
+        from kanmon.records.trace import trace
+
+        qid = search_history(tmp_path / "data")[0].queue_id
+        (timeline,) = trace(tmp_path / "data", qid)
+        kinds = [s.step for s in timeline.steps]
+        assert kinds.index("accepted") < kinds.index("attempt") < kinds.index("removed"), kinds
     finally:
         proc.terminate()
 
