@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -41,6 +40,7 @@ from kanmon.config import Config, MaintenanceJob
 from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id, new_queue_id
 from kanmon.queue.notices import Notices
 from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
+from kanmon.spool.groupcommit import write_durably
 
 STATES = ("active", "deferred", "hold", "corrupt", "all")
 ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
@@ -544,13 +544,7 @@ class QueueOps:
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold}
 
     def _append_ledger(self, qid: str) -> None:
-        fd = os.open(self._ledger(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, qid.encode() + b"\n")
-            if self.spool.fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)
 
     # -- drain --------------------------------------------------------------------------------
 

@@ -61,6 +61,21 @@ def sync_files(fds: Sequence[int]) -> None:
             os.fdatasync(fd)
 
 
+def write_durably(path: Path, data: bytes, *, append: bool = False, sync: bool = True) -> None:
+    """Write (or append) one small file and fdatasync it: journals and ledgers, whose
+    writes are not batched through the committer."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (creates, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
-from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files
+from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
@@ -197,14 +197,7 @@ class Spool:
     def append_state(self, queue_id: str, records: list[dict]) -> None:
         """Append journal records durably (blocking: call from a worker thread)."""
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
-        path = self.state_dir / queue_id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, data)
-            if self.fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        write_durably(self.state_dir / queue_id, data, append=True, sync=self.fsync)
 
     def read_state(self, queue_id: str) -> QueueState:
         state = QueueState()
@@ -455,13 +448,7 @@ class Spool:
         if self.exists(queue_id):
             return False
         tmp = self.state_dir / f".{queue_id}.restore"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, state_bytes)
-            if self.fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        write_durably(tmp, state_bytes, sync=self.fsync)
         os.replace(tmp, self.state_dir / queue_id)
         # A copy in incoming/ is what an import killed before its rename left behind.
         (self.incoming / queue_id).unlink(missing_ok=True)
