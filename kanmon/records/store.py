@@ -190,8 +190,12 @@ class Records:
         """
         self._put(("event", time.time(), queue_id, kind, text, session, detail))
 
-    def history_accept(self, queue_id: str, env: Envelope, size: int, content: bytes) -> None:
-        fields = header_fields(content)
+    def history_accept(
+        self, queue_id: str, env: Envelope, size: int, content: bytes, fields: dict[str, str] | None = None
+    ) -> None:
+        """History rows for an accepted message; `fields` when the caller already parsed
+        Subject and Message-ID from the header block (header_fields)."""
+        fields = header_fields(content) if fields is None else fields
         client = env.client
         for n, rcpt in enumerate(env.rcpts):
             self._put((

@@ -423,13 +423,14 @@ class SmtpProtocol(asyncio.Protocol):
             server.accepted += 1
             env = a.envelope
             c = self.client
-            msgid = header_fields(a.content, (b"message-id",)).get("message-id", "")
+            fields = header_fields(a.content)  # once, for the event line and the history
+            msgid = fields.get("message-id", "")
             server.records.emit(
                 f"from=<{env.mail_from}>, size={len(a.content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, "
                 f"proto={c.proto}, relay={c.name} [{c.ip}]" + (f", auth={c.auth_user}" if c.auth_user else ""),
                 a.queue_id, session=self.sid,
             )
-            server.records.history_accept(a.queue_id, env, len(a.content), a.content)
+            server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields)
             server.on_stored(a.queue_id, env, a.content)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
