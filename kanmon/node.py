@@ -17,6 +17,7 @@ import asyncio
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -28,13 +29,15 @@ from kanmon.deliver.local import LocalDelivery
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring
-from kanmon.policy.access import AcceptPolicy
+from kanmon.policy.quota import quota_effect_handlers
+from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
 from kanmon.receiver import ReceiverPool, bind_listener
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
+from kanmon.store.maildir import mailbox_usage
 from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
@@ -86,10 +89,13 @@ class Node:
             clock=self.clock, notices=Notices(config),
         )
         self.tls_context = server_context(config)
-        self.policy = AcceptPolicy(config)
-        self.policy.quota_notices = QuotaNotices(
+        # The accept checks; the I/O they need (mailbox usage) and their effects (quota
+        # notices) are passed in here, so policy/ imports no store module.
+        self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir))
+        self.quota_notices = QuotaNotices(
             self.data_dir, config.server.hostname, self.spool, self.records, self.queue.submit_nowait
         )
+        effects = quota_effect_handlers(self.quota_notices)
         # A config with only [server] and [balancer] is a node that only balances.
         self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set
                                and not config.domain)
@@ -97,8 +103,8 @@ class Node:
             self.workers = 0
         elif not self.workers:
             self.smtp = SmtpServer(
-                config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
-                clock=self.clock.now,
+                config, self.pipeline, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
+                clock=self.clock.now, effects=effects,
             )
         # The store role: accounts, submission, POP3, IMAP (each only when configured).
         self.users = Users(config)
@@ -106,8 +112,8 @@ class Node:
         if config.submission is not None and not self.workers and self.mail_roles:
             sub = config.submission
             self.services.append(SmtpServer(
-                config, self.policy, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
-                clock=self.clock.now, submission=True, auth=SubmissionAuth(self.users, self.throttle),
+                config, self.pipeline, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
+                clock=self.clock.now, submission=True, auth=SubmissionAuth(self.users, self.throttle), effects=effects,
                 listeners=[(h, p, False) for h, p in sub.listen] + [(h, p, True) for h, p in sub.listen_tls],
             ))
         if config.pop3 is not None:

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from kanmon.config import Config, load_config
@@ -154,10 +155,12 @@ def _die_with_parent() -> None:
 
 
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
-    from kanmon.policy.access import AcceptPolicy
+    from kanmon.policy.quota import quota_effect_handlers
+    from kanmon.policy.standard import standard_pipeline
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
+    from kanmon.store.maildir import mailbox_usage
     from kanmon.store.quota import QuotaNotices
     from kanmon.store.users import AuthThrottle, Users
     from kanmon.tlscert import server_context
@@ -166,7 +169,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     records = Records(data_dir, config.server.hostname, echo=None if quiet else sys.stdout)
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
-    policy = AcceptPolicy(config)
+    pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir))
     tls = server_context(config)
 
     def queued(queue_id: str, envelope, content: bytes) -> None:
@@ -175,15 +178,15 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         except (BrokenPipeError, OSError):
             pass  # the main process is gone; recovery will find the message
 
-    policy.quota_notices = QuotaNotices(data_dir, config.server.hostname, spool, records, queued)
+    effects = quota_effect_handlers(QuotaNotices(data_dir, config.server.hostname, spool, records, queued))
     servers = []
     for role in ("smtp", "submission"):
         socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]
         if not socks:
             continue
         auth = SubmissionAuth(Users(config), AuthThrottle()) if role == "submission" else None
-        servers.append(SmtpServer(config, policy, spool, records, queued, tls, sockets=socks,
-                                  submission=role == "submission", auth=auth))
+        servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
+                                  submission=role == "submission", auth=auth, effects=effects))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -191,28 +191,31 @@ class Records:
         self._put(("event", time.time(), queue_id, kind, text, session, detail))
 
     def history_accept(
-        self, queue_id: str, env: Envelope, size: int, content: bytes, fields: dict[str, str] | None = None
+        self, queue_id: str, env: Envelope, size: int, content: bytes, fields: dict[str, str] | None = None, *,
+        classification: str = "NotSpam", disposition: str = "Accept",
     ) -> None:
         """History rows for an accepted message; `fields` when the caller already parsed
-        Subject and Message-ID from the header block (header_fields)."""
+        Subject and Message-ID from the header block (header_fields); classification and
+        disposition as the checks decided."""
         fields = header_fields(content) if fields is None else fields
         client = env.client
         for n, rcpt in enumerate(env.rcpts):
             self._put((
                 "hist", time.time(), client.ip if client else "", env.mail_from, rcpt,
-                fields.get("subject", ""), fields.get("message-id", ""), size, "NotSpam", "Accept",
+                fields.get("subject", ""), fields.get("message-id", ""), size, classification, disposition,
                 queue_id, "Queued", client.auth_user if client else "", client.helo if client else "",
                 1 if n == 0 else 0,
             ))
 
     def history_reject(
-        self, env: Envelope | None, rcpt: str, reply: Reply, client_ip: str, auth_user: str = "", helo: str = ""
+        self, env: Envelope | None, rcpt: str, reply: Reply, client_ip: str, auth_user: str = "", helo: str = "", *,
+        classification: str = "NotSpam", disposition: str = "Reject",
     ) -> None:
         rcpts = [rcpt] if rcpt else (env.rcpts if env and env.rcpts else [""])
         for r in rcpts:
             self._put((
                 "hist", time.time(), client_ip, env.mail_from if env else "", r, "", "", env.size_hint if env else 0,
-                "NotSpam", "Reject", "", str(reply), auth_user, helo, 0,
+                classification, disposition, "", str(reply), auth_user, helo, 0,
             ))
 
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:

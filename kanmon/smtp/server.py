@@ -1,20 +1,25 @@
 """The SMTP listener: sockets, TLS, limits and timeouts around the I/O-free Session.
 
 Role: a thin asyncio.Protocol adapter. It feeds received bytes to kanmon.smtp.session,
-carries out the actions it returns (write, STARTTLS, store in the spool, close), keeps
-connection limits (in all and per client IP) and the idle/session timeouts, and writes
-session events (connect, TLS, rejects, disconnect) to the records.
+carries out the actions it returns (write, STARTTLS, store in the spool, run the checks
+that need I/O, carry out the checks' side effects, close), keeps connection limits (in
+all and per client IP) and the idle/session timeouts, refreshes the checks' probes (free
+disk) in an executor, and writes session events (connect, TLS, rejects naming the check
+that refused, disconnect) and history rows to the records.
 
 Trusts: nothing from the client. Reading is paused while a message is being made
 durable and while too much pipelined input is waiting, so one client costs at most one
 message plus MAX_PIPELINE_BUFFER of memory (DESIGN.md promise 6).
 Never: answer 250 to DATA before the spool returned (promise 1); turn an unexpected
-exception into anything but 451 4.3.0 and an event (promise 7).
+exception, or a check that failed or timed out, into anything but its failure reply
+(451 4.3.0 by default) and an event naming it (promise 7); do file I/O on the loop for a
+check (probes and lookups run in the executor).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -22,20 +27,23 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kanmon.config import Config
 from kanmon.model import ClientInfo, Envelope, Reply
-from kanmon.policy.access import AcceptPolicy
+from kanmon.policy.access import RelayAccess
+from kanmon.policy.pipeline import Decision, Outcome, Pipeline
 from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
 from kanmon.smtp.session import (
     MAX_PIPELINE_BUFFER,
     Authenticate,
+    CarryOut,
     Close,
     Rejected,
+    RunChecks,
     Send,
     Session,
     SessionSettings,
@@ -45,7 +53,8 @@ from kanmon.smtp.session import (
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.store.users import log_safe
 
-PROXY_HEADER_TIMEOUT = 10.0
+PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
+SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _session_ids = itertools.count(1)
 
@@ -64,7 +73,7 @@ class SmtpServer:
     def __init__(
         self,
         config: Config,
-        policy: AcceptPolicy,
+        pipeline: Pipeline,
         spool: Spool,
         records: Records,
         on_stored: Callable[[str, Envelope, bytes], None],
@@ -75,10 +84,14 @@ class SmtpServer:
         sockets: list[tuple[socket.socket, bool]] | None = None,
         submission: bool = False,
         auth: SubmissionAuth | None = None,
+        effects: Mapping[type, Callable[[Any], Awaitable[None]]] | None = None,
+        proxy_header_timeout: float = PROXY_HEADER_TIMEOUT,
     ):
         """listeners: (host, port, implicit TLS) to bind; default: [smtp] listen, plain.
         sockets: (already listening socket, implicit TLS), e.g. inherited by a receiver process.
-        submission: RFC 6409 profile (AUTH after TLS, required for MAIL) with auth."""
+        submission: RFC 6409 profile (AUTH after TLS, required for MAIL) with auth.
+        effects: how to carry out each type of side effect the checks return
+        (e.g. kanmon.policy.quota.quota_effect_handlers)."""
         if sockets is not None:
             listeners = []
         self.listeners = listeners if listeners is not None else [(h, p, False) for h, p in config.smtp.listen]
@@ -86,7 +99,10 @@ class SmtpServer:
         self.submission = submission
         self.auth = auth
         self.config = config
-        self.policy = policy
+        self.pipeline = pipeline
+        self.access = RelayAccess(config)
+        self.effects = dict(effects or {})
+        self.proxy_header_timeout = proxy_header_timeout
         self.spool = spool
         self.records = records
         self.on_stored = on_stored
@@ -102,6 +118,7 @@ class SmtpServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.pipeline.refresh)  # probes answer before the first client
         try:
             for host, port, implicit_tls in self.listeners:
                 if implicit_tls and self.tls_context is None:
@@ -158,19 +175,46 @@ class SmtpServer:
         return any(addr in net for net in self._trusted_proxies)
 
     async def _sweep(self) -> None:
-        """One timer for all connections: idle timeouts and the total session deadline."""
-        smtp = self.config.smtp
+        """One timer for all connections (sweep_nowait), and the checks' probes refreshed."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for conn in list(self.connections):
-                limit = smtp.data_timeout if conn.session and conn.session.in_data else smtp.command_timeout
-                if conn.waiting_for_us:
-                    continue
-                if now - conn.last_activity > limit:
-                    conn.shutdown(replies.TIMEOUT, "timeout")
-                elif now - conn.started > smtp.session_timeout:
-                    conn.shutdown(replies.SESSION_TOO_LONG, "session time limit")
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep_nowait(time.monotonic())
+            try:
+                await loop.run_in_executor(None, self.pipeline.refresh)
+            except Exception as e:  # noqa: BLE001 - a probe must not stop the timeouts
+                self.records.emit(f"check probe failed: {type(e).__name__}: {e}", kind="error")
+
+    def sweep_nowait(self, now: float) -> None:
+        """Close what has waited too long at `now` (time.monotonic): a trusted proxy's
+        missing PROXY header, idle clients, sessions past their total deadline."""
+        smtp = self.config.smtp
+        for conn in list(self.connections):
+            if conn.awaiting_proxy_header:
+                if now - conn.started > self.proxy_header_timeout:
+                    self.records.emit(f"timeout waiting for the PROXY header from {conn.peer_ip}", session=conn.sid)
+                    conn.shutdown(None)
+                continue
+            limit = smtp.data_timeout if conn.session and conn.session.in_data else smtp.command_timeout
+            if conn.waiting_for_us:
+                continue
+            if now - conn.last_activity > limit:
+                conn.shutdown(replies.TIMEOUT, "timeout")
+            elif now - conn.started > smtp.session_timeout:
+                conn.shutdown(replies.SESSION_TOO_LONG, "session time limit")
+
+    async def carry_out(self, effects: tuple, sid: str | None = None) -> None:
+        """Carry out the checks' side effects, in order; one failing never stops the others."""
+        for effect in effects:
+            handler = self.effects.get(type(effect))
+            if handler is None:
+                self.records.emit(f"no handler for the check effect {effect!r}", kind="error", session=sid)
+                continue
+            try:
+                await handler(effect)
+            except Exception as e:  # noqa: BLE001 - an effect must never break the session
+                self.records.emit(f"check effect {type(effect).__name__} failed: {type(e).__name__}: {e}",
+                                  kind="error", session=sid)
 
 
 class SmtpProtocol(asyncio.Protocol):
@@ -189,6 +233,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
+        self._check_task: asyncio.Task[None] | None = None  # running the session's pending checks
         self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
 
     # -- connection ----------------------------------------------------------------------
@@ -202,6 +247,10 @@ class SmtpProtocol(asyncio.Protocol):
             transport.write(replies.LOCAL_ERROR.wire())  # type: ignore[attr-defined]
             transport.close()
             self._closed = True
+
+    @property
+    def awaiting_proxy_header(self) -> bool:
+        return self._proxy_buf is not None and not self._closed
 
     def _connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
@@ -241,11 +290,11 @@ class SmtpProtocol(asyncio.Protocol):
             tls_available=server.tls_context is not None,
             tls_active=bool(client.tls_version),
             submission=server.submission,
-            sender_addresses=server.policy.sender_addresses if server.submission else None,
+            sender_addresses=server.access.sender_addresses if server.submission else None,
         )
-        self.session = Session(settings, server.policy, client, server.clock())
+        self.session = Session(settings, server.pipeline, client, server.clock())
         server.records.emit(f"connect from {client.name}[{ip}]", session=self.sid)
-        if smtp.greet_pause > 0 and not server.submission and not server.policy.is_relay_client(ip):
+        if smtp.greet_pause > 0 and not server.submission and not server.access.is_relay_client(ip):
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Relay clients and submission skip it.
             self._greet_timer = asyncio.get_running_loop().call_later(smtp.greet_pause, self._greet)
@@ -288,6 +337,8 @@ class SmtpProtocol(asyncio.Protocol):
         if why and self.client:
             self.server.records.emit(f"{why} after {self.session.state.value} from {self.client.name}[{self.client.ip}]", session=self.sid)
         self._do(self.session.close(reply))
+        if self._check_task is not None:
+            self._check_task.cancel()  # closed: nobody waits for the answer
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -366,6 +417,12 @@ class SmtpProtocol(asyncio.Protocol):
                 self._pause()
                 self.waiting_for_us = True
                 self.server.spawn(self._store(a))
+            elif isinstance(a, RunChecks):
+                self._pause()
+                self.waiting_for_us = True
+                self._check_task = self.server.spawn(self._run_checks(a))
+            elif isinstance(a, CarryOut):
+                self.server.spawn(self.server.carry_out(a.effects, self.sid))
             elif isinstance(a, Authenticate):
                 self._pause()
                 self.waiting_for_us = True
@@ -398,15 +455,44 @@ class SmtpProtocol(asyncio.Protocol):
     def _log_reject(self, a: Rejected) -> None:
         c = self.client
         assert c is not None
+        records = self.server.records
+        fields = {"check": a.check, "stage": a.command} if a.check else None
+        if a.error:
+            assert fields is not None
+            fields["error"] = a.error
+            records.emit(f"warning: check {a.check} failed at {a.command}: {a.error}; answered {a.reply}",
+                         kind="error", session=self.sid, detail=fields)
         env = a.envelope
         detail = f"; from=<{env.mail_from}>" if env else ""
         if a.rcpt:
             detail += f" to=<{a.rcpt}>"
-        self.server.records.emit(
-            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>", session=self.sid,
+        records.emit(
+            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>",
+            session=self.sid, detail=fields,
         )
         if a.command in ("RCPT", "DATA"):
-            self.server.records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo)
+            records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo,
+                                   classification=a.classification, disposition="Reject")
+
+    async def _run_checks(self, a: RunChecks) -> None:
+        """Await the checks that need I/O (each bounded by its timeout inside resolve()),
+        carry out the decision's effects before the reply (a quota marker is written
+        before the client can ask again), then let the session continue."""
+        assert self.session is not None
+        try:
+            decision = await a.pending.resolve()
+        except Exception as e:  # noqa: BLE001 - promise 7: the runner itself failed
+            check = a.pending.check
+            decision = Decision(Outcome.TEMPFAIL, replies.LOCAL_ERROR, check.name, check.classification,
+                                error=f"{type(e).__name__}: {e}")
+        finally:
+            self._check_task = None
+        if decision.effects:
+            await self.server.carry_out(decision.effects, self.sid)
+            decision = dataclasses.replace(decision, effects=())
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        self._do(self.session.check_result(decision))
 
     async def _store(self, a: StoreMessage) -> None:
         server = self.server
@@ -430,7 +516,8 @@ class SmtpProtocol(asyncio.Protocol):
                 f"proto={c.proto}, relay={c.name} [{c.ip}]" + (f", auth={c.auth_user}" if c.auth_user else ""),
                 a.queue_id, session=self.sid,
             )
-            server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields)
+            server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
+                                          classification=a.classification, disposition="Accept")
             server.on_stored(a.queue_id, env, a.content)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
-from kanmon.policy.access import AcceptPolicy
+from kanmon.policy.pipeline import Context, Decision, Pending, Pipeline, Stage
 from kanmon.smtp import replies
-from kanmon.smtp.address import parse_path
+from kanmon.smtp.address import Path, parse_path
 
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
-MAX_RECEIVED = 50  # RFC 5321 6.3: loop detection by counting Received: headers
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
 MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
 
@@ -63,7 +62,10 @@ class StoreMessage:
 
     queue_id: str
     envelope: Envelope
-    content: bytes  # Received: header + message, CRLF line ends, dot-unstuffed
+    content: bytes  # Received: header + added headers + message, CRLF line ends, dot-unstuffed
+    classification: str = "NotSpam"  # for the history row: what the checks said
+    score: float = 0.0
+    quarantine: str = ""  # a check asked to quarantine the message, for this reason
 
 
 @dataclass(slots=True)
@@ -74,6 +76,9 @@ class Rejected:
     reply: Reply
     envelope: Envelope | None = None
     rcpt: str = ""
+    check: str = ""  # the check that refused ("" for a protocol error)
+    classification: str = "Protocol"  # for the history row
+    error: str = ""  # the check failed (timeout, exception) and its failure mode answered
 
 
 @dataclass(slots=True)
@@ -85,7 +90,22 @@ class Authenticate:
     password: str
 
 
-Action = Send | Close | StartTls | StoreMessage | Rejected | Authenticate
+@dataclass(slots=True)
+class RunChecks:
+    """Await pending.resolve() (each check bounded by its timeout), carry out the
+    decision's effects, then call check_result() with it."""
+
+    pending: Pending
+
+
+@dataclass(slots=True)
+class CarryOut:
+    """Side effects the checks asked for (a quota notice...), for the listener to carry out."""
+
+    effects: tuple
+
+
+Action = Send | Close | StartTls | StoreMessage | Rejected | Authenticate | RunChecks | CarryOut
 
 
 class State(enum.Enum):
@@ -98,6 +118,7 @@ class State(enum.Enum):
     WAIT_TLS = "wait_tls"  # 220 sent to STARTTLS, handshake pending
     AUTH_INPUT = "auth_input"  # 334 sent, the next line is the client's response
     WAIT_AUTH = "wait_auth"  # credentials handed to the listener
+    WAIT_CHECK = "wait_check"  # a check needs I/O: the listener runs it (RunChecks)
     CLOSED = "closed"
 
 
@@ -118,12 +139,18 @@ class _Transaction:
     envelope: Envelope
     accepted_rcpts: int = 0
     original: list[str] = field(default_factory=list)
+    headers: tuple[tuple[str, str], ...] = ()  # to add, from the checks at MAIL and RCPT
+    score: float = 0.0
+    quarantine: str = ""
+    classification: str = ""
 
 
 class Session:
-    def __init__(self, settings: SessionSettings, policy: AcceptPolicy, client: ClientInfo, now: float = 0.0):
+    _resume_state = State.READY  # the state to return to after WAIT_CHECK
+
+    def __init__(self, settings: SessionSettings, pipeline: Pipeline, client: ClientInfo, now: float = 0.0):
         self.settings = settings
-        self.policy = policy
+        self.pipeline = pipeline
         self.client = client
         self.state = State.GREETING
         self.tls_active = settings.tls_active
@@ -142,11 +169,29 @@ class Session:
         self._now = now
         self._auth_mech = ""  # mechanism waiting for input (AUTH_INPUT)
         self._auth_user = ""  # LOGIN: the user name given so far
+        self._then: Callable[[Decision, list[Action]], None] | None = None  # WAIT_CHECK: what the decision continues
+        self._pending: Pending | None = None
 
     # -- listener interface -------------------------------------------------------
 
     def greeting(self) -> list[Action]:
-        return [Send(Reply(220, "", f"{self.settings.hostname} ESMTP kanmon").wire())]
+        out: list[Action] = []
+        if self.pipeline.has_hooks(Stage.CONNECT):
+            self._ask(Stage.CONNECT, Context(self.client), self._connect_decided, out)
+        else:
+            self._connect_decided(None, out)
+        return out
+
+    def _connect_decided(self, d: Decision | None, out: list[Action]) -> None:
+        if d is not None and not d.accepted:
+            # RFC 5321 3.1: a server that will not serve this client says so in the greeting.
+            assert d.reply is not None
+            self.state = State.CLOSED
+            out.append(Send(d.reply.wire()))
+            out.append(Rejected("CONNECT", d.reply, None, "", d.check, d.classification, d.error))
+            out.append(Close("refused at connect"))
+            return
+        out.append(Send(Reply(220, "", f"{self.settings.hostname} ESMTP kanmon").wire()))
 
     def set_time(self, now: float) -> None:
         """The listener tells the session the wall-clock time (for Received: dates)."""
@@ -154,7 +199,7 @@ class Session:
 
     @property
     def waiting(self) -> bool:
-        return self.state in (State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH)
+        return self.state in (State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK)
 
     @property
     def in_data(self) -> bool:
@@ -233,10 +278,25 @@ class Session:
         self._run(out)
         return out
 
+    def check_result(self, decision: Decision) -> list[Action]:
+        """The listener resolved the pending checks (RunChecks) and carried out the effects
+        of this decision: continue where the session stopped."""
+        if self.state is State.CLOSED:
+            return []  # closed meanwhile (shutdown, timeout): nothing more to say
+        assert self.state is State.WAIT_CHECK and self._then is not None
+        then, self._then, self._pending = self._then, None, None
+        out: list[Action] = []
+        then(decision, out)
+        self._run(out)
+        return out
+
     def close(self, reply: Reply | None = None) -> list[Action]:
         """Close from the listener's side (timeout, shutdown)."""
         if self.state is State.CLOSED:
             return []
+        if self._pending is not None:
+            self._pending.discard()  # never resolved: release what it holds
+            self._pending = self._then = None
         self.state = State.CLOSED
         out: list[Action] = []
         if reply is not None:
@@ -253,7 +313,8 @@ class Session:
             self._data = bytearray()
 
     def _run_commands(self, out: list[Action]) -> None:
-        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.CLOSED):
+        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK,
+                                 State.CLOSED):
             lf = self._buf.find(b"\n")
             if self._skip_line:
                 if lf < 0:
@@ -336,6 +397,39 @@ class Session:
     def _reply(self, reply: Reply, out: list[Action]) -> None:
         out.append(Send(reply.wire()))
 
+    # -- the check pipeline ----------------------------------------------------------------
+
+    def _ask(self, stage: Stage, ctx: Context, then: Callable[[Decision, list[Action]], None], out: list[Action]) -> None:
+        """Ask the pipeline; continue with then(decision, out) now, or once the listener
+        has run the checks that need I/O (state WAIT_CHECK, input stays buffered)."""
+        d = self.pipeline.run(stage, ctx)
+        if isinstance(d, Decision):
+            if d.effects:
+                out.append(CarryOut(d.effects))
+            then(d, out)
+            return
+        self._then = then
+        self._pending = d
+        self._resume_state = self.state
+        self.state = State.WAIT_CHECK
+        out.append(RunChecks(d))
+
+    def _refused(self, command: str, d: Decision, out: list[Action], envelope: Envelope | None = None,
+                 rcpt: str = "", *, may_close: bool = True) -> None:
+        """A check refused: its reply, an event naming it, and the error count."""
+        reply = d.reply or replies.LOCAL_ERROR
+        self.errors += 1
+        out.append(Send(reply.wire()))
+        out.append(Rejected(command, reply, envelope, rcpt, d.check, d.classification, d.error))
+        if may_close and self.errors >= self.settings.max_errors:
+            out.append(Send(replies.TOO_MANY_ERRORS.wire()))
+            out.append(Close("too many errors"))
+            self.state = State.CLOSED
+
+    def _restore_state(self) -> None:
+        if self.state is State.WAIT_CHECK:
+            self.state = self._resume_state
+
     def _end_transaction(self) -> None:
         self._tx = None
         self._data = bytearray()
@@ -367,7 +461,24 @@ class Session:
             lines.append("STARTTLS")
         if self.settings.submission and self.tls_active:
             lines.append("AUTH PLAIN LOGIN")  # RFC 4954; only over TLS (RFC 8314 / smtpd_tls_auth_only)
-        self._reply(Reply(250, "", "\n".join(lines)), out)
+        self._ask_helo("EHLO", Reply(250, "", "\n".join(lines)), out)
+
+    def _ask_helo(self, command: str, reply: Reply, out: list[Action]) -> None:
+        if not self.pipeline.has_hooks(Stage.HELO):
+            self._reply(reply, out)
+            return
+
+        def decided(d: Decision, out: list[Action]) -> None:
+            self._restore_state()
+            if d.accepted:
+                self._reply(reply, out)
+                return
+            self.client.helo = ""  # refused: the client must greet again
+            self.esmtp = False
+            self.state = State.GREETING
+            self._refused(command, d, out)
+
+        self._ask(Stage.HELO, Context(self.client), decided, out)
 
     def _helo(self, arg: str, out: list[Action]) -> None:
         name = arg.strip()
@@ -378,7 +489,7 @@ class Session:
         self.esmtp = False
         self._tx = None
         self.state = State.READY
-        self._reply(Reply(250, "", self.settings.hostname), out)
+        self._ask_helo("HELO", Reply(250, "", self.settings.hostname), out)
 
     def _mail(self, arg: str, out: list[Action]) -> None:
         if self.state is State.GREETING:
@@ -415,10 +526,15 @@ class Session:
                 env.smtputf8 = True
             else:
                 raise SmtpError(replies.PARAM_UNKNOWN)
-        verdict = self.policy.check_mail(self.client, path)
-        if not verdict.accepted:
-            raise SmtpError(verdict.reply or replies.LOCAL_ERROR)
-        self._tx = _Transaction(env)
+        self._ask(Stage.MAIL, Context(self.client, env, sender=path), lambda d, out: self._mail_decided(env, d, out), out)
+
+    def _mail_decided(self, env: Envelope, d: Decision, out: list[Action]) -> None:
+        self._restore_state()
+        if not d.accepted:
+            self._refused("MAIL", d, out)
+            return
+        tx = self._tx = _Transaction(env)
+        _merge(tx, d)
         self.state = State.MAIL
         self._reply(replies.SENDER_OK, out)
 
@@ -434,24 +550,24 @@ class Session:
         path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8)
         if path.params:
             raise SmtpError(replies.PARAM_UNKNOWN)
-        decision = self.policy.check_rcpt(self.client, path)
-        if not decision.verdict.accepted:
-            reply = decision.verdict.reply or replies.LOCAL_ERROR
-            self.errors += 1
-            out.append(Send(reply.wire()))
-            out.append(Rejected("RCPT", reply, self._tx.envelope, path.address))
-            if self.errors >= self.settings.max_errors:
-                out.append(Send(replies.TOO_MANY_ERRORS.wire()))
-                out.append(Close("too many errors"))
-                self.state = State.CLOSED
+        self._ask(Stage.RCPT, Context(self.client, self._tx.envelope, rcpt=path),
+                  lambda d, out: self._rcpt_decided(path, d, out), out)
+
+    def _rcpt_decided(self, path: Path, d: Decision, out: list[Action]) -> None:
+        self._restore_state()
+        tx = self._tx
+        assert tx is not None
+        if not d.accepted:
+            self._refused("RCPT", d, out, tx.envelope, path.address)
             return
-        env = self._tx.envelope
-        for target in decision.expands_to:
+        env = tx.envelope
+        for target in d.recipients:
             if target not in env.rcpts:
                 env.rcpts.append(target)
                 if target != path.address:
                     env.original_rcpts[target] = path.address
-        self._tx.accepted_rcpts += 1
+        _merge(tx, d)
+        tx.accepted_rcpts += 1
         self.state = State.RCPT
         self._reply(replies.RCPT_OK, out)
 
@@ -614,21 +730,27 @@ class Session:
             self._end_transaction()
             self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)
             return
-        header_end = content.find(b"\r\n\r\n")
-        header = content if header_end < 0 else content[: header_end + 2]
-        received = header.lower().count(b"\r\nreceived:") + header[:9].lower().startswith(b"received:")
-        if received >= MAX_RECEIVED:
+        ctx = Context(self.client, tx.envelope, content=content, header_end=content.find(b"\r\n\r\n"))
+        self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, d, out), out)
+
+    def _data_decided(self, content: bytes, d: Decision, out: list[Action]) -> None:
+        tx = self._tx
+        assert tx is not None
+        if not d.accepted:
             self._end_transaction()
-            self._reply_rejected(replies.MAIL_LOOP, tx.envelope, out)
+            self._refused("DATA", d, out, tx.envelope, may_close=False)  # as for the other DATA refusals
             return
+        _merge(tx, d)
         queue_id = new_queue_id(self._now or None)
         env = tx.envelope
         env.received_at = self._now
         env.crlf_checked = True  # checked above: only CRLF line ends
         env.client = self.client
         trace = self._received_header(queue_id, env)
+        if tx.headers:
+            trace += _header_lines(tx.headers)
         self.state = State.WAIT_STORE
-        out.append(StoreMessage(queue_id, env, trace + content))
+        out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine))
 
     def _reply_rejected(self, reply: Reply, envelope: Envelope, out: list[Action]) -> None:
         self.errors += 1
@@ -653,6 +775,26 @@ class Session:
         else:
             lines.append(f"\t; {formatdate(self._now or None, localtime=True)}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def _merge(tx: _Transaction, d: Decision) -> None:
+    """Keep what an accepting decision adds to the message (headers, score...)."""
+    if d.headers:
+        tx.headers += d.headers
+    if d.score:
+        tx.score += d.score
+    if d.quarantine and not tx.quarantine:
+        tx.quarantine = d.quarantine
+    if d.classification:
+        tx.classification = d.classification
+
+
+_FIELD_VALUE_BREAK = re.compile(r"[\r\n\x00]+")
+
+
+def _header_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """Header fields the checks add (a value may quote the network: no line breaks)."""
+    return "".join(f"{name}: {_FIELD_VALUE_BREAK.sub(' ', value)}\r\n" for name, value in headers).encode("utf-8", "replace")
 
 
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e\u00a0-\uffff]")

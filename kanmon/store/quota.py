@@ -6,6 +6,10 @@ as Dovecot's quota warnings are), so they know to clean up; senders' servers ret
 meanwhile. A marker file in the mailbox remembers that the notice went out; it is
 removed when the mailbox is under its quota again, so the next overflow notifies anew.
 
+The accept check (kanmon.policy.quota) returns the over/under facts as effects; the SMTP
+listener carries them out by awaiting over() and under(), whose file I/O (the marker)
+runs in the default executor, never on the event loop.
+
 Trusts: addresses that are configured mailboxes (the accept checks resolved them).
 Never: block the SMTP session (the notice is stored in a task); send more than one
 notice per overflow.
@@ -32,26 +36,45 @@ class QuotaNotices:
         self.records = records
         self.on_stored = on_stored
         self._tasks: set[asyncio.Task] = set()
+        self._marking: set[str] = set()  # addresses whose marker is being written right now
 
     def _marker(self, address: str) -> Path:
         return mailbox_path(self.data_dir, address) / MARKER
 
-    def over(self, address: str, usage: int, quota: int) -> None:
-        """A recipient was refused for being over quota (called from the accept checks)."""
+    async def over(self, address: str, usage: int, quota: int) -> None:
+        """A recipient was refused for being over quota: write the marker (in the
+        executor) and, when it was not there yet, store the notice in a task."""
+        if address in self._marking:
+            return  # a concurrent refusal is already writing it
+        self._marking.add(address)
+        loop = asyncio.get_running_loop()
+        try:
+            first = await loop.run_in_executor(None, self._mark, address, usage, quota)
+        finally:
+            self._marking.discard(address)
+        if not first:
+            return
+        task = loop.create_task(self._send(address, usage, quota))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _mark(self, address: str, usage: int, quota: int) -> bool:
+        """Blocking: create the marker; True when this overflow was not notified yet."""
         marker = self._marker(address)
         if marker.exists():
-            return
+            return False
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{usage} {quota}\n")
         except OSError:
-            return
-        task = asyncio.get_running_loop().create_task(self._send(address, usage, quota))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            return False
+        return True
 
-    def under(self, address: str) -> None:
+    async def under(self, address: str) -> None:
         """The mailbox is under its quota: the next overflow gets a new notice."""
+        await asyncio.get_running_loop().run_in_executor(None, self._unmark, address)
+
+    def _unmark(self, address: str) -> None:
         self._marker(address).unlink(missing_ok=True)
 
     async def _send(self, address: str, usage: int, quota: int) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 with atheris.instrument_imports():
     from kanmon.config import parse_config
     from kanmon.model import ClientInfo, SmtpError
-    from kanmon.policy.access import AcceptPolicy
+    from kanmon.policy.standard import standard_pipeline
     from kanmon.smtp.address import MAX_DOMAIN, MAX_LOCAL_PART, parse_path
     from kanmon.smtp.session import MAX_COMMAND_LINE, Authenticate, Session, SessionSettings, StartTls, StoreMessage
 
@@ -48,7 +48,8 @@ name = "example.test"
 mailboxes = ["alice", "bob"]
 aliases = { info = ["alice", "bob"] }
 """)
-POLICY = AcceptPolicy(CONFIG, free_disk=lambda: 10**12)
+POLICY = standard_pipeline(CONFIG, free_disk=lambda: 10**12)
+POLICY.refresh()
 
 
 def check_path(text: str, is_sender: bool, utf8: bool) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from kanmon.config import parse_config
 from kanmon.model import ClientInfo
-from kanmon.policy.access import AcceptPolicy
+from kanmon.policy.access import RelayAccess
+from kanmon.policy.standard import standard_pipeline
 from kanmon.smtp import replies
 from kanmon.smtp.session import Close, Rejected, Send, Session, SessionSettings, StartTls, State, StoreMessage
 
@@ -32,7 +33,8 @@ servers = ["127.0.0.7:25"]
 
 def make_session(ip: str = "127.0.0.1", *, free_disk: int = 10**12, config: str = CONFIG, **settings) -> Session:
     cfg = parse_config(config)
-    policy = AcceptPolicy(cfg, free_disk=lambda: free_disk)
+    pipeline = standard_pipeline(cfg, free_disk=lambda: free_disk)
+    pipeline.refresh()  # the listener's probe refresh, here by hand
     s = SessionSettings(
         hostname="mx1.example.test",
         max_message_size=cfg.smtp.max_message_size,
@@ -40,7 +42,7 @@ def make_session(ip: str = "127.0.0.1", *, free_disk: int = 10**12, config: str 
         max_errors=settings.pop("max_errors", 10),
         **settings,
     )
-    return Session(s, policy, ClientInfo(ip=ip), now=1_700_000_000.0)
+    return Session(s, pipeline, ClientInfo(ip=ip), now=1_700_000_000.0)
 
 
 def sent(actions) -> bytes:
@@ -325,11 +327,10 @@ from kanmon.smtp.session import Authenticate  # noqa: E402
 
 def submission_session(tls: bool = True) -> Session:
     cfg = parse_config(CONFIG)
-    policy = AcceptPolicy(cfg, free_disk=lambda: 10**12)
     s = Session(
         SessionSettings("mx1.example.test", 10_000, 100, tls_active=tls, submission=True,
-                        sender_addresses=policy.sender_addresses),
-        policy, ClientInfo(ip="192.0.2.50"),
+                        sender_addresses=RelayAccess(cfg).sender_addresses),
+        standard_pipeline(cfg, free_disk=lambda: 10**12), ClientInfo(ip="192.0.2.50"),
     )
     s.greeting()
     return s

@@ -1,0 +1,37 @@
+"""The standard checks, in order: what every kanmon listener asks before accepting mail.
+
+Role: assemble the pipeline from the config (the composition roots kanmon.node and
+kanmon.receiver call this, and pass in the I/O the checks must not import themselves).
+Never: import a store or spool module (the usage function is passed in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kanmon.config import Config
+from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
+from kanmon.policy.disk import FreeDiskCheck
+from kanmon.policy.loop import LoopCheck
+from kanmon.policy.pipeline import Check, Pipeline
+from kanmon.policy.quota import QuotaCheck
+
+
+def standard_checks(
+    config: Config, *, quota_usage: Callable[[str, str], int] | None = None,
+    free_disk: Callable[[], int] | None = None,
+) -> list[Check]:
+    """quota_usage(domain, local) -> bytes (blocking); needed when a domain has a quota.
+    free_disk() -> free bytes in data_dir (blocking); statvfs by default."""
+    access = RelayAccess(config)
+    checks: list[Check] = [FreeDiskCheck(config, free_disk), RelayAccessCheck(access), LocalRecipientsCheck(access)]
+    if any(d.quota is not None for d in config.domain):
+        if quota_usage is None:
+            raise ValueError("a domain has a quota: the quota check needs a usage function")
+        checks.append(QuotaCheck(config, quota_usage))
+    checks.append(LoopCheck())
+    return checks
+
+
+def standard_pipeline(config: Config, **io: Callable) -> Pipeline:
+    return Pipeline(standard_checks(config, **io))
