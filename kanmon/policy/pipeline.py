@@ -187,6 +187,8 @@ class _Tally:
         return self._decision(ctx, outcome, reply, check, check.classification, error)
 
     def done(self, ctx: Context) -> Decision:
+        if ctx.rcpt is None and not (self.headers or self.score or self.quarantine or self.effects or self.classification):
+            return ACCEPT_DECISION  # the common case: nothing to carry
         return Decision(
             headers=self.headers, score=self.score, quarantine=self.quarantine, effects=self.effects,
             recipients=ctx.recipients, classification=self.classification,

@@ -1,9 +1,15 @@
 """The ESMTP server session: an I/O-free state machine (RFC 5321).
 
 Role: fed whole buffers of client bytes, it returns Actions for the listener: bytes to
-send, "store this message", "start TLS", "close". It never touches a socket, a file or a
-clock; the listener (kanmon.smtp.server) does, and reports back with message_stored(),
-message_failed(), tls_started(). The same object is driven by bytes in the protocol tests.
+send, "store this message", "start TLS", "run these checks", "carry out these effects",
+"close". It never touches a socket, a file or a clock; the listener (kanmon.smtp.server)
+does, and reports back with message_stored(), message_failed(), tls_started(),
+auth_result(), check_result(). The same object is driven by bytes in the protocol tests.
+
+Policy is not here: at connect, HELO, MAIL, RCPT and end of DATA the session asks the
+check pipeline (kanmon.policy.pipeline). An answer given at once is applied at once; an
+answer that needs I/O puts the session in WAIT_CHECK (input stays buffered, nothing more
+is read) until the listener calls check_result().
 
 Trusts: nothing the client sends. Every buffer is bounded: a command line is at most
 512 octets (RFC 5321 4.5.3.1.4), and one that runs past 64 KiB closes the connection
@@ -183,6 +189,7 @@ class Session:
         return out
 
     def _connect_decided(self, d: Decision | None, out: list[Action]) -> None:
+        self._restore_state()
         if d is not None and not d.accepted:
             # RFC 5321 3.1: a server that will not serve this client says so in the greeting.
             assert d.reply is not None
