@@ -45,6 +45,7 @@ from typing import TextIO
 from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
+from kanmon.units import format_duration, format_size
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
 EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
@@ -199,13 +200,13 @@ class Alerts:
     def _check_disk(self) -> None:
         limit = self.cfg.disk_free_below if self.cfg.disk_free_below is not None else self.config.smtp.min_free_disk
         free = self.free_disk()
-        text = f"free disk space in {self.data_dir}: {_size(free)}, below the threshold {_size(limit)}"
+        text = f"free disk space in {self.data_dir}: {format_size(free)}, below the threshold {format_size(limit)}"
         if free < limit:
             self._call_soon(self.raise_alert, "disk", str(self.data_dir), text +
                             ("\nSMTP answers 452 4.3.1 to MAIL while free space is under smtp.min_free_disk "
-                             f"({_size(self.config.smtp.min_free_disk)})."))
+                             f"({format_size(self.config.smtp.min_free_disk)})."))
         else:
-            self._call_soon(self.clear, "disk", str(self.data_dir), f"free disk space {_size(free)}")
+            self._call_soon(self.clear, "disk", str(self.data_dir), f"free disk space {format_size(free)}")
 
     def _check_queue(self) -> None:
         from kanmon.metrics import queue_snapshot
@@ -221,10 +222,10 @@ class Alerts:
         age = self.clock.now() - snap.oldest if snap.oldest is not None else 0.0
         if age > self.cfg.queue_oldest_above:
             self._call_soon(self.raise_alert, "queue", "oldest",
-                            f"the oldest message ({snap.oldest_id}) has waited {_duration(age)}, above the threshold "
-                            f"{_duration(self.cfg.queue_oldest_above)}\nTo see its history: kanmon trace {snap.oldest_id}")
+                            f"the oldest message ({snap.oldest_id}) has waited {format_duration(age)}, above the threshold "
+                            f"{format_duration(self.cfg.queue_oldest_above)}\nTo see its history: kanmon trace {snap.oldest_id}")
         else:
-            self._call_soon(self.clear, "queue", "oldest", f"oldest message waited {_duration(age)}")
+            self._call_soon(self.clear, "queue", "oldest", f"oldest message waited {format_duration(age)}")
 
     def _check_ratio(self) -> None:
         if not self._db_path.exists():
@@ -253,10 +254,10 @@ class Alerts:
         not_after = cert_not_after(self.cert_path).timestamp()
         left = not_after - self.clock.now()
         if left < self.cfg.cert_expires_within:
-            what = "expired" if left <= 0 else f"expires in {_duration(left)}"
+            what = "expired" if left <= 0 else f"expires in {format_duration(left)}"
             self._call_soon(self.raise_alert, "certificate", str(self.cert_path),
                             f"our TLS certificate {self.cert_path} {what} (not after {_stamp(not_after)}); "
-                            f"threshold {_duration(self.cfg.cert_expires_within)}")
+                            f"threshold {format_duration(self.cfg.cert_expires_within)}")
         else:
             self._call_soon(self.clear, "certificate", str(self.cert_path), "certificate renewed")
 
@@ -411,35 +412,13 @@ class Alerts:
             f"Category: {st.category}\n"
             f"Server: {self.config.server.hostname}\n\n"
             f"To look closer: {self._command(st.category)}\n\n"
-            f"This alert is mailed at most once every {_duration(self.cfg.min_interval)} while it lasts;\n"
+            f"This alert is mailed at most once every {format_duration(self.cfg.min_interval)} while it lasts;\n"
             "`kanmon alert list` shows recent alerts and which are still active.\n"
         )
 
 
 def _first(text: str) -> str:
     return text.split("\n", 1)[0]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    if m:
-        return f"{m}m {s}s"
-    return f"{s}s"
 
 
 # ---------------------------------------------------------------------------

@@ -81,6 +81,21 @@ class Reply:
         return "".join(out).encode("utf-8", "replace")
 
 
+@dataclass(frozen=True, slots=True)
+class LocalReply(Reply):
+    """A reply kanmon made up itself (connection refused, timeout, TLS missing...).
+
+    Logged as its bare text (`stat=Deferred: Connection refused by 192.0.2.7`), and put
+    in a DSN as `Diagnostic-Code: X-Kanmon; ...` rather than `smtp; ...`, because no
+    server said it.
+    """
+
+
+def describe_reply(reply: Reply) -> str:
+    """Text for the event log: a server's reply as `451 4.3.0 text`, ours as bare text."""
+    return reply.text if isinstance(reply, LocalReply) else str(reply).replace("\n", " ")
+
+
 class SmtpError(Exception):
     """The one error type that carries an SMTP reply (DESIGN.md promise 7)."""
 
@@ -168,3 +183,10 @@ class RecipientResult:
     relay: str = ""  # "host [ip]:port" or "local"
     mailer: str = ""  # local | esmtp
     tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL"
+
+
+class CrlfChecked(bytes):
+    """A message body whose line ends were already checked to be CRLF only (the SMTP
+    session refuses anything else at DATA): the outbound client need not scan it again."""
+
+    __slots__ = ()

@@ -23,6 +23,7 @@ from rich.table import Table
 from kanmon.balancer.haproxy import haproxy_config
 from kanmon.balancer.status import read_status, status_path
 from kanmon.cli import config_option, load_or_exit
+from kanmon.units import format_duration, format_size
 
 
 @click.group("balance")
@@ -31,27 +32,11 @@ def balance() -> None:
 
 
 def _bytes(n: Any) -> str:
-    if not isinstance(n, int):
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
+    return format_size(n) if isinstance(n, int) else "-"
 
 
 def _since(t: Any, now: float) -> str:
-    if not isinstance(t, (int, float)):
-        return "-"
-    s = max(0, int(now - t))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
+    return format_duration(now - t) if isinstance(t, (int, float)) else "-"
 
 
 @balance.command("status")

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import NamedTuple
 
-from kanmon.model import RecipientResult, Reply
-from kanmon.smtp.client import LocalReply
+from kanmon.model import LocalReply, RecipientResult, Reply
+from kanmon.units import format_duration
 
 FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
 DELAY_SUBJECT = "Warning: could not send message for past {duration}"
@@ -79,16 +79,6 @@ def _clean(text: str, limit: int = MAX_FIELD) -> str:
 
 def _date(ts: float) -> str:
     return format_datetime(datetime.fromtimestamp(ts, timezone.utc))
-
-
-def describe_duration(seconds: float) -> str:
-    """'40 minutes', '4 hours', '1 day': the largest whole unit, as in sendmail's notices."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            n = seconds // size
-            return f"{n} {unit}{'s' if n != 1 else ''}"
-    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def _status(reply: Reply, *, failed: bool) -> str:
@@ -313,7 +303,7 @@ def build_delay_notice(
     since arrival.
     """
     now = time.time() if now is None else now
-    duration = describe_duration(now - arrival)
+    duration = format_duration(now - arrival, "words")
     human = [
         f"This is the mail system at host {_clean(hostname, 253)}.",
         "",
@@ -322,7 +312,7 @@ def build_delay_notice(
         "####################################################################",
         "",
         f"Your message could not be delivered for more than {duration}.",
-        f"It will be retried until it is {describe_duration(will_retry_until - arrival)} old.",
+        f"It will be retried until it is {format_duration(will_retry_until - arrival, 'words')} old.",
         "",
         "For further assistance, please send mail to postmaster.",
         "",
@@ -351,5 +341,4 @@ __all__ = [
     "NoticeRecipient",
     "build_delay_notice",
     "build_failure_notice",
-    "describe_duration",
 ]

@@ -31,17 +31,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kanmon.deliver.mx import MxResolver, NextHop
-from kanmon.model import RecipientResult, Reply, SmtpError, Status
+from kanmon.model import LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
 from kanmon.smtp.client import (
     TLS_POLICIES,
     ClientSettings,
     ConnectionLost,
-    LocalReply,
     SmtpClientError,
     SmtpConnection,
     SmtpConnectionPool,
     check_address,
-    describe_reply,
 )
 
 if TYPE_CHECKING:

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
-from kanmon.model import Envelope, RecipientResult, Reply, Status, new_queue_id
+from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply, new_queue_id
 from kanmon.records.store import Records
-from kanmon.smtp.client import CrlfChecked, describe_reply
+from kanmon.units import format_duration
 from kanmon.routing import Route, Router
 from kanmon.spool.store import QueueState, Spool, SpoolEntry
 
@@ -42,15 +42,6 @@ LIFETIME_EXPIRED = "message expired in the queue"
 
 RemoteDeliver = Callable[[str, str, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
 NoticeBuilder = Callable[..., bytes]
-
-
-def hms(seconds: float) -> str:
-    """Sendmail-style delay: [d+]hh:mm:ss."""
-    seconds = max(0, int(seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return (f"{d}+" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
 def retry_delay(attempts: int, first: float, most: float, rng: random.Random) -> float:
@@ -354,8 +345,8 @@ class QueueManager:
         orig = env.original_rcpts.get(r.rcpt)
         if orig:
             parts.append(f"orig_to=<{orig}>")
-        parts.append(f"delay={hms(now - (env.received_at or now))}")
-        parts.append(f"xdelay={hms(now - start)}")
+        parts.append(f"delay={format_duration(now - (env.received_at or now), 'clock')}")
+        parts.append(f"xdelay={format_duration(now - start, 'clock')}")
         parts.append(f"mailer={r.mailer or 'local'}")
         if r.relay and r.relay != "local":
             parts.append(f"relay={r.relay}")

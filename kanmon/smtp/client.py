@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kanmon.model import Reply
+from kanmon.model import CrlfChecked, LocalReply, Reply, describe_reply
 
 if TYPE_CHECKING:
     from kanmon.config import Config, TlsPolicy
@@ -57,21 +57,6 @@ _ADDRESS_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f<>\x85\u2028\u2029]")
 
 # ---------------------------------------------------------------------------
 # Replies and errors
-
-
-@dataclass(frozen=True, slots=True)
-class LocalReply(Reply):
-    """A reply kanmon made up itself (connection refused, timeout, TLS missing...).
-
-    Logged as its bare text (`stat=Deferred: Connection refused by 192.0.2.7`), and put
-    in a DSN as `Diagnostic-Code: X-Kanmon; ...` rather than `smtp; ...`, because no
-    server said it.
-    """
-
-
-def describe_reply(reply: Reply) -> str:
-    """Text for the event log: a server's reply as `451 4.3.0 text`, ours as bare text."""
-    return reply.text if isinstance(reply, LocalReply) else str(reply).replace("\n", " ")
 
 
 class SmtpClientError(Exception):
@@ -164,13 +149,6 @@ def parse_reply(lines: Sequence[bytes]) -> Reply:
 
 # ---------------------------------------------------------------------------
 # The body on the wire
-
-
-class CrlfChecked(bytes):
-    """A body whose line ends were already checked to be CRLF only (the SMTP session
-    refuses anything else at DATA): encode_data need not scan it again."""
-
-    __slots__ = ()
 
 
 def encode_data(body: bytes) -> bytes:
@@ -1119,7 +1097,6 @@ __all__ = [
     "ClientSettings",
     "ConnectFailed",
     "ConnectionLost",
-    "LocalReply",
     "ServerRefused",
     "SmtpClientError",
     "SmtpConnection",
@@ -1129,8 +1106,6 @@ __all__ = [
     "TransactionResult",
     "check_address",
     "clean_text",
-    "describe_reply",
-    "CrlfChecked",
     "encode_data",
     "open_connection",
     "parse_reply",

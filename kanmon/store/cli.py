@@ -20,6 +20,7 @@ from rich.table import Table
 
 from kanmon.cli import config_option, load_or_exit
 from kanmon.store.users import UnknownMailbox, Users
+from kanmon.units import format_size
 
 
 def _users(config_path: str | None) -> Users:
@@ -29,15 +30,6 @@ def _users(config_path: str | None) -> Users:
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"kanmon: {message}", err=True)
     sys.exit(code)
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def _when(ts: float | None) -> str:
@@ -108,7 +100,7 @@ def list_users(as_json: bool, config_path: str | None) -> None:
             i.address,
             "yes" if i.has_password else "no",
             "LOCKED" if i.locked else "",
-            _human_size(i.size),
+            format_size(i.size),
             str(i.messages),
             _when(i.last_login) + (f" from {i.last_ip}" if i.last_ip else ""),
         )

@@ -10,11 +10,11 @@ import asyncio
 import pytest
 import trustme
 
+from kanmon.model import LocalReply
 from kanmon.smtp.client import (
     ClientSettings,
     ConnectFailed,
     ConnectionLost,
-    LocalReply,
     ServerRefused,
     SmtpConnectionPool,
     TlsUnavailable,

@@ -13,7 +13,7 @@ from kanmon.config import parse_config
 from kanmon.deliver.mx import NextHop
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.model import Status
-from kanmon.smtp.client import LocalReply, describe_reply
+from kanmon.model import LocalReply, describe_reply
 from tests.support.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 from tests.support.smtpsink import SmtpSink, tls_server_context
 

@@ -13,10 +13,8 @@ from kanmon.deliver.dsn import (
     NoticeRecipient,
     build_delay_notice,
     build_failure_notice,
-    describe_duration,
 )
-from kanmon.model import Reply
-from kanmon.smtp.client import LocalReply
+from kanmon.model import LocalReply, Reply
 
 ARRIVAL = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 ORIGINAL = (
@@ -132,14 +130,6 @@ def test_delay_notice():
     text = parts(msg)[0].get_payload(decode=True).decode()
     assert "THIS IS A WARNING ONLY" in text and "retried until it is 3 days old" in text
     assert b"SECRET BODY LINE" not in data
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(40 * 60, "40 minutes"), (60, "1 minute"), (4 * 3600 + 59 * 60, "4 hours"), (86400, "1 day"), (3 * 86400 + 5, "3 days"), (30, "30 seconds")],
-)
-def test_durations(seconds, text):
-    assert describe_duration(seconds) == text
 
 
 def test_delay_subject_uses_the_actual_duration():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kanmon.model import Reply
-from kanmon.smtp.client import LocalReply, check_address, describe_reply, encode_data, parse_reply
+from kanmon.model import LocalReply, Reply, describe_reply
+from kanmon.smtp.client import check_address, encode_data, parse_reply
 
 
 def test_single_line_reply_with_enhanced_code():

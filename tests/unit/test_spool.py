@@ -81,7 +81,8 @@ def test_queue_ids_are_unique_and_sortable():
 
 
 def test_crlf_checked_flag_survives_the_spool_and_skips_the_outbound_scan(tmp_path):
-    from kanmon.smtp.client import CrlfChecked, encode_data
+    from kanmon.model import CrlfChecked
+    from kanmon.smtp.client import encode_data
 
     spool = Spool(tmp_path)
     q = new_queue_id()
