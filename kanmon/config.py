@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from kanmon.cron import parse_schedule
+
 # ---------------------------------------------------------------------------
 # Value types: durations ("30s", "5m", "4h", "3d"), sizes ("512KB", "1GB"),
 # host:port endpoints and CIDR networks.
@@ -363,8 +365,6 @@ class MaintenanceJob(Section):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        from kanmon.admin.cron import parse_schedule  # noqa: PLC0415 - admin imports config
-
         return parse_schedule(v)
 
     @field_validator("reason")

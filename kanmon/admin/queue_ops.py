@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
-from kanmon.admin.cron import CronSchedule
+from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
 from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id, new_queue_id
 from kanmon.queue.notices import Notices

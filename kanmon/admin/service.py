@@ -19,7 +19,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kanmon.admin.cron import CronSchedule
+from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.control import ControlServer, DataDirLock
 

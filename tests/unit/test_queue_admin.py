@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
-from kanmon.admin.cron import CronSchedule
+from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import Filters, last_reply, parse_reply_text
 from kanmon.model import Envelope, new_queue_id
 from kanmon.spool.store import CorruptEntry, Spool, encode_queue_file

@@ -1,5 +1,7 @@
 """Cron schedules for [[maintenance]] jobs: parse "m h dom mon dow" and find the next run.
 
+It sits beside config (which validates every schedule at load) and below everything else.
+
 Role: the five-field crontab(5) syntax of Vixie cron / cronie, so an administrator can
 copy a line from the crontab they are replacing: `*`, numbers, ranges `a-b`, lists
 `a,b`, steps `*/n` and `a-b/n`, month and weekday names (`jan`, `mon`), 0 and 7 both
