@@ -17,7 +17,7 @@ import time
 
 import click
 
-from kanmon.cli import config_option, format_time, load_or_exit, parse_since
+from kanmon.cli_options import config_option, format_time, json_option, load_or_exit, parse_since
 from kanmon.config import ALERT_CATEGORIES
 
 WAIT_FOR_SERVER = 15.0
@@ -75,7 +75,7 @@ def alert_test(config_path, category, wait) -> None:
 @alert.command("list")
 @config_option
 @click.option("--since", default="7d", show_default=True, help="Alerts of the last DURATION.")
-@click.option("--json", "as_json", is_flag=True, help="JSON: {\"active\": [...], \"recent\": [...]}.")
+@json_option("JSON: {\"active\": [...], \"recent\": [...]}.")
 def alert_list(config_path, since, as_json) -> None:
     """Recent alerts, and which are still active."""
     import dataclasses

@@ -13,6 +13,7 @@ an expected error (exit 1 for a failed operation, 2 for bad arguments).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import click
 
-from kanmon.admin.queue_ops import STATES, Filters, OfflineLink, QueueOps, dispatch
-from kanmon.cli import config_option, format_time, load_or_exit
+from kanmon.admin.queue_ops import STATES, Filters, QueueOps, dispatch, offline_queue_ops
+from kanmon.cli_options import config_option, format_time, json_option, load_or_exit
 from kanmon.config import Config, parse_duration, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
 
@@ -36,7 +37,7 @@ class AdminSession:
         self.data_dir = Path(config.server.data_dir)
         self.client: ControlClient | None = None
         self.lock: DataDirLock | None = None
-        self._offline: tuple | None = None
+        self._offline: contextlib.ExitStack | None = None
         self.ops: QueueOps | None = None
 
     @property
@@ -64,14 +65,8 @@ class AdminSession:
                 if time.monotonic() >= deadline:
                     _fail(f"{e}, and no control socket answers")
                 time.sleep(0.1)
-        from kanmon.records.store import Records  # noqa: PLC0415
-        from kanmon.spool.store import Spool  # noqa: PLC0415
-
-        spool = Spool(self.data_dir)
-        records = Records(self.data_dir, self.config.server.hostname, echo=None)
-        link = OfflineLink()
-        self._offline = (spool, records, link)
-        self.ops = QueueOps(self.config, spool, records, link)
+        self._offline = contextlib.ExitStack()
+        self.ops = self._offline.enter_context(offline_queue_ops(self.config))
         return self
 
     def call(self, op: str, args: dict | None = None) -> dict:
@@ -92,11 +87,7 @@ class AdminSession:
         if self.client is not None:
             self.client.close()
         if self._offline is not None:
-            spool, records, link = self._offline
-            link.close()
-            spool.close()
-            records.flush()
-            records.close()
+            self._offline.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -158,7 +149,7 @@ def queue() -> None:
 @queue.command("list")
 @config_option
 @filter_options
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of the mailq-style listing.")
+@json_option("JSON instead of the mailq-style listing.")
 def list_cmd(config_path, as_json, **filters) -> None:
     """What is queued (like mailq): id, arrival, size, sender, recipients, last reply, next try.
 
@@ -197,7 +188,7 @@ def list_cmd(config_path, as_json, **filters) -> None:
 @config_option
 @click.argument("queue_id")
 @click.option("--lines", default=50, show_default=True, help="Body lines to show.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def show_cmd(config_path, queue_id, lines, as_json) -> None:
     """One message: envelope, attempt history with remote replies, headers, first body lines."""
     cfg = load_or_exit(config_path)
@@ -250,7 +241,7 @@ def _act_command(action: str, doc: str, confirm: bool = True):
     @filter_options
     @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
     @click.option("--yes", "-y", is_flag=True, help="Do not ask before acting on a filter match.")
-    @click.option("--json", "as_json", is_flag=True)
+    @json_option()
     def command(config_path, ids, dry_run, yes, as_json, **filters) -> None:
         cfg = load_or_exit(config_path)
         f = make_filters(ids, **filters)
@@ -306,7 +297,7 @@ _act_command("requeue", "Route again and try now, with the retry backoff restart
 @filter_options
 @click.option("--by", type=click.Choice(["domain", "sender"]), default="domain", show_default=True,
               help="Rows by recipient domain, or by sender domain (qshape -s).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def summary_cmd(config_path, by, as_json, **filters) -> None:
     """Counts by destination and age (like Postfix's qshape), in minutes since arrival."""
     cfg = load_or_exit(config_path)
@@ -375,7 +366,7 @@ def backup_cmd(config_path, file, **filters) -> None:
 @config_option
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @click.option("--hold", is_flag=True, help="Restore on hold instead of scheduling for delivery.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def restore_cmd(config_path, file, hold, as_json) -> None:
     """Put the messages of a backup into this queue (checksums verified; never twice)."""
     cfg = load_or_exit(config_path)
@@ -397,7 +388,7 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
               default="opportunistic", show_default=True)
 @click.argument("ids", nargs=-1)
 @filter_options(to_flag="--rcpt")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def drain_cmd(config_path, target, tls, ids, as_json, **filters) -> None:
     """Deliver queued messages to HOST:PORT; each is removed here only after its 250."""
     cfg = load_or_exit(config_path)
@@ -427,7 +418,7 @@ def maintenance() -> None:
 
 @maintenance.command("list")
 @config_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def maintenance_list(config_path, as_json) -> None:
     """The configured jobs and when each runs next."""
     cfg = load_or_exit(config_path)
@@ -453,7 +444,7 @@ def maintenance_list(config_path, as_json) -> None:
 @config_option
 @click.argument("job")
 @click.option("--dry-run", is_flag=True, help="Show what it would do; change nothing.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def maintenance_run(config_path, job, dry_run, as_json) -> None:
     """Run job NAME (or its 1-based INDEX) now."""
     cfg = load_or_exit(config_path)

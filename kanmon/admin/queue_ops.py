@@ -24,6 +24,7 @@ ids and from which command.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import re
@@ -39,6 +40,7 @@ from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
 from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id, new_queue_id
 from kanmon.queue.notices import Notices
+from kanmon.records.store import Records
 from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
 
@@ -112,6 +114,28 @@ class OfflineLink:
     def close(self) -> None:
         if self._loop is not None:
             self._loop.close()
+
+
+@contextlib.contextmanager
+def offline_queue_ops(config: Config) -> Iterator[QueueOps]:
+    """The queue operations on the spool of a node that is not running.
+
+    The caller holds the data directory's lock (kanmon.control.DataDirLock), so nothing
+    else writes the spool meanwhile. On exit the records are flushed and everything opened
+    here is closed. This is how the CLI works without a server: it never opens the spool
+    or the records database itself.
+    """
+    data_dir = Path(config.server.data_dir)
+    spool = Spool(data_dir)
+    records = Records(data_dir, config.server.hostname, echo=None)
+    link = OfflineLink()
+    try:
+        yield QueueOps(config, spool, records, link)
+    finally:
+        link.close()
+        spool.close()
+        records.flush()
+        records.close()
 
 
 # ---------------------------------------------------------------------------

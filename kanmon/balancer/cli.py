@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kanmon.balancer.haproxy import haproxy_config
 from kanmon.balancer.status import read_status, status_path
-from kanmon.cli import config_option, load_or_exit
+from kanmon.cli_options import config_option, json_option, load_or_exit
 from kanmon.units import format_duration, format_size
 
 
@@ -41,7 +41,7 @@ def _since(t: Any, now: float) -> str:
 
 @balance.command("status")
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@json_option("Print the status document as JSON.")
 def status_command(config_path: str | None, as_json: bool) -> None:
     """Each real server: state, checks passed/failed, connections now and in all, bytes in/out."""
     config = load_or_exit(config_path)

@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from kanmon.cli_options import config_option, json_option, load_or_exit
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
@@ -46,11 +47,6 @@ def dns() -> None:
     """DNS health check: the MX/A/PTR/SPF mistakes that make servers refuse our mail."""
 
 
-# kanmon.cli imports `dns` from here to register it; importing kanmon.cli only once `dns`
-# exists lets either module be imported first without a circular-import error.
-from kanmon.cli import config_option, load_or_exit  # noqa: E402
-
-
 @dns.command("check")
 @click.argument("domain")
 @click.option("--ip", "ips", multiple=True, callback=_ip, help="Our outgoing address (repeatable). Default: from -c.")
@@ -62,7 +58,7 @@ from kanmon.cli import config_option, load_or_exit  # noqa: E402
 @click.option("--dkim-selector", default=None, help="DKIM selector to check. Default: [dnscheck] dkim_selector.")
 @click.option("--dkim-key", default=None, type=click.Path(dir_okay=False),
               help="Our DKIM key (PEM) to compare with DNS. Default: [dnscheck] dkim_key.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 @config_option
 def check(
     domain: str,

@@ -1,25 +1,88 @@
-"""`kanmon trace` and `kanmon stats`: the records, read for the administrator.
+"""`kanmon log`, `kanmon trace` and `kanmon stats`: the records, read for the administrator.
 
-Role: parse the options, call kanmon.records.trace / kanmon.records.stats, print text
+Role: parse the options, call kanmon.records.query / trace / stats, print text
 (or JSON with --json). Trusts: nothing from argv (durations are validated, queries go
 to SQL as parameters). Never: open spool files or write the records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
 
 import click
 
-from kanmon.cli import config_option, format_time, load_or_exit, parse_since
+from kanmon.cli_options import config_option, format_time, json_option, load_or_exit, parse_since
+
+
+@click.group()
+def log() -> None:
+    """Search the event log and the message history."""
+
+
+@log.command("events")
+@config_option
+@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
+@click.option("--id", "queue_id", help="Only lines about this queue id.")
+@click.option("--grep", help="Only lines containing TEXT (case-insensitive).")
+@json_option("One JSON object per line.")
+@click.option("--limit", default=10_000, show_default=True, help="At most this many lines (the newest).")
+def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
+    """The event log: connections, TLS, accepts, rejects, deliveries."""
+    from kanmon.records.query import search_events
+
+    cfg = load_or_exit(config_path)
+    rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
+    for r in rows:
+        if as_json:
+            click.echo(json.dumps({"time": r.ts, "queue_id": r.queue_id, "kind": r.kind, "text": r.text}))
+        else:
+            click.echo(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
+
+
+@log.command("history")
+@config_option
+@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
+@click.option("--from", "mail_from", help="Envelope sender contains TEXT.")
+@click.option("--to", "rcpt", help="Recipient contains TEXT.")
+@click.option("--subject", help="Subject contains TEXT.")
+@click.option("--id", "queue_id", help="This queue id.")
+@json_option("One JSON object per line.")
+@click.option("--limit", default=10_000, show_default=True, help="At most this many rows (the newest).")
+def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json, limit) -> None:
+    """The message history: one row per message and recipient."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kanmon.records.query import search_history
+
+    cfg = load_or_exit(config_path)
+    rows = search_history(
+        cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
+        queue_id=queue_id, limit=limit,
+    )
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
+            r.disposition, r.queue_id, r.status,
+        )
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
 @click.command()
 @config_option
 @click.argument("query")
 @click.option("--since", default="7d", show_default=True, help="Only messages of the last DURATION.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per message.")
+@json_option("One JSON object per message.")
 def trace(config_path, query, since, as_json) -> None:
     """One timeline per message: QUERY is a queue id, a Message-ID or an address."""
     from kanmon.records.trace import trace as find
@@ -58,7 +121,7 @@ def trace(config_path, query, since, as_json) -> None:
 @config_option
 @click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True, help="Bucket size.")
 @click.option("--since", default="7d", show_default=True, help="The last DURATION.")
-@click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
+@json_option("The whole report as one JSON object.")
 @click.option("--top", default=10, show_default=True, help="How many top senders, recipients and domains.")
 def stats(config_path, by, since, as_json, top) -> None:
     """Mail volume: received, delivered, deferred, bounced, rejected, bytes; top senders,

@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.cli import config_option, load_or_exit
+from kanmon.cli_options import config_option, json_option, load_or_exit
 from kanmon.store.users import UnknownMailbox, Users
 from kanmon.units import format_size
 
@@ -67,7 +67,7 @@ def passwd(address: str, from_stdin: bool, config_path: str | None) -> None:
 
 
 @user.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option("Print JSON instead of a table.")
 @config_option
 def list_users(as_json: bool, config_path: str | None) -> None:
     """List mailboxes: password set, locked, size, messages, last login."""
