@@ -175,7 +175,6 @@ class Node:
         except asyncio.CancelledError:
             pass
         finally:
-            self.local.close()
             self.queue.close()
             await self.remote.close()
             self.spool.close()

@@ -21,16 +21,16 @@ from pathlib import Path
 
 from kanmon.model import RecipientResult, Reply, Status
 from kanmon.spool.groupcommit import GroupCommitter
+from kanmon.store.maildir import MaildirError, mailbox_path
 
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
 
 
-def mailbox_path(data_dir: Path, address: str) -> Path:
+def _mailbox_of(data_dir: Path, address: str) -> Path:
+    """The Maildir of `local@domain` (store.maildir.mailbox_path checks both parts)."""
     local, _, domain = address.rpartition("@")
-    if not local or "/" in local or local.startswith(".") or "/" in domain or domain.startswith("."):
-        raise ValueError(f"unsafe mailbox address {address!r}")
-    return Path(data_dir) / "mailboxes" / domain.lower() / local.lower()
+    return mailbox_path(data_dir, domain, local)
 
 
 def ensure_maildir(path: Path) -> None:
@@ -59,9 +59,6 @@ class LocalDelivery:
         self.committer = committer
         self._known: set[Path] = set()  # mailboxes whose tmp/new/cur exist
 
-    def close(self) -> None:
-        pass
-
     async def deliver(self, mail_from: str, rcpts: list[str], content: bytes) -> list[RecipientResult]:
         # Accepted content has no bare CR (the session refuses it), so deleting every CR
         # turns CRLF into LF in one C-level pass (4x faster than replace on 100 KB).
@@ -70,11 +67,11 @@ class LocalDelivery:
         results: list[RecipientResult | None] = []
         for rcpt in rcpts:
             try:
-                box = mailbox_path(self.data_dir, rcpt)
+                box = _mailbox_of(self.data_dir, rcpt)
                 if box not in self._known:
                     ensure_maildir(box)
                     self._known.add(box)
-            except (OSError, ValueError) as e:
+            except (OSError, MaildirError) as e:
                 results.append(_deferred(rcpt, e))
                 continue
             data = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace") + body
@@ -90,7 +87,7 @@ class LocalDelivery:
                 continue
             err = next(it)
             if err is not None:
-                self._known.discard(mailbox_path(self.data_dir, rcpt))
+                self._known.discard(_mailbox_of(self.data_dir, rcpt))
                 out.append(_deferred(rcpt, err))
             else:
                 out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))

@@ -28,7 +28,6 @@ from kanmon.dnscheck.sources import Answer, DnsSource, Status
 MAX_DNS_TERMS = 10
 _DNS_MECHANISMS = {"include", "a", "mx", "ptr", "exists"}
 _MECHANISMS = {"all", "ip4", "ip6"} | _DNS_MECHANISMS
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")  # RFC 7208 12: modifier name
 _CIDR_RE = re.compile(r"^(?P<spec>.*?)(?:/(?P<v4>\d+))?(?://(?P<v6>\d+))?$")
 _VERSION_RE = re.compile(r"^v=spf1(?: |$)", re.I)  # RFC 7208 4.5
 

@@ -5,7 +5,6 @@ Every reply carries an enhanced status code (RFC 2034, RFC 3463).
 
 from kanmon.model import Reply
 
-OK = Reply(250, "2.0.0", "Ok")
 RSET_OK = Reply(250, "2.0.0", "Ok")
 NOOP_OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
@@ -53,7 +52,6 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 ALREADY_TLS = Reply(503, "5.5.1", "Error: TLS already active")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 NO_UTF8 = Reply(553, "5.6.7", "Error: non-ASCII address requires SMTPUTF8")
-MESSAGE_TOO_BIG_SIZE = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 ROUTED_ADDRESS = Reply(550, "5.7.1", "Error: routed addresses (%, !, @ or source routes) are not accepted")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")

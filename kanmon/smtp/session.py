@@ -522,7 +522,7 @@ class Session:
                     raise SmtpError(replies.SYNTAX_PARAMS)
                 env.size_hint = int(value)
                 if env.size_hint > self.settings.max_message_size:
-                    raise SmtpError(replies.MESSAGE_TOO_BIG_SIZE)
+                    raise SmtpError(replies.MESSAGE_TOO_BIG)
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise SmtpError(replies.SYNTAX_PARAMS)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from kanmon.deliver.local import mailbox_path
+from kanmon.store.maildir import mailbox_path
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 
 MARKER = ".kanmon-quota-notified"
@@ -39,7 +39,8 @@ class QuotaNotices:
         self._marking: set[str] = set()  # addresses whose marker is being written right now
 
     def _marker(self, address: str) -> Path:
-        return mailbox_path(self.data_dir, address) / MARKER
+        local, _, domain = address.rpartition("@")
+        return mailbox_path(self.data_dir, domain, local) / MARKER
 
     async def over(self, address: str, usage: int, quota: int) -> None:
         """A recipient was refused for being over quota: write the marker (in the
