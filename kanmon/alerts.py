@@ -52,6 +52,8 @@ EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
 RATIO_WINDOW = 3600.0
 RATIO_MIN_RESULTS = 10
 
+SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
+
 LOOK_CLOSER = {
     "critical": "kanmon log events --since 1h --grep error",
     "disk": "df -h {data_dir}; kanmon queue summary",
@@ -200,7 +202,8 @@ class Alerts:
     def _check_disk(self) -> None:
         limit = self.cfg.disk_free_below if self.cfg.disk_free_below is not None else self.config.smtp.min_free_disk
         free = self.free_disk()
-        text = f"free disk space in {self.data_dir}: {format_size(free)}, below the threshold {format_size(limit)}"
+        text = (f"free disk space {format_size(free)}, below the threshold {format_size(limit)}\n"
+                f"Data directory: {self.data_dir}")
         if free < limit:
             self._call_soon(self.raise_alert, "disk", str(self.data_dir), text +
                             ("\nSMTP answers 452 4.3.1 to MAIL while free space is under smtp.min_free_disk "
@@ -256,8 +259,8 @@ class Alerts:
         if left < self.cfg.cert_expires_within:
             what = "expired" if left <= 0 else f"expires in {format_duration(left)}"
             self._call_soon(self.raise_alert, "certificate", str(self.cert_path),
-                            f"our TLS certificate {self.cert_path} {what} (not after {_stamp(not_after)}); "
-                            f"threshold {format_duration(self.cfg.cert_expires_within)}")
+                            f"our TLS certificate {what}\nCertificate: {self.cert_path}\n"
+                            f"Not after: {_stamp(not_after)} (threshold {format_duration(self.cfg.cert_expires_within)})")
         else:
             self._call_soon(self.clear, "certificate", str(self.cert_path), "certificate renewed")
 
@@ -399,7 +402,13 @@ class Alerts:
         })
 
     def _subject(self, category: str, text: str) -> str:
-        return f"[kanmon {self.config.server.hostname}] {category}: {_first(text)}"[:200]
+        """Category, node and a one-line summary: the first line of the text, cut short.
+
+        Details (paths, lists of servers) are on the following lines and in the body."""
+        summary = _first(text)
+        if len(summary) > SUBJECT_SUMMARY_MAX:
+            summary = summary[: SUBJECT_SUMMARY_MAX - 3].rsplit(" ", 1)[0] + "..."
+        return f"[kanmon {self.config.server.hostname}] {category}: {summary}"
 
     def _command(self, category: str) -> str:
         cert = self.cert_path or "<certificate>"

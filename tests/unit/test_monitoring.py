@@ -308,3 +308,15 @@ def test_trace_of_the_second_message_of_a_session_shows_only_its_own_transaction
     (first,) = trace(tmp_path, "0000000000001BC")
     assert [x.step for x in first.steps] == ["session", "tls", "reject", "accepted"]
     assert first.final == "in the queue, not tried yet"
+
+
+def test_alert_subject_is_the_first_line_cut_short_and_the_details_stay_in_the_body(tmp_path):
+    alerts, _, _, _, _ = make_alerts(tmp_path)
+    mails: list[tuple[str, str]] = []
+    alerts._enqueue = lambda category, key, subject, body, force: mails.append((subject, body))
+    long_line = "relay failover: " + " ".join(["server.example.test"] * 20)
+    alerts.raise_alert("delivery", "k", long_line + "\nFailed: /a/very/long/path/" + "d" * 200)
+    (subject, body), = mails
+    assert subject.startswith("[kanmon mx1.example.test] delivery: relay failover: server.example.test")
+    assert subject.endswith("...") and len(subject) <= len("[kanmon mx1.example.test] delivery: ") + 100
+    assert "/a/very/long/path" not in subject and "/a/very/long/path/" + "d" * 200 in body and long_line in body
