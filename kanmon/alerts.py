@@ -474,3 +474,46 @@ def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list
         latest[(rec.category, rec.key)] = rec
     active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
     return out, active
+
+
+# ---------------------------------------------------------------------------
+# The test button (kanmon alert test)
+
+
+def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None:
+    """Ask the running server to mail a test alert, and wait up to `wait` seconds for it.
+
+    The request is an event of kind "alert-request" in records.sqlite; the server's
+    watcher (poll_events) picks it up. Returns the server's event line about the mail
+    ("alert mail (...) queued: ..." or "alert not mailed (...): ..."), or None when no
+    server answered in time. FileNotFoundError: there are no records in data_dir.
+    """
+    from kanmon.records.store import open_db
+
+    path = Path(data_dir) / "records.sqlite"
+    if not path.exists():
+        raise FileNotFoundError(path)
+    db = open_db(path)
+    try:
+        with db:
+            cur = db.execute(
+                "INSERT INTO events(ts, queue_id, kind, text) VALUES (?, NULL, 'alert-request', ?)",
+                (time.time(), f"test alert requested: {category}"),
+            )
+            request_id = cur.lastrowid
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            row = db.execute(
+                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE ? ORDER BY id LIMIT 1",
+                (request_id, f"%({category}/test)%"),
+            ).fetchone() or db.execute(
+                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE 'alert not mailed%'"
+                " ORDER BY id LIMIT 1",
+                (request_id,),
+            ).fetchone()
+            if row:
+                return row[0]
+            time.sleep(0.2)  # a command waiting for another process: there is no clock to advance
+    finally:
+        db.close()
+    return None

@@ -1,8 +1,9 @@
 """The `kanmon` command: assembles the command groups, nothing else.
 
 Role: one `main` group with every command group added. Each group lives in its own
-module (a leaf: it imports kanmon.cli_options and the operations it calls, never another
-group or this module); adding a group is one import and one add_command here.
+module under kanmon/commands/ (a leaf: it imports kanmon.commands.options and the
+operations it calls, never another group or this module); adding a group is one import
+here and one name in the tuple below.
 
 Trusts: nothing (argv is parsed by the groups). Never: define a command itself, open
 spool files, or import the servers before a command that needs them runs.
@@ -13,14 +14,14 @@ from __future__ import annotations
 import click
 
 from kanmon import __version__
-from kanmon.admin.cli import maintenance, queue
-from kanmon.alerts_cli import alert
-from kanmon.balancer.cli import balance
-from kanmon.config_cli import config
-from kanmon.dnscheck.cli import dns
-from kanmon.node_cli import reload, serve
-from kanmon.records.cli import log, stats, trace
-from kanmon.store.cli import user
+from kanmon.commands.alert import alert
+from kanmon.commands.balance import balance
+from kanmon.commands.config import config
+from kanmon.commands.dns import dns
+from kanmon.commands.queue import maintenance, queue
+from kanmon.commands.records import log, stats, trace
+from kanmon.commands.serve import reload, serve
+from kanmon.commands.user import user
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

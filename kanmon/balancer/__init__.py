@@ -3,12 +3,8 @@
 Role: package of the TCP balancer that `kanmon serve` runs for a [balancer] section.
 service.BalancerService is the entry point; pool.py decides (no I/O), health.py checks,
 splice.py copies bytes, status.py keeps the status file, haproxy.py exports the same
-setup for HAProxy, cli.py is `kanmon balance`.
+setup for HAProxy; `kanmon balance` is kanmon/commands/balance.py.
 
 Trusts: the validated Config; nothing from the network.
 Never: parse the proxied bytes (it is a TCP proxy; the real servers speak SMTP).
 """
-
-from kanmon.balancer.service import BalancerService, validate_balancer
-
-__all__ = ["BalancerService", "validate_balancer"]

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from kanmon.balancer import BalancerService, health
+from kanmon.balancer import health
+from kanmon.balancer.service import BalancerService
 from kanmon.balancer.splice import HIGH_WATER
 from kanmon.config import ConfigError, HealthCheck, parse_config
 from kanmon.smtp.proxy_protocol import MAX_HEADER_BYTES, ProxyHeader, parse_proxy_header

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from kanmon.cli_options import config_option, format_time, json_option, load_or_exit, parse_since
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since
 
 
 @click.group()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from kanmon.cli_options import config_option, load_or_exit
+from kanmon.commands.options import config_option, load_or_exit
 
 
 @click.command()

@@ -1,9 +1,9 @@
 """What every `kanmon` command group shares: the -c and --json options, loading the
 config, and reading and showing times.
 
-Role: the one options module of the CLI. Each command group (kanmon/*_cli.py and
-kanmon/*/cli.py) is a leaf that imports this module and the operations it calls, never
-another group; kanmon/cli.py only assembles the groups.
+Role: the one options module of the CLI. Each command group (kanmon/commands/*.py) is a
+leaf that imports this module and the operations it calls, never another group;
+kanmon/cli.py only assembles the groups.
 
 Trusts: nothing from argv: a bad duration is a usage error naming the option, a bad
 config prints each bad key and exits 2. Never: print a traceback for an expected error.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from kanmon.cli_options import config_option, exit_config_error, load_or_exit
+from kanmon.commands.options import config_option, exit_config_error, load_or_exit
 from kanmon.config import ConfigError, example_config_text, reference_markdown
 
 

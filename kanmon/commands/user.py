@@ -18,7 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.cli_options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_or_exit
 from kanmon.store.users import UnknownMailbox, Users
 from kanmon.units import format_size
 

@@ -1,6 +1,6 @@
 """`kanmon dns check`: the DNS health check from the command line.
 
-Role: parse options, build the source and targets (targets.py), run the checks and print
+Role: parse options, build the source and targets (dnscheck/targets.py), run the checks and print
 one line per finding and a summary (or JSON). Exit 0 all good, 1 warnings, 2 errors;
 a usage, config, zone-file or key error is also exit 2, with a message and no traceback.
 
@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from kanmon.cli_options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_or_exit
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text

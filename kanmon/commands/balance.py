@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kanmon.balancer.haproxy import haproxy_config
 from kanmon.balancer.status import read_status, status_path
-from kanmon.cli_options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_or_exit
 from kanmon.units import format_duration, format_size
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from kanmon.admin.queue_ops import STATES, Filters, QueueOps, dispatch, offline_queue_ops
-from kanmon.cli_options import config_option, format_time, json_option, load_or_exit
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
 from kanmon.config import Config, parse_duration, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
 
