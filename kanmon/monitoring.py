@@ -1,6 +1,6 @@
 """Monitoring in `kanmon serve`: alert mail, the metrics endpoint, records retention.
 
-Role: the composition of issue 5's parts in the main process, so the node adds one
+Role: the composition of the monitoring parts in the main process, so the node adds one
 service and one task: Alerts (kanmon.alerts) with its sources wired — SMTP failover
 (SmtpDelivery.on_server_used), error and critical events from every process (read back
 from the records), thresholds; DeliveryMetrics fed by QueueManager.on_attempt; the

@@ -120,14 +120,14 @@ class Node:
             self.services.append(Pop3Service(config, self.tls_context, self.users, self.throttle, self.records.emit))
         if config.imap is not None:
             self.services.append(ImapService(config, self.tls_context, self.users, self.throttle, self.records.emit))
-        # Queue operations (issue 4): the data_dir lock (taken here, before recovery), the
+        # Queue operations: the data_dir lock (taken here, before recovery), the
         # control socket and [[maintenance]] jobs (kanmon.admin.service).
         self.admin = AdminPlane(self)
         self.services.append(self.admin)
-        # Monitoring (issue 5): alerts, metrics endpoint, records retention (kanmon.monitoring).
+        # Monitoring: alerts, metrics endpoint, records retention (kanmon.monitoring).
         self.monitoring = Monitoring(self)
         self.services.append(self.monitoring)
-        # The balancer role (issue 10): virtual addresses in front of real servers.
+        # The balancer role: virtual addresses in front of real servers.
         if config.balancer is not None:
             self.services.append(
                 BalancerService(config, self.records.emit, self.monitoring.alerts.alert_callable("delivery"))
@@ -164,8 +164,8 @@ class Node:
                 self.started.set()
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     tg.create_task(self.queue.run())
-                    tg.create_task(self.monitoring.run())  # issue 5
-                    tg.create_task(self.admin.run_maintenance())  # issue 4
+                    tg.create_task(self.monitoring.run())
+                    tg.create_task(self.admin.run_maintenance())
                     if self.config.dnscheck.every:
                         monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
                         tg.create_task(monitor.run())
@@ -181,7 +181,7 @@ class Node:
             self.committer.close()
             self.records.emit("stopped")
             self.records.close()
-            self.admin.close()  # issue 4: release the data_dir lock last
+            self.admin.close()  # release the data_dir lock last
 
     def _receiver_pool(self) -> ReceiverPool:
         """Bind every SMTP/submission socket here (errors show at start), then hand them

@@ -1,5 +1,5 @@
 """Queue operations: list, show, hold, release, delete, bounce, flush, requeue, summary,
-backup, restore, drain and the [[maintenance]] jobs (issue 4, docs/queue.md).
+backup, restore, drain and the [[maintenance]] jobs (docs/queue.md).
 
 Role: the one implementation of every queue operation, shared by the CLI, the control
 socket (kanmon.control: `kanmon serve` runs these in a worker thread of its own process)

@@ -1,4 +1,4 @@
-"""The balancer role: virtual addresses in front of real servers (issue 10).
+"""The balancer role: virtual addresses in front of real servers.
 
 Role: package of the TCP balancer that `kanmon serve` runs for a [balancer] section.
 service.BalancerService is the entry point; pool.py decides (no I/O), health.py checks,

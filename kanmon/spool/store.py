@@ -19,7 +19,7 @@ Group commit (kanmon.spool.groupcommit): the queue files of all sessions waiting
 that moment are written to incoming/, flushed together, renamed into queue/, and the
 directory flushed; store() returns only after its own file and its rename are durable.
 
-Admin operations (kanmon.admin.queue_ops, issue 4) use scan() to walk the queue without
+Admin operations (kanmon.admin.queue_ops) use scan() to walk the queue without
 reading bodies (the envelope is at the start of each queue file), set_hold() and
 set_schedule() to append to a journal, delete() to remove a message on the admin's
 word, and export_raw()/import_raw() to move queue files between nodes unchanged.
@@ -307,7 +307,7 @@ class Spool:
                 p.unlink(missing_ok=True)
         return entries, corrupt, removed
 
-    # -- admin operations (issue 4) ----------------------------------------------------------
+    # -- admin operations --------------------------------------------------------------------
 
     def scan(self, envelope_filter=None) -> Iterator[SpoolEntry]:
         """Every queue entry, envelope and journal, without reading message bodies.

@@ -1,4 +1,4 @@
-"""Issue 5, alert mail: every category triggered for real, the mail received by a sink
+"""Alert mail: every category triggered for real, the mail received by a sink
 on loopback (the alert recipient's domain is relayed to it), rate limiting on a clock the
 test advances, `kanmon alert test` and `kanmon alert list`."""
 

@@ -1,4 +1,4 @@
-"""Issue 8, hardening: kill -9 of `kanmon serve` at random moments during a relay run.
+"""Hardening: kill -9 of `kanmon serve` at random moments during a relay run.
 
 Two client threads send 2,000 numbered messages through kanmon (main process and one
 receiver process) to a relay next hop (an SmtpSink); the test kills the main process with

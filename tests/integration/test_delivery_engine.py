@@ -1,4 +1,4 @@
-"""Issue 3, the delivery engine, end to end: a kanmon node with real sinks, a real DNS
+"""The delivery engine, end to end: a kanmon node with real sinks, a real DNS
 server on loopback and a clock the tests advance (no sleeps for retries or notices)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`kanmon dns check` end to end: the real CLI, against the real loopback DNS server
 (tests/support/dnsserver.py) and, offline, against the same zones as BIND zone files.
 
-Every broken case of issue 6 is served both ways (``via`` = "server" | "zone") and the
+Every broken case of the DNS check is served both ways (``via`` = "server" | "zone") and the
 finding's mark, check, text and the exit code are asserted. The system resolver is
 never used: building one fails the test, and so does pyspf's own DNS lookup.
 """

@@ -1,4 +1,4 @@
-"""Issue 8, hardening: faults — a full disk, corrupt spool entries, a next hop that drops
+"""Hardening: faults — a full disk, corrupt spool entries, a next hop that drops
 the connection, a DNS server that fails — and the promise under all of them: a message
 that got 250 is delivered or bounced, never lost (DESIGN.md promise 1).
 

@@ -1,4 +1,4 @@
-"""Issue 8, hardening: hostile and malformed input over real sockets (raw sockets, smtplib).
+"""Hardening: hostile and malformed input over real sockets (raw sockets, smtplib).
 
 What test_relay_core.py already covers (smuggling endings, STARTTLS injection, routed
 addresses, the per-IP limit with 2, the idle timeout) is not repeated; docs/reliability.md

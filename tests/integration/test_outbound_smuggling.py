@@ -1,4 +1,4 @@
-"""Issue 8, hardening: what kanmon relays cannot smuggle a second message into the next hop.
+"""Hardening: what kanmon relays cannot smuggle a second message into the next hop.
 
 The session never queues a bare CR or LF (tests/protocol), but queue files also come from
 notices, alerts and restored backups; so the outbound client normalises every line end to

@@ -1,4 +1,4 @@
-"""Issue 4, queue operations, end to end: every command against a running node (through
+"""Queue operations, end to end: every command against a running node (through
 its control socket) and against a stopped one (straight on the spool, under the lock);
 real SMTP on loopback, a clock the tests advance, the CLI through click and through
 real processes (`python -m kanmon`, a pseudo-terminal for review)."""

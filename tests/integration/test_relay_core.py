@@ -1,4 +1,4 @@
-"""Issue 2, the relay core, over real sockets with real clients (smtplib, swaks, raw sockets)."""
+"""The relay core, over real sockets with real clients (smtplib, swaks, raw sockets)."""
 
 from __future__ import annotations
 

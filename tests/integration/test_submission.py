@@ -1,4 +1,4 @@
-"""Issue 9, submission (RFC 6409) inside `kanmon serve`, with real clients: smtplib,
+"""Submission (RFC 6409) inside `kanmon serve`, with real clients: smtplib,
 curl, then reading the delivered mail back with poplib and imaplib."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5, trace and metrics: one node moves a delivered, a deferred-then-delivered, a
+"""Trace and metrics: one node moves a delivered, a deferred-then-delivered, a
 bounced and a rejected message; `kanmon trace` shows every step of each, and the
 metrics endpoint, scraped over HTTP and parsed, counts them."""
 

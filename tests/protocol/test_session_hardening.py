@@ -1,4 +1,4 @@
-"""Issue 8, hardening: hostile input against the session state machine, driven by bytes.
+"""Hardening: hostile input against the session state machine, driven by bytes.
 
 Hand-written cases for what a hostile client sends (floods, pipelining without PIPELINING,
 junk commands, envelope tricks), then hypothesis properties that must hold for any input:

@@ -1,4 +1,4 @@
-"""Issue 5 units: counters from event lines, schema migration of an old records
+"""Monitoring units: counters from event lines, schema migration of an old records
 database, stats arithmetic, retention, alert fallback and rate limit, queue id ages."""
 
 from __future__ import annotations

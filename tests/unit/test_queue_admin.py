@@ -1,4 +1,4 @@
-"""Issue 4 building blocks: cron schedules, queue filters, the spool's admin API and the
+"""Queue operations, building blocks: cron schedules, queue filters, the spool's admin API and the
 backup archive format (pure functions and files in a temporary directory)."""
 
 from __future__ import annotations
