@@ -95,10 +95,12 @@ def test_an_upward_import_breaks_the_contract(importer, imported):
 
 
 def test_the_checks_must_not_reach_into_the_mailbox_store():
-    # policy.access -> store.maildir is ignored by name in the contract only until the
-    # quota and free-disk probes leave the checks; the layers themselves forbid it.
+    # The recipient checks once read the mailbox directory (policy.access -> store.maildir);
+    # the listener carries out such effects now, and the layers forbid the import, even
+    # if an ignore_imports line were added for it.
     graph = _graph()
     graph.add_import(importer="kanmon.policy.access", imported="kanmon.store.maildir")
+    assert not _layers_contract().check(graph, verbose=False).kept
     assert not _layers_contract(without_ignores=True).check(graph, verbose=False).kept
 
 
