@@ -257,12 +257,6 @@ def parse_sequence_set(text: str) -> list[tuple[int | None, int | None]]:
     return out
 
 
-def looks_like_sequence_set(text: object) -> bool:
-    return isinstance(text, str) and not isinstance(text, QStr) and bool(text) and all(
-        _SEQ_RE.match(i) for i in text.split(",")
-    )
-
-
 def in_set(ranges: list[tuple[int | None, int | None]], value: int, largest: int) -> bool:
     """Is value in the set, where '*' means largest (RFC 3501 9: seq-range is unordered)."""
     for a, b in ranges:
