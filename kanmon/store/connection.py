@@ -3,17 +3,21 @@
 Role: the thin layer between a listening socket and a session object from pop3.py or
 imap/session.py. It feeds received bytes to the session and carries out what the
 session asks for, in order: send bytes, wait (login throttle), verify a password in a
-worker thread (argon2 must not stall the event loop), upgrade to TLS, close. It owns
-the timeouts: idle time between commands, TLS handshake, and writes to a peer that
-does not read. ``ListenerSet`` binds the plain and implicit-TLS listeners of a service
-and keeps every connection task in one TaskGroup.
+worker thread (argon2 must not stall the event loop), run file work (Maildir reads,
+writes, fsyncs) in the service's bounded file executor, upgrade to TLS, close. While
+the session waits for a result it gets no input, so pipelined commands run in order,
+one at a time. It owns the timeouts: idle time between commands, TLS handshake, and
+writes to a peer that does not read. ``ListenerSet`` binds the plain and implicit-TLS
+listeners of a service, keeps every connection task in one TaskGroup and owns the
+file executor.
 
 Trusts: nothing the peer sends; it only buffers it (bounded: reading pauses when
 ``max_inbox`` bytes wait) and hands it to the session.
 
 Never: pass bytes received before a TLS handshake to the session after it (RFC 2595
 3.1 / RFC 3501 6.2.1, CVE-2011-0411: the inbox is cleared before ``start_tls``), wait
-on the network without a timeout, or let one connection's failure end another's.
+on the network without a timeout, touch a file on the event loop (one large FETCH or
+one fsync would stall every connection), or let one connection's failure end another's.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,11 +59,40 @@ class StartTls:
 
 
 @dataclass(frozen=True, slots=True)
+class FileWork:
+    """Run ``call(*args)`` in the file executor, then call ``session.file_done`` with
+    what it returned, or with the exception it raised. ``call`` does file I/O only: it
+    must not change the session (the session sits waiting until file_done)."""
+
+    call: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     pass
 
 
-Event = Send | Delay | Verify | StartTls | Close
+Event = Send | Delay | Verify | FileWork | StartTls | Close
+
+# A command handler that needs files: a generator that yields Send (output so far) and
+# FileWork (whose result is sent back in, or whose exception is thrown in), and returns
+# the command's last events.
+Steps = Generator[Send | FileWork, Any, list[Event]]
+
+
+def advance(steps: Steps, result: Any = None, error: BaseException | None = None) -> tuple[list[Event], bool]:
+    """Run ``steps`` on to its next FileWork (the last event; done=False) or to its end
+    (done=True). Exceptions other than the ones it handles itself propagate."""
+    out: list[Event] = []
+    try:
+        item = steps.throw(error) if error is not None else steps.send(result)
+        while isinstance(item, Send):
+            out.append(item)
+            item = steps.send(None)
+    except StopIteration as stop:
+        return out + list(stop.value or ()), True
+    return [*out, item], False
 
 _POLL = object()
 _TIMEOUT = object()
@@ -73,6 +107,7 @@ class Session(Protocol):
     def start(self) -> list[Event]: ...
     def receive(self, data: bytes) -> list[Event]: ...
     def auth_result(self, ok: bool) -> list[Event]: ...
+    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]: ...
     def tls_started(self) -> list[Event]: ...
     def poll(self) -> list[Event]: ...
     def timed_out(self) -> list[Event]: ...
@@ -100,6 +135,7 @@ class SessionConnection(asyncio.Protocol):
         spawn: Callable[[Any], None],
         verify: Callable[[str, str], bool],
         *,
+        files: Executor | None = None,
         handshake_timeout: float = 30.0,
         write_timeout: float = 120.0,
         max_inbox: int = 256 * 1024,
@@ -111,6 +147,7 @@ class SessionConnection(asyncio.Protocol):
         self.implicit_tls = implicit_tls
         self.spawn = spawn
         self.verify = verify
+        self.files = files  # None: the loop's default executor
         self.handshake_timeout = handshake_timeout
         self.write_timeout = write_timeout
         self.max_inbox = max_inbox
@@ -247,6 +284,14 @@ class SessionConnection(asyncio.Protocol):
                 loop = asyncio.get_running_loop()
                 ok = await loop.run_in_executor(None, self.verify, ev.user, ev.password)
                 queue[:0] = session.auth_result(ok)
+            elif isinstance(ev, FileWork):
+                loop = asyncio.get_running_loop()
+                try:
+                    result = await loop.run_in_executor(self.files, ev.call, *ev.args)
+                except Exception as e:  # noqa: BLE001 - the session decides what a failure means
+                    queue[:0] = session.file_done(None, e)
+                else:
+                    queue[:0] = session.file_done(result)
             elif isinstance(ev, StartTls):
                 if not await self._start_tls():
                     return False
@@ -289,7 +334,9 @@ class ListenerSet:
     """The plain and implicit-TLS listeners of one service, and its connections.
 
     ``start()`` binds every endpoint or raises OSError (then nothing stays bound);
-    ``stop()`` closes listeners, then cancels and awaits every connection task.
+    ``stop()`` closes listeners, then cancels and awaits every connection task, then
+    waits for file work already running (an APPEND finishes its fsync). File work of
+    all connections shares ``file_workers`` threads.
     """
 
     def __init__(
@@ -303,6 +350,7 @@ class ListenerSet:
         *,
         max_connections: int = 1000,
         handshake_timeout: float = 30.0,
+        file_workers: int = 8,
     ):
         self.name = name
         self.plain = plain
@@ -312,6 +360,8 @@ class ListenerSet:
         self.verify = verify
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.file_workers = file_workers
+        self._files: ThreadPoolExecutor | None = None
         self.servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._group: asyncio.TaskGroup | None = None
@@ -351,6 +401,7 @@ class ListenerSet:
         if self.implicit and self.tls_context is None:
             raise OSError(f"{self.name}: listen_tls needs a TLS certificate")
         self._stopping = asyncio.Event()
+        self._files = ThreadPoolExecutor(self.file_workers, thread_name_prefix=f"{self.name.lower()}-files")
         ready: asyncio.Future[None] = loop.create_future()
         self._runner = asyncio.create_task(self._hold(ready))
         await ready
@@ -379,6 +430,7 @@ class ListenerSet:
             implicit,
             self._spawn,
             self.verify,
+            files=self._files,
             handshake_timeout=self.handshake_timeout,
             on_open=self._opened,
             on_close=self._closed,
@@ -413,6 +465,9 @@ class ListenerSet:
         if self._connections:  # let connection_lost run, so every socket is really closed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._none_left.wait(), 5)
+        if self._files is not None:
+            files, self._files = self._files, None
+            await asyncio.get_running_loop().run_in_executor(None, files.shutdown)
 
 
 class _Refuse(asyncio.Protocol):

@@ -2,7 +2,9 @@
 
 Role: RFC 1939 (POP3) with RFC 2449 (CAPA, response codes), RFC 2595 (STLS) and
 RFC 5034 (AUTH PLAIN) over one account's INBOX (kanmon/store/maildir.py).
-``Pop3Session`` is fed bytes and returns events (kanmon/store/connection.py);
+``Pop3Session`` is fed bytes and returns events (kanmon/store/connection.py); what
+needs the mailbox's files (login, RETR, TOP, QUIT) yields FileWork for the adapter's
+file executor and waits for ``file_done`` before it reads the next command;
 ``Pop3Service`` binds ``[pop3] listen`` (STLS offered) and ``listen_tls`` (implicit
 TLS, RFC 8314) and drives sessions with the shared asyncio adapter.
 
@@ -13,7 +15,8 @@ never into a log line.
 Never: accept USER/PASS/AUTH on a plain connection before STLS; let bytes pipelined
 before the TLS handshake reach the session after it (CVE-2011-0411); delete anything
 unless the client said QUIT in the TRANSACTION state (RFC 1939 6: a dropped connection
-deletes nothing); give a second session the same mailbox (``-ERR [IN-USE]``).
+deletes nothing); give a second session the same mailbox (``-ERR [IN-USE]``); touch a
+file itself.
 """
 
 from __future__ import annotations
@@ -25,10 +28,23 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kanmon.config import Config
-from kanmon.store.connection import AccessService, Close, Delay, Event, PeerInfo, Send, StartTls, Verify
-from kanmon.store.maildir import Folder, MaildirError, MessageInfo, to_crlf
+from kanmon.store.connection import (
+    AccessService,
+    Close,
+    Delay,
+    Event,
+    FileWork,
+    PeerInfo,
+    Send,
+    StartTls,
+    Steps,
+    Verify,
+    advance,
+)
+from kanmon.store.maildir import Folder, Mailbox, MaildirError, MessageInfo, to_crlf
 from kanmon.store.users import AuthThrottle, Users, log_safe
 
 MAX_LINE = 2048  # RFC 2449 4: commands are at most 255 octets; AUTH PLAIN lines are longer
@@ -85,6 +101,14 @@ class MailboxLocks:
             if fd is not None:
                 os.close(fd)
 
+    def release_all(self) -> None:
+        """Once no session is left: a login whose lock was taken in the file executor
+        while its connection was cancelled never got to release it."""
+        with self._lock:
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
+
 
 def _dot_stuff(wire: bytes) -> bytes:
     """RFC 1939 3: lines starting with "." get one more; the body ends with CRLF."""
@@ -126,6 +150,7 @@ class Pop3Session:
         self._buf = bytearray()
         self._user: str | None = None
         self._pending: str | None = None  # address whose password is being verified
+        self._steps: Steps | None = None  # a command waiting for FileWork
         self._sasl_wait = False  # AUTH PLAIN sent without an initial response
         self._errors = 0
         self._closed = False
@@ -156,9 +181,24 @@ class Pop3Session:
         address = self._pending
         self._pending = None
         assert address is not None
-        out = self._login(address) if ok else self._failed(address)
-        if not self._closed:
+        out = self._run(self._login(address)) if ok else self._failed(address)
+        if not self._closed and self._steps is None:
             out += self._process()
+        return out
+
+    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]:
+        """The FileWork we asked for is done: finish its command, then read on."""
+        steps, self._steps = self._steps, None
+        assert steps is not None
+        out = self._run(steps, result, error)
+        if not self._closed and self._steps is None:
+            out += self._process()
+        return out
+
+    def _run(self, steps: Steps, result: Any = None, error: BaseException | None = None) -> list[Event]:
+        out, done = advance(steps, result, error)
+        if not done:
+            self._steps = steps
         return out
 
     def poll(self) -> list[Event]:
@@ -170,6 +210,9 @@ class Pop3Session:
 
     def connection_lost(self) -> None:
         """The connection ended: release the lock, delete nothing (RFC 1939 6)."""
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
         if self._address is not None:
             self.locks.release(self._address)
             self._address = None
@@ -182,7 +225,7 @@ class Pop3Session:
 
     def _process(self) -> list[Event]:
         out: list[Event] = []
-        while not self._closed and self._pending is None:
+        while not self._closed and self._pending is None and self._steps is None:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 if len(self._buf) > MAX_LINE:
@@ -233,9 +276,8 @@ class Pop3Session:
             return self._err(ERR_BAD_STATE)
         if verb in _AUTH_ONLY and self.state != "AUTHORIZATION":
             return self._err(ERR_BAD_STATE)
-        if verb == "PASS":
-            return handler(rest)  # a password may contain spaces
-        return handler(args)
+        result = handler(rest) if verb == "PASS" else handler(args)  # a password may contain spaces
+        return result if isinstance(result, list) else self._run(result)
 
     # -- AUTHORIZATION (RFC 1939 4, 7)
     def _cmd_capa(self, args: list[str]) -> list[Event]:
@@ -315,28 +357,26 @@ class Pop3Session:
             return [Delay(f.delay), Send(self._line(ERR_BLOCKED)), Close()]
         return [Delay(f.delay), *self._err(ERR_AUTH_FAILED)]
 
-    def _login(self, user: str) -> list[Event]:
+    def _login(self, user: str) -> Steps:
         address = user.strip().lower()
         self.throttle.succeeded(self.peer.ip, address)
         try:
-            box = self.users.mailbox(address).ensure()
+            box = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):
             return self._err(ERR_STORE)
-        if not self.locks.acquire(address, box.root):
+        if not (yield FileWork(self.locks.acquire, (address, box.root))):
             self.emit(f"pop3 login {address} ip={self.peer.ip}: mailbox in use")
             return self._err(ERR_IN_USE)
         self._address = address
         try:
-            self._folder = box.folder("INBOX")
-            self._messages = self._folder.sync(move_new=True)
-            self._sizes = [self._folder.wire_size(m) for m in self._messages]
+            self._folder, self._messages, self._sizes = yield FileWork(_open_inbox, (box,))
         except (MaildirError, OSError):
             self.locks.release(address)
             self._address = None
             return self._err(ERR_STORE)
         self.state = "TRANSACTION"
         try:
-            self.users.record_login(address, self.peer.ip)
+            yield FileWork(self.users.record_login, (address, self.peer.ip))
         except Exception:  # noqa: BLE001 - a records hiccup must not refuse the login
             pass
         self.emit(f"pop3 login {address} ip={self.peer.ip} tls={'yes' if self.tls_active else 'no'}")
@@ -379,30 +419,35 @@ class Pop3Session:
         v = self._folder.uidvalidity
         return self._listing(args, lambda i: f"{self._messages[i].uid:08X}{v:08X}")
 
-    def _content(self, i: int) -> bytes | None:
+    def _content(self, i: int) -> FileWork:
         assert self._folder is not None
-        data = self._folder.read(self._messages[i])
-        return None if data is None else to_crlf(data)
+        return FileWork(_read_wire, (self._folder, self._messages[i]))
 
-    def _cmd_retr(self, args: list[str]) -> list[Event]:
+    def _cmd_retr(self, args: list[str]) -> list[Event] | Steps:
         if len(args) != 1:
             return self._err(ERR_SYNTAX)
         i = self._msg(args[0])
         if i is None:
             return self._err(ERR_NO_MSG)
-        wire = self._content(i)
+        return self._retr(i)
+
+    def _retr(self, i: int) -> Steps:
+        wire = yield self._content(i)
         if wire is None:
             return self._err(ERR_GONE)
         self._retrieved.add(i)
         return [Send(self._line(f"+OK {len(wire)} octets") + _dot_stuff(wire) + b".\r\n")]
 
-    def _cmd_top(self, args: list[str]) -> list[Event]:
+    def _cmd_top(self, args: list[str]) -> list[Event] | Steps:
         if len(args) != 2 or not args[1].isdigit():
             return self._err(ERR_SYNTAX)
         i = self._msg(args[0])
         if i is None:
             return self._err(ERR_NO_MSG)
-        wire = self._content(i)
+        return self._top(i, int(args[1][:9]))
+
+    def _top(self, i: int, count: int) -> Steps:
+        wire = yield self._content(i)
         if wire is None:
             return self._err(ERR_GONE)
         end = wire.find(b"\r\n\r\n")
@@ -410,7 +455,7 @@ class Pop3Session:
             head, body = wire, b""
         else:
             head, body = wire[: end + 4], wire[end + 4 :]
-        n = min(int(args[1][:9]), 10**9)
+        n = min(count, 10**9)
         lines = body.split(b"\r\n")
         if lines and lines[-1] == b"":
             lines.pop()
@@ -433,23 +478,24 @@ class Pop3Session:
     def _cmd_noop(self, args: list[str]) -> list[Event]:
         return self._ok()
 
-    def _cmd_quit(self, args: list[str]) -> list[Event]:
-        self._closed = True
+    def _cmd_quit(self, args: list[str]) -> list[Event] | Steps:
         if self.state != "TRANSACTION":
+            self._closed = True
             return [Send(self._line(f"+OK {self.hostname} POP3 signing off")), Close()]
+        return self._update()
+
+    def _update(self) -> Steps:
         # RFC 1939 6: the UPDATE state; only now are messages removed.
         assert self._folder is not None and self._address is not None
         self.state = "UPDATE"
         failed = False
+        seen = [self._messages[i] for i in sorted(self._retrieved - self._deleted)]
+        doomed = [self._messages[i] for i in sorted(self._deleted)]
         try:
-            for i in sorted(self._retrieved - self._deleted):
-                m = self._messages[i]
-                if "\\Seen" not in m.flags:
-                    self._folder.set_flags(m, m.flags | {"\\Seen"})
-            doomed = [self._messages[i] for i in sorted(self._deleted)]
-            self._folder.remove(doomed)
+            yield FileWork(_mark_seen_and_remove, (self._folder, seen, doomed))
         except OSError:
             failed = True
+        self._closed = True
         if self._deleted:
             self.emit(f"pop3 {self._address} deleted {len(self._deleted)} messages")
         self.locks.release(self._address)
@@ -457,6 +503,27 @@ class Pop3Session:
         if failed:
             return [Send(self._line("-ERR [SYS/TEMP] some deleted messages not removed")), Close()]
         return [Send(self._line(f"+OK {self.hostname} POP3 signing off")), Close()]
+
+
+def _open_inbox(box: Mailbox) -> tuple[Folder, list[MessageInfo], list[int]]:
+    """INBOX, its messages (new ones moved to cur/) and their wire sizes (file executor)."""
+    folder = box.folder("INBOX")
+    messages = folder.sync(move_new=True)
+    return folder, messages, [folder.wire_size(m) for m in messages]
+
+
+def _read_wire(folder: Folder, msg: MessageInfo) -> bytes | None:
+    """A message in wire form (CRLF), None if it is gone (file executor)."""
+    data = folder.read(msg)
+    return None if data is None else to_crlf(data)
+
+
+def _mark_seen_and_remove(folder: Folder, seen: list[MessageInfo], doomed: list[MessageInfo]) -> None:
+    """QUIT's UPDATE: retrieved messages get \\Seen, deleted ones go (file executor)."""
+    for m in seen:
+        if "\\Seen" not in m.flags:
+            folder.set_flags(m, m.flags | {"\\Seen"})
+    folder.remove(doomed)
 
 
 _TRANSACTION_ONLY = {"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET"}
@@ -482,6 +549,10 @@ class Pop3Service(AccessService):
         self.idle_timeout = idle_timeout
         self.locks = MailboxLocks()
         super().__init__(config, config.pop3, tls_context, users, throttle, emit, max_connections=max_connections)
+
+    async def stop(self) -> None:
+        await super().stop()  # every session and its file work is done
+        self.locks.release_all()
 
     def _session(self, peer: PeerInfo, implicit: bool) -> Pop3Session:
         return Pop3Session(

@@ -11,7 +11,7 @@ from argon2 import PasswordHasher
 
 from kanmon.config import parse_config
 from kanmon.store import maildir
-from kanmon.store.connection import Close, Delay, PeerInfo, Send, StartTls, Verify
+from kanmon.store.connection import Close, Delay, FileWork, PeerInfo, Send, StartTls, Verify
 from kanmon.store.pop3 import (
     ERR_AUTH_FAILED,
     ERR_BLOCKED,
@@ -62,6 +62,13 @@ class Driver:
                 self.delays.append(ev.seconds)
             elif isinstance(ev, Verify):
                 events[:0] = self.session.auth_result(self.users.verify(ev.user, ev.password))
+            elif isinstance(ev, FileWork):  # the adapter's file executor, run inline
+                try:
+                    result = ev.call(*ev.args)
+                except Exception as e:  # noqa: BLE001 - handed to the session, as the adapter does
+                    events[:0] = self.session.file_done(None, e)
+                else:
+                    events[:0] = self.session.file_done(result)
             elif isinstance(ev, StartTls):
                 self.tls_started = True
                 events[:0] = self.session.tls_started()

@@ -2,7 +2,10 @@
 
 Role: one IMAP conversation over one account's Maildir++ folders. It is fed bytes and
 returns events for the adapter (kanmon/store/connection.py): Send, Verify (password
-check in a worker thread), StartTls, Delay, Close. Extensions: IDLE (RFC 2177),
+check in a worker thread), FileWork (Maildir and account-record calls, run in the
+adapter's file executor), StartTls, Delay, Close. A command that needs files is a
+generator: it yields FileWork and waits, taking no further command, until the adapter
+hands the result to ``file_done``; so pipelined commands still run in order. Extensions: IDLE (RFC 2177),
 UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE (RFC 6851), SPECIAL-USE (RFC 6154),
 UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID (RFC 2971), SASL-IR (RFC 4959).
 
@@ -13,7 +16,8 @@ maildir.check_folder_name; message numbers and UIDs are looked up, never indexed
 Never: accept LOGIN/AUTHENTICATE on a plain connection before STARTTLS (LOGINDISABLED,
 RFC 3501 6.2.3); keep bytes pipelined before the TLS handshake (CVE-2011-0411); send
 EXPUNGE responses during FETCH, STORE or SEARCH (RFC 3501 7.4.1); change a mailbox
-selected with EXAMINE.
+selected with EXAMINE; touch a file itself (every Maildir call is a FileWork, and the
+calls it names read a snapshot, never the session).
 """
 
 from __future__ import annotations
@@ -25,10 +29,22 @@ import email.header
 import email.utils
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from kanmon.store.connection import Close, Delay, Event, PeerInfo, Send, StartTls, Verify
+from kanmon.store.connection import (
+    Close,
+    Delay,
+    Event,
+    FileWork,
+    PeerInfo,
+    Send,
+    StartTls,
+    Steps,
+    Verify,
+    advance,
+)
 from kanmon.store.imap import message as mime
 from kanmon.store.imap.parser import (
     CommandReader,
@@ -161,6 +177,8 @@ class ImapSession:
         self._pending_user = ""
         self._sasl_tag: str | None = None  # AUTHENTICATE PLAIN waiting for its response
         self._idle_tag: str | None = None
+        self._steps: Steps | None = None  # a command waiting for FileWork
+        self._steps_tag: str | None = None  # its tag (None: an IDLE poll)
         self._errors = 0
         self._closed = False
 
@@ -187,18 +205,29 @@ class ImapSession:
         tag, user = self._pending_tag, self._pending_user
         self._pending_tag = None
         assert tag is not None
-        out = self._login_ok(tag, user) if ok else self._login_failed(tag, user)
-        if not self._closed:
+        out = self._run(tag, self._login_ok(tag, user)) if ok else self._login_failed(tag, user)
+        if not self._closed and self._steps is None:
+            out += self._process()
+        return out
+
+    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]:
+        """The FileWork we asked for returned result (or raised error): go on with the
+        command that waited for it, then with the commands pipelined behind it."""
+        steps, tag = self._steps, self._steps_tag
+        assert steps is not None
+        self._steps = self._steps_tag = None
+        out = self._run(tag, steps, result, error)
+        if not self._closed and self._steps is None:
             out += self._process()
         return out
 
     def poll(self) -> list[Event]:
-        if self._idle_tag is None or self.sel is None:
+        if self._idle_tag is None or self.sel is None or self._steps is not None:
             return []
-        events: list[Event] = [Send(b"".join(self._refresh(allow_expunge=True)))]
-        if self._closed:
-            events.append(Close())
-        return events
+        return self._run(None, self._idle_poll())
+
+    def _idle_poll(self) -> Steps:
+        return [Send(b"".join((yield from self._refresh(allow_expunge=True))))]
 
     def timed_out(self) -> list[Event]:
         self._closed = True
@@ -207,6 +236,9 @@ class ImapSession:
     def connection_lost(self) -> None:
         self._closed = True
         self.sel = None
+        if self._steps is not None:  # the FileWork may still finish; nobody waits for it
+            self._steps.close()
+            self._steps = None
 
     # -- capabilities
     def capabilities(self) -> str:
@@ -223,7 +255,7 @@ class ImapSession:
     # -- framing
     def _process(self) -> list[Event]:
         out: list[Event] = []
-        while not self._closed and self._pending_tag is None:
+        while not self._closed and self._pending_tag is None and self._steps is None:
             frame = self.reader.next()
             if frame is None:
                 break
@@ -246,7 +278,7 @@ class ImapSession:
                 continue
             events = self._frame(frame.data)
             if self._closed and not any(isinstance(e, Close) for e in events):
-                events.append(Close())  # e.g. BYE because the selected folder was deleted
+                events.append(Close())
             out += events
             if any(isinstance(e, StartTls) for e in events):
                 self.reader.clear()  # CVE-2011-0411: anything after STARTTLS is dropped
@@ -298,25 +330,41 @@ class ImapSession:
         if self.state not in allowed:
             return [Send(f"{tag} BAD {cmd} is not allowed now\r\n".encode()), *self._error()]
         try:
-            if cmd in _UID_COMMANDS:
-                return handler(tag, args, uid)
-            return handler(tag, args)
-        except Bad as e:
+            result = handler(tag, args, uid) if cmd in _UID_COMMANDS else handler(tag, args)
+        except (Bad, ParseError, No, MaildirError, OSError) as e:
+            return self._failed(tag, e)
+        return self._run(tag, result) if isinstance(result, Generator) else result
+
+    def _run(self, tag: str | None, steps: Steps, result: Any = None, error: BaseException | None = None) -> list[Event]:
+        """Take a command on to the FileWork it waits for (then hold it in self._steps)
+        or to its end. tag None (an IDLE poll): a failure ends the connection."""
+        try:
+            out, done = advance(steps, result, error)
+        except (Bad, ParseError, No, MaildirError, OSError) as e:
+            if tag is None:
+                raise
+            out, done = self._failed(tag, e), True
+        if not done:
+            self._steps, self._steps_tag = steps, tag
+        elif self._closed and not any(isinstance(e, Close) for e in out):
+            out.append(Close())  # e.g. BYE because the selected folder was deleted
+        return out
+
+    def _failed(self, tag: str, e: Exception) -> list[Event]:
+        """The tagged answer to a command that raised e."""
+        if isinstance(e, (Bad, ParseError)):
             return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
-        except ParseError as e:
-            return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
-        except No as e:
+        if isinstance(e, No):
             return [Send(f"{tag} NO {e}\r\n".encode())]
-        except (MaildirError, OSError) as e:
-            self.emit(f"imap {self.user or '-'} store error: {e}")
-            return [Send(f"{tag} NO [SERVERBUG] the mailbox cannot be accessed now\r\n".encode())]
+        self.emit(f"imap {self.user or '-'} store error: {e}")
+        return [Send(f"{tag} NO [SERVERBUG] the mailbox cannot be accessed now\r\n".encode())]
 
     # -- any state (RFC 3501 6.1)
     def _cmd_capability(self, tag: str, args: list) -> list[Event]:
         return [Send(f"* CAPABILITY {self.capabilities()}\r\n{tag} OK CAPABILITY completed\r\n".encode())]
 
-    def _cmd_noop(self, tag: str, args: list) -> list[Event]:
-        updates = self._refresh(allow_expunge=True) if self.sel else []
+    def _cmd_noop(self, tag: str, args: list) -> Steps:
+        updates = (yield from self._refresh(allow_expunge=True)) if self.sel else []
         return [Send(b"".join(updates) + f"{tag} OK NOOP completed\r\n".encode())]
 
     _cmd_check = _cmd_noop
@@ -386,17 +434,17 @@ class ImapSession:
             return [Delay(f.delay), Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
         return [Delay(f.delay), Send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n".encode()), *self._error()]
 
-    def _login_ok(self, tag: str, user: str) -> list[Event]:
+    def _login_ok(self, tag: str, user: str) -> Steps:
         address = user.strip().lower()
         self.throttle.succeeded(self.peer.ip, address)
         try:
-            self.mailbox = self.users.mailbox(address).ensure()
+            self.mailbox = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):
             return [Send(f"{tag} NO [UNAVAILABLE] the mailbox cannot be opened now\r\n".encode())]
         self.user = address
         self.state = "AUTHENTICATED"
         try:
-            self.users.record_login(address, self.peer.ip)
+            yield FileWork(self.users.record_login, (address, self.peer.ip))
         except Exception:  # noqa: BLE001 - a records hiccup must not refuse the login
             pass
         self.emit(f"imap login {address} ip={self.peer.ip} tls={'yes' if self.tls_active else 'no'}")
@@ -413,7 +461,7 @@ class ImapSession:
     def _cmd_namespace(self, tag: str, args: list) -> list[Event]:
         return [Send(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL\r\n{tag} OK NAMESPACE completed\r\n'.encode())]
 
-    def _select(self, tag: str, args: list, readonly: bool) -> list[Event]:
+    def _select(self, tag: str, args: list, readonly: bool) -> Steps:
         if len(args) != 1:
             raise Bad("SELECT needs a mailbox name")
         assert self.mailbox is not None
@@ -421,16 +469,17 @@ class ImapSession:
         self.state = "AUTHENTICATED"
         name = self._folder_name(args[0])
         try:
-            folder = self.mailbox.folder(name)
+            folder = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
-        msgs = folder.sync(move_new=True)
+        msgs = yield FileWork(folder.sync, (True,))
+        keywords = yield FileWork(folder.keyword_names)
         sel = _Selected(folder.name, folder, readonly, [m.uid for m in msgs], {m.uid: m for m in msgs},
                         {m.uid for m in msgs if m.recent})
         self.sel = sel
         self.state = "SELECTED"
         out = [
-            *self._flags_announcement(folder, readonly),
+            *self._flags_announcement(keywords, readonly),
             f"* {len(msgs)} EXISTS",
             f"* {len(sel.recent)} RECENT",
         ]
@@ -442,25 +491,25 @@ class ImapSession:
         verb = "EXAMINE" if readonly else "SELECT"
         return [Send(("\r\n".join(out) + f"\r\n{tag} OK [{mode}] {verb} completed\r\n").encode())]
 
-    def _cmd_select(self, tag: str, args: list) -> list[Event]:
+    def _cmd_select(self, tag: str, args: list) -> Steps:
         return self._select(tag, args, readonly=False)
 
-    def _cmd_examine(self, tag: str, args: list) -> list[Event]:
+    def _cmd_examine(self, tag: str, args: list) -> Steps:
         return self._select(tag, args, readonly=True)
 
-    def _cmd_create(self, tag: str, args: list) -> list[Event]:
+    def _cmd_create(self, tag: str, args: list) -> Steps:
         if len(args) != 1:
             raise Bad("CREATE needs a mailbox name")
         assert self.mailbox is not None
         name = astring(args[0]).rstrip(DELIMITER)  # RFC 3501 6.3.3: a trailing delimiter is a hint
         name = self._folder_name(name)
         try:
-            self.mailbox.create_folder(name)
+            yield FileWork(self.mailbox.create_folder, (name,))
         except FolderExists:
             raise No("[ALREADYEXISTS] mailbox already exists") from None
         return [Send(f"{tag} OK CREATE completed\r\n".encode())]
 
-    def _cmd_delete(self, tag: str, args: list) -> list[Event]:
+    def _cmd_delete(self, tag: str, args: list) -> Steps:
         if len(args) != 1:
             raise Bad("DELETE needs a mailbox name")
         assert self.mailbox is not None
@@ -471,18 +520,18 @@ class ImapSession:
             self.sel = None
             self.state = "AUTHENTICATED"
         try:
-            self.mailbox.delete_folder(name)
+            yield FileWork(self.mailbox.delete_folder, (name,))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
         return [Send(f"{tag} OK DELETE completed\r\n".encode())]
 
-    def _cmd_rename(self, tag: str, args: list) -> list[Event]:
+    def _cmd_rename(self, tag: str, args: list) -> Steps:
         if len(args) != 2:
             raise Bad("RENAME needs two mailbox names")
         assert self.mailbox is not None
         old, new = self._folder_name(args[0]), self._folder_name(args[1])
         try:
-            self.mailbox.rename_folder(old, new)
+            yield FileWork(self.mailbox.rename_folder, (old, new))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
         except FolderExists:
@@ -491,21 +540,21 @@ class ImapSession:
             raise No(str(e)) from None
         return [Send(f"{tag} OK RENAME completed\r\n".encode())]
 
-    def _cmd_subscribe(self, tag: str, args: list) -> list[Event]:
+    def _cmd_subscribe(self, tag: str, args: list) -> Steps:
         if len(args) != 1:
             raise Bad("SUBSCRIBE needs a mailbox name")
         assert self.mailbox is not None
-        self.mailbox.subscribe(self._folder_name(args[0]))
+        yield FileWork(self.mailbox.subscribe, (self._folder_name(args[0]),))
         return [Send(f"{tag} OK SUBSCRIBE completed\r\n".encode())]
 
-    def _cmd_unsubscribe(self, tag: str, args: list) -> list[Event]:
+    def _cmd_unsubscribe(self, tag: str, args: list) -> Steps:
         if len(args) != 1:
             raise Bad("UNSUBSCRIBE needs a mailbox name")
         assert self.mailbox is not None
-        self.mailbox.unsubscribe(astring(args[0]))
+        yield FileWork(self.mailbox.unsubscribe, (astring(args[0]),))
         return [Send(f"{tag} OK UNSUBSCRIBE completed\r\n".encode())]
 
-    def _list(self, tag: str, args: list, verb: str) -> list[Event]:
+    def _list(self, tag: str, args: list, verb: str) -> Steps:
         if len(args) != 2:
             raise Bad(f"{verb} needs a reference and a pattern")
         assert self.mailbox is not None
@@ -515,10 +564,10 @@ class ImapSession:
             return [Send(f'* {verb} (\\Noselect) "{DELIMITER}" ""\r\n{tag} OK {verb} completed\r\n'.encode())]
         full = ref + pattern if ref and not ref.endswith(DELIMITER) and not pattern.startswith(DELIMITER) else ref + pattern
         rx = _pattern_regex(full)
-        names = self.mailbox.folder_names()
+        names = yield FileWork(self.mailbox.folder_names)
         existing = set(names)
         if verb == "LSUB":
-            subs = self.mailbox.subscriptions()
+            subs = yield FileWork(self.mailbox.subscriptions)
             candidates = [n for n in subs] + (["INBOX"] if "INBOX" not in subs else [])
         else:
             candidates = names
@@ -541,22 +590,22 @@ class ImapSession:
             lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + mime.iastring(name) + b"\r\n")
         return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
 
-    def _cmd_list(self, tag: str, args: list) -> list[Event]:
+    def _cmd_list(self, tag: str, args: list) -> Steps:
         return self._list(tag, args, "LIST")
 
-    def _cmd_lsub(self, tag: str, args: list) -> list[Event]:
+    def _cmd_lsub(self, tag: str, args: list) -> Steps:
         return self._list(tag, args, "LSUB")
 
-    def _cmd_status(self, tag: str, args: list) -> list[Event]:
+    def _cmd_status(self, tag: str, args: list) -> Steps:
         if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
             raise Bad("STATUS needs a mailbox and a list of items")
         assert self.mailbox is not None
         name = self._folder_name(args[0])
         try:
-            folder = self.mailbox.folder(name)
+            folder = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
-        msgs = folder.sync(move_new=False)
+        msgs = yield FileWork(folder.sync, (False,))
         items = []
         for item in args[1]:
             key = str(item).upper()
@@ -576,7 +625,7 @@ class ImapSession:
         line = b"* STATUS " + mime.iastring(name) + f" ({' '.join(items)})\r\n".encode()
         return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
 
-    def _cmd_append(self, tag: str, args: list) -> list[Event]:
+    def _cmd_append(self, tag: str, args: list) -> Steps:
         if len(args) < 2 or not isinstance(args[-1], Literal):
             raise Bad("APPEND needs a mailbox and a message literal")
         assert self.mailbox is not None
@@ -594,38 +643,42 @@ class ImapSession:
         if not data:
             raise No("empty message")
         try:
-            folder = self.mailbox.folder(name)
+            folder = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[TRYCREATE] no such mailbox") from None
         quota = self.users.quota(self.user or "")
-        if quota is not None and self.mailbox.usage()[1] + len(data) > quota:
+        if quota is not None and (yield FileWork(self.mailbox.usage))[1] + len(data) > quota:
             raise No("[OVERQUOTA] the mailbox is over its quota")  # RFC 5530 3
-        info = folder.append(data, flags & SYSTEM_FLAGS, when, flags - SYSTEM_FLAGS)
+        info = yield FileWork(folder.append, (data, flags & SYSTEM_FLAGS, when, flags - SYSTEM_FLAGS))
         out = []
         if self.sel and self.sel.folder is folder:
-            out = self._refresh(allow_expunge=True)
+            out = yield from self._refresh(allow_expunge=True)
         return [Send(b"".join(out) + f"{tag} OK [APPENDUID {folder.uidvalidity} {info.uid}] APPEND completed\r\n".encode())]
 
-    def _cmd_idle(self, tag: str, args: list) -> list[Event]:
+    def _cmd_idle(self, tag: str, args: list) -> Steps:
         # RFC 2177
         self._idle_tag = tag
-        updates = self._refresh(allow_expunge=True) if self.sel else []
+        updates = (yield from self._refresh(allow_expunge=True)) if self.sel else []
         return [Send(b"+ idling\r\n" + b"".join(updates))]
 
     def _idle_input(self, line: bytes) -> list[Event]:
         tag, self._idle_tag = self._idle_tag, None
+        assert tag is not None
         if line.strip().upper() != b"DONE":
             return [Send(f"{tag} BAD expected DONE\r\n".encode()), *self._error()]
-        updates = self._refresh(allow_expunge=True) if self.sel else []
+        return self._run(tag, self._idle_done(tag))
+
+    def _idle_done(self, tag: str) -> Steps:
+        updates = (yield from self._refresh(allow_expunge=True)) if self.sel else []
         return [Send(b"".join(updates) + f"{tag} OK IDLE terminated\r\n".encode())]
 
     # -- selected (RFC 3501 6.4)
-    def _refresh(self, allow_expunge: bool) -> list[bytes]:
+    def _refresh(self, allow_expunge: bool) -> Generator[FileWork, Any, list[bytes]]:
         """Untagged EXPUNGE/EXISTS/RECENT/FETCH for what changed since we last looked."""
         sel = self.sel
         assert sel is not None
         try:
-            msgs = sel.folder.sync(move_new=True)
+            msgs = yield FileWork(sel.folder.sync, (True,))
         except FolderNotFound:
             self._closed = True
             return [b"* BYE the selected mailbox was deleted\r\n"]
@@ -657,15 +710,15 @@ class ImapSession:
             out.append(f"* {len(sel.uids)} EXISTS\r\n* {len(sel.recent)} RECENT\r\n".encode())
         return out
 
-    def _flags_announcement(self, folder: Folder, readonly: bool = False) -> list[str]:
+    @staticmethod
+    def _flags_announcement(keywords: list[str], readonly: bool = False) -> list[str]:
         """* FLAGS and PERMANENTFLAGS (RFC 3501 7.2.6, 7.1): keywords may be created (\\*)."""
-        keywords = folder.keyword_names()
         names = " ".join([*SYSTEM_ORDER, *keywords])
         perm = "* OK [PERMANENTFLAGS ()] Read-only" if readonly else f"* OK [PERMANENTFLAGS ({names} \\*)] Flags permitted"
         return [f"* FLAGS ({names})", perm]
 
     def _all_flags(self, info: MessageInfo) -> frozenset[str]:
-        """System flags and keywords of a message."""
+        """System flags and keywords of a message (from the folder's last scan: no I/O)."""
         assert self.sel is not None
         return info.flags | self.sel.folder.keywords_of(info)
 
@@ -707,11 +760,11 @@ class ImapSession:
                 raise Bad(f"bad keyword {f[:20]}")
         return flags
 
-    def _cmd_close(self, tag: str, args: list) -> list[Event]:
+    def _cmd_close(self, tag: str, args: list) -> Steps:
         sel = self.sel
         assert sel is not None
         if not sel.readonly:
-            self._expunge(None, report=False)
+            yield from self._expunge(None, report=False)
         self.sel = None
         self.state = "AUTHENTICATED"
         return [Send(f"{tag} OK CLOSE completed\r\n".encode())]
@@ -721,15 +774,15 @@ class ImapSession:
         self.state = "AUTHENTICATED"
         return [Send(f"{tag} OK UNSELECT completed\r\n".encode())]
 
-    def _expunge(self, only: set[int] | None, report: bool) -> list[bytes]:
+    def _expunge(self, only: set[int] | None, report: bool) -> Generator[FileWork, Any, list[bytes]]:
         sel = self.sel
         assert sel is not None
-        updates = self._refresh(allow_expunge=True) if report else []
+        updates = (yield from self._refresh(allow_expunge=True)) if report else []
         doomed = [
             sel.infos[u] for u in sel.uids
             if "\\Deleted" in sel.infos[u].flags and (only is None or u in only)
         ]
-        sel.folder.remove(doomed)
+        yield FileWork(sel.folder.remove, (doomed,))
         out = list(updates)
         gone = {m.uid for m in doomed}
         for seq in range(len(sel.uids), 0, -1):
@@ -742,7 +795,7 @@ class ImapSession:
                 sel.recent.discard(uid)
         return out
 
-    def _cmd_expunge(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_expunge(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
         if sel.readonly:
@@ -752,10 +805,10 @@ class ImapSession:
             if len(args) != 1:
                 raise Bad("UID EXPUNGE needs a UID set")
             only = {u for _, u in self._messages(args[0], uid=True)}
-        out = self._expunge(only, report=True)
+        out = yield from self._expunge(only, report=True)
         return [Send(b"".join(out) + f"{tag} OK EXPUNGE completed\r\n".encode())]
 
-    def _cmd_store(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_store(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
         if len(args) != 3 or not isinstance(args[1], str):
@@ -769,9 +822,8 @@ class ImapSession:
         if sel.readonly:
             raise No("[READ-ONLY] mailbox is read-only")
         op, silent = m.group(1), bool(m.group(2))
-        out = self._refresh(allow_expunge=False)
-        keywords_before = sel.folder.keyword_names()
-        fetches = []
+        out = yield from self._refresh(allow_expunge=False)
+        changes: list[tuple[int, int, MessageInfo, frozenset[str] | None]] = []  # seq, uid, info, new flags
         for seq, u in targets:
             info = sel.infos.get(u)
             if info is None:
@@ -783,20 +835,22 @@ class ImapSession:
                 new = current - flags
             else:
                 new = frozenset(flags)
-            if new != current:
-                changed = sel.folder.set_flags(info, new & SYSTEM_FLAGS, new - SYSTEM_FLAGS)
-                if changed is not None:
-                    sel.infos[u] = changed
+            changes.append((seq, u, info, new if new != current else None))
+        keywords_before, results, keywords_after = yield FileWork(_store_flags, (sel.folder, changes))
+        fetches = []
+        for (seq, u, _, _), changed in zip(changes, results, strict=True):
+            if changed is not None:
+                sel.infos[u] = changed
             if not silent:
                 uid_part = f"UID {u} " if uid else ""
                 all_flags = self._all_flags(sel.infos[u])
                 fetches.append(f"* {seq} FETCH ({uid_part}FLAGS {_flag_list(all_flags, u in sel.recent)})\r\n".encode())
-        if sel.folder.keyword_names() != keywords_before:  # RFC 3501 7.2.6: new keywords
-            out += [(line + "\r\n").encode() for line in self._flags_announcement(sel.folder)]
+        if keywords_after != keywords_before:  # RFC 3501 7.2.6: new keywords
+            out += [(line + "\r\n").encode() for line in self._flags_announcement(keywords_after)]
         out += fetches
         return [Send(b"".join(out) + f"{tag} OK STORE completed\r\n".encode())]
 
-    def _copy(self, tag: str, args: list, uid: bool, move: bool) -> list[Event]:
+    def _copy(self, tag: str, args: list, uid: bool, move: bool) -> Steps:
         sel = self.sel
         assert sel is not None and self.mailbox is not None
         verb = "MOVE" if move else "COPY"
@@ -807,31 +861,24 @@ class ImapSession:
         if move and sel.readonly:
             raise No("[READ-ONLY] mailbox is read-only")
         try:
-            dest = self.mailbox.folder(name)
+            dest = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[TRYCREATE] no such mailbox") from None
+        infos = [sel.infos[u] for _, u in targets if u in sel.infos]
         quota = self.users.quota(self.user or "")
         if not move and quota is not None:
-            adding = sum(sel.folder.wire_size(sel.infos[u]) for _, u in targets if u in sel.infos)
-            if self.mailbox.usage()[1] + adding > quota:
+            if (yield FileWork(_usage_after_copy, (self.mailbox, sel.folder, infos))) > quota:
                 raise No("[OVERQUOTA] the mailbox is over its quota")
-        pairs = []
-        for _, u in targets:
-            info = sel.infos.get(u)
-            if info is None:
-                continue
-            copied = dest.copy_in(sel.folder, info, info.flags)
-            if copied is not None:
-                pairs.append((u, copied.uid))
+        pairs = yield FileWork(_copy_messages, (sel.folder, dest, infos))
         code = ""
         if pairs:
             code = f"[COPYUID {dest.uidvalidity} {_uid_set([a for a, _ in pairs])} {_uid_set([b for _, b in pairs])}] "
         if not move:
-            out = self._refresh(allow_expunge=False)
+            out = yield from self._refresh(allow_expunge=False)
             return [Send(b"".join(out) + f"{tag} OK {code}COPY completed\r\n".encode())]
         # RFC 6851 3.3: COPYUID goes in an untagged OK before the EXPUNGEs
         moved = {a for a, _ in pairs}
-        sel.folder.remove([sel.infos[u] for u in moved if u in sel.infos])
+        yield FileWork(sel.folder.remove, ([sel.infos[u] for u in moved if u in sel.infos],))
         out = [f"* OK {code}Moved\r\n".encode()] if code else []
         for seq in range(len(sel.uids), 0, -1):
             u = sel.uids[seq - 1]
@@ -840,17 +887,17 @@ class ImapSession:
                 del sel.uids[seq - 1]
                 sel.infos.pop(u, None)
                 sel.recent.discard(u)
-        out += self._refresh(allow_expunge=True)
+        out += yield from self._refresh(allow_expunge=True)
         return [Send(b"".join(out) + f"{tag} OK MOVE completed\r\n".encode())]
 
-    def _cmd_copy(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_copy(self, tag: str, args: list, uid: bool = False) -> Steps:
         return self._copy(tag, args, uid, move=False)
 
-    def _cmd_move(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_move(self, tag: str, args: list, uid: bool = False) -> Steps:
         return self._copy(tag, args, uid, move=True)
 
     # -- FETCH (RFC 3501 6.4.5)
-    def _cmd_fetch(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_fetch(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
         if len(args) != 2:
@@ -860,30 +907,35 @@ class ImapSession:
         wanted = _fetch_items(items)
         if uid and "UID" not in [w[0] for w in wanted]:
             wanted.insert(0, ("UID", None, None))
-        out = self._refresh(allow_expunge=False)
-        for seq, u in targets:
-            info = sel.infos.get(u)
-            if info is None:
-                continue
-            out.append(self._fetch_one(seq, u, info, wanted))
+        names = {w[0] for w in wanted}
+        need = _FileNeeds(
+            content=bool(names - {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"}),
+            date="INTERNALDATE" in names,
+            size="RFC822.SIZE" in names,
+            # RFC 3501 6.4.5: BODY[...], RFC822 and RFC822.TEXT set \Seen
+            seen=not sel.readonly and any(
+                n in ("RFC822", "RFC822.TEXT") or (n == "BODY" and section is not None) for n, section, _ in wanted
+            ),
+        )
+        out = yield from self._refresh(allow_expunge=False)
+        chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
+        for batch in _batches(chosen, need.content):
+            files = (yield FileWork(_message_files, (sel.folder, [i for _, _, i in batch], need))) if need.any else None
+            for n, (seq, u, info) in enumerate(batch):
+                out.append(self._fetch_one(seq, u, info, wanted, files[n] if files else None))
+            yield Send(b"".join(out))  # batch by batch: a large FETCH is never held whole
+            out = []
         return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
 
-    def _fetch_one(self, seq: int, u: int, info: MessageInfo, wanted: list) -> bytes:
+    def _fetch_one(self, seq: int, u: int, info: MessageInfo, wanted: list, files: _MessageFiles | None) -> bytes:
+        """One FETCH response from what _message_files found (no I/O here)."""
         sel = self.sel
         assert sel is not None
         parts: list[bytes] = []
-        wire: bytes | None = None
-        tree: mime.Part | None = None
-        set_seen = False
 
         def load() -> tuple[bytes, mime.Part]:
-            nonlocal wire, tree
-            if wire is None:
-                raw = sel.folder.read(info)
-                wire = to_crlf(raw) if raw is not None else b""
-                tree = mime.parse(wire)
-            assert tree is not None
-            return wire, tree
+            assert files is not None and files.tree is not None
+            return files.wire, files.tree
 
         for name, section, partial in wanted:
             if name == "UID":
@@ -891,9 +943,11 @@ class ImapSession:
             elif name == "FLAGS":
                 continue  # added at the end, after a possible \Seen
             elif name == "INTERNALDATE":
-                parts.append(f'INTERNALDATE "{imap_date(sel.folder.internal_date(info))}"'.encode())
+                assert files is not None
+                parts.append(f'INTERNALDATE "{imap_date(files.date)}"'.encode())
             elif name == "RFC822.SIZE":
-                parts.append(f"RFC822.SIZE {sel.folder.wire_size(info)}".encode())
+                assert files is not None
+                parts.append(f"RFC822.SIZE {files.size}".encode())
             elif name == "ENVELOPE":
                 parts.append(b"ENVELOPE " + mime.envelope(load()[1]))
             elif name in ("BODYSTRUCTURE", "BODY") and section is None:
@@ -902,8 +956,6 @@ class ImapSession:
                 w, t = load()
                 data = w if name == "RFC822" else (t.header if name == "RFC822.HEADER" else t.body)
                 parts.append(name.encode() + b" " + mime.istr(data) if data else name.encode() + b' ""')
-                if name != "RFC822.HEADER":
-                    set_seen = True
             else:  # BODY[...] / BODY.PEEK[...]
                 w, t = load()
                 data = mime.section_bytes(t, w, section) or b""
@@ -913,12 +965,9 @@ class ImapSession:
                     data = data[start:] if length is None else data[start:start + length]
                     label += f"<{start}>"
                 parts.append(label.encode() + b" " + (b"{%d}\r\n" % len(data) + data))
-                if name == "BODY":
-                    set_seen = True
-        if set_seen and not sel.readonly and "\\Seen" not in info.flags:
-            changed = sel.folder.set_flags(info, info.flags | {"\\Seen"})
-            if changed is not None:
-                sel.infos[u] = info = changed
+        if files is not None and files.marked_seen:
+            if files.info is not None:
+                sel.infos[u] = files.info
             if not any(w[0] == "FLAGS" for w in wanted):
                 wanted = [*wanted, ("FLAGS", None, None)]
         if any(w[0] == "FLAGS" for w in wanted):
@@ -926,7 +975,7 @@ class ImapSession:
         return f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n"
 
     # -- SEARCH (RFC 3501 6.4.4)
-    def _cmd_search(self, tag: str, args: list, uid: bool = False) -> list[Event]:
+    def _cmd_search(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
         args = list(args)
@@ -942,17 +991,16 @@ class ImapSession:
         while pos < len(args):
             key, pos = self._search_key(args, pos)
             keys.append(key)
-        out = self._refresh(allow_expunge=False)
+        out = yield from self._refresh(allow_expunge=False)
         n = len(sel.uids)
         largest = sel.uids[-1] if sel.uids else 0
-        hits = []
-        for i, u in enumerate(sel.uids):
-            info = sel.infos.get(u)
-            if info is None:
-                continue
-            ctx = _SearchContext(self, i + 1, u, info, n, largest)
-            if all(k(ctx) for k in keys):
-                hits.append(str(u if uid else i + 1))
+        candidates = [
+            _SearchContext(sel.folder, i + 1, u, info, n, largest, u in sel.recent)
+            for i, u in enumerate(sel.uids)
+            if (info := sel.infos.get(u)) is not None
+        ]
+        found = yield FileWork(_search, (candidates, keys))
+        hits = [str(c.uid if uid else c.seq) for c in found]
         line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
 
@@ -993,15 +1041,15 @@ class ImapSession:
             flag, want = flag_keys[key]
             return (lambda c: (flag in c.info.flags) == want), pos
         if key == "RECENT":
-            return (lambda c: c.uid in c.session.sel.recent), pos
+            return (lambda c: c.recent), pos
         if key == "OLD":
-            return (lambda c: c.uid not in c.session.sel.recent), pos
+            return (lambda c: not c.recent), pos
         if key == "NEW":
-            return (lambda c: c.uid in c.session.sel.recent and "\\Seen" not in c.info.flags), pos
+            return (lambda c: c.recent and "\\Seen" not in c.info.flags), pos
         if key in ("KEYWORD", "UNKEYWORD"):
             word = arg().lower()
             want = key == "KEYWORD"
-            return (lambda c: (word in {k.lower() for k in c.session._all_flags(c.info)}) == want), pos
+            return (lambda c: (word in {k.lower() for k in c.all_flags()}) == want), pos
         if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
             needle = arg().lower()
             field = key.lower()
@@ -1052,28 +1100,34 @@ class ImapSession:
         raise Bad(f"unknown SEARCH key {key[:30]}")
 
 
-class _SearchContext:
-    """One message as SEARCH sees it; content is read once, only when a key needs it."""
+# -- file work: what these functions are handed is a snapshot; they run in the adapter's
+# file executor (FileWork), never on the event loop, and never touch a session.
 
-    def __init__(self, session: ImapSession, seq: int, uid: int, info: MessageInfo, count: int, largest: int):
-        self.session = session
+
+class _SearchContext:
+    """One message as SEARCH sees it; content is read once, only when a key needs it.
+    Keys are evaluated by _search, in the file executor."""
+
+    def __init__(self, folder: Folder, seq: int, uid: int, info: MessageInfo, count: int, largest: int,
+                 recent: bool):
+        self.folder = folder
         self.seq = seq
         self.uid = uid
         self.info = info
         self.count = count
         self.largest_uid = largest
+        self.recent = recent
         self._wire: bytes | None = None
         self._tree: mime.Part | None = None
 
     def _load(self) -> tuple[bytes, mime.Part]:
         if self._wire is None:
-            sel = self.session.sel
-            assert sel is not None
-            raw = sel.folder.read(self.info)
-            self._wire = to_crlf(raw) if raw is not None else b""
-            self._tree = mime.parse(self._wire)
+            self._wire, self._tree = _read_parsed(self.folder, self.info)
         assert self._tree is not None
         return self._wire, self._tree
+
+    def all_flags(self) -> frozenset[str]:
+        return self.info.flags | self.folder.keywords_of(self.info)
 
     def header(self, name: str) -> str:
         t = self._load()[1]
@@ -1092,14 +1146,10 @@ class _SearchContext:
         return self._load()[0]
 
     def size(self) -> int:
-        sel = self.session.sel
-        assert sel is not None
-        return sel.folder.wire_size(self.info)
+        return self.folder.wire_size(self.info)
 
     def internal_day(self) -> tuple[int, int, int]:
-        sel = self.session.sel
-        assert sel is not None
-        t = time.gmtime(sel.folder.internal_date(self.info))
+        t = time.gmtime(self.folder.internal_date(self.info))
         return (t.tm_year, t.tm_mon, t.tm_mday)
 
     def sent_day(self) -> tuple[int, int, int] | None:
@@ -1111,6 +1161,106 @@ class _SearchContext:
         except (TypeError, ValueError, IndexError):
             return None
         return (d.year, d.month, d.day)
+
+
+def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContext], bool]]) -> list[_SearchContext]:
+    """The messages that match every key (SEARCH; keys read files as they need)."""
+    return [c for c in candidates if all(k(c) for k in keys)]
+
+
+def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
+    """A message in wire form (CRLF) and its MIME tree; an expunged one reads as empty."""
+    raw = folder.read(info)
+    wire = to_crlf(raw) if raw is not None else b""
+    return wire, mime.parse(wire)
+
+
+@dataclass(frozen=True, slots=True)
+class _FileNeeds:
+    """What a FETCH needs from each message's file."""
+
+    content: bool
+    date: bool
+    size: bool
+    seen: bool  # set \Seen (a BODY[...], RFC822 or RFC822.TEXT item, folder not read-only)
+
+    @property
+    def any(self) -> bool:
+        return self.content or self.date or self.size or self.seen
+
+
+@dataclass(slots=True)
+class _MessageFiles:
+    wire: bytes = b""
+    tree: mime.Part | None = None
+    date: float = 0.0
+    size: int = 0
+    marked_seen: bool = False  # \Seen was not set and we set it
+    info: MessageInfo | None = None  # the message after that (None: it is gone)
+
+
+FETCH_BATCH = 100  # messages per FileWork
+FETCH_BATCH_BYTES = 1 << 20  # stored bytes per FileWork, when content is read
+
+
+def _batches(chosen: list[tuple[int, int, MessageInfo]], content: bool) -> Iterator[list[tuple[int, int, MessageInfo]]]:
+    """FETCH targets in runs that each cost one FileWork and bounded memory."""
+    batch: list[tuple[int, int, MessageInfo]] = []
+    weight = 0
+    for item in chosen:
+        batch.append(item)
+        if content:
+            weight += item[2].size or item[2].vsize or 0
+        if len(batch) >= FETCH_BATCH or weight >= FETCH_BATCH_BYTES:
+            yield batch
+            batch, weight = [], 0
+    if batch:
+        yield batch
+
+
+def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -> list[_MessageFiles]:
+    """Read what a FETCH needs of each message; set \\Seen where the FETCH implies it."""
+    out = []
+    for info in infos:
+        f = _MessageFiles()
+        if need.content:
+            f.wire, f.tree = _read_parsed(folder, info)
+        if need.date:
+            f.date = folder.internal_date(info)
+        if need.size:
+            f.size = folder.wire_size(info)
+        if need.seen and "\\Seen" not in info.flags:
+            f.marked_seen = True
+            f.info = folder.set_flags(info, info.flags | {"\\Seen"})
+        out.append(f)
+    return out
+
+
+def _store_flags(
+    folder: Folder, changes: list[tuple[int, int, MessageInfo, frozenset[str] | None]]
+) -> tuple[list[str], list[MessageInfo | None], list[str]]:
+    """STORE: (keywords before, each message after its change or None, keywords after)."""
+    before = folder.keyword_names()
+    results = [
+        folder.set_flags(info, new & SYSTEM_FLAGS, new - SYSTEM_FLAGS) if new is not None else None
+        for _, _, info, new in changes
+    ]
+    return before, results, folder.keyword_names()
+
+
+def _usage_after_copy(mailbox: Mailbox, src: Folder, infos: list[MessageInfo]) -> int:
+    """Stored bytes of the mailbox once these messages are copied (the quota check)."""
+    return mailbox.usage()[1] + sum(src.wire_size(i) for i in infos)
+
+
+def _copy_messages(src: Folder, dest: Folder, infos: list[MessageInfo]) -> list[tuple[int, int]]:
+    """COPY/MOVE: (source uid, new uid) of each message copied (gone ones are skipped)."""
+    pairs = []
+    for info in infos:
+        copied = dest.copy_in(src, info, info.flags)
+        if copied is not None:
+            pairs.append((info.uid, copied.uid))
+    return pairs
 
 
 def _uid_set(uids: list[int]) -> str:
