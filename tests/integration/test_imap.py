@@ -295,6 +295,62 @@ def test_search_and_expunge(server) -> None:
     assert len(server.box.folder("INBOX").sync()) == 1
 
 
+class Gate:
+    """Holds a Maildir call (in the server's file executor) until the test opens it."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        real = getattr(maildir.Folder, name)
+
+        def held(folder, *args, **kwargs):
+            self.entered.set()
+            if not self.opened.wait(30):
+                raise OSError("the test never opened the gate")
+            return real(folder, *args, **kwargs)
+
+        monkeypatch.setattr(maildir.Folder, name, held)
+
+
+@pytest.mark.parametrize("held", ["read", "append"])
+def test_a_held_mailbox_call_does_not_stop_other_connections(server, monkeypatch, held: str) -> None:
+    """While one client's FETCH (a file read) or APPEND (write and fsync) is held inside
+    the Maildir call, another client connects, logs in and gets answers."""
+    deliver_new(server.box.root, MSG)
+    slow = connect(server)
+    slow.select("INBOX")
+    gate = Gate(monkeypatch, held)
+    result: dict = {}
+
+    def slow_command() -> None:
+        if held == "read":
+            result["r"] = slow.fetch("1", "(BODY[])")
+        else:
+            result["r"] = slow.append("INBOX", None, None, MSG)
+
+    t = threading.Thread(target=slow_command)
+    t.start()
+    try:
+        assert gate.entered.wait(10)  # the slow command is inside the Maildir call
+        other = connect(server)  # greeting, STARTTLS, LOGIN: all answered meanwhile
+        assert other.noop()[0] == "OK"
+        assert other.select("Sent")[0] == "OK"
+        assert other.status("INBOX", "(MESSAGES)")[0] == "OK"
+        other.logout()
+        assert "r" not in result  # the slow command is still held
+    finally:
+        gate.opened.set()
+        t.join(10)
+    typ, data = result["r"]
+    assert typ == "OK"
+    if held == "read":
+        assert data[0][1] == MSG
+    else:
+        assert b"APPENDUID" in data[0]
+    assert slow.noop()[0] == "OK"
+    slow.logout()
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_fetches_and_lists(server, tmp_path: Path) -> None:
     deliver_new(server.box.root, MSG)

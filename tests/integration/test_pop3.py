@@ -329,3 +329,40 @@ def test_failed_tls_handshakes_do_not_use_up_connection_slots(server) -> None:
             t.quit()
     finally:
         server.loop.run(svc.stop())
+
+
+def test_a_held_message_read_does_not_stop_other_connections(server, monkeypatch) -> None:
+    """While one client's RETR is held inside the Maildir read (in the server's file
+    executor), another client connects, logs in and gets answers."""
+    deliver_new(server.box.root, b"Subject: slow\n\nbody\n")
+    server.users.set_password("bob@example.test", "pw")
+    slow = stls_client(server)
+    slow.user(ALICE)
+    slow.pass_("correct horse")
+    entered, opened = threading.Event(), threading.Event()
+    real = maildir.Folder.read
+
+    def held(folder, msg):
+        entered.set()
+        if not opened.wait(30):
+            raise OSError("the test never opened the gate")
+        return real(folder, msg)
+
+    monkeypatch.setattr(maildir.Folder, "read", held)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", slow.retr(1)))
+    t.start()
+    try:
+        assert entered.wait(10)
+        other = stls_client(server)
+        other.user("bob@example.test")
+        other.pass_("pw")
+        assert other.noop().startswith(b"+OK")
+        assert other.stat() == (0, 0)
+        other.quit()
+        assert "r" not in result
+    finally:
+        opened.set()
+        t.join(10)
+    assert result["r"][1] == [b"Subject: slow", b"", b"body"]
+    slow.quit()

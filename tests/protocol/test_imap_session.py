@@ -15,6 +15,7 @@ from kanmon.store import maildir
 from kanmon.store.connection import Close, Delay, FileWork, PeerInfo, Send, StartTls, Verify
 from kanmon.store.imap.message import parse, parse_section, section_bytes
 from kanmon.store.imap.parser import CommandReader, ParseError, tokenize
+from kanmon.store.imap import session as imap_session
 from kanmon.store.imap.session import ImapSession, parse_datetime
 from kanmon.store.users import AuthThrottle, Users
 
@@ -574,3 +575,93 @@ def test_hostile_tags_are_not_echoed(env) -> None:
     assert d.send('"quoted" NOOP\r\n') == "* BAD invalid tag\r\n"
     assert d.send("a+b NOOP\r\n") == "* BAD invalid tag\r\n"
     assert d.send("abc\r\n") == "abc BAD missing command\r\n"
+
+
+# -- file work goes to the adapter ---------------------------------------------
+
+
+def split(events) -> tuple[bytes, list[FileWork]]:
+    """Output bytes and the FileWork events (what the adapter would run) of one step."""
+    out = b"".join(e.data for e in events if isinstance(e, Send))
+    return out, [e for e in events if isinstance(e, FileWork)]
+
+
+def test_file_work_is_handed_out_one_command_at_a_time_in_order(env) -> None:
+    """Every Maildir call leaves the session as FileWork; pipelined commands wait their turn."""
+    deliver_new(env.box.root, SIMPLE)
+    d = logged_in(env, select=None)
+    s = d.session
+    out, work = split(s.receive(b"a SELECT INBOX\r\nb FETCH 1 (BODY[])\r\nc NOOP\r\nd CAPABILITY\r\n"))
+    seen = b""
+    steps = 0
+    while work:
+        assert len(work) == 1  # the session waits for one result before anything else
+        seen += out
+        assert s.receive(b"") == [] and s.poll() == []  # waiting: input is only buffered
+        out, work = split(s.file_done(work[0].call(*work[0].args)))
+        steps += 1
+    seen += out
+    assert steps >= 4  # folder, sync, keywords, message read, ...
+    tags = [line.split(b" ", 1)[0] for line in seen.split(b"\r\n") if line[:1] in (b"a", b"b", b"c", b"d")]
+    assert tags == [b"a", b"b", b"c", b"d"]
+    assert b"Pizza at noon?" in seen
+    assert b"\\Seen" in seen  # the FETCH set \Seen, in the executor
+
+
+def test_commands_without_files_need_no_file_work(env) -> None:
+    d = env.session()
+    out, work = split(d.session.receive(b"a CAPABILITY\r\nb NOOP\r\nc ID NIL\r\n"))
+    assert work == [] and out.count(b" OK ") == 3
+
+
+def test_failed_file_work_answers_the_command_and_the_next_one_runs(env) -> None:
+    deliver_new(env.box.root, SIMPLE)
+    d = logged_in(env)
+    s = d.session
+    out, work = split(s.receive(b"a FETCH 1 (BODY[])\r\nb NOOP\r\n"))
+    while work:
+        fails = work[0].call.__name__ == "_message_files"
+        if fails:
+            events = s.file_done(None, OSError("disk on fire"))
+        else:
+            events = s.file_done(work[0].call(*work[0].args))
+        step_out, work = split(events)
+        out += step_out
+    assert b"a NO [SERVERBUG]" in out and b"b OK NOOP completed" in out
+    assert any("store error: disk on fire" in e for e in env.events)
+
+
+def test_connection_lost_while_file_work_runs(env) -> None:
+    d = logged_in(env)
+    s = d.session
+    _, work = split(s.receive(b"a NOOP\r\n"))
+    assert len(work) == 1
+    s.connection_lost()  # the adapter was cancelled: nobody resumes the command
+    assert s.receive(b"b NOOP\r\n") == []
+
+
+def test_idle_poll_is_file_work(env) -> None:
+    d = logged_in(env)
+    d.send("i IDLE\r\n")
+    deliver_new(env.box.root, SIMPLE)
+    out, work = split(d.session.poll())
+    assert out == b"" and len(work) == 1
+    out, work = split(d.session.file_done(work[0].call(*work[0].args)))
+    assert out == b"* 1 EXISTS\r\n* 1 RECENT\r\n" and work == []
+
+
+def test_large_fetch_is_sent_in_batches(env, monkeypatch) -> None:
+    for _ in range(5):
+        deliver_new(env.box.root, SIMPLE)
+    d = logged_in(env)
+    monkeypatch.setattr(imap_session, "FETCH_BATCH", 2)
+    events: list = []
+    pending = d.session.receive(b"a FETCH 1:* (BODY.PEEK[])\r\n")
+    while pending:
+        events += pending
+        work = [e for e in pending if isinstance(e, FileWork)]
+        pending = d.session.file_done(work[0].call(*work[0].args)) if work else []
+    sends = [e.data for e in events if isinstance(e, Send)]
+    assert len([e for e in events if isinstance(e, FileWork)]) == 4  # sync, then batches of 2, 2, 1
+    assert len(sends) == 4 and sends[-1] == b"a OK FETCH completed\r\n"
+    assert b"".join(sends).count(b"Pizza at noon?") == 5
