@@ -197,7 +197,9 @@ class _UidState:
 
 
 class Folder:
-    """One Maildir (INBOX or a Maildir++ subfolder). Shared by all sessions of a process.
+    """One Maildir (INBOX or a Maildir++ subfolder). Shared by all sessions of a process,
+    which call it from several threads (the IMAP/POP3 file executor): what it caches (UID
+    state, keyword table, scanned messages) changes only under ``_lock``.
 
     ``sync()`` is the only way to learn the folder's contents; it returns the messages
     ordered by UID. Methods that change a message take a MessageInfo from a sync and
@@ -438,8 +440,9 @@ class Folder:
 
     def keyword_names(self) -> list[str]:
         """Keywords defined in this folder (what PERMANENTFLAGS/FLAGS list)."""
-        self._load_keywords()
-        return [n for n in self._keywords if n]
+        with self._lock:  # sessions call this from several threads
+            self._load_keywords()
+            return [n for n in self._keywords if n]
 
     def keywords_of(self, msg: MessageInfo) -> frozenset[str]:
         out = set()
@@ -454,24 +457,25 @@ class Folder:
         wanted = [n for n in dict.fromkeys(names) if is_keyword(n)]
         if not wanted:
             return ""
-        self._load_keywords()
-        known = {n.lower() for n in self._keywords if n}
-        if any(n.lower() not in known for n in wanted):
-            with _DotLock(self.path / KEYWORDS_FILE) as lock:
+        with self._lock:  # the keyword table is shared by every session of the process
+            self._load_keywords()
+            known = {n.lower() for n in self._keywords if n}
+            if any(n.lower() not in known for n in wanted):
+                with _DotLock(self.path / KEYWORDS_FILE) as lock:
+                    self._keywords_stamp = None
+                    self._load_keywords()
+                    table = list(self._keywords)
+                    lowers = {x.lower() for x in table if x}
+                    for n in wanted:
+                        if n.lower() not in lowers and len(table) < MAX_KEYWORDS:
+                            table.append(n)
+                            lowers.add(n.lower())
+                    if len(table) != len(self._keywords):
+                        lock.commit("".join(f"{i} {n}\n" for i, n in enumerate(table) if n).encode())
                 self._keywords_stamp = None
                 self._load_keywords()
-                table = list(self._keywords)
-                lowers = {x.lower() for x in table if x}
-                for n in wanted:
-                    if n.lower() not in lowers and len(table) < MAX_KEYWORDS:
-                        table.append(n)
-                        lowers.add(n.lower())
-                if len(table) != len(self._keywords):
-                    lock.commit("".join(f"{i} {n}\n" for i, n in enumerate(table) if n).encode())
-            self._keywords_stamp = None
-            self._load_keywords()
-        index = {n.lower(): i for i, n in enumerate(self._keywords) if n}
-        return "".join(sorted({chr(ord("a") + index[n.lower()]) for n in wanted if n.lower() in index}))
+            index = {n.lower(): i for i, n in enumerate(self._keywords) if n}
+            return "".join(sorted({chr(ord("a") + index[n.lower()]) for n in wanted if n.lower() in index}))
 
     def set_flags(
         self, msg: MessageInfo, flags: Iterable[str], keywords: Iterable[str] | None = None
@@ -685,6 +689,7 @@ def _arrival_key(base: str) -> tuple[int, int, str]:
 
 _folders: dict[Path, Folder] = {}
 _folders_lock = threading.Lock()
+_subscriptions_lock = threading.Lock()
 
 
 def _shared_folder(path: Path, name: str) -> Folder:
@@ -823,14 +828,16 @@ class Mailbox:
 
     def subscribe(self, name: str) -> None:
         name = check_folder_name(name)
-        subs = self.subscriptions()
-        if name not in subs:
-            self._write_subscriptions([*subs, name])
+        with _subscriptions_lock:  # read-modify-write, from several sessions' threads
+            subs = self.subscriptions()
+            if name not in subs:
+                self._write_subscriptions([*subs, name])
 
     def unsubscribe(self, name: str) -> None:
-        subs = self.subscriptions()
-        if name in subs:
-            self._write_subscriptions([n for n in subs if n != name])
+        with _subscriptions_lock:
+            subs = self.subscriptions()
+            if name in subs:
+                self._write_subscriptions([n for n in subs if n != name])
 
     def usage(self) -> tuple[int, int]:
         """(messages, bytes) over all folders."""
