@@ -83,7 +83,7 @@ Steps = Generator[Send | FileWork, Any, list[Event]]
 
 def advance(steps: Steps, result: Any = None, error: BaseException | None = None) -> tuple[list[Event], bool]:
     """Run ``steps`` on to its next FileWork (the last event; done=False) or to its end
-    (done=True). Exceptions other than the ones it handles itself propagate."""
+    (done=True). An exception the generator does not handle propagates."""
     out: list[Event] = []
     try:
         item = steps.throw(error) if error is not None else steps.send(result)
@@ -93,6 +93,7 @@ def advance(steps: Steps, result: Any = None, error: BaseException | None = None
     except StopIteration as stop:
         return out + list(stop.value or ()), True
     return [*out, item], False
+
 
 _POLL = object()
 _TIMEOUT = object()

@@ -5,9 +5,10 @@ returns events for the adapter (kanmon/store/connection.py): Send, Verify (passw
 check in a worker thread), FileWork (Maildir and account-record calls, run in the
 adapter's file executor), StartTls, Delay, Close. A command that needs files is a
 generator: it yields FileWork and waits, taking no further command, until the adapter
-hands the result to ``file_done``; so pipelined commands still run in order. Extensions: IDLE (RFC 2177),
-UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE (RFC 6851), SPECIAL-USE (RFC 6154),
-UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID (RFC 2971), SASL-IR (RFC 4959).
+hands the result to ``file_done``; so pipelined commands still run in order, one at a
+time. Extensions: IDLE (RFC 2177), UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE
+(RFC 6851), SPECIAL-USE (RFC 6154), UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID
+(RFC 2971), SASL-IR (RFC 4959).
 
 Trusts: nothing the client sends. Command framing and literal sizes are bounded by
 parser.CommandReader before memory is taken; folder names go through
@@ -278,7 +279,7 @@ class ImapSession:
                 continue
             events = self._frame(frame.data)
             if self._closed and not any(isinstance(e, Close) for e in events):
-                events.append(Close())
+                events.append(Close())  # a command that ended the session closes it
             out += events
             if any(isinstance(e, StartTls) for e in events):
                 self.reader.clear()  # CVE-2011-0411: anything after STARTTLS is dropped
@@ -657,8 +658,8 @@ class ImapSession:
 
     def _cmd_idle(self, tag: str, args: list) -> Steps:
         # RFC 2177
-        self._idle_tag = tag
         updates = (yield from self._refresh(allow_expunge=True)) if self.sel else []
+        self._idle_tag = tag
         return [Send(b"+ idling\r\n" + b"".join(updates))]
 
     def _idle_input(self, line: bytes) -> list[Event]:
@@ -1126,6 +1127,9 @@ class _SearchContext:
         assert self._tree is not None
         return self._wire, self._tree
 
+    def forget(self) -> None:
+        self._wire = self._tree = None
+
     def all_flags(self) -> frozenset[str]:
         return self.info.flags | self.folder.keywords_of(self.info)
 
@@ -1165,7 +1169,12 @@ class _SearchContext:
 
 def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContext], bool]]) -> list[_SearchContext]:
     """The messages that match every key (SEARCH; keys read files as they need)."""
-    return [c for c in candidates if all(k(c) for k in keys)]
+    hits = []
+    for c in candidates:
+        if all(k(c) for k in keys):
+            hits.append(c)
+        c.forget()  # one message's content in memory at a time
+    return hits
 
 
 def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
