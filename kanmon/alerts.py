@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import TextIO
 
 from kanmon.config import ALERT_CATEGORIES, Config
-from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.model import Envelope
 from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
+from kanmon.queue.inject import Injector
 from kanmon.units import format_duration, format_size
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
@@ -105,6 +106,8 @@ class Alerts:
         self.records = records
         self.spool = spool
         self.queue = queue
+        # Alert mail enters the queue like every message kanmon writes itself.
+        self.injector = Injector(spool, records, queue.submit_nowait, hostname=config.server.hostname, clock=clock)
         self.clock = clock
         self.cert_path = cert_path
         self.data_dir = Path(config.server.data_dir)
@@ -361,29 +364,18 @@ class Alerts:
         msg["To"] = ", ".join(self.cfg.to)
         msg["Subject"] = re.sub(r"[\r\n\t]+", " ", subject)  # event text never makes a header of its own
         msg["Date"] = format_datetime(datetime.datetime.fromtimestamp(now).astimezone())
-        msg["Message-ID"] = msgid = make_msgid("alert", domain=hostname)
+        msg["Message-ID"] = make_msgid("alert", domain=hostname)
         msg["Auto-Submitted"] = "auto-generated"  # RFC 3834
         msg["X-Kanmon-Alert"] = category
         msg.set_content(body)
         content = msg.as_bytes()
-        env = Envelope(
-            mail_from=self.sender, rcpts=list(self.cfg.to),
-            client=ClientInfo(ip="127.0.0.1", name="localhost", helo=hostname, proto="internal"),
-            received_at=now, is_notice=True,
-        )
-        qid = new_queue_id()
+        env = Envelope(mail_from=self.sender, rcpts=list(self.cfg.to), received_at=now, is_notice=True)
         try:
-            await self.spool.store(qid, env, content)
+            qid = await self.injector.inject(env, content, "alert")
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
             self._fallback(subject, body, f"queue refused it: {e}")
             return None
-        self.records.emit(
-            f"from=<{self.sender}>, size={len(content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, proto=internal, relay=local",
-            qid,
-        )
         self.records.emit(f"alert mail ({category}/{key}) queued: {subject}", qid, "alert-mail")
-        self.records.history_accept(qid, env, len(content), content)
-        self.queue.submit_nowait(qid, env, content)
         self.sent += 1
         return qid
 

@@ -90,11 +90,10 @@ class Node:
         )
         self.tls_context = server_context(config)
         # The accept checks; the I/O they need (mailbox usage) and their effects (quota
-        # notices) are passed in here, so policy/ imports no store module.
+        # notices) are passed in here, so policy/ imports no store module. Over-quota
+        # notices from listeners in this process enter through the queue's injector.
         self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir))
-        self.quota_notices = QuotaNotices(
-            self.data_dir, config.server.hostname, self.spool, self.records, self.queue.submit_nowait
-        )
+        self.quota_notices = QuotaNotices(self.data_dir, self.queue.injector)
         effects = quota_effect_handlers(self.quota_notices)
         # A config with only [server] and [balancer] is a node that only balances.
         self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set

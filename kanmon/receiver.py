@@ -157,6 +157,7 @@ def _die_with_parent() -> None:
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
     from kanmon.policy.quota import quota_effect_handlers
     from kanmon.policy.standard import standard_pipeline
+    from kanmon.queue.inject import Injector
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
@@ -178,7 +179,11 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         except (BrokenPipeError, OSError):
             pass  # the main process is gone; recovery will find the message
 
-    effects = quota_effect_handlers(QuotaNotices(data_dir, config.server.hostname, spool, records, queued))
+    # Over-quota notices are written here, where the check runs: stored, recorded and
+    # announced to the main process like received mail.
+    effects = quota_effect_handlers(
+        QuotaNotices(data_dir, Injector(spool, records, queued, hostname=config.server.hostname))
+    )
     servers = []
     for role in ("smtp", "submission"):
         socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import re
 import time
 from collections import Counter, defaultdict
@@ -38,9 +37,11 @@ from typing import Any, Protocol
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
-from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id, new_queue_id
+from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id
+from kanmon.queue.inject import Injector
 from kanmon.queue.notices import Notices
 from kanmon.records.store import Records
+from kanmon.spool import journal
 from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
 
@@ -52,16 +53,16 @@ RETURNED = "message returned to sender by the administrator"
 RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
 EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
 
-# The actions that are journal records (kanmon.spool.store.QueueState.apply reads them).
+# The actions that are journal records (kanmon.spool.journal.QueueState.apply reads them).
 # "next": 0 means "as soon as the queue manager sees it", whatever its clock says (a
 # stopped node's admin and the next start need not agree). Routing is decided at each
 # attempt from the running config, so requeue ("route again", postsuper -r) is: due
 # now, with the retry backoff restarted.
 JOURNALED = {
-    "hold": lambda t, by: [{"k": "hold", "on": True, "t": t, "by": by}],
-    "release": lambda t, by: [{"k": "hold", "on": False, "t": t, "by": by}, {"k": "schedule", "t": t, "next": 0.0}],
-    "flush": lambda t, by: [{"k": "schedule", "t": t, "next": 0.0}],
-    "requeue": lambda t, by: [{"k": "attempt", "t": t, "n": 0, "next": 0.0}, {"k": "schedule", "t": t, "next": 0.0}],
+    "hold": lambda t, by: [journal.Hold(t, True, by)],
+    "release": lambda t, by: [journal.Hold(t, False, by), journal.Schedule(t, 0.0)],
+    "flush": lambda t, by: [journal.Schedule(t, 0.0)],
+    "requeue": lambda t, by: [journal.Attempt(t, 0, 0.0), journal.Schedule(t, 0.0)],
 }
 
 _REPLY_RE = re.compile(r"^([2-5]\d\d)(?: ([2-5]\.\d{1,3}\.\d{1,3}))? ?(.*)$", re.S)
@@ -238,9 +239,8 @@ def last_reply(entry: SpoolEntry) -> tuple[str, float]:
     for rcpt, rec in entry.state.last.items():
         if rcpt in entry.state.done:
             continue
-        t = rec.get("t", 0.0)
-        if t >= at:
-            best, at = str(rec.get("reply", "")), t
+        if rec.t >= at:
+            best, at = rec.reply, rec.t
     return best, max(at, 0.0)
 
 
@@ -262,6 +262,9 @@ class QueueOps:
         self.records = records
         self.link = link
         self.notices = Notices(config)
+        # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
+        self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
+                                 hostname=config.server.hostname, clock=link)
 
     # -- selecting -----------------------------------------------------------------------
 
@@ -341,10 +344,10 @@ class QueueOps:
         return {
             **self.row(entry, state),
             "rcpts_all": [{"rcpt": r, "original": env.original_rcpts.get(r, ""),
-                           "status": entry.state.done[r]["status"] if r in entry.state.done else "pending"}
+                           "status": entry.state.done[r].status if r in entry.state.done else "pending"}
                           for r in env.rcpts],
             "client": client,
-            "history": entry.state.history,
+            "history": [journal.to_dict(h) for h in entry.state.history],
             "headers": head.decode("utf-8", "replace"),
             "body": b"\r\n".join(body_lines[:lines]).decode("utf-8", "replace"),
             "body_lines_total": len(body_lines),
@@ -439,18 +442,14 @@ class QueueOps:
         results = []
         for r in pending:
             last = entry.state.last.get(r)
-            text = RETURNED + (f"; last reply: {last['reply']}" if last and last.get("reply") else "")
-            results.append(RecipientResult(r, Status.BOUNCED, Reply(550, "5.0.0", text), (last or {}).get("relay", ""),
+            text = RETURNED + (f"; last reply: {last.reply}" if last and last.reply else "")
+            results.append(RecipientResult(r, Status.BOUNCED, Reply(550, "5.0.0", text), last.relay if last else "",
                                            "admin"))
         env = entry.envelope
         if results and env.mail_from and not env.is_notice:
-            notice_id = new_queue_id()
             notice_env, notice_content = self.notices.build(entry, content, results, "failed", now)
-            self.spool.store_blocking(notice_id, notice_env, notice_content)
+            notice_id = self.injector.inject_blocking(notice_env, notice_content, "failure notice")
             self.records.emit(f"sender failure notification: {notice_id}", qid)
-            self.records.emit(f"from=<>, size={len(notice_content)}, nrcpts=1, proto=internal, relay=local", notice_id)
-            self.records.history_accept(notice_id, notice_env, len(notice_content), notice_content)
-            self.link.submit(notice_id)
         elif results:
             self.records.emit("no notice (failed) for a message from <> or a notice: dropped", qid)
         for r in results:
@@ -546,12 +545,11 @@ class QueueOps:
             if qid in done:
                 skipped.append(qid)
                 continue
-            records = [{"k": "hold", "on": hold, "t": now, "by": source},
-                       {"k": "schedule", "t": now, "next": 0.0}]
+            records = [journal.Hold(now, hold, source), journal.Schedule(now, 0.0)]
             state = msg.state_bytes
             if state and not state.endswith(b"\n"):
                 state += b"\n"  # a torn last line in the source journal stays harmless
-            state += b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+            state += journal.encode(records)
             created = self.spool.import_raw(qid, msg.queue_bytes, state)
             self._append_ledger(qid)
             if created:
@@ -618,8 +616,7 @@ class QueueOps:
                     continue
                 if sent:
                     self.spool.append_state(qid, [
-                        {"k": "result", "t": now, "rcpt": r.rcpt, "status": "sent", "reply": str(r.reply),
-                         "relay": r.relay, "mailer": "drain", "tls": r.tls} for r in sent])
+                        journal.Result(now, r.rcpt, "sent", str(r.reply), r.relay, "drain", r.tls) for r in sent])
                 kept.append({"id": qid, "replies": {r.rcpt: str(r.reply) for r in results if r.status is not Status.SENT}})
                 if not entry.state.hold:
                     self.link.reschedule(qid, max(now, entry.state.next_attempt))

@@ -25,6 +25,7 @@ from kanmon.admin.queue_ops import STATES, Filters, QueueOps, dispatch, offline_
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
 from kanmon.config import Config, parse_duration, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
+from kanmon.spool import journal
 
 FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket listens
 
@@ -217,14 +218,18 @@ def _print_detail(d: dict) -> None:
     if d["history"]:
         click.echo("History:")
         for h in d["history"]:
-            if h.get("k") == "result":
-                click.echo(f"  {format_time(h.get('t'))} <{h.get('rcpt')}> {h.get('status')}: {h.get('reply')}"
-                           + (f" (relay {h['relay']})" if h.get("relay") else ""))
-            elif h.get("k") == "hold":
-                click.echo(f"  {format_time(h.get('t'))} {'held' if h.get('on') else 'released'}"
-                           + (f" by {h['by']}" if h.get("by") else ""))
-            elif h.get("k") == "warned":
-                click.echo(f"  {format_time(h.get('t'))} delay notice sent")
+            try:
+                rec = journal.from_dict(h)
+            except journal.JournalError:
+                continue  # a newer server's record kind: not ours to show
+            if isinstance(rec, journal.Result):
+                click.echo(f"  {format_time(rec.t)} <{rec.rcpt}> {rec.status}: {rec.reply}"
+                           + (f" (relay {rec.relay})" if rec.relay else ""))
+            elif isinstance(rec, journal.Hold):
+                click.echo(f"  {format_time(rec.t)} {'held' if rec.on else 'released'}"
+                           + (f" by {rec.by}" if rec.by else ""))
+            elif isinstance(rec, journal.Warned):
+                click.echo(f"  {format_time(rec.t)} delay notice sent")
     click.echo("")
     click.echo(d["headers"].rstrip("\r\n").replace("\r\n", "\n"))
     click.echo("")

@@ -19,10 +19,11 @@ Connections are reused through kanmon.smtp.client.SmtpConnectionPool (bounded by
 event log through `emit(text, queue_id)`; the queue manager writes the `to=<..>, stat=`
 lines from the results.
 
-Trusts: the queue manager's envelope (spooled by us); the server list from config or
-DNS. Never: give up on a recipient because of a temporary problem (that is the queue's
-decision), send one message to two servers in one attempt after one may have taken it,
-or raise for a network problem — every such problem becomes a RecipientResult.
+Trusts: the queue manager's envelope (spooled by us; it travels whole, SMTPUTF8 flag
+included); the server list from config or DNS. Never: give up on a recipient because of
+a temporary problem (that is the queue's decision), send one message to two servers in
+one attempt after one may have taken it, or raise for a network problem — every such
+problem becomes a RecipientResult.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kanmon.deliver.mx import MxResolver, NextHop
-from kanmon.model import LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
+from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
 from kanmon.smtp.client import (
     TLS_POLICIES,
     ClientSettings,
@@ -101,11 +102,14 @@ class SmtpDelivery:
         """A domain's MX hosts (kanmon.deliver.mx). Raises SmtpError: 5xx bounce, 4xx defer."""
         return await self.resolver.resolve_domain(domain)
 
-    async def deliver_route(self, queue_id: str, mail_from: str, rcpts: list[str], body: bytes, route: Any) -> list[RecipientResult]:
+    async def deliver_route(
+        self, queue_id: str, env: Envelope, rcpts: list[str], body: bytes, route: Any
+    ) -> list[RecipientResult]:
         """Adapter for a kanmon.routing.Route (transport, domain, hops, tls).
 
-        transport "mx": resolve route.domain (a DNS error applies to every recipient);
-        otherwise route.hops are the configured servers in order.
+        env: the message's envelope, whole (its sender and its SMTPUTF8 flag); rcpts: the
+        recipients this route takes. transport "mx": resolve route.domain (a DNS error
+        applies to every recipient); otherwise route.hops are the configured servers in order.
         """
         if route.transport == "mx":
             try:
@@ -115,8 +119,9 @@ class SmtpDelivery:
                 return [RecipientResult(r, status_of(e.reply), e.reply, "", MAILER) for r in rcpts]
         else:
             hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
-            return await self.deliver(queue_id, mail_from, rcpts, body, hops, route.tls, watch=True)
-        return await self.deliver(queue_id, mail_from, rcpts, body, hops, route.tls)
+            return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls,
+                                      smtputf8=env.smtputf8, watch=True)
+        return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls, smtputf8=env.smtputf8)
 
     # -- delivery
 

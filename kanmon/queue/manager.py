@@ -30,24 +30,21 @@ from dataclasses import dataclass, field
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
-from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply, new_queue_id
+from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply
+from kanmon.queue.inject import Injector
+from kanmon.queue.plan import FAILED, NoticeRequest, Settings, attempt_now, plan_attempt
 from kanmon.records.store import Records
 from kanmon.units import format_duration
 from kanmon.routing import Route, Router
-from kanmon.spool.store import QueueState, Spool, SpoolEntry
+from kanmon.spool.journal import QueueState
+from kanmon.spool.store import Spool, SpoolEntry
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
 NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
 LIFETIME_EXPIRED = "message expired in the queue"
 
-RemoteDeliver = Callable[[str, str, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
-NoticeBuilder = Callable[..., bytes]
-
-
-def retry_delay(attempts: int, first: float, most: float, rng: random.Random) -> float:
-    """[queue] retry = "first..most": doubling per failed attempt, jittered upward by up to 10%, capped."""
-    base = first * (2 ** max(0, attempts - 1))
-    return min(most, base * rng.uniform(1.0, 1.1))
+# remote(queue_id, envelope, rcpts, content, route): the SMTP agent (SmtpDelivery.deliver_route).
+RemoteDeliver = Callable[[str, Envelope, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
 
 
 @dataclass(order=True, slots=True)
@@ -77,6 +74,8 @@ class QueueManager:
         self.remote = remote
         self.clock = clock or SystemClock()
         self.notices = notices  # kanmon.queue.notices.Notices, or None: no DSNs
+        # The way into the queue for mail written in this process (notices, alerts, quota notices).
+        self.injector = Injector(spool, records, self.submit_nowait, hostname=config.server.hostname, clock=self.clock)
         self.router = Router(config)
         self.workers = workers
         self._rng = random.Random()
@@ -230,7 +229,7 @@ class QueueManager:
                 entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile (admin action)
-        if entry.state.hold:
+        if not attempt_now(entry.state):
             return
         env = entry.envelope
         pending = entry.pending_rcpts()
@@ -263,7 +262,7 @@ class QueueManager:
             content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
         async with self._destination_slot(route.key):
             started = time.monotonic()
-            results = await self.remote(queue_id, env.mail_from, rcpts, content, route)
+            results = await self.remote(queue_id, env, rcpts, content, route)
             if self.on_attempt is not None:
                 self.on_attempt(route, results, time.monotonic() - started)
             return results
@@ -285,54 +284,24 @@ class QueueManager:
     async def _settle(
         self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], start: float, now: float
     ) -> None:
+        """Carry out the plan (kanmon.queue.plan): journal, log lines, notices, then retry or removal."""
         loop = asyncio.get_running_loop()
         env = entry.envelope
         qid = entry.queue_id
-        state = entry.state
-        q = self.config.queue
-        age = now - (env.received_at or now)
-        deferred = [r for r in results if r.status is Status.DEFERRED]
-        # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces.
-        expired = bool(deferred) and (q.lifetime == 0 or age >= q.lifetime)
-        final: list[RecipientResult] = []
-        for r in results:
-            if r.status is Status.DEFERRED and expired:
-                # The last reply is kept; the notice reports it as a permanent 5.x.x.
-                r = RecipientResult(r.rcpt, Status.BOUNCED, r.reply, r.relay, r.mailer, r.tls)
-            final.append(r)
-        still_deferred = [r for r in final if r.status is Status.DEFERRED]
-        records: list[dict] = [
-            {"k": "result", "t": now, "rcpt": r.rcpt, "status": r.status.value, "reply": str(r.reply),
-             "relay": r.relay, "mailer": r.mailer, "tls": r.tls}
-            for r in final
-        ]
-        next_at = 0.0
-        if still_deferred:
-            first, most = q.retry_bounds
-            next_at = now + retry_delay(state.attempts + 1, first, most, self._rng)
-            records.append({"k": "attempt", "t": now, "n": state.attempts + 1, "next": next_at})
-        warn = (
-            still_deferred and q.warn_after > 0 and age >= q.warn_after and not state.warned
-            and env.mail_from and not env.is_notice and self.notices is not None
-        )
-        if warn:
-            records.append({"k": "warned", "t": now})
-        bounced = [r for r in final if r.status is Status.BOUNCED]
-        # The journal first: after a crash, what is written here is what happened. When
-        # every recipient was delivered the removal below is the record (a crash before it
-        # delivers again: twice, never zero times).
-        if still_deferred or bounced or warn:
-            await loop.run_in_executor(self._io, self.spool.append_state, qid, records)
-        for r in final:
-            self._log_result(qid, env, r, start, now, expired)
-        if bounced:
-            await self._notify(entry, content, bounced, "failed", now)
-        if warn:
-            await self._notify(entry, content, still_deferred, "delayed", now)
-        if still_deferred:
-            self.schedule(qid, next_at)
+        plan = plan_attempt(env, entry.state, results, Settings.from_config(self.config.queue), now, self._rng,
+                            notices=self.notices is not None)
+        if plan.journal:
+            await loop.run_in_executor(self._io, self.spool.append_state, qid, list(plan.journal))
+        for r in plan.results:
+            self._log_result(qid, env, r, start, now, plan.expired)
+        for action in plan.no_notice:
+            self.records.emit(f"no notice ({action}) for a message from <> or a notice: dropped", qid)
+        for notice in plan.notices:
+            await self._notify(entry, content, notice, now)
+        if plan.retry_at is not None:
+            self.schedule(qid, plan.retry_at)
+        if not plan.remove:
             return
-        # Every recipient is final.
         await loop.run_in_executor(self._io, self.spool.remove, qid)
         self.delivered += 1
         self.records.emit("removed", qid)
@@ -370,25 +339,14 @@ class QueueManager:
         else:
             self.records.history_status(qid, r.rcpt, f"Deferred: {text}")
 
-    async def _notify(self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], action: str, now: float) -> None:
-        """A delay or failure notice to the sender, re-entering through the spool (RFC 3464)."""
-        env = entry.envelope
-        if not env.mail_from or env.is_notice:
-            self.records.emit(f"no notice ({action}) for a message from <> or a notice: dropped", entry.queue_id)
-            return
-        if self.notices is None:
-            return
-        notice_id = new_queue_id()
-        notice_env, notice_content = self.notices.build(entry, content, results, action, now)
+    async def _notify(self, entry: SpoolEntry, content: bytes, notice: NoticeRequest, now: float) -> None:
+        """A delay or failure notice to the sender, through the injector (RFC 3464)."""
+        assert self.notices is not None
+        kind = "failure" if notice.action == FAILED else "delay"
+        notice_env, notice_content = self.notices.build(entry, content, list(notice.results), notice.action, now)
         try:
-            await self.spool.store(notice_id, notice_env, notice_content)
-        except Exception as e:  # noqa: BLE001
-            self.records.emit(f"cannot queue {action} notice: {e}", entry.queue_id, "error")
+            notice_id = await self.injector.inject(notice_env, notice_content, f"{kind} notice")
+        except Exception as e:  # noqa: BLE001 - the original's results are journaled; it goes on
+            self.records.emit(f"cannot queue {notice.action} notice: {e}", entry.queue_id, "error")
             return
-        kind = "failure" if action == "failed" else "delay"
         self.records.emit(f"sender {kind} notification: {notice_id}", entry.queue_id)
-        self.records.emit(f"from=<>, size={len(notice_content)}, nrcpts=1, proto=internal, relay=local", notice_id)
-        self.records.history_accept(notice_id, notice_env, len(notice_content), notice_content)
-        self.submit_nowait(notice_id, notice_env, notice_content)
-
-

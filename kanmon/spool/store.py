@@ -7,7 +7,7 @@ stage reads and changes queue state only through this API. Crash recovery is a r
 Layout under <data_dir>/spool/:
     incoming/<id>    being written; never acknowledged; removed at start
     queue/<id>       the message: header line, envelope JSON, content (immutable)
-    state/<id>       append-only journal of what happened to it (JSON lines)
+    state/<id>       append-only journal of what happened to it (kanmon.spool.journal)
     corrupt/<id>     entries that failed their checks at start, kept for the admin
 
 Queue file format (docs/spool-format.md):
@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
+from kanmon.spool import journal
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
+from kanmon.spool.journal import QueueState
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
@@ -112,44 +114,6 @@ def decode_queue_header(head: bytes) -> tuple[int, int, int, int]:
         raise CorruptEntry("bad header line") from None
 
 
-# ---------------------------------------------------------------------------
-# Per-message state journal
-
-
-@dataclass(slots=True)
-class QueueState:
-    """What the journal says about one message."""
-
-    done: dict[str, dict] = field(default_factory=dict)  # rcpt -> final result record
-    last: dict[str, dict] = field(default_factory=dict)  # rcpt -> last (deferred) result
-    attempts: int = 0
-    next_attempt: float = 0.0
-    hold: bool = False
-    warned: bool = False
-    history: list[dict] = field(default_factory=list)
-
-    def apply(self, rec: dict) -> None:
-        kind = rec.get("k")
-        if kind == "result":
-            if rec.get("status") in ("sent", "bounced"):
-                self.done[rec["rcpt"]] = rec
-                self.last.pop(rec["rcpt"], None)
-            else:
-                self.last[rec["rcpt"]] = rec
-            self.history.append(rec)
-        elif kind == "attempt":
-            self.attempts = rec.get("n", self.attempts + 1)
-            self.next_attempt = rec.get("next", 0.0)
-        elif kind == "hold":
-            self.hold = bool(rec.get("on", True))
-            self.history.append(rec)
-        elif kind == "warned":
-            self.warned = True
-            self.history.append(rec)
-        elif kind == "schedule":
-            self.next_attempt = rec.get("next", 0.0)
-
-
 @dataclass(slots=True)
 class SpoolEntry:
     queue_id: str
@@ -194,25 +158,19 @@ class Spool:
 
     # -- state journal ---------------------------------------------------------------
 
-    def append_state(self, queue_id: str, records: list[dict]) -> None:
+    def append_state(self, queue_id: str, records: list[journal.Record]) -> None:
         """Append journal records durably (blocking: call from a worker thread)."""
-        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+        data = journal.encode(records)
         write_durably(self.state_dir / queue_id, data, append=True, sync=self.fsync)
 
     def read_state(self, queue_id: str) -> QueueState:
-        state = QueueState()
+        """The message's journal, decoded strictly; a refused line (a torn last line after a
+        crash) is skipped and counted in QueueState.refused: at worst a retry."""
         try:
             raw = (self.state_dir / queue_id).read_bytes()
         except FileNotFoundError:
-            return state
-        for line in raw.split(b"\n"):
-            if not line:
-                continue
-            try:
-                state.apply(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash: at worst a retry
-        return state
+            return QueueState()
+        return QueueState.from_bytes(raw)
 
     def remove(self, queue_id: str) -> None:
         """The message is finished (every recipient final): forget it."""
@@ -353,19 +311,19 @@ class Spool:
         """Journal: held (the queue manager leaves it alone) or released."""
         if not self.exists(queue_id):
             raise FileNotFoundError(queue_id)
-        self.append_state(queue_id, [{"k": "hold", "on": on, "t": t, "by": by}])
+        self.append_state(queue_id, [journal.Hold(t, on, by)])
 
     def set_schedule(self, queue_id: str, next_attempt: float, *, reset_attempts: bool = False, t: float = 0.0) -> None:
         """Journal: the next attempt is at next_attempt (requeue: also restart the backoff)."""
         if not self.exists(queue_id):
             raise FileNotFoundError(queue_id)
-        records: list[dict] = []
+        records: list[journal.Record] = []
         if reset_attempts:
-            records.append({"k": "attempt", "t": t, "n": 0, "next": next_attempt})
-        records.append({"k": "schedule", "t": t, "next": next_attempt})
+            records.append(journal.Attempt(t, 0, next_attempt))
+        records.append(journal.Schedule(t, next_attempt))
         self.append_state(queue_id, records)
 
-    def append_states(self, batch: list[tuple[str, list[dict]]]) -> list[str]:
+    def append_states(self, batch: list[tuple[str, list[journal.Record]]]) -> list[str]:
         """append_state() for many messages, made durable by one syncfs(2) for the batch
         (fdatasync per file where syncfs is missing). Messages no longer queued are left
         alone; returns their ids."""
@@ -376,7 +334,7 @@ class Spool:
                 if not self.exists(queue_id):
                     gone.append(queue_id)
                     continue
-                data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+                data = journal.encode(records)
                 fd = os.open(self.state_dir / queue_id, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 fds.append(fd)
                 os.write(fd, data)

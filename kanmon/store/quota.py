@@ -12,29 +12,29 @@ runs in the default executor, never on the event loop.
 
 Trusts: addresses that are configured mailboxes (the accept checks resolved them).
 Never: block the SMTP session (the notice is stored in a task); send more than one
-notice per overflow.
+notice per overflow. The notice enters the queue through the injector, so it has its
+accept line and history row like any other message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from kanmon.store.maildir import mailbox_path
-from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.model import Envelope
 
 MARKER = ".kanmon-quota-notified"
 
 
 class QuotaNotices:
-    def __init__(self, data_dir: Path, hostname: str, spool, records, on_stored: Callable[[str, Envelope, bytes], None]):
+    def __init__(self, data_dir: Path, injector):
+        """injector: this process's kanmon.queue.inject.Injector (the way into the queue)."""
         self.data_dir = Path(data_dir)
-        self.hostname = hostname
-        self.spool = spool
-        self.records = records
-        self.on_stored = on_stored
+        self.injector = injector
+        self.hostname = injector.hostname
+        self.records = injector.records
         self._tasks: set[asyncio.Task] = set()
         self._marking: set[str] = set()  # addresses whose marker is being written right now
 
@@ -95,13 +95,10 @@ class QuotaNotices:
             "senders' servers keep trying for a few days, so nothing is lost yet: delete\r\n"
             "or move old messages (empty the Trash too) and it will arrive.\r\n"
         ).encode("utf-8")
-        env = Envelope(mail_from="", rcpts=[address], is_notice=True,
-                       client=ClientInfo(ip="127.0.0.1", name="localhost", helo=self.hostname, proto="internal"))
-        qid = new_queue_id()
+        env = Envelope(mail_from="", rcpts=[address], is_notice=True)
         try:
-            await self.spool.store(qid, env, text)
+            qid = await self.injector.inject(env, text, "quota notice")
         except Exception as e:  # noqa: BLE001 - a notice must never break the session
             self.records.emit(f"cannot queue the over-quota notice for <{address}>: {e}", kind="error")
             return
         self.records.emit(f"over-quota notice for <{address}> ({usage} of {quota} bytes): {qid}")
-        self.on_stored(qid, env, text)

@@ -12,12 +12,13 @@ import trustme
 from kanmon.config import parse_config
 from kanmon.deliver.mx import NextHop
 from kanmon.deliver.smtp import SmtpDelivery
-from kanmon.model import Status
+from kanmon.model import Envelope, Status
 from kanmon.model import LocalReply, describe_reply
 from tests.support.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 from tests.support.smtpsink import SmtpSink, tls_server_context
 
 PRIMARY, ALTERNATE, NOBODY = "127.0.0.51", "127.0.0.52", "127.0.0.59"
+SENDER = Envelope("a@corp.example")
 BODY = b"From: a@corp.example\r\nTo: b@dest.example\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
@@ -328,7 +329,7 @@ def test_mx_delivery_tries_by_preference(dns_server):
             "mx2.dest.example": ["A 127.0.0.54"],
         })
         config = make_config(mx_port=mx2.port, dns=dns_server)
-        results, log = run_delivery(config, lambda a: a.deliver_route("QID1", "a@corp.example", ["b@dest.example"], BODY, route("dest.example")))
+        results, log = run_delivery(config, lambda a: a.deliver_route("QID1", SENDER, ["b@dest.example"], BODY, route("dest.example")))
         assert results[0].status is Status.SENT
         assert results[0].relay == f"mx2.dest.example. [127.0.0.54]:{mx2.port}"
         assert f"Connection refused by {NOBODY}; trying next server" in log.text()
@@ -337,27 +338,27 @@ def test_mx_delivery_tries_by_preference(dns_server):
 
 def test_null_mx_bounces(dns_server):
     dns_server.set_records(records={"null.example": ["MX 0 ."]})
-    results, _ = run_delivery(make_config(dns=dns_server), lambda a: a.deliver_route("Q", "a@corp.example", ["b@null.example"], BODY, route("null.example")))
+    results, _ = run_delivery(make_config(dns=dns_server), lambda a: a.deliver_route("Q", SENDER, ["b@null.example"], BODY, route("null.example")))
     assert results[0].status is Status.BOUNCED and results[0].reply.enhanced == "5.1.10"
 
 
 def test_mx_loop_to_ourselves_bounces(dns_server):
     dns_server.set_records(records={"loop.example": ["MX 10 mx.loop.example."], "mx.loop.example": ["A 127.0.0.8"]})
-    results, _ = run_delivery(make_config(mx_port=2525, dns=dns_server), lambda a: a.deliver_route("Q", "a@corp.example", ["b@loop.example"], BODY, route("loop.example")))
+    results, _ = run_delivery(make_config(mx_port=2525, dns=dns_server), lambda a: a.deliver_route("Q", SENDER, ["b@loop.example"], BODY, route("loop.example")))
     assert results[0].status is Status.BOUNCED and results[0].reply.enhanced == "5.4.6"
 
 
 def test_dns_failure_defers(dns_server):
     dns_server.set_records(records={"dest.example": ["MX 10 mx1.dest.example."]})
     dns_server.servfail("dest.example")
-    results, _ = run_delivery(make_config(dns=dns_server), lambda a: a.deliver_route("Q", "a@corp.example", ["b@dest.example"], BODY, route("dest.example")))
+    results, _ = run_delivery(make_config(dns=dns_server), lambda a: a.deliver_route("Q", SENDER, ["b@dest.example"], BODY, route("dest.example")))
     assert results[0].status is Status.DEFERRED and results[0].reply.enhanced == "4.4.3"
 
 
 def test_route_with_configured_servers(primary, alternate):
     primary.stop()
     r = SimpleNamespace(transport="relay", domain="corp.example", hops=((PRIMARY, primary.port), (ALTERNATE, primary.port)), tls="none")
-    results, _ = run_delivery(make_config(), lambda a: a.deliver_route("Q", "a@corp.example", ["b@corp.example"], BODY, r))
+    results, _ = run_delivery(make_config(), lambda a: a.deliver_route("Q", SENDER, ["b@corp.example"], BODY, r))
     assert results[0].status is Status.SENT and ALTERNATE in results[0].relay
 
 

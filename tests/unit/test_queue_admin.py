@@ -14,6 +14,7 @@ from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_
 from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import Filters, last_reply, parse_reply_text
 from kanmon.model import Envelope, new_queue_id
+from kanmon.spool import journal
 from kanmon.spool.store import CorruptEntry, Spool, encode_queue_file
 
 
@@ -69,9 +70,8 @@ def test_filters_match_envelope_and_journal(tmp_path):
     qid = new_queue_id()
     spool.store_blocking(qid, env, b"Subject: x\r\n\r\nbody\r\n")
     spool.append_state(qid, [
-        {"k": "result", "t": now - 60, "rcpt": "carol@other.example", "status": "sent", "reply": "250 ok"},
-        {"k": "result", "t": now - 50, "rcpt": "bob@corp.example", "status": "deferred",
-         "reply": "450 4.1.1 <bob@corp.example>: User unknown"},
+        journal.Result(now - 60, "carol@other.example", "sent", "250 ok"),
+        journal.Result(now - 50, "bob@corp.example", "deferred", "450 4.1.1 <bob@corp.example>: User unknown"),
     ])
     (entry,) = list(spool.scan())
     assert last_reply(entry)[0].startswith("450 4.1.1")
@@ -122,7 +122,7 @@ def test_hold_and_schedule_journal_records(tmp_path):
     assert not st.hold and st.attempts == 0 and st.next_attempt == 0.0
     with pytest.raises(FileNotFoundError):
         spool.set_hold("0000000000000BB", True, 1.0)
-    assert spool.append_states([(qid, [{"k": "hold", "on": True}]), ("0000000000000BB", [{"k": "hold"}])]) == [
+    assert spool.append_states([(qid, [journal.Hold(1.0, True)]), ("0000000000000BB", [journal.Hold(1.0, True)])]) == [
         "0000000000000BB"]
     assert spool.read_state(qid).hold and not (spool.state_dir / "0000000000000BB").exists()
     spool.close()
@@ -132,7 +132,7 @@ def test_import_raw_is_idempotent_and_checks_the_crc(tmp_path):
     a = Spool(tmp_path / "a", fsync=False)
     qid = new_queue_id()
     a.store_blocking(qid, Envelope("a@b.example", ["c@d.example"]), b"hello")
-    a.append_state(qid, [{"k": "attempt", "n": 2, "next": 5.0}])
+    a.append_state(qid, [journal.Attempt(1.0, 2, 5.0)])
     queue_bytes, state_bytes = a.export_raw(qid)
     b = Spool(tmp_path / "b", fsync=False)
     (b.incoming / qid).write_bytes(b"left by a killed import")
@@ -155,7 +155,7 @@ def _archive(tmp_path, n=3):
     for i in range(n):
         qid = new_queue_id()
         spool.store_blocking(qid, Envelope("a@b.example", [f"r{i}@d.example"]), f"m{i}".encode())
-        spool.append_state(qid, [{"k": "attempt", "n": 1, "next": 1.0}])
+        spool.append_state(qid, [journal.Attempt(1.0, 1, 1.0)])
         ids.append(qid)
     path = tmp_path / "q.kbk"
     w = BackupWriter(path, "h.example", "(whole queue)", 0.0)

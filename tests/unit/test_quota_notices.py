@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from kanmon.queue.inject import Injector
 from kanmon.store.quota import MARKER, QuotaNotices
 
 
@@ -22,11 +23,15 @@ class FakeRecords:
     def emit(self, text, queue_id=None, kind="info", **kw) -> None:
         self.lines.append(text)
 
+    def history_accept(self, *a) -> None:
+        pass
+
 
 def test_one_notice_per_overflow_even_when_refusals_race(tmp_path):
     async def main() -> tuple[FakeSpool, list[str]]:
         spool, queued = FakeSpool(), []
-        notices = QuotaNotices(tmp_path, "mx1.example.test", spool, FakeRecords(), lambda qid, env, c: queued.append(qid))
+        injector = Injector(spool, FakeRecords(), lambda qid, env, c: queued.append(qid), hostname="mx1.example.test")
+        notices = QuotaNotices(tmp_path, injector)
         # Two sessions refuse the same mailbox at once: one marker, one notice.
         await asyncio.gather(notices.over("alice@example.test", 3000, 2000),
                              notices.over("alice@example.test", 3000, 2000))
@@ -46,7 +51,7 @@ def test_one_notice_per_overflow_even_when_refusals_race(tmp_path):
 
 def test_under_without_a_marker_is_harmless(tmp_path):
     async def main() -> None:
-        notices = QuotaNotices(tmp_path, "mx1.example.test", FakeSpool(), FakeRecords(), lambda *a: None)
+        notices = QuotaNotices(tmp_path, Injector(FakeSpool(), FakeRecords(), lambda *a: None))
         await notices.under("bob@example.test")
 
     asyncio.run(main())

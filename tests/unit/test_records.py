@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kanmon.queue.manager import retry_delay
+from kanmon.queue.plan import retry_delay
 from kanmon.records.store import decode_subject, header_fields
 
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.spool import journal
 from kanmon.spool.store import CorruptEntry, Spool, SpoolError, decode_queue_header, encode_queue_file
 
 
@@ -25,8 +26,8 @@ def test_round_trip_and_recovery(tmp_path):
     asyncio.run(store_all())
     assert sorted(p.name for p in (tmp_path / "spool/queue").iterdir()) == sorted(ids)
     assert list((tmp_path / "spool/incoming").iterdir()) == []
-    spool.append_state(ids[0], [{"k": "result", "rcpt": "alice@example.test", "status": "sent", "reply": "250"}])
-    spool.append_state(ids[0], [{"k": "attempt", "n": 1, "next": 99.0}])
+    spool.append_state(ids[0], [journal.Result(1.0, "alice@example.test", "sent", "250")])
+    spool.append_state(ids[0], [journal.Attempt(1.0, 1, 99.0)])
     with open(tmp_path / "spool/state" / ids[0], "ab") as f:
         f.write(b'{"k": "result", "rcpt": "bob@ex')  # torn last line after a crash
     entries, corrupt, removed = Spool(tmp_path).recover()

@@ -1,0 +1,83 @@
+"""The injector: the one way into the queue for mail kanmon writes itself.
+
+Role: delivery and failure notices, admin bounces, alert mail, over-quota notices (and
+later quarantine releases, digests and the local sendmail command) enter here, exactly
+like received mail does at the end of DATA: a queue id, the message made durable
+through the spool (group commit, fsync), the accept event line (`from=<..>, size=..,
+nrcpts=.., msgid=.., proto=internal, relay=local`, which counters, metrics and
+`kanmon trace` read), the history rows, and the hand-over to the queue manager.
+
+One per process: in the main process `submit` is QueueManager.submit_nowait; in an SMTP
+receiver process it tells the main process "queued <id>" over the pipe; from an admin
+operation outside the event loop (inject_blocking) it is the ManagerLink's submit.
+
+Trusts: its callers (the content is ours, not the network's). Never: write the accept
+line or a history row before the message is durable; hand over a message that is not
+durable; swallow a storage error (the caller decides what a failure means: a log line,
+stderr, an error event).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from kanmon.clock import SystemClock
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.records.store import header_fields
+
+Submit = Callable[[str, Envelope, bytes], None]
+
+
+class Injector:
+    """spool: kanmon.spool.store.Spool; records: kanmon.records.store.Records (emit,
+    history_accept); submit(queue_id, envelope, content): tell the queue manager.
+    hostname: this node's name (the HELO of the internal client)."""
+
+    def __init__(self, spool, records, submit: Submit, *, hostname: str = "localhost", clock=None):
+        self.spool = spool
+        self.records = records
+        self.submit = submit
+        self.hostname = hostname
+        self.clock = clock or SystemClock()
+
+    def _prepare(self, env: Envelope) -> Envelope:
+        """The envelope as queued: arrival time and the internal client filled in."""
+        changes: dict = {}
+        if not env.received_at:
+            changes["received_at"] = self.clock.now()
+        if env.client is None:
+            changes["client"] = ClientInfo(ip="127.0.0.1", name="localhost", helo=self.hostname, proto="internal")
+        return dataclasses.replace(env, **changes) if changes else env
+
+    async def inject(self, env: Envelope, content: bytes, origin: str) -> str:
+        """Store, record and queue one message; its queue id. Raises what the spool raises.
+
+        origin: what wrote it ("failure notice", "alert", "quota notice", ...), stored
+        with the accept event.
+        """
+        env = self._prepare(env)
+        queue_id = new_queue_id()
+        await self.spool.store(queue_id, env, content)
+        self._accepted(queue_id, env, content, origin)
+        return queue_id
+
+    def inject_blocking(self, env: Envelope, content: bytes, origin: str) -> str:
+        """inject() for a caller outside the event loop (an admin operation's thread)."""
+        env = self._prepare(env)
+        queue_id = new_queue_id()
+        self.spool.store_blocking(queue_id, env, content)
+        self._accepted(queue_id, env, content, origin)
+        return queue_id
+
+    def _accepted(self, queue_id: str, env: Envelope, content: bytes, origin: str) -> None:
+        fields = header_fields(content)
+        c = env.client
+        assert c is not None
+        self.records.emit(
+            f"from=<{env.mail_from}>, size={len(content)}, nrcpts={len(env.rcpts)}, "
+            f"msgid={fields.get('message-id', '')}, proto={c.proto}, relay=local",
+            queue_id, detail={"origin": origin},
+        )
+        self.records.history_accept(queue_id, env, len(content), content, fields)
+        self.submit(queue_id, env, content)

@@ -1,0 +1,150 @@
+"""Retry planning: what follows one delivery attempt, as a pure function.
+
+Role: from a message's state (its envelope and what its journal adds up to), the results
+of this attempt and the [queue] settings, decide everything that follows: each
+recipient's final status (a temporary failure becomes a bounce once the message has
+expired), the journal records to append, when the next attempt is due (doubling from
+the first interval to the most, jittered upward by up to 10%), whether a delay notice
+goes out now, which failure/delay notices to send, and whether the message leaves the
+queue. The queue manager carries the plan out (journal first, then logs, notices,
+schedule or removal); this module does no I/O and reads no clock: `now` and the random
+source are passed in, so every case is a unit test.
+
+Trusts: its arguments. Never: plan a notice about a message from <> or about a notice
+(DESIGN.md promise 5); plan the removal of a message with a recipient still deferred;
+plan a retry for a held message (release schedules it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kanmon.model import Envelope, RecipientResult, Status
+from kanmon.spool import journal
+from kanmon.spool.journal import QueueState
+
+FAILED = "failed"  # RFC 3464 action of a failure notice
+DELAYED = "delayed"  # ... of a delay notice
+
+
+class Uniform(Protocol):
+    """The random source for jitter (random.Random, or a fixed stand-in in tests)."""
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """[queue] retry, warn_after and lifetime, in seconds (0: never warn / bounce at once)."""
+
+    retry_first: float
+    retry_most: float
+    warn_after: float
+    lifetime: float
+
+    @classmethod
+    def from_config(cls, queue) -> Settings:
+        """From a kanmon.config queue section."""
+        first, most = queue.retry_bounds
+        return cls(first, most, queue.warn_after, queue.lifetime)
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeRequest:
+    """Send a notice (RFC 3464 action `failed` or `delayed`) about these recipients."""
+
+    action: str
+    results: tuple[RecipientResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    results: tuple[RecipientResult, ...]  # one per recipient tried, final status
+    expired: bool  # lifetime reached: temporary failures were turned into bounces
+    journal: tuple[journal.Record, ...]  # to append (durably) before anything else
+    retry_at: float | None  # next attempt; None: nothing to retry (or held)
+    notices: tuple[NoticeRequest, ...]  # to send, in order
+    no_notice: tuple[str, ...]  # actions whose notice is not sent: from <> or about a notice
+    remove: bool  # every recipient is final: the message leaves the queue
+
+    @property
+    def warn(self) -> bool:
+        return any(n.action == DELAYED for n in self.notices)
+
+
+def retry_delay(attempts: int, first: float, most: float, rng: Uniform) -> float:
+    """[queue] retry = "first..most": doubling per failed attempt, jittered upward by up to 10%, capped."""
+    base = first * (2 ** max(0, attempts - 1))
+    return min(most, base * rng.uniform(1.0, 1.1))
+
+
+def attempt_now(state: QueueState) -> bool:
+    """Whether a due message is attempted (a held one is left alone)."""
+    return not state.hold
+
+
+def plan_attempt(
+    env: Envelope,
+    state: QueueState,
+    results: list[RecipientResult],
+    settings: Settings,
+    now: float,
+    rng: Uniform,
+    *,
+    notices: bool = True,
+) -> Plan:
+    """The plan after an attempt that produced `results` at `now`.
+
+    notices: whether this node sends notices at all (False: none are planned, and none
+    reported as suppressed either).
+    """
+    age = now - (env.received_at or now)
+    deferred = any(r.status is Status.DEFERRED for r in results)
+    # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces.
+    expired = deferred and (settings.lifetime == 0 or age >= settings.lifetime)
+    final: list[RecipientResult] = []
+    for r in results:
+        if r.status is Status.DEFERRED and expired:
+            # The last reply is kept; the notice reports it as a permanent 5.x.x.
+            r = RecipientResult(r.rcpt, Status.BOUNCED, r.reply, r.relay, r.mailer, r.tls)
+        final.append(r)
+    still_deferred = tuple(r for r in final if r.status is Status.DEFERRED)
+    bounced = tuple(r for r in final if r.status is Status.BOUNCED)
+    records: list[journal.Record] = [
+        journal.Result(now, r.rcpt, r.status.value, str(r.reply), r.relay, r.mailer, r.tls) for r in final
+    ]
+    retry_at = None
+    if still_deferred:
+        retry_at = now + retry_delay(state.attempts + 1, settings.retry_first, settings.retry_most, rng)
+        records.append(journal.Attempt(now, state.attempts + 1, retry_at))
+    may_notify = bool(env.mail_from) and not env.is_notice
+    warn = (
+        bool(still_deferred) and settings.warn_after > 0 and age >= settings.warn_after and not state.warned
+        and may_notify and notices
+    )
+    if warn:
+        records.append(journal.Warned(now))
+    planned: list[NoticeRequest] = []
+    suppressed: list[str] = []
+    if bounced:
+        if not may_notify:
+            suppressed.append(FAILED)
+        elif notices:
+            planned.append(NoticeRequest(FAILED, bounced))
+    if warn:
+        planned.append(NoticeRequest(DELAYED, still_deferred))
+    # The journal first: after a crash, what is written is what happened. When every
+    # recipient was delivered the removal is the record (a crash before it delivers
+    # again: twice, never zero times), so nothing is journaled.
+    if not (still_deferred or bounced or warn):
+        records = []
+    return Plan(
+        results=tuple(final),
+        expired=expired,
+        journal=tuple(records),
+        retry_at=None if state.hold else retry_at,
+        notices=tuple(planned),
+        no_notice=tuple(suppressed),
+        remove=not still_deferred,
+    )

@@ -1,0 +1,231 @@
+"""Journal records: what happened to a queued message, one JSON line each (the on-disk contract).
+
+Role: the one owner of the per-message journal (spool/state/<id>): its record types,
+their encoding and their decoding, and the state a journal adds up to (QueueState).
+Every writer (queue manager, spool, admin operations) builds these types and every
+reader (spool, admin CLI) decodes through decode()/from_dict(); nobody else spells
+`{"k": ...}`.
+
+Format (docs/spool-format.md), one compact JSON object per line, key order as below:
+    {"k":"result","t":..,"rcpt":..,"status":"sent|deferred|bounced","reply":..,"relay":..,"mailer":..,"tls":..}
+    {"k":"attempt","t":..,"n":..,"next":..}     attempts so far and the next one (n=0: requeue)
+    {"k":"warned","t":..}                        the delay notice went out
+    {"k":"hold","on":true|false,"t":..,"by":..}  held or released by the admin
+    {"k":"schedule","t":..,"next":..}            next attempt set by the admin (0: now)
+
+Trusts: nothing it decodes. Never: accept a record of an unknown kind, a missing
+required field or a field of the wrong type (JournalError; the reader decides whether
+a line is skipped); change the bytes of a record kind that exists on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("sent", "deferred", "bounced")
+FINAL = ("sent", "bounced")
+
+
+class JournalError(ValueError):
+    """A journal line that is not a record this module knows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One recipient's outcome of an attempt (or of an admin drain)."""
+
+    t: float
+    rcpt: str
+    status: str  # sent | deferred | bounced
+    reply: str
+    relay: str = ""
+    mailer: str = ""
+    tls: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Attempts so far and when the next is due (n=0 restarts the backoff: requeue)."""
+
+    t: float
+    n: int
+    next: float
+
+
+@dataclass(frozen=True, slots=True)
+class Warned:
+    """The delay notice was sent (only one per message)."""
+
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Held (the queue manager leaves the message alone) or released, by whom."""
+
+    t: float
+    on: bool
+    by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The admin set the next attempt (0: as soon as the queue manager sees it)."""
+
+    t: float
+    next: float
+
+
+Record = Result | Attempt | Warned | Hold | Schedule
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def to_dict(rec: Record) -> dict[str, Any]:
+    """The record as its JSON object (the on-disk key order)."""
+    if isinstance(rec, Result):
+        return {"k": "result", "t": rec.t, "rcpt": rec.rcpt, "status": rec.status, "reply": rec.reply,
+                "relay": rec.relay, "mailer": rec.mailer, "tls": rec.tls}
+    if isinstance(rec, Attempt):
+        return {"k": "attempt", "t": rec.t, "n": rec.n, "next": rec.next}
+    if isinstance(rec, Warned):
+        return {"k": "warned", "t": rec.t}
+    if isinstance(rec, Hold):
+        return {"k": "hold", "on": rec.on, "t": rec.t, "by": rec.by}
+    if isinstance(rec, Schedule):
+        return {"k": "schedule", "t": rec.t, "next": rec.next}
+    raise TypeError(f"not a journal record: {rec!r}")
+
+
+def encode(records: list[Record] | tuple[Record, ...]) -> bytes:
+    """Journal lines for these records, each ending in a newline."""
+    return b"".join(json.dumps(to_dict(r), separators=(",", ":")).encode() + b"\n" for r in records)
+
+
+# ---------------------------------------------------------------------------
+# Decoding (strict)
+
+
+def _num(d: dict, key: str) -> float:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise JournalError(f"{d.get('k')}: {key} must be a number")
+    return float(v)
+
+
+def _str(d: dict, key: str, default: str | None = None) -> str:
+    if key not in d and default is not None:
+        return default
+    v = d.get(key)
+    if not isinstance(v, str):
+        raise JournalError(f"{d.get('k')}: {key} must be a string")
+    return v
+
+
+def from_dict(d: Any) -> Record:
+    """A decoded JSON object -> its record; JournalError for anything else."""
+    if not isinstance(d, dict):
+        raise JournalError("a journal record is a JSON object")
+    kind = d.get("k")
+    if kind == "result":
+        status = _str(d, "status")
+        if status not in STATUSES:
+            raise JournalError(f"result: unknown status {status!r}")
+        return Result(_num(d, "t"), _str(d, "rcpt"), status, _str(d, "reply"),
+                      _str(d, "relay", ""), _str(d, "mailer", ""), _str(d, "tls", ""))
+    if kind == "attempt":
+        n = d.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise JournalError("attempt: n must be a count")
+        return Attempt(_num(d, "t"), n, _num(d, "next"))
+    if kind == "warned":
+        return Warned(_num(d, "t"))
+    if kind == "hold":
+        on = d.get("on")
+        if not isinstance(on, bool):
+            raise JournalError("hold: on must be true or false")
+        return Hold(_num(d, "t"), on, _str(d, "by", ""))
+    if kind == "schedule":
+        return Schedule(_num(d, "t"), _num(d, "next"))
+    raise JournalError(f"unknown journal record kind {kind!r}")
+
+
+def decode(line: bytes) -> Record:
+    """One journal line (without its newline) -> its record; JournalError if it is not one."""
+    try:
+        d = json.loads(line)
+    except ValueError as e:
+        raise JournalError(f"not JSON: {e}") from None
+    return from_dict(d)
+
+
+def decode_all(raw: bytes) -> tuple[list[Record], int]:
+    """(records, lines refused) of a whole journal file.
+
+    A refused line is skipped: after a crash the last line may be torn, and a damaged
+    line costs at most a retry (the queue file, not the journal, is the message).
+    """
+    records: list[Record] = []
+    refused = 0
+    for line in raw.split(b"\n"):
+        if not line:
+            continue
+        try:
+            records.append(decode(line))
+        except JournalError:
+            refused += 1
+    return records, refused
+
+
+# ---------------------------------------------------------------------------
+# What a journal adds up to
+
+
+@dataclass(slots=True)
+class QueueState:
+    """What the journal says about one message."""
+
+    done: dict[str, Result] = field(default_factory=dict)  # rcpt -> final result
+    last: dict[str, Result] = field(default_factory=dict)  # rcpt -> last (deferred) result
+    attempts: int = 0
+    next_attempt: float = 0.0
+    hold: bool = False
+    warned: bool = False
+    history: list[Record] = field(default_factory=list)  # results, holds, warnings in order
+    refused: int = 0  # lines the decoder refused (skipped)
+
+    def apply(self, rec: Record) -> None:
+        if isinstance(rec, Result):
+            if rec.final:
+                self.done[rec.rcpt] = rec
+                self.last.pop(rec.rcpt, None)
+            else:
+                self.last[rec.rcpt] = rec
+            self.history.append(rec)
+        elif isinstance(rec, Attempt):
+            self.attempts = rec.n
+            self.next_attempt = rec.next
+        elif isinstance(rec, Hold):
+            self.hold = rec.on
+            self.history.append(rec)
+        elif isinstance(rec, Warned):
+            self.warned = True
+            self.history.append(rec)
+        elif isinstance(rec, Schedule):
+            self.next_attempt = rec.next
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> QueueState:
+        records, refused = decode_all(raw)
+        state = cls(refused=refused)
+        for rec in records:
+            state.apply(rec)
+        return state
