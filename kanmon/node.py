@@ -139,6 +139,10 @@ class Node:
             self.records.emit(f"corrupt queue file moved to spool/corrupt/: {why}", qid, "critical")
         if removed:
             self.records.emit(f"recovery: removed {removed} unacknowledged incoming file(s)")
+        for e in entries:
+            if e.state.refused:  # a torn last line after a crash, or damage: skipped
+                self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
+                                  e.queue_id)
         self.queue.load_recovered(entries)
         self.records.emit(f"recovery: {len(entries)} message(s) in the queue, {len(corrupt)} corrupt")
 

@@ -2,9 +2,10 @@
 
 Role: takes messages the spool made durable (new ones at once, recovered ones by their
 persisted schedule), routes each pending recipient, hands groups to the delivery agents,
-writes every result to the spool journal before acting on it, and decides what follows:
-finished (removed from the spool), deferred (next retry from [queue] retry), a delay
-notice after warn_after, a failure notice at lifetime or on a 5xx (RFC 3464).
+and carries out what kanmon.queue.plan decides follows each attempt: the journal records
+first, then the delivery lines, the delay or failure notices (RFC 3464, through the
+injector), and the next retry or the removal from the spool. The envelope travels whole
+to the delivery agents (its SMTPUTF8 flag included).
 
 Memory: the in-memory active set (messages with envelope loaded) is bounded by
 [queue] max_active; deferred messages wait as (due time, id) pairs only.
@@ -79,6 +80,7 @@ class QueueManager:
         self.router = Router(config)
         self.workers = workers
         self._rng = random.Random()
+        self._settings = Settings.from_config(config.queue)  # retry, warn_after, lifetime
         self._heap: list[_Due] = []
         self._seq = itertools.count()
         self._ready: asyncio.Queue[tuple[str, tuple[SpoolEntry, bytes] | None]] = asyncio.Queue()
@@ -288,7 +290,7 @@ class QueueManager:
         loop = asyncio.get_running_loop()
         env = entry.envelope
         qid = entry.queue_id
-        plan = plan_attempt(env, entry.state, results, Settings.from_config(self.config.queue), now, self._rng,
+        plan = plan_attempt(env, entry.state, results, self._settings, now, self._rng,
                             notices=self.notices is not None)
         if plan.journal:
             await loop.run_in_executor(self._io, self.spool.append_state, qid, list(plan.journal))
