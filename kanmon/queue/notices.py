@@ -1,7 +1,7 @@
 """Delay and failure notices for the queue manager (RFC 3464 DSNs).
 
 Role: turn "these recipients of this message failed / are delayed" into a new message
-for the spool, addressed to the original envelope sender, from <>. The message text is
+for the injector, addressed to the original envelope sender, from <>. The message text is
 built by kanmon.deliver.dsn; this module supplies what only the queue knows (arrival,
 original recipients, lifetime) and the notice's envelope.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kanmon.config import Config
 from kanmon.deliver.dsn import NoticeRecipient, build_delay_notice, build_failure_notice
-from kanmon.model import ClientInfo, Envelope, RecipientResult
+from kanmon.model import Envelope, RecipientResult
 from kanmon.spool.store import SpoolEntry
 
 
@@ -39,11 +39,6 @@ class Notices:
                 content, env.mail_from, hostname, recipients, arrival, now,
                 will_retry_until=arrival + self.config.queue.lifetime, queue_id=entry.queue_id,
             )
-        notice_env = Envelope(
-            mail_from=notice.mail_from,
-            rcpts=[env.mail_from],
-            client=ClientInfo(ip="127.0.0.1", name="localhost", helo=hostname, proto="internal"),
-            received_at=now,
-            is_notice=True,
-        )
+        # The internal client is filled in by the injector (kanmon.queue.inject).
+        notice_env = Envelope(mail_from=notice.mail_from, rcpts=[env.mail_from], received_at=now, is_notice=True)
         return notice_env, notice.data
