@@ -353,6 +353,10 @@ def test_truncated_spool_file_at_start_is_moved_aside(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-7])  # a torn write
     (data / "spool/incoming/ZZZZ").write_bytes(b"half a message, never acknowledged")
     with RunningNode(parse_config(config_text(data, port))) as n:
+        # Recovery schedules the intact message; wait for its delivery (the queue can look
+        # idle before the scheduler has taken it up).
+        wait_for(lambda: maildir_messages(data, "alice@example.test") + maildir_messages(data, "bob@example.test"),
+                 15, "the intact message delivered")
         n.wait_idle()
         assert (data / "spool/corrupt" / damaged.name).exists()
         assert not (data / "spool/incoming/ZZZZ").exists()
