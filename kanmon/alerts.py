@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.policy
+import json
 import re
 import sqlite3
 import sys
@@ -46,6 +47,7 @@ from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import Envelope
 from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
+from kanmon.records.events import DEFERRED, Alert, AlertMailed, AlertNotMailed, AlertRequest
 from kanmon.units import format_duration, format_size
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
@@ -141,13 +143,13 @@ class Alerts:
         st.text = text
         mailed = category in self.cfg.categories or force
         if not force and st.last_sent is not None and now - st.last_sent < self.cfg.min_interval:
-            self._event(st, "suppressed", f"alert {category}/{key} (already mailed {_stamp(st.last_sent)}): {_first(text)}")
+            self._event(st, "suppressed")
             return False
         if not mailed:
-            self._event(st, "raised", f"alert {category}/{key} (category not mailed): {_first(text)}")
+            self._event(st, "raised", mailed=False)
             return False
         st.last_sent = now
-        self._event(st, "raised", f"alert {category}/{key}: {_first(text)}")
+        self._event(st, "raised")
         self._enqueue(category, key, self._subject(category, text), self._body(st, text), force)
         return True
 
@@ -157,7 +159,7 @@ class Alerts:
         if st is None or not st.active:
             return
         st.active = False
-        self._event(st, "cleared", f"alert {category}/{key} cleared: {_first(text)}")
+        self._event(st, "cleared", summary=_first(text))
         now = self.clock.now()
         last = self._resolved_sent.get((category, key))
         if mail and last is not None and now - last < self.cfg.min_interval:
@@ -240,9 +242,9 @@ class Alerts:
         db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
         try:
             deferred, total = db.execute(
-                "SELECT SUM(text LIKE '%, stat=Deferred%'), COUNT(*) FROM events"
-                " WHERE ts >= ? AND queue_id IS NOT NULL AND text LIKE 'to=<%'",
-                (since,),
+                "SELECT SUM(json_extract(detail, '$.status') = ?), COUNT(*) FROM events"
+                " WHERE ts >= ? AND kind = 'delivery' AND detail IS NOT NULL",
+                (DEFERRED, since),
             ).fetchone()
         finally:
             db.close()
@@ -278,7 +280,7 @@ class Alerts:
         finally:
             db.close()
 
-    def poll_events(self) -> list[tuple[str, str | None, str]]:
+    def poll_events(self) -> list[tuple[str, str | None, str, str | None]]:
         """New error/critical events and alert requests since the last look (blocking)."""
         if not self._db_path.exists():
             return []
@@ -286,7 +288,7 @@ class Alerts:
         try:
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
             rows = db.execute(
-                "SELECT kind, queue_id, text FROM events WHERE id > ? AND id <= ?"
+                "SELECT kind, queue_id, text, detail FROM events WHERE id > ? AND id <= ?"
                 " AND kind IN ('error', 'critical', 'alert-request') ORDER BY id",
                 (self._last_event_id, top),
             ).fetchall()
@@ -295,9 +297,12 @@ class Alerts:
         self._last_event_id = max(self._last_event_id, top)
         return rows
 
-    def _on_event(self, kind: str, qid: str | None, text: str) -> None:
+    def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
         if kind == "alert-request":
-            category = text.rpartition(" ")[2] if text.startswith("test alert requested:") else "critical"
+            try:
+                category = str(json.loads(detail or "{}").get("category") or "critical")
+            except (ValueError, AttributeError):
+                category = "critical"
             self.raise_alert(category, "test", f"test alert ({category}) requested with `kanmon alert test`: "
                              "if you read this, alert mail reaches you", force=True)
             return
@@ -326,8 +331,8 @@ class Alerts:
     async def _watch_events(self) -> None:
         while True:
             try:
-                for kind, qid, text in await asyncio.to_thread(self.poll_events):
-                    self._on_event(kind, qid, text)
+                for kind, qid, text, detail in await asyncio.to_thread(self.poll_events):
+                    self._on_event(kind, qid, text, detail)
             except sqlite3.Error as e:
                 print(f"kanmon: alerts cannot read the records: {e}", file=self.stderr)
             await asyncio.sleep(EVENT_POLL)
@@ -380,7 +385,7 @@ class Alerts:
         return qid
 
     def _fallback(self, subject: str, body: str, why: str) -> None:
-        self.records.emit(f"alert not mailed ({why}): {subject}", kind="alert-mail")
+        self.records.record(AlertNotMailed(why, subject))
         try:
             print(f"kanmon: ALERT: {subject}\n{body}", file=self.stderr, flush=True)
         except (OSError, ValueError):
@@ -388,10 +393,8 @@ class Alerts:
 
     # -- text -----------------------------------------------------------------------------------
 
-    def _event(self, st: AlertState, state: str, line: str) -> None:
-        self.records.emit(line, kind="alert", detail={
-            "category": st.category, "key": st.key, "state": state, "since": st.since, "text": st.text,
-        })
+    def _event(self, st: AlertState, state: str, *, summary: str = "", mailed: bool = True) -> None:
+        self.records.record(Alert(st.category, st.key, state, st.since, st.text, summary, mailed, st.last_sent))
 
     def _subject(self, category: str, text: str) -> str:
         """Category, node and a one-line summary: the first line of the text, cut short.
@@ -438,8 +441,6 @@ class AlertRecord:
 
 def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list[AlertRecord]]:
     """(every alert event since `since`, oldest first; the alerts active now)."""
-    import json
-
     path = Path(data_dir) / "records.sqlite"
     if not path.exists():
         return [], []
@@ -475,7 +476,7 @@ def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list
 def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None:
     """Ask the running server to mail a test alert, and wait up to `wait` seconds for it.
 
-    The request is an event of kind "alert-request" in records.sqlite; the server's
+    The request is an AlertRequest event in records.sqlite; the server's
     watcher (poll_events) picks it up. Returns the server's event line about the mail
     ("alert mail (...) queued: ..." or "alert not mailed (...): ..."), or None when no
     server answered in time. FileNotFoundError: there are no records in data_dir.
@@ -488,20 +489,21 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
     db = open_db(path)
     try:
         with db:
+            request = AlertRequest(category)
             cur = db.execute(
-                "INSERT INTO events(ts, queue_id, kind, text) VALUES (?, NULL, 'alert-request', ?)",
-                (time.time(), f"test alert requested: {category}"),
+                "INSERT INTO events(ts, queue_id, kind, text, detail) VALUES (?, NULL, ?, ?, ?)",
+                (time.time(), request.KIND, request.line(), json.dumps(request.fields())),
             )
             request_id = cur.lastrowid
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             row = db.execute(
-                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE ? ORDER BY id LIMIT 1",
-                (request_id, f"%({category}/test)%"),
+                "SELECT text FROM events WHERE id > ? AND kind = ? AND json_extract(detail, '$.category') = ?"
+                " AND json_extract(detail, '$.key') = 'test' ORDER BY id LIMIT 1",
+                (request_id, AlertMailed.KIND, category),
             ).fetchone() or db.execute(
-                "SELECT text FROM events WHERE id > ? AND kind = 'alert-mail' AND text LIKE 'alert not mailed%'"
-                " ORDER BY id LIMIT 1",
-                (request_id,),
+                "SELECT text FROM events WHERE id > ? AND kind = ? ORDER BY id LIMIT 1",
+                (request_id, AlertNotMailed.KIND),
             ).fetchone()
             if row:
                 return row[0]

@@ -34,6 +34,7 @@ from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
 from kanmon.receiver import ReceiverPool, bind_listener
+from kanmon.records.events import Recovery, Reload, Stopped
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -83,7 +84,7 @@ class Node:
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
         self.local = LocalDelivery(self.data_dir, self.committer)
-        self.remote = SmtpDelivery(config, self.records.emit)
+        self.remote = SmtpDelivery(config, self.records.record)
         self.queue = QueueManager(
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
@@ -138,13 +139,13 @@ class Node:
         for qid, why in corrupt:
             self.records.emit(f"corrupt queue file moved to spool/corrupt/: {why}", qid, "critical")
         if removed:
-            self.records.emit(f"recovery: removed {removed} unacknowledged incoming file(s)")
+            self.records.record(Recovery(removed=removed))
         for e in entries:
             if e.state.refused:  # a torn last line after a crash, or damage: skipped
                 self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
                                   e.queue_id)
         self.queue.load_recovered(entries)
-        self.records.emit(f"recovery: {len(entries)} message(s) in the queue, {len(corrupt)} corrupt")
+        self.records.record(Recovery(len(entries), len(corrupt)))
 
     async def run(self) -> None:
         """Start everything, then wait until cancelled; stop in order."""
@@ -182,7 +183,7 @@ class Node:
             await self.remote.close()
             self.spool.close()
             self.committer.close()
-            self.records.emit("stopped")
+            self.records.record(Stopped())
             self.records.close()
             self.admin.close()  # release the data_dir lock last
 
@@ -276,7 +277,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                         print(f"kanmon: reload refused: {line}", file=sys.stderr, flush=True)
                     return
                 if node.records is not None:
-                    node.records.emit("reload: configuration valid; restarting")
+                    node.records.record(Reload())
                 reload_to.append(new)
                 task.cancel()
 

@@ -22,6 +22,7 @@ from typing import Any
 from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.control import ControlServer, DataDirLock
+from kanmon.records.events import MaintenanceRun
 
 LOCK_WAIT = 30.0  # seconds a starting server waits for an offline admin command
 CALL_TIMEOUT = 3600.0
@@ -111,7 +112,8 @@ class AdminPlane:
         if not jobs:
             return
         clock = self.node.clock
-        emit = self.node.records.emit
+        records = self.node.records
+        emit = records.emit
         due = {name: sched.next_after(clock.now()) for name, sched in jobs}
         while True:
             await clock.sleep(min(due.values()) - clock.now())
@@ -119,7 +121,7 @@ class AdminPlane:
             for name, sched in jobs:
                 if due[name] > now:
                     continue
-                emit(f"maintenance {name}: scheduled run", None, "admin")
+                records.record(MaintenanceRun(name))
                 reply = await self.handle({"op": "maintenance_run", "args": {"job": name}})
                 if not reply.get("ok"):
                     emit(f"maintenance {name}: failed: {reply.get('error')}", None, "error")

@@ -37,7 +37,7 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
     rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
     for r in rows:
         if as_json:
-            click.echo(json.dumps({"time": r.ts, "queue_id": r.queue_id, "kind": r.kind, "text": r.text}))
+            click.echo(json.dumps(r.as_dict()))
         else:
             click.echo(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
 
@@ -109,7 +109,7 @@ def trace(config_path, query, since, as_json) -> None:
             extra = ""
             if s.detail.get("tls"):
                 extra = f"  [TLS {s.detail['tls']}]"
-            elif s.step == "attempt" and "mailer=esmtp" in s.text and "stat=Deferred" not in s.text:
+            elif s.kind == "delivery" and s.detail.get("mailer") == "esmtp" and s.detail.get("status") != "Deferred":
                 extra = "  [no TLS]"
             if s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"

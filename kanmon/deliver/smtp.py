@@ -16,7 +16,7 @@ in order within ONE attempt and return one RecipientResult per recipient:
 
 Connections are reused through kanmon.smtp.client.SmtpConnectionPool (bounded by
 [outbound] max_per_destination). Each TLS session and each failed try is written to the
-event log through `emit(text, queue_id)`; the queue manager writes the `to=<..>, stat=`
+event log as typed events (kanmon.records.events) through `emit(event, queue_id)`; the queue manager writes the `to=<..>, stat=`
 lines from the results.
 
 Trusts: the queue manager's envelope (spooled by us; it travels whole, SMTPUTF8 flag
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from kanmon.deliver.mx import MxResolver, NextHop
 from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
+from kanmon.records.events import DomainFailed, Event, HopFailed, HopUnresolved, TlsClient
 from kanmon.smtp.client import (
     TLS_POLICIES,
     ClientSettings,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 MAILER = "esmtp"
 
-Emit = Callable[[str, "str | None"], Any]
+Emit = Callable[[Event, "str | None"], Any]
 # on_server_used(destination, used, failed): after a watched attempt (relay/smarthost
 # routes) a server took the transaction; used is its relay text, failed the (relay,
 # reason) pairs tried before it in this attempt (empty: the first server answered).
@@ -71,7 +72,7 @@ class SmtpDelivery:
     """The SMTP transport. One per node; `deliver` may run concurrently.
 
     config: server.hostname (EHLO), [outbound] timeouts, ca_file, max_per_destination,
-    mx_port, [dns]. emit: the event log, `emit(text, queue_id)`. resolver/pool: given by
+    mx_port, [dns]. emit: the event log, `emit(event, queue_id)` (Records.record). resolver/pool: given by
     tests; made from config otherwise. idle_timeout: seconds an unused connection is kept.
     """
 
@@ -115,7 +116,7 @@ class SmtpDelivery:
             try:
                 hops = await self.resolve(route.domain)
             except SmtpError as e:
-                self.emit(f"domain {route.domain}: {describe_reply(e.reply)}", queue_id)
+                self.emit(DomainFailed(route.domain, describe_reply(e.reply)), queue_id)
                 return [RecipientResult(r, status_of(e.reply), e.reply, "", MAILER) for r in rcpts]
         else:
             hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
@@ -179,7 +180,7 @@ class SmtpDelivery:
                 last = LocalReply(451, "4.4.3", e.reply.text)
                 last_relay = ""
                 failed.append((hop.host, e.reply.text))
-                self.emit(f"relay={hop.host}: {e.reply.text}{self._next_note(index, len(hops))}", queue_id)
+                self.emit(HopUnresolved(hop.host, e.reply.text, self._next_note(index, len(hops))), queue_id)
                 continue
             for n, address in enumerate(hop.addresses):
                 if not pending:
@@ -199,7 +200,7 @@ class SmtpDelivery:
                 failed.append((relay, describe_reply(error)))
                 if final:
                     more = False
-                self.emit(f"relay={relay}, {describe_reply(error)}" + ("; trying next server" if more else ""), queue_id)
+                self.emit(HopFailed(relay, describe_reply(error), more), queue_id)
                 if final:
                     for r in pending:
                         results[r] = RecipientResult(r, Status.DEFERRED, error, relay, MAILER)
@@ -273,9 +274,10 @@ class SmtpDelivery:
 
     def _log_session(self, queue_id: str, conn: SmtpConnection, hop: NextHop) -> None:
         if conn.tls is not None:
-            self.emit(f"STARTTLS=client, relay={hop.host}, {conn.tls.log_fields()}", queue_id)
+            t = conn.tls
+            self.emit(TlsClient(hop.host, t.version, t.verify, t.cipher, t.bits, t.alg_bits), queue_id)
         elif conn.tls_note and "does not offer" not in conn.tls_note:
-            self.emit(f"STARTTLS=client, relay={hop.host}, {conn.tls_note}", queue_id)
+            self.emit(TlsClient(hop.host, note=conn.tls_note), queue_id)
 
 
 __all__ = ["MAILER", "SmtpDelivery", "status_of"]

@@ -7,8 +7,10 @@ Never: write, or lock the database against the running server (read-only connect
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from kanmon.records.store import open_db
@@ -20,6 +22,20 @@ class EventRow:
     queue_id: str | None
     kind: str
     text: str
+    fields: dict[str, Any] | None = None  # the typed event's fields (None: a free-text line)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON of `kanmon log events --json`: `ts` as in the history's JSON."""
+        return {"ts": self.ts, "queue_id": self.queue_id, "kind": self.kind, "text": self.text,
+                "fields": self.fields}
+
+
+def _event_row(ts, queue_id, kind, text, detail) -> EventRow:
+    try:
+        fields = json.loads(detail) if detail else None
+    except ValueError:
+        fields = None
+    return EventRow(ts, queue_id, kind, text, fields if isinstance(fields, dict) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +89,7 @@ def search_events(
     if grep:
         where.append("(instr(lower(text), lower(?)) > 0 OR instr(lower(coalesce(queue_id, '')), lower(?)) > 0)")
         args += [grep, grep]
-    return _newest(data_dir, "SELECT ts, queue_id, kind, text FROM events", where, args, limit, EventRow)
+    return _newest(data_dir, "SELECT ts, queue_id, kind, text, detail FROM events", where, args, limit, _event_row)
 
 
 def search_history(

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
+from kanmon.records.events import FREE_TEXT, Critical, Error, Event, Note
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -179,16 +180,32 @@ class Records:
         self._pending.append(item)
         self._seq = next(self._queued)  # itertools.count is atomic under the GIL
 
+    def record(self, event: Event, queue_id: str | None = None, *, session: str | None = None) -> None:
+        """One typed event (kanmon.records.events): its line `<queue id>: line` (or just
+        the line for session events) and its fields, stored together.
+
+        session: the SMTP session the event belongs to (kanmon trace joins on it).
+        The line is formatted and the fields encoded in the writer thread, not here.
+        """
+        self._put(("event", time.time(), queue_id, event, session, None))
+
     def emit(
-        self, text: str, queue_id: str | None = None, kind: str = "info", *,
+        self, text: str | Event, queue_id: str | None = None, kind: str = "info", *,
         session: str | None = None, detail: dict[str, Any] | None = None,
     ) -> None:
-        """One event-log line: `<queue id>: text` (or just text for session events).
-
-        session: the SMTP session the line belongs to (kanmon trace joins on it);
-        detail: structured fields stored beside the line (JSON), never printed in it.
-        """
-        self._put(("event", time.time(), queue_id, kind, text, session, detail))
+        """A free-text line (a Note, or an Error/Critical by kind) for sources that have
+        no event type of their own; `detail`: fields stored beside it, never printed.
+        A typed event passed here is recorded as by record() (for callers handed
+        `emit` as their event-log callable)."""
+        if isinstance(text, Event):
+            event: Event = text
+        elif kind == "error":
+            event = Error(text)
+        elif kind == "critical":
+            event = Critical(text)
+        else:
+            event = Note(text, kind)
+        self._put(("event", time.time(), queue_id, event, session, detail))
 
     def history_accept(
         self, queue_id: str, env: Envelope, size: int, content: bytes, fields: dict[str, str] | None = None, *,
@@ -259,9 +276,16 @@ class Records:
         pid = os.getpid()
         for item in batch:
             if item[0] == "event":
-                _, ts, qid, kind, text, session, detail = item
-                events.append((ts, qid, kind, text, session, json.dumps(detail) if detail else None))
-                add_counts(counts, text, qid)
+                _, ts, qid, event, session, detail = item
+                try:
+                    text = event.line()
+                    if detail is None and not isinstance(event, FREE_TEXT):
+                        detail = event.fields()
+                    add_counts(counts, event)
+                except Exception as e:  # noqa: BLE001 - one bad event must not lose the batch
+                    text, detail = f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}", None
+                events.append((ts, qid, event.KIND, text, session,
+                               json.dumps(detail) if detail is not None else None))
                 stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
                 prefix = f"{qid}: " if qid else ""
                 lines.append(f"{stamp} {self.hostname} kanmon[{pid}]: {prefix}{text}\n")

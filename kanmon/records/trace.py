@@ -4,12 +4,14 @@ Role: answer "why didn't my mail arrive?". A query (a queue id, a Message-ID or 
 address) is matched against the history; each message found gets its timeline from the
 event log: the client session (joined by the events' `session` column: connect, TLS,
 EHLO from the history row), accept/reject decisions with their replies, the spool
-acceptance, every delivery attempt (next hop, TLS from the line's structured detail,
-the remote reply), notices sent and the final state. A message refused at RCPT or DATA
-has no queue id; it is found by its address in the `NOQUEUE: reject:` lines and shown
-with its session.
+acceptance, every delivery attempt (next hop, TLS, the remote reply), notices sent and
+the final state. Steps and the final state come from the events' kinds and fields
+(kanmon.records.events), never from their text. A message refused at RCPT or DATA has
+no queue id; it is found by its address in the fields of `reject` events and shown with
+its session. Rows written before events had fields show as `info` (or `session`) steps
+with their text, and add nothing to the final state.
 
-Trusts: the admin's query (SQL parameters only). The event lines are kanmon's own.
+Trusts: the admin's query (SQL parameters only). The event rows are kanmon's own.
 Never: write to the records (the read-write connection only migrates an old schema),
 or make a delivery decision.
 """
@@ -17,17 +19,23 @@ or make a delivery decision.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kanmon.model import is_queue_id
+from kanmon.records.events import BOUNCED, DEFERRED, SENT
 from kanmon.records.stats import connect_records
 
 MAX_MESSAGES = 200  # timelines per query; the newest are kept
 
-_NOTICE_RE = re.compile(r"^sender (failure|delay) notification: (\S+)")
-_ACCEPT_RE = re.compile(r"^from=<([^>]*)>, size=(\d+), nrcpts=(\d+)(?:, msgid=([^,]*))?")
+# Event kind (kanmon.records.events) -> the step a timeline shows it as.
+STEPS = {
+    "connect": "session", "disconnect": "session", "session-cut": "session", "auth": "session",
+    "auth-failed": "session", "tls-in": "tls", "reject": "reject", "reject-connect": "reject",
+    "reject-proxy": "reject", "reject-early": "reject", "accepted": "accepted", "tls-out": "tls-out",
+    "delivery": "attempt", "hop": "hop", "hop-domain": "hop", "hop-unresolved": "hop", "notice": "notice",
+    "removed": "removed", "error": "error", "critical": "error",
+}
 
 
 @dataclass(slots=True)
@@ -35,7 +43,8 @@ class Step:
     ts: float
     step: str  # session | tls | reject | accepted | tls-out | hop | attempt | notice | removed | error | info
     text: str
-    detail: dict = field(default_factory=dict)
+    detail: dict = field(default_factory=dict)  # the event's fields
+    kind: str = ""  # the event's kind
 
 
 @dataclass(slots=True)
@@ -56,30 +65,11 @@ class Timeline:
         return asdict(self)
 
 
-def classify(text: str, queue_id: str | None, kind: str) -> str:
-    if kind in ("error", "critical"):
-        return "error"
-    if queue_id is None:
-        if text.startswith(("connect from ", "disconnect from ")):
-            return "session"
-        if text.startswith("STARTTLS=server"):
-            return "tls"
-        if text.startswith(("NOQUEUE: reject:", "reject:")):
-            return "reject"
-        return "session"
-    if text.startswith("from=<"):
-        return "accepted"
-    if text.startswith("STARTTLS=client"):
-        return "tls-out"
-    if text.startswith("to=<"):
-        return "attempt"
-    if text.startswith(("relay=", "domain ")):
-        return "hop"  # a next hop that did not take the message in this attempt
-    if _NOTICE_RE.match(text):
-        return "notice"
-    if text == "removed":
-        return "removed"
-    return "info"
+def classify(kind: str, queue_id: str | None) -> str:
+    """The step of an event of `kind`; a line without a type of its own (and every line
+    of a database written before events had types) is `info`, or `session` without a
+    queue id."""
+    return STEPS.get(kind) or ("session" if queue_id is None else "info")
 
 
 def trace(data_dir: Path, query: str, since: float | None = None) -> list[Timeline]:
@@ -113,12 +103,13 @@ def _trace(db, query: str, since: float) -> list[Timeline]:
                 (bare, bare, since, MAX_MESSAGES),
             ).fetchall()
             qids = [r[0] for r in reversed(rows)]
-            needle = f"<{bare.lower()}>"
+            needle = bare.lower()
             rejects = [
                 r[0] for r in db.execute(
-                    "SELECT id FROM events WHERE ts >= ? AND text LIKE 'NOQUEUE: reject:%' AND instr(lower(text), ?) > 0"
+                    "SELECT id FROM events WHERE ts >= ? AND kind = 'reject' AND detail IS NOT NULL"
+                    " AND (lower(json_extract(detail, '$.rcpt')) = ? OR lower(json_extract(detail, '$.mail_from')) = ?)"
                     " ORDER BY id DESC LIMIT ?",
-                    (since, needle, MAX_MESSAGES),
+                    (since, needle, needle, MAX_MESSAGES),
                 )
             ]
             rejects.reverse()
@@ -137,7 +128,7 @@ def _step(row) -> Step:
             d = json.loads(detail)
         except ValueError:
             d = {}
-    return Step(ts, classify(text, qid, kind), text, d)
+    return Step(ts, classify(kind, qid), text, d if isinstance(d, dict) else {}, kind)
 
 
 def _session_steps(db, session: str | None, before_id: int) -> list[Step]:
@@ -146,7 +137,7 @@ def _session_steps(db, session: str | None, before_id: int) -> list[Step]:
     if not session:
         return []
     prev = db.execute(
-        "SELECT max(id) FROM events WHERE session = ? AND id < ? AND queue_id IS NOT NULL AND text LIKE 'from=<%'",
+        "SELECT max(id) FROM events WHERE session = ? AND id < ? AND queue_id IS NOT NULL AND kind = 'accepted'",
         (session, before_id),
     ).fetchone()[0] or 0
     rows = db.execute(
@@ -156,8 +147,7 @@ def _session_steps(db, session: str | None, before_id: int) -> list[Step]:
     ).fetchall()
     out = []
     for row in rows:
-        text = row[4]
-        if row[0] > prev or text.startswith(("connect from ", "STARTTLS=server")):
+        if row[0] > prev or row[3] in ("connect", "tls-in"):
             out.append(_step(row))
     return out
 
@@ -179,43 +169,45 @@ def _message(db, qid: str) -> Timeline:
         t.status[rcpt] = status or ""
         t.mail_from, t.message_id, t.subject, t.size = mail_from or "", message_id or "", subject or "", size or 0
         t.client_ip, t.helo = client_ip or "", helo or ""
-    accept = next((r for r in rows if r[4].startswith("from=<")), None)
+    accept = next((r for r in rows if r[3] == "accepted"), None)
     if accept is not None:
         t.steps.extend(_session_steps(db, accept[5], accept[0]))
-        m = _ACCEPT_RE.match(accept[4])
-        if m and not hist:
-            t.mail_from, t.size = m.group(1), int(m.group(2))
-            t.message_id = (m.group(4) or "").strip()
     t.steps.extend(_step(r) for r in rows)
+    if accept is not None and not hist:
+        f = next(s for s in t.steps if s.kind == "accepted").detail
+        t.mail_from, t.size = f.get("mail_from") or "", f.get("size") or 0
+        t.message_id = (f.get("msgid") or "").strip()
     if t.helo:
         for s in t.steps:
-            if s.text.startswith("connect from "):
+            if s.kind == "connect":
                 s.detail.setdefault("helo", t.helo)
-    t.final = _final(t, rows)
+    t.final = _final(t)
     return t
 
 
-def _final(t: Timeline, rows) -> str:
-    removed = any(r[4] == "removed" for r in rows)
-    results = {}
+def _final(t: Timeline) -> str:
+    removed = any(s.kind == "removed" for s in t.steps)
+    results: dict[str, tuple[str, str]] = {}  # rcpt -> (status, reply) of its last attempt
+    holds: list[str] = []
     for s in t.steps:
-        if s.step == "attempt" and s.text.startswith("to=<"):
-            rcpt = s.text[4 : s.text.index(">")]
-            stat = s.text.rsplit(", stat=", 1)[-1]
-            results[rcpt] = stat
-    delivered = [r for r, st in results.items() if st.startswith("Sent")]
-    bounced = [r for r, st in results.items() if st.startswith("Bounced")]
-    deferred = [r for r, st in results.items() if st.startswith("Deferred")]
+        d = s.detail
+        if s.kind == "delivery" and "rcpt" in d:
+            reply = d.get("reply", "") + (f" ({d['note']})" if d.get("note") else "")
+            results[d["rcpt"]] = (d.get("status", ""), reply)
+        elif s.kind == "admin-message" and d.get("action") in ("hold", "release"):
+            holds.append(d["action"])
+    delivered = [r for r, (st, _) in results.items() if st == SENT]
+    bounced = [r for r, (st, _) in results.items() if st == BOUNCED]
+    deferred = [r for r, (st, _) in results.items() if st == DEFERRED]
     parts = []
     if delivered:
         parts.append("delivered to " + ", ".join(delivered))
     if bounced:
-        parts.append("bounced for " + ", ".join(f"{r} ({results[r][len('Bounced: '):]})" for r in bounced))
-    holds = [r[4] for r in rows if r[4].startswith(("held by administrator", "released by administrator"))]
-    on_hold = bool(holds) and holds[-1].startswith("held") and not removed
+        parts.append("bounced for " + ", ".join(f"{r} ({results[r][1]})" for r in bounced))
+    on_hold = bool(holds) and holds[-1] == "hold" and not removed
     if deferred and not removed:
         state = "on hold" if on_hold else "in the queue"
-        parts.append(f"{state}, deferred for " + ", ".join(f"{r} ({results[r][len('Deferred: '):]})" for r in deferred))
+        parts.append(f"{state}, deferred for " + ", ".join(f"{r} ({results[r][1]})" for r in deferred))
     if not results:
         parts.append("removed" if removed else "on hold, not tried yet" if on_hold else "in the queue, not tried yet")
     elif not removed and not deferred:
@@ -228,20 +220,15 @@ def _rejected(db, event_id: int) -> Timeline:
         "SELECT id, ts, queue_id, kind, text, session, detail FROM events WHERE id = ?", (event_id,)
     ).fetchone()
     t = Timeline(queue_id=None)
-    text = row[4]
-    m = re.search(r"; from=<([^>]*)>(?: to=<([^>]*)>)?", text)
-    if m:
-        t.mail_from = m.group(1)
-        if m.group(2):
-            t.rcpts = [m.group(2)]
-    ip = re.search(r" from [^\[]*\[([^\]]*)\]", text)
-    t.client_ip = ip.group(1) if ip else ""
-    helo = re.search(r" helo=<([^>]*)>", text)
-    t.helo = helo.group(1) if helo else ""
-    t.steps = _session_steps(db, row[5], row[0]) + [_step(row)]
+    step = _step(row)
+    d = step.detail
+    t.mail_from = d.get("mail_from") or ""
+    if d.get("rcpt"):
+        t.rcpts = [d["rcpt"]]
+    t.client_ip, t.helo = d.get("ip", ""), d.get("helo", "")
+    t.steps = _session_steps(db, row[5], row[0]) + [step]
     for s in t.steps:
-        if t.helo and s.text.startswith("connect from "):
+        if t.helo and s.kind == "connect":
             s.detail.setdefault("helo", t.helo)
-    reply = re.search(r"\]: (.*?)(?:; from=<|$)", text)
-    t.final = "rejected: " + (reply.group(1) if reply else text)
+    t.final = "rejected: " + (d.get("reply") or row[4])
     return t

@@ -65,7 +65,7 @@ class Log:
         self.lines: list[tuple[str, str | None]] = []
 
     def __call__(self, text: str, queue_id: str | None) -> None:
-        self.lines.append((text, queue_id))
+        self.lines.append((str(text), queue_id))  # a typed event: its line
 
     def text(self) -> str:
         return "\n".join(t for t, _ in self.lines)

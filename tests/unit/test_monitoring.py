@@ -1,4 +1,4 @@
-"""Monitoring units: counters from event lines, schema migration of an old records
+"""Monitoring units: counters written with the events, schema migration of an old records
 database, stats arithmetic, retention, alert fallback and rate limit, queue id ages."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.metrics import DeliveryMetrics, Metrics, queue_id_time
 from kanmon.model import ClientInfo, Envelope, Reply, new_queue_id
-from kanmon.records.counters import classify, reason_class
+from kanmon.records.counters import reason_class
+from kanmon.records.events import Connected, Delivery
 from kanmon.records.query import search_history
 from kanmon.records.retention import Retention, prune
 from kanmon.records.stats import collect
@@ -29,34 +30,6 @@ CREATE TABLE history (id INTEGER PRIMARY KEY, ts REAL NOT NULL, client_ip TEXT, 
     subject TEXT, message_id TEXT, size INTEGER, classification TEXT, disposition TEXT, queue_id TEXT,
     status TEXT, auth_user TEXT, updated REAL);
 """
-
-
-@pytest.mark.parametrize("text,qid,expected", [
-    ("connect from unknown[127.0.0.1]", None, [("connections", 1)]),
-    ("disconnect from unknown[127.0.0.1]", None, [("disconnections", 1)]),
-    ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <x@example.test>: Recipient address rejected: "
-     "User unknown; from=<a@b.test> to=<x@example.test> proto=ESMTP helo=<c>", None,
-     [("rejected|stage=RCPT|class=address", 1)]),
-    ("NOQUEUE: reject: MAIL from unknown[::1]: 452 4.3.1 Insufficient system storage; from=<a@b.test> proto=ESMTP helo=<c>",
-     None, [("rejected|stage=MAIL|class=system", 1)]),
-    ("reject: connect from unknown[127.0.0.1]: 421 4.7.0 mx1 Too many connections (limit)", None,
-     [("rejected|stage=CONNECT|class=policy", 1)]),
-    ("from=<a@b.test>, size=120, nrcpts=2, msgid=<m@x>, proto=ESMTPS, relay=unknown [127.0.0.1]", "Q",
-     [("received|source=smtp", 1), ("received_bytes|source=smtp", 120), ("received_tls", 1)]),
-    ("from=<>, size=900, nrcpts=1, proto=internal, relay=local", "Q",
-     [("received|source=internal", 1), ("received_bytes|source=internal", 900)]),
-    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, relay=[127.0.0.7]:25, dsn=2.0.0, stat=Sent (250 ok)",
-     "Q", [("delivered|mailer=esmtp", 1)]),
-    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, dsn=4.4.1, stat=Deferred: Connection refused",
-     "Q", [("deferred|class=network", 1)]),
-    ("to=<b@x.test>, delay=00:00:01, xdelay=00:00:01, mailer=esmtp, dsn=5.1.1, stat=Bounced: 550 unknown", "Q",
-     [("bounced|class=address", 1)]),
-    ("sender delay notification: 0123456789BCDFG", "Q", [("notices|type=delay", 1)]),
-    ("removed", "Q", []),
-    ("", None, []),
-])
-def test_counters_from_event_lines(text, qid, expected):
-    assert classify(text, qid) == expected
 
 
 def test_reason_class():
@@ -79,7 +52,7 @@ def test_an_old_records_database_is_migrated_and_keeps_working(tmp_path):
     db.commit()
     db.close()
     records = Records(tmp_path, "mx1.example.test", log_file=False)  # the writer migrates at open
-    records.emit("connect from unknown[127.0.0.1]", session="1.1")
+    records.record(Connected("unknown", "127.0.0.1"), session="1.1")
     records.flush()
     records.close()
     db = open_db(tmp_path / "records.sqlite", readonly=True)
@@ -145,6 +118,9 @@ class FakeRecords:
 
     def emit(self, text, queue_id=None, kind="info", **kw):
         self.lines.append((text, queue_id, kind))
+
+    def record(self, event, queue_id=None, **kw):
+        self.lines.append((event.line(), queue_id, event.KIND))
 
     def history_accept(self, *a):
         pass
@@ -226,8 +202,8 @@ def test_deferred_ratio_over_the_last_hour(tmp_path):
     alerts, fake, _, clock, _ = make_alerts(tmp_path)
     clock.advance(time.time() - clock.now())  # the records' timestamps are wall time
     for n in range(9):
-        records.emit(f"to=<r{n}@x.test>, delay=00:00:01, mailer=esmtp, dsn=4.4.1, stat=Deferred: refused", "Q")
-    records.emit("to=<ok@x.test>, delay=00:00:01, mailer=esmtp, dsn=2.0.0, stat=Sent (250 ok)", "Q")
+        records.record(Delivery(f"r{n}@x.test", "Deferred", "esmtp", "4.4.1", "refused", delay=1), "Q")
+    records.record(Delivery("ok@x.test", "Sent", "esmtp", "2.0.0", "250 ok", delay=1), "Q")
     records.flush()
     alerts._check_ratio()
     st = alerts.states[("delivery", "deferred ratio")]
@@ -283,27 +259,27 @@ def test_metric_label_values_are_escaped(tmp_path):
 def test_trace_of_the_second_message_of_a_session_shows_only_its_own_transaction(tmp_path):
     from kanmon.records.trace import trace
 
+    from kanmon.records import events as ev
+
     records = Records(tmp_path, "mx1.example.test", log_file=False)
     s = "1f.7"
-    records.emit("connect from unknown[127.0.0.1]", session=s)
-    records.emit("STARTTLS=server, relay=unknown [127.0.0.1], version=TLSv1.3, verify=NO, cipher=X, bits=256/256", session=s)
-    records.emit("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 no; from=<a@b.test> to=<x@example.test> "
-                 "proto=ESMTPS helo=<c>", session=s)
-    records.emit("from=<a@b.test>, size=10, nrcpts=1, msgid=<one@b>, proto=ESMTPS, relay=unknown [127.0.0.1]",
-                 "0000000000001BC", session=s)
-    records.emit("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 no; from=<a@b.test> to=<y@example.test> "
-                 "proto=ESMTPS helo=<c>", session=s)
-    records.emit("from=<a@b.test>, size=20, nrcpts=1, msgid=<two@b>, proto=ESMTPS, relay=unknown [127.0.0.1]",
-                 "0000000000002BC", session=s)
-    records.emit("to=<z@example.test>, delay=00:00:00, xdelay=00:00:00, mailer=esmtp, relay=[192.0.2.1]:25, "
-                 "dsn=2.0.0, stat=Sent (250 ok)", "0000000000002BC", detail={"tls": "TLSv1.3 X verify=OK"})
-    records.emit("removed", "0000000000002BC")
+    records.record(ev.Connected("unknown", "127.0.0.1"), session=s)
+    records.record(ev.TlsStarted("unknown", "127.0.0.1", "TLSv1.3", "X", 256), session=s)
+    records.record(ev.Refused("RCPT", "unknown", "127.0.0.1", "550 5.1.1 no", "5.1.1", "a@b.test", "x@example.test",
+                              "ESMTPS", "c"), session=s)
+    records.record(ev.Accepted("a@b.test", 10, 1, "ESMTPS", "unknown [127.0.0.1]", "<one@b>"), "0000000000001BC", session=s)
+    records.record(ev.Refused("RCPT", "unknown", "127.0.0.1", "550 5.1.1 no", "5.1.1", "a@b.test", "y@example.test",
+                              "ESMTPS", "c"), session=s)
+    records.record(ev.Accepted("a@b.test", 20, 1, "ESMTPS", "unknown [127.0.0.1]", "<two@b>"), "0000000000002BC", session=s)
+    records.record(ev.Delivery("z@example.test", "Sent", "esmtp", "2.0.0", "250 ok", "[192.0.2.1]:25", delay=0, xdelay=0,
+                               tls="TLSv1.3 X verify=OK"), "0000000000002BC")
+    records.record(ev.Removed(), "0000000000002BC")
     records.flush()
     records.close()
     (t,) = trace(tmp_path, "0000000000002BC")
     assert [x.step for x in t.steps] == ["session", "tls", "reject", "accepted", "attempt", "removed"]
     assert "to=<y@example.test>" in t.steps[2].text  # not the first transaction's reject of x@
-    assert t.steps[4].detail == {"tls": "TLSv1.3 X verify=OK"}
+    assert t.steps[4].detail["tls"] == "TLSv1.3 X verify=OK"
     assert t.message_id == "<two@b>" and t.size == 20 and t.final == "delivered to z@example.test"
     (first,) = trace(tmp_path, "0000000000001BC")
     assert [x.step for x in first.steps] == ["session", "tls", "reject", "accepted"]

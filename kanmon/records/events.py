@@ -1,0 +1,722 @@
+"""Event types: each is one fact about a session or a message, with its fields.
+
+Role: every stage records what happened as one of these types, through
+`Records.record(event, queue_id, session=...)`. Each type produces two things from the
+same fields:
+
+- `line()`: the sendmail/Postfix-style text of the event log (kanmon.log, stdout,
+  `kanmon log events`). Admins and tests read these lines: their formats are fixed.
+- `fields()`: the structured fields, stored as JSON beside the line (the events table's
+  `detail` column). Counters, `kanmon trace` and alerts read kinds and fields, never the
+  line.
+
+`KIND` names the type in the events table's `kind` column; `event_from_row` rebuilds a
+typed event from a stored row (an old row, written before the fields existed, comes back
+as a `Note` with its text).
+
+Trusts: its callers for the values. Values from the network (addresses, HELO names,
+replies) are formatted into the line exactly as the callers passed them (escaping is the
+callers' business and stays as it was). Never: do I/O, or parse a line back into fields.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any, ClassVar
+
+# RFC 3463 section 2: the subject of an enhanced status code.
+REASON_CLASSES = {
+    "0": "other", "1": "address", "2": "mailbox", "3": "system",
+    "4": "network", "5": "protocol", "6": "content", "7": "policy",
+}
+
+
+def reason_class(enhanced: str | None) -> str:
+    """'5.1.1' -> 'address'; None or garbage -> 'other'."""
+    if not enhanced:
+        return "other"
+    parts = enhanced.split(".")
+    return REASON_CLASSES.get(parts[1], "other") if len(parts) == 3 else "other"
+
+
+def hms(seconds: float) -> str:
+    """Sendmail-style delay: [d+]hh:mm:ss."""
+    seconds = max(0, int(seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{d}+" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def _first(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+class Event:
+    """Base of the event types (frozen dataclasses below)."""
+
+    KIND: ClassVar[str] = "info"
+    __slots__ = ()
+
+    def line(self) -> str:  # pragma: no cover - every type defines it
+        raise NotImplementedError
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # type: ignore[arg-type]
+
+    def counts(self) -> tuple[tuple[str, int], ...]:
+        """Counter increments this event stands for (kanmon.records.counters)."""
+        return ()
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+def _event(cls):
+    """Register a type under its KIND (one type per kind)."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    assert cls.KIND not in EVENT_TYPES, cls.KIND
+    EVENT_TYPES[cls.KIND] = cls
+    return cls
+
+
+def event_from_row(kind: str, text: str, detail: dict[str, Any] | None) -> Event:
+    """A stored row back as a typed event; a row without fields (written before the
+    fields existed, or by a type unknown here) is a Note or an Error of its text."""
+    cls = EVENT_TYPES.get(kind)
+    if cls is not None and detail is not None and cls not in FREE_TEXT:
+        try:
+            return cls(**detail)
+        except TypeError:
+            pass
+    if kind == "error":
+        return Error(text)
+    if kind == "critical":
+        return Critical(text)
+    return Note(text, kind)
+
+
+# -- free text ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Note(Event):
+    """A line with no fields of its own (listeners started, POP3/IMAP logins, DNS
+    monitor notes...). `kind` is kept for the few sources that still name one."""
+
+    text: str
+    kind: str = "info"
+
+    @property
+    def KIND(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    def line(self) -> str:
+        return self.text
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+
+EVENT_TYPES["info"] = Note
+
+
+@_event
+class Error(Event):
+    """Something failed that an administrator should look at (alerts mail these)."""
+
+    KIND = "error"
+    text: str
+
+    def line(self) -> str:
+        return self.text
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+
+@_event
+class Critical(Event):
+    """A damaged file or lost state: alerts mail these as critical."""
+
+    KIND = "critical"
+    text: str
+
+    def line(self) -> str:
+        return self.text
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+
+FREE_TEXT = (Note, Error, Critical)  # types whose line is all there is: no fields stored
+
+
+# -- SMTP sessions (no queue id) ---------------------------------------------------------------
+
+
+@_event
+class Connected(Event):
+    KIND = "connect"
+    client: str  # the client's name ("unknown" without a PTR)
+    ip: str
+
+    def line(self) -> str:
+        return f"connect from {self.client}[{self.ip}]"
+
+    def counts(self):
+        return (("connections", 1),)
+
+
+@_event
+class Disconnected(Event):
+    KIND = "disconnect"
+    client: str
+    ip: str
+
+    def line(self) -> str:
+        return f"disconnect from {self.client}[{self.ip}]"
+
+    def counts(self):
+        return (("disconnections", 1),)
+
+
+@_event
+class SessionCut(Event):
+    """The server ended a session: timeout, too many errors, shutdown."""
+
+    KIND = "session-cut"
+    why: str
+    state: str  # the session's state when it was cut
+    client: str
+    ip: str
+
+    def line(self) -> str:
+        return f"{self.why} after {self.state} from {self.client}[{self.ip}]"
+
+
+@_event
+class Refused(Event):
+    """A command refused (`NOQUEUE: reject:`): MAIL, RCPT, DATA...; `check` names the
+    check that refused it when one did."""
+
+    KIND = "reject"
+    stage: str  # the SMTP command
+    client: str
+    ip: str
+    reply: str  # the reply as sent: "550 5.1.1 text"
+    enhanced: str | None
+    mail_from: str | None  # None: no transaction yet
+    rcpt: str
+    proto: str
+    helo: str
+    check: str = ""
+
+    def line(self) -> str:
+        detail = f"; from=<{self.mail_from}>" if self.mail_from is not None else ""
+        if self.rcpt:
+            detail += f" to=<{self.rcpt}>"
+        return (f"NOQUEUE: reject: {self.stage} from {self.client}[{self.ip}]: {self.reply}{detail}"
+                f" proto={self.proto} helo=<{self.helo}>")
+
+    def counts(self):
+        return ((f"rejected|stage={self.stage}|class={reason_class(self.enhanced)}", 1),)
+
+
+@_event
+class ConnectRefused(Event):
+    """A connection refused before the greeting (limits, access)."""
+
+    KIND = "reject-connect"
+    ip: str
+    reply: str
+    enhanced: str | None
+    why: str
+
+    def line(self) -> str:
+        return f"reject: connect from unknown[{self.ip}]: {self.reply} ({self.why})"
+
+    def counts(self):
+        return ((f"rejected|stage=CONNECT|class={reason_class(self.enhanced)}", 1),)
+
+
+@_event
+class ProxyRefused(Event):
+    """A PROXY header from a host not trusted to send one, or one that does not parse."""
+
+    KIND = "reject-proxy"
+    ip: str
+    error: str = ""  # empty: the sender is not trusted
+
+    def line(self) -> str:
+        if self.error:
+            return f"reject: bad PROXY header from {self.ip}: {self.error}"
+        return f"reject: PROXY header from untrusted {self.ip}"
+
+
+@_event
+class EarlyTalker(Event):
+    KIND = "reject-early"
+    client: str
+    ip: str
+    size: int
+    reply: str
+
+    def line(self) -> str:
+        return f"reject: early talker {self.client}[{self.ip}] sent {self.size} bytes before the greeting: {self.reply}"
+
+
+@_event
+class TlsStarted(Event):
+    """STARTTLS on an SMTP session we serve; `error` when the handshake failed."""
+
+    KIND = "tls-in"
+    client: str
+    ip: str
+    version: str = ""
+    cipher: str = ""
+    bits: int = 0
+    error: str = ""
+
+    def line(self) -> str:
+        head = f"STARTTLS=server, relay={self.client} [{self.ip}], "
+        if self.error:
+            return head + f"error: {self.error}"
+        return head + f"version={self.version}, verify=NO, cipher={self.cipher}, bits={self.bits}/{self.bits}"
+
+    def counts(self):
+        return () if self.error else (("tls_sessions_in", 1),)
+
+
+@_event
+class AuthSucceeded(Event):
+    KIND = "auth"
+    client: str
+    ip: str
+    mechanism: str
+    user: str
+
+    def line(self) -> str:
+        return f"{self.client}[{self.ip}]: sasl_method={self.mechanism}, sasl_username={self.user}"
+
+
+@_event
+class AuthFailed(Event):
+    """Wrong credentials (`blocked`: the throttle key now blocked), or an attempt refused
+    without checking because the user or address is blocked (`refused`)."""
+
+    KIND = "auth-failed"
+    client: str
+    ip: str
+    mechanism: str
+    user: str
+    blocked: str = ""
+    refused: bool = False
+
+    def line(self) -> str:
+        if self.refused:
+            return f"warning: {self.client}[{self.ip}]: SASL {self.mechanism} blocked for user={self.user}: too many failures"
+        return (f"warning: {self.client}[{self.ip}]: SASL {self.mechanism} authentication failed for user={self.user}"
+                + (f"; blocked ({self.blocked})" if self.blocked else ""))
+
+
+# -- messages (with a queue id) -------------------------------------------------------------------
+
+
+@_event
+class Accepted(Event):
+    """A message is in the queue: received, written by kanmon itself (proto=internal,
+    relay=local), or restored from a backup (proto=restore)."""
+
+    KIND = "accepted"
+    mail_from: str
+    size: int
+    nrcpts: int
+    proto: str
+    relay: str = ""  # "name [ip]" of the client, or "local"
+    msgid: str | None = None  # None: not in the line
+    auth: str = ""
+    held: bool = False
+
+    def line(self) -> str:
+        out = f"from=<{self.mail_from}>, size={self.size}, nrcpts={self.nrcpts}"
+        if self.msgid is not None:
+            out += f", msgid={self.msgid}"
+        out += f", proto={self.proto}"
+        if self.relay:
+            out += f", relay={self.relay}"
+        if self.auth:
+            out += f", auth={self.auth}"
+        if self.held:
+            out += ", held"
+        return out
+
+    def counts(self):
+        source = "internal" if self.proto == "internal" else "smtp"
+        out = ((f"received|source={source}", 1), (f"received_bytes|source={source}", self.size))
+        if source == "smtp" and self.proto.startswith("ESMTPS"):
+            out += (("received_tls", 1),)
+        return out
+
+
+SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
+
+
+@_event
+class Delivery(Event):
+    """One recipient's delivery attempt: `status` Sent, Deferred or Bounced (or, for
+    `kanmon queue drain`, Not drained).
+
+    `reply` is the reply as described for the log; `delay`/`xdelay` are seconds since
+    the message arrived / since this attempt began (None: not in the line).
+    """
+
+    KIND = "delivery"
+    rcpt: str
+    status: str
+    mailer: str
+    dsn: str | None = None
+    reply: str = ""
+    relay: str = ""
+    orig_rcpt: str = ""
+    delay: float | None = None
+    xdelay: float | None = None
+    note: str = ""  # after a bounce's reply, in parentheses (lifetime expired, who returned it)
+    tls: str = ""  # the outbound TLS session ("TLSv1.3 cipher verify=...")
+
+    def line(self) -> str:
+        parts = [f"to=<{self.rcpt}>"]
+        if self.orig_rcpt:
+            parts.append(f"orig_to=<{self.orig_rcpt}>")
+        if self.delay is not None:
+            parts.append(f"delay={hms(self.delay)}")
+        if self.xdelay is not None:
+            parts.append(f"xdelay={hms(self.xdelay)}")
+        if self.mailer == "drain":
+            parts.append(f"relay={self.relay}")
+            parts.append("mailer=drain")
+        else:
+            parts.append(f"mailer={self.mailer}")
+            if self.relay and self.relay != "local":
+                parts.append(f"relay={self.relay}")
+        if self.dsn is not None:
+            parts.append(f"dsn={self.dsn}")
+        note = f" ({self.note})" if self.note else ""
+        if self.mailer == "drain":
+            stat = f"{self.status} ({self.reply})"
+        elif self.status == SENT:
+            stat = "Sent" if self.mailer in ("local", "") else f"Sent ({self.reply})"
+        else:
+            stat = f"{self.status}: {self.reply}{note}"
+        parts.append(f"stat={stat}")
+        return ", ".join(parts)
+
+    def counts(self):
+        if self.status == SENT:
+            return ((f"delivered|mailer={self.mailer or 'local'}", 1),)
+        if self.status == DEFERRED:
+            return ((f"deferred|class={reason_class(self.dsn)}", 1),)
+        if self.status == BOUNCED:
+            return ((f"bounced|class={reason_class(self.dsn)}", 1),)
+        return ()
+
+
+@_event
+class DomainFailed(Event):
+    """The destination domain's MX could not be resolved (applies to every recipient)."""
+
+    KIND = "hop-domain"
+    domain: str
+    reply: str
+
+    def line(self) -> str:
+        return f"domain {self.domain}: {self.reply}"
+
+
+@_event
+class HopUnresolved(Event):
+    """A configured next hop's name did not resolve; `note` says what comes next."""
+
+    KIND = "hop-unresolved"
+    relay: str
+    reply: str
+    note: str = ""
+
+    def line(self) -> str:
+        return f"relay={self.relay}: {self.reply}{self.note}"
+
+
+@_event
+class HopFailed(Event):
+    """A server did not take the message in this attempt; `more`: another is tried."""
+
+    KIND = "hop"
+    relay: str
+    reply: str
+    more: bool = False
+
+    def line(self) -> str:
+        return f"relay={self.relay}, {self.reply}" + ("; trying next server" if self.more else "")
+
+
+@_event
+class TlsClient(Event):
+    """STARTTLS on an outbound session: the TLS parameters, or why it is plaintext."""
+
+    KIND = "tls-out"
+    relay: str
+    version: str = ""
+    verify: str = ""
+    cipher: str = ""
+    bits: int = 0
+    alg_bits: int = 0
+    note: str = ""
+
+    def line(self) -> str:
+        if self.version:
+            return (f"STARTTLS=client, relay={self.relay}, version={self.version}, verify={self.verify}, "
+                    f"cipher={self.cipher}, bits={self.bits}/{self.alg_bits}")
+        return f"STARTTLS=client, relay={self.relay}, {self.note}"
+
+
+@_event
+class NoticeQueued(Event):
+    """A delay or failure notice to the sender (RFC 3464), queued as `notice_id`."""
+
+    KIND = "notice"
+    notice: str  # failure | delay
+    notice_id: str
+
+    def line(self) -> str:
+        return f"sender {self.notice} notification: {self.notice_id}"
+
+    def counts(self):
+        return ((f"notices|type={self.notice}", 1),)
+
+
+@_event
+class NoticeSkipped(Event):
+    """No notice for a message from <> or for a notice (RFC 3461 6.2, no loops)."""
+
+    KIND = "notice-skipped"
+    action: str  # failed | delayed
+
+    def line(self) -> str:
+        return f"no notice ({self.action}) for a message from <> or a notice: dropped"
+
+
+@_event
+class Removed(Event):
+    """Every recipient is final: the message left the queue."""
+
+    KIND = "removed"
+
+    def line(self) -> str:
+        return "removed"
+
+
+@_event
+class QuotaNotice(Event):
+    """An over-quota notice to a mailbox owner, queued as `notice_id`."""
+
+    KIND = "quota-notice"
+    address: str
+    usage: int
+    quota: int
+    notice_id: str
+
+    def line(self) -> str:
+        return f"over-quota notice for <{self.address}> ({self.usage} of {self.quota} bytes): {self.notice_id}"
+
+
+@_event
+class CheckResult(Event):
+    """A check of the pipeline did not accept: its name, the stage and the outcome
+    (the refusal itself is a Refused line; this one carries what only the check knows)."""
+
+    KIND = "check"
+    check: str
+    stage: str
+    result: str  # reject | tempfail | error | timeout
+    reply: str = ""
+    why: str = ""
+
+    def line(self) -> str:
+        return f"check {self.check} at {self.stage}: {self.result}" + (f": {self.reply}" if self.reply else "") + (
+            f" ({self.why})" if self.why else "")
+
+
+# -- administration ----------------------------------------------------------------------------------
+
+
+@_event
+class AdminAction(Event):
+    """A queue operation by an administrator or a maintenance job, over several
+    messages (`ids` as shown in the line: the first ones)."""
+
+    KIND = "admin"
+    action: str
+    count: int
+    source: str
+    what: str
+    shown: str
+
+    def line(self) -> str:
+        return f"admin: {self.action} {self.count} message(s) by `{self.source}` matching {self.what}: {self.shown or 'none'}"
+
+
+ADMIN_VERBS = {"delete": "deleted", "hold": "held", "release": "released", "bounce": "returned to sender",
+               "flush": "flushed", "requeue": "requeued", "restore": "restored", "drain": "drained"}
+
+
+@_event
+class AdminChanged(Event):
+    """One message changed by an administrator (held, released, deleted...)."""
+
+    KIND = "admin-message"
+    action: str
+    source: str
+
+    def line(self) -> str:
+        return f"{ADMIN_VERBS.get(self.action, self.action)} by administrator (`{self.source}`)"
+
+
+@_event
+class Backup(Event):
+    KIND = "admin-backup"
+    count: int
+    target: str
+    source: str
+
+    def line(self) -> str:
+        return f"admin: backup of {self.count} message(s) to {self.target} by `{self.source}`"
+
+
+@_event
+class MaintenanceRun(Event):
+    """A maintenance job: started by the schedule (`matched` None), or its result."""
+
+    KIND = "maintenance"
+    job: str
+    action: str = ""
+    matched: int | None = None
+    acted: tuple[str, ...] | list[str] = ()
+    shown: int = 0  # how many of the acted ids the line names
+
+    def line(self) -> str:
+        if self.matched is None:
+            return f"maintenance {self.job}: scheduled run"
+        ids = list(self.acted)
+        return (f"maintenance {self.job}: {self.action} matched {self.matched}, acted on {len(ids)}"
+                + (f": {' '.join(ids[:self.shown])}" if ids else ""))
+
+
+# -- the node ----------------------------------------------------------------------------------------
+
+
+@_event
+class Recovery(Event):
+    """The spool rescan at start: `removed` unacknowledged incoming files (None: the
+    summary line with the queue size and corrupt entries)."""
+
+    KIND = "recovery"
+    queued: int = 0
+    corrupt: int = 0
+    removed: int | None = None
+
+    def line(self) -> str:
+        if self.removed is not None:
+            return f"recovery: removed {self.removed} unacknowledged incoming file(s)"
+        return f"recovery: {self.queued} message(s) in the queue, {self.corrupt} corrupt"
+
+
+@_event
+class Reload(Event):
+    """A configuration reload accepted: the node restarts with it. (A refused reload is
+    an Error: alerts mail it.)"""
+
+    KIND = "reload"
+
+    def line(self) -> str:
+        return "reload: configuration valid; restarting"
+
+
+@_event
+class Stopped(Event):
+    KIND = "stopped"
+
+    def line(self) -> str:
+        return "stopped"
+
+
+# -- alerts ------------------------------------------------------------------------------------------
+
+
+@_event
+class Alert(Event):
+    """An alert raised, suppressed (mailed recently) or cleared (`kanmon alert list`).
+
+    `text` is the whole alert text; `summary` the one-line text of this change;
+    `mailed` False: its category is not mailed; `last_sent`: when it was last mailed.
+    """
+
+    KIND = "alert"
+    category: str
+    key: str
+    state: str  # raised | suppressed | cleared
+    since: float
+    text: str
+    summary: str = ""
+    mailed: bool = True
+    last_sent: float | None = None
+
+    def line(self) -> str:
+        head = f"alert {self.category}/{self.key}"
+        summary = _first(self.summary or self.text)
+        if self.state == "cleared":
+            return f"{head} cleared: {summary}"
+        if self.state == "suppressed":
+            return f"{head} (already mailed {_stamp(self.last_sent or 0.0)}): {summary}"
+        if not self.mailed:
+            return f"{head} (category not mailed): {summary}"
+        return f"{head}: {summary}"
+
+
+@_event
+class AlertMailed(Event):
+    KIND = "alert-mail"
+    category: str
+    key: str
+    subject: str
+
+    def line(self) -> str:
+        return f"alert mail ({self.category}/{self.key}) queued: {self.subject}"
+
+
+@_event
+class AlertNotMailed(Event):
+    KIND = "alert-not-mailed"
+    why: str
+    subject: str
+
+    def line(self) -> str:
+        return f"alert not mailed ({self.why}): {self.subject}"
+
+
+@_event
+class AlertRequest(Event):
+    """`kanmon alert test`: the running server mails a test alert of `category`."""
+
+    KIND = "alert-request"
+    category: str
+
+    def line(self) -> str:
+        return f"test alert requested: {self.category}"
