@@ -380,7 +380,7 @@ class Alerts:
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
             self._fallback(subject, body, f"queue refused it: {e}")
             return None
-        self.records.emit(f"alert mail ({category}/{key}) queued: {subject}", qid, "alert-mail")
+        self.records.record(AlertMailed(category, key, subject), qid)
         self.sent += 1
         return qid
 

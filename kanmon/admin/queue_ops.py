@@ -40,6 +40,7 @@ from kanmon.config import Config, MaintenanceJob
 from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id
 from kanmon.queue.inject import Injector
 from kanmon.queue.notices import Notices
+from kanmon.records import events as ev
 from kanmon.records.store import Records
 from kanmon.spool import journal
 from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
@@ -436,7 +437,7 @@ class QueueOps:
             entry = self.spool.load(qid)
             content = self.spool.read_content(qid)
         except CorruptEntry as e:
-            self.records.emit(f"bounce: damaged queue file: {e}", qid, "error")
+            self.records.record(ev.Error(f"bounce: damaged queue file: {e}"), qid)
             return False
         pending = entry.pending_rcpts()
         results = []
@@ -449,24 +450,21 @@ class QueueOps:
         if results and env.mail_from and not env.is_notice:
             notice_env, notice_content = self.notices.build(entry, content, results, "failed", now)
             notice_id = self.injector.inject_blocking(notice_env, notice_content, "failure notice")
-            self.records.emit(f"sender failure notification: {notice_id}", qid)
+            self.records.record(ev.NoticeQueued("failure", notice_id), qid)
         elif results:
-            self.records.emit("no notice (failed) for a message from <> or a notice: dropped", qid)
+            self.records.record(ev.NoticeSkipped("failed"), qid)
         for r in results:
-            self.records.emit(f"to=<{r.rcpt}>, mailer=admin, dsn=5.0.0, stat=Bounced: {RETURNED} ({source})", qid)
+            self.records.record(ev.Delivery(r.rcpt, ev.BOUNCED, "admin", "5.0.0", RETURNED, note=source), qid)
             self.records.history_status(qid, r.rcpt, f"Bounced: {RETURNED}")
         self.spool.delete(qid)
         return True
 
     def _log(self, action: str, ids: list[str], source: str, what: str) -> None:
         """Every change to the queue in the event log: what, how many, which ids, from where."""
-        verb = {"delete": "deleted", "hold": "held", "release": "released", "bounce": "returned to sender",
-                "flush": "flushed", "requeue": "requeued", "restore": "restored", "drain": "drained"}.get(action, action)
         shown = " ".join(ids[:EVENT_ID_LIMIT]) + (f" ... and {len(ids) - EVENT_ID_LIMIT} more" if len(ids) > EVENT_ID_LIMIT else "")
-        self.records.emit(f"admin: {action} {len(ids)} message(s) by `{source}` matching {what}: {shown or 'none'}",
-                          None, "admin")
+        self.records.record(ev.AdminAction(action, len(ids), source, what, shown))
         for qid in ids:
-            self.records.emit(f"{verb} by administrator (`{source}`)", qid, "admin")
+            self.records.record(ev.AdminChanged(action, source), qid)
 
     # -- summary (qshape) --------------------------------------------------------------------
 
@@ -516,7 +514,7 @@ class QueueOps:
         except BaseException:
             writer.abort()
             raise
-        self.records.emit(f"admin: backup of {len(writer.ids)} message(s) to {target} by `{source}`", None, "admin")
+        self.records.record(ev.Backup(len(writer.ids), str(target), source))
         return {"path": str(target), "count": len(writer.ids), "ids": writer.ids}
 
     def _ledger(self) -> Path:
@@ -555,9 +553,7 @@ class QueueOps:
             if created:
                 restored.append(qid)
                 env, size = self.spool.read_envelope(qid)
-                self.records.emit(
-                    f"from=<{env.mail_from}>, size={size}, nrcpts={len(env.rcpts)}, proto=restore"
-                    + (", held" if hold else ""), qid)
+                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=bool(hold)), qid)
                 if not hold:
                     self.link.due_now([qid])
             else:
@@ -582,7 +578,7 @@ class QueueOps:
         targets = [e.queue_id for e, s in self.select(f) if s != "hold" or f.ids]
 
         async def make_agent():
-            return SmtpDelivery(self.config, self.records.emit, idle_timeout=30.0)
+            return SmtpDelivery(self.config, self.records.record, idle_timeout=30.0)
 
         agent = self.link.run_async(make_agent())
         drained, kept = [], []
@@ -606,8 +602,9 @@ class QueueOps:
                 now = self.link.now()
                 sent = [r for r in results if r.status is Status.SENT]
                 for r in results:
-                    self.records.emit(f"to=<{r.rcpt}>, relay={r.relay or f'{host}:{port}'}, mailer=drain, "
-                                      f"stat={'Sent' if r.status is Status.SENT else 'Not drained'} ({r.reply})", qid)
+                    self.records.record(ev.Delivery(
+                        r.rcpt, ev.SENT if r.status is Status.SENT else ev.NOT_DRAINED, "drain", reply=str(r.reply),
+                        relay=r.relay or f"{host}:{port}"), qid)
                 if len(sent) == len(pending):
                     self.spool.delete(qid)
                     drained.append(qid)
@@ -661,9 +658,8 @@ class QueueOps:
         result = self.act(job.action, f, dry_run=dry_run, source=src, states=states, whole_queue=True)
         result["job"] = name
         if not dry_run:
-            self.records.emit(
-                f"maintenance {name}: {job.action} matched {result['matched']}, acted on {len(result['acted'])}"
-                + (f": {' '.join(result['acted'][:EVENT_ID_LIMIT])}" if result["acted"] else ""), None, "admin")
+            self.records.record(ev.MaintenanceRun(name, job.action, result["matched"], len(result["acted"]),
+                                                  list(result["acted"][:EVENT_ID_LIMIT])))
         return result
 
 
@@ -694,5 +690,5 @@ def dispatch(ops: QueueOps, request: dict) -> dict:
     except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError) as e:
         return {"ok": False, "error": str(e) or type(e).__name__}
     except Exception as e:  # noqa: BLE001 - an answer and an event, never a dead connection
-        ops.records.emit(f"admin: {name} failed: {type(e).__name__}: {e}", None, "error")
+        ops.records.record(ev.Error(f"admin: {name} failed: {type(e).__name__}: {e}"))
         return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}

@@ -111,7 +111,7 @@ def trace(config_path, query, since, as_json) -> None:
                 extra = f"  [TLS {s.detail['tls']}]"
             elif s.kind == "delivery" and s.detail.get("mailer") == "esmtp" and s.detail.get("status") != "Deferred":
                 extra = "  [no TLS]"
-            if s.detail.get("helo"):
+            if s.kind == "connect" and s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"
             click.echo(f"  {format_time(s.ts)}  {s.step:<9} {s.text}{extra}")
         click.echo(f"  final: {t.final}")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from kanmon.clock import SystemClock
 from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.records.events import Accepted
 from kanmon.records.store import header_fields
 
 Submit = Callable[[str, Envelope, bytes], None]
@@ -74,10 +75,8 @@ class Injector:
         fields = header_fields(content)
         c = env.client
         assert c is not None
-        self.records.emit(
-            f"from=<{env.mail_from}>, size={len(content)}, nrcpts={len(env.rcpts)}, "
-            f"msgid={fields.get('message-id', '')}, proto={c.proto}, relay=local",
-            queue_id, detail={"origin": origin},
-        )
+        self.records.record(Accepted(
+            env.mail_from, len(content), len(env.rcpts), c.proto, "local", fields.get("message-id", ""), origin=origin,
+        ), queue_id)
         self.records.history_accept(queue_id, env, len(content), content, fields)
         self.submit(queue_id, env, content)

@@ -34,8 +34,8 @@ from kanmon.deliver.local import LocalDelivery
 from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply
 from kanmon.queue.inject import Injector
 from kanmon.queue.plan import FAILED, NoticeRequest, Settings, attempt_now, plan_attempt
+from kanmon.records.events import BOUNCED, DEFERRED, SENT, Delivery, Error, NoticeQueued, NoticeSkipped, Removed
 from kanmon.records.store import Records
-from kanmon.units import format_duration
 from kanmon.routing import Route, Router
 from kanmon.spool.journal import QueueState
 from kanmon.spool.store import Spool, SpoolEntry
@@ -209,7 +209,7 @@ class QueueManager:
             try:
                 await self._process(queue_id, fresh)
             except Exception as e:  # noqa: BLE001 - one message never stops the queue
-                self.records.emit(f"queue manager error: {type(e).__name__}: {e}; will retry", queue_id, "error")
+                self.records.record(Error(f"queue manager error: {type(e).__name__}: {e}; will retry"), queue_id)
                 self.schedule(queue_id, self.clock.now() + self.config.queue.retry_bounds[0])
             finally:
                 self._in_memory.discard(queue_id)
@@ -246,7 +246,7 @@ class QueueManager:
         )
         for (route, rcpts), outcome in zip(groups.items(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                self.records.emit(f"delivery agent error: {type(outcome).__name__}: {outcome}", queue_id, "error")
+                self.records.record(Error(f"delivery agent error: {type(outcome).__name__}: {outcome}"), queue_id)
                 results.extend(RecipientResult(r, Status.DEFERRED, INTERNAL_ERROR, mailer=route.transport) for r in rcpts)
             else:
                 results.extend(outcome)
@@ -297,7 +297,7 @@ class QueueManager:
         for r in plan.results:
             self._log_result(qid, env, r, start, now, plan.expired)
         for action in plan.no_notice:
-            self.records.emit(f"no notice ({action}) for a message from <> or a notice: dropped", qid)
+            self.records.record(NoticeSkipped(action), qid)
         for notice in plan.notices:
             await self._notify(entry, content, notice, now)
         if plan.retry_at is not None:
@@ -306,34 +306,22 @@ class QueueManager:
             return
         await loop.run_in_executor(self._io, self.spool.remove, qid)
         self.delivered += 1
-        self.records.emit("removed", qid)
+        self.records.record(Removed(), qid)
 
     def _log_result(
         self, qid: str, env: Envelope, r: RecipientResult, start: float, now: float, expired: bool = False
     ) -> None:
-        """Sendmail/Postfix-style delivery line: to=<..>, delay=.., mailer=.., dsn=.., stat=.."""
-        parts = [f"to=<{r.rcpt}>"]
-        orig = env.original_rcpts.get(r.rcpt)
-        if orig:
-            parts.append(f"orig_to=<{orig}>")
-        parts.append(f"delay={format_duration(now - (env.received_at or now), 'clock')}")
-        parts.append(f"xdelay={format_duration(now - start, 'clock')}")
-        parts.append(f"mailer={r.mailer or 'local'}")
-        if r.relay and r.relay != "local":
-            parts.append(f"relay={r.relay}")
+        """The delivery event (line: to=<..>, delay=.., mailer=.., dsn=.., stat=..)."""
         enhanced = r.reply.enhanced or ("2.0.0" if r.reply.code < 400 else "4.0.0" if r.reply.code < 500 else "5.0.0")
         if r.status is Status.BOUNCED and enhanced.startswith("4"):
             enhanced = "5" + enhanced[1:]
-        parts.append(f"dsn={enhanced}")
         text = describe_reply(r.reply)
-        if r.status is Status.SENT:
-            stat = "Sent" if r.mailer in ("local", "") else f"Sent ({text})"
-        elif r.status is Status.DEFERRED:
-            stat = f"Deferred: {text}"
-        else:
-            stat = f"Bounced: {text}" + (f" ({LIFETIME_EXPIRED})" if expired and self.config.queue.lifetime else "")
-        parts.append(f"stat={stat}")
-        self.records.emit(", ".join(parts), qid, detail={"tls": r.tls} if r.tls else None)
+        status = SENT if r.status is Status.SENT else DEFERRED if r.status is Status.DEFERRED else BOUNCED
+        note = LIFETIME_EXPIRED if status == BOUNCED and expired and self.config.queue.lifetime else ""
+        self.records.record(Delivery(
+            r.rcpt, status, r.mailer or "local", enhanced, text, r.relay or "", env.original_rcpts.get(r.rcpt) or "",
+            now - (env.received_at or now), now - start, note, r.tls or "",
+        ), qid)
         if r.status is Status.SENT:
             self.records.history_status(qid, r.rcpt, "Delivered")
         elif r.status is Status.BOUNCED:
@@ -349,6 +337,6 @@ class QueueManager:
         try:
             notice_id = await self.injector.inject(notice_env, notice_content, f"{kind} notice")
         except Exception as e:  # noqa: BLE001 - the original's results are journaled; it goes on
-            self.records.emit(f"cannot queue {notice.action} notice: {e}", entry.queue_id, "error")
+            self.records.record(Error(f"cannot queue {notice.action} notice: {e}"), entry.queue_id)
             return
-        self.records.emit(f"sender {kind} notification: {notice_id}", entry.queue_id)
+        self.records.record(NoticeQueued(kind, notice_id), entry.queue_id)

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, fields as dc_fields
 from typing import Any, ClassVar
 
+from kanmon.units import format_duration
+
 # RFC 3463 section 2: the subject of an enhanced status code.
 REASON_CLASSES = {
     "0": "other", "1": "address", "2": "mailbox", "3": "system",
@@ -40,15 +42,6 @@ def reason_class(enhanced: str | None) -> str:
     return REASON_CLASSES.get(parts[1], "other") if len(parts) == 3 else "other"
 
 
-def hms(seconds: float) -> str:
-    """Sendmail-style delay: [d+]hh:mm:ss."""
-    seconds = max(0, int(seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return (f"{d}+" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
-
-
 def _stamp(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
@@ -61,13 +54,14 @@ class Event:
     """Base of the event types (frozen dataclasses below)."""
 
     KIND: ClassVar[str] = "info"
+    _names: ClassVar[tuple[str, ...]] = ()  # the fields' names, set by _event
     __slots__ = ()
 
     def line(self) -> str:  # pragma: no cover - every type defines it
         raise NotImplementedError
 
     def fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dc_fields(self)}  # type: ignore[arg-type]
+        return {name: getattr(self, name) for name in self._names}
 
     def counts(self) -> tuple[tuple[str, int], ...]:
         """Counter increments this event stands for (kanmon.records.counters)."""
@@ -83,6 +77,7 @@ EVENT_TYPES: dict[str, type[Event]] = {}
 def _event(cls):
     """Register a type under its KIND (one type per kind)."""
     cls = dataclass(frozen=True, slots=True)(cls)
+    cls._names = tuple(f.name for f in dc_fields(cls))
     assert cls.KIND not in EVENT_TYPES, cls.KIND
     EVENT_TYPES[cls.KIND] = cls
     return cls
@@ -345,6 +340,7 @@ class Accepted(Event):
     msgid: str | None = None  # None: not in the line
     auth: str = ""
     held: bool = False
+    origin: str = ""  # for mail kanmon wrote itself: what wrote it (not in the line)
 
     def line(self) -> str:
         out = f"from=<{self.mail_from}>, size={self.size}, nrcpts={self.nrcpts}"
@@ -397,9 +393,9 @@ class Delivery(Event):
         if self.orig_rcpt:
             parts.append(f"orig_to=<{self.orig_rcpt}>")
         if self.delay is not None:
-            parts.append(f"delay={hms(self.delay)}")
+            parts.append(f"delay={format_duration(self.delay, 'clock')}")
         if self.xdelay is not None:
-            parts.append(f"xdelay={hms(self.xdelay)}")
+            parts.append(f"xdelay={format_duration(self.xdelay, 'clock')}")
         if self.mailer == "drain":
             parts.append(f"relay={self.relay}")
             parts.append("mailer=drain")
@@ -602,21 +598,21 @@ class Backup(Event):
 
 @_event
 class MaintenanceRun(Event):
-    """A maintenance job: started by the schedule (`matched` None), or its result."""
+    """A maintenance job: started by the schedule (`matched` None), or its result:
+    `acted_on` messages, the first of them in `acted`."""
 
     KIND = "maintenance"
     job: str
     action: str = ""
     matched: int | None = None
+    acted_on: int = 0
     acted: tuple[str, ...] | list[str] = ()
-    shown: int = 0  # how many of the acted ids the line names
 
     def line(self) -> str:
         if self.matched is None:
             return f"maintenance {self.job}: scheduled run"
-        ids = list(self.acted)
-        return (f"maintenance {self.job}: {self.action} matched {self.matched}, acted on {len(ids)}"
-                + (f": {' '.join(ids[:self.shown])}" if ids else ""))
+        return (f"maintenance {self.job}: {self.action} matched {self.matched}, acted on {self.acted_on}"
+                + (f": {' '.join(self.acted)}" if self.acted_on else ""))
 
 
 # -- the node ----------------------------------------------------------------------------------------

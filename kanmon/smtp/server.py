@@ -35,6 +35,7 @@ from kanmon.config import Config
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
+from kanmon.records import events as ev
 from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
 from kanmon.smtp.session import (
@@ -243,7 +244,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             self._connection_made(transport)
         except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never a hang
-            self.server.records.emit(f"session error at connect: {type(e).__name__}: {e}", kind="error", session=self.sid)
+            self.server.records.record(ev.Error(f"session error at connect: {type(e).__name__}: {e}"), session=self.sid)
             transport.write(replies.LOCAL_ERROR.wire())  # type: ignore[attr-defined]
             transport.close()
             self._closed = True
@@ -293,7 +294,7 @@ class SmtpProtocol(asyncio.Protocol):
             sender_addresses=server.access.sender_addresses if server.submission else None,
         )
         self.session = Session(settings, server.pipeline, client, server.clock())
-        server.records.emit(f"connect from {client.name}[{ip}]", session=self.sid)
+        server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if smtp.greet_pause > 0 and not server.submission and not server.access.is_relay_client(ip):
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Relay clients and submission skip it.
@@ -307,7 +308,8 @@ class SmtpProtocol(asyncio.Protocol):
             self._do(self.session.greeting())
 
     def _refuse(self, reply: Reply, why: str) -> None:
-        self.server.records.emit(f"reject: connect from unknown[{self.client.ip if self.client else self.peer_ip}]: {reply} ({why})", session=self.sid)
+        ip = self.client.ip if self.client else self.peer_ip
+        self.server.records.record(ev.ConnectRefused(ip, str(reply), reply.enhanced, why), session=self.sid)
         assert self.transport is not None
         self.transport.write(reply.wire())
         self.transport.close()
@@ -324,7 +326,7 @@ class SmtpProtocol(asyncio.Protocol):
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
         if self.session is not None and self.client is not None:
-            server.records.emit(f"disconnect from {self.client.name}[{self.client.ip}]", session=self.sid)
+            server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
 
     def shutdown(self, reply: Reply | None, why: str = "") -> None:
@@ -335,7 +337,8 @@ class SmtpProtocol(asyncio.Protocol):
             self._closed = True
             return
         if why and self.client:
-            self.server.records.emit(f"{why} after {self.session.state.value} from {self.client.name}[{self.client.ip}]", session=self.sid)
+            c = self.client
+            self.server.records.record(ev.SessionCut(why, self.session.state.value, c.name, c.ip), session=self.sid)
         self._do(self.session.close(reply))
         if self._check_task is not None:
             self._check_task.cancel()  # closed: nobody waits for the answer
@@ -353,22 +356,21 @@ class SmtpProtocol(asyncio.Protocol):
         if not self.session.in_data and self.session.state.value == "greeting" and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
                 # A PROXY header from an address that is not a trusted balancer.
-                self.server.records.emit(f"reject: PROXY header from untrusted {self.peer_ip}", session=self.sid)
+                self.server.records.record(ev.ProxyRefused(self.peer_ip), session=self.sid)
                 self._do(self.session.close(replies.PROXY_REFUSED))
                 return
         if self._greet_timer is not None:
             self._greet_timer.cancel()
             self._greet_timer = None
             c = self.session.client
-            self.server.records.emit(f"reject: early talker {c.name}[{c.ip}] sent {len(data)} bytes before the greeting: "
-                                     f"{replies.EARLY_TALKER}", session=self.sid)
+            self.server.records.record(ev.EarlyTalker(c.name, c.ip, len(data), str(replies.EARLY_TALKER)), session=self.sid)
             self._do(self.session.close(replies.EARLY_TALKER))
             return
         was_in_data = self.session.in_data
         try:
             actions = self.session.feed(data)
         except Exception as e:  # noqa: BLE001 - promise 7
-            self.server.records.emit(f"session error: {type(e).__name__}: {e}", kind="error", session=self.sid)
+            self.server.records.record(ev.Error(f"session error: {type(e).__name__}: {e}"), session=self.sid)
             self._do(self.session.close(replies.LOCAL_ERROR))
             return
         if was_in_data or self.session.in_data or self.session.lines_read != self._lines_seen:
@@ -385,7 +387,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             result = proxy_protocol.parse_proxy_header(self._proxy_buf)
         except proxy_protocol.ProxyProtocolError as e:
-            self.server.records.emit(f"reject: bad PROXY header from {self.peer_ip}: {e}", session=self.sid)
+            self.server.records.record(ev.ProxyRefused(self.peer_ip, str(e)), session=self.sid)
             assert self.transport is not None
             self.transport.write(replies.SYNTAX_PARAMS.wire())
             self.transport.close()
@@ -456,20 +458,14 @@ class SmtpProtocol(asyncio.Protocol):
         c = self.client
         assert c is not None
         records = self.server.records
-        fields = {"check": a.check, "stage": a.command} if a.check else None
         if a.error:
-            assert fields is not None
-            fields["error"] = a.error
-            records.emit(f"warning: check {a.check} failed at {a.command}: {a.error}; answered {a.reply}",
-                         kind="error", session=self.sid, detail=fields)
+            records.record(ev.Error(f"warning: check {a.check} failed at {a.command}: {a.error}; answered {a.reply}"),
+                           session=self.sid)
         env = a.envelope
-        detail = f"; from=<{env.mail_from}>" if env else ""
-        if a.rcpt:
-            detail += f" to=<{a.rcpt}>"
-        records.emit(
-            f"NOQUEUE: reject: {a.command} from {c.name}[{c.ip}]: {a.reply}{detail} proto={c.proto} helo=<{c.helo}>",
-            session=self.sid, detail=fields,
-        )
+        records.record(ev.Refused(
+            a.command, c.name, c.ip, str(a.reply), a.reply.enhanced, env.mail_from if env else None, a.rcpt or "",
+            c.proto, c.helo, a.check or "",
+        ), session=self.sid)
         if a.command in ("RCPT", "DATA"):
             records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo,
                                    classification=a.classification, disposition="Reject")
@@ -500,10 +496,10 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             await server.spool.store(a.queue_id, a.envelope, a.content)
         except SpoolError as e:
-            server.records.emit(f"warning: {e}; answered {replies.STORAGE_ERROR}", a.queue_id, "error", session=self.sid)
+            server.records.record(ev.Error(f"warning: {e}; answered {replies.STORAGE_ERROR}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.STORAGE_ERROR)
         except Exception as e:  # noqa: BLE001 - promise 7
-            server.records.emit(f"error storing message: {type(e).__name__}: {e}", a.queue_id, "error", session=self.sid)
+            server.records.record(ev.Error(f"error storing message: {type(e).__name__}: {e}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.LOCAL_ERROR)
         else:
             server.accepted += 1
@@ -511,11 +507,9 @@ class SmtpProtocol(asyncio.Protocol):
             c = self.client
             fields = header_fields(a.content)  # once, for the event line and the history
             msgid = fields.get("message-id", "")
-            server.records.emit(
-                f"from=<{env.mail_from}>, size={len(a.content)}, nrcpts={len(env.rcpts)}, msgid={msgid}, "
-                f"proto={c.proto}, relay={c.name} [{c.ip}]" + (f", auth={c.auth_user}" if c.auth_user else ""),
-                a.queue_id, session=self.sid,
-            )
+            server.records.record(ev.Accepted(
+                env.mail_from, len(a.content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
+            ), a.queue_id, session=self.sid)
             server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
                                           classification=a.classification, disposition="Accept")
             server.on_stored(a.queue_id, env, a.content)
@@ -534,7 +528,8 @@ class SmtpProtocol(asyncio.Protocol):
                 TLS_HANDSHAKE_TIMEOUT,
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
-            server.records.emit(f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], error: {e or type(e).__name__}", session=self.sid)
+            server.records.record(ev.TlsStarted(self.client.name, self.client.ip, error=str(e or type(e).__name__)),
+                                  session=self.sid)
             if self.transport is not None:
                 self.transport.close()
             self._closed = True
@@ -547,10 +542,7 @@ class SmtpProtocol(asyncio.Protocol):
         ssl_obj = transport.get_extra_info("ssl_object")
         version = ssl_obj.version() if ssl_obj else ""
         cipher, _proto, bits = ssl_obj.cipher() if ssl_obj else ("", "", 0)
-        server.records.emit(
-            f"STARTTLS=server, relay={self.client.name} [{self.client.ip}], version={version}, verify=NO, "
-            f"cipher={cipher}, bits={bits}/{bits}", session=self.sid,
-        )
+        server.records.record(ev.TlsStarted(self.client.name, self.client.ip, version, cipher, bits), session=self.sid)
         self.waiting_for_us = False
         self._do(self.session.tls_started(version, cipher, bits))
 
@@ -565,28 +557,26 @@ class SmtpProtocol(asyncio.Protocol):
         if auth is None:
             actions = self.session.auth_result(None, replies.LOCAL_ERROR)
         elif auth.throttle.blocked_for(c.ip, a.username) > 0:
-            server.records.emit(f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} blocked for user={user}: too many failures", session=self.sid)
+            server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, refused=True), session=self.sid)
             actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
         else:
             try:
                 ok = await loop.run_in_executor(None, auth.users.verify, a.username, a.password)
             except Exception as e:  # noqa: BLE001 - promise 7
-                server.records.emit(f"error checking credentials: {type(e).__name__}: {e}", kind="error", session=self.sid)
+                server.records.record(ev.Error(f"error checking credentials: {type(e).__name__}: {e}"), session=self.sid)
                 ok = None
             if ok:
                 auth.throttle.succeeded(c.ip, a.username)
                 address = a.username.strip().lower()
                 await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
-                server.records.emit(f"{c.name}[{c.ip}]: sasl_method={a.mechanism}, sasl_username={address}", session=self.sid)
+                server.records.record(ev.AuthSucceeded(c.name, c.ip, a.mechanism, address), session=self.sid)
                 actions = self.session.auth_result(address)
             elif ok is None:
                 actions = self.session.auth_result(None, replies.LOCAL_ERROR)
             else:
                 failure = auth.throttle.failed(c.ip, a.username)
-                server.records.emit(
-                    f"warning: {c.name}[{c.ip}]: SASL {a.mechanism} authentication failed for user={user}"
-                    + (f"; blocked ({failure.key})" if failure.blocked else "")
-                , session=self.sid)
+                server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, failure.key if failure.blocked else ""),
+                                      session=self.sid)
                 if failure.delay > 0 and not self._closed:
                     await asyncio.sleep(failure.delay)  # slow the guessing down
                 actions = self.session.auth_result(None, replies.AUTH_BLOCKED if failure.blocked else None)

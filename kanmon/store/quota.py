@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kanmon.store.maildir import mailbox_path
 from kanmon.model import Envelope
+from kanmon.records.events import Error, QuotaNotice
 
 MARKER = ".kanmon-quota-notified"
 
@@ -99,6 +100,6 @@ class QuotaNotices:
         try:
             qid = await self.injector.inject(env, text, "quota notice")
         except Exception as e:  # noqa: BLE001 - a notice must never break the session
-            self.records.emit(f"cannot queue the over-quota notice for <{address}>: {e}", kind="error")
+            self.records.record(Error(f"cannot queue the over-quota notice for <{address}>: {e}"))
             return
-        self.records.emit(f"over-quota notice for <{address}> ({usage} of {quota} bytes): {qid}")
+        self.records.record(QuotaNotice(address, usage, quota, qid))

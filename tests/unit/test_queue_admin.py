@@ -251,6 +251,9 @@ class Events:
     def emit(self, text, queue_id=None, kind="info"):
         self.lines.append((queue_id, text))
 
+    def record(self, event, queue_id=None, **kw):
+        self.lines.append((queue_id, event.line()))
+
 
 def test_a_failed_hold_or_delete_puts_the_rest_back_on_the_schedule_and_logs_what_was_done(tmp_path, monkeypatch):
     from kanmon.admin.queue_ops import QueueOps

@@ -21,8 +21,8 @@ class Recorder:
         self.spool = spool
         self.calls: list[tuple] = []
 
-    def emit(self, text, queue_id=None, kind="info", **kw):
-        self.calls.append(("emit", text, queue_id, kw.get("detail"), self.spool.exists(queue_id)))
+    def record(self, event, queue_id=None, **kw):
+        self.calls.append(("emit", event.line(), queue_id, event.fields(), self.spool.exists(queue_id)))
 
     def history_accept(self, queue_id, env, size, content, fields=None):
         self.calls.append(("history", queue_id, env, size, fields, self.spool.exists(queue_id)))
@@ -47,7 +47,7 @@ def test_inject_stores_then_records_then_submits(spool):
     assert [c[0] for c in rec.calls] == ["emit", "history", "submit"]
     assert all(c[-1] for c in rec.calls)  # each only once the message was durable
     _, text, line_qid, detail, _ = rec.calls[0]
-    assert line_qid == qid and detail == {"origin": "quota notice"}
+    assert line_qid == qid and detail["origin"] == "quota notice" and detail["proto"] == "internal"
     assert text == (f"from=<>, size={len(CONTENT)}, nrcpts=1, msgid=<m1@example.test>, proto=internal, relay=local")
     _, _, queued_env, size, fields, _ = rec.calls[1]
     assert size == len(CONTENT) and fields == {"subject": "Hello", "message-id": "<m1@example.test>"}

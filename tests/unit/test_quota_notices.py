@@ -26,6 +26,9 @@ class FakeRecords:
     def history_accept(self, *a) -> None:
         pass
 
+    def record(self, event, queue_id=None, **kw) -> None:
+        self.lines.append(event.line())
+
 
 def test_one_notice_per_overflow_even_when_refusals_race(tmp_path):
     async def main() -> tuple[FakeSpool, list[str]]:
