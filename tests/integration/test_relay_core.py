@@ -85,7 +85,14 @@ def test_smtplib_message_lands_in_maildir_with_trace_and_records(node):
     cfg.write_text(config_text(node.data_dir, node.port))
     events = subprocess.run([sys.executable, "-m", "kanmon", "log", "events", "-c", str(cfg), "--json"],
                             capture_output=True, text=True, check=True).stdout
-    texts = [json.loads(line)["text"] for line in events.splitlines()]
+    rows = [json.loads(line) for line in events.splitlines()]
+    texts = [r["text"] for r in rows]
+    # the fields beside each line; the time key is `ts`, as in `log history --json`
+    (accepted,) = [r for r in rows if r["kind"] == "accepted"]
+    assert accepted["fields"]["mail_from"] == "a@remote.example" and accepted["fields"]["nrcpts"] == 1
+    assert isinstance(accepted["ts"], float) and accepted["queue_id"]
+    assert any(r["kind"] == "delivery" and r["fields"]["status"] == "Sent" and r["fields"]["rcpt"] == "alice@example.test"
+               for r in rows)
     assert any(t.startswith("from=<a@remote.example>, size=") and "nrcpts=1" in t and "msgid=<m-first@remote.example>"
                in t and "proto=ESMTP" in t and "relay=unknown [127.0.0.1]" in t for t in texts)
     assert any(t.startswith("to=<alice@example.test>, delay=") and "mailer=local, dsn=2.0.0, stat=Sent" in t for t in texts)
@@ -93,6 +100,7 @@ def test_smtplib_message_lands_in_maildir_with_trace_and_records(node):
     hist = subprocess.run([sys.executable, "-m", "kanmon", "log", "history", "-c", str(cfg), "--json", "--subject", "first"],
                           capture_output=True, text=True, check=True).stdout
     (row,) = [json.loads(line) for line in hist.splitlines()]
+    assert isinstance(row["ts"], float)
     assert row["rcpt"] == "alice@example.test" and row["disposition"] == "Accept"
     assert row["status"] == "Delivered" and row["classification"] == "NotSpam" and row["queue_id"]
     table = subprocess.run([sys.executable, "-m", "kanmon", "log", "history", "-c", str(cfg)],
