@@ -66,8 +66,10 @@ def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: in
     db = _connect(data_dir)
     if db is None:
         return []
-    sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY ts DESC, id DESC LIMIT ?"
     try:
+        if "detail" in select and "detail" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
+            select = select.replace("detail", "NULL")  # an old database, not migrated yet: no fields
+        sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY ts DESC, id DESC LIMIT ?"
         rows = [row(*(("" if v is None and row is HistoryRow else v) for v in r)) for r in db.execute(sql, [*args, limit])]
     finally:
         db.close()

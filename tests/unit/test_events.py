@@ -271,3 +271,14 @@ def test_trace_of_an_old_database_shows_its_lines_as_text(tmp_path):
     assert [x.step for x in t.steps] == ["info", "info", "info"]
     assert t.steps[1].text.startswith("to=<z@example.test>") and t.steps[1].detail == {}
     assert t.final == "in the queue, not tried yet"
+
+
+def test_log_events_reads_an_old_database_that_was_never_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    db.executescript("CREATE TABLE events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, queue_id TEXT, kind TEXT NOT NULL,"
+                     " text TEXT NOT NULL);")
+    db.execute("INSERT INTO events(ts, queue_id, kind, text) VALUES (1.0, ?, 'info', 'removed')", (QID,))
+    db.commit()
+    db.close()
+    (row,) = search_events(tmp_path)
+    assert row.as_dict() == {"ts": 1.0, "queue_id": QID, "kind": "info", "text": "removed", "fields": None}
