@@ -5,8 +5,9 @@ Role: in the main process, one Alerts object takes alerts from every source —
 with Spool.store and handed to the queue manager, like delay and failure notices), so
 they follow routing. Categories (docs/monitoring.md):
 
-- critical: an error event of any stage or process (event kind "error"/"critical",
-  read back from the records, so receiver processes count too), a corrupt spool entry;
+- critical: an error event of any stage or process (event kinds "error", "critical",
+  "check-failed": ERROR_KINDS, read back from the records, so receiver processes count
+  too), a corrupt spool entry;
 - disk: free space in data_dir under [alerts] disk_free_below;
 - queue: more than queue_size_above messages, or the oldest older than queue_oldest_above;
 - delivery: a configured relay server or smarthost failed and its alternate took the
@@ -47,13 +48,14 @@ from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import Envelope
 from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
-from kanmon.records.events import DEFERRED, Alert, AlertMailed, AlertNotMailed, AlertRequest
+from kanmon.records.events import DEFERRED, ERROR_KINDS, Alert, AlertMailed, AlertNotMailed, AlertRequest
 from kanmon.units import format_duration, format_size
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
 EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
 RATIO_WINDOW = 3600.0
 RATIO_MIN_RESULTS = 10
+WATCHED_KINDS = (*ERROR_KINDS, AlertRequest.KIND)  # events the watcher acts on
 
 SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
 
@@ -289,8 +291,8 @@ class Alerts:
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
             rows = db.execute(
                 "SELECT kind, queue_id, text, detail FROM events WHERE id > ? AND id <= ?"
-                " AND kind IN ('error', 'critical', 'alert-request') ORDER BY id",
-                (self._last_event_id, top),
+                f" AND kind IN ({', '.join('?' * len(WATCHED_KINDS))}) ORDER BY id",
+                (self._last_event_id, top, *WATCHED_KINDS),
             ).fetchall()
         finally:
             db.close()
@@ -298,7 +300,7 @@ class Alerts:
         return rows
 
     def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
-        if kind == "alert-request":
+        if kind == AlertRequest.KIND:
             try:
                 category = str(json.loads(detail or "{}").get("category") or "critical")
             except (ValueError, AttributeError):

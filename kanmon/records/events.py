@@ -534,20 +534,23 @@ class QuotaNotice(Event):
 
 
 @_event
-class CheckResult(Event):
-    """A check of the pipeline did not accept: its name, the stage and the outcome
-    (the refusal itself is a Refused line; this one carries what only the check knows)."""
+class CheckFailed(Event):
+    """A check of the pipeline failed (raised, timed out) and its failure mode answered
+    `reply` (tempfail by default, never a silent accept). Mailed as an error alert
+    (ERROR_KINDS); the refusal itself is a Refused event naming the check."""
 
-    KIND = "check"
+    KIND = "check-failed"
     check: str
     stage: str
-    result: str  # reject | tempfail | error | timeout
-    reply: str = ""
-    why: str = ""
+    error: str
+    reply: str
 
     def line(self) -> str:
-        return f"check {self.check} at {self.stage}: {self.result}" + (f": {self.reply}" if self.reply else "") + (
-            f" ({self.why})" if self.why else "")
+        return f"warning: check {self.check} failed at {self.stage}: {self.error}; answered {self.reply}"
+
+
+# Kinds an administrator is alerted about (kanmon.alerts: category critical).
+ERROR_KINDS = ("error", "critical", CheckFailed.KIND)
 
 
 # -- administration ----------------------------------------------------------------------------------

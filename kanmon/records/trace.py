@@ -34,7 +34,7 @@ STEPS = {
     "auth-failed": "session", "tls-in": "tls", "reject": "reject", "reject-connect": "reject",
     "reject-proxy": "reject", "reject-early": "reject", "accepted": "accepted", "tls-out": "tls-out",
     "delivery": "attempt", "hop": "hop", "hop-domain": "hop", "hop-unresolved": "hop", "notice": "notice",
-    "removed": "removed", "error": "error", "critical": "error",
+    "removed": "removed", "error": "error", "critical": "error", "check-failed": "error",
 }
 
 

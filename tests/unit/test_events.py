@@ -89,6 +89,8 @@ LINES = [
     (ev.Removed(), "removed"),
     (ev.QuotaNotice("u@example.test", 1100, 1000, "0123456789BCDFG"),
      "over-quota notice for <u@example.test> (1100 of 1000 bytes): 0123456789BCDFG"),
+    (ev.CheckFailed("dnsbl", "RCPT", "TimeoutError: ", "451 4.3.0 Local error"),
+     "warning: check dnsbl failed at RCPT: TimeoutError: ; answered 451 4.3.0 Local error"),
     (ev.AdminAction("hold", 2, "kanmon queue", "state=deferred", "A B"),
      "admin: hold 2 message(s) by `kanmon queue` matching state=deferred: A B"),
     (ev.AdminAction("delete", 0, "kanmon queue", "id=X", ""), "admin: delete 0 message(s) by `kanmon queue` matching id=X: none"),
