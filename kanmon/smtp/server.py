@@ -459,8 +459,7 @@ class SmtpProtocol(asyncio.Protocol):
         assert c is not None
         records = self.server.records
         if a.error:
-            records.record(ev.Error(f"warning: check {a.check} failed at {a.command}: {a.error}; answered {a.reply}"),
-                           session=self.sid)
+            records.record(ev.CheckFailed(a.check or "", a.command, a.error, str(a.reply)), session=self.sid)
         env = a.envelope
         records.record(ev.Refused(
             a.command, c.name, c.ip, str(a.reply), a.reply.enhanced, env.mail_from if env else None, a.rcpt or "",

@@ -11,6 +11,7 @@ from pathlib import Path
 from kanmon.config import parse_config
 from kanmon.policy.pipeline import ACCEPTED, Check, Context, Pipeline, accept
 from kanmon.policy.standard import standard_checks
+from kanmon.records.events import ERROR_KINDS
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, SmtpServer
 from kanmon.spool.store import Spool
 
@@ -177,7 +178,7 @@ def test_a_check_that_takes_too_long_answers_451_and_an_event_naming_it(tmp_path
             assert (await c.command(b"RCPT TO:<bob@example.test>\r\n")).startswith("250")  # the session goes on
             await c.command(b"QUIT\r\n")
             await c.close()
-        warning = [(t, d) for t, kind, d in h.records.events if kind == "error"]
+        warning = [(t, d) for t, kind, d in h.records.events if kind in ERROR_KINDS]
         assert len(warning) == 1 and warning[0][0].startswith("warning: check gate failed at RCPT: no answer within")
         reject = [(t, d) for t, _, d in h.records.events if t.startswith("NOQUEUE: reject: RCPT")]
         assert len(reject) == 1
