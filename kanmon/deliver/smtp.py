@@ -16,8 +16,8 @@ in order within ONE attempt and return one RecipientResult per recipient:
 
 Connections are reused through kanmon.smtp.client.SmtpConnectionPool (bounded by
 [outbound] max_per_destination). Each TLS session and each failed try is written to the
-event log as typed events (kanmon.records.events) through `emit(event, queue_id)`; the queue manager writes the `to=<..>, stat=`
-lines from the results.
+event log as a typed event (kanmon.records.events) through `emit(event, queue_id)`; the
+queue manager records the delivery results (`to=<..>, stat=` lines).
 
 Trusts: the queue manager's envelope (spooled by us; it travels whole, SMTPUTF8 flag
 included); the server list from config or DNS. Never: give up on a recipient because of
@@ -72,8 +72,8 @@ class SmtpDelivery:
     """The SMTP transport. One per node; `deliver` may run concurrently.
 
     config: server.hostname (EHLO), [outbound] timeouts, ca_file, max_per_destination,
-    mx_port, [dns]. emit: the event log, `emit(event, queue_id)` (Records.record). resolver/pool: given by
-    tests; made from config otherwise. idle_timeout: seconds an unused connection is kept.
+    mx_port, [dns]. emit: the event log, `emit(event, queue_id)` (Records.record).
+    resolver/pool: given by tests; made from config otherwise. idle_timeout: seconds an unused connection is kept.
     """
 
     def __init__(
