@@ -281,11 +281,11 @@ class Records:
                     text = event.line()
                     if detail is None and not isinstance(event, FREE_TEXT):
                         detail = event.fields()
+                    detail_json = json.dumps(detail) if detail is not None else None
                     add_counts(counts, event)
                 except Exception as e:  # noqa: BLE001 - one bad event must not lose the batch
-                    text, detail = f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}", None
-                events.append((ts, qid, event.KIND, text, session,
-                               json.dumps(detail) if detail is not None else None))
+                    text, detail_json = f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}", None
+                events.append((ts, qid, event.KIND, text, session, detail_json))
                 stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
                 prefix = f"{qid}: " if qid else ""
                 lines.append(f"{stamp} {self.hostname} kanmon[{pid}]: {prefix}{text}\n")
@@ -295,6 +295,19 @@ class Records:
                 hist.append(row)
             elif item[0] == "status":
                 status.append(item)
+        if lines:
+            # The plain log line first (DESIGN.md promise 9): a database failure below
+            # must not take it along.
+            text = "".join(lines)
+            if log_fh:
+                log_fh.write(text)
+                log_fh.flush()
+            if self._echo is not None:
+                try:
+                    self._echo.write(text)
+                    self._echo.flush()
+                except (OSError, ValueError):
+                    pass
         with self._db:
             if events:
                 self._db.executemany(
@@ -327,17 +340,6 @@ class Records:
                     " ON CONFLICT(pid, name) DO UPDATE SET value = value + excluded.value",
                     [(pid, name, value) for name, value in counts.items()],
                 )
-        if lines:
-            text = "".join(lines)
-            if log_fh:
-                log_fh.write(text)
-                log_fh.flush()
-            if self._echo is not None:
-                try:
-                    self._echo.write(text)
-                    self._echo.flush()
-                except (OSError, ValueError):
-                    pass
 
     # -- control ---------------------------------------------------------------------------
 

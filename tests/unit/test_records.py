@@ -1,6 +1,8 @@
-"""Records helpers: header extraction and subject decoding never crash."""
+"""Records: header extraction and subject decoding never crash; the writer never drops the plain log line."""
 
 from __future__ import annotations
+
+import sqlite3
 
 from kanmon.queue.plan import retry_delay
 from kanmon.records.store import decode_subject, header_fields
@@ -29,3 +31,48 @@ def test_retry_delay():
     delays = [retry_delay(n, 300, 3600, rng) for n in range(1, 8)]
     assert 300 <= delays[0] <= 330 and 600 <= delays[1] <= 660
     assert delays[-1] == 3600 and all(d <= 3600 for d in delays)
+
+
+class _BrokenDb:
+    """A records database whose every write fails (locked, deleted, disk full)."""
+
+    def __enter__(self):
+        raise sqlite3.OperationalError("database is locked")
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_log_line_is_written_even_when_the_database_write_fails(tmp_path, capsys):
+    from kanmon.records import events as ev
+    from kanmon.records.store import Records
+
+    records = Records(tmp_path, "mx1.example.test")
+    real_db, records._db = records._db, _BrokenDb()
+    try:
+        records.record(ev.Removed(), "0123456789BCDFG")
+        records.emit("a free-text note")
+        records.flush()
+    finally:
+        records._db = real_db
+        records.close()
+    log = (tmp_path / "log" / "kanmon.log").read_text()
+    assert "0123456789BCDFG: removed" in log and "a free-text note" in log
+    assert "records write failed: database is locked" in capsys.readouterr().err
+
+
+def test_an_event_whose_fields_cannot_be_encoded_loses_nothing_else(tmp_path):
+    from kanmon.records import events as ev
+    from kanmon.records.query import search_events
+    from kanmon.records.store import Records
+
+    records = Records(tmp_path, "mx1.example.test")
+    records.emit("bad fields", detail={"x": object()})  # not JSON
+    records.record(ev.Removed(), "0123456789BCDFG")
+    records.close()
+    texts = [e.text for e in search_events(tmp_path)]
+    assert "removed" in texts
+    assert any(t.startswith("unprintable") for t in texts)
