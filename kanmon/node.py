@@ -143,7 +143,7 @@ class Node:
         for e in entries:
             if e.state.refused:  # a torn last line after a crash, or damage: skipped
                 self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
-                                  e.queue_id)
+                                  e.queue_id, "error")  # damaged stored state: alerted like an error
         self.queue.load_recovered(entries)
         self.records.record(Recovery(len(entries), len(corrupt)))
 

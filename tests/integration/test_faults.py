@@ -166,6 +166,25 @@ def test_disk_full_answers_452_or_451_never_250_and_mail_flows_again(small_disk)
 # -- corrupt spool entries at start ---------------------------------------------------------------
 
 
+def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_kept(tmp_path):
+    # A torn last line (a crash during an append) or damage: the strict decoder refuses
+    # the line, recovery says so as an error (alerted), and the message stays queued.
+    from kanmon.records.query import search_events
+
+    data = tmp_path / "data"
+    cfg = parse_config(node_config(data, extra="suspend_delivery = true"))
+    with RunningNode(cfg) as n, smtplib.SMTP(n.host, n.port, timeout=15) as s:
+        assert s.sendmail("a@remote.example", ["bob@example.test"], message("journal")) == {}
+    (qid,) = [p.name for p in (data / "spool/queue").iterdir()]
+    with open(data / "spool/state" / qid, "ab") as f:
+        f.write(b'{"k":"attempt","t":1.0,"n":"not a number","next":2.0}\n{"k":"resu')
+    with RunningNode(cfg) as n:
+        n.flush()
+        (row,) = [e for e in search_events(data) if "journal line(s) refused" in e.text]
+        assert row.kind == "error" and row.queue_id == qid and "2 journal line(s) refused and skipped" in row.text
+        assert (data / "spool/queue" / qid).exists()
+
+
 def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path):
     # The torn write is in test_relay_core.py; here: garbage, an empty file, a wrong
     # header, a good checksum around an envelope that is not one, and a flipped byte.
