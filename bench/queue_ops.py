@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: queue operations on a large deferred queue (issue 4, "Scale").
+"""Benchmark: queue operations on a large deferred queue.
 
 Builds N deferred messages (default 100,000) directly through the Spool API — queue
 files of ~2 KB with envelopes spread over 20 destination domains and 5 days of arrival

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: kanmon as a relay against Postfix, side by side, on loopback (issue 7).
+"""Benchmark: kanmon as a relay against Postfix, side by side, on loopback.
 
 In one run:
   1. smtp-sink (Postfix's test server) is the next hop, on 127.0.0.72:2526;

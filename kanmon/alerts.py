@@ -46,7 +46,7 @@ from typing import TextIO
 
 from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import Envelope
-from kanmon.policy.access import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
+from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
 from kanmon.records.events import DEFERRED, ERROR_KINDS, Alert, AlertMailed, AlertNotMailed, AlertRequest
 from kanmon.units import format_duration, format_size

@@ -1,4 +1,4 @@
-"""Data passed between stages: queue ids, addresses, envelopes, replies, verdicts.
+"""Data passed between stages: queue ids, addresses, envelopes, replies, delivery results.
 
 Role: plain values only. No I/O, no clocks except where a caller passes a time.
 Trusts: its callers; parsing of untrusted text lives in smtp/ and policy/.
@@ -102,27 +102,6 @@ class SmtpError(Exception):
     def __init__(self, reply: Reply):
         self.reply = reply
         super().__init__(str(reply))
-
-
-class VerdictKind(Enum):
-    ACCEPT = "accept"
-    REJECT = "reject"  # 5xx
-    DEFER = "defer"  # 4xx
-    DISCARD = "discard"
-    QUARANTINE = "quarantine"
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: VerdictKind
-    reply: Reply | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.kind is VerdictKind.ACCEPT
-
-
-ACCEPT = Verdict(VerdictKind.ACCEPT)
 
 
 # ---------------------------------------------------------------------------

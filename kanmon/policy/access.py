@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 
 from kanmon.config import Config, DomainSection
-from kanmon.policy.disk import free_disk_bytes  # noqa: F401 - kept importable here for alerts
 from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, accept, refuse
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path

@@ -58,7 +58,7 @@ class Injector:
         with the accept event.
         """
         env = self._prepare(env)
-        queue_id = new_queue_id()
+        queue_id = new_queue_id(env.received_at)
         await self.spool.store(queue_id, env, content)
         self._accepted(queue_id, env, content, origin)
         return queue_id
@@ -66,7 +66,7 @@ class Injector:
     def inject_blocking(self, env: Envelope, content: bytes, origin: str) -> str:
         """inject() for a caller outside the event loop (an admin operation's thread)."""
         env = self._prepare(env)
-        queue_id = new_queue_id()
+        queue_id = new_queue_id(env.received_at)
         self.spool.store_blocking(queue_id, env, content)
         self._accepted(queue_id, env, content, origin)
         return queue_id

@@ -213,12 +213,6 @@ class TlsInfo:
         """For RecipientResult.tls: `TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL`."""
         return f"{self.version} {self.cipher} verify={self.verify}"
 
-    def log_fields(self) -> str:
-        return (
-            f"version={self.version}, verify={self.verify}, cipher={self.cipher}, "
-            f"bits={self.bits}/{self.alg_bits}"
-        )
-
 
 def _unverified_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
