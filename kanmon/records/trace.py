@@ -230,5 +230,5 @@ def _rejected(db, event_id: int) -> Timeline:
     for s in t.steps:
         if t.helo and s.kind == "connect":
             s.detail.setdefault("helo", t.helo)
-    t.final = "rejected: " + (d.get("reply") or row[4])
+    t.final = "rejected: " + (d.get("reply") or row[4]) + (f" (check {d['check']})" if d.get("check") else "")
     return t
