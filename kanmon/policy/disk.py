@@ -1,7 +1,8 @@
 """Free disk: MAIL is refused with 452 4.3.1 while data_dir is short of space.
 
-Role: a check whose probe (statvfs) the listener refreshes in an executor about once a
-second; the MAIL hook only reads the last answer, so it costs nothing on the event loop.
+Role: a check whose probe (statvfs) the listener refreshes in a thread of its own about
+once a second; the MAIL hook only reads the last answer, so it costs nothing on the
+event loop.
 
 Trusts: the free-space function it is given (statvfs of data_dir by default).
 Never: call statvfs from a hook (that is I/O on the event loop); accept while the probe
@@ -33,7 +34,7 @@ class FreeDiskCheck(Check):
         self.low = False  # until the first refresh (the listener refreshes before it listens)
 
     def refresh(self) -> None:
-        """Blocking: measure the free space (the listener runs this in an executor)."""
+        """Blocking: measure the free space (the listener runs this in its probe thread)."""
         try:
             self.low = self._free_disk() < self._min_free
         except OSError:

@@ -116,8 +116,8 @@ class Context:
 class Check:
     """Base class of a check. Define any of the hooks connect, helo, mail, rcpt, data:
     each takes a Context and returns a CheckResult, or an awaitable of one when it needs
-    I/O. A check may also define refresh(): blocking I/O the listener runs in an executor
-    about once a second (a probe whose result the hooks read at once)."""
+    I/O. A check may also define refresh(): blocking I/O the listener runs in a thread of
+    its own about once a second (a probe whose result the hooks read at once)."""
 
     name: str = ""
     timeout: float = 10.0  # seconds the listener waits for an awaitable answer
@@ -227,7 +227,7 @@ class Pipeline:
         return bool(self._hooks[stage])
 
     def refresh(self) -> None:
-        """Run the checks' probes (blocking I/O: the listener calls this in an executor)."""
+        """Run the checks' probes (blocking I/O: the listener calls this in its probe thread)."""
         for r in self._refreshers:
             r()
 

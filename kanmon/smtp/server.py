@@ -4,8 +4,8 @@ Role: a thin asyncio.Protocol adapter. It feeds received bytes to kanmon.smtp.se
 carries out the actions it returns (write, STARTTLS, store in the spool, run the checks
 that need I/O, carry out the checks' side effects, close), keeps connection limits (in
 all and per client IP) and the idle/session timeouts, refreshes the checks' probes (free
-disk) in an executor, and writes session events (connect, TLS, rejects naming the check
-that refused, disconnect) and history rows to the records.
+disk) in a thread of their own (Prober), and writes session events (connect, TLS,
+rejects naming the check that refused, disconnect) and history rows to the records.
 
 Trusts: nothing from the client. Reading is paused while a message is being made
 durable and while too much pipelined input is waiting, so one client costs at most one
@@ -13,7 +13,8 @@ message plus MAX_PIPELINE_BUFFER of memory (DESIGN.md promise 6).
 Never: answer 250 to DATA before the spool returned (promise 1); turn an unexpected
 exception, or a check that failed or timed out, into anything but its failure reply
 (451 4.3.0 by default) and an event naming it (promise 7); do file I/O on the loop for a
-check (probes and lookups run in the executor).
+check (probes run in the Prober's thread, lookups in the executor); let a probe delay the
+timeout sweeper.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +58,7 @@ from kanmon.spool.store import Spool, SpoolError
 from kanmon.store.users import log_safe
 
 PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
-SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often
+SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _session_ids = itertools.count(1)
 
@@ -66,6 +69,85 @@ class SubmissionAuth:
 
     users: Any
     throttle: Any
+
+
+class Prober:
+    """Runs a pipeline's probes (Pipeline.refresh: blocking I/O such as the free-disk
+    statvfs) once per SWEEP_INTERVAL in a thread of its own: apart from the timeout
+    sweeper, which never waits for it, and from the default executor, whose threads
+    argon2 checks and Maildir walks may keep busy. While a probe still runs (a hung
+    statvfs) the next rounds are skipped, and the checks answer from the last probe.
+    Listeners sharing a pipeline (SMTP and submission of one node) share its prober, so
+    it probes once per interval: acquire() in start(), release() in stop()."""
+
+    def __init__(self, pipeline: Pipeline, records: Records):
+        self.pipeline = pipeline
+        self.records = records
+        self.loop = asyncio.get_running_loop()
+        self.users = 0
+        self.closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kanmon-probe")
+        self._first: asyncio.Future[None] | None = None
+        self._probe: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def acquire(cls, pipeline: Pipeline, records: Records) -> Prober:
+        """The pipeline's prober on this loop (made by the first listener to start)."""
+        prober = _probers.get(pipeline)
+        if prober is None or prober.closed or prober.loop is not asyncio.get_running_loop():
+            prober = _probers[pipeline] = cls(pipeline, records)
+        prober.users += 1
+        return prober
+
+    async def ready(self) -> None:
+        """The first probe has answered (a listener waits for it before it listens: the
+        checks answer from a probe from the first client on); then the rounds start."""
+        if self._first is None:
+            self._first = self.loop.run_in_executor(self._executor, self.pipeline.refresh)
+        await asyncio.shield(self._first)
+        if self._task is None and not self.closed:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.tick()
+
+    def tick(self) -> bool:
+        """One round: start a probe, unless the previous one still runs (False: skipped).
+        Never waits for it: its outcome is reported by _probed."""
+        if self._probe is not None and not self._probe.done():
+            return False
+        self._probe = self.loop.run_in_executor(self._executor, self.pipeline.refresh)
+        self._probe.add_done_callback(self._probed)
+        return True
+
+    def _probed(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is not None:  # a probe must not stop anything; the admin hears of it
+            self.records.emit(f"check probe failed: {type(e).__name__}: {e}", kind="error")
+
+    def release(self) -> None:
+        """A listener stopped; the last one stops the rounds. A probe still running (hung)
+        is left to finish in its thread; nothing waits for it."""
+        self.users -= 1
+        if self.users > 0:
+            return
+        self.closed = True
+        if _probers.get(self.pipeline) is self:
+            del _probers[self.pipeline]
+        if self._task is not None:
+            self._task.cancel()
+        for fut in (self._first, self._probe):
+            if fut is not None:
+                fut.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+_probers: weakref.WeakKeyDictionary[Pipeline, Prober] = weakref.WeakKeyDictionary()
 
 
 class SmtpServer:
@@ -113,14 +195,16 @@ class SmtpServer:
         self.per_ip: Counter[str] = Counter()
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._prober: Prober | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._trusted_proxies = list(config.smtp.trusted_proxies)
         self.accepted = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.pipeline.refresh)  # probes answer before the first client
+        self._prober = Prober.acquire(self.pipeline, self.records)
         try:
+            await self._prober.ready()  # probes answer before the first client
             for host, port, implicit_tls in self.listeners:
                 if implicit_tls and self.tls_context is None:
                     raise OSError(f"{host}:{port}: implicit TLS needs a certificate")
@@ -137,7 +221,7 @@ class SmtpServer:
                     ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
                 self._servers.append(server)
-        except OSError:
+        except Exception:
             await self.stop()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -154,6 +238,9 @@ class SmtpServer:
             s.close()
         if self._sweeper:
             self._sweeper.cancel()
+        if self._prober is not None:
+            self._prober.release()
+            self._prober = None
         for conn in list(self.connections):
             conn.shutdown(replies.SHUTTING_DOWN)
         for s in self._servers:
@@ -176,15 +263,11 @@ class SmtpServer:
         return any(addr in net for net in self._trusted_proxies)
 
     async def _sweep(self) -> None:
-        """One timer for all connections (sweep_nowait), and the checks' probes refreshed."""
-        loop = asyncio.get_running_loop()
+        """One timer for all connections (sweep_nowait); it awaits nothing else (the
+        probes run in the Prober), so no probe or busy executor delays a timeout."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep_nowait(time.monotonic())
-            try:
-                await loop.run_in_executor(None, self.pipeline.refresh)
-            except Exception as e:  # noqa: BLE001 - a probe must not stop the timeouts
-                self.records.emit(f"check probe failed: {type(e).__name__}: {e}", kind="error")
 
     def sweep_nowait(self, now: float) -> None:
         """Close what has waited too long at `now` (time.monotonic): a trusted proxy's

@@ -1,18 +1,21 @@
 """The SMTP listener running the check pipeline over real sockets: a check that needs I/O
 delays its session's reply without blocking the others; a check that fails or takes too
 long answers 451 and an event naming it; effects are carried out; the PROXY header
-timeout of a trusted balancer."""
+timeout of a trusted balancer; the probes run apart from the timeout sweeper."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kanmon.config import parse_config
 from kanmon.policy.pipeline import ACCEPTED, Check, Context, Pipeline, accept
 from kanmon.policy.standard import standard_checks
 from kanmon.records.events import ERROR_KINDS
-from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, SmtpServer
+from kanmon.smtp import server as server_module
+from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
 from kanmon.spool.store import Spool
 
 CONFIG = """
@@ -21,7 +24,7 @@ hostname = "mx1.example.test"
 data_dir = "{data_dir}"
 [smtp]
 relay_networks = ["127.0.0.1/32"]
-min_free_disk = "0"
+min_free_disk = "{min_free_disk}"
 {extra}
 [[domain]]
 name = "example.test"
@@ -70,20 +73,30 @@ class Gate(Check):
         return accept(headers=(("X-Gate", "passed"),), effects=("opened",))
 
 
+async def until(predicate, what: str = "condition", timeout: float = 10.0) -> None:
+    """Wait for a condition, with a deadline (never a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 class Harness:
-    def __init__(self, tmp: Path, checks: list[Check], extra: str = "", **kw):
-        self.config = parse_config(CONFIG.format(data_dir=tmp, extra=extra))
+    def __init__(self, tmp: Path, checks: list[Check], extra: str = "", *, free_disk=lambda: 10**12,
+                 min_free_disk: str = "0", **kw):
+        self.config = parse_config(CONFIG.format(data_dir=tmp, extra=extra, min_free_disk=min_free_disk))
         self.records = FakeRecords()
         self.stored: list[tuple[str, bytes]] = []
         self.effects: list[object] = []
         self.spool = Spool(tmp, fsync=False)
-        pipeline = Pipeline([*standard_checks(self.config, free_disk=lambda: 10**12), *checks])
+        self.pipeline = Pipeline([*standard_checks(self.config, free_disk=free_disk), *checks])
 
         async def effect(e) -> None:
             self.effects.append(e)
 
         self.server = SmtpServer(
-            self.config, pipeline, self.spool, self.records,  # type: ignore[arg-type]
+            self.config, self.pipeline, self.spool, self.records,  # type: ignore[arg-type]
             lambda qid, env, content: self.stored.append((qid, content)), None,
             listeners=[("127.0.0.1", 0, False)], effects={str: effect}, **kw,
         )
@@ -250,7 +263,7 @@ def test_the_proxy_header_timeout_is_applied_by_the_running_sweeper(tmp_path):
 def test_free_disk_probe_is_refreshed_by_the_listener(tmp_path):
     async def main() -> None:
         free = [10**12]
-        config = parse_config(CONFIG.format(data_dir=tmp_path, extra="").replace('min_free_disk = "0"', 'min_free_disk = "1MB"'))
+        config = parse_config(CONFIG.format(data_dir=tmp_path, extra="", min_free_disk="1MB"))
         pipeline = Pipeline(standard_checks(config, free_disk=lambda: free[0]))
         records = FakeRecords()
         spool = Spool(tmp_path, fsync=False)
@@ -276,3 +289,122 @@ def test_free_disk_probe_is_refreshed_by_the_listener(tmp_path):
 
     asyncio.run(main())
 
+
+
+def test_a_hung_disk_probe_does_not_stop_the_timeouts(tmp_path):
+    calls: list[int] = []
+    hung, release = threading.Event(), threading.Event()
+
+    def free_disk() -> int:
+        calls.append(1)
+        if len(calls) > 1:  # the first probe (at start) answers; the next one hangs
+            hung.set()
+            release.wait(30)
+        return 10**12
+
+    async def main() -> None:
+        extra = 'trusted_proxies = ["127.0.0.1/32"]'
+        try:
+            async with Harness(tmp_path, [], extra=extra, free_disk=free_disk, proxy_header_timeout=0.0) as h:
+                assert await asyncio.get_running_loop().run_in_executor(None, hung.wait, 10)
+                # The statvfs hangs; the sweeper still closes a balancer that sends no header.
+                silent = await h.connect()
+                assert await asyncio.wait_for(silent.reader.read(), 10) == b""
+                await silent.close()
+        finally:
+            release.set()
+        assert len(calls) == 2  # no probe queued behind the hung one
+
+    asyncio.run(main())
+
+
+def test_a_busy_default_executor_does_not_delay_the_probes(tmp_path):
+    free = [10**12]
+
+    async def main() -> None:
+        async with Harness(tmp_path, [], free_disk=lambda: free[0], min_free_disk="1MB") as h:
+            loop = asyncio.get_running_loop()
+            # Argon2 checks or Maildir walks take every thread of the default executor.
+            busy, blocker = ThreadPoolExecutor(max_workers=1), threading.Event()
+            loop.set_default_executor(busy)
+            loop.run_in_executor(None, blocker.wait, 30)
+            try:
+                free[0] = 10
+                disk = next(c for c in h.pipeline.checks if c.name == "free_disk")
+                await until(lambda: disk.low, "a probe to see the disk full")
+                c = await h.connect()
+                await c.reply()
+                await c.command(b"EHLO a.example\r\n")
+                assert (await c.command(b"MAIL FROM:<x@remote.example>\r\n")).startswith("452 4.3.1")
+                await c.close()
+            finally:
+                blocker.set()
+
+    asyncio.run(main())
+
+
+class Probe(Check):
+    """A check with a probe the test can hang and count."""
+
+    name = "probe"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.hang_at = 0  # this call waits for release
+        self.hung, self.release = threading.Event(), threading.Event()
+
+    def refresh(self) -> None:
+        self.calls += 1
+        if self.calls == self.hang_at:
+            self.hung.set()
+            self.release.wait(30)
+
+
+def test_a_probe_still_running_makes_the_next_rounds_skip(monkeypatch):
+    monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 3600.0)  # rounds only when the test says
+
+    async def main() -> None:
+        probe = Probe()
+        probe.hang_at = 1
+        prober = Prober.acquire(Pipeline([probe]), FakeRecords())  # type: ignore[arg-type]
+        try:
+            assert prober.tick()
+            await until(probe.hung.is_set, "the probe to hang")
+            assert not prober.tick() and not prober.tick()  # skipped, not queued
+            probe.release.set()
+            await until(lambda: prober.tick(), "the hung probe to end")
+            await until(lambda: probe.calls == 2, "the next probe")
+        finally:
+            probe.release.set()
+            prober.release()
+
+    asyncio.run(main())
+
+
+def test_listeners_sharing_a_pipeline_share_one_prober(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 3600.0)
+    config = parse_config(CONFIG.format(data_dir=tmp_path, extra="", min_free_disk="0"))
+
+    async def main() -> None:
+        probe = Probe()
+        pipeline = Pipeline([probe])
+        spool = Spool(tmp_path, fsync=False)
+        servers = [SmtpServer(config, pipeline, spool, FakeRecords(), lambda *a: None, None,  # type: ignore[arg-type]
+                              listeners=[("127.0.0.1", 0, False)], submission=sub) for sub in (False, True)]
+        try:
+            for s in servers:
+                await s.start()
+            assert probe.calls == 1  # one probe before listening, for both
+            a, b = servers
+            assert a._prober is b._prober
+            await a.stop()
+            assert b._prober is not None and not b._prober.closed  # b still listens: its probes go on
+            assert b._prober.tick()
+            await until(lambda: probe.calls == 2, "a round")
+        finally:
+            for s in servers:
+                await s.stop()
+            spool.close()
+        assert pipeline not in server_module._probers  # the last listener stopped it
+
+    asyncio.run(main())
