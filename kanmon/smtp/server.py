@@ -453,8 +453,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             actions = self.session.feed(data)
         except Exception as e:  # noqa: BLE001 - promise 7
-            self.server.records.record(ev.Error(f"session error: {type(e).__name__}: {e}"), session=self.sid)
-            self._do(self.session.close(replies.LOCAL_ERROR))
+            self._session_error(e)
             return
         if was_in_data or self.session.in_data or self.session.lines_read != self._lines_seen:
             # Progress: DATA bytes, or a complete command line. Bytes of one command line
@@ -463,6 +462,12 @@ class SmtpProtocol(asyncio.Protocol):
             self._lines_seen = self.session.lines_read
             self.last_activity = now
         self._do(actions)
+
+    def _session_error(self, e: Exception) -> None:
+        """The session raised (a bug): an event, 451 and close, never a hung client."""
+        assert self.session is not None
+        self.server.records.record(ev.Error(f"session error: {type(e).__name__}: {e}"), session=self.sid)
+        self._do(self.session.close(replies.LOCAL_ERROR) or [Close("session error")])
 
     def _proxy_header(self, data: bytes) -> None:
         assert self._proxy_buf is not None
@@ -570,7 +575,13 @@ class SmtpProtocol(asyncio.Protocol):
             decision = dataclasses.replace(decision, effects=())
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
-        self._do(self.session.check_result(decision))
+        try:
+            # Runs the continuation (the Received: header at DATA) and pipelined commands.
+            actions = self.session.check_result(decision)
+        except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never a hang
+            self._session_error(e)
+            return
+        self._do(actions)
 
     async def _store(self, a: StoreMessage) -> None:
         server = self.server

@@ -16,6 +16,7 @@ from kanmon.policy.standard import standard_checks
 from kanmon.records.events import ERROR_KINDS
 from kanmon.smtp import server as server_module
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
+from kanmon.smtp.session import Session
 from kanmon.spool.store import Spool
 
 CONFIG = """
@@ -198,6 +199,42 @@ def test_a_check_that_takes_too_long_answers_451_and_an_event_naming_it(tmp_path
         assert reject[0][0].startswith("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 451 4.3.0")
         assert reject[0][1]["check"] == "gate" and reject[0][1]["stage"] == "RCPT"
         assert h.records.history == [("reject", {"classification": "Policy", "disposition": "Reject"})]
+
+    asyncio.run(main())
+
+
+class AsyncData(Check):
+    """DATA answered by an awaitable (a content scanner stands for it): it accepts."""
+
+    name = "async_data"
+
+    def data(self, ctx: Context):
+        return self._answer()
+
+    async def _answer(self):
+        return ACCEPTED
+
+
+def test_an_error_continuing_after_a_check_answers_451_and_an_event(tmp_path, monkeypatch):
+    def broken(self, queue_id, env):
+        raise RuntimeError("no header today")
+
+    monkeypatch.setattr(Session, "_received_header", broken)  # runs in check_result, after the check
+
+    async def main() -> None:
+        async with Harness(tmp_path, [AsyncData()]) as h:
+            c = await h.connect()
+            await c.reply()
+            await c.command(b"EHLO a.example\r\n")
+            await c.command(b"MAIL FROM:<x@remote.example>\r\n")
+            await c.command(b"RCPT TO:<bob@example.test>\r\n")
+            assert (await c.command(b"DATA\r\n")).startswith("354")
+            assert await c.command(MESSAGE) == "451 4.3.0 Error: local error in processing, try again later"
+            assert await asyncio.wait_for(c.reader.read(), 10) == b""  # closed, not left hanging
+            await c.close()
+        assert [t for t, kind, _ in h.records.events if kind in ERROR_KINDS] == [
+            "session error: RuntimeError: no header today"]
+        assert not h.stored
 
     asyncio.run(main())
 
