@@ -363,6 +363,18 @@ class Accepted(Event):
         return out
 
 
+@_event
+class QuarantineHeld(Event):
+    """A check asked to quarantine the message (`reason`): it is held in the queue until
+    an administrator releases it (`kanmon queue release`) or deletes it."""
+
+    KIND = "quarantine-hold"
+    reason: str
+
+    def line(self) -> str:
+        return f"held for quarantine: {self.reason}"
+
+
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
 
 

@@ -196,6 +196,8 @@ def _final(t: Timeline) -> str:
             results[d["rcpt"]] = (d.get("status", ""), reply)
         elif s.kind == "admin-message" and d.get("action") in ("hold", "release"):
             holds.append(d["action"])
+        elif s.kind == "quarantine-hold":  # held at acceptance, until released
+            holds.append("hold")
     delivered = [r for r, (st, _) in results.items() if st == SENT]
     bounced = [r for r, (st, _) in results.items() if st == BOUNCED]
     deferred = [r for r, (st, _) in results.items() if st == DEFERRED]

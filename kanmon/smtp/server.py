@@ -54,6 +54,7 @@ from kanmon.smtp.session import (
     StartTls,
     StoreMessage,
 )
+from kanmon.spool import journal
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.store.users import log_safe
 
@@ -586,14 +587,30 @@ class SmtpProtocol(asyncio.Protocol):
     async def _store(self, a: StoreMessage) -> None:
         server = self.server
         assert self.session is not None and self.client is not None
+        # A check asked for quarantine: until there is a quarantine store, the message is
+        # held in the queue (`kanmon queue release` delivers it). The hold is journaled
+        # before the queue file exists, so the message is never durable and unheld (a
+        # crash in between would deliver it at recovery); a journal without its message
+        # is removed at recovery.
+        reason = log_safe(a.quarantine, 200) if a.quarantine else ""
         try:
+            if reason:
+                hold = [journal.Hold(server.clock(), True, f"quarantine: {reason}")]
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, server.spool.append_state, a.queue_id, hold)
+                except OSError as e:
+                    raise SpoolError(f"cannot write the hold journal: {e.strerror or e}") from None
             await server.spool.store(a.queue_id, a.envelope, a.content)
         except SpoolError as e:
             server.records.record(ev.Error(f"warning: {e}; answered {replies.STORAGE_ERROR}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.STORAGE_ERROR)
+            if reason:
+                await self._forget(a.queue_id)
         except Exception as e:  # noqa: BLE001 - promise 7
             server.records.record(ev.Error(f"error storing message: {type(e).__name__}: {e}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.LOCAL_ERROR)
+            if reason:
+                await self._forget(a.queue_id)
         else:
             server.accepted += 1
             env = a.envelope
@@ -602,14 +619,32 @@ class SmtpProtocol(asyncio.Protocol):
             msgid = fields.get("message-id", "")
             server.records.record(ev.Accepted(
                 env.mail_from, len(a.content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
+                held=bool(reason),
             ), a.queue_id, session=self.sid)
-            server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
-                                          classification=a.classification, disposition="Accept")
-            server.on_stored(a.queue_id, env, a.content)
+            if reason:
+                # Not handed to the queue manager: in this process it would deliver the
+                # message from memory without reading the journal. (A receiver's main
+                # process would read the hold from disk and skip it: nothing to tell it.)
+                server.records.record(ev.QuarantineHeld(reason), a.queue_id, session=self.sid)
+                server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
+                                              classification=a.classification, disposition="Quarantine")
+            else:
+                server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
+                                              classification=a.classification, disposition="Accept")
+                server.on_stored(a.queue_id, env, a.content)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
         self._do(actions)
+
+    async def _forget(self, queue_id: str) -> None:
+        """A held message could not be stored (the client is told 451): remove its hold
+        journal and whatever of the message was written (a journal left behind without
+        its message is removed at recovery)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.spool.remove, queue_id)
+        except OSError as e:
+            self.server.records.record(ev.Error(f"cannot remove an unstored message: {e}"), queue_id, session=self.sid)
 
     async def _start_tls(self) -> None:
         server = self.server

@@ -20,12 +20,15 @@ import pytest
 from click.testing import CliRunner
 
 import kanmon.admin.service as admin_service
+import kanmon.node
 from kanmon.admin.queue_ops import QueueOps
 from kanmon.cli import main
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.control import ControlClient, DataDirLock, LockBusy
-from kanmon.records.query import search_events
+from kanmon.policy.pipeline import ACCEPTED, Check, Pipeline, accept
+from kanmon.policy.standard import standard_checks
+from kanmon.records.query import search_events, search_history
 from kanmon.spool.store import Spool
 from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, maildir_messages, wait_for
 from tests.support.smtpsink import SmtpSink
@@ -287,6 +290,38 @@ def test_hold_release_delete_flush_on_a_stopped_node_then_start(site):
         site.node.wait_idle()
         assert sorted(m.data.split(b"Subject: ")[1][:2] for m in corp.messages) == [b"m2", b"m4"]
         assert site.ids() == [ids["m1"]]
+
+
+class QuarantineSubject(Check):
+    """DATA: a message whose Subject asks for it is to be quarantined (a content filter
+    stands for this check)."""
+
+    name = "quarantine_subject"
+
+    def data(self, ctx):
+        if b"Subject: quarantine me" in ctx.header:
+            return accept(quarantine="test: the subject asked", classification="Spam")
+        return ACCEPTED
+
+
+def test_a_message_a_check_quarantines_is_held_until_released(site, monkeypatch):
+    # Until there is a quarantine store, a quarantine request holds the message in the queue.
+    monkeypatch.setattr(kanmon.node, "standard_pipeline",
+                        lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
+    site.start()
+    qid = site.send("x@remote.example", ["alice@example.test"], "quarantine me")
+    site.send("x@remote.example", ["alice@example.test"], "")  # another one is delivered
+    assert site.ids("--state", "hold") == [qid] and site.ids() == [qid]
+    site.wait_event(f"{qid}: held for quarantine: test: the subject asked")
+    assert [b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")] == [False]
+    (row,) = search_history(site.data_dir, queue_id=qid)
+    assert (row.disposition, row.classification) == ("Quarantine", "Spam")
+    assert "final: on hold, not tried yet" in site.cli("trace", qid).output
+    assert "1 message(s) released" in site.cli("queue", "release", qid).output
+    wait_for(lambda: len(maildir_messages(site.data_dir, "alice@example.test")) == 2, 10, "the released message")
+    assert sum(b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")) == 1
+    site.node.wait_idle()
+    assert site.ids() == []
 
 
 # -- bounce --------------------------------------------------------------------------------

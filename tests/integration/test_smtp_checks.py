@@ -17,7 +17,7 @@ from kanmon.records.events import ERROR_KINDS
 from kanmon.smtp import server as server_module
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
 from kanmon.smtp.session import Session
-from kanmon.spool.store import Spool
+from kanmon.spool.store import Spool, SpoolError
 
 CONFIG = """
 [server]
@@ -235,6 +235,72 @@ def test_an_error_continuing_after_a_check_answers_451_and_an_event(tmp_path, mo
         assert [t for t, kind, _ in h.records.events if kind in ERROR_KINDS] == [
             "session error: RuntimeError: no header today"]
         assert not h.stored
+
+    asyncio.run(main())
+
+
+class QuarantineSubject(Check):
+    """DATA: a message whose Subject asks for it is to be quarantined (a content filter
+    stands for this check)."""
+
+    name = "quarantine_subject"
+
+    def data(self, ctx: Context):
+        if b"Subject: quarantine me" in ctx.header:
+            return accept(quarantine="test: the subject asked", classification="Spam")
+        return ACCEPTED
+
+
+def test_a_quarantine_request_holds_the_message_in_the_queue(tmp_path):
+    async def main() -> None:
+        async with Harness(tmp_path, [QuarantineSubject()]) as h:
+            c = await h.connect()
+            await c.reply()
+            await c.command(b"EHLO a.example\r\n")
+            ids = []
+            for message in (b"Subject: quarantine me\r\n\r\nhello\r\n.\r\n", MESSAGE):
+                await c.command(b"MAIL FROM:<x@remote.example>\r\n")
+                await c.command(b"RCPT TO:<bob@example.test>\r\n")
+                await c.command(b"DATA\r\n")
+                reply = await c.command(message)
+                assert reply.startswith("250 2.0.0 Ok: queued as ")
+                ids.append(reply.rsplit(" ", 1)[1])
+            await c.command(b"QUIT\r\n")
+            await c.close()
+        held, other = ids
+        state = h.spool.read_state(held)
+        assert state.hold and [r.by for r in state.history] == ["quarantine: test: the subject asked"]
+        assert h.spool.exists(held) and not h.spool.read_state(other).hold
+        assert [qid for qid, _ in h.stored] == [other]  # the held one is not handed to the queue
+        lines = [t for t, _, _ in h.records.events]
+        assert "held for quarantine: test: the subject asked" in lines
+        assert sum(t.startswith("from=<x@remote.example>") and t.endswith(", held") for t in lines) == 1
+        assert [kw for _, kw in h.records.history] == [
+            {"classification": "Spam", "disposition": "Quarantine"},
+            {"classification": "NotSpam", "disposition": "Accept"}]
+
+    asyncio.run(main())
+
+
+def test_a_message_to_hold_that_cannot_be_stored_answers_451_and_leaves_nothing(tmp_path):
+    async def main() -> None:
+        async with Harness(tmp_path, [QuarantineSubject()]) as h:
+
+            async def full(queue_id, env, content):
+                raise SpoolError("cannot write queue file: No space left on device")
+
+            h.spool.store = full  # type: ignore[method-assign]
+            c = await h.connect()
+            await c.reply()
+            await c.command(b"EHLO a.example\r\n")
+            await c.command(b"MAIL FROM:<x@remote.example>\r\n")
+            await c.command(b"RCPT TO:<bob@example.test>\r\n")
+            await c.command(b"DATA\r\n")
+            assert (await c.command(b"Subject: quarantine me\r\n\r\nhello\r\n.\r\n")).startswith("451 4.3.0")
+            await c.command(b"QUIT\r\n")
+            await c.close()
+        assert not any(h.spool.state_dir.iterdir())  # the hold journal went with the message
+        assert not h.stored and not h.records.history
 
     asyncio.run(main())
 
