@@ -52,6 +52,7 @@ from kanmon.smtp.session import (
     Session,
     SessionSettings,
     StartTls,
+    State,
     StoreMessage,
 )
 from kanmon.spool import journal
@@ -412,6 +413,12 @@ class SmtpProtocol(asyncio.Protocol):
         if self.session is not None and self.client is not None:
             server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
+        # The peer is gone: a check still running is stopped (its effects are not carried
+        # out) and the session closed (the pending check discarded, buffered input unread).
+        if self._check_task is not None:
+            self._check_task.cancel()
+        if self.session is not None:
+            self.session.close()
 
     def shutdown(self, reply: Reply | None, why: str = "") -> None:
         if self._closed or self.transport is None:
@@ -571,6 +578,8 @@ class SmtpProtocol(asyncio.Protocol):
                                 error=f"{type(e).__name__}: {e}")
         finally:
             self._check_task = None
+        if self._closed or self.session.state is State.CLOSED:
+            return  # closed meanwhile (the peer left, a timeout): nobody waits for the answer
         if decision.effects:
             await self.server.carry_out(decision.effects, self.sid)
             decision = dataclasses.replace(decision, effects=())

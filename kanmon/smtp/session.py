@@ -305,6 +305,8 @@ class Session:
             self._pending.discard()  # never resolved: release what it holds
             self._pending = self._then = None
         self.state = State.CLOSED
+        self._buf.clear()  # input not read yet is never read
+        self._data = bytearray()
         out: list[Action] = []
         if reply is not None:
             out.append(Send(reply.wire()))

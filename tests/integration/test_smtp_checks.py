@@ -6,6 +6,9 @@ timeout of a trusted balancer; the probes run apart from the timeout sweeper."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +21,7 @@ from kanmon.smtp import server as server_module
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
 from kanmon.smtp.session import Session
 from kanmon.spool.store import Spool, SpoolError
+from kanmon.tlscert import server_context
 
 CONFIG = """
 [server]
@@ -62,6 +66,7 @@ class Gate(Check):
         self.timeout = timeout
         self.entered = asyncio.Event()
         self.open = asyncio.Event()
+        self.cancelled = asyncio.Event()
 
     def rcpt(self, ctx: Context):
         if ctx.rcpt is not None and ctx.rcpt.local == "slow":
@@ -70,7 +75,11 @@ class Gate(Check):
 
     async def _wait(self):
         self.entered.set()
-        await self.open.wait()
+        try:
+            await self.open.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
         return accept(headers=(("X-Gate", "passed"),), effects=("opened",))
 
 
@@ -85,7 +94,7 @@ async def until(predicate, what: str = "condition", timeout: float = 10.0) -> No
 
 class Harness:
     def __init__(self, tmp: Path, checks: list[Check], extra: str = "", *, free_disk=lambda: 10**12,
-                 min_free_disk: str = "0", **kw):
+                 min_free_disk: str = "0", tls: bool = False, **kw):
         self.config = parse_config(CONFIG.format(data_dir=tmp, extra=extra, min_free_disk=min_free_disk))
         self.records = FakeRecords()
         self.stored: list[tuple[str, bytes]] = []
@@ -98,9 +107,10 @@ class Harness:
 
         self.server = SmtpServer(
             self.config, self.pipeline, self.spool, self.records,  # type: ignore[arg-type]
-            lambda qid, env, content: self.stored.append((qid, content)), None,
-            listeners=[("127.0.0.1", 0, False)], effects={str: effect}, **kw,
+            lambda qid, env, content: self.stored.append((qid, content)), server_context(self.config) if tls else None,
+            listeners=[("127.0.0.1", 0, tls)], effects={str: effect}, **kw,  # tls: implicit TLS (RFC 8314)
         )
+        self.tls = tls
 
     async def __aenter__(self) -> Harness:
         await self.server.start()
@@ -112,7 +122,11 @@ class Harness:
 
     async def connect(self) -> Client:
         host, port = self.server.addresses()[0]
-        reader, writer = await asyncio.open_connection(host, port)
+        client_tls = None
+        if self.tls:
+            client_tls = ssl.create_default_context()
+            client_tls.check_hostname, client_tls.verify_mode = False, ssl.CERT_NONE  # self-signed
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_tls)
         c = Client(reader, writer)
         return c
 
@@ -318,6 +332,31 @@ def test_closing_while_a_check_waits_ends_cleanly(tmp_path):
         # The server stopped with the check pending: 421, and the check's task was cancelled.
         assert (await c.reply()).startswith("421")
         await c.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_while_a_check_runs_stops_the_check_and_the_session(tmp_path):
+    # Over TLS: while a check runs, the listener reads nothing more from the client, but
+    # the TLS layer under it still reads the socket and sees the connection reset.
+    async def main() -> None:
+        gate = Gate()
+        async with Harness(tmp_path, [gate], tls=True) as h:
+            c = await h.connect()
+            await c.reply()
+            await c.command(b"EHLO a.example\r\n")
+            await c.command(b"MAIL FROM:<x@remote.example>\r\n")
+            await c.send(b"RCPT TO:<slow@example.test>\r\nRCPT TO:<bob@example.test>\r\n")
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            (conn,) = h.server.connections
+            sock = c.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.writer.transport.abort()  # the peer is gone: a reset (linger 0), not a half-close
+            await until(lambda: not h.server.connections, "the listener to see the client leave")
+            await asyncio.wait_for(gate.cancelled.wait(), 10)  # the check no longer runs
+            assert conn.session is not None
+            assert conn.session.state.value == "closed" and conn.session.buffered() == 0
+        assert h.effects == []
 
     asyncio.run(main())
 
