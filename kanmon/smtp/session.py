@@ -377,14 +377,26 @@ class Session:
             self._feed_data(pending, out)
             self._run_commands(out)
 
-    def _error(self, reply: Reply, command: str, out: list[Action]) -> None:
+    def _reject(self, command: str, reply: Reply | None, out: list[Action], envelope: Envelope | None = None,
+                rcpt: str = "", decision: Decision | None = None, *, may_close: bool = True) -> None:
+        """A refused command: its reply (None: 451 4.3.0), a Rejected for the records
+        (naming the check when a decision refused), and one more error; at max_errors the
+        session closes, unless may_close is False (after a message's content)."""
+        reply = reply or replies.LOCAL_ERROR
         self.errors += 1
         out.append(Send(reply.wire()))
-        out.append(Rejected(command, reply, self._tx.envelope if self._tx else None))
-        if self.errors >= self.settings.max_errors:
+        if decision is None:
+            out.append(Rejected(command, reply, envelope, rcpt))
+        else:
+            out.append(Rejected(command, reply, envelope, rcpt, decision.check, decision.classification, decision.error))
+        if may_close and self.errors >= self.settings.max_errors:
             out.append(Send(replies.TOO_MANY_ERRORS.wire()))
             out.append(Close("too many errors"))
             self.state = State.CLOSED
+
+    def _error(self, reply: Reply, command: str, out: list[Action]) -> None:
+        """A protocol error (no check involved), in the transaction if there is one."""
+        self._reject(command, reply, out, self._tx.envelope if self._tx else None)
 
     def _command(self, line: bytes, out: list[Action]) -> None:
         try:
@@ -422,18 +434,6 @@ class Session:
         self._resume_state = self.state
         self.state = State.WAIT_CHECK
         out.append(RunChecks(d))
-
-    def _refused(self, command: str, d: Decision, out: list[Action], envelope: Envelope | None = None,
-                 rcpt: str = "", *, may_close: bool = True) -> None:
-        """A check refused: its reply, an event naming it, and the error count."""
-        reply = d.reply or replies.LOCAL_ERROR
-        self.errors += 1
-        out.append(Send(reply.wire()))
-        out.append(Rejected(command, reply, envelope, rcpt, d.check, d.classification, d.error))
-        if may_close and self.errors >= self.settings.max_errors:
-            out.append(Send(replies.TOO_MANY_ERRORS.wire()))
-            out.append(Close("too many errors"))
-            self.state = State.CLOSED
 
     def _restore_state(self) -> None:
         if self.state is State.WAIT_CHECK:
@@ -485,7 +485,7 @@ class Session:
             self.client.helo = ""  # refused: the client must greet again
             self.esmtp = False
             self.state = State.GREETING
-            self._refused(command, d, out)
+            self._reject(command, d.reply, out, decision=d)
 
         self._ask(Stage.HELO, Context(self.client), decided, out)
 
@@ -540,7 +540,7 @@ class Session:
     def _mail_decided(self, env: Envelope, d: Decision, out: list[Action]) -> None:
         self._restore_state()
         if not d.accepted:
-            self._refused("MAIL", d, out)
+            self._reject("MAIL", d.reply, out, decision=d)
             return
         tx = self._tx = _Transaction(env)
         _merge(tx, d)
@@ -567,7 +567,7 @@ class Session:
         tx = self._tx
         assert tx is not None
         if not d.accepted:
-            self._refused("RCPT", d, out, tx.envelope, path.address)
+            self._reject("RCPT", d.reply, out, tx.envelope, path.address, d)
             return
         env = tx.envelope
         for target in d.recipients:
@@ -722,13 +722,13 @@ class Session:
         assert tx is not None
         if self._data_too_big or len(content) > self.settings.max_message_size + 2:
             self._end_transaction()
-            self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)
+            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False)
             return
         # Every CR must be followed by LF and every LF preceded by CR (C-level counts).
         crlf = content.count(b"\r\n")
         if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
             self._end_transaction()
-            self._reply_rejected(replies.BARE_NEWLINE, tx.envelope, out)
+            self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False)
             return
         # RFC 5321 4.5.2: remove the transparency dot.
         if content.startswith(b".."):
@@ -737,7 +737,7 @@ class Session:
             content = content.replace(b"\r\n..", b"\r\n.")
         if len(content) > self.settings.max_message_size:
             self._end_transaction()
-            self._reply_rejected(replies.MESSAGE_TOO_BIG, tx.envelope, out)
+            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False)
             return
         ctx = Context(self.client, tx.envelope, content=content, header_end=content.find(b"\r\n\r\n"))
         self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, d, out), out)
@@ -747,7 +747,7 @@ class Session:
         assert tx is not None
         if not d.accepted:
             self._end_transaction()
-            self._refused("DATA", d, out, tx.envelope, may_close=False)  # as for the other DATA refusals
+            self._reject("DATA", d.reply, out, tx.envelope, decision=d, may_close=False)  # as the other DATA refusals
             return
         _merge(tx, d)
         queue_id = new_queue_id(self._now or None)
@@ -760,11 +760,6 @@ class Session:
             trace += _header_lines(tx.headers)
         self.state = State.WAIT_STORE
         out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine))
-
-    def _reply_rejected(self, reply: Reply, envelope: Envelope, out: list[Action]) -> None:
-        self.errors += 1
-        out.append(Send(reply.wire()))
-        out.append(Rejected("DATA", reply, envelope))
 
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""
