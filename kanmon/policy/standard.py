@@ -35,3 +35,13 @@ def standard_checks(
 
 def standard_pipeline(config: Config, **io: Callable) -> Pipeline:
     return Pipeline(standard_checks(config, **io))
+
+
+def relay_access(pipeline: Pipeline) -> RelayAccess | None:
+    """The access tables the pipeline's relay checks use (None: a pipeline without them),
+    for the listener's own questions (relay clients skip the pregreet test; the senders
+    an authenticated user may use) to be answered from the same tables."""
+    for check in pipeline.checks:
+        if isinstance(check, (RelayAccessCheck, LocalRecipientsCheck)):
+            return check.access
+    return None

@@ -38,6 +38,7 @@ from kanmon.config import Config
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
+from kanmon.policy.standard import relay_access
 from kanmon.records import events as ev
 from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
@@ -185,7 +186,9 @@ class SmtpServer:
         self.auth = auth
         self.config = config
         self.pipeline = pipeline
-        self.access = RelayAccess(config)
+        # The checks' access tables; a pipeline without the standard checks (a custom
+        # one) gets tables of its own for the listener's questions.
+        self.access = relay_access(pipeline) or RelayAccess(config)
         self.effects = dict(effects or {})
         self.proxy_header_timeout = proxy_header_timeout
         self.spool = spool

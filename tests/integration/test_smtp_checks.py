@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kanmon.config import parse_config
 from kanmon.policy.pipeline import ACCEPTED, Check, Context, Pipeline, accept
-from kanmon.policy.standard import standard_checks
+from kanmon.policy.access import RelayAccessCheck
+from kanmon.policy.standard import relay_access, standard_checks
 from kanmon.records.events import ERROR_KINDS
 from kanmon.smtp import server as server_module
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
@@ -550,3 +551,15 @@ def test_listeners_sharing_a_pipeline_share_one_prober(tmp_path, monkeypatch):
         assert pipeline not in server_module._probers  # the last listener stopped it
 
     asyncio.run(main())
+
+
+def test_the_listener_asks_the_access_tables_the_checks_use(tmp_path):
+    h = Harness(tmp_path, [])
+    try:
+        (check,) = [c for c in h.pipeline.checks if isinstance(c, RelayAccessCheck)]
+        assert h.server.access is check.access  # one copy of the config's tables
+        assert relay_access(Pipeline([])) is None
+        bare = SmtpServer(h.config, Pipeline([]), h.spool, h.records, lambda *a: None, None)  # type: ignore[arg-type]
+        assert bare.access.is_relay_client("127.0.0.1")  # a pipeline without them: tables of its own
+    finally:
+        h.spool.close()
