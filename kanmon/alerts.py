@@ -6,8 +6,8 @@ with Spool.store and handed to the queue manager, like delay and failure notices
 they follow routing. Categories (docs/monitoring.md):
 
 - critical: an error event of any stage or process (event kinds "error", "critical",
-  "check-failed": ERROR_KINDS, read back from the records, so receiver processes count
-  too), a corrupt spool entry;
+  "check-failed", "probe-failed", "effect-failed", "effect-unhandled": ERROR_KINDS, read
+  back from the records, so receiver processes count too), a corrupt spool entry;
 - disk: free space in data_dir under [alerts] disk_free_below;
 - queue: more than queue_size_above messages, or the oldest older than queue_oldest_above;
 - delivery: a configured relay server or smarthost failed and its alternate took the

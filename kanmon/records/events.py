@@ -270,6 +270,17 @@ class EarlyTalker(Event):
 
 
 @_event
+class ProxyTimeout(Event):
+    """A trusted balancer connected and sent no PROXY header in time: closed, nothing said."""
+
+    KIND = "proxy-timeout"
+    ip: str
+
+    def line(self) -> str:
+        return f"timeout waiting for the PROXY header from {self.ip}"
+
+
+@_event
 class TlsStarted(Event):
     """STARTTLS on an SMTP session we serve; `error` when the handshake failed."""
 
@@ -561,8 +572,45 @@ class CheckFailed(Event):
         return f"warning: check {self.check} failed at {self.stage}: {self.error}; answered {self.reply}"
 
 
+@_event
+class ProbeFailed(Event):
+    """A check's probe (Check.refresh, e.g. the free-disk statvfs) raised; the check goes
+    on answering from its last probe. Mailed as an error alert (ERROR_KINDS)."""
+
+    KIND = "probe-failed"
+    error: str  # "Type: message"
+
+    def line(self) -> str:
+        return f"check probe failed: {self.error}"
+
+
+@_event
+class EffectFailed(Event):
+    """A side effect a check asked for (a quota notice...) was not carried out: its
+    handler raised. Mailed as an error alert (ERROR_KINDS)."""
+
+    KIND = "effect-failed"
+    effect: str  # the effect's type name
+    error: str  # "Type: message"
+
+    def line(self) -> str:
+        return f"check effect {self.effect} failed: {self.error}"
+
+
+@_event
+class EffectUnhandled(Event):
+    """A check returned a side effect no handler is registered for (a wiring bug): not
+    carried out. Mailed as an error alert (ERROR_KINDS)."""
+
+    KIND = "effect-unhandled"
+    effect: str  # the effect, as repr() shows it
+
+    def line(self) -> str:
+        return f"no handler for the check effect {self.effect}"
+
+
 # Kinds an administrator is alerted about (kanmon.alerts: category critical).
-ERROR_KINDS = ("error", "critical", CheckFailed.KIND)
+ERROR_KINDS = ("error", "critical", CheckFailed.KIND, ProbeFailed.KIND, EffectFailed.KIND, EffectUnhandled.KIND)
 
 
 # -- administration ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ STEPS = {
     "reject-proxy": "reject", "reject-early": "reject", "accepted": "accepted", "tls-out": "tls-out",
     "delivery": "attempt", "hop": "hop", "hop-domain": "hop", "hop-unresolved": "hop", "notice": "notice",
     "removed": "removed", "error": "error", "critical": "error", "check-failed": "error",
+    "probe-failed": "error", "effect-failed": "error", "effect-unhandled": "error", "proxy-timeout": "session",
 }
 
 

@@ -131,7 +131,7 @@ class Prober:
             return
         e = fut.exception()
         if e is not None:  # a probe must not stop anything; the admin hears of it
-            self.records.emit(f"check probe failed: {type(e).__name__}: {e}", kind="error")
+            self.records.record(ev.ProbeFailed(f"{type(e).__name__}: {e}"))
 
     def release(self) -> None:
         """A listener stopped; the last one stops the rounds. A probe still running (hung)
@@ -281,7 +281,7 @@ class SmtpServer:
         for conn in list(self.connections):
             if conn.awaiting_proxy_header:
                 if now - conn.started > self.proxy_header_timeout:
-                    self.records.emit(f"timeout waiting for the PROXY header from {conn.peer_ip}", session=conn.sid)
+                    self.records.record(ev.ProxyTimeout(conn.peer_ip), session=conn.sid)
                     conn.shutdown(None)
                 continue
             limit = smtp.data_timeout if conn.session and conn.session.in_data else smtp.command_timeout
@@ -297,13 +297,12 @@ class SmtpServer:
         for effect in effects:
             handler = self.effects.get(type(effect))
             if handler is None:
-                self.records.emit(f"no handler for the check effect {effect!r}", kind="error", session=sid)
+                self.records.record(ev.EffectUnhandled(repr(effect)), session=sid)
                 continue
             try:
                 await handler(effect)
             except Exception as e:  # noqa: BLE001 - an effect must never break the session
-                self.records.emit(f"check effect {type(effect).__name__} failed: {type(e).__name__}: {e}",
-                                  kind="error", session=sid)
+                self.records.record(ev.EffectFailed(type(effect).__name__, f"{type(e).__name__}: {e}"), session=sid)
 
 
 class SmtpProtocol(asyncio.Protocol):

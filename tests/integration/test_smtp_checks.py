@@ -563,3 +563,41 @@ def test_the_listener_asks_the_access_tables_the_checks_use(tmp_path):
         assert bare.access.is_relay_client("127.0.0.1")  # a pipeline without them: tables of its own
     finally:
         h.spool.close()
+
+
+class BrokenProbe(Check):
+    name = "broken_probe"
+
+    def refresh(self) -> None:
+        raise OSError("stale file handle")
+
+
+def test_a_failing_probe_and_failing_effects_are_error_events(tmp_path):
+    config = parse_config(CONFIG.format(data_dir=tmp_path, extra="", min_free_disk="0"))
+
+    async def main() -> None:
+        records = FakeRecords()
+        prober = Prober.acquire(Pipeline([BrokenProbe()]), records)  # type: ignore[arg-type]
+        try:
+            assert prober.tick()
+            await until(lambda: records.events, "the probe's event")
+        finally:
+            prober.release()
+
+        async def failing(effect) -> None:
+            raise RuntimeError("no mail today")
+
+        spool = Spool(tmp_path, fsync=False)
+        server = SmtpServer(config, Pipeline([]), spool, records, lambda *a: None, None,  # type: ignore[arg-type]
+                            effects={str: failing})
+        await server.carry_out(("opened", 5), "s1")
+        spool.close()
+        assert records.events == [
+            ("check probe failed: OSError: stale file handle", "probe-failed", {"error": "OSError: stale file handle"}),
+            ("check effect str failed: RuntimeError: no mail today", "effect-failed",
+             {"effect": "str", "error": "RuntimeError: no mail today"}),
+            ("no handler for the check effect 5", "effect-unhandled", {"effect": "5"}),
+        ]
+        assert all(kind in ERROR_KINDS for _, kind, _ in records.events)
+
+    asyncio.run(main())

@@ -35,6 +35,7 @@ LINES = [
     (ev.ProxyRefused("192.0.2.9", "bad signature"), "reject: bad PROXY header from 192.0.2.9: bad signature"),
     (ev.EarlyTalker("unknown", "192.0.2.9", 6, "554 5.5.1 Protocol error"),
      "reject: early talker unknown[192.0.2.9] sent 6 bytes before the greeting: 554 5.5.1 Protocol error"),
+    (ev.ProxyTimeout("192.0.2.9"), "timeout waiting for the PROXY header from 192.0.2.9"),
     (ev.TlsStarted("unknown", "127.0.0.1", "TLSv1.3", "TLS_AES_256_GCM_SHA384", 256),
      "STARTTLS=server, relay=unknown [127.0.0.1], version=TLSv1.3, verify=NO, cipher=TLS_AES_256_GCM_SHA384, bits=256/256"),
     (ev.TlsStarted("unknown", "127.0.0.1", error="EOF occurred"),
@@ -94,6 +95,9 @@ LINES = [
      "over-quota notice for <u@example.test> (1100 of 1000 bytes): 0123456789BCDFG"),
     (ev.CheckFailed("dnsbl", "RCPT", "TimeoutError: ", "451 4.3.0 Local error"),
      "warning: check dnsbl failed at RCPT: TimeoutError: ; answered 451 4.3.0 Local error"),
+    (ev.ProbeFailed("OSError: [Errno 116] Stale file handle"), "check probe failed: OSError: [Errno 116] Stale file handle"),
+    (ev.EffectFailed("QuotaNotice", "OSError: disk full"), "check effect QuotaNotice failed: OSError: disk full"),
+    (ev.EffectUnhandled("'opened'"), "no handler for the check effect 'opened'"),
     (ev.AdminAction("hold", 2, "kanmon queue", "state=deferred", "A B"),
      "admin: hold 2 message(s) by `kanmon queue` matching state=deferred: A B"),
     (ev.AdminAction("delete", 0, "kanmon queue", "id=X", ""), "admin: delete 0 message(s) by `kanmon queue` matching id=X: none"),
@@ -130,6 +134,11 @@ def test_a_suppressed_alert_says_when_it_was_last_mailed():
     sent = time.mktime((2026, 11, 30, 9, 5, 0, 0, 0, -1))
     e = ev.Alert("queue", "size", "suppressed", 1.0, "900 messages", last_sent=sent)
     assert e.line() == f"alert queue/size (already mailed {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(sent))}): 900 messages"
+
+
+def test_failures_of_probes_and_effects_are_alerted_like_errors():
+    assert {"error", "critical", "check-failed", "probe-failed", "effect-failed", "effect-unhandled"} == set(ev.ERROR_KINDS)
+    assert ev.ProxyTimeout.KIND not in ev.ERROR_KINDS and ev.QuarantineHeld.KIND not in ev.ERROR_KINDS
 
 
 def test_every_kind_names_one_type():
