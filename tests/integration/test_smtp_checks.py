@@ -371,10 +371,7 @@ def test_a_trusted_proxy_that_sends_no_proxy_header_is_closed_after_the_header_t
             talker = await h.connect()
             await talker.send(b"PROXY TCP4 192.0.2.5 192.0.2.1 40000 25\r\n")
             assert (await talker.reply()).startswith("220")
-            for _ in range(1000):
-                if len(server.connections) == 2:
-                    break
-                await asyncio.sleep(0)
+            await until(lambda: len(server.connections) == 2, "both connections to register")
             # Drive the sweeper's clock instead of waiting: just under the timeout, nothing.
             start = max(conn.started for conn in server.connections)
             server.sweep_nowait(start + PROXY_HEADER_TIMEOUT - 1)
