@@ -269,8 +269,12 @@ class DnsSection(Section):
 
 class QueueSection(Section):
     retry: str = Field("5m..1h", description="first..max retry interval; doubling, jittered")
-    warn_after: Duration = Field(4 * 3600.0, description='One delay notice to the sender after this; "0" = never')
+    warn_after: Duration = Field(4 * 3600.0, description='A delay notice to the sender after this; "0" = never')
+    warn_every: Duration = Field(0.0, description='Repeat the delay notice this often (sendmail\'s "every 4h"); "0" = once')
     lifetime: Duration = Field(3 * 86400.0, description='Then a failure notice; "0" = a temporary failure bounces at once')
+    min_attempts: int | None = Field(
+        None, ge=1, description='Attempts before a message can expire (default: 2 with lifetime "0", else 1)'
+    )
     max_active: int = Field(10_000, ge=10, description="Messages held in memory by the queue manager at once")
     suspend_delivery: bool = Field(False, description="Accept and queue mail but deliver nothing (maintenance, benchmarks)")
 
@@ -283,6 +287,14 @@ class QueueSection(Section):
     @property
     def retry_bounds(self) -> tuple[float, float]:
         return parse_retry(self.retry)
+
+    @property
+    def attempts_before_expiry(self) -> int:
+        """min_attempts, or its default: 2 with lifetime "0" (a greylisting server's one
+        retry after the first interval), otherwise 1."""
+        if self.min_attempts is not None:
+            return self.min_attempts
+        return 2 if self.lifetime == 0 else 1
 
 
 def parse_retry(value: str) -> tuple[float, float]:

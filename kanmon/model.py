@@ -140,6 +140,19 @@ class Envelope:
     # The content was checked at DATA: CRLF line ends only (no bare CR or LF). The
     # outbound client then need not scan it again before sending.
     crlf_checked: bool = False
+    # RFC 3461 DSN parameters the client gave (empty: none given, our defaults apply).
+    dsn_ret: str = ""  # FULL | HDRS (MAIL RET=)
+    dsn_envid: str = ""  # MAIL ENVID=, decoded from xtext
+    dsn_notify: dict[str, str] = field(default_factory=dict)  # final rcpt -> NEVER | SUCCESS,FAILURE,DELAY
+    dsn_orcpt: dict[str, str] = field(default_factory=dict)  # final rcpt -> "rfc822;addr" (ORCPT=, decoded)
+
+    def wants_notice(self, rcpt: str, kind: str) -> bool:
+        """Whether the sender asked for a notice of this kind (SUCCESS | FAILURE | DELAY)
+        about this recipient. Without NOTIFY: failures and delays, never success (RFC 3461 4.1)."""
+        notify = self.dsn_notify.get(rcpt)
+        if not notify:
+            return kind != "SUCCESS"
+        return kind in notify.split(",")
 
 
 # ---------------------------------------------------------------------------
@@ -162,6 +175,9 @@ class RecipientResult:
     relay: str = ""  # "host [ip]:port" or "local"
     mailer: str = ""  # local | esmtp
     tls: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL"
+    # The next hop offered DSN and took the RFC 3461 parameters with the message: notices
+    # about this recipient are its job from now on (RFC 3461 5.2.2).
+    dsn_passed: bool = False
 
 
 class CrlfChecked(bytes):

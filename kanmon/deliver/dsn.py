@@ -1,9 +1,10 @@
-"""Delivery status notifications (RFC 3464): the failure notice and the delay notice.
+"""Delivery status notifications (RFC 3464): the failure, delay and success notices.
 
 Role: build the bytes of a notice to a message's envelope sender — a multipart/report
 (RFC 6522) with a human-readable part, a message/delivery-status part and the original
-headers (text/rfc822-headers; the whole message only when asked). The queue manager
-puts the result into the spool like any other message, from `<>`.
+headers (text/rfc822-headers; the whole message only when asked: RET=FULL). The sender's
+RFC 3461 ENVID and ORCPT come back as Original-Envelope-Id and Original-Recipient. The
+queue manager puts the result into the spool like any other message, from `<>`.
 
 Trusts: nothing about its input's content. Addresses, remote replies, host names and the
 original message come from the network; any control character (CR, LF, NUL, ...) in
@@ -30,6 +31,7 @@ from kanmon.model import LocalReply, RecipientResult, Reply
 from kanmon.units import format_duration
 
 FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
+SUCCESS_SUBJECT = "Successful Mail Delivery Report"
 DELAY_SUBJECT = "Warning: could not send message for past {duration}"
 
 # Original headers quoted in a notice, at most (RFC 3462 allows truncation).
@@ -56,9 +58,10 @@ class NoticeRecipient:
     reply: Reply  # the last reply (remote or a LocalReply)
     remote_mta: str = ""  # host name or [ip] of the server that said it, if any
     original_rcpt: str = ""  # the address as the client wrote it (alias), if different
+    orcpt: str = ""  # RFC 3461 ORCPT as given, "addr-type;address" (decoded): always reported
 
     @classmethod
-    def from_result(cls, result: RecipientResult, original_rcpt: str = "") -> NoticeRecipient:
+    def from_result(cls, result: RecipientResult, original_rcpt: str = "", orcpt: str = "") -> NoticeRecipient:
         """From a delivery result; Remote-MTA is taken from its relay
         (`store.corp.example. [192.0.2.7]:25` -> `store.corp.example`, `[192.0.2.7]` as is)."""
         relay = result.relay.strip()
@@ -68,7 +71,7 @@ class NoticeRecipient:
             mta = relay[: relay.find("]") + 1] if "]" in relay else ""
         else:
             mta = relay.split()[0].rstrip(".")
-        return cls(result.rcpt, result.reply, mta, original_rcpt)
+        return cls(result.rcpt, result.reply, mta, original_rcpt, orcpt)
 
 
 def _clean(text: str, limit: int = MAX_FIELD) -> str:
@@ -148,6 +151,7 @@ def _build(
     queue_id: str,
     will_retry_until: float | None,
     include_body: bool,
+    envid: str = "",
 ) -> Notice:
     if sender == "":
         raise ValueError("no notice is sent about a message from the null sender <> (RFC 3464 / promise 5)")
@@ -191,14 +195,20 @@ def _build(
         "Content-Description: Delivery report",
         "Content-Type: message/delivery-status",
         "",
-        f"Reporting-MTA: dns; {hostname}",
     ]
+    if envid:
+        status_part.append(f"Original-Envelope-Id: {_clean(envid, 100)}")  # RFC 3464 2.2.1
+    status_part.append(f"Reporting-MTA: dns; {hostname}")
     if queue_id:
         status_part.append(f"X-Kanmon-Queue-ID: {_clean(queue_id, 64)}")
     status_part.append(f"Arrival-Date: {_date(arrival)}")
     for r in recipients:
         status_part.append("")
-        if r.original_rcpt and r.original_rcpt != r.rcpt:
+        if r.orcpt:
+            # RFC 3464 2.3.1: the ORCPT the sender gave, whenever it gave one.
+            addr_type, _, address = r.orcpt.partition(";")
+            status_part.append(f"Original-Recipient: {_clean(addr_type, 32)}; {_clean(address, 512)}")
+        elif r.original_rcpt and r.original_rcpt != r.rcpt:
             status_part.append(f"Original-Recipient: rfc822; {_clean(r.original_rcpt, 512)}")
         status_part += [
             f"Final-Recipient: rfc822; {_clean(r.rcpt, 512)}",
@@ -213,12 +223,13 @@ def _build(
             status_part.append(f"Will-Retry-Until: {_date(will_retry_until)}")
     status_part.append("")
 
+    label = "Undelivered Message" if action in ("failed", "delayed") else "Delivered Message"
     if include_body:
-        original_head = ["Content-Description: Undelivered Message", "Content-Type: message/rfc822", "", ""]
+        original_head = [f"Content-Description: {label}", "Content-Type: message/rfc822", "", ""]
         original_bytes = _normalise_body(original)
     else:
         original_head = [
-            "Content-Description: Undelivered Message Headers",
+            f"Content-Description: {label} Headers",
             "Content-Type: text/rfc822-headers",
             "",
             "",
@@ -249,6 +260,7 @@ def build_failure_notice(
     *,
     queue_id: str = "",
     include_body: bool = False,
+    envid: str = "",
 ) -> Notice:
     """A failure notice (`Action: failed`, `Status: 5.x.x`), Postfix's wording.
 
@@ -283,6 +295,7 @@ def build_failure_notice(
         queue_id=queue_id,
         will_retry_until=None,
         include_body=include_body,
+        envid=envid,
     )
 
 
@@ -296,6 +309,7 @@ def build_delay_notice(
     *,
     will_retry_until: float,
     queue_id: str = "",
+    envid: str = "",
 ) -> Notice:
     """A delay notice (`Action: delayed`, `Status: 4.x.x`, `Will-Retry-Until`).
 
@@ -331,10 +345,58 @@ def build_delay_notice(
         queue_id=queue_id,
         will_retry_until=will_retry_until,
         include_body=False,
+        envid=envid,
+    )
+
+
+def build_success_notice(
+    original: bytes,
+    sender: str,
+    hostname: str,
+    recipients: Sequence[NoticeRecipient | tuple[str, Reply, str]],
+    arrival: float,
+    now: float | None = None,
+    *,
+    action: str = "delivered",
+    queue_id: str = "",
+    envid: str = "",
+) -> Notice:
+    """A success notice (RFC 3461 NOTIFY=SUCCESS): `Action: delivered` (into a mailbox
+    here) or `Action: relayed` (taken by a next hop that does not do DSN, so no further
+    notice can be promised). Headers of the original only."""
+    if action not in ("delivered", "relayed"):
+        raise ValueError(f"a success notice is delivered or relayed, not {action!r}")
+    now = time.time() if now is None else now
+    human = [
+        f"This is the mail system at host {_clean(hostname, 253)}.",
+        "",
+        "Your message was successfully delivered to the destination(s)",
+        "listed below. If the message was delivered to mailbox you will",
+        "receive no further notifications. Otherwise you may still receive",
+        "notifications of mail delivery errors from other systems.",
+        "",
+        "                   The mail system",
+    ]
+    return _build(
+        action=action,
+        subject=SUCCESS_SUBJECT,
+        human=human,
+        original=original,
+        sender=sender,
+        hostname=hostname,
+        recipients=recipients,
+        arrival=arrival,
+        now=now,
+        queue_id=queue_id,
+        will_retry_until=None,
+        include_body=False,
+        envid=envid,
     )
 
 
 __all__ = [
+    "SUCCESS_SUBJECT",
+    "build_success_notice",
     "DELAY_SUBJECT",
     "FAILURE_SUBJECT",
     "Notice",

@@ -33,7 +33,7 @@ from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply
 from kanmon.queue.inject import Injector
-from kanmon.queue.plan import FAILED, NoticeRequest, Settings, attempt_now, plan_attempt
+from kanmon.queue.plan import DELAYED, DELIVERED, FAILED, RELAYED, NoticeRequest, Settings, attempt_now, plan_attempt
 from kanmon.records.events import BOUNCED, DEFERRED, SENT, Delivery, Error, NoticeQueued, NoticeSkipped, Removed
 from kanmon.records.store import Records
 from kanmon.routing import Route, Router
@@ -43,6 +43,8 @@ from kanmon.spool.store import Spool, SpoolEntry
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
 NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
 LIFETIME_EXPIRED = "message expired in the queue"
+# The notice kinds of the event log (`sender failure notification: <id>`) by RFC 3464 action.
+NOTICE_KIND = {FAILED: "failure", DELAYED: "delay", DELIVERED: "success", RELAYED: "success"}
 
 # remote(queue_id, envelope, rcpts, content, route): the SMTP agent (SmtpDelivery.deliver_route).
 RemoteDeliver = Callable[[str, Envelope, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
@@ -298,6 +300,8 @@ class QueueManager:
             self._log_result(qid, env, r, start, now, plan.expired)
         for action in plan.no_notice:
             self.records.record(NoticeSkipped(action), qid)
+        for action in plan.not_requested:
+            self.records.record(NoticeSkipped(action, "notify"), qid)
         for notice in plan.notices:
             await self._notify(entry, content, notice, now)
         if plan.retry_at is not None:
@@ -330,9 +334,9 @@ class QueueManager:
             self.records.history_status(qid, r.rcpt, f"Deferred: {text}")
 
     async def _notify(self, entry: SpoolEntry, content: bytes, notice: NoticeRequest, now: float) -> None:
-        """A delay or failure notice to the sender, through the injector (RFC 3464)."""
+        """A delay, failure or success notice to the sender, through the injector (RFC 3464)."""
         assert self.notices is not None
-        kind = "failure" if notice.action == FAILED else "delay"
+        kind = NOTICE_KIND[notice.action]
         notice_env, notice_content = self.notices.build(entry, content, list(notice.results), notice.action, now)
         try:
             notice_id = await self.injector.inject(notice_env, notice_content, f"{kind} notice")

@@ -5,8 +5,10 @@ of this attempt and the [queue] settings, decide everything that follows: each
 recipient's final status (a temporary failure becomes a bounce once the message has
 expired), the journal records to append, when the next attempt is due (doubling from
 the first interval to the most, jittered upward by up to 10%), whether a delay notice
-goes out now, which failure/delay notices to send, and whether the message leaves the
-queue. The queue manager carries the plan out (journal first, then logs, notices,
+goes out now (once after warn_after, or again every warn_every), which failure, delay and
+success notices to send (as far as the sender's RFC 3461 NOTIFY asked for them), and
+whether the message leaves the queue. A message is not expired before it had
+min_attempts attempts (a greylisting server gets its retry even with lifetime 0). The queue manager carries the plan out (journal first, then logs, notices,
 schedule or removal); this module does no I/O and reads no clock: `now` and the random
 source are passed in, so every case is a unit test.
 
@@ -26,6 +28,10 @@ from kanmon.spool.journal import QueueState
 
 FAILED = "failed"  # RFC 3464 action of a failure notice
 DELAYED = "delayed"  # ... of a delay notice
+DELIVERED = "delivered"  # ... of a success notice: delivered into a mailbox here
+RELAYED = "relayed"  # ... of a success notice: taken by a next hop that does not do DSN
+# The RFC 3461 NOTIFY keyword that asks for each action's notice.
+NOTIFY_KEYWORD = {FAILED: "FAILURE", DELAYED: "DELAY", DELIVERED: "SUCCESS", RELAYED: "SUCCESS"}
 
 
 class Uniform(Protocol):
@@ -36,18 +42,21 @@ class Uniform(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """[queue] retry, warn_after and lifetime, in seconds (0: never warn / bounce at once)."""
+    """[queue] retry, warn_after and lifetime, in seconds (0: never warn / bounce at once);
+    warn_every (0: one delay notice only) and min_attempts (attempts before expiry)."""
 
     retry_first: float
     retry_most: float
     warn_after: float
     lifetime: float
+    warn_every: float = 0.0
+    min_attempts: int = 1
 
     @classmethod
     def from_config(cls, queue) -> Settings:
         """From a kanmon.config queue section."""
         first, most = queue.retry_bounds
-        return cls(first, most, queue.warn_after, queue.lifetime)
+        return cls(first, most, queue.warn_after, queue.lifetime, queue.warn_every, queue.attempts_before_expiry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,7 @@ class Plan:
     notices: tuple[NoticeRequest, ...]  # to send, in order
     no_notice: tuple[str, ...]  # actions whose notice is not sent: from <> or about a notice
     remove: bool  # every recipient is final: the message leaves the queue
+    not_requested: tuple[str, ...] = ()  # failed/delayed notices left out: the sender's NOTIFY did not ask
 
     @property
     def warn(self) -> bool:
@@ -101,8 +111,12 @@ def plan_attempt(
     """
     age = now - (env.received_at or now)
     deferred = any(r.status is Status.DEFERRED for r in results)
-    # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces.
-    expired = deferred and (settings.lifetime == 0 or age >= settings.lifetime)
+    # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces, once
+    # the message had its minimum number of attempts (this one included).
+    expired = (
+        deferred and (settings.lifetime == 0 or age >= settings.lifetime)
+        and state.attempts + 1 >= settings.min_attempts
+    )
     final: list[RecipientResult] = []
     for r in results:
         if r.status is Status.DEFERRED and expired:
@@ -118,22 +132,44 @@ def plan_attempt(
     if still_deferred:
         retry_at = now + retry_delay(state.attempts + 1, settings.retry_first, settings.retry_most, rng)
         records.append(journal.Attempt(now, state.attempts + 1, retry_at))
-    may_notify = bool(env.mail_from) and not env.is_notice
-    warn = (
-        bool(still_deferred) and settings.warn_after > 0 and age >= settings.warn_after and not state.warned
-        and may_notify and notices
+    may_notify = bool(env.mail_from) and not env.is_notice and notices
+    not_requested: list[str] = []
+
+    def asked(action: str, rs: tuple[RecipientResult, ...]) -> tuple[RecipientResult, ...]:
+        """The recipients whose NOTIFY asks for this action's notice (RFC 3461 4.1)."""
+        keyword = NOTIFY_KEYWORD[action]
+        wanted = tuple(r for r in rs if env.wants_notice(r.rcpt, keyword))
+        if rs and len(wanted) < len(rs) and may_notify and action in (FAILED, DELAYED):
+            not_requested.append(action)
+        return wanted
+
+    # A delay notice once after warn_after; with warn_every, again each time that much
+    # has passed since the last one.
+    warn_due = (
+        settings.warn_after > 0 and age >= settings.warn_after
+        and (not state.warned or (settings.warn_every > 0 and now - state.warned_at >= settings.warn_every))
     )
+    delayed = asked(DELAYED, still_deferred) if warn_due and may_notify else ()
+    warn = bool(delayed)
     if warn:
         records.append(journal.Warned(now))
     planned: list[NoticeRequest] = []
     suppressed: list[str] = []
     if bounced:
-        if not may_notify:
+        if not (env.mail_from and not env.is_notice):
             suppressed.append(FAILED)
-        elif notices:
-            planned.append(NoticeRequest(FAILED, bounced))
+        elif notices and (failed := asked(FAILED, bounced)):
+            planned.append(NoticeRequest(FAILED, failed))
     if warn:
-        planned.append(NoticeRequest(DELAYED, still_deferred))
+        planned.append(NoticeRequest(DELAYED, delayed))
+    if may_notify:
+        # Success notices, only when asked (NOTIFY=SUCCESS) and only where the next hop did
+        # not take the request over (RFC 3461 5.2.2): delivered here, or relayed onward.
+        sent = [r for r in final if r.status is Status.SENT and not r.dsn_passed]
+        for action, rs in ((DELIVERED, [r for r in sent if r.mailer == "local"]),
+                           (RELAYED, [r for r in sent if r.mailer != "local"])):
+            if wanted := asked(action, tuple(rs)):
+                planned.append(NoticeRequest(action, wanted))
     # The journal first: after a crash, what is written is what happened. When every
     # recipient was delivered the removal is the record (a crash before it delivers
     # again: twice, never zero times), so nothing is journaled.
@@ -147,4 +183,5 @@ def plan_attempt(
         notices=tuple(planned),
         no_notice=tuple(suppressed),
         remove=not still_deferred,
+        not_requested=tuple(not_requested),
     )

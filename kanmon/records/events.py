@@ -508,10 +508,10 @@ class TlsClient(Event):
 
 @_event
 class NoticeQueued(Event):
-    """A delay or failure notice to the sender (RFC 3464), queued as `notice_id`."""
+    """A delay, failure or success notice to the sender (RFC 3464), queued as `notice_id`."""
 
     KIND = "notice"
-    notice: str  # failure | delay
+    notice: str  # failure | delay | success
     notice_id: str
 
     def line(self) -> str:
@@ -523,12 +523,16 @@ class NoticeQueued(Event):
 
 @_event
 class NoticeSkipped(Event):
-    """No notice for a message from <> or for a notice (RFC 3461 6.2, no loops)."""
+    """No notice for a message from <> or for a notice (RFC 3461 6.2, no loops), or none
+    because the sender's NOTIFY did not ask for it (why = "notify")."""
 
     KIND = "notice-skipped"
     action: str  # failed | delayed
+    why: str = ""  # "": from <> or a notice; "notify": not asked for (RFC 3461 NOTIFY)
 
     def line(self) -> str:
+        if self.why == "notify":
+            return f"no notice ({self.action}) for some recipients: not asked for (NOTIFY)"
         return f"no notice ({self.action}) for a message from <> or a notice: dropped"
 
 

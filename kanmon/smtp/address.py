@@ -171,3 +171,98 @@ def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool) -> Path:
     local = _check_local(local, non_ascii, bad)
     domain = _check_domain(domain, non_ascii, bad)
     return Path(f"{local}@{domain}", local, domain, params)
+
+
+# ---------------------------------------------------------------------------
+# RFC 3461 DSN parameters: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT.
+# A malformed value is 501 5.5.4, like any other parameter syntax error.
+
+MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2
+NOTIFY_KEYWORDS = ("SUCCESS", "FAILURE", "DELAY")  # in the order we write them
+_ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+$")  # atom
+_HEXDIGITS = "0123456789ABCDEFabcdef"
+
+
+def xtext_decode(text: str, *, utf8: bool = False) -> str:
+    """RFC 3461 4: xtext -> text (`+2B` is "+"). ValueError for anything else: a
+    character outside "!".."~", "=", or a "+" without two hex digits. utf8: non-ASCII
+    characters stand for themselves (RFC 6533 utf-8 addresses)."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+":
+            hx = text[i + 1 : i + 3]
+            if len(hx) != 2 or any(c not in _HEXDIGITS for c in hx):
+                raise ValueError("bad xtext escape")
+            out.append(chr(int(hx, 16)))
+            i += 3
+            continue
+        if not ("!" <= ch <= "~" or (utf8 and ord(ch) > 127)) or ch == "=":
+            raise ValueError("bad xtext character")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def xtext_encode(text: str) -> str:
+    """text -> RFC 3461 xtext: "+", "=" and everything outside "!".."~" as +XX."""
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode("utf-8"))
+        for ch in text
+    )
+
+
+def _printable(text: str) -> bool:
+    return all(" " <= ch <= "~" or ord(ch) > 127 for ch in text)
+
+
+def parse_ret(value: str | None) -> str:
+    """RET=FULL|HDRS (RFC 3461 4.3) -> "FULL" or "HDRS"."""
+    if value is None or value.upper() not in ("FULL", "HDRS"):
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    return value.upper()
+
+
+def parse_envid(value: str | None) -> str:
+    """ENVID=xtext (RFC 3461 4.4) -> the decoded envelope id (printable US-ASCII)."""
+    if not value or len(value) > MAX_ENVID:
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    try:
+        envid = xtext_decode(value)
+    except ValueError:
+        raise SmtpError(replies.SYNTAX_PARAMS) from None
+    if not envid.isascii() or not _printable(envid):
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    return envid
+
+
+def parse_notify(value: str | None) -> str:
+    """NOTIFY=NEVER | SUCCESS,FAILURE,DELAY in any order (RFC 3461 4.1) -> "NEVER" or the
+    keywords given, comma-separated in a fixed order. NEVER with another keyword, an
+    unknown or an empty one is a syntax error."""
+    if not value:
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if any(w not in NOTIFY_KEYWORDS for w in words):
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    return ",".join(k for k in NOTIFY_KEYWORDS if k in words)
+
+
+def parse_orcpt(value: str | None) -> str:
+    """ORCPT=addr-type;xtext (RFC 3461 4.2) -> "addr-type;address", decoded."""
+    if not value or len(value) > MAX_ORCPT:
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    addr_type, sep, encoded = value.partition(";")
+    if not sep or not encoded or not _ADDR_TYPE.match(addr_type):
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    try:
+        address = xtext_decode(encoded, utf8=addr_type.lower() == "utf-8")
+    except ValueError:
+        raise SmtpError(replies.SYNTAX_PARAMS) from None
+    if not _printable(address):
+        raise SmtpError(replies.SYNTAX_PARAMS)
+    return f"{addr_type.lower() if addr_type.lower() in ('rfc822', 'utf-8') else addr_type};{address}"

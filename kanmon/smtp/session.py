@@ -12,7 +12,7 @@ answer that needs I/O puts the session in WAIT_CHECK (input stays buffered, noth
 is read) until the listener calls check_result().
 
 Trusts: nothing the client sends. Every buffer is bounded: a command line is at most
-512 octets (RFC 5321 4.5.3.1.4), and one that runs past 64 KiB closes the connection
+512 octets (RFC 5321 4.5.3.1.4) plus the 514 RFC 3461 allows for DSN parameters, and one that runs past 64 KiB closes the connection
 (421); DATA beyond max_message_size is read to its end but not kept. A HELO client (not
 offered PIPELINING) that sends a command before the reply to the previous one is
 disconnected with 554 5.5.0 (RFC 2920; Postfix smtpd_forbid_unauth_pipelining). Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
@@ -36,9 +36,11 @@ from email.utils import formatdate
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
 from kanmon.policy.pipeline import Context, Decision, Pending, Pipeline, Stage
 from kanmon.smtp import replies
-from kanmon.smtp.address import Path, parse_path
+from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
 
-MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, including CRLF
+# RFC 5321 4.5.3.1.4 (512, including CRLF), plus what RFC 3461 4 adds to RCPT for
+# ORCPT (500) and NOTIFY (14) and RFC 1870 and 3461 add to MAIL at most.
+MAX_COMMAND_LINE = 512 + 500 + 14
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
 MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
 
@@ -465,6 +467,7 @@ class Session:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "DSN",  # RFC 3461: RET, ENVID on MAIL; NOTIFY, ORCPT on RCPT
         ]
         if self.settings.tls_available and not self.tls_active:
             lines.append("STARTTLS")
@@ -533,6 +536,10 @@ class Session:
                 if value is not None:
                     raise SmtpError(replies.SYNTAX_PARAMS)
                 env.smtputf8 = True
+            elif key == "RET":
+                env.dsn_ret = parse_ret(value)  # RFC 3461 4.3
+            elif key == "ENVID":
+                env.dsn_envid = parse_envid(value)  # RFC 3461 4.4
             else:
                 raise SmtpError(replies.PARAM_UNKNOWN)
         self._ask(Stage.MAIL, Context(self.client, env, sender=path), lambda d, out: self._mail_decided(env, d, out), out)
@@ -557,12 +564,20 @@ class Session:
             self.errors -= 1  # not the client's fault; never counts toward max_errors
             raise SmtpError(replies.TOO_MANY_RECIPIENTS)
         path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8)
-        if path.params:
-            raise SmtpError(replies.PARAM_UNKNOWN)
+        notify = orcpt = ""
+        for key, value in path.params.items():
+            if not self.esmtp:
+                raise SmtpError(replies.PARAM_UNKNOWN)
+            if key == "NOTIFY":
+                notify = parse_notify(value)  # RFC 3461 4.1
+            elif key == "ORCPT":
+                orcpt = parse_orcpt(value)  # RFC 3461 4.2
+            else:
+                raise SmtpError(replies.PARAM_UNKNOWN)
         self._ask(Stage.RCPT, Context(self.client, self._tx.envelope, rcpt=path),
-                  lambda d, out: self._rcpt_decided(path, d, out), out)
+                  lambda d, out: self._rcpt_decided(path, d, out, notify, orcpt), out)
 
-    def _rcpt_decided(self, path: Path, d: Decision, out: list[Action]) -> None:
+    def _rcpt_decided(self, path: Path, d: Decision, out: list[Action], notify: str = "", orcpt: str = "") -> None:
         self._restore_state()
         tx = self._tx
         assert tx is not None
@@ -575,6 +590,11 @@ class Session:
                 env.rcpts.append(target)
                 if target != path.address:
                     env.original_rcpts[target] = path.address
+                # Each final recipient of an alias keeps what its RCPT asked (RFC 3461 4.1, 4.2).
+                if notify:
+                    env.dsn_notify[target] = notify
+                if orcpt:
+                    env.dsn_orcpt[target] = orcpt
         _merge(tx, d)
         tx.accepted_rcpts += 1
         self.state = State.RCPT

@@ -9,7 +9,7 @@ reader (spool, admin CLI) decodes through decode()/from_dict(); nobody else spel
 Format (docs/spool-format.md), one compact JSON object per line, key order as below:
     {"k":"result","t":..,"rcpt":..,"status":"sent|deferred|bounced","reply":..,"relay":..,"mailer":..,"tls":..}
     {"k":"attempt","t":..,"n":..,"next":..}     attempts so far and the next one (n=0: requeue)
-    {"k":"warned","t":..}                        the delay notice went out
+    {"k":"warned","t":..}                        a delay notice went out (one per [queue] warn_every)
     {"k":"hold","on":true|false,"t":..,"by":..}  held or released by the admin
     {"k":"schedule","t":..,"next":..}            next attempt set by the admin (0: now)
 
@@ -60,7 +60,7 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Warned:
-    """The delay notice was sent (only one per message)."""
+    """A delay notice was sent (once, or once per [queue] warn_every)."""
 
     t: float
 
@@ -199,6 +199,7 @@ class QueueState:
     next_attempt: float = 0.0
     hold: bool = False
     warned: bool = False
+    warned_at: float = 0.0  # when the last delay notice went out (0: never)
     history: list[Record] = field(default_factory=list)  # results, holds, warnings in order
     refused: int = 0  # lines the decoder refused (skipped)
 
@@ -218,6 +219,7 @@ class QueueState:
             self.history.append(rec)
         elif isinstance(rec, Warned):
             self.warned = True
+            self.warned_at = max(self.warned_at, rec.t)
             self.history.append(rec)
         elif isinstance(rec, Schedule):
             self.next_attempt = rec.next

@@ -69,6 +69,15 @@ def envelope_to_json(env: Envelope) -> bytes:
     }
     if env.crlf_checked:
         data["crlf"] = True
+    # RFC 3461 parameters, only when the client gave them (older files have none).
+    if env.dsn_ret:
+        data["ret"] = env.dsn_ret
+    if env.dsn_envid:
+        data["envid"] = env.dsn_envid
+    if env.dsn_notify:
+        data["notify"] = env.dsn_notify
+    if env.dsn_orcpt:
+        data["orcpt"] = env.dsn_orcpt
     if c is not None:
         data["client"] = {
             "ip": c.ip, "port": c.port, "name": c.name, "helo": c.helo, "proto": c.proto,
@@ -89,10 +98,18 @@ def envelope_from_json(raw: bytes) -> Envelope:
         )
     if not isinstance(d["from"], str) or not isinstance(d["rcpts"], list) or not d["rcpts"]:
         raise ValueError("envelope without sender or recipients")
+    ret, envid = d.get("ret", ""), d.get("envid", "")
+    notify, orcpt = d.get("notify", {}), d.get("orcpt", {})
+    if ret not in ("", "FULL", "HDRS") or not isinstance(envid, str):
+        raise ValueError("envelope: bad ret or envid")
+    for m in (notify, orcpt):
+        if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
+            raise ValueError("envelope: notify and orcpt map recipients to text")
     return Envelope(
         mail_from=d["from"], rcpts=list(d["rcpts"]), original_rcpts=dict(d.get("orcpts", {})), client=client,
         size_hint=d.get("size_hint", 0), body_8bit=d.get("8bit", False), smtputf8=d.get("utf8", False),
         received_at=d.get("at", 0.0), is_notice=d.get("notice", False), crlf_checked=d.get("crlf", False),
+        dsn_ret=ret, dsn_envid=envid, dsn_notify=dict(notify), dsn_orcpt=dict(orcpt),
     )
 
 
