@@ -76,3 +76,28 @@ def test_eight_bit_needs_smtputf8():
 
 def test_bad_params():
     assert code_of("<a@b.example> =x", is_sender=True) == "501 5.5.4"
+
+
+# -- RFC 3461 xtext and the DSN parameters ------------------------------------------------------
+
+from kanmon.smtp.address import parse_notify, parse_orcpt, xtext_decode, xtext_encode  # noqa: E402
+
+
+@pytest.mark.parametrize("text", ["plain", "a+b=c", "with space", "+2B", ""])
+def test_xtext_round_trip(text):
+    encoded = xtext_encode(text)
+    assert all("!" <= c <= "~" and c != "=" for c in encoded)
+    assert xtext_decode(encoded) == text
+
+
+def test_xtext_decode_is_strict():
+    assert xtext_decode("a+2Bb+3D") == "a+b="
+    for bad in ("a=b", "a+2", "a+G0", "a b", "\x01"):
+        with pytest.raises(ValueError):
+            xtext_decode(bad)
+
+
+def test_notify_is_normalised_and_orcpt_decoded():
+    assert parse_notify("delay,Success") == "SUCCESS,DELAY"
+    assert parse_notify("never") == "NEVER"
+    assert parse_orcpt("RFC822;a+2Bb@c.example") == "rfc822;a+b@c.example"

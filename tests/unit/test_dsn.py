@@ -229,3 +229,51 @@ def test_notice_recipient_from_a_delivery_result(relay, mta):
 
     result = RecipientResult("b@dest.example", Status.BOUNCED, Reply(550, "5.1.1", "unknown"), relay, "esmtp")
     assert NoticeRecipient.from_result(result).remote_mta == mta
+
+
+# -- RFC 3461: success notices, ENVID, ORCPT, RET ----------------------------------------------
+
+from kanmon.deliver.dsn import SUCCESS_SUBJECT, build_success_notice  # noqa: E402
+
+
+def test_success_notice_delivered_and_relayed():
+    here = NoticeRecipient("bob@corp.example", Reply(250, "2.0.0", "delivered to maildir"))
+    data, mail_from = build_success_notice(ORIGINAL, "alice@corp.example", "relay.corp.example", [here], ARRIVAL,
+                                           ARRIVAL + 5, queue_id="QID1", envid="ABC 123")
+    msg = parse(data)
+    assert mail_from == "" and msg["Subject"] == SUCCESS_SUBJECT
+    per_message, rcpt = status_groups(msg)
+    assert per_message["Original-Envelope-Id"] == "ABC 123"
+    assert list(per_message)[0] == "Original-Envelope-Id"  # RFC 3464 2.2: first
+    assert rcpt["Action"] == "delivered" and rcpt["Status"] == "2.0.0" and "Remote-MTA" not in rcpt
+    assert b"SECRET BODY LINE" not in data and b"Delivered Message Headers" in data
+    relayed = NoticeRecipient("bob@dest.example", Reply(250, "2.0.0", "Ok: queued"), "mx1.dest.example")
+    data, _ = build_success_notice(ORIGINAL, "alice@corp.example", "relay.corp.example", [relayed], ARRIVAL,
+                                   ARRIVAL + 5, action="relayed")
+    (_, rcpt) = status_groups(parse(data))
+    assert rcpt["Action"] == "relayed" and rcpt["Remote-MTA"] == "dns; mx1.dest.example"
+    with pytest.raises(ValueError):
+        build_success_notice(ORIGINAL, "alice@corp.example", "h", [relayed], ARRIVAL, action="failed")
+    with pytest.raises(ValueError):
+        build_success_notice(ORIGINAL, "", "h", [relayed], ARRIVAL)
+
+
+def test_orcpt_is_the_original_recipient_even_when_equal_and_wins_over_the_alias():
+    r = NoticeRecipient("bob@dest.example", REMOTE.reply, "mx1.dest.example", original_rcpt="info@dest.example",
+                        orcpt="rfc822;Bob@Dest.example")
+    (_, rcpt) = status_groups(parse(failure(r)))
+    assert rcpt["Original-Recipient"] == "rfc822; Bob@Dest.example"
+    same = NoticeRecipient("bob@dest.example", REMOTE.reply, "mx1.dest.example", orcpt="rfc822;bob@dest.example")
+    (_, rcpt) = status_groups(parse(failure(same)))
+    assert rcpt["Original-Recipient"] == "rfc822; bob@dest.example"
+
+
+def test_envid_with_control_characters_cannot_add_a_field():
+    data = failure(envid="x\r\nAction: delivered")
+    (per_message, rcpt) = status_groups(parse(data))
+    assert per_message["Original-Envelope-Id"] == "x??Action: delivered" and rcpt["Action"] == "failed"
+
+
+def test_ret_full_returns_the_whole_message():
+    data = failure(include_body=True)
+    assert b"SECRET BODY LINE" in data and b"Content-Type: message/rfc822" in data

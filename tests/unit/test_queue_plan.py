@@ -9,7 +9,9 @@ import pytest
 from kanmon.model import Envelope, RecipientResult, Reply, Status
 from kanmon.queue.plan import (
     DELAYED,
+    DELIVERED,
     FAILED,
+    RELAYED,
     NoticeRequest,
     Settings,
     attempt_now,
@@ -171,3 +173,119 @@ def test_received_at_missing_counts_as_now():
     e = Envelope("alice@example.test", ["carol@dest.example"])
     p = plan([res("carol@dest.example", Status.DEFERRED, LATER)], e=e, settings=Settings(300, HOUR, 1, 1))
     assert not p.expired and not p.warn
+
+
+# -- warn_every: the delay notice again, every so often ---------------------------------------
+
+REPEAT = Settings(300, HOUR, 4 * HOUR, 72 * HOUR, warn_every=4 * HOUR)
+
+
+def test_warn_every_repeats_the_delay_notice_counting_from_the_last_one():
+    first = plan(DEFER_ONE, age=4 * HOUR, settings=REPEAT)
+    assert first.warn and first.journal[-1] == journal.Warned(ARRIVED + 4 * HOUR)
+    state = QueueState(attempts=5)
+    for rec in first.journal:
+        state.apply(rec)
+    assert state.warned and state.warned_at == ARRIVED + 4 * HOUR
+    assert not plan(DEFER_ONE, age=8 * HOUR - 1, state=state, settings=REPEAT).warn  # not yet 4h since
+    again = plan(DEFER_ONE, age=8 * HOUR + 600, state=state, settings=REPEAT)
+    assert again.warn and again.journal[-1] == journal.Warned(ARRIVED + 8 * HOUR + 600)
+    # The default (warn_every 0) is one notice, whatever the time since.
+    assert not plan(DEFER_ONE, age=50 * HOUR, state=state).warn
+
+
+def test_an_old_journal_warned_line_gives_the_time_of_the_last_notice():
+    raw = b'{"k":"warned","t":100.0}\n{"k":"attempt","t":150.0,"n":3,"next":200.0}\n{"k":"warned","t":300.0}\n'
+    state = QueueState.from_bytes(raw)
+    assert state.warned and state.warned_at == 300.0 and state.refused == 0
+
+
+# -- min_attempts: a greylisting server gets its retry even with lifetime 0 ----------------------
+
+GREYLIST = Reply(451, "4.7.1", "Greylisted, try again in 5 minutes")
+
+
+def test_lifetime_zero_with_min_attempts_two_retries_once_then_bounces():
+    greylisted = [res("carol@dest.example", Status.DEFERRED, GREYLIST)]
+    e = Envelope("alice@example.test", ["carol@dest.example"], received_at=ARRIVED)
+    s = Settings(300, HOUR, 4 * HOUR, 0, min_attempts=2)
+    first = plan(greylisted, age=0.0, settings=s, e=e)
+    assert not first.expired and not first.remove and first.retry_at == ARRIVED + 300 and first.notices == ()
+    second = plan(greylisted, age=300.0, settings=s, e=e, state=QueueState(attempts=1))
+    assert second.expired and second.remove and [n.action for n in second.notices] == [FAILED]
+    # Delivered at the retry: no notice at all.
+    ok = plan([res("carol@dest.example", Status.SENT, OK)], age=300.0, settings=s, e=e, state=QueueState(attempts=1))
+    assert ok.remove and ok.notices == ()
+
+
+def test_min_attempts_also_holds_a_message_past_its_lifetime():
+    s = Settings(300, HOUR, 4 * HOUR, 72 * HOUR, min_attempts=3)
+    assert not plan(DEFER_ONE, age=80 * HOUR, settings=s, state=QueueState(attempts=1)).expired
+    assert plan(DEFER_ONE, age=80 * HOUR, settings=s, state=QueueState(attempts=2)).expired
+
+
+def test_min_attempts_default_from_the_config():
+    from kanmon.config import parse_config
+
+    def settings(queue: str) -> Settings:
+        return Settings.from_config(parse_config(f'[server]\nhostname = "h.example"\n[queue]\n{queue}\n').queue)
+
+    assert settings('lifetime = "0"').min_attempts == 2
+    assert settings('lifetime = "3d"').min_attempts == 1
+    assert settings('lifetime = "0"\nmin_attempts = 1').min_attempts == 1
+    assert settings('warn_every = "4h"').warn_every == 4 * HOUR
+    with pytest.raises(Exception, match="min_attempts"):
+        settings("min_attempts = 0")
+
+
+# -- NOTIFY (RFC 3461): which notices the sender asked for ----------------------------------------
+
+LOCAL_OK = RecipientResult("bob@dest.example", Status.SENT, Reply(250, "2.0.0", "delivered to maildir"), "local", "local")
+
+
+def test_notify_never_means_no_notice_of_any_kind():
+    e = env(dsn_notify={"bob@dest.example": "NEVER", "carol@dest.example": "NEVER"})
+    mixed = [res("bob@dest.example", Status.BOUNCED, UNKNOWN), res("carol@dest.example", Status.DEFERRED, LATER)]
+    p = plan(mixed, age=5 * HOUR, e=e)
+    assert p.notices == () and not p.warn and p.no_notice == ()
+    assert sorted(p.not_requested) == sorted((FAILED, DELAYED))
+    assert not any(isinstance(r, journal.Warned) for r in p.journal)
+
+
+def test_notify_without_failure_or_delay_leaves_out_only_that_kind_and_those_recipients():
+    e = env(dsn_notify={"bob@dest.example": "DELAY", "carol@dest.example": "FAILURE"})
+    both_bounce = [res("bob@dest.example", Status.BOUNCED, UNKNOWN), res("carol@dest.example", Status.BOUNCED, UNKNOWN)]
+    p = plan(both_bounce, e=e)
+    assert [(n.action, [r.rcpt for r in n.results]) for n in p.notices] == [(FAILED, ["carol@dest.example"])]
+    both_late = [res("bob@dest.example", Status.DEFERRED, LATER), res("carol@dest.example", Status.DEFERRED, LATER)]
+    p = plan(both_late, age=5 * HOUR, e=e)
+    assert [(n.action, [r.rcpt for r in n.results]) for n in p.notices] == [(DELAYED, ["bob@dest.example"])]
+
+
+def test_notify_success_asks_for_a_success_notice_delivered_or_relayed():
+    e = env(dsn_notify={"bob@dest.example": "SUCCESS", "carol@dest.example": "SUCCESS,FAILURE"})
+    relayed = res("carol@dest.example", Status.SENT, OK)
+    p = plan([LOCAL_OK, relayed], e=e)
+    assert p.remove and p.journal == ()
+    assert p.notices == (NoticeRequest(DELIVERED, (LOCAL_OK,)), NoticeRequest(RELAYED, (relayed,)))
+    # Without NOTIFY=SUCCESS: no success notice (the default is failures and delays).
+    assert plan([LOCAL_OK, relayed]).notices == ()
+
+
+def test_a_next_hop_that_took_the_dsn_request_sends_the_success_notice_itself():
+    e = env(dsn_notify={"bob@dest.example": "SUCCESS", "carol@dest.example": "SUCCESS"})
+    passed = RecipientResult("carol@dest.example", Status.SENT, OK, "mx.dest.example [192.0.2.1]:25", "esmtp",
+                             dsn_passed=True)
+    assert plan([LOCAL_OK, passed], e=e).notices == (NoticeRequest(DELIVERED, (LOCAL_OK,)),)
+
+
+@pytest.mark.parametrize("e", [env("", dsn_notify={"bob@dest.example": "SUCCESS"}),
+                               env(is_notice=True, dsn_notify={"bob@dest.example": "SUCCESS"})],
+                         ids=["null sender", "a notice"])
+def test_no_success_notice_to_null_or_about_a_notice(e):
+    assert plan([LOCAL_OK], e=e).notices == ()
+
+
+def test_a_node_without_notices_plans_no_success_notice():
+    e = env(dsn_notify={"bob@dest.example": "SUCCESS"})
+    assert plan([LOCAL_OK], e=e, notices=False).notices == ()

@@ -96,3 +96,24 @@ def test_crlf_checked_flag_survives_the_spool_and_skips_the_outbound_scan(tmp_pa
     # A checked body is sent as it is (stuffed); an unchecked one is normalised.
     assert encode_data(CrlfChecked(b"a\r\n.b\r\n")) == b"a\r\n..b\r\n.\r\n"
     assert encode_data(b"a\n.b\r") == b"a\r\n..b\r\n.\r\n"
+
+
+def test_dsn_parameters_survive_the_spool_and_old_envelopes_decode_without_them():
+    from kanmon.spool.store import envelope_from_json, envelope_to_json
+
+    e = env()
+    e.dsn_ret, e.dsn_envid = "HDRS", "id 42"
+    e.dsn_notify = {e.rcpts[0]: "SUCCESS,FAILURE"}
+    e.dsn_orcpt = {e.rcpts[0]: "rfc822;Orig@example.test"}
+    back = envelope_from_json(envelope_to_json(e))
+    assert (back.dsn_ret, back.dsn_envid, back.dsn_notify, back.dsn_orcpt) == (
+        "HDRS", "id 42", e.dsn_notify, e.dsn_orcpt)
+    # Without parameters nothing is written: a file from before them reads the same.
+    plain = envelope_to_json(env())
+    assert b"notify" not in plain and b"ret" not in plain
+    old = b'{"from":"a@b.example","rcpts":["c@d.example"],"orcpts":{},"at":1.0,"size_hint":0,"8bit":false,"utf8":false,"notice":false}'
+    back = envelope_from_json(old)
+    assert (back.dsn_ret, back.dsn_envid, back.dsn_notify, back.dsn_orcpt) == ("", "", {}, {})
+    for bad in (b'"ret":"ALL"', b'"notify":{"c@d.example":1}', b'"orcpt":[]', b'"envid":7'):
+        with pytest.raises(ValueError):
+            envelope_from_json(old[:-1] + b"," + bad + b"}")
