@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
-from kanmon.model import Envelope, RecipientResult, Reply, Status, is_queue_id
+from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, Status, is_queue_id
 from kanmon.queue.inject import Injector
 from kanmon.queue.notices import Notices
 from kanmon.records import events as ev
@@ -443,16 +443,21 @@ class QueueOps:
         results = []
         for r in pending:
             last = entry.state.last.get(r)
-            text = RETURNED + (f"; last reply: {last.reply}" if last and last.reply else "")
-            results.append(RecipientResult(r, Status.BOUNCED, Reply(550, "5.0.0", text), last.relay if last else "",
-                                           "admin"))
+            # Our own words, not a remote host's: a LocalReply and no relay, so the notice
+            # has no "host X said" and no Remote-MTA.
+            text = f"{RETURNED} of {self.config.server.hostname}" + (
+                f"; last reply: {last.reply}" if last and last.reply else "")
+            results.append(RecipientResult(r, Status.BOUNCED, LocalReply(550, "5.0.0", text), "", "admin"))
         env = entry.envelope
-        if results and env.mail_from and not env.is_notice:
-            notice_env, notice_content = self.notices.build(entry, content, results, "failed", now)
+        wanted = [r for r in results if env.wants_notice(r.rcpt, "FAILURE")]  # RFC 3461 NOTIFY
+        if wanted and env.mail_from and not env.is_notice:
+            notice_env, notice_content = self.notices.build(entry, content, wanted, "failed", now)
             notice_id = self.injector.inject_blocking(notice_env, notice_content, "failure notice")
             self.records.record(ev.NoticeQueued("failure", notice_id), qid)
-        elif results:
+        elif results and not (env.mail_from and not env.is_notice):
             self.records.record(ev.NoticeSkipped("failed"), qid)
+        if len(wanted) < len(results) and env.mail_from and not env.is_notice:
+            self.records.record(ev.NoticeSkipped("failed", "notify"), qid)
         for r in results:
             self.records.record(ev.Delivery(r.rcpt, ev.BOUNCED, "admin", "5.0.0", RETURNED, note=source), qid)
             self.records.history_status(qid, r.rcpt, f"Bounced: {RETURNED}")

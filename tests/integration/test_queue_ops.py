@@ -335,6 +335,9 @@ def test_bounce_running_and_stopped(site):
     (notice,) = maildir_messages(site.data_dir, "alice@example.test")
     assert b"Undelivered Mail Returned to Sender" in notice and b"returned to sender by the administrator" in notice
     assert b"Connection refused" in notice  # the last reply is reported too
+    # Our administrator said it, not a remote host: no "host [...] said", no Remote-MTA.
+    assert b"returned to sender by the administrator of mx1.example.test" in notice
+    assert b"Remote-MTA" not in notice and b" said: " not in notice and b"Status: 5.0.0" in notice
     assert ids["m1"] not in site.ids()
     # The notice is in the mailbox before its queue file is removed: stopping in between
     # would deliver it again at the next start (at least once), and list it below.
