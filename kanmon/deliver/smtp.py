@@ -38,6 +38,7 @@ from kanmon.smtp.client import (
     TLS_POLICIES,
     ClientSettings,
     ConnectionLost,
+    DsnParams,
     SmtpClientError,
     SmtpConnection,
     SmtpConnectionPool,
@@ -121,8 +122,9 @@ class SmtpDelivery:
         else:
             hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
             return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls,
-                                      smtputf8=env.smtputf8, watch=True)
-        return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls, smtputf8=env.smtputf8)
+                                      smtputf8=env.smtputf8, watch=True, dsn=DsnParams.of(env))
+        return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls, smtputf8=env.smtputf8,
+                                  dsn=DsnParams.of(env))
 
     # -- delivery
 
@@ -137,10 +139,13 @@ class SmtpDelivery:
         *,
         smtputf8: bool = False,
         watch: bool = False,
+        dsn: DsnParams | None = None,
     ) -> list[RecipientResult]:
         """One attempt for these recipients over the servers in `hops`, in order.
 
         watch: tell on_server_used which server took it (configured relay/smarthost lists).
+        dsn: the sender's RFC 3461 parameters, passed on to a server that offers DSN (its
+        results then say dsn_passed: further notices are that server's job).
 
         Returns one RecipientResult per recipient, in the order of `rcpts`. Raises only
         ValueError for a programming error (no hops, unknown TLS policy).
@@ -187,7 +192,8 @@ class SmtpDelivery:
                     break
                 relay = hop.relay_text(address)
                 more = index < len(hops) - 1 or n < len(hop.addresses) - 1
-                outcome = await self._try_server(queue_id, hop, address, relay, mail_from, pending, body, tls, smtputf8)
+                outcome = await self._try_server(queue_id, hop, address, relay, mail_from, pending, body, tls, smtputf8,
+                                                 dsn)
                 if isinstance(outcome, dict):
                     results.update(outcome)
                     pending = []
@@ -224,6 +230,7 @@ class SmtpDelivery:
         body: bytes,
         tls: TlsPolicy,
         smtputf8: bool,
+        dsn: DsnParams | None = None,
     ) -> dict[str, RecipientResult] | tuple[Reply, bool]:
         """Results for every recipient, or (reason, final) when this server did not take it.
 
@@ -236,7 +243,8 @@ class SmtpDelivery:
                     if not lease.reused:
                         self._log_session(queue_id, conn, hop)
                     tls_text = conn.tls.describe() if conn.tls else ""
-                    results = await self._transactions(conn, mail_from, rcpts, body, smtputf8)
+                    passed = dsn is not None and conn.supports("DSN")
+                    results = await self._transactions(conn, mail_from, rcpts, body, smtputf8, dsn)
             except ConnectionLost as e:
                 if lease.reused and e.try_next:
                     continue
@@ -245,11 +253,13 @@ class SmtpDelivery:
                 return e.reply, False
             if isinstance(results, Reply):
                 return results, False
-            return {r: RecipientResult(r, status_of(reply), reply, relay, MAILER, tls_text) for r, reply in results}
+            return {r: RecipientResult(r, status_of(reply), reply, relay, MAILER, tls_text, passed)
+                    for r, reply in results}
         return LocalReply(451, "4.4.2", f"lost connection with {address}"), False
 
     async def _transactions(
-        self, conn: SmtpConnection, mail_from: str, rcpts: list[str], body: bytes, smtputf8: bool
+        self, conn: SmtpConnection, mail_from: str, rcpts: list[str], body: bytes, smtputf8: bool,
+        dsn: DsnParams | None = None,
     ) -> list[tuple[str, Reply]] | Reply:
         """Send the message; more transactions for recipients refused with 452 (too many
         recipients, RFC 5321 4.5.3.1.10) as long as each one makes progress.
@@ -260,7 +270,7 @@ class SmtpDelivery:
         final: dict[str, Reply] = {}
         remaining = list(rcpts)
         while remaining:
-            result = await conn.send_message(mail_from, remaining, body, smtputf8=smtputf8)
+            result = await conn.send_message(mail_from, remaining, body, smtputf8=smtputf8, dsn=dsn)
             if result.mail_reply is not None and result.mail_reply.is_transient and not final:
                 return result.mail_reply
             final.update(result.replies)

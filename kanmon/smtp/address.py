@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from kanmon.model import Reply, SmtpError
 from kanmon.smtp import replies
+from kanmon.smtp.xtext import xtext_decode
 
 # RFC 5321 4.5.3.1: size limits of objects.
 MAX_LOCAL_PART = 64
@@ -181,37 +182,6 @@ MAX_ENVID = 100  # RFC 3461 4.4
 MAX_ORCPT = 500  # RFC 3461 4.2
 NOTIFY_KEYWORDS = ("SUCCESS", "FAILURE", "DELAY")  # in the order we write them
 _ADDR_TYPE = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+$")  # atom
-_HEXDIGITS = "0123456789ABCDEFabcdef"
-
-
-def xtext_decode(text: str, *, utf8: bool = False) -> str:
-    """RFC 3461 4: xtext -> text (`+2B` is "+"). ValueError for anything else: a
-    character outside "!".."~", "=", or a "+" without two hex digits. utf8: non-ASCII
-    characters stand for themselves (RFC 6533 utf-8 addresses)."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "+":
-            hx = text[i + 1 : i + 3]
-            if len(hx) != 2 or any(c not in _HEXDIGITS for c in hx):
-                raise ValueError("bad xtext escape")
-            out.append(chr(int(hx, 16)))
-            i += 3
-            continue
-        if not ("!" <= ch <= "~" or (utf8 and ord(ch) > 127)) or ch == "=":
-            raise ValueError("bad xtext character")
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-def xtext_encode(text: str) -> str:
-    """text -> RFC 3461 xtext: "+", "=" and everything outside "!".."~" as +XX."""
-    return "".join(
-        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode("utf-8"))
-        for ch in text
-    )
 
 
 def _printable(text: str) -> bool:

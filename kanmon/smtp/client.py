@@ -33,7 +33,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kanmon.model import CrlfChecked, LocalReply, Reply, describe_reply
+from kanmon.model import CrlfChecked, Envelope, LocalReply, Reply, describe_reply
+from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
     from kanmon.config import Config, TlsPolicy
@@ -437,6 +438,42 @@ class _Pipe(asyncio.Protocol):
 # One connection
 
 
+@dataclass(frozen=True, slots=True)
+class DsnParams:
+    """RFC 3461 parameters to pass on with a message (decoded; encoded as xtext here).
+    Sent only to a server that offers DSN (RFC 3461 5.2.1)."""
+
+    ret: str = ""  # FULL | HDRS
+    envid: str = ""
+    notify: dict[str, str] = field(default_factory=dict)  # rcpt -> NEVER | SUCCESS,FAILURE,DELAY
+    orcpt: dict[str, str] = field(default_factory=dict)  # rcpt -> "addr-type;address"
+
+    @classmethod
+    def of(cls, env: Envelope) -> DsnParams | None:
+        """The envelope's DSN parameters, or None when the client gave none."""
+        if not (env.dsn_ret or env.dsn_envid or env.dsn_notify or env.dsn_orcpt):
+            return None
+        return cls(env.dsn_ret, env.dsn_envid, env.dsn_notify, env.dsn_orcpt)
+
+    def mail_params(self) -> list[str]:
+        out = []
+        if self.ret:
+            out.append(f"RET={self.ret}")
+        if self.envid:
+            out.append(f"ENVID={xtext_encode(self.envid)}")
+        return out
+
+    def rcpt_params(self, rcpt: str) -> str:
+        out = ""
+        if notify := self.notify.get(rcpt):
+            out += f" NOTIFY={notify}"
+        if orcpt := self.orcpt.get(rcpt):
+            addr_type, _, address = orcpt.partition(";")
+            if address.isascii():  # a utf-8 address would need RFC 6533's encoding: left out
+                out += f" ORCPT={addr_type};{xtext_encode(address)}"
+        return out
+
+
 @dataclass(slots=True)
 class TransactionResult:
     """Per-recipient replies of one mail transaction, in the order of `rcpts`."""
@@ -654,9 +691,12 @@ class SmtpConnection:
         return True
 
     async def send_message(
-        self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool = False
+        self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool = False,
+        dsn: DsnParams | None = None,
     ) -> TransactionResult:
         """One mail transaction. Returns each recipient's final reply.
+
+        dsn: RFC 3461 parameters, added to MAIL and RCPT only when the server offers DSN.
 
         A recipient refused at RCPT gets that reply; an accepted one gets the reply to the
         final dot. Raises ConnectionLost when the session breaks (after_data_end tells
@@ -696,8 +736,12 @@ class SmtpConnection:
             params.append("BODY=8BITMIME")  # RFC 6152
         if need_utf8:
             params.append("SMTPUTF8")  # RFC 6531 3.4
+        if dsn is not None and self.supports("DSN"):
+            params += dsn.mail_params()
+            rcpt_lines = [f"RCPT TO:<{r}>{dsn.rcpt_params(r)}" for r in rcpts]
+        else:
+            rcpt_lines = [f"RCPT TO:<{r}>" for r in rcpts]
         mail_line = f"MAIL FROM:<{mail_from}>" + "".join(" " + p for p in params)
-        rcpt_lines = [f"RCPT TO:<{r}>" for r in rcpts]
 
         if self.supports("PIPELINING"):
             return await self._transaction_pipelined(mail_line, rcpt_lines, rcpts, data)

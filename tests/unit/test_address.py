@@ -80,7 +80,8 @@ def test_bad_params():
 
 # -- RFC 3461 xtext and the DSN parameters ------------------------------------------------------
 
-from kanmon.smtp.address import parse_notify, parse_orcpt, xtext_decode, xtext_encode  # noqa: E402
+from kanmon.smtp.address import parse_notify, parse_orcpt  # noqa: E402
+from kanmon.smtp.xtext import xtext_decode, xtext_encode  # noqa: E402
 
 
 @pytest.mark.parametrize("text", ["plain", "a+b=c", "with space", "+2B", ""])
