@@ -295,13 +295,18 @@ def test_delay_notice_once_then_failure_notice_at_lifetime(tmp_path):
             node.stop()
 
 
-def test_lifetime_zero_bounces_a_temporary_failure_at_once(tmp_path):
+def test_lifetime_zero_bounces_a_temporary_failure_at_the_second_attempt(tmp_path):
+    # min_attempts defaults to 2 with lifetime 0: one retry after the first interval.
     port = free_port("127.0.0.7")
     with SmtpSink("127.0.0.7", port) as store:
         store.default_rcpt_reply = "452 4.2.2 mailbox full"
         node = start_node(tmp_path, servers=[f"127.0.0.7:{port}"], lifetime="0")
         try:
             send(node, ["user@corp.example"], subject="no-retries")
+            wait_event(node, "stat=Deferred: 452 4.2.2 mailbox full")
+            node.wait_idle()
+            assert notices_for(node, "alice@example.test") == []
+            node.advance(400)
             wait_for(lambda: notices_for(node, "alice@example.test"), 10, "failure notice")
             (notice,) = notices_for(node, "alice@example.test")
             assert "Status: 5.2.2" in str(notice)

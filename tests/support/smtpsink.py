@@ -25,6 +25,7 @@ API
         msg.mail_from, msg.rcpts, msg.data         # data: un-dot-stuffed, without the final dot
         msg.raw_data                               # bytes exactly as on the wire after 354
         msg.tls, msg.helo, msg.params              # TLS active at MAIL? EHLO name, MAIL params
+        msg.rcpt_params                            # {rcpt: "NOTIFY=... ORCPT=..."} (accepted RCPTs)
         sink.connections                           # connections accepted in all
         sink.commands                              # every command line received, in order
 
@@ -38,6 +39,7 @@ Behaviour, set as attributes at any time (read at each connection / command):
     require_pipelining = False   # hold the replies to MAIL/RCPT until DATA arrives
                                  # (a client that waits for each reply then times out)
     smtputf8 = True, eightbitmime = True
+    dsn = False                  # announce DSN (RFC 3461; parameters are recorded, not acted on)
     size_limit = 0               # announce "SIZE n" (0: plain "SIZE")
     starttls = True              # announce STARTTLS (only when ssl_context is given)
     starttls_reply = "220 2.0.0 Ready to start TLS"
@@ -94,6 +96,7 @@ class Transaction:
     helo: str = ""
     params: str = ""
     connection: int = 0  # which connection (1, 2, ...) it came on
+    rcpt_params: dict[str, str] = field(default_factory=dict)
 
 
 class SmtpSink:
@@ -123,6 +126,7 @@ class SmtpSink:
         self.require_pipelining = False
         self.smtputf8 = True
         self.eightbitmime = True
+        self.dsn = False
         self.size_limit = 0
         self.starttls = True
         self.starttls_reply = "220 2.0.0 Ready to start TLS"
@@ -298,6 +302,8 @@ class SmtpSink:
                     ext.append("8BITMIME")
                 if self.smtputf8:
                     ext.append("SMTPUTF8")
+                if self.dsn:
+                    ext.append("DSN")
                 if self.ssl_context is not None and self.starttls and not tls:
                     ext.append("STARTTLS")
                 ext.append("ENHANCEDSTATUSCODES")
@@ -329,12 +335,15 @@ class SmtpSink:
                 if tx is None:
                     await reply("503 5.5.1 Error: need MAIL command")
                     continue
-                address = arg[3:].strip().strip("<>") if arg.upper().startswith("TO:") else arg
+                path, _, rcpt_params = arg[3:].strip().partition(" ") if arg.upper().startswith("TO:") else (arg, "", "")
+                address = path.strip("<>")
                 text = self.rcpt_replies.get(address.lower(), self.default_rcpt_reply)
                 if self.max_rcpts and len(tx.rcpts) >= self.max_rcpts:
                     text = "452 4.5.3 Too many recipients"
                 if text.startswith("25"):
                     tx.rcpts.append(address)
+                    if rcpt_params:
+                        tx.rcpt_params[address] = rcpt_params
                 await reply(text)
             elif verb == "DATA":
                 if tx is None or not tx.rcpts:
