@@ -76,7 +76,7 @@ class Plan:
     notices: tuple[NoticeRequest, ...]  # to send, in order
     no_notice: tuple[str, ...]  # actions whose notice is not sent: from <> or about a notice
     remove: bool  # every recipient is final: the message leaves the queue
-    not_requested: tuple[str, ...] = ()  # failed/delayed notices left out: the sender's NOTIFY did not ask
+    not_requested: tuple[str, ...] = ()  # (failed,): some recipients left out, the sender's NOTIFY did not ask
 
     @property
     def warn(self) -> bool:
@@ -139,7 +139,9 @@ def plan_attempt(
         """The recipients whose NOTIFY asks for this action's notice (RFC 3461 4.1)."""
         keyword = NOTIFY_KEYWORD[action]
         wanted = tuple(r for r in rs if env.wants_notice(r.rcpt, keyword))
-        if rs and len(wanted) < len(rs) and may_notify and action in (FAILED, DELAYED):
+        # Reported for failures only: a failure notice the sender did not ask for is the
+        # one an admin looks for; a delay notice would be reported at every retry.
+        if rs and len(wanted) < len(rs) and may_notify and action == FAILED:
             not_requested.append(action)
         return wanted
 
