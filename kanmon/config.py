@@ -364,35 +364,110 @@ class AlertsSection(Section):
         return v
 
 
-class MaintenanceJob(Section):
+# The message filters: one vocabulary for `kanmon queue` commands (as flags of the same
+# names: --from, --older-than, --body) and [[maintenance]] jobs (as keys). The matching is
+# kanmon.admin.filters'; docs/queue.md describes each.
+
+_BOUND_RE = re.compile(r"^\s*(>=|<=|>|<)?\s*(.+?)\s*$")
+
+
+def parse_bound(value: Any, parse_number=None) -> tuple[str, float]:
+    """'>1MB' -> ('>', 1000000); '<=3' -> ('<=', 3); a bare value means 'at least' ('>=').
+
+    parse_number turns the number part into a number (parse_size for sizes); without it
+    the value is a whole count.
+    """
+    if isinstance(value, bool):
+        raise ValueError("write a comparison like >5, <=3 or 100KB")
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError("write a comparison like >5, <=3 or 100KB")
+    m = _BOUND_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a comparison (write >5, <=3 or 100KB)")
+    op, number = m.group(1) or ">=", m.group(2)
+    if parse_number is not None:
+        return op, float(parse_number(number))
+    if not number.isdigit():
+        raise ValueError(f"{value!r}: {number!r} is not a whole number")
+    return op, float(int(number))
+
+
+def parse_size_bound(value: Any) -> tuple[str, float]:
+    return parse_bound(value, parse_size)
+
+
+def _check_size_bound(value: Any) -> Any:
+    parse_size_bound(value)
+    return str(value)  # kept as written, for display; matchers parse it with the same function
+
+
+def _check_count_bound(value: Any) -> Any:
+    parse_bound(value)
+    return str(value)
+
+
+def _check_regex(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{value!r} is not a regular expression: {e}") from None
+    return value
+
+
+Regex = Annotated[str, BeforeValidator(_check_regex)]
+SizeBound = Annotated[str, BeforeValidator(_check_size_bound)]
+CountBound = Annotated[str, BeforeValidator(_check_count_bound)]
+
+QUEUE_STATES = ("active", "deferred", "hold", "corrupt", "all")
+
+
+class QueueFilter(Section):
+    """Which messages a queue command or a maintenance job acts on; all given must match."""
+
+    from_: str | None = Field(None, alias="from", description='Sender: a glob (`*@example.com`) or a substring; "<>" is the null sender')
+    to: str | None = Field(None, description="A recipient not yet delivered: a glob or a substring")
+    domain: str | None = Field(None, description="A recipient not yet delivered is in this domain")
+    older_than: Duration | None = Field(None, description="Arrived longer ago than this")
+    reason: Regex | None = Field(None, description="Any reply of any attempt for a recipient not yet delivered matches this regex")
+    subject: Regex | None = Field(None, description="The Subject (decoded) matches this regex")
+    header: Regex | None = Field(None, description='A header line ("Name: value", decoded) matches this regex')
+    body: Regex | None = Field(None, description="The text of the first 64 KB (decoded; a DSN's text and Diagnostic-Code too) matches this regex")
+    size: SizeBound | None = Field(None, description='Message size: ">1MB", "<=100KB"; a bare size means at least that')
+    attempts: CountBound | None = Field(None, description='Delivery attempts so far: ">=5", "<2"; a bare number means at least that')
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def criteria(self) -> dict[str, Any]:
+        """The given filters, by their vocabulary names (`from`, `older_than`, ...)."""
+        return {f.alias or n: getattr(self, n) for n, f in type(self).model_fields.items()
+                if n in QueueFilter.model_fields and getattr(self, n) is not None}
+
+
+FILTER_NAMES = tuple(f.alias or n for n, f in QueueFilter.model_fields.items())
+
+
+class MaintenanceJob(QueueFilter):
     """[[maintenance]]: a queue operation `kanmon serve` runs on a cron schedule (docs/queue.md)."""
 
     name: str | None = Field(None, description="Name for logs and `kanmon maintenance run NAME` (default: job<index>)")
     schedule: str = Field(description='When, in cron syntax: "minute hour day-of-month month day-of-week", local time')
     action: Literal["delete", "hold", "bounce", "flush"] = Field(description="delete, hold, bounce or flush")
-    older_than: Duration | None = Field(None, description="Only messages that arrived longer ago than this")
-    reason: str | None = Field(None, description="Only messages whose last reply matches this regex (case-insensitive)")
     state: Literal["deferred", "hold", "all"] = Field("deferred", description="Which messages it looks at: deferred, hold or all")
+    catch_up: bool = Field(False, description="A run missed while the server was down runs once at start (like anacron)")
 
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
         return parse_schedule(v)
 
-    @field_validator("reason")
-    @classmethod
-    def _reason(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"{v!r} is not a regular expression: {e}") from None
-        return v
-
     @model_validator(mode="after")
     def _bounded(self) -> MaintenanceJob:
-        if self.action != "flush" and self.older_than is None and self.reason is None:
-            raise ValueError(f"action = {self.action!r} needs older_than or reason (it would act on the whole queue)")
+        if self.action != "flush" and not self.criteria():
+            raise ValueError(f"action = {self.action!r} needs a filter such as older_than, reason, from or body "
+                             "(it would act on the whole queue)")
         return self
 
 
@@ -596,6 +671,9 @@ def _type_name(annotation: Any) -> str:
         ("typing.Annotated[int, BeforeValidator(func=<function parse_size", "size"),
         ("typing.Annotated[tuple[str, int], BeforeValidator(func=<function parse_hostport", "ip:port"),
         ("typing.Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network", "CIDR"),
+        ("typing.Annotated[str, BeforeValidator(func=<function _check_regex", "regex"),
+        ("typing.Annotated[str, BeforeValidator(func=<function _check_size_bound", "size comparison"),
+        ("typing.Annotated[str, BeforeValidator(func=<function _check_count_bound", "count comparison"),
     ):
         if raw in text:
             return nice

@@ -28,7 +28,8 @@ def format_size(n: int | float) -> str:
 def format_duration(seconds: float, style: str = "short") -> str:
     """Whole seconds (negative counts as 0) in one of three styles:
 
-    - ``short`` (tables, alerts): the two largest units, `2d 3h`, `5m 10s`, `7s`;
+    - ``short`` (tables, alerts): the two largest units, `2d 3h`, `5m 10s`, `7s`; a
+      second unit that is zero is left out (`4d`, not `4d 0h`);
     - ``words`` (delivery notices, as sendmail writes them): the largest whole unit,
       `40 minutes`, `1 day`;
     - ``clock`` (the `delay=` and `xdelay=` fields of event lines, sendmail's format):
@@ -51,6 +52,7 @@ def format_duration(seconds: float, style: str = "short") -> str:
                 text = f"{seconds // size}{name}"
                 if size > 1:
                     next_size, next_name, _ = _DURATION_UNITS[i + 1]
-                    text += f" {seconds % size // next_size}{next_name}"
+                    if seconds % size // next_size:
+                        text += f" {seconds % size // next_size}{next_name}"
                 return text
     raise ValueError(f"unknown duration style {style!r}")

@@ -13,9 +13,11 @@ Postfix equivalents: list = mailq/postqueue -p, hold/release/delete/requeue = po
 -h/-H/-d/-r, flush = postqueue -f / -i, bounce = postsuper -e (return to sender),
 summary = qshape (same age buckets), drain = what `postqueue -f` to a new relayhost does.
 
-Trusts: filters from the admin (regexes compiled here; a bad one is a ValueError), queue
-ids only after is_queue_id(). Never: read message bodies to list, filter or summarise
-(the envelope is at the start of each queue file, the rest is in the journal); act on
+Trusts: filters from the admin only as kanmon.admin.filters validates them (a bad one is
+a ValueError), queue ids only after is_queue_id(). Never: read message bodies to list or
+summarise (the envelope is at the start of each queue file, the rest is in the journal),
+or to filter other than the first BODY_SCAN_BYTES for the subject, header and body
+filters, after every cheaper filter matched; act on
 a message the queue manager is delivering at that moment (the link waits until its
 attempt settles); remove a drained message before the new relay said 250 for all of its
 recipients; change the queue without an event-log line saying what, how many, which
@@ -25,19 +27,20 @@ ids and from which command.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
+from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of
+from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
-from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, Status, is_queue_id
+from kanmon.model import LocalReply, RecipientResult, Reply, Status, is_queue_id
 from kanmon.queue.inject import Injector
 from kanmon.queue.notices import Notices
 from kanmon.records import events as ev
@@ -46,12 +49,12 @@ from kanmon.spool import journal
 from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
 
-STATES = ("active", "deferred", "hold", "corrupt", "all")
 ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
 # qshape's age buckets, in minutes; the last column is "older than 1280m".
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 RETURNED = "message returned to sender by the administrator"
 RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
+FILE_HINT = "the run log (<data_dir>/maintenance.json)"
 EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
 
 # The actions that are journal records (kanmon.spool.journal.QueueState.apply reads them).
@@ -140,100 +143,6 @@ def offline_queue_ops(config: Config) -> Iterator[QueueOps]:
         records.close()
 
 
-# ---------------------------------------------------------------------------
-# Filters
-
-
-def _pattern(pattern: str) -> re.Pattern[str]:
-    """A shell glob (`*@example.com`) or, without wildcards, a substring; case-insensitive."""
-    if any(ch in pattern for ch in "*?["):
-        return re.compile(fnmatch.translate(pattern), re.I)
-    return re.compile(re.escape(pattern), re.I)
-
-
-@dataclass
-class Filters:
-    ids: list[str] = field(default_factory=list)
-    state: str = "all"
-    older_than: float | None = None  # seconds
-    mail_from: str | None = None  # glob or substring; "<>" is the null sender
-    to: str | None = None
-    domain: str | None = None
-    reason: str | None = None  # regex over the last reply
-
-    def __post_init__(self) -> None:
-        if self.state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)}")
-        bad = [i for i in self.ids if not is_queue_id(i)]
-        if bad:
-            raise ValueError(f"not a queue id: {', '.join(bad[:5])}")
-        try:
-            self._reason = re.compile(self.reason, re.I) if self.reason else None
-        except re.error as e:
-            raise ValueError(f"--reason {self.reason!r}: {e}") from None
-        self._from = _pattern(self.mail_from) if self.mail_from and self.mail_from != "<>" else None
-        self._to = _pattern(self.to) if self.to else None
-        self._domain = self.domain.lower().strip().rstrip(".") if self.domain else None
-        self._idset = set(self.ids)
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> Filters:
-        data = dict(data or {})
-        known = {k: data[k] for k in ("ids", "state", "older_than", "mail_from", "to", "domain", "reason") if k in data}
-        return cls(**known)
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-
-    @property
-    def empty(self) -> bool:
-        return not (self.ids or self.older_than is not None or self.mail_from or self.to or self.domain or self.reason)
-
-    def describe(self) -> str:
-        parts = list(self.ids[:5]) + ([f"... ({len(self.ids)} ids)"] if len(self.ids) > 5 else [])
-        if self.state != "all":
-            parts.append(f"--state {self.state}")
-        if self.older_than is not None:
-            parts.append(f"--older-than {int(self.older_than)}s")
-        for flag, value in (("--from", self.mail_from), ("--to", self.to), ("--domain", self.domain),
-                            ("--reason", self.reason)):
-            if value:
-                parts.append(f"{flag} {value!r}")
-        return " ".join(parts) or "(whole queue)"
-
-    def match_envelope(self, qid: str, env: Envelope, now: float) -> bool:
-        """The checks that need only the envelope (before the journal is read)."""
-        if self._idset and qid not in self._idset:
-            return False
-        if self.older_than is not None and now - (env.received_at or now) < self.older_than:
-            return False
-        if self.mail_from == "<>" and env.mail_from:
-            return False
-        if self._from is not None and not self._from.search(env.mail_from or "<>"):
-            return False
-        if self._to is not None and not any(self._to.search(r) for r in env.rcpts):
-            return False
-        if self._domain is not None and not any(_domain_of(r) == self._domain for r in env.rcpts):
-            return False
-        return True
-
-    def match_entry(self, entry: SpoolEntry, state: str) -> bool:
-        if self.state != "all" and self.state != state:
-            return False
-        pending = entry.pending_rcpts()
-        if self._to is not None and not any(self._to.search(r) for r in pending):
-            return False
-        if self._domain is not None and not any(_domain_of(r) == self._domain for r in pending):
-            return False
-        if self._reason is not None and not self._reason.search(last_reply(entry)[0]):
-            return False
-        return True
-
-
-def _domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 def last_reply(entry: SpoolEntry) -> tuple[str, float]:
     """The most recent reply recorded for a still-pending recipient ("" if none)."""
     best, at = "", -1.0
@@ -263,6 +172,7 @@ class QueueOps:
         self.records = records
         self.link = link
         self.notices = Notices(config)
+        self._run_log: RunLog | None = None
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
         self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
                                  hostname=config.server.hostname, clock=link)
@@ -289,8 +199,19 @@ class QueueOps:
             source = self.spool.scan(lambda qid, env: filters.match_envelope(qid, env, now))
         for entry in source:
             state = self._state_of(entry, active)
-            if filters.match_entry(entry, state):
+            if filters.match_entry(entry, state) and self._match_content(filters, entry.queue_id):
                 yield entry, state
+
+    def _match_content(self, filters: Filters, qid: str) -> bool:
+        """subject, header and body: the first BODY_SCAN_BYTES of the message, read only
+        for those filters, after every cheaper one has matched."""
+        if not filters.needs_content:
+            return True
+        try:
+            head = self.spool.read_content_prefix(qid, BODY_SCAN_BYTES)
+        except (OSError, CorruptEntry):
+            return False  # gone meanwhile (delivered), or damaged (recovery moves it aside)
+        return filters.match_content(head)
 
     def _load(self, qid: str) -> SpoolEntry | None:
         try:
@@ -311,8 +232,7 @@ class QueueOps:
     def list(self, filters: dict | Filters | None = None) -> dict:
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         rows = [self.row(e, s) for e, s in self.select(f)]
-        if f.state == "corrupt" or (f.state == "all" and f.older_than is None
-                                    and not (f.mail_from or f.to or f.domain or f.reason)):
+        if f.state == "corrupt" or (f.state == "all" and not f.has_criteria):
             rows.extend(self._corrupt_rows(f))  # no envelope to filter on: only by id
         rows.sort(key=lambda r: (r["arrival"] or 0, r["id"]))
         return {"items": rows, "count": len(rows), "now": self.link.now()}
@@ -487,9 +407,9 @@ class QueueOps:
             col = next((i for i, b in enumerate(BUCKETS) if age_min <= b), len(BUCKETS))
             total[col] += 1
             if by == "sender":
-                keys = {_domain_of(entry.envelope.mail_from) if entry.envelope.mail_from else "<>"}
+                keys = {domain_of(entry.envelope.mail_from) if entry.envelope.mail_from else "<>"}
             else:
-                keys = {_domain_of(r) for r in entry.pending_rcpts()}
+                keys = {domain_of(r) for r in entry.pending_rcpts()}
                 if f.domain:
                     keys &= {f.domain.lower().rstrip(".")}
             for k in keys:
@@ -642,30 +562,83 @@ class QueueOps:
             return jobs[int(key) - 1]
         raise LookupError(f"no maintenance job {key!r} (names: {', '.join(n for n, _ in jobs) or 'none configured'})")
 
+    def run_log(self) -> RunLog:
+        """<data_dir>/maintenance.json, loaded once (a refused file is moved aside and logged)."""
+        if self._run_log is None:
+            self._run_log = RunLog(self.spool.root.parent, fsync=self.spool.fsync)
+            if self._run_log.refused:
+                self.records.record(ev.Error(f"maintenance: {self._run_log.path} refused and moved aside "
+                                             f"({self._run_log.refused}); last runs start afresh"))
+        return self._run_log
+
     def maintenance_list(self) -> dict:
         now = self.link.now()
+        log = self.run_log()
         out = []
         for i, (name, job) in enumerate(self.maintenance_jobs()):
+            last = log.last(name)
             out.append({
-                "index": i + 1, "name": name, "schedule": job.schedule, "action": job.action,
-                "older_than": job.older_than, "reason": job.reason, "state": job.state,
-                "next_run": CronSchedule.parse(job.schedule).next_after(now),
+                "index": i + 1, "name": name, "schedule": job.schedule, "action": job.action, "state": job.state,
+                "filters": job.criteria(), "older_than": job.older_than, "reason": job.reason,
+                "catch_up": job.catch_up, "next_run": CronSchedule.parse(job.schedule).next_after(now),
+                "last_run": asdict(last) if last else None, "last_run_text": describe_run(last),
             })
         return {"jobs": out, "now": now}
 
-    def maintenance_run(self, key: str, dry_run: bool = False, source: str | None = None) -> dict:
+    def maintenance_status(self) -> list[str]:
+        """One line per job for a status display (the console's): name, last run, next run."""
+        return [f"{j['name']}: {j['last_run_text']}; next run {time.strftime('%Y-%m-%d %H:%M', time.localtime(j['next_run']))}"
+                for j in self.maintenance_list()["jobs"]]
+
+    def maintenance_run(self, key: str, dry_run: bool = False, source: str | None = None, by: str = "") -> dict:
+        """Run one job now. A real run (not dry_run) is written to the run log, failed or
+        not; a failure is raised again after that."""
         name, job = self.find_job(key)
         # "deferred" includes messages in the middle of an attempt at that moment: act()
         # waits for the attempt to settle, then acts (a job must not miss them by chance).
-        f = Filters(state="all", older_than=job.older_than, reason=job.reason)
+        f = Filters.from_job(job)
         states = {"deferred": ("deferred", "active"), "hold": ("hold",), "all": ("deferred", "active", "hold")}[job.state]
         src = source or f"maintenance {name}"
-        result = self.act(job.action, f, dry_run=dry_run, source=src, states=states, whole_queue=True)
+        started = self.link.now()
+        clock = time.monotonic()
+        try:
+            result = self.act(job.action, f, dry_run=dry_run, source=src, states=states, whole_queue=True)
+        except Exception as e:
+            if not dry_run:
+                error = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else (e.strerror or str(e))
+                self._record_run(name, JobRun(started, time.monotonic() - clock, job.action, 0, 0, error or "failed",
+                                              by or src))
+            raise
         result["job"] = name
         if not dry_run:
             self.records.record(ev.MaintenanceRun(name, job.action, result["matched"], len(result["acted"]),
                                                   list(result["acted"][:EVENT_ID_LIMIT])))
+            self._record_run(name, JobRun(started, time.monotonic() - clock, job.action, result["matched"],
+                                          len(result["acted"]), "", by or src))
         return result
+
+    def _record_run(self, name: str, run: JobRun) -> None:
+        try:
+            self.run_log().record(name, run, [n for n, _ in self.maintenance_jobs()])
+        except OSError as e:  # the run happened; only its record is lost
+            self.records.record(ev.Error(f"maintenance {name}: cannot write {FILE_HINT}: {e.strerror or e}"))
+
+    def maintenance_keep_schedules(self, now: float) -> list[tuple[str, float]]:
+        """At the server's start: note that it keeps the jobs' schedules from now, and
+        return (job, first missed time) for each catch_up job that missed a run."""
+        log = self.run_log()
+        jobs = self.maintenance_jobs()
+        due = []
+        for name, job in jobs:
+            if job.catch_up:
+                t = missed(job.schedule, log.last(name), log.since.get(name), now)
+                if t is not None:
+                    due.append((name, t))
+        try:
+            log.keep_since([n for n, _ in jobs], now)
+        except OSError as e:
+            self.records.record(ev.Error(f"maintenance: cannot write {FILE_HINT}: {e.strerror or e}"))
+        return due
 
 
 OPERATIONS = {
@@ -680,7 +653,7 @@ OPERATIONS = {
     "drain": lambda ops, a: ops.drain(a["host"], int(a["port"]), a.get("filters"), a.get("tls", "opportunistic"),
                                       str(a.get("source", "kanmon queue drain"))),
     "maintenance_list": lambda ops, a: ops.maintenance_list(),
-    "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run"))),
+    "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run")), by=str(a.get("by", ""))),
 }
 
 

@@ -105,15 +105,19 @@ class AdminPlane:
         self.lock.release()
 
     async def run_maintenance(self) -> None:
-        """Each [[maintenance]] job at its next cron time; a run missed while the node was
-        down, or several passed in one clock jump, run once (like cron, not once each)."""
+        """Each [[maintenance]] job at its next cron time; several times passed in one
+        clock jump run once (like cron, not once each). At start, a `catch_up` job that
+        missed a run while the node was down runs once (like anacron)."""
         jobs = [(job.name or f"job{i + 1}", CronSchedule.parse(job.schedule))
                 for i, job in enumerate(self.node.config.maintenance)]
         if not jobs:
             return
+        assert self.ops is not None
         clock = self.node.clock
-        records = self.node.records
-        emit = records.emit
+        missed = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.ops.maintenance_keep_schedules, clock.now())
+        for name, _at in missed:
+            await self.run_job(name, catch_up=True)
         due = {name: sched.next_after(clock.now()) for name, sched in jobs}
         while True:
             await clock.sleep(min(due.values()) - clock.now())
@@ -121,8 +125,25 @@ class AdminPlane:
             for name, sched in jobs:
                 if due[name] > now:
                     continue
-                records.record(MaintenanceRun(name))
-                reply = await self.handle({"op": "maintenance_run", "args": {"job": name}})
-                if not reply.get("ok"):
-                    emit(f"maintenance {name}: failed: {reply.get('error')}", None, "error")
+                await self.run_job(name)
                 due[name] = sched.next_after(now)
+
+    async def run_job(self, name: str, *, catch_up: bool = False) -> bool:
+        """One scheduled (or catch-up) run; a failure raises the `queue` alert, a success
+        after a failure clears it."""
+        records = self.node.records
+        records.record(MaintenanceRun(name, catch_up=catch_up))
+        reply = await self.handle({"op": "maintenance_run",
+                                   "args": {"job": name, "by": "catch-up" if catch_up else "scheduled"}})
+        alerts = getattr(getattr(self.node, "monitoring", None), "alerts", None)
+        key = f"maintenance {name}"
+        if not reply.get("ok"):
+            error = str(reply.get("error"))
+            records.record(MaintenanceRun(name, error=error))
+            if alerts is not None:
+                alerts.raise_alert("queue", key, f"maintenance job {name} failed: {error}\n"
+                                   f"Its last runs: kanmon maintenance list")
+            return False
+        if alerts is not None:
+            alerts.clear("queue", key, f"maintenance job {name} ran again")
+        return True

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import click
 
-from kanmon.admin.queue_ops import STATES, Filters, QueueOps, dispatch, offline_queue_ops
+from kanmon.admin.filters import STATES, Filters, flag
+from kanmon.admin.queue_ops import QueueOps, dispatch, offline_queue_ops
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
-from kanmon.config import Config, parse_duration, parse_hostport
+from kanmon.config import Config, QueueFilter, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
 from kanmon.spool import journal
+from kanmon.units import format_duration
 
 FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket listens
 
@@ -102,34 +104,33 @@ def _fail(message: str, code: int = 1):
 # Filters as options
 
 
+FILTER_METAVARS = {"from": "PATTERN", "to": "PATTERN", "domain": "DOMAIN", "older_than": "DURATION",
+                   "reason": "REGEX", "subject": "REGEX", "header": "REGEX", "body": "REGEX",
+                   "size": "[<|>]SIZE", "attempts": "[<|>]N"}
+
+
 def filter_options(fn=None, *, to_flag: str = "--to"):
-    """The filter options; drain names its recipient filter --rcpt (its --to is the target)."""
+    """The filter options: the vocabulary of [[maintenance]] jobs (kanmon.config.QueueFilter),
+    each NAME as --NAME; drain names its recipient filter --rcpt (its --to is the target)."""
     if fn is None:
         return lambda f: filter_options(f, to_flag=to_flag)
-    for opt in reversed([
-        click.option("--state", type=click.Choice(STATES), default=None,
-                     help="Messages in this state only (default: all; corrupt files, which have no envelope, "
-                          "only when no other filter is given)."),
-        click.option("--older-than", "older_than", metavar="DURATION", help="Arrived longer ago than DURATION (4h, 3d)."),
-        click.option("--from", "mail_from", metavar="PATTERN", help="Sender matches PATTERN (glob, or substring; <> = null sender)."),
-        click.option(to_flag, "to", metavar="PATTERN", help="A pending recipient matches PATTERN."),
-        click.option("--domain", metavar="DOMAIN", help="A pending recipient is in DOMAIN."),
-        click.option("--reason", metavar="REGEX", help="The last reply matches REGEX (case-insensitive)."),
-    ]):
+    options = [click.option("--state", type=click.Choice(STATES), default=None,
+                            help="Messages in this state only (default: all; corrupt files, which have no envelope, "
+                                 "only when no other filter is given).")]
+    for name, field in QueueFilter.model_fields.items():
+        key = field.alias or name
+        option = to_flag if key == "to" else flag(key)
+        options.append(click.option(option, key if key != "from" else "mail_from", metavar=FILTER_METAVARS.get(key, "VALUE"),
+                                    help=f"{field.description}."))
+    for opt in reversed(options):
         fn = opt(fn)
     return fn
 
 
-def make_filters(ids=(), state=None, older_than=None, mail_from=None, to=None, domain=None, reason=None) -> dict:
-    seconds = None
-    if older_than is not None:
-        try:
-            seconds = parse_duration(older_than)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--older-than") from None
+def make_filters(ids=(), state=None, **criteria) -> dict:
+    """Filters (kanmon.admin.filters) from the options, as the control socket's JSON."""
     try:
-        f = Filters(ids=list(ids), state=state or "all", older_than=seconds, mail_from=mail_from, to=to,
-                    domain=domain, reason=reason)
+        f = Filters(ids=list(ids), state=state or "all", **criteria)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     return f.to_json()
@@ -425,7 +426,8 @@ def maintenance() -> None:
 @config_option
 @json_option()
 def maintenance_list(config_path, as_json) -> None:
-    """The configured jobs and when each runs next."""
+    """The configured jobs: filters, next run, and the last run (when, how long, how many
+    matched and acted on, the error if it failed)."""
     cfg = load_or_exit(config_path)
     if not cfg.maintenance:
         click.echo("No [[maintenance]] jobs configured")
@@ -436,13 +438,11 @@ def maintenance_list(config_path, as_json) -> None:
         _echo_json(r)
         return
     for j in r["jobs"]:
-        what = []
-        if j["older_than"] is not None:
-            what.append(f"older than {int(j['older_than'])}s")
-        if j["reason"]:
-            what.append(f"reason ~ {j['reason']!r}")
+        what = [f"older than {format_duration(v)}" if k == "older_than" else f"{k} {v!r}" for k, v in j["filters"].items()]
         click.echo(f"{j['index']}. {j['name']}: \"{j['schedule']}\" {j['action']} {j['state']} messages"
-                   + (f" {', '.join(what)}" if what else "") + f"; next run {format_time(j['next_run'])}")
+                   + (f" {', '.join(what)}" if what else "") + (" (catch_up)" if j["catch_up"] else "")
+                   + f"; next run {format_time(j['next_run'])}")
+        click.echo(f"   {j['last_run_text']}")
 
 
 @maintenance.command("run")
@@ -454,7 +454,7 @@ def maintenance_run(config_path, job, dry_run, as_json) -> None:
     """Run job NAME (or its 1-based INDEX) now."""
     cfg = load_or_exit(config_path)
     with AdminSession(cfg) as admin:
-        r = admin.call("maintenance_run", {"job": job, "dry_run": dry_run})
+        r = admin.call("maintenance_run", {"job": job, "dry_run": dry_run, "by": "kanmon maintenance run"})
     if as_json:
         _echo_json(r)
         return

@@ -665,7 +665,8 @@ class Backup(Event):
 
 @_event
 class MaintenanceRun(Event):
-    """A maintenance job: started by the schedule (`matched` None), or its result:
+    """A maintenance job: started by the schedule (`matched` None; `catch_up`: at start,
+    for a run missed while the server was down), its failure (`error`), or its result:
     `acted_on` messages, the first of them in `acted`."""
 
     KIND = "maintenance"
@@ -674,9 +675,15 @@ class MaintenanceRun(Event):
     matched: int | None = None
     acted_on: int = 0
     acted: tuple[str, ...] | list[str] = ()
+    catch_up: bool = False
+    error: str = ""
 
     def line(self) -> str:
+        if self.error:
+            return f"maintenance {self.job}: failed: {self.error}"
         if self.matched is None:
+            if self.catch_up:
+                return f"maintenance {self.job}: catch-up run (a run was missed while the server was down)"
             return f"maintenance {self.job}: scheduled run"
         return (f"maintenance {self.job}: {self.action} matched {self.matched}, acted on {self.acted_on}"
                 + (f": {' '.join(self.acted)}" if self.acted_on else ""))

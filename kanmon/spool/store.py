@@ -20,7 +20,8 @@ that moment are written to incoming/, flushed together, renamed into queue/, and
 directory flushed; store() returns only after its own file and its rename are durable.
 
 Admin operations (kanmon.admin.queue_ops) use scan() to walk the queue without
-reading bodies (the envelope is at the start of each queue file), set_hold() and
+reading bodies (the envelope is at the start of each queue file), read_content_prefix()
+for the filters on headers and body text (a bounded read), set_hold() and
 set_schedule() to append to a journal, delete() to remove a message on the admin's
 word, and export_raw()/import_raw() to move queue files between nodes unchanged.
 
@@ -316,6 +317,16 @@ class Spool:
             return envelope_from_json(ej), clen
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptEntry(f"bad envelope: {e}") from None
+
+    def read_content_prefix(self, queue_id: str, limit: int) -> bytes:
+        """The first `limit` bytes of the content (a part of the file, so not checked
+        against the CRC): what the admin filters on headers and body text read."""
+        fd = os.open(self.queue / queue_id, os.O_RDONLY)
+        try:
+            elen, clen, _crc, off = decode_queue_header(os.pread(fd, MAX_HEADER_LINE, 0))
+            return os.pread(fd, min(clen, max(0, limit)), off + elen + 1)
+        finally:
+            os.close(fd)
 
     def corrupt_ids(self) -> list[str]:
         """Queue ids in corrupt/ (moved there by recovery; kept for the admin)."""

@@ -119,7 +119,7 @@ def test_example_mentions_every_key():
 
     def keys(model, prefix=""):
         for name, field in model.model_fields.items():
-            yield name
+            yield field.alias or name  # the key as written in the file (`from`, not `from_`)
             ann = repr(field.annotation)
             for sub in ("ServerSection", "SmtpSection", "TlsSection", "DomainSection", "OutboundSection", "DnsSection",
                         "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection",

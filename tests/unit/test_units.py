@@ -18,7 +18,8 @@ def test_format_size(n, text):
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (-5, "0s"), (7.9, "7s"), (310, "5m 10s"), (3 * 3600 + 60, "3h 1m"), (2 * 86400 + 3 * 3600 + 59, "2d 3h")],
+    [(0, "0s"), (-5, "0s"), (7.9, "7s"), (310, "5m 10s"), (3 * 3600 + 60, "3h 1m"), (2 * 86400 + 3 * 3600 + 59, "2d 3h"),
+     (4 * 86400, "4d"), (3600 + 59, "1h"), (86400 + 60, "1d")],
 )
 def test_format_duration_short(seconds, text):
     assert format_duration(seconds) == text
