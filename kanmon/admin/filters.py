@@ -181,9 +181,9 @@ class Filters:
         """The checks that need the journal (and the content size)."""
         if self.state != "all" and self.state != state:
             return False
-        if self._size is not None and not _compare(*self._size, entry.size):
+        if self._size is not None and not _compare(self._size[0], entry.size, self._size[1]):
             return False
-        if self._attempts is not None and not _compare(*self._attempts, entry.state.attempts):
+        if self._attempts is not None and not _compare(self._attempts[0], entry.state.attempts, self._attempts[1]):
             return False
         pending = entry.pending_rcpts()
         if self._to is not None and not any(self._to.search(r) for r in pending):

@@ -6,7 +6,9 @@ server starts; it waits up to LOCK_WAIT for one to finish). start() opens the co
 socket (kanmon.control); each request runs kanmon.admin.queue_ops in one worker thread
 (so a scan of 100,000 messages never stalls the event loop, and operations never
 overlap); NodeLink lets that thread reach the queue manager in the event loop.
-run_maintenance() fires the configured jobs on the node's clock.
+run_maintenance() fires the configured jobs on the node's clock, makes up a run missed
+while the node was down for the jobs with `catch_up` (kanmon.admin.maintenance), and
+raises the `queue` alert when a run fails (cleared by the next run that succeeds).
 
 Trusts: the node's objects; requests only as kanmon.admin.queue_ops validates them.
 Never: touch queue-manager state from the worker thread directly (always through the
@@ -83,6 +85,7 @@ class AdminPlane:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         self.ops: QueueOps | None = None
         self.control: ControlServer | None = None
+        self.schedules_from: float | None = None  # the node's time the job schedules count from
 
     async def start(self) -> None:
         node = self.node
@@ -114,11 +117,12 @@ class AdminPlane:
             return
         assert self.ops is not None
         clock = self.node.clock
-        missed = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self.ops.maintenance_keep_schedules, clock.now())
+        start = clock.now()
+        due = {name: sched.next_after(start) for name, sched in jobs}
+        self.schedules_from = start
+        missed = await asyncio.get_running_loop().run_in_executor(self._pool, self.ops.maintenance_keep_schedules, start)
         for name, _at in missed:
             await self.run_job(name, catch_up=True)
-        due = {name: sched.next_after(clock.now()) for name, sched in jobs}
         while True:
             await clock.sleep(min(due.values()) - clock.now())
             now = clock.now()
