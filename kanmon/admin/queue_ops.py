@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
-from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of
+from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of  # noqa: F401 - STATES, Filters: importable from here too
 from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
