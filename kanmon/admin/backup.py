@@ -67,7 +67,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
 class BackupWriter:
     """with BackupWriter(path, hostname, filters) as w: w.add(spool, queue_id) ..."""
 
-    def __init__(self, path: Path, hostname: str, filters: str, now: float | None = None):
+    def __init__(self, path: Path, hostname: str, filters: str, now: float | None = None, origin: dict | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.now = time.time() if now is None else now
@@ -76,6 +76,8 @@ class BackupWriter:
         self._fh = os.fdopen(fd, "wb")
         self._tar = tarfile.open(fileobj=self._fh, mode="w|", format=tarfile.PAX_FORMAT)
         head = {"format": FORMAT, "version": VERSION, "created": self.now, "hostname": hostname, "filters": filters}
+        if origin:
+            head["origin"] = origin  # where it was written, and what `--then` did there
         _add(self._tar, HEAD, json.dumps(head, indent=1).encode(), self.now)
 
     def add(self, spool: Spool, queue_id: str, summary: dict) -> bool:
@@ -99,6 +101,7 @@ class BackupWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self.partial, self.path)
+        _sync_dir(self.path.parent)
 
     def abort(self) -> None:
         try:
@@ -157,6 +160,31 @@ def read_archive(path: Path) -> Iterator[ArchivedMessage]:
                 yield ArchivedMessage(qid, blobs["queue"], blobs["state"], meta)
         except (OSError, tarfile.TarError, EOFError) as e:
             raise BackupError(f"{path}: damaged archive: {e}") from None
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # the rename is durable too: the archive exists after a crash
+    finally:
+        os.close(fd)
+
+
+def archive_head(path: Path) -> dict:
+    """The first member (format, hostname, filters, origin); the rest is not read."""
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            first = next(iter(tar), None)
+            if first is None or first.name != HEAD:
+                raise BackupError(f"{path}: not a kanmon queue backup (no {HEAD})")
+            return _json(tar, first)
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise BackupError(f"{path}: not a readable tar archive: {e}") from None
+
+
+def archive_ids(path: Path) -> list[str]:
+    """The queue ids of a whole, verified archive, in archive order."""
+    return [m.queue_id for m in read_archive(path)]
 
 
 def verify_archive(path: Path) -> int:

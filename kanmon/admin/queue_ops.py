@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from kanmon.admin.backup import BackupError, BackupWriter, read_archive, verify_archive
+from kanmon.admin.backup import BackupError, BackupWriter, archive_head, read_archive, verify_archive
 from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of  # noqa: F401 - STATES, Filters: importable from here too
 from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
 from kanmon.cron import CronSchedule
@@ -53,6 +54,7 @@ ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
 # qshape's age buckets, in minutes; the last column is "older than 1280m".
 BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 RETURNED = "message returned to sender by the administrator"
+THEN = (None, "hold", "delete")  # what `backup --then` does to the archived messages here
 RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
 FILE_HINT = "the run log (<data_dir>/maintenance.json)"
 EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
@@ -152,6 +154,25 @@ def last_reply(entry: SpoolEntry) -> tuple[str, float]:
         if rec.t >= at:
             best, at = rec.reply, rec.t
     return best, max(at, 0.0)
+
+
+def finish_move(head: dict, archive: Path, count: int) -> dict:
+    """What is left to do on the node an archive came from, once it is restored here.
+
+    Every message of the archive is now queued here (or was restored here before), so
+    the copies on the old node must go: the command deletes exactly the archive's ids
+    there (`--ids-from` reads and verifies the archive, as written on that node).
+    """
+    origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
+    node = str(head.get("hostname") or "the old node")
+    then = origin.get("then")
+    if not count or then == "delete":
+        return {"origin": node, "then": then, "finish_command": None}
+    path = str(origin.get("path") or archive)
+    command = ["kanmon", "queue", "delete", "--ids-from", path]
+    if origin.get("config"):
+        command += ["-c", str(origin["config"])]
+    return {"origin": node, "then": then, "finish_command": shlex.join(command)}
 
 
 def parse_reply_text(text: str) -> Reply:
@@ -424,23 +445,59 @@ class QueueOps:
 
     # -- backup and restore -----------------------------------------------------------------
 
-    def backup(self, path: str, filters: dict | Filters | None = None, source: str = "kanmon queue backup") -> dict:
+    def backup(self, path: str, filters: dict | Filters | None = None, source: str = "kanmon queue backup",
+               then: str | None = None, origin_config: str | None = None) -> dict:
+        """Write the matching messages to an archive; then (optionally) hold or delete them here.
+
+        then="hold" | "delete" finishes a move without duplicates: each message is taken
+        off the schedule (an attempt in flight settles first) before it is exported, so
+        what is in the archive is exactly its state here; once the archive is complete,
+        fsynced and renamed, exactly the messages written into it are held or deleted. If
+        the archive cannot be written, nothing is held or deleted and every message goes
+        back to its schedule. origin_config (the -c of the command) is recorded in the
+        archive so that restore can print the command that finishes the move here.
+        """
+        if then not in THEN:
+            raise ValueError(f"--then must be one of {', '.join(t for t in THEN if t)}")
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         target = Path(path)
-        writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now())
+        origin = {"path": str(target.resolve()), "then": then, "config": origin_config}
+        writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now(), origin=origin)
+        quiesced: list[str] = []
         try:
-            for entry, state in self.select(f):
-                env = entry.envelope
-                writer.add(self.spool, entry.queue_id, {
-                    "from": env.mail_from, "rcpts": entry.pending_rcpts(), "arrival": env.received_at,
-                    "size": entry.size, "state": state,
-                })
+            rows = [(e.queue_id, e, s) for e, s in self.select(f)]
+            for start in range(0, len(rows), 1000):
+                chunk = rows[start : start + 1000]
+                if then:
+                    ids = [qid for qid, _, _ in chunk]
+                    self.link.quiesce(ids)
+                    quiesced.extend(ids)
+                for qid, entry, state in chunk:
+                    if then:  # reloaded after quiesce: an attempt that just ended changed it
+                        entry = self._load(qid)
+                        if entry is None:
+                            continue
+                    env = entry.envelope
+                    writer.add(self.spool, qid, {
+                        "from": env.mail_from, "rcpts": entry.pending_rcpts(), "arrival": env.received_at,
+                        "size": entry.size, "state": state,
+                    })
             writer.finish()
         except BaseException:
             writer.abort()
+            self.link.due_now(quiesced)  # back to their schedule: nothing was moved
             raise
         self.records.record(ev.Backup(len(writer.ids), str(target), source))
-        return {"path": str(target), "count": len(writer.ids), "ids": writer.ids}
+        result = {"path": str(target), "count": len(writer.ids), "ids": writer.ids, "then": then}
+        if then:
+            # Only what the archive holds, and only now that it is durable.
+            written = set(writer.ids)
+            self.link.due_now([q for q in quiesced if q not in written])
+            acted = self.act(then, Filters(ids=list(writer.ids)), source=f"{source} --then {then}",
+                             states=("deferred", "active", "hold"))
+            result["acted"] = acted["acted"]
+            result["skipped"] = acted["skipped"]
+        return result
 
     def _ledger(self) -> Path:
         return self.spool.root / RESTORE_LEDGER
@@ -484,7 +541,9 @@ class QueueOps:
             else:
                 skipped.append(qid)
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
-        return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold}
+        head = archive_head(archive)
+        return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
+                **finish_move(head, archive, total)}
 
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)
@@ -492,15 +551,24 @@ class QueueOps:
     # -- drain --------------------------------------------------------------------------------
 
     def drain(self, host: str, port: int, filters: dict | Filters | None = None, tls: str = "opportunistic",
-              source: str = "kanmon queue drain") -> dict:
+              source: str = "kanmon queue drain", *, dry_run: bool = False, whole_queue: bool = False) -> dict:
         """Deliver each matching message to host:port; remove it only after 250 for every
-        pending recipient. Recipients the new relay refuses stay here, as they were."""
+        pending recipient. Recipients the new relay refuses stay here, as they were.
+
+        Like delete and bounce, it needs ids or filters; whole_queue (`--all`) means every
+        message not on hold. dry_run: the ids that would move, nothing changed.
+        """
         from kanmon.deliver.mx import NextHop  # noqa: PLC0415
         from kanmon.deliver.smtp import SmtpDelivery  # noqa: PLC0415
 
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
+        if f.empty and f.state == "all" and not whole_queue:
+            raise ValueError("drain needs queue ids, filters or --all (the whole queue)")
         hop = NextHop.from_endpoint((host, port))
         targets = [e.queue_id for e, s in self.select(f) if s != "hold" or f.ids]
+        if dry_run:
+            return {"to": f"{host}:{port}", "dry_run": True, "matched": len(targets), "ids": targets,
+                    "drained": [], "kept": []}
 
         async def make_agent():
             return SmtpDelivery(self.config, self.records.record, idle_timeout=30.0)
@@ -648,10 +716,12 @@ OPERATIONS = {
     "act": lambda ops, a: ops.act(a["action"], a.get("filters") or {}, dry_run=bool(a.get("dry_run")),
                                   source=str(a.get("source", "kanmon queue")), whole_queue=bool(a.get("whole_queue"))),
     "summary": lambda ops, a: ops.summary(a.get("filters"), a.get("by", "domain")),
-    "backup": lambda ops, a: ops.backup(a["path"], a.get("filters"), str(a.get("source", "kanmon queue backup"))),
+    "backup": lambda ops, a: ops.backup(a["path"], a.get("filters"), str(a.get("source", "kanmon queue backup")),
+                                        then=a.get("then"), origin_config=a.get("origin_config")),
     "restore": lambda ops, a: ops.restore(a["path"], bool(a.get("hold")), str(a.get("source", "kanmon queue restore"))),
     "drain": lambda ops, a: ops.drain(a["host"], int(a["port"]), a.get("filters"), a.get("tls", "opportunistic"),
-                                      str(a.get("source", "kanmon queue drain"))),
+                                      str(a.get("source", "kanmon queue drain")), dry_run=bool(a.get("dry_run")),
+                                      whole_queue=bool(a.get("whole_queue"))),
     "maintenance_list": lambda ops, a: ops.maintenance_list(),
     "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run")), by=str(a.get("by", ""))),
 }

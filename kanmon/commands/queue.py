@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import click
 
+from kanmon.admin.backup import BackupError, archive_ids
 from kanmon.admin.filters import STATES, Filters, flag
 from kanmon.admin.queue_ops import QueueOps, dispatch, offline_queue_ops
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
@@ -240,16 +242,46 @@ def _print_detail(d: dict) -> None:
         click.echo(f"[... {d['body_lines_total'] - shown} more line(s)]")
 
 
+def _ids_from(path: str | None) -> list[str]:
+    """--ids-from: queue ids from a text file (whitespace-separated; - is stdin) or from a
+    queue backup archive (all of its ids, the archive verified whole first)."""
+    if path is None:
+        return []
+    if path != "-":
+        try:
+            is_tar = tarfile.is_tarfile(path)
+        except OSError as e:
+            raise click.BadParameter(f"{path}: {e.strerror}", param_hint="--ids-from") from None
+        if is_tar:
+            try:
+                return archive_ids(Path(path))
+            except BackupError as e:
+                raise click.BadParameter(str(e), param_hint="--ids-from") from None
+    try:
+        with click.open_file(path, "r", encoding="ascii", errors="replace") as fh:
+            return fh.read().split()
+    except OSError as e:
+        raise click.BadParameter(f"{path}: {e.strerror}", param_hint="--ids-from") from None
+
+
 def _act_command(action: str, doc: str, confirm: bool = True):
     @queue.command(action, help=doc)
     @config_option
     @click.argument("ids", nargs=-1)
+    @click.option("--ids-from", "ids_from", metavar="FILE",
+                  help="Also the queue ids in FILE: a list (one or more a line; - reads stdin) or a queue "
+                       "backup archive (every message in it).")
     @filter_options
     @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
     @click.option("--yes", "-y", is_flag=True, help="Do not ask before acting on a filter match.")
     @json_option()
-    def command(config_path, ids, dry_run, yes, as_json, **filters) -> None:
+    def command(config_path, ids, ids_from, dry_run, yes, as_json, **filters) -> None:
         cfg = load_or_exit(config_path)
+        from_file = _ids_from(ids_from)
+        if ids_from is not None and not from_file:
+            click.echo(f"No queue ids in {ids_from}")
+            return
+        ids = tuple(ids) + tuple(from_file)
         f = make_filters(ids, **filters)
         by_filter = any(v is not None for v in filters.values())
         whole = filters.get("state") == "all"
@@ -359,13 +391,27 @@ def review_cmd(config_path, **filters) -> None:
 @config_option
 @click.argument("file", type=click.Path(dir_okay=False))
 @filter_options
-def backup_cmd(config_path, file, **filters) -> None:
+@click.option("--then", "then", type=click.Choice(["hold", "delete"]), default=None,
+              help="Once FILE is complete and on disk, hold (or delete) here exactly the messages written "
+                   "into it, so this node never delivers them again (moving a queue to another relay).")
+@json_option()
+def backup_cmd(config_path, file, then, as_json, **filters) -> None:
     """Write the matching messages, envelopes and attempt history to FILE (docs/queue-backup.md)."""
     cfg = load_or_exit(config_path)
     path = Path(file).resolve()
+    origin_config = str(Path(config_path).resolve()) if config_path else None
     with AdminSession(cfg) as admin:
-        r = admin.call("backup", {"path": str(path), "filters": make_filters(**filters)})
+        r = admin.call("backup", {"path": str(path), "filters": make_filters(**filters), "then": then,
+                                  "origin_config": origin_config})
+    if as_json:
+        _echo_json(r)
+        return
     click.echo(f"{r['count']} message(s) written to {r['path']}")
+    if then:
+        done = "held" if then == "hold" else "deleted"
+        click.echo(f"{len(r['acted'])} of them {done} here")
+        if r["skipped"]:
+            click.echo(f"{len(r['skipped'])} left the queue meanwhile: {' '.join(r['skipped'][:20])}")
 
 
 @queue.command("restore")
@@ -374,7 +420,10 @@ def backup_cmd(config_path, file, **filters) -> None:
 @click.option("--hold", is_flag=True, help="Restore on hold instead of scheduling for delivery.")
 @json_option()
 def restore_cmd(config_path, file, hold, as_json) -> None:
-    """Put the messages of a backup into this queue (checksums verified; never twice)."""
+    """Put the messages of a backup into this queue (checksums verified; never twice).
+
+    Then it prints the command that removes them from the node the backup came from.
+    """
     cfg = load_or_exit(config_path)
     with AdminSession(cfg) as admin:
         r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold})
@@ -385,6 +434,14 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
         click.echo(f"restored {qid}" + (" (held)" if hold else ""))
     click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped'])} already here, "
                f"{r['in_archive']} in the archive")
+    if r["finish_command"]:
+        if r["then"] != "hold":
+            click.echo(f"Warning: the backup left these messages queued on {r['origin']}: until they are "
+                       "deleted there, it may deliver them too")
+        click.echo(f"To finish the move, run on {r['origin']}:")
+        click.echo(f"  {r['finish_command']}")
+    elif r["then"] == "delete":
+        click.echo(f"Nothing to finish on {r['origin']}: the backup deleted them there (--then delete)")
 
 
 @queue.command("drain")
@@ -394,16 +451,50 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
               default="opportunistic", show_default=True)
 @click.argument("ids", nargs=-1)
 @filter_options(to_flag="--rcpt")
+@click.option("--all", "whole", is_flag=True, help="The whole queue (held messages stay unless named by id).")
+@click.option("--dry-run", is_flag=True, help="List what would move; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before moving a filter match or --all.")
 @json_option()
-def drain_cmd(config_path, target, tls, ids, as_json, **filters) -> None:
-    """Deliver queued messages to HOST:PORT; each is removed here only after its 250."""
+def drain_cmd(config_path, target, tls, ids, whole, dry_run, yes, as_json, **filters) -> None:
+    """Deliver queued messages to HOST:PORT; each is removed here only after its 250.
+
+    By id it acts at once; with filters or --all it shows how many match and asks first
+    (unless --yes; without a terminal to ask on, it refuses).
+    """
     cfg = load_or_exit(config_path)
     try:
         host, port = parse_hostport(target)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--to") from None
+    f = make_filters(ids, **filters)
+    by_filter = any(v is not None for v in filters.values())
+    if not ids and not by_filter and not whole:
+        raise click.UsageError("give queue ids, filters or --all (the whole queue)")
+    args = {"host": host, "port": port, "tls": tls, "whole_queue": whole}
     with AdminSession(cfg) as admin:
-        r = admin.call("drain", {"host": host, "port": port, "tls": tls, "filters": make_filters(ids, **filters)})
+        if by_filter or whole or dry_run:
+            preview = admin.call("drain", {**args, "filters": f, "dry_run": True})
+            if dry_run:
+                if as_json:
+                    _echo_json(preview)
+                else:
+                    click.echo(f"{preview['matched']} message(s) match; would move to {preview['to']}:")
+                    for qid in preview["ids"]:
+                        click.echo(f"  {qid}")
+                return
+            if not preview["ids"]:
+                click.echo("No message matches")
+                return
+            if not yes:
+                if not sys.stdin.isatty():
+                    _fail(f"{preview['matched']} message(s) match; not moving them without --yes "
+                          "(no terminal to ask on)")
+                click.echo(f"{preview['matched']} message(s) match.")
+                if not click.confirm(f"Move them to {preview['to']}?", default=False):
+                    click.echo("Nothing done.")
+                    return
+            f = dict(f, ids=preview["ids"])  # exactly the messages counted
+        r = admin.call("drain", {**args, "filters": f})
     if as_json:
         _echo_json(r)
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import smtplib
 import stat
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 
 import kanmon.admin.service as admin_service
 import kanmon.node
+from kanmon.admin.backup import BackupWriter
 from kanmon.admin.queue_ops import QueueOps
 from kanmon.cli import main
 from kanmon.clock import ManualClock
@@ -556,6 +558,99 @@ def test_restore_killed_then_run_again_every_message_once(site, tmp_path):
         b.stop()
 
 
+def _finish_command(output: str) -> list[str]:
+    """The command restore printed, as argv for CliRunner (without the program name)."""
+    lines = output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("To finish the move, run on "))
+    argv = shlex.split(lines[at + 1])
+    assert argv[:3] == ["kanmon", "queue", "delete"]
+    return argv[1:]
+
+
+def test_backup_then_hold_restore_prints_what_finishes_the_move(tmp_path):
+    a = Site(tmp_path, "a")
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        try:
+            a.start()
+            ids = _queue_three(a)
+            archive = tmp_path / "queue.kbk"
+            out = a.cli("queue", "backup", str(archive), "--domain", "corp.example", "--then", "hold").output
+            assert "2 message(s) written" in out and "2 of them held here" in out
+            assert sorted(a.ids("--state", "hold")) == sorted([ids["m1"], ids["m2"]])
+            assert a.ids("--state", "deferred") == [ids["m3"]]  # not in the archive: untouched
+            a.wait_event("`kanmon queue backup --then hold`")
+            a.stop()
+            b.start()
+            out = b.cli("queue", "restore", str(archive)).output
+            assert "2 message(s) restored" in out and "To finish the move, run on mx1.example.test:" in out
+            assert "Warning" not in out  # held there: nothing is delivered twice meanwhile
+            store.wait_for_messages(2)
+            argv = _finish_command(out)
+            assert argv == ["queue", "delete", "--ids-from", str(archive), "-c", str(a.config_file)]
+            # The old relay started again (to flush what is left) delivers none of them.
+            a.start()
+            a.node.advance(86400)
+            a.node.wait_idle()
+            result = CliRunner().invoke(main, argv)  # exactly as printed, its -c included
+            assert result.exit_code == 0, result.output
+            assert "2 message(s) deleted" in result.output
+            assert a.ids() == [ids["m3"]]
+            b.node.wait_idle()
+            assert len(store.messages) == 2
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_backup_then_delete_on_a_stopped_node(site, tmp_path):
+    site.start()
+    ids = _queue_three(site)
+    site.stop()
+    archive = tmp_path / "q.kbk"
+    out = site.cli("queue", "backup", str(archive), "--from", "alice*", "--then", "delete").output
+    assert "2 message(s) written" in out and "2 of them deleted here" in out
+    assert site.ids() == [ids["m2"]]
+    b = Site(tmp_path, "b")
+    Spool(b.data_dir).close()
+    out = b.cli("queue", "restore", str(archive), "--hold").output
+    assert "2 message(s) restored" in out and "Nothing to finish on mx1.example.test" in out
+    assert "To finish" not in out
+    # Without --then the command names the archive's ids, and warns the copies are still live.
+    site.cli("queue", "backup", str(tmp_path / "rest.kbk"), "--state", "all")
+    out = b.cli("queue", "restore", str(tmp_path / "rest.kbk"), "--hold").output
+    assert "Warning: the backup left these messages queued on mx1.example.test" in out
+    site.cli(*_finish_command(out))
+    assert site.ids() == []
+
+
+def test_backup_then_hold_with_no_archive_changes_nothing(site, tmp_path, monkeypatch):
+    site.start()
+    ids = _queue_three(site)
+    monkeypatch.setattr(BackupWriter, "finish", lambda self: (_ for _ in ()).throw(OSError(28, "No space left")))
+    archive = tmp_path / "q.kbk"
+    assert "No space left" in site.cli("queue", "backup", str(archive), "--then", "hold", code=1).output
+    assert not archive.exists() and not (tmp_path / "q.kbk.partial").exists()
+    assert site.ids("--state", "hold") == [] and sorted(site.ids()) == sorted(ids.values())
+    # Back on their schedule: the next retry still happens.
+    before = {r["id"]: r["attempts"] for r in site.cli_json("queue", "list")["items"]}
+    site.node.advance(3600)
+    site.node.wait_idle()
+    after = {r["id"]: r["attempts"] for r in site.cli_json("queue", "list")["items"]}
+    assert all(after[q] > before[q] for q in before)
+
+
+def test_ids_from_a_list_file(site, tmp_path):
+    site.start()
+    ids = _queue_three(site)
+    listing = tmp_path / "ids.txt"
+    listing.write_text(f"{ids['m1']}\n{ids['m3']}  \n")
+    assert "2 message(s) held" in site.cli("queue", "hold", "--ids-from", str(listing)).output
+    assert sorted(site.ids("--state", "hold")) == sorted([ids["m1"], ids["m3"]])
+    listing.write_text("not-an-id\n")
+    assert "not a queue id" in site.cli("queue", "delete", "--ids-from", str(listing), code=2).output
+
+
 # -- drain -------------------------------------------------------------------------------------
 
 
@@ -573,14 +668,14 @@ def test_drain_to_a_second_instance(tmp_path):
         m2 = a.send("alice@example.test", ["u2@corp.example", "u9@corp.example"], "d2")
         m3 = a.send("bob@example.test", ["u3@corp.example"], "d3")
         to = f"--to=127.0.0.1:{target.port}"
-        out = a.cli("queue", "drain", to, "--from", "alice*", "--tls", "none", code=1).output
+        out = a.cli("queue", "drain", to, "--from", "alice*", "--tls", "none", "--yes", code=1).output
         assert "1 message(s) delivered" in out and f"kept {m2}: <u9@corp.example> 550 5.1.1" in out
         assert sorted(a.ids()) == sorted([m2, m3])
         # What the new relay took is not sent again; what it refused stays here.
         assert [r["rcpts"] for r in a.cli_json("queue", "list") ["items"] if r["id"] == m2] == [["u9@corp.example"]]
         a.wait_event("admin: drain 1 message(s) by `kanmon queue drain`")
         a.stop()
-        out = a.cli("queue", "drain", to, "--rcpt", "u3@*", "--tls", "none").output  # stopped node
+        out = a.cli("queue", "drain", to, "--rcpt", "u3@*", "--tls", "none", "--yes").output  # stopped node
         assert "1 message(s) delivered" in out and a.ids() == [m2]
         target.node.wait_idle()
         for box in ("u1", "u2", "u3"):
@@ -589,6 +684,56 @@ def test_drain_to_a_second_instance(tmp_path):
     finally:
         a.stop()
         target.stop()
+
+
+def test_drain_needs_a_selection_asks_and_has_a_dry_run(tmp_path):
+    a = Site(tmp_path, "a")
+    target = Site(tmp_path, "b", corp=None)
+    target.config_file.write_text(target.config_file.read_text().replace(
+        'name = "corp.example"\ndeliver = "relay"\nservers = ["%s"]\ntls = "none"' % target.corp,
+        'name = "corp.example"\nmailboxes = ["u1", "u2", "u3"]'))
+    try:
+        target.start()
+        a.start()
+        m1 = a.send("alice@example.test", ["u1@corp.example"], "d1")
+        m2 = a.send("bob@example.test", ["u2@corp.example"], "d2")
+        m3 = a.send("bob@example.test", ["u3@corp.example"], "d3")
+        a.cli("queue", "hold", m3)
+        to = f"--to=127.0.0.1:{target.port}"
+        # Nothing selected: refused, like delete and bounce.
+        assert "give queue ids, filters or --all" in a.cli("queue", "drain", to, code=2).output
+        assert "give queue ids or filters" in a.cli("queue", "delete", code=2).output
+        # --dry-run lists what would move and moves nothing.
+        out = a.cli("queue", "drain", to, "--all", "--dry-run").output
+        assert "2 message(s) match; would move to 127.0.0.1:" in out and m1 in out and m2 in out and m3 not in out
+        assert a.cli_json("queue", "drain", to, "--from", "bob*", "--dry-run")["ids"] == [m2]
+        # A filter match without --yes and without a terminal to ask on: refused.
+        out = a.cli("queue", "drain", to, "--all", "--tls", "none", code=1).output
+        assert "2 message(s) match; not moving them without --yes" in out
+        assert sorted(a.ids()) == sorted([m1, m2, m3])
+        out = a.cli("queue", "drain", to, "--all", "--tls", "none", "--yes").output
+        assert "2 message(s) delivered" in out and a.ids() == [m3]  # held: only when named by id
+        out = a.cli("queue", "drain", to, m3, "--tls", "none").output  # by id: at once
+        assert "1 message(s) delivered" in out and a.ids() == []
+    finally:
+        a.stop()
+        target.stop()
+
+
+def test_drain_asks_in_a_terminal(site):
+    site.start()
+    ids = _queue_three(site)
+    site.stop()
+    child = _spawn(site, "queue", "drain", "--to", "127.0.0.1:9", "--from", "alice*")
+    try:
+        child.expect("2 message\\(s\\) match.")
+        child.expect(r"Move them to 127.0.0.1:9\? \[y/N\]")
+        child.sendline("n")
+        child.expect("Nothing done.")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and sorted(site.ids()) == sorted(ids.values())
 
 
 # -- maintenance -------------------------------------------------------------------------------
