@@ -19,7 +19,7 @@ from kanmon.commands.options import config_option, json_option, load_or_exit
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
-from kanmon.dnscheck.sources import SourceError
+from kanmon.dnscheck.sources import RecordingSource, SourceError
 from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets
 
 
@@ -58,6 +58,8 @@ def dns() -> None:
 @click.option("--dkim-selector", default=None, help="DKIM selector to check. Default: [dnscheck] dkim_selector.")
 @click.option("--dkim-key", default=None, type=click.Path(dir_okay=False),
               help="Our DKIM key (PEM) to compare with DNS. Default: [dnscheck] dkim_key.")
+@click.option("--show", is_flag=True,
+              help="Also print every record looked at (like nslookup's ls -d), to review a zone run by someone else.")
 @json_option("Print the report as JSON.")
 @config_option
 def check(
@@ -68,6 +70,7 @@ def check(
     server: tuple[str, int] | None,
     dkim_selector: str | None,
     dkim_key: str | None,
+    show: bool,
     as_json: bool,
     config_path: str | None,
 ) -> None:
@@ -85,7 +88,13 @@ def check(
     except (SourceError, TargetError) as e:
         click.echo(f"kanmon: {e}", err=True)
         sys.exit(2)
-    reports = [check_domain(source, t) for t in targets]
+    reports = []
+    recorder = RecordingSource(source) if show else None
+    for t in targets:
+        report = check_domain(recorder or source, t)
+        if recorder is not None:
+            report.looked_at = recorder.take()
+        reports.append(report)
     if as_json:
         click.echo(render_json(reports), nl=False)
     else:

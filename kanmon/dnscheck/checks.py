@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kanmon.dnscheck import spfrecord, tagrecords
-from kanmon.dnscheck.sources import Answer, DnsSource, Status
+from kanmon.dnscheck.sources import UNANSWERED, Answer, DnsSource, Status
 
 
 class Severity(IntEnum):
@@ -71,6 +71,7 @@ class Report:
     source: str
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was not checked, and why
+    looked_at: list[Answer] = field(default_factory=list)  # --show: every answer, in order asked
 
     @property
     def worst(self) -> Severity:
@@ -126,7 +127,19 @@ def _failed(check: str, subject: str, ans: Answer, consequence: str) -> Finding:
     receivers see the same failure."""
     if ans.status is Status.OUTSIDE:
         return _warn(check, subject, ans.describe(), "not checked; give the zone file that holds it with --zone")
+    if ans.status is Status.DELEGATED:
+        return _delegated(check, subject, ans)
     return _error(check, subject, ans.describe(), consequence)
+
+
+def _delegated(check: str, subject: str, ans: Answer, what: str = "") -> Finding:
+    """A name with its own name servers (a link-balancing device answering for `mail`)
+    that could not be asked: not checked, never an error of the zone we were given."""
+    return _warn(
+        check, subject, f"{what or ans.name} delegated to {', '.join(ans.delegated_to)}: not checked",
+        f"{ans.error}; senders get {ans.name}'s records from those servers only, so check from outside "
+        "that they answer",
+    )
 
 
 def _is_ip_literal(name: str) -> bool:
@@ -150,7 +163,7 @@ def _addresses(source: DnsSource, name: str) -> tuple[list[str], list[Answer]]:
 
 def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> list[Finding]:
     ans = source.lookup(domain, "MX")
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("mx", domain, ans, f"senders cannot find where to deliver; mail to {domain} is delayed")]
     if ans.status is Status.NXDOMAIN:
         return [_error("mx", domain, ans.describe(), f"every message to {domain} bounces: the domain does not exist")]
@@ -183,6 +196,7 @@ def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> lis
 
     findings = []
     reachable = 0
+    unchecked = 0  # hosts whose own name servers could not be asked
     seen_hosts: dict[str, int] = {}
     for pref, host in mxs:
         name = host.rstrip(".")
@@ -195,8 +209,9 @@ def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> lis
         seen_hosts[name] = pref
         finding, has_address = _check_mx_host(source, domain, pref, name)
         findings.append(finding)
-        reachable += has_address
-    if not reachable:
+        reachable += has_address is True
+        unchecked += has_address is None
+    if not reachable and not unchecked:
         findings.append(_error(
             "mx", domain, "no MX host of the domain is usable",
             f"no sender can deliver to {domain}: mail queues at the senders and bounces after days",
@@ -212,7 +227,7 @@ def _implicit_mx(source: DnsSource, domain: str) -> Finding:
             "mail goes to whatever host has that address, often a web server; if it does not accept mail "
             f"on port 25, mail to {domain} queues at the senders and bounces after days. Publish an MX record",
         )
-    failed = [a for a in answers if a.status in (Status.FAILED, Status.OUTSIDE)]
+    failed = [a for a in answers if a.status in UNANSWERED]
     if failed:
         return _failed("mx", domain, failed[0], f"senders cannot find where to deliver; mail to {domain} is delayed")
     return _error(
@@ -221,8 +236,9 @@ def _implicit_mx(source: DnsSource, domain: str) -> Finding:
     )
 
 
-def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tuple[Finding, bool]:
-    """The finding for one MX host, and whether senders can find an address for it."""
+def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tuple[Finding, bool | None]:
+    """The finding for one MX host, and whether senders can find an address for it
+    (None: not known here, the host's own name servers could not be asked)."""
     if _is_ip_literal(host):  # RFC 7505 3 / RFC 5321 5.1: an MX names a host, never an address
         return _error(
             "mx", domain, f"MX {pref} {host} is an IP address, not a host name",
@@ -238,8 +254,13 @@ def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tupl
             f"to {domain} is delayed. Point the MX at {cname.canonical}",
         ), bool(addrs)
     if addrs:
-        return _ok("mx", domain, f"MX {pref} {host} -> {', '.join(addrs)}"), True
-    failed = [a for a in answers if a.status in (Status.FAILED, Status.OUTSIDE)]
+        via = next((a.server for a in answers if a.server), "")
+        return _ok("mx", domain, f"MX {pref} {host} -> {', '.join(addrs)}"
+                   + (f" (from its own name server {via})" if via else "")), True
+    failed = [a for a in answers if a.status in UNANSWERED]
+    delegated = next((a for a in failed if a.status is Status.DELEGATED), None)
+    if delegated is not None:
+        return _delegated("mx", domain, delegated, f"MX {pref} {host}"), None
     if failed:
         return _failed("mx", domain, failed[0], f"senders cannot reach {host}; mail to {domain} is delayed"), False
     what = "does not exist (NXDOMAIN)" if answers[0].status is Status.NXDOMAIN else "has no A or AAAA record"
@@ -277,8 +298,10 @@ def check_reverse(source: DnsSource, ips: Sequence[str]) -> list[Finding]:
     for ip in ips:
         rev = dns.reversename.from_address(ip).to_text(omit_final_dot=True)
         ans = source.lookup(rev, "PTR")
-        if ans.status in (Status.FAILED, Status.OUTSIDE):
-            if ans.status is Status.OUTSIDE:
+        if ans.status in UNANSWERED:
+            if ans.status is Status.DELEGATED:
+                findings.append(_delegated("ptr", ip, ans))
+            elif ans.status is Status.OUTSIDE:
                 findings.append(_warn(
                     "ptr", ip, f"{rev} is in none of the given zone files",
                     "reverse DNS not checked; give the reverse zone file with --zone",
@@ -312,7 +335,7 @@ def check_reverse(source: DnsSource, ips: Sequence[str]) -> list[Finding]:
 def _check_fcrdns(source: DnsSource, ip: str, name: str) -> Finding:
     rdtype = "A" if ipaddress.ip_address(ip).version == 4 else "AAAA"
     ans = source.lookup(name, rdtype)
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return _failed("fcrdns", ip, ans, _fcrdns_consequence(ip, name))
     addrs = ans.addresses()
     if any(ipaddress.ip_address(a) == ipaddress.ip_address(ip) for a in addrs):
@@ -337,7 +360,7 @@ def check_helo(source: DnsSource, helo: str, ips: Sequence[str]) -> list[Finding
         )]
     addrs, answers = _addresses(source, name)
     if not addrs:
-        failed = [a for a in answers if a.status in (Status.FAILED, Status.OUTSIDE)]
+        failed = [a for a in answers if a.status in UNANSWERED]
         if failed:
             return [_failed("helo", name, failed[0], "receivers see the same failure and may answer 450 4.7.1")]
         what = "does not exist (NXDOMAIN)" if answers[0].status is Status.NXDOMAIN else "has no A or AAAA record"
@@ -370,7 +393,7 @@ _SPF_PERMERROR = (
 
 def check_spf(source: DnsSource, domain: str, ips: Sequence[str], helo: str | None) -> list[Finding]:
     ans = source.lookup(domain, "TXT")
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("spf", domain, ans, "receivers get 'temperror' for SPF and may defer our mail (451 4.7.x)")]
     records = [t for t in ans.texts() if spfrecord.is_spf(t)]  # RFC 7208 4.5
     if not records:
@@ -467,7 +490,7 @@ def _tag_records(source: DnsSource, name: str, is_kind: Callable[[str], bool]) -
 def check_dmarc(source: DnsSource, domain: str) -> list[Finding]:
     name = f"_dmarc.{domain}"  # RFC 7489 6.1
     ans, records = _tag_records(source, name, tagrecords.is_dmarc)
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("dmarc", name, ans, "receivers cannot find our DMARC policy and apply their own")]
     if not records:
         return [_warn(
@@ -520,7 +543,7 @@ def _normalise_dns_key(key_type: str, data: bytes) -> bytes:
 def check_dkim(source: DnsSource, domain: str, selector: str, our_key: tuple[str, bytes] | None) -> list[Finding]:
     name = f"{selector}._domainkey.{domain}"  # RFC 6376 3.6.2.1
     ans = source.lookup(name, "TXT")
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("dkim", name, ans, "receivers cannot fetch our key: DKIM gives temperror")]
     texts = ans.texts()
     if not texts:
@@ -559,7 +582,7 @@ def check_dkim(source: DnsSource, domain: str, selector: str, our_key: tuple[str
 def check_mta_sts(source: DnsSource, domain: str) -> list[Finding]:
     name = f"_mta-sts.{domain}"  # RFC 8461 3.1
     ans, records = _tag_records(source, name, lambda t: t.startswith("v=STSv1"))
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("mta-sts", name, ans, "senders cannot see whether we publish an MTA-STS policy")]
     if not records:
         return [_ok("mta-sts", name, "no MTA-STS record (optional)", "senders use TLS opportunistically")]
@@ -581,7 +604,7 @@ def check_mta_sts(source: DnsSource, domain: str) -> list[Finding]:
 def check_tls_rpt(source: DnsSource, domain: str) -> list[Finding]:
     name = f"_smtp._tls.{domain}"  # RFC 8460 3
     ans, records = _tag_records(source, name, lambda t: t.startswith("v=TLSRPTv1"))
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         return [_failed("tls-rpt", name, ans, "senders cannot find where to send TLS reports")]
     if not records:
         return [_ok("tls-rpt", name, "no TLS-RPT record (optional)", "senders send no reports of TLS failures to us")]

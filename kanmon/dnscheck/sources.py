@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Protocol
 
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
+import dns.query
+import dns.rcode
 import dns.rdata
+import dns.rrset
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
@@ -44,6 +49,15 @@ class Status(Enum):
     NXDOMAIN = "nxdomain"  # the name does not exist
     FAILED = "failed"  # SERVFAIL, REFUSED, timeout: nothing can be said
     OUTSIDE = "outside"  # zone files only: no given zone holds the name
+    # The name is below a zone cut (NS records: `mail IN NS linkp1`) and its own name
+    # servers were not asked (zone files) or did not answer: nothing can be said here.
+    DELEGATED = "delegated"
+
+
+# The statuses for which no records could be seen (a check reports them, never judges them).
+UNANSWERED = (Status.FAILED, Status.OUTSIDE, Status.DELEGATED)
+NAMESERVER_PORT = 53  # where delegated name servers are asked (tests run theirs elsewhere)
+_MAX_REFERRALS = 4
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,9 @@ class Answer:
     status: Status
     records: tuple[dns.rdata.Rdata, ...] = ()
     canonical: str = ""  # the name the records belong to, after CNAMEs
-    error: str = ""  # FAILED / OUTSIDE: why
+    error: str = ""  # FAILED / OUTSIDE / DELEGATED: why
+    delegated_to: tuple[str, ...] = ()  # DELEGATED: the name servers, as the zone names them
+    server: str = ""  # who answered, when not the source itself (a delegated name server)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +97,8 @@ class Answer:
             return f"{self.name} does not exist (NXDOMAIN)"
         if self.status is Status.NODATA:
             return f"{self.name} has no {self.rdtype} record"
+        if self.status is Status.DELEGATED:
+            return f"{self.name} delegated to {', '.join(self.delegated_to)}: not checked ({self.error})"
         if self.status in (Status.FAILED, Status.OUTSIDE):
             return f"{self.rdtype} lookup of {self.name} failed: {self.error}"
         return ", ".join(rd.to_text() for rd in self.records)
@@ -101,6 +119,37 @@ def _norm(name: str | dns.name.Name) -> str:
     return text.lower().rstrip(".")
 
 
+def _short_names(cut: dns.name.Name, targets: Iterable[dns.name.Name]) -> tuple[str, ...]:
+    """Name servers as the delegating zone writes them: `linkp1` for linkp1.<parent of
+    the cut>, the full name for a server elsewhere."""
+    parent = cut.parent() if len(cut) > 1 else cut
+    out = []
+    for t in targets:
+        out.append(_norm(t.relativize(parent)) if t.is_subdomain(parent) and t != parent else _norm(t))
+    return tuple(sorted(dict.fromkeys(out)))
+
+
+class RecordingSource:
+    """Any source, keeping every answer it gave (each question once, in the order asked):
+    what `kanmon dns check --show` prints."""
+
+    def __init__(self, source: DnsSource):
+        self.source = source
+        self.description = source.description
+        self._answers: dict[tuple[str, str], Answer] = {}
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        ans = self.source.lookup(name, rdtype)
+        self._answers.setdefault((ans.name, rdtype), ans)
+        return ans
+
+    def take(self) -> list[Answer]:
+        """The answers so far; the next take() starts afresh (one per checked domain)."""
+        out = list(self._answers.values())
+        self._answers.clear()
+        return out
+
+
 # ---------------------------------------------------------------------------
 # DNS servers
 
@@ -108,7 +157,8 @@ def _norm(name: str | dns.name.Name) -> str:
 class ResolverSource:
     """Asks DNS servers: the given ones (host, port), or the system resolver when none."""
 
-    def __init__(self, servers: Sequence[tuple[str, int]] = (), timeout: float = 5.0):
+    def __init__(self, servers: Sequence[tuple[str, int]] = (), timeout: float = 5.0,
+                 nameserver_port: int | None = None):
         if servers:
             resolver = dns.resolver.Resolver(configure=False)
             resolver.nameservers = [
@@ -128,6 +178,8 @@ class ResolverSource:
         resolver.cache = None
         self._resolver = resolver
         self._timeout = timeout
+        self._ns_port = NAMESERVER_PORT if nameserver_port is None else nameserver_port
+        self._dead: set[str] = set()  # delegated servers that did not answer in this run
 
     def lookup(self, name: str, rdtype: str) -> Answer:
         asked = _norm(name)
@@ -143,13 +195,71 @@ class ResolverSource:
         except dns.exception.DNSException as e:
             return Answer(asked, rdtype, Status.FAILED, error=str(e))
         records = tuple(ans.rrset) if ans.rrset is not None else ()
-        return Answer(
-            asked,
-            rdtype,
-            Status.OK if records else Status.NODATA,
-            records,
-            canonical=_norm(ans.canonical_name),
-        )
+        canonical = _norm(ans.canonical_name)
+        if not records:
+            cut = _referral(ans.response, ans.canonical_name)
+            if cut is not None:  # an authoritative server of the parent sent us on
+                return self._follow(asked, rdtype, ans.canonical_name, ans.response, cut, _MAX_REFERRALS)
+        return Answer(asked, rdtype, Status.OK if records else Status.NODATA, records, canonical=canonical)
+
+    # -- delegations: RFC 1034 4.3.2 step 3b, done by hand because the server we were told to
+    # ask is authoritative for the parent and does not recurse.
+
+    def _follow(self, asked: str, rdtype: str, qname: dns.name.Name, response: dns.message.Message,
+                cut: dns.rrset.RRset, budget: int) -> Answer:
+        targets = [rd.target for rd in cut]
+        shown = _short_names(cut.name, targets)
+        glue: dict[dns.name.Name, list[str]] = {}
+        for rrset in response.additional:
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+                glue.setdefault(rrset.name, []).extend(rd.address for rd in rrset)
+        tried: list[str] = []
+        for target in targets:
+            addresses = glue.get(target)
+            if addresses is None:  # no glue: the server's name is elsewhere; ask for it
+                addresses = self.lookup(_norm(target), "A").addresses() if budget > 0 else []
+            for address in addresses:
+                label = f"{_norm(target)} [{address}]"
+                if address in self._dead:
+                    tried.append(f"{label}: no answer")
+                    continue
+                try:
+                    reply, _ = dns.query.udp_with_fallback(
+                        dns.message.make_query(qname, rdtype), address, timeout=self._timeout, port=self._ns_port)
+                except (dns.exception.DNSException, OSError) as e:
+                    self._dead.add(address)
+                    tried.append(f"{label}: {'no answer' if isinstance(e, dns.exception.Timeout) else e}")
+                    continue
+                rcode = reply.rcode()
+                if rcode == dns.rcode.NXDOMAIN:
+                    return Answer(asked, rdtype, Status.NXDOMAIN, canonical=_norm(qname), server=label)
+                if rcode != dns.rcode.NOERROR:
+                    tried.append(f"{label}: {dns.rcode.to_text(rcode)}")
+                    continue
+                chain = reply.resolve_chaining()
+                records = tuple(chain.answer) if chain.answer is not None else ()
+                if not records:
+                    deeper = _referral(reply, chain.canonical_name)
+                    if deeper is not None and budget > 0 and deeper.name != cut.name:
+                        return self._follow(asked, rdtype, chain.canonical_name, reply, deeper, budget - 1)
+                return Answer(asked, rdtype, Status.OK if records else Status.NODATA, records,
+                              canonical=_norm(chain.canonical_name), server=label)
+        error = "; ".join(tried) or "no address for its name servers"
+        return Answer(asked, rdtype, Status.DELEGATED, canonical=_norm(qname), delegated_to=shown,
+                      error=f"{_norm(cut.name)} has its own name servers, not reachable from here: {error}")
+
+
+def _referral(response: dns.message.Message | None, qname: dns.name.Name) -> dns.rrset.RRset | None:
+    """The NS set of a referral (a non-authoritative answer with no records, no SOA, and
+    NS records for qname or a name above it in the authority section), else None."""
+    if response is None or response.flags & dns.flags.AA or response.rcode() != dns.rcode.NOERROR:
+        return None
+    if any(r.rdtype == dns.rdatatype.SOA for r in response.authority):
+        return None
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.NS and qname.is_subdomain(rrset.name):
+            return rrset
+    return None
 
 
 def _server_address(host: str) -> str:
@@ -230,6 +340,14 @@ class ZoneSource:
                     asked, rdtype, Status.OUTSIDE, canonical=_norm(qname),
                     error=f"{_norm(qname)} is in none of the given zone files",
                 )
+            cut = _zone_cut(zone, qname, want)
+            if cut is not None:  # RFC 1034 4.2.1: below a cut, the data is the child zone's
+                cut_name, ns = cut
+                return Answer(
+                    asked, rdtype, Status.DELEGATED, canonical=_norm(qname),
+                    delegated_to=_short_names(cut_name, [rd.target for rd in ns]),
+                    error=f"{_norm(cut_name)} has its own name servers; zone files are checked without asking them",
+                )
             node = zone.get_node(qname)
             if node is None:
                 exists = any(n.is_subdomain(qname) for n in zone.nodes)
@@ -244,3 +362,19 @@ class ZoneSource:
                 continue
             return Answer(asked, rdtype, Status.NODATA, canonical=_norm(qname))
         return Answer(asked, rdtype, Status.FAILED, error=f"CNAME chain longer than {_MAX_CNAME_CHAIN}")
+
+
+def _zone_cut(zone: dns.zone.Zone, qname: dns.name.Name, want: int) -> tuple[dns.name.Name, object] | None:
+    """The highest delegation (NS records below the zone's origin) at or above qname.
+    NS (and DS) asked at the cut itself are the parent's data: answered, not referred."""
+    labels = len(qname) - len(zone.origin)
+    for i in range(labels - 1, -1, -1):  # from just below the origin down to qname
+        name = qname.split(len(zone.origin) + labels - i)[1]
+        node = zone.get_node(name)
+        ns = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NS) if node is not None else None
+        if not ns:
+            continue
+        if name == qname and want in (dns.rdatatype.NS, dns.rdatatype.DS):
+            return None
+        return name, ns
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import spf
 
-from kanmon.dnscheck.sources import Answer, DnsSource, Status
+from kanmon.dnscheck.sources import UNANSWERED, Answer, DnsSource
 
 # RFC 7208 4.6.4: at most 10 terms that cause DNS queries, across the whole tree.
 MAX_DNS_TERMS = 10
@@ -169,7 +169,7 @@ def _count(source: DnsSource, record: SpfRecord, domain: str, count: LookupCount
         if depth > 10 or count.total > 4 * MAX_DNS_TERMS:
             return
         ans = source.lookup(target, "TXT")
-        if ans.status in (Status.FAILED, Status.OUTSIDE):
+        if ans.status in UNANSWERED:
             count.unknown.append(f"{term.text} ({ans.error})")
             continue
         records = [t for t in ans.texts() if is_spf(t)]
@@ -217,7 +217,7 @@ class _SourceQuery(spf.query):
 
 def _pyspf_values(ans: Answer) -> list[object]:
     """Our Answer in the shapes pyspf's DNSLookup returns."""
-    if ans.status in (Status.FAILED, Status.OUTSIDE):
+    if ans.status in UNANSWERED:
         raise spf.TempError(f"DNS {ans.error}")
     out: list[object] = []
     for rd in ans.records:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kanmon.cli import main
+from kanmon.dnscheck import sources
 from tests.support.dnsserver import DnsServer, txt
 
 IP = "203.0.113.3"
@@ -404,3 +405,83 @@ def test_usage_errors_exit_2(tmp_path: Path, server: DnsServer) -> None:
     cfg.write_text('[dnscheck]\nips = ["nonsense"]\n')
     r = run_cli("example.test", "--server", server.address, "-c", str(cfg))
     assert r.exit_code == 2 and "kanmon: dnscheck.ips: 'nonsense' is not an IP address" in r.output
+
+
+# ---------------------------------------------------------------------------
+# A mail host delegated to other name servers (`mail IN NS linkp1`: a link-balancing
+# device answers for it), and --show
+
+
+DELEGATED = edit(FORWARD, drop=("@           IN MX", "mx1", "mx2"), add=(
+    "@           IN MX   10 mail",
+    "mail        IN NS   linkp1",
+    "mail        IN NS   linkp2",
+    "linkp1      IN A    127.0.0.2",
+    "linkp2      IN A    127.0.0.3",
+))
+
+
+def test_delegated_mail_host_in_zone_files_is_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "fwd.zone").write_text(DELEGATED)
+    (tmp_path / "rev.zone").write_text(REVERSE)
+    r = run_cli("example.test", "--zone", str(tmp_path / "fwd.zone"), "--zone", str(tmp_path / "rev.zone"),
+                "--ip", IP, "--helo", HELO)
+    assert r.exit_code == 1, r.output
+    assert "ERROR" not in r.output
+    assert "example.test: MX 10 mail.example.test delegated to linkp1, linkp2: not checked -- " in \
+        only(r, "WARN", "mx")
+
+
+def _delegating_config(tmp_path: Path, server: DnsServer) -> Path:
+    server.set_records(zone=DELEGATED + REVERSE)
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(f'[dns]\nservers = ["{server.address}"]\ntimeout = "300ms"\n')
+    return cfg
+
+
+def test_delegated_mail_host_live_asks_its_servers(server: DnsServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _delegating_config(tmp_path, server)
+    with DnsServer(host="127.0.0.2") as linkp1:
+        linkp1.set_records(records={"mail.example.test": ["A 192.0.2.25"]})
+        monkeypatch.setattr(sources, "NAMESERVER_PORT", linkp1.port)
+        r = run_cli("example.test", "-c", str(cfg), "--ip", IP, "--helo", HELO)
+        assert r.exit_code == 0, r.output
+        assert "MX 10 mail.example.test -> 192.0.2.25 (from its own name server linkp1.example.test [127.0.0.2])" \
+            in only(r, "ok", "mx")
+        # Unreachable (linkp1 holds every query, nothing listens at linkp2): not checked, a warning.
+        linkp1.drop("mail.example.test")
+        r = run_cli("example.test", "-c", str(cfg), "--ip", IP, "--helo", HELO)
+    assert r.exit_code == 1, r.output
+    mx = only(r, "WARN", "mx")
+    assert "MX 10 mail.example.test delegated to linkp1, linkp2: not checked -- " in mx
+    assert "linkp1.example.test [127.0.0.2]: no answer" in mx and "ERROR" not in r.output
+
+
+def test_show_prints_every_record_looked_at(check: Check) -> None:
+    r = check(FORWARD, REVERSE, "--show")
+    assert r.exit_code == 0, r.output
+    out = r.output.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("records looked at ("))
+    shown = [" ".join(line.split()) for line in out[at + 1 : -1]]
+    assert "example.test. IN MX 10 mx1.example.test." in shown
+    assert "example.test. IN MX 20 mx2.example.test." in shown
+    assert "mx2.example.test. IN AAAA 2001:db8::2" in shown
+    assert "mx1.example.test. IN AAAA ; no record of this type (NODATA)" in shown
+    assert f"3.113.0.203.in-addr.arpa. IN PTR {HELO}." in shown
+    assert 'example.test. IN TXT "google-site-verification=abc"' in shown
+    assert out[-1].startswith("example.test: ")
+    data = json.loads(check(FORWARD, REVERSE, "--show", "--json").output)
+    mx = next(a for a in data["records"] if a["type"] == "MX")
+    assert mx["records"] == ["10 mx1.example.test.", "20 mx2.example.test."] and mx["status"] == "ok"
+    assert "records" not in json.loads(check(FORWARD, REVERSE, "--json").output)
+
+
+def test_dns_text_reaches_the_terminal_escaped(check: Check) -> None:
+    hostile = edit(FORWARD, drop=("@           IN TXT",), add=(
+        '@ IN TXT "v=spf1 -all \x1b[2J\u202e"',  # ESC [2J (clear screen), U+202E (bidi override), raw
+        '@ IN TXT "v=spf1 [bold red]x[/] -all"',
+    ))
+    r = check(hostile, REVERSE, "--show")
+    assert "\x1b" not in r.output and "\u202e" not in r.output
+    assert "v=spf1 -all \\x1b[2J\\u202e | v=spf1 [bold red]x[/] -all" in only(r, "ERROR", "spf")

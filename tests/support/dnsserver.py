@@ -41,6 +41,11 @@ syntax, e.g.::
 For TXT data longer than 255 octets use ``txt(text)``, which splits it into quoted
 character-strings (RFC 7208 3.3): ``"TXT " + txt(long_spf)``.
 
+Delegations: NS records at a name below a served SOA (`mail IN NS linkp1`) are a zone
+cut. A query at or below it gets a referral, as from the parent's server: no AA, no
+answer, the NS records in the authority section and their A/AAAA (glue) in the
+additional section. Another DnsServer can play the delegated servers.
+
 Answers: records of the asked type; for a name with a CNAME (and another type asked)
 the CNAME plus, when the target is served here, the target's records (chased up to 8
 times). A name that exists (or has names below it) but lacks the type: NOERROR with no
@@ -120,6 +125,24 @@ class _Zones:
 
     def exists(self, name: str) -> bool:
         return name in self.by_name or name in self.parents
+
+    def cut_for(self, name: str) -> tuple[list[RR], list[RR]] | None:
+        """A zone cut at or above name: NS records at a name below a served SOA (the
+        parent's delegation, RFC 1034 4.2.1), with the glue for its servers, or None."""
+        labels = name.rstrip(".").split(".")
+        below_apex = False
+        for i in range(len(labels) - 1, -1, -1):  # from the top down
+            owner = ".".join(labels[i:]) + "."
+            rrs = self.by_name.get(owner, [])
+            if any(rr.rtype == QTYPE.SOA for rr in rrs):
+                below_apex = True
+                continue
+            ns = [rr for rr in rrs if rr.rtype == QTYPE.NS]
+            if below_apex and ns:
+                glue = [rr for n in ns for rr in self.by_name.get(_key(n.rdata.label), [])
+                        if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+                return ns, glue
+        return None
 
     def soa_for(self, name: str) -> RR | None:
         labels = name.rstrip(".").split(".")
@@ -322,6 +345,15 @@ class DnsServer:
             return reply.pack()
         if request.q.qclass != CLASS.IN:
             reply.header.rcode = RCODE.REFUSED
+            return reply.pack()
+
+        cut = zones.cut_for(qname)
+        if cut is not None:  # a referral: not authoritative, the child's servers in authority
+            reply.header.aa = 0
+            for rr in cut[0]:
+                reply.add_auth(rr)
+            for rr in cut[1]:
+                reply.add_ar(rr)
             return reply.pack()
 
         name = qname

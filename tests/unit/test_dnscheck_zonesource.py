@@ -58,3 +58,38 @@ def test_bad_files(tmp_path: Path) -> None:
     (tmp_path / "x.zone").write_text("$ORIGIN x.test.\n@ IN A 192.0.2.300\n")
     with pytest.raises(ZoneFileError, match=r"x\.zone:\d+: Text input is malformed"):
         ZoneSource([tmp_path / "x.zone"])
+
+
+DELEGATING = """\
+$ORIGIN nix.co.jj.
+$TTL 300
+@        IN SOA ns1 hostmaster 1 3600 600 86400 300
+@        IN NS  ns1
+ns1      IN A   192.0.2.53
+@        IN MX  10 mail
+mail     IN NS  linkp1
+mail     IN NS  linkp2
+linkp1   IN A   192.0.2.1
+linkp2   IN A   198.51.100.1
+vendor   IN NS  ns.vendor.example.
+"""
+
+
+def test_a_name_below_a_zone_cut_is_delegated_not_missing(tmp_path: Path) -> None:
+    (tmp_path / "nix.zone").write_text(DELEGATING)
+    source = ZoneSource([tmp_path / "nix.zone"])
+    for name in ("mail.nix.co.jj", "www.mail.nix.co.jj"):
+        for rdtype in ("A", "AAAA", "MX"):
+            ans = source.lookup(name, rdtype)
+            assert ans.status is Status.DELEGATED and ans.delegated_to == ("linkp1", "linkp2"), ans
+            assert ans.error == "mail.nix.co.jj has its own name servers; zone files are checked without asking them"
+    # The delegation itself and the glue are the parent's data.
+    assert [r.to_text() for r in source.lookup("mail.nix.co.jj", "NS").records] == [
+        "linkp1.nix.co.jj.", "linkp2.nix.co.jj."]
+    assert source.lookup("linkp1.nix.co.jj", "A").addresses() == ["192.0.2.1"]
+    assert source.lookup("vendor.nix.co.jj", "A").delegated_to == ("ns.vendor.example",)
+    # Given the child zone too, it answers from that file.
+    (tmp_path / "mail.zone").write_text("$ORIGIN mail.nix.co.jj.\n@ 300 IN SOA linkp1.nix.co.jj. h 1 1 1 1 1\n"
+                                        "@ 300 IN A 203.0.113.25\n")
+    both = ZoneSource([tmp_path / "nix.zone", tmp_path / "mail.zone"])
+    assert both.lookup("mail.nix.co.jj", "A").addresses() == ["203.0.113.25"]
