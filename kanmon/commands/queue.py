@@ -468,6 +468,7 @@ def drain_cmd(config_path, target, tls, ids, whole, dry_run, yes, as_json, **fil
         raise click.BadParameter(str(e), param_hint="--to") from None
     f = make_filters(ids, **filters)
     by_filter = any(v is not None for v in filters.values())
+    whole = whole or filters.get("state") == "all"  # as for delete: --state all is the whole queue
     if not ids and not by_filter and not whole:
         raise click.UsageError("give queue ids, filters or --all (the whole queue)")
     args = {"host": host, "port": port, "tls": tls, "whole_queue": whole}

@@ -707,6 +707,7 @@ def test_drain_needs_a_selection_asks_and_has_a_dry_run(tmp_path):
         out = a.cli("queue", "drain", to, "--all", "--dry-run").output
         assert "2 message(s) match; would move to 127.0.0.1:" in out and m1 in out and m2 in out and m3 not in out
         assert a.cli_json("queue", "drain", to, "--from", "bob*", "--dry-run")["ids"] == [m2]
+        assert sorted(a.cli_json("queue", "drain", to, "--state", "all", "--dry-run")["ids"]) == sorted([m1, m2])
         # A filter match without --yes and without a terminal to ask on: refused.
         out = a.cli("queue", "drain", to, "--all", "--tls", "none", code=1).output
         assert "2 message(s) match; not moving them without --yes" in out
