@@ -14,6 +14,7 @@ server's job).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import tomllib
@@ -205,6 +206,17 @@ class DomainSection(Section):
     )
     tls: TlsPolicy = Field("opportunistic", description="TLS towards the servers: none|opportunistic|required|verify|smtps")
     quota: Size | None = Field(None, description="Per-mailbox quota in this domain; over it, RCPT gets 452 4.2.2")
+    verify: Literal["none", "list", "callout"] = Field(
+        "none", description="deliver = relay: how RCPT is verified: none | list (mailboxes, aliases, recipients_file) | callout"
+    )
+    verify_unreachable: Literal["tempfail", "accept"] = Field(
+        "tempfail", description="verify = callout: when the servers cannot answer, RCPT gets 450 4.1.1 (tempfail) or is accepted"
+    )
+    recipients_file: Path | None = Field(
+        None, description="verify = list: more valid recipients, one address a line (re-read when it changes)"
+    )
+    verify_positive_ttl: Duration = Field(31 * 86400.0, gt=0, description="verify = callout: a recipient found valid is cached this long")
+    verify_negative_ttl: Duration = Field(3 * 3600.0, gt=0, description="verify = callout: a recipient refused is cached this long")
 
     @field_validator("name")
     @classmethod
@@ -226,6 +238,10 @@ class DomainSection(Section):
     def _consistent(self) -> DomainSection:
         if self.deliver == "relay" and not self.servers:
             raise ValueError(f"domain {self.name!r}: deliver = \"relay\" needs servers = [\"host:port\", ...]")
+        if self.deliver != "relay" and self.verify != "none":
+            raise ValueError(f"domain {self.name!r}: verify applies to deliver = \"relay\" (a local domain knows its mailboxes)")
+        if self.recipients_file is not None and self.verify != "list":
+            raise ValueError(f"domain {self.name!r}: recipients_file is read by verify = \"list\" only")
         if self.deliver == "local":
             known = set(self.mailboxes)
             for alias, targets in self.aliases.items():
@@ -235,6 +251,199 @@ class DomainSection(Section):
                     if "@" not in t and t.lower() not in known:
                         raise ValueError(f"alias {alias!r} points at {t!r}, which is not a mailbox of {self.name}")
         return self
+
+
+# ---------------------------------------------------------------------------
+# Edge policy: IP policies choose a session profile; profiles say which checks and
+# limits apply (docs/policy.md).
+
+
+class SessionProfileSection(Section):
+    """[[session_profile]]: a named set of limits and checks. A key left out keeps the
+    value of the [smtp] key of the same name, else the built-in profile's (docs/policy.md)."""
+
+    name: str = Field(description='Name referenced by [[ip_policy]]; "default" and "trusted" redefine the built-in ones')
+    max_connections_per_ip: int | None = Field(None, ge=1, description="Concurrent connections from one client address (all receivers)")
+    connections_per_minute: int | None = Field(None, ge=0, description="New connections per client address per minute; 0: no limit")
+    max_messages_per_session: int | None = Field(None, ge=0, description="Messages in one session; 0: no limit")
+    max_recipients: int | None = Field(None, ge=1, description="Recipients per message")
+    messages_per_hour: int | None = Field(None, ge=0, description="Messages per client address per hour; 0: no limit")
+    recipients_per_hour: int | None = Field(None, ge=0, description="Recipients per client address per hour; 0: no limit")
+    max_message_size: Size | None = Field(None, ge=1, description="Largest message accepted (advertised as SIZE)")
+    max_header_size: Size | None = Field(None, ge=0, description="Largest header block; 0: no limit but max_message_size")
+    max_ehlo: int | None = Field(None, ge=0, description="EHLO/HELO commands per session; 0: no limit")
+    max_noop: int | None = Field(None, ge=0, description="NOOP commands per session; 0: no limit")
+    max_rset: int | None = Field(None, ge=0, description="RSET commands per session; 0: no limit")
+    max_errors: int | None = Field(None, ge=1, description="Bad commands before the connection is closed with 421")
+    greet_pause: Duration | None = Field(None, description="Pregreet test: clients talking before the banner get 554 5.5.1; 0: off")
+    idle_timeout: Duration | None = Field(None, gt=0, description="Time allowed for each command (default: [smtp] command_timeout)")
+    bare_newline: Literal["reject", "normalize"] | None = Field(
+        None, description="A bare LF: reject (550 5.5.2, against smuggling) or normalize to CRLF"
+    )
+    sender_domain_check: bool | None = Field(None, description="The sender's domain must resolve (501 5.1.8; 451 4.1.8 while DNS fails)")
+    strict_syntax: bool | None = Field(None, description="MAIL FROM/RCPT TO without <> are refused (501 5.5.4)")
+    own_domain_spoof: Literal["reject", "accept"] | None = Field(
+        None, description="A sender in one of our domains from this client, unauthenticated: reject (550 5.7.1) or accept"
+    )
+    require_ptr: bool | None = Field(None, description="Clients without a reverse DNS name get 450 4.7.1")
+    helo_required: bool | None = Field(None, description="MAIL before HELO/EHLO is refused (503 5.5.1)")
+    helo_strict: bool | None = Field(None, description="The HELO name must be a valid host name or address literal (501 5.5.2)")
+    helo_resolvable: bool | None = Field(None, description="The HELO name must resolve (450 4.7.1 while it does not)")
+    reject_own_helo: bool | None = Field(None, description="A HELO with our own name or address is refused (550 5.7.1)")
+    dnsbl_threshold: int | None = Field(None, ge=0, description="Refuse a client whose [[dnsbl]] weights add up to this; 0: no DNSBL")
+    greylist: bool | None = Field(None, description="Greylist new (client network, sender, recipient) triplets")
+    greylist_delay: Duration | None = Field(None, description="A retry is accepted this long after the first try")
+    greylist_window: Duration | None = Field(None, gt=0, description="...and until this long after it (then the triplet starts over)")
+    greylist_remember: Duration | None = Field(None, gt=0, description="A triplet that passed is remembered this long after its last use")
+    greylist_pass_count: int | None = Field(None, ge=0, description="A client network that passed this many triplets skips greylisting; 0: never")
+
+    @field_validator("name")
+    @classmethod
+    def _profile_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
+            raise ValueError(f"{v!r} is not a profile name (letters, digits, _ . -)")
+        return v
+
+
+class SessionProfile(BaseModel):
+    """A resolved session profile: every value set (built-in, then [smtp], then the
+    [[session_profile]] block). Made by Config.session_profiles; read, never changed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    max_connections_per_ip: int
+    connections_per_minute: int
+    max_messages_per_session: int
+    max_recipients: int
+    messages_per_hour: int
+    recipients_per_hour: int
+    max_message_size: int
+    max_header_size: int
+    max_ehlo: int
+    max_noop: int
+    max_rset: int
+    max_errors: int
+    greet_pause: float
+    idle_timeout: float
+    bare_newline: Literal["reject", "normalize"]
+    sender_domain_check: bool
+    strict_syntax: bool
+    own_domain_spoof: Literal["reject", "accept"]
+    require_ptr: bool
+    helo_required: bool
+    helo_strict: bool
+    helo_resolvable: bool
+    reject_own_helo: bool
+    dnsbl_threshold: int
+    greylist: bool
+    greylist_delay: float
+    greylist_window: float
+    greylist_remember: float
+    greylist_pass_count: int
+
+
+# The built-in profiles' values for the keys [smtp] does not have (docs/policy.md).
+# "default": every client not in relay_networks, not authenticated, matched by no
+# [[ip_policy]]; "trusted": relay_networks and authenticated submission.
+_DEFAULT_PROFILE: dict[str, Any] = {
+    "connections_per_minute": 0,
+    "max_messages_per_session": 100,
+    "messages_per_hour": 0,
+    "recipients_per_hour": 0,
+    "max_header_size": 1_000_000,
+    "max_ehlo": 3,
+    "max_noop": 10,
+    "max_rset": 20,
+    "bare_newline": "reject",
+    "sender_domain_check": True,
+    "strict_syntax": False,
+    "own_domain_spoof": "reject",
+    "require_ptr": False,
+    "helo_required": False,
+    "helo_strict": False,
+    "helo_resolvable": False,
+    "reject_own_helo": True,
+    "dnsbl_threshold": 1,
+    "greylist": False,
+    "greylist_delay": 300.0,
+    "greylist_window": 2 * 86400.0,
+    "greylist_remember": 36 * 86400.0,
+    "greylist_pass_count": 5,
+}
+_TRUSTED_PROFILE: dict[str, Any] = {
+    **_DEFAULT_PROFILE,
+    "max_messages_per_session": 0,
+    "max_ehlo": 0,
+    "max_noop": 0,
+    "max_rset": 0,
+    "greet_pause": 0.0,
+    "bare_newline": "normalize",
+    "sender_domain_check": False,
+    "own_domain_spoof": "accept",
+    "reject_own_helo": False,
+    "dnsbl_threshold": 0,
+    "greylist": False,
+}
+BUILTIN_PROFILES = ("default", "trusted")
+
+
+class IpPolicySection(Section):
+    """[[ip_policy]]: clients from these networks get this session profile; the first
+    policy that matches wins."""
+
+    source: list[Network] = Field(min_length=1, description="Client networks (CIDR) this policy applies to")
+    profile: str = Field(description="The [[session_profile]] name (or default / trusted)")
+
+
+class DnsblSection(Section):
+    """[[dnsbl]]: a DNS blocklist zone asked about each client address."""
+
+    zone: str = Field(description="The zone (e.g. zen.spamhaus.org); the client 192.0.2.1 is looked up as 1.2.0.192.<zone>")
+    weight: int = Field(1, ge=1, description="Added to the client's score when listed (compared with dnsbl_threshold)")
+    match: list[Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/24")],
+        description="Answers that count as listed (addresses or networks); others are ignored",
+    )
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        if not _DOMAIN_RE.match(v):
+            raise ValueError(f"{v!r} is not a DNS zone")
+        return v
+
+
+class DnsblAllowlistSection(Section):
+    networks: list[Network] = Field(default_factory=list, description="Clients in these networks are never looked up in a [[dnsbl]]")
+
+
+class RecipientPolicySection(Section):
+    """[[recipient_policy]]: which session profile applies to a transaction, by
+    direction, sender and recipient; the first that matches wins."""
+
+    direction: Literal["inbound", "outbound"] = Field(
+        "inbound", description="inbound: the recipient is in one of our domains; outbound: it is not"
+    )
+    sender: str = Field("*@*", description="Envelope sender pattern (* and ? wildcards, case-insensitive)")
+    recipient: str = Field("*@*", description="Recipient pattern (* and ? wildcards, case-insensitive)")
+    session_profile: str | None = Field(None, description="The [[session_profile]] whose checks apply to these recipients")
+    content_profile: str | None = Field(None, description="Reserved for content profiles (not available yet: setting it is an error)")
+
+    @field_validator("sender", "recipient")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if "@" not in v or any(c.isspace() or ord(c) < 32 for c in v):
+            raise ValueError(f"{v!r} is not an address pattern (write local@domain with * and ?, e.g. *@corp.example)")
+        return v.lower()
+
+    @field_validator("content_profile")
+    @classmethod
+    def _content(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("content profiles are not available yet: remove content_profile")
+        return v
 
 
 class OutboundSection(Section):
@@ -540,6 +749,19 @@ class Config(Section):
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus metrics endpoint")
     alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert mail to the administrator")
+    ip_policy: list[IpPolicySection] = Field(
+        default_factory=list, description="Session profile by client network, first match wins ([[ip_policy]] tables)"
+    )
+    session_profile: list[SessionProfileSection] = Field(
+        default_factory=list, description="Named limits and checks for SMTP clients ([[session_profile]] tables)"
+    )
+    dnsbl: list[DnsblSection] = Field(default_factory=list, description="DNS blocklists asked about clients ([[dnsbl]] tables)")
+    dnsbl_allowlist: DnsblAllowlistSection = Field(
+        default_factory=DnsblAllowlistSection, description="Clients never looked up in a DNS blocklist"
+    )
+    recipient_policy: list[RecipientPolicySection] = Field(
+        default_factory=list, description="Profiles by direction, sender and recipient ([[recipient_policy]] tables)"
+    )
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -552,7 +774,60 @@ class Config(Section):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"maintenance job name {name!r} is used twice")
+        profiles = [p.name for p in self.session_profile]
+        for i, name in enumerate(profiles):
+            if name in profiles[:i]:
+                raise ValueError(f"session_profile[{i}].name: profile {name!r} is defined twice")
+        known = set(profiles) | set(BUILTIN_PROFILES)
+        for i, pol in enumerate(self.ip_policy):
+            if pol.profile not in known:
+                raise ValueError(f"ip_policy[{i}].profile: no session profile named {pol.profile!r}")
+        for i, rpol in enumerate(self.recipient_policy):
+            if rpol.session_profile is not None and rpol.session_profile not in known:
+                raise ValueError(f"recipient_policy[{i}].session_profile: no session profile named {rpol.session_profile!r}")
+        zones = [z.zone for z in self.dnsbl]
+        for i, zone in enumerate(zones):
+            if zone in zones[:i]:
+                raise ValueError(f"dnsbl[{i}].zone: zone {zone!r} is listed twice")
+        for name, prof in self.session_profiles.items():
+            if prof.greylist_delay >= prof.greylist_window:
+                raise ValueError(f"session_profile {name!r}: greylist_delay must be shorter than greylist_window")
         return self
+
+    @functools.cached_property
+    def session_profiles(self) -> dict[str, SessionProfile]:
+        """Every profile by name, resolved: the built-in "default" and "trusted" and each
+        [[session_profile]]. A value comes from the block, else from the [smtp] key of the
+        same name, else from the built-in profile ("trusted" for trusted, else "default")."""
+        smtp = self.smtp
+        from_smtp = {
+            "max_connections_per_ip": smtp.max_connections_per_ip,
+            "max_recipients": smtp.max_recipients,
+            "max_message_size": smtp.max_message_size,
+            "max_errors": smtp.max_errors,
+            "greet_pause": smtp.greet_pause,
+            "idle_timeout": smtp.command_timeout,
+        }
+        blocks = {p.name: p for p in self.session_profile}
+        out: dict[str, SessionProfile] = {}
+        for name in (*BUILTIN_PROFILES, *(n for n in blocks if n not in BUILTIN_PROFILES)):
+            values = {**from_smtp, **(_TRUSTED_PROFILE if name == "trusted" else _DEFAULT_PROFILE)}
+            block = blocks.get(name)
+            if block is not None:
+                values.update(block.model_dump(exclude_none=True, exclude={"name"}))
+            out[name] = SessionProfile(name=name, **values)
+        return out
+
+    def warnings(self) -> list[str]:
+        """What is valid but probably not meant (`kanmon config check` prints these)."""
+        out = []
+        for i, d in enumerate(self.domain):
+            if d.deliver == "relay" and d.verify == "none" and (d.mailboxes or d.aliases):
+                out.append(
+                    f"domain[{i}] ({d.name}): mailboxes/aliases of a relay domain are used only with verify = \"list\";"
+                    " with verify = \"none\" any recipient is accepted (and unknown ones bounce later)"
+                )
+        return out
 
     def find_domain(self, name: str) -> DomainSection | None:
         name = name.lower().rstrip(".")
@@ -634,6 +909,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             elif err["type"] == "missing":
                 msg = "required key is missing"
             at = f" (line {line})" if line else ""
+            if where == "(top level)" and re.match(r"^[a-z_]+\[\d+\]\.[a-z_]+: ", msg):
+                where, msg = msg.split(": ", 1)  # a check across sections names its key itself
             messages.append(f"{source}: {where}{at}: {msg}")
         raise ConfigError(messages) from None
 

@@ -30,6 +30,8 @@ def config_check(config_path: str | None) -> None:
             validate_balancer(cfg)  # what the models alone cannot see (duplicates, ICMP privilege)
         except ConfigError as e:
             exit_config_error(e)
+    for warning in cfg.warnings():
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{config_path or '<embedded default>'}: ok")
 
 

@@ -38,6 +38,7 @@ from kanmon.config import Config
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
+from kanmon.policy.profiles import profile_for
 from kanmon.policy.standard import relay_access
 from kanmon.records import events as ev
 from kanmon.records.store import Records, header_fields
@@ -365,27 +366,30 @@ class SmtpProtocol(asyncio.Protocol):
         if len(server.connections) > smtp.max_connections:
             self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached")
             return
-        if server.per_ip[ip] >= smtp.max_connections_per_ip:
-            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {smtp.max_connections_per_ip} reached")
+        profile = profile_for(ip, False, server.config)
+        if server.per_ip[ip] >= profile.max_connections_per_ip:
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached")
             return
         server.per_ip[ip] += 1
         self._counted = True
         settings = SessionSettings(
             hostname=server.config.server.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_errors=smtp.max_errors,
+            max_message_size=profile.max_message_size,
+            max_recipients=profile.max_recipients,
+            max_errors=profile.max_errors,
             tls_available=server.tls_context is not None,
             tls_active=bool(client.tls_version),
             submission=server.submission,
             sender_addresses=server.access.sender_addresses if server.submission else None,
+            profile=profile,
         )
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.records.record(ev.Connected(client.name, ip), session=self.sid)
-        if smtp.greet_pause > 0 and not server.submission and not server.access.is_relay_client(ip):
+        if profile.greet_pause > 0 and not server.submission:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
-            # banner (RFC 5321 3.1); spambots often do not. Relay clients and submission skip it.
-            self._greet_timer = asyncio.get_running_loop().call_later(smtp.greet_pause, self._greet)
+            # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do
+            # relay clients (the built-in "trusted" profile has greet_pause 0).
+            self._greet_timer = asyncio.get_running_loop().call_later(profile.greet_pause, self._greet)
             return
         self._do(self.session.greeting())
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
+from kanmon.config import SessionProfile
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
 from kanmon.policy.pipeline import Context, Decision, Pending, Pipeline, Stage
 from kanmon.smtp import replies
@@ -140,6 +141,7 @@ class SessionSettings:
     tls_active: bool = False  # implicit TLS listener
     submission: bool = False  # RFC 6409 port: AUTH offered after TLS, and required for MAIL
     sender_addresses: Callable[[str], set[str]] | None = None  # user -> envelope senders it may use
+    profile: SessionProfile | None = None  # the client's session profile (None: a session without one, e.g. in tests)
 
 
 @dataclass(slots=True)

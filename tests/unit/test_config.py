@@ -123,7 +123,9 @@ def test_example_mentions_every_key():
             ann = repr(field.annotation)
             for sub in ("ServerSection", "SmtpSection", "TlsSection", "DomainSection", "OutboundSection", "DnsSection",
                         "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection",
-                        "BalancerSection", "VirtualServer", "RealServer", "HealthCheck", "MaintenanceJob"):
+                        "BalancerSection", "VirtualServer", "RealServer", "HealthCheck", "MaintenanceJob",
+                        "IpPolicySection", "SessionProfileSection", "DnsblSection", "DnsblAllowlistSection",
+                        "RecipientPolicySection"):
                 if f"kanmon.config.{sub}" in ann or ann.endswith(f".{sub}'>"):
                     import kanmon.config as c
 
