@@ -30,6 +30,7 @@ from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring
 from kanmon.policy.quota import quota_effect_handlers
+from kanmon.policy.dns import CheckResolver
 from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
@@ -44,6 +45,7 @@ from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
+from kanmon.state.sqlite import SqliteState
 from kanmon.tlscert import server_context
 
 
@@ -93,7 +95,13 @@ class Node:
         # The accept checks; the I/O they need (mailbox usage) and their effects (quota
         # notices) are passed in here, so policy/ imports no store module. Over-quota
         # notices from listeners in this process enter through the queue's injector.
-        self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir))
+        # Shared state (rate counters, verification cache, greylist) is one database in
+        # data_dir that the receiver processes open too; the checks' DNS resolver caches
+        # for this process.
+        self.state = SqliteState(self.data_dir)
+        self.check_resolver = CheckResolver.from_config(config)
+        self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
+                                          state=self.state, resolver=self.check_resolver)
         self.quota_notices = QuotaNotices(self.data_dir, self.queue.injector)
         effects = quota_effect_handlers(self.quota_notices)
         # A config with only [server] and [balancer] is a node that only balances.
@@ -183,6 +191,7 @@ class Node:
             await self.remote.close()
             self.spool.close()
             self.committer.close()
+            self.state.close()
             self.records.record(Stopped())
             self.records.close()
             self.admin.close()  # release the data_dir lock last

@@ -155,12 +155,14 @@ def _die_with_parent() -> None:
 
 
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
+    from kanmon.policy.dns import CheckResolver
     from kanmon.policy.quota import quota_effect_handlers
     from kanmon.policy.standard import standard_pipeline
     from kanmon.queue.inject import Injector
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
+    from kanmon.state.sqlite import SqliteState
     from kanmon.store.maildir import mailbox_usage
     from kanmon.store.quota import QuotaNotices
     from kanmon.store.users import AuthThrottle, Users
@@ -170,7 +172,9 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     records = Records(data_dir, config.server.hostname, echo=None if quiet else sys.stdout)
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
-    pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir))
+    state = SqliteState(data_dir)  # shared with the main process and the other receivers
+    pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
+                                 resolver=CheckResolver.from_config(config))
     tls = server_context(config)
 
     def queued(queue_id: str, envelope, content: bytes) -> None:
@@ -204,6 +208,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         for s in servers:
             await s.stop()
         spool.close()
+        state.close()
         records.close()
         notify.close()
 

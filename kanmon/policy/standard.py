@@ -8,21 +8,28 @@ Never: import a store or spool module (the usage function is passed in).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
 from kanmon.policy.disk import FreeDiskCheck
+from kanmon.policy.dns import CheckResolver
 from kanmon.policy.loop import LoopCheck
 from kanmon.policy.pipeline import Check, Pipeline
 from kanmon.policy.quota import QuotaCheck
+from kanmon.state.api import SharedState
 
 
 def standard_checks(
     config: Config, *, quota_usage: Callable[[str, str], int] | None = None,
-    free_disk: Callable[[], int] | None = None,
+    free_disk: Callable[[], int] | None = None, state: SharedState | None = None,
+    resolver: CheckResolver | None = None,
 ) -> list[Check]:
     """quota_usage(domain, local) -> bytes (blocking); needed when a domain has a quota.
-    free_disk() -> free bytes in data_dir (blocking); statvfs by default."""
+    free_disk() -> free bytes in data_dir (blocking); statvfs by default.
+    state: the counters, caches and greylist shared by the receivers (kanmon.state.api);
+    resolver: the checks' cached DNS. A check that needs one and is not given it is a
+    ValueError here, at build time (a pipeline built for a test may omit both)."""
     access = RelayAccess(config)
     checks: list[Check] = [FreeDiskCheck(config, free_disk), RelayAccessCheck(access), LocalRecipientsCheck(access)]
     if any(d.quota is not None for d in config.domain):
@@ -33,7 +40,7 @@ def standard_checks(
     return checks
 
 
-def standard_pipeline(config: Config, **io: Callable) -> Pipeline:
+def standard_pipeline(config: Config, **io: Any) -> Pipeline:
     return Pipeline(standard_checks(config, **io))
 
 
