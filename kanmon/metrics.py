@@ -211,6 +211,10 @@ class Metrics:
         family("kanmon_messages_received_tls_total", "counter", "Messages received from clients over TLS", by("received_tls"))
         family("kanmon_messages_rejected_total", "counter", "Recipients or connections refused, by SMTP stage and RFC 3463 reason class",
                by("rejected", [{"stage": "RCPT", "class": "other"}]))
+        family("kanmon_checks_total", "counter",
+               "Refusals by check and result (reject: 5xx, tempfail: 4xx; error: the check itself failed"
+               " and its failure mode answered, counted under that reply's result too)",
+               by("checks", [{"check": "none", "result": "reject"}]))
         family("kanmon_deliveries_total", "counter", "Recipients delivered, by mailer", by("delivered", [{"mailer": "esmtp"}]))
         family("kanmon_deferrals_total", "counter", "Delivery attempts deferred (per recipient), by reason class",
                by("deferred", [{"class": "other"}]))

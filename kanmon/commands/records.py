@@ -148,7 +148,7 @@ def stats(config_path, by, since, as_json, top) -> None:
                       str(b.rejected))
     console.print(table)
     for title, rows in (("top senders", report.top_senders), ("top recipients", report.top_recipients),
-                        ("top destination domains", report.top_domains)):
+                        ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check)):
         console.print(f"\n{title}:")
         for name, count in rows:
             console.print(f"  {count:>8}  {name}", markup=False, highlight=False)

@@ -223,24 +223,37 @@ class Refused(Event):
                 f" proto={self.proto} helo=<{self.helo}>")
 
     def counts(self):
-        return ((f"rejected|stage={self.stage}|class={reason_class(self.enhanced)}", 1),)
+        rejected = (f"rejected|stage={self.stage}|class={reason_class(self.enhanced)}", 1)
+        if not self.check:
+            return (rejected,)
+        return (rejected, (f"checks|check={self.check}|result={reply_result(self.reply)}", 1))
+
+
+def reply_result(reply: str) -> str:
+    """The result label of a check's refusal: "reject" (5xx) or "tempfail" (4xx)."""
+    return "tempfail" if reply.startswith("4") else "reject"
 
 
 @_event
 class ConnectRefused(Event):
-    """A connection refused before the greeting (limits, access)."""
+    """A connection refused before the greeting (limits, access); `check` names the
+    check or limit that refused it when one did."""
 
     KIND = "reject-connect"
     ip: str
     reply: str
     enhanced: str | None
     why: str
+    check: str = ""
 
     def line(self) -> str:
         return f"reject: connect from unknown[{self.ip}]: {self.reply} ({self.why})"
 
     def counts(self):
-        return ((f"rejected|stage=CONNECT|class={reason_class(self.enhanced)}", 1),)
+        rejected = (f"rejected|stage=CONNECT|class={reason_class(self.enhanced)}", 1)
+        if not self.check:
+            return (rejected,)
+        return (rejected, (f"checks|check={self.check}|result={reply_result(self.reply)}", 1))
 
 
 @_event
@@ -574,6 +587,9 @@ class CheckFailed(Event):
 
     def line(self) -> str:
         return f"warning: check {self.check} failed at {self.stage}: {self.error}; answered {self.reply}"
+
+    def counts(self):
+        return ((f"checks|check={self.check}|result=error", 1),)
 
 
 @_event

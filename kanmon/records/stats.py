@@ -2,7 +2,7 @@
 
 Role: count what passed through in hour or day buckets (local time) — messages
 received and their bytes, recipients delivered, deferred (at least once), bounced and
-rejected — and the top senders, recipients and destination domains. Plain SQL over the
+rejected — the top senders, recipients and destination domains, and refusals by check. Plain SQL over the
 `history` table (one row per message and recipient); the `first` column marks one row
 per message, so messages and bytes are counted once however many recipients they had.
 
@@ -45,10 +45,11 @@ class Stats:
     top_senders: list[tuple[str, int]] = field(default_factory=list)
     top_recipients: list[tuple[str, int]] = field(default_factory=list)
     top_domains: list[tuple[str, int]] = field(default_factory=list)
+    rejected_by_check: list[tuple[str, int]] = field(default_factory=list)  # refusals (commands, connections) by check
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        for key in ("top_senders", "top_recipients", "top_domains"):
+        for key in ("top_senders", "top_recipients", "top_domains", "rejected_by_check"):
             d[key] = [{"name": n, "count": c} for n, c in getattr(self, key)]
         return d
 
@@ -80,7 +81,7 @@ def utc_offset(at: float | None = None) -> int:
 
 
 def collect(data_dir: Path, since: float, until: float | None = None, by: str = "day", top: int = TOP) -> Stats:
-    """The report for [since, until). The four aggregations run at once, each on its own
+    """The report for [since, until). The five aggregations run at once, each on its own
     read-only connection (sqlite3 releases the GIL while it steps), then are merged."""
     if by not in BUCKETS:
         raise ValueError(f"by must be one of {', '.join(BUCKETS)}")
@@ -109,6 +110,11 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
         ("SELECT lower(substr(rcpt, instr(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
          f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT ?",
          (since, until, top)),
+        # Refusals by the check that made them (the typed event's detail, not its text);
+        # "-" for a protocol refusal no check made (bad syntax, limits of the session).
+        ("SELECT COALESCE(NULLIF(json_extract(detail, '$.check'), ''), '-') AS k, COUNT(*) AS c FROM events"
+         " WHERE ts >= ? AND ts < ? AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
+         (since, until)),
     ]
 
     def run(query: tuple[str, tuple]) -> list[tuple]:
@@ -119,7 +125,7 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
             conn.close()
 
     with ThreadPoolExecutor(max_workers=len(queries), thread_name_prefix="stats") as pool:
-        rows, senders, recipients, domains = pool.map(run, queries)
+        rows, senders, recipients, domains, checks = pool.map(run, queries)
     for b, received, nbytes, delivered, deferred, bounced, rejected in rows:
         out.buckets.append(Bucket(b * size - off, received or 0, nbytes or 0, delivered or 0, deferred or 0,
                                   bounced or 0, rejected or 0))
@@ -135,4 +141,5 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
     out.top_senders = [(s or "<>", c) for s, c in senders]
     out.top_recipients = [(r, c) for r, c in recipients]
     out.top_domains = [(d, c) for d, c in domains]
+    out.rejected_by_check = [(k, c) for k, c in checks]
     return out

@@ -201,7 +201,14 @@ def test_a_row_written_before_events_had_fields_comes_back_as_text():
 @pytest.mark.parametrize("event,expected", [
     (ev.Connected("unknown", "127.0.0.1"), [("connections", 1)]),
     (ev.Disconnected("unknown", "127.0.0.1"), [("disconnections", 1)]),
-    (LINES[3][0], [("rejected|stage=RCPT|class=address", 1)]),
+    # a refusal by a check counts for kanmon_checks_total too
+    (LINES[3][0], [("rejected|stage=RCPT|class=address", 1), ("checks|check=recipients|result=reject", 1)]),
+    (ev.Refused("RCPT", "unknown", "192.0.2.9", "451 4.7.1 Greylisted", "4.7.1", "a@b.test", "c@d.test", "ESMTP",
+                "h", check="greylist"),
+     [("rejected|stage=RCPT|class=policy", 1), ("checks|check=greylist|result=tempfail", 1)]),
+    (ev.CheckFailed("dnsbl", "connect", "TimeoutError", "451 4.3.0 try again"), [("checks|check=dnsbl|result=error", 1)]),
+    (ev.ConnectRefused("192.0.2.9", "421 4.7.0 too many", "4.7.0", "rate", check="rate"),
+     [("rejected|stage=CONNECT|class=policy", 1), ("checks|check=rate|result=tempfail", 1)]),
     (LINES[4][0], [("rejected|stage=MAIL|class=system", 1)]),
     (ev.ConnectRefused("127.0.0.1", "421 4.7.0 mx1 Too many connections", "4.7.0", "limit"),
      [("rejected|stage=CONNECT|class=policy", 1)]),

@@ -296,3 +296,27 @@ def test_alert_subject_is_the_first_line_cut_short_and_the_details_stay_in_the_b
     assert subject.startswith("[kanmon mx1.example.test] delivery: relay failover: server.example.test")
     assert subject.endswith("...") and len(subject) <= len("[kanmon mx1.example.test] delivery: ") + 100
     assert "/a/very/long/path" not in subject and "/a/very/long/path/" + "d" * 200 in body and long_line in body
+
+
+def test_refusals_by_check_in_metrics_and_stats(tmp_path):
+    from kanmon.records.events import CheckFailed, ConnectRefused, Refused
+
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    for _ in range(2):
+        records.record(Refused("RCPT", "unknown", "192.0.2.9", "550 5.1.1 <x@corp.example>: Recipient address rejected:"
+                               " User unknown", "5.1.1", "a@b.test", "x@corp.example", "ESMTP", "h", check="verify"))
+    records.record(Refused("RCPT", "unknown", "192.0.2.9", "451 4.7.1 Greylisted", "4.7.1", "a@b.test", "y@corp.example",
+                           "ESMTP", "h", check="greylist"))
+    records.record(CheckFailed("dnsbl", "connect", "timed out", "451 4.3.0 try again"))
+    records.record(ConnectRefused("192.0.2.9", "421 4.7.0 too many", "4.7.0", "rate", check="rate"))
+    records.record(Refused("MAIL", "unknown", "192.0.2.9", "501 5.5.4 syntax", "5.5.4", None, "", "ESMTP", "h"))
+    records.flush()
+    records.close()
+    m = parse_metrics(Metrics(tmp_path, Spool(tmp_path / "spool"), DeliveryMetrics()).render())
+    assert m['kanmon_checks_total{check="verify",result="reject"}'] == 2
+    assert m['kanmon_checks_total{check="greylist",result="tempfail"}'] == 1
+    assert m['kanmon_checks_total{check="dnsbl",result="error"}'] == 1
+    assert m['kanmon_checks_total{check="rate",result="tempfail"}'] == 1
+    s = collect(tmp_path, time.time() - 3600)
+    assert s.rejected_by_check == [("verify", 2), ("-", 1), ("greylist", 1), ("rate", 1)]
+    assert {"name": "verify", "count": 2} in s.as_dict()["rejected_by_check"]
