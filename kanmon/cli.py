@@ -20,6 +20,7 @@ from kanmon.commands.config import config
 from kanmon.commands.dns import dns
 from kanmon.commands.queue import maintenance, queue
 from kanmon.commands.records import log, stats, trace
+from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
 from kanmon.commands.user import user
 
@@ -30,5 +31,5 @@ def main() -> None:
     """kanmon: an on-premises mail gateway (relay, mail store, balancer)."""
 
 
-for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert):
+for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail):
     main.add_command(_command)

@@ -34,6 +34,7 @@ from kanmon.policy.dns import CheckResolver
 from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
+from kanmon.queue.pickup import Pickup
 from kanmon.receiver import ReceiverPool, bind_listener
 from kanmon.records.events import Recovery, Reload, Stopped
 from kanmon.records.store import Records
@@ -128,6 +129,9 @@ class Node:
             self.services.append(Pop3Service(config, self.tls_context, self.users, self.throttle, self.records.emit))
         if config.imap is not None:
             self.services.append(ImapService(config, self.tls_context, self.users, self.throttle, self.records.emit))
+        # The local sendmail command's maildrop (kanmon.queue.pickup), read through the injector.
+        self.pickup = (Pickup(self.data_dir, self.queue.injector, self.records, config.server.hostname,
+                              config.smtp.max_message_size) if self.mail_roles else None)
         # Queue operations: the data_dir lock (taken here, before recovery), the
         # control socket and [[maintenance]] jobs (kanmon.admin.service).
         self.admin = AdminPlane(self)
@@ -178,6 +182,8 @@ class Node:
                     tg.create_task(self.queue.run())
                     tg.create_task(self.monitoring.run())
                     tg.create_task(self.admin.run_maintenance())
+                    if self.pickup is not None:
+                        tg.create_task(self.pickup.run())
                     if self.config.dnscheck.every:
                         monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
                         tg.create_task(monitor.run())

@@ -96,6 +96,11 @@ class AdminPlane:
 
     async def handle(self, request: dict) -> dict:
         assert self.ops is not None
+        if request.get("op") == "pickup":  # `kanmon sendmail` wrote to maildrop: scan it now
+            if self.node.pickup is None:
+                return {"ok": False, "error": "this node has no mail role"}
+            self.node.pickup.wake()
+            return {"ok": True, "result": {}}
         return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request)
 
     async def stop(self) -> None:
