@@ -15,6 +15,7 @@ import click
 
 from kanmon import __version__
 from kanmon.commands.alert import alert
+from kanmon.commands.backup import backup, restore
 from kanmon.commands.balance import balance
 from kanmon.commands.config import config
 from kanmon.commands.dns import dns
@@ -31,5 +32,6 @@ def main() -> None:
     """kanmon: an on-premises mail gateway (relay, mail store, balancer)."""
 
 
-for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail):
+for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail,
+                 backup, restore):
     main.add_command(_command)

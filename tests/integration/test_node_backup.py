@@ -1,0 +1,174 @@
+"""`kanmon backup` while the node runs, `kanmon restore` onto a fresh machine (no config,
+no TLS files, no data_dir): the node serves the same mailboxes (POP3 and IMAP logins with
+the old password, the old mail), keys and queue. A second restore changes nothing; a
+file that differs is refused without --force; --only restores one part.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import poplib
+import shutil
+import smtplib
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from click.testing import CliRunner
+
+from kanmon.cli import main
+from kanmon.config import load_config
+from kanmon.admin.nodebackup import NodeBackupError, verify_node_archive
+from tests.support.kanmon_node import RunningNode, free_port, maildir_messages, wait_for
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{smtp}"]
+relay_networks = ["127.0.0.0/8"]
+min_free_disk = "1MB"
+[tls]
+cert = "{tls_dir}/cert.pem"
+key = "{tls_dir}/key.pem"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob"]
+[[domain]]
+name = "dest.example"
+deliver = "relay"
+servers = ["127.0.0.1:9"]
+tls = "none"
+[pop3]
+listen = ["127.0.0.1:{pop3}"]
+[imap]
+listen = ["127.0.0.1:{imap}"]
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost", "mx1.example.test")
+    tls_dir = tmp_path / "etc-tls"
+    tls_dir.mkdir()
+    cert.cert_chain_pems[0].write_to_path(str(tls_dir / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tls_dir / "key.pem"))
+    config_file = tmp_path / "etc" / "kanmon.toml"
+    config_file.parent.mkdir()
+    config_file.write_text(NODE.format(data_dir=tmp_path / "data", smtp=free_port(), pop3=free_port(),
+                                       imap=free_port(), tls_dir=tls_dir))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return config_file, tls_dir, tmp_path / "data", client_ctx
+
+
+def cli(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def pop3_login(cfg, ctx, password: str) -> int:
+    host, port = cfg.pop3.listen[0]
+    p = poplib.POP3(host, port, timeout=10)
+    try:
+        p.stls(ctx)
+        p.user("alice@example.test")
+        p.pass_(password)
+        return p.stat()[0]
+    finally:
+        p.quit()
+
+
+def imap_login(cfg, ctx, password: str) -> int:
+    host, port = cfg.imap.listen[0]
+    with imaplib.IMAP4(host, port, timeout=10) as m:
+        m.starttls(ctx)
+        m.login("alice@example.test", password)
+        typ, data = m.select("INBOX", readonly=True)
+        assert typ == "OK"
+        return int(data[0])
+
+
+def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Path) -> None:
+    config_file, tls_dir, data_dir, ctx = site
+    c = str(config_file)
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="old secret\n").exit_code == 0
+    (data_dir / "dkim").mkdir(parents=True, exist_ok=True)
+    (data_dir / "dkim" / "example.test.key").write_text("-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n")
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg):
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
+            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
+        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
+        r = cli("backup", str(archive), "-c", c, "--json")
+        assert r.exit_code == 0, r.output
+        result = json.loads(r.output)
+        assert result["queue"] == 1 and result["parts"]["dkim"] == 1 and result["parts"]["tls"] == 2
+        # An existing file is not replaced without --force.
+        r = cli("backup", str(archive), "-c", c)
+        assert r.exit_code == 1 and "--force" in r.output
+    verify_node_archive(archive)
+
+    # New hardware: nothing of the old node is left.
+    shutil.rmtree(data_dir)
+    shutil.rmtree(tls_dir)
+    config_file.unlink()
+    r = cli("restore", str(archive), "-c", c)
+    assert r.exit_code == 0, r.output
+    assert config_file.exists() and (tls_dir / "key.pem").exists()
+    assert (data_dir / "dkim" / "example.test.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    # Idempotent: a second run restores nothing and duplicates nothing.
+    r = cli("restore", str(archive), "-c", c, "--json")
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.output)
+    assert all(p["restored"] == 0 for p in second["parts"].values()), second
+
+    cfg = load_config(config_file)
+    with RunningNode(cfg):
+        assert pop3_login(cfg, ctx, "old secret") == 1
+        assert imap_login(cfg, ctx, "old secret") == 1
+        r = cli("queue", "list", "--json", "-c", c)
+        assert r.exit_code == 0, r.output
+        assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
+
+
+def test_restore_refuses_to_overwrite_without_force_and_only(site, tmp_path: Path) -> None:
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    (data_dir / "dkim").mkdir(parents=True)
+    key = data_dir / "dkim" / "k.key"
+    key.write_text("one\n")
+    archive = tmp_path / "node.tar"
+    r = cli("backup", str(archive), "-c", c, "--only", "dkim,config")
+    assert r.exit_code == 0, r.output
+    key.write_text("two\n")
+    r = cli("restore", str(archive), "-c", c)
+    assert r.exit_code == 1 and "--force" in r.output and "k.key" in r.output
+    assert key.read_text() == "two\n"
+    r = cli("restore", str(archive), "-c", c, "--force", "--only", "dkim")
+    assert r.exit_code == 0, r.output
+    assert key.read_text() == "one\n"
+    assert cli("restore", str(archive), "-c", c, "--only", "nope").exit_code == 2
+
+
+def test_a_damaged_archive_is_refused_before_anything_is_written(site, tmp_path: Path) -> None:
+    config_file, _tls_dir, data_dir, _ctx = site
+    (data_dir / "dkim").mkdir(parents=True)
+    (data_dir / "dkim" / "k.key").write_text("x" * 5000)
+    archive = tmp_path / "node.tar"
+    assert cli("backup", str(archive), "-c", str(config_file), "--only", "dkim").exit_code == 0
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"x" * 100)
+    data[at] = ord("y")
+    archive.write_bytes(bytes(data))
+    with pytest.raises(NodeBackupError, match="checksum"):
+        verify_node_archive(archive)
+    shutil.rmtree(data_dir / "dkim")
+    r = cli("restore", str(archive), "-c", str(config_file))
+    assert r.exit_code == 1 and "checksum" in r.output
+    assert not (data_dir / "dkim").exists()
