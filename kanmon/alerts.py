@@ -9,20 +9,30 @@ they follow routing. Categories (docs/monitoring.md):
   "check-failed", "probe-failed", "effect-failed", "effect-unhandled": ERROR_KINDS, read
   back from the records, so receiver processes count too), a corrupt spool entry;
 - disk: free space in data_dir under [alerts] disk_free_below;
-- queue: more than queue_size_above messages, or the oldest older than queue_oldest_above;
+- queue: more than queue_size_above messages, or the oldest message not on hold older
+  than queue_oldest_above (held ones are counted apart);
 - delivery: a configured relay server or smarthost failed and its alternate took the
   mail (SmtpDelivery.on_server_used), and when the first server takes mail again;
   the share of deferred results over the last hour above deferred_ratio_above;
-- certificate: our TLS certificate expires within cert_expires_within;
+- ha: the balancer's incidents (a real server down, failover, all down), each with its
+  own key, resolved (with a "resolved" mail) by its recovery (incident());
+- archive: the archive quota (check_archive(), for the archive store);
+- expiry: our TLS certificate, our DKIM key due for rotation, [[alerts.reminder]] dates;
 - dns: raised by the DNS health check (kanmon.dnscheck.monitor).
 
 The same alert (category and key) is mailed at most once per [alerts] min_interval
-while it lasts; each one says what happened, since when, and the command to look
-closer. Every alert, mailed or not, is an event of kind "alert" with structured detail:
-`kanmon alert list` reads those. When the queue cannot take an alert (no recipients
-configured, spool error) it goes to the event log and stderr.
+(expiry: expiry_every) while it lasts; each one says what happened, since when, and the
+command to look closer. Every alert, mailed or not, is an event of kind "alert" with
+structured detail: `kanmon alert list` reads those. When the queue cannot take an alert
+(no recipients configured, spool error) it goes to the event log and stderr.
 
-Trusts: its callers (kanmon's own stages). Never: raise into a caller (an alert that
+The alert state (each alert's episode, when it was last mailed, failovers outstanding)
+is kept in <data_dir>/alert-state.json (private, replaced atomically), so a restart or a
+reload does not mail again what was mailed within the interval. Its decoder is strict: a
+file it refuses is moved aside with a critical event, and the node starts without it.
+
+Trusts: its callers (kanmon's own stages); nothing in the state file (decoded strictly).
+Never: raise into a caller (an alert that
 cannot be sent is logged), send mail about its own mail (alerts are notices: a failed
 alert never causes a DSN), or block the event loop on disk (checks run in a thread).
 """
@@ -33,12 +43,15 @@ import asyncio
 import datetime
 import email.policy
 import json
+import os
 import re
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
@@ -48,7 +61,15 @@ from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import Envelope
 from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
-from kanmon.records.events import DEFERRED, ERROR_KINDS, Alert, AlertMailed, AlertNotMailed, AlertRequest
+from kanmon.records.events import (
+    DEFERRED,
+    ERROR_KINDS,
+    Alert,
+    AlertMailed,
+    AlertNotMailed,
+    AlertRequest,
+    Critical,
+)
 from kanmon.units import format_duration, format_size
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
@@ -64,9 +85,16 @@ LOOK_CLOSER = {
     "disk": "df -h {data_dir}; kanmon queue summary",
     "queue": "kanmon queue summary",
     "delivery": "kanmon log events --since 1h --grep 'trying next server'",
-    "certificate": "openssl x509 -noout -subject -enddate -in {cert}",
+    "ha": "kanmon balance status",
+    "archive": "kanmon alert list",
+    "expiry": "kanmon alert list",
     "dns": "kanmon dns check",
 }
+CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
+
+STATE_FILE = "alert-state.json"
+STATE_FORMAT = 1
+STATE_MAX_ALERTS = 1000  # the most recent ones are kept; older, inactive ones do not matter
 
 
 @dataclass(slots=True)
@@ -77,6 +105,61 @@ class AlertState:
     since: float
     last_sent: float | None = None
     active: bool = True
+    last_seen: float = 0.0  # the last time it was raised (pruning of the saved state)
+    resolved_sent: float | None = None  # the last "resolved" mail (one per interval)
+
+
+class StateFileError(ValueError):
+    """The saved alert state cannot be used (damaged, or not ours)."""
+
+
+_STATE_FIELDS = {
+    "category": str, "key": str, "text": str, "since": float, "last_sent": (float, type(None)),
+    "active": bool, "last_seen": float, "resolved_sent": (float, type(None)),
+}
+
+
+def decode_state(raw: bytes) -> tuple[dict[tuple[str, str], AlertState], dict[str, str]]:
+    """The alert state file -> (states by (category, key), failovers outstanding).
+
+    Strict: any unknown or missing field, wrong type or unknown category is refused
+    (StateFileError); nothing of a refused file is used."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StateFileError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict) or set(doc) != {"format", "alerts", "failover"}:
+        raise StateFileError("not an alert state document")
+    if doc["format"] != STATE_FORMAT or isinstance(doc["format"], bool):
+        raise StateFileError(f"unknown format {doc['format']!r}")
+    if not isinstance(doc["alerts"], list) or not isinstance(doc["failover"], dict):
+        raise StateFileError("alerts must be a list and failover an object")
+    states: dict[tuple[str, str], AlertState] = {}
+    for n, item in enumerate(doc["alerts"]):
+        if not isinstance(item, dict) or set(item) != set(_STATE_FIELDS):
+            raise StateFileError(f"alert {n}: fields are not {sorted(_STATE_FIELDS)}")
+        for name, kind in _STATE_FIELDS.items():
+            value = item[name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                item[name] = value = float(value)
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                raise StateFileError(f"alert {n}: {name} has the wrong type")
+        if item["category"] not in ALERT_CATEGORIES:
+            raise StateFileError(f"alert {n}: unknown category {item['category']!r}")
+        if (item["category"], item["key"]) in states:
+            raise StateFileError(f"alert {n}: {item['category']}/{item['key']} is listed twice")
+        states[(item["category"], item["key"])] = AlertState(**item)
+    failover: dict[str, str] = {}
+    for dest, used in doc["failover"].items():
+        if not isinstance(used, str):
+            raise StateFileError(f"failover {dest!r}: not a server name")
+        failover[dest] = used
+    return states, failover
+
+
+def encode_state(states: dict[tuple[str, str], AlertState], failover: dict[str, str]) -> bytes:
+    alerts = [{name: getattr(st, name) for name in _STATE_FIELDS} for st in states.values()]
+    return json.dumps({"format": STATE_FORMAT, "alerts": alerts, "failover": failover}, indent=1).encode()
 
 
 def cert_not_after(path: Path) -> datetime.datetime:
@@ -120,31 +203,43 @@ class Alerts:
         self.sender = self.cfg.from_ or f"kanmon@{config.server.hostname}"
         self.states: dict[tuple[str, str], AlertState] = {}
         self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
-        self._resolved_sent: dict[tuple[str, str], float] = {}
         self.sent = 0
         self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
         self._outbox: asyncio.Queue[tuple[str, str, str, bool]] | None = None
         self._db_path = self.data_dir / "records.sqlite"
+        # Before the state is loaded: a damaged state file's event comes after this id,
+        # so the watcher mails it as a critical alert.
         self._last_event_id = self._max_event_id()
+        self.state_path = self.data_dir / STATE_FILE
+        self._state_changed: asyncio.Event | None = None
+        self._state_lock = threading.Lock()
+        self._state_version = 0  # bumped on each change; a write never replaces a newer one
+        self._state_written = 0
+        self._save_failed = False
+        self.load_state()
 
     # -- raising ------------------------------------------------------------------------
 
-    def raise_alert(self, category: str, key: str, text: str, *, force: bool = False) -> bool:
+    def raise_alert(self, category: str, key: str, text: str, *, force: bool = False, look: str | None = None) -> bool:
         """Note an alert; mail it unless the same one was mailed within min_interval.
 
         Returns whether a mail is on its way. force: ignore the rate limit and the
-        category list (the test button). Safe to call from the event loop's thread only.
+        category list (the test button). look: the command to look closer (default: the
+        category's). Safe to call from the event loop's thread only.
         """
         if category not in ALERT_CATEGORIES:
             category = "critical"
         now = self.clock.now()
         st = self.states.get((category, key))
         if st is None or not st.active:  # a new episode; the rate limit spans episodes (flapping)
-            st = AlertState(category, key, text, since=now, last_sent=st.last_sent if st else None)
+            st = AlertState(category, key, text, since=now, last_sent=st.last_sent if st else None,
+                            resolved_sent=st.resolved_sent if st else None)
             self.states[(category, key)] = st
         st.text = text
+        st.last_seen = now
+        self._state_dirty()
         mailed = category in self.cfg.categories or force
-        if not force and st.last_sent is not None and now - st.last_sent < self.cfg.min_interval:
+        if not force and st.last_sent is not None and now - st.last_sent < self.interval(category):
             self._event(st, "suppressed")
             return False
         if not mailed:
@@ -152,25 +247,38 @@ class Alerts:
             return False
         st.last_sent = now
         self._event(st, "raised")
-        self._enqueue(category, key, self._subject(category, text), self._body(st, text), force)
+        self._enqueue(category, key, self._subject(category, text), self._body(st, text, look), force)
         return True
 
     def clear(self, category: str, key: str, text: str, *, mail: bool = False) -> None:
-        """The condition is over. mail: say so by mail (delivery recovery does)."""
+        """The condition is over. mail: say so by mail (delivery and ha recoveries do)."""
         st = self.states.get((category, key))
         if st is None or not st.active:
             return
         st.active = False
+        self._state_dirty()
         self._event(st, "cleared", summary=_first(text))
         now = self.clock.now()
-        last = self._resolved_sent.get((category, key))
-        if mail and last is not None and now - last < self.cfg.min_interval:
+        last = st.resolved_sent
+        if mail and last is not None and now - last < self.interval(category):
             return  # a flapping server: one "resolved" mail per interval too
         if mail and category in self.cfg.categories:
-            self._resolved_sent[(category, key)] = now
+            st.resolved_sent = now
             body = (f"Resolved: {text}\n\nThe problem began {_stamp(st.since)}; resolved {_stamp(self.clock.now())}.\n"
                     f"\nTo look closer: {self._command(category)}\n")
             self._enqueue(category, key, self._subject(category, "resolved: " + _first(text)), body, True)
+
+    def incident(self, category: str, key: str, text: str, resolved: bool = False) -> None:
+        """An incident of a source that knows its own keys (the balancer): `resolved`
+        ends the incident of that key with a "resolved" mail."""
+        if resolved:
+            self.clear(category, key, text, mail=True)
+        else:
+            self.raise_alert(category, key, text)
+
+    def interval(self, category: str) -> float:
+        """The same alert is mailed at most once per this."""
+        return self.cfg.expiry_every if category == "expiry" else self.cfg.min_interval
 
     def alert_callable(self, category: str) -> Callable[[str, str], None]:
         """`alert(category, text)` for sources that give no key (the DNS monitor): the
@@ -186,6 +294,7 @@ class Alerts:
         if failed:
             tried = "; ".join(f"{relay}: {why}" for relay, why in failed)
             self.failover[destination] = used
+            self._state_dirty()
             self.raise_alert(
                 "delivery", f"failover {destination}",
                 f"relay failover: {failed[0][0]} did not take mail; alternate {used} is in use\n"
@@ -193,13 +302,14 @@ class Alerts:
             )
         elif destination in self.failover:
             was = self.failover.pop(destination)
+            self._state_dirty()
             self.clear("delivery", f"failover {destination}",
                        f"relay recovered: the first server {used} takes mail again (alternate {was} no longer needed)",
                        mail=True)
 
     def check_now(self) -> None:
-        """Threshold checks: disk, queue, deferred ratio, certificate (blocking: in a thread)."""
-        checks = (self._check_disk, self._check_queue, self._check_ratio, self._check_cert)
+        """Threshold checks: disk, queue, deferred ratio, expiry (blocking: in a thread)."""
+        checks = (self._check_disk, self._check_queue, self._check_ratio, self._check_expiry)
         for check in checks:
             try:
                 check()
@@ -229,13 +339,22 @@ class Alerts:
                             f"{snap.size} messages in the queue, above the threshold {limit} ({states})")
         else:
             self._call_soon(self.clear, "queue", "size", f"{snap.size} messages in the queue")
-        age = self.clock.now() - snap.oldest if snap.oldest is not None else 0.0
+        # Messages the administrator put on hold wait on purpose: they are counted apart.
+        now = self.clock.now()
+        age = now - snap.oldest_waiting if snap.oldest_waiting is not None else 0.0
+        held = snap.counts.get("hold", 0)
+        held_text = ""
+        if held:
+            held_age = format_duration(max(0.0, now - (snap.oldest_held or now)))
+            held_text = (f"\n{held} message(s) on hold are not counted (the oldest held for {held_age}): "
+                         "kanmon queue list --state hold")
         if age > self.cfg.queue_oldest_above:
             self._call_soon(self.raise_alert, "queue", "oldest",
-                            f"the oldest message ({snap.oldest_id}) has waited {format_duration(age)}, above the threshold "
-                            f"{format_duration(self.cfg.queue_oldest_above)}\nTo see its history: kanmon trace {snap.oldest_id}")
+                            f"the oldest message not on hold ({snap.oldest_waiting_id}) has waited {format_duration(age)}, "
+                            f"above the threshold {format_duration(self.cfg.queue_oldest_above)}{held_text}\n"
+                            f"To see its history: kanmon trace {snap.oldest_waiting_id}")
         else:
-            self._call_soon(self.clear, "queue", "oldest", f"oldest message waited {format_duration(age)}")
+            self._call_soon(self.clear, "queue", "oldest", f"oldest message not on hold waited {format_duration(age)}")
 
     def _check_ratio(self) -> None:
         if not self._db_path.exists():
@@ -258,18 +377,84 @@ class Alerts:
         else:
             self._call_soon(self.clear, "delivery", "deferred ratio", f"{deferred} of {total} deferred")
 
+    def _check_expiry(self) -> None:
+        """Our certificate, our DKIM key, the administrator's reminders."""
+        self._check_cert()
+        self._check_dkim_key()
+        self._check_reminders()
+
     def _check_cert(self) -> None:
         if self.cert_path is None or not Path(self.cert_path).exists():
             return
+        key = f"certificate {self.cert_path}"
         not_after = cert_not_after(self.cert_path).timestamp()
         left = not_after - self.clock.now()
         if left < self.cfg.cert_expires_within:
             what = "expired" if left <= 0 else f"expires in {format_duration(left)}"
-            self._call_soon(self.raise_alert, "certificate", str(self.cert_path),
-                            f"our TLS certificate {what}\nCertificate: {self.cert_path}\n"
-                            f"Not after: {_stamp(not_after)} (threshold {format_duration(self.cfg.cert_expires_within)})")
+            self._call_soon(partial(
+                self.raise_alert, "expiry", key,
+                f"our TLS certificate {what}\nCertificate: {self.cert_path}\n"
+                f"Not after: {_stamp(not_after)} (threshold {format_duration(self.cfg.cert_expires_within)})",
+                look=CERT_LOOK_CLOSER.format(cert=self.cert_path)))
         else:
-            self._call_soon(self.clear, "certificate", str(self.cert_path), "certificate renewed")
+            self._call_soon(self.clear, "expiry", key, "certificate renewed")
+
+    def _check_dkim_key(self) -> None:
+        path = self.config.dnscheck.dkim_key
+        limit = self.cfg.dkim_rotate_after
+        if path is None or limit is None:
+            return
+        key = f"DKIM key {path}"
+        try:
+            made = Path(path).stat().st_mtime
+        except OSError as e:
+            self._call_soon(self.raise_alert, "expiry", key, f"our DKIM key cannot be read: {e.strerror or e}\nKey: {path}")
+            return
+        age = self.clock.now() - made
+        if age > limit:
+            self._call_soon(partial(
+                self.raise_alert, "expiry", key,
+                f"our DKIM key is due for rotation: it is {format_duration(age)} old, rotation every "
+                f"{format_duration(limit)}\nKey: {path} (written {_stamp(made)})\n"
+                "Make a new key under a new selector, publish it, sign with it, then retire the old one.",
+                look=f"ls -l {path}; kanmon dns check"))
+        else:
+            self._call_soon(self.clear, "expiry", key, "DKIM key rotated")
+
+    def _check_reminders(self) -> None:
+        now = self.clock.now()
+        keys = set()
+        for r in self.cfg.reminder:
+            key = f"reminder {r.what}"
+            keys.add(key)
+            due = time.mktime(r.due.timetuple())  # the day begins, local time
+            left = due - now
+            if left > r.before:
+                self._call_soon(self.clear, "expiry", key, f"reminder {r.what}: due {r.due.isoformat()}, not yet")
+                continue
+            when = f"in {format_duration(left)}" if left > 0 else f"overdue since {format_duration(-left)}"
+            self._call_soon(partial(
+                self.raise_alert, "expiry", key,
+                f"reminder: {r.what}: due {r.due.isoformat()} ({when})\n"
+                f"Set in [[alerts.reminder]] of the configuration (reminding {format_duration(r.before)} before); "
+                "remove it there and reload when it is done.",
+                look="the [[alerts.reminder]] tables of the configuration file"))
+        self._call_soon(self._clear_reminders_not_in, keys)
+
+    def _clear_reminders_not_in(self, keys: set[str]) -> None:
+        """A reminder taken out of the configuration is over."""
+        for (category, key), st in list(self.states.items()):
+            if category == "expiry" and key.startswith("reminder ") and key not in keys and st.active:
+                self.clear(category, key, f"{key}: no longer in the configuration")
+
+    def check_archive(self, used: int, quota: int, where: str) -> None:
+        """The archive store's hook: `used` of `quota` bytes in use at `where` (event loop's thread)."""
+        if quota > 0 and used / quota > self.cfg.archive_used_above:
+            self.raise_alert("archive", where,
+                             f"the archive uses {format_size(used)} of its quota {format_size(quota)} "
+                             f"({used / quota:.0%}, threshold {self.cfg.archive_used_above:.0%})\nArchive: {where}")
+        else:
+            self.clear("archive", where, f"the archive uses {format_size(used)} of {format_size(quota)}")
 
     def _max_event_id(self) -> int:
         if not self._db_path.exists():
@@ -319,10 +504,16 @@ class Alerts:
         """The sender, the event watcher and the threshold checks (until cancelled)."""
         self._outbox = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._sender())
-            tg.create_task(self._watch_events())
-            tg.create_task(self._checks())
+        self._state_changed = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._sender())
+                tg.create_task(self._watch_events())
+                tg.create_task(self._checks())
+                tg.create_task(self._save_state_loop())
+        finally:
+            self._state_changed = None
+            self.save_state()  # at stop (and reload): what changed since the last write
 
     async def _checks(self) -> None:
         while True:
@@ -344,6 +535,81 @@ class Alerts:
         while True:
             category, key, subject, body = (await self._outbox.get())[:4]
             await self.send(category, key, subject, body)
+
+    # -- the saved state ---------------------------------------------------------------
+
+    def load_state(self) -> None:
+        """Read <data_dir>/alert-state.json; a damaged file is moved aside with an event."""
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self.records.record(Critical(f"alerts: cannot read {self.state_path}: {e.strerror or e}; "
+                                         "starting without the saved alert state"))
+            return
+        try:
+            self.states, self.failover = decode_state(raw)
+        except StateFileError as e:
+            aside = self.state_path.with_name(f"{STATE_FILE}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
+            try:
+                os.replace(self.state_path, aside)
+                where = f"moved to {aside.name}"
+            except OSError as err:
+                where = f"could not be moved aside ({err.strerror or err})"
+            self.records.record(Critical(f"alerts: the saved alert state {self.state_path} is damaged ({e}); it "
+                                         f"{where}; alerts start afresh and may be mailed again"))
+
+    def _state_dirty(self) -> None:
+        self._state_version += 1
+        if self._state_changed is not None:
+            self._state_changed.set()
+
+    def _state_document(self) -> tuple[int, bytes]:
+        """The state to write, pruned (event loop's thread): active alerts, and those
+        whose rate limit still runs; at most STATE_MAX_ALERTS, the most recent."""
+        now = self.clock.now()
+
+        def recent(st: AlertState) -> bool:
+            last = max(st.last_seen, st.last_sent or 0.0, st.resolved_sent or 0.0)
+            return now - last < self.interval(st.category)
+
+        keep = [st for st in self.states.values() if recent(st) or (st.active and st.category != "critical")]
+        keep.sort(key=lambda st: max(st.last_seen, st.last_sent or 0.0), reverse=True)
+        self.states = {(st.category, st.key): st for st in reversed(keep[:STATE_MAX_ALERTS])}
+        return self._state_version, encode_state(self.states, self.failover)
+
+    def save_state(self) -> None:
+        """Write the state now (blocking; at stop, and in tests)."""
+        self._write_state(*self._state_document())
+
+    def _write_state(self, version: int, data: bytes) -> None:
+        with self._state_lock:
+            if version < self._state_written:
+                return  # a newer state is on disk already
+            tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.state_path)
+                self._state_written = version
+                self._save_failed = False
+            except OSError as e:
+                if not self._save_failed:  # once until a save works: its alert would change the state again
+                    self._save_failed = True
+                    self.records.emit(f"alerts: cannot save the alert state to {self.state_path}: {e.strerror or e}",
+                                      kind="error")
+
+    async def _save_state_loop(self) -> None:
+        assert self._state_changed is not None
+        while True:
+            await self._state_changed.wait()
+            self._state_changed.clear()
+            await asyncio.to_thread(self._write_state, *self._state_document())
 
     def _call_soon(self, fn, *args) -> None:
         """From the check thread into the event loop's thread."""
@@ -408,17 +674,16 @@ class Alerts:
         return f"[kanmon {self.config.server.hostname}] {category}: {summary}"
 
     def _command(self, category: str) -> str:
-        cert = self.cert_path or "<certificate>"
-        return LOOK_CLOSER[category].format(data_dir=self.data_dir, cert=cert)
+        return LOOK_CLOSER[category].format(data_dir=self.data_dir)
 
-    def _body(self, st: AlertState, text: str) -> str:
+    def _body(self, st: AlertState, text: str, look: str | None = None) -> str:
         return (
             f"What happened: {text}\n\n"
             f"Since: {_stamp(st.since)}\n"
             f"Category: {st.category}\n"
             f"Server: {self.config.server.hostname}\n\n"
-            f"To look closer: {self._command(st.category)}\n\n"
-            f"This alert is mailed at most once every {format_duration(self.cfg.min_interval)} while it lasts;\n"
+            f"To look closer: {look or self._command(st.category)}\n\n"
+            f"This alert is mailed at most once every {format_duration(self.interval(st.category))} while it lasts;\n"
             "`kanmon alert list` shows recent alerts and which are still active.\n"
         )
 

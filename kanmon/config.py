@@ -14,6 +14,7 @@ server's job).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import re
@@ -534,7 +535,23 @@ class MetricsSection(Section):
     listen: HostPort | None = Field(None, description="ip:port serving Prometheus metrics at /metrics; unset: off")
 
 
-ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "certificate", "dns")
+ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns")
+AlertCategoryName = Literal["critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns"]
+
+
+class Reminder(Section):
+    """[[alerts.reminder]]: a date of the administrator's own (a contract, a licence, a domain)."""
+
+    what: str = Field(min_length=1, max_length=200, description='What is due, as the alert says it: "renew the support contract"')
+    due: datetime.date = Field(description='The day it is due: "2027-03-31" (local time)')
+    before: Duration = Field(30 * 86400.0, description="expiry: start reminding this long before the day")
+
+    @field_validator("what")
+    @classmethod
+    def _one_line(cls, v: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must be one line of text without control characters")
+        return v
 
 
 class AlertsSection(Section):
@@ -542,17 +559,45 @@ class AlertsSection(Section):
 
     to: list[str] = Field(default_factory=list, description="Alert mail goes to these addresses; empty: log and stderr only")
     from_: str = Field("", alias="from", description="Sender of alert mail (default: kanmon@<server.hostname>)")
-    min_interval: Duration = Field(3600.0, description="The same alert is mailed at most once per interval")
+    min_interval: Duration = Field(3600.0, description="The same alert is mailed at most once per interval (expiry: expiry_every)")
     disk_free_below: Size | None = Field(None, description="disk: free space in data_dir under this (default: smtp.min_free_disk)")
     queue_size_above: int = Field(1000, ge=1, description="queue: more messages than this in the queue")
-    queue_oldest_above: Duration = Field(4 * 3600.0, gt=0, description="queue: the oldest message waited longer than this")
+    queue_oldest_above: Duration = Field(
+        4 * 3600.0, gt=0, description="queue: the oldest message not on hold waited longer than this"
+    )
     deferred_ratio_above: float = Field(
         0.5, ge=0, le=1, description="delivery: share of deferred results over the last hour (at least 10 results)"
     )
-    cert_expires_within: Duration = Field(14 * 86400.0, description="certificate: our TLS certificate expires within this")
-    categories: list[Literal["critical", "disk", "queue", "delivery", "certificate", "dns"]] = Field(
-        default_factory=lambda: list(ALERT_CATEGORIES), description="Categories mailed; the others are only logged"
+    archive_used_above: float = Field(
+        0.9, gt=0, le=1, description="archive: share of the archive quota in use (raised by the archive store)"
     )
+    cert_expires_within: Duration = Field(14 * 86400.0, description="expiry: our TLS certificate expires within this")
+    dkim_rotate_after: Duration | None = Field(
+        None, description="expiry: our DKIM key ([dnscheck] dkim_key) is older than this, by its file's time; unset: off"
+    )
+    expiry_every: Duration = Field(86400.0, gt=0, description="expiry alerts are mailed at most once per this while they last")
+    categories: list[AlertCategoryName] = Field(
+        default_factory=lambda: list(ALERT_CATEGORIES),
+        description='Categories mailed; the others are only logged ("certificate" is read as "expiry")',
+    )
+    reminder: list[Reminder] = Field(default_factory=list, description="The administrator's own due dates (expiry alerts)")
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _renamed_category(cls, v: Any) -> Any:
+        """"certificate" was the category of certificate expiry before `expiry` took it over."""
+        if isinstance(v, list):
+            return ["expiry" if c == "certificate" else c for c in v]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_reminders(self) -> AlertsSection:
+        seen: set[str] = set()
+        for r in self.reminder:
+            if r.what in seen:
+                raise ValueError(f"reminder {r.what!r} is listed twice")
+            seen.add(r.what)
+        return self
 
     @field_validator("to")
     @classmethod

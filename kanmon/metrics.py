@@ -60,6 +60,11 @@ class QueueSnapshot:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUEUE_STATES, 0))
     oldest: float | None = None  # arrival time of the oldest queued message
     oldest_id: str = ""
+    # The same, apart for messages the administrator put on hold (the `queue oldest`
+    # alert looks only at the waiting ones, and says how many are held).
+    oldest_waiting: float | None = None
+    oldest_waiting_id: str = ""
+    oldest_held: float | None = None
 
     @property
     def size(self) -> int:
@@ -91,6 +96,11 @@ def queue_snapshot(spool) -> QueueSnapshot:
                 continue
         if snap.oldest is None or at < snap.oldest:
             snap.oldest, snap.oldest_id = at, qid
+        if state.hold:
+            if snap.oldest_held is None or at < snap.oldest_held:
+                snap.oldest_held = at
+        elif snap.oldest_waiting is None or at < snap.oldest_waiting:
+            snap.oldest_waiting, snap.oldest_waiting_id = at, qid
     try:
         snap.counts["corrupt"] = sum(1 for p in spool.corrupt.iterdir() if not p.name.endswith(".state"))
     except OSError:

@@ -142,7 +142,7 @@ class Node:
         # The balancer role: virtual addresses in front of real servers.
         if config.balancer is not None:
             self.services.append(
-                BalancerService(config, self.records.emit, self.monitoring.alerts.alert_callable("delivery"))
+                BalancerService(config, self.records.emit, self.monitoring.alerts.incident)
             )
 
     def recover(self) -> None:

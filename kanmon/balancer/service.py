@@ -4,7 +4,8 @@ Role: what `kanmon serve` runs for a [balancer] section. BalancerService binds o
 listener per virtual server, runs the health checks of its real servers, splices each
 client connection to the real server its Pool chooses (optionally opening with a PROXY
 v2 header that carries the client's address), reports state changes (down, up,
-failover, failback) to the event log and the `delivery` alert, and keeps
+failover, failback) to the event log and to the `ha` alert (one alert per incident,
+resolved by its recovery), and keeps
 <data_dir>/balancer-status.json current for `kanmon balance status`.
 
 Trusts: the validated Config. Nothing from clients or real servers: their bytes are
@@ -37,7 +38,7 @@ from kanmon.smtp.proxy_protocol import build_proxy_v2
 
 log = logging.getLogger("kanmon.balancer")
 
-ALERT_CATEGORY = "delivery"
+ALERT_CATEGORY = "ha"
 # Repeated per-connection problems (connect refused, nothing available) are logged at
 # most once per this many seconds per virtual server and kind, with a count.
 NOTICE_INTERVAL = 10.0
@@ -48,7 +49,25 @@ class Emit(Protocol):
     def __call__(self, text: str, queue_id: str | None = None) -> None: ...
 
 
-Alert = Callable[[str, str], None]
+# alert(category, key, text, resolved): the key names one incident (a real server down,
+# a failover, all servers down); resolved=True ends that incident.
+Alert = Callable[[str, str, str, bool], None]
+
+
+def incidents(vs_name: str, event: PoolEvent, real: RealServerState | None, tier: str) -> list[tuple[str, bool]]:
+    """The alert keys of a pool event's incidents, each with whether the event resolves it."""
+    if event.kind in ("down", "up") and real is not None:
+        return [(f"{vs_name} real server {real.address}", event.kind == "up")]
+    if event.kind in ("failover", "failback"):
+        return [(f"{vs_name} failover", event.kind == "failback")]
+    if event.kind == "all-down":
+        return [(f"{vs_name} no real server up", False)]
+    # restored: serving again; straight back on an active server also ends a failover
+    # that was outstanding when the standby servers went down too.
+    out = [(f"{vs_name} no real server up", True)]
+    if tier == "active":
+        out.append((f"{vs_name} failover", True))
+    return out
 
 
 def source_address(vs: VirtualServer, real_host: str) -> tuple[str, int] | None:
@@ -139,8 +158,8 @@ class _Virtual:
 class BalancerService:
     """Virtual servers of config.balancer, for `kanmon serve`.
 
-    emit(text, queue_id=None) writes an event-log line; alert(category, text), when
-    given, raises an alert (category "delivery") for each state change.
+    emit(text, queue_id=None) writes an event-log line; alert(category, key, text,
+    resolved), when given, raises (or resolves) an alert of category "ha" for each state change.
     """
 
     def __init__(
@@ -315,7 +334,7 @@ class BalancerService:
                 result = health.CheckResult(False, f"check failed: {e!r}")
             events = v.pool.record_check(real, result.ok, result.detail, result.rtt, time.time())
             for event in events:
-                self._event(event)
+                self._event(event, v, real)
             await asyncio.sleep(hc.interval)
 
     async def _status_loop(self) -> None:
@@ -422,11 +441,12 @@ class BalancerService:
         except Exception:
             log.exception("balancer: the event log refused %r", text)
 
-    def _event(self, event: PoolEvent) -> None:
+    def _event(self, event: PoolEvent, v: _Virtual, real: RealServerState) -> None:
         self._say(event.text)
         if self._alert is not None:
             try:
-                self._alert(ALERT_CATEGORY, event.text)
+                for key, resolved in incidents(v.vs.name, event, real, v.pool.tier):
+                    self._alert(ALERT_CATEGORY, key, event.text, resolved)
             except Exception:
                 log.exception("balancer: the alert refused %r", event.text)
         if self._changed is not None:

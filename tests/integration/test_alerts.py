@@ -191,9 +191,9 @@ def test_certificate_expiring_in_three_days(tmp_path, admin_sink):
     node = start(tmp_path, admin_sink, tls=f'[tls]\ncert = "{cert_path}"\nkey = "{key_path}"',
                  alerts='cert_expires_within = "14d"')
     try:
-        (mail,) = wait_alert(admin_sink, "certificate")
+        (mail,) = wait_alert(admin_sink, "expiry")  # certificate expiry is an `expiry` alert
         text = subject(mail)
-        assert text.startswith("[kanmon mx1.example.test] certificate: our TLS certificate expires in 2d ")
+        assert text.startswith("[kanmon mx1.example.test] expiry: our TLS certificate expires in 2d ")
         assert str(cert_path) not in text  # details go in the body: a long path must not fold the subject
         assert f"Certificate: {cert_path}" in body(mail)
         assert f"openssl x509 -noout -subject -enddate -in {cert_path}" in body(mail)
@@ -273,5 +273,25 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data")]
         assert {(a["category"], a["state"]) for a in data["recent"]} == {("queue", "raised"), ("disk", "raised")}
         assert alert_mails(admin_sink, "disk") == []
+    finally:
+        node.stop()
+
+
+def test_a_restart_does_not_mail_again_what_was_mailed_within_the_interval(tmp_path, admin_sink):
+    clock = ManualClock()
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"', clock=clock)
+    try:
+        wait_alert(admin_sink, "disk")
+    finally:
+        node.stop()
+    assert (tmp_path / "data" / "alert-state.json").exists()
+    # The same node started again ten minutes later; the disk is still "full".
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"', clock=ManualClock(clock.now() + 600))
+    try:
+        wait_event(node, "alert disk/")
+        wait_event(node, "(already mailed")
+        assert len(alert_mails(admin_sink, "disk")) == 1
+        next_check(node, 3600)  # past min_interval it is mailed again
+        wait_alert(admin_sink, "disk", 2)
     finally:
         node.stop()

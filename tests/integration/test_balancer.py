@@ -228,7 +228,7 @@ def one_vs(
 class Running:
     service: BalancerService
     events: list[str]
-    alerts: list[tuple[str, str]]
+    alerts: list[tuple[str, str, str, bool]]  # (category, key, text, resolved)
 
     def server(self, index: int) -> dict[str, Any]:
         return self.service.status()["virtual_servers"][0]["servers"][index]
@@ -238,13 +238,19 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def balancer(tmp_path: Path, vs_text: str) -> AsyncIterator[Running]:
+async def balancer(tmp_path: Path, vs_text: str, alert: Callable[[str, str, str, bool], None] | None = None,
+                   ) -> AsyncIterator[Running]:
+    """alert: also hand every alert to this (e.g. a real Alerts' incident)."""
     config = parse_config(config_text(tmp_path, vs_text))
     events: list[str] = []
-    alerts: list[tuple[str, str]] = []
-    service = BalancerService(
-        config, lambda text, queue_id=None: events.append(text), lambda cat, text: alerts.append((cat, text))
-    )
+    alerts: list[tuple[str, str, str, bool]] = []
+
+    def on_alert(cat: str, key: str, text: str, resolved: bool) -> None:
+        alerts.append((cat, key, text, resolved))
+        if alert is not None:
+            alert(cat, key, text, resolved)
+
+    service = BalancerService(config, lambda text, queue_id=None: events.append(text), on_alert)
     await service.start()
     try:
         yield Running(service, events, alerts)
@@ -293,14 +299,69 @@ def test_failover_to_standby_and_failback_to_active(tmp_path):
                 assert await Client(port).session() == "mr1"
             assert len(mr2.sessions) == 5
 
-            assert {cat for cat, _ in b.alerts} == {"delivery"}
-            kinds = [next(w for w in ("failover", "failback", "is down", "is up") if w in t) for _, t in b.alerts]
+            assert {cat for cat, *_ in b.alerts} == {"ha"}
+            kinds = [next(w for w in ("failover", "failback", "is down", "is up") if w in t) for _, _, t, _ in b.alerts]
             assert kinds == ["is down", "failover", "is up", "failback"]
+            # Each incident has its own key, and its recovery resolves it.
+            mr1_key = f"mail real server {mr1.address}"
+            assert [(k, r) for _, k, _, r in b.alerts] == [
+                (mr1_key, False), ("mail failover", False), (mr1_key, True), ("mail failover", True)]
             # The same lines went to the event log.
-            assert all(t in b.events for _, t in b.alerts)
+            assert all(t in b.events for _, _, t, _ in b.alerts)
         await kill_all(mr1, mr2)
 
     run(main())
+
+
+def test_each_balancer_incident_is_mailed_and_its_recovery_resolves_it(tmp_path):
+    """Down, failover, up again, failback: four mails (the recoveries as "resolved"), and
+    `kanmon alert list` shows nothing active afterwards."""
+    from kanmon.alerts import Alerts, recent_alerts
+    from kanmon.clock import ManualClock
+    from kanmon.records.store import Records
+    from kanmon.spool.store import Spool
+
+    data = tmp_path / "data"
+    cfg = parse_config(f'[server]\ndata_dir = "{data}"\n[alerts]\nto = ["admin@admin.example"]\n')
+    data.mkdir()
+    records = Records(data, "mx1.example.test", log_file=False)
+    spool = Spool(data, fsync=False)
+
+    class NoQueue:
+        def submit_nowait(self, *a: Any) -> None:
+            pass
+
+    alerts = Alerts(cfg, records, spool, NoQueue(), ManualClock())
+    mails: list[tuple[str, str]] = []
+    alerts._enqueue = lambda category, key, subject, body, force: mails.append((category, subject))
+
+    async def main() -> None:
+        mr1, mr2 = await relays((MR1, "mr1"), (MR2, "mr2"))
+        port = free_port(VIP)
+        async with balancer(tmp_path, one_vs(port, [(mr1, "active"), (mr2, "standby")]), alerts.incident) as b:
+            await mr1.kill()
+            await wait_until(lambda: b.saw("failover"), "the failover event")
+            await mr1.start()
+            await wait_until(lambda: b.saw("failback"), "the failback event")
+        await kill_all(mr1, mr2)
+
+    try:
+        run(main())
+        assert [c for c, _ in mails] == ["ha"] * 4
+        head = "[kanmon mx1.example.test] ha: balancer mail: "
+        assert mails[0][1].startswith(head + f"real server {MR1}") and "is down" in mails[0][1]
+        assert mails[1][1].startswith(head + "failover: no active server is up")
+        assert mails[2][1].startswith("[kanmon mx1.example.test] ha: resolved: balancer mail: real server")
+        assert "is up" in mails[2][1]
+        assert mails[3][1].startswith("[kanmon mx1.example.test] ha: resolved: balancer mail: failback")
+        records.flush()
+        recent, active = recent_alerts(data, 0)
+        assert active == []
+        assert [(a.key.split(" ", 1)[1].split(" 127")[0], a.state) for a in recent] == [
+            ("real server", "raised"), ("failover", "raised"), ("real server", "cleared"), ("failover", "cleared")]
+    finally:
+        records.close()
+        spool.close()
 
 
 def test_connect_refused_before_the_check_notices_goes_to_the_next_server(tmp_path):

@@ -1,0 +1,214 @@
+"""Alerts that can be trusted: the saved alert state (strict decoding, damaged files moved
+aside), the `queue oldest` alert and messages on hold, the expiry category (certificate,
+DKIM key, the administrator's reminders), the archive hook, and the config keys."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import stat
+import time
+
+import pytest
+
+from kanmon.alerts import STATE_FILE, Alerts, StateFileError, decode_state
+from kanmon.clock import ManualClock
+from kanmon.config import ConfigError, parse_config
+from kanmon.model import Envelope, new_queue_id
+from kanmon.spool.store import Spool
+from tests.unit.test_monitoring import FakeQueue, FakeRecords
+
+DAY = 86400.0
+
+
+def make(tmp_path, extra: str = "", clock: ManualClock | None = None, records: FakeRecords | None = None):
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[alerts]\nto = ["admin@admin.example"]\n'
+                       f'min_interval = "1h"\n{extra}')
+    records = records or FakeRecords()
+    clock = clock or ManualClock(1_000_000.0)
+    spool = Spool(tmp_path, fsync=False)
+    alerts = Alerts(cfg, records, spool, FakeQueue(), clock)
+    mails: list[tuple[str, str, str]] = []
+    alerts._enqueue = lambda category, key, subject, body, force: mails.append((category, key, subject + "\n" + body))
+    return alerts, records, clock, mails, spool
+
+
+# -- the saved state -------------------------------------------------------------------
+
+
+def test_the_alert_state_survives_a_restart_and_the_rate_limit_holds(tmp_path):
+    alerts, _, clock, mails, spool = make(tmp_path)
+    assert alerts.raise_alert("disk", "/data", "free disk space low") is True
+    alerts.on_server_used("a:25, b:25", "[b]:25", [("[a]:25", "refused")])
+    alerts.save_state()
+    path = tmp_path / STATE_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    spool.close()
+
+    clock.advance(600)  # a restart ten minutes later
+    again, records, _, mails2, spool = make(tmp_path, clock=clock)
+    st = again.states[("disk", "/data")]
+    assert st.active and st.since == 1_000_000.0 and st.last_sent == 1_000_000.0
+    assert again.raise_alert("disk", "/data", "free disk space low") is False  # within min_interval: no mail
+    assert mails2 == [] and "already mailed" in records.lines[-1][0]
+    # The failover outstanding before the restart is resolved (and said) after it.
+    again.on_server_used("a:25, b:25", "[a]:25", [])
+    ((category, key, text),) = mails2
+    assert (category, key) == ("delivery", "failover a:25, b:25")
+    assert text.startswith("[kanmon mx1.example.test] delivery: resolved: relay recovered: the first server [a]:25")
+    clock.advance(3600)
+    assert again.raise_alert("disk", "/data", "free disk space low") is True
+    spool.close()
+
+
+def test_a_damaged_state_file_is_moved_aside_with_an_event_and_alerts_start_afresh(tmp_path):
+    (tmp_path / STATE_FILE).write_bytes(b'{"format": 1, "alerts": [{"category": "disk"')
+    alerts, records, _, mails, spool = make(tmp_path)
+    assert alerts.states == {} and not (tmp_path / STATE_FILE).exists()
+    (aside,) = tmp_path.glob(STATE_FILE + ".damaged-*")
+    assert aside.read_bytes().startswith(b'{"format": 1')
+    (text, _, kind), = [line for line in records.lines if "alert state" in line[0]]
+    assert kind == "critical" and "is damaged" in text and aside.name in text
+    assert alerts.raise_alert("disk", "/data", "low") is True  # works on
+    alerts.save_state()
+    assert decode_state((tmp_path / STATE_FILE).read_bytes())[0][("disk", "/data")].active
+    spool.close()
+
+
+GOOD = {"category": "queue", "key": "size", "text": "t", "since": 1.0, "last_sent": None, "active": True,
+        "last_seen": 2.0, "resolved_sent": None}
+
+
+@pytest.mark.parametrize("change", [
+    {"category": "bogus"},
+    {"since": "yesterday"},
+    {"active": 1},
+    {"last_sent": True},
+    {"extra": 1},
+])
+def test_the_state_decoder_is_strict(change):
+    item = {**GOOD, **change}
+    with pytest.raises(StateFileError):
+        decode_state(json.dumps({"format": 1, "alerts": [item], "failover": {}}).encode())
+    with pytest.raises(StateFileError):
+        decode_state(json.dumps({"format": 2, "alerts": [], "failover": {}}).encode())
+    with pytest.raises(StateFileError):
+        decode_state(json.dumps({"format": 1, "alerts": [GOOD, GOOD], "failover": {}}).encode())
+    with pytest.raises(StateFileError):
+        decode_state(b"\xff\xfe")
+    states, failover = decode_state(json.dumps({"format": 1, "alerts": [GOOD], "failover": {"d": "s"}}).encode())
+    assert states[("queue", "size")].since == 1.0 and failover == {"d": "s"}
+
+
+def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
+    alerts, _, clock, _, spool = make(tmp_path)
+    alerts.raise_alert("queue", "size", "big")          # active: kept however old
+    alerts.raise_alert("critical", "boom", "error event")  # critical alerts never clear: kept while rate-limited
+    alerts.raise_alert("disk", "/d", "low")
+    alerts.clear("disk", "/d", "ok")                     # cleared: kept while rate-limited
+    alerts.save_state()
+    assert set(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == {
+        ("queue", "size"), ("critical", "boom"), ("disk", "/d")}
+    clock.advance(2 * 3600)
+    alerts.save_state()
+    assert set(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == {("queue", "size")}
+    spool.close()
+
+
+# -- queue oldest and messages on hold --------------------------------------------------
+
+
+def test_queue_oldest_ignores_held_messages_and_says_how_many_there_are(tmp_path):
+    now = time.time()
+    alerts, _, clock, mails, spool = make(tmp_path, 'queue_oldest_above = "4h"', clock=ManualClock(now))
+    env = Envelope("a@b.test", ["c@d.test"], received_at=now)
+    held = new_queue_id(now - 2 * DAY)
+    spool.store_blocking(held, env, b"Subject: x\r\n\r\nx\r\n")
+    spool.set_hold(held, True, now, "admin")
+    recent = new_queue_id(now - 3600)
+    spool.store_blocking(recent, env, b"Subject: y\r\n\r\ny\r\n")
+    alerts._check_queue()
+    assert ("queue", "oldest") not in alerts.states and mails == []  # only the held one is old
+
+    old = new_queue_id(now - 5 * 3600)
+    spool.store_blocking(old, env, b"Subject: z\r\n\r\nz\r\n")
+    alerts._check_queue()
+    ((category, key, text),) = mails
+    assert (category, key) == ("queue", "oldest")
+    assert f"the oldest message not on hold ({old}) has waited 5h" in text
+    assert "1 message(s) on hold are not counted (the oldest held for 2d" in text
+    assert "kanmon queue list --state hold" in text and f"kanmon trace {old}" in text
+    spool.close()
+
+
+# -- expiry -----------------------------------------------------------------------------
+
+
+def test_reminders_of_the_admin_are_expiry_alerts_mailed_once_a_day(tmp_path):
+    due = time.mktime(datetime.date(2027, 3, 31).timetuple())  # the day begins, local time
+    extra = ('[[alerts.reminder]]\nwhat = "renew the support contract"\ndue = "2027-03-31"\n'
+             '[[alerts.reminder]]\nwhat = "domain example.test"\ndue = 2027-12-01\nbefore = "7d"\n')
+    alerts, _, clock, mails, spool = make(tmp_path, extra, clock=ManualClock(due - 32 * DAY))
+    alerts._check_reminders()
+    assert mails == []  # 32 days before: not yet
+    clock.advance(3 * DAY)  # 29 days before: within the default 30d
+    alerts._check_reminders()
+    ((category, key, text),) = mails
+    assert (category, key) == ("expiry", "reminder renew the support contract")
+    assert "expiry: reminder: renew the support contract: due 2027-03-31 (in 29d" in text
+    assert "[[alerts.reminder]]" in text and "at most once every 1d 0h" in text
+    clock.advance(12 * 3600)
+    alerts._check_reminders()
+    assert len(mails) == 1  # once a day (expiry_every), not every min_interval
+    clock.advance(DAY + 30 * DAY)
+    alerts._check_reminders()
+    assert len(mails) == 2 and "overdue since 2d 12h" in mails[1][2]
+    # Taken out of the configuration (a reload): the reminder is over.
+    alerts.cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n').alerts
+    alerts._check_reminders()
+    assert not alerts.states[("expiry", "reminder renew the support contract")].active
+    spool.close()
+
+
+def test_dkim_key_due_for_rotation(tmp_path):
+    key = tmp_path / "dkim.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    now = time.time()
+    os.utime(key, (now - 200 * DAY, now - 200 * DAY))
+    extra = 'dkim_rotate_after = "180d"\n[dnscheck]\ndkim_key = "' + str(key) + '"\n'
+    alerts, _, clock, mails, spool = make(tmp_path, extra, clock=ManualClock(now))
+    alerts._check_dkim_key()
+    ((category, key_name, text),) = mails
+    assert category == "expiry" and key_name == f"DKIM key {key}"
+    assert "our DKIM key is due for rotation: it is 200d 0h old, rotation every 180d 0h" in text
+    assert f"ls -l {key}; kanmon dns check" in text
+    os.utime(key, (now, now))  # a new key
+    alerts._check_dkim_key()
+    assert not alerts.states[("expiry", f"DKIM key {key}")].active
+    spool.close()
+
+
+def test_the_archive_hook_raises_and_clears(tmp_path):
+    alerts, _, _, mails, spool = make(tmp_path, "archive_used_above = 0.8")
+    alerts.check_archive(70, 100, "/archive")
+    assert mails == []
+    alerts.check_archive(85, 100, "/archive")
+    ((category, key, text),) = mails
+    assert (category, key) == ("archive", "/archive") and "(85%, threshold 80%)" in text
+    alerts.check_archive(10, 100, "/archive")
+    assert not alerts.states[("archive", "/archive")].active
+    spool.close()
+
+
+def test_alert_config_keys():
+    c = parse_config('[alerts]\ncategories = ["certificate", "ha"]\n[[alerts.reminder]]\nwhat = "x"\ndue = "2027-03-31"\n')
+    assert c.alerts.categories == ["expiry", "ha"]  # the old name of certificate expiry still reads
+    assert c.alerts.reminder[0].due == datetime.date(2027, 3, 31) and c.alerts.reminder[0].before == 30 * DAY
+    assert "ha" in parse_config("").alerts.categories and "archive" in parse_config("").alerts.categories
+    for bad in ('[[alerts.reminder]]\nwhat = "x"\ndue = "2027-03-31"\n[[alerts.reminder]]\nwhat = "x"\ndue = "2028-01-01"\n',
+                '[[alerts.reminder]]\nwhat = "x"\ndue = "31.3.2027"\n',
+                '[[alerts.reminder]]\nwhat = "a\\nb"\ndue = "2027-03-31"\n',
+                '[alerts]\ncategories = ["license"]\n'):
+        with pytest.raises(ConfigError):
+            parse_config(bad)
