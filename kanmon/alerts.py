@@ -235,9 +235,10 @@ class Alerts:
             st = AlertState(category, key, text, since=now, last_sent=st.last_sent if st else None,
                             resolved_sent=st.resolved_sent if st else None)
             self.states[(category, key)] = st
+            self._state_dirty()
+        # A repeat of an active alert changes only these: saved with the next change or at stop.
         st.text = text
         st.last_seen = now
-        self._state_dirty()
         mailed = category in self.cfg.categories or force
         if not force and st.last_sent is not None and now - st.last_sent < self.interval(category):
             self._event(st, "suppressed")
@@ -246,6 +247,7 @@ class Alerts:
             self._event(st, "raised", mailed=False)
             return False
         st.last_sent = now
+        self._state_dirty()
         self._event(st, "raised")
         self._enqueue(category, key, self._subject(category, text), self._body(st, text, look), force)
         return True
@@ -264,6 +266,7 @@ class Alerts:
             return  # a flapping server: one "resolved" mail per interval too
         if mail and category in self.cfg.categories:
             st.resolved_sent = now
+            self._state_dirty()
             body = (f"Resolved: {text}\n\nThe problem began {_stamp(st.since)}; resolved {_stamp(self.clock.now())}.\n"
                     f"\nTo look closer: {self._command(category)}\n")
             self._enqueue(category, key, self._subject(category, "resolved: " + _first(text)), body, True)
@@ -293,8 +296,9 @@ class Alerts:
         """SmtpDelivery hook: failover to an alternate, and recovery of the first server."""
         if failed:
             tried = "; ".join(f"{relay}: {why}" for relay, why in failed)
-            self.failover[destination] = used
-            self._state_dirty()
+            if self.failover.get(destination) != used:
+                self.failover[destination] = used
+                self._state_dirty()
             self.raise_alert(
                 "delivery", f"failover {destination}",
                 f"relay failover: {failed[0][0]} did not take mail; alternate {used} is in use\n"

@@ -3,7 +3,8 @@
 Role: the composition of the monitoring parts in the main process, so the node adds one
 service and one task: Alerts (kanmon.alerts) with its sources wired — SMTP failover
 (SmtpDelivery.on_server_used), error and critical events from every process (read back
-from the records), thresholds; DeliveryMetrics fed by QueueManager.on_attempt; the
+from the records), thresholds, the balancer's incidents (the node hands Alerts.incident
+to its BalancerService); the alert state saved in data_dir across restarts; DeliveryMetrics fed by QueueManager.on_attempt; the
 MetricsServer when [metrics] listen is set; Retention of the records.
 
 Trusts: the node's validated config and built stages. Never: start anything before the
