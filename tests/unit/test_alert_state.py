@@ -123,7 +123,7 @@ def test_queue_oldest_ignores_held_messages_and_says_how_many_there_are(tmp_path
     now = time.time()
     alerts, _, clock, mails, spool = make(tmp_path, 'queue_oldest_above = "4h"', clock=ManualClock(now))
     env = Envelope("a@b.test", ["c@d.test"], received_at=now)
-    held = new_queue_id(now - 2 * DAY)
+    held = new_queue_id(now - 2 * DAY - 60)  # a minute more: ids keep whole microseconds
     spool.store_blocking(held, env, b"Subject: x\r\n\r\nx\r\n")
     spool.set_hold(held, True, now, "admin")
     recent = new_queue_id(now - 3600)
@@ -131,7 +131,7 @@ def test_queue_oldest_ignores_held_messages_and_says_how_many_there_are(tmp_path
     alerts._check_queue()
     assert ("queue", "oldest") not in alerts.states and mails == []  # only the held one is old
 
-    old = new_queue_id(now - 5 * 3600)
+    old = new_queue_id(now - 5 * 3600 - 60)
     spool.store_blocking(old, env, b"Subject: z\r\n\r\nz\r\n")
     alerts._check_queue()
     ((category, key, text),) = mails
@@ -175,7 +175,7 @@ def test_dkim_key_due_for_rotation(tmp_path):
     key = tmp_path / "dkim.pem"
     key.write_text("-----BEGIN PRIVATE KEY-----\n")
     now = time.time()
-    os.utime(key, (now - 200 * DAY, now - 200 * DAY))
+    os.utime(key, (now - 200 * DAY - 60, now - 200 * DAY - 60))  # a minute more: mtimes are rounded
     extra = 'dkim_rotate_after = "180d"\n[dnscheck]\ndkim_key = "' + str(key) + '"\n'
     alerts, _, clock, mails, spool = make(tmp_path, extra, clock=ManualClock(now))
     alerts._check_dkim_key()
