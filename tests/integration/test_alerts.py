@@ -295,3 +295,19 @@ def test_a_restart_does_not_mail_again_what_was_mailed_within_the_interval(tmp_p
         wait_alert(admin_sink, "disk", 2)
     finally:
         node.stop()
+
+
+def test_a_damaged_alert_state_file_is_moved_aside_and_the_node_starts(tmp_path, admin_sink):
+    def damage(node: RunningNode) -> None:
+        (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "alert-state.json").write_bytes(b"\x00garbage")
+
+    node = start(tmp_path, admin_sink, before_start=damage)
+    try:
+        send(node, "bob@example.test", "still-works")
+        wait_event(node, "stat=Sent")
+        (mail,) = wait_alert(admin_sink, "critical")
+        assert "alerts: the saved alert state" in subject(mail) and "is damaged" in body(mail)
+        assert list((tmp_path / "data").glob("alert-state.json.damaged-*"))
+    finally:
+        node.stop()
