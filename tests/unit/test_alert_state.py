@@ -157,7 +157,7 @@ def test_reminders_of_the_admin_are_expiry_alerts_mailed_once_a_day(tmp_path):
     ((category, key, text),) = mails
     assert (category, key) == ("expiry", "reminder renew the support contract")
     assert "expiry: reminder: renew the support contract: due 2027-03-31 (in 29d" in text
-    assert "[[alerts.reminder]]" in text and "at most once every 1d 0h" in text
+    assert "[[alerts.reminder]]" in text and "at most once every 1d" in text
     clock.advance(12 * 3600)
     alerts._check_reminders()
     assert len(mails) == 1  # once a day (expiry_every), not every min_interval
@@ -181,7 +181,7 @@ def test_dkim_key_due_for_rotation(tmp_path):
     alerts._check_dkim_key()
     ((category, key_name, text),) = mails
     assert category == "expiry" and key_name == f"DKIM key {key}"
-    assert "our DKIM key is due for rotation: it is 200d 0h old, rotation every 180d 0h" in text
+    assert "our DKIM key is due for rotation: it is 200d" in text and "rotation every 180d" in text
     assert f"ls -l {key}; kanmon dns check" in text
     os.utime(key, (now, now))  # a new key
     alerts._check_dkim_key()
