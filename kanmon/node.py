@@ -48,6 +48,7 @@ from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
 from kanmon.state.sqlite import SqliteState
 from kanmon.tlscert import server_context
+from kanmon.userdb import Directory, UserFile, users_path
 
 
 class Node:
@@ -98,11 +99,13 @@ class Node:
         # notices from listeners in this process enter through the queue's injector.
         # Shared state (rate counters, verification cache, greylist) is one database in
         # data_dir that the receiver processes open too; the checks' DNS resolver caches
-        # for this process.
+        # for this process. Mailboxes and aliases: the config's and the users file's
+        # (followed while running).
         self.state = SqliteState(self.data_dir)
         self.check_resolver = CheckResolver.from_config(config)
+        self.directory = Directory(config, UserFile(users_path(config), on_error=partial(self.records.emit, kind="error")))
         self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
-                                          state=self.state, resolver=self.check_resolver)
+                                          state=self.state, resolver=self.check_resolver, directory=self.directory)
         self.quota_notices = QuotaNotices(self.data_dir, self.queue.injector)
         effects = quota_effect_handlers(self.quota_notices)
         # A config with only [server] and [balancer] is a node that only balances.
@@ -116,7 +119,7 @@ class Node:
                 clock=self.clock.now, effects=effects,
             )
         # The store role: accounts, submission, POP3, IMAP (each only when configured).
-        self.users = Users(config)
+        self.users = Users(config, directory=self.directory)
         self.throttle = self.auth_throttle or AuthThrottle()
         if config.submission is not None and not self.workers and self.mail_roles:
             sub = config.submission

@@ -1,8 +1,10 @@
-"""`kanmon user`: passwords, lock state and a listing of the store's mailboxes.
+"""`kanmon user`: mailboxes and aliases of the users file, passwords, lock state, listing.
 
-Role: the administrator's commands for accounts (kanmon/store/users.py does the work).
-Trusts: nothing from argv; an address that is not a configured mailbox exits 2 with a
-clear message. Passwords come from a prompt (asked twice) or, with --stdin, the first
+Role: the administrator's commands for accounts (kanmon/store/users.py does the work;
+the users file is kanmon/userdb.py). The running server sees changes within a second,
+without a reload.
+Trusts: nothing from argv; an address that is not a mailbox exits 2 with a clear
+message. Passwords come from a prompt (asked twice) or, with --stdin, the first
 line of standard input.
 
 Never: echo a password, accept an empty one, or print a traceback for an expected error.
@@ -40,7 +42,68 @@ def _when(ts: float | None) -> str:
 
 @click.group("user")
 def user() -> None:
-    """Mailbox accounts: passwords, lock state, listing."""
+    """Mailbox accounts: add/delete, aliases, passwords, lock state, listing."""
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
+
+
+@user.command("add")
+@click.argument("address")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@click.option("--no-password", is_flag=True, help="Create the mailbox without a password (it cannot log in yet).")
+@config_option
+def add(address: str, from_stdin: bool, no_password: bool, config_path: str | None) -> None:
+    """Add mailbox ADDRESS to the users file (prompts for its password twice)."""
+    users = _users(config_path)
+    password = None if no_password else _read_password(from_stdin)
+    if password == "":
+        _fail("the password is empty; nothing changed")
+    try:
+        users.add(address, password)
+    except (ValueError, UnknownMailbox, OSError) as e:
+        _fail(f"{e}; nothing changed")
+    click.echo(f"mailbox {address.lower()} added")
+
+
+@user.command("del")
+@click.argument("address")
+@config_option
+def delete(address: str, config_path: str | None) -> None:
+    """Remove mailbox ADDRESS from the users file (its mail stays on disk)."""
+    users = _users(config_path)
+    try:
+        users.delete(address)
+    except (ValueError, UnknownMailbox, OSError) as e:
+        _fail(f"{e}; nothing changed")
+    click.echo(f"mailbox {address.lower()} removed (its Maildir stays in the data directory)")
+
+
+@user.command("alias")
+@click.argument("address")
+@click.argument("targets", nargs=-1)
+@click.option("--delete", "remove", is_flag=True, help="Remove the alias.")
+@config_option
+def alias(address: str, targets: tuple[str, ...], remove: bool, config_path: str | None) -> None:
+    """Make ADDRESS an alias of TARGETS (full addresses) in the users file; with no
+    TARGETS, print the alias; --delete removes it."""
+    users = _users(config_path)
+    if not targets and not remove:
+        found = users.aliases().get(address.lower())
+        if found is None:
+            _fail(f"{address.lower()} is not an alias", 1)
+        click.echo(f"{address.lower()}: {', '.join(found)}")
+        return
+    if targets and remove:
+        _fail("give TARGETS or --delete, not both")
+    try:
+        users.set_alias(address, [] if remove else list(targets))
+    except (ValueError, UnknownMailbox, OSError) as e:
+        _fail(f"{e}; nothing changed")
+    click.echo(f"alias {address.lower()} {'removed' if remove else '-> ' + ', '.join(t.lower() for t in targets)}")
 
 
 @user.command("passwd")
@@ -51,17 +114,13 @@ def passwd(address: str, from_stdin: bool, config_path: str | None) -> None:
     """Set the password of mailbox ADDRESS (prompts twice)."""
     users = _users(config_path)
     if not users.is_mailbox(address):
-        _fail(f"{address} is not a mailbox of a local domain in the config")
-    if from_stdin:
-        line = sys.stdin.readline()
-        password = line.rstrip("\r\n")
-    else:
-        password = click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
+        _fail(f"{address} is not a mailbox of a local domain")
+    password = _read_password(from_stdin)
     if not password:
         _fail("the password is empty; nothing changed")
     try:
         users.set_password(address, password)
-    except (ValueError, UnknownMailbox) as e:
+    except (ValueError, UnknownMailbox, OSError) as e:
         _fail(f"{e}; nothing changed")
     click.echo(f"password set for {address.lower()}")
 

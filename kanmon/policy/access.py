@@ -3,7 +3,9 @@
 Role: RelayAccess answers questions about the config's tables (relay networks, local
 domains, the senders an authenticated user may use); RelayAccessCheck refuses a foreign
 recipient from a client that may not relay; LocalRecipientsCheck refuses an unknown
-local recipient and expands aliases. Pure decisions over the config: no I/O.
+local recipient and expands aliases. Decisions over the config and the users file
+(kanmon.userdb.Directory, which follows the file's changes with at most one stat() a
+second); no other I/O.
 
 Trusts: addresses already parsed by kanmon.smtp.address; the client IP as the
 listener reports it (after a PROXY header only from trusted proxies).
@@ -19,13 +21,15 @@ from kanmon.config import Config, DomainSection
 from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, accept, refuse
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path
+from kanmon.userdb import Directory
 
 
 class RelayAccess:
     """The config's access tables, asked by the checks and the listener."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, directory: Directory | None = None):
         self.config = config
+        self.directory = directory or Directory(config)
         self._relay_nets = list(config.smtp.relay_networks)
         self.domains: dict[str, DomainSection] = {d.name: d for d in config.domain}
 
@@ -46,12 +50,9 @@ class RelayAccess:
         user = user.lower()
         local, _, domain_name = user.rpartition("@")
         out = {user}
-        domain = self.domains.get(domain_name)
-        if domain is not None:
-            for alias, targets in domain.aliases.items():
-                expanded = {t.lower() if "@" in t else f"{t.lower()}@{domain.name}" for t in targets}
-                if user in expanded:
-                    out.add(f"{alias.lower()}@{domain.name}")
+        for alias, targets in self.directory.tables().aliases.get(domain_name, {}).items():
+            if user in targets:
+                out.add(f"{alias}@{domain_name}")
         return out
 
 
@@ -86,18 +87,6 @@ class LocalRecipientsCheck(Check):
     def __init__(self, access: RelayAccess):
         self.access = access
         self.config = access.config
-        # alias (lower case) -> its final addresses, per domain; computed once.
-        self._aliases: dict[str, dict[str, tuple[str, ...]]] = {}
-        for d in self.config.domain:
-            table: dict[str, tuple[str, ...]] = {}
-            for alias, targets in d.aliases.items():
-                if alias.lower() in table:
-                    continue  # the first spelling wins, as before
-                seen: dict[str, None] = {}
-                for t in targets:
-                    seen[t.lower() if "@" in t else f"{t.lower()}@{d.name}"] = None
-                table[alias.lower()] = tuple(seen)
-            self._aliases[d.name] = table
 
     def rcpt(self, ctx: Context) -> CheckResult:
         rcpt = ctx.rcpt
@@ -111,9 +100,10 @@ class LocalRecipientsCheck(Check):
         if domain is None or domain.deliver == "relay":
             return ACCEPTED if rcpt is ctx.rcpt else accept(recipients=(rcpt.address,))
         local = rcpt.local.lower()
-        if local in domain.mailboxes:
+        tables = self.access.directory.tables()
+        if local in tables.mailboxes.get(domain.name, ()):
             return accept(recipients=(f"{local}@{domain.name}",))
-        targets = self._aliases[domain.name].get(local)
+        targets = tables.aliases[domain.name].get(local)
         if targets is None:
             return refuse(replies.UNKNOWN_USER)
         return accept(recipients=targets)

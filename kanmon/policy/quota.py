@@ -43,13 +43,16 @@ class QuotaCheck(Check):
     name = "quota"
     timeout = 30.0  # a big Maildir on a busy disk; past this, 451 and the sender retries
 
-    def __init__(self, config: Config, usage: Callable[[str, str], int]):
-        """usage(domain, local) -> bytes stored (blocking; run in an executor)."""
+    def __init__(self, config: Config, usage: Callable[[str, str], int],
+                 is_mailbox: Callable[[str], bool] | None = None):
+        """usage(domain, local) -> bytes stored (blocking; run in an executor);
+        is_mailbox(address): whether a recipient has a mailbox (default: the config's)."""
         self._usage = usage
         self._quota: dict[str, int] = {
             d.name: d.quota for d in config.domain if d.quota is not None and d.deliver != "relay"
         }
-        self._mailboxes = {d.name: d.mailboxes for d in config.domain}
+        mailboxes = {d.name: d.mailboxes for d in config.domain}
+        self._is_mailbox = is_mailbox or (lambda a: a.rpartition("@")[0] in mailboxes.get(a.rpartition("@")[2], ()))
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         if not self._quota:
@@ -58,7 +61,7 @@ class QuotaCheck(Check):
         for t in ctx.recipients:
             local, _, domain = t.rpartition("@")
             quota = self._quota.get(domain)
-            if quota is not None and local in self._mailboxes[domain]:
+            if quota is not None and self._is_mailbox(t):
                 limited.append((t, domain, local, quota))
         if not limited:
             return ACCEPTED

@@ -18,24 +18,27 @@ from kanmon.policy.loop import LoopCheck
 from kanmon.policy.pipeline import Check, Pipeline
 from kanmon.policy.quota import QuotaCheck
 from kanmon.state.api import SharedState
+from kanmon.userdb import Directory
 
 
 def standard_checks(
     config: Config, *, quota_usage: Callable[[str, str], int] | None = None,
     free_disk: Callable[[], int] | None = None, state: SharedState | None = None,
-    resolver: CheckResolver | None = None,
+    resolver: CheckResolver | None = None, directory: Directory | None = None,
 ) -> list[Check]:
     """quota_usage(domain, local) -> bytes (blocking); needed when a domain has a quota.
     free_disk() -> free bytes in data_dir (blocking); statvfs by default.
     state: the counters, caches and greylist shared by the receivers (kanmon.state.api);
     resolver: the checks' cached DNS. A check that needs one and is not given it is a
-    ValueError here, at build time (a pipeline built for a test may omit both)."""
-    access = RelayAccess(config)
+    ValueError here, at build time (a pipeline built for a test may omit both).
+    directory: mailboxes and aliases of the config and the users file (one is made when
+    not given)."""
+    access = RelayAccess(config, directory)
     checks: list[Check] = [FreeDiskCheck(config, free_disk), RelayAccessCheck(access), LocalRecipientsCheck(access)]
     if any(d.quota is not None for d in config.domain):
         if quota_usage is None:
             raise ValueError("a domain has a quota: the quota check needs a usage function")
-        checks.append(QuotaCheck(config, quota_usage))
+        checks.append(QuotaCheck(config, quota_usage, access.directory.is_mailbox))
     checks.append(LoopCheck())
     return checks
 

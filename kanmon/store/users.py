@@ -1,9 +1,12 @@
 """Accounts of the mail store and the brute-force throttle of every login path.
 
 Role: mailboxes are declared in the config (``[[domain]] deliver = "local"``,
-``mailboxes = [...]``); their passwords, lock state and last login live in the table
-``accounts`` of the records database ``<data_dir>/records.sqlite`` (SQLite, WAL). This
-module owns that table only; other tables in the file belong to other modules.
+``mailboxes = [...]``) or in the users file ``<data_dir>/users.json`` (kanmon.userdb,
+managed by `kanmon user add/del/alias`). A file mailbox keeps its password hash in the
+file; a config mailbox in the table ``accounts`` of the records database
+``<data_dir>/records.sqlite`` (SQLite, WAL), which also holds every mailbox's lock state
+and last login. This module owns that table only; other tables in the file belong to
+other modules.
 Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). ``AuthThrottle``
 counts failed logins per client IP and per account and answers with a growing delay,
 then a temporary block; SMTP submission, POP3 and IMAP all use one instance.
@@ -30,8 +33,10 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from kanmon import userdb
 from kanmon.config import Config
 from kanmon.store.maildir import Mailbox
+from kanmon.userdb import Directory
 
 MAX_ADDRESS = 320  # RFC 5321 4.5.3.1: 64 + "@" + 255
 MAX_PASSWORD = 1024
@@ -49,7 +54,7 @@ CREATE TABLE IF NOT EXISTS accounts (
 
 
 class UnknownMailbox(Exception):
-    """The address is not a mailbox of a local domain in the config."""
+    """The address is not a mailbox of a local domain (config or users file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +89,11 @@ class Users:
         db_path: Path | None = None,
         hasher: PasswordHasher | None = None,
         clock: Callable[[], float] = time.time,
+        directory: Directory | None = None,
     ):
         self.config = config
+        self.directory = directory or Directory(config)
+        self.users_file = self.directory.userfile.path
         self.data_dir = Path(config.server.data_dir)
         self.db_path = Path(db_path) if db_path else self.data_dir / "records.sqlite"
         self.hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 low-memory profile
@@ -113,28 +121,101 @@ class Users:
         finally:
             conn.close()
 
-    # -- the config side
+    # -- the config side and the users file
     def mailboxes(self) -> list[str]:
-        """Every mailbox address the config declares, in config order."""
+        """Every mailbox address, the config's in config order, then the file's."""
         out = []
         for d in self.config.domain:
             if d.deliver == "local":
                 out.extend(f"{lp}@{d.name}" for lp in d.mailboxes)
+        seen = set(out)
+        tables = self.directory.tables()
+        for domain, locals_ in tables.mailboxes.items():
+            out.extend(a for a in sorted(f"{lp}@{domain}" for lp in locals_) if a not in seen)
         return out
 
     def is_mailbox(self, address: str) -> bool:
         address = normalize(address)
-        local, at, domain = address.rpartition("@")
-        if not at or len(address) > MAX_ADDRESS:
+        if len(address) > MAX_ADDRESS:
             return False
-        d = self.config.find_domain(domain)
-        return d is not None and d.deliver == "local" and local in d.mailboxes
+        return self.directory.is_mailbox(address)
 
     def _require(self, address: str) -> str:
         address = normalize(address)
         if not self.is_mailbox(address):
-            raise UnknownMailbox(f"{address} is not a mailbox of a local domain in the config")
+            raise UnknownMailbox(f"{address} is not a mailbox of a local domain")
         return address
+
+    def _local_domain(self, address: str) -> str:
+        address = normalize(address)
+        userdb.check_address(address)
+        d = self.config.find_domain(address.rpartition("@")[2])
+        if d is None or d.deliver != "local":
+            raise ValueError(f"{address.rpartition('@')[2]} is not a local domain (deliver = \"local\") in the config")
+        return address
+
+    def in_config(self, address: str) -> bool:
+        local, _, domain = normalize(address).rpartition("@")
+        d = self.config.find_domain(domain)
+        return d is not None and (local in d.mailboxes or local in {a.lower() for a in d.aliases})
+
+    def add(self, address: str, password: str | None = None) -> None:
+        """A new mailbox in the users file (with a password when given)."""
+        address = self._local_domain(address)
+        if self.in_config(address):
+            raise ValueError(f"{address} is already declared in the config")
+        h = self._hash(password) if password is not None else None
+        with userdb.editing(self.users_file) as box:
+            data = box[0]
+            if address in data.mailboxes or address in data.aliases:
+                raise ValueError(f"{address} already exists in the users file")
+            box[0] = userdb.UserData({**data.mailboxes, address: h}, data.aliases)
+        self.directory.userfile.reload()
+
+    def delete(self, address: str) -> None:
+        """Remove a mailbox of the users file (its Maildir stays on disk)."""
+        address = normalize(address)
+        with userdb.editing(self.users_file) as box:
+            data = box[0]
+            if address not in data.mailboxes:
+                if self.in_config(address):
+                    raise ValueError(f"{address} is declared in the config; remove it there")
+                raise UnknownMailbox(f"{address} is not a mailbox of the users file")
+            rest = {a: h for a, h in data.mailboxes.items() if a != address}
+            box[0] = userdb.UserData(rest, data.aliases)
+        self.directory.userfile.reload()
+
+    def set_alias(self, address: str, targets: list[str]) -> None:
+        """Define (or, with no targets, remove) an alias in the users file."""
+        address = self._local_domain(address)
+        if self.in_config(address):
+            raise ValueError(f"{address} is already declared in the config")
+        clean = []
+        for t in targets:
+            t = normalize(t)
+            userdb.check_address(t, "target")
+            if t not in clean:
+                clean.append(t)
+        with userdb.editing(self.users_file) as box:
+            data = box[0]
+            if address in data.mailboxes:
+                raise ValueError(f"{address} is a mailbox")
+            aliases = dict(data.aliases)
+            if not clean:
+                if aliases.pop(address, None) is None:
+                    raise UnknownMailbox(f"{address} is not an alias of the users file")
+            else:
+                aliases[address] = tuple(clean)
+            box[0] = userdb.UserData(data.mailboxes, aliases)
+        self.directory.userfile.reload()
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Every alias (config and file combined) -> its targets."""
+        out = {}
+        for domain, table in self.directory.tables().aliases.items():
+            for alias, targets in table.items():
+                out[f"{alias}@{domain}"] = targets
+        return out
 
     def quota(self, address: str) -> int | None:
         """The quota of the mailbox's domain in bytes (None: unlimited)."""
@@ -150,11 +231,12 @@ class Users:
     # -- passwords
     def set_password(self, address: str, password: str) -> None:
         address = self._require(address)
-        if not password:
-            raise ValueError("the password is empty")
-        if len(password) > MAX_PASSWORD:
-            raise ValueError(f"the password is longer than {MAX_PASSWORD} characters")
-        h = self.hasher.hash(password)
+        h = self._hash(password)
+        with userdb.editing(self.users_file) as box:
+            data = box[0]
+            if address in data.mailboxes:
+                box[0] = userdb.UserData({**data.mailboxes, address: h}, data.aliases)
+                return
         with self._db() as db:
             db.execute(
                 "INSERT INTO accounts(address, hash, changed) VALUES(?, ?, ?) "
@@ -162,21 +244,36 @@ class Users:
                 (address, h, self.clock()),
             )
 
+    def _hash(self, password: str) -> str:
+        if not password:
+            raise ValueError("the password is empty")
+        if len(password) > MAX_PASSWORD:
+            raise ValueError(f"the password is longer than {MAX_PASSWORD} characters")
+        return self.hasher.hash(password)
+
+    def _stored(self, address: str) -> tuple[str | None, bool, bool]:
+        """(hash, locked, held in the users file) of a mailbox."""
+        hashes = self.directory.tables().hashes
+        with self._db() as db:
+            row = db.execute("SELECT hash, locked FROM accounts WHERE address = ?", (address,)).fetchone()
+        locked = bool(row[1]) if row else False
+        if address in hashes:
+            return hashes[address], locked, True
+        return (row[0] if row and row[0] else None), locked, False
+
     def verify(self, address: str, password: str) -> bool:
         """True only for a configured, unlocked mailbox whose password matches."""
         address = normalize(address)
-        row = None
+        stored, locked, in_file = None, False, False
         if self.is_mailbox(address) and len(password) <= MAX_PASSWORD:
-            with self._db() as db:
-                row = db.execute("SELECT hash, locked FROM accounts WHERE address = ?", (address,)).fetchone()
-        stored = row[0] if row and row[0] else None
+            stored, locked, in_file = self._stored(address)
         try:
             ok = self.hasher.verify(stored or self._dummy_hash, password[:MAX_PASSWORD])
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             ok = False
-        if not ok or stored is None or row[1]:
+        if not ok or stored is None or locked:
             return False
-        if self.hasher.check_needs_rehash(stored):
+        if self.hasher.check_needs_rehash(stored) and not in_file:
             with contextlib.suppress(sqlite3.Error):
                 with self._db() as db:
                     db.execute("UPDATE accounts SET hash = ? WHERE address = ?", (self.hasher.hash(password), address))
@@ -214,9 +311,11 @@ class Users:
             ).fetchone()
         local, _, domain = address.rpartition("@")
         messages, size = Mailbox.for_address(self.data_dir, domain, local).usage()
+        hashes = self.directory.tables().hashes
+        has_password = bool(hashes[address]) if address in hashes else bool(row and row[0])
         if row is None:
-            return AccountInfo(address, False, False, None, None, size, messages)
-        return AccountInfo(address, bool(row[0]), bool(row[1]), row[2], row[3], size, messages)
+            return AccountInfo(address, has_password, False, None, None, size, messages)
+        return AccountInfo(address, has_password, bool(row[1]), row[2], row[3], size, messages)
 
     def list(self) -> list[AccountInfo]:
         return [self.info(a) for a in self.mailboxes()]
