@@ -147,6 +147,10 @@ class ServerSection(Section):
         1, ge=0, le=64,
         description="SMTP receiver processes beside the main one (queue, delivery); 0: all in one process",
     )
+    user: str | None = Field(
+        None, description="Started as root: run as this user, keeping only the right to bind ports below 1024",
+    )
+    group: str | None = Field(None, description="The group to run as (default: the user's primary group)")
 
     @field_validator("hostname")
     @classmethod
@@ -531,6 +535,28 @@ class RecordsSection(Section):
     keep: Duration = Field(90 * 86400.0, description='Event log and history older than this are pruned daily; "0" = keep all')
 
 
+class LogSection(Section):
+    to: list[Literal["file", "syslog"]] = Field(
+        default_factory=lambda: ["file"],
+        description='Where event lines go: "file" (data_dir/log/kanmon.log), "syslog" (the local syslog socket; '
+                    "journald reads it too), both, or none",
+    )
+    syslog_socket: str = Field("/dev/log", description="The local syslog datagram socket")
+    facility: Literal["mail", "daemon", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7"] = Field(
+        "mail", description="Syslog facility of the lines"
+    )
+    rotate_size: Size | None = Field(None, description="Rotate the log file when it grows past this size; unset: never")
+    rotate_age: Duration | None = Field(None, description="Rotate the log file when it is older than this; unset: never")
+    rotate_keep: int = Field(7, ge=1, le=1000, description="Rotated files kept (kanmon.log.1 ... kanmon.log.N)")
+
+    @field_validator("to")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a destination is named twice")
+        return v
+
+
 class MetricsSection(Section):
     listen: HostPort | None = Field(None, description="ip:port serving Prometheus metrics at /metrics; unset: off")
 
@@ -792,6 +818,7 @@ class Config(Section):
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
     maintenance: list[MaintenanceJob] = Field(default_factory=list, description="Scheduled queue maintenance ([[maintenance]] tables)")
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")
+    log: LogSection = Field(default_factory=LogSection, description="Log lines: own file, syslog, rotation")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus metrics endpoint")
     alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert mail to the administrator")
     ip_policy: list[IpPolicySection] = Field(

@@ -84,7 +84,7 @@ class Node:
     def _build(self) -> None:
         config = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.records = Records(self.data_dir, config.server.hostname, echo=self.echo)
+        self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log)
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
         self.local = LocalDelivery(self.data_dir, self.committer)

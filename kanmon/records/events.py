@@ -343,8 +343,34 @@ class AuthFailed(Event):
     def line(self) -> str:
         if self.refused:
             return f"warning: {self.client}[{self.ip}]: SASL {self.mechanism} blocked for user={self.user}: too many failures"
-        return (f"warning: {self.client}[{self.ip}]: SASL {self.mechanism} authentication failed for user={self.user}"
+        # Postfix's wording, which fail2ban's stock postfix filter (mode auth) matches
+        # (docs/operations.md).
+        return (f"warning: {self.client}[{self.ip}]: SASL {self.mechanism} authentication failed: "
+                f"authentication failure, sasl_username={self.user}"
                 + (f"; blocked ({self.blocked})" if self.blocked else ""))
+
+
+@_event
+class LoginFailed(Event):
+    """A failed POP3/IMAP login (`service` pop3 or imap), in Dovecot's wording, which
+    fail2ban's stock dovecot filter matches. `attempts`: failed logins on this
+    connection so far; `blocked`: the throttle key this failure blocked."""
+
+    KIND = "login-failed"
+    service: str
+    user: str
+    method: str
+    ip: str
+    attempts: int = 1
+    blocked: str = ""
+
+    def line(self) -> str:
+        # The user name is the client's: "<" and ">" are replaced so it cannot close
+        # user=<...> and smuggle a different rip= into the line.
+        user = self.user.replace("<", "?").replace(">", "?")
+        return (f"{self.service}-login: Aborted login (auth failed, {self.attempts} attempts): "
+                f"user=<{user}>, method={self.method}, rip={self.ip}"
+                + (f", blocked ({self.blocked})" if self.blocked else ""))
 
 
 # -- messages (with a queue id) -------------------------------------------------------------------
@@ -806,3 +832,32 @@ class AlertRequest(Event):
 
     def line(self) -> str:
         return f"test alert requested: {self.category}"
+
+
+# -- syslog-style program names ------------------------------------------------------------------
+
+# The part after "kanmon/" in a log line's tag (kanmon/smtpd[pid]), by event kind, the
+# way Postfix names its daemons; kinds not listed are "kanmon/master".
+COMPONENTS = {
+    **dict.fromkeys(("connect", "disconnect", "session-cut", "reject", "reject-connect", "reject-proxy",
+                     "reject-early", "proxy-timeout", "tls-in", "auth", "auth-failed", "accepted",
+                     "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold"), "smtpd"),
+    **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out"), "smtp"),
+    **dict.fromkeys(("notice", "notice-skipped", "quota-notice"), "bounce"),
+    **dict.fromkeys(("removed", "recovery"), "qmgr"),
+    **dict.fromkeys(("admin", "admin-message", "admin-backup", "maintenance"), "admin"),
+    **dict.fromkeys(("alert", "alert-mail", "alert-not-mailed", "alert-request", "probe-failed"), "alert"),
+}
+
+
+def component(event: Event) -> str:
+    """The program name of an event's log line: kanmon/<component>."""
+    if isinstance(event, LoginFailed):
+        return event.service
+    if isinstance(event, Delivery) and event.mailer == "local":
+        return "local"
+    if isinstance(event, FREE_TEXT):
+        head = event.text[:5]
+        if head in ("imap ", "pop3 "):
+            return head[:4]
+    return COMPONENTS.get(event.KIND, "master")

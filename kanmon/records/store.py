@@ -24,11 +24,15 @@ from collections import deque
 from email.header import decode_header, make_header
 from pathlib import Path
 from collections import Counter
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from kanmon.config import LogSection
 
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
-from kanmon.records.events import FREE_TEXT, Critical, Error, Event, Note
+from kanmon.records.events import FREE_TEXT, AuthFailed, Critical, Error, Event, LoginFailed, Note, component
+from kanmon.records.logsinks import LogFile, SyslogSender
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -152,15 +156,35 @@ def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"mess
     return out
 
 
+def _severity(event: Event) -> str:
+    if isinstance(event, Critical):
+        return "critical"
+    if isinstance(event, Error):
+        return "error"
+    if isinstance(event, (AuthFailed, LoginFailed)):
+        return "warning"
+    return "info"
+
+
 class Records:
-    def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True):
+    def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True,
+                 log: LogSection | None = None, rotate: bool = True):
+        """log: the [log] section (destinations, syslog socket, rotation); None: the
+        file only, never rotated. log_file=False: no file whatever `log` says.
+        rotate=False: follow the node's rotation of the file but never rotate it (SMTP
+        receivers and commands that write events)."""
         self.data_dir = Path(data_dir)
         self.hostname = hostname
         self.db_path = self.data_dir / "records.sqlite"
         self._echo = echo
-        self._log_path = self.data_dir / "log" / "kanmon.log" if log_file else None
+        to = log.to if log is not None else ["file"]
+        self._log_path = self.data_dir / "log" / "kanmon.log" if log_file and "file" in to else None
+        self._log_options = log
+        self._rotate = rotate
         if self._log_path:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._syslog = SyslogSender(log.syslog_socket, log.facility) if log is not None and "syslog" in to else None
+        self._reopen = False
         self._pending: deque[tuple] = deque()
         self._cond = threading.Condition()
         self._flushed = threading.Condition()
@@ -238,16 +262,40 @@ class Records:
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
         self._put(("status", time.time(), queue_id, rcpt, status))
 
+    def reopen_log(self) -> None:
+        """Reopen the log file (SIGUSR1, after an outside tool such as logrotate moved it)."""
+        with self._cond:
+            self._reopen = True
+            self._cond.notify()
+
     # -- writer thread ----------------------------------------------------------------------
 
+    def _open_log(self) -> LogFile | None:
+        if self._log_path is None:
+            return None
+        o = self._log_options
+        if o is None or not self._rotate:
+            return LogFile(self._log_path)
+        return LogFile(self._log_path, rotate_size=o.rotate_size, rotate_age=o.rotate_age, keep=o.rotate_keep)
+
     def _writer(self) -> None:
-        log_fh = open(self._log_path, "a", encoding="utf-8") if self._log_path else None  # noqa: SIM115
+        try:
+            log_fh = self._open_log()
+        except OSError as e:
+            print(f"kanmon: log file {self._log_path}: {e}", file=sys.stderr)
+            log_fh = None
         try:
             while True:
                 with self._cond:
-                    if not self._stop:
+                    if not self._stop and not self._reopen:
                         self._cond.wait(WRITE_INTERVAL)  # flush() and close() wake it early
                     stopping = self._stop
+                    reopen, self._reopen = self._reopen, False
+                if reopen and log_fh is not None:
+                    try:
+                        log_fh.reopen()
+                    except OSError as e:
+                        print(f"kanmon: log file {self._log_path}: reopen failed: {e}", file=sys.stderr)
                 if not self._pending:
                     if stopping:
                         return
@@ -269,9 +317,11 @@ class Records:
         finally:
             if log_fh:
                 log_fh.close()
+            if self._syslog is not None:
+                self._syslog.close()
 
-    def _write(self, batch: list[tuple], log_fh: TextIO | None, retry: bool = True) -> None:
-        events, hist, status, lines = [], [], [], []
+    def _write(self, batch: list[tuple], log_fh: LogFile | None, retry: bool = True) -> None:
+        events, hist, status, lines, syslog_lines = [], [], [], [], []
         counts: Counter[str] = Counter()
         pid = os.getpid()
         for item in batch:
@@ -288,7 +338,10 @@ class Records:
                 events.append((ts, qid, event.KIND, text, session, detail_json))
                 stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
                 prefix = f"{qid}: " if qid else ""
-                lines.append(f"{stamp} {self.hostname} kanmon[{pid}]: {prefix}{text}\n")
+                tag = f"kanmon/{component(event)}"
+                lines.append(f"{stamp} {self.hostname} {tag}[{pid}]: {prefix}{text}\n")
+                if self._syslog is not None:
+                    syslog_lines.append((ts, tag, _severity(event), prefix + text))
             elif item[0] == "hist":
                 row = list(item[1:])
                 row[4] = decode_subject(row[4])
@@ -300,8 +353,12 @@ class Records:
             # must not take it along.
             text = "".join(lines)
             if log_fh:
-                log_fh.write(text)
-                log_fh.flush()
+                try:
+                    log_fh.write(text)
+                except OSError as e:
+                    print(f"kanmon: log file {self._log_path}: {e}", file=sys.stderr)
+            for ts, tag, severity, message in syslog_lines:
+                self._syslog.send(ts, tag, severity, message)
             if self._echo is not None:
                 try:
                     self._echo.write(text)

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from kanmon.records.events import LoginFailed
 from kanmon.config import Config
 from kanmon.store.connection import (
     AccessService,
@@ -350,7 +351,9 @@ class Pop3Session:
 
     def _failed(self, user: str) -> list[Event]:
         f = self.throttle.failed(self.peer.ip, user)
-        self.emit(f"pop3 login failed user={log_safe(user)} ip={self.peer.ip}")
+        self._failed_logins = getattr(self, "_failed_logins", 0) + 1
+        self.emit(LoginFailed("pop3", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
+                              f.key if f.blocked else ""))
         if f.blocked:
             self.emit(f"pop3 login blocked {f.key} after repeated failures")
             self._closed = True

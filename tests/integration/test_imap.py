@@ -106,7 +106,7 @@ listen_tls = ["127.0.0.1:{tls}"]
     s = S()
 
     def start() -> None:
-        s.svc = ImapService(config, server_ctx, users, throttle, lambda text, queue_id=None: events.append(text),
+        s.svc = ImapService(config, server_ctx, users, throttle, lambda text, queue_id=None: events.append(text if isinstance(text, str) else text.line()),
                             idle_poll=0.05, max_literal=100_000)
         loop.run(s.svc.start())
 

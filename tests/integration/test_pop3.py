@@ -101,7 +101,7 @@ listen_tls = ["127.0.0.1:{tls}"]
     loop = LoopThread()
 
     def start() -> Pop3Service:
-        svc = Pop3Service(config, server_ctx, users, throttle, lambda text, queue_id=None: events.append(text))
+        svc = Pop3Service(config, server_ctx, users, throttle, lambda text, queue_id=None: events.append(text if isinstance(text, str) else text.line()))
         loop.run(svc.start())
         return svc
 

@@ -129,7 +129,7 @@ mailboxes = ["alice", "bob"]
     def session(tls: bool = True, tls_available: bool = True, max_literal: int = 100_000) -> Driver:
         s = ImapSession(
             hostname="mx1.example.test", users=users, throttle=throttle, peer=PeerInfo("127.0.0.1", 40000, tls),
-            tls_available=tls_available, emit=lambda text, queue_id=None: events.append(text),
+            tls_available=tls_available, emit=lambda text, queue_id=None: events.append(text if isinstance(text, str) else text.line()),
             max_literal=max_literal,
         )
         return Driver(s, users)

@@ -104,7 +104,7 @@ mailboxes = ["alice", "bob"]
         s = Pop3Session(
             hostname="mx1.example.test", users=users, throttle=throttle, locks=locks,
             peer=PeerInfo(ip, 40000, tls), tls_available=tls_available,
-            emit=lambda text, queue_id=None: events.append(text),
+            emit=lambda text, queue_id=None: events.append(text if isinstance(text, str) else text.line()),
         )
         return Driver(s, users)
 

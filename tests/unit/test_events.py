@@ -43,9 +43,10 @@ LINES = [
     (ev.AuthSucceeded("pc1", "10.0.0.5", "PLAIN", "alice@example.test"),
      "pc1[10.0.0.5]: sasl_method=PLAIN, sasl_username=alice@example.test"),
     (ev.AuthFailed("pc1", "10.0.0.5", "LOGIN", "bob"),
-     "warning: pc1[10.0.0.5]: SASL LOGIN authentication failed for user=bob"),
+     "warning: pc1[10.0.0.5]: SASL LOGIN authentication failed: authentication failure, sasl_username=bob"),
     (ev.AuthFailed("pc1", "10.0.0.5", "LOGIN", "bob", blocked="10.0.0.5"),
-     "warning: pc1[10.0.0.5]: SASL LOGIN authentication failed for user=bob; blocked (10.0.0.5)"),
+     "warning: pc1[10.0.0.5]: SASL LOGIN authentication failed: authentication failure, sasl_username=bob;"
+     " blocked (10.0.0.5)"),
     (ev.AuthFailed("pc1", "10.0.0.5", "PLAIN", "bob", refused=True),
      "warning: pc1[10.0.0.5]: SASL PLAIN blocked for user=bob: too many failures"),
     (ev.Accepted("a@b.test", 120, 2, "ESMTPS", "unknown [127.0.0.1]", "<m@x>"),
@@ -184,7 +185,7 @@ def test_the_log_file_has_the_line(tmp_path):
     records.flush()
     records.close()
     lines = (tmp_path / "log" / "kanmon.log").read_text().splitlines()
-    assert lines[0].endswith("]: connect from unknown[127.0.0.1]") and " mx1.example.test kanmon[" in lines[0]
+    assert lines[0].endswith("]: connect from unknown[127.0.0.1]") and " mx1.example.test kanmon/smtpd[" in lines[0]
     assert lines[1].endswith(f"]: {QID}: removed")
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kanmon.records.events import LoginFailed
 from kanmon.store.connection import (
     Close,
     Delay,
@@ -428,7 +429,9 @@ class ImapSession:
 
     def _login_failed(self, tag: str, user: str) -> list[Event]:
         f = self.throttle.failed(self.peer.ip, user)
-        self.emit(f"imap login failed user={log_safe(user)} ip={self.peer.ip}")
+        self._failed_logins = getattr(self, "_failed_logins", 0) + 1
+        self.emit(LoginFailed("imap", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
+                              f.key if f.blocked else ""))
         if f.blocked:
             self.emit(f"imap login blocked {f.key} after repeated failures")
             self._closed = True
