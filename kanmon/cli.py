@@ -23,6 +23,7 @@ from kanmon.commands.queue import maintenance, queue
 from kanmon.commands.records import log, stats, trace
 from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
+from kanmon.commands.service import service
 from kanmon.commands.user import user
 
 
@@ -33,5 +34,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail,
-                 backup, restore):
+                 backup, restore, service):
     main.add_command(_command)

@@ -47,6 +47,8 @@ from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import Spool
 from kanmon.state.sqlite import SqliteState
+from kanmon import sdnotify
+from kanmon.privileges import PrivilegeError, drop_privileges
 from kanmon.tlscert import server_context
 from kanmon.userdb import Directory, UserFile, users_path
 
@@ -268,6 +270,15 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
     restarts the node in this process (listeners close with 421, the queue is recovered
     from the spool), like a `postfix reload` that also re-binds listeners.
     """
+    # Started as root with [server] user: become that user before anything is opened
+    # (kanmon.privileges), keeping only the right to bind ports below 1024.
+    try:
+        switched = drop_privileges(config.server.user, config.server.group, Path(config.server.data_dir))
+    except (PrivilegeError, OSError) as e:
+        print(f"kanmon: cannot start: {e}", file=sys.stderr)
+        return 1
+    if switched and echo is not None:
+        print(f"kanmon: {switched}", file=echo, flush=True)
     try:
         import uvloop  # noqa: PLC0415 - optional, faster event loop
 
@@ -275,7 +286,22 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
     except ImportError:
         runner = asyncio.run
 
+    async def keep_watchdog_fed(interval: float) -> None:
+        while True:  # the loop answering is what systemd's WatchdogSec= checks
+            sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
     async def main() -> int:
+        interval = sdnotify.watchdog_interval()
+        feeder = asyncio.ensure_future(keep_watchdog_fed(interval)) if interval else None
+        try:
+            return await serve()
+        finally:
+            sdnotify.stopping()
+            if feeder is not None:
+                feeder.cancel()
+
+    async def serve() -> int:
         current = config
         loop = asyncio.get_running_loop()
         pid_file = Path(config.server.data_dir) / "kanmon.pid"
@@ -296,12 +322,22 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                     return
                 if node.records is not None:
                     node.records.record(Reload())
+                sdnotify.reloading()
                 reload_to.append(new)
                 task.cancel()
 
+            def on_stop(task: asyncio.Task = task) -> None:
+                sdnotify.stopping()
+                task.cancel()
+
+            def on_usr1(node: Node = node) -> None:
+                if node.records is not None:
+                    node.records.reopen_log()  # after logrotate moved the file
+
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
+                loop.add_signal_handler(sig, on_stop)
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+            loop.add_signal_handler(signal.SIGUSR1, on_usr1)
             waiter = asyncio.ensure_future(node.started.wait())
             done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if waiter in done:
@@ -309,6 +345,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                 pid_file = Path(current.server.data_dir) / "kanmon.pid"
                 pid_file.write_text(f"{os.getpid()}\n")
                 print(node.describe(), flush=True)
+                sdnotify.ready(f"serving as {current.server.hostname}")
             else:
                 waiter.cancel()
             try:
