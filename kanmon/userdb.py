@@ -145,6 +145,11 @@ def write(path: Path, data: UserData) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        parent = os.stat(path.parent)
+        if os.geteuid() == 0 and parent.st_uid != 0:
+            # root ran the command in a data_dir that belongs to the service user: the
+            # file stays that user's, or the server could no longer read it.
+            os.fchown(fd, parent.st_uid, parent.st_gid)
         os.write(fd, encode(data))
         os.fsync(fd)
     finally:
