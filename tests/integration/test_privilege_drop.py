@@ -1,0 +1,148 @@
+"""A real `kanmon serve` started as root with `[server] user = "nobody"`: it binds a
+port below 1024, runs as nobody, every file it creates is nobody's, it accepts and
+delivers mail, tells a (stand-in) systemd READY/STOPPING over $NOTIFY_SOCKET, sends
+its lines to a (stand-in) /dev/log, and SIGUSR1 reopens its log file.
+
+The interpreter of this container lives under /root (0700), which nobody cannot
+enter: the test runs the node in a private mount namespace where the interpreter's
+prefix is bind-mounted at a path nobody can reach. Skipped where that cannot be done.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.support.kanmon_node import maildir_messages, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+
+
+def low_port() -> int:
+    for port in range(925, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port below 1024")
+
+
+def uid_of(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(x) for x in line.split()[1:]]
+    raise AssertionError("no Uid line")
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    # a directory nobody can traverse (pytest's tmp_path is root's 0700)
+    base = Path(tempfile.mkdtemp(prefix="kanmon-drop-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_root_start_drops_to_nobody_and_still_serves(world: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    port = low_port()
+    data = world / "data"
+    devlog = world / "dev-log"
+    notify = world / "notify"
+    socks = []
+    for path in (devlog, notify):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(str(path))
+        s.settimeout(20)
+        path.chmod(0o666)  # nobody sends here after the switch
+        socks.append(s)
+    syslog_sock, notify_sock = socks
+    conf = world / "kanmon.toml"
+    conf.write_text(f"""
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data}"
+user = "nobody"
+workers = 1
+[smtp]
+listen = ["127.0.0.1:{port}"]
+min_free_disk = "1MB"
+[log]
+to = ["file", "syslog"]
+syslog_socket = "{devlog}"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+""")
+    conf.chmod(0o644)
+    prefix = Path(sys.base_prefix)
+    mnt = world / "python"
+    mnt.mkdir()
+    exe = mnt / Path(sys.executable).resolve().relative_to(prefix.resolve())
+    script = f'mount --bind "{prefix}" "{mnt}" && exec "{exe}" -m kanmon serve -c "{conf}"'
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LD_LIBRARY_PATH": str(mnt / "lib"), "NOTIFY_SOCKET": str(notify)}
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], env=env, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            ready = notify_sock.recv(4096)
+        except TimeoutError:
+            proc.kill()
+            pytest.fail("no READY=1: " + proc.communicate(timeout=10)[0])
+        assert ready.startswith(b"READY=1")
+        assert uid_of(proc.pid) == [nobody.pw_uid] * 4  # real, effective, saved, filesystem
+        caps = {ln.split(":")[0]: ln.split()[1] for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if ln.startswith("Cap")}
+        assert int(caps["CapEff"], 16) == int(caps["CapPrm"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE only
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            assert s.sendmail("someone@remote.example", ["alice@example.test"], "Subject: hi\r\n\r\nhello\r\n") == {}
+        wait_for(lambda: maildir_messages(data, "alice@example.test"), 20, "delivery")
+
+        owners = {(p, p.lstat().st_uid) for p in [data, *data.rglob("*")] if not p.name.endswith(".sock")}
+        assert {uid for _, uid in owners} == {nobody.pw_uid}, [p for p, uid in owners if uid != nobody.pw_uid]
+        assert data.stat().st_mode & 0o777 == 0o700
+        assert (data / "log" / "kanmon.log").stat().st_mode & 0o777 == 0o600
+
+        lines = []
+        wait_for(lambda: lines.append(syslog_sock.recv(9000).decode()) or any(
+            "kanmon/smtpd[" in ln and "from=<someone@remote.example>" in ln for ln in lines), 20, "syslog line")
+
+        log = data / "log" / "kanmon.log"
+        log.rename(data / "log" / "kanmon.log.old")
+        os.kill(proc.pid, signal.SIGUSR1)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.noop()
+        wait_for(lambda: log.exists() and "connect from" in log.read_text(), 20, "reopened log file")
+        assert log.stat().st_uid == nobody.pw_uid and proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        notify_sock.setblocking(False)
+        later = []
+        try:
+            while True:
+                later.append(notify_sock.recv(4096))
+        except BlockingIOError:
+            pass
+        for s in socks:
+            s.close()
+    assert proc.returncode == 0, out
+    assert "running as nobody" in out
+    assert b"STOPPING=1" in later

@@ -1,0 +1,72 @@
+"""`kanmon service install`: the dry run changes nothing; a real run into test
+directories writes the config (kept on a second run) and a unit that systemd-analyze
+accepts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kanmon.cli import main
+
+REQUIRED = ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "ProtectSystem=strict", "NoNewPrivileges=yes",
+            "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "PrivateTmp=yes", "WatchdogSec=", "User=nobody")
+
+
+def config(tmp_path: Path) -> Path:
+    p = tmp_path / "source.toml"
+    p.write_text(f'[server]\ndata_dir = "{tmp_path / "var" / "kanmon"}"\n')
+    return p
+
+
+def args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["service", "install", "--config", str(config(tmp_path)), "--config-dir", str(tmp_path / "etc"),
+            "--unit-dir", str(tmp_path / "units"), "--user", "nobody", "--no-user", *extra]
+
+
+def test_dry_run_prints_the_steps_and_the_unit_and_changes_nothing(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, args(tmp_path, "--dry-run"))
+    assert r.exit_code == 0, r.output
+    assert "would: write" in r.output and f"ReadWritePaths={tmp_path / 'var' / 'kanmon'}" in r.output
+    for line in REQUIRED:
+        assert line in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.toml"]
+
+
+def test_install_writes_config_data_dir_and_a_valid_unit(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, args(tmp_path))
+    assert r.exit_code == 0, r.output
+    conf = tmp_path / "etc" / "kanmon.toml"
+    assert conf.read_text() == config(tmp_path).read_text()
+    assert conf.stat().st_mode & 0o777 == 0o640
+    data = tmp_path / "var" / "kanmon"
+    assert data.stat().st_mode & 0o777 == 0o700
+    unit = (tmp_path / "units" / "kanmon.service").read_text()
+    for line in REQUIRED:
+        assert line in unit
+    assert f"serve -c {conf}" in unit
+    conf.write_text("# edited by the admin\n")
+    r = CliRunner().invoke(main, args(tmp_path))
+    assert r.exit_code == 0 and "keep the existing" in r.output
+    assert conf.read_text() == "# edited by the admin\n"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    out = subprocess.run([analyze, "verify", str(tmp_path / "units" / "kanmon.service")],
+                         capture_output=True, text=True, timeout=60)
+    # the only remark allowed is systemd's about the test's User=nobody
+    problems = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip() and "Special user nobody" not in ln]
+    assert out.returncode == 0 and problems == [], out.stdout + out.stderr
+
+
+def test_a_relative_data_dir_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "rel.toml"
+    src.write_text('[server]\ndata_dir = "./data"\n')
+    r = CliRunner().invoke(main, ["service", "install", "--config", str(src), "--config-dir", str(tmp_path / "etc"),
+                                  "--unit-dir", str(tmp_path / "u"), "--no-user", "--dry-run"])
+    assert r.exit_code == 2 and "relative" in r.output
