@@ -2,7 +2,7 @@
 
 Role: when `kanmon serve` starts as root with `[server] user` set, prepare data_dir
 (created 0700, owned by that user) and switch the whole process to the user and group
-(supplementary groups from /etc/group, then setgid, then setuid) *before* anything is
+(supplementary groups from /etc/group, then setgid, then setuid; umask 077) *before* anything is
 opened, keeping exactly one capability, CAP_NET_BIND_SERVICE, so the listeners can
 bind ports below 1024 at start and at a reload, like a systemd unit with
 ``AmbientCapabilities=CAP_NET_BIND_SERVICE``. Every file the node creates is then the
@@ -95,6 +95,7 @@ def drop_privileges(user: str | None, group: str | None, data_dir: Path) -> str 
     if user is None:
         return None
     uid, gid = lookup(user, group)
+    os.umask(0o077)  # what the node creates without an explicit mode is private too
     euid = os.geteuid()
     if euid != 0:
         if euid == uid:
