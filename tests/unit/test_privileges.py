@@ -26,7 +26,12 @@ def test_already_that_user_changes_nothing(tmp_path) -> None:
     me = pwd.getpwuid(os.geteuid()).pw_name
     if os.geteuid() == 0:
         pytest.skip("as root this would switch for real (tests/integration/test_privilege_drop.py)")
-    assert "running as" in drop_privileges(me, None, tmp_path / "data")
+    old = os.umask(0o022)
+    try:
+        assert "running as" in drop_privileges(me, None, tmp_path / "data")
+        assert os.umask(0o022) == 0o077
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
