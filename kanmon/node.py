@@ -31,12 +31,13 @@ from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring
 from kanmon.policy.quota import quota_effect_handlers
 from kanmon.policy.dns import CheckResolver
+from kanmon.policy.dnsbl import dnsbl_effect_handlers
 from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
 from kanmon.queue.pickup import Pickup
 from kanmon.receiver import ReceiverPool, bind_listener
-from kanmon.records.events import Recovery, Reload, Stopped
+from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, Stopped
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -107,9 +108,11 @@ class Node:
         self.check_resolver = CheckResolver.from_config(config)
         self.directory = Directory(config, UserFile(users_path(config), on_error=partial(self.records.emit, kind="error")))
         self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
-                                          state=self.state, resolver=self.check_resolver, directory=self.directory)
+                                          state=self.state, resolver=self.check_resolver, directory=self.directory,
+                                          clock=self.clock.now)
         self.quota_notices = QuotaNotices(self.data_dir, self.queue.injector)
         effects = quota_effect_handlers(self.quota_notices)
+        effects.update(dnsbl_effect_handlers(lambda e: self.records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
         # A config with only [server] and [balancer] is a node that only balances.
         self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set
                                and not config.domain)

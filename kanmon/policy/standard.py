@@ -13,7 +13,9 @@ from typing import Any
 from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
 from kanmon.policy.disk import FreeDiskCheck
+from kanmon.policy.dnsbl import DnsblCheck
 from kanmon.policy.dns import CheckResolver
+from kanmon.policy.greylist import GreylistCheck
 from kanmon.policy.loop import LoopCheck
 from kanmon.policy.pipeline import Check, Pipeline
 from kanmon.policy.quota import QuotaCheck
@@ -25,6 +27,7 @@ def standard_checks(
     config: Config, *, quota_usage: Callable[[str, str], int] | None = None,
     free_disk: Callable[[], int] | None = None, state: SharedState | None = None,
     resolver: CheckResolver | None = None, directory: Directory | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> list[Check]:
     """quota_usage(domain, local) -> bytes (blocking); needed when a domain has a quota.
     free_disk() -> free bytes in data_dir (blocking); statvfs by default.
@@ -32,14 +35,27 @@ def standard_checks(
     resolver: the checks' cached DNS. A check that needs one and is not given it is a
     ValueError here, at build time (a pipeline built for a test may omit both).
     directory: mailboxes and aliases of the config and the users file (one is made when
-    not given)."""
+    not given).
+    clock: epoch seconds for the greylist (time.time by default; tests advance their own).
+
+    DNSBL and greylisting are in the list only when configured (a [[dnsbl]] zone; a
+    profile with greylist = true), so the accept path of a node without them is unchanged."""
     access = RelayAccess(config, directory)
     checks: list[Check] = [FreeDiskCheck(config, free_disk), RelayAccessCheck(access), LocalRecipientsCheck(access)]
+    if config.dnsbl and any(p.dnsbl_threshold > 0 for p in config.session_profiles.values()):
+        if resolver is None:
+            raise ValueError("[[dnsbl]] zones are configured: the DNSBL check needs a resolver")
+        checks.append(DnsblCheck(config, resolver))
     if any(d.quota is not None for d in config.domain):
         if quota_usage is None:
             raise ValueError("a domain has a quota: the quota check needs a usage function")
         checks.append(QuotaCheck(config, quota_usage, access.directory.is_mailbox))
     checks.append(LoopCheck())
+    if any(p.greylist for p in config.session_profiles.values()):
+        # Last at RCPT: a recipient another check refuses is never greylisted first.
+        if state is None:
+            raise ValueError("a session profile greylists: the greylist check needs the shared state")
+        checks.append(GreylistCheck(config, state, **({"clock": clock} if clock is not None else {})))
     return checks
 
 

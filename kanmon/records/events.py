@@ -619,6 +619,23 @@ class CheckFailed(Event):
 
 
 @_event
+class DnsblLookupFailed(Event):
+    """A [[dnsbl]] zone did not answer about a client (timeout, server failure): the
+    zone counts as not listed for it (like postscreen), the session goes on."""
+
+    KIND = "dnsbl-failed"
+    ip: str
+    zone: str
+    error: str
+
+    def line(self) -> str:
+        return f"warning: dnsbl {self.zone}: lookup of [{self.ip}] failed ({self.error}); counted as not listed"
+
+    def counts(self):
+        return (("checks|check=dnsbl|result=dnsfail", 1),)
+
+
+@_event
 class ProbeFailed(Event):
     """A check's probe (Check.refresh, e.g. the free-disk statvfs) raised; the check goes
     on answering from its last probe. Mailed as an error alert (ERROR_KINDS)."""
