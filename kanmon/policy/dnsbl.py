@@ -93,7 +93,8 @@ class DnsblCheck(Check):
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         client = ctx.client
-        if profile_for(client.ip, bool(client.auth_user), self.config).dnsbl_threshold <= 0:
+        threshold = profile_for(client.ip, bool(client.auth_user), self.config).dnsbl_threshold
+        if threshold <= 0:
             return ACCEPTED
         if ctx.rcpt is not None and ctx.rcpt.local.lower() == "postmaster":
             return ACCEPTED  # RFC 5321 4.5.1: a listed client may still write to postmaster
@@ -103,8 +104,8 @@ class DnsblCheck(Check):
         names = [dnsbl_name(ip, z.zone) for z in self.zones]
         answers: list[DnsAnswer | None] = [self._known(n) for n in names]
         if all(a is not None for a in answers):
-            return self._decide(ctx, ip, answers)  # type: ignore[arg-type]
-        return self._lookup(ctx, ip, names, answers)
+            return self._decide(ip, threshold, answers)  # type: ignore[arg-type]
+        return self._lookup(ip, threshold, names, answers)
 
     def allowlisted(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
@@ -122,7 +123,7 @@ class DnsblCheck(Check):
             del self._failed[name]
         return None
 
-    async def _lookup(self, ctx: Context, ip: str, names: list[str], answers: list[DnsAnswer | None]) -> CheckResult:
+    async def _lookup(self, ip: str, threshold: int, names: list[str], answers: list[DnsAnswer | None]) -> CheckResult:
         missing = [i for i, a in enumerate(answers) if a is None]
         found = await asyncio.gather(*(self.resolver.query(names[i], "A") for i in missing))
         effects = []
@@ -131,7 +132,7 @@ class DnsblCheck(Check):
             if answer.temporary:
                 self._remember_failure(names[i], answer.error)
                 effects.append(DnsblLookupFailed(ip, self.zones[i].zone, answer.error or "temporary failure"))
-        result = self._decide(ctx, ip, answers)  # type: ignore[arg-type]
+        result = self._decide(ip, threshold, answers)  # type: ignore[arg-type]
         return dataclasses.replace(result, effects=tuple(effects)) if effects else result
 
     def _remember_failure(self, name: str, error: str) -> None:
@@ -152,9 +153,8 @@ class DnsblCheck(Check):
                 zones.append(zone.zone)
         return score, zones
 
-    def _decide(self, ctx: Context, ip: str, answers: Sequence[DnsAnswer]) -> CheckResult:
+    def _decide(self, ip: str, threshold: int, answers: Sequence[DnsAnswer]) -> CheckResult:
         score, zones = self.listing(answers)
-        threshold = profile_for(ctx.client.ip, bool(ctx.client.auth_user), self.config).dnsbl_threshold
         if zones and score >= threshold:
             return reject(blocked_reply(ip, zones))
         return ACCEPTED

@@ -5,6 +5,7 @@ state; greylisting runs on a clock the test advances (no sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +350,26 @@ def test_the_greylist_is_shared_by_processes(tmp_path):
         assert check.decide(t, cfg.session_profiles["default"], now + 400) == 0.0
     finally:
         state.close()
+
+
+def test_a_warm_cache_answers_at_once_and_a_remembered_timeout_is_not_asked_again(dns_server):
+    dns_server.set_records(records=LISTED)
+    dns_server.drop(dnsbl_name("127.0.0.1", BL2))
+    cfg = parse_config(f'[dns]\nservers = ["{dns_server.address}"]\ntimeout = "0.3s"\n[smtp]\nrelay_networks = []\n'
+                       + dnsbl_config((ZEN, 1, '"127.0.0.2"'), (BL2, 1, '"127.0.0.2"')))
+    now = [0.0]
+    check = DnsblCheck(cfg, CheckResolver.from_config(cfg), clock=lambda: now[0])
+    ctx = Context(ClientInfo(ip="127.0.0.1"), rcpt=rcpt_path("alice@example.test"))
+
+    async def main() -> None:
+        first = await check.rcpt(ctx)  # type: ignore[misc]
+        assert first.outcome.value == "reject" and first.effects == (DnsblLookupFailed("127.0.0.1", BL2, "timed out"),)
+        again = check.rcpt(ctx)  # ZEN cached by TTL, BL2's failure remembered: no await, no effect
+        assert again.reply == first.reply and again.effects == ()
+        now[0] += 61  # the failure is forgotten: BL2 is asked again
+        third = check.rcpt(ctx)
+        assert inspect.isawaitable(third)
+        assert (await third).effects == first.effects
+
+    asyncio.run(main())
+    assert asked(dns_server, ZEN) == 1
