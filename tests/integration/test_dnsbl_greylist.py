@@ -373,3 +373,62 @@ def test_a_warm_cache_answers_at_once_and_a_remembered_timeout_is_not_asked_agai
 
     asyncio.run(main())
     assert asked(dns_server, ZEN) == 1
+
+
+# -- a whole node -------------------------------------------------------------------------------
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["{host}:{port}"]
+relay_networks = []
+min_free_disk = "1MB"
+[dns]
+servers = ["{dns}"]
+timeout = "0.5s"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+[[session_profile]]
+name = "default"
+greet_pause = "0s"
+sender_domain_check = false
+greylist = true
+[[dnsbl]]
+zone = "zen.example.test"
+match = ["127.0.0.2"]
+"""
+
+
+def test_a_node_runs_the_dnsbl_and_greylisting_with_its_clock_and_logs_a_zone_timeout(tmp_path, dns_server):
+    """Clients from 127.0.0.1 (not listed), 127.0.0.2 (listed) and 127.0.0.3 (the zone
+    times out) talk to a real node whose [dns] is the loopback server."""
+    import smtplib
+
+    from kanmon.clock import ManualClock
+    from kanmon.records.query import search_events
+    from tests.support.kanmon_node import RunningNode, free_port
+
+    dns_server.set_records(records={dnsbl_name("127.0.0.2", ZEN): ["A 127.0.0.2"]})
+    dns_server.drop(dnsbl_name("127.0.0.3", ZEN))
+    cfg = parse_config(NODE.format(data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), dns=dns_server.address))
+
+    def rcpt(node: RunningNode, source: str) -> tuple[int, bytes]:
+        with smtplib.SMTP(node.host, node.port, timeout=10, source_address=(source, 0)) as s:
+            s.ehlo("client.example")
+            assert s.mail("x@remote.example")[0] == 250
+            return s.rcpt("alice@example.test")
+
+    with RunningNode(cfg, clock=ManualClock(), fsync=False) as node:
+        assert rcpt(node, "127.0.0.1") == (451, b"4.7.1 Greylisted, try again in 300 seconds")
+        assert rcpt(node, "127.0.0.2") == (554, b"5.7.1 Service unavailable; client [127.0.0.2] blocked using " + ZEN.encode())
+        assert rcpt(node, "127.0.0.3")[0] == 451  # the zone timed out: not listed, greylisted
+        node.advance(301)
+        assert rcpt(node, "127.0.0.1")[0] == 250
+        node.flush()
+        rows = search_events(node.data_dir)
+        assert [r.text for r in rows if r.kind == "dnsbl-failed"] == [
+            f"warning: dnsbl {ZEN}: lookup of [127.0.0.3] failed (timed out); counted as not listed"]
+        assert sorted(r.fields["check"] for r in rows if r.kind == "reject") == ["dnsbl", "greylist", "greylist"]
