@@ -234,9 +234,12 @@ class Users:
         h = self._hash(password)
         with userdb.editing(self.users_file) as box:
             data = box[0]
-            if address in data.mailboxes:
+            in_file = address in data.mailboxes
+            if in_file:
                 box[0] = userdb.UserData({**data.mailboxes, address: h}, data.aliases)
-                return
+        if in_file:
+            self.directory.userfile.reload()  # this process changed it: no wait for the next look
+            return
         with self._db() as db:
             db.execute(
                 "INSERT INTO accounts(address, hash, changed) VALUES(?, ?, ?) "
