@@ -19,6 +19,7 @@ from kanmon.policy.greylist import GreylistCheck
 from kanmon.policy.loop import LoopCheck
 from kanmon.policy.pipeline import Check, Pipeline
 from kanmon.policy.quota import QuotaCheck
+from kanmon.policy.verify import RecipientVerifyCheck
 from kanmon.state.api import SharedState
 from kanmon.userdb import Directory
 
@@ -36,7 +37,7 @@ def standard_checks(
     ValueError here, at build time (a pipeline built for a test may omit both).
     directory: mailboxes and aliases of the config and the users file (one is made when
     not given).
-    clock: epoch seconds for the greylist (time.time by default; tests advance their own).
+    clock: epoch seconds for the greylist and the verification cache (time.time by default; tests advance their own).
 
     DNSBL and greylisting are in the list only when configured (a [[dnsbl]] zone; a
     profile with greylist = true), so the accept path of a node without them is unchanged."""
@@ -46,6 +47,8 @@ def standard_checks(
         if resolver is None:
             raise ValueError("[[dnsbl]] zones are configured: the DNSBL check needs a resolver")
         checks.append(DnsblCheck(config, resolver))
+    if any(d.deliver == "relay" and d.verify != "none" for d in config.domain):
+        checks.append(RecipientVerifyCheck(config, state=state, **({"clock": clock} if clock is not None else {})))
     if any(d.quota is not None for d in config.domain):
         if quota_usage is None:
             raise ValueError("a domain has a quota: the quota check needs a usage function")

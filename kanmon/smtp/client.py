@@ -690,6 +690,26 @@ class SmtpConnection:
             return False
         return True
 
+    async def probe_recipient(self, mail_from: str, rcpt: str) -> tuple[Reply, Reply | None]:
+        """A recipient verification probe: MAIL FROM, RCPT TO, then RSET; never DATA.
+
+        Returns (reply to MAIL, reply to RCPT or None when MAIL was refused). The
+        connection stays usable for another probe when RSET is accepted. Raises
+        ConnectionLost when the session breaks, ValueError for an unusable address.
+        """
+        check_address(mail_from)
+        check_address(rcpt)
+        if not self.usable:
+            raise self._lost("starting a verification probe")
+        self.last_used = time.monotonic()
+        utf8 = " SMTPUTF8" if not (mail_from.isascii() and rcpt.isascii()) and self.supports("SMTPUTF8") else ""
+        mail_reply = await self._command(f"MAIL FROM:<{mail_from}>{utf8}", "sending MAIL FROM")
+        rcpt_reply: Reply | None = None
+        if mail_reply.code == 250:
+            rcpt_reply = await self._command(f"RCPT TO:<{rcpt}>", "sending RCPT TO")
+        await self.reset()
+        return mail_reply, rcpt_reply
+
     async def send_message(
         self, mail_from: str, rcpts: Sequence[str], body: bytes, *, smtputf8: bool = False,
         dsn: DsnParams | None = None,
