@@ -321,13 +321,13 @@ class RecipientVerifyCheck(Check):
     def _start_probe(self, key: str, address: str, domain: DomainSection) -> asyncio.Task[ProbeResult]:
         task = self._inflight.get(key)
         if task is None:
+            self.probes += 1
             task = asyncio.get_running_loop().create_task(self._probe_and_store(key, address, domain))
             self._inflight[key] = task
             task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
         return task
 
     async def _probe_and_store(self, key: str, address: str, domain: DomainSection) -> ProbeResult:
-        self.probes += 1
         try:
             async with asyncio.timeout(self.probe_timeout):
                 result = await probe_recipient(address, domain, self.settings, self.limits, now=self.clock)
