@@ -25,6 +25,7 @@ from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
 from kanmon.commands.service import service
 from kanmon.commands.user import user
+from kanmon.commands.verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,5 +35,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail,
-                 backup, restore, service):
+                 backup, restore, service, verify):
     main.add_command(_command)

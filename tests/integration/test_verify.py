@@ -7,9 +7,11 @@ picked up without a restart, and nothing refused is ever queued or bounced."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import smtplib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,41 @@ def test_probes_per_server_are_limited(tmp_path, store):
 
     assert asyncio.run(run()) == 2
     assert len(rcpt_probes(store)) == 8
+
+
+def kanmon_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kanmon", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_kanmon_verify_shows_the_answer_and_why_and_manages_the_cache(tmp_path, store):
+    port = free_port()
+    text = config_text(tmp_path / "data", store.address, port=port)
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(text)
+    with RunningNode(parse_config(text)) as node:
+        with client(node) as s:  # the listener caches alice
+            s.mail("someone@remote.example")
+            assert s.rcpt("alice@corp.example")[0] == 250
+            s.rset()
+        out = kanmon_cli("verify", "nobody@corp.example", "-c", str(cfg))
+        assert out.returncode == 1, out.stderr
+        assert out.stdout.splitlines()[0] == (
+            "RCPT TO:<nobody@corp.example> -> 550 5.1.1 <nobody@corp.example>: Recipient address rejected: User unknown")
+        assert f"by: probe: {store.address} said: 550 5.1.1 User unknown in virtual mailbox table" in out.stdout
+        out = kanmon_cli("verify", "nobody@corp.example", "-c", str(cfg), "--json")
+        answer = json.loads(out.stdout)
+        assert answer["source"] == "cache" and answer["accepted"] is False and answer["result"]["status"] == "unknown"
+        out = kanmon_cli("verify", "address", "alice@corp.example", "-c", str(cfg))
+        assert out.returncode == 0 and "-> 250 2.1.5 Ok" in out.stdout and "by: cache hit" in out.stdout
+        assert len(rcpt_probes(store)) == 2  # the command used the listener's cache entry for alice
+        out = kanmon_cli("verify", "cache", "list", "-c", str(cfg), "--json")
+        rows = {r["address"]: r for r in map(json.loads, out.stdout.splitlines())}
+        assert rows.keys() == {"alice@corp.example", "nobody@corp.example"}
+        assert rows["alice@corp.example"]["status"] == "valid"
+        out = kanmon_cli("verify", "cache", "flush", "nobody@", "-c", str(cfg))
+        assert out.stdout.strip() == "1 cached result(s) flushed"
+        out = kanmon_cli("verify", "cache", "list", "-c", str(cfg))
+        assert "alice@corp.example  valid" in out.stdout and "nobody" not in out.stdout
+        out = kanmon_cli("verify", "not an address", "-c", str(cfg))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert not any(c.upper().startswith("DATA") for c in store.commands)
