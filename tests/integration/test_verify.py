@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from kanmon.config import parse_config
 from kanmon.policy.pipeline import Context, Outcome
@@ -24,7 +25,7 @@ from kanmon.records.query import search_history
 from kanmon.smtp.address import Path as AddrPath
 from kanmon.state.api import MemoryState
 from tests.support.kanmon_node import RunningNode, free_port, wait_for
-from tests.support.smtpsink import SmtpSink
+from tests.support.smtpsink import SmtpSink, tls_server_context
 
 STORE = "127.0.0.7"
 CLIENT = "127.0.0.9"  # an internet client: not in relay_networks
@@ -337,3 +338,41 @@ def test_kanmon_verify_shows_the_answer_and_why_and_manages_the_cache(tmp_path, 
         out = kanmon_cli("verify", "not an address", "-c", str(cfg))
         assert out.returncode == 2 and "Traceback" not in out.stderr
         assert not any(c.upper().startswith("DATA") for c in store.commands)
+
+
+def test_rcpt_does_not_wait_for_a_slow_store_beyond_probe_wait(tmp_path, store):
+    cfg = parse_config(config_text(tmp_path, store.address))
+    store.hang = "greeting"
+
+    async def run() -> None:
+        check = RecipientVerifyCheck(cfg, state=MemoryState(), probe_wait=0.1, probe_timeout=1.0)
+        ex = await check.explain("nobody@corp.example")
+        assert ex.reply is not None and ex.reply.code == 450 and ex.reply.enhanced == "4.1.1"
+        assert "still probing" in ex.why
+        (task,) = check._inflight.values()
+        assert (await task).status == "unreachable"  # timed out: nothing cached
+        store.hang = None
+        ex = await check.explain("nobody@corp.example")
+        assert ex.reply is not None and ex.reply.code == 550 and ex.source == "probe"
+        await check.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_probe_uses_starttls_as_the_domains_tls_policy_says(tmp_path):
+    ca = trustme.CA()
+    with SmtpSink(STORE, hostname="store.corp.example", ssl_context=tls_server_context(ca, "127.0.0.7")) as sink:
+        sink.default_rcpt_reply = "550 5.1.1 User unknown"
+        cfg = parse_config(config_text(tmp_path, sink.address).replace('tls = "none"', 'tls = "required"'))
+
+        async def run():
+            check = RecipientVerifyCheck(cfg, state=MemoryState())
+            try:
+                return await check.explain("nobody@corp.example")
+            finally:
+                await check.aclose()
+
+        ex = asyncio.run(run())
+        assert ex.reply is not None and ex.reply.code == 550
+        verbs = [c.split(" ")[0].split(":")[0].upper() for c in sink.commands]
+        assert verbs[:2] == ["EHLO", "STARTTLS"] and "RCPT" in verbs[2:] and "DATA" not in verbs
