@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path as FsPath
 
@@ -243,6 +243,7 @@ class RecipientVerifyCheck(Check):
             base, connect_timeout=min(base.connect_timeout, probe_timeout),
             command_timeout=min(base.command_timeout, probe_timeout))
         self.probe_wait = probe_wait
+        self.timeout = probe_wait + 4.0  # the listener's bound: the hook answers within probe_wait (+ cache I/O)
         self.probe_timeout = probe_timeout
         self.limits = ServerLimits(max_probes_per_server)
         self.probes = 0  # probes started by this process (tests, stats)
@@ -258,7 +259,7 @@ class RecipientVerifyCheck(Check):
 
     # -- the hook
 
-    def rcpt(self, ctx: Context) -> CheckResult | asyncio.Future[CheckResult] | object:
+    def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         rcpt = ctx.rcpt
         assert rcpt is not None
         domain = self.domains.get(rcpt.domain)
