@@ -749,8 +749,8 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
 
     The request is an AlertRequest event in records.sqlite; the server's
     watcher (poll_events) picks it up. Returns the server's event line about the mail
-    ("alert mail (...) queued: ..." or "alert not mailed (...): ..."), or None when no
-    server answered in time. FileNotFoundError: there are no records in data_dir.
+    ("alert mail (...) queued: ... (queue id Q)" or "alert not mailed (...): ..."), or None
+    when no server answered in time. FileNotFoundError: there are no records in data_dir.
     """
     from kanmon.records.store import open_db
 
@@ -769,15 +769,15 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             row = db.execute(
-                "SELECT text FROM events WHERE id > ? AND kind = ? AND json_extract(detail, '$.category') = ?"
+                "SELECT text, queue_id FROM events WHERE id > ? AND kind = ? AND json_extract(detail, '$.category') = ?"
                 " AND json_extract(detail, '$.key') = 'test' ORDER BY id LIMIT 1",
                 (request_id, AlertMailed.KIND, category),
             ).fetchone() or db.execute(
-                "SELECT text FROM events WHERE id > ? AND kind = ? ORDER BY id LIMIT 1",
+                "SELECT text, queue_id FROM events WHERE id > ? AND kind = ? ORDER BY id LIMIT 1",
                 (request_id, AlertNotMailed.KIND),
             ).fetchone()
             if row:
-                return row[0]
+                return row[0] + (f" (queue id {row[1]})" if row[1] else "")
             time.sleep(0.2)  # a command waiting for another process: there is no clock to advance
     finally:
         db.close()

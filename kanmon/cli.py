@@ -19,21 +19,24 @@ from kanmon.commands.backup import backup, restore
 from kanmon.commands.balance import balance
 from kanmon.commands.config import config
 from kanmon.commands.dns import dns
+from kanmon.commands.options import root_config_option
 from kanmon.commands.queue import maintenance, queue
 from kanmon.commands.records import log, stats, trace
 from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
 from kanmon.commands.service import service
+from kanmon.commands.status import status
 from kanmon.commands.user import user
 from kanmon.commands.verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kanmon")
+@root_config_option
 def main() -> None:
     """kanmon: an on-premises mail gateway (relay, mail store, balancer)."""
 
 
-for _command in (user, serve, reload, config, dns, log, queue, maintenance, balance, trace, stats, alert, sendmail,
-                 backup, restore, service, verify):
+for _command in (user, serve, reload, status, config, dns, log, queue, maintenance, balance, trace, stats, alert,
+                 sendmail, backup, restore, service, verify):
     main.add_command(_command)

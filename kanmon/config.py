@@ -21,7 +21,8 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -1013,26 +1014,82 @@ def example_config_text() -> str:
 # Reference documentation, generated from the models above.
 
 
-def _type_name(annotation: Any) -> str:
-    text = repr(annotation)
-    for raw, nice in (
-        ("typing.Annotated[float, BeforeValidator(func=<function parse_duration", "duration"),
-        ("typing.Annotated[int, BeforeValidator(func=<function parse_size", "size"),
-        ("typing.Annotated[tuple[str, int], BeforeValidator(func=<function parse_hostport", "ip:port"),
-        ("typing.Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network", "CIDR"),
-        ("typing.Annotated[str, BeforeValidator(func=<function _check_regex", "regex"),
-        ("typing.Annotated[str, BeforeValidator(func=<function _check_size_bound", "size comparison"),
-        ("typing.Annotated[str, BeforeValidator(func=<function _check_count_bound", "count comparison"),
+_KIND_OF_PARSER = {parse_duration: "duration", parse_size: "size", parse_hostport: "ip:port", parse_network: "CIDR",
+                   _check_regex: "regex", _check_size_bound: "size comparison", _check_count_bound: "count comparison"}
+_PLAIN_TYPES = {str: "text", int: "integer", float: "number", bool: "true | false", Path: "path"}
+
+
+def _kind(annotation: Any, metadata: list[Any] = ()) -> str:
+    """How the reference names a value's type: duration, size, ip:port, CIDR, text,
+    integer, `local | relay` for choices, "list of ...", "... (optional)"."""
+    for m in [*metadata, *getattr(annotation, "__metadata__", ())]:
+        kind = _KIND_OF_PARSER.get(getattr(m, "func", None))
+        if kind:
+            return kind
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _kind(args[0])
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        rest = [a for a in args if a is not type(None)]
+        text = " or ".join(_kind(a) for a in rest)
+        return f"{text} (optional)" if len(rest) < len(args) else text
+    if origin is list:
+        return f"list of {_kind(args[0])}"
+    if origin is dict:
+        return f"table: {_kind(args[0])} -> {_kind(args[1])}"
+    return _PLAIN_TYPES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def format_duration_setting(seconds: float) -> str:
+    """A duration as the config writes it: 300.0 -> '5m', 0.5 -> '500ms', 0 -> '0'."""
+    if seconds == 0:
+        return "0"
+    for unit in ("w", "d", "h", "m", "s", "ms"):
+        n = seconds / _DURATION_UNITS[unit]
+        if n >= 1 and abs(n - round(n)) < 1e-9:
+            return f"{round(n)}{unit}"
+    return f"{seconds}s"
+
+
+def format_size_setting(n: int) -> str:
+    """A size as the config writes it: 50000000 -> '50MB', 1048576 -> '1MiB', 100 -> '100B'."""
+    for unit in ("TB", "TiB", "GB", "GiB", "MB", "MiB", "KB", "KiB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n}B"
+
+
+def _setting_text(value: Any, kind: str) -> str:
+    """A default value in the config's own syntax (TOML, durations and sizes as written)."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)) and kind.startswith(("list of", "ip:port")) and not (
+        kind.startswith("ip:port") and len(value) == 2 and isinstance(value[1], int)
     ):
-        if raw in text:
-            return nice
-    return (
-        text.replace("typing.", "")
-        .replace("pathlib.Path", "path")
-        .replace("<class '", "")
-        .replace("'>", "")
-        .replace("kanmon.config.", "")
-    )
+        inner = kind.removeprefix("list of ")
+        return "[" + ", ".join(_setting_text(v, inner) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_setting_text(v, '')}" for k, v in value.items()) + "}"
+    if kind.startswith("duration"):
+        return f'"{format_duration_setting(value)}"'
+    if kind.startswith("size"):
+        return f'"{format_size_setting(value)}"'
+    if kind.startswith("ip:port"):
+        host, port = value
+        return f'"[{host}]:{port}"' if ":" in host else f'"{host}:{port}"'
+    if isinstance(value, (str, Path, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return f'"{value}"'
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    """Markdown table cell text: a `|` would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def reference_markdown() -> str:
@@ -1067,18 +1124,14 @@ def reference_markdown() -> str:
                 is_list = "list[" in repr(ann)
                 subsections.append((name, sub, is_list, field.description or ""))
                 continue
+            kind = _kind(ann, field.metadata)
             if field.is_required():
                 default = "(required)"
             elif field.default_factory is not None:
-                default = repr(field.default_factory())
+                default = _setting_text(field.default_factory(), kind)
             else:
-                default = repr(field.default)
-            default = (
-                default.replace("IPv4Network(", "")
-                .replace("')", "'")
-                .replace("PosixPath(", "")
-            )
-            rows.append(f"| `{field.alias or name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+                default = _setting_text(field.default, kind)
+            rows.append(f"| `{field.alias or name}` | {_cell(kind)} | `{_cell(default)}` | {_cell(field.description or '')} |")
         if rows:
             lines.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
         for name, sub, is_list, desc in subsections:

@@ -7,6 +7,9 @@ one request per line and reads one reply per line:
     -> {"op": "act", "args": {"action": "hold", "filters": {...}, "source": "..."}}\\n
     <- {"ok": true, "result": {...}}\\n          or  {"ok": false, "error": "..."}\\n
 
+A request with "progress": true may get progress lines before its reply, at most one
+each PROGRESS_EVERY seconds: {"progress": [done, total or null]}\\n.
+
 The server also holds an exclusive flock(2) on <data_dir>/kanmon.lock for its whole
 life, taken before spool recovery. An admin command that finds no server answering
 takes the same lock before it touches the spool, so two offline admins, or an offline
@@ -38,6 +41,7 @@ LOCK_NAME = "kanmon.lock"
 MAX_REQUEST = 32 << 20  # 32 MiB: filters, or the ids a confirmed filter matched (100,000 are ~2 MB)
 IDLE_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 5.0
+PROGRESS_EVERY = 0.2
 
 
 class NoServer(Exception):
@@ -104,7 +108,11 @@ def _peer_uid(sock: socket.socket) -> int | None:
 
 
 class ControlServer:
-    """The server side; handler(request dict) -> reply dict, awaited one at a time."""
+    """The server side; handler(request dict) -> reply dict, awaited one at a time.
+
+    For a request that asks for progress the handler is called as handler(request,
+    progress=fn), fn(done, total) being callable from any thread.
+    """
 
     def __init__(self, data_dir: Path, handler: Callable[[dict], Awaitable[dict]]):
         self.data_dir = Path(data_dir)
@@ -164,7 +172,10 @@ class ControlServer:
                     await self._reply(writer, {"ok": False, "error": "a request is one JSON object per line"})
                     return
                 async with self._lock:
-                    reply = await self.handler(request)
+                    if request.get("progress") is True:
+                        reply = await self.handler(request, progress=_progress_writer(writer))
+                    else:
+                        reply = await self.handler(request)
                 await self._reply(writer, reply)
         except (TimeoutError, ConnectionError, OSError):
             pass
@@ -179,6 +190,22 @@ class ControlServer:
     async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
         writer.write(json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
         await writer.drain()
+
+
+def _progress_writer(writer: asyncio.StreamWriter) -> Callable[[int, int | None], None]:
+    """fn(done, total): a progress line to the client, throttled; safe from worker threads."""
+    loop = asyncio.get_running_loop()
+    last = [0.0]
+
+    def progress(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY:
+            return
+        last[0] = now
+        line = json.dumps({"progress": [done, total]}).encode() + b"\n"
+        loop.call_soon_threadsafe(writer.write, line)
+
+    return progress
 
 
 class _short:
@@ -226,13 +253,26 @@ class ControlClient:
         self._file = sock.makefile("rb")
         return self
 
-    def request(self, op: str, args: dict | None = None) -> dict:
+    def request(self, op: str, args: dict | None = None,
+                progress: Callable[[int, int | None], None] | None = None) -> dict:
+        """The reply to one request; progress(done, total) is called for each progress
+        line the server sends first (asked for only when progress is given)."""
         assert self._sock is not None and self._file is not None
-        self._sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
-        line = self._file.readline()
-        if not line:
-            raise ConnectionError("the server closed the control connection")
-        return json.loads(line)
+        request: dict = {"op": op, "args": args or {}}
+        if progress is not None:
+            request["progress"] = True
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise ConnectionError("the server closed the control connection")
+            reply = json.loads(line)
+            if isinstance(reply, dict) and "progress" in reply and "ok" not in reply:
+                if progress is not None:
+                    done, total = reply["progress"]
+                    progress(int(done), None if total is None else int(total))
+                continue
+            return reply
 
     def close(self) -> None:
         if self._file is not None:

@@ -31,7 +31,7 @@ import re
 import shlex
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,6 +197,13 @@ class QueueOps:
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
         self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
                                  hostname=config.server.hostname, clock=link)
+        # progress(done, total or None) for long operations (backup, restore, bulk
+        # actions); set by dispatch() for one request when the caller asked for it.
+        self.progress: Callable[[int, int | None], None] | None = None
+
+    def _report(self, done: int, total: int | None) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
 
     # -- selecting -----------------------------------------------------------------------
 
@@ -353,6 +360,7 @@ class QueueOps:
                     raise
                 finally:
                     acted.extend(done)
+                    self._report(chunk_start + len(chunk), len(targets))
                 if action in ("release", "flush", "requeue"):
                     self.link.due_now(done)
             for qid in corrupt:
@@ -472,7 +480,8 @@ class QueueOps:
                     ids = [qid for qid, _, _ in chunk]
                     self.link.quiesce(ids)
                     quiesced.extend(ids)
-                for qid, entry, state in chunk:
+                for n, (qid, entry, state) in enumerate(chunk, start):
+                    self._report(n, len(rows))
                     if then:  # reloaded after quiesce: an attempt that just ended changed it
                         entry = self._load(qid)
                         if entry is None:
@@ -520,7 +529,8 @@ class QueueOps:
         done = self._restored_ids()
         now = self.link.now()
         restored, skipped = [], []
-        for msg in read_archive(archive):
+        for n, msg in enumerate(read_archive(archive)):
+            self._report(n, total)
             qid = msg.queue_id
             if qid in done:
                 skipped.append(qid)
@@ -727,12 +737,16 @@ OPERATIONS = {
 }
 
 
-def dispatch(ops: QueueOps, request: dict) -> dict:
-    """One control-socket request -> {"ok": true, "result": ..} or {"ok": false, "error": ..}."""
+def dispatch(ops: QueueOps, request: dict, progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """One control-socket request -> {"ok": true, "result": ..} or {"ok": false, "error": ..}.
+
+    progress, if given, is called as long operations advance (done, total or None).
+    """
     name = request.get("op")
     args = request.get("args") or {}
     if name not in OPERATIONS or not isinstance(args, dict):
         return {"ok": False, "error": f"unknown operation {name!r}"}
+    ops.progress = progress
     try:
         return {"ok": True, "result": OPERATIONS[name](ops, args)}
     except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError) as e:
@@ -740,3 +754,5 @@ def dispatch(ops: QueueOps, request: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - an answer and an event, never a dead connection
         ops.records.record(ev.Error(f"admin: {name} failed: {type(e).__name__}: {e}"))
         return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+    finally:
+        ops.progress = None

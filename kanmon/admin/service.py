@@ -18,11 +18,13 @@ event loop), or run a maintenance job that is not in the validated config.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
+from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
 from kanmon.records.events import MaintenanceRun
 
@@ -86,6 +88,8 @@ class AdminPlane:
         self.ops: QueueOps | None = None
         self.control: ControlServer | None = None
         self.schedules_from: float | None = None  # the node's time the job schedules count from
+        self.started_at = time.time()
+        self.config_sha256 = config_digest(node.config_source)
 
     async def start(self) -> None:
         node = self.node
@@ -94,14 +98,16 @@ class AdminPlane:
         self.control = ControlServer(node.data_dir, self.handle)
         await self.control.start()
 
-    async def handle(self, request: dict) -> dict:
+    async def handle(self, request: dict, progress=None) -> dict:
         assert self.ops is not None
         if request.get("op") == "pickup":  # `kanmon sendmail` wrote to maildrop: scan it now
             if self.node.pickup is None:
                 return {"ok": False, "error": "this node has no mail role"}
             self.node.pickup.wake()
             return {"ok": True, "result": {}}
-        return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request)
+        if request.get("op") == "status":  # the node describes itself (kanmon status)
+            return {"ok": True, "result": await node_status(self)}
+        return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
 
     async def stop(self) -> None:
         if self.control is not None:
@@ -111,6 +117,14 @@ class AdminPlane:
     def close(self) -> None:
         """Release the data_dir lock (last, after the spool is closed)."""
         self.lock.release()
+
+    async def maintenance_status(self) -> list[dict]:
+        """Each configured job: schedule, action, last run (from the run log) and next run."""
+        assert self.ops is not None
+        listing = await asyncio.get_running_loop().run_in_executor(self._pool, self.ops.maintenance_list)
+        return [{"name": j["name"], "schedule": j["schedule"], "action": j["action"], "next_run": j["next_run"],
+                 "last_run": (j["last_run"] or {}).get("started"), "last_error": (j["last_run"] or {}).get("error") or None,
+                 "last_run_text": j["last_run_text"]} for j in listing["jobs"]]
 
     async def run_maintenance(self) -> None:
         """Each [[maintenance]] job at its next cron time; several times passed in one

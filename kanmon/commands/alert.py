@@ -14,7 +14,7 @@ import json
 
 import click
 
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since, require_data_dir
 from kanmon.config import ALERT_CATEGORIES
 
 WAIT_FOR_SERVER = 15.0
@@ -34,6 +34,7 @@ def alert_test(config_path, category, wait) -> None:
     from kanmon.alerts import request_test_alert
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     try:
         outcome = request_test_alert(cfg.server.data_dir, category, wait)
     except FileNotFoundError:
@@ -43,7 +44,9 @@ def alert_test(config_path, category, wait) -> None:
     click.echo(f"kanmon: {outcome}")
     if outcome.startswith("alert not mailed"):
         raise SystemExit(1)
-    click.echo("kanmon: follow it with `kanmon log events --since 5m --grep alert`")
+    qid = outcome.rpartition("(queue id ")[2].rstrip(")") if "(queue id " in outcome else None
+    click.echo(f"kanmon: follow it with `kanmon trace {qid}`" if qid
+               else "kanmon: follow it with `kanmon log events --since 5m --grep alert`")
 
 
 @alert.command("list")
@@ -57,6 +60,7 @@ def alert_list(config_path, since, as_json) -> None:
     from kanmon.alerts import recent_alerts
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     start = parse_since(since)
     recent, active = recent_alerts(cfg.server.data_dir, start)
     if as_json:

@@ -11,25 +11,21 @@ Trusts: nothing from argv (part names are checked). Never: overwrite a file with
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from kanmon.admin.nodebackup import PARTS, NodeBackupError, backup_node, parse_parts, restore_node
-from kanmon.commands.options import config_option, json_option, load_or_exit
-
-SYSTEM_CONFIG = "/etc/kanmon/kanmon.toml"
+from kanmon.commands import options
+from kanmon.commands.options import config_option, json_option, load_or_exit, load_with_path
 
 
 def _config_file(config_path: str | None) -> Path | None:
-    """The config file in use: -c, else $KANMON_CONFIG, else the system path when it exists."""
-    if config_path:
-        return Path(config_path)
-    if os.environ.get("KANMON_CONFIG"):
-        return Path(os.environ["KANMON_CONFIG"])
-    return Path(SYSTEM_CONFIG) if os.path.exists(SYSTEM_CONFIG) else None
+    """The config file in use: -c (before or after the subcommand), else $KANMON_CONFIG,
+    else the system path when it exists (kanmon.commands.options decides)."""
+    path, _why = options.resolve_config_path(config_path)
+    return Path(path) if path else None
 
 
 def _parts(only: str | None) -> tuple[str, ...]:
@@ -63,8 +59,8 @@ def backup(config_path, file, only, force, as_json) -> None:
     backup` does). Restore with `kanmon restore FILE`.
     """
     parts = _parts(only)
-    source = _config_file(config_path)
-    cfg = load_or_exit(str(source) if source else None)
+    cfg, path = load_with_path(config_path)
+    source = Path(path) if path else None
     say = None if as_json else (lambda text: click.echo(f"kanmon: backup: {text}", err=True))
     try:
         result = backup_node(cfg, source, Path(file), parts, force=force, progress=say)
@@ -93,7 +89,7 @@ def restore(config_path, file, only, force, as_json) -> None:
     second run changes nothing.
     """
     parts = _parts(only)
-    target = _config_file(config_path) or Path(SYSTEM_CONFIG)
+    target = _config_file(config_path) or options.SYSTEM_CONFIG
     say = None if as_json else (lambda text: click.echo(f"kanmon: restore: {text}", err=True))
     try:
         result = restore_node(Path(file), target, parts, force=force,

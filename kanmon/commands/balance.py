@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kanmon.balancer.haproxy import haproxy_config
 from kanmon.balancer.status import read_status, status_path
-from kanmon.commands.options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_with_path
 from kanmon.units import format_duration, format_size
 
 
@@ -44,7 +44,7 @@ def _since(t: Any, now: float) -> str:
 @json_option("Print the status document as JSON.")
 def status_command(config_path: str | None, as_json: bool) -> None:
     """Each real server: state, checks passed/failed, connections now and in all, bytes in/out."""
-    config = load_or_exit(config_path)
+    config, config_path = load_with_path(config_path)
     if config.balancer is None:
         click.echo(f"kanmon: {config_path or 'the embedded default config'} has no [balancer] section", err=True)
         sys.exit(2)
@@ -101,7 +101,7 @@ def export_command(config_path: str | None, haproxy: bool) -> None:
     """Print the [balancer] setup in another balancer's configuration language."""
     if not haproxy:
         raise click.UsageError("say which format: --haproxy")
-    config = load_or_exit(config_path)
+    config, config_path = load_with_path(config_path)
     if config.balancer is None or not config.balancer.virtual_server:
         click.echo(f"kanmon: {config_path or 'the embedded default config'} has no [[balancer.virtual_server]]", err=True)
         sys.exit(2)

@@ -1,16 +1,22 @@
 """`kanmon config ...`: check, print and document configuration files.
 
 Role: validate a config completely (the models, then what only the roles can see, such
-as the balancer's duplicates), print the commented example and the key reference.
-Trusts: nothing from argv. Never: start anything (checking binds no socket).
+as the balancer's duplicates, then what serve will hit on this host: kanmon.admin.preflight),
+print the commented example and the key reference.
+Trusts: nothing from argv. Never: start anything (a test bind is closed at once; nothing
+listens).
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-from kanmon.commands.options import config_option, exit_config_error, load_or_exit
-from kanmon.config import ConfigError, example_config_text, reference_markdown
+from kanmon.commands.options import EMBEDDED, config_option, exit_config_error, json_option, load_with_path
+from kanmon.config import ConfigError, example_config_text, parse_hostport, reference_markdown
 
 
 @click.group()
@@ -20,9 +26,21 @@ def config() -> None:
 
 @config.command("check")
 @config_option
-def config_check(config_path: str | None) -> None:
-    """Validate a configuration; exit 0 if it is usable, 2 naming each bad key if not."""
-    cfg = load_or_exit(config_path)
+@json_option("The findings as JSON: {\"config\": ..., \"findings\": [{\"severity\", \"key\", \"text\"}]}.")
+def config_check(config_path: str | None, as_json: bool) -> None:
+    """Validate a configuration and check what `kanmon serve` will hit on this host.
+
+    Beyond every key's value: listen addresses bindable (or held by the running kanmon
+    for this data_dir), the same address in two sections, the [tls] certificate and key
+    (a pair, not expired), mailbox and alias names that differ only in case, CIDRs with
+    host bits set, files readable and data_dir writable (checked as the current user).
+
+    Exit 0: usable (notes only); 1: warnings only; 2: errors (or a bad key).
+    """
+    from kanmon.admin.preflight import exit_code, preflight, raw_toml  # noqa: PLC0415
+    from kanmon.admin.status import fetch_status  # noqa: PLC0415
+
+    cfg, path = load_with_path(config_path)
     if cfg.balancer is not None:
         from kanmon.balancer.service import validate_balancer  # noqa: PLC0415 - only with a balancer
 
@@ -30,9 +48,21 @@ def config_check(config_path: str | None) -> None:
             validate_balancer(cfg)  # what the models alone cannot see (duplicates, ICMP privilege)
         except ConfigError as e:
             exit_config_error(e)
-    for warning in cfg.warnings():
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"{config_path or '<embedded default>'}: ok")
+    doc, _why = fetch_status(Path(cfg.server.data_dir))
+    ours = {parse_hostport(entry["address"]) for entry in doc["listeners"]} if doc else set()
+    findings = preflight(cfg, raw_toml(path), ours)
+    code = exit_code(findings)
+    name = path or EMBEDDED
+    if as_json:
+        click.echo(json.dumps({"config": name, "findings": [f.as_dict() for f in findings]}, ensure_ascii=False, indent=1))
+        sys.exit(code)
+    for f in findings:
+        click.echo(f"{f.severity.upper():<7} {f.key}: {f.text}", err=f.severity != "note")
+    counts = [f"{n} {what}{'s' if n != 1 else ''}" for what, n in
+              (("error", sum(f.severity == "error" for f in findings)),
+               ("warning", sum(f.severity == "warning" for f in findings))) if n]
+    click.echo(f"{name}: " + (", ".join(counts) if counts else "ok"))
+    sys.exit(code)
 
 
 @config.command("example")

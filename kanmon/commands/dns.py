@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from kanmon.commands.options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, explicit_config_path, json_option, load_or_exit
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
@@ -80,6 +80,7 @@ def check(
     """
     if zones and server:
         raise click.UsageError("--zone and --server exclude each other: zone files are checked without DNS")
+    config_path = explicit_config_path(config_path)
     config = load_or_exit(config_path) if config_path else None
     try:
         key = load_dkim_key(dkim_key) if dkim_key else None

@@ -1,5 +1,11 @@
-"""What every `kanmon` command group shares: the -c and --json options, loading the
-config, and reading and showing times.
+"""What every `kanmon` command group shares: the -c and --json options, finding and
+loading the config, and reading and showing times.
+
+Which config a command uses, like other daemons: `-c FILE` (before or after the
+subcommand: `kanmon -c FILE queue list` and `kanmon queue list -c FILE` are the same),
+else $KANMON_CONFIG, else /etc/kanmon/kanmon.toml when it exists, else the embedded
+default. When -c was not given the command says which one it used in one line on
+stderr (never on stdout, so --json output stays clean).
 
 Role: the one options module of the CLI. Each command group (kanmon/commands/*.py) is a
 leaf that imports this module and the operations it calls, never another group;
@@ -11,21 +17,73 @@ config prints each bad key and exits 2. Never: print a traceback for an expected
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import click
 
 from kanmon.config import Config, ConfigError, load_config, parse_duration
 
+CONFIG_ENV = "KANMON_CONFIG"
+SYSTEM_CONFIG = Path("/etc/kanmon/kanmon.toml")
+EMBEDDED = "<embedded default>"
+_ROOT_KEY = "kanmon.config_path"
+
+_CONFIG_HELP = (f"Configuration file (TOML). Without it: ${CONFIG_ENV}, then {SYSTEM_CONFIG}, "
+                "then the embedded default.")
+
+
+def _remember_root_config(ctx: click.Context, _param, value: str | None) -> str | None:
+    if value is not None:
+        ctx.meta[_ROOT_KEY] = value
+    return value
+
+
+# On the `kanmon` group itself (cli.py): `kanmon -c FILE queue list`.
+root_config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None, expose_value=False,
+    is_eager=True, callback=_remember_root_config, help=_CONFIG_HELP,
+)
+
+# On every command that reads a config: `kanmon queue list -c FILE`.
 config_option = click.option(
     "-c",
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Configuration file (TOML). Without it: the embedded default.",
+    help=_CONFIG_HELP,
 )
+
+
+def explicit_config_path(given: str | None) -> str | None:
+    """The file -c named (on the command, else before the subcommand), or None."""
+    if given is not None:
+        return given
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_ROOT_KEY) if ctx is not None else None
+
+
+def resolve_config_path(given: str | None) -> tuple[str | None, str | None]:
+    """(path or None for the embedded default, why it was chosen or None when -c gave it).
+
+    -c on the command wins over -c before the subcommand; then $KANMON_CONFIG (even if
+    the file is missing: that is an error to report, not a reason to look elsewhere),
+    then SYSTEM_CONFIG when it exists, then the embedded default.
+    """
+    explicit = explicit_config_path(given)
+    if explicit is not None:
+        return explicit, None
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return env, f"from ${CONFIG_ENV}"
+    if SYSTEM_CONFIG.is_file():
+        return str(SYSTEM_CONFIG), "no -c and no $KANMON_CONFIG"
+    return None, f"no -c, no ${CONFIG_ENV}, no {SYSTEM_CONFIG}"
 
 
 def json_option(help: str = "JSON instead of text."):  # noqa: A002 - click's own keyword
@@ -40,13 +98,56 @@ def exit_config_error(e: ConfigError) -> None:
     sys.exit(2)
 
 
-def load_or_exit(config_path: str | None) -> Config:
-    """The validated config, or a clear message naming the key and exit code 2."""
+def load_with_path(config_path: str | None) -> tuple[Config, str | None]:
+    """(the validated config, its path or None for the embedded default); a bad config
+    prints each bad key and exits 2. Says on stderr which file it used unless -c gave it."""
+    path, why = resolve_config_path(config_path)
+    if why is not None:
+        click.echo(f"kanmon: using {path or EMBEDDED} ({why})", err=True)
     try:
-        return load_config(config_path)
+        return load_config(path), path
     except ConfigError as e:
         exit_config_error(e)
         raise AssertionError("unreachable") from None
+
+
+def load_or_exit(config_path: str | None) -> Config:
+    """The validated config, or a clear message naming the key and exit code 2."""
+    return load_with_path(config_path)[0]
+
+
+def require_data_dir(config: Config, config_path: str | None = None) -> Path:
+    """data_dir, which must exist: a command that reads the records or the spool never
+    creates it (a wrong or forgotten -c would otherwise leave an empty kanmon-data behind
+    and print nothing). Exits 1 with a message naming the config when it is missing."""
+    data_dir = Path(config.server.data_dir)
+    if not data_dir.is_dir():
+        path, _ = resolve_config_path(config_path)
+        click.echo(f"kanmon: data_dir {data_dir} does not exist (server.data_dir of {path or EMBEDDED}): "
+                   "wrong config file, or kanmon serve never ran with it", err=True)
+        sys.exit(1)
+    return data_dir
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int | None], None] | None]:
+    """`with progress_bar("backing up", not as_json) as progress:` a rich progress bar on
+    stderr, fed by progress(done, total or None); None (no bar, nothing printed) when
+    disabled or when stderr is not a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console  # noqa: PLC0415 - only on a terminal
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def parse_since(text: str | None, option: str = "--since") -> float | None:

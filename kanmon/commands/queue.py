@@ -25,7 +25,7 @@ import click
 from kanmon.admin.backup import BackupError, archive_ids
 from kanmon.admin.filters import STATES, Filters, flag
 from kanmon.admin.queue_ops import QueueOps, dispatch, offline_queue_ops
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, load_with_path, progress_bar
 from kanmon.config import Config, QueueFilter, parse_hostport
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
 from kanmon.spool import journal
@@ -37,8 +37,9 @@ FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket
 class AdminSession:
     """`with AdminSession(cfg) as admin: admin.call("list", {...})`."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, require_server: bool = False):
         self.config = config
+        self.require_server = require_server
         self.data_dir = Path(config.server.data_dir)
         self.client: ControlClient | None = None
         self.lock: DataDirLock | None = None
@@ -64,6 +65,9 @@ class AdminSession:
             lock = DataDirLock(self.data_dir)
             try:
                 lock.acquire(wait=0)
+                if self.require_server:
+                    lock.release()
+                    _fail("kanmon is not running (no server for this data_dir: the mail system is down)")
                 self.lock = lock
                 break
             except LockBusy as e:
@@ -74,16 +78,17 @@ class AdminSession:
         self.ops = self._offline.enter_context(offline_queue_ops(self.config))
         return self
 
-    def call(self, op: str, args: dict | None = None) -> dict:
+    def call(self, op: str, args: dict | None = None, progress=None) -> dict:
+        """The operation's result (exit 1 with its error); progress(done, total) as it runs."""
         request = {"op": op, "args": args or {}}
         if self.client is not None:
             try:
-                reply = self.client.request(op, args)
+                reply = self.client.request(op, args, progress)
             except (OSError, ValueError) as e:
                 _fail(f"control socket: {e}")
         else:
             assert self.ops is not None
-            reply = dispatch(self.ops, request)
+            reply = dispatch(self.ops, request, progress)
         if not reply.get("ok"):
             _fail(str(reply.get("error")), 1)
         return reply["result"]
@@ -288,7 +293,8 @@ def _act_command(action: str, doc: str, confirm: bool = True):
         if not ids and not by_filter and confirm:
             raise click.UsageError("give queue ids or filters (--state all for the whole queue)")
         source = f"kanmon queue {action}"
-        with AdminSession(cfg) as admin:
+        # Flushing asks the running queue manager: with none there is nothing to ask.
+        with AdminSession(cfg, require_server=action == "flush") as admin:
             if by_filter or dry_run:
                 preview = admin.call("act", {"action": action, "filters": f, "dry_run": True, "whole_queue": whole})
                 if dry_run:
@@ -309,7 +315,9 @@ def _act_command(action: str, doc: str, confirm: bool = True):
                         return
                 # Exactly the messages counted (still matching): nothing new slips in.
                 f = dict(f, ids=preview["ids"])
-            result = admin.call("act", {"action": action, "filters": f, "source": source, "whole_queue": whole})
+            with progress_bar(f"{action}", not as_json) as progress:
+                result = admin.call("act", {"action": action, "filters": f, "source": source, "whole_queue": whole},
+                                    progress)
         if as_json:
             _echo_json(result)
             return
@@ -394,15 +402,18 @@ def review_cmd(config_path, **filters) -> None:
 @click.option("--then", "then", type=click.Choice(["hold", "delete"]), default=None,
               help="Once FILE is complete and on disk, hold (or delete) here exactly the messages written "
                    "into it, so this node never delivers them again (moving a queue to another relay).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
 @json_option()
-def backup_cmd(config_path, file, then, as_json, **filters) -> None:
+def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
     """Write the matching messages, envelopes and attempt history to FILE (docs/queue-backup.md)."""
-    cfg = load_or_exit(config_path)
+    cfg, config_path = load_with_path(config_path)
     path = Path(file).resolve()
+    if path.exists() and not force:
+        _fail(f"{path} exists; nothing written (--force overwrites it)")
     origin_config = str(Path(config_path).resolve()) if config_path else None
-    with AdminSession(cfg) as admin:
+    with AdminSession(cfg) as admin, progress_bar("backing up", not as_json) as progress:
         r = admin.call("backup", {"path": str(path), "filters": make_filters(**filters), "then": then,
-                                  "origin_config": origin_config})
+                                  "origin_config": origin_config}, progress)
     if as_json:
         _echo_json(r)
         return
@@ -425,8 +436,8 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
     Then it prints the command that removes them from the node the backup came from.
     """
     cfg = load_or_exit(config_path)
-    with AdminSession(cfg) as admin:
-        r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold})
+    with AdminSession(cfg) as admin, progress_bar("restoring", not as_json) as progress:
+        r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold}, progress)
     if as_json:
         _echo_json(r)
         return

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since, require_data_dir
 
 
 @click.group()
@@ -34,7 +34,11 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
     from kanmon.records.query import search_events
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
+    if queue_id and not rows:
+        click.echo(f"kanmon: no event for queue id {queue_id!r}" + (f" in the last {since}" if since else ""), err=True)
+        raise SystemExit(1)
     for r in rows:
         if as_json:
             click.echo(json.dumps(r.as_dict()))
@@ -59,6 +63,7 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
     from kanmon.records.query import search_history
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     rows = search_history(
         cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
         queue_id=queue_id, limit=limit,
@@ -88,6 +93,7 @@ def trace(config_path, query, since, as_json) -> None:
     from kanmon.records.trace import trace as find
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     timelines = find(cfg.server.data_dir, query, parse_since(since))
     if as_json:
         for t in timelines:
@@ -132,6 +138,7 @@ def stats(config_path, by, since, as_json, top) -> None:
     from kanmon.records.stats import collect
 
     cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
     report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top)
     if as_json:
         click.echo(json.dumps(report.as_dict(), ensure_ascii=False))

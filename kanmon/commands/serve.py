@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from kanmon.commands.options import config_option, load_or_exit
+from kanmon.commands.options import EMBEDDED, config_option, load_with_path
 
 
 @click.command()
@@ -24,7 +24,7 @@ def serve(config_path: str | None, quiet: bool) -> None:
     """Run the roles the config asks for (the embedded default without -c)."""
     from kanmon.node import run_node  # noqa: PLC0415 - the other commands need not load the servers
 
-    config = load_or_exit(config_path)
+    config, config_path = load_with_path(config_path)
     sys.exit(run_node(config, config_path, echo=None if quiet else sys.stdout))
 
 
@@ -32,7 +32,7 @@ def serve(config_path: str | None, quiet: bool) -> None:
 @config_option
 def reload(config_path: str | None) -> None:
     """Validate the config, then tell the running `kanmon serve` to reload it (SIGHUP)."""
-    config = load_or_exit(config_path)
+    config, config_path = load_with_path(config_path)
     pid_file = Path(config.server.data_dir) / "kanmon.pid"
     try:
         pid = int(pid_file.read_text().split()[0])
@@ -40,4 +40,4 @@ def reload(config_path: str | None) -> None:
     except (OSError, ValueError, IndexError):
         click.echo(f"kanmon: no running server found ({pid_file})", err=True)
         sys.exit(1)
-    click.echo(f"kanmon: asked pid {pid} to reload {config_path or '<embedded default>'}")
+    click.echo(f"kanmon: asked pid {pid} to reload {config_path or EMBEDDED}")

@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.commands.options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_or_exit, require_data_dir
 from kanmon.store.users import UnknownMailbox, Users
 from kanmon.units import format_size
 
@@ -130,8 +130,9 @@ def passwd(address: str, from_stdin: bool, config_path: str | None) -> None:
 @config_option
 def list_users(as_json: bool, config_path: str | None) -> None:
     """List mailboxes: password set, locked, size, messages, last login."""
-    users = _users(config_path)
-    infos = users.list()
+    cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
+    infos = Users(cfg).list()
     if as_json:
         click.echo(
             json.dumps(

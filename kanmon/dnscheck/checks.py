@@ -567,9 +567,9 @@ def check_dkim(source: DnsSource, domain: str, selector: str, our_key: tuple[str
         same = ours_type == rec.key_type and _normalise_dns_key(rec.key_type, rec.public_key) == ours
         if not same:
             return [_error(
-                "dkim", name, f"the {rec.key_type} key in DNS is not the key kanmon signs with",
-                "every message we sign fails DKIM verification; DMARC then rests on SPF alone. Publish our "
-                "public key under this selector",
+                "dkim", name, f"the {rec.key_type} key in DNS is not our DKIM key (dkim_key)",
+                "every message signed with our key fails DKIM verification; DMARC then rests on SPF alone. "
+                "Publish our public key under this selector",
             )]
         seen = f"DKIM {rec.key_type} key published and matches ours"
     else:

@@ -305,7 +305,7 @@ def test_dkim_missing_and_not_our_key(check: Check, tmp_path: Path) -> None:
     key.write_bytes(other.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     r = check(FORWARD, REVERSE, "--ip", IP, "--helo", HELO, "--dkim-selector", "sel1", "--dkim-key", str(key))
     assert r.exit_code == 2
-    assert "the rsa key in DNS is not the key kanmon signs with -- every message we sign fails DKIM" in \
+    assert "the rsa key in DNS is not our DKIM key (dkim_key) -- every message signed with our key fails DKIM" in \
         only(r, "ERROR", "dkim")
     r = check(FORWARD, REVERSE, "--ip", IP, "--helo", HELO, "--dkim-selector", "sel2")
     assert r.exit_code == 2

@@ -192,6 +192,40 @@ def test_login_forms(env) -> None:
     assert "h BAD" in d.cmd("h AUTHENTICATE PLAIN !!!")
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_authenticate_login(env) -> None:
+    # SASL LOGIN, as Outlook and older clients use it: "Username:", then "Password:".
+    d = env.session()
+    assert "AUTH=LOGIN" in d.cmd("a CAPABILITY")
+    assert d.send("b AUTHENTICATE LOGIN\r\n") == "+ VXNlcm5hbWU6\r\n"
+    assert d.send(b64(ALICE) + "\r\n") == "+ UGFzc3dvcmQ6\r\n"
+    out = d.send(b64("pw") + "\r\n")
+    assert "b OK" in out and d.session.state == "AUTHENTICATED" and d.session.user == ALICE
+    # With the user name as initial response (RFC 4959 SASL-IR).
+    d = env.session()
+    assert d.send(f"c AUTHENTICATE LOGIN {b64(ALICE)}\r\n") == "+ UGFzc3dvcmQ6\r\n"
+    assert "c OK" in d.send(b64("pw") + "\r\n")
+    # A wrong password fails like LOGIN does; cancelling and garbage are BAD.
+    d = env.session()
+    d.send("e AUTHENTICATE LOGIN\r\n")
+    d.send(b64(ALICE) + "\r\n")
+    assert "e NO [AUTHENTICATIONFAILED]" in d.send(b64("wrong") + "\r\n")
+    assert d.session.state == "NOT_AUTHENTICATED"
+    d.send("f AUTHENTICATE LOGIN\r\n")
+    assert "f BAD AUTHENTICATE cancelled" in d.send("*\r\n")
+    d.send("g AUTHENTICATE LOGIN\r\n")
+    assert "g BAD" in d.send("!!!\r\n")
+    # After a cancel the next AUTHENTICATE starts from the user name again.
+    assert d.send("h AUTHENTICATE LOGIN\r\n") == "+ VXNlcm5hbWU6\r\n"
+    # Not before STARTTLS.
+    d = env.session(tls=False)
+    assert "AUTH=LOGIN" not in d.cmd("i CAPABILITY")
+    assert "j NO [PRIVACYREQUIRED]" in d.cmd(f"j AUTHENTICATE LOGIN {b64(ALICE)}")
+
+
 def test_brute_force_slowed_then_blocked(env) -> None:
     d = env.session()
     for tag in "abc":

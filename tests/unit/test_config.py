@@ -141,7 +141,8 @@ def test_docs_configuration_matches_the_models():
 
 def test_config_check_cli_exit_codes(tmp_path):
     good = tmp_path / "good.toml"
-    good.write_text(example_config_text())
+    # data_dir in the test's directory: checking /var/lib/kanmon depends on who runs the test.
+    good.write_text(example_config_text().replace('data_dir = "/var/lib/kanmon"', f'data_dir = "{tmp_path / "data"}"'))
     bad = tmp_path / "bad.toml"
     bad.write_text('[smtp]\nlisten = ["nowhere"]\n')
     ok = subprocess.run([sys.executable, "-m", "kanmon", "config", "check", "-c", str(good)], capture_output=True, text=True)
@@ -158,3 +159,33 @@ def test_docs_cli_matches_the_commands():
     # leave state in the shared click command objects).
     out = subprocess.run([sys.executable, "-m", "kanmon.clidoc"], capture_output=True, text=True, check=True)
     assert (ROOT / "docs/cli.md").read_text() == out.stdout, "run: python -m kanmon.clidoc > docs/cli.md"
+
+
+def test_reference_shows_values_as_the_config_writes_them():
+    text = reference_markdown()
+    for python_type in ("Literal[", "typing.", "float", "NoneType", "PosixPath", "IPv4Network", "<class"):
+        assert python_type not in text, python_type
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows
+    for row in rows:  # four cells: a `|` inside a cell is escaped
+        assert len(re.split(r"(?<!\\)\|", row)) == 6, row
+    assert "| `command_timeout` | duration | `\"5m\"` |" in text
+    assert "| `max_message_size` | size | `\"50MB\"` |" in text
+    assert "| `deliver` | local \\| relay | `\"local\"` |" in text
+    assert "| `greet_pause` | duration | `\"500ms\"` |" in text
+    assert "| `listen` | list of ip:port | `[\"127.0.0.1:2525\"]` |" in text
+
+
+def test_setting_formatters():
+    from kanmon.config import format_duration_setting, format_size_setting, parse_duration, parse_size
+
+    for seconds, text in ((0, "0"), (30, "30s"), (300, "5m"), (14400, "4h"), (259200, "3d"), (1209600, "2w"), (0.5, "500ms")):
+        assert format_duration_setting(seconds) == text and parse_duration(text) == seconds
+    for n, text in ((50_000_000, "50MB"), (1_000_000_000, "1GB"), (1048576, "1MiB"), (100, "100B"), (1500, "1500B")):
+        assert format_size_setting(n) == text and parse_size(text) == n
+
+
+def test_example_config_deletes_no_mail_by_default():
+    text = example_config_text()
+    assert parse_config(text).maintenance == []
+    assert '# action = "delete"' in text and "commented out" in text

@@ -91,7 +91,7 @@ def test_dkim_variants(tmp_path: Path) -> None:
     assert seen(check_dkim(src, "example.test", "bare", dkim_public_key_from_pem(rsa_pem))) == [
         ("ok", "DKIM rsa key published and matches ours")]
     assert seen(check_dkim(src, "example.test", "bare", ours)) == [
-        ("error", "the rsa key in DNS is not the key kanmon signs with")]
+        ("error", "the rsa key in DNS is not our DKIM key (dkim_key)")]
     assert seen(check_dkim(src, "example.test", "gone", None)) == [("error", "DKIM key is revoked (empty p=)")]
     assert seen(check_dkim(src, "example.test", "test", None)) == [
         ("warning", "DKIM rsa key published (no key of ours given to compare); t=y (testing)")]

@@ -177,7 +177,9 @@ class ImapSession:
         self.sel: _Selected | None = None
         self._pending_tag: str | None = None  # tag of a LOGIN/AUTHENTICATE being verified
         self._pending_user = ""
-        self._sasl_tag: str | None = None  # AUTHENTICATE PLAIN waiting for its response
+        self._sasl_tag: str | None = None  # AUTHENTICATE waiting for a client response
+        self._sasl_mech = "PLAIN"  # PLAIN, or LOGIN (user name, then password)
+        self._sasl_user: str | None = None  # LOGIN: the user name, once sent
         self._idle_tag: str | None = None
         self._steps: Steps | None = None  # a command waiting for FileWork
         self._steps_tag: str | None = None  # its tag (None: an IDLE poll)
@@ -247,7 +249,7 @@ class ImapSession:
         caps = BASE_CAPS
         if self.state == "NOT_AUTHENTICATED":
             if self.tls_active:
-                caps += " AUTH=PLAIN"
+                caps += " AUTH=PLAIN AUTH=LOGIN"
             else:
                 if self.tls_available:
                     caps += " STARTTLS"
@@ -399,16 +401,22 @@ class ImapSession:
             return [Send(f"{tag} NO [PRIVACYREQUIRED] AUTHENTICATE is disabled until STARTTLS\r\n".encode())]
         if not args or not isinstance(args[0], str) or len(args) > 2:
             raise Bad("AUTHENTICATE needs a mechanism")
-        if args[0].upper() != "PLAIN":
-            raise No("unsupported mechanism (PLAIN only)")
+        mech = args[0].upper()
+        if mech not in ("PLAIN", "LOGIN"):
+            raise No("unsupported mechanism (PLAIN or LOGIN)")
+        self._sasl_mech, self._sasl_user = mech, None
         if len(args) == 2:  # RFC 4959 SASL-IR
             return self._sasl_response(tag, astring(args[1]))
         self._sasl_tag = tag
-        return [Send(b"+ \r\n")]
+        # LOGIN (draft-murchison-sasl-login): the server asks "Username:", then "Password:".
+        return [Send(b"+ VXNlcm5hbWU6\r\n" if mech == "LOGIN" else b"+ \r\n")]
 
     def _sasl_response(self, tag: str, text: str) -> list[Event]:
         if text == "*":
+            self._sasl_user = None
             return [Send(f"{tag} BAD AUTHENTICATE cancelled\r\n".encode())]
+        if self._sasl_mech == "LOGIN":
+            return self._sasl_login(tag, text)
         try:
             decoded = base64.b64decode(text if text != "=" else "", validate=True).decode("utf-8")
             authzid, authcid, password = decoded.split("\0")
@@ -417,6 +425,22 @@ class ImapSession:
         if authzid and authzid.lower() != authcid.lower():
             return self._login_failed(tag, authcid)
         return self._check(tag, authcid, password)
+
+    def _sasl_login(self, tag: str, text: str) -> list[Event]:
+        """One step of AUTHENTICATE LOGIN: the user name, then the password (base64 each)."""
+        try:
+            value = base64.b64decode(text if text != "=" else "", validate=True).decode("utf-8")
+            if "\0" in value:
+                raise ValueError
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self._sasl_user = None
+            return [Send(f"{tag} BAD malformed AUTHENTICATE LOGIN response\r\n".encode()), *self._error()]
+        if self._sasl_user is None:
+            self._sasl_user = value
+            self._sasl_tag = tag
+            return [Send(b"+ UGFzc3dvcmQ6\r\n")]
+        user, self._sasl_user = self._sasl_user, None
+        return self._check(tag, user, value)
 
     def _check(self, tag: str, user: str, password: str) -> list[Event]:
         if self.throttle.blocked_for(self.peer.ip, user) > 0:

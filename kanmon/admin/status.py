@@ -1,0 +1,130 @@
+"""`kanmon status`: the running node describes itself; the health verdict over it.
+
+Role: node_status(plane) builds, inside `kanmon serve` (the control socket's "status"
+request), one JSON document: process (pid, start time, version), the config it runs
+(file, sha256, whether the file changed since), listeners, the queue (active, new,
+deferred, held, corrupt, oldest), active alerts, [[maintenance]] runs, the balancer.
+fetch_status(data_dir) asks for it from outside (the CLI); health(doc) is the pure verdict the command prints and exits with: healthy or
+degraded, and why.
+
+Trusts: the node's own objects. Never: change anything, or keep the control socket's
+lock longer than one spool scan (the scan runs in a worker thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kanmon import __version__
+from kanmon.config import default_config_text
+from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
+
+HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3  # exit codes, like `systemctl status`
+STATUS_TIMEOUT = 60.0  # the spool scan of a large queue
+
+
+def fetch_status(data_dir: Path) -> tuple[dict | None, str]:
+    """(the running node's status document, or None; why not, when None)."""
+    if not data_dir.is_dir():
+        return None, f"data_dir {data_dir} does not exist"
+    try:
+        with ControlClient(data_dir, timeout=STATUS_TIMEOUT) as client:
+            reply = client.request("status")
+    except NoServer:
+        lock = DataDirLock(data_dir)
+        try:
+            lock.acquire(wait=0)
+            lock.release()
+        except LockBusy as e:
+            return None, f"no control socket answers, but {e} (starting, or an offline admin command)"
+        except OSError as e:
+            return None, f"no control socket in {data_dir} ({e.strerror or e})"
+        return None, f"no kanmon serve for {data_dir}"
+    except (OSError, ValueError) as e:
+        return None, f"control socket: {e}"
+    if not reply.get("ok"):
+        return None, f"the server answered: {reply.get('error')}"
+    return reply["result"], ""
+
+
+def config_digest(path: str | None) -> str | None:
+    """sha256 of the config file's bytes (of the embedded default for None); None if unreadable."""
+    try:
+        data = Path(path).read_bytes() if path is not None else default_config_text().encode()
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+async def node_status(plane) -> dict[str, Any]:
+    """The status document of the node `plane` (a kanmon.admin.service.AdminPlane) belongs to."""
+    from kanmon.admin.preflight import listeners  # noqa: PLC0415 - the one list of listen keys
+    from kanmon.metrics import queue_snapshot  # noqa: PLC0415
+
+    node = plane.node
+    loop = asyncio.get_running_loop()
+    snap = await loop.run_in_executor(None, queue_snapshot, node.spool)
+    active = len(node.queue.active_ids()) if node.queue is not None else 0
+    alerts = []
+    monitoring = getattr(node, "monitoring", None)
+    if monitoring is not None:
+        alerts = [{"category": s.category, "key": s.key, "text": s.text.splitlines()[0] if s.text else "",
+                   "since": s.since} for s in monitoring.alerts.states.values() if s.active]
+    balancer = None
+    for service in node.services:
+        if hasattr(service, "status") and hasattr(service, "status_file"):
+            balancer = service.status()["virtual_servers"]
+    digest_now = config_digest(node.config_source)
+    return {
+        "running": True,
+        "pid": os.getpid(),
+        "started_at": plane.started_at,
+        "uptime": time.time() - plane.started_at,
+        "version": __version__,
+        "hostname": node.config.server.hostname,
+        "data_dir": str(Path(node.data_dir).resolve()),
+        "config": {
+            "file": node.config_source,
+            "sha256": plane.config_sha256,
+            "changed_on_disk": digest_now is not None and digest_now != plane.config_sha256,
+        },
+        "listeners": [{"key": key, "address": f"[{h}]:{p}" if ":" in h else f"{h}:{p}"}
+                      for key, (h, p) in listeners(node.config)],
+        "queue": {
+            "active": active,
+            "new": max(0, snap.counts.get("new", 0) - active),
+            "deferred": snap.counts.get("deferred", 0),
+            "hold": snap.counts.get("hold", 0),
+            "corrupt": snap.counts.get("corrupt", 0),
+            "total": snap.size,
+            "oldest": snap.oldest,
+            "oldest_id": snap.oldest_id or None,
+        },
+        "alerts": alerts,
+        "maintenance": await plane.maintenance_status(),
+        "balancer": balancer,
+    }
+
+
+def health(doc: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """(exit code, reasons): NOT_RUNNING without a document, DEGRADED with an active
+    alert, a corrupt queue file, a failed maintenance run or a virtual server with no
+    real server up; else HEALTHY."""
+    if not doc or not doc.get("running"):
+        return NOT_RUNNING, ["kanmon is not running"]
+    reasons = [f"alert {a['category']}/{a['key']}: {a['text']}" for a in doc.get("alerts") or []]
+    corrupt = (doc.get("queue") or {}).get("corrupt", 0)
+    if corrupt:
+        reasons.append(f"{corrupt} corrupt queue file(s) in spool/corrupt")
+    for job in doc.get("maintenance") or []:
+        if job.get("last_error"):
+            reasons.append(f"maintenance {job['name']} failed: {job['last_error']}")
+    for vs in doc.get("balancer") or []:
+        if vs.get("serving") in (None, "none"):
+            reasons.append(f"balancer {vs['name']}: no real server up")
+    return (DEGRADED if reasons else HEALTHY), reasons

@@ -1,0 +1,305 @@
+"""The command line as a service's admin meets it: which config a command uses, what
+`config check` finds before `serve` does, `kanmon status`, and the small promises of
+the queue and log commands (flush with no server, backup overwrite, progress output)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import smtplib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+from click.testing import CliRunner
+
+from kanmon import control
+from kanmon.admin.status import config_digest
+from kanmon.cli import main
+from kanmon.commands import options
+from kanmon.config import parse_config
+from tests.support.kanmon_node import RunningNode, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+[server]
+hostname = "mx.example.test"
+data_dir = "{data_dir}"
+workers = 0
+[smtp]
+listen = ["127.0.0.1:{port}"]
+greet_pause = "0"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+"""
+
+
+def write(tmp_path: Path, extra: str = "", name: str = "kanmon.toml", port: int | None = None,
+          data_dir: Path | None = None) -> Path:
+    path = tmp_path / name
+    path.write_text(BASE.format(data_dir=data_dir or tmp_path / "data", port=port or free_port()) + extra)
+    return path
+
+
+def run(*args: str, code: int | None = 0, env: dict | None = None):
+    result = CliRunner().invoke(main, list(args), env=env)
+    if code is not None:
+        assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+# -- which config ---------------------------------------------------------------------
+
+
+def test_c_before_or_after_the_subcommand(tmp_path):
+    cfg = write(tmp_path)
+    for args in (["-c", str(cfg), "config", "check"], ["config", "check", "-c", str(cfg)],
+                 ["--config", str(cfg), "config", "check"]):
+        r = run(*args)
+        assert f"{cfg}: ok" in r.stdout and "using" not in r.stderr
+
+
+def test_without_c_env_then_system_path_then_embedded_default_said_on_stderr(tmp_path, monkeypatch):
+    env_cfg = write(tmp_path, name="env.toml")
+    sys_cfg = write(tmp_path, name="system.toml")
+    r = run("config", "check", env={options.CONFIG_ENV: str(env_cfg)})
+    assert r.stderr.splitlines()[0] == f"kanmon: using {env_cfg} (from $KANMON_CONFIG)"
+    assert f"{env_cfg}: ok" in r.stdout
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", sys_cfg)
+    r = run("config", "check")
+    assert f"kanmon: using {sys_cfg} (no -c and no $KANMON_CONFIG)" in r.stderr
+    # $KANMON_CONFIG comes before the system path, and -c before both (and then nothing is said).
+    assert str(env_cfg) in run("config", "check", env={options.CONFIG_ENV: str(env_cfg)}).stderr
+    r = run("-c", str(env_cfg), "config", "check")
+    assert "using" not in r.stderr
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", tmp_path / "absent.toml")
+    monkeypatch.chdir(tmp_path)
+    r = run("status", code=3)
+    assert "kanmon: using <embedded default> (no -c, no $KANMON_CONFIG, no " in r.stderr
+
+
+def test_a_missing_env_config_is_an_error_not_a_fallback(tmp_path):
+    r = run("config", "check", code=2, env={options.CONFIG_ENV: str(tmp_path / "nope.toml")})
+    assert "nope.toml: cannot read" in r.stderr
+
+
+def test_json_output_stays_clean_and_missing_data_dir_is_refused_not_created(tmp_path):
+    cfg = write(tmp_path)
+    data_dir = tmp_path / "data"
+    for args in (["log", "events"], ["log", "events", "--json"], ["log", "history", "--json"], ["trace", "x@y"],
+                 ["stats"], ["alert", "list"], ["user", "list", "--json"]):
+        r = run(*args, code=1, env={options.CONFIG_ENV: str(cfg)})
+        assert r.stdout == "", args
+        assert f"data_dir {data_dir} does not exist (server.data_dir of {cfg})" in r.stderr, args
+        assert not data_dir.exists(), args
+
+
+# -- config check ---------------------------------------------------------------------
+
+
+def check_json(cfg: Path, code: int) -> list[tuple[str, str, str]]:
+    r = run("config", "check", "-c", str(cfg), "--json", code=code)
+    doc = json.loads(r.stdout)
+    assert doc["config"] == str(cfg)
+    return [(f["severity"], f["key"], f["text"]) for f in doc["findings"]]
+
+
+def errors(findings, severity: str = "error") -> dict[str, str]:
+    return {key: text for sev, key, text in findings if sev == severity}
+
+
+def test_check_a_busy_port_and_duplicate_addresses(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    other = free_port()
+    try:
+        cfg = write(tmp_path, port=port, extra=f'[imap]\nlisten = ["127.0.0.1:{other}"]\n'
+                                                f'[metrics]\nlisten = "127.0.0.1:{other}"\n')
+        found = errors(check_json(cfg, 2))
+        assert "is in use by another program" in found["smtp.listen[0]"]
+        assert found["metrics.listen"] == f"127.0.0.1:{other} is also imap.listen[0]: one address, one listener"
+        r = run("config", "check", "-c", str(cfg), code=2)
+        assert f"ERROR   smtp.listen[0]: 127.0.0.1:{port} is in use" in r.stderr
+        assert r.stdout.strip().endswith(f"{cfg}: 2 errors")
+    finally:
+        busy.close()
+    wild = write(tmp_path, name="wild.toml", port=other, extra=f'[pop3]\nlisten = ["0.0.0.0:{other}"]\n')
+    assert "overlaps smtp.listen[0]" in errors(check_json(wild, 2))["pop3.listen[0]"]
+
+
+def test_check_names_and_networks(tmp_path):
+    cfg = write(tmp_path, extra='[[domain]]\nname = "corp.test"\nmailboxes = ["Bob", "bob"]\n'
+                                '[domain.aliases]\nSales = ["bob"]\nsales = ["bob"]\n')
+    found = errors(check_json(cfg, 2))
+    assert found["domain[1].mailboxes"] == "corp.test: mailbox 'bob' is listed twice (names are case-insensitive)"
+    assert "aliases 'Sales' and 'sales' are one address" in found["domain[1].aliases"]
+    nets = write(tmp_path, name="nets.toml").read_text().replace(
+        'greet_pause = "0"', 'greet_pause = "0"\nrelay_networks = ["127.0.0.0/8", "192.0.2.5/24"]')
+    (tmp_path / "nets.toml").write_text(nets)
+    warnings = errors(check_json(tmp_path / "nets.toml", 1), "warning")
+    assert warnings == {"smtp.relay_networks[1]": "'192.0.2.5/24' has host bits set: kanmon reads it as 192.0.2.0/24"}
+
+
+def test_check_certificate_pair_and_expiry(tmp_path):
+    ca = trustme.CA()
+    good, other = ca.issue_cert("mx.example.test"), ca.issue_cert("other.example.test")
+    good.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    good.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other-key.pem"))
+    tls = f'[tls]\ncert = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"\n'
+    assert not errors(check_json(write(tmp_path, extra=tls), 0))
+    mismatched = write(tmp_path, name="mismatch.toml", extra=tls.replace("key.pem", "other-key.pem"))
+    assert "the key does not belong to the certificate" in errors(check_json(mismatched, 2))["tls.key"]
+    now = dt.datetime.now(dt.timezone.utc)
+    old = ca.issue_cert("mx.example.test", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
+    old.cert_chain_pems[0].write_to_path(str(tmp_path / "old.pem"))
+    old.private_key_pem.write_to_path(str(tmp_path / "old-key.pem"))
+    expired = write(tmp_path, name="expired.toml",
+                    extra=f'[tls]\ncert = "{tmp_path / "old.pem"}"\nkey = "{tmp_path / "old-key.pem"}"\n')
+    assert "expired on" in errors(check_json(expired, 2))["tls.cert"]
+    soon = ca.issue_cert("mx.example.test", not_after=now + dt.timedelta(days=3))
+    soon.cert_chain_pems[0].write_to_path(str(tmp_path / "soon.pem"))
+    soon.private_key_pem.write_to_path(str(tmp_path / "soon-key.pem"))
+    expiring = write(tmp_path, name="soon.toml",
+                     extra=f'[tls]\ncert = "{tmp_path / "soon.pem"}"\nkey = "{tmp_path / "soon-key.pem"}"\n')
+    assert "within alerts.cert_expires_within (2w)" in errors(check_json(expiring, 1), "warning")["tls.cert"]
+
+
+def test_check_files_and_data_dir(tmp_path):
+    cfg = write(tmp_path, extra=f'[dnscheck]\ndkim_key = "{tmp_path / "missing.pem"}"\n')
+    assert errors(check_json(cfg, 2))["dnscheck.dkim_key"] == f"{tmp_path / 'missing.pem'} does not exist"
+    (tmp_path / "file").write_text("")
+    not_dir = write(tmp_path, name="notdir.toml", data_dir=tmp_path / "file")
+    assert errors(check_json(not_dir, 2))["server.data_dir"] == f"{tmp_path / 'file'} is not a directory"
+    notes = errors(check_json(write(tmp_path, name="new.toml"), 0), "note")
+    assert notes["server.data_dir"].endswith("does not exist yet; kanmon serve creates it")
+
+
+# -- a running node: check, status, flush, backup ------------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path):
+    cfg = write(tmp_path, extra='[queue]\nsuspend_delivery = true\n[alerts]\nto = []\n[[maintenance]]\nname = "nightly"\nschedule = "0 3 * * *"\n'
+                                'action = "hold"\nolder_than = "30d"\n')
+    running = RunningNode(parse_config(cfg.read_text())).start()
+    running.node.config_source = str(cfg)  # as `kanmon serve -c` sets it
+    running.node.admin.config_sha256 = config_digest(str(cfg))
+    try:
+        yield running, cfg
+    finally:
+        running.stop()
+
+
+def send(running: RunningNode, subject: str) -> None:
+    with smtplib.SMTP(running.host, running.port, timeout=10) as s:
+        s.sendmail("bob@example.org", ["alice@example.test"], f"Subject: {subject}\r\n\r\nhi\r\n")
+
+
+def test_check_accepts_the_running_nodes_own_addresses(node):
+    running, cfg = node
+    findings = check_json(cfg, 0)
+    assert ("note", "smtp.listen[0]", f"127.0.0.1:{running.port} is held by the running kanmon") in findings
+
+
+def test_status_running_healthy_degraded_and_not_running(node, tmp_path):
+    running, cfg = node
+    r = run("status", "-c", str(cfg))
+    assert f"running, healthy (pid " in r.stdout
+    assert f"listening:   127.0.0.1:{running.port}" in r.stdout and "smtp.listen[0]" in r.stdout
+    assert "maintenance: nightly (hold): last not yet, next " in r.stdout
+    doc = json.loads(run("status", "-c", str(cfg), "--json").stdout)
+    assert doc["running"] and doc["health"] == "healthy" and doc["config"]["file"] == str(cfg)
+    assert doc["config"]["changed_on_disk"] is False and len(doc["config"]["sha256"]) == 64
+    assert doc["queue"]["total"] == 0 and doc["balancer"] is None
+    running.call(running.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
+    r = run("status", "-c", str(cfg), code=1)
+    assert "running, degraded" in r.stdout and "degraded:    alert disk//data: disk nearly full" in r.stdout
+    cfg.write_text(cfg.read_text() + "\n# edited\n")
+    assert json.loads(run("status", "-c", str(cfg), "--json", code=1).stdout)["config"]["changed_on_disk"]
+    running.stop()
+    r = run("status", "-c", str(cfg), code=3)
+    assert r.stdout.startswith("kanmon: not running (no kanmon serve for ")
+    assert json.loads(run("status", "-c", str(cfg), "--json", code=3).stdout)["running"] is False
+
+
+def test_flush_needs_a_running_server(node):
+    running, cfg = node
+    run("queue", "flush", "-c", str(cfg))
+    running.stop()
+    r = run("queue", "flush", "-c", str(cfg), code=1)
+    assert "kanmon is not running" in r.stderr
+
+
+def test_backup_refuses_to_overwrite_and_no_progress_without_a_terminal(node, tmp_path):
+    running, cfg = node
+    archive = tmp_path / "q.tar"
+    archive.write_bytes(b"precious")
+    r = run("queue", "backup", str(archive), "-c", str(cfg), code=1)
+    assert "exists; nothing written (--force overwrites it)" in r.stderr and archive.read_bytes() == b"precious"
+    # A subprocess with pipes: not a terminal, so no progress bar on either stream.
+    out = subprocess.run([sys.executable, "-m", "kanmon", "queue", "backup", str(archive), "--force", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"0 message(s) written to {archive}\n" and out.stderr == ""
+    out = subprocess.run([sys.executable, "-m", "kanmon", "queue", "restore", str(archive), "-c", str(cfg), "--json"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and out.stderr == "" and json.loads(out.stdout)["restored"] == []
+
+
+def test_control_socket_progress_lines(node, monkeypatch):
+    running, _cfg = node
+    monkeypatch.setattr(control, "PROGRESS_EVERY", 0.0)
+    for n in range(3):
+        send(running, f"m{n}")
+    seen: list[tuple[int, int | None]] = []
+    with control.ControlClient(running.data_dir) as client:
+        reply = client.request("act", {"action": "hold", "filters": {"state": "all"}, "whole_queue": True,
+                                       "source": "test"}, progress=lambda done, total: seen.append((done, total)))
+    assert reply["ok"] and len(reply["result"]["acted"]) == 3
+    assert seen[-1] == (3, 3)
+    with control.ControlClient(running.data_dir) as client:  # no progress asked: none sent
+        assert client.request("list", {})["ok"]
+
+
+def test_log_events_unknown_id_exits_1(node):
+    running, cfg = node
+    r = run("log", "events", "--id", "NOPE", "-c", str(cfg), code=1)
+    assert "no event for queue id 'NOPE'" in r.stderr
+
+
+class FakeTerminal:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_never_with_json(monkeypatch):
+    fake = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setenv("TERM", "xterm")
+    with options.progress_bar("backing up", enabled=False) as progress:
+        assert progress is None  # --json
+    with options.progress_bar("backing up") as progress:
+        assert progress is not None
+        progress(5, 10)
+    assert "backing up" in fake.text
+    monkeypatch.setattr(fake, "isatty", lambda: False)
+    with options.progress_bar("backing up") as progress:
+        assert progress is None
