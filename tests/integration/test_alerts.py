@@ -261,7 +261,7 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         )
         assert out.returncode == 0, out.stderr
         assert "alert mail (queue/test) queued" in out.stdout
-        assert re.search(r"\(queue id [0-9A-Z]+\)", out.stdout) and "kanmon trace " in out.stdout, out.stdout
+        assert re.search(r"\(queue id [0-9A-Za-z]+\)", out.stdout) and "kanmon trace " in out.stdout, out.stdout
         (mail,) = wait_alert(admin_sink, "queue")  # the test button ignores the category list
         assert "test alert (queue)" in subject(mail)
         # A category left out of [alerts] categories is recorded, not mailed.
