@@ -1,4 +1,5 @@
-"""Prometheus metrics: `[metrics] listen`, text exposition format 0.0.4 at /metrics.
+"""Prometheus metrics: `[metrics] listen`, text exposition format 0.0.4 at /metrics;
+/healthz and /readyz on the same listener.
 
 Role: in the main process, answer a scrape with
 - what the records writers counted (kanmon.records.counters): connections, messages
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import time
 from collections import Counter
@@ -262,18 +264,33 @@ def _num(v: float) -> str:
 
 
 class MetricsServer:
-    """The /metrics endpoint (a node service: async start() / stop())."""
+    """The /metrics endpoint, and /healthz and /readyz for load balancers and monitoring
+    (a node service: async start() / stop()).
 
-    def __init__(self, metrics: Metrics, host: str, port: int, emit: Callable[..., None] | None = None):
+    /healthz answers 200 while the node serves; /readyz 200 when ready() is true, 503
+    while the node starts or reloads. sock: an already listening socket (the node's).
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int, emit: Callable[..., None] | None = None,
+                 *, sock: socket.socket | None = None, ready: Callable[[], bool] | None = None):
         self.metrics = metrics
         self.host, self.port = host, port
         self.emit = emit
+        self.sock = sock
+        self.ready = ready or (lambda: True)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True,
-                                                  limit=REQUEST_LIMIT)
+        if self.sock is not None:
+            self._server = await asyncio.start_server(self._handle, sock=self.sock, limit=REQUEST_LIMIT)
+        else:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True,
+                                                      limit=REQUEST_LIMIT)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def retire(self) -> None:
+        """After a reload: a scrape in progress is short (REQUEST_TIMEOUT); just stop."""
+        await self.stop()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -288,8 +305,14 @@ class MetricsServer:
             method, path = (parts[0], parts[1]) if len(parts) >= 2 else (b"", b"")
             if method != b"GET":
                 status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path.split(b"?", 1)[0] != b"/metrics":
-                status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
+            elif (route := path.split(b"?", 1)[0]) == b"/healthz":
+                status, body, ctype = "200 OK", b"ok\n", "text/plain"
+            elif route == b"/readyz":
+                ready = self.ready()
+                status = "200 OK" if ready else "503 Service Unavailable"
+                body, ctype = (b"ready\n" if ready else b"not ready (starting or reloading)\n"), "text/plain"
+            elif route != b"/metrics":
+                status, body, ctype = "404 Not Found", b"try /metrics, /healthz or /readyz\n", "text/plain"
             else:
                 text = await asyncio.to_thread(self.metrics.render)
                 status, body, ctype = "200 OK", text.encode(), "text/plain; version=0.0.4; charset=utf-8"

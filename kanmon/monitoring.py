@@ -4,8 +4,10 @@ Role: the composition of the monitoring parts in the main process, so the node a
 service and one task: Alerts (kanmon.alerts) with its sources wired — SMTP failover
 (SmtpDelivery.on_server_used), error and critical events from every process (read back
 from the records), thresholds, the balancer's incidents (the node hands Alerts.incident
-to its BalancerService); the alert state saved in data_dir across restarts; DeliveryMetrics fed by QueueManager.on_attempt; the
-MetricsServer when [metrics] listen is set; Retention of the records.
+to its BalancerService); the alert state saved in data_dir across restarts;
+DeliveryMetrics fed by QueueManager.on_attempt; the metrics the node's MetricsServer
+serves (the node builds that listener, so a reload can hand its socket on); Retention of
+the records.
 
 Trusts: the node's validated config and built stages. Never: start anything before the
 node's recovery (the node calls start() after it), or outlive the node's TaskGroup.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 
 from kanmon.alerts import Alerts
-from kanmon.metrics import DeliveryMetrics, Metrics, MetricsServer
+from kanmon.metrics import DeliveryMetrics, Metrics
 from kanmon.records.retention import Retention
 from kanmon.tlscert import server_cert_paths
 
@@ -31,10 +33,15 @@ class Monitoring:
         self.delivery = DeliveryMetrics()
         node.queue.on_attempt = self.delivery.observe
         self.metrics = Metrics(node.data_dir, node.spool, self.delivery, now=node.clock.now)
-        self.server: MetricsServer | None = None
-        if config.metrics.listen is not None:
-            host, port = config.metrics.listen
-            self.server = MetricsServer(self.metrics, host, port, node.records.emit)
+        self.retention = Retention(config, node.records.emit, node.clock)
+
+    def reconfigure(self, config) -> None:
+        """After a reload: alerts and retention with the new config (the node restarts
+        run()); the metrics keep counting."""
+        node = self.node
+        cert, _key = server_cert_paths(config)
+        self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert)
+        node.remote.on_server_used = self.alerts.on_server_used
         self.retention = Retention(config, node.records.emit, node.clock)
 
     def dns_alert(self):
@@ -42,12 +49,10 @@ class Monitoring:
         return self.alerts.alert_callable("dns")
 
     async def start(self) -> None:
-        if self.server is not None:
-            await self.server.start()
+        pass
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop()
+        pass
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

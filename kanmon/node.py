@@ -1,4 +1,4 @@
-"""A running kanmon node: starts the roles the config asks for, in order, and stops them.
+"""A running kanmon node: starts the roles the config asks for, in order, reloads, stops.
 
 Role: the composition root. Order at start: data_dir and records, spool recovery (so a
 crash is repaired before anything listens), the queue manager with what recovery found,
@@ -7,15 +7,26 @@ the other services. Order at stop: the queue manager and background tasks end, t
 services and listeners in reverse order of start (anything accepted meanwhile is in the
 spool for the next start), then records (so every event is written).
 
+A reload (SIGHUP, or `kanmon reload` over the control socket) keeps the core — records,
+spool, queue manager, admin plane — and replaces the Frontend: every listener and the
+services built on them. The new Frontend is prepared completely (sockets bound or
+reused, certificate loaded, accounts opened, receiver processes listening) before the
+old one stops accepting; if a step fails the old one keeps serving and the failure is an
+error event (alerted). The old Frontend then retires: its sessions finish under the
+settings they started with, and it stops when the last one ends.
+
 Trusts: a Config that passed validation. Never: start a listener before recovery; leave
-a task that does not belong to the node's TaskGroup.
+a task that does not belong to the node; stop anything of the running configuration
+before its successor is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import ssl
 import sys
 from functools import partial
 from pathlib import Path
@@ -24,7 +35,7 @@ from typing import TextIO
 from kanmon.admin.service import AdminPlane
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
-from kanmon.config import Config, ConfigError, load_config
+from kanmon.config import Config, ConfigError, load_config, parse_config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
@@ -36,8 +47,10 @@ from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
 from kanmon.queue.pickup import Pickup
-from kanmon.receiver import ReceiverPool, bind_listener
-from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, Stopped
+from kanmon.listeners import Address, ListenSockets, Prepared
+from kanmon.metrics import MetricsServer
+from kanmon.receiver import ReceiverPool
+from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, ReloadFailed, Stopped
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -50,8 +63,83 @@ from kanmon.spool.store import Spool
 from kanmon.state.sqlite import SqliteState
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges
-from kanmon.tlscert import server_context
+from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
+
+
+def read_config(source: str | None) -> tuple[Config, str | None]:
+    """The config at `source` and the text it was parsed from (None: the embedded default)."""
+    if source is None:
+        return load_config(None), None
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return load_config(source), None  # raises the ConfigError that names the problem
+    return parse_config(text, source), text
+
+
+class ReloadError(Exception):
+    """A reload that was refused or failed: the running configuration stays."""
+
+
+def listen_addresses(config: Config, mail_roles: bool) -> list[Address]:
+    """Every address the Frontend of `config` listens on (the balancer's are its own)."""
+    out: list[Address] = []
+    if mail_roles:
+        out += list(config.smtp.listen)
+        if config.submission is not None:
+            out += list(config.submission.listen) + list(config.submission.listen_tls)
+    for section in (config.pop3, config.imap):
+        if section is not None:
+            out += list(section.listen) + list(section.listen_tls)
+    if config.metrics.listen is not None:
+        out.append(tuple(config.metrics.listen))
+    return out
+
+
+def has_mail_roles(config: Config) -> bool:
+    """A config with only [server] and [balancer] is a node that only balances."""
+    return not (config.balancer is not None and "smtp" not in config.model_fields_set and not config.domain)
+
+
+class Frontend:
+    """The listeners and the services on them, built from one config; replaced whole by a
+    reload. Every member has start(), retire() (stop accepting, let sessions finish,
+    stop) and stop()."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.services: list = []
+        self.smtp: SmtpServer | None = None
+        self.receivers: ReceiverPool | None = None
+        self.dups: list = []  # socket duplicates handed to the services (closed if unused)
+
+    async def start(self) -> None:
+        started = []
+        try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            for service in reversed(started):
+                with contextlib.suppress(Exception):
+                    await service.stop()
+            self.close_dups()
+            raise
+
+    async def retire(self) -> None:
+        await asyncio.gather(*(s.retire() for s in self.services), return_exceptions=True)
+        self.close_dups()
+
+    async def stop(self) -> None:
+        for service in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await service.stop()
+        self.close_dups()
+
+    def close_dups(self) -> None:
+        for sock in self.dups:
+            sock.close()  # a no-op for those their server closed already
 
 
 class Node:
@@ -65,13 +153,17 @@ class Node:
         auth_throttle=None,
         workers: int = 0,
         config_source: str | None = None,
+        config_text: str | None = None,
     ):
         """workers: SMTP receiver processes (kanmon.receiver); 0 receives in this process.
-        config_source: the config file the receivers load (None: the embedded default)."""
+        config_source: the config file the receivers load and a reload reads (None: the
+        embedded default). config_text: the text `config` was parsed from (the receivers
+        get a snapshot of it)."""
         self.auth_throttle = auth_throttle
+        self.config_text = config_text
+        self._generation = 0
         self.workers = workers
         self.config_source = config_source
-        self.receivers: ReceiverPool | None = None
         self.config = config
         self.echo = echo
         self.clock = clock or SystemClock()
@@ -80,9 +172,19 @@ class Node:
         self.records: Records | None = None
         self.spool: Spool | None = None
         self.queue: QueueManager | None = None
-        self.smtp: SmtpServer | None = None
-        self.services: list = []
+        self.frontend: Frontend | None = None
+        self.services: list = []  # the core's services: admin plane, monitoring, balancer
+        self.listen = ListenSockets()
         self.started = asyncio.Event()
+        self.ready = False  # /readyz: start finished and no reload in progress
+        self._tg: asyncio.TaskGroup | None = None
+        self._background: dict[str, asyncio.Task] = {}
+        self._retiring: dict[asyncio.Task, Frontend] = {}
+        self._reload_lock = asyncio.Lock()
+        self._old_remotes: list[SmtpDelivery] = []
+        self.balancer: BalancerService | None = None
+
+    # -- what a reload keeps ------------------------------------------------------------
 
     def _build(self) -> None:
         config = self.config
@@ -96,62 +198,137 @@ class Node:
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
         )
-        self.tls_context = server_context(config)
-        # The accept checks; the I/O they need (mailbox usage) and their effects (quota
-        # notices) are passed in here, so policy/ imports no store module. Over-quota
-        # notices from listeners in this process enter through the queue's injector.
-        # Shared state (rate counters, verification cache, greylist) is one database in
-        # data_dir that the receiver processes open too; the checks' DNS resolver caches
-        # for this process. Mailboxes and aliases: the config's and the users file's
-        # (followed while running).
-        self.state = SqliteState(self.data_dir)
-        self.check_resolver = CheckResolver.from_config(config)
-        self.directory = Directory(config, UserFile(users_path(config), on_error=partial(self.records.emit, kind="error")))
-        self.pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
-                                          state=self.state, resolver=self.check_resolver, directory=self.directory,
-                                          clock=self.clock.now)
-        self.quota_notices = QuotaNotices(self.data_dir, self.queue.injector)
-        effects = quota_effect_handlers(self.quota_notices)
-        effects.update(dnsbl_effect_handlers(lambda e: self.records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
-        # A config with only [server] and [balancer] is a node that only balances.
-        self.mail_roles = not (config.balancer is not None and "smtp" not in config.model_fields_set
-                               and not config.domain)
+        self.mail_roles = has_mail_roles(config)
         if not self.mail_roles:
             self.workers = 0
-        elif not self.workers:
-            self.smtp = SmtpServer(
-                config, self.pipeline, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
-                clock=self.clock.now, effects=effects,
-            )
-        # The store role: accounts, submission, POP3, IMAP (each only when configured).
-        self.users = Users(config, directory=self.directory)
-        self.throttle = self.auth_throttle or AuthThrottle()
-        if config.submission is not None and not self.workers and self.mail_roles:
-            sub = config.submission
-            self.services.append(SmtpServer(
-                config, self.pipeline, self.spool, self.records, self.queue.submit_nowait, self.tls_context,
-                clock=self.clock.now, submission=True, auth=SubmissionAuth(self.users, self.throttle), effects=effects,
-                listeners=[(h, p, False) for h, p in sub.listen] + [(h, p, True) for h, p in sub.listen_tls],
-            ))
-        if config.pop3 is not None:
-            self.services.append(Pop3Service(config, self.tls_context, self.users, self.throttle, self.records.emit))
-        if config.imap is not None:
-            self.services.append(ImapService(config, self.tls_context, self.users, self.throttle, self.records.emit))
+        # Shared state (rate counters, verification cache, greylist) is one database in
+        # data_dir that the receiver processes open too; it stays across reloads.
+        self.state = SqliteState(self.data_dir)
         # The local sendmail command's maildrop (kanmon.queue.pickup), read through the injector.
         self.pickup = (Pickup(self.data_dir, self.queue.injector, self.records, config.server.hostname,
                               config.smtp.max_message_size) if self.mail_roles else None)
+        self.throttle = self.auth_throttle or AuthThrottle()
         # Queue operations: the data_dir lock (taken here, before recovery), the
         # control socket and [[maintenance]] jobs (kanmon.admin.service).
         self.admin = AdminPlane(self)
         self.services.append(self.admin)
-        # Monitoring: alerts, metrics endpoint, records retention (kanmon.monitoring).
+        # Monitoring: alerts, metrics, records retention (kanmon.monitoring).
         self.monitoring = Monitoring(self)
         self.services.append(self.monitoring)
         # The balancer role: virtual addresses in front of real servers.
         if config.balancer is not None:
-            self.services.append(
-                BalancerService(config, self.records.emit, self.monitoring.alerts.incident)
-            )
+            self.balancer = self._balancer(config)
+            self.services.append(self.balancer)
+
+    def _balancer(self, config: Config) -> BalancerService:
+        assert self.records is not None
+        return BalancerService(config, self.records.emit, self.monitoring.alerts.incident)
+
+    # -- what a reload replaces ---------------------------------------------------------
+
+    @property
+    def smtp(self) -> SmtpServer | None:
+        return self.frontend.smtp if self.frontend else None
+
+    @property
+    def receivers(self) -> ReceiverPool | None:
+        return self.frontend.receivers if self.frontend else None
+
+    def _frontend(self, config: Config, prepared: Prepared, workers: int, text: str | None) -> Frontend:
+        """Build (not start) the listeners of `config` on the prepared sockets. Raises
+        OSError/ssl.SSLError/ValueError (a certificate that does not load, say)."""
+        assert self.records is not None and self.queue is not None and self.spool is not None
+        fe = Frontend(config)
+
+        def socks(addresses, implicit_tls: bool) -> list:
+            out = []
+            for address in addresses:
+                sock = prepared.dup(tuple(address))
+                fe.dups.append(sock)
+                out.append((sock, implicit_tls))
+            return out
+
+        try:
+            for path in server_cert_paths(config):
+                if not os.access(path, os.R_OK):  # ssl's own error does not name the file
+                    raise OSError(f"cannot read {path}: " + ("missing" if not os.path.exists(path) else "permission denied"))
+            tls_context = server_context(config)
+            mail_roles = has_mail_roles(config)
+            # Mailboxes and aliases: the config's and the users file's (followed while running).
+            directory = Directory(config, UserFile(users_path(config),
+                                                   on_error=partial(self.records.emit, kind="error")))
+            users = Users(config, directory=directory)
+            if mail_roles:
+                # The accept checks; the I/O they need (mailbox usage) and their effects
+                # (quota notices) are passed in here, so policy/ imports no store module.
+                # Over-quota notices from listeners in this process enter through the
+                # queue's injector. The checks' DNS resolver caches per configuration.
+                pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
+                                             state=self.state, resolver=CheckResolver.from_config(config),
+                                             directory=directory, clock=self.clock.now)
+                effects = quota_effect_handlers(QuotaNotices(self.data_dir, self.queue.injector))
+                records = self.records
+                effects.update(dnsbl_effect_handlers(
+                    lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
+                if workers:
+                    fe.receivers = self._receiver_pool(config, socks, workers, text)
+                    fe.services.append(fe.receivers)
+                else:
+                    fe.smtp = SmtpServer(
+                        config, pipeline, self.spool, self.records, self.queue.submit_nowait, tls_context,
+                        clock=self.clock.now, effects=effects, sockets=socks(config.smtp.listen, False),
+                    )
+                    fe.services.append(fe.smtp)
+                    sub = config.submission
+                    if sub is not None:
+                        fe.services.append(SmtpServer(
+                            config, pipeline, self.spool, self.records, self.queue.submit_nowait, tls_context,
+                            clock=self.clock.now, submission=True, auth=SubmissionAuth(users, self.throttle),
+                            effects=effects, sockets=socks(sub.listen, False) + socks(sub.listen_tls, True),
+                        ))
+            # The store role: POP3, IMAP (each only when configured).
+            if config.pop3 is not None:
+                fe.services.append(Pop3Service(
+                    config, tls_context, users, self.throttle, self.records.emit,
+                    sockets=socks(config.pop3.listen, False) + socks(config.pop3.listen_tls, True)))
+            if config.imap is not None:
+                fe.services.append(ImapService(
+                    config, tls_context, users, self.throttle, self.records.emit,
+                    sockets=socks(config.imap.listen, False) + socks(config.imap.listen_tls, True)))
+            if config.metrics.listen is not None:
+                host, port = config.metrics.listen
+                (sock, _), = socks([config.metrics.listen], False)
+                fe.services.append(MetricsServer(self.monitoring.metrics, host, port, self.records.emit,
+                                                 sock=sock, ready=lambda: self.ready))
+        except BaseException:
+            fe.close_dups()
+            raise
+        return fe
+
+    def _receiver_pool(self, config: Config, socks, workers: int, text: str | None) -> ReceiverPool:
+        """The SMTP/submission sockets (bound by the node, errors show at start) handed
+        to the receiver processes."""
+        plan = [(a, "smtp", False) for a in config.smtp.listen]
+        if config.submission is not None:
+            plan += [(a, "submission", False) for a in config.submission.listen]
+            plan += [(a, "submission", True) for a in config.submission.listen_tls]
+        sockets = [sock for sock, _tls in socks([a for a, _r, _t in plan], False)]
+        listeners = [{"fd": s.fileno(), "role": role, "tls": tls} for s, (_a, role, tls) in zip(sockets, plan)]
+        assert self.queue is not None and self.records is not None
+        # The receivers load exactly the text this process validated (a private snapshot),
+        # not the file, which may have changed since.
+        source, snapshot = self.config_source, False
+        if text is not None:
+            self._generation += 1
+            path = self.data_dir / f".receivers-{os.getpid()}-{self._generation}.toml"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            source, snapshot = str(path), True
+        return ReceiverPool(source, listeners, sockets, workers, self.queue.submit_nowait,
+                            self.records.emit, quiet=self.echo is None, own_config_file=snapshot)
+
+    # -- start, run, stop ---------------------------------------------------------------
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
@@ -175,34 +352,46 @@ class Node:
             self.recover()
             started = []
             try:
-                if self.smtp is not None:
-                    await self.smtp.start()
-                    started.append(self.smtp)
-                if self.workers:
-                    self.receivers = self._receiver_pool()
-                    await self.receivers.start()
-                    started.append(self.receivers)
-                for service in self.services:
+                # The admin plane first: its control socket answers (a `kanmon reload` waits
+                # for the start to finish) from the moment a listener accepts.
+                for service in (self.admin, self.monitoring):
                     await service.start()
                     started.append(service)
+                prepared = self.listen.prepare(listen_addresses(self.config, self.mail_roles))
+                try:
+                    frontend = self._frontend(self.config, prepared, self.workers, self.config_text)
+                except BaseException:
+                    self.listen.abort(prepared)
+                    raise
+                self.listen.commit(prepared)
+                await frontend.start()
+                self.frontend = frontend
+                for service in self.services:
+                    if service not in started:
+                        await service.start()
+                        started.append(service)
                 self.started.set()
+                self.ready = True
                 async with asyncio.TaskGroup() as tg:  # until cancelled
+                    self._tg = tg
                     tg.create_task(self.queue.run())
-                    tg.create_task(self.monitoring.run())
-                    tg.create_task(self.admin.run_maintenance())
                     if self.pickup is not None:
                         tg.create_task(self.pickup.run())
-                    if self.config.dnscheck.every:
-                        monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
-                        tg.create_task(monitor.run())
+                    self._start_background({"monitoring", "maintenance", "dnscheck"})
             finally:
+                self.ready = False
+                self._tg = None
+                await self._stop_frontends()
                 for service in reversed(started):
                     await service.stop()
+                self.listen.close()
         except asyncio.CancelledError:
             pass
         finally:
             self.queue.close()
             await self.remote.close()
+            for remote in self._old_remotes:
+                await remote.close()
             self.spool.close()
             self.committer.close()
             self.state.close()
@@ -210,26 +399,170 @@ class Node:
             self.records.close()
             self.admin.close()  # release the data_dir lock last
 
-    def _receiver_pool(self) -> ReceiverPool:
-        """Bind every SMTP/submission socket here (errors show at start), then hand them
-        to the receiver processes."""
-        c = self.config
-        plan = [(h, p, "smtp", False) for h, p in c.smtp.listen]
-        if c.submission is not None:
-            plan += [(h, p, "submission", False) for h, p in c.submission.listen]
-            plan += [(h, p, "submission", True) for h, p in c.submission.listen_tls]
-        sockets = []
+    async def _stop_frontends(self) -> None:
+        for task, frontend in list(self._retiring.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await frontend.stop()  # sessions still open after a reload end with the node
+        self._retiring.clear()
+        if self.frontend is not None:
+            await self.frontend.stop()
+
+    def _start_background(self, names: set[str]) -> None:
+        """(Re)start the node's background tasks `names` in its TaskGroup."""
+        assert self._tg is not None and self.records is not None
+        for name in names:
+            old = self._background.pop(name, None)
+            if old is not None:
+                old.cancel()
+            if name == "monitoring":
+                coro = self.monitoring.run()
+            elif name == "maintenance":
+                coro = self.admin.run_maintenance()
+            elif self.config.dnscheck.every:  # dnscheck
+                monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
+                coro = monitor.run()
+            else:
+                continue
+            self._background[name] = self._tg.create_task(coro)
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def reload_request(self) -> dict:
+        """The control socket's "reload": a reply {"ok": ..., "result"|"error": ...}."""
         try:
-            for host, port, _role, _tls in plan:
-                sockets.append(bind_listener(host, port))
-        except OSError:
-            for sock in sockets:
-                sock.close()
+            result = await self.reload_file()
+        except ReloadError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "result": result}
+
+    async def reload_file(self) -> dict:
+        """Read and validate the config file again, then reload() it."""
+        try:
+            new, text = read_config(self.config_source)
+        except ConfigError as e:
+            self._refused("; ".join(e.messages))
+        return await self.reload(new, text)
+
+    def _refused(self, reason: str):
+        if self.records is not None:
+            self.records.record(ReloadFailed(reason))
+        raise ReloadError(reason)
+
+    async def reload(self, new: Config, text: str | None = None) -> dict:
+        """Prepare `new` completely, then switch to it; ReloadError (and an error event)
+        with the old configuration still serving if any step fails."""
+        await self.started.wait()
+        if self._tg is None or self.frontend is None:
+            self._refused("the node is stopping")
+        async with self._reload_lock:
+            self.ready = False
+            try:
+                return await self._reload(new, text)
+            finally:
+                self.ready = self._tg is not None
+
+    async def _reload(self, new: Config, text: str | None) -> dict:
+        old = self.config
+        assert self.records is not None and self.queue is not None and self.frontend is not None
+        if Path(new.server.data_dir).resolve() != self.data_dir.resolve():
+            self._refused(f"[server] data_dir changed to {new.server.data_dir}: "
+                          "the spool and records cannot move on a reload (restart kanmon)")
+        if not has_mail_roles(new) and self.mail_roles or has_mail_roles(new) and not self.mail_roles:
+            self._refused("a node that only balances and a mail node differ too much for a reload (restart kanmon)")
+        workers = self.workers
+        if self.workers == old.server.workers:  # the count follows the config
+            workers = new.server.workers
+        try:
+            prepared = self.listen.prepare(listen_addresses(new, self.mail_roles))
+        except OSError as e:
+            self._refused(str(e))
+        try:
+            frontend = self._frontend(new, prepared, workers, text)
+            await frontend.start()
+        except ssl.SSLError as e:
+            self.listen.abort(prepared)
+            self._refused(f"the TLS certificate and key do not load: {e}")
+        except OSError as e:
+            self.listen.abort(prepared)
+            self._refused(str(e))
+        except Exception as e:  # noqa: BLE001 - whatever fails, the old configuration stays
+            self.listen.abort(prepared)
+            self._refused(f"{type(e).__name__}: {e}")
+        except BaseException:
+            self.listen.abort(prepared)
             raise
-        listeners = [{"fd": s.fileno(), "role": role, "tls": tls} for s, (_h, _p, role, tls) in zip(sockets, plan)]
+        # The new Frontend accepts on every address; the old one stops accepting and
+        # retires (its listening sockets that the new config still lists stay open).
+        self.listen.commit(prepared)
+        retiring, self.frontend = self.frontend, frontend
+        self.workers = workers
+        self.config_text = text
+        task = asyncio.ensure_future(retiring.retire())
+        self._retiring[task] = retiring
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+        changed = self._reconfigure_core(old, new)
+        self.records.record(Reload(", ".join(changed) or "nothing"))
+        return {"config": self.config_source or "<embedded default>", "changed": changed,
+                "listening": [f"{h}:{p}" for h, p in self.listen.held]}
+
+    def _reconfigure_core(self, old: Config, new: Config) -> list[str]:
+        """The parts that stay across a reload take the new settings; the background
+        tasks whose sections changed restart. Returns the top-level sections that changed."""
         assert self.queue is not None and self.records is not None
-        return ReceiverPool(self.config_source, listeners, sockets, self.workers, self.queue.submit_nowait,
-                            self.records.emit, quiet=self.echo is None)
+        changed = [name for name in type(new).model_fields if getattr(old, name) != getattr(new, name)]
+        self.config = new
+        if {"server", "outbound", "dns", "tls", "domain"} & set(changed):
+            self._old_remotes.append(self.remote)  # deliveries in flight finish on it; closed at stop
+            self.remote = SmtpDelivery(new, self.records.record)
+            self.remote.on_server_used = self.monitoring.alerts.on_server_used
+        self.queue.reconfigure(new, self.remote.deliver_route, Notices(new))
+        self.admin.reconfigure()
+        restart = set()
+        if {"alerts", "records", "tls", "server"} & set(changed):
+            self.monitoring.reconfigure(new)
+            restart.add("monitoring")
+        if "maintenance" in changed:
+            restart.add("maintenance")
+        if {"dnscheck", "dns", "domain"} & set(changed):
+            restart.add("dnscheck")
+        if restart:
+            self._start_background(restart)
+        if "balancer" in changed:
+            self.spawn_balancer_swap(old, new)
+        return changed
+
+    def spawn_balancer_swap(self, old: Config, new: Config) -> None:
+        """The balancer's virtual addresses are its own sockets: it restarts (after the
+        rest of the reload), and if the new one cannot start the old one comes back."""
+        async def swap() -> None:
+            assert self.records is not None
+            previous = self.balancer
+            if previous is not None:
+                await previous.stop()
+                self.services.remove(previous)
+            self.balancer = None
+            if new.balancer is None:
+                return
+            try:
+                candidate = self._balancer(new)
+                try:
+                    await candidate.start()
+                except (OSError, ValueError) as e:
+                    self.records.record(ReloadFailed(f"balancer: {e}; the previous balancer configuration stays"))
+                    if old.balancer is None:
+                        return
+                    candidate = self._balancer(old)
+                    await candidate.start()
+            except Exception as e:  # noqa: BLE001 - the node keeps running without a balancer
+                self.records.emit(f"balancer: cannot start after the reload: {type(e).__name__}: {e}", kind="critical")
+                return
+            self.balancer = candidate
+            self.services.append(candidate)
+
+        assert self._tg is not None
+        self._tg.create_task(swap())
 
     def describe(self) -> str:
         """What the operator sees at start: listeners, where mail goes, where data lives."""
@@ -268,10 +601,10 @@ class Node:
 def run_node(config: Config, config_source: str | None = None, echo: TextIO | None = sys.stdout) -> int:
     """`kanmon serve`: run until SIGINT/SIGTERM; SIGHUP reloads the config file.
 
-    Reload (DESIGN.md promise 8): the file is validated completely first; a bad file is
-    refused with an event naming the key, and the running configuration stays. A good one
-    restarts the node in this process (listeners close with 421, the queue is recovered
-    from the spool), like a `postfix reload` that also re-binds listeners.
+    Reload (DESIGN.md promise 8): Node.reload prepares the new configuration completely
+    before anything of the old one stops; a bad file or a failed step is refused with an
+    error event and the running configuration stays. Sessions in progress are not cut.
+    `kanmon reload` asks over the control socket and reads the outcome.
     """
     # Started as root with [server] user: become that user before anything is opened
     # (kanmon.privileges), keeping only the right to bind ports below 1024.
@@ -305,62 +638,67 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                 feeder.cancel()
 
     async def serve() -> int:
-        current = config
         loop = asyncio.get_running_loop()
-        pid_file = Path(config.server.data_dir) / "kanmon.pid"
-        while True:
-            node = Node(current, echo=echo, workers=current.server.workers, config_source=config_source)
-            task = asyncio.ensure_future(node.run())
-            reload_to: list[Config] = []
-
-            def on_hup(node: Node = node, task: asyncio.Task = task, reload_to: list[Config] = reload_to) -> None:
-                try:
-                    new = load_config(config_source)
-                except ConfigError as e:
-                    for line in e.messages:
-                        if node.records is not None:
-                            node.records.emit(f"reload refused, the running configuration stays: {line}",
-                                              kind="error")
-                        print(f"kanmon: reload refused: {line}", file=sys.stderr, flush=True)
-                    return
-                if node.records is not None:
-                    node.records.record(Reload())
-                sdnotify.reloading()
-                reload_to.append(new)
-                task.cancel()
-
-            def on_stop(task: asyncio.Task = task) -> None:
-                sdnotify.stopping()
-                task.cancel()
-
-            def on_usr1(node: Node = node) -> None:
-                if node.records is not None:
-                    node.records.reopen_log()  # after logrotate moved the file
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, on_stop)
-            loop.add_signal_handler(signal.SIGHUP, on_hup)
-            loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-            waiter = asyncio.ensure_future(node.started.wait())
-            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter in done:
-                Path(current.server.data_dir).mkdir(parents=True, exist_ok=True)
-                pid_file = Path(current.server.data_dir) / "kanmon.pid"
-                pid_file.write_text(f"{os.getpid()}\n")
-                print(node.describe(), flush=True)
-                sdnotify.ready(f"serving as {current.server.hostname}")
-            else:
-                waiter.cancel()
+        text = None
+        if config_source is not None:  # what the receivers will load: the text validated here
             try:
-                await task
-            except OSError as e:
-                print(f"kanmon: cannot start: {e}", file=sys.stderr)
-                return 1
-            except asyncio.CancelledError:
-                pass
-            if not reload_to:
-                pid_file.unlink(missing_ok=True)
-                return 0
-            current = reload_to[-1]
+                again, text = read_config(config_source)
+                if again != config:
+                    text = None  # changed since it was checked: the receivers read the file
+            except ConfigError:
+                text = None
+        node = Node(config, echo=echo, workers=config.server.workers, config_source=config_source, config_text=text)
+        task = asyncio.ensure_future(node.run())
+        reloads: set[asyncio.Task] = set()
+
+        async def on_hup() -> None:
+            sdnotify.reloading()
+            try:
+                result = await node.reload_file()
+            except ReloadError as e:
+                print(f"kanmon: reload refused, the running configuration stays: {e}", file=sys.stderr, flush=True)
+                return
+            finally:
+                sdnotify.ready(f"serving as {node.config.server.hostname}")
+            print(f"kanmon: reloaded (changed: {', '.join(result['changed']) or 'nothing'})", flush=True)
+
+        def hup() -> None:
+            t = asyncio.ensure_future(on_hup())
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
+
+        def on_stop() -> None:
+            sdnotify.stopping()
+            task.cancel()
+
+        def on_usr1() -> None:
+            if node.records is not None:
+                node.records.reopen_log()  # after logrotate moved the file
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, hup)
+        loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+        waiter = asyncio.ensure_future(node.started.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        pid_file = Path(config.server.data_dir) / "kanmon.pid"
+        if waiter in done:
+            pid_file.write_text(f"{os.getpid()}\n")
+            print(node.describe(), flush=True)
+            sdnotify.ready(f"serving as {config.server.hostname}")
+        else:
+            waiter.cancel()
+        try:
+            await task
+        except OSError as e:
+            print(f"kanmon: cannot start: {e}", file=sys.stderr)
+            return 1
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for t in list(reloads):
+                t.cancel()
+        pid_file.unlink(missing_ok=True)
+        return 0
 
     return runner(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -30,23 +31,12 @@ from functools import partial
 from pathlib import Path
 
 from kanmon.config import Config, load_config
+from kanmon.listeners import bind_listener
+
+__all__ = ["ReceiverPool", "bind_listener", "main"]
 
 RESTART_DELAY = 1.0  # seconds before a receiver that died is started again
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    sock.setblocking(False)
-    return sock
+READY_TIMEOUT = 60.0  # seconds a new receiver may take to listen (at start and reload)
 
 
 # ---------------------------------------------------------------------------
@@ -66,8 +56,12 @@ class ReceiverPool:
         emit: Callable[..., None],
         *,
         quiet: bool = True,
+        own_config_file: bool = False,
     ):
+        """own_config_file: config_source is this pool's private snapshot of the config the
+        main process validated (removed when the pool stops)."""
         self.config_source = config_source
+        self.own_config_file = own_config_file
         self.listeners = listeners  # [{"fd": n, "role": "smtp"|"submission", "tls": bool}]
         self.sockets = sockets
         self.count = count
@@ -77,10 +71,31 @@ class ReceiverPool:
         self._procs: list[subprocess.Popen | None] = [None] * count
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._ready: list[asyncio.Event] = [asyncio.Event() for _ in range(count)]
 
-    async def start(self) -> None:
+    async def start(self, ready_timeout: float = READY_TIMEOUT) -> None:
+        """Start every receiver and wait until each listens; OSError if one does not
+        (then the pool is stopped again)."""
         for i in range(self.count):
             self._tasks.append(asyncio.ensure_future(self._supervise(i)))
+        waits = {asyncio.ensure_future(e.wait()) for e in self._ready}
+        supervisors = set(self._tasks)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_timeout
+        try:
+            while waits:
+                done, _ = await asyncio.wait(waits | supervisors, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise OSError("an SMTP receiver process did not start listening in time")
+                if done & supervisors:
+                    raise OSError("an SMTP receiver process exited before it listened (see the log)")
+                waits -= done
+        except BaseException:
+            for w in waits:
+                w.cancel()
+            await self.stop()
+            raise
 
     async def _supervise(self, index: int) -> None:
         loop = asyncio.get_running_loop()
@@ -108,32 +123,43 @@ class ReceiverPool:
                     kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
                     if kind == "queued" and arg:
                         self.on_queued(arg)
+                    elif kind == "ready":
+                        self._ready[index].set()
             finally:
                 transport.close()
             code = await loop.run_in_executor(None, proc.wait)
             self._procs[index] = None
             if self._stopping:
                 return
+            if not self._ready[index].is_set():
+                return  # it never listened: start() reports it (a loop would hide the reason)
             self.emit(f"warning: SMTP receiver {index} (pid {proc.pid}) exited with status {code}; restarting",
                       kind="error")
             await asyncio.sleep(RESTART_DELAY)
 
-    async def stop(self) -> None:
+    async def retire(self) -> None:
+        """After a reload: each receiver stops accepting, finishes its sessions under the
+        settings it started with, and exits (SIGHUP); "queued" lines are read to the end."""
+        await self.stop(signal.SIGHUP, wait=None)
+
+    async def stop(self, sig: int = signal.SIGTERM, wait: float | None = 10) -> None:
         self._stopping = True
         for proc in self._procs:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for proc in self._procs:
             if proc is not None:
                 try:
-                    proc.wait(10)
+                    proc.wait(wait)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
         for s in self.sockets:
             s.close()
+        if self.own_config_file and self.config_source is not None:
+            Path(self.config_source).unlink(missing_ok=True)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
@@ -201,13 +227,29 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
                                   submission=role == "submission", auth=auth, effects=effects))
     stop = asyncio.Event()
+    retire = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, retire.set)  # replaced after a reload
     try:
         for s in servers:
             await s.start()
-        await stop.wait()
+        notify.write(b"ready\n")
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(retire.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if retire.is_set() and not stop.is_set():
+            # Sessions in progress finish here; a SIGTERM meanwhile ends them (stop below).
+            drain = asyncio.gather(*(s.retire() for s in servers))
+            end = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([drain, end], return_when=asyncio.FIRST_COMPLETED)
+            end.cancel()
+            if not drain.done():
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
     finally:
         for s in servers:
             await s.stop()

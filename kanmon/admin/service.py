@@ -98,6 +98,13 @@ class AdminPlane:
         self.control = ControlServer(node.data_dir, self.handle)
         await self.control.start()
 
+    def reconfigure(self) -> None:
+        """After a reload: the next operation uses the node's new config (one running
+        now finishes with the old one)."""
+        if self.ops is not None:
+            node = self.node
+            self.ops = QueueOps(node.config, node.spool, node.records, self.ops.link)
+
     async def handle(self, request: dict, progress=None) -> dict:
         assert self.ops is not None
         if request.get("op") == "pickup":  # `kanmon sendmail` wrote to maildrop: scan it now
@@ -107,6 +114,8 @@ class AdminPlane:
             return {"ok": True, "result": {}}
         if request.get("op") == "status":  # the node describes itself (kanmon status)
             return {"ok": True, "result": await node_status(self)}
+        if request.get("op") == "reload":  # `kanmon reload`: the node answers with the outcome
+            return await self.node.reload_request()
         return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
 
     async def stop(self) -> None:

@@ -1,14 +1,15 @@
 """`kanmon serve` and `kanmon reload`: run the roles, and tell a running server to reload.
 
-Role: load and validate the config, then hand it to kanmon.node (serve) or signal the
-running server's pid (reload). Trusts: nothing from argv; config errors name the key,
-exit 2. Never: signal a process other than the one in <data_dir>/kanmon.pid.
+Role: load and validate the config, then hand it to kanmon.node (serve) or ask the
+running server to reload over its control socket (kanmon.control) and report the outcome:
+exit 0 when the new configuration is in effect, 1 with the reason when the server refused
+or failed to prepare it (the running configuration stays), or when no server runs.
+Trusts: nothing from argv; config errors name the key, exit 2. Never: signal a process
+(SIGHUP remains for service managers; it cannot tell the outcome).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -31,13 +32,24 @@ def serve(config_path: str | None, quiet: bool) -> None:
 @click.command()
 @config_option
 def reload(config_path: str | None) -> None:
-    """Validate the config, then tell the running `kanmon serve` to reload it (SIGHUP)."""
+    """Validate the config, then have the running `kanmon serve` load it; exit 1 with the
+    reason if it refuses (the running configuration stays)."""
+    from kanmon.control import ControlClient, NoServer  # noqa: PLC0415
+
     config, config_path = load_with_path(config_path)
-    pid_file = Path(config.server.data_dir) / "kanmon.pid"
+    data_dir = Path(config.server.data_dir)
     try:
-        pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError, IndexError):
-        click.echo(f"kanmon: no running server found ({pid_file})", err=True)
+        with ControlClient(data_dir) as client:
+            reply = client.request("reload")
+    except NoServer:
+        click.echo(f"kanmon: no running server found for {data_dir} (is kanmon serve running?)", err=True)
         sys.exit(1)
-    click.echo(f"kanmon: asked pid {pid} to reload {config_path or EMBEDDED}")
+    except (OSError, ValueError) as e:
+        click.echo(f"kanmon: reload: the server did not answer: {e}", err=True)
+        sys.exit(1)
+    if not reply.get("ok"):
+        click.echo(f"kanmon: reload failed, the running configuration stays: {reply.get('error')}", err=True)
+        sys.exit(1)
+    result = reply.get("result") or {}
+    changed = ", ".join(result.get("changed") or []) or "nothing"
+    click.echo(f"kanmon: reloaded {result.get('config', config_path)} (changed: {changed})")

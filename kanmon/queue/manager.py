@@ -104,6 +104,16 @@ class QueueManager:
     def close(self) -> None:
         self._io.shutdown(wait=True)
 
+    def reconfigure(self, config: Config, remote: RemoteDeliver | None, notices=None) -> None:
+        """A reload: routes, retry settings, limits and notices of the new config apply to
+        the next attempt; the queue in memory and deliveries in flight stay."""
+        self.config = config
+        self.router = Router(config)
+        self._settings = Settings.from_config(config.queue)
+        self.remote = remote
+        self.notices = notices
+        self._wake.set()
+
     # -- input ----------------------------------------------------------------------------
 
     def submit_nowait(self, queue_id: str, envelope: Envelope | None = None, content: bytes | None = None) -> None:

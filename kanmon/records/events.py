@@ -673,7 +673,8 @@ class EffectUnhandled(Event):
 
 
 # Kinds an administrator is alerted about (kanmon.alerts: category critical).
-ERROR_KINDS = ("error", "critical", CheckFailed.KIND, ProbeFailed.KIND, EffectFailed.KIND, EffectUnhandled.KIND)
+ERROR_KINDS = ("error", "critical", CheckFailed.KIND, ProbeFailed.KIND, EffectFailed.KIND, EffectUnhandled.KIND,
+               "reload-failed")  # ReloadFailed.KIND (defined below, with the administration events)
 
 
 # -- administration ----------------------------------------------------------------------------------
@@ -769,13 +770,27 @@ class Recovery(Event):
 
 @_event
 class Reload(Event):
-    """A configuration reload accepted: the node restarts with it. (A refused reload is
-    an Error: alerts mail it.)"""
+    """A configuration reload took effect: new sessions get the new settings, sessions in
+    progress finish under the old ones. (A refused reload is a ReloadFailed.)"""
 
     KIND = "reload"
+    changed: str = ""  # the top-level config sections that changed, comma-separated
 
     def line(self) -> str:
-        return "reload: configuration valid; restarting"
+        return f"reload: new configuration in effect (changed: {self.changed or 'nothing'})"
+
+
+@_event
+class ReloadFailed(Event):
+    """A reload refused (invalid file) or failed while it prepared the new configuration
+    (a port in use, a certificate that does not match its key, a missing file): the
+    running configuration stays. Mailed as an error alert (ERROR_KINDS)."""
+
+    KIND = "reload-failed"
+    reason: str
+
+    def line(self) -> str:
+        return f"reload refused, the running configuration stays: {self.reason}"
 
 
 @_event

@@ -239,6 +239,16 @@ class SmtpServer:
                 out.append(sock.getsockname()[:2])
         return out
 
+    async def retire(self) -> None:
+        """After a reload: stop accepting (the listening socket stays with the server that
+        replaces this one), let every session in progress finish under this server's
+        settings, by QUIT or by its own timeouts, then stop."""
+        for s in self._servers:
+            s.close()
+        while self.connections:
+            await asyncio.sleep(SWEEP_INTERVAL)
+        await self.stop()
+
     async def stop(self) -> None:
         for s in self._servers:
             s.close()

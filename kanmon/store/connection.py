@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Callable, Generator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -352,8 +353,12 @@ class ListenerSet:
         max_connections: int = 1000,
         handshake_timeout: float = 30.0,
         file_workers: int = 8,
+        sockets: list[tuple[socket.socket, bool]] | None = None,
     ):
+        """sockets: (already listening socket, implicit TLS) to accept on instead of
+        binding plain/implicit (a node's reload hands the same sockets on)."""
         self.name = name
+        self.sockets = sockets
         self.plain = plain
         self.implicit = implicit
         self.tls_context = tls_context
@@ -407,6 +412,18 @@ class ListenerSet:
         self._runner = asyncio.create_task(self._hold(ready))
         await ready
         try:
+            if self.sockets is not None:
+                if any(implicit for _sock, implicit in self.sockets) and self.tls_context is None:
+                    raise OSError(f"{self.name}: listen_tls needs a TLS certificate")
+                for sock, implicit in self.sockets:
+                    server = await loop.create_server(
+                        lambda implicit=implicit: self._protocol(implicit),
+                        sock=sock,
+                        ssl=self.tls_context if implicit else None,
+                        ssl_handshake_timeout=self.handshake_timeout if implicit else None,
+                    )
+                    self.servers.append(server)
+                return
             for endpoints, implicit in ((self.plain, False), (self.implicit, True)):
                 for host, port in endpoints:
                     server = await loop.create_server(
@@ -446,6 +463,14 @@ class ListenerSet:
         self._connections.discard(conn)
         if not self._connections:
             self._none_left.set()
+
+    async def drain(self) -> None:
+        """Stop accepting; return when every connection has ended on its own (the
+        sessions keep the settings they started with; IDLE ends by DONE or its timeout)."""
+        for s in self.servers:
+            s.close()
+        if self._connections:
+            await self._none_left.wait()
 
     async def stop(self) -> None:
         for s in self.servers:
@@ -492,7 +517,8 @@ class AccessService:
 
     protocol = ""  # "POP3" | "IMAP"
 
-    def __init__(self, config, section, tls_context, users, throttle, emit, *, max_connections: int = 1000):
+    def __init__(self, config, section, tls_context, users, throttle, emit, *, max_connections: int = 1000,
+                 sockets: list[tuple[socket.socket, bool]] | None = None):
         self.config = config
         self.tls_context = tls_context
         self.users = users
@@ -506,6 +532,7 @@ class AccessService:
             self._session,
             users.verify,
             max_connections=max_connections,
+            sockets=sockets,
         )
 
     def _session(self, peer: PeerInfo, implicit: bool):
@@ -520,6 +547,11 @@ class AccessService:
         await self.listeners.start()
         for host, port in self.addresses:
             self.emit(f"{self.protocol.lower()} listening on {host}:{port}")
+
+    async def retire(self) -> None:
+        """After a reload: sessions in progress finish under this service, then it stops."""
+        await self.listeners.drain()
+        await self.stop()
 
     async def stop(self) -> None:
         await self.listeners.stop()

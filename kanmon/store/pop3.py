@@ -25,6 +25,7 @@ import base64
 import binascii
 import fcntl
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -548,10 +549,12 @@ class Pop3Service(AccessService):
         *,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = 1000,
+        sockets: list[tuple[socket.socket, bool]] | None = None,
     ):
         self.idle_timeout = idle_timeout
         self.locks = MailboxLocks()
-        super().__init__(config, config.pop3, tls_context, users, throttle, emit, max_connections=max_connections)
+        super().__init__(config, config.pop3, tls_context, users, throttle, emit, max_connections=max_connections,
+                         sockets=sockets)
 
     async def stop(self) -> None:
         await super().stop()  # every session and its file work is done

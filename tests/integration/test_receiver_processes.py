@@ -146,3 +146,40 @@ def test_port_in_use_is_a_clear_start_error(tmp_path):
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
 
+
+
+def test_a_reload_replaces_the_receivers_without_cutting_a_session(tmp_path):
+    """The new receivers listen before the old ones stop accepting; an old receiver
+    finishes its session in progress (under the old settings), then exits."""
+    import sys
+
+    proc, port = start(tmp_path, workers=1)
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        (old,) = receiver_pids(proc.proc.pid)
+        s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        s.ehlo()
+        s.mail("a@remote.example")
+        assert s.rcpt("alice@example.test")[0] == 250
+        cfg = tmp_path / "kanmon.toml"
+        cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=2)
+                       .replace('mailboxes = ["alice"]', 'mailboxes = ["alice", "carol"]'))
+        out = subprocess.run([sys.executable, "-m", "kanmon", "reload", "-c", str(cfg)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        new = [p for p in receiver_pids(proc.proc.pid) if p != old]
+        assert len(new) == 2  # ready before the reload answered
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:  # a new session: a new receiver
+            c.ehlo()
+            c.mail("a@remote.example")
+            assert c.rcpt("carol@example.test")[0] == 250
+        assert alive(old)  # still finishing the held session
+        assert s.rcpt("carol@example.test")[0] == 550  # the settings the session started with
+        assert s.data(b"Subject: held\r\n\r\nx\r\n")[0] == 250
+        s.quit()
+        wait_for(lambda: not alive(old), 15, "the old receiver to exit")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 15, "delivery")
+        assert "exited with status" not in (tmp_path / "data/log/kanmon.log").read_text()
+        assert not list((tmp_path / "data").glob(".receivers-*-1.toml"))  # the old snapshot is gone
+    finally:
+        proc.terminate()

@@ -115,7 +115,9 @@ LINES = [
     (ev.MaintenanceRun("stale", error="No space left on device"), "maintenance stale: failed: No space left on device"),
     (ev.Recovery(removed=2), "recovery: removed 2 unacknowledged incoming file(s)"),
     (ev.Recovery(5, 1), "recovery: 5 message(s) in the queue, 1 corrupt"),
-    (ev.Reload(), "reload: configuration valid; restarting"),
+    (ev.Reload("smtp"), "reload: new configuration in effect (changed: smtp)"),
+    (ev.ReloadFailed("cannot listen on 127.0.0.1:9: in use"),
+     "reload refused, the running configuration stays: cannot listen on 127.0.0.1:9: in use"),
     (ev.Stopped(), "stopped"),
     (ev.Alert("disk", "/data", "raised", 1.0, "free disk low\nmore"), "alert disk//data: free disk low"),
     (ev.Alert("dns", "x", "raised", 1.0, "worse", mailed=False), "alert dns/x (category not mailed): worse"),
@@ -143,7 +145,9 @@ def test_a_suppressed_alert_says_when_it_was_last_mailed():
 
 
 def test_failures_of_probes_and_effects_are_alerted_like_errors():
-    assert {"error", "critical", "check-failed", "probe-failed", "effect-failed", "effect-unhandled"} == set(ev.ERROR_KINDS)
+    assert {"error", "critical", "check-failed", "probe-failed", "effect-failed", "effect-unhandled",
+            "reload-failed"} == set(ev.ERROR_KINDS)
+    assert ev.ReloadFailed.KIND in ev.ERROR_KINDS
     assert ev.ProxyTimeout.KIND not in ev.ERROR_KINDS and ev.QuarantineHeld.KIND not in ev.ERROR_KINDS
 
 

@@ -13,6 +13,7 @@ configured endpoints.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -44,11 +45,13 @@ class ImapService(AccessService):
         idle_poll: float = IDLE_POLL,
         max_literal: int | None = None,
         max_connections: int = 1000,
+        sockets: list[tuple[socket.socket, bool]] | None = None,
     ):
         self.idle_timeout = idle_timeout
         self.idle_poll = idle_poll
         self.max_literal = max_literal if max_literal is not None else config.smtp.max_message_size
-        super().__init__(config, config.imap, tls_context, users, throttle, emit, max_connections=max_connections)
+        super().__init__(config, config.imap, tls_context, users, throttle, emit, max_connections=max_connections,
+                         sockets=sockets)
 
     def _session(self, peer: PeerInfo, implicit: bool) -> ImapSession:
         return ImapSession(
