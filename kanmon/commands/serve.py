@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kanmon.commands.options import EMBEDDED, config_option, load_with_path
+from kanmon.commands.options import config_option, load_with_path
 
 
 @click.command()
