@@ -325,8 +325,14 @@ class Node:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             source, snapshot = str(path), True
+        state = self.state
+
+        async def receiver_exited(pid: int) -> None:
+            await state.submit(state.gauges.drop_owner, str(pid))  # the connections it held are gone
+
         return ReceiverPool(source, listeners, sockets, workers, self.queue.submit_nowait,
-                            self.records.emit, quiet=self.echo is None, own_config_file=snapshot)
+                            self.records.emit, quiet=self.echo is None, own_config_file=snapshot,
+                            on_exit=receiver_exited)
 
     # -- start, run, stop ---------------------------------------------------------------
 
@@ -364,6 +370,9 @@ class Node:
                     self.listen.abort(prepared)
                     raise
                 self.listen.commit(prepared)
+                if self.workers:
+                    # What the receivers of a run that crashed held is held by nobody.
+                    await self.state.submit(self.state.gauges.clear)
                 await frontend.start()
                 self.frontend = frontend
                 for service in self.services:

@@ -26,7 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class ReceiverPool:
         *,
         quiet: bool = True,
         own_config_file: bool = False,
+        on_exit: Callable[[int], Awaitable[None]] | None = None,
     ):
         """own_config_file: config_source is this pool's private snapshot of the config the
         main process validated (removed when the pool stops)."""
@@ -68,6 +69,7 @@ class ReceiverPool:
         self.on_queued = on_queued
         self.emit = emit
         self.quiet = quiet
+        self.on_exit = on_exit  # awaited with the pid of a receiver that exited
         self._procs: list[subprocess.Popen | None] = [None] * count
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
@@ -129,6 +131,11 @@ class ReceiverPool:
                 transport.close()
             code = await loop.run_in_executor(None, proc.wait)
             self._procs[index] = None
+            if self.on_exit is not None:
+                try:
+                    await self.on_exit(proc.pid)
+                except Exception as e:  # noqa: BLE001 - a cleanup failing must not stop the restarts
+                    self.emit(f"warning: cleanup after SMTP receiver {index} (pid {proc.pid}): {e}", kind="error")
             if self._stopping:
                 return
             if not self._ready[index].is_set():
@@ -225,14 +232,17 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
             continue
         auth = SubmissionAuth(Users(config), AuthThrottle()) if role == "submission" else None
         servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
-                                  submission=role == "submission", auth=auth, effects=effects))
+                                  submission=role == "submission", auth=auth, effects=effects, state=state))
     stop = asyncio.Event()
     retire = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, retire.set)  # replaced after a reload
+    owner = str(os.getpid())
     try:
+        # Connections this process id held in an earlier life are not held any more.
+        await state.submit(state.gauges.drop_owner, owner)
         for s in servers:
             await s.start()
         notify.write(b"ready\n")
@@ -253,6 +263,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     finally:
         for s in servers:
             await s.stop()
+        await state.submit(state.gauges.drop_owner, owner)
         spool.close()
         state.close()
         records.close()

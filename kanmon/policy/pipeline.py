@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kanmon.config import SessionProfile
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path
@@ -88,7 +89,7 @@ def refuse(reply: Reply, **extra: Any) -> CheckResult:
 class Context:
     """What a hook sees: the client, the transaction so far, and the stage's input."""
 
-    __slots__ = ("client", "envelope", "sender", "rcpt", "recipients", "content", "header_end")
+    __slots__ = ("client", "envelope", "sender", "rcpt", "recipients", "content", "header_end", "profile")
 
     def __init__(
         self, client: ClientInfo, envelope: Envelope | None = None, *, sender: Path | None = None,
@@ -101,6 +102,7 @@ class Context:
         self.recipients: tuple[str, ...] = (rcpt.address,) if rcpt is not None else ()  # RCPT: as expanded so far
         self.content = content  # DATA: the message (dot-unstuffed, CRLF), without our Received:
         self.header_end = header_end  # DATA: offset of the CRLFCRLF ending the header block, or -1
+        self.profile: SessionProfile | None = None  # the client's session profile (set by the session)
 
     @property
     def header(self) -> bytes:

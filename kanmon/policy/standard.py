@@ -7,6 +7,7 @@ Never: import a store or spool module (the usage function is passed in).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
+from kanmon.policy.limits import rate_checks
 from kanmon.policy.dns import CheckResolver
 from kanmon.policy.greylist import GreylistCheck
 from kanmon.policy.loop import LoopCheck
@@ -37,12 +39,16 @@ def standard_checks(
     ValueError here, at build time (a pipeline built for a test may omit both).
     directory: mailboxes and aliases of the config and the users file (one is made when
     not given).
-    clock: epoch seconds for the greylist and the verification cache (time.time by default; tests advance their own).
+    clock: epoch seconds for the greylist, the verification cache and the rate counters
+    (time.time by default; tests advance their own).
 
     DNSBL and greylisting are in the list only when configured (a [[dnsbl]] zone; a
     profile with greylist = true), so the accept path of a node without them is unchanged."""
     access = RelayAccess(config, directory)
-    checks: list[Check] = [FreeDiskCheck(config, free_disk), RelayAccessCheck(access), LocalRecipientsCheck(access)]
+    checks: list[Check] = [FreeDiskCheck(config, free_disk)]
+    # Rate limits first: every request counts, whatever the later checks say.
+    checks += rate_checks(config.session_profiles.values(), state, clock or time.time)
+    checks += [RelayAccessCheck(access), LocalRecipientsCheck(access)]
     if config.dnsbl and any(p.dnsbl_threshold > 0 for p in config.session_profiles.values()):
         if resolver is None:
             raise ValueError("[[dnsbl]] zones are configured: the DNSBL check needs a resolver")

@@ -281,6 +281,9 @@ class EarlyTalker(Event):
     def line(self) -> str:
         return f"reject: early talker {self.client}[{self.ip}] sent {self.size} bytes before the greeting: {self.reply}"
 
+    def counts(self):
+        return ((f"checks|check=greet_pause|result={reply_result(self.reply)}", 1),)
+
 
 @_event
 class ProxyTimeout(Event):

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kanmon.config import Config
+from kanmon.config import Config, SessionProfile
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
@@ -59,12 +59,21 @@ from kanmon.smtp.session import (
 )
 from kanmon.spool import journal
 from kanmon.spool.store import Spool, SpoolError
+from kanmon.state.api import SharedState
 from kanmon.store.users import log_safe
 
 PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
 SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _session_ids = itertools.count(1)
+
+
+async def _quietly(aw: Awaitable[Any]) -> None:
+    """Await a bookkeeping call whose failure nobody waits for (a gauge release)."""
+    try:
+        await aw
+    except Exception:  # noqa: BLE001 - the owner's rows are dropped when the process stops
+        pass
 
 
 @dataclass(slots=True)
@@ -173,12 +182,16 @@ class SmtpServer:
         auth: SubmissionAuth | None = None,
         effects: Mapping[type, Callable[[Any], Awaitable[None]]] | None = None,
         proxy_header_timeout: float = PROXY_HEADER_TIMEOUT,
+        state: SharedState | None = None,
     ):
         """listeners: (host, port, implicit TLS) to bind; default: [smtp] listen, plain.
         sockets: (already listening socket, implicit TLS), e.g. inherited by a receiver process.
         submission: RFC 6409 profile (AUTH after TLS, required for MAIL) with auth.
         effects: how to carry out each type of side effect the checks return
-        (e.g. kanmon.policy.quota.quota_effect_handlers)."""
+        (e.g. kanmon.policy.quota.quota_effect_handlers).
+        state: the state shared with the other receiver processes: given, the per-client
+        connection limit counts every process's connections (a gauge per client address
+        owned by this process id); None, this process's own (one process serves them all)."""
         if sockets is not None:
             listeners = []
         self.listeners = listeners if listeners is not None else [(h, p, False) for h, p in config.smtp.listen]
@@ -199,6 +212,8 @@ class SmtpServer:
         self.clock = clock
         self.connections: set[SmtpProtocol] = set()
         self.per_ip: Counter[str] = Counter()
+        self.state = state
+        self.gauge_owner = str(os.getpid())
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
@@ -295,7 +310,13 @@ class SmtpServer:
                     self.records.record(ev.ProxyTimeout(conn.peer_ip), session=conn.sid)
                     conn.shutdown(None)
                 continue
-            limit = smtp.data_timeout if conn.session and conn.session.in_data else smtp.command_timeout
+            session = conn.session
+            if session is not None and session.in_data:
+                limit = smtp.data_timeout
+            elif session is not None and session.settings.profile is not None:
+                limit = session.settings.profile.idle_timeout
+            else:
+                limit = smtp.command_timeout
             if conn.waiting_for_us:
                 continue
             if now - conn.last_activity > limit:
@@ -329,6 +350,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._paused = False
         self._closed = False
         self._counted = False
+        self._gauged = ""  # the shared connection gauge's key, once acquired
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
@@ -374,25 +396,70 @@ class SmtpProtocol(asyncio.Protocol):
         self.client = client
         ip = client.ip
         if len(server.connections) > smtp.max_connections:
-            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached")
+            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
             return
         profile = profile_for(ip, False, server.config)
         if server.per_ip[ip] >= profile.max_connections_per_ip:
-            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached")
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached",
+                         "max_connections_per_ip")
             return
         server.per_ip[ip] += 1
         self._counted = True
+        if server.state is not None:
+            # Other receiver processes hold connections of this client too: count them
+            # all (reading waits, the greeting too, until the gauge answers).
+            self._pause()
+            self.waiting_for_us = True
+            server.spawn(self._admit(client, profile))
+            return
+        self._open(client, profile)
+
+    async def _admit(self, client: ClientInfo, profile: SessionProfile) -> None:
+        """Take a place in the shared per-client connection gauge, then open the session;
+        over max_connections_per_ip (every process's connections), 421."""
+        server = self.server
+        state = server.state
+        assert state is not None
+        key = f"{'submission' if server.submission else 'smtp'} {client.ip}"
+        try:
+            held = await state.submit(state.gauges.acquire, key, server.gauge_owner, server.clock())
+        except Exception as e:  # noqa: BLE001 - the process's own count still limits
+            server.records.record(ev.Error(f"connection gauge unavailable: {type(e).__name__}: {e}"), session=self.sid)
+            held = 0
+        else:
+            self._gauged = key
+        self.waiting_for_us = False
+        if self._closed:  # the client left while the gauge answered: it did connect
+            self._release_gauge()
+            server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
+            server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
+            return
+        if held > profile.max_connections_per_ip:
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached",
+                         "max_connections_per_ip")
+            return
+        self._resume()
+        self._open(client, profile)
+
+    def _release_gauge(self) -> None:
+        if self._gauged and self.server.state is not None:
+            state = self.server.state
+            self.server.spawn(_quietly(state.submit(state.gauges.release, self._gauged, self.server.gauge_owner)))
+        self._gauged = ""
+
+    def _open(self, client: ClientInfo, profile: SessionProfile) -> None:
+        server = self.server
         settings = SessionSettings(
             hostname=server.config.server.hostname,
             max_message_size=profile.max_message_size,
             max_recipients=profile.max_recipients,
-            max_errors=profile.max_errors,
             tls_available=server.tls_context is not None,
             tls_active=bool(client.tls_version),
             submission=server.submission,
             sender_addresses=server.access.sender_addresses if server.submission else None,
-            profile=profile,
         )
+        settings.apply_profile(profile)
+        ip = client.ip
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if profile.greet_pause > 0 and not server.submission:
@@ -408,9 +475,9 @@ class SmtpProtocol(asyncio.Protocol):
         if self.session is not None and not self._closed:
             self._do(self.session.greeting())
 
-    def _refuse(self, reply: Reply, why: str) -> None:
+    def _refuse(self, reply: Reply, why: str, check: str = "") -> None:
         ip = self.client.ip if self.client else self.peer_ip
-        self.server.records.record(ev.ConnectRefused(ip, str(reply), reply.enhanced, why), session=self.sid)
+        self.server.records.record(ev.ConnectRefused(ip, str(reply), reply.enhanced, why, check), session=self.sid)
         assert self.transport is not None
         self.transport.write(reply.wire())
         self.transport.close()
@@ -426,6 +493,7 @@ class SmtpProtocol(asyncio.Protocol):
             server.per_ip[self.client.ip] -= 1
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
+        self._release_gauge()
         if self.session is not None and self.client is not None:
             server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
@@ -577,7 +645,7 @@ class SmtpProtocol(asyncio.Protocol):
             a.command, c.name, c.ip, str(a.reply), a.reply.enhanced, env.mail_from if env else None, a.rcpt or "",
             c.proto, c.helo, a.check or "",
         ), session=self.sid)
-        if a.command in ("RCPT", "DATA"):
+        if a.command in ("RCPT", "DATA") and a.reply.code != 421:  # a 421 closes the session: no verdict on a recipient
             records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo,
                                    classification=a.classification, disposition="Reject")
 
@@ -723,7 +791,8 @@ class SmtpProtocol(asyncio.Protocol):
                 address = a.username.strip().lower()
                 await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
                 server.records.record(ev.AuthSucceeded(c.name, c.ip, a.mechanism, address), session=self.sid)
-                actions = self.session.auth_result(address)
+                # From now on the client's profile is that of an authenticated client.
+                actions = self.session.auth_result(address, profile=profile_for(c.ip, True, server.config))
             elif ok is None:
                 actions = self.session.auth_result(None, replies.LOCAL_ERROR)
             else:

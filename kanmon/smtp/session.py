@@ -142,6 +142,35 @@ class SessionSettings:
     submission: bool = False  # RFC 6409 port: AUTH offered after TLS, and required for MAIL
     sender_addresses: Callable[[str], set[str]] | None = None  # user -> envelope senders it may use
     profile: SessionProfile | None = None  # the client's session profile (None: a session without one, e.g. in tests)
+    # Per-session limits of the profile (0: no limit). Each refusal names its profile key.
+    max_messages: int = 0  # transactions (MAIL accepted) per session; the next MAIL gets 421
+    max_header_size: int = 0  # octets of the header block; above it 552 5.3.4 at DATA
+    max_ehlo: int = 0  # EHLO/HELO commands; the next one gets 421
+    max_noop: int = 0
+    max_rset: int = 0
+    bare_lf: bool = False  # normalise a bare LF to CRLF (trusted clients) instead of refusing it
+
+    def apply_profile(self, profile: SessionProfile) -> None:
+        """Take the limits of a session profile (at connect, and again after AUTH)."""
+        self.profile = profile
+        self.max_message_size = profile.max_message_size
+        self.max_recipients = profile.max_recipients
+        self.max_errors = profile.max_errors
+        self.max_messages = profile.max_messages_per_session
+        self.max_header_size = profile.max_header_size
+        self.max_ehlo = profile.max_ehlo
+        self.max_noop = profile.max_noop
+        self.max_rset = profile.max_rset
+        self.bare_lf = profile.bare_newline == "normalize"
+
+
+class LimitExceeded(SmtpError):
+    """A profile limit refused a command; `check` is the profile key that did (for the
+    event log and kanmon_checks_total). A 421 reply closes the session."""
+
+    def __init__(self, reply: Reply, check: str):
+        super().__init__(reply)
+        self.check = check
 
 
 @dataclass(slots=True)
@@ -167,6 +196,8 @@ class Session:
         self.esmtp = False
         self.errors = 0
         self.messages = 0
+        self.transactions = 0  # MAIL commands accepted (max_messages)
+        self.ehlos = self.noops = self.rsets = 0
         self._buf = bytearray()
         self._skip_line = False  # discarding an over-long line up to its LF
         self._skipped = 0  # bytes of that line discarded so far
@@ -268,9 +299,11 @@ class Session:
         self._run(out)
         return out
 
-    def auth_result(self, username: str | None, reply: Reply | None = None) -> list[Action]:
-        """The listener checked the credentials: username when they were right, or the
-        reply to give (535 by default; 421 closes, for a blocked client)."""
+    def auth_result(self, username: str | None, reply: Reply | None = None,
+                    profile: SessionProfile | None = None) -> list[Action]:
+        """The listener checked the credentials: username when they were right (and the
+        profile of an authenticated client, "trusted" by default, whose limits apply from
+        now on), or the reply to give (535 by default; 421 closes, for a blocked client)."""
         if self.state is State.CLOSED:
             return []
         assert self.state is State.WAIT_AUTH
@@ -278,6 +311,8 @@ class Session:
         out: list[Action] = []
         if username:
             self.client.auth_user = username
+            if profile is not None:
+                self.settings.apply_profile(profile)
             out.append(Send(replies.AUTH_OK.wire()))
         else:
             reply = reply or replies.AUTH_FAILED
@@ -364,17 +399,21 @@ class Session:
                 self.state = State.CLOSED
                 out += [Send(replies.UNAUTH_PIPELINING.wire()), Close("pipelining without PIPELINING")]
                 return
-            if not raw.endswith(b"\r") or b"\r" in raw[:-1]:
+            if raw.endswith(b"\r") and b"\r" not in raw[:-1]:
+                line = raw[:-1]
+            elif self.settings.bare_lf and b"\r" not in raw:
+                line = raw  # a trusted client's bare LF ends the line as CRLF would
+            else:
                 # Bare LF (or bare CR inside the line): RFC 5321 2.3.8.
                 self._tx = None
                 if self.state in (State.MAIL, State.RCPT):
                     self.state = State.READY
-                self._error(replies.BARE_NEWLINE, "line", out)
+                self._reject("line", replies.BARE_NEWLINE, out, check="bare_newline")
                 continue
             if self.state is State.AUTH_INPUT:
-                self._auth_input(raw[:-1], out)
+                self._auth_input(line, out)
             else:
-                self._command(raw[:-1], out)
+                self._command(line, out)
         if self.state is State.DATA and self._buf:
             pending = bytes(self._buf)
             self._buf.clear()
@@ -382,19 +421,26 @@ class Session:
             self._run_commands(out)
 
     def _reject(self, command: str, reply: Reply | None, out: list[Action], envelope: Envelope | None = None,
-                rcpt: str = "", decision: Decision | None = None, *, may_close: bool = True) -> None:
+                rcpt: str = "", decision: Decision | None = None, *, may_close: bool = True, check: str = "") -> None:
         """A refused command: its reply (None: 451 4.3.0), a Rejected for the records
-        (naming the check when a decision refused), and one more error; at max_errors the
-        session closes, unless may_close is False (after a message's content)."""
+        (naming the check when a decision or a limit refused), and one more error; at
+        max_errors the session closes, unless may_close is False (after a message's
+        content). A 421 reply closes the session."""
         reply = reply or replies.LOCAL_ERROR
         self.errors += 1
         out.append(Send(reply.wire()))
-        if decision is None:
-            out.append(Rejected(command, reply, envelope, rcpt))
-        else:
+        if decision is not None:
             out.append(Rejected(command, reply, envelope, rcpt, decision.check, decision.classification, decision.error))
-        if may_close and self.errors >= self.settings.max_errors:
+        elif check:
+            out.append(Rejected(command, reply, envelope, rcpt, check, "Policy"))
+        else:
+            out.append(Rejected(command, reply, envelope, rcpt))
+        if reply.code == 421:
+            out.append(Close(str(reply)))
+            self.state = State.CLOSED
+        elif may_close and self.errors >= self.settings.max_errors:
             out.append(Send(replies.TOO_MANY_ERRORS.wire()))
+            out.append(Rejected(command, replies.TOO_MANY_ERRORS, envelope, "", "max_errors", "Policy"))
             out.append(Close("too many errors"))
             self.state = State.CLOSED
 
@@ -416,6 +462,8 @@ class Session:
             return
         try:
             handler(self, arg, out)
+        except LimitExceeded as e:
+            self._reject(verb, e.reply, out, self._tx.envelope if self._tx else None, check=e.check)
         except SmtpError as e:
             self._error(e.reply, verb, out)
 
@@ -427,6 +475,7 @@ class Session:
     def _ask(self, stage: Stage, ctx: Context, then: Callable[[Decision, list[Action]], None], out: list[Action]) -> None:
         """Ask the pipeline; continue with then(decision, out) now, or once the listener
         has run the checks that need I/O (state WAIT_CHECK, input stays buffered)."""
+        ctx.profile = self.settings.profile
         d = self.pipeline.run(stage, ctx)
         if isinstance(d, Decision):
             if d.effects:
@@ -453,7 +502,13 @@ class Session:
 
     # -- commands (RFC 5321 4.1.1) -------------------------------------------------------
 
+    def _count_greeting(self) -> None:
+        self.ehlos += 1
+        if self.settings.max_ehlo and self.ehlos > self.settings.max_ehlo:
+            raise LimitExceeded(replies.TOO_MANY_EHLO, "max_ehlo")
+
     def _ehlo(self, arg: str, out: list[Action]) -> None:
+        self._count_greeting()
         name = arg.strip()
         if not name or " " in name:
             raise SmtpError(replies.EHLO_SYNTAX)
@@ -495,6 +550,7 @@ class Session:
         self._ask(Stage.HELO, Context(self.client), decided, out)
 
     def _helo(self, arg: str, out: list[Action]) -> None:
+        self._count_greeting()
         name = arg.strip()
         if not name or " " in name:
             raise SmtpError(replies.HELO_SYNTAX)
@@ -512,6 +568,8 @@ class Session:
             raise SmtpError(replies.NESTED_MAIL)
         if not arg[:5].upper() == "FROM:":
             raise SmtpError(replies.MAIL_SYNTAX)
+        if self.settings.max_messages and self.transactions >= self.settings.max_messages:
+            raise LimitExceeded(replies.TOO_MANY_MESSAGES, "max_messages_per_session")
         if self.settings.submission and not self.client.auth_user:
             raise SmtpError(replies.AUTH_REQUIRED)  # RFC 6409 4.3
         path = parse_path(arg[5:], is_sender=True, smtputf8_allowed=self.esmtp)
@@ -529,7 +587,7 @@ class Session:
                     raise SmtpError(replies.SYNTAX_PARAMS)
                 env.size_hint = int(value)
                 if env.size_hint > self.settings.max_message_size:
-                    raise SmtpError(replies.MESSAGE_TOO_BIG)
+                    raise LimitExceeded(replies.MESSAGE_TOO_BIG, "max_message_size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise SmtpError(replies.SYNTAX_PARAMS)
@@ -552,6 +610,7 @@ class Session:
             self._reject("MAIL", d.reply, out, decision=d)
             return
         tx = self._tx = _Transaction(env)
+        self.transactions += 1
         _merge(tx, d)
         self.state = State.MAIL
         self._reply(replies.SENDER_OK, out)
@@ -564,7 +623,7 @@ class Session:
         if self._tx.accepted_rcpts >= self.settings.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 and the client sends the rest later.
             self.errors -= 1  # not the client's fault; never counts toward max_errors
-            raise SmtpError(replies.TOO_MANY_RECIPIENTS)
+            raise LimitExceeded(replies.TOO_MANY_RECIPIENTS, "max_recipients")
         path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8)
         notify = orcpt = ""
         for key, value in path.params.items():
@@ -618,12 +677,18 @@ class Session:
         self._reply(replies.START_DATA, out)
 
     def _rset(self, arg: str, out: list[Action]) -> None:
+        self.rsets += 1
+        if self.settings.max_rset and self.rsets > self.settings.max_rset:
+            raise LimitExceeded(replies.TOO_MANY_RSET, "max_rset")
         self._tx = None
         if self.state not in (State.GREETING,):
             self.state = State.READY
         self._reply(replies.RSET_OK, out)
 
     def _noop(self, arg: str, out: list[Action]) -> None:
+        self.noops += 1
+        if self.settings.max_noop and self.noops > self.settings.max_noop:
+            raise LimitExceeded(replies.TOO_MANY_NOOP, "max_noop")
         self._reply(replies.NOOP_OK, out)
 
     def _quit(self, arg: str, out: list[Action]) -> None:
@@ -723,6 +788,9 @@ class Session:
         limit = self.settings.max_message_size
         self._data += data
         self._data_len += len(data)
+        if self.settings.bare_lf:
+            self._feed_data_lf(out)
+            return
         end = self._data.find(b"\r\n.\r\n", self._scan_from)
         if end < 0:
             if self._data_len > limit + 4096:
@@ -739,18 +807,49 @@ class Session:
         self._buf[:0] = rest  # pipelined commands after the dot
         self._finish_data(content, out)
 
+    def _feed_data_lf(self, out: list[Action]) -> None:
+        """DATA from a client whose bare LF is normalised: a "." line ends it whether the
+        lines around it end in CRLF or LF (<LF>.<LF>, <LF>.<CRLF>; as Postfix before
+        3.9, which still serves $mynetworks so). Such a client is trusted not to smuggle."""
+        data = self._data
+        a = data.find(b"\n.\n", self._scan_from)
+        b = data.find(b"\n.\r\n", self._scan_from, a + 4 if a >= 0 else len(data))
+        if a < 0 and b < 0:
+            if self._data_len > self.settings.max_message_size + 4096:
+                self._data_too_big = True
+                del self._data[:-4]
+                self._scan_from = 0
+            else:
+                self._scan_from = max(0, len(data) - 4)
+            return
+        if b >= 0 and (a < 0 or b < a):
+            end, after = b, b + 4
+        else:
+            end, after = a, a + 3
+        rest = bytes(data[after:])
+        content = bytes(data[2 : end + 1])  # drop the virtual CRLF, keep the last line end
+        self._data = bytearray()
+        self._buf[:0] = rest
+        # Every line end becomes CRLF (a CRLF stays); a bare CR is still refused below.
+        if b"\r" in content:
+            if content.count(b"\r") == content.count(b"\r\n"):
+                content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        else:
+            content = content.replace(b"\n", b"\r\n")
+        self._finish_data(content, out)
+
     def _finish_data(self, content: bytes, out: list[Action]) -> None:
         tx = self._tx
         assert tx is not None
         if self._data_too_big or len(content) > self.settings.max_message_size + 2:
             self._end_transaction()
-            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False)
+            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
         # Every CR must be followed by LF and every LF preceded by CR (C-level counts).
         crlf = content.count(b"\r\n")
         if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
             self._end_transaction()
-            self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False)
+            self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return
         # RFC 5321 4.5.2: remove the transparency dot.
         if content.startswith(b".."):
@@ -759,9 +858,15 @@ class Session:
             content = content.replace(b"\r\n..", b"\r\n.")
         if len(content) > self.settings.max_message_size:
             self._end_transaction()
-            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False)
+            self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
-        ctx = Context(self.client, tx.envelope, content=content, header_end=content.find(b"\r\n\r\n"))
+        header_end = content.find(b"\r\n\r\n")
+        if self.settings.max_header_size and (
+                len(content) if header_end < 0 else header_end + 2) > self.settings.max_header_size:
+            self._end_transaction()
+            self._reject("DATA", replies.HEADER_TOO_BIG, out, tx.envelope, may_close=False, check="max_header_size")
+            return
+        ctx = Context(self.client, tx.envelope, content=content, header_end=header_end)
         self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, d, out), out)
 
     def _data_decided(self, content: bytes, d: Decision, out: list[Action]) -> None:

@@ -94,6 +94,11 @@ class ConnectionGauge(Protocol):
         """Forget everything owner holds (a process at start and at exit, or a dead one)."""
         ...
 
+    def clear(self) -> None:
+        """Forget everything held by every owner (a node at start, before its processes
+        accept: what a crashed run's processes held is held by nobody)."""
+        ...
+
 
 @runtime_checkable
 class TtlCache(Protocol):
@@ -163,9 +168,11 @@ class SharedState(Protocol):
 
 def bucket_estimate(current: int, previous: int, window: float, now: float) -> int:
     """Sliding-window count from the current and previous fixed buckets of `window`:
-    the previous bucket weighted by the part of it still inside the window."""
+    the previous bucket weighted by the part of it still inside the window, rounded up
+    (a limit is never loosened by rounding: just after a bucket boundary the estimate is
+    the previous bucket's whole count, not one less)."""
     elapsed = (now % window) / window
-    return current + math.floor(previous * (1.0 - elapsed))
+    return current + math.ceil(previous * (1.0 - elapsed))
 
 
 # ---------------------------------------------------------------------------
@@ -233,6 +240,10 @@ class MemoryGauges:
         with self._lock:
             for k in [k for k in self._held if k[1] == owner]:
                 del self._held[k]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
 
 
 class MemoryCache:

@@ -161,6 +161,10 @@ class SqliteGauges:
         with self._db.transaction() as c:
             c.execute("DELETE FROM gauge WHERE owner = ?", (owner,))
 
+    def clear(self) -> None:
+        with self._db.transaction() as c:
+            c.execute("DELETE FROM gauge")
+
 
 class SqliteCache:
     def __init__(self, db: _Db, namespace: str):

@@ -86,7 +86,8 @@ def queue_files(node: RunningNode) -> list[Path]:
 
 @pytest.mark.parametrize("ending", [b"\r.\n", b".\n"], ids=["CR.LF", "dotLF-at-start"])
 def test_more_smuggling_endings_over_the_wire_queue_nothing(node, ending):
-    with connect(node) as raw:
+    # From outside relay_networks: from inside, a bare LF is normalised (the "trusted" profile).
+    with connect(node, OUTSIDE) as raw:
         recv_reply(raw)
         raw.sendall(b"EHLO c\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
         assert b"354 " in recv_until(raw, b"354 ")
@@ -340,7 +341,9 @@ RSS_BOUND = 300 * 1024 * 1024  # generous: kanmon serve itself is well under 100
 def unbounded_input_run(tmp_path: Path, data_bytes: int) -> None:
     port = free_port()
     cfg = tmp_path / "kanmon.toml"
-    cfg.write_text(config_text(tmp_path / "data", port, max_size="10MB"))
+    # The relay client's header may be larger than the built-in 1MB max_header_size.
+    cfg.write_text(config_text(tmp_path / "data", port, max_size="10MB")
+                   + '[[session_profile]]\nname = "trusted"\nmax_header_size = "4MB"\n')
     proc = KanmonProcess(cfg, "127.0.0.1", port).start()
     try:
         assert proc.proc is not None

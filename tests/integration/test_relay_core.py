@@ -195,8 +195,20 @@ def test_starttls_injection_is_discarded(node):
             assert recv_reply(tls).startswith(b"503 5.5.1")
 
 
+@pytest.fixture
+def untrusted_node(tmp_path):
+    """A node for which the test client (127.0.0.1) is not in relay_networks."""
+    port = free_port()
+    text = config_text(tmp_path / "data", port).replace('relay_networks = ["127.0.0.1/32"]', 'relay_networks = []')
+    n = RunningNode(parse_config(text)).start()
+    yield n
+    n.stop()
+
+
 @pytest.mark.parametrize("ending", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r"])
-def test_smuggling_over_the_wire_queues_nothing(node, ending):
+def test_smuggling_over_the_wire_queues_nothing(untrusted_node, ending):
+    # From relay_networks a bare LF is normalised (the "trusted" profile): see test_bare_lf.
+    node = untrusted_node
     with socket.create_connection((node.host, node.port), timeout=10) as raw:
         recv_reply(raw)
         raw.sendall(b"EHLO c\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")

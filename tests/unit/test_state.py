@@ -46,9 +46,11 @@ def test_rate_counter_sliding_window(state):
     assert c.hit("ip:192.0.2.2", 3600, T0) == 1  # keys are separate
     assert c.hit("ip:192.0.2.1", 60, T0) == 1  # and so are windows
     assert c.peek("ip:192.0.2.1", 3600, T0 + 10) == 3
-    # Half-way through the next hour, half of the previous hour's hits still count.
-    assert c.peek("ip:192.0.2.1", 3600, T0 + 3600 + 1800) == 1
-    assert c.hit("ip:192.0.2.1", 3600, T0 + 3600 + 1800, amount=5) == 6
+    # Just after the hour's boundary the previous hour counts whole (rounded up, never
+    # one less); half-way through the next hour, half of it still counts (1.5 -> 2).
+    assert c.peek("ip:192.0.2.1", 3600, T0 + 3600 + 0.001) == 3
+    assert c.peek("ip:192.0.2.1", 3600, T0 + 3600 + 1800) == 2
+    assert c.hit("ip:192.0.2.1", 3600, T0 + 3600 + 1800, amount=5) == 7
     # Two windows later nothing is left.
     assert c.peek("ip:192.0.2.1", 3600, T0 + 3 * 3600) == 0
     c.reset("ip:192.0.2.2")
@@ -67,6 +69,10 @@ def test_connection_gauge_by_owner(state):
     g.release("ip:192.0.2.1", "pid2")
     g.release("ip:192.0.2.1", "pid2")  # one release too many never goes below zero
     assert g.count("ip:192.0.2.1") == 0
+    g.acquire("ip:192.0.2.1", "pid3", T0)
+    g.acquire("ip:192.0.2.2", "pid4", T0)
+    g.clear()  # a node starting: nobody holds anything yet
+    assert g.count("ip:192.0.2.1") == 0 and g.count("ip:192.0.2.2") == 0
 
 
 def test_ttl_cache(state):
