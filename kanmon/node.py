@@ -207,7 +207,7 @@ class Node:
         # The local sendmail command's maildrop (kanmon.queue.pickup), read through the injector.
         self.pickup = (Pickup(self.data_dir, self.queue.injector, self.records, config.server.hostname,
                               config.smtp.max_message_size) if self.mail_roles else None)
-        self.throttle = self.auth_throttle or AuthThrottle()
+        self.throttle = self.auth_throttle or AuthThrottle(state=self.state)  # shared with the receivers
         # Queue operations: the data_dir lock (taken here, before recovery), the
         # control socket and [[maintenance]] jobs (kanmon.admin.service).
         self.admin = AdminPlane(self)

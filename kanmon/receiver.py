@@ -230,7 +230,8 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]
         if not socks:
             continue
-        auth = SubmissionAuth(Users(config), AuthThrottle()) if role == "submission" else None
+        # The AUTH throttle counts in the shared state: the failures of every process add up.
+        auth = SubmissionAuth(Users(config), AuthThrottle(state=state)) if role == "submission" else None
         servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
                                   submission=role == "submission", auth=auth, effects=effects, state=state))
     stop = asyncio.Event()

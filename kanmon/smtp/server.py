@@ -775,9 +775,10 @@ class SmtpProtocol(asyncio.Protocol):
         auth = server.auth
         user = log_safe(a.username)
         loop = asyncio.get_running_loop()
+        # The throttle may count in the shared state (blocking on its disk): off the loop.
         if auth is None:
             actions = self.session.auth_result(None, replies.LOCAL_ERROR)
-        elif auth.throttle.blocked_for(c.ip, a.username) > 0:
+        elif await loop.run_in_executor(None, auth.throttle.blocked_for, c.ip, a.username) > 0:
             server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, refused=True), session=self.sid)
             actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
         else:
@@ -787,7 +788,7 @@ class SmtpProtocol(asyncio.Protocol):
                 server.records.record(ev.Error(f"error checking credentials: {type(e).__name__}: {e}"), session=self.sid)
                 ok = None
             if ok:
-                auth.throttle.succeeded(c.ip, a.username)
+                await loop.run_in_executor(None, auth.throttle.succeeded, c.ip, a.username)
                 address = a.username.strip().lower()
                 await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
                 server.records.record(ev.AuthSucceeded(c.name, c.ip, a.mechanism, address), session=self.sid)
@@ -796,7 +797,7 @@ class SmtpProtocol(asyncio.Protocol):
             elif ok is None:
                 actions = self.session.auth_result(None, replies.LOCAL_ERROR)
             else:
-                failure = auth.throttle.failed(c.ip, a.username)
+                failure = await loop.run_in_executor(None, auth.throttle.failed, c.ip, a.username)
                 server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, failure.key if failure.blocked else ""),
                                       session=self.sid)
                 if failure.delay > 0 and not self._closed:

@@ -183,7 +183,7 @@ class Pop3Session:
         address = self._pending
         self._pending = None
         assert address is not None
-        out = self._run(self._login(address)) if ok else self._failed(address)
+        out = self._run(self._login(address) if ok else self._failed(address))
         if not self._closed and self._steps is None:
             out += self._process()
         return out
@@ -267,7 +267,8 @@ class Pop3Session:
             return self._err(ERR_SYNTAX)
         if self._sasl_wait:
             self._sasl_wait = False
-            return self._auth_plain(line.strip())
+            result = self._auth_plain(line.strip())
+            return result if isinstance(result, list) else self._run(result)
         verb, _, rest = line.lstrip().partition(" ")  # rest unstripped: PASS may end in spaces
         verb = verb.upper()
         args = rest.split()
@@ -308,7 +309,7 @@ class Pop3Session:
         self._user = args[0]
         return self._ok("send PASS")
 
-    def _cmd_pass(self, rest: str) -> list[Event]:
+    def _cmd_pass(self, rest: str) -> list[Event] | Steps:
         if not self.tls_active:
             return self._err(ERR_NEED_TLS)
         if self._user is None:
@@ -316,7 +317,7 @@ class Pop3Session:
         user, self._user = self._user, None
         return self._check(user, rest)
 
-    def _cmd_auth(self, args: list[str]) -> list[Event]:
+    def _cmd_auth(self, args: list[str]) -> list[Event] | Steps:
         # RFC 5034
         if not args:
             return [Send(b"+OK methods follow\r\nPLAIN\r\n.\r\n")]
@@ -329,7 +330,7 @@ class Pop3Session:
             return [Send(b"+ \r\n")]
         return self._auth_plain(args[1])
 
-    def _auth_plain(self, text: str) -> list[Event]:
+    def _auth_plain(self, text: str) -> list[Event] | Steps:
         # RFC 4616: [authzid] NUL authcid NUL passwd
         if text == "*":
             return self._err("-ERR authentication cancelled")
@@ -342,16 +343,17 @@ class Pop3Session:
             return self._failed(authcid)
         return self._check(authcid, password)
 
-    def _check(self, user: str, password: str) -> list[Event]:
-        if self.throttle.blocked_for(self.peer.ip, user) > 0:
+    # The throttle may count in the shared state (blocking on its disk): its calls are FileWork.
+    def _check(self, user: str, password: str) -> Steps:
+        if (yield FileWork(self.throttle.blocked_for, (self.peer.ip, user))) > 0:
             self.emit(f"pop3 login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
             self._closed = True
             return [Send(self._line(ERR_BLOCKED)), Close()]
         self._pending = user
         return [Verify(user, password)]
 
-    def _failed(self, user: str) -> list[Event]:
-        f = self.throttle.failed(self.peer.ip, user)
+    def _failed(self, user: str) -> Steps:
+        f = yield FileWork(self.throttle.failed, (self.peer.ip, user))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("pop3", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
                               f.key if f.blocked else ""))
@@ -363,7 +365,7 @@ class Pop3Session:
 
     def _login(self, user: str) -> Steps:
         address = user.strip().lower()
-        self.throttle.succeeded(self.peer.ip, address)
+        yield FileWork(self.throttle.succeeded, (self.peer.ip, address))
         try:
             box = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):

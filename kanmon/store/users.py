@@ -9,7 +9,10 @@ and last login. This module owns that table only; other tables in the file belon
 other modules.
 Passwords are hashed with argon2id (argon2-cffi, RFC 9106 parameters). ``AuthThrottle``
 counts failed logins per client IP and per account and answers with a growing delay,
-then a temporary block; SMTP submission, POP3 and IMAP all use one instance.
+then a temporary block; SMTP submission, POP3 and IMAP all use one instance, and given
+the node's SharedState (kanmon.state.api) it counts in it, so every receiver process
+and the main process see the same failures and blocks. Its calls then block on the
+state's disk: callers run them off the event loop (an executor, or FileWork).
 
 Trusts: the validated config. Addresses and passwords come from clients and are only
 compared, hashed or used as SQL parameters.
@@ -35,6 +38,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from kanmon import userdb
 from kanmon.config import Config
+from kanmon.state.api import SharedState
 from kanmon.store.maildir import Mailbox
 from kanmon.userdb import Directory
 
@@ -338,6 +342,9 @@ class Failure:
     key: str = ""  # "ip 192.0.2.1" or "account a@b": what was blocked
 
 
+_BLOCKS = "auth-block"  # the TtlCache namespace of the blocks (key -> until its expiry)
+
+
 class AuthThrottle:
     """Failed logins per client IP and per account, in a sliding window.
 
@@ -348,13 +355,17 @@ class AuthThrottle:
     A success clears the account's count (not the IP's). Memory is bounded: at most
     ``max_keys`` keys are tracked, the stalest dropped first.
 
-    ``clock`` is a monotonic time source; tests pass one they can advance.
+    ``clock`` is a monotonic time source; tests pass one they can advance. With a shared
+    ``state`` the counts live there (failures as RateCounter hits, blocks as TtlCache
+    entries) and ``clock`` must be epoch seconds (the default then), as every process
+    reads the same entries.
     """
 
     def __init__(
         self,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         *,
+        state: SharedState | None = None,
         window: float = 900.0,
         free_failures: int = 3,
         base_delay: float = 1.0,
@@ -364,7 +375,8 @@ class AuthThrottle:
         block_for: float = 900.0,
         max_keys: int = 100_000,
     ):
-        self.clock = clock
+        self.state = state
+        self.clock = clock or (time.time if state is not None else time.monotonic)
         self.window = window
         self.free_failures = free_failures
         self.base_delay = base_delay
@@ -394,6 +406,10 @@ class AuthThrottle:
     def blocked_for(self, ip: str, account: str | None = None) -> float:
         """Seconds until this IP (and account) may try again; 0.0 when not blocked."""
         now = self.clock()
+        if self.state is not None:
+            blocks = self.state.cache(_BLOCKS)
+            entries = [blocks.get(k, now) for k in self._keys(ip, account) if k is not None]
+            return max((e.expires - now for e in entries if e is not None), default=0.0)
         with self._lock:
             left = 0.0
             for key in self._keys(ip, account):
@@ -410,6 +426,8 @@ class AuthThrottle:
     def failed(self, ip: str, account: str | None) -> Failure:
         """Record a failed login; return how long to wait before answering."""
         now = self.clock()
+        if self.state is not None:
+            return self._failed_shared(ip, account, now)
         with self._lock:
             self._prune(now)
             ip_key, acct_key = self._keys(ip, account)
@@ -427,13 +445,38 @@ class AuthThrottle:
                     self._blocked[key] = now + self.block_for
                     q.clear()
                     blocked_key = blocked_key or key
-            over = worst - self.free_failures
-            delay = 0.0 if over <= 0 else min(self.max_delay, self.base_delay * 2 ** (over - 1))
-            if blocked_key:
-                delay = self.max_delay
-            return Failure(delay, bool(blocked_key), blocked_key)
+            return self._failure(worst, blocked_key)
+
+    def _failed_shared(self, ip: str, account: str | None, now: float) -> Failure:
+        state = self.state
+        assert state is not None
+        blocks = state.cache(_BLOCKS)
+        worst = 0
+        blocked_key = ""
+        for key, limit in zip(self._keys(ip, account), (self.block_ip_after, self.block_account_after)):
+            if key is None:
+                continue
+            n = state.counters.hit(f"auth {key}", self.window, now)
+            worst = max(worst, n)
+            if n >= limit and blocks.get(key, now) is None:
+                blocks.put(key, "", self.block_for, now)
+                state.counters.reset(f"auth {key}")
+                blocked_key = blocked_key or key
+        return self._failure(worst, blocked_key)
+
+    def _failure(self, worst: int, blocked_key: str) -> Failure:
+        over = worst - self.free_failures
+        delay = 0.0 if over <= 0 else min(self.max_delay, self.base_delay * 2 ** (over - 1))
+        if blocked_key:
+            delay = self.max_delay
+        return Failure(delay, bool(blocked_key), blocked_key)
 
     def succeeded(self, ip: str, account: str) -> None:
+        if self.state is not None:
+            _, acct_key = self._keys(ip, account)
+            if acct_key:
+                self.state.counters.reset(f"auth {acct_key}")
+            return
         with self._lock:
             _, acct_key = self._keys(ip, account)
             if acct_key:

@@ -9,6 +9,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from kanmon.config import parse_config
+from kanmon.state.api import MemoryState
+from kanmon.state.sqlite import SqliteState
 from kanmon.store.users import AuthThrottle, UnknownMailbox, Users
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -119,9 +121,22 @@ class Clock:
         return self.now
 
 
-def test_throttle_grows_delay_then_blocks_the_account() -> None:
+@pytest.fixture(params=["process", "memory-state", "sqlite-state"])
+def shared(request, tmp_path):
+    """None: the throttle counts in its own memory; else the SharedState it counts in."""
+    if request.param == "process":
+        yield None
+    elif request.param == "memory-state":
+        yield MemoryState()
+    else:
+        state = SqliteState(tmp_path)
+        yield state
+        state.close()
+
+
+def test_throttle_grows_delay_then_blocks_the_account(shared) -> None:
     clock = Clock()
-    t = AuthThrottle(clock, free_failures=2, base_delay=1, max_delay=8, block_account_after=6, block_ip_after=100)
+    t = AuthThrottle(clock, state=shared, free_failures=2, base_delay=1, max_delay=8, block_account_after=6, block_ip_after=100)
     delays = [t.failed("192.0.2.1", "alice@example.test").delay for _ in range(5)]
     assert delays == [0, 0, 1, 2, 4]
     assert t.blocked_for("192.0.2.1", "alice@example.test") == 0
@@ -134,9 +149,9 @@ def test_throttle_grows_delay_then_blocks_the_account() -> None:
     assert t.blocked_for("198.51.100.7", "alice@example.test") == 0
 
 
-def test_throttle_blocks_an_ip_spraying_accounts() -> None:
+def test_throttle_blocks_an_ip_spraying_accounts(shared) -> None:
     clock = Clock()
-    t = AuthThrottle(clock, block_ip_after=5, block_account_after=100, block_for=60)
+    t = AuthThrottle(clock, state=shared, block_ip_after=5, block_account_after=100, block_for=60)
     results = [t.failed("192.0.2.9", f"user{i}@example.test") for i in range(5)]
     assert [r.blocked for r in results] == [False] * 4 + [True]
     assert t.blocked_for("192.0.2.9") == 60
@@ -155,6 +170,27 @@ def test_throttle_window_forgets_old_failures_and_success_clears_account() -> No
     t.succeeded("192.0.2.1", "a@example.test")
     assert not t.failed("192.0.2.1", "a@example.test").blocked
     assert not t.failed("192.0.2.1", "a@example.test").blocked
+
+
+def test_throttle_is_shared_by_processes_through_the_state_file(tmp_path) -> None:
+    """Two receiver processes (two SqliteState on one file): their failures add up, and a
+    block one of them starts holds in the other; a success clears the account for both."""
+    clock = Clock()
+    a_state, b_state = SqliteState(tmp_path), SqliteState(tmp_path)
+    try:
+        a = AuthThrottle(clock, state=a_state, block_account_after=4, block_ip_after=100, block_for=60)
+        b = AuthThrottle(clock, state=b_state, block_account_after=4, block_ip_after=100, block_for=60)
+        assert not a.failed("192.0.2.1", "alice@example.test").blocked
+        assert not b.failed("192.0.2.2", "alice@example.test").blocked
+        b.succeeded("192.0.2.2", "alice@example.test")
+        results = [t.failed("192.0.2.3", "alice@example.test") for t in (a, b, a, b)]
+        assert [r.blocked for r in results] == [False, False, False, True]  # 4 in all, not 2 each
+        assert a.blocked_for("198.51.100.7", "alice@example.test") == 60
+        clock.now += 61
+        assert a.blocked_for("198.51.100.7", "alice@example.test") == 0
+    finally:
+        a_state.close()
+        b_state.close()
 
 
 def test_throttle_memory_is_bounded() -> None:

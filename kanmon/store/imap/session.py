@@ -209,7 +209,7 @@ class ImapSession:
         tag, user = self._pending_tag, self._pending_user
         self._pending_tag = None
         assert tag is not None
-        out = self._run(tag, self._login_ok(tag, user)) if ok else self._login_failed(tag, user)
+        out = self._run(tag, self._login_ok(tag, user) if ok else self._login_failed(tag, user))
         if not self._closed and self._steps is None:
             out += self._process()
         return out
@@ -302,7 +302,8 @@ class ImapSession:
             return self._idle_input(line)
         if self._sasl_tag is not None:
             tag, self._sasl_tag = self._sasl_tag, None
-            return self._sasl_response(tag, line.strip().decode("ascii", "replace"))
+            result = self._sasl_response(tag, line.strip().decode("ascii", "replace"))
+            return self._run(tag, result) if isinstance(result, Generator) else result
         if not line.strip():
             return []
         try:
@@ -389,14 +390,14 @@ class ImapSession:
             raise No("TLS is not available")
         return [Send(f"{tag} OK Begin TLS negotiation now\r\n".encode()), StartTls()]
 
-    def _cmd_login(self, tag: str, args: list) -> list[Event]:
+    def _cmd_login(self, tag: str, args: list) -> list[Event] | Steps:
         if not self.tls_active:
             return [Send(f"{tag} NO [PRIVACYREQUIRED] LOGIN is disabled until STARTTLS\r\n".encode())]
         if len(args) != 2:
             raise Bad("LOGIN needs a user name and a password")
         return self._check(tag, astring(args[0]), astring(args[1]))
 
-    def _cmd_authenticate(self, tag: str, args: list) -> list[Event]:
+    def _cmd_authenticate(self, tag: str, args: list) -> list[Event] | Steps:
         if not self.tls_active:
             return [Send(f"{tag} NO [PRIVACYREQUIRED] AUTHENTICATE is disabled until STARTTLS\r\n".encode())]
         if not args or not isinstance(args[0], str) or len(args) > 2:
@@ -411,7 +412,7 @@ class ImapSession:
         # LOGIN (draft-murchison-sasl-login): the server asks "Username:", then "Password:".
         return [Send(b"+ VXNlcm5hbWU6\r\n" if mech == "LOGIN" else b"+ \r\n")]
 
-    def _sasl_response(self, tag: str, text: str) -> list[Event]:
+    def _sasl_response(self, tag: str, text: str) -> list[Event] | Steps:
         if text == "*":
             self._sasl_user = None
             return [Send(f"{tag} BAD AUTHENTICATE cancelled\r\n".encode())]
@@ -426,7 +427,7 @@ class ImapSession:
             return self._login_failed(tag, authcid)
         return self._check(tag, authcid, password)
 
-    def _sasl_login(self, tag: str, text: str) -> list[Event]:
+    def _sasl_login(self, tag: str, text: str) -> list[Event] | Steps:
         """One step of AUTHENTICATE LOGIN: the user name, then the password (base64 each)."""
         try:
             value = base64.b64decode(text if text != "=" else "", validate=True).decode("utf-8")
@@ -442,8 +443,9 @@ class ImapSession:
         user, self._sasl_user = self._sasl_user, None
         return self._check(tag, user, value)
 
-    def _check(self, tag: str, user: str, password: str) -> list[Event]:
-        if self.throttle.blocked_for(self.peer.ip, user) > 0:
+    # The throttle may count in the shared state (blocking on its disk): its calls are FileWork.
+    def _check(self, tag: str, user: str, password: str) -> Steps:
+        if (yield FileWork(self.throttle.blocked_for, (self.peer.ip, user))) > 0:
             self.emit(f"imap login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
             self._closed = True
             return [Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
@@ -451,8 +453,8 @@ class ImapSession:
         self._pending_user = user
         return [Verify(user, password)]
 
-    def _login_failed(self, tag: str, user: str) -> list[Event]:
-        f = self.throttle.failed(self.peer.ip, user)
+    def _login_failed(self, tag: str, user: str) -> Steps:
+        f = yield FileWork(self.throttle.failed, (self.peer.ip, user))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("imap", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
                               f.key if f.blocked else ""))
@@ -464,7 +466,7 @@ class ImapSession:
 
     def _login_ok(self, tag: str, user: str) -> Steps:
         address = user.strip().lower()
-        self.throttle.succeeded(self.peer.ip, address)
+        yield FileWork(self.throttle.succeeded, (self.peer.ip, address))
         try:
             self.mailbox = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):
