@@ -17,8 +17,12 @@ Trusts: nothing the client sends. Every buffer is bounded: a command line is at 
 offered PIPELINING) that sends a command before the reply to the previous one is
 disconnected with 554 5.5.0 (RFC 2920; Postfix smtpd_forbid_unauth_pipelining). Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
 rejects it with 550 5.5.2 and nothing of it is queued (SMTP smuggling,
-CVE-2023-51764/5/6). After STARTTLS, bytes the client sent before the handshake are
-discarded (CVE-2011-0411).
+CVE-2023-51764/5/6) — except that a client whose profile says bare_newline =
+"normalize" (relay networks, authenticated users) may end lines with a bare LF, which
+becomes CRLF (a bare CR is still refused). After STARTTLS, bytes the client sent before
+the handshake are discarded (CVE-2011-0411). The per-session limits of the client's
+profile (EHLO, NOOP, RSET, messages, recipients, message and header size, errors) are
+counted here; each refusal names the profile key as its check.
 
 Never: answer 250 to DATA by itself — that is the listener's job, after the spool says
 the message is durable (DESIGN.md promise 1).
