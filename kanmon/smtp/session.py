@@ -814,35 +814,52 @@ class Session:
     def _feed_data_lf(self, out: list[Action]) -> None:
         """DATA from a client whose bare LF is normalised: a "." line ends it whether the
         lines around it end in CRLF or LF (<LF>.<LF>, <LF>.<CRLF>; as Postfix before
-        3.9, which still serves $mynetworks so). Such a client is trusted not to smuggle."""
+        3.9, which still serves $mynetworks so). Such a client is trusted not to smuggle.
+        One C-level scan for "<LF>." per read; a CRLF-only message is not copied again."""
         data = self._data
-        a = data.find(b"\n.\n", self._scan_from)
-        b = data.find(b"\n.\r\n", self._scan_from, a + 4 if a >= 0 else len(data))
-        if a < 0 and b < 0:
-            if self._data_len > self.settings.max_message_size + 4096:
-                self._data_too_big = True
-                del self._data[:-4]
-                self._scan_from = 0
-            else:
-                self._scan_from = max(0, len(data) - 4)
-            return
-        if b >= 0 and (a < 0 or b < a):
-            end, after = b, b + 4
-        else:
-            end, after = a, a + 3
+        pos = self._scan_from
+        n = len(data)
+        while True:
+            i = data.find(b"\n.", pos)
+            if i < 0 or i + 2 >= n:
+                if self._data_len > self.settings.max_message_size + 4096:
+                    self._data_too_big = True  # too big: read to the end, keep only the tail
+                    del self._data[:-4]
+                    self._scan_from = 0
+                else:
+                    self._scan_from = i if i >= 0 else max(0, n - 1)
+                return
+            c = data[i + 2]
+            if c == 10:  # <LF>.<LF>
+                end, after = i, i + 3
+                break
+            if c == 13:
+                if i + 3 >= n:
+                    if self._data_len > self.settings.max_message_size + 4096:
+                        self._data_too_big = True
+                        del self._data[:-4]
+                        self._scan_from = 0
+                    else:
+                        self._scan_from = i  # <LF>.<CR> and the rest not read yet
+                    return
+                if data[i + 3] == 10:  # <LF>.<CRLF>
+                    end, after = i, i + 4
+                    break
+            pos = i + 2
         rest = bytes(data[after:])
         content = bytes(data[2 : end + 1])  # drop the virtual CRLF, keep the last line end
         self._data = bytearray()
         self._buf[:0] = rest
-        # Every line end becomes CRLF (a CRLF stays); a bare CR is still refused below.
-        if b"\r" in content:
-            if content.count(b"\r") == content.count(b"\r\n"):
-                content = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        else:
-            content = content.replace(b"\n", b"\r\n")
-        self._finish_data(content, out)
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") != crlf:
+            self._finish_data(content, out)  # a bare CR: refused there
+            return
+        if content.count(b"\n") != crlf:  # bare LFs: every line end becomes CRLF
+            content = (content.replace(b"\r\n", b"\n") if crlf else content).replace(b"\n", b"\r\n")
+        self._finish_data(content, out, checked=True)
 
-    def _finish_data(self, content: bytes, out: list[Action]) -> None:
+    def _finish_data(self, content: bytes, out: list[Action], checked: bool = False) -> None:
+        """checked: the line ends are known to be CRLF only (normalised)."""
         tx = self._tx
         assert tx is not None
         if self._data_too_big or len(content) > self.settings.max_message_size + 2:
@@ -850,8 +867,8 @@ class Session:
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
         # Every CR must be followed by LF and every LF preceded by CR (C-level counts).
-        crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        crlf = 0 if checked else content.count(b"\r\n")
+        if not checked and (content.count(b"\r") != crlf or content.count(b"\n") != crlf):
             self._end_transaction()
             self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return

@@ -235,3 +235,30 @@ def test_a_trusted_profile_may_still_refuse_bare_lf():
     config = LIMITS + '[[session_profile]]\nname = "trusted"\nbare_newline = "reject"\n'
     s = session("127.0.0.1", config=config)
     assert codes(s.feed(b"EHLO c\n")) == ["550"]
+
+
+def test_normalised_data_ends_the_same_however_it_is_split():
+    """Every split point of a message with LF, CRLF, dot-stuffed lines and a terminator
+    split across reads: one message, the same content, the commands after it run."""
+    data = b"Subject: s\n\n.hidden?\n..dot\r\nx\n.\r\nNOOP\n"
+    want = None
+    for cut in range(len(data) + 1):
+        s = session("127.0.0.1")
+        s.feed(b"EHLO c\n" + MAIL + RCPT + b"DATA\n")
+        out = s.feed(data[:cut]) + s.feed(data[cut:])
+        (m,) = stores(out)
+        out += s.message_stored(m.queue_id)
+        assert codes(out)[-2:] == ["250", "250"]  # queued, then NOOP
+        body = m.content.split(b"Subject: s", 1)[1]
+        want = want or body
+        assert body == want == b"\r\n\r\n.hidden?\r\n.dot\r\nx\r\n"  # only ".." loses a dot
+
+
+def test_normalised_data_without_an_end_is_bounded():
+    s = session("127.0.0.1")
+    s.feed(b"EHLO c\n" + MAIL + RCPT + b"DATA\n")
+    for _ in range(300):  # 30 KB, max_message_size 10 KB ([smtp] of CONFIG)
+        s.feed(b"y" * 98 + b"\n.")  # every read ends in a possible terminator
+        assert len(s._data) <= 10_000 + 4096 + 100
+    out = s.feed(b"\n")  # the last read's "<LF>." ends it
+    assert codes(out) == ["552"]
