@@ -51,10 +51,14 @@ def _split_params(text: str) -> dict[str, str | None]:
     return params
 
 
-def _split_path(arg: str, bad: Reply) -> tuple[str, str]:
-    """'<a@b> SIZE=1' -> ('a@b', 'SIZE=1'), honouring quoted strings inside <>."""
+def _split_path(arg: str, bad: Reply, strict: bool = False) -> tuple[str, str]:
+    """'<a@b> SIZE=1' -> ('a@b', 'SIZE=1'), honouring quoted strings inside <>.
+    strict: the address must be in <> and followed by nothing or a space (RFC 5321
+    4.1.2 Path, Postfix strict_rfc821_envelopes): else STRICT_SYNTAX."""
     arg = arg.strip()
     if not arg.startswith("<"):
+        if strict:
+            raise SmtpError(replies.STRICT_SYNTAX)
         # Be liberal as Postfix is: a bare address without <> and without spaces.
         first, _, rest = arg.partition(" ")
         if not first or "<" in first or ">" in first:
@@ -72,7 +76,10 @@ def _split_path(arg: str, bad: Reply) -> tuple[str, str]:
         elif ch == '"':
             in_quote = True
         elif ch == ">":
-            return arg[1:i], arg[i + 1 :]
+            rest = arg[i + 1 :]
+            if strict and rest and not rest.startswith(" "):
+                raise SmtpError(replies.STRICT_SYNTAX)  # <a@b>junk
+            return arg[1:i], rest
         i += 1
     raise SmtpError(bad)
 
@@ -127,12 +134,14 @@ def _check_local(local: str, utf8: bool, bad: Reply) -> str:
     return local
 
 
-def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool) -> Path:
-    """Parse the argument of MAIL FROM: or RCPT TO: (after the colon)."""
+def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool, strict: bool = False) -> Path:
+    """Parse the argument of MAIL FROM: or RCPT TO: (after the colon). strict: the
+    address must be in <> (a session profile's strict_syntax); otherwise a bare
+    address without spaces is taken, as Postfix does."""
     bad = replies.BAD_SENDER_SYNTAX if is_sender else replies.BAD_RCPT_SYNTAX
     if any(ord(c) < 32 or ord(c) == 127 for c in arg):
         raise SmtpError(bad)  # NUL and other controls never belong in a path
-    inside, rest = _split_path(arg, bad)
+    inside, rest = _split_path(arg, bad, strict)
     params = _split_params(rest)
     utf8 = "SMTPUTF8" in params and is_sender
     non_ascii = any(ord(c) > 127 for c in inside)

@@ -433,6 +433,8 @@ class Session:
         reply = reply or replies.LOCAL_ERROR
         self.errors += 1
         out.append(Send(reply.wire()))
+        if decision is None and not check and reply is replies.STRICT_SYNTAX:
+            check = "strict_syntax"  # the profile's strict_syntax, named like a check's (events, metrics)
         if decision is not None:
             out.append(Rejected(command, reply, envelope, rcpt, decision.check, decision.classification, decision.error))
         elif check:
@@ -470,6 +472,11 @@ class Session:
             self._reject(verb, e.reply, out, self._tx.envelope if self._tx else None, check=e.check)
         except SmtpError as e:
             self._error(e.reply, verb, out)
+
+    @property
+    def _strict_syntax(self) -> bool:
+        profile = self.settings.profile
+        return profile is not None and profile.strict_syntax
 
     def _reply(self, reply: Reply, out: list[Action]) -> None:
         out.append(Send(reply.wire()))
@@ -576,7 +583,7 @@ class Session:
             raise LimitExceeded(replies.TOO_MANY_MESSAGES, "max_messages_per_session")
         if self.settings.submission and not self.client.auth_user:
             raise SmtpError(replies.AUTH_REQUIRED)  # RFC 6409 4.3
-        path = parse_path(arg[5:], is_sender=True, smtputf8_allowed=self.esmtp)
+        path = parse_path(arg[5:], is_sender=True, smtputf8_allowed=self.esmtp, strict=self._strict_syntax)
         if self.client.auth_user and path.address and self.settings.sender_addresses is not None:
             # RFC 6409 8.1: an authenticated user sends as itself (or one of its aliases).
             if path.address.lower() not in self.settings.sender_addresses(self.client.auth_user):
@@ -611,7 +618,7 @@ class Session:
     def _mail_decided(self, env: Envelope, d: Decision, out: list[Action]) -> None:
         self._restore_state()
         if not d.accepted:
-            self._reject("MAIL", d.reply, out, decision=d)
+            self._reject("MAIL", d.reply, out, env, decision=d)  # the event and history name the sender
             return
         tx = self._tx = _Transaction(env)
         self.transactions += 1
@@ -628,7 +635,7 @@ class Session:
             # RFC 5321 4.5.3.1.10: 452 and the client sends the rest later.
             self.errors -= 1  # not the client's fault; never counts toward max_errors
             raise LimitExceeded(replies.TOO_MANY_RECIPIENTS, "max_recipients")
-        path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8)
+        path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8, strict=self._strict_syntax)
         notify = orcpt = ""
         for key, value in path.params.items():
             if not self.esmtp:
