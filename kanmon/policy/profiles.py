@@ -18,6 +18,7 @@ import fnmatch
 import ipaddress
 
 from kanmon.config import Config, RecipientPolicySection, SessionProfile
+from kanmon.model import ClientInfo
 
 
 def profile_for(client_ip: str, authenticated: bool, config: Config) -> SessionProfile:
@@ -42,6 +43,12 @@ def profile_for(client_ip: str, authenticated: bool, config: Config) -> SessionP
         if addr in net:
             return profiles["trusted"]
     return profiles["default"]
+
+
+def client_profile(client: ClientInfo, config: Config) -> SessionProfile:
+    """The profile of a session's client as the checks see it: profile_for its address,
+    authenticated when it has logged in (the listener chooses by the same rule)."""
+    return profile_for(client.ip, bool(client.auth_user), config)
 
 
 def recipient_policy_for(sender: str, recipient: str, config: Config) -> RecipientPolicySection | None:

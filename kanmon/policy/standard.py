@@ -13,14 +13,17 @@ from typing import Any
 
 from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
+from kanmon.policy.client import ClientIdentityCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
 from kanmon.policy.limits import rate_checks
 from kanmon.policy.dns import CheckResolver
 from kanmon.policy.greylist import GreylistCheck
+from kanmon.policy.helo import HeloResolvableCheck, HeloSyntaxCheck, OwnHeloCheck
 from kanmon.policy.loop import LoopCheck
 from kanmon.policy.pipeline import Check, Pipeline
 from kanmon.policy.quota import QuotaCheck
+from kanmon.policy.sender import SenderDomainCheck, SenderSpoofCheck
 from kanmon.policy.verify import RecipientVerifyCheck
 from kanmon.state.api import SharedState
 from kanmon.userdb import Directory
@@ -35,8 +38,10 @@ def standard_checks(
     """quota_usage(domain, local) -> bytes (blocking); needed when a domain has a quota.
     free_disk() -> free bytes in data_dir (blocking); statvfs by default.
     state: the counters, caches and greylist shared by the receivers (kanmon.state.api);
-    resolver: the checks' cached DNS. A check that needs one and is not given it is a
-    ValueError here, at build time (a pipeline built for a test may omit both).
+    resolver: the checks' cached DNS. The composition roots always pass both; a
+    pipeline built for a test that drives a session with bytes may omit them, and then
+    has no DNS checks (client_ptr, sender_domain, helo_resolvable); a configured DNSBL
+    without a resolver is a ValueError here, at build time.
     directory: mailboxes and aliases of the config and the users file (one is made when
     not given).
     clock: epoch seconds for the greylist, the verification cache and the rate counters
@@ -49,6 +54,14 @@ def standard_checks(
     # Rate limits first: every request counts, whatever the later checks say.
     checks += rate_checks(config.session_profiles.values(), state, clock or time.time)
     checks += [RelayAccessCheck(access), LocalRecipientsCheck(access)]
+    # HELO, client and sender checks decide at MAIL, cheapest first; client_ptr also
+    # starts each client's lookup at connect and gives the Received: header its name.
+    checks += [HeloSyntaxCheck(config), OwnHeloCheck(access)]
+    if resolver is not None:
+        checks += [ClientIdentityCheck(config, resolver, access), HeloResolvableCheck(config, resolver)]
+    checks.append(SenderSpoofCheck(access))
+    if resolver is not None:
+        checks.append(SenderDomainCheck(config, resolver))
     if config.dnsbl and any(p.dnsbl_threshold > 0 for p in config.session_profiles.values()):
         if resolver is None:
             raise ValueError("[[dnsbl]] zones are configured: the DNSBL check needs a resolver")

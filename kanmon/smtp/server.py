@@ -152,6 +152,7 @@ class Prober:
         self.closed = True
         if _probers.get(self.pipeline) is self:
             del _probers[self.pipeline]
+
         if self._task is not None:
             self._task.cancel()
         for fut in (self._first, self._probe):
@@ -270,8 +271,15 @@ class SmtpServer:
         if self._sweeper:
             self._sweeper.cancel()
         if self._prober is not None:
-            self._prober.release()
-            self._prober = None
+            prober, self._prober = self._prober, None
+            prober.release()
+            if prober.closed:
+                # The last listener of this pipeline: end the lookups its checks run in
+                # the background (client names), before the loop goes away.
+                for check in self.pipeline.checks:
+                    aclose = getattr(check, "aclose", None)
+                    if callable(aclose):
+                        await aclose()
         for conn in list(self.connections):
             conn.shutdown(replies.SHUTTING_DOWN)
         for s in self._servers:
@@ -645,7 +653,9 @@ class SmtpProtocol(asyncio.Protocol):
             a.command, c.name, c.ip, str(a.reply), a.reply.enhanced, env.mail_from if env else None, a.rcpt or "",
             c.proto, c.helo, a.check or "",
         ), session=self.sid)
-        if a.command in ("RCPT", "DATA") and a.reply.code != 421:  # a 421 closes the session: no verdict on a recipient
+        if (a.command in ("RCPT", "DATA") or (a.command == "MAIL" and a.check)) and a.reply.code != 421:
+            # A check's refusal at MAIL (sender, client, HELO checks) is a history row too; a
+            # 421 closes the session: no verdict on a recipient.
             records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo,
                                    classification=a.classification, disposition="Reject")
 
