@@ -17,7 +17,7 @@ from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
 from kanmon.smtp.proxy_protocol import build_proxy_v2
 from tests.integration.test_balancer import VIP, balancer, run, wait_until
-from tests.support.kanmon_node import RunningNode, free_port, maildir_messages
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages
 from tests.support.smtpsink import SmtpSink
 
 NODE = """
@@ -35,7 +35,7 @@ min_free_disk = "1MB"
 name = "corp.example"
 deliver = "local"
 mailboxes = ["alice"]
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 CLIENT = "127.0.0.66"  # a server on "the internet"
 
@@ -159,7 +159,7 @@ name = "corp.example"
 deliver = "relay"
 servers = ["{store}"]
 tls = "none"
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 
 def relay(tmp_path: Path, name: str, host: str, port: int, store: str) -> RunningNode:

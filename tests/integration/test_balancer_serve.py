@@ -10,7 +10,7 @@ import sys
 
 from kanmon.config import parse_config
 from kanmon.records.query import search_history
-from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, wait_for
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, KanmonProcess, RunningNode, free_port, wait_for
 
 RELAY = """
 [server]
@@ -25,7 +25,7 @@ min_free_disk = "1MB"
 [[domain]]
 name = "corp.example"
 mailboxes = ["alice"]
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 LB = """
 [server]

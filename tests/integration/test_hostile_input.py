@@ -19,7 +19,7 @@ import pytest
 from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
 from tests.integration.test_relay_core import recv_reply, recv_until
-from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, maildir_messages
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, KanmonProcess, RunningNode, free_port, maildir_messages
 
 CONFIG = """
 [server]
@@ -37,7 +37,7 @@ greet_pause = "{greet_pause}"
 [[domain]]
 name = "example.test"
 mailboxes = ["alice", "bob"]
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 OUTSIDE = "127.0.0.9"  # another host, outside relay_networks
 

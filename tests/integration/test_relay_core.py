@@ -16,6 +16,7 @@ import trustme
 
 from kanmon.config import parse_config
 from tests.support.kanmon_node import (
+    TEST_DEFAULT_PROFILE,
     KanmonProcess,
     RunningNode,
     free_port,
@@ -41,7 +42,7 @@ mailboxes = ["alice", "bob", "postmaster"{more_mailboxes}]
 aliases = {{ info = ["alice", "bob"] }}
 [queue]
 suspend_delivery = {suspend}
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 
 def config_text(data_dir: Path, port: int, **kw) -> str:

@@ -26,6 +26,22 @@ from kanmon.config import Config, parse_config
 from kanmon.node import Node
 
 
+# The built-in "default" profile checks each sender's domain in DNS (501 5.1.8, 451
+# 4.1.8 while DNS fails) and refuses a HELO with our own name or address. Tests whose
+# clients are outside relay_networks send from domains that no test DNS serves
+# (a@remote.example), with smtplib's default HELO name, which on a host without a
+# fully-qualified name is the literal of its own address ([127.0.0.1], the node's). Their
+# node configs add this block, which redefines "default" for that test only. The
+# built-in default itself is tested in tests/integration/test_sender_checks.py against
+# the loopback DNS server.
+TEST_DEFAULT_PROFILE = """
+[[session_profile]]
+name = "default"
+sender_domain_check = false
+reject_own_helo = false
+"""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
