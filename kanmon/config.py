@@ -291,10 +291,10 @@ class SessionProfileSection(Section):
     own_domain_spoof: Literal["reject", "accept"] | None = Field(
         None, description="A sender in one of our domains from this client, unauthenticated: reject (550 5.7.1) or accept"
     )
-    require_ptr: bool | None = Field(None, description="Clients without a reverse DNS name get 450 4.7.1")
-    helo_required: bool | None = Field(None, description="MAIL before HELO/EHLO is refused (503 5.5.1)")
-    helo_strict: bool | None = Field(None, description="The HELO name must be a valid host name or address literal (501 5.5.2)")
-    helo_resolvable: bool | None = Field(None, description="The HELO name must resolve (450 4.7.1 while it does not)")
+    require_ptr: bool | None = Field(None, description="Clients without a forward-confirmed reverse DNS name get 450 4.7.1 at MAIL")
+    helo_required: bool | None = Field(None, description="MAIL before HELO/EHLO is refused (503 5.5.1); always so, whatever this says")
+    helo_strict: bool | None = Field(None, description="The HELO name must be a fully-qualified host name or an address literal (504 / 501 5.5.2 at MAIL)")
+    helo_resolvable: bool | None = Field(None, description="The HELO name must have an A or AAAA record (450 4.7.1 at MAIL while it does not)")
     reject_own_helo: bool | None = Field(None, description="A HELO with our own name or address is refused (550 5.7.1)")
     dnsbl_threshold: int | None = Field(None, ge=0, description="Refuse a client whose [[dnsbl]] weights add up to this; 0: no DNSBL")
     greylist: bool | None = Field(None, description="Greylist new (client network, sender, recipient) triplets")
