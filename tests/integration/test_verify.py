@@ -24,7 +24,7 @@ from kanmon.model import ClientInfo
 from kanmon.records.query import search_history
 from kanmon.smtp.address import Path as AddrPath
 from kanmon.state.api import MemoryState
-from tests.support.kanmon_node import RunningNode, free_port, wait_for
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, wait_for
 from tests.support.smtpsink import SmtpSink, tls_server_context
 
 STORE = "127.0.0.7"
@@ -50,7 +50,7 @@ tls = "none"
 verify = "{verify}"
 verify_unreachable = "{unreachable}"
 {extra}
-"""
+""" + TEST_DEFAULT_PROFILE  # clients outside relay_networks send from unknown domains
 
 
 def config_text(data_dir: Path, store: str, *, port: int | None = None, verify: str = "callout",
