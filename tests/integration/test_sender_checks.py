@@ -203,8 +203,9 @@ def test_require_ptr(tmp_path, dns_server):  # noqa: F811
     try:
         assert mail_from(node, "a@mx.test") == (450, b"4.7.1 Client host rejected: cannot find your hostname, [127.0.0.9]")
         dns_server.add_records(records={"9.0.0.127.in-addr.arpa": ["PTR client.test."]})
-        node.call(node.node.check_resolver.clear)
-        node.call(lambda: next(c for c in node.node.pipeline.checks if c.name == "client_ptr")._known.clear())
+        ptr_check = next(c for c in node.node.smtp.pipeline.checks if c.name == "client_ptr")
+        node.call(ptr_check.resolver.clear)
+        node.call(ptr_check._known.clear)
         assert mail_from(node, "a@mx.test")[0] == 250
         node.flush()
         (reject,) = [e for e in search_events(node.data_dir) if e.kind == "reject"]

@@ -33,6 +33,8 @@ name = "example.test"
 mailboxes = ["alice", "bob", "carol", "dave"]
 [[session_profile]]
 name = "default"
+sender_domain_check = false  # the senders' domains are in no DNS here
+reject_own_helo = false  # smtplib's HELO on this host is [127.0.0.1], the node's own address
 {limits}
 """
 
