@@ -115,7 +115,7 @@ class ClientIdentityCheck(Check):
     def mail(self, ctx: Context):
         # The transaction's events name the client: wait for the name here (the lookup
         # started at connect is normally done by now; a warm one answers at once).
-        require = client_profile(ctx.client, self.config).require_ptr
+        require = client_profile(ctx, self.config).require_ptr
         return self._answer(ctx.client, self._require if require else None)
 
     def data(self, ctx: Context):

@@ -36,7 +36,7 @@ from kanmon.config import Config, DnsblSection
 from kanmon.model import Reply
 from kanmon.policy.dns import CheckResolver, DnsAnswer, DnsStatus, dnsbl_name
 from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, reject
-from kanmon.policy.profiles import profile_for
+from kanmon.policy.profiles import client_profile
 
 FAILED_TTL = 60.0  # seconds a failed lookup counts as "not listed" without asking again
 MAX_FAILED = 10_000
@@ -93,7 +93,7 @@ class DnsblCheck(Check):
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         client = ctx.client
-        threshold = profile_for(client.ip, bool(client.auth_user), self.config).dnsbl_threshold
+        threshold = client_profile(ctx, self.config).dnsbl_threshold
         if threshold <= 0:
             return ACCEPTED
         if ctx.rcpt is not None and ctx.rcpt.local.lower() == "postmaster":

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from kanmon.config import Config, SessionProfile
 from kanmon.model import Reply
 from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, tempfail
-from kanmon.policy.profiles import profile_for
+from kanmon.policy.profiles import client_profile
 from kanmon.state.api import SharedState, Triplet
 
 PRUNE_EVERY = 3600.0  # seconds between two prunes of the triplets (per process)
@@ -70,7 +70,7 @@ class GreylistCheck(Check):
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         client = ctx.client
-        profile = profile_for(client.ip, bool(client.auth_user), self.config)
+        profile = client_profile(ctx, self.config)
         if not profile.greylist or ctx.rcpt is None:
             return ACCEPTED
         sender = ctx.envelope.mail_from if ctx.envelope is not None else ""

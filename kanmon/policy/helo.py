@@ -83,7 +83,7 @@ class HeloSyntaxCheck(Check):
         self.config = config
 
     def mail(self, ctx: Context) -> CheckResult:
-        if not client_profile(ctx.client, self.config).helo_strict:
+        if not client_profile(ctx, self.config).helo_strict:
             return ACCEPTED
         name = _helo(ctx)
         kind = helo_syntax(name)
@@ -121,7 +121,7 @@ class OwnHeloCheck(Check):
         client = ctx.client
         if client.auth_user or self.access.is_relay_client(client.ip):
             return ACCEPTED
-        if not client_profile(client, self.config).reject_own_helo:
+        if not client_profile(ctx, self.config).reject_own_helo:
             return ACCEPTED
         name = _helo(ctx)
         if name.lower().removesuffix(".") in self.names:
@@ -144,7 +144,7 @@ class HeloResolvableCheck(Check):
         self.timeout = resolver.timeout + 1.0
 
     def mail(self, ctx: Context):
-        if not client_profile(ctx.client, self.config).helo_resolvable:
+        if not client_profile(ctx, self.config).helo_resolvable:
             return ACCEPTED
         name = _helo(ctx)
         kind = helo_syntax(name)

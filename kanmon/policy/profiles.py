@@ -18,7 +18,6 @@ import fnmatch
 import ipaddress
 
 from kanmon.config import Config, RecipientPolicySection, SessionProfile
-from kanmon.model import ClientInfo
 
 
 def profile_for(client_ip: str, authenticated: bool, config: Config) -> SessionProfile:
@@ -45,9 +44,13 @@ def profile_for(client_ip: str, authenticated: bool, config: Config) -> SessionP
     return profiles["default"]
 
 
-def client_profile(client: ClientInfo, config: Config) -> SessionProfile:
-    """The profile of a session's client as the checks see it: profile_for its address,
-    authenticated when it has logged in (the listener chooses by the same rule)."""
+def client_profile(ctx, config: Config) -> SessionProfile:
+    """The profile of a check's session (a kanmon.policy.pipeline.Context): the one the
+    session carries (chosen once by the listener, switched to `trusted` after AUTH), or
+    for a context built without one, profile_for the client's address by the same rule."""
+    if ctx.profile is not None:
+        return ctx.profile
+    client = ctx.client
     return profile_for(client.ip, bool(client.auth_user), config)
 
 

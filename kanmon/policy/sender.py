@@ -59,7 +59,7 @@ class SenderDomainCheck(Check):
         sender = ctx.sender
         if sender is None or not sender.address or sender.domain.startswith("["):
             return ACCEPTED  # <> is never checked; an address literal has no DNS to ask
-        if not client_profile(ctx.client, self.config).sender_domain_check:
+        if not client_profile(ctx, self.config).sender_domain_check:
             return ACCEPTED
         if self.config.find_domain(sender.domain) is not None:
             return ACCEPTED  # ours: split DNS may hide it, and sender_spoof decides
@@ -112,6 +112,6 @@ class SenderSpoofCheck(Check):
         client = ctx.client
         if client.auth_user or self.access.is_relay_client(client.ip):
             return ACCEPTED
-        if client_profile(client, self.config).own_domain_spoof != "reject":
+        if client_profile(ctx, self.config).own_domain_spoof != "reject":
             return ACCEPTED
         return refuse(spoofed(sender.address))
