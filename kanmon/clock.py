@@ -20,6 +20,9 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
+    async def sleep_until(self, when: float) -> None:
+        await asyncio.sleep(max(0.0, when - time.time()))
+
 
 class ManualClock:
     """Time moves only when advance() is called; sleepers wake when their time comes."""
@@ -38,6 +41,16 @@ class ManualClock:
             return
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), fut))
+        await fut
+
+    async def sleep_until(self, when: float) -> None:
+        """Wake when now() reaches `when`. Unlike sleep(now_then - x), an advance() that runs
+        between computing a delay and this coroutine starting cannot push the deadline later."""
+        if when <= self._now:
+            await asyncio.sleep(0)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (when, next(self._seq), fut))
         await fut
 
     def advance(self, seconds: float) -> None:

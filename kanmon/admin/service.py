@@ -152,7 +152,7 @@ class AdminPlane:
         for name, _at in missed:
             await self.run_job(name, catch_up=True)
         while True:
-            await clock.sleep(min(due.values()) - clock.now())
+            await clock.sleep_until(min(due.values()))
             now = clock.now()
             for name, sched in jobs:
                 if due[name] > now:

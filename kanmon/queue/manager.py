@@ -204,8 +204,7 @@ class QueueManager:
                 self._ready.put_nowait((due.queue_id, None))
             self._wake.clear()
             if self._heap and len(self._in_memory) < self.config.queue.max_active:
-                delay = self._heap[0].at - now
-                sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+                sleeper = asyncio.ensure_future(self.clock.sleep_until(self._heap[0].at))
                 waker = asyncio.ensure_future(self._wake.wait())
                 try:
                     await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
