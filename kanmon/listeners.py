@@ -12,12 +12,37 @@ configuration still lists; leave a freshly bound socket open when a prepare fail
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 Address = tuple[str, int]
+
+
+async def stop_accepting(servers: Iterable[asyncio.AbstractServer]) -> None:
+    """Close servers that retire without losing a connection they already took from the
+    shared listening socket. asyncio's selector loop accepts in one callback and makes the
+    transport in a task that runs later: a server closed in between drops that connection
+    without a word (its transport cannot attach to a closed server). So readiness stops
+    first, the pending tasks run, then the servers close. uvloop makes the transport at
+    once but calls connection_made() on the next loop turn: one more turn after closing
+    lets those connections register with their server before it counts them."""
+    servers = list(servers)
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        for server in servers:
+            for sock in server.sockets:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(sock.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+    for server in servers:
+        server.close()
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

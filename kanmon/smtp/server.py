@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kanmon.config import Config, SessionProfile
+from kanmon.listeners import stop_accepting
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
@@ -259,8 +260,7 @@ class SmtpServer:
         """After a reload: stop accepting (the listening socket stays with the server that
         replaces this one), let every session in progress finish under this server's
         settings, by QUIT or by its own timeouts, then stop."""
-        for s in self._servers:
-            s.close()
+        await stop_accepting(self._servers)
         while self.connections:
             await asyncio.sleep(SWEEP_INTERVAL)
         await self.stop()

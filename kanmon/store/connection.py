@@ -31,6 +31,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kanmon.listeners import stop_accepting
+
 # ---------------------------------------------------------------------------
 # What a session asks the adapter to do.
 
@@ -467,8 +469,7 @@ class ListenerSet:
     async def drain(self) -> None:
         """Stop accepting; return when every connection has ended on its own (the
         sessions keep the settings they started with; IDLE ends by DONE or its timeout)."""
-        for s in self.servers:
-            s.close()
+        await stop_accepting(self.servers)
         if self._connections:
             await self._none_left.wait()
 
