@@ -465,6 +465,7 @@ class OutboundSection(Section):
     data_timeout: Duration = Field(600.0, gt=0, description="Time for the reply after the final dot (RFC 5321 4.5.3.2.6)")
     bind_address: str | None = Field(None, description="Local address outgoing connections leave from (like smtp_bind_address)")
     source_ips: list[str] = Field(default_factory=list, description="Addresses our outgoing mail leaves from (for dns check)")
+    mta_sts: bool = Field(False, description="MX delivery honours the destination's MTA-STS policy (RFC 8461; docs/outbound-tls.md)")
 
     @field_validator("bind_address")
     @classmethod
@@ -477,9 +478,52 @@ class OutboundSection(Section):
         return v
 
 
+class TlsPolicyEntry(Section):
+    """One [[tls_policy]] row: the TLS an MX delivery to this domain must have (like
+    Postfix smtp_tls_policy_maps; it overrides MTA-STS and DANE for the domain)."""
+
+    domain: str = Field(description="Destination domain (exact; \".example.com\" also matches its subdomains)")
+    level: Literal["none", "opportunistic", "required", "verify"] = Field(
+        description="none | opportunistic (Postfix may) | required (encrypt) | verify (a certificate valid for the MX name)"
+    )
+    fingerprints: list[str] = Field(
+        default_factory=list,
+        description="\"sha256:HEX\" of the server's certificate or of its public key (SPKI); one must match (level required or verify)",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        if not _DOMAIN_RE.match(v.removeprefix(".")):
+            raise ValueError(f"{v!r} is not a domain name")
+        return v
+
+    @field_validator("fingerprints")
+    @classmethod
+    def _fingerprints(cls, v: list[str]) -> list[str]:
+        out = []
+        for fp in v:
+            algo, _, digest = fp.strip().partition(":")
+            digest = digest.replace(":", "").lower()
+            if algo.lower() != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{fp!r} is not sha256:<64 hex digits>")
+            out.append(f"sha256:{digest}")
+        return out
+
+    @model_validator(mode="after")
+    def _pins_need_tls(self) -> TlsPolicyEntry:
+        if self.fingerprints and self.level not in ("required", "verify"):
+            raise ValueError(f"tls_policy {self.domain!r}: fingerprints need level = \"required\" or \"verify\"")
+        return self
+
+
 class DnsSection(Section):
     servers: list[HostPort] = Field(default_factory=list, description="DNS servers to ask; empty: the system resolver")
     timeout: Duration = Field(5.0, gt=0, description="Time for one DNS query")
+    dnssec: Literal["off", "trust-ad"] = Field(
+        "off", description="trust-ad: the servers are validating resolvers we trust (local); their AD bit enables DANE"
+    )
 
 
 class QueueSection(Section):
@@ -811,6 +855,9 @@ class Config(Section):
     domain: list[DomainSection] = Field(default_factory=list, description="Our domains ([[domain]] tables)")
     outbound: OutboundSection = Field(default_factory=OutboundSection, description="Mail for every other domain")
     dns: DnsSection = Field(default_factory=DnsSection, description="How kanmon resolves MX/A/AAAA")
+    tls_policy: list[TlsPolicyEntry] = Field(
+        default_factory=list, description="TLS required per destination domain for MX delivery ([[tls_policy]] tables)"
+    )
     queue: QueueSection = Field(default_factory=QueueSection, description="Retries, delay notices, bounces")
     dnscheck: DnsCheckSection = Field(default_factory=DnsCheckSection, description="DNS health check")
     submission: SubmissionSection | None = Field(None, description="Authenticated submission (RFC 6409)")
@@ -858,6 +905,10 @@ class Config(Section):
         for i, rpol in enumerate(self.recipient_policy):
             if rpol.session_profile is not None and rpol.session_profile not in known:
                 raise ValueError(f"recipient_policy[{i}].session_profile: no session profile named {rpol.session_profile!r}")
+        tls_domains = [t.domain for t in self.tls_policy]
+        for i, name in enumerate(tls_domains):
+            if name in tls_domains[:i]:
+                raise ValueError(f"tls_policy[{i}].domain: {name!r} is listed twice")
         zones = [z.zone for z in self.dnsbl]
         for i, zone in enumerate(zones):
             if zone in zones[:i]:

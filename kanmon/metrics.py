@@ -231,6 +231,9 @@ class Metrics:
         family("kanmon_deferrals_total", "counter", "Delivery attempts deferred (per recipient), by reason class",
                by("deferred", [{"class": "other"}]))
         family("kanmon_bounces_total", "counter", "Recipients bounced, by reason class", by("bounced", [{"class": "other"}]))
+        family("kanmon_tls_policy_failures_total", "counter",
+               "Outbound sessions that failed a destination's TLS policy (MTA-STS, DANE, tls_policy), by RFC 8460 result type",
+               by("tls_policy_failures", [{"policy": "mta-sts", "result": "validation-failure"}]))
         family("kanmon_notices_total", "counter", "Delay and failure notices sent", by("notices", [{"type": "failure"}]))
         family("kanmon_smtp_connections_total", "counter", "SMTP sessions opened", by("connections"))
         family("kanmon_smtp_open_connections", "gauge", "SMTP sessions open now (all receiving processes)", [({}, open_conns)])

@@ -193,7 +193,7 @@ class Node:
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
         self.local = LocalDelivery(self.data_dir, self.committer)
-        self.remote = SmtpDelivery(config, self.records.record)
+        self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir)
         self.queue = QueueManager(
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
@@ -524,7 +524,7 @@ class Node:
         self.config = new
         if {"server", "outbound", "dns", "tls", "domain"} & set(changed):
             self._old_remotes.append(self.remote)  # deliveries in flight finish on it; closed at stop
-            self.remote = SmtpDelivery(new, self.records.record)
+            self.remote = SmtpDelivery(new, self.records.record, data_dir=self.data_dir)
             self.remote.on_server_used = self.monitoring.alerts.on_server_used
         self.queue.reconfigure(new, self.remote.deliver_route, Notices(new))
         self.admin.reconfigure()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.resolver
@@ -70,6 +71,15 @@ class NextHop:
         if self.is_literal:
             return f"[{address}]{port}"
         return f"{self.host.rstrip('.')}. [{address}]{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The records of one DNS answer; `authenticated`: a trusted validating resolver set AD."""
+
+    records: tuple = ()
+    authenticated: bool = False
+    nxdomain: bool = False
 
 
 def is_ip(text: str) -> bool:
@@ -131,6 +141,7 @@ class MxResolver:
         own_names: Iterable[str] = (),
         own_endpoints: Iterable[tuple[str, int]] = (),
         rng: random.Random | None = None,
+        trust_ad: bool = False,
     ):
         if timeout <= 0:
             raise ValueError("DNS timeout must be positive")
@@ -148,6 +159,11 @@ class MxResolver:
         self._resolver.timeout = timeout
         self._resolver.lifetime = timeout
         self.timeout = timeout
+        # [dns] dnssec = "trust-ad": the servers validate and we believe their AD bit
+        # (RFC 6840 5.7: a query with AD set asks for it). Only then is DANE possible.
+        self.trust_ad = trust_ad
+        if trust_ad:
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
 
     @classmethod
     def from_config(cls, config: Config, *, rng: random.Random | None = None) -> MxResolver:
@@ -166,6 +182,7 @@ class MxResolver:
             own_names=[config.server.hostname],
             own_endpoints=own_endpoints,
             rng=rng,
+            trust_ad=config.dns.dnssec == "trust-ad",
         )
 
     # -- queries
@@ -184,6 +201,27 @@ class MxResolver:
         except dns.exception.DNSException as e:
             raise SmtpError(_dns_temporary(text, rdtype, type(e).__name__)) from None
         return list(answer.rrset) if answer.rrset is not None else []
+
+    async def lookup(self, name: str, rdtype: str) -> Lookup:
+        """Any record type, with whether the answer is DNSSEC-authenticated (the AD bit of
+        a server we trust, else never). Raises SmtpError 4.4.3 when DNS fails."""
+        qname = _to_name(name)
+        text = qname.to_text(omit_final_dot=True)
+        try:
+            answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as e:
+            # RFC 4035 3.2.3: a validated denial carries AD too.
+            responses = list(e.responses().values()) if hasattr(e, "responses") else []
+            ad = self.trust_ad and bool(responses) and all(r.flags & dns.flags.AD for r in responses)
+            return Lookup((), authenticated=ad, nxdomain=True)
+        except dns.resolver.LifetimeTimeout:
+            raise SmtpError(_dns_temporary(text, rdtype, "timed out")) from None
+        except dns.resolver.NoNameservers:
+            raise SmtpError(_dns_temporary(text, rdtype, "server failure")) from None
+        except dns.exception.DNSException as e:
+            raise SmtpError(_dns_temporary(text, rdtype, type(e).__name__)) from None
+        ad = self.trust_ad and bool(answer.response.flags & dns.flags.AD)
+        return Lookup(tuple(answer.rrset) if answer.rrset is not None else (), authenticated=ad)
 
     async def resolve_host(self, host: str) -> tuple[str, ...]:
         """A host's addresses, IPv4 first (an IP literal is its own address).
@@ -321,4 +359,4 @@ def _address_literal(domain: str) -> str | None:
         raise SmtpError(Reply(550, "5.1.2", f"Bad address literal {domain!r}")) from None
 
 
-__all__ = ["MAX_ADDRESSES_PER_HOST", "MAX_MX_HOSTS", "MxResolver", "NextHop", "is_ip"]
+__all__ = ["MAX_ADDRESSES_PER_HOST", "MAX_MX_HOSTS", "Lookup", "MxResolver", "NextHop", "is_ip"]

@@ -29,9 +29,11 @@ problem becomes a RecipientResult.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kanmon.deliver.mx import MxResolver, NextHop
+from kanmon.deliver.tlspolicy import Destination, Requirement, TransportSecurity
 from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
 from kanmon.records.events import DomainFailed, Event, HopFailed, HopUnresolved, TlsClient
 from kanmon.smtp.client import (
@@ -42,6 +44,7 @@ from kanmon.smtp.client import (
     SmtpClientError,
     SmtpConnection,
     SmtpConnectionPool,
+    TlsUnavailable,
     check_address,
 )
 
@@ -69,12 +72,18 @@ def status_of(reply: Reply) -> Status:
     return Status.BOUNCED
 
 
+class PolicyRefused(SmtpClientError):
+    """The session did not meet the destination's TLS policy (enforced): not this server."""
+
+
 class SmtpDelivery:
     """The SMTP transport. One per node; `deliver` may run concurrently.
 
     config: server.hostname (EHLO), [outbound] timeouts, ca_file, max_per_destination,
-    mx_port, [dns]. emit: the event log, `emit(event, queue_id)` (Records.record).
-    resolver/pool: given by tests; made from config otherwise. idle_timeout: seconds an unused connection is kept.
+    mx_port, mta_sts, [[tls_policy]], [dns]. emit: the event log, `emit(event, queue_id)`
+    (Records.record). data_dir: where the MTA-STS cache and TLS reports live (None:
+    memory only). resolver/pool/security: given by tests; made from config otherwise.
+    idle_timeout: seconds an unused connection is kept.
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class SmtpDelivery:
         resolver: MxResolver | None = None,
         pool: SmtpConnectionPool | None = None,
         idle_timeout: float = 5.0,
+        data_dir: Path | None = None,
+        security: TransportSecurity | None = None,
     ):
         self.emit = emit
         self.on_server_used: ServerUsed | None = None  # failover alerts (kanmon.alerts)
@@ -93,10 +104,13 @@ class SmtpDelivery:
         self.pool = pool or SmtpConnectionPool(
             self.settings, max_per_destination=config.outbound.max_per_destination, idle_timeout=idle_timeout
         )
+        # MX delivery only: MTA-STS, DANE, the [[tls_policy]] table, TLS-RPT counting.
+        self.security = security or TransportSecurity(config, self.resolver, emit, data_dir=data_dir)
 
     async def close(self) -> None:
-        """Close the idle connections (QUIT). Call at shutdown."""
+        """Close the idle connections (QUIT), write the TLS reports. Call at shutdown."""
         await self.pool.close()
+        await self.security.close()
 
     # -- resolution
 
@@ -119,12 +133,13 @@ class SmtpDelivery:
             except SmtpError as e:
                 self.emit(DomainFailed(route.domain, describe_reply(e.reply)), queue_id)
                 return [RecipientResult(r, status_of(e.reply), e.reply, "", MAILER) for r in rcpts]
+            dest = await self.security.destination(route.domain, queue_id)
         else:
             hops = [NextHop.from_endpoint(tuple(h)) for h in route.hops]
             return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls,
                                       smtputf8=env.smtputf8, watch=True, dsn=DsnParams.of(env))
         return await self.deliver(queue_id, env.mail_from, rcpts, body, hops, route.tls, smtputf8=env.smtputf8,
-                                  dsn=DsnParams.of(env))
+                                  dsn=DsnParams.of(env), dest=dest)
 
     # -- delivery
 
@@ -140,12 +155,15 @@ class SmtpDelivery:
         smtputf8: bool = False,
         watch: bool = False,
         dsn: DsnParams | None = None,
+        dest: Destination | None = None,
     ) -> list[RecipientResult]:
         """One attempt for these recipients over the servers in `hops`, in order.
 
         watch: tell on_server_used which server took it (configured relay/smarthost lists).
         dsn: the sender's RFC 3461 parameters, passed on to a server that offers DSN (its
         results then say dsn_passed: further notices are that server's job).
+        dest: MX delivery's transport security decision (kanmon.deliver.tlspolicy): each
+        server's TLS requirement replaces `tls`, and new sessions are counted for TLS-RPT.
 
         Returns one RecipientResult per recipient, in the order of `rcpts`. Raises only
         ValueError for a programming error (no hops, unknown TLS policy).
@@ -187,13 +205,23 @@ class SmtpDelivery:
                 failed.append((hop.host, e.reply.text))
                 self.emit(HopUnresolved(hop.host, e.reply.text, self._next_note(index, len(hops))), queue_id)
                 continue
+            req: Requirement | None = None
+            if dest is not None:
+                req = await self.security.requirement(dest, hop)
+                if req.unavailable:
+                    address = hop.addresses[0] if hop.addresses else ""
+                    self.security.session(dest, req, hop, address, (req.unavailable_type, req.unavailable), queue_id)
+                    if req.enforce:
+                        last, last_relay = LocalReply(451, "4.7.5", req.unavailable), ""
+                        failed.append((hop.host, req.unavailable))
+                        continue
             for n, address in enumerate(hop.addresses):
                 if not pending:
                     break
                 relay = hop.relay_text(address)
                 more = index < len(hops) - 1 or n < len(hop.addresses) - 1
                 outcome = await self._try_server(queue_id, hop, address, relay, mail_from, pending, body, tls, smtputf8,
-                                                 dsn)
+                                                 dsn, dest, req)
                 if isinstance(outcome, dict):
                     results.update(outcome)
                     pending = []
@@ -231,17 +259,26 @@ class SmtpDelivery:
         tls: TlsPolicy,
         smtputf8: bool,
         dsn: DsnParams | None = None,
+        dest: Destination | None = None,
+        req: Requirement | None = None,
     ) -> dict[str, RecipientResult] | tuple[Reply, bool]:
         """Results for every recipient, or (reason, final) when this server did not take it.
 
         final: the connection was lost after the final dot; do not try another server.
         """
+        policy = req.connect if req is not None else tls
         for _ in range(2):  # a second go only when a reused connection turned out dead
-            lease = self.pool.connection(address, hop.port, server_name=hop.host, policy=tls)
+            lease = self.pool.connection(address, hop.port, server_name=hop.host, policy=policy)  # type: ignore[arg-type]
             try:
                 async with lease as conn:
                     if not lease.reused:
                         self._log_session(queue_id, conn, hop)
+                    if dest is not None and req is not None:
+                        failure = req.check(conn.tls, hop.host)
+                        if not lease.reused:
+                            self.security.session(dest, req, hop, address, failure, queue_id)
+                        if failure is not None and req.enforce:
+                            raise PolicyRefused(LocalReply(451, "4.7.5", failure[1]))
                     tls_text = conn.tls.describe() if conn.tls else ""
                     passed = dsn is not None and conn.supports("DSN")
                     results = await self._transactions(conn, mail_from, rcpts, body, smtputf8, dsn)
@@ -249,6 +286,12 @@ class SmtpDelivery:
                 if lease.reused and e.try_next:
                     continue
                 return e.reply, not e.try_next
+            except TlsUnavailable as e:
+                if dest is not None and req is not None and req.strict:
+                    result = "starttls-not-supported" if e.reply.enhanced == "4.7.4" else "validation-failure"
+                    self.security.session(dest, req, hop, address, (result, e.reply.text), queue_id)
+                    return LocalReply(451, e.reply.enhanced or "4.7.5", f"{e.reply.text} ({req.description})"), False
+                return e.reply, False
             except SmtpClientError as e:
                 return e.reply, False
             if isinstance(results, Reply):

@@ -549,6 +549,28 @@ class TlsClient(Event):
 
 
 @_event
+class TlsPolicyFailed(Event):
+    """An outbound session did not meet the destination's TLS policy (MTA-STS, DANE or
+    [[tls_policy]]): `enforced` means that server was not used; else (MTA-STS testing)
+    the mail went anyway. `result` is the RFC 8460 result type."""
+
+    KIND = "tls-policy"
+    domain: str
+    policy: str  # mta-sts | dane | tls_policy
+    result: str
+    relay: str
+    reason: str
+    enforced: bool = True
+
+    def line(self) -> str:
+        mode = "not delivered there" if self.enforced else "delivered anyway (policy in testing mode)"
+        return f"TLS policy failure: domain={self.domain}, policy={self.policy}, relay={self.relay}, {self.result}: {self.reason}; {mode}"
+
+    def counts(self):
+        return ((f"tls_policy_failures|policy={self.policy}|result={self.result}", 1),)
+
+
+@_event
 class NoticeQueued(Event):
     """A delay, failure or success notice to the sender (RFC 3464), queued as `notice_id`."""
 
@@ -877,7 +899,7 @@ COMPONENTS = {
     **dict.fromkeys(("connect", "disconnect", "session-cut", "reject", "reject-connect", "reject-proxy",
                      "reject-early", "proxy-timeout", "tls-in", "auth", "auth-failed", "accepted",
                      "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold"), "smtpd"),
-    **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out"), "smtp"),
+    **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out", "tls-policy"), "smtp"),
     **dict.fromkeys(("notice", "notice-skipped", "quota-notice"), "bounce"),
     **dict.fromkeys(("removed", "recovery"), "qmgr"),
     **dict.fromkeys(("admin", "admin-message", "admin-backup", "maintenance"), "admin"),

@@ -32,7 +32,7 @@ MAX_MESSAGES = 200  # timelines per query; the newest are kept
 STEPS = {
     "connect": "session", "disconnect": "session", "session-cut": "session", "auth": "session",
     "auth-failed": "session", "tls-in": "tls", "reject": "reject", "reject-connect": "reject",
-    "reject-proxy": "reject", "reject-early": "reject", "accepted": "accepted", "tls-out": "tls-out",
+    "reject-proxy": "reject", "reject-early": "reject", "accepted": "accepted", "tls-out": "tls-out", "tls-policy": "tls-out",
     "delivery": "attempt", "hop": "hop", "hop-domain": "hop", "hop-unresolved": "hop", "notice": "notice",
     "removed": "removed", "error": "error", "critical": "error", "check-failed": "error",
     "probe-failed": "error", "effect-failed": "error", "effect-unhandled": "error", "proxy-timeout": "session",

@@ -209,6 +209,8 @@ class TlsInfo:
     bits: int
     alg_bits: int
     verify: str  # OK (valid for the server name) | FAIL (not) | NONE (no certificate shown)
+    # The certificates the server sent, leaf first (DER), for DANE and pinning checks.
+    chain: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
 
     def describe(self) -> str:
         """For RecipientResult.tls: `TLSv1.3 TLS_AES_256_GCM_SHA384 verify=FAIL`."""
@@ -275,6 +277,9 @@ def _leaf_policy():  # -> cryptography ExtensionPolicy
     )
 
 
+leaf_policy = _leaf_policy  # for the DANE-TA check (kanmon.deliver.dane)
+
+
 def verify_peer_chain(chain_der: Sequence[bytes], server_name: str, ca_file: Path | None) -> bool:
     """Would this certificate chain pass verification for server_name? (for verify=OK|FAIL)
 
@@ -309,28 +314,35 @@ def verify_peer_chain(chain_der: Sequence[bytes], server_name: str, ca_file: Pat
         return False
 
 
+def _peer_chain(sslobj) -> list[bytes]:
+    """The certificates the server sent, leaf first (DER); [] when it sent none."""
+    chain: list[bytes] = []
+    inner = getattr(sslobj, "_sslobj", None)
+    get_chain = getattr(inner, "get_unverified_chain", None)
+    if get_chain is not None:
+        try:
+            chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in get_chain() or []]  # type: ignore[attr-defined]
+        except Exception:
+            chain = []
+    if not chain and sslobj is not None:
+        leaf = sslobj.getpeercert(binary_form=True)
+        chain = [leaf] if leaf else []
+    return chain
+
+
 def _tls_info(transport: asyncio.BaseTransport, verify: str | None, server_name: str, ca_file: Path | None) -> TlsInfo:
     sslobj = transport.get_extra_info("ssl_object")
     cipher = transport.get_extra_info("cipher") or ("", "", 0)
     version = sslobj.version() if sslobj is not None else ""
+    chain = _peer_chain(sslobj) if sslobj is not None else []
     if verify is None:
-        chain: list[bytes] = []
-        inner = getattr(sslobj, "_sslobj", None)
-        get_chain = getattr(inner, "get_unverified_chain", None)
-        if get_chain is not None:
-            try:
-                chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in get_chain() or []]  # type: ignore[attr-defined]
-            except Exception:
-                chain = []
-        if not chain and sslobj is not None:
-            leaf = sslobj.getpeercert(binary_form=True)
-            chain = [leaf] if leaf else []
         if not chain:
             verify = "NONE"  # the server showed no certificate at all
         else:
             verify = "OK" if verify_peer_chain(chain, server_name, ca_file) else "FAIL"
     bits = cipher[2] or 0
-    return TlsInfo(version=version or "", cipher=cipher[0] or "", bits=bits, alg_bits=bits, verify=verify)
+    return TlsInfo(version=version or "", cipher=cipher[0] or "", bits=bits, alg_bits=bits, verify=verify,
+                   chain=tuple(chain))
 
 
 # ---------------------------------------------------------------------------
