@@ -29,6 +29,9 @@ API
 
     DnsServer(..., port=5353, host="127.0.0.2") binds a given address and port.
 
+    srv.authenticated = True      # set the AD bit on every answer (plays a validating
+                                  # resolver for DANE tests; no signatures are made)
+
 ``zone`` is BIND zone text as dnslib's ``RR.fromZone`` reads it ($ORIGIN, $TTL, relative
 names, ``@``). ``records`` maps a name to a list of ``"TYPE rdata"`` strings in zone
 syntax, e.g.::
@@ -226,6 +229,7 @@ class DnsServer:
         self._zones = _Zones(_parse(zone, records))
         self._faults: dict[tuple[str, str | None], str] = {}
         self.queries: list[Query] = []
+        self.authenticated = False  # AD bit on answers (a validating resolver's "secure")
         self._stopping = threading.Event()
         self._udp: _UdpServer | None = None
         self._tcp: _TcpServer | None = None
@@ -334,6 +338,7 @@ class DnsServer:
         if fault == "drop":
             return None
         reply = request.reply(ra=0, aa=1)
+        reply.header.ad = 1 if self.authenticated else 0  # reply() copies the query's flags
         edns_size = 0
         for rr in request.ar:
             if rr.rtype == QTYPE.OPT:
