@@ -129,9 +129,12 @@ def trace(config_path, query, since, as_json) -> None:
 @click.option("--since", default="7d", show_default=True, help="The last DURATION.")
 @json_option("The whole report as one JSON object.")
 @click.option("--top", default=10, show_default=True, help="How many top senders, recipients and domains.")
-def stats(config_path, by, since, as_json, top) -> None:
+@click.option("--tls", "tls_reports", is_flag=True,
+              help="Outbound TLS instead: sessions and failures per destination policy domain (the TLS-RPT daily reports).")
+def stats(config_path, by, since, as_json, top, tls_reports) -> None:
     """Mail volume: received, delivered, deferred, bounced, rejected, bytes; top senders,
-    recipients and destination domains."""
+    recipients and destination domains. With --tls: outbound TLS sessions and policy
+    failures per destination domain (MTA-STS, DANE, tls_policy; RFC 8460 reports)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -139,6 +142,9 @@ def stats(config_path, by, since, as_json, top) -> None:
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
+    if tls_reports:
+        _tls_stats(cfg, since, as_json)
+        return
     report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top)
     if as_json:
         click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
@@ -159,3 +165,43 @@ def stats(config_path, by, since, as_json, top) -> None:
         console.print(f"\n{title}:")
         for name, count in rows:
             console.print(f"  {count:>8}  {name}", markup=False, highlight=False)
+
+
+def _tls_stats(cfg, since: str, as_json: bool) -> None:
+    """`kanmon stats --tls`: the day reports of kanmon.records.tlsrpt, one row per domain."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from kanmon.records.tlsrpt import read_reports, report_dir
+
+    start = parse_since(since) or 0.0
+    reports = read_reports(cfg.server.data_dir, start, time.time())
+    if as_json:
+        click.echo(json.dumps(reports, ensure_ascii=False))
+        return
+    if not reports:
+        click.echo(f"no outbound TLS sessions counted in the last {since} (reports in {report_dir(cfg.server.data_dir)})")
+        return
+    console = Console(width=140, force_terminal=False)
+    table = Table(box=None, header_style="bold", title=f"outbound TLS by destination, last {since} (UTC days)")
+    for col in ("day", "domain", "policy", "sessions ok", "failed", "failures"):
+        table.add_column(col, justify="right" if col in ("sessions ok", "failed") else "left")
+    for report in reports:
+        day = report["date-range"]["start-datetime"][:10]
+        for p in report["policies"]:
+            summary = p["summary"]
+            failures: dict[str, int] = {}
+            for row in p["failure-details"]:
+                failures[row["result-type"]] = failures.get(row["result-type"], 0) + row["failed-session-count"]
+            text = ", ".join(f"{k} {v}" for k, v in sorted(failures.items(), key=lambda kv: -kv[1]))
+            # Text(): the domain and names came from the network; never read as markup.
+            table.add_row(day, Text(_printable(p["policy"]["policy-domain"])), p["policy"]["policy-type"],
+                          str(summary["total-successful-session-count"]), str(summary["total-failure-session-count"]),
+                          Text(_printable(text)))
+    console.print(table)
+    console.print(f"\nreports (RFC 8460 JSON): {report_dir(cfg.server.data_dir)}", markup=False, highlight=False)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in str(text))
