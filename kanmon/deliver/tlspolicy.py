@@ -261,11 +261,10 @@ class TransportSecurity:
             unavailable = ""
             if not sts.matches(hop.host):
                 unavailable = f"MX host {hop.host} is not listed in the {description} (mx: {', '.join(sts.mx)})"
-            connect = "required" if enforce else ("opportunistic" if self.default == "none" else self.default)
-            if connect not in ("required", "opportunistic", "verify"):
-                connect = "required" if enforce else "opportunistic"
-            if connect == "verify":
-                connect = "required"  # checked after the handshake, so the failure can be named
+            # enforce: STARTTLS required, the certificate checked after the handshake (so the
+            # failure can be named); testing: exactly what [outbound] tls says (a failure
+            # the client itself refuses, e.g. tls = "verify", still stops the session).
+            connect = "required" if enforce else self.default
             return Requirement(connect, "mta-sts", enforce, verify_name=True, description=description,
                                unavailable=unavailable, unavailable_type="validation-failure" if unavailable else "",
                                policy_type="sts", policy_strings=strings, mx_host=mx_host)
