@@ -276,7 +276,8 @@ class SmtpDelivery:
                     if dest is not None and req is not None:
                         failure = req.check(conn.tls, hop.host)
                         if not lease.reused:
-                            self.security.session(dest, req, hop, address, failure, queue_id)
+                            self.security.session(dest, req, hop, address, failure, queue_id,
+                                                  encrypted=conn.tls is not None)
                         if failure is not None and req.enforce:
                             raise PolicyRefused(LocalReply(451, "4.7.5", failure[1]))
                     tls_text = conn.tls.describe() if conn.tls else ""

@@ -153,13 +153,6 @@ class Destination:
     mx_secure: bool = False  # the MX RRset was authenticated (DANE may apply per host)
     default: str = "opportunistic"
 
-    def policy_name(self) -> str:
-        if self.entry is not None:
-            return "tls_policy"
-        if self.sts is not None and self.sts.mode != "none":
-            return "mta-sts"
-        return "default"
-
 
 class TransportSecurity:
     """Table, DANE, MTA-STS and TLS-RPT for one delivery agent.
@@ -273,9 +266,17 @@ class TransportSecurity:
     # -- reporting
 
     def session(self, dest: Destination, req: Requirement, hop: NextHop, address: str,
-                failure: tuple[str, str] | None, queue_id: str | None) -> None:
-        """Count a new session (TLS-RPT) and log a failure (`tls-policy` event)."""
-        if failure is None:
+                failure: tuple[str, str] | None, queue_id: str | None, *, encrypted: bool = True) -> None:
+        """Count a new session (TLS-RPT) and log a failure (`tls-policy` event).
+
+        encrypted: the session has TLS. A plaintext session under no policy is counted as
+        a `starttls-not-supported` failure of `no-policy-found` (RFC 8460: a session that
+        did not establish TLS), without an event: no policy was broken.
+        """
+        if failure is None and not encrypted and not req.strict and req.connect != "none":
+            self.reports.failure(dest.domain, NO_POLICY, "starttls-not-supported", mx=hop.host, ip=address,
+                                 reason="plaintext: STARTTLS not offered or failed")
+        elif failure is None:
             self.reports.success(dest.domain, req.policy_type, list(req.policy_strings), list(req.mx_host))
         else:
             result, reason = failure

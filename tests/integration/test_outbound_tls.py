@@ -474,3 +474,25 @@ def test_dane_off_when_the_resolver_is_not_trusted(dns_server, dane_mx, ca_file,
     [[r]] = h.run(DOMAIN)
     assert r.status is Status.SENT
     assert all(q.qtype != "TLSA" for q in dns_server.queries)
+
+
+# ---------------------------------------------------------------------------
+# TLS-RPT for destinations without a policy
+
+
+def test_sessions_without_a_policy_are_counted(dns_server, good_mx, ca_file, tmp_path):
+    with SmtpSink(MX_BAD, good_mx.port) as plain:
+        records = zone(MX_GOOD, txt_id="")
+        records.update({"plain.example": ["MX 10 mx.plain.example."], "mx.plain.example": [f"A {MX_BAD}"]})
+        dns_server.set_records(records=records)
+        h = Harness(make_config(good_mx.port, dns_server, ca_file, mta_sts=False), tmp_path)
+        [[tls], [clear]] = h.run(DOMAIN, "plain.example")
+        assert tls.status is Status.SENT and clear.status is Status.SENT
+        assert plain.wait_for_messages(1)
+    assert h.log.policy_failures() == []  # no policy was broken: no event
+    by_domain = {p["policy"]["policy-domain"]: p for p in h.report()["policies"]}
+    assert by_domain[DOMAIN]["policy"]["policy-type"] == "no-policy-found"
+    assert by_domain[DOMAIN]["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 0}
+    assert by_domain["plain.example"]["summary"] == {"total-successful-session-count": 0,
+                                                     "total-failure-session-count": 1}
+    assert by_domain["plain.example"]["failure-details"][0]["result-type"] == "starttls-not-supported"
