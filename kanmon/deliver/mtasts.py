@@ -363,7 +363,7 @@ class MtaSts:
             return await self._fetch_override(domain)  # type: ignore[misc]
         if self._context is None:
             try:
-                self._context = policy_context(self.ca_file)
+                self._context = await asyncio.to_thread(policy_context, self.ca_file)  # reads the CA files
             except (OSError, ssl.SSLError) as e:
                 raise StsError(FETCH_ERROR, f"cannot load the CA file {self.ca_file}: {e}") from None
         return await fetch_policy_text(domain, self.resolver, self._context, port=self.https_port, timeout=self.timeout)
