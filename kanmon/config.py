@@ -128,6 +128,8 @@ Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidat
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 
+AuthAction = Literal["off", "none", "tag", "quarantine", "reject"]
+DmarcAction = Literal["off", "none", "honor", "tag"]
 TlsPolicy = Literal["none", "opportunistic", "required", "verify", "smtps"]
 
 
@@ -152,6 +154,14 @@ class ServerSection(Section):
         None, description="Started as root: run as this user, keeping only the right to bind ports below 1024",
     )
     group: str | None = Field(None, description="The group to run as (default: the user's primary group)")
+    authserv_id: str | None = Field(None, description="Our name in Authentication-Results headers (default: hostname)")
+
+    @field_validator("authserv_id")
+    @classmethod
+    def _authserv_id(cls, v: str | None) -> str | None:
+        if v is not None and not _DOMAIN_RE.match(v.lower()):
+            raise ValueError(f"{v!r} is not a host name")
+        return v.lower() if v is not None else v
 
     @field_validator("hostname")
     @classmethod
@@ -302,6 +312,25 @@ class SessionProfileSection(Section):
     greylist_window: Duration | None = Field(None, gt=0, description="...and until this long after it (then the triplet starts over)")
     greylist_remember: Duration | None = Field(None, gt=0, description="A triplet that passed is remembered this long after its last use")
     greylist_pass_count: int | None = Field(None, ge=0, description="A client network that passed this many triplets skips greylisting; 0: never")
+    # Sender authentication of mail from outside (docs/authentication.md).
+    spf: AuthAction | None = Field(None, description="What an SPF fail (or softfail) does: off | none (header only) | tag | quarantine | reject")
+    dkim: AuthAction | None = Field(None, description="What a failing DKIM signature does: off | none (header only) | tag | quarantine | reject")
+    dmarc: DmarcAction | None = Field(None, description="DMARC: off | none (header only) | honor (apply the domain's p=/sp=) | tag")
+    arc_trusted: list[str] | None = Field(None, description="ARC sealers (domains) whose valid chain overrides a DMARC failure")
+    auth_tag: str | None = Field(None, max_length=64, description="Subject prefix of the tag action")
+
+    @field_validator("arc_trusted")
+    @classmethod
+    def _arc_domains(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        out = []
+        for d in v:
+            d = d.lower().rstrip(".")
+            if not _DOMAIN_RE.match(d):
+                raise ValueError(f"{d!r} is not a domain name")
+            out.append(d)
+        return out
 
     @field_validator("name")
     @classmethod
@@ -347,6 +376,11 @@ class SessionProfile(BaseModel):
     greylist_window: float
     greylist_remember: float
     greylist_pass_count: int
+    spf: AuthAction
+    dkim: AuthAction
+    dmarc: DmarcAction
+    arc_trusted: tuple[str, ...]
+    auth_tag: str
 
 
 # The built-in profiles' values for the keys [smtp] does not have (docs/policy.md).
@@ -376,6 +410,13 @@ _DEFAULT_PROFILE: dict[str, Any] = {
     "greylist_window": 2 * 86400.0,
     "greylist_remember": 36 * 86400.0,
     "greylist_pass_count": 5,
+    # Sender authentication is off until the administrator turns it on (an upgrade must
+    # not start tagging or refusing mail; docs/authentication.md).
+    "spf": "off",
+    "dkim": "off",
+    "dmarc": "off",
+    "arc_trusted": (),
+    "auth_tag": "[SUSPECT]",
 }
 _TRUSTED_PROFILE: dict[str, Any] = {
     **_DEFAULT_PROFILE,

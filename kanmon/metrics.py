@@ -227,6 +227,10 @@ class Metrics:
                "Refusals by check and result (reject: 5xx, tempfail: 4xx; error: the check itself failed"
                " and its failure mode answered, counted under that reply's result too)",
                by("checks", [{"check": "none", "result": "reject"}]))
+        family("kanmon_auth_results_total", "counter", "Sender authentication results of mail from outside, by method (spf, dkim, dmarc, arc) and result",
+               by("auth", [{"method": "spf", "result": "pass"}]))
+        family("kanmon_auth_actions_total", "counter", "Messages the sender authentication checks tagged or held for quarantine",
+               by("auth_actions", [{"action": "tag"}]))
         family("kanmon_deliveries_total", "counter", "Recipients delivered, by mailer", by("delivered", [{"mailer": "esmtp"}]))
         family("kanmon_deferrals_total", "counter", "Delivery attempts deferred (per recipient), by reason class",
                by("deferred", [{"class": "other"}]))

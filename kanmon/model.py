@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 # ---------------------------------------------------------------------------
 # Queue ids: sortable by arrival, unique across processes and restarts.
@@ -145,6 +146,9 @@ class Envelope:
     dsn_envid: str = ""  # MAIL ENVID=, decoded from xtext
     dsn_notify: dict[str, str] = field(default_factory=dict)  # final rcpt -> NEVER | SUCCESS,FAILURE,DELAY
     dsn_orcpt: dict[str, str] = field(default_factory=dict)  # final rcpt -> "rfc822;addr" (ORCPT=, decoded)
+    # What the checks keep between the stages of this transaction (SPF's result at MAIL
+    # for DMARC at DATA). Never stored with the message.
+    check_notes: dict[str, Any] | None = None
 
     def wants_notice(self, rcpt: str, kind: str) -> bool:
         """Whether the sender asked for a notice of this kind (SUCCESS | FAILURE | DELAY)

@@ -60,6 +60,7 @@ class CheckResult:
     effects: tuple[Any, ...] = ()  # side effects as data, carried out by the listener
     recipients: tuple[str, ...] | None = None  # RCPT: the final recipients (aliases expanded)
     classification: str = ""  # history classification ("Spam", "Virus"...); "" leaves it
+    content: bytes | None = None  # DATA: the message rewritten (fields removed, Subject tagged); the later checks see it
 
 
 ACCEPTED = CheckResult()
@@ -141,6 +142,7 @@ class Decision:
     effects: tuple[Any, ...] = ()
     recipients: tuple[str, ...] = ()  # RCPT: the final recipients
     error: str = ""  # the deciding check failed (timeout, exception): what happened
+    content: bytes | None = None  # DATA: the message as the checks rewrote it (None: unchanged)
 
     @property
     def accepted(self) -> bool:
@@ -155,7 +157,7 @@ Hook = Callable[[Context], "CheckResult | Awaitable[CheckResult]"]
 class _Tally:
     """Results accumulated so far at one stage."""
 
-    __slots__ = ("headers", "score", "quarantine", "effects", "classification")
+    __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content")
 
     def __init__(self) -> None:
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -163,6 +165,7 @@ class _Tally:
         self.quarantine = ""
         self.effects: tuple[Any, ...] = ()
         self.classification = ""
+        self.content: bytes | None = None
 
     def add(self, check: Check, r: CheckResult, ctx: Context) -> Decision | None:
         """Take one result; the Decision when it decides (not an accept), else None."""
@@ -178,6 +181,9 @@ class _Tally:
             ctx.recipients = r.recipients
         if r.classification:
             self.classification = r.classification
+        if r.content is not None:
+            self.content = ctx.content = r.content
+            ctx.header_end = r.content.find(b"\r\n\r\n")
         if r.outcome is Outcome.ACCEPT:
             return None
         reply = r.reply if r.reply is not None and not r.reply.is_positive else check.failure_reply
@@ -189,11 +195,12 @@ class _Tally:
         return self._decision(ctx, outcome, reply, check, check.classification, error)
 
     def done(self, ctx: Context) -> Decision:
-        if ctx.rcpt is None and not (self.headers or self.score or self.quarantine or self.effects or self.classification):
+        if ctx.rcpt is None and not (self.headers or self.score or self.quarantine or self.effects or self.classification
+                                     or self.content is not None):
             return ACCEPT_DECISION  # the common case: nothing to carry
         return Decision(
             headers=self.headers, score=self.score, quarantine=self.quarantine, effects=self.effects,
-            recipients=ctx.recipients, classification=self.classification,
+            recipients=ctx.recipients, classification=self.classification, content=self.content,
         )
 
     def _decision(self, ctx: Context, outcome: Outcome, reply: Reply, check: Check, cls: str, error: str = "") -> Decision:

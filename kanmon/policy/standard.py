@@ -13,6 +13,7 @@ from typing import Any
 
 from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
+from kanmon.policy.authcheck import auth_checks
 from kanmon.policy.client import ClientIdentityCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
@@ -47,8 +48,9 @@ def standard_checks(
     clock: epoch seconds for the greylist, the verification cache and the rate counters
     (time.time by default; tests advance their own).
 
-    DNSBL and greylisting are in the list only when configured (a [[dnsbl]] zone; a
-    profile with greylist = true), so the accept path of a node without them is unchanged."""
+    DNSBL, greylisting and sender authentication are in the list only when configured (a
+    [[dnsbl]] zone; a profile with greylist = true; a profile with spf, dkim or dmarc not
+    "off"), so the accept path of a node without them is unchanged."""
     access = RelayAccess(config, directory)
     checks: list[Check] = [FreeDiskCheck(config, free_disk)]
     # Rate limits first: every request counts, whatever the later checks say.
@@ -60,8 +62,10 @@ def standard_checks(
     if resolver is not None:
         checks += [ClientIdentityCheck(config, resolver, access), HeloResolvableCheck(config, resolver)]
     checks.append(SenderSpoofCheck(access))
+    auth = auth_checks(config, resolver, access) if resolver is not None else []
     if resolver is not None:
         checks.append(SenderDomainCheck(config, resolver))
+        checks += [c for c in auth if hasattr(c, "mail")]  # SPF, after the cheaper sender checks
     if config.dnsbl and any(p.dnsbl_threshold > 0 for p in config.session_profiles.values()):
         if resolver is None:
             raise ValueError("[[dnsbl]] zones are configured: the DNSBL check needs a resolver")
@@ -73,6 +77,7 @@ def standard_checks(
             raise ValueError("a domain has a quota: the quota check needs a usage function")
         checks.append(QuotaCheck(config, quota_usage, access.directory.is_mailbox))
     checks.append(LoopCheck())
+    checks += [c for c in auth if not hasattr(c, "mail")]  # DKIM, ARC, DMARC at the end of DATA
     if any(p.greylist for p in config.session_profiles.values()):
         # Last at RCPT: a recipient another check refuses is never greylisted first.
         if state is None:

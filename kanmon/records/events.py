@@ -428,6 +428,40 @@ class QuarantineHeld(Event):
         return f"held for quarantine: {self.reason}"
 
 
+@_event
+class AuthChecked(Event):
+    """What the sender authentication checks found for a message from outside (SPF, DKIM,
+    DMARC, ARC results; "" for one not checked) and what it did: none, tag or quarantine
+    (a refusal is a `reject` event of the check). `results` is the Authentication-Results
+    value written into the message."""
+
+    KIND = "auth-results"
+    spf: str
+    dkim: str
+    dmarc: str
+    arc: str
+    from_domain: str
+    action: str
+    results: str
+
+    def line(self) -> str:
+        parts = [f"{name}={value}" for name, value in
+                 (("spf", self.spf), ("dkim", self.dkim), ("dmarc", self.dmarc), ("arc", self.arc)) if value]
+        out = "authentication: " + " ".join(parts)
+        if self.from_domain:
+            out += f" header.from={self.from_domain}"
+        if self.action != "none":
+            out += f", action={self.action}"
+        return out
+
+    def counts(self):
+        out = [(f"auth|method={m}|result={r}", 1) for m, r in
+               (("spf", self.spf), ("dkim", self.dkim), ("dmarc", self.dmarc), ("arc", self.arc)) if r]
+        if self.action != "none":
+            out.append((f"auth_actions|action={self.action}", 1))
+        return tuple(out)
+
+
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
 
 

@@ -36,6 +36,7 @@ STEPS = {
     "delivery": "attempt", "hop": "hop", "hop-domain": "hop", "hop-unresolved": "hop", "notice": "notice",
     "removed": "removed", "error": "error", "critical": "error", "check-failed": "error",
     "probe-failed": "error", "effect-failed": "error", "effect-unhandled": "error", "proxy-timeout": "session",
+    "auth-results": "auth",
 }
 
 

@@ -38,6 +38,7 @@ from kanmon.config import Config, SessionProfile
 from kanmon.listeners import stop_accepting
 from kanmon.model import ClientInfo, Envelope, Reply
 from kanmon.policy.access import RelayAccess
+from kanmon.policy.authcheck import AuthVerified
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
 from kanmon.policy.profiles import profile_for
 from kanmon.policy.standard import relay_access
@@ -335,6 +336,12 @@ class SmtpServer:
     async def carry_out(self, effects: tuple, sid: str | None = None) -> None:
         """Carry out the checks' side effects, in order; one failing never stops the others."""
         for effect in effects:
+            if isinstance(effect, AuthVerified):
+                self.records.record(ev.AuthChecked(
+                    effect.spf, effect.dkim, effect.dmarc, effect.arc, log_safe(effect.from_domain, 255), effect.action,
+                    log_safe(effect.detail, 2000),
+                ), session=sid)
+                continue
             handler = self.effects.get(type(effect))
             if handler is None:
                 self.records.record(ev.EffectUnhandled(repr(effect)), session=sid)

@@ -905,6 +905,8 @@ class Session:
             self._reject("DATA", d.reply, out, tx.envelope, decision=d, may_close=False)  # as the other DATA refusals
             return
         _merge(tx, d)
+        if d.content is not None:
+            content = d.content  # a check rewrote the message (a forged field removed, the Subject tagged)
         queue_id = new_queue_id(self._now or None)
         env = tx.envelope
         env.received_at = self._now
