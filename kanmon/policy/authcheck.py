@@ -355,7 +355,7 @@ class DmarcCheck(Check):
         action = "quarantine" if quarantine or any(a.endswith("=quarantine") for a in actions) else ("tag" if tagged else "none")
         effect = AuthVerified(
             spf.decisive.result if spf is not None else "", _best(sigs), dmarc.result if dmarc is not None else "",
-            arc.result if arc is not None else "", dmarc.from_domain if dmarc is not None else "", action, ar,
+            arc.result if arc is not None and arc.result != "none" else "", dmarc.from_domain if dmarc is not None else "", action, ar,
         )
         return accept(headers=(("Authentication-Results", ar),), content=new_content, effects=(effect,),
                       quarantine=quarantine, classification=CLASSIFICATION if action != "none" else "")
