@@ -14,6 +14,7 @@ Trusts: nothing in the answers (DNS data). Never: do I/O.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,9 +55,18 @@ def txt_strings(answer: LookupAnswer) -> list[bytes]:
     """Each TXT record of an answer as its character-strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
     out = []
     for text in answer.records:
-        try:
-            rd = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, text)
-        except (dns.exception.DNSException, ValueError):
-            continue
-        out.append(b"".join(rd.strings))
+        data = _txt_data(text)
+        if data is not None:
+            out.append(data)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _txt_data(text: str) -> bytes | None:
+    """One TXT record's zone text (as the resolver gives it) as bytes; None if it does not parse.
+    Cached: the same keys and policies come back with every message from a sender."""
+    try:
+        rd = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, text)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    return b"".join(rd.strings)
