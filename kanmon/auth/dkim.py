@@ -140,7 +140,10 @@ def verify_dkim(message: bytes, lookup: Lookup) -> list[DkimSignatureResult]:
     if not values:
         return []
     keys = _Keys(lookup)
-    d = dkimpy.DKIM(message, logger=_log, minkey=MIN_RSA_BITS)
+    try:
+        d = dkimpy.DKIM(message, logger=_log, minkey=MIN_RSA_BITS)
+    except Exception:  # noqa: BLE001 - a header dkimpy cannot parse: no signature can verify
+        return [DkimSignatureResult("permerror", "", "", "", "message header does not parse") for _ in values]
     out = []
     for idx, value in enumerate(values):
         tags = _tags(value)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import spf as pyspf
 
-from kanmon.auth.lookup import NODATA, NXDOMAIN, OK, TEMPFAIL, Lookup, LookupAnswer, txt_strings
+from kanmon.auth.lookup import NODATA, NXDOMAIN, OK, TEMPFAIL, Lookup, LookupAnswer, NeedLookup, txt_strings
 from kanmon.auth.values import comment, value
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
@@ -95,11 +95,16 @@ def _values(qtype: str, ans: LookupAnswer) -> list[object]:
 
 
 def _evaluate(ip: str, sender: str, helo: str, lookup: Lookup, identity: str) -> SpfOutcome:
-    q = _LookupQuery(i=ip, s=sender, h=helo, lookup=lookup, strict=True)
-    domain = q.d or ""
-    if not domain or domain.startswith("["):
-        return SpfOutcome("none", identity, "", "no domain to check")
-    result, _code, explanation = q.check()
+    try:
+        q = _LookupQuery(i=ip, s=sender, h=helo, lookup=lookup, strict=True)
+        domain = q.d or ""
+        if not domain or domain.startswith("["):
+            return SpfOutcome("none", identity, "", "no domain to check")
+        result, _code, explanation = q.check()
+    except NeedLookup:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyspf on hostile input: a result, never a crash
+        return SpfOutcome("permerror", identity, sender.rpartition("@")[2] or helo, f"cannot evaluate: {type(e).__name__}")
     if result not in RESULTS:  # pyspf's "ambiguous" (harsh mode only) and anything else
         result = "permerror"
     return SpfOutcome(result, identity, domain, explanation)

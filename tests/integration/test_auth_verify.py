@@ -448,3 +448,11 @@ def test_a_warm_cache_answers_at_once(tmp_path, dns, keys):
         return out
 
     assert asyncio.run(twice()) == [True, True, False, False]
+
+
+def test_a_header_dkimpy_cannot_parse_is_a_permerror_not_a_crash(tmp_path, dns, keys):
+    p = make_pipeline(tmp_path, dns, dkim="none", dmarc="off")
+    signed = sign(msg(), keys["rsa"], "sender.test", "sel")
+    broken = signed.replace(b"To: <alice", b"\x01bad header line\r\nTo: <alice", 1)
+    _, data = deliver(p, "a@sender.test", broken)
+    assert data.accepted and "dkim=permerror (message header does not parse)" in ar(data)
