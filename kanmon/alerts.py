@@ -57,6 +57,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import TextIO
 
+from kanmon.auth.dkimsign import load_signer_lenient
 from kanmon.config import ALERT_CATEGORIES, Config
 from kanmon.model import Envelope
 from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
@@ -194,7 +195,8 @@ class Alerts:
         self.spool = spool
         self.queue = queue
         # Alert mail enters the queue like every message kanmon writes itself.
-        self.injector = Injector(spool, records, queue.submit_nowait, hostname=config.server.hostname, clock=clock)
+        self.injector = Injector(spool, records, queue.submit_nowait, hostname=config.server.hostname, clock=clock,
+                                 signer=load_signer_lenient(config))
         self.clock = clock
         self.cert_path = cert_path
         self.data_dir = Path(config.server.data_dir)

@@ -18,6 +18,7 @@ from kanmon.commands.alert import alert
 from kanmon.commands.backup import backup, restore
 from kanmon.commands.balance import balance
 from kanmon.commands.config import config
+from kanmon.commands.dkim import dkim
 from kanmon.commands.dns import dns
 from kanmon.commands.options import root_config_option
 from kanmon.commands.queue import maintenance, queue
@@ -37,6 +38,6 @@ def main() -> None:
     """kanmon: an on-premises mail gateway (relay, mail store, balancer)."""
 
 
-for _command in (user, serve, reload, status, config, dns, log, queue, maintenance, balance, trace, stats, alert,
+for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats, alert,
                  sendmail, backup, restore, service, verify):
     main.add_command(_command)

@@ -270,6 +270,78 @@ class DomainSection(Section):
 
 
 # ---------------------------------------------------------------------------
+# Outbound DKIM signing (RFC 6376, RFC 8463): [[dkim]] keys of our domains
+# (docs/dkim-signing.md).
+
+DKIM_DEFAULT_HEADERS = [
+    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to", "references",
+    "mime-version", "content-type", "content-transfer-encoding", "list-id", "list-unsubscribe",
+    "list-unsubscribe-post",
+]
+DKIM_DEFAULT_OVERSIGN = ["from", "reply-to", "subject", "date", "to", "cc"]
+_SELECTOR_RE = re.compile(r"^(?=.{1,63}$)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_FIELD_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")  # RFC 5322 2.2: printable, no colon
+
+
+class DkimSection(Section):
+    """[[dkim]]: one signing key of one of our domains. Mail from relay_networks and
+    authenticated users (and the notices kanmon writes) whose From domain is this domain,
+    or below it, is signed at acceptance with the active key(s) of the domain."""
+
+    domain: str = Field(description="The signing domain (d=); mail whose From domain is this one or a subdomain is signed")
+    selector: str = Field(description="The selector (s=): the key is published at <selector>._domainkey.<domain>")
+    key: Path | None = Field(
+        None, description="Private key, PEM (kanmon dkim keygen writes it); default <data_dir>/dkim/<domain>.<selector>.key",
+    )
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = Field(
+        "rsa-sha256", description="rsa-sha256 (RSA, 2048 bits from keygen) or ed25519-sha256 (RFC 8463)",
+    )
+    active: bool = Field(
+        True, description="This key signs; false: configured and published but not signing yet (rotation)",
+    )
+    headers: list[str] = Field(
+        default_factory=lambda: list(DKIM_DEFAULT_HEADERS), description="Header fields signed (each instance present)",
+    )
+    oversign: list[str] = Field(
+        default_factory=lambda: list(DKIM_DEFAULT_OVERSIGN),
+        description="Header fields signed once more than present, so that none can be added later",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        if not _DOMAIN_RE.match(v):
+            raise ValueError(f"{v!r} is not a domain name")
+        return v
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        v = v.lower()
+        if not _SELECTOR_RE.match(v):
+            raise ValueError(f"{v!r} is not a selector (letters, digits, hyphens; dots between labels)")
+        return v
+
+    @field_validator("headers", "oversign")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for name in v:
+            if not _FIELD_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a header field name")
+            if name.lower() not in out:
+                out.append(name.lower())
+        return out
+
+    @model_validator(mode="after")
+    def _signs_from(self) -> DkimSection:
+        if "from" not in self.headers and "from" not in self.oversign:  # RFC 6376 5.4
+            raise ValueError("headers must include \"from\" (RFC 6376 5.4: the From field is always signed)")
+        return self
+
+
+# ---------------------------------------------------------------------------
 # Edge policy: IP policies choose a session profile; profiles say which checks and
 # limits apply (docs/policy.md).
 
@@ -923,6 +995,7 @@ class Config(Section):
     recipient_policy: list[RecipientPolicySection] = Field(
         default_factory=list, description="Profiles by direction, sender and recipient ([[recipient_policy]] tables)"
     )
+    dkim: list[DkimSection] = Field(default_factory=list, description="DKIM signing keys of our domains ([[dkim]] tables)")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -957,7 +1030,32 @@ class Config(Section):
         for name, prof in self.session_profiles.items():
             if prof.greylist_delay >= prof.greylist_window:
                 raise ValueError(f"session_profile {name!r}: greylist_delay must be shorter than greylist_window")
+        self._check_dkim()
         return self
+
+    def _check_dkim(self) -> None:
+        """One entry per selector of a domain, and at most one active key per domain and
+        algorithm (two active keys of different algorithms sign twice, RFC 8463 8)."""
+        seen: set[tuple[str, str]] = set()
+        active: dict[tuple[str, str], int] = {}
+        for i, d in enumerate(self.dkim):
+            if (d.domain, d.selector) in seen:
+                raise ValueError(f"dkim[{i}].selector: selector {d.selector!r} of {d.domain} is listed twice")
+            seen.add((d.domain, d.selector))
+            if d.active:
+                if (d.domain, d.algorithm) in active:
+                    j = active[(d.domain, d.algorithm)]
+                    raise ValueError(
+                        f"dkim[{i}].active: {d.domain} already has an active {d.algorithm} key (dkim[{j}], selector "
+                        f"{self.dkim[j].selector!r}); set active = false on the one that is not signing yet"
+                    )
+                active[(d.domain, d.algorithm)] = i
+
+    def dkim_key_path(self, entry: DkimSection) -> Path:
+        """Where a [[dkim]] entry's private key is: its key, else the file keygen writes."""
+        if entry.key is not None:
+            return entry.key
+        return dkim_default_key_path(self.server.data_dir, entry.domain, entry.selector)
 
     @functools.cached_property
     def session_profiles(self) -> dict[str, SessionProfile]:
@@ -1000,6 +1098,11 @@ class Config(Section):
             if d.name == name:
                 return d
         return None
+
+
+def dkim_default_key_path(data_dir: Path, domain: str, selector: str) -> Path:
+    """`kanmon dkim keygen`'s default file: <data_dir>/dkim/<domain>.<selector>.key."""
+    return Path(data_dir) / "dkim" / f"{domain}.{selector}.key"
 
 
 # ---------------------------------------------------------------------------

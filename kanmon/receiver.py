@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
+from kanmon.auth.dkimsign import load_signer
 from kanmon.config import Config, load_config
 from kanmon.listeners import bind_listener
 
@@ -222,7 +223,8 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     # Over-quota notices are written here, where the check runs: stored, recorded and
     # announced to the main process like received mail.
     effects = quota_effect_handlers(
-        QuotaNotices(data_dir, Injector(spool, records, queued, hostname=config.server.hostname))
+        QuotaNotices(data_dir, Injector(spool, records, queued, hostname=config.server.hostname,
+                                        signer=load_signer(config)))
     )
     effects.update(dnsbl_effect_handlers(lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
     servers = []

@@ -262,6 +262,7 @@ def check_files(config: Config) -> list[Finding]:
         files.append(("outbound.ca_file", config.outbound.ca_file))
     if config.dnscheck.dkim_key is not None:
         files.append(("dnscheck.dkim_key", config.dnscheck.dkim_key))
+    files += [(f"dkim[{i}].key", config.dkim_key_path(d)) for i, d in enumerate(config.dkim) if d.active]
     for key, path in files:
         if not Path(path).exists():
             found.append(Finding("error", key, f"{path} does not exist"))

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from kanmon.admin.backup import BackupError, BackupWriter, archive_head, read_archive, verify_archive
 from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of  # noqa: F401 - STATES, Filters: importable from here too
 from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
+from kanmon.auth.dkimsign import load_signer_lenient
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
 from kanmon.model import LocalReply, RecipientResult, Reply, Status, is_queue_id
@@ -196,7 +197,7 @@ class QueueOps:
         self._run_log: RunLog | None = None
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
         self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
-                                 hostname=config.server.hostname, clock=link)
+                                 hostname=config.server.hostname, clock=link, signer=load_signer_lenient(config))
         # progress(done, total or None) for long operations (backup, restore, bulk
         # actions); set by dispatch() for one request when the caller asked for it.
         self.progress: Callable[[int, int | None], None] | None = None

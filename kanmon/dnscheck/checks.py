@@ -54,6 +54,17 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class SigningKey:
+    """One of our [[dkim]] keys that signs (or will sign) the target domain's mail."""
+
+    domain: str  # d=: the target domain or the parent domain whose key signs it
+    selector: str
+    key: tuple[str, bytes] | None  # (key type, public key as DKIM publishes it); None: the file does not load
+    signing: bool  # active: signing now; else configured for rotation, not signing yet
+    problem: str = ""  # why key is None
+
+
+@dataclass(frozen=True)
 class Target:
     """What to check: one domain and our side of the mail path."""
 
@@ -63,6 +74,7 @@ class Target:
     dkim_selector: str | None = None
     dkim_key: tuple[str, bytes] | None = None  # (key type, public key as DKIM publishes it)
     receives_mail: bool = False  # a [[domain]] of ours: a null MX is then a mistake
+    signing_keys: tuple[SigningKey, ...] = ()  # our [[dkim]] keys for this domain (when no selector is given)
 
 
 @dataclass
@@ -102,7 +114,10 @@ def check_domain(source: DnsSource, target: Target) -> Report:
     add(check_dmarc(source, target.domain))
     if target.dkim_selector:
         add(check_dkim(source, target.domain, target.dkim_selector, target.dkim_key))
+    elif target.signing_keys:
+        add(check_signing_keys(source, target.signing_keys))
     else:
+        # No [[dkim]] key signs this domain's mail either (kanmon dkim keygen makes one).
         report.notes.append("DKIM not checked: no selector configured ([dnscheck] dkim_selector or --dkim-selector)")
     add(check_mta_sts(source, target.domain))
     add(check_tls_rpt(source, target.domain))
@@ -577,6 +592,34 @@ def check_dkim(source: DnsSource, domain: str, selector: str, our_key: tuple[str
     if rec.testing:
         return [_warn("dkim", name, seen + "; t=y (testing)", "receivers may treat failed signatures as unsigned")]
     return [_ok("dkim", name, seen)]
+
+
+def check_signing_keys(source: DnsSource, keys: Sequence[SigningKey]) -> list[Finding]:
+    """Our [[dkim]] keys against DNS, saying which selector signs. A key that does not
+    sign yet (rotation) and is not published is a warning: publish it before it signs."""
+    findings: list[Finding] = []
+    if not any(k.signing for k in keys):
+        findings.append(_warn(
+            "dkim", keys[0].domain, "no [[dkim]] key of this domain is active: kanmon does not sign its mail",
+            "receivers see unsigned mail: DMARC rests on SPF alone (forwarded mail then fails DMARC)",
+        ))
+    for k in keys:
+        role = "signing" if k.signing else "not signing yet (active = false)"
+        name = f"{k.selector}._domainkey.{k.domain}"
+        if k.key is None:
+            findings.append(_error("dkim", name, f"selector {k.selector} ({role}): our key does not load: {k.problem}",
+                                   "kanmon cannot sign with it; fix the key file ([[dkim]] key)"))
+            continue
+        for f in check_dkim(source, k.domain, k.selector, k.key):
+            seen = f"selector {k.selector} ({role}): {f.seen}"
+            severity = f.severity
+            if not k.signing and severity is Severity.ERROR:
+                severity = Severity.WARNING
+                consequence = "publish this record before the key signs (set active = true once it is visible)"
+            else:
+                consequence = f.consequence
+            findings.append(Finding(severity, f.check, f.subject, seen, consequence))
+    return findings
 
 
 def check_mta_sts(source: DnsSource, domain: str) -> list[Finding]:

@@ -14,8 +14,9 @@ import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 
+from kanmon.auth import dkimkeys
 from kanmon.config import Config
-from kanmon.dnscheck.checks import Target, dkim_public_key_from_pem
+from kanmon.dnscheck.checks import SigningKey, Target, dkim_public_key_from_pem
 from kanmon.dnscheck.sources import DnsSource, ResolverSource, ZoneSource
 
 
@@ -33,6 +34,26 @@ def load_dkim_key(path: str | Path) -> tuple[str, bytes]:
         return dkim_public_key_from_pem(pem)
     except (ValueError, TypeError) as e:
         raise TargetError(f"{p}: not a PEM private or public key ({e})") from None
+
+
+def signing_keys(config: Config, domain: str) -> tuple[SigningKey, ...]:
+    """The [[dkim]] keys that sign domain's mail: those of the domain itself, else of its
+    closest parent with [[dkim]] entries (as the signer picks them)."""
+    labels = domain.lower().rstrip(".").split(".")
+    for i in range(len(labels) - 1):
+        d = ".".join(labels[i:])
+        entries = [e for e in config.dkim if e.domain == d]
+        if entries:
+            out = []
+            for e in entries:
+                try:
+                    pub = dkimkeys.public_key(dkimkeys.load_private_key(config.dkim_key_path(e), e.algorithm))
+                except dkimkeys.DkimKeyError as err:
+                    out.append(SigningKey(d, e.selector, None, e.active, str(err)))
+                else:
+                    out.append(SigningKey(d, e.selector, (pub.key_type, pub.data), e.active))
+            return tuple(out)
+    return ()
 
 
 def make_source(
@@ -76,6 +97,7 @@ def make_targets(
             dkim_selector=dkim_selector,
             dkim_key=dkim_key,
             receives_mail=config is not None and config.find_domain(d) is not None,
+            signing_keys=signing_keys(config, d) if config is not None and not dkim_selector else (),
         )
         for d in domains
     ]

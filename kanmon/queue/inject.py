@@ -11,6 +11,9 @@ One per process: in the main process `submit` is QueueManager.submit_nowait; in 
 receiver process it tells the main process "queued <id>" over the pipe; from an admin
 operation outside the event loop (inject_blocking) it is the ManagerLink's submit.
 
+Mail whose From domain is one of our [[dkim]] domains is DKIM-signed here, before it
+is stored (kanmon.auth.dkimsign), as mail from our users is at the end of DATA.
+
 Trusts: its callers (the content is ours, not the network's). Never: write the accept
 line or a history row before the message is durable; hand over a message that is not
 durable; swallow a storage error (the caller decides what a failure means: a log line,
@@ -19,9 +22,11 @@ stderr, an error event).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 
+from kanmon.auth.dkimsign import OFF_LOOP_SIZE, Signer
 from kanmon.clock import SystemClock
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 from kanmon.records.events import Accepted
@@ -33,14 +38,17 @@ Submit = Callable[[str, Envelope, bytes], None]
 class Injector:
     """spool: kanmon.spool.store.Spool; records: kanmon.records.store.Records (emit,
     history_accept); submit(queue_id, envelope, content): tell the queue manager.
-    hostname: this node's name (the HELO of the internal client)."""
+    hostname: this node's name (the HELO of the internal client). signer: the [[dkim]]
+    keys (kanmon.auth.dkimsign.load_signer); None signs nothing."""
 
-    def __init__(self, spool, records, submit: Submit, *, hostname: str = "localhost", clock=None):
+    def __init__(self, spool, records, submit: Submit, *, hostname: str = "localhost", clock=None,
+                 signer: Signer | None = None):
         self.spool = spool
         self.records = records
         self.submit = submit
         self.hostname = hostname
         self.clock = clock or SystemClock()
+        self.signer = signer or Signer()
 
     def _prepare(self, env: Envelope) -> Envelope:
         """The envelope as queued: arrival time and the internal client filled in."""
@@ -59,6 +67,11 @@ class Injector:
         """
         env = self._prepare(env)
         queue_id = new_queue_id(env.received_at)
+        if self.signer:
+            if len(content) > OFF_LOOP_SIZE:  # a notice that returns a large message
+                content = await asyncio.get_running_loop().run_in_executor(None, self.signer.signed, content, env.received_at)
+            else:
+                content = self.signer.signed(content, env.received_at)
         await self.spool.store(queue_id, env, content)
         self._accepted(queue_id, env, content, origin)
         return queue_id
@@ -67,6 +80,8 @@ class Injector:
         """inject() for a caller outside the event loop (an admin operation's thread)."""
         env = self._prepare(env)
         queue_id = new_queue_id(env.received_at)
+        if self.signer:
+            content = self.signer.signed(content, env.received_at)
         self.spool.store_blocking(queue_id, env, content)
         self._accepted(queue_id, env, content, origin)
         return queue_id

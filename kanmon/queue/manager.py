@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from kanmon.auth.dkimkeys import DkimKeyError
+from kanmon.auth.dkimsign import load_signer
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
@@ -78,7 +80,8 @@ class QueueManager:
         self.clock = clock or SystemClock()
         self.notices = notices  # kanmon.queue.notices.Notices, or None: no DSNs
         # The way into the queue for mail written in this process (notices, alerts, quota notices).
-        self.injector = Injector(spool, records, self.submit_nowait, hostname=config.server.hostname, clock=self.clock)
+        self.injector = Injector(spool, records, self.submit_nowait, hostname=config.server.hostname, clock=self.clock,
+                                 signer=load_signer(config))
         self.router = Router(config)
         self.workers = workers
         self._rng = random.Random()
@@ -110,6 +113,8 @@ class QueueManager:
         self.config = config
         self.router = Router(config)
         self._settings = Settings.from_config(config.queue)
+        with contextlib.suppress(DkimKeyError):  # the listeners loaded the same keys just before
+            self.injector.signer = load_signer(config)
         self.remote = remote
         self.notices = notices
         self._wake.set()

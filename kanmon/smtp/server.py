@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kanmon.auth.dkimsign import OFF_LOOP_SIZE, Signer, load_signer
 from kanmon.config import Config, SessionProfile
 from kanmon.listeners import stop_accepting
 from kanmon.model import ClientInfo, Envelope, Reply
@@ -186,6 +187,7 @@ class SmtpServer:
         effects: Mapping[type, Callable[[Any], Awaitable[None]]] | None = None,
         proxy_header_timeout: float = PROXY_HEADER_TIMEOUT,
         state: SharedState | None = None,
+        signer: Signer | None = None,
     ):
         """listeners: (host, port, implicit TLS) to bind; default: [smtp] listen, plain.
         sockets: (already listening socket, implicit TLS), e.g. inherited by a receiver process.
@@ -194,7 +196,9 @@ class SmtpServer:
         (e.g. kanmon.policy.quota.quota_effect_handlers).
         state: the state shared with the other receiver processes: given, the per-client
         connection limit counts every process's connections (a gauge per client address
-        owned by this process id); None, this process's own (one process serves them all)."""
+        owned by this process id); None, this process's own (one process serves them all).
+        signer: the [[dkim]] keys that sign mail from relay networks and authenticated
+        users; None: loaded from config (a key that does not load raises DkimKeyError)."""
         if sockets is not None:
             listeners = []
         self.listeners = listeners if listeners is not None else [(h, p, False) for h, p in config.smtp.listen]
@@ -207,6 +211,7 @@ class SmtpServer:
         # one) gets tables of its own for the listener's questions.
         self.access = relay_access(pipeline) or RelayAccess(config)
         self.effects = dict(effects or {})
+        self.signer = signer if signer is not None else load_signer(config)
         self.proxy_header_timeout = proxy_header_timeout
         self.spool = spool
         self.records = records
@@ -703,14 +708,23 @@ class SmtpProtocol(asyncio.Protocol):
         # crash in between would deliver it at recovery); a journal without its message
         # is removed at recovery.
         reason = log_safe(a.quarantine, 200) if a.quarantine else ""
+        content = a.content
         try:
+            c = self.client
+            if server.signer and (c.auth_user or server.access.is_relay_client(c.ip)):
+                # DKIM: signed once, here, so the spool holds what goes out (docs/dkim-signing.md).
+                if len(content) > OFF_LOOP_SIZE:
+                    content = await asyncio.get_running_loop().run_in_executor(
+                        None, server.signer.signed, content, server.clock(), True)
+                else:
+                    content = server.signer.signed(content, server.clock(), True)
             if reason:
                 hold = [journal.Hold(server.clock(), True, f"quarantine: {reason}")]
                 try:
                     await asyncio.get_running_loop().run_in_executor(None, server.spool.append_state, a.queue_id, hold)
                 except OSError as e:
                     raise SpoolError(f"cannot write the hold journal: {e.strerror or e}") from None
-            await server.spool.store(a.queue_id, a.envelope, a.content)
+            await server.spool.store(a.queue_id, a.envelope, content)
         except SpoolError as e:
             server.records.record(ev.Error(f"warning: {e}; answered {replies.STORAGE_ERROR}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.STORAGE_ERROR)
@@ -724,11 +738,10 @@ class SmtpProtocol(asyncio.Protocol):
         else:
             server.accepted += 1
             env = a.envelope
-            c = self.client
-            fields = header_fields(a.content)  # once, for the event line and the history
+            fields = header_fields(content)  # once, for the event line and the history
             msgid = fields.get("message-id", "")
             server.records.record(ev.Accepted(
-                env.mail_from, len(a.content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
+                env.mail_from, len(content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
                 held=bool(reason),
             ), a.queue_id, session=self.sid)
             if reason:
@@ -736,12 +749,12 @@ class SmtpProtocol(asyncio.Protocol):
                 # message from memory without reading the journal. (A receiver's main
                 # process would read the hold from disk and skip it: nothing to tell it.)
                 server.records.record(ev.QuarantineHeld(reason), a.queue_id, session=self.sid)
-                server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
+                server.records.history_accept(a.queue_id, env, len(content), content, fields,
                                               classification=a.classification, disposition="Quarantine")
             else:
-                server.records.history_accept(a.queue_id, env, len(a.content), a.content, fields,
+                server.records.history_accept(a.queue_id, env, len(content), content, fields,
                                               classification=a.classification, disposition="Accept")
-                server.on_stored(a.queue_id, env, a.content)
+                server.on_stored(a.queue_id, env, content)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
