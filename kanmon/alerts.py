@@ -406,9 +406,15 @@ class Alerts:
             self._call_soon(self.clear, "expiry", key, "certificate renewed")
 
     def _check_dkim_key(self) -> None:
-        path = self.config.dnscheck.dkim_key
+        """[dnscheck] dkim_key and the active [[dkim]] signing keys."""
+        paths = [self.config.dnscheck.dkim_key] if self.config.dnscheck.dkim_key is not None else []
+        paths += [self.config.dkim_key_path(d) for d in self.config.dkim if d.active]
+        for path in dict.fromkeys(paths):
+            self._check_dkim_key_file(path)
+
+    def _check_dkim_key_file(self, path: Path) -> None:
         limit = self.cfg.dkim_rotate_after
-        if path is None or limit is None:
+        if limit is None:
             return
         key = f"DKIM key {path}"
         try:

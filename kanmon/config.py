@@ -757,7 +757,7 @@ class AlertsSection(Section):
     )
     cert_expires_within: Duration = Field(14 * 86400.0, description="expiry: our TLS certificate expires within this")
     dkim_rotate_after: Duration | None = Field(
-        None, description="expiry: our DKIM key ([dnscheck] dkim_key) is older than this, by its file's time; unset: off"
+        None, description="expiry: a DKIM key ([dnscheck] dkim_key, active [[dkim]] keys) is older than this, by its file's time; unset: off"
     )
     expiry_every: Duration = Field(86400.0, gt=0, description="expiry alerts are mailed at most once per this while they last")
     categories: list[AlertCategoryName] = Field(

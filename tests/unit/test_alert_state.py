@@ -189,6 +189,22 @@ def test_dkim_key_due_for_rotation(tmp_path):
     spool.close()
 
 
+def test_active_signing_keys_are_due_for_rotation_too(tmp_path):
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    now = time.time()
+    for path in (old, new):
+        path.write_text("-----BEGIN PRIVATE KEY-----\n")
+        os.utime(path, (now - 200 * DAY - 60, now - 200 * DAY - 60))
+    extra = ('dkim_rotate_after = "180d"\n'
+             f'[[dkim]]\ndomain = "example.test"\nselector = "k1"\nkey = "{old}"\n'
+             f'[[dkim]]\ndomain = "example.test"\nselector = "k2"\nkey = "{new}"\nactive = false\n')
+    alerts, _, clock, mails, spool = make(tmp_path, extra, clock=ManualClock(now))
+    alerts._check_dkim_key()
+    # The signing key only: the one not signing yet is not due for anything.
+    assert [key_name for _c, key_name, _t in mails] == [f"DKIM key {old}"]
+    spool.close()
+
+
 def test_the_archive_hook_raises_and_clears(tmp_path):
     alerts, _, _, mails, spool = make(tmp_path, "archive_used_above = 0.8")
     alerts.check_archive(70, 100, "/archive")
