@@ -1036,3 +1036,85 @@ def test_ping_without_icmp_privilege_is_a_config_error_at_start(tmp_path, monkey
             s.bind((VIP, port))  # nothing was bound
 
     run(main())
+
+
+# ---------------------------------------------------------------------------
+# A client that speaks first: its bytes arrive before the real server is connected
+
+
+async def _echo_server(host: str, ssl_context: Any = None) -> asyncio.Server:
+    """A real server for client-first protocols: it echoes every line back."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while line := await asyncio.wait_for(r.readline(), DEADLINE):
+                w.write(b"echo " + line)
+                await w.drain()
+        except (ConnectionError, TimeoutError, OSError):
+            pass
+        finally:
+            w.close()
+
+    return await asyncio.start_server(handle, host, 0, ssl=ssl_context, reuse_address=True)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("tls", [True, False], ids=["implicit-tls", "plain-client-first"])
+def test_bytes_a_client_sends_before_the_real_server_is_connected_are_forwarded_in_order(tmp_path, tls, loop):
+    """Implicit TLS through the balancer (the ClientHello is the client's first flight,
+    sent at once) and a plain client that writes before reading: 100 connections at
+    once, every one answered, nothing lost or reordered."""
+    import ssl
+
+    import trustme
+
+    async def main() -> None:
+        ca = trustme.CA()
+        server_ctx = None
+        client_ctx = None
+        if tls:
+            server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("mail.example.test").configure_cert(server_ctx)
+            client_ctx = ssl.create_default_context()
+            ca.configure_trust(client_ctx)
+        real = await _echo_server(MR1, server_ctx)
+        real_port = real.sockets[0].getsockname()[1]
+        port = free_port(VIP)
+        vs = "\n".join([
+            "[[balancer.virtual_server]]", 'name = "imaps"', f'listen = "{VIP}:{port}"', 'method = "first-alive"',
+            'health = { type = "tcp", interval = "0.1s", timeout = "1s", retries = 2 }',
+            "[[balancer.virtual_server.real]]", f'address = "{MR1}:{real_port}"', 'mode = "active"',
+        ]) + "\n"
+
+        async def one(i: int) -> bytes:
+            async with asyncio.timeout(DEADLINE * 2):
+                r, w = await asyncio.open_connection(
+                    VIP, port, ssl=client_ctx, server_hostname="mail.example.test" if tls else None,
+                    local_addr=(f"127.0.0.{100 + i % 50}", 0))
+                try:
+                    # First bytes: several lines in one write, before anything is read.
+                    w.write(b"".join(f"{i} line {n}\n".encode() for n in range(3)))
+                    await w.drain()
+                    return b"".join([await r.readline() for _ in range(3)])
+                finally:
+                    w.close()
+                    with contextlib.suppress(ConnectionError, ssl.SSLError):
+                        await w.wait_closed()
+
+        try:
+            async with balancer(tmp_path, vs) as b:
+                await wait_until(lambda: b.server(0)["state"] == "up", "the real server is up")
+                answers = await asyncio.gather(*(one(i) for i in range(100)), return_exceptions=True)
+        finally:
+            real.close()
+            await real.wait_closed()
+        lost = [(i, a) for i, a in enumerate(answers)
+                if a != b"".join(f"echo {i} line {n}\n".encode() for n in range(3))]
+        assert lost == [], f"{len(lost)} of 100 connections lost bytes: {lost[:3]}"
+
+    if loop == "asyncio":
+        run(main())
+        return
+    uvloop = pytest.importorskip("uvloop")  # what kanmon serve runs on
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 30))
