@@ -6,7 +6,11 @@ to the other; when a side's write buffer passes HIGH_WATER the other side stops 
 cost at most about HIGH_WATER plus one read per direction. A client's half-close is
 passed on (its EOF becomes write_eof towards the real server, whose reply still flows
 back); EOF from the real server closes the link, as do either side being lost and
-idle_timeout without traffic.
+idle_timeout without traffic. What the client sends before its real server is connected
+(an implicit-TLS ClientHello, any client-first protocol, an SMTP early talker's bytes:
+pause_reading in connection_made does not stop every event loop's first read) is held,
+up to EARLY_LIMIT bytes, and written to the real server first, in order, right after the
+PROXY header; past that limit the client stays paused until the real server is there.
 
 Trusts: nothing in the bytes: they are never parsed, only counted and copied.
 
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
+EARLY_LIMIT = 64 * 1024  # client bytes held while its real server connects
 
 
 class End(asyncio.Protocol):
@@ -48,7 +53,8 @@ class End(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self.side == "client":
             # Read nothing until the real server is connected (bounded: the kernel's
-            # receive buffer holds what the client sends meanwhile).
+            # receive buffer holds what the client sends meanwhile; what is read all the
+            # same is held by the link, see Link.forward).
             self.pause_reading("connecting")
             self.link.client_connected(self)
         else:
@@ -130,6 +136,9 @@ class Link:
         self._last_activity = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._early = bytearray()  # client bytes that arrived before the real server
+        self._holding = True  # until server_connected: client bytes go to _early
+        self._eof_held = False  # the client's EOF came after held bytes: passed on after them
         self._on_client = on_client
         self._on_finish = on_finish
 
@@ -170,30 +179,52 @@ class Link:
             self._slot = None
 
     def server_connected(self, end: End) -> None:
-        """The real server is connected: start reading from the client."""
+        """The real server is connected: hand it what the client sent meanwhile, then
+        start reading from the client."""
         self.server = end
         self.touch()
+        self._holding = False
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self._count(self.client, len(early))
+            end.write(early)
         if self.client is not None:
             self.client.resume_reading("connecting")
+            if self._eof_held:  # it half-closed after the held bytes
+                self._eof_held = False
+                self.eof_from(self.client)
 
     def touch(self) -> None:
         self._last_activity = self.loop.time()
 
     def forward(self, source: End, data: bytes) -> None:
         self.touch()
+        if source is self.client and self._holding:
+            # The real server is not connected yet: keep the bytes for it (bounded;
+            # beyond the limit the client waits, paused, as flow control would).
+            self._early += data
+            if len(self._early) >= EARLY_LIMIT:
+                source.pause_reading("connecting")
+            return
         target = self.other(source)
         if target is None:
             return
         target.write(data)
+        self._count(source, len(data))
+
+    def _count(self, source: End | None, n: int) -> None:
         if self.real is not None:
             if source is self.client:
-                self.real.bytes_in += len(data)
+                self.real.bytes_in += n
             else:
-                self.real.bytes_out += len(data)
+                self.real.bytes_out += n
 
     def eof_from(self, source: End) -> None:
         target = self.other(source)
         if source is not self.client and source is not self.server:
+            return
+        if source is self.client and self._holding and self._early:
+            self._eof_held = True  # passed on after the held bytes, by server_connected
             return
         if source is self.server:
             # The real server has finished (SMTP servers close after 221, or when they
@@ -262,6 +293,7 @@ class Link:
         if self.finished:
             return
         self.finished = True
+        self._early = bytearray()
         self.release()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
