@@ -1,0 +1,334 @@
+"""Resource exhaustion against a real `kanmon serve`: connection floods, slow clients and
+huge input on every listener (SMTP, submission, IMAP, POP3, each implicit-TLS port).
+
+A node runs in a subprocess with every listener on 127.0.0.1; hostile clients come from
+other 127.0.0.x addresses. Each test asserts what a limit answers, that a legitimate
+client is still served meanwhile, and that the server's memory (the RSS of the process
+that holds the listeners, read from /proc) stays bounded and comes back. Nothing asserts
+a time: every wait is on a condition with a bounded deadline.
+
+The short versions run in CI; `KANMON_LONG=1` runs the long ones (`-m long`: 10x the
+default limits, many more sources).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import poplib
+import select
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from kanmon.config import parse_config
+from kanmon.store.users import Users
+from tests.support.kanmon_node import KanmonProcess, free_port, wait_for
+
+PASSWORD = "correct horse battery"
+ALICE = "alice@example.test"
+LEGIT = "127.0.0.1"  # a well-behaved client's address
+HOSTILE = "127.0.0.66"  # the flooding client's address
+
+CONFIG = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+workers = {workers}
+[tls]
+cert = "{tls_dir}/cert.pem"
+key = "{tls_dir}/key.pem"
+{tls_extra}
+[smtp]
+listen = ["127.0.0.1:{smtp}"]
+relay_networks = ["127.0.0.1/32"]
+min_free_disk = "1MB"
+greet_pause = "0s"
+{smtp_extra}
+[submission]
+listen = ["127.0.0.1:{submission}"]
+listen_tls = ["127.0.0.1:{submissions}"]
+{submission_extra}
+[imap]
+listen = ["127.0.0.1:{imap}"]
+listen_tls = ["127.0.0.1:{imaps}"]
+{imap_extra}
+[pop3]
+listen = ["127.0.0.1:{pop3}"]
+listen_tls = ["127.0.0.1:{pop3s}"]
+{pop3_extra}
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "bob"]
+[[session_profile]]
+name = "default"
+sender_domain_check = false  # the senders' domains are in no DNS here
+reject_own_helo = false
+"""
+
+PORTS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+
+
+@dataclass
+class Node:
+    proc: KanmonProcess
+    ports: dict[str, int]
+    data_dir: Path
+    client_ctx: ssl.SSLContext
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def rss(self) -> int:
+        """Resident memory of the process holding the listeners (workers = 0), in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def connect(self, port_name: str, source: str = LEGIT) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.ports[port_name]), timeout=15, source_address=(source, 0))
+
+    def tls(self, port_name: str, source: str = LEGIT) -> ssl.SSLSocket:
+        return self.client_ctx.wrap_socket(self.connect(port_name, source), server_hostname="mx1.example.test")
+
+
+def start_node(tmp_path: Path, *, workers: int = 0, **extra: str) -> Node:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "mx1.example.test")
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir(exist_ok=True)
+    cert.cert_chain_pems[0].write_to_path(str(tls_dir / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tls_dir / "key.pem"))
+    ports = {name: free_port() for name in PORTS}
+    keys = {f"{k}_extra": extra.get(k, "") for k in ("tls", "smtp", "submission", "imap", "pop3")}
+    text = CONFIG.format(data_dir=tmp_path / "data", tls_dir=tls_dir, workers=workers, **ports, **keys)
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(text)
+    Users(parse_config(text)).set_password(ALICE, PASSWORD)
+    proc = KanmonProcess(cfg, "127.0.0.1", ports["smtp"]).start()
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    node = Node(proc, ports, tmp_path / "data", client_ctx)
+    try:
+        for name in PORTS:  # every listener is up (the SMTP one answered first)
+            wait_for(lambda name=name: _listening(node, name), 20, f"{name} listening")
+    except BaseException:
+        proc.kill()
+        raise
+    return node
+
+
+def _listening(node: Node, name: str) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", node.ports[name]), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory):
+    """One node for the tests that leave it as they found it (every connection closed)."""
+    n = start_node(tmp_path_factory.mktemp("node"))
+    try:
+        yield n
+    finally:
+        n.proc.terminate()
+
+
+# -- what a legitimate client does on each listener --------------------------------------------
+
+
+def serve_smtp(node: Node) -> None:
+    with smtplib.SMTP("127.0.0.1", node.ports["smtp"], timeout=15) as s:
+        assert s.ehlo()[0] == 250
+        assert s.noop()[0] == 250
+
+
+def serve_submission(node: Node, implicit: bool = False) -> None:
+    if implicit:
+        s: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", node.ports["submissions"], timeout=15, context=node.client_ctx)
+    else:
+        s = smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=15)
+        s.starttls(context=node.client_ctx)
+    with s:
+        s.ehlo()
+        assert s.login(ALICE, PASSWORD)[0] == 235
+
+
+def serve_imap(node: Node, implicit: bool = False) -> None:
+    if implicit:
+        c: imaplib.IMAP4 = imaplib.IMAP4_SSL("127.0.0.1", node.ports["imaps"], ssl_context=node.client_ctx, timeout=15)
+    else:
+        c = imaplib.IMAP4("127.0.0.1", node.ports["imap"], timeout=15)
+        c.starttls(node.client_ctx)
+    try:
+        assert c.login(ALICE, PASSWORD)[0] == "OK"
+        assert c.select("INBOX")[0] == "OK"
+    finally:
+        with contextlib.suppress(Exception):
+            c.logout()
+
+
+def serve_pop3(node: Node, implicit: bool = False) -> None:
+    if implicit:
+        p: poplib.POP3 = poplib.POP3_SSL("127.0.0.1", node.ports["pop3s"], context=node.client_ctx, timeout=15)
+    else:
+        p = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=15)
+        p.stls(node.client_ctx)
+    try:
+        p.user(ALICE)
+        assert p.pass_(PASSWORD).startswith(b"+OK")
+    finally:
+        with contextlib.suppress(Exception):
+            p.quit()
+
+
+SERVE = {
+    "smtp": serve_smtp,
+    "submission": serve_submission,
+    "submissions": lambda n: serve_submission(n, True),
+    "imap": serve_imap,
+    "imaps": lambda n: serve_imap(n, True),
+    "pop3": serve_pop3,
+    "pop3s": lambda n: serve_pop3(n, True),
+}
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One line (up to 1000 bytes) or what came before EOF."""
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < 1000:
+        try:
+            chunk = sock.recv(1)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """The server has closed this connection (EOF or reset is waiting), without blocking.
+    Anything else it sent (a banner, a refusal line) is read and dropped."""
+    while True:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            data = sock.recv(4096)
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            return True
+        if not data:
+            return True
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+# -- per-IP connection limits on IMAP and POP3 ------------------------------------------------
+
+
+@pytest.mark.parametrize("port_name, refusal", [
+    ("imap", b"* BYE [UNAVAILABLE] too many connections from your address\r\n"),
+    ("pop3", b"-ERR [SYS/TEMP] too many connections from your address\r\n"),
+])
+def test_imap_and_pop3_refuse_more_than_50_connections_from_one_address(node, port_name, refusal):
+    """The default max_connections_per_ip (50): the 51st connection from one address is
+    refused with a reply; another address is still served."""
+    held = []
+    try:
+        for _ in range(50):
+            s = node.connect(port_name, HOSTILE)
+            assert read_line(s).startswith((b"* OK", b"+OK"))
+            held.append(s)
+        extra = node.connect(port_name, HOSTILE)
+        held.append(extra)
+        assert read_line(extra) == refusal
+        assert read_line(extra) == b""
+        SERVE[port_name](node)  # another address
+    finally:
+        close_all(held)
+    # Released: the same address is served again.
+    wait_for(lambda: _banner(node, port_name, HOSTILE), 10, "the address served again")
+
+
+def _banner(node: Node, port_name: str, source: str) -> bool:
+    with node.connect(port_name, source) as s:
+        return read_line(s).startswith((b"* OK", b"+OK"))
+
+
+# -- pre-authentication IMAP literals -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, plus", [(19_000_000, False), (9000, False), (9000, True), (19_000_000, True)])
+def test_imap_refuses_a_large_literal_before_login_without_reading_it(node, size, plus):
+    """Before authentication a literal may be a few KB (a LOGIN's user name and
+    password); a larger one is refused by its announced size with a tagged NO, before
+    any of it is read or kept. A LITERAL+ client sends it anyway: a few KB are dropped
+    unread and the next command is served; megabytes end the connection."""
+    with node.connect("imap") as s:
+        assert read_line(s).startswith(b"* OK")
+        s.sendall(f"a1 LOGIN {{{size}{'+' if plus else ''}}}\r\n".encode())
+        assert read_line(s).startswith(b"a1 NO [TOOBIG]")
+        if plus and size > 1_000_000:
+            assert read_line(s).startswith(b"* BYE")
+            assert read_line(s) == b""
+        else:
+            if plus:
+                s.sendall(b"x" * size + b" y\r\n")
+            s.sendall(b"a2 NOOP\r\n")
+            assert read_line(s).startswith(b"a2 OK")
+    serve_imap(node)
+
+
+def test_imap_append_after_login_still_takes_a_large_literal(node):
+    c = imaplib.IMAP4("127.0.0.1", node.ports["imap"], timeout=15)
+    c.starttls(node.client_ctx)
+    try:
+        assert c.login(ALICE, PASSWORD)[0] == "OK"
+        message = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"
+        assert c.append("INBOX", None, None, message)[0] == "OK"
+    finally:
+        c.logout()
+
+
+# -- a trickle of bytes does not hold an unauthenticated session ------------------------------
+
+
+@pytest.mark.parametrize("port_name", ["imap", "pop3"])
+def test_a_trickle_of_bytes_before_login_does_not_extend_the_session(tmp_path, port_name):
+    """One byte every 0.2 s never completes a command: the login_timeout (here 1 s)
+    counts from the connection, so the server closes it whatever arrives."""
+    n = start_node(tmp_path, imap='login_timeout = "1s"', pop3='login_timeout = "1s"')
+    try:
+        with n.connect(port_name, HOSTILE) as s:
+            assert read_line(s).startswith((b"* OK", b"+OK"))
+            closed = False
+            for _ in range(150):  # at most 30 s of trickling: the server must close first
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    closed = True
+                    break
+                if closed_by_server(s):
+                    closed = True
+                    break
+                time.sleep(0.2)
+            assert closed, "the server kept a session that trickled bytes"
+        SERVE[port_name](n)
+    finally:
+        n.proc.terminate()
