@@ -201,6 +201,9 @@ class SmtpSection(Section):
 class TlsSection(Section):
     cert: Path = Field(description="PEM certificate chain offered by STARTTLS")
     key: Path = Field(description="PEM private key of that certificate")
+    handshake_timeout: Duration = Field(
+        10.0, gt=0, description="Time a client has to complete a TLS handshake (implicit TLS ports and STARTTLS)",
+    )
 
     @field_validator("cert", "key")
     @classmethod
@@ -915,14 +918,30 @@ class ListenerPair(Section):
 
 
 class SubmissionSection(ListenerPair):
+    max_connections_per_ip: int | None = Field(
+        None, ge=1,
+        description="Concurrent submission connections from one client address (all receivers); "
+                    "default: the client's session profile's ([smtp] max_connections_per_ip, 50)",
+    )
+
+
+class MailboxAccessSection(ListenerPair):
+    """[pop3] and [imap]: their listeners and the limits of their connections."""
+
+    max_connections: int = Field(1000, ge=1, description="Concurrent connections in all (counted from accept)")
+    max_connections_per_ip: int = Field(
+        50, ge=1, description="Concurrent connections from one client address (counted from accept, TLS handshake included)",
+    )
+    login_timeout: Duration = Field(
+        60.0, gt=0, description="A connection not logged in this long after it opened is closed, whatever it sends",
+    )
+
+
+class Pop3Section(MailboxAccessSection):
     pass
 
 
-class Pop3Section(ListenerPair):
-    pass
-
-
-class ImapSection(ListenerPair):
+class ImapSection(MailboxAccessSection):
     pass
 
 

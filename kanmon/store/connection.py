@@ -6,10 +6,13 @@ session asks for, in order: send bytes, wait (login throttle), verify a password
 worker thread (argon2 must not stall the event loop), run file work (Maildir reads,
 writes, fsyncs) in the service's bounded file executor, upgrade to TLS, close. While
 the session waits for a result it gets no input, so pipelined commands run in order,
-one at a time. It owns the timeouts: idle time between commands, TLS handshake, and
-writes to a peer that does not read. ``ListenerSet`` binds the plain and implicit-TLS
-listeners of a service, keeps every connection task in one TaskGroup and owns the
-file executor.
+one at a time. It owns the timeouts: idle time between commands, the login deadline (an
+unauthenticated connection ends login_timeout after it opened, however many bytes it
+trickles), TLS handshake, and writes to a peer that does not read. ``ListenerSet``
+binds the plain and implicit-TLS listeners of a service, counts connections from accept
+(in all and per client address; an implicit-TLS connection is counted before its
+handshake, kanmon.tlsaccept), keeps every connection task in one TaskGroup and owns
+the file executor.
 
 Trusts: nothing the peer sends; it only buffers it (bounded: reading pauses when
 ``max_inbox`` bytes wait) and hands it to the session.
@@ -26,12 +29,15 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Callable, Generator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kanmon.config import MailboxAccessSection, TlsSection
 from kanmon.listeners import stop_accepting
+from kanmon.tlsaccept import Admission, TlsAcceptor
 
 # ---------------------------------------------------------------------------
 # What a session asks the adapter to do.
@@ -107,6 +113,7 @@ class Session(Protocol):
 
     poll_interval: float | None  # not None: call poll() this often (IMAP IDLE)
     idle_timeout: float
+    authenticated: bool  # logged in: the login deadline no longer applies
 
     def start(self) -> list[Event]: ...
     def receive(self, data: bytes) -> list[Event]: ...
@@ -143,9 +150,16 @@ class SessionConnection(asyncio.Protocol):
         handshake_timeout: float = 30.0,
         write_timeout: float = 120.0,
         max_inbox: int = 256 * 1024,
+        login_timeout: float | None = None,
+        admission: Admission | None = None,
+        admit: Callable[[str], Admission | bytes] | None = None,
         on_open: Callable[[SessionConnection], None] | None = None,
         on_close: Callable[[SessionConnection], None] | None = None,
     ):
+        """admission: the connection's place in the listener's counts, taken at accept
+        (implicit TLS); otherwise admit(ip) takes it in connection_made, or answers the
+        refusal line to send before closing. login_timeout: seconds from the connection
+        to the login; None: no deadline but the idle one."""
         self.make_session = make_session
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
@@ -155,6 +169,10 @@ class SessionConnection(asyncio.Protocol):
         self.handshake_timeout = handshake_timeout
         self.write_timeout = write_timeout
         self.max_inbox = max_inbox
+        self.login_timeout = login_timeout
+        self.admission = admission
+        self.admit = admit
+        self._login_deadline: float | None = None
         self.on_open = on_open
         self.on_close = on_close  # called once the socket is gone (connection_lost)
         self.transport: asyncio.Transport | None = None
@@ -173,10 +191,20 @@ class SessionConnection(asyncio.Protocol):
             self.transport = transport  # type: ignore[assignment]
             return
         self.transport = transport  # type: ignore[assignment]
-        if self.on_open:
-            self.on_open(self)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer = PeerInfo(str(peer[0]), int(peer[1]), self.implicit_tls)
+        if self.admission is None and self.admit is not None:
+            admitted = self.admit(self.peer.ip)
+            if not isinstance(admitted, Admission):
+                self._lost = True  # refused: never opened, nothing to release
+                self.transport.write(admitted)  # type: ignore[union-attr]
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            self.admission = admitted
+        if self.login_timeout is not None:
+            self._login_deadline = asyncio.get_running_loop().time() + self.login_timeout
+        if self.on_open:
+            self.on_open(self)
         self.spawn(self._drive())
 
     def data_received(self, data: bytes) -> None:
@@ -195,6 +223,8 @@ class SessionConnection(asyncio.Protocol):
         self._lost = True
         self._wakeup.set()
         self._writable.set()
+        if self.admission is not None:
+            self.admission.release()
         if self.on_close:
             self.on_close(self)
 
@@ -239,11 +269,14 @@ class SessionConnection(asyncio.Protocol):
 
     async def _next_input(self, session: Session) -> bytes | object:
         """Buffered input, b"" at EOF, _POLL when the session's poll is due, _TIMEOUT
-        when nothing came for session.idle_timeout seconds."""
+        when nothing came for session.idle_timeout seconds or, before the login, when
+        the login deadline has passed (bytes arriving do not move it)."""
         loop = asyncio.get_running_loop()
         if self._deadline is None:
             self._deadline = loop.time() + session.idle_timeout
         while True:
+            if self._login_deadline is not None and not session.authenticated and loop.time() >= self._login_deadline:
+                return _TIMEOUT
             if self._inbox:
                 data = bytes(self._inbox)
                 self._inbox.clear()
@@ -255,7 +288,10 @@ class SessionConnection(asyncio.Protocol):
             if self._eof or self._lost:
                 return b""
             self._wakeup.clear()
-            wait = self._deadline - loop.time()
+            deadline = self._deadline
+            if self._login_deadline is not None and not session.authenticated:
+                deadline = min(deadline, self._login_deadline)
+            wait = deadline - loop.time()
             if wait <= 0:
                 return _TIMEOUT
             poll = session.poll_interval
@@ -353,12 +389,18 @@ class ListenerSet:
         verify: Callable[[str, str], bool],
         *,
         max_connections: int = 1000,
-        handshake_timeout: float = 30.0,
+        max_connections_per_ip: int = 50,
+        login_timeout: float | None = None,
+        handshake_timeout: float = 10.0,
         file_workers: int = 8,
         sockets: list[tuple[socket.socket, bool]] | None = None,
+        refusals: tuple[bytes, bytes] = (b"", b""),
     ):
         """sockets: (already listening socket, implicit TLS) to accept on instead of
-        binding plain/implicit (a node's reload hands the same sockets on)."""
+        binding plain/implicit (a node's reload hands the same sockets on).
+        refusals: the lines a plain connection over max_connections, and over
+        max_connections_per_ip, gets before it is closed (an implicit-TLS one is closed
+        before its handshake, without a word)."""
         self.name = name
         self.sockets = sockets
         self.plain = plain
@@ -367,10 +409,17 @@ class ListenerSet:
         self.make_session = make_session
         self.verify = verify
         self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.login_timeout = login_timeout
+        self.refusals = refusals
+        # Connections counted from accept until they are gone (TLS handshakes included):
+        # this process is the only one serving the listeners, so its counts are all of them.
+        self.admitted = 0
+        self.per_ip: Counter[str] = Counter()
         self.handshake_timeout = handshake_timeout
         self.file_workers = file_workers
         self._files: ThreadPoolExecutor | None = None
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Any] = []  # asyncio.Server (plain) and TlsAcceptor (implicit TLS)
         self._tasks: set[asyncio.Task[None]] = set()
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -418,33 +467,57 @@ class ListenerSet:
                 if any(implicit for _sock, implicit in self.sockets) and self.tls_context is None:
                     raise OSError(f"{self.name}: listen_tls needs a TLS certificate")
                 for sock, implicit in self.sockets:
-                    server = await loop.create_server(
-                        lambda implicit=implicit: self._protocol(implicit),
-                        sock=sock,
-                        ssl=self.tls_context if implicit else None,
-                        ssl_handshake_timeout=self.handshake_timeout if implicit else None,
-                    )
+                    if implicit:
+                        self.servers.append(self._acceptor(TlsAcceptor(
+                            sock, self.tls_context, self.handshake_timeout, self._admit_tls, self._tls_protocol)))
+                        continue
+                    server = await loop.create_server(lambda: self._protocol(), sock=sock)
                     self.servers.append(server)
                 return
-            for endpoints, implicit in ((self.plain, False), (self.implicit, True)):
-                for host, port in endpoints:
-                    server = await loop.create_server(
-                        lambda implicit=implicit: self._protocol(implicit),
-                        host,
-                        port,
-                        ssl=self.tls_context if implicit else None,
-                        ssl_handshake_timeout=self.handshake_timeout if implicit else None,
-                        reuse_address=True,
-                    )
-                    self.servers.append(server)
+            for host, port in self.plain:
+                server = await loop.create_server(lambda: self._protocol(), host, port, reuse_address=True)
+                self.servers.append(server)
+            for host, port in self.implicit:
+                assert self.tls_context is not None
+                self.servers.append(self._acceptor(TlsAcceptor.bind(
+                    host, port, self.tls_context, self.handshake_timeout, self._admit_tls, self._tls_protocol)))
         except BaseException:
             await self.stop()
             raise
 
-    def _protocol(self, implicit: bool) -> asyncio.Protocol:
-        if len(self._connections) >= self.max_connections:
-            return _Refuse(b"* BYE too many connections\r\n" if "IMAP" in self.name else b"-ERR [SYS/TEMP] too many connections\r\n")
-        conn = SessionConnection(
+    @staticmethod
+    def _acceptor(acceptor: TlsAcceptor) -> TlsAcceptor:
+        acceptor.start()
+        return acceptor
+
+    def _admit(self, ip: str) -> Admission | bytes:
+        """Count a new connection from ip, or the refusal line when a limit is reached."""
+        if self.admitted >= self.max_connections:
+            return self.refusals[0]
+        if self.per_ip[ip] >= self.max_connections_per_ip:
+            return self.refusals[1]
+        self.admitted += 1
+        self.per_ip[ip] += 1
+        return Admission(ip, self._release)
+
+    def _release(self, ip: str) -> None:
+        self.admitted -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+    def _admit_tls(self, ip: str) -> Admission | None:
+        admitted = self._admit(ip)
+        return admitted if isinstance(admitted, Admission) else None
+
+    def _tls_protocol(self, admission: Admission) -> asyncio.Protocol:
+        return self._protocol(admission)
+
+    def _protocol(self, admission: Admission | None = None) -> asyncio.Protocol:
+        """A connection's protocol: plain (admitted in connection_made) or implicit TLS
+        (admitted at accept, handshake done)."""
+        implicit = admission is not None
+        return SessionConnection(
             lambda peer: self.make_session(peer, implicit),
             self.tls_context,
             implicit,
@@ -452,10 +525,12 @@ class ListenerSet:
             self.verify,
             files=self._files,
             handshake_timeout=self.handshake_timeout,
+            login_timeout=self.login_timeout,
+            admission=admission,
+            admit=self._admit,
             on_open=self._opened,
             on_close=self._closed,
         )
-        return conn
 
     def _opened(self, conn: SessionConnection) -> None:
         self._connections.add(conn)
@@ -478,7 +553,7 @@ class ListenerSet:
             s.close()
         for s in self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 5)
+                await asyncio.wait_for(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
         self.servers = []
         if self._stopping is not None:
             self._stopping.set()
@@ -497,15 +572,6 @@ class ListenerSet:
             await asyncio.get_running_loop().run_in_executor(None, files.shutdown)
 
 
-class _Refuse(asyncio.Protocol):
-    def __init__(self, line: bytes):
-        self.line = line
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self.line)  # type: ignore[attr-defined]
-        transport.close()
-
-
 class AccessService:
     """The shell shared by the POP3 and IMAP services of ``kanmon serve``: the accounts,
     the throttle, the event log and the listeners of one ``[pop3]``/``[imap]`` section.
@@ -518,8 +584,12 @@ class AccessService:
 
     protocol = ""  # "POP3" | "IMAP"
 
-    def __init__(self, config, section, tls_context, users, throttle, emit, *, max_connections: int = 1000,
+    refusals = (b"", b"")  # over max_connections, over max_connections_per_ip (ListenerSet)
+
+    def __init__(self, config, section, tls_context, users, throttle, emit, *, max_connections: int | None = None,
                  sockets: list[tuple[socket.socket, bool]] | None = None):
+        """max_connections: default [section] max_connections."""
+        limits = section if section is not None else MailboxAccessSection()
         self.config = config
         self.tls_context = tls_context
         self.users = users
@@ -532,8 +602,12 @@ class AccessService:
             tls_context,
             self._session,
             users.verify,
-            max_connections=max_connections,
+            max_connections=max_connections if max_connections is not None else limits.max_connections,
+            max_connections_per_ip=limits.max_connections_per_ip,
+            login_timeout=limits.login_timeout,
+            handshake_timeout=config.tls.handshake_timeout if config.tls is not None else TlsSection.model_fields["handshake_timeout"].default,
             sockets=sockets,
+            refusals=self.refusals,
         )
 
     def _session(self, peer: PeerInfo, implicit: bool):

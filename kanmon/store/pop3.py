@@ -127,6 +127,10 @@ class Pop3Session:
 
     poll_interval = None
 
+    @property
+    def authenticated(self) -> bool:
+        return self.state != "AUTHORIZATION"
+
     def __init__(
         self,
         *,
@@ -540,6 +544,8 @@ class Pop3Service(AccessService):
     """The POP3 listeners of ``kanmon serve`` (see AccessService)."""
 
     protocol = "POP3"
+    refusals = (b"-ERR [SYS/TEMP] too many connections\r\n",
+                b"-ERR [SYS/TEMP] too many connections from your address\r\n")
 
     def __init__(
         self,
@@ -550,7 +556,7 @@ class Pop3Service(AccessService):
         emit: Emit,
         *,
         idle_timeout: float = IDLE_TIMEOUT,
-        max_connections: int = 1000,
+        max_connections: int | None = None,
         sockets: list[tuple[socket.socket, bool]] | None = None,
     ):
         self.idle_timeout = idle_timeout

@@ -32,6 +32,8 @@ class ImapService(AccessService):
     """
 
     protocol = "IMAP"
+    refusals = (b"* BYE [UNAVAILABLE] too many connections\r\n",
+                b"* BYE [UNAVAILABLE] too many connections from your address\r\n")
 
     def __init__(
         self,
@@ -44,7 +46,7 @@ class ImapService(AccessService):
         idle_timeout: float = IDLE_TIMEOUT,
         idle_poll: float = IDLE_POLL,
         max_literal: int | None = None,
-        max_connections: int = 1000,
+        max_connections: int | None = None,
         sockets: list[tuple[socket.socket, bool]] | None = None,
     ):
         self.idle_timeout = idle_timeout

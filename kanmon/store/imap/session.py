@@ -76,6 +76,7 @@ from kanmon.store.maildir import (
 from kanmon.store.users import AuthThrottle, Users, log_safe
 
 IDLE_TIMEOUT = 1800.0  # RFC 3501 5.4: at least 30 minutes
+PREAUTH_MAX_LITERAL = 8 * 1024  # the largest literal before the login (LOGIN, AUTHENTICATE)
 IDLE_POLL = 2.0  # how often IDLE looks at the folder for new mail
 MAX_ERRORS = 20
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
@@ -170,7 +171,11 @@ class ImapSession:
         self.emit = emit
         self.idle_timeout = idle_timeout
         self.idle_poll = idle_poll
-        self.reader = CommandReader(max_literal)
+        # Before the login a literal carries a user name or a password: a few KB, as
+        # Dovecot allows (RFC 7888 4 lets a server refuse more before authentication).
+        self.max_literal = max_literal
+        self.reader = CommandReader(min(max_literal, PREAUTH_MAX_LITERAL))
+        self._preauth_literals = True
         self.state = "NOT_AUTHENTICATED"  # AUTHENTICATED, SELECTED, LOGOUT
         self.user: str | None = None
         self.mailbox: Mailbox | None = None
@@ -187,6 +192,10 @@ class ImapSession:
         self._closed = False
 
     # -- adapter interface
+    @property
+    def authenticated(self) -> bool:
+        return self.state != "NOT_AUTHENTICATED"
+
     @property
     def poll_interval(self) -> float | None:
         return self.idle_poll if self._idle_tag is not None else None
@@ -260,6 +269,9 @@ class ImapSession:
     def _process(self) -> list[Event]:
         out: list[Event] = []
         while not self._closed and self._pending_tag is None and self._steps is None:
+            if self._preauth_literals and self.authenticated:
+                self._preauth_literals = False  # logged in: literals up to max_literal (APPEND)
+                self.reader.max_literal = self.max_literal
             frame = self.reader.next()
             if frame is None:
                 break
@@ -272,6 +284,9 @@ class ImapSession:
                 break
             if frame.kind == "fatal":
                 self._closed = True
+                m = re.match(rb"[\x21-\x7e]{1,64}(?= )", frame.data)
+                if m:  # the command's refusal first, then the end of the session
+                    out.append(Send(m.group(0) + f" NO [TOOBIG] literal of {frame.size} octets is too large\r\n".encode()))
                 out += [Send(b"* BYE literal too large\r\n"), Close()]
                 break
             if frame.kind == "too_big":
