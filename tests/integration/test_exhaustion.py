@@ -332,3 +332,73 @@ def test_a_trickle_of_bytes_before_login_does_not_extend_the_session(tmp_path, p
         SERVE[port_name](n)
     finally:
         n.proc.terminate()
+
+
+# -- implicit TLS: connections count from accept, not from the end of the handshake -----------
+
+TIGHT = 5  # the per-address limit of the `tight` node
+TIGHT_LIMITS = {
+    "tls": 'handshake_timeout = "60s"',  # a flood's held connections stay held during the test
+    "smtp": f"max_connections_per_ip = {TIGHT}",  # submission: the session profile's limit
+    "imap": f"max_connections_per_ip = {TIGHT}",
+    "pop3": f"max_connections_per_ip = {TIGHT}",
+}
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory):
+    n = start_node(tmp_path_factory.mktemp("tight"), **TIGHT_LIMITS)
+    try:
+        yield n
+    finally:
+        n.proc.terminate()
+
+
+def refused_tls(node: Node, port_name: str, source: str) -> bool:
+    """A TLS client from source gets no session: closed before or during the handshake."""
+    try:
+        with node.tls(port_name, source) as s:
+            s.settimeout(15)
+            return s.recv(100) == b""
+    except (ConnectionError, ssl.SSLError, OSError):
+        return True
+
+
+def silent_flood(node: Node, port_name: str, count: int, limit: int, sources: list[str]) -> list[socket.socket]:
+    """count connections that never send a ClientHello, spread over sources; returns them
+    once every connection beyond each source's limit has been closed by the server."""
+    flood = [node.connect(port_name, sources[i % len(sources)]) for i in range(count)]
+    expected_held = min(count, limit * len(sources))
+    closed: set[int] = set()
+
+    def refused_enough() -> bool:
+        closed.update(i for i, s in enumerate(flood) if i not in closed and closed_by_server(s))
+        return len(closed) >= count - expected_held
+
+    try:
+        wait_for(refused_enough, 20, f"{count - expected_held} of {count} silent connections refused")
+        # Nothing to send, nothing held beyond the limit: the rest are still open (their
+        # handshake timeout is a minute away).
+        still_open = [s for i, s in enumerate(flood) if i not in closed and not closed_by_server(s)]
+        assert len(still_open) == expected_held
+    except BaseException:
+        close_all(flood)
+        raise
+    return flood
+
+
+@pytest.mark.parametrize("port_name", ["submissions", "imaps", "pop3s"])
+def test_connections_waiting_for_a_tls_handshake_count_against_the_per_address_limit(tight, port_name):
+    """10x the limit from one address, none of them sending a ClientHello: all but the
+    limit are refused at accept; another address is served meanwhile; the flooding
+    address gets nothing more; memory stays bounded and comes back once they are gone."""
+    baseline = tight.rss()
+    flood = silent_flood(tight, port_name, 10 * TIGHT, TIGHT, [HOSTILE])
+    try:
+        assert refused_tls(tight, port_name, HOSTILE)
+        SERVE[port_name](tight)
+        assert tight.rss() < baseline + 32 * 2**20
+    finally:
+        close_all(flood)
+    wait_for(lambda: not refused_tls(tight, port_name, HOSTILE), 15, "the flooding address served again")
+    assert tight.rss() < baseline * 1.2
