@@ -75,6 +75,11 @@ class TlsAcceptor:
         sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
         return cls(sock, *args)
 
+    @property
+    def pending(self) -> int:
+        """Connections admitted and still in their handshake."""
+        return len(self._handshakes)
+
     def start(self) -> None:
         self.sock.listen(1024)
         self._accepting = asyncio.ensure_future(self._accept_loop())

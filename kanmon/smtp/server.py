@@ -3,7 +3,8 @@
 Role: a thin asyncio.Protocol adapter. It feeds received bytes to kanmon.smtp.session,
 carries out the actions it returns (write, STARTTLS, store in the spool, run the checks
 that need I/O, carry out the checks' side effects, close), keeps connection limits (in
-all and per client IP) and the idle/session timeouts, refreshes the checks' probes (free
+all and per client IP; on an implicit-TLS port counted from accept, before the
+handshake, kanmon.tlsaccept) and the idle/session timeouts, refreshes the checks' probes (free
 disk) in a thread of their own (Prober), and writes session events (connect, TLS,
 rejects naming the check that refused, disconnect) and history rows to the records.
 
@@ -64,10 +65,11 @@ from kanmon.spool import journal
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.state.api import SharedState
 from kanmon.store.users import log_safe
+from kanmon.tlsaccept import Admission, TlsAcceptor
 
 PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
 SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
-TLS_HANDSHAKE_TIMEOUT = 30.0
+TLS_HANDSHAKE_TIMEOUT = 10.0  # default of [tls] handshake_timeout
 _session_ids = itertools.count(1)
 
 
@@ -227,6 +229,8 @@ class SmtpServer:
         self._prober: Prober | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._trusted_proxies = list(config.smtp.trusted_proxies)
+        self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
+        self._acceptors: list[TlsAcceptor] = []
         self.accepted = 0
 
     async def start(self) -> None:
@@ -235,25 +239,73 @@ class SmtpServer:
         try:
             await self._prober.ready()  # probes answer before the first client
             for host, port, implicit_tls in self.listeners:
-                if implicit_tls and self.tls_context is None:
-                    raise OSError(f"{host}:{port}: implicit TLS needs a certificate")
+                if implicit_tls:
+                    if self.tls_context is None:
+                        raise OSError(f"{host}:{port}: implicit TLS needs a certificate")
+                    self._tls_acceptor(TlsAcceptor.bind(host, port, *self._acceptor_args()))
+                    continue
                 server = await loop.create_server(
                     lambda: SmtpProtocol(self), host, port, reuse_address=True, backlog=1024,
-                    ssl=self.tls_context if implicit_tls else None,
-                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
                 )
                 self._servers.append(server)
             for sock, implicit_tls in self.sockets:
-                server = await loop.create_server(
-                    lambda: SmtpProtocol(self), sock=sock, backlog=1024,
-                    ssl=self.tls_context if implicit_tls else None,
-                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-                )
+                if implicit_tls:
+                    if self.tls_context is None:
+                        raise OSError("implicit TLS needs a certificate")
+                    self._tls_acceptor(TlsAcceptor(sock, *self._acceptor_args()))
+                    continue
+                server = await loop.create_server(lambda: SmtpProtocol(self), sock=sock, backlog=1024)
                 self._servers.append(server)
         except Exception:
             await self.stop()
             raise
         self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def _acceptor_args(self) -> tuple:
+        assert self.tls_context is not None
+        return (self.tls_context, self.handshake_timeout, self.admit_tls, lambda admission: SmtpProtocol(self, admission))
+
+    def _tls_acceptor(self, acceptor: TlsAcceptor) -> None:
+        acceptor.start()
+        self._acceptors.append(acceptor)
+        self._servers.append(acceptor)  # type: ignore[arg-type] # sockets, close, wait_closed
+
+    def admit_tls(self, ip: str) -> Admission | None:
+        """At accept on an implicit-TLS port, before the handshake: count the connection
+        (in all, and against the client's per-IP limit), or refuse it (closed at once:
+        there is no plaintext reply on a TLS port; the event says why). A trusted
+        balancer's connections are counted by the client address its PROXY header
+        names, once the session begins."""
+        smtp = self.config.smtp
+        pending = sum(a.pending for a in self._acceptors)
+        if len(self.connections) + pending >= smtp.max_connections:
+            self._refused_at_accept(ip, replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached",
+                                    "max_connections")
+            return None
+        if self.is_trusted_proxy(ip):
+            return Admission(ip, _count_nothing)
+        limit = self.per_ip_limit(ip)
+        if self.per_ip[ip] >= limit:
+            self._refused_at_accept(ip, replies.TOO_MANY_FROM_IP, f"per-IP connection limit {limit} reached",
+                                    "max_connections_per_ip")
+            return None
+        self.per_ip[ip] += 1
+        return Admission(ip, self.release_ip)
+
+    def per_ip_limit(self, ip: str) -> int:
+        """The client's concurrent connection limit: [submission] max_connections_per_ip
+        on the submission listeners when set, else its session profile's."""
+        if self.submission and self.config.submission is not None and self.config.submission.max_connections_per_ip:
+            return self.config.submission.max_connections_per_ip
+        return profile_for(ip, False, self.config).max_connections_per_ip
+
+    def release_ip(self, ip: str) -> None:
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+    def _refused_at_accept(self, ip: str, reply: Reply, why: str, check: str) -> None:
+        self.records.record(ev.ConnectRefused(ip, str(reply), reply.enhanced, f"{why} (before TLS)", check))
 
     def addresses(self) -> list[tuple[str, int]]:
         out = []
@@ -357,9 +409,15 @@ class SmtpServer:
                 self.records.record(ev.EffectFailed(type(effect).__name__, f"{type(e).__name__}: {e}"), session=sid)
 
 
+def _count_nothing(ip: str) -> None:
+    """The release of an admission that counted nothing (a trusted balancer's)."""
+
+
 class SmtpProtocol(asyncio.Protocol):
-    def __init__(self, server: SmtpServer):
+    def __init__(self, server: SmtpServer, admission: Admission | None = None):
         self.server = server
+        # Implicit TLS: the connection was counted at accept (its per-IP place is this).
+        self.admission = admission
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.client: ClientInfo | None = None
@@ -419,12 +477,15 @@ class SmtpProtocol(asyncio.Protocol):
             self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
             return
         profile = profile_for(ip, False, server.config)
-        if server.per_ip[ip] >= profile.max_connections_per_ip:
-            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached",
-                         "max_connections_per_ip")
+        limit = server.per_ip_limit(ip)
+        if self.admission is not None and self.admission.ip == ip:
+            pass  # counted at accept, before the TLS handshake
+        elif server.per_ip[ip] >= limit:
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {limit} reached", "max_connections_per_ip")
             return
-        server.per_ip[ip] += 1
-        self._counted = True
+        else:
+            server.per_ip[ip] += 1
+            self._counted = True
         if server.state is not None:
             # Other receiver processes hold connections of this client too: count them
             # all (reading waits, the greeting too, until the gauge answers).
@@ -454,9 +515,9 @@ class SmtpProtocol(asyncio.Protocol):
             server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
             server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
             return
-        if held > profile.max_connections_per_ip:
-            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {profile.max_connections_per_ip} reached",
-                         "max_connections_per_ip")
+        limit = server.per_ip_limit(client.ip)
+        if held > limit:
+            self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {limit} reached", "max_connections_per_ip")
             return
         self._resume()
         self._open(client, profile)
@@ -509,6 +570,8 @@ class SmtpProtocol(asyncio.Protocol):
             self._greet_timer.cancel()
             self._greet_timer = None
         server.connections.discard(self)
+        if self.admission is not None:
+            self.admission.release()
         if self._counted and self.client:
             server.per_ip[self.client.ip] -= 1
             if server.per_ip[self.client.ip] <= 0:
@@ -776,7 +839,7 @@ class SmtpProtocol(asyncio.Protocol):
         try:
             transport = await asyncio.wait_for(
                 loop.start_tls(self.transport, self, server.tls_context, server_side=True),
-                TLS_HANDSHAKE_TIMEOUT,
+                server.handshake_timeout,
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
             server.records.record(ev.TlsStarted(self.client.name, self.client.ip, error=str(e or type(e).__name__)),
