@@ -402,3 +402,53 @@ def test_connections_waiting_for_a_tls_handshake_count_against_the_per_address_l
         close_all(flood)
     wait_for(lambda: not refused_tls(tight, port_name, HOSTILE), 15, "the flooding address served again")
     assert tight.rss() < baseline * 1.2
+
+
+# -- several receiver processes share the connection limits -------------------------------------
+
+
+def test_connection_limits_are_counted_over_every_receiver_process(tmp_path):
+    """workers = 3: max_connections_per_ip = 5 allows 5 connections from one address in
+    all (not 5 per process), even when 60 arrive at once and every receiver takes some;
+    max_connections = 8 allows 8 in all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.test_receiver_processes import receiver_pids
+
+    n = start_node(tmp_path, workers=3, smtp="max_connections_per_ip = 5\nmax_connections = 8")
+    held: list[socket.socket] = []
+    try:
+        wait_for(lambda: len(receiver_pids(n.pid)) == 3, 20, "three receivers")
+
+        def banner(source: str) -> bytes:
+            s = n.connect("smtp", source)
+            held.append(s)
+            return read_line(s)[:9]
+
+        with ThreadPoolExecutor(60) as pool:
+            banners = list(pool.map(banner, [HOSTILE] * 60))
+        assert banners.count(b"220 mx1.e") == 5
+        assert banners.count(b"421 4.7.0") == 55
+        close_all(held)
+        held.clear()
+        wait_for(lambda: banner(HOSTILE) == b"220 mx1.e", 15, "the connections released")
+        close_all(held)
+        held.clear()
+        wait_for(lambda: _smtp_gauges_idle(n), 15, "every connection released")
+        with ThreadPoolExecutor(30) as pool:
+            banners = list(pool.map(banner, [f"127.0.0.{70 + i}" for i in range(30)]))
+        assert banners.count(b"220 mx1.e") == 8
+        assert banners.count(b"421 4.7.0") == 22
+    finally:
+        close_all(held)
+        n.proc.terminate()
+
+
+def _smtp_gauges_idle(n: Node) -> bool:
+    from kanmon.state.sqlite import SqliteState
+
+    state = SqliteState(n.data_dir)
+    try:
+        return state.gauges.count(f"smtp {HOSTILE}") == 0
+    finally:
+        state.close()
