@@ -177,7 +177,7 @@ class SmtpSection(Section):
     )
     max_message_size: Size = Field(50_000_000, description="Largest message accepted (advertised as SIZE)")
     max_recipients: int = Field(1000, ge=100, description="Recipients per message (RFC 5321 4.5.3.1.8: at least 100)")
-    max_connections: int = Field(1000, ge=1, description="Concurrent SMTP connections in all")
+    max_connections: int = Field(1000, ge=1, description="Concurrent SMTP connections in all (all receivers; submission counts its own)")
     max_connections_per_ip: int = Field(50, ge=1, description="Concurrent SMTP connections from one client IP")
     relay_networks: list[Network] = Field(
         default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8")],

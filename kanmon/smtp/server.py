@@ -409,6 +409,17 @@ class SmtpServer:
                 self.records.record(ev.EffectFailed(type(effect).__name__, f"{type(e).__name__}: {e}"), session=sid)
 
 
+def _acquire_gauges(gauges: Any, key: str, total_key: str, owner: str, now: float) -> tuple[int, int]:
+    """In the state's thread: one place in the client's gauge and one in the role's
+    (every connection of the listener role, all processes); both counts after."""
+    return gauges.acquire(key, owner, now), gauges.acquire(total_key, owner, now)
+
+
+def _release_gauges(gauges: Any, keys: tuple[str, ...], owner: str) -> None:
+    for key in keys:
+        gauges.release(key, owner)
+
+
 def _count_nothing(ip: str) -> None:
     """The release of an admission that counted nothing (a trusted balancer's)."""
 
@@ -428,7 +439,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._paused = False
         self._closed = False
         self._counted = False
-        self._gauged = ""  # the shared connection gauge's key, once acquired
+        self._gauged: tuple[str, ...] = ()  # the shared connection gauges' keys, once acquired
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
@@ -496,24 +507,31 @@ class SmtpProtocol(asyncio.Protocol):
         self._open(client, profile)
 
     async def _admit(self, client: ClientInfo, profile: SessionProfile) -> None:
-        """Take a place in the shared per-client connection gauge, then open the session;
-        over max_connections_per_ip (every process's connections), 421."""
+        """Take a place in the shared connection gauges (the client's and the listener
+        role's in all), then open the session; over max_connections or
+        max_connections_per_ip, counting every process's connections, 421."""
         server = self.server
         state = server.state
         assert state is not None
-        key = f"{'submission' if server.submission else 'smtp'} {client.ip}"
+        role = "submission" if server.submission else "smtp"
+        key, total_key = f"{role} {client.ip}", f"{role} *"
         try:
-            held = await state.submit(state.gauges.acquire, key, server.gauge_owner, server.clock())
+            held, total = await state.submit(_acquire_gauges, state.gauges, key, total_key, server.gauge_owner,
+                                             server.clock())
         except Exception as e:  # noqa: BLE001 - the process's own count still limits
             server.records.record(ev.Error(f"connection gauge unavailable: {type(e).__name__}: {e}"), session=self.sid)
-            held = 0
+            held = total = 0
         else:
-            self._gauged = key
+            self._gauged = (key, total_key)
         self.waiting_for_us = False
         if self._closed:  # the client left while the gauge answered: it did connect
             self._release_gauge()
             server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
             server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
+            return
+        smtp = server.config.smtp
+        if total > smtp.max_connections:
+            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
             return
         limit = server.per_ip_limit(client.ip)
         if held > limit:
@@ -525,8 +543,8 @@ class SmtpProtocol(asyncio.Protocol):
     def _release_gauge(self) -> None:
         if self._gauged and self.server.state is not None:
             state = self.server.state
-            self.server.spawn(_quietly(state.submit(state.gauges.release, self._gauged, self.server.gauge_owner)))
-        self._gauged = ""
+            self.server.spawn(_quietly(state.submit(_release_gauges, state.gauges, self._gauged, self.server.gauge_owner)))
+        self._gauged = ()
 
     def _open(self, client: ClientInfo, profile: SessionProfile) -> None:
         server = self.server
