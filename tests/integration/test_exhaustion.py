@@ -367,9 +367,18 @@ def refused_tls(node: Node, port_name: str, source: str) -> bool:
 def silent_flood(node: Node, port_name: str, count: int, limit: int, sources: list[str]) -> list[socket.socket]:
     """count connections that never send a ClientHello, spread over sources; returns them
     once every connection beyond each source's limit has been closed by the server."""
-    flood = [node.connect(port_name, sources[i % len(sources)]) for i in range(count)]
-    expected_held = min(count, limit * len(sources))
+    flood: list[socket.socket] = []
     closed: set[int] = set()
+    for i in range(count):
+        s = socket.socket()
+        flood.append(s)
+        s.settimeout(15)
+        s.bind((sources[i % len(sources)], 0))
+        try:
+            s.connect(("127.0.0.1", node.ports[port_name]))
+        except ConnectionResetError:  # refused so fast that the reset came with the connect
+            closed.add(i)
+    expected_held = min(count, limit * len(sources))
 
     def refused_enough() -> bool:
         closed.update(i for i, s in enumerate(flood) if i not in closed and closed_by_server(s))
@@ -452,3 +461,182 @@ def _smtp_gauges_idle(n: Node) -> bool:
         return state.gauges.count(f"smtp {HOSTILE}") == 0
     finally:
         state.close()
+
+
+# -- the suite: floods, slow clients and huge input on every listener -------------------------
+
+LISTENERS = ["smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"]
+MANY = [f"127.0.0.{100 + i}" for i in range(10)]  # the sources of a distributed flood
+MEMORY_HEADROOM = 32 * 2**20  # what a bounded flood may add to the server's RSS meanwhile
+
+
+def assert_memory_returns(node: Node, baseline: int) -> None:
+    """The server's RSS comes back to within 20 % of what it was before the attack."""
+    wait_for(lambda: node.rss() < baseline * 1.2, 15, f"RSS back under {baseline * 1.2 / 2**20:.0f} MB")
+
+
+def flood_and_serve(node: Node, port_name: str, limit: int, sources: list[str], per_source: int) -> None:
+    baseline = node.rss()
+    flood = silent_flood(node, port_name, per_source * len(sources), limit, sources)
+    try:
+        SERVE[port_name](node)  # a legitimate client from another address
+        assert node.rss() < baseline + MEMORY_HEADROOM
+    finally:
+        close_all(flood)
+    assert_memory_returns(node, baseline)
+    # Every place is given back: each source is served again.
+    for source in sources[:3]:
+        wait_for(lambda source=source: _served_from(node, port_name, source), 15, f"{source} served again")
+
+
+def _served_from(node: Node, port_name: str, source: str) -> bool:
+    if port_name in ("submissions", "imaps", "pop3s"):
+        return not refused_tls(node, port_name, source)
+    with node.connect(port_name, source) as s:
+        return read_line(s).startswith((b"220 ", b"* OK", b"+OK"))
+
+
+@pytest.mark.parametrize("port_name", LISTENERS)
+def test_ten_times_the_per_address_limit_from_one_address(tight, port_name):
+    flood_and_serve(tight, port_name, TIGHT, [HOSTILE], 10 * TIGHT)
+
+
+@pytest.mark.parametrize("port_name", LISTENERS)
+def test_twice_the_per_address_limit_from_each_of_ten_addresses(tight, port_name):
+    flood_and_serve(tight, port_name, TIGHT, MANY, 2 * TIGHT)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("port_name", LISTENERS)
+def test_long_ten_times_the_default_limit_from_one_address_and_from_many(node, port_name):
+    """The default limits (50 per address): 500 from one address, then 100 from each of
+    ten addresses (500 held: half of max_connections, so others are still served)."""
+    flood_and_serve(node, port_name, 50, [HOSTILE], 500)
+    flood_and_serve(node, port_name, 50, [f"127.0.0.{150 + i}" for i in range(10)], 100)
+
+
+# -- slow clients ---------------------------------------------------------------------------------
+
+SLOW_LIMITS = {
+    "tls": 'handshake_timeout = "1s"',
+    "smtp": 'command_timeout = "1s"',  # submission too: it is an [smtp] setting
+    "imap": 'login_timeout = "1s"',
+    "pop3": 'login_timeout = "1s"',
+}
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory):
+    n = start_node(tmp_path_factory.mktemp("slow"), **SLOW_LIMITS)
+    try:
+        yield n
+    finally:
+        n.proc.terminate()
+
+
+def trickle_until_closed(sock: socket.socket, rounds: int = 150) -> bool:
+    """Send one byte (never a whole line) every 0.2 s until the server closes the
+    connection; False if it still holds it after `rounds` bytes."""
+    for _ in range(rounds):
+        try:
+            sock.sendall(b"N")
+        except OSError:
+            return True
+        if closed_by_server(sock):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("port_name", LISTENERS)
+def test_slow_loris_is_cut_off_on_every_listener(slow, port_name):
+    """Ten clients each trickle a command one byte at a time (after the TLS handshake on
+    the implicit-TLS ports), and ten more connect and send nothing at all: the server
+    closes every one (per-command deadline for SMTP, login deadline for IMAP/POP3,
+    handshake timeout for silent TLS), while a legitimate client is served."""
+    baseline = slow.rss()
+    implicit = port_name in ("submissions", "imaps", "pop3s")
+    trickling = []
+    silent = []
+    try:
+        for i in range(10):
+            s = slow.tls(port_name, MANY[i]) if implicit else slow.connect(port_name, MANY[i])
+            assert read_line(s).startswith((b"220 ", b"* OK", b"+OK"))
+            trickling.append(s)
+            silent.append(slow.connect(port_name, MANY[i]))
+        SERVE[port_name](slow)
+        assert all(trickle_until_closed(s) for s in trickling)
+        wait_for(lambda: all(closed_by_server(s) for s in silent), 20, "the silent connections closed")
+        assert slow.rss() < baseline + MEMORY_HEADROOM
+    finally:
+        close_all(trickling + silent)
+    assert_memory_returns(slow, baseline)
+
+
+# -- huge input -----------------------------------------------------------------------------------
+
+HUGE = 8 * 2**20  # bytes of one line / header, sent as fast as the server takes them
+
+
+def send_huge(sock: socket.socket, data: bytes) -> None:
+    """Send what the server reads of data; it may close before the end (that is a refusal)."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def reply_after_huge(sock: socket.socket) -> bytes:
+    """The first line the server answers (after its banner was read)."""
+    return read_line(sock)
+
+
+@pytest.mark.parametrize("port_name, expected", [
+    ("smtp", b"500 5.5.2"),
+    ("submission", b"500 5.5.2"),
+    ("imap", b"* BYE line too long"),
+    ("pop3", b"-ERR line too long"),
+])
+def test_a_huge_line_is_refused_and_costs_no_memory(node, port_name, expected):
+    baseline = node.rss()
+    with node.connect(port_name, HOSTILE) as s:
+        assert read_line(s).startswith((b"220 ", b"* OK", b"+OK"))
+        s.settimeout(30)
+        send_huge(s, b"A" * HUGE)
+        assert reply_after_huge(s).startswith(expected)
+        assert node.rss() < baseline + MEMORY_HEADROOM
+    SERVE[port_name](node)
+    assert_memory_returns(node, baseline)
+
+
+def test_a_huge_header_is_refused_at_the_end_of_data(node):
+    """A message whose header block is 8 MB (the default max_header_size is 1 MB): 552
+    5.3.4, and the session goes on."""
+    baseline = node.rss()
+    with smtplib.SMTP("127.0.0.1", node.ports["smtp"], timeout=30, source_address=(HOSTILE, 0)) as c:
+        c.ehlo("client.example.test")
+        assert c.mail("sender@remote.example")[0] == 250
+        assert c.rcpt(ALICE)[0] == 250
+        header = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 900) for i in range(HUGE // 920))
+        code, _ = c.data(header + b"Subject: huge\r\n\r\nbody\r\n")
+        assert code == 552
+        assert c.noop()[0] == 250
+        assert node.rss() < baseline + MEMORY_HEADROOM
+    serve_smtp(node)
+    assert_memory_returns(node, baseline)
+
+
+def test_huge_literals_before_login_are_refused_unread_on_many_connections(node):
+    """Twelve unauthenticated connections each announce a 19 MB LOGIN literal (the
+    attack that held 18.5 MB each): every one is refused by its size; nothing is kept."""
+    baseline = node.rss()
+    socks = [node.connect("imap", MANY[i % len(MANY)]) for i in range(12)]
+    try:
+        for s in socks:
+            assert read_line(s).startswith(b"* OK")
+            s.sendall(b"a1 LOGIN {19000000+}\r\n" + b"x" * 65536)
+        for s in socks:
+            assert read_line(s).startswith(b"a1 NO [TOOBIG]")
+        assert node.rss() < baseline + MEMORY_HEADROOM
+    finally:
+        close_all(socks)
+    serve_imap(node)
+    assert_memory_returns(node, baseline)
