@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import socket
 import ssl
@@ -29,6 +30,52 @@ from collections.abc import Callable
 from typing import Any
 
 ACCEPT_ERROR_PAUSE = 0.1  # out of descriptors (EMFILE): accept again after this pause
+CROWD = 100  # connections open at once that count as a crowd (see Crowd)
+
+
+class Crowd:
+    """How many connections this process holds (all listeners), and the heap given back
+    after a crowd of them is gone.
+
+    A flood of connections (thousands in TLS handshakes) grows the C heap; when they end,
+    glibc keeps the freed memory in its arenas, and the RSS stays at the flood's peak
+    for good. Once the open connections fall to a quarter of a peak of at least CROWD,
+    malloc_trim(0) returns the free pages to the system (a few milliseconds, once per
+    crowd). Elsewhere than glibc it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.peak = 0
+        self.trims = 0
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.open > self.peak:
+            self.peak = self.open
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.peak >= CROWD and self.open <= self.peak // 4:
+            self.peak = self.open
+            self.trims += 1
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
+crowd = Crowd()  # this process's connections, every listener
 
 
 class Admission:
@@ -106,6 +153,7 @@ class TlsAcceptor:
 
     async def _handshake(self, conn: socket.socket, admission: Admission) -> None:
         loop = asyncio.get_running_loop()
+        crowd.opened()  # until the handshake ends (then the protocol counts it)
         try:
             await loop.connect_accepted_socket(
                 lambda: self.make_protocol(admission), conn,
@@ -117,6 +165,8 @@ class TlsAcceptor:
         except Exception:  # noqa: BLE001 - timed out, refused by TLS, or the peer left
             # The protocol never got the connection: its place is given back here.
             _give_back(conn, admission)
+        finally:
+            crowd.closed()
 
     def close(self) -> None:
         """Stop accepting and abandon the handshakes in progress (their sockets close)."""

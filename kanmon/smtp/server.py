@@ -65,7 +65,7 @@ from kanmon.spool import journal
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.state.api import SharedState
 from kanmon.store.users import log_safe
-from kanmon.tlsaccept import Admission, TlsAcceptor
+from kanmon.tlsaccept import Admission, TlsAcceptor, crowd
 
 PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
 SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
@@ -429,6 +429,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.server = server
         # Implicit TLS: the connection was counted at accept (its per-IP place is this).
         self.admission = admission
+        self._in_crowd = False  # counted in this process's crowd (kanmon.tlsaccept)
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.client: ClientInfo | None = None
@@ -467,6 +468,8 @@ class SmtpProtocol(asyncio.Protocol):
         self.peer_ip = peer[0]
         server = self.server
         server.connections.add(self)
+        crowd.opened()
+        self._in_crowd = True
         if self.peer_ip and server.is_trusted_proxy(self.peer_ip):
             # The balancer speaks first (PROXY protocol); the greeting waits for it.
             self._proxy_buf = bytearray()
@@ -588,6 +591,9 @@ class SmtpProtocol(asyncio.Protocol):
             self._greet_timer.cancel()
             self._greet_timer = None
         server.connections.discard(self)
+        if self._in_crowd:
+            self._in_crowd = False
+            crowd.closed()
         if self.admission is not None:
             self.admission.release()
         if self._counted and self.client:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from kanmon.config import MailboxAccessSection, TlsSection
 from kanmon.listeners import stop_accepting
-from kanmon.tlsaccept import Admission, TlsAcceptor
+from kanmon.tlsaccept import Admission, TlsAcceptor, crowd
 
 # ---------------------------------------------------------------------------
 # What a session asks the adapter to do.
@@ -173,6 +173,7 @@ class SessionConnection(asyncio.Protocol):
         self.admission = admission
         self.admit = admit
         self._login_deadline: float | None = None
+        self._in_crowd = False  # counted in this process's crowd (kanmon.tlsaccept)
         self.on_open = on_open
         self.on_close = on_close  # called once the socket is gone (connection_lost)
         self.transport: asyncio.Transport | None = None
@@ -203,6 +204,8 @@ class SessionConnection(asyncio.Protocol):
             self.admission = admitted
         if self.login_timeout is not None:
             self._login_deadline = asyncio.get_running_loop().time() + self.login_timeout
+        crowd.opened()
+        self._in_crowd = True
         if self.on_open:
             self.on_open(self)
         self.spawn(self._drive())
@@ -225,6 +228,9 @@ class SessionConnection(asyncio.Protocol):
         self._writable.set()
         if self.admission is not None:
             self.admission.release()
+        if self._in_crowd:
+            self._in_crowd = False
+            crowd.closed()
         if self.on_close:
             self.on_close(self)
 
