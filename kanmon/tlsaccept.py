@@ -169,15 +169,21 @@ class TlsAcceptor:
             crowd.closed()
 
     def close(self) -> None:
-        """Stop accepting and abandon the handshakes in progress (their sockets close)."""
+        """Stop accepting (like asyncio.Server.close, the listening socket is closed).
+        Handshakes in progress go on, each within handshake_timeout: a retiring
+        listener does not drop a connection it took (abandon() does, on a hard stop)."""
         if self._accepting is not None:
             self._accepting.cancel()
-        for task in list(self._handshakes):
-            task.cancel()
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def abandon(self) -> None:
+        """Cancel the handshakes in progress (their sockets close, their places are given back)."""
+        for task in list(self._handshakes):
+            task.cancel()
+
     async def wait_closed(self) -> None:
+        """The accept loop has ended and every handshake has ended one way or the other."""
         tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -319,7 +319,7 @@ class SmtpServer:
         replaces this one), let every session in progress finish under this server's
         settings, by QUIT or by its own timeouts, then stop."""
         await stop_accepting(self._servers)
-        while self.connections:
+        while self.connections or any(a.pending for a in self._acceptors):  # handshakes become sessions
             await asyncio.sleep(SWEEP_INTERVAL)
         await self.stop()
 
@@ -338,6 +338,8 @@ class SmtpServer:
                     aclose = getattr(check, "aclose", None)
                     if callable(aclose):
                         await aclose()
+        for acceptor in self._acceptors:
+            acceptor.abandon()
         for conn in list(self.connections):
             conn.shutdown(replies.SHUTTING_DOWN)
         for s in self._servers:

@@ -551,12 +551,17 @@ class ListenerSet:
         """Stop accepting; return when every connection has ended on its own (the
         sessions keep the settings they started with; IDLE ends by DONE or its timeout)."""
         await stop_accepting(self.servers)
+        for s in self.servers:
+            if isinstance(s, TlsAcceptor):
+                await s.wait_closed()  # its handshakes end (within the timeout) or become connections
         if self._connections:
             await self._none_left.wait()
 
     async def stop(self) -> None:
         for s in self.servers:
             s.close()
+            if isinstance(s, TlsAcceptor):
+                s.abandon()
         for s in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
