@@ -23,6 +23,7 @@ from kanmon.commands.dns import dns
 from kanmon.commands.options import root_config_option
 from kanmon.commands.queue import maintenance, queue
 from kanmon.commands.records import log, stats, trace
+from kanmon.commands.rules import rules
 from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
 from kanmon.commands.service import service
@@ -38,6 +39,6 @@ def main() -> None:
     """kanmon: an on-premises mail gateway (relay, mail store, balancer)."""
 
 
-for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats, alert,
-                 sendmail, backup, restore, service, verify):
+for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats,
+                 alert, sendmail, backup, restore, service, verify, rules):
     main.add_command(_command)

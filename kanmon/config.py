@@ -551,7 +551,7 @@ class RecipientPolicySection(Section):
     sender: str = Field("*@*", description="Envelope sender pattern (* and ? wildcards, case-insensitive)")
     recipient: str = Field("*@*", description="Recipient pattern (* and ? wildcards, case-insensitive)")
     session_profile: str | None = Field(None, description="The [[session_profile]] whose checks apply to these recipients")
-    content_profile: str | None = Field(None, description="Reserved for content profiles (not available yet: setting it is an error)")
+    content_profile: str | None = Field(None, description="The [[content_profile]] whose rules apply to mail for these recipients")
 
     @field_validator("sender", "recipient")
     @classmethod
@@ -560,12 +560,129 @@ class RecipientPolicySection(Section):
             raise ValueError(f"{v!r} is not an address pattern (write local@domain with * and ?, e.g. *@corp.example)")
         return v.lower()
 
-    @field_validator("content_profile")
+
+
+# -- content profiles (kanmon/content/, docs/content.md) ----------------------------------
+
+ContentAction = Literal["accept", "tag", "add_header", "score", "quarantine", "reject", "discard", "redirect", "bcc"]
+ATTACHMENT_CLASSES = ("executable", "script", "macro", "archive", "encrypted", "disk_image")
+
+
+class TextMatch(Section):
+    """A condition written as a table: keywords and/or a regular expression."""
+
+    keywords: list[str] = Field(default_factory=list, description="Any of these words (case-insensitive, full/half width alike)")
+    regex: str | None = Field(None, description="A Python regular expression searched in the decoded text (case-insensitive)")
+
+    @field_validator("regex")
     @classmethod
-    def _content(cls, v: str | None) -> str | None:
+    def _regex(cls, v: str | None) -> str | None:
         if v is not None:
-            raise ValueError("content profiles are not available yet: remove content_profile")
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a regular expression: {e}") from None
         return v
+
+    @model_validator(mode="after")
+    def _something(self) -> TextMatch:
+        if not self.keywords and self.regex is None:
+            raise ValueError("write keywords = [...] or regex = \"...\"")
+        return self
+
+
+def _text_match(value: Any) -> Any:
+    """A condition value: a word, a list of words, or a table {keywords, regex}."""
+    if isinstance(value, str):
+        return {"keywords": [value]}
+    if isinstance(value, list):
+        return {"keywords": value}
+    return value
+
+
+TextCondition = Annotated[TextMatch, BeforeValidator(_text_match)]
+
+
+class ContentRuleSection(Section):
+    """[[content_profile.rule]]: conditions on one message and what to do when they match.
+    With match = "all" (the default) every condition written must hold; with "any", one."""
+
+    name: str = Field(description="Named in events, history, the quarantine and `kanmon rules test`")
+    match: Literal["all", "any"] = Field("all", description="all: every condition must hold; any: one is enough")
+    sender: TextCondition | None = Field(None, description="Envelope sender contains (keywords) or matches (regex)")
+    recipient: TextCondition | None = Field(None, description="Any envelope recipient contains / matches")
+    from_outside: bool | None = Field(None, description="true: the client is neither in relay_networks nor authenticated")
+    authenticated: bool | None = Field(None, description="true: the client authenticated (submission)")
+    header: dict[str, TextCondition] | None = Field(None, description="{ Header-Name = [...] }: the decoded header field contains / matches")
+    subject: TextCondition | None = Field(None, description="The decoded Subject contains / matches")
+    body: TextCondition | None = Field(None, description="The text of the message (every text part decoded, HTML reduced to text)")
+    attachment_name: list[str] | None = Field(None, description="Glob patterns on attachment names, e.g. [\"*.exe\", \"*.pdf.*\"] (also inside archives)")
+    attachment_type: list[str] | None = Field(
+        None, description="MIME types (application/zip, image/*) or classes: " + ", ".join(ATTACHMENT_CLASSES) + " (by content, not name)"
+    )
+    size_over: Size | None = Field(None, description="The message is larger than this")
+    action: ContentAction = Field(description="accept | tag | add_header | score | quarantine | reject | discard | redirect | bcc")
+    log_only: bool = Field(False, description="Only record that the rule matched (and what it would have done)")
+    tag: str | None = Field(None, description="tag: the Subject prefix (default: the profile's tag)")
+    add_header: str | None = Field(None, description="add_header (or with tag): a field \"Name: value\" to add")
+    score: float = Field(0.0, description="score: added to the message's score")
+    reply: str | None = Field(None, description="reject: the reply text after 550 5.7.1")
+    address: str | None = Field(None, description="redirect / bcc: the address that gets the message")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ContentRuleSection:
+        conditions = (self.sender, self.recipient, self.from_outside, self.authenticated, self.header, self.subject,
+                      self.body, self.attachment_name, self.attachment_type, self.size_over)
+        if all(c is None for c in conditions):
+            raise ValueError(f"rule {self.name!r} has no condition (it would match every message)")
+        if self.action in ("redirect", "bcc") and not (self.address and "@" in self.address):
+            raise ValueError(f"rule {self.name!r}: action {self.action} needs address = \"user@domain\"")
+        if self.action == "score" and not self.score:
+            raise ValueError(f"rule {self.name!r}: action score needs score = N")
+        if self.add_header is not None and not re.match(r"^[!-9;-~]+:[ \t]*[^\r\n]*$", self.add_header):
+            raise ValueError(f"rule {self.name!r}: add_header {self.add_header!r} is not \"Name: value\" on one line")
+        if self.action == "add_header" and self.add_header is None:
+            raise ValueError(f"rule {self.name!r}: action add_header needs add_header = \"Name: value\"")
+        for t in self.attachment_type or ():
+            if "/" not in t and t not in ATTACHMENT_CLASSES:
+                raise ValueError(f"rule {self.name!r}: attachment_type {t!r} is neither a MIME type nor one of {', '.join(ATTACHMENT_CLASSES)}")
+        return self
+
+
+class ContentProfileSection(Section):
+    """[[content_profile]]: ordered rules, attachment policies and scanner settings for
+    the content of a message (checked at the end of DATA)."""
+
+    name: str = Field(description="Referenced by [[recipient_policy]] content_profile; \"inbound\" and \"outbound\" apply by direction")
+    tag: str = Field("[SPAM]", description="Subject prefix of a tag action")
+    encrypted_archive: Literal["accept", "tag", "quarantine", "reject"] = Field(
+        "quarantine", description="An encrypted archive (antivirus cannot see inside it; the \"PPAP\" habit)"
+    )
+    archive_limit: Literal["accept", "tag", "quarantine", "reject"] = Field(
+        "quarantine", description="An archive beyond a bound (depth, files, size, compression ratio): a zip bomb"
+    )
+    virus: Literal["quarantine", "reject"] = Field("quarantine", description="A message the antivirus scanner finds infected")
+    scanner_failure: Literal["tempfail", "accept_and_tag"] = Field(
+        "tempfail", description="A scanner down or too slow: 451 4.7.1 (the client retries), or accept with a header"
+    )
+    quarantine_score: float | None = Field(None, description="Quarantine when the score reaches this")
+    reject_score: float | None = Field(None, description="Reject (550 5.7.1) when the score reaches this")
+    rule: list[ContentRuleSection] = Field(default_factory=list, description="The rules, in order ([[content_profile.rule]] tables)")
+
+    @field_validator("name")
+    @classmethod
+    def _profile_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
+            raise ValueError(f"{v!r} is not a profile name (letters, digits, _ . -)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_rules(self) -> ContentProfileSection:
+        names = [r.name for r in self.rule]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"content_profile {self.name!r}: rule {name!r} is defined twice")
+        return self
 
 
 class OutboundSection(Section):
@@ -1015,6 +1132,9 @@ class Config(Section):
         default_factory=list, description="Profiles by direction, sender and recipient ([[recipient_policy]] tables)"
     )
     dkim: list[DkimSection] = Field(default_factory=list, description="DKIM signing keys of our domains ([[dkim]] tables)")
+    content_profile: list[ContentProfileSection] = Field(
+        default_factory=list, description="Content rules and attachment policies ([[content_profile]] tables, docs/content.md)"
+    )
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:
@@ -1042,6 +1162,13 @@ class Config(Section):
         for i, name in enumerate(tls_domains):
             if name in tls_domains[:i]:
                 raise ValueError(f"tls_policy[{i}].domain: {name!r} is listed twice")
+        contents = [p.name for p in self.content_profile]
+        for i, name in enumerate(contents):
+            if name in contents[:i]:
+                raise ValueError(f"content_profile[{i}].name: profile {name!r} is defined twice")
+        for i, rpol in enumerate(self.recipient_policy):
+            if rpol.content_profile is not None and rpol.content_profile not in contents:
+                raise ValueError(f"recipient_policy[{i}].content_profile: no content profile named {rpol.content_profile!r}")
         zones = [z.zone for z in self.dnsbl]
         for i, zone in enumerate(zones):
             if zone in zones[:i]:

@@ -49,6 +49,29 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Finding:
+    """Something a check found that belongs in the message's trace (a content rule that
+    matched, also one only logged): recorded as an event with the queue id once stored."""
+
+    check: str
+    rule: str
+    action: str  # what the rule does (or would do, when log_only)
+    detail: str  # what matched, in our words (network text quoted with repr)
+    log_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Amend:
+    """What an accepting DATA check changes: the Subject, the recipients, or the message
+    dropped (accepted with 250 and discarded, logged)."""
+
+    subject_prefix: str = ""
+    redirect: tuple[str, ...] = ()  # non-empty: these replace every recipient
+    bcc: tuple[str, ...] = ()  # added recipients
+    discard: str = ""  # non-empty: discard the message, for this reason
+
+
+@dataclass(frozen=True, slots=True)
 class CheckResult:
     """One check's answer at one stage."""
 
@@ -61,6 +84,8 @@ class CheckResult:
     recipients: tuple[str, ...] | None = None  # RCPT: the final recipients (aliases expanded)
     classification: str = ""  # history classification ("Spam", "Virus"...); "" leaves it
     content: bytes | None = None  # DATA: the message rewritten (fields removed, Subject tagged); the later checks see it
+    amend: Amend | None = None  # DATA: changes to the message or its recipients
+    findings: tuple[Finding, ...] = ()  # for the message's trace
 
 
 ACCEPTED = CheckResult()
@@ -143,6 +168,8 @@ class Decision:
     recipients: tuple[str, ...] = ()  # RCPT: the final recipients
     error: str = ""  # the deciding check failed (timeout, exception): what happened
     content: bytes | None = None  # DATA: the message as the checks rewrote it (None: unchanged)
+    amend: Amend | None = None  # DATA, accepted: changes to the message or its recipients
+    findings: tuple[Finding, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -157,7 +184,7 @@ Hook = Callable[[Context], "CheckResult | Awaitable[CheckResult]"]
 class _Tally:
     """Results accumulated so far at one stage."""
 
-    __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content")
+    __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content", "amend", "findings")
 
     def __init__(self) -> None:
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -166,6 +193,8 @@ class _Tally:
         self.effects: tuple[Any, ...] = ()
         self.classification = ""
         self.content: bytes | None = None
+        self.amend: Amend | None = None
+        self.findings: tuple[Finding, ...] = ()
 
     def add(self, check: Check, r: CheckResult, ctx: Context) -> Decision | None:
         """Take one result; the Decision when it decides (not an accept), else None."""
@@ -184,6 +213,10 @@ class _Tally:
         if r.content is not None:
             self.content = ctx.content = r.content
             ctx.header_end = r.content.find(b"\r\n\r\n")
+        if r.findings:
+            self.findings += r.findings
+        if r.amend is not None:
+            self.amend = r.amend if self.amend is None else _combine(self.amend, r.amend)
         if r.outcome is Outcome.ACCEPT:
             return None
         reply = r.reply if r.reply is not None and not r.reply.is_positive else check.failure_reply
@@ -196,16 +229,23 @@ class _Tally:
 
     def done(self, ctx: Context) -> Decision:
         if ctx.rcpt is None and not (self.headers or self.score or self.quarantine or self.effects or self.classification
-                                     or self.content is not None):
+                                     or self.content is not None or self.amend or self.findings):
             return ACCEPT_DECISION  # the common case: nothing to carry
         return Decision(
             headers=self.headers, score=self.score, quarantine=self.quarantine, effects=self.effects,
             recipients=ctx.recipients, classification=self.classification, content=self.content,
+            amend=self.amend, findings=self.findings,
         )
 
     def _decision(self, ctx: Context, outcome: Outcome, reply: Reply, check: Check, cls: str, error: str = "") -> Decision:
         return Decision(outcome, reply, check.name, cls, self.headers, self.score, self.quarantine, self.effects,
-                        ctx.recipients, error)
+                        ctx.recipients, error, findings=self.findings)
+
+
+def _combine(a: Amend, b: Amend) -> Amend:
+    """Two checks' amendments: the first subject prefix and discard reason, the later
+    redirect, every bcc."""
+    return Amend(a.subject_prefix or b.subject_prefix, b.redirect or a.redirect, a.bcc + b.bcc, a.discard or b.discard)
 
 
 def _bad_result(r: object) -> str:

@@ -15,6 +15,7 @@ from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
 from kanmon.policy.authcheck import auth_checks
 from kanmon.policy.client import ClientIdentityCheck
+from kanmon.policy.content import ContentCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
 from kanmon.policy.limits import rate_checks
@@ -83,6 +84,9 @@ def standard_checks(
         if state is None:
             raise ValueError("a session profile greylists: the greylist check needs the shared state")
         checks.append(GreylistCheck(config, state, **({"clock": clock} if clock is not None else {})))
+    if config.content_profile:
+        # At the end of DATA, after every envelope check has passed.
+        checks.append(ContentCheck(config, access))
     return checks
 
 

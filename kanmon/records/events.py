@@ -462,6 +462,34 @@ class AuthChecked(Event):
         return tuple(out)
 
 
+@_event
+class RuleMatched(Event):
+    """A check's rule matched the message (`check` content: a [[content_profile.rule]]):
+    what it does, what matched; `log_only`: recorded only, nothing changed."""
+
+    KIND = "rule"
+    check: str
+    rule: str
+    action: str
+    detail: str
+    log_only: bool = False
+
+    def line(self) -> str:
+        mode = " (log only: would " + self.action + ")" if self.log_only else f": {self.action}"
+        return f"{self.check} rule {self.rule} matched{mode}; {self.detail}"
+
+
+@_event
+class Discarded(Event):
+    """The message was accepted (250) and dropped, as a check asked (`reason`)."""
+
+    KIND = "discard"
+    reason: str
+
+    def line(self) -> str:
+        return f"discarded: {self.reason}"
+
+
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
 
 

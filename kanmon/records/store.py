@@ -233,18 +233,19 @@ class Records:
 
     def history_accept(
         self, queue_id: str, env: Envelope, size: int, content: bytes, fields: dict[str, str] | None = None, *,
-        classification: str = "NotSpam", disposition: str = "Accept",
+        classification: str = "NotSpam", disposition: str = "Accept", status: str = "Queued",
     ) -> None:
         """History rows for an accepted message; `fields` when the caller already parsed
         Subject and Message-ID from the header block (header_fields); classification and
-        disposition as the checks decided."""
+        disposition as the checks decided; status "Queued", or "Discarded" for a message
+        a check dropped."""
         fields = header_fields(content) if fields is None else fields
         client = env.client
         for n, rcpt in enumerate(env.rcpts):
             self._put((
                 "hist", time.time(), client.ip if client else "", env.mail_from, rcpt,
                 fields.get("subject", ""), fields.get("message-id", ""), size, classification, disposition,
-                queue_id, "Queued", client.auth_user if client else "", client.helo if client else "",
+                queue_id, status, client.auth_user if client else "", client.helo if client else "",
                 1 if n == 0 else 0,
             ))
 

@@ -796,6 +796,9 @@ class SmtpProtocol(asyncio.Protocol):
         # before the queue file exists, so the message is never durable and unheld (a
         # crash in between would deliver it at recovery); a journal without its message
         # is removed at recovery.
+        if a.discard:
+            self._discard(a)
+            return
         reason = log_safe(a.quarantine, 200) if a.quarantine else ""
         content = a.content
         try:
@@ -833,6 +836,7 @@ class SmtpProtocol(asyncio.Protocol):
                 env.mail_from, len(content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
                 held=bool(reason),
             ), a.queue_id, session=self.sid)
+            self._record_findings(a)
             if reason:
                 # Not handed to the queue manager: in this process it would deliver the
                 # message from memory without reading the journal. (A receiver's main
@@ -848,6 +852,25 @@ class SmtpProtocol(asyncio.Protocol):
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
         self._do(actions)
+
+    def _record_findings(self, a: StoreMessage) -> None:
+        for f in a.findings:
+            self.server.records.record(ev.RuleMatched(f.check, log_safe(f.rule, 100), f.action, log_safe(f.detail, 300),
+                                                      f.log_only), a.queue_id, session=self.sid)
+
+    def _discard(self, a: StoreMessage) -> None:
+        """A check asked to discard the message: the client gets 250 (it must not retry,
+        nor learn that the message went nowhere); the trace says where it went."""
+        server = self.server
+        assert self.session is not None
+        fields = header_fields(a.content)
+        server.records.record(ev.Discarded(log_safe(a.discard, 200)), a.queue_id, session=self.sid)
+        self._record_findings(a)
+        server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
+                                      classification=a.classification, disposition="Discard", status="Discarded")
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        self._do(self.session.message_stored(a.queue_id))
 
     async def _forget(self, queue_id: str) -> None:
         """A held message could not be stored (the client is told 451): remove its hold

@@ -39,7 +39,7 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
-from kanmon.policy.pipeline import Context, Decision, Pending, Pipeline, Stage
+from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
 
@@ -79,6 +79,8 @@ class StoreMessage:
     classification: str = "NotSpam"  # for the history row: what the checks said
     score: float = 0.0
     quarantine: str = ""  # a check asked to quarantine the message, for this reason
+    discard: str = ""  # a check asked to discard the message (250, nothing stored), for this reason
+    findings: tuple[Finding, ...] = ()  # what the checks found, recorded with the queue id
 
 
 @dataclass(slots=True)
@@ -912,11 +914,18 @@ class Session:
         env.received_at = self._now
         env.crlf_checked = True  # checked above: only CRLF line ends
         env.client = self.client
+        amend = d.amend
+        if amend is not None:
+            if amend.subject_prefix:
+                content = prefix_subject(content, amend.subject_prefix)
+            if amend.redirect or amend.bcc:
+                _reroute(env, amend.redirect, amend.bcc)
         trace = self._received_header(queue_id, env)
         if tx.headers:
             trace += _header_lines(tx.headers)
         self.state = State.WAIT_STORE
-        out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine))
+        out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine,
+                                amend.discard if amend is not None else "", d.findings))
 
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""
@@ -936,6 +945,36 @@ class Session:
         else:
             lines.append(f"\t; {formatdate(self._now or None, localtime=True)}")
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def _reroute(env: Envelope, redirect: tuple[str, ...], bcc: tuple[str, ...]) -> None:
+    """A content check redirected the message (its recipients replaced) or added bcc
+    recipients. A recipient added here asked for no DSN of its own: failures go to the
+    sender as for any other recipient."""
+    if redirect:
+        env.rcpts = []
+        env.original_rcpts = {}
+        env.dsn_notify = {}
+        env.dsn_orcpt = {}
+    for addr in (*redirect, *bcc):
+        if addr not in env.rcpts:
+            env.rcpts.append(addr)
+
+
+_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
+
+
+def prefix_subject(content: bytes, prefix: str) -> bytes:
+    """The message with `prefix` put before its Subject (a Subject made when it has none).
+    A prefix that is not ASCII is written as an RFC 2047 encoded-word."""
+    header_end = content.find(b"\r\n\r\n")
+    header = content if header_end < 0 else content[:header_end + 2]
+    word = prefix.encode("ascii") if prefix.isascii() else b"=?UTF-8?B?" + base64.b64encode(prefix.encode()) + b"?="
+    m = _SUBJECT.search(header)
+    if m is None:
+        return b"Subject: " + word + b"\r\n" + content
+    rest_start = m.end()
+    return content[:rest_start] + word + b" " + content[rest_start:]
 
 
 def _merge(tx: _Transaction, d: Decision) -> None:

@@ -1,0 +1,97 @@
+"""The content check: a message's content profile, run at the end of DATA.
+
+Role: choose the message's [[content_profile]] (a [[recipient_policy]] naming one for a
+recipient, else "inbound" for mail from outside or "outbound" for relay_networks and
+authenticated clients, when a profile of that name exists), run it in a bounded thread
+pool (kanmon.content.inspect), and turn its verdict into the pipeline's answer: reject
+(550 5.7.1), quarantine, discard, redirect, bcc, a Subject prefix, headers, a score, and
+a Finding for each rule that matched (the listener records them with the queue id).
+
+Trusts: the profile (validated config); the message is data.
+Never: decode on the event loop; accept a message whose inspection failed (the
+pipeline's failure mode answers 451 4.3.0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from kanmon.config import Config
+from kanmon.content.inspect import inspect_message
+from kanmon.content.rules import CompiledProfile, Facts, Verdict
+from kanmon.model import Reply
+from kanmon.policy.access import RelayAccess
+from kanmon.policy.pipeline import ACCEPTED, Amend, Check, CheckResult, Context, Finding, accept, reject
+from kanmon.policy.profiles import recipient_policy_for
+
+# Inspections at once (each in a thread; decoding holds the GIL much of the time, so
+# more threads would not make it faster, only use more memory).
+POOL_SIZE = 2
+
+
+def content_profile_name(config: Config, sender: str, recipients: list[str] | tuple[str, ...], from_outside: bool) -> str | None:
+    """The content profile for a message (see the module docstring), or None."""
+    names = {p.name for p in config.content_profile}
+    if not names:
+        return None
+    for rcpt in recipients:
+        policy = recipient_policy_for(sender, rcpt, config)
+        if policy is not None and policy.content_profile is not None:
+            return policy.content_profile
+    default = "inbound" if from_outside else "outbound"
+    return default if default in names else None
+
+
+def verdict_result(verdict: Verdict) -> CheckResult:
+    """The pipeline's answer for a content verdict."""
+    findings = tuple(Finding("content", h.rule, h.action, h.why, h.log_only) for h in verdict.hits)
+    headers = tuple(verdict.headers)
+    cls = verdict.classification
+    if verdict.action == "reject":
+        return reject(Reply(550, "5.7.1", verdict.reply_text), findings=findings, classification=cls or "Policy")
+    extra: dict = {}
+    if findings:
+        extra["findings"] = findings
+    if headers:
+        extra["headers"] = headers
+    if verdict.score:
+        extra["score"] = verdict.score
+    if cls:
+        extra["classification"] = cls
+    if verdict.action == "quarantine":
+        extra["quarantine"] = f"content rule {verdict.rule}"
+    redirect = (verdict.redirect,) if verdict.action == "redirect" else ()
+    discard = f"content rule {verdict.rule}" if verdict.action == "discard" else ""
+    if verdict.subject_prefix or redirect or verdict.bcc or discard:
+        extra["amend"] = Amend(verdict.subject_prefix, redirect, tuple(verdict.bcc), discard)
+    return accept(**extra) if extra else ACCEPTED
+
+
+class ContentCheck(Check):
+    name = "content"
+    timeout = 120.0  # a large message with archives inside: seconds, not minutes
+    classification = "Policy"
+
+    def __init__(self, config: Config, access: RelayAccess, pool: ThreadPoolExecutor | None = None):
+        self.config = config
+        self.access = access
+        self.profiles = {p.name: CompiledProfile(p) for p in config.content_profile}
+        self._pool = pool or ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="content")
+
+    def data(self, ctx: Context):
+        env = ctx.envelope
+        assert env is not None
+        client = ctx.client
+        authenticated = bool(client.auth_user)
+        from_outside = not (authenticated or self.access.is_relay_client(client.ip))
+        name = content_profile_name(self.config, env.mail_from, env.rcpts, from_outside)
+        if name is None:
+            return ACCEPTED
+        facts = Facts(env.mail_from, tuple(env.rcpts), from_outside, authenticated)
+        return self._inspect(self.profiles[name], ctx.content, facts)
+
+    async def _inspect(self, profile: CompiledProfile, content: bytes, facts: Facts) -> CheckResult:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._pool, inspect_message, profile, content, facts)
+        return verdict_result(found.verdict)

@@ -1,0 +1,202 @@
+"""Content rules over real SMTP: a node with an "inbound" content profile, a client
+outside relay_networks (127.0.0.9) sending Japanese mail with smtplib; what lands in the
+mailboxes, the queue (quarantine holds), the event log and the history; and
+`kanmon rules test` on the same messages, as a new user would try it."""
+
+from __future__ import annotations
+
+import email
+import json
+import smtplib
+
+import pytest
+from click.testing import CliRunner
+
+from kanmon.cli import main
+from kanmon.config import parse_config
+from kanmon.records.query import search_events, search_history
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages
+from tests.support.mailsamples import attachment, encrypted_zip, japanese_message
+
+OUTSIDE = "127.0.0.9"
+
+CONFIG = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+relay_networks = ["127.0.0.1/32"]
+min_free_disk = "1MB"
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka", "suzuki", "review", "audit"]
+
+[[content_profile]]
+name = "inbound"
+tag = "[要確認]"
+
+[[content_profile.rule]]
+name = "invoice-spam"
+subject = ["請求書", "invoice"]
+from_outside = true
+action = "quarantine"
+
+[[content_profile.rule]]
+name = "casino"
+body = {{ regex = "casino|カジノ" }}
+action = "reject"
+reply = "Gambling offers are not accepted here"
+
+[[content_profile.rule]]
+name = "newsletter"
+header = {{ List-Unsubscribe = {{ regex = "." }} }}
+action = "tag"
+add_header = "X-Kanmon-Newsletter: yes"
+
+[[content_profile.rule]]
+name = "junk"
+subject = ["unsubscribe-me"]
+action = "discard"
+
+[[content_profile.rule]]
+name = "to-review"
+subject = ["見積"]
+action = "redirect"
+address = "review@corp.example"
+
+[[content_profile.rule]]
+name = "audit-copy"
+subject = ["契約"]
+action = "bcc"
+address = "audit@corp.example"
+
+[[content_profile.rule]]
+name = "watch"
+body = ["パスワード"]
+action = "reject"
+log_only = true
+""" + TEST_DEFAULT_PROFILE
+
+
+@pytest.fixture
+def node(tmp_path):
+    port = free_port()
+    config_file = tmp_path / "kanmon.toml"
+    config_file.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port))
+    n = RunningNode(parse_config(config_file.read_text()))
+    n.config_file = config_file
+    n.start()
+    yield n
+    n.stop()
+
+
+def send(node, msg: bytes, rcpts=("tanaka@corp.example",), sender="katou@partner.example"):
+    with smtplib.SMTP(node.host, node.port, source_address=(OUTSIDE, 0), timeout=10) as s:
+        s.ehlo("client.partner.example")
+        return s.sendmail(sender, list(rcpts), msg)
+
+
+def queue_id_of(node, subject_word: str) -> str:
+    node.flush()
+    rows = [r for r in search_history(node.data_dir) if subject_word in r.subject]
+    assert rows, f"no history row for {subject_word!r}"
+    return rows[-1].queue_id
+
+
+def events_of(node, queue_id: str) -> list[str]:
+    node.flush()
+    return [e.text for e in search_events(node.data_dir, queue_id=queue_id)]
+
+
+def test_iso2022jp_invoice_with_encrypted_zip_is_quarantined_with_the_rule_named(node):
+    msg = japanese_message(subject="【至急】請求書のご確認",
+                           attachments=[attachment(encrypted_zip({"請求書.xlsx": b"data"}), "請求書.zip")])
+    send(node, msg)
+    node.wait_idle()
+    assert maildir_messages(node.data_dir, "tanaka@corp.example") == []
+    qid = queue_id_of(node, "請求書")
+    lines = events_of(node, qid)
+    assert any("content rule invoice-spam matched: quarantine" in t for t in lines), lines
+    assert any("held for quarantine: content rule invoice-spam" in t for t in lines), lines
+    row = next(r for r in search_history(node.data_dir) if r.queue_id == qid)
+    assert row.disposition == "Quarantine" and row.classification == "Policy"
+
+
+def test_reject_answers_550_with_the_configured_text(node):
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(node, japanese_message(subject="ご案内", body="オンラインカジノのご案内"))
+    assert e.value.smtp_code == 550 and b"5.7.1 Gambling offers are not accepted here" in e.value.smtp_error
+    node.wait_idle()
+    assert maildir_messages(node.data_dir, "tanaka@corp.example") == []
+
+
+def test_tag_prefixes_the_encoded_subject_and_adds_the_header(node):
+    msg = japanese_message(subject="今月のお知らせ").replace(b"\r\n\r\n", b"\r\nList-Unsubscribe: <mailto:u@x>\r\n\r\n", 1)
+    send(node, msg)
+    node.wait_idle()
+    (stored,) = maildir_messages(node.data_dir, "tanaka@corp.example")
+    parsed = email.message_from_bytes(stored)
+    subject = str(email.header.make_header(email.header.decode_header(parsed["Subject"])))
+    assert subject.startswith("[要確認]") and "今月のお知らせ" in subject
+    assert parsed["X-Kanmon-Newsletter"] == "yes"
+
+
+def test_discard_answers_250_and_keeps_nothing_but_the_trace(node):
+    send(node, japanese_message(subject="unsubscribe-me now"))
+    node.wait_idle()
+    assert maildir_messages(node.data_dir, "tanaka@corp.example") == []
+    qid = queue_id_of(node, "unsubscribe-me")
+    assert any("discarded: content rule junk" in t for t in events_of(node, qid))
+    assert not list((node.data_dir / "spool").rglob(f"*{qid}*"))
+
+
+def test_redirect_and_bcc(node):
+    send(node, japanese_message(subject="見積のご依頼"))
+    send(node, japanese_message(subject="契約書の件"))
+    node.wait_idle()
+    review = maildir_messages(node.data_dir, "review@corp.example")
+    audit = maildir_messages(node.data_dir, "audit@corp.example")
+    tanaka = maildir_messages(node.data_dir, "tanaka@corp.example")
+    assert len(review) == 1 and len(audit) == 1 and len(tanaka) == 1  # 見積 redirected away; 契約 to both
+
+
+def test_log_only_rule_is_in_the_trace_and_changes_nothing(node):
+    send(node, japanese_message(subject="ご連絡", body="パスワードは別送します"))
+    node.wait_idle()
+    assert len(maildir_messages(node.data_dir, "tanaka@corp.example")) == 1
+    qid = queue_id_of(node, "ご連絡")
+    assert any("content rule watch matched (log only: would reject)" in t for t in events_of(node, qid))
+
+
+def test_mail_from_relay_networks_is_not_inbound(node):
+    with smtplib.SMTP(node.host, node.port, timeout=10) as s:  # 127.0.0.1: relay_networks
+        s.sendmail("tanaka@corp.example", ["suzuki@corp.example"], japanese_message(subject="請求書の送付"))
+    node.wait_idle()
+    assert len(maildir_messages(node.data_dir, "suzuki@corp.example")) == 1
+
+
+def test_rules_test_cli_shows_the_rules_and_the_outcome(node, tmp_path):
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(japanese_message(subject="【至急】請求書のご確認",
+                                     attachments=[attachment(encrypted_zip({"請求書.xlsx": b"x"}), "請求書.zip")]))
+    r = CliRunner().invoke(main, ["rules", "test", str(eml), "-c", str(node.config_file)])
+    assert r.exit_code == 1, r.output
+    assert "profile: inbound" in r.output and "subject: 【至急】請求書のご確認" in r.output
+    assert "attachment: 請求書.xlsx in 請求書.zip: application/octet-stream [encrypted]" in r.output
+    assert "matched: invoice-spam (quarantine): from outside; subject contains '請求書'" in r.output
+    assert "outcome: quarantine by invoice-spam" in r.output
+    r = CliRunner().invoke(main, ["rules", "test", str(eml), "--inside", "--profile", "inbound", "--json", "-c", str(node.config_file)])
+    out = json.loads(r.output)
+    assert out["outcome"]["action"] == "quarantine" and out["outcome"]["rule"] == "encrypted_archive"
+    clean = tmp_path / "clean.eml"
+    clean.write_bytes(japanese_message(subject="こんにちは", body="ごきげんよう"))
+    r = CliRunner().invoke(main, ["rules", "test", str(clean), "-c", str(node.config_file)])
+    assert r.exit_code == 0 and "no rule matched" in r.output and "outcome: accept" in r.output
+
+
+def test_rules_test_escapes_control_characters(node, tmp_path):
+    eml = tmp_path / "x.eml"
+    eml.write_bytes(b"From: a@b.example\r\nTo: tanaka@corp.example\r\nSubject: =?UTF-8?B?G10wO293bmVkBw==?=\r\n\r\nhi\r\n")
+    r = CliRunner().invoke(main, ["rules", "test", str(eml), "-c", str(node.config_file)])
+    assert "\x1b" not in r.output and "\\x1b]0;owned\\x07" in r.output

@@ -1,0 +1,95 @@
+"""Decoding a message as the content rules read it: Japanese charsets as mailers write
+them, encoded-words, RFC 2231 names, HTML reduced to text, and bounds on hostile input."""
+
+from __future__ import annotations
+
+import base64
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+from kanmon.content import decode
+from kanmon.content.decode import decode_bytes, decode_header_value, decode_message, html_to_text, normalize
+from tests.support.mailsamples import attachment, japanese_message, jis_word, to_iso2022jp
+
+
+def test_iso2022jp_encoded_subject_with_windows_rows():
+    # ① and ㈱ are NEC rows of CP932 that Python's iso2022_jp codec refuses.
+    assert decode_header_value(jis_word("【至急】請求書①㈱")) == "【至急】請求書①㈱"
+
+
+def test_plain_iso2022jp_and_other_declared_charsets():
+    assert decode_bytes(to_iso2022jp("請求書"), "ISO-2022-JP") == "請求書"
+    assert decode_bytes("請求書".encode("cp932"), "Shift_JIS") == "請求書"
+    assert decode_bytes("請求書".encode("euc_jp"), "EUC-JP") == "請求書"
+    assert decode_bytes("請求書".encode(), "utf-8") == "請求書"
+
+
+def test_undeclared_or_wrongly_declared_charset_is_guessed():
+    assert decode_bytes("請求書".encode("cp932")) == "請求書"
+    assert decode_bytes("請求書".encode("cp932"), "utf-8") == "請求書"
+    assert decode_bytes(to_iso2022jp("請求書")) == "請求書"  # ESC $ B without a label
+    assert decode_bytes(b"caf\xe9", "x-no-such-charset") == "café"  # Latin-1 as the last guess
+
+
+def test_encoded_words_adjacent_split_and_mixed_with_text():
+    half1 = "=?UTF-8?B?" + base64.b64encode("請求".encode()).decode() + "?="
+    half2 = "=?UTF-8?Q?=E6=9B=B8?="
+    assert decode_header_value(f"Re: {half1}\r\n {half2} です") == "Re: 請求書 です"
+
+
+def test_raw_8bit_subject_is_read():
+    msg = b"Subject: " + "請求書".encode("cp932") + b"\r\nFrom: a@b\r\n\r\nbody\r\n"
+    assert decode_message(msg).subject == "請求書"
+
+
+def test_broken_encoded_word_and_base64_never_raise():
+    assert decode_header_value("=?UTF-8?B?!!!notbase64?=") is not None
+    msg = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"***not base64***\r\n")
+    decode_message(msg)  # no exception: the text is what could be read
+
+
+def test_shift_jis_body_html_part_and_subject():
+    html = "<html><head><style>p{}</style><script>var 請求書 = 1;</script></head><body><p>ご請求書&amp;明細</p></body></html>"
+    d = decode_message(japanese_message(body="本文の請求書です", html=html))
+    assert d.subject == "【至急】請求書のご確認"
+    assert "本文の請求書です" in d.text
+    assert "ご請求書&明細" in d.text
+    assert "var" not in d.text  # script content is not text
+
+
+def test_quoted_printable_euc_jp_body():
+    qp = "".join(f"={b:02X}" for b in "ご請求書".encode("euc_jp")).encode()
+    msg = (b"Subject: x\r\nContent-Type: text/plain; charset=EUC-JP\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + qp + b"\r\n")
+    assert "ご請求書" in decode_message(msg).text
+
+
+def test_attachment_names_rfc2231_continuations_encoded_words():
+    z = b"PK\x05\x06" + bytes(18)
+    msg = japanese_message(attachments=[
+        attachment(z, "請求書.zip"),  # filename*=iso-2022-jp''%1B%24B...
+        attachment(z, "明細書.pdf.exe", rfc2231=None),  # filename="=?ISO-2022-JP?B?...?="
+        attachment(z, "見積書_" + "長" * 40 + ".xlsm", rfc2231="continued"),  # filename*0*=utf-8''...; filename*1*=...
+    ])
+    assert b"filename*0*=" in msg  # the continuation form really is in the message
+    names = [a.name for a in decode_message(msg).attachments]
+    assert names == ["請求書.zip", "明細書.pdf.exe", "見積書_" + "長" * 40 + ".xlsm"]
+
+
+def test_html_to_text_survives_garbage():
+    assert "x" in html_to_text("<p>x<<<</<!--")
+
+
+def test_normalize_makes_full_and_half_width_one():
+    assert normalize("ＩＮＶＯＩＣＥ ｾｲｷｭｳｼｮ") == normalize("invoice セイキュウショ")
+
+
+def test_parts_and_depth_are_bounded(monkeypatch):
+    monkeypatch.setattr(decode, "MAX_PARTS", 10)
+    outer = MIMEMultipart()
+    for i in range(30):
+        outer.attach(MIMEText(f"part {i}"))
+    d = decode_message(outer.as_bytes())
+    assert "more than 10 MIME parts" in d.truncated
+    assert "part 29" not in d.text
