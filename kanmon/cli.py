@@ -21,6 +21,7 @@ from kanmon.commands.config import config
 from kanmon.commands.dkim import dkim
 from kanmon.commands.dns import dns
 from kanmon.commands.options import root_config_option
+from kanmon.commands.quarantine import quarantine
 from kanmon.commands.queue import maintenance, queue
 from kanmon.commands.records import log, stats, trace
 from kanmon.commands.rules import rules
@@ -40,5 +41,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats,
-                 alert, sendmail, backup, restore, service, verify, rules):
+                 alert, sendmail, backup, restore, service, verify, rules, quarantine):
     main.add_command(_command)

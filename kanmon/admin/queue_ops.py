@@ -40,9 +40,11 @@ from kanmon.admin.backup import BackupError, BackupWriter, archive_head, read_ar
 from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of  # noqa: F401 - STATES, Filters: importable from here too
 from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
 from kanmon.auth.dkimsign import load_signer_lenient
+from kanmon.admin.quarantine_ops import QuarantineOps
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
 from kanmon.model import LocalReply, RecipientResult, Reply, Status, is_queue_id
+from kanmon.quarantine.store import QuarantineError
 from kanmon.queue.inject import Injector
 from kanmon.queue.notices import Notices
 from kanmon.records import events as ev
@@ -734,6 +736,12 @@ OPERATIONS = {
                                       str(a.get("source", "kanmon queue drain")), dry_run=bool(a.get("dry_run")),
                                       whole_queue=bool(a.get("whole_queue"))),
     "maintenance_list": lambda ops, a: ops.maintenance_list(),
+    "quarantine_list": lambda ops, a: QuarantineOps(ops).list(a.get("filters")),
+    "quarantine_show": lambda ops, a: QuarantineOps(ops).show(str(a["id"]), int(a.get("lines", 50))),
+    "quarantine_release": lambda ops, a: QuarantineOps(ops).release(
+        [str(i) for i in a["ids"]], [str(t) for t in a["to"]] if a.get("to") else None, str(a.get("by", "kanmon quarantine release"))),
+    "quarantine_delete": lambda ops, a: QuarantineOps(ops).delete([str(i) for i in a["ids"]], str(a.get("by", "kanmon quarantine delete"))),
+    "quarantine_purge": lambda ops, a: QuarantineOps(ops).purge(float(a["keep"]), str(a.get("by", "retention"))),
     "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run")), by=str(a.get("by", ""))),
 }
 
@@ -750,7 +758,7 @@ def dispatch(ops: QueueOps, request: dict, progress: Callable[[int, int | None],
     ops.progress = progress
     try:
         return {"ok": True, "result": OPERATIONS[name](ops, args)}
-    except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError) as e:
+    except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError, QuarantineError, CorruptEntry) as e:
         return {"ok": False, "error": str(e) or type(e).__name__}
     except Exception as e:  # noqa: BLE001 - an answer and an event, never a dead connection
         ops.records.record(ev.Error(f"admin: {name} failed: {type(e).__name__}: {e}"))

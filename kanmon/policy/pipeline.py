@@ -170,6 +170,7 @@ class Decision:
     content: bytes | None = None  # DATA: the message as the checks rewrote it (None: unchanged)
     amend: Amend | None = None  # DATA, accepted: changes to the message or its recipients
     findings: tuple[Finding, ...] = ()
+    quarantine_check: str = ""  # the check that asked for quarantine
 
     @property
     def accepted(self) -> bool:
@@ -184,7 +185,8 @@ Hook = Callable[[Context], "CheckResult | Awaitable[CheckResult]"]
 class _Tally:
     """Results accumulated so far at one stage."""
 
-    __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content", "amend", "findings")
+    __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content", "amend", "findings",
+                 "quarantine_check")
 
     def __init__(self) -> None:
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -195,6 +197,7 @@ class _Tally:
         self.content: bytes | None = None
         self.amend: Amend | None = None
         self.findings: tuple[Finding, ...] = ()
+        self.quarantine_check = ""
 
     def add(self, check: Check, r: CheckResult, ctx: Context) -> Decision | None:
         """Take one result; the Decision when it decides (not an accept), else None."""
@@ -204,6 +207,7 @@ class _Tally:
             self.score += r.score
         if r.quarantine and not self.quarantine:
             self.quarantine = r.quarantine
+            self.quarantine_check = check.name
         if r.effects:
             self.effects += r.effects
         if r.recipients is not None:
@@ -234,7 +238,7 @@ class _Tally:
         return Decision(
             headers=self.headers, score=self.score, quarantine=self.quarantine, effects=self.effects,
             recipients=ctx.recipients, classification=self.classification, content=self.content,
-            amend=self.amend, findings=self.findings,
+            amend=self.amend, findings=self.findings, quarantine_check=self.quarantine_check,
         )
 
     def _decision(self, ctx: Context, outcome: Outcome, reply: Reply, check: Check, cls: str, error: str = "") -> Decision:

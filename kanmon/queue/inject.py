@@ -1,7 +1,7 @@
 """The injector: the one way into the queue for mail kanmon writes itself.
 
 Role: delivery and failure notices, admin bounces, alert mail, over-quota notices (and
-later quarantine releases, digests and the local sendmail command) enter here, exactly
+quarantine releases, digests and the local sendmail command) enter here, exactly
 like received mail does at the end of DATA: a queue id, the message made durable
 through the spool (group commit, fsync), the accept event line (`from=<..>, size=..,
 nrcpts=.., msgid=.., proto=internal, relay=local`, which counters, metrics and
@@ -85,6 +85,13 @@ class Injector:
         self.spool.store_blocking(queue_id, env, content)
         self._accepted(queue_id, env, content, origin)
         return queue_id
+
+    def release_blocking(self, queue_id: str, env: Envelope, content: bytes) -> None:
+        """A message accepted earlier into the quarantine enters the queue under the id it
+        got then (its accept line and history rows exist; `kanmon trace ID` follows it on):
+        stored durably, then handed to the queue manager. The caller records the release."""
+        self.spool.store_blocking(queue_id, env, content)
+        self.submit(queue_id, env, content)
 
     def _accepted(self, queue_id: str, env: Envelope, content: bytes, origin: str) -> None:
         fields = header_fields(content)

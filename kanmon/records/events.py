@@ -490,6 +490,42 @@ class Discarded(Event):
         return f"discarded: {self.reason}"
 
 
+@_event
+class Quarantined(Event):
+    """The message was accepted into the quarantine (`kind` admin or spam), for `reason`:
+    it waits there for `kanmon quarantine release` or delete, or its retention."""
+
+    KIND = "quarantine"
+    reason: str
+    kind: str = "admin"
+
+    def line(self) -> str:
+        return f"quarantined ({self.kind}): {self.reason}"
+
+
+@_event
+class QuarantineReleased(Event):
+    """A quarantined message was released into the queue, by `by`, to `rcpts`."""
+
+    KIND = "quarantine-release"
+    by: str
+    rcpts: str
+
+    def line(self) -> str:
+        return f"released from quarantine by {self.by} to {self.rcpts}"
+
+
+@_event
+class QuarantineDeleted(Event):
+    """A quarantined message was deleted (by an administrator, or its retention ended)."""
+
+    KIND = "quarantine-delete"
+    by: str
+
+    def line(self) -> str:
+        return f"deleted from quarantine by {self.by}"
+
+
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
 
 
@@ -960,11 +996,13 @@ class AlertRequest(Event):
 COMPONENTS = {
     **dict.fromkeys(("connect", "disconnect", "session-cut", "reject", "reject-connect", "reject-proxy",
                      "reject-early", "proxy-timeout", "tls-in", "auth", "auth-failed", "accepted",
-                     "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold"), "smtpd"),
+                     "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold", "quarantine",
+                     "rule", "discard"), "smtpd"),
     **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out", "tls-policy"), "smtp"),
     **dict.fromkeys(("notice", "notice-skipped", "quota-notice"), "bounce"),
     **dict.fromkeys(("removed", "recovery"), "qmgr"),
-    **dict.fromkeys(("admin", "admin-message", "admin-backup", "maintenance"), "admin"),
+    **dict.fromkeys(("admin", "admin-message", "admin-backup", "maintenance", "quarantine-release",
+                     "quarantine-delete"), "admin"),
     **dict.fromkeys(("alert", "alert-mail", "alert-not-mailed", "alert-request", "probe-failed"), "alert"),
 }
 

@@ -191,6 +191,7 @@ def _final(t: Timeline) -> str:
     removed = any(s.kind == "removed" for s in t.steps)
     results: dict[str, tuple[str, str]] = {}  # rcpt -> (status, reply) of its last attempt
     holds: list[str] = []
+    quarantine = ""  # the last quarantine step: in it, released, deleted; or discarded
     for s in t.steps:
         d = s.detail
         if s.kind == "delivery" and "rcpt" in d:
@@ -200,6 +201,16 @@ def _final(t: Timeline) -> str:
             holds.append(d["action"])
         elif s.kind == "quarantine-hold":  # held at acceptance, until released
             holds.append("hold")
+        elif s.kind in ("quarantine", "quarantine-release", "quarantine-delete", "discard"):
+            quarantine = s.kind
+        elif s.kind in ("quarantine", "quarantine-release", "quarantine-delete", "discard"):
+            holds.append(s.kind)
+    if quarantine == "quarantine":
+        return "in the quarantine (kanmon quarantine show " + (t.queue_id or "ID") + ")"
+    if quarantine == "quarantine-delete":
+        return "deleted from the quarantine"
+    if quarantine == "discard":
+        return "discarded (accepted and dropped by a check)"
     delivered = [r for r, (st, _) in results.items() if st == SENT]
     bounced = [r for r, (st, _) in results.items() if st == BOUNCED]
     deferred = [r for r, (st, _) in results.items() if st == DEFERRED]

@@ -61,7 +61,8 @@ from kanmon.smtp.session import (
     State,
     StoreMessage,
 )
-from kanmon.spool import journal
+from kanmon.quarantine.store import Meta as QuarantineMeta
+from kanmon.quarantine.store import Quarantine
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.state.api import SharedState
 from kanmon.store.users import log_safe
@@ -228,6 +229,7 @@ class SmtpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._quarantine: Quarantine | None = None
         self._trusted_proxies = list(config.smtp.trusted_proxies)
         self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
         self._acceptors: list[TlsAcceptor] = []
@@ -347,6 +349,12 @@ class SmtpServer:
         self._servers.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def quarantine_store(self) -> Quarantine:
+        """The quarantine (made on first use: most nodes never quarantine anything)."""
+        if self._quarantine is None:
+            self._quarantine = Quarantine(self.config.server.data_dir, fsync=self.spool.fsync)
+        return self._quarantine
 
     def spawn(self, coro) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -791,11 +799,6 @@ class SmtpProtocol(asyncio.Protocol):
     async def _store(self, a: StoreMessage) -> None:
         server = self.server
         assert self.session is not None and self.client is not None
-        # A check asked for quarantine: until there is a quarantine store, the message is
-        # held in the queue (`kanmon queue release` delivers it). The hold is journaled
-        # before the queue file exists, so the message is never durable and unheld (a
-        # crash in between would deliver it at recovery); a journal without its message
-        # is removed at recovery.
         if a.discard:
             self._discard(a)
             return
@@ -817,16 +820,17 @@ class SmtpProtocol(asyncio.Protocol):
                 except OSError as e:
                     raise SpoolError(f"cannot write the hold journal: {e.strerror or e}") from None
             await server.spool.store(a.queue_id, a.envelope, content)
+        if a.quarantine:
+            await self._quarantine(a)
+            return
+        try:
+            await server.spool.store(a.queue_id, a.envelope, a.content)
         except SpoolError as e:
             server.records.record(ev.Error(f"warning: {e}; answered {replies.STORAGE_ERROR}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.STORAGE_ERROR)
-            if reason:
-                await self._forget(a.queue_id)
         except Exception as e:  # noqa: BLE001 - promise 7
             server.records.record(ev.Error(f"error storing message: {type(e).__name__}: {e}"), a.queue_id, session=self.sid)
             actions = self.session.message_failed(replies.LOCAL_ERROR)
-            if reason:
-                await self._forget(a.queue_id)
         else:
             server.accepted += 1
             env = a.envelope
@@ -848,6 +852,51 @@ class SmtpProtocol(asyncio.Protocol):
                 server.records.history_accept(a.queue_id, env, len(content), content, fields,
                                               classification=a.classification, disposition="Accept")
                 server.on_stored(a.queue_id, env, content)
+            fields = self._record_accepted(a)
+            server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
+                                          classification=a.classification, disposition="Accept")
+            server.on_stored(a.queue_id, a.envelope, a.content)
+            actions = self.session.message_stored(a.queue_id)
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        self._do(actions)
+
+    def _record_accepted(self, a: StoreMessage, held: bool = False) -> dict[str, str]:
+        """The accept line (and what the checks found); the header fields, parsed once."""
+        env, c = a.envelope, self.client
+        assert c is not None
+        fields = header_fields(a.content)  # once, for the event line and the history
+        self.server.records.record(ev.Accepted(
+            env.mail_from, len(a.content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", fields.get("message-id", ""),
+            c.auth_user or "", held=held,
+        ), a.queue_id, session=self.sid)
+        self._record_findings(a)
+        return fields
+
+    async def _quarantine(self, a: StoreMessage) -> None:
+        """A check asked for quarantine: the message goes to the quarantine store (durable
+        before the 250, like the spool), not to the queue; `kanmon quarantine release`
+        sends it on under the same queue id. Spam goes to the recipients' spam quarantine
+        (digests), everything else to the administrator's."""
+        server = self.server
+        assert self.session is not None
+        reason = log_safe(a.quarantine, 200)
+        kind = "spam" if a.classification == "Spam" else "admin"
+        meta = QuarantineMeta(kind, reason, a.quarantine_check or "", a.classification, a.score, server.clock())
+        try:
+            store = server.quarantine_store()
+            await asyncio.get_running_loop().run_in_executor(None, store.put, a.queue_id, a.envelope, a.content, meta)
+        except Exception as e:  # noqa: BLE001 - promise 7: 451, never an accept that was not kept
+            server.records.record(ev.Error(f"warning: cannot quarantine: {type(e).__name__}: {e}; "
+                                           f"answered {replies.STORAGE_ERROR}"), a.queue_id, session=self.sid)
+            actions = self.session.message_failed(replies.STORAGE_ERROR)
+        else:
+            server.accepted += 1
+            fields = self._record_accepted(a, held=True)
+            server.records.record(ev.Quarantined(reason, kind), a.queue_id, session=self.sid)
+            server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
+                                          classification=a.classification, disposition="Quarantine",
+                                          status="Quarantined")
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
@@ -871,15 +920,6 @@ class SmtpProtocol(asyncio.Protocol):
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
         self._do(self.session.message_stored(a.queue_id))
-
-    async def _forget(self, queue_id: str) -> None:
-        """A held message could not be stored (the client is told 451): remove its hold
-        journal and whatever of the message was written (a journal left behind without
-        its message is removed at recovery)."""
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.server.spool.remove, queue_id)
-        except OSError as e:
-            self.server.records.record(ev.Error(f"cannot remove an unstored message: {e}"), queue_id, session=self.sid)
 
     async def _start_tls(self) -> None:
         server = self.server

@@ -81,6 +81,7 @@ class StoreMessage:
     quarantine: str = ""  # a check asked to quarantine the message, for this reason
     discard: str = ""  # a check asked to discard the message (250, nothing stored), for this reason
     findings: tuple[Finding, ...] = ()  # what the checks found, recorded with the queue id
+    quarantine_check: str = ""  # the check that asked for quarantine
 
 
 @dataclass(slots=True)
@@ -187,6 +188,7 @@ class _Transaction:
     headers: tuple[tuple[str, str], ...] = ()  # to add, from the checks at MAIL and RCPT
     score: float = 0.0
     quarantine: str = ""
+    quarantine_check: str = ""
     classification: str = ""
 
 
@@ -925,7 +927,7 @@ class Session:
             trace += _header_lines(tx.headers)
         self.state = State.WAIT_STORE
         out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine,
-                                amend.discard if amend is not None else "", d.findings))
+                                amend.discard if amend is not None else "", d.findings, tx.quarantine_check))
 
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""
@@ -985,6 +987,7 @@ def _merge(tx: _Transaction, d: Decision) -> None:
         tx.score += d.score
     if d.quarantine and not tx.quarantine:
         tx.quarantine = d.quarantine
+        tx.quarantine_check = d.quarantine_check
     if d.classification:
         tx.classification = d.classification
 

@@ -118,9 +118,70 @@ def test_iso2022jp_invoice_with_encrypted_zip_is_quarantined_with_the_rule_named
     qid = queue_id_of(node, "請求書")
     lines = events_of(node, qid)
     assert any("content rule invoice-spam matched: quarantine" in t for t in lines), lines
-    assert any("held for quarantine: content rule invoice-spam" in t for t in lines), lines
+    assert any("quarantined (admin): content rule invoice-spam" in t for t in lines), lines
     row = next(r for r in search_history(node.data_dir) if r.queue_id == qid)
     assert row.disposition == "Quarantine" and row.classification == "Policy"
+    assert (node.data_dir / "quarantine" / f"{qid}.msg").exists()
+    assert not list((node.data_dir / "spool").rglob(f"*{qid}*"))  # not in the queue
+
+
+def cli(node, *args):
+    return CliRunner().invoke(main, [*args, "-c", str(node.config_file)])
+
+
+def test_quarantine_list_show_release_and_trace_the_whole_path(node):
+    send(node, japanese_message(subject="【至急】請求書のご確認"))
+    node.wait_idle()
+    qid = queue_id_of(node, "請求書")
+    r = cli(node, "quarantine", "list")
+    assert r.exit_code == 0, r.output
+    assert qid in r.output and "subject: 【至急】請求書のご確認" in r.output and "why: content rule invoice-spam" in r.output
+    listed = json.loads(cli(node, "quarantine", "list", "--json", "--reason", "invoice").output)["items"]
+    assert [i["id"] for i in listed] == [qid] and listed[0]["kind"] == "admin" and listed[0]["check"] == "content"
+    assert json.loads(cli(node, "quarantine", "list", "--json", "--kind", "spam").output)["items"] == []
+    r = cli(node, "quarantine", "show", qid)
+    assert f"kanmon quarantine release {qid}" in r.output and "from: katou@partner.example" in r.output
+    r = cli(node, "trace", qid)
+    assert "in the quarantine" in r.output, r.output
+    r = cli(node, "quarantine", "release", qid)
+    assert r.exit_code == 0 and f"{qid}: released" in r.output, r.output
+    node.wait_idle()
+    (delivered,) = maildir_messages(node.data_dir, "tanaka@corp.example")
+    assert b"Message-ID: <sample@partner.example>" in delivered
+    assert json.loads(cli(node, "quarantine", "list", "--json").output)["items"] == []
+    node.flush()
+    r = cli(node, "trace", qid)
+    assert "released from quarantine by kanmon quarantine release" in r.output and "delivered to tanaka@corp.example" in r.output, r.output
+
+
+def test_quarantine_release_to_another_recipient_and_delete(node):
+    send(node, japanese_message(subject="請求書 1"))
+    send(node, japanese_message(subject="請求書 2"))
+    node.wait_idle()
+    ids = [i["id"] for i in json.loads(cli(node, "quarantine", "list", "--json").output)["items"]]
+    assert len(ids) == 2
+    r = cli(node, "quarantine", "release", ids[0], "--to", "review@corp.example")
+    assert r.exit_code == 0, r.output
+    r = cli(node, "quarantine", "delete", ids[1])
+    assert r.exit_code == 0 and f"{ids[1]}: deleted" in r.output
+    r = cli(node, "quarantine", "delete", ids[1])
+    assert r.exit_code == 1 and "not in the quarantine" in r.output
+    node.wait_idle()
+    assert len(maildir_messages(node.data_dir, "review@corp.example")) == 1
+    assert maildir_messages(node.data_dir, "tanaka@corp.example") == []
+    assert "deleted from the quarantine" in cli(node, "trace", ids[1]).output
+
+
+def test_quarantine_commands_work_on_a_stopped_node(node):
+    send(node, japanese_message(subject="請求書"))
+    node.wait_idle()
+    node.stop()
+    (item,) = json.loads(cli(node, "quarantine", "list", "--json").output)["items"]
+    r = cli(node, "quarantine", "release", item["id"])
+    assert r.exit_code == 0, r.output
+    with RunningNode(parse_config(node.config_file.read_text())) as again:
+        again.wait_idle()
+        assert len(maildir_messages(again.data_dir, "tanaka@corp.example")) == 1
 
 
 def test_reject_answers_550_with_the_configured_text(node):

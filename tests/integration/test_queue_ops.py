@@ -309,21 +309,27 @@ class QuarantineSubject(Check):
         return ACCEPTED
 
 
-def test_a_message_a_check_quarantines_is_held_until_released(site, monkeypatch):
-    # Until there is a quarantine store, a quarantine request holds the message in the queue.
+def test_a_message_a_check_quarantines_waits_in_the_quarantine_until_released(site, monkeypatch):
+    # A quarantine request puts the message in the quarantine store, not in the queue;
+    # a release queues it under the same id and it is delivered.
     monkeypatch.setattr(kanmon.node, "standard_pipeline",
                         lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
     site.start()
-    qid = site.send("x@remote.example", ["alice@example.test"], "quarantine me")
-    site.send("x@remote.example", ["alice@example.test"], "")  # another one is delivered
-    assert site.ids("--state", "hold") == [qid] and site.ids() == [qid]
-    site.wait_event(f"{qid}: held for quarantine: test: the subject asked")
-    assert [b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")] == [False]
+    site.send("x@remote.example", ["alice@example.test"], "")  # the Subject asks for nothing: delivered
+    site.send("x@remote.example", ["alice@example.test"], "")
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=10) as s:
+        s.sendmail("x@remote.example", ["alice@example.test"], "Subject: quarantine me\r\n\r\nhello\r\n")
+    site.node.wait_idle()
+    (item,) = site.cli_json("quarantine", "list")["items"]
+    qid = item["id"]
+    site.wait_event(f"{qid}: quarantined (spam): test: the subject asked")
+    assert site.ids() == []
+    assert [b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")] == [False, False]
     (row,) = search_history(site.data_dir, queue_id=qid)
     assert (row.disposition, row.classification) == ("Quarantine", "Spam")
-    assert "final: on hold, not tried yet" in site.cli("trace", qid).output
-    assert "1 message(s) released" in site.cli("queue", "release", qid).output
-    wait_for(lambda: len(maildir_messages(site.data_dir, "alice@example.test")) == 2, 10, "the released message")
+    assert "final: in the quarantine" in site.cli("trace", qid).output
+    assert f"{qid}: released" in site.cli("quarantine", "release", qid).output
+    wait_for(lambda: len(maildir_messages(site.data_dir, "alice@example.test")) == 3, 10, "the released message")
     assert sum(b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")) == 1
     site.node.wait_idle()
     assert site.ids() == []

@@ -17,6 +17,7 @@ from kanmon.config import parse_config
 from kanmon.policy.pipeline import ACCEPTED, Check, Context, Pipeline, accept
 from kanmon.policy.access import RelayAccessCheck
 from kanmon.policy.standard import relay_access, standard_checks
+from kanmon.quarantine.store import Quarantine
 from kanmon.records.events import ERROR_KINDS
 from kanmon.smtp import server as server_module
 from kanmon.smtp.server import PROXY_HEADER_TIMEOUT, Prober, SmtpServer
@@ -266,7 +267,7 @@ class QuarantineSubject(Check):
         return ACCEPTED
 
 
-def test_a_quarantine_request_holds_the_message_in_the_queue(tmp_path):
+def test_a_quarantine_request_puts_the_message_in_the_quarantine_store(tmp_path):
     async def main() -> None:
         async with Harness(tmp_path, [QuarantineSubject()]) as h:
             c = await h.connect()
@@ -283,28 +284,29 @@ def test_a_quarantine_request_holds_the_message_in_the_queue(tmp_path):
             await c.command(b"QUIT\r\n")
             await c.close()
         held, other = ids
-        state = h.spool.read_state(held)
-        assert state.hold and [r.by for r in state.history] == ["quarantine: test: the subject asked"]
-        assert h.spool.exists(held) and not h.spool.read_state(other).hold
-        assert [qid for qid, _ in h.stored] == [other]  # the held one is not handed to the queue
+        entry, content = Quarantine(tmp_path).load(held)
+        assert (entry.meta.kind, entry.meta.reason, entry.meta.check) == ("spam", "test: the subject asked", "quarantine_subject")
+        assert content.endswith(b"Subject: quarantine me\r\n\r\nhello\r\n") and entry.envelope.rcpts == ["bob@example.test"]
+        assert not h.spool.exists(held) and h.spool.exists(other)
+        assert [qid for qid, _ in h.stored] == [other]  # the quarantined one is not handed to the queue
         lines = [t for t, _, _ in h.records.events]
-        assert "held for quarantine: test: the subject asked" in lines
+        assert "quarantined (spam): test: the subject asked" in lines
         assert sum(t.startswith("from=<x@remote.example>") and t.endswith(", held") for t in lines) == 1
         assert [kw for _, kw in h.records.history] == [
-            {"classification": "Spam", "disposition": "Quarantine"},
+            {"classification": "Spam", "disposition": "Quarantine", "status": "Quarantined"},
             {"classification": "NotSpam", "disposition": "Accept"}]
 
     asyncio.run(main())
 
 
-def test_a_message_to_hold_that_cannot_be_stored_answers_451_and_leaves_nothing(tmp_path):
+def test_a_message_to_quarantine_that_cannot_be_stored_answers_451_and_leaves_nothing(tmp_path):
     async def main() -> None:
         async with Harness(tmp_path, [QuarantineSubject()]) as h:
 
-            async def full(queue_id, env, content):
-                raise SpoolError("cannot write queue file: No space left on device")
+            def full(*args):
+                raise OSError(28, "No space left on device")
 
-            h.spool.store = full  # type: ignore[method-assign]
+            h.server.quarantine_store().put = full  # type: ignore[method-assign]
             c = await h.connect()
             await c.reply()
             await c.command(b"EHLO a.example\r\n")
@@ -314,7 +316,7 @@ def test_a_message_to_hold_that_cannot_be_stored_answers_451_and_leaves_nothing(
             assert (await c.command(b"Subject: quarantine me\r\n\r\nhello\r\n.\r\n")).startswith("451 4.3.0")
             await c.command(b"QUIT\r\n")
             await c.close()
-        assert not any(h.spool.state_dir.iterdir())  # the hold journal went with the message
+        assert not any((tmp_path / "quarantine").iterdir())
         assert not h.stored and not h.records.history
 
     asyncio.run(main())

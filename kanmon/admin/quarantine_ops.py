@@ -1,0 +1,159 @@
+"""Quarantine operations: list, show, release, delete, purge (and the digest's listing).
+
+Role: what `kanmon quarantine ...` and the control socket ask of the quarantine store
+(kanmon.quarantine.store). A release goes through the injector (kanmon.queue.inject:
+the one way into the queue), under the queue id the message got at acceptance, so
+`kanmon trace ID` shows acceptance, quarantine, release and delivery as one path; the
+quarantine entry is removed only after the message is durable in the spool (a crash in
+between leaves both: releasing again finds it already queued and only removes the entry).
+Every release and delete is an event naming who did it.
+
+Trusts: ids and filters from the caller (checked here); nothing in the stored messages.
+Never: delete an entry before its release is durable; show a network string unescaped
+(the caller's renderer escapes; JSON keeps the text exact).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from kanmon.content.decode import decode_header_value
+from kanmon.quarantine.store import KINDS, Quarantine, QuarantineError
+from kanmon.records import events as ev
+from kanmon.records.store import header_fields
+from kanmon.spool.store import CorruptEntry
+from kanmon.config import parse_duration
+
+
+@dataclass
+class QuarantineFilters:
+    kind: str = ""  # admin | spam | "" (both)
+    mail_from: str = ""  # pattern (* ?) or substring, case-insensitive
+    to: str = ""  # any recipient: pattern or substring
+    reason: str = ""  # regex on the reason
+    older_than: str = ""  # duration
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, a: dict | None) -> QuarantineFilters:
+        a = a or {}
+        f = cls(str(a.get("kind") or ""), str(a.get("from") or ""), str(a.get("to") or ""), str(a.get("reason") or ""),
+                str(a.get("older_than") or ""), tuple(str(i) for i in a.get("ids") or ()))
+        if f.kind and f.kind not in KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(KINDS)}")
+        if f.reason:
+            try:
+                re.compile(f.reason)
+            except re.error as e:
+                raise ValueError(f"--reason {f.reason!r} is not a regular expression: {e}") from None
+        if f.older_than:
+            parse_duration(f.older_than)
+        return f
+
+
+def _matches(pattern: str, value: str) -> bool:
+    pattern, value = pattern.lower(), value.lower()
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(value, pattern)
+    return pattern in value
+
+
+class QuarantineOps:
+    """ops: the node's QueueOps (config, records, injector, the clock through its link)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.store = Quarantine(ops.config.server.data_dir, fsync=getattr(ops.spool, "fsync", True))
+
+    def _now(self) -> float:
+        return self.ops.link.now()
+
+    def _rows(self, f: QuarantineFilters) -> list[dict]:
+        now = self._now()
+        limit = parse_duration(f.older_than) if f.older_than else None
+        reason = re.compile(f.reason, re.IGNORECASE) if f.reason else None
+        out = []
+        for qid in (f.ids or self.store.ids()):
+            try:
+                entry, content = self.store.load(qid)
+            except QuarantineError:
+                if f.ids:
+                    raise
+                continue
+            except CorruptEntry as e:
+                out.append({"id": qid, "corrupt": str(e)})
+                continue
+            m, env = entry.meta, entry.envelope
+            if f.kind and m.kind != f.kind:
+                continue
+            if f.mail_from and not _matches(f.mail_from, env.mail_from):
+                continue
+            if f.to and not any(_matches(f.to, r) for r in env.rcpts):
+                continue
+            if reason is not None and not reason.search(m.reason):
+                continue
+            if limit is not None and now - m.stored < limit:
+                continue
+            fields = header_fields(content)
+            out.append({"id": qid, "kind": m.kind, "from": env.mail_from, "rcpts": list(env.rcpts),
+                        "subject": decode_header_value(fields.get("subject", "")), "size": entry.size,
+                        "reason": m.reason, "check": m.check, "classification": m.classification, "score": m.score,
+                        "stored": m.stored})
+        out.sort(key=lambda r: r.get("stored", 0.0))
+        return out
+
+    def list(self, args: dict | None) -> dict:
+        return {"items": self._rows(QuarantineFilters.from_args(args))}
+
+    def show(self, qid: str, lines: int = 50) -> dict:
+        entry, content = self.store.load(qid)
+        header_end = content.find(b"\r\n\r\n")
+        header = content[:header_end if header_end >= 0 else len(content)].decode("utf-8", "replace")
+        body = content[header_end + 4:].decode("utf-8", "replace").split("\r\n")[:lines] if header_end >= 0 else []
+        (row,) = self._rows(QuarantineFilters(ids=(qid,)))
+        return {**row, "header": header, "body": body, "client": entry.envelope.client.ip if entry.envelope.client else ""}
+
+    def release(self, ids: list[str], to: list[str] | None, by: str) -> dict:
+        released, errors = [], []
+        for qid in ids:
+            try:
+                entry, content = self.store.load(qid)
+            except (QuarantineError, CorruptEntry) as e:
+                errors.append(f"{qid}: {e}")
+                continue
+            env = entry.envelope
+            if to:
+                env.rcpts = list(to)
+                env.original_rcpts, env.dsn_notify, env.dsn_orcpt = {}, {}, {}
+            if not self.ops.spool.exists(qid):
+                self.ops.injector.release_blocking(qid, env, content)
+            self.ops.records.record(ev.QuarantineReleased(by, ", ".join(env.rcpts)), qid)
+            self.store.delete(qid)
+            released.append(qid)
+        return {"released": released, "errors": errors}
+
+    def delete(self, ids: list[str], by: str) -> dict:
+        deleted, errors = [], []
+        for qid in ids:
+            try:
+                self.store.delete(qid)
+            except QuarantineError as e:
+                errors.append(str(e))
+                continue
+            self.ops.records.record(ev.QuarantineDeleted(by), qid)
+            deleted.append(qid)
+        return {"deleted": deleted, "errors": errors}
+
+    def purge(self, keep: float, by: str = "retention") -> dict:
+        """Delete entries stored longer ago than `keep` seconds ([quarantine] keep)."""
+        now = self._now()
+        old = []
+        for qid in self.store.ids():
+            try:
+                if now - self.store.meta(qid).stored >= keep:
+                    old.append(qid)
+            except (QuarantineError, CorruptEntry):
+                continue
+        return self.delete(old, by)
