@@ -685,6 +685,21 @@ class ContentProfileSection(Section):
         return self
 
 
+class QuarantineSection(Section):
+    """[quarantine]: how long quarantined messages are kept and when recipients get a digest."""
+
+    keep: Duration = Field(30 * 86400.0, gt=0, description="Quarantined messages are deleted this long after they arrived")
+    digest: str | None = Field(
+        None, description='When each recipient gets a list of their spam quarantine (cron syntax, e.g. "0 8 * * *"); unset: no digest'
+    )
+    digest_from: str = Field("", description="Sender of the digest (default: postmaster@<server.hostname>)")
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        return parse_schedule(v) if v is not None else None
+
+
 class OutboundSection(Section):
     smarthost: list[HostPort] = Field(
         default_factory=list, description="Mail for other domains goes here, in order; empty: by MX"
@@ -1135,6 +1150,7 @@ class Config(Section):
     content_profile: list[ContentProfileSection] = Field(
         default_factory=list, description="Content rules and attachment policies ([[content_profile]] tables, docs/content.md)"
     )
+    quarantine: QuarantineSection = Field(default_factory=QuarantineSection, description="Quarantine retention and digests")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -386,7 +386,7 @@ class Node:
                     tg.create_task(self.queue.run())
                     if self.pickup is not None:
                         tg.create_task(self.pickup.run())
-                    self._start_background({"monitoring", "maintenance", "dnscheck"})
+                    self._start_background({"monitoring", "maintenance", "dnscheck", "quarantine"})
             finally:
                 self.ready = False
                 self._tg = None
@@ -429,6 +429,8 @@ class Node:
                 coro = self.monitoring.run()
             elif name == "maintenance":
                 coro = self.admin.run_maintenance()
+            elif name == "quarantine":
+                coro = self.admin.run_quarantine()
             elif self.config.dnscheck.every:  # dnscheck
                 monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
                 coro = monitor.run()
@@ -534,6 +536,8 @@ class Node:
             restart.add("monitoring")
         if "maintenance" in changed:
             restart.add("maintenance")
+        if "quarantine" in changed:
+            restart.add("quarantine")
         if {"dnscheck", "dns", "domain"} & set(changed):
             restart.add("dnscheck")
         if restart:

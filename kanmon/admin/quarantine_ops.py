@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 
 from kanmon.content.decode import decode_header_value
+from kanmon.model import Envelope
+from kanmon.quarantine.digest import digest_message
 from kanmon.quarantine.store import KINDS, Quarantine, QuarantineError
 from kanmon.records import events as ev
 from kanmon.records.store import header_fields
@@ -145,6 +147,30 @@ class QuarantineOps:
             self.ops.records.record(ev.QuarantineDeleted(by), qid)
             deleted.append(qid)
         return {"deleted": deleted, "errors": errors}
+
+    def digest(self, since: float, dry_run: bool = False) -> dict:
+        """Mail each recipient the spam-quarantine entries stored since `since` (through
+        the injector, like any mail kanmon writes); the recipients and counts."""
+        cfg = self.ops.config
+        hostname = cfg.server.hostname
+        sender = cfg.quarantine.digest_from or f"postmaster@{hostname}"
+        per_rcpt: dict[str, list[dict]] = {}
+        for row in self._rows(QuarantineFilters(kind="spam")):
+            if "corrupt" in row or row["stored"] < since:
+                continue
+            for rcpt in row["rcpts"]:
+                per_rcpt.setdefault(rcpt.lower(), []).append(row)
+        sent = {}
+        now = self._now()
+        for rcpt, rows in sorted(per_rcpt.items()):
+            sent[rcpt] = len(rows)
+            if dry_run:
+                continue
+            content = digest_message(rcpt, rows, sender=sender, hostname=hostname, now=now,
+                                     keep_days=int(cfg.quarantine.keep // 86400))
+            env = Envelope(mail_from="", rcpts=[rcpt], received_at=now, is_notice=True)
+            self.ops.injector.inject_blocking(env, content, "quarantine digest")
+        return {"digests": sent}
 
     def purge(self, keep: float, by: str = "retention") -> dict:
         """Delete entries stored longer ago than `keep` seconds ([quarantine] keep)."""

@@ -742,6 +742,8 @@ OPERATIONS = {
         [str(i) for i in a["ids"]], [str(t) for t in a["to"]] if a.get("to") else None, str(a.get("by", "kanmon quarantine release"))),
     "quarantine_delete": lambda ops, a: QuarantineOps(ops).delete([str(i) for i in a["ids"]], str(a.get("by", "kanmon quarantine delete"))),
     "quarantine_purge": lambda ops, a: QuarantineOps(ops).purge(float(a["keep"]), str(a.get("by", "retention"))),
+    "quarantine_digest": lambda ops, a: QuarantineOps(ops).digest(
+        float(a["since"]) if "since" in a else ops.link.now() - float(a.get("since_ago", 86400)), bool(a.get("dry_run"))),
     "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run")), by=str(a.get("by", ""))),
 }
 

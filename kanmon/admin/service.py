@@ -26,7 +26,7 @@ from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
-from kanmon.records.events import MaintenanceRun
+from kanmon.records.events import Error, MaintenanceRun
 
 LOCK_WAIT = 30.0  # seconds a starting server waits for an offline admin command
 CALL_TIMEOUT = 3600.0
@@ -159,6 +159,34 @@ class AdminPlane:
                     continue
                 await self.run_job(name)
                 due[name] = sched.next_after(now)
+
+    async def run_quarantine(self) -> None:
+        """[quarantine]: purge what is older than `keep` (at start, then hourly) and mail
+        the spam digest on its cron schedule (each lists what arrived since the last one;
+        the first, what arrived in the day before it)."""
+        cfg = self.node.config.quarantine
+        clock = self.node.clock
+        schedule = CronSchedule.parse(cfg.digest) if cfg.digest else None
+        now = clock.now()
+        next_purge = now
+        next_digest = schedule.next_after(now) if schedule is not None else float("inf")
+        last_digest = now - 86400
+        records = self.node.records
+        while True:
+            now = clock.now()
+            if now >= next_purge:
+                reply = await self.handle({"op": "quarantine_purge", "args": {"keep": cfg.keep}})
+                if not reply.get("ok"):
+                    records.record(Error(f"quarantine purge failed: {reply.get('error')}"))
+                next_purge = now + 3600
+            if now >= next_digest:
+                reply = await self.handle({"op": "quarantine_digest", "args": {"since": last_digest}})
+                if not reply.get("ok"):
+                    records.record(Error(f"quarantine digest failed: {reply.get('error')}"))
+                last_digest = now
+                assert schedule is not None
+                next_digest = schedule.next_after(now)
+            await clock.sleep_until(min(next_purge, next_digest))
 
     async def run_job(self, name: str, *, catch_up: bool = False) -> bool:
         """One scheduled (or catch-up) run; a failure raises the `queue` alert, a success

@@ -142,3 +142,30 @@ def _report(r: dict, verb: str, as_json: bool) -> None:
         for err in r["errors"]:
             click.echo(f"kanmon: {_show(err)}", err=True)
     sys.exit(1 if r["errors"] else 0)
+
+
+@quarantine.command("digest")
+@click.option("--since", "since", default="1d", show_default=True, metavar="DURATION",
+              help="List what arrived in this last period.")
+@click.option("--dry-run", is_flag=True, help="Only say who would get a digest and of how many messages.")
+@config_option
+@json_option()
+def digest_cmd(since, dry_run, config_path, as_json) -> None:
+    """Mail each recipient the list of their spam quarantine now (as [quarantine] digest does on its schedule)."""
+    from kanmon.config import parse_duration  # noqa: PLC0415 - a value check, only here
+
+    try:
+        seconds = parse_duration(since)
+    except ValueError as e:
+        click.echo(f"kanmon: --since: {e}", err=True)
+        sys.exit(2)
+    cfg = load_or_exit(config_path)
+    with AdminSession(cfg) as admin:
+        r = admin.call("quarantine_digest", {"since_ago": seconds, "dry_run": dry_run})
+    if as_json:
+        click.echo(json.dumps(r, ensure_ascii=False))
+        return
+    if not r["digests"]:
+        click.echo("No spam quarantined for anyone in that period: no digest")
+    for rcpt, n in r["digests"].items():
+        click.echo(f"{_show(rcpt)}: {n} message{'s' if n != 1 else ''}" + (" (dry run: not sent)" if dry_run else ": digest queued"))

@@ -8,14 +8,16 @@ from __future__ import annotations
 import email
 import json
 import smtplib
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from kanmon.cli import main
+from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
-from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
 from tests.support.mailsamples import attachment, encrypted_zip, japanese_message
 
 OUTSIDE = "127.0.0.9"
@@ -261,3 +263,67 @@ def test_rules_test_escapes_control_characters(node, tmp_path):
     eml.write_bytes(b"From: a@b.example\r\nTo: tanaka@corp.example\r\nSubject: =?UTF-8?B?G10wO293bmVkBw==?=\r\n\r\nhi\r\n")
     r = CliRunner().invoke(main, ["rules", "test", str(eml), "-c", str(node.config_file)])
     assert "\x1b" not in r.output and "\\x1b]0;owned\\x07" in r.output
+
+
+SPAM_PROFILE = """
+[quarantine]
+keep = "7d"
+digest = "0 8 * * *"
+
+[[content_profile]]
+name = "inbound"
+quarantine_score = 5.0
+
+[[content_profile.rule]]
+name = "pills"
+subject = ["pills"]
+action = "score"
+score = 6.0
+""" + TEST_DEFAULT_PROFILE
+
+# 2026-03-02 07:00 local time: the digest (08:00) is an hour away.
+T0 = time.mktime((2026, 3, 2, 7, 0, 0, 0, 0, -1))
+
+
+@pytest.fixture
+def spam_node(tmp_path):
+    port = free_port()
+    config_file = tmp_path / "kanmon.toml"
+    config_file.write_text(CONFIG.split("[[content_profile]]")[0].format(data_dir=tmp_path / "data", port=port) + SPAM_PROFILE)
+    n = RunningNode(parse_config(config_file.read_text()), clock=ManualClock(T0))
+    n.config_file = config_file
+    n.start()
+    yield n
+    n.stop()
+
+
+def test_spam_goes_to_the_users_quarantine_and_the_digest_lists_it(spam_node):
+    node = spam_node
+    send(node, japanese_message(subject="cheap pills"), rcpts=["tanaka@corp.example", "suzuki@corp.example"])
+    node.wait_idle()
+    (item,) = json.loads(cli(node, "quarantine", "list", "--json", "--kind", "spam").output)["items"]
+    assert item["classification"] == "Spam" and item["score"] == 6.0
+    node.advance(3600)  # 08:00: the digest
+    wait_for(lambda: len(maildir_messages(node.data_dir, "tanaka@corp.example")) == 1, 10, "tanaka's digest")
+    node.wait_idle()
+    for rcpt in ("tanaka@corp.example", "suzuki@corp.example"):
+        (digest,) = maildir_messages(node.data_dir, rcpt)
+        assert b"Subject: Quarantine digest: 1 message held for you" in digest
+        assert f"kanmon quarantine release {item['id']} --to {rcpt}".encode() in digest
+        assert b"subject: cheap pills" in digest and b"Auto-Submitted: auto-generated" in digest
+    r = cli(node, "quarantine", "digest", "--dry-run")
+    assert "tanaka@corp.example: 1 message (dry run: not sent)" in r.output, r.output
+
+
+def test_quarantined_messages_are_purged_after_keep(spam_node):
+    node = spam_node
+    send(node, japanese_message(subject="cheap pills"))
+    node.wait_idle()
+    (item,) = json.loads(cli(node, "quarantine", "list", "--json").output)["items"]
+    node.advance(6 * 86400)
+    node.wait_idle()
+    assert [i["id"] for i in json.loads(cli(node, "quarantine", "list", "--json").output)["items"]] == [item["id"]]
+    node.advance(86400 + 3600)  # past 7 days and the next hourly purge
+    wait_for(lambda: not (node.data_dir / "quarantine" / f"{item['id']}.meta").exists(), 10, "the purge")
+    node.flush()
+    assert "deleted from quarantine by retention" in cli(node, "trace", item["id"]).output
