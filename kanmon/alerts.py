@@ -70,6 +70,8 @@ from kanmon.records.events import (
     AlertNotMailed,
     AlertRequest,
     Critical,
+    ScannerFailed,
+    ScannerRecovered,
 )
 from kanmon.units import format_duration, format_size
 
@@ -77,7 +79,7 @@ CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
 EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
 RATIO_WINDOW = 3600.0
 RATIO_MIN_RESULTS = 10
-WATCHED_KINDS = (*ERROR_KINDS, AlertRequest.KIND)  # events the watcher acts on
+WATCHED_KINDS = (*ERROR_KINDS, AlertRequest.KIND, ScannerFailed.KIND, ScannerRecovered.KIND)  # events the watcher acts on
 
 SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
 
@@ -90,6 +92,7 @@ LOOK_CLOSER = {
     "archive": "kanmon alert list",
     "expiry": "kanmon alert list",
     "dns": "kanmon dns check",
+    "scanner": "kanmon log events --since 1h --grep scanner",
 }
 CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
 
@@ -504,6 +507,14 @@ class Alerts:
                 category = "critical"
             self.raise_alert(category, "test", f"test alert ({category}) requested with `kanmon alert test`: "
                              "if you read this, alert mail reaches you", force=True)
+            return
+        if kind in (ScannerFailed.KIND, ScannerRecovered.KIND):
+            scanner = text.split(" ", 2)[1] if text.startswith("scanner ") else "scanner"
+            if kind == ScannerFailed.KIND:
+                self.raise_alert("scanner", scanner, f"{text}\nMail is answered by each content profile's scanner_failure"
+                                 " (451 with tempfail, a header with accept_and_tag) until it answers again.")
+            else:
+                self.clear("scanner", scanner, text)
             return
         where = f"{qid}: " if qid else ""
         key = re.sub(r"[0-9A-Z]{15}|\d+", "#", text)[:80]

@@ -685,6 +685,53 @@ class ContentProfileSection(Section):
         return self
 
 
+def _scanner_address(v: str | None) -> str | None:
+    if v is None:
+        return v
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    if v.startswith("unix:"):
+        if not v[5:].startswith("/"):
+            raise ValueError(f"{v!r}: a unix socket is written unix:/absolute/path")
+    elif v.startswith("http://"):
+        if not urlsplit(v).hostname:
+            raise ValueError(f"{v!r} has no host")
+    else:
+        parse_hostport(v)
+    return v
+
+
+class AntivirusSection(Section):
+    """[antivirus]: clamd scans every message at the end of DATA (docs/content.md)."""
+
+    clamd: str | None = Field(None, description='clamd\'s socket: "unix:/run/clamav/clamd.ctl" or "127.0.0.1:3310"; unset: no scanning')
+    timeout: Duration = Field(60.0, gt=0, description="A scan that takes longer counts as a scanner failure")
+    max_size: Size = Field(25 * 1024 * 1024, ge=1, description="clamd's StreamMaxLength: larger messages are not scanned (a header says so)")
+    max_scans: int = Field(8, ge=1, description="Scans at once (more wait their turn)")
+
+    @field_validator("clamd")
+    @classmethod
+    def _clamd(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("http://"):
+            raise ValueError(f"{v!r}: clamd is a unix socket or host:port, not a URL")
+        return _scanner_address(v)
+
+
+class SpamSection(Section):
+    """[spam]: Rspamd scores every message at the end of DATA (docs/content.md)."""
+
+    rspamd: str | None = Field(None, description='Rspamd\'s normal worker: "http://127.0.0.1:11333"; unset: no spam scoring')
+    timeout: Duration = Field(30.0, gt=0, description="A check that takes longer counts as a scanner failure")
+    max_size: Size = Field(20 * 1024 * 1024, ge=1, description="Larger messages are not scored")
+
+    @field_validator("rspamd")
+    @classmethod
+    def _rspamd(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("http://"):
+            raise ValueError(f"{v!r}: write http://host:port")
+        return _scanner_address(v)
+
+
 class QuarantineSection(Section):
     """[quarantine]: how long quarantined messages are kept and when recipients get a digest."""
 
@@ -854,8 +901,8 @@ class MetricsSection(Section):
     listen: HostPort | None = Field(None, description="ip:port serving Prometheus metrics at /metrics; unset: off")
 
 
-ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns")
-AlertCategoryName = Literal["critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns"]
+ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner")
+AlertCategoryName = Literal["critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner"]
 
 
 class Reminder(Section):
@@ -1151,6 +1198,8 @@ class Config(Section):
         default_factory=list, description="Content rules and attachment policies ([[content_profile]] tables, docs/content.md)"
     )
     quarantine: QuarantineSection = Field(default_factory=QuarantineSection, description="Quarantine retention and digests")
+    antivirus: AntivirusSection = Field(default_factory=AntivirusSection, description="Virus scanning with clamd")
+    spam: SpamSection = Field(default_factory=SpamSection, description="Spam scoring with Rspamd")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -43,6 +43,7 @@ from kanmon.monitoring import Monitoring
 from kanmon.policy.quota import quota_effect_handlers
 from kanmon.policy.dns import CheckResolver
 from kanmon.policy.dnsbl import dnsbl_effect_handlers
+from kanmon.policy.scanners import scanner_effect_handlers
 from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.queue.notices import Notices
@@ -50,7 +51,7 @@ from kanmon.queue.pickup import Pickup
 from kanmon.listeners import Address, ListenSockets, Prepared
 from kanmon.metrics import MetricsServer
 from kanmon.receiver import ReceiverPool
-from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, ReloadFailed, Stopped
+from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, ReloadFailed, ScannerFailed, ScannerRecovered, Stopped
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -270,6 +271,8 @@ class Node:
                 records = self.records
                 effects.update(dnsbl_effect_handlers(
                     lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
+                effects.update(scanner_effect_handlers(
+                    lambda e: records.record(ScannerFailed(e.scanner, e.error) if e.error else ScannerRecovered(e.scanner))))
                 if workers:
                     fe.receivers = self._receiver_pool(config, socks, workers, text)
                     fe.services.append(fe.receivers)

@@ -191,10 +191,11 @@ def _die_with_parent() -> None:
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
     from kanmon.policy.dns import CheckResolver
     from kanmon.policy.dnsbl import dnsbl_effect_handlers
+    from kanmon.policy.scanners import scanner_effect_handlers
     from kanmon.policy.quota import quota_effect_handlers
     from kanmon.policy.standard import standard_pipeline
     from kanmon.queue.inject import Injector
-    from kanmon.records.events import DnsblLookupFailed
+    from kanmon.records.events import DnsblLookupFailed, ScannerFailed, ScannerRecovered
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
@@ -227,6 +228,8 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                                         signer=load_signer(config)))
     )
     effects.update(dnsbl_effect_handlers(lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
+    effects.update(scanner_effect_handlers(
+        lambda e: records.record(ScannerFailed(e.scanner, e.error) if e.error else ScannerRecovered(e.scanner))))
     servers = []
     for role in ("smtp", "submission"):
         socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]

@@ -16,6 +16,7 @@ from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessC
 from kanmon.policy.authcheck import auth_checks
 from kanmon.policy.client import ClientIdentityCheck
 from kanmon.policy.content import ContentCheck
+from kanmon.policy.scanners import ScannerCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
 from kanmon.policy.limits import rate_checks
@@ -84,8 +85,11 @@ def standard_checks(
         if state is None:
             raise ValueError("a session profile greylists: the greylist check needs the shared state")
         checks.append(GreylistCheck(config, state, **({"clock": clock} if clock is not None else {})))
+    # At the end of DATA, after every envelope check has passed: the scanners, then the
+    # content rules (a virus decides before any rule).
+    if config.antivirus.clamd or config.spam.rspamd:
+        checks.append(ScannerCheck(config, access))
     if config.content_profile:
-        # At the end of DATA, after every envelope check has passed.
         checks.append(ContentCheck(config, access))
     return checks
 

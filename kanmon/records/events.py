@@ -480,6 +480,29 @@ class RuleMatched(Event):
 
 
 @_event
+class ScannerFailed(Event):
+    """A scanner (clamd, rspamd) failed to answer: what happened. Raises the `scanner` alert."""
+
+    KIND = "scanner-failed"
+    scanner: str
+    error: str
+
+    def line(self) -> str:
+        return f"scanner {self.scanner} failed: {self.error}"
+
+
+@_event
+class ScannerRecovered(Event):
+    """A scanner that failed answers again. Clears the `scanner` alert."""
+
+    KIND = "scanner-ok"
+    scanner: str
+
+    def line(self) -> str:
+        return f"scanner {self.scanner} answers again"
+
+
+@_event
 class Discarded(Event):
     """The message was accepted (250) and dropped, as a check asked (`reason`)."""
 
@@ -997,7 +1020,7 @@ COMPONENTS = {
     **dict.fromkeys(("connect", "disconnect", "session-cut", "reject", "reject-connect", "reject-proxy",
                      "reject-early", "proxy-timeout", "tls-in", "auth", "auth-failed", "accepted",
                      "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold", "quarantine",
-                     "rule", "discard"), "smtpd"),
+                     "rule", "discard", "scanner-failed", "scanner-ok"), "smtpd"),
     **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out", "tls-policy"), "smtp"),
     **dict.fromkeys(("notice", "notice-skipped", "quota-notice"), "bounce"),
     **dict.fromkeys(("removed", "recovery"), "qmgr"),

@@ -129,7 +129,11 @@ def japanese_message(subject: str = "【至急】請求書のご確認", body: s
                      to: str = "tanaka@corp.example") -> bytes:
     """A message with an ISO-2022-JP encoded Subject and a Shift_JIS body (and optional
     HTML part and attachments), CRLF line ends."""
-    text = MIMEText(body, "plain", "shift_jis")
+    # By hand: Python's email package would re-encode a shift_jis part as ISO-2022-JP.
+    text = MIMEText("", "plain")
+    text.set_payload(base64.encodebytes(body.encode("cp932")).decode())
+    text.replace_header("Content-Type", 'text/plain; charset="Shift_JIS"')
+    text.replace_header("Content-Transfer-Encoding", "base64")
     if html is None and not attachments:
         msg = text
     else:
