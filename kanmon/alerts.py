@@ -318,12 +318,20 @@ class Alerts:
 
     def check_now(self) -> None:
         """Threshold checks: disk, queue, deferred ratio, expiry (blocking: in a thread)."""
-        checks = (self._check_disk, self._check_queue, self._check_ratio, self._check_expiry)
+        checks = (self._check_disk, self._check_queue, self._check_ratio, self._check_expiry, self._check_archive_quota)
         for check in checks:
             try:
                 check()
             except Exception as e:  # noqa: BLE001 - one broken check must not stop the others
                 self.records.emit(f"alerts: {check.__name__[7:]} check failed: {type(e).__name__}: {e}")
+
+    def _check_archive_quota(self) -> None:
+        archive = self.config.archive
+        if archive.maildir is None or archive.quota is None:
+            return
+        from kanmon.archive.store import directory_size  # noqa: PLC0415 - only with an archive
+
+        self._call_soon(self.check_archive, directory_size(archive.maildir), archive.quota, str(archive.maildir))
 
     def _check_disk(self) -> None:
         limit = self.cfg.disk_free_below if self.cfg.disk_free_below is not None else self.config.smtp.min_free_disk

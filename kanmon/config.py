@@ -732,6 +732,48 @@ class SpamSection(Section):
         return _scanner_address(v)
 
 
+class ArchiveSection(Section):
+    """[archive]: a copy of every accepted message (journaling), to a Maildir or an address."""
+
+    maildir: Path | None = Field(None, description="Keep the copies in this Maildir (DIR/new), one file a message")
+    to: str | None = Field(None, description="Or send the copies to this address (an added recipient)")
+    direction: Literal["both", "inbound", "outbound"] = Field(
+        "both", description="inbound: from outside; outbound: from relay_networks and authenticated users"
+    )
+    domains: list[str] = Field(default_factory=list, description="Only mail from or to these domains; empty: all")
+    quota: Size | None = Field(None, ge=1, description="maildir: stop copying past this size (the archive alert warns before)")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ArchiveSection:
+        if self.maildir is not None and self.to is not None:
+            raise ValueError("set maildir or to, not both")
+        if self.to is not None and ("@" not in self.to or any(c.isspace() or ord(c) < 32 for c in self.to)):
+            raise ValueError(f"to = {self.to!r} is not an address")
+        if self.quota is not None and self.maildir is None:
+            raise ValueError("quota applies to maildir")
+        return self
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        return [d.lower().rstrip(".") for d in v]
+
+    @property
+    def enabled(self) -> bool:
+        return self.maildir is not None or self.to is not None
+
+    def applies(self, mail_from: str, rcpts: list[str], from_outside: bool) -> str:
+        """The message's direction when it is to be archived, else ""."""
+        direction = "inbound" if from_outside else "outbound"
+        if not self.enabled or self.direction not in ("both", direction):
+            return ""
+        if self.domains:
+            addrs = [mail_from, *rcpts]
+            if not any(a.rpartition("@")[2].lower() in self.domains for a in addrs):
+                return ""
+        return direction
+
+
 class QuarantineSection(Section):
     """[quarantine]: how long quarantined messages are kept and when recipients get a digest."""
 
@@ -1200,6 +1242,7 @@ class Config(Section):
     quarantine: QuarantineSection = Field(default_factory=QuarantineSection, description="Quarantine retention and digests")
     antivirus: AntivirusSection = Field(default_factory=AntivirusSection, description="Virus scanning with clamd")
     spam: SpamSection = Field(default_factory=SpamSection, description="Spam scoring with Rspamd")
+    archive: ArchiveSection = Field(default_factory=ArchiveSection, description="A copy of every message (journaling)")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -95,3 +95,25 @@ class ContentCheck(Check):
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._pool, inspect_message, profile, content, facts)
         return verdict_result(found.verdict)
+
+
+class ArchiveCopyCheck(Check):
+    """[archive] to = ADDRESS: the archive's copy is an added recipient of each message
+    of the configured direction and domains (delivered, traced and retried like any)."""
+
+    name = "archive"
+
+    def __init__(self, config: Config, access: RelayAccess):
+        self.cfg = config.archive
+        self.access = access
+        assert self.cfg.to is not None
+        self._amend = Amend(bcc=(self.cfg.to,))
+
+    def data(self, ctx: Context) -> CheckResult:
+        env = ctx.envelope
+        assert env is not None
+        client = ctx.client
+        from_outside = not (client.auth_user or self.access.is_relay_client(client.ip))
+        if self.cfg.applies(env.mail_from, env.rcpts, from_outside):
+            return accept(amend=self._amend)
+        return ACCEPTED

@@ -15,7 +15,7 @@ from kanmon.config import Config
 from kanmon.policy.access import LocalRecipientsCheck, RelayAccess, RelayAccessCheck
 from kanmon.policy.authcheck import auth_checks
 from kanmon.policy.client import ClientIdentityCheck
-from kanmon.policy.content import ContentCheck
+from kanmon.policy.content import ArchiveCopyCheck, ContentCheck
 from kanmon.policy.scanners import ScannerCheck
 from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
@@ -91,6 +91,8 @@ def standard_checks(
         checks.append(ScannerCheck(config, access))
     if config.content_profile:
         checks.append(ContentCheck(config, access))
+    if config.archive.to is not None:
+        checks.append(ArchiveCopyCheck(config, access))
     return checks
 
 

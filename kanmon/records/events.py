@@ -503,6 +503,19 @@ class ScannerRecovered(Event):
 
 
 @_event
+class ArchiveSkipped(Event):
+    """[archive]: a copy was not kept (`why`: over quota - said once until copies resume -
+    or a write error)."""
+
+    KIND = "archive-skipped"
+    where: str
+    why: str
+
+    def line(self) -> str:
+        return f"archive copy not kept in {self.where}: {self.why}"
+
+
+@_event
 class Discarded(Event):
     """The message was accepted (250) and dropped, as a check asked (`reason`)."""
 
@@ -1020,7 +1033,7 @@ COMPONENTS = {
     **dict.fromkeys(("connect", "disconnect", "session-cut", "reject", "reject-connect", "reject-proxy",
                      "reject-early", "proxy-timeout", "tls-in", "auth", "auth-failed", "accepted",
                      "check-failed", "effect-failed", "effect-unhandled", "quarantine-hold", "quarantine",
-                     "rule", "discard", "scanner-failed", "scanner-ok"), "smtpd"),
+                     "rule", "discard", "scanner-failed", "scanner-ok", "archive-skipped"), "smtpd"),
     **dict.fromkeys(("delivery", "hop", "hop-domain", "hop-unresolved", "tls-out", "tls-policy"), "smtp"),
     **dict.fromkeys(("notice", "notice-skipped", "quota-notice"), "bounce"),
     **dict.fromkeys(("removed", "recovery"), "qmgr"),

@@ -61,6 +61,7 @@ from kanmon.smtp.session import (
     State,
     StoreMessage,
 )
+from kanmon.archive.store import ArchiveStore
 from kanmon.quarantine.store import Meta as QuarantineMeta
 from kanmon.quarantine.store import Quarantine
 from kanmon.spool.store import Spool, SpoolError
@@ -230,6 +231,7 @@ class SmtpServer:
         self._prober: Prober | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._quarantine: Quarantine | None = None
+        self._archive: ArchiveStore | None = None
         self._trusted_proxies = list(config.smtp.trusted_proxies)
         self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
         self._acceptors: list[TlsAcceptor] = []
@@ -349,6 +351,34 @@ class SmtpServer:
         self._servers.clear()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def archive_copy(self, queue_id: str, env: Envelope, content: bytes, sid: str | None) -> None:
+        """[archive] maildir: keep a copy of an accepted message, after the reply (a copy
+        never delays or fails an acceptance; a failure is an event)."""
+        cfg = self.config.archive
+        if cfg.maildir is None:
+            return
+        client = env.client
+        from_outside = client is None or not (client.auth_user or self.access.is_relay_client(client.ip))
+        direction = cfg.applies(env.mail_from, env.rcpts, from_outside)
+        if not direction:
+            return
+        if self._archive is None:
+            self._archive = ArchiveStore(cfg.maildir, cfg.quota)
+        store = self._archive
+
+        async def copy() -> None:
+            why = await asyncio.get_running_loop().run_in_executor(None, store.keep, queue_id, env, content, direction)
+            if why == "over quota":
+                if not store.full_reported:
+                    store.full_reported = True
+                    self.records.record(ev.ArchiveSkipped(str(cfg.maildir), why), queue_id, session=sid)
+            elif why:
+                self.records.record(ev.ArchiveSkipped(str(cfg.maildir), why), queue_id, session=sid)
+            else:
+                store.full_reported = False
+
+        self.spawn(copy())
 
     def quarantine_store(self) -> Quarantine:
         """The quarantine (made on first use: most nodes never quarantine anything)."""
@@ -856,6 +886,7 @@ class SmtpProtocol(asyncio.Protocol):
             server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
                                           classification=a.classification, disposition="Accept")
             server.on_stored(a.queue_id, a.envelope, a.content)
+            server.archive_copy(a.queue_id, a.envelope, a.content, self.sid)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()
@@ -897,6 +928,7 @@ class SmtpProtocol(asyncio.Protocol):
             server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
                                           classification=a.classification, disposition="Quarantine",
                                           status="Quarantined")
+            server.archive_copy(a.queue_id, a.envelope, a.content, self.sid)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False
         self.last_activity = time.monotonic()

@@ -125,7 +125,7 @@ def test_example_mentions_every_key():
                         "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection",
                         "BalancerSection", "VirtualServer", "RealServer", "HealthCheck", "MaintenanceJob",
                         "IpPolicySection", "SessionProfileSection", "DnsblSection", "DnsblAllowlistSection",
-                        "RecipientPolicySection", "DkimSection", "ContentProfileSection", "ContentRuleSection", "TextMatch"):
+                        "RecipientPolicySection", "DkimSection", "ContentProfileSection", "ContentRuleSection", "TextMatch", "QuarantineSection", "AntivirusSection", "SpamSection", "ArchiveSection"):
                 if f"kanmon.config.{sub}" in ann or ann.endswith(f".{sub}'>"):
                     import kanmon.config as c
 
