@@ -46,28 +46,28 @@ RULES = "\n".join(f"""
 [[content_profile.rule]]
 name = "r{i}"
 {cond}
-action = "{action}"
+action = {action}
 """ for i, (cond, action) in enumerate([
-    ('subject = ["請求書", "invoice", "至急"]\nfrom_outside = true', "quarantine"),
-    ('subject = { regex = "(?:viagra|cialis|casino)" }', "reject"),
-    ('body = ["パスワード", "password"]', "tag"),
-    ('body = { regex = "bitcoin|暗号資産|仮想通貨" }', "quarantine"),
-    ('header = { X-Mailer = { regex = "^(?:bulk|mass)" } }', "score\nscore = 3.0"),
-    ('header = { List-Unsubscribe = { regex = "unsubscribe\\\\.bad" } }', "tag"),
-    ('attachment_name = ["*.exe", "*.scr", "*.pif", "*.com"]', "reject"),
-    ('attachment_name = ["*.js", "*.vbs", "*.wsf", "*.hta"]', "reject"),
-    ('attachment_type = ["executable"]', "reject"),
-    ('attachment_type = ["script", "macro"]', "quarantine"),
-    ('attachment_type = ["disk_image"]', "quarantine"),
-    ('sender = ["@spam.example", "@bulk.example"]', "reject"),
-    ('recipient = ["honeypot@"]', "discard"),
-    ('size_over = "20MB"', "reject"),
-    ('subject = ["当選", "おめでとう", "無料"]\nbody = ["クリック"]', "tag"),
-    ('body = { regex = "https?://[a-z0-9.-]*\\\\.(?:top|xyz|click)/" }', "score\nscore = 4.0"),
-    ('subject = ["ご請求", "お支払い"]\nattachment_type = ["archive"]', "quarantine"),
-    ('header = { Reply-To = ["@freemail.example"] }', "score\nscore = 2.0"),
-    ('body = ["口座", "振込先変更"]', "quarantine"),
-    ('subject = { regex = "^\\\\[(?:SPAM|迷惑)\\\\]" }', "discard"),
+    ('subject = ["請求書", "invoice", "至急"]\nfrom_outside = true', '"quarantine"'),
+    ('subject = { regex = "(?:viagra|cialis|casino)" }', '"reject"'),
+    ('body = ["パスワード", "password"]', '"tag"'),
+    ('body = { regex = "bitcoin|暗号資産|仮想通貨" }', '"quarantine"'),
+    ('header = { X-Mailer = { regex = "^(?:bulk|mass)" } }', '"score"\nscore = 3.0'),
+    ('header = { List-Unsubscribe = { regex = "unsubscribe\\\\.bad" } }', '"tag"'),
+    ('attachment_name = ["*.exe", "*.scr", "*.pif", "*.com"]', '"reject"'),
+    ('attachment_name = ["*.js", "*.vbs", "*.wsf", "*.hta"]', '"reject"'),
+    ('attachment_type = ["executable"]', '"reject"'),
+    ('attachment_type = ["script", "macro"]', '"quarantine"'),
+    ('attachment_type = ["disk_image"]', '"quarantine"'),
+    ('sender = ["@spam.example", "@bulk.example"]', '"reject"'),
+    ('recipient = ["honeypot@"]', '"discard"'),
+    ('size_over = "20MB"', '"reject"'),
+    ('subject = ["当選", "おめでとう", "無料"]\nbody = ["クリック"]', '"tag"'),
+    ('body = { regex = "https?://[a-z0-9.-]*\\\\.(?:top|xyz|click)/" }', '"score"\nscore = 4.0'),
+    ('subject = ["ご請求", "お支払い"]\nattachment_type = ["archive"]', '"quarantine"'),
+    ('header = { Reply-To = ["@freemail.example"] }', '"score"\nscore = 2.0'),
+    ('body = ["口座", "振込先変更"]', '"quarantine"'),
+    ('subject = { regex = "^\\\\[(?:SPAM|迷惑)\\\\]" }', '"discard"'),
 ]))
 
 

@@ -832,24 +832,21 @@ class SmtpProtocol(asyncio.Protocol):
         if a.discard:
             self._discard(a)
             return
-        reason = log_safe(a.quarantine, 200) if a.quarantine else ""
-        content = a.content
-        try:
-            c = self.client
-            if server.signer and (c.auth_user or server.access.is_relay_client(c.ip)):
-                # DKIM: signed once, here, so the spool holds what goes out (docs/dkim-signing.md).
-                if len(content) > OFF_LOOP_SIZE:
-                    content = await asyncio.get_running_loop().run_in_executor(
-                        None, server.signer.signed, content, server.clock(), True)
+        c = self.client
+        if server.signer and (c.auth_user or server.access.is_relay_client(c.ip)):
+            # DKIM: signed once, here, so the spool (or the quarantine) holds what goes out
+            # (docs/dkim-signing.md).
+            try:
+                if len(a.content) > OFF_LOOP_SIZE:
+                    a.content = await asyncio.get_running_loop().run_in_executor(
+                        None, server.signer.signed, a.content, server.clock(), True)
                 else:
-                    content = server.signer.signed(content, server.clock(), True)
-            if reason:
-                hold = [journal.Hold(server.clock(), True, f"quarantine: {reason}")]
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, server.spool.append_state, a.queue_id, hold)
-                except OSError as e:
-                    raise SpoolError(f"cannot write the hold journal: {e.strerror or e}") from None
-            await server.spool.store(a.queue_id, a.envelope, content)
+                    a.content = server.signer.signed(a.content, server.clock(), True)
+            except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never an unsigned surprise
+                server.records.record(ev.Error(f"error signing message: {type(e).__name__}: {e}"), a.queue_id, session=self.sid)
+                self.waiting_for_us = False
+                self._do(self.session.message_failed(replies.LOCAL_ERROR))
+                return
         if a.quarantine:
             await self._quarantine(a)
             return
@@ -863,25 +860,6 @@ class SmtpProtocol(asyncio.Protocol):
             actions = self.session.message_failed(replies.LOCAL_ERROR)
         else:
             server.accepted += 1
-            env = a.envelope
-            fields = header_fields(content)  # once, for the event line and the history
-            msgid = fields.get("message-id", "")
-            server.records.record(ev.Accepted(
-                env.mail_from, len(content), len(env.rcpts), c.proto, f"{c.name} [{c.ip}]", msgid, c.auth_user or "",
-                held=bool(reason),
-            ), a.queue_id, session=self.sid)
-            self._record_findings(a)
-            if reason:
-                # Not handed to the queue manager: in this process it would deliver the
-                # message from memory without reading the journal. (A receiver's main
-                # process would read the hold from disk and skip it: nothing to tell it.)
-                server.records.record(ev.QuarantineHeld(reason), a.queue_id, session=self.sid)
-                server.records.history_accept(a.queue_id, env, len(content), content, fields,
-                                              classification=a.classification, disposition="Quarantine")
-            else:
-                server.records.history_accept(a.queue_id, env, len(content), content, fields,
-                                              classification=a.classification, disposition="Accept")
-                server.on_stored(a.queue_id, env, content)
             fields = self._record_accepted(a)
             server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
                                           classification=a.classification, disposition="Accept")
