@@ -862,7 +862,7 @@ class SmtpProtocol(asyncio.Protocol):
             server.accepted += 1
             fields = self._record_accepted(a)
             server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
-                                          classification=a.classification, disposition="Accept")
+                                          classification=a.classification, disposition="Tag" if a.tagged else "Accept")
             server.on_stored(a.queue_id, a.envelope, a.content)
             server.archive_copy(a.queue_id, a.envelope, a.content, self.sid)
             actions = self.session.message_stored(a.queue_id)

@@ -82,6 +82,7 @@ class StoreMessage:
     discard: str = ""  # a check asked to discard the message (250, nothing stored), for this reason
     findings: tuple[Finding, ...] = ()  # what the checks found, recorded with the queue id
     quarantine_check: str = ""  # the check that asked for quarantine
+    tagged: bool = False  # a check put a prefix before the Subject (history disposition Tag)
 
 
 @dataclass(slots=True)
@@ -927,7 +928,8 @@ class Session:
             trace += _header_lines(tx.headers)
         self.state = State.WAIT_STORE
         out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine,
-                                amend.discard if amend is not None else "", d.findings, tx.quarantine_check))
+                                amend.discard if amend is not None else "", d.findings, tx.quarantine_check,
+                                bool(amend is not None and amend.subject_prefix)))
 
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""

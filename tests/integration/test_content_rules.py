@@ -203,6 +203,9 @@ def test_tag_prefixes_the_encoded_subject_and_adds_the_header(node):
     subject = str(email.header.make_header(email.header.decode_header(parsed["Subject"])))
     assert subject.startswith("[要確認]") and "今月のお知らせ" in subject
     assert parsed["X-Kanmon-Newsletter"] == "yes"
+    qid = queue_id_of(node, "今月のお知らせ")
+    row = next(r for r in search_history(node.data_dir) if r.queue_id == qid)
+    assert row.disposition == "Tag"
 
 
 def test_discard_answers_250_and_keeps_nothing_but_the_trace(node):

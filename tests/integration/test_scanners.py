@@ -16,7 +16,7 @@ import pytest
 
 from kanmon.config import parse_config
 from kanmon.records.query import search_events
-from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
 from tests.support.mailsamples import attachment, japanese_message, plain_zip
 from tests.support.scanners import GTUBE, TEST_VIRUS, clamd_server, rspamd_server  # noqa: F401 - fixtures
 
@@ -237,3 +237,67 @@ def test_rspamd_answering_garbage_is_a_scanner_failure(tmp_path, standin):
         assert events(node, "scanner rspamd failed")
     finally:
         node.stop()
+
+
+class FakeClamd:
+    """A clamd stand-in on a socket: down (closed port) until start(), then it answers
+    every INSTREAM with "stream: OK" (a real clamd cannot be stopped and started at will
+    inside one test cheaply)."""
+
+    def __init__(self):
+        self.port = free_port("127.0.0.82")
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.82", self.port))
+        self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\0\0\0\0"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(b"stream: OK\0")
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def test_scanner_alert_is_raised_when_clamd_fails_and_cleared_when_it_answers(tmp_path):
+    fake = FakeClamd()
+    node = start(tmp_path, f'[antivirus]\nclamd = "127.0.0.82:{fake.port}"\n')
+    alerts = node.node.monitoring.alerts
+
+    def active() -> bool:
+        st = alerts.states.get(("scanner", "clamd"))
+        return bool(st and st.active)
+
+    try:
+        with pytest.raises(smtplib.SMTPDataError):
+            send(node, japanese_message())
+        node.flush()
+        wait_for(active, 20, "the scanner alert")
+        fake.start()
+        send(node, japanese_message())
+        assert b"X-Kanmon-Antivirus: clean" in delivered(node)[0]
+        node.flush()
+        wait_for(lambda: not active(), 20, "the scanner alert cleared")
+        assert events(node, "scanner clamd answers again")
+    finally:
+        node.stop()
+        fake.stop()
