@@ -246,9 +246,23 @@ def part_filename(part: Message) -> str:
     return decode_header_value(name) if name else ""
 
 
+class _Lenient(email.policy.Compat32):
+    """compat32, but a header field with raw 8-bit bytes reads as text (decoded as mailers
+    meant it), never as an email.header.Header object that the parameter parsers mangle."""
+
+    def header_fetch_parse(self, name, value):
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            return decode_bytes(value.encode("utf-8", "surrogateescape"))
+        return value
+
+
+_POLICY = _Lenient()
+
+
 def decode_message(content: bytes) -> DecodedMessage:
-    """The decoded view of a message (see the module docstring); never raises on content."""
-    msg = email.message_from_bytes(content, policy=email.policy.compat32)
+    """The decoded view of a message (see the module docstring); never raises on content:
+    a part that cannot be read is kept as an unnamed attachment and the message marked."""
+    msg = email.message_from_bytes(content, policy=_POLICY)
     headers = [(k.lower(), decode_header_value(str(v))) for k, v in msg.raw_items()]
     subject = next((v for n, v in headers if n == "subject"), "")
     out = DecodedMessage(headers, subject, "", size=len(content))
@@ -256,6 +270,17 @@ def decode_message(content: bytes) -> DecodedMessage:
     state = {"parts": 0, "chars": 0}
 
     def walk(part: Message, depth: int) -> None:
+        try:
+            walk_part(part, depth)
+        except Exception as e:  # noqa: BLE001 - hostile structure: keep what was read, say so
+            out.truncated = out.truncated or f"a part could not be read ({type(e).__name__})"
+            try:
+                raw = part.as_bytes()
+            except Exception:  # noqa: BLE001
+                raw = b""
+            out.attachments.append(Attachment("", "application/octet-stream", raw[:MAX_PART_BYTES]))
+
+    def walk_part(part: Message, depth: int) -> None:
         state["parts"] += 1
         if state["parts"] > MAX_PARTS:
             out.truncated = out.truncated or f"more than {MAX_PARTS} MIME parts"
@@ -284,7 +309,7 @@ def decode_message(content: bytes) -> DecodedMessage:
             out.truncated = out.truncated or f"a part larger than {MAX_PART_BYTES} bytes"
             data = data[:MAX_PART_BYTES]
         name = part_filename(part)
-        disposition = (part.get("content-disposition") or "").split(";")[0].strip().lower()
+        disposition = str(part.get("content-disposition") or "").split(";")[0].strip().lower()
         if ctype.startswith("text/") and not name and disposition != "attachment":
             text = decode_bytes(data, part.get_content_charset())
             if ctype == "text/html":

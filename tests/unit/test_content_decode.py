@@ -93,3 +93,30 @@ def test_parts_and_depth_are_bounded(monkeypatch):
     d = decode_message(outer.as_bytes())
     assert "more than 10 MIME parts" in d.truncated
     assert "part 29" not in d.text
+
+
+def test_raw_8bit_parameters_as_swaks_and_old_mailers_write_them():
+    # Found by sending with swaks: a raw UTF-8 (or Shift_JIS) file name in quotes made the
+    # email package return Header objects, and the content check answered 451.
+    for encoding in ("utf-8", "cp932"):
+        raw = ("Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+               "--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+               "Content-Type: application/zip; name=\"請求書.zip\"\r\n"
+               "Content-Disposition: attachment; filename=\"請求書.zip\"\r\n"
+               "Content-Transfer-Encoding: base64\r\n\r\nUEsFBgAAAAAAAAAAAAAAAAAAAAAAAA==\r\n--b--\r\n").encode(encoding)
+        d = decode_message(raw)
+        assert [a.name for a in d.attachments] == ["請求書.zip"] and not d.truncated, encoding
+
+
+def test_a_part_that_cannot_be_read_is_kept_and_marked(monkeypatch):
+    calls = []
+
+    def broken(part, *a, **k):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(decode, "part_filename", broken)
+    msg = japanese_message(attachments=[attachment(b"PK\x05\x06" + bytes(18), "a.zip")])
+    d = decode_message(msg)
+    assert calls and "could not be read (RuntimeError)" in d.truncated
+    assert any(a.name == "" for a in d.attachments)
