@@ -11,7 +11,8 @@ A reload (SIGHUP, or `kanmon reload` over the control socket) keeps the core —
 spool, queue manager, admin plane — and replaces the Frontend: every listener and the
 services built on them. The new Frontend is prepared completely (sockets bound or
 reused, certificate loaded, accounts opened, receiver processes listening) before the
-old one stops accepting; if a step fails the old one keeps serving and the failure is an
+old one stops accepting (receiver processes are replaced one at a time, each old one
+retiring once its replacement listens); if a step fails the old one keeps serving and the failure is an
 error event (alerted). The old Frontend then retires: its sessions finish under the
 settings they started with, and it stops when the last one ends.
 
@@ -114,26 +115,42 @@ class Frontend:
         self.smtp: SmtpServer | None = None
         self.receivers: ReceiverPool | None = None
         self.dups: list = []  # socket duplicates handed to the services (closed if unused)
+        self._started: list | None = None  # what start() started (None: start() never ran)
 
-    async def start(self) -> None:
-        started = []
+    async def start(self, replacing: Frontend | None = None) -> None:
+        """Start every service. replacing: the Frontend a reload replaces; its receiver
+        processes are replaced one at a time (ReceiverPool.start). If a service fails,
+        a first start stops what started; a reload gives the old receivers back and
+        leaves what started to retire() (sessions it accepted meanwhile finish)."""
+        old_pool = replacing.receivers if replacing is not None else None
+        self._started = []
         try:
             for service in self.services:
-                await service.start()
-                started.append(service)
+                if service is self.receivers:
+                    self._started.append(service)  # retire() ends whatever of it started
+                    await service.start(replacing=old_pool)
+                else:
+                    await service.start()
+                    self._started.append(service)
         except BaseException:
-            for service in reversed(started):
+            if replacing is not None:
+                if old_pool is not None:
+                    await old_pool.restore()
+                raise
+            for service in reversed(self._started):
                 with contextlib.suppress(Exception):
                     await service.stop()
             self.close_dups()
             raise
 
     async def retire(self) -> None:
-        await asyncio.gather(*(s.retire() for s in self.services), return_exceptions=True)
+        services = self.services if self._started is None else self._started
+        await asyncio.gather(*(s.retire() for s in services), return_exceptions=True)
         self.close_dups()
 
     async def stop(self) -> None:
-        for service in reversed(self.services):
+        services = self.services if self._started is None else self._started
+        for service in reversed(services):
             with contextlib.suppress(Exception):
                 await service.stop()
         self.close_dups()
@@ -492,9 +509,36 @@ class Node:
             prepared = self.listen.prepare(listen_addresses(new, self.mail_roles))
         except OSError as e:
             self._refused(str(e))
+        frontend = None
         try:
             frontend = self._frontend(new, prepared, workers, text)
-            await frontend.start()
+            await frontend.start(replacing=self.frontend)
+        except BaseException:
+            if frontend is not None:
+                self._retire(frontend)  # what it started accepts no more; its sessions finish
+            self._refuse_failed_start(prepared)
+        # The new Frontend accepts on every address; the old one stops accepting and
+        # retires (its listening sockets that the new config still lists stay open).
+        self.listen.commit(prepared)
+        retiring, self.frontend = self.frontend, frontend
+        self.workers = workers
+        self.config_text = text
+        self._retire(retiring)
+        changed = self._reconfigure_core(old, new)
+        self.records.record(Reload(", ".join(changed) or "nothing"))
+        return {"config": self.config_source or "<embedded default>", "changed": changed,
+                "listening": [f"{h}:{p}" for h, p in self.listen.held]}
+
+    def _retire(self, frontend: Frontend) -> None:
+        """Let `frontend` retire in the background (cancelled and stopped at node stop)."""
+        task = asyncio.ensure_future(frontend.retire())
+        self._retiring[task] = frontend
+        task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    def _refuse_failed_start(self, prepared: Prepared):
+        """In an except clause of a reload: free what was bound for it and refuse it."""
+        try:
+            raise
         except ssl.SSLError as e:
             self.listen.abort(prepared)
             self._refused(f"the TLS certificate and key do not load: {e}")
@@ -507,19 +551,6 @@ class Node:
         except BaseException:
             self.listen.abort(prepared)
             raise
-        # The new Frontend accepts on every address; the old one stops accepting and
-        # retires (its listening sockets that the new config still lists stay open).
-        self.listen.commit(prepared)
-        retiring, self.frontend = self.frontend, frontend
-        self.workers = workers
-        self.config_text = text
-        task = asyncio.ensure_future(retiring.retire())
-        self._retiring[task] = retiring
-        task.add_done_callback(lambda t: self._retiring.pop(t, None))
-        changed = self._reconfigure_core(old, new)
-        self.records.record(Reload(", ".join(changed) or "nothing"))
-        return {"config": self.config_source or "<embedded default>", "changed": changed,
-                "listening": [f"{h}:{p}" for h, p in self.listen.held]}
 
     def _reconfigure_core(self, old: Config, new: Config) -> list[str]:
         """The parts that stay across a reload take the new settings; the background

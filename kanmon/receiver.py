@@ -71,38 +71,108 @@ class ReceiverPool:
         self.emit = emit
         self.quiet = quiet
         self.on_exit = on_exit  # awaited with the pid of a receiver that exited
-        self._procs: list[subprocess.Popen | None] = [None] * count
+        self._procs: list[subprocess.Popen | None] = [None] * count  # the current receiver of each index
+        self._live: set[subprocess.Popen] = set()  # not reaped yet: current ones and retiring ones
+        self._listening: set[subprocess.Popen] = set()  # said "ready"
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._ready: list[asyncio.Event] = [asyncio.Event() for _ in range(count)]
+        # A supervisor restarts its receiver only while its generation is the index's
+        # current one: retire_one() moves the index on, restore() starts a new supervisor.
+        self._generation: list[int] = [0] * count
+        self._retired: set[int] = set()
 
-    async def start(self, ready_timeout: float = READY_TIMEOUT) -> None:
-        """Start every receiver and wait until each listens; OSError if one does not
-        (then the pool is stopped again)."""
-        for i in range(self.count):
-            self._tasks.append(asyncio.ensure_future(self._supervise(i)))
-        waits = {asyncio.ensure_future(e.wait()) for e in self._ready}
-        supervisors = set(self._tasks)
+    async def start(self, ready_timeout: float = READY_TIMEOUT, replacing: ReceiverPool | None = None) -> None:
+        """Start every receiver and wait until each listens; OSError if one does not.
+
+        replacing: the pool of the configuration a reload replaces. Its receivers are
+        replaced one at a time: receiver i of this pool starts, and once it listens
+        receiver i of the old pool stops accepting and finishes its sessions (old
+        receivers beyond this pool's count go last). So as many receivers accept as
+        before at every moment, and the node runs at most one more than its count
+        besides those finishing sessions. If a new receiver fails, the caller undoes
+        the reload (restore() the old pool, retire() this one); a first start (no
+        `replacing`) stops the pool itself."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ready_timeout
         try:
+            if replacing is None:
+                for i in range(self.count):
+                    self._tasks.append(asyncio.ensure_future(self._supervise(i, 0)))
+                await self._wait_ready(list(range(self.count)), list(self._tasks), deadline)
+                return
+            for i in range(self.count):
+                task = asyncio.ensure_future(self._supervise(i, 0))
+                self._tasks.append(task)
+                await self._wait_ready([i], [task], deadline)
+                new = self._procs[i]
+                old = replacing.retire_one(i)
+                if old is not None and new is not None:
+                    self.emit(f"reload: SMTP receiver {i}: pid {new.pid} listens, "
+                              f"pid {old} finishes its sessions and exits")
+            for i in range(self.count, replacing.count):
+                old = replacing.retire_one(i)
+                if old is not None:
+                    self.emit(f"reload: SMTP receiver {i}: pid {old} finishes its sessions and exits "
+                              "(fewer receivers)")
+        except BaseException:
+            if replacing is None:
+                await self.stop()
+            raise
+
+    async def _wait_ready(self, indexes: list[int], supervisors: list[asyncio.Task], deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        waits = {asyncio.ensure_future(self._ready[i].wait()) for i in indexes}
+        tasks = set(supervisors)
+        try:
             while waits:
-                done, _ = await asyncio.wait(waits | supervisors, timeout=max(0.0, deadline - loop.time()),
+                done, _ = await asyncio.wait(waits | tasks, timeout=max(0.0, deadline - loop.time()),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise OSError("an SMTP receiver process did not start listening in time")
-                if done & supervisors:
+                if done & tasks:
                     raise OSError("an SMTP receiver process exited before it listened (see the log)")
                 waits -= done
-        except BaseException:
+        finally:
             for w in waits:
                 w.cancel()
-            await self.stop()
-            raise
 
-    async def _supervise(self, index: int) -> None:
+    def retire_one(self, index: int) -> int | None:
+        """Receiver `index` stops accepting, finishes its sessions and exits, and is not
+        started again (until restore()). Returns its pid, None if it was not running."""
+        if index >= self.count or index in self._retired:
+            return None
+        self._retired.add(index)
+        self._generation[index] += 1
+        proc = self._procs[index]
+        if proc is None or proc.poll() is not None:
+            return None
+        # One that never listened has no session to finish.
+        proc.send_signal(signal.SIGHUP if proc in self._listening else signal.SIGTERM)
+        return proc.pid
+
+    async def restore(self, ready_timeout: float = READY_TIMEOUT) -> None:
+        """Undo retire_one() after a reload that failed: a receiver of this (the running)
+        configuration starts again for each retired index; the retired processes go on
+        finishing their sessions. A receiver that does not start is an error event."""
+        if self._stopping or not self._retired:
+            return
+        indexes = sorted(self._retired)
+        self._retired.clear()
+        tasks = []
+        for i in indexes:
+            self._ready[i] = asyncio.Event()
+            tasks.append(asyncio.ensure_future(self._supervise(i, self._generation[i])))
+        self._tasks += tasks
+        try:
+            await self._wait_ready(indexes, tasks, asyncio.get_running_loop().time() + ready_timeout)
+        except OSError as e:
+            self.emit(f"reload: the previous SMTP receivers could not all be started again: {e}", kind="error")
+
+    async def _supervise(self, index: int, generation: int) -> None:
         loop = asyncio.get_running_loop()
-        while not self._stopping:
+        ready = self._ready[index]
+        while not self._stopping and self._generation[index] == generation:
             read_fd, write_fd = os.pipe()
             fds = [s.fileno() for s in self.sockets] + [write_fd]
             cmd = [sys.executable, "-m", "kanmon.receiver", "--index", str(index), "--notify-fd", str(write_fd),
@@ -114,6 +184,7 @@ class ReceiverPool:
             proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
             os.close(write_fd)
             self._procs[index] = proc
+            self._live.add(proc)
             reader = asyncio.StreamReader(limit=1 << 16)
             transport, _ = await loop.connect_read_pipe(
                 lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
@@ -127,19 +198,23 @@ class ReceiverPool:
                     if kind == "queued" and arg:
                         self.on_queued(arg)
                     elif kind == "ready":
-                        self._ready[index].set()
+                        self._listening.add(proc)
+                        ready.set()
             finally:
                 transport.close()
             code = await loop.run_in_executor(None, proc.wait)
-            self._procs[index] = None
+            self._live.discard(proc)
+            self._listening.discard(proc)
+            if self._procs[index] is proc:
+                self._procs[index] = None
             if self.on_exit is not None:
                 try:
                     await self.on_exit(proc.pid)
                 except Exception as e:  # noqa: BLE001 - a cleanup failing must not stop the restarts
                     self.emit(f"warning: cleanup after SMTP receiver {index} (pid {proc.pid}): {e}", kind="error")
-            if self._stopping:
-                return
-            if not self._ready[index].is_set():
+            if self._stopping or self._generation[index] != generation:
+                return  # stopped, or retired after a reload
+            if not ready.is_set():
                 return  # it never listened: start() reports it (a loop would hide the reason)
             self.emit(f"warning: SMTP receiver {index} (pid {proc.pid}) exited with status {code}; restarting",
                       kind="error")
@@ -152,18 +227,18 @@ class ReceiverPool:
 
     async def stop(self, sig: int = signal.SIGTERM, wait: float | None = 10) -> None:
         self._stopping = True
-        for proc in self._procs:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(sig)
+        for proc in list(self._live):
+            if proc.poll() is None:
+                # SIGHUP asks a receiver to finish its sessions; one that never listened has none.
+                proc.send_signal(sig if sig != signal.SIGHUP or proc in self._listening else signal.SIGTERM)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for proc in self._procs:
-            if proc is not None:
-                try:
-                    proc.wait(wait)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+        for proc in list(self._live):
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         for s in self.sockets:
             s.close()
         if self.own_config_file and self.config_source is not None:

@@ -223,6 +223,10 @@ class SmtpServer:
         self.tls_context = tls_context
         self.clock = clock
         self.connections: set[SmtpProtocol] = set()
+        # Accepted by the loop but not yet in `connections` (connection_made comes a loop
+        # turn later, after the handshake for implicit TLS): protocol -> when it was made.
+        # A retiring server waits for these too, or closing it would drop them unanswered.
+        self.opening: weakref.WeakKeyDictionary[SmtpProtocol, float] = weakref.WeakKeyDictionary()
         self.per_ip: Counter[str] = Counter()
         self.state = state
         self.gauge_owner = str(os.getpid())
@@ -323,9 +327,17 @@ class SmtpServer:
         replaces this one), let every session in progress finish under this server's
         settings, by QUIT or by its own timeouts, then stop."""
         await stop_accepting(self._servers)
-        while self.connections or any(a.pending for a in self._acceptors):  # handshakes become sessions
-            await asyncio.sleep(SWEEP_INTERVAL)
+        # Handshakes become sessions: connections accepted whose session has not started yet
+        # (an implicit TLS handshake in progress) are waited for too, not only the sessions.
+        while self.connections or any(a.pending for a in self._acceptors) or self._still_opening():
+            await asyncio.sleep(SWEEP_INTERVAL if self.connections else 0.05)
         await self.stop()
+
+    def _still_opening(self) -> bool:
+        """An accepted connection whose session has not started yet and may still (a
+        failed TLS handshake never starts one: it counts only while a handshake could last)."""
+        now = time.monotonic()
+        return any(now - made < TLS_HANDSHAKE_TIMEOUT + 1 for made in list(self.opening.values()))
 
     async def stop(self) -> None:
         for s in self._servers:
@@ -486,11 +498,13 @@ class SmtpProtocol(asyncio.Protocol):
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
         self._check_task: asyncio.Task[None] | None = None  # running the session's pending checks
         self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
+        server.opening[self] = self.started
 
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.server.opening.pop(self, None)
         try:
             self._connection_made(transport)
         except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never a hang
@@ -627,6 +641,7 @@ class SmtpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
+        server.opening.pop(self, None)
         if self._greet_timer is not None:
             self._greet_timer.cancel()
             self._greet_timer = None

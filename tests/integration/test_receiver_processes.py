@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import signal
 import smtplib
 import subprocess
@@ -183,3 +184,146 @@ def test_a_reload_replaces_the_receivers_without_cutting_a_session(tmp_path):
         assert not list((tmp_path / "data").glob(".receivers-*-1.toml"))  # the old snapshot is gone
     finally:
         proc.terminate()
+
+
+def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transaction(tmp_path):
+    """workers = 2: while the receivers are replaced (one at a time), 200 connection
+    attempts all get a banner, and a transaction held past RCPT completes."""
+    import sys
+    import threading
+
+    proc, port = start(tmp_path, workers=2)
+    results: list[str] = []
+    reloading = threading.Event()
+    done = threading.Event()
+
+    def hammer() -> None:
+        while not done.is_set() or len(results) < 200:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                    banner = c.makefile("rb").readline()
+                    results.append("ok" if banner.startswith(b"220") else f"banner {banner!r}")
+            except OSError as e:
+                results.append(f"{type(e).__name__}: {e}")
+            if len(results) == 20:
+                reloading.set()
+
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+        old = set(receiver_pids(proc.proc.pid))
+        s = smtplib.SMTP("127.0.0.1", port, timeout=60)
+        s.ehlo()
+        s.mail("a@remote.example")
+        assert s.rcpt("alice@example.test")[0] == 250
+        t = threading.Thread(target=hammer)
+        t.start()
+        assert reloading.wait(30)
+        cfg = tmp_path / "kanmon.toml"
+        cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=2)
+                       .replace('mailboxes = ["alice"]', 'mailboxes = ["alice", "carol"]'))
+        out = subprocess.run([sys.executable, "-m", "kanmon", "reload", "-c", str(cfg)], capture_output=True,
+                             text=True, timeout=120)
+        done.set()
+        t.join(120)
+        assert out.returncode == 0, out.stderr
+        assert len(results) >= 200
+        assert [r for r in results if r != "ok"] == []
+        assert len(set(receiver_pids(proc.proc.pid)) - old) == 2
+        assert s.rcpt("carol@example.test")[0] == 550  # the settings the session started with
+        assert s.data(b"Subject: held\r\n\r\nx\r\n")[0] == 250
+        s.quit()
+        wait_for(lambda: not any(alive(p) for p in old), 15, "the old receivers to exit")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 15, "delivery")
+        log = (tmp_path / "data/log/kanmon.log").read_text()
+        assert "reload: SMTP receiver 0: pid" in log and "reload: SMTP receiver 1: pid" in log
+        assert "exited with status" not in log
+    finally:
+        done.set()
+        proc.terminate()
+
+
+def test_receivers_are_replaced_one_at_a_time_and_given_back_when_a_reload_fails(tmp_path, monkeypatch):
+    """ReceiverPool.start(replacing=old): new receiver i listens before old receiver i is
+    retired, and new receiver i+1 is started only after that; when a new receiver does
+    not start, restore() gives the old pool its receivers back."""
+    import asyncio
+
+    from kanmon import receiver as receiver_module
+    from kanmon.listeners import bind_listener
+
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=2))
+    (tmp_path / "data").mkdir()
+    from kanmon.config import load_config
+    from kanmon.tlscert import server_context
+
+    server_context(load_config(str(cfg)))  # the self-signed certificate, made once (as the node does)
+    steps: list[str] = []
+    real_popen = subprocess.Popen
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nbogus = 1\n")
+    breaking: list[bool] = []
+
+    def popen(cmd, **kw):
+        if breaking and cmd[cmd.index("--index") + 1] == "1":  # receiver 1 cannot load its config
+            cmd = [*cmd[:cmd.index("--config") + 1], str(broken), *cmd[cmd.index("--config") + 2:]]
+        p = real_popen(cmd, **kw)
+        steps.append(f"spawn {cmd[cmd.index('--index') + 1]}")
+        return p
+
+    monkeypatch.setattr(receiver_module.subprocess, "Popen", popen)
+
+    def pool(count: int) -> receiver_module.ReceiverPool:
+        sock = listener.dup()  # each pool closes its own duplicate
+        sock.set_inheritable(True)
+        return receiver_module.ReceiverPool(str(cfg), [{"fd": sock.fileno(), "role": "smtp", "tls": False}],
+                                            [sock], count, lambda qid: None, lambda *a, **k: None)
+
+    listener = bind_listener("127.0.0.1", port)
+
+    async def scenario() -> None:
+        old = pool(2)
+        await old.start()
+        real_retire = old.retire_one
+
+        def retire_one(i):
+            steps.append(f"retire {i}")
+            return real_retire(i)
+
+        old.retire_one = retire_one
+        steps.clear()
+        new = pool(2)
+        await new.start(replacing=old)
+        assert steps == ["spawn 0", "retire 0", "spawn 1", "retire 1"]
+        await asyncio.to_thread(send, port, "via the new receivers")
+        await old.retire()
+
+        # A replacement whose second receiver cannot start: the pool that was serving
+        # gets its first receiver back and serves on.
+        steps.clear()
+        new.retire_one = lambda i, real=new.retire_one: steps.append(f"retire {i}") or real(i)
+        breaking.append(True)
+        bad = pool(2)
+        try:
+            await bad.start(replacing=new)
+        except OSError:
+            pass
+        else:
+            raise AssertionError("a receiver that cannot load its config started")
+        assert steps == ["spawn 0", "retire 0", "spawn 1"]
+        await new.restore()
+        assert steps == ["spawn 0", "retire 0", "spawn 1", "spawn 0"]  # the running pool's receiver 0, again
+        await bad.retire()
+        await asyncio.to_thread(send, port, "via the restored receiver")
+        await new.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert len(maildir_messages(tmp_path / "data", "alice@example.test")) == 0  # nothing delivers here
+    from kanmon.spool.store import Spool
+
+    assert len(Spool(tmp_path / "data").recover()[0]) == 2  # both messages are in the spool
