@@ -564,6 +564,8 @@ class Node:
             self.remote.on_server_used = self.monitoring.alerts.on_server_used
         self.queue.reconfigure(new, self.remote.deliver_route, Notices(new))
         self.admin.reconfigure()
+        if "log" in changed:  # the receivers started for `new` log the new way already
+            self.records.reconfigure_log(new.log)
         restart = set()
         if {"alerts", "records", "tls", "server"} & set(changed):
             self.monitoring.reconfigure(new)

@@ -117,8 +117,14 @@ class LogFile:
         old.close()
 
     def rotate_if_due(self) -> bool:
-        size_due = self.rotate_size is not None and self._fh.tell() >= self.rotate_size
-        age_due = (self.rotate_age is not None and self._fh.tell() > 0
+        """Rotate when the file (with what other processes appended) is due; the node's
+        writer also calls this when it has nothing to write itself."""
+        if self.rotate_size is None and self.rotate_age is None:
+            return False
+        self._fh.flush()
+        size = os.fstat(self._fh.fileno()).st_size
+        size_due = self.rotate_size is not None and size >= self.rotate_size
+        age_due = (self.rotate_age is not None and size > 0
                    and self.clock() - self._opened >= self.rotate_age)
         if not (size_due or age_due):
             return False

@@ -177,13 +177,11 @@ class Records:
         self.hostname = hostname
         self.db_path = self.data_dir / "records.sqlite"
         self._echo = echo
-        to = log.to if log is not None else ["file"]
-        self._log_path = self.data_dir / "log" / "kanmon.log" if log_file and "file" in to else None
-        self._log_options = log
+        self._log_file = log_file
         self._rotate = rotate
-        if self._log_path:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._syslog = SyslogSender(log.syslog_socket, log.facility) if log is not None and "syslog" in to else None
+        self._log_path: Path | None = None
+        self._syslog: SyslogSender | None = None
+        self._configure_log(log)
         self._reopen = False
         self._pending: deque[tuple] = deque()
         self._cond = threading.Condition()
@@ -263,6 +261,22 @@ class Records:
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
         self._put(("status", time.time(), queue_id, rcpt, status))
 
+    def _configure_log(self, log: LogSection | None) -> None:
+        to = log.to if log is not None else ["file"]
+        self._log_path = self.data_dir / "log" / "kanmon.log" if self._log_file and "file" in to else None
+        self._log_options = log
+        if self._log_path:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._syslog = SyslogSender(log.syslog_socket, log.facility) if log is not None and "syslog" in to else None
+
+    def reconfigure_log(self, log: LogSection | None) -> None:
+        """A reload's [log]: the writer switches destinations, syslog socket, facility and
+        rotation at this point of the stream (lines queued before go where they were going,
+        lines queued after go the new way)."""
+        self._put(("log", log))
+        with self._cond:
+            self._cond.notify()
+
     def reopen_log(self) -> None:
         """Reopen the log file (SIGUSR1, after an outside tool such as logrotate moved it)."""
         with self._cond:
@@ -300,6 +314,11 @@ class Records:
                 if not self._pending:
                     if stopping:
                         return
+                    if log_fh is not None:  # SMTP receivers append to the file too
+                        try:
+                            log_fh.rotate_if_due()
+                        except OSError as e:
+                            print(f"kanmon: log file {self._log_path}: rotation failed: {e}", file=sys.stderr)
                     continue
                 batch = []
                 pop = self._pending.popleft
@@ -308,18 +327,39 @@ class Records:
                         batch.append(pop())
                 except IndexError:
                     pass
-                try:
-                    self._write(batch, log_fh, retry=not stopping)
-                except Exception as e:  # noqa: BLE001 - records must never stop mail
-                    print(f"kanmon: records write failed: {e}", file=sys.stderr)
-                with self._flushed:
-                    self._done += len(batch)
-                    self._flushed.notify_all()
+                while batch:
+                    # A reconfigure_log() item splits the batch: before it the old way.
+                    cut = next((i for i, item in enumerate(batch) if item[0] == "log"), len(batch))
+                    part, switch, batch = batch[:cut], batch[cut:cut + 1], batch[cut + 1:]
+                    if part:
+                        try:
+                            self._write(part, log_fh, retry=not stopping)
+                        except Exception as e:  # noqa: BLE001 - records must never stop mail
+                            print(f"kanmon: records write failed: {e}", file=sys.stderr)
+                    if switch:
+                        log_fh = self._switch_log(switch[0][1], log_fh)
+                    with self._flushed:
+                        self._done += len(part) + len(switch)
+                        self._flushed.notify_all()
         finally:
             if log_fh:
                 log_fh.close()
             if self._syslog is not None:
                 self._syslog.close()
+
+    def _switch_log(self, log: LogSection | None, log_fh: LogFile | None) -> LogFile | None:
+        """In the writer: the new [log] applies (the file closed or opened, the syslog
+        sender replaced)."""
+        if log_fh is not None:
+            log_fh.close()
+        if self._syslog is not None:
+            self._syslog.close()
+        self._configure_log(log)
+        try:
+            return self._open_log()
+        except OSError as e:
+            print(f"kanmon: log file {self._log_path}: {e}", file=sys.stderr)
+            return None
 
     def _write(self, batch: list[tuple], log_fh: LogFile | None, retry: bool = True) -> None:
         events, hist, status, lines, syslog_lines = [], [], [], [], []

@@ -281,3 +281,69 @@ def _get(port: int, path: str) -> tuple[int, str]:
     except urllib.error.HTTPError as e:
         with e:
             return e.code, e.read().decode()
+
+
+def _syslog_lines(sock: socket.socket) -> list[str]:
+    out = []
+    sock.setblocking(False)
+    try:
+        while True:
+            out.append(sock.recv(9000).decode())
+    except BlockingIOError:
+        pass
+    return out
+
+
+def test_a_changed_log_section_applies_on_reload(tmp_path):
+    """[log] to, syslog socket, facility and rotation take effect at a reload, no restart:
+    from the file to syslog (facility local3), then back to the file rotating by size."""
+    port = free_port()
+    data = tmp_path / "data"
+    cfg = tmp_path / "kanmon.toml"
+    devlog = tmp_path / "dev-log"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(devlog))
+    for workers in (0, 1):  # SMTP lines written by the main process, then by a receiver process
+        data = tmp_path / f"data{workers}"
+        port = free_port()
+        base = CONFIG.format(data_dir=data, port=port, mailboxes='"alice"').replace(
+            "[smtp]", f"workers = {workers}\n[smtp]")
+        cfg.write_text(base)
+        proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+        try:
+            assert rcpt_code(port, "nobody1@example.test") == 550
+            wait_for(lambda: "nobody1@example.test" in log_text_of(data), 10, "the refusal in the file")
+            assert _syslog_lines(sock) == []
+
+            cfg.write_text(base + f'[log]\nto = ["syslog"]\nsyslog_socket = "{devlog}"\nfacility = "local3"\n')
+            out = reload(cfg)
+            assert out.returncode == 0, out.stderr
+            assert "log" in out.stdout
+            assert rcpt_code(port, "nobody2@example.test") == 550
+            lines: list[str] = []
+            wait_for(lambda: lines.extend(_syslog_lines(sock)) or any("nobody2@example.test" in ln for ln in lines),
+                     10, "the refusal on syslog")
+            (line,) = [ln for ln in lines if "nobody2@example.test" in ln]
+            assert line.startswith("<158>") and "kanmon/smtpd[" in line  # local3 (19) * 8 + info (6)
+            size = (data / "log/kanmon.log").stat().st_size
+            assert "nobody2" not in log_text_of(data)
+
+            cfg.write_text(base + '[log]\nto = ["file"]\nrotate_size = "1KB"\nrotate_keep = 2\n')
+            out = reload(cfg)
+            assert out.returncode == 0, out.stderr
+            for n in range(3, 12):
+                assert rcpt_code(port, f"nobody{n}@example.test") == 550
+            wait_for(lambda: (data / "log/kanmon.log.1").exists(), 10, "a rotation by size")
+            assert size > 0 and not (data / "log/kanmon.log.3").exists()
+            # syslog is no destination any more (lines about the reload itself, written
+            # before the switch, went the old way)
+            assert not [ln for ln in _syslog_lines(sock) if "nobody" in ln]
+        finally:
+            proc.terminate()
+        _syslog_lines(sock)
+    sock.close()
+
+
+def log_text_of(data: Path) -> str:
+    log = data / "log/kanmon.log"
+    return log.read_text() if log.exists() else ""
