@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from kanmon.commands.options import config_option, explicit_config_path, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_with_path
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
@@ -64,12 +64,12 @@ def dns() -> None:
 
 @dns.command("check")
 @click.argument("domain")
-@click.option("--ip", "ips", multiple=True, callback=_ip, help="Our outgoing address (repeatable). Default: from -c.")
-@click.option("--helo", default=None, help="The name we announce in EHLO. Default: from -c.")
+@click.option("--ip", "ips", multiple=True, callback=_ip, help="Our outgoing address (repeatable). Default: from the config.")
+@click.option("--helo", default=None, help="The name we announce in EHLO. Default: from the config.")
 @click.option("--zone", "zones", multiple=True, type=click.Path(dir_okay=False),
               help="Check this BIND zone file (repeatable: forward and reverse zones), no DNS server used.")
 @click.option("--server", default=None, callback=_server, metavar="HOST:PORT",
-              help="Ask this DNS server. Default: [dns] servers from -c, else the system resolver.")
+              help="Ask this DNS server. Default: [dns] servers from the config, else the system resolver.")
 @click.option("--dkim-selector", default=None, help="DKIM selector to check. Default: [dnscheck] dkim_selector.")
 @click.option("--dkim-key", default=None, type=click.Path(dir_okay=False),
               help="Our DKIM key (PEM) to compare with DNS. Default: [dnscheck] dkim_key.")
@@ -95,8 +95,11 @@ def check(
     """
     if zones and server:
         raise click.UsageError("--zone and --server exclude each other: zone files are checked without DNS")
-    config_path = explicit_config_path(config_path)
-    config = load_or_exit(config_path) if config_path else None
+    # The config every command finds (-c, $KANMON_CONFIG, /etc/kanmon/kanmon.toml); the
+    # embedded default's names are examples, so with it nothing is defaulted.
+    config, found = load_with_path(config_path)
+    if found is None:
+        config = None
     try:
         key = load_dkim_key(dkim_key) if dkim_key else None
         source = make_source(config, server, zones)

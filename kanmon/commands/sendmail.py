@@ -33,6 +33,7 @@ from typing import BinaryIO
 import click
 
 from kanmon.admin.reach import Unreachable, poke_server, reach_queue
+from kanmon.commands.options import resolve_config_path
 from kanmon.config import Config, ConfigError, load_config
 from kanmon.queue.pickup import MAILDROP, PickupError, check_address, encode_pickup, write_maildrop
 
@@ -44,7 +45,6 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
-SYSTEM_CONFIG = "/etc/kanmon/kanmon.toml"
 # sendmail flags that take a value (attached or as the next argument) and change nothing here.
 VALUE_FLAGS = set("BNRVXLhOp")
 # sendmail flags accepted and ignored (-v verbose, -U initial submission, -m, -n, -x, -G, -A...).
@@ -178,15 +178,6 @@ def extract_recipients(content: bytes) -> tuple[list[str], bytes]:
     return rcpts, b"".join(kept) + body
 
 
-def resolve_config(given: str | None) -> str | None:
-    """-C/-c, else $KANMON_CONFIG, else /etc/kanmon/kanmon.toml when it exists, else the default."""
-    if given:
-        return given
-    if os.environ.get("KANMON_CONFIG"):
-        return os.environ["KANMON_CONFIG"]
-    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
-
-
 def _say(message: str) -> None:
     click.echo(f"sendmail: {message}", err=True)
 
@@ -284,7 +275,10 @@ def run(argv: list[str], stdin: BinaryIO | None = None, mode: str | None = None)
         if mode is not None:
             inv.mode = mode
         try:
-            config = load_config(resolve_config(inv.config))
+            # The lookup every command uses (-C/-c, $KANMON_CONFIG, /etc/kanmon/kanmon.toml,
+            # the embedded default), but silent about it: sendmail says nothing when all
+            # is well (cron mails whatever a job prints, through sendmail again).
+            config = load_config(resolve_config_path(inv.config)[0])
         except ConfigError as e:
             for line in e.messages:
                 _say(f"config error: {line}")

@@ -144,7 +144,7 @@ def test_good_zones_are_all_ok(check: Check, tmp_path: Path) -> None:
     assert "ok    mta-sts  _mta-sts.example.test: MTA-STS policy id 20261128T1" in out
     assert "ok    tls-rpt  _smtp._tls.example.test: TLS-RPT reports to mailto:tlsrpt@example.test" in out
     assert out.splitlines()[-1] == "example.test: 0 errors, 0 warnings, 11 ok (exit 0)"
-    assert out.splitlines()[0].startswith(
+    assert r.stdout.splitlines()[0].startswith(
         "DNS check of example.test using " + ("DNS server 127.0.0.1:" if check.via == "server" else "zone files ")
     )
 
@@ -322,7 +322,7 @@ def test_mta_sts_and_tls_rpt_broken_or_absent(check: Check) -> None:
 def test_json_output(check: Check) -> None:
     r = check(FORWARD, edit(REVERSE, drop=("3 ",)), "--ip", IP, "--helo", HELO, "--json")
     assert r.exit_code == 2
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["domain"] == "example.test" and data["worst"] == "error" and data["exit_code"] == 2
     assert data["counts"] == {"ok": 8, "warning": 0, "error": 1}
     ptr = [f for f in data["findings"] if f["check"] == "ptr"]
@@ -354,7 +354,7 @@ def test_config_supplies_server_ips_and_helo(server: DnsServer, tmp_path: Path) 
     assert r.exit_code == 2, r.output
     assert f"no PTR record for {IP}" in only(r, "ERROR", "ptr")
     assert f"HELO name {HELO} -> {IP} (ours)" in only(r, "ok", "helo")
-    assert f"using DNS server {server.address}" in r.output.splitlines()[0]
+    assert f"using DNS server {server.address}" in r.stdout.splitlines()[0]
 
 
 def test_servfail_and_timeout_are_errors(server: DnsServer, tmp_path: Path) -> None:
@@ -461,7 +461,7 @@ def test_delegated_mail_host_live_asks_its_servers(server: DnsServer, tmp_path: 
 def test_show_prints_every_record_looked_at(check: Check) -> None:
     r = check(FORWARD, REVERSE, "--show")
     assert r.exit_code == 0, r.output
-    out = r.output.splitlines()
+    out = r.stdout.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("records looked at ("))
     shown = [" ".join(line.split()) for line in out[at + 1 : -1]]
     assert "example.test. IN MX 10 mx1.example.test." in shown
@@ -471,10 +471,10 @@ def test_show_prints_every_record_looked_at(check: Check) -> None:
     assert f"3.113.0.203.in-addr.arpa. IN PTR {HELO}." in shown
     assert 'example.test. IN TXT "google-site-verification=abc"' in shown
     assert out[-1].startswith("example.test: ")
-    data = json.loads(check(FORWARD, REVERSE, "--show", "--json").output)
+    data = json.loads(check(FORWARD, REVERSE, "--show", "--json").stdout)
     mx = next(a for a in data["records"] if a["type"] == "MX")
     assert mx["records"] == ["10 mx1.example.test.", "20 mx2.example.test."] and mx["status"] == "ok"
-    assert "records" not in json.loads(check(FORWARD, REVERSE, "--json").output)
+    assert "records" not in json.loads(check(FORWARD, REVERSE, "--json").stdout)
 
 
 def test_dns_text_reaches_the_terminal_escaped(check: Check) -> None:

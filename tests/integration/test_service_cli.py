@@ -303,3 +303,34 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(monkeypatch):
     monkeypatch.setattr(fake, "isatty", lambda: False)
     with options.progress_bar("backing up") as progress:
         assert progress is None
+
+
+def test_dns_check_and_sendmail_find_the_config_like_every_command(tmp_path, monkeypatch):
+    """`kanmon dns check` without -c uses $KANMON_CONFIG (then the system path) and says
+    so on stderr; `kanmon sendmail` finds it the same way, silently (cron mails output)."""
+    zone = tmp_path / "fwd.zone"
+    zone.write_text("$ORIGIN example.test.\n$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
+                    "@ IN MX 10 mx\nmx IN A 192.0.2.1\n")
+    cfg = write(tmp_path, extra='[dnscheck]\nhelo = "helo-from-the-config.example.test"\n')
+    r = run("dns", "check", "example.test", "--zone", str(zone), code=None, env={options.CONFIG_ENV: str(cfg)})
+    assert r.stderr.splitlines()[0] == f"kanmon: using {cfg} (from $KANMON_CONFIG)"
+    assert "helo-from-the-config.example.test" in r.stdout  # the config's [dnscheck] helo is checked
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", cfg)
+    r = run("dns", "check", "example.test", "--zone", str(zone), code=None)
+    assert f"kanmon: using {cfg} (no -c and no $KANMON_CONFIG)" in r.stderr
+    assert "helo-from-the-config.example.test" in r.stdout
+    r = run("dns", "check", "example.test", "--zone", str(zone), "--json", code=None)
+    assert json.loads(r.stdout)["domain"] == "example.test"  # the note is on stderr only
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", tmp_path / "absent.toml")
+    r = run("dns", "check", "example.test", "--zone", str(zone), code=None)
+    assert "kanmon: using <embedded default>" in r.stderr
+    assert "mx1.example.test" not in r.stdout  # the embedded default's example names are not checked
+
+    # sendmail: the maildrop of the config $KANMON_CONFIG names, nothing said.
+    (tmp_path / "data/maildrop").mkdir(parents=True)  # made by `kanmon serve`
+    r = run("sendmail", "-f", "root@example.test", "alice@example.test", env={options.CONFIG_ENV: str(cfg)})
+    assert r.stderr == ""
+    assert len(list((tmp_path / "data/maildrop").iterdir())) == 1
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", cfg)
+    run("sendmail", "-f", "root@example.test", "alice@example.test")
+    assert len(list((tmp_path / "data/maildrop").iterdir())) == 2
