@@ -12,6 +12,7 @@ with a SHA-256 of each member in the end record:
     tls/cert, tls/key             the [tls] certificate and key files
     tls/data/<path>               <data_dir>/tls/, when present
     alerts/events.json            the alert events (what `kanmon alert list` reads)
+    alerts/alert-state.json       <data_dir>/alert-state.json (what was mailed when), when present
     quarantine/<path>             <data_dir>/quarantine/, when present
     mailboxes/<path>              <data_dir>/mailboxes/ (the mail store)
     queue/queue-backup.tar        the queue, in the queue backup format (docs/queue-backup.md)
@@ -48,6 +49,7 @@ from pathlib import Path, PurePosixPath
 
 from kanmon.admin.queue_ops import offline_queue_ops
 from kanmon.admin.reach import Unreachable, reach_queue
+from kanmon.alerts import STATE_FILE, StateFileError, decode_state
 from kanmon.config import Config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.records.store import open_db
@@ -56,6 +58,7 @@ FORMAT = "kanmon-node-backup"
 VERSION = 1
 HEAD = "kanmon-node-backup.json"
 END = "kanmon-node-backup-end.json"
+ALERT_STATE = "alerts/alert-state.json"
 PARTS = ("config", "users", "dkim", "tls", "alerts", "quarantine", "mailboxes", "queue")
 TREES = {"dkim": "dkim", "quarantine": "quarantine", "mailboxes": "mailboxes"}  # part -> dir in data_dir
 MAX_MEMBER = 1 << 32
@@ -226,6 +229,11 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
             elif part == "alerts":
                 w.add("alerts/events.json", json.dumps(_alert_events(data_dir)).encode())
                 n += 1
+                # Replaced atomically by the running node: whole as of one moment.
+                state = _read_if_present(data_dir / STATE_FILE)
+                if state is not None:
+                    w.add(ALERT_STATE, state)
+                    n += 1
             elif part == "queue":
                 if (data_dir / "spool").is_dir():
                     try:
@@ -364,11 +372,20 @@ def _file_sha(path: Path) -> str | None:
         return None
 
 
+def _read_if_present(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 def _destination(name: str, t: Targets) -> Path | None:
     """The file a member restores to (None: not a plain file member)."""
     part, _, rest = name.partition("/")
     if name == "config/kanmon.toml":
         return t.config_path
+    if name == ALERT_STATE:
+        return t.data_dir / STATE_FILE
     if part in TREES:
         return t.data_dir / TREES[part] / rest
     if part == "users" and rest.startswith("files/"):
@@ -416,6 +433,11 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
     v = verify_node_archive(Path(archive))
     t = restore_targets(Path(config_path), v.small.get("config/kanmon.toml"))
     wanted = [n for n in v.members if n not in (HEAD, END) and n.partition("/")[0] in parts]
+    if ALERT_STATE in wanted:
+        try:  # the node would move a damaged one aside at start: refuse it here instead
+            decode_state(v.small[ALERT_STATE])
+        except StateFileError as e:
+            raise NodeBackupError(f"{ALERT_STATE}: {e}") from None
     # Refuse before writing anything: files that exist and differ, accounts that differ.
     conflicts = []
     for name in wanted:

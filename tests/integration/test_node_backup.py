@@ -12,12 +12,14 @@ import poplib
 import shutil
 import smtplib
 import ssl
+import time
 from pathlib import Path
 
 import pytest
 import trustme
 from click.testing import CliRunner
 
+from kanmon.alerts import STATE_FILE, AlertState, decode_state, encode_state
 from kanmon.cli import main
 from kanmon.config import load_config
 from kanmon.admin.nodebackup import NodeBackupError, verify_node_archive
@@ -98,6 +100,11 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="old secret\n").exit_code == 0
     (data_dir / "dkim").mkdir(parents=True, exist_ok=True)
     (data_dir / "dkim" / "example.test.key").write_text("-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n")
+    # An alert mailed a minute ago: after a restore it must not be mailed again at once.
+    now = time.time()
+    raised = AlertState("queue", "test-backlog", "the queue is long", since=now - 60, last_sent=now - 60,
+                        last_seen=now)
+    (data_dir / STATE_FILE).write_bytes(encode_state({("queue", "test-backlog"): raised}, {}))
     cfg = load_config(config_file)
     archive = tmp_path / "node.tar"
     with RunningNode(cfg):
@@ -109,6 +116,7 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
         assert r.exit_code == 0, r.output
         result = json.loads(r.output)
         assert result["queue"] == 1 and result["parts"]["dkim"] == 1 and result["parts"]["tls"] == 2
+        assert result["parts"]["alerts"] == 2  # the alert events and the alert state
         # An existing file is not replaced without --force.
         r = cli("backup", str(archive), "-c", c)
         assert r.exit_code == 1 and "--force" in r.output
@@ -122,6 +130,8 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     assert r.exit_code == 0, r.output
     assert config_file.exists() and (tls_dir / "key.pem").exists()
     assert (data_dir / "dkim" / "example.test.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    states, _failover = decode_state((data_dir / STATE_FILE).read_bytes())
+    assert states[("queue", "test-backlog")].last_sent == pytest.approx(now - 60)
     # Idempotent: a second run restores nothing and duplicates nothing.
     r = cli("restore", str(archive), "-c", c, "--json")
     assert r.exit_code == 0, r.output
