@@ -129,12 +129,20 @@ def require_data_dir(config: Config, config_path: str | None = None) -> Path:
     return data_dir
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int | None], None] | None]:
     """`with progress_bar("backing up", not as_json) as progress:` a rich progress bar on
     stderr, fed by progress(done, total or None); None (no bar, nothing printed) when
-    disabled or when stderr is not a terminal."""
-    if not enabled or not sys.stderr.isatty():
+    disabled or when stdout or stderr is not a terminal (output piped or redirected, a
+    cron job, a script)."""
+    if not enabled or not (_isatty(sys.stdout) and _isatty(sys.stderr)):
         yield None
         return
     from rich.console import Console  # noqa: PLC0415 - only on a terminal

@@ -14,7 +14,9 @@ import time
 
 import click
 
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since, require_data_dir
+from kanmon.commands.options import (
+    config_option, format_time, json_option, load_or_exit, parse_since, progress_bar, require_data_dir,
+)
 
 
 @click.group()
@@ -145,7 +147,8 @@ def stats(config_path, by, since, as_json, top, tls_reports) -> None:
     if tls_reports:
         _tls_stats(cfg, since, as_json)
         return
-    report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top)
+    with progress_bar("counting", not as_json) as progress:
+        report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top, progress=progress)
     if as_json:
         click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
         return

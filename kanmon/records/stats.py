@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,9 +81,11 @@ def utc_offset(at: float | None = None) -> int:
     return time.localtime(at).tm_gmtoff or 0
 
 
-def collect(data_dir: Path, since: float, until: float | None = None, by: str = "day", top: int = TOP) -> Stats:
+def collect(data_dir: Path, since: float, until: float | None = None, by: str = "day", top: int = TOP,
+            progress: Callable[[int, int | None], None] | None = None) -> Stats:
     """The report for [since, until). The five aggregations run at once, each on its own
-    read-only connection (sqlite3 releases the GIL while it steps), then are merged."""
+    read-only connection (sqlite3 releases the GIL while it steps), then are merged.
+    progress(done, total), if given, is called as each aggregation finishes."""
     if by not in BUCKETS:
         raise ValueError(f"by must be one of {', '.join(BUCKETS)}")
     until = time.time() if until is None else until
@@ -125,7 +128,12 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
             conn.close()
 
     with ThreadPoolExecutor(max_workers=len(queries), thread_name_prefix="stats") as pool:
-        rows, senders, recipients, domains, checks = pool.map(run, queries)
+        futures = [pool.submit(run, q) for q in queries]
+        if progress is not None:
+            progress(0, len(futures))
+            for n, _done in enumerate(as_completed(futures), 1):
+                progress(n, len(futures))
+        rows, senders, recipients, domains, checks = (f.result() for f in futures)
     for b, received, nbytes, delivered, deferred, bounced, rejected in rows:
         out.buckets.append(Bucket(b * size - off, received or 0, nbytes or 0, delivered or 0, deferred or 0,
                                   bounced or 0, rejected or 0))

@@ -293,6 +293,7 @@ class FakeTerminal:
 def test_progress_bar_only_on_a_terminal_and_never_with_json(monkeypatch):
     fake = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setattr(sys, "stdout", FakeTerminal())
     monkeypatch.setenv("TERM", "xterm")
     with options.progress_bar("backing up", enabled=False) as progress:
         assert progress is None  # --json
@@ -300,6 +301,10 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(monkeypatch):
         assert progress is not None
         progress(5, 10)
     assert "backing up" in fake.text
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # output redirected: no bar either
+    with options.progress_bar("backing up") as progress:
+        assert progress is None
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(fake, "isatty", lambda: False)
     with options.progress_bar("backing up") as progress:
         assert progress is None
@@ -334,3 +339,56 @@ def test_dns_check_and_sendmail_find_the_config_like_every_command(tmp_path, mon
     monkeypatch.setattr(options, "SYSTEM_CONFIG", cfg)
     run("sendmail", "-f", "root@example.test", "alice@example.test")
     assert len(list((tmp_path / "data/maildrop").iterdir())) == 2
+
+
+def _on_a_terminal(*args: str) -> str:
+    """What `kanmon ARGS` writes on a pseudo-terminal (stdout and stderr both a tty)."""
+    import os
+
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "kanmon", *args], cwd=str(ROOT), timeout=60, encoding="utf-8",
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100", TERM="xterm"))
+    try:
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    return child.before
+
+
+def _piped(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "kanmon", *args], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+BAR = "\u2501"  # the bar's line character: what only a rich progress bar draws here
+
+
+def test_long_operations_show_a_progress_bar_on_a_terminal_only(node, tmp_path):
+    """queue backup and restore, bulk hold/release/delete and stats over the history draw
+    a progress bar on a terminal (a pty); with --json, or piped, none."""
+    running, cfg = node
+    c = str(cfg)
+    for n in range(3):
+        send(running, f"m{n}")
+    archive = tmp_path / "q.tar"
+    steps = [
+        (("queue", "backup", str(archive), "--force", "-c", c), "backing up"),
+        (("queue", "hold", "--state", "all", "--yes", "-c", c), "hold"),
+        (("queue", "release", "--state", "all", "--yes", "-c", c), "release"),
+        (("stats", "--since", "30d", "-c", c), "counting"),
+        (("queue", "restore", str(archive), "-c", c), "restoring"),
+        (("queue", "delete", "--state", "all", "--yes", "-c", c), "delete"),
+    ]
+    for args, label in steps:
+        shown = _on_a_terminal(*args)
+        assert BAR in shown and label in shown, (args, shown[:300])
+    for n in range(3):
+        send(running, f"again{n}")
+    for args, _label in steps:
+        assert BAR not in _on_a_terminal(*args, "--json"), args
+        out = _piped(*args)
+        assert BAR not in out.stderr and BAR not in out.stdout and "\x1b[" not in out.stderr, args
