@@ -27,6 +27,8 @@ import click
 from kanmon.config import ConfigError, example_config_text, parse_config
 
 UNIT_NAME = "kanmon.service"
+# What PrivateTmp=yes and ProtectHome=yes hide from the service.
+SANDBOX_HIDDEN = tuple(Path(p) for p in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"))
 
 
 def unit_text(exec_start: str, config_path: Path, data_dir: Path, user: str, group: str) -> str:
@@ -118,6 +120,13 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
     exists = _user_exists(user_name)
     group_name = grp.getgrgid(pwd.getpwnam(user_name).pw_gid).gr_name if exists else user_name
     unit = unit_text(exec_start or default_exec_start(), config_path, data_dir, user_name, group_name)
+    program = Path((exec_start or default_exec_start()).split()[0])
+    hidden = next((d for d in SANDBOX_HIDDEN if d == program or d in program.parents), None)
+    if hidden is not None:
+        # The unit's PrivateTmp=yes and ProtectHome=yes hide these trees from the service.
+        click.echo(f"kanmon: warning: {program} is under {hidden}, which the unit's sandbox hides "
+                   "(PrivateTmp=yes, ProtectHome=yes): the service would not start. Install kanmon "
+                   "elsewhere (e.g. python3 -m venv /opt/kanmon) or pass --exec-start.", err=True)
 
     def step(what: str) -> None:
         click.echo(("would: " if dry_run else "") + what)

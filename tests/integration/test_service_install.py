@@ -70,3 +70,16 @@ def test_a_relative_data_dir_is_refused(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["service", "install", "--config", str(src), "--config-dir", str(tmp_path / "etc"),
                                   "--unit-dir", str(tmp_path / "u"), "--no-user", "--dry-run"])
     assert r.exit_code == 2 and "relative" in r.output
+
+
+def test_a_program_the_sandbox_hides_is_warned_about(tmp_path: Path) -> None:
+    """ProtectHome=yes and PrivateTmp=yes hide /home, /root and /tmp from the service: a
+    `pip install --user` or a venv in /tmp would not start under the unit."""
+    for program, hidden in (("/home/ann/.local/bin/kanmon", "/home"), ("/tmp/venv/bin/python -m kanmon", "/tmp"),
+                            ("/opt/kanmon/bin/kanmon", None)):
+        r = CliRunner().invoke(main, args(tmp_path, "--dry-run", "--exec-start", program))
+        assert r.exit_code == 0, r.output
+        if hidden:
+            assert f"is under {hidden}, which the unit's sandbox hides" in r.stderr
+        else:
+            assert "sandbox hides" not in r.stderr
