@@ -68,3 +68,15 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     if usec <= 0 or (pid and pid != str(os.getpid())):
         return None
     return usec / 2_000_000
+
+
+def is_journal_stream(fd: int, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `fd` is the stream systemd connected to the journal: $JOURNAL_STREAM holds
+    its device and inode ("dev:ino"), compared with fstat as systemd.exec(5) says."""
+    env = os.environ if environ is None else environ
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False

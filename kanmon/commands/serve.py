@@ -25,7 +25,14 @@ def serve(config_path: str | None, quiet: bool) -> None:
     """Run the roles the config asks for (the embedded default without -c)."""
     from kanmon.node import run_node  # noqa: PLC0415 - the other commands need not load the servers
 
+    from kanmon import sdnotify  # noqa: PLC0415
+
     config, config_path = load_with_path(config_path)
+    # Under systemd with [log] to syslog, the lines reach the journal through /dev/log
+    # with their own tags (kanmon/smtpd...): echoing them on stdout, which is the
+    # journal too, would put each line in it twice.
+    if "syslog" in config.log.to and sdnotify.is_journal_stream(sys.stdout.fileno()):
+        quiet = True
     sys.exit(run_node(config, config_path, echo=None if quiet else sys.stdout))
 
 

@@ -392,3 +392,41 @@ def test_long_operations_show_a_progress_bar_on_a_terminal_only(node, tmp_path):
         assert BAR not in _on_a_terminal(*args, "--json"), args
         out = _piped(*args)
         assert BAR not in out.stderr and BAR not in out.stdout and "\x1b[" not in out.stderr, args
+
+
+def test_under_systemd_with_syslog_the_lines_reach_the_journal_once(tmp_path):
+    """stdout is the journal ($JOURNAL_STREAM names it) and [log] to has syslog: the event
+    lines go to /dev/log only; stdout keeps the start-up description."""
+    import os
+    import signal
+
+    from tests.support.kanmon_node import wait_for
+
+    devlog = tmp_path / "dev-log"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(devlog))
+    sock.settimeout(20)
+    port = free_port()
+    cfg = write(tmp_path, extra=f'[log]\nto = ["syslog"]\nsyslog_socket = "{devlog}"\n', port=port)
+    try:
+        for journal in (False, True):
+            out_path = tmp_path / f"stdout-{journal}"
+            with open(out_path, "w") as out:
+                env = dict(os.environ, PYTHONPATH=str(ROOT))
+                if journal:
+                    st = os.fstat(out.fileno())
+                    env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+                proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg)], stdout=out,
+                                        stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+                try:
+                    lines: list[str] = []  # recovery: on syslog either way (after the last run's lines)
+                    while not any("kanmon/qmgr[" in ln and "recovery" in ln for ln in lines):
+                        lines.append(sock.recv(9000).decode())
+                    wait_for(lambda: "kanmon: SMTP on" in out_path.read_text(), 20, "the description")
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+            text = out_path.read_text()
+            assert ("kanmon/qmgr[" in text) is (not journal), text
+    finally:
+        sock.close()

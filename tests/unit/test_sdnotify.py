@@ -60,3 +60,13 @@ def test_watchdog_interval_is_half_of_watchdog_sec() -> None:
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}) is None
     assert sdnotify.watchdog_interval({}) is None
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "x"}) is None
+
+
+def test_is_journal_stream_compares_device_and_inode(tmp_path) -> None:
+    with open(tmp_path / "out", "w") as f, open(tmp_path / "other", "w") as g:
+        st = os.fstat(f.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert sdnotify.is_journal_stream(f.fileno(), env)
+        assert not sdnotify.is_journal_stream(g.fileno(), env)
+        assert not sdnotify.is_journal_stream(f.fileno(), {})
+        assert not sdnotify.is_journal_stream(f.fileno(), {"JOURNAL_STREAM": "garbage"})
