@@ -24,6 +24,14 @@ from pathlib import Path
 FACILITIES = {"mail": 2, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
 SEVERITIES = {"critical": 2, "error": 3, "warning": 4, "notice": 5, "info": 6}
 MAX_DATAGRAM = 8192  # what syslog daemons take from the local socket; longer lines are cut
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def syslog_stamp(ts: float) -> str:
+    """RFC 3164 4.1.2 TIMESTAMP, local time: "Dec  1 00:11:00" (English month whatever the
+    locale, the day padded with a space), as syslog daemons and Postfix's log lines show it."""
+    t = time.localtime(ts)
+    return f"{MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 
 
 class SyslogSender:
@@ -48,7 +56,7 @@ class SyslogSender:
     def send(self, ts: float, tag: str, severity: str, message: str) -> bool:
         """One line; False when it could not be sent."""
         pri = self.facility * 8 + SEVERITIES.get(severity, 6)
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
+        stamp = syslog_stamp(ts)
         data = f"<{pri}>{stamp} {tag}[{os.getpid()}]: {message}".encode("utf-8", "replace")[:MAX_DATAGRAM]
         for attempt in (1, 2):
             try:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
 from kanmon.records.events import FREE_TEXT, AuthFailed, Critical, Error, Event, LoginFailed, Note, component
-from kanmon.records.logsinks import LogFile, SyslogSender
+from kanmon.records.logsinks import LogFile, SyslogSender, syslog_stamp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -377,7 +377,7 @@ class Records:
                 except Exception as e:  # noqa: BLE001 - one bad event must not lose the batch
                     text, detail_json = f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}", None
                 events.append((ts, qid, event.KIND, text, session, detail_json))
-                stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ts))
+                stamp = syslog_stamp(ts)
                 prefix = f"{qid}: " if qid else ""
                 tag = f"kanmon/{component(event)}"
                 lines.append(f"{stamp} {self.hostname} {tag}[{pid}]: {prefix}{text}\n")

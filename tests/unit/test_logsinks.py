@@ -160,7 +160,8 @@ def test_stock_fail2ban_regexes_match_our_failures_and_find_the_client(tmp_path:
     dovecot = re.compile(_expand(DOVECOT_FAILREGEX))
     hosts = []
     for line in _our_lines(tmp_path):
-        tag, _, message = line.split(" ", 4)[4].partition(": ")  # after "Mmm dd hh:mm:ss host "
+        # after "Mmm dd hh:mm:ss host " (the day padded with a space: "Dec  1")
+        tag, _, message = re.sub(r"^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ ", "", line).partition(": ")
         if tag.startswith("kanmon/smtpd[") and message.startswith(POSTFIX_MDPR_AUTH + " "):
             m = postfix.match(message[len(POSTFIX_MDPR_AUTH) + 1:])
         else:
@@ -181,3 +182,18 @@ def test_fail2ban_regex_with_the_stock_filters(tmp_path: Path, filt: str, hosts:
     assert re.search(r"Lines: 5 lines, 0 ignored, 2 matched, 3 missed", out), out
     matched = out[out.index("Matched line(s):"):out.index("Missed line(s):")]
     assert {h for h in re.findall(r"\[(192\.0\.2\.\d+)\]|rip=(192\.0\.2\.\d+)", matched) for h in h if h} == hosts
+
+
+def test_the_timestamp_is_rfc_3164_day_padded_with_a_space(monkeypatch) -> None:
+    from kanmon.records.logsinks import syslog_stamp
+
+    monkeypatch.setenv("TZ", "UTC")
+    import time
+
+    time.tzset()
+    try:
+        assert syslog_stamp(1_796_083_860.0) == "Dec  1 00:11:00"  # not "Dec 01"
+        assert syslog_stamp(1_796_083_860.0 + 14 * 86400) == "Dec 15 00:11:00"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
