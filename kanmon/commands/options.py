@@ -81,7 +81,11 @@ def resolve_config_path(given: str | None) -> tuple[str | None, str | None]:
     env = os.environ.get(CONFIG_ENV)
     if env:
         return env, f"from ${CONFIG_ENV}"
-    if SYSTEM_CONFIG.is_file():
+    try:
+        present = SYSTEM_CONFIG.is_file()
+    except OSError:  # there, but this user may not look (0640 root:kanmon): loading it says so
+        present = True
+    if present:
         return str(SYSTEM_CONFIG), "no -c and no $KANMON_CONFIG"
     return None, f"no -c, no ${CONFIG_ENV}, no {SYSTEM_CONFIG}"
 

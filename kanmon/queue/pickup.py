@@ -120,6 +120,13 @@ def write_maildrop(data_dir: Path, data: bytes) -> Path:
     tmp = drop / f".{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
+        owner = os.stat(drop)
+        if owner.st_uid != os.geteuid():
+            # Another user than the server's (root's cron jobs, a member of the server's
+            # group): the server reads the file through the directory's group. The file
+            # stays ours (its owner is who sent it); others cannot list the directory.
+            os.fchown(fd, -1, owner.st_gid)
+            os.fchmod(fd, 0o640)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

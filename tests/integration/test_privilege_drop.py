@@ -1,7 +1,8 @@
 """A real `kanmon serve` started as root with `[server] user = "nobody"`: it binds a
 port below 1024, runs as nobody, every file it creates is nobody's, it accepts and
 delivers mail, tells a (stand-in) systemd READY/STOPPING over $NOTIFY_SOCKET, sends
-its lines to a (stand-in) /dev/log, and SIGUSR1 reopens its log file.
+its lines to a (stand-in) /dev/log, SIGUSR1 reopens its log file, and root's
+`sendmail -t` (a cron job) reaches it through the maildrop.
 
 The interpreter of this container lives under /root (0700), which nobody cannot
 enter: the test runs the node in a private mount namespace where the interpreter's
@@ -130,6 +131,16 @@ mailboxes = ["alice"]
             s.noop()
         wait_for(lambda: log.exists() and "connect from" in log.read_text(), 20, "reopened log file")
         assert log.stat().st_uid == nobody.pw_uid and proc.poll() is None
+
+        # root's cron job: `echo test | sendmail -t` for a server that runs as nobody.
+        sent = subprocess.run([sys.executable, "-m", "kanmon", "sendmail", "-t", "-C", str(conf)],
+                              input=b"To: alice@example.test\nSubject: from root's cron\n\ntest\n",
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(maildir_messages(data, "alice@example.test")) == 2, 20, "root's message delivered")
+        corrupt = data / "maildrop" / "corrupt"
+        assert not corrupt.exists() or not list(corrupt.iterdir())
+        assert any(b"from userid 0" in m for m in maildir_messages(data, "alice@example.test"))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

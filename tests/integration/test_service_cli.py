@@ -430,3 +430,27 @@ def test_under_systemd_with_syslog_the_lines_reach_the_journal_once(tmp_path):
             assert ("kanmon/qmgr[" in text) is (not journal), text
     finally:
         sock.close()
+
+
+def test_a_system_config_this_user_may_not_read_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    """/etc/kanmon/kanmon.toml is 0640 root:kanmon: another user running a command (or
+    sendmail from a cron job) gets the reason, not a traceback."""
+    sealed = tmp_path / "sealed"
+    sealed.mkdir()
+    cfg = write(sealed)
+    monkeypatch.setattr(options, "SYSTEM_CONFIG", cfg)
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self == cfg:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(self))))
+    r = run("status", code=2)
+    assert f"kanmon: using {cfg}" in r.stderr and "cannot read" in r.stderr and r.exception is not None
+    assert isinstance(r.exception, SystemExit)
+    r = run("sendmail", "-t", code=78)
+    assert "sendmail: config error:" in r.stderr and "cannot read" in r.stderr
