@@ -15,10 +15,13 @@ life, taken before spool recovery. An admin command that finds no server answeri
 takes the same lock before it touches the spool, so two offline admins, or an offline
 admin and a server that is starting, never work on the spool at once (docs/queue.md).
 
-Trusts: only connections from our own user id (SO_PEERCRED), and even those only as
+Trusts: only connections from our own user id and root (SO_PEERCRED; root may do all
+this and more anyway, and here the server does the work, so what it writes stays the
+server's user's), and even those only as
 far as kanmon.admin.queue_ops validates their arguments. A request line is bounded
 (MAX_REQUEST); an idle connection is closed after IDLE_TIMEOUT.
-Never: listen on a network address, accept a request from another user, or run two
+Never: listen on a network address, accept a request from another user (it is told
+why, nothing more), or run two
 admin operations at once (they are serialised by the caller's lock).
 """
 
@@ -154,8 +157,8 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            if sock is not None and _peer_uid(sock) not in (None, os.geteuid()):
-                return
+            peer = _peer_uid(sock) if sock is not None else None
+            refused = peer not in (None, os.geteuid(), 0)
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
@@ -163,6 +166,11 @@ class ControlServer:
                     await self._reply(writer, {"ok": False, "error": "request too long"})
                     return
                 if not line:
+                    return
+                if refused:  # said, not just closed: the admin learns whom to run the command as
+                    await self._reply(writer, {"ok": False, "error": f"{REFUSED_USER}: uid {peer}; the control "
+                                               f"socket takes requests from uid {os.geteuid()} (the server's "
+                                               "user) and root"})
                     return
                 try:
                     request = json.loads(line)
@@ -225,6 +233,9 @@ class _short:
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+REFUSED_USER = "permission denied for this user"
 
 
 class ControlClient:

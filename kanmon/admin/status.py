@@ -22,9 +22,9 @@ from typing import Any
 
 from kanmon import __version__
 from kanmon.config import default_config_text
-from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
+from kanmon.control import REFUSED_USER, ControlClient, DataDirLock, LockBusy, NoServer
 
-HEALTHY, DEGRADED, NOT_RUNNING = 0, 1, 3  # exit codes, like `systemctl status`
+HEALTHY, DEGRADED, NOT_RUNNING, UNKNOWN = 0, 1, 3, 4  # exit codes, like `systemctl status`
 STATUS_TIMEOUT = 60.0  # the spool scan of a large queue
 
 
@@ -45,6 +45,8 @@ def fetch_status(data_dir: Path) -> tuple[dict | None, str]:
         except OSError as e:
             return None, f"no control socket in {data_dir} ({e.strerror or e})"
         return None, f"no kanmon serve for {data_dir}"
+    except PermissionError as e:  # the socket (or data_dir) is not this user's to reach
+        return None, f"{REFUSED_USER}: {e}"
     except (OSError, ValueError) as e:
         return None, f"control socket: {e}"
     if not reply.get("ok"):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import click
 
-from kanmon.admin.status import NOT_RUNNING, fetch_status, health
+from kanmon.admin.status import NOT_RUNNING, UNKNOWN, fetch_status, health
+from kanmon.control import REFUSED_USER
 from kanmon.commands.options import EMBEDDED, config_option, format_time, json_option, load_with_path
 from kanmon.units import format_duration
 
@@ -30,11 +31,19 @@ def status(config_path: str | None, as_json: bool) -> None:
 
     Exit 0: running and healthy; 1: running, degraded (an active alert, a corrupt queue
     file, a failed maintenance run, a virtual server with no real server up); 3: not
-    running (as `systemctl status`).
+    running (as `systemctl status`); 4: running, but this user may not ask (run it as
+    the service's user or root).
     """
     cfg, path = load_with_path(config_path)
     data_dir = Path(cfg.server.data_dir)
     doc, why = fetch_status(data_dir)
+    if doc is None and REFUSED_USER in why:  # it runs, but will not tell this user
+        if as_json:
+            click.echo(json.dumps({"running": True, "health": "unknown", "why": why, "data_dir": str(data_dir)},
+                                  ensure_ascii=False, indent=1))
+        else:
+            click.echo(f"kanmon: running, status unknown ({why}); run as the service's user or root")
+        sys.exit(UNKNOWN)
     code, reasons = health(doc)
     if as_json:
         out = doc if doc is not None else {"running": False, "why": why, "data_dir": str(data_dir)}

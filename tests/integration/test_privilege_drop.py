@@ -141,6 +141,10 @@ mailboxes = ["alice"]
         corrupt = data / "maildrop" / "corrupt"
         assert not corrupt.exists() or not list(corrupt.iterdir())
         assert any(b"from userid 0" in m for m in maildir_messages(data, "alice@example.test"))
+        # root asks the server that runs as nobody (the control socket takes root too).
+        status = subprocess.run([sys.executable, "-m", "kanmon", "status", "-c", str(conf)],
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        assert status.returncode in (0, 1) and "running" in status.stdout, status.stdout + status.stderr
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -454,3 +454,15 @@ def test_a_system_config_this_user_may_not_read_is_a_clear_error_not_a_traceback
     assert isinstance(r.exception, SystemExit)
     r = run("sendmail", "-t", code=78)
     assert "sendmail: config error:" in r.stderr and "cannot read" in r.stderr
+
+
+def test_another_user_is_told_why_the_control_socket_refuses_and_status_is_unknown(node, monkeypatch):
+    running, cfg = node
+    monkeypatch.setattr(control, "_peer_uid", lambda sock: 4242)  # as if another user connected
+    with control.ControlClient(running.data_dir) as client:
+        reply = client.request("status")
+    assert not reply["ok"] and control.REFUSED_USER in reply["error"] and "uid 4242" in reply["error"]
+    r = run("status", "-c", str(cfg), code=4)
+    assert "running, status unknown" in r.stdout
+    monkeypatch.setattr(control, "_peer_uid", lambda sock: 0)  # root: answered
+    run("status", "-c", str(cfg), code=0)
