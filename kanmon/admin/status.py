@@ -75,8 +75,16 @@ async def node_status(plane) -> dict[str, Any]:
     alerts = []
     monitoring = getattr(node, "monitoring", None)
     if monitoring is not None:
+        watcher = monitoring.alerts
+        now = watcher.clock.now()
+
+        def current(st) -> bool:
+            # A critical alert is an error event: nothing ever clears it, so it counts
+            # while a repeat would still be suppressed ([alerts] min_interval), not forever.
+            return st.active and (st.category != "critical" or now - st.last_seen < watcher.interval(st.category))
+
         alerts = [{"category": s.category, "key": s.key, "text": s.text.splitlines()[0] if s.text else "",
-                   "since": s.since} for s in monitoring.alerts.states.values() if s.active]
+                   "since": s.since} for s in watcher.states.values() if current(s)]
     balancer = None
     for service in node.services:
         if hasattr(service, "status") and hasattr(service, "status_file"):

@@ -466,3 +466,26 @@ def test_another_user_is_told_why_the_control_socket_refuses_and_status_is_unkno
     assert "running, status unknown" in r.stdout
     monkeypatch.setattr(control, "_peer_uid", lambda sock: 0)  # root: answered
     run("status", "-c", str(cfg), code=0)
+
+
+def test_an_error_event_degrades_status_for_the_alert_interval_not_forever(tmp_path):
+    """A critical alert (an error event) has no condition that clears it: status counts it
+    while a repeat would be suppressed ([alerts] min_interval), then is healthy again."""
+    from kanmon.clock import ManualClock
+
+    cfg = write(tmp_path, extra='[alerts]\nto = []\nmin_interval = "1h"\n')
+    running = RunningNode(parse_config(cfg.read_text()), clock=ManualClock()).start()
+    try:
+        running.call(running.node.monitoring.alerts.raise_alert, "critical", "pickup", "error event: pickup: boom")
+        r = run("status", "-c", str(cfg), code=1)
+        assert "degraded:    alert critical/pickup: error event: pickup: boom" in r.stdout
+        running.advance(3599)
+        run("status", "-c", str(cfg), code=1)
+        running.advance(2)
+        r = run("status", "-c", str(cfg), code=0)
+        assert "running, healthy" in r.stdout
+        running.call(running.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
+        running.advance(7200)
+        run("status", "-c", str(cfg), code=1)  # an alert with a condition stays until cleared
+    finally:
+        running.stop()
