@@ -204,7 +204,9 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
             "config_path": str(config_path) if config_path else None,
             "tls": {k: str(getattr(config.tls, k)) for k in ("cert", "key")} if config.tls else None}
     w = _Writer(target, now)
-    queue_tmp = target.with_name(f".{target.name}.queue-{os.getpid()}.tar")
+    # The running server writes the queue part: into its own data_dir, which it can
+    # always write (not beside the target: root's /root/backup.tar is not the server's).
+    queue_tmp = data_dir / f".node-backup-queue-{os.getpid()}.tar"
     try:
         w.add(HEAD, json.dumps(head, indent=1).encode())
         for part in parts:

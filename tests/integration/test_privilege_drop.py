@@ -11,6 +11,7 @@ prefix is bind-mounted at a path nobody can reach. Skipped where that cannot be 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -145,6 +146,15 @@ mailboxes = ["alice"]
         status = subprocess.run([sys.executable, "-m", "kanmon", "status", "-c", str(conf)],
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
         assert status.returncode in (0, 1) and "running" in status.stdout, status.stdout + status.stderr
+        # root backs the node up into a directory only root may enter; the server (nobody)
+        # writes the queue part into its own data_dir.
+        private = world / "root-only"
+        private.mkdir(mode=0o700)
+        backup = subprocess.run([sys.executable, "-m", "kanmon", "backup", str(private / "node.tar"), "-c", str(conf),
+                                 "--json"], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                text=True, timeout=120)
+        assert backup.returncode == 0, backup.stderr
+        assert json.loads(backup.stdout)["queue"] == 0 and not list(data.glob(".node-backup-queue-*"))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
