@@ -464,10 +464,35 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
         lock.acquire(wait=0)
     except LockBusy as e:
         raise NodeBackupError(f"{e}: stop kanmon before restoring") from None
+    config_existed = t.config_path.exists()
     try:
-        return _restore_locked(archive, v, t, parts, wanted, accounts, load, say)
+        summary = _restore_locked(archive, v, t, parts, wanted, accounts, load, say)
     finally:
-        lock.release()
+        try:
+            _hand_over(t, config_existed)
+        finally:
+            lock.release()
+    return summary
+
+
+def _hand_over(t: Targets, config_existed: bool) -> None:
+    """Run as root for a data_dir of the service's user: what the restore wrote there
+    becomes that user's (the server could not read a root-owned mailbox or database),
+    and a config file it wrote is readable by the user's group (0640), as `kanmon
+    service install` leaves it."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(t.data_dir)
+    if st.st_uid == 0:
+        return
+    for root, dirs, files in os.walk(t.data_dir):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            if os.lstat(path).st_uid == 0:
+                os.lchown(path, st.st_uid, st.st_gid)
+    if not config_existed and t.config_path.exists():
+        os.chown(t.config_path, 0, st.st_gid)
+        os.chmod(t.config_path, 0o640)
 
 
 def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, load, say) -> dict:

@@ -171,3 +171,32 @@ mailboxes = ["alice"]
     assert proc.returncode == 0, out
     assert "running as nobody" in out
     assert b"STOPPING=1" in later
+
+
+def test_a_restore_run_as_root_leaves_the_data_dir_to_its_user(world: Path) -> None:
+    """`kanmon restore` as root onto a data_dir of the service's user (nobody here): what
+    it writes is that user's, or the server could not read its own mailboxes."""
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+
+    nobody = pwd.getpwnam("nobody")
+    data = world / "data"
+    conf = world / "kanmon.toml"
+    conf.write_text(f'[server]\ndata_dir = "{data}"\n[[domain]]\nname = "example.test"\nmailboxes = ["alice"]\n')
+    new = data / "mailboxes" / "example.test" / "alice" / "new"
+    new.mkdir(parents=True)
+    (new / "1.m1.host").write_bytes(b"Subject: kept\r\n\r\nx\r\n")
+    assert CliRunner().invoke(main, ["user", "passwd", "alice@example.test", "--stdin", "-c", str(conf)],
+                              input="secret one\n").exit_code == 0
+    archive = world / "node.tar"
+    r = CliRunner().invoke(main, ["backup", str(archive), "-c", str(conf)])
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(data)
+    data.mkdir(mode=0o700)
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    r = CliRunner().invoke(main, ["restore", str(archive), "-c", str(conf)])
+    assert r.exit_code == 0, r.output
+    assert (data / "mailboxes" / "example.test" / "alice" / "new" / "1.m1.host").exists()
+    wrong = [p for p in [data, *data.rglob("*")] if p.lstat().st_uid != nobody.pw_uid]
+    assert wrong == []
