@@ -9,7 +9,7 @@ import smtplib
 import subprocess
 from pathlib import Path
 
-from tests.support.kanmon_node import KanmonProcess, free_port, maildir_messages, wait_for
+from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for
 
 CONFIG = """
 [server]
@@ -190,24 +190,8 @@ def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transa
     """workers = 2: while the receivers are replaced (one at a time), 200 connection
     attempts all get a banner, and a transaction held past RCPT completes."""
     import sys
-    import threading
 
     proc, port = start(tmp_path, workers=2)
-    results: list[str] = []
-    reloading = threading.Event()
-    done = threading.Event()
-
-    def hammer() -> None:
-        while not done.is_set() or len(results) < 200:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-                    banner = c.makefile("rb").readline()
-                    results.append("ok" if banner.startswith(b"220") else f"banner {banner!r}")
-            except OSError as e:
-                results.append(f"{type(e).__name__}: {e}")
-            if len(results) == 20:
-                reloading.set()
-
     try:
         wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
         old = set(receiver_pids(proc.proc.pid))
@@ -215,19 +199,17 @@ def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transa
         s.ehlo()
         s.mail("a@remote.example")
         assert s.rcpt("alice@example.test")[0] == 250
-        t = threading.Thread(target=hammer)
-        t.start()
-        assert reloading.wait(30)
-        cfg = tmp_path / "kanmon.toml"
-        cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=2)
-                       .replace('mailboxes = ["alice"]', 'mailboxes = ["alice", "carol"]'))
-        out = subprocess.run([sys.executable, "-m", "kanmon", "reload", "-c", str(cfg)], capture_output=True,
-                             text=True, timeout=120)
-        done.set()
-        t.join(120)
+        with BannerHammer("127.0.0.1", port) as hammer:
+            assert hammer.started.wait(30)
+            cfg = tmp_path / "kanmon.toml"
+            cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=2)
+                           .replace('mailboxes = ["alice"]', 'mailboxes = ["alice", "carol"]'))
+            out = subprocess.run([sys.executable, "-m", "kanmon", "reload", "-c", str(cfg)], capture_output=True,
+                                 text=True, timeout=120)
+            failed = hammer.finish()
         assert out.returncode == 0, out.stderr
-        assert len(results) >= 200
-        assert [r for r in results if r != "ok"] == []
+        assert len(hammer.results) >= 200
+        assert failed == []
         assert len(set(receiver_pids(proc.proc.pid)) - old) == 2
         assert s.rcpt("carol@example.test")[0] == 550  # the settings the session started with
         assert s.data(b"Subject: held\r\n\r\nx\r\n")[0] == 250
@@ -238,7 +220,6 @@ def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transa
         assert "reload: SMTP receiver 0: pid" in log and "reload: SMTP receiver 1: pid" in log
         assert "exited with status" not in log
     finally:
-        done.set()
         proc.terminate()
 
 

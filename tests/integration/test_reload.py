@@ -11,13 +11,12 @@ import smtplib
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from kanmon.tlscert import make_self_signed
-from tests.support.kanmon_node import KanmonProcess, free_port, maildir_messages, wait_for
+from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for
 
 CONFIG = """
 [server]
@@ -165,34 +164,16 @@ def test_connection_attempts_during_a_reload_are_never_refused(tmp_path):
     cfg = tmp_path / "kanmon.toml"
     cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice"'))
     proc = KanmonProcess(cfg, "127.0.0.1", port).start()
-    results: list[str] = []
-    reloading = threading.Event()
-    done = threading.Event()
-
-    def hammer() -> None:
-        while not done.is_set() or len(results) < 200:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-                    banner = c.makefile("rb").readline()
-                    results.append("ok" if banner.startswith(b"220") else f"banner {banner!r}")
-            except OSError as e:
-                results.append(f"{type(e).__name__}: {e}")
-            if len(results) == 20:
-                reloading.set()
-
     try:
-        t = threading.Thread(target=hammer)
-        t.start()
-        assert reloading.wait(30)
-        cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice", "carol"'))
-        out = reload(cfg)
-        done.set()
-        t.join(120)
+        with BannerHammer("127.0.0.1", port) as hammer:
+            assert hammer.started.wait(30)
+            cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice", "carol"'))
+            out = reload(cfg)
+            failed = hammer.finish()
         assert out.returncode == 0, out.stderr
-        assert len(results) >= 200
-        assert [r for r in results if r != "ok"] == []
+        assert len(hammer.results) >= 200
+        assert failed == []
     finally:
-        done.set()
         proc.terminate()
 
 

@@ -216,3 +216,42 @@ def maildir_messages(data_dir: Path, address: str) -> list[bytes]:
         if d.is_dir():
             out.extend(p.read_bytes() for p in sorted(d.iterdir()))
     return out
+
+
+class BannerHammer:
+    """Connection attempts one after another to host:port, each reading the banner, in a
+    thread: `with BannerHammer(host, port) as h: h.started.wait(30); <reload>` then
+    h.results (one "ok" per 220 banner, else what went wrong), at least `at_least`."""
+
+    def __init__(self, host: str, port: int, at_least: int = 200, start_after: int = 20):
+        self.host, self.port = host, port
+        self.at_least, self.start_after = at_least, start_after
+        self.results: list[str] = []
+        self.started = threading.Event()  # set after start_after attempts
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set() or len(self.results) < self.at_least:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=10) as c:
+                    banner = c.makefile("rb").readline()
+                    self.results.append("ok" if banner.startswith(b"220") else f"banner {banner!r}")
+            except OSError as e:
+                self.results.append(f"{type(e).__name__}: {e}")
+            if len(self.results) == self.start_after:
+                self.started.set()
+
+    def __enter__(self) -> BannerHammer:
+        self._thread.start()
+        return self
+
+    def finish(self) -> list[str]:
+        """Stop after at_least attempts; the attempts that did not get a banner."""
+        self._done.set()
+        self._thread.join(120)
+        return [r for r in self.results if r != "ok"]
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(120)
