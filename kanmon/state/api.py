@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -180,9 +181,16 @@ def bucket_estimate(current: int, previous: int, window: float, now: float) -> i
 
 
 class MemoryCounters:
-    def __init__(self) -> None:
+    """Counts in a dict ordered by last hit: keys idle for two windows (whose count is
+    zero) are dropped from the front as hits come, in amortised constant time; beyond
+    `max_keys` the least recently hit go first."""
+
+    def __init__(self, max_keys: int = 1_000_000) -> None:
         self._lock = threading.Lock()
-        self._buckets: dict[tuple[str, float], tuple[int, int, int]] = {}  # (key, window) -> (bucket, count, previous count)
+        self.max_keys = max_keys
+        # (key, window) -> (bucket, count, previous count), least recently hit first
+        self._buckets: OrderedDict[tuple[str, float], tuple[int, int, int]] = OrderedDict()
+        self._windows: dict[str, set[float]] = {}  # key -> its windows (for reset)
 
     def _counts(self, key: str, window: float, now: float) -> tuple[int, int, int]:
         idx = int(now // window)
@@ -193,11 +201,27 @@ class MemoryCounters:
             cur_idx, cur, prev = idx, 0, 0
         return cur_idx, cur, prev
 
+    def _drop_front(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            (key, window), (idx, _cur, _prev) = next(iter(buckets.items()))
+            if idx >= int(now // window) - 1 and len(buckets) <= self.max_keys:
+                break
+            buckets.popitem(last=False)
+            windows = self._windows.get(key)
+            if windows is not None:
+                windows.discard(window)
+                if not windows:
+                    del self._windows[key]
+
     def hit(self, key: str, window: float, now: float, amount: int = 1) -> int:
         with self._lock:
             idx, cur, prev = self._counts(key, window, now)
             cur += amount
             self._buckets[(key, window)] = (idx, cur, prev)
+            self._buckets.move_to_end((key, window))
+            self._windows.setdefault(key, set()).add(window)
+            self._drop_front(now)
             return bucket_estimate(cur, prev, window, now)
 
     def peek(self, key: str, window: float, now: float) -> int:
@@ -207,8 +231,11 @@ class MemoryCounters:
 
     def reset(self, key: str) -> None:
         with self._lock:
-            for k in [k for k in self._buckets if k[0] == key]:
-                del self._buckets[k]
+            for window in self._windows.pop(key, ()):
+                self._buckets.pop((key, window), None)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class MemoryGauges:
@@ -332,8 +359,8 @@ class MemoryGreylist:
 class MemoryState:
     """SharedState for one process: submit() runs the call at once (nothing blocks)."""
 
-    def __init__(self) -> None:
-        self.counters = MemoryCounters()
+    def __init__(self, *, max_keys: int = 1_000_000) -> None:
+        self.counters = MemoryCounters(max_keys)
         self.gauges = MemoryGauges()
         self.greylist = MemoryGreylist()
         self._caches: dict[str, MemoryCache] = {}

@@ -107,12 +107,19 @@ class _Db:
         self._local = threading.local()
 
 
+PRUNE_EVERY_HITS = 4096  # a process deletes the idle keys' rows once per this many hits
+
+
 class SqliteCounters:
     def __init__(self, db: _Db):
         self._db = db
+        self._hits = 0
 
     def hit(self, key: str, window: float, now: float, amount: int = 1) -> int:
         bucket = int(now // window)
+        self._hits += 1
+        if self._hits % PRUNE_EVERY_HITS == 0:
+            self.prune(now)
         with self._db.transaction() as c:
             c.execute(
                 "INSERT INTO rate (key, window, bucket, count) VALUES (?, ?, ?, ?)"
@@ -134,6 +141,12 @@ class SqliteCounters:
     def reset(self, key: str) -> None:
         with self._db.transaction() as c:
             c.execute("DELETE FROM rate WHERE key = ?", (key,))
+
+    def prune(self, now: float) -> int:
+        """Delete the rows of keys idle for two windows (they count nothing any more), so
+        names seen once (unknown users, one-off clients) do not stay forever."""
+        with self._db.transaction() as c:
+            return c.execute("DELETE FROM rate WHERE (bucket + 2) * window <= ?", (now,)).rowcount
 
 
 class SqliteGauges:

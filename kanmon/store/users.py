@@ -25,10 +25,10 @@ than a known one (a dummy hash is verified instead).
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from kanmon import userdb
 from kanmon.config import Config
-from kanmon.state.api import SharedState
+from kanmon.state.api import MemoryState, SharedState
 from kanmon.store.maildir import Mailbox
 from kanmon.userdb import Directory
 
@@ -339,26 +339,47 @@ class Failure:
 
     delay: float
     blocked: bool
-    key: str = ""  # "ip 192.0.2.1" or "account a@b": what was blocked
+    key: str = ""  # "ip 192.0.2.1", "net 192.0.2.0/24" or "account a@b": what was blocked
 
 
 _BLOCKS = "auth-block"  # the TtlCache namespace of the blocks (key -> until its expiry)
 
 
+def source_network(ip: str) -> str:
+    """The network one owner of addresses holds: an IPv4 /24, an IPv6 /64 (an IPv4-mapped
+    address is its IPv4 /24); a text that is no address is itself. (inet_pton: this runs
+    for every login, and ipaddress parsing costs ten times more.)"""
+    try:
+        b = socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        try:
+            b = socket.inet_pton(socket.AF_INET6, ip)
+        except OSError:
+            return ip[:MAX_ADDRESS]
+        if b[:12] != b"\0" * 10 + b"\xff\xff":
+            return ":".join(b[i:i + 2].hex() for i in range(0, 8, 2)) + "::/64"
+        b = b[12:]
+    return f"{b[0]}.{b[1]}.{b[2]}.0/24"
+
+
 class AuthThrottle:
-    """Failed logins per client IP and per account, in a sliding window.
+    """Failed logins per client IP, per source network and per account, in a sliding window.
 
     After ``free_failures`` failures in ``window`` seconds each further failure is
     answered after a delay that doubles from ``base_delay`` up to ``max_delay``. At
-    ``block_ip_after`` failures from one IP (or ``block_account_after`` for one account)
-    that IP (account) is refused for ``block_for`` seconds, even with the right password.
-    A success clears the account's count (not the IP's). Memory is bounded: at most
-    ``max_keys`` keys are tracked, the stalest dropped first.
+    ``block_ip_after`` failures from one IP (``block_network_after`` from its /24 or /64,
+    ``block_account_after`` for one account) that IP (network, account) is refused for
+    ``block_for`` seconds, even with the right password. A success clears the account's
+    count (not the IP's). The network bound caps what one owner of many addresses (an
+    IPv6 /64 is 2**64 of them) can make us remember.
 
-    ``clock`` is a monotonic time source; tests pass one they can advance. With a shared
-    ``state`` the counts live there (failures as RateCounter hits, blocks as TtlCache
-    entries) and ``clock`` must be epoch seconds (the default then), as every process
-    reads the same entries.
+    Everything is counted in a SharedState (kanmon.state.api): failures as RateCounter
+    hits, blocks as TtlCache entries. Given the node's state every
+    receiver process sees the same counts; without one, a MemoryState of its own. The
+    counters forget idle keys in amortised constant time, so names that are never seen
+    again cost nothing later. ``clock`` is epoch seconds by default (every process reads
+    the same entries); tests pass one they can advance. Calls may block on the state's
+    disk: callers run them off the event loop (an executor, or FileWork).
     """
 
     def __init__(
@@ -371,93 +392,49 @@ class AuthThrottle:
         base_delay: float = 1.0,
         max_delay: float = 10.0,
         block_ip_after: int = 20,
+        block_network_after: int = 100,
         block_account_after: int = 10,
         block_for: float = 900.0,
         max_keys: int = 100_000,
     ):
-        self.state = state
-        self.clock = clock or (time.time if state is not None else time.monotonic)
+        self.state: SharedState = state if state is not None else MemoryState(max_keys=max_keys)
+        self.clock = clock or time.time
         self.window = window
         self.free_failures = free_failures
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.block_ip_after = block_ip_after
+        self.block_network_after = block_network_after
         self.block_account_after = block_account_after
         self.block_for = block_for
-        self.max_keys = max_keys
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked: dict[str, float] = {}  # key -> until
-        self._lock = threading.Lock()
 
-    @staticmethod
-    def _keys(ip: str, account: str | None) -> tuple[str, str | None]:
-        return f"ip {ip}", (f"account {normalize(account)[:MAX_ADDRESS]}" if account else None)
+    def _keys(self, ip: str, account: str | None) -> list[tuple[str, int]]:
+        """(key, limit) for the IP, its network and the account (when named)."""
+        keys = [(f"ip {ip}", self.block_ip_after), (f"net {source_network(ip)}", self.block_network_after)]
+        if account:
+            keys.append((f"account {normalize(account)[:MAX_ADDRESS]}", self.block_account_after))
+        return keys
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        q = self._failures.get(key)
-        if q is None:
-            return deque()
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if not q:
-            del self._failures[key]
-        return q
+    def _blocked_left(self, keys: list[tuple[str, int]], now: float) -> float:
+        blocks = self.state.cache(_BLOCKS)
+        entries = [blocks.get(k, now) for k, _ in keys]
+        return max((e.expires - now for e in entries if e is not None), default=0.0)
 
     def blocked_for(self, ip: str, account: str | None = None) -> float:
-        """Seconds until this IP (and account) may try again; 0.0 when not blocked."""
-        now = self.clock()
-        if self.state is not None:
-            blocks = self.state.cache(_BLOCKS)
-            entries = [blocks.get(k, now) for k in self._keys(ip, account) if k is not None]
-            return max((e.expires - now for e in entries if e is not None), default=0.0)
-        with self._lock:
-            left = 0.0
-            for key in self._keys(ip, account):
-                if key is None:
-                    continue
-                until = self._blocked.get(key)
-                if until is not None:
-                    if until <= now:
-                        del self._blocked[key]
-                    else:
-                        left = max(left, until - now)
-            return left
+        """Seconds until this IP (network, account) may try again; 0.0 when not blocked."""
+        return self._blocked_left(self._keys(ip, account), self.clock())
 
     def failed(self, ip: str, account: str | None) -> Failure:
         """Record a failed login; return how long to wait before answering."""
         now = self.clock()
-        if self.state is not None:
-            return self._failed_shared(ip, account, now)
-        with self._lock:
-            self._prune(now)
-            ip_key, acct_key = self._keys(ip, account)
-            worst = 0
-            blocked_key = ""
-            for key, limit in ((ip_key, self.block_ip_after), (acct_key, self.block_account_after)):
-                if key is None:
-                    continue
-                q = self._recent(key, now)
-                if not q:
-                    q = self._failures.setdefault(key, deque(maxlen=max(self.block_ip_after, self.block_account_after)))
-                q.append(now)
-                worst = max(worst, len(q))
-                if len(q) >= limit and key not in self._blocked:
-                    self._blocked[key] = now + self.block_for
-                    q.clear()
-                    blocked_key = blocked_key or key
-            return self._failure(worst, blocked_key)
-
-    def _failed_shared(self, ip: str, account: str | None, now: float) -> Failure:
         state = self.state
-        assert state is not None
         blocks = state.cache(_BLOCKS)
         worst = 0
         blocked_key = ""
-        for key, limit in zip(self._keys(ip, account), (self.block_ip_after, self.block_account_after)):
-            if key is None:
-                continue
+        for key, limit in self._keys(ip, account):
             n = state.counters.hit(f"auth {key}", self.window, now)
-            worst = max(worst, n)
+            if not key.startswith("net "):
+                worst = max(worst, n)
             if n >= limit and blocks.get(key, now) is None:
                 blocks.put(key, "", self.block_for, now)
                 state.counters.reset(f"auth {key}")
@@ -472,23 +449,5 @@ class AuthThrottle:
         return Failure(delay, bool(blocked_key), blocked_key)
 
     def succeeded(self, ip: str, account: str) -> None:
-        if self.state is not None:
-            _, acct_key = self._keys(ip, account)
-            if acct_key:
-                self.state.counters.reset(f"auth {acct_key}")
-            return
-        with self._lock:
-            _, acct_key = self._keys(ip, account)
-            if acct_key:
-                self._failures.pop(acct_key, None)
-
-    def _prune(self, now: float) -> None:
-        if len(self._failures) + len(self._blocked) < self.max_keys:
-            return
-        for key in [k for k, until in self._blocked.items() if until <= now]:
-            del self._blocked[key]
-        for key in list(self._failures):
-            self._recent(key, now)
-        while len(self._failures) >= self.max_keys // 2:
-            stalest = min(self._failures, key=lambda k: self._failures[k][-1] if self._failures[k] else 0)
-            del self._failures[stalest]
+        """The password was right: clear the account's count."""
+        self.state.counters.reset(f"auth {self._keys(ip, account)[-1][0]}")

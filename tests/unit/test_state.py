@@ -162,3 +162,28 @@ def test_two_processes_share_one_counter(tmp_path):
         assert s.gauges.count("ip:192.0.2.1") == 200
     finally:
         s.close()
+
+
+def test_memory_counters_forget_idle_keys_and_stay_bounded() -> None:
+    from kanmon.state.api import MemoryCounters
+
+    c = MemoryCounters(max_keys=3)
+    c.hit("once", 10, 0)
+    c.hit("later", 10, 25)  # "once" has been idle for two windows: it counts nothing, and is gone
+    assert len(c) == 1 and c.peek("once", 10, 25) == 0
+    for k in "abcd":
+        c.hit(k, 1000, 30)
+    assert len(c) == 3 and c.peek("a", 1000, 30) == 0 and c.peek("d", 1000, 30) == 1  # least recently hit first
+    c.reset("d")
+    assert len(c) == 2
+
+
+def test_sqlite_counters_prune_idle_keys(tmp_path) -> None:
+    s = SqliteState(tmp_path)
+    try:
+        s.counters.hit("once", 10, 0)
+        s.counters.hit("busy", 10, 25)
+        assert s.counters.prune(25) == 1
+        assert s.counters.peek("busy", 10, 25) == 1
+    finally:
+        s.close()
