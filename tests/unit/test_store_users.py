@@ -207,3 +207,39 @@ def test_log_safe_escapes_control_characters() -> None:
     assert log_safe("evil\r\nFAKE LINE") == "evil\\r\\nFAKE LINE"
     assert log_safe("x" * 500) == "x" * 100
     assert log_safe("álice@example.test") == "álice@example.test"
+
+
+def test_throttle_counts_attempts_in_flight(shared) -> None:
+    """Attempts reserved before their passwords are verified count like failures: no more
+    than the limit are let through at once, and a block that starts meanwhile refuses
+    even the right password."""
+    clock = Clock()
+    t = AuthThrottle(clock, state=shared, block_account_after=3, block_ip_after=100, block_for=60)
+    assert [t.reserve(f"192.0.2.{i}", "alice@example.test") for i in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    t.release("192.0.2.0", "alice@example.test")  # the check itself failed: not a failure
+    assert t.reserve("192.0.2.9", "alice@example.test") == 0.0
+    assert t.failed("192.0.2.1", "alice@example.test").blocked is False
+    assert t.failed("192.0.2.2", "alice@example.test").blocked is False
+    assert t.failed("192.0.2.9", "alice@example.test").blocked is True
+    assert t.succeeded("192.0.2.3", "alice@example.test") is False  # right, but blocked meanwhile
+    assert t.reserve("198.51.100.1", "alice@example.test") == 60
+    clock.now += 61
+    assert t.reserve("198.51.100.1", "alice@example.test") == 0.0
+    assert t.succeeded("198.51.100.1", "alice@example.test") is True
+
+
+def test_throttle_in_flight_is_shared_by_processes(tmp_path) -> None:
+    clock = Clock()
+    a_state, b_state = SqliteState(tmp_path), SqliteState(tmp_path)
+    try:
+        a = AuthThrottle(clock, state=a_state, block_account_after=2, block_ip_after=100)
+        b = AuthThrottle(clock, state=b_state, block_account_after=2, block_ip_after=100)
+        b.owner = "auth 999999"  # another process
+        assert a.reserve("192.0.2.1", "alice@example.test") == 0.0
+        assert b.reserve("192.0.2.2", "alice@example.test") == 0.0
+        assert a.reserve("192.0.2.3", "alice@example.test") > 0
+        b_state.gauges.drop_owner(b.owner)  # that process died: its attempts are gone
+        assert a.reserve("192.0.2.3", "alice@example.test") == 0.0
+    finally:
+        a_state.close()
+        b_state.close()
