@@ -985,7 +985,8 @@ class SmtpProtocol(asyncio.Protocol):
         # The throttle may count in the shared state (blocking on its disk): off the loop.
         if auth is None:
             actions = self.session.auth_result(None, replies.LOCAL_ERROR)
-        elif await loop.run_in_executor(None, auth.throttle.blocked_for, c.ip, a.username) > 0:
+        # The attempt is reserved before the password is verified, so parallel logins count.
+        elif await loop.run_in_executor(None, auth.throttle.reserve, c.ip, a.username) > 0:
             server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, refused=True), session=self.sid)
             actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
         else:
@@ -994,14 +995,18 @@ class SmtpProtocol(asyncio.Protocol):
             except Exception as e:  # noqa: BLE001 - promise 7
                 server.records.record(ev.Error(f"error checking credentials: {type(e).__name__}: {e}"), session=self.sid)
                 ok = None
-            if ok:
-                await loop.run_in_executor(None, auth.throttle.succeeded, c.ip, a.username)
+            if ok and not await loop.run_in_executor(None, auth.throttle.succeeded, c.ip, a.username):
+                # Blocked while it was verified: even the right password waits.
+                server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, refused=True), session=self.sid)
+                actions = self.session.auth_result(None, replies.AUTH_BLOCKED)
+            elif ok:
                 address = a.username.strip().lower()
                 await loop.run_in_executor(None, auth.users.record_login, address, c.ip)
                 server.records.record(ev.AuthSucceeded(c.name, c.ip, a.mechanism, address), session=self.sid)
                 # From now on the client's profile is that of an authenticated client.
                 actions = self.session.auth_result(address, profile=profile_for(c.ip, True, server.config))
             elif ok is None:
+                await loop.run_in_executor(None, auth.throttle.release, c.ip, a.username)
                 actions = self.session.auth_result(None, replies.LOCAL_ERROR)
             else:
                 failure = await loop.run_in_executor(None, auth.throttle.failed, c.ip, a.username)

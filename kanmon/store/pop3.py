@@ -344,20 +344,19 @@ class Pop3Session:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return self._err("-ERR [AUTH] malformed AUTH PLAIN response")
         if authzid and authzid.lower() != authcid.lower():
-            return self._failed(authcid)
+            return self._failed(authcid, reserved=False)
         return self._check(authcid, password)
 
     # The throttle may count in the shared state (blocking on its disk): its calls are FileWork.
+    # The attempt is reserved before the password is verified, so parallel logins count.
     def _check(self, user: str, password: str) -> Steps:
-        if (yield FileWork(self.throttle.blocked_for, (self.peer.ip, user))) > 0:
-            self.emit(f"pop3 login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
-            self._closed = True
-            return [Send(self._line(ERR_BLOCKED)), Close()]
+        if (yield FileWork(self.throttle.reserve, (self.peer.ip, user))) > 0:
+            return self._refuse_blocked(user)
         self._pending = user
         return [Verify(user, password)]
 
-    def _failed(self, user: str) -> Steps:
-        f = yield FileWork(self.throttle.failed, (self.peer.ip, user))
+    def _failed(self, user: str, reserved: bool = True) -> Steps:
+        f = yield FileWork(self.throttle.failed, (self.peer.ip, user, reserved))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("pop3", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
                               f.key if f.blocked else ""))
@@ -367,9 +366,15 @@ class Pop3Session:
             return [Delay(f.delay), Send(self._line(ERR_BLOCKED)), Close()]
         return [Delay(f.delay), *self._err(ERR_AUTH_FAILED)]
 
+    def _refuse_blocked(self, user: str) -> list[Event]:
+        self.emit(f"pop3 login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
+        self._closed = True
+        return [Send(self._line(ERR_BLOCKED)), Close()]
+
     def _login(self, user: str) -> Steps:
         address = user.strip().lower()
-        yield FileWork(self.throttle.succeeded, (self.peer.ip, address))
+        if not (yield FileWork(self.throttle.succeeded, (self.peer.ip, address))):
+            return self._refuse_blocked(user)  # blocked while it was verified: even a right password waits
         try:
             box = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):

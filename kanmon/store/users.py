@@ -25,6 +25,7 @@ than a known one (a dummy hash is verified instead).
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sqlite3
 import threading
@@ -373,8 +374,14 @@ class AuthThrottle:
     count (not the IP's). The network bound caps what one owner of many addresses (an
     IPv6 /64 is 2**64 of them) can make us remember.
 
+    A login is reserved before its password is verified (``reserve``): an attempt in
+    flight counts like a failure, so parallel attempts cannot all pass the check before
+    any of them is counted. The reservation ends with ``failed``, ``succeeded`` (which
+    still refuses when a block started meanwhile) or ``release``.
+
     Everything is counted in a SharedState (kanmon.state.api): failures as RateCounter
-    hits, blocks as TtlCache entries. Given the node's state every
+    hits, attempts in flight as ConnectionGauge entries owned by this process (dropped
+    with a dead process), blocks as TtlCache entries. Given the node's state every
     receiver process sees the same counts; without one, a MemoryState of its own. The
     counters forget idle keys in amortised constant time, so names that are never seen
     again cost nothing later. ``clock`` is epoch seconds by default (every process reads
@@ -407,6 +414,7 @@ class AuthThrottle:
         self.block_network_after = block_network_after
         self.block_account_after = block_account_after
         self.block_for = block_for
+        self.owner = f"auth {os.getpid()}"  # the gauge owner of this process's attempts in flight
 
     def _keys(self, ip: str, account: str | None) -> list[tuple[str, int]]:
         """(key, limit) for the IP, its network and the account (when named)."""
@@ -424,14 +432,45 @@ class AuthThrottle:
         """Seconds until this IP (network, account) may try again; 0.0 when not blocked."""
         return self._blocked_left(self._keys(ip, account), self.clock())
 
-    def failed(self, ip: str, account: str | None) -> Failure:
-        """Record a failed login; return how long to wait before answering."""
+    def reserve(self, ip: str, account: str | None) -> float:
+        """Take one attempt in flight before verifying a password. 0.0: go ahead (end it
+        with failed(), succeeded() or release()); else refuse now, for about that many
+        seconds: blocked, or the failures and attempts in flight already make the limit."""
+        now = self.clock()
+        keys = self._keys(ip, account)
+        gauges, counters = self.state.gauges, self.state.counters
+        taken: list[str] = []
+        over = False
+        # Take the in-flight share first, then read the failures, then the blocks: a
+        # block (which resets the counts) started after our read is seen by the last step.
+        for key, limit in keys:
+            held = gauges.acquire(f"auth {key}", self.owner, now)
+            taken.append(key)
+            if held + counters.peek(f"auth {key}", self.window, now) > limit:
+                over = True
+                break
+        left = self._blocked_left(keys, now)
+        if over or left > 0:
+            for key in taken:
+                gauges.release(f"auth {key}", self.owner)
+            return left if left > 0 else max(1.0, self.base_delay)
+        return 0.0
+
+    def release(self, ip: str, account: str | None) -> None:
+        """End a reservation that was neither a failure nor a success (the check failed)."""
+        for key, _ in self._keys(ip, account):
+            self.state.gauges.release(f"auth {key}", self.owner)
+
+    def failed(self, ip: str, account: str | None, reserved: bool = True) -> Failure:
+        """Record a failed login (ending its reservation unless ``reserved`` is False: a
+        failure decided without verifying); return how long to wait before answering."""
         now = self.clock()
         state = self.state
         blocks = state.cache(_BLOCKS)
         worst = 0
         blocked_key = ""
         for key, limit in self._keys(ip, account):
+            # Counted before the reservation is given back: the sum never dips meanwhile.
             n = state.counters.hit(f"auth {key}", self.window, now)
             if not key.startswith("net "):
                 worst = max(worst, n)
@@ -439,6 +478,8 @@ class AuthThrottle:
                 blocks.put(key, "", self.block_for, now)
                 state.counters.reset(f"auth {key}")
                 blocked_key = blocked_key or key
+            if reserved:
+                state.gauges.release(f"auth {key}", self.owner)
         return self._failure(worst, blocked_key)
 
     def _failure(self, worst: int, blocked_key: str) -> Failure:
@@ -448,6 +489,13 @@ class AuthThrottle:
             delay = self.max_delay
         return Failure(delay, bool(blocked_key), blocked_key)
 
-    def succeeded(self, ip: str, account: str) -> None:
-        """The password was right: clear the account's count."""
-        self.state.counters.reset(f"auth {self._keys(ip, account)[-1][0]}")
+    def succeeded(self, ip: str, account: str) -> bool:
+        """The password was right: end the reservation and clear the account's count.
+        False when the IP, its network or the account is blocked now (a block that
+        started while this attempt was verified): the caller refuses the login."""
+        keys = self._keys(ip, account)
+        self.release(ip, account)
+        if self._blocked_left(keys, self.clock()) > 0:
+            return False
+        self.state.counters.reset(f"auth {keys[-1][0]}")
+        return True

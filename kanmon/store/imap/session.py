@@ -439,7 +439,7 @@ class ImapSession:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return [Send(f"{tag} BAD malformed AUTHENTICATE PLAIN response\r\n".encode()), *self._error()]
         if authzid and authzid.lower() != authcid.lower():
-            return self._login_failed(tag, authcid)
+            return self._login_failed(tag, authcid, reserved=False)
         return self._check(tag, authcid, password)
 
     def _sasl_login(self, tag: str, text: str) -> list[Event] | Steps:
@@ -459,17 +459,16 @@ class ImapSession:
         return self._check(tag, user, value)
 
     # The throttle may count in the shared state (blocking on its disk): its calls are FileWork.
+    # The attempt is reserved before the password is verified, so parallel logins count.
     def _check(self, tag: str, user: str, password: str) -> Steps:
-        if (yield FileWork(self.throttle.blocked_for, (self.peer.ip, user))) > 0:
-            self.emit(f"imap login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
-            self._closed = True
-            return [Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
+        if (yield FileWork(self.throttle.reserve, (self.peer.ip, user))) > 0:
+            return self._refuse_blocked(tag, user)
         self._pending_tag = tag
         self._pending_user = user
         return [Verify(user, password)]
 
-    def _login_failed(self, tag: str, user: str) -> Steps:
-        f = yield FileWork(self.throttle.failed, (self.peer.ip, user))
+    def _login_failed(self, tag: str, user: str, reserved: bool = True) -> Steps:
+        f = yield FileWork(self.throttle.failed, (self.peer.ip, user, reserved))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("imap", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
                               f.key if f.blocked else ""))
@@ -479,9 +478,15 @@ class ImapSession:
             return [Delay(f.delay), Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
         return [Delay(f.delay), Send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n".encode()), *self._error()]
 
+    def _refuse_blocked(self, tag: str, user: str) -> list[Event]:
+        self.emit(f"imap login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
+        self._closed = True
+        return [Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
+
     def _login_ok(self, tag: str, user: str) -> Steps:
         address = user.strip().lower()
-        yield FileWork(self.throttle.succeeded, (self.peer.ip, address))
+        if not (yield FileWork(self.throttle.succeeded, (self.peer.ip, address))):
+            return self._refuse_blocked(tag, user)  # blocked while it was verified: even a right password waits
         try:
             self.mailbox = yield FileWork(self.users.mailbox(address).ensure)
         except (MaildirError, OSError):
