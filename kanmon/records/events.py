@@ -15,8 +15,10 @@ typed event from a stored row (an old row, written before the fields existed, co
 as a `Note` with its text).
 
 Trusts: its callers for the values. Values from the network (addresses, HELO names,
-replies) are formatted into the line exactly as the callers passed them (escaping is the
-callers' business and stays as it was). Never: do I/O, or parse a line back into fields.
+replies) are formatted into the line exactly as the callers passed them; the records
+writer escapes the control characters of every whole line (kanmon.escape.for_log) before
+it is written anywhere, and the fields keep the exact values. Never: do I/O, or parse a
+line back into fields.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from kanmon.config import LogSection
 
+from kanmon.escape import for_log
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
 from kanmon.records.events import FREE_TEXT, AuthFailed, Critical, Error, Event, LoginFailed, Note, component
@@ -369,13 +370,13 @@ class Records:
             if item[0] == "event":
                 _, ts, qid, event, session, detail = item
                 try:
-                    text = event.line()
+                    text = for_log(event.line())  # control characters from the network, escaped
                     if detail is None and not isinstance(event, FREE_TEXT):
                         detail = event.fields()
                     detail_json = json.dumps(detail) if detail is not None else None
                     add_counts(counts, event)
                 except Exception as e:  # noqa: BLE001 - one bad event must not lose the batch
-                    text, detail_json = f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}", None
+                    text, detail_json = for_log(f"unprintable {type(event).__name__} event: {type(e).__name__}: {e}"), None
                 events.append((ts, qid, event.KIND, text, session, detail_json))
                 stamp = syslog_stamp(ts)
                 prefix = f"{qid}: " if qid else ""

@@ -1,0 +1,42 @@
+"""Text from the network made safe for a log line or a terminal.
+
+Role: the one place that says which characters a client's string may not carry into
+kanmon's own output. `for_log` escapes them (`\\x1b`, `\\t`, as Postfix logs them), so a
+log line stays one line of printable text and still shows what the client sent;
+`for_terminal` does the same for a table cell or any text printed to a TTY.
+
+Covered: C0 controls (NUL, TAB, LF, CR, ESC...), DEL, C1 controls (U+0080-U+009F, which
+some terminals take as CSI/OSC), the line and paragraph separators, and the
+bidirectional overrides and isolates (text that reads differently than it is stored).
+
+Trusts: nothing; any str. Never: change printable text (backslashes included: existing
+lines keep their form), or raise.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    short = _SHORT.get(ch)
+    if short is not None:
+        return short
+    code = ord(ch)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def for_log(text: str) -> str:
+    """`text` with every unsafe character escaped: one printable line."""
+    if _UNSAFE.search(text) is None:  # the common case: no copy
+        return text
+    return _UNSAFE.sub(_escape, text)
+
+
+def for_terminal(text: str) -> str:
+    """What a table cell or a terminal line may show of `text` (the same escapes)."""
+    return for_log(text)
