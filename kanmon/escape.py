@@ -37,6 +37,15 @@ def for_log(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
-def for_terminal(text: str) -> str:
-    """What a table cell or a terminal line may show of `text` (the same escapes)."""
-    return for_log(text)
+_UNSAFE_BLOCK = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def for_terminal(text: str, *, block: bool = False) -> str:
+    """What a table cell or a terminal line may show of `text` (the same escapes).
+    block: a text of several lines (a message's header or body), whose line ends and
+    tabs are kept."""
+    if not block:
+        return for_log(text)
+    if _UNSAFE_BLOCK.search(text) is None:
+        return text
+    return _UNSAFE_BLOCK.sub(_escape, text)

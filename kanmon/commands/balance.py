@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kanmon.balancer.haproxy import haproxy_config
 from kanmon.balancer.status import read_status, status_path
-from kanmon.commands.options import config_option, json_option, load_with_path
+from kanmon.commands.options import cell, config_option, json_option, load_with_path
 from kanmon.units import format_duration, format_size
 
 
@@ -85,9 +85,9 @@ def _print_table(doc: dict[str, Any], stale: bool) -> None:
             style = {"up": "green", "down": "bold red", "disabled": "dim"}.get(state, "")
             rtt = s.get("rtt_ms")
             table.add_row(
-                str(s.get("address")), str(s.get("mode")), f"[{style}]{state}[/]" if style else state,
+                cell(s.get("address")), cell(s.get("mode")), f"[{style}]{state}[/]" if style else cell(state),
                 _since(s.get("since"), now), str(s.get("checks_passed")), str(s.get("checks_failed")),
-                str(s.get("last_check"))[:40], "-" if rtt is None else f"{rtt:.1f}",
+                cell(str(s.get("last_check"))[:40]), "-" if rtt is None else f"{rtt:.1f}",  # a server's reply: text
                 str(s.get("connections")), str(s.get("total_connections")),
                 _bytes(s.get("bytes_in")), _bytes(s.get("bytes_out")),
             )

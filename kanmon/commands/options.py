@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from kanmon.escape import for_terminal
 from kanmon.config import Config, ConfigError, load_config, parse_duration
 
 CONFIG_ENV = "KANMON_CONFIG"
@@ -177,3 +178,16 @@ def format_time(ts: float | None, empty: str = "-") -> str:
     if not ts:
         return empty
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def shown(text: object, *, block: bool = False) -> str:
+    """Text for the terminal: control characters escaped (kanmon.escape), None as ""."""
+    return "" if text is None else for_terminal(str(text), block=block)
+
+
+def cell(text: object):
+    """A rich table cell of text from the network: shown literally (never parsed as
+    markup: a Subject "[/bold]" or "[link=...]" is text), control characters escaped."""
+    from rich.text import Text  # noqa: PLC0415 - rich only for the table views
+
+    return Text(shown(text))

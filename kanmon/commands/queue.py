@@ -24,7 +24,9 @@ from kanmon.admin.backup import BackupError, archive_ids
 from kanmon.admin.filters import STATES, Filters, flag
 from kanmon.admin.queue_ops import dispatch
 from kanmon.commands.admin_session import AdminSession, _fail
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, load_with_path, progress_bar
+from kanmon.commands.options import (
+    config_option, format_time, json_option, load_or_exit, load_with_path, progress_bar, shown,
+)
 from kanmon.config import QueueFilter, parse_hostport
 from kanmon.spool import journal
 from kanmon.units import format_duration
@@ -105,11 +107,11 @@ def list_cmd(config_path, as_json, **filters) -> None:
         total += r["size"] or 0
         size = str(r["size"]) if r["size"] is not None else "?"
         sender = r["from"] or ("MAILER-DAEMON" if r["state"] != "corrupt" else "(damaged queue file)")
-        click.echo(f"{r['id'] + mark:<17} {size:>8} {format_time(r['arrival']):<20} {sender}")
-        if r["last_reply"]:
-            click.echo(f"{'':<48}({r['last_reply'][:200]})")
+        click.echo(f"{r['id'] + mark:<17} {size:>8} {format_time(r['arrival']):<20} {shown(sender)}")
+        if r["last_reply"]:  # a remote server's reply text: escaped for the terminal
+            click.echo(f"{'':<48}({shown(r['last_reply'][:200])})")
         for rcpt in r["rcpts"]:
-            click.echo(f"{'':<48}{rcpt}")
+            click.echo(f"{'':<48}{shown(rcpt)}")
         if r["state"] == "deferred":
             when = format_time(r["next_attempt"]) if r["next_attempt"] else "as soon as possible"
             click.echo(f"{'':<48}next attempt {when}, {r['attempts']} so far")
@@ -137,14 +139,14 @@ def _print_detail(d: dict) -> None:
     click.echo(f"Queue ID:  {d['id']} ({d['state']})")
     click.echo(f"Arrival:   {format_time(d['arrival'])}")
     click.echo(f"Size:      {d['size']} bytes")
-    click.echo(f"Sender:    <{d['from']}>")
+    click.echo(shown(f"Sender:    <{d['from']}>"))
     c = d.get("client")
     if c:
-        click.echo(f"Client:    {c.get('name')} [{c.get('ip')}] helo={c.get('helo')} {c.get('proto')}"
-                   + (f" auth={c['auth_user']}" if c.get("auth_user") else ""))
+        click.echo(shown(f"Client:    {c.get('name')} [{c.get('ip')}] helo={c.get('helo')} {c.get('proto')}"
+                         + (f" auth={c['auth_user']}" if c.get("auth_user") else "")))
     for r in d["rcpts_all"]:
         orig = f" (orig {r['original']})" if r.get("original") else ""
-        click.echo(f"Recipient: <{r['rcpt']}>{orig} {r['status']}")
+        click.echo(shown(f"Recipient: <{r['rcpt']}>{orig} {r['status']}"))
     if d["state"] == "deferred":
         click.echo(f"Attempts:  {d['attempts']}, next {format_time(d['next_attempt'])}")
     if d["history"]:
@@ -155,20 +157,21 @@ def _print_detail(d: dict) -> None:
             except journal.JournalError:
                 continue  # a newer server's record kind: not ours to show
             if isinstance(rec, journal.Result):
-                click.echo(f"  {format_time(rec.t)} <{rec.rcpt}> {rec.status}: {rec.reply}"
-                           + (f" (relay {rec.relay})" if rec.relay else ""))
+                click.echo(shown(f"  {format_time(rec.t)} <{rec.rcpt}> {rec.status}: {rec.reply}"
+                                 + (f" (relay {rec.relay})" if rec.relay else "")))
             elif isinstance(rec, journal.Hold):
-                click.echo(f"  {format_time(rec.t)} {'held' if rec.on else 'released'}"
-                           + (f" by {rec.by}" if rec.by else ""))
+                click.echo(shown(f"  {format_time(rec.t)} {'held' if rec.on else 'released'}"
+                                 + (f" by {rec.by}" if rec.by else "")))
             elif isinstance(rec, journal.Warned):
                 click.echo(f"  {format_time(rec.t)} delay notice sent")
     click.echo("")
-    click.echo(d["headers"].rstrip("\r\n").replace("\r\n", "\n"))
+    # The message as received: its lines kept, their control characters escaped.
+    click.echo(shown(d["headers"].rstrip("\r\n").replace("\r\n", "\n"), block=True))
     click.echo("")
-    click.echo(d["body"].replace("\r\n", "\n"))
-    shown = d["body"].count("\r\n") + 1 if d["body"] else 0
-    if d["body_lines_total"] > shown:
-        click.echo(f"[... {d['body_lines_total'] - shown} more line(s)]")
+    click.echo(shown(d["body"].replace("\r\n", "\n"), block=True))
+    lines_shown = d["body"].count("\r\n") + 1 if d["body"] else 0
+    if d["body_lines_total"] > lines_shown:
+        click.echo(f"[... {d['body_lines_total'] - lines_shown} more line(s)]")
 
 
 def _ids_from(path: str | None) -> list[str]:

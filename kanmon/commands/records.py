@@ -15,7 +15,7 @@ import time
 import click
 
 from kanmon.commands.options import (
-    config_option, format_time, json_option, load_or_exit, parse_since, progress_bar, require_data_dir,
+    cell, config_option, format_time, json_option, load_or_exit, parse_since, progress_bar, require_data_dir, shown,
 )
 
 
@@ -45,7 +45,7 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
         if as_json:
             click.echo(json.dumps(r.as_dict()))
         else:
-            click.echo(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}")
+            click.echo(shown(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}"))
 
 
 @log.command("history")
@@ -78,10 +78,11 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
     for col in ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(
+        # Every cell is text, not markup: subjects and addresses come from the network.
+        table.add_row(*(cell(v) for v in (
             format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
             r.disposition, r.queue_id, r.status,
-        )
+        )))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
@@ -108,11 +109,12 @@ def trace(config_path, query, since, as_json) -> None:
         if n:
             click.echo()
         head = t.queue_id or "(rejected, not queued)"
-        click.echo(f"{head}  {t.message_id or '-'}")
-        click.echo(f"  from=<{t.mail_from}> to=" + ", ".join(f"<{r}>" for r in t.rcpts)
-                   + (f"  size={t.size}" if t.size else "") + (f"  subject={t.subject!r}" if t.subject else ""))
+        # Message-IDs, addresses, subjects, EHLO names and replies come from the network.
+        click.echo(shown(f"{head}  {t.message_id or '-'}"))
+        click.echo(shown(f"  from=<{t.mail_from}> to=" + ", ".join(f"<{r}>" for r in t.rcpts)
+                         + (f"  size={t.size}" if t.size else "") + (f"  subject={t.subject!r}" if t.subject else "")))
         if t.client_ip:
-            click.echo(f"  client {t.client_ip}" + (f" EHLO {t.helo}" if t.helo else ""))
+            click.echo(shown(f"  client {t.client_ip}" + (f" EHLO {t.helo}" if t.helo else "")))
         for s in t.steps:
             extra = ""
             if s.detail.get("tls"):
@@ -121,7 +123,7 @@ def trace(config_path, query, since, as_json) -> None:
                 extra = "  [no TLS]"
             if s.kind == "connect" and s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"
-            click.echo(f"  {format_time(s.ts)}  {s.step:<9} {s.text}{extra}")
+            click.echo(shown(f"  {format_time(s.ts)}  {s.step:<9} {s.text}{extra}"))
         click.echo(f"  final: {t.final}")
 
 
@@ -167,14 +169,13 @@ def stats(config_path, by, since, as_json, top, tls_reports) -> None:
                         ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check)):
         console.print(f"\n{title}:")
         for name, count in rows:
-            console.print(f"  {count:>8}  {name}", markup=False, highlight=False)
+            console.print(f"  {count:>8}  {shown(name)}", markup=False, highlight=False)
 
 
 def _tls_stats(cfg, since: str, as_json: bool) -> None:
     """`kanmon stats --tls`: the day reports of kanmon.records.tlsrpt, one row per domain."""
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
 
     from kanmon.records.tlsrpt import read_reports, report_dir
 
@@ -198,13 +199,9 @@ def _tls_stats(cfg, since: str, as_json: bool) -> None:
             for row in p["failure-details"]:
                 failures[row["result-type"]] = failures.get(row["result-type"], 0) + row["failed-session-count"]
             text = ", ".join(f"{k} {v}" for k, v in sorted(failures.items(), key=lambda kv: -kv[1]))
-            # Text(): the domain and names came from the network; never read as markup.
-            table.add_row(day, Text(_printable(p["policy"]["policy-domain"])), p["policy"]["policy-type"],
+            # cell(): the domain and names came from the network; never read as markup.
+            table.add_row(day, cell(p["policy"]["policy-domain"]), cell(p["policy"]["policy-type"]),
                           str(summary["total-successful-session-count"]), str(summary["total-failure-session-count"]),
-                          Text(_printable(text)))
+                          cell(text))
     console.print(table)
     console.print(f"\nreports (RFC 8460 JSON): {report_dir(cfg.server.data_dir)}", markup=False, highlight=False)
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in str(text))

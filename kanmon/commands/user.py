@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.commands.options import config_option, json_option, load_or_exit, require_data_dir
+from kanmon.commands.options import cell, config_option, json_option, load_or_exit, require_data_dir
 from kanmon.store.users import UnknownMailbox, Users
 from kanmon.units import format_size
 
@@ -157,12 +157,12 @@ def list_users(as_json: bool, config_path: str | None) -> None:
         table.add_column(col, justify="right" if col in ("size", "messages") else "left")
     for i in infos:
         table.add_row(
-            i.address,
+            cell(i.address),
             "yes" if i.has_password else "no",
             "LOCKED" if i.locked else "",
             format_size(i.size),
             str(i.messages),
-            _when(i.last_login) + (f" from {i.last_ip}" if i.last_ip else ""),
+            cell(_when(i.last_login) + (f" from {i.last_ip}" if i.last_ip else "")),
         )
     Console(width=160).print(table)
 
