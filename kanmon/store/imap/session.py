@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import errno
 import email.header
 import email.utils
 import re
@@ -67,6 +68,7 @@ from kanmon.store.maildir import (
     FolderExists,
     FolderNotFound,
     Mailbox,
+    MAX_FOLDER_NAME,
     MaildirError,
     MessageInfo,
     check_folder_name,
@@ -79,6 +81,8 @@ IDLE_TIMEOUT = 1800.0  # RFC 3501 5.4: at least 30 minutes
 PREAUTH_MAX_LITERAL = 8 * 1024  # the largest literal before the login (LOGIN, AUTHENTICATE)
 IDLE_POLL = 2.0  # how often IDLE looks at the folder for new mail
 MAX_ERRORS = 20
+MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
+MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
 BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID"
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
@@ -376,6 +380,8 @@ class ImapSession:
             return [Send(f"{tag} BAD {e}\r\n".encode()), *self._error()]
         if isinstance(e, No):
             return [Send(f"{tag} NO {e}\r\n".encode())]
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+            return [Send(f"{tag} NO [LIMIT] name too long\r\n".encode())]
         self.emit(f"imap {self.user or '-'} store error: {e}")
         return [Send(f"{tag} NO [SERVERBUG] the mailbox cannot be accessed now\r\n".encode())]
 
@@ -503,9 +509,17 @@ class ImapSession:
     # -- authenticated (RFC 3501 6.3)
     def _folder_name(self, value: object) -> str:
         name = astring(value)
+        if not name.isascii():
+            # RFC 3501 5.1.3: names are 7-bit (modified UTF-7); RFC 6855 3: 8-bit ones
+            # only after ENABLE UTF8=ACCEPT, which is not offered.
+            raise Bad("folder names are 7-bit: use modified UTF-7 (RFC 3501 5.1.3)")
+        if len(name) > MAX_FOLDER_BYTES:
+            raise No(f"[LIMIT] folder name longer than {MAX_FOLDER_BYTES} bytes")
         try:
             return check_folder_name(name)
         except BadFolderName as e:
+            if len(name) > MAX_FOLDER_NAME:
+                raise No(f"[LIMIT] {e}") from None
             raise No(str(e)) from None
 
     def _cmd_namespace(self, tag: str, args: list) -> list[Event]:
@@ -1039,7 +1053,7 @@ class ImapSession:
         pos = 0
         keys = []
         while pos < len(args):
-            key, pos = self._search_key(args, pos)
+            key, pos = self._search_key(args, pos, 0)
             keys.append(key)
         out = yield from self._refresh(allow_expunge=False)
         n = len(sel.uids)
@@ -1054,16 +1068,18 @@ class ImapSession:
         line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
 
-    def _search_key(self, args: list, pos: int):  # noqa: C901 - one branch per key
+    def _search_key(self, args: list, pos: int, depth: int):  # noqa: C901 - one branch per key
         if pos >= len(args):
             raise Bad("SEARCH key missing")
+        if depth > MAX_SEARCH_DEPTH:  # NOT, OR and parentheses nest: bound the recursion
+            raise Bad(f"SEARCH keys nested deeper than {MAX_SEARCH_DEPTH}")
         a = args[pos]
         pos += 1
         if isinstance(a, list):
             subs = []
             p = 0
             while p < len(a):
-                k, p = self._search_key(a, p)
+                k, p = self._search_key(a, p, depth + 1)
                 subs.append(k)
             return (lambda c, subs=subs: all(k(c) for k in subs)), pos
         if not isinstance(a, str) or isinstance(a, QStr):
@@ -1138,11 +1154,11 @@ class ImapSession:
             ranges = parse_sequence_set(arg())
             return (lambda c: in_set(ranges, c.uid, c.largest_uid)), pos
         if key == "NOT":
-            k, pos = self._search_key(args, pos)
+            k, pos = self._search_key(args, pos, depth + 1)
             return (lambda c: not k(c)), pos
         if key == "OR":
-            k1, pos = self._search_key(args, pos)
-            k2, pos = self._search_key(args, pos)
+            k1, pos = self._search_key(args, pos, depth + 1)
+            k2, pos = self._search_key(args, pos, depth + 1)
             return (lambda c: k1(c) or k2(c)), pos
         if re.match(r"^[\d*:,]+$", key):
             ranges = parse_sequence_set(key)
