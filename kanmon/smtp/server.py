@@ -692,8 +692,9 @@ class SmtpProtocol(asyncio.Protocol):
             return
         if not self.session.in_data and self.session.state.value == "greeting" and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
-                # A PROXY header from an address that is not a trusted balancer.
-                self.server.records.record(ev.ProxyRefused(self.peer_ip), session=self.sid)
+                # A PROXY header from an address that is not a trusted balancer: the
+                # client's (behind a trusted balancer, the one its header named).
+                self.server.records.record(ev.ProxyRefused(self.session.client.ip), session=self.sid)
                 self._do(self.session.close(replies.PROXY_REFUSED))
                 return
         if self._greet_timer is not None:
