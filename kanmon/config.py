@@ -1145,6 +1145,12 @@ class SubmissionSection(ListenerPair):
                     "default: the client's session profile's ([smtp] max_connections_per_ip, 50)",
     )
 
+    from_header: Literal["any", "own", "own_or_alias"] = Field(
+        "own_or_alias",
+        description='The From: header of an authenticated user\'s message: "own" (only the user\'s address), '
+                    '"own_or_alias" (also an alias that delivers to the user), "any"; else 553 5.7.1 at DATA',
+    )
+
 
 class MailboxAccessSection(ListenerPair):
     """[pop3] and [imap]: their listeners and the limits of their connections."""

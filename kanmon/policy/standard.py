@@ -21,6 +21,7 @@ from kanmon.policy.disk import FreeDiskCheck
 from kanmon.policy.dnsbl import DnsblCheck
 from kanmon.policy.limits import rate_checks
 from kanmon.policy.dns import CheckResolver
+from kanmon.policy.fromheader import FromHeaderCheck
 from kanmon.policy.greylist import GreylistCheck
 from kanmon.policy.helo import HeloResolvableCheck, HeloSyntaxCheck, OwnHeloCheck
 from kanmon.policy.loop import LoopCheck
@@ -64,6 +65,8 @@ def standard_checks(
     if resolver is not None:
         checks += [ClientIdentityCheck(config, resolver, access), HeloResolvableCheck(config, resolver)]
     checks.append(SenderSpoofCheck(access))
+    if config.submission.from_header != "any":  # authenticated users only: nothing to do for others
+        checks.append(FromHeaderCheck(access, config.submission.from_header))
     auth = auth_checks(config, resolver, access) if resolver is not None else []
     if resolver is not None:
         checks.append(SenderDomainCheck(config, resolver))
