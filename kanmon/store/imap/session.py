@@ -31,7 +31,7 @@ import email.header
 import email.utils
 import re
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -983,11 +983,22 @@ class ImapSession:
         )
         out = yield from self._refresh(allow_expunge=False)
         chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
-        for batch in _batches(chosen, need.content):
-            files = (yield FileWork(_message_files, (sel.folder, [i for _, _, i in batch], need))) if need.any else None
+        start = 0
+        while start < len(chosen):
+            batch = chosen[start:start + FETCH_BATCH]
+            files = None
+            if need.any:
+                # The file work stops once it has read FETCH_BATCH_BYTES (sizes in file
+                # names are hints a foreign Maildir may lack): the rest comes next round.
+                files = yield FileWork(_message_files, (sel.folder, [i for _, _, i in batch], need))
+                batch = batch[:len(files)]
             for n, (seq, u, info) in enumerate(batch):
                 out.append(self._fetch_one(seq, u, info, wanted, files[n] if files else None))
-            yield Send(b"".join(out))  # batch by batch: a large FETCH is never held whole
+            start += len(batch)
+            # Batch by batch: the adapter writes each and waits for the transport to drain
+            # below its high-water mark before the next file work, so a large FETCH (or 20
+            # pipelined ones: they run one at a time) is never held whole.
+            yield Send(b"".join(out))
             out = []
         return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
 
@@ -1277,28 +1288,19 @@ FETCH_BATCH = 100  # messages per FileWork
 FETCH_BATCH_BYTES = 1 << 20  # stored bytes per FileWork, when content is read
 
 
-def _batches(chosen: list[tuple[int, int, MessageInfo]], content: bool) -> Iterator[list[tuple[int, int, MessageInfo]]]:
-    """FETCH targets in runs that each cost one FileWork and bounded memory."""
-    batch: list[tuple[int, int, MessageInfo]] = []
-    weight = 0
-    for item in chosen:
-        batch.append(item)
-        if content:
-            weight += item[2].size or item[2].vsize or 0
-        if len(batch) >= FETCH_BATCH or weight >= FETCH_BATCH_BYTES:
-            yield batch
-            batch, weight = [], 0
-    if batch:
-        yield batch
-
-
 def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -> list[_MessageFiles]:
-    """Read what a FETCH needs of each message; set \\Seen where the FETCH implies it."""
+    """Read what a FETCH needs of the first messages of infos; set \\Seen where the FETCH
+    implies it. Stops after the message that brings the content read to FETCH_BATCH_BYTES
+    (at least one message): the caller asks again for the rest."""
     out = []
+    read = 0
     for info in infos:
+        if read >= FETCH_BATCH_BYTES:
+            break
         f = _MessageFiles()
         if need.content:
             f.wire, f.tree = _read_parsed(folder, info)
+            read += len(f.wire)
         if need.date:
             f.date = folder.internal_date(info)
         if need.size:
