@@ -270,8 +270,20 @@ class SessionConnection(asyncio.Protocol):
             if session is not None:
                 with contextlib.suppress(Exception):
                     session.connection_lost()
+                    self._settle(getattr(session, "owed", None))
             if self.transport is not None:
                 self.transport.close()
+
+    def _settle(self, owed: Callable[[], None] | None) -> None:
+        """Run what an ended session still owes (a throttle reservation to give back) in
+        the file executor, without waiting: the connection is gone, nobody needs the answer."""
+        if owed is None:
+            return
+        if self.files is not None:
+            self.files.submit(owed)
+        else:
+            asyncio.get_running_loop().run_in_executor(None, owed).add_done_callback(
+                lambda f: f.cancelled() or f.exception())  # retrieved: a failure here is nobody's to report
 
     async def _next_input(self, session: Session) -> bytes | object:
         """Buffered input, b"" at EOF, _POLL when the session's poll is due, _TIMEOUT

@@ -29,6 +29,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from kanmon.records.events import LoginFailed
@@ -156,6 +157,8 @@ class Pop3Session:
         self._buf = bytearray()
         self._user: str | None = None
         self._pending: str | None = None  # address whose password is being verified
+        self._reserved: tuple[str, str] | None = None  # (ip, user) of a throttle reservation not yet ended
+        self.owed: Callable[[], None] | None = None  # blocking work the ended session still owes (the adapter runs it)
         self._steps: Steps | None = None  # a command waiting for FileWork
         self._sasl_wait = False  # AUTH PLAIN sent without an initial response
         self._errors = 0
@@ -216,6 +219,9 @@ class Pop3Session:
 
     def connection_lost(self) -> None:
         """The connection ended: release the lock, delete nothing (RFC 1939 6)."""
+        if self._reserved is not None:  # gone while its password was verified: give the attempt back
+            self.owed = partial(self.throttle.release, *self._reserved)
+            self._reserved = None
         if self._steps is not None:
             self._steps.close()
             self._steps = None
@@ -352,10 +358,12 @@ class Pop3Session:
     def _check(self, user: str, password: str) -> Steps:
         if (yield FileWork(self.throttle.reserve, (self.peer.ip, user))) > 0:
             return self._refuse_blocked(user)
+        self._reserved = (self.peer.ip, user)
         self._pending = user
         return [Verify(user, password)]
 
     def _failed(self, user: str, reserved: bool = True) -> Steps:
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
         f = yield FileWork(self.throttle.failed, (self.peer.ip, user, reserved))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("pop3", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
@@ -373,6 +381,7 @@ class Pop3Session:
 
     def _login(self, user: str) -> Steps:
         address = user.strip().lower()
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
         if not (yield FileWork(self.throttle.succeeded, (self.peer.ip, address))):
             return self._refuse_blocked(user)  # blocked while it was verified: even a right password waits
         try:

@@ -414,7 +414,7 @@ class AuthThrottle:
         self.block_network_after = block_network_after
         self.block_account_after = block_account_after
         self.block_for = block_for
-        self.owner = f"auth {os.getpid()}"  # the gauge owner of this process's attempts in flight
+        self.owner = str(os.getpid())  # the gauge owner of attempts in flight, as of connections: dropped with a dead process
 
     def _keys(self, ip: str, account: str | None) -> list[tuple[str, int]]:
         """(key, limit) for the IP, its network and the account (when named)."""

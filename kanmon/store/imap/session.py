@@ -32,6 +32,7 @@ import email.utils
 import re
 import time
 from collections.abc import Callable, Generator
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,8 @@ class ImapSession:
         self.mailbox: Mailbox | None = None
         self.sel: _Selected | None = None
         self._pending_tag: str | None = None  # tag of a LOGIN/AUTHENTICATE being verified
+        self._reserved: tuple[str, str] | None = None  # (ip, user) of a throttle reservation not yet ended
+        self.owed: Callable[[], None] | None = None  # blocking work the ended session still owes (the adapter runs it)
         self._pending_user = ""
         self._sasl_tag: str | None = None  # AUTHENTICATE waiting for a client response
         self._sasl_mech = "PLAIN"  # PLAIN, or LOGIN (user name, then password)
@@ -253,6 +256,9 @@ class ImapSession:
     def connection_lost(self) -> None:
         self._closed = True
         self.sel = None
+        if self._reserved is not None:  # gone while its password was verified: give the attempt back
+            self.owed = partial(self.throttle.release, *self._reserved)
+            self._reserved = None
         if self._steps is not None:  # the FileWork may still finish; nobody waits for it
             self._steps.close()
             self._steps = None
@@ -469,11 +475,13 @@ class ImapSession:
     def _check(self, tag: str, user: str, password: str) -> Steps:
         if (yield FileWork(self.throttle.reserve, (self.peer.ip, user))) > 0:
             return self._refuse_blocked(tag, user)
+        self._reserved = (self.peer.ip, user)
         self._pending_tag = tag
         self._pending_user = user
         return [Verify(user, password)]
 
     def _login_failed(self, tag: str, user: str, reserved: bool = True) -> Steps:
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
         f = yield FileWork(self.throttle.failed, (self.peer.ip, user, reserved))
         self._failed_logins = getattr(self, "_failed_logins", 0) + 1
         self.emit(LoginFailed("imap", log_safe(user), "PLAIN", self.peer.ip, self._failed_logins,
@@ -491,6 +499,7 @@ class ImapSession:
 
     def _login_ok(self, tag: str, user: str) -> Steps:
         address = user.strip().lower()
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
         if not (yield FileWork(self.throttle.succeeded, (self.peer.ip, address))):
             return self._refuse_blocked(tag, user)  # blocked while it was verified: even a right password waits
         try:
