@@ -65,7 +65,7 @@ def standard_checks(
     if resolver is not None:
         checks += [ClientIdentityCheck(config, resolver, access), HeloResolvableCheck(config, resolver)]
     checks.append(SenderSpoofCheck(access))
-    if config.submission.from_header != "any":  # authenticated users only: nothing to do for others
+    if config.submission is not None and config.submission.from_header != "any":  # authenticated users only
         checks.append(FromHeaderCheck(access, config.submission.from_header))
     auth = auth_checks(config, resolver, access) if resolver is not None else []
     if resolver is not None:
