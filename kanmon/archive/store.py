@@ -23,6 +23,8 @@ from pathlib import Path
 
 from kanmon.model import Envelope
 
+RECOUNT_INTERVAL = 60.0  # seconds between recounts of a full archive
+
 
 def directory_size(path: Path) -> int:
     """Bytes in the files under path (the quota check; blocking)."""
@@ -55,6 +57,7 @@ class ArchiveStore:
         os.chmod(self.path, 0o700)
         self._lock = threading.Lock()
         self.used = directory_size(self.path)
+        self._counted_at = time.monotonic()
         self.full_reported = False
         self._seq = 0
         self._host = socket.gethostname().replace("/", "_").replace(":", "_") or "kanmon"
@@ -64,7 +67,15 @@ class ArchiveStore:
         data = archive_header(queue_id, env, direction) + content
         with self._lock:
             if self.quota is not None and self.used + len(data) > self.quota:
-                return "over quota"
+                # Over quota as counted: count again (at most once a minute), since the
+                # administrator may have made room meanwhile.
+                now = time.monotonic()
+                if now - self._counted_at < RECOUNT_INTERVAL:
+                    return "over quota"
+                self._counted_at = now
+                self.used = directory_size(self.path)
+                if self.used + len(data) > self.quota:
+                    return "over quota"
             self._seq += 1
             name = f"{time.time():.6f}.{queue_id}.{os.getpid()}_{self._seq}.{self._host}"
         tmp, final = self.path / "tmp" / name, self.path / "new" / name
@@ -74,6 +85,7 @@ class ArchiveStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                os.fdatasync(fd)  # a journal copy survives a crash like the message itself
             finally:
                 os.close(fd)
             os.rename(tmp, final)

@@ -162,8 +162,6 @@ def _inspect(name: str, declared: str, data: bytes, depth: int, container: str, 
     item = Item(name, declared, mime, classes, depth, container)
     inv.items.append(item)
     if mime == "application/zip":
-        if _zip_macro(data):
-            classes.add("macro")
         _walk_zip(name, data, depth, inv, budget, item)
     elif mime == "application/gzip":
         _walk_gzip(name, data, depth, inv, budget)
@@ -172,25 +170,32 @@ def _inspect(name: str, declared: str, data: bytes, depth: int, container: str, 
         pass
 
 
-def _zip_macro(data: bytes) -> bool:
-    """An Office Open XML document carrying a VBA project (docm/xlsm..., or renamed docx)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            return any(n.lower().endswith("vbaproject.bin") for n in z.namelist()[:MAX_MEMBERS])
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
-        return False
+def _zip_entries(data: bytes) -> int | None:
+    """The entry count the zip's end record claims (read before the central directory is
+    parsed: a zip listing 300,000 names costs seconds and memory to open), or None."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
+    if at < 0 or at + 12 > len(data):
+        return None
+    return int.from_bytes(data[at + 10:at + 12], "little")
 
 
 def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget, item: Item) -> None:
     if depth + 1 > MAX_DEPTH:
         budget.hit(f"archives nested deeper than {MAX_DEPTH}")
         return
+    claimed = _zip_entries(data)
+    if claimed is not None and budget.members + claimed > MAX_MEMBERS:
+        budget.hit(f"more than {MAX_MEMBERS} files in archives")
+        return
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
         return
     with z:
-        for info in z.infolist():
+        infos = z.infolist()
+        if any(i.filename.lower().endswith("vbaproject.bin") for i in infos[:MAX_MEMBERS]):
+            item.classes.add("macro")  # an Office Open XML document carrying a VBA project
+        for info in infos:
             budget.members += 1
             if budget.members > MAX_MEMBERS:
                 budget.hit(f"more than {MAX_MEMBERS} files in archives")
@@ -211,6 +216,9 @@ def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budge
                 with z.open(info) as stream:
                     content = _read_bounded(stream, budget, info.compress_size)
             except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, zlib.error):
+                # A member we cannot decompress (Deflate64, a damaged stream): still listed,
+                # by name, so a name rule sees `evil.exe` that Windows would extract.
+                inv.items.append(Item(member, "", "application/octet-stream", _ext_classes(member), depth + 1, name))
                 continue
             if content is None:
                 return

@@ -20,13 +20,14 @@ import codecs
 import email
 import email.errors
 import email.header
+import email.parser
 import email.policy
 import email.utils
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from email.message import Message
-from html.parser import HTMLParser
+import html as _html
 from urllib.parse import unquote_to_bytes
 
 MAX_PARTS = 1000  # MIME parts walked; beyond: the message is marked truncated
@@ -159,42 +160,39 @@ def _decode_word(word: str) -> str:
     return decode_bytes(data, charset.split("*")[0] if charset else None)  # RFC 2231 5: charset*lang
 
 
-class _HtmlText(HTMLParser):
-    """HTML to text: the character data, without script/style, with block breaks."""
-
-    _SKIP = {"script", "style", "head", "title"}
-    _BREAK = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "td", "th"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP:
-            self._skip += 1
-        elif tag in self._BREAK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP and self._skip:
-            self._skip -= 1
-        elif tag in self._BREAK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self._skip:
-            self.parts.append(data)
+_TAG = re.compile(r"<[^<>]*>")
+_BLOCK = re.compile(r"(?i)</?(?:br|p|div|tr|li|h[1-6]|table|td|th)\b")
 
 
 def html_to_text(html: str) -> str:
-    parser = _HtmlText()
-    try:
-        parser.feed(html)
-        parser.close()
-    except Exception:  # noqa: BLE001 - HTMLParser on hostile input: keep what was read
-        pass
-    return "".join(parser.parts)
+    """HTML reduced to its text: script, style and head content dropped, tags removed,
+    block elements as line breaks, entities decoded. Linear in the input (a find loop and
+    one-pass regexes): the standard library's HTMLParser can take minutes on crafted
+    input (CVE-2025-6069), which would hold a content worker that long."""
+    out: list[str] = []
+    lowered = html.lower()
+    pos, n = 0, len(html)
+    while pos < n:
+        start = lowered.find("<", pos)
+        if start < 0:
+            out.append(html[pos:])
+            break
+        out.append(html[pos:start])
+        skipped = False
+        for name in ("script", "style", "head", "title"):
+            if lowered.startswith(name, start + 1) and not lowered[start + 1 + len(name):start + 2 + len(name)].isalnum():
+                close = lowered.find(f"</{name}", start)
+                pos = n if close < 0 else (lowered.find(">", close) + 1 or n)
+                skipped = True
+                break
+        if skipped:
+            continue
+        out.append("<")
+        pos = start + 1
+    text = "".join(out)
+    text = _BLOCK.sub("\n<", text)
+    text = _TAG.sub(" ", text)
+    return _html.unescape(text)
 
 
 def normalize(text: str) -> str:
@@ -262,7 +260,18 @@ _POLICY = _Lenient()
 def decode_message(content: bytes) -> DecodedMessage:
     """The decoded view of a message (see the module docstring); never raises on content:
     a part that cannot be read is kept as an unnamed attachment and the message marked."""
-    msg = email.message_from_bytes(content, policy=_POLICY)
+    try:
+        msg = email.message_from_bytes(content, policy=_POLICY)
+    except RecursionError:
+        # Thousands of nested multiparts: the standard parser recurses before our depth
+        # bound can look. Read the header alone; the body stays one unread part.
+        msg = email.parser.BytesParser(policy=_POLICY).parsebytes(content, headersonly=True)
+        head = [(k.lower(), decode_header_value(str(v))) for k, v in msg.raw_items()]
+        end = content.find(b"\r\n\r\n")
+        body = content[end + 4:] if end >= 0 else b""
+        return DecodedMessage(head, next((v for n, v in head if n == "subject"), ""), "",
+                              [Attachment("", "application/octet-stream", body[:MAX_PART_BYTES])], size=len(content),
+                              truncated=f"a part could not be read (MIME nesting deeper than {MAX_DEPTH})")
     headers = [(k.lower(), decode_header_value(str(v))) for k, v in msg.raw_items()]
     subject = next((v for n, v in headers if n == "subject"), "")
     out = DecodedMessage(headers, subject, "", size=len(content))

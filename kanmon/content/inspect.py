@@ -22,7 +22,17 @@ class Inspection:
     verdict: Verdict
 
 
-def inspect_message(profile: CompiledProfile, content: bytes, facts: Facts) -> Inspection:
+# When recipients of one message have different profiles, the gravest verdict applies to
+# the message (one copy is stored): an added recipient can only make it stricter.
+GRAVITY = {"reject": 5, "quarantine": 4, "discard": 3, "redirect": 2, "accept": 1}
+
+
+def inspect_message(profile: CompiledProfile | list[CompiledProfile], content: bytes, facts: Facts) -> Inspection:
     msg = decode_message(content)
     inv = inventory(msg.attachments)
-    return Inspection(msg, inv, profile.evaluate(msg, inv, facts))
+    if msg.truncated.startswith("a part could not be read") and not inv.limit:
+        inv.limit = msg.truncated  # what cannot be read cannot be judged: the profile's archive_limit decides
+    profiles = profile if isinstance(profile, list) else [profile]
+    verdicts = [p.evaluate(msg, inv, facts) for p in profiles]
+    gravest = max(verdicts, key=lambda v: GRAVITY.get(v.action, 1))  # the first of equals
+    return Inspection(msg, inv, gravest)

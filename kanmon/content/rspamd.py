@@ -73,7 +73,14 @@ async def _check(url, data, ip, helo, mail_from, rcpts, user, queue_id) -> SpamR
         status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         if not status_line.startswith("HTTP/1.") or status_line.split(" ")[1:2] != ["200"]:
             return SpamResult("error", error=f"rspamd at {url}: {status_line[:100]!r}")
-        body = await reader.read(MAX_ANSWER + 1)
+        chunks, size = [], 0
+        while size <= MAX_ANSWER:  # to EOF (Connection: close): the answer may come in pieces
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
         if len(body) > MAX_ANSWER:
             return SpamResult("error", error=f"rspamd at {url}: answer larger than {MAX_ANSWER} bytes")
     finally:

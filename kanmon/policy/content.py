@@ -1,8 +1,9 @@
 """The content check: a message's content profile, run at the end of DATA.
 
-Role: choose the message's [[content_profile]] (a [[recipient_policy]] naming one for a
-recipient, else "inbound" for mail from outside or "outbound" for relay_networks and
-authenticated clients, when a profile of that name exists), run it in a bounded thread
+Role: choose each recipient's [[content_profile]] (a [[recipient_policy]] naming one for
+the recipient, else "inbound" for mail from outside or "outbound" for relay_networks and
+authenticated clients, when a profile of that name exists; with several, the gravest
+verdict applies to the message), run it in a bounded thread
 pool (kanmon.content.inspect), and turn its verdict into the pipeline's answer: reject
 (550 5.7.1), quarantine, discard, redirect, bcc, a Subject prefix, headers, a score, and
 a Finding for each rule that matched (the listener records them with the queue id).
@@ -30,17 +31,28 @@ from kanmon.policy.profiles import recipient_policy_for
 POOL_SIZE = 2
 
 
-def content_profile_name(config: Config, sender: str, recipients: list[str] | tuple[str, ...], from_outside: bool) -> str | None:
-    """The content profile for a message (see the module docstring), or None."""
+def content_profile_names(config: Config, sender: str, recipients, from_outside: bool) -> list[str]:
+    """Every recipient's content profile (see the module docstring), distinct, in order:
+    a recipient's [[recipient_policy]] content_profile, else "inbound"/"outbound" by
+    direction when defined; [] when none applies to any recipient."""
     names = {p.name for p in config.content_profile}
     if not names:
-        return None
-    for rcpt in recipients:
-        policy = recipient_policy_for(sender, rcpt, config)
-        if policy is not None and policy.content_profile is not None:
-            return policy.content_profile
+        return []
     default = "inbound" if from_outside else "outbound"
-    return default if default in names else None
+    out: list[str] = []
+    for rcpt in recipients or ("",):
+        policy = recipient_policy_for(sender, rcpt, config) if rcpt else None
+        name = policy.content_profile if policy is not None and policy.content_profile is not None else (
+            default if default in names else None)
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def content_profile_name(config: Config, sender: str, recipients, from_outside: bool) -> str | None:
+    """The first of content_profile_names (for a dry run and for messages with one profile)."""
+    names = content_profile_names(config, sender, recipients, from_outside)
+    return names[0] if names else None
 
 
 def verdict_result(verdict: Verdict) -> CheckResult:
@@ -85,13 +97,13 @@ class ContentCheck(Check):
         client = ctx.client
         authenticated = bool(client.auth_user)
         from_outside = not (authenticated or self.access.is_relay_client(client.ip))
-        name = content_profile_name(self.config, env.mail_from, env.rcpts, from_outside)
-        if name is None:
+        names = content_profile_names(self.config, env.mail_from, env.rcpts, from_outside)
+        if not names:
             return ACCEPTED
         facts = Facts(env.mail_from, tuple(env.rcpts), from_outside, authenticated)
-        return self._inspect(self.profiles[name], ctx.content, facts)
+        return self._inspect([self.profiles[n] for n in names], ctx.content, facts)
 
-    async def _inspect(self, profile: CompiledProfile, content: bytes, facts: Facts) -> CheckResult:
+    async def _inspect(self, profile: list[CompiledProfile], content: bytes, facts: Facts) -> CheckResult:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._pool, inspect_message, profile, content, facts)
         return verdict_result(found.verdict)

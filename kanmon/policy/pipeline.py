@@ -212,7 +212,7 @@ class _Tally:
             self.effects += r.effects
         if r.recipients is not None:
             ctx.recipients = r.recipients
-        if r.classification:
+        if r.classification and outranks(r.classification, self.classification):
             self.classification = r.classification
         if r.content is not None:
             self.content = ctx.content = r.content
@@ -244,6 +244,15 @@ class _Tally:
     def _decision(self, ctx: Context, outcome: Outcome, reply: Reply, check: Check, cls: str, error: str = "") -> Decision:
         return Decision(outcome, reply, check.name, cls, self.headers, self.score, self.quarantine, self.effects,
                         ctx.recipients, error, findings=self.findings)
+
+
+# A later check's classification replaces an earlier one unless the earlier is graver: a
+# message clamd found infected stays Virus when a spam scorer also calls it Spam.
+_CLASS_RANK = {"Virus": 3, "Spam": 2}
+
+
+def outranks(new: str, old: str) -> bool:
+    return _CLASS_RANK.get(new, 1) >= _CLASS_RANK.get(old, 0 if not old else 1)
 
 
 def _combine(a: Amend, b: Amend) -> Amend:

@@ -31,7 +31,7 @@ from kanmon.config import Config, ContentProfileSection
 from kanmon.content import clamd, rspamd
 from kanmon.model import Reply
 from kanmon.policy.access import RelayAccess
-from kanmon.policy.content import content_profile_name
+from kanmon.policy.content import content_profile_names
 from kanmon.policy.pipeline import ACCEPTED, Amend, Check, CheckResult, Context, Finding, accept, refuse
 
 DEFAULT_PROFILE = ContentProfileSection(name="built-in")  # when no [[content_profile]] applies
@@ -75,8 +75,22 @@ class ScannerCheck(Check):
         assert env is not None
         client = ctx.client
         from_outside = not (client.auth_user or self.access.is_relay_client(client.ip))
-        name = content_profile_name(self.config, env.mail_from, env.rcpts, from_outside)
-        return self.profiles[name] if name is not None else DEFAULT_PROFILE
+        profiles = [self.profiles[n] for n in content_profile_names(self.config, env.mail_from, env.rcpts, from_outside)]
+        if not profiles:
+            return DEFAULT_PROFILE
+        if len(profiles) == 1:
+            return profiles[0]
+        # Recipients with different profiles: the strictest setting of each (one copy is stored).
+        def lowest(values):
+            present = [v for v in values if v is not None]
+            return min(present) if present else None
+
+        return profiles[0].model_copy(update={
+            "virus": "reject" if any(p.virus == "reject" for p in profiles) else "quarantine",
+            "scanner_failure": "tempfail" if any(p.scanner_failure == "tempfail" for p in profiles) else "accept_and_tag",
+            "quarantine_score": lowest(p.quarantine_score for p in profiles),
+            "reject_score": lowest(p.reject_score for p in profiles),
+        })
 
     async def _scan(self, ctx: Context) -> CheckResult:
         env = ctx.envelope

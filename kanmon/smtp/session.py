@@ -39,7 +39,7 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
-from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage
+from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
 
@@ -990,7 +990,7 @@ def _merge(tx: _Transaction, d: Decision) -> None:
     if d.quarantine and not tx.quarantine:
         tx.quarantine = d.quarantine
         tx.quarantine_check = d.quarantine_check
-    if d.classification:
+    if d.classification and outranks(d.classification, tx.classification):
         tx.classification = d.classification
 
 

@@ -196,3 +196,70 @@ def test_deep_nesting_is_bounded(monkeypatch):
         data = plain_zip({f"level{i}.zip" if i else "x.exe": data})
     found = inspect_message(profile(rule("r", "tag", subject='["x"]')), japanese_message(attachments=[attachment(data, "a.zip")]), OUTSIDE)
     assert "nested deeper than 3" in found.attachments.limit
+
+
+# -- found by a second reading ----------------------------------------------------------
+
+
+def test_crafted_html_is_read_in_linear_time():
+    # CVE-2025-6069: html.parser takes minutes on this; our reduction one pass.
+    msg = japanese_message(subject="x", html="<a b='" * 30000 + "請求書")
+    found = inspect_message(profile(rule("r", "tag", body='["請求書"]')), msg, OUTSIDE)
+    assert found.verdict.subject_prefix == "[SPAM]"
+
+
+def test_a_zip_member_python_cannot_decompress_is_still_listed_by_name():
+    data = bytearray(plain_zip({"evil.exe": MZ * 50}))
+    # Mark the member Deflate64 (method 9) in both headers: Windows extracts it, zipfile cannot.
+    for sig, off in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(sig)
+        data[at + off:at + off + 2] = (9).to_bytes(2, "little")
+    msg = japanese_message(attachments=[attachment(bytes(data), "files.zip")])
+    v = run(names_rule('["*.exe"]'), msg)
+    assert v.action == "reject" and "evil.exe" in v.hits[0].why
+
+
+def test_a_zip_claiming_too_many_entries_is_refused_before_it_is_parsed():
+    members = {f"f{i}.txt": b"" for i in range(1200)}
+    found = inspect_message(profile(rule("r", "tag", subject='["x"]')),
+                            japanese_message(attachments=[attachment(plain_zip(members), "many.zip")]), OUTSIDE)
+    assert "more than 1000 files" in found.attachments.limit and found.verdict.rule == "archive_limit"
+
+
+def test_nesting_deeper_than_the_parser_can_recurse_is_kept_unread_and_goes_by_archive_limit():
+    depth = 3000
+    head = "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(depth))
+    msg = ("Subject: deep\r\nMIME-Version: 1.0\r\n" + head + "Content-Type: text/plain\r\n\r\nx\r\n").encode()
+    found = inspect_message(profile(rule("r", "tag", subject='["x"]')), msg, OUTSIDE)
+    assert found.message.subject == "deep" and "could not be read" in found.message.truncated
+    assert found.verdict.action == "quarantine" and found.verdict.rule == "archive_limit"
+
+
+def test_recipients_with_different_profiles_get_the_gravest_verdict():
+    config = parse_config('''
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka", "abuse"]
+[[recipient_policy]]
+recipient = "abuse@corp.example"
+content_profile = "lenient"
+[[content_profile]]
+name = "lenient"
+[[content_profile.rule]]
+name = "all-ok"
+subject = ["請求書"]
+action = "accept"
+[[content_profile]]
+name = "inbound"
+[[content_profile.rule]]
+name = "invoice"
+subject = ["請求書"]
+action = "quarantine"
+''')
+    from kanmon.policy.content import content_profile_names
+
+    names = content_profile_names(config, "a@x.example", ["abuse@corp.example", "tanaka@corp.example"], True)
+    assert names == ["lenient", "inbound"]
+    compiled = {p.name: CompiledProfile(p) for p in config.content_profile}
+    v = inspect_message([compiled[n] for n in names], japanese_message(), OUTSIDE).verdict
+    assert v.action == "quarantine" and v.rule == "invoice"  # adding abuse@ does not switch the rules off

@@ -351,3 +351,26 @@ def test_loop_check_counts_received_fields():
 
     assert LoopCheck().data(data_ctx(MAX_RECEIVED - 1)) is ACCEPTED
     assert LoopCheck().data(data_ctx(MAX_RECEIVED)).reply == replies.MAIL_LOOP
+
+
+def test_a_graver_classification_is_not_replaced_by_a_later_check():
+    from kanmon.policy.pipeline import Check, Context, accept
+
+    class Virus(Check):
+        name = "virus"
+
+        def data(self, ctx):
+            return accept(quarantine="virus X", classification="Virus")
+
+    class Spam(Check):
+        name = "spam"
+
+        def data(self, ctx):
+            return accept(classification="Spam")
+
+    from kanmon.model import ClientInfo, Envelope
+    from kanmon.policy.pipeline import Pipeline, Stage
+
+    d = Pipeline([Virus(), Spam()]).run(Stage.DATA, Context(ClientInfo("192.0.2.1"), Envelope("a@b", ["c@d"]),
+                                                           content=b"x\r\n\r\ny", header_end=1))
+    assert d.classification == "Virus" and d.quarantine == "virus X"
