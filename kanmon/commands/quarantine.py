@@ -14,20 +14,17 @@ Never: open quarantine files itself.
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import click
 
 from kanmon.commands.admin_session import AdminSession
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
+from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, shown
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _show(text: str, limit: int = 200) -> str:
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
-    return text if len(text) <= limit else text[:limit] + "..."
+def _show(text: object, limit: int = 200) -> str:
+    """Network text for the terminal: the admin views' one escaping (kanmon.escape), cut."""
+    out = shown(text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 @click.group("quarantine")

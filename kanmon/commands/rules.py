@@ -21,18 +21,16 @@ from email.utils import getaddresses
 
 import click
 
-from kanmon.commands.options import config_option, json_option, load_or_exit
+from kanmon.commands.options import config_option, json_option, load_or_exit, shown
 from kanmon.content.decode import decode_header_value
 from kanmon.content.inspect import inspect_message
 from kanmon.content.rules import CompiledProfile, Facts
 from kanmon.policy.content import content_profile_name
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _show(text: str, limit: int = 200) -> str:
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _show(text: object, limit: int = 200) -> str:
+    """Network text for the terminal: the admin views' one escaping (kanmon.escape), cut."""
+    out = shown(text)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 @click.group("rules")
