@@ -516,6 +516,9 @@ class IpPolicySection(Section):
 
     source: list[Network] = Field(min_length=1, description="Client networks (CIDR) this policy applies to")
     profile: str = Field(description="The [[session_profile]] name (or default / trusted)")
+    content_profile: str | None = Field(
+        None, description="The [[content_profile]] for mail from these clients (a [[recipient_policy]] naming one wins)"
+    )
 
 
 class DnsblSection(Section):
@@ -1280,6 +1283,9 @@ class Config(Section):
         for i, name in enumerate(contents):
             if name in contents[:i]:
                 raise ValueError(f"content_profile[{i}].name: profile {name!r} is defined twice")
+        for i, ipol in enumerate(self.ip_policy):
+            if ipol.content_profile is not None and ipol.content_profile not in contents:
+                raise ValueError(f"ip_policy[{i}].content_profile: no content profile named {ipol.content_profile!r}")
         for i, rpol in enumerate(self.recipient_policy):
             if rpol.content_profile is not None and rpol.content_profile not in contents:
                 raise ValueError(f"recipient_policy[{i}].content_profile: no content profile named {rpol.content_profile!r}")

@@ -45,10 +45,11 @@ def rules() -> None:
 @click.option("--to", "rcpts", multiple=True, help="An envelope recipient (repeat; default: the To: and Cc: addresses).")
 @click.option("--inside", is_flag=True, help="As if sent from relay_networks (default: from outside).")
 @click.option("--authenticated", is_flag=True, help="As if sent by an authenticated user (submission).")
+@click.option("--client", "client_ip", default="", metavar="IP", help="As if sent from this address ([[ip_policy]] content_profile).")
 @config_option
 @json_option()
 def test_cmd(message: str, profile_name: str | None, sender: str | None, rcpts: tuple[str, ...], inside: bool,
-             authenticated: bool, config_path: str | None, as_json: bool) -> None:
+             authenticated: bool, client_ip: str, config_path: str | None, as_json: bool) -> None:
     """Which rules match MESSAGE (an .eml file) and what the server would do with it."""
     config = load_or_exit(config_path)
     with open(message, "rb") as f:
@@ -66,7 +67,7 @@ def test_cmd(message: str, profile_name: str | None, sender: str | None, rcpts: 
         rcpts = tuple(a for _, a in getaddresses([decode_header_value(v) for k in ("to", "cc") for v in fields.get(k, [])]) if a)
     from_outside = not (inside or authenticated)
     if profile_name is None:
-        profile_name = content_profile_name(config, sender, rcpts, from_outside)
+        profile_name = content_profile_name(config, sender, rcpts, from_outside, client_ip)
         if profile_name is None:
             click.echo("kanmon: no content profile applies (define [[content_profile]] \"inbound\"/\"outbound\","
                        " or name one with --profile)", err=True)

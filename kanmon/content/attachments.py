@@ -15,9 +15,11 @@ anything to disk, or execute anything.
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
 import gzip
 import io
+import lzma
 import tarfile
 import zipfile
 import zlib
@@ -58,6 +60,7 @@ _MAGIC: tuple[tuple[int, bytes, str, frozenset[str]], ...] = (
     (0, b"\xff\xd8\xff", "image/jpeg", frozenset()),
     (0, b"GIF8", "image/gif", frozenset()),
     (0, b"#!", "text/x-shellscript", frozenset({"script"})),
+    (257, b"ustar", "application/x-tar", frozenset({"archive"})),
     (32769, b"CD001", "application/x-iso9660-image", frozenset({"disk_image"})),
     (0, b"conectix", "application/x-vhd", frozenset({"disk_image"})),
     (0, b"vhdxfile", "application/x-vhdx", frozenset({"disk_image"})),
@@ -165,6 +168,10 @@ def _inspect(name: str, declared: str, data: bytes, depth: int, container: str, 
         _walk_zip(name, data, depth, inv, budget, item)
     elif mime == "application/gzip":
         _walk_gzip(name, data, depth, inv, budget)
+    elif mime in ("application/x-bzip2", "application/x-xz"):
+        _walk_compressed(name, data, depth, inv, budget, bz2.BZ2File if mime == "application/x-bzip2" else lzma.LZMAFile)
+    elif mime == "application/x-tar":
+        _walk_tar(name, data, depth, inv, budget)
     elif mime in ("application/x-7z-compressed", "application/vnd.rar"):
         # No maintained pure-Python reader is a dependency: listed as an archive we cannot open.
         pass
@@ -228,37 +235,57 @@ def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budge
 
 
 def _walk_gzip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget) -> None:
+    _walk_compressed(name, data, depth, inv, budget, lambda f: gzip.GzipFile(fileobj=f))
+
+
+def _walk_compressed(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget, opener) -> None:
+    """gzip, bzip2, xz: one stream, bounded; a tar inside is walked, anything else inspected."""
     if depth + 1 > MAX_DEPTH:
         budget.hit(f"archives nested deeper than {MAX_DEPTH}")
         return
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+        with opener(io.BytesIO(data)) as stream:
             content = _read_bounded(stream, budget, len(data))
-    except (OSError, EOFError, zlib.error):
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError):
         return
     if content is None:
         return
-    inner = name[:-3] if name.lower().endswith(".gz") else name[:-4] + ".tar" if name.lower().endswith(".tgz") else name
+    lowered = name.lower()
+    inner = name
+    for ext, repl in ((".tgz", ".tar"), (".tbz2", ".tar"), (".txz", ".tar"), (".gz", ""), (".bz2", ""), (".xz", "")):
+        if lowered.endswith(ext):
+            inner = name[:-len(ext)] + repl
+            break
+    if content[257:262] == b"ustar" and _walk_tar(name, content, depth, inv, budget, nested=True):
+        return
+    _inspect(inner, "", content, depth + 1, name, inv, budget)
+
+
+def _walk_tar(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget, nested: bool = False) -> bool:
+    """The members of a tar (regular files only: links are names, not content). False
+    when it is not a readable tar after all."""
+    if not nested and depth + 1 > MAX_DEPTH:
+        budget.hit(f"archives nested deeper than {MAX_DEPTH}")
+        return True
     try:
-        with tarfile.open(fileobj=io.BytesIO(content), mode="r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 budget.members += 1
                 if budget.members > MAX_MEMBERS:
                     budget.hit(f"more than {MAX_MEMBERS} files in archives")
-                    return
+                    return True
                 if not member.isfile():
                     continue
                 f = tar.extractfile(member)
                 body = _read_bounded(f, budget, member.size) if f is not None else b""
                 if body is None:
-                    return
+                    return True
                 _inspect(member.name, "", body, depth + 1, name, inv, budget)
                 if budget.limit:
-                    return
-        return
+                    return True
     except (tarfile.TarError, OSError, EOFError, ValueError):
-        pass
-    _inspect(inner, "", content, depth + 1, name, inv, budget)
+        return False
+    return True
 
 
 def inventory(attachments: list[Attachment]) -> Inventory:

@@ -16,6 +16,7 @@ pipeline's failure mode answers 451 4.3.0).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from concurrent.futures import ThreadPoolExecutor
 
 from kanmon.config import Config
@@ -31,14 +32,15 @@ from kanmon.policy.profiles import recipient_policy_for
 POOL_SIZE = 2
 
 
-def content_profile_names(config: Config, sender: str, recipients, from_outside: bool) -> list[str]:
+def content_profile_names(config: Config, sender: str, recipients, from_outside: bool, client_ip: str = "") -> list[str]:
     """Every recipient's content profile (see the module docstring), distinct, in order:
-    a recipient's [[recipient_policy]] content_profile, else "inbound"/"outbound" by
-    direction when defined; [] when none applies to any recipient."""
+    a recipient's [[recipient_policy]] content_profile, else the first [[ip_policy]] with a
+    content_profile whose source holds the client, else "inbound"/"outbound" by direction
+    when defined; [] when none applies to any recipient."""
     names = {p.name for p in config.content_profile}
     if not names:
         return []
-    default = "inbound" if from_outside else "outbound"
+    default = _ip_content_profile(config, client_ip) or ("inbound" if from_outside else "outbound")
     out: list[str] = []
     for rcpt in recipients or ("",):
         policy = recipient_policy_for(sender, rcpt, config) if rcpt else None
@@ -49,9 +51,24 @@ def content_profile_names(config: Config, sender: str, recipients, from_outside:
     return out
 
 
-def content_profile_name(config: Config, sender: str, recipients, from_outside: bool) -> str | None:
+def _ip_content_profile(config: Config, client_ip: str) -> str | None:
+    if not client_ip or not any(p.content_profile for p in config.ip_policy):
+        return None
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for policy in config.ip_policy:
+        if policy.content_profile and any(addr in net for net in policy.source):
+            return policy.content_profile
+    return None
+
+
+def content_profile_name(config: Config, sender: str, recipients, from_outside: bool, client_ip: str = "") -> str | None:
     """The first of content_profile_names (for a dry run and for messages with one profile)."""
-    names = content_profile_names(config, sender, recipients, from_outside)
+    names = content_profile_names(config, sender, recipients, from_outside, client_ip)
     return names[0] if names else None
 
 
@@ -97,7 +114,7 @@ class ContentCheck(Check):
         client = ctx.client
         authenticated = bool(client.auth_user)
         from_outside = not (authenticated or self.access.is_relay_client(client.ip))
-        names = content_profile_names(self.config, env.mail_from, env.rcpts, from_outside)
+        names = content_profile_names(self.config, env.mail_from, env.rcpts, from_outside, client.ip)
         if not names:
             return ACCEPTED
         facts = Facts(env.mail_from, tuple(env.rcpts), from_outside, authenticated)

@@ -75,7 +75,7 @@ class ScannerCheck(Check):
         assert env is not None
         client = ctx.client
         from_outside = not (client.auth_user or self.access.is_relay_client(client.ip))
-        profiles = [self.profiles[n] for n in content_profile_names(self.config, env.mail_from, env.rcpts, from_outside)]
+        profiles = [self.profiles[n] for n in content_profile_names(self.config, env.mail_from, env.rcpts, from_outside, client.ip)]
         if not profiles:
             return DEFAULT_PROFILE
         if len(profiles) == 1:

@@ -263,3 +263,60 @@ action = "quarantine"
     compiled = {p.name: CompiledProfile(p) for p in config.content_profile}
     v = inspect_message([compiled[n] for n in names], japanese_message(), OUTSIDE).verdict
     assert v.action == "quarantine" and v.rule == "invoice"  # adding abuse@ does not switch the rules off
+
+
+def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode=mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode, name", [("w", "a.tar"), ("w:gz", "a.tar.gz"), ("w:bz2", "a.tar.bz2"), ("w:xz", "a.txz")])
+def test_tar_archives_plain_and_compressed_are_opened(mode, name):
+    msg = japanese_message(attachments=[attachment(_tar({"dir/run.exe": MZ}, mode), name)])
+    v = run(types_rule('["executable"]'), msg)
+    assert v.action == "reject" and "run.exe" in v.hits[0].why
+
+
+def test_ip_policy_names_the_content_profile_and_a_recipient_policy_wins():
+    from kanmon.policy.content import content_profile_names
+
+    config = parse_config('''
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka", "abuse"]
+[[ip_policy]]
+source = ["192.0.2.0/24"]
+profile = "default"
+content_profile = "partners"
+[[recipient_policy]]
+recipient = "abuse@corp.example"
+content_profile = "abuse"
+[[content_profile]]
+name = "partners"
+[[content_profile.rule]]
+name = "x"
+subject = ["x"]
+action = "tag"
+[[content_profile]]
+name = "abuse"
+[[content_profile.rule]]
+name = "y"
+subject = ["y"]
+action = "tag"
+[[content_profile]]
+name = "inbound"
+[[content_profile.rule]]
+name = "z"
+subject = ["z"]
+action = "tag"
+''')
+    assert content_profile_names(config, "a@x.example", ["tanaka@corp.example"], True, "192.0.2.9") == ["partners"]
+    assert content_profile_names(config, "a@x.example", ["tanaka@corp.example"], True, "198.51.100.1") == ["inbound"]
+    assert content_profile_names(config, "a@x.example", ["abuse@corp.example"], True, "192.0.2.9") == ["abuse"]
