@@ -173,7 +173,9 @@ class QuarantineOps:
         return {"digests": sent}
 
     def purge(self, keep: float, by: str = "retention") -> dict:
-        """Delete entries stored longer ago than `keep` seconds ([quarantine] keep)."""
+        """Delete entries stored longer ago than `keep` seconds ([quarantine] keep), and
+        the files of puts a crash interrupted (never acknowledged: a .msg without its .meta)."""
+        self.store.remove_orphans()
         now = self._now()
         old = []
         for qid in self.store.ids():

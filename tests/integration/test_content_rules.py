@@ -334,3 +334,14 @@ def test_quarantined_messages_are_purged_after_keep(spam_node):
         return "deleted from quarantine by retention" in cli(node, "trace", item["id"]).output
 
     wait_for(traced, 10, "the purge's event")
+
+
+def test_a_put_interrupted_by_a_crash_is_removed_by_the_purge(spam_node):
+    node = spam_node
+    qdir = node.data_dir / "quarantine"
+    qdir.mkdir(exist_ok=True)
+    (qdir / "1M1JWJ19H4C562M.msg").write_bytes(b"half written")  # its .meta never came: never acknowledged
+    (qdir / ".1M1JWJ19H4C563M.meta.tmp").write_bytes(b"{")
+    node.advance(3600)
+    wait_for(lambda: not (qdir / "1M1JWJ19H4C562M.msg").exists() and not (qdir / ".1M1JWJ19H4C563M.meta.tmp").exists(),
+             10, "the orphans removed")
