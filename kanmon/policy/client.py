@@ -121,6 +121,12 @@ class ClientIdentityCheck(Check):
     def data(self, ctx: Context):
         return self._answer(ctx.client, None)
 
+    def name_client(self, client: ClientInfo) -> None:
+        """Before the connect event: the remembered name of a client seen recently."""
+        known = self.known(client.ip) if self._known else None
+        if known is not None and not self.access.is_relay_client(client.ip):
+            client.name = known.name
+
     # -- lookups
 
     def known(self, ip: str) -> Identity | None:

@@ -145,7 +145,9 @@ class Check:
     """Base class of a check. Define any of the hooks connect, helo, mail, rcpt, data:
     each takes a Context and returns a CheckResult, or an awaitable of one when it needs
     I/O. A check may also define refresh(): blocking I/O the listener runs in a thread of
-    its own about once a second (a probe whose result the hooks read at once)."""
+    its own about once a second (a probe whose result the hooks read at once); and
+    name_client(client): set client.name from what the check remembers, at once and
+    without I/O, before the connect event is written."""
 
     name: str = ""
     timeout: float = 10.0  # seconds the listener waits for an awaitable answer
@@ -284,6 +286,7 @@ class Pipeline:
             for stage in Stage
         }
         self._refreshers = tuple(r for c in checks if callable(r := getattr(c, "refresh", None)))
+        self._namers = tuple(n for c in checks if callable(n := getattr(c, "name_client", None)))
 
     def has_hooks(self, stage: Stage) -> bool:
         return bool(self._hooks[stage])
@@ -292,6 +295,11 @@ class Pipeline:
         """Run the checks' probes (blocking I/O: the listener calls this in its probe thread)."""
         for r in self._refreshers:
             r()
+
+    def name_client(self, client: ClientInfo) -> None:
+        """Name a client the checks remember (no I/O): its connect event then says who it is."""
+        for n in self._namers:
+            n(client)
 
     def run(self, stage: Stage, ctx: Context) -> Decision | Pending:
         """The Decision when every hook answered at once, else a Pending to await."""

@@ -617,6 +617,7 @@ class SmtpProtocol(asyncio.Protocol):
         settings.apply_profile(profile)
         ip = client.ip
         self.session = Session(settings, server.pipeline, client, server.clock())
+        server.pipeline.name_client(client)
         server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if profile.greet_pause > 0 and not server.submission:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the

@@ -178,6 +178,16 @@ def test_client_name_confirmed_in_received_and_events(node):
     assert received_header(node) == b"Received: from client.test (client.test [127.0.0.9])"
 
 
+def test_the_connect_event_names_a_client_seen_recently(node):
+    """The first connection's lookup runs after its connect event (unknown); the name is
+    remembered, so the next connection's connect event already carries it."""
+    assert mail_from(node, "a@mx.test")[0] == 250  # MAIL waits for the lookup
+    assert mail_from(node, "a@mx.test")[0] == 250
+    node.flush()
+    connects = [e.text for e in search_events(node.data_dir) if e.text.startswith("connect from")]
+    assert connects == ["connect from unknown[127.0.0.9]", "connect from client.test[127.0.0.9]"]
+
+
 def test_ptr_missing_without_require_ptr_is_accepted_as_unknown(tmp_path, dns_server):  # noqa: F811
     records = {k: v for k, v in RECORDS.items() if "in-addr" not in k}
     node = start(tmp_path, dns_server, records=records)
