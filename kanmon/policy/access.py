@@ -24,6 +24,9 @@ from kanmon.smtp.address import Path
 from kanmon.userdb import Directory
 
 
+RELAY_ANSWERS_MAX = 4096  # client addresses whose relay_networks answer is remembered
+
+
 class RelayAccess:
     """The config's access tables, asked by the checks and the listener."""
 
@@ -32,8 +35,20 @@ class RelayAccess:
         self.directory = directory or Directory(config)
         self._relay_nets = list(config.smtp.relay_networks)
         self.domains: dict[str, DomainSection] = {d.name: d for d in config.domain}
+        # ip -> answer: several checks ask about each session's client (the accept path
+        # is benchmarked; parsing the address is most of the cost). Bounded: cleared when full.
+        self._relay_answers: dict[str, bool] = {}
 
     def is_relay_client(self, ip: str) -> bool:
+        answer = self._relay_answers.get(ip)
+        if answer is None:
+            answer = self._is_relay_client(ip)
+            if len(self._relay_answers) >= RELAY_ANSWERS_MAX:
+                self._relay_answers.clear()
+            self._relay_answers[ip] = answer
+        return answer
+
+    def _is_relay_client(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

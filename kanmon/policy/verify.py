@@ -248,7 +248,8 @@ class RecipientVerifyCheck(Check):
         self.limits = ServerLimits(max_probes_per_server)
         self.probes = 0  # probes started by this process (tests, stats)
         self._inflight: dict[str, asyncio.Task[ProbeResult]] = {}
-        self._memo: dict[str, tuple[float, CacheEntry]] = {}  # key -> (memo until, entry)
+        # key -> (memo until, entry, its decoded result): a warm RCPT decodes nothing
+        self._memo: dict[str, tuple[float, CacheEntry, ProbeResult]] = {}
 
     # -- list
 
@@ -273,13 +274,11 @@ class RecipientVerifyCheck(Check):
             return reject(unknown_reply(address))
         memo = self._memo.get(key)
         if memo is not None:
-            until, entry = memo
+            until, entry, result = memo
             now = self.clock()
             if until > now and entry.expires > now:
-                result = ProbeResult.decode(entry.value)
-                if result is not None:
-                    self._maybe_refresh(key, address, domain, entry, now)
-                    return self._answer(result, address, domain)
+                self._maybe_refresh(key, address, domain, entry, now)
+                return self._answer(result, address, domain)
             del self._memo[key]
         return self._callout(key, address, domain)
 
@@ -308,7 +307,7 @@ class RecipientVerifyCheck(Check):
             if entry is not None:
                 result = ProbeResult.decode(entry.value)
                 if result is not None:
-                    self._remember(key, entry, now)
+                    self._remember(key, entry, result, now)
                     self._maybe_refresh(key, address, domain, entry, now)
                     return result, entry
         task = self._start_probe(key, address, domain)
@@ -342,13 +341,13 @@ class RecipientVerifyCheck(Check):
                 await self.state.submit(self.cache.put, key, result.encode(), ttl, now)
             except Exception:  # noqa: BLE001 - the answer stands; the next RCPT probes again
                 return result
-            self._remember(key, CacheEntry(key, result.encode(), now, now + ttl), now)
+            self._remember(key, CacheEntry(key, result.encode(), now, now + ttl), result, now)
         return result
 
-    def _remember(self, key: str, entry: CacheEntry, now: float) -> None:
+    def _remember(self, key: str, entry: CacheEntry, result: ProbeResult, now: float) -> None:
         if len(self._memo) >= MEMO_MAX:
             self._memo.clear()  # rare; the shared cache still answers
-        self._memo[key] = (now + MEMO_SECONDS, entry)
+        self._memo[key] = (now + MEMO_SECONDS, entry, result)
 
     def _maybe_refresh(self, key: str, address: str, domain: DomainSection, entry: CacheEntry, now: float) -> None:
         """An entry in the last part of its life is re-probed in the background (the

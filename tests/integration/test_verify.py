@@ -276,6 +276,34 @@ def test_cache_lifetimes_and_background_refresh(tmp_path, store):
     assert not any(c.upper().startswith("DATA") for c in store.commands)
 
 
+def test_a_warm_rcpt_answers_from_the_process_memo_at_once_without_decoding(tmp_path, store, monkeypatch):
+    """The accept path is benchmarked: within the memo's life a RCPT answers without an
+    await and without decoding the stored result again (nor touching the shared state)."""
+    from kanmon.policy import verify
+
+    cfg = parse_config(config_text(tmp_path, store.address))
+    state = MemoryState()
+
+    async def run() -> None:
+        check = RecipientVerifyCheck(cfg, state=state, clock=Clock())
+        ctx = Context(ClientInfo(ip="203.0.113.9"), rcpt=AddrPath("alice@corp.example", "alice", "corp.example"))
+        first = check.rcpt(ctx)
+        assert asyncio.iscoroutine(first) and (await first).outcome is Outcome.ACCEPT
+
+        def no_decode(text):
+            raise AssertionError("decoded again")
+
+        monkeypatch.setattr(verify.ProbeResult, "decode", staticmethod(no_decode))
+        monkeypatch.setattr(check, "state", None)  # any use of the shared state would fail
+        for _ in range(3):
+            r = check.rcpt(ctx)
+            assert not asyncio.iscoroutine(r) and r.outcome is Outcome.ACCEPT
+        await check.aclose()
+
+    asyncio.run(run())
+    assert len(rcpt_probes(store)) == 1
+
+
 def test_probes_per_server_are_limited(tmp_path, store):
     cfg = parse_config(config_text(tmp_path, store.address))
     store.hang = None
