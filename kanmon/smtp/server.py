@@ -75,12 +75,67 @@ TLS_HANDSHAKE_TIMEOUT = 10.0  # default of [tls] handshake_timeout
 _session_ids = itertools.count(1)
 
 
-async def _quietly(aw: Awaitable[Any]) -> None:
-    """Await a bookkeeping call whose failure nobody waits for (a gauge release)."""
-    try:
-        await aw
-    except Exception:  # noqa: BLE001 - the owner's rows are dropped when the process stops
-        pass
+class GaugeBatch:
+    """This process's takes and releases of places in the shared connection gauges,
+    grouped: what arrives while one state transaction runs goes into the next
+    (SharedState.gauges.apply), as the spool's group commit does for queue files. One
+    transaction per connection, and another per disconnection, was most of what the
+    connection limits cost on a busy listener. A release waits for nothing and is applied
+    before the takes of its batch, so every take sees every release queued before it."""
+
+    def __init__(self, state: SharedState, owner: str, clock: Callable[[], float],
+                 spawn: Callable[[Awaitable[None]], object]):
+        self.state = state
+        self.owner = owner
+        self.clock = clock
+        self.spawn = spawn
+        self._takes: list[tuple[tuple[str, ...], asyncio.Future[list[int]]]] = []
+        self._releases: list[str] = []
+        self._running = False
+
+    def acquire(self, *keys: str) -> asyncio.Future[list[int]]:
+        """One more place held by this process in each gauge of keys; the totals held
+        by every owner afterwards, in the order of keys."""
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._takes.append((keys, fut))
+        self._kick()
+        return fut
+
+    def release(self, keys: tuple[str, ...]) -> None:
+        self._releases.extend(keys)
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self._running:
+            self._running = True
+            self.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._takes or self._releases:
+                takes, self._takes = self._takes, []
+                releases, self._releases = self._releases, []
+                try:
+                    totals = await self.state.submit(self.state.gauges.apply, self.owner, releases,
+                                                     [k for keys, _ in takes for k in keys], self.clock())
+                except Exception as e:  # noqa: BLE001 - each taker decides; releases are dropped with the owner's rows
+                    for _, fut in takes:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                i = 0
+                for keys, fut in takes:
+                    mine, i = totals[i:i + len(keys)], i + len(keys)
+                    if fut.done():  # the taker went away meanwhile: give its places back
+                        self._releases.extend(keys)
+                    else:
+                        fut.set_result(mine)
+        finally:
+            self._running = False
+            for _, fut in self._takes:  # cancelled meanwhile (the loop is stopping)
+                if not fut.done():
+                    fut.cancel()
+            self._takes.clear()
 
 
 @dataclass(slots=True)
@@ -230,6 +285,7 @@ class SmtpServer:
         self.per_ip: Counter[str] = Counter()
         self.state = state
         self.gauge_owner = str(os.getpid())
+        self.gauge = GaugeBatch(state, self.gauge_owner, clock, self.spawn) if state is not None else None
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
@@ -461,17 +517,6 @@ class SmtpServer:
                 self.records.record(ev.EffectFailed(type(effect).__name__, f"{type(e).__name__}: {e}"), session=sid)
 
 
-def _acquire_gauges(gauges: Any, key: str, total_key: str, owner: str, now: float) -> tuple[int, int]:
-    """In the state's thread: one place in the client's gauge and one in the role's
-    (every connection of the listener role, all processes); both counts after."""
-    return gauges.acquire(key, owner, now), gauges.acquire(total_key, owner, now)
-
-
-def _release_gauges(gauges: Any, keys: tuple[str, ...], owner: str) -> None:
-    for key in keys:
-        gauges.release(key, owner)
-
-
 def _count_nothing(ip: str) -> None:
     """The release of an admission that counted nothing (a trusted balancer's)."""
 
@@ -568,13 +613,11 @@ class SmtpProtocol(asyncio.Protocol):
         role's in all), then open the session; over max_connections or
         max_connections_per_ip, counting every process's connections, 421."""
         server = self.server
-        state = server.state
-        assert state is not None
+        assert server.gauge is not None
         role = "submission" if server.submission else "smtp"
         key, total_key = f"{role} {client.ip}", f"{role} *"
         try:
-            held, total = await state.submit(_acquire_gauges, state.gauges, key, total_key, server.gauge_owner,
-                                             server.clock())
+            held, total = await server.gauge.acquire(key, total_key)
         except Exception as e:  # noqa: BLE001 - the process's own count still limits
             server.records.record(ev.Error(f"connection gauge unavailable: {type(e).__name__}: {e}"), session=self.sid)
             held = total = 0
@@ -598,9 +641,8 @@ class SmtpProtocol(asyncio.Protocol):
         self._open(client, profile)
 
     def _release_gauge(self) -> None:
-        if self._gauged and self.server.state is not None:
-            state = self.server.state
-            self.server.spawn(_quietly(state.submit(_release_gauges, state.gauges, self._gauged, self.server.gauge_owner)))
+        if self._gauged and self.server.gauge is not None:
+            self.server.gauge.release(self._gauged)
         self._gauged = ()
 
     def _open(self, client: ClientInfo, profile: SessionProfile) -> None:

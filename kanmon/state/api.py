@@ -30,7 +30,7 @@ import asyncio
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -88,6 +88,11 @@ class ConnectionGauge(Protocol):
         ...
 
     def release(self, key: str, owner: str) -> None: ...
+
+    def apply(self, owner: str, releases: Sequence[str], acquires: Sequence[str], now: float) -> list[int]:
+        """In one transaction: release each key of releases, then acquire each key of
+        acquires (in order); the totals acquire() would have returned for them."""
+        ...
 
     def count(self, key: str) -> int: ...
 
@@ -255,6 +260,20 @@ class MemoryGauges:
                 self._held[(key, owner)] = n
             else:
                 self._held.pop((key, owner), None)
+
+    def apply(self, owner: str, releases: Sequence[str], acquires: Sequence[str], now: float) -> list[int]:
+        with self._lock:
+            for key in releases:
+                n = self._held.get((key, owner), 0) - 1
+                if n > 0:
+                    self._held[(key, owner)] = n
+                else:
+                    self._held.pop((key, owner), None)
+            out = []
+            for key in acquires:
+                self._held[(key, owner)] = self._held.get((key, owner), 0) + 1
+                out.append(self._count(key))
+            return out
 
     def _count(self, key: str) -> int:
         return sum(n for (k, _o), n in self._held.items() if k == key)

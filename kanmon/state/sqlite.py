@@ -18,7 +18,7 @@ import asyncio
 import os
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,6 +166,21 @@ class SqliteGauges:
         with self._db.transaction() as c:
             c.execute("UPDATE gauge SET held = held - 1 WHERE key = ? AND owner = ?", (key, owner))
             c.execute("DELETE FROM gauge WHERE key = ? AND owner = ? AND held <= 0", (key, owner))
+
+    def apply(self, owner: str, releases: Sequence[str], acquires: Sequence[str], now: float) -> list[int]:
+        with self._db.transaction() as c:
+            for key in releases:
+                c.execute("UPDATE gauge SET held = held - 1 WHERE key = ? AND owner = ?", (key, owner))
+                c.execute("DELETE FROM gauge WHERE key = ? AND owner = ? AND held <= 0", (key, owner))
+            out = []
+            for key in acquires:
+                c.execute(
+                    "INSERT INTO gauge (key, owner, held, since) VALUES (?, ?, 1, ?)"
+                    " ON CONFLICT (key, owner) DO UPDATE SET held = held + 1",
+                    (key, owner, now),
+                )
+                out.append(c.execute("SELECT COALESCE(SUM(held), 0) FROM gauge WHERE key = ?", (key,)).fetchone()[0])
+            return out
 
     def count(self, key: str) -> int:
         return self._db.conn.execute("SELECT COALESCE(SUM(held), 0) FROM gauge WHERE key = ?", (key,)).fetchone()[0]

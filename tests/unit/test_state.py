@@ -75,6 +75,17 @@ def test_connection_gauge_by_owner(state):
     assert g.count("ip:192.0.2.1") == 0 and g.count("ip:192.0.2.2") == 0
 
 
+def test_connection_gauge_apply_releases_then_takes_in_one_call(state):
+    g = state.gauges
+    assert g.apply("pid1", [], ["ip:a", "ip:a", "ip:b"], T0) == [1, 2, 1]
+    assert g.acquire("ip:a", "pid2", T0) == 3
+    # the releases first: the takes see them
+    assert g.apply("pid1", ["ip:a", "ip:b", "ip:b"], ["ip:a", "ip:c"], T0) == [3, 1]
+    assert (g.count("ip:a"), g.count("ip:b"), g.count("ip:c")) == (3, 0, 1)
+    assert g.apply("pid2", ["ip:a"], [], T0) == []
+    assert g.count("ip:a") == 2
+
+
 def test_ttl_cache(state):
     cache, other = state.cache("verify"), state.cache("other")
     cache.put("a@corp.example", "250 2.1.5 ok", 100, T0)
