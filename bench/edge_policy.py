@@ -124,12 +124,14 @@ class Tree:
         out = subprocess.run(
             [sys.executable, "-c",
              "import kanmon, kanmon.config as c; print(kanmon.__file__); "
-             "print('verify' in c.DomainSection.model_fields)"],
+             "print('verify' in c.DomainSection.model_fields); print(hasattr(c, 'LogSection'))"],
             env=self.env, capture_output=True, text=True, check=True, cwd=self.path,
         ).stdout.split()
         if not out[0].startswith(str(self.path)):
             raise SystemExit(f"{path}: python imports kanmon from {out[0]}, not from this tree")
         self.has_policy = out[1] == "True"
+        self.has_log_section = out[2] == "True"
+        self.log_to: str | None = None  # --log-to: [log] to, where the tree has it
 
     def config(self, data_dir: Path, greet_pause: str, workers: int) -> str:
         verify = 'verify = "callout"\n' if self.has_policy else ""
@@ -149,7 +151,7 @@ name = "corp.example"
 deliver = "relay"
 servers = ["{SINK[0]}:{SINK[1]}"]
 tls = "none"
-{verify}[dns]
+{verify}{f"[log]{chr(10)}to = {self.log_to}{chr(10)}" if self.log_to is not None and self.has_log_section else ""}[dns]
 servers = ["{DNS[0]}:{DNS[1]}"]
 timeout = "2s"
 [outbound]
@@ -254,11 +256,15 @@ def main() -> int:
     ap.add_argument("--greet-pause", default="0s", help="[smtp] greet_pause in both trees")
     ap.add_argument("--trusted", default="", help="A, B or AB: put the client in that tree's relay_networks "
                     "(the trusted profile: no sender, HELO, PTR checks; recipient verification still runs)")
+    ap.add_argument("--log-to", default=None, help='[log] to in the trees that have it, e.g. \'[]\' (no log file; '
+                    "the default writes every event line to data_dir/log/kanmon.log too)")
     ap.add_argument("--keep", action="store_true", help="keep each run's data directory (to read its logs)")
     args = ap.parse_args()
     if not shutil.which("smtp-source") or not shutil.which("smtp-sink"):
         raise SystemExit("smtp-source/smtp-sink not found: apt-get install postfix (No configuration)")
     trees = [Tree("A", args.base, "A" in args.trusted), Tree("B", args.tree, "B" in args.trusted)]
+    for t in trees:
+        t.log_to = args.log_to
     for t in trees:
         print(f"{t.label}: {t.path} (edge policy: {'yes' if t.has_policy else 'no'}"
               f"{'; client in relay_networks' if t.trusted else ''})", flush=True)
