@@ -127,11 +127,17 @@ class _Keys:
         return texts[0] if len(texts) == 1 else None
 
 
+@functools.lru_cache(maxsize=256)
+def _key_tags(record: bytes) -> dict[bytes, bytes] | None:
+    """A key record's tags (cached: a sender's key comes back with each message; read only)."""
+    return _tags(record)
+
+
 def _key_state(record: bytes | None) -> str:
     """'' when a usable-looking key record exists, else why not ('no key', 'key revoked')."""
     if record is None:
         return "no key"
-    tags = _tags(record)
+    tags = _key_tags(record)
     if tags is None:
         return "key record does not parse"
     if not tags.get(b"p", b"").strip():
@@ -218,10 +224,12 @@ def _verify_common(parsed: _Parsed, idx: int, record: bytes) -> str | None:
     try:
         sig = parse_tag_value(sig_value)
         dkimpy.validate_signature_fields(sig)  # the same tag checks as dkimpy's
-        key = parse_tag_value(record)
+        key = _key_tags(record)
         bh = base64.b64decode(_WS.sub(b"", sig[b"bh"]))
         signature = base64.b64decode(_WS.sub(b"", sig[b"b"]))
     except (dkimpy.DKIMException, InvalidTagValueList, ValueError, binascii.Error):
+        return None
+    if key is None:
         return None
     algorithm = sig[b"a"]
     kind = key.get(b"k", b"rsa")

@@ -80,6 +80,8 @@ def normalize(address: str) -> str:
 def log_safe(text: str, limit: int = 100) -> str:
     """Client-supplied text (a user name) made safe for one event-log line."""
     text = text[:limit]
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case, without a join over every character
     return "".join(ch if ch.isprintable() and ch != "\\" else ch.encode("unicode_escape").decode() for ch in text)
 
 
