@@ -5,7 +5,8 @@ DKIM-Signature, ARC-Message-Signature and ARC-Seal fields need, so the caller fe
 them with its async resolver first; verify_dkim() then checks every DKIM signature (up to
 MAX_SIGNATURES) and verify_arc() the ARC chain (dkimpy), both with a DNS function that
 only reads those answers. A body length limit (l=) is verified as the RFC says and
-reported with how much of the body it leaves unsigned.
+reported with how much of the body it leaves unsigned. rsa-sha1 signatures are a
+permerror (RFC 8301 3.1: never valid), whatever dkimpy would say.
 
 Two verifiers, one answer. The common case, a CRLF message with an rsa-sha256 or
 ed25519-sha256 signature over a well-formed key, is verified here: the canonical forms
@@ -316,6 +317,9 @@ def verify_dkim(message: bytes, lookup: Lookup, *, common: bool = True) -> list[
 
         if not domain or not selector:
             out.append(result("permerror", "signature without d= or s="))
+            continue
+        if algo.lower() == "rsa-sha1":  # dkimpy would verify it
+            out.append(result("permerror", "rsa-sha1 is not accepted (RFC 8301)"))
             continue
         try:
             record = keys(key_name(selector, domain))

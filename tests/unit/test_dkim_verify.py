@@ -121,6 +121,9 @@ def cases(keys) -> list[tuple[str, bytes, list[str], bool]]:
     out.append(("LF line ends", signed(MESSAGE, keys["rsa"], "rsa").replace(b"\r\n", b"\n"), ["pass"], False))
     out.append(("an mbox From line on top", b"From alice@sender.test Mon Nov 30 10:00:00 2026\r\n" + m, ["pass"], False))
     out.append(("signature in the future", replace(m, b"; t=", b"; t=9"), ["permerror"], False))
+    out.append(("rsa-sha1 (RFC 8301: never valid)",
+                dkim.sign(MESSAGE, b"rsa", D.encode(), keys["rsa"].private, signature_algorithm=b"rsa-sha1") + MESSAGE,
+                ["permerror"], False))
     out.append(("b= not base64", replace(m, b" b=", b" b=*"), ["permerror"], False))
     return out
 
