@@ -274,7 +274,7 @@ class DomainSection(Section):
 
 # ---------------------------------------------------------------------------
 # Outbound DKIM signing (RFC 6376, RFC 8463): [[dkim]] keys of our domains
-# (docs/dkim-signing.md).
+# (docs/authentication.md, "Signing outgoing mail").
 
 DKIM_DEFAULT_HEADERS = [
     "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to", "references",

@@ -894,7 +894,7 @@ class SmtpProtocol(asyncio.Protocol):
         c = self.client
         if server.signer and (c.auth_user or server.access.is_relay_client(c.ip)):
             # DKIM: signed once, here, so the spool (or the quarantine) holds what goes out
-            # (docs/dkim-signing.md).
+            # (docs/authentication.md, "Signing outgoing mail").
             try:
                 if len(a.content) > OFF_LOOP_SIZE:
                     a.content = await asyncio.get_running_loop().run_in_executor(
