@@ -42,13 +42,7 @@ def load_public_suffix_list() -> None:
 
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the registrable domain (one label below the public suffix)."""
-    return _organizational(domain.lower().rstrip("."))
-
-
-@functools.lru_cache(maxsize=4096)
-def _organizational(domain: str) -> str:
-    # cached: publicsuffixlist IDNA-encodes every label of every lookup (about 0.1 ms),
-    # and the same sender domains come back with every message
+    domain = domain.lower().rstrip(".")
     return _psl().privatesuffix(domain) or domain
 
 
