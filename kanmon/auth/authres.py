@@ -53,16 +53,20 @@ def strip_forged(header: bytes, authserv_id: str) -> tuple[bytes, int]:
     return out, removed
 
 
+# the comment when pyspf gives no explanation (it gives none for these)
+_SPF_TEXT = {"none": "no SPF record", "neutral": "SPF record neither permits nor denies"}
+
+
 def _spf_part(spf: SpfResult) -> list[str]:
     parts = []
     o = spf.mailfrom
     if spf.sender:
-        parts.append(f"spf={o.result} ({comment(o.explanation or o.result)}) smtp.mailfrom={value(spf.sender)}")
+        parts.append(f"spf={o.result} ({comment(o.explanation or _SPF_TEXT.get(o.result, o.result))}) smtp.mailfrom={value(spf.sender)}")
     elif spf.helo is None:
-        parts.append(f"spf={o.result} ({comment(o.explanation or o.result)}) smtp.mailfrom=<>")
+        parts.append(f"spf={o.result} ({comment(o.explanation or _SPF_TEXT.get(o.result, o.result))}) smtp.mailfrom=<>")
     if spf.helo is not None:
         h = spf.helo
-        parts.append(f"spf={h.result} ({comment(h.explanation or h.result)}) smtp.helo={value(spf.helo_name)}")
+        parts.append(f"spf={h.result} ({comment(h.explanation or _SPF_TEXT.get(h.result, h.result))}) smtp.helo={value(spf.helo_name)}")
     return parts
 
 

@@ -8,6 +8,7 @@ import pytest
 from kanmon.auth.authres import authentication_results, authserv_id_of, strip_forged
 from kanmon.auth.dkim import DkimSignatureResult, key_names
 from kanmon.auth.dmarc import aligned, evaluate_dmarc, from_header, organizational_domain, parse_record
+from kanmon.auth.spf import SpfOutcome, SpfResult
 from kanmon.auth.values import comment, value
 from kanmon.policy.authcheck import _tag_subject
 
@@ -102,3 +103,11 @@ def test_tag_subject():
     assert _tag_subject(b"From: a\r\nSubject: hi\r\n", "[SUSPECT]") == b"From: a\r\nSubject: [SUSPECT] hi\r\n"
     assert _tag_subject(b"Subject: [SUSPECT] hi\r\n", "[SUSPECT]") == b"Subject: [SUSPECT] hi\r\n"
     assert _tag_subject(b"From: a\r\n", "[SUSPECT]") == b"From: a\r\nSubject: [SUSPECT]\r\n"
+
+
+def test_spf_results_without_an_explanation_say_what_they_mean():
+    r = SpfResult(SpfOutcome("pass", "mailfrom", "sender.example", "sender SPF authorized"),
+                  SpfOutcome("none", "helo", "mail.sender.example", ""), "a@sender.example", "mail.sender.example", "192.0.2.1")
+    text = authentication_results("mx.example.test", spf=r)
+    assert text == ("mx.example.test; spf=pass (sender SPF authorized) smtp.mailfrom=a@sender.example; "
+                    "spf=none (no SPF record) smtp.helo=mail.sender.example")
