@@ -36,6 +36,19 @@ HEADER = (b"Received: from a.sender.test by mx.sender.test; Mon, 30 Nov 2026 10:
           b"MIME-Version: 1.0\r\n"
           b"Content-Type: text/plain; charset=utf-8\r\n")
 MESSAGE = HEADER + b"\r\n" + BODY
+MULTIPART = (
+    b"Received: from out.sender.test (out.sender.test [192.0.2.10])\r\n\tby mx.sender.test with ESMTPS id 4Q1\r\n"
+    b"\tfor <bob@example.test>; Mon, 30 Nov 2026 10:00:01 +0000\r\n"
+    b"From: =?UTF-8?B?5bGx55Sw?= <yamada@sender.test>\r\nTo: bob@example.test\r\n"
+    b"Subject: =?UTF-8?B?5Lya6K2w44Gu6LOH5paZ?=\r\nDate: Mon, 30 Nov 2026 10:00:00 +0900\r\n"
+    b"Message-ID: <m2@sender.test>\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed;\r\n boundary=\"b1\"\r\n\r\n"
+    b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + "会議の資料を添付します。\t \r\n".encode() * 20
+    + b"--b1\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + b"JVBERi0xLjQKJcOkw7zDtsOfCjIgMCBvYmoKPDwvTGVuZ3RoIDMgMCBSL0ZpbHRlci9GbGF0ZURlY29kZT4+\r\n" * 40
+    + b"--b1--\r\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +116,13 @@ def cases(keys) -> list[tuple[str, bytes, list[str], bool]]:
         empty = signed(header + b"\r\n", keys["rsa"], "rsa", (h, b))
         out.append((f"rsa {c} empty body", empty, ["pass"], True))
         out.append((f"rsa {c} empty body, lines added", empty + b"\r\n\r\n", ["pass"], True))
+    for h, b in CANONS:
+        c = f"{h.decode()}/{b.decode()}"
+        mp = signed(MULTIPART, keys["rsa"], "rsa", (h, b))
+        out.append((f"multipart {c} pass", mp, ["pass"], True))
+        out.append((f"multipart {c} Received added on top", b"Received: from mx.example.test\r\n" + mp, ["pass"], True))
+        out.append((f"multipart {c} attachment altered", replace(mp, b"JVBERi0xLjQK", b"JVBERi0xLjUK"), ["fail"], True))
+        out.append((f"multipart {c} 8bit text altered", replace(mp, "資料".encode(), "資金".encode()), ["fail"], True))
     m = signed(MESSAGE, keys["rsa"], "rsa")
     out.append(("a second From added", b"From: mallory@evil.test\r\n" + m, ["fail"], True))
     out.append(("oversigned Subject, a second Subject added",
