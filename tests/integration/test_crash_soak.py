@@ -8,7 +8,9 @@ Duplicates are allowed (a crash between the next hop's 250 and our journal write
 again: "twice, never zero times", DESIGN.md promise 1); they are counted and reported.
 
 CI runs 3 kills; KANMON_LONG=1 runs 20 (`-m long`). The seed is printed: rerun a failure
-with KANMON_SOAK_SEED=<seed>.
+with KANMON_SOAK_SEED=<seed>; KANMON_SOAK_RETRY sets [queue] retry (default 1s..2s).
+The run fails on a stall (nothing acknowledged for STALL seconds, with each sender's
+last error and the server's stderr), never on a slow machine.
 """
 
 from __future__ import annotations
@@ -48,42 +50,65 @@ connect_timeout = "2s"
 command_timeout = "5s"
 data_timeout = "5s"
 [queue]
-retry = "1s..2s"
+retry = "{retry}"
 """
 
 SUBJECT = re.compile(rb"\r\nSubject: soak-(\d+)\r\n")
 
 
 class Sender(threading.Thread):
-    """Sends its messages in order; on any failure reconnects and resends the same one."""
+    """Sends its messages in order; on a failure reconnects and resends the same one.
+
+    Every socket operation has smtplib's timeout, so a try always ends; a permanent
+    (5xx) reply is recorded and the sender moves on (resending it could never succeed).
+    `current`, `tries` and `last_error` say where it is when the test reports a stall.
+    """
 
     def __init__(self, port: int, numbers: list[int], acked: set[int], lock: threading.Lock):
         super().__init__(daemon=True)
         self.port, self.numbers, self.acked, self.lock = port, numbers, acked, lock
         self.permanent: list[tuple[int, str]] = []
         self.stop = False
+        self.current: int | None = None
+        self.tries = 0
+        self.last_error = ""
 
     def run(self) -> None:
         conn: smtplib.SMTP | None = None
         for n in self.numbers:
+            self.current, self.tries = n, 0
             while not self.stop:
+                self.tries += 1
                 try:
                     if conn is None:
                         conn = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
                     body = f"From: alice@example.test\r\nSubject: soak-{n}\r\nMessage-ID: <soak-{n}@example.test>\r\n\r\n{'x' * 2000}\r\n"
                     conn.sendmail("alice@example.test", ["user@corp.example"], body)
                 except smtplib.SMTPResponseException as e:
-                    if e.smtp_code >= 500:
-                        self.permanent.append((n, f"{e.smtp_code} {e.smtp_error!r}"))
+                    self.last_error = f"{e.smtp_code} {e.smtp_error!r}"
                     conn = self._drop(conn)
-                except (smtplib.SMTPException, OSError):
+                    if e.smtp_code >= 500:
+                        self.permanent.append((n, self.last_error))
+                        break
+                except smtplib.SMTPRecipientsRefused as e:
+                    self.last_error = f"recipients refused {e.recipients!r}"
+                    conn = self._drop(conn)
+                    if any(code >= 500 for code, _ in e.recipients.values()):
+                        self.permanent.append((n, self.last_error))
+                        break
+                except (smtplib.SMTPException, OSError) as e:
+                    self.last_error = f"{type(e).__name__}: {e}"
                     conn = self._drop(conn)  # the server is down or restarting
                 else:
                     with self.lock:
                         self.acked.add(n)
                     break
+        self.current = None
         if conn is not None:
             self._drop(conn)
+
+    def describe(self) -> str:
+        return f"at message {self.current} (try {self.tries}), last error: {self.last_error or 'none'}"
 
     def _drop(self, conn: smtplib.SMTP | None) -> None:
         if conn is not None:
@@ -92,6 +117,28 @@ class Sender(threading.Thread):
             except OSError:
                 pass
         time.sleep(0.05)  # waiting for a real process to come back (not a clock)
+
+
+STALL = 120  # seconds without a new acknowledgement before the run is called stalled
+
+
+def wait_senders(senders: list[Sender], acked: set[int], proc: KanmonProcess) -> None:
+    """Until every sender has finished; fail only when nothing is acknowledged for STALL
+    seconds (a stall, with what each sender last saw), never for being slow: a run on a
+    loaded machine may take long, a run that makes no progress is a defect."""
+    seen, last_progress = len(acked), time.monotonic()
+    while any(s.is_alive() for s in senders):
+        for s in senders:
+            s.join(1)
+        if len(acked) != seen:
+            seen, last_progress = len(acked), time.monotonic()
+        elif time.monotonic() - last_progress > STALL:
+            status = "running" if proc.proc and proc.proc.poll() is None else f"exited {proc.proc.returncode}"
+            raise AssertionError(
+                f"no message acknowledged for {STALL} s ({seen} so far); kanmon serve {status}; "
+                + "; ".join(f"sender {i} {s.describe()}" for i, s in enumerate(senders))
+                + f"\nserver stderr (tail):\n{proc.stderr_tail()}"
+            )
 
 
 def port_closed(port: int) -> bool:
@@ -107,7 +154,8 @@ def crash_soak(tmp_path: Path, messages: int, kills: int) -> None:
     rng = random.Random(seed)
     port, sink_port = free_port(), free_port("127.0.0.7")
     cfg = tmp_path / "kanmon.toml"
-    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, sink_port=sink_port))
+    retry = os.environ.get("KANMON_SOAK_RETRY", "1s..2s")
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, sink_port=sink_port, retry=retry))
     acked: set[int] = set()
     lock = threading.Lock()
     senders = [Sender(port, list(range(k, messages, 2)), acked, lock) for k in range(2)]
@@ -122,9 +170,7 @@ def crash_soak(tmp_path: Path, messages: int, kills: int) -> None:
                 proc.kill()
                 wait_for(lambda: port_closed(port), 20, "the receiver processes to die with the main one")
                 proc = KanmonProcess(cfg, "127.0.0.1", port).start()
-            for s in senders:
-                s.join(180)
-                assert not s.is_alive(), "a sender did not finish"
+            wait_senders(senders, acked, proc)
             assert [p for s in senders for p in s.permanent] == []
             assert acked == set(range(messages))
 
@@ -143,7 +189,7 @@ def crash_soak(tmp_path: Path, messages: int, kills: int) -> None:
             counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + 1
     lost = acked - set(counts)
     duplicates = sum(c - 1 for c in counts.values())
-    print(f"\ncrash soak seed={seed}: {messages} messages, {kills} kill -9, {len(acked)} acknowledged, "
+    print(f"\ncrash soak seed={seed} retry={retry}: {messages} messages, {kills} kill -9, {len(acked)} acknowledged, "
           f"{len(lost)} lost, {duplicates} duplicate deliveries")
     assert not lost, f"seed {seed}: lost {sorted(lost)[:20]}"
 

@@ -178,12 +178,16 @@ class KanmonProcess:
         self.config_file = config_file
         self.host, self.port = host, port
         self.proc: subprocess.Popen | None = None
+        # stderr goes to a file beside the config, appended across restarts: a pipe
+        # nobody reads would block the server once 64 KiB of warnings filled it.
+        self.stderr_path = Path(config_file).parent / "kanmon-serve.stderr"
 
     def start(self) -> KanmonProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kanmon", "serve", "-c", str(self.config_file), "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kanmon", "serve", "-c", str(self.config_file), "--quiet"],
+                stdout=subprocess.DEVNULL, stderr=err,
+            )
         try:
             wait_port(self.host, self.port, 20)
         except AssertionError:
@@ -191,20 +195,22 @@ class KanmonProcess:
             raise
         return self
 
+    def stderr_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.stderr_path.read_bytes()[-limit:].decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         if self.proc:
             self.proc.wait(10)
-            if self.proc.stderr:
-                self.proc.stderr.close()
 
     def terminate(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
 
 
 def maildir_messages(data_dir: Path, address: str) -> list[bytes]:
