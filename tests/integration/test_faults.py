@@ -203,12 +203,20 @@ def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path):
     import zlib
 
     env = b'{"not": "an envelope"}'
+
+    def checked(envelope: bytes, content: bytes = b"hello") -> bytes:
+        crc = zlib.crc32(content, zlib.crc32(envelope))
+        return b"KANMON-Q1 %d %d %08x\n" % (len(envelope), len(content), crc) + envelope + b"\n" + content
     header = b"KANMON-Q1 %d %d %08x\n" % (len(env), 5, zlib.crc32(env + b"\n" + b"hello") & 0xFFFFFFFF)
     bad = {
         "20991231000000AAAA0001": os.urandom(4096),
         "20991231000000AAAA0002": b"",
         "20991231000000AAAA0003": b"NOT-A-QUEUE-FILE 1 2 3\n{}\nx",
         "20991231000000AAAA0004": header + env + b"\nhello",
+        # Valid JSON and a good checksum, but not an object / wrong types inside.
+        "20991231000000AAAA0005": checked(b"[]"),
+        "20991231000000AAAA0006": checked(b'{"from": "a@b", "rcpts": [12345]}'),
+        "20991231000000AAAA0007": checked(b'{"from": "a@b", "rcpts": ["bob@example.test"], "at": "yesterday"}'),
     }
     for name, content in bad.items():
         (queue / name).write_bytes(content)

@@ -130,6 +130,9 @@ class Site:
                 return r
         raise AssertionError(f"no queued message with subject {subject!r}")
 
+    def spool_corrupt(self) -> list[str]:
+        return sorted(p.name for p in (self.data_dir / "spool" / "corrupt").iterdir())
+
     def events(self) -> list[str]:
         if self.node is not None:
             self.node.flush()
@@ -870,3 +873,35 @@ def test_corrupt_entries_listed_and_deleted(site):
     assert "1 message(s) deleted" in site.cli("queue", "delete", "--state", "corrupt", "--yes").output
     assert site.ids("--state", "corrupt") == [] and not (site.data_dir / "spool" / "corrupt" / bad).exists()
     site.wait_event(f"{bad}: deleted by administrator")
+
+
+def test_an_entry_damaged_while_running_is_set_aside_listed_and_deleted(site):
+    # Valid JSON around a wrong type (the checksum fits), and a checksum-corrupt file:
+    # neither stops `queue list`; both go to spool/corrupt/ with a critical event when
+    # the queue manager reaches them, are listed as corrupt and deleted by id.
+    import zlib
+
+    site.start()
+    typed = site.send("alice@example.test", ["u1@corp.example"], "typed")
+    flipped = site.send("alice@example.test", ["u1@corp.example"], "flipped")
+    queue = site.data_dir / "spool" / "queue"
+    envelope, content = b'{"from": "a@b", "rcpts": [12345], "at": "yesterday"}', b"Subject: typed\r\n\r\nx\r\n"
+    crc = zlib.crc32(content, zlib.crc32(envelope))
+    (queue / typed).write_bytes(b"KANMON-Q1 %d %d %08x\n" % (len(envelope), len(content), crc) + envelope + b"\n"
+                                + content)
+    data = bytearray((queue / flipped).read_bytes())
+    data[-3] ^= 0x20
+    (queue / flipped).write_bytes(bytes(data))
+    rows = {r["id"]: r["state"] for r in site.cli_json("queue", "list")["items"]}
+    assert rows[typed] == "corrupt"  # refused by the decoder: set aside at once
+    site.node.advance(3600)  # the retry is due: the queue manager reads both back
+    site.node.wait_idle()
+    wait_for(lambda: not (queue / flipped).exists(), 10, "the checksum-corrupt file set aside")
+    assert {typed, flipped} <= set(site.spool_corrupt())
+    rows = {r["id"]: r["state"] for r in site.cli_json("queue", "list")["items"]}
+    assert rows[typed] == rows[flipped] == "corrupt"
+    for qid in (typed, flipped):
+        site.wait_event(f"{qid}: corrupt queue file moved to spool/corrupt/")
+    assert "1 message(s) deleted" in site.cli("queue", "delete", typed, "--yes").output
+    assert "1 message(s) deleted" in site.cli("queue", "delete", flipped, "--yes").output
+    assert site.spool_corrupt() == [] and site.ids() == []
