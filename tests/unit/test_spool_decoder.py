@@ -163,3 +163,64 @@ def test_recovery_never_raises_and_sets_aside_what_it_refuses(tmp_path_factory, 
         assert_well_typed(e.envelope)
         assert math.isfinite(e.state.next_attempt)
     spool.close()
+
+
+# -- backup entries ----------------------------------------------------------------------------
+
+
+def archive_with(tmp_path, meta_of, queue_bytes: bytes | None = None):
+    """An archive of one message, its meta.json replaced by meta_of(meta) and, when given,
+    its queue file by queue_bytes (checksums recomputed: the archive's own checks pass)."""
+    import hashlib
+    import io
+    import tarfile
+
+    from kanmon.admin.backup import END, HEAD
+
+    from kanmon.model import new_queue_id
+
+    spool = Spool(tmp_path / "src", fsync=False)
+    qid = new_queue_id()
+    spool.store_blocking(qid, good_envelope(), b"Subject: x\r\n\r\nx\r\n")
+    qb = queue_bytes if queue_bytes is not None else (spool.queue / qid).read_bytes()
+    sha = {"queue": hashlib.sha256(qb).hexdigest(), "state": hashlib.sha256(b"").hexdigest()}
+    meta = meta_of({"id": qid, "sha256": sha})
+    path = tmp_path / "b.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((HEAD, json.dumps({"format": "kanmon-queue-backup", "version": 1}).encode()),
+                           (f"{qid}/meta.json", json.dumps(meta).encode()), (f"{qid}/queue", qb),
+                           (f"{qid}/state", b""),
+                           (END, json.dumps({"count": 1, "ids_sha256": hashlib.sha256(qid.encode()).hexdigest()})
+                            .encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    spool.close()
+    return path
+
+
+@pytest.mark.parametrize("meta_of", [
+    lambda m: {**m, "sha256": []},
+    lambda m: {**m, "sha256": {"queue": 5, "state": None}},
+    lambda m: {**m, "id": ["x"]},
+    lambda m: {**m, "id": "1M1C97Q7ZXJ5SSD"},
+])
+def test_backup_entries_of_the_wrong_shape_are_refused_by_verification(tmp_path, meta_of):
+    from kanmon.admin.backup import BackupError, verify_archive
+
+    with pytest.raises(BackupError, match="meta.json"):
+        verify_archive(archive_with(tmp_path, meta_of))
+
+
+def test_a_sound_backup_entry_is_accepted(tmp_path):
+    from kanmon.admin.backup import verify_archive
+
+    assert verify_archive(archive_with(tmp_path, lambda m: m)) == 1
+
+
+def test_a_backup_entry_whose_envelope_has_wrong_types_is_refused(tmp_path):
+    from kanmon.admin.backup import BackupError, verify_archive
+
+    bad = queue_file(b'{"from": "a@b", "rcpts": [12345]}')
+    with pytest.raises(BackupError, match="rcpts"):
+        verify_archive(archive_with(tmp_path, lambda m: m, bad))
