@@ -61,7 +61,7 @@ from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.spool.store import Spool
+from kanmon.spool.store import CORRUPT_EVENT, Spool
 from kanmon.state.sqlite import SqliteState
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges
@@ -210,6 +210,9 @@ class Node:
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log)
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
+        records = self.records
+        # An entry refused while running (queue manager, admin): a critical event (alerted).
+        self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         self.local = LocalDelivery(self.data_dir, self.committer)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir)
         self.queue = QueueManager(
@@ -360,7 +363,7 @@ class Node:
         assert self.spool and self.records and self.queue
         entries, corrupt, removed = self.spool.recover()
         for qid, why in corrupt:
-            self.records.emit(f"corrupt queue file moved to spool/corrupt/: {why}", qid, "critical")
+            self.records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         if removed:
             self.records.record(Recovery(removed=removed))
         for e in entries:

@@ -12,8 +12,9 @@ queue file (KANMON-Q1: envelope JSON and content, with its CRC-32) and the state
     kanmon-backup-end.json        {"count": N, "ids_sha256": ..}: a truncated archive lacks it
 
 Trusts: nothing in an archive being read: every member's size is bounded, every
-checksum and the end record are verified before anything is restored, and names are
-checked to be queue ids (no path is ever taken from the archive).
+checksum and the end record are verified before anything is restored, names are
+checked to be queue ids (no path is ever taken from the archive), meta.json is
+type-checked and each queue file goes through the spool's strict envelope decoder.
 Never: write a partial archive under the final name (it is written to FILE.partial and
 renamed), or restore from an archive that failed verification.
 """
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kanmon.model import is_queue_id
+from kanmon.spool import schema
+from kanmon.spool.schema import SchemaError
 from kanmon.spool.store import CorruptEntry, Spool
 
 FORMAT = "kanmon-queue-backup"
@@ -144,13 +147,20 @@ def read_archive(path: Path) -> Iterator[ArchivedMessage]:
                 if part != "meta.json" or not is_queue_id(qid):
                     raise BackupError(f"{path}: unexpected member {m.name!r}")
                 meta = _json(tar, m)
+                try:
+                    if schema.text(meta, "id", None, 64) != qid:
+                        raise SchemaError("id is not the member's queue id")
+                    sums = schema.obj(meta.get("sha256"), "sha256")
+                    schema.text(sums, "queue", None, 64), schema.text(sums, "state", None, 64)
+                except SchemaError as e:
+                    raise BackupError(f"{path}: {qid}/meta.json: {e}") from None
                 blobs = {}
                 for want in ("queue", "state"):
                     mm = next(members, None)
                     if mm is None or mm.name != f"{qid}/{want}":
                         raise BackupError(f"{path}: {qid}: missing {want}")
                     blobs[want] = _bytes(tar, mm)
-                    if _sha(blobs[want]) != meta.get("sha256", {}).get(want):
+                    if _sha(blobs[want]) != sums[want]:
                         raise BackupError(f"{path}: {qid}/{want}: SHA-256 mismatch")
                 try:
                     Spool._check_bytes(blobs["queue"], qid)

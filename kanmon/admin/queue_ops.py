@@ -50,7 +50,7 @@ from kanmon.queue.notices import Notices
 from kanmon.records import events as ev
 from kanmon.records.store import Records
 from kanmon.spool import journal
-from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry, SpoolError
+from kanmon.spool.store import CORRUPT_EVENT, CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
 
 ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
@@ -195,6 +195,8 @@ class QueueOps:
         self.spool = spool
         self.records = records
         self.link = link
+        if spool.on_corrupt is None:  # a stopped node: the admin command reports what it sets aside
+            spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         self.notices = Notices(config)
         self._run_log: RunLog | None = None
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.

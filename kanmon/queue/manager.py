@@ -40,7 +40,7 @@ from kanmon.records.events import BOUNCED, DEFERRED, SENT, Delivery, Error, Noti
 from kanmon.records.store import Records
 from kanmon.routing import Route, Router
 from kanmon.spool.journal import QueueState
-from kanmon.spool.store import Spool, SpoolEntry
+from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
 NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
@@ -247,6 +247,8 @@ class QueueManager:
                 entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile (admin action)
+            except CorruptEntry:
+                return  # set aside to corrupt/ by the spool, with its event: never retried
         if not attempt_now(entry.state):
             return
         env = entry.envelope

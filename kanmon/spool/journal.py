@@ -24,11 +24,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text, time_value
+
 STATUSES = ("sent", "deferred", "bounced")
 FINAL = ("sent", "bounced")
 
 
-class JournalError(ValueError):
+class JournalError(SchemaError):
     """A journal line that is not a record this module knows."""
 
 
@@ -114,55 +116,39 @@ def encode(records: list[Record] | tuple[Record, ...]) -> bytes:
 # Decoding (strict)
 
 
-def _num(d: dict, key: str) -> float:
-    v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise JournalError(f"{d.get('k')}: {key} must be a number")
-    return float(v)
-
-
-def _str(d: dict, key: str, default: str | None = None) -> str:
-    if key not in d and default is not None:
-        return default
-    v = d.get(key)
-    if not isinstance(v, str):
-        raise JournalError(f"{d.get('k')}: {key} must be a string")
-    return v
-
-
 def from_dict(d: Any) -> Record:
-    """A decoded JSON object -> its record; JournalError for anything else."""
-    if not isinstance(d, dict):
+    """A decoded JSON object -> its record; JournalError for anything else (the field
+    checks of kanmon.spool.schema: times finite and in range, bounded texts and counts)."""
+    if type(d) is not dict:
         raise JournalError("a journal record is a JSON object")
     kind = d.get("k")
-    if kind == "result":
-        status = _str(d, "status")
-        if status not in STATUSES:
-            raise JournalError(f"result: unknown status {status!r}")
-        return Result(_num(d, "t"), _str(d, "rcpt"), status, _str(d, "reply"),
-                      _str(d, "relay", ""), _str(d, "mailer", ""), _str(d, "tls", ""))
-    if kind == "attempt":
-        n = d.get("n")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise JournalError("attempt: n must be a count")
-        return Attempt(_num(d, "t"), n, _num(d, "next"))
-    if kind == "warned":
-        return Warned(_num(d, "t"))
-    if kind == "hold":
-        on = d.get("on")
-        if not isinstance(on, bool):
-            raise JournalError("hold: on must be true or false")
-        return Hold(_num(d, "t"), on, _str(d, "by", ""))
-    if kind == "schedule":
-        return Schedule(_num(d, "t"), _num(d, "next"))
-    raise JournalError(f"unknown journal record kind {kind!r}")
+    try:
+        if kind == "result":
+            status = text(d, "status", None, 16)
+            if status not in STATUSES:
+                raise JournalError(f"result: unknown status {status!r}")
+            return Result(time_value(d, "t"), text(d, "rcpt", None, MAX_ADDRESS), status, text(d, "reply"),
+                          text(d, "relay", ""), text(d, "mailer", "", 64), text(d, "tls", ""))
+        if kind == "attempt":
+            return Attempt(time_value(d, "t"), count(d, "n"), time_value(d, "next"))
+        if kind == "warned":
+            return Warned(time_value(d, "t"))
+        if kind == "hold":
+            return Hold(time_value(d, "t"), flag(d, "on"), text(d, "by", ""))
+        if kind == "schedule":
+            return Schedule(time_value(d, "t"), time_value(d, "next"))
+    except JournalError:
+        raise
+    except SchemaError as e:
+        raise JournalError(f"{kind}: {e}") from None
+    raise JournalError(f"unknown journal record kind {kind!r}"[:200])
 
 
 def decode(line: bytes) -> Record:
     """One journal line (without its newline) -> its record; JournalError if it is not one."""
     try:
         d = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise JournalError(f"not JSON: {e}") from None
     return from_dict(d)
 

@@ -8,7 +8,8 @@ Layout under <data_dir>/spool/:
     incoming/<id>    being written; never acknowledged; removed at start
     queue/<id>       the message: header line, envelope JSON, content (immutable)
     state/<id>       append-only journal of what happened to it (kanmon.spool.journal)
-    corrupt/<id>     entries that failed their checks at start, kept for the admin
+    corrupt/<id>     entries that failed their checks (at start, or when read back while
+                     running), kept for the admin: `queue list` shows them, `queue delete` removes them
 
 Queue file format (docs/spool-format.md):
     b"KANMON-Q1 <envelope length> <content length> <crc32 hex>\\n"
@@ -35,25 +36,29 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
-from kanmon.spool import journal
+from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
 from kanmon.spool.journal import QueueState
+from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text
 
 MAGIC = b"KANMON-Q1 "
 MAX_HEADER_LINE = 128
+MAX_ENVELOPE = 64 << 20  # bytes of envelope JSON (100,000 recipients fit many times over)
+# The critical event of an entry set aside (at start, or when a stage reads it back).
+CORRUPT_EVENT = "corrupt queue file moved to spool/corrupt/: {}"
 
 
 class SpoolError(Exception):
     """A storage failure: the caller answers 451 4.3.0."""
 
 
-class CorruptEntry(Exception):
-    pass
+class CorruptEntry(ValueError):
+    """A stored entry its decoder refuses (damaged, truncated, or of the wrong shape)."""
 
 
 def envelope_to_json(env: Envelope) -> bytes:
@@ -88,30 +93,37 @@ def envelope_to_json(env: Envelope) -> bytes:
 
 
 def envelope_from_json(raw: bytes) -> Envelope:
-    d = json.loads(raw)
-    c = d.get("client")
-    client = None
-    if c:
-        client = ClientInfo(
-            ip=c["ip"], port=c.get("port", 0), name=c.get("name", "unknown"), helo=c.get("helo", ""),
-            proto=c.get("proto", "SMTP"), tls_version=c.get("tls", ""), tls_cipher=c.get("cipher", ""),
-            tls_bits=c.get("bits", 0), auth_user=c.get("auth", ""),
+    """The envelope of a queue file, decoded strictly (kanmon.spool.schema: types, ranges,
+    lengths); CorruptEntry for anything else. Unknown keys are ignored (a newer version's
+    additions), missing optional ones take their defaults (older files)."""
+    try:
+        d = schema.obj(json.loads(raw), "the envelope")
+        c = d.get("client")
+        client = None
+        if c is not None:
+            c = schema.obj(c, "client")
+            client = ClientInfo(
+                ip=text(c, "ip", None, MAX_ADDRESS), port=count(c, "port", 0, 65535),
+                name=text(c, "name", "unknown"), helo=text(c, "helo", ""), proto=text(c, "proto", "SMTP", 64),
+                tls_version=text(c, "tls", ""), tls_cipher=text(c, "cipher", ""),
+                tls_bits=count(c, "bits", 0, 65535), auth_user=text(c, "auth", "", MAX_ADDRESS),
+            )
+        rcpts = schema.text_list(d, "rcpts")
+        if not rcpts:
+            raise SchemaError("rcpts is empty")
+        ret = text(d, "ret", "", 8)
+        if ret not in ("", "FULL", "HDRS"):
+            raise SchemaError("ret must be FULL or HDRS")
+        return Envelope(
+            mail_from=text(d, "from", None, MAX_ADDRESS), rcpts=rcpts, original_rcpts=schema.text_map(d, "orcpts"),
+            client=client, size_hint=count(d, "size_hint", 0, schema.MAX_SIZE),
+            body_8bit=flag(d, "8bit", False), smtputf8=flag(d, "utf8", False),
+            received_at=schema.time_value(d, "at", 0.0), is_notice=flag(d, "notice", False),
+            crlf_checked=flag(d, "crlf", False), dsn_ret=ret, dsn_envid=text(d, "envid", ""),
+            dsn_notify=schema.text_map(d, "notify"), dsn_orcpt=schema.text_map(d, "orcpt"),
         )
-    if not isinstance(d["from"], str) or not isinstance(d["rcpts"], list) or not d["rcpts"]:
-        raise ValueError("envelope without sender or recipients")
-    ret, envid = d.get("ret", ""), d.get("envid", "")
-    notify, orcpt = d.get("notify", {}), d.get("orcpt", {})
-    if ret not in ("", "FULL", "HDRS") or not isinstance(envid, str):
-        raise ValueError("envelope: bad ret or envid")
-    for m in (notify, orcpt):
-        if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
-            raise ValueError("envelope: notify and orcpt map recipients to text")
-    return Envelope(
-        mail_from=d["from"], rcpts=list(d["rcpts"]), original_rcpts=dict(d.get("orcpts", {})), client=client,
-        size_hint=d.get("size_hint", 0), body_8bit=d.get("8bit", False), smtputf8=d.get("utf8", False),
-        received_at=d.get("at", 0.0), is_notice=d.get("notice", False), crlf_checked=d.get("crlf", False),
-        dsn_ret=ret, dsn_envid=envid, dsn_notify=dict(notify), dsn_orcpt=dict(orcpt),
-    )
+    except (SchemaError, ValueError, RecursionError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptEntry(f"bad envelope: {e}") from None
 
 
 def encode_queue_file(env: Envelope, content: bytes) -> bytes:
@@ -125,11 +137,17 @@ def decode_queue_header(head: bytes) -> tuple[int, int, int, int]:
     nl = head.find(b"\n", 0, MAX_HEADER_LINE)
     if not head.startswith(MAGIC) or nl < 0:
         raise CorruptEntry("not a kanmon queue file")
+    fields = head[len(MAGIC) : nl].split(b" ")
+    if len(fields) != 3 or not fields[0].isdigit() or not fields[1].isdigit() or len(fields[2]) != 8:
+        raise CorruptEntry("bad header line")
+    elen, clen = int(fields[0]), int(fields[1])
     try:
-        elen, clen, crc_hex = head[len(MAGIC) : nl].split(b" ")
-        return int(elen), int(clen), int(crc_hex, 16), nl + 1
+        crc = int(fields[2], 16)
     except ValueError:
         raise CorruptEntry("bad header line") from None
+    if elen > MAX_ENVELOPE:
+        raise CorruptEntry("bad header line: envelope too long")
+    return elen, clen, crc, nl + 1
 
 
 @dataclass(slots=True)
@@ -155,6 +173,9 @@ class Spool:
         self.fsync = fsync
         for d in (self.incoming, self.queue, self.state_dir, self.corrupt):
             d.mkdir(parents=True, exist_ok=True)
+        # on_corrupt(queue_id, reason): told of each entry set aside (the owner of the
+        # records turns it into a critical event; the spool never writes records).
+        self.on_corrupt: Callable[[str, str], None] | None = None
         self._own_committer = committer is None
         self.committer = committer or GroupCommitter(self.root, fsync=fsync)
 
@@ -208,10 +229,7 @@ class Spool:
             elen, clen, _crc, off = decode_queue_header(head)
             f.seek(off)
             ej = f.read(elen)
-        try:
-            return envelope_from_json(ej), clen
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"bad envelope: {e}") from None
+        return envelope_from_json(ej), clen
 
     def read_content(self, queue_id: str) -> bytes:
         env_json, content = self._read_checked(self.queue / queue_id)
@@ -231,16 +249,23 @@ class Spool:
         return ej, content
 
     def load(self, queue_id: str) -> SpoolEntry:
-        env, size = self.read_envelope(queue_id)
+        """Envelope and journal; an entry the decoder refuses is set aside (CorruptEntry)."""
+        try:
+            env, size = self.read_envelope(queue_id)
+        except CorruptEntry as e:
+            self.set_aside(queue_id, str(e))
+            raise
         return SpoolEntry(queue_id, env, size, self.read_state(queue_id))
 
     def load_with_content(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
-        """Entry and content in one read of the queue file (checked against its CRC)."""
-        ej, content = self._read_checked(self.queue / queue_id)
+        """Entry and content in one read of the queue file (checked against its CRC); an
+        entry that fails its checks is set aside (CorruptEntry)."""
         try:
+            ej, content = self._read_checked(self.queue / queue_id)
             env = envelope_from_json(ej)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"bad envelope: {e}") from None
+        except CorruptEntry as e:
+            self.set_aside(queue_id, str(e))
+            raise
         return SpoolEntry(queue_id, env, len(content), self.read_state(queue_id)), content
 
     def queue_ids(self) -> Iterator[str]:
@@ -268,7 +293,7 @@ class Spool:
             try:
                 ej, content = self._read_checked(path)
                 env = envelope_from_json(ej)
-            except (CorruptEntry, ValueError, KeyError, TypeError) as e:
+            except CorruptEntry as e:
                 self.move_to_corrupt(qid)
                 corrupt.append((qid, str(e) or type(e).__name__))
                 continue
@@ -290,13 +315,16 @@ class Spool:
 
         envelope_filter(queue_id, envelope) -> bool, when given, is asked before the
         journal is read, so a filter on sender, recipients or age costs one small read per
-        message. Entries that vanish meanwhile (delivered) or cannot be parsed are skipped:
-        corrupt files are moved aside by recovery, not here.
+        message. Entries that vanish meanwhile (delivered) are skipped; entries the decoder
+        refuses are set aside to corrupt/ (where the admin lists and deletes them).
         """
         for qid in self.queue_ids():
             try:
                 env, size = self._read_envelope_fast(qid)
-            except (OSError, CorruptEntry):
+            except CorruptEntry as e:
+                self.set_aside(qid, str(e))
+                continue
+            except OSError:
                 continue
             if envelope_filter is not None and not envelope_filter(qid, env):
                 continue
@@ -313,10 +341,7 @@ class Spool:
                 ej = os.pread(fd, elen, off)
         finally:
             os.close(fd)
-        try:
-            return envelope_from_json(ej), clen
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"bad envelope: {e}") from None
+        return envelope_from_json(ej), clen
 
     def read_content_prefix(self, queue_id: str, limit: int) -> bytes:
         """The first `limit` bytes of the content (a part of the file, so not checked
@@ -420,8 +445,8 @@ class Spool:
             raise CorruptEntry(f"{what}: checksum mismatch")
         try:
             return envelope_from_json(ej)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptEntry(f"{what}: bad envelope: {e}") from None
+        except CorruptEntry as e:
+            raise CorruptEntry(f"{what}: {e}") from None
 
     def import_raw(self, queue_id: str, queue_bytes: bytes, state_bytes: bytes) -> bool:
         """Put a message exported by export_raw() into this queue; False if it is already here.
@@ -451,9 +476,25 @@ class Spool:
         if err is not None:
             raise SpoolError(f"cannot write queue file: {err.strerror or err}")
 
-    def move_to_corrupt(self, queue_id: str) -> None:
+    def set_aside(self, queue_id: str, reason: str) -> None:
+        """An entry refused while running: to corrupt/, and on_corrupt told (once: a
+        second reader finding it gone does nothing)."""
+        try:
+            moved = self.move_to_corrupt(queue_id)
+        except OSError:
+            return  # left in place: the next reader tries again
+        if moved and self.on_corrupt is not None:
+            self.on_corrupt(queue_id, reason)
+
+    def move_to_corrupt(self, queue_id: str) -> bool:
+        """Queue file and journal to corrupt/; False if the queue file was not there."""
+        moved = False
         for src, suffix in ((self.queue / queue_id, ""), (self.state_dir / queue_id, ".state")):
-            if src.exists():
+            try:
                 os.replace(src, self.corrupt / (queue_id + suffix))
+            except FileNotFoundError:
+                continue
+            moved = moved or suffix == ""
         if self.fsync:
             fsync_dir(self.corrupt)
+        return moved
