@@ -470,3 +470,45 @@ def test_over_quota_mailbox_defers_at_rcpt(tmp_path):
         with smtp(n) as s:
             assert s.sendmail("a@remote.example", ["alice@example.test"], msg("small")) == {}
         assert not (n.data_dir / "mailboxes/example.test/alice/.kanmon-quota-notified").exists()
+
+
+def test_parallel_deliveries_overshoot_the_quota_by_at_most_one_message(tmp_path):
+    # Eight sessions at once, all accepted at RCPT while the mailbox was empty; delivery
+    # reserves each message's size against the quota, so the mailbox ends at most one
+    # message over it and the rest wait in the queue (452 4.2.2, retried), not lost.
+    import threading
+
+    from kanmon.store.maildir import mailbox_usage
+
+    port = free_port()
+    text = config_text(tmp_path / "data", port, suspend="true").replace(
+        'aliases = { info = ["alice", "bob"] }', 'aliases = { info = ["alice", "bob"] }\nquota = "100KB"'
+    )
+    body = "x" * 998 + "\r\n"
+    message = msg("parallel", body * 60)  # ~60 KB
+    answers: list[dict] = []
+
+    def send() -> None:
+        with smtp(n) as s:
+            answers.append(s.sendmail("a@remote.example", ["alice@example.test"], message))
+
+    with RunningNode(parse_config(text)) as n:
+        senders = [threading.Thread(target=send) for _ in range(8)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(60)
+        assert answers == [{}] * 8
+    cfg = parse_config(text.replace("suspend_delivery = true", "suspend_delivery = false"))
+    quota = cfg.domain[0].quota
+    with RunningNode(cfg) as n:
+        n.wait_idle()
+        stored = maildir_messages(n.data_dir, "alice@example.test")
+        usage = mailbox_usage(n.data_dir, "example.test", "alice")
+        assert 1 <= len(stored) and usage <= quota + max(len(m) for m in stored)
+        queued = list((n.data_dir / "spool/queue").iterdir())
+        assert len(stored) + len(queued) == 8  # the others wait for room, nothing is lost
+        n.flush()
+        from kanmon.records.query import search_events
+
+        assert any("452 4.2.2" in e.text for e in search_events(n.data_dir) if "stat=Deferred" in e.text)
