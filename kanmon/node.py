@@ -202,6 +202,13 @@ class Node:
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
 
+    def _quota_of(self, domain: str) -> int | None:
+        """The per-mailbox quota of a local domain in the running config (delivery asks)."""
+        for d in self.config.domain:
+            if d.name == domain and d.deliver != "relay":
+                return d.quota
+        return None
+
     # -- what a reload keeps ------------------------------------------------------------
 
     def _build(self) -> None:
@@ -213,7 +220,7 @@ class Node:
         records = self.records
         # An entry refused while running (queue manager, admin): a critical event (alerted).
         self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
-        self.local = LocalDelivery(self.data_dir, self.committer)
+        self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir)
         self.queue = QueueManager(
             config, self.spool, self.records, self.local, self.remote.deliver_route,

@@ -6,22 +6,35 @@ Role: the `local` delivery agent. Writes each message into
 `mail_location = maildir:<data_dir>/mailboxes/%d/%n`. Adds Return-Path: and
 Delivered-To:, and stores LF line endings as Maildir readers expect.
 
+Quota: the accept checks refuse a recipient whose mailbox is over its quota at RCPT,
+but sessions running side by side all pass that check before any of them is delivered.
+So delivery reserves each message's size too: a mailbox whose stored bytes plus the
+deliveries in flight to it reach its quota gets 452 4.2.2 (deferred: retried, bounced
+only when the queue lifetime ends), and a mailbox ends at most one message over its quota.
+Notices (the owner's over-quota notice among them) are delivered regardless, as Dovecot
+delivers its quota warnings. Every local delivery runs in the node's process, so the
+reservations are in memory.
+
 Trusts: recipients were validated by the accept checks and routing (local part is a
 configured mailbox: no "/" or ".." can reach a path). Never: report Sent before the
-file and its directory entry are durable; write outside the mailbox directory.
+file and its directory entry are durable; write outside the mailbox directory; walk a
+mailbox (quota usage) on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kanmon.model import RecipientResult, Reply, Status
+from kanmon.smtp.replies import OVER_QUOTA
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.store.maildir import MaildirError, mailbox_path
+from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage
 
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
@@ -54,31 +67,51 @@ class LocalDelivery:
 
     mailer = "local"
 
-    def __init__(self, data_dir: Path, committer: GroupCommitter):
+    def __init__(self, data_dir: Path, committer: GroupCommitter,
+                 quota_of: Callable[[str], int | None] | None = None):
+        """quota_of(domain): the per-mailbox quota in bytes of a domain, None without one
+        (asked at each delivery, so a reload's new quotas apply at once)."""
         self.data_dir = Path(data_dir)
         self.committer = committer
+        self.quota_of = quota_of or (lambda domain: None)
         self._known: set[Path] = set()  # mailboxes whose tmp/new/cur exist
+        self._reserved: dict[Path, int] = {}  # bytes being delivered to a mailbox right now
+        self._quota_locks: dict[Path, asyncio.Lock] = {}  # one per configured mailbox with a quota
 
-    async def deliver(self, mail_from: str, rcpts: list[str], content: bytes) -> list[RecipientResult]:
+    async def deliver(self, mail_from: str, rcpts: list[str], content: bytes, *,
+                      quota_exempt: bool = False) -> list[RecipientResult]:
+        """quota_exempt: a notice of ours (delivered even to a full mailbox)."""
         # Accepted content has no bare CR (the session refuses it), so deleting every CR
         # turns CRLF into LF in one C-level pass (4x faster than replace on 100 KB).
         body = content.translate(None, b"\r")
         files: list[tuple[Path, Path, bytes]] = []
         results: list[RecipientResult | None] = []
-        for rcpt in rcpts:
-            try:
-                box = _mailbox_of(self.data_dir, rcpt)
-                if box not in self._known:
-                    ensure_maildir(box)
-                    self._known.add(box)
-            except (OSError, MaildirError) as e:
-                results.append(_deferred(rcpt, e))
-                continue
-            data = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace") + body
-            name = unique_name(len(data))
-            files.append((box / "tmp" / name, box / "new" / name, data))
-            results.append(None)
-        errors = await self.committer.commit(files) if files else []
+        reserved: list[tuple[Path, int]] = []
+        try:
+            for rcpt in rcpts:
+                try:
+                    box = _mailbox_of(self.data_dir, rcpt)
+                    if box not in self._known:
+                        ensure_maildir(box)
+                        self._known.add(box)
+                except (OSError, MaildirError) as e:
+                    results.append(_deferred(rcpt, e))
+                    continue
+                data = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace") + body
+                if not quota_exempt and not await self._reserve(rcpt, box, len(data), reserved):
+                    results.append(RecipientResult(rcpt, Status.DEFERRED, OVER_QUOTA, relay="local", mailer="local"))
+                    continue
+                name = unique_name(len(data))
+                files.append((box / "tmp" / name, box / "new" / name, data))
+                results.append(None)
+            errors = await self.committer.commit(files) if files else []
+        finally:
+            for box, size in reserved:
+                left = self._reserved[box] - size
+                if left:
+                    self._reserved[box] = left
+                else:
+                    del self._reserved[box]
         out: list[RecipientResult] = []
         it = iter(errors)
         for rcpt, res in zip(rcpts, results, strict=True):
@@ -92,6 +125,27 @@ class LocalDelivery:
             else:
                 out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
         return out
+
+
+    async def _reserve(self, rcpt: str, box: Path, size: int, reserved: list[tuple[Path, int]]) -> bool:
+        """Room for `size` more bytes in the mailbox (its quota not yet reached by what is
+        stored plus what is being delivered): reserve them. True without a quota."""
+        local, _, domain = rcpt.rpartition("@")
+        quota = self.quota_of(domain)
+        if quota is None:
+            return True
+        lock = self._quota_locks.setdefault(box, asyncio.Lock())
+        async with lock:  # one look at the mailbox at a time, so each sees the others' reservations
+            try:
+                usage = await asyncio.get_running_loop().run_in_executor(
+                    None, mailbox_usage, self.data_dir, domain, local)
+            except OSError:
+                usage = 0  # an unreadable mailbox: the write below reports the problem
+            if usage + self._reserved.get(box, 0) >= quota:
+                return False
+            self._reserved[box] = self._reserved.get(box, 0) + size
+            reserved.append((box, size))
+        return True
 
 
 def _deferred(rcpt: str, e: Exception) -> RecipientResult:
