@@ -64,7 +64,7 @@ from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool
 from kanmon.state.sqlite import SqliteState
 from kanmon import sdnotify
-from kanmon.privileges import PrivilegeError, drop_privileges
+from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
 
@@ -213,8 +213,13 @@ class Node:
 
     def _build(self) -> None:
         config = self.config
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Private before anything is opened (DESIGN.md promise 10): what an older version
+        # left readable is corrected and said in an event once the records are open.
+        corrected = make_private(self.data_dir)
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log)
+        if corrected:
+            self.records.emit(f"data_dir {self.data_dir}: made private (0700 directories, 0600 files), were readable "
+                              f"by others: {', '.join(corrected)}", kind="warning")
         self.committer = GroupCommitter(self.data_dir, fsync=self.fsync)
         self.spool = Spool(self.data_dir, fsync=self.fsync, committer=self.committer)
         records = self.records
@@ -667,6 +672,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
     """
     # Started as root with [server] user: become that user before anything is opened
     # (kanmon.privileges), keeping only the right to bind ports below 1024.
+    os.umask(0o077)  # what is created without an explicit mode (SQLite's own files) is private too
     try:
         switched = drop_privileges(config.server.user, config.server.group, Path(config.server.data_dir))
     except (PrivilegeError, OSError) as e:
@@ -742,7 +748,9 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         pid_file = Path(config.server.data_dir) / "kanmon.pid"
         if waiter in done:
-            pid_file.write_text(f"{os.getpid()}\n")
+            fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
             print(node.describe(), flush=True)
             sdnotify.ready(f"serving as {config.server.hostname}")
         else:

@@ -8,6 +8,9 @@ bind ports below 1024 at start and at a reload, like a systemd unit with
 ``AmbientCapabilities=CAP_NET_BIND_SERVICE``. Every file the node creates is then the
 user's. Started as that user already (systemd ``User=``), nothing changes.
 
+Whoever it runs as, data_dir is private: make_private() corrects at start what an
+older version left readable (data_dir 0700, files 0600), and run_node sets umask 077.
+
 Trusts: the validated config, the passwd and group databases.
 Never: continue as root when a user was asked for and the switch failed, or keep any
 capability but CAP_NET_BIND_SERVICE.
@@ -20,6 +23,7 @@ import ctypes.util
 import grp
 import os
 import pwd
+import stat
 from pathlib import Path
 
 CAP_NET_BIND_SERVICE = 10
@@ -86,6 +90,43 @@ def prepare_data_dir(data_dir: Path, uid: int, gid: int) -> None:
                         os.lchown(entry.path, uid, gid)
     os.chown(data_dir, uid, gid)
     os.chmod(data_dir, 0o700)
+
+
+PRIVATE_SUBDIRS = ("log", "spool", "state")  # their entries are checked too, not what lies deeper
+SHARED = ("maildrop",)  # the local sendmail's drop directory: its mode is the pickup's (docs/sendmail.md)
+
+
+def make_private(data_dir: Path) -> list[str]:
+    """data_dir private and what an older version may have left readable in it too:
+    data_dir loses every bit for others and the group's write bit (so 0700, or the 0710
+    or 0750 an administrator gave the commands' group, docs/sendmail.md); its top-level
+    entries and those of log/, spool/ and state/ become 0600 (0700 for directories).
+    Deeper files (queue files, journals, mail) have always been created 0600 in 0700
+    directories, and a walk of every mailbox at each start would be costly.
+    Returns the paths corrected (relative to data_dir), for the start-up event."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    corrected: list[str] = []
+
+    def fix(path: Path, name: str, keep: int = 0o700) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode) or not st.st_mode & 0o777 & ~keep:
+            return
+        os.chmod(path, stat.S_IMODE(st.st_mode) & keep)
+        corrected.append(name)
+
+    # Anything for others is an older version's default: 0700. Group bits alone are the
+    # administrator's (the commands' group): kept, but not the group's write bit.
+    fix(data_dir, ".", keep=0o700 if os.stat(data_dir).st_mode & 0o007 else 0o750)
+    with os.scandir(data_dir) as top:
+        entries = [e for e in top if e.name not in SHARED]
+    for entry in entries:
+        fix(Path(entry.path), entry.name)
+        if entry.name in PRIVATE_SUBDIRS and entry.is_dir(follow_symlinks=False):
+            with os.scandir(entry.path) as sub:
+                for e in sub:
+                    fix(Path(e.path), f"{entry.name}/{e.name}")
+    return corrected
 
 
 def drop_privileges(user: str | None, group: str | None, data_dir: Path) -> str | None:

@@ -50,7 +50,9 @@ def make_self_signed(hostname: str, cert_path: Path, key_path: Path, days: int =
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
         )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def server_cert_paths(config: Config) -> tuple[Path, Path]:

@@ -350,7 +350,7 @@ class BalancerService:
 
     def _write_status(self) -> None:
         try:
-            self._status_file.parent.mkdir(parents=True, exist_ok=True)
+            self._status_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_status(self._status_file, self.status())
         except OSError as e:
             log.warning("balancer: cannot write %s: %s", self._status_file, e)

@@ -36,7 +36,7 @@ def write_status(path: Path, document: dict[str, Any]) -> None:
     """Atomically replace path with document (JSON)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(document, indent=1, sort_keys=True).encode()
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 

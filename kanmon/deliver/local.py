@@ -34,7 +34,7 @@ from pathlib import Path
 from kanmon.model import RecipientResult, Reply, Status
 from kanmon.smtp.replies import OVER_QUOTA
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage
+from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make_dirs_private
 
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
@@ -47,8 +47,9 @@ def _mailbox_of(data_dir: Path, address: str) -> Path:
 
 
 def ensure_maildir(path: Path) -> None:
+    make_dirs_private(path)
     for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        (path / sub).mkdir(exist_ok=True, mode=0o700)
 
 
 def unique_name(size: int) -> str:

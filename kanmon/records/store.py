@@ -117,6 +117,9 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     else:
+        # Created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
+        # database's mode): it holds the password hashes and every message's history.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         db = sqlite3.connect(path, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")

@@ -171,8 +171,9 @@ class Spool:
         self.state_dir = self.root / "state"
         self.corrupt = self.root / "corrupt"
         self.fsync = fsync
-        for d in (self.incoming, self.queue, self.state_dir, self.corrupt):
-            d.mkdir(parents=True, exist_ok=True)
+        self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (self.root, self.incoming, self.queue, self.state_dir, self.corrupt):
+            d.mkdir(exist_ok=True, mode=0o700)
         # on_corrupt(queue_id, reason): told of each entry set aside (the owner of the
         # records turns it into a critical event; the spool never writes records).
         self.on_corrupt: Callable[[str, str], None] | None = None

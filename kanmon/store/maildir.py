@@ -701,9 +701,23 @@ def _shared_folder(path: Path, name: str) -> Folder:
         return f
 
 
+def make_dirs_private(path: Path) -> None:
+    """mkdir -p with every directory it creates 0700 (pathlib gives missing parents the
+    umask's mode, which would leave mailboxes/<domain> readable by all)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for p in reversed(missing):
+        p.mkdir(mode=0o700, exist_ok=True)
+
+
 def _make_maildir(path: Path) -> None:
+    make_dirs_private(path)
     for sub in ("cur", "new", "tmp"):
-        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        (path / sub).mkdir(exist_ok=True, mode=0o700)
 
 
 class Mailbox:
@@ -821,9 +835,11 @@ class Mailbox:
         return out
 
     def _write_subscriptions(self, names: list[str]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs_private(self.root)
         tmp = self.root / f"{SUBSCRIPTIONS}.tmp"
-        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(n + "\n" for n in names))
         os.replace(tmp, self.root / SUBSCRIPTIONS)
 
     def subscribe(self, name: str) -> None:

@@ -19,6 +19,7 @@ accept line and history row like any other message.
 from __future__ import annotations
 
 import asyncio
+import os
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
@@ -66,8 +67,10 @@ class QuotaNotices:
         if marker.exists():
             return False
         try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{usage} {quota}\n")
+            marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{usage} {quota}\n")
         except OSError:
             return False
         return True

@@ -115,7 +115,8 @@ class Users:
         if not self._initialised:
             with self._init_lock:
                 if not self._initialised:
-                    self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                    self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))  # the hashes: private
                     with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
                         conn.execute("PRAGMA journal_mode=WAL")
                         conn.execute(_SCHEMA)
