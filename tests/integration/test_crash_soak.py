@@ -8,7 +8,10 @@ Duplicates are allowed (a crash between the next hop's 250 and our journal write
 again: "twice, never zero times", DESIGN.md promise 1); they are counted and reported.
 
 CI runs 3 kills; KANMON_LONG=1 runs 20 (`-m long`). The seed is printed: rerun a failure
-with KANMON_SOAK_SEED=<seed>; KANMON_SOAK_RETRY sets [queue] retry (default 1s..2s).
+with KANMON_SOAK_SEED=<seed>; KANMON_SOAK_RETRY sets [queue] retry (default 1s..2s),
+KANMON_SOAK_CLIENTS the number of sending clients (2), KANMON_SOAK_SIZE the body size
+(2000 bytes), KANMON_SOAK_KILL=group kills the whole process group (main and receivers
+at once) instead of the main process.
 The run fails on a stall (nothing acknowledged for STALL seconds, with each sender's
 last error and the server's stderr), never on a slow machine.
 """
@@ -64,9 +67,9 @@ class Sender(threading.Thread):
     `current`, `tries` and `last_error` say where it is when the test reports a stall.
     """
 
-    def __init__(self, port: int, numbers: list[int], acked: set[int], lock: threading.Lock):
+    def __init__(self, port: int, numbers: list[int], acked: set[int], lock: threading.Lock, size: int = 2000):
         super().__init__(daemon=True)
-        self.port, self.numbers, self.acked, self.lock = port, numbers, acked, lock
+        self.port, self.numbers, self.acked, self.lock, self.size = port, numbers, acked, lock, size
         self.permanent: list[tuple[int, str]] = []
         self.stop = False
         self.current: int | None = None
@@ -82,7 +85,7 @@ class Sender(threading.Thread):
                 try:
                     if conn is None:
                         conn = smtplib.SMTP("127.0.0.1", self.port, timeout=10)
-                    body = f"From: alice@example.test\r\nSubject: soak-{n}\r\nMessage-ID: <soak-{n}@example.test>\r\n\r\n{'x' * 2000}\r\n"
+                    body = f"From: alice@example.test\r\nSubject: soak-{n}\r\nMessage-ID: <soak-{n}@example.test>\r\n\r\n{'x' * self.size}\r\n"
                     conn.sendmail("alice@example.test", ["user@corp.example"], body)
                 except smtplib.SMTPResponseException as e:
                     self.last_error = f"{e.smtp_code} {e.smtp_error!r}"
@@ -158,18 +161,21 @@ def crash_soak(tmp_path: Path, messages: int, kills: int) -> None:
     cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, sink_port=sink_port, retry=retry))
     acked: set[int] = set()
     lock = threading.Lock()
-    senders = [Sender(port, list(range(k, messages, 2)), acked, lock) for k in range(2)]
+    clients = int(os.environ.get("KANMON_SOAK_CLIENTS", "2"))
+    size = int(os.environ.get("KANMON_SOAK_SIZE", "2000"))
+    group = os.environ.get("KANMON_SOAK_KILL", "main") == "group"
+    senders = [Sender(port, list(range(k, messages, clients)), acked, lock, size) for k in range(clients)]
     with SmtpSink("127.0.0.7", sink_port) as sink:
-        proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+        proc = KanmonProcess(cfg, "127.0.0.1", port, new_session=group).start()
         try:
             for s in senders:
                 s.start()
             for point in sorted(rng.sample(range(1, messages), kills)):
                 wait_for(lambda p=point: len(acked) >= p, 120, f"{point} acknowledged messages")
                 time.sleep(rng.uniform(0, 0.05))  # a random moment after that point
-                proc.kill()
+                proc.kill_group() if group else proc.kill()
                 wait_for(lambda: port_closed(port), 20, "the receiver processes to die with the main one")
-                proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+                proc = KanmonProcess(cfg, "127.0.0.1", port, new_session=group).start()
             wait_senders(senders, acked, proc)
             assert [p for s in senders for p in s.permanent] == []
             assert acked == set(range(messages))
@@ -189,7 +195,7 @@ def crash_soak(tmp_path: Path, messages: int, kills: int) -> None:
             counts[int(m.group(1))] = counts.get(int(m.group(1)), 0) + 1
     lost = acked - set(counts)
     duplicates = sum(c - 1 for c in counts.values())
-    print(f"\ncrash soak seed={seed} retry={retry}: {messages} messages, {kills} kill -9, {len(acked)} acknowledged, "
+    print(f"\ncrash soak seed={seed} retry={retry} clients={clients} size={size} kill={'group' if group else 'main'}: {messages} messages, {kills} kill -9, {len(acked)} acknowledged, "
           f"{len(lost)} lost, {duplicates} duplicate deliveries")
     assert not lost, f"seed {seed}: lost {sorted(lost)[:20]}"
 

@@ -174,8 +174,11 @@ class RunningNode:
 class KanmonProcess:
     """`kanmon serve -c FILE --quiet` in a subprocess."""
 
-    def __init__(self, config_file: Path, host: str, port: int):
+    def __init__(self, config_file: Path, host: str, port: int, *, new_session: bool = False):
+        """new_session: the server and its receiver processes in a process group of their
+        own, so kill_group() can kill them all at once (as a crash of the host would)."""
         self.config_file = config_file
+        self.new_session = new_session
         self.host, self.port = host, port
         self.proc: subprocess.Popen | None = None
         # stderr goes to a file beside the config, appended across restarts: a pipe
@@ -186,7 +189,7 @@ class KanmonProcess:
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kanmon", "serve", "-c", str(self.config_file), "--quiet"],
-                stdout=subprocess.DEVNULL, stderr=err,
+                stdout=subprocess.DEVNULL, stderr=err, start_new_session=self.new_session,
             )
         try:
             wait_port(self.host, self.port, 20)
@@ -206,6 +209,15 @@ class KanmonProcess:
             os.kill(self.proc.pid, signal.SIGKILL)
         if self.proc:
             self.proc.wait(10)
+
+    def kill_group(self) -> None:
+        """SIGKILL to the whole process group (new_session=True): main and receivers together."""
+        assert self.new_session and self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
 
     def terminate(self) -> None:
         if self.proc and self.proc.poll() is None:
