@@ -18,7 +18,8 @@ they follow routing. Categories (docs/monitoring.md):
   own key, resolved (with a "resolved" mail) by its recovery (incident());
 - archive: the archive quota (check_archive(), for the archive store);
 - expiry: our TLS certificate, our DKIM key due for rotation, [[alerts.reminder]] dates;
-- dns: raised by the DNS health check (kanmon.dnscheck.monitor).
+- dns: raised by the DNS health check (kanmon.dnscheck.monitor);
+- records: the records database refuses writes (the node, told by kanmon.records.store).
 
 The same alert (category and key) is mailed at most once per [alerts] min_interval
 (expiry: expiry_every) while it lasts; each one says what happened, since when, and the
@@ -93,6 +94,7 @@ LOOK_CLOSER = {
     "expiry": "kanmon alert list",
     "dns": "kanmon dns check",
     "scanner": "kanmon log events --since 1h --grep scanner",
+    "records": "tail {data_dir}/log/kanmon.log; ls -l {data_dir}/records.sqlite* {data_dir}/records-spill",
 }
 CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
 

@@ -946,8 +946,9 @@ class MetricsSection(Section):
     listen: HostPort | None = Field(None, description="ip:port serving Prometheus metrics at /metrics; unset: off")
 
 
-ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner")
-AlertCategoryName = Literal["critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner"]
+ALERT_CATEGORIES = ("critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner", "records")
+AlertCategoryName = Literal["critical", "disk", "queue", "delivery", "ha", "archive", "expiry", "dns", "scanner",
+                            "records"]
 
 
 class Reminder(Section):

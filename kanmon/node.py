@@ -202,6 +202,19 @@ class Node:
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
 
+    def _records_failed(self, text: str) -> None:
+        """From the records writer thread: raise the `records` alert on the loop (or
+        once monitoring has started, for a failure at start)."""
+        self._records_failure = text
+        monitoring = getattr(self, "monitoring", None)
+        if monitoring is not None:
+            self._loop.call_soon_threadsafe(self._raise_records_alert)
+
+    def _raise_records_alert(self) -> None:
+        text, self._records_failure = self._records_failure, None
+        if text is not None and getattr(self, "monitoring", None) is not None:
+            self.monitoring.alerts.raise_alert("records", "database", text)
+
     def _quota_of(self, domain: str) -> int | None:
         """The per-mailbox quota of a local domain in the running config (delivery asks)."""
         for d in self.config.domain:
@@ -216,7 +229,13 @@ class Node:
         # Private before anything is opened (DESIGN.md promise 10): what an older version
         # left readable is corrected and said in an event once the records are open.
         corrected = make_private(self.data_dir)
-        self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log)
+        self._loop = asyncio.get_running_loop()
+        self._records_failure: str | None = None
+        # A records database that refuses writes (locked, deleted): the batches are kept in
+        # the spill journal; the administrator hears of it (a `records` alert). The node
+        # also writes what ended processes (receivers, a crashed run) left spilled.
+        self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log,
+                               on_failure=self._records_failed, replay_others=True)
         if corrected:
             self.records.emit(f"data_dir {self.data_dir}: made private (0700 directories, 0600 files), were readable "
                               f"by others: {', '.join(corrected)}", kind="warning")
@@ -398,6 +417,7 @@ class Node:
                 for service in (self.admin, self.monitoring):
                     await service.start()
                     started.append(service)
+                self._raise_records_alert()  # a records failure before monitoring was there
                 prepared = self.listen.prepare(listen_addresses(self.config, self.mail_roles))
                 try:
                     frontend = self._frontend(self.config, prepared, self.workers, self.config_text)

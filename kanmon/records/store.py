@@ -4,15 +4,24 @@ Role: every stage writes here; nothing reads it to make delivery decisions (DESI
 Writes are queued in memory and committed in batches by one writer thread, off the
 mail path; event lines also go to stdout (when asked) and to <data_dir>/log/kanmon.log.
 
+When the database refuses a batch (locked past BUSY_TIMEOUT, deleted, damaged, disk
+full), the plain log line has already been written (the last resort, DESIGN.md promise
+9); the batch's rows go to a durable spill journal, <data_dir>/records-spill/<pid>.jsonl
+(one JSON line per batch, fsynced), and are written to the database, in order, as soon
+as it takes writes again; the node replays what other processes left there at its start.
+A missing or replaced database file is reopened (recreated empty, with an error event).
+on_failure(text) is told once per outage (the node raises a `records` alert).
+
 Trusts: its callers. Text from the network (subjects, addresses) is stored as data,
 never interpreted. Decoding of MIME encoded-words happens here, in the writer thread,
 and a malformed header is recorded as it is, never a crash.
 Never: block the caller on disk I/O or wake a thread per line (emit() only appends to
-a queue the writer drains every WRITE_INTERVAL).
+a queue the writer drains every WRITE_INTERVAL); drop a batch the database refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -24,6 +33,7 @@ from collections import deque
 from email.header import decode_header, make_header
 from pathlib import Path
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -110,6 +120,8 @@ def migrate(db: sqlite3.Connection) -> None:
     db.executescript(ADDED_INDEXES)
 
 WRITE_INTERVAL = 0.2  # seconds between batches of record writes
+BUSY_TIMEOUT = 30.0  # seconds a write waits for another connection's lock before the batch is spilled
+SPILL_DIR = "records-spill"
 STATUS_RETRIES = 150  # batches (30 s) a status update waits for its history row
 
 
@@ -119,13 +131,35 @@ def open_db(path: Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         # Created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
         # database's mode): it holds the password hashes and every message's history.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        db = sqlite3.connect(path, timeout=30, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
-        migrate(db)
+        create_private(path)
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            migrate(db)
+        except BaseException:
+            db.close()
+            raise
     return db
+
+
+def create_private(path: Path) -> None:
+    """Create the file 0600 if it does not exist. Only then: closing a descriptor of a
+    file drops every POSIX lock this process holds on it, SQLite's included, and another
+    process would then take our open database for unused and delete its -shm."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def decode_subject(raw: str) -> str:
@@ -160,6 +194,11 @@ def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"mess
     return out
 
 
+def _rows(events=(), hist=(), status=(), counts=()) -> dict:
+    """One batch's rows, as written to the database and, when it refuses them, spilled."""
+    return {"events": list(events), "hist": list(hist), "status": list(status), "counts": list(counts)}
+
+
 def _severity(event: Event) -> str:
     if isinstance(event, Critical):
         return "critical"
@@ -172,11 +211,15 @@ def _severity(event: Event) -> str:
 
 class Records:
     def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True,
-                 log: LogSection | None = None, rotate: bool = True):
+                 log: LogSection | None = None, rotate: bool = True,
+                 on_failure: Callable[[str], None] | None = None, replay_others: bool = False):
         """log: the [log] section (destinations, syslog socket, rotation); None: the
         file only, never rotated. log_file=False: no file whatever `log` says.
         rotate=False: follow the node's rotation of the file but never rotate it (SMTP
-        receivers and commands that write events)."""
+        receivers and commands that write events). on_failure(text): called from the
+        writer thread when the database starts refusing writes (once per outage).
+        replay_others: also write what other (ended) processes left in the spill
+        journal (the node, at its start)."""
         self.data_dir = Path(data_dir)
         self.hostname = hostname
         self.db_path = self.data_dir / "records.sqlite"
@@ -194,7 +237,18 @@ class Records:
         self._seq = 0  # items queued
         self._done = 0  # items written
         self._stop = False
-        self._db = open_db(self.db_path)
+        self._on_failure = on_failure
+        self._spill_dir = self.data_dir / SPILL_DIR
+        self._spill_path = self._spill_dir / f"{os.getpid()}.jsonl"
+        self._replay_others = replay_others
+        self._failing: str | None = None  # the error of the outage in progress
+        self._cycles = 0  # writer passes (flush() waits for one)
+        self._db: sqlite3.Connection | None = None
+        self._db_id: tuple[int, int] | None = None
+        try:
+            self._open_db()
+        except sqlite3.Error as e:  # damaged or locked at start: the writer keeps trying, nothing is lost
+            self._fail(f"cannot open {self.db_path}: {e}")
         self._thread = threading.Thread(target=self._writer, name="records", daemon=True)
         self._thread.start()
 
@@ -316,13 +370,20 @@ class Records:
                     except OSError as e:
                         print(f"kanmon: log file {self._log_path}: reopen failed: {e}", file=sys.stderr)
                 if not self._pending:
-                    if stopping:
-                        return
                     if log_fh is not None:  # SMTP receivers append to the file too
                         try:
                             log_fh.rotate_if_due()
                         except OSError as e:
                             print(f"kanmon: log file {self._log_path}: rotation failed: {e}", file=sys.stderr)
+                    try:
+                        self._store(None, retry=not stopping)  # spilled batches, when the database takes them
+                    except Exception as e:  # noqa: BLE001 - records must never stop mail
+                        print(f"kanmon: records write failed: {e}", file=sys.stderr)
+                    with self._flushed:
+                        self._cycles += 1
+                        self._flushed.notify_all()
+                    if stopping and not self._pending:
+                        return
                     continue
                 batch = []
                 pop = self._pending.popleft
@@ -345,6 +406,11 @@ class Records:
                     with self._flushed:
                         self._done += len(part) + len(switch)
                         self._flushed.notify_all()
+                with self._flushed:
+                    self._cycles += 1
+                    self._flushed.notify_all()
+                if stopping and not self._pending:
+                    return
         finally:
             if log_fh:
                 log_fh.close()
@@ -364,6 +430,107 @@ class Records:
         except OSError as e:
             print(f"kanmon: log file {self._log_path}: {e}", file=sys.stderr)
             return None
+
+    # -- the database and the spill journal (writer thread) ----------------------------------
+
+    def _open_db(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        self._db = open_db(self.db_path)
+        self._db_id = _file_id(self.db_path)
+
+    def _ensure_db(self) -> list[tuple]:
+        """The database connection, reopened when the file was deleted or replaced;
+        the event rows saying so (written with the batch)."""
+        if self._db is not None and _file_id(self.db_path) == self._db_id:
+            return []
+        gone = self._db is not None
+        self._open_db()
+        if not gone:
+            return []
+        text = f"records: {self.db_path} was deleted or replaced while in use: recreated (its old rows are not in it)"
+        print(f"kanmon: {text}", file=sys.stderr)
+        self._fail(text)
+        return [(time.time(), None, "error", text, None, None)]
+
+    def _fail(self, text: str) -> None:
+        """The database refuses writes: say so once per outage."""
+        if self._failing is not None:
+            return
+        self._failing = text
+        if self._on_failure is not None:
+            try:
+                self._on_failure(text)
+            except Exception as e:  # noqa: BLE001 - reporting must not stop the writer
+                print(f"kanmon: records: cannot report the failure: {e}", file=sys.stderr)
+
+    def _spill(self, rows: dict) -> None:
+        """Rows the database refused, appended to this process's spill journal (fsynced)."""
+        line = json.dumps(rows, separators=(",", ":"), default=str).encode() + b"\n"
+        self._spill_dir.mkdir(exist_ok=True, mode=0o700)
+        fd = os.open(self._spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _spill_files(self) -> list[Path]:
+        """This process's spill journal, and at the node's start those of ended processes."""
+        if not self._replay_others:
+            return [self._spill_path] if self._spill_path.exists() else []
+        try:
+            return sorted(self._spill_dir.iterdir(), key=lambda p: (p != self._spill_path, p.name))
+        except FileNotFoundError:
+            return []
+
+    def _replay(self, retry: bool) -> int:
+        """Write the spilled batches to the database, oldest first; the number written.
+        Raises what the database raises (then the journal stays for the next pass)."""
+        written = 0
+        for path in self._spill_files():
+            batches = []
+            for line in path.read_bytes().split(b"\n"):
+                try:
+                    batches.append(json.loads(line))
+                except ValueError:
+                    continue  # a torn last line (a crash during the append): never acknowledged
+            for rows in batches:
+                self._commit(rows, retry)
+                written += 1
+            path.unlink()
+        self._replay_others = False  # others' files: once, at the start
+        return written
+
+    def _store(self, rows: dict | None, retry: bool) -> None:
+        """Spilled batches first, then this one; on failure this one is spilled."""
+        try:
+            extra = self._ensure_db()
+            if extra and rows is not None:
+                rows["events"] = extra + rows["events"]
+            elif extra:
+                rows = _rows(events=extra)
+            replayed = self._replay(retry)
+            if rows is not None:
+                self._commit(rows, retry)
+        except (sqlite3.Error, OSError) as e:
+            if rows is not None:
+                try:
+                    self._spill(rows)
+                except OSError as e2:  # the disk refuses too: the log line is all that is left
+                    print(f"kanmon: records: cannot spill a batch: {e2}", file=sys.stderr)
+            print(f"kanmon: records write failed: {e}", file=sys.stderr)
+            self._fail(f"records database {self.db_path}: writes fail ({e}); kept in {self._spill_dir}")
+            return
+        if self._failing is not None:
+            self._failing = None
+            self._pending.append(("event", time.time(), None, Note(
+                f"records: the database takes writes again ({replayed} spilled batch(es) written)"), None, None))
+        elif replayed:
+            self._pending.append(("event", time.time(), None, Note(
+                f"records: {replayed} spilled batch(es) written"), None, None))
 
     def _write(self, batch: list[tuple], log_fh: LogFile | None, retry: bool = True) -> None:
         events, hist, status, lines, syslog_lines = [], [], [], [], []
@@ -410,20 +577,30 @@ class Records:
                     self._echo.flush()
                 except (OSError, ValueError):
                     pass
-        with self._db:
-            if events:
-                self._db.executemany(
-                    "INSERT INTO events(ts, queue_id, kind, text, session, detail) VALUES (?,?,?,?,?,?)", events
-                )
-            if hist:
-                self._db.executemany(
+        if events or hist or status or counts:
+            rows = _rows(events=events, hist=hist, status=[list(x[1:]) for x in status],
+                         counts=[[pid, name, value] for name, value in counts.items()])
+        else:
+            rows = None
+        self._store(rows, retry)
+
+    def _commit(self, rows: dict, retry: bool) -> None:
+        """One batch's rows in one transaction."""
+        db = self._db
+        if db is None:
+            raise sqlite3.OperationalError("no database connection")
+        with db:
+            if rows["events"]:
+                db.executemany(
+                    "INSERT INTO events(ts, queue_id, kind, text, session, detail) VALUES (?,?,?,?,?,?)",
+                    [tuple(r) for r in rows["events"]])
+            if rows["hist"]:
+                db.executemany(
                     "INSERT INTO history(ts, client_ip, mail_from, rcpt, subject, message_id, size, classification,"
                     " disposition, queue_id, status, auth_user, helo, first) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    hist,
-                )
-            for item in status:
-                _, ts, qid, rcpt, st, *tries = item
-                cur = self._db.execute(
+                    [tuple(r) for r in rows["hist"]])
+            for ts, qid, rcpt, st, *tries in rows["status"]:
+                cur = db.execute(
                     "UPDATE history SET status = ?, updated = ?, deferrals = deferrals + ?"
                     " WHERE queue_id = ? AND rcpt = ?", (st, ts, 1 if st.startswith("Deferred") else 0, qid, rcpt)
                 )
@@ -436,12 +613,11 @@ class Records:
                     elif retry:
                         print(f"kanmon: records: no history row for {qid} {rcpt}; status {st!r} dropped",
                               file=sys.stderr)
-            if counts:
-                self._db.executemany(
+            if rows["counts"]:
+                db.executemany(
                     "INSERT INTO counters(pid, name, value) VALUES (?,?,?)"
                     " ON CONFLICT(pid, name) DO UPDATE SET value = value + excluded.value",
-                    [(pid, name, value) for name, value in counts.items()],
-                )
+                    [tuple(r) for r in rows["counts"]])
 
     # -- control ---------------------------------------------------------------------------
 
@@ -452,7 +628,10 @@ class Records:
             self._cond.notify()
         deadline = time.monotonic() + timeout
         with self._flushed:
-            while self._done < target:
+            cycle = self._cycles
+            while self._done < target or self._cycles <= cycle:  # also one pass (spilled batches)
+                if not self._thread.is_alive():
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -463,4 +642,5 @@ class Records:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)
-        self._db.close()
+        if self._db is not None:
+            self._db.close()

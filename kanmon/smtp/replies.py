@@ -40,6 +40,7 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again l
 LOW_DISK = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 6
 
 # 5xx
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")

@@ -1049,9 +1049,9 @@ class SmtpProtocol(asyncio.Protocol):
                 server.records.record(ev.AuthSucceeded(c.name, c.ip, a.mechanism, address), session=self.sid)
                 # From now on the client's profile is that of an authenticated client.
                 actions = self.session.auth_result(address, profile=profile_for(c.ip, True, server.config))
-            elif ok is None:
+            elif ok is None:  # the accounts cannot be read now: temporary, not a wrong password
                 await loop.run_in_executor(None, auth.throttle.release, c.ip, a.username)
-                actions = self.session.auth_result(None, replies.LOCAL_ERROR)
+                actions = self.session.auth_result(None, replies.AUTH_TEMPORARY)
             else:
                 failure = await loop.run_in_executor(None, auth.throttle.failed, c.ip, a.username)
                 server.records.record(ev.AuthFailed(c.name, c.ip, a.mechanism, user, failure.key if failure.blocked else ""),

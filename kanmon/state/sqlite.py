@@ -68,9 +68,13 @@ class _Db:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        # Create the file private before SQLite opens it (and its -wal/-shm follow its mode).
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        # Create the file private before SQLite opens it (and its -wal/-shm follow its mode);
+        # only when missing: closing a descriptor of an open database drops this process's
+        # POSIX locks on it, and another process would delete its -shm under us.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         self.conn.executescript(_SCHEMA)
 
     @property

@@ -186,11 +186,17 @@ class Pop3Session:
         self._user = None
         return []
 
-    def auth_result(self, ok: bool) -> list[Event]:
+    def auth_result(self, ok: bool | None) -> list[Event]:
+        """ok None: the credentials could not be checked (accounts unreadable): a
+        temporary -ERR [SYS/TEMP] (RFC 3206), not counted as a failed login."""
         address = self._pending
         self._pending = None
         assert address is not None
-        out = self._run(self._login(address) if ok else self._failed(address))
+        if ok is None:
+            self.emit(f"pop3 login of {log_safe(address)} ip={self.peer.ip}: accounts unavailable, answered -ERR [SYS/TEMP]")
+            out: list[Event] = [Send(self._line("-ERR [SYS/TEMP] authentication is temporarily unavailable"))]
+        else:
+            out = self._run(self._login(address) if ok else self._failed(address))
         if not self._closed and self._steps is None:
             out += self._process()
         return out

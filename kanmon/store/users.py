@@ -30,6 +30,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from kanmon import userdb
 from kanmon.config import Config
 from kanmon.state.api import MemoryState, SharedState
+from kanmon.records.store import create_private
 from kanmon.store.maildir import Mailbox
 from kanmon.userdb import Directory
 
@@ -56,6 +58,14 @@ CREATE TABLE IF NOT EXISTS accounts (
     changed    REAL
 )
 """
+
+
+BUSY_TIMEOUT = 10.0  # seconds a read of the accounts waits for another connection's lock
+
+
+class AuthUnavailable(Exception):
+    """The accounts cannot be read now: answer a temporary failure (454 4.7.0,
+    NO [UNAVAILABLE], -ERR [SYS/TEMP]), never "wrong password"."""
 
 
 class UnknownMailbox(Exception):
@@ -110,19 +120,30 @@ class Users:
         self._initialised = False
 
     # -- database
+    def _init_db(self) -> None:
+        """The database file (0600) and our table, when missing (first use, or the file
+        was deleted while running: it is created anew, empty)."""
+        with self._init_lock:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            create_private(self.db_path)  # the hashes: private
+            with contextlib.closing(sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT)) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(_SCHEMA)
+                conn.commit()
+            self._initialised = True
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         if not self._initialised:
-            with self._init_lock:
-                if not self._initialised:
-                    self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT, 0o600))  # the hashes: private
-                    with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
-                        conn.execute("PRAGMA journal_mode=WAL")
-                        conn.execute(_SCHEMA)
-                        conn.commit()
-                    self._initialised = True
-        conn = sqlite3.connect(self.db_path, timeout=10)
+            self._init_db()
+        # mode=rw: a deleted file is an error here (then _init_db), never an empty
+        # database without our table created behind our back.
+        uri = f"file:{urllib.parse.quote(str(self.db_path))}?mode=rw"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
+        except sqlite3.OperationalError:
+            self._init_db()
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
         try:
             with conn:
                 yield conn
@@ -263,17 +284,34 @@ class Users:
         return self.hasher.hash(password)
 
     def _stored(self, address: str) -> tuple[str | None, bool, bool]:
-        """(hash, locked, held in the users file) of a mailbox."""
+        """(hash, locked, held in the users file) of a mailbox; AuthUnavailable when the
+        database cannot be read (locked past BUSY_TIMEOUT, damaged)."""
         hashes = self.directory.tables().hashes
-        with self._db() as db:
-            row = db.execute("SELECT hash, locked FROM accounts WHERE address = ?", (address,)).fetchone()
+        try:
+            row = self._account_row(address)
+        except sqlite3.OperationalError as e:
+            if "no such table" not in str(e):
+                raise AuthUnavailable(f"the accounts database cannot be read: {e}") from None
+            try:  # the file was deleted and created anew by another writer: our table again
+                self._init_db()
+                row = self._account_row(address)
+            except sqlite3.Error as e2:
+                raise AuthUnavailable(f"the accounts database cannot be read: {e2}") from None
+        except sqlite3.Error as e:
+            raise AuthUnavailable(f"the accounts database cannot be read: {e}") from None
         locked = bool(row[1]) if row else False
         if address in hashes:
             return hashes[address], locked, True
         return (row[0] if row and row[0] else None), locked, False
 
+    def _account_row(self, address: str) -> tuple | None:
+        with self._db() as db:
+            return db.execute("SELECT hash, locked FROM accounts WHERE address = ?", (address,)).fetchone()
+
     def verify(self, address: str, password: str) -> bool:
-        """True only for a configured, unlocked mailbox whose password matches."""
+        """True only for a configured, unlocked mailbox whose password matches.
+        AuthUnavailable (a temporary failure, not a wrong password) when the accounts
+        database cannot be read; nothing here needs it to be writable."""
         address = normalize(address)
         stored, locked, in_file = None, False, False
         if self.is_mailbox(address) and len(password) <= MAX_PASSWORD:
@@ -291,13 +329,16 @@ class Users:
         return True
 
     def record_login(self, address: str, ip: str | None = None) -> None:
+        """The last-login stamp; a database that cannot take it (locked, deleted) loses
+        the stamp, never the login."""
         address = normalize(address)
-        with self._db() as db:
-            db.execute(
-                "INSERT INTO accounts(address, last_login, last_ip) VALUES(?, ?, ?) "
-                "ON CONFLICT(address) DO UPDATE SET last_login = excluded.last_login, last_ip = excluded.last_ip",
-                (address, self.clock(), ip),
-            )
+        with contextlib.suppress(sqlite3.Error):
+            with self._db() as db:
+                db.execute(
+                    "INSERT INTO accounts(address, last_login, last_ip) VALUES(?, ?, ?) "
+                    "ON CONFLICT(address) DO UPDATE SET last_login = excluded.last_login, last_ip = excluded.last_ip",
+                    (address, self.clock(), ip),
+                )
 
     def set_locked(self, address: str, locked: bool) -> None:
         address = self._require(address)

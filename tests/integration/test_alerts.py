@@ -224,7 +224,7 @@ def test_injected_stage_failure_and_corrupt_spool_entry_are_critical(tmp_path, a
         (mail,) = wait_alert(admin_sink, "critical")
         assert "corrupt queue file moved to spool/corrupt/" in subject(mail)
 
-        async def boom(*args):
+        async def boom(*args, **kwargs):
             raise RuntimeError("injected stage failure")
 
         node.node.local.deliver = boom

@@ -221,11 +221,17 @@ class ImapSession:
         self.reader.clear()  # CVE-2011-0411
         return []
 
-    def auth_result(self, ok: bool) -> list[Event]:
+    def auth_result(self, ok: bool | None) -> list[Event]:
+        """ok None: the credentials could not be checked (accounts unreadable): a
+        temporary NO [UNAVAILABLE] (RFC 5530), not counted as a failed login."""
         tag, user = self._pending_tag, self._pending_user
         self._pending_tag = None
         assert tag is not None
-        out = self._run(tag, self._login_ok(tag, user) if ok else self._login_failed(tag, user))
+        if ok is None:
+            self.emit(f"imap login of {log_safe(user)} ip={self.peer.ip}: accounts unavailable, answered NO [UNAVAILABLE]")
+            out: list[Event] = [Send(f"{tag} NO [UNAVAILABLE] authentication is temporarily unavailable\r\n".encode())]
+        else:
+            out = self._run(tag, self._login_ok(tag, user) if ok else self._login_failed(tag, user))
         if not self._closed and self._steps is None:
             out += self._process()
         return out
