@@ -36,7 +36,7 @@ def obj(value: Any, what: str) -> dict:
 def text(d: dict, key: str, default: str | None = None, limit: int = MAX_TEXT) -> str:
     v = d.get(key, default)
     if type(v) is not str:
-        raise SchemaError(f"{key} must be a string" if key in d or default is None else f"{key} is missing")
+        raise SchemaError(f"{key} must be a string" if key in d else f"{key} is missing")
     if len(v) > limit:
         raise SchemaError(f"{key} is longer than {limit} characters")
     return v
