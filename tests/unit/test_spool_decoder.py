@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 
 import pytest
@@ -21,6 +22,7 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
+LONG = bool(os.environ.get("KANMON_LONG"))  # more examples in long mode
 ENVELOPE_KEYS = ["from", "rcpts", "orcpts", "at", "size_hint", "8bit", "utf8", "notice", "crlf", "ret", "envid",
                  "notify", "orcpt", "client"]
 CLIENT_KEYS = ["ip", "port", "name", "helo", "proto", "tls", "cipher", "bits", "auth"]
@@ -87,7 +89,7 @@ def test_envelopes_of_the_wrong_shape_are_refused_with_a_reason(raw, why):
         envelope_from_json(raw)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3000 if LONG else 120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(json_values, envelope_like))
 def test_any_json_value_decodes_to_a_well_typed_envelope_or_is_refused(value):
     raw = json.dumps(value).encode()
@@ -98,7 +100,7 @@ def test_any_json_value_decodes_to_a_well_typed_envelope_or_is_refused(value):
     assert_well_typed(env)
 
 
-@settings(max_examples=200)
+@settings(max_examples=3000 if LONG else 200)
 @given(st.binary(max_size=200))
 def test_any_bytes_decode_to_an_envelope_or_are_refused(raw):
     try:
@@ -120,7 +122,7 @@ def test_journal_records_out_of_range_are_refused(record, why):
         journal.from_dict(json.loads(json.dumps(record)))
 
 
-@settings(max_examples=300)
+@settings(max_examples=3000 if LONG else 120, deadline=None)
 @given(st.one_of(json_values, journal_like))
 def test_any_json_value_is_a_journal_record_or_refused_and_adds_up(value):
     try:
@@ -138,7 +140,8 @@ def queue_file(envelope_json: bytes, content: bytes = b"Subject: x\r\n\r\nhi\r\n
     return b"KANMON-Q1 %d %d %08x\n" % (len(envelope_json), len(content), crc) + envelope_json + b"\n" + content
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000 if LONG else 60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(envelope=st.one_of(json_values.map(lambda v: json.dumps(v).encode()),
                           envelope_like.map(lambda v: json.dumps(v).encode()), st.binary(max_size=100)),
        state=st.one_of(st.binary(max_size=200), st.lists(st.one_of(json_values, journal_like), max_size=4).map(
