@@ -193,8 +193,7 @@ class Pop3Session:
         self._pending = None
         assert address is not None
         if ok is None:
-            self.emit(f"pop3 login of {log_safe(address)} ip={self.peer.ip}: accounts unavailable, answered -ERR [SYS/TEMP]")
-            out: list[Event] = [Send(self._line("-ERR [SYS/TEMP] authentication is temporarily unavailable"))]
+            out = self._run(self._unavailable(address))
         else:
             out = self._run(self._login(address) if ok else self._failed(address))
         if not self._closed and self._steps is None:
@@ -379,6 +378,13 @@ class Pop3Session:
             self._closed = True
             return [Delay(f.delay), Send(self._line(ERR_BLOCKED)), Close()]
         return [Delay(f.delay), *self._err(ERR_AUTH_FAILED)]
+
+    def _unavailable(self, user: str) -> Steps:
+        """The credentials could not be checked: the reserved attempt is given back."""
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
+        yield FileWork(self.throttle.release, (self.peer.ip, user))
+        self.emit(f"pop3 login of {log_safe(user)} ip={self.peer.ip}: accounts unavailable, answered -ERR [SYS/TEMP]")
+        return [Send(self._line("-ERR [SYS/TEMP] authentication is temporarily unavailable"))]
 
     def _refuse_blocked(self, user: str) -> list[Event]:
         self.emit(f"pop3 login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")

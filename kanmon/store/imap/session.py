@@ -228,8 +228,7 @@ class ImapSession:
         self._pending_tag = None
         assert tag is not None
         if ok is None:
-            self.emit(f"imap login of {log_safe(user)} ip={self.peer.ip}: accounts unavailable, answered NO [UNAVAILABLE]")
-            out: list[Event] = [Send(f"{tag} NO [UNAVAILABLE] authentication is temporarily unavailable\r\n".encode())]
+            out = self._run(tag, self._login_unavailable(tag, user))
         else:
             out = self._run(tag, self._login_ok(tag, user) if ok else self._login_failed(tag, user))
         if not self._closed and self._steps is None:
@@ -497,6 +496,13 @@ class ImapSession:
             self._closed = True
             return [Delay(f.delay), Send(f"* BYE too many failed logins; try again later\r\n{tag} NO [UNAVAILABLE] blocked\r\n".encode()), Close()]
         return [Delay(f.delay), Send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed\r\n".encode()), *self._error()]
+
+    def _login_unavailable(self, tag: str, user: str) -> Steps:
+        """The credentials could not be checked: the reserved attempt is given back."""
+        self._reserved = None  # ended by the file work below, which runs even if the client goes
+        yield FileWork(self.throttle.release, (self.peer.ip, user))
+        self.emit(f"imap login of {log_safe(user)} ip={self.peer.ip}: accounts unavailable, answered NO [UNAVAILABLE]")
+        return [Send(f"{tag} NO [UNAVAILABLE] authentication is temporarily unavailable\r\n".encode())]
 
     def _refuse_blocked(self, tag: str, user: str) -> list[Event]:
         self.emit(f"imap login refused (blocked) user={log_safe(user)} ip={self.peer.ip}")
