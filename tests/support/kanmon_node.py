@@ -75,8 +75,54 @@ def make_config(template: str, data_dir: Path, host: str = "127.0.0.1", port: in
     return parse_config(text), text
 
 
+class _FailingDns:
+    """A DNS server on loopback that answers SERVFAIL to every query, at once.
+
+    A test config without [dns] servers would send its lookups (a client's PTR at
+    connect, a sender's domain) to the system resolver: traffic off loopback, and on a
+    machine whose resolver does not answer, every such lookup waits out its timeout (a
+    DATA reply 10 s late). RunningNode points such configs here instead: DNS "fails"
+    fast, as it does in a network namespace without a route."""
+
+    _address: str | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def address(cls) -> str:
+        with cls._lock:
+            if cls._address is None:
+                import socketserver  # noqa: PLC0415
+
+                from dnslib import RCODE, DNSRecord  # noqa: PLC0415
+
+                class Handler(socketserver.BaseRequestHandler):
+                    def handle(self) -> None:
+                        data, sock = self.request
+                        try:
+                            reply = DNSRecord.parse(data).reply()
+                        except Exception:  # noqa: BLE001 - not DNS: no answer
+                            return
+                        reply.header.rcode = RCODE.SERVFAIL
+                        sock.sendto(reply.pack(), self.client_address)
+
+                server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Handler)
+                server.daemon_threads = True
+                threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+                cls._address = f"127.0.0.1:{server.server_address[1]}"
+            return cls._address
+
+
+def without_system_dns(config: Config) -> Config:
+    """The config with [dns] servers pointed at _FailingDns when it names none."""
+    if config.dns.servers:
+        return config
+    host, port = _FailingDns.address().rsplit(":", 1)
+    return config.model_copy(update={"dns": config.dns.model_copy(update={"servers": [(host, int(port))]})})
+
+
 class RunningNode:
     def __init__(self, config: Config, *, clock: ManualClock | None = None, fsync: bool = True):
+        config = without_system_dns(config)
         self.config = config
         self.clock = clock
         self.node = Node(config, clock=clock, fsync=fsync)
