@@ -28,18 +28,17 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support.dkimkeys import rsa_key, sign  # noqa: E402
+from bench.smtpdrive import drive, wait_port  # noqa: E402
 from tests.support.dnsserver import DnsServer  # noqa: E402
 
 CLIENT = "127.0.0.9"
@@ -57,54 +56,6 @@ def message(size: int, key) -> bytes:
     line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n"
     body = line * max(1, (size - len(header) - 450) // len(line))  # the DKIM-Signature adds about 450 bytes
     return sign((header + body).encode(), key, "sender.test", "k1")
-
-
-async def session(port: int, content: bytes, count: int) -> None:
-    reader, writer = await asyncio.open_connection(SERVER, port, local_addr=(CLIENT, 0))
-
-    async def reply() -> bytes:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return line
-
-    await reply()
-    writer.write(b"EHLO mail.sender.test\r\n")
-    await reply()
-    data = content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    for _ in range(count):
-        writer.write(b"MAIL FROM:<news@sender.test>\r\nRCPT TO:<bench@example.test>\r\nDATA\r\n")
-        for expect in (b"250", b"250", b"354"):
-            r = await reply()
-            if not r.startswith(expect):
-                raise RuntimeError(f"unexpected reply {r!r}")
-        writer.write(data)
-        r = await reply()
-        if not r.startswith(b"250"):
-            raise RuntimeError(f"message refused: {r!r}")
-    writer.write(b"QUIT\r\n")
-    await reply()
-    writer.close()
-
-
-async def drive(port: int, content: bytes, messages: int, sessions: int) -> float:
-    per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
-    t0 = time.perf_counter()
-    await asyncio.gather(*(session(port, content, n) for n in per if n))
-    return time.perf_counter() - t0
-
-
-def wait_port(port: int) -> None:
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection((SERVER, port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("kanmon did not start")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -142,10 +93,10 @@ suspend_delivery = true
     proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg), "--quiet"],
                             stdout=subprocess.DEVNULL, cwd=ROOT)
     try:
-        wait_port(args.port)
-        asyncio.run(drive(args.port, content, min(50, args.messages), 2))  # warm the caches
+        wait_port(SERVER, args.port)
+        asyncio.run(drive(min(50, args.messages), 2, server=(SERVER, args.port), client=CLIENT, helo=b"mail.sender.test", mail_from=b"news@sender.test", rcpt=b"bench@example.test", content=content))  # warm the caches
         cpu0 = cpu_seconds(proc.pid)
-        seconds = asyncio.run(drive(args.port, content, args.messages, args.sessions))
+        seconds = asyncio.run(drive(args.messages, args.sessions, server=(SERVER, args.port), client=CLIENT, helo=b"mail.sender.test", mail_from=b"news@sender.test", rcpt=b"bench@example.test", content=content))
         cpu1 = cpu_seconds(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -25,17 +25,16 @@ import argparse
 import asyncio
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.smtpdrive import drive, wait_port  # noqa: E402
 from tests.support.mailsamples import attachment, japanese_message, plain_zip  # noqa: E402
 
 CLIENT = "127.0.0.9"
@@ -84,54 +83,6 @@ def make_message(size: int) -> bytes:
     return msg
 
 
-async def session(port: int, content: bytes, count: int) -> None:
-    reader, writer = await asyncio.open_connection(SERVER, port, local_addr=(CLIENT, 0))
-
-    async def reply() -> bytes:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise ConnectionError("closed")
-            if line[3:4] != b"-":
-                return line
-
-    await reply()
-    writer.write(b"EHLO mail.partner.example\r\n")
-    await reply()
-    data = content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-    for _ in range(count):
-        writer.write(b"MAIL FROM:<katou@partner.example>\r\nRCPT TO:<bench@example.test>\r\nDATA\r\n")
-        for expect in (b"250", b"250", b"354"):
-            r = await reply()
-            if not r.startswith(expect):
-                raise RuntimeError(f"unexpected reply {r!r}")
-        writer.write(data)
-        r = await reply()
-        if not r.startswith(b"250"):
-            raise RuntimeError(f"message refused: {r!r}")
-    writer.write(b"QUIT\r\n")
-    await reply()
-    writer.close()
-
-
-async def drive(port: int, content: bytes, messages: int, sessions: int) -> float:
-    per = [messages // sessions + (1 if i < messages % sessions else 0) for i in range(sessions)]
-    t0 = time.perf_counter()
-    await asyncio.gather(*(session(port, content, n) for n in per if n))
-    return time.perf_counter() - t0
-
-
-def wait_port(host: str, port: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection((host, port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {host}:{port}")
-
-
 def start_clamd(work: Path, port: int) -> subprocess.Popen:
     (work / "db").mkdir()
     (work / "db" / "test.ndb").write_text(f"Kanmon.Test.Sig:0:*:{b'KANMON-TEST-VIRUS-7f3a'.hex()}\n")
@@ -176,8 +127,8 @@ suspend_delivery = true
                             stdout=subprocess.DEVNULL, cwd=ROOT)
     try:
         wait_port(SERVER, args.port)
-        asyncio.run(drive(args.port, content, min(20, args.messages), 2))
-        seconds = asyncio.run(drive(args.port, content, args.messages, args.sessions))
+        asyncio.run(drive(min(20, args.messages), 2, server=(SERVER, args.port), client=CLIENT, helo=b"mail.partner.example", mail_from=b"katou@partner.example", rcpt=b"bench@example.test", content=content))
+        seconds = asyncio.run(drive(args.messages, args.sessions, server=(SERVER, args.port), client=CLIENT, helo=b"mail.partner.example", mail_from=b"katou@partner.example", rcpt=b"bench@example.test", content=content))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -124,6 +125,15 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_hostport)]
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(parse_network)]
+
+
+def _profile_name(v: str) -> str:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
+        raise ValueError(f"{v!r} is not a profile name (letters, digits, _ . -)")
+    return v
+
+
+ProfileName = Annotated[str, AfterValidator(_profile_name)]  # a session or content profile's name
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
@@ -353,7 +363,7 @@ class SessionProfileSection(Section):
     """[[session_profile]]: a named set of limits and checks. A key left out keeps the
     value of the [smtp] key of the same name, else the built-in profile's (docs/policy.md)."""
 
-    name: str = Field(description='Name referenced by [[ip_policy]]; "default" and "trusted" redefine the built-in ones')
+    name: ProfileName = Field(description='Name referenced by [[ip_policy]]; "default" and "trusted" redefine the built-in ones')
     max_connections_per_ip: int | None = Field(None, ge=1, description="Concurrent connections from one client address (all receivers)")
     connections_per_minute: int | None = Field(None, ge=0, description="New connections per client address per minute; 0: no limit")
     max_messages_per_session: int | None = Field(None, ge=0, description="Messages in one session; 0: no limit")
@@ -406,13 +416,6 @@ class SessionProfileSection(Section):
                 raise ValueError(f"{d!r} is not a domain name")
             out.append(d)
         return out
-
-    @field_validator("name")
-    @classmethod
-    def _profile_name(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
-            raise ValueError(f"{v!r} is not a profile name (letters, digits, _ . -)")
-        return v
 
 
 class SessionProfile(BaseModel):
@@ -656,7 +659,7 @@ class ContentProfileSection(Section):
     """[[content_profile]]: ordered rules, attachment policies and scanner settings for
     the content of a message (checked at the end of DATA)."""
 
-    name: str = Field(description="Referenced by [[recipient_policy]] content_profile; \"inbound\" and \"outbound\" apply by direction")
+    name: ProfileName = Field(description="Referenced by [[recipient_policy]] content_profile; \"inbound\" and \"outbound\" apply by direction")
     tag: str = Field("[SPAM]", description="Subject prefix of a tag action")
     encrypted_archive: Literal["accept", "tag", "quarantine", "reject"] = Field(
         "quarantine", description="An encrypted archive (antivirus cannot see inside it; the \"PPAP\" habit)"
@@ -671,13 +674,6 @@ class ContentProfileSection(Section):
     quarantine_score: float | None = Field(None, description="Quarantine when the score reaches this")
     reject_score: float | None = Field(None, description="Reject (550 5.7.1) when the score reaches this")
     rule: list[ContentRuleSection] = Field(default_factory=list, description="The rules, in order ([[content_profile.rule]] tables)")
-
-    @field_validator("name")
-    @classmethod
-    def _profile_name(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
-            raise ValueError(f"{v!r} is not a profile name (letters, digits, _ . -)")
-        return v
 
     @model_validator(mode="after")
     def _unique_rules(self) -> ContentProfileSection:

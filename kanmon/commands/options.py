@@ -180,9 +180,11 @@ def format_time(ts: float | None, empty: str = "-") -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def shown(text: object, *, block: bool = False) -> str:
-    """Text for the terminal: control characters escaped (kanmon.escape), None as ""."""
-    return "" if text is None else for_terminal(str(text), block=block)
+def shown(text: object, *, block: bool = False, limit: int | None = None) -> str:
+    """Text for the terminal: control characters escaped (kanmon.escape), None as "";
+    with limit, cut to that many characters and "..."."""
+    out = "" if text is None else for_terminal(str(text), block=block)
+    return out if limit is None or len(out) <= limit else out[:limit] + "..."
 
 
 def cell(text: object):

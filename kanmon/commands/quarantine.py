@@ -21,12 +21,6 @@ import click
 from kanmon.commands.admin_session import AdminSession
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, shown
 
-def _show(text: object, limit: int = 200) -> str:
-    """Network text for the terminal: the admin views' one escaping (kanmon.escape), cut."""
-    out = shown(text)
-    return out if len(out) <= limit else out[:limit] + "..."
-
-
 @click.group("quarantine")
 def quarantine() -> None:
     """Quarantined messages: list, show, release, delete."""
@@ -63,12 +57,12 @@ def list_cmd(config_path, as_json, kind, mail_from, to, reason, older_than) -> N
         return
     for r in items:
         if "corrupt" in r:
-            click.echo(f"{r['id']}  (damaged: {_show(r['corrupt'])})")
+            click.echo(f"{r['id']}  (damaged: {shown(r['corrupt'], limit=200)})")
             continue
-        click.echo(f"{r['id']}  {r['kind']:<5}  {format_time(r['stored'])}  {r['size']:>8}  {_show(r['from']) or '<>'}")
-        click.echo(f"{'':>17}to: {_show(', '.join(r['rcpts']), 300)}")
-        click.echo(f"{'':>17}subject: {_show(r['subject'])}")
-        click.echo(f"{'':>17}why: {_show(r['reason'])} ({r['classification']}{', score %g' % r['score'] if r['score'] else ''})")
+        click.echo(f"{r['id']}  {r['kind']:<5}  {format_time(r['stored'])}  {r['size']:>8}  {shown(r['from'], limit=200) or '<>'}")
+        click.echo(f"{'':>17}to: {shown(', '.join(r['rcpts']), limit=300)}")
+        click.echo(f"{'':>17}subject: {shown(r['subject'], limit=200)}")
+        click.echo(f"{'':>17}why: {shown(r['reason'], limit=200)} ({r['classification']}{', score %g' % r['score'] if r['score'] else ''})")
     click.echo(f"-- {len(items)} message{'s' if len(items) != 1 else ''}")
 
 
@@ -86,17 +80,17 @@ def show_cmd(queue_id, lines, config_path, as_json) -> None:
         click.echo(json.dumps(r, ensure_ascii=False))
         return
     click.echo(f"id: {r['id']} ({r['kind']} quarantine, since {format_time(r['stored'])})")
-    click.echo(f"why: {_show(r['reason'])}; check {r['check'] or '-'}; {r['classification']}"
+    click.echo(f"why: {shown(r['reason'], limit=200)}; check {r['check'] or '-'}; {r['classification']}"
                + (f", score {r['score']:g}" if r["score"] else ""))
-    click.echo(f"from: {_show(r['from']) or '<>'} (client {r['client'] or '-'})")
-    click.echo(f"to: {_show(', '.join(r['rcpts']), 500)}")
-    click.echo(f"subject: {_show(r['subject'])}")
+    click.echo(f"from: {shown(r['from'], limit=200) or '<>'} (client {r['client'] or '-'})")
+    click.echo(f"to: {shown(', '.join(r['rcpts']), limit=500)}")
+    click.echo(f"subject: {shown(r['subject'], limit=200)}")
     click.echo("")
     for line in r["header"].split("\r\n"):
-        click.echo(_show(line, 500))
+        click.echo(shown(line, limit=500))
     click.echo("")
     for line in r["body"]:
-        click.echo(_show(line, 500))
+        click.echo(shown(line, limit=500))
     click.echo("")
     click.echo(f"To deliver it: kanmon quarantine release {r['id']}   To remove it: kanmon quarantine delete {r['id']}")
 
@@ -137,7 +131,7 @@ def _report(r: dict, verb: str, as_json: bool) -> None:
         for qid in r[verb]:
             click.echo(f"{qid}: {verb}")
         for err in r["errors"]:
-            click.echo(f"kanmon: {_show(err)}", err=True)
+            click.echo(f"kanmon: {shown(err, limit=200)}", err=True)
     sys.exit(1 if r["errors"] else 0)
 
 
@@ -165,4 +159,4 @@ def digest_cmd(since, dry_run, config_path, as_json) -> None:
     if not r["digests"]:
         click.echo("No spam quarantined for anyone in that period: no digest")
     for rcpt, n in r["digests"].items():
-        click.echo(f"{_show(rcpt)}: {n} message{'s' if n != 1 else ''}" + (" (dry run: not sent)" if dry_run else ": digest queued"))
+        click.echo(f"{shown(rcpt, limit=200)}: {n} message{'s' if n != 1 else ''}" + (" (dry run: not sent)" if dry_run else ": digest queued"))

@@ -27,12 +27,6 @@ from kanmon.content.inspect import inspect_message
 from kanmon.content.rules import CompiledProfile, Facts
 from kanmon.policy.content import content_profile_name
 
-def _show(text: object, limit: int = 200) -> str:
-    """Network text for the terminal: the admin views' one escaping (kanmon.escape), cut."""
-    out = shown(text)
-    return out if len(out) <= limit else out[:limit] + "..."
-
-
 @click.group("rules")
 def rules() -> None:
     """Content rules ([[content_profile]]): try them on a message file."""
@@ -93,20 +87,20 @@ def test_cmd(message: str, profile_name: str | None, sender: str | None, rcpts: 
                         "score": v.score, "redirect": v.redirect, "bcc": v.bcc},
         }, ensure_ascii=False))
         sys.exit(1 if changed else 0)
-    click.echo(f"profile: {profile_name} (sender {_show(sender) or '<>'}, "
+    click.echo(f"profile: {profile_name} (sender {shown(sender, limit=200) or '<>'}, "
                f"{'from outside' if from_outside else 'authenticated' if authenticated else 'from relay_networks'})")
-    click.echo(f"subject: {_show(found.message.subject)}")
+    click.echo(f"subject: {shown(found.message.subject, limit=200)}")
     for item in found.attachments.items:
-        where = f" in {_show(item.container)}" if item.container else ""
+        where = f" in {shown(item.container, limit=200)}" if item.container else ""
         classes = f" [{', '.join(sorted(item.classes))}]" if item.classes else ""
-        click.echo(f"attachment: {_show(item.name) or '(unnamed)'}{where}: {item.true_type}{classes}")
+        click.echo(f"attachment: {shown(item.name, limit=200) or '(unnamed)'}{where}: {item.true_type}{classes}")
     if found.attachments.limit:
         click.echo(f"archive limit: {found.attachments.limit}")
     if not v.hits:
         click.echo("no rule matched")
     for h in v.hits:
         mode = f"log only, would {h.action}" if h.log_only else h.action
-        click.echo(f"matched: {_show(h.rule)} ({mode}): {_show(h.why, 300)}")
+        click.echo(f"matched: {shown(h.rule, limit=200)} ({mode}): {shown(h.why, limit=300)}")
     outcome = v.describe()
     if v.action == "reject":
         outcome += f": 550 5.7.1 {v.reply_text}"

@@ -57,6 +57,11 @@ class RelayAccess:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._relay_nets)
 
+    def from_outside(self, client) -> bool:
+        """Mail from this client (a ClientInfo) goes the "inbound" way: it neither logged
+        in nor is in relay_networks."""
+        return not (client.auth_user or self.is_relay_client(client.ip))
+
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.domains
 

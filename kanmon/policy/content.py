@@ -113,7 +113,7 @@ class ContentCheck(Check):
         assert env is not None
         client = ctx.client
         authenticated = bool(client.auth_user)
-        from_outside = not (authenticated or self.access.is_relay_client(client.ip))
+        from_outside = self.access.from_outside(client)
         names = content_profile_names(self.config, env.mail_from, env.rcpts, from_outside, client.ip)
         if not names:
             return ACCEPTED
@@ -142,7 +142,7 @@ class ArchiveCopyCheck(Check):
         env = ctx.envelope
         assert env is not None
         client = ctx.client
-        from_outside = not (client.auth_user or self.access.is_relay_client(client.ip))
+        from_outside = self.access.from_outside(client)
         if self.cfg.applies(env.mail_from, env.rcpts, from_outside):
             return accept(amend=self._amend)
         return ACCEPTED

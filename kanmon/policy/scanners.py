@@ -74,7 +74,7 @@ class ScannerCheck(Check):
         env = ctx.envelope
         assert env is not None
         client = ctx.client
-        from_outside = not (client.auth_user or self.access.is_relay_client(client.ip))
+        from_outside = self.access.from_outside(client)
         profiles = [self.profiles[n] for n in content_profile_names(self.config, env.mail_from, env.rcpts, from_outside, client.ip)]
         if not profiles:
             return DEFAULT_PROFILE

@@ -427,7 +427,7 @@ class SmtpServer:
         if cfg.maildir is None:
             return
         client = env.client
-        from_outside = client is None or not (client.auth_user or self.access.is_relay_client(client.ip))
+        from_outside = client is None or self.access.from_outside(client)
         direction = cfg.applies(env.mail_from, env.rcpts, from_outside)
         if not direction:
             return
