@@ -87,10 +87,10 @@ def show_cmd(queue_id, lines, config_path, as_json) -> None:
     click.echo(f"subject: {shown(r['subject'], limit=200)}")
     click.echo("")
     for line in r["header"].split("\r\n"):
-        click.echo(shown(line, limit=500))
+        click.echo(shown(line, limit=500, block=True))  # a folded field's tab is kept
     click.echo("")
     for line in r["body"]:
-        click.echo(shown(line, limit=500))
+        click.echo(shown(line, limit=500, block=True))
     click.echo("")
     click.echo(f"To deliver it: kanmon quarantine release {r['id']}   To remove it: kanmon quarantine delete {r['id']}")
 

@@ -143,6 +143,7 @@ def test_quarantine_list_show_release_and_trace_the_whole_path(node):
     assert json.loads(cli(node, "quarantine", "list", "--json", "--kind", "spam").output)["items"] == []
     r = cli(node, "quarantine", "show", qid)
     assert f"kanmon quarantine release {qid}" in r.output and "from: katou@partner.example" in r.output
+    assert "\tby mx1.example.test (kanmon)" in r.output  # the folded Received: keeps its tab, not "\\t"
     r = cli(node, "trace", qid)
     assert "in the quarantine" in r.output, r.output
     r = cli(node, "quarantine", "release", qid)
