@@ -16,6 +16,7 @@ loop (the content check calls it in a worker thread).
 
 from __future__ import annotations
 
+import base64
 import codecs
 import email
 import email.errors
@@ -335,3 +336,24 @@ def decode_message(content: bytes) -> DecodedMessage:
     walk(msg, 0)
     out.text = "\n".join(texts)
     return out
+
+
+_SUBJECT = re.compile(rb"(?im)^subject[ \t]*:[ \t]*")
+
+
+def prefix_subject(message: bytes, prefix: str) -> bytes:
+    """The message (or a header block alone) with `prefix` before its Subject's text; a
+    Subject field made at the end of the header when there is none; unchanged when the
+    Subject already starts with it. A prefix that is not ASCII is written as an RFC 2047
+    encoded-word (a header field stays 7-bit). The one Subject tagging of the checks
+    (content rules, Rspamd, sender authentication)."""
+    header_end = message.find(b"\r\n\r\n")
+    head_len = len(message) if header_end < 0 else header_end + 2
+    word = (prefix.encode("ascii") if prefix.isascii()
+            else b"=?UTF-8?B?" + base64.b64encode(prefix.encode()) + b"?=").replace(b"\r", b"").replace(b"\n", b"")
+    m = _SUBJECT.search(message, 0, head_len)
+    if m is None:
+        return message[:head_len] + b"Subject: " + word + b"\r\n" + message[head_len:]
+    if message.startswith(word, m.end()):
+        return message
+    return message[:m.end()] + word + b" " + message[m.end():]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from kanmon.auth.lookup import MAX_LOOKUPS, LookupAnswer, NeedLookup
 from kanmon.auth.spf import SpfResult, evaluate_spf, received_spf
 from kanmon.config import Config, SessionProfile
 from kanmon.model import Reply
+from kanmon.content.decode import prefix_subject
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.dns import CheckResolver, DnsAnswer
 from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, accept, refuse
@@ -348,7 +348,7 @@ class DmarcCheck(Check):
         header, removed = authres.strip_forged(ctx.header, self.authserv_id)
         tagged = bool(notes.get("tag"))
         if tagged:
-            header = _tag_subject(header, profile.auth_tag)
+            header = prefix_subject(header, profile.auth_tag)
         new_content = header + content[len(ctx.header):] if (removed or tagged) else None
         actions = notes.get("actions") or []
         quarantine = notes.get("quarantine", "")
@@ -370,18 +370,6 @@ def _best(sigs: list[DkimSignatureResult] | None) -> str:
         if any(s.result == r for s in sigs):
             return r
     return sigs[0].result
-
-
-def _tag_subject(header: bytes, prefix: str) -> bytes:
-    """The header with prefix at the start of the Subject (a Subject field made when none)."""
-    tag = prefix.encode("utf-8", "replace").replace(b"\r", b"").replace(b"\n", b"")
-    m = re.search(rb"(?im)^Subject[ \t]*:[ \t]*", header)
-    if m is None:
-        return header + b"Subject: " + tag + b"\r\n"
-    rest = header[m.end():]
-    if rest.startswith(tag):
-        return header
-    return header[: m.end()] + tag + b" " + rest
 
 
 def auth_checks(config: Config, resolver: CheckResolver, access: RelayAccess) -> list[Check]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from kanmon.config import SessionProfile
+from kanmon.content.decode import prefix_subject
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
@@ -963,22 +964,6 @@ def _reroute(env: Envelope, redirect: tuple[str, ...], bcc: tuple[str, ...]) -> 
     for addr in (*redirect, *bcc):
         if addr not in env.rcpts:
             env.rcpts.append(addr)
-
-
-_SUBJECT = re.compile(rb"(?im)^subject:[ \t]*")
-
-
-def prefix_subject(content: bytes, prefix: str) -> bytes:
-    """The message with `prefix` put before its Subject (a Subject made when it has none).
-    A prefix that is not ASCII is written as an RFC 2047 encoded-word."""
-    header_end = content.find(b"\r\n\r\n")
-    header = content if header_end < 0 else content[:header_end + 2]
-    word = prefix.encode("ascii") if prefix.isascii() else b"=?UTF-8?B?" + base64.b64encode(prefix.encode()) + b"?="
-    m = _SUBJECT.search(header)
-    if m is None:
-        return b"Subject: " + word + b"\r\n" + content
-    rest_start = m.end()
-    return content[:rest_start] + word + b" " + content[rest_start:]
 
 
 def _merge(tx: _Transaction, d: Decision) -> None:

@@ -10,7 +10,7 @@ from kanmon.auth.dkim import DkimSignatureResult, key_names
 from kanmon.auth.dmarc import aligned, evaluate_dmarc, from_header, organizational_domain, parse_record
 from kanmon.auth.spf import SpfOutcome, SpfResult
 from kanmon.auth.values import comment, value
-from kanmon.policy.authcheck import _tag_subject
+from kanmon.content.decode import prefix_subject as _tag_subject
 
 
 @pytest.mark.parametrize("domain, org", [

@@ -120,3 +120,15 @@ def test_a_part_that_cannot_be_read_is_kept_and_marked(monkeypatch):
     d = decode_message(msg)
     assert calls and "could not be read (RuntimeError)" in d.truncated
     assert any(a.name == "" for a in d.attachments)
+
+
+def test_prefix_subject_is_7bit_once_and_keeps_the_body():
+    from kanmon.content.decode import prefix_subject
+
+    msg = b"From: a\r\nSubject: " + jis_word("請求書").encode() + b"\r\n\r\nbody Subject: not this\r\n"
+    tagged = prefix_subject(msg, "[要確認]")
+    assert tagged.startswith(b"From: a\r\nSubject: =?UTF-8?B?")
+    assert decode_header_value(tagged.split(b"\r\n")[1][9:].decode()) == "[要確認] 請求書"
+    assert prefix_subject(tagged, "[要確認]") == tagged
+    assert tagged.endswith(b"\r\n\r\nbody Subject: not this\r\n")
+    assert prefix_subject(b"From: a\r\n\r\nx\r\n", "[X]") == b"From: a\r\nSubject: [X]\r\n\r\nx\r\n"
