@@ -349,9 +349,13 @@ def prefix_subject(message: bytes, prefix: str) -> bytes:
     (content rules, Rspamd, sender authentication)."""
     header_end = message.find(b"\r\n\r\n")
     head_len = len(message) if header_end < 0 else header_end + 2
-    word = (prefix.encode("ascii") if prefix.isascii()
-            else b"=?UTF-8?B?" + base64.b64encode(prefix.encode()) + b"?=").replace(b"\r", b"").replace(b"\n", b"")
+    prefix = prefix.replace("\r", "").replace("\n", "")
     m = _SUBJECT.search(message, 0, head_len)
+    # RFC 2047 6.2: the space between two encoded-words is dropped when read, so before an
+    # encoded Subject the separating space goes inside our word.
+    spaced = m is not None and message.startswith(b"=?", m.end())
+    word = (prefix.encode("ascii") if prefix.isascii()
+            else b"=?UTF-8?B?" + base64.b64encode((prefix + (" " if spaced else "")).encode()) + b"?=")
     if m is None:
         return message[:head_len] + b"Subject: " + word + b"\r\n" + message[head_len:]
     if message.startswith(word, m.end()):
