@@ -1172,6 +1172,20 @@ class ImapSection(MailboxAccessSection):
     pass
 
 
+class SieveSection(Section):
+    """[sieve]: users' filters run at local delivery (docs/sieve.md)."""
+
+    enabled: bool = Field(True, description="Run each user's active Sieve script at local delivery")
+    max_script_size: Size = Field(65536, ge=1, le=1024 * 1024, description="Largest script a user may store")
+    max_scripts: int = Field(20, ge=1, le=1000, description="Scripts one user may store")
+    max_redirects: int = Field(4, ge=0, le=32, description="Redirects one script may make for one message")
+
+
+class ManageSieveSection(MailboxAccessSection):
+    """[managesieve]: where users' mail clients edit their scripts (RFC 5804, port 4190,
+    STARTTLS with the node's certificate)."""
+
+
 class HealthCheck(Section):
     type: Literal["tcp", "smtp", "http", "ping"] = Field("smtp", description="tcp | smtp | http | ping")
     interval: Duration = Field(10.0, gt=0, description="Time between checks")
@@ -1222,6 +1236,8 @@ class Config(Section):
     submission: SubmissionSection | None = Field(None, description="Authenticated submission (RFC 6409)")
     pop3: Pop3Section | None = Field(None, description="POP3 access to mailboxes")
     imap: ImapSection | None = Field(None, description="IMAP access to mailboxes")
+    sieve: SieveSection = Field(default_factory=SieveSection, description="Users' Sieve filters at local delivery")
+    managesieve: ManageSieveSection | None = Field(None, description="ManageSieve (RFC 5804): users edit their filters")
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
     maintenance: list[MaintenanceJob] = Field(default_factory=list, description="Scheduled queue maintenance ([[maintenance]] tables)")
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")

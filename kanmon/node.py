@@ -37,6 +37,7 @@ from kanmon.admin.service import AdminPlane
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
+from kanmon.deliver.sieving import SieveFilter
 from kanmon.deliver.local import LocalDelivery
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
@@ -57,6 +58,7 @@ from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
 from kanmon.store.maildir import mailbox_usage
+from kanmon.store.managesieve import ManageSieveService
 from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
@@ -91,7 +93,7 @@ def listen_addresses(config: Config, mail_roles: bool) -> list[Address]:
         out += list(config.smtp.listen)
         if config.submission is not None:
             out += list(config.submission.listen) + list(config.submission.listen_tls)
-    for section in (config.pop3, config.imap):
+    for section in (config.pop3, config.imap, config.managesieve):
         if section is not None:
             out += list(section.listen) + list(section.listen_tls)
     if config.metrics.listen is not None:
@@ -222,6 +224,11 @@ class Node:
                 return d.quota
         return None
 
+    def _sieve_settings(self) -> tuple[int, int, bool]:
+        """[sieve] of the running config (delivery asks, so a reload applies at once)."""
+        sv = self.config.sieve
+        return sv.max_redirects, sv.max_script_size, sv.enabled
+
     # -- what a reload keeps ------------------------------------------------------------
 
     def _build(self) -> None:
@@ -250,6 +257,9 @@ class Node:
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
         )
+        # Users' Sieve filters at local delivery: what they send enters through the injector.
+        self.local.sieve = SieveFilter(self.data_dir, config.server.hostname, self.queue.injector.inject,
+                                       self.records.emit, clock=self.clock.now, settings=self._sieve_settings)
         self.mail_roles = has_mail_roles(config)
         if not self.mail_roles:
             self.workers = 0
@@ -349,6 +359,10 @@ class Node:
                 fe.services.append(ImapService(
                     config, tls_context, users, self.throttle, self.records.emit,
                     sockets=socks(config.imap.listen, False) + socks(config.imap.listen_tls, True)))
+            if config.managesieve is not None:
+                fe.services.append(ManageSieveService(
+                    config, tls_context, users, self.throttle, self.records.emit,
+                    sockets=socks(config.managesieve.listen, False) + socks(config.managesieve.listen_tls, True)))
             if config.metrics.listen is not None:
                 host, port = config.metrics.listen
                 (sock, _), = socks([config.metrics.listen], False)
@@ -658,7 +672,8 @@ class Node:
         for vs in c.balancer.virtual_server if c.balancer else []:
             reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({r.mode})" for r in vs.real)
             lines.append(f"kanmon: balancer {vs.name} on {vs.listen[0]}:{vs.listen[1]} ({vs.method}) -> {reals}")
-        for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP")):
+        for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP"),
+                              (c.managesieve, "ManageSieve")):
             if section is not None:
                 for host, port in section.listen:
                     lines.append(f"kanmon: {name} on {host}:{port} (STARTTLS)")

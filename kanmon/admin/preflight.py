@@ -61,7 +61,7 @@ def exit_code(findings: Iterable[Finding]) -> int:
 def listeners(config: Config) -> list[tuple[str, tuple[str, int]]]:
     """(key, (host, port)) of every address kanmon serve listens on."""
     out: list[tuple[str, tuple[str, int]]] = [(f"smtp.listen[{i}]", a) for i, a in enumerate(config.smtp.listen)]
-    for name in ("submission", "pop3", "imap"):
+    for name in ("submission", "pop3", "imap", "managesieve"):
         section = getattr(config, name)
         if section is not None:
             for field in ("listen", "listen_tls"):

@@ -33,11 +33,13 @@ from pathlib import Path
 
 from kanmon.model import RecipientResult, Reply, Status
 from kanmon.smtp.replies import OVER_QUOTA
+from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make_dirs_private
 
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
+SIEVE_SEND_FAILED = Reply(451, "4.3.0", "the redirect of a Sieve script could not be queued")
 
 
 def _mailbox_of(data_dir: Path, address: str) -> Path:
@@ -69,9 +71,11 @@ class LocalDelivery:
     mailer = "local"
 
     def __init__(self, data_dir: Path, committer: GroupCommitter,
-                 quota_of: Callable[[str], int | None] | None = None):
+                 quota_of: Callable[[str], int | None] | None = None, sieve: SieveFilter | None = None):
         """quota_of(domain): the per-mailbox quota in bytes of a domain, None without one
-        (asked at each delivery, so a reload's new quotas apply at once)."""
+        (asked at each delivery, so a reload's new quotas apply at once). sieve: users'
+        filters (None: every message goes to INBOX)."""
+        self.sieve = sieve
         self.data_dir = Path(data_dir)
         self.committer = committer
         self.quota_of = quota_of or (lambda domain: None)
@@ -80,13 +84,16 @@ class LocalDelivery:
         self._quota_locks: dict[Path, asyncio.Lock] = {}  # one per configured mailbox with a quota
 
     async def deliver(self, mail_from: str, rcpts: list[str], content: bytes, *,
-                      quota_exempt: bool = False) -> list[RecipientResult]:
-        """quota_exempt: a notice of ours (delivered even to a full mailbox)."""
+                      quota_exempt: bool = False, queue_id: str = "") -> list[RecipientResult]:
+        """quota_exempt: a notice of ours (delivered even to a full mailbox). A recipient
+        with an active Sieve script gets what the script decides (kanmon.deliver.sieving):
+        its folders, and its redirects and vacation reply queued once the files are durable."""
         # Accepted content has no bare CR (the session refuses it), so deleting every CR
         # turns CRLF into LF in one C-level pass (4x faster than replace on 100 KB).
         body = content.translate(None, b"\r")
         files: list[tuple[Path, Path, bytes]] = []
-        results: list[RecipientResult | None] = []
+        results: list[RecipientResult | int] = []  # a result, or how many files the recipient has in `files`
+        decisions: dict[int, Decision] = {}
         reserved: list[tuple[Path, int]] = []
         try:
             for rcpt in rcpts:
@@ -98,13 +105,21 @@ class LocalDelivery:
                 except (OSError, MaildirError) as e:
                     results.append(_deferred(rcpt, e))
                     continue
+                targets = [box]
+                if self.sieve is not None and not quota_exempt and self.sieve.wanted(rcpt):
+                    decision = await asyncio.get_running_loop().run_in_executor(
+                        None, self.sieve.decide, mail_from, rcpt, content)
+                    decisions[len(results)] = decision
+                    targets = decision.boxes
                 data = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace") + body
-                if not quota_exempt and not await self._reserve(rcpt, box, len(data), reserved):
+                if targets and not quota_exempt and not await self._reserve(rcpt, box, len(data), reserved):
+                    decisions.pop(len(results), None)
                     results.append(RecipientResult(rcpt, Status.DEFERRED, OVER_QUOTA, relay="local", mailer="local"))
                     continue
-                name = unique_name(len(data))
-                files.append((box / "tmp" / name, box / "new" / name, data))
-                results.append(None)
+                for target in targets:
+                    name = unique_name(len(data))
+                    files.append((target / "tmp" / name, target / "new" / name, data))
+                results.append(len(targets))
             errors = await self.committer.commit(files) if files else []
         finally:
             for box, size in reserved:
@@ -115,18 +130,24 @@ class LocalDelivery:
                     del self._reserved[box]
         out: list[RecipientResult] = []
         it = iter(errors)
-        for rcpt, res in zip(rcpts, results, strict=True):
-            if res is not None:
+        for i, (rcpt, res) in enumerate(zip(rcpts, results, strict=True)):
+            if not isinstance(res, int):
                 out.append(res)
                 continue
-            err = next(it)
+            err = next((e for e in [next(it) for _ in range(res)] if e is not None), None)
             if err is not None:
                 self._known.discard(_mailbox_of(self.data_dir, rcpt))
                 out.append(_deferred(rcpt, err))
-            else:
-                out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
+                continue
+            decision = decisions.get(i)
+            if decision is not None and self.sieve is not None:
+                for text, kind in decision.notes:
+                    self.sieve.emit(text, queue_id or None, kind)
+                if not await self.sieve.send(decision, queue_id, rcpt) and not decision.boxes:
+                    out.append(RecipientResult(rcpt, Status.DEFERRED, SIEVE_SEND_FAILED, relay="local", mailer="local"))
+                    continue
+            out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
         return out
-
 
     async def _reserve(self, rcpt: str, box: Path, size: int, reserved: list[tuple[Path, int]]) -> bool:
         """Room for `size` more bytes in the mailbox (its quota not yet reached by what is

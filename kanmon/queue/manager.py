@@ -275,7 +275,8 @@ class QueueManager:
         self, queue_id: str, env: Envelope, rcpts: list[str], content: bytes, route: Route
     ) -> list[RecipientResult]:
         if route.transport == "local":
-            return await self.local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice)
+            return await self.local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice,
+                                          queue_id=queue_id)
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
         if env.crlf_checked and not isinstance(content, CrlfChecked):
