@@ -1,7 +1,7 @@
 """POP3 server: an I/O-free session state machine and the service that listens.
 
 Role: RFC 1939 (POP3) with RFC 2449 (CAPA, response codes), RFC 2595 (STLS) and
-RFC 5034 (AUTH PLAIN) over one account's INBOX (kanmon/store/maildir.py).
+RFC 5034 (AUTH PLAIN and LOGIN) over one account's INBOX (kanmon/store/maildir.py).
 ``Pop3Session`` is fed bytes and returns events (kanmon/store/connection.py); what
 needs the mailbox's files (login, RETR, TOP, QUIT) yields FileWork for the adapter's
 file executor and waits for ``file_done`` before it reads the next command;
@@ -160,7 +160,8 @@ class Pop3Session:
         self._reserved: tuple[str, str] | None = None  # (ip, user) of a throttle reservation not yet ended
         self.owed: Callable[[], None] | None = None  # blocking work the ended session still owes (the adapter runs it)
         self._steps: Steps | None = None  # a command waiting for FileWork
-        self._sasl_wait = False  # AUTH PLAIN sent without an initial response
+        self._sasl_wait: str | None = None  # AUTH PLAIN/LOGIN waiting for the client's next response
+        self._sasl_user: str | None = None  # AUTH LOGIN: the user name, once sent
         self._errors = 0
         self._closed = False
         self._address: str | None = None
@@ -280,9 +281,9 @@ class Pop3Session:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             return self._err(ERR_SYNTAX)
-        if self._sasl_wait:
-            self._sasl_wait = False
-            result = self._auth_plain(line.strip())
+        if self._sasl_wait is not None:
+            mech, self._sasl_wait = self._sasl_wait, None
+            result = self._auth_plain(line.strip()) if mech == "PLAIN" else self._auth_login(line.strip())
             return result if isinstance(result, list) else self._run(result)
         verb, _, rest = line.lstrip().partition(" ")  # rest unstripped: PASS may end in spaces
         verb = verb.upper()
@@ -303,7 +304,7 @@ class Pop3Session:
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state == "AUTHORIZATION":
             if self.tls_active:
-                caps += ["USER", "SASL PLAIN"]
+                caps += ["USER", "SASL PLAIN LOGIN"]
             elif self.tls_available:
                 caps.append("STLS")
         caps.append("IMPLEMENTATION kanmon")
@@ -335,15 +336,37 @@ class Pop3Session:
     def _cmd_auth(self, args: list[str]) -> list[Event] | Steps:
         # RFC 5034
         if not args:
-            return [Send(b"+OK methods follow\r\nPLAIN\r\n.\r\n")]
+            return [Send(b"+OK methods follow\r\nPLAIN\r\nLOGIN\r\n.\r\n")]
         if not self.tls_active:
             return self._err(ERR_NEED_TLS)
-        if args[0].upper() != "PLAIN" or len(args) > 2:
-            return self._err("-ERR [AUTH] unsupported mechanism (PLAIN only)")
-        if len(args) == 1:
-            self._sasl_wait = True
-            return [Send(b"+ \r\n")]
-        return self._auth_plain(args[1])
+        mech = args[0].upper()
+        if mech not in ("PLAIN", "LOGIN") or len(args) > 2:
+            return self._err("-ERR [AUTH] unsupported mechanism (PLAIN or LOGIN)")
+        self._sasl_user = None
+        if len(args) == 2:
+            return self._auth_plain(args[1]) if mech == "PLAIN" else self._auth_login(args[1])
+        self._sasl_wait = mech
+        # LOGIN (draft-murchison-sasl-login): the server asks "Username:", then "Password:".
+        return [Send(b"+ VXNlcm5hbWU6\r\n" if mech == "LOGIN" else b"+ \r\n")]
+
+    def _auth_login(self, text: str) -> list[Event] | Steps:
+        """One step of AUTH LOGIN: the user name, then the password (base64 each)."""
+        if text == "*":
+            self._sasl_user = None
+            return self._err("-ERR authentication cancelled")
+        try:
+            value = base64.b64decode(text, validate=True).decode("utf-8")
+            if "\0" in value:
+                raise ValueError
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self._sasl_user = None
+            return self._err("-ERR [AUTH] malformed AUTH LOGIN response")
+        if self._sasl_user is None:
+            self._sasl_user = value
+            self._sasl_wait = "LOGIN"
+            return [Send(b"+ UGFzc3dvcmQ6\r\n")]
+        user, self._sasl_user = self._sasl_user, None
+        return self._check(user, value)
 
     def _auth_plain(self, text: str) -> list[Event] | Steps:
         # RFC 4616: [authzid] NUL authcid NUL passwd

@@ -366,3 +366,42 @@ def test_a_held_message_read_does_not_stop_other_connections(server, monkeypatch
         t.join(10)
     assert result["r"][1] == [b"Subject: slow", b"", b"body"]
     slow.quit()
+
+
+def _b64(text: str) -> str:
+    import base64
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_auth_plain_and_login_beside_user_pass(server) -> None:
+    """RFC 5034 AUTH with poplib: PLAIN with an initial response and after "+ ", LOGIN
+    in two steps ("Username:", "Password:"); a wrong LOGIN password fails like USER/PASS."""
+    deliver_new(server.box.root, b"Subject: one\n\n1\n")
+    c = stls_client(server)
+    try:
+        assert "LOGIN" in c.capa()["SASL"] and "PLAIN" in c.capa()["SASL"]
+        assert c._shortcmd("AUTH PLAIN " + _b64(f"\0{ALICE}\0correct horse")).startswith(b"+OK")
+        assert c.stat()[0] == 1
+    finally:
+        c.quit()
+    c = stls_client(server)
+    try:
+        assert c._shortcmd("AUTH PLAIN") == b"+ "
+        assert c._shortcmd(_b64(f"\0{ALICE}\0correct horse")).startswith(b"+OK")
+    finally:
+        c.quit()
+    c = stls_client(server)
+    try:
+        assert c._shortcmd("AUTH LOGIN") == b"+ " + _b64("Username:").encode()
+        assert c._shortcmd(_b64(ALICE)) == b"+ " + _b64("Password:").encode()
+        assert c._shortcmd(_b64("correct horse")).startswith(b"+OK")
+        assert c.stat()[0] == 1
+    finally:
+        c.quit()
+    c = stls_client(server)
+    try:
+        assert c._shortcmd("AUTH LOGIN " + _b64(ALICE)) == b"+ " + _b64("Password:").encode()
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            c._shortcmd(_b64("wrong"))
+    finally:
+        c.quit()

@@ -143,7 +143,7 @@ def test_stls_discards_pipelined_commands(env) -> None:
     assert d.tls_started
     assert d.session.state == "AUTHORIZATION" and d.session._user is None
     capa = d.send(b"CAPA\r\n")
-    assert b"USER\r\n" in capa and b"SASL PLAIN\r\n" in capa and b"STLS" not in capa
+    assert b"USER\r\n" in capa and b"SASL PLAIN LOGIN\r\n" in capa and b"STLS" not in capa
     assert d.send(b"STLS\r\n").startswith(b"-ERR")
 
 
