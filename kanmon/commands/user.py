@@ -1,4 +1,5 @@
-"""`kanmon user`: mailboxes and aliases of the users file, passwords, lock state, listing.
+"""`kanmon user`: mailboxes and aliases of the users file, passwords, lock state, listing,
+Sieve filters.
 
 Role: the administrator's commands for accounts (kanmon/store/users.py does the work;
 the users file is kanmon/userdb.py). The running server sees changes within a second,
@@ -20,7 +21,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.commands.options import cell, config_option, json_option, load_or_exit, require_data_dir
+from kanmon.commands.options import cell, config_option, json_option, load_or_exit, require_data_dir, shown
+from kanmon.store.maildir import MaildirError
+from kanmon.store.sieve import SieveError
+from kanmon.store.sievescripts import ScriptError, ScriptStore
 from kanmon.store.users import UnknownMailbox, Users
 from kanmon.units import format_size
 
@@ -42,7 +46,7 @@ def _when(ts: float | None) -> str:
 
 @click.group("user")
 def user() -> None:
-    """Mailbox accounts: add/delete, aliases, passwords, lock state, listing."""
+    """Mailbox accounts: add/delete, aliases, passwords, lock state, listing, Sieve filters."""
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -190,3 +194,43 @@ def lock(address: str, config_path: str | None) -> None:
 def unlock(address: str, config_path: str | None) -> None:
     """Allow logins of ADDRESS again."""
     _set_locked(address, config_path, False)
+
+
+@user.command("sieve")
+@click.argument("address")
+@click.argument("file", required=False, type=click.File("rb"))
+@click.option("--name", default="kanmon", show_default=True, help="The script's name (as ManageSieve clients show it).")
+@click.option("--off", is_flag=True, help="Deactivate the user's filter (the scripts stay).")
+@config_option
+def sieve(address: str, file, name: str, off: bool, config_path: str | None) -> None:
+    """Set the Sieve filter of mailbox ADDRESS from FILE ("-": standard input) and make it
+    the active one; with no FILE, print the active script. A script that does not compile
+    is refused with its line and reason (docs/sieve.md)."""
+    cfg = load_or_exit(config_path)
+    users = Users(cfg)
+    if not users.is_mailbox(address):
+        _fail(f"{address} is not a mailbox of a local domain")
+    store = ScriptStore(cfg.server.data_dir, address, max_size=cfg.sieve.max_script_size,
+                        max_scripts=cfg.sieve.max_scripts)
+    if file is not None and off:
+        _fail("give FILE or --off, not both")
+    try:
+        if off:
+            store.activate(None)
+            click.echo(f"{address.lower()}: no active Sieve script")
+            return
+        if file is None:
+            active = store.active_name()
+            if active is None:
+                _fail(f"{address.lower()} has no active Sieve script", 1)
+            click.echo(f"# {shown(active)} (active)")
+            click.echo(shown(store.get(active).decode("utf-8", "replace"), block=True))
+            return
+        text = file.read(cfg.sieve.max_script_size + 1)
+        store.put(name, text)
+        store.activate(name)
+    except SieveError as e:
+        _fail(f"the script does not compile: {e}; nothing changed")
+    except (ScriptError, MaildirError, OSError) as e:
+        _fail(f"{e}; nothing changed")
+    click.echo(f"{address.lower()}: Sieve script {name!r} stored and active")
