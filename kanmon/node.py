@@ -37,8 +37,8 @@ from kanmon.admin.service import AdminPlane
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
-from kanmon.deliver.sieving import SieveFilter
 from kanmon.deliver.local import LocalDelivery
+from kanmon.deliver.sieving import SieveFilter
 from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring

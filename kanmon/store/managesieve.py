@@ -35,6 +35,7 @@ from kanmon.records.events import LoginFailed
 from kanmon.store.connection import (
     AccessService,
     Close,
+    Delay,
     Event,
     FileWork,
     PeerInfo,
@@ -43,7 +44,6 @@ from kanmon.store.connection import (
     Steps,
     Verify,
     advance,
-    Delay,
 )
 from kanmon.store.sieve import EXTENSIONS, SieveError
 from kanmon.store.sievescripts import ScriptError, ScriptStore

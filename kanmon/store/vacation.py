@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from email.header import Header
 from email.utils import formatdate, getaddresses, make_msgid
 from pathlib import Path
 
@@ -73,7 +74,6 @@ def _encoded(text: str) -> str:
     """A header value: as is when ASCII, else an RFC 2047 encoded-word."""
     if text.isascii():
         return text
-    from email.header import Header
     return Header(text, "utf-8").encode()
 
 
