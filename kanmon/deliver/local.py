@@ -31,9 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.model import RecipientResult, Reply, Status
 from kanmon.smtp.replies import OVER_QUOTA
-from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make_dirs_private
 
@@ -148,6 +148,7 @@ class LocalDelivery:
                     continue
             out.append(RecipientResult(rcpt, Status.SENT, DELIVERED, relay="local", mailer="local"))
         return out
+
 
     async def _reserve(self, rcpt: str, box: Path, size: int, reserved: list[tuple[Path, int]]) -> bool:
         """Room for `size` more bytes in the mailbox (its quota not yet reached by what is

@@ -25,9 +25,11 @@ dropping it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from kanmon.escape import for_log as escape
@@ -46,6 +48,8 @@ class Outgoing:
     envelope: Envelope
     content: bytes
     origin: str  # "sieve redirect" | "vacation reply"
+    claim: Callable[[float], bool] | None = None  # vacation: remember the sender (False: answered already)
+    days: int = 0
 
 
 @dataclass(slots=True)
@@ -121,13 +125,14 @@ class SieveFilter:
             why = refusal(view, args, {rcpt.lower()})
             if why is not None:
                 decision.notes.append((f"sieve {rcpt}: no vacation reply to <{escape(mail_from)}>: {why}", "info"))
-            elif VacationMemory(sieve_dir(self.data_dir, rcpt)).claim(handle_of(args, name), mail_from, args.days,
-                                                                        self.clock()):
-                reply = build_reply(view, args, rcpt, self.hostname, self.clock())
-                decision.outgoing.append(Outgoing(Envelope(mail_from="", rcpts=[mail_from]), reply, "vacation reply"))
             else:
-                decision.notes.append((f"sieve {rcpt}: no vacation reply to <{escape(mail_from)}>: "
-                                       f"answered within {args.days} days", "info"))
+                reply = build_reply(view, args, rcpt, self.hostname, self.clock())
+                # Who was answered is remembered only when the reply is queued (send), so
+                # a delivery deferred and retried still answers once.
+                claim = partial(VacationMemory(sieve_dir(self.data_dir, rcpt)).claim, handle_of(args, name),
+                                mail_from, args.days)
+                decision.outgoing.append(Outgoing(Envelope(mail_from="", rcpts=[mail_from]), reply, "vacation reply",
+                                                  claim, args.days))
         if outcome.discarded and not decision.boxes and not decision.outgoing:
             decision.notes.append((f"sieve {rcpt}: discarded by script {escape(name)}", "info"))
         return decision
@@ -156,7 +161,19 @@ class SieveFilter:
     async def send(self, decision: Decision, queue_id: str, rcpt: str) -> bool:
         """Queue the decision's outgoing messages; False if one could not be queued."""
         ok = True
+        loop = asyncio.get_running_loop()
         for out in decision.outgoing:
+            if out.claim is not None:
+                try:
+                    fresh = await loop.run_in_executor(None, out.claim, self.clock())
+                except OSError as e:
+                    self.emit(f"sieve {rcpt}: vacation memory unusable ({escape(str(e))}); no reply sent",
+                              queue_id or None, "error")
+                    continue
+                if not fresh:
+                    self.emit(f"sieve {rcpt}: no vacation reply to <{escape(out.envelope.rcpts[0])}>: "
+                              f"answered within {out.days} days", queue_id or None)
+                    continue
             try:
                 new_id = await self.inject(out.envelope, out.content, out.origin)
             except Exception as e:  # noqa: BLE001 - the caller decides (defer, or a logged error)
