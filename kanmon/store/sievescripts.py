@@ -67,6 +67,7 @@ class ScriptStore:
     """One user's scripts. Every method does file I/O (call it off the event loop)."""
 
     def __init__(self, data_dir: Path | str, address: str, *, max_size: int = 64 * 1024, max_scripts: int = 20):
+        self.data_dir = Path(data_dir)
         self.root = sieve_dir(data_dir, address)
         self.address = address.lower()
         self.max_size = max_size
@@ -75,11 +76,25 @@ class ScriptStore:
     def _path(self, name: str) -> Path:
         return self.root / "scripts" / (urllib.parse.quote(check_name(name), safe="") + ".sieve")
 
+    def _owner(self) -> tuple[int, int] | None:
+        """When root runs the command line in a data_dir that belongs to the service user:
+        that user (what is written here stays the server's to read and change)."""
+        if os.geteuid() != 0:
+            return None
+        st = os.stat(self.data_dir)
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
     def _write(self, path: Path, data: bytes) -> None:
         make_dirs_private(path.parent)
+        owner = self._owner()
+        if owner is not None:
+            for d in (self.data_dir / "sieve", self.root.parent, self.root, path.parent):
+                os.chown(d, *owner)
         tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -3,6 +3,8 @@ its limits, the vacation rules (kanmon.store.vacation) and the script store."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kanmon.store.sieve import (
@@ -245,3 +247,16 @@ def test_script_store(tmp_path):
     assert name == "main" and not isinstance(script, SieveError)
     store.activate(None)
     assert active.lookup("me@example.com") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_store_written_by_root_belongs_to_the_data_dir_owner(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 4321, 4321)
+    store = ScriptStore(data, "me@example.com")
+    store.put("main", b"keep;")
+    store.activate("main")
+    for p in (data / "sieve", data / "sieve" / "example.com", store.root, store.root / "scripts",
+              store.root / "scripts" / "main.sieve", store.root / "active"):
+        assert (p.stat().st_uid, p.stat().st_gid) == (4321, 4321), p
