@@ -14,7 +14,8 @@ Trusts: nothing. Scripts come from users (ManageSieve, the command line) and mes
 from the network. The script is bounded in size (``max_size``), block nesting
 (``MAX_NESTING``) and tokens; ``:matches`` is a wildcard matcher that never backtracks
 more than the product of the two lengths (no regular expressions built from input);
-header values are cut at ``MAX_VALUE`` characters before they are compared.
+header values are cut at ``MAX_VALUE`` characters before they are compared, and one run
+may spend at most ``MAX_WORK`` comparison steps (then the message is kept).
 
 Never: do I/O (the delivery adapter reads the script and the message and carries out
 the outcome), raise anything but ``SieveError`` from ``compile_script``, or raise at
@@ -36,6 +37,7 @@ MAX_VALUE = 4096  # characters of a header value that are compared
 MAX_HEADER_BYTES = 256 * 1024  # the header section scanned for tests
 MAX_ACTIONS = 32
 MAX_NUMBER = 2**62
+MAX_WORK = 5_000_000  # comparison steps per run (see _Budget): about a second of :matches at worst
 
 # What `require` may name (RFC 5228 3.2); also the SIEVE capability of ManageSieve.
 EXTENSIONS = ("fileinto", "envelope", "vacation", "mailbox", "copy",
@@ -704,12 +706,26 @@ def wildcard_match(value: str, pattern: str) -> bool:
     return p == len(pat)
 
 
-def _matches(match: Match, values: list[str]) -> bool:
+class _Budget:
+    """Work a run may do comparing: each comparison costs the product of the lengths (the
+    worst case of :matches), so a script cannot make one delivery take minutes."""
+
+    def __init__(self, units: int):
+        self.left = units
+
+    def spend(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise SieveRuntimeError("the script compares too much (work limit)")
+
+
+def _matches(match: Match, values: list[str], budget: _Budget) -> bool:
     fold = match.comparator == "i;ascii-casemap"
     keys = [_casefold(k) if fold else k for k in match.keys]
     for value in values:
         v = _casefold(value) if fold else value
         for key in keys:
+            budget.spend((len(v) + 1) * (len(key) + 1) if match.match_type == ":matches" else len(v) + len(key) + 1)
             if match.match_type == ":is":
                 hit = v == key
             elif match.match_type == ":contains":
@@ -721,35 +737,35 @@ def _matches(match: Match, values: list[str]) -> bool:
     return False
 
 
-def _test(test: Test, msg: MessageView) -> bool:
+def _test(test: Test, msg: MessageView, budget: _Budget) -> bool:
     kind = test.kind
     if kind == "true":
         return True
     if kind == "false":
         return False
     if kind == "not":
-        return not _test(test.tests[0], msg)
+        return not _test(test.tests[0], msg, budget)
     if kind == "allof":
-        return all(_test(t, msg) for t in test.tests)
+        return all(_test(t, msg, budget) for t in test.tests)
     if kind == "anyof":
-        return any(_test(t, msg) for t in test.tests)
+        return any(_test(t, msg, budget) for t in test.tests)
     if kind == "size":
         return msg.size > test.limit if test.over else msg.size < test.limit
     if kind == "exists":
         return all(msg.values(name) for name in test.names)
     assert test.match is not None
     if kind == "header":
-        return _matches(test.match, [_decoded(v) for name in test.names for v in msg.values(name)])
+        return _matches(test.match, [_decoded(v) for name in test.names for v in msg.values(name)], budget)
     if kind == "address":
         found = [_address_part(a, test.part) for name in test.names for v in msg.values(name)
                  for a in _addresses(_decoded(v))]
-        return _matches(test.match, found)
+        return _matches(test.match, found, budget)
     # envelope (RFC 5228 5.4): "from" is the reverse path ("" for <>), "to" the recipient
     values = []
     for part in test.names:
         address = msg.mail_from if part == "from" else msg.rcpt
         values.append("" if not address else _address_part(address, test.part))
-    return _matches(test.match, values)
+    return _matches(test.match, values, budget)
 
 
 # ---------------------------------------------------------------------------
@@ -785,6 +801,7 @@ class _Run:
         self.out = Outcome()
         self.implicit_keep = True
         self.actions = 0
+        self.budget = _Budget(MAX_WORK)
 
     def count(self, cmd: Command) -> None:
         self.actions += 1
@@ -800,7 +817,7 @@ class _Run:
             kind = cmd.kind
             if kind == "if":
                 for test, body in cmd.branches:
-                    if test is None or _test(test, self.msg):
+                    if test is None or _test(test, self.msg, self.budget):
                         self.block(body)
                         break
             elif kind == "stop":

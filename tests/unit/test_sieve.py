@@ -141,6 +141,13 @@ def test_discard_redirect_copy_and_stop():
     assert out.folders == ["New", "INBOX"] and out.created == {"New"}
 
 
+def test_work_limit_keeps_the_message():
+    keys = ", ".join('"' + "*a" * 400 + f'{i}"' for i in range(40))
+    script = compile_script(f'require "fileinto"; if header :matches "subject" [{keys}] {{ fileinto "x"; }}')
+    out = evaluate(script, view("Subject: " + "a" * 4000))
+    assert out.folders == ["INBOX"] and "work limit" in out.errors[0]
+
+
 def test_runtime_limit_keeps_the_message():
     script = "".join(f'redirect "u{i}@example.net";\n' for i in range(6))
     out = evaluate(compile_script(script), view("S: x"), max_redirects=4)
