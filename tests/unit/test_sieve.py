@@ -267,3 +267,14 @@ def test_store_written_by_root_belongs_to_the_data_dir_owner(tmp_path):
     for p in (data / "sieve", data / "sieve" / "example.com", store.root, store.root / "scripts",
               store.root / "scripts" / "main.sieve", store.root / "active"):
         assert (p.stat().st_uid, p.stat().st_gid) == (4321, 4321), p
+
+
+def test_the_examples_in_docs_compile():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sieve.md").read_text("utf-8")
+    blocks = re.findall(r"```sieve\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile_script(block)
