@@ -265,7 +265,7 @@ class SessionConnection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - one connection's bug must not end the server
             with contextlib.suppress(Exception):
                 if self.transport and not self._lost:
-                    self.transport.write(b"* BYE internal error\r\n" if _is_imap(session) else b"-ERR internal error\r\n")
+                    self.transport.write(_internal_error_line(session))
         finally:
             if session is not None:
                 with contextlib.suppress(Exception):
@@ -389,6 +389,15 @@ class SessionConnection(asyncio.Protocol):
 
 def _is_imap(session: object) -> bool:
     return type(session).__module__.startswith("kanmon.store.imap")
+
+
+def _internal_error_line(session: object) -> bytes:
+    """What a connection hears when its session failed: the session's own line
+    (``internal_error``), else IMAP's or POP3's."""
+    own = getattr(session, "internal_error", None)
+    if isinstance(own, bytes):
+        return own
+    return b"* BYE internal error\r\n" if _is_imap(session) else b"-ERR internal error\r\n"
 
 
 class ListenerSet:

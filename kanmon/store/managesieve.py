@@ -165,6 +165,7 @@ class ManageSieveSession:
     """One ManageSieve conversation. Feed it bytes with receive(); it returns events."""
 
     poll_interval = None
+    internal_error = b'BYE "internal error"\r\n'  # what the adapter sends if this session fails
 
     @property
     def authenticated(self) -> bool:

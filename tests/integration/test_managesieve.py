@@ -211,3 +211,18 @@ def test_no_login_before_starttls_and_throttle(server) -> None:
     finally:
         c.close()
     assert any("managesieve login blocked" in e for e in server.events)
+
+
+def test_a_session_bug_ends_with_a_managesieve_bye(server, monkeypatch) -> None:
+    from kanmon.store.managesieve import ManageSieveSession
+
+    def broken(self, args):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ManageSieveSession, "_cmd_noop", broken)
+    c = Client(server.port)
+    try:
+        c.response()
+        assert c.command(b"NOOP") == ([], b'BYE "internal error"')
+    finally:
+        c.close()
