@@ -11,7 +11,8 @@ stored: a script that does not compile is refused with its line and reason.
 
 Trusts: nothing the client sends. The command line outside literals is bounded
 (``MAX_LINE``), literals are bounded (``PREAUTH_MAX_LITERAL`` before the login, the
-script size limit after), passwords go only to ``Users.verify`` (in a worker thread) and
+script size limit after; a larger one is read and dropped, and answered NO
+(QUOTA/MAXSIZE)), passwords go only to ``Users.verify`` (in a worker thread) and
 never into a log line; failed logins count in the same ``AuthThrottle`` as IMAP, POP3
 and submission.
 
@@ -58,7 +59,16 @@ Emit = Callable[..., None]
 
 
 class _Bad(Exception):
-    """A command that does not parse (answered NO; counted as an error)."""
+    """Input that cannot be a command: where the next one starts is unknown (BYE)."""
+
+
+class _TooLarge(Exception):
+    """A literal over the bound: its bytes (from ``start`` in the buffer, ``size`` of them)
+    and the rest of its line are read and dropped, and the command gets NO."""
+
+    def __init__(self, start: int, size: int, limit: int):
+        super().__init__(f"literal of {size} bytes is too large (at most {limit})")
+        self.start, self.size, self.limit = start, size, limit
 
 
 def quoted(text: str) -> bytes:
@@ -135,8 +145,6 @@ def parse_command(buf: bytes | bytearray, max_literal: int) -> tuple[list[bytes]
             if not spec.isdigit() or len(spec) > 12:
                 raise _Bad("bad literal")
             size = int(spec)
-            if size > max_literal:
-                raise _Bad(f"literal too large (at most {max_literal} bytes)")
             if close + 1 >= n or (close + 2 >= n and buf[close + 1] == 0x0D):
                 return None
             if buf[close + 1:close + 3] == b"\r\n":
@@ -145,6 +153,8 @@ def parse_command(buf: bytes | bytearray, max_literal: int) -> tuple[list[bytes]
                 start = close + 2
             else:
                 raise _Bad("a literal's size is followed by CRLF")
+            if size > max_literal:
+                raise _TooLarge(start, size, max_literal)
             if n < start + size:
                 return None
             words.append(bytes(buf[start:start + size]))
@@ -195,6 +205,8 @@ class ManageSieveSession:
         self._steps: Steps | None = None
         self._sasl: tuple[str, str | None] | None = None  # (mechanism, LOGIN user) while a response is awaited
         self._errors = 0
+        self._dropping: str | None = None  # refusal of an oversized literal being dropped
+        self._drop_left = 0  # its bytes not yet received
         self._failed_logins = 0
         self._closed = False
 
@@ -275,8 +287,18 @@ class ManageSieveSession:
         out: list[Event] = []
         while not self._closed and self._pending is None and self._steps is None:
             limit = self.max_script_size + 1024 if self.authenticated else PREAUTH_MAX_LITERAL
+            if self._dropping is not None:
+                if not self._drop():
+                    break
+                out += self._error(self._dropping, "QUOTA/MAXSIZE")
+                self._dropping = None
+                continue
             try:
                 parsed = parse_command(self._buf, limit)
+            except _TooLarge as e:
+                del self._buf[:e.start]
+                self._drop_left, self._dropping = e.size, str(e)
+                continue
             except _Bad as e:
                 self._closed = True  # where the next command starts is unknown: end the connection
                 out += [Send(_reply("BYE", str(e))), Close()]
@@ -293,6 +315,23 @@ class ManageSieveSession:
                 self._buf.clear()  # CVE-2011-0411: what followed STARTTLS is not ours to read
                 break
         return out
+
+    def _drop(self) -> bool:
+        """Drop what is left of an oversized literal, then the rest of its line; True once
+        the line has ended (bounded: the rest of the line may be MAX_LINE long)."""
+        if self._drop_left:
+            gone = min(self._drop_left, len(self._buf))
+            del self._buf[:gone]
+            self._drop_left -= gone
+            if self._drop_left:
+                return False
+        nl = self._buf.find(b"\n")
+        if nl < 0:
+            if len(self._buf) > MAX_LINE:
+                self._buf.clear()
+            return False
+        del self._buf[:nl + 1]
+        return True
 
     def _error(self, text: str, code: str = "") -> list[Event]:
         self._errors += 1

@@ -226,3 +226,21 @@ def test_a_session_bug_ends_with_a_managesieve_bye(server, monkeypatch) -> None:
         assert c.command(b"NOOP") == ([], b'BYE "internal error"')
     finally:
         c.close()
+
+
+def test_an_oversized_upload_gets_no_and_the_connection_goes_on(server) -> None:
+    c = logged_in(server)
+    try:
+        big = b"# " + b"x" * 9000 + b"\r\nkeep;\r\n"
+        c.send(b'PUTSCRIPT "big" {%d+}\r\n' % len(big))
+        for i in range(0, len(big), 1000):  # in pieces, as a slow link delivers it
+            c.send(big[i:i + 1000])
+        c.send(b"\r\nNOOP\r\n")
+        _, no = c.response()
+        assert no.startswith(b"NO (QUOTA/MAXSIZE)")
+        assert c.response()[1] == b'OK "done"'
+        _, no = c.command(b'PUTSCRIPT "big" ' + literal(b"#" * 2500))  # within the literal bound, over the size
+        assert no.startswith(b"NO (QUOTA/MAXSIZE)")
+        assert c.command(b"LISTSCRIPTS") == ([], b'OK "listscripts completed"')
+    finally:
+        c.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kanmon.store.managesieve import _Bad, parse_command
+from kanmon.store.managesieve import _Bad, _TooLarge, parse_command
 
 CMD = b'PUTSCRIPT "my \\"script\\"" {12+}\r\nkeep;\r\nstop;\r\nLISTSCRIPTS\r\n'
 
@@ -23,8 +23,13 @@ def test_synchronising_literal_and_bare_lf():
     assert parse_command(b"NOOP\n", 10) == ([b"NOOP"], 5)
 
 
+def test_oversized_literal_says_where_its_bytes_start():
+    with pytest.raises(_TooLarge) as err:
+        parse_command(b'PUTSCRIPT "a" {99999+}\r\nkeep;', 1000)
+    assert (err.value.start, err.value.size) == (len(b'PUTSCRIPT "a" {99999+}\r\n'), 99999)
+
+
 @pytest.mark.parametrize("data", [
-    b"PUTSCRIPT \"a\" {99999+}\r\n",  # over the literal bound
     b'NOOP "a\rb"\r\n',  # CR inside a quoted string
     b"PUTSCRIPT {x}\r\n",
     b"A" * 9000,  # a line that never ends
