@@ -139,3 +139,42 @@ def test_vacation_once_per_sender_never_to_null_sender_or_lists(store):
     assert any("no vacation reply to <>" in t for t in texts)
     assert any("list-id" in t for t in texts) and any("Precedence: bulk" in t for t in texts)
     assert any("answered within 7 days" in t for t in texts)
+
+
+def test_managesieve_of_the_node_sets_the_script_delivery_runs(tmp_path):
+    """The walkthrough: `kanmon serve`'s node with [managesieve]; a client uploads and
+    activates a script over STARTTLS (the node's own certificate); the next message is filed."""
+    import base64
+    import ssl
+
+    from kanmon.store.users import Users
+    from tests.integration.test_managesieve import Client, literal
+
+    sieve_port = free_port()
+    text = NODE.format(
+        data_dir=tmp_path / "data", host="127.0.0.1", port=free_port(), servers='"127.0.0.1:1"',
+        corp_tls="none", out_tls="none", mx_port=25, smarthost="", dns="127.0.0.1:1", warn_after="4h",
+        lifetime="3d",
+    ) + TEST_DEFAULT_PROFILE + f'\n[managesieve]\nlisten = ["127.0.0.1:{sieve_port}"]\n'
+    config = parse_config(text)
+    Users(config).set_password(ALICE, "pw-alice")
+    node = RunningNode(config, clock=ManualClock()).start()
+    try:
+        c = Client(sieve_port)
+        caps, _ = c.response()
+        assert b'"STARTTLS"' in caps
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the node's self-signed certificate
+        c.starttls(ctx)
+        token = base64.b64encode(f"\0{ALICE}\0pw-alice".encode())
+        assert c.command(b'AUTHENTICATE "PLAIN" "' + token + b'"')[1].startswith(b"OK")
+        script_text = b'require ["fileinto", "mailbox"];\r\nfileinto :create "Filtered";\r\n'
+        assert c.command(b'PUTSCRIPT "main" ' + literal(script_text))[1].startswith(b"OK")
+        assert c.command(b'SETACTIVE "main"')[1].startswith(b"OK")
+        c.command(b"LOGOUT")
+        c.close()
+        send(node, CAROL, [ALICE], "From: carol@remote.example\r\nSubject: filtered")
+        node.wait_idle()
+        assert len(folder_messages(node, ALICE, "Filtered")) == 1 and maildir_messages(node.data_dir, ALICE) == []
+    finally:
+        node.stop()
