@@ -525,10 +525,8 @@ class _Checker:
         comparator = "i;ascii-casemap"
         if ":comparator" in tags:
             comparator = _one_string(node, tags[":comparator"], ":comparator")
-            if comparator not in COMPARATORS:
+            if comparator not in COMPARATORS:  # RFC 5228 2.7.3: these two need no require
                 raise SieveError(node.line, f"unsupported comparator {comparator!r}")
-            if comparator == "i;octet" and "comparator-i;octet" not in self.extensions:
-                pass  # RFC 5228 2.7.3: i;octet and i;ascii-casemap are always available
         match_type = next((t for t in MATCH_TYPES if t in tags), ":is")
         return Match(comparator, match_type, _strings(node, keys, "the key list"))
 
