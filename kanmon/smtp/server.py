@@ -72,16 +72,29 @@ from kanmon.tlsaccept import Admission, TlsAcceptor, crowd
 PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
 SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
 TLS_HANDSHAKE_TIMEOUT = 10.0  # default of [tls] handshake_timeout
+PROFILE_MEMO_MAX = 4096  # client addresses whose session profile a listener remembers
 _session_ids = itertools.count(1)
 
 
 class GaugeBatch:
     """This process's takes and releases of places in the shared connection gauges,
     grouped: what arrives while one state transaction runs goes into the next
-    (SharedState.gauges.apply), as the spool's group commit does for queue files. One
-    transaction per connection, and another per disconnection, was most of what the
-    connection limits cost on a busy listener. A release waits for nothing and is applied
-    before the takes of its batch, so every take sees every release queued before it."""
+    (SharedState.gauges.apply), as the spool's group commit does for queue files. A
+    release waits for nothing and is applied before the takes of its batch, so every take
+    sees every release queued before it.
+
+    Kept places: a connection that ends may leave its places held by this process
+    (release(keys, limits)) when each key's last total was at most half its limit; the
+    next connection for the same keys takes them without a state transaction (one client
+    connecting again and again, or any client for the listener's total, is the common
+    case; a transaction per connection and per disconnection was most of what the shared
+    limits cost on a busy listener). A place is only kept after a connection was admitted
+    with it, so every place held in all (admitted or kept, by every process) was counted
+    under the limit when it was taken: kept places can make another process refuse a
+    little earlier for a moment, never admit more than a limit. A kept place no
+    connection took since the previous trim() is given back there (the listener trims
+    every SWEEP_INTERVAL: a place is kept at most two intervals unused); a key nearer its
+    limit is given back at once, as before."""
 
     def __init__(self, state: SharedState, owner: str, clock: Callable[[], float],
                  spawn: Callable[[Awaitable[None]], object]):
@@ -89,50 +102,152 @@ class GaugeBatch:
         self.owner = owner
         self.clock = clock
         self.spawn = spawn
-        self._takes: list[tuple[tuple[str, ...], asyncio.Future[list[int]]]] = []
+        self._takes: list[tuple[tuple[str, ...], tuple[str, ...], asyncio.Future[list[int]]]] = []
         self._releases: list[str] = []
         self._running = False
+        # Per key: places this batch holds in the shared gauge (applied or on their way),
+        # places live connections use, the last total a transaction read, and the fewest
+        # kept places (held - used) seen since the last trim().
+        self._held: dict[str, int] = {}
+        self._used: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+        self._idle: dict[str, int] = {}
 
-    def acquire(self, *keys: str) -> asyncio.Future[list[int]]:
+    def kept(self, key: str) -> int:
+        """Places of key this process holds that no connection uses."""
+        return self._held.get(key, 0) - self._used.get(key, 0)
+
+    def _usable(self, key: str, limit: int) -> bool:
+        return self.kept(key) > 0 and 2 * self._last.get(key, 0) <= limit
+
+    def _use(self, key: str) -> int:
+        """Take a kept place of key; its last total."""
+        self._used[key] = self._used.get(key, 0) + 1
+        k = self.kept(key)
+        if k < self._idle.get(key, k + 1):
+            self._idle[key] = k
+        return self._last.get(key, 0)
+
+    def take_kept(self, keys: tuple[str, ...], limits: tuple[int, ...]) -> list[int] | None:
+        """At once, without a transaction: a kept place of every key (each key's last
+        total, in the order of keys), or None (nothing taken) when a key has none."""
+        if all(self._usable(k, lim) for k, lim in zip(keys, limits)):
+            return [self._use(k) for k in keys]
+        return None
+
+    def acquire(self, *keys: str, limits: tuple[int, ...] | None = None) -> asyncio.Future[list[int]]:
         """One more place held by this process in each gauge of keys; the totals held
-        by every owner afterwards, in the order of keys."""
+        by every owner afterwards, in the order of keys. With limits (one per key), a
+        kept place is taken where there is one (its total is the last one read) and
+        the transaction takes the others."""
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._takes.append((keys, fut))
+        local: tuple[str, ...] = ()
+        if limits is not None:
+            local = tuple(k for k, lim in zip(keys, limits) if self._usable(k, lim))
+            for k in local:
+                self._use(k)
+        if len(local) == len(keys):
+            fut.set_result([self._last.get(k, 0) for k in keys])
+            return fut
+        self._takes.append((keys, local, fut))
         self._kick()
         return fut
 
-    def release(self, keys: tuple[str, ...]) -> None:
-        self._releases.extend(keys)
-        self._kick()
+    def release(self, keys: tuple[str, ...], limits: tuple[int, ...] | None = None) -> None:
+        """A connection that held a place in each of keys ended. With limits (its
+        connection was admitted under them), a key whose last total was at most half
+        its limit keeps the place for the next connection; the others are given back."""
+        give: list[str] = []
+        for i, k in enumerate(keys):
+            used = self._used.get(k, 0) - 1
+            if used > 0:
+                self._used[k] = used
+            else:
+                self._used.pop(k, None)
+            if limits is not None and 2 * self._last.get(k, 0) <= limits[i]:
+                continue  # kept
+            self._drop(k, 1)
+            give.append(k)
+        if give:
+            self._releases.extend(give)
+            self._kick()
+
+    def _drop(self, key: str, n: int) -> None:
+        held = self._held.get(key, 0) - n
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+            self._last.pop(key, None)
+            self._idle.pop(key, None)
+        if self._idle.get(key, 0) > held - self._used.get(key, 0):
+            self._idle[key] = held - self._used.get(key, 0)
+
+    def trim(self, everything: bool = False) -> None:
+        """Give back the kept places no connection took since the previous trim
+        (everything: all kept places, when the listener stops)."""
+        give: list[str] = []
+        for key in list(self._held):
+            kept = self.kept(key)
+            idle = kept if everything else min(kept, self._idle.get(key, kept))
+            if idle > 0:
+                self._drop(key, idle)
+                give += [key] * idle
+            if key in self._held:
+                self._idle[key] = self.kept(key)
+        if give:
+            self._releases.extend(give)
+            self._kick()
 
     def _kick(self) -> None:
         if not self._running:
             self._running = True
             self.spawn(self._run())
 
+    def _undo_local(self, local: tuple[str, ...]) -> None:
+        for k in local:  # the kept places a failed take had used are kept again
+            used = self._used.get(k, 0) - 1
+            if used > 0:
+                self._used[k] = used
+            else:
+                self._used.pop(k, None)
+
     async def _run(self) -> None:
         try:
             while self._takes or self._releases:
                 takes, self._takes = self._takes, []
                 releases, self._releases = self._releases, []
+                wanted = [[k for k in keys if k not in local] for keys, local, _ in takes]
                 try:
                     totals = await self.state.submit(self.state.gauges.apply, self.owner, releases,
-                                                     [k for keys, _ in takes for k in keys], self.clock())
+                                                     [k for ks in wanted for k in ks], self.clock())
                 except Exception as e:  # noqa: BLE001 - each taker decides; releases are dropped with the owner's rows
-                    for _, fut in takes:
+                    for _, local, fut in takes:
+                        self._undo_local(local)
                         if not fut.done():
                             fut.set_exception(e)
                     continue
                 i = 0
-                for keys, fut in takes:
-                    mine, i = totals[i:i + len(keys)], i + len(keys)
+                for (keys, local, fut), ks in zip(takes, wanted):
+                    mine, i = totals[i:i + len(ks)], i + len(ks)
+                    got = dict(zip(ks, mine))
+                    for k, total in got.items():
+                        self._held[k] = self._held.get(k, 0) + 1
+                        self._last[k] = total
                     if fut.done():  # the taker went away meanwhile: give its places back
-                        self._releases.extend(keys)
-                    else:
-                        fut.set_result(mine)
+                        self._undo_local(local)
+                        for k in ks:
+                            self._drop(k, 1)
+                        self._releases.extend(ks)
+                        continue
+                    for k in ks:
+                        self._used[k] = self._used.get(k, 0) + 1
+                        self._idle.setdefault(k, self.kept(k))
+                    fut.set_result([got[k] if k in got else self._last.get(k, 0) for k in keys])
         finally:
             self._running = False
-            for _, fut in self._takes:  # cancelled meanwhile (the loop is stopping)
+            for _, local, fut in self._takes:  # cancelled meanwhile (the loop is stopping)
+                self._undo_local(local)
                 if not fut.done():
                     fut.cancel()
             self._takes.clear()
@@ -296,6 +411,9 @@ class SmtpServer:
         self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
         self._acceptors: list[TlsAcceptor] = []
         self.accepted = 0
+        self._profiles: dict[str, SessionProfile] = {}  # client address -> profile (profile_of)
+        self._profiles_config = config
+        self.stopping = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -356,12 +474,29 @@ class SmtpServer:
         self.per_ip[ip] += 1
         return Admission(ip, self.release_ip)
 
-    def per_ip_limit(self, ip: str) -> int:
+    def profile_of(self, ip: str) -> SessionProfile:
+        """The session profile of a client that has not authenticated: profile_for,
+        remembered per address (the listener asks at each connection; parsing the
+        address and walking the networks was most of it). Bounded: cleared when full;
+        forgotten when the server's config is replaced."""
+        if self._profiles_config is not self.config:
+            self._profiles_config = self.config
+            self._profiles.clear()
+        profile = self._profiles.get(ip)
+        if profile is None:
+            profile = profile_for(ip, False, self.config)
+            if len(self._profiles) >= PROFILE_MEMO_MAX:
+                self._profiles.clear()
+            self._profiles[ip] = profile
+        return profile
+
+    def per_ip_limit(self, ip: str, profile: SessionProfile | None = None) -> int:
         """The client's concurrent connection limit: [submission] max_connections_per_ip
-        on the submission listeners when set, else its session profile's."""
+        on the submission listeners when set, else its session profile's (`profile`
+        when the caller has it, else the one of its address)."""
         if self.submission and self.config.submission is not None and self.config.submission.max_connections_per_ip:
             return self.config.submission.max_connections_per_ip
-        return profile_for(ip, False, self.config).max_connections_per_ip
+        return (profile or self.profile_of(ip)).max_connections_per_ip
 
     def release_ip(self, ip: str) -> None:
         self.per_ip[ip] -= 1
@@ -383,6 +518,7 @@ class SmtpServer:
         replaces this one), let every session in progress finish under this server's
         settings, by QUIT or by its own timeouts, then stop."""
         await stop_accepting(self._servers)
+        self.stopping = True  # no new connection here will take a kept gauge place
         # Handshakes become sessions: connections accepted whose session has not started yet
         # (an implicit TLS handshake in progress) are waited for too, not only the sessions.
         while self.connections or any(a.pending for a in self._acceptors) or self._still_opening():
@@ -396,6 +532,7 @@ class SmtpServer:
         return any(now - made < TLS_HANDSHAKE_TIMEOUT + 1 for made in list(self.opening.values()))
 
     async def stop(self) -> None:
+        self.stopping = True  # ended connections give their gauge places back from now on
         for s in self._servers:
             s.close()
         if self._sweeper:
@@ -417,6 +554,8 @@ class SmtpServer:
         for s in self._servers:
             await s.wait_closed()
         self._servers.clear()
+        if self.gauge is not None:
+            self.gauge.trim(everything=True)  # the places kept for connections that will not come
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -461,6 +600,8 @@ class SmtpServer:
         return task
 
     def is_trusted_proxy(self, ip: str) -> bool:
+        if not self._trusted_proxies:
+            return False  # the common case: no balancer, no address to parse
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -473,6 +614,8 @@ class SmtpServer:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             self.sweep_nowait(time.monotonic())
+            if self.gauge is not None:
+                self.gauge.trim()  # kept gauge places no connection took since the last sweep
 
     def sweep_nowait(self, now: float) -> None:
         """Close what has waited too long at `now` (time.monotonic): a trusted proxy's
@@ -538,6 +681,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._closed = False
         self._counted = False
         self._gauged: tuple[str, ...] = ()  # the shared connection gauges' keys, once acquired
+        self._gauge_limits: tuple[int, ...] | None = None  # the limits the connection was admitted under
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
@@ -589,8 +733,8 @@ class SmtpProtocol(asyncio.Protocol):
         if len(server.connections) > smtp.max_connections:
             self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
             return
-        profile = profile_for(ip, False, server.config)
-        limit = server.per_ip_limit(ip)
+        profile = server.profile_of(ip)
+        limit = server.per_ip_limit(ip, profile)
         if self.admission is not None and self.admission.ip == ip:
             pass  # counted at accept, before the TLS handshake
         elif server.per_ip[ip] >= limit:
@@ -599,51 +743,69 @@ class SmtpProtocol(asyncio.Protocol):
         else:
             server.per_ip[ip] += 1
             self._counted = True
-        if server.state is not None:
+        if server.gauge is not None:
             # Other receiver processes hold connections of this client too: count them
-            # all (reading waits, the greeting too, until the gauge answers).
+            # all. A place this process kept from an ended connection is taken at once;
+            # otherwise reading waits, the greeting too, until the gauge answers.
+            role = "submission" if server.submission else "smtp"
+            keys = (f"{role} {ip}", f"{role} *")
+            limits = (limit, smtp.max_connections)
+            totals = server.gauge.take_kept(keys, limits)
+            if totals is not None:
+                self._gauged = keys
+                self._admitted(client, profile, keys, limits, totals)
+                return
             self._pause()
             self.waiting_for_us = True
-            server.spawn(self._admit(client, profile))
+            server.spawn(self._admit(client, profile, keys, limits))
             return
         self._open(client, profile)
 
-    async def _admit(self, client: ClientInfo, profile: SessionProfile) -> None:
+    async def _admit(self, client: ClientInfo, profile: SessionProfile, keys: tuple[str, str],
+                     limits: tuple[int, int]) -> None:
         """Take a place in the shared connection gauges (the client's and the listener
         role's in all), then open the session; over max_connections or
         max_connections_per_ip, counting every process's connections, 421."""
         server = self.server
         assert server.gauge is not None
-        role = "submission" if server.submission else "smtp"
-        key, total_key = f"{role} {client.ip}", f"{role} *"
         try:
-            held, total = await server.gauge.acquire(key, total_key)
+            totals = await server.gauge.acquire(*keys, limits=limits)
         except Exception as e:  # noqa: BLE001 - the process's own count still limits
             server.records.record(ev.Error(f"connection gauge unavailable: {type(e).__name__}: {e}"), session=self.sid)
-            held = total = 0
+            totals = [0, 0]
         else:
-            self._gauged = (key, total_key)
+            self._gauged = keys
         self.waiting_for_us = False
         if self._closed:  # the client left while the gauge answered: it did connect
             self._release_gauge()
             server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
             server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
             return
-        smtp = server.config.smtp
-        if total > smtp.max_connections:
-            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
+        self._resume()
+        self._admitted(client, profile, keys, limits, totals)
+
+    def _admitted(self, client: ClientInfo, profile: SessionProfile, keys: tuple[str, str],
+                  limits: tuple[int, int], totals: list[int]) -> None:
+        """The gauges answered (held by this client, total): 421 over a limit, else the
+        session opens, and its places may be kept for the next connection when it ends."""
+        held, total = totals
+        limit, max_connections = limits
+        if total > max_connections:
+            self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {max_connections} reached", "max_connections")
             return
-        limit = server.per_ip_limit(client.ip)
         if held > limit:
             self._refuse(replies.TOO_MANY_FROM_IP, f"per-IP connection limit {limit} reached", "max_connections_per_ip")
             return
-        self._resume()
+        if self._gauged:
+            self._gauge_limits = limits
         self._open(client, profile)
 
     def _release_gauge(self) -> None:
         if self._gauged and self.server.gauge is not None:
-            self.server.gauge.release(self._gauged)
+            # An admitted connection's places may be kept; a refused one's are given back.
+            self.server.gauge.release(self._gauged, None if self.server.stopping else self._gauge_limits)
         self._gauged = ()
+        self._gauge_limits = None
 
     def _open(self, client: ClientInfo, profile: SessionProfile) -> None:
         server = self.server

@@ -98,3 +98,131 @@ def test_a_take_whose_taker_went_away_is_given_back():
         assert [c[1] for c in state.calls] == [[], ["smtp 192.0.2.1", "smtp *"]]
 
     asyncio.run(main())
+
+
+# -- kept places ------------------------------------------------------------------------------
+
+KEYS = ("smtp 192.0.2.1", "smtp *")
+
+
+def test_a_place_kept_far_below_the_limits_is_taken_again_without_a_transaction():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        assert await batch.acquire(*KEYS, limits=(50, 100)) == [1, 1]
+        batch.release(KEYS, (50, 100))  # admitted far below its limits: kept
+        assert batch.take_kept(KEYS, (50, 100)) == [1, 1]  # at once: no transaction
+        await asyncio.gather(*tasks)
+        assert len(state.calls) == 1
+        # Still counted in the shared gauge while kept or used: never more than a limit.
+        assert (state.gauges.count(KEYS[0]), state.gauges.count(KEYS[1])) == (1, 1)
+
+    asyncio.run(main())
+
+
+def test_a_place_near_its_limit_is_given_back_at_once():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        assert await batch.acquire(*KEYS, limits=(1, 100)) == [1, 1]
+        batch.release(KEYS, (1, 100))  # 2 x 1 > 1: the client's place goes back; the total's is kept
+        assert batch.kept(KEYS[0]) == 0 and batch.kept(KEYS[1]) == 1
+        assert batch.take_kept(KEYS, (1, 100)) is None  # not every key has a kept place
+        state.gate.release()
+        await asyncio.gather(*tasks)
+        assert state.calls[-1][1] == [KEYS[0]]
+        assert (state.gauges.count(KEYS[0]), state.gauges.count(KEYS[1])) == (0, 1)
+
+    asyncio.run(main())
+
+
+def test_a_refused_connection_gives_its_places_back():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        assert await batch.acquire(*KEYS, limits=(50, 100)) == [1, 1]
+        batch.release(KEYS)  # no limits: the connection was refused (or the listener stops)
+        state.gate.release()
+        await asyncio.gather(*tasks)
+        assert batch.kept(KEYS[0]) == batch.kept(KEYS[1]) == 0
+        assert (state.gauges.count(KEYS[0]), state.gauges.count(KEYS[1])) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_take_uses_the_kept_places_it_can_and_the_transaction_for_the_others():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        await batch.acquire(*KEYS, limits=(50, 100))
+        batch.release(KEYS, (50, 100))
+        other = ("smtp 192.0.2.2", "smtp *")  # another client: the listener's total is kept
+        state.gate.release()
+        assert await batch.acquire(*other, limits=(50, 100)) == [1, 1]
+        assert state.calls[-1][2] == ["smtp 192.0.2.2"]
+        assert batch.kept("smtp *") == 0 and batch.kept(KEYS[0]) == 1
+        await asyncio.gather(*tasks)
+        assert state.gauges.count("smtp *") == 1  # one place: kept by one connection, used by the next
+
+    asyncio.run(main())
+
+
+def test_kept_places_no_connection_took_go_back_at_the_second_trim():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        await batch.acquire(*KEYS, limits=(50, 100))
+        batch.release(KEYS, (50, 100))
+        batch.trim()  # kept since the transaction: not idle for a whole interval yet
+        assert batch.kept(KEYS[0]) == 1
+        batch.trim()  # idle since the previous trim: given back
+        assert batch.kept(KEYS[0]) == batch.kept(KEYS[1]) == 0
+        state.gate.release()
+        await asyncio.gather(*tasks)
+        assert (state.gauges.count(KEYS[0]), state.gauges.count(KEYS[1])) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_kept_place_taken_between_trims_stays():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        await batch.acquire(*KEYS, limits=(50, 100))
+        batch.release(KEYS, (50, 100))
+        batch.trim()
+        assert batch.take_kept(KEYS, (50, 100)) == [1, 1]  # a connection used it meanwhile
+        batch.release(KEYS, (50, 100))
+        batch.trim()
+        assert batch.kept(KEYS[0]) == 1  # in use at some point since the previous trim: kept
+        batch.trim(everything=True)  # the listener stops
+        assert batch.kept(KEYS[0]) == 0
+        state.gate.release()
+        await asyncio.gather(*tasks)
+        assert state.gauges.count(KEYS[0]) == 0
+
+    asyncio.run(main())
+
+
+def test_a_failed_transaction_leaves_the_kept_places_it_used_kept():
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        state.gate.release()
+        await batch.acquire(*KEYS, limits=(50, 100))
+        batch.release(KEYS, (50, 100))
+        state.fail = True
+        take = batch.acquire("smtp 192.0.2.2", "smtp *", limits=(50, 100))  # the total from the kept place
+        state.gate.release()
+        with pytest.raises(OSError):
+            await take
+        assert batch.kept("smtp *") == 1
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())

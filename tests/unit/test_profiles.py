@@ -160,3 +160,27 @@ def test_config_check_warns_about_mailboxes_of_an_unverified_relay_domain(tmp_pa
     path.write_text(path.read_text() + 'verify = "list"\n')
     r = subprocess.run([sys.executable, "-m", "kanmon", "config", "check", "-c", str(path)], capture_output=True, text=True)
     assert r.returncode == 0 and "WARNING" not in r.stderr
+
+
+def test_a_listener_remembers_each_clients_profile_and_forgets_it_with_its_config(cfg, monkeypatch):
+    """SmtpServer.profile_of: profile_for once per address (the listener asks at each
+    connection), the same answers; a config put in place of the old one is asked again."""
+    from kanmon.policy.pipeline import Pipeline
+    from kanmon.smtp import server as smtp_server
+    from kanmon.smtp.server import SmtpServer
+
+    server = SmtpServer(cfg, Pipeline([]), None, None, lambda *a: None, None, listeners=[])  # type: ignore[arg-type]
+    asked = []
+
+    def counting(ip, authenticated, config):
+        asked.append(ip)
+        return profile_for(ip, authenticated, config)
+
+    monkeypatch.setattr(smtp_server, "profile_for", counting)
+    for ip, name in [("192.0.2.9", "partners"), ("10.2.0.1", "trusted"), ("198.51.100.1", "default")] * 3:
+        assert server.profile_of(ip).name == name
+        assert server.per_ip_limit(ip) == cfg.session_profiles[name].max_connections_per_ip
+    assert asked == ["192.0.2.9", "10.2.0.1", "198.51.100.1"]
+    server.config = parse_config(POLICY.replace('profile = "partners"', 'profile = "printers"', 1))
+    assert server.profile_of("192.0.2.9").name == "printers"
+    assert asked[-1] == "192.0.2.9"
