@@ -20,6 +20,7 @@ configured), resolve without a timeout, or turn a temporary DNS failure into a b
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 from collections.abc import Iterable, Sequence
@@ -82,7 +83,9 @@ class Lookup:
     nxdomain: bool = False
 
 
+@functools.lru_cache(maxsize=1024)
 def is_ip(text: str) -> bool:
+    """An IP address (asked for each next hop of each delivery: remembered)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:

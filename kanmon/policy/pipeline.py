@@ -317,6 +317,9 @@ def _run_from(stage: Stage, hooks: tuple[tuple[Check, Hook], ...], i: int, tally
             r = hook(ctx)
         except Exception as e:  # noqa: BLE001 - a failing check fails by its failure mode
             return tally.fail(check, f"{type(e).__name__}: {e}", ctx)
+        if r is ACCEPTED:  # the common answer carries nothing to add up
+            i += 1
+            continue
         if r.__class__ is not CheckResult:
             if inspect.isawaitable(r):
                 return Pending(stage, hooks, i, tally, ctx, r)

@@ -27,11 +27,21 @@ MAX_DATAGRAM = 8192  # what syslog daemons take from the local socket; longer li
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_last_stamp: tuple[int, str] = (-1, "")  # (second, its stamp): most lines share their second
+
+
 def syslog_stamp(ts: float) -> str:
     """RFC 3164 4.1.2 TIMESTAMP, local time: "Dec  1 00:11:00" (English month whatever the
     locale, the day padded with a space), as syslog daemons and Postfix's log lines show it."""
-    t = time.localtime(ts)
-    return f"{MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    global _last_stamp
+    second = int(ts)
+    last = _last_stamp  # one read: another thread may replace it meanwhile
+    if last[0] == second:
+        return last[1]
+    t = time.localtime(second)
+    stamp = f"{MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    _last_stamp = (second, stamp)
+    return stamp
 
 
 class SyslogSender:

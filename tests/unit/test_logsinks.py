@@ -197,3 +197,25 @@ def test_the_timestamp_is_rfc_3164_day_padded_with_a_space(monkeypatch) -> None:
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_the_timestamp_of_each_second_is_made_once_and_every_second_gets_its_own(monkeypatch) -> None:
+    from kanmon.records import logsinks
+
+    monkeypatch.setenv("TZ", "UTC")
+    import time
+
+    time.tzset()
+    monkeypatch.setattr(logsinks, "_last_stamp", (-1, ""))  # whatever an earlier test left
+    made = []
+    real = time.localtime
+    monkeypatch.setattr(logsinks.time, "localtime", lambda t: made.append(t) or real(t))
+    try:
+        base = 1_796_083_860.0
+        assert [logsinks.syslog_stamp(base + d) for d in (0.1, 0.5, 0.99, 1.0, 1.7, 61.2)] == [
+            "Dec  1 00:11:00", "Dec  1 00:11:00", "Dec  1 00:11:00", "Dec  1 00:11:01", "Dec  1 00:11:01",
+            "Dec  1 00:12:01"]
+        assert made == [base, base + 1, base + 61]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
