@@ -69,3 +69,56 @@ def test_max_connections_counts_the_connections_of_every_receiver(tmp_path):
             state.close()
 
     asyncio.run(main())
+
+
+def test_places_kept_by_one_receiver_count_against_the_limit_on_the_other(tmp_path):
+    """max_connections_per_ip = 4 over two receivers: a receiver keeps the places of
+    connections that ended (far below the limit) for the client's next connections; they
+    are counted while kept, so the client never has more than 4 connections let in, on
+    whichever receiver, and the other receiver refuses the fifth."""
+    config = parse_config(CONFIG.format(data_dir=tmp_path, min_free_disk="0",
+                                        extra="max_connections_per_ip = 4\ngreet_pause = 0"))
+
+    async def main() -> None:
+        state = SqliteState(tmp_path)
+        spool = Spool(tmp_path, fsync=False)
+        receivers = [SmtpServer(config, Pipeline([]), spool, FakeRecords(), lambda *a: None, None,  # type: ignore[arg-type]
+                                listeners=[("127.0.0.1", 0, False)], state=state) for _ in range(2)]
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            for r in receivers:
+                await r.start()
+            a, b = (r.addresses()[0] for r in receivers)
+            first = []
+            for _ in range(2):
+                answer, w = await _banner(*a, "127.0.0.95")
+                assert answer == "220 mx1.e"
+                first.append(w)
+            for w in first:
+                w.close()
+            gauge = receivers[0].gauge
+            assert gauge is not None
+            for _ in range(200):  # the receiver sees both ends
+                if not receivers[0].connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert gauge.kept("smtp 127.0.0.95") <= 2  # kept (or given back by a sweep meanwhile)
+            answers = []
+            for _ in range(4):
+                answer, w = await _banner(*a, "127.0.0.95")
+                answers.append(answer)
+                writers.append(w)
+            assert answers == ["220 mx1.e"] * 4
+            answer, w = await _banner(*b, "127.0.0.95")
+            writers.append(w)
+            assert answer == "421 4.7.0"  # four are let in on a: b sees them, kept or not
+            assert state.gauges.count("smtp 127.0.0.95") >= 4  # a's four (b's refused one until it is given back)
+        finally:
+            for w in writers:
+                w.close()
+            for r in receivers:
+                await r.stop()
+            spool.close()
+            state.close()
+
+    asyncio.run(main())
