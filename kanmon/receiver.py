@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -291,29 +290,11 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                                  resolver=CheckResolver.from_config(config))
     tls = server_context(config)
 
-    # "queued" lines wait for the end of the loop turn and go in one write: the messages
-    # are in the spool already (the hand-over only tells the queue manager sooner than
-    # recovery would), and a write per message was a system call per message.
-    announce: list[str] = []
-    loop = asyncio.get_running_loop()
-
-    def flush_queued() -> None:
-        lines = "".join(f"queued {q}\n" for q in announce).encode()
-        announce.clear()
-        try:
-            notify.write(lines)
-        except (BrokenPipeError, OSError):
-            pass  # the main process is gone; recovery will find the messages
-
-    loop_thread = threading.get_ident()
-
     def queued(queue_id: str, envelope, content: bytes) -> None:
-        if threading.get_ident() != loop_thread:  # a blocking injection in a worker thread
-            loop.call_soon_threadsafe(queued, queue_id, envelope, content)
-            return
-        if not announce:
-            loop.call_soon(flush_queued)
-        announce.append(queue_id)
+        try:
+            notify.write(f"queued {queue_id}\n".encode())
+        except (BrokenPipeError, OSError):
+            pass  # the main process is gone; recovery will find the message
 
     # Over-quota notices are written here, where the check runs: stored, recorded and
     # announced to the main process like received mail.
@@ -335,6 +316,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                                   submission=role == "submission", auth=auth, effects=effects, state=state))
     stop = asyncio.Event()
     retire = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, retire.set)  # replaced after a reload
@@ -363,8 +345,6 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         for s in servers:
             await s.stop()
         await state.submit(state.gauges.drop_owner, owner)
-        if announce:
-            flush_queued()
         spool.close()
         state.close()
         records.close()
