@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from kanmon.spool.groupcommit import fsync_dir
+from kanmon.store.index import MailboxIndex, index_path
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,23 @@ class _UidState:
     stamp: tuple[int, int, int] | None = None  # (ino, size, mtime_ns) of the file read
 
 
+@dataclass(slots=True, eq=False)
+class Snapshot:
+    """A folder's messages as one scan saw them, shared by every session of the process
+    until the folder's directories change. Read-only for its users (copy before changing)."""
+
+    messages: list[MessageInfo]  # ordered by UID
+    uids: list[int]
+    by_uid: dict[int, MessageInfo]
+    recent: set[int]  # moved from new/ by the scan that made it; the first session to SELECT takes them
+    stamp: tuple = ()
+    reusable: bool = False  # its directories were last changed well before the scan
+    has_new: bool = False  # made without moving new/: some messages are still there
+
+
+STABLE_NS = 1_000_000_000  # a directory changed less than this before a scan is scanned again
+
+
 class Folder:
     """One Maildir (INBOX or a Maildir++ subfolder). Shared by all sessions of a process,
     which call it from several threads (the IMAP/POP3 file executor): what it caches (UID
@@ -214,6 +232,16 @@ class Folder:
         self._messages: dict[str, MessageInfo] = {}  # base -> info
         self._keywords: list[str] = []  # index -> name, from dovecot-keywords
         self._keywords_stamp: tuple[int, int, int] | None = None
+        self._snapshot: Snapshot | None = None
+        self._index: MailboxIndex | None = None
+
+    @property
+    def index(self) -> MailboxIndex:
+        """The folder's cache file (kanmon.store.index), opened on first use."""
+        with self._lock:
+            if self._index is None:
+                self._index = MailboxIndex(index_path(self.path))
+            return self._index
 
     # -- locking: a thread lock for this process, Dovecot's dotlock for other processes
     def _dotlock(self) -> _DotLock:
@@ -290,15 +318,53 @@ class Folder:
 
         With move_new, files in new/ are renamed to cur/ and come back with recent=True.
         """
+        return list(self.snapshot(move_new).messages)
+
+    def _stamp(self) -> tuple:
+        """The cheap state of the folder: mtimes of cur/ and new/, and the identity of
+        dovecot-uidlist and dovecot-keywords (any rename, delivery, expunge or UID
+        assignment by anyone changes one of them)."""
+        out: list = []
+        for name in ("cur", "new", UIDLIST, KEYWORDS_FILE):
+            try:
+                st = os.stat(self.path / name)
+            except FileNotFoundError:
+                if name == "cur":
+                    raise FolderNotFound(f"folder {self.name} does not exist") from None
+                out.append(None)
+                continue
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def snapshot(self, move_new: bool = True) -> Snapshot:
+        """The folder's messages: the last scan's when nothing changed since (a few
+        stat calls: SELECT, NOOP and IDLE on a large folder cost no directory listing),
+        else a new scan (see sync)."""
         with self._lock:
-            if not self.exists():
-                raise FolderNotFound(f"folder {self.name} does not exist")
+            stamp = self._stamp()
+            snap = self._snapshot
+            if snap is not None and snap.reusable and snap.stamp == stamp and not (move_new and snap.has_new):
+                return snap
+            started = time.time_ns()
             try:  # most scans change nothing: they need no lock (IDLE polls often)
-                return self._sync_locked(move_new, None)
+                msgs = self._sync_locked(move_new, None)
             except _NeedLock:
-                pass
-            with self._dotlock() as lock:
-                return self._sync_locked(move_new, lock)
+                with self._dotlock() as lock:
+                    msgs = self._sync_locked(move_new, lock)
+                stamp = self._stamp()
+            changed = max(s[2] for s in stamp[:2] if s is not None)
+            uids = [m.uid for m in msgs]
+            snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
+                            stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs))
+            old = self._snapshot
+            self._snapshot = snap
+            if old is not None and self._index is not None and len(msgs) < len(old.messages):
+                self._index.compact(set(self._messages))  # expunged: drop dead entries when many
+            return snap
+
+    def locate(self, msg: MessageInfo) -> Path | None:
+        """The file of msg now, or None when it is gone."""
+        return self._locate(msg)
 
     def _sync_locked(self, move_new: bool, lock: _DotLock | None) -> list[MessageInfo]:
         """The scan; without a lock it raises _NeedLock before changing anything."""

@@ -72,6 +72,7 @@ from kanmon.store.maildir import (
     MAX_FOLDER_NAME,
     MaildirError,
     MessageInfo,
+    Snapshot,
     check_folder_name,
     is_keyword,
     to_crlf,
@@ -149,6 +150,7 @@ class _Selected:
     uids: list[int]  # sequence number - 1 -> uid
     infos: dict[int, MessageInfo]
     recent: set[int]
+    seen: Snapshot | None = None  # the folder's snapshot these lists were last brought up to
 
 
 class ImapSession:
@@ -557,10 +559,11 @@ class ImapSession:
             folder = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
-        msgs = yield FileWork(folder.sync, (True,))
+        snap = yield FileWork(folder.snapshot, (True,))
+        msgs = snap.messages
         keywords = yield FileWork(folder.keyword_names)
-        sel = _Selected(folder.name, folder, readonly, [m.uid for m in msgs], {m.uid: m for m in msgs},
-                        {m.uid for m in msgs if m.recent})
+        recent, snap.recent = snap.recent, set()  # RFC 3501 2.3.2: \\Recent to one session only
+        sel = _Selected(folder.name, folder, readonly, list(snap.uids), dict(snap.by_uid), recent, snap)
         self.sel = sel
         self.state = "SELECTED"
         out = [
@@ -763,11 +766,15 @@ class ImapSession:
         sel = self.sel
         assert sel is not None
         try:
-            msgs = yield FileWork(sel.folder.sync, (True,))
+            snap = yield FileWork(sel.folder.snapshot, (True,))
         except FolderNotFound:
             self._closed = True
             return [b"* BYE the selected mailbox was deleted\r\n"]
-        now = {m.uid: m for m in msgs}
+        if snap is sel.seen:
+            return []  # nothing changed in the folder since we last looked
+        msgs = snap.messages
+        now = snap.by_uid
+        fresh, snap.recent = snap.recent, set()
         out: list[bytes] = []
         if allow_expunge:
             for seq in range(len(sel.uids), 0, -1):
@@ -790,9 +797,11 @@ class ImapSession:
             for m in added:
                 sel.uids.append(m.uid)
                 sel.infos[m.uid] = m
-                if m.recent:
+                if m.uid in fresh:
                     sel.recent.add(m.uid)
             out.append(f"* {len(sel.uids)} EXISTS\r\n* {len(sel.recent)} RECENT\r\n".encode())
+        if allow_expunge or all(u in now for u in sel.uids):
+            sel.seen = snap  # everything of it is reported (an expunge held back keeps us comparing)
         return out
 
     @staticmethod
