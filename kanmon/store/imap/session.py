@@ -27,8 +27,6 @@ import base64
 import binascii
 import calendar
 import errno
-import email.header
-import email.utils
 import re
 import time
 from collections.abc import Callable, Generator
@@ -36,6 +34,7 @@ from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
+from kanmon.content.decode import decode_header_value, decode_message, normalize
 from kanmon.records.events import LoginFailed
 from kanmon.store.connection import (
     Close,
@@ -49,7 +48,9 @@ from kanmon.store.connection import (
     Verify,
     advance,
 )
+from kanmon.store.imap import cache as icache
 from kanmon.store.imap import message as mime
+from kanmon.store.index import CacheEntry
 from kanmon.store.imap.parser import (
     CommandReader,
     Literal,
@@ -135,13 +136,6 @@ def _flag_list(flags: frozenset[str] | set[str], recent: bool = False) -> str:
     return "(" + " ".join(items) + ")"
 
 
-def _decode_header(value: str) -> str:
-    try:
-        return str(email.header.make_header(email.header.decode_header(value)))
-    except Exception:  # noqa: BLE001 - a broken encoded-word still searches as raw text
-        return value
-
-
 @dataclass
 class _Selected:
     name: str
@@ -199,6 +193,7 @@ class ImapSession:
         self._steps_tag: str | None = None  # its tag (None: an IDLE poll)
         self._errors = 0
         self._closed = False
+        self._search_index = False
 
     # -- adapter interface
     @property
@@ -1002,8 +997,13 @@ class ImapSession:
         if uid and "UID" not in [w[0] for w in wanted]:
             wanted.insert(0, ("UID", None, None))
         names = {w[0] for w in wanted}
+        content = any(not _from_cache(name, section) for name, section, _ in wanted
+                      if name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"))
         need = _FileNeeds(
-            content=bool(names - {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"}),
+            content=content,
+            cache=not content and any(name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE")
+                                      for name, _, _ in wanted),
+            headers=any(section is not None for _, section, _ in wanted),
             date="INTERNALDATE" in names,
             size="RFC822.SIZE" in names,
             # RFC 3501 6.4.5: BODY[...], RFC822 and RFC822.TEXT set \Seen
@@ -1015,7 +1015,7 @@ class ImapSession:
         chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
         start = 0
         while start < len(chosen):
-            batch = chosen[start:start + FETCH_BATCH]
+            batch = chosen[start:start + (FETCH_BATCH if need.content else FETCH_BATCH_CACHED)]
             files = None
             if need.any:
                 # The file work stops once it has read FETCH_BATCH_BYTES (sizes in file
@@ -1042,6 +1042,8 @@ class ImapSession:
             assert files is not None and files.tree is not None
             return files.wire, files.tree
 
+        entry = files.entry if files is not None else None
+
         for name, section, partial in wanted:
             if name == "UID":
                 parts.append(f"UID {u}".encode())
@@ -1054,16 +1056,22 @@ class ImapSession:
                 assert files is not None
                 parts.append(f"RFC822.SIZE {files.size}".encode())
             elif name == "ENVELOPE":
-                parts.append(b"ENVELOPE " + mime.envelope(load()[1]))
+                parts.append(b"ENVELOPE " + (entry.envelope if entry else mime.envelope(load()[1])))
             elif name in ("BODYSTRUCTURE", "BODY") and section is None:
-                parts.append(name.encode() + b" " + mime.bodystructure(load()[1], extended=name == "BODYSTRUCTURE"))
+                if entry:
+                    parts.append(name.encode() + b" " + (entry.bodystructure if name == "BODYSTRUCTURE" else entry.body))
+                else:
+                    parts.append(name.encode() + b" " + mime.bodystructure(load()[1], extended=name == "BODYSTRUCTURE"))
             elif name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
                 w, t = load()
                 data = w if name == "RFC822" else (t.header if name == "RFC822.HEADER" else t.body)
                 parts.append(name.encode() + b" " + mime.istr(data) if data else name.encode() + b' ""')
             else:  # BODY[...] / BODY.PEEK[...]
-                w, t = load()
-                data = mime.section_bytes(t, w, section) or b""
+                if entry is not None:  # HEADER.FIELDS of cached fields (_from_cache)
+                    data = mime.filter_header(entry.headers, list(section.fields), True)
+                else:
+                    w, t = load()
+                    data = mime.section_bytes(t, w, section) or b""
                 label = f"BODY[{section.label()}]"
                 if partial is not None:
                     start, length = partial
@@ -1093,6 +1101,7 @@ class ImapSession:
             raise Bad("SEARCH needs a key")
         pos = 0
         keys = []
+        self._search_index = False  # set by _search_key for a key the index answers
         while pos < len(args):
             key, pos = self._search_key(args, pos, 0)
             keys.append(key)
@@ -1104,7 +1113,7 @@ class ImapSession:
             for i, u in enumerate(sel.uids)
             if (info := sel.infos.get(u)) is not None
         ]
-        found = yield FileWork(_search, (candidates, keys))
+        found = yield FileWork(_search, (candidates, keys, sel.folder if self._search_index else None))
         hits = [str(c.uid if uid else c.seq) for c in found]
         line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
@@ -1158,21 +1167,24 @@ class ImapSession:
             want = key == "KEYWORD"
             return (lambda c: (word in {k.lower() for k in c.all_flags()}) == want), pos
         if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
-            needle = arg().lower()
+            needle = normalize(arg())
             field = key.lower()
+            self._search_index = True
             return (lambda c: needle in c.header(field)), pos
         if key == "HEADER":
             field = arg().lower()
-            needle = arg().lower()
+            needle = normalize(arg())
+            self._search_index = self._search_index or field in icache.SEARCH_FIELDS
             return (lambda c: (needle in c.header(field)) if needle else c.has_header(field)), pos
         if key == "BODY":
-            needle = arg().lower()
-            return (lambda c: needle.encode() in c.body().lower()), pos
+            needle = normalize(arg())
+            return (lambda c: c.body_has(needle)), pos
         if key == "TEXT":
-            needle = arg().lower()
-            return (lambda c: needle.encode() in c.whole().lower() or needle in c.all_headers()), pos
+            needle = normalize(arg())
+            return (lambda c: needle in c.all_headers() or c.body_has(needle)), pos
         if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
             day = parse_date(arg())
+            self._search_index = True
             sent = key.startswith("SENT")
             op = key[4:] if sent else key
 
@@ -1188,6 +1200,7 @@ class ImapSession:
             if not text.isdigit() or len(text) > 15:
                 raise Bad(f"{key} needs a number")
             size = int(text)
+            self._search_index = True
             if key == "LARGER":
                 return (lambda c: c.size() > size), pos
             return (lambda c: c.size() < size), pos
@@ -1212,8 +1225,11 @@ class ImapSession:
 
 
 class _SearchContext:
-    """One message as SEARCH sees it; content is read once, only when a key needs it.
-    Keys are evaluated by _search, in the file executor."""
+    """One message as SEARCH sees it. Header fields, dates and sizes come from the
+    folder's index entry (``entry``, set by _search); other header fields and the body
+    are read from the file, once, only when a key needs them. Text is compared decoded
+    (RFC 2047, the message's charsets: ISO-2022-JP, Shift_JIS, UTF-8...) and normalized
+    (NFKC, case folded), on both sides. Keys are evaluated by _search, in the file executor."""
 
     def __init__(self, folder: Folder, seq: int, uid: int, info: MessageInfo, count: int, largest: int,
                  recent: bool):
@@ -1224,8 +1240,11 @@ class _SearchContext:
         self.count = count
         self.largest_uid = largest
         self.recent = recent
+        self.entry: CacheEntry | None = None
+        self._fields: dict[str, str] | None = None
         self._wire: bytes | None = None
         self._tree: mime.Part | None = None
+        self._text: str | None = None
 
     def _load(self) -> tuple[bytes, mime.Part]:
         if self._wire is None:
@@ -1234,52 +1253,69 @@ class _SearchContext:
         return self._wire, self._tree
 
     def forget(self) -> None:
-        self._wire = self._tree = None
+        self._wire = self._tree = self._text = None
+        self.entry = self._fields = None
 
     def all_flags(self) -> frozenset[str]:
         return self.info.flags | self.folder.keywords_of(self.info)
 
     def header(self, name: str) -> str:
+        if self.entry is not None and name in icache.SEARCH_FIELDS:
+            if self._fields is None:
+                self._fields = icache.search_fields(self.entry)
+            return self._fields.get(name, "")
         t = self._load()[1]
-        return " ".join(_decode_header(v) for n, v, _ in t.fields if n == name).lower()
+        return normalize(" ".join(decode_header_value(v) for n, v, _ in t.fields if n == name))
 
     def has_header(self, name: str) -> bool:
         return any(n == name for n, _, _ in self._load()[1].fields)
 
     def all_headers(self) -> str:
-        return " ".join(_decode_header(v) for _, v, _ in self._load()[1].fields).lower()
+        return normalize(" ".join(decode_header_value(v) for _, v, _ in self._load()[1].fields))
 
-    def body(self) -> bytes:
-        return self._load()[1].body
-
-    def whole(self) -> bytes:
-        return self._load()[0]
+    def body_has(self, needle: str) -> bool:
+        """needle (normalized) in the body: its text parts decoded, or its raw bytes."""
+        wire = self._load()[0]
+        if self._text is None:
+            self._text = normalize(decode_message(wire).text)
+        if needle in self._text:
+            return True
+        body = self._load()[1].body
+        return needle.encode("utf-8", "surrogateescape") in body.lower()
 
     def size(self) -> int:
-        return self.folder.wire_size(self.info)
+        return self.entry.vsize if self.entry is not None else self.folder.wire_size(self.info)
 
     def internal_day(self) -> tuple[int, int, int]:
-        t = time.gmtime(self.folder.internal_date(self.info))
+        when = self.entry.internal_date if self.entry is not None else self.folder.internal_date(self.info)
+        t = time.gmtime(when)
         return (t.tm_year, t.tm_mon, t.tm_mday)
 
     def sent_day(self) -> tuple[int, int, int] | None:
-        value = self._load()[1].get("date")
-        if not value:
+        day = self.entry.sent_day if self.entry is not None else icache.sent_day(self._load()[1].get("date"))
+        if not day:
             return None
-        try:
-            d = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        return (d.year, d.month, d.day)
+        return (day // 10000, day // 100 % 100, day % 100)
 
 
-def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContext], bool]]) -> list[_SearchContext]:
-    """The messages that match every key (SEARCH; keys read files as they need)."""
+SEARCH_BATCH = 1000  # index entries looked up at a time
+
+
+def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContext], bool]],
+            folder: Folder | None = None) -> list[_SearchContext]:
+    """The messages that match every key (SEARCH). With a folder, each message's index
+    entry is looked up first (in batches; missing ones are made from the file and added);
+    keys read files only for what the index does not hold, one message at a time."""
     hits = []
-    for c in candidates:
-        if all(k(c) for k in keys):
-            hits.append(c)
-        c.forget()  # one message's content in memory at a time
+    for start in range(0, len(candidates), SEARCH_BATCH):
+        batch = candidates[start:start + SEARCH_BATCH]
+        if folder is not None:
+            for c, e in zip(batch, icache.entries(folder, [c.info for c in batch]), strict=True):
+                c.entry = e
+        for c in batch:
+            if all(k(c) for k in keys):
+                hits.append(c)
+            c.forget()  # one message's content in memory at a time
     return hits
 
 
@@ -1290,18 +1326,28 @@ def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
     return wire, mime.parse(wire)
 
 
+def _from_cache(name: str, section: mime.Section | None) -> bool:
+    """Whether a FETCH item is answered from the folder's index (no message file read)."""
+    if name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") and section is None:
+        return True
+    return (name in ("BODY", "BODY.PEEK") and section is not None and not section.nums
+            and section.text == "HEADER.FIELDS" and all(f.lower() in icache.CACHED_HEADERS for f in section.fields))
+
+
 @dataclass(frozen=True, slots=True)
 class _FileNeeds:
     """What a FETCH needs from each message's file."""
 
     content: bool
+    cache: bool  # everything else comes from the index (kanmon.store.index)
+    headers: bool  # a HEADER.FIELDS item is answered from the index
     date: bool
     size: bool
     seen: bool  # set \Seen (a BODY[...], RFC822 or RFC822.TEXT item, folder not read-only)
 
     @property
     def any(self) -> bool:
-        return self.content or self.date or self.size or self.seen
+        return self.content or self.cache or self.date or self.size or self.seen
 
 
 @dataclass(slots=True)
@@ -1312,9 +1358,11 @@ class _MessageFiles:
     size: int = 0
     marked_seen: bool = False  # \Seen was not set and we set it
     info: MessageInfo | None = None  # the message after that (None: it is gone)
+    entry: CacheEntry | None = None  # from the index (need.cache)
 
 
 FETCH_BATCH = 100  # messages per FileWork
+FETCH_BATCH_CACHED = 1000  # messages per FileWork when the index answers (no file read)
 FETCH_BATCH_BYTES = 1 << 20  # stored bytes per FileWork, when content is read
 
 
@@ -1324,17 +1372,26 @@ def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -
     (at least one message): the caller asks again for the rest."""
     out = []
     read = 0
-    for info in infos:
+    cached = icache.entries(folder, infos) if need.cache else None
+    for n, info in enumerate(infos):
         if read >= FETCH_BATCH_BYTES:
             break
         f = _MessageFiles()
+        entry = cached[n] if cached is not None else None
         if need.content:
             f.wire, f.tree = _read_parsed(folder, info)
             read += len(f.wire)
+        elif need.cache:
+            if entry is None or (need.headers and not entry.headers):
+                # gone meanwhile (answered as an empty message), or its header fields
+                # were too large to cache: read the file
+                f.wire, f.tree = _read_parsed(folder, info)
+            else:
+                f.entry = entry
         if need.date:
-            f.date = folder.internal_date(info)
+            f.date = entry.internal_date if entry is not None else folder.internal_date(info)
         if need.size:
-            f.size = folder.wire_size(info)
+            f.size = entry.vsize if entry is not None else folder.wire_size(info)
         if need.seen and "\\Seen" not in info.flags:
             f.marked_seen = True
             f.info = folder.set_flags(info, info.flags | {"\\Seen"})
