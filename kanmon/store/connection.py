@@ -12,7 +12,10 @@ trickles), TLS handshake, and writes to a peer that does not read. ``ListenerSet
 binds the plain and implicit-TLS listeners of a service, counts connections from accept
 (in all and per client address; an implicit-TLS connection is counted before its
 handshake, kanmon.tlsaccept), keeps every connection task in one TaskGroup and owns
-the file executor.
+the file executor. A session in IMAP IDLE names the directories to watch
+(``watch_paths``): the adapter subscribes them with kanmon.store.watch (inotify) and
+polls the session when they change, falling back to the session's poll interval where
+inotify is not available.
 
 Trusts: nothing the peer sends; it only buffers it (bounded: reading pauses when
 ``max_inbox`` bytes wait) and hands it to the session.
@@ -37,6 +40,7 @@ from typing import Any, Protocol
 
 from kanmon.config import MailboxAccessSection, TlsSection
 from kanmon.listeners import stop_accepting
+from kanmon.store.watch import DirectoryWatcher
 from kanmon.tlsaccept import Admission, TlsAcceptor, crowd
 
 # ---------------------------------------------------------------------------
@@ -105,6 +109,7 @@ def advance(steps: Steps, result: Any = None, error: BaseException | None = None
 
 
 _POLL = object()
+WATCHED_POLL = 60.0  # with inotify watching the folder, the poll is only a safety net
 _TIMEOUT = object()
 
 
@@ -185,6 +190,9 @@ class SessionConnection(asyncio.Protocol):
         self._lost = False
         self._eof = False
         self._deadline: float | None = None
+        self._watcher: DirectoryWatcher | None = None
+        self._watching: tuple[str, ...] | None = None
+        self._changed = False
 
     # -- asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -267,6 +275,7 @@ class SessionConnection(asyncio.Protocol):
                 if self.transport and not self._lost:
                     self.transport.write(_internal_error_line(session))
         finally:
+            self._unwatch()
             if session is not None:
                 with contextlib.suppress(Exception):
                     session.connection_lost()
@@ -313,12 +322,41 @@ class SessionConnection(asyncio.Protocol):
             if wait <= 0:
                 return _TIMEOUT
             poll = session.poll_interval
+            if poll is not None and self._watch(session):
+                if self._changed:
+                    self._changed = False
+                    return _POLL
+                poll = max(poll, WATCHED_POLL)
             polling = poll is not None and poll < wait
             try:
                 await asyncio.wait_for(self._wakeup.wait(), poll if polling else wait)
             except TimeoutError:
                 if polling:
                     return _POLL
+
+    def _watch(self, session: Session) -> bool:
+        """Keep an inotify subscription on the directories the session wants watched
+        (IMAP IDLE: the folder's new/ and cur/); True while it holds one. A change there
+        sets _changed and wakes the driver, which polls the session at once."""
+        paths = getattr(session, "watch_paths", None)
+        if paths != self._watching:
+            self._unwatch()
+            if paths:
+                watcher = DirectoryWatcher.of(asyncio.get_running_loop())
+                if watcher is not None and watcher.subscribe(paths, self._on_change):
+                    self._watcher, self._watching = watcher, paths
+                    self._changed = True  # what changed before the watch began: look once
+        return self._watching is not None
+
+    def _unwatch(self) -> None:
+        if self._watcher is not None and self._watching is not None:
+            self._watcher.unsubscribe(self._watching, self._on_change)
+        self._watcher = self._watching = None
+        self._changed = False
+
+    def _on_change(self) -> None:
+        self._changed = True
+        self._wakeup.set()
 
     async def _run(self, session: Session, events: list[Event]) -> bool:
         """Carry out events in order; False when the connection is finished."""

@@ -204,6 +204,15 @@ class ImapSession:
     def poll_interval(self) -> float | None:
         return self.idle_poll if self._idle_tag is not None else None
 
+    @property
+    def watch_paths(self) -> tuple[str, ...] | None:
+        """The directories whose changes the adapter should wake us for (inotify, see
+        kanmon.store.watch): the selected folder's new/ and cur/ while in IDLE."""
+        if self._idle_tag is None or self.sel is None:
+            return None
+        p = self.sel.folder.path
+        return (str(p / "new"), str(p / "cur"))
+
     def start(self) -> list[Event]:
         return [Send(f"* OK [CAPABILITY {self.capabilities()}] {self.hostname} IMAP4rev1 ready\r\n".encode())]
 
