@@ -35,6 +35,7 @@ from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.model import RecipientResult, Reply, Status
 from kanmon.smtp.replies import OVER_QUOTA
 from kanmon.spool.groupcommit import GroupCommitter
+from kanmon.store.imap.cache import record_deliveries
 from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make_dirs_private
 
 _counter = itertools.count(1)
@@ -121,6 +122,9 @@ class LocalDelivery:
                     files.append((target / "tmp" / name, target / "new" / name, data))
                 results.append(len(targets))
             errors = await self.committer.commit(files) if files else []
+            if files:  # the IMAP cache entries, off the loop (never the delivery's failure)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, record_deliveries, [(f[1], f[2]) for f, e in zip(files, errors, strict=True) if e is None])
         finally:
             for box, size in reserved:
                 left = self._reserved[box] - size

@@ -40,7 +40,7 @@ RECORD_HEAD = struct.Struct("<II")  # payload length, CRC-32 of the payload
 ENTRY_FIXED = struct.Struct("<BQQqI")  # kind, size, vsize, internal date (s), sent day (yyyymmdd or 0)
 FIELD_LEN = struct.Struct("<I")
 KIND_ENTRY = 1
-ENTRY_FIELDS = 6  # base, envelope, body, bodystructure, headers, search
+ENTRY_FIELDS = 6  # base, search, envelope, body, bodystructure, headers
 MAX_RECORD = 256 * 1024  # larger entries are not cached (the message is read instead)
 MAX_BASE = 255
 COMPACT_MIN_DEAD = 256  # compact when at least this many entries are dead ...
@@ -93,7 +93,7 @@ def encode_entry(base: str, e: CacheEntry) -> bytes:
     if not b or len(b) > MAX_BASE or b"\0" in b or b"/" in b:
         raise ValueError("bad base name")
     parts = [ENTRY_FIXED.pack(KIND_ENTRY, e.size, e.vsize, e.internal_date, e.sent_day)]
-    for f in (b, e.envelope, e.body, e.bodystructure, e.headers, e.search):
+    for f in (b, e.search, e.envelope, e.body, e.bodystructure, e.headers):
         parts.append(FIELD_LEN.pack(len(f)))
         parts.append(f)
     payload = b"".join(parts)
@@ -128,7 +128,20 @@ def decode_payload(payload: bytes | memoryview) -> tuple[str, CacheEntry]:
     if not raw_base or len(raw_base) > MAX_BASE or b"\0" in raw_base or b"/" in raw_base:
         raise IndexCorrupt("bad base name")
     base = raw_base.decode("utf-8", "surrogateescape")
-    return base, CacheEntry(size, vsize, date, day, *fields[1:])
+    search, envelope, body, bodystructure, headers = fields[1:]
+    return base, CacheEntry(size, vsize, date, day, envelope, body, bodystructure, headers, search)
+
+
+def decode_search(payload: bytes | memoryview) -> CacheEntry:
+    """Only what SEARCH uses of a payload that decode_payload accepted before: sizes,
+    dates and the search text (the rendered fields are left empty)."""
+    _, size, vsize, date, day = ENTRY_FIXED.unpack_from(payload, 0)
+    pos = ENTRY_FIXED.size
+    (n,) = FIELD_LEN.unpack_from(payload, pos)
+    pos += FIELD_LEN.size + n
+    (n,) = FIELD_LEN.unpack_from(payload, pos)
+    pos += FIELD_LEN.size
+    return CacheEntry(size, vsize, date, day, b"", b"", b"", b"", bytes(payload[pos:pos + n]))
 
 
 def decode_records(data: bytes, start: int) -> tuple[dict[str, int], int]:
@@ -227,8 +240,10 @@ class MailboxIndex:
                 self.path.unlink()
         self._reset()
 
-    def get_many(self, bases: list[str]) -> list[CacheEntry | None]:
-        """The entries of these messages (None where there is none)."""
+    def get_many(self, bases: list[str], search_only: bool = False) -> list[CacheEntry | None]:
+        """The entries of these messages (None where there is none); search_only: only
+        the parts SEARCH uses (decode_search), which is faster."""
+        decode = decode_search if search_only else (lambda v: decode_payload(v)[1])
         with self._lock:
             self._refresh()
             out: list[CacheEntry | None] = []
@@ -239,7 +254,7 @@ class MailboxIndex:
                     off = self._offsets.get(base)
                     if off is not None:
                         (length,) = struct.unpack_from("<I", self._data, off - RECORD_HEAD.size)
-                        e = decode_payload(view[off:off + length])[1]
+                        e = decode(view[off:off + length])
                 out.append(e)
             return out
 

@@ -115,9 +115,19 @@ class Users:
         self.db_path = Path(db_path) if db_path else self.data_dir / "records.sqlite"
         self.hasher = hasher or PasswordHasher()  # argon2id, RFC 9106 low-memory profile
         self.clock = clock
-        self._dummy_hash = self.hasher.hash("kanmon: no such account")
+        self._dummy: str | None = None  # made on the first login (a node that never authenticates never hashes)
         self._init_lock = threading.Lock()
+        self._dummy_lock = threading.Lock()
         self._initialised = False
+
+    def _dummy_hash(self) -> str:
+        """The hash an unknown account is checked against, so that it takes as long as a
+        known one. Made on first use: argon2 takes its memory_cost (64 MiB by default)
+        for a moment, which a balance-only or relay-only node must never pay."""
+        with self._dummy_lock:
+            if self._dummy is None:
+                self._dummy = self.hasher.hash("kanmon: no such account")
+            return self._dummy
 
     # -- database
     def _init_db(self) -> None:
@@ -317,7 +327,7 @@ class Users:
         if self.is_mailbox(address) and len(password) <= MAX_PASSWORD:
             stored, locked, in_file = self._stored(address)
         try:
-            ok = self.hasher.verify(stored or self._dummy_hash, password[:MAX_PASSWORD])
+            ok = self.hasher.verify(stored or self._dummy_hash(), password[:MAX_PASSWORD])
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             ok = False
         if not ok or stored is None or locked:

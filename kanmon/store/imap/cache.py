@@ -99,11 +99,11 @@ def entry_for_file(path: os.PathLike | str) -> tuple[mindex.CacheEntry, bytes, m
     return make_entry(wire, st.st_mtime, len(raw), tree), wire, tree
 
 
-def entries(folder: Folder, infos: list[MessageInfo]) -> list[mindex.CacheEntry | None]:
+def entries(folder: Folder, infos: list[MessageInfo], search_only: bool = False) -> list[mindex.CacheEntry | None]:
     """The cache entries of these messages, reading and adding the missing ones (None:
-    the message is gone)."""
+    the message is gone). search_only: what SEARCH needs (see MailboxIndex.get_many)."""
     idx = folder.index
-    found = idx.get_many([i.base for i in infos])
+    found = idx.get_many([i.base for i in infos], search_only)
     missing: list[tuple[str, mindex.CacheEntry]] = []
     for n, (info, e) in enumerate(zip(infos, found, strict=True)):
         if e is not None:
@@ -118,13 +118,20 @@ def entries(folder: Folder, infos: list[MessageInfo]) -> list[mindex.CacheEntry 
     return found
 
 
-def record_delivery(folder_path: os.PathLike | str, base: str, stored: bytes, internal_date: float) -> None:
-    """Local delivery's hook: add the entry of a message just written as ``base`` into the
-    folder at folder_path (stored: its LF bytes). A failure is the cache's, never the
-    delivery's: it is dropped (IMAP fills the entry when it is asked for)."""
-    try:
-        wire = to_crlf(stored)
-        entry = make_entry(wire, internal_date, len(stored))
-        mindex.MailboxIndex(mindex.index_path(Path(folder_path))).add(base, entry)
-    except (OSError, ValueError):
-        pass
+MAX_DELIVERY_ENTRY = 1 << 20  # larger messages get their entry when IMAP first asks
+
+
+def record_deliveries(files: list[tuple[Path, bytes]]) -> None:
+    """Local delivery's hook: add the cache entries of messages it has just written
+    (path in a Maildir's new/, the stored LF bytes). A failure is the cache's, never the
+    delivery's: that entry is skipped (IMAP makes it when it is asked for)."""
+    for path, stored in files:
+        if len(stored) > MAX_DELIVERY_ENTRY:
+            continue
+        try:
+            mtime = os.stat(path).st_mtime
+            wire = to_crlf(stored)
+            entry = make_entry(wire, mtime, len(stored))
+            mindex.MailboxIndex(mindex.index_path(path.parent.parent)).add(path.name.partition(":")[0], entry)
+        except (OSError, ValueError):
+            continue

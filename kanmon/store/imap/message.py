@@ -26,12 +26,15 @@ MAX_PARTS = 1000
 # IMAP output values
 
 
+_NOT_QUOTABLE = re.compile(rb"[^\x20-\x7e]")
+
+
 def istr(value: str | bytes | None) -> bytes:
     """NIL, a quoted string, or a literal when the text cannot be quoted (RFC 3501 4.3)."""
     if value is None:
         return b"NIL"
     data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-    if len(data) < 1000 and all(0x20 <= b < 0x7F for b in data):
+    if len(data) < 1000 and not _NOT_QUOTABLE.search(data):
         return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return b"{%d}\r\n" % len(data) + data
 
@@ -268,16 +271,23 @@ def envelope(part: Part) -> bytes:
     g = part.get
     sender = g("sender") or g("from")
     reply_to = g("reply-to") or g("from")
+    seen: dict[str | None, bytes] = {}
+
+    def addresses(value: str | None) -> bytes:  # From is usually Sender and Reply-To too
+        if value not in seen:
+            seen[value] = _addresses(value)
+        return seen[value]
+
     return ilist(
         [
             istr(g("date")),
             istr(g("subject")),
-            _addresses(g("from")),
-            _addresses(sender),
-            _addresses(reply_to),
-            _addresses(g("to")),
-            _addresses(g("cc")),
-            _addresses(g("bcc")),
+            addresses(g("from")),
+            addresses(sender),
+            addresses(reply_to),
+            addresses(g("to")),
+            addresses(g("cc")),
+            addresses(g("bcc")),
             istr(g("in-reply-to")),
             istr(g("message-id")),
         ]

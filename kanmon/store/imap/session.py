@@ -1319,7 +1319,7 @@ def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContex
     for start in range(0, len(candidates), SEARCH_BATCH):
         batch = candidates[start:start + SEARCH_BATCH]
         if folder is not None:
-            for c, e in zip(batch, icache.entries(folder, [c.info for c in batch]), strict=True):
+            for c, e in zip(batch, icache.entries(folder, [c.info for c in batch], True), strict=True):
                 c.entry = e
         for c in batch:
             if all(k(c) for k in keys):
