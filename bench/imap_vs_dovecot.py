@@ -60,7 +60,7 @@ def make_maildir(root: Path, count: int, seed: int = 23) -> None:
         if i % 1000 == 500:
             subject = f"needle in the haystack {i}"
         elif i % 97 == 0:
-            subject = "=?ISO-2022-JP?B?GyRCQEE1YTpxGyhC?= " + str(i)  # 請求書
+            subject = "=?ISO-2022-JP?B?GyRCQEE1YT1xGyhC?= " + str(i)  # 請求書
         else:
             subject = " ".join(rnd.choice(WORDS) for _ in range(5))
         body_lines = []
