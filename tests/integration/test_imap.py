@@ -385,6 +385,11 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         c.append("Projects", r"(\Seen)", None, MSG.replace(b"quarterly", b"from kanmon"))
         validity = s.box.folder("INBOX").uidvalidity
         c.logout()
+        # A session that stays selected while Dovecot changes the folder behind its back,
+        # with the folder's index filled (ENVELOPE is answered from it).
+        watcher = connect(s)
+        watcher.select("INBOX")
+        assert b"quarterly" in watcher.fetch("1", "(ENVELOPE)")[1][0]
         for p in [base, *base.rglob("*")]:
             os.chown(p, 65534, 65534)
         conf = base / "dovecot.conf"
@@ -395,7 +400,8 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         )
         script = (b'a SELECT INBOX\r\nb FETCH 1 (UID FLAGS BODY.PEEK[])\r\nc LIST "" "*"\r\n'
                   b"d SELECT Projects\r\ne FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
-                  b"g APPEND INBOX {%d+}\r\n%s\r\nf LOGOUT\r\n" % (len(FROM_DOVECOT), FROM_DOVECOT))
+                  b"g APPEND INBOX {%d+}\r\n%s\r\nh SELECT INBOX\r\ni STORE 1 +FLAGS (\\Deleted)\r\n"
+                  b"j EXPUNGE\r\nf LOGOUT\r\n" % (len(FROM_DOVECOT), FROM_DOVECOT))
         r = subprocess.run([DOVECOT, "-c", str(conf)], input=script, capture_output=True, timeout=30,
                            env={"USER": ALICE, "PATH": os.environ.get("PATH", "")})
         out = r.stdout
@@ -408,6 +414,16 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         assert b'"." Projects' in out and b'"." Sent' in out
         assert b"FLAGS (\\Seen) BODY[HEADER.FIELDS (SUBJECT)]" in out and b"Subject: from kanmon" in out
         assert re.search(rb"g OK \[APPENDUID %d 2\]" % validity, out), out
+        assert b"j OK" in out, out
+        # The kanmon session sees Dovecot's expunge and append; its index answers for
+        # what is left and learns the new message.
+        watcher.noop()
+        assert watcher.untagged_responses.get("EXPUNGE") == [b"1"]
+        assert watcher.uid("SEARCH", "ALL")[1][0] == b"2"
+        assert watcher.uid("SEARCH", "SUBJECT", '"from dovecot"')[1][0] == b"2"
+        assert watcher.uid("SEARCH", "SUBJECT", "quarterly")[1][0] == b""
+        assert b'"from dovecot"' in watcher.uid("FETCH", "2", "(ENVELOPE)")[1][0]
+        watcher.logout()
         # And back: kanmon sees the message Dovecot stored, under Dovecot's UID.
         c = connect(s)
         c.select("INBOX")
