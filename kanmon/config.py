@@ -1172,6 +1172,16 @@ class ImapSection(MailboxAccessSection):
     pass
 
 
+class MailboxIndexSection(Section):
+    """[mailbox_index]: where the mail store keeps the IMAP cache file of each folder."""
+
+    directory: Path | None = Field(
+        None,
+        description="Keep the cache files under this directory (mirroring mailboxes/, as Dovecot's INDEX=) "
+                    "instead of beside each Maildir folder, e.g. on a faster disk; relative: below data_dir",
+    )
+
+
 class SieveSection(Section):
     """[sieve]: users' filters run at local delivery (docs/sieve.md)."""
 
@@ -1238,6 +1248,9 @@ class Config(Section):
     imap: ImapSection | None = Field(None, description="IMAP access to mailboxes")
     sieve: SieveSection = Field(default_factory=SieveSection, description="Users' Sieve filters at local delivery")
     managesieve: ManageSieveSection | None = Field(None, description="ManageSieve (RFC 5804): users edit their filters")
+    mailbox_index: MailboxIndexSection = Field(
+        default_factory=MailboxIndexSection, description="The per-folder cache files IMAP answers from",
+    )
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
     maintenance: list[MaintenanceJob] = Field(default_factory=list, description="Scheduled queue maintenance ([[maintenance]] tables)")
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")

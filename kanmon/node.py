@@ -57,7 +57,8 @@ from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, ReloadFai
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
-from kanmon.store.maildir import mailbox_usage
+from kanmon.store import index as mindex
+from kanmon.store.maildir import forget_indexes, mailbox_usage
 from kanmon.store.managesieve import ManageSieveService
 from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
@@ -99,6 +100,14 @@ def listen_addresses(config: Config, mail_roles: bool) -> list[Address]:
     if config.metrics.listen is not None:
         out.append(tuple(config.metrics.listen))
     return out
+
+
+def configure_index(config: Config) -> None:
+    """Where the mailboxes' IMAP cache files live ([mailbox_index] directory)."""
+    data_dir = Path(config.server.data_dir)
+    directory = config.mailbox_index.directory
+    mindex.configure(data_dir / "mailboxes", data_dir / directory if directory is not None else None)
+    forget_indexes()
 
 
 def has_mail_roles(config: Config) -> bool:
@@ -251,6 +260,7 @@ class Node:
         records = self.records
         # An entry refused while running (queue manager, admin): a critical event (alerted).
         self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
+        configure_index(config)
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir)
         self.queue = QueueManager(
@@ -569,6 +579,7 @@ class Node:
         # The new Frontend accepts on every address; the old one stops accepting and
         # retires (its listening sockets that the new config still lists stay open).
         self.listen.commit(prepared)
+        configure_index(new)
         retiring, self.frontend = self.frontend, frontend
         self.workers = workers
         self.config_text = text

@@ -767,6 +767,14 @@ def _shared_folder(path: Path, name: str) -> Folder:
         return f
 
 
+def forget_indexes() -> None:
+    """Let every shared folder open its cache file anew (its place may have changed)."""
+    with _folders_lock:
+        for f in _folders.values():
+            with f._lock:
+                f._index = None
+
+
 def make_dirs_private(path: Path) -> None:
     """mkdir -p with every directory it creates 0700 (pathlib gives missing parents the
     umask's mode, which would leave mailboxes/<domain> readable by all)."""

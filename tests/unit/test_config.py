@@ -122,7 +122,7 @@ def test_example_mentions_every_key():
             yield field.alias or name  # the key as written in the file (`from`, not `from_`)
             ann = repr(field.annotation)
             for sub in ("ServerSection", "SmtpSection", "TlsSection", "DomainSection", "OutboundSection", "DnsSection",
-                        "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection", "SieveSection", "ManageSieveSection",
+                        "QueueSection", "DnsCheckSection", "SubmissionSection", "Pop3Section", "ImapSection", "SieveSection", "ManageSieveSection", "MailboxIndexSection",
                         "BalancerSection", "VirtualServer", "RealServer", "HealthCheck", "MaintenanceJob",
                         "IpPolicySection", "SessionProfileSection", "DnsblSection", "DnsblAllowlistSection",
                         "RecipientPolicySection", "DkimSection", "ContentProfileSection", "ContentRuleSection", "TextMatch", "QuarantineSection", "AntivirusSection", "SpamSection", "ArchiveSection"):

@@ -170,3 +170,18 @@ def test_delivery_hook_records_the_entry(tmp_path: Path) -> None:
     e = MailboxIndex(box / mindex.INDEX_FILE).get(p.name)
     assert e is not None and e.size == len(stored) and e.vsize == len(MSG)
     assert e.internal_date == int(os.stat(p).st_mtime)
+
+
+def test_config_names_the_index_directory(tmp_path: Path) -> None:
+    from kanmon.config import parse_config
+    from kanmon.node import configure_index
+
+    config = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[mailbox_index]\ndirectory = "index"\n')
+    box = tmp_path / "mailboxes" / "example.test" / "alice"
+    try:
+        configure_index(config)
+        assert mindex.index_path(box) == tmp_path / "index" / "example.test" / "alice" / mindex.INDEX_FILE
+        configure_index(parse_config(f'[server]\ndata_dir = "{tmp_path}"\n'))
+        assert mindex.index_path(box) == box / mindex.INDEX_FILE
+    finally:
+        mindex.configure(None, None)
