@@ -145,6 +145,13 @@ class _Selected:
     infos: dict[int, MessageInfo]
     recent: set[int]
     seen: Snapshot | None = None  # the folder's snapshot these lists were last brought up to
+    shared: bool = False  # uids and infos are the snapshot's own lists: copy before changing them
+
+    def own(self) -> None:
+        """Copy the snapshot's lists before this session changes them (sessions on one
+        folder share them while nothing changes: an idle session costs no copy)."""
+        if self.shared:
+            self.uids, self.infos, self.shared = list(self.uids), dict(self.infos), False
 
 
 class ImapSession:
@@ -567,7 +574,7 @@ class ImapSession:
         msgs = snap.messages
         keywords = yield FileWork(folder.keyword_names)
         recent, snap.recent = snap.recent, set()  # RFC 3501 2.3.2: \\Recent to one session only
-        sel = _Selected(folder.name, folder, readonly, list(snap.uids), dict(snap.by_uid), recent, snap)
+        sel = _Selected(folder.name, folder, readonly, snap.uids, snap.by_uid, recent, snap, shared=True)
         self.sel = sel
         self.state = "SELECTED"
         out = [
@@ -776,6 +783,7 @@ class ImapSession:
             return [b"* BYE the selected mailbox was deleted\r\n"]
         if snap is sel.seen:
             return []  # nothing changed in the folder since we last looked
+        sel.own()
         msgs = snap.messages
         now = snap.by_uid
         fresh, snap.recent = snap.recent, set()
@@ -806,6 +814,8 @@ class ImapSession:
             out.append(f"* {len(sel.uids)} EXISTS\r\n* {len(sel.recent)} RECENT\r\n".encode())
         if allow_expunge or all(u in now for u in sel.uids):
             sel.seen = snap  # everything of it is reported (an expunge held back keeps us comparing)
+            if sel.uids == snap.uids:  # the same as the snapshot: share its lists again
+                sel.uids, sel.infos, sel.shared = snap.uids, snap.by_uid, True
         return out
 
     @staticmethod
@@ -881,6 +891,7 @@ class ImapSession:
             if "\\Deleted" in sel.infos[u].flags and (only is None or u in only)
         ]
         yield FileWork(sel.folder.remove, (doomed,))
+        sel.own()
         out = list(updates)
         gone = {m.uid for m in doomed}
         for seq in range(len(sel.uids), 0, -1):
@@ -936,6 +947,7 @@ class ImapSession:
             changes.append((seq, u, info, new if new != current else None))
         keywords_before, results, keywords_after = yield FileWork(_store_flags, (sel.folder, changes))
         fetches = []
+        sel.own()
         for (seq, u, _, _), changed in zip(changes, results, strict=True):
             if changed is not None:
                 sel.infos[u] = changed
@@ -978,6 +990,7 @@ class ImapSession:
         moved = {a for a, _ in pairs}
         yield FileWork(sel.folder.remove, ([sel.infos[u] for u in moved if u in sel.infos],))
         out = [f"* OK {code}Moved\r\n".encode()] if code else []
+        sel.own()
         for seq in range(len(sel.uids), 0, -1):
             u = sel.uids[seq - 1]
             if u in moved:
@@ -1089,6 +1102,7 @@ class ImapSession:
                 parts.append(label.encode() + b" " + (b"{%d}\r\n" % len(data) + data))
         if files is not None and files.marked_seen:
             if files.info is not None:
+                sel.own()
                 sel.infos[u] = files.info
             if not any(w[0] == "FLAGS" for w in wanted):
                 wanted = [*wanted, ("FLAGS", None, None)]
@@ -1240,6 +1254,9 @@ class _SearchContext:
     (RFC 2047, the message's charsets: ISO-2022-JP, Shift_JIS, UTF-8...) and normalized
     (NFKC, case folded), on both sides. Keys are evaluated by _search, in the file executor."""
 
+    __slots__ = ("folder", "seq", "uid", "info", "count", "largest_uid", "recent", "entry", "_fields", "_wire",
+                 "_tree", "_text")
+
     def __init__(self, folder: Folder, seq: int, uid: int, info: MessageInfo, count: int, largest: int,
                  recent: bool):
         self.folder = folder
@@ -1250,7 +1267,7 @@ class _SearchContext:
         self.largest_uid = largest
         self.recent = recent
         self.entry: CacheEntry | None = None
-        self._fields: dict[str, str] | None = None
+        self._fields: list[bytes] | None = None
         self._wire: bytes | None = None
         self._tree: mime.Part | None = None
         self._text: str | None = None
@@ -1271,8 +1288,9 @@ class _SearchContext:
     def header(self, name: str) -> str:
         if self.entry is not None and name in icache.SEARCH_FIELDS:
             if self._fields is None:
-                self._fields = icache.search_fields(self.entry)
-            return self._fields.get(name, "")
+                self._fields = self.entry.search.split(b"\0")
+            i = icache.SEARCH_FIELDS.index(name)
+            return self._fields[i].decode("utf-8", "surrogatepass") if i < len(self._fields) else ""
         t = self._load()[1]
         return normalize(" ".join(decode_header_value(v) for n, v, _ in t.fields if n == name))
 
