@@ -15,7 +15,9 @@ In one run:
      200 full bodies;
   4. peak RSS: kanmon's server process (VmHWM), Dovecot's imap process of each measured
      connection (VmHWM, read before LOGOUT), the largest seen;
-  5. prints medians and kanmon/Dovecot ratios as a Markdown table. Asserts nothing.
+  5. prints medians and kanmon/Dovecot ratios as a Markdown table;
+  6. holds --idle connections to kanmon (logged in, INBOX selected) and prints the
+     server's RSS growth per connection. Asserts nothing.
 
 Run as root (Dovecot drops to nobody). Loopback only (127.0.0.80/81).
 
@@ -127,6 +129,7 @@ name = "example.test"
 mailboxes = ["alice"]
 [imap]
 listen = ["{KANMON[0]}:{KANMON[1]}"]
+max_connections_per_ip = 1000
 """)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
@@ -236,10 +239,41 @@ def one_pass(addr, ctx, cpu_pid) -> dict[str, float]:
     return out
 
 
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def idle_connections(addr, ctx, pid: int, count: int) -> float:
+    """KB of the server's RSS per connection logged in, INBOX selected, then idle."""
+    first = connect(addr, ctx)
+    first.select("INBOX")  # the folder's scan and index are loaded before the baseline
+    time.sleep(1)
+    before = rss_kb(pid)
+    conns = []
+    try:
+        for _ in range(count):
+            c = connect(addr, ctx)
+            c.select("INBOX")
+            conns.append(c)
+        time.sleep(1)
+        after = rss_kb(pid)
+    finally:
+        for c in [first, *conns]:
+            try:
+                c.logout()
+            except (OSError, imaplib.IMAP4.error):
+                pass
+    return (after - before) / count
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--idle", type=int, default=200, help="idle connections held by kanmon for the memory figure")
     ap.add_argument("--serve", nargs=3, metavar=("DATA_DIR", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -288,6 +322,7 @@ def main() -> None:
                 res = one_pass(addr, client_ctx, pid)
                 results[name].append(res)
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()), flush=True)
+        per_conn = idle_connections(KANMON, client_ctx, kanmon.pid, args.idle) if args.idle else float("nan")
         kanmon_hwm = max(x["hwm_kb"] for x in results["kanmon"])
         dovecot_hwm = max(x["hwm_kb"] for x in results["Dovecot"])
 
@@ -315,7 +350,10 @@ def main() -> None:
             print(f"| {label} | {k:.1f} ms{extra_k} | {d:.1f} ms{extra_d} | {k / d:.2f}x |")
         print(f"| peak RSS | {kanmon_hwm / 1024:.1f} MB (server process) | {dovecot_hwm / 1024:.1f} MB (imap process) "
               f"| {kanmon_hwm / max(dovecot_hwm, 1):.2f}x |")
-        print(f"\nSEARCH hits: kanmon {med('kanmon', 'search_hits'):.0f}, Dovecot {med('Dovecot', 'search_hits'):.0f}")
+        print(f"\nkanmon: {args.idle} idle connections (STARTTLS, logged in, INBOX selected): "
+              f"{per_conn:.0f} KB each (server RSS growth / count); peak RSS of the server afterwards "
+              f"{hwm_kb(kanmon.pid) / 1024:.1f} MB")
+        print(f"SEARCH hits: kanmon {med('kanmon', 'search_hits'):.0f}, Dovecot {med('Dovecot', 'search_hits'):.0f}")
     finally:
         for p in procs:
             p.terminate()

@@ -1129,15 +1129,9 @@ class ImapSession:
             key, pos = self._search_key(args, pos, 0)
             keys.append(key)
         out = yield from self._refresh(allow_expunge=False)
-        n = len(sel.uids)
-        largest = sel.uids[-1] if sel.uids else 0
-        candidates = [
-            _SearchContext(sel.folder, i + 1, u, info, n, largest, u in sel.recent)
-            for i, u in enumerate(sel.uids)
-            if (info := sel.infos.get(u)) is not None
-        ]
-        found = yield FileWork(_search, (candidates, keys, sel.folder if self._search_index else None))
-        hits = [str(c.uid if uid else c.seq) for c in found]
+        # The lists are the session's or the snapshot's; neither changes while the file work runs.
+        found = yield FileWork(_search, (sel.folder, sel.uids, sel.infos, sel.recent, keys, self._search_index))
+        hits = [str(u if uid else seq) for seq, u in found]
         line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
 
@@ -1260,13 +1254,17 @@ class _SearchContext:
     def __init__(self, folder: Folder, seq: int, uid: int, info: MessageInfo, count: int, largest: int,
                  recent: bool):
         self.folder = folder
+        self.count = count
+        self.largest_uid = largest
+        self.at(seq, uid, info, recent, None)
+
+    def at(self, seq: int, uid: int, info: MessageInfo, recent: bool, entry: CacheEntry | None) -> None:
+        """Point this context at another message (one context serves a whole SEARCH)."""
         self.seq = seq
         self.uid = uid
         self.info = info
-        self.count = count
-        self.largest_uid = largest
         self.recent = recent
-        self.entry: CacheEntry | None = None
+        self.entry = entry
         self._fields: list[bytes] | None = None
         self._wire: bytes | None = None
         self._tree: mime.Part | None = None
@@ -1328,20 +1326,23 @@ class _SearchContext:
 SEARCH_BATCH = 1000  # index entries looked up at a time
 
 
-def _search(candidates: list[_SearchContext], keys: list[Callable[[_SearchContext], bool]],
-            folder: Folder | None = None) -> list[_SearchContext]:
-    """The messages that match every key (SEARCH). With a folder, each message's index
-    entry is looked up first (in batches; missing ones are made from the file and added);
-    keys read files only for what the index does not hold, one message at a time."""
+def _search(folder: Folder, uids: list[int], infos: dict[int, MessageInfo], recent: set[int],
+            keys: list[Callable[[_SearchContext], bool]], use_index: bool) -> list[tuple[int, int]]:
+    """(seq, uid) of the messages that match every key (SEARCH). With use_index, each
+    message's index entry is looked up first (in batches; missing ones are made from the
+    file and added); keys read files only for what the index does not hold, one message
+    at a time."""
     hits = []
-    for start in range(0, len(candidates), SEARCH_BATCH):
-        batch = candidates[start:start + SEARCH_BATCH]
-        if folder is not None:
-            for c, e in zip(batch, icache.entries(folder, [c.info for c in batch], True), strict=True):
-                c.entry = e
-        for c in batch:
+    count = len(uids)
+    c = _SearchContext(folder, 0, 0, MessageInfo(0, "", "cur", frozenset()), count, uids[-1] if uids else 0, False)
+    for start in range(0, count, SEARCH_BATCH):
+        batch = [(seq, u, info) for seq, u in enumerate(uids[start:start + SEARCH_BATCH], start + 1)
+                 if (info := infos.get(u)) is not None]
+        found = icache.entries(folder, [b[2] for b in batch], True) if use_index else [None] * len(batch)
+        for (seq, u, info), e in zip(batch, found, strict=True):
+            c.at(seq, u, info, u in recent, e)
             if all(k(c) for k in keys):
-                hits.append(c)
+                hits.append((seq, u))
             c.forget()  # one message's content in memory at a time
     return hits
 
