@@ -568,6 +568,13 @@ def _open_inbox(box: Mailbox) -> tuple[Folder, list[MessageInfo], list[int]]:
     """INBOX, its messages (new ones moved to cur/) and their wire sizes (file executor)."""
     folder = box.folder("INBOX")
     messages = folder.sync(move_new=True)
+    # Sizes from the file names (W=); for files without one (another program's), from the
+    # folder's index when it has them, else by reading the file.
+    unsized = [m for m in messages if m.vsize is None]
+    if unsized:
+        for m, e in zip(unsized, folder.index.get_many([m.base for m in unsized], True), strict=True):
+            if e is not None:
+                m.vsize = e.vsize
     return folder, messages, [folder.wire_size(m) for m in messages]
 
 

@@ -88,6 +88,7 @@ MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used 
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
 BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID"
+AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
@@ -291,6 +292,8 @@ class ImapSession:
                 if self.tls_available:
                     caps += " STARTTLS"
                 caps += " LOGINDISABLED"
+        if self.state != "NOT_AUTHENTICATED":
+            caps += AUTH_CAPS
         return caps
 
     # -- framing
@@ -719,10 +722,52 @@ class ImapSession:
             elif key == "UNSEEN":
                 unseen = sum(1 for m in msgs if "\\Seen" not in m.flags)
                 items.append(f"UNSEEN {unseen}")
+            elif key == "DELETED":  # RFC 9208 4.2
+                deleted = sum(1 for m in msgs if "\\Deleted" in m.flags)
+                items.append(f"DELETED {deleted}")
+            elif key == "DELETED-STORAGE":  # RFC 9208 4.2: KiB an EXPUNGE would free
+                doomed = [m for m in msgs if "\\Deleted" in m.flags]
+                used = yield FileWork(_stored_bytes, (folder, doomed))
+                items.append(f"DELETED-STORAGE {_kib(used)}")
             else:
                 raise Bad(f"unknown STATUS item {key[:30]}")
         line = b"* STATUS " + mime.iastring(name) + f" ({' '.join(items)})\r\n".encode()
         return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
+
+    # -- QUOTA (RFC 9208): one root, "", per user: the domain's quota on all folders
+    def _quota_line(self, limit: int) -> Steps:
+        assert self.mailbox is not None
+        used = (yield FileWork(self.mailbox.usage))[1]
+        return f'* QUOTA "" (STORAGE {_kib(used)} {limit // 1024})\r\n'.encode()
+
+    def _cmd_getquotaroot(self, tag: str, args: list) -> Steps:
+        if len(args) != 1:
+            raise Bad("GETQUOTAROOT needs a mailbox name")
+        assert self.mailbox is not None
+        name = self._folder_name(args[0])
+        try:
+            yield FileWork(self.mailbox.folder, (name,))
+        except FolderNotFound:
+            raise No("[NONEXISTENT] no such mailbox") from None
+        limit = self.users.quota(self.user or "")
+        line = b"* QUOTAROOT " + mime.iastring(name)
+        if limit is None:
+            return [Send(line + f"\r\n{tag} OK GETQUOTAROOT completed\r\n".encode())]
+        quota = yield from self._quota_line(limit)
+        return [Send(line + b' ""\r\n' + quota + f"{tag} OK GETQUOTAROOT completed\r\n".encode())]
+
+    def _cmd_getquota(self, tag: str, args: list) -> Steps:
+        if len(args) != 1:
+            raise Bad("GETQUOTA needs a quota root")
+        limit = self.users.quota(self.user or "")
+        if astring(args[0]) != "" or limit is None:
+            raise No("[NONEXISTENT] no such quota root")
+        quota = yield from self._quota_line(limit)
+        return [Send(quota + f"{tag} OK GETQUOTA completed\r\n".encode())]
+
+    def _cmd_setquota(self, tag: str, args: list) -> list[Event]:
+        # RFC 9208 4.1.3: only with QUOTASET, which is not offered: quotas are the administrator's
+        return [Send(f"{tag} NO [NOPERM] quotas are set by the administrator\r\n".encode())]
 
     def _cmd_append(self, tag: str, args: list) -> Steps:
         if len(args) < 2 or not isinstance(args[-1], Literal):
@@ -1439,6 +1484,25 @@ def _store_flags(
     return before, results, folder.keyword_names()
 
 
+def _kib(octets: int) -> int:
+    """Storage in units of 1024 octets, rounded up (RFC 9208 5.1)."""
+    return (octets + 1023) // 1024
+
+
+def _stored_bytes(folder: Folder, infos: list[MessageInfo]) -> int:
+    """Bytes these messages take on disk (file executor)."""
+    total = 0
+    for info in infos:
+        if info.size is None:
+            p = folder.locate(info)
+            try:
+                info.size = p.stat().st_size if p is not None else 0
+            except FileNotFoundError:
+                info.size = 0
+        total += info.size
+    return total
+
+
 def _usage_after_copy(mailbox: Mailbox, src: Folder, infos: list[MessageInfo]) -> int:
     """Stored bytes of the mailbox once these messages are copied (the quota check)."""
     return mailbox.usage()[1] + sum(src.wire_size(i) for i in infos)
@@ -1528,6 +1592,7 @@ _STATES = {
     "SELECT": _AUTH, "EXAMINE": _AUTH, "CREATE": _AUTH, "DELETE": _AUTH, "RENAME": _AUTH,
     "SUBSCRIBE": _AUTH, "UNSUBSCRIBE": _AUTH, "LIST": _AUTH, "LSUB": _AUTH, "STATUS": _AUTH,
     "APPEND": _AUTH, "IDLE": _AUTH, "NAMESPACE": _AUTH,
+    "GETQUOTAROOT": _AUTH, "GETQUOTA": _AUTH, "SETQUOTA": _AUTH,
     "CHECK": ("SELECTED",), "CLOSE": ("SELECTED",), "UNSELECT": ("SELECTED",), "EXPUNGE": ("SELECTED",),
     "SEARCH": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
     "MOVE": ("SELECTED",),
