@@ -55,3 +55,49 @@ def test_status_deleted_and_deleted_storage(tmp_path: Path) -> None:
     d.cmd("t STORE 1:2 +FLAGS.SILENT (\\Deleted)")
     out = d.cmd("u STATUS INBOX (MESSAGES DELETED DELETED-STORAGE)")
     assert "* STATUS INBOX (MESSAGES 3 DELETED 2 DELETED-STORAGE 1)" in out  # 2 x 70 bytes: 1 KiB
+
+
+def sorted_session(tmp_path: Path) -> Driver:
+    d, users = session(tmp_path, None)
+    box = users.mailbox(ALICE)
+    for name in list((box.root / "new").iterdir()):
+        name.unlink()
+    msgs = [
+        (b"From: Zed <zed@example.test>\nTo: b@example.test\nSubject: Re: [list] Budget\n"
+         b"Date: Tue, 01 Dec 2026 10:00:00 +0000\n\nxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n"),
+        (b"From: amy@example.test\nTo: c@example.test\nSubject: agenda\n"
+         b"Date: Mon, 30 Nov 2026 10:00:00 +0000\n\nx\n"),
+        (b"From: Bob <bob@example.test>\nTo: a@example.test\nSubject: =?UTF-8?Q?budget_(fwd)?=\n"
+         b"Date: Wed, 02 Dec 2026 09:00:00 +0900\n\nxxxxxxxxxxxxxxxxxxxxxx\n"),
+    ]
+    for m in msgs:
+        deliver_new(box.root, m)
+    d.cmd("s SELECT INBOX")
+    return d
+
+
+def test_sort(tmp_path: Path) -> None:
+    d = sorted_session(tmp_path)
+    assert " SORT" in d.cmd("c CAPABILITY")
+    assert "* SORT 2 1 3\r\n" in d.cmd("a SORT (DATE) UTF-8 ALL")  # 3 is 2 Dec 00:00 UTC
+    assert "* SORT 3 1 2\r\n" in d.cmd("b SORT (REVERSE DATE) UTF-8 ALL")
+    assert "* SORT 2 3 1\r\n" in d.cmd("c SORT (FROM) UTF-8 ALL")  # amy, bob, zed
+    assert "* SORT 3 1 2\r\n" in d.cmd("d SORT (TO) UTF-8 ALL")  # a, b, c
+    assert "* SORT 2 3 1\r\n" in d.cmd("e SORT (SIZE) UTF-8 ALL")
+    # base subjects: "agenda", "budget", "budget": ties in sequence order
+    assert "* SORT 2 1 3\r\n" in d.cmd("f SORT (SUBJECT) UTF-8 ALL")
+    assert "* SORT 1 3\r\n" in d.cmd("g SORT (SUBJECT REVERSE ARRIVAL) UTF-8 SUBJECT budget")
+    out = d.cmd("h UID SORT (SIZE) UTF-8 UNSEEN")
+    assert "* SORT 2 3 1\r\n" in out and "h OK SORT completed" in out
+    assert "BAD" in d.cmd("i SORT (COLOR) UTF-8 ALL")
+    assert "BAD" in d.cmd("j SORT (DATE REVERSE) UTF-8 ALL")
+    assert "NO [BADCHARSET" in d.cmd("k SORT (DATE) KOI8-R ALL")
+
+
+def test_base_subject() -> None:
+    from kanmon.store.imap.session import base_subject
+
+    assert base_subject("Re: Fwd: [list] Budget (fwd)") == "Budget"
+    assert base_subject("[Fwd: re: plan]") == "plan"
+    assert base_subject("  a   b  ") == "a b"
+    assert base_subject("re:") == ""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import email.utils
 import errno
 import re
 import time
@@ -87,7 +88,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -372,7 +373,7 @@ class ImapSession:
             uid = True
             cmd = args[0].upper()
             args = args[1:]
-            if cmd not in ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"):
+            if cmd not in _UID_COMMANDS:
                 return [Send(f"{tag} BAD UID {cmd[:20]} is not a command\r\n".encode()), *self._error()]
         handler = getattr(self, f"_cmd_{cmd.lower()}", None) if re.match(r"^[A-Z]+$", cmd) else None
         if handler is None:
@@ -1180,6 +1181,40 @@ class ImapSession:
         line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
 
+    def _cmd_sort(self, tag: str, args: list, uid: bool = False) -> Steps:
+        """RFC 5256 SORT: the SEARCH result ordered by the criteria, ties by sequence number."""
+        sel = self.sel
+        assert sel is not None
+        if len(args) < 3 or not isinstance(args[0], list) or not args[0]:
+            raise Bad("SORT needs (criteria), a charset and search keys")
+        criteria: list[tuple[str, bool]] = []
+        reverse = False
+        for item in args[0]:
+            if not isinstance(item, str) or isinstance(item, QStr) or item.upper() not in _SORT_KEYS | {"REVERSE"}:
+                raise Bad("unknown SORT criterion")
+            if item.upper() == "REVERSE":
+                if reverse:
+                    raise Bad("REVERSE twice")
+                reverse = True
+                continue
+            criteria.append((item.upper(), reverse))
+            reverse = False
+        if reverse:
+            raise Bad("REVERSE must precede a criterion")
+        charset = astring(args[1]).upper()
+        if charset not in ("US-ASCII", "UTF-8"):
+            raise No("[BADCHARSET (US-ASCII UTF-8)] unsupported charset")
+        pos, keys = 2, []
+        self._search_index = False
+        while pos < len(args):
+            key, pos = self._search_key(args, pos, 0)
+            keys.append(key)
+        out = yield from self._refresh(allow_expunge=False)
+        found = yield FileWork(_search, (sel.folder, sel.uids, sel.infos, sel.recent, keys, self._search_index))
+        ordered = yield FileWork(_sort, (sel.folder, [(seq, u, sel.infos[u]) for seq, u in found], criteria))
+        line = ("* SORT" + "".join(f" {u if uid else seq}" for seq, u in ordered) + "\r\n").encode()
+        return [Send(b"".join(out) + line + f"{tag} OK SORT completed\r\n".encode())]
+
     def _search_key(self, args: list, pos: int, depth: int):  # noqa: C901 - one branch per key
         if pos >= len(args):
             raise Bad("SEARCH key missing")
@@ -1392,6 +1427,88 @@ def _search(folder: Folder, uids: list[int], infos: dict[int, MessageInfo], rece
     return hits
 
 
+_SORT_KEYS = {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"}
+_SUBJ_LEADER = re.compile(r"^(?:\s+|(?:re|fwd?)\s*(?:\[[^\[\]]*\])?\s*:)", re.I)
+_SUBJ_BLOB = re.compile(r"^\[[^\[\]]*\]\s*")
+_SUBJ_TRAILER = re.compile(r"(?:\s+|\(fwd\))$", re.I)
+
+
+def base_subject(subject: str) -> str:
+    """RFC 5256 2.1 base subject of a decoded subject: reply and forward markers,
+    [blob] prefixes and [fwd: ...] wrappers removed, whitespace collapsed."""
+    text = " ".join(subject.split())
+    while True:
+        before = text
+        while True:  # (1)-(2): trailers, then leaders and blobs, until nothing changes
+            t = _SUBJ_TRAILER.sub("", text)
+            if t == text:
+                break
+            text = t
+        while True:
+            t = _SUBJ_LEADER.sub("", text, count=1)
+            if t == text:
+                t = _SUBJ_BLOB.sub("", text, count=1)
+                if not t or t == text:  # (3): a blob goes only if something is left
+                    break
+            text = t
+        low = text.lower()
+        if low.startswith("[fwd:") and text.endswith("]"):  # (6)
+            text = text[5:-1].strip()
+        if text == before:
+            return text
+
+
+def _first_mailbox(value: str | None) -> str:
+    """The addr-mailbox (local part) of the first address, for SORT FROM/TO/CC."""
+    if not value:
+        return ""
+    for _, addr in email.utils.getaddresses([value]):
+        if addr:
+            return addr.rpartition("@")[0].lower() if "@" in addr else addr.lower()
+    return ""
+
+
+def _sent_time(value: str | None, fallback: float) -> float:
+    """RFC 5256 DATE: the Date: header in UTC, else the internal date."""
+    if value:
+        try:
+            return email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    return fallback
+
+
+def _sort(folder: Folder, rows: list[tuple[int, int, MessageInfo]],
+          criteria: list[tuple[str, bool]]) -> list[tuple[int, int]]:
+    """SORT's ordering of (seq, uid) rows, from the index entries (file executor)."""
+    entries = icache.entries(folder, [r[2] for r in rows]) if rows else []
+    keyed = []
+    for (seq, u, info), e in zip(rows, entries, strict=True):
+        got: dict[str, str] = {}
+        if e is not None:
+            for n, v, _ in mime.header_fields(e.headers):
+                got.setdefault(n, v)  # the first of each field
+        values = {}
+        for name, _ in criteria:
+            if name == "ARRIVAL":
+                values[name] = e.internal_date if e else 0
+            elif name == "SIZE":
+                values[name] = e.vsize if e else 0
+            elif name == "DATE":
+                values[name] = _sent_time(got.get("date"), e.internal_date if e else 0)
+            elif name == "SUBJECT":
+                subject = icache.search_fields(e).get("subject", "") if e else ""
+                values[name] = base_subject(subject)
+            else:
+                values[name] = _first_mailbox(decode_header_value(got.get(name.lower(), "")))
+        keyed.append((seq, u, values))
+    # Stable sorts from the last criterion to the first; sequence order breaks ties.
+    keyed.sort(key=lambda r: r[0])
+    for name, rev in reversed(criteria):
+        keyed.sort(key=lambda r, name=name: r[2][name], reverse=rev)
+    return [(seq, u) for seq, u, _ in keyed]
+
+
 def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
     """A message in wire form (CRLF) and its MIME tree; an expunged one reads as empty."""
     raw = folder.read(info)
@@ -1594,9 +1711,9 @@ _STATES = {
     "APPEND": _AUTH, "IDLE": _AUTH, "NAMESPACE": _AUTH,
     "GETQUOTAROOT": _AUTH, "GETQUOTA": _AUTH, "SETQUOTA": _AUTH,
     "CHECK": ("SELECTED",), "CLOSE": ("SELECTED",), "UNSELECT": ("SELECTED",), "EXPUNGE": ("SELECTED",),
-    "SEARCH": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
+    "SEARCH": ("SELECTED",), "SORT": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
     "MOVE": ("SELECTED",),
 }
-_UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
+_UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT"}
 
 __all__ = ["ImapSession", "imap_date"]
