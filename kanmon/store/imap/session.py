@@ -88,7 +88,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT ENABLE"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -734,6 +734,13 @@ class ImapSession:
                 raise Bad(f"unknown STATUS item {key[:30]}")
         line = b"* STATUS " + mime.iastring(name) + f" ({' '.join(items)})\r\n".encode()
         return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
+
+    def _cmd_enable(self, tag: str, args: list) -> list[Event]:
+        """RFC 5161: nothing we offer needs enabling yet, so nothing is enabled (a client
+        asking for CONDSTORE or QRESYNC goes on without them, as the RFC says)."""
+        if not args or not all(isinstance(a, str) and not isinstance(a, QStr) for a in args):
+            raise Bad("ENABLE needs capability names")
+        return [Send(f"* ENABLED\r\n{tag} OK ENABLE completed\r\n".encode())]
 
     # -- QUOTA (RFC 9208): one root, "", per user: the domain's quota on all folders
     def _quota_line(self, limit: int) -> Steps:
@@ -1709,7 +1716,7 @@ _STATES = {
     "SELECT": _AUTH, "EXAMINE": _AUTH, "CREATE": _AUTH, "DELETE": _AUTH, "RENAME": _AUTH,
     "SUBSCRIBE": _AUTH, "UNSUBSCRIBE": _AUTH, "LIST": _AUTH, "LSUB": _AUTH, "STATUS": _AUTH,
     "APPEND": _AUTH, "IDLE": _AUTH, "NAMESPACE": _AUTH,
-    "GETQUOTAROOT": _AUTH, "GETQUOTA": _AUTH, "SETQUOTA": _AUTH,
+    "GETQUOTAROOT": _AUTH, "GETQUOTA": _AUTH, "SETQUOTA": _AUTH, "ENABLE": ("AUTHENTICATED",),
     "CHECK": ("SELECTED",), "CLOSE": ("SELECTED",), "UNSELECT": ("SELECTED",), "EXPUNGE": ("SELECTED",),
     "SEARCH": ("SELECTED",), "SORT": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
     "MOVE": ("SELECTED",),
