@@ -243,3 +243,21 @@ def test_throttle_in_flight_is_shared_by_processes(tmp_path) -> None:
     finally:
         a_state.close()
         b_state.close()
+
+
+def test_the_dummy_hash_is_made_on_the_first_login_only(tmp_path: Path) -> None:
+    """A node that never authenticates (balance only, relay only) never runs argon2."""
+
+    class Counting(PasswordHasher):
+        hashed = 0
+
+        def hash(self, password, *, salt=None):  # type: ignore[override]
+            Counting.hashed += 1
+            return super().hash(password, salt=salt)
+
+    config = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[[domain]]\nname = "example.test"\nmailboxes = ["alice"]\n')
+    users = Users(config, hasher=Counting(time_cost=1, memory_cost=1024, parallelism=1))
+    assert Counting.hashed == 0
+    assert not users.verify("nobody@example.test", "x")  # an unknown account: the dummy hash
+    assert not users.verify("nobody@example.test", "y")
+    assert Counting.hashed == 1
