@@ -68,6 +68,11 @@ def is_keyword(name: str) -> bool:
 
 # RFC 6154 special-use folders created with every mailbox.
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
+# Attributes a client may give a folder it creates (RFC 6154 3, CREATE-SPECIAL-USE); \\All
+# and \\Flagged would be virtual folders, which we do not have. Kept per account in
+# SPECIAL_USE_FILE, one "<attribute> <folder name>" per line.
+CREATABLE_USES = frozenset({"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"})
+SPECIAL_USE_FILE = "kanmon-special-use"
 
 
 class MaildirError(Exception):
@@ -886,6 +891,13 @@ class Mailbox:
             if name.startswith(old + DELIMITER):
                 moves.append((name, new + name[len(old):]))
         subs = self.subscriptions()
+        uses = self.special_uses()
+        if any(src in uses and SPECIAL_USE.get(src) != uses[src] for src, _ in moves):
+            with _subscriptions_lock:  # the folder keeps the use a client gave it
+                for src, dst in moves:
+                    if src in uses and SPECIAL_USE.get(src) != uses[src]:
+                        uses[dst] = uses.pop(src)
+                self._write_special_uses(uses)
         for src, dst in moves:
             os.rename(self._folder_path(src), self._folder_path(dst))
             with _folders_lock:
@@ -893,6 +905,44 @@ class Mailbox:
             if src in subs:
                 self.unsubscribe(src)
                 self.subscribe(dst)
+
+    # -- special use (RFC 6154): the defaults by name, and what clients asked for at CREATE
+    def special_uses(self) -> dict[str, str]:
+        """Folder name -> its special-use attribute."""
+        out = dict(SPECIAL_USE)
+        try:
+            text = (self.root / SPECIAL_USE_FILE).read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return out
+        for line in text.splitlines():
+            attr, _, name = line.partition(" ")
+            if attr in CREATABLE_USES and name:
+                out[name] = attr
+        return out
+
+    def _write_special_uses(self, uses: dict[str, str]) -> None:
+        extra = {n: a for n, a in uses.items() if SPECIAL_USE.get(n) != a}
+        tmp = self.root / f"{SPECIAL_USE_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(f"{a} {n}\n" for n, a in sorted(extra.items())))
+        os.replace(tmp, self.root / SPECIAL_USE_FILE)
+
+    def create_special_folder(self, name: str, use: str) -> None:
+        """CREATE with USE (RFC 6154 3): the folder, marked with one attribute that no
+        other existing folder has (MaildirError otherwise, before anything is made)."""
+        name = check_folder_name(name)
+        if use not in CREATABLE_USES:
+            raise MaildirError(f"{use} cannot be given to a folder")
+        with _subscriptions_lock:
+            uses = self.special_uses()
+            existing = set(self.folder_names())
+            if any(a == use and n in existing for n, a in uses.items()):
+                raise MaildirError(f"another folder is already {use}")
+            self.create_folder(name)
+            uses = {n: a for n, a in uses.items() if n in existing or n in SPECIAL_USE}
+            uses[name] = use
+            self._write_special_uses(uses)
 
     # -- subscriptions: one name per line in <root>/subscriptions (Dovecot reads this)
     def subscriptions(self) -> list[str]:

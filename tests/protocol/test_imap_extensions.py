@@ -111,3 +111,24 @@ def test_enable_enables_nothing_yet(tmp_path: Path) -> None:
     assert "BAD" in d.cmd("t3 ENABLE")
     d.cmd("s SELECT INBOX")
     assert "t4 BAD" in d.cmd("t4 ENABLE CONDSTORE")  # only before SELECT (RFC 5161 3.1)
+
+
+def test_create_special_use(tmp_path: Path) -> None:
+    d, users = session(tmp_path, None)
+    assert "CREATE-SPECIAL-USE" in d.cmd("c CAPABILITY")
+    # RFC 6154 5.2 example (two uses on one folder: refused; one: made)
+    assert "t0 NO [USEATTR]" in d.cmd("t0 CREATE MySpecial (USE (\\Drafts \\Sent))")
+    assert "t1 OK" in d.cmd("t1 CREATE MySpecial (USE (\\Archive))")
+    out = d.cmd('t2 LIST "" "*"')
+    assert '* LIST (\\HasNoChildren \\Archive) "." MySpecial\r\n' in out
+    assert '* LIST (\\HasNoChildren \\Sent) "." Sent\r\n' in out
+    assert "t3 NO [USEATTR]" in d.cmd("t3 CREATE Other (USE (\\Archive))")  # one folder per use
+    assert "Other" not in d.cmd('t4 LIST "" "*"')
+    assert "t5 NO [USEATTR]" in d.cmd("t5 CREATE Everything (USE (\\All))")  # no virtual folders
+    assert "t6 BAD" in d.cmd("t6 CREATE X (USE \\Archive)")
+    assert "t7 OK" in d.cmd("t7 RENAME MySpecial Old")
+    assert '* LIST (\\HasNoChildren \\Archive) "." Old\r\n' in d.cmd('t8 LIST "" "*"')
+    assert "t9 OK" in d.cmd("t9 DELETE Old")
+    assert "t10 OK" in d.cmd("t10 CREATE Again (USE (\\Archive))")  # the use is free again
+    again = users.mailbox(ALICE).special_uses()
+    assert again["Again"] == "\\Archive" and "MySpecial" not in again

@@ -63,8 +63,8 @@ from kanmon.store.imap.parser import (
     tokenize,
 )
 from kanmon.store.maildir import (
+    CREATABLE_USES,
     DELIMITER,
-    SPECIAL_USE,
     SYSTEM_FLAGS,
     BadFolderName,
     Folder,
@@ -88,7 +88,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT ENABLE"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT ENABLE CREATE-SPECIAL-USE"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -601,15 +601,33 @@ class ImapSession:
         return self._select(tag, args, readonly=True)
 
     def _cmd_create(self, tag: str, args: list) -> Steps:
-        if len(args) != 1:
+        if len(args) not in (1, 2):
             raise Bad("CREATE needs a mailbox name")
         assert self.mailbox is not None
+        use = None
+        if len(args) == 2:  # RFC 6154 3: CREATE name (USE (\Attribute))
+            opts = args[1]
+            if (not isinstance(opts, list) or len(opts) != 2 or not isinstance(opts[0], str)
+                    or opts[0].upper() != "USE" or not isinstance(opts[1], list) or not opts[1]):
+                raise Bad("CREATE takes (USE (attributes))")
+            if len(opts[1]) != 1:
+                raise No("[USEATTR] one special use per folder")
+            use = next((u for u in CREATABLE_USES if u.lower() == str(opts[1][0]).lower()), None)
+            if use is None:
+                raise No("[USEATTR] that special use is not supported")
         name = astring(args[0]).rstrip(DELIMITER)  # RFC 3501 6.3.3: a trailing delimiter is a hint
         name = self._folder_name(name)
         try:
-            yield FileWork(self.mailbox.create_folder, (name,))
+            if use is None:
+                yield FileWork(self.mailbox.create_folder, (name,))
+            else:
+                yield FileWork(self.mailbox.create_special_folder, (name, use))
         except FolderExists:
             raise No("[ALREADYEXISTS] mailbox already exists") from None
+        except BadFolderName:
+            raise
+        except MaildirError as e:
+            raise No(f"[USEATTR] {e}") from None
         return [Send(f"{tag} OK CREATE completed\r\n".encode())]
 
     def _cmd_delete(self, tag: str, args: list) -> Steps:
@@ -668,6 +686,7 @@ class ImapSession:
         full = ref + pattern if ref and not ref.endswith(DELIMITER) and not pattern.startswith(DELIMITER) else ref + pattern
         rx = _pattern_regex(full)
         names = yield FileWork(self.mailbox.folder_names)
+        uses = yield FileWork(self.mailbox.special_uses)
         existing = set(names)
         if verb == "LSUB":
             subs = yield FileWork(self.mailbox.subscriptions)
@@ -688,8 +707,8 @@ class ImapSession:
                 attrs.append("\\HasChildren")
             else:
                 attrs.append("\\HasNoChildren")
-            if name in SPECIAL_USE:
-                attrs.append(SPECIAL_USE[name])
+            if name in uses:
+                attrs.append(uses[name])
             lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + mime.iastring(name) + b"\r\n")
         return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
 
