@@ -57,6 +57,8 @@ def envelopes(c) -> dict[int, bytes]:
     assert typ == "OK"
     out = {}
     for item in data:
+        if item is None:  # imaplib's answer when no message matched (an empty folder)
+            continue
         line = item if isinstance(item, bytes) else item[0]
         m = re.search(rb"UID (\d+)", line)
         mid = re.search(rb'"(<m\d+@example.test>)"', line)

@@ -1106,6 +1106,9 @@ class ImapSession:
             ),
         )
         out = yield from self._refresh(allow_expunge=False)
+        if not need.any and names <= {"UID", "FLAGS"}:  # the message list's refresh: no file, no index
+            yield from self._fetch_flags(targets, "UID" in names, "FLAGS" in names, out)
+            return [Send(f"{tag} OK FETCH completed\r\n".encode())]
         chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
         start = 0
         while start < len(chosen):
@@ -1125,6 +1128,33 @@ class ImapSession:
             yield Send(b"".join(out))
             out = []
         return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
+
+    def _fetch_flags(self, targets: list[tuple[int, int]], with_uid: bool, with_flags: bool,
+                     out: list[bytes]) -> Generator[Send, Any, None]:
+        """FETCH of UID and FLAGS only, as _fetch_one would answer it (FLAGS last), with
+        each distinct flag list formatted once."""
+        sel = self.sel
+        assert sel is not None
+        memo: dict[tuple[frozenset[str], str, bool], str] = {}
+        lines = out
+        for n, (seq, u) in enumerate(targets, 1):
+            info = sel.infos.get(u)
+            if info is None:
+                continue
+            parts = f"UID {u}" if with_uid else ""
+            if with_flags:
+                key = (info.flags, info.extra, u in sel.recent)
+                flags = memo.get(key)
+                if flags is None:
+                    flags = memo[key] = _flag_list(self._all_flags(info), key[2])
+                parts = f"{parts} FLAGS {flags}" if parts else f"FLAGS {flags}"
+            lines.append(f"* {seq} FETCH ({parts})\r\n".encode())
+            if n % FETCH_BATCH_CACHED == 0:  # written batch by batch, as the general path does
+                yield Send(b"".join(lines))
+                lines.clear()
+        if lines:
+            yield Send(b"".join(lines))
+            lines.clear()
 
     def _fetch_one(self, seq: int, u: int, info: MessageInfo, wanted: list, files: _MessageFiles | None) -> bytes:
         """One FETCH response from what _message_files found (no I/O here)."""
