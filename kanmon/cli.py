@@ -14,6 +14,7 @@ from __future__ import annotations
 import click
 
 from kanmon import __version__
+from kanmon.commands.admins import admin
 from kanmon.commands.alert import alert
 from kanmon.commands.backup import backup, restore
 from kanmon.commands.balance import balance
@@ -41,5 +42,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats,
-                 alert, sendmail, backup, restore, service, verify, rules, quarantine):
+                 alert, sendmail, backup, restore, service, verify, rules, quarantine, admin):
     main.add_command(_command)
