@@ -1227,6 +1227,33 @@ class VirtualServer(Section):
     real: list[RealServer] = Field(default_factory=list, description="[[balancer.virtual_server.real]] tables")
 
 
+# [console]: the web console and its HTTP API (kanmon.console, docs/console.md).
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve anywhere: plain HTTP needs a loopback address
+
+
+class ConsoleSection(Section):
+    listen: HostPort = Field(("127.0.0.1", 8443), description="ip:port of the web console and /api/v1")
+    tls: bool = Field(True, description="HTTPS with the [tls] certificate (or the self-signed one); false: plain HTTP, "
+                                        "allowed only on a loopback address (a reverse proxy on this host)")
+    session_timeout: Duration = Field(1800.0, gt=0, description="A console session ends after this long without a request")
+    session_lifetime: Duration = Field(12 * 3600.0, gt=0, description="A console session ends this long after its login, "
+                                                                      "however active")
+
+    @model_validator(mode="after")
+    def _plain_only_on_loopback(self) -> ConsoleSection:
+        if not self.tls and not _is_loopback(self.listen[0]):
+            raise ValueError(f"listen: plain HTTP (tls = false) is allowed only on a loopback address, not "
+                             f"{self.listen[0]}: passwords and session cookies would cross the network in clear")
+        if self.session_timeout > self.session_lifetime:
+            raise ValueError("session_timeout must not be longer than session_lifetime")
+        return self
+
+
 class BalancerSection(Section):
     virtual_server: list[VirtualServer] = Field(default_factory=list, description="[[balancer.virtual_server]] tables")
 
@@ -1278,6 +1305,7 @@ class Config(Section):
     antivirus: AntivirusSection = Field(default_factory=AntivirusSection, description="Virus scanning with clamd")
     spam: SpamSection = Field(default_factory=SpamSection, description="Spam scoring with Rspamd")
     archive: ArchiveSection = Field(default_factory=ArchiveSection, description="A copy of every message (journaling)")
+    console: ConsoleSection | None = Field(None, description="The web console and HTTP API (docs/console.md); unset: off")
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

@@ -99,6 +99,8 @@ def listen_addresses(config: Config, mail_roles: bool) -> list[Address]:
             out += list(section.listen) + list(section.listen_tls)
     if config.metrics.listen is not None:
         out.append(tuple(config.metrics.listen))
+    if config.console is not None:
+        out.append(tuple(config.console.listen))
     return out
 
 
@@ -378,6 +380,13 @@ class Node:
                 (sock, _), = socks([config.metrics.listen], False)
                 fe.services.append(MetricsServer(self.monitoring.metrics, host, port, self.records.emit,
                                                  sock=sock, ready=lambda: self.ready))
+            if config.console is not None:
+                # The web console (imported only when configured: the web stack costs a
+                # node without it nothing).
+                from kanmon.console.service import ConsoleServer  # noqa: PLC0415
+
+                (sock, _), = socks([config.console.listen], False)
+                fe.services.append(ConsoleServer(self, config, sock, tls_context if config.console.tls else None))
         except BaseException:
             fe.close_dups()
             raise

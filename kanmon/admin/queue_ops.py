@@ -262,13 +262,20 @@ class QueueOps:
             "next_attempt": None if state == "hold" else (st.next_attempt or None),
         }
 
-    def list(self, filters: dict | Filters | None = None) -> dict:
+    def list(self, filters: dict | Filters | None = None, offset: int = 0, limit: int | None = None) -> dict:
+        """The matching messages, oldest first; with offset/limit one page of them
+        (`count` is every match: the console pages without sending them all)."""
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         rows = [self.row(e, s) for e, s in self.select(f)]
         if f.state == "corrupt" or (f.state == "all" and not f.has_criteria):
             rows.extend(self._corrupt_rows(f))  # no envelope to filter on: only by id
         rows.sort(key=lambda r: (r["arrival"] or 0, r["id"]))
-        return {"items": rows, "count": len(rows), "now": self.link.now()}
+        count = len(rows)
+        if offset or limit is not None:
+            if offset < 0 or (limit is not None and limit < 0):
+                raise ValueError("offset and limit are not negative")
+            rows = rows[offset:] if limit is None else rows[offset:offset + limit]
+        return {"items": rows, "count": count, "now": self.link.now()}
 
     def _corrupt_rows(self, f: Filters) -> list[dict]:
         out = []
@@ -726,7 +733,8 @@ class QueueOps:
 
 OPERATIONS = {
     # name over the control socket -> how to call QueueOps with the request's args
-    "list": lambda ops, a: ops.list(a.get("filters")),
+    "list": lambda ops, a: ops.list(a.get("filters"), int(a.get("offset") or 0),
+                                    None if a.get("limit") is None else int(a["limit"])),
     "show": lambda ops, a: ops.show(a["id"], int(a.get("lines", 50))),
     "act": lambda ops, a: ops.act(a["action"], a.get("filters") or {}, dry_run=bool(a.get("dry_run")),
                                   source=str(a.get("source", "kanmon queue")), whole_queue=bool(a.get("whole_queue"))),

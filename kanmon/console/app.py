@@ -1,0 +1,667 @@
+"""The console's Starlette application: login, pages, and the JSON API under /api/v1.
+
+Role: authenticate every request (a signed session cookie, or `Authorization: Bearer`
+with a token from `kanmon admin token`), check the role's permission, check the CSRF
+token of every write made with the cookie, and call the operations the CLI calls — the
+admin plane's queue and quarantine operations through `node.admin.handle` (the same
+dispatch as the control socket, in its worker thread), kanmon.records (trace, stats,
+event search) and kanmon.alerts (the test alert) in threads off the event loop. Pages
+and API share one function per operation (`_queue_list`, `_act`, ...), so they answer
+the same. Every write is an `audit:` line (kanmon.admin.accounts.audit).
+
+Trusts: nothing from the request: ids are checked (is_queue_id), filters validated by
+kanmon.admin.filters, text is escaped by Jinja2's autoescape, JSON bodies are bounded.
+Only /login, /static/ and /api/v1/openapi.json answer without a login.
+Never: answer a page or API call without a valid session or token; run a write without
+the role's permission and (for a cookie) the CSRF token; put anything inline that the
+Content-Security-Policy would have to allow (no inline script or style).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from kanmon.admin.accounts import ROLES, Account, AccountError, AdminAccounts, audit
+from kanmon.admin.filters import STATES, Filters
+from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
+from kanmon.console import charts, i18n
+from kanmon.console.openapi import openapi_document
+from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
+from kanmon.escape import for_log
+from kanmon.model import is_queue_id
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+MAX_PAGE = 500
+MAX_JSON = 64 * 1024
+LOGIN_COOKIE = "kanmon_login"
+QUEUE_ACTIONS = ("hold", "release", "delete")
+BULK_ACTIONS = ("hold", "release", "delete", "bounce", "flush")
+FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "header", "body", "size", "attempts")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
+ALERT_TEST_WAIT = 20.0
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    account: Account
+    session: Session | None  # None: a Bearer token
+    ip: str
+
+    @property
+    def via(self) -> str:
+        return "console" if self.session is not None else "api token"
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def _time(ts) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+
+
+class ConsoleApp:
+    """One per console listener; `app` is the ASGI application."""
+
+    def __init__(self, node, config: Config):
+        self.node = node
+        self.config = config
+        self.cfg = config.console
+        self.data_dir = Path(config.server.data_dir)
+        self.accounts = AdminAccounts(self.data_dir)
+        self.sessions = Sessions(load_secret(self.data_dir), self.cfg.session_timeout, self.cfg.session_lifetime)
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+                               extensions=["jinja2.ext.i18n"])
+        self.env.filters["time"] = _time
+        self.logged_out: dict[str, float] = {}  # session id -> when it would have expired anyway
+        self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
+        self.app.add_middleware(_Headers)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def emit(self, text: str, kind: str = "info", **kw) -> None:
+        self.node.records.emit(text, kind=kind, **kw)
+
+    async def _crashed(self, request: Request, exc: Exception) -> Response:
+        self.emit(f"console: {request.method} {for_log(request.url.path)} failed: {type(exc).__name__}: {exc}",
+                  kind="error")
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": "internal error (see the event log)"}, 500)
+        return HTMLResponse("<h1>500</h1><p>internal error (see the event log)</p>", 500)
+
+    def render(self, request: Request, name: str, who: Who | None, status: int = 200, **ctx) -> HTMLResponse:
+        lang = i18n.negotiate(request.headers.get("accept-language"), who.account.lang if who else None)
+        gettext, ngettext = i18n.gettext_for(lang)
+        template = self.env.get_template(name)
+        html = template.render(
+            _=gettext, gettext=gettext, ngettext=ngettext, lang=lang, who=who, request=request,
+            csrf=self.sessions.csrf_token(who.session) if who and who.session else "",
+            can=(lambda perm: who is not None and who.account.can(perm)), path=request.url.path, **ctx)
+        return HTMLResponse(html, status)
+
+    async def call(self, op: str, args: dict) -> dict:
+        """An admin-plane operation (kanmon.admin.queue_ops.dispatch, in its worker thread)."""
+        reply = await self.node.admin.handle({"op": op, "args": args})
+        if not reply.get("ok"):
+            error = str(reply.get("error"))
+            raise Refused(404 if "not in the queue" in error or "no such" in error.lower() or "not found" in error
+                          else 400, error)
+        return reply["result"]
+
+    # -- who is asking -------------------------------------------------------------------------
+
+    async def authenticate(self, request: Request) -> tuple[Who | None, str | None]:
+        """(who, why not): a Bearer token, else the session cookie."""
+        ip = client_ip(request)
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            account = self.accounts.by_token(auth[7:].strip())
+            if account is None:
+                return None, "bad token"
+            return Who(account, None, ip), None
+        cookie = request.cookies.get(COOKIE_NAME)
+        if not cookie:
+            return None, None
+        session = self.sessions.decode(cookie)
+        account = self.accounts.get(session.name) if session else None
+        why = self.sessions.check(session, ip, account.password_version if account else None, time.time())
+        if why is None and session is not None and session.sid in self.logged_out:
+            why = "logged out"
+        if why is not None:
+            if why == "session used from another address" and session is not None:
+                self.emit(f"console: session of {for_log(session.name)} from {session.ip} refused from {ip}",
+                          kind="warning")
+            return None, why
+        assert account is not None and session is not None
+        return Who(account, session, ip), None
+
+    def _set_session(self, response: Response, request: Request, session: Session) -> None:
+        response.set_cookie(COOKIE_NAME, self.sessions.encode(session), httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+
+    def guarded(self, handler, perm: str = "read", api: bool = False):
+        """The endpoint: login, permission, CSRF (writes with the cookie), then handler."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                who, why = await self.authenticate(request)
+                if who is None:
+                    if api:
+                        return JSONResponse({"error": "login required" + (f" ({why})" if why else "")}, 401,
+                                            headers={"WWW-Authenticate": 'Bearer realm="kanmon"'})
+                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    response = RedirectResponse("/login?" + urllib.parse.urlencode({"next": target}), 303)
+                    if why:
+                        response.delete_cookie(COOKIE_NAME, path="/")
+                    return response
+                if not who.account.can(perm):
+                    raise Refused(403, f"the role {who.account.role} may not do this")
+                if request.method == "POST" and who.session is not None:
+                    token = request.headers.get("x-csrf-token")
+                    if token is None and not api:
+                        token = (await request.form()).get("csrf")
+                    if not self.sessions.csrf_ok(who.session, token if isinstance(token, str) else None):
+                        raise Refused(403, "CSRF token missing or wrong: reload the page")
+                response = await handler(request, who)
+                cookies = response.headers.getlist("set-cookie")
+                if who.session is not None and not any(c.startswith(COOKIE_NAME + "=") for c in cookies):
+                    # The idle timeout counts from this request (logout sets its own).
+                    self._set_session(response, request, dataclasses.replace(who.session, seen=time.time()))
+                return response
+            except Refused as e:
+                if api or request.url.path.startswith("/api/"):
+                    return JSONResponse({"error": e.message}, e.status)
+                return HTMLResponse(f"<!doctype html><title>{e.status}</title><h1>{e.status}</h1>"
+                                    f"<p>{_html(e.message)}</p><p><a href=\"/\">back</a></p>", e.status)
+
+        return endpoint
+
+    def write_audit(self, who: Who, action: str, target: str, outcome: str) -> None:
+        audit(self.emit, who.account.name, who.account.role, action, target, source=who.ip, via=who.via,
+              outcome=outcome)
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def routes(self) -> list:
+        g = self.guarded
+        return [
+            Route("/login", self.login_page, methods=["GET"]),
+            Route("/login", self.login_post, methods=["POST"]),
+            Route("/logout", g(self.logout), methods=["POST"]),
+            Route("/", g(self.dashboard)),
+            Route("/queue", g(self.queue_page)),
+            Route("/queue/act", g(self.queue_bulk, "queue"), methods=["POST"]),
+            Route("/queue/{qid}", g(self.message_page)),
+            Route("/queue/{qid}/{action}", g(self.message_act, "queue"), methods=["POST"]),
+            Route("/trace", g(self.trace_page)),
+            Route("/events", g(self.events_page)),
+            Route("/alerts", g(self.alerts_page)),
+            Route("/alerts/test", g(self.alerts_test, "alerts"), methods=["POST"]),
+            Route("/alerts/status/{qid}", g(self.alert_status)),
+            Route("/quarantine", g(self.quarantine_page)),
+            Route("/quarantine/{qid}", g(self.quarantine_item)),
+            Route("/quarantine/{qid}/{action}", g(self.quarantine_act, "quarantine"), methods=["POST"]),
+            Route("/settings", g(self.settings_page)),
+            Route("/settings", g(self.settings_post), methods=["POST"]),
+            Route("/api/v1/openapi.json", self.openapi),
+            Route("/api/v1/me", g(self.api_me, api=True)),
+            Route("/api/v1/queue", g(self.api_queue, api=True)),
+            Route("/api/v1/queue/{qid}", g(self.api_message, api=True)),
+            Route("/api/v1/queue/{qid}/{action}", g(self.api_message_act, "queue", api=True), methods=["POST"]),
+            Route("/api/v1/trace", g(self.api_trace, api=True)),
+            Route("/api/v1/events", g(self.api_events, api=True)),
+            Route("/api/v1/stats", g(self.api_stats, api=True)),
+            Route("/api/v1/alerts", g(self.api_alerts, api=True)),
+            Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
+            Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
+            Route("/api/v1/quarantine/{qid}", g(self.api_quarantine_item, api=True)),
+            Route("/api/v1/quarantine/{qid}/{action}", g(self.api_quarantine_act, "quarantine", api=True),
+                  methods=["POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+    # -- login ---------------------------------------------------------------------------------
+
+    def _login_token(self, nonce: str) -> str:
+        return self.sessions.csrf_token(Session("", "login:" + nonce, "", 0, 0, ""))
+
+    async def login_page(self, request: Request, error: str = "", status: int = 200) -> Response:
+        nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(16)
+        response = self.render(request, "login.html", None, status, error=error, login_csrf=self._login_token(nonce),
+                               next=_safe_next(request.query_params.get("next")))
+        response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/login")
+        return response
+
+    async def login_post(self, request: Request) -> Response:
+        form = await request.form()
+        ip = client_ip(request)
+        name = str(form.get("username") or "")[:64]
+        password = str(form.get("password") or "")
+        nonce = request.cookies.get(LOGIN_COOKIE) or ""
+        gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language")))
+        if not nonce or not self.sessions.csrf_ok(Session("", "login:" + nonce, "", 0, 0, ""), form.get("csrf")):
+            return await self.login_page(request, gettext("The form expired: please log in again."), 403)
+        throttle = self.node.throttle
+        key = "console " + name
+        wait = await asyncio.to_thread(throttle.reserve, ip, key)
+        if wait > 0:
+            self.emit(f"console: login of {for_log(name)} from {ip} refused: too many failures", kind="warning")
+            return await self.login_page(request, gettext("Too many failed logins: try again later."), 429)
+        account = await asyncio.to_thread(self.accounts.verify, name, password)
+        if account is None or not await asyncio.to_thread(throttle.succeeded, ip, key):
+            if account is None:
+                failure = await asyncio.to_thread(throttle.failed, ip, key)
+                self.emit(f"console: login failed for {for_log(name)} from {ip}", kind="warning")
+                await asyncio.sleep(failure.delay)
+            return await self.login_page(request, gettext("Wrong name or password."), 401)
+        session = self.sessions.new(account.name, ip, account.password_version, time.time())
+        self.emit(f"console: {account.name} ({account.role}) logged in from {ip}")
+        response = RedirectResponse(_safe_next(str(form.get("next") or "")) or "/", 303)
+        self._set_session(response, request, session)
+        response.delete_cookie(LOGIN_COOKIE, path="/login")
+        return response
+
+    async def logout(self, request: Request, who: Who) -> Response:
+        if who.session is not None:  # a copy of the cookie kept elsewhere ends too
+            now = time.time()
+            self.logged_out = {sid: until for sid, until in self.logged_out.items() if until > now}
+            self.logged_out[who.session.sid] = who.session.login + self.cfg.session_lifetime
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(COOKIE_NAME, path="/")
+        return response
+
+    # -- shared operations: one function per operation for pages and API -------------------------
+
+    def _filters(self, params) -> dict:
+        criteria = {("mail_from" if k == "from" else k): params.get(k) for k in FILTER_PARAMS if params.get(k)}
+        state = params.get("state") or "all"
+        try:
+            return Filters(state=state, **criteria).to_json()
+        except ValueError as e:
+            raise Refused(400, str(e)) from None
+
+    async def _queue_list(self, params, offset: int | None, limit: int | None) -> dict:
+        args: dict = {"filters": self._filters(params)}
+        if offset is not None or limit is not None:
+            args.update(offset=offset or 0, limit=limit)
+        return await self.call("list", args)
+
+    async def _act(self, who: Who, action: str, ids: list[str] | None, filters: dict | None, dry_run: bool = False) -> dict:
+        if ids is not None:
+            bad = [i for i in ids if not is_queue_id(i)]
+            if bad or not ids:
+                raise Refused(400, "not a queue id: " + ", ".join(bad[:3]) if bad else "no message selected")
+            filters = {"ids": ids, "state": "all"}
+        source = f"console {who.account.name}"
+        result = await self.call("act", {"action": action, "filters": filters, "dry_run": dry_run, "source": source})
+        if not dry_run:
+            target = " ".join(ids[:20]) if ids else Filters.from_json(filters).describe()
+            self.write_audit(who, f"queue {action}", target, f"{len(result['acted'])} of {result['matched']} done")
+        return result
+
+    async def _alert_test(self, who: Who, category: str) -> dict:
+        if category not in ALERT_CATEGORIES:
+            raise Refused(400, f"category must be one of {', '.join(ALERT_CATEGORIES)}")
+        from kanmon.alerts import request_test_alert  # noqa: PLC0415
+
+        outcome = await asyncio.to_thread(request_test_alert, self.data_dir, category, ALERT_TEST_WAIT)
+        qid = outcome.rpartition("(queue id ")[2].rstrip(")") if outcome and "(queue id " in outcome else None
+        self.write_audit(who, "alert test", category, "no answer" if outcome is None else ("queued " + qid if qid else "not mailed"))
+        return {"category": category, "outcome": outcome or "no answer from the alerts within "
+                f"{ALERT_TEST_WAIT:.0f} s", "queue_id": qid}
+
+    async def _trace(self, q: str, since: float | None) -> list[dict]:
+        from kanmon.records.trace import trace  # noqa: PLC0415
+
+        return [t.as_dict() for t in await asyncio.to_thread(trace, self.data_dir, q, since)]
+
+    async def _events(self, grep: str | None, since: float | None, limit: int) -> list[dict]:
+        from kanmon.records.query import search_events  # noqa: PLC0415
+
+        rows = await asyncio.to_thread(search_events, self.data_dir, since=since, grep=grep or None, limit=limit)
+        return [r.as_dict() for r in rows]
+
+    async def _stats(self, by: str, since: float) -> dict:
+        from kanmon.records.stats import collect  # noqa: PLC0415
+
+        return (await asyncio.to_thread(collect, self.data_dir, since, None, by, 5)).as_dict()
+
+    async def _alerts(self, since: float) -> dict:
+        from kanmon.alerts import recent_alerts  # noqa: PLC0415
+
+        recent, active = await asyncio.to_thread(recent_alerts, self.data_dir, since)
+        return {"active": [dataclasses.asdict(a) for a in active], "recent": [dataclasses.asdict(a) for a in recent]}
+
+    async def _quarantine_act(self, who: Who, qid: str, action: str) -> dict:
+        if action not in ("release", "delete"):
+            raise Refused(404, "no such action")
+        by = f"console {who.account.name}"
+        result = await self.call(f"quarantine_{action}", {"ids": [qid], "by": by})
+        done = result.get("released" if action == "release" else "deleted") or []
+        self.write_audit(who, f"quarantine {action}", qid, "ok" if done else "; ".join(result.get("errors") or ["not done"]))
+        if not done:
+            raise Refused(404, "; ".join(result.get("errors") or ["not in the quarantine"]))
+        return result
+
+    # -- pages ---------------------------------------------------------------------------------------
+
+    async def dashboard(self, request: Request, who: Who) -> Response:
+        now = time.time()
+        hourly, daily, queue, alerts = await asyncio.gather(
+            self._stats("hour", now - 24 * 3600), self._stats("day", now - 30 * 86400),
+            self._queue_list({}, 0, 1), self._alerts(now - 30 * 86400))
+        jobs = await self.node.admin.maintenance_status()
+        gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
+        legend = {s: gettext(s) for s in charts.SERIES}
+
+        def chart(stats: dict, step: int, fmt: str, title: str) -> str:
+            by_start = {int(b["start"]) // step: b for b in stats["buckets"]}
+            first = int(stats["since"]) // step + 1
+            last = int(stats["until"]) // step
+            keys = list(range(first, last + 1))
+            points = [by_start.get(k, {}) for k in keys]
+            labels = [time.strftime(fmt, time.localtime(k * step)) for k in keys]
+            return charts.line_chart(points, labels, title, legend=legend)
+
+        oldest = queue["items"][0]["arrival"] if queue["items"] else None
+        return self.render(request, "dashboard.html", who,
+                           hourly=chart(hourly, 3600, "%H:00", gettext("Messages per hour, last 24 hours")),
+                           daily=chart(daily, 86400, "%m-%d", gettext("Messages per day, last 30 days")),
+                           totals=hourly["totals"], queue_count=queue["count"], oldest=oldest, now=now,
+                           active=alerts["active"], jobs=jobs)
+
+    async def queue_page(self, request: Request, who: Who) -> Response:
+        params = request.query_params
+        offset = _int(params.get("offset"), 0)
+        limit = min(_int(params.get("limit"), PAGE_SIZE) or PAGE_SIZE, MAX_PAGE)
+        error = ""
+        try:
+            result = await self._queue_list(params, offset, limit)
+        except Refused as e:
+            result, error = {"items": [], "count": 0}, e.message
+        keep = {k: params.get(k) for k in ("state", *FILTER_PARAMS) if params.get(k)}
+        def page_url(o: int) -> str:
+            return "/queue?" + urllib.parse.urlencode({**keep, "offset": o, "limit": limit})
+        return self.render(request, "queue.html", who, result=result, offset=offset, limit=limit, error=error,
+                           filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=params.get("msg", ""),
+                           prev_url=page_url(max(0, offset - limit)) if offset > 0 else None,
+                           next_url=page_url(offset + limit) if offset + limit < result["count"] else None,
+                           filter_query=urllib.parse.urlencode(keep), bulk_actions=BULK_ACTIONS)
+
+    async def message_page(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        detail = await self.call("show", {"id": qid, "lines": 50})
+        return self.render(request, "message.html", who, m=detail, msg=request.query_params.get("msg", ""))
+
+    async def message_act(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        action = request.path_params["action"]
+        if action not in QUEUE_ACTIONS:
+            raise Refused(404, "no such action")
+        result = await self._act(who, action, [qid], None)
+        msg = f"{action}: {len(result['acted'])} of {result['matched']}"
+        form = await request.form()
+        back = "/queue" if action == "delete" or form.get("back") == "list" else f"/queue/{qid}"
+        return RedirectResponse(f"{back}?{urllib.parse.urlencode({'msg': msg})}", 303)
+
+    async def queue_bulk(self, request: Request, who: Who) -> Response:
+        """A selection (checked ids) or the current filter: first a confirmation that shows
+        the count, then (confirm=yes) the action."""
+        form = await request.form()
+        action = str(form.get("action") or "")
+        if action not in BULK_ACTIONS:
+            raise Refused(400, f"action must be one of {', '.join(BULK_ACTIONS)}")
+        ids = [str(i) for i in form.getlist("id")]
+        filters = None
+        if not ids:
+            query = urllib.parse.parse_qs(str(form.get("filter_query") or ""))
+            filters = self._filters({k: v[0] for k, v in query.items()})
+            if Filters.from_json(filters).empty:
+                raise Refused(400, "select messages or give a filter first (the whole queue is not a selection)")
+        if form.get("confirm") != "yes":
+            preview = await self._act(who, action, ids or None, filters, dry_run=True)
+            return self.render(request, "confirm.html", who, action=action, preview=preview, ids=ids,
+                               filter_query=str(form.get("filter_query") or ""))
+        result = await self._act(who, action, ids or None, filters)
+        msg = f"{action}: {len(result['acted'])} of {result['matched']}"
+        return RedirectResponse("/queue?" + urllib.parse.urlencode({"msg": msg}), 303)
+
+    async def trace_page(self, request: Request, who: Who) -> Response:
+        from kanmon.records.query import search_history  # noqa: PLC0415
+
+        p = request.query_params
+        q = (p.get("q") or "").strip()
+        since = _since(p.get("since") or "7d")
+        timelines = await self._trace(q, since) if q else []
+        history = []
+        if any(p.get(k) for k in ("from", "to", "subject")) or (q and not timelines):
+            history = await asyncio.to_thread(
+                search_history, self.data_dir, since=since, mail_from=p.get("from") or None,
+                rcpt=p.get("to") or None, subject=p.get("subject") or (q if q and "@" not in q else None) or None,
+                limit=200)
+        return self.render(request, "trace.html", who, q=q, since=p.get("since") or "7d", timelines=timelines,
+                           history=history, params=p)
+
+    async def events_page(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        rows = await self._events(p.get("grep"), _since(p.get("since") or "1d"), 500)
+        return self.render(request, "events.html", who, rows=rows, grep=p.get("grep") or "", since=p.get("since") or "1d")
+
+    async def alerts_page(self, request: Request, who: Who) -> Response:
+        data = await self._alerts(time.time() - 7 * 86400)
+        return self.render(request, "alerts.html", who, categories=ALERT_CATEGORIES, alerts=data,
+                           cfg=self.config.alerts, result=None)
+
+    async def alerts_test(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        result = await self._alert_test(who, str(form.get("category") or ""))
+        if request.headers.get("hx-request"):
+            return self.render(request, "alert_result.html", who, result=result)
+        data = await self._alerts(time.time() - 7 * 86400)
+        return self.render(request, "alerts.html", who, categories=ALERT_CATEGORIES, alerts=data,
+                           cfg=self.config.alerts, result=result)
+
+    async def alert_status(self, request: Request, who: Who) -> Response:
+        """The delivery status of a test alert (polled by the page until it is final)."""
+        qid = _qid(request.path_params["qid"])
+        timelines = await self._trace(qid, None)
+        final = timelines[0]["final"] if timelines else ""
+        status = timelines[0]["status"] if timelines else {}
+        return self.render(request, "alert_status.html", who, qid=qid, final=final, rcpt_status=status)
+
+    async def quarantine_page(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        args = {k: p.get(k) for k in ("kind", "from", "to", "reason", "older_than") if p.get(k)}
+        result = await self.call("quarantine_list", {"filters": args})
+        return self.render(request, "quarantine.html", who, items=result["items"], msg=p.get("msg", ""), filters=args)
+
+    async def quarantine_item(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        return self.render(request, "quarantine_item.html", who, m=await self.call("quarantine_show", {"id": qid}))
+
+    async def quarantine_act(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        action = request.path_params["action"]
+        await self._quarantine_act(who, qid, action)
+        return RedirectResponse("/quarantine?" + urllib.parse.urlencode({"msg": f"{action}: {qid}"}), 303)
+
+    async def settings_page(self, request: Request, who: Who) -> Response:
+        return self.render(request, "settings.html", who, languages=i18n.LANGUAGES, roles=ROLES)
+
+    async def settings_post(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        lang = str(form.get("lang") or "")
+        try:
+            await asyncio.to_thread(self.accounts.set_lang, who.account.name, None if lang == "browser" else lang)
+        except AccountError as e:
+            raise Refused(400, str(e)) from None
+        self.write_audit(who, "settings lang", lang, "ok")
+        return RedirectResponse("/settings", 303)
+
+    # -- API -------------------------------------------------------------------------------------------
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def api_me(self, request: Request, who: Who) -> Response:
+        return JSONResponse({"name": who.account.name, "role": who.account.role, "via": who.via})
+
+    async def api_queue(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        offset = _int(p.get("offset"), None)
+        limit = _int(p.get("limit"), None)
+        return JSONResponse(await self._queue_list(p, offset, limit))
+
+    async def api_message(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        return JSONResponse(await self.call("show", {"id": qid, "lines": _int(request.query_params.get("lines"), 50)}))
+
+    async def api_message_act(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        action = request.path_params["action"]
+        if action not in QUEUE_ACTIONS:
+            raise Refused(404, "no such action")
+        return JSONResponse(await self._act(who, action, [qid], None))
+
+    async def api_trace(self, request: Request, who: Who) -> Response:
+        q = (request.query_params.get("q") or "").strip()
+        if not q:
+            raise Refused(400, "q is a queue id, a Message-ID or an address")
+        return JSONResponse(await self._trace(q, _since(request.query_params.get("since") or "7d")))
+
+    async def api_events(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        limit = min(_int(p.get("limit"), 1000) or 1000, 10_000)
+        return JSONResponse(await self._events(p.get("grep"), _since(p.get("since") or "1d"), limit))
+
+    async def api_stats(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        by = p.get("by") or "hour"
+        if by not in ("hour", "day"):
+            raise Refused(400, "by is hour or day")
+        return JSONResponse(await self._stats(by, _since(p.get("since") or ("24h" if by == "hour" else "30d"))))
+
+    async def api_alerts(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._alerts(_since(request.query_params.get("since") or "7d")))
+
+    async def api_alerts_test(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        return JSONResponse(await self._alert_test(who, str(body.get("category") or "")))
+
+    async def api_quarantine(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        args = {k: p.get(k) for k in ("kind", "from", "to", "reason", "older_than") if p.get(k)}
+        return JSONResponse(await self.call("quarantine_list", {"filters": args}))
+
+    async def api_quarantine_item(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self.call("quarantine_show", {"id": _qid(request.path_params["qid"])}))
+
+    async def api_quarantine_act(self, request: Request, who: Who) -> Response:
+        qid = _qid(request.path_params["qid"])
+        return JSONResponse(await self._quarantine_act(who, qid, request.path_params["action"]))
+
+
+class _Headers:
+    """Security headers on every answer: CSP without inline script or style, no framing,
+    no sniffing, no caching of pages; HSTS over TLS."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope["path"].startswith("/static/")
+        https = scope.get("scheme") == "https"
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                            (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin")]
+                if not static:
+                    headers.append((b"cache-control", b"no-store"))
+                if https:
+                    headers.append((b"strict-transport-security", b"max-age=31536000"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _html(text: str) -> str:
+    from html import escape  # noqa: PLC0415
+
+    return escape(text)
+
+
+def _int(text, default):
+    if text in (None, ""):
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise Refused(400, f"{text!r} is not a number") from None
+    if value < 0:
+        raise Refused(400, f"{value} is negative")
+    return value
+
+
+def _qid(text: str) -> str:
+    if not is_queue_id(text):
+        raise Refused(404, "not a queue id")
+    return text
+
+
+def _since(text: str) -> float:
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError as e:
+        raise Refused(400, f"since: {e}") from None
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this console (never //host or a scheme): no open redirect."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return ""
+    return target
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if len(raw) > MAX_JSON:
+        raise Refused(413, "the body is too large")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise Refused(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "the body is a JSON object")
+    return body

@@ -1,0 +1,97 @@
+"""The OpenAPI 3.1 document of /api/v1 (served at /api/v1/openapi.json without a login).
+
+Role: describe every API route the console serves (a test checks the document and the
+routes name the same paths). Trusts: nothing; it is constant. Never: describe a route
+that is not served, or leave one out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from kanmon import __version__
+from kanmon.config import ALERT_CATEGORIES
+
+_QID = {"name": "qid", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9A-Za-z]{10,20}$"},
+        "description": "a queue id"}
+_ERROR = {"description": "refused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_OBJ = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+_LIST = {"description": "ok", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}
+_COMMON = {"401": _ERROR, "403": _ERROR, "400": _ERROR}
+
+
+def _q(name: str, description: str, kind: str = "string") -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": kind}, "description": description}
+
+
+_FILTERS = [
+    {"name": "state", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": ["active", "deferred", "hold", "corrupt", "all"]}},
+    _q("from", "sender: a glob or a substring; <> is the null sender"),
+    _q("to", "a recipient not yet delivered: a glob or a substring"),
+    _q("domain", "a recipient not yet delivered is in this domain"),
+    _q("older_than", "arrived longer ago than this duration (1h, 3d)"),
+    _q("reason", "a reply of any attempt matches this regex"),
+    _q("subject", "the decoded Subject matches this regex"),
+    _q("header", "a decoded header line matches this regex"),
+    _q("body", "the text of the first 64 KB matches this regex"),
+    _q("size", "size bound: >1MB, <=100KB"),
+    _q("attempts", "attempts bound: >=5"),
+    _q("offset", "skip this many matches (paging)", "integer"),
+    _q("limit", "at most this many items (paging)", "integer"),
+]
+
+
+def _op(summary: str, params=(), write: bool = False, body: dict | None = None, response=_OBJ) -> dict:
+    op = {"summary": summary, "parameters": list(params), "responses": {"200": response, **_COMMON}}
+    if write:
+        op["description"] = ("A write: needs the role's permission (auditors get 403). With the session cookie it "
+                             "also needs the X-CSRF-Token header; with a Bearer token it does not.")
+        op["responses"]["404"] = _ERROR
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+@functools.cache
+def openapi_document() -> dict:
+    paths = {
+        "/api/v1/me": {"get": _op("who the token or session belongs to")},
+        "/api/v1/queue": {"get": _op("the queue, as `kanmon queue list --json` (same filters)", _FILTERS)},
+        "/api/v1/queue/{qid}": {"get": _op("one message: envelope, attempts, headers, first body lines",
+                                           [_QID, _q("lines", "body lines", "integer")])},
+        "/api/v1/trace": {"get": _op("timelines of the messages matching q, as `kanmon trace --json`",
+                                     [{**_q("q", "a queue id, a Message-ID or an address"), "required": True},
+                                      _q("since", "only the last duration (default 7d)")], response=_LIST)},
+        "/api/v1/events": {"get": _op("the event log, newest last", [_q("grep", "lines containing this text"),
+                                                                    _q("since", "duration, default 1d"),
+                                                                    _q("limit", "at most this many", "integer")],
+                                      response=_LIST)},
+        "/api/v1/stats": {"get": _op("message volume per hour or day, as `kanmon stats --json`",
+                                     [{"name": "by", "in": "query", "required": False,
+                                       "schema": {"type": "string", "enum": ["hour", "day"]}},
+                                      _q("since", "duration, default 24h (by hour) or 30d (by day)")])},
+        "/api/v1/alerts": {"get": _op("active and recent alerts", [_q("since", "duration, default 7d")])},
+        "/api/v1/alerts/test": {"post": _op("send a test alert of a category; its queue id", write=True, body={
+            "type": "object", "required": ["category"],
+            "properties": {"category": {"type": "string", "enum": list(ALERT_CATEGORIES)}}})},
+        "/api/v1/quarantine": {"get": _op("the quarantine", [_q(k, k) for k in ("kind", "from", "to", "reason", "older_than")])},
+        "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
+    }
+    for action in ("hold", "release", "delete"):
+        paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
+    for action in ("release", "delete"):
+        paths[f"/api/v1/quarantine/{{qid}}/{action}"] = {"post": _op(f"{action} one quarantined message", [_QID], write=True)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kanmon console API", "version": __version__,
+                 "description": "Authenticate with `Authorization: Bearer TOKEN` (`kanmon admin token NAME`)."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "cookie": {"type": "apiKey", "in": "cookie", "name": "kanmon_session"}},
+            "schemas": {"Error": {"type": "object", "properties": {"error": {"type": "string"}}}},
+        },
+        "security": [{"bearer": []}, {"cookie": []}],
+    }

@@ -1,0 +1,122 @@
+"""The console's session cookie, CSRF tokens and the secret they are signed with: pure logic.
+
+Role: a session is a small JSON document (admin name, session id, client IP, login time,
+last request time, the account's password version) signed with HMAC-SHA256 under a
+secret kept in <data_dir>/console/secret (0600, made once). `read_session` accepts a
+cookie only when the signature holds, it was used within `timeout` seconds, its login is
+younger than `lifetime`, it comes from the IP it was issued to (a cookie stolen and
+replayed from elsewhere is refused), and the account still exists with the same
+password (a password change or removal ends every session at once). The CSRF token of a
+session is an HMAC of its session id, so it needs no storage and changes at each login.
+
+Trusts: nothing in a cookie or a form until its MAC is checked (constant-time compare).
+Never: put a password or a hash in a cookie, or accept an unsigned or expired session.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+SECRET_BYTES = 32
+COOKIE_NAME = "kanmon_session"
+MAX_COOKIE = 2048
+
+
+def load_secret(data_dir: Path | str) -> bytes:
+    """The signing secret, created 0600 on first use (kept across restarts, so sessions
+    survive a reload; delete the file to end every session)."""
+    d = Path(data_dir) / "console"
+    d.mkdir(mode=0o700, exist_ok=True)
+    path = d / "secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        data = path.read_bytes()
+        if len(data) >= SECRET_BYTES:
+            return data[:SECRET_BYTES]
+        raise ValueError(f"{path} is damaged (shorter than {SECRET_BYTES} bytes): delete it to make a new one") from None
+    secret = secrets.token_bytes(SECRET_BYTES)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    name: str
+    sid: str
+    ip: str
+    login: float
+    seen: float
+    pv: str  # the account's password version at login
+
+
+class Sessions:
+    def __init__(self, secret: bytes, timeout: float, lifetime: float):
+        self.secret = secret
+        self.timeout = timeout
+        self.lifetime = lifetime
+
+    def _mac(self, purpose: bytes, data: bytes) -> bytes:
+        return hmac.new(self.secret, purpose + b"\0" + data, hashlib.sha256).digest()
+
+    def new(self, name: str, ip: str, password_version: str, now: float) -> Session:
+        return Session(name, secrets.token_urlsafe(16), ip, now, now, password_version)
+
+    def encode(self, s: Session) -> str:
+        body = json.dumps([s.name, s.sid, s.ip, s.login, s.seen, s.pv], separators=(",", ":")).encode()
+        return _b64(body) + "." + _b64(self._mac(b"session", body))
+
+    def decode(self, cookie: str | None) -> Session | None:
+        """The session in a cookie whose signature holds (no time or IP checks)."""
+        if not cookie or len(cookie) > MAX_COOKIE or cookie.count(".") != 1:
+            return None
+        body_text, mac_text = cookie.split(".")
+        try:
+            body, mac = _unb64(body_text), _unb64(mac_text)
+        except (ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(mac, self._mac(b"session", body)):
+            return None
+        try:
+            name, sid, ip, login, seen, pv = json.loads(body)
+            return Session(str(name), str(sid), str(ip), float(login), float(seen), str(pv))
+        except (ValueError, TypeError):
+            return None
+
+    def check(self, s: Session | None, ip: str, password_version: str | None, now: float) -> str | None:
+        """Why the session is refused, or None when it is good."""
+        if s is None:
+            return "no session"
+        if now - s.seen > self.timeout:
+            return "session timed out"
+        if now - s.login > self.lifetime or s.login > now + 60:
+            return "session expired"
+        if s.ip != ip:
+            return "session used from another address"
+        if password_version is None or not hmac.compare_digest(s.pv, password_version):
+            return "account removed or password changed"
+        return None
+
+    def csrf_token(self, s: Session) -> str:
+        return _b64(self._mac(b"csrf", s.sid.encode()))
+
+    def csrf_ok(self, s: Session, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(str(token).encode(), self.csrf_token(s).encode())

@@ -1,0 +1,346 @@
+"""The web console and /api/v1 against a real node: login, sessions, CSRF, roles, every
+route refused without a login, the queue actions, the test alert arriving in a mailbox,
+the audit lines, Japanese pages, TLS with the node's certificate."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from kanmon.admin.accounts import AdminAccounts
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.console.app import ConsoleApp
+from kanmon.console.openapi import openapi_document
+from kanmon.records.query import search_events
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+relay_networks = ["127.0.0.0/8"]
+min_free_disk = "1MB"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+[[domain]]
+name = "down.example"
+deliver = "relay"
+servers = ["127.0.0.1:1"]
+tls = "none"
+[outbound]
+connect_timeout = "2s"
+[queue]
+retry = "5m..1h"
+[alerts]
+to = ["alice@example.test"]
+[console]
+listen = "127.0.0.1:{console}"
+tls = false
+{tls}
+""" + TEST_DEFAULT_PROFILE
+
+PUBLIC = {"/login", "/api/v1/openapi.json"}
+
+
+def node_config(tmp_path: Path, tls: str = ""):
+    port, console = free_port(), free_port()
+    text = NODE.format(data_dir=tmp_path / "data", port=port, console=console, tls=tls)
+    if tls:
+        text = text.replace("tls = false\n", "")
+    return parse_config(text), port, console
+
+
+@pytest.fixture
+def console(tmp_path: Path):
+    config, port, console_port = node_config(tmp_path)
+    (tmp_path / "data").mkdir(mode=0o700)
+    accounts = AdminAccounts(tmp_path / "data")
+    accounts.add("alice", "admin", "alice-pw")
+    accounts.add("otto", "operator", "otto-pw")
+    accounts.add("audrey", "auditor", "audrey-pw")
+    with RunningNode(config, clock=ManualClock(time.time())) as node:
+        node.console_url = f"http://127.0.0.1:{console_port}"
+        node.clients = []
+        try:
+            yield node
+        finally:
+            for client in node.clients:
+                client.close()
+
+
+def login(node, name: str, password: str, **kw) -> httpx.Client:
+    client = api_client(node, **kw)
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = client.post("/login", data={"username": name, "password": password, "csrf": token})
+    assert r.status_code == 303, r.text
+    return client
+
+
+def api_client(node, **kw) -> httpx.Client:
+    client = httpx.Client(base_url=node.console_url, timeout=30, **kw)
+    node.clients.append(client)
+    return client
+
+
+def csrf_of(client: httpx.Client, path: str = "/") -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get(path).text).group(1)
+
+
+def send_deferred(node) -> str:
+    with smtplib.SMTP(node.host, node.port, timeout=30) as s:
+        s.sendmail("sender@example.test", ["bob@down.example"], b"Subject: stuck\r\n\r\nhello\r\n")
+    node.wait_idle()
+    items = node.node.admin.ops.list({"state": "deferred"})["items"]
+    assert len(items) == 1
+    return items[0]["id"]
+
+
+def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None:
+    app = ConsoleApp(console.node, console.node.config)
+    paths = []
+    for route in app.app.routes:
+        path = getattr(route, "path", "")
+        if path.startswith("/static"):
+            continue
+        methods = getattr(route, "methods", None) or {"GET"}
+        path = path.replace("{qid}", "0123456789ABCDE").replace("{action}", "hold")
+        paths += [(m, path) for m in methods if m != "HEAD"]
+    assert len(paths) > 25
+    with httpx.Client(base_url=console.console_url, timeout=30) as c:
+        for method, path in paths:
+            r = c.request(method, path)
+            if path in PUBLIC:
+                assert r.status_code in (200, 403), (method, path, r.status_code)
+            elif path.startswith("/api/"):
+                assert r.status_code == 401, (method, path, r.status_code)
+            else:
+                assert r.status_code == 303 and r.headers["location"].startswith("/login"), (method, path, r.status_code)
+            # A forged cookie and a wrong token are no better than none.
+            forged = {"Cookie": "kanmon_session=eyJ4IjoxfQ.AAAA"}
+            if path.startswith("/api/"):
+                forged["Authorization"] = "Bearer kmn_nope"
+            r = c.request(method, path, headers=forged)
+            if path not in PUBLIC:
+                assert r.status_code in (303, 401), (method, path, r.status_code)
+        assert c.get("/static/htmx.min.js").status_code == 200
+        assert c.get("/static/console.css").status_code == 200
+        assert c.get("/api/v1/openapi.json").json()["openapi"].startswith("3.")
+
+
+def test_openapi_names_exactly_the_api_routes(console) -> None:
+    app = ConsoleApp(console.node, console.node.config)
+    served = {r.path for r in app.app.routes if getattr(r, "path", "").startswith("/api/v1/")} - {"/api/v1/openapi.json"}
+    documented = {p.replace("/hold", "/{action}").replace("/release", "/{action}").replace("/delete", "/{action}")
+                  for p in openapi_document()["paths"]}
+    assert served == documented
+
+
+def test_login_sets_a_strict_httponly_cookie_and_a_wrong_password_is_refused(console) -> None:
+    with httpx.Client(base_url=console.console_url, timeout=30) as c:
+        page = c.get("/login")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "unsafe-inline" not in page.headers["content-security-policy"]
+        assert "<script>" not in page.text  # no inline script
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        bad = c.post("/login", data={"username": "alice", "password": "nope", "csrf": token})
+        assert bad.status_code == 401 and "kanmon_session" not in bad.headers.get("set-cookie", "")
+        nocsrf = c.post("/login", data={"username": "alice", "password": "alice-pw"})
+        assert nocsrf.status_code == 403
+        ok = c.post("/login", data={"username": "alice", "password": "alice-pw", "csrf": token})
+        assert ok.status_code == 303
+        cookie = [h for h in ok.headers.get_list("set-cookie") if h.startswith("kanmon_session=")][0]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        assert "Secure" not in cookie  # plain HTTP on loopback
+        assert c.get("/").status_code == 200
+    console.flush()
+    texts = [e.text for e in search_events(console.data_dir, grep="console:")]
+    assert any("login failed for alice" in t for t in texts) and any("alice (admin) logged in" in t for t in texts)
+
+
+def test_login_is_throttled_by_the_shared_limiter(console) -> None:
+    throttle = console.node.throttle
+    throttle.block_ip_after = 3
+    throttle.base_delay = throttle.max_delay = 0.0
+    with httpx.Client(base_url=console.console_url, timeout=30) as c:
+        for _ in range(3):
+            token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+            c.post("/login", data={"username": "alice", "password": "wrong", "csrf": token})
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+        r = c.post("/login", data={"username": "alice", "password": "alice-pw", "csrf": token})
+        assert r.status_code == 429  # blocked even with the right password
+    assert throttle.blocked_for("127.0.0.1") > 0
+
+
+def test_a_write_without_the_csrf_token_is_refused(console) -> None:
+    qid = send_deferred(console)
+    c = login(console, "alice", "alice-pw")
+    assert c.post(f"/queue/{qid}/hold").status_code == 403
+    assert c.post(f"/api/v1/queue/{qid}/hold").status_code == 403
+    assert c.post(f"/api/v1/queue/{qid}/hold", headers={"X-CSRF-Token": "wrong"}).status_code == 403
+    assert console.node.admin.ops.list({"state": "hold"})["count"] == 0
+    r = c.post(f"/api/v1/queue/{qid}/hold", headers={"X-CSRF-Token": csrf_of(c)})
+    assert r.status_code == 200 and r.json()["acted"] == [qid]
+
+
+def test_hold_and_release_from_the_pages_and_the_audit_lines(console) -> None:
+    qid = send_deferred(console)
+    c = login(console, "otto", "otto-pw")
+    page = c.get("/queue", params={"state": "deferred"})
+    assert qid in page.text and 'class="act-hold"' in page.text
+    token = csrf_of(c, f"/queue/{qid}")
+    r = c.post(f"/queue/{qid}/hold", data={"csrf": token})
+    assert r.status_code == 303
+    assert console.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == qid
+    r = c.post(f"/queue/{qid}/release", data={"csrf": token})
+    assert r.status_code == 303 and console.node.admin.ops.list({"state": "hold"})["count"] == 0
+    console.flush()
+    lines = [e for e in search_events(console.data_dir, grep="audit:")]
+    assert any(f"audit: otto (operator) from 127.0.0.1 via console: queue hold {qid}" in e.text for e in lines)
+    assert any("queue release" in e.text for e in lines)
+    assert all(e.kind == "audit" for e in lines)
+    assert any(e.fields and e.fields.get("who") == "otto" for e in lines)
+
+
+def test_bulk_delete_by_filter_asks_first_with_the_count(console) -> None:
+    qid = send_deferred(console)
+    c = login(console, "alice", "alice-pw")
+    token = csrf_of(c, "/queue")
+    r = c.post("/queue/act", data={"csrf": token, "action": "delete", "filter_query": "domain=down.example"})
+    assert r.status_code == 200 and 'id="confirm-count"' in r.text and "<strong>1</strong>" in r.text
+    assert console.node.admin.ops.list({})["count"] == 1  # nothing done yet
+    r = c.post("/queue/act", data={"csrf": token, "action": "delete", "filter_query": "domain=down.example",
+                                   "confirm": "yes"})
+    assert r.status_code == 303 and console.node.admin.ops.list({})["count"] == 0
+    # No filter and no selection is not "the whole queue".
+    assert c.post("/queue/act", data={"csrf": token, "action": "delete", "filter_query": ""}).status_code == 400
+    assert qid
+
+
+def test_auditor_reads_but_sees_no_write_button_and_gets_403(console) -> None:
+    qid = send_deferred(console)
+    c = login(console, "audrey", "audrey-pw")
+    for path in ("/", "/queue", f"/queue/{qid}", "/alerts", "/trace", "/events", "/quarantine"):
+        r = c.get(path)
+        assert r.status_code == 200, path
+        assert 'class="act-' not in r.text and 'class="test"' not in r.text, path
+    token = csrf_of(c)
+    assert c.post(f"/queue/{qid}/hold", data={"csrf": token}).status_code == 403
+    assert c.post(f"/api/v1/queue/{qid}/delete", headers={"X-CSRF-Token": token}).status_code == 403
+    assert c.post("/api/v1/alerts/test", json={"category": "queue"}, headers={"X-CSRF-Token": token}).status_code == 403
+    assert console.node.admin.ops.list({})["count"] == 1
+    # With a token too.
+    secret = AdminAccounts(console.data_dir).new_token("audrey")
+    api = api_client(console, headers={"Authorization": f"Bearer {secret}"})
+    assert api.get("/api/v1/queue").status_code == 200
+    assert api.post(f"/api/v1/queue/{qid}/hold").status_code == 403
+
+
+def test_api_queue_answers_what_queue_list_json_answers(console) -> None:
+    qid = send_deferred(console)
+    secret = AdminAccounts(console.data_dir).new_token("otto")
+    api = api_client(console, headers={"Authorization": f"Bearer {secret}"})
+    listed = api.get("/api/v1/queue", params={"state": "deferred", "domain": "down.example"}).json()
+    expected = console.node.admin.ops.list({"state": "deferred", "domain": "down.example"})
+    assert listed["items"] == expected["items"] and listed["count"] == 1
+    assert api.get("/api/v1/queue", params={"domain": "elsewhere.example"}).json()["count"] == 0
+    assert api.get("/api/v1/queue", params={"older_than": "soon"}).status_code == 400
+    page = api.get("/api/v1/queue", params={"offset": 1, "limit": 10}).json()
+    assert page["count"] == 1 and page["items"] == []
+    # A write with a Bearer token needs no CSRF token.
+    assert api.post(f"/api/v1/queue/{qid}/hold").json()["acted"] == [qid]
+    assert api.post(f"/api/v1/queue/{qid}/release").json()["acted"] == [qid]
+    assert api.get(f"/api/v1/queue/{qid}").json()["rcpts"] == ["bob@down.example"]
+    assert api.post(f"/api/v1/queue/{qid}/explode").status_code == 404
+    assert api.get("/api/v1/queue/not-an-id").status_code == 404
+    trace = api.get("/api/v1/trace", params={"q": qid}).json()
+    assert trace[0]["queue_id"] == qid
+    assert api.post(f"/api/v1/queue/{qid}/delete").json()["acted"] == [qid]
+    assert api.get("/api/v1/me").json() == {"name": "otto", "role": "operator", "via": "api token"}
+
+
+def test_the_alert_test_button_mails_a_test_alert_to_the_mailbox(console) -> None:
+    c = login(console, "alice", "alice-pw")
+    token = csrf_of(c, "/alerts")
+    r = c.post("/alerts/test", data={"csrf": token, "category": "queue"}, headers={"HX-Request": "true"})
+    assert r.status_code == 200, r.text
+    qid = re.search(r'class="qid">([0-9A-Za-z]+)<', r.text).group(1)
+    wait_for(lambda: maildir_messages(console.data_dir, "alice@example.test"), 30, "the alert in the mailbox")
+    mail = maildir_messages(console.data_dir, "alice@example.test")[0]
+    assert b"X-Kanmon-Alert: queue" in mail
+    console.flush()
+    status = c.get(f"/alerts/status/{qid}")
+    console.flush()
+    assert "delivery-status" in status.text, [e.text for e in search_events(console.data_dir, grep="console:")]
+    assert c.post("/api/v1/alerts/test", json={"category": "nope"}, headers={"X-CSRF-Token": token}).status_code == 400
+
+
+def test_pages_in_japanese_by_browser_and_by_the_admin_choice(console) -> None:
+    c = login(console, "alice", "alice-pw")
+    assert "ダッシュボード" in c.get("/", headers={"Accept-Language": "ja,en;q=0.5"}).text
+    assert "Dashboard" in c.get("/", headers={"Accept-Language": "en"}).text
+    c.post("/settings", data={"csrf": csrf_of(c, "/settings"), "lang": "ja"})
+    assert "ダッシュボード" in c.get("/", headers={"Accept-Language": "en"}).text
+
+
+def test_dashboard_draws_the_volume_chart(console) -> None:
+    send_deferred(console)
+    c = login(console, "alice", "alice-pw")
+    page = c.get("/").text
+    assert page.count("<svg") == 2 and "series-received" in page
+    assert 'id="queue-count"><a href="/queue">1</a>' in page
+
+
+def test_a_session_ends_on_logout_on_removal_and_when_the_password_changes(console) -> None:
+    c = login(console, "otto", "otto-pw")
+    assert c.get("/").status_code == 200
+    AdminAccounts(console.data_dir).set_password("otto", "new-pw")
+    assert c.get("/").status_code == 303
+    c = login(console, "otto", "new-pw")
+    AdminAccounts(console.data_dir).remove("otto")
+    assert c.get("/api/v1/me").status_code == 401
+    c = login(console, "alice", "alice-pw")
+    stolen = dict(c.cookies)
+    r = c.post("/logout", data={"csrf": csrf_of(c)})
+    assert r.status_code == 303
+    assert c.get("/").status_code == 303
+    replay = api_client(console)
+    replay.cookies.update(stolen)
+    assert replay.get("/api/v1/me").status_code == 401  # a copy of the cookie ended with the logout
+
+
+def test_console_over_tls_with_the_node_certificate_marks_the_cookie_secure(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx1.example.test", "127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    config, _port, console_port = node_config(tmp_path, tls=f'[tls]\ncert = "{cert_file}"\nkey = "{key_file}"\n')
+    assert config.console.tls
+    (tmp_path / "data").mkdir(mode=0o700)
+    AdminAccounts(tmp_path / "data").add("alice", "admin", "alice-pw")
+    with RunningNode(config, clock=ManualClock(time.time())) as node:
+        node.console_url = f"https://127.0.0.1:{console_port}"
+        node.clients = []
+        c = api_client(node, verify=ssl.create_default_context(cafile=str(ca_file)))
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+        r = c.post("/login", data={"username": "alice", "password": "alice-pw", "csrf": token})
+        cookie = [h for h in r.headers.get_list("set-cookie") if h.startswith("kanmon_session=")][0]
+        assert "Secure" in cookie
+        assert "max-age" in r.headers["strict-transport-security"]
+        with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as plain:
+            plain.get(f"http://127.0.0.1:{console_port}/login")
+        c.close()
