@@ -1,0 +1,117 @@
+"""The console in a real browser: Debian's chromium driven by Playwright against a real
+node. Log in, see the dashboard chart, hold and release a deferred message, press Test
+on the alert page and see the alert delivered to a mailbox, and an auditor who sees no
+write button and gets 403 from the API. No page may break the Content-Security-Policy.
+
+Skips (with the reason) where the playwright package or /usr/bin/chromium is missing;
+.ci/run installs chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kanmon.admin.accounts import AdminAccounts
+from kanmon.clock import ManualClock
+from tests.integration.test_console import node_config, send_deferred
+from tests.support.kanmon_node import RunningNode, maildir_messages, wait_for
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+CHROMIUM = os.environ.get("KANMON_CHROMIUM", "/usr/bin/chromium")
+if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT = 30_000  # ms: a bound on waits for the page, never a timing assertion
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    config, _port, console_port = node_config(tmp_path)
+    (tmp_path / "data").mkdir(mode=0o700)
+    accounts = AdminAccounts(tmp_path / "data")
+    accounts.add("alice", "admin", "alice-pw")
+    accounts.add("audrey", "auditor", "audrey-pw")
+    with RunningNode(config, clock=ManualClock(time.time())) as n:
+        n.console_url = f"http://127.0.0.1:{console_port}"
+        yield n
+
+
+@pytest.fixture
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_page(browser, node, violations: list[str]):
+    context = browser.new_context(base_url=node.console_url, locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    return context, page
+
+
+def log_in(page, name: str, password: str) -> None:
+    page.goto("/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/$"))
+
+
+def test_admin_and_auditor_in_chromium(browser, node) -> None:
+    violations: list[str] = []
+    qid = send_deferred(node)
+    context, page = open_page(browser, node, violations)
+    log_in(page, "alice", "alice-pw")
+    page.wait_for_selector("#chart-hourly svg.chart")
+    page.wait_for_selector("#chart-hourly polyline.series-received", state="attached")
+    assert page.locator("svg.chart").count() == 2
+    assert page.inner_text("#queue-count") == "1"
+
+    # Hold and release a deferred message from its page.
+    page.goto(f"/queue?state=deferred")
+    page.click(f"a[href='/queue/{qid}']")
+    assert page.inner_text("#message-state") == "deferred"
+    page.click("button.act-hold")
+    page.wait_for_selector("#message-state:text('hold')")
+    assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == qid
+    page.click("button.act-release")
+    page.wait_for_selector("#message-state:text('deferred')")
+    assert node.node.admin.ops.list({"state": "hold"})["count"] == 0
+
+    # The Test button: the alert is queued (its id shown), then delivered to the mailbox.
+    page.goto("/alerts")
+    page.click("#category-queue button.test")
+    qid_link = page.wait_for_selector("#result-queue a.qid")
+    alert_id = qid_link.inner_text()
+    assert re.fullmatch(r"[0-9A-Za-z]{10,20}", alert_id)
+    wait_for(lambda: maildir_messages(node.data_dir, "alice@example.test"), 30, "the alert in alice's mailbox")
+    assert b"X-Kanmon-Alert: queue" in maildir_messages(node.data_dir, "alice@example.test")[0]
+    node.flush()
+    page.wait_for_selector(f"#status-{alert_id}")  # htmx polled the delivery status
+    context.close()
+
+    # The auditor reads everything and sees no write button; the API answers 403.
+    context, page = open_page(browser, node, violations)
+    log_in(page, "audrey", "audrey-pw")
+    for path in (f"/queue/{qid}", "/queue", "/alerts"):
+        page.goto(path)
+        assert page.locator("button[class^='act-'], button.test, input[type=checkbox]").count() == 0, path
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    r = page.request.post(f"/api/v1/queue/{qid}/delete", headers={"X-CSRF-Token": token})
+    assert r.status == 403
+    assert node.node.admin.ops.list({})["count"] == 1
+    context.close()
+    assert violations == []
