@@ -196,12 +196,14 @@ class AdminAccounts:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_path = self.path.with_name(FILE_NAME + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        _keep_owner(fd, self.path.parent)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             accounts = dict(decode(self.path.read_bytes())) if self.path.exists() else {}
             yield accounts
             tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
             wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            _keep_owner(wfd, self.path.parent)
             with os.fdopen(wfd, "wb") as f:
                 f.write(encode(accounts))
                 f.flush()
@@ -257,6 +259,14 @@ class AdminAccounts:
 
     def revoke_token(self, name: str) -> None:
         self._change(name, token_sha256=None)
+
+
+def _keep_owner(fd: int, directory: Path) -> None:
+    """root ran the command in a data_dir that belongs to the service user: the file
+    stays that user's, or the server could no longer read it (as kanmon.userdb)."""
+    parent = os.stat(directory)
+    if os.geteuid() == 0 and parent.st_uid != 0:
+        os.fchown(fd, parent.st_uid, parent.st_gid)
 
 
 def _hash(password: str) -> str:
