@@ -344,3 +344,19 @@ def test_console_over_tls_with_the_node_certificate_marks_the_cookie_secure(tmp_
         with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as plain:
             plain.get(f"http://127.0.0.1:{console_port}/login")
         c.close()
+
+
+def test_a_reload_keeps_the_console_and_its_sessions_and_can_turn_it_off(console) -> None:
+    import asyncio
+
+    c = login(console, "alice", "alice-pw")
+    assert c.get("/api/v1/me").status_code == 200
+    old = console.node.config
+    longer = old.model_copy(update={"console": old.console.model_copy(update={"session_timeout": 3600.0})})
+    asyncio.run_coroutine_threadsafe(console.node.reload(longer), console.loop).result(60)
+    assert c.get("/api/v1/me").json()["name"] == "alice"  # same secret: the session goes on
+    assert c.get("/queue").status_code == 200
+    off = old.model_copy(update={"console": None})
+    asyncio.run_coroutine_threadsafe(console.node.reload(off), console.loop).result(60)
+    with pytest.raises(httpx.HTTPError), httpx.Client(timeout=10) as fresh:
+        fresh.get(console.console_url + "/login")
