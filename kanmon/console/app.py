@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import shutil
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
+from kanmon.units import format_size
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -390,11 +392,13 @@ class ConsoleApp:
             return charts.line_chart(points, labels, title, legend=legend)
 
         oldest = queue["items"][0]["arrival"] if queue["items"] else None
+        disk = await asyncio.to_thread(shutil.disk_usage, self.data_dir)
         return self.render(request, "dashboard.html", who,
                            hourly=chart(hourly, 3600, "%H:00", gettext("Messages per hour, last 24 hours")),
                            daily=chart(daily, 86400, "%m-%d", gettext("Messages per day, last 30 days")),
                            totals=hourly["totals"], queue_count=queue["count"], oldest=oldest, now=now,
-                           active=alerts["active"], jobs=jobs)
+                           active=alerts["active"], jobs=jobs, disk_free=format_size(disk.free),
+                           disk_used=f"{100 * (disk.total - disk.free) / disk.total:.0f}" if disk.total else "?")
 
     async def queue_page(self, request: Request, who: Who) -> Response:
         params = request.query_params

@@ -63,6 +63,6 @@ def line_chart(points: list[dict], labels: list[str], title: str, *, width: int 
         name = escape((legend or {}).get(s, s))
         out.append(f'<rect x="{lx}" y="4" width="10" height="10" fill="{COLOURS.get(s, "#333")}"/>'
                    f'<text x="{lx + 14}" y="13" class="legend">{name}</text>')
-        lx += 24 + 8 * len(name)
+        lx += 24 + sum(13 if ord(c) > 0x2000 else 7 for c in name)  # wide (CJK) characters take twice the room
     out.append("</svg>")
     return "".join(out)

@@ -30,6 +30,14 @@ if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT = 30_000  # ms: a bound on waits for the page, never a timing assertion
+# KANMON_SCREENSHOTS=docs/console: the run also saves the screenshots docs/console.md shows.
+SHOTS = os.environ.get("KANMON_SCREENSHOTS")
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
 
 
 @pytest.fixture
@@ -79,13 +87,16 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     page.wait_for_selector("#chart-hourly polyline.series-received", state="attached")
     assert page.locator("svg.chart").count() == 2
     assert page.inner_text("#queue-count") == "1"
+    shot(page, "dashboard")
 
     # Hold and release a deferred message from its page.
-    page.goto(f"/queue?state=deferred")
+    page.goto("/queue?state=deferred")
+    shot(page, "queue")
     page.click(f"a[href='/queue/{qid}']")
     assert page.inner_text("#message-state") == "deferred"
     page.click("button.act-hold")
     page.wait_for_selector("#message-state:text('hold')")
+    shot(page, "message")
     assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == qid
     page.click("button.act-release")
     # Released means due now: the page shows it waiting or already in a new attempt.
@@ -102,6 +113,17 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     assert b"X-Kanmon-Alert: queue" in maildir_messages(node.data_dir, "alice@example.test")[0]
     node.flush()
     page.wait_for_selector(f"#status-{alert_id}")  # htmx polled the delivery status
+    shot(page, "alerts")
+    page.goto(f"/trace?q={alert_id}")
+    page.wait_for_selector(".timeline")
+    shot(page, "trace")
+    page.goto("/settings")
+    page.select_option("select[name=lang]", "ja")
+    page.click("main button[type=submit]")
+    page.wait_for_url(re.compile(r"/settings$"))
+    page.goto("/")
+    page.wait_for_selector("text=ダッシュボード")
+    shot(page, "dashboard-ja")
     context.close()
 
     # The auditor reads everything and sees no write button; the API answers 403.
