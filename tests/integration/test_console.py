@@ -369,3 +369,19 @@ def test_a_reload_keeps_the_console_and_its_sessions_and_can_turn_it_off(console
         return False
 
     wait_for(closed, 30, "the console to close after the reload")
+
+
+def test_text_from_the_network_is_escaped_on_every_page(console) -> None:
+    evil = "<script>alert(1)</script>"
+    with smtplib.SMTP(console.host, console.port, timeout=30) as s:
+        s.sendmail("sender@example.test", ["bob@down.example"],
+                   f"Subject: {evil}\r\nX-Evil: <img src=x onerror=alert(2)>\r\n\r\n{evil}\r\n".encode())
+    console.wait_idle()
+    qid = console.node.admin.ops.list({})["items"][0]["id"]
+    c = login(console, "alice", "alice-pw")
+    for path in (f"/queue/{qid}", f"/trace?q={qid}", "/trace?subject=script", "/queue?subject=script",
+                 "/events?grep=script"):
+        page = c.get(path)
+        assert page.status_code == 200, path
+        assert "<script>alert" not in page.text and "<img src=x" not in page.text, path
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in c.get(f"/queue/{qid}").text
