@@ -132,3 +132,77 @@ def test_create_special_use(tmp_path: Path) -> None:
     assert "t10 OK" in d.cmd("t10 CREATE Again (USE (\\Archive))")  # the use is free again
     again = users.mailbox(ALICE).special_uses()
     assert again["Again"] == "\\Archive" and "MySpecial" not in again
+
+
+def threaded_session(tmp_path: Path, messages: list[tuple[str, str, str, str]]) -> Driver:
+    """A selected INBOX holding (Message-ID, References, Subject, day of Dec 2026) messages."""
+    d, users = session(tmp_path, None)
+    box = users.mailbox(ALICE)
+    for name in list((box.root / "new").iterdir()):
+        name.unlink()
+    for mid, refs, subject, day in messages:
+        head = f"From: a@example.test\nSubject: {subject}\nDate: {day} Dec 2026 10:00:00 +0000\n"
+        if mid:
+            head += f"Message-ID: <{mid}>\n"
+        if refs:
+            head += f"References: {refs}\n"
+        deliver_new(box.root, (head + "\nbody\n").encode())
+    d.cmd("s SELECT INBOX")
+    return d
+
+
+def test_thread_references_rfc_example_shape(tmp_path: Path) -> None:
+    # RFC 5256 4: "* THREAD (3 6 (4 23)(44 7 96))" - here as sequence numbers 1..7:
+    # 1 is the root, 2 answers 1, 3 and 5 answer 2, 4 answers 3, 6 answers 5, 7 answers 6.
+    d = threaded_session(tmp_path, [
+        ("r@x", "", "plan", "01"),
+        ("s@x", "<r@x>", "Re: plan", "02"),
+        ("t@x", "<r@x> <s@x>", "Re: plan", "03"),
+        ("u@x", "<r@x> <s@x> <t@x>", "Re: plan", "04"),
+        ("v@x", "<r@x> <s@x>", "Re: plan", "05"),
+        ("w@x", "<s@x> <v@x>", "Re: plan", "06"),
+        ("x@x", "<v@x> <w@x>", "Re: plan", "07"),
+    ])
+    assert " THREAD=REFERENCES" in d.cmd("c CAPABILITY") and " THREAD=ORDEREDSUBJECT" in d.cmd("c CAPABILITY")
+    assert d.cmd("a THREAD REFERENCES US-ASCII ALL") == "* THREAD (1 2 (3 4)(5 6 7))\r\na OK THREAD completed\r\n"
+    # the search narrows the set first: without 2, the dummy it leaves gives way to its
+    # children, which become 1's
+    assert "* THREAD (1 (3 4)(5 6 7))\r\n" in d.cmd("c THREAD REFERENCES UTF-8 NOT 2")
+    assert d.cmd('d THREAD REFERENCES US-ASCII SUBJECT "nothing"') == "* THREAD\r\nd OK THREAD completed\r\n"
+    d.cmd("e STORE 1 +FLAGS.SILENT (\\Deleted)")
+    d.cmd("f EXPUNGE")  # now sequence numbers are UIDs - 1
+    assert "* THREAD (1 (2 3)(4 5 6))\r\n" in d.cmd("g THREAD REFERENCES UTF-8 ALL")
+    assert "* THREAD (2 (3 4)(5 6 7))\r\n" in d.cmd("h UID THREAD REFERENCES UTF-8 ALL")
+
+
+def test_thread_references_dummy_root_subjects_and_loops(tmp_path: Path) -> None:
+    d = threaded_session(tmp_path, [
+        ("a@x", "<gone@x>", "first", "01"),  # 1 and 2 answer a message not here: "((1)(2))"
+        ("b@x", "<gone@x>", "second", "02"),
+        ("c@x", "<d@x>", "loop", "03"),  # 3 and 4 refer to each other: 3 is 4's, no loop
+        ("d@x", "<c@x>", "loop", "04"),
+        ("", "", "Re: news", "06"),  # no Message-ID: joined to 6 by its base subject
+        ("e@x", "", "news", "05"),
+        ("e@x", "", "dup", "07"),  # a duplicate Message-ID is a message of its own
+    ])
+    assert d.cmd("a THREAD REFERENCES UTF-8 ALL") == (
+        "* THREAD ((1)(2))(4 3)(6 5)(7)\r\na OK THREAD completed\r\n")
+    assert d.cmd("b THREAD ORDEREDSUBJECT UTF-8 ALL") == (
+        "* THREAD (1)(2)(3 4)(6 5)(7)\r\nb OK THREAD completed\r\n")
+    assert "BAD" in d.cmd("c THREAD JWZ UTF-8 ALL")
+    assert "NO [BADCHARSET" in d.cmd("d THREAD REFERENCES KOI8-R ALL")
+    assert "BAD" in d.cmd("e THREAD REFERENCES UTF-8")
+
+
+def test_thread_long_chain_is_iterative() -> None:
+    from kanmon.store.imap import thread as t
+
+    rows = [t.Row(i, i, f"<m{i}>", f"<m{i - 1}>" if i > 1 else "", "", "s", False, float(i)) for i in range(1, 20001)]
+    assert t.render(t.references(rows), False) == "(" + " ".join(str(i) for i in range(1, 20001)) + ")"
+    wide = [t.Row(1, 1, "<r>", "", "", "s", False, 1.0)]
+    wide += [t.Row(i, i, f"<m{i}>", f"<m{i - 1}>" if i > 2 else "<r>", "", "s", False, float(i)) for i in range(2, 3000)]
+    wide += [t.Row(3000 + i, 3000 + i, f"<b{i}>", f"<m{i}>", "", "s", False, 5000.0 + i) for i in range(3, 3000)]
+    out = t.render(t.references(wide), False)
+    numbers = [int(n) for n in out.replace("(", " ").replace(")", " ").split()]
+    assert sorted(numbers) == [r.seq for r in wide]  # each message once
+    assert out.startswith("(1 2 3 (4 ") and out.count("(") == 1 + 2 * 2996

@@ -8,7 +8,7 @@ generator: it yields FileWork and waits, taking no further command, until the ad
 hands the result to ``file_done``; so pipelined commands still run in order, one at a
 time. Extensions: IDLE (RFC 2177), UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE
 (RFC 6851), SPECIAL-USE (RFC 6154), UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID
-(RFC 2971), SASL-IR (RFC 4959).
+(RFC 2971), SASL-IR (RFC 4959), SORT and THREAD (RFC 5256; the threading is thread.py's).
 
 Trusts: nothing the client sends. Command framing and literal sizes are bounded by
 parser.CommandReader before memory is taken; folder names go through
@@ -51,6 +51,7 @@ from kanmon.store.connection import (
 )
 from kanmon.store.imap import cache as icache
 from kanmon.store.imap import message as mime
+from kanmon.store.imap import thread as ithread
 from kanmon.store.index import CacheEntry
 from kanmon.store.imap.parser import (
     CommandReader,
@@ -88,7 +89,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT ENABLE CREATE-SPECIAL-USE"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES ENABLE CREATE-SPECIAL-USE"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -1271,6 +1272,30 @@ class ImapSession:
         line = ("* SORT" + "".join(f" {u if uid else seq}" for seq, u in ordered) + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SORT completed\r\n".encode())]
 
+    def _cmd_thread(self, tag: str, args: list, uid: bool = False) -> Steps:
+        """RFC 5256 THREAD: the SEARCH result threaded by ORDEREDSUBJECT or REFERENCES."""
+        sel = self.sel
+        assert sel is not None
+        if len(args) < 3 or not isinstance(args[0], str) or isinstance(args[0], (QStr, Literal)):
+            raise Bad("THREAD needs an algorithm, a charset and search keys")
+        algorithm = args[0].upper()
+        if algorithm not in ("ORDEREDSUBJECT", "REFERENCES"):
+            raise Bad("unknown THREAD algorithm")
+        charset = astring(args[1]).upper()
+        if charset not in ("US-ASCII", "UTF-8"):
+            raise No("[BADCHARSET (US-ASCII UTF-8)] unsupported charset")
+        pos, keys = 2, []
+        self._search_index = False
+        while pos < len(args):
+            key, pos = self._search_key(args, pos, 0)
+            keys.append(key)
+        out = yield from self._refresh(allow_expunge=False)
+        found = yield FileWork(_search, (sel.folder, sel.uids, sel.infos, sel.recent, keys, self._search_index))
+        rows = yield FileWork(_thread_rows, (sel.folder, [(seq, u, sel.infos[u]) for seq, u in found]))
+        roots = ithread.references(rows) if algorithm == "REFERENCES" else ithread.ordered_subject(rows)
+        line = ("* THREAD " + ithread.render(roots, uid)).rstrip() + "\r\n"
+        return [Send(b"".join(out) + line.encode() + f"{tag} OK THREAD completed\r\n".encode())]
+
     def _search_key(self, args: list, pos: int, depth: int):  # noqa: C901 - one branch per key
         if pos >= len(args):
             raise Bad("SEARCH key missing")
@@ -1565,6 +1590,36 @@ def _sort(folder: Folder, rows: list[tuple[int, int, MessageInfo]],
     return [(seq, u) for seq, u, _ in keyed]
 
 
+_THREAD_FIELDS = ("message-id", "references", "in-reply-to", "date")
+
+
+def _thread_rows(folder: Folder, rows: list[tuple[int, int, MessageInfo]]) -> list[ithread.Row]:
+    """THREAD's view of (seq, uid) rows: from the index entries, or the message's file
+    when the entry does not hold its header fields (file executor)."""
+    out = []
+    for start in range(0, len(rows), SEARCH_BATCH):
+        batch = rows[start:start + SEARCH_BATCH]
+        entries = icache.entries(folder, [r[2] for r in batch])
+        for (seq, u, info), e in zip(batch, entries, strict=True):
+            got: dict[str, str] = {}
+            subject = ""
+            if e is not None and e.headers:
+                for n, v, _ in mime.header_fields(e.headers):
+                    got.setdefault(n, v)
+                subject = icache.search_fields(e).get("subject", "")
+            else:
+                _, tree = _read_parsed(folder, info)
+                for n in _THREAD_FIELDS:
+                    got[n] = tree.get(n) or ""
+                subject = normalize(decode_header_value(tree.get("subject") or ""))
+            internal = e.internal_date if e is not None else 0.0
+            out.append(ithread.Row(
+                seq=seq, uid=u, message_id=got.get("message-id", ""), references=got.get("references", ""),
+                in_reply_to=got.get("in-reply-to", ""), subject=base_subject(subject),
+                refwd=ithread.is_reply_or_forward(subject), sent=_sent_time(got.get("date"), internal)))
+    return out
+
+
 def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
     """A message in wire form (CRLF) and its MIME tree; an expunged one reads as empty."""
     raw = folder.read(info)
@@ -1767,9 +1822,9 @@ _STATES = {
     "APPEND": _AUTH, "IDLE": _AUTH, "NAMESPACE": _AUTH,
     "GETQUOTAROOT": _AUTH, "GETQUOTA": _AUTH, "SETQUOTA": _AUTH, "ENABLE": ("AUTHENTICATED",),
     "CHECK": ("SELECTED",), "CLOSE": ("SELECTED",), "UNSELECT": ("SELECTED",), "EXPUNGE": ("SELECTED",),
-    "SEARCH": ("SELECTED",), "SORT": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
+    "SEARCH": ("SELECTED",), "SORT": ("SELECTED",), "THREAD": ("SELECTED",), "FETCH": ("SELECTED",), "STORE": ("SELECTED",), "COPY": ("SELECTED",),
     "MOVE": ("SELECTED",),
 }
-_UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT"}
+_UID_COMMANDS = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT", "THREAD"}
 
 __all__ = ["ImapSession", "imap_date"]
