@@ -1,4 +1,5 @@
-"""IMAP extensions over real sockets with imaplib (STARTTLS): THREAD (RFC 5256)."""
+"""IMAP extensions over real sockets with imaplib (STARTTLS): THREAD (RFC 5256),
+UTF8=ACCEPT (RFC 6855)."""
 
 from __future__ import annotations
 
@@ -55,5 +56,37 @@ def test_thread_references_and_orderedsubject(server) -> None:
         assert typ == "OK" and data == [b"(1 (2)(3)(4)(5)(6)(7)(8))(9)"]
         typ, data = c.thread("REFERENCES", "UTF-8", "SUBJECT", "nothing")
         assert typ == "OK" and data == [b""]
+    finally:
+        c.logout()
+
+
+def test_utf8_accept_names_and_append(server) -> None:
+    c = connect(server)
+    try:
+        assert c.create("Caf&AOk-")[0] == "OK"  # a 7-bit client's name, before ENABLE
+        assert c.enable("UTF8=ACCEPT")[0] == "OK" and c.utf8_enabled
+        assert c.response("ENABLED") == ("ENABLED", [b"UTF8=ACCEPT"])
+        assert c.create('"Entwürfe & Co"')[0] == "OK"
+        assert (server.box.root / ".Entw&APw-rfe &- Co").is_dir()  # on disk in modified UTF-7
+        typ, data = c.list()
+        names = b" ".join(x if isinstance(x, bytes) else b" ".join(x) for x in data)
+        assert "Café".encode() in names and "Entwürfe & Co".encode() in names and b"&AOk-" not in names
+        # Thunderbird's APPEND (RFC 6855 4): UTF8 (~{n}) with a synchronizing literal
+        msg = "From: jörg@example.test\r\nSubject: Grüße aus Köln\r\n\r\nHallo\r\n".encode()
+        c.send(b'x1 APPEND "Caf\xc3\xa9" (\\Seen) UTF8 (~{%d}\r\n' % len(msg))
+        assert c.readline().startswith(b"+")
+        c.send(msg + b")\r\n")
+        line = c.readline()
+        while not line.startswith(b"x1 "):
+            line = c.readline()
+        assert line.startswith(b"x1 OK [APPENDUID ")
+        typ, data = c.select('"Café"')
+        assert typ == "OK" and data == [b"1"]
+        typ, data = c.search(None, "SUBJECT", '"grüße"')
+        assert typ == "OK" and data == [b"1"]
+        typ, data = c.fetch("1", "(BODY.PEEK[])")
+        assert data[0][1] == msg
+        typ, data = c.status('"Café"', "(MESSAGES)")
+        assert typ == "OK" and data == ['"Café" (MESSAGES 1)'.encode()]
     finally:
         c.logout()

@@ -206,3 +206,46 @@ def test_thread_long_chain_is_iterative() -> None:
     numbers = [int(n) for n in out.replace("(", " ").replace(")", " ").split()]
     assert sorted(numbers) == [r.seq for r in wide]  # each message once
     assert out.startswith("(1 2 3 (4 ") and out.count("(") == 1 + 2 * 2996
+
+
+def test_mutf7_round_trip_and_rfc_example() -> None:
+    from kanmon.store.imap import mutf7
+
+    # RFC 3501 5.1.3's example name
+    assert mutf7.encode("~peter/mail/台北/日本語") == "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+    assert mutf7.decode("~peter/mail/&U,BTFw-/&ZeVnLIqe-") == "~peter/mail/台北/日本語"
+    for name in ["Café", "A&B", "Entwürfe & Co", "😀 emoji", ""]:
+        assert mutf7.decode(mutf7.encode(name)) == name
+    for bad in ["&Jjo!", "&AGE-", "Caf\u00e9", "&U,BTFw"]:  # unterminated, shifted ASCII, 8-bit
+        try:
+            mutf7.decode(bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+
+
+def test_utf8_accept(tmp_path: Path) -> None:
+    d, users = session(tmp_path, None)
+    assert " UTF8=ACCEPT" in d.cmd("c CAPABILITY")
+    d.cmd('a CREATE "Caf&AOk-"')  # made by a 7-bit client
+    # before ENABLE: 8-bit names are refused, names are listed in modified UTF-7
+    assert "BAD" in d.send('b CREATE "Entwürfe"\r\n')
+    assert d.cmd('c LIST "" "Caf*"').endswith(" Caf&AOk-\r\nc OK LIST completed\r\n")
+    assert d.cmd("d ENABLE UTF8=ACCEPT") == "* ENABLED UTF8=ACCEPT\r\nd OK ENABLE completed\r\n"
+    assert d.cmd("e ENABLE UTF8=ACCEPT") == "* ENABLED\r\ne OK ENABLE completed\r\n"  # already on
+    out = d.send('f CREATE "Entwürfe & Co"\r\n')
+    assert "f OK" in out
+    assert (users.mailbox(ALICE).root / ".Entw&APw-rfe &- Co").is_dir()  # on disk as Dovecot keeps it
+    out = d.send('g LIST "" "*"\r\n')
+    assert ' "Café"\r\n' in out  # UTF-8 in a quoted string (RFC 6855 3)
+    assert "Entwürfe & Co" in out and "&APw-" not in out
+    out = d.send('h STATUS "Café" (MESSAGES)\r\n')
+    assert '* STATUS "Café" (MESSAGES 0)\r\n' in out
+    # APPEND with the UTF8 data item (RFC 6855 4): a message with UTF-8 header fields
+    msg = "From: jörg@example.test\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
+    out = d.send(b'i APPEND "Caf\xc3\xa9" UTF8 (~{%d+}\r\n' % len(msg) + msg + b")\r\n")
+    assert "i OK [APPENDUID" in out
+    d.send('j SELECT "Café"\r\n')
+    assert "BAD" in d.cmd("k SEARCH CHARSET UTF-8 SUBJECT grüße")  # RFC 6855 3: no CHARSET now
+    assert "* SEARCH 1\r\n" in d.send("l SEARCH SUBJECT grüße\r\n")
+    assert "BAD" in d.send(b'm CREATE "bad\xff"\r\n')  # not UTF-8

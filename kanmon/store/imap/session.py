@@ -8,7 +8,8 @@ generator: it yields FileWork and waits, taking no further command, until the ad
 hands the result to ``file_done``; so pipelined commands still run in order, one at a
 time. Extensions: IDLE (RFC 2177), UIDPLUS (RFC 4315), LITERAL+ (RFC 7888), MOVE
 (RFC 6851), SPECIAL-USE (RFC 6154), UNSELECT (RFC 3691), NAMESPACE (RFC 2342), ID
-(RFC 2971), SASL-IR (RFC 4959), SORT and THREAD (RFC 5256; the threading is thread.py's).
+(RFC 2971), SASL-IR (RFC 4959), SORT and THREAD (RFC 5256; the threading is thread.py's),
+UTF8=ACCEPT (RFC 6855: after ENABLE, folder names in UTF-8, kept modified UTF-7 on disk).
 
 Trusts: nothing the client sends. Command framing and literal sizes are bounded by
 parser.CommandReader before memory is taken; folder names go through
@@ -51,6 +52,7 @@ from kanmon.store.connection import (
 )
 from kanmon.store.imap import cache as icache
 from kanmon.store.imap import message as mime
+from kanmon.store.imap import mutf7
 from kanmon.store.imap import thread as ithread
 from kanmon.store.index import CacheEntry
 from kanmon.store.imap.parser import (
@@ -89,7 +91,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES ENABLE CREATE-SPECIAL-USE"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES ENABLE UTF8=ACCEPT CREATE-SPECIAL-USE"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -204,6 +206,7 @@ class ImapSession:
         self._errors = 0
         self._closed = False
         self._search_index = False
+        self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): folder names in UTF-8
 
     # -- adapter interface
     @property
@@ -548,9 +551,15 @@ class ImapSession:
     # -- authenticated (RFC 3501 6.3)
     def _folder_name(self, value: object) -> str:
         name = astring(value)
-        if not name.isascii():
+        if self.utf8:
+            # RFC 6855 3: the name is UTF-8; on disk it stays modified UTF-7 (as Dovecot
+            # keeps it, and as other clients of the account see it)
+            if "\ufffd" in name:
+                raise Bad("folder name is not valid UTF-8")
+            name = mutf7.encode(name)
+        elif not name.isascii():
             # RFC 3501 5.1.3: names are 7-bit (modified UTF-7); RFC 6855 3: 8-bit ones
-            # only after ENABLE UTF8=ACCEPT, which is not offered.
+            # only after ENABLE UTF8=ACCEPT.
             raise Bad("folder names are 7-bit: use modified UTF-7 (RFC 3501 5.1.3)")
         if len(name) > MAX_FOLDER_BYTES:
             raise No(f"[LIMIT] folder name longer than {MAX_FOLDER_BYTES} bytes")
@@ -560,6 +569,19 @@ class ImapSession:
             if len(name) > MAX_FOLDER_NAME:
                 raise No(f"[LIMIT] {e}") from None
             raise No(str(e)) from None
+
+    def _name_out(self, name: str) -> bytes:
+        """A folder name as the client reads it: UTF-8 once it enabled UTF8=ACCEPT (a
+        name on disk that is not well-formed modified UTF-7 is sent as it is)."""
+        if self.utf8:
+            try:
+                name = mutf7.decode(name)
+            except ValueError:
+                pass
+            if not name.isascii() and name.isprintable() and len(name) < 1000:
+                # RFC 6855 3: UTF-8 in a quoted string, once the client enabled it
+                return b'"' + name.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8", "surrogateescape") + b'"'
+        return mime.iastring(name)
 
     def _cmd_namespace(self, tag: str, args: list) -> list[Event]:
         return [Send(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL\r\n{tag} OK NAMESPACE completed\r\n'.encode())]
@@ -681,6 +703,8 @@ class ImapSession:
             raise Bad(f"{verb} needs a reference and a pattern")
         assert self.mailbox is not None
         ref, pattern = astring(args[0]), astring(args[1])
+        if self.utf8:
+            ref, pattern = mutf7.encode(ref), mutf7.encode(pattern)
         if pattern == "":
             # RFC 3501 6.3.8: the hierarchy delimiter and root name
             return [Send(f'* {verb} (\\Noselect) "{DELIMITER}" ""\r\n{tag} OK {verb} completed\r\n'.encode())]
@@ -710,7 +734,7 @@ class ImapSession:
                 attrs.append("\\HasNoChildren")
             if name in uses:
                 attrs.append(uses[name])
-            lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + mime.iastring(name) + b"\r\n")
+            lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + self._name_out(name) + b"\r\n")
         return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
 
     def _cmd_list(self, tag: str, args: list) -> Steps:
@@ -752,15 +776,20 @@ class ImapSession:
                 items.append(f"DELETED-STORAGE {_kib(used)}")
             else:
                 raise Bad(f"unknown STATUS item {key[:30]}")
-        line = b"* STATUS " + mime.iastring(name) + f" ({' '.join(items)})\r\n".encode()
+        line = b"* STATUS " + self._name_out(name) + f" ({' '.join(items)})\r\n".encode()
         return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
 
     def _cmd_enable(self, tag: str, args: list) -> list[Event]:
-        """RFC 5161: nothing we offer needs enabling yet, so nothing is enabled (a client
-        asking for CONDSTORE or QRESYNC goes on without them, as the RFC says)."""
+        """RFC 5161: UTF8=ACCEPT (RFC 6855) can be enabled; anything else is not (a client
+        asking for CONDSTORE or QRESYNC goes on without them, as the RFC says). The
+        answer names what this command enabled."""
         if not args or not all(isinstance(a, str) and not isinstance(a, QStr) for a in args):
             raise Bad("ENABLE needs capability names")
-        return [Send(f"* ENABLED\r\n{tag} OK ENABLE completed\r\n".encode())]
+        enabled = ""
+        if any(a.upper() == "UTF8=ACCEPT" for a in args) and not self.utf8:
+            self.utf8 = True
+            enabled = " UTF8=ACCEPT"
+        return [Send(f"* ENABLED{enabled}\r\n{tag} OK ENABLE completed\r\n".encode())]
 
     # -- QUOTA (RFC 9208): one root, "", per user: the domain's quota on all folders
     def _quota_line(self, limit: int) -> Steps:
@@ -778,7 +807,7 @@ class ImapSession:
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
         limit = self.users.quota(self.user or "")
-        line = b"* QUOTAROOT " + mime.iastring(name)
+        line = b"* QUOTAROOT " + self._name_out(name)
         if limit is None:
             return [Send(line + f"\r\n{tag} OK GETQUOTAROOT completed\r\n".encode())]
         quota = yield from self._quota_line(limit)
@@ -798,6 +827,11 @@ class ImapSession:
         return [Send(f"{tag} NO [NOPERM] quotas are set by the administrator\r\n".encode())]
 
     def _cmd_append(self, tag: str, args: list) -> Steps:
+        if (len(args) >= 3 and isinstance(args[-2], str) and not isinstance(args[-2], QStr)
+                and args[-2].upper() == "UTF8" and isinstance(args[-1], list) and len(args[-1]) == 2
+                and args[-1][0] == "~" and isinstance(args[-1][1], Literal)):
+            # RFC 6855 4: UTF8 (~{n}...) carries a message with UTF-8 header fields
+            args = [*args[:-2], args[-1][1]]
         if len(args) < 2 or not isinstance(args[-1], Literal):
             raise Bad("APPEND needs a mailbox and a message literal")
         assert self.mailbox is not None
@@ -1219,6 +1253,8 @@ class ImapSession:
         assert sel is not None
         args = list(args)
         if len(args) >= 2 and isinstance(args[0], str) and args[0].upper() == "CHARSET":
+            if self.utf8:
+                raise Bad("no CHARSET after ENABLE UTF8=ACCEPT (RFC 6855 3)")
             charset = astring(args[1]).upper()
             if charset not in ("US-ASCII", "UTF-8"):
                 raise No("[BADCHARSET (US-ASCII UTF-8)] unsupported charset")
