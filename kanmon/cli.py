@@ -24,7 +24,7 @@ from kanmon.commands.dns import dns
 from kanmon.commands.options import root_config_option
 from kanmon.commands.quarantine import quarantine
 from kanmon.commands.queue import maintenance, queue
-from kanmon.commands.records import log, stats, trace
+from kanmon.commands.records import log, records, stats, trace
 from kanmon.commands.rules import rules
 from kanmon.commands.sendmail import sendmail
 from kanmon.commands.serve import reload, serve
@@ -42,5 +42,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats,
-                 alert, sendmail, backup, restore, service, verify, rules, quarantine, admin):
+                 alert, sendmail, backup, restore, service, verify, rules, quarantine, admin, records):
     main.add_command(_command)

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -914,6 +915,37 @@ class DnsCheckSection(Section):
 
 class RecordsSection(Section):
     keep: Duration = Field(90 * 86400.0, description='Event log and history older than this are pruned daily; "0" = keep all')
+    url: str | None = Field(
+        None,
+        description='PostgreSQL shared by several nodes, "postgresql://user@host:port/db" (libpq options such as '
+                    '?sslmode=verify-full&sslrootcert=... pass through): every event, history row and counter is also '
+                    "written there with the node's name (docs/cluster.md); none: this node's SQLite only",
+    )
+    password_file: Path | None = Field(
+        None, description="File holding the PostgreSQL password (else libpq's PGPASSFILE or ~/.pgpass)"
+    )
+    node: str | None = Field(
+        None, description="This node's name in the shared records (default: server.hostname)", min_length=1, max_length=64
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        if parts.password:
+            raise ValueError("must not hold the password: put it in password_file (or PGPASSFILE)")
+        return v
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, v: str | None) -> str | None:
+        if v is not None and not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("letters, digits, '-', '_' and '.' only")
+        return v
 
 
 class LogSection(Section):

@@ -253,7 +253,7 @@ class Node:
         # the spill journal; the administrator hears of it (a `records` alert). The node
         # also writes what ended processes (receivers, a crashed run) left spilled.
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log,
-                               on_failure=self._records_failed, replay_others=True)
+                               on_failure=self._records_failed, replay_others=True, shared=config.records)
         if corrected:
             self.records.emit(f"data_dir {self.data_dir}: made private (0700 directories, 0600 files), were readable "
                               f"by others: {', '.join(corrected)}", kind="warning")

@@ -282,7 +282,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
 
     data_dir = Path(config.server.data_dir)
     records = Records(data_dir, config.server.hostname, echo=None if quiet else sys.stdout, log=config.log,
-                      rotate=False)
+                      rotate=False, shared=config.records)
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
     state = SqliteState(data_dir)  # shared with the main process and the other receivers

@@ -137,7 +137,8 @@ def offline_queue_ops(config: Config) -> Iterator[QueueOps]:
     """
     data_dir = Path(config.server.data_dir)
     spool = Spool(data_dir)
-    records = Records(data_dir, config.server.hostname, echo=None, log=config.log, rotate=False)
+    records = Records(data_dir, config.server.hostname, echo=None, log=config.log, rotate=False,
+                      shared=config.records)
     link = OfflineLink()
     try:
         yield QueueOps(config, spool, records, link)

@@ -1,13 +1,15 @@
-"""`kanmon log`, `kanmon trace` and `kanmon stats`: the records, read for the administrator.
+"""`kanmon log`, `kanmon trace`, `kanmon stats` and `kanmon records`: the records, read
+for the administrator, and the shared records' schema and import.
 
-Role: parse the options, call kanmon.records.query / trace / stats, print text
-(or JSON with --json). Trusts: nothing from argv (durations are validated, queries go
+Role: parse the options, call kanmon.records.query / pgquery / trace / stats / pg, print
+text (or JSON with --json). With `[records] url` set, `kanmon log` reads the shared
+records of every node (`--node` picks one). Trusts: nothing from argv (durations are validated, queries go
 to SQL as parameters). Never: open spool files or write the records.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import sys
 import time
@@ -24,20 +26,54 @@ def log() -> None:
     """Search the event log and the message history."""
 
 
+node_option = click.option(
+    "--node", help="Only this node's rows (shared records, [records] url); without it every node's.")
+
+
+@contextlib.contextmanager
+def shared_records(cfg):
+    """The PostgreSQL errors of a command on the shared records, as a one-line message."""
+    import psycopg
+
+    try:
+        yield
+    except (psycopg.Error, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(shown(f"kanmon: shared records ({cfg.records.url}): {first}"), err=True)
+        raise SystemExit(1) from None
+
+
+def _need_shared(cfg, node: str | None) -> bool:
+    """True when the records are shared; --node without them is a usage error."""
+    if cfg.records.url:
+        return True
+    if node is not None:
+        raise click.UsageError("--node reads the shared records: set [records] url (docs/cluster.md)")
+    return False
+
+
 @log.command("events")
 @config_option
 @click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
 @click.option("--id", "queue_id", help="Only lines about this queue id.")
 @click.option("--grep", help="Only lines containing TEXT (case-insensitive).")
+@node_option
 @json_option("One JSON object per line.")
 @click.option("--limit", default=10_000, show_default=True, help="At most this many lines (the newest).")
-def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
+def log_events(config_path, since, queue_id, grep, node, as_json, limit) -> None:
     """The event log: connections, TLS, accepts, rejects, deliveries."""
     from kanmon.records.query import search_events
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
-    rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
+    if _need_shared(cfg, node):
+        from kanmon.records import pgquery
+
+        with shared_records(cfg):
+            rows = pgquery.search_events(cfg.records, since=parse_since(since), queue_id=queue_id, grep=grep,
+                                         node=node, limit=limit)
+    else:
+        rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
     if queue_id and not rows:
         click.echo(f"kanmon: no event for queue id {queue_id!r}" + (f" in the last {since}" if since else ""), err=True)
         raise SystemExit(1)
@@ -45,7 +81,8 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
         if as_json:
             click.echo(json.dumps(r.as_dict()))
         else:
-            click.echo(shown(f"{format_time(r.ts)} {r.queue_id + ': ' if r.queue_id else ''}{r.text}"))
+            where = f"{r.node} " if r.node else ""
+            click.echo(shown(f"{format_time(r.ts)} {where}{r.queue_id + ': ' if r.queue_id else ''}{r.text}"))
 
 
 @log.command("history")
@@ -55,9 +92,10 @@ def log_events(config_path, since, queue_id, grep, as_json, limit) -> None:
 @click.option("--to", "rcpt", help="Recipient contains TEXT.")
 @click.option("--subject", help="Subject contains TEXT.")
 @click.option("--id", "queue_id", help="This queue id.")
+@node_option
 @json_option("One JSON object per line.")
 @click.option("--limit", default=10_000, show_default=True, help="At most this many rows (the newest).")
-def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json, limit) -> None:
+def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as_json, limit) -> None:
     """The message history: one row per message and recipient."""
     from rich.console import Console
     from rich.table import Table
@@ -66,23 +104,31 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, as_json,
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
-    rows = search_history(
-        cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
-        queue_id=queue_id, limit=limit,
-    )
+    shared = _need_shared(cfg, node)
+    if shared:
+        from kanmon.records import pgquery
+
+        with shared_records(cfg):
+            rows = pgquery.search_history(cfg.records, since=parse_since(since), mail_from=mail_from, rcpt=rcpt,
+                                          subject=subject, queue_id=queue_id, node=node, limit=limit)
+    else:
+        rows = search_history(
+            cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
+            queue_id=queue_id, limit=limit,
+        )
     if as_json:
         for r in rows:
-            click.echo(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+            click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
         return
     table = Table(box=None, header_style="bold")
-    for col in ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status"):
+    cols = ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status")
+    for col in (*cols, "node") if shared else cols:
         table.add_column(col, overflow="fold")
     for r in rows:
         # Every cell is text, not markup: subjects and addresses come from the network.
-        table.add_row(*(cell(v) for v in (
-            format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size), r.classification,
-            r.disposition, r.queue_id, r.status,
-        )))
+        values = (format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size),
+                  r.classification, r.disposition, r.queue_id, r.status)
+        table.add_row(*(cell(v) for v in ((*values, r.node) if shared else values)))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
 
 
@@ -205,3 +251,70 @@ def _tls_stats(cfg, since: str, as_json: bool) -> None:
                           cell(text))
     console.print(table)
     console.print(f"\nreports (RFC 8460 JSON): {report_dir(cfg.server.data_dir)}", markup=False, highlight=False)
+
+
+@click.group()
+def records() -> None:
+    """The shared records in PostgreSQL ([records] url): schema and import."""
+
+
+@records.command("migrate")
+@config_option
+@click.option("--check", is_flag=True, help="Change nothing: exit 1 when migrations are pending (for CI and deploys).")
+def records_migrate(config_path, check) -> None:
+    """Bring the shared records' schema to this kanmon's version (nodes also do it at
+    start; versions in the database that this kanmon does not know are refused)."""
+    from kanmon.records import pg
+
+    cfg = load_or_exit(config_path)
+    if not cfg.records.url:
+        raise click.UsageError("no shared records: set [records] url (docs/cluster.md)")
+    with shared_records(cfg), pg.connect(cfg.records.url, cfg.records.password_file, autocommit=True) as conn:
+        newer = pg.newer_than_known(conn)
+        if newer:
+            click.echo(f"kanmon: the shared records have schema version(s) {', '.join(map(str, newer))}, newer than "
+                       f"this kanmon knows: upgrade kanmon", err=True)
+            raise SystemExit(2)
+        waiting = pg.pending(conn)
+        if check:
+            for m in waiting:
+                click.echo(f"pending: {m.version} {m.description}")
+            if waiting:
+                raise SystemExit(1)
+            click.echo("schema up to date")
+            return
+        done = pg.migrate(conn)
+    for m in done:
+        click.echo(f"applied: {m.version} {m.description}")
+    if not done:
+        click.echo("schema up to date")
+
+
+@records.command("export")
+@config_option
+@click.option("--since", required=True, help="Rows of the last DURATION (e.g. 30d), or since a DATE (YYYY-MM-DD).")
+def records_export(config_path, since) -> None:
+    """Copy this node's SQLite history and events into the shared records, under its node
+    name. Run again, it copies nothing twice."""
+    from kanmon.records import pg, pgexport
+
+    cfg = load_or_exit(config_path)
+    require_data_dir(cfg, config_path)
+    if not cfg.records.url:
+        raise click.UsageError("no shared records: set [records] url (docs/cluster.md)")
+    start = _since_date(since)
+    node = cfg.records.node or cfg.server.hostname
+    with shared_records(cfg), pg.connect(cfg.records.url, cfg.records.password_file, autocommit=True) as conn:
+        pg.migrate(conn)
+        events, history = pgexport.export_sqlite(conn, cfg.server.data_dir, node, start)
+    click.echo(f"exported to node {node}: {events} event(s), {history} history row(s) (already there: skipped)")
+
+
+def _since_date(text: str) -> float:
+    """--since as a DATE (local midnight) or a DURATION ago."""
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%d").timestamp()
+    except ValueError:
+        return parse_since(text)

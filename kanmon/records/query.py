@@ -23,11 +23,14 @@ class EventRow:
     kind: str
     text: str
     fields: dict[str, Any] | None = None  # the typed event's fields (None: a free-text line)
+    node: str = ""  # the node that wrote it (shared records in PostgreSQL; "" in a node's SQLite)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of `kanmon log events --json`: `ts` as in the history's JSON."""
-        return {"ts": self.ts, "queue_id": self.queue_id, "kind": self.kind, "text": self.text,
-                "fields": self.fields}
+        out = {"ts": self.ts, "queue_id": self.queue_id, "kind": self.kind, "text": self.text, "fields": self.fields}
+        if self.node:
+            out["node"] = self.node
+        return out
 
 
 def _event_row(ts, queue_id, kind, text, detail) -> EventRow:
@@ -52,6 +55,14 @@ class HistoryRow:
     queue_id: str
     status: str
     auth_user: str
+    node: str = ""  # the node that wrote it (shared records in PostgreSQL; "" in a node's SQLite)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON of `kanmon log history --json` (`node` only from the shared records)."""
+        out = {f: getattr(self, f) for f in self.__slots__}
+        if not self.node:
+            del out["node"]
+        return out
 
 
 def _connect(data_dir: Path) -> sqlite3.Connection | None:

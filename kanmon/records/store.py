@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from kanmon.config import LogSection
+    from kanmon.config import LogSection, RecordsSection
 
 from kanmon.escape import for_log
 from kanmon.model import Envelope, Reply
@@ -212,14 +212,17 @@ def _severity(event: Event) -> str:
 class Records:
     def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True,
                  log: LogSection | None = None, rotate: bool = True,
-                 on_failure: Callable[[str], None] | None = None, replay_others: bool = False):
+                 on_failure: Callable[[str], None] | None = None, replay_others: bool = False,
+                 shared: RecordsSection | None = None):
         """log: the [log] section (destinations, syslog socket, rotation); None: the
         file only, never rotated. log_file=False: no file whatever `log` says.
         rotate=False: follow the node's rotation of the file but never rotate it (SMTP
         receivers and commands that write events). on_failure(text): called from the
         writer thread when the database starts refusing writes (once per outage).
         replay_others: also write what other (ended) processes left in the spill
-        journal (the node, at its start)."""
+        journal (the node, at its start).
+        shared: the [records] section; with a `url`, every batch is also written to the
+        shared records in PostgreSQL (kanmon.records.pg), tagged with the node's name."""
         self.data_dir = Path(data_dir)
         self.hostname = hostname
         self.db_path = self.data_dir / "records.sqlite"
@@ -249,6 +252,12 @@ class Records:
             self._open_db()
         except sqlite3.Error as e:  # damaged or locked at start: the writer keeps trying, nothing is lost
             self._fail(f"cannot open {self.db_path}: {e}")
+        self.shipper = None
+        if shared is not None and shared.url:
+            from kanmon.records.pg import Shipper
+
+            self.shipper = Shipper(shared, shared.node or hostname, self.data_dir, on_failure=on_failure,
+                                   replay_others=replay_others, notify=self.emit)
         self._thread = threading.Thread(target=self._writer, name="records", daemon=True)
         self._thread.start()
 
@@ -582,6 +591,11 @@ class Records:
                          counts=[[pid, name, value] for name, value in counts.items()])
         else:
             rows = None
+        if rows is not None and self.shipper is not None:
+            # The shared records take each status once: the ones re-queued here because
+            # their history row was not in SQLite yet (a 6th field, the tries) were sent.
+            self.shipper.put(_rows(events=events, hist=hist, status=[list(x[1:5]) for x in status if len(x) == 5],
+                                   counts=rows["counts"]))
         self._store(rows, retry)
 
     def _commit(self, rows: dict, retry: bool) -> None:
@@ -642,5 +656,7 @@ class Records:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if self.shipper is not None:
+            self.shipper.close()
         if self._db is not None:
             self._db.close()

@@ -1,0 +1,425 @@
+"""Records in PostgreSQL, shared by several nodes: schema, migrations, the shipper that
+writes each node's batches there (the searches over every node: kanmon.records.pgquery).
+
+Role: when `[records] url` is set, every process's records writer (kanmon.records.store)
+hands each batch it wrote to its local SQLite to a Shipper as well. The Shipper's own
+thread writes the batch to PostgreSQL, tagged with the node's name, in one transaction
+keyed by a batch key (node, process, batch number): a batch written twice (a replay after
+a commit whose answer was lost) is skipped, so nothing is counted twice. When PostgreSQL
+is unreachable or refuses a batch, the batch goes to a durable spill journal
+(<data_dir>/records-spill-postgresql/<pid>.jsonl, fsynced, one JSON line per batch) and
+every later batch follows it there, in order, until PostgreSQL takes writes again; then
+the journal is written first, oldest batch first. on_failure(text) is told once per
+outage (the node raises a `records` alert). The mail path never waits for PostgreSQL:
+producers only append to a deque.
+
+Status updates are stored as rows of their own (history_status) and folded into the
+history rows of their message in the same transaction: a status that arrives before its
+history row (written by another process of the node) applies when the row arrives.
+
+Trusts: the URL and password file from the validated configuration; rows made by
+kanmon's records writer. Values from the network are bound parameters, never SQL.
+Never: block a producer, drop a batch PostgreSQL refused, put a password in a log line
+(libpq's error text holds no password; the URL holds none: the config refuses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kanmon.escape import for_log
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from kanmon.config import RecordsSection
+
+SPILL_DIR = "records-spill-postgresql"
+CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
+RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds between attempts while PostgreSQL is down (doubling)
+WRITE_INTERVAL = 0.2  # seconds between batches, as the SQLite writer
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+# Versioned, applied in order, each in its own transaction with its row in schema_version.
+# A released migration is never edited: a change is a new one.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "events, history, status, counters and batch keys, per node", """
+CREATE TABLE records_batches (
+    node TEXT NOT NULL, batch TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, PRIMARY KEY (node, batch));
+CREATE TABLE events (
+    id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, queue_id TEXT,
+    kind TEXT NOT NULL, text TEXT NOT NULL, session TEXT, detail JSONB);
+CREATE INDEX events_ts ON events (ts);
+CREATE INDEX events_queue_id ON events (queue_id);
+CREATE INDEX events_session ON events (node, session);
+CREATE TABLE history (
+    id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, client_ip TEXT, mail_from TEXT,
+    rcpt TEXT, subject TEXT, message_id TEXT, size BIGINT, classification TEXT, disposition TEXT, queue_id TEXT,
+    status TEXT, auth_user TEXT, helo TEXT, first SMALLINT NOT NULL DEFAULT 0,
+    deferrals INTEGER NOT NULL DEFAULT 0, updated DOUBLE PRECISION);
+CREATE INDEX history_ts ON history (ts);
+CREATE INDEX history_queue_id ON history (node, queue_id, rcpt);
+CREATE INDEX history_message_id ON history (message_id);
+CREATE TABLE history_status (
+    id BIGSERIAL PRIMARY KEY, node TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, queue_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL, status TEXT NOT NULL);
+CREATE INDEX history_status_queue_id ON history_status (node, queue_id, rcpt);
+CREATE TABLE counters (
+    node TEXT NOT NULL, pid INTEGER NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL,
+    PRIMARY KEY (node, pid, name));
+"""),
+)
+
+VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied DOUBLE PRECISION NOT NULL)"""
+MIGRATION_LOCK = 0x6B616E6D6F6E  # pg_advisory_xact_lock key: one node migrates at a time
+
+
+def connect(url: str, password_file: Path | None = None, **kwargs: Any) -> psycopg.Connection:
+    """A connection to the shared records. The password comes from password_file, else
+    from libpq (PGPASSFILE, ~/.pgpass); TLS options in the URL go to libpq unchanged."""
+    import psycopg
+
+    extra: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kanmon"}
+    if password_file is not None:
+        extra["password"] = Path(password_file).read_text().strip()
+    extra.update(kwargs)
+    return psycopg.connect(url, **extra)
+
+
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    exists = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return set()
+    return {v for (v,) in conn.execute("SELECT version FROM schema_version")}
+
+
+def pending(conn: psycopg.Connection) -> list[Migration]:
+    """The migrations this database lacks, in order."""
+    have = applied_versions(conn)
+    return [m for m in MIGRATIONS if m.version not in have]
+
+
+def newer_than_known(conn: psycopg.Connection) -> list[int]:
+    """Versions in the database this kanmon does not know (a newer node migrated it)."""
+    known = {m.version for m in MIGRATIONS}
+    return sorted(v for v in applied_versions(conn) if v not in known)
+
+
+def migrate(conn: psycopg.Connection) -> list[Migration]:
+    """Apply the pending migrations (each in its own transaction, under an advisory lock
+    so that nodes starting together do not race); the ones applied."""
+    done = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(VERSION_TABLE)
+    for m in MIGRATIONS:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            if m.version in applied_versions(conn):
+                continue
+            conn.execute(m.sql)
+            conn.execute("INSERT INTO schema_version (version, description, applied) VALUES (%s, %s, %s)",
+                         (m.version, m.description, time.time()))
+            done.append(m)
+    return done
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text holds no NUL character (SQLite does): a NUL from the network
+    (an encoded-word in a Subject) is stored as U+FFFD."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
+def _clean_detail(detail: str | None) -> str | None:
+    if detail is None or "\\u0000" not in detail:
+        return detail
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {_no_nul(k): walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return _no_nul(v)
+
+    return json.dumps(walk(json.loads(detail)))
+
+
+def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict) -> bool:
+    """One batch in one transaction; False when this batch key was written before
+    (nothing is written again)."""
+    from psycopg.types.json import Jsonb
+
+    events = [(node, *map(_no_nul, r[:5]), None if r[5] is None else Jsonb(json.loads(_clean_detail(r[5]))))
+              for r in rows["events"]]
+    hist = [(node, *map(_no_nul, r)) for r in rows["hist"]]
+    status = [(node, *map(_no_nul, r[:4])) for r in rows["status"]]
+    with conn.transaction():
+        cur = conn.execute(
+            "INSERT INTO records_batches (node, batch, ts) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (node, key, time.time()))
+        if cur.rowcount == 0:
+            return False
+        with conn.cursor() as c:
+            if rows["events"]:
+                c.executemany(
+                    "INSERT INTO events (node, ts, queue_id, kind, text, session, detail) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                    events)
+            if rows["hist"]:
+                c.executemany(
+                    "INSERT INTO history (node, ts, client_ip, mail_from, rcpt, subject, message_id, size,"
+                    " classification, disposition, queue_id, status, auth_user, helo, first)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    hist)
+            if rows["status"]:
+                c.executemany(
+                    "INSERT INTO history_status (node, ts, queue_id, rcpt, status) VALUES (%s,%s,%s,%s,%s)",
+                    status)
+            if rows["counts"]:
+                c.executemany(
+                    "INSERT INTO counters (node, pid, name, value) VALUES (%s,%s,%s,%s)"
+                    " ON CONFLICT (node, pid, name) DO UPDATE SET value = counters.value + excluded.value",
+                    [(node, *r) for r in rows["counts"]])
+        touched = sorted({r[1] for r in rows["status"]} | {r[9] for r in rows["hist"] if r[9]})
+        if touched:
+            # Each touched message's rows take their newest status (whichever arrived first).
+            conn.execute(
+                "UPDATE history h SET status = s.status, updated = s.ts, deferrals = s.deferrals FROM ("
+                " SELECT queue_id, rcpt, (array_agg(status ORDER BY ts DESC, id DESC))[1] AS status, max(ts) AS ts,"
+                " count(*) FILTER (WHERE status LIKE 'Deferred%%') AS deferrals"
+                " FROM history_status WHERE node = %s AND queue_id = ANY(%s) GROUP BY queue_id, rcpt) s"
+                " WHERE h.node = %s AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
+                (node, touched, node))
+    return True
+
+
+class Shipper:
+    """Writes a process's record batches to PostgreSQL from a thread of its own,
+    through the spill journal while PostgreSQL is unreachable."""
+
+    def __init__(self, section: RecordsSection, node: str, data_dir: Path, *,
+                 on_failure: Callable[[str], None] | None = None, replay_others: bool = False,
+                 notify: Callable[[str], None] | None = None):
+        """notify(text): a line for the event log (the outage is over); on_failure(text):
+        PostgreSQL refuses writes (once per outage); replay_others: also write what other
+        (ended) processes left in the journal (the node, at its start)."""
+        assert section.url is not None
+        self.url = section.url
+        self.password_file = section.password_file
+        self.node = node
+        self.spill_dir = Path(data_dir) / SPILL_DIR
+        self.spill_path = self.spill_dir / f"{os.getpid()}.jsonl"
+        self._replay_others = replay_others
+        self._on_failure = on_failure
+        self._notify = notify
+        self._prefix = f"{os.getpid()}.{time.time_ns()}"  # batch keys: unique per process run
+        self._numbers = itertools.count(1)
+        self._pending: deque[tuple[str, dict]] = deque()
+        self._cond = threading.Condition()
+        self._idle = threading.Condition()
+        self._queued = 0
+        self._done = 0
+        self._cycles = 0  # passes of the thread (flush() waits for one)
+        self._stop = False
+        self._conn: psycopg.Connection | None = None
+        self._failing: str | None = None
+        self._retry_at = 0.0
+        self._backoff = RETRY_MIN
+        self.written = 0  # batches written (tests, status)
+        self._thread = threading.Thread(target=self._run, name="records-postgresql", daemon=True)
+        self._thread.start()
+
+    # -- producers -----------------------------------------------------------------------
+
+    def put(self, rows: dict) -> None:
+        """One batch (the records writer's rows); never blocks."""
+        self._pending.append((f"{self._prefix}.{next(self._numbers)}", rows))
+        self._queued += 1
+
+    @property
+    def failing(self) -> str | None:
+        return self._failing
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every batch put so far is written or spilled; True when nothing
+        is left in the journal either."""
+        target = self._queued
+        with self._idle:
+            cycle = self._cycles
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            # ...and one whole pass begun after this call (the journal is tried too)
+            while (self._done < target or self._cycles < cycle + 2) and self._thread.is_alive():
+                with self._cond:
+                    self._cond.notify()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+        return self._done >= target and not self._spill_files()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._stop:
+                    self._cond.wait(WRITE_INTERVAL)
+                stopping = self._stop
+            batch = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    batch.append(self._pending.popleft())
+            try:
+                self._ship(batch, stopping)
+            except Exception as e:  # noqa: BLE001 - records must never stop mail
+                print(f"kanmon: records (PostgreSQL): {for_log(str(e))}", file=sys.stderr)
+            with self._idle:
+                self._done += len(batch)
+                self._cycles += 1
+                self._idle.notify_all()
+            if stopping and not self._pending:
+                return
+
+    def _ship(self, batch: list[tuple[str, dict]], stopping: bool) -> None:
+        import psycopg
+
+        spilled = bool(self._spill_files())
+        if (spilled or self._failing) and time.monotonic() < self._retry_at and not stopping:
+            self._spill(batch)  # still down: keep the order, try again later
+            return
+        if not batch and not spilled:
+            return
+        try:
+            conn = self._connection()
+            replayed = self._replay(conn)
+            for key, rows in batch:
+                self._commit(conn, key, rows)
+                self.written += 1
+        except (psycopg.Error, OSError) as e:
+            self._drop_connection()
+            self._spill(batch)  # those already committed are skipped by their key on replay
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RETRY_MAX)
+            text = for_log(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            if self._failing is None:
+                self._failing = text
+                print(f"kanmon: records (PostgreSQL): writes fail ({text}); kept in {self.spill_dir}", file=sys.stderr)
+                if self._on_failure is not None:
+                    try:
+                        self._on_failure(f"shared records database (PostgreSQL) refuses writes: {text}; "
+                                         f"batches kept in {self.spill_dir} and written when it returns")
+                    except Exception as e2:  # noqa: BLE001 - reporting must not stop the thread
+                        print(f"kanmon: records: cannot report the failure: {e2}", file=sys.stderr)
+            return
+        self._backoff = RETRY_MIN
+        if self._failing is not None:
+            self._failing = None
+            if self._notify is not None:
+                self._notify(f"records: the shared records database (PostgreSQL) takes writes again "
+                             f"({replayed} spilled batch(es) written)")
+
+    def _commit(self, conn: psycopg.Connection, key: str, rows: dict) -> bool:
+        """commit_batch; a batch PostgreSQL refuses for its data (not for an outage) is
+        set aside in the journal directory (refused-<pid>.jsonl) instead of blocking the
+        ones after it."""
+        import psycopg
+
+        try:
+            return commit_batch(conn, self.node, key, rows)
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as e:
+            text = for_log(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            print(f"kanmon: records (PostgreSQL): batch {key} refused ({text}); set aside in {self.spill_dir}",
+                  file=sys.stderr)
+            self._spill([(key, rows)], self.spill_dir / f"refused-{os.getpid()}.jsonl")
+            return False
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.url, self.password_file, autocommit=True)
+            try:
+                migrate(conn)  # a fresh database, or a newer kanmon: safe (additive, locked)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    # -- the spill journal ---------------------------------------------------------------
+
+    def _spill(self, batch: list[tuple[str, dict]], path: Path | None = None) -> None:
+        if not batch:
+            return
+        data = b"".join(json.dumps({"key": k, "rows": r}, separators=(",", ":"), default=str).encode() + b"\n"
+                        for k, r in batch)
+        try:
+            self.spill_dir.mkdir(exist_ok=True, mode=0o700)
+            fd = os.open(path or self.spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # the disk refuses too: the local SQLite and the log line remain
+            print(f"kanmon: records (PostgreSQL): cannot spill {len(batch)} batch(es): {e}", file=sys.stderr)
+
+    def _spill_files(self) -> list[Path]:
+        if not self._replay_others:
+            return [self.spill_path] if self.spill_path.exists() else []
+        try:
+            return sorted((p for p in self.spill_dir.iterdir() if not p.name.startswith("refused-")),
+                          key=lambda p: (p != self.spill_path, p.name))
+        except FileNotFoundError:
+            return []
+
+    def _replay(self, conn: psycopg.Connection) -> int:
+        """Write the journal's batches, oldest first; a file goes when all of it is written."""
+        written = 0
+        for path in self._spill_files():
+            for line in path.read_bytes().split(b"\n"):
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line (a crash during the append): never acknowledged
+                if self._commit(conn, item["key"], item["rows"]):
+                    written += 1
+            path.unlink()
+        self._replay_others = False
+        return written

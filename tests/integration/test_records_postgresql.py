@@ -1,0 +1,256 @@
+"""Records shared in PostgreSQL (kanmon.records.pg), against the tests' own server: every
+batch also goes there tagged with the node; an outage is bridged by the spill journal
+and replayed in order, nothing lost and nothing twice; a batch written twice counts once."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from kanmon.config import RecordsSection
+from kanmon.model import ClientInfo, Envelope
+from kanmon.records import events as ev
+from kanmon.records import pg, pgquery
+from kanmon.records.query import search_events as local_events
+from kanmon.records.store import Records
+from tests.support.postgres import pg_server, pg_url, private_pg  # noqa: F401 - fixtures
+
+QID = "4Q1a2B3c4D5e6F"
+
+
+def section(url: str, node: str | None = None) -> RecordsSection:
+    return RecordsSection(url=url, node=node)
+
+
+def accept(records: Records, qid: str, subject: str = "hello") -> None:
+    env = Envelope("alice@example.test", ["bob@example.test"], client=ClientInfo("192.0.2.7", helo="c.example"))
+    records.history_accept(qid, env, 100, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def test_batches_go_to_postgresql_with_the_node_name_and_to_the_local_sqlite(tmp_path, pg_url):  # noqa: F811
+    mr1 = Records(tmp_path / "mr1", "mr1.example.test", shared=section(pg_url))
+    mr2 = Records(tmp_path / "mr2", "ignored.example.test", shared=section(pg_url, node="mr2"))
+    mr1.record(ev.Removed(), QID)
+    accept(mr1, QID)
+    mr2.emit("hello from two")
+    for r in (mr1, mr2):
+        r.flush()
+        assert r.shipper.flush()
+    cfg = section(pg_url)
+    rows = pgquery.search_events(cfg)
+    assert {(r.node, r.text) for r in rows} >= {("mr1.example.test", "removed"), ("mr2", "hello from two")}
+    assert [r.text for r in pgquery.search_events(cfg, node="mr2")] == ["hello from two"]
+    assert "removed" in [e.text for e in local_events(tmp_path / "mr1")]  # the node's own SQLite as before
+    hist = pgquery.search_history(cfg, queue_id=QID)
+    assert [(h.node, h.rcpt, h.subject, h.status) for h in hist] == [("mr1.example.test", "bob@example.test", "hello", "Queued")]
+    assert [n for n, _ts in pgquery.nodes(cfg)] == ["mr1.example.test", "mr2"]
+    mr1.close()
+    mr2.close()
+
+
+def test_a_status_folds_into_its_history_row_whichever_arrives_first(tmp_path, pg_url):  # noqa: F811
+    receiver = Records(tmp_path, "mr1", shared=section(pg_url))
+    node = Records(tmp_path, "mr1", shared=section(pg_url))
+    node.history_status(QID, "bob@example.test", "Deferred (451 try later)")
+    node.flush()
+    assert node.shipper.flush()
+    accept(receiver, QID)  # written after the first status by another process of the node
+    receiver.flush()
+    assert receiver.shipper.flush()
+    node.history_status(QID, "bob@example.test", "Delivered")
+    node.flush()
+    assert node.shipper.flush()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT status, deferrals FROM history WHERE queue_id = %s", (QID,)).fetchall() == [
+            ("Delivered", 1)]
+    receiver.close()
+    node.close()
+
+
+def test_a_batch_key_written_twice_counts_once(pg_url):  # noqa: F811
+    rows = {"events": [[1.0, QID, "removed", "removed", None, '{"a": 1}']], "hist": [], "status": [],
+            "counts": [[7, "delivered", 2]]}
+    with pg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn)
+        assert pg.commit_batch(conn, "mr1", "k1", rows) is True
+        assert pg.commit_batch(conn, "mr1", "k1", rows) is False
+        assert pg.commit_batch(conn, "mr2", "k1", rows) is True  # another node's key space
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (2,)
+        assert conn.execute("SELECT node, value FROM counters ORDER BY node").fetchall() == [("mr1", 2), ("mr2", 2)]
+        assert conn.execute("SELECT detail->>'a' FROM events LIMIT 1").fetchone() == ("1",)
+
+
+def test_nul_characters_from_the_network_are_stored_not_refused(tmp_path, pg_url):  # noqa: F811
+    records = Records(tmp_path, "mr1", shared=section(pg_url))
+    accept(records, QID, subject="=?utf-8?q?a=00b?=")
+    records.emit("x", detail={"why": "nul\x00here"})
+    records.flush()
+    assert records.shipper.flush()
+    assert [h.subject for h in pgquery.search_history(section(pg_url))] == ["a\ufffdb"]
+    assert [e.fields for e in pgquery.search_events(section(pg_url), grep="x")][-1] == {"why": "nul\ufffdhere"}
+    records.close()
+
+
+def test_migrations_are_versioned_and_applied_once(pg_url):  # noqa: F811
+    with pg.connect(pg_url, autocommit=True) as conn:
+        assert [m.version for m in pg.pending(conn)] == [m.version for m in pg.MIGRATIONS]
+        assert [m.version for m in pg.migrate(conn)] == [m.version for m in pg.MIGRATIONS]
+        assert pg.pending(conn) == []
+        assert pg.migrate(conn) == []
+        conn.execute("INSERT INTO schema_version VALUES (999, 'from a newer kanmon', 0)")
+        assert pg.newer_than_known(conn) == [999]
+
+
+def test_postgresql_down_and_back_loses_nothing_and_writes_nothing_twice(tmp_path, private_pg):  # noqa: F811
+    url = private_pg.create_database()
+    failures: list[str] = []
+    records = Records(tmp_path, "mr1", shared=section(url), on_failure=failures.append)
+    sent = []
+
+    def traffic(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            qid = f"{QID[:-4]}{i:04d}"
+            records.record(ev.Removed(), qid)
+            accept(records, qid, subject=f"message {i}")
+            records.history_status(qid, "bob@example.test", "Delivered")
+            sent.append(qid)
+            if i % 10 == 0:
+                records.flush()  # several batches
+
+    traffic(0, 30)
+    records.flush()
+    assert records.shipper.flush()
+    private_pg.stop()
+    traffic(30, 40)
+    records.flush()
+    assert not records.shipper.flush(timeout=2)  # kept in the journal, not written
+    assert failures and "PostgreSQL" in failures[0]
+    assert len(failures) == 1  # once per outage
+    assert list((tmp_path / pg.SPILL_DIR).glob("*.jsonl"))
+    assert len(local_events(tmp_path, grep="removed")) == 70  # the node's own records never waited
+    private_pg.start()
+    traffic(70, 30)
+    records.flush()
+    records.shipper._retry_at = 0  # the backoff's clock: try again now
+    assert records.shipper.flush(timeout=30)
+    records.flush()
+    records.close()
+    with psycopg.connect(url) as conn:
+        got = [q for (q,) in conn.execute("SELECT queue_id FROM events WHERE kind = 'removed' ORDER BY id")]
+        hist = conn.execute("SELECT queue_id, status FROM history ORDER BY id").fetchall()
+        texts = [t for (t,) in conn.execute("SELECT text FROM events WHERE node = 'mr1' AND text LIKE 'records:%%'")]
+    assert got == sent  # every one, once, in order
+    assert hist == [(q, "Delivered") for q in sent]
+    assert any("takes writes again" in t for t in texts)
+    assert not list((tmp_path / pg.SPILL_DIR).glob("*.jsonl"))
+
+
+def test_what_a_stopped_process_left_in_the_journal_is_written_by_the_next_node_start(tmp_path, private_pg):  # noqa: F811
+    url = private_pg.create_database()
+    private_pg.stop()
+    records = Records(tmp_path, "mr1", shared=section(url))
+    records.record(ev.Removed(), QID)
+    records.close()  # PostgreSQL still down: the batch stays in the journal
+    assert list((tmp_path / pg.SPILL_DIR).glob("*.jsonl"))
+    private_pg.start()
+    node = Records(tmp_path, "mr1", shared=section(url), replay_others=True)
+    node.flush()
+    assert node.shipper.flush(timeout=30)
+    node.close()
+    assert [e.queue_id for e in pgquery.search_events(section(url)) if e.kind == "removed"] == [QID]
+
+
+def test_the_url_may_not_hold_a_password():
+    with pytest.raises(ValueError, match="password_file"):
+        RecordsSection(url="postgresql://kanmon:secret@db.example.test/kanmon")
+
+
+# -- the commands ------------------------------------------------------------------------
+
+def write_config(tmp_path, url: str | None, node: str = "mr1", data: str = "data"):
+    path = tmp_path / f"{node}.toml"
+    records = f'[records]\nurl = "{url}"\nnode = "{node}"\n' if url else ""
+    path.write_text(f'[server]\nhostname = "{node}.example.test"\ndata_dir = "{tmp_path / data}"\n{records}')
+    return str(path)
+
+
+def run(*argv):
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+
+    return CliRunner().invoke(main, list(argv))
+
+
+def test_migrate_check_exits_non_zero_while_migrations_are_pending(tmp_path, pg_url):  # noqa: F811
+    cfg = write_config(tmp_path, pg_url)
+    before = run("records", "migrate", "--check", "-c", cfg)
+    assert before.exit_code == 1, before.output
+    assert "pending: 1 " in before.output
+    done = run("records", "migrate", "-c", cfg)
+    assert done.exit_code == 0 and "applied: 1 " in done.output, done.output
+    after = run("records", "migrate", "--check", "-c", cfg)
+    assert after.exit_code == 0 and "schema up to date" in after.output
+
+
+def test_migrate_refuses_a_schema_newer_than_this_kanmon(tmp_path, pg_url):  # noqa: F811
+    with pg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn)
+        conn.execute("INSERT INTO schema_version VALUES (999, 'newer', 0)")
+    result = run("records", "migrate", "--check", "-c", write_config(tmp_path, pg_url))
+    assert result.exit_code == 2 and "newer than this kanmon" in result.output
+
+
+def test_an_unreachable_database_is_one_line_not_a_traceback(tmp_path, private_pg):  # noqa: F811
+    url = private_pg.create_database()
+    private_pg.stop()
+    (tmp_path / "data").mkdir()
+    result = run("log", "events", "-c", write_config(tmp_path, url))
+    assert result.exit_code == 1
+    assert "shared records" in result.output and "Traceback" not in result.output
+
+
+def test_log_shows_every_node_and_filters_by_node(tmp_path, pg_url):  # noqa: F811
+    for node in ("mr1", "mr2"):
+        r = Records(tmp_path / node, f"{node}.example.test", shared=section(pg_url, node=node))
+        accept(r, QID if node == "mr1" else QID[:-1] + "X", subject=f"via {node}")
+        r.emit(f"hello from {node}\x1b[31m")
+        r.flush()
+        assert r.shipper.flush()
+        r.close()
+    cfg = write_config(tmp_path, pg_url, data="mr1")
+    out = run("log", "events", "-c", cfg).output
+    assert "mr1 hello from mr1" in out and "mr2 hello from mr2" in out
+    assert "\x1b" not in out  # escaped for the terminal
+    only = run("log", "events", "--node", "mr2", "-c", cfg).output
+    assert "hello from mr2" in only and "hello from mr1" not in only
+    hist = run("log", "history", "--json", "-c", cfg).output.splitlines()
+    import json
+
+    assert sorted((json.loads(h)["node"], json.loads(h)["subject"]) for h in hist) == [("mr1", "via mr1"), ("mr2", "via mr2")]
+    table = run("log", "history", "--node", "mr1", "-c", cfg).output
+    assert "via mr1" in table and "via mr2" not in table
+
+
+def test_node_filter_needs_shared_records(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = run("log", "events", "--node", "mr1", "-c", write_config(tmp_path, None))
+    assert result.exit_code == 2 and "[records] url" in result.output
+
+
+def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):  # noqa: F811
+    single = Records(tmp_path / "data", "mr1.example.test")  # before the cluster: SQLite only
+    accept(single, QID, subject="old mail")
+    single.record(ev.Removed(), QID)
+    single.history_status(QID, "bob@example.test", "Delivered")
+    single.flush()
+    single.close()
+    cfg = write_config(tmp_path, pg_url)
+    first = run("records", "export", "--since", "2000-01-01", "-c", cfg)
+    assert first.exit_code == 0, first.output
+    assert "1 history row(s)" in first.output
+    again = run("records", "export", "--since", "30d", "-c", cfg)
+    assert "0 event(s), 0 history row(s)" in again.output
+    hist = pgquery.search_history(section(pg_url), node="mr1")
+    assert [(h.subject, h.status) for h in hist] == [("old mail", "Delivered")]
+    assert [e.kind for e in pgquery.search_events(section(pg_url)) if e.queue_id == QID] == ["removed"]
