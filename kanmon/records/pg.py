@@ -258,6 +258,13 @@ class Shipper:
         self._pending.append((f"{self._prefix}.{next(self._numbers)}", rows))
         self._queued += 1
 
+    def retry_now(self) -> None:
+        """Try PostgreSQL at the next pass instead of at the end of the backoff (the
+        database is known to be back)."""
+        self._retry_at = 0.0
+        with self._cond:
+            self._cond.notify()
+
     @property
     def failing(self) -> str | None:
         return self._failing
