@@ -65,7 +65,7 @@ from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool
-from kanmon.state.sqlite import SqliteState
+from kanmon.state.backends import open_state
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
@@ -276,8 +276,9 @@ class Node:
         if not self.mail_roles:
             self.workers = 0
         # Shared state (rate counters, verification cache, greylist) is one database in
-        # data_dir that the receiver processes open too; it stays across reloads.
-        self.state = SqliteState(self.data_dir)
+        # data_dir that the receiver processes open too, or PostgreSQL shared with the other
+        # nodes ([records] url); it stays across reloads.
+        self.state = open_state(config, self.data_dir)
         # The local sendmail command's maildrop (kanmon.queue.pickup), read through the injector.
         self.pickup = (Pickup(self.data_dir, self.queue.injector, self.records, config.server.hostname,
                               config.smtp.max_message_size) if self.mail_roles else None)

@@ -274,7 +274,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
-    from kanmon.state.sqlite import SqliteState
+    from kanmon.state.backends import open_state
     from kanmon.store.maildir import mailbox_usage
     from kanmon.store.quota import QuotaNotices
     from kanmon.store.users import AuthThrottle, Users
@@ -285,7 +285,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                       rotate=False, shared=config.records)
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
-    state = SqliteState(data_dir)  # shared with the main process and the other receivers
+    state = open_state(config, data_dir)  # shared with the main process and the other receivers
     pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
                                  resolver=CheckResolver.from_config(config))
     tls = server_context(config)

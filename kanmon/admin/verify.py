@@ -29,7 +29,7 @@ from kanmon.policy.verify import CACHE_NAMESPACE, PROBE_TIMEOUT, Explanation, Pr
 from kanmon.smtp.address import parse_path
 from kanmon.smtp.replies import RELAY_DENIED
 from kanmon.state.api import MemoryState, SharedState
-from kanmon.state.sqlite import STATE_FILE, SqliteState
+from kanmon.state.backends import open_state, state_exists
 
 
 class BadAddress(ValueError):
@@ -49,10 +49,10 @@ class CachedResult:
 @contextmanager
 def _state(config: Config, *, create: bool) -> Iterator[SharedState | None]:
     data_dir = Path(config.server.data_dir)
-    if not (data_dir / STATE_FILE).exists() and not (create and data_dir.is_dir()):
+    if not state_exists(config, data_dir) and not (create and data_dir.is_dir()):
         yield None
         return
-    state = SqliteState(data_dir)
+    state = open_state(config, data_dir)
     try:
         yield state
     finally:

@@ -1,5 +1,5 @@
-"""Shared state: the interfaces' behaviour, the same for the in-memory and the SQLite
-backends, and the SQLite one shared by several processes."""
+"""Shared state: the interfaces' behaviour, the same for the in-memory, SQLite and
+PostgreSQL backends, and the SQLite one shared by several processes."""
 
 from __future__ import annotations
 
@@ -20,15 +20,20 @@ from kanmon.state.api import (
     Triplet,
     TtlCache,
 )
+from kanmon.state.postgresql import PostgresState
 from kanmon.state.sqlite import SqliteState
+from tests.support.postgres import pg_server, pg_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0  # a multiple of 3600 and 60: bucket boundaries are easy to see
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def state(request, tmp_path):
-    s = MemoryState() if request.param == "memory" else SqliteState(tmp_path)
+    if request.param == "postgresql":  # the tests' own server (skips where PostgreSQL is missing)
+        s = PostgresState(request.getfixturevalue("pg_url"), "mr1")
+    else:
+        s = MemoryState() if request.param == "memory" else SqliteState(tmp_path)
     yield s
     s.close()
 
@@ -146,7 +151,9 @@ def test_sqlite_file_is_private(tmp_path):
 _HITTER = """
 import sys
 from pathlib import Path
+from kanmon.state.postgresql import PostgresState
 from kanmon.state.sqlite import SqliteState
+from tests.support.postgres import pg_server, pg_url  # noqa: F401 - fixtures
 s = SqliteState(Path(sys.argv[1]))
 sys.stdin.readline()  # start together
 for _ in range(int(sys.argv[2])):
