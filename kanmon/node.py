@@ -461,7 +461,11 @@ class Node:
                 self.listen.commit(prepared)
                 if self.workers:
                     # What the receivers of a run that crashed held is held by nobody.
-                    await self.state.submit(self.state.gauges.clear)
+                    try:
+                        await self.state.submit(self.state.gauges.clear)
+                    except Exception as e:  # noqa: BLE001 - shared state down (PostgreSQL): start anyway
+                        self.records.emit(f"shared state: cannot clear this node's connection counts: {e}",
+                                          kind="error")
                 await frontend.start()
                 self.frontend = frontend
                 for service in self.services:

@@ -17,7 +17,8 @@ node's owners, never what the other nodes' sessions hold.
 Trusts: the URL and password file of the validated configuration. Keys and values are
 bound parameters, never SQL.
 Never: run on the event loop's thread (use submit); import another kanmon layer (the
-schema is created here, idempotently).
+schema is created here, idempotently, by each new connection); connect in the
+constructor (a node starts while the database is down; its calls fail until it returns).
 """
 
 from __future__ import annotations
@@ -79,9 +80,6 @@ class _Db:
         self._local = threading.local()
         self._all: list[psycopg.Connection] = []
         self._lock = threading.Lock()
-        with self.transaction() as c:
-            c.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            c.execute(_SCHEMA)
 
     def _connect(self) -> psycopg.Connection:
         import psycopg
@@ -97,6 +95,15 @@ class _Db:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = self._connect()
+            try:
+                # Each new connection makes sure of the tables (idempotent): a node starts
+                # while the database is down, or the database comes back recreated.
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                    conn.execute(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)

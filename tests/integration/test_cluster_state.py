@@ -12,7 +12,7 @@ from kanmon.state.api import Triplet
 from kanmon.state.postgresql import PostgresState
 from tests.integration.test_dnsbl_greylist import Clock, Harness
 from tests.support.dnsserver import dns_server  # noqa: F401 - fixture
-from tests.support.postgres import pg_server, pg_url  # noqa: F401 - fixtures
+from tests.support.postgres import pg_server, pg_url, private_pg  # noqa: F401 - fixtures
 
 
 def two_states(url: str) -> tuple[PostgresState, PostgresState]:
@@ -104,3 +104,24 @@ def test_verification_results_are_shared_and_gauges_are_per_node(pg_url):  # noq
     finally:
         mr1.close()
         mr2.close()
+
+
+def test_a_node_starts_while_the_database_is_down_and_its_state_works_once_it_is_back(private_pg):  # noqa: F811
+    import psycopg
+    import pytest
+
+    url = private_pg.create_database()
+    private_pg.stop()
+    state = PostgresState(url, "mr1")  # never connects here: the node starts
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            state.counters.hit("ip:192.0.2.1", 3600, 1000.0)
+        private_pg.start()
+        assert state.counters.hit("ip:192.0.2.1", 3600, 1000.0) == 1
+        private_pg.stop()  # lost again: the broken connection is dropped...
+        with pytest.raises(psycopg.OperationalError):
+            state.counters.hit("ip:192.0.2.1", 3600, 1000.0)
+        private_pg.start()  # ...and the next call connects again
+        assert state.counters.hit("ip:192.0.2.1", 3600, 1001.0) == 2
+    finally:
+        state.close()
