@@ -136,14 +136,21 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
 @config_option
 @click.argument("query")
 @click.option("--since", default="7d", show_default=True, help="Only messages of the last DURATION.")
+@node_option
 @json_option("One JSON object per message.")
-def trace(config_path, query, since, as_json) -> None:
+def trace(config_path, query, since, node, as_json) -> None:
     """One timeline per message: QUERY is a queue id, a Message-ID or an address."""
     from kanmon.records.trace import trace as find
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
-    timelines = find(cfg.server.data_dir, query, parse_since(since))
+    if _need_shared(cfg, node):
+        from kanmon.records import pgquery
+
+        with shared_records(cfg):
+            timelines = pgquery.trace(cfg.records, query, parse_since(since), node=node)
+    else:
+        timelines = find(cfg.server.data_dir, query, parse_since(since))
     if as_json:
         for t in timelines:
             click.echo(json.dumps(t.as_dict(), ensure_ascii=False))
@@ -156,7 +163,7 @@ def trace(config_path, query, since, as_json) -> None:
             click.echo()
         head = t.queue_id or "(rejected, not queued)"
         # Message-IDs, addresses, subjects, EHLO names and replies come from the network.
-        click.echo(shown(f"{head}  {t.message_id or '-'}"))
+        click.echo(shown(f"{head}  {t.message_id or '-'}" + (f"  on {t.node}" if t.node else "")))
         click.echo(shown(f"  from=<{t.mail_from}> to=" + ", ".join(f"<{r}>" for r in t.rcpts)
                          + (f"  size={t.size}" if t.size else "") + (f"  subject={t.subject!r}" if t.subject else "")))
         if t.client_ip:
@@ -181,7 +188,8 @@ def trace(config_path, query, since, as_json) -> None:
 @click.option("--top", default=10, show_default=True, help="How many top senders, recipients and domains.")
 @click.option("--tls", "tls_reports", is_flag=True,
               help="Outbound TLS instead: sessions and failures per destination policy domain (the TLS-RPT daily reports).")
-def stats(config_path, by, since, as_json, top, tls_reports) -> None:
+@node_option
+def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
     """Mail volume: received, delivered, deferred, bounced, rejected, bytes; top senders,
     recipients and destination domains. With --tls: outbound TLS sessions and policy
     failures per destination domain (MTA-STS, DANE, tls_policy; RFC 8460 reports)."""
@@ -192,16 +200,26 @@ def stats(config_path, by, since, as_json, top, tls_reports) -> None:
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
+    shared = _need_shared(cfg, node)
     if tls_reports:
+        if node is not None:
+            raise click.UsageError("--tls reads this node's own reports: no --node")
         _tls_stats(cfg, since, as_json)
         return
-    with progress_bar("counting", not as_json) as progress:
-        report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top, progress=progress)
+    if shared:
+        from kanmon.records import pgquery
+
+        with shared_records(cfg):
+            report = pgquery.collect(cfg.records, parse_since(since), by=by, top=top, node=node)
+    else:
+        with progress_bar("counting", not as_json) as progress:
+            report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top, progress=progress)
     if as_json:
         click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
         return
     console = Console(width=120, force_terminal=False)
-    table = Table(box=None, header_style="bold", title=f"by {by}, last {since}")
+    whose = f", node {node}" if node else ", every node" if shared else ""
+    table = Table(box=None, header_style="bold", title=f"by {by}, last {since}{whose}")
     cols = ("start", "received", "bytes", "delivered", "deferred", "bounced", "rejected")
     for col in cols:
         table.add_column(col, justify="left" if col == "start" else "right")

@@ -1,19 +1,25 @@
-"""Searching the shared records in PostgreSQL: `kanmon log` over every node, with a node
-filter (the tables are kanmon.records.pg's).
+"""Searching the shared records in PostgreSQL: `kanmon log`, `trace` and `stats` over
+every node, with a node filter (the tables are kanmon.records.pg's).
 
-Role: read-only queries for the CLI, returning the rows kanmon.records.query returns for
-a node's SQLite, with the node that wrote each. Trusts: filter values from the admin,
-passed as SQL parameters only. Never: write (the session is read-only).
+Role: read-only queries for the CLI, returning what kanmon.records.query, trace and stats
+return for a node's SQLite, with the node that wrote each row. The trace runs the same
+code as for SQLite over temporary views. Trusts: filter values from the admin, passed as
+SQL parameters (the node name of a view as a quoted literal). Never: write to the shared
+tables (log sessions are read-only; trace and stats only create temporary views).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
 from kanmon.records.query import EventRow, HistoryRow
+from kanmon.records.stats import BUCKETS, TOP, Stats, assemble, utc_offset
+from kanmon.records.trace import Timeline, _trace
 
 if TYPE_CHECKING:
     import psycopg
@@ -22,12 +28,12 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def reading(section: RecordsSection) -> Iterator[psycopg.Connection]:
-    """A read-only connection to the shared records."""
+def reading(section: RecordsSection, read_only: bool = True) -> Iterator[psycopg.Connection]:
+    """A connection to the shared records (read-only unless asked: temporary views)."""
     assert section.url is not None
     conn = connect(section.url, section.password_file, autocommit=True)
     try:
-        conn.read_only = True
+        conn.read_only = read_only
         yield conn
     finally:
         conn.close()
@@ -93,3 +99,89 @@ def nodes(section: RecordsSection) -> list[tuple[str, float]]:
     """The nodes that wrote records, with the time of their last batch."""
     with reading(section) as conn:
         return [(n, ts) for n, ts in conn.execute("SELECT node, max(ts) FROM records_batches GROUP BY node ORDER BY node")]
+
+
+# -- kanmon trace and kanmon stats over every node ------------------------------------------
+
+class _SqliteDialect:
+    """Runs kanmon.records.trace's SQLite statements on PostgreSQL: `?` parameters,
+    `COLLATE NOCASE` equality, json_extract and one DISTINCT ... ORDER BY, rewritten. The
+    statements are kanmon's own (no admin text is ever part of them)."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    @staticmethod
+    def translate(sql: str) -> str:
+        sql = re.sub(r"(\w+) = \? COLLATE NOCASE", r"lower(\1) = lower(?)", sql)
+        sql = re.sub(r"json_extract\(detail, '\$\.(\w+)'\)", r"(detail::jsonb->>'\1')", sql)
+        if sql.startswith("SELECT DISTINCT queue_id FROM history"):
+            sql = sql.replace("SELECT DISTINCT queue_id", "SELECT queue_id").replace(
+                " ORDER BY ts LIMIT", " GROUP BY queue_id ORDER BY min(ts) LIMIT")
+        return sql.replace("?", "%s")
+
+    def execute(self, sql: str, args: tuple = ()):
+        return self.conn.execute(self.translate(sql), args)
+
+
+@contextlib.contextmanager
+def _node_views(section: RecordsSection, node: str | None) -> Iterator[psycopg.Connection]:
+    """A session whose `events` and `history` are temporary views over the shared tables
+    (pg_temp comes first in the search path): only `node`'s rows when given, `detail` as
+    JSON text as in SQLite. Nothing is written to the shared tables."""
+    from psycopg import sql
+
+    with reading(section, read_only=False) as conn:
+        where = sql.SQL(" WHERE node = {}").format(sql.Literal(node)) if node else sql.SQL("")
+        conn.execute(sql.SQL(
+            "CREATE TEMP VIEW events AS SELECT id, node, ts, queue_id, kind, text, session, detail::text AS detail"
+            " FROM public.events{}").format(where))
+        conn.execute(sql.SQL("CREATE TEMP VIEW history AS SELECT * FROM public.history{}").format(where))
+        yield conn
+
+
+def trace(section: RecordsSection, query: str, since: float | None = None, node: str | None = None) -> list[Timeline]:
+    """kanmon.records.trace.trace over every node's records (or one node's); each
+    timeline names the node that handled it."""
+    with _node_views(section, node) as conn:
+        timelines = _trace(_SqliteDialect(conn), query.strip(), since or 0.0)
+        for t in timelines:
+            if t.queue_id:
+                row = conn.execute("SELECT node FROM events WHERE queue_id = %s ORDER BY id LIMIT 1",
+                                   (t.queue_id,)).fetchone()
+            else:
+                row = conn.execute("SELECT node FROM events WHERE kind = 'reject' AND ts = %s LIMIT 1",
+                                   (t.steps[-1].ts,)).fetchone()
+            t.node = row[0] if row else ""
+    return timelines
+
+
+def collect(section: RecordsSection, since: float, until: float | None = None, by: str = "day", top: int = TOP,
+            node: str | None = None) -> Stats:
+    """kanmon.records.stats.collect over every node's history (or one node's)."""
+    if by not in BUCKETS:
+        raise ValueError(f"by must be one of {', '.join(BUCKETS)}")
+    until = time.time() if until is None else until
+    out = Stats(since=since, until=until, by=by)
+    size = BUCKETS[by]
+    off = utc_offset(until)
+    where = "FROM history WHERE ts >= %s AND ts < %s"
+    queries = [
+        ("SELECT floor((ts + %s) / %s)::bigint AS b, SUM(first), SUM(first * size),"
+         " SUM((status = 'Delivered')::int), SUM((deferrals > 0 AND disposition = 'Accept')::int),"
+         f" SUM((status LIKE 'Bounced%%')::int), SUM((disposition = 'Reject')::int) {where} GROUP BY b ORDER BY b",
+         (off, size, since, until)),
+        (f"SELECT mail_from, COUNT(*) AS c {where} AND first = 1 GROUP BY mail_from ORDER BY c DESC, mail_from LIMIT %s",
+         (since, until, top)),
+        (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND disposition = 'Accept' GROUP BY r ORDER BY c DESC, r"
+         " LIMIT %s", (since, until, top)),
+        ("SELECT lower(substr(rcpt, strpos(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
+         f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT %s", (since, until, top)),
+        ("SELECT COALESCE(NULLIF(detail::jsonb->>'check', ''), '-') AS k, COUNT(*) AS c FROM events"
+         " WHERE ts >= %s AND ts < %s AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
+         (since, until)),
+    ]
+    with _node_views(section, node) as conn:
+        results = [conn.execute(q, args).fetchall() for q, args in queries]
+    rows = [(b, *(int(v or 0) for v in rest)) for b, *rest in results[0]]
+    return assemble(out, size, off, rows, *results[1:])

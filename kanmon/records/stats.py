@@ -134,11 +134,17 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
             for n, _done in enumerate(as_completed(futures), 1):
                 progress(n, len(futures))
         rows, senders, recipients, domains, checks = (f.result() for f in futures)
+    return assemble(out, size, off, rows, senders, recipients, domains, checks)
+
+
+def assemble(out: Stats, size: int, off: int, rows, senders, recipients, domains, checks) -> Stats:
+    """The report from the five aggregations' rows (SQLite's here, PostgreSQL's in
+    kanmon.records.pgquery: the same columns)."""
     for b, received, nbytes, delivered, deferred, bounced, rejected in rows:
         out.buckets.append(Bucket(b * size - off, received or 0, nbytes or 0, delivered or 0, deferred or 0,
                                   bounced or 0, rejected or 0))
     t = out.totals
-    t.start = since
+    t.start = out.since
     for b in out.buckets:
         t.received += b.received
         t.bytes += b.bytes

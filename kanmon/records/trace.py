@@ -62,9 +62,13 @@ class Timeline:
     final: str = ""
     status: dict[str, str] = field(default_factory=dict)  # rcpt -> history status
     steps: list[Step] = field(default_factory=list)
+    node: str = ""  # the node that handled it (shared records; "" in a node's SQLite)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.node:
+            del d["node"]
+        return d
 
 
 def classify(kind: str, queue_id: str | None) -> str:

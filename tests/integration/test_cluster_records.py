@@ -74,3 +74,45 @@ def test_two_relays_keep_working_through_a_database_outage_and_lose_no_record(tm
                                 " GROUP BY node, queue_id").fetchall()
     assert sorted(n for n, _q, _c in accepted) == ["mr1"] * 4 + ["mr2"] * 3
     assert all(c == 1 for _n, _q, c in accepted)  # nothing twice
+
+
+def test_trace_and_stats_show_every_node_and_filter_by_node(tmp_path, private_pg):  # noqa: F811
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+
+    url = private_pg.create_database()
+    mr1, mr2 = start(tmp_path, "mr1", url), start(tmp_path, "mr2", url)
+    try:
+        send(mr1, "first")
+        send(mr2, "second")
+        for node, subject in ((mr1, "first"), (mr2, "second")):
+            wait_for(lambda: len(maildir_messages(node.data_dir, "tanaka@corp.example")) == 1, 20, "delivery")
+            node.flush()
+            wait_for(node.node.records.shipper.flush, 30, "the shared records written")
+    finally:
+        mr1.stop()
+        mr2.stop()
+    cfg = tmp_path / "mr1.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "mr1", port=1, url=url, node="mr1"))
+
+    def run(*argv):
+        result = CliRunner().invoke(main, [*argv, "-c", str(cfg)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    import json
+
+    timelines = [json.loads(line) for line in run("trace", "tanaka@corp.example", "--json").splitlines()]
+    assert sorted((t["node"], t["subject"], t["final"]) for t in timelines) == [
+        ("mr1", "first", "delivered to tanaka@corp.example"),
+        ("mr2", "second", "delivered to tanaka@corp.example")]
+    assert all(any(s["kind"] == "connect" for s in t["steps"]) for t in timelines)  # the session joined per node
+    text = run("trace", "tanaka@corp.example", "--node", "mr2")
+    assert "on mr2" in text and "on mr1" not in text
+    every = json.loads(run("stats", "--json"))
+    assert (every["totals"]["received"], every["totals"]["delivered"]) == (2, 2)
+    one = json.loads(run("stats", "--json", "--node", "mr1"))
+    assert (one["totals"]["received"], one["totals"]["delivered"]) == (1, 1)
+    assert one["top_senders"] == [{"name": "suzuki@corp.example", "count": 1}]
+    assert "every node" in run("stats")
