@@ -193,8 +193,14 @@ class Alerts:
         cert_path: Path | None = None,
         free_disk: Callable[[], int] | None = None,
         stderr: TextIO | None = None,
+        shared=None,
     ):
+        """shared: the SharedState the nodes of a cluster share ([records] url): an alert
+        another node mailed within the interval is not mailed again (one mail per
+        incident for the cluster, naming the nodes that see it). None: this node alone."""
         self.config = config
+        self.shared = shared
+        self.node = config.records.node or config.server.hostname
         self.cfg = config.alerts
         self.records = records
         self.spool = spool
@@ -566,8 +572,27 @@ class Alerts:
     async def _sender(self) -> None:
         assert self._outbox is not None
         while True:
-            category, key, subject, body = (await self._outbox.get())[:4]
+            category, key, subject, body, claim = await self._outbox.get()
+            if claim and self.shared is not None:
+                body = await self._claim(category, key, subject, body)
+                if body is None:
+                    continue
             await self.send(category, key, subject, body)
+
+    async def _claim(self, category: str, key: str, subject: str, body: str) -> str | None:
+        """The body to mail (naming the nodes that see the alert), or None when another
+        node of the cluster mailed it within the interval. When the shared state does not
+        answer, the alert is mailed (twice rather than never)."""
+        shared = self.shared
+        try:
+            claim = await shared.submit(shared.alert_claims.claim, category, key, self.node, self.clock.now(),
+                                        self.interval(category))
+        except Exception as e:  # noqa: BLE001 - the shared state is down: mail it from here
+            return body + f"\nSeen by: {self.node} (the other nodes could not be asked: {_first(str(e))})\n"
+        if not claim.mail:
+            self.records.record(AlertNotMailed(f"mailed by node {claim.mailed_by} within the interval", subject))
+            return None
+        return body + f"\nSeen by: {', '.join(claim.nodes)}\n"
 
     # -- the saved state ---------------------------------------------------------------
 
@@ -653,10 +678,12 @@ class Alerts:
             loop.call_soon_threadsafe(fn, *args)
 
     def _enqueue(self, category: str, key: str, subject: str, body: str, force: bool) -> None:
+        """force: a mail that is always sent (the test button, a "resolved" mail); the
+        others are raised alerts, mailed by one node of a cluster (self.shared)."""
         if self._outbox is None:  # not running (tests driving it by hand): log only
             self._fallback(subject, body, "alerts not running")
             return
-        self._outbox.put_nowait((category, key, subject, body))
+        self._outbox.put_nowait((category, key, subject, body, not force))
 
     async def send(self, category: str, key: str, subject: str, body: str) -> str | None:
         """Queue one alert mail; its queue id, or None when it went to log and stderr."""

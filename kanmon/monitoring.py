@@ -28,7 +28,8 @@ class Monitoring:
         config = node.config
         self.node = node
         cert, _key = server_cert_paths(config)
-        self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert)
+        self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert,
+                             shared=node.state if config.records.url else None)
         node.remote.on_server_used = self.alerts.on_server_used
         self.delivery = DeliveryMetrics()
         node.queue.on_attempt = self.delivery.observe
@@ -40,7 +41,8 @@ class Monitoring:
         run()); the metrics keep counting."""
         node = self.node
         cert, _key = server_cert_paths(config)
-        self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert)
+        self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert,
+                             shared=node.state if config.records.url else None)
         node.remote.on_server_used = self.alerts.on_server_used
         self.retention = Retention(config, node.records.emit, node.clock)
 

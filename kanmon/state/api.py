@@ -9,8 +9,9 @@ count and remember across sessions and processes:
 - TtlCache: a value per key that expires (recipient verification results), with the
   listing and flushing the admin commands need;
 - GreylistStore: (client network, sender, recipient) triplets and the clients that
-  passed.
-A backend is a SharedState bundling the four, with submit() to run a blocking call off
+  passed;
+- AlertClaims: which node mails an alert several nodes see (one mail per incident).
+A backend is a SharedState bundling the five, with submit() to run a blocking call off
 the event loop. MemoryState (here) serves one process and tests; kanmon.state.sqlite
 serves every process of a node.
 
@@ -156,10 +157,27 @@ class GreylistStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class AlertClaim:
+    mail: bool  # this node mails the alert (no node mailed it within the interval)
+    nodes: tuple[str, ...]  # the nodes that saw it within the interval, this one included, by name
+    mailed_by: str  # the node that mailed it last ("" when none did)
+
+
+@runtime_checkable
+class AlertClaims(Protocol):
+    def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
+        """Node sees alert (category, key) at now and would mail it: it may, when no node
+        mailed that alert within `interval` seconds (then it is the one that did, at
+        now); in one step, so that two nodes seeing one incident mail it once."""
+        ...
+
+
 class SharedState(Protocol):
     counters: RateCounter
     gauges: ConnectionGauge
     greylist: GreylistStore
+    alert_claims: AlertClaims
 
     def cache(self, namespace: str) -> TtlCache:
         """The TTL cache of one use ("verify", ...); namespaces never see each other."""
@@ -375,6 +393,24 @@ class MemoryGreylist:
             return len(gone)
 
 
+class MemoryAlertClaims:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[tuple[str, str], tuple[float, str]] = {}  # -> (last mailed, by node)
+        self._seen: dict[tuple[str, str], dict[str, float]] = {}  # -> node -> last seen
+
+    def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
+        with self._lock:
+            seen = self._seen.setdefault((category, key), {})
+            seen[node] = now
+            nodes = tuple(sorted(n for n, t in seen.items() if t > now - interval or n == node))
+            last, by = self._sent.get((category, key), (None, ""))
+            if last is not None and last > now - interval:
+                return AlertClaim(False, nodes, by)
+            self._sent[(category, key)] = (now, node)
+            return AlertClaim(True, nodes, node)
+
+
 class MemoryState:
     """SharedState for one process: submit() runs the call at once (nothing blocks)."""
 
@@ -382,6 +418,7 @@ class MemoryState:
         self.counters = MemoryCounters(max_keys)
         self.gauges = MemoryGauges()
         self.greylist = MemoryGreylist()
+        self.alert_claims = MemoryAlertClaims()
         self._caches: dict[str, MemoryCache] = {}
 
     def cache(self, namespace: str) -> MemoryCache:

@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kanmon.state.api import CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
 
 if TYPE_CHECKING:
     import psycopg
@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS state_greylist (
     last_seen DOUBLE PRECISION NOT NULL, passed DOUBLE PRECISION, attempts INTEGER NOT NULL,
     PRIMARY KEY (client, sender, recipient));
 CREATE TABLE IF NOT EXISTS state_greylist_client (client TEXT PRIMARY KEY, passes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state_alert_claim (
+    category TEXT NOT NULL, key TEXT NOT NULL, last_sent DOUBLE PRECISION NOT NULL, mailed_by TEXT NOT NULL,
+    PRIMARY KEY (category, key));
+CREATE TABLE IF NOT EXISTS state_alert_seen (
+    category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (category, key, node));
 """
 
 
@@ -317,6 +323,31 @@ class PgGreylist:
                 " OR (passed IS NOT NULL AND last_seen < %s)", (now - window, now - remember)).rowcount
 
 
+class PgAlertClaims:
+    def __init__(self, db: _Db):
+        self._db = db
+
+    def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
+        category, key = _text(category), _text(key)
+        with self._db.transaction() as c:
+            c.execute("INSERT INTO state_alert_seen (category, key, node, last_seen) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT (category, key, node) DO UPDATE SET last_seen = excluded.last_seen",
+                      (category, key, node, now))
+            # The claim and its condition in one statement: of two nodes claiming at once,
+            # the second waits for the first's row and then finds it mailed.
+            won = c.execute(
+                "INSERT INTO state_alert_claim (category, key, last_sent, mailed_by) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (category, key) DO UPDATE SET last_sent = excluded.last_sent,"
+                " mailed_by = excluded.mailed_by WHERE state_alert_claim.last_sent <= %s RETURNING 1",
+                (category, key, now, node, now - interval)).fetchone() is not None
+            by = node if won else c.execute("SELECT mailed_by FROM state_alert_claim WHERE category = %s AND key = %s",
+                                            (category, key)).fetchone()[0]
+            nodes = tuple(n for (n,) in c.execute(
+                "SELECT node FROM state_alert_seen WHERE category = %s AND key = %s AND last_seen > %s"
+                ' ORDER BY node COLLATE "C"', (category, key, now - interval)))
+        return AlertClaim(won, nodes, by)
+
+
 class PostgresState:
     """SharedState in PostgreSQL (`[records] url`); node: this node's name (gauge owners)."""
 
@@ -326,6 +357,7 @@ class PostgresState:
         self.counters = PgCounters(self._db)
         self.gauges = PgGauges(self._db, node)
         self.greylist = PgGreylist(self._db)
+        self.alert_claims = PgAlertClaims(self._db)
         self._caches: dict[str, PgCache] = {}
         self._executor: ThreadPoolExecutor | None = None
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kanmon.state.api import CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
 
 T = TypeVar("T")
 
@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS greylist (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS greylist_client (
     client TEXT PRIMARY KEY, passes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_claim (
+    category TEXT NOT NULL, key TEXT NOT NULL, last_sent REAL NOT NULL, mailed_by TEXT NOT NULL,
+    PRIMARY KEY (category, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_seen (
+    category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, last_seen REAL NOT NULL,
+    PRIMARY KEY (category, key, node)
 ) WITHOUT ROWID;
 """
 
@@ -287,6 +295,27 @@ class SqliteGreylist:
                 (now - window, now - remember)).rowcount
 
 
+class SqliteAlertClaims:
+    def __init__(self, db: _Db):
+        self._db = db
+
+    def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
+        with self._db.transaction() as c:
+            c.execute("INSERT INTO alert_seen (category, key, node, last_seen) VALUES (?, ?, ?, ?)"
+                      " ON CONFLICT (category, key, node) DO UPDATE SET last_seen = excluded.last_seen",
+                      (category, key, node, now))
+            nodes = tuple(n for (n,) in c.execute(
+                "SELECT node FROM alert_seen WHERE category = ? AND key = ? AND last_seen > ? ORDER BY node",
+                (category, key, now - interval)))
+            row = c.execute("SELECT last_sent, mailed_by FROM alert_claim WHERE category = ? AND key = ?",
+                            (category, key)).fetchone()
+            if row is not None and row[0] > now - interval:
+                return AlertClaim(False, nodes, row[1])
+            c.execute("INSERT OR REPLACE INTO alert_claim (category, key, last_sent, mailed_by) VALUES (?, ?, ?, ?)",
+                      (category, key, now, node))
+            return AlertClaim(True, nodes, node)
+
+
 class SqliteState:
     """SharedState in data_dir/state.db. submit() runs calls on one thread of its own
     (SQLite serialises writers anyway; one thread keeps the order of a session's calls)."""
@@ -297,6 +326,7 @@ class SqliteState:
         self.counters = SqliteCounters(self._db)
         self.gauges = SqliteGauges(self._db)
         self.greylist = SqliteGreylist(self._db)
+        self.alert_claims = SqliteAlertClaims(self._db)
         self._caches: dict[str, SqliteCache] = {}
         self._executor: ThreadPoolExecutor | None = None
 

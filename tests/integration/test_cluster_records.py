@@ -116,3 +116,39 @@ def test_trace_and_stats_show_every_node_and_filter_by_node(tmp_path, private_pg
     assert (one["totals"]["received"], one["totals"]["delivered"]) == (1, 1)
     assert one["top_senders"] == [{"name": "suzuki@corp.example", "count": 1}]
     assert "every node" in run("stats")
+
+
+ALERTS = """
+[alerts]
+to = ["tanaka@corp.example"]
+"""
+
+
+def test_an_incident_two_relays_see_is_mailed_once_for_the_cluster(tmp_path, private_pg):  # noqa: F811
+    url = private_pg.create_database()
+    nodes = []
+    for name in ("mr1", "mr2"):
+        text = CONFIG.format(data_dir=tmp_path / name, port=free_port(), url=url, node=name) + ALERTS
+        nodes.append(RunningNode(parse_config(text)).start())
+    mr1, mr2 = nodes
+
+    def alert_mails(node) -> list[bytes]:
+        return [m for m in maildir_messages(node.data_dir, "tanaka@corp.example") if b"X-Kanmon-Alert: delivery" in m]
+
+    try:
+        text = "relay server store.corp.example:25 failed; mail goes to its alternate"
+        assert mr1.call(lambda: mr1.node.monitoring.alerts.raise_alert("delivery", "store", text)) is True
+        wait_for(lambda: len(alert_mails(mr1)) == 1, 20, "mr1's alert mail")
+        assert mr2.call(lambda: mr2.node.monitoring.alerts.raise_alert("delivery", "store", text)) is True
+        mr2.flush()
+        wait_for(lambda: any(e.kind == "alert-not-mailed" for e in search_events(mr2.data_dir)), 20,
+                 "mr2 leaving the mail to mr1")
+        (event,) = [e for e in search_events(mr2.data_dir) if e.kind == "alert-not-mailed"]
+        assert "mailed by node mr1" in event.text
+        mr1.wait_idle()
+        mr2.wait_idle()
+        assert len(alert_mails(mr1)) == 1 and alert_mails(mr2) == []  # one mail for the cluster
+        assert b"Seen by: mr1" in alert_mails(mr1)[0]
+    finally:
+        mr1.stop()
+        mr2.stop()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kanmon.state.api import (
+    AlertClaims,
     ConnectionGauge,
     GreylistStore,
     MemoryState,
@@ -205,3 +206,15 @@ def test_sqlite_counters_prune_idle_keys(tmp_path) -> None:
         assert s.counters.peek("busy", 10, 25) == 1
     finally:
         s.close()
+
+
+def test_alert_claims_one_mail_per_interval_naming_the_nodes(state):
+    claims = state.alert_claims
+    assert isinstance(claims, AlertClaims)
+    first = claims.claim("delivery", "store", "mr1", T0, 3600)
+    assert (first.mail, first.nodes, first.mailed_by) == (True, ("mr1",), "mr1")
+    second = claims.claim("delivery", "store", "mr2", T0 + 5, 3600)
+    assert (second.mail, second.nodes, second.mailed_by) == (False, ("mr1", "mr2"), "mr1")
+    assert claims.claim("delivery", "other", "mr2", T0 + 5, 3600).mail  # another alert
+    again = claims.claim("delivery", "store", "mr2", T0 + 3601, 3600)  # the interval is over
+    assert (again.mail, again.nodes, again.mailed_by) == (True, ("mr2",), "mr2")
