@@ -215,6 +215,30 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict) -> b
     return True
 
 
+PRUNE_BATCH = 5000
+
+
+def prune(conn: psycopg.Connection, node: str, before: float, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+    """Delete this node's events, history (with its statuses) and batch keys older than
+    before, in small transactions; (events, history rows) deleted. Other nodes prune
+    their own."""
+    counts = []
+    for table in ("events", "history", "history_status", "records_batches"):
+        key = "batch" if table == "records_batches" else "id"
+        total = 0
+        while True:
+            with conn.transaction():
+                n = conn.execute(
+                    f"DELETE FROM {table} WHERE node = %s AND {key} IN"  # noqa: S608 - our table names
+                    f" (SELECT {key} FROM {table} WHERE node = %s AND ts < %s ORDER BY ts LIMIT %s)",
+                    (node, node, before, batch)).rowcount
+            total += n
+            if n < batch:
+                break
+        counts.append(total)
+    return counts[0], counts[1]
+
+
 class Shipper:
     """Writes a process's record batches to PostgreSQL from a thread of its own,
     through the spill journal while PostgreSQL is unreachable."""

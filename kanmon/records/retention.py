@@ -6,8 +6,11 @@ its own connection, in a worker thread), so the records writer — and through i
 mail path — never waits long for the database lock. A failure is an event of kind
 "error" (the critical alert category picks it up) and the loop goes on.
 
+With shared records (`[records] url`), the node also prunes its own rows in PostgreSQL
+by the same `keep` (each node prunes its own; kanmon.records.pg.prune).
+
 Trusts: the validated Config. Never: delete the counters table (metrics are running
-totals), or run on the event loop's thread.
+totals), another node's shared rows, or run on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Retention:
         self.db_path = Path(config.server.data_dir) / "records.sqlite"
         self.emit = emit
         self.clock = clock
+        self.shared = config.records if config.records.url else None
+        self.node = config.records.node or config.server.hostname
 
     async def run_once(self) -> tuple[int, int]:
         if not self.keep:
@@ -64,10 +69,30 @@ class Retention:
         except sqlite3.Error as e:
             self.emit(f"records: pruning failed: {e}", kind="error")
             return 0, 0
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(cutoff))
         if events or history:
-            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(cutoff))
             self.emit(f"records: pruned {events} event line(s) and {history} history row(s) older than {stamp}")
+        if self.shared is not None:
+            await self._prune_shared(cutoff, stamp)
         return events, history
+
+    async def _prune_shared(self, cutoff: float, stamp: str) -> None:
+        import psycopg
+
+        from kanmon.records.pg import connect, prune as prune_shared
+
+        def run() -> tuple[int, int]:
+            with connect(self.shared.url, self.shared.password_file, autocommit=True) as conn:
+                return prune_shared(conn, self.node, cutoff)
+
+        try:
+            events, history = await asyncio.to_thread(run)
+        except (psycopg.Error, OSError) as e:
+            self.emit(f"records: pruning the shared records failed: {e}", kind="error")
+            return
+        if events or history:
+            self.emit(f"records: pruned {events} event line(s) and {history} history row(s) of node {self.node}"
+                      f" older than {stamp} from the shared records")
 
     async def run(self) -> None:
         """Prune now and then daily, until cancelled; nothing when keep is 0."""

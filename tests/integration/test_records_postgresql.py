@@ -254,3 +254,35 @@ def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):  # noqa: F8
     hist = pgquery.search_history(section(pg_url), node="mr1")
     assert [(h.subject, h.status) for h in hist] == [("old mail", "Delivered")]
     assert [e.kind for e in pgquery.search_events(section(pg_url)) if e.queue_id == QID] == ["removed"]
+
+
+def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):  # noqa: F811
+    import asyncio
+
+    from kanmon.config import parse_config
+    from kanmon.records.retention import Retention
+
+    rows = {"events": [[100.0, QID, "removed", "removed", None, None]],
+            "hist": [[100.0, "192.0.2.7", "a@x", "b@y", "s", "", 1, "NotSpam", "Accept", QID, "Queued", "", "", 1]],
+            "status": [[100.0, QID, "b@y", "Delivered"]], "counts": []}
+    new = {**rows, "events": [[10_000.0, QID, "removed", "fresh", None, None]], "hist": [], "status": []}
+    with pg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn)
+        for node in ("mr1", "mr2"):
+            pg.commit_batch(conn, node, "old", rows)
+            pg.commit_batch(conn, node, "new", new)
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nurl = "{pg_url}"\nnode = "mr1"\nkeep = "1h"\n')
+
+    class Clock:
+        def now(self) -> float:
+            return 10_000.0 + 1800
+
+    lines: list[str] = []
+    asyncio.run(Retention(cfg, lambda text, *a, **k: lines.append(text), Clock()).run_once())
+    assert any("pruned 1 event line(s) and 1 history row(s) of node mr1" in line for line in lines)
+    with psycopg.connect(pg_url) as conn:
+        assert sorted(conn.execute("SELECT node, text FROM events").fetchall()) == [
+            ("mr1", "fresh"), ("mr2", "fresh"), ("mr2", "removed")]
+        assert conn.execute("SELECT node FROM history").fetchall() == [("mr2",)]
+        # batch keys go by when they were written (now here), not by their rows' times
+        assert len(conn.execute("SELECT batch FROM records_batches").fetchall()) == 4
