@@ -18,6 +18,7 @@ from kanmon.commands.admins import admin
 from kanmon.commands.alert import alert
 from kanmon.commands.backup import backup, restore
 from kanmon.commands.balance import balance
+from kanmon.commands.cluster import cluster
 from kanmon.commands.config import config
 from kanmon.commands.dkim import dkim
 from kanmon.commands.dns import dns
@@ -42,5 +43,5 @@ def main() -> None:
 
 
 for _command in (user, serve, reload, status, config, dns, dkim, log, queue, maintenance, balance, trace, stats,
-                 alert, sendmail, backup, restore, service, verify, rules, quarantine, admin, records):
+                 alert, sendmail, backup, restore, service, verify, rules, quarantine, admin, records, cluster):
     main.add_command(_command)

@@ -7,7 +7,8 @@ from the records), thresholds, the balancer's incidents (the node hands Alerts.i
 to its BalancerService); the alert state saved in data_dir across restarts;
 DeliveryMetrics fed by QueueManager.on_attempt; the metrics the node's MetricsServer
 serves (the node builds that listener, so a reload can hand its socket on); Retention of
-the records.
+the records; with shared records (`[records] url`), the node's heartbeat there every
+HEARTBEAT seconds (its queue and active alerts, for `kanmon cluster status`).
 
 Trusts: the node's validated config and built stages. Never: start anything before the
 node's recovery (the node calls start() after it), or outlive the node's TaskGroup.
@@ -16,17 +17,25 @@ node's recovery (the node calls start() after it), or outlive the node's TaskGro
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 
+from kanmon import __version__
 from kanmon.alerts import Alerts
 from kanmon.metrics import DeliveryMetrics, Metrics
 from kanmon.records.retention import Retention
 from kanmon.tlscert import server_cert_paths
 
 
+HEARTBEAT = 30.0  # seconds between a node's heartbeats in the shared records
+
+
 class Monitoring:
     def __init__(self, node):
         config = node.config
         self.node = node
+        self.started = time.time()
+        self.heartbeats = 0  # written (tests wait for one)
         cert, _key = server_cert_paths(config)
         self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert,
                              shared=node.state if config.records.url else None)
@@ -60,3 +69,34 @@ class Monitoring:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.alerts.run())
             tg.create_task(self.retention.run())
+            if self.node.config.records.url:
+                tg.create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Now and every HEARTBEAT: this node's queue and active alerts in the shared
+        records. A failure is a line on stderr (the records alert covers the outage)."""
+        while True:
+            try:
+                await self.beat()
+            except Exception as e:  # noqa: BLE001 - the database is down: try again next time
+                print(f"kanmon: cluster heartbeat: {e}", file=sys.stderr)
+            await self.node.clock.sleep(HEARTBEAT)
+
+    async def beat(self) -> None:
+        from kanmon.metrics import queue_snapshot
+        from kanmon.records.pg import connect, heartbeat, migrate
+
+        node, config = self.node, self.node.config
+        snap = await asyncio.to_thread(queue_snapshot, node.spool)
+        queue = {**snap.counts, "size": snap.size, "oldest_waiting": snap.oldest_waiting}
+        alerts = [{"category": st.category, "key": st.key, "text": st.text, "since": st.since}
+                  for st in self.alerts.states.values() if st.active]
+        name = config.records.node or config.server.hostname
+
+        def write() -> None:
+            with connect(config.records.url, config.records.password_file, autocommit=True) as conn:
+                migrate(conn)  # the first writer of a fresh database may be this one
+                heartbeat(conn, name, config.server.hostname, __version__, self.started, time.time(), queue, alerts)
+
+        await asyncio.to_thread(write)
+        self.heartbeats += 1

@@ -88,6 +88,11 @@ CREATE TABLE counters (
     node TEXT NOT NULL, pid INTEGER NOT NULL, name TEXT NOT NULL, value BIGINT NOT NULL,
     PRIMARY KEY (node, pid, name));
 """),
+    Migration(2, "cluster_nodes: each node's heartbeat (queue, active alerts) for kanmon cluster status", """
+CREATE TABLE cluster_nodes (
+    node TEXT PRIMARY KEY, hostname TEXT NOT NULL, version TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL, queue JSONB NOT NULL, alerts JSONB NOT NULL);
+"""),
 )
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
@@ -213,6 +218,21 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict) -> b
                 " WHERE h.node = %s AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
                 (node, touched, node))
     return True
+
+
+def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, started: float, now: float,
+              queue: dict, alerts: list[dict]) -> None:
+    """This node is alive at now, with its queue and active alerts (kanmon cluster status)."""
+    from psycopg.types.json import Jsonb
+
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO cluster_nodes (node, hostname, version, started, last_seen, queue, alerts)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET hostname = excluded.hostname,"
+            " version = excluded.version, started = excluded.started, last_seen = excluded.last_seen,"
+            " queue = excluded.queue, alerts = excluded.alerts",
+            (node, _no_nul(hostname), version, started, now, Jsonb(queue),
+             Jsonb(json.loads(_clean_detail(json.dumps(alerts))))))
 
 
 PRUNE_BATCH = 5000

@@ -14,6 +14,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
@@ -185,3 +186,29 @@ def collect(section: RecordsSection, since: float, until: float | None = None, b
         results = [conn.execute(q, args).fetchall() for q, args in queries]
     rows = [(b, *(int(v or 0) for v in rest)) for b, *rest in results[0]]
     return assemble(out, size, off, rows, *results[1:])
+
+
+# -- kanmon cluster status ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node: str
+    hostname: str
+    version: str
+    started: float
+    last_seen: float
+    queue: dict  # counts by state, "size", "oldest_waiting" (epoch seconds or None)
+    alerts: list  # active alerts: {"category", "key", "text", "since"}
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+def cluster_nodes(section: RecordsSection) -> list[NodeStatus]:
+    """Every node's last heartbeat, by name."""
+    with reading(section) as conn:
+        if conn.execute("SELECT to_regclass('cluster_nodes') IS NULL").fetchone()[0]:
+            return []
+        rows = conn.execute("SELECT node, hostname, version, started, last_seen, queue, alerts FROM cluster_nodes"
+                            ' ORDER BY node COLLATE "C"').fetchall()
+    return [NodeStatus(*r) for r in rows]

@@ -152,3 +152,37 @@ def test_an_incident_two_relays_see_is_mailed_once_for_the_cluster(tmp_path, pri
     finally:
         mr1.stop()
         mr2.stop()
+
+
+def test_cluster_status_shows_each_nodes_queue_and_alerts(tmp_path, private_pg):  # noqa: F811
+    import asyncio
+    import json
+
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+
+    url = private_pg.create_database()
+    mr1 = start(tmp_path, "mr1", url)
+    text = CONFIG.format(data_dir=tmp_path / "mr2", port=free_port(), url=url, node="mr2")
+    mr2 = RunningNode(parse_config(text + "[queue]\nsuspend_delivery = true\n")).start()  # its mail waits
+    try:
+        send(mr2, "waiting on mr2")
+        mr1.call(lambda: mr1.node.monitoring.alerts.raise_alert("delivery", "store", "store \x1b[31mdown"))
+        for node in (mr1, mr2):
+            asyncio.run_coroutine_threadsafe(node.node.monitoring.beat(), node.loop).result(30)
+    finally:
+        mr1.stop()
+        mr2.stop()
+    cfg = tmp_path / "any.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "mr1", port=1, url=url, node="mr1"))
+    out = CliRunner().invoke(main, ["cluster", "status", "--json", "-c", str(cfg)])
+    assert out.exit_code == 0, out.output
+    nodes = {n["node"]: n for n in map(json.loads, out.output.splitlines())}
+    assert set(nodes) == {"mr1", "mr2"}, out.output
+    assert nodes["mr2"]["queue"]["size"] == 1 and nodes["mr1"]["queue"]["size"] == 0, out.output
+    assert ("delivery", "store") in [(a["category"], a["key"]) for a in nodes["mr1"]["alerts"]], out.output
+    assert nodes["mr2"]["alerts"] == [] and not nodes["mr1"]["silent"]
+    table = CliRunner().invoke(main, ["cluster", "status", "-c", str(cfg)]).output
+    assert "mr2.example.test" in table and "1 (new 1" in table and "delivery/store" in table
+    assert "\x1b" not in table  # alert text from the network, escaped
