@@ -1,4 +1,6 @@
-"""Shared pytest setup: the `long` marker, and no config found by accident.
+"""Shared pytest setup: the `long` marker, no config found by accident, and the tests'
+own PostgreSQL (tests/support/postgres.py: the fixtures pg_server, pg_url, private_pg,
+registered here once so that the whole run shares one session server).
 
 Tests marked `long` (soak, fuzz and stress runs, declared in pyproject.toml) are skipped
 unless KANMON_LONG=1; each has a short version that always runs, so CI and a plain
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 
 import pytest
+
+pytest_plugins = ["tests.support.postgres"]
 
 LONG = os.environ.get("KANMON_LONG") == "1"
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import smtplib
 
-import psycopg
+import pytest
 
 from kanmon.config import parse_config
 from kanmon.records import pgquery
 from kanmon.records.query import search_events
 from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
-from tests.support.postgres import private_pg  # noqa: F401 - fixture
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
 
 CONFIG = """
 [server]
@@ -42,7 +43,7 @@ def send(node: RunningNode, subject: str) -> None:
         s.sendmail("suzuki@corp.example", ["tanaka@corp.example"], f"Subject: {subject}\r\n\r\nbody\r\n")
 
 
-def test_two_relays_keep_working_through_a_database_outage_and_lose_no_record(tmp_path, private_pg):  # noqa: F811
+def test_two_relays_keep_working_through_a_database_outage_and_lose_no_record(tmp_path, private_pg):
     url = private_pg.create_database()
     mr1, mr2 = start(tmp_path, "mr1", url), start(tmp_path, "mr2", url)
     try:
@@ -76,7 +77,7 @@ def test_two_relays_keep_working_through_a_database_outage_and_lose_no_record(tm
     assert all(c == 1 for _n, _q, c in accepted)  # nothing twice
 
 
-def test_trace_and_stats_show_every_node_and_filter_by_node(tmp_path, private_pg):  # noqa: F811
+def test_trace_and_stats_show_every_node_and_filter_by_node(tmp_path, private_pg):
     from click.testing import CliRunner
 
     from kanmon.cli import main
@@ -124,7 +125,7 @@ to = ["tanaka@corp.example"]
 """
 
 
-def test_an_incident_two_relays_see_is_mailed_once_for_the_cluster(tmp_path, private_pg):  # noqa: F811
+def test_an_incident_two_relays_see_is_mailed_once_for_the_cluster(tmp_path, private_pg):
     url = private_pg.create_database()
     nodes = []
     for name in ("mr1", "mr2"):
@@ -154,7 +155,7 @@ def test_an_incident_two_relays_see_is_mailed_once_for_the_cluster(tmp_path, pri
         mr2.stop()
 
 
-def test_cluster_status_shows_each_nodes_queue_and_alerts(tmp_path, private_pg):  # noqa: F811
+def test_cluster_status_shows_each_nodes_queue_and_alerts(tmp_path, private_pg):
     import asyncio
     import json
 

@@ -12,14 +12,13 @@ from kanmon.state.api import Triplet
 from kanmon.state.postgresql import PostgresState
 from tests.integration.test_dnsbl_greylist import Clock, Harness
 from tests.support.dnsserver import dns_server  # noqa: F401 - fixture
-from tests.support.postgres import pg_server, pg_url, private_pg  # noqa: F401 - fixtures
 
 
 def two_states(url: str) -> tuple[PostgresState, PostgresState]:
     return PostgresState(url, "mr1"), PostgresState(url, "mr2")
 
 
-def test_a_triplet_greylisted_on_one_relay_passes_on_the_other(tmp_path, dns_server, pg_url):  # noqa: F811
+def test_a_triplet_greylisted_on_one_relay_passes_on_the_other(tmp_path, dns_server, pg_url):
     mr1_state, mr2_state = two_states(pg_url)
 
     async def main() -> None:
@@ -43,7 +42,7 @@ def test_a_triplet_greylisted_on_one_relay_passes_on_the_other(tmp_path, dns_ser
         mr2_state.close()
 
 
-def test_a_sender_cannot_double_its_rate_by_alternating_relays(tmp_path, dns_server, pg_url):  # noqa: F811
+def test_a_sender_cannot_double_its_rate_by_alternating_relays(tmp_path, dns_server, pg_url):
     mr1_state, mr2_state = two_states(pg_url)
 
     async def send(h: Harness) -> str:
@@ -87,7 +86,7 @@ def test_a_sender_cannot_double_its_rate_by_alternating_relays(tmp_path, dns_ser
         mr2_state.close()
 
 
-def test_verification_results_are_shared_and_gauges_are_per_node(pg_url):  # noqa: F811
+def test_verification_results_are_shared_and_gauges_are_per_node(pg_url):
     mr1, mr2 = two_states(pg_url)
     try:
         mr1.cache("verify").put("bob@example.test", "550 5.1.1 no such user", 600, 1000.0)
@@ -106,7 +105,7 @@ def test_verification_results_are_shared_and_gauges_are_per_node(pg_url):  # noq
         mr2.close()
 
 
-def test_a_node_starts_while_the_database_is_down_and_its_state_works_once_it_is_back(private_pg):  # noqa: F811
+def test_a_node_starts_while_the_database_is_down_and_its_state_works_once_it_is_back(private_pg):
     import psycopg
     import pytest
 

@@ -4,7 +4,6 @@ and replayed in order, nothing lost and nothing twice; a batch written twice cou
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from kanmon.config import RecordsSection
@@ -13,7 +12,8 @@ from kanmon.records import events as ev
 from kanmon.records import pg, pgquery
 from kanmon.records.query import search_events as local_events
 from kanmon.records.store import Records
-from tests.support.postgres import pg_server, pg_url, private_pg  # noqa: F401 - fixtures
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
 
 QID = "4Q1a2B3c4D5e6F"
 
@@ -27,7 +27,7 @@ def accept(records: Records, qid: str, subject: str = "hello") -> None:
     records.history_accept(qid, env, 100, f"Subject: {subject}\r\n\r\nbody\r\n".encode())
 
 
-def test_batches_go_to_postgresql_with_the_node_name_and_to_the_local_sqlite(tmp_path, pg_url):  # noqa: F811
+def test_batches_go_to_postgresql_with_the_node_name_and_to_the_local_sqlite(tmp_path, pg_url):
     mr1 = Records(tmp_path / "mr1", "mr1.example.test", shared=section(pg_url))
     mr2 = Records(tmp_path / "mr2", "ignored.example.test", shared=section(pg_url, node="mr2"))
     mr1.record(ev.Removed(), QID)
@@ -48,7 +48,7 @@ def test_batches_go_to_postgresql_with_the_node_name_and_to_the_local_sqlite(tmp
     mr2.close()
 
 
-def test_a_status_folds_into_its_history_row_whichever_arrives_first(tmp_path, pg_url):  # noqa: F811
+def test_a_status_folds_into_its_history_row_whichever_arrives_first(tmp_path, pg_url):
     receiver = Records(tmp_path, "mr1", shared=section(pg_url))
     node = Records(tmp_path, "mr1", shared=section(pg_url))
     node.history_status(QID, "bob@example.test", "Deferred (451 try later)")
@@ -67,7 +67,7 @@ def test_a_status_folds_into_its_history_row_whichever_arrives_first(tmp_path, p
     node.close()
 
 
-def test_a_batch_key_written_twice_counts_once(pg_url):  # noqa: F811
+def test_a_batch_key_written_twice_counts_once(pg_url):
     rows = {"events": [[1.0, QID, "removed", "removed", None, '{"a": 1}']], "hist": [], "status": [],
             "counts": [[7, "delivered", 2]]}
     with pg.connect(pg_url, autocommit=True) as conn:
@@ -80,7 +80,7 @@ def test_a_batch_key_written_twice_counts_once(pg_url):  # noqa: F811
         assert conn.execute("SELECT detail->>'a' FROM events LIMIT 1").fetchone() == ("1",)
 
 
-def test_nul_characters_from_the_network_are_stored_not_refused(tmp_path, pg_url):  # noqa: F811
+def test_nul_characters_from_the_network_are_stored_not_refused(tmp_path, pg_url):
     records = Records(tmp_path, "mr1", shared=section(pg_url))
     accept(records, QID, subject="=?utf-8?q?a=00b?=")
     records.emit("x", detail={"why": "nul\x00here"})
@@ -91,7 +91,7 @@ def test_nul_characters_from_the_network_are_stored_not_refused(tmp_path, pg_url
     records.close()
 
 
-def test_migrations_are_versioned_and_applied_once(pg_url):  # noqa: F811
+def test_migrations_are_versioned_and_applied_once(pg_url):
     with pg.connect(pg_url, autocommit=True) as conn:
         assert [m.version for m in pg.pending(conn)] == [m.version for m in pg.MIGRATIONS]
         assert [m.version for m in pg.migrate(conn)] == [m.version for m in pg.MIGRATIONS]
@@ -101,7 +101,7 @@ def test_migrations_are_versioned_and_applied_once(pg_url):  # noqa: F811
         assert pg.newer_than_known(conn) == [999]
 
 
-def test_postgresql_down_and_back_loses_nothing_and_writes_nothing_twice(tmp_path, private_pg):  # noqa: F811
+def test_postgresql_down_and_back_loses_nothing_and_writes_nothing_twice(tmp_path, private_pg):
     url = private_pg.create_database()
     failures: list[str] = []
     records = Records(tmp_path, "mr1", shared=section(url), on_failure=failures.append)
@@ -145,7 +145,7 @@ def test_postgresql_down_and_back_loses_nothing_and_writes_nothing_twice(tmp_pat
     assert not list((tmp_path / pg.SPILL_DIR).glob("*.jsonl"))
 
 
-def test_what_a_stopped_process_left_in_the_journal_is_written_by_the_next_node_start(tmp_path, private_pg):  # noqa: F811
+def test_what_a_stopped_process_left_in_the_journal_is_written_by_the_next_node_start(tmp_path, private_pg):
     url = private_pg.create_database()
     private_pg.stop()
     records = Records(tmp_path, "mr1", shared=section(url))
@@ -182,7 +182,7 @@ def run(*argv):
     return CliRunner().invoke(main, list(argv))
 
 
-def test_migrate_check_exits_non_zero_while_migrations_are_pending(tmp_path, pg_url):  # noqa: F811
+def test_migrate_check_exits_non_zero_while_migrations_are_pending(tmp_path, pg_url):
     cfg = write_config(tmp_path, pg_url)
     before = run("records", "migrate", "--check", "-c", cfg)
     assert before.exit_code == 1, before.output
@@ -193,7 +193,7 @@ def test_migrate_check_exits_non_zero_while_migrations_are_pending(tmp_path, pg_
     assert after.exit_code == 0 and "schema up to date" in after.output
 
 
-def test_migrate_refuses_a_schema_newer_than_this_kanmon(tmp_path, pg_url):  # noqa: F811
+def test_migrate_refuses_a_schema_newer_than_this_kanmon(tmp_path, pg_url):
     with pg.connect(pg_url, autocommit=True) as conn:
         pg.migrate(conn)
         conn.execute("INSERT INTO schema_version VALUES (999, 'newer', 0)")
@@ -201,7 +201,7 @@ def test_migrate_refuses_a_schema_newer_than_this_kanmon(tmp_path, pg_url):  # n
     assert result.exit_code == 2 and "newer than this kanmon" in result.output
 
 
-def test_an_unreachable_database_is_one_line_not_a_traceback(tmp_path, private_pg):  # noqa: F811
+def test_an_unreachable_database_is_one_line_not_a_traceback(tmp_path, private_pg):
     url = private_pg.create_database()
     private_pg.stop()
     (tmp_path / "data").mkdir()
@@ -210,7 +210,7 @@ def test_an_unreachable_database_is_one_line_not_a_traceback(tmp_path, private_p
     assert "shared records" in result.output and "Traceback" not in result.output
 
 
-def test_log_shows_every_node_and_filters_by_node(tmp_path, pg_url):  # noqa: F811
+def test_log_shows_every_node_and_filters_by_node(tmp_path, pg_url):
     for node in ("mr1", "mr2"):
         r = Records(tmp_path / node, f"{node}.example.test", shared=section(pg_url, node=node))
         accept(r, QID if node == "mr1" else QID[:-1] + "X", subject=f"via {node}")
@@ -238,7 +238,7 @@ def test_node_filter_needs_shared_records(tmp_path):
     assert result.exit_code == 2 and "[records] url" in result.output
 
 
-def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):  # noqa: F811
+def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):
     single = Records(tmp_path / "data", "mr1.example.test")  # before the cluster: SQLite only
     accept(single, QID, subject="old mail")
     single.record(ev.Removed(), QID)
@@ -256,7 +256,7 @@ def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):  # noqa: F8
     assert [e.kind for e in pgquery.search_events(section(pg_url)) if e.queue_id == QID] == ["removed"]
 
 
-def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):  # noqa: F811
+def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):
     import asyncio
 
     from kanmon.config import parse_config

@@ -23,7 +23,6 @@ from kanmon.state.api import (
 )
 from kanmon.state.postgresql import PostgresState
 from kanmon.state.sqlite import SqliteState
-from tests.support.postgres import pg_server, pg_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0  # a multiple of 3600 and 60: bucket boundaries are easy to see
@@ -154,7 +153,6 @@ import sys
 from pathlib import Path
 from kanmon.state.postgresql import PostgresState
 from kanmon.state.sqlite import SqliteState
-from tests.support.postgres import pg_server, pg_url  # noqa: F401 - fixtures
 s = SqliteState(Path(sys.argv[1]))
 sys.stdin.readline()  # start together
 for _ in range(int(sys.argv[2])):
