@@ -172,9 +172,14 @@ def _clean_detail(detail: str | None) -> str | None:
     return json.dumps(walk(json.loads(detail)))
 
 
-def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict) -> bool:
+LIVE_SINCE = "live-since"  # records_batches key: the time of this node's first shipped row
+
+
+def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict, *, first: bool = False) -> bool:
     """One batch in one transaction; False when this batch key was written before
-    (nothing is written again)."""
+    (nothing is written again). first: the first batch of a process, whose oldest row
+    moves the node's `live-since` mark earlier if needed (kanmon records export copies
+    only what is older)."""
     from psycopg.types.json import Jsonb
 
     events = [(node, *map(_no_nul, r[:5]), None if r[5] is None else Jsonb(json.loads(_clean_detail(r[5]))))
@@ -207,6 +212,12 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict) -> b
                     "INSERT INTO counters (node, pid, name, value) VALUES (%s,%s,%s,%s)"
                     " ON CONFLICT (node, pid, name) DO UPDATE SET value = counters.value + excluded.value",
                     [(node, *r) for r in rows["counts"]])
+        if first:
+            oldest = min((r[0] for part in ("events", "hist", "status") for r in rows[part]), default=None)
+            if oldest is not None:
+                conn.execute(
+                    "INSERT INTO records_batches (node, batch, ts) VALUES (%s, %s, %s) ON CONFLICT (node, batch)"
+                    " DO UPDATE SET ts = LEAST(records_batches.ts, excluded.ts)", (node, LIVE_SINCE, oldest))
         touched = sorted({r[1] for r in rows["status"]} | {r[9] for r in rows["hist"] if r[9]})
         if touched:
             # Each touched message's rows take their newest status (whichever arrived first).
@@ -245,12 +256,13 @@ def prune(conn: psycopg.Connection, node: str, before: float, batch: int = PRUNE
     counts = []
     for table in ("events", "history", "history_status", "records_batches"):
         key = "batch" if table == "records_batches" else "id"
+        keep = f" AND batch != '{LIVE_SINCE}'" if table == "records_batches" else ""  # export's mark stays
         total = 0
         while True:
             with conn.transaction():
                 n = conn.execute(
                     f"DELETE FROM {table} WHERE node = %s AND {key} IN"  # noqa: S608 - our table names
-                    f" (SELECT {key} FROM {table} WHERE node = %s AND ts < %s ORDER BY ts LIMIT %s)",
+                    f" (SELECT {key} FROM {table} WHERE node = %s AND ts < %s{keep} ORDER BY ts LIMIT %s)",
                     (node, node, before, batch)).rowcount
             total += n
             if n < batch:
@@ -292,6 +304,7 @@ class Shipper:
         self._retry_at = 0.0
         self._backoff = RETRY_MIN
         self.written = 0  # batches written (tests, status)
+        self._marked = False  # this process's first batch has marked the node's live-since
         self._thread = threading.Thread(target=self._run, name="records-postgresql", daemon=True)
         self._thread.start()
 
@@ -408,7 +421,9 @@ class Shipper:
         import psycopg
 
         try:
-            return commit_batch(conn, self.node, key, rows)
+            done = commit_batch(conn, self.node, key, rows, first=not self._marked)
+            self._marked = True
+            return done
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as e:
             text = for_log(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             print(f"kanmon: records (PostgreSQL): batch {key} refused ({text}); set aside in {self.spill_dir}",

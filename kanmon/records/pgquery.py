@@ -99,7 +99,8 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
 def nodes(section: RecordsSection) -> list[tuple[str, float]]:
     """The nodes that wrote records, with the time of their last batch."""
     with reading(section) as conn:
-        return [(n, ts) for n, ts in conn.execute("SELECT node, max(ts) FROM records_batches GROUP BY node ORDER BY node")]
+        return [(n, ts) for n, ts in conn.execute(
+            "SELECT node, max(ts) FROM records_batches WHERE batch != 'live-since' GROUP BY node ORDER BY node")]
 
 
 # -- kanmon trace and kanmon stats over every node ------------------------------------------

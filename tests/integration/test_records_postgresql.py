@@ -256,6 +256,21 @@ def test_export_moves_a_single_nodes_history_once(tmp_path, pg_url):
     assert [e.kind for e in pgquery.search_events(section(pg_url)) if e.queue_id == QID] == ["removed"]
 
 
+def test_export_never_copies_what_the_node_wrote_to_the_shared_records_itself(tmp_path, pg_url):
+    single = Records(tmp_path / "data", "mr1.example.test")
+    accept(single, QID, subject="before the cluster")
+    single.flush()
+    single.close()
+    live = Records(tmp_path / "data", "mr1.example.test", shared=section(pg_url, node="mr1"))
+    accept(live, QID[:-1] + "L", subject="shipped live")
+    live.flush()
+    assert live.shipper.flush()
+    live.close()
+    result = run("records", "export", "--since", "2000-01-01", "-c", write_config(tmp_path, pg_url))
+    assert "1 history row(s)" in result.output, result.output
+    assert sorted(h.subject for h in pgquery.search_history(section(pg_url))) == ["before the cluster", "shipped live"]
+
+
 def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):
     import asyncio
 
