@@ -948,6 +948,21 @@ class RecordsSection(Section):
         return v
 
 
+class ClusterSection(Section):
+    node: str = Field(
+        ..., min_length=1, max_length=64,
+        description="This node's name in the cluster: it applies the configuration pushed with `kanmon cluster push` "
+                    "(with its [node.NAME] overlay) to the shared records' database ([records] url), docs/cluster.md",
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, v: str) -> str:
+        if not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("letters, digits, '-', '_' and '.' only")
+        return v
+
+
 class LogSection(Section):
     to: list[Literal["file", "syslog"]] = Field(
         default_factory=lambda: ["file"],
@@ -1313,6 +1328,8 @@ class Config(Section):
     balancer: BalancerSection | None = Field(None, description="Virtual addresses in front of real servers")
     maintenance: list[MaintenanceJob] = Field(default_factory=list, description="Scheduled queue maintenance ([[maintenance]] tables)")
     records: RecordsSection = Field(default_factory=RecordsSection, description="Event log and history retention")
+    cluster: ClusterSection | None = Field(
+        None, description="Apply the configuration pushed to the shared records' database (docs/cluster.md)")
     log: LogSection = Field(default_factory=LogSection, description="Log lines: own file, syslog, rotation")
     metrics: MetricsSection = Field(default_factory=MetricsSection, description="Prometheus metrics endpoint")
     alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert mail to the administrator")
@@ -1338,6 +1355,12 @@ class Config(Section):
     spam: SpamSection = Field(default_factory=SpamSection, description="Spam scoring with Rspamd")
     archive: ArchiveSection = Field(default_factory=ArchiveSection, description="A copy of every message (journaling)")
     console: ConsoleSection | None = Field(None, description="The web console and HTTP API (docs/console.md); unset: off")
+
+    @model_validator(mode="after")
+    def _cluster_needs_shared_records(self) -> Config:
+        if self.cluster is not None and not self.records.url:
+            raise ValueError("cluster: needs [records] url (the database the configuration is pushed to)")
+        return self
 
     @model_validator(mode="after")
     def _unique_domains(self) -> Config:

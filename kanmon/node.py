@@ -65,6 +65,7 @@ from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool
+from kanmon.clusterconfig import ClusterWatch
 from kanmon.state.backends import open_state
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
@@ -211,6 +212,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._background: dict[str, asyncio.Task] = {}
         self._retiring: dict[asyncio.Task, Frontend] = {}
+        self.cluster_watch = ClusterWatch(self, (ReloadError,)) if config.cluster is not None else None
         self._reload_lock = asyncio.Lock()
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
@@ -480,6 +482,8 @@ class Node:
                     if self.pickup is not None:
                         tg.create_task(self.pickup.run())
                     self._start_background({"monitoring", "maintenance", "dnscheck", "quarantine"})
+                    if self.cluster_watch is not None:  # the configuration pushed to the cluster
+                        tg.create_task(self.cluster_watch.run())
             finally:
                 self.ready = False
                 self._tg = None
@@ -547,7 +551,10 @@ class Node:
             new, text = read_config(self.config_source)
         except ConfigError as e:
             self._refused("; ".join(e.messages))
-        return await self.reload(new, text)
+        result = await self.reload(new, text)
+        if self.cluster_watch is not None:
+            self.cluster_watch.local_file_reloaded()
+        return result
 
     def _refused(self, reason: str):
         if self.records is not None:

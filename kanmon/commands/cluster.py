@@ -1,14 +1,17 @@
-"""`kanmon cluster`: the nodes that share records in PostgreSQL, seen from any of them.
+"""`kanmon cluster`: the nodes that share records in PostgreSQL, seen from any of them,
+and the configuration pushed to them.
 
-Role: parse the options, read the nodes' heartbeats (kanmon.records.pgquery), print a
-table or JSON. Trusts: nothing from argv. Never: write to the shared records; show
-alert text unescaped (it may hold text from the network).
+Role: parse the options, read the nodes' heartbeats (kanmon.records.pgquery) and the
+configuration versions (kanmon.clusterconfig), print a table or JSON; `push` validates a
+file and stores it as a new version. Trusts: nothing from argv. Never: store a file that
+does not validate; show alert or error text unescaped (it may hold text from the network).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 
@@ -38,8 +41,12 @@ def cluster_status(config_path, as_json) -> None:
     cfg = load_or_exit(config_path)
     if not cfg.records.url:
         raise click.UsageError("no shared records: set [records] url (docs/cluster.md)")
+    from kanmon import clusterconfig
+
     try:
         nodes = pgquery.cluster_nodes(cfg.records)
+        configs = clusterconfig.states(cfg.records)
+        newest = clusterconfig.newest_version(cfg.records)
     except (psycopg.Error, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         click.echo(shown(f"kanmon: shared records ({cfg.records.url}): {first}"), err=True)
@@ -47,15 +54,19 @@ def cluster_status(config_path, as_json) -> None:
     now = time.time()
     if as_json:
         for n in nodes:
-            click.echo(json.dumps({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT},
-                                  ensure_ascii=False))
+            v = configs.get(n.node)
+            config = {"version": v[0], "state": v[1], "error": v[2]} if v else None
+            click.echo(json.dumps({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT,
+                                   "config": config}, ensure_ascii=False))
         return
     if not nodes:
         click.echo("no node has reported yet (nodes report every "
                    f"{format_duration(HEARTBEAT)} while `kanmon serve` runs with [records] url)")
         return
     table = Table(box=None, header_style="bold")
-    for col in ("node", "hostname", "version", "last seen", "queue", "oldest waiting", "active alerts"):
+    if newest is not None:
+        click.echo(f"newest pushed configuration: version {newest}")
+    for col in ("node", "hostname", "version", "last seen", "config", "queue", "oldest waiting", "active alerts"):
         table.add_column(col, overflow="fold")
     for n in nodes:
         age = max(0.0, now - n.last_seen)
@@ -65,5 +76,47 @@ def cluster_status(config_path, as_json) -> None:
         oldest = format_time(q.get("oldest_waiting")) if q.get("oldest_waiting") else "-"
         alerts = "; ".join(f"{a.get('category')}/{a.get('key')}: {a.get('text', '').splitlines()[0] if a.get('text') else ''}"
                            for a in n.alerts) or "-"
-        table.add_row(*(cell(v) for v in (n.node, n.hostname, n.version, seen, queue, oldest, alerts)))
+        v = configs.get(n.node)
+        config = "local file" if v is None else f"v{v[0]} {v[1]}" + (f": {v[2]}" if v[2] else "")
+        table.add_row(*(cell(v) for v in (n.node, n.hostname, n.version, seen, config, queue, oldest, alerts)))
     Console(width=200, force_terminal=False).print(table)
+
+
+@cluster.command("push")
+@click.option("-c", "--config", "path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The cluster's configuration file, with [node.NAME.SECTION] overlays.")
+def cluster_push(path) -> None:
+    """Validate FILE (as it is, and with each node's overlay) and store it as the newest
+    version; nodes with [cluster] apply it by a graceful reload and report the outcome
+    (`kanmon cluster status`). The file's own [records] url says where to push."""
+    import tomllib
+
+    import psycopg
+
+    from kanmon import clusterconfig
+    from kanmon.config import ConfigError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.UsageError(f"{path}: {e}") from None
+    errors = clusterconfig.validate_push(text)
+    if errors:
+        for line in errors:
+            click.echo(shown(f"kanmon: {path}: {line}"), err=True)
+        click.echo("kanmon: nothing pushed", err=True)
+        raise SystemExit(1)
+    cfg, _text = clusterconfig.node_config(text, "", {k: v for k, v in tomllib.loads(text).items()
+                                                      if k in clusterconfig.LOCAL_SECTIONS}, path)
+    if not cfg.records.url:
+        raise click.UsageError("the file's [records] url says where to push: set it")
+    try:
+        version = clusterconfig.push(cfg.records, text)
+    except ConfigError as e:  # validated above; a race with the file changing
+        click.echo(shown("kanmon: " + "; ".join(e.messages)), err=True)
+        raise SystemExit(1) from None
+    except (psycopg.Error, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(shown(f"kanmon: shared records ({cfg.records.url}): {first}"), err=True)
+        raise SystemExit(1) from None
+    click.echo(f"pushed configuration version {version}; the nodes apply it now (kanmon cluster status)")

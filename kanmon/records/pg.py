@@ -93,6 +93,14 @@ CREATE TABLE cluster_nodes (
     node TEXT PRIMARY KEY, hostname TEXT NOT NULL, version TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
     last_seen DOUBLE PRECISION NOT NULL, queue JSONB NOT NULL, alerts JSONB NOT NULL);
 """),
+    Migration(3, "cluster_config: pushed configuration versions and each node's outcome", """
+CREATE TABLE cluster_config (
+    version BIGSERIAL PRIMARY KEY, text TEXT NOT NULL, pushed DOUBLE PRECISION NOT NULL, pushed_by TEXT NOT NULL,
+    sha256 TEXT NOT NULL);
+CREATE TABLE cluster_config_state (
+    node TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL);
+"""),
 )
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -1,0 +1,130 @@
+"""One configuration for the cluster: `kanmon cluster push` stores a validated version,
+two relays with [cluster] apply it by a graceful reload (each with its [node.NAME]
+overlay) and report it; a file that does not validate is not stored; a version that
+validates but cannot be loaded is refused by both, the old configuration still serving."""
+
+from __future__ import annotations
+
+import smtplib
+
+from click.testing import CliRunner
+
+from kanmon import clusterconfig
+from kanmon.cli import main
+from kanmon.config import parse_config
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, wait_for
+
+LOCAL = """
+[server]
+hostname = "{node}.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+relay_networks = ["127.0.0.1/32"]
+min_free_disk = "1MB"
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka"]
+[records]
+url = "{url}"
+node = "{node}"
+[cluster]
+node = "{node}"
+""" + TEST_DEFAULT_PROFILE
+
+PUSHED = """
+[server]
+hostname = "relay.example.test"
+[smtp]
+relay_networks = ["127.0.0.1/32"]
+min_free_disk = "1MB"
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka", "suzuki"]
+[[session_profile]]
+name = "default"
+sender_domain_check = false
+reject_own_helo = false
+[records]
+url = "{url}"
+[node.mr1.server]
+hostname = "mr1-pushed.example.test"
+data_dir = "{mr1_dir}"
+[node.mr1.smtp]
+listen = {mr1_listen}
+[node.mr2.server]
+data_dir = "{mr2_dir}"
+[node.mr2.smtp]
+listen = {mr2_listen}
+"""
+
+
+def rcpt(node: RunningNode, address: str) -> tuple[int, str]:
+    with smtplib.SMTP(node.host, node.port, timeout=10) as s:
+        s.ehlo()
+        s.mail("suzuki@corp.example")
+        code, text = s.rcpt(address)
+        return code, text.decode()
+
+
+def banner(node: RunningNode) -> str:
+    with smtplib.SMTP(timeout=10) as s:
+        _code, text = s.connect(node.host, node.port)
+        return text.decode()
+
+
+def test_push_is_applied_by_both_relays_and_a_bad_version_refused_by_both(tmp_path, private_pg):
+    url = private_pg.create_database()
+    nodes = {}
+    for name in ("mr1", "mr2"):
+        text = LOCAL.format(node=name, data_dir=tmp_path / name, port=free_port(), url=url)
+        nodes[name] = RunningNode(parse_config(text)).start()
+    mr1, mr2 = nodes["mr1"], nodes["mr2"]
+    section = mr1.config.records
+
+    def fill(listen1: str, listen2: str) -> str:
+        return PUSHED.format(url=url, mr1_dir=tmp_path / "mr1", mr2_dir=tmp_path / "mr2",
+                             mr1_listen=listen1, mr2_listen=listen2)
+
+    def push(text: str):
+        path = tmp_path / "cluster.toml"
+        path.write_text(text)
+        return CliRunner().invoke(main, ["cluster", "push", "-c", str(path)])
+
+    def outcome(version: int) -> dict:
+        return {n: s[1] for n, s in clusterconfig.states(section).items() if s[0] == version}
+
+    try:
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 550  # not a mailbox in the local files
+        good = fill(f'["127.0.0.1:{mr1.port}"]', f'["127.0.0.1:{mr2.port}"]')
+        result = push(good)
+        assert result.exit_code == 0 and "version 1" in result.output, result.output
+        wait_for(lambda: outcome(1) == {"mr1": "applied", "mr2": "applied"}, 30, "both relays applying version 1")
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250 and rcpt(mr2, "suzuki@corp.example")[0] == 250
+        assert "mr1-pushed.example.test" in banner(mr1)  # the node's overlay
+        assert "relay.example.test" in banner(mr2)  # the shared value
+
+        bad = push(good.replace("[server]\n", "[server]\nno_such_key = 1\n", 1))
+        assert bad.exit_code == 1 and "no_such_key" in bad.output and "nothing pushed" in bad.output
+        assert clusterconfig.newest_version(section) == 1
+
+        # Valid, but no node can listen there: refused by both, version 1 still serving.
+        unusable = fill('["192.0.2.1:25"]', '["192.0.2.1:25"]')
+        assert push(unusable).exit_code == 0
+        wait_for(lambda: outcome(2) == {"mr1": "refused", "mr2": "refused"}, 30, "both relays refusing version 2")
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250 and "mr1-pushed.example.test" in banner(mr1)
+        assert rcpt(mr2, "suzuki@corp.example")[0] == 250
+    finally:
+        mr1.stop()
+        mr2.stop()
+    local = tmp_path / "mr1.toml"
+    local.write_text(LOCAL.format(node="mr1", data_dir=tmp_path / "mr1", port=1, url=url))
+    status = CliRunner().invoke(main, ["cluster", "status", "--json", "-c", str(local)])
+    assert status.exit_code == 0, status.output
+    import json
+
+    configs = {n["node"]: n["config"] for n in map(json.loads, status.output.splitlines())}
+    assert {n: (c["version"], c["state"]) for n, c in configs.items()} == {"mr1": (2, "refused"), "mr2": (2, "refused")}
+    assert "192.0.2.1" in configs["mr1"]["error"]
+    text = CliRunner().invoke(main, ["cluster", "status", "-c", str(local)]).output
+    assert "newest pushed configuration: version 2" in text and "v2 refused" in text
