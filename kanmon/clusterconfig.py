@@ -98,7 +98,7 @@ def node_config(text: str, node: str, local: dict, source: str) -> tuple[Config,
         if section in local:
             merged[section] = local[section]
     out = to_toml(merged)
-    return parse_config(out, f"{source} for node {node}"), out
+    return parse_config(out, f"{source} for node {node}" if node else source), out
 
 
 def validate_push(text: str) -> list[str]:
@@ -112,13 +112,17 @@ def validate_push(text: str) -> list[str]:
     if not isinstance(overlays, dict) or not all(isinstance(v, dict) for v in overlays.values()):
         return ["node: must be tables [node.NAME.SECTION]"]
     local = {k: data[k] for k in LOCAL_SECTIONS if k in data}
+    try:
+        node_config(text, "", local, "the file")
+    except ConfigError as e:
+        return e.messages  # the overlays would repeat them
     errors: list[str] = []
-    for name in ["", *overlays]:
+    for name in overlays:
         try:
-            node_config(text, name, local, "the pushed file" if not name else "the pushed file")
+            node_config(text, name, local, "the file")
         except ConfigError as e:
             errors += e.messages
-    return list(dict.fromkeys(errors))
+    return errors
 
 
 # -- pushing and reading ------------------------------------------------------------------
