@@ -11,6 +11,9 @@ full), the plain log line has already been written (the last resort, DESIGN.md p
 as it takes writes again; the node replays what other processes left there at its start.
 A missing or replaced database file is reopened (recreated empty, with an error event).
 on_failure(text) is told once per outage (the node raises a `records` alert).
+With `[records] url`, each batch is also handed to kanmon.records.pg's Shipper, which
+writes it to the shared records in PostgreSQL from a thread of its own (with its own
+spill journal): this writer never waits for PostgreSQL.
 
 Trusts: its callers. Text from the network (subjects, addresses) is stored as data,
 never interpreted. Decoding of MIME encoded-words happens here, in the writer thread,
