@@ -50,7 +50,7 @@ from kanmon.model import Reply
 from kanmon.content.decode import prefix_subject
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.dns import CheckResolver, DnsAnswer
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, accept, refuse
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, accept, refuse
 from kanmon.policy.profiles import client_profile
 
 T = TypeVar("T")
@@ -164,6 +164,9 @@ class SpfCheck(Check):
         self.receiver = config.server.hostname
         self.timeout = max(20.0, 4 * resolver.timeout)  # a few lookups in a row (policyd-spf: 20 s)
 
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.spf != "off" or profile.dmarc != "off"  # off: the hook accepts every client of the profile
+
     def mail(self, ctx: Context):
         profile = client_profile(ctx, self.config)
         if (profile.spf == "off" and profile.dmarc == "off") or not _outside(ctx, self.access):
@@ -218,6 +221,9 @@ class DkimCheck(Check):
         self.resolver = resolver
         self.access = access
         self.timeout = 2 * resolver.timeout + 10.0  # the keys in parallel, then the hashing
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.dkim != "off" or profile.dmarc != "off"  # off: the hook accepts every client of the profile
 
     def data(self, ctx: Context):
         profile = client_profile(ctx, self.config)
@@ -275,6 +281,9 @@ class DmarcCheck(Check):
         self.rng = rng  # [0, 1): the pct= sample (tests pass their own)
         self.timeout = 2 * resolver.timeout + 1.0
         load_public_suffix_list()
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return auth_enabled(profile)  # off: the hook accepts every client of the profile
 
     def data(self, ctx: Context):
         profile = client_profile(ctx, self.config)

@@ -32,10 +32,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kanmon.config import Config, DnsblSection
+from kanmon.config import Config, DnsblSection, SessionProfile
 from kanmon.model import Reply
 from kanmon.policy.dns import CheckResolver, DnsAnswer, DnsStatus, dnsbl_name
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, reject
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, reject
 from kanmon.policy.profiles import client_profile
 
 FAILED_TTL = 60.0  # seconds a failed lookup counts as "not listed" without asking again
@@ -90,6 +90,9 @@ class DnsblCheck(Check):
         self.timeout = resolver.timeout + 2.0
         self._clock = clock
         self._failed: dict[str, tuple[float, str]] = {}  # query name -> (until, error)
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.dnsbl_threshold > 0  # off: the hook accepts every client of the profile
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         client = ctx.client

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 from kanmon.config import Config, SessionProfile
 from kanmon.model import Reply
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, tempfail
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, tempfail
 from kanmon.policy.profiles import client_profile
 from kanmon.state.api import SharedState, Triplet
 
@@ -67,6 +67,9 @@ class GreylistCheck(Check):
         self._prune_window = max((p.greylist_window for p in on), default=0.0)
         self._prune_remember = max((p.greylist_remember for p in on), default=0.0)
         self._last_prune: float | None = None
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.greylist  # off: the hook accepts every client of the profile
 
     def rcpt(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         client = ctx.client

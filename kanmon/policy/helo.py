@@ -19,11 +19,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from kanmon.config import Config
+from kanmon.config import Config, SessionProfile
 from kanmon.model import Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.dns import CheckResolver, DnsAnswer
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, refuse
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, refuse
 from kanmon.policy.profiles import client_profile
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -82,6 +82,9 @@ class HeloSyntaxCheck(Check):
     def __init__(self, config: Config):
         self.config = config
 
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.helo_strict  # off: the hook accepts every client of the profile
+
     def mail(self, ctx: Context) -> CheckResult:
         if not client_profile(ctx, self.config).helo_strict:
             return ACCEPTED
@@ -117,6 +120,9 @@ class OwnHeloCheck(Check):
                 addrs.add(addr)
         self.addresses = frozenset(addrs)
 
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.reject_own_helo  # off: the hook accepts every client of the profile
+
     def mail(self, ctx: Context) -> CheckResult:
         client = ctx.client
         if client.auth_user or self.access.is_relay_client(client.ip):
@@ -142,6 +148,9 @@ class HeloResolvableCheck(Check):
         self.config = config
         self.resolver = resolver
         self.timeout = resolver.timeout + 1.0
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.helo_resolvable  # off: the hook accepts every client of the profile
 
     def mail(self, ctx: Context):
         if not client_profile(ctx, self.config).helo_resolvable:

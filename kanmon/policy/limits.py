@@ -20,8 +20,9 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
+from kanmon.config import SessionProfile
 from kanmon.model import Reply
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, refuse
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, refuse
 from kanmon.smtp import replies
 from kanmon.state.api import SharedState
 
@@ -36,6 +37,9 @@ class _RateCheck(Check):
     def __init__(self, state: SharedState, clock: Callable[[], float] = time.time):
         self.state = state
         self.clock = clock
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return bool(getattr(profile, self.name))  # off: the hook accepts every client of the profile
 
     def _limit(self, ctx: Context) -> CheckResult | Awaitable[CheckResult]:
         profile = ctx.profile

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +154,13 @@ class Check:
     failure_reply: Reply = replies.LOCAL_ERROR  # on timeout or error; 4xx by default, never an accept
     classification: str = "Policy"  # history classification of a message this check refuses
 
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        """False only when the hook at `stage` answers ACCEPTED, with nothing else (no
+        header, effect, count or lookup started), to every client of `profile`, whatever
+        the transaction: the pipeline then leaves it out for that profile. A check whose
+        setting lives in the profile says so here; by default every hook is asked."""
+        return True
+
 
 @dataclass(slots=True)
 class Decision:
@@ -270,7 +277,9 @@ def _bad_result(r: object) -> str:
 class Pipeline:
     """The checks, in order. run() answers a stage; see the module docstring."""
 
-    def __init__(self, checks: Sequence[Check]):
+    def __init__(self, checks: Sequence[Check], profiles: Iterable[SessionProfile] = ()):
+        """profiles: the configuration's session profiles, whose hook lists are made now;
+        a profile not among them gets its list made the first time a session brings it."""
         names: set[str] = set()
         for c in checks:
             if not c.name or c.name in names:
@@ -285,11 +294,33 @@ class Pipeline:
             stage: tuple((c, h) for c in checks if callable(h := getattr(c, stage.value, None)))
             for stage in Stage
         }
+        # Per profile (by identity: the configuration's profile objects live as long as
+        # the pipeline built for it): the hooks that profile needs at each stage.
+        self._by_profile: dict[int, tuple[SessionProfile, dict[Stage, tuple[tuple[Check, Hook], ...]]]] = {}
+        for profile in profiles:
+            self.hooks_for(profile)
         self._refreshers = tuple(r for c in checks if callable(r := getattr(c, "refresh", None)))
         self._namers = tuple(n for c in checks if callable(n := getattr(c, "name_client", None)))
 
-    def has_hooks(self, stage: Stage) -> bool:
-        return bool(self._hooks[stage])
+    def hooks_for(self, profile: SessionProfile | None) -> dict[Stage, tuple[tuple[Check, Hook], ...]]:
+        """The hooks asked at each stage for a client of `profile` (None: every hook; the
+        checks then find the client's profile themselves)."""
+        if profile is None:
+            return self._hooks
+        entry = self._by_profile.get(id(profile))
+        if entry is not None and entry[0] is profile:
+            return entry[1]
+        table = {
+            stage: tuple((c, h) for c, h in hooks if _active(c, stage, profile))
+            for stage, hooks in self._hooks.items()
+        }
+        if len(self._by_profile) >= _MAX_PROFILES:  # profiles made outside the configuration (tests)
+            self._by_profile.clear()
+        self._by_profile[id(profile)] = (profile, table)
+        return table
+
+    def has_hooks(self, stage: Stage, profile: SessionProfile | None = None) -> bool:
+        return bool(self.hooks_for(profile)[stage])
 
     def refresh(self) -> None:
         """Run the checks' probes (blocking I/O: the listener calls this in its probe thread)."""
@@ -303,10 +334,18 @@ class Pipeline:
 
     def run(self, stage: Stage, ctx: Context) -> Decision | Pending:
         """The Decision when every hook answered at once, else a Pending to await."""
-        hooks = self._hooks[stage]
+        hooks = self.hooks_for(ctx.profile)[stage]
         if not hooks:
             return ACCEPT_DECISION if ctx.rcpt is None else Decision(recipients=ctx.recipients)
         return _run_from(stage, hooks, 0, _Tally(), ctx)
+
+
+_MAX_PROFILES = 64
+
+
+def _active(check: Check, stage: Stage, profile: SessionProfile) -> bool:
+    active = getattr(check, "active", None)  # a check not derived from Check is always asked
+    return True if active is None else bool(active(stage, profile))
 
 
 def _run_from(stage: Stage, hooks: tuple[tuple[Check, Hook], ...], i: int, tally: _Tally, ctx: Context) -> Decision | Pending:

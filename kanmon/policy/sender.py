@@ -14,11 +14,11 @@ for a profile that does not ask for it.
 
 from __future__ import annotations
 
-from kanmon.config import Config
+from kanmon.config import Config, SessionProfile
 from kanmon.model import Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.dns import CheckResolver, DnsAnswer, DnsStatus
-from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, refuse
+from kanmon.policy.pipeline import ACCEPTED, Check, CheckResult, Context, Stage, refuse
 from kanmon.policy.profiles import client_profile
 from kanmon.smtp.address import Path
 
@@ -54,6 +54,9 @@ class SenderDomainCheck(Check):
         self.config = config
         self.resolver = resolver
         self.timeout = 2 * resolver.timeout + 1.0  # MX, then A and AAAA together
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.sender_domain_check  # off: the hook accepts every client of the profile
 
     def mail(self, ctx: Context):
         sender = ctx.sender
@@ -104,6 +107,9 @@ class SenderSpoofCheck(Check):
     def __init__(self, access: RelayAccess):
         self.access = access
         self.config = access.config
+
+    def active(self, stage: Stage, profile: SessionProfile) -> bool:
+        return profile.own_domain_spoof == "reject"  # off: the hook accepts every client of the profile
 
     def mail(self, ctx: Context) -> CheckResult:
         sender = ctx.sender

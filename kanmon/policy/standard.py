@@ -100,7 +100,9 @@ def standard_checks(
 
 
 def standard_pipeline(config: Config, **io: Any) -> Pipeline:
-    return Pipeline(standard_checks(config, **io))
+    """The standard checks, with each session profile's hook list made now (the hooks a
+    profile switches off are not asked for its clients; a reload builds a new pipeline)."""
+    return Pipeline(standard_checks(config, **io), config.session_profiles.values())
 
 
 def relay_access(pipeline: Pipeline) -> RelayAccess | None:

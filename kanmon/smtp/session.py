@@ -227,7 +227,7 @@ class Session:
 
     def greeting(self) -> list[Action]:
         out: list[Action] = []
-        if self.pipeline.has_hooks(Stage.CONNECT):
+        if self.pipeline.has_hooks(Stage.CONNECT, self.settings.profile):
             self._ask(Stage.CONNECT, Context(self.client), self._connect_decided, out)
         else:
             self._connect_decided(None, out)
@@ -550,7 +550,7 @@ class Session:
         self._ask_helo("EHLO", Reply(250, "", "\n".join(lines)), out)
 
     def _ask_helo(self, command: str, reply: Reply, out: list[Action]) -> None:
-        if not self.pipeline.has_hooks(Stage.HELO):
+        if not self.pipeline.has_hooks(Stage.HELO, self.settings.profile):
             self._reply(reply, out)
             return
 

@@ -374,3 +374,97 @@ def test_a_graver_classification_is_not_replaced_by_a_later_check():
     d = Pipeline([Virus(), Spam()]).run(Stage.DATA, Context(ClientInfo("192.0.2.1"), Envelope("a@b", ["c@d"]),
                                                            content=b"x\r\n\r\ny", header_end=1))
     assert d.classification == "Virus" and d.quarantine == "virus X"
+
+
+# -- the hooks a session profile switches off are left out of its list --------------------
+
+PROFILE_CONFIG = """
+[server]
+hostname = "mx1.example.test"
+[smtp]
+relay_networks = ["127.0.0.1/32"]
+[[domain]]
+name = "example.test"
+mailboxes = ["alice"]
+"""
+
+
+def _names(pipeline: Pipeline, profile, stage: Stage) -> list[str]:
+    return [c.name for c, _ in pipeline.hooks_for(profile)[stage]]
+
+
+def _standard(text: str) -> tuple[object, Pipeline]:
+    from kanmon.policy.dns import CheckResolver
+    from kanmon.policy.standard import standard_pipeline
+    from kanmon.state.api import MemoryState
+
+    cfg = parse_config(text)
+    resolver = CheckResolver(servers=[("127.0.0.1", 53)], timeout=1.0)
+    return cfg, standard_pipeline(cfg, free_disk=lambda: 10**12, resolver=resolver, state=MemoryState())
+
+
+def test_a_check_the_profile_switches_off_is_not_in_its_pipeline():
+    cfg, p = _standard(PROFILE_CONFIG)
+    default, trusted = cfg.session_profiles["default"], cfg.session_profiles["trusted"]
+    every = [c.name for c, _ in p.hooks_for(None)[Stage.MAIL]]
+    assert "helo_syntax" in every and "sender_domain" in every  # built, asked when no profile is known
+    # default: helo_strict and helo_resolvable false; sender domain and own-domain spoof checks on.
+    assert _names(p, default, Stage.MAIL) == [n for n in every if n not in ("helo_syntax", "helo_resolvable")]
+    assert {"sender_domain", "sender_spoof", "helo_own"} <= set(_names(p, default, Stage.MAIL))
+    # trusted: no sender domain check, no spoof or own-HELO check.
+    assert not {"helo_syntax", "helo_own", "sender_spoof", "sender_domain"} & set(_names(p, trusted, Stage.MAIL))
+    assert "free_disk" in _names(p, trusted, Stage.MAIL) and "client_ptr" in _names(p, trusted, Stage.MAIL)
+    assert "greylist" not in _names(p, default, Stage.RCPT)  # no profile greylists: not even built
+    assert p.has_hooks(Stage.CONNECT, default) and not p.has_hooks(Stage.HELO, default)
+
+
+def test_enabling_a_check_in_a_reload_adds_it():
+    cfg, p = _standard(PROFILE_CONFIG)
+    assert "helo_syntax" not in _names(p, cfg.session_profiles["default"], Stage.MAIL)
+    # The reload's configuration turns the default profile's HELO syntax check and
+    # greylisting on; the pipeline built for it asks them, the old one still does not.
+    cfg2, p2 = _standard(PROFILE_CONFIG + '[[session_profile]]\nname = "default"\nhelo_strict = true\ngreylist = true\n')
+    default2 = cfg2.session_profiles["default"]
+    assert "helo_syntax" in _names(p2, default2, Stage.MAIL)
+    assert _names(p2, default2, Stage.RCPT)[-1] == "greylist"
+    assert "greylist" not in _names(p2, cfg2.session_profiles["trusted"], Stage.RCPT)
+    assert "helo_syntax" not in _names(p, cfg.session_profiles["default"], Stage.MAIL)
+    # And it decides: a HELO that is not a host name is refused at MAIL for that profile only.
+    c = Context(ClientInfo(ip="192.0.2.9", helo="localhost"), sender=Path("a@example.test", "a", "example.test"))
+    c.profile = default2
+    assert p2.run(Stage.MAIL, c).check == "helo_syntax"
+    c.profile = cfg.session_profiles["default"]
+    d = p.run(Stage.MAIL, c)  # past the HELO checks, waiting for the client's name
+    assert isinstance(d, Pending) and d.check.name == "client_ptr"
+    d.discard()
+
+
+class Switched(Fixed):
+    """Fixed, with its MAIL hook active only for profiles named in `on`."""
+
+    def __init__(self, name: str, on: set[str], **kw):
+        super().__init__(name, **kw)
+        self.on = on
+
+    def active(self, stage: Stage, profile) -> bool:
+        return profile.name in self.on
+
+
+def test_a_switched_off_hook_is_never_called_and_a_new_profile_gets_its_list():
+    cfg = parse_config(PROFILE_CONFIG)
+    calls: list[str] = []
+    p = Pipeline([Switched("a", {"trusted"}, calls=calls), Fixed("b", calls=calls)], cfg.session_profiles.values())
+    c = ctx()
+    c.profile = cfg.session_profiles["default"]
+    assert p.run(Stage.MAIL, c).accepted and calls == ["b"]
+    c.profile = cfg.session_profiles["trusted"]
+    calls.clear()
+    assert p.run(Stage.MAIL, c).accepted and calls == ["a", "b"]
+    # A profile the pipeline was not built with (another configuration's) gets its own list.
+    other = parse_config(PROFILE_CONFIG).session_profiles["default"]
+    c.profile = other
+    calls.clear()
+    assert p.run(Stage.MAIL, c).accepted and calls == ["b"]
+    c.profile = None  # no profile known: every hook is asked
+    calls.clear()
+    assert p.run(Stage.MAIL, c).accepted and calls == ["a", "b"]
