@@ -297,6 +297,7 @@ class Pipeline:
         # Per profile (by identity: the configuration's profile objects live as long as
         # the pipeline built for it): the hooks that profile needs at each stage.
         self._by_profile: dict[int, tuple[SessionProfile, dict[Stage, tuple[tuple[Check, Hook], ...]]]] = {}
+        self._last: tuple[SessionProfile | None, dict[Stage, tuple[tuple[Check, Hook], ...]]] = (None, self._hooks)
         for profile in profiles:
             self.hooks_for(profile)
         self._refreshers = tuple(r for c in checks if callable(r := getattr(c, "refresh", None)))
@@ -305,10 +306,14 @@ class Pipeline:
     def hooks_for(self, profile: SessionProfile | None) -> dict[Stage, tuple[tuple[Check, Hook], ...]]:
         """The hooks asked at each stage for a client of `profile` (None: every hook; the
         checks then find the client's profile themselves)."""
+        last = self._last  # the profile asked last (one tuple: read and replaced whole)
+        if last[0] is profile:
+            return last[1]
         if profile is None:
             return self._hooks
         entry = self._by_profile.get(id(profile))
         if entry is not None and entry[0] is profile:
+            self._last = entry
             return entry[1]
         table = {
             stage: tuple((c, h) for c, h in hooks if _active(c, stage, profile))
@@ -316,7 +321,7 @@ class Pipeline:
         }
         if len(self._by_profile) >= _MAX_PROFILES:  # profiles made outside the configuration (tests)
             self._by_profile.clear()
-        self._by_profile[id(profile)] = (profile, table)
+        self._by_profile[id(profile)] = self._last = (profile, table)
         return table
 
     def has_hooks(self, stage: Stage, profile: SessionProfile | None = None) -> bool:
