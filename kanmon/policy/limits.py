@@ -11,8 +11,8 @@ not, so a client refused for its rate does not get a fresh allowance by retrying
 the listener's: kanmon.smtp.session, kanmon.smtp.server.)
 
 Trusts: the session's profile (ctx.profile) and the client address the listener gives.
-Never: touch the state when the client's profile sets no limit (a limit of 0 costs one
-attribute read), or call the state other than through `await state.submit`.
+Never: touch the state when the client's profile sets no limit (a limit of 0: the hook is not
+even asked for that profile), or call the state other than through `await state.submit`.
 """
 
 from __future__ import annotations

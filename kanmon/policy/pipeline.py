@@ -145,9 +145,10 @@ class Check:
     """Base class of a check. Define any of the hooks connect, helo, mail, rcpt, data:
     each takes a Context and returns a CheckResult, or an awaitable of one when it needs
     I/O. A check may also define refresh(): blocking I/O the listener runs in a thread of
-    its own about once a second (a probe whose result the hooks read at once); and
+    its own about once a second (a probe whose result the hooks read at once);
     name_client(client): set client.name from what the check remembers, at once and
-    without I/O, before the connect event is written."""
+    without I/O, before the connect event is written; and active(stage, profile): whether
+    the hook is asked at all for clients of a session profile."""
 
     name: str = ""
     timeout: float = 10.0  # seconds the listener waits for an awaitable answer
