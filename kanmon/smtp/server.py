@@ -52,11 +52,14 @@ from kanmon.smtp.session import (
     Authenticate,
     CarryOut,
     Close,
+    DropSpooled,
+    ReadSpooled,
     Rejected,
     RunChecks,
     Send,
     Session,
     SessionSettings,
+    SpoolData,
     StartTls,
     State,
     StoreMessage,
@@ -64,6 +67,7 @@ from kanmon.smtp.session import (
 from kanmon.archive.store import ArchiveStore
 from kanmon.quarantine.store import Meta as QuarantineMeta
 from kanmon.quarantine.store import Quarantine
+from kanmon.spool.spill import SpillWriter
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.state.api import SharedState
 from kanmon.store.users import log_safe
@@ -73,6 +77,10 @@ PROXY_HEADER_TIMEOUT = 10.0  # a trusted balancer sends its PROXY header at once
 SWEEP_INTERVAL = 1.0  # the timeout sweeper and the probe refresh run this often (each on its own)
 TLS_HANDSHAKE_TIMEOUT = 10.0  # default of [tls] handshake_timeout
 PROFILE_MEMO_MAX = 4096  # client addresses whose session profile a listener remembers
+# Spilled messages read back into memory at once (for the checks and the queue file):
+# what bounds the memory of big messages however many sessions send them.
+READBACK_PLACES = 1
+KEEP_FOR_DELIVERY = 1 << 20  # a message up to this size goes to the queue with its content (no re-read)
 _session_ids = itertools.count(1)
 
 
@@ -350,7 +358,7 @@ class SmtpServer:
         pipeline: Pipeline,
         spool: Spool,
         records: Records,
-        on_stored: Callable[[str, Envelope, bytes], None],
+        on_stored: Callable[[str, Envelope, bytes | None], None],
         tls_context: ssl.SSLContext | None,
         *,
         clock: Callable[[], float] = time.time,
@@ -388,6 +396,7 @@ class SmtpServer:
         self.signer = signer if signer is not None else load_signer(config)
         self.proxy_header_timeout = proxy_header_timeout
         self.spool = spool
+        self.readback = asyncio.Semaphore(READBACK_PLACES)  # spilled messages in memory at once
         self.records = records
         self.on_stored = on_stored
         self.tls_context = tls_context
@@ -660,6 +669,24 @@ class SmtpServer:
                 self.records.record(ev.EffectFailed(type(effect).__name__, f"{type(e).__name__}: {e}"), session=sid)
 
 
+class _FailedSpill:
+    """A spill file that could not be created: takes nothing, fails the read-back."""
+
+    over_backlog = False
+
+    def __init__(self, error: OSError):
+        self.error = error
+
+    def append(self, piece: bytes) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    async def read_and_remove(self) -> bytes:
+        raise self.error
+
+
 def _count_nothing(ip: str) -> None:
     """The release of an admission that counted nothing (a trusted balancer's)."""
 
@@ -686,6 +713,9 @@ class SmtpProtocol(asyncio.Protocol):
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
         self._check_task: asyncio.Task[None] | None = None  # running the session's pending checks
+        self._spill: SpillWriter | None = None  # this message's content beyond the DATA buffer
+        self._spill_seq = 0
+        self._readback_held = False  # one of the server's read-back places (a spilled message in memory)
         self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
         server.opening[self] = self.started
 
@@ -870,6 +900,8 @@ class SmtpProtocol(asyncio.Protocol):
             self._check_task.cancel()
         if self.session is not None:
             self.session.close()
+        self._drop_spill()
+        self._release_readback()
 
     def shutdown(self, reply: Reply | None, why: str = "") -> None:
         if self._closed or self.transport is None:
@@ -961,8 +993,16 @@ class SmtpProtocol(asyncio.Protocol):
             if isinstance(a, Send):
                 if not self._closed:
                     transport.write(a.data)
+            elif isinstance(a, SpoolData):
+                self._spool_data(a.data)
             elif isinstance(a, Rejected):
                 self._log_reject(a)
+            elif isinstance(a, DropSpooled):
+                self._drop_spill()
+            elif isinstance(a, ReadSpooled):
+                self._pause()
+                self.waiting_for_us = True
+                self.server.spawn(self._read_spooled())
             elif isinstance(a, StoreMessage):
                 self._pause()
                 self.waiting_for_us = True
@@ -987,10 +1027,78 @@ class SmtpProtocol(asyncio.Protocol):
                     self._closed = True
                     transport.close()
         if self.session is not None and not self.waiting_for_us and not self._closed:
-            if self.session.buffered() > MAX_PIPELINE_BUFFER:
+            if self.session.buffered() > MAX_PIPELINE_BUFFER or (self._spill is not None and self._spill.over_backlog):
                 self._pause()
             else:
                 self._resume()
+        if self._readback_held and self.session is not None and self.session.state not in (
+                State.WAIT_CONTENT, State.WAIT_CHECK, State.WAIT_STORE):
+            self._release_readback()
+
+    # -- a message bigger than the DATA buffer (kanmon.spool.spill) ----------------------
+
+    def _spool_data(self, data: bytes) -> None:
+        if self._spill is None:
+            self._spill_seq += 1
+            path = self.server.spool.incoming / f"data-{self.sid}.{self._spill_seq}"
+            try:
+                self._spill = SpillWriter(path, self._spill_drained)
+            except OSError as e:
+                # Refused at the end of DATA (451), like a failed write.
+                self._spill = _FailedSpill(e)
+                return
+        self._spill.append(data)
+
+    def _spill_drained(self) -> None:
+        if self.session is not None and not self.waiting_for_us and not self._closed and self.session.buffered() <= MAX_PIPELINE_BUFFER:
+            self._resume()
+
+    def _drop_spill(self) -> None:
+        spill, self._spill = self._spill, None
+        if spill is not None:
+            spill.discard()
+
+    def _release_readback(self) -> None:
+        if self._readback_held:
+            self._readback_held = False
+            self.server.readback.release()
+
+    async def _read_spooled(self) -> None:
+        """The spilled message is complete: take a read-back place, read it back (the file
+        goes), and let the session ask the checks as for a message held in memory."""
+        server = self.server
+        assert self.session is not None
+        spill, self._spill = self._spill, None
+        try:
+            if spill is None:
+                raise OSError(0, "no spill file")
+            await server.readback.acquire()
+            self._readback_held = True
+            if self._closed:
+                spill.discard()
+                self._release_readback()
+                return
+            content = await spill.read_and_remove()
+        except OSError as e:
+            self._release_readback()
+            server.records.record(ev.Error(f"warning: cannot spool message content: {e.strerror or e}; "
+                                           f"answered {replies.STORAGE_ERROR}"), session=self.sid)
+            if self._closed or self.session.state is State.CLOSED:
+                return
+            self.waiting_for_us = False
+            self._do(self.session.spool_failed(replies.STORAGE_ERROR))
+            return
+        if self._closed or self.session.state is State.CLOSED:
+            self._release_readback()
+            return
+        self.waiting_for_us = False
+        self.last_activity = time.monotonic()
+        try:
+            actions = self.session.spooled_content(content)
+        except Exception as e:  # noqa: BLE001 - promise 7
+            self._session_error(e)
+            return
+        self._do(actions)
 
     def _pause(self) -> None:
         if not self._paused and self.transport is not None and not self._closed:
@@ -1084,7 +1192,8 @@ class SmtpProtocol(asyncio.Protocol):
             fields = self._record_accepted(a)
             server.records.history_accept(a.queue_id, a.envelope, len(a.content), a.content, fields,
                                           classification=a.classification, disposition="Tag" if a.tagged else "Accept")
-            server.on_stored(a.queue_id, a.envelope, a.content)
+            # A big message is not kept in memory for its delivery: the queue reads it back.
+            server.on_stored(a.queue_id, a.envelope, a.content if len(a.content) <= KEEP_FOR_DELIVERY else None)
             server.archive_copy(a.queue_id, a.envelope, a.content, self.sid)
             actions = self.session.message_stored(a.queue_id)
         self.waiting_for_us = False

@@ -49,6 +49,10 @@ from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, pa
 MAX_COMMAND_LINE = 512 + 500 + 14
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
 MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
+# DATA held in memory before it goes to the listener's spill file in pieces (SpoolData):
+# a message up to this size never leaves memory (the fast path); a bigger one costs this
+# much per session, not its size.
+DATA_BUFFER = 128 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -84,6 +88,28 @@ class StoreMessage:
     findings: tuple[Finding, ...] = ()  # what the checks found, recorded with the queue id
     quarantine_check: str = ""  # the check that asked for quarantine
     tagged: bool = False  # a check put a prefix before the Subject (history disposition Tag)
+
+
+@dataclass(slots=True)
+class SpoolData:
+    """Append these bytes (checked, dot-unstuffed, CRLF) to this transaction's spill file.
+    Only a message bigger than the DATA buffer is spilled; the first SpoolData of a
+    transaction creates the file."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
+class ReadSpooled:
+    """The spilled message is complete (size octets): read it back and call
+    spooled_content() (or spool_failed() when it cannot be read), then remove the file."""
+
+    size: int
+
+
+@dataclass(slots=True)
+class DropSpooled:
+    """The spilled message is refused (too big, bare newline): remove the file unread."""
 
 
 @dataclass(slots=True)
@@ -123,7 +149,8 @@ class CarryOut:
     effects: tuple
 
 
-Action = Send | Close | StartTls | StoreMessage | Rejected | Authenticate | RunChecks | CarryOut
+Action = (Send | Close | StartTls | StoreMessage | Rejected | Authenticate | RunChecks | CarryOut | SpoolData
+          | ReadSpooled | DropSpooled)
 
 
 class State(enum.Enum):
@@ -133,6 +160,7 @@ class State(enum.Enum):
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # reading message content
     WAIT_STORE = "wait_store"  # content complete, the listener is storing it
+    WAIT_CONTENT = "wait_content"  # a spilled message is complete, the listener reads it back
     WAIT_TLS = "wait_tls"  # 220 sent to STARTTLS, handshake pending
     AUTH_INPUT = "auth_input"  # 334 sent, the next line is the client's response
     WAIT_AUTH = "wait_auth"  # credentials handed to the listener
@@ -158,6 +186,7 @@ class SessionSettings:
     max_noop: int = 0
     max_rset: int = 0
     bare_lf: bool = False  # normalise a bare LF to CRLF (trusted clients) instead of refusing it
+    data_buffer: int = DATA_BUFFER  # DATA kept in memory before the rest is spilled (SpoolData)
 
     def apply_profile(self, profile: SessionProfile) -> None:
         """Take the limits of a session profile (at connect, and again after AUTH)."""
@@ -217,6 +246,11 @@ class Session:
         self._scan_from = 0
         self._data_len = 0
         self._data_too_big = False
+        self._spilling = False  # this message's content so far went out in SpoolData
+        self._spilled_pre = 0  # octets spilled, before dot-unstuffing (CRLF line ends)
+        self._spilled = 0  # octets spilled (what the message will be)
+        self._spill_bad = False  # a bare CR or LF was in what was spilled
+        self._line_start = True  # the next content octet begins a line
         self._now = now
         self._auth_mech = ""  # mechanism waiting for input (AUTH_INPUT)
         self._auth_user = ""  # LOGIN: the user name given so far
@@ -251,7 +285,7 @@ class Session:
 
     @property
     def waiting(self) -> bool:
-        return self.state in (State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK)
+        return self.state in (State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK, State.WAIT_CONTENT)
 
     @property
     def in_data(self) -> bool:
@@ -287,6 +321,27 @@ class Session:
         if self.state is State.CLOSED:
             return []  # closed meanwhile (shutdown): nothing more to say
         assert self.state is State.WAIT_STORE
+        self._end_transaction()
+        out: list[Action] = [Send(reply.wire())]
+        self._run(out)
+        return out
+
+    def spooled_content(self, content: bytes) -> list[Action]:
+        """The listener read the spilled message back (ReadSpooled): ask the checks."""
+        if self.state is State.CLOSED:
+            return []
+        assert self.state is State.WAIT_CONTENT
+        self.state = State.DATA
+        out: list[Action] = []
+        self._content_ready(content, out)
+        self._run(out)
+        return out
+
+    def spool_failed(self, reply: Reply) -> list[Action]:
+        """The spilled message could not be written or read back: refuse it (451)."""
+        if self.state is State.CLOSED:
+            return []
+        assert self.state is State.WAIT_CONTENT
         self._end_transaction()
         out: list[Action] = [Send(reply.wire())]
         self._run(out)
@@ -372,7 +427,7 @@ class Session:
 
     def _run_commands(self, out: list[Action]) -> None:
         while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK,
-                                 State.CLOSED):
+                                 State.WAIT_CONTENT, State.CLOSED):
             lf = self._buf.find(b"\n")
             if self._skip_line:
                 if lf < 0:
@@ -514,6 +569,7 @@ class Session:
         self._data = bytearray()
         self._data_len = 0
         self._data_too_big = False
+        self._spilling = False
         if self.state is not State.CLOSED:
             self.state = State.READY
 
@@ -691,6 +747,9 @@ class Session:
         self._scan_from = 0
         self._data_len = 0
         self._data_too_big = False
+        self._spilling = self._spill_bad = False
+        self._spilled_pre = self._spilled = 0
+        self._line_start = True
         self._reply(replies.START_DATA, out)
 
     def _rset(self, arg: str, out: list[Action]) -> None:
@@ -812,16 +871,22 @@ class Session:
         if end < 0:
             if self._data_len > limit + 4096:
                 # Too big: keep reading to the end, keep only the tail for the scan.
-                self._data_too_big = True
+                self._too_big(out)
                 del self._data[:-4]
+                self._scan_from = 0
+            elif len(self._data) > self.settings.data_buffer:
+                self._spill(out)
                 self._scan_from = 0
             else:
                 self._scan_from = max(0, len(self._data) - 4)
             return
         rest = bytes(self._data[end + 5 :])
-        content = bytes(self._data[2 : end + 2])  # drop the virtual CRLF, keep the last CRLF
+        content = bytes(self._data[2 : end + 2])  # drop the context (virtual CRLF), keep the last CRLF
         self._data = bytearray()
         self._buf[:0] = rest  # pipelined commands after the dot
+        if self._spilling:
+            self._finish_spilled(content, out)
+            return
         self._finish_data(content, out)
 
     def _feed_data_lf(self, out: list[Action]) -> None:
@@ -836,8 +901,11 @@ class Session:
             i = data.find(b"\n.", pos)
             if i < 0 or i + 2 >= n:
                 if self._data_len > self.settings.max_message_size + 4096:
-                    self._data_too_big = True  # too big: read to the end, keep only the tail
+                    self._too_big(out)  # too big: read to the end, keep only the tail
                     del self._data[:-4]
+                    self._scan_from = 0
+                elif n > self.settings.data_buffer:
+                    self._spill(out)
                     self._scan_from = 0
                 else:
                     self._scan_from = i if i >= 0 else max(0, n - 1)
@@ -849,8 +917,11 @@ class Session:
             if c == 13:
                 if i + 3 >= n:
                     if self._data_len > self.settings.max_message_size + 4096:
-                        self._data_too_big = True
+                        self._too_big(out)
                         del self._data[:-4]
+                        self._scan_from = 0
+                    elif n > self.settings.data_buffer:
+                        self._spill(out)
                         self._scan_from = 0
                     else:
                         self._scan_from = i  # <LF>.<CR> and the rest not read yet
@@ -860,9 +931,12 @@ class Session:
                     break
             pos = i + 2
         rest = bytes(data[after:])
-        content = bytes(data[2 : end + 1])  # drop the virtual CRLF, keep the last line end
+        content = bytes(data[2 : end + 1])  # drop the context (virtual CRLF), keep the last line end
         self._data = bytearray()
         self._buf[:0] = rest
+        if self._spilling:
+            self._finish_spilled(content, out)
+            return
         crlf = content.count(b"\r\n")
         if content.count(b"\r") != crlf:
             self._finish_data(content, out)  # a bare CR: refused there
@@ -894,6 +968,12 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
+        self._content_ready(content, out)
+
+    def _content_ready(self, content: bytes, out: list[Action]) -> None:
+        """The whole message, checked and dot-unstuffed: the header limit, then the checks."""
+        tx = self._tx
+        assert tx is not None
         header_end = content.find(b"\r\n\r\n")
         if self.settings.max_header_size and (
                 len(content) if header_end < 0 else header_end + 2) > self.settings.max_header_size:
@@ -902,6 +982,80 @@ class Session:
             return
         ctx = Context(self.client, tx.envelope, content=content, header_end=header_end)
         self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, d, out), out)
+
+    # -- a message bigger than the DATA buffer: spilled as it arrives ------------------------
+    #
+    # self._data always begins with two octets of context: the virtual CRLF before the
+    # first line, then the last two octets already spilled. A cut never splits a CRLF, a
+    # "<LF>." (a dot-stuffed line start or the terminator) or the terminator's last four
+    # octets, so each piece is checked (bare CR/LF), normalised (a trusted client's bare LF)
+    # and dot-unstuffed on its own, with the same C-level counts and replaces as a whole
+    # message, and the result is the same octets (tests/fuzz/test_data_chunks.py).
+
+    def _spill(self, out: list[Action]) -> None:
+        data = self._data
+        q = len(data) - 4
+        while q > 2 and (data[q - 1] == 13 or (data[q - 1] == 46 and data[q - 2] == 10)):
+            q -= 1
+        if q <= 2:
+            return
+        piece = bytes(data[2:q])
+        line_start = self._line_start
+        self._line_start = data[q - 1] == 10
+        del data[: q - 2]
+        self._spilling = True
+        piece = self._clean_piece(piece, line_start)
+        if piece:
+            out.append(SpoolData(piece))
+
+    def _clean_piece(self, piece: bytes, line_start: bool) -> bytes:
+        """One piece of content: counted, checked for bare CR/LF (or normalised), unstuffed."""
+        crlf = piece.count(b"\r\n")
+        if self.settings.bare_lf:
+            if piece.count(b"\r") != crlf:
+                self._spill_bad = True
+            elif piece.count(b"\n") != crlf:
+                piece = (piece.replace(b"\r\n", b"\n") if crlf else piece).replace(b"\n", b"\r\n")
+        elif piece.count(b"\r") != crlf or piece.count(b"\n") != crlf:
+            self._spill_bad = True
+        self._spilled_pre += len(piece)
+        if self._spill_bad:
+            return b""  # refused at the end: nothing more is written
+        if line_start and piece.startswith(b".."):
+            piece = piece[1:]  # RFC 5321 4.5.2
+        if b"\r\n.." in piece:
+            piece = piece.replace(b"\r\n..", b"\r\n.")
+        self._spilled += len(piece)
+        return piece
+
+    def _too_big(self, out: list[Action]) -> None:
+        self._data_too_big = True
+        if self._spilling:
+            self._spilling = False  # read to the end, refused there; nothing more is written
+            out.append(DropSpooled())
+
+    def _finish_spilled(self, tail: bytes, out: list[Action]) -> None:
+        tx = self._tx
+        assert tx is not None
+        tail = self._clean_piece(tail, self._line_start)
+        limit = self.settings.max_message_size
+        reply, check = None, ""
+        if self._spilled_pre > limit + 2:
+            reply, check = replies.MESSAGE_TOO_BIG, "max_message_size"
+        elif self._spill_bad:
+            reply, check = replies.BARE_NEWLINE, "bare_newline"
+        elif self._spilled > limit:
+            reply, check = replies.MESSAGE_TOO_BIG, "max_message_size"
+        if reply is not None:
+            out.append(DropSpooled())
+            self._end_transaction()
+            self._reject("DATA", reply, out, tx.envelope, may_close=False, check=check)
+            return
+        if tail:
+            out.append(SpoolData(tail))
+        self._spilling = False
+        self.state = State.WAIT_CONTENT
+        out.append(ReadSpooled(self._spilled))
 
     def _data_decided(self, content: bytes, d: Decision, out: list[Action]) -> None:
         tx = self._tx
