@@ -438,6 +438,8 @@ class Node:
                 self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
                                   e.queue_id, "error")  # damaged stored state: alerted like an error
         self.queue.load_recovered(entries)
+        # The admin's queue walks (list, summary, filtered actions) read memory from now on.
+        self.spool.keep_index(entries)
         self.records.record(Recovery(len(entries), len(corrupt)))
 
     async def run(self) -> None:

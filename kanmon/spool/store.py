@@ -21,7 +21,8 @@ that moment are written to incoming/, flushed together, renamed into queue/, and
 directory flushed; store() returns only after its own file and its rename are durable.
 
 Admin operations (kanmon.admin.queue_ops) use scan() to walk the queue without
-reading bodies (the envelope is at the start of each queue file), read_content_prefix()
+reading bodies (the envelope is at the start of each queue file; in a running node, whose
+spool keeps a QueueIndex after recovery, from memory: kanmon.spool.index), read_content_prefix()
 for the filters on headers and body text (a bounded read), set_hold() and
 set_schedule() to append to a journal, delete() to remove a message on the admin's
 word, and export_raw()/import_raw() to move queue files between nodes unchanged.
@@ -43,6 +44,7 @@ from pathlib import Path
 from kanmon.model import ClientInfo, Envelope
 from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
+from kanmon.spool.index import QueueIndex
 from kanmon.spool.journal import QueueState
 from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text
 
@@ -179,6 +181,16 @@ class Spool:
         self.on_corrupt: Callable[[str, str], None] | None = None
         self._own_committer = committer is None
         self.committer = committer or GroupCommitter(self.root, fsync=fsync)
+        self.index: QueueIndex | None = None  # a running node's (keep_index); None: scan() reads the files
+
+    def keep_index(self, entries: list[SpoolEntry]) -> QueueIndex:
+        """From now on keep every queued message's envelope and state in memory (the
+        running node, after recover(), with the entries it returned)."""
+        index = QueueIndex()
+        for e in entries:
+            index.add(e.queue_id, e.envelope, e.size, e.state)
+        self.index = index
+        return index
 
     def close(self) -> None:
         if self._own_committer:
@@ -195,6 +207,8 @@ class Spool:
             err = e
         if err is not None:
             raise SpoolError(f"cannot write queue file: {err.strerror or err}")
+        if self.index is not None:
+            self.index.add(queue_id, env, len(content))
 
     # -- state journal ---------------------------------------------------------------
 
@@ -202,6 +216,8 @@ class Spool:
         """Append journal records durably (blocking: call from a worker thread)."""
         data = journal.encode(records)
         write_durably(self.state_dir / queue_id, data, append=True, sync=self.fsync)
+        if self.index is not None:
+            self.index.apply(queue_id, records)
 
     def read_state(self, queue_id: str) -> QueueState:
         """The message's journal, decoded strictly; a refused line (a torn last line after a
@@ -214,6 +230,8 @@ class Spool:
 
     def remove(self, queue_id: str) -> None:
         """The message is finished (every recipient final): forget it."""
+        if self.index is not None:
+            self.index.drop(queue_id)
         for p in (self.queue / queue_id, self.state_dir / queue_id):
             try:
                 p.unlink()
@@ -318,7 +336,13 @@ class Spool:
         journal is read, so a filter on sender, recipients or age costs one small read per
         message. Entries that vanish meanwhile (delivered) are skipped; entries the decoder
         refuses are set aside to corrupt/ (where the admin lists and deletes them).
+
+        With an index (a running node), the entries come from memory, after one listing
+        of queue/ has brought it up to date with what other processes stored.
         """
+        if self.index is not None:
+            yield from self._scan_index(envelope_filter)
+            return
         for qid in self.queue_ids():
             try:
                 env, size = self._read_envelope_fast(qid)
@@ -330,6 +354,40 @@ class Spool:
             if envelope_filter is not None and not envelope_filter(qid, env):
                 continue
             yield SpoolEntry(qid, env, size, self.read_state(qid))
+
+    def _scan_index(self, envelope_filter) -> Iterator[SpoolEntry]:
+        index = self.index
+        assert index is not None
+        index.reconcile(self._listing(), self._load_for_index)
+        for qid, env, size, state in index.snapshot():
+            if envelope_filter is not None and not envelope_filter(qid, env):
+                continue
+            yield SpoolEntry(qid, env, size, state)
+
+    def _listing(self) -> dict[str, tuple[int, int]]:
+        """queue id -> (modification time, size) of every queue file."""
+        out: dict[str, tuple[int, int]] = {}
+        with os.scandir(self.queue) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+                if e.is_file(follow_symlinks=False):
+                    out[e.name] = (st.st_mtime_ns, st.st_size)
+        return out
+
+    def _load_for_index(self, queue_id: str) -> tuple[Envelope, int, QueueState] | None:
+        try:
+            env, size = self._read_envelope_fast(queue_id)
+        except CorruptEntry as e:
+            self.set_aside(queue_id, str(e))
+            return None
+        except OSError:
+            return None
+        return env, size, self.read_state(queue_id)
 
     def _read_envelope_fast(self, queue_id: str) -> tuple[Envelope, int]:
         """read_envelope() with one read(2) for the usual envelope (< 4 KiB)."""
@@ -397,10 +455,16 @@ class Spool:
         finally:
             for fd in fds:
                 os.close(fd)
+        if self.index is not None:
+            for queue_id, records in batch:
+                if queue_id not in gone:
+                    self.index.apply(queue_id, records)
         return gone
 
     def delete(self, queue_id: str) -> bool:
         """Remove a message on the admin's word (queue file first: then it no longer exists)."""
+        if self.index is not None:
+            self.index.drop(queue_id)
         try:
             (self.queue / queue_id).unlink()
         except FileNotFoundError:
@@ -467,6 +531,10 @@ class Spool:
         (err,) = self.committer.commit_blocking([(self.incoming / queue_id, self.queue / queue_id, queue_bytes)])
         if err is not None:
             raise SpoolError(f"cannot write queue file: {err.strerror or err}")
+        if self.index is not None:
+            elen, clen, _crc, off = decode_queue_header(queue_bytes[:MAX_HEADER_LINE])
+            self.index.add(queue_id, envelope_from_json(queue_bytes[off : off + elen]), clen,
+                           QueueState.from_bytes(state_bytes))
         return True
 
     def store_blocking(self, queue_id: str, env: Envelope, content: bytes) -> None:
@@ -476,6 +544,8 @@ class Spool:
         )
         if err is not None:
             raise SpoolError(f"cannot write queue file: {err.strerror or err}")
+        if self.index is not None:
+            self.index.add(queue_id, env, len(content))
 
     def set_aside(self, queue_id: str, reason: str) -> None:
         """An entry refused while running: to corrupt/, and on_corrupt told (once: a
@@ -489,6 +559,8 @@ class Spool:
 
     def move_to_corrupt(self, queue_id: str) -> bool:
         """Queue file and journal to corrupt/; False if the queue file was not there."""
+        if self.index is not None:
+            self.index.drop(queue_id)
         moved = False
         for src, suffix in ((self.queue / queue_id, ""), (self.state_dir / queue_id, ".state")):
             try:

@@ -1,0 +1,103 @@
+"""The queue index: every queued message's envelope and journal state, in memory.
+
+Role: a running node's Spool keeps one (Spool.keep_index(), after recovery, which has
+read every envelope and journal anyway), so that the admin operations that walk the
+whole queue (`queue list` with its filters, `queue summary`, filtered hold, release,
+delete..., all run inside the server through the control socket) read memory instead of
+one queue file and one journal per message. A stopped node has none: its admin commands
+scan the files (Spool.scan) as before.
+
+How it stays exact: every change this process makes goes through the Spool, which tells
+the index (a message stored or imported, journal records appended, a message removed,
+deleted or set aside). Messages other processes stored (the receiver processes) are
+found by reconcile(): one listing of spool/queue/ per walk, whose new names are read from
+their files and whose missing names are dropped.
+
+Each entry's QueueState is replaced, never changed in place, when records are applied:
+a walk (in the admin thread) reads a consistent snapshot while the queue manager appends
+(in its I/O threads).
+
+Trusts: the Spool that owns it. Never: read a message body; answer for a message whose
+queue file is gone once reconcile() has run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from kanmon.model import Envelope
+from kanmon.spool import journal
+from kanmon.spool.journal import QueueState
+
+
+def _applied(state: QueueState, records: Iterable[journal.Record]) -> QueueState:
+    new = QueueState(done=dict(state.done), last=dict(state.last), attempts=state.attempts,
+                     next_attempt=state.next_attempt, hold=state.hold, warned=state.warned,
+                     warned_at=state.warned_at, history=list(state.history), refused=state.refused)
+    for rec in records:
+        new.apply(rec)
+    return new
+
+
+class QueueIndex:
+    """queue id -> (envelope, content size, state, file stamp), guarded by one lock.
+
+    The stamp is what a listing of spool/queue/ said of the file when it was last seen
+    (modification time and size; None: stored by this process, not listed yet): a queue
+    file is never rewritten, so a changed stamp means it was changed underneath us and is
+    read again (and set aside if it no longer decodes), as a file scan would."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[Envelope, int, QueueState, tuple[int, int] | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, queue_id: str) -> bool:
+        return queue_id in self._entries
+
+    def add(self, queue_id: str, envelope: Envelope, size: int, state: QueueState | None = None,
+            stamp: tuple[int, int] | None = None) -> None:
+        with self._lock:
+            self._entries[queue_id] = (envelope, size, state or QueueState(), stamp)
+
+    def apply(self, queue_id: str, records: list[journal.Record]) -> None:
+        with self._lock:
+            entry = self._entries.get(queue_id)
+            if entry is not None:
+                env, size, state, stamp = entry
+                self._entries[queue_id] = (env, size, _applied(state, records), stamp)
+
+    def drop(self, queue_id: str) -> None:
+        with self._lock:
+            self._entries.pop(queue_id, None)
+
+    def snapshot(self) -> list[tuple[str, Envelope, int, QueueState]]:
+        with self._lock:
+            return [(qid, env, size, state) for qid, (env, size, state, _) in self._entries.items()]
+
+    def reconcile(self, on_disk: dict[str, tuple[int, int]],
+                  load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
+        """Make the index hold exactly the ids on_disk (a listing of spool/queue/: id ->
+        stamp): load(queue_id) reads a message another process stored, or one changed
+        underneath us (None: gone, or refused and set aside)."""
+        with self._lock:
+            stamps = {qid: entry[3] for qid, entry in self._entries.items()}
+            for qid in stamps.keys() - on_disk.keys():
+                self._entries.pop(qid, None)
+            for qid, stamp in on_disk.items():
+                if stamps.get(qid, 0) is None:  # ours: its first listing
+                    env, size, state, _ = self._entries[qid]
+                    self._entries[qid] = (env, size, state, stamp)
+        for qid, stamp in on_disk.items():
+            known = stamps.get(qid, 0)
+            if known is None or known == stamp:
+                continue
+            loaded = load(qid)  # new (another process's), or changed underneath us
+            with self._lock:
+                if loaded is None:
+                    self._entries.pop(qid, None)
+                else:
+                    self._entries[qid] = (*loaded, stamp)

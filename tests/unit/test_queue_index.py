@@ -1,0 +1,137 @@
+"""The queue index (kanmon.spool.index): a running node's queue walks read memory, and
+answer exactly what the file scan of a stopped node answers.
+
+Two Spool objects on one data_dir: `files` has no index (a stopped node's admin command),
+`node` keeps one (the running server, after recovery). The same QueueOps operations on
+each give the same results, whatever changed meanwhile: messages stored or journaled by
+the node, stored by another process (a receiver), deleted, damaged underneath it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kanmon.admin.queue_ops import Filters, OfflineLink, QueueOps
+from kanmon.config import parse_config
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.records.store import Records
+from kanmon.spool import journal
+from kanmon.spool.store import Spool
+
+NOW = 1_800_000_000.0
+CONFIG = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[[domain]]
+name = "example.test"
+mailboxes = ["postmaster"]
+"""
+
+FILTERS = [
+    {}, {"state": "hold"}, {"state": "deferred"}, {"domain": "d1.example"}, {"older_than": 2 * 86400},
+    {"mail_from": "user3@example.test"}, {"reason": "User unknown"}, {"to": "r1*"}, {"subject": "bench 2"},
+    {"body": "xxxx"}, {"size": ">150"}, {"attempts": ">=1"}, {"state": "corrupt"},
+    {"state": "deferred", "domain": "d0.example", "older_than": 86400},
+]
+
+
+class Clock:
+    def now(self) -> float:
+        return NOW
+
+
+def store(spool: Spool, rng: random.Random, i: int) -> str:
+    arrived = NOW - rng.uniform(0, 4 * 86400)
+    qid = new_queue_id(arrived)
+    env = Envelope(f"user{rng.randrange(5)}@example.test",
+                   [f"r{i}@d{rng.randrange(3)}.example"] + ([f"c{i}@d{rng.randrange(3)}.example"] if i % 3 == 0 else []),
+                   client=ClientInfo(ip="192.0.2.1"), received_at=arrived)
+    spool.store_blocking(qid, env, b"Subject: bench %d\r\n\r\n" % (i % 4) + b"x" * (i * 7 % 300) + b"\r\n")
+    reply = rng.choice(["451 4.4.1 Connection refused", "450 4.1.1 <x@y>: User unknown"])
+    spool.append_state(qid, [journal.Result(arrived + 60, r, "deferred", reply) for r in env.rcpts]
+                       + [journal.Attempt(arrived + 60, 1, NOW + 600)])
+    return qid
+
+
+@pytest.fixture
+def pair(tmp_path):
+    config = parse_config(CONFIG.format(data_dir=tmp_path))
+    files, node = Spool(tmp_path, fsync=False), Spool(tmp_path, fsync=False)
+    records = Records(tmp_path, "mx1.example.test")
+    rng = random.Random(7)
+    for i in range(60):
+        store(files, rng, i)
+    entries, _, _ = node.recover()
+    node.keep_index(entries)
+    yield (QueueOps(config, files, records, OfflineLink(Clock())), QueueOps(config, node, records, OfflineLink(Clock())),
+           files, node, rng)
+    records.close()
+    files.close()
+    node.close()
+
+
+def assert_same(scan: QueueOps, index: QueueOps) -> None:
+    for f in FILTERS:
+        assert index.list(f) == scan.list(f), f
+        assert index.summary(f) == scan.summary(f), f
+        assert index.summary(f, by="sender") == scan.summary(f, by="sender"), f
+        # (ids in the order of the walk: the directory's for a scan, arrival at the node for the index)
+        a, b = (ops.act("hold", f, dry_run=True, whole_queue=True) for ops in (index, scan))
+        assert {**a, "ids": sorted(a["ids"])} == {**b, "ids": sorted(b["ids"])}, f
+
+
+def test_the_index_answers_as_the_file_scan(pair):
+    scan, index, files, node, rng = pair
+    assert len(node.index) == 60
+    assert index.list()["count"] == 60
+    assert_same(scan, index)
+
+
+def test_changes_through_the_node_are_seen_at_once(pair, monkeypatch):
+    scan, index, files, node, rng = pair
+    for i in range(60, 70):
+        store(node, rng, i)  # received by the node itself
+    some = [r["id"] for r in index.list({"domain": "d2.example"})["items"]]
+    held = index.act("hold", {"domain": "d2.example"}, source="test")
+    assert sorted(held["acted"]) == sorted(some)
+    deleted = index.act("delete", {"mail_from": "user1@example.test"}, source="test")
+    assert deleted["acted"]
+    qid = index.list()["items"][0]["id"]
+    node.append_state(qid, [journal.Result(NOW, r, "sent", "250 ok") for r in index.list({"ids": [qid]})["items"][0]["rcpts"]])
+    # The index read no file for any of this: a scan now would only find what it holds.
+    for name in ("_load_for_index", "_read_envelope_fast", "read_state", "read_envelope"):
+        monkeypatch.setattr(node, name, lambda qid, name=name: pytest.fail(f"{name}({qid})"))
+    assert_same(scan, index)
+    assert {r["id"] for r in index.list({"state": "hold"})["items"]} == set(some) - set(deleted["acted"])
+
+
+def test_messages_other_processes_stored_or_removed_are_found(pair):
+    scan, index, files, node, rng = pair
+    new = [store(files, rng, i) for i in range(100, 105)]  # a receiver process's spool
+    gone = index.list()["items"][0]["id"]
+    assert files.delete(gone)
+    assert_same(scan, index)
+    ids = {r["id"] for r in index.list()["items"]}
+    assert set(new) <= ids and gone not in ids
+
+
+def test_a_queue_file_damaged_underneath_is_set_aside_as_a_scan_would(pair):
+    scan, index, files, node, rng = pair
+    qid = index.list()["items"][0]["id"]
+    path = node.queue / qid
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"rcpts":[', b'"rcpts":[1,'))  # decodes no longer, longer by two
+    rows = {r["id"]: r["state"] for r in index.list()["items"]}
+    assert rows[qid] == "corrupt" and qid not in node.index
+    assert_same(scan, index)
+
+
+def test_a_stopped_node_scans_the_files(tmp_path):
+    spool = Spool(tmp_path, fsync=False)
+    assert spool.index is None
+    store(spool, random.Random(1), 1)
+    assert len(list(spool.scan())) == 1
+    spool.close()
