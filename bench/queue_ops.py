@@ -11,7 +11,16 @@ times, each with a journal saying one attempt failed — then times, on that spo
     hold and release of a fifth of the queue (one syncfs per 1,000 journal records)
 
 Nothing reads message bodies for these (the envelope is at the start of each queue
-file, the rest is in the journal). Prints figures; asserts nothing. Usage:
+file, the rest is in the journal).
+
+Then, with --running (the default; --no-running skips it), the same spool under a
+running `kanmon serve` (delivery suspended): the time from start until the control socket
+answers (recovery reads every envelope and journal once), and the same operations through
+the control socket, which a running node answers from its queue index (kanmon.spool.index)
+instead of reading one queue file and one journal per message: each request timed as the
+server answers it (ControlClient) and as the command an admin types (a process).
+
+Prints figures; asserts nothing. Usage:
 
     python bench/queue_ops.py                      # 100,000 messages in a temporary data_dir
     python bench/queue_ops.py --messages 20000 --keep /tmp/kq
@@ -35,6 +44,7 @@ from kanmon.admin.queue_ops import Filters, OfflineLink, QueueOps  # noqa: E402
 from kanmon.config import parse_config  # noqa: E402
 from kanmon.model import ClientInfo, Envelope, new_queue_id  # noqa: E402
 from kanmon.records.store import Records  # noqa: E402
+from kanmon.spool import journal  # noqa: E402
 from kanmon.spool.store import Spool, encode_queue_file  # noqa: E402
 
 CONFIG = """
@@ -44,6 +54,13 @@ data_dir = "{data_dir}"
 [[domain]]
 name = "example.test"
 mailboxes = ["postmaster"]
+"""
+
+RUNNING = """
+[smtp]
+listen = ["127.0.0.1:{port}"]
+[queue]
+suspend_delivery = true
 """
 
 
@@ -66,9 +83,8 @@ def build(data_dir: Path, n: int, now: float) -> None:
         batch.append((spool.incoming / qid, spool.queue / qid, encode_queue_file(env, body)))
         reply = rng.choice(replies).format(rng.randrange(250))
         spool.append_state(qid, [
-            *({"k": "result", "t": arrived + 60, "rcpt": r, "status": "deferred", "reply": reply, "relay": "",
-               "mailer": "esmtp", "tls": ""} for r in env.rcpts),
-            {"k": "attempt", "t": arrived + 60, "n": 1, "next": now + rng.uniform(0, 3600)},
+            *(journal.Result(arrived + 60, r, "deferred", reply, "", "esmtp", "") for r in env.rcpts),
+            journal.Attempt(arrived + 60, 1, now + rng.uniform(0, 3600)),
         ])
         if len(batch) == 1000:
             spool.committer.commit_blocking(batch)
@@ -94,6 +110,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--keep", type=Path, help="build in this directory and keep it")
+    ap.add_argument("--running", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the operations through a running server (its queue index)")
+    ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the operations on the files (a stopped node)")
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="kanmon-bench-q-"))
     data_dir = base / "data"
@@ -105,40 +125,117 @@ def main() -> None:
     try:
         build(data_dir, args.messages, now)
         drop_caches_hint()
-        spool = Spool(data_dir, fsync=True)
-        records = Records(data_dir, "bench.example.test")
-        ops = QueueOps(config, spool, records, OfflineLink())
-        r = timed("QueueOps.list(--older-than 2d)", lambda: ops.list(Filters(older_than=2 * 86400)))
-        print(f"    {r['count']:,} listed")
-        s = timed("QueueOps.summary()", lambda: ops.summary())
-        print(f"    {s['total']['count']:,} messages, {len(s['rows'])} destinations")
-        d = timed("QueueOps.act(delete, --domain d3.example --older-than 4d, dry run)",
-                  lambda: ops.act("delete", Filters(domain="d3.example", older_than=4 * 86400), dry_run=True))
-        print(f"    {d['matched']:,} would be deleted")
-        records.close()
-        spool.close()
-
-        def cli(*a: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "kanmon", *a, "-c", str(config_file)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-
-        out = timed("kanmon queue list --older-than 2d --json (process)", lambda: cli("queue", "list", "--older-than", "2d", "--json"))
-        print(f"    {len(out.stdout) / 1e6:.1f} MB of JSON")
-        timed("kanmon queue list --older-than 2d --domain d5.example", lambda: cli("queue", "list", "--older-than", "2d", "--domain", "d5.example"))
-        out = timed("kanmon queue summary (process)", lambda: cli("queue", "summary"))
-        print("    " + out.stdout.decode().splitlines()[1])
-        out = timed("kanmon queue delete --domain d7.example --older-than 3d --yes", lambda: cli(
-            "queue", "delete", "--domain", "d7.example", "--older-than", "3d", "--yes"))
-        print("    " + out.stdout.decode().strip())
-        timed("kanmon queue hold --reason 'User unknown' --from user1@* --yes", lambda: cli(
-            "queue", "hold", "--reason", "User unknown", "--from", "user1@*", "--yes"))
-        out = timed("kanmon queue hold --older-than 4d --yes", lambda: cli("queue", "hold", "--older-than", "4d", "--yes"))
-        print("    " + out.stdout.decode().strip())
-        out = timed("kanmon queue release --state hold --yes", lambda: cli("queue", "release", "--state", "hold", "--yes"))
-        print("    " + out.stdout.decode().strip())
+        if args.offline:
+            offline(config, config_file, data_dir)
+        if args.running:
+            running(config_file, data_dir)
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def offline(config, config_file: Path, data_dir: Path) -> None:
+    print("-- a stopped node: the file scan")
+    spool = Spool(data_dir, fsync=True)
+    records = Records(data_dir, "bench.example.test")
+    ops = QueueOps(config, spool, records, OfflineLink())
+    r = timed("QueueOps.list(--older-than 2d)", lambda: ops.list(Filters(older_than=2 * 86400)))
+    print(f"    {r['count']:,} listed")
+    s = timed("QueueOps.summary()", lambda: ops.summary())
+    print(f"    {s['total']['count']:,} messages, {len(s['rows'])} destinations")
+    d = timed("QueueOps.act(delete, --domain d3.example --older-than 4d, dry run)",
+              lambda: ops.act("delete", Filters(domain="d3.example", older_than=4 * 86400), dry_run=True))
+    print(f"    {d['matched']:,} would be deleted")
+    records.close()
+    spool.close()
+
+    def cli(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kanmon", *a, "-c", str(config_file)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+
+    out = timed("kanmon queue list --older-than 2d --json (process)", lambda: cli("queue", "list", "--older-than", "2d", "--json"))
+    print(f"    {len(out.stdout) / 1e6:.1f} MB of JSON")
+    timed("kanmon queue list --older-than 2d --domain d5.example", lambda: cli("queue", "list", "--older-than", "2d", "--domain", "d5.example"))
+    out = timed("kanmon queue summary (process)", lambda: cli("queue", "summary"))
+    print("    " + out.stdout.decode().splitlines()[1])
+    out = timed("kanmon queue delete --domain d7.example --older-than 3d --yes", lambda: cli(
+        "queue", "delete", "--domain", "d7.example", "--older-than", "3d", "--yes"))
+    print("    " + out.stdout.decode().strip())
+    timed("kanmon queue hold --reason 'User unknown' --from user1@* --yes", lambda: cli(
+        "queue", "hold", "--reason", "User unknown", "--from", "user1@*", "--yes"))
+    out = timed("kanmon queue hold --older-than 4d --yes", lambda: cli("queue", "hold", "--older-than", "4d", "--yes"))
+    print("    " + out.stdout.decode().strip())
+    out = timed("kanmon queue release --state hold --yes", lambda: cli("queue", "release", "--state", "hold", "--yes"))
+    print("    " + out.stdout.decode().strip())
+
+
+def running(config_file: Path, data_dir: Path) -> None:
+    """The same spool under `kanmon serve`: recovery, then the operations from its index."""
+    import socket  # noqa: PLC0415
+
+    from kanmon.control import ControlClient, NoServer  # noqa: PLC0415
+
+    print("-- a running node: the queue index, through the control socket")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = config_file.with_name("serve.toml")
+    served.write_text(config_file.read_text() + RUNNING.format(port=port))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(served)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                with ControlClient(data_dir, timeout=600) as c:
+                    if c.request("summary", {"filters": {"ids": []}}).get("ok"):
+                        break
+            except (NoServer, OSError):
+                pass
+            if proc.poll() is not None:
+                raise SystemExit(f"kanmon serve exited with {proc.returncode}")
+            time.sleep(0.05)
+        print(f"{'start until the control socket answers (recovery)':<58} {time.monotonic() - t0:7.2f} s")
+        print(f"    RSS of the server: {rss(proc.pid) / 2**20:.0f} MB")
+
+        def ask(op: str, **a):
+            with ControlClient(data_dir, timeout=600) as c:
+                r = c.request(op, a)
+            assert r.get("ok"), r
+            return r["result"]
+
+        for rnd in range(3):
+            s = timed(f"summary (control socket), round {rnd + 1}", lambda: ask("summary"))
+        print(f"    {s['total']['count']:,} messages, {len(s['rows'])} destinations")
+        r = timed("list --older-than 2d (control socket)", lambda: ask("list", filters={"older_than": 2 * 86400}))
+        print(f"    {r['count']:,} listed")
+        r = timed("list --older-than 2d --domain d5.example (control socket)",
+                  lambda: ask("list", filters={"older_than": 2 * 86400, "domain": "d5.example"}))
+        print(f"    {r['count']:,} listed")
+
+        def cli(*a: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "kanmon", *a, "-c", str(served)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+
+        out = timed("kanmon queue summary (process)", lambda: cli("queue", "summary"))
+        print("    " + out.stdout.decode().splitlines()[1])
+        timed("kanmon queue list --older-than 2d --domain d5.example (process)",
+              lambda: cli("queue", "list", "--older-than", "2d", "--domain", "d5.example"))
+        out = timed("kanmon queue hold --older-than 4d --yes (process)", lambda: cli("queue", "hold", "--older-than", "4d", "--yes"))
+        print("    " + out.stdout.decode().strip())
+        out = timed("kanmon queue release --state hold --yes (process)", lambda: cli("queue", "release", "--state", "hold", "--yes"))
+        print("    " + out.stdout.decode().strip())
+        print(f"    RSS of the server: {rss(proc.pid) / 2**20:.0f} MB")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 if __name__ == "__main__":
