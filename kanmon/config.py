@@ -861,6 +861,10 @@ class DnsSection(Section):
     dnssec: Literal["off", "trust-ad"] = Field(
         "off", description="trust-ad: the servers are validating resolvers we trust (local); their AD bit enables DANE"
     )
+    cache_entries: int = Field(
+        10_000, ge=0, description="Answers the node's DNS cache keeps (positive and negative, each for its TTL; "
+        "`kanmon dns cache`); 0: no cache, every lookup asks the servers"
+    )
 
 
 class QueueSection(Section):

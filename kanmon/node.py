@@ -43,6 +43,7 @@ from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring
 from kanmon.policy.quota import quota_effect_handlers
+from kanmon.dnscache import DnsCache
 from kanmon.policy.dns import CheckResolver
 from kanmon.policy.dnsbl import dnsbl_effect_handlers
 from kanmon.policy.scanners import scanner_effect_handlers
@@ -204,6 +205,7 @@ class Node:
         self.records: Records | None = None
         self.spool: Spool | None = None
         self.queue: QueueManager | None = None
+        self.dns_cache: DnsCache | None = None  # the mail role's (delivery and the checks)
         self.frontend: Frontend | None = None
         self.services: list = []  # the core's services: admin plane, monitoring, balancer
         self.listen = ListenSockets()
@@ -266,7 +268,8 @@ class Node:
         self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         configure_index(config)
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of)
-        self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir)
+        self.dns_cache = DnsCache(config.dns.cache_entries)
+        self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache)
         self.queue = QueueManager(
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
@@ -341,7 +344,7 @@ class Node:
                 # Over-quota notices from listeners in this process enter through the
                 # queue's injector. The checks' DNS resolver caches per configuration.
                 pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, self.data_dir),
-                                             state=self.state, resolver=CheckResolver.from_config(config),
+                                             state=self.state, resolver=CheckResolver.from_config(config, cache=self.dns_cache),
                                              directory=directory, clock=self.clock.now)
                 effects = quota_effect_handlers(QuotaNotices(self.data_dir, self.queue.injector))
                 records = self.records
@@ -643,7 +646,10 @@ class Node:
         self.config = new
         if {"server", "outbound", "dns", "tls", "domain"} & set(changed):
             self._old_remotes.append(self.remote)  # deliveries in flight finish on it; closed at stop
-            self.remote = SmtpDelivery(new, self.records.record, data_dir=self.data_dir)
+            if old.dns != new.dns:
+                self.dns_cache.max_entries = new.dns.cache_entries
+                self.dns_cache.flush()  # other servers, other answers
+            self.remote = SmtpDelivery(new, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache)
             self.remote.on_server_used = self.monitoring.alerts.on_server_used
         self.queue.reconfigure(new, self.remote.deliver_route, Notices(new))
         self.admin.reconfigure()

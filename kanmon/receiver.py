@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kanmon.auth.dkimsign import load_signer
 from kanmon.config import Config, load_config
+from kanmon.dnscache import DnsCache
 from kanmon.listeners import bind_listener
 
 __all__ = ["ReceiverPool", "bind_listener", "main"]
@@ -225,6 +226,16 @@ class ReceiverPool:
         settings it started with, and exits (SIGHUP); "queued" lines are read to the end."""
         await self.stop(signal.SIGHUP, wait=None)
 
+    def flush_dns_caches(self) -> int:
+        """`kanmon dns cache flush`: each receiver forgets its checks' DNS answers (SIGUSR1)."""
+        told = 0
+        for proc in list(self._listening):  # their handler is in place (a new one's is not yet)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+                    told += 1
+        return told
+
     async def stop(self, sig: int = signal.SIGTERM, wait: float | None = 10) -> None:
         self._stopping = True
         for proc in list(self._live):
@@ -286,8 +297,9 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
     state = open_state(config, data_dir)  # shared with the main process and the other receivers
+    dns_cache = DnsCache(config.dns.cache_entries)  # this process's checks' (SIGUSR1 flushes it)
     pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
-                                 resolver=CheckResolver.from_config(config))
+                                 resolver=CheckResolver.from_config(config, cache=dns_cache))
     tls = server_context(config)
 
     def queued(queue_id: str, envelope, content: bytes) -> None:
@@ -320,6 +332,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, retire.set)  # replaced after a reload
+    loop.add_signal_handler(signal.SIGUSR1, dns_cache.flush)  # `kanmon dns cache flush`
     owner = str(os.getpid())
     try:
         # Connections this process id held in an earlier life are not held any more.

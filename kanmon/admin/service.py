@@ -116,6 +116,8 @@ class AdminPlane:
             return {"ok": True, "result": await node_status(self)}
         if request.get("op") == "reload":  # `kanmon reload`: the node answers with the outcome
             return await self.node.reload_request()
+        if request.get("op") == "dns_cache":  # `kanmon dns cache show|flush`
+            return dns_cache_request(self.node.dns_cache, request.get("args") or {}, self.node.receivers)
         return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
 
     async def stop(self) -> None:
@@ -207,3 +209,27 @@ class AdminPlane:
         if alerts is not None:
             alerts.clear("queue", key, f"maintenance job {name} ran again")
         return True
+
+
+DNS_CACHE_SHOW_LIMIT = 1000  # entries listed by default (the counts cover them all)
+
+
+def dns_cache_request(cache, args: dict, receivers=None) -> dict:
+    """`kanmon dns cache show` (counts and the most recently used answers of the main
+    process: delivery, and the checks when there are no receiver processes) or `flush`
+    (the receiver processes' caches of the checks' answers too)."""
+    if cache is None:
+        return {"ok": False, "error": "this node has no mail role (no DNS cache)"}
+    action = args.get("action", "show")
+    if action == "flush":
+        before = cache.stats()["entries"]
+        cache.flush()
+        told = receivers.flush_dns_caches() if receivers is not None else 0
+        return {"ok": True, "result": {"flushed": before, "receivers": told}}
+    if action != "show":
+        return {"ok": False, "error": f"unknown dns cache action {action!r}"}
+    try:
+        limit = int(args.get("limit", DNS_CACHE_SHOW_LIMIT))
+    except (TypeError, ValueError):
+        return {"ok": False, "error": "limit must be a number"}
+    return {"ok": True, "result": {**cache.stats(), "items": [e.to_json() for e in cache.entries(max(0, limit))]}}

@@ -11,16 +11,19 @@ Never: use the system resolver when --zone or --server (or [dns] servers) is giv
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
 
 import click
 
-from kanmon.commands.options import config_option, json_option, load_with_path
+from kanmon.commands.admin_session import AdminSession
+from kanmon.commands.options import config_option, json_option, load_or_exit, load_with_path, shown
 from kanmon.config import parse_hostport
 from kanmon.dnscheck.checks import check_domain
 from kanmon.dnscheck.report import render_json, render_text
 from kanmon.dnscheck.sources import RecordingSource, SourceError
 from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets
+from kanmon.units import format_duration
 
 
 def _ip(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -59,7 +62,7 @@ def outbound_tls_notes(config) -> list[str]:
 
 @click.group("dns")
 def dns() -> None:
-    """DNS health check: the MX/A/PTR/SPF mistakes that make servers refuse our mail."""
+    """DNS health check (the MX/A/PTR/SPF mistakes that make servers refuse our mail) and the DNS cache."""
 
 
 @dns.command("check")
@@ -121,3 +124,39 @@ def check(
     else:
         click.echo(render_text(reports, colour=sys.stdout.isatty()), nl=False)
     sys.exit(max(r.exit_code for r in reports))
+
+
+@dns.group("cache")
+def cache() -> None:
+    """The running node's DNS cache (answers kept for their TTL, positive and negative)."""
+
+
+@cache.command("show")
+@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Answers listed, most recently used first (the counts cover them all).")
+@json_option("Counts and answers as JSON.")
+@config_option
+def cache_show(limit: int, as_json: bool, config_path: str | None) -> None:
+    """Counts (positive, negative, hits, misses) and the most recently used answers."""
+    config = load_or_exit(config_path)
+    with AdminSession(config, require_server=True) as admin:
+        result = admin.call("dns_cache", {"action": "show", "limit": limit})
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, indent=1))
+        return
+    click.echo(f"{result['entries']} answers ({result['positive']} positive, {result['negative']} negative; "
+               f"at most {result['max_entries']}); {result['hits']} hits, {result['misses']} misses")
+    for e in result["items"]:
+        what = " ".join(e["records"]) if e["kind"] == "positive" else e["kind"].upper()
+        click.echo(f"{shown(e['name'])} {e['type']} ({format_duration(e['ttl_left'])} left): {shown(what, limit=200)}")
+
+
+@cache.command("flush")
+@config_option
+def cache_flush(config_path: str | None) -> None:
+    """Forget every cached answer: the next lookups ask the DNS servers."""
+    config = load_or_exit(config_path)
+    with AdminSession(config, require_server=True) as admin:
+        result = admin.call("dns_cache", {"action": "flush"})
+    told = f", and the caches of {result['receivers']} receiver process(es)" if result.get("receivers") else ""
+    click.echo(f"{result['flushed']} answer(s) flushed{told}")

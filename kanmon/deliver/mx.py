@@ -38,6 +38,7 @@ from kanmon.model import Reply, SmtpError
 
 if TYPE_CHECKING:
     from kanmon.config import Config
+    from kanmon.dnscache import DnsCache
 
 MAX_MX_HOSTS = 10  # MX hosts used per domain (Postfix: smtp_mx_address_limit)
 MAX_ADDRESSES_PER_HOST = 5
@@ -145,6 +146,7 @@ class MxResolver:
         own_endpoints: Iterable[tuple[str, int]] = (),
         rng: random.Random | None = None,
         trust_ad: bool = False,
+        cache: DnsCache | None = None,
     ):
         if timeout <= 0:
             raise ValueError("DNS timeout must be positive")
@@ -161,6 +163,7 @@ class MxResolver:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.timeout = timeout
         self._resolver.lifetime = timeout
+        self._resolver.cache = cache  # the node's DNS cache (kanmon.dnscache), shared with the checks
         self.timeout = timeout
         # [dns] dnssec = "trust-ad": the servers validate and we believe their AD bit
         # (RFC 6840 5.7: a query with AD set asks for it). Only then is DANE possible.
@@ -169,7 +172,7 @@ class MxResolver:
             self._resolver.flags = dns.flags.RD | dns.flags.AD
 
     @classmethod
-    def from_config(cls, config: Config, *, rng: random.Random | None = None) -> MxResolver:
+    def from_config(cls, config: Config, *, rng: random.Random | None = None, cache: DnsCache | None = None) -> MxResolver:
         own_endpoints = []
         for ip, port in config.smtp.listen:
             if ip in ("0.0.0.0", "::"):
@@ -186,6 +189,7 @@ class MxResolver:
             own_endpoints=own_endpoints,
             rng=rng,
             trust_ad=config.dns.dnssec == "trust-ad",
+            cache=cache,
         )
 
     # -- queries

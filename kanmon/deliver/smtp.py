@@ -50,6 +50,7 @@ from kanmon.smtp.client import (
 
 if TYPE_CHECKING:
     from kanmon.config import Config, TlsPolicy
+    from kanmon.dnscache import DnsCache
 
 MAILER = "esmtp"
 
@@ -96,11 +97,12 @@ class SmtpDelivery:
         idle_timeout: float = 5.0,
         data_dir: Path | None = None,
         security: TransportSecurity | None = None,
+        dns_cache: DnsCache | None = None,
     ):
         self.emit = emit
         self.on_server_used: ServerUsed | None = None  # failover alerts (kanmon.alerts)
         self.settings = ClientSettings.from_config(config)
-        self.resolver = resolver or MxResolver.from_config(config)
+        self.resolver = resolver or MxResolver.from_config(config, cache=dns_cache)
         self.pool = pool or SmtpConnectionPool(
             self.settings, max_per_destination=config.outbound.max_per_destination, idle_timeout=idle_timeout
         )

@@ -36,6 +36,7 @@ import dns.reversename
 
 if TYPE_CHECKING:
     from kanmon.config import Config
+    from kanmon.dnscache import DnsCache
 
 MAX_RECORDS = 32  # records kept per answer
 DEFAULT_NEGATIVE_TTL = 300.0  # an NXDOMAIN/NODATA without an SOA is remembered this long
@@ -98,7 +99,7 @@ class CheckResolver:
 
     def __init__(
         self, *, servers: Sequence[tuple[str, int]] = (), timeout: float = 5.0,
-        clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000, cache: DnsCache | None = None,
     ):
         if timeout <= 0:
             raise ValueError("DNS timeout must be positive")
@@ -114,7 +115,11 @@ class CheckResolver:
                 self._resolver = dns.asyncresolver.Resolver(configure=False)
         self._resolver.timeout = timeout
         self._resolver.lifetime = timeout
-        self._resolver.cache = None  # ours below, shared by every check of the process
+        # Typed answers cached below; the node's DNS cache (kanmon.dnscache), when given,
+        # under it: shared with delivery, it hands out TTLs lowered to what is left.
+        self._resolver.cache = cache
+        if cache is not None:
+            cache.on_flush(self.clear)
         self.timeout = timeout
         self._clock = clock
         self._max_entries = max_entries
