@@ -26,6 +26,7 @@ ids and from which command.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import re
 import shlex
@@ -443,18 +444,16 @@ class QueueOps:
         rows: dict[str, list[int]] = defaultdict(lambda: [0] * (len(BUCKETS) + 1))
         total = [0] * (len(BUCKETS) + 1)  # messages (a row counts each message once per domain)
         states: Counter[str] = Counter()
-        for entry, state in self.select(f):
+        only = {f.domain.lower().rstrip(".")} if f.domain else None
+        for state, received_at, domains, sender in self._shapes(f):
             states[state] += 1
-            age_min = max(0.0, now - (entry.envelope.received_at or now)) / 60
-            col = next((i for i, b in enumerate(BUCKETS) if age_min <= b), len(BUCKETS))
+            age_min = max(0.0, now - (received_at or now)) / 60
+            col = bisect.bisect_left(BUCKETS, age_min)  # the first bucket it fits in; past the last: 1280m+
             total[col] += 1
             if by == "sender":
-                keys = {domain_of(entry.envelope.mail_from) if entry.envelope.mail_from else "<>"}
-            else:
-                keys = {domain_of(r) for r in entry.pending_rcpts()}
-                if f.domain:
-                    keys &= {f.domain.lower().rstrip(".")}
-            for k in keys:
+                rows[sender][col] += 1
+                continue
+            for k in (domains & only if only is not None else domains):
                 rows[k][col] += 1
         ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
         return {
@@ -463,6 +462,22 @@ class QueueOps:
             "rows": [{"key": k, "count": sum(v), "counts": v} for k, v in ordered],
             "states": dict(states),
         }
+
+    def _shapes(self, f: Filters) -> Iterator[tuple[str, float, frozenset[str] | set[str], str]]:
+        """(state, arrival, domains of the pending recipients, sender domain) of each
+        message the filters match. A running node's whole queue (no criteria, a state at
+        most) comes from its index's ready shapes (kanmon.spool.index): no entry is built."""
+        if self.spool.index is not None and not f.ids and not f.has_criteria and f.state != "corrupt":
+            active = self.link.active_ids()
+            for s in self.spool.index_shapes():
+                state = "hold" if s.hold else "active" if s.queue_id in active else "deferred"
+                if f.state == "all" or f.state == state:
+                    yield state, s.received_at, s.domains, s.sender_domain
+            return
+        for entry, state in self.select(f):
+            env = entry.envelope
+            yield (state, env.received_at, {domain_of(r) for r in entry.pending_rcpts()},
+                   domain_of(env.mail_from) if env.mail_from else "<>")
 
     # -- backup and restore -----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from kanmon.model import Envelope
 from kanmon.spool import journal
@@ -40,8 +41,38 @@ def _applied(state: QueueState, records: Iterable[journal.Record]) -> QueueState
     return new
 
 
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()  # as kanmon.admin.filters.domain_of
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What `queue summary` counts of a message, kept ready (qshape's view of it)."""
+
+    queue_id: str
+    received_at: float
+    hold: bool
+    domains: frozenset[str]  # of the recipients still pending
+    sender_domain: str  # "<>" for the null sender
+
+    @classmethod
+    def of(cls, queue_id: str, env: Envelope, state: QueueState) -> Shape:
+        return cls(queue_id, env.received_at, state.hold,
+                   frozenset(_domain(r) for r in env.rcpts if r not in state.done),
+                   _domain(env.mail_from) if env.mail_from else "<>")
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    envelope: Envelope
+    size: int
+    state: QueueState
+    stamp: tuple[int, int] | None
+    shape: Shape
+
+
 class QueueIndex:
-    """queue id -> (envelope, content size, state, file stamp), guarded by one lock.
+    """queue id -> envelope, content size, state, file stamp and summary shape, under one lock.
 
     The stamp is what a listing of spool/queue/ said of the file when it was last seen
     (modification time and size; None: stored by this process, not listed yet): a queue
@@ -50,7 +81,7 @@ class QueueIndex:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[Envelope, int, QueueState, tuple[int, int] | None]] = {}
+        self._entries: dict[str, _Item] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,15 +91,18 @@ class QueueIndex:
 
     def add(self, queue_id: str, envelope: Envelope, size: int, state: QueueState | None = None,
             stamp: tuple[int, int] | None = None) -> None:
+        state = state or QueueState()
+        item = _Item(envelope, size, state, stamp, Shape.of(queue_id, envelope, state))
         with self._lock:
-            self._entries[queue_id] = (envelope, size, state or QueueState(), stamp)
+            self._entries[queue_id] = item
 
     def apply(self, queue_id: str, records: list[journal.Record]) -> None:
         with self._lock:
-            entry = self._entries.get(queue_id)
-            if entry is not None:
-                env, size, state, stamp = entry
-                self._entries[queue_id] = (env, size, _applied(state, records), stamp)
+            item = self._entries.get(queue_id)
+            if item is not None:
+                state = _applied(item.state, records)
+                self._entries[queue_id] = _Item(item.envelope, item.size, state, item.stamp,
+                                                Shape.of(queue_id, item.envelope, state))
 
     def drop(self, queue_id: str) -> None:
         with self._lock:
@@ -76,28 +110,32 @@ class QueueIndex:
 
     def snapshot(self) -> list[tuple[str, Envelope, int, QueueState]]:
         with self._lock:
-            return [(qid, env, size, state) for qid, (env, size, state, _) in self._entries.items()]
+            return [(qid, i.envelope, i.size, i.state) for qid, i in self._entries.items()]
 
-    def reconcile(self, on_disk: dict[str, tuple[int, int]],
+    def shapes(self) -> list[Shape]:
+        with self._lock:
+            return [i.shape for i in self._entries.values()]
+
+    def reconcile(self, on_disk: dict[str, tuple[int, int] | None],
                   load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
         """Make the index hold exactly the ids on_disk (a listing of spool/queue/: id ->
-        stamp): load(queue_id) reads a message another process stored, or one changed
-        underneath us (None: gone, or refused and set aside)."""
+        stamp, or None when the listing did not look at the files): load(queue_id) reads a
+        message another process stored, or one changed underneath us (None: gone, or
+        refused and set aside)."""
         with self._lock:
-            stamps = {qid: entry[3] for qid, entry in self._entries.items()}
+            stamps = {qid: i.stamp for qid, i in self._entries.items()}
             for qid in stamps.keys() - on_disk.keys():
                 self._entries.pop(qid, None)
             for qid, stamp in on_disk.items():
-                if stamps.get(qid, 0) is None:  # ours: its first listing
-                    env, size, state, _ = self._entries[qid]
-                    self._entries[qid] = (env, size, state, stamp)
+                if stamp is not None and stamps.get(qid, 0) is None:  # ours: its first listing
+                    i = self._entries[qid]
+                    self._entries[qid] = _Item(i.envelope, i.size, i.state, stamp, i.shape)
         for qid, stamp in on_disk.items():
             known = stamps.get(qid, 0)
-            if known is None or known == stamp:
+            if known is None or known == stamp or (stamp is None and qid in stamps):
                 continue
             loaded = load(qid)  # new (another process's), or changed underneath us
-            with self._lock:
-                if loaded is None:
-                    self._entries.pop(qid, None)
-                else:
-                    self._entries[qid] = (*loaded, stamp)
+            if loaded is None:
+                self.drop(qid)
+            else:
+                self.add(qid, *loaded, stamp=stamp)

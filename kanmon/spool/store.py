@@ -44,7 +44,7 @@ from pathlib import Path
 from kanmon.model import ClientInfo, Envelope
 from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
-from kanmon.spool.index import QueueIndex
+from kanmon.spool.index import QueueIndex, Shape
 from kanmon.spool.journal import QueueState
 from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text
 
@@ -364,19 +364,31 @@ class Spool:
                 continue
             yield SpoolEntry(qid, env, size, state)
 
-    def _listing(self) -> dict[str, tuple[int, int]]:
-        """queue id -> (modification time, size) of every queue file."""
-        out: dict[str, tuple[int, int]] = {}
+    def index_shapes(self) -> list[Shape]:
+        """What `queue summary` counts of every message, from the index, brought up to date
+        with the names in queue/ (the messages other processes stored, those gone); a file
+        changed underneath is read again by the next scan(). Only for a spool that keeps one."""
+        index = self.index
+        assert index is not None
+        index.reconcile(self._listing(stamps=False), self._load_for_index)
+        return index.shapes()
+
+    def _listing(self, stamps: bool = True) -> dict[str, tuple[int, int] | None]:
+        """queue id -> (modification time, size) of every queue file; with stamps=False
+        only the names (no stat(2) per file: a summary counts, it shows no file)."""
+        out: dict[str, tuple[int, int] | None] = {}
         with os.scandir(self.queue) as it:
             for e in it:
-                if e.name.startswith("."):
+                if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+                    continue
+                if not stamps:
+                    out[e.name] = None
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)
                 except OSError:
                     continue  # gone meanwhile
-                if e.is_file(follow_symlinks=False):
-                    out[e.name] = (st.st_mtime_ns, st.st_size)
+                out[e.name] = (st.st_mtime_ns, st.st_size)
         return out
 
     def _load_for_index(self, queue_id: str) -> tuple[Envelope, int, QueueState] | None:
