@@ -73,17 +73,27 @@ class QueueSnapshot:
         return sum(v for k, v in self.counts.items() if k != "corrupt")
 
 
+def _states(spool):
+    """(queue id, journal state) of every queued message."""
+    if getattr(spool, "index", None) is not None:
+        for qid, _env, _size, state in spool.index_entries():
+            yield qid, state
+        return
+    for qid in spool.queue_ids():
+        try:
+            yield qid, spool.read_state(qid)
+        except OSError:
+            continue
+
+
 def queue_snapshot(spool) -> QueueSnapshot:
     """Count spool/queue files by journal state (blocking: run it in a thread).
 
     new: never tried; deferred: tried and waiting; hold: held by the admin.
-    Age comes from the queue id (no file is opened for it)."""
+    Age comes from the queue id (no file is opened for it). A running node's spool keeps
+    an index (kanmon.spool.index): the journals are read from memory, not from state/."""
     snap = QueueSnapshot()
-    for qid in spool.queue_ids():
-        try:
-            state = spool.read_state(qid)
-        except OSError:
-            continue
+    for qid, state in _states(spool):
         if state.hold:
             snap.counts["hold"] += 1
         elif state.attempts or state.last:

@@ -364,6 +364,14 @@ class Spool:
                 continue
             yield SpoolEntry(qid, env, size, state)
 
+    def index_entries(self) -> list[tuple[str, Envelope, int, QueueState]]:
+        """(queue id, envelope, size, state) of every message, from the index brought up to
+        date with the names in queue/ (as index_shapes()). Only for a spool that keeps one."""
+        index = self.index
+        assert index is not None
+        index.reconcile(self._listing(stamps=False), self._load_for_index)
+        return index.snapshot()
+
     def index_shapes(self) -> list[Shape]:
         """What `queue summary` counts of every message, from the index, brought up to date
         with the names in queue/ (the messages other processes stored, those gone); a file

@@ -135,3 +135,16 @@ def test_a_stopped_node_scans_the_files(tmp_path):
     store(spool, random.Random(1), 1)
     assert len(list(spool.scan())) == 1
     spool.close()
+
+
+def test_the_queue_gauges_read_the_index_as_they_read_the_files(pair, monkeypatch):
+    from kanmon.metrics import queue_snapshot
+
+    scan, index, files, node, rng = pair
+    index.act("hold", {"domain": "d1.example"}, source="test")
+    store(files, rng, 200)  # another process's
+    expected = queue_snapshot(files)
+    assert expected.counts["hold"] > 0
+    assert queue_snapshot(node) == expected  # the other process's message read once, into the index
+    monkeypatch.setattr(node, "read_state", lambda qid: pytest.fail(f"read_state({qid})"))
+    assert queue_snapshot(node) == expected  # and then from memory
