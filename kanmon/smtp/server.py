@@ -713,7 +713,7 @@ class SmtpProtocol(asyncio.Protocol):
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
         self._check_task: asyncio.Task[None] | None = None  # running the session's pending checks
-        self._spill: SpillWriter | None = None  # this message's content beyond the DATA buffer
+        self._spill: SpillWriter | _FailedSpill | None = None  # this message's content beyond the DATA buffer
         self._spill_seq = 0
         self._readback_held = False  # one of the server's read-back places (a spilled message in memory)
         self.sid = f"{os.getpid():x}.{next(_session_ids)}"  # joins this session's event lines (kanmon trace)
