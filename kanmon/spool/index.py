@@ -116,23 +116,37 @@ class QueueIndex:
         with self._lock:
             return [i.shape for i in self._entries.values()]
 
+    def reconcile_names(self, names: set[str], load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
+        """reconcile() with the names in spool/queue/ only: the messages other processes
+        stored are read, those gone are dropped (set operations in C, no stamp compared)."""
+        with self._lock:
+            for qid in self._entries.keys() - names:
+                del self._entries[qid]
+            new = names - self._entries.keys()
+        for qid in new:
+            loaded = load(qid)
+            if loaded is not None:
+                with self._lock:
+                    if qid not in self._entries:
+                        env, size, state = loaded
+                        self._entries[qid] = _Item(env, size, state, None, Shape.of(qid, env, state))
+
     def reconcile(self, on_disk: dict[str, tuple[int, int] | None],
                   load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
         """Make the index hold exactly the ids on_disk (a listing of spool/queue/: id ->
-        stamp, or None when the listing did not look at the files): load(queue_id) reads a
-        message another process stored, or one changed underneath us (None: gone, or
-        refused and set aside)."""
+        stamp): load(queue_id) reads a message another process stored, or one changed
+        underneath us (None: gone, or refused and set aside)."""
         with self._lock:
             stamps = {qid: i.stamp for qid, i in self._entries.items()}
             for qid in stamps.keys() - on_disk.keys():
                 self._entries.pop(qid, None)
             for qid, stamp in on_disk.items():
-                if stamp is not None and stamps.get(qid, 0) is None:  # ours: its first listing
+                if stamps.get(qid, 0) is None:  # ours, or found by names only: its first stamp
                     i = self._entries[qid]
                     self._entries[qid] = _Item(i.envelope, i.size, i.state, stamp, i.shape)
         for qid, stamp in on_disk.items():
             known = stamps.get(qid, 0)
-            if known is None or known == stamp or (stamp is None and qid in stamps):
+            if known is None or known == stamp:
                 continue
             loaded = load(qid)  # new (another process's), or changed underneath us
             if loaded is None:

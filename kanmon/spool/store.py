@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ class Spool:
         self._own_committer = committer is None
         self.committer = committer or GroupCommitter(self.root, fsync=fsync)
         self.index: QueueIndex | None = None  # a running node's (keep_index); None: scan() reads the files
+        self._names_seen: int | None = None  # queue/'s mtime when its names were last listed (not racy)
 
     def keep_index(self, entries: list[SpoolEntry]) -> QueueIndex:
         """From now on keep every queued message's envelope and state in memory (the
@@ -367,30 +369,38 @@ class Spool:
     def index_entries(self) -> list[tuple[str, Envelope, int, QueueState]]:
         """(queue id, envelope, size, state) of every message, from the index brought up to
         date with the names in queue/ (as index_shapes()). Only for a spool that keeps one."""
-        index = self.index
-        assert index is not None
-        index.reconcile(self._listing(stamps=False), self._load_for_index)
-        return index.snapshot()
+        self._reconcile_names()
+        assert self.index is not None
+        return self.index.snapshot()
 
     def index_shapes(self) -> list[Shape]:
         """What `queue summary` counts of every message, from the index, brought up to date
         with the names in queue/ (the messages other processes stored, those gone); a file
         changed underneath is read again by the next scan(). Only for a spool that keeps one."""
+        self._reconcile_names()
+        assert self.index is not None
+        return self.index.shapes()
+
+    def _reconcile_names(self) -> None:
+        """Bring the index up to date with the names in queue/, unless queue/ did not change
+        since they were last listed: a name added, renamed in or removed changes the
+        directory's mtime. A listing taken less than 2 s after that mtime is "racy" (a
+        change in the same clock tick would leave it equal) and not trusted next time."""
         index = self.index
         assert index is not None
-        index.reconcile(self._listing(stamps=False), self._load_for_index)
-        return index.shapes()
+        before = os.stat(self.queue).st_mtime_ns
+        if before == self._names_seen:
+            return
+        listed_at = time.time_ns()
+        index.reconcile_names({n for n in os.listdir(self.queue) if not n.startswith(".")}, self._load_for_index)
+        self._names_seen = before if listed_at - before > 2_000_000_000 else None
 
-    def _listing(self, stamps: bool = True) -> dict[str, tuple[int, int] | None]:
-        """queue id -> (modification time, size) of every queue file; with stamps=False
-        only the names (no stat(2) per file: a summary counts, it shows no file)."""
+    def _listing(self) -> dict[str, tuple[int, int] | None]:
+        """queue id -> (modification time, size) of every queue file."""
         out: dict[str, tuple[int, int] | None] = {}
         with os.scandir(self.queue) as it:
             for e in it:
                 if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-                    continue
-                if not stamps:
-                    out[e.name] = None
                     continue
                 try:
                     st = e.stat(follow_symlinks=False)

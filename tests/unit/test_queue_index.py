@@ -148,3 +148,20 @@ def test_the_queue_gauges_read_the_index_as_they_read_the_files(pair, monkeypatc
     assert queue_snapshot(node) == expected  # the other process's message read once, into the index
     monkeypatch.setattr(node, "read_state", lambda qid: pytest.fail(f"read_state({qid})"))
     assert queue_snapshot(node) == expected  # and then from memory
+
+
+def test_summary_lists_queue_only_when_it_changed(pair, monkeypatch):
+    import os
+
+    scan, index, files, node, rng = pair
+    old = os.stat(node.queue).st_mtime_ns - 10 * 10**9
+    os.utime(node.queue, ns=(old, old))  # the last change to queue/ was 10 s ago
+    assert index.summary() == scan.summary()
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p: listed.append(p) or real(p))
+    assert index.summary() == scan.summary()
+    assert listed == []  # queue/ did not change since it was listed: not listed again
+    new = store(files, rng, 300)  # another process: queue/ changes
+    assert index.summary() == scan.summary()
+    assert listed == [node.queue] and new in node.index
