@@ -9,8 +9,10 @@ disk) in a thread of their own (Prober), and writes session events (connect, TLS
 rejects naming the check that refused, disconnect) and history rows to the records.
 
 Trusts: nothing from the client. Reading is paused while a message is being made
-durable and while too much pipelined input is waiting, so one client costs at most one
-message plus MAX_PIPELINE_BUFFER of memory (DESIGN.md promise 6).
+durable, while too much pipelined input is waiting and while a big message's pieces wait
+for its spill file (kanmon.spool.spill), so one client costs at most the session's DATA
+buffer plus MAX_PIPELINE_BUFFER of memory; spilled messages are read back one at a time
+(READBACK_PLACES) for the checks and the queue file (DESIGN.md promise 6).
 Never: answer 250 to DATA before the spool returned (promise 1); turn an unexpected
 exception, or a check that failed or timed out, into anything but its failure reply
 (451 4.3.0 by default) and an event naming it (promise 7); do file I/O on the loop for a

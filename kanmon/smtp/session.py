@@ -13,7 +13,9 @@ is read) until the listener calls check_result().
 
 Trusts: nothing the client sends. Every buffer is bounded: a command line is at most
 512 octets (RFC 5321 4.5.3.1.4) plus the 514 RFC 3461 allows for DSN parameters, and one that runs past 64 KiB closes the connection
-(421); DATA beyond max_message_size is read to its end but not kept. A HELO client (not
+(421); DATA beyond max_message_size is read to its end but not kept; DATA beyond the
+data_buffer (128 KiB) goes out in checked, dot-unstuffed pieces (SpoolData) to the
+listener's spill file and comes back whole (ReadSpooled, spooled_content()). A HELO client (not
 offered PIPELINING) that sends a command before the reply to the previous one is
 disconnected with 554 5.5.0 (RFC 2920; Postfix smtpd_forbid_unauth_pipelining). Only <CRLF>.<CRLF> ends DATA; a bare CR or LF anywhere in a command or in DATA
 rejects it with 550 5.5.2 and nothing of it is queued (SMTP smuggling,
