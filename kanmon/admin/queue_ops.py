@@ -688,6 +688,8 @@ class QueueOps:
                 "filters": job.criteria(), "older_than": job.older_than, "reason": job.reason,
                 "catch_up": job.catch_up, "next_run": CronSchedule.parse(job.schedule).next_after(now),
                 "last_run": asdict(last) if last else None, "last_run_text": describe_run(last),
+                # a scheduled time that passed without a run (the node was down, or is late)
+                "missed": missed(job.schedule, last, log.since.get(name), now),
             })
         return {"jobs": out, "now": now}
 

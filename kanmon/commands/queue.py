@@ -472,7 +472,7 @@ def maintenance_list(config_path, as_json) -> None:
         click.echo(f"{j['index']}. {j['name']}: \"{j['schedule']}\" {j['action']} {j['state']} messages"
                    + (f" {', '.join(what)}" if what else "") + (" (catch_up)" if j["catch_up"] else "")
                    + f"; next run {format_time(j['next_run'])}")
-        click.echo(f"   {j['last_run_text']}")
+        click.echo(f"   {j['last_run_text']}" + (f"; MISSED the run of {format_time(j['missed'])}" if j.get("missed") else ""))
 
 
 @maintenance.command("run")

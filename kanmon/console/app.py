@@ -44,7 +44,7 @@ from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
-from kanmon.units import format_size
+from kanmon.units import format_duration, format_size
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -228,6 +228,8 @@ class ConsoleApp:
             Route("/quarantine", g(self.quarantine_page)),
             Route("/quarantine/{qid}", g(self.quarantine_item)),
             Route("/quarantine/{qid}/{action}", g(self.quarantine_act, "quarantine"), methods=["POST"]),
+            Route("/maintenance", g(self.maintenance_page)),
+            Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/settings", g(self.settings_page)),
             Route("/settings", g(self.settings_post), methods=["POST"]),
             Route("/api/v1/openapi.json", self.openapi),
@@ -240,6 +242,8 @@ class ConsoleApp:
             Route("/api/v1/stats", g(self.api_stats, api=True)),
             Route("/api/v1/alerts", g(self.api_alerts, api=True)),
             Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
+            Route("/api/v1/maintenance", g(self.api_maintenance, api=True)),
+            Route("/api/v1/maintenance/{job}/run", g(self.api_maintenance_run, "queue", api=True), methods=["POST"]),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
             Route("/api/v1/quarantine/{qid}", g(self.api_quarantine_item, api=True)),
             Route("/api/v1/quarantine/{qid}/{action}", g(self.api_quarantine_act, "quarantine", api=True),
@@ -369,6 +373,28 @@ class ConsoleApp:
         self.write_audit(who, f"quarantine {action}", qid, "ok" if done else "; ".join(result.get("errors") or ["not done"]))
         if not done:
             raise Refused(404, "; ".join(result.get("errors") or ["not in the quarantine"]))
+        return result
+
+    async def _maintenance(self) -> dict:
+        """The [[maintenance]] jobs as `kanmon maintenance list --json`: schedule, filter,
+        last run and its result, next run."""
+        return await self.call("maintenance_list", {})
+
+    async def _maintenance_run(self, who: Who, job: str, dry_run: bool) -> dict:
+        """Run a job now, as `kanmon maintenance run JOB` (the run log records it as run
+        `by` this admin); a dry run changes nothing and is not audited."""
+        names = [j["name"] for j in (await self._maintenance())["jobs"]]
+        if job not in names:
+            raise Refused(404, f"no maintenance job {job!r}")
+        try:
+            result = await self.call("maintenance_run", {"job": job, "dry_run": dry_run, "by": f"console {who.account.name}"})
+        except Refused as e:
+            if not dry_run:
+                self.write_audit(who, "maintenance run", job, "failed: " + e.message)
+            raise
+        if not dry_run:
+            self.write_audit(who, "maintenance run", job,
+                             f"{result['action']} matched {result['matched']}, acted on {len(result['acted'])}")
         return result
 
     # -- pages ---------------------------------------------------------------------------------------
@@ -515,6 +541,30 @@ class ConsoleApp:
         await self._quarantine_act(who, qid, action)
         return RedirectResponse("/quarantine?" + urllib.parse.urlencode({"msg": f"{action}: {qid}"}), 303)
 
+    async def maintenance_page(self, request: Request, who: Who) -> Response:
+        listing = await self._maintenance()
+        for j in listing["jobs"]:
+            j["filters_text"] = ", ".join(f"{k} {format_duration(v) if k == 'older_than' else v}"
+                                          for k, v in j["filters"].items() if v is not None)
+        return self.render(request, "maintenance.html", who, jobs=listing["jobs"], msg=request.query_params.get("msg", ""),
+                           error=request.query_params.get("error", ""))
+
+    async def maintenance_run(self, request: Request, who: Who) -> Response:
+        job = request.path_params["job"]
+        form = await request.form()
+        dry_run = form.get("dry_run") == "yes"
+        gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
+        try:
+            r = await self._maintenance_run(who, job, dry_run)
+        except Refused as e:
+            if e.status == 404:
+                raise
+            return RedirectResponse("/maintenance?" + urllib.parse.urlencode(
+                {"error": f"{job}: {gettext('failed')}: {e.message}"}), 303)
+        head = gettext("Dry run") if dry_run else gettext("Ran")
+        text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
+        return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
+
     async def settings_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "settings.html", who, languages=i18n.LANGUAGES, roles=ROLES)
 
@@ -577,6 +627,16 @@ class ConsoleApp:
     async def api_alerts_test(self, request: Request, who: Who) -> Response:
         body = await _json_body(request)
         return JSONResponse(await self._alert_test(who, str(body.get("category") or "")))
+
+    async def api_maintenance(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._maintenance())
+
+    async def api_maintenance_run(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)  # optional: {"dry_run": true}
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise Refused(400, "dry_run is true or false")
+        return JSONResponse(await self._maintenance_run(who, request.path_params["job"], dry_run))
 
     async def api_quarantine(self, request: Request, who: Who) -> Response:
         p = request.query_params

@@ -14,6 +14,8 @@ from kanmon.config import ALERT_CATEGORIES
 
 _QID = {"name": "qid", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9A-Za-z]{10,20}$"},
         "description": "a queue id"}
+_JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "a [[maintenance]] job's name"}
 _ERROR = {"description": "refused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _OBJ = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
 _LIST = {"description": "ok", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}
@@ -75,6 +77,11 @@ def openapi_document() -> dict:
         "/api/v1/alerts/test": {"post": _op("send a test alert of a category; its queue id", write=True, body={
             "type": "object", "required": ["category"],
             "properties": {"category": {"type": "string", "enum": list(ALERT_CATEGORIES)}}})},
+        "/api/v1/maintenance": {"get": _op("the [[maintenance]] jobs with last run, result and next run, as "
+                                           "`kanmon maintenance list --json`")},
+        "/api/v1/maintenance/{job}/run": {"post": _op(
+            "run a [[maintenance]] job now, as `kanmon maintenance run JOB`", [_JOB], write=True, body={
+                "type": "object", "properties": {"dry_run": {"type": "boolean", "description": "change nothing"}}})},
         "/api/v1/quarantine": {"get": _op("the quarantine", [_q(k, k) for k in ("kind", "from", "to", "reason", "older_than")])},
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }

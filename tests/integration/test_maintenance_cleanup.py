@@ -153,8 +153,12 @@ def test_a_failed_run_alerts_is_kept_and_a_missed_run_is_made_up_at_start(tmp_pa
         wait_for(lambda: any(e.startswith(": maintenance morning: delete matched 3, acted on 3: ")
                              and all(q in e for q in more) for e in s.events()), 10, "the catch-up run's result")
         assert set(s.ids()) == real
-        assert "(catch-up)" in s.cli("maintenance", "list").output
+        listing = s.cli("maintenance", "list").output
+        assert "(catch-up)" in listing
         assert not any("maintenance stale: catch-up" in e for e in s.events())  # catch_up is per job, off by default
+        # ...so stale's 05:00 runs passed while the node was down: the listing says so.
+        stale_line = listing[listing.index("stale:"):]
+        assert "MISSED the run of" in stale_line and "MISSED" not in listing[:listing.index("stale:")]
         s.stop()
         s.clock.advance(3600)  # 09:30: nothing was missed since the catch-up run
         start(s)

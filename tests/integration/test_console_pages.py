@@ -1,0 +1,119 @@
+"""The console's operations pages against a real node: Maintenance (the [[maintenance]]
+jobs with last run, result, next run and a missed run shown; run now and dry run from the
+page and the API, with roles and audit lines)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from kanmon.admin.accounts import AdminAccounts
+from kanmon.admin.maintenance import FILE, encode
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.records.query import search_events
+from tests.integration.test_console import NODE, api_client, csrf_of, login, send_deferred
+from tests.support.kanmon_node import RunningNode, free_port
+
+JOBS = """
+[[maintenance]]
+name = "down-cleanup"
+schedule = "0 5 * * *"
+action = "delete"
+domain = "down.example"
+
+[[maintenance]]
+name = "stale"
+schedule = "0 4 * * *"
+action = "delete"
+older_than = "30d"
+"""
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    port, console_port = free_port(), free_port()
+    config = parse_config(NODE.format(data_dir=tmp_path / "data", port=port, console=console_port, tls="") + JOBS)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    now = time.time()
+    # "stale" has been on the schedule for two days and never ran: it missed a run.
+    (data / FILE).write_bytes(encode({}, {"stale": now - 2 * 86400}))
+    accounts = AdminAccounts(data)
+    accounts.add("alice", "admin", "alice-pw")
+    accounts.add("otto", "operator", "otto-pw")
+    accounts.add("audrey", "auditor", "audrey-pw")
+    with RunningNode(config, clock=ManualClock(now)) as running:
+        running.console_url = f"http://127.0.0.1:{console_port}"
+        running.clients = []
+        try:
+            yield running
+        finally:
+            for client in running.clients:
+                client.close()
+
+
+def row(page: str, index: int) -> str:
+    start = page.index(f'id="job-{index}"')
+    return page[start:page.index("</tr>", start)]
+
+
+def test_maintenance_page_shows_the_jobs_and_a_missed_run_in_red(node) -> None:
+    c = login(node, "audrey", "audrey-pw")
+    page = c.get("/maintenance").text
+    cleanup, stale = row(page, 1), row(page, 2)
+    assert "down-cleanup" in cleanup and "0 5 * * *" in cleanup and "never run" in cleanup
+    assert 'class=""' in cleanup  # never ran, but it has missed nothing yet
+    assert 'class="bad"' in stale and "missed the run of" in stale and "older_than 30d" in stale
+    assert 'class="act-' not in page  # an auditor sees no run button
+    ja = c.get("/maintenance", headers={"Accept-Language": "ja"}).text
+    assert "今すぐ実行" not in ja and "実行されなかった予定" in ja
+    listing = c.get("/api/v1/maintenance").json()
+    assert [j["name"] for j in listing["jobs"]] == ["down-cleanup", "stale"]
+    assert listing["jobs"][0]["missed"] is None and listing["jobs"][1]["missed"] is not None
+    assert listing == node.node.admin.ops.maintenance_list() | {"now": listing["now"]}
+    token = csrf_of(c, "/maintenance")
+    assert c.post("/maintenance/down-cleanup/run", data={"csrf": token}).status_code == 403
+    assert c.post("/api/v1/maintenance/down-cleanup/run", headers={"X-CSRF-Token": token}).status_code == 403
+    assert node.node.admin.ops.run_log().last("down-cleanup") is None
+
+
+def test_run_now_and_dry_run_from_the_page_with_the_audit_line(node) -> None:
+    qid = send_deferred(node)
+    c = login(node, "otto", "otto-pw")
+    page = c.get("/maintenance").text
+    assert 'class="act-run"' in page and 'class="act-dry-run"' in page
+    token = csrf_of(c, "/maintenance")
+    assert c.post("/maintenance/down-cleanup/run", data={}).status_code == 403  # no CSRF token
+    r = c.post("/maintenance/down-cleanup/run", data={"csrf": token, "dry_run": "yes"})
+    assert r.status_code == 303
+    assert "Dry run down-cleanup: delete matched 1, acted on 0" in c.get(r.headers["location"]).text
+    assert node.node.admin.ops.list({})["count"] == 1 and node.node.admin.ops.run_log().last("down-cleanup") is None
+    r = c.post("/maintenance/down-cleanup/run", data={"csrf": token})
+    assert r.status_code == 303
+    assert node.node.admin.ops.list({})["count"] == 0
+    after = row(c.get("/maintenance").text, 1)
+    assert "matched 1, acted on 1" in after and "console otto" in after and 'class=""' in after
+    assert c.post("/maintenance/nope/run", data={"csrf": token}).status_code == 404
+    node.flush()
+    lines = [e.text for e in search_events(node.data_dir, grep="audit:")]
+    assert any("audit: otto (operator) from 127.0.0.1 via console: maintenance run down-cleanup -> "
+               "delete matched 1, acted on 1" in t for t in lines), lines
+    assert not any("maintenance run" in t and "acted on 0" in t for t in lines)  # a dry run is no write
+    assert any(f"delete 1 message(s)" in t and qid in t for t in
+               [e.text for e in search_events(node.data_dir, grep=qid)]), "the queue's own admin line"
+
+
+def test_run_now_through_the_api_with_a_token(node) -> None:
+    send_deferred(node)
+    api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(node.data_dir).new_token('alice')}"})
+    dry = api.post("/api/v1/maintenance/down-cleanup/run", json={"dry_run": True}).json()
+    assert dry["matched"] == 1 and dry["acted"] == [] and dry["job"] == "down-cleanup"
+    assert api.post("/api/v1/maintenance/down-cleanup/run", json={"dry_run": "yes"}).status_code == 400
+    assert api.post("/api/v1/maintenance/nope/run").status_code == 404
+    done = api.post("/api/v1/maintenance/down-cleanup/run").json()
+    assert done["matched"] == 1 and len(done["acted"]) == 1
+    last = api.get("/api/v1/maintenance").json()["jobs"][0]["last_run"]
+    assert last["by"] == "console alice" and last["acted"] == 1 and last["error"] == ""
