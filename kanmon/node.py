@@ -535,6 +535,7 @@ class Node:
                 coro = self.admin.run_quarantine()
             elif self.config.dnscheck.every:  # dnscheck
                 monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
+                self.dns_monitor = monitor  # the console shows its last round
                 coro = monitor.run()
             else:
                 continue

@@ -230,6 +230,7 @@ class ConsoleApp:
             Route("/quarantine/{qid}/{action}", g(self.quarantine_act, "quarantine"), methods=["POST"]),
             Route("/maintenance", g(self.maintenance_page)),
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
+            Route("/dns", g(self.dns_page)),
             Route("/settings", g(self.settings_page)),
             Route("/settings", g(self.settings_post), methods=["POST"]),
             Route("/api/v1/openapi.json", self.openapi),
@@ -244,6 +245,8 @@ class ConsoleApp:
             Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
             Route("/api/v1/maintenance", g(self.api_maintenance, api=True)),
             Route("/api/v1/maintenance/{job}/run", g(self.api_maintenance_run, "queue", api=True), methods=["POST"]),
+            Route("/api/v1/dns", g(self.api_dns, api=True)),
+            Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
             Route("/api/v1/quarantine/{qid}", g(self.api_quarantine_item, api=True)),
             Route("/api/v1/quarantine/{qid}/{action}", g(self.api_quarantine_act, "quarantine", api=True),
@@ -396,6 +399,34 @@ class ConsoleApp:
             self.write_audit(who, "maintenance run", job,
                              f"{result['action']} matched {result['matched']}, acted on {len(result['acted'])}")
         return result
+
+    async def _dns_check(self) -> list[dict]:
+        """`kanmon dns check --json` for our domains ([dnscheck] domains, else every
+        [[domain]]), with the config's [dns] servers, in a thread (DNS lookups block)."""
+        from kanmon.dnscheck.checks import check_domain  # noqa: PLC0415
+        from kanmon.dnscheck.report import report_dict  # noqa: PLC0415
+        from kanmon.dnscheck.sources import SourceError  # noqa: PLC0415
+        from kanmon.dnscheck.targets import TargetError, make_source, make_targets  # noqa: PLC0415
+
+        def run() -> list[dict]:
+            source = make_source(self.config)
+            return [report_dict(check_domain(source, t)) for t in make_targets(self.config)]
+
+        try:
+            return await asyncio.to_thread(run)
+        except (SourceError, TargetError) as e:
+            raise Refused(400, f"cannot run the DNS check: {e}") from None
+
+    async def _dns_last(self) -> dict:
+        """The periodic check's last round ([dnscheck] every) and its event lines of 30 days."""
+        from kanmon.dnscheck.report import report_dict  # noqa: PLC0415
+
+        monitor = getattr(self.node, "dns_monitor", None)
+        history = await self._events("dnscheck:", time.time() - 30 * 86400, 200)
+        return {"every": self.config.dnscheck.every or None,
+                "last_run": monitor.last_run if monitor is not None else None,
+                "reports": [report_dict(r) for r in monitor.last_reports] if monitor is not None else [],
+                "history": history}
 
     # -- pages ---------------------------------------------------------------------------------------
 
@@ -565,6 +596,20 @@ class ConsoleApp:
         text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
         return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
 
+    async def dns_page(self, request: Request, who: Who) -> Response:
+        """The last periodic round, or (?run=1) a check made now; a check changes nothing,
+        so every role may run it."""
+        last = await self._dns_last()
+        error, ran = "", request.query_params.get("run") == "1"
+        reports = last["reports"]
+        if ran:
+            try:
+                reports = await self._dns_check()
+            except Refused as e:
+                error, reports = e.message, []
+        return self.render(request, "dns.html", who, reports=reports, ran=ran, error=error, last=last,
+                           checked_at=time.time() if ran else last["last_run"])
+
     async def settings_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "settings.html", who, languages=i18n.LANGUAGES, roles=ROLES)
 
@@ -637,6 +682,12 @@ class ConsoleApp:
         if not isinstance(dry_run, bool):
             raise Refused(400, "dry_run is true or false")
         return JSONResponse(await self._maintenance_run(who, request.path_params["job"], dry_run))
+
+    async def api_dns(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._dns_last())
+
+    async def api_dns_check(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._dns_check())
 
     async def api_quarantine(self, request: Request, who: Who) -> Response:
         p = request.query_params

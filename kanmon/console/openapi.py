@@ -82,6 +82,10 @@ def openapi_document() -> dict:
         "/api/v1/maintenance/{job}/run": {"post": _op(
             "run a [[maintenance]] job now, as `kanmon maintenance run JOB`", [_JOB], write=True, body={
                 "type": "object", "properties": {"dry_run": {"type": "boolean", "description": "change nothing"}}})},
+        "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "
+                                   "--json` reports, and its event lines of 30 days")},
+        "/api/v1/dns/check": {"get": _op("check our domains' DNS now; the reports of `kanmon dns check --json`",
+                                         response=_LIST)},
         "/api/v1/quarantine": {"get": _op("the quarantine", [_q(k, k) for k in ("kind", "from", "to", "reason", "older_than")])},
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }

@@ -1,6 +1,7 @@
 """The console's operations pages against a real node: Maintenance (the [[maintenance]]
 jobs with last run, result, next run and a missed run shown; run now and dry run from the
-page and the API, with roles and audit lines)."""
+page and the API, with roles and audit lines) and DNS health (the periodic check's last
+round and history, a check made now, against a dnslib server on loopback)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from kanmon.admin.accounts import AdminAccounts
 from kanmon.admin.maintenance import FILE, encode
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
+from kanmon.dnscheck.checks import check_domain
+from kanmon.dnscheck.report import report_dict
+from kanmon.dnscheck.targets import make_source, make_targets
 from kanmon.records.query import search_events
 from tests.integration.test_console import NODE, api_client, csrf_of, login, send_deferred
-from tests.support.kanmon_node import RunningNode, free_port
+from tests.support.dnsserver import DnsServer
+from tests.support.kanmon_node import RunningNode, free_port, wait_for
 
 JOBS = """
 [[maintenance]]
@@ -117,3 +122,48 @@ def test_run_now_through_the_api_with_a_token(node) -> None:
     assert done["matched"] == 1 and len(done["acted"]) == 1
     last = api.get("/api/v1/maintenance").json()["jobs"][0]["last_run"]
     assert last["by"] == "console alice" and last["acted"] == 1 and last["error"] == ""
+
+
+DNS_RECORDS = {
+    "example.test": ["MX 10 mx1.example.test.", 'TXT "v=spf1 ip4:192.0.2.1 <script>x</script> -all"'],
+    "_dmarc.example.test": ['TXT "v=DMARC1; p=reject"'],
+    "mx1.example.test": ["A 192.0.2.1"],
+}  # no PTR for 192.0.2.1
+
+
+def test_dns_health_shows_the_periodic_round_and_checks_now(tmp_path: Path) -> None:
+    with DnsServer(records=DNS_RECORDS) as dns:
+        port, console_port = free_port(), free_port()
+        text = NODE.format(data_dir=tmp_path / "data", port=port, console=console_port, tls="")
+        text += f'[dns]\nservers = ["{dns.address}"]\ntimeout = "1s"\n' \
+                '[dnscheck]\nevery = "6h"\nips = ["192.0.2.1"]\ndomains = ["example.test"]\n'
+        config = parse_config(text)
+        (tmp_path / "data").mkdir(mode=0o700)
+        AdminAccounts(tmp_path / "data").add("audrey", "auditor", "audrey-pw")
+        with RunningNode(config, clock=ManualClock(time.time())) as running:
+            running.console_url = f"http://127.0.0.1:{console_port}"
+            running.clients = []
+            wait_for(lambda: getattr(running.node, "dns_monitor", None) is not None
+                     and running.node.dns_monitor.last_run is not None, 30, "the periodic DNS check")
+            running.flush()
+            c = login(running, "audrey", "audrey-pw")  # an auditor may look and check
+            page = c.get("/dns").text
+            assert "Last periodic check" in page and 'id="dns-example.test"' in page
+            assert '<span class="severity-error">error</span>' in page  # the PTR is missing
+            assert "got worse (ok -&gt; error)" in page  # the history line
+            assert "<script>x" not in page and "&lt;script&gt;x" in page  # DNS data is escaped
+            last = c.get("/api/v1/dns").json()
+            assert [r["domain"] for r in last["reports"]] == ["example.test"] and last["every"] == 6 * 3600
+            ptr = [f for f in last["reports"][0]["findings"] if f["check"] == "ptr"]
+            assert ptr and ptr[0]["severity"] == "error" and ptr[0]["consequence"]
+
+            dns.add_records(records={"1.2.0.192.in-addr.arpa": ["PTR mx1.example.test."]})
+            asked = len(dns.queries)
+            now = c.get("/api/v1/dns/check").json()
+            assert len(dns.queries) > asked  # asked our loopback server, nobody else
+            assert now == [report_dict(check_domain(make_source(config), t)) for t in make_targets(config)]
+            assert {f["severity"] for f in now[0]["findings"] if f["check"] in ("ptr", "fcrdns")} == {"ok"}
+            page = c.get("/dns", params={"run": "1"}, headers={"Accept-Language": "ja"}).text
+            assert "今回の検査" in page and "意味と影響" in page and 'id="dns-example.test"' in page
+            for client in running.clients:
+                client.close()
