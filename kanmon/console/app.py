@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 from kanmon.admin.accounts import ROLES, Account, AccountError, AdminAccounts, audit
 from kanmon.admin.filters import STATES, Filters
 from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
-from kanmon.console import charts, i18n
+from kanmon.console import charts, configedit, i18n
 from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
 from kanmon.escape import for_log
@@ -231,6 +231,10 @@ class ConsoleApp:
             Route("/maintenance", g(self.maintenance_page)),
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/dns", g(self.dns_page)),
+            Route("/config", g(self.config_page, "config")),
+            Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
+            Route("/config/apply", g(self.config_apply_page, "config"), methods=["POST"]),
+            Route("/config/history/{name}", g(self.config_version_page, "config")),
             Route("/settings", g(self.settings_page)),
             Route("/settings", g(self.settings_post), methods=["POST"]),
             Route("/api/v1/openapi.json", self.openapi),
@@ -245,6 +249,10 @@ class ConsoleApp:
             Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
             Route("/api/v1/maintenance", g(self.api_maintenance, api=True)),
             Route("/api/v1/maintenance/{job}/run", g(self.api_maintenance_run, "queue", api=True), methods=["POST"]),
+            Route("/api/v1/config", g(self.api_config, "config", api=True)),
+            Route("/api/v1/config/check", g(self.api_config_check, "config", api=True), methods=["POST"]),
+            Route("/api/v1/config/apply", g(self.api_config_apply, "config", api=True), methods=["POST"]),
+            Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
@@ -428,6 +436,61 @@ class ConsoleApp:
                 "reports": [report_dict(r) for r in monitor.last_reports] if monitor is not None else [],
                 "history": history}
 
+    def _config_path(self) -> Path:
+        if not self.node.config_source:
+            raise Refused(400, "the node runs on the embedded default configuration: there is no file to edit "
+                               "(start it with -c FILE)")
+        return Path(self.node.config_source)
+
+    async def _config(self) -> dict:
+        """The config file, how it differs from the running config, the kept versions."""
+        path = self._config_path()
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise Refused(400, f"cannot read {path}: {e}") from None
+        running = self.node.config_text or ""
+        return {"path": str(path), "text": text, "digest": configedit.digest(text),
+                "running_differs": text != running,
+                "diff": configedit.diff(running, text, "running", str(path)),
+                "history": await asyncio.to_thread(configedit.history, self.data_dir)}
+
+    async def _config_check(self, text: str) -> dict:
+        """`kanmon config check` of a text, and its diff against the running config."""
+        ours = set(getattr(getattr(self.node, "listen", None), "held", ()) or ())
+        result = await asyncio.to_thread(configedit.check_text, text, ours)
+        result["diff"] = configedit.diff(self.node.config_text or "", text, "running", "edited")
+        return result
+
+    async def _config_apply(self, who: Who, text: str, base: str | None) -> dict:
+        """Check, write the file whole, reload as `kanmon reload` does, keep the version.
+        A reload the node refuses puts the previous file back (the old config serves on)."""
+        path = self._config_path()
+        checked = await self._config_check(text)
+        if not checked["usable"]:
+            self.write_audit(who, "config apply", str(path), "refused by config check")
+            raise Refused(400, "config check found errors: " + "; ".join(
+                f"{f['key']}: {f['text']}" for f in checked["findings"] if f["severity"] == "error"))
+        previous = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        if base is not None and base != configedit.digest(previous):
+            raise Refused(409, f"{path} changed since you opened it: reload the page")
+        try:
+            await asyncio.to_thread(configedit.write_whole, path, text)
+        except OSError as e:
+            self.write_audit(who, "config apply", str(path), f"cannot write: {e.strerror or e}")
+            raise Refused(400, f"cannot write {path}: {e.strerror or e}") from None
+        reply = await self.node.admin.handle({"op": "reload"})
+        if not reply.get("ok"):
+            await asyncio.to_thread(configedit.write_whole, path, previous)
+            self.write_audit(who, "config apply", str(path), f"reload refused: {reply.get('error')}")
+            raise Refused(400, f"the reload was refused, the previous file is back: {reply.get('error')}")
+        if not await asyncio.to_thread(configedit.history, self.data_dir):
+            await asyncio.to_thread(configedit.save_version, self.data_dir, previous, "before-console")
+        version = await asyncio.to_thread(configedit.save_version, self.data_dir, text, who.account.name)
+        changed = reply["result"].get("changed") or []
+        self.write_audit(who, "config apply", str(path), "reloaded: " + (", ".join(changed) or "nothing changed"))
+        return {"applied": True, "version": version, "changed": changed, "findings": checked["findings"]}
+
     # -- pages ---------------------------------------------------------------------------------------
 
     async def dashboard(self, request: Request, who: Who) -> Response:
@@ -610,6 +673,44 @@ class ConsoleApp:
         return self.render(request, "dns.html", who, reports=reports, ran=ran, error=error, last=last,
                            checked_at=time.time() if ran else last["last_run"])
 
+    async def config_page(self, request: Request, who: Who) -> Response:
+        cfg = await self._config()
+        return self.render(request, "config.html", who, cfg=cfg, text=cfg["text"], base=cfg["digest"], checked=None,
+                           msg=request.query_params.get("msg", ""), error="")
+
+    async def config_check_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        text = str(form.get("text") or "").replace("\r\n", "\n")
+        cfg = await self._config()
+        checked = await self._config_check(text)
+        return self.render(request, "config.html", who, cfg=cfg, text=text, base=str(form.get("base") or ""),
+                           checked=checked, error="")
+
+    async def config_apply_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        text = str(form.get("text") or "").replace("\r\n", "\n")
+        base = str(form.get("base") or "") or None
+        try:
+            result = await self._config_apply(who, text, base)
+        except Refused as e:
+            if e.status not in (400, 409):
+                raise
+            cfg = await self._config()
+            return self.render(request, "config.html", who, e.status, cfg=cfg, text=text, base=base or "",
+                               checked=await self._config_check(text), error=e.message)
+        gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
+        msg = f"{gettext('Applied and reloaded')}: {', '.join(result['changed']) or gettext('nothing changed')}"
+        return RedirectResponse("/config?" + urllib.parse.urlencode({"msg": msg}), 303)
+
+    async def config_version_page(self, request: Request, who: Who) -> Response:
+        name = request.path_params["name"]
+        try:
+            text = await asyncio.to_thread(configedit.read_version, self.data_dir, name)
+        except LookupError as e:
+            raise Refused(404, str(e)) from None
+        return self.render(request, "config_version.html", who, version=name, text=text,
+                           diff=configedit.diff(self.node.config_text or "", text, "running", name))
+
     async def settings_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "settings.html", who, languages=i18n.LANGUAGES, roles=ROLES)
 
@@ -682,6 +783,29 @@ class ConsoleApp:
         if not isinstance(dry_run, bool):
             raise Refused(400, "dry_run is true or false")
         return JSONResponse(await self._maintenance_run(who, request.path_params["job"], dry_run))
+
+    async def api_config(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._config())
+
+    async def api_config_check(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request, configedit.MAX_TEXT + MAX_JSON)
+        if not isinstance(body.get("text"), str):
+            raise Refused(400, "text is the configuration (TOML) as a string")
+        return JSONResponse(await self._config_check(body["text"]))
+
+    async def api_config_apply(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request, configedit.MAX_TEXT + MAX_JSON)
+        if not isinstance(body.get("text"), str) or not isinstance(body.get("base", ""), str):
+            raise Refused(400, "text is the configuration (TOML) as a string; base the digest it was edited from")
+        return JSONResponse(await self._config_apply(who, body["text"], body.get("base") or None))
+
+    async def api_config_version(self, request: Request, who: Who) -> Response:
+        name = request.path_params["name"]
+        try:
+            text = await asyncio.to_thread(configedit.read_version, self.data_dir, name)
+        except LookupError as e:
+            raise Refused(404, str(e)) from None
+        return JSONResponse({"name": name, "text": text})
 
     async def api_dns(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._dns_last())
@@ -769,9 +893,9 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-async def _json_body(request: Request) -> dict:
+async def _json_body(request: Request, limit: int = MAX_JSON) -> dict:
     raw = await request.body()
-    if len(raw) > MAX_JSON:
+    if len(raw) > limit:
         raise Refused(413, "the body is too large")
     try:
         body = json.loads(raw or b"{}")

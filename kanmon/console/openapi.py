@@ -16,6 +16,9 @@ _QID = {"name": "qid", "in": "path", "required": True, "schema": {"type": "strin
         "description": "a queue id"}
 _JOB = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"},
         "description": "a [[maintenance]] job's name"}
+_CONFIG_TEXT = {"type": "object", "required": ["text"], "properties": {
+    "text": {"type": "string", "description": "the whole configuration (TOML)"},
+    "base": {"type": "string", "description": "the digest of the file the text was edited from (GET /api/v1/config)"}}}
 _ERROR = {"description": "refused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _OBJ = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
 _LIST = {"description": "ok", "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}}
@@ -82,6 +85,16 @@ def openapi_document() -> dict:
         "/api/v1/maintenance/{job}/run": {"post": _op(
             "run a [[maintenance]] job now, as `kanmon maintenance run JOB`", [_JOB], write=True, body={
                 "type": "object", "properties": {"dry_run": {"type": "boolean", "description": "change nothing"}}})},
+        "/api/v1/config": {"get": _op("admin only: the config file, its digest, its diff against the running "
+                                      "config, the applied versions")},
+        "/api/v1/config/check": {"post": _op("admin only: `kanmon config check` of a text, and its diff against the "
+                                             "running config (changes nothing)", write=True, body=_CONFIG_TEXT)},
+        "/api/v1/config/apply": {"post": _op(
+            "admin only: check the text, write the config file, reload as `kanmon reload` does, keep the version; "
+            "409 when the file changed since `base`", write=True, body=_CONFIG_TEXT)},
+        "/api/v1/config/history/{name}": {"get": _op("admin only: an applied version's text", [
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "a version name from GET /api/v1/config"}])},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "
                                    "--json` reports, and its event lines of 30 days")},
         "/api/v1/dns/check": {"get": _op("check our domains' DNS now; the reports of `kanmon dns check --json`",

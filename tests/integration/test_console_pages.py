@@ -167,3 +167,100 @@ def test_dns_health_shows_the_periodic_round_and_checks_now(tmp_path: Path) -> N
             assert "今回の検査" in page and "意味と影響" in page and 'id="dns-example.test"' in page
             for client in running.clients:
                 client.close()
+
+
+@pytest.fixture
+def config_node(tmp_path: Path):
+    port, console_port = free_port(), free_port()
+    text = NODE.format(data_dir=tmp_path / "data", port=port, console=console_port, tls="")
+    path = tmp_path / "kanmon.toml"
+    path.write_text(text)
+    (tmp_path / "data").mkdir(mode=0o700)
+    accounts = AdminAccounts(tmp_path / "data")
+    accounts.add("alice", "admin", "alice-pw")
+    accounts.add("otto", "operator", "otto-pw")
+    accounts.add("audrey", "auditor", "audrey-pw")
+    with RunningNode(parse_config(text), clock=ManualClock(time.time())) as running:
+        running.node.config_source, running.node.config_text = str(path), text  # as `kanmon serve -c FILE`
+        running.console_url = f"http://127.0.0.1:{console_port}"
+        running.clients = []
+        running.config_path = path
+        try:
+            yield running
+        finally:
+            for client in running.clients:
+                client.close()
+
+
+def form_value(page: str, name: str) -> str:
+    import re
+
+    return re.search(rf'name="{name}" value="([^"]*)"', page).group(1)
+
+
+def test_config_page_is_for_admins_only(config_node) -> None:
+    for name in ("otto", "audrey"):
+        c = login(config_node, name, f"{name}-pw")
+        assert 'href="/config"' not in c.get("/").text
+        assert c.get("/config").status_code == 403
+        assert c.get("/api/v1/config").status_code == 403
+        token = csrf_of(c)
+        r = c.post("/config/apply", data={"csrf": token, "text": "x"})
+        assert r.status_code == 403
+        assert c.post("/api/v1/config/check", json={"text": ""}, headers={"X-CSRF-Token": token}).status_code == 403
+    assert config_node.config_path.read_text() == config_node.node.config_text
+
+
+def test_config_check_diff_apply_and_history(config_node) -> None:
+    path = config_node.config_path
+    original = path.read_text()
+    c = login(config_node, "alice", "alice-pw")
+    page = c.get("/config").text
+    assert str(path) in page and 'retry = &#34;5m..1h&#34;' in page and 'id="differs"' not in page
+    token, base = form_value(page, "csrf"), form_value(page, "base")
+    # A bad value: the check says so, no apply button, the file stays.
+    bad = original.replace('retry = "5m..1h"', 'retry = "soon"')
+    r = c.post("/config/check", data={"csrf": token, "base": base, "text": bad})
+    assert r.status_code == 200 and "queue.retry" in r.text and 'class="act-apply"' not in r.text
+    r = c.post("/config/apply", data={"csrf": token, "base": base, "text": bad})
+    assert r.status_code == 400 and path.read_text() == original
+    # A good change: the diff against the running config, then apply = reload.
+    good = original.replace('retry = "5m..1h"', 'retry = "10m..2h"')
+    r = c.post("/config/check", data={"csrf": token, "base": base, "text": good})
+    assert 'class="act-apply"' in r.text
+    assert '-retry = &#34;5m..1h&#34;' in r.text and '+retry = &#34;10m..2h&#34;' in r.text
+    r = c.post("/config/apply", data={"csrf": token, "base": base, "text": good})
+    assert r.status_code == 303, r.text
+    assert path.read_text() == good and config_node.node.config_text == good
+    assert config_node.node.config.queue.retry != parse_config(original).queue.retry
+    after = c.get(r.headers["location"]).text
+    assert "Applied and reloaded" in after and 'id="differs"' not in after
+    history = c.get("/api/v1/config").json()["history"]
+    assert [v["by"] for v in history] == ["alice", "before-console"]
+    assert c.get(f"/api/v1/config/history/{history[1]['name']}").json()["text"] == original
+    assert "10m..2h" in c.get(f"/config/history/{history[0]['name']}").text
+    assert c.get("/config/history/..%2Fsecret").status_code == 404
+    versions = config_node.data_dir / "console" / "config-history"
+    assert oct(versions.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in versions.iterdir())
+    # An editor opened before that change cannot overwrite it.
+    r = c.post("/config/apply", data={"csrf": token, "base": base, "text": original})
+    assert r.status_code == 409 and path.read_text() == good
+    config_node.flush()
+    lines = [e.text for e in search_events(config_node.data_dir, grep="audit:")]
+    assert any(f"alice (admin) from 127.0.0.1 via console: config apply {path} -> reloaded: " in t for t in lines), lines
+    assert any("config apply" in t and "refused by config check" in t for t in lines)
+
+
+def test_a_reload_the_node_refuses_puts_the_file_back(config_node, tmp_path: Path) -> None:
+    path = config_node.config_path
+    original = path.read_text()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    moved = original.replace(str(tmp_path / "data"), str(tmp_path / "elsewhere"))
+    api = api_client(config_node, headers={"Authorization": f"Bearer {AdminAccounts(config_node.data_dir).new_token('alice')}"})
+    assert api.post("/api/v1/config/check", json={"text": moved}).json()["usable"] is True
+    r = api.post("/api/v1/config/apply", json={"text": moved})
+    assert r.status_code == 400 and "data_dir changed" in r.json()["error"]
+    assert path.read_text() == original and config_node.node.config_text == original
+    assert api.get("/api/v1/config").json()["history"] == []
+    assert api.post("/api/v1/config/apply", json={"text": 5}).status_code == 400
