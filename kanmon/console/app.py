@@ -231,6 +231,7 @@ class ConsoleApp:
             Route("/maintenance", g(self.maintenance_page)),
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/dns", g(self.dns_page)),
+            Route("/balancer", g(self.balancer_page)),
             Route("/config", g(self.config_page, "config")),
             Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
             Route("/config/apply", g(self.config_apply_page, "config"), methods=["POST"]),
@@ -253,6 +254,7 @@ class ConsoleApp:
             Route("/api/v1/config/check", g(self.api_config_check, "config", api=True), methods=["POST"]),
             Route("/api/v1/config/apply", g(self.api_config_apply, "config", api=True), methods=["POST"]),
             Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
+            Route("/api/v1/balancer", g(self.api_balancer, api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
@@ -491,6 +493,16 @@ class ConsoleApp:
         self.write_audit(who, "config apply", str(path), "reloaded: " + (", ".join(changed) or "nothing changed"))
         return {"applied": True, "version": version, "changed": changed, "findings": checked["findings"]}
 
+    async def _balancer(self) -> dict:
+        """The balancer's status document (the one `kanmon balance status --json` reads
+        from its file, taken live) and its event lines of 30 days (failover, failback,
+        a real server down or up)."""
+        balancer = getattr(self.node, "balancer", None)
+        if balancer is None:
+            return {"status": None, "problem": "no [balancer] is configured on this node", "history": []}
+        history = await self._events("balancer ", time.time() - 30 * 86400, 200)
+        return {"status": balancer.status(), "problem": None, "history": history}
+
     # -- pages ---------------------------------------------------------------------------------------
 
     async def dashboard(self, request: Request, who: Who) -> Response:
@@ -659,6 +671,9 @@ class ConsoleApp:
         text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
         return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
 
+    async def balancer_page(self, request: Request, who: Who) -> Response:
+        return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time())
+
     async def dns_page(self, request: Request, who: Who) -> Response:
         """The last periodic round, or (?run=1) a check made now; a check changes nothing,
         so every role may run it."""
@@ -806,6 +821,9 @@ class ConsoleApp:
         except LookupError as e:
             raise Refused(404, str(e)) from None
         return JSONResponse({"name": name, "text": text})
+
+    async def api_balancer(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._balancer())
 
     async def api_dns(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._dns_last())

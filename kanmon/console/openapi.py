@@ -95,6 +95,9 @@ def openapi_document() -> dict:
         "/api/v1/config/history/{name}": {"get": _op("admin only: an applied version's text", [
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "a version name from GET /api/v1/config"}])},
+        "/api/v1/balancer": {"get": _op("the balancer: `{status, problem, history}`; status is the document of "
+                                        "`kanmon balance status --json` (virtual and real servers, health, the "
+                                        "serving tier), history its event lines of 30 days")},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "
                                    "--json` reports, and its event lines of 30 days")},
         "/api/v1/dns/check": {"get": _op("check our domains' DNS now; the reports of `kanmon dns check --json`",

@@ -264,3 +264,54 @@ def test_a_reload_the_node_refuses_puts_the_file_back(config_node, tmp_path: Pat
     assert path.read_text() == original and config_node.node.config_text == original
     assert api.get("/api/v1/config").json()["history"] == []
     assert api.post("/api/v1/config/apply", json={"text": 5}).status_code == 400
+
+
+def test_balancer_page_shows_real_servers_health_and_history(tmp_path: Path) -> None:
+    port, console_port, vport = free_port(), free_port(), free_port()
+    text = NODE.format(data_dir=tmp_path / "data", port=port, console=console_port, tls="") + f"""
+[[balancer.virtual_server]]
+name = "mail"
+listen = "127.0.0.1:{vport}"
+method = "first-alive"
+health = {{ type = "tcp", interval = "0.2s", timeout = "1s", retries = 1 }}
+
+[[balancer.virtual_server.real]]
+address = "127.0.0.1:{port}"
+mode = "active"
+
+[[balancer.virtual_server.real]]
+address = "127.0.0.1:1"
+mode = "standby"
+"""
+    (tmp_path / "data").mkdir(mode=0o700)
+    AdminAccounts(tmp_path / "data").add("audrey", "auditor", "audrey-pw")
+    with RunningNode(parse_config(text)) as running:
+        running.console_url = f"http://127.0.0.1:{console_port}"
+        running.clients = []
+
+        def standby_down() -> bool:
+            servers = running.node.balancer.status()["virtual_servers"][0]["servers"]
+            return servers[1]["state"] == "down" and servers[0]["checks_passed"] > 0
+
+        wait_for(standby_down, 30, "the standby's health check to fail")
+        running.flush()
+        c = login(running, "audrey", "audrey-pw")
+        page = c.get("/balancer").text
+        assert 'id="vs-mail"' in page and f"127.0.0.1:{vport}" in page
+        assert 'id="serving-mail">active<' in page
+        active = page[page.index(f'id="real-127.0.0.1:{port}"'):]
+        assert active.startswith(f'id="real-127.0.0.1:{port}"><td>127.0.0.1:{port}</td><td>active</td><td class="state">up<')
+        assert 'class="bad" id="real-127.0.0.1:1"' in page
+        assert "real server 127.0.0.1:1 (standby)" in page  # the history line of its going down
+        doc = c.get("/api/v1/balancer").json()
+        assert doc["problem"] is None and doc["status"]["virtual_servers"][0]["serving"] == "active"
+        assert "ロードバランサ" in c.get("/balancer", headers={"Accept-Language": "ja"}).text
+        for client in running.clients:
+            client.close()
+
+
+def test_balancer_page_without_a_balancer(node) -> None:
+    c = login(node, "audrey", "audrey-pw")
+    assert 'id="no-balancer"' in c.get("/balancer").text
+    assert c.get("/api/v1/balancer").json() == {"status": None, "problem": "no [balancer] is configured on this node",
+                                                "history": []}
