@@ -100,6 +100,7 @@ class ConsoleApp:
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                                extensions=["jinja2.ext.i18n"])
         self.env.filters["time"] = _time
+        self.env.filters["size"] = format_size
         self.logged_out: dict[str, float] = {}  # session id -> when it would have expired anyway
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
@@ -231,6 +232,8 @@ class ConsoleApp:
             Route("/maintenance", g(self.maintenance_page)),
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/dns", g(self.dns_page)),
+            Route("/users", g(self.users_page)),
+            Route("/users/{address}/{action}", g(self.users_act, "accounts"), methods=["POST"]),
             Route("/balancer", g(self.balancer_page)),
             Route("/config", g(self.config_page, "config")),
             Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
@@ -256,6 +259,8 @@ class ConsoleApp:
             Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
             Route("/api/v1/balancer", g(self.api_balancer, api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
+            Route("/api/v1/users", g(self.api_users, api=True)),
+            Route("/api/v1/users/{address}/{action}", g(self.api_users_act, "accounts", api=True), methods=["POST"]),
             Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
             Route("/api/v1/quarantine/{qid}", g(self.api_quarantine_item, api=True)),
@@ -503,6 +508,57 @@ class ConsoleApp:
         history = await self._events("balancer ", time.time() - 30 * 86400, 200)
         return {"status": balancer.status(), "problem": None, "history": history}
 
+    def _users_store(self):
+        from kanmon.store.users import Users  # noqa: PLC0415
+
+        return Users(self.config)
+
+    async def _users(self) -> dict:
+        """Mailboxes as `kanmon user list --json` (with the domain's quota), aliases, and
+        the domains with their routing."""
+
+        def collect() -> dict:
+            users = self._users_store()
+            mailboxes = []
+            for i in users.list():
+                quota = users.quota(i.address)
+                mailboxes.append({"mailbox": i.address, "has_password": i.has_password, "locked": i.locked,
+                                  "size": i.size, "messages": i.messages, "last_login": i.last_login,
+                                  "last_ip": i.last_ip, "quota": quota,
+                                  "used_percent": round(100 * i.size / quota, 1) if quota else None})
+            aliases = {a: list(t) for a, t in sorted(users.aliases().items())}
+            domains = [{"name": d.name, "deliver": d.deliver, "servers": [f"{h}:{p}" for h, p in d.servers],
+                        "tls": d.tls if d.deliver == "relay" else None, "quota": d.quota,
+                        "mailboxes": sum(1 for m in mailboxes if m["mailbox"].endswith("@" + d.name))}
+                       for d in self.config.domain]
+            return {"mailboxes": mailboxes, "aliases": aliases, "domains": domains}
+
+        return await asyncio.to_thread(collect)
+
+    async def _user_act(self, who: Who, address: str, action: str, password: str | None = None) -> dict:
+        """lock, unlock (`kanmon user lock|unlock`: logins refused, mail still delivered)
+        or password (`kanmon user passwd`); audited, the password never logged."""
+        from kanmon.store.users import UnknownMailbox  # noqa: PLC0415
+
+        if action not in ("lock", "unlock", "password"):
+            raise Refused(404, "no such action")
+        users = self._users_store()
+        address = address.strip().lower()
+        if not await asyncio.to_thread(users.is_mailbox, address):
+            raise Refused(404, f"{for_log(address)} is not a mailbox of a local domain")
+        try:
+            if action == "password":
+                if not password:
+                    raise Refused(400, "the password is empty; nothing changed")
+                await asyncio.to_thread(users.set_password, address, password)
+            else:
+                await asyncio.to_thread(users.set_locked, address, action == "lock")
+        except (ValueError, UnknownMailbox, OSError) as e:
+            self.write_audit(who, f"user {action}", address, f"failed: {e}")
+            raise Refused(400, f"{e}; nothing changed") from None
+        self.write_audit(who, f"user {action}", address, "ok")
+        return {"mailbox": address, "action": action, "done": True}
+
     # -- pages ---------------------------------------------------------------------------------------
 
     async def dashboard(self, request: Request, who: Who) -> Response:
@@ -674,6 +730,20 @@ class ConsoleApp:
     async def balancer_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time())
 
+    async def users_page(self, request: Request, who: Who) -> Response:
+        return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
+
+    async def users_act(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        action = request.path_params["action"]
+        password = None
+        if action == "password":
+            password = str(form.get("password") or "")
+            if password != str(form.get("confirm") or ""):
+                raise Refused(400, "the two passwords differ; nothing changed")
+        result = await self._user_act(who, request.path_params["address"], action, password)
+        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"{action}: {result['mailbox']}"}), 303)
+
     async def dns_page(self, request: Request, who: Who) -> Response:
         """The last periodic round, or (?run=1) a check made now; a check changes nothing,
         so every role may run it."""
@@ -824,6 +894,19 @@ class ConsoleApp:
 
     async def api_balancer(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._balancer())
+
+    async def api_users(self, request: Request, who: Who) -> Response:
+        return JSONResponse(await self._users())
+
+    async def api_users_act(self, request: Request, who: Who) -> Response:
+        action = request.path_params["action"]
+        password = None
+        if action == "password":
+            body = await _json_body(request)
+            if not isinstance(body.get("password"), str):
+                raise Refused(400, "password is the new password as a string")
+            password = body["password"]
+        return JSONResponse(await self._user_act(who, request.path_params["address"], action, password))
 
     async def api_dns(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._dns_last())

@@ -98,6 +98,8 @@ def openapi_document() -> dict:
         "/api/v1/balancer": {"get": _op("the balancer: `{status, problem, history}`; status is the document of "
                                         "`kanmon balance status --json` (virtual and real servers, health, the "
                                         "serving tier), history its event lines of 30 days")},
+        "/api/v1/users": {"get": _op("mailboxes as `kanmon user list --json` with each domain's quota and the use "
+                                     "of it, aliases, and the domains with their routing")},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "
                                    "--json` reports, and its event lines of 30 days")},
         "/api/v1/dns/check": {"get": _op("check our domains' DNS now; the reports of `kanmon dns check --json`",
@@ -107,6 +109,14 @@ def openapi_document() -> dict:
     }
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
+    paths["/api/v1/users/{address}/{action}"] = {"post": _op(
+        "admin only: lock or unlock a mailbox's logins (mail is still delivered), or set its password "
+        "(`kanmon user lock|unlock|passwd`)",
+        [{"name": "address", "in": "path", "required": True, "schema": {"type": "string"}, "description": "a mailbox"},
+         {"name": "action", "in": "path", "required": True, "schema": {"type": "string",
+                                                                        "enum": ["lock", "unlock", "password"]}}],
+        write=True, body={"type": "object", "properties": {
+            "password": {"type": "string", "description": "the new password (action password only)"}}})}
     for action in ("release", "delete"):
         paths[f"/api/v1/quarantine/{{qid}}/{action}"] = {"post": _op(f"{action} one quarantined message", [_QID], write=True)}
     return {

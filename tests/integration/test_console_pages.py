@@ -315,3 +315,47 @@ def test_balancer_page_without_a_balancer(node) -> None:
     assert 'id="no-balancer"' in c.get("/balancer").text
     assert c.get("/api/v1/balancer").json() == {"status": None, "problem": "no [balancer] is configured on this node",
                                                 "history": []}
+
+
+def test_users_page_lists_mailboxes_and_an_admin_locks_and_resets_a_password(node) -> None:
+    from kanmon.store.users import Users
+
+    c = login(node, "audrey", "audrey-pw")
+    page = c.get("/users").text
+    assert 'id="mailbox-alice@example.test"' in page and 'id="domain-down.example"' in page
+    assert "127.0.0.1:1" in page  # the relay domain's next hop
+    assert 'class="act-' not in page  # an auditor: no buttons
+    token = csrf_of(c, "/users")
+    assert c.post("/users/alice@example.test/lock", data={"csrf": token}).status_code == 403
+    o = login(node, "otto", "otto-pw")  # an operator: no accounts
+    assert 'class="act-' not in o.get("/users").text
+    assert o.post("/api/v1/users/alice@example.test/lock", headers={"X-CSRF-Token": csrf_of(o)}).status_code == 403
+
+    a = login(node, "alice", "alice-pw")
+    token = csrf_of(a, "/users")
+    users = Users(node.node.config)
+    r = a.post("/users/alice@example.test/password", data={"csrf": token, "password": "s3cret-one", "confirm": "other"})
+    assert r.status_code == 400 and not users.verify("alice@example.test", "s3cret-one")
+    r = a.post("/users/alice@example.test/password", data={"csrf": token, "password": "s3cret-one", "confirm": "s3cret-one"})
+    assert r.status_code == 303 and users.verify("alice@example.test", "s3cret-one")
+    r = a.post("/users/alice@example.test/lock", data={"csrf": token})
+    assert r.status_code == 303 and users.info("alice@example.test").locked
+    assert not users.verify("alice@example.test", "s3cret-one")  # locked: logins refused
+    row = a.get("/users").text
+    row = row[row.index('id="mailbox-alice@example.test"'):]
+    assert row.startswith('id="mailbox-alice@example.test" class="bad"') and 'class="act-unlock"' in row
+    listing = a.get("/api/v1/users").json()
+    assert listing["mailboxes"][0]["mailbox"] == "alice@example.test" and listing["mailboxes"][0]["locked"] is True
+    assert [d["name"] for d in listing["domains"]] == ["example.test", "down.example"]
+    api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(node.data_dir).new_token('alice')}"})
+    assert api.post("/api/v1/users/alice@example.test/unlock").json()["done"] is True
+    assert not users.info("alice@example.test").locked
+    assert api.post("/api/v1/users/nobody@example.test/lock").status_code == 404
+    assert api.post("/api/v1/users/alice@example.test/explode").status_code == 404
+    assert api.post("/api/v1/users/alice@example.test/password", json={"password": ""}).status_code == 400
+    node.flush()
+    lines = [e.text for e in search_events(node.data_dir, grep="audit:")]
+    assert any("alice (admin) from 127.0.0.1 via console: user password alice@example.test -> ok" in t for t in lines)
+    assert any("via console: user lock alice@example.test -> ok" in t for t in lines)
+    assert any("via api token: user unlock alice@example.test -> ok" in t for t in lines)
+    assert not any("s3cret" in e.text for e in search_events(node.data_dir))
