@@ -47,13 +47,19 @@ _FILTERS = [
 ]
 
 
-def _op(summary: str, params=(), write: bool = False, body: dict | None = None, response=_OBJ) -> dict:
+def _op(summary: str, params=(), write: bool = False, body: dict | None = None, response=_OBJ,
+        conflict: bool = False) -> dict:
     op = {"summary": summary, "parameters": list(params), "responses": {"200": response, **_COMMON}}
     if write:
         op["description"] = ("A write: needs the role's permission (auditors get 403). With the session cookie it "
                              "also needs the X-CSRF-Token header; with a Bearer token it does not.")
         op["responses"]["404"] = _ERROR
+    if conflict:
+        op["responses"]["409"] = _ERROR
+    if any(p.get("in") == "path" for p in params):
+        op["responses"]["404"] = _ERROR  # no such message, job, version or mailbox
     if body is not None:
+        op["responses"]["413"] = _ERROR  # a body larger than the API takes
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     return op
 
@@ -91,7 +97,7 @@ def openapi_document() -> dict:
                                              "running config (changes nothing)", write=True, body=_CONFIG_TEXT)},
         "/api/v1/config/apply": {"post": _op(
             "admin only: check the text, write the config file, reload as `kanmon reload` does, keep the version; "
-            "409 when the file changed since `base`", write=True, body=_CONFIG_TEXT)},
+            "409 when the file changed since `base`", write=True, body=_CONFIG_TEXT, conflict=True)},
         "/api/v1/config/history/{name}": {"get": _op("admin only: an applied version's text", [
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "a version name from GET /api/v1/config"}])},
