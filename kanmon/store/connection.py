@@ -108,6 +108,63 @@ def advance(steps: Steps, result: Any = None, error: BaseException | None = None
     return [*out, item], False
 
 
+class LineSteps:
+    """The step plumbing a line-protocol session without tags shares (POP3, ManageSieve):
+    a login waits for Verify, a command for its FileWork, then the session reads on.
+
+    The session keeps ``_pending`` (the address being verified), ``_steps`` (the command
+    waiting for a FileWork), ``_closed``, and defines ``_process`` (read the buffered
+    commands), ``_login``, ``_failed`` and ``_unavailable`` (the steps after a Verify)."""
+
+    _pending: str | None
+    _steps: Steps | None
+    _closed: bool
+
+    def _process(self) -> list[Event]:
+        raise NotImplementedError
+
+    def _login(self, address: str) -> Steps:
+        raise NotImplementedError
+
+    def _failed(self, address: str) -> Steps:
+        raise NotImplementedError
+
+    def _unavailable(self, address: str) -> Steps:
+        raise NotImplementedError
+
+    def auth_result(self, ok: bool | None) -> list[Event]:
+        """ok None: the credentials could not be checked (accounts unreadable): the
+        session's temporary refusal, not counted as a failed login."""
+        address = self._pending
+        self._pending = None
+        assert address is not None
+        if ok is None:
+            out = self._run(self._unavailable(address))
+        else:
+            out = self._run(self._login(address) if ok else self._failed(address))
+        if not self._closed and self._steps is None:
+            out += self._process()
+        return out
+
+    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]:
+        """The FileWork we asked for is done: finish its command, then read on."""
+        steps, self._steps = self._steps, None
+        assert steps is not None
+        out = self._run(steps, result, error)
+        if not self._closed and self._steps is None:
+            out += self._process()
+        return out
+
+    def _run(self, steps: Steps, result: Any = None, error: BaseException | None = None) -> list[Event]:
+        out, done = advance(steps, result, error)
+        if not done:
+            self._steps = steps
+        return out
+
+    def poll(self) -> list[Event]:
+        return []
+
+
 _POLL = object()
 WATCHED_POLL = 60.0  # with inotify watching the folder, the poll is only a safety net
 _TIMEOUT = object()

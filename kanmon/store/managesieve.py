@@ -39,12 +39,12 @@ from kanmon.store.connection import (
     Delay,
     Event,
     FileWork,
+    LineSteps,
     PeerInfo,
     Send,
     StartTls,
     Steps,
     Verify,
-    advance,
 )
 from kanmon.store.sieve import EXTENSIONS, SieveError
 from kanmon.store.sievescripts import ScriptError, ScriptStore
@@ -171,7 +171,7 @@ def parse_command(buf: bytes | bytearray, max_literal: int) -> tuple[list[bytes]
             i = j
 
 
-class ManageSieveSession:
+class ManageSieveSession(LineSteps):
     """One ManageSieve conversation. Feed it bytes with receive(); it returns events."""
 
     poll_interval = None
@@ -225,35 +225,6 @@ class ManageSieveSession:
         self._buf.clear()  # CVE-2011-0411
         # RFC 5804 2.2: after STARTTLS the server sends its capabilities again.
         return [Send(self._capabilities() + _reply("OK", "TLS active"))]
-
-    def auth_result(self, ok: bool | None) -> list[Event]:
-        address = self._pending
-        self._pending = None
-        assert address is not None
-        if ok is None:
-            out = self._run(self._unavailable(address))
-        else:
-            out = self._run(self._login(address) if ok else self._failed(address))
-        if not self._closed and self._steps is None:
-            out += self._process()
-        return out
-
-    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]:
-        steps, self._steps = self._steps, None
-        assert steps is not None
-        out = self._run(steps, result, error)
-        if not self._closed and self._steps is None:
-            out += self._process()
-        return out
-
-    def _run(self, steps: Steps, result: Any = None, error: BaseException | None = None) -> list[Event]:
-        out, done = advance(steps, result, error)
-        if not done:
-            self._steps = steps
-        return out
-
-    def poll(self) -> list[Event]:
-        return []
 
     def timed_out(self) -> list[Event]:
         self._closed = True

@@ -30,7 +30,6 @@ import ssl
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from kanmon.records.events import LoginFailed
 from kanmon.config import Config
@@ -40,12 +39,12 @@ from kanmon.store.connection import (
     Delay,
     Event,
     FileWork,
+    LineSteps,
     PeerInfo,
     Send,
     StartTls,
     Steps,
     Verify,
-    advance,
 )
 from kanmon.store.maildir import Folder, Mailbox, MaildirError, MessageInfo, to_crlf
 from kanmon.store.users import AuthThrottle, Users, log_safe
@@ -123,7 +122,7 @@ def _dot_stuff(wire: bytes) -> bytes:
     return wire
 
 
-class Pop3Session:
+class Pop3Session(LineSteps):
     """One POP3 conversation. Feed it bytes with receive(); it returns events."""
 
     poll_interval = None
@@ -185,38 +184,6 @@ class Pop3Session:
         self.tls_active = True
         self._buf.clear()  # CVE-2011-0411
         self._user = None
-        return []
-
-    def auth_result(self, ok: bool | None) -> list[Event]:
-        """ok None: the credentials could not be checked (accounts unreadable): a
-        temporary -ERR [SYS/TEMP] (RFC 3206), not counted as a failed login."""
-        address = self._pending
-        self._pending = None
-        assert address is not None
-        if ok is None:
-            out = self._run(self._unavailable(address))
-        else:
-            out = self._run(self._login(address) if ok else self._failed(address))
-        if not self._closed and self._steps is None:
-            out += self._process()
-        return out
-
-    def file_done(self, result: Any, error: BaseException | None = None) -> list[Event]:
-        """The FileWork we asked for is done: finish its command, then read on."""
-        steps, self._steps = self._steps, None
-        assert steps is not None
-        out = self._run(steps, result, error)
-        if not self._closed and self._steps is None:
-            out += self._process()
-        return out
-
-    def _run(self, steps: Steps, result: Any = None, error: BaseException | None = None) -> list[Event]:
-        out, done = advance(steps, result, error)
-        if not done:
-            self._steps = steps
-        return out
-
-    def poll(self) -> list[Event]:
         return []
 
     def timed_out(self) -> list[Event]:
