@@ -478,7 +478,8 @@ class Shipper:
         if not self._replay_others:
             return [self.spill_path] if self.spill_path.exists() else []
         try:
-            return sorted((p for p in self.spill_dir.iterdir() if not p.name.startswith("refused-")),
+            return sorted((p for p in self.spill_dir.iterdir()
+                           if not p.name.startswith("refused-") and (p == self.spill_path or not _writer_alive(p))),
                           key=lambda p: (p != self.spill_path, p.name))
         except FileNotFoundError:
             return []
@@ -494,6 +495,24 @@ class Shipper:
                     continue  # a torn last line (a crash during the append): never acknowledged
                 if self._commit(conn, item["key"], item["rows"]):
                     written += 1
-            path.unlink()
+            path.unlink(missing_ok=True)
         self._replay_others = False
         return written
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that spills into path (named <pid>.jsonl) still runs: its file
+    is its own to replay (it may append to it while we read), never another's to take."""
+    try:
+        pid = int(path.name.split(".", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

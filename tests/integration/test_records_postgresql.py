@@ -160,6 +160,41 @@ def test_what_a_stopped_process_left_in_the_journal_is_written_by_the_next_node_
     assert [e.queue_id for e in pgquery.search_events(section(url)) if e.kind == "removed"] == [QID]
 
 
+
+def test_the_journal_of_a_process_still_running_is_left_to_it(tmp_path, private_pg):
+    """The node replays what ended processes left, never the file a live receiver still
+    appends to (taking it would delete what the receiver appends meanwhile)."""
+    import subprocess
+    import sys
+
+    url = private_pg.create_database()
+    private_pg.stop()
+    records = Records(tmp_path, "mr1", shared=section(url))
+    records.record(ev.Removed(), QID)
+    records.close()
+    (own,) = (tmp_path / pg.SPILL_DIR).glob("*.jsonl")
+    receiver = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        live = own.with_name(f"{receiver.pid}.jsonl")
+        own.rename(live)
+        content = live.read_bytes()
+        private_pg.start()
+        node = Records(tmp_path, "mr1", shared=section(url), replay_others=True)
+        node.record(ev.Removed(), "OTHERQUEUEID01")
+        node.flush()
+        assert node.shipper.flush(timeout=30)
+        node.close()
+        assert live.read_bytes() == content  # untouched
+        assert [e.queue_id for e in pgquery.search_events(section(url)) if e.kind == "removed"] == ["OTHERQUEUEID01"]
+    finally:
+        receiver.communicate(b"")
+    node = Records(tmp_path, "mr1", shared=section(url), replay_others=True)  # the next start: it has ended
+    node.flush()
+    assert node.shipper.flush(timeout=30)
+    node.close()
+    assert not live.exists()
+    assert sorted(e.queue_id for e in pgquery.search_events(section(url)) if e.kind == "removed") == sorted([QID, "OTHERQUEUEID01"])
+
 def test_the_url_may_not_hold_a_password():
     with pytest.raises(ValueError, match="password_file"):
         RecordsSection(url="postgresql://kanmon:secret@db.example.test/kanmon")
