@@ -422,6 +422,10 @@ class Node:
 
         async def receiver_exited(pid: int) -> None:
             await state.submit(state.gauges.drop_owner, str(pid))  # the connections it held are gone
+            # The DATA it was spilling (never answered 250) would otherwise stay until the next start.
+            assert self.spool is not None
+            for path in self.spool.incoming.glob(f"data-{pid:x}.*"):
+                path.unlink(missing_ok=True)
 
         return ReceiverPool(source, listeners, sockets, workers, self.queue.submit_nowait,
                             self.records.emit, quiet=self.echo is None, own_config_file=snapshot,

@@ -106,6 +106,25 @@ def test_a_killed_receiver_is_restarted_and_nothing_is_lost(tmp_path):
         proc.terminate()
 
 
+
+def test_the_data_a_killed_receiver_was_spilling_is_removed(tmp_path):
+    """A receiver killed while it spilled a big DATA (never answered 250): its spill
+    files go when it is replaced, not at the next start of the node."""
+    proc, port = start(tmp_path, workers=1)
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        (first,) = receiver_pids(proc.proc.pid)
+        incoming = tmp_path / "data/spool/incoming"
+        spill = incoming / f"data-{first:x}.1.1"
+        spill.write_bytes(b"Subject: half of a big message\r\n")
+        other = incoming / f"data-{first + 1:x}.1.1"  # another process's: left alone
+        other.write_bytes(b"x")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: not spill.exists(), 15, "the killed receiver's spill file to go")
+        assert other.exists()
+    finally:
+        proc.terminate()
+
 def _sent_ok(port: int, subject: str) -> bool:
     try:
         send(port, subject)
