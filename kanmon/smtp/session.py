@@ -992,7 +992,7 @@ class Session:
     # "<LF>." (a dot-stuffed line start or the terminator) or the terminator's last four
     # octets, so each piece is checked (bare CR/LF), normalised (a trusted client's bare LF)
     # and dot-unstuffed on its own, with the same C-level counts and replaces as a whole
-    # message, and the result is the same octets (tests/fuzz/test_data_chunks.py).
+    # message, and the result is the same octets (tests/protocol/test_session_spill.py).
 
     def _spill(self, out: list[Action]) -> None:
         data = self._data
