@@ -40,18 +40,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.smtpdrive import SmtpSink, wait_port  # noqa: E402
 
 RELAY = ("127.0.0.81", 2525)
 SINK = ("127.0.0.82", 2526)
@@ -76,41 +78,6 @@ def start_dns() -> object:
                        logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data"))
     server.start_thread()
     return server
-
-
-def wait_port(host: str, port: int, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{host}:{port} never listened")
-
-
-class Sink:
-    """smtp-sink with its running count (-c) read from stdout."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"{SINK[0]}:{SINK[1]}", "1000"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_port(*SINK)
-
-    def _read(self) -> None:
-        buf = b""
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
-            buf = (buf + chunk)[-200:]
-            found = re.findall(rb"mesg=(\d+)", buf)
-            if found:
-                self.count = int(found[-1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Tree:
@@ -192,7 +159,7 @@ def sanity(tree: Tree) -> str:
     return f"{code} {reply.decode(errors='replace')}"
 
 
-def run_one(tree: Tree, sink: Sink, args: argparse.Namespace) -> dict:
+def run_one(tree: Tree, sink: SmtpSink, args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-edge-{tree.label}-"))
     data_dir = work / "data"
     cfg = work / "kanmon.toml"
@@ -270,7 +237,7 @@ def main() -> int:
               f"{'; client in relay_networks' if t.trusted else ''})", flush=True)
     print(f"load before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
     dns = start_dns()
-    sink = Sink()
+    sink = SmtpSink(SINK)
     results: dict[str, list[dict]] = {"A": [], "B": []}
     try:
         for rnd in range(args.rounds):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import shutil
 import signal
@@ -38,6 +37,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.smtpdrive import SmtpSink, wait_port  # noqa: E402
 
 SINK = ("127.0.0.72", 2526)
 POSTFIX = ("127.0.0.70", 2525)
@@ -94,41 +98,6 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-
-
-class Sink:
-    """smtp-sink with its running count (-c) read from stdout."""
-
-    def __init__(self):
-        self.count = 0
-        self.proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"{SINK[0]}:{SINK[1]}", "1000"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_port(*SINK)
-
-    def _read(self) -> None:
-        buf = b""
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
-            buf = (buf + chunk)[-200:]
-            found = re.findall(rb"mesg=(\d+)", buf)
-            if found:
-                self.count = int(found[-1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def wait_port(host: str, port: int, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{host}:{port} never listened")
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +226,7 @@ suspend_delivery = {"true" if hold else "false"}
         return not q.exists() or not any(q.iterdir())
 
 
-def run_one(system, sink: Sink, size: int, messages: int, sessions: int, hold: bool = False) -> dict:
+def run_one(system, sink: SmtpSink, size: int, messages: int, sessions: int, hold: bool = False) -> dict:
     host, port = (KANMON if system.name == "kanmon" else POSTFIX)
     # Start every run from a clean disk: the previous run's writeback must not be
     # charged to this one (both systems flush their queue files; kanmon with syncfs).
@@ -326,7 +295,7 @@ def main() -> int:
     if hard < 2 * args.idle + 100:
         print(f"note: open-files limit {hard}: idle connections reduced", flush=True)
         args.idle = max(0, (hard - 100) // 2)
-    sink = Sink()
+    sink = SmtpSink(SINK)
     results: dict[int, list[tuple[dict, dict]]] = {}
     try:
         for size in (int(s) for s in args.sizes.split(",")):

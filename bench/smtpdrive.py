@@ -4,7 +4,10 @@ DATA and send one message after another, and a wait for the server's port."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import subprocess
+import threading
 import time
 
 
@@ -57,3 +60,27 @@ def wait_port(host: str, port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.1)
     raise SystemExit(f"nothing listens on {host}:{port}")
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on address, with its running message count (-c) read from stdout."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.count = 0
+        self.proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"{address[0]}:{address[1]}", "1000"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_port(*address)
+
+    def _read(self) -> None:
+        buf = b""
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(4096):
+            buf = (buf + chunk)[-200:]
+            found = re.findall(rb"mesg=(\d+)", buf)
+            if found:
+                self.count = int(found[-1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
