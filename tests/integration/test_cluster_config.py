@@ -12,25 +12,10 @@ from click.testing import CliRunner
 from kanmon import clusterconfig
 from kanmon.cli import main
 from kanmon.config import parse_config
-from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, wait_for
+from tests.integration.test_cluster_records import CONFIG
+from tests.support.kanmon_node import RunningNode, free_port, wait_for
 
-LOCAL = """
-[server]
-hostname = "{node}.example.test"
-data_dir = "{data_dir}"
-[smtp]
-listen = ["127.0.0.1:{port}"]
-relay_networks = ["127.0.0.1/32"]
-min_free_disk = "1MB"
-[[domain]]
-name = "corp.example"
-mailboxes = ["tanaka"]
-[records]
-url = "{url}"
-node = "{node}"
-[cluster]
-node = "{node}"
-""" + TEST_DEFAULT_PROFILE
+LOCAL = CONFIG + '\n[cluster]\nnode = "{node}"\n'  # the records config, and the node follows pushes
 
 PUSHED = """
 [server]
