@@ -27,6 +27,7 @@ MAX_PATH = 256
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _DOT_STRING = re.compile(rf"^[{_ATEXT}]+(\.[{_ATEXT}]+)*$")
 _DOT_STRING_UTF8 = re.compile(rf"^([{_ATEXT}]|[^\x00-\x7f])+(\.([{_ATEXT}]|[^\x00-\x7f])+)*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _LABEL_UTF8 = re.compile(r"^([A-Za-z0-9]|[^\x00-\x7f])(([A-Za-z0-9-]|[^\x00-\x7f]){0,61}([A-Za-z0-9]|[^\x00-\x7f]))?$")
 
@@ -105,9 +106,8 @@ def _check_domain(domain: str, utf8: bool, bad: Reply) -> str:
             raise SmtpError(bad) from None
         return f"[{inner}]"
     label_re = _LABEL_UTF8 if utf8 else _LABEL
-    labels = domain.split(".")
     # A trailing dot (<u@victim.>) is not a valid SMTP domain (RFC 5321 4.1.2).
-    if any(not label_re.match(label) for label in labels):
+    if any(not label_re.match(label) for label in domain.split(".")):
         raise SmtpError(bad)
     return domain.lower()
 
@@ -139,12 +139,12 @@ def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool, strict: boo
     address must be in <> (a session profile's strict_syntax); otherwise a bare
     address without spaces is taken, as Postfix does."""
     bad = replies.BAD_SENDER_SYNTAX if is_sender else replies.BAD_RCPT_SYNTAX
-    if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+    if _CONTROL.search(arg):
         raise SmtpError(bad)  # NUL and other controls never belong in a path
     inside, rest = _split_path(arg, bad, strict)
     params = _split_params(rest)
     utf8 = "SMTPUTF8" in params and is_sender
-    non_ascii = any(ord(c) > 127 for c in inside)
+    non_ascii = not inside.isascii()
     if non_ascii and not (smtputf8_allowed and (utf8 or not is_sender)):
         raise SmtpError(replies.NO_UTF8)
     if len(inside.encode("utf-8")) > MAX_PATH:

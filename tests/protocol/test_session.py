@@ -396,3 +396,28 @@ def test_results_arriving_after_a_close_are_ignored():
     (store,) = stores(s.feed(TX + b"x\r\n.\r\n"))
     s.close(replies.SHUTTING_DOWN)
     assert s.message_stored(store.queue_id) == []
+
+
+def test_received_date_is_formatdate_of_its_second_and_follows_a_time_zone_change(monkeypatch):
+    """The Received: header's date is made once per second (a cache): the cached text must
+    be what formatdate gives for that second, a new second gets its own, and a change of
+    the process's time zone is not hidden by the cache."""
+    import time
+    from email.utils import formatdate
+
+    from kanmon.smtp import session as session_mod
+
+    monkeypatch.setattr(session_mod, "_DATE_CACHE", (-1, 0, ""))
+    t = 1_796_083_860.75
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert session_mod._received_date(t) == formatdate(t, localtime=True) == "Tue, 01 Dec 2026 00:11:00 +0000"
+        assert session_mod._received_date(t + 0.2) == "Tue, 01 Dec 2026 00:11:00 +0000"
+        assert session_mod._received_date(t + 1) == "Tue, 01 Dec 2026 00:11:01 +0000"
+        monkeypatch.setenv("TZ", "JST-9")
+        time.tzset()
+        assert session_mod._received_date(t + 1) == "Tue, 01 Dec 2026 09:11:01 +0900"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
