@@ -176,7 +176,8 @@ def trace(config_path, query, since, node, as_json) -> None:
                 extra = "  [no TLS]"
             if s.kind == "connect" and s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"
-            click.echo(shown(f"  {format_time(s.ts)}  {s.step:<9} {s.text}{extra}"))
+            text = "the message left the queue" if s.kind == "removed" else s.text  # its log line is just "removed"
+            click.echo(shown(f"  {format_time(s.ts)}  {s.step:<9} {text}{extra}"))
         click.echo(f"  final: {t.final}")
 
 

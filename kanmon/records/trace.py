@@ -207,8 +207,6 @@ def _final(t: Timeline) -> str:
             holds.append("hold")
         elif s.kind in ("quarantine", "quarantine-release", "quarantine-delete", "discard"):
             quarantine = s.kind
-        elif s.kind in ("quarantine", "quarantine-release", "quarantine-delete", "discard"):
-            holds.append(s.kind)
     if quarantine == "quarantine":
         return "in the quarantine (kanmon quarantine show " + (t.queue_id or "ID") + ")"
     if quarantine == "quarantine-delete":

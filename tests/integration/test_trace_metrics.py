@@ -193,6 +193,7 @@ def test_trace_command_prints_each_timeline_and_json(world):
     assert out.output.count("final: ") == 5
     assert "final: rejected: 550 5.1.1" in out.output and "(check local_recipients)" in out.output and "final: delivered to bob@example.test" in out.output
     assert "accepted  from=<alice@example.test>" in out.output and "[EHLO client.example]" in out.output
+    assert "removed   the message left the queue" in out.output and "removed   removed" not in out.output
     js = CliRunner().invoke(main, ["trace", "-c", cfg, "--json", "<later@example.test>"])
     assert js.exit_code == 0 and js.output.count("\n") == 1 and '"final": "delivered to user@corp.example"' in js.output
     missing = CliRunner().invoke(main, ["trace", "-c", cfg, "nobody-at-all@example.test"])
