@@ -283,12 +283,12 @@ def test_metrics_count_what_receiver_processes_did(tmp_path):
     try:
         wait_port("127.0.0.9", metrics_port)
         for n in range(3):
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
                 s.sendmail("a@remote.example", ["alice@example.test"], f"Subject: {n}\r\n\r\nx\r\n")
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
             with pytest.raises(smtplib.SMTPRecipientsRefused):
                 s.sendmail("a@remote.example", ["nobody@example.test"], "Subject: no\r\n\r\nx\r\n")
-            wait_for(lambda: scrape(metrics_port)["kanmon_smtp_open_connections"] == 1, 10, "one open connection")
+            wait_for(lambda: scrape(metrics_port)["kanmon_smtp_open_connections"] == 1, 60, "one open connection")
 
         def counted() -> bool:
             m = scrape(metrics_port)
@@ -298,7 +298,7 @@ def test_metrics_count_what_receiver_processes_did(tmp_path):
                     and m.get('kanmon_messages_rejected_total{class="address",stage="RCPT"}') == 1
                     and m["kanmon_smtp_open_connections"] == 0)
 
-        wait_for(counted, 15, "the receivers' mail in the metrics")
+        wait_for(counted, 60, "the receivers' mail in the metrics")
         # the four sessions and KanmonProcess's readiness probe (a connect and close)
         assert scrape(metrics_port)["kanmon_smtp_connections_total"] == 5
     finally:
