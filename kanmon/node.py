@@ -413,6 +413,8 @@ class Node:
         source, snapshot = self.config_source, False
         if text is not None:
             self._generation += 1
+            if self._generation == 1:
+                _remove_dead_snapshots(self.data_dir)
             path = self.data_dir / f".receivers-{os.getpid()}-{self._generation}.toml"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -849,3 +851,21 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         return 0
 
     return runner(main())
+
+
+def _remove_dead_snapshots(data_dir: Path) -> None:
+    """Config snapshots a node wrote for its receivers are removed when it stops; one
+    killed (kill -9, a crash) leaves them. Remove those whose process is gone."""
+    for path in data_dir.glob(".receivers-*-*.toml"):
+        try:
+            pid = int(path.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (owned by another user): not ours to remove

@@ -139,9 +139,16 @@ def test_receivers_die_with_the_main_process(tmp_path):
     children = receiver_pids(proc.proc.pid)
     proc.kill()  # SIGKILL: no chance to clean up
     wait_for(lambda: not any(alive(p) for p in children), 10, "receivers to die")
-    # and the port is free for the next start
+    left = list((tmp_path / "data").glob(f".receivers-{proc.proc.pid}-*.toml"))
+    assert left  # the killed node had no chance to remove its receivers' config snapshot
+    # and the port is free for the next start, which removes the dead node's snapshot
     proc2, _ = start_same(tmp_path, port)
-    proc2.terminate()
+    try:
+        # (the listening socket is open a moment before the receivers are started)
+        wait_for(lambda: not any(p.exists() for p in left), 30, "the dead node's snapshot to go")
+        wait_for(lambda: list((tmp_path / "data").glob(f".receivers-{proc2.proc.pid}-1.toml")), 30, "the new one")
+    finally:
+        proc2.terminate()
 
 
 def start_same(tmp_path, port) -> tuple[KanmonProcess, int]:
