@@ -796,7 +796,16 @@ class OutboundSection(Section):
     tls: TlsPolicy = Field("opportunistic", description="TLS for outbound mail: none|opportunistic|required|verify|smtps")
     ca_file: Path | None = Field(None, description="CA bundle for tls = verify (default: the system's)")
     mx_port: int = Field(25, ge=1, le=65535, description="Port used for MX delivery (tests point it elsewhere)")
-    max_per_destination: int = Field(20, ge=1, description="Concurrent connections per next hop")
+    max_per_destination: int = Field(
+        20, ge=1, description="Concurrent connections per next hop (address and port), cached idle ones included"
+    )
+    connection_cache: bool = Field(
+        True, description="Keep an SMTP session open after a delivery for the next message to the same next hop (like Postfix smtp_connection_cache_on_demand)"
+    )
+    connection_cache_time: Duration = Field(2.0, gt=0, description="A cached session unused this long is closed (Postfix smtp_connection_cache_time_limit)")
+    connection_reuse_time: Duration = Field(300.0, gt=0, description="A session open this long is not reused again (Postfix smtp_connection_reuse_time_limit)")
+    connection_reuse_count: int = Field(100, ge=1, description="Messages sent over one session at most (Postfix smtp_connection_reuse_count_limit)")
+    connection_cache_size: int = Field(100, ge=1, description="Idle sessions kept in all, per delivery process; the one idle longest makes room")
     connect_timeout: Duration = Field(30.0, gt=0, description="Time to connect and get the greeting")
     command_timeout: Duration = Field(300.0, gt=0, description="Time for a reply to MAIL/RCPT/EHLO (RFC 5321 4.5.3.2)")
     data_timeout: Duration = Field(600.0, gt=0, description="Time for the reply after the final dot (RFC 5321 4.5.3.2.6)")

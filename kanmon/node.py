@@ -269,7 +269,8 @@ class Node:
         configure_index(config)
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of)
         self.dns_cache = DnsCache(config.dns.cache_entries)
-        self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache)
+        self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache,
+                                   clock=self.clock)
         self.queue = QueueManager(
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
@@ -651,12 +652,15 @@ class Node:
         assert self.queue is not None and self.records is not None
         changed = [name for name in type(new).model_fields if getattr(old, name) != getattr(new, name)]
         self.config = new
-        if {"server", "outbound", "dns", "tls", "domain"} & set(changed):
+        replaced = bool({"server", "outbound", "dns", "tls", "domain"} & set(changed))
+        self.remote.flush_sessions(retire=replaced)  # cached outbound sessions end at a reload
+        if replaced:
             self._old_remotes.append(self.remote)  # deliveries in flight finish on it; closed at stop
             if old.dns != new.dns:
                 self.dns_cache.max_entries = new.dns.cache_entries
                 self.dns_cache.flush()  # other servers, other answers
-            self.remote = SmtpDelivery(new, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache)
+            self.remote = SmtpDelivery(new, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache,
+                                       clock=self.clock)
             self.remote.on_server_used = self.monitoring.alerts.on_server_used
         self.queue.reconfigure(new, self.remote.deliver_route, Notices(new))
         self.admin.reconfigure()

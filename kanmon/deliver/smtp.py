@@ -14,10 +14,14 @@ in order within ONE attempt and return one RecipientResult per recipient:
 - every server failed -> every recipient DEFERRED with the last reason
   (`Connection refused by 192.0.2.7`, or the server's `451 4.3.0 ...`).
 
-Connections are reused through kanmon.smtp.client.SmtpConnectionPool (bounded by
-[outbound] max_per_destination). Each TLS session and each failed try is written to the
-event log as a typed event (kanmon.records.events) through `emit(event, queue_id)`; the
-queue manager records the delivery results (`to=<..>, stat=` lines).
+Sessions are reused through kanmon.deliver.scache (bounded by [outbound]
+max_per_destination and the connection_cache_* keys): a cached session that the server
+closed while idle (EOF, 421, a broken pipe) is dropped and the message goes over a fresh
+session to the same server in the same attempt, as if nothing had happened — no failed
+try is recorded. Each TLS session and each failed try is written to the event log as a
+typed event (kanmon.records.events) through `emit(event, queue_id)`; the queue manager
+records the delivery results (`to=<..>, stat=` lines), one per delivery whether its
+session was new or reused.
 
 Trusts: the queue manager's envelope (spooled by us; it travels whole, SMTPUTF8 flag
 included); the server list from config or DNS. Never: give up on a recipient because of
@@ -29,10 +33,12 @@ problem becomes a RecipientResult.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kanmon.deliver.mx import MxResolver, NextHop
+from kanmon.deliver.scache import CacheLimits, SessionCache, SessionKey
 from kanmon.deliver.tlspolicy import Destination, Requirement, TransportSecurity
 from kanmon.model import Envelope, LocalReply, RecipientResult, Reply, SmtpError, Status, describe_reply
 from kanmon.records.events import DomainFailed, Event, HopFailed, HopUnresolved, TlsClient
@@ -43,12 +49,12 @@ from kanmon.smtp.client import (
     DsnParams,
     SmtpClientError,
     SmtpConnection,
-    SmtpConnectionPool,
     TlsUnavailable,
     check_address,
 )
 
 if TYPE_CHECKING:
+    from kanmon.clock import ManualClock, SystemClock
     from kanmon.config import Config, TlsPolicy
     from kanmon.dnscache import DnsCache
 
@@ -80,11 +86,13 @@ class PolicyRefused(SmtpClientError):
 class SmtpDelivery:
     """The SMTP transport. One per node; `deliver` may run concurrently.
 
-    config: server.hostname (EHLO), [outbound] timeouts, ca_file, max_per_destination,
-    mx_port, mta_sts, [[tls_policy]], [dns]. emit: the event log, `emit(event, queue_id)`
-    (Records.record). data_dir: where the MTA-STS cache and TLS reports live (None:
-    memory only). resolver/pool/security: given by tests; made from config otherwise.
-    idle_timeout: seconds an unused connection is kept.
+    config: server.hostname (EHLO), [outbound] timeouts, ca_file, bind_address,
+    max_per_destination, connection_cache_*, mx_port, mta_sts, [[tls_policy]], [dns].
+    emit: the event log, `emit(event, queue_id)` (Records.record). data_dir: where the
+    MTA-STS cache and TLS reports live (None: memory only). resolver/cache/security: given
+    by tests; made from config otherwise. clock: the cache's idle and reuse limits run on
+    it (the node's clock; tests advance a ManualClock). idle_timeout: overrides [outbound]
+    connection_cache_time (0: no session is cached).
     """
 
     def __init__(
@@ -93,26 +101,35 @@ class SmtpDelivery:
         emit: Emit,
         *,
         resolver: MxResolver | None = None,
-        pool: SmtpConnectionPool | None = None,
-        idle_timeout: float = 5.0,
+        cache: SessionCache | None = None,
+        idle_timeout: float | None = None,
         data_dir: Path | None = None,
         security: TransportSecurity | None = None,
         dns_cache: DnsCache | None = None,
+        clock: SystemClock | ManualClock | None = None,
     ):
         self.emit = emit
         self.on_server_used: ServerUsed | None = None  # failover alerts (kanmon.alerts)
         self.settings = ClientSettings.from_config(config)
         self.resolver = resolver or MxResolver.from_config(config, cache=dns_cache)
-        self.pool = pool or SmtpConnectionPool(
-            self.settings, max_per_destination=config.outbound.max_per_destination, idle_timeout=idle_timeout
-        )
+        if cache is None:
+            limits = CacheLimits.from_config(config)
+            if idle_timeout is not None:
+                limits = replace(limits, enabled=idle_timeout > 0, idle=idle_timeout if idle_timeout > 0 else limits.idle)
+            cache = SessionCache(self.settings, limits, clock=clock)
+        self.cache = cache
         # MX delivery only: MTA-STS, DANE, the [[tls_policy]] table, TLS-RPT counting.
         self.security = security or TransportSecurity(config, self.resolver, emit, data_dir=data_dir)
 
     async def close(self) -> None:
-        """Close the idle connections (QUIT), write the TLS reports. Call at shutdown."""
-        await self.pool.close()
+        """Close the cached sessions (QUIT), write the TLS reports. Call at shutdown."""
+        await self.cache.close()
         await self.security.close()
+
+    def flush_sessions(self, *, retire: bool = False) -> None:
+        """Close the cached idle sessions now (a reload: later messages open new ones).
+        retire: this agent is being replaced; sessions still in use are closed when done."""
+        self.cache.flush_nowait(retire=retire)
 
     # -- resolution
 
@@ -268,9 +285,10 @@ class SmtpDelivery:
 
         final: the connection was lost after the final dot; do not try another server.
         """
-        policy = req.connect if req is not None else tls
-        for _ in range(2):  # a second go only when a reused connection turned out dead
-            lease = self.pool.connection(address, hop.port, server_name=hop.host, policy=policy)  # type: ignore[arg-type]
+        key = self._session_key(hop, address, req.connect if req is not None else tls, dest, req)
+        fresh = False
+        while True:
+            lease = self.cache.session(key, fresh=fresh)
             try:
                 async with lease as conn:
                     if not lease.reused:
@@ -286,7 +304,8 @@ class SmtpDelivery:
                     passed = dsn is not None and conn.supports("DSN")
                     results = await self._transactions(conn, mail_from, rcpts, body, smtputf8, dsn)
             except ConnectionLost as e:
-                if lease.reused and e.try_next:
+                if lease.reused and e.try_next and not fresh:
+                    fresh = True  # the cached session died under us before the final dot
                     continue
                 return e.reply, not e.try_next
             except TlsUnavailable as e:
@@ -298,10 +317,23 @@ class SmtpDelivery:
             except SmtpClientError as e:
                 return e.reply, False
             if isinstance(results, Reply):
+                if lease.reused and results.code == 421 and not fresh:
+                    fresh = True  # 421 to MAIL: the server was closing the cached session
+                    continue
                 return results, False
             return {r: RecipientResult(r, status_of(reply), reply, relay, MAILER, tls_text, passed)
                     for r, reply in results}
-        return LocalReply(451, "4.4.2", f"lost connection with {address}"), False
+
+    def _session_key(
+        self, hop: NextHop, address: str, policy: str, dest: Destination | None, req: Requirement | None
+    ) -> SessionKey:
+        """Everything that makes a session different (kanmon.deliver.scache)."""
+        security = ""
+        if dest is not None and req is not None:
+            # The policy domain too: TLS-RPT counts each new session under one domain's policy.
+            security = f"{dest.domain}|{req.source}|{req.description}|{'enforce' if req.enforce else 'report'}"
+        return SessionKey(address, hop.port, hop.host, policy, security, self.settings.hostname,
+                          self.settings.bind_address or "")
 
     async def _transactions(
         self, conn: SmtpConnection, mail_from: str, rcpts: list[str], body: bytes, smtputf8: bool,

@@ -1,4 +1,4 @@
-"""Outbound SMTP client: one connection to one server, and a small pool of them.
+"""Outbound SMTP client: one connection to one server (kanmon.deliver.scache keeps them for reuse).
 
 Role: speak ESMTP to a next hop (a relay server, a smarthost or an MX host) and report
 what it said for each recipient. Greeting, EHLO (HELO fallback), STARTTLS by policy,
@@ -571,7 +571,10 @@ class SmtpConnection:
                         break
                     if len(lines) >= MAX_REPLY_LINES:
                         raise ValueError(f"reply longer than {MAX_REPLY_LINES} lines")
-            return parse_reply(lines)
+            reply = parse_reply(lines)
+            if reply.code == 421:
+                self._usable = False  # RFC 5321 3.8: the server is closing the channel
+            return reply
         except TimeoutError:
             raise self._timed_out(what, after_data_end=after_data_end) from None
         except EOFError:
@@ -866,6 +869,11 @@ class SmtpConnection:
             pass
         pipe.abort()
 
+    def abort(self) -> None:
+        """Cut the connection at once, without QUIT (its state is in doubt)."""
+        self._usable = False
+        self._pipe.abort()
+
     def close_nowait(self) -> None:
         """Send QUIT without waiting for its reply, and close."""
         self._usable = False
@@ -969,198 +977,6 @@ async def open_connection(
         raise
 
 
-# ---------------------------------------------------------------------------
-# Connection reuse
-
-
-@dataclass(frozen=True, slots=True)
-class PoolKey:
-    address: str
-    port: int
-    server_name: str
-    policy: str
-
-
-@dataclass(slots=True)
-class _Destination:
-    idle: list[tuple[SmtpConnection, asyncio.TimerHandle]] = field(default_factory=list)
-    busy: int = 0
-    waiters: int = 0
-
-
-class SmtpConnectionPool:
-    """Open connections kept for further messages to the same next hop.
-
-    `async with pool.connection(address, port, server_name=..., policy=...) as conn:` gives
-    an idle connection (after a successful RSET) or a new one. At most
-    `max_per_destination` connections per address:port exist at once; more callers wait
-    (bounded by connect_timeout). A connection returned in a clean state is kept idle for
-    `idle_timeout` seconds, then closed with QUIT. `close()` ends them all.
-    """
-
-    def __init__(
-        self,
-        settings: ClientSettings,
-        *,
-        max_per_destination: int = 20,
-        idle_timeout: float = 5.0,
-        max_transactions: int = 100,
-    ):
-        if max_per_destination < 1:
-            raise ValueError("max_per_destination must be at least 1")
-        self.settings = settings
-        self.max_per_destination = max_per_destination
-        self.idle_timeout = idle_timeout
-        self.max_transactions = max_transactions
-        self._destinations: dict[tuple[str, int], _Destination] = {}
-        self._keys: dict[int, PoolKey] = {}
-        self._changed: asyncio.Condition | None = None
-        self.opened = 0  # connections opened in all (for tests and stats)
-
-    def _condition(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
-
-    def _dest(self, address: str, port: int) -> _Destination:
-        return self._destinations.setdefault((address, port), _Destination())
-
-    def connection(self, address: str, port: int, *, server_name: str, policy: TlsPolicy) -> _Lease:
-        return _Lease(self, PoolKey(address, port, server_name, policy))
-
-    async def _acquire(self, key: PoolKey) -> tuple[SmtpConnection, bool]:
-        """(connection, reused)."""
-        dest = self._dest(key.address, key.port)
-        cond = self._condition()
-        # Reuse an idle connection of the same kind, if one still answers RSET.
-        while True:
-            for i, (conn, timer) in enumerate(dest.idle):
-                if self._keys.get(id(conn)) == key:
-                    del dest.idle[i]
-                    timer.cancel()
-                    dest.busy += 1
-                    if await conn.reset():
-                        return conn, True
-                    await conn.quit()
-                    self._forget(conn)
-                    dest.busy -= 1
-                    break
-            else:
-                if dest.busy + len(dest.idle) < self.max_per_destination:
-                    break
-                if dest.idle:
-                    # Idle connections of another kind (TLS policy): close one to make room.
-                    conn, timer = dest.idle.pop(0)
-                    timer.cancel()
-                    self._forget(conn)
-                    conn.close_nowait()
-                    continue
-                try:
-                    async with asyncio.timeout(self.settings.connect_timeout):
-                        async with cond:
-                            dest.waiters += 1
-                            try:
-                                await cond.wait()
-                            finally:
-                                dest.waiters -= 1
-                except TimeoutError:
-                    raise ConnectFailed(
-                        LocalReply(451, "4.4.5", f"too many connections to {key.address}:{key.port} already")
-                    ) from None
-        dest.busy += 1
-        try:
-            conn = await open_connection(
-                key.address, key.port, server_name=key.server_name, policy=key.policy, settings=self.settings  # type: ignore[arg-type]
-            )
-        except BaseException:
-            dest.busy -= 1
-            await self._notify()
-            raise
-        self.opened += 1
-        self._keys[id(conn)] = key
-        return conn, False
-
-    async def _release(self, conn: SmtpConnection) -> None:
-        key = self._keys.get(id(conn))
-        dest = self._dest(conn.address, conn.port)
-        dest.busy -= 1
-        if key is not None and conn.usable and conn.transactions < self.max_transactions and self.idle_timeout > 0:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(self.idle_timeout, self._expire, conn)
-            dest.idle.append((conn, timer))
-        else:
-            self._forget(conn)
-            await conn.quit()
-        await self._notify()
-
-    def _discard(self, conn: SmtpConnection) -> None:
-        dest = self._dest(conn.address, conn.port)
-        dest.busy -= 1
-        self._forget(conn)
-        conn._pipe.abort()
-
-    def _forget(self, conn: SmtpConnection) -> None:
-        self._keys.pop(id(conn), None)
-
-    async def _notify(self) -> None:
-        cond = self._condition()
-        async with cond:
-            cond.notify_all()
-
-    def _expire(self, conn: SmtpConnection) -> None:
-        dest = self._dest(conn.address, conn.port)
-        for i, (c, _timer) in enumerate(dest.idle):
-            if c is conn:
-                del dest.idle[i]
-                break
-        self._forget(conn)
-        conn.close_nowait()
-
-    def idle_count(self) -> int:
-        return sum(len(d.idle) for d in self._destinations.values())
-
-    async def close(self) -> None:
-        """QUIT every idle connection (busy ones are closed by their users)."""
-        idle = []
-        for dest in self._destinations.values():
-            for conn, timer in dest.idle:
-                timer.cancel()
-                idle.append(conn)
-            dest.idle.clear()
-        for conn in idle:
-            self._forget(conn)
-            await conn.quit()
-
-
-class _Lease:
-    """`async with pool.connection(...) as conn` — returned to the pool on exit.
-
-    On an exception the connection is closed, not kept. `lease.reused` tells whether the
-    connection came from the pool.
-    """
-
-    def __init__(self, pool: SmtpConnectionPool, key: PoolKey):
-        self._pool = pool
-        self._key = key
-        self._conn: SmtpConnection | None = None
-        self.reused = False
-
-    async def __aenter__(self) -> SmtpConnection:
-        self._conn, self.reused = await self._pool._acquire(self._key)
-        return self._conn
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        conn = self._conn
-        self._conn = None
-        if conn is None:
-            return
-        if exc_type is None:
-            await self._pool._release(conn)
-        else:
-            self._pool._discard(conn)
-            await self._pool._notify()
-
-
 __all__ = [
     "MAX_REPLY_LINE",
     "MAX_REPLY_LINES",
@@ -1170,7 +986,6 @@ __all__ = [
     "ServerRefused",
     "SmtpClientError",
     "SmtpConnection",
-    "SmtpConnectionPool",
     "TlsInfo",
     "TlsUnavailable",
     "TransactionResult",

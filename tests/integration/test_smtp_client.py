@@ -16,7 +16,6 @@ from kanmon.smtp.client import (
     ConnectFailed,
     ConnectionLost,
     ServerRefused,
-    SmtpConnectionPool,
     TlsUnavailable,
     open_connection,
 )
@@ -398,96 +397,3 @@ def test_server_data_pipelined_after_starttls_220_is_discarded(tls_sink, ca_file
 def test_unknown_policy_is_a_clear_error(sink):
     with pytest.raises(ValueError, match="unknown TLS policy"):
         asyncio.run(send(sink, policy="maybe"))
-
-
-# ---------------------------------------------------------------------------
-# Connection reuse
-
-
-def test_pool_reuses_a_connection_with_rset_between_transactions(sink):
-    async def go():
-        pool = SmtpConnectionPool(settings(), max_per_destination=2, idle_timeout=30.0)
-        try:
-            for i in range(3):
-                async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
-                    await conn.send_message("a@relay.test", [f"r{i}@corp.example"], BODY)
-            assert pool.idle_count() == 1
-        finally:
-            await pool.close()
-        return pool
-
-    pool = asyncio.run(go())
-    assert pool.opened == 1 and sink.connections == 1
-    assert [m.rcpts for m in sink.wait_for_messages(3)] == [["r0@corp.example"], ["r1@corp.example"], ["r2@corp.example"]]
-    assert sink.commands.count("RSET") == 2
-    assert sink.commands[-1] == "QUIT"
-
-
-def test_pool_opens_a_new_connection_when_the_idle_one_died(sink):
-    async def go():
-        pool = SmtpConnectionPool(settings(), idle_timeout=30.0)
-        try:
-            async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
-                await conn.send_message("a@relay.test", ["r0@corp.example"], BODY)
-            await asyncio.to_thread(sink.stop)  # closes the idle connection server-side
-            await asyncio.to_thread(sink.start)
-            async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
-                await conn.send_message("a@relay.test", ["r1@corp.example"], BODY)
-        finally:
-            await pool.close()
-        return pool
-
-    pool = asyncio.run(go())
-    assert pool.opened == 2
-    assert len(sink.wait_for_messages(2)) == 2
-
-
-def test_pool_bounds_connections_per_destination(sink):
-    sink.require_pipelining = False
-
-    async def one(pool, i):
-        async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
-            return await conn.send_message("a@relay.test", [f"r{i}@corp.example"], BODY)
-
-    async def go():
-        pool = SmtpConnectionPool(settings(), max_per_destination=1, idle_timeout=30.0)
-        try:
-            results = await asyncio.gather(*(one(pool, i) for i in range(4)))
-        finally:
-            await pool.close()
-        return pool, results
-
-    pool, results = asyncio.run(go())
-    assert all(r.replies[0][1].code == 250 for r in results)
-    assert pool.opened == 1 and sink.connections == 1
-    assert len(sink.wait_for_messages(4)) == 4
-
-
-def test_pool_closes_idle_connections_after_the_idle_timeout(sink):
-    async def go():
-        pool = SmtpConnectionPool(settings(), idle_timeout=0.05)
-        async with pool.connection(sink.host, sink.port, server_name=NAME, policy="none") as conn:
-            await conn.send_message("a@relay.test", ["r0@corp.example"], BODY)
-        assert pool.idle_count() == 1
-        for _ in range(200):  # wait for the idle timer, at most 2 s
-            if pool.idle_count() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert pool.idle_count() == 0
-        await pool.close()
-
-    asyncio.run(go())
-
-
-def test_a_large_body_arrives_intact(sink):
-    body = b"Subject: big\r\n\r\n" + b"".join(b".%07d " % i + b"x" * 90 + b"\r\n" for i in range(30000))  # ~3 MB
-    _, result = asyncio.run(send(sink, body=body))
-    assert codes(result) == {"b@corp.example": 250}
-    assert sink.wait_for_messages(1)[0].data == body
-
-
-def test_verify_with_a_missing_ca_file_is_a_tls_failure(tls_sink, tmp_path):
-    with pytest.raises(TlsUnavailable) as info:
-        asyncio.run(send(tls_sink, policy="verify", ca_file=tmp_path / "missing.pem"))
-    assert "cannot load the CA file" in info.value.reply.text
-    assert tls_sink.messages == []

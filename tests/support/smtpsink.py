@@ -27,6 +27,7 @@ API
         msg.tls, msg.helo, msg.params              # TLS active at MAIL? EHLO name, MAIL params
         msg.rcpt_params                            # {rcpt: "NOTIFY=... ORCPT=..."} (accepted RCPTs)
         sink.connections                           # connections accepted in all
+        sink.open_connections, sink.max_open       # open now; most open at once
         sink.commands                              # every command line received, in order
 
 Behaviour, set as attributes at any time (read at each connection / command):
@@ -51,14 +52,18 @@ Behaviour, set as attributes at any time (read at each connection / command):
     max_rcpts = 0                # >0: RCPTs beyond this many per transaction get
                                  # "452 4.5.3 Too many recipients"
     data_reply = "250 2.0.0 Ok: queued as {n}"    # {n}: transaction number
+    rset_reply = "250 2.0.0 Ok"  # a 421 reply is sent, then the connection closed
+    max_transactions = 0         # >0: MAIL after this many messages on one connection gets
+                                 # "421 4.7.0 too many messages" and the connection closes
     drop = None                  # "greeting" | "starttls" (right after its 220) | "mid-data" |
-                                 # "after-data": close the connection there
+                                 # "after-data" | "after-rset" (its 250): close the connection there
     hang = None                  # "greeting" | "data-end": never answer (client times out)
 
     SmtpSink(host, port=0, *, hostname="sink.test", ssl_context=None, implicit_tls=False)
         ssl_context + implicit_tls=False: STARTTLS offered; implicit_tls=True: TLS from the
         first byte (smtps).
     sink.stop()    # close the listener and every connection: connections are refused
+    sink.drop_connections()  # close every open connection, keep listening
     sink.start()   # listen again on the same address and port
     sink.close()   # stop and end the thread (the context manager does this)
 
@@ -136,12 +141,16 @@ class SmtpSink:
         self.default_rcpt_reply = "250 2.1.5 Ok"
         self.max_rcpts = 0
         self.data_reply = "250 2.0.0 Ok: queued as {n}"
+        self.rset_reply = "250 2.0.0 Ok"
+        self.max_transactions = 0
         self.drop: str | None = None
         self.hang: str | None = None
         # records
         self.messages: list[Transaction] = []
         self.commands: list[str] = []
         self.connections = 0
+        self.open_connections = 0
+        self.max_open = 0
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"smtpsink-{host}")
@@ -194,6 +203,18 @@ class SmtpSink:
         if server is not None:
             await server.wait_closed()
 
+    def drop_connections(self) -> None:
+        """Close every open connection from the server side (a server ending idle sessions)."""
+        async def drop() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+            for t in list(self._tasks):
+                t.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        self._run(drop())
+
     def close(self) -> None:
         if self._closed:
             return
@@ -223,6 +244,8 @@ class SmtpSink:
         self._tasks.add(task)
         self._writers.add(writer)
         self.connections += 1
+        self.open_connections += 1
+        self.max_open = max(self.max_open, self.open_connections)
         try:
             await self._session(reader, writer, self.connections)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError):
@@ -230,6 +253,7 @@ class SmtpSink:
         except asyncio.CancelledError:
             pass
         finally:
+            self.open_connections -= 1
             self._writers.discard(writer)
             writer.transport.abort()
             self._tasks.discard(task)
@@ -326,6 +350,9 @@ class SmtpSink:
                 if tx is not None:
                     await send("503 5.5.1 Error: nested MAIL command")
                     continue
+                if self.max_transactions and n_tx >= self.max_transactions:
+                    await send("421 4.7.0 too many messages on this connection, closing")
+                    return
                 text = self.mail_reply
                 if text.startswith("250"):
                     address, _, params = arg[5:].strip().partition(" ") if arg.upper().startswith("FROM:") else ("", "", "")
@@ -378,7 +405,9 @@ class SmtpSink:
             elif verb == "RSET":
                 tx = None
                 held.clear()
-                await send("250 2.0.0 Ok")
+                await send(self.rset_reply)
+                if self.rset_reply.startswith("421") or self.drop == "after-rset":
+                    return
             elif verb == "NOOP":
                 await send("250 2.0.0 Ok")
             elif verb == "QUIT":
