@@ -9,7 +9,8 @@ In one run:
   3. smtp-source -s 20 -l SIZE -m N drives each, alternating kanmon and Postfix, for
      100 KB and 5 KB messages, ROUNDS times;
   4. per run: accepted msg/s (until smtp-source finishes), delivered msg/s (until the sink
-     has every message and the queue is empty), peak RSS (all processes of the system);
+     has every message and the queue is empty), peak RSS (all processes of the system),
+     CPU per message (user + system, all its processes) and connections to the next hop;
      then kanmon/Postfix per round and the median;
   5. separately: 5,000 idle SMTP connections held by kanmon (RSS), and receive-only
      throughput with delivery held (kanmon: [queue] suspend_delivery; Postfix:
@@ -77,6 +78,21 @@ def tree_rss_kb(pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process, its reaped children and its live descendants."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            todo.extend(int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class PeakRss:
@@ -183,6 +199,7 @@ class Kanmon:
     name = "kanmon"
 
     workers = 1  # --workers
+    outbound = ""  # more [outbound] lines (--no-connection-cache)
 
     def __init__(self, work: Path, hold: bool = False):
         self.dir = work / "kanmon"
@@ -203,6 +220,7 @@ min_free_disk = "1GB"
 smarthost = ["{SINK[0]}:{SINK[1]}"]
 tls = "none"
 max_per_destination = 20
+{self.outbound}
 [queue]
 suspend_delivery = {"true" if hold else "false"}
 """)
@@ -234,7 +252,8 @@ def run_one(system, sink: SmtpSink, size: int, messages: int, sessions: int, hol
     time.sleep(2)
     system.start()
     try:
-        start_count = sink.count
+        start_count, start_sessions = sink.count, sink.sessions
+        cpu0 = sum(tree_cpu_seconds(p) for p in system.pids())
         with PeakRss(system.pids) as rss:
             t0 = time.perf_counter()
             sh(["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages),
@@ -248,10 +267,17 @@ def run_one(system, sink: SmtpSink, size: int, messages: int, sessions: int, hol
                         break
                     time.sleep(0.05)
                 t_del = time.perf_counter() - t0
-        return {"accepted": messages / t_acc, "delivered": (messages / t_del) if t_del else None,
-                "rss_mb": rss.peak / 1024}
+        cpu = sum(tree_cpu_seconds(p) for p in system.pids()) - cpu0
     finally:
         system.stop()
+    # smtp-sink counts a session when it ends: after the stop, cached ones end too.
+    last, deadline = -1, time.time() + 3
+    while time.time() < deadline and sink.sessions != last:
+        last = sink.sessions
+        time.sleep(0.5)
+    return {"accepted": messages / t_acc, "delivered": (messages / t_del) if t_del else None,
+            "rss_mb": rss.peak / 1024, "cpu_ms": 1000 * cpu / messages,
+            "connections": sink.sessions - start_sessions}
 
 
 def idle_connections(count: int) -> None:
@@ -285,8 +311,12 @@ def main() -> int:
     ap.add_argument("--sizes", default="102400,5120")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold (0: skip)")
     ap.add_argument("--workers", type=int, default=1, help="kanmon's [server] workers")
+    ap.add_argument("--no-connection-cache", action="store_true",
+                    help="kanmon opens a new connection to the next hop for each message")
     args = ap.parse_args()
     Kanmon.workers = args.workers
+    if args.no_connection_cache:
+        Kanmon.outbound = "connection_cache = false"
     if os.geteuid() != 0:
         raise SystemExit("run as root (Postfix and smtp-sink need it)")
     ensure_postfix()
@@ -310,7 +340,8 @@ def main() -> int:
                         shutil.rmtree(work, ignore_errors=True)
                     r = pair[cls.name]
                     print(f"size {size:>6} round {rnd + 1} {cls.name:8} accepted {r['accepted']:7.0f} msg/s  "
-                          f"delivered {r['delivered']:7.0f} msg/s  peak RSS {r['rss_mb']:5.0f} MB", flush=True)
+                          f"delivered {r['delivered']:7.0f} msg/s  peak RSS {r['rss_mb']:5.0f} MB  "
+                          f"CPU {r['cpu_ms']:.2f} ms/msg  next-hop connections {r['connections']}", flush=True)
                 results[size].append((pair["kanmon"], pair["postfix"]))
         print()
         print(f"smtp-source -s {args.sessions} -m {args.messages}, {args.rounds} rounds, fsync on, loopback")

@@ -67,6 +67,7 @@ class SmtpSink:
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.count = 0
+        self.sessions = 0  # sessions ended (its sess= counter)
         self.proc = subprocess.Popen(["smtp-sink", "-u", "nobody", "-c", f"{address[0]}:{address[1]}", "1000"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._read, daemon=True).start()
@@ -80,6 +81,9 @@ class SmtpSink:
             found = re.findall(rb"mesg=(\d+)", buf)
             if found:
                 self.count = int(found[-1])
+            sess = re.findall(rb"sess=(\d+)", buf)
+            if sess:
+                self.sessions = int(sess[-1])
 
     def stop(self) -> None:
         self.proc.terminate()

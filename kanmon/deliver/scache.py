@@ -103,10 +103,16 @@ class _Destination:
     busy: int = 0
 
 
+def _settings_for(key: SessionKey, settings: ClientSettings) -> ClientSettings:
+    """The key's HELO name and source address win over the cache's settings."""
+    helo = key.helo or settings.hostname
+    source = key.source_address or None
+    if helo == settings.hostname and source == settings.bind_address:
+        return settings
+    return replace(settings, hostname=helo, bind_address=source)
+
+
 async def _open(key: SessionKey, settings: ClientSettings) -> SmtpConnection:
-    """A new session as the key says: its HELO name and source address win over settings."""
-    if key.helo and key.helo != settings.hostname or (key.source_address or None) != settings.bind_address:
-        settings = replace(settings, hostname=key.helo or settings.hostname, bind_address=key.source_address or None)
     return await open_connection(key.address, key.port, server_name=key.server_name,
                                  policy=key.tls, settings=settings)  # type: ignore[arg-type]
 
@@ -226,7 +232,7 @@ class SessionCache:
             await self._wait_for_room(key)
         dest.busy += 1
         try:
-            conn = await self._opener(key, self.settings)
+            conn = await self._opener(key, _settings_for(key, self.settings))
         except BaseException:
             dest.busy -= 1
             self._tidy(key)

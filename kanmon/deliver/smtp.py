@@ -289,8 +289,10 @@ class SmtpDelivery:
         fresh = False
         while True:
             lease = self.cache.session(key, fresh=fresh)
+            first_transaction = -1  # the session's transaction count before this delivery's first
             try:
                 async with lease as conn:
+                    first_transaction = conn.transactions
                     if not lease.reused:
                         self._log_session(queue_id, conn, hop)
                     if dest is not None and req is not None:
@@ -304,8 +306,10 @@ class SmtpDelivery:
                     passed = dsn is not None and conn.supports("DSN")
                     results = await self._transactions(conn, mail_from, rcpts, body, smtputf8, dsn)
             except ConnectionLost as e:
-                if lease.reused and e.try_next and not fresh:
-                    fresh = True  # the cached session died under us before the final dot
+                if lease.reused and e.try_next and not fresh and conn.transactions == first_transaction + 1:
+                    # The cached session died under us in this delivery's first transaction,
+                    # before its final dot: nothing of it was delivered.
+                    fresh = True
                     continue
                 return e.reply, not e.try_next
             except TlsUnavailable as e:
