@@ -32,6 +32,7 @@ import time
 import uuid
 from kanmon.spool.groupcommit import fsync_dir
 from kanmon.store.index import MailboxIndex, index_path
+from kanmon.store.modseq import ModseqLog, changed_messages, modseq_path
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,7 @@ class MessageInfo:
     size: int | None = None  # stored size (LF)
     vsize: int | None = None  # wire size (CRLF), what POP3 and IMAP report
     recent: bool = False  # moved from new/ by the scan that found it
+    modseq: int = 0  # RFC 7162 mod-sequence of its last change (0: the folder has none)
 
     @property
     def filename(self) -> str:
@@ -214,6 +216,7 @@ class Snapshot:
     stamp: tuple = ()
     reusable: bool = False  # its directories were last changed well before the scan
     has_new: bool = False  # made without moving new/: some messages are still there
+    highest_modseq: int = 0  # the folder's HIGHESTMODSEQ as of this scan (0: none kept)
 
 
 STABLE_NS = 1_000_000_000  # a directory changed less than this before a scan is scanned again
@@ -239,6 +242,8 @@ class Folder:
         self._keywords_stamp: tuple[int, int, int] | None = None
         self._snapshot: Snapshot | None = None
         self._index: MailboxIndex | None = None
+        self._modseqs: ModseqLog | None = None
+        self.modseq_error = False  # the mod-sequence file could not be written at the last scan
 
     @property
     def index(self) -> MailboxIndex:
@@ -247,6 +252,44 @@ class Folder:
             if self._index is None:
                 self._index = MailboxIndex(index_path(self.path))
             return self._index
+
+    @property
+    def modseqs(self) -> ModseqLog:
+        """The folder's mod-sequences (kanmon.store.modseq), opened on first use."""
+        with self._lock:
+            if self._modseqs is None:
+                self._modseqs = ModseqLog(modseq_path(self.path))
+            return self._modseqs
+
+    def _record_modseqs(self, decide) -> int:
+        """ModseqLog.update for this folder's UIDVALIDITY (caller holds _lock); 0 when
+        the file cannot be written (the folder then answers NOMODSEQ until it can)."""
+        try:
+            return self.modseqs.update(self._state.uidvalidity, decide)
+        except OSError:
+            self.modseq_error = True
+            return 0
+
+    def _note_scan(self, msgs: list[MessageInfo]) -> int:
+        """Give every scanned message its mod-sequence, recording arrivals, expunges and
+        flag changes made behind our back (a rename by Dovecot or a user) with a new
+        one; return the folder's HIGHESTMODSEQ (0 when none can be kept)."""
+        present = [(m.uid, flag_letters(m.flags, m.extra)) for m in msgs]
+        self.modseq_error = False
+        self._record_modseqs(lambda log: changed_messages(log, present))
+        if self.modseq_error:
+            return 0
+        log = self.modseqs
+        recs = log.msgs
+        for m in msgs:
+            rec = recs.get(m.uid)
+            m.modseq = rec[0] if rec is not None else log.highest
+        return log.highest
+
+    def vanished_since(self, modseq: int) -> set[int] | None:
+        """UIDs expunged after modseq (None: not known that far back, see ModseqLog)."""
+        with self._lock:
+            return self.modseqs.vanished_since(modseq)
 
     # -- locking: a thread lock for this process, Dovecot's dotlock for other processes
     def _dotlock(self) -> _DotLock:
@@ -357,10 +400,11 @@ class Folder:
                 with self._dotlock() as lock:
                     msgs = self._sync_locked(move_new, lock)
                 stamp = self._stamp()
+            highest = self._note_scan(msgs)
             changed = max(s[2] for s in stamp[:2] if s is not None)
             uids = [m.uid for m in msgs]
             snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
-                            stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs))
+                            stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
             old = self._snapshot
             self._snapshot = snap
             if old is not None and self._index is not None and len(msgs) < len(old.messages):
@@ -553,25 +597,74 @@ class Folder:
     ) -> MessageInfo | None:
         """Rename msg so its info carries exactly these system flags (and keywords,
         when given; otherwise its keywords stay)."""
-        flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
+        return self.store_flags([(msg, flags, keywords)])[0][0]
+
+    def store_flags(
+        self,
+        changes: list[tuple[MessageInfo, Iterable[str] | None, Iterable[str] | None]],
+        unchanged_since: int | None = None,
+    ) -> tuple[list[MessageInfo | None], set[int]]:
+        """Set flags of several messages as one change: (message, system flags or None
+        to leave it as it is, keywords or None to keep them). The messages whose flags
+        changed get one new mod-sequence. With unchanged_since (RFC 7162 UNCHANGEDSINCE),
+        a message whose mod-sequence is higher is left alone and its UID returned in the
+        second set. Returns each message after (None: it is gone) and that set."""
+        modified: set[int] = set()
+        results: list[MessageInfo | None] = [None] * len(changes)
+        touched: list[int] = []
+
+        def decide(log: ModseqLog) -> tuple[list[tuple[int, str]], list[int]]:
+            out = []
+            for n, (msg, flags, keywords) in enumerate(changes):
+                rec = log.msgs.get(msg.uid)
+                if unchanged_since is not None and (rec is None or rec[0] > unchanged_since):
+                    modified.add(msg.uid)
+                    results[n] = msg
+                    continue
+                new = msg if flags is None else self._rename_flags(msg, flags, keywords)
+                results[n] = new
+                if new is None:
+                    continue
+                letters = flag_letters(new.flags, new.extra)
+                if rec is None or rec[1] != letters:
+                    out.append((new.uid, letters))
+                    touched.append(n)
+                else:
+                    new.modseq = rec[0]
+            return out, []
+
         with self._lock:
-            src = self._locate(msg)
-            if src is None:
+            modseq = self._record_modseqs(decide)
+            if self.modseq_error and not any(results) and not modified:
+                # the file could not be opened: the renames are still wanted
+                modified.clear()
+                for n, (msg, flags, keywords) in enumerate(changes):
+                    results[n] = msg if flags is None else self._rename_flags(msg, flags, keywords)
+            for n in touched:
+                info = results[n]
+                if info is not None:
+                    info.modseq = modseq
+        return results, modified
+
+    def _rename_flags(self, msg: MessageInfo, flags: Iterable[str], keywords: Iterable[str] | None) -> MessageInfo | None:
+        flags = frozenset(f for f in flags if f in SYSTEM_FLAGS)
+        src = self._locate(msg)
+        if src is None:
+            return None
+        parsed = parse_filename(src.name)
+        extra = parsed[2] if parsed else msg.extra
+        if keywords is not None:
+            others = "".join(ch for ch in extra if not "a" <= ch <= "z")
+            extra = others + self._letters(keywords)
+        new = MessageInfo(msg.uid, msg.base, "cur", flags, extra, msg.size, msg.vsize, msg.recent, msg.modseq)
+        dst = self.path / "cur" / new.filename
+        if src != dst:
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
                 return None
-            parsed = parse_filename(src.name)
-            extra = parsed[2] if parsed else msg.extra
-            if keywords is not None:
-                others = "".join(ch for ch in extra if not "a" <= ch <= "z")
-                extra = others + self._letters(keywords)
-            new = MessageInfo(msg.uid, msg.base, "cur", flags, extra, msg.size, msg.vsize, msg.recent)
-            dst = self.path / "cur" / new.filename
-            if src != dst:
-                try:
-                    os.rename(src, dst)
-                except FileNotFoundError:
-                    return None
-            self._messages[msg.base] = new
-            return new
+        self._messages[msg.base] = new
+        return new
 
     def _deliver_tmp(self, data: bytes, flags: Iterable[str], internaldate: float | None) -> tuple[str, Path]:
         """Write stored bytes into tmp/, fsync; return (base, tmp path)."""
@@ -620,7 +713,9 @@ class Folder:
                     self._write_uidlist(lock)
                 info.uid = uid
                 self._messages[info.base] = info
-                return info
+            letters = flag_letters(info.flags, info.extra)
+            info.modseq = self._record_modseqs(lambda log: ([(uid, letters)], []))
+            return info
 
     def copy_in(self, src: Folder, msg: MessageInfo, flags: Iterable[str] | None = None) -> MessageInfo | None:
         """Copy msg from src into this folder (hard link when possible), with its flags
@@ -669,6 +764,9 @@ class Folder:
                     continue
                 self._messages.pop(msg.base, None)
                 removed.append(msg)
+            if removed:
+                gone = [m.uid for m in removed]
+                self._record_modseqs(lambda log: ([], [u for u in gone if u in log.msgs]))
         return removed
 
     def usage(self) -> tuple[int, int]:
@@ -778,6 +876,7 @@ def forget_indexes() -> None:
         for f in _folders.values():
             with f._lock:
                 f._index = None
+                f._modseqs = None
 
 
 def make_dirs_private(path: Path) -> None:

@@ -103,11 +103,12 @@ def test_base_subject() -> None:
     assert base_subject("re:") == ""
 
 
-def test_enable_enables_nothing_yet(tmp_path: Path) -> None:
+def test_enable_names_what_it_enabled(tmp_path: Path) -> None:
     d, _ = session(tmp_path, None)
     assert " ENABLE" in d.cmd("c CAPABILITY")
-    # RFC 5161 3.1 example: the server answers with what it enabled (here nothing)
-    assert d.cmd("t2 ENABLE CONDSTORE X-GOOD-IDEA") == "* ENABLED\r\nt2 OK ENABLE completed\r\n"
+    # RFC 5161 3.1 example: the server answers with what it enabled, not what it ignored
+    assert d.cmd("t2 ENABLE CONDSTORE X-GOOD-IDEA") == "* ENABLED CONDSTORE\r\nt2 OK ENABLE completed\r\n"
+    assert d.cmd("t2 ENABLE CONDSTORE") == "* ENABLED\r\nt2 OK ENABLE completed\r\n"  # already on
     assert "BAD" in d.cmd("t3 ENABLE")
     d.cmd("s SELECT INBOX")
     assert "t4 BAD" in d.cmd("t4 ENABLE CONDSTORE")  # only before SELECT (RFC 5161 3.1)

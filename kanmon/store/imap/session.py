@@ -91,7 +91,7 @@ MAX_ERRORS = 20
 MAX_SEARCH_DEPTH = 50  # NOT/OR/parentheses nested deeper: BAD (a deep one used to raise RecursionError)
 MAX_FOLDER_BYTES = 255  # one file name of the file system; longer: NO [LIMIT]
 SYSTEM_ORDER = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
-BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES ENABLE UTF8=ACCEPT CREATE-SPECIAL-USE"
+BASE_CAPS = "IMAP4rev1 LITERAL+ SASL-IR IDLE UIDPLUS MOVE SPECIAL-USE UNSELECT NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES ENABLE UTF8=ACCEPT CREATE-SPECIAL-USE CONDSTORE QRESYNC"
 AUTH_CAPS = " QUOTA QUOTA=RES-STORAGE"  # after the login (RFC 9208)
 _SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -207,6 +207,9 @@ class ImapSession:
         self._closed = False
         self._search_index = False
         self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): folder names in UTF-8
+        self.condstore = False  # RFC 7162 3.1: a CONDSTORE enabling command was given
+        self.qresync = False  # ENABLE QRESYNC (RFC 7162 3.2.3): VANISHED instead of EXPUNGE
+        self._search_modseq = False  # the SEARCH being parsed has a MODSEQ key
 
     # -- adapter interface
     @property
@@ -586,10 +589,48 @@ class ImapSession:
     def _cmd_namespace(self, tag: str, args: list) -> list[Event]:
         return [Send(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL\r\n{tag} OK NAMESPACE completed\r\n'.encode())]
 
+    def _select_params(self, params: object) -> tuple | None:
+        """SELECT/EXAMINE parameters (RFC 4466): (CONDSTORE) or (QRESYNC (uidvalidity
+        modseq [known-uids [(seq-set uid-set)]])) (RFC 7162 3.1.8, 3.2.5); returns the
+        QRESYNC values or None."""
+        if not isinstance(params, list) or not params:
+            raise Bad("bad SELECT parameters")
+        qresync = None
+        pos = 0
+        while pos < len(params):
+            p = params[pos]
+            name = p.upper() if isinstance(p, str) and not isinstance(p, (QStr, Literal)) else ""
+            if name == "CONDSTORE":
+                self.condstore = True
+                pos += 1
+            elif name == "QRESYNC":
+                if not self.qresync:
+                    raise Bad("QRESYNC is not enabled (ENABLE QRESYNC first)")
+                v = params[pos + 1] if pos + 1 < len(params) else None
+                if not isinstance(v, list) or not 2 <= len(v) <= 4:
+                    raise Bad("QRESYNC needs (uidvalidity modseq [known-uids [seq-match-data]])")
+                validity, modseq = _number(v[0], "uidvalidity"), _number(v[1], "mod-sequence")
+                known = parse_sequence_set(v[2]) if len(v) >= 3 and not isinstance(v[2], list) else None
+                if len(v) >= 3 and isinstance(v[2], list) or len(v) == 4 and (
+                        not isinstance(v[3], list) or len(v[3]) != 2):
+                    raise Bad("bad QRESYNC known-uids or seq-match-data")
+                if len(v) == 4:  # validated; the tombstones make it unnecessary here
+                    parse_sequence_set(v[3][0])
+                    parse_sequence_set(v[3][1])
+                if validity == 0 or modseq == 0:
+                    raise Bad("QRESYNC uidvalidity and mod-sequence are non-zero")
+                qresync = (validity, modseq, known)
+                pos += 2
+            else:
+                raise Bad("unknown SELECT parameter")
+        return qresync
+
     def _select(self, tag: str, args: list, readonly: bool) -> Steps:
-        if len(args) != 1:
+        if len(args) not in (1, 2):
             raise Bad("SELECT needs a mailbox name")
         assert self.mailbox is not None
+        qresync = self._select_params(args[1]) if len(args) == 2 else None
+        closed = ["* OK [CLOSED] Previous mailbox closed"] if self.sel is not None else []  # RFC 7162 3.2.11
         self.sel = None
         self.state = "AUTHENTICATED"
         name = self._folder_name(args[0])
@@ -605,6 +646,7 @@ class ImapSession:
         self.sel = sel
         self.state = "SELECTED"
         out = [
+            *closed,
             *self._flags_announcement(keywords, readonly),
             f"* {len(msgs)} EXISTS",
             f"* {len(sel.recent)} RECENT",
@@ -613,9 +655,35 @@ class ImapSession:
         if first_unseen:
             out.append(f"* OK [UNSEEN {first_unseen}] First unseen")
         out += [f"* OK [UIDVALIDITY {folder.uidvalidity}] UIDs valid", f"* OK [UIDNEXT {folder.uidnext}] Predicted next UID"]
+        # RFC 7162 3.1.2.1: HIGHESTMODSEQ in every SELECT of a folder that keeps them
+        if snap.highest_modseq:
+            out.append(f"* OK [HIGHESTMODSEQ {snap.highest_modseq}] Highest")
+        else:
+            out.append("* OK [NOMODSEQ] Sorry, this mailbox cannot keep mod-sequences now")
+        lines = [("\r\n".join(out) + "\r\n").encode()]
+        if qresync is not None and qresync[0] == folder.uidvalidity and snap.highest_modseq:
+            lines += yield from self._resync(qresync[1], qresync[2], True)
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         verb = "EXAMINE" if readonly else "SELECT"
-        return [Send(("\r\n".join(out) + f"\r\n{tag} OK [{mode}] {verb} completed\r\n").encode())]
+        return [Send(b"".join(lines) + f"{tag} OK [{mode}] {verb} completed\r\n".encode())]
+
+    def _resync(self, since: int, uid_ranges: list | None, earlier: bool) -> Generator[FileWork, Any, list[bytes]]:
+        """RFC 7162 3.2.5/3.2.6: VANISHED (EARLIER) for the UIDs (within uid_ranges, all
+        when None) expunged after mod-sequence since, then FETCH (UID FLAGS MODSEQ) for
+        the messages there changed after it."""
+        sel = self.sel
+        assert sel is not None
+        gone = yield FileWork(sel.folder.vanished_since, (since,))
+        largest = sel.uids[-1] if sel.uids else 0
+        out: list[bytes] = []
+        vanished = _vanished_set(gone, sel.uids, sel.folder.uidnext, uid_ranges)
+        if vanished:
+            out.append(f"* VANISHED {'(EARLIER) ' if earlier else ''}{vanished}\r\n".encode())
+        for seq, u in enumerate(sel.uids, 1):
+            info = sel.infos[u]
+            if info.modseq > since and (uid_ranges is None or in_set(uid_ranges, u, largest)):
+                out.append(self._flags_fetch(seq, u, info, True))
+        return out
 
     def _cmd_select(self, tag: str, args: list) -> Steps:
         return self._select(tag, args, readonly=False)
@@ -752,7 +820,8 @@ class ImapSession:
             folder = yield FileWork(self.mailbox.folder, (name,))
         except FolderNotFound:
             raise No("[NONEXISTENT] no such mailbox") from None
-        msgs = yield FileWork(folder.sync, (False,))
+        snap = yield FileWork(folder.snapshot, (False,))
+        msgs = snap.messages
         items = []
         for item in args[1]:
             key = str(item).upper()
@@ -764,6 +833,9 @@ class ImapSession:
                 items.append(f"UIDNEXT {folder.uidnext}")
             elif key == "UIDVALIDITY":
                 items.append(f"UIDVALIDITY {folder.uidvalidity}")
+            elif key == "HIGHESTMODSEQ":  # RFC 7162 3.1.6 (0: the folder keeps none now)
+                self.condstore = True
+                items.append(f"HIGHESTMODSEQ {snap.highest_modseq}")
             elif key == "UNSEEN":
                 unseen = sum(1 for m in msgs if "\\Seen" not in m.flags)
                 items.append(f"UNSEEN {unseen}")
@@ -780,15 +852,21 @@ class ImapSession:
         return [Send(line + f"{tag} OK STATUS completed\r\n".encode())]
 
     def _cmd_enable(self, tag: str, args: list) -> list[Event]:
-        """RFC 5161: UTF8=ACCEPT (RFC 6855) can be enabled; anything else is not (a client
-        asking for CONDSTORE or QRESYNC goes on without them, as the RFC says). The
-        answer names what this command enabled."""
+        """RFC 5161: UTF8=ACCEPT (RFC 6855), CONDSTORE and QRESYNC (RFC 7162) can be
+        enabled; anything else is ignored. The answer names what this command enabled."""
         if not args or not all(isinstance(a, str) and not isinstance(a, QStr) for a in args):
             raise Bad("ENABLE needs capability names")
         enabled = ""
-        if any(a.upper() == "UTF8=ACCEPT" for a in args) and not self.utf8:
+        asked = {a.upper() for a in args}
+        if "UTF8=ACCEPT" in asked and not self.utf8:
             self.utf8 = True
             enabled = " UTF8=ACCEPT"
+        if "CONDSTORE" in asked and not self.condstore:
+            enabled += " CONDSTORE"
+        if "QRESYNC" in asked and not self.qresync:  # RFC 7162 3.2.3: implies CONDSTORE
+            self.qresync = True
+            enabled += " QRESYNC"
+        self.condstore = self.condstore or "CONDSTORE" in asked or "QRESYNC" in asked
         return [Send(f"* ENABLED{enabled}\r\n{tag} OK ENABLE completed\r\n".encode())]
 
     # -- QUOTA (RFC 9208): one root, "", per user: the domain's quota on all folders
@@ -896,18 +974,13 @@ class ImapSession:
         fresh, snap.recent = snap.recent, set()
         out: list[bytes] = []
         if allow_expunge:
-            for seq in range(len(sel.uids), 0, -1):
-                uid = sel.uids[seq - 1]
-                if uid not in now:
-                    out.append(f"* {seq} EXPUNGE\r\n".encode())
-                    del sel.uids[seq - 1]
-                    sel.infos.pop(uid, None)
-                    sel.recent.discard(uid)
+            out += self._expunged({u for u in sel.uids if u not in now})
+        condstore = self.condstore
         for seq, uid in enumerate(sel.uids, 1):
             m = now.get(uid)
             old = sel.infos[uid]
-            if m is not None and (m.flags != old.flags or m.extra != old.extra):
-                out.append(f"* {seq} FETCH (UID {uid} FLAGS {_flag_list(self._all_flags(m), uid in sel.recent)})\r\n".encode())
+            if m is not None and (m.flags != old.flags or m.extra != old.extra or (condstore and m.modseq > old.modseq)):
+                out.append(self._flags_fetch(seq, uid, m, True))
             if m is not None:
                 sel.infos[uid] = m
         known = set(sel.uids)
@@ -924,6 +997,36 @@ class ImapSession:
             if sel.uids == snap.uids:  # the same as the snapshot: share its lists again
                 sel.uids, sel.infos, sel.shared = snap.uids, snap.by_uid, True
         return out
+
+    def _expunged(self, gone: set[int]) -> list[bytes]:
+        """Take the UIDs gone out of the session's lists; the responses that say so:
+        EXPUNGE per message (highest first), or one VANISHED once QRESYNC is enabled."""
+        sel = self.sel
+        assert sel is not None
+        if not gone:
+            return []
+        sel.own()
+        out = []
+        for seq in range(len(sel.uids), 0, -1):
+            uid = sel.uids[seq - 1]
+            if uid in gone:
+                if not self.qresync:
+                    out.append(f"* {seq} EXPUNGE\r\n".encode())
+                del sel.uids[seq - 1]
+                sel.infos.pop(uid, None)
+                sel.recent.discard(uid)
+        if self.qresync:  # RFC 7162 3.2.10
+            out.append(f"* VANISHED {_uid_set(sorted(gone))}\r\n".encode())
+        return out
+
+    def _flags_fetch(self, seq: int, uid: int, info: MessageInfo, with_uid: bool) -> bytes:
+        """An untagged FETCH of a message's flags (with MODSEQ once CONDSTORE is on)."""
+        sel = self.sel
+        assert sel is not None
+        text = f"* {seq} FETCH ({f'UID {uid} ' if with_uid else ''}FLAGS {_flag_list(self._all_flags(info), uid in sel.recent)}"
+        if self.condstore:
+            text += f" MODSEQ ({info.modseq})"
+        return (text + ")\r\n").encode()
 
     @staticmethod
     def _flags_announcement(keywords: list[str], readonly: bool = False) -> list[str]:
@@ -998,18 +1101,8 @@ class ImapSession:
             if "\\Deleted" in sel.infos[u].flags and (only is None or u in only)
         ]
         yield FileWork(sel.folder.remove, (doomed,))
-        sel.own()
-        out = list(updates)
-        gone = {m.uid for m in doomed}
-        for seq in range(len(sel.uids), 0, -1):
-            uid = sel.uids[seq - 1]
-            if uid in gone:
-                if report:
-                    out.append(f"* {seq} EXPUNGE\r\n".encode())
-                del sel.uids[seq - 1]
-                sel.infos.pop(uid, None)
-                sel.recent.discard(uid)
-        return out
+        said = self._expunged({m.uid for m in doomed})
+        return [*updates, *said] if report else list(updates)
 
     def _cmd_expunge(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
@@ -1027,6 +1120,15 @@ class ImapSession:
     def _cmd_store(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
+        unchanged_since = None
+        if len(args) == 4 and isinstance(args[1], list):  # RFC 7162 3.1.3: (UNCHANGEDSINCE n)
+            mods = args[1]
+            if (len(mods) != 2 or not isinstance(mods[0], str) or isinstance(mods[0], (QStr, Literal))
+                    or mods[0].upper() != "UNCHANGEDSINCE"):
+                raise Bad("unknown STORE modifier")
+            unchanged_since = _number(mods[1], "mod-sequence", zero=True)
+            self.condstore = True
+            args = [args[0], args[2], args[3]]
         if len(args) != 3 or not isinstance(args[1], str):
             raise Bad("STORE needs a set, an item and flags")
         targets = self._messages(args[0], uid)
@@ -1052,20 +1154,29 @@ class ImapSession:
             else:
                 new = frozenset(flags)
             changes.append((seq, u, info, new if new != current else None))
-        keywords_before, results, keywords_after = yield FileWork(_store_flags, (sel.folder, changes))
+        keywords_before, results, modified, keywords_after = yield FileWork(
+            _store_flags, (sel.folder, changes, unchanged_since))
         fetches = []
         sel.own()
-        for (seq, u, _, _), changed in zip(changes, results, strict=True):
+        for (seq, u, _, new), changed in zip(changes, results, strict=True):
+            if u in modified:
+                continue
             if changed is not None:
                 sel.infos[u] = changed
             if not silent:
-                uid_part = f"UID {u} " if uid else ""
-                all_flags = self._all_flags(sel.infos[u])
-                fetches.append(f"* {seq} FETCH ({uid_part}FLAGS {_flag_list(all_flags, u in sel.recent)})\r\n".encode())
+                fetches.append(self._flags_fetch(seq, u, sel.infos[u], uid))
+            elif self.condstore and new is not None and changed is not None:
+                # RFC 7162 3.1.3: the new mod-sequence even for .SILENT
+                fetches.append(f"* {seq} FETCH ({f'UID {u} ' if uid else ''}MODSEQ ({changed.modseq}))\r\n".encode())
         if keywords_after != keywords_before:  # RFC 3501 7.2.6: new keywords
             out += [(line + "\r\n").encode() for line in self._flags_announcement(keywords_after)]
         out += fetches
-        return [Send(b"".join(out) + f"{tag} OK STORE completed\r\n".encode())]
+        code = ""
+        if modified:
+            failed = sorted(u for _, u, _, _ in changes if u in modified) if uid else \
+                sorted(seq for seq, u, _, _ in changes if u in modified)
+            code = f"[MODIFIED {_uid_set(failed)}] "
+        return [Send(b"".join(out) + f"{tag} OK {code}STORE completed\r\n".encode())]
 
     def _copy(self, tag: str, args: list, uid: bool, move: bool) -> Steps:
         sel = self.sel
@@ -1097,14 +1208,7 @@ class ImapSession:
         moved = {a for a, _ in pairs}
         yield FileWork(sel.folder.remove, ([sel.infos[u] for u in moved if u in sel.infos],))
         out = [f"* OK {code}Moved\r\n".encode()] if code else []
-        sel.own()
-        for seq in range(len(sel.uids), 0, -1):
-            u = sel.uids[seq - 1]
-            if u in moved:
-                out.append(f"* {seq} EXPUNGE\r\n".encode())
-                del sel.uids[seq - 1]
-                sel.infos.pop(u, None)
-                sel.recent.discard(u)
+        out += self._expunged(moved & set(sel.infos))
         out += yield from self._refresh(allow_expunge=True)
         return [Send(b"".join(out) + f"{tag} OK MOVE completed\r\n".encode())]
 
@@ -1118,19 +1222,24 @@ class ImapSession:
     def _cmd_fetch(self, tag: str, args: list, uid: bool = False) -> Steps:
         sel = self.sel
         assert sel is not None
-        if len(args) != 2:
+        if len(args) not in (2, 3):
             raise Bad("FETCH needs a set and items")
+        changed_since, vanished = self._fetch_modifiers(args[2], uid) if len(args) == 3 else (None, False)
         targets = self._messages(args[0], uid)
         items = args[1] if isinstance(args[1], list) else [args[1]]
         wanted = _fetch_items(items)
         if uid and "UID" not in [w[0] for w in wanted]:
             wanted.insert(0, ("UID", None, None))
+        if changed_since is not None and "MODSEQ" not in [w[0] for w in wanted]:
+            wanted.append(("MODSEQ", None, None))  # RFC 7162 3.1.4.1: CHANGEDSINCE implies MODSEQ
         names = {w[0] for w in wanted}
+        if "MODSEQ" in names:
+            self.condstore = True  # RFC 7162 3.1: a CONDSTORE enabling command
         content = any(not _from_cache(name, section) for name, section, _ in wanted
-                      if name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"))
+                      if name not in ("UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE"))
         need = _FileNeeds(
             content=content,
-            cache=not content and any(name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE")
+            cache=not content and any(name not in ("UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE")
                                       for name, _, _ in wanted),
             headers=any(section is not None for _, section, _ in wanted),
             date="INTERNALDATE" in names,
@@ -1141,8 +1250,13 @@ class ImapSession:
             ),
         )
         out = yield from self._refresh(allow_expunge=False)
-        if not need.any and names <= {"UID", "FLAGS"}:  # the message list's refresh: no file, no index
-            yield from self._fetch_flags(targets, "UID" in names, "FLAGS" in names, out)
+        if vanished:  # RFC 7162 3.2.6: UID FETCH (CHANGEDSINCE n VANISHED)
+            assert changed_since is not None
+            out += yield from self._vanished_earlier(changed_since, parse_sequence_set(args[0]))
+        if changed_since is not None:
+            targets = [(seq, u) for seq, u in targets if u in sel.infos and sel.infos[u].modseq > changed_since]
+        if not need.any and names <= {"UID", "FLAGS", "MODSEQ"}:  # the message list's refresh: no file, no index
+            yield from self._fetch_flags(targets, "UID" in names, "FLAGS" in names, out, "MODSEQ" in names)
             return [Send(f"{tag} OK FETCH completed\r\n".encode())]
         chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
         start = 0
@@ -1164,8 +1278,38 @@ class ImapSession:
             out = []
         return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
 
+    def _fetch_modifiers(self, mods: object, uid: bool) -> tuple[int | None, bool]:
+        """FETCH modifiers (RFC 4466): CHANGEDSINCE n and, with UID FETCH once QRESYNC
+        is enabled, VANISHED (RFC 7162 3.1.4.1, 3.2.6)."""
+        if not isinstance(mods, list) or not mods:
+            raise Bad("bad FETCH modifiers")
+        changed_since, vanished, pos = None, False, 0
+        while pos < len(mods):
+            m = mods[pos]
+            name = m.upper() if isinstance(m, str) and not isinstance(m, (QStr, Literal)) else ""
+            if name == "CHANGEDSINCE" and pos + 1 < len(mods):
+                changed_since = _number(mods[pos + 1], "mod-sequence")
+                pos += 2
+            elif name == "VANISHED":
+                vanished = True
+                pos += 1
+            else:
+                raise Bad("unknown FETCH modifier")
+        if vanished and (not uid or not self.qresync or changed_since is None):
+            raise Bad("VANISHED needs UID FETCH, CHANGEDSINCE and ENABLE QRESYNC")
+        if changed_since is not None:
+            self.condstore = True
+        return changed_since, vanished
+
+    def _vanished_earlier(self, since: int, ranges: list) -> Generator[FileWork, Any, list[bytes]]:
+        sel = self.sel
+        assert sel is not None
+        gone = yield FileWork(sel.folder.vanished_since, (since,))
+        text = _vanished_set(gone, sel.uids, sel.folder.uidnext, ranges)
+        return [f"* VANISHED (EARLIER) {text}\r\n".encode()] if text else []
+
     def _fetch_flags(self, targets: list[tuple[int, int]], with_uid: bool, with_flags: bool,
-                     out: list[bytes]) -> Generator[Send, Any, None]:
+                     out: list[bytes], with_modseq: bool = False) -> Generator[Send, Any, None]:
         """FETCH of UID and FLAGS only, as _fetch_one would answer it (FLAGS last), with
         each distinct flag list formatted once."""
         sel = self.sel
@@ -1183,6 +1327,8 @@ class ImapSession:
                 if flags is None:
                     flags = memo[key] = _flag_list(self._all_flags(info), key[2])
                 parts = f"{parts} FLAGS {flags}" if parts else f"FLAGS {flags}"
+            if with_modseq:
+                parts = f"{parts} MODSEQ ({info.modseq})" if parts else f"MODSEQ ({info.modseq})"
             lines.append(f"* {seq} FETCH ({parts})\r\n".encode())
             if n % FETCH_BATCH_CACHED == 0:  # written batch by batch, as the general path does
                 yield Send(b"".join(lines))
@@ -1206,7 +1352,7 @@ class ImapSession:
         for name, section, partial in wanted:
             if name == "UID":
                 parts.append(f"UID {u}".encode())
-            elif name == "FLAGS":
+            elif name in ("FLAGS", "MODSEQ"):
                 continue  # added at the end, after a possible \Seen
             elif name == "INTERNALDATE":
                 assert files is not None
@@ -1245,6 +1391,8 @@ class ImapSession:
                 wanted = [*wanted, ("FLAGS", None, None)]
         if any(w[0] == "FLAGS" for w in wanted):
             parts.append(f"FLAGS {_flag_list(self._all_flags(sel.infos[u]), u in sel.recent)}".encode())
+        if self.condstore and (files is not None and files.marked_seen or any(w[0] == "MODSEQ" for w in wanted)):
+            parts.append(f"MODSEQ ({sel.infos[u].modseq})".encode())  # RFC 7162 3.1.4.1, 3.1.3
         return f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n"
 
     # -- SEARCH (RFC 3501 6.4.4)
@@ -1264,6 +1412,7 @@ class ImapSession:
         pos = 0
         keys = []
         self._search_index = False  # set by _search_key for a key the index answers
+        self._search_modseq = False
         while pos < len(args):
             key, pos = self._search_key(args, pos, 0)
             keys.append(key)
@@ -1271,7 +1420,10 @@ class ImapSession:
         # The lists are the session's or the snapshot's; neither changes while the file work runs.
         found = yield FileWork(_search, (sel.folder, sel.uids, sel.infos, sel.recent, keys, self._search_index))
         hits = [str(u if uid else seq) for seq, u in found]
-        line = ("* SEARCH" + ("".join(" " + h for h in hits)) + "\r\n").encode()
+        tail = ""
+        if self._search_modseq and found:  # RFC 7162 3.1.5: the highest mod-sequence found
+            tail = f" (MODSEQ {max(sel.infos[u].modseq for _, u in found if u in sel.infos)})"
+        line = ("* SEARCH" + ("".join(" " + h for h in hits)) + tail + "\r\n").encode()
         return [Send(b"".join(out) + line + f"{tag} OK SEARCH completed\r\n".encode())]
 
     def _cmd_sort(self, tag: str, args: list, uid: bool = False) -> Steps:
@@ -1418,6 +1570,19 @@ class ImapSession:
             if key == "LARGER":
                 return (lambda c: c.size() > size), pos
             return (lambda c: c.size() < size), pos
+        if key == "MODSEQ":  # RFC 7162 3.1.5: MODSEQ ["/flags/<flag>" priv|shared|all] n
+            if pos < len(args) and isinstance(args[pos], QStr):
+                if pos + 1 >= len(args) or not isinstance(args[pos + 1], str) or \
+                        args[pos + 1].lower() not in ("priv", "shared", "all"):
+                    raise Bad("MODSEQ entry name needs an entry type")
+                pos += 2  # one mod-sequence per message: the entry does not narrow it
+            if pos >= len(args):
+                raise Bad("SEARCH MODSEQ needs a mod-sequence")
+            since = _number(args[pos], "mod-sequence", zero=True)
+            pos += 1
+            self.condstore = True
+            self._search_modseq = True
+            return (lambda c: c.info.modseq >= since), pos
         if key == "UID":
             ranges = parse_sequence_set(arg())
             return (lambda c: in_set(ranges, c.uid, c.largest_uid)), pos
@@ -1737,15 +1902,17 @@ def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -
 
 
 def _store_flags(
-    folder: Folder, changes: list[tuple[int, int, MessageInfo, frozenset[str] | None]]
-) -> tuple[list[str], list[MessageInfo | None], list[str]]:
-    """STORE: (keywords before, each message after its change or None, keywords after)."""
+    folder: Folder, changes: list[tuple[int, int, MessageInfo, frozenset[str] | None]], unchanged_since: int | None
+) -> tuple[list[str], list[MessageInfo | None], set[int], list[str]]:
+    """STORE: (keywords before, each message after its change or None, the UIDs that
+    failed UNCHANGEDSINCE, keywords after). The changes share one mod-sequence."""
     before = folder.keyword_names()
-    results = [
-        folder.set_flags(info, new & SYSTEM_FLAGS, new - SYSTEM_FLAGS) if new is not None else None
-        for _, _, info, new in changes
-    ]
-    return before, results, folder.keyword_names()
+    results, modified = folder.store_flags(
+        [(info, None if new is None else new & SYSTEM_FLAGS, None if new is None else new - SYSTEM_FLAGS)
+         for _, _, info, new in changes], unchanged_since)
+    # a message left as it was is not reported as changed
+    results = [r if new is not None else None for r, (_, _, _, new) in zip(results, changes, strict=True)]
+    return before, results, modified, folder.keyword_names()
 
 
 def _kib(octets: int) -> int:
@@ -1780,6 +1947,49 @@ def _copy_messages(src: Folder, dest: Folder, infos: list[MessageInfo]) -> list[
         if copied is not None:
             pairs.append((info.uid, copied.uid))
     return pairs
+
+
+MAX_MODSEQ = (1 << 63) - 1
+
+
+def _number(value: object, what: str, zero: bool = False) -> int:
+    """A number argument (a mod-sequence or UIDVALIDITY: 63 bits at most)."""
+    if not isinstance(value, str) or isinstance(value, (QStr, Literal)) or not value.isdigit() or len(value) > 19:
+        raise Bad(f"bad {what}")
+    n = int(value)
+    if n > MAX_MODSEQ or (n == 0 and not zero):
+        raise Bad(f"bad {what}")
+    return n
+
+
+def _vanished_set(gone: set[int] | None, uids: list[int], uidnext: int, ranges: list | None) -> str:
+    """The uid-set for VANISHED (EARLIER): the expunged UIDs (gone) within ranges; when
+    gone is None (not known that far back) every UID below UIDNEXT that is not in the
+    folder, which RFC 7162 3.2.10 allows (the client ignores UIDs it does not know)."""
+    top = uidnext - 1
+    if gone is not None:
+        return _uid_set(sorted(u for u in gone if ranges is None or in_set(ranges, u, top)))
+    gaps = []
+    prev = 0
+    for u in uids:
+        if u > prev + 1:
+            gaps.append((prev + 1, u - 1))
+        prev = max(prev, u)
+    if prev < top:
+        gaps.append((prev + 1, top))
+    if ranges is not None:
+        spans = []
+        for a, b in ranges:
+            lo, hi = (top if a is None else a), (top if b is None else b)
+            spans.append((min(lo, hi), max(lo, hi)))
+        cut = sorted((max(g0, s0), min(g1, s1)) for g0, g1 in gaps for s0, s1 in spans if max(g0, s0) <= min(g1, s1))
+        gaps = []
+        for lo, hi in cut:  # merge overlapping pieces
+            if gaps and lo <= gaps[-1][1] + 1:
+                gaps[-1] = (gaps[-1][0], max(gaps[-1][1], hi))
+            else:
+                gaps.append((lo, hi))
+    return ",".join(f"{lo}:{hi}" if lo != hi else str(lo) for lo, hi in gaps)
 
 
 def _uid_set(uids: list[int]) -> str:
@@ -1817,7 +2027,7 @@ _FETCH_MACROS = {
     "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
     "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
 }
-_SIMPLE_ITEMS = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
+_SIMPLE_ITEMS = {"UID", "FLAGS", "MODSEQ", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
                  "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 _BODY_ITEM = re.compile(r"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<(\d{1,10})(?:\.(\d{1,10}))?>)?$", re.I)
 
