@@ -390,6 +390,11 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         watcher = connect(s)
         watcher.select("INBOX")
         assert b"quarterly" in watcher.fetch("1", "(ENVELOPE)")[1][0]
+        # A CONDSTORE session on Projects: Dovecot's flag change gets a new MODSEQ here
+        syncer = connect(s)
+        syncer._simple_command("SELECT", "Projects", "(CONDSTORE)")
+        syncer.state = "SELECTED"
+        before = int(syncer.response("HIGHESTMODSEQ")[1][-1])
         for p in [base, *base.rglob("*")]:
             os.chown(p, 65534, 65534)
         conf = base / "dovecot.conf"
@@ -399,7 +404,7 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
             "ssl = no\nprotocols = imap\nmail_uid = 65534\nmail_gid = 65534\nfirst_valid_uid = 1\n"
         )
         script = (b'a SELECT INBOX\r\nb FETCH 1 (UID FLAGS BODY.PEEK[])\r\nc LIST "" "*"\r\n'
-                  b"d SELECT Projects\r\ne FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
+                  b"d SELECT Projects\r\ne FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\ne2 STORE 1 +FLAGS (\\Answered)\r\n"
                   b"g APPEND INBOX {%d+}\r\n%s\r\nh SELECT INBOX\r\ni STORE 1 +FLAGS (\\Deleted)\r\n"
                   b"j EXPUNGE\r\nf LOGOUT\r\n" % (len(FROM_DOVECOT), FROM_DOVECOT))
         r = subprocess.run([DOVECOT, "-c", str(conf)], input=script, capture_output=True, timeout=30,
@@ -424,6 +429,10 @@ def test_dovecot_reads_what_kanmon_stored(ca: trustme.CA) -> None:
         assert watcher.uid("SEARCH", "SUBJECT", "quarterly")[1][0] == b""
         assert b'"from dovecot"' in watcher.uid("FETCH", "2", "(ENVELOPE)")[1][0]
         watcher.logout()
+        typ, data = syncer.uid("FETCH", "1:*", "(FLAGS)", "(CHANGEDSINCE %d)" % before)
+        assert typ == "OK" and re.search(rb"UID 1 FLAGS \(\\Answered \\Seen\) MODSEQ \((\d+)\)", data[-1]), data
+        assert int(re.search(rb"MODSEQ \((\d+)\)", data[-1]).group(1)) > before
+        syncer.logout()
         # And back: kanmon sees the message Dovecot stored, under Dovecot's UID.
         c = connect(s)
         c.select("INBOX")
