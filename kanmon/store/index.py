@@ -143,6 +143,16 @@ def decode_search(payload: bytes | memoryview) -> CacheEntry:
     return CacheEntry(size, vsize, date, day, b"", b"", b"", b"", bytes(payload[pos:pos + n]))
 
 
+def search_bytes(data: bytes | bytearray, off: int) -> bytes:
+    """The search text of the payload at data[off:] (one decode_payload accepted)."""
+    pos = off + ENTRY_FIXED.size
+    (n,) = FIELD_LEN.unpack_from(data, pos)
+    pos += FIELD_LEN.size + n
+    (n,) = FIELD_LEN.unpack_from(data, pos)
+    pos += FIELD_LEN.size
+    return bytes(data[pos:pos + n])
+
+
 def decode_records(data: bytes, start: int) -> tuple[dict[str, int], int]:
     """Offsets (of each base's last record's payload) in data[start:], and the end.
     IndexCorrupt when anything there does not decode exactly (a torn tail included)."""
@@ -180,6 +190,7 @@ class MailboxIndex:
         self._offsets: dict[str, int] = {}  # base -> payload offset in _data
         self._added: dict[str, CacheEntry] = {}  # entries added by us since _data was read
         self._stamp: tuple[int, int] | None = None  # (dev, ino) of the file read
+        self._texts: dict[str, str] = {}  # base -> decoded search text (see search_texts)
         self.discarded = 0  # times a corrupt file was thrown away (for tests and logs)
 
     # -- reading
@@ -219,6 +230,7 @@ class MailboxIndex:
         if start == 0:
             self._data = bytearray(tail)
             self._offsets = offsets
+            self._texts = {}
         else:  # appended in place: the bytes read before are not copied again
             self._data += tail
             self._offsets.update({base: off + start for base, off in offsets.items()})
@@ -228,6 +240,7 @@ class MailboxIndex:
 
     def _reset(self) -> None:
         self._data, self._offsets, self._added, self._stamp = bytearray(), {}, {}, None
+        self._texts = {}
 
     def _discard(self, stamp: tuple[int, int]) -> None:
         """Remove the untrusted file (if it is still the one we read) and forget all."""
@@ -255,6 +268,32 @@ class MailboxIndex:
                             (length,) = FIELD_LEN.unpack_from(data, off - RECORD_HEAD.size)
                             e = decode(view[off:off + length])
                     out.append(e)
+            return out
+
+    def search_texts(self, bases: list[str]) -> list[str | None]:
+        """The decoded search text (CacheEntry.search: the normalized Subject, From, To,
+        Cc, Bcc joined by NUL) of each message, None where there is no entry. Kept
+        decoded in memory once asked for (an entry never changes for its base), so a
+        SEARCH of a large folder is a pass over strings, not over records."""
+        with self._lock:
+            self._refresh()
+            memo = self._texts
+            data = self._data
+            out: list[str | None] = []
+            for base in bases:
+                t = memo.get(base)
+                if t is None:
+                    e = self._added.get(base)
+                    if e is not None:
+                        raw = e.search
+                    else:
+                        off = self._offsets.get(base)
+                        if off is None:
+                            out.append(None)
+                            continue
+                        raw = search_bytes(data, off)
+                    t = memo[base] = raw.decode("utf-8", "surrogatepass")
+                out.append(t)
             return out
 
     def get(self, base: str) -> CacheEntry | None:

@@ -207,7 +207,26 @@ def test_japanese_search(server) -> None:
     typ, data = c.search("UTF-8", "TEXT")
     assert data[0].split() == [b"3", b"4"]
     assert c.search(None, "SUBJECT", "PLAIN")[1][0] == b"5"  # case-insensitive
+    # the folder's search texts hold every field: a needle found in From is no Subject hit
+    assert c.search(None, "SUBJECT", "a@example")[1][0] == b""
+    assert c.search(None, "FROM", "a@example")[1][0].split() == [b"1", b"2", b"3", b"4", b"5"]
+    c.literal = "請求書".encode()
+    assert c.search("UTF-8", "FROM", "a@example", "NOT", "SEEN", "SUBJECT")[1][0].split() == [b"1", b"2"]
+    assert c.search(None, "OR", "SUBJECT", "plain", "SUBJECT", "other")[1][0].split() == [b"3", b"4", b"5"]
     c.logout()
+
+
+def test_search_finds_messages_the_index_cannot_hold(server, monkeypatch) -> None:
+    monkeypatch.setattr(mindex, "MAX_RECORD", 64)  # every entry too large to cache
+    deliver_new(server.box.root, b"From: a@example.test\r\nSubject: needle one\r\n\r\nhi\r\n")
+    deliver_new(server.box.root, b"From: a@example.test\r\nSubject: hay\r\n\r\nhi\r\n")
+    c = connect(server)
+    try:
+        c.select("INBOX")
+        assert c.search(None, "SUBJECT", "needle")[1][0] == b"1"
+        assert c.search(None, "HEADER", "SUBJECT", "hay")[1][0] == b"2"
+    finally:
+        c.logout()
 
 
 def _idle_until_exists(server) -> None:

@@ -1536,12 +1536,13 @@ class ImapSession:
             needle = normalize(arg())
             field = key.lower()
             self._search_index = True
-            return (lambda c: needle in c.header(field)), pos
+            return _text_key(lambda c: needle in c.header(field), needle), pos
         if key == "HEADER":
             field = arg().lower()
             needle = normalize(arg())
             self._search_index = self._search_index or field in icache.SEARCH_FIELDS
-            return (lambda c: (needle in c.header(field)) if needle else c.has_header(field)), pos
+            k = (lambda c: (needle in c.header(field)) if needle else c.has_header(field))
+            return (_text_key(k, needle) if needle and field in icache.SEARCH_FIELDS else k), pos
         if key == "BODY":
             needle = normalize(arg())
             return (lambda c: c.body_has(needle)), pos
@@ -1688,18 +1689,50 @@ class _SearchContext:
 SEARCH_BATCH = 1000  # index entries looked up at a time
 
 
+def _text_key(key: Callable[[_SearchContext], bool], needle: str) -> Callable[[_SearchContext], bool]:
+    """Mark a key that matches only messages whose index search text (all of its
+    SEARCH_FIELDS) contains needle, so _search can skip the others without a context."""
+    key.needle = needle  # type: ignore[attr-defined]
+    return key
+
+
+def _candidates(folder: Folder, uids: list[int], infos: dict[int, MessageInfo],
+                needles: list[str]) -> list[tuple[int, int, MessageInfo]]:
+    """(seq, uid, info) of the messages whose index search text holds every needle. A
+    message without an entry gets one made first; one still without (gone, or too large
+    to cache) stays a candidate: the keys then read its file."""
+    bases = [info.base if (info := infos.get(u)) is not None else "" for u in uids]
+    texts = folder.index.search_texts(bases)
+    missing = [infos[u] for u, t, b in zip(uids, texts, bases, strict=True) if t is None and b]
+    if missing:
+        icache.entries(folder, missing, True)
+        texts = folder.index.search_texts(bases)
+    if len(needles) == 1:
+        n = needles[0]
+        chosen = [i for i, t in enumerate(texts) if t is None or n in t]
+    else:
+        chosen = [i for i, t in enumerate(texts) if t is None or all(n in t for n in needles)]
+    return [(i + 1, uids[i], info) for i in chosen if (info := infos.get(uids[i])) is not None]
+
+
 def _search(folder: Folder, uids: list[int], infos: dict[int, MessageInfo], recent: set[int],
             keys: list[Callable[[_SearchContext], bool]], use_index: bool) -> list[tuple[int, int]]:
     """(seq, uid) of the messages that match every key (SEARCH). With use_index, each
     message's index entry is looked up first (in batches; missing ones are made from the
     file and added); keys read files only for what the index does not hold, one message
-    at a time."""
+    at a time. Header keys the index answers narrow the messages first, on the folder's
+    decoded search texts (MailboxIndex.search_texts), so the other keys, and the key
+    itself on its own field, run only where the text can match."""
     hits = []
     count = len(uids)
     c = _SearchContext(folder, 0, 0, MessageInfo(0, "", "cur", frozenset()), count, uids[-1] if uids else 0, False)
-    for start in range(0, count, SEARCH_BATCH):
-        batch = [(seq, u, info) for seq, u in enumerate(uids[start:start + SEARCH_BATCH], start + 1)
-                 if (info := infos.get(u)) is not None]
+    needles = [k.needle for k in keys if hasattr(k, "needle")]
+    if use_index and needles:
+        rows = _candidates(folder, uids, infos, needles)
+    else:
+        rows = [(seq, u, info) for seq, u in enumerate(uids, 1) if (info := infos.get(u)) is not None]
+    for start in range(0, len(rows), SEARCH_BATCH):
+        batch = rows[start:start + SEARCH_BATCH]
         found = icache.entries(folder, [b[2] for b in batch], True) if use_index else [None] * len(batch)
         for (seq, u, info), e in zip(batch, found, strict=True):
             c.at(seq, u, info, u in recent, e)
