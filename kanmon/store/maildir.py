@@ -274,7 +274,14 @@ class Folder:
         """Give every scanned message its mod-sequence, recording arrivals, expunges and
         flag changes made behind our back (a rename by Dovecot or a user) with a new
         one; return the folder's HIGHESTMODSEQ (0 when none can be kept)."""
-        present = [(m.uid, flag_letters(m.flags, m.extra)) for m in msgs]
+        memo: dict[tuple[frozenset[str], str], str] = {}  # few distinct flag sets in a folder
+        present = []
+        for m in msgs:
+            key = (m.flags, m.extra)
+            letters = memo.get(key)
+            if letters is None:
+                letters = memo[key] = flag_letters(m.flags, m.extra)
+            present.append((m.uid, letters))
         self.modseq_error = False
         self._record_modseqs(lambda log: changed_messages(log, present))
         if self.modseq_error:
