@@ -258,7 +258,7 @@ class Folder:
         """The folder's mod-sequences (kanmon.store.modseq), opened on first use."""
         with self._lock:
             if self._modseqs is None:
-                self._modseqs = ModseqLog(modseq_path(self.path))
+                self._modseqs = ModseqLog(modseq_path(self.path), self.path / "cur")
             return self._modseqs
 
     def _record_modseqs(self, decide) -> int:

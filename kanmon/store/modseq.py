@@ -74,8 +74,9 @@ class ModseqLog:
     are made under the folder's lock; this class also locks itself). Writers append
     under ``flock(LOCK_EX)`` after reading what other processes appended."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, anchor: Path | None = None):
         self.path = path
+        self.anchor = anchor  # a directory that must exist for the file to be made (the folder)
         self._lock = threading.Lock()
         self._reset()
         self.discarded = 0  # times a corrupt file was rebuilt (for tests and logs)
@@ -176,6 +177,8 @@ class ModseqLog:
                 try:
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 except FileNotFoundError:
+                    if self.anchor is not None and not self.anchor.is_dir():
+                        raise  # the folder was deleted: never make its directory again
                     _make_dirs(self.path.parent)
                     fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:

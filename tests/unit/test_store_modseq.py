@@ -70,3 +70,17 @@ def test_compaction_keeps_state_and_bounds_tombstones(tmp_path: Path, monkeypatc
     reread = ModseqLog(p)
     scan(reread, 1, [(x, "S") for x in uids])
     assert reread.msgs == log.msgs and reread.gone == log.gone and reread.floor == log.floor
+
+
+def test_a_deleted_folder_is_not_made_again(tmp_path: Path) -> None:
+    from kanmon.store.maildir import Mailbox
+
+    box = Mailbox(tmp_path / "box").ensure()
+    box.create_folder("Old")
+    folder = box.folder("Old")
+    info = folder.append(b"Subject: x\r\n\r\nhi\r\n")
+    folder.snapshot()
+    box.delete_folder("Old")
+    assert folder.store_flags([(info, {"\\Seen"}, None)]) == ([None], set())
+    assert folder.modseq_error and not (tmp_path / "box" / ".Old").exists()
+    box.create_folder("Old")  # the name is free
