@@ -39,10 +39,10 @@ from kanmon.store.index import RECORD_HEAD, _make_dirs, index_path
 
 MODSEQ_FILE = "kanmon-modseq"
 MAGIC = b"KMMSQ\x00\x01\n"  # format 1
-KIND_HEAD = 1  # uidvalidity, highest, floor (tombstones at or below floor were dropped)
+KIND_HEAD = 1  # uidvalidity, highest, floor (tombstones at or below floor were dropped), inode
 KIND_SET = 2  # (uid, modseq, flag letters) per message
 KIND_GONE = 3  # (uid, modseq) per expunged message
-HEAD = struct.Struct("<BQQQ")
+HEAD = struct.Struct("<BQQQQ")
 SET_ITEM = struct.Struct("<IQB")
 GONE_ITEM = struct.Struct("<IQ")
 MAX_RECORD = 1 << 20
@@ -90,6 +90,7 @@ class ModseqLog:
         self._read = 0  # bytes of the file applied
         self._stamp: tuple[int, int] | None = None
         self._items = 0  # items in the file (to know when to compact)
+        self._head_ino = 0  # the inode the file had when it was written (its head says)
 
     # -- reading
     def _apply(self, data: bytes, start: int) -> int:
@@ -110,7 +111,7 @@ class ModseqLog:
             if kind == KIND_HEAD:
                 if length != HEAD.size:
                     raise ModseqCorrupt("bad head record")
-                _, self.uidvalidity, highest, self.floor = HEAD.unpack_from(data, body)
+                _, self.uidvalidity, highest, self.floor, self._head_ino = HEAD.unpack_from(data, body)
                 self.highest = max(self.highest, highest)
             elif kind == KIND_SET:
                 while p < stop:
@@ -157,7 +158,12 @@ class ModseqLog:
             if self._read == 0:
                 if data[:len(MAGIC)] != MAGIC:
                     raise ModseqCorrupt("not a kanmon modseq file")
-                self._read = self._apply(data, len(MAGIC))
+                end = self._apply(data, len(MAGIC))
+                if self._head_ino != st.st_ino:
+                    # a copy (a backup restored, a mailbox moved): its values may be
+                    # older than ones clients were given here, so it is not trusted
+                    raise ModseqCorrupt("not the file that was written here")
+                self._read = end
             else:
                 self._read += self._apply(data, 0)
         except ModseqCorrupt:
@@ -257,27 +263,31 @@ class ModseqLog:
             self.floor = max(self.floor, max(ms for _, ms in dropped))
             for uid, _ in dropped:
                 del self.gone[uid]
-        parts = [MAGIC, _record(HEAD.pack(KIND_HEAD, self.uidvalidity, self.highest, self.floor))]
-        parts.append(self._set_record([(u, ms, letters) for u, (ms, letters) in self.msgs.items()]))
-        gone = list(self.gone.items())
-        for i in range(0, len(gone), MAX_RECORD // GONE_ITEM.size - 1):
-            parts.append(_record(bytes([KIND_GONE]) + b"".join(GONE_ITEM.pack(u, ms) for u, ms in
-                                                                gone[i:i + MAX_RECORD // GONE_ITEM.size - 1])))
-        data = b"".join(parts)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            st = os.fstat(fd)
+            data = self._state_bytes(st.st_ino)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-            st = os.fstat(fd)
         finally:
             os.close(fd)
         os.rename(tmp, self.path)  # we hold the old file's lock: no append is lost
         self._stamp = (st.st_dev, st.st_ino)
         self._read = len(data)
         self._items = len(self.msgs) + len(self.gone)
+
+    def _state_bytes(self, ino: int) -> bytes:
+        """The whole file for the current state, its head naming the inode it goes to."""
+        parts = [MAGIC, _record(HEAD.pack(KIND_HEAD, self.uidvalidity, self.highest, self.floor, ino))]
+        parts.append(self._set_record([(u, ms, letters) for u, (ms, letters) in self.msgs.items()]))
+        gone = list(self.gone.items())
+        for i in range(0, len(gone), MAX_RECORD // GONE_ITEM.size - 1):
+            parts.append(_record(bytes([KIND_GONE]) + b"".join(GONE_ITEM.pack(u, ms) for u, ms in
+                                                                gone[i:i + MAX_RECORD // GONE_ITEM.size - 1])))
+        return b"".join(parts)
 
     # -- questions
     def vanished_since(self, modseq: int) -> set[int] | None:

@@ -84,3 +84,22 @@ def test_a_deleted_folder_is_not_made_again(tmp_path: Path) -> None:
     assert folder.store_flags([(info, {"\\Seen"}, None)]) == ([None], set())
     assert folder.modseq_error and not (tmp_path / "box" / ".Old").exists()
     box.create_folder("Old")  # the name is free
+
+
+def test_a_copied_file_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    """A backup restored (or a mailbox moved) brings back values older than ones the
+    clients were given since: the copy is rebuilt above everything it holds."""
+    monkeypatch.setattr(mmodseq, "clock_floor", lambda: 1000)
+    p = tmp_path / "kanmon-modseq"
+    log = ModseqLog(p)
+    scan(log, 7, [(1, "")])
+    saved = p.read_bytes()
+    for n in range(3):
+        scan(log, 7, [(1, "S" * (n % 2))])
+    assert scan(ModseqLog(p), 7, [(1, "")]) == 0  # the file itself is trusted
+    p.unlink()
+    p.write_bytes(saved)  # restored (another inode), some time later
+    monkeypatch.setattr(mmodseq, "clock_floor", lambda: 5000)
+    restored = ModseqLog(p)
+    assert scan(restored, 7, [(1, "")]) > 5000 and restored.discarded == 1
+    assert scan(ModseqLog(p), 7, [(1, "")]) == 0  # and the rebuilt file is trusted again
