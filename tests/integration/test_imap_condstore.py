@@ -143,9 +143,9 @@ def test_other_sessions_and_programs_and_a_restart(server) -> None:
         m_b = int(re.search(rb"MODSEQ \((\d+)\)", fetches[0]).group(1))
         assert m_b > h0
         # Another program renames the file's flag letters (as Dovecot does): a new MODSEQ
-        cur = server.box.root / "cur"
-        (name,) = [n for n in os.listdir(cur) if n.endswith(":2,")][:1]
-        os.rename(cur / name, cur / (name + "F"))
+        path = server.box.folder("INBOX").locate(server.box.folder("INBOX").snapshot().by_uid[3])
+        assert path is not None and path.name.endswith(":2,")
+        os.rename(path, path.with_name(path.name + "F"))
         typ, data = a.uid("FETCH", "1:*", "(FLAGS)", "(CHANGEDSINCE %d)" % m_b)
         # the change is noticed (an unsolicited FETCH) and then fetched: the same line twice
         assert typ == "OK" and len(set(data)) == 1 and b"UID 3 FLAGS (\\Flagged)" in data[0]

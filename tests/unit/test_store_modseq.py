@@ -97,8 +97,8 @@ def test_a_copied_file_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
     for n in range(3):
         scan(log, 7, [(1, "S" * (n % 2))])
     assert scan(ModseqLog(p), 7, [(1, "")]) == 0  # the file itself is trusted
-    p.unlink()
-    p.write_bytes(saved)  # restored (another inode), some time later
+    (tmp_path / "restored").write_bytes(saved)  # restored as rsync does: another inode
+    (tmp_path / "restored").replace(p)  # (some time later, see clock_floor below)
     monkeypatch.setattr(mmodseq, "clock_floor", lambda: 5000)
     restored = ModseqLog(p)
     assert scan(restored, 7, [(1, "")]) > 5000 and restored.discarded == 1
