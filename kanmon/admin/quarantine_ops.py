@@ -32,7 +32,10 @@ from kanmon.quarantine.store import KINDS, QuarantineError, QuarantineStore
 from kanmon.records import events as ev
 from kanmon.records.store import header_fields
 from kanmon.spool.store import CorruptEntry
-from kanmon.state.backends import node_name, open_quarantine
+from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
+
+DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
+DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
 from kanmon.config import parse_duration
 
 
@@ -102,6 +105,7 @@ class QuarantineOps:
         limit = parse_duration(f.older_than) if f.older_than else None
         reason = re.compile(f.reason, re.IGNORECASE) if f.reason else None
         out = []
+        where = self.store.locations()  # shared: which node quarantined it, which releases it
         for qid in (f.ids or self.store.ids()):
             try:
                 entry, content = self.store.load(qid)
@@ -124,10 +128,11 @@ class QuarantineOps:
             if limit is not None and now - m.stored < limit:
                 continue
             fields = header_fields(content)
+            node, releasing = where.get(qid, ("", ""))
             out.append({"id": qid, "kind": m.kind, "from": env.mail_from, "rcpts": list(env.rcpts),
                         "subject": decode_header_value(fields.get("subject", "")), "size": entry.size,
                         "reason": m.reason, "check": m.check, "classification": m.classification, "score": m.score,
-                        "stored": m.stored})
+                        "stored": m.stored, "node": node, "releasing": releasing})
         out.sort(key=lambda r: r.get("stored", 0.0))
         return out
 
@@ -188,10 +193,22 @@ class QuarantineOps:
         return {"deleted": deleted, "errors": errors}
 
     @_with_store
-    def digest(self, since: float, dry_run: bool = False) -> dict:
+    def digest(self, since: float, dry_run: bool = False, slot: float | None = None) -> dict:
         """Mail each recipient the spam-quarantine entries stored since `since` (through
-        the injector, like any mail kanmon writes); the recipients and counts."""
+        the injector, like any mail kanmon writes); the recipients and counts.
+
+        slot: the time the [quarantine] digest schedule fired for. Every node runs the
+        schedule; with the quarantine shared, only the first node to claim the slot
+        mails (the others answer whom it was), so a recipient gets one digest."""
         cfg = self.ops.config
+        if slot is not None and is_shared(cfg) and not dry_run:
+            state = open_state(cfg)
+            try:
+                claim = state.alert_claims.claim(DIGEST_CLAIM, f"{slot:.0f}", self.node, self._now(), DIGEST_CLAIM_KEEP)
+            finally:
+                state.close()
+            if not claim.mail:
+                return {"digests": {}, "mailed_by": claim.mailed_by}
         hostname = cfg.server.hostname
         sender = cfg.quarantine.digest_from or f"postmaster@{hostname}"
         per_rcpt: dict[str, list[dict]] = {}

@@ -141,6 +141,11 @@ class QuarantineStore(Protocol):
         """Remove what interrupted puts left (never acknowledged); how many."""
         ...
 
+    def locations(self) -> dict[str, tuple[str, str]]:
+        """id -> (the node that quarantined it, the node releasing it or ""); empty for
+        a store of one node."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -191,6 +196,9 @@ class Quarantine:
 
     def claimed(self, node: str) -> list[str]:
         return []
+
+    def locations(self) -> dict[str, tuple[str, str]]:
+        return {}
 
     def close(self) -> None:
         pass

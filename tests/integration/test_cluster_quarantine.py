@@ -116,6 +116,8 @@ def test_a_message_quarantined_on_one_relay_is_released_from_the_other(relays):
     (item,) = mr2.quarantine("list")["items"]
     qid = item["id"]
     assert (item["kind"], item["reason"], item["rcpts"]) == ("spam", "test: the subject asked", ["tanaka@corp.example"])
+    assert (item["node"], item["releasing"]) == ("mr1", "")
+    assert "on: mr1" in mr2.cli("quarantine", "list")
     shown = mr2.quarantine("show", qid)
     assert shown["subject"] == "quarantine me" and shown["body"][0] == "body of quarantine me"
     assert f"{qid}: released" in mr2.cli("quarantine", "release", qid)
@@ -208,3 +210,20 @@ def test_retention_purges_the_shared_store_and_resolves_an_unfinished_release(re
     assert reply["ok"] and reply["result"]["deleted"] == [first]
     assert mr2.quarantine("list")["items"] == []
     wait_for(lambda: len(mr1.delivered("sato@corp.example")) == 1, 15, "the release delivered")
+
+
+def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
+    mr1, mr2 = relays
+    mr1.send("quarantine me")
+    mr1.node.wait_idle()
+    slot = 1_800_000_000.0  # the time the schedule fired for: the same on every node
+    replies = [r.control("quarantine_digest", {"since": 0, "slot": slot})["result"] for r in (mr2, mr1)]
+    assert replies == [{"digests": {"tanaka@corp.example": 1}}, {"digests": {}, "mailed_by": "mr2"}]
+    wait_for(lambda: len(mr2.delivered()) == 1, 15, "the digest")
+    assert b"Quarantine digest" in mr2.delivered()[0]
+    # The next slot is mailed again (by whichever node claims it first).
+    reply = mr1.control("quarantine_digest", {"since": 0, "slot": slot + 86400})["result"]
+    assert reply == {"digests": {"tanaka@corp.example": 1}}
+    # Run by hand (no slot), a digest is always mailed.
+    assert mr2.control("quarantine_digest", {"since": 0})["result"] == {"digests": {"tanaka@corp.example": 1}}
+    wait_for(lambda: len(mr1.delivered()) == 1 and len(mr2.delivered()) == 2, 15, "the digests")
