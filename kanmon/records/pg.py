@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 SPILL_DIR = "records-spill-postgresql"
 CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds between attempts while PostgreSQL is down (doubling)
-WRITE_INTERVAL = 0.2  # seconds between batches, as the SQLite writer
+WRITE_INTERVAL = 1.0  # seconds between passes: the batches of several writer intervals in one transaction
 BATCHES_PER_COMMIT = 100  # batches a pass writes in one transaction (each is one writer's interval)
 
 
