@@ -227,3 +227,22 @@ def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
     # Run by hand (no slot), a digest is always mailed.
     assert mr2.control("quarantine_digest", {"since": 0})["result"] == {"digests": {"tanaka@corp.example": 1}}
     wait_for(lambda: len(mr1.delivered()) == 1 and len(mr2.delivered()) == 2, 15, "the digests")
+
+
+def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp_path, private_pg, monkeypatch):
+    monkeypatch.setattr(kanmon.node, "standard_pipeline",
+                        lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
+    mr1 = Relay(tmp_path, "mr1", private_pg.create_database())
+    try:
+        private_pg.stop()
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            mr1.send("quarantine me")
+        assert refused.value.smtp_code == 451
+        mr1.send("not for the quarantine")  # mail no check sets aside flows as usual
+        wait_for(lambda: len(mr1.delivered()) == 1, 15, "the other message delivered")
+        private_pg.start()
+        mr1.send("quarantine me")  # the client's retry, once the database is back
+        mr1.node.wait_idle()
+        assert [r["subject"] for r in mr1.quarantine("list")["items"]] == ["quarantine me"]
+    finally:
+        mr1.node.stop()
