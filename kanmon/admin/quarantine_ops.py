@@ -1,11 +1,15 @@
 """Quarantine operations: list, show, release, delete, purge (and the digest's listing).
 
 Role: what `kanmon quarantine ...` and the control socket ask of the quarantine store
-(kanmon.quarantine.store). A release goes through the injector (kanmon.queue.inject:
-the one way into the queue), under the queue id the message got at acceptance, so
-`kanmon trace ID` shows acceptance, quarantine, release and delivery as one path; the
-quarantine entry is removed only after the message is durable in the spool (a crash in
-between leaves both: releasing again finds it already queued and only removes the entry).
+(kanmon.quarantine.store: this node's directory, or with `[records] url` the quarantine
+every node shares, kanmon.state.pgquarantine). A release goes through this node's
+injector (kanmon.queue.inject: the one way into the queue), under the queue id the
+message got at acceptance, so `kanmon trace ID` shows acceptance, quarantine, release
+and delivery as one path, whichever node quarantined it and whichever releases it. The
+releasing node first claims the entry (in the shared store, of two nodes releasing it
+at once one wins, the other is told it is gone); the entry is removed only after the
+message is durable in the spool (a crash in between leaves both, claimed by this node:
+releasing again, or the next purge, finds it already queued and only removes the entry).
 Every release and delete is an event naming who did it.
 
 Trusts: ids and filters from the caller (checked here); nothing in the stored messages.
@@ -15,17 +19,23 @@ Never: delete an entry before its release is durable; show a network string unes
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 
 from kanmon.content.decode import decode_header_value
 from kanmon.model import Envelope
 from kanmon.quarantine.digest import digest_message
-from kanmon.quarantine.store import KINDS, Quarantine, QuarantineError
+from kanmon.quarantine.store import KINDS, QuarantineError, QuarantineStore
 from kanmon.records import events as ev
 from kanmon.records.store import header_fields
 from kanmon.spool.store import CorruptEntry
+from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
+
+DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
+DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
 from kanmon.config import parse_duration
 
 
@@ -62,12 +72,30 @@ def _matches(pattern: str, value: str) -> bool:
     return pattern in value
 
 
+def _with_store(method):
+    """The store is open for one operation (a shared one holds database connections)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.store is not None:  # an operation inside another (purge -> delete)
+            return method(self, *args, **kwargs)
+        self.store = open_quarantine(self.ops.config, fsync=getattr(self.ops.spool, "fsync", True))
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            store, self.store = self.store, None
+            store.close()
+
+    return run
+
+
 class QuarantineOps:
     """ops: the node's QueueOps (config, records, injector, the clock through its link)."""
 
     def __init__(self, ops):
         self.ops = ops
-        self.store = Quarantine(ops.config.server.data_dir, fsync=getattr(ops.spool, "fsync", True))
+        self.node = node_name(ops.config)
+        self.store: QuarantineStore | None = None
 
     def _now(self) -> float:
         return self.ops.link.now()
@@ -77,6 +105,7 @@ class QuarantineOps:
         limit = parse_duration(f.older_than) if f.older_than else None
         reason = re.compile(f.reason, re.IGNORECASE) if f.reason else None
         out = []
+        where = self.store.locations()  # shared: which node quarantined it, which releases it
         for qid in (f.ids or self.store.ids()):
             try:
                 entry, content = self.store.load(qid)
@@ -99,16 +128,19 @@ class QuarantineOps:
             if limit is not None and now - m.stored < limit:
                 continue
             fields = header_fields(content)
+            node, releasing = where.get(qid, ("", ""))
             out.append({"id": qid, "kind": m.kind, "from": env.mail_from, "rcpts": list(env.rcpts),
                         "subject": decode_header_value(fields.get("subject", "")), "size": entry.size,
                         "reason": m.reason, "check": m.check, "classification": m.classification, "score": m.score,
-                        "stored": m.stored})
+                        "stored": m.stored, "node": node, "releasing": releasing})
         out.sort(key=lambda r: r.get("stored", 0.0))
         return out
 
+    @_with_store
     def list(self, args: dict | None) -> dict:
         return {"items": self._rows(QuarantineFilters.from_args(args))}
 
+    @_with_store
     def show(self, qid: str, lines: int = 50) -> dict:
         entry, content = self.store.load(qid)
         header_end = content.find(b"\r\n\r\n")
@@ -117,12 +149,19 @@ class QuarantineOps:
         (row,) = self._rows(QuarantineFilters(ids=(qid,)))
         return {**row, "header": header, "body": body, "client": entry.envelope.client.ip if entry.envelope.client else ""}
 
+    @_with_store
     def release(self, ids: list[str], to: list[str] | None, by: str) -> dict:
         released, errors = [], []
         for qid in ids:
             try:
+                self.store.claim(qid, self.node, self._now())
+            except QuarantineError as e:
+                errors.append(str(e) if str(e).startswith(f"{qid}:") else f"{qid}: {e}")
+                continue
+            try:
                 entry, content = self.store.load(qid)
             except (QuarantineError, CorruptEntry) as e:
+                self.store.unclaim(qid, self.node)
                 errors.append(f"{qid}: {e}")
                 continue
             env = entry.envelope
@@ -130,17 +169,22 @@ class QuarantineOps:
                 env.rcpts = list(to)
                 env.original_rcpts, env.dsn_notify, env.dsn_orcpt = {}, {}, {}
             if not self.ops.spool.exists(qid):
-                self.ops.injector.release_blocking(qid, env, content)
+                try:
+                    self.ops.injector.release_blocking(qid, env, content)
+                except BaseException:
+                    self.store.unclaim(qid, self.node)
+                    raise
             self.ops.records.record(ev.QuarantineReleased(by, ", ".join(env.rcpts)), qid)
-            self.store.delete(qid)
+            self.store.delete(qid, self.node)
             released.append(qid)
         return {"released": released, "errors": errors}
 
+    @_with_store
     def delete(self, ids: list[str], by: str) -> dict:
         deleted, errors = [], []
         for qid in ids:
             try:
-                self.store.delete(qid)
+                self.store.delete(qid, self.node)
             except QuarantineError as e:
                 errors.append(str(e))
                 continue
@@ -148,10 +192,23 @@ class QuarantineOps:
             deleted.append(qid)
         return {"deleted": deleted, "errors": errors}
 
-    def digest(self, since: float, dry_run: bool = False) -> dict:
+    @_with_store
+    def digest(self, since: float, dry_run: bool = False, slot: float | None = None) -> dict:
         """Mail each recipient the spam-quarantine entries stored since `since` (through
-        the injector, like any mail kanmon writes); the recipients and counts."""
+        the injector, like any mail kanmon writes); the recipients and counts.
+
+        slot: the time the [quarantine] digest schedule fired for. Every node runs the
+        schedule; with the quarantine shared, only the first node to claim the slot
+        mails (the others answer whom it was), so a recipient gets one digest."""
         cfg = self.ops.config
+        if slot is not None and is_shared(cfg) and not dry_run:
+            state = open_state(cfg)
+            try:
+                claim = state.alert_claims.claim(DIGEST_CLAIM, f"{slot:.0f}", self.node, self._now(), DIGEST_CLAIM_KEEP)
+            finally:
+                state.close()
+            if not claim.mail:
+                return {"digests": {}, "mailed_by": claim.mailed_by}
         hostname = cfg.server.hostname
         sender = cfg.quarantine.digest_from or f"postmaster@{hostname}"
         per_rcpt: dict[str, list[dict]] = {}
@@ -172,10 +229,20 @@ class QuarantineOps:
             self.ops.injector.inject_blocking(env, content, "quarantine digest")
         return {"digests": sent}
 
+    @_with_store
     def purge(self, keep: float, by: str = "retention") -> dict:
         """Delete entries stored longer ago than `keep` seconds ([quarantine] keep), and
-        the files of puts a crash interrupted (never acknowledged: a .msg without its .meta)."""
+        the files of puts a crash interrupted (never acknowledged: a .msg without its .meta).
+        First, releases this node began and did not finish (it stopped between its claim
+        and the entry's removal): a message already in this node's spool was released,
+        its entry goes; any other is back in the quarantine."""
         self.store.remove_orphans()
+        for qid in self.store.claimed(self.node):
+            if self.ops.spool.exists(qid):
+                with contextlib.suppress(QuarantineError):
+                    self.store.delete(qid, self.node)
+            else:
+                self.store.unclaim(qid, self.node)
         now = self._now()
         old = []
         for qid in self.store.ids():

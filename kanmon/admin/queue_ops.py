@@ -771,7 +771,8 @@ OPERATIONS = {
     "quarantine_delete": lambda ops, a: QuarantineOps(ops).delete([str(i) for i in a["ids"]], str(a.get("by", "kanmon quarantine delete"))),
     "quarantine_purge": lambda ops, a: QuarantineOps(ops).purge(float(a["keep"]), str(a.get("by", "retention"))),
     "quarantine_digest": lambda ops, a: QuarantineOps(ops).digest(
-        float(a["since"]) if "since" in a else ops.link.now() - float(a.get("since_ago", 86400)), bool(a.get("dry_run"))),
+        float(a["since"]) if "since" in a else ops.link.now() - float(a.get("since_ago", 86400)), bool(a.get("dry_run")),
+        float(a["slot"]) if a.get("slot") is not None else None),
     "maintenance_run": lambda ops, a: ops.maintenance_run(str(a["job"]), bool(a.get("dry_run")), by=str(a.get("by", ""))),
 }
 

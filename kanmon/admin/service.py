@@ -182,7 +182,7 @@ class AdminPlane:
                     records.record(Error(f"quarantine purge failed: {reply.get('error')}"))
                 next_purge = now + 3600
             if now >= next_digest:
-                reply = await self.handle({"op": "quarantine_digest", "args": {"since": last_digest}})
+                reply = await self.handle({"op": "quarantine_digest", "args": {"since": last_digest, "slot": next_digest}})
                 if not reply.get("ok"):
                     records.record(Error(f"quarantine digest failed: {reply.get('error')}"))
                 last_digest = now

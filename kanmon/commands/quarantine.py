@@ -63,6 +63,8 @@ def list_cmd(config_path, as_json, kind, mail_from, to, reason, older_than) -> N
         click.echo(f"{'':>17}to: {shown(', '.join(r['rcpts']), limit=300)}")
         click.echo(f"{'':>17}subject: {shown(r['subject'], limit=200)}")
         click.echo(f"{'':>17}why: {shown(r['reason'], limit=200)} ({r['classification']}{', score %g' % r['score'] if r['score'] else ''})")
+        if r.get("node"):  # the quarantine every node shares
+            click.echo(f"{'':>17}on: {r['node']}" + (f", being released by {r['releasing']}" if r.get("releasing") else ""))
     click.echo(f"-- {len(items)} message{'s' if len(items) != 1 else ''}")
 
 

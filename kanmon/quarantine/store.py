@@ -10,6 +10,14 @@ removed when the store opens. `kind` is "admin" (viruses, attachments, policy: o
 administrator releases) or "spam" (the per-user spam quarantine: digests go to the
 recipients).
 
+QuarantineStore is the interface the SMTP server and the quarantine operations use; this
+module's Quarantine is its one-node implementation, kanmon.state.pgquarantine the shared
+one (several nodes, `[records] url`), and kanmon.state.backends.open_quarantine picks
+one. A release first claims the entry for the releasing node (claim()): in the shared
+store, of two nodes releasing one entry at once one wins and the other is told it is
+gone; here, where one node's admin operations run one at a time, a claim only checks
+that the entry is there.
+
 Trusts: nothing it reads back: every file is checked (checksum, JSON types); an entry
 that fails is reported as corrupt, never half-read.
 Never: acknowledge (return from put) before both files and the directory are synced;
@@ -23,6 +31,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from kanmon.model import Envelope, is_queue_id
 from kanmon.spool.groupcommit import fsync_dir, write_durably
@@ -74,8 +83,74 @@ class Entry:
     meta: Meta
 
 
+def decode_entry(queue_id: str, data: bytes, meta: Meta) -> tuple[Entry, bytes]:
+    """An entry from its queue-file bytes (checksum and envelope checked); CorruptEntry
+    when damaged."""
+    elen, clen, crc, off = decode_queue_header(data[:512])
+    ej = data[off:off + elen]
+    content = data[off + elen + 1:]
+    if data[off + elen:off + elen + 1] != b"\n" or len(content) != clen:
+        raise CorruptEntry(f"{queue_id}: truncated")
+    if zlib.crc32(content, zlib.crc32(ej)) != crc:
+        raise CorruptEntry(f"{queue_id}: checksum mismatch")
+    try:
+        env = envelope_from_json(ej)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptEntry(f"{queue_id}: bad envelope: {e}") from None
+    return Entry(queue_id, env, len(content), meta), content
+
+
+@runtime_checkable
+class QuarantineStore(Protocol):
+    """The quarantine's index and content, local or shared (blocking calls)."""
+
+    def put(self, queue_id: str, env: Envelope, content: bytes, meta: Meta) -> None:
+        """Keep the message; returns once it is durable. OSError when it cannot be."""
+        ...
+
+    def delete(self, queue_id: str, node: str = "") -> None:
+        """Remove the entry (QuarantineError when it is not there, or another node than
+        `node` is releasing it)."""
+        ...
+
+    def ids(self) -> list[str]: ...
+
+    def meta(self, queue_id: str) -> Meta: ...
+
+    def load(self, queue_id: str) -> tuple[Entry, bytes]:
+        """The entry and its message; QuarantineError when missing, CorruptEntry when damaged."""
+        ...
+
+    def claim(self, queue_id: str, node: str, now: float) -> None:
+        """Node starts releasing the entry: from here until delete() or unclaim() no
+        other node releases or deletes it. QuarantineError when it is gone or another
+        node claimed it (a claim by `node` itself is a release it did not finish: it
+        may resume it)."""
+        ...
+
+    def unclaim(self, queue_id: str, node: str) -> None:
+        """The release by node did not happen: the entry is back in the quarantine."""
+        ...
+
+    def claimed(self, node: str) -> list[str]:
+        """The entries node claimed and neither deleted nor unclaimed (it stopped
+        in the middle of a release)."""
+        ...
+
+    def remove_orphans(self) -> int:
+        """Remove what interrupted puts left (never acknowledged); how many."""
+        ...
+
+    def locations(self) -> dict[str, tuple[str, str]]:
+        """id -> (the node that quarantined it, the node releasing it or ""); empty for
+        a store of one node."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Quarantine:
-    """The store (blocking calls: the listener runs put() in an executor)."""
+    """The one-node store (blocking calls: the listener runs put() in an executor)."""
 
     def __init__(self, data_dir: Path, *, fsync: bool = True):
         self.dir = Path(data_dir) / "quarantine"
@@ -102,7 +177,7 @@ class Quarantine:
                 p.unlink(missing_ok=True)
             raise
 
-    def delete(self, queue_id: str) -> None:
+    def delete(self, queue_id: str, node: str = "") -> None:
         self._check_id(queue_id)
         info = self.dir / f"{queue_id}.meta"
         if not info.exists():
@@ -111,6 +186,22 @@ class Quarantine:
         (self.dir / f"{queue_id}.msg").unlink(missing_ok=True)
         if self.fsync:
             fsync_dir(self.dir)
+
+    def claim(self, queue_id: str, node: str, now: float) -> None:
+        """Only this node's admin operations (one at a time) release from here."""
+        self.meta(queue_id)
+
+    def unclaim(self, queue_id: str, node: str) -> None:
+        pass
+
+    def claimed(self, node: str) -> list[str]:
+        return []
+
+    def locations(self) -> dict[str, tuple[str, str]]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def remove_orphans(self) -> int:
         """Remove .msg files without a .meta and temporary files (never acknowledged)."""
@@ -145,18 +236,7 @@ class Quarantine:
             data = (self.dir / f"{queue_id}.msg").read_bytes()
         except FileNotFoundError:
             raise CorruptEntry(f"{queue_id}: the message file is missing") from None
-        elen, clen, crc, off = decode_queue_header(data[:512])
-        ej = data[off:off + elen]
-        content = data[off + elen + 1:]
-        if data[off + elen:off + elen + 1] != b"\n" or len(content) != clen:
-            raise CorruptEntry(f"{queue_id}: truncated")
-        if zlib.crc32(content, zlib.crc32(ej)) != crc:
-            raise CorruptEntry(f"{queue_id}: checksum mismatch")
-        try:
-            env = envelope_from_json(ej)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptEntry(f"{queue_id}: bad envelope: {e}") from None
-        return Entry(queue_id, env, len(content), meta), content
+        return decode_entry(queue_id, data, meta)
 
     @staticmethod
     def _check_id(queue_id: str) -> None:

@@ -3,9 +3,10 @@ writes each node's batches there (the searches over every node: kanmon.records.p
 
 Role: when `[records] url` is set, every process's records writer (kanmon.records.store)
 hands each batch it wrote to its local SQLite to a Shipper as well. The Shipper's own
-thread writes the batch to PostgreSQL, tagged with the node's name, in one transaction
-keyed by a batch key (node, process, batch number): a batch written twice (a replay after
-a commit whose answer was lost) is skipped, so nothing is counted twice. When PostgreSQL
+thread writes the batches it holds at each pass to PostgreSQL, tagged with the node's
+name, in one transaction (COPY a table), each keyed by a batch key (node, process, batch
+number): a batch written twice (a replay after a commit whose answer was lost) is
+skipped, so nothing is counted twice. When PostgreSQL
 is unreachable or refuses a batch, the batch goes to a durable spill journal
 (<data_dir>/records-spill-postgresql/<pid>.jsonl, fsynced, one JSON line per batch) and
 every later batch follows it there, in order, until PostgreSQL takes writes again; then
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 SPILL_DIR = "records-spill-postgresql"
 CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds between attempts while PostgreSQL is down (doubling)
-WRITE_INTERVAL = 0.2  # seconds between batches, as the SQLite writer
+WRITE_INTERVAL = 1.0  # seconds between passes: the batches of several writer intervals in one transaction
+BATCHES_PER_COMMIT = 100  # batches a pass writes in one transaction (each is one writer's interval)
 
 
 # -- schema ---------------------------------------------------------------------------------
@@ -188,45 +190,56 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict, *, f
     (nothing is written again). first: the first batch of a process, whose oldest row
     moves the node's `live-since` mark earlier if needed (kanmon records export copies
     only what is older)."""
-    from psycopg.types.json import Jsonb
+    return commit_batches(conn, node, [(key, rows)], first=first) == [True]
 
-    events = [(node, *map(_no_nul, r[:5]), None if r[5] is None else Jsonb(json.loads(_clean_detail(r[5]))))
-              for r in rows["events"]]
-    hist = [(node, *map(_no_nul, r)) for r in rows["hist"]]
-    status = [(node, *map(_no_nul, r[:4])) for r in rows["status"]]
+
+def commit_batches(conn: psycopg.Connection, node: str, batches: list[tuple[str, dict]], *,
+                   first: bool = False) -> list[bool]:
+    """Several batches in one transaction (what the Shipper holds at one pass: one
+    commit, one COPY a table, one status fold, instead of each); per batch, False when
+    its key was written before (its rows are not written again)."""
+    if not batches:
+        return []
     with conn.transaction():
-        cur = conn.execute(
-            "INSERT INTO records_batches (node, batch, ts) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-            (node, key, time.time()))
-        if cur.rowcount == 0:
-            return False
+        new = {k for (k,) in conn.execute(
+            "INSERT INTO records_batches (node, batch, ts) SELECT %s, unnest(%s::text[]), %s"
+            " ON CONFLICT DO NOTHING RETURNING batch", (node, [k for k, _r in batches], time.time()))}
+        todo = [rows for key, rows in batches if key in new]
+        events = [r for rows in todo for r in rows["events"]]
+        hist = [r for rows in todo for r in rows["hist"]]
+        status = [r for rows in todo for r in rows["status"]]
+        counts: dict[tuple[int, str], int] = {}
+        for rows in todo:
+            for pid, name, value in rows["counts"]:
+                counts[(pid, name)] = counts.get((pid, name), 0) + value
         with conn.cursor() as c:
-            if rows["events"]:
-                c.executemany(
-                    "INSERT INTO events (node, ts, queue_id, kind, text, session, detail) VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                    events)
-            if rows["hist"]:
-                c.executemany(
-                    "INSERT INTO history (node, ts, client_ip, mail_from, rcpt, subject, message_id, size,"
-                    " classification, disposition, queue_id, status, auth_user, helo, first)"
-                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                    hist)
-            if rows["status"]:
-                c.executemany(
-                    "INSERT INTO history_status (node, ts, queue_id, rcpt, status) VALUES (%s,%s,%s,%s,%s)",
-                    status)
-            if rows["counts"]:
+            # COPY: the rows go in one stream (the JSON detail as text, parsed by the
+            # server), not a statement each.
+            if events:
+                with c.copy("COPY events (node, ts, queue_id, kind, text, session, detail) FROM STDIN") as cp:
+                    for r in events:
+                        cp.write_row((node, *map(_no_nul, r[:5]), _clean_detail(r[5])))
+            if hist:
+                with c.copy("COPY history (node, ts, client_ip, mail_from, rcpt, subject, message_id, size,"
+                            " classification, disposition, queue_id, status, auth_user, helo, first) FROM STDIN") as cp:
+                    for r in hist:
+                        cp.write_row((node, *map(_no_nul, r)))
+            if status:
+                with c.copy("COPY history_status (node, ts, queue_id, rcpt, status) FROM STDIN") as cp:
+                    for r in status:
+                        cp.write_row((node, *map(_no_nul, r[:4])))
+            if counts:
                 c.executemany(
                     "INSERT INTO counters (node, pid, name, value) VALUES (%s,%s,%s,%s)"
                     " ON CONFLICT (node, pid, name) DO UPDATE SET value = counters.value + excluded.value",
-                    [(node, *r) for r in rows["counts"]])
+                    [(node, pid, name, value) for (pid, name), value in counts.items()])
         if first:
-            oldest = min((r[0] for part in ("events", "hist", "status") for r in rows[part]), default=None)
+            oldest = min((r[0] for part in (events, hist, status) for r in part), default=None)
             if oldest is not None:
                 conn.execute(
                     "INSERT INTO records_batches (node, batch, ts) VALUES (%s, %s, %s) ON CONFLICT (node, batch)"
                     " DO UPDATE SET ts = LEAST(records_batches.ts, excluded.ts)", (node, LIVE_SINCE, oldest))
-        touched = sorted({r[1] for r in rows["status"]} | {r[9] for r in rows["hist"] if r[9]})
+        touched = sorted({r[1] for r in status} | {r[9] for r in hist if r[9]})
         if touched:
             # Each touched message's rows take their newest status (whichever arrived first).
             conn.execute(
@@ -236,7 +249,7 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict, *, f
                 " FROM history_status WHERE node = %s AND queue_id = ANY(%s) GROUP BY queue_id, rcpt) s"
                 " WHERE h.node = %s AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
                 (node, touched, node))
-    return True
+    return [key in new for key, _rows in batches]
 
 
 def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, started: float, now: float,
@@ -396,9 +409,8 @@ class Shipper:
         try:
             conn = self._connection()
             replayed = self._replay(conn)
-            for key, rows in batch:
-                self._commit(conn, key, rows)
-                self.written += 1
+            for i in range(0, len(batch), BATCHES_PER_COMMIT):
+                self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
         except (psycopg.Error, OSError) as e:
             self._drop_connection()
             self._spill(batch)  # those already committed are skipped by their key on replay
@@ -421,6 +433,19 @@ class Shipper:
             if self._notify is not None:
                 self._notify(f"records: the shared records database (PostgreSQL) takes writes again "
                              f"({replayed} spilled batch(es) written)")
+
+    def _commit_many(self, conn: psycopg.Connection, batches: list[tuple[str, dict]]) -> None:
+        """The batches of one pass in one transaction; when PostgreSQL refuses it for
+        its data, each batch again on its own (only the refused one is set aside)."""
+        import psycopg
+
+        try:
+            commit_batches(conn, self.node, batches, first=not self._marked)
+            self._marked = True
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError):
+            for key, rows in batches:
+                self._commit(conn, key, rows)
+        self.written += len(batches)
 
     def _commit(self, conn: psycopg.Connection, key: str, rows: dict) -> bool:
         """commit_batch; a batch PostgreSQL refuses for its data (not for an outage) is

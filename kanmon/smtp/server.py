@@ -68,10 +68,11 @@ from kanmon.smtp.session import (
 )
 from kanmon.archive.store import ArchiveStore
 from kanmon.quarantine.store import Meta as QuarantineMeta
-from kanmon.quarantine.store import Quarantine
+from kanmon.quarantine.store import QuarantineStore
 from kanmon.spool.spill import SpillWriter
 from kanmon.spool.store import Spool, SpoolError
 from kanmon.state.api import SharedState
+from kanmon.state.backends import open_quarantine
 from kanmon.store.users import log_safe
 from kanmon.tlsaccept import Admission, TlsAcceptor, crowd
 
@@ -416,7 +417,7 @@ class SmtpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._quarantine: Quarantine | None = None
+        self._quarantine: QuarantineStore | None = None
         self._archive: ArchiveStore | None = None
         self._trusted_proxies = list(config.smtp.trusted_proxies)
         self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
@@ -569,6 +570,9 @@ class SmtpServer:
             self.gauge.trim(everything=True)  # the places kept for connections that will not come
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._quarantine is not None:
+            quarantine, self._quarantine = self._quarantine, None
+            quarantine.close()
 
     def archive_copy(self, queue_id: str, env: Envelope, content: bytes, sid: str | None) -> None:
         """[archive] maildir: keep a copy of an accepted message, after the reply (a copy
@@ -598,10 +602,11 @@ class SmtpServer:
 
         self.spawn(copy())
 
-    def quarantine_store(self) -> Quarantine:
-        """The quarantine (made on first use: most nodes never quarantine anything)."""
+    def quarantine_store(self) -> QuarantineStore:
+        """The quarantine, this node's or shared by every node (made on first use: most
+        nodes never quarantine anything)."""
         if self._quarantine is None:
-            self._quarantine = Quarantine(self.config.server.data_dir, fsync=self.spool.fsync)
+            self._quarantine = open_quarantine(self.config, fsync=self.spool.fsync)
         return self._quarantine
 
     def spawn(self, coro) -> asyncio.Task[None]:

@@ -80,9 +80,10 @@ def _text(value: str) -> str:
 class _Db:
     """A connection per thread to one PostgreSQL database."""
 
-    def __init__(self, url: str, password_file: Path | None):
+    def __init__(self, url: str, password_file: Path | None, schema: str = _SCHEMA):
         self.url = url
         self.password_file = password_file
+        self.schema = schema  # made sure of by each new connection
         self._local = threading.local()
         self._all: list[psycopg.Connection] = []
         self._lock = threading.Lock()
@@ -106,7 +107,7 @@ class _Db:
                 # while the database is down, or the database comes back recreated.
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                    conn.execute(_SCHEMA)
+                    conn.execute(self.schema)
             except BaseException:
                 conn.close()
                 raise

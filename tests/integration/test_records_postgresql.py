@@ -80,6 +80,21 @@ def test_a_batch_key_written_twice_counts_once(pg_url):
         assert conn.execute("SELECT detail->>'a' FROM events LIMIT 1").fetchone() == ("1",)
 
 
+def test_batches_of_one_pass_go_in_one_transaction_each_key_once(pg_url):
+    def rows(n: int) -> dict:
+        return {"events": [[float(n), QID, "removed", f"removed {n}", None, '{"n": %d}' % n]],
+                "hist": [], "status": [], "counts": [[7, "delivered", n]]}
+
+    with pg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn)
+        assert pg.commit_batch(conn, "mr1", "k2", rows(2)) is True
+        assert pg.commit_batches(conn, "mr1", [("k1", rows(1)), ("k2", rows(2)), ("k3", rows(3))]) == [True, False, True]
+        assert conn.execute("SELECT text FROM events ORDER BY id").fetchall() == [("removed 2",), ("removed 1",), ("removed 3",)]
+        assert conn.execute("SELECT value FROM counters").fetchall() == [(6,)]  # 2, then 1 + 3: k2 not twice
+        assert conn.execute("SELECT detail->>'n' FROM events ORDER BY id").fetchall() == [("2",), ("1",), ("3",)]
+        assert pg.commit_batches(conn, "mr1", []) == []
+
+
 def test_nul_characters_from_the_network_are_stored_not_refused(tmp_path, pg_url):
     records = Records(tmp_path, "mr1", shared=section(pg_url))
     accept(records, QID, subject="=?utf-8?q?a=00b?=")
