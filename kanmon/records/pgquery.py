@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
+from kanmon.state.pgconnect import READ_TIMEOUTS
 from kanmon.records.query import EventRow, HistoryRow
 from kanmon.records.stats import BUCKETS, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 def reading(section: RecordsSection, read_only: bool = True) -> Iterator[psycopg.Connection]:
     """A connection to the shared records (read-only unless asked: temporary views)."""
     assert section.url is not None
-    conn = connect(section.url, section.password_file, autocommit=True)
+    conn = connect(section.url, section.password_file, autocommit=True, timeouts=READ_TIMEOUTS)
     try:
         conn.read_only = read_only
         yield conn

@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters
 
 if TYPE_CHECKING:
     import psycopg
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT = 5  # seconds
-STATEMENT_TIMEOUT_MS = 5000  # a check waits no longer than this on a locked row
 SCHEMA_LOCK = 0x6B616E6D6F6F  # pg_advisory_xact_lock key while creating the tables
 WORKERS = 1  # one thread per process for submit(), as SQLite: a session's calls keep their order
 
@@ -90,8 +89,8 @@ class _Db:
     def _connect(self) -> psycopg.Connection:
         import psycopg
 
-        extra: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kanmon-state",
-                                 "autocommit": True, "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}
+        # keepalives, and a check waits no longer than STATE_TIMEOUTS on a locked row
+        extra: dict[str, Any] = {**libpq_parameters(self.url, "kanmon-state", STATE_TIMEOUTS), "autocommit": True}
         if self.password_file is not None:
             extra["password"] = Path(self.password_file).read_text().strip()
         return psycopg.connect(self.url, **extra)
