@@ -97,6 +97,17 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
     return [HistoryRow(*("" if v is None else v for v in r[:12]), node=r[12]) for r in rows]
 
 
+def alert_events(section: RecordsSection, since: float, node: str | None = None,
+                 limit: int = 100_000) -> list[tuple[float, dict | None, str]]:
+    """The alert events (kind "alert") since `since`, oldest first: (ts, detail, node)."""
+    where, args = ["kind = 'alert'", "ts >= %s"], [since]
+    if node:
+        where.append("node = %s")
+        args.append(node)
+    return [(ts, detail, n) for ts, detail, n in
+            _newest(section, "SELECT ts, detail, node FROM events", where, args, limit)]
+
+
 def nodes(section: RecordsSection) -> list[tuple[str, float]]:
     """The nodes that wrote records, with the time of their last batch."""
     with reading(section) as conn:

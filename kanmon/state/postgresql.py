@@ -31,7 +31,15 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.api import (
+    AlertClaim,
+    AlertResolution,
+    CacheEntry,
+    Triplet,
+    TripletState,
+    bucket_estimate,
+    decide_resolution,
+)
 from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters
 
 if TYPE_CHECKING:
@@ -64,6 +72,12 @@ CREATE TABLE IF NOT EXISTS state_alert_claim (
 CREATE TABLE IF NOT EXISTS state_alert_seen (
     category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (category, key, node));
+CREATE TABLE IF NOT EXISTS state_alert_cleared (
+    category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, cleared DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (category, key, node));
+CREATE TABLE IF NOT EXISTS state_alert_resolved (
+    category TEXT NOT NULL, key TEXT NOT NULL, resolved DOUBLE PRECISION NOT NULL, by_node TEXT NOT NULL,
+    PRIMARY KEY (category, key));
 """
 
 
@@ -345,6 +359,30 @@ class PgAlertClaims:
                 "SELECT node FROM state_alert_seen WHERE category = %s AND key = %s AND last_seen > %s"
                 ' ORDER BY node COLLATE "C"', (category, key, now - interval)))
         return AlertClaim(won, nodes, by)
+
+    def resolve(self, category: str, key: str, node: str, now: float, interval: float) -> AlertResolution:
+        category, key = _text(category), _text(key)
+        with self._db.transaction() as c:
+            # The claim's row, locked first: two nodes resolving at once go one after the
+            # other, and the second sees the first's end.
+            sent = c.execute("SELECT last_sent FROM state_alert_claim WHERE category = %s AND key = %s FOR UPDATE",
+                             (category, key)).fetchone()
+            c.execute("INSERT INTO state_alert_cleared (category, key, node, cleared) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT (category, key, node) DO UPDATE SET cleared = excluded.cleared",
+                      (category, key, node, now))
+            resolved = c.execute("SELECT resolved FROM state_alert_resolved WHERE category = %s AND key = %s",
+                                 (category, key)).fetchone()
+            seen = dict(c.execute("SELECT node, last_seen FROM state_alert_seen WHERE category = %s AND key = %s",
+                                  (category, key)).fetchall())
+            cleared = dict(c.execute("SELECT node, cleared FROM state_alert_cleared WHERE category = %s AND key = %s",
+                                     (category, key)).fetchall())
+            out, over = decide_resolution(node, now, interval, sent[0] if sent else None,
+                                          resolved[0] if resolved else None, seen, cleared)
+            if over:
+                c.execute("INSERT INTO state_alert_resolved (category, key, resolved, by_node) VALUES (%s, %s, %s, %s)"
+                          " ON CONFLICT (category, key) DO UPDATE SET resolved = excluded.resolved,"
+                          " by_node = excluded.by_node", (category, key, now, node))
+        return out
 
 
 class PostgresState:
