@@ -578,9 +578,10 @@ class Alerts:
         assert self._outbox is not None
         while True:
             category, key, subject, body, ask = await self._outbox.get()
-            if ask == "claim" and self.shared is not None:
+            shared = self.shared if self.cfg.to else None  # nothing to mail: no claim on the cluster's mail
+            if ask == "claim" and shared is not None:
                 body = await self._claim(category, key, subject, body)
-            elif ask == "resolve" and self.shared is not None:
+            elif ask == "resolve" and shared is not None:
                 body = await self._resolve(category, key, subject, body)
             if body is None:
                 continue
