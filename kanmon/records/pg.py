@@ -249,7 +249,9 @@ def commit_batch(conn: psycopg.Connection, node: str, key: str, rows: dict, *, f
 
 def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, started: float, now: float,
               queue: dict, alerts: list[dict]) -> None:
-    """This node is alive at now, with its queue and active alerts (kanmon cluster status)."""
+    """This node is alive at now, with its queue and active alerts (kanmon cluster status).
+    A heartbeat older than the one stored (two beats of a node written out of order) is
+    dropped."""
     from psycopg.types.json import Jsonb
 
     with conn.transaction():
@@ -257,7 +259,7 @@ def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, 
             "INSERT INTO cluster_nodes (node, hostname, version, started, last_seen, queue, alerts)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET hostname = excluded.hostname,"
             " version = excluded.version, started = excluded.started, last_seen = excluded.last_seen,"
-            " queue = excluded.queue, alerts = excluded.alerts",
+            " queue = excluded.queue, alerts = excluded.alerts WHERE cluster_nodes.last_seen <= excluded.last_seen",
             (node, _no_nul(hostname), version, started, now, Jsonb(queue),
              Jsonb(json.loads(_clean_detail(json.dumps(alerts))))))
 
