@@ -21,6 +21,11 @@ they follow routing. Categories (docs/monitoring.md):
 - dns: raised by the DNS health check (kanmon.dnscheck.monitor);
 - records: the records database refuses writes (the node, told by kanmon.records.store).
 
+With shared state ([records] url), one incident gets one mail for the cluster: the first
+node that sees it mails it (AlertClaims.claim), and the last node that sees it end mails
+"resolved" (AlertClaims.resolve), each naming the nodes that saw it. `kanmon alert list`
+and the console then read every node's alerts from the shared records (read_alerts).
+
 The same alert (category and key) is mailed at most once per [alerts] min_interval
 (expiry: expiry_every) while it lasts; each one says what happened, since when, and the
 command to look closer. Every alert, mailed or not, is an event of kind "alert" with
@@ -218,7 +223,7 @@ class Alerts:
         self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
         self.sent = 0
         self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
-        self._outbox: asyncio.Queue[tuple[str, str, str, bool]] | None = None
+        self._outbox: asyncio.Queue[tuple[str, str, str, str, str | None]] | None = None
         self._db_path = self.data_dir / "records.sqlite"
         # Before the state is loaded: a damaged state file's event comes after this id,
         # so the watcher mails it as a critical alert.
@@ -282,7 +287,7 @@ class Alerts:
             self._state_dirty()
             body = (f"Resolved: {text}\n\nThe problem began {_stamp(st.since)}; resolved {_stamp(self.clock.now())}.\n"
                     f"\nTo look closer: {self._command(category)}\n")
-            self._enqueue(category, key, self._subject(category, "resolved: " + _first(text)), body, True)
+            self._enqueue_resolved(category, key, self._subject(category, "resolved: " + _first(text)), body)
 
     def incident(self, category: str, key: str, text: str, resolved: bool = False) -> None:
         """An incident of a source that knows its own keys (the balancer): `resolved`
@@ -572,11 +577,14 @@ class Alerts:
     async def _sender(self) -> None:
         assert self._outbox is not None
         while True:
-            category, key, subject, body, claim = await self._outbox.get()
-            if claim and self.shared is not None:
+            category, key, subject, body, ask = await self._outbox.get()
+            shared = self.shared if self.cfg.to else None  # nothing to mail: no claim on the cluster's mail
+            if ask == "claim" and shared is not None:
                 body = await self._claim(category, key, subject, body)
-                if body is None:
-                    continue
+            elif ask == "resolve" and shared is not None:
+                body = await self._resolve(category, key, subject, body)
+            if body is None:
+                continue
             await self.send(category, key, subject, body)
 
     async def _claim(self, category: str, key: str, subject: str, body: str) -> str | None:
@@ -593,6 +601,24 @@ class Alerts:
             self.records.record(AlertNotMailed(f"mailed by node {claim.mailed_by} within the interval", subject))
             return None
         return body + f"\nSeen by: {', '.join(claim.nodes)}\n"
+
+    async def _resolve(self, category: str, key: str, subject: str, body: str) -> str | None:
+        """The "resolved" body to mail (naming the nodes that saw the incident), or None
+        when another node still sees it (the last one to see it end mails) or this
+        incident's "resolved" was mailed already. When the shared state does not answer,
+        it is mailed from here."""
+        shared = self.shared
+        try:
+            r = await shared.submit(shared.alert_claims.resolve, category, key, self.node, self.clock.now(),
+                                    self.interval(category))
+        except Exception as e:  # noqa: BLE001 - the shared state is down: mail it from here
+            return body + f"\nSeen by: {self.node} (the other nodes could not be asked: {_first(str(e))})\n"
+        if not r.mail:
+            why = (f"resolved on node {self.node}; still seen by {', '.join(r.still)}" if r.still
+                   else "resolved mail of this incident sent already")
+            self.records.record(AlertNotMailed(why, subject))
+            return None
+        return body + f"\nSeen by: {', '.join(r.nodes)}\n"
 
     # -- the saved state ---------------------------------------------------------------
 
@@ -683,7 +709,15 @@ class Alerts:
         if self._outbox is None:  # not running (tests driving it by hand): log only
             self._fallback(subject, body, "alerts not running")
             return
-        self._outbox.put_nowait((category, key, subject, body, not force))
+        self._outbox.put_nowait((category, key, subject, body, None if force else "claim"))
+
+    def _enqueue_resolved(self, category: str, key: str, subject: str, body: str) -> None:
+        """A "resolved" mail: one for the cluster's incident (self.shared), sent by the
+        last node that saw it end; alone, always."""
+        if self.shared is None or self._outbox is None:
+            self._enqueue(category, key, subject, body, True)
+            return
+        self._outbox.put_nowait((category, key, subject, body, "resolve"))
 
     async def send(self, category: str, key: str, subject: str, body: str) -> str | None:
         """Queue one alert mail; its queue id, or None when it went to log and stderr."""
@@ -764,10 +798,32 @@ class AlertRecord:
     state: str  # raised | suppressed | cleared
     since: float
     text: str
+    node: str = ""  # the node that saw it (shared records); "" for this node's own records
+
+
+def _fold_alerts(rows) -> tuple[list[AlertRecord], list[AlertRecord]]:
+    """Alert events (ts, detail as JSON text or a dict, node), oldest first: (all of them;
+    the alerts active now, per node)."""
+    out: list[AlertRecord] = []
+    latest: dict[tuple[str, str, str], AlertRecord] = {}
+    for ts, detail, node in rows:
+        try:
+            d = detail if isinstance(detail, dict) else json.loads(detail or "{}")
+        except ValueError:
+            continue
+        if not isinstance(d, dict):
+            continue
+        rec = AlertRecord(ts, str(d.get("category", "")), str(d.get("key", "")), str(d.get("state", "")),
+                          d.get("since", ts), str(d.get("text", "")), node or "")
+        out.append(rec)
+        latest[(rec.node, rec.category, rec.key)] = rec
+    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
+    return out, active
 
 
 def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list[AlertRecord]]:
-    """(every alert event since `since`, oldest first; the alerts active now)."""
+    """This node's own records: (every alert event since `since`, oldest first; the
+    alerts active now)."""
     path = Path(data_dir) / "records.sqlite"
     if not path.exists():
         return [], []
@@ -777,23 +833,28 @@ def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list
     assert db is not None
     try:
         rows = db.execute(
-            "SELECT ts, detail FROM events WHERE kind = 'alert' AND ts >= ? ORDER BY id", (since,)
+            "SELECT ts, detail, '' FROM events WHERE kind = 'alert' AND ts >= ? ORDER BY id", (since,)
         ).fetchall()
     finally:
         db.close()
-    out: list[AlertRecord] = []
-    latest: dict[tuple[str, str], AlertRecord] = {}
-    for ts, detail in rows:
-        try:
-            d = json.loads(detail or "{}")
-        except ValueError:
-            continue
-        rec = AlertRecord(ts, d.get("category", ""), d.get("key", ""), d.get("state", ""), d.get("since", ts),
-                          d.get("text", ""))
-        out.append(rec)
-        latest[(rec.category, rec.key)] = rec
-    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
-    return out, active
+    return _fold_alerts(rows)
+
+
+def cluster_alerts(section, since: float, node: str | None = None) -> tuple[list[AlertRecord], list[AlertRecord]]:
+    """recent_alerts over the shared records ([records] url): every node's, each with its
+    node (node: only that one's); active per node. psycopg.Error when the database
+    cannot be read."""
+    from kanmon.records import pgquery
+
+    return _fold_alerts(pgquery.alert_events(section, since, node))
+
+
+def read_alerts(config: Config, since: float, node: str | None = None) -> tuple[list[AlertRecord], list[AlertRecord]]:
+    """The alerts `kanmon alert list` and the console show: every node's from the shared
+    records when [records] url is set, else this node's own."""
+    if config.records.url:
+        return cluster_alerts(config.records, since, node)
+    return recent_alerts(config.server.data_dir, since)
 
 
 # ---------------------------------------------------------------------------

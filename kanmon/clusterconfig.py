@@ -9,8 +9,15 @@ configuration is the pushed one with its overlay's tables merged in (an overlay 
 replaces the same key; a list is replaced whole), then the node's own `[records]` and
 `[cluster]` from its local file (how it reaches the database stays its own).
 
+Each node keeps the version it applied in <data_dir>/cluster-config.json (private,
+replaced atomically): a node that starts (while the database is down, or before it
+answers) runs that version, validated again, and says so in its event log; without it,
+or when it no longer validates, the local file. The database then decides: a newer
+version is applied as it is pushed.
+
 Trusts: the database (written only by `kanmon cluster push`, which validates); every
-version is validated again by each node before it applies it. A version that fails to
+version is validated again by each node before it applies it; nothing in the cache file
+(decoded strictly, validated as a pushed version; a damaged one is moved aside). A version that fails to
 validate or to load (a listen address that cannot be bound...) is refused with the old
 configuration still serving (the reload's promise).
 Never: apply a version without validating it for this node; stop serving on a refusal;
@@ -23,11 +30,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import sys
 import threading
 import time
 import tomllib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kanmon.config import Config, ConfigError, parse_config
@@ -40,6 +50,8 @@ if TYPE_CHECKING:
 CHANNEL = "kanmon_config"
 POLL = 30.0  # seconds between checks for a version a lost notification did not announce
 LOCAL_SECTIONS = ("records", "cluster")  # a node keeps its own
+CACHE_FILE = "cluster-config.json"
+CACHE_FORMAT = 1
 
 
 def _connect(section: RecordsSection, **kwargs: Any) -> psycopg.Connection:
@@ -165,35 +177,139 @@ def _report(conn: psycopg.Connection, node: str, version: int, state: str, error
         " error = excluded.error, ts = excluded.ts", (node, version, state, error.replace("\x00", ""), time.time()))
 
 
+# -- the applied version, kept on the node's disk ------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    version: int
+    node: str
+    text: str
+    applied: float
+
+
+class CacheError(ValueError):
+    """The cache file is not one this kanmon wrote."""
+
+
+def local_sections(config: Config) -> dict:
+    """What a node keeps of its local file in every pushed version ([records], [cluster])."""
+    out = {"records": config.records.model_dump(mode="json", exclude_defaults=True)}
+    if config.cluster is not None:
+        out["cluster"] = config.cluster.model_dump(mode="json")
+    return out
+
+
+def write_cache(data_dir: Path, version: int, node: str, text: str) -> Path:
+    """Keep the version this node applied (0600, fsynced, replaced atomically)."""
+    path = Path(data_dir) / CACHE_FILE
+    data = json.dumps({"format": CACHE_FORMAT, "version": version, "node": node, "applied": time.time(),
+                       "sha256": hashlib.sha256(text.encode()).hexdigest(), "text": text}, ensure_ascii=False)
+    tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def read_cache(data_dir: Path) -> Cached:
+    """The cached version; FileNotFoundError when there is none, CacheError when the file
+    is not one kanmon wrote (truncated, edited, another format)."""
+    raw = (Path(data_dir) / CACHE_FILE).read_bytes()
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise CacheError(f"not JSON: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != CACHE_FORMAT:
+        raise CacheError("not a cached cluster configuration of this format")
+    version, node, text, applied = d.get("version"), d.get("node"), d.get("text"), d.get("applied")
+    if (not isinstance(version, int) or isinstance(version, bool) or version < 1 or not isinstance(node, str)
+            or not isinstance(text, str) or not isinstance(applied, (int, float))):
+        raise CacheError("a field is missing or of the wrong type")
+    if d.get("sha256") != hashlib.sha256(text.encode()).hexdigest():
+        raise CacheError("its text does not match its checksum")
+    return Cached(version, node, text, float(applied))
+
+
+def starting_config(config: Config, text: str | None) -> tuple[Config, str | None, tuple[int | None, str] | None]:
+    """The configuration a node with [cluster] starts with: its cached version when there
+    is one that validates for it, else the local file `config` (text: its text). The
+    third item, (the version started with or None, a line for the event log), says what
+    was chosen when there was a cache."""
+    assert config.cluster is not None
+    data_dir = Path(config.server.data_dir)
+    path = data_dir / CACHE_FILE
+    try:
+        cached = read_cache(data_dir)
+    except FileNotFoundError:
+        return config, text, None
+    except (CacheError, OSError) as e:
+        aside = path.with_name(f"{CACHE_FILE}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
+        try:
+            os.replace(path, aside)
+            where = f"moved to {aside.name}"
+        except OSError as err:
+            where = f"could not be moved aside ({err.strerror or err})"
+        return config, text, (None, f"cluster: the cached configuration {path} is damaged ({e}); it {where}; "
+                                    "started with the local file")
+    name = config.cluster.node
+    if cached.node != name:
+        return config, text, (None, f"cluster: the cached configuration {path} is node {cached.node}'s, not "
+                                    f"{name}'s; started with the local file")
+    try:
+        new, out = node_config(cached.text, name, local_sections(config), f"cached cluster config version {cached.version}")
+    except ConfigError as e:
+        return config, text, (None, f"cluster: cached configuration version {cached.version} does not validate "
+                                    f"({'; '.join(e.messages)}); started with the local file")
+    if Path(new.server.data_dir).resolve() != data_dir.resolve():
+        return config, text, (None, f"cluster: cached configuration version {cached.version} names another data_dir "
+                                    f"({new.server.data_dir}); started with the local file")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cached.applied))
+    return new, out, (cached.version, f"cluster: started with configuration version {cached.version}, the last one "
+                                      f"this node applied ({when}, kept in {path}); newer versions apply as the "
+                                      "database announces them")
+
+
 # -- the node's watcher -------------------------------------------------------------------
 
 class ClusterWatch:
     """In the node's TaskGroup: apply each new pushed version by node.reload()."""
 
-    def __init__(self, node, reload_errors: tuple[type[Exception], ...]):
-        """node: the running Node (its config is the local file's); reload_errors: what
-        node.reload() raises when it refuses (the old configuration still serving)."""
+    def __init__(self, node, reload_errors: tuple[type[Exception], ...],
+                 start: tuple[int | None, str] | None = None):
+        """node: the running Node (its config is the local file's, or the cached version
+        starting_config chose: their [records] and [cluster] are the same); reload_errors:
+        what node.reload() raises when it refuses (the old configuration still serving);
+        start: starting_config's note (the version running, a line for the event log)."""
         self.node = node
         config = node.config
         self.name = config.cluster.node
         self.section = config.records  # the local file's: how this node reaches the database
-        self.local = {"records": config.records.model_dump(mode="json", exclude_defaults=True),
-                      "cluster": config.cluster.model_dump(mode="json")}
+        self.local = local_sections(config)
         self.reload_errors = reload_errors
-        self.applied: int | None = None  # the version running (None: the local file)
-        self.seen = 0  # the newest version acted on (applied or refused)
+        self.start_note = start[1] if start else None
+        self.applied: int | None = start[0] if start else None  # the version running (None: the local file)
+        self.seen = self.applied or 0  # the newest version acted on (applied or refused)
         self._wake: asyncio.Event | None = None
         self._stop = threading.Event()
+        self._cache_tried = self.applied is not None  # the cached version, once per local file
 
     def local_file_reloaded(self) -> None:
-        """The node reloaded its local file (SIGHUP): the cluster's version applies again."""
+        """The node reloaded its local file (SIGHUP): the cluster's version applies again
+        (the cached one while the database does not answer)."""
         self.applied, self.seen = None, 0
+        self._cache_tried = False
         if self._wake is not None:
             self._wake.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        if self.start_note:
+            self.node.records.emit(self.start_note, kind="error" if self.applied is None else "info")
         listener = threading.Thread(target=self._listen, args=(loop,), name="cluster-listen", daemon=True)
         listener.start()
         try:
@@ -202,11 +318,34 @@ class ClusterWatch:
                     await self.check()
                 except Exception as e:  # noqa: BLE001 - the database is down: the next check tries again
                     print(f"kanmon: cluster: {e}", file=sys.stderr)
+                    await self._apply_cached(e)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL)
                 self._wake.clear()
         finally:
             self._stop.set()
+
+    async def _apply_cached(self, why: Exception) -> None:
+        """The database does not answer and the node runs its local file (a reload of
+        it): apply the version this node last applied, kept on its disk."""
+        if self.applied is not None or self._cache_tried:
+            return
+        self._cache_tried = True
+        new, out, note = await asyncio.to_thread(starting_config, self.node.config, None)
+        if note is None or note[0] is None:
+            if note is not None:
+                self.node.records.emit(note[1], kind="error")
+            return
+        version = note[0]
+        first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+        try:
+            await self.node.reload(new, out)
+        except self.reload_errors as e:
+            self.node.records.emit(f"cluster: cached configuration version {version} refused: {e}", kind="error")
+            return
+        self.applied = self.seen = version
+        self.node.records.emit(f"cluster: the database does not answer ({first}): applied configuration version "
+                               f"{version}, the last one this node applied (kept in {self.node.data_dir / CACHE_FILE})")
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """LISTEN on its own connection; each notification wakes run()."""
@@ -244,6 +383,11 @@ class ClusterWatch:
             state, error = "applied", ""
             self.applied = version
             self.node.records.emit(f"cluster: configuration version {version} applied")
+            try:
+                await asyncio.to_thread(write_cache, self.node.data_dir, version, self.name, text)
+            except OSError as e:
+                self.node.records.emit(f"cluster: cannot keep configuration version {version} in "
+                                       f"{self.node.data_dir / CACHE_FILE}: {e.strerror or e}", kind="error")
         await asyncio.to_thread(self._write_state, version, state, error)
         return state
 

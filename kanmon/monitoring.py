@@ -92,11 +92,12 @@ class Monitoring:
         alerts = [{"category": st.category, "key": st.key, "text": st.text, "since": st.since}
                   for st in self.alerts.states.values() if st.active]
         name = config.records.node or config.server.hostname
+        now = time.time()  # the snapshot's time: a slower, older beat never replaces a newer one
 
         def write() -> None:
             with connect(config.records.url, config.records.password_file, autocommit=True) as conn:
                 migrate(conn)  # the first writer of a fresh database may be this one
-                heartbeat(conn, name, config.server.hostname, __version__, self.started, time.time(), queue, alerts)
+                heartbeat(conn, name, config.server.hostname, __version__, self.started, now, queue, alerts)
 
         await asyncio.to_thread(write)
         self.heartbeats += 1

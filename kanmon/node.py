@@ -66,7 +66,7 @@ from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool
-from kanmon.clusterconfig import ClusterWatch
+from kanmon.clusterconfig import ClusterWatch, starting_config
 from kanmon.state.backends import open_state
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
@@ -192,6 +192,9 @@ class Node:
         config_source: the config file the receivers load and a reload reads (None: the
         embedded default). config_text: the text `config` was parsed from (the receivers
         get a snapshot of it)."""
+        cluster_start = None
+        if config.cluster is not None:  # the pushed version this node applied last, kept on its disk
+            config, config_text, cluster_start = starting_config(config, config_text)
         self.auth_throttle = auth_throttle
         self.config_text = config_text
         self._generation = 0
@@ -214,7 +217,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._background: dict[str, asyncio.Task] = {}
         self._retiring: dict[asyncio.Task, Frontend] = {}
-        self.cluster_watch = ClusterWatch(self, (ReloadError,)) if config.cluster is not None else None
+        self.cluster_watch = ClusterWatch(self, (ReloadError,), cluster_start) if config.cluster is not None else None
         self._reload_lock = asyncio.Lock()
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None

@@ -2,10 +2,13 @@
 
 Role: the appliance's test button and the list of recent alerts. `alert test` asks the
 running server for a test alert (kanmon.alerts.request_test_alert) and says what
-happened; `alert list` reads the alert events back (kanmon.alerts.recent_alerts).
+happened; `alert list` reads the alert events back (kanmon.alerts.read_alerts): every
+node's from the shared records with `[records] url` (`--node` picks one), else this
+node's own.
 
 Trusts: nothing from argv (the category is one of a fixed set). Never: open spool files
-or the records database, or send mail itself.
+or the records database, or send mail itself; show alert text unescaped (it may hold
+text from the network).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import json
 
 import click
 
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, parse_since, require_data_dir
+from kanmon.commands.options import (
+    config_option,
+    format_time,
+    json_option,
+    load_or_exit,
+    parse_since,
+    require_data_dir,
+    shown,
+)
 from kanmon.config import ALERT_CATEGORIES
 
 WAIT_FOR_SERVER = 15.0
@@ -52,24 +63,52 @@ def alert_test(config_path, category, wait) -> None:
 @alert.command("list")
 @config_option
 @click.option("--since", default="7d", show_default=True, help="Alerts of the last DURATION.")
-@json_option("JSON: {\"active\": [...], \"recent\": [...]}.")
-def alert_list(config_path, since, as_json) -> None:
-    """Recent alerts, and which are still active."""
+@click.option("--node", help="Only this node's alerts (shared records, [records] url); without it every node's.")
+@json_option("JSON: {\"active\": [...], \"recent\": [...]}; each alert has a node with shared records.")
+def alert_list(config_path, since, node, as_json) -> None:
+    """Recent alerts, and which are still active (on every node with [records] url)."""
     import dataclasses
 
-    from kanmon.alerts import recent_alerts
+    from kanmon.alerts import read_alerts
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
+    if node is not None and not cfg.records.url:
+        raise click.UsageError("--node reads the shared records: set [records] url (docs/cluster.md)")
     start = parse_since(since)
-    recent, active = recent_alerts(cfg.server.data_dir, start)
+    try:
+        recent, active = read_alerts(cfg, start, node)
+    except Exception as e:
+        if not cfg.records.url or not _is_database_error(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        click.echo(shown(f"kanmon: shared records ({cfg.records.url}): {first}"), err=True)
+        raise SystemExit(1) from None
     if as_json:
         click.echo(json.dumps({"active": [dataclasses.asdict(a) for a in active],
                                "recent": [dataclasses.asdict(a) for a in recent]}, ensure_ascii=False))
         return
-    click.echo(f"active ({len(active)}):")
+
+    def where(a) -> str:
+        return f"{a.node:<10} " if cfg.records.url else ""
+
+    def first_line(a) -> str:
+        return a.text.splitlines()[0] if a.text else ""
+
+    whose = f", node {node}" if node else ", every node" if cfg.records.url else ""
+    click.echo(f"active ({len(active)}{whose}):")
     for a in active:
-        click.echo(f"  {a.category:<12} since {format_time(a.since)}  {a.key}: {a.text.splitlines()[0] if a.text else ''}")
+        click.echo(shown(f"  {where(a)}{a.category:<12} since {format_time(a.since)}  {a.key}: {first_line(a)}"))
     click.echo(f"\nrecent ({len(recent)}):")
     for a in recent:
-        click.echo(f"  {format_time(a.ts)}  {a.category:<12} {a.state:<10} {a.key}: {a.text.splitlines()[0] if a.text else ''}")
+        click.echo(shown(f"  {format_time(a.ts)}  {where(a)}{a.category:<12} {a.state:<10} {a.key}: {first_line(a)}"))
+
+
+def _is_database_error(e: Exception) -> bool:
+    if isinstance(e, OSError):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(e, psycopg.Error)

@@ -12,7 +12,11 @@ is unreachable or refuses a batch, the batch goes to a durable spill journal
 every later batch follows it there, in order, until PostgreSQL takes writes again; then
 the journal is written first, oldest batch first. on_failure(text) is told once per
 outage (the node raises a `records` alert). The mail path never waits for PostgreSQL:
-producers only append to a deque.
+producers only append to a deque, and when PENDING_MAX batches wait there (PostgreSQL
+answers too slowly, or a write hangs on a lost host until its timeouts), put() moves them
+and every new batch to the journal itself, so memory stays bounded and nothing is lost.
+The journal's order does not matter: a replay writes each process's batches by their
+number.
 
 Status updates are stored as rows of their own (history_status) and folded into the
 history rows of their message in the same transaction: a status that arrives before its
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kanmon.escape import for_log
+from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters
 
 if TYPE_CHECKING:
     import psycopg
@@ -47,10 +52,10 @@ if TYPE_CHECKING:
     from kanmon.config import RecordsSection
 
 SPILL_DIR = "records-spill-postgresql"
-CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds between attempts while PostgreSQL is down (doubling)
 WRITE_INTERVAL = 1.0  # seconds between passes: the batches of several writer intervals in one transaction
 BATCHES_PER_COMMIT = 100  # batches a pass writes in one transaction (each is one writer's interval)
+PENDING_MAX = 256  # batches held in memory for PostgreSQL; beyond, put() appends them to the journal
 
 
 # -- schema ---------------------------------------------------------------------------------
@@ -110,12 +115,15 @@ VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
 MIGRATION_LOCK = 0x6B616E6D6F6E  # pg_advisory_xact_lock key: one node migrates at a time
 
 
-def connect(url: str, password_file: Path | None = None, **kwargs: Any) -> psycopg.Connection:
+def connect(url: str, password_file: Path | None = None, *, timeouts: tuple[int, int] = WRITE_TIMEOUTS,
+            **kwargs: Any) -> psycopg.Connection:
     """A connection to the shared records. The password comes from password_file, else
-    from libpq (PGPASSFILE, ~/.pgpass); TLS options in the URL go to libpq unchanged."""
+    from libpq (PGPASSFILE, ~/.pgpass); TLS options in the URL go to libpq unchanged.
+    Keepalives, statement_timeout and lock_timeout: kanmon.state.pgconnect (timeouts:
+    (statement, lock) in milliseconds, unless the URL sets them)."""
     import psycopg
 
-    extra: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kanmon"}
+    extra: dict[str, Any] = libpq_parameters(url, "kanmon", timeouts)
     if password_file is not None:
         extra["password"] = Path(password_file).read_text().strip()
     extra.update(kwargs)
@@ -254,7 +262,9 @@ def commit_batches(conn: psycopg.Connection, node: str, batches: list[tuple[str,
 
 def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, started: float, now: float,
               queue: dict, alerts: list[dict]) -> None:
-    """This node is alive at now, with its queue and active alerts (kanmon cluster status)."""
+    """This node is alive at now, with its queue and active alerts (kanmon cluster status).
+    A heartbeat older than the one stored (two beats of a node written out of order) is
+    dropped."""
     from psycopg.types.json import Jsonb
 
     with conn.transaction():
@@ -262,7 +272,7 @@ def heartbeat(conn: psycopg.Connection, node: str, hostname: str, version: str, 
             "INSERT INTO cluster_nodes (node, hostname, version, started, last_seen, queue, alerts)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET hostname = excluded.hostname,"
             " version = excluded.version, started = excluded.started, last_seen = excluded.last_seen,"
-            " queue = excluded.queue, alerts = excluded.alerts",
+            " queue = excluded.queue, alerts = excluded.alerts WHERE cluster_nodes.last_seen <= excluded.last_seen",
             (node, _no_nul(hostname), version, started, now, Jsonb(queue),
              Jsonb(json.loads(_clean_detail(json.dumps(alerts))))))
 
@@ -298,10 +308,11 @@ class Shipper:
 
     def __init__(self, section: RecordsSection, node: str, data_dir: Path, *,
                  on_failure: Callable[[str], None] | None = None, replay_others: bool = False,
-                 notify: Callable[[str], None] | None = None):
+                 notify: Callable[[str], None] | None = None, max_pending: int = PENDING_MAX):
         """notify(text): a line for the event log (the outage is over); on_failure(text):
         PostgreSQL refuses writes (once per outage); replay_others: also write what other
-        (ended) processes left in the journal (the node, at its start)."""
+        (ended) processes left in the journal (the node, at its start); max_pending:
+        batches kept in memory before put() spills them."""
         assert section.url is not None
         self.url = section.url
         self.password_file = section.password_file
@@ -314,6 +325,10 @@ class Shipper:
         self._prefix = f"{os.getpid()}.{time.time_ns()}"  # batch keys: unique per process run
         self._numbers = itertools.count(1)
         self._pending: deque[tuple[str, dict]] = deque()
+        self.max_pending = max_pending
+        self._journal_lock = threading.Lock()  # appends, and the rename that starts a replay
+        self._replays = itertools.count(1)
+        self.overflowed = 0  # batches put() sent straight to the journal (tests, status)
         self._cond = threading.Condition()
         self._idle = threading.Condition()
         self._queued = 0
@@ -332,9 +347,23 @@ class Shipper:
     # -- producers -----------------------------------------------------------------------
 
     def put(self, rows: dict) -> None:
-        """One batch (the records writer's rows); never blocks."""
-        self._pending.append((f"{self._prefix}.{next(self._numbers)}", rows))
+        """One batch (the records writer's rows); never waits for PostgreSQL: beyond
+        max_pending batches in memory, they go to the journal (an fsynced append)."""
+        item = (f"{self._prefix}.{next(self._numbers)}", rows)
         self._queued += 1
+        if len(self._pending) < self.max_pending:
+            self._pending.append(item)
+            return
+        moved = []
+        with contextlib.suppress(IndexError):
+            while True:
+                moved.append(self._pending.popleft())
+        moved.append(item)
+        self._spill(moved)
+        self.overflowed += len(moved)
+        with self._idle:
+            self._done += len(moved)
+            self._idle.notify_all()
 
     def retry_now(self) -> None:
         """Try PostgreSQL at the next pass instead of at the end of the backoff (the
@@ -408,6 +437,11 @@ class Shipper:
             return
         try:
             conn = self._connection()
+            if batch and self._spill_files():
+                # put() spilled newer batches while these were taken: all go by the
+                # journal, which is written in the batches' order.
+                self._spill(batch)
+                batch = []
             replayed = self._replay(conn)
             for i in range(0, len(batch), BATCHES_PER_COMMIT):
                 self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
@@ -490,39 +524,66 @@ class Shipper:
                         for k, r in batch)
         try:
             self.spill_dir.mkdir(exist_ok=True, mode=0o700)
-            fd = os.open(path or self.spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with self._journal_lock:
+                fd = os.open(path or self.spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except OSError as e:  # the disk refuses too: the local SQLite and the log line remain
             print(f"kanmon: records (PostgreSQL): cannot spill {len(batch)} batch(es): {e}", file=sys.stderr)
 
     def _spill_files(self) -> list[Path]:
-        if not self._replay_others:
-            return [self.spill_path] if self.spill_path.exists() else []
+        """The journal files to write: this process's (<pid>.jsonl, and <pid>.replay-N.jsonl
+        of a replay that did not finish), and with replay_others those of ended processes."""
         try:
-            return sorted((p for p in self.spill_dir.iterdir()
-                           if not p.name.startswith("refused-") and (p == self.spill_path or not _writer_alive(p))),
-                          key=lambda p: (p != self.spill_path, p.name))
+            names = [p for p in self.spill_dir.iterdir() if p.suffix == ".jsonl" and not p.name.startswith("refused-")]
         except FileNotFoundError:
             return []
+        mine = str(os.getpid())
+        return sorted(p for p in names if p.name.split(".", 1)[0] == mine
+                      or (self._replay_others and not _writer_alive(p)))
 
     def _replay(self, conn: psycopg.Connection) -> int:
-        """Write the journal's batches, oldest first; a file goes when all of it is written."""
+        """Write the journal's batches, each process's in the order of their numbers; a
+        file goes when all of it is written. This process's live file is renamed first:
+        what put() appends meanwhile goes to a new one, never into a file being deleted."""
         written = 0
+        by_process: dict[str, list[Path]] = {}
         for path in self._spill_files():
-            for line in path.read_bytes().split(b"\n"):
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line (a crash during the append): never acknowledged
+            if path == self.spill_path:
+                replaying = path.with_name(f"{os.getpid()}.replay-{time.time_ns()}-{next(self._replays)}.jsonl")
+                with self._journal_lock:
+                    try:
+                        path.rename(replaying)
+                    except FileNotFoundError:
+                        continue
+                path = replaying
+            by_process.setdefault(path.name.split(".", 1)[0], []).append(path)
+        for paths in by_process.values():
+            items = []
+            for path in paths:
+                for line in path.read_bytes().split(b"\n"):
+                    try:
+                        item = json.loads(line)
+                        items.append((_batch_order(item["key"]), item))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line (a crash during the append): never acknowledged
+            items.sort(key=lambda pair: pair[0])
+            for _order, item in items:
                 if self._commit(conn, item["key"], item["rows"]):
                     written += 1
-            path.unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
         self._replay_others = False
         return written
+
+
+def _batch_order(key: str) -> tuple[str, int]:
+    """A batch key (<pid>.<start ns>.<number>) in the order its process made it."""
+    run, _, number = key.rpartition(".")
+    return run, int(number)
 
 
 def _writer_alive(path: Path) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
+from kanmon.state.pgconnect import READ_TIMEOUTS
 from kanmon.records.query import EventRow, HistoryRow
 from kanmon.records.stats import BUCKETS, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 def reading(section: RecordsSection, read_only: bool = True) -> Iterator[psycopg.Connection]:
     """A connection to the shared records (read-only unless asked: temporary views)."""
     assert section.url is not None
-    conn = connect(section.url, section.password_file, autocommit=True)
+    conn = connect(section.url, section.password_file, autocommit=True, timeouts=READ_TIMEOUTS)
     try:
         conn.read_only = read_only
         yield conn
@@ -94,6 +95,17 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
         "SELECT ts, client_ip, mail_from, rcpt, subject, message_id, size, classification, disposition,"
         " queue_id, status, auth_user, node FROM history", where, args, limit)
     return [HistoryRow(*("" if v is None else v for v in r[:12]), node=r[12]) for r in rows]
+
+
+def alert_events(section: RecordsSection, since: float, node: str | None = None,
+                 limit: int = 100_000) -> list[tuple[float, dict | None, str]]:
+    """The alert events (kind "alert") since `since`, oldest first: (ts, detail, node)."""
+    where, args = ["kind = 'alert'", "ts >= %s"], [since]
+    if node:
+        where.append("node = %s")
+        args.append(node)
+    return [(ts, detail, n) for ts, detail, n in
+            _newest(section, "SELECT ts, detail, node FROM events", where, args, limit)]
 
 
 def nodes(section: RecordsSection) -> list[tuple[str, float]]:

@@ -164,12 +164,49 @@ class AlertClaim:
     mailed_by: str  # the node that mailed it last ("" when none did)
 
 
+@dataclass(frozen=True, slots=True)
+class AlertResolution:
+    mail: bool  # this node mails "resolved": no other node still sees the alert, none mailed it yet
+    nodes: tuple[str, ...]  # the nodes that saw this incident, by name
+    still: tuple[str, ...]  # the other nodes that still see it (then mail is False)
+
+
+def decide_resolution(node: str, now: float, interval: float, last_sent: float | None, resolved: float | None,
+                      seen: dict[str, float], cleared: dict[str, float]) -> tuple[AlertResolution, bool]:
+    """Whether `node`, whose alert just ended, mails the incident's "resolved" mail:
+    (the resolution, whether the incident is over for the cluster). last_sent: when the
+    alert was last mailed by any node (None: never, then this node decides alone, as
+    one node does); resolved: when a "resolved" mail was last sent; seen: node -> when it
+    last claimed the alert; cleared: node -> when its alert last ended (this one's
+    included). A node still sees it when it claimed it within `interval` and after its
+    last end (a node that stopped while seeing it blocks the resolution for `interval`
+    at most)."""
+    if last_sent is None:
+        return AlertResolution(True, (node,), ()), False
+    since = resolved if resolved is not None else float("-inf")
+    nodes = tuple(sorted({n for n, t in seen.items() if t > since} | {node}))
+    still = tuple(sorted(n for n, t in seen.items()
+                         if n != node and t > now - interval and t > since and cleared.get(n, float("-inf")) < t))
+    if still:
+        return AlertResolution(False, nodes, still), False
+    if resolved is not None and resolved >= last_sent:
+        return AlertResolution(False, nodes, ()), False  # this incident's "resolved" went already
+    return AlertResolution(True, nodes, ()), True
+
+
 @runtime_checkable
 class AlertClaims(Protocol):
     def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
         """Node sees alert (category, key) at now and would mail it: it may, when no node
         mailed that alert within `interval` seconds (then it is the one that did, at
         now); in one step, so that two nodes seeing one incident mail it once."""
+        ...
+
+    def resolve(self, category: str, key: str, node: str, now: float, interval: float) -> AlertResolution:
+        """Node's alert (category, key) ended at now and it would mail "resolved": it
+        may when no other node still sees it and no node mailed this incident's
+        "resolved" yet (decide_resolution); in one step, so that the incident gets one
+        "resolved" mail for the cluster, naming the nodes that saw it."""
         ...
 
 
@@ -398,6 +435,20 @@ class MemoryAlertClaims:
         self._lock = threading.Lock()
         self._sent: dict[tuple[str, str], tuple[float, str]] = {}  # -> (last mailed, by node)
         self._seen: dict[tuple[str, str], dict[str, float]] = {}  # -> node -> last seen
+        self._cleared: dict[tuple[str, str], dict[str, float]] = {}  # -> node -> last ended
+        self._resolved: dict[tuple[str, str], float] = {}  # -> last "resolved" mail
+
+    def resolve(self, category: str, key: str, node: str, now: float, interval: float) -> AlertResolution:
+        with self._lock:
+            k = (category, key)
+            cleared = self._cleared.setdefault(k, {})
+            cleared[node] = now
+            sent = self._sent.get(k)
+            out, over = decide_resolution(node, now, interval, sent[0] if sent else None, self._resolved.get(k),
+                                          self._seen.get(k, {}), cleared)
+            if over:
+                self._resolved[k] = now
+            return out
 
     def claim(self, category: str, key: str, node: str, now: float, interval: float) -> AlertClaim:
         with self._lock:

@@ -31,15 +31,22 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.api import (
+    AlertClaim,
+    AlertResolution,
+    CacheEntry,
+    Triplet,
+    TripletState,
+    bucket_estimate,
+    decide_resolution,
+)
+from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters
 
 if TYPE_CHECKING:
     import psycopg
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT = 5  # seconds
-STATEMENT_TIMEOUT_MS = 5000  # a check waits no longer than this on a locked row
 SCHEMA_LOCK = 0x6B616E6D6F6F  # pg_advisory_xact_lock key while creating the tables
 WORKERS = 1  # one thread per process for submit(), as SQLite: a session's calls keep their order
 
@@ -65,6 +72,12 @@ CREATE TABLE IF NOT EXISTS state_alert_claim (
 CREATE TABLE IF NOT EXISTS state_alert_seen (
     category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (category, key, node));
+CREATE TABLE IF NOT EXISTS state_alert_cleared (
+    category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, cleared DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (category, key, node));
+CREATE TABLE IF NOT EXISTS state_alert_resolved (
+    category TEXT NOT NULL, key TEXT NOT NULL, resolved DOUBLE PRECISION NOT NULL, by_node TEXT NOT NULL,
+    PRIMARY KEY (category, key));
 """
 
 
@@ -91,8 +104,8 @@ class _Db:
     def _connect(self) -> psycopg.Connection:
         import psycopg
 
-        extra: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kanmon-state",
-                                 "autocommit": True, "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"}
+        # keepalives, and a check waits no longer than STATE_TIMEOUTS on a locked row
+        extra: dict[str, Any] = {**libpq_parameters(self.url, "kanmon-state", STATE_TIMEOUTS), "autocommit": True}
         if self.password_file is not None:
             extra["password"] = Path(self.password_file).read_text().strip()
         return psycopg.connect(self.url, **extra)
@@ -347,6 +360,30 @@ class PgAlertClaims:
                 "SELECT node FROM state_alert_seen WHERE category = %s AND key = %s AND last_seen > %s"
                 ' ORDER BY node COLLATE "C"', (category, key, now - interval)))
         return AlertClaim(won, nodes, by)
+
+    def resolve(self, category: str, key: str, node: str, now: float, interval: float) -> AlertResolution:
+        category, key = _text(category), _text(key)
+        with self._db.transaction() as c:
+            # The claim's row, locked first: two nodes resolving at once go one after the
+            # other, and the second sees the first's end.
+            sent = c.execute("SELECT last_sent FROM state_alert_claim WHERE category = %s AND key = %s FOR UPDATE",
+                             (category, key)).fetchone()
+            c.execute("INSERT INTO state_alert_cleared (category, key, node, cleared) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT (category, key, node) DO UPDATE SET cleared = excluded.cleared",
+                      (category, key, node, now))
+            resolved = c.execute("SELECT resolved FROM state_alert_resolved WHERE category = %s AND key = %s",
+                                 (category, key)).fetchone()
+            seen = dict(c.execute("SELECT node, last_seen FROM state_alert_seen WHERE category = %s AND key = %s",
+                                  (category, key)).fetchall())
+            cleared = dict(c.execute("SELECT node, cleared FROM state_alert_cleared WHERE category = %s AND key = %s",
+                                     (category, key)).fetchall())
+            out, over = decide_resolution(node, now, interval, sent[0] if sent else None,
+                                          resolved[0] if resolved else None, seen, cleared)
+            if over:
+                c.execute("INSERT INTO state_alert_resolved (category, key, resolved, by_node) VALUES (%s, %s, %s, %s)"
+                          " ON CONFLICT (category, key) DO UPDATE SET resolved = excluded.resolved,"
+                          " by_node = excluded.by_node", (category, key, now, node))
+        return out
 
 
 class PostgresState:

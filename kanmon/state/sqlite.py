@@ -24,7 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kanmon.state.api import AlertClaim, CacheEntry, Triplet, TripletState, bucket_estimate
+from kanmon.state.api import (
+    AlertClaim,
+    AlertResolution,
+    CacheEntry,
+    Triplet,
+    TripletState,
+    bucket_estimate,
+    decide_resolution,
+)
 
 T = TypeVar("T")
 
@@ -60,6 +68,14 @@ CREATE TABLE IF NOT EXISTS alert_claim (
 CREATE TABLE IF NOT EXISTS alert_seen (
     category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, last_seen REAL NOT NULL,
     PRIMARY KEY (category, key, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_cleared (
+    category TEXT NOT NULL, key TEXT NOT NULL, node TEXT NOT NULL, cleared REAL NOT NULL,
+    PRIMARY KEY (category, key, node)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_resolved (
+    category TEXT NOT NULL, key TEXT NOT NULL, resolved REAL NOT NULL, by_node TEXT NOT NULL,
+    PRIMARY KEY (category, key)
 ) WITHOUT ROWID;
 """
 
@@ -314,6 +330,26 @@ class SqliteAlertClaims:
             c.execute("INSERT OR REPLACE INTO alert_claim (category, key, last_sent, mailed_by) VALUES (?, ?, ?, ?)",
                       (category, key, now, node))
             return AlertClaim(True, nodes, node)
+
+    def resolve(self, category: str, key: str, node: str, now: float, interval: float) -> AlertResolution:
+        with self._db.transaction() as c:
+            c.execute("INSERT INTO alert_cleared (category, key, node, cleared) VALUES (?, ?, ?, ?)"
+                      " ON CONFLICT (category, key, node) DO UPDATE SET cleared = excluded.cleared",
+                      (category, key, node, now))
+            sent = c.execute("SELECT last_sent FROM alert_claim WHERE category = ? AND key = ?",
+                             (category, key)).fetchone()
+            resolved = c.execute("SELECT resolved FROM alert_resolved WHERE category = ? AND key = ?",
+                                 (category, key)).fetchone()
+            seen = dict(c.execute("SELECT node, last_seen FROM alert_seen WHERE category = ? AND key = ?",
+                                  (category, key)).fetchall())
+            cleared = dict(c.execute("SELECT node, cleared FROM alert_cleared WHERE category = ? AND key = ?",
+                                     (category, key)).fetchall())
+            out, over = decide_resolution(node, now, interval, sent[0] if sent else None,
+                                          resolved[0] if resolved else None, seen, cleared)
+            if over:
+                c.execute("INSERT OR REPLACE INTO alert_resolved (category, key, resolved, by_node) VALUES (?, ?, ?, ?)",
+                          (category, key, now, node))
+            return out
 
 
 class SqliteState:

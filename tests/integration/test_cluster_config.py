@@ -113,3 +113,61 @@ def test_push_is_applied_by_both_relays_and_a_bad_version_refused_by_both(tmp_pa
     assert "192.0.2.1" in configs["mr1"]["error"]
     text = CliRunner().invoke(main, ["cluster", "status", "-c", str(local)]).output
     assert "newest pushed configuration: version 2" in text and "v2 refused" in text
+
+
+def test_a_node_restarted_while_the_database_is_down_runs_the_version_it_applied_last(tmp_path, private_pg):
+    import os
+    import stat
+
+    from kanmon.records.query import search_events
+
+    url = private_pg.create_database()
+    port = free_port()
+    local = parse_config(LOCAL.format(node="mr1", data_dir=tmp_path / "mr1", port=port, url=url))
+    mr1 = RunningNode(local).start()
+    try:
+        text = PUSHED.format(url=url, mr1_dir=tmp_path / "mr1", mr2_dir=tmp_path / "mr2",
+                             mr1_listen=f'["127.0.0.1:{port}"]', mr2_listen='["127.0.0.1:1"]')
+        path = tmp_path / "cluster.toml"
+        path.write_text(text)
+        assert CliRunner().invoke(main, ["cluster", "push", "-c", str(path)]).exit_code == 0
+        wait_for(lambda: clusterconfig.states(mr1.config.records).get("mr1", (0,))[:2] == (1, "applied"), 30,
+                 "version 1 applied")
+    finally:
+        mr1.stop()
+    cache = tmp_path / "mr1" / clusterconfig.CACHE_FILE
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o600
+    assert clusterconfig.read_cache(tmp_path / "mr1").version == 1
+
+    private_pg.stop()
+    again = RunningNode(local).start()  # the local file names no suzuki, and another hostname
+    try:
+        assert rcpt(again, "suzuki@corp.example")[0] == 250 and "mr1-pushed.example.test" in banner(again)
+        again.flush()
+        assert any("started with configuration version 1" in e.text for e in search_events(tmp_path / "mr1"))
+    finally:
+        again.stop()
+
+    cache.write_text(cache.read_text()[:-20])  # damaged: the node starts with its local file
+    local_again = RunningNode(local).start()
+    try:
+        assert rcpt(local_again, "suzuki@corp.example")[0] == 550
+        local_again.flush()
+        assert any("is damaged" in e.text and e.kind == "error" for e in search_events(tmp_path / "mr1"))
+    finally:
+        local_again.stop()
+    assert not cache.exists() and list(cache.parent.glob(clusterconfig.CACHE_FILE + ".damaged-*"))
+
+
+def test_a_cached_version_is_read_strictly(tmp_path):
+    import json
+
+    import pytest
+
+    clusterconfig.write_cache(tmp_path, 3, "mr1", "[server]\n")
+    assert clusterconfig.read_cache(tmp_path).text == "[server]\n"
+    good = json.loads((tmp_path / clusterconfig.CACHE_FILE).read_text())
+    for bad in ({**good, "text": "[server]\nhostname = 'x'\n"}, {**good, "version": "3"}, {**good, "format": 2}, []):
+        (tmp_path / clusterconfig.CACHE_FILE).write_text(json.dumps(bad))
+        with pytest.raises(clusterconfig.CacheError):
+            clusterconfig.read_cache(tmp_path)

@@ -216,3 +216,32 @@ def test_alert_claims_one_mail_per_interval_naming_the_nodes(state):
     assert claims.claim("delivery", "other", "mr2", T0 + 5, 3600).mail  # another alert
     again = claims.claim("delivery", "store", "mr2", T0 + 3601, 3600)  # the interval is over
     assert (again.mail, again.nodes, again.mailed_by) == (True, ("mr2",), "mr2")
+
+
+def test_the_last_node_to_see_an_incident_end_mails_its_one_resolved_mail(state):
+    claims = state.alert_claims
+    assert claims.claim("delivery", "store", "mr1", T0, 3600).mail
+    assert not claims.claim("delivery", "store", "mr2", T0 + 5, 3600).mail
+    first = claims.resolve("delivery", "store", "mr1", T0 + 60, 3600)
+    assert (first.mail, first.nodes, first.still) == (False, ("mr1", "mr2"), ("mr2",))  # mr2 still sees it
+    last = claims.resolve("delivery", "store", "mr2", T0 + 70, 3600)
+    assert (last.mail, last.nodes, last.still) == (True, ("mr1", "mr2"), ())
+    assert not claims.resolve("delivery", "store", "mr1", T0 + 80, 3600).mail  # one per incident
+    # The next incident (its alert mailed again after the interval) gets its own, naming its nodes.
+    assert claims.claim("delivery", "store", "mr2", T0 + 4000, 3600).mail
+    again = claims.resolve("delivery", "store", "mr2", T0 + 4100, 3600)
+    assert (again.mail, again.nodes) == (True, ("mr2",))
+
+
+def test_a_node_that_stopped_while_seeing_an_incident_blocks_its_resolution_one_interval_at_most(state):
+    claims = state.alert_claims
+    assert claims.claim("delivery", "store", "mr1", T0, 3600).mail
+    claims.claim("delivery", "store", "mr2", T0 + 5, 3600)  # mr2 then stops, never to see it end
+    assert claims.resolve("delivery", "store", "mr1", T0 + 60, 3600).still == ("mr2",)
+    late = claims.resolve("delivery", "store", "mr1", T0 + 3700, 3600)
+    assert (late.mail, late.nodes) == (True, ("mr1", "mr2"))
+
+
+def test_an_alert_no_node_mailed_resolves_as_on_one_node(state):
+    r = state.alert_claims.resolve("delivery", "never-mailed", "mr1", T0, 3600)
+    assert (r.mail, r.nodes) == (True, ("mr1",))
