@@ -41,7 +41,7 @@ from kanmon.admin.filters import STATES, Filters
 from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
 from kanmon.console import charts, configedit, i18n
 from kanmon.console.openapi import openapi_document
-from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
+from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions, load_secret
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
 from kanmon.units import format_duration, format_size
@@ -101,7 +101,8 @@ class ConsoleApp:
                                extensions=["jinja2.ext.i18n"])
         self.env.filters["time"] = _time
         self.env.filters["size"] = format_size
-        self.logged_out: dict[str, float] = {}  # session id -> when it would have expired anyway
+        # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
+        self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
 
@@ -153,7 +154,7 @@ class ConsoleApp:
         session = self.sessions.decode(cookie)
         account = self.accounts.get(session.name) if session else None
         why = self.sessions.check(session, ip, account.password_version if account else None, time.time())
-        if why is None and session is not None and session.sid in self.logged_out:
+        if why is None and session is not None and self.revocations.is_revoked(session.sid, session.login):
             why = "logged out"
         if why is not None:
             if why == "session used from another address" and session is not None:
@@ -312,10 +313,10 @@ class ConsoleApp:
         return response
 
     async def logout(self, request: Request, who: Who) -> Response:
-        if who.session is not None:  # a copy of the cookie kept elsewhere ends too
-            now = time.time()
-            self.logged_out = {sid: until for sid, until in self.logged_out.items() if until > now}
-            self.logged_out[who.session.sid] = who.session.login + self.cfg.session_lifetime
+        if who.session is not None:  # a copy of the cookie kept elsewhere ends too, also after a restart
+            await asyncio.to_thread(self.revocations.revoke, who.session.sid,
+                                    who.session.login + self.cfg.session_lifetime)
+            self.emit(f"console: {who.account.name} logged out from {who.ip}")
         response = RedirectResponse("/login", 303)
         response.delete_cookie(COOKIE_NAME, path="/")
         return response
