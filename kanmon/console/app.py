@@ -234,6 +234,9 @@ class ConsoleApp:
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/dns", g(self.dns_page)),
             Route("/users", g(self.users_page)),
+            Route("/users/add", g(self.users_add_page, "accounts"), methods=["POST"]),
+            Route("/users/alias", g(self.alias_set_page, "accounts"), methods=["POST"]),
+            Route("/users/alias/{address}/delete", g(self.alias_delete_page, "accounts"), methods=["POST"]),
             Route("/users/{address}/{action}", g(self.users_act, "accounts"), methods=["POST"]),
             Route("/balancer", g(self.balancer_page)),
             Route("/config", g(self.config_page, "config")),
@@ -261,6 +264,10 @@ class ConsoleApp:
             Route("/api/v1/balancer", g(self.api_balancer, api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/users", g(self.api_users, api=True)),
+            Route("/api/v1/users/mailboxes", g(self.api_user_add, "accounts", api=True), methods=["POST"]),
+            Route("/api/v1/users/aliases", g(self.api_alias_set, "accounts", api=True), methods=["POST"]),
+            Route("/api/v1/users/aliases/{address}/{action}", g(self.api_alias_delete, "accounts", api=True),
+                  methods=["POST"]),
             Route("/api/v1/users/{address}/{action}", g(self.api_users_act, "accounts", api=True), methods=["POST"]),
             Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
@@ -526,21 +533,68 @@ class ConsoleApp:
                 mailboxes.append({"mailbox": i.address, "has_password": i.has_password, "locked": i.locked,
                                   "size": i.size, "messages": i.messages, "last_login": i.last_login,
                                   "last_ip": i.last_ip, "quota": quota,
-                                  "used_percent": round(100 * i.size / quota, 1) if quota else None})
+                                  "used_percent": round(100 * i.size / quota, 1) if quota else None,
+                                  "source": "config" if users.in_config(i.address) else "file"})
             aliases = {a: list(t) for a, t in sorted(users.aliases().items())}
+            alias_source = {a: "config" if users.in_config(a) else "file" for a in aliases}
             domains = [{"name": d.name, "deliver": d.deliver, "servers": [f"{h}:{p}" for h, p in d.servers],
                         "tls": d.tls if d.deliver == "relay" else None, "quota": d.quota,
                         "mailboxes": sum(1 for m in mailboxes if m["mailbox"].endswith("@" + d.name))}
                        for d in self.config.domain]
-            return {"mailboxes": mailboxes, "aliases": aliases, "domains": domains}
+            return {"mailboxes": mailboxes, "aliases": aliases, "alias_source": alias_source, "domains": domains}
 
         return await asyncio.to_thread(collect)
 
-    async def _user_act(self, who: Who, address: str, action: str, password: str | None = None) -> dict:
-        """lock, unlock (`kanmon user lock|unlock`: logins refused, mail still delivered)
-        or password (`kanmon user passwd`); audited, the password never logged."""
+    async def _user_change(self, who: Who, action: str, target: str, change) -> None:
+        """Run one change of the users file or the accounts table (a function of the Users
+        store that `kanmon user` calls too) in a thread; audited, passwords never logged."""
         from kanmon.store.users import UnknownMailbox  # noqa: PLC0415
 
+        try:
+            await asyncio.to_thread(change, self._users_store())
+        except UnknownMailbox as e:
+            self.write_audit(who, action, target, f"failed: {e}")
+            raise Refused(404, f"{e}; nothing changed") from None
+        except (ValueError, OSError) as e:
+            self.write_audit(who, action, target, f"failed: {e}")
+            raise Refused(400, f"{e}; nothing changed") from None
+        self.write_audit(who, action, target, "ok")
+
+    async def _user_add(self, who: Who, address: str, password: str | None) -> dict:
+        """A new mailbox in the users file (`kanmon user add`; no password: it cannot log
+        in until one is set)."""
+        address = _address(address)
+        if password == "":
+            password = None
+        await self._user_change(who, "user add", address, lambda users: users.add(address, password))
+        return {"mailbox": address, "action": "add", "done": True}
+
+    async def _alias_set(self, who: Who, alias: str, targets: list[str]) -> dict:
+        """Define or replace an alias of the users file (`kanmon user alias ADDRESS TARGETS`)."""
+        alias = _address(alias)
+        clean = [t for t in (_address(t) for t in targets) if t]
+        if not clean:
+            raise Refused(400, "an alias needs at least one target address; nothing changed")
+        await self._user_change(who, "alias set", f"{alias} -> {', '.join(clean)}",
+                                lambda users: users.set_alias(alias, clean))
+        return {"alias": alias, "targets": clean, "action": "set", "done": True}
+
+    async def _alias_delete(self, who: Who, alias: str) -> dict:
+        """Remove an alias of the users file (`kanmon user alias ADDRESS --delete`)."""
+        alias = _address(alias)
+        await self._user_change(who, "alias delete", alias, lambda users: users.set_alias(alias, []))
+        return {"alias": alias, "action": "delete", "done": True}
+
+    async def _user_act(self, who: Who, address: str, action: str, password: str | None = None) -> dict:
+        """lock, unlock (`kanmon user lock|unlock`: logins refused, mail still delivered),
+        password (`kanmon user passwd`) or delete (`kanmon user del`: the mailbox leaves the
+        users file, its Maildir stays); audited, the password never logged."""
+        from kanmon.store.users import UnknownMailbox  # noqa: PLC0415
+
+        if action == "delete":
+            address = _address(address)
+            await self._user_change(who, "user delete", address, lambda users: users.delete(address))
+            return {"mailbox": address, "action": action, "done": True}
         if action not in ("lock", "unlock", "password"):
             raise Refused(404, "no such action")
         users = self._users_store()
@@ -734,9 +788,37 @@ class ConsoleApp:
     async def users_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
 
+    async def users_add_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        password = str(form.get("password") or "")
+        if password != str(form.get("confirm") or ""):
+            raise Refused(400, "the two passwords differ; nothing changed")
+        result = await self._user_add(who, str(form.get("address") or ""), password or None)
+        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"add: {result['mailbox']}"}), 303)
+
+    async def alias_set_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        targets = str(form.get("targets") or "").replace(",", " ").split()
+        result = await self._alias_set(who, str(form.get("alias") or ""), targets)
+        return RedirectResponse("/users?" + urllib.parse.urlencode(
+            {"msg": f"alias: {result['alias']} -> {', '.join(result['targets'])}"}), 303)
+
+    async def alias_delete_page(self, request: Request, who: Who) -> Response:
+        address = request.path_params["address"]
+        form = await request.form()
+        if form.get("confirm") != "yes":
+            return self.render(request, "users_confirm.html", who, kind="alias", address=address,
+                               action=f"/users/alias/{urllib.parse.quote(address, safe='@')}/delete")
+        result = await self._alias_delete(who, address)
+        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"alias delete: {result['alias']}"}), 303)
+
     async def users_act(self, request: Request, who: Who) -> Response:
         form = await request.form()
         action = request.path_params["action"]
+        if action == "delete" and form.get("confirm") != "yes":
+            address = request.path_params["address"]
+            return self.render(request, "users_confirm.html", who, kind="mailbox", address=address,
+                               action=f"/users/{urllib.parse.quote(address, safe='@')}/delete")
         password = None
         if action == "password":
             password = str(form.get("password") or "")
@@ -909,6 +991,25 @@ class ConsoleApp:
             password = body["password"]
         return JSONResponse(await self._user_act(who, request.path_params["address"], action, password))
 
+    async def api_user_add(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        address, password = body.get("address"), body.get("password")
+        if not isinstance(address, str) or not (password is None or isinstance(password, str)):
+            raise Refused(400, "address is the new mailbox; password (optional) its password, as strings")
+        return JSONResponse(await self._user_add(who, address, password))
+
+    async def api_alias_set(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        alias, targets = body.get("alias"), body.get("targets")
+        if not isinstance(alias, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise Refused(400, "alias is an address and targets a list of addresses")
+        return JSONResponse(await self._alias_set(who, alias, targets))
+
+    async def api_alias_delete(self, request: Request, who: Who) -> Response:
+        if request.path_params["action"] != "delete":
+            raise Refused(404, "no such action")
+        return JSONResponse(await self._alias_delete(who, request.path_params["address"]))
+
     async def api_dns(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._dns_last())
 
@@ -973,6 +1074,15 @@ def _int(text, default):
     if value < 0:
         raise Refused(400, f"{value} is negative")
     return value
+
+
+def _address(text: str) -> str:
+    """An address typed in a form or sent to the API, lower-cased and bounded (the Users
+    store checks it strictly)."""
+    text = text.strip().lower()
+    if len(text) > 320 or not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise Refused(400, f"{for_log(text[:80])!r} is not an address")
+    return text
 
 
 def _qid(text: str) -> str:

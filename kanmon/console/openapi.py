@@ -115,12 +115,28 @@ def openapi_document() -> dict:
     }
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
+    paths["/api/v1/users/mailboxes"] = {"post": _op(
+        "admin only: add a mailbox to the users file (`kanmon user add`); without a password it cannot log in "
+        "until one is set", write=True, body={"type": "object", "required": ["address"], "properties": {
+            "address": {"type": "string", "description": "the new mailbox, in a local domain"},
+            "password": {"type": ["string", "null"], "description": "its password (optional)"}}})}
+    paths["/api/v1/users/aliases"] = {"post": _op(
+        "admin only: define or replace an alias of the users file (`kanmon user alias ADDRESS TARGETS`)",
+        write=True, body={"type": "object", "required": ["alias", "targets"], "properties": {
+            "alias": {"type": "string", "description": "the alias address, in a local domain"},
+            "targets": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                        "description": "where its mail goes (full addresses)"}}})}
+    paths["/api/v1/users/aliases/{address}/delete"] = {"post": _op(
+        "admin only: remove an alias of the users file (`kanmon user alias ADDRESS --delete`)",
+        [{"name": "address", "in": "path", "required": True, "schema": {"type": "string"}, "description": "an alias"}],
+        write=True)}
     paths["/api/v1/users/{address}/{action}"] = {"post": _op(
-        "admin only: lock or unlock a mailbox's logins (mail is still delivered), or set its password "
-        "(`kanmon user lock|unlock|passwd`)",
+        "admin only: lock or unlock a mailbox's logins (mail is still delivered), set its password, or remove "
+        "it from the users file (its Maildir stays) (`kanmon user lock|unlock|passwd|del`)",
         [{"name": "address", "in": "path", "required": True, "schema": {"type": "string"}, "description": "a mailbox"},
          {"name": "action", "in": "path", "required": True, "schema": {"type": "string",
-                                                                        "enum": ["lock", "unlock", "password"]}}],
+                                                                        "enum": ["lock", "unlock", "password",
+                                                                                 "delete"]}}],
         write=True, body={"type": "object", "properties": {
             "password": {"type": "string", "description": "the new password (action password only)"}}})}
     for action in ("release", "delete"):

@@ -49,6 +49,13 @@ def node(tmp_path: Path):
         stop_node(running)
 
 
+def fresh_users(node):
+    """The users store as a new `kanmon user` command sees it (the file read now)."""
+    from kanmon.store.users import Users
+
+    return Users(node.node.config)
+
+
 def audit_lines(node, grep: str) -> list[str]:
     return [e.text for e in search_events(node.data_dir, grep=grep) if e.kind == "audit"]
 
@@ -75,3 +82,90 @@ def test_a_logged_out_cookie_stays_refused_after_the_node_restarts(tmp_path: Pat
         assert r.status_code == 200 and r.json()["name"] == "alice"  # only the logged-out one ended
     finally:
         stop_node(second)
+
+
+def test_an_admin_adds_and_removes_mailboxes_and_aliases_on_the_users_page(node) -> None:
+    def users():
+        return fresh_users(node)
+
+    a = login(node, "alice", "alice-pw")
+    page = a.get("/users").text
+    assert 'id="add-mailbox"' in page and 'id="add-alias"' in page
+    assert "in the configuration" in page  # alice@example.test is a config mailbox: no Remove button
+    token = csrf_of(a, "/users")
+    r = a.post("/users/add", data={"csrf": token, "address": "Carol@Example.test", "password": "c-pw-1",
+                                   "confirm": "c-pw-2"})
+    assert r.status_code == 400 and not users().is_mailbox("carol@example.test")
+    r = a.post("/users/add", data={"csrf": token, "address": "Carol@Example.test", "password": "c-pw-1",
+                                   "confirm": "c-pw-1"})
+    assert r.status_code == 303 and "add%3A+carol%40example.test" in r.headers["location"]
+    assert users().is_mailbox("carol@example.test") and users().verify("carol@example.test", "c-pw-1")
+    r = a.post("/users/add", data={"csrf": token, "address": "x@down.example"})
+    assert r.status_code == 400 and "not a local domain" in r.text
+    r = a.post("/users/add", data={"csrf": token, "address": "<b>@example.test"})
+    assert r.status_code == 400 and "<b>" not in r.text
+    r = a.post("/users/alias", data={"csrf": token, "alias": "sales@example.test",
+                                     "targets": "carol@example.test, alice@example.test"})
+    assert r.status_code == 303
+    assert users().aliases()["sales@example.test"] == ("carol@example.test", "alice@example.test")
+    page = a.get("/users").text
+    assert 'id="mailbox-carol@example.test"' in page and 'id="alias-sales@example.test"' in page
+    # Removing asks first, then removes.
+    r = a.post("/users/carol@example.test/delete", data={"csrf": token})
+    assert r.status_code == 200 and 'id="confirm-yes"' in r.text and users().is_mailbox("carol@example.test")
+    r = a.post("/users/carol@example.test/delete", data={"csrf": token, "confirm": "yes"})
+    assert r.status_code == 303 and not users().is_mailbox("carol@example.test")
+    r = a.post("/users/alice@example.test/delete", data={"csrf": token, "confirm": "yes"})
+    assert r.status_code == 400 and users().is_mailbox("alice@example.test")  # declared in the config
+    r = a.post("/users/alias/sales@example.test/delete", data={"csrf": token, "confirm": "yes"})
+    assert r.status_code == 303 and "sales@example.test" not in users().aliases()
+    assert a.post("/users/alias/sales@example.test/delete", data={"csrf": token, "confirm": "yes"}).status_code == 404
+
+    # Writes are the admin's: an operator and an auditor read, see no form, get 403.
+    for name in ("otto", "audrey"):
+        c = login(node, name, f"{name}-pw")
+        page = c.get("/users").text
+        assert 'id="add-mailbox"' not in page and 'class="act-' not in page
+        r = c.post("/api/v1/users/mailboxes", json={"address": "eve@example.test"},
+                   headers={"X-CSRF-Token": csrf_of(c)})
+        assert r.status_code == 403 and not users().is_mailbox("eve@example.test")
+    # Without the CSRF token the admin's cookie writes nothing either.
+    assert a.post("/api/v1/users/mailboxes", json={"address": "eve@example.test"}).status_code == 403
+
+    node.flush()
+    lines = audit_lines(node, "audit:")
+    assert any("alice (admin) from 127.0.0.1 via console: user add carol@example.test -> ok" in t for t in lines)
+    assert any("via console: alias set sales@example.test -> carol@example.test, alice@example.test -> ok" in t
+               for t in lines)
+    assert any("via console: user delete carol@example.test -> ok" in t for t in lines)
+    assert any("via console: user delete alice@example.test -> failed: " in t for t in lines)
+    assert any("via console: alias delete sales@example.test -> ok" in t for t in lines)
+    assert not any("c-pw" in e.text for e in search_events(node.data_dir))
+
+
+def test_mailboxes_and_aliases_through_the_api_with_a_token(node) -> None:
+    def users():
+        return fresh_users(node)
+
+    api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(node.data_dir).new_token('alice')}"})
+    r = api.post("/api/v1/users/mailboxes", json={"address": "dave@example.test", "password": "d-pw"})
+    assert r.status_code == 200 and r.json() == {"mailbox": "dave@example.test", "action": "add", "done": True}
+    assert users().verify("dave@example.test", "d-pw")
+    assert api.post("/api/v1/users/mailboxes", json={"address": "dave@example.test"}).status_code == 400  # exists
+    assert api.post("/api/v1/users/mailboxes", json={"address": 5}).status_code == 400
+    r = api.post("/api/v1/users/mailboxes", json={"address": "nopw@example.test"})
+    assert r.status_code == 200
+    listing = api.get("/api/v1/users").json()
+    nopw = [m for m in listing["mailboxes"] if m["mailbox"] == "nopw@example.test"][0]
+    assert nopw["has_password"] is False and nopw["source"] == "file"
+    assert [m for m in listing["mailboxes"] if m["mailbox"] == "alice@example.test"][0]["source"] == "config"
+    r = api.post("/api/v1/users/aliases", json={"alias": "info@example.test", "targets": ["dave@example.test"]})
+    assert r.status_code == 200 and users().aliases()["info@example.test"] == ("dave@example.test",)
+    assert api.post("/api/v1/users/aliases", json={"alias": "info@example.test", "targets": []}).status_code == 400
+    assert api.get("/api/v1/users").json()["alias_source"] == {"info@example.test": "file"}
+    assert api.post("/api/v1/users/aliases/info@example.test/explode").status_code == 404
+    assert api.post("/api/v1/users/aliases/info@example.test/delete").json()["done"] is True
+    assert api.post("/api/v1/users/aliases/info@example.test/delete").status_code == 404
+    assert api.post("/api/v1/users/dave@example.test/delete").json()["done"] is True
+    assert not users().is_mailbox("dave@example.test")
+    assert api.post("/api/v1/users/dave@example.test/delete").status_code == 404
