@@ -239,6 +239,7 @@ class ConsoleApp:
             Route("/users/alias/{address}/delete", g(self.alias_delete_page, "accounts"), methods=["POST"]),
             Route("/users/{address}/{action}", g(self.users_act, "accounts"), methods=["POST"]),
             Route("/balancer", g(self.balancer_page)),
+            Route("/policies", g(self.policies_page)),
             Route("/config", g(self.config_page, "config")),
             Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
             Route("/config/apply", g(self.config_apply_page, "config"), methods=["POST"]),
@@ -262,6 +263,7 @@ class ConsoleApp:
             Route("/api/v1/config/apply", g(self.api_config_apply, "config", api=True), methods=["POST"]),
             Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
             Route("/api/v1/balancer", g(self.api_balancer, api=True)),
+            Route("/api/v1/policies", g(self.api_policies, api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/users", g(self.api_users, api=True)),
             Route("/api/v1/users/mailboxes", g(self.api_user_add, "accounts", api=True), methods=["POST"]),
@@ -515,6 +517,35 @@ class ConsoleApp:
             return {"status": None, "problem": "no [balancer] is configured on this node", "history": []}
         history = await self._events("balancer ", time.time() - 30 * 86400, 200)
         return {"status": balancer.status(), "problem": None, "history": history}
+
+    def _policies(self) -> dict:
+        """The policies and profiles of the running config, read only: [[ip_policy]] and
+        [[recipient_policy]] in the order they match, every session profile resolved
+        (built-in, then [smtp], then its [[session_profile]] block), the [[content_profile]]
+        rules, recipient verification of the relay domains, the DNS blocklists."""
+        cfg = self.config
+        rule_fields = {"name", "match", "action", "log_only", "tag", "add_header", "score", "reply", "address"}
+        return {
+            "ip_policy": [p.model_dump(mode="json") for p in cfg.ip_policy],
+            "recipient_policy": [p.model_dump(mode="json") for p in cfg.recipient_policy],
+            "session_profiles": {name: prof.model_dump(mode="json", exclude={"name"})
+                                 for name, prof in cfg.session_profiles.items()},
+            "content_profiles": [{
+                **c.model_dump(mode="json", exclude={"rule"}),
+                "rules": [{**r.model_dump(mode="json", include=rule_fields),
+                           "conditions": r.model_dump(mode="json", exclude=rule_fields, exclude_none=True)}
+                          for r in c.rule]} for c in cfg.content_profile],
+            "recipient_verification": [{
+                "domain": d.name, "deliver": d.deliver,
+                "verify": "mailboxes" if d.deliver == "local" else d.verify,
+                "verify_unreachable": d.verify_unreachable if d.verify == "callout" else None,
+                "recipients_file": str(d.recipients_file) if d.recipients_file else None,
+                "verify_positive_ttl": d.verify_positive_ttl if d.verify == "callout" else None,
+                "verify_negative_ttl": d.verify_negative_ttl if d.verify == "callout" else None,
+            } for d in cfg.domain],
+            "dnsbl": [z.model_dump(mode="json") for z in cfg.dnsbl],
+            "dnsbl_allowlist": [str(n) for n in cfg.dnsbl_allowlist.networks],
+        }
 
     def _users_store(self):
         from kanmon.store.users import Users  # noqa: PLC0415
@@ -785,6 +816,21 @@ class ConsoleApp:
     async def balancer_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time())
 
+    async def policies_page(self, request: Request, who: Who) -> Response:
+        policies = self._policies()
+        profiles = policies["session_profiles"]
+        names = list(profiles)
+        keys = list(profiles[names[0]]) if names else []
+        rows = [(k, [_setting(k, profiles[n][k]) for n in names]) for k in keys]
+        for c in policies["content_profiles"]:
+            for r in c["rules"]:
+                r["conditions_text"] = "; ".join(f"{k} = {_setting(k, v)}" for k, v in r["conditions"].items())
+        for v in policies["recipient_verification"]:
+            for k in ("verify_positive_ttl", "verify_negative_ttl"):
+                v[k + "_text"] = _setting(k, v[k])
+        return self.render(request, "policies.html", who, p=policies, profile_names=names, profile_rows=rows,
+                           setting=_setting)
+
     async def users_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
 
@@ -978,6 +1024,9 @@ class ConsoleApp:
     async def api_balancer(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._balancer())
 
+    async def api_policies(self, request: Request, who: Who) -> Response:
+        return JSONResponse(self._policies())
+
     async def api_users(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._users())
 
@@ -1074,6 +1123,31 @@ def _int(text, default):
     if value < 0:
         raise Refused(400, f"{value} is negative")
     return value
+
+
+_SIZE_KEYS = {"max_message_size", "max_header_size", "size_over"}
+_DURATION_KEYS = {"greet_pause", "idle_timeout", "greylist_delay", "greylist_window", "greylist_remember",
+                  "verify_positive_ttl", "verify_negative_ttl"}
+
+
+def _setting(key: str, value) -> str:
+    """A config value as the Policies page shows it: sizes and durations as the config
+    writes them, yes/no, lists joined, tables as key = value."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in _SIZE_KEYS and isinstance(value, int | float):
+        return format_size(int(value)) if value else "0"
+    if key in _DURATION_KEYS and isinstance(value, int | float):
+        return format_duration(float(value)) if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | tuple):
+        return ", ".join(_setting(key, v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} = {_setting(k, v)}" for k, v in value.items())
+    return str(value)
 
 
 def _address(text: str) -> str:

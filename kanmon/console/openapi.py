@@ -104,6 +104,9 @@ def openapi_document() -> dict:
         "/api/v1/balancer": {"get": _op("the balancer: `{status, problem, history}`; status is the document of "
                                         "`kanmon balance status --json` (virtual and real servers, health, the "
                                         "serving tier), history its event lines of 30 days")},
+        "/api/v1/policies": {"get": _op("the policies and profiles of the running config (read only): ip_policy, "
+                                        "recipient_policy, session_profiles (resolved), content_profiles with their "
+                                        "rules, recipient_verification per domain, dnsbl, dnsbl_allowlist")},
         "/api/v1/users": {"get": _op("mailboxes as `kanmon user list --json` with each domain's quota and the use "
                                      "of it, aliases, and the domains with their routing")},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "

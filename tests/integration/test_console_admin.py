@@ -169,3 +169,74 @@ def test_mailboxes_and_aliases_through_the_api_with_a_token(node) -> None:
     assert api.post("/api/v1/users/dave@example.test/delete").json()["done"] is True
     assert not users().is_mailbox("dave@example.test")
     assert api.post("/api/v1/users/dave@example.test/delete").status_code == 404
+
+
+POLICIES = """
+[[session_profile]]
+name = "strict"
+require_ptr = true
+greylist = true
+max_message_size = "5MB"
+
+[[ip_policy]]
+source = ["192.0.2.0/24"]
+profile = "strict"
+content_profile = "inbound"
+
+[[recipient_policy]]
+direction = "inbound"
+recipient = "*@example.test"
+session_profile = "strict"
+
+[[content_profile]]
+name = "inbound"
+reject_score = 15.0
+
+[[content_profile.rule]]
+name = "no-exe"
+attachment_name = ["*.exe", "<b>.scr"]
+action = "reject"
+
+[[dnsbl]]
+zone = "zen.example"
+weight = 2
+"""
+
+
+def test_the_policies_page_shows_the_running_policies_and_profiles(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("audrey", "auditor", "audrey-pw")
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    node = start_node(tmp_path, POLICIES)
+    try:
+        c = login(node, "audrey", "audrey-pw")
+        page = c.get("/policies").text
+        assert 'id="profile-strict"' in page and 'id="profile-default"' in page and 'id="profile-trusted"' in page
+        strict = node.node.config.session_profiles["strict"]
+        assert strict.require_ptr and strict.greylist
+        row = page[page.index('<td class="mono">require_ptr</td>'):]
+        row = row[:row.index("</tr>")]
+        # default, trusted, strict, in the order of the header
+        assert [cell.removeprefix("<td>") for cell in row.split("</td>")[1:4]] == ["no", "no", "yes"]
+        row = page[page.index('<td class="mono">max_message_size</td>'):]
+        assert row[:row.index("</tr>")].endswith("<td>5.0 MB</td>")  # sizes as the config writes them
+        assert "192.0.2.0/24" in page and "*@example.test" in page
+        assert 'id="content-inbound"' in page and "no-exe" in page and "reject" in page
+        assert "&lt;b&gt;.scr" in page and "<b>.scr" not in page  # escaped like everything else
+        assert 'id="verify-down.example"' in page and "zen.example" in page
+        assert 'id="edit-config"' not in page  # an auditor: no link to the editor
+        ja = c.get("/policies", headers={"Accept-Language": "ja"}).text
+        assert "ポリシーとプロファイル" in ja
+        doc = c.get("/api/v1/policies").json()
+        assert doc["ip_policy"] == [{"source": ["192.0.2.0/24"], "profile": "strict", "content_profile": "inbound"}]
+        assert doc["session_profiles"]["strict"]["require_ptr"] is True
+        assert doc["content_profiles"][0]["rules"][0]["conditions"] == {"attachment_name": ["*.exe", "<b>.scr"]}
+        assert doc["recipient_verification"][0] == {
+            "domain": "example.test", "deliver": "local", "verify": "mailboxes", "verify_unreachable": None,
+            "recipients_file": None, "verify_positive_ttl": None, "verify_negative_ttl": None}
+        assert doc["dnsbl"][0]["zone"] == "zen.example" and doc["dnsbl"][0]["weight"] == 2
+        a = login(node, "alice", "alice-pw")
+        assert '<a href="/config" id="edit-config">' in a.get("/policies").text
+    finally:
+        stop_node(node)
