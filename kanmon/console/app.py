@@ -57,6 +57,7 @@ FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "hea
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 ALERT_TEST_WAIT = 20.0
+TAIL_LIMIT = 200  # event lines one poll of the live tail brings at most
 
 
 class Refused(Exception):
@@ -179,6 +180,13 @@ class ConsoleApp:
                         return JSONResponse({"error": "login required" + (f" ({why})" if why else "")}, 401,
                                             headers={"WWW-Authenticate": 'Bearer realm="kanmon"'})
                     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    if request.headers.get("hx-request"):  # a fragment (a poll): the whole page goes to /login
+                        target = urllib.parse.urlsplit(request.headers.get("hx-current-url", "")).path or "/"
+                        response = Response(status_code=401, headers={
+                            "HX-Redirect": "/login?" + urllib.parse.urlencode({"next": _safe_next(target) or "/"})})
+                        if why:
+                            response.delete_cookie(COOKIE_NAME, path="/")
+                        return response
                     response = RedirectResponse("/login?" + urllib.parse.urlencode({"next": target}), 303)
                     if why:
                         response.delete_cookie(COOKIE_NAME, path="/")
@@ -224,6 +232,7 @@ class ConsoleApp:
             Route("/queue/{qid}/{action}", g(self.message_act, "queue"), methods=["POST"]),
             Route("/trace", g(self.trace_page)),
             Route("/events", g(self.events_page)),
+            Route("/events/tail", g(self.events_tail)),
             Route("/alerts", g(self.alerts_page)),
             Route("/alerts/test", g(self.alerts_test, "alerts"), methods=["POST"]),
             Route("/alerts/status/{qid}", g(self.alert_status)),
@@ -253,6 +262,7 @@ class ConsoleApp:
             Route("/api/v1/queue/{qid}/{action}", g(self.api_message_act, "queue", api=True), methods=["POST"]),
             Route("/api/v1/trace", g(self.api_trace, api=True)),
             Route("/api/v1/events", g(self.api_events, api=True)),
+            Route("/api/v1/events/tail", g(self.api_events_tail, api=True)),
             Route("/api/v1/stats", g(self.api_stats, api=True)),
             Route("/api/v1/alerts", g(self.api_alerts, api=True)),
             Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
@@ -380,6 +390,13 @@ class ConsoleApp:
 
         rows = await asyncio.to_thread(search_events, self.data_dir, since=since, grep=grep or None, limit=limit)
         return [r.as_dict() for r in rows]
+
+    async def _tail(self, after: int | None, grep: str | None) -> dict:
+        """Event lines after line number `after` (None: none; where a tail starts now)."""
+        from kanmon.records.query import tail_events  # noqa: PLC0415
+
+        cursor, rows = await asyncio.to_thread(tail_events, self.data_dir, after, grep=grep, limit=TAIL_LIMIT)
+        return {"next": cursor, "events": [r.as_dict() for r in rows]}
 
     async def _stats(self, by: str, since: float) -> dict:
         from kanmon.records.stats import collect  # noqa: PLC0415
@@ -748,8 +765,25 @@ class ConsoleApp:
 
     async def events_page(self, request: Request, who: Who) -> Response:
         p = request.query_params
+        tail = p.get("tail") == "1"
+        # The tail starts after the newest line now (asked first: a line written meanwhile
+        # shows twice rather than never).
+        after = (await self._tail(None, None))["next"] if tail else 0
         rows = await self._events(p.get("grep"), _since(p.get("since") or "1d"), 500)
-        return self.render(request, "events.html", who, rows=rows, grep=p.get("grep") or "", since=p.get("since") or "1d")
+        keep = {k: p.get(k) for k in ("grep", "since") if p.get(k)}
+        return self.render(request, "events.html", who, rows=rows, grep=p.get("grep") or "", since=p.get("since") or "1d",
+                           tail=tail, tail_query=urllib.parse.urlencode({**({"grep": keep["grep"]} if "grep" in keep else {}),
+                                                                        "after": after}),
+                           tail_on=urllib.parse.urlencode({**keep, "tail": "1"}), tail_off=urllib.parse.urlencode(keep))
+
+    async def events_tail(self, request: Request, who: Who) -> Response:
+        """The lines written since the page's last look, newest first, and the element that
+        asks again (htmx polls it and puts the answer in its own place)."""
+        p = request.query_params
+        grep = p.get("grep") or None
+        result = await self._tail(_int(p.get("after"), 0), grep)
+        query = urllib.parse.urlencode({**({"grep": grep} if grep else {}), "after": result["next"]})
+        return self.render(request, "events_tail.html", who, rows=result["events"], tail_query=query)
 
     async def alerts_page(self, request: Request, who: Who) -> Response:
         data = await self._alerts(time.time() - 7 * 86400)
@@ -973,6 +1007,11 @@ class ConsoleApp:
         p = request.query_params
         limit = min(_int(p.get("limit"), 1000) or 1000, 10_000)
         return JSONResponse(await self._events(p.get("grep"), _since(p.get("since") or "1d"), limit))
+
+    async def api_events_tail(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        after = p.get("after")
+        return JSONResponse(await self._tail(None if after in (None, "") else _int(after, 0), p.get("grep") or None))
 
     async def api_stats(self, request: Request, who: Who) -> Response:
         p = request.query_params

@@ -78,6 +78,11 @@ def openapi_document() -> dict:
                                                                     _q("since", "duration, default 1d"),
                                                                     _q("limit", "at most this many", "integer")],
                                       response=_LIST)},
+        "/api/v1/events/tail": {"get": _op("a live tail of the event log: the lines after line number `after`, "
+                                           "oldest first, and `next`, the number to ask after next time (without "
+                                           "`after`: no lines, and where a tail starts now)",
+                                           [_q("after", "the `next` of the previous answer", "integer"),
+                                            _q("grep", "lines containing this text")])},
         "/api/v1/stats": {"get": _op("message volume per hour or day, as `kanmon stats --json`",
                                      [{"name": "by", "in": "query", "required": False,
                                        "schema": {"type": "string", "enum": ["hour", "day"]}},

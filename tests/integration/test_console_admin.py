@@ -240,3 +240,40 @@ def test_the_policies_page_shows_the_running_policies_and_profiles(tmp_path: Pat
         assert '<a href="/config" id="edit-config">' in a.get("/policies").text
     finally:
         stop_node(node)
+
+
+def test_the_live_tail_brings_new_event_lines_escaped(node) -> None:
+    import re
+
+    c = login(node, "audrey", "audrey-pw")
+    node.flush()
+    page = c.get("/events?grep=login&tail=1").text
+    assert 'id="tail-on"' in page and "<script" not in page.replace('<script src="/static/htmx.min.js" defer></script>', "")
+    query = re.search(r'<tbody id="tail" hx-get="/events/tail\?([^"]+)" hx-trigger="every 2s"', page).group(1)
+    query = query.replace("&amp;", "&")
+    assert "grep=login" in query
+    # Nothing new yet: only the element that asks again, with the same cursor.
+    quiet = c.get("/events/tail?" + query, headers={"HX-Request": "true"}).text
+    assert "tail-new" not in quiet and query.replace("&", "&amp;") in quiet
+    # A failed login with markup in its name: a new line that matches "login".
+    bad = api_client(node)
+    token = re.search(r'name="csrf" value="([^"]+)"', bad.get("/login").text).group(1)
+    bad.post("/login", data={"username": "<img src=x onerror=alert(1)>", "password": "no", "csrf": token})
+    node.flush()
+    fresh = c.get("/events/tail?" + query, headers={"HX-Request": "true"}).text
+    assert "tail-new" in fresh and "login failed for &lt;img src=x onerror=alert(1)&gt;" in fresh
+    assert "<img" not in fresh
+    nxt = re.search(r'hx-get="/events/tail\?([^"]+)"', fresh).group(1).replace("&amp;", "&")
+    assert nxt != query  # the cursor moved on: the same line never comes twice
+    assert "tail-new" not in c.get("/events/tail?" + nxt).text
+    # The API: where a tail starts, then what came after it.
+    start = c.get("/api/v1/events/tail").json()
+    assert start["events"] == [] and start["next"] > 0
+    c.post("/settings", data={"csrf": csrf_of(c), "lang": "en"})  # an audit line
+    node.flush()
+    after = c.get(f"/api/v1/events/tail?after={start['next']}&grep=audit").json()
+    assert [e["kind"] for e in after["events"]] == ["audit"] and after["next"] > start["next"]
+    # A poll whose session ended sends the whole page to the login, not a fragment.
+    c.post("/logout", data={"csrf": csrf_of(c)})
+    r = c.get("/events/tail?" + nxt, headers={"HX-Request": "true", "HX-Current-URL": node.console_url + "/events"})
+    assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login?next=%2Fevents"
