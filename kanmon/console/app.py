@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
+import shlex
 import shutil
 import time
 import urllib.parse
@@ -31,15 +33,16 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kanmon.admin.accounts import ROLES, Account, AccountError, AdminAccounts, audit
 from kanmon.admin.filters import STATES, Filters
 from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
-from kanmon.console import charts, configedit, i18n
+from kanmon.console import charts, configedit, i18n, transfer
 from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions, load_secret
 from kanmon.escape import for_log
@@ -169,8 +172,12 @@ class ConsoleApp:
         response.set_cookie(COOKIE_NAME, self.sessions.encode(session), httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
 
-    def guarded(self, handler, perm: str = "read", api: bool = False):
-        """The endpoint: login, permission, CSRF (writes with the cookie), then handler."""
+    def _upload_bound(self) -> int:
+        return self.cfg.max_upload + MAX_JSON  # the archive and the form around it
+
+    def guarded(self, handler, perm: str = "read", api: bool = False, max_body: int | None = None):
+        """The endpoint: login, permission, the body's size (max_body: checked before
+        anything reads it), CSRF (writes with the cookie), then handler."""
 
         async def endpoint(request: Request) -> Response:
             try:
@@ -193,6 +200,12 @@ class ConsoleApp:
                     return response
                 if not who.account.can(perm):
                     raise Refused(403, f"the role {who.account.role} may not do this")
+                if max_body is not None and request.method == "POST":
+                    length = request.headers.get("content-length")
+                    if length is not None and (not length.isdigit() or int(length) > max_body):
+                        raise Refused(413, f"the upload is larger than {format_size(max_body)}")
+                    if length is None and not api:  # a form is read whole: its size must be known first
+                        raise Refused(411, "a Content-Length is needed")
                 if request.method == "POST" and who.session is not None:
                     token = request.headers.get("x-csrf-token")
                     if token is None and not api:
@@ -228,6 +241,9 @@ class ConsoleApp:
             Route("/", g(self.dashboard)),
             Route("/queue", g(self.queue_page)),
             Route("/queue/act", g(self.queue_bulk, "queue"), methods=["POST"]),
+            Route("/queue/backup", g(self.backup_page, "backup")),
+            Route("/queue/backup", g(self.backup_download, "backup"), methods=["POST"]),
+            Route("/queue/restore", g(self.restore_upload, "backup", max_body=self._upload_bound()), methods=["POST"]),
             Route("/queue/{qid}", g(self.message_page)),
             Route("/queue/{qid}/{action}", g(self.message_act, "queue"), methods=["POST"]),
             Route("/trace", g(self.trace_page)),
@@ -258,6 +274,9 @@ class ConsoleApp:
             Route("/api/v1/openapi.json", self.openapi),
             Route("/api/v1/me", g(self.api_me, api=True)),
             Route("/api/v1/queue", g(self.api_queue, api=True)),
+            Route("/api/v1/queue/backup", g(self.api_backup, "backup", api=True), methods=["POST"]),
+            Route("/api/v1/queue/restore", g(self.api_restore, "backup", api=True, max_body=self._upload_bound()),
+                  methods=["POST"]),
             Route("/api/v1/queue/{qid}", g(self.api_message, api=True)),
             Route("/api/v1/queue/{qid}/{action}", g(self.api_message_act, "queue", api=True), methods=["POST"]),
             Route("/api/v1/trace", g(self.api_trace, api=True)),
@@ -367,6 +386,70 @@ class ConsoleApp:
         if not dry_run:
             target = " ".join(ids[:20]) if ids else Filters.from_json(filters).describe()
             self.write_audit(who, f"queue {action}", target, f"{len(result['acted'])} of {result['matched']} done")
+        return result
+
+    def _selection(self, ids: list[str], filters: dict | None) -> tuple[dict, str]:
+        """The filters of a selection (checked ids, else the filter) and how an audit line
+        names it."""
+        if ids:
+            bad = [i for i in ids if not is_queue_id(i)]
+            if bad:
+                raise Refused(400, "not a queue id: " + ", ".join(for_log(b[:40]) for b in bad[:3]))
+            return {"ids": ids, "state": "all"}, " ".join(ids[:20]) + (" ..." if len(ids) > 20 else "")
+        filters = filters or {"state": "all"}
+        return filters, Filters.from_json(filters).describe() or "the whole queue"
+
+    async def _backup(self, who: Who, ids: list[str], filters: dict | None) -> tuple[Path, dict]:
+        """The selected messages written by the node into a queue backup archive (the
+        format of `kanmon queue backup`), in the transfer directory; the caller sends it
+        and removes it."""
+        filters, target = self._selection(ids, filters)
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "backup")
+        try:
+            result = await self.call("backup", {"path": str(path), "filters": filters,
+                                                "source": f"console {who.account.name}"})
+        except Refused as e:
+            path.unlink(missing_ok=True)
+            self.write_audit(who, "queue backup", target, f"failed: {e.message}")
+            raise
+        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded")
+        return path, result
+
+    def _archive_response(self, path: Path, result: dict) -> Response:
+        name = f"kanmon-queue-{self.config.server.hostname}-{time.strftime('%Y%m%d-%H%M%S')}.tar"
+        return FileResponse(path, media_type="application/x-tar", filename=name,
+                            headers={"X-Kanmon-Count": str(result["count"])},
+                            background=BackgroundTask(path.unlink, missing_ok=True))
+
+    async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
+        """An uploaded archive into the queue, as `kanmon queue restore` does (verified whole
+        first; a message already here, or restored here before, is skipped)."""
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "restore")
+        target = for_log(name[:200]) or "upload"
+        try:
+            try:
+                size = await transfer.receive(chunks, path, self.cfg.max_upload)
+            except transfer.TooLarge:
+                self.write_audit(who, "queue restore", target, "refused: larger than max_upload")
+                raise Refused(413, f"the upload is larger than {format_size(self.cfg.max_upload)} "
+                                   "([console] max_upload)") from None
+            try:
+                result = await self.call("restore", {"path": str(path), "hold": hold,
+                                                     "source": f"console {who.account.name}"})
+            except Refused as e:
+                self.write_audit(who, "queue restore", target, f"failed: {e.message}")
+                raise Refused(400, e.message.replace(str(path), name or "the upload")) from None
+        finally:
+            path.unlink(missing_ok=True)
+        result = {**result, "path": name, "size": size}
+        if result.get("finish_command"):
+            # An archive downloaded from a console was written in that node's transfer
+            # directory and removed once sent: the command names the file the admin has.
+            result["finish_command"] = re.sub(r"\S*/console/transfer/backup-\d+-[0-9a-f]{16}\.tar",
+                                              lambda _m: shlex.quote(name or "ARCHIVE.tar"), result["finish_command"])
+        self.write_audit(who, "queue restore", target,
+                         f"{len(result['restored'])} restored, {len(result['skipped'])} already here, "
+                         f"{result['in_archive']} in the archive" + (" (held)" if hold else ""))
         return result
 
     async def _alert_test(self, who: Who, category: str) -> dict:
@@ -747,6 +830,47 @@ class ConsoleApp:
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
         return RedirectResponse("/queue?" + urllib.parse.urlencode({"msg": msg}), 303)
 
+    async def backup_page(self, request: Request, who: Who) -> Response:
+        keep = {k: request.query_params.get(k) for k in ("state", *FILTER_PARAMS) if request.query_params.get(k)}
+        return self.render(request, "backup.html", who, filters=keep, states=STATES, filter_names=FILTER_PARAMS,
+                           max_upload=format_size(self.cfg.max_upload), error=request.query_params.get("error", ""))
+
+    async def backup_download(self, request: Request, who: Who) -> Response:
+        """The checked messages of the queue page, or a filter (the queue page's, or this
+        page's fields), as a queue backup archive."""
+        form = await request.form()
+        ids = [str(i) for i in form.getlist("id")] + str(form.get("ids") or "").replace(",", " ").split()
+        if "filter_query" in form:
+            query = urllib.parse.parse_qs(str(form.get("filter_query") or ""))
+            params = {k: v[0] for k, v in query.items()}
+        else:
+            params = {k: str(form.get(k)) for k in ("state", *FILTER_PARAMS) if form.get(k)}
+        try:
+            path, result = await self._backup(who, ids, None if ids else self._filters(params))
+        except Refused as e:
+            if e.status != 400:
+                raise
+            return RedirectResponse("/queue/backup?" + urllib.parse.urlencode({**params, "error": e.message}), 303)
+        return self._archive_response(path, result)
+
+    async def restore_upload(self, request: Request, who: Who) -> Response:
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("archive")
+        hold = form.get("hold") == "yes"
+        if upload is None or isinstance(upload, str):
+            raise Refused(400, "choose a queue backup archive (.tar) to upload")
+        try:
+            result = await self._restore(who, transfer.upload_chunks(upload), upload.filename or "", hold)
+            error = ""
+        except Refused as e:
+            if e.status not in (400, 404, 413):
+                raise
+            result, error = None, e.message
+        finally:
+            await upload.close()
+        return self.render(request, "restore_result.html", who, result=result, error=error,
+                           archive=upload.filename or "", hold=hold)
+
     async def trace_page(self, request: Request, who: Who) -> Response:
         from kanmon.records.query import search_history  # noqa: PLC0415
 
@@ -985,6 +1109,22 @@ class ConsoleApp:
         offset = _int(p.get("offset"), None)
         limit = _int(p.get("limit"), None)
         return JSONResponse(await self._queue_list(p, offset, limit))
+
+    async def api_backup(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        ids, filters = body.get("ids") or [], body.get("filters")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise Refused(400, "ids is a list of queue ids")
+        if filters is not None and (not isinstance(filters, dict) or
+                                    not all(isinstance(v, str) for v in filters.values())):
+            raise Refused(400, "filters is an object of the queue list's filters (strings)")
+        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}))
+        return self._archive_response(path, result)
+
+    async def api_restore(self, request: Request, who: Who) -> Response:
+        hold = request.query_params.get("hold") in ("1", "true", "yes")
+        return JSONResponse(await self._restore(who, request.stream(), request.query_params.get("name") or "upload",
+                                                hold))
 
     async def api_message(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])

@@ -121,6 +121,26 @@ def openapi_document() -> dict:
         "/api/v1/quarantine": {"get": _op("the quarantine", [_q(k, k) for k in ("kind", "from", "to", "reason", "older_than")])},
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }
+    tar = {"description": "the archive (the format of `kanmon queue backup`, docs/queue-backup.md); the header "
+                          "X-Kanmon-Count says how many messages it holds",
+           "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
+    backup = _op("admin only: download the messages of `ids`, else of `filters` (the query parameters of GET "
+                 "/api/v1/queue; none: the whole queue), as a queue backup archive; they stay queued here",
+                 write=True, response=tar, body={"type": "object", "properties": {
+                     "ids": {"type": "array", "items": {"type": "string"}, "description": "queue ids"},
+                     "filters": {"type": "object", "additionalProperties": {"type": "string"},
+                                 "description": "state, from, to, domain, older_than, reason, ..."}}})
+    paths["/api/v1/queue/backup"] = {"post": backup}
+    restore = _op("admin only: restore a queue backup archive (the body, as uploaded), as `kanmon queue restore`: "
+                  "verified whole first; a message already here, or restored here before, is skipped. Answers "
+                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command}`; 413 past "
+                  "[console] max_upload",
+                  [_q("hold", "true: restore on hold", "boolean"), _q("name", "the archive's name for the audit log")],
+                  write=True)
+    restore["requestBody"] = {"required": True, "description": "the archive file as it is (any content type)",
+                              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    restore["responses"]["413"] = _ERROR
+    paths["/api/v1/queue/restore"] = {"post": restore}
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
     paths["/api/v1/users/mailboxes"] = {"post": _op(

@@ -15,7 +15,7 @@ from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.records.query import search_events
 from tests.integration.test_console import NODE, api_client, csrf_of, login
-from tests.support.kanmon_node import RunningNode, free_port
+from tests.support.kanmon_node import RunningNode, free_port, wait_for
 
 
 def start_node(tmp_path: Path, extra: str = "") -> RunningNode:
@@ -277,3 +277,114 @@ def test_the_live_tail_brings_new_event_lines_escaped(node) -> None:
     c.post("/logout", data={"csrf": csrf_of(c)})
     r = c.get("/events/tail?" + nxt, headers={"HX-Request": "true", "HX-Current-URL": node.console_url + "/events"})
     assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login?next=%2Fevents"
+
+
+def test_backup_download_of_a_selection_and_restore_upload(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from tests.integration.test_console import send_deferred
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    AdminAccounts(data).add("otto", "operator", "otto-pw")
+    node = start_node(tmp_path)
+    try:
+        first = send_deferred(node)
+        a = login(node, "alice", "alice-pw")
+        token = csrf_of(a, "/queue")
+        assert 'class="act-backup"' in a.get("/queue").text
+        # The checked messages of the queue page, as the archive `kanmon queue backup` writes.
+        r = a.post("/queue/backup", data={"csrf": token, "id": first, "filter_query": ""})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+        assert r.headers["x-kanmon-count"] == "1"
+        assert r.headers["content-disposition"].startswith('attachment; filename="kanmon-queue-mx1.example.test-')
+        archive = r.content
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            names = tar.getnames()
+        assert names[0] == "kanmon-backup.json" and f"{first}/queue" in names and names[-1] == "kanmon-backup-end.json"
+        wait_for(lambda: not list((data / "console" / "transfer").iterdir()), 30,
+                 "the archive removed once sent")
+        # A filter (the backup page's fields): nothing matches, an empty archive.
+        r = a.post("/queue/backup", data={"csrf": token, "state": "hold"})
+        assert r.status_code == 200 and r.headers["x-kanmon-count"] == "0"
+        r = a.post("/queue/backup", data={"csrf": token, "size": "huge"})
+        assert r.status_code == 303 and "error=" in r.headers["location"]
+        # Deleted here, it comes back from the archive (on hold when asked).
+        page = a.get("/queue/backup").text
+        assert 'id="restore-form"' in page and '<script src="/static/console.js" defer></script>' in page
+        node.node.admin.ops.act("delete", {"ids": [first], "state": "all"}, source="test")
+        assert node.node.admin.ops.list({})["count"] == 0
+        r = a.post("/queue/restore", data={"csrf": token, "hold": "yes"},
+                   files={"archive": ("<i>q</i>.tar", archive, "application/x-tar")})
+        assert r.status_code == 200
+        assert '<td id="restore-restored">1 (on hold)</td>' in r.text and "&lt;i&gt;q&lt;/i&gt;.tar" in r.text
+        assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == first
+        # The command that removes them where the archive was made names the file as uploaded.
+        assert "<pre id=\"finish-command\">kanmon queue delete --ids-from &#39;&lt;i&gt;q&lt;/i&gt;.tar&#39;" in r.text
+        # Restored once: a second upload skips it, never doubles it.
+        r = a.post("/queue/restore", data={"csrf": token}, files={"archive": ("q.tar", archive, "application/x-tar")})
+        assert '<td id="restore-in-archive">1</td>' in r.text and '<td id="restore-skipped">1</td>' in r.text
+        assert node.node.admin.ops.list({})["count"] == 1
+        # A damaged archive: nothing restored, the reason shown.
+        r = a.post("/queue/restore", data={"csrf": token},
+                   files={"archive": ("bad.tar", archive[: len(archive) // 2], "application/x-tar")})
+        assert r.status_code == 200 and 'id="restore-error"' in r.text and str(data) not in r.text
+        assert not list((data / "console" / "transfer").iterdir())
+        # The API: a selection by filter, and a restore of the raw archive.
+        api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(data).new_token('alice')}"})
+        r = api.post("/api/v1/queue/backup", json={"filters": {"state": "hold"}})
+        assert r.status_code == 200 and r.headers["x-kanmon-count"] == "1"
+        r = api.post("/api/v1/queue/restore?name=again.tar", content=r.content,
+                     headers={"Content-Type": "application/x-tar"})
+        assert r.status_code == 200 and r.json()["skipped"] == [first] and r.json()["restored"] == []
+        assert api.post("/api/v1/queue/restore", content=b"not a tar").status_code == 400
+        assert api.post("/api/v1/queue/backup", json={"ids": ["../etc"]}).status_code == 400
+        # Admin only: an operator can hold and release, not take the mail away or put it back.
+        o = login(node, "otto", "otto-pw")
+        assert 'class="act-backup"' not in o.get("/queue").text
+        assert o.get("/queue/backup").status_code == 403
+        assert o.post("/queue/backup", data={"csrf": csrf_of(o), "id": first}).status_code == 403
+        assert o.post("/api/v1/queue/restore", content=archive, headers={"X-CSRF-Token": csrf_of(o)}).status_code == 403
+        node.flush()
+        lines = audit_lines(node, "queue ")
+        assert any(f"alice (admin) from 127.0.0.1 via console: queue backup {first} -> 1 message(s) downloaded" in t
+                   for t in lines)
+        assert any("via console: queue restore q.tar -> 0 restored, 1 already here, 1 in the archive" in t
+                   for t in lines)
+        assert any("via console: queue restore <i>q</i>.tar -> 1 restored, 0 already here, 1 in the archive (held)"
+                   in t for t in lines)
+        assert any("via console: queue restore bad.tar -> failed: " in t for t in lines)
+        assert any("via api token: queue restore again.tar -> 0 restored, 1 already here" in t for t in lines)
+    finally:
+        stop_node(node)
+
+
+def test_a_restore_upload_larger_than_max_upload_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    node = start_node(tmp_path)
+    try:
+        bound = 1000
+        import asyncio
+
+        old = node.node.config
+        small = old.model_copy(update={"console": old.console.model_copy(update={"max_upload": bound})})
+        asyncio.run_coroutine_threadsafe(node.node.reload(small), node.loop).result(60)
+        a = login(node, "alice", "alice-pw")
+        token = csrf_of(a, "/queue/backup")
+        r = a.post("/queue/restore", data={"csrf": token}, files={"archive": ("big.tar", b"x" * (bound + 70_000))})
+        assert r.status_code == 413
+        api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(data).new_token('alice')}"})
+
+        def chunked():  # no Content-Length: counted while it is written, cut at the bound
+            for _ in range(100):
+                yield b"y" * 1000
+
+        r = api.post("/api/v1/queue/restore", content=chunked())
+        assert r.status_code == 413 and "max_upload" in r.json()["error"]
+        assert not list((data / "console" / "transfer").iterdir())
+    finally:
+        stop_node(node)
