@@ -4,8 +4,9 @@ Role: authenticate every request (a signed session cookie, or `Authorization: Be
 with a token from `kanmon admin token`), check the role's permission, check the CSRF
 token of every write made with the cookie, and call the operations the CLI calls — the
 admin plane's queue and quarantine operations through `node.admin.handle` (the same
-dispatch as the control socket, in its worker thread), kanmon.records (trace, stats,
-event search) and kanmon.alerts (the test alert) in threads off the event loop. Pages
+dispatch as the control socket, in its worker thread: queue backup and restore too),
+kanmon.records (trace, stats, event search and tail), kanmon.store.users (the functions
+`kanmon user` calls) and kanmon.alerts (the test alert) in threads off the event loop. Pages
 and API share one function per operation (`_queue_list`, `_act`, ...), so they answer
 the same. Every write is an `audit:` line (kanmon.admin.accounts.audit).
 
@@ -442,6 +443,10 @@ class ConsoleApp:
         finally:
             path.unlink(missing_ok=True)
         result = {**result, "path": name, "size": size}
+        if result.get("origin") == self.config.server.hostname:
+            # A backup of this node put back here (say, after a wrong delete): nothing is
+            # left to finish, and the command would delete what was just restored.
+            result["finish_command"] = None
         if result.get("finish_command"):
             # An archive downloaded from a console was written in that node's transfer
             # directory and removed once sent: the command names the file the admin has.
@@ -1319,6 +1324,8 @@ def _setting(key: str, value) -> str:
     if key in _SIZE_KEYS and isinstance(value, int | float):
         return format_size(int(value)) if value else "0"
     if key in _DURATION_KEYS and isinstance(value, int | float):
+        if value and value < 60 and not float(value).is_integer():
+            return f"{value:g}s"  # a pause of half a second is not "0s"
         return format_duration(float(value)) if value else "0"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

@@ -279,6 +279,23 @@ def test_the_live_tail_brings_new_event_lines_escaped(node) -> None:
     assert r.status_code == 401 and r.headers["HX-Redirect"] == "/login?next=%2Fevents"
 
 
+def from_host(archive: bytes, hostname: str) -> bytes:
+    """The archive as if another node had written it (its head names that host)."""
+    import io
+    import json
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "kanmon-backup.json":
+                data = json.dumps({**json.loads(data), "hostname": hostname}).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return out.getvalue()
+
+
 def test_backup_download_of_a_selection_and_restore_upload(tmp_path: Path) -> None:
     import io
     import tarfile
@@ -321,12 +338,16 @@ def test_backup_download_of_a_selection_and_restore_upload(tmp_path: Path) -> No
         assert r.status_code == 200
         assert '<td id="restore-restored">1 (on hold)</td>' in r.text and "&lt;i&gt;q&lt;/i&gt;.tar" in r.text
         assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == first
-        # The command that removes them where the archive was made names the file as uploaded.
-        assert "<pre id=\"finish-command\">kanmon queue delete --ids-from &#39;&lt;i&gt;q&lt;/i&gt;.tar&#39;" in r.text
+        assert 'id="finish-command"' not in r.text  # its own backup: nothing to finish on another node
         # Restored once: a second upload skips it, never doubles it.
         r = a.post("/queue/restore", data={"csrf": token}, files={"archive": ("q.tar", archive, "application/x-tar")})
         assert '<td id="restore-in-archive">1</td>' in r.text and '<td id="restore-skipped">1</td>' in r.text
         assert node.node.admin.ops.list({})["count"] == 1
+        # From another node: the command that removes them there names the file as uploaded.
+        r = a.post("/queue/restore", data={"csrf": token},
+                   files={"archive": ("<i>q</i>.tar", from_host(archive, "mx-old.example.test"), "application/x-tar")})
+        assert "(mx-old.example.test)" in r.text
+        assert "<pre id=\"finish-command\">kanmon queue delete --ids-from &#39;&lt;i&gt;q&lt;/i&gt;.tar&#39;" in r.text
         # A damaged archive: nothing restored, the reason shown.
         r = a.post("/queue/restore", data={"csrf": token},
                    files={"archive": ("bad.tar", archive[: len(archive) // 2], "application/x-tar")})
