@@ -118,6 +118,10 @@ def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None
         path = path.replace("{qid}", "0123456789ABCDE").replace("{action}", "hold")
         paths += [(m, path) for m in methods if m != "HEAD"]
     assert len(paths) > 25
+    crawled = {path for _m, path in paths}
+    assert {"/users/add", "/users/alias", "/policies", "/events/tail", "/queue/backup", "/queue/restore",
+            "/api/v1/policies", "/api/v1/events/tail", "/api/v1/users/mailboxes", "/api/v1/users/aliases",
+            "/api/v1/queue/backup", "/api/v1/queue/restore"} <= crawled
     with httpx.Client(base_url=console.console_url, timeout=30) as c:
         for method, path in paths:
             r = c.request(method, path)

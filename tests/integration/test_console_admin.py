@@ -63,7 +63,10 @@ def audit_lines(node, grep: str) -> list[str]:
 def test_a_logged_out_cookie_stays_refused_after_the_node_restarts(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
-    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    accounts = AdminAccounts(data)
+    accounts.add("alice", "admin", "alice-pw")
+    accounts.add("bob", "admin", "bob-pw")
+    accounts.add("carol", "operator", "carol-pw")
     first = start_node(tmp_path)
     try:
         out = login(first, "alice", "alice-pw")
@@ -71,13 +74,21 @@ def test_a_logged_out_cookie_stays_refused_after_the_node_restarts(tmp_path: Pat
         stolen = out.cookies["kanmon_session"]
         assert out.post("/logout", data={"csrf": csrf_of(out)}).status_code == 303
         other = kept.cookies["kanmon_session"]
+        bob = login(first, "bob", "bob-pw").cookies["kanmon_session"]
+        carol = login(first, "carol", "carol-pw").cookies["kanmon_session"]
     finally:
         stop_node(first)
+    # While the node is down, bob's password changes and carol is removed.
+    accounts.set_password("bob", "bob-new-pw")
+    accounts.remove("carol")
     second = start_node(tmp_path)
     try:
         replay = api_client(second)
         r = replay.get("/api/v1/me", headers={"Cookie": f"kanmon_session={stolen}"})
         assert r.status_code == 401 and "logged out" in r.json()["error"]
+        for cookie in (bob, carol):
+            r = replay.get("/api/v1/me", headers={"Cookie": f"kanmon_session={cookie}"})
+            assert r.status_code == 401 and "account removed or password changed" in r.json()["error"]
         r = replay.get("/api/v1/me", headers={"Cookie": f"kanmon_session={other}"})
         assert r.status_code == 200 and r.json()["name"] == "alice"  # only the logged-out one ended
     finally:
