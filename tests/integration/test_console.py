@@ -354,7 +354,9 @@ def test_console_over_tls_with_the_node_certificate_marks_the_cookie_secure(tmp_
 def test_a_reload_keeps_the_console_and_its_sessions_and_can_turn_it_off(console) -> None:
     import asyncio
 
-    c = login(console, "alice", "alice-pw")
+    # A connection per request: a kept-alive one belongs to the console the reload retires,
+    # which may close it between two requests (a browser retries then; httpx does not).
+    c = login(console, "alice", "alice-pw", limits=httpx.Limits(max_keepalive_connections=0))
     assert c.get("/api/v1/me").status_code == 200
     old = console.node.config
     longer = old.model_copy(update={"console": old.console.model_copy(update={"session_timeout": 3600.0})})
