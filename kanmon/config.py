@@ -1303,6 +1303,8 @@ class ConsoleSection(Section):
     session_timeout: Duration = Field(1800.0, gt=0, description="A console session ends after this long without a request")
     session_lifetime: Duration = Field(12 * 3600.0, gt=0, description="A console session ends this long after its login, "
                                                                       "however active")
+    max_upload: Size = Field(1024 ** 3, ge=1, description="Largest queue backup the console takes for a restore "
+                                                          "(a larger upload answers 413)")
 
     @model_validator(mode="after")
     def _plain_only_on_loopback(self) -> ConsoleSection:

@@ -48,7 +48,7 @@ TOKEN_PREFIX = "kmn_"
 
 # What each role may do: "read" every page and GET; the rest are writes.
 PERMISSIONS = {
-    "admin": frozenset({"read", "queue", "quarantine", "alerts", "config", "accounts"}),
+    "admin": frozenset({"read", "queue", "quarantine", "alerts", "config", "accounts", "backup"}),
     "operator": frozenset({"read", "queue", "quarantine", "alerts"}),
     "auditor": frozenset({"read"}),
 }

@@ -4,8 +4,9 @@ Role: authenticate every request (a signed session cookie, or `Authorization: Be
 with a token from `kanmon admin token`), check the role's permission, check the CSRF
 token of every write made with the cookie, and call the operations the CLI calls — the
 admin plane's queue and quarantine operations through `node.admin.handle` (the same
-dispatch as the control socket, in its worker thread), kanmon.records (trace, stats,
-event search) and kanmon.alerts (the test alert) in threads off the event loop. Pages
+dispatch as the control socket, in its worker thread: queue backup and restore too),
+kanmon.records (trace, stats, event search and tail), kanmon.store.users (the functions
+`kanmon user` calls) and kanmon.alerts (the test alert) in threads off the event loop. Pages
 and API share one function per operation (`_queue_list`, `_act`, ...), so they answer
 the same. Every write is an `audit:` line (kanmon.admin.accounts.audit).
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import secrets
+import shlex
 import shutil
 import time
 import urllib.parse
@@ -31,17 +34,18 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kanmon.admin.accounts import ROLES, Account, AccountError, AdminAccounts, audit
 from kanmon.admin.filters import STATES, Filters
 from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
-from kanmon.console import charts, configedit, i18n
+from kanmon.console import charts, configedit, i18n, transfer
 from kanmon.console.openapi import openapi_document
-from kanmon.console.security import COOKIE_NAME, Session, Sessions, load_secret
+from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions, load_secret
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
 from kanmon.units import format_duration, format_size
@@ -57,6 +61,7 @@ FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "hea
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 ALERT_TEST_WAIT = 20.0
+TAIL_LIMIT = 200  # event lines one poll of the live tail brings at most
 
 
 class Refused(Exception):
@@ -101,7 +106,8 @@ class ConsoleApp:
                                extensions=["jinja2.ext.i18n"])
         self.env.filters["time"] = _time
         self.env.filters["size"] = format_size
-        self.logged_out: dict[str, float] = {}  # session id -> when it would have expired anyway
+        # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
+        self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
 
@@ -153,7 +159,7 @@ class ConsoleApp:
         session = self.sessions.decode(cookie)
         account = self.accounts.get(session.name) if session else None
         why = self.sessions.check(session, ip, account.password_version if account else None, time.time())
-        if why is None and session is not None and session.sid in self.logged_out:
+        if why is None and session is not None and self.revocations.is_revoked(session.sid, session.login):
             why = "logged out"
         if why is not None:
             if why == "session used from another address" and session is not None:
@@ -167,8 +173,12 @@ class ConsoleApp:
         response.set_cookie(COOKIE_NAME, self.sessions.encode(session), httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
 
-    def guarded(self, handler, perm: str = "read", api: bool = False):
-        """The endpoint: login, permission, CSRF (writes with the cookie), then handler."""
+    def _upload_bound(self) -> int:
+        return self.cfg.max_upload + MAX_JSON  # the archive and the form around it
+
+    def guarded(self, handler, perm: str = "read", api: bool = False, max_body: int | None = None):
+        """The endpoint: login, permission, the body's size (max_body: checked before
+        anything reads it), CSRF (writes with the cookie), then handler."""
 
         async def endpoint(request: Request) -> Response:
             try:
@@ -178,12 +188,25 @@ class ConsoleApp:
                         return JSONResponse({"error": "login required" + (f" ({why})" if why else "")}, 401,
                                             headers={"WWW-Authenticate": 'Bearer realm="kanmon"'})
                     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    if request.headers.get("hx-request"):  # a fragment (a poll): the whole page goes to /login
+                        target = urllib.parse.urlsplit(request.headers.get("hx-current-url", "")).path or "/"
+                        response = Response(status_code=401, headers={
+                            "HX-Redirect": "/login?" + urllib.parse.urlencode({"next": _safe_next(target) or "/"})})
+                        if why:
+                            response.delete_cookie(COOKIE_NAME, path="/")
+                        return response
                     response = RedirectResponse("/login?" + urllib.parse.urlencode({"next": target}), 303)
                     if why:
                         response.delete_cookie(COOKIE_NAME, path="/")
                     return response
                 if not who.account.can(perm):
                     raise Refused(403, f"the role {who.account.role} may not do this")
+                if max_body is not None and request.method == "POST":
+                    length = request.headers.get("content-length")
+                    if length is not None and (not length.isdigit() or int(length) > max_body):
+                        raise Refused(413, f"the upload is larger than {format_size(max_body)}")
+                    if length is None and not api:  # a form is read whole: its size must be known first
+                        raise Refused(411, "a Content-Length is needed")
                 if request.method == "POST" and who.session is not None:
                     token = request.headers.get("x-csrf-token")
                     if token is None and not api:
@@ -219,10 +242,14 @@ class ConsoleApp:
             Route("/", g(self.dashboard)),
             Route("/queue", g(self.queue_page)),
             Route("/queue/act", g(self.queue_bulk, "queue"), methods=["POST"]),
+            Route("/queue/backup", g(self.backup_page, "backup")),
+            Route("/queue/backup", g(self.backup_download, "backup"), methods=["POST"]),
+            Route("/queue/restore", g(self.restore_upload, "backup", max_body=self._upload_bound()), methods=["POST"]),
             Route("/queue/{qid}", g(self.message_page)),
             Route("/queue/{qid}/{action}", g(self.message_act, "queue"), methods=["POST"]),
             Route("/trace", g(self.trace_page)),
             Route("/events", g(self.events_page)),
+            Route("/events/tail", g(self.events_tail)),
             Route("/alerts", g(self.alerts_page)),
             Route("/alerts/test", g(self.alerts_test, "alerts"), methods=["POST"]),
             Route("/alerts/status/{qid}", g(self.alert_status)),
@@ -233,8 +260,12 @@ class ConsoleApp:
             Route("/maintenance/{job}/run", g(self.maintenance_run, "queue"), methods=["POST"]),
             Route("/dns", g(self.dns_page)),
             Route("/users", g(self.users_page)),
+            Route("/users/add", g(self.users_add_page, "accounts"), methods=["POST"]),
+            Route("/users/alias", g(self.alias_set_page, "accounts"), methods=["POST"]),
+            Route("/users/alias/{address}/delete", g(self.alias_delete_page, "accounts"), methods=["POST"]),
             Route("/users/{address}/{action}", g(self.users_act, "accounts"), methods=["POST"]),
             Route("/balancer", g(self.balancer_page)),
+            Route("/policies", g(self.policies_page)),
             Route("/config", g(self.config_page, "config")),
             Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
             Route("/config/apply", g(self.config_apply_page, "config"), methods=["POST"]),
@@ -244,10 +275,14 @@ class ConsoleApp:
             Route("/api/v1/openapi.json", self.openapi),
             Route("/api/v1/me", g(self.api_me, api=True)),
             Route("/api/v1/queue", g(self.api_queue, api=True)),
+            Route("/api/v1/queue/backup", g(self.api_backup, "backup", api=True), methods=["POST"]),
+            Route("/api/v1/queue/restore", g(self.api_restore, "backup", api=True, max_body=self._upload_bound()),
+                  methods=["POST"]),
             Route("/api/v1/queue/{qid}", g(self.api_message, api=True)),
             Route("/api/v1/queue/{qid}/{action}", g(self.api_message_act, "queue", api=True), methods=["POST"]),
             Route("/api/v1/trace", g(self.api_trace, api=True)),
             Route("/api/v1/events", g(self.api_events, api=True)),
+            Route("/api/v1/events/tail", g(self.api_events_tail, api=True)),
             Route("/api/v1/stats", g(self.api_stats, api=True)),
             Route("/api/v1/alerts", g(self.api_alerts, api=True)),
             Route("/api/v1/alerts/test", g(self.api_alerts_test, "alerts", api=True), methods=["POST"]),
@@ -258,8 +293,13 @@ class ConsoleApp:
             Route("/api/v1/config/apply", g(self.api_config_apply, "config", api=True), methods=["POST"]),
             Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
             Route("/api/v1/balancer", g(self.api_balancer, api=True)),
+            Route("/api/v1/policies", g(self.api_policies, api=True)),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/users", g(self.api_users, api=True)),
+            Route("/api/v1/users/mailboxes", g(self.api_user_add, "accounts", api=True), methods=["POST"]),
+            Route("/api/v1/users/aliases", g(self.api_alias_set, "accounts", api=True), methods=["POST"]),
+            Route("/api/v1/users/aliases/{address}/{action}", g(self.api_alias_delete, "accounts", api=True),
+                  methods=["POST"]),
             Route("/api/v1/users/{address}/{action}", g(self.api_users_act, "accounts", api=True), methods=["POST"]),
             Route("/api/v1/dns/check", g(self.api_dns_check, api=True)),
             Route("/api/v1/quarantine", g(self.api_quarantine, api=True)),
@@ -312,10 +352,10 @@ class ConsoleApp:
         return response
 
     async def logout(self, request: Request, who: Who) -> Response:
-        if who.session is not None:  # a copy of the cookie kept elsewhere ends too
-            now = time.time()
-            self.logged_out = {sid: until for sid, until in self.logged_out.items() if until > now}
-            self.logged_out[who.session.sid] = who.session.login + self.cfg.session_lifetime
+        if who.session is not None:  # a copy of the cookie kept elsewhere ends too, also after a restart
+            await asyncio.to_thread(self.revocations.revoke, who.session.sid,
+                                    who.session.login + self.cfg.session_lifetime)
+            self.emit(f"console: {who.account.name} logged out from {who.ip}")
         response = RedirectResponse("/login", 303)
         response.delete_cookie(COOKIE_NAME, path="/")
         return response
@@ -349,6 +389,74 @@ class ConsoleApp:
             self.write_audit(who, f"queue {action}", target, f"{len(result['acted'])} of {result['matched']} done")
         return result
 
+    def _selection(self, ids: list[str], filters: dict | None) -> tuple[dict, str]:
+        """The filters of a selection (checked ids, else the filter) and how an audit line
+        names it."""
+        if ids:
+            bad = [i for i in ids if not is_queue_id(i)]
+            if bad:
+                raise Refused(400, "not a queue id: " + ", ".join(for_log(b[:40]) for b in bad[:3]))
+            return {"ids": ids, "state": "all"}, " ".join(ids[:20]) + (" ..." if len(ids) > 20 else "")
+        filters = filters or {"state": "all"}
+        return filters, Filters.from_json(filters).describe() or "the whole queue"
+
+    async def _backup(self, who: Who, ids: list[str], filters: dict | None) -> tuple[Path, dict]:
+        """The selected messages written by the node into a queue backup archive (the
+        format of `kanmon queue backup`), in the transfer directory; the caller sends it
+        and removes it."""
+        filters, target = self._selection(ids, filters)
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "backup")
+        try:
+            result = await self.call("backup", {"path": str(path), "filters": filters,
+                                                "source": f"console {who.account.name}"})
+        except Refused as e:
+            path.unlink(missing_ok=True)
+            self.write_audit(who, "queue backup", target, f"failed: {e.message}")
+            raise
+        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded")
+        return path, result
+
+    def _archive_response(self, path: Path, result: dict) -> Response:
+        name = f"kanmon-queue-{self.config.server.hostname}-{time.strftime('%Y%m%d-%H%M%S')}.tar"
+        return FileResponse(path, media_type="application/x-tar", filename=name,
+                            headers={"X-Kanmon-Count": str(result["count"])},
+                            background=BackgroundTask(path.unlink, missing_ok=True))
+
+    async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
+        """An uploaded archive into the queue, as `kanmon queue restore` does (verified whole
+        first; a message already here, or restored here before, is skipped)."""
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "restore")
+        target = for_log(name[:200]) or "upload"
+        try:
+            try:
+                size = await transfer.receive(chunks, path, self.cfg.max_upload)
+            except transfer.TooLarge:
+                self.write_audit(who, "queue restore", target, "refused: larger than max_upload")
+                raise Refused(413, f"the upload is larger than {format_size(self.cfg.max_upload)} "
+                                   "([console] max_upload)") from None
+            try:
+                result = await self.call("restore", {"path": str(path), "hold": hold,
+                                                     "source": f"console {who.account.name}"})
+            except Refused as e:
+                self.write_audit(who, "queue restore", target, f"failed: {e.message}")
+                raise Refused(400, e.message.replace(str(path), name or "the upload")) from None
+        finally:
+            path.unlink(missing_ok=True)
+        result = {**result, "path": name, "size": size}
+        if result.get("origin") == self.config.server.hostname:
+            # A backup of this node put back here (say, after a wrong delete): nothing is
+            # left to finish, and the command would delete what was just restored.
+            result["finish_command"] = None
+        if result.get("finish_command"):
+            # An archive downloaded from a console was written in that node's transfer
+            # directory and removed once sent: the command names the file the admin has.
+            result["finish_command"] = re.sub(r"\S*/console/transfer/backup-\d+-[0-9a-f]{16}\.tar",
+                                              lambda _m: shlex.quote(name or "ARCHIVE.tar"), result["finish_command"])
+        self.write_audit(who, "queue restore", target,
+                         f"{len(result['restored'])} restored, {len(result['skipped'])} already here, "
+                         f"{result['in_archive']} in the archive" + (" (held)" if hold else ""))
+        return result
+
     async def _alert_test(self, who: Who, category: str) -> dict:
         if category not in ALERT_CATEGORIES:
             raise Refused(400, f"category must be one of {', '.join(ALERT_CATEGORIES)}")
@@ -370,6 +478,13 @@ class ConsoleApp:
 
         rows = await asyncio.to_thread(search_events, self.data_dir, since=since, grep=grep or None, limit=limit)
         return [r.as_dict() for r in rows]
+
+    async def _tail(self, after: int | None, grep: str | None) -> dict:
+        """Event lines after line number `after` (None: none; where a tail starts now)."""
+        from kanmon.records.query import tail_events  # noqa: PLC0415
+
+        cursor, rows = await asyncio.to_thread(tail_events, self.data_dir, after, grep=grep, limit=TAIL_LIMIT)
+        return {"next": cursor, "events": [r.as_dict() for r in rows]}
 
     async def _stats(self, by: str, since: float) -> dict:
         from kanmon.records.stats import collect  # noqa: PLC0415
@@ -513,6 +628,35 @@ class ConsoleApp:
         history = await self._events("balancer ", time.time() - 30 * 86400, 200)
         return {"status": balancer.status(), "problem": None, "history": history}
 
+    def _policies(self) -> dict:
+        """The policies and profiles of the running config, read only: [[ip_policy]] and
+        [[recipient_policy]] in the order they match, every session profile resolved
+        (built-in, then [smtp], then its [[session_profile]] block), the [[content_profile]]
+        rules, recipient verification of the relay domains, the DNS blocklists."""
+        cfg = self.config
+        rule_fields = {"name", "match", "action", "log_only", "tag", "add_header", "score", "reply", "address"}
+        return {
+            "ip_policy": [p.model_dump(mode="json") for p in cfg.ip_policy],
+            "recipient_policy": [p.model_dump(mode="json") for p in cfg.recipient_policy],
+            "session_profiles": {name: prof.model_dump(mode="json", exclude={"name"})
+                                 for name, prof in cfg.session_profiles.items()},
+            "content_profiles": [{
+                **c.model_dump(mode="json", exclude={"rule"}),
+                "rules": [{**r.model_dump(mode="json", include=rule_fields),
+                           "conditions": r.model_dump(mode="json", exclude=rule_fields, exclude_none=True)}
+                          for r in c.rule]} for c in cfg.content_profile],
+            "recipient_verification": [{
+                "domain": d.name, "deliver": d.deliver,
+                "verify": "mailboxes" if d.deliver == "local" else d.verify,
+                "verify_unreachable": d.verify_unreachable if d.verify == "callout" else None,
+                "recipients_file": str(d.recipients_file) if d.recipients_file else None,
+                "verify_positive_ttl": d.verify_positive_ttl if d.verify == "callout" else None,
+                "verify_negative_ttl": d.verify_negative_ttl if d.verify == "callout" else None,
+            } for d in cfg.domain],
+            "dnsbl": [z.model_dump(mode="json") for z in cfg.dnsbl],
+            "dnsbl_allowlist": [str(n) for n in cfg.dnsbl_allowlist.networks],
+        }
+
     def _users_store(self):
         from kanmon.store.users import Users  # noqa: PLC0415
 
@@ -530,21 +674,68 @@ class ConsoleApp:
                 mailboxes.append({"mailbox": i.address, "has_password": i.has_password, "locked": i.locked,
                                   "size": i.size, "messages": i.messages, "last_login": i.last_login,
                                   "last_ip": i.last_ip, "quota": quota,
-                                  "used_percent": round(100 * i.size / quota, 1) if quota else None})
+                                  "used_percent": round(100 * i.size / quota, 1) if quota else None,
+                                  "source": "config" if users.in_config(i.address) else "file"})
             aliases = {a: list(t) for a, t in sorted(users.aliases().items())}
+            alias_source = {a: "config" if users.in_config(a) else "file" for a in aliases}
             domains = [{"name": d.name, "deliver": d.deliver, "servers": [f"{h}:{p}" for h, p in d.servers],
                         "tls": d.tls if d.deliver == "relay" else None, "quota": d.quota,
                         "mailboxes": sum(1 for m in mailboxes if m["mailbox"].endswith("@" + d.name))}
                        for d in self.config.domain]
-            return {"mailboxes": mailboxes, "aliases": aliases, "domains": domains}
+            return {"mailboxes": mailboxes, "aliases": aliases, "alias_source": alias_source, "domains": domains}
 
         return await asyncio.to_thread(collect)
 
-    async def _user_act(self, who: Who, address: str, action: str, password: str | None = None) -> dict:
-        """lock, unlock (`kanmon user lock|unlock`: logins refused, mail still delivered)
-        or password (`kanmon user passwd`); audited, the password never logged."""
+    async def _user_change(self, who: Who, action: str, target: str, change) -> None:
+        """Run one change of the users file or the accounts table (a function of the Users
+        store that `kanmon user` calls too) in a thread; audited, passwords never logged."""
         from kanmon.store.users import UnknownMailbox  # noqa: PLC0415
 
+        try:
+            await asyncio.to_thread(change, self._users_store())
+        except UnknownMailbox as e:
+            self.write_audit(who, action, target, f"failed: {e}")
+            raise Refused(404, f"{e}; nothing changed") from None
+        except (ValueError, OSError) as e:
+            self.write_audit(who, action, target, f"failed: {e}")
+            raise Refused(400, f"{e}; nothing changed") from None
+        self.write_audit(who, action, target, "ok")
+
+    async def _user_add(self, who: Who, address: str, password: str | None) -> dict:
+        """A new mailbox in the users file (`kanmon user add`; no password: it cannot log
+        in until one is set)."""
+        address = _address(address)
+        if password == "":
+            password = None
+        await self._user_change(who, "user add", address, lambda users: users.add(address, password))
+        return {"mailbox": address, "action": "add", "done": True}
+
+    async def _alias_set(self, who: Who, alias: str, targets: list[str]) -> dict:
+        """Define or replace an alias of the users file (`kanmon user alias ADDRESS TARGETS`)."""
+        alias = _address(alias)
+        clean = [t for t in (_address(t) for t in targets) if t]
+        if not clean:
+            raise Refused(400, "an alias needs at least one target address; nothing changed")
+        await self._user_change(who, "alias set", f"{alias} -> {', '.join(clean)}",
+                                lambda users: users.set_alias(alias, clean))
+        return {"alias": alias, "targets": clean, "action": "set", "done": True}
+
+    async def _alias_delete(self, who: Who, alias: str) -> dict:
+        """Remove an alias of the users file (`kanmon user alias ADDRESS --delete`)."""
+        alias = _address(alias)
+        await self._user_change(who, "alias delete", alias, lambda users: users.set_alias(alias, []))
+        return {"alias": alias, "action": "delete", "done": True}
+
+    async def _user_act(self, who: Who, address: str, action: str, password: str | None = None) -> dict:
+        """lock, unlock (`kanmon user lock|unlock`: logins refused, mail still delivered),
+        password (`kanmon user passwd`) or delete (`kanmon user del`: the mailbox leaves the
+        users file, its Maildir stays); audited, the password never logged."""
+        from kanmon.store.users import UnknownMailbox  # noqa: PLC0415
+
+        if action == "delete":
+            address = _address(address)
+            await self._user_change(who, "user delete", address, lambda users: users.delete(address))
+            return {"mailbox": address, "action": action, "done": True}
         if action not in ("lock", "unlock", "password"):
             raise Refused(404, "no such action")
         users = self._users_store()
@@ -649,6 +840,47 @@ class ConsoleApp:
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
         return RedirectResponse("/queue?" + urllib.parse.urlencode({"msg": msg}), 303)
 
+    async def backup_page(self, request: Request, who: Who) -> Response:
+        keep = {k: request.query_params.get(k) for k in ("state", *FILTER_PARAMS) if request.query_params.get(k)}
+        return self.render(request, "backup.html", who, filters=keep, states=STATES, filter_names=FILTER_PARAMS,
+                           max_upload=format_size(self.cfg.max_upload), error=request.query_params.get("error", ""))
+
+    async def backup_download(self, request: Request, who: Who) -> Response:
+        """The checked messages of the queue page, or a filter (the queue page's, or this
+        page's fields), as a queue backup archive."""
+        form = await request.form()
+        ids = [str(i) for i in form.getlist("id")] + str(form.get("ids") or "").replace(",", " ").split()
+        if "filter_query" in form:
+            query = urllib.parse.parse_qs(str(form.get("filter_query") or ""))
+            params = {k: v[0] for k, v in query.items()}
+        else:
+            params = {k: str(form.get(k)) for k in ("state", *FILTER_PARAMS) if form.get(k)}
+        try:
+            path, result = await self._backup(who, ids, None if ids else self._filters(params))
+        except Refused as e:
+            if e.status != 400:
+                raise
+            return RedirectResponse("/queue/backup?" + urllib.parse.urlencode({**params, "error": e.message}), 303)
+        return self._archive_response(path, result)
+
+    async def restore_upload(self, request: Request, who: Who) -> Response:
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("archive")
+        hold = form.get("hold") == "yes"
+        if upload is None or isinstance(upload, str):
+            raise Refused(400, "choose a queue backup archive (.tar) to upload")
+        try:
+            result = await self._restore(who, transfer.upload_chunks(upload), upload.filename or "", hold)
+            error = ""
+        except Refused as e:
+            if e.status not in (400, 404, 413):
+                raise
+            result, error = None, e.message
+        finally:
+            await upload.close()
+        return self.render(request, "restore_result.html", who, result=result, error=error,
+                           archive=upload.filename or "", hold=hold)
+
     async def trace_page(self, request: Request, who: Who) -> Response:
         from kanmon.records.query import search_history  # noqa: PLC0415
 
@@ -667,8 +899,25 @@ class ConsoleApp:
 
     async def events_page(self, request: Request, who: Who) -> Response:
         p = request.query_params
+        tail = p.get("tail") == "1"
+        # The tail starts after the newest line now (asked first: a line written meanwhile
+        # shows twice rather than never).
+        after = (await self._tail(None, None))["next"] if tail else 0
         rows = await self._events(p.get("grep"), _since(p.get("since") or "1d"), 500)
-        return self.render(request, "events.html", who, rows=rows, grep=p.get("grep") or "", since=p.get("since") or "1d")
+        keep = {k: p.get(k) for k in ("grep", "since") if p.get(k)}
+        return self.render(request, "events.html", who, rows=rows, grep=p.get("grep") or "", since=p.get("since") or "1d",
+                           tail=tail, tail_query=urllib.parse.urlencode({**({"grep": keep["grep"]} if "grep" in keep else {}),
+                                                                        "after": after}),
+                           tail_on=urllib.parse.urlencode({**keep, "tail": "1"}), tail_off=urllib.parse.urlencode(keep))
+
+    async def events_tail(self, request: Request, who: Who) -> Response:
+        """The lines written since the page's last look, newest first, and the element that
+        asks again (htmx polls it and puts the answer in its own place)."""
+        p = request.query_params
+        grep = p.get("grep") or None
+        result = await self._tail(_int(p.get("after"), 0), grep)
+        query = urllib.parse.urlencode({**({"grep": grep} if grep else {}), "after": result["next"]})
+        return self.render(request, "events_tail.html", who, rows=result["events"], tail_query=query)
 
     async def alerts_page(self, request: Request, who: Who) -> Response:
         data = await self._alerts(time.time() - 7 * 86400)
@@ -735,12 +984,55 @@ class ConsoleApp:
     async def balancer_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time())
 
+    async def policies_page(self, request: Request, who: Who) -> Response:
+        policies = self._policies()
+        profiles = policies["session_profiles"]
+        names = list(profiles)
+        keys = list(profiles[names[0]]) if names else []
+        rows = [(k, [_setting(k, profiles[n][k]) for n in names]) for k in keys]
+        for c in policies["content_profiles"]:
+            for r in c["rules"]:
+                r["conditions_text"] = "; ".join(f"{k} = {_setting(k, v)}" for k, v in r["conditions"].items())
+        for v in policies["recipient_verification"]:
+            for k in ("verify_positive_ttl", "verify_negative_ttl"):
+                v[k + "_text"] = _setting(k, v[k])
+        return self.render(request, "policies.html", who, p=policies, profile_names=names, profile_rows=rows,
+                           setting=_setting)
+
     async def users_page(self, request: Request, who: Who) -> Response:
         return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
+
+    async def users_add_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        password = str(form.get("password") or "")
+        if password != str(form.get("confirm") or ""):
+            raise Refused(400, "the two passwords differ; nothing changed")
+        result = await self._user_add(who, str(form.get("address") or ""), password or None)
+        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"add: {result['mailbox']}"}), 303)
+
+    async def alias_set_page(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        targets = str(form.get("targets") or "").replace(",", " ").split()
+        result = await self._alias_set(who, str(form.get("alias") or ""), targets)
+        return RedirectResponse("/users?" + urllib.parse.urlencode(
+            {"msg": f"alias: {result['alias']} -> {', '.join(result['targets'])}"}), 303)
+
+    async def alias_delete_page(self, request: Request, who: Who) -> Response:
+        address = request.path_params["address"]
+        form = await request.form()
+        if form.get("confirm") != "yes":
+            return self.render(request, "users_confirm.html", who, kind="alias", address=address,
+                               action=f"/users/alias/{urllib.parse.quote(address, safe='@')}/delete")
+        result = await self._alias_delete(who, address)
+        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"alias delete: {result['alias']}"}), 303)
 
     async def users_act(self, request: Request, who: Who) -> Response:
         form = await request.form()
         action = request.path_params["action"]
+        if action == "delete" and form.get("confirm") != "yes":
+            address = request.path_params["address"]
+            return self.render(request, "users_confirm.html", who, kind="mailbox", address=address,
+                               action=f"/users/{urllib.parse.quote(address, safe='@')}/delete")
         password = None
         if action == "password":
             password = str(form.get("password") or "")
@@ -828,6 +1120,22 @@ class ConsoleApp:
         limit = _int(p.get("limit"), None)
         return JSONResponse(await self._queue_list(p, offset, limit))
 
+    async def api_backup(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        ids, filters = body.get("ids") or [], body.get("filters")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise Refused(400, "ids is a list of queue ids")
+        if filters is not None and (not isinstance(filters, dict) or
+                                    not all(isinstance(v, str) for v in filters.values())):
+            raise Refused(400, "filters is an object of the queue list's filters (strings)")
+        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}))
+        return self._archive_response(path, result)
+
+    async def api_restore(self, request: Request, who: Who) -> Response:
+        hold = request.query_params.get("hold") in ("1", "true", "yes")
+        return JSONResponse(await self._restore(who, request.stream(), request.query_params.get("name") or "upload",
+                                                hold))
+
     async def api_message(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
         return JSONResponse(await self.call("show", {"id": qid, "lines": _int(request.query_params.get("lines"), 50)}))
@@ -849,6 +1157,11 @@ class ConsoleApp:
         p = request.query_params
         limit = min(_int(p.get("limit"), 1000) or 1000, 10_000)
         return JSONResponse(await self._events(p.get("grep"), _since(p.get("since") or "1d"), limit))
+
+    async def api_events_tail(self, request: Request, who: Who) -> Response:
+        p = request.query_params
+        after = p.get("after")
+        return JSONResponse(await self._tail(None if after in (None, "") else _int(after, 0), p.get("grep") or None))
 
     async def api_stats(self, request: Request, who: Who) -> Response:
         p = request.query_params
@@ -900,6 +1213,9 @@ class ConsoleApp:
     async def api_balancer(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._balancer())
 
+    async def api_policies(self, request: Request, who: Who) -> Response:
+        return JSONResponse(self._policies())
+
     async def api_users(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._users())
 
@@ -912,6 +1228,25 @@ class ConsoleApp:
                 raise Refused(400, "password is the new password as a string")
             password = body["password"]
         return JSONResponse(await self._user_act(who, request.path_params["address"], action, password))
+
+    async def api_user_add(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        address, password = body.get("address"), body.get("password")
+        if not isinstance(address, str) or not (password is None or isinstance(password, str)):
+            raise Refused(400, "address is the new mailbox; password (optional) its password, as strings")
+        return JSONResponse(await self._user_add(who, address, password))
+
+    async def api_alias_set(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        alias, targets = body.get("alias"), body.get("targets")
+        if not isinstance(alias, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise Refused(400, "alias is an address and targets a list of addresses")
+        return JSONResponse(await self._alias_set(who, alias, targets))
+
+    async def api_alias_delete(self, request: Request, who: Who) -> Response:
+        if request.path_params["action"] != "delete":
+            raise Refused(404, "no such action")
+        return JSONResponse(await self._alias_delete(who, request.path_params["address"]))
 
     async def api_dns(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._dns_last())
@@ -977,6 +1312,42 @@ def _int(text, default):
     if value < 0:
         raise Refused(400, f"{value} is negative")
     return value
+
+
+_SIZE_KEYS = {"max_message_size", "max_header_size", "size_over"}
+_DURATION_KEYS = {"greet_pause", "idle_timeout", "greylist_delay", "greylist_window", "greylist_remember",
+                  "verify_positive_ttl", "verify_negative_ttl"}
+
+
+def _setting(key: str, value) -> str:
+    """A config value as the Policies page shows it: sizes and durations as the config
+    writes them, yes/no, lists joined, tables as key = value."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in _SIZE_KEYS and isinstance(value, int | float):
+        return format_size(int(value)) if value else "0"
+    if key in _DURATION_KEYS and isinstance(value, int | float):
+        if value and value < 60 and not float(value).is_integer():
+            return f"{value:g}s"  # a pause of half a second is not "0s"
+        return format_duration(float(value)) if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | tuple):
+        return ", ".join(_setting(key, v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} = {_setting(k, v)}" for k, v in value.items())
+    return str(value)
+
+
+def _address(text: str) -> str:
+    """An address typed in a form or sent to the API, lower-cased and bounded (the Users
+    store checks it strictly)."""
+    text = text.strip().lower()
+    if len(text) > 320 or not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise Refused(400, f"{for_log(text[:80])!r} is not an address")
+    return text
 
 
 def _qid(text: str) -> str:

@@ -78,6 +78,11 @@ def openapi_document() -> dict:
                                                                     _q("since", "duration, default 1d"),
                                                                     _q("limit", "at most this many", "integer")],
                                       response=_LIST)},
+        "/api/v1/events/tail": {"get": _op("a live tail of the event log: the lines after line number `after`, "
+                                           "oldest first, and `next`, the number to ask after next time (without "
+                                           "`after`: no lines, and where a tail starts now)",
+                                           [_q("after", "the `next` of the previous answer", "integer"),
+                                            _q("grep", "lines containing this text")])},
         "/api/v1/stats": {"get": _op("message volume per hour or day, as `kanmon stats --json`",
                                      [{"name": "by", "in": "query", "required": False,
                                        "schema": {"type": "string", "enum": ["hour", "day"]}},
@@ -104,6 +109,9 @@ def openapi_document() -> dict:
         "/api/v1/balancer": {"get": _op("the balancer: `{status, problem, history}`; status is the document of "
                                         "`kanmon balance status --json` (virtual and real servers, health, the "
                                         "serving tier), history its event lines of 30 days")},
+        "/api/v1/policies": {"get": _op("the policies and profiles of the running config (read only): ip_policy, "
+                                        "recipient_policy, session_profiles (resolved), content_profiles with their "
+                                        "rules, recipient_verification per domain, dnsbl, dnsbl_allowlist")},
         "/api/v1/users": {"get": _op("mailboxes as `kanmon user list --json` with each domain's quota and the use "
                                      "of it, aliases, and the domains with their routing")},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "
@@ -113,14 +121,50 @@ def openapi_document() -> dict:
         "/api/v1/quarantine": {"get": _op("the quarantine", [_q(k, k) for k in ("kind", "from", "to", "reason", "older_than")])},
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }
+    tar = {"description": "the archive (the format of `kanmon queue backup`, docs/queue-backup.md); the header "
+                          "X-Kanmon-Count says how many messages it holds",
+           "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
+    backup = _op("admin only: download the messages of `ids`, else of `filters` (the query parameters of GET "
+                 "/api/v1/queue; none: the whole queue), as a queue backup archive; they stay queued here",
+                 write=True, response=tar, body={"type": "object", "properties": {
+                     "ids": {"type": "array", "items": {"type": "string"}, "description": "queue ids"},
+                     "filters": {"type": "object", "additionalProperties": {"type": "string"},
+                                 "description": "state, from, to, domain, older_than, reason, ..."}}})
+    paths["/api/v1/queue/backup"] = {"post": backup}
+    restore = _op("admin only: restore a queue backup archive (the body, as uploaded), as `kanmon queue restore`: "
+                  "verified whole first; a message already here, or restored here before, is skipped. Answers "
+                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command}`; 413 past "
+                  "[console] max_upload",
+                  [_q("hold", "true: restore on hold", "boolean"), _q("name", "the archive's name for the audit log")],
+                  write=True)
+    restore["requestBody"] = {"required": True, "description": "the archive file as it is (any content type)",
+                              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    restore["responses"]["413"] = _ERROR
+    paths["/api/v1/queue/restore"] = {"post": restore}
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
+    paths["/api/v1/users/mailboxes"] = {"post": _op(
+        "admin only: add a mailbox to the users file (`kanmon user add`); without a password it cannot log in "
+        "until one is set", write=True, body={"type": "object", "required": ["address"], "properties": {
+            "address": {"type": "string", "description": "the new mailbox, in a local domain"},
+            "password": {"type": ["string", "null"], "description": "its password (optional)"}}})}
+    paths["/api/v1/users/aliases"] = {"post": _op(
+        "admin only: define or replace an alias of the users file (`kanmon user alias ADDRESS TARGETS`)",
+        write=True, body={"type": "object", "required": ["alias", "targets"], "properties": {
+            "alias": {"type": "string", "description": "the alias address, in a local domain"},
+            "targets": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                        "description": "where its mail goes (full addresses)"}}})}
+    paths["/api/v1/users/aliases/{address}/delete"] = {"post": _op(
+        "admin only: remove an alias of the users file (`kanmon user alias ADDRESS --delete`)",
+        [{"name": "address", "in": "path", "required": True, "schema": {"type": "string"}, "description": "an alias"}],
+        write=True)}
     paths["/api/v1/users/{address}/{action}"] = {"post": _op(
-        "admin only: lock or unlock a mailbox's logins (mail is still delivered), or set its password "
-        "(`kanmon user lock|unlock|passwd`)",
+        "admin only: lock or unlock a mailbox's logins (mail is still delivered), set its password, or remove "
+        "it from the users file (its Maildir stays) (`kanmon user lock|unlock|passwd|del`)",
         [{"name": "address", "in": "path", "required": True, "schema": {"type": "string"}, "description": "a mailbox"},
          {"name": "action", "in": "path", "required": True, "schema": {"type": "string",
-                                                                        "enum": ["lock", "unlock", "password"]}}],
+                                                                        "enum": ["lock", "unlock", "password",
+                                                                                 "delete"]}}],
         write=True, body={"type": "object", "properties": {
             "password": {"type": "string", "description": "the new password (action password only)"}}})}
     for action in ("release", "delete"):

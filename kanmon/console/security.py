@@ -9,7 +9,9 @@ replayed from elsewhere is refused), and the account still exists with the same
 password (a password change or removal ends every session at once). The CSRF token of a
 session is an HMAC of its session id, so it needs no storage and changes at each login.
 
-Trusts: nothing in a cookie or a form until its MAC is checked (constant-time compare).
+Trusts: nothing in a cookie or a form until its MAC is checked (constant-time compare);
+nothing in the revocation file (a strict decoder: a damaged file is moved aside and every
+session made before that moment is refused, never accepted again).
 Never: put a password or a hash in a cookie, or accept an unsigned or expired session.
 """
 
@@ -21,6 +23,8 @@ import hmac
 import json
 import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,3 +124,114 @@ class Sessions:
 
     def csrf_ok(self, s: Session, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token).encode(), self.csrf_token(s).encode())
+
+
+REVOKED_FILE = "revoked.json"
+REVOKED_FORMAT = "kanmon-console-revoked 1"
+MAX_REVOKED = 100_000  # logouts within one session lifetime; the oldest go first beyond it
+MAX_REVOKED_FILE = 16 * 1024 * 1024
+
+
+class Revocations:
+    """Logged-out session ids, each kept until the session would have expired anyway.
+
+    The file is read at start and again whenever its stat changes (another console of
+    the node, after a reload, may have written it); it is written whole (temp file,
+    fsync, rename) at each logout. `not_before`: sessions that logged in earlier are
+    refused (set when a damaged file had to be moved aside: what it held is unknown).
+    """
+
+    def __init__(self, data_dir: Path | str, warn: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.dir = Path(data_dir) / "console"
+        self.path = self.dir / REVOKED_FILE
+        self.warn = warn or (lambda text: None)
+        self.clock = clock
+        self.revoked: dict[str, float] = {}
+        self.not_before = 0.0
+        self._stat: tuple | None = None
+        self._load()
+
+    def _file_stat(self) -> tuple | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> None:
+        stat = self._file_stat()
+        if stat == self._stat:
+            return
+        if stat is None:
+            self.revoked, self._stat = {}, None
+            return
+        try:
+            raw = self.path.read_bytes()
+            self.not_before, self.revoked = decode_revoked(raw)
+            self._stat = stat
+        except ValueError as e:
+            now = self.clock()
+            aside = self.path.with_name(f"{REVOKED_FILE}.bad-{int(now)}")
+            os.replace(self.path, aside)
+            self.warn(f"console: {self.path} is damaged ({e}); moved to {aside.name}: every session made "
+                      "before now is refused")
+            self.not_before, self.revoked = now, {}
+            self._write()
+
+    def is_revoked(self, sid: str, login: float) -> bool:
+        self._load()
+        return login < self.not_before or sid in self.revoked
+
+    def revoke(self, sid: str, until: float) -> None:
+        self._load()
+        now = self.clock()
+        kept = {k: v for k, v in self.revoked.items() if v > now}
+        kept[sid] = until
+        if len(kept) > MAX_REVOKED:
+            kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_REVOKED:])
+        self.revoked = kept
+        self._write()
+
+    def _write(self) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        body = json.dumps({"format": REVOKED_FORMAT, "not_before": self.not_before, "revoked": self.revoked},
+                          separators=(",", ":")).encode()
+        tmp = self.path.with_name(f".{REVOKED_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)  # the rename is durable: a logout holds after a crash
+        finally:
+            os.close(dfd)
+        self._stat = self._file_stat()
+
+
+def decode_revoked(raw: bytes) -> tuple[float, dict[str, float]]:
+    """Strict decoder of revoked.json: (not_before, {session id: until})."""
+    if len(raw) > MAX_REVOKED_FILE:
+        raise ValueError(f"larger than {MAX_REVOKED_FILE} bytes")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict) or set(doc) != {"format", "not_before", "revoked"} or doc["format"] != REVOKED_FORMAT:
+        raise ValueError(f'expected {{"format": "{REVOKED_FORMAT}", "not_before": ..., "revoked": {{...}}}}')
+    nb, revoked = doc["not_before"], doc["revoked"]
+    if isinstance(nb, bool) or not isinstance(nb, int | float) or not isinstance(revoked, dict):
+        raise ValueError("not_before is a number and revoked an object")
+    out: dict[str, float] = {}
+    for sid, until in revoked.items():
+        if not (0 < len(sid) <= 64) or isinstance(until, bool) or not isinstance(until, int | float):
+            raise ValueError(f"bad entry {sid[:64]!r}")
+        out[sid] = float(until)
+    return float(nb), out

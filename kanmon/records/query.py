@@ -105,6 +105,31 @@ def search_events(
     return _newest(data_dir, "SELECT ts, queue_id, kind, text, detail FROM events", where, args, limit, _event_row)
 
 
+def tail_events(data_dir: Path, after: int | None, *, grep: str | None = None,
+                limit: int = 200) -> tuple[int, list[EventRow]]:
+    """The event lines written after the line numbered `after` (oldest first, at most
+    `limit`), and the number to ask after next time: a live tail. With `after` None, no
+    lines and the newest line's number (where a tail starts)."""
+    db = _connect(data_dir)
+    if db is None:
+        return (after or 0), []
+    try:
+        newest = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        if after is None or newest <= after:
+            return (newest if after is None else after), []
+        detail = "detail" if "detail" in {r[1] for r in db.execute("PRAGMA table_info(events)")} else "NULL"
+        where, args = ["id > ?", "id <= ?"], [after, newest]
+        if grep:
+            where.append("(instr(lower(text), lower(?)) > 0 OR instr(lower(coalesce(queue_id, '')), lower(?)) > 0)")
+            args += [grep, grep]
+        found = db.execute(f"SELECT id, ts, queue_id, kind, text, {detail} FROM events WHERE {' AND '.join(where)}"
+                           " ORDER BY id LIMIT ?", [*args, limit]).fetchall()
+    finally:
+        db.close()
+    cursor = found[-1][0] if len(found) == limit else newest  # more to come: go on from the last one read
+    return cursor, [_event_row(*r[1:]) for r in found]
+
+
 def search_history(
     data_dir: Path, *, since: float | None = None, mail_from: str | None = None, rcpt: str | None = None,
     subject: str | None = None, queue_id: str | None = None, limit: int = 10_000,

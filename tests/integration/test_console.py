@@ -118,6 +118,10 @@ def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None
         path = path.replace("{qid}", "0123456789ABCDE").replace("{action}", "hold")
         paths += [(m, path) for m in methods if m != "HEAD"]
     assert len(paths) > 25
+    crawled = {path for _m, path in paths}
+    assert {"/users/add", "/users/alias", "/policies", "/events/tail", "/queue/backup", "/queue/restore",
+            "/api/v1/policies", "/api/v1/events/tail", "/api/v1/users/mailboxes", "/api/v1/users/aliases",
+            "/api/v1/queue/backup", "/api/v1/queue/restore"} <= crawled
     with httpx.Client(base_url=console.console_url, timeout=30) as c:
         for method, path in paths:
             r = c.request(method, path)
@@ -350,7 +354,9 @@ def test_console_over_tls_with_the_node_certificate_marks_the_cookie_secure(tmp_
 def test_a_reload_keeps_the_console_and_its_sessions_and_can_turn_it_off(console) -> None:
     import asyncio
 
-    c = login(console, "alice", "alice-pw")
+    # A connection per request: a kept-alive one belongs to the console the reload retires,
+    # which may close it between two requests (a browser retries then; httpx does not).
+    c = login(console, "alice", "alice-pw", limits=httpx.Limits(max_keepalive_connections=0))
     assert c.get("/api/v1/me").status_code == 200
     old = console.node.config
     longer = old.model_copy(update={"console": old.console.model_copy(update={"session_timeout": 3600.0})})

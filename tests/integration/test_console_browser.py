@@ -1,7 +1,10 @@
 """The console in a real browser: Debian's chromium driven by Playwright against a real
 node. Log in, see the dashboard chart, hold and release a deferred message, press Test
 on the alert page and see the alert delivered to a mailbox, and an auditor who sees no
-write button and gets 403 from the API. No page may break the Content-Security-Policy.
+write button and gets 403 from the API; add a mailbox and an alias on the Users page, see
+the Policies page, watch a new line arrive in the event log's live tail, download a queue
+backup of a checked message and restore it by upload. No page may break the
+Content-Security-Policy.
 
 Skips (with the reason) where the playwright package or /usr/bin/chromium is missing;
 .ci/run installs chromium.
@@ -136,5 +139,68 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     r = page.request.post(f"/api/v1/queue/{qid}/delete", headers={"X-CSRF-Token": token})
     assert r.status == 403
     assert node.node.admin.ops.list({})["count"] == 1
+    context.close()
+    assert violations == []
+
+
+def test_users_policies_live_tail_and_queue_backup_in_chromium(browser, node, tmp_path: Path) -> None:
+    import httpx
+
+    from kanmon.store.users import Users
+
+    violations: list[str] = []
+    qid = send_deferred(node)
+    context, page = open_page(browser, node, violations)
+    log_in(page, "alice", "alice-pw")
+
+    # Add a mailbox on the Users page; it is there for `kanmon user` too.
+    page.goto("/users")
+    page.fill("#add-mailbox input[name=address]", "carol@example.test")
+    page.fill("#add-mailbox input[name=password]", "carol-pw")
+    page.fill("#add-mailbox input[name=confirm]", "carol-pw")
+    page.click("#add-mailbox button.act-add")
+    page.wait_for_selector("[id='mailbox-carol@example.test']")
+    assert Users(node.node.config).verify("carol@example.test", "carol-pw")
+    page.fill("#add-alias input[name=alias]", "sales@example.test")
+    page.fill("#add-alias input[name=targets]", "carol@example.test, alice@example.test")
+    page.click("#add-alias button.act-alias")
+    page.wait_for_selector("[id='alias-sales@example.test']")
+    shot(page, "users")
+
+    # The Policies page: the running profiles side by side.
+    page.goto("/policies")
+    page.wait_for_selector("#session-profiles th#profile-default")
+    assert page.locator("#edit-config").get_attribute("href") == "/config"
+    shot(page, "policies")
+
+    # The live tail: a line written after the page opened appears at the top.
+    page.goto("/events?tail=1")
+    page.wait_for_selector("#tail-on")
+    with httpx.Client(base_url=node.console_url, timeout=30) as other:
+        form = other.get("/login").text
+        token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+        other.post("/login", data={"username": "<b>mallory</b>", "password": "x", "csrf": token})
+    node.flush()
+    row = page.wait_for_selector("tbody.tail-new tr:has-text('login failed for <b>mallory</b>')")
+    assert "<b>mallory</b>" in row.inner_text()  # shown as text, never as markup
+    shot(page, "events-tail")
+
+    # Backup of the checked message from the queue page, then its restore by upload.
+    page.goto("/queue")
+    page.check(f"input[name=id][value='{qid}']")
+    with page.expect_download() as download:
+        page.click("button.act-backup")
+    archive = tmp_path / "backup.tar"
+    download.value.save_as(archive)
+    assert archive.read_bytes()[:512].find(b"kanmon-backup.json") == 0
+    node.node.admin.ops.act("delete", {"ids": [qid], "state": "all"}, source="test")
+    page.goto("/queue/backup")
+    page.set_input_files("#restore-form input[name=archive]", str(archive))
+    page.check("#restore-form input[name=hold]")
+    page.click("#restore-form button.act-restore")
+    page.wait_for_selector("#restore-restored:text('1')")  # htmx put the result under the form
+    assert page.locator("#restore-progress").get_attribute("hidden") is None  # the progress bar was shown
+    assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == qid
+    shot(page, "restore")
     context.close()
     assert violations == []

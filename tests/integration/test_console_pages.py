@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kanmon.admin.accounts import AdminAccounts
@@ -214,7 +215,9 @@ def test_config_page_is_for_admins_only(config_node) -> None:
 def test_config_check_diff_apply_and_history(config_node) -> None:
     path = config_node.config_path
     original = path.read_text()
-    c = login(config_node, "alice", "alice-pw")
+    # A connection per request: the apply reloads, and a kept-alive connection belongs to
+    # the console the reload retires, which may close it between two requests.
+    c = login(config_node, "alice", "alice-pw", limits=httpx.Limits(max_keepalive_connections=0))
     page = c.get("/config").text
     assert str(path) in page and 'retry = &#34;5m..1h&#34;' in page and 'id="differs"' not in page
     token, base = form_value(page, "csrf"), form_value(page, "base")
