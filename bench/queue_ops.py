@@ -29,6 +29,7 @@ Prints figures; asserts nothing. Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import subprocess
@@ -65,33 +66,44 @@ suspend_delivery = true
 
 
 def build(data_dir: Path, n: int, now: float) -> None:
+    """N deferred messages written straight into spool/queue/ and spool/state/ (the queue
+    file and journal formats of kanmon.spool.store and kanmon.spool.journal, no fsync: a
+    bench, not a node), ~1,000 files a second faster than through the Spool API."""
     rng = random.Random(4)
     spool = Spool(data_dir, fsync=False)
+    spool.close()
+    queue_dir, state_dir = str(spool.queue), str(spool.state_dir)
     body = (b"Subject: bench\r\nFrom: sender@example.test\r\n\r\n" + b"x" * 76 + b"\r\n") * 20
     replies = ["451 4.4.1 Connection refused by 192.0.2.{}", "450 4.1.1 <u{}@x>: Recipient address rejected: User unknown",
                "421 4.7.0 Try again later ({})"]
+    client = ClientInfo(ip="127.0.0.1", helo="pc", proto="ESMTP")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     t0 = time.monotonic()
-    batch = []
+    seen: set[str] = set()
     for i in range(n):
         arrived = now - rng.uniform(0, 5 * 86400)
         qid = new_queue_id(arrived)
+        while qid in seen:
+            qid = new_queue_id(arrived)
+        seen.add(qid)
         env = Envelope(
             mail_from=f"user{rng.randrange(500)}@example.test",
             rcpts=[f"r{i}@d{rng.randrange(20)}.example"] + ([f"c{i}@d{rng.randrange(20)}.example"] if i % 5 == 0 else []),
-            client=ClientInfo(ip="127.0.0.1", helo="pc", proto="ESMTP"), received_at=arrived,
+            client=client, received_at=arrived,
         )
-        batch.append((spool.incoming / qid, spool.queue / qid, encode_queue_file(env, body)))
         reply = rng.choice(replies).format(rng.randrange(250))
-        spool.append_state(qid, [
+        state = journal.encode([
             *(journal.Result(arrived + 60, r, "deferred", reply, "", "esmtp", "") for r in env.rcpts),
             journal.Attempt(arrived + 60, 1, now + rng.uniform(0, 3600)),
         ])
-        if len(batch) == 1000:
-            spool.committer.commit_blocking(batch)
-            batch = []
-    if batch:
-        spool.committer.commit_blocking(batch)
-    spool.close()
+        for path, data in ((f"{queue_dir}/{qid}", encode_queue_file(env, body)), (f"{state_dir}/{qid}", state)):
+            fd = os.open(path, flags, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        if i and i % 100_000 == 0:
+            print(f"    {i:,} written ({time.monotonic() - t0:.0f} s)", flush=True)
     print(f"built {n:,} deferred messages in {time.monotonic() - t0:.1f} s ({data_dir})", flush=True)
 
 

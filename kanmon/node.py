@@ -65,7 +65,7 @@ from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.spool.store import CORRUPT_EVENT, Spool
+from kanmon.spool.store import CORRUPT_EVENT, Spool, SpoolEntry
 from kanmon.clusterconfig import ClusterWatch
 from kanmon.state.backends import open_state
 from kanmon import sdnotify
@@ -438,19 +438,28 @@ class Node:
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
-        entries, corrupt, removed = self.spool.recover()
+        # The admin's queue walks (list, summary, filtered actions) read memory from now on.
+        index = self.spool.keep_index()
+        refused: list[tuple[str, int]] = []
+        queue = self.queue
+
+        def recovered(e: SpoolEntry) -> None:
+            # Each entry goes to the schedule and the index, then is let go: a million
+            # deferred messages are never all in memory as whole envelopes and journals.
+            if e.state.refused:
+                refused.append((e.queue_id, e.state.refused))
+            queue.load_recovered((e,))
+            index.add(e.queue_id, e.envelope, e.size, e.state)
+
+        count, corrupt, removed = self.spool.recover_each(recovered)
         for qid, why in corrupt:
             self.records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         if removed:
             self.records.record(Recovery(removed=removed))
-        for e in entries:
-            if e.state.refused:  # a torn last line after a crash, or damage: skipped
-                self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
-                                  e.queue_id, "error")  # damaged stored state: alerted like an error
-        self.queue.load_recovered(entries)
-        # The admin's queue walks (list, summary, filtered actions) read memory from now on.
-        self.spool.keep_index(entries)
-        self.records.record(Recovery(len(entries), len(corrupt)))
+        for qid, n in refused:  # a torn last line after a crash, or damage: skipped
+            self.records.emit(f"recovery: warning: {n} journal line(s) refused and skipped",
+                              qid, "error")  # damaged stored state: alerted like an error
+        self.records.record(Recovery(count, len(corrupt)))
 
     async def run(self) -> None:
         """Start everything, then wait until cancelled; stop in order."""
