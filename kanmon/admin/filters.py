@@ -194,10 +194,9 @@ class Filters:
             return False
         if self._to is None and self._domain is None and self._reason is None:
             return True
-        pending = entry.pending_rcpts()
-        if self._to is not None and not any(self._to.search(r) for r in pending):
+        if self._domain is not None and not entry.pending_in(self._domain):
             return False
-        if self._domain is not None and not any(domain_of(r) == self._domain for r in pending):
+        if self._to is not None and not any(self._to.search(r) for r in entry.pending_rcpts()):
             return False
         if self._reason is not None and not any(self._reason.search(r) for r in entry.pending_replies()):
             return False

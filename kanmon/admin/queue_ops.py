@@ -80,6 +80,27 @@ JOURNALED = {
 _REPLY_RE = re.compile(r"^([2-5]\d\d)(?: ([2-5]\.\d{1,3}\.\d{1,3}))? ?(.*)$", re.S)
 
 
+class _Corrupt:
+    """A corrupt entry's row among the matches of list() (sorted as arrival 0)."""
+
+    __slots__ = ("row", "queue_id", "received_at")
+
+    def __init__(self, row: dict):
+        self.row, self.queue_id, self.received_at = row, row["id"], 0.0
+
+
+def _by_id(e) -> str:
+    return e.queue_id
+
+
+def _by_arrival(e) -> float:
+    return e.received_at or 0.0
+
+
+def _arrival_order(e) -> tuple[float, str]:
+    return (e.received_at or 0.0, e.queue_id)
+
+
 class ManagerLink(Protocol):
     """What an operation may ask of the queue manager (kanmon.admin.service.NodeLink)."""
 
@@ -229,10 +250,17 @@ class QueueOps:
         now = self.link.now()
         active = self.link.active_ids()
         if self.spool.index is not None and not filters.ids:
+            # The hot loop of a walk of a million: only the checks the filters ask for.
+            want, criteria, content = filters.state, filters.has_criteria, filters.needs_content
             for e in self.spool.index_walk():
                 state = "hold" if e.hold else "active" if e.queue_id in active else "deferred"
-                if filters.match_indexed(e, state, now) and self._match_content(filters, e.queue_id):
-                    yield e, state
+                if want != "all" and want != state:
+                    continue
+                if criteria and not filters.match_indexed(e, state, now):
+                    continue
+                if content and not self._match_content(filters, e.queue_id):
+                    continue
+                yield e, state
             return
         if filters.ids:
             entries = (self._load(q) for q in dict.fromkeys(filters.ids))
@@ -277,19 +305,21 @@ class QueueOps:
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         if offset < 0 or (limit is not None and limit < 0):
             raise ValueError("offset and limit are not negative")
-        matches: list[tuple] = [(e.received_at or 0, e.queue_id, n, e, s) for n, (e, s) in enumerate(self.select(f))]
+        # The matches themselves (no tuple per match: a walk of 100,000 would leave as many
+        # objects for the cyclic GC to look at); their state again for the page's rows only.
+        active = self.link.active_ids()
+        matches: list = [e for e, _s in self.select(f)]
         if f.state == "corrupt" or (f.state == "all" and not f.has_criteria):
-            # no envelope to filter on: only by id
-            base = len(matches)
-            matches.extend((0, r["id"], base + n, None, r) for n, r in enumerate(self._corrupt_rows(f)))
+            matches.extend(_Corrupt(r) for r in self._corrupt_rows(f))  # no envelope to filter on: only by id
         count = len(matches)
         end = count if limit is None else offset + limit
         if end < count // 8:
-            page = heapq.nsmallest(end, matches)[offset:]  # an early page: no full sort
+            page = heapq.nsmallest(end, matches, key=_arrival_order)[offset:]  # an early page: no full sort
         else:
-            matches.sort()
+            matches.sort(key=_by_id)  # by (arrival, id): two stable sorts on keys the GC does not track
+            matches.sort(key=_by_arrival)
             page = matches[offset:end]
-        rows = [self.row(e, s) if e is not None else s for _a, _q, _n, e, s in page]
+        rows = [e.row if type(e) is _Corrupt else self.row(e, self._state_of(e, active)) for e in page]
         return {"items": rows, "count": count, "now": self.link.now()}
 
     def _corrupt_rows(self, f: Filters) -> list[dict]:
@@ -458,16 +488,41 @@ class QueueOps:
         total = [0] * (len(BUCKETS) + 1)  # messages (a row counts each message once per domain)
         states: Counter[str] = Counter()
         only = {f.domain.lower().rstrip(".")} if f.domain else None
-        for state, received_at, domains, sender in self._shapes(f):
+        if self.spool.index is not None and not f.ids and not f.has_criteria and f.state != "corrupt":
+            # The whole queue of a running node (a state at most): the index's entries
+            # keep their domains ready; one pass, no entry built.
+            active = self.link.active_ids()
+            want = f.state
+            for e in self.spool.index_walk():
+                state = "hold" if e.hold else "active" if e.queue_id in active else "deferred"
+                if want != "all" and want != state:
+                    continue
+                states[state] += 1
+                col = bisect.bisect_left(BUCKETS, max(0.0, now - (e.received_at or now)) / 60)
+                total[col] += 1
+                if by == "sender":
+                    rows[e.sender_domain()][col] += 1
+                elif type(e.pending_domains) is str:
+                    rows[e.pending_domains][col] += 1
+                else:
+                    for k in e.pending_domains:
+                        rows[k][col] += 1
+            return self._summary_result(by, rows, total, states)
+        for entry, state in self.select(f):
             states[state] += 1
-            age_min = max(0.0, now - (received_at or now)) / 60
+            age_min = max(0.0, now - (entry.received_at or now)) / 60
             col = bisect.bisect_left(BUCKETS, age_min)  # the first bucket it fits in; past the last: 1280m+
             total[col] += 1
             if by == "sender":
-                rows[sender][col] += 1
+                rows[domain_of(entry.mail_from) if entry.mail_from else "<>"][col] += 1
                 continue
+            domains = {r[r.rfind("@") + 1:].lower() for r in entry.pending_rcpts()}  # domain_of, inlined
             for k in (domains & only if only is not None else domains):
                 rows[k][col] += 1
+        return self._summary_result(by, rows, total, states)
+
+    @staticmethod
+    def _summary_result(by: str, rows: dict[str, list[int]], total: list[int], states: Counter[str]) -> dict:
         ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
         return {
             "by": by, "buckets": [f"{b}m" for b in BUCKETS] + [f"{BUCKETS[-1]}m+"],
@@ -475,13 +530,6 @@ class QueueOps:
             "rows": [{"key": k, "count": sum(v), "counts": v} for k, v in ordered],
             "states": dict(states),
         }
-
-    def _shapes(self, f: Filters) -> Iterator[tuple[str, float, frozenset[str] | set[str], str]]:
-        """(state, arrival, domains of the pending recipients, sender domain) of each
-        message the filters match."""
-        for entry, state in self.select(f):
-            yield (state, entry.received_at, {domain_of(r) for r in entry.pending_rcpts()},
-                   domain_of(entry.mail_from) if entry.mail_from else "<>")
 
     # -- backup and restore -----------------------------------------------------------------
 

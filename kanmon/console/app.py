@@ -604,6 +604,7 @@ class ConsoleApp:
                            filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=params.get("msg", ""),
                            prev_url=page_url(max(0, offset - limit)) if offset > 0 else None,
                            next_url=page_url(offset + limit) if offset + limit < result["count"] else None,
+                           pages=page_links(offset, limit, result["count"], page_url),
                            filter_query=urllib.parse.urlencode(keep), bulk_actions=BULK_ACTIONS)
 
     async def message_page(self, request: Request, who: Who) -> Response:
@@ -960,6 +961,21 @@ def _html(text: str) -> str:
     from html import escape  # noqa: PLC0415
 
     return escape(text)
+
+
+def page_links(offset: int, limit: int, count: int, url, around: int = 3) -> dict:
+    """The queue page's paging: page n of total, and links to the first and last pages and
+    to those within `around` of this one (None between them: a gap shown as an ellipsis).
+    Only the rows of one page are ever asked of the node (offset/limit)."""
+    total = max(1, -(-count // limit)) if limit > 0 else 1
+    current = min(offset // limit + 1, total) if limit > 0 else 1
+    shown = sorted({1, total, *range(max(1, current - around), min(total, current + around) + 1)})
+    links: list[dict | None] = []
+    for n in shown:
+        if links and links[-1] is not None and n > links[-1]["n"] + 1:
+            links.append(None)
+        links.append({"n": n, "url": url((n - 1) * limit), "current": n == current})
+    return {"current": current, "total": total, "links": links}
 
 
 def _int(text, default):

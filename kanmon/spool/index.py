@@ -64,10 +64,10 @@ class Entry:
     each attempt got the reply the last one got)."""
 
     __slots__ = ("queue_id", "received_at", "size", "mail_from", "rcpts", "done", "last", "replies",
-                 "attempts", "next_attempt", "hold")
+                 "attempts", "next_attempt", "hold", "pending_domains")
 
     def __init__(self, queue_id, received_at, size, mail_from, rcpts, done, last, replies, attempts,
-                 next_attempt, hold):
+                 next_attempt, hold, pending_domains):
         self.queue_id = queue_id
         self.received_at = received_at
         self.size = size
@@ -79,6 +79,9 @@ class Entry:
         self.attempts = attempts
         self.next_attempt = next_attempt
         self.hold = hold
+        # what `queue summary` counts: the pending recipients' domains, ready (shared
+        # texts: a str for one domain, a tuple for several or none)
+        self.pending_domains = pending_domains
 
     def all_rcpts(self) -> tuple[str, ...]:
         r = self.rcpts
@@ -114,9 +117,15 @@ class Entry:
                 best, at = last[i + 2], last[i + 1]
         return best, max(at, 0.0)
 
-    def domains(self) -> set[str]:
+    def domains(self) -> frozenset[str]:
         """The domains of the pending recipients (what `queue summary` counts)."""
-        return {_domain(r) for r in self.pending_rcpts()}
+        d = self.pending_domains
+        return frozenset((d,) if type(d) is str else d)
+
+    def pending_in(self, domain: str) -> bool:
+        """A pending recipient is in this domain (lower case)."""
+        d = self.pending_domains
+        return d == domain if type(d) is str else domain in d
 
     def sender_domain(self) -> str:
         return _domain(self.mail_from) if self.mail_from else "<>"
@@ -153,7 +162,15 @@ class QueueIndex:
         replies = tuple(self._shared(x) for pair in pairs for x in pair)
         return Entry(queue_id, envelope.received_at, size, self._shared(envelope.mail_from),
                      rcpts[0] if len(rcpts) == 1 else tuple(rcpts), done, tuple(last), _unless_last(replies, last),
-                     state.attempts, state.next_attempt, state.hold)
+                     state.attempts, state.next_attempt, state.hold, self._domains(rcpts, done))
+
+    def _domains(self, rcpts, done) -> str | tuple[str, ...]:
+        if type(rcpts) is str:
+            rcpts = (rcpts,)
+        found = {_domain(r) for r in rcpts if done is None or r not in done}
+        if len(found) == 1:
+            return self._shared(found.pop())
+        return tuple(sorted(self._shared(d) for d in found))
 
     def _applied(self, e: Entry, records: Iterable[journal.Record]) -> Entry:
         """The entry after these journal records, as QueueState.apply adds them up."""
@@ -185,7 +202,8 @@ class QueueIndex:
             elif isinstance(rec, journal.Schedule):
                 next_attempt = rec.next
         return Entry(e.queue_id, e.received_at, e.size, e.mail_from, e.rcpts, done, tuple(last),
-                     _unless_last(tuple(replies), last), attempts, next_attempt, hold)
+                     _unless_last(tuple(replies), last), attempts, next_attempt, hold,
+                     e.pending_domains if done is e.done else self._domains(e.rcpts, done))
 
     def _sweep_pool(self) -> None:
         """Forget pooled texts no entry holds any more (only the pool's key and value

@@ -222,6 +222,10 @@ class SpoolEntry:
     def hold(self) -> bool:
         return self.state.hold
 
+    def pending_in(self, domain: str) -> bool:
+        """A pending recipient is in this domain (lower case)."""
+        return any(r.rpartition("@")[2].lower() == domain for r in self.pending_rcpts())
+
     def pending_replies(self) -> list[str]:
         """Every reply the journal recorded for a recipient still pending, oldest first."""
         pending = set(self.pending_rcpts())
@@ -520,13 +524,19 @@ class Spool:
         alone; returns their ids."""
         gone: list[str] = []
         fds: list[int] = []
+        # String paths, and the lines of a records list encoded once for every message it
+        # goes to (a bulk hold of 100,000 gives each the same list).
+        queue_dir, state_dir = os.fspath(self.queue), os.fspath(self.state_dir)
+        encoded: dict[int, bytes] = {}
         try:
             for queue_id, records in batch:
-                if not self.exists(queue_id):
+                if not os.path.isfile(f"{queue_dir}/{queue_id}"):
                     gone.append(queue_id)
                     continue
-                data = journal.encode(records)
-                fd = os.open(self.state_dir / queue_id, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                data = encoded.get(id(records))
+                if data is None:
+                    data = encoded[id(records)] = journal.encode(records)
+                fd = os.open(f"{state_dir}/{queue_id}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 fds.append(fd)
                 os.write(fd, data)
             if self.fsync:
@@ -535,8 +545,9 @@ class Spool:
             for fd in fds:
                 os.close(fd)
         if self.index is not None:
+            left = set(gone)
             for queue_id, records in batch:
-                if queue_id not in gone:
+                if queue_id not in left:
                     self.index.apply(queue_id, records)
         return gone
 
