@@ -110,6 +110,7 @@ class Filters:
         self._to = _pattern(m.to) if m.to else None
         self._domain = m.domain.lower().strip().rstrip(".") if m.domain else None
         self._reason = re.compile(m.reason, re.I) if m.reason else None
+        self._reason_seen: dict[str, bool] = {}
         self._subject = re.compile(m.subject, re.I) if m.subject else None
         self._header = re.compile(m.header, re.I) if m.header else None
         self._body = re.compile(m.body, re.I) if m.body else None
@@ -198,9 +199,20 @@ class Filters:
             return False
         if self._to is not None and not any(self._to.search(r) for r in entry.pending_rcpts()):
             return False
-        if self._reason is not None and not any(self._reason.search(r) for r in entry.pending_replies()):
+        if self._reason is not None and not any(self._reason_in(r) for r in entry.pending_replies()):
             return False
         return True
+
+    def _reason_in(self, reply: str) -> bool:
+        """The reason regex on one reply text, once per distinct text in a walk (a stuck
+        destination gives thousands of messages the same few replies)."""
+        seen = self._reason_seen
+        hit = seen.get(reply)
+        if hit is None:
+            if len(seen) >= 100_000:  # bounded, for a Filters kept across walks
+                seen.clear()
+            hit = seen[reply] = self._reason.search(reply) is not None
+        return hit
 
     def match_indexed(self, entry: Entry, state: str, now: float) -> bool:
         """match_envelope() and match_entry() on an index entry. Its recipients checked
