@@ -74,16 +74,17 @@ class QueueSnapshot:
 
 
 def _states(spool):
-    """(queue id, journal state) of every queued message."""
+    """(queue id, held, tried: attempts or a deferral recorded) of every queued message."""
     if getattr(spool, "index", None) is not None:
-        for qid, _env, _size, state in spool.index_entries():
-            yield qid, state
+        for e in spool.index_walk():
+            yield e.queue_id, e.hold, bool(e.attempts or e.last)
         return
     for qid in spool.queue_ids():
         try:
-            yield qid, spool.read_state(qid)
+            state = spool.read_state(qid)
         except OSError:
             continue
+        yield qid, state.hold, bool(state.attempts or state.last)
 
 
 def queue_snapshot(spool) -> QueueSnapshot:
@@ -93,10 +94,10 @@ def queue_snapshot(spool) -> QueueSnapshot:
     Age comes from the queue id (no file is opened for it). A running node's spool keeps
     an index (kanmon.spool.index): the journals are read from memory, not from state/."""
     snap = QueueSnapshot()
-    for qid, state in _states(spool):
-        if state.hold:
+    for qid, hold, tried in _states(spool):
+        if hold:
             snap.counts["hold"] += 1
-        elif state.attempts or state.last:
+        elif tried:
             snap.counts["deferred"] += 1
         else:
             snap.counts["new"] += 1
@@ -108,7 +109,7 @@ def queue_snapshot(spool) -> QueueSnapshot:
                 continue
         if snap.oldest is None or at < snap.oldest:
             snap.oldest, snap.oldest_id = at, qid
-        if state.hold:
+        if hold:
             if snap.oldest_held is None or at < snap.oldest_held:
                 snap.oldest_held = at
         elif snap.oldest_waiting is None or at < snap.oldest_waiting:

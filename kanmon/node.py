@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import ssl
@@ -65,13 +66,15 @@ from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.spool.store import CORRUPT_EVENT, Spool
+from kanmon.spool.store import CORRUPT_EVENT, Spool, SpoolEntry
 from kanmon.clusterconfig import ClusterWatch, starting_config
 from kanmon.state.backends import open_state
 from kanmon import sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
+
+FREEZE_AFTER = 10_000  # queued messages recovered at start from which gc.freeze() is worth it
 
 
 def read_config(source: str | None) -> tuple[Config, str | None]:
@@ -441,19 +444,33 @@ class Node:
 
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
-        entries, corrupt, removed = self.spool.recover()
+        # The admin's queue walks (list, summary, filtered actions) read memory from now on.
+        index = self.spool.keep_index()
+        refused: list[tuple[str, int]] = []
+        queue = self.queue
+
+        def recovered(e: SpoolEntry) -> None:
+            # Each entry goes to the schedule and the index, then is let go: a million
+            # deferred messages are never all in memory as whole envelopes and journals.
+            if e.state.refused:
+                refused.append((e.queue_id, e.state.refused))
+            queue.load_recovered((e,))
+            index.add(e.queue_id, e.envelope, e.size, e.state)
+
+        count, corrupt, removed = self.spool.recover_each(recovered)
+        if count >= FREEZE_AFTER:
+            # What start-up built (up to a million index entries) lives as long as the
+            # process: out of the cyclic GC's sight, so that its full collections, which a
+            # queue walk's allocations set off, do not go through it again and again.
+            gc.freeze()
         for qid, why in corrupt:
             self.records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         if removed:
             self.records.record(Recovery(removed=removed))
-        for e in entries:
-            if e.state.refused:  # a torn last line after a crash, or damage: skipped
-                self.records.emit(f"recovery: warning: {e.state.refused} journal line(s) refused and skipped",
-                                  e.queue_id, "error")  # damaged stored state: alerted like an error
-        self.queue.load_recovered(entries)
-        # The admin's queue walks (list, summary, filtered actions) read memory from now on.
-        self.spool.keep_index(entries)
-        self.records.record(Recovery(len(entries), len(corrupt)))
+        for qid, n in refused:  # a torn last line after a crash, or damage: skipped
+            self.records.emit(f"recovery: warning: {n} journal line(s) refused and skipped",
+                              qid, "error")  # damaged stored state: alerted like an error
+        self.records.record(Recovery(count, len(corrupt)))
 
     async def run(self) -> None:
         """Start everything, then wait until cancelled; stop in order."""

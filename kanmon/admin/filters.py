@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from kanmon.config import QUEUE_STATES, MaintenanceJob, QueueFilter, parse_bound, parse_size_bound
 from kanmon.model import Envelope, is_queue_id
-from kanmon.spool import journal
+from kanmon.spool.index import Entry
 from kanmon.spool.store import SpoolEntry
 from kanmon.units import format_duration
 
@@ -110,6 +110,7 @@ class Filters:
         self._to = _pattern(m.to) if m.to else None
         self._domain = m.domain.lower().strip().rstrip(".") if m.domain else None
         self._reason = re.compile(m.reason, re.I) if m.reason else None
+        self._reason_seen: dict[str, bool] = {}
         self._subject = re.compile(m.subject, re.I) if m.subject else None
         self._header = re.compile(m.header, re.I) if m.header else None
         self._body = re.compile(m.body, re.I) if m.body else None
@@ -163,36 +164,62 @@ class Filters:
 
     def match_envelope(self, qid: str, env: Envelope, now: float) -> bool:
         """The checks that need only the envelope (before the journal is read)."""
+        return self._match_head(qid, env.received_at, env.mail_from, env.rcpts, now)
+
+    def _match_head(self, qid: str, received_at: float, mail_from: str, rcpts: list[str] | None, now: float) -> bool:
+        """rcpts None: the recipients are left to match_entry()."""
         if self._idset and qid not in self._idset:
             return False
-        if self.older_than is not None and now - (env.received_at or now) < self.older_than:
+        if self.older_than is not None and now - (received_at or now) < self.older_than:
             return False
-        if self._null_sender and env.mail_from:
+        if self._null_sender and mail_from:
             return False
-        if self._from is not None and not self._from.search(env.mail_from or "<>"):
+        if self._from is not None and not self._from.search(mail_from or "<>"):
             return False
-        if self._to is not None and not any(self._to.search(r) for r in env.rcpts):
+        if rcpts is None:
+            return True
+        if self._to is not None and not any(self._to.search(r) for r in rcpts):
             return False
-        if self._domain is not None and not any(domain_of(r) == self._domain for r in env.rcpts):
+        if self._domain is not None and not any(domain_of(r) == self._domain for r in rcpts):
             return False
         return True
 
-    def match_entry(self, entry: SpoolEntry, state: str) -> bool:
-        """The checks that need the journal (and the content size)."""
+    def match_entry(self, entry: SpoolEntry | Entry, state: str) -> bool:
+        """The checks that need the journal (and the content size): on an entry read from
+        the files or on the index's (both answer the same names)."""
         if self.state != "all" and self.state != state:
             return False
         if self._size is not None and not _compare(self._size[0], entry.size, self._size[1]):
             return False
-        if self._attempts is not None and not _compare(self._attempts[0], entry.state.attempts, self._attempts[1]):
+        if self._attempts is not None and not _compare(self._attempts[0], entry.attempts, self._attempts[1]):
             return False
-        pending = entry.pending_rcpts()
-        if self._to is not None and not any(self._to.search(r) for r in pending):
+        if self._to is None and self._domain is None and self._reason is None:
+            return True
+        if self._domain is not None and not entry.pending_in(self._domain):
             return False
-        if self._domain is not None and not any(domain_of(r) == self._domain for r in pending):
+        if self._to is not None and not any(self._to.search(r) for r in entry.pending_rcpts()):
             return False
-        if self._reason is not None and not any(self._reason.search(r) for r in replies(entry)):
+        if self._reason is not None and not any(self._reason_in(r) for r in entry.pending_replies()):
             return False
         return True
+
+    def _reason_in(self, reply: str) -> bool:
+        """The reason regex on one reply text, once per distinct text in a walk (a stuck
+        destination gives thousands of messages the same few replies)."""
+        seen = self._reason_seen
+        hit = seen.get(reply)
+        if hit is None:
+            if len(seen) >= 100_000:  # bounded, for a Filters kept across walks
+                seen.clear()
+            hit = seen[reply] = self._reason.search(reply) is not None
+        return hit
+
+    def match_indexed(self, entry: Entry, state: str, now: float) -> bool:
+        """match_envelope() and match_entry() on an index entry. Its recipients checked
+        are the pending ones: the same answer, since match_entry asks a pending one to
+        match whatever the envelope's others do."""
+        return (self._match_head(entry.queue_id, entry.received_at, entry.mail_from, None, now)
+                and self.match_entry(entry, state))
 
     def match_content(self, head: bytes) -> bool:
         """The checks on the first BODY_SCAN_BYTES of the content (`head`)."""
@@ -208,10 +235,9 @@ class Filters:
         return True
 
 
-def replies(entry: SpoolEntry) -> list[str]:
-    """Every reply the journal recorded for a recipient still pending, oldest first."""
-    pending = set(entry.pending_rcpts())
-    return [r.reply for r in entry.state.history if isinstance(r, journal.Result) and r.rcpt in pending and r.reply]
+def replies(entry: SpoolEntry | Entry) -> list[str]:
+    """The replies the journal recorded for recipients still pending."""
+    return entry.pending_replies()
 
 
 # ---------------------------------------------------------------------------

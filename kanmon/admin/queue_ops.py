@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import heapq
 import re
 import shlex
 import time
@@ -51,6 +52,7 @@ from kanmon.queue.notices import Notices
 from kanmon.records import events as ev
 from kanmon.records.store import Records
 from kanmon.spool import journal
+from kanmon.spool.index import Entry
 from kanmon.spool.store import CORRUPT_EVENT, CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
 
@@ -76,6 +78,27 @@ JOURNALED = {
 }
 
 _REPLY_RE = re.compile(r"^([2-5]\d\d)(?: ([2-5]\.\d{1,3}\.\d{1,3}))? ?(.*)$", re.S)
+
+
+class _Corrupt:
+    """A corrupt entry's row among the matches of list() (sorted as arrival 0)."""
+
+    __slots__ = ("row", "queue_id", "received_at")
+
+    def __init__(self, row: dict):
+        self.row, self.queue_id, self.received_at = row, row["id"], 0.0
+
+
+def _by_id(e) -> str:
+    return e.queue_id
+
+
+def _by_arrival(e) -> float:
+    return e.received_at or 0.0
+
+
+def _arrival_order(e) -> tuple[float, str]:
+    return (e.received_at or 0.0, e.queue_id)
 
 
 class ManagerLink(Protocol):
@@ -150,15 +173,9 @@ def offline_queue_ops(config: Config) -> Iterator[QueueOps]:
         records.close()
 
 
-def last_reply(entry: SpoolEntry) -> tuple[str, float]:
+def last_reply(entry: SpoolEntry | Entry) -> tuple[str, float]:
     """The most recent reply recorded for a still-pending recipient ("" if none)."""
-    best, at = "", -1.0
-    for rcpt, rec in entry.state.last.items():
-        if rcpt in entry.state.done:
-            continue
-        if rec.t >= at:
-            best, at = rec.reply, rec.t
-    return best, max(at, 0.0)
+    return entry.last_reply()
 
 
 def finish_move(head: dict, archive: Path, count: int) -> dict:
@@ -214,19 +231,37 @@ class QueueOps:
 
     # -- selecting -----------------------------------------------------------------------
 
-    def _state_of(self, entry: SpoolEntry, active: set[str]) -> str:
-        if entry.state.hold:
+    def _state_of(self, entry: SpoolEntry | Entry, active: set[str]) -> str:
+        if entry.hold:
             return "hold"
         if entry.queue_id in active:
             return "active"
         return "deferred"
 
-    def select(self, filters: Filters) -> Iterator[tuple[SpoolEntry, str]]:
-        """(entry, state) for every message the filters match (corrupt entries excluded)."""
+    def select(self, filters: Filters) -> Iterator[tuple[SpoolEntry | Entry, str]]:
+        """(entry, state) for every message the filters match (corrupt entries excluded).
+
+        A running node's spool keeps an index (kanmon.spool.index): its compact entries
+        are walked; a stopped node's files are read (Spool.scan). Both kinds of entry
+        answer the same names (received_at, mail_from, pending_rcpts()...), and messages
+        given by id are read from their files either way."""
         if filters.state == "corrupt":
             return
         now = self.link.now()
         active = self.link.active_ids()
+        if self.spool.index is not None and not filters.ids:
+            # The hot loop of a walk of a million: only the checks the filters ask for.
+            want, criteria, content = filters.state, filters.has_criteria, filters.needs_content
+            for e in self.spool.index_walk():
+                state = "hold" if e.hold else "active" if e.queue_id in active else "deferred"
+                if want != "all" and want != state:
+                    continue
+                if criteria and not filters.match_indexed(e, state, now):
+                    continue
+                if content and not self._match_content(filters, e.queue_id):
+                    continue
+                yield e, state
+            return
         if filters.ids:
             entries = (self._load(q) for q in dict.fromkeys(filters.ids))
             source = (e for e in entries if e is not None and filters.match_envelope(e.queue_id, e.envelope, now))
@@ -254,29 +289,37 @@ class QueueOps:
         except (FileNotFoundError, CorruptEntry):
             return None
 
-    def row(self, entry: SpoolEntry, state: str) -> dict:
-        reply, _ = last_reply(entry)
-        st = entry.state
+    def row(self, entry: SpoolEntry | Entry, state: str) -> dict:
+        reply, _ = entry.last_reply()
         return {
-            "id": entry.queue_id, "state": state, "arrival": entry.envelope.received_at, "size": entry.size,
-            "from": entry.envelope.mail_from, "rcpts": entry.pending_rcpts(), "done": len(st.done),
-            "last_reply": reply, "attempts": st.attempts,
-            "next_attempt": None if state == "hold" else (st.next_attempt or None),
+            "id": entry.queue_id, "state": state, "arrival": entry.received_at, "size": entry.size,
+            "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "done": entry.done_count,
+            "last_reply": reply, "attempts": entry.attempts,
+            "next_attempt": None if state == "hold" else (entry.next_attempt or None),
         }
 
     def list(self, filters: dict | Filters | None = None, offset: int = 0, limit: int | None = None) -> dict:
         """The matching messages, oldest first; with offset/limit one page of them
-        (`count` is every match: the console pages without sending them all)."""
+        (`count` is every match: the console pages without sending them all). Only the
+        page's rows are built: the matches are sorted by (arrival, id) and sliced first."""
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
-        rows = [self.row(e, s) for e, s in self.select(f)]
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("offset and limit are not negative")
+        # The matches themselves (no tuple per match: a walk of 100,000 would leave as many
+        # objects for the cyclic GC to look at); their state again for the page's rows only.
+        active = self.link.active_ids()
+        matches: list = [e for e, _s in self.select(f)]
         if f.state == "corrupt" or (f.state == "all" and not f.has_criteria):
-            rows.extend(self._corrupt_rows(f))  # no envelope to filter on: only by id
-        rows.sort(key=lambda r: (r["arrival"] or 0, r["id"]))
-        count = len(rows)
-        if offset or limit is not None:
-            if offset < 0 or (limit is not None and limit < 0):
-                raise ValueError("offset and limit are not negative")
-            rows = rows[offset:] if limit is None else rows[offset:offset + limit]
+            matches.extend(_Corrupt(r) for r in self._corrupt_rows(f))  # no envelope to filter on: only by id
+        count = len(matches)
+        end = count if limit is None else offset + limit
+        if end < count // 8:
+            page = heapq.nsmallest(end, matches, key=_arrival_order)[offset:]  # an early page: no full sort
+        else:
+            matches.sort(key=_by_id)  # by (arrival, id): two stable sorts on keys the GC does not track
+            matches.sort(key=_by_arrival)
+            page = matches[offset:end]
+        rows = [e.row if type(e) is _Corrupt else self.row(e, self._state_of(e, active)) for e in page]
         return {"items": rows, "count": count, "now": self.link.now()}
 
     def _corrupt_rows(self, f: Filters) -> list[dict]:
@@ -445,16 +488,41 @@ class QueueOps:
         total = [0] * (len(BUCKETS) + 1)  # messages (a row counts each message once per domain)
         states: Counter[str] = Counter()
         only = {f.domain.lower().rstrip(".")} if f.domain else None
-        for state, received_at, domains, sender in self._shapes(f):
+        if self.spool.index is not None and not f.ids and not f.has_criteria and f.state != "corrupt":
+            # The whole queue of a running node (a state at most): the index's entries
+            # keep their domains ready; one pass, no entry built.
+            active = self.link.active_ids()
+            want = f.state
+            for e in self.spool.index_walk():
+                state = "hold" if e.hold else "active" if e.queue_id in active else "deferred"
+                if want != "all" and want != state:
+                    continue
+                states[state] += 1
+                col = bisect.bisect_left(BUCKETS, max(0.0, now - (e.received_at or now)) / 60)
+                total[col] += 1
+                if by == "sender":
+                    rows[e.sender_domain()][col] += 1
+                elif type(e.pending_domains) is str:
+                    rows[e.pending_domains][col] += 1
+                else:
+                    for k in e.pending_domains:
+                        rows[k][col] += 1
+            return self._summary_result(by, rows, total, states)
+        for entry, state in self.select(f):
             states[state] += 1
-            age_min = max(0.0, now - (received_at or now)) / 60
+            age_min = max(0.0, now - (entry.received_at or now)) / 60
             col = bisect.bisect_left(BUCKETS, age_min)  # the first bucket it fits in; past the last: 1280m+
             total[col] += 1
             if by == "sender":
-                rows[sender][col] += 1
+                rows[domain_of(entry.mail_from) if entry.mail_from else "<>"][col] += 1
                 continue
+            domains = {r[r.rfind("@") + 1:].lower() for r in entry.pending_rcpts()}  # domain_of, inlined
             for k in (domains & only if only is not None else domains):
                 rows[k][col] += 1
+        return self._summary_result(by, rows, total, states)
+
+    @staticmethod
+    def _summary_result(by: str, rows: dict[str, list[int]], total: list[int], states: Counter[str]) -> dict:
         ordered = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
         return {
             "by": by, "buckets": [f"{b}m" for b in BUCKETS] + [f"{BUCKETS[-1]}m+"],
@@ -462,22 +530,6 @@ class QueueOps:
             "rows": [{"key": k, "count": sum(v), "counts": v} for k, v in ordered],
             "states": dict(states),
         }
-
-    def _shapes(self, f: Filters) -> Iterator[tuple[str, float, frozenset[str] | set[str], str]]:
-        """(state, arrival, domains of the pending recipients, sender domain) of each
-        message the filters match. A running node's whole queue (no criteria, a state at
-        most) comes from its index's ready shapes (kanmon.spool.index): no entry is built."""
-        if self.spool.index is not None and not f.ids and not f.has_criteria and f.state != "corrupt":
-            active = self.link.active_ids()
-            for s in self.spool.index_shapes():
-                state = "hold" if s.hold else "active" if s.queue_id in active else "deferred"
-                if f.state == "all" or f.state == state:
-                    yield state, s.received_at, s.domains, s.sender_domain
-            return
-        for entry, state in self.select(f):
-            env = entry.envelope
-            yield (state, env.received_at, {domain_of(r) for r in entry.pending_rcpts()},
-                   domain_of(env.mail_from) if env.mail_from else "<>")
 
     # -- backup and restore -----------------------------------------------------------------
 
@@ -514,9 +566,8 @@ class QueueOps:
                         entry = self._load(qid)
                         if entry is None:
                             continue
-                    env = entry.envelope
                     writer.add(self.spool, qid, {
-                        "from": env.mail_from, "rcpts": entry.pending_rcpts(), "arrival": env.received_at,
+                        "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "arrival": entry.received_at,
                         "size": entry.size, "state": state,
                     })
             writer.finish()

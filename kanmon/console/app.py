@@ -52,6 +52,7 @@ from kanmon.units import format_duration, format_size
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+CHART_TTL = {"hour": 60.0, "day": 300.0}  # seconds a dashboard chart is kept before it is counted again
 MAX_PAGE = 500
 MAX_JSON = 64 * 1024
 LOGIN_COOKIE = "kanmon_login"
@@ -108,6 +109,7 @@ class ConsoleApp:
         self.env.filters["size"] = format_size
         # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
+        self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, the dashboard chart's stats)
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
 
@@ -486,10 +488,22 @@ class ConsoleApp:
         cursor, rows = await asyncio.to_thread(tail_events, self.data_dir, after, grep=grep, limit=TAIL_LIMIT)
         return {"next": cursor, "events": [r.as_dict() for r in rows]}
 
-    async def _stats(self, by: str, since: float) -> dict:
+    async def _stats(self, by: str, since: float, top: int = 5) -> dict:
         from kanmon.records.stats import collect  # noqa: PLC0415
 
-        return (await asyncio.to_thread(collect, self.data_dir, since, None, by, 5)).as_dict()
+        return (await asyncio.to_thread(collect, self.data_dir, since, None, by, top)).as_dict()
+
+    async def _chart_stats(self, by: str, now: float) -> dict:
+        """The dashboard's charts, 24 hours by hour and 30 days by day: the buckets only,
+        each computed at most once per CHART_TTL[by] (a GROUP BY over every history row of
+        the period: ~1.5 s of CPU for 30 days of a million rows, ~0.15 s for their last
+        24 hours, where every other part of the dashboard takes milliseconds)."""
+        cached = self._chart_cache.get(by)
+        if cached is not None and now - cached[0] < CHART_TTL[by]:
+            return cached[1]
+        stats = await self._stats(by, now - (24 * 3600 if by == "hour" else 30 * 86400), top=0)
+        self._chart_cache[by] = (now, stats)
+        return stats
 
     async def _alerts(self, since: float) -> dict:
         from kanmon.alerts import read_alerts  # noqa: PLC0415
@@ -760,7 +774,7 @@ class ConsoleApp:
     async def dashboard(self, request: Request, who: Who) -> Response:
         now = time.time()
         hourly, daily, queue, alerts = await asyncio.gather(
-            self._stats("hour", now - 24 * 3600), self._stats("day", now - 30 * 86400),
+            self._chart_stats("hour", now), self._chart_stats("day", now),
             self._queue_list({}, 0, 1), self._alerts(now - 30 * 86400))
         jobs = await self.node.admin.maintenance_status()
         gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
@@ -800,6 +814,7 @@ class ConsoleApp:
                            filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=params.get("msg", ""),
                            prev_url=page_url(max(0, offset - limit)) if offset > 0 else None,
                            next_url=page_url(offset + limit) if offset + limit < result["count"] else None,
+                           pages=page_links(offset, limit, result["count"], page_url),
                            filter_query=urllib.parse.urlencode(keep), bulk_actions=BULK_ACTIONS)
 
     async def message_page(self, request: Request, who: Who) -> Response:
@@ -1300,6 +1315,21 @@ def _html(text: str) -> str:
     from html import escape  # noqa: PLC0415
 
     return escape(text)
+
+
+def page_links(offset: int, limit: int, count: int, url, around: int = 3) -> dict:
+    """The queue page's paging: page n of total, and links to the first and last pages and
+    to those within `around` of this one (None between them: a gap shown as an ellipsis).
+    Only the rows of one page are ever asked of the node (offset/limit)."""
+    total = max(1, -(-count // limit)) if limit > 0 else 1
+    current = min(offset // limit + 1, total) if limit > 0 else 1
+    shown = sorted({1, total, *range(max(1, current - around), min(total, current + around) + 1)})
+    links: list[dict | None] = []
+    for n in shown:
+        if links and links[-1] is not None and n > links[-1]["n"] + 1:
+            links.append(None)
+        links.append({"n": n, "url": url((n - 1) * limit), "current": n == current})
+    return {"current": current, "total": total, "links": links}
 
 
 def _int(text, default):

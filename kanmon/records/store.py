@@ -99,6 +99,7 @@ CREATE INDEX IF NOT EXISTS events_session ON events(session);
 CREATE INDEX IF NOT EXISTS history_message_id ON history(message_id);
 CREATE INDEX IF NOT EXISTS history_rcpt ON history(rcpt COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS history_mail_from ON history(mail_from COLLATE NOCASE);
+CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts);
 """
 
 

@@ -1,21 +1,33 @@
-"""The queue index: every queued message's envelope and journal state, in memory.
+"""The queue index: every queued message's envelope and journal state, in memory, compact.
 
-Role: a running node's Spool keeps one (Spool.keep_index(), after recovery, which has
-read every envelope and journal anyway), so that the admin operations that walk the
-whole queue (`queue list` with its filters, `queue summary`, filtered hold, release,
+Role: a running node's Spool keeps one (Spool.keep_index(), filled while recovery reads
+every envelope and journal anyway), so that the admin operations that walk the whole
+queue (`queue list` with its filters and pages, `queue summary`, filtered hold, release,
 delete..., all run inside the server through the control socket) read memory instead of
 one queue file and one journal per message. A stopped node has none: its admin commands
 scan the files (Spool.scan) as before.
 
+What it keeps of a message is what those walks read and nothing else (one Entry, about
+a third of a kilobyte for a deferred message with one recipient; docs/performance.md):
+arrival, size, sender, recipients, the final ones, each pending recipient's last reply
+with its time, the distinct replies recorded for pending recipients (the `reason`
+filter), attempts, next attempt, hold. Not the client, the DSN parameters nor the
+journal's history: `queue show`, bounce, drain and backup read the files of the few
+messages they act on. Texts that repeat across messages (senders, reply texts) are
+shared through a pool, swept when it has grown to twice what was live at the last sweep.
+
 How it stays exact: every change this process makes goes through the Spool, which tells
 the index (a message stored or imported, journal records appended, a message removed,
 deleted or set aside). Messages other processes stored (the receiver processes) are
-found by reconcile(): one listing of spool/queue/ per walk, whose new names are read from
-their files and whose missing names are dropped.
+found by reconcile_names(): a listing of spool/queue/ before a walk when the directory
+changed, whose new names are read from their files and whose missing names are dropped.
+A queue file changed in place underneath the node (damage, a hand edit) is not looked
+for by a walk (that would be a stat(2) per message): it is found, and set aside, when a
+stage next reads the file (the next attempt, `queue show`, bounce, backup).
 
-Each entry's QueueState is replaced, never changed in place, when records are applied:
-a walk (in the admin thread) reads a consistent snapshot while the queue manager appends
-(in its I/O threads).
+Entries are replaced, never changed in place, when records are applied: a walk (in the
+admin thread) reads a consistent snapshot while the queue manager appends (in its I/O
+threads).
 
 Trusts: the Spool that owns it. Never: read a message body; answer for a message whose
 queue file is gone once reconcile() has run.
@@ -23,65 +35,110 @@ queue file is gone once reconcile() has run.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from kanmon.model import Envelope
 from kanmon.spool import journal
 from kanmon.spool.journal import QueueState
 
-
-def _applied(state: QueueState, records: Iterable[journal.Record]) -> QueueState:
-    new = QueueState(done=dict(state.done), last=dict(state.last), attempts=state.attempts,
-                     next_attempt=state.next_attempt, hold=state.hold, warned=state.warned,
-                     warned_at=state.warned_at, history=list(state.history), refused=state.refused)
-    for rec in records:
-        new.apply(rec)
-    return new
+_POOL_MIN = 4096  # strings kept in the pool before the first sweep
 
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()  # as kanmon.admin.filters.domain_of
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """What `queue summary` counts of a message, kept ready (qshape's view of it)."""
+class Entry:
+    """One queued message as the admin's walks see it (read-only; replaced on change).
 
-    queue_id: str
-    received_at: float
-    hold: bool
-    domains: frozenset[str]  # of the recipients still pending
-    sender_domain: str  # "<>" for the null sender
+    It answers the same questions as a SpoolEntry read from the files (kanmon.spool.store:
+    received_at, mail_from, pending_rcpts(), done_count, pending_replies(), last_reply()...),
+    so the filters and the rows of `queue list` take either.
 
-    @classmethod
-    def of(cls, queue_id: str, env: Envelope, state: QueueState) -> Shape:
-        return cls(queue_id, env.received_at, state.hold,
-                   frozenset(_domain(r) for r in env.rcpts if r not in state.done),
-                   _domain(env.mail_from) if env.mail_from else "<>")
+    rcpts is a str for the usual single recipient (a tuple costs 64 bytes more); done is
+    None until a recipient is final; last is flat (rcpt, t, reply, rcpt, t, reply, ...)
+    in the order of QueueState.last; replies is flat (rcpt, reply, ...), each pair once,
+    or None when those are exactly last's (rcpt, reply) pairs (the usual deferred message:
+    each attempt got the reply the last one got)."""
 
+    __slots__ = ("queue_id", "received_at", "size", "mail_from", "rcpts", "done", "last", "replies",
+                 "attempts", "next_attempt", "hold", "pending_domains")
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    envelope: Envelope
-    size: int
-    state: QueueState
-    stamp: tuple[int, int] | None
-    shape: Shape
+    def __init__(self, queue_id, received_at, size, mail_from, rcpts, done, last, replies, attempts,
+                 next_attempt, hold, pending_domains):
+        self.queue_id = queue_id
+        self.received_at = received_at
+        self.size = size
+        self.mail_from = mail_from
+        self.rcpts = rcpts
+        self.done = done
+        self.last = last
+        self.replies = replies
+        self.attempts = attempts
+        self.next_attempt = next_attempt
+        self.hold = hold
+        # what `queue summary` counts: the pending recipients' domains, ready (shared
+        # texts: a str for one domain, a tuple for several or none)
+        self.pending_domains = pending_domains
+
+    def all_rcpts(self) -> tuple[str, ...]:
+        r = self.rcpts
+        return (r,) if type(r) is str else r
+
+    def pending_rcpts(self) -> list[str]:
+        r, done = self.rcpts, self.done
+        if type(r) is str:
+            return [r] if done is None or r not in done else []
+        return list(r) if done is None else [x for x in r if x not in done]
+
+    @property
+    def done_count(self) -> int:
+        return 0 if self.done is None else len(self.done)
+
+    def pending_replies(self) -> list[str]:
+        """The replies recorded for recipients still pending (each distinct pair once)."""
+        reps, done = self.replies, self.done
+        if reps is None:
+            last = self.last
+            return [last[i + 2] for i in range(0, len(last), 3) if last[i + 2] and (done is None or last[i] not in done)]
+        return [reps[i + 1] for i in range(0, len(reps), 2) if done is None or reps[i] not in done]
+
+    def last_reply(self) -> tuple[str, float]:
+        """As kanmon.spool.store.SpoolEntry.last_reply: the latest reply recorded for a
+        pending recipient ("" if none), and when."""
+        best, at = "", -1.0
+        last, done = self.last, self.done
+        for i in range(0, len(last), 3):
+            if done is not None and last[i] in done:
+                continue
+            if last[i + 1] >= at:
+                best, at = last[i + 2], last[i + 1]
+        return best, max(at, 0.0)
+
+    def domains(self) -> frozenset[str]:
+        """The domains of the pending recipients (what `queue summary` counts)."""
+        d = self.pending_domains
+        return frozenset((d,) if type(d) is str else d)
+
+    def pending_in(self, domain: str) -> bool:
+        """A pending recipient is in this domain (lower case)."""
+        d = self.pending_domains
+        return d == domain if type(d) is str else domain in d
+
+    def sender_domain(self) -> str:
+        return _domain(self.mail_from) if self.mail_from else "<>"
 
 
 class QueueIndex:
-    """queue id -> envelope, content size, state, file stamp and summary shape, under one lock.
-
-    The stamp is what a listing of spool/queue/ said of the file when it was last seen
-    (modification time and size; None: stored by this process, not listed yet): a queue
-    file is never rewritten, so a changed stamp means it was changed underneath us and is
-    read again (and set aside if it no longer decodes), as a file scan would."""
+    """queue id -> Entry, under one lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, _Item] = {}
+        self._entries: dict[str, Entry] = {}
+        self._pool: dict[str, str] = {}
+        self._pool_limit = _POOL_MIN
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -89,36 +146,109 @@ class QueueIndex:
     def __contains__(self, queue_id: str) -> bool:
         return queue_id in self._entries
 
-    def add(self, queue_id: str, envelope: Envelope, size: int, state: QueueState | None = None,
-            stamp: tuple[int, int] | None = None) -> None:
-        state = state or QueueState()
-        item = _Item(envelope, size, state, stamp, Shape.of(queue_id, envelope, state))
+    # -- building entries (under the lock: the pool is shared) -----------------------------
+
+    def _shared(self, text: str) -> str:
+        return self._pool.setdefault(text, text)
+
+    def _entry(self, queue_id: str, envelope: Envelope, size: int, state: QueueState) -> Entry:
+        rcpts = envelope.rcpts
+        done = frozenset(state.done) if state.done else None
+        last: list = []
+        for rcpt, rec in state.last.items():
+            last += (rcpt, rec.t, self._shared(rec.reply))
+        pairs = dict.fromkeys((r.rcpt, r.reply) for r in state.history
+                              if isinstance(r, journal.Result) and r.reply and (done is None or r.rcpt not in done))
+        replies = tuple(self._shared(x) for pair in pairs for x in pair)
+        return Entry(queue_id, envelope.received_at, size, self._shared(envelope.mail_from),
+                     rcpts[0] if len(rcpts) == 1 else tuple(rcpts), done, tuple(last), _unless_last(replies, last),
+                     state.attempts, state.next_attempt, state.hold, self._domains(rcpts, done))
+
+    def _domains(self, rcpts, done) -> str | tuple[str, ...]:
+        if type(rcpts) is str:
+            rcpts = (rcpts,)
+        found = {_domain(r) for r in rcpts if done is None or r not in done}
+        if len(found) == 1:
+            return self._shared(found.pop())
+        return tuple(sorted(self._shared(d) for d in found))
+
+    def _applied(self, e: Entry, records: Iterable[journal.Record]) -> Entry:
+        """The entry after these journal records, as QueueState.apply adds them up."""
+        done = e.done
+        last = list(e.last)
+        replies = list(e.replies) if e.replies is not None else _pairs_of(e.last)
+        attempts, next_attempt, hold = e.attempts, e.next_attempt, e.hold
+        for rec in records:
+            if isinstance(rec, journal.Result):
+                if rec.final:
+                    done = (done or frozenset()) | {rec.rcpt}
+                    _remove_rcpt(last, 3, rec.rcpt)
+                    _remove_rcpt(replies, 2, rec.rcpt)
+                else:
+                    reply = self._shared(rec.reply)
+                    for i in range(0, len(last), 3):
+                        if last[i] == rec.rcpt:
+                            last[i + 1], last[i + 2] = rec.t, reply
+                            break
+                    else:
+                        last += (rec.rcpt, rec.t, reply)
+                if rec.reply and (done is None or rec.rcpt not in done):
+                    if not any(replies[i] == rec.rcpt and replies[i + 1] == rec.reply for i in range(0, len(replies), 2)):
+                        replies += (rec.rcpt, self._shared(rec.reply))
+            elif isinstance(rec, journal.Attempt):
+                attempts, next_attempt = rec.n, rec.next
+            elif isinstance(rec, journal.Hold):
+                hold = rec.on
+            elif isinstance(rec, journal.Schedule):
+                next_attempt = rec.next
+        return Entry(e.queue_id, e.received_at, e.size, e.mail_from, e.rcpts, done, tuple(last),
+                     _unless_last(tuple(replies), last), attempts, next_attempt, hold,
+                     e.pending_domains if done is e.done else self._domains(e.rcpts, done))
+
+    def _sweep_pool(self) -> None:
+        """Forget pooled texts no entry holds any more (only the pool's key and value
+        refer to them, and getrefcount's argument), once the pool has doubled."""
+        if len(self._pool) <= self._pool_limit:
+            return
+        pool = self._pool
+        for text in [t for t in pool if sys.getrefcount(pool[t]) <= 4]:  # key, value, the list, the argument
+            del pool[text]
+        self._pool_limit = max(_POOL_MIN, 2 * len(pool))
+
+    # -- changes --------------------------------------------------------------------------
+
+    def add(self, queue_id: str, envelope: Envelope, size: int, state: QueueState | None = None) -> None:
         with self._lock:
-            self._entries[queue_id] = item
+            self._entries[queue_id] = self._entry(queue_id, envelope, size, state or QueueState())
+            self._sweep_pool()
 
     def apply(self, queue_id: str, records: list[journal.Record]) -> None:
         with self._lock:
-            item = self._entries.get(queue_id)
-            if item is not None:
-                state = _applied(item.state, records)
-                self._entries[queue_id] = _Item(item.envelope, item.size, state, item.stamp,
-                                                Shape.of(queue_id, item.envelope, state))
+            entry = self._entries.get(queue_id)
+            if entry is not None:
+                self._entries[queue_id] = self._applied(entry, records)
+                self._sweep_pool()
 
     def drop(self, queue_id: str) -> None:
         with self._lock:
             self._entries.pop(queue_id, None)
 
-    def snapshot(self) -> list[tuple[str, Envelope, int, QueueState]]:
-        with self._lock:
-            return [(qid, i.envelope, i.size, i.state) for qid, i in self._entries.items()]
+    # -- reading ----------------------------------------------------------------------------
 
-    def shapes(self) -> list[Shape]:
+    def entries(self) -> list[Entry]:
+        """Every entry, as they are now (a list: the walk holds no lock)."""
         with self._lock:
-            return [i.shape for i in self._entries.values()]
+            return list(self._entries.values())
+
+    def get(self, queue_id: str) -> Entry | None:
+        return self._entries.get(queue_id)
+
+    # -- keeping up with other processes ------------------------------------------------------
 
     def reconcile_names(self, names: set[str], load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
-        """reconcile() with the names in spool/queue/ only: the messages other processes
-        stored are read, those gone are dropped (set operations in C, no stamp compared)."""
+        """Make the index hold exactly the names in spool/queue/: the messages other
+        processes stored are read (load(queue_id); None: gone, or refused and set aside),
+        those gone are dropped (set operations in C)."""
         with self._lock:
             for qid in self._entries.keys() - names:
                 del self._entries[qid]
@@ -128,28 +258,28 @@ class QueueIndex:
             if loaded is not None:
                 with self._lock:
                     if qid not in self._entries:
-                        env, size, state = loaded
-                        self._entries[qid] = _Item(env, size, state, None, Shape.of(qid, env, state))
+                        self._entries[qid] = self._entry(qid, *loaded)
 
-    def reconcile(self, on_disk: dict[str, tuple[int, int] | None],
-                  load: Callable[[str], tuple[Envelope, int, QueueState] | None]) -> None:
-        """Make the index hold exactly the ids on_disk (a listing of spool/queue/: id ->
-        stamp): load(queue_id) reads a message another process stored, or one changed
-        underneath us (None: gone, or refused and set aside)."""
-        with self._lock:
-            stamps = {qid: i.stamp for qid, i in self._entries.items()}
-            for qid in stamps.keys() - on_disk.keys():
-                self._entries.pop(qid, None)
-            for qid, stamp in on_disk.items():
-                if stamps.get(qid, 0) is None:  # ours, or found by names only: its first stamp
-                    i = self._entries[qid]
-                    self._entries[qid] = _Item(i.envelope, i.size, i.state, stamp, i.shape)
-        for qid, stamp in on_disk.items():
-            known = stamps.get(qid, 0)
-            if known is None or known == stamp:
-                continue
-            loaded = load(qid)  # new (another process's), or changed underneath us
-            if loaded is None:
-                self.drop(qid)
-            else:
-                self.add(qid, *loaded, stamp=stamp)
+
+def _remove_rcpt(flat: list, width: int, rcpt: str) -> None:
+    """Remove every group of `width` items whose first is rcpt from a flat list."""
+    i = 0
+    while i < len(flat):
+        if flat[i] == rcpt:
+            del flat[i : i + width]
+        else:
+            i += width
+
+
+def _pairs_of(last) -> list:
+    """The (rcpt, reply) pairs of a flat last (rcpt, t, reply, ...), empty replies left out."""
+    out: list = []
+    for i in range(0, len(last), 3):
+        if last[i + 2]:
+            out += (last[i], last[i + 2])
+    return out
+
+
+def _unless_last(replies: tuple, last) -> tuple | None:
+    """None when replies are exactly last's pairs (nothing more to keep)."""
+    return None if list(replies) == _pairs_of(last) else replies

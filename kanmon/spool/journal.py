@@ -161,6 +161,16 @@ def decode_all(raw: bytes) -> tuple[list[Record], int]:
     """
     records: list[Record] = []
     refused = 0
+    if raw.endswith(b"\n") and b"\n\n" not in raw and not raw.startswith(b"\n"):
+        # The usual journal, whole: its lines as one JSON array (one parse, not one per
+        # line; a line is one JSON object without a newline inside). Anything that does
+        # not parse so, or a line that is refused, is read again line by line.
+        try:
+            items = json.loads(b"[" + raw[:-1].replace(b"\n", b",") + b"]")
+            if len(items) == raw.count(b"\n"):
+                return [from_dict(d) for d in items], 0
+        except (ValueError, RecursionError, JournalError):
+            pass
     for line in raw.split(b"\n"):
         if not line:
             continue

@@ -38,14 +38,14 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope
 from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
-from kanmon.spool.index import QueueIndex, Shape
+from kanmon.spool.index import Entry, QueueIndex
 from kanmon.spool.journal import QueueState
 from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text
 
@@ -153,8 +153,43 @@ def decode_queue_header(head: bytes) -> tuple[int, int, int, int]:
     return elen, clen, crc, nl + 1
 
 
+def _checked(data: bytes) -> tuple[bytes, bytes]:
+    """(envelope JSON, content) of a whole queue file, checked against its header and CRC."""
+    elen, clen, crc, off = decode_queue_header(data[:MAX_HEADER_LINE])
+    ej = data[off : off + elen]
+    if data[off + elen : off + elen + 1] != b"\n":
+        raise CorruptEntry("truncated (envelope)")
+    content = data[off + elen + 1 :]
+    if len(content) != clen:
+        raise CorruptEntry(f"truncated: content is {len(content)} of {clen} bytes")
+    if zlib.crc32(content, zlib.crc32(ej)) != crc:
+        raise CorruptEntry("checksum mismatch")
+    return ej, content
+
+
+def _read_whole(path: str) -> bytes:
+    """A file's bytes; one read(2) for a file under 64 KiB (a short read of a regular file is its end)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) < 65536:
+            return data
+        chunks = [data]
+        while data:
+            data = os.read(fd, 1 << 20)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class SpoolEntry:
+    """A queued message as read from its files. The queue walks (filters, the rows of
+    `queue list`, the summary) read it through the same names as the index's compact
+    entries (kanmon.spool.index.Entry): received_at, mail_from, pending_rcpts(),
+    done_count, attempts, next_attempt, hold, pending_replies(), last_reply()."""
+
     queue_id: str
     envelope: Envelope
     size: int  # content length
@@ -162,6 +197,49 @@ class SpoolEntry:
 
     def pending_rcpts(self) -> list[str]:
         return [r for r in self.envelope.rcpts if r not in self.state.done]
+
+    @property
+    def received_at(self) -> float:
+        return self.envelope.received_at
+
+    @property
+    def mail_from(self) -> str:
+        return self.envelope.mail_from
+
+    @property
+    def done_count(self) -> int:
+        return len(self.state.done)
+
+    @property
+    def attempts(self) -> int:
+        return self.state.attempts
+
+    @property
+    def next_attempt(self) -> float:
+        return self.state.next_attempt
+
+    @property
+    def hold(self) -> bool:
+        return self.state.hold
+
+    def pending_in(self, domain: str) -> bool:
+        """A pending recipient is in this domain (lower case)."""
+        return any(r.rpartition("@")[2].lower() == domain for r in self.pending_rcpts())
+
+    def pending_replies(self) -> list[str]:
+        """Every reply the journal recorded for a recipient still pending, oldest first."""
+        pending = set(self.pending_rcpts())
+        return [r.reply for r in self.state.history if isinstance(r, journal.Result) and r.rcpt in pending and r.reply]
+
+    def last_reply(self) -> tuple[str, float]:
+        """The most recent reply recorded for a still-pending recipient ("" if none), and when."""
+        best, at = "", -1.0
+        for rcpt, rec in self.state.last.items():
+            if rcpt in self.state.done:
+                continue
+            if rec.t >= at:
+                best, at = rec.reply, rec.t
+        return best, max(at, 0.0)
 
 
 
@@ -185,9 +263,10 @@ class Spool:
         self.index: QueueIndex | None = None  # a running node's (keep_index); None: scan() reads the files
         self._names_seen: int | None = None  # queue/'s mtime when its names were last listed (not racy)
 
-    def keep_index(self, entries: list[SpoolEntry]) -> QueueIndex:
+    def keep_index(self, entries: Iterable[SpoolEntry] = ()) -> QueueIndex:
         """From now on keep every queued message's envelope and state in memory (the
-        running node, after recover(), with the entries it returned)."""
+        running node: before recover_each(), whose entries it adds one by one, or after
+        recover(), with the entries it returned)."""
         index = QueueIndex()
         for e in entries:
             index.add(e.queue_id, e.envelope, e.size, e.state)
@@ -257,17 +336,7 @@ class Spool:
         return content
 
     def _read_checked(self, path: Path) -> tuple[bytes, bytes]:
-        data = path.read_bytes()
-        elen, clen, crc, off = decode_queue_header(data[:MAX_HEADER_LINE])
-        ej = data[off : off + elen]
-        if data[off + elen : off + elen + 1] != b"\n":
-            raise CorruptEntry("truncated (envelope)")
-        content = data[off + elen + 1 :]
-        if len(content) != clen:
-            raise CorruptEntry(f"truncated: content is {len(content)} of {clen} bytes")
-        if zlib.crc32(content, zlib.crc32(ej)) != crc:
-            raise CorruptEntry("checksum mismatch")
-        return ej, content
+        return _checked(path.read_bytes())
 
     def load(self, queue_id: str) -> SpoolEntry:
         """Envelope and journal; an entry the decoder refuses is set aside (CorruptEntry)."""
@@ -303,16 +372,30 @@ class Spool:
         Returns (entries to schedule, [(id, reason) moved to corrupt/], incoming removed).
         incoming/ files were never acknowledged, so removing them loses nothing.
         """
+        entries: list[SpoolEntry] = []
+        _count, corrupt, removed = self.recover_each(entries.append)
+        return entries, corrupt, removed
+
+    def recover_each(self, each: Callable[[SpoolEntry], None]) -> tuple[int, list[tuple[str, str]], int]:
+        """recover() handing each entry to each() as it is read, in queue id order, instead
+        of keeping them all (a million deferred messages' envelopes and journals would
+        take gigabytes at once; their index entries take a fraction of that: the node
+        adds each to the index and the schedule and lets it go).
+
+        Returns (entries read, [(id, reason) moved to corrupt/], incoming removed)."""
         removed = 0
         for p in self.incoming.iterdir():
             p.unlink(missing_ok=True)
             removed += 1
-        entries: list[SpoolEntry] = []
         corrupt: list[tuple[str, str]] = []
-        for qid in sorted(self.queue_ids()):
-            path = self.queue / qid
+        names = sorted(self.queue_ids())
+        count = 0
+        # Plain string paths and one read(2) per small file: a million messages are two
+        # million files, and pathlib's parsing and buffered file objects cost more than the reads.
+        queue_dir, state_dir = os.fspath(self.queue), os.fspath(self.state_dir)
+        for qid in names:
             try:
-                ej, content = self._read_checked(path)
+                ej, content = _checked(_read_whole(f"{queue_dir}/{qid}"))
                 env = envelope_from_json(ej)
             except CorruptEntry as e:
                 self.move_to_corrupt(qid)
@@ -321,30 +404,30 @@ class Spool:
             except OSError as e:
                 corrupt.append((qid, f"unreadable: {e.strerror}"))
                 continue
-            entries.append(SpoolEntry(qid, env, len(content), self.read_state(qid)))
+            try:
+                state = QueueState.from_bytes(_read_whole(f"{state_dir}/{qid}"))
+            except FileNotFoundError:
+                state = QueueState()
+            each(SpoolEntry(qid, env, len(content), state))
+            count += 1
         # Journals without a message (finished just before a crash) are leftovers.
-        known = {e.queue_id for e in entries}
-        for p in self.state_dir.iterdir():
-            if p.name not in known and not (self.queue / p.name).exists():
-                p.unlink(missing_ok=True)
-        return entries, corrupt, removed
+        known = set(names)
+        for name in os.listdir(self.state_dir):
+            if name not in known:
+                (self.state_dir / name).unlink(missing_ok=True)
+        return count, corrupt, removed
 
     # -- admin operations --------------------------------------------------------------------
 
     def scan(self, envelope_filter=None) -> Iterator[SpoolEntry]:
-        """Every queue entry, envelope and journal, without reading message bodies.
+        """Every queue entry, envelope and journal, read from the files without reading
+        message bodies (a stopped node; a running one walks its index: index_walk()).
 
         envelope_filter(queue_id, envelope) -> bool, when given, is asked before the
         journal is read, so a filter on sender, recipients or age costs one small read per
         message. Entries that vanish meanwhile (delivered) are skipped; entries the decoder
         refuses are set aside to corrupt/ (where the admin lists and deletes them).
-
-        With an index (a running node), the entries come from memory, after one listing
-        of queue/ has brought it up to date with what other processes stored.
         """
-        if self.index is not None:
-            yield from self._scan_index(envelope_filter)
-            return
         for qid in self.queue_ids():
             try:
                 env, size = self._read_envelope_fast(qid)
@@ -357,29 +440,13 @@ class Spool:
                 continue
             yield SpoolEntry(qid, env, size, self.read_state(qid))
 
-    def _scan_index(self, envelope_filter) -> Iterator[SpoolEntry]:
-        index = self.index
-        assert index is not None
-        index.reconcile(self._listing(), self._load_for_index)
-        for qid, env, size, state in index.snapshot():
-            if envelope_filter is not None and not envelope_filter(qid, env):
-                continue
-            yield SpoolEntry(qid, env, size, state)
-
-    def index_entries(self) -> list[tuple[str, Envelope, int, QueueState]]:
-        """(queue id, envelope, size, state) of every message, from the index brought up to
-        date with the names in queue/ (as index_shapes()). Only for a spool that keeps one."""
+    def index_walk(self) -> list[Entry]:
+        """Every message's index entry (kanmon.spool.index), the index first brought up to
+        date with the names in queue/ (the messages other processes stored, those gone).
+        Only for a spool that keeps one."""
         self._reconcile_names()
         assert self.index is not None
-        return self.index.snapshot()
-
-    def index_shapes(self) -> list[Shape]:
-        """What `queue summary` counts of every message, from the index, brought up to date
-        with the names in queue/ (the messages other processes stored, those gone); a file
-        changed underneath is read again by the next scan(). Only for a spool that keeps one."""
-        self._reconcile_names()
-        assert self.index is not None
-        return self.index.shapes()
+        return self.index.entries()
 
     def _reconcile_names(self) -> None:
         """Bring the index up to date with the names in queue/, unless queue/ did not change
@@ -394,20 +461,6 @@ class Spool:
         listed_at = time.time_ns()
         index.reconcile_names({n for n in os.listdir(self.queue) if not n.startswith(".")}, self._load_for_index)
         self._names_seen = before if listed_at - before > 2_000_000_000 else None
-
-    def _listing(self) -> dict[str, tuple[int, int] | None]:
-        """queue id -> (modification time, size) of every queue file."""
-        out: dict[str, tuple[int, int] | None] = {}
-        with os.scandir(self.queue) as it:
-            for e in it:
-                if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-                    continue
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # gone meanwhile
-                out[e.name] = (st.st_mtime_ns, st.st_size)
-        return out
 
     def _load_for_index(self, queue_id: str) -> tuple[Envelope, int, QueueState] | None:
         try:
@@ -471,13 +524,19 @@ class Spool:
         alone; returns their ids."""
         gone: list[str] = []
         fds: list[int] = []
+        # String paths, and the lines of a records list encoded once for every message it
+        # goes to (a bulk hold of 100,000 gives each the same list).
+        queue_dir, state_dir = os.fspath(self.queue), os.fspath(self.state_dir)
+        encoded: dict[int, bytes] = {}
         try:
             for queue_id, records in batch:
-                if not self.exists(queue_id):
+                if not os.path.isfile(f"{queue_dir}/{queue_id}"):
                     gone.append(queue_id)
                     continue
-                data = journal.encode(records)
-                fd = os.open(self.state_dir / queue_id, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                data = encoded.get(id(records))
+                if data is None:
+                    data = encoded[id(records)] = journal.encode(records)
+                fd = os.open(f"{state_dir}/{queue_id}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 fds.append(fd)
                 os.write(fd, data)
             if self.fsync:
@@ -486,8 +545,9 @@ class Spool:
             for fd in fds:
                 os.close(fd)
         if self.index is not None:
+            left = set(gone)
             for queue_id, records in batch:
-                if queue_id not in gone:
+                if queue_id not in left:
                     self.index.apply(queue_id, records)
         return gone
 

@@ -274,6 +274,84 @@ def test_api_queue_answers_what_queue_list_json_answers(console) -> None:
     assert api.get("/api/v1/me").json() == {"name": "otto", "role": "operator", "via": "api token"}
 
 
+def test_the_queue_page_pages_through_the_node_and_keeps_its_filters(console) -> None:
+    """120 queued messages (stored as a receiver process stores them): the page shows 50
+    rows, the total and the page links; each page is the slice of the whole list the node
+    answers, asked of it by offset and limit; the filters stay in every link."""
+    from kanmon.model import Envelope, new_queue_id
+    from kanmon.spool.store import Spool
+
+    spool = Spool(console.data_dir, fsync=False)
+    now = time.time()
+    for i in range(120):
+        at = now - 10_000 + i
+        rcpt = f"u{i}@down.example" if i % 2 else f"u{i}@other.example"
+        spool.store_blocking(new_queue_id(at), Envelope("sender@example.test", [rcpt], received_at=at),
+                             b"Subject: paged\r\n\r\nx\r\n")
+    spool.close()
+    asked = []
+    real = console.node.admin.handle
+
+    async def handle(request, *a, **kw):
+        asked.append(request)
+        return await real(request, *a, **kw)
+
+    console.node.admin.handle = handle
+    c = login(console, "audrey", "audrey-pw")
+    whole = console.node.admin.ops.list({})["items"]
+    assert len(whole) == 120
+    first = c.get("/queue")
+    assert first.status_code == 200
+    rows = re.findall(r'<tr id="row-([0-9A-Za-z]+)"', first.text)
+    assert rows == [r["id"] for r in whole[:50]]
+    assert re.search(r'id="queue-total">[^<]*: 120 \(1-50\)', first.text)
+    assert re.search(r'id="page-of">[^<]*1 / 3<', first.text)
+    links = re.findall(r'<a href="([^"]+)" class="page-link">(\d)</a>', first.text)
+    assert [n for _, n in links] == ["2", "3"]
+    third = c.get(links[1][0].replace("&amp;", "&"))
+    assert re.findall(r'<tr id="row-([0-9A-Za-z]+)"', third.text) == [r["id"] for r in whole[100:]]
+    assert re.search(r'id="queue-total">[^<]*: 120 \(101-120\)', third.text)
+    assert 'id="next-page"' not in third.text and 'rel="prev"' in third.text
+    # Only one page's rows were asked of the node, never the whole queue.
+    lists = [r for r in asked if r.get("op") == "list"]
+    assert lists and all(r["args"].get("limit") == 50 for r in lists), lists
+    # A filter: its matches are paged, and every page link keeps it.
+    down = c.get("/queue", params={"domain": "down.example", "limit": 25})
+    assert re.search(r'id="queue-total">[^<]*: 60 \(1-25\)', down.text)
+    links = re.findall(r'<a href="([^"]+)" class="page-link">', down.text)
+    assert len(links) == 2 and all("domain=down.example" in u and "limit=25" in u for u in links)
+    second = c.get(links[0].replace("&amp;", "&"))
+    expected = [r["id"] for r in console.node.admin.ops.list({"domain": "down.example"})["items"][25:50]]
+    assert re.findall(r'<tr id="row-([0-9A-Za-z]+)"', second.text) == expected
+    # The API pages the same way, and answers the count with each page.
+    secret = AdminAccounts(console.data_dir).new_token("audrey")
+    api = api_client(console, headers={"Authorization": f"Bearer {secret}"})
+    page = api.get("/api/v1/queue", params={"domain": "down.example", "offset": 25, "limit": 25}).json()
+    assert page["count"] == 60 and [r["id"] for r in page["items"]] == expected
+
+
+def test_the_dashboard_charts_are_counted_once_per_their_time_to_live(console) -> None:
+    """A GROUP BY over 30 days of history rows is the dearest part of the dashboard: each
+    chart is counted again only when it is older than CHART_TTL, and without top lists."""
+    import asyncio
+
+    from kanmon.console.app import CHART_TTL
+
+    app = ConsoleApp(console.node, console.node.config)
+    asked = []
+
+    async def stats(by, since, top=5):
+        asked.append((by, top))
+        return {"by": by, "since": since}
+
+    app._stats = stats
+    now = 1_800_000_000.0
+    for at in (now, now + 1, now + CHART_TTL["hour"] + 1, now + CHART_TTL["day"] + 1):
+        asyncio.run(app._chart_stats("hour", at))
+        asyncio.run(app._chart_stats("day", at))
+    assert asked == [("hour", 0), ("day", 0), ("hour", 0), ("hour", 0), ("day", 0)]
+
+
 def test_the_alert_test_button_mails_a_test_alert_to_the_mailbox(console) -> None:
     c = login(console, "alice", "alice-pw")
     token = csrf_of(c, "/alerts")

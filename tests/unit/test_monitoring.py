@@ -86,6 +86,10 @@ def test_stats_count_messages_once_and_deferrals_per_recipient(tmp_path):
     assert s.top_recipients == [("x@example.test", 2), ("y@other.test", 1)]
     assert s.top_domains == [("example.test", 2), ("other.test", 1)]
     assert len(s.buckets) == 1 and s.buckets[0].start <= time.time()
+    # top=0: the buckets alone (the dashboard's charts), the same counts, no top lists
+    b = collect(tmp_path, time.time() - 86400, top=0)
+    assert (b.totals.received, b.totals.delivered, b.totals.bounced) == (2, 2, 1) and b.buckets == s.buckets
+    assert b.top_senders == b.top_recipients == b.top_domains == b.rejected_by_check == []
     with pytest.raises(ValueError):
         collect(tmp_path, 0, by="week")
 

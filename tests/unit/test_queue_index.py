@@ -118,12 +118,18 @@ def test_messages_other_processes_stored_or_removed_are_found(pair):
     assert set(new) <= ids and gone not in ids
 
 
-def test_a_queue_file_damaged_underneath_is_set_aside_as_a_scan_would(pair):
+def test_a_queue_file_damaged_underneath_is_set_aside_when_it_is_next_read(pair):
     scan, index, files, node, rng = pair
     qid = index.list()["items"][0]["id"]
     path = node.queue / qid
     data = path.read_bytes()
     path.write_bytes(data.replace(b'"rcpts":[', b'"rcpts":[1,'))  # decodes no longer, longer by two
+    # A walk of the index reads no file (no stat per message): it answers what it knew...
+    rows = {r["id"]: r["state"] for r in index.list()["items"]}
+    assert rows[qid] == "deferred" and qid in node.index
+    # ...until a stage reads the file (here `queue show`; the next attempt does the same).
+    with pytest.raises(LookupError, match="damaged"):
+        index.show(qid)
     rows = {r["id"]: r["state"] for r in index.list()["items"]}
     assert rows[qid] == "corrupt" and qid not in node.index
     assert_same(scan, index)
@@ -165,3 +171,92 @@ def test_summary_lists_queue_only_when_it_changed(pair, monkeypatch):
     new = store(files, rng, 300)  # another process: queue/ changes
     assert index.summary() == scan.summary()
     assert listed == [node.queue] and new in node.index
+
+
+def test_journal_records_applied_to_entries_answer_as_the_journal_read_back(tmp_path):
+    """Every kind of record, in any order, on messages with several recipients: the
+    index's compact entries (updated record by record) list, filter and summarise as
+    the journals read back from the files do (final recipients, a deferral after a final
+    result, replies repeated or tied in time, holds, schedules, requeues)."""
+    config = parse_config(CONFIG.format(data_dir=tmp_path))
+    files, node = Spool(tmp_path, fsync=False), Spool(tmp_path, fsync=False)
+    node.keep_index()
+    records = Records(tmp_path, "mx1.example.test")
+    scan = QueueOps(config, files, records, OfflineLink(Clock()))
+    index = QueueOps(config, node, records, OfflineLink(Clock()))
+    rng = random.Random(11)
+    ids = []
+    for i in range(40):
+        rcpts = [f"u{i}-{k}@d{rng.randrange(3)}.example" for k in range(rng.randrange(1, 4))]
+        qid = new_queue_id(NOW - i)
+        node.store_blocking(qid, Envelope("" if i % 7 == 0 else f"s{i % 4}@example.test", rcpts, received_at=NOW - i * 3600),
+                            b"Subject: x\r\n\r\nbody\r\n")
+        ids.append((qid, rcpts))
+    replies = ["451 4.4.1 Connection refused", "450 4.1.1 User unknown", "421 4.7.0 Try again later", ""]
+    for _ in range(400):
+        qid, rcpts = rng.choice(ids)
+        t = NOW + rng.choice([0, 0, 1, 2])  # ties in time are common: one attempt, several recipients
+        kind = rng.randrange(6)
+        if kind <= 1:
+            recs = [journal.Result(t, r, rng.choice(["deferred", "deferred", "deferred", "sent", "bounced"]),
+                                   rng.choice(replies)) for r in rng.sample(rcpts, rng.randrange(1, len(rcpts) + 1))]
+        elif kind == 2:
+            recs = [journal.Attempt(t, rng.randrange(10), t + 600)]
+        elif kind == 3:
+            recs = [journal.Hold(t, rng.random() < 0.5, "test")]
+        elif kind == 4:
+            recs = [journal.Schedule(t, rng.choice([0.0, t + 60]))]
+        else:
+            recs = [journal.Warned(t)]
+        node.append_state(qid, recs)
+    extra = FILTERS + [{"reason": "Try again"}, {"reason": "refused", "to": "*-2@*"}, {"attempts": ">3"},
+                       {"mail_from": "<>"}, {"state": "hold", "reason": "User"}]
+    for f in extra:
+        assert index.list(f) == scan.list(f), f
+        assert index.summary(f) == scan.summary(f), f
+    # and a node started on these files answers the same as the one that wrote them
+    restarted = Spool(tmp_path, fsync=False)
+    restarted.keep_index()
+    restarted.recover_each(lambda e: restarted.index.add(e.queue_id, e.envelope, e.size, e.state))
+    again = QueueOps(config, restarted, records, OfflineLink(Clock()))
+    for f in extra:
+        assert again.list(f) == scan.list(f), f
+    records.close()
+    for s in (files, node, restarted):
+        s.close()
+
+
+def test_pages_of_the_list_are_slices_of_the_whole_list(pair):
+    scan, index, files, node, rng = pair
+    for ops in (scan, index):
+        whole = ops.list({"state": "all"})
+        assert whole["count"] == 60
+        for offset, limit in ((0, 5), (5, 5), (55, 10), (60, 5), (0, 60), (3, 0)):
+            page = ops.list({"state": "all"}, offset, limit)
+            assert page["count"] == 60
+            assert page["items"] == whole["items"][offset:offset + limit], (offset, limit)
+    with pytest.raises(ValueError):
+        index.list({}, -1, 5)
+
+
+def test_texts_shared_between_entries_are_swept_once_no_entry_holds_them(tmp_path, monkeypatch):
+    from kanmon.spool import index as index_module
+
+    monkeypatch.setattr(index_module, "_POOL_MIN", 10)
+    spool = Spool(tmp_path, fsync=False)
+    idx = spool.keep_index()
+    idx._pool_limit = 10
+    for i in range(50):
+        qid = new_queue_id(NOW + i)
+        spool.store_blocking(qid, Envelope(f"sender{i}@example.test", ["r@example.org"]), b"x\r\n")
+        spool.append_state(qid, [journal.Result(NOW, "r@example.org", "deferred", f"451 busy {i % 3}")])
+        if i < 45:
+            spool.remove(qid)
+    # five messages left: their five senders and three reply texts stay shared, the rest went
+    assert len(idx._pool) <= 2 * 10
+    kept = idx.entries()
+    assert len(kept) == 5
+    for e in kept:
+        assert idx._pool[e.mail_from] is e.mail_from
+    assert all(e.last_reply()[0].startswith("451 busy") for e in kept)
+    spool.close()
