@@ -170,12 +170,12 @@ class Link:
         """Count this connection against real (max_connections) while it connects and runs."""
         self.release()
         self.real = self._slot = real
-        real.connections += 1
+        real.opened()
 
     def release(self) -> None:
         """Give the connection slot back (idempotent)."""
         if self._slot is not None:
-            self._slot.connections -= 1
+            self._slot.closed()
             self._slot = None
 
     def server_connected(self, end: End) -> None:
