@@ -159,6 +159,15 @@ class _Virtual:
     server: asyncio.Server | None = None
     links: set[Link] = field(default_factory=set)
     notices: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (last emitted, suppressed)
+    sources: dict[str, tuple[str, int] | None] = field(default_factory=dict)  # real host -> source_address()
+
+    def source(self, real_host: str) -> tuple[str, int] | None:
+        """source_address() of a real server, worked out once (not per connection)."""
+        try:
+            return self.sources[real_host]
+        except KeyError:
+            found = self.sources[real_host] = source_address(self.vs, real_host)
+            return found
 
     @property
     def vs(self) -> VirtualServer:
@@ -603,7 +612,7 @@ class BalancerService:
             try:
                 async with asyncio.timeout(v.vs.connect_timeout):
                     _, end = await loop.create_connection(
-                        lambda: End(link, "server", header), host, port, local_addr=source_address(v.vs, host)
+                        lambda: End(link, "server", header), host, port, local_addr=v.source(host)
                     )
             except (OSError, TimeoutError) as e:
                 link.release()
