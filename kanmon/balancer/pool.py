@@ -9,10 +9,13 @@ new connection should try (the method's choice first) and reports state changes
 Trusts: the validated config (kanmon.config.VirtualServer) and the check results and
 counts the service feeds it; client addresses are used only as hash input.
 
+An administrator may set a server to disabled or standby at run time (set_mode); its
+`mode` is then that one, its configured mode stays in `config.mode`.
+
 Never: touch the network or a clock of its own (callers pass `now`), send traffic to a
-`disabled` server, to a standby server while an active server is up (except as the last
-resort for one connection whose every active server refused it, see plan()), or to a
-server at its max_connections.
+`disabled` server (configured or set), to a standby server while an active server is
+up (except as the last resort for one connection whose every active server refused it,
+see plan()), or to a server at its max_connections.
 """
 
 from __future__ import annotations

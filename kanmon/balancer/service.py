@@ -4,9 +4,14 @@ Role: what `kanmon serve` runs for a [balancer] section. BalancerService binds o
 listener per virtual server, runs the health checks of its real servers, splices each
 client connection to the real server its Pool chooses (optionally opening with a PROXY
 v2 header that carries the client's address), reports state changes (down, up,
-failover, failback) to the event log and to the `ha` alert (one alert per incident,
-resolved by its recovery), and keeps
-<data_dir>/balancer-status.json current for `kanmon balance status`.
+failover, failback, an administrator's mode) to the event log and to the `ha` alert (one
+alert per incident, resolved by its recovery), and keeps
+<data_dir>/balancer-status.json current for `kanmon balance status`. set_mode() is
+`kanmon balance set` and the console's drain button; the modes it sets are kept in
+<data_dir>/balancer-modes.json across reloads and restarts. With `[balancer] processes`
+above 1 it also starts forwarding processes (kanmon.balancer.workers) on the same
+listening sockets and publishes the health state to them (kanmon.balancer.shared); in
+such a process the same class runs with a Forwarder: no checks, no files.
 
 Trusts: the validated Config. Nothing from clients or real servers: their bytes are
 copied, not read (splice.py); check replies are bounded (health.py).

@@ -58,6 +58,7 @@ class SharedTable:
             os.ftruncate(fd, size)
         self._map = mmap.mmap(fd, size)
         self._generation = -1
+        self.closed = False
 
     @classmethod
     def create(cls, servers: int, processes: int) -> SharedTable:
@@ -72,6 +73,7 @@ class SharedTable:
         return cls(fd, servers, processes, create=True)
 
     def close(self) -> None:
+        self.closed = True
         self._map.close()
         os.close(self.fd)
 
@@ -122,7 +124,10 @@ class SharedTable:
                 g += 1
 
     def write_connections(self, slot: int, index: int, connections: int) -> None:
-        """One server's open connections (global server index), at once: others decide by it."""
+        """One server's open connections (global server index), at once: others decide by it.
+        (A connection that ends after the service stopped has no table to tell any more.)"""
+        if self.closed:
+            return
         struct.pack_into("<q", self._map, self._counts_at + (slot * self.servers + index) * _COUNTS.size, connections)
 
     def load_counts(self, slot: int, pools: Sequence[Pool]) -> None:
