@@ -1323,6 +1323,9 @@ class BalancerSection(Section):
     )
     backlog: int = Field(4096, ge=1, le=65535, description="Listen backlog of each virtual address (as HAProxy's default; "
                                                            "the kernel caps it at net.core.somaxconn)")
+    splice: bool = Field(True, description="A connection that has carried 256 KiB one way goes on with splice(2) "
+                                           "through a pipe where the system has it (Linux): its bytes no longer pass "
+                                           "through Python")
 
 
 class Config(Section):

@@ -47,7 +47,8 @@ async def _forward(spec: dict[str, Any], slot: int, table_arg: str, fds: list[in
         s.setblocking(False)
     config = Config.model_validate({
         "server": {"data_dir": spec.get("data_dir", ".")},
-        "balancer": {"virtual_server": spec["virtual_server"], "processes": processes, "backlog": spec["backlog"]},
+        "balancer": {"virtual_server": spec["virtual_server"], "processes": processes, "backlog": spec["backlog"],
+                     "splice": spec["splice"]},
     })
 
     def say(text: str, queue_id: str | None = None) -> None:

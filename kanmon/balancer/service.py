@@ -205,6 +205,7 @@ class BalancerService:
         self._slot = forwarder.slot if forwarder is not None else 0
         self._workers: WorkerPool | None = None
         self._needs_others = False
+        self._splice = bool(config.balancer is not None and config.balancer.splice)
         self._emit = emit
         self._alert = alert
         self._status_interval = status_interval
@@ -541,7 +542,7 @@ class BalancerService:
             for real, rs in zip(d["real"], v.vs.real):
                 real["address"] = address_text(rs.address)
             vss.append(d)
-        return {"virtual_server": vss, "backlog": balancer.backlog}
+        return {"virtual_server": vss, "backlog": balancer.backlog, "splice": balancer.splice}
 
     def _write_status(self) -> None:
         try:
@@ -553,7 +554,7 @@ class BalancerService:
     # -- connections -----------------------------------------------------------------
 
     def _client_end(self, v: _Virtual) -> End:
-        return End(Link(v.vs.idle_timeout, self._on_client(v), self._on_finish(v)), "client")
+        return End(Link(v.vs.idle_timeout, self._on_client(v), self._on_finish(v), self._splice), "client")
 
     def _on_client(self, v: _Virtual) -> Callable[[Link], None]:
         def on_client(link: Link) -> None:
