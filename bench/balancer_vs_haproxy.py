@@ -21,6 +21,7 @@ printed with every round: on a shared machine, read the ratios, not the absolute
 
     python bench/balancer_vs_haproxy.py                       # 3 rounds of 5,000 messages
     python bench/balancer_vs_haproxy.py --messages 1000 --rounds 1
+    python bench/balancer_vs_haproxy.py --sizes 1000000 --messages 300 [--no-splice]
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ data_dir = "{data_dir}"
 
 [balancer]
 processes = {processes}
+splice = {splice}
 
 [[balancer.virtual_server]]
 name = "mail"
@@ -153,6 +155,7 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=50, help="smtp-source -s")
     ap.add_argument("--sizes", default="5000,100000", help="message sizes in bytes, comma-separated")
     ap.add_argument("--processes", type=int, default=0, help="kanmon's [balancer] processes (0: one per core)")
+    ap.add_argument("--no-splice", action="store_true", help="kanmon's [balancer] splice = false (copy every byte)")
     args = ap.parse_args()
     for tool in ("haproxy", "smtp-source", "smtp-sink"):
         if not shutil.which(tool):
@@ -161,7 +164,8 @@ def main() -> int:
     (work / "lb").mkdir(mode=0o700)
     (work / "haproxy.cfg").write_text(HAPROXY_CFG.format(front=HAPROXY, sink=SINK))
     (work / "lb.toml").write_text(KANMON_CFG.format(data_dir=work / "lb", front=KANMON, sink=SINK,
-                                                   processes=args.processes))
+                                                   processes=args.processes,
+                                                   splice="false" if args.no_splice else "true"))
     env_python = [sys.executable, "-m", "kanmon", "serve", "-c", str(work / "lb.toml"), "--quiet"]
     sink = SmtpSink(SINK)
     balancers: list[Balancer] = []

@@ -32,7 +32,9 @@ transport is released in Link.finish()).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 EARLY_LIMIT = 64 * 1024  # client bytes held while its real server connects
-SPLICE_CHUNK = 64 * 1024  # one splice(2) moves at most this much (a pipe holds 64 KiB)
+SPLICE_CHUNK = 256 * 1024  # one splice(2) moves at most this much: the pipe is made this big (F_SETPIPE_SZ)
 SPLICE_AFTER = 256 * 1024  # bytes one way on the transport path before a connection is spliced
 # splice(2) where the system has it; Link(..., splice=False) or [balancer] splice = false keeps the copy path.
 CAN_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
@@ -243,6 +245,9 @@ class Link:
             fds.extend(up)
             down = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             fds.extend(down)
+            for w in (up[1], down[1]):  # as much per turn of the loop as the copy path reads
+                with contextlib.suppress(OSError):  # beyond fs.pipe-max-size: the default 64 KiB
+                    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), SPLICE_CHUNK)
         except OSError:
             for fd in fds:
                 os.close(fd)
