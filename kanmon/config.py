@@ -1318,6 +1318,16 @@ class ConsoleSection(Section):
 
 class BalancerSection(Section):
     virtual_server: list[VirtualServer] = Field(default_factory=list, description="[[balancer.virtual_server]] tables")
+    processes: int = Field(
+        0, ge=0, le=64,
+        description="Processes that accept and forward connections, sharing the listening sockets and the health "
+                    "state; 0: one per CPU core",
+    )
+    backlog: int = Field(4096, ge=1, le=65535, description="Listen backlog of each virtual address (as HAProxy's default; "
+                                                           "the kernel caps it at net.core.somaxconn)")
+    splice: bool = Field(True, description="A connection that has carried 256 KiB one way goes on with splice(2) "
+                                           "through a pipe where the system has it (Linux): its bytes no longer pass "
+                                           "through Python")
 
 
 class Config(Section):

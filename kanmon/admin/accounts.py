@@ -48,8 +48,8 @@ TOKEN_PREFIX = "kmn_"
 
 # What each role may do: "read" every page and GET; the rest are writes.
 PERMISSIONS = {
-    "admin": frozenset({"read", "queue", "quarantine", "alerts", "config", "accounts", "backup"}),
-    "operator": frozenset({"read", "queue", "quarantine", "alerts"}),
+    "admin": frozenset({"read", "queue", "quarantine", "alerts", "balancer", "config", "accounts", "backup"}),
+    "operator": frozenset({"read", "queue", "quarantine", "alerts", "balancer"}),
     "auditor": frozenset({"read"}),
 }
 

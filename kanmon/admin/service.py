@@ -26,6 +26,7 @@ from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
+from kanmon.escape import for_log
 from kanmon.records.events import Error, MaintenanceRun
 
 LOCK_WAIT = 30.0  # seconds a starting server waits for an offline admin command
@@ -77,6 +78,20 @@ class NodeLink:
         self._call(self.queue.submit_nowait, queue_id)
 
 
+def balance_set_request(balancer, args: dict) -> dict:
+    """The control socket's "balance_set": {"virtual", "real", "mode", "by"} -> the real server's status."""
+    if balancer is None:
+        return {"ok": False, "error": "this node runs no balancer (no [balancer] section)"}
+    fields = [args.get(k) for k in ("virtual", "real", "mode")]
+    if not all(isinstance(f, str) and f for f in fields) or not isinstance(args.get("by", ""), str):
+        return {"ok": False, "error": "balance_set needs virtual, real and mode (strings)"}
+    by = for_log(args.get("by") or "an administrator")[:200]
+    try:
+        return {"ok": True, "result": balancer.set_mode(*fields, by=by)}
+    except (LookupError, ValueError) as e:
+        return {"ok": False, "error": str(e.args[0]) if e.args else str(e)}
+
+
 class AdminPlane:
     """One per node: `services` entry (start/stop) plus run_maintenance() in the TaskGroup."""
 
@@ -118,6 +133,8 @@ class AdminPlane:
             return await self.node.reload_request()
         if request.get("op") == "dns_cache":  # `kanmon dns cache show|flush`
             return dns_cache_request(self.node.dns_cache, request.get("args") or {}, self.node.receivers)
+        if request.get("op") == "balance_set":  # `kanmon balance set VIRTUAL REAL MODE`
+            return balance_set_request(self.node.balancer, request.get("args") or {})
         return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
 
     async def stop(self) -> None:

@@ -9,22 +9,30 @@ new connection should try (the method's choice first) and reports state changes
 Trusts: the validated config (kanmon.config.VirtualServer) and the check results and
 counts the service feeds it; client addresses are used only as hash input.
 
+An administrator may set a server to disabled or standby at run time (set_mode); its
+`mode` is then that one, its configured mode stays in `config.mode`.
+
 Never: touch the network or a clock of its own (callers pass `now`), send traffic to a
-`disabled` server, to a standby server while an active server is up (except as the last
-resort for one connection whose every active server refused it, see plan()), or to a
-server at its max_connections.
+`disabled` server (configured or set), to a standby server while an active server is
+up (except as the last resort for one connection whose every active server refused it,
+see plan()), or to a server at its max_connections.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from kanmon.config import RealServer, VirtualServer
+if TYPE_CHECKING:  # only the attributes are used: a forwarding process need not load the config models
+    from kanmon.config import RealServer, VirtualServer
 
 State = Literal["up", "down", "disabled"]
 Tier = Literal["active", "standby", "none"]
+# What an administrator may set at run time (`kanmon balance set`, the console):
+# "enabled" gives a real server back its configured mode.
+ADMIN_MODES = ("disabled", "standby", "enabled")
 
 # least-rtt: the check round-trip time is smoothed so that one slow check does not
 # move all new connections (weight of the newest sample).
@@ -56,6 +64,14 @@ class RealServerState:
     bytes_in: int = 0  # from clients to this server (HAProxy's "bin")
     bytes_out: int = 0  # from this server to clients ("bout")
     wrr_current: int = 0  # smooth weighted round-robin state
+    # Set at run time by an administrator ("disabled" or "standby"), overriding the
+    # configured mode until set back to "enabled"; None: the configured mode applies.
+    admin_mode: str | None = None
+    admin_since: float | None = None
+    # With several balancer processes (kanmon.balancer.shared): the open connections of
+    # the other processes, and where this process publishes its own count when it changes.
+    others: int = 0
+    on_open_changed: Callable[[RealServerState], None] | None = None
 
     @property
     def address(self) -> str:
@@ -63,16 +79,31 @@ class RealServerState:
 
     @property
     def mode(self) -> str:
-        return self.config.mode
+        """The mode new connections are chosen by: the administrator's, else the configured one."""
+        return self.admin_mode or self.config.mode
 
     def has_capacity(self) -> bool:
         limit = self.config.max_connections
-        return limit == 0 or self.connections < limit
+        return limit == 0 or self.connections + self.others < limit
+
+    def opened(self) -> None:
+        """One more connection open (or connecting) to this server."""
+        self.connections += 1
+        if self.on_open_changed is not None:
+            self.on_open_changed(self)
+
+    def closed(self) -> None:
+        self.connections -= 1
+        if self.on_open_changed is not None:
+            self.on_open_changed(self)
 
     def snapshot(self) -> dict[str, object]:
         return {
             "address": self.address,
-            "mode": self.config.mode,
+            "mode": self.mode,
+            "configured_mode": self.config.mode,
+            "admin_mode": self.admin_mode,
+            "admin_since": self.admin_since,
             "state": self.state,
             "since": self.since,
             "weight": self.config.weight,
@@ -91,7 +122,7 @@ class RealServerState:
 
 @dataclass(frozen=True, slots=True)
 class PoolEvent:
-    kind: Literal["down", "up", "failover", "failback", "all-down", "restored"]
+    kind: Literal["down", "up", "failover", "failback", "all-down", "restored", "admin"]
     text: str
 
 
@@ -166,12 +197,56 @@ class Pool:
         return events
 
     def _who(self, server: RealServerState) -> str:
-        return f"balancer {self.vs.name}: real server {server.address} ({server.config.mode})"
+        return f"balancer {self.vs.name}: real server {server.address} ({server.mode})"
+
+    # -- administrator -------------------------------------------------------------
+
+    def find(self, address: str) -> RealServerState | None:
+        """The real server written as ip:port (or [ipv6]:port), as status shows it."""
+        return next((s for s in self.servers if s.address == address), None)
+
+    def set_mode(self, server: RealServerState, mode: str, now: float, by: str = "an administrator") -> list[PoolEvent]:
+        """An administrator's mode for server: "disabled" (drain: no new connections,
+        open ones finish), "standby", or "enabled" (its configured mode again).
+
+        Raises ValueError for a mode that is not one of ADMIN_MODES, or for a server
+        disabled in the configuration (it has no health checks; the config enables it).
+        Returns the events: the change itself, then any failover/failback it causes;
+        nothing when the mode is already in effect.
+        """
+        if mode not in ADMIN_MODES:
+            raise ValueError(f"{mode!r} is not a mode to set ({', '.join(ADMIN_MODES)})")
+        if server.config.mode == "disabled":
+            raise ValueError(f"real server {server.address} is disabled in the configuration; "
+                             "set its mode there and reload")
+        new = None if mode == "enabled" or mode == server.config.mode else mode
+        if new == server.admin_mode:
+            return []
+        old_mode = server.mode
+        server.admin_mode = new
+        server.admin_since = None if new is None else now
+        if new is None:
+            what = f"back to its configured mode {server.config.mode}"
+        elif new == "disabled":
+            what = "disabled (drained: no new connections, open ones finish)"
+        else:
+            what = new
+        text = (f"balancer {self.vs.name}: real server {server.address} set to {what} by {by} "
+                f"(was {old_mode}; configured {server.config.mode})")
+        return [PoolEvent("admin", text), *self._tier_change()]
+
+    def settle_tier(self) -> None:
+        """Recompute the serving tier without events (after modes were restored at start)."""
+        self.tier = self._serving_tier()
+
+    def admin_modes(self) -> dict[str, str]:
+        """address -> administrator's mode, for the servers that have one."""
+        return {s.address: s.admin_mode for s in self.servers if s.admin_mode is not None}
 
     def _serving_tier(self) -> Tier:
-        if any(s.state == "up" and s.config.mode == "active" for s in self.servers):
+        if any(s.state == "up" and s.mode == "active" for s in self.servers):
             return "active"
-        if any(s.state == "up" and s.config.mode == "standby" for s in self.servers):
+        if any(s.state == "up" and s.mode == "standby" for s in self.servers):
             return "standby"
         return "none"
 
@@ -180,7 +255,7 @@ class Pool:
         if old == new:
             return []
         self.tier = new
-        up = ", ".join(s.address for s in self.servers if s.state == "up" and s.config.mode == new)
+        up = ", ".join(s.address for s in self.servers if s.state == "up" and s.mode == new)
         name = f"balancer {self.vs.name}"
         if new == "none":
             return [PoolEvent("all-down", f"{name}: no real server is up; new connections are refused")]
@@ -196,7 +271,7 @@ class Pool:
         return [
             s
             for s in self.servers
-            if s.config.mode == mode
+            if s.mode == mode
             and s.state == "up"
             and s.has_capacity()
             and (self.vs.method != "weighted" or s.config.weight > 0)
@@ -245,7 +320,7 @@ class Pool:
             n = len(self.servers)
             start = self._rotation
             self._rotation += 1
-            return sorted(servers, key=lambda s: (s.connections, (s.index - start) % n))
+            return sorted(servers, key=lambda s: (s.connections + s.others, (s.index - start) % n))
         return self._order_without_state(servers, client_ip)
 
     def _order_without_state(self, servers: list[RealServerState], client_ip: str) -> list[RealServerState]:
@@ -257,7 +332,7 @@ class Pool:
         if method == "least-rtt":
             return sorted(servers, key=lambda s: (float("inf") if s.rtt is None else s.rtt, s.index))
         if method == "least-session":
-            return sorted(servers, key=lambda s: (s.connections, s.index))
+            return sorted(servers, key=lambda s: (s.connections + s.others, s.index))
         # first-alive (and the fallback order of round-robin and weighted): config order.
         return list(servers)
 

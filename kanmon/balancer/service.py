@@ -4,9 +4,14 @@ Role: what `kanmon serve` runs for a [balancer] section. BalancerService binds o
 listener per virtual server, runs the health checks of its real servers, splices each
 client connection to the real server its Pool chooses (optionally opening with a PROXY
 v2 header that carries the client's address), reports state changes (down, up,
-failover, failback) to the event log and to the `ha` alert (one alert per incident,
-resolved by its recovery), and keeps
-<data_dir>/balancer-status.json current for `kanmon balance status`.
+failover, failback, an administrator's mode) to the event log and to the `ha` alert (one
+alert per incident, resolved by its recovery), and keeps
+<data_dir>/balancer-status.json current for `kanmon balance status`. set_mode() is
+`kanmon balance set` and the console's drain button; the modes it sets are kept in
+<data_dir>/balancer-modes.json across reloads and restarts. With `[balancer] processes`
+above 1 it also starts forwarding processes (kanmon.balancer.workers) on the same
+listening sockets and publishes the health state to them (kanmon.balancer.shared); in
+such a process the same class runs with a Forwarder: no checks, no files.
 
 Trusts: the validated Config. Nothing from clients or real servers: their bytes are
 copied, not read (splice.py); check replies are bounded (health.py).
@@ -26,13 +31,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from kanmon.balancer import health
 from kanmon.balancer.pool import Pool, PoolEvent, RealServerState, address_text
+from kanmon.balancer.shared import SharedTable
 from kanmon.balancer.splice import End, Link
-from kanmon.balancer.status import FORMAT_VERSION, status_path, write_status
+from kanmon.balancer.workers import Forwarder, WorkerPool, can_fork_workers
+from kanmon.balancer.status import FORMAT_VERSION, read_admin_modes, status_path, write_admin_modes, write_status
 from kanmon.config import Config, ConfigError, VirtualServer
 from kanmon.smtp.proxy_protocol import build_proxy_v2
 
@@ -43,6 +51,11 @@ ALERT_CATEGORY = "ha"
 # most once per this many seconds per virtual server and kind, with a count.
 NOTICE_INTERVAL = 10.0
 STOP_GRACE = 2.0  # seconds open connections get to close on stop before they are aborted
+COUNTS_INTERVAL = 0.5  # a forwarding process publishes its byte and connection totals this often
+
+
+def _write_open(table: SharedTable, slot: int, index: int, real: RealServerState) -> None:
+    table.write_connections(slot, index, real.connections)
 
 
 class Emit(Protocol):
@@ -56,6 +69,8 @@ Alert = Callable[[str, str, str, bool], None]
 
 def incidents(vs_name: str, event: PoolEvent, real: RealServerState | None, tier: str) -> list[tuple[str, bool]]:
     """The alert keys of a pool event's incidents, each with whether the event resolves it."""
+    if event.kind == "admin":  # an administrator's choice is no incident (what follows from it may be)
+        return []
     if event.kind in ("down", "up") and real is not None:
         return [(f"{vs_name} real server {real.address}", event.kind == "up")]
     if event.kind in ("failover", "failback"):
@@ -149,6 +164,15 @@ class _Virtual:
     server: asyncio.Server | None = None
     links: set[Link] = field(default_factory=set)
     notices: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (last emitted, suppressed)
+    sources: dict[str, tuple[str, int] | None] = field(default_factory=dict)  # real host -> source_address()
+
+    def source(self, real_host: str) -> tuple[str, int] | None:
+        """source_address() of a real server, worked out once (not per connection)."""
+        try:
+            return self.sources[real_host]
+        except KeyError:
+            found = self.sources[real_host] = source_address(self.vs, real_host)
+            return found
 
     @property
     def vs(self) -> VirtualServer:
@@ -169,13 +193,24 @@ class BalancerService:
         alert: Alert | None = None,
         *,
         status_interval: float = 1.0,
+        forwarder: Forwarder | None = None,
     ):
+        """forwarder: this service is one of the forwarding processes of a balancer with
+        `processes` > 1 (kanmon.balancer.worker): it accepts on the sockets it was given
+        and follows the shared table; it runs no checks and writes no files."""
         validate_balancer(config, privileges=False)
         self.config = config
+        self._forwarder = forwarder
+        self._table: SharedTable | None = forwarder.table if forwarder is not None else None
+        self._slot = forwarder.slot if forwarder is not None else 0
+        self._workers: WorkerPool | None = None
+        self._needs_others = False
+        self._splice = bool(config.balancer is not None and config.balancer.splice)
         self._emit = emit
         self._alert = alert
         self._status_interval = status_interval
         self._status_file = status_path(config.server.data_dir)
+        self._data_dir = Path(config.server.data_dir)
         self._virtuals: list[_Virtual] = []
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -200,14 +235,24 @@ class BalancerService:
         return out
 
     def status(self) -> dict[str, Any]:
-        """The document the status file holds (also for the web console)."""
+        """The document the status file holds (also for the web console); with several
+        processes, the counts are those of all of them."""
+        virtual_servers = [v.pool.snapshot() for v in self._virtuals]
+        if self._table is not None and self._forwarder is None:
+            others = iter(self._table.totals(self._slot))
+            for vs in virtual_servers:
+                for server in vs["servers"]:  # type: ignore[union-attr]
+                    for key, n in zip(("connections", "total_connections", "failed_connects", "bytes_in", "bytes_out"),
+                                      next(others)):
+                        server[key] += n
         return {
             "format": FORMAT_VERSION,
             "pid": os.getpid(),
+            "processes": 1 + (self._workers.count if self._workers is not None else 0),
             "running": self._state == "running",
             "started_at": self._started_at,
             "updated_at": time.time(),
-            "virtual_servers": [v.pool.snapshot() for v in self._virtuals],
+            "virtual_servers": virtual_servers,
         }
 
     async def start(self) -> None:
@@ -218,7 +263,7 @@ class BalancerService:
         """
         if self._state != "new":
             raise RuntimeError("BalancerService.start() called twice")
-        validate_balancer(self.config)
+        validate_balancer(self.config, privileges=self._forwarder is None)  # checks run in the main process
         assert self.config.balancer is not None
         loop = asyncio.get_running_loop()
         self._started_at = now = time.time()
@@ -227,27 +272,48 @@ class BalancerService:
         ]
         self._ready, self._changed, self._all_finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._all_finished.set()
+        balancer = self.config.balancer
+        self._needs_others = any(v.vs.method == "least-session" or any(r.max_connections for r in v.vs.real)
+                                 for v in self._virtuals)
+        kept = [] if self._forwarder is not None else self._restore_admin_modes(now)
+        processes = balancer.processes or (os.cpu_count() or 1)
+        if self._forwarder is None and processes > 1 and can_fork_workers():
+            servers = sum(len(v.pool.servers) for v in self._virtuals)
+            self._table = SharedTable.create(servers, processes)
+            self._table.publish(self._pools())
+        if self._table is not None:
+            self._share_open_counts()
         try:
             for v in self._virtuals:
                 host, port = v.vs.listen
+                factory = partial(self._client_end, v)
                 try:
-                    v.server = await loop.create_server(
-                        lambda v=v: End(Link(v.vs.idle_timeout, self._on_client(v), self._on_finish(v)), "client"),
-                        host,
-                        port,
-                        reuse_address=True,
-                        start_serving=False,  # not before the task group can take connections
-                    )
+                    if self._forwarder is not None:
+                        v.server = await loop.create_server(factory, sock=self._forwarder.sockets[v.index],
+                                                            backlog=balancer.backlog, start_serving=False)
+                    else:
+                        v.server = await loop.create_server(factory, host, port, reuse_address=True,
+                                                            backlog=balancer.backlog,
+                                                            start_serving=False)  # not before the task group runs
                 except OSError as e:
                     raise OSError(
                         e.errno, f"balancer {v.vs.name}: cannot listen on {address_text(v.vs.listen)}: {e.strerror or e}"
                     ) from e
+            if self._table is not None and self._forwarder is None:
+                sockets = [v.server.sockets[0] for v in self._virtuals]  # type: ignore[union-attr]
+                self._workers = WorkerPool(self._table, sockets, self._worker_spec(), processes - 1, self._say)
         except BaseException:
+            if self._workers is not None:
+                await self._workers.stop()
+                self._workers = None
             for v in self._virtuals:
                 if v.server is not None:
                     v.server.close()
                     await v.server.wait_closed()
                     v.server = None
+            if self._table is not None and self._forwarder is None:
+                self._table.close()
+                self._table = None
             self._state = "stopped"
             raise
         self._state = "running"
@@ -256,11 +322,19 @@ class BalancerService:
         for v in self._virtuals:
             assert v.server is not None
             await v.server.start_serving()
+        if self._forwarder is not None:
+            return
+        if self._workers is not None:
+            self._workers.start()
+            self._say(f"balancer: {processes} processes accept and forward (pids {os.getpid()}, "
+                      f"{', '.join(str(p) for p in self._workers.pids())}), sharing the health state")
         for v in self._virtuals:
             vs = v.vs
             reals = ", ".join(f"{s.address} ({s.mode})" for s in v.pool.servers)
             self._say(f"balancer {vs.name}: listening on {address_text(vs.listen)}, method {vs.method}, "
                       f"{vs.health.type} checks every {vs.health.interval:g}s; real servers {reals}")
+        for text in kept:
+            self._say(text)
 
     async def stop(self) -> None:
         """Stop listening, stop the checks, close open connections (aborted after a grace)."""
@@ -271,6 +345,8 @@ class BalancerService:
         for v in self._virtuals:
             if v.server is not None:
                 v.server.close()
+        if self._workers is not None:
+            await self._workers.stop()
         if self._main is not None:
             self._main.cancel()
             try:
@@ -303,8 +379,83 @@ class BalancerService:
                 except TimeoutError:
                     pass
         self._state = "stopped"
+        if self._forwarder is not None:
+            return
         self._write_status()
+        if self._table is not None:
+            self._table.close()
+            self._table = None
         self._say("balancer: stopped")
+
+    def set_mode(self, virtual: str, real: str, mode: str, by: str = "an administrator") -> dict[str, Any]:
+        """Set real server `real` (ip:port as status shows it) of virtual server `virtual`
+        to "disabled" (drain), "standby" or "enabled" (its configured mode) without a
+        config change. New connections follow at once; open ones finish where they are.
+        The choice is kept in <data_dir>/balancer-modes.json, so a reload or a restart
+        keeps it (see docs/balancer.md). Raises LookupError (no such virtual or real
+        server) or ValueError (a mode that cannot be set); returns the server's snapshot.
+        """
+        if self._state != "running":
+            raise LookupError("the balancer is not running")
+        v = next((v for v in self._virtuals if v.vs.name == virtual), None)
+        if v is None:
+            raise LookupError(f"no virtual server {virtual!r} (there are: {', '.join(x.vs.name for x in self._virtuals)})")
+        server = v.pool.find(real)
+        if server is None:
+            raise LookupError(f"virtual server {virtual!r} has no real server {real!r} "
+                              f"(it has: {', '.join(s.address for s in v.pool.servers)})")
+        events = v.pool.set_mode(server, mode, time.time(), by)
+        if events:
+            self._publish()
+            self._save_admin_modes()
+            for event in events:
+                self._event(event, v, server)
+        return {"virtual_server": virtual, "changed": bool(events), **server.snapshot()}
+
+    def admin_modes(self) -> dict[str, dict[str, str]]:
+        """virtual server name -> {real server address: administrator's mode}."""
+        return {v.vs.name: modes for v in self._virtuals if (modes := v.pool.admin_modes())}
+
+    def _save_admin_modes(self) -> None:
+        try:
+            write_admin_modes(self._data_dir, {
+                v.vs.name: {s.address: {"mode": s.admin_mode, "since": s.admin_since}
+                            for s in v.pool.servers if s.admin_mode is not None}
+                for v in self._virtuals
+            })
+        except OSError as e:
+            self._say(f"balancer: cannot keep the administrator's modes in {self._data_dir}: {e.strerror or e}; "
+                      "they hold until the balancer restarts")
+
+    def _restore_admin_modes(self, now: float) -> list[str]:
+        """Apply the modes an administrator set before this start (a reload or restart);
+        returns the event lines saying so. Entries for servers no longer configured, or
+        configured as disabled, are dropped (and said)."""
+        saved, problem = read_admin_modes(self._data_dir)
+        lines = [f"balancer: {problem}; the configured modes apply"] if problem else []
+        dropped = False
+        for name, servers in saved.items():
+            v = next((v for v in self._virtuals if v.vs.name == name), None)
+            for address, entry in servers.items():
+                server = v.pool.find(address) if v is not None else None
+                mode = entry.get("mode")
+                if server is None or server.config.mode == "disabled" or mode not in ("disabled", "standby") \
+                        or mode == server.config.mode:
+                    dropped = True
+                    lines.append(f"balancer {name}: the administrator's mode {mode!r} for real server {address} is "
+                                 "dropped: the configuration no longer has it as an active or standby server")
+                    continue
+                server.admin_mode = mode
+                since = entry.get("since")
+                server.admin_since = since if isinstance(since, (int, float)) else now
+                lines.append(f"balancer {name}: real server {address} stays {mode}, as an administrator set it "
+                             f"(configured {server.config.mode}; `kanmon balance set {name} {address} enabled` "
+                             "gives it back)")
+        for v in self._virtuals:
+            v.pool.settle_tier()
+        if dropped:
+            self._save_admin_modes()
+        return lines
 
     # -- tasks -------------------------------------------------------------------
 
@@ -312,10 +463,13 @@ class BalancerService:
         assert self._ready is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            for v in self._virtuals:
-                for real in v.pool.checked_servers():
-                    tg.create_task(self._check_loop(v, real), name=f"check {v.vs.name} {real.address}")
-            tg.create_task(self._status_loop(), name="balancer status")
+            if self._forwarder is not None:
+                tg.create_task(self._counts_loop(), name="balancer counts")
+            else:
+                for v in self._virtuals:
+                    for real in v.pool.checked_servers():
+                        tg.create_task(self._check_loop(v, real), name=f"check {v.vs.name} {real.address}")
+                tg.create_task(self._status_loop(), name="balancer status")
             self._ready.set()
         self._tg = None
 
@@ -333,6 +487,7 @@ class BalancerService:
                 log.exception("balancer: health check of %s crashed", real.address)
                 result = health.CheckResult(False, f"check failed: {e!r}")
             events = v.pool.record_check(real, result.ok, result.detail, result.rtt, time.time())
+            self._publish()
             for event in events:
                 self._event(event, v, real)
             await asyncio.sleep(hc.interval)
@@ -348,6 +503,47 @@ class BalancerService:
                 pass
             self._changed.clear()
 
+    async def _counts_loop(self) -> None:
+        """A forwarding process: its counts into the shared table for the status."""
+        assert self._table is not None
+        while True:
+            self._table.write_counts(self._slot, self._pools())
+            await asyncio.sleep(COUNTS_INTERVAL)
+
+    def _pools(self) -> list[Pool]:
+        return [v.pool for v in self._virtuals]
+
+    def _publish(self) -> None:
+        """The main process of several: health, modes and rtt to the forwarding processes."""
+        if self._table is not None and self._forwarder is None:
+            self._table.publish(self._pools())
+
+    def _share_open_counts(self) -> None:
+        """Each change of a server's open connections goes to the shared table at once
+        (max_connections and least-session count every process's connections)."""
+        table, slot = self._table, self._slot
+        assert table is not None
+        index = 0
+        for v in self._virtuals:
+            for real in v.pool.servers:
+                real.on_open_changed = partial(_write_open, table, slot, index)
+                index += 1
+        if self._forwarder is not None:
+            table.load_counts(slot, self._pools())  # a process started again goes on from its predecessor's totals
+
+    def _worker_spec(self) -> dict[str, Any]:
+        """What a forwarding process needs of the config (kanmon.balancer.worker)."""
+        balancer = self.config.balancer
+        assert balancer is not None
+        vss = []
+        for v in self._virtuals:
+            d = v.vs.model_dump(mode="json")
+            d["listen"] = address_text(v.vs.listen)
+            for real, rs in zip(d["real"], v.vs.real):
+                real["address"] = address_text(rs.address)
+            vss.append(d)
+        return {"virtual_server": vss, "backlog": balancer.backlog, "splice": balancer.splice}
+
     def _write_status(self) -> None:
         try:
             self._status_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -356,6 +552,9 @@ class BalancerService:
             log.warning("balancer: cannot write %s: %s", self._status_file, e)
 
     # -- connections -----------------------------------------------------------------
+
+    def _client_end(self, v: _Virtual) -> End:
+        return End(Link(v.vs.idle_timeout, self._on_client(v), self._on_finish(v), self._splice), "client")
 
     def _on_client(self, v: _Virtual) -> Callable[[Link], None]:
         def on_client(link: Link) -> None:
@@ -396,6 +595,11 @@ class BalancerService:
         if client is None or virtual is None or link.finished:
             link.close()
             return
+        if self._table is not None:
+            if self._forwarder is not None:
+                self._table.refresh(self._pools())
+            if self._needs_others:
+                self._table.others(self._slot, self._pools())
         plan = v.pool.plan(client[0])
         if not plan:
             self._notice(v, "none", f"no real server can take a connection (serving tier: {v.pool.tier}); "
@@ -414,7 +618,7 @@ class BalancerService:
             try:
                 async with asyncio.timeout(v.vs.connect_timeout):
                     _, end = await loop.create_connection(
-                        lambda: End(link, "server", header), host, port, local_addr=source_address(v.vs, host)
+                        lambda: End(link, "server", header), host, port, local_addr=v.source(host)
                     )
             except (OSError, TimeoutError) as e:
                 link.release()

@@ -12,6 +12,16 @@ pause_reading in connection_made does not stop every event loop's first read) is
 up to EARLY_LIMIT bytes, and written to the real server first, in order, right after the
 PROXY header; past that limit the client stays paused until the real server is there.
 
+Zero copy: on Linux, once a connection has carried SPLICE_AFTER bytes one way (a big
+message, an IMAP fetch of an attachment: not an SMTP dialogue, whose many small
+exchanges cost less through the transports than the pipes would) and nothing is waiting
+in either write buffer, the Link moves the bytes itself with splice(2) from one socket
+into a pipe and from the pipe into the other socket (a _Pump per direction), without
+bringing them into Python: the transports stay paused and are only used to close. A
+chunk a transport had already read when it was paused is written first. Flow control is
+the pipe's (at most one read, 64 KiB, waits in it); EOF, half-close and the idle timeout
+behave as on the transport path. Where splice(2) is missing the transport path stays.
+
 Trusts: nothing in the bytes: they are never parsed, only counted and copied.
 
 Never: buffer without bound, keep a client connection open after its real server is
@@ -22,6 +32,11 @@ transport is released in Link.finish()).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -31,6 +46,12 @@ if TYPE_CHECKING:
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
 EARLY_LIMIT = 64 * 1024  # client bytes held while its real server connects
+SPLICE_CHUNK = 256 * 1024  # one splice(2) moves at most this much: the pipe is made this big (F_SETPIPE_SZ)
+SPLICE_AFTER = 256 * 1024  # bytes one way on the transport path before a connection is spliced
+# splice(2) where the system has it; Link(..., splice=False) or [balancer] splice = false keeps the copy path.
+CAN_SPLICE = hasattr(os, "splice") and hasattr(os, "pipe2")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 class End(asyncio.Protocol):
@@ -124,8 +145,13 @@ class Link:
         idle_timeout: float,
         on_client: Callable[[Link], None],
         on_finish: Callable[[Link], None],
+        splice: bool = False,
     ):
         self.loop = asyncio.get_running_loop()
+        self._splice_wanted = splice and CAN_SPLICE
+        self._copied = [0, 0]  # bytes forwarded on the transport path from the client, from the server
+        self.spliced = False  # from some point on, its bytes went by splice(2), not through Python
+        self._pumps: tuple[_Pump, _Pump] | None = None  # (client -> server, server -> client) when splicing
         self.client: End | None = None
         self.server: End | None = None
         self.real: RealServerState | None = None  # the real server it is (being) spliced to
@@ -170,12 +196,12 @@ class Link:
         """Count this connection against real (max_connections) while it connects and runs."""
         self.release()
         self.real = self._slot = real
-        real.connections += 1
+        real.opened()
 
     def release(self) -> None:
         """Give the connection slot back (idempotent)."""
         if self._slot is not None:
-            self._slot.connections -= 1
+            self._slot.closed()
             self._slot = None
 
     def server_connected(self, end: End) -> None:
@@ -194,6 +220,74 @@ class Link:
                 self._eof_held = False
                 self.eof_from(self.client)
 
+
+    def _start_splice(self) -> bool:
+        """Move the bytes with splice(2) from now on; False (nothing changed) when not possible."""
+        client, server = self.client, self.server
+        if client is None or server is None or client.transport is None or server.transport is None:
+            return False
+        if client.eof or server.eof or client.lost or server.lost:
+            return False
+        if client.transport.is_closing() or server.transport.is_closing():
+            return False
+        if client.transport.get_write_buffer_size() or server.transport.get_write_buffer_size():
+            return False  # written but not sent yet: the transport path keeps the order
+        csock, ssock = client.transport.get_extra_info("socket"), server.transport.get_extra_info("socket")
+        if csock is None or ssock is None:
+            return False
+        fds: list[int] = []
+        try:
+            cfd = os.dup(csock.fileno())
+            fds.append(cfd)
+            sfd = os.dup(ssock.fileno())
+            fds.append(sfd)
+            up = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.extend(up)
+            down = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.extend(down)
+            for w in (up[1], down[1]):  # as much per turn of the loop as the copy path reads
+                with contextlib.suppress(OSError):  # beyond fs.pipe-max-size: the default 64 KiB
+                    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), SPLICE_CHUNK)
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return False
+        client.pause_reading("splice")
+        server.pause_reading("splice")
+        self._pumps = (_Pump(self, cfd, sfd, up, client), _Pump(self, sfd, cfd, down, server))
+        self.spliced = True
+        for pump in self._pumps:
+            pump.start()
+        return True
+
+    def _stop_splice(self) -> None:
+        """Stop the pumps and close their descriptors (the transports close the sockets)."""
+        pumps, self._pumps = self._pumps, None
+        if pumps is None:
+            return
+        for pump in pumps:
+            pump.stop()
+        os.close(pumps[0].src)
+        os.close(pumps[1].src)
+
+    def pumped_eof(self, pump: _Pump) -> None:
+        """A spliced side has sent everything it will send, and all of it was passed on
+        (a pump reads only with its pipe empty)."""
+        assert self._pumps is not None
+        if pump is self._pumps[1]:
+            self.close()  # the real server finished: as eof_from(server)
+            return
+        try:
+            _shutdown_write(pump.dst)  # the client's half-close, passed on to the real server
+        except OSError:
+            self.close()
+            return
+        if self._pumps[1].eof:
+            self.close()
+
+    def pump_failed(self) -> None:
+        self.abort()
+
     def touch(self) -> None:
         self._last_activity = self.loop.time()
 
@@ -206,11 +300,22 @@ class Link:
             if len(self._early) >= EARLY_LIMIT:
                 source.pause_reading("connecting")
             return
+        if self._pumps is not None:
+            # Read by a transport in the same turn of the loop as it was paused for the
+            # pumps: it goes out first, before anything its pump reads.
+            self._count(source, len(data))
+            self._pumps[0 if source is self.client else 1].late(data)
+            return
         target = self.other(source)
         if target is None:
             return
         target.write(data)
         self._count(source, len(data))
+        if self._splice_wanted:
+            way = 0 if source is self.client else 1
+            self._copied[way] += len(data)
+            if self._copied[way] >= SPLICE_AFTER and self.server is not None and not self._closing:
+                self._start_splice()  # while something waits in a write buffer: tried again at the next chunk
 
     def _count(self, source: End | None, n: int) -> None:
         if self.real is not None:
@@ -277,6 +382,7 @@ class Link:
     def close(self) -> None:
         """Close both sides gracefully (buffered bytes are still sent; a peer that takes
         none of them for idle_timeout is aborted)."""
+        self._stop_splice()
         self._closing = True
         for end in (self.client, self.server):
             if end is not None:
@@ -285,6 +391,7 @@ class Link:
             self.connect_task.cancel()
 
     def abort(self) -> None:
+        self._stop_splice()
         for end in (self.client, self.server):
             if end is not None:
                 end.abort()
@@ -293,9 +400,125 @@ class Link:
         if self.finished:
             return
         self.finished = True
+        self._stop_splice()
         self._early = bytearray()
         self.release()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         self._on_finish(self)
+
+
+def _shutdown_write(fd: int) -> None:
+    """shutdown(fd, SHUT_WR) on a descriptor we do not own as a socket object."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.shutdown(socket.SHUT_WR)
+    finally:
+        s.close()
+
+
+class _Pump:
+    """One direction of a spliced Link: src socket -> pipe -> dst socket, by splice(2).
+
+    It reads only while the pipe is empty, so the pipe never holds more than one read;
+    when dst cannot take the bytes it waits for dst to be writable, src unread (the
+    sender's TCP window closes: flow control as on the transport path).
+    """
+
+    def __init__(self, link: Link, src: int, dst: int, pipe: tuple[int, int], end: End):
+        self.link = link
+        self.src, self.dst = src, dst
+        self.pipe_r, self.pipe_w = pipe
+        self.end = end  # the End whose bytes this pump moves (for the counts)
+        self.in_pipe = 0
+        self.pending = b""  # read by the transport before the pump started: sent first
+        self.eof = False
+        self._reading = False
+        self._writing = False
+        self._stopped = False
+
+    def start(self) -> None:
+        self._read_on()
+
+    def late(self, data: bytes) -> None:
+        self.pending += data
+        self._read_off()
+        self._flush()
+
+    def _read_on(self) -> None:
+        if not self._reading and not self._stopped and not self.pending:
+            self.link.loop.add_reader(self.src, self._readable)
+            self._reading = True
+
+    def _read_off(self) -> None:
+        if self._reading:
+            self.link.loop.remove_reader(self.src)
+            self._reading = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._read_off()
+        if self._writing:
+            self.link.loop.remove_writer(self.dst)
+            self._writing = False
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
+    def _readable(self) -> None:
+        if self._stopped or self.in_pipe or self.pending:
+            return
+        try:
+            n = os.splice(self.src, self.pipe_w, SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.link.pump_failed()
+            return
+        if n == 0:
+            self.eof = True
+            self.end.eof = True
+            self._read_off()
+            self.link.pumped_eof(self)
+            return
+        self.link.touch()
+        self.link._count(self.end, n)
+        self.in_pipe = n
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                n = os.write(self.dst, self.pending)
+            except BlockingIOError:
+                self._wait_writable()
+                return
+            except OSError:
+                self.link.pump_failed()
+                return
+            self.pending = self.pending[n:]
+        while self.in_pipe:
+            try:
+                n = os.splice(self.pipe_r, self.dst, self.in_pipe, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self._wait_writable()
+                return
+            except OSError:
+                self.link.pump_failed()
+                return
+            self.in_pipe -= n
+        if self._writing:
+            self.link.loop.remove_writer(self.dst)
+            self._writing = False
+        self._read_on()
+
+    def _wait_writable(self) -> None:
+        self._read_off()
+        if not self._writing:
+            self.link.loop.add_writer(self.dst, self._writable)
+            self._writing = True
+
+    def _writable(self) -> None:
+        if not self._stopped:
+            self.link.touch()
+            self._flush()

@@ -1,4 +1,5 @@
-"""The balancer's status file: written by the running service, read by `kanmon balance status`.
+"""The balancer's status file: written by the running service, read by `kanmon balance status`;
+and its modes file: the real-server modes an administrator set at run time.
 
 Role: one JSON document at <data_dir>/balancer-status.json describing every virtual
 server and real server (state, checks, connections, bytes). The service rewrites it
@@ -8,8 +9,12 @@ therefore see either the old or the new document, never a torn one.
 Trusts: on reading, nothing: the file may be missing, stale (the service died), or not
 ours; read_status says which, it never raises on content.
 
-Never: hold the file open, fsync it (it is a view, not data to keep), or write
-anywhere but data_dir.
+<data_dir>/balancer-modes.json keeps what `kanmon balance set` (or the console) chose,
+so a reload or a restart does not send new connections to a server drained for
+maintenance. It is written atomically and fsynced (it is a decision, not a view).
+
+Never: hold the files open, fsync the status file (it is a view, not data to keep), or
+write anywhere but data_dir.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "balancer-status.json"
+MODES_FILE = "balancer-modes.json"
+MAX_MODES_BYTES = 1_000_000
 FORMAT_VERSION = 1
 # The service writes every second; older than this, the writer is presumed gone.
 STALE_AFTER = 5.0
@@ -39,6 +46,42 @@ def write_status(path: Path, document: dict[str, Any]) -> None:
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def write_admin_modes(data_dir: Path, modes: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Keep {virtual server: {real server address: {"mode", "since"}}} (empty entries dropped)."""
+    path = Path(data_dir) / MODES_FILE
+    kept = {name: servers for name, servers in modes.items() if servers}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps({"format": FORMAT_VERSION, "modes": kept}, indent=1, sort_keys=True).encode()
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_admin_modes(data_dir: Path) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    """(modes, problem): what write_admin_modes kept; ({}, None) when there is nothing;
+    ({}, why) when the file is not usable (it is then ignored, never fatal)."""
+    path = Path(data_dir) / MODES_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MODES_BYTES + 1)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as e:
+        return {}, f"cannot read {path}: {e.strerror}"
+    try:
+        doc = json.loads(raw) if len(raw) <= MAX_MODES_BYTES else None
+    except ValueError:
+        doc = None
+    modes = doc.get("modes") if isinstance(doc, dict) and doc.get("format") == FORMAT_VERSION else None
+    if not isinstance(modes, dict) or not all(
+        isinstance(servers, dict) and all(isinstance(e, dict) for e in servers.values()) for servers in modes.values()
+    ):
+        return {}, f"{path} is not a balancer modes file of this kanmon version"
+    return modes, None
 
 
 @dataclass(frozen=True, slots=True)

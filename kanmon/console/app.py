@@ -268,6 +268,7 @@ class ConsoleApp:
             Route("/users/{address}/{action}", g(self.users_act, "accounts"), methods=["POST"]),
             Route("/balancer", g(self.balancer_page)),
             Route("/policies", g(self.policies_page)),
+            Route("/balancer/mode", g(self.balancer_mode, "balancer"), methods=["POST"]),
             Route("/config", g(self.config_page, "config")),
             Route("/config/check", g(self.config_check_page, "config"), methods=["POST"]),
             Route("/config/apply", g(self.config_apply_page, "config"), methods=["POST"]),
@@ -296,6 +297,7 @@ class ConsoleApp:
             Route("/api/v1/config/history/{name}", g(self.api_config_version, "config", api=True)),
             Route("/api/v1/balancer", g(self.api_balancer, api=True)),
             Route("/api/v1/policies", g(self.api_policies, api=True)),
+            Route("/api/v1/balancer/mode", g(self.api_balancer_mode, "balancer", api=True), methods=["POST"]),
             Route("/api/v1/dns", g(self.api_dns, api=True)),
             Route("/api/v1/users", g(self.api_users, api=True)),
             Route("/api/v1/users/mailboxes", g(self.api_user_add, "accounts", api=True), methods=["POST"]),
@@ -670,6 +672,25 @@ class ConsoleApp:
             "dnsbl": [z.model_dump(mode="json") for z in cfg.dnsbl],
             "dnsbl_allowlist": [str(n) for n in cfg.dnsbl_allowlist.networks],
         }
+    async def _balancer_set(self, who: Who, virtual: object, real: object, mode: object) -> dict:
+        """Set a real server to disabled (drain), standby or enabled, as `kanmon balance
+        set` does (the same node operation); audited whatever the outcome."""
+        from kanmon.admin.service import balance_set_request  # noqa: PLC0415
+        from kanmon.balancer.pool import ADMIN_MODES  # noqa: PLC0415
+
+        if not all(isinstance(x, str) and x for x in (virtual, real, mode)) or mode not in ADMIN_MODES:
+            raise Refused(400, f"virtual, real and mode ({', '.join(ADMIN_MODES)}) are needed")
+        assert isinstance(virtual, str) and isinstance(real, str) and isinstance(mode, str)
+        target = f"{virtual} {real}"
+        reply = balance_set_request(getattr(self.node, "balancer", None), {
+            "virtual": virtual, "real": real, "mode": mode, "by": f"{who.account.name} (console, {who.ip})"})
+        if not reply.get("ok"):
+            error = str(reply.get("error"))
+            self.write_audit(who, f"balancer {mode}", target, "refused: " + error)
+            raise Refused(404 if error.startswith(("no virtual server", "virtual server")) else 400, error)
+        result = reply["result"]
+        self.write_audit(who, f"balancer {mode}", target, ("now " if result["changed"] else "already ") + result["mode"])
+        return result
 
     def _users_store(self):
         from kanmon.store.users import Users  # noqa: PLC0415
@@ -996,8 +1017,13 @@ class ConsoleApp:
         text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
         return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
 
-    async def balancer_page(self, request: Request, who: Who) -> Response:
-        return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time())
+    async def balancer_page(self, request: Request, who: Who, result: dict | None = None) -> Response:
+        return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time(), result=result)
+
+    async def balancer_mode(self, request: Request, who: Who) -> Response:
+        form = await request.form()
+        result = await self._balancer_set(who, form.get("virtual"), form.get("real"), form.get("mode"))
+        return await self.balancer_page(request, who, result)
 
     async def policies_page(self, request: Request, who: Who) -> Response:
         policies = self._policies()
@@ -1230,6 +1256,9 @@ class ConsoleApp:
 
     async def api_policies(self, request: Request, who: Who) -> Response:
         return JSONResponse(self._policies())
+    async def api_balancer_mode(self, request: Request, who: Who) -> Response:
+        body = await _json_body(request)
+        return JSONResponse(await self._balancer_set(who, body.get("virtual"), body.get("real"), body.get("mode")))
 
     async def api_users(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._users())

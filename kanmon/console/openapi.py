@@ -112,6 +112,15 @@ def openapi_document() -> dict:
         "/api/v1/policies": {"get": _op("the policies and profiles of the running config (read only): ip_policy, "
                                         "recipient_policy, session_profiles (resolved), content_profiles with their "
                                         "rules, recipient_verification per domain, dnsbl, dnsbl_allowlist")},
+        "/api/v1/balancer/mode": {"post": _op(
+            "set a real server to disabled (drain: no new connections, open ones finish), standby, or enabled "
+            "(its configured mode), as `kanmon balance set`; kept across reloads and restarts; the real "
+            "server's status after it", write=True, body={
+                "type": "object", "required": ["virtual", "real", "mode"], "properties": {
+                    "virtual": {"type": "string", "description": "a virtual server's name"},
+                    "real": {"type": "string", "description": "a real server's address as the status shows it "
+                                                              "(ip:port, [ipv6]:port)"},
+                    "mode": {"type": "string", "enum": ["disabled", "standby", "enabled"]}}})},
         "/api/v1/users": {"get": _op("mailboxes as `kanmon user list --json` with each domain's quota and the use "
                                      "of it, aliases, and the domains with their routing")},
         "/api/v1/dns": {"get": _op("the periodic DNS check ([dnscheck] every): its last round as `kanmon dns check "

@@ -197,8 +197,10 @@ class Client:
 # The service under test
 
 
-def config_text(tmp_path: Path, vs: str, extra: str = "") -> str:
-    return f'[server]\ndata_dir = "{tmp_path / "data"}"\n{extra}\n{vs}'
+def config_text(tmp_path: Path, vs: str, extra: str = "", processes: int = 1) -> str:
+    """processes = 1: these tests follow each connection's choice in one process (the
+    forwarding processes of processes > 1 have tests of their own: test_balancer_processes.py)."""
+    return f'[server]\ndata_dir = "{tmp_path / "data"}"\n{extra}\n[balancer]\nprocesses = {processes}\n{vs}'
 
 
 def one_vs(
@@ -239,9 +241,9 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def balancer(tmp_path: Path, vs_text: str, alert: Callable[[str, str, str, bool], None] | None = None,
-                   ) -> AsyncIterator[Running]:
+                   processes: int = 1) -> AsyncIterator[Running]:
     """alert: also hand every alert to this (e.g. a real Alerts' incident)."""
-    config = parse_config(config_text(tmp_path, vs_text))
+    config = parse_config(config_text(tmp_path, vs_text, processes=processes))
     events: list[str] = []
     alerts: list[tuple[str, str, str, bool]] = []
 
