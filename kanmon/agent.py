@@ -428,14 +428,12 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     # Only what delivery needs (no listener, check pipeline, admin or console code).
     import time
 
-    from kanmon.auth.dkimsign import load_signer
     from kanmon.config import load_config
     from kanmon.deliver.local import LocalDelivery
     from kanmon.deliver.sieving import SieveFilter
     from kanmon.deliver.smtp import SmtpDelivery
     from kanmon.dnscache import DnsCache
     from kanmon.model import CrlfChecked
-    from kanmon.queue.inject import Injector
     from kanmon.records.store import Records
     from kanmon.spool.groupcommit import GroupCommitter
     from kanmon.spool.store import CorruptEntry, Spool
@@ -461,10 +459,22 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
         d = domains.get(domain)
         return d.quota if d is not None and d.deliver != "relay" else None
 
+    injectors: list = []
+
+    async def inject(env, content: bytes, origin: str) -> str:
+        """A Sieve redirect or vacation reply, through this agent's injector (made at the
+        first one: the DKIM signer and its cryptography cost an agent nothing until then)."""
+        if not injectors:
+            from kanmon.auth.dkimsign import load_signer  # noqa: PLC0415
+            from kanmon.queue.inject import Injector  # noqa: PLC0415
+
+            injectors.append(Injector(spool, records, queued, hostname=config.server.hostname,
+                                      signer=load_signer(config)))
+        return await injectors[0].inject(env, content, origin)
+
     sv = config.sieve
     local = LocalDelivery(data_dir, committer, quota_of=quota_of)
-    injector = Injector(spool, records, queued, hostname=config.server.hostname, signer=load_signer(config))
-    local.sieve = SieveFilter(data_dir, config.server.hostname, injector.inject, records.emit, clock=time.time,
+    local.sieve = SieveFilter(data_dir, config.server.hostname, inject, records.emit, clock=time.time,
                               settings=lambda: (sv.max_redirects, sv.max_script_size, sv.enabled))
     dns_cache = DnsCache(config.dns.cache_entries)  # this agent's (SIGUSR1 flushes it)
     remote = SmtpDelivery(config, records.record, data_dir=data_dir, dns_cache=dns_cache)
