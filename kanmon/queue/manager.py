@@ -5,7 +5,10 @@ persisted schedule), routes each pending recipient, hands groups to the delivery
 and carries out what kanmon.queue.plan decides follows each attempt: the journal records
 first, then the delivery lines, the delay or failure notices (RFC 3464, through the
 injector), and the next retry or the removal from the spool. The envelope travels whole
-to the delivery agents (its SMTPUTF8 flag included).
+to the delivery agents (its SMTPUTF8 flag included). With [server] delivery_workers the
+deliveries run in agent processes (kanmon.agent, behind `agents`): this process then
+reads only envelopes and journals, and the agents' results are planned and journaled
+here exactly like in-process ones.
 
 Memory: the in-memory active set (messages with envelope loaded) is bounded by
 [queue] max_active; deferred messages wait as (due time, id) pairs only.
