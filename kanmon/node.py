@@ -202,7 +202,6 @@ class Node:
         self.delivery_workers = delivery_workers
         self.agents: AgentPool | None = None
         self._draining: dict[asyncio.Task, AgentPool] = {}  # agent pools a reload replaced, finishing
-        self._agents_starting: asyncio.Task | None = None
         self.config_source = config_source
         self.config = config
         self.echo = echo
@@ -484,11 +483,6 @@ class Node:
             self.recover()
             started = []
             try:
-                if self.delivery_workers:
-                    # They start while the listeners do; the queue hands them deliveries
-                    # once every one is ready (a start failure stops the node's start).
-                    self.agents = self._agent_pool(self.delivery_workers, self.config_text)
-                    self._agents_starting = asyncio.ensure_future(self.agents.start())
                 # The admin plane first: its control socket answers (a `kanmon reload` waits
                 # for the start to finish) from the moment a listener accepts.
                 for service in (self.admin, self.monitoring):
@@ -510,15 +504,14 @@ class Node:
                         self.records.emit(f"shared state: cannot clear this node's connection counts: {e}",
                                           kind="error")
                 await frontend.start()
-                if self._agents_starting is not None:
-                    try:
-                        await self._agents_starting  # their start error (they stopped then)
-                    except BaseException:
-                        await frontend.stop()
-                        raise
                 self.frontend = frontend
-                if self.agents is not None:
-                    self.queue.agents = self.agents
+                if self.delivery_workers:
+                    # After the listeners (they answer sooner on a busy machine); the queue
+                    # hands the agents deliveries once every one is ready, and their start
+                    # failing stops the node's start (AgentPool.start stops what started).
+                    agents = self._agent_pool(self.delivery_workers, self.config_text)
+                    await agents.start()
+                    self.agents = self.queue.agents = agents
                 for service in self.services:
                     if service not in started:
                         await service.start()
@@ -558,11 +551,6 @@ class Node:
     async def _stop_agents(self) -> None:
         """The queue manager has stopped: deliveries still in an agent end unfinished
         (nothing journaled; delivered after the next start)."""
-        if self._agents_starting is not None and not self._agents_starting.done():
-            self._agents_starting.cancel()  # start() stops what it started
-        if self._agents_starting is not None:
-            with contextlib.suppress(BaseException):
-                await self._agents_starting
         pools = list(self._draining.values()) + ([self.agents] if self.agents is not None else [])
         for task in list(self._draining):
             task.cancel()
