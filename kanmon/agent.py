@@ -64,6 +64,7 @@ RESTART_DELAY = 1.0  # seconds before an agent that died is started again
 READY_TIMEOUT = 60.0  # seconds a new agent may take to say it is ready
 MAX_LINE = 1 << 24  # bytes of one line on the socket (a result list of 1,000 recipients fits)
 MAX_AGENTS_BY_DEFAULT = 8
+SMALL_READ = 256 << 10  # bytes of queue file an agent reads on its event loop (larger: in a thread)
 
 AGENT_EXITED = LocalReply(451, "4.3.0", "delivery agent exited during the delivery; will retry")
 NO_AGENT = LocalReply(451, "4.3.0", "no delivery agent is running; will retry")
@@ -490,7 +491,12 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
             rcpts = [str(r) for r in msg["rcpts"]]
             route = route_from_wire(msg["route"])
             try:
-                env, content = await loop.run_in_executor(None, spool.read_message, qid)
+                # A small file (the usual case, in the page cache since the receiver wrote
+                # it) is read on the loop: a thread hand-off costs more than the read.
+                if os.stat(spool.queue / qid).st_size <= SMALL_READ:
+                    env, content = spool.read_message(qid)
+                else:
+                    env, content = await loop.run_in_executor(None, spool.read_message, qid)
             except FileNotFoundError:
                 out.send({"k": "gone", "n": n, "id": qid})
                 return

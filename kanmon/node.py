@@ -505,13 +505,6 @@ class Node:
                                           kind="error")
                 await frontend.start()
                 self.frontend = frontend
-                if self.delivery_workers:
-                    # After the listeners (they answer sooner on a busy machine); the queue
-                    # hands the agents deliveries once every one is ready, and their start
-                    # failing stops the node's start (AgentPool.start stops what started).
-                    agents = self._agent_pool(self.delivery_workers, self.config_text)
-                    await agents.start()
-                    self.agents = self.queue.agents = agents
                 for service in self.services:
                     if service not in started:
                         await service.start()
@@ -521,6 +514,8 @@ class Node:
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     self._tg = tg
                     tg.create_task(self.queue.run())
+                    if self.delivery_workers:
+                        tg.create_task(self._start_agents(self.delivery_workers, self.config_text))
                     if self.pickup is not None:
                         tg.create_task(self.pickup.run())
                     self._start_background({"monitoring", "maintenance", "dnscheck", "quarantine"})
@@ -547,6 +542,24 @@ class Node:
             self.records.record(Stopped())
             self.records.close()
             self.admin.close()  # release the data_dir lock last
+
+    async def _start_agents(self, count: int, text: str | None) -> None:
+        """The delivery agents start once the node serves (they cost its start nothing on a
+        busy machine); until every one is ready, and if they cannot start (a critical
+        event), this process delivers."""
+        assert self.records is not None and self.queue is not None
+        pool = self._agent_pool(count, text)
+        self.agents = pool  # a stop meanwhile stops it
+        try:
+            await pool.start()
+        except OSError as e:
+            if self.agents is pool:
+                self.agents = None
+                self.records.emit(f"delivery agents: {e}; delivering in the main process", kind="critical")
+            return
+        if self.agents is pool:
+            self.queue.agents = pool
+            self.records.emit(f"delivery agents: {count} ready (pid {', '.join(map(str, pool.pids()))})")
 
     async def _stop_agents(self) -> None:
         """The queue manager has stopped: deliveries still in an agent end unfinished

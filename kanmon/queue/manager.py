@@ -259,9 +259,10 @@ class QueueManager:
         if fresh is not None:
             entry, content = fresh  # just accepted: nothing on disk to read back
         elif self.agents is not None:
-            # The agents read the content themselves: here only the envelope and journal.
+            # The agents read the content themselves: here only the envelope and journal,
+            # small reads (page cache) done on the loop: a thread hand-off costs more.
             try:
-                entry = await loop.run_in_executor(self._io, self.spool.load, queue_id)
+                entry = self.spool.load(queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile (admin action)
             except CorruptEntry:

@@ -97,6 +97,11 @@ class Node:
     def queued(self) -> list[str]:
         return sorted(p.name for p in (self.data / "spool/queue").iterdir())
 
+    def wait_agents_ready(self, count: int) -> list[int]:
+        """Until the node hands deliveries to its agents (until then it delivers itself)."""
+        wait_for(lambda: f"delivery agents: {count} ready" in self.log(), 60, "the agents to be ready")
+        return agent_pids(self.proc)
+
     def log(self) -> str:
         try:
             return (self.data / "log/kanmon.log").read_text()
@@ -114,7 +119,7 @@ def test_agents_deliver_to_maildir_and_by_smtp(tmp_path, sink):
     node = Node(tmp_path, sink, agents=2, workers=1)
     node.proc.start()
     try:
-        wait_for(lambda: len(agent_pids(node.proc)) == 2, 20, "two agents")
+        assert len(node.wait_agents_ready(2)) == 2
         for i in range(6):
             node.send("alice@example.test", f"local {i}")
             node.send(f"user{i}@relay.test", f"relayed {i}")
@@ -122,12 +127,21 @@ def test_agents_deliver_to_maildir_and_by_smtp(tmp_path, sink):
             s.sendmail("a@relay.test", ["alice@example.test", "bob@example.test"], "Subject: both\r\n\r\nx\r\n")
         wait_for(lambda: len(maildir_messages(node.data, "alice@example.test")) == 7, 20, "local delivery")
         wait_for(lambda: len(maildir_messages(node.data, "bob@example.test")) == 1, 20, "local delivery (bob)")
-        sink.wait_for_messages(6)
+        sink.wait_for_messages(6, 30)
         wait_for(lambda: node.queued() == [], 20, "an empty queue")
         assert sorted(t.rcpts[0] for t in sink.messages) == [f"user{i}@relay.test" for i in range(6)]
         # The main process journals and logs the results the agents reported.
         wait_for(lambda: node.log().count("stat=Sent") == 14, 20, "the delivery lines")
         assert "mailer=esmtp, relay=[127.0.0.2]" in node.log()
+        # `kanmon dns cache flush` reaches the agents' caches too (SIGUSR1; they live on).
+        agents = agent_pids(node.proc)
+        out = node.kanmon("dns", "cache", "flush")
+        assert out.returncode == 0, out.stderr
+        assert "and of 2 delivery agent process(es)" in out.stdout
+        node.send("user9@relay.test", "after the flush")
+        sink.wait_for_messages(7, 30)
+        assert "exited with status" not in node.log()
+        assert sorted(agent_pids(node.proc)) == sorted(agents)
     finally:
         node.proc.terminate()
     assert agent_pids(node.proc) == []
@@ -139,11 +153,10 @@ def test_an_agent_killed_mid_delivery_defers_and_the_retry_delivers(tmp_path, si
     node = Node(tmp_path, sink, agents=1)
     node.proc.start()
     try:
-        wait_for(lambda: len(agent_pids(node.proc)) == 1, 20, "the agent")
-        (agent,) = agent_pids(node.proc)
+        (agent,) = node.wait_agents_ready(1)
         sink.hang = "data-end"
         node.send("carol@relay.test", "in flight")
-        sink.wait_for_messages(1)  # the agent sent it and waits for the reply
+        sink.wait_for_messages(1, 30)  # the agent sent it and waits for the reply
         (qid,) = node.queued()
         os.kill(agent, signal.SIGKILL)
         wait_for(lambda: "stat=Deferred" in node.log(), 20, "the deferral")
@@ -158,7 +171,7 @@ def test_an_agent_killed_mid_delivery_defers_and_the_retry_delivers(tmp_path, si
         out = node.kanmon("queue", "flush", qid)
         assert out.returncode == 0, out.stderr
         wait_for(lambda: node.queued() == [], 20, "the retry to deliver")
-        sink.wait_for_messages(2)  # the first copy never got its 250: at least once
+        sink.wait_for_messages(2, 30)  # the first copy never got its 250: at least once
         wait_for(lambda: node.log().count("stat=Sent") == 1, 20, "its delivery line")
     finally:
         node.proc.terminate()
@@ -170,12 +183,11 @@ def test_a_reload_lets_the_old_agents_finish_their_deliveries(tmp_path, sink):
     node = Node(tmp_path, sink, agents=1)
     node.proc.start()
     try:
-        wait_for(lambda: len(agent_pids(node.proc)) == 1, 20, "the agent")
-        (old,) = agent_pids(node.proc)
+        (old,) = node.wait_agents_ready(1)
         release = threading.Event()
         sink.hold_data_end = release
         node.send("dave@relay.test", "held")
-        sink.wait_for_messages(1)
+        sink.wait_for_messages(1, 30)
         node.write(2, 0, '"alice", "bob", "carol"')
         out = node.kanmon("reload")
         assert out.returncode == 0, out.stderr
@@ -202,11 +214,10 @@ def test_a_stop_hands_in_flight_deliveries_back_to_the_queue(tmp_path, sink):
     node.proc.start()
     release = threading.Event()
     try:
-        wait_for(lambda: len(agent_pids(node.proc)) == 1, 20, "the agent")
-        (agent,) = agent_pids(node.proc)
+        (agent,) = node.wait_agents_ready(1)
         sink.hold_data_end = release
         node.send("erin@relay.test", "cut short")
-        sink.wait_for_messages(1)
+        sink.wait_for_messages(1, 30)
         (qid,) = node.queued()
     finally:
         node.proc.terminate()
