@@ -71,10 +71,11 @@ NO_AGENT = LocalReply(451, "4.3.0", "no delivery agent is running; will retry")
 
 
 def agent_count(setting: int | None) -> int:
-    """[server] delivery_workers: the setting, or one agent per CPU core (at most 8)."""
+    """[server] delivery_workers: the setting, or one agent per CPU core but one (the
+    main process and the receivers need one), at least 1 and at most 8."""
     if setting is not None:
         return setting
-    return max(1, min(MAX_AGENTS_BY_DEFAULT, os.cpu_count() or 1))
+    return max(1, min(MAX_AGENTS_BY_DEFAULT, (os.cpu_count() or 1) - 1))
 
 
 # ---------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def test_agent_count_by_setting_or_cores(monkeypatch):
     assert agent_count(0) == 0
     assert agent_count(3) == 3
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert agent_count(None) == 2
+    assert agent_count(None) == 1  # a core for the main process and the receivers
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert agent_count(None) == 3
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert agent_count(None) == 8
     monkeypatch.setattr("os.cpu_count", lambda: None)
