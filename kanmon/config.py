@@ -161,6 +161,11 @@ class ServerSection(Section):
         1, ge=0, le=64,
         description="SMTP receiver processes beside the main one (queue, delivery); 0: all in one process",
     )
+    delivery_workers: int | None = Field(
+        None, ge=0, le=64,
+        description="Delivery agent processes (Maildir and SMTP) the main process hands deliveries to; "
+        "default: one per CPU core but one (at least 1, at most 8); 0: deliver in the main process",
+    )
     user: str | None = Field(
         None, description="Started as root: run as this user, keeping only the right to bind ports below 1024",
     )

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kanmon.admin.service import AdminPlane
+from kanmon.agent import AgentPool, agent_count
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
@@ -188,10 +189,12 @@ class Node:
         fsync: bool = True,
         auth_throttle=None,
         workers: int = 0,
+        delivery_workers: int = 0,
         config_source: str | None = None,
         config_text: str | None = None,
     ):
         """workers: SMTP receiver processes (kanmon.receiver); 0 receives in this process.
+        delivery_workers: delivery agent processes (kanmon.agent); 0 delivers in this process.
         config_source: the config file the receivers load and a reload reads (None: the
         embedded default). config_text: the text `config` was parsed from (the receivers
         get a snapshot of it)."""
@@ -202,6 +205,9 @@ class Node:
         self.config_text = config_text
         self._generation = 0
         self.workers = workers
+        self.delivery_workers = delivery_workers
+        self.agents: AgentPool | None = None
+        self._draining: dict[asyncio.Task, AgentPool] = {}  # agent pools a reload replaced, finishing
         self.config_source = config_source
         self.config = config
         self.echo = echo
@@ -287,6 +293,7 @@ class Node:
         self.mail_roles = has_mail_roles(config)
         if not self.mail_roles:
             self.workers = 0
+            self.delivery_workers = 0
         # Shared state (rate counters, verification cache, greylist) is one database in
         # data_dir that the receiver processes open too, or PostgreSQL shared with the other
         # nodes ([records] url); it stays across reloads.
@@ -415,18 +422,7 @@ class Node:
         sockets = [sock for sock, _tls in socks([a for a, _r, _t in plan], False)]
         listeners = [{"fd": s.fileno(), "role": role, "tls": tls} for s, (_a, role, tls) in zip(sockets, plan)]
         assert self.queue is not None and self.records is not None
-        # The receivers load exactly the text this process validated (a private snapshot),
-        # not the file, which may have changed since.
-        source, snapshot = self.config_source, False
-        if text is not None:
-            self._generation += 1
-            if self._generation == 1:
-                _remove_dead_snapshots(self.data_dir)
-            path = self.data_dir / f".receivers-{os.getpid()}-{self._generation}.toml"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            source, snapshot = str(path), True
+        source, snapshot = self._config_snapshot("receivers", text)
         state = self.state
 
         async def receiver_exited(pid: int) -> None:
@@ -439,6 +435,33 @@ class Node:
         return ReceiverPool(source, listeners, sockets, workers, self.queue.submit_nowait,
                             self.records.emit, quiet=self.echo is None, own_config_file=snapshot,
                             on_exit=receiver_exited)
+
+    def _config_snapshot(self, kind: str, text: str | None) -> tuple[str | None, bool]:
+        """(config source, is a private snapshot) for child processes: they load exactly
+        the text this process validated, not the file, which may have changed since."""
+        if text is None:
+            return self.config_source, False
+        self._generation += 1
+        if self._generation == 1:
+            _remove_dead_snapshots(self.data_dir)
+        path = self.data_dir / f".{kind}-{os.getpid()}-{self._generation}.toml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return str(path), True
+
+    def _agent_pool(self, count: int, text: str | None) -> AgentPool:
+        """The delivery agents of the config `text` (kanmon.agent); not started."""
+        assert self.queue is not None and self.records is not None
+        source, snapshot = self._config_snapshot("agents", text)
+
+        def server_used(destination: str, used: str, failed: list[tuple[str, str]]) -> None:
+            hook = self.remote.on_server_used  # the failover alerts (kanmon.monitoring sets it)
+            if hook is not None:
+                hook(destination, used, failed)
+
+        return AgentPool(source, count, self.queue.submit_nowait, self.records.emit, on_server_used=server_used,
+                         quiet=self.echo is None, fsync=self.fsync, own_config_file=snapshot)
 
     # -- start, run, stop ---------------------------------------------------------------
 
@@ -511,6 +534,8 @@ class Node:
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     self._tg = tg
                     tg.create_task(self.queue.run())
+                    if self.delivery_workers:
+                        tg.create_task(self._start_agents(self.delivery_workers, self.config_text))
                     if self.pickup is not None:
                         tg.create_task(self.pickup.run())
                     self._start_background({"monitoring", "maintenance", "dnscheck", "quarantine"})
@@ -519,6 +544,7 @@ class Node:
             finally:
                 self.ready = False
                 self._tg = None
+                await self._stop_agents()
                 await self._stop_frontends()
                 for service in reversed(started):
                     await service.stop()
@@ -536,6 +562,37 @@ class Node:
             self.records.record(Stopped())
             self.records.close()
             self.admin.close()  # release the data_dir lock last
+
+    async def _start_agents(self, count: int, text: str | None) -> None:
+        """The delivery agents start once the node serves (they cost its start nothing on a
+        busy machine); until every one is ready, and if they cannot start (a critical
+        event), this process delivers."""
+        assert self.records is not None and self.queue is not None
+        pool = self._agent_pool(count, text)
+        self.agents = pool  # a stop meanwhile stops it
+        try:
+            await pool.start()
+        except OSError as e:
+            if self.agents is pool:
+                self.agents = None
+                self.records.emit(f"delivery agents: {e}; delivering in the main process", kind="critical")
+            return
+        if self.agents is pool:
+            self.queue.agents = pool
+            self.records.emit(f"delivery agents: {count} ready (pid {', '.join(map(str, pool.pids()))})")
+
+    async def _stop_agents(self) -> None:
+        """The queue manager has stopped: deliveries still in an agent end unfinished
+        (nothing journaled; delivered after the next start)."""
+        pools = list(self._draining.values()) + ([self.agents] if self.agents is not None else [])
+        for task in list(self._draining):
+            task.cancel()
+        self._draining.clear()
+        for pool in pools:
+            await pool.stop()
+        self.agents = None
+        if self.queue is not None:
+            self.queue.agents = None
 
     async def _stop_frontends(self) -> None:
         for task, frontend in list(self._retiring.items()):
@@ -618,9 +675,24 @@ class Node:
         workers = self.workers
         if self.workers == old.server.workers:  # the count follows the config
             workers = new.server.workers
+        delivery_workers = self.delivery_workers
+        if self.mail_roles and self.delivery_workers == agent_count(old.server.delivery_workers):
+            delivery_workers = agent_count(new.server.delivery_workers)
+        # New agents (another count, or another config to deliver by) are ready before
+        # any delivery goes to them; the old ones then finish what they have.
+        replace_agents = delivery_workers != self.delivery_workers or bool(delivery_workers and new != old)
+        agents = None
+        if replace_agents and delivery_workers:
+            try:
+                agents = self._agent_pool(delivery_workers, text)
+                await agents.start()
+            except OSError as e:
+                self._refused(f"delivery agents: {e}")
         try:
             prepared = self.listen.prepare(listen_addresses(new, self.mail_roles))
         except OSError as e:
+            if agents is not None:
+                await agents.stop()
             self._refused(str(e))
         frontend = None
         try:
@@ -629,6 +701,8 @@ class Node:
         except BaseException:
             if frontend is not None:
                 self._retire(frontend)  # what it started accepts no more; its sessions finish
+            if agents is not None:
+                await agents.stop()
             self._refuse_failed_start(prepared)
         # The new Frontend accepts on every address; the old one stops accepting and
         # retires (its listening sockets that the new config still lists stay open).
@@ -638,6 +712,14 @@ class Node:
         self.workers = workers
         self.config_text = text
         self._retire(retiring)
+        if replace_agents:
+            draining, self.agents = self.agents, agents
+            self.queue.agents = agents
+            if draining is not None:
+                task = asyncio.ensure_future(draining.drain())
+                self._draining[task] = draining
+                task.add_done_callback(lambda t: self._draining.pop(t, None))
+        self.delivery_workers = delivery_workers
         changed = self._reconfigure_core(old, new)
         self.records.record(Reload(", ".join(changed) or "nothing"))
         return {"config": self.config_source or "<embedded default>", "changed": changed,
@@ -818,7 +900,9 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                     text = None  # changed since it was checked: the receivers read the file
             except ConfigError:
                 text = None
-        node = Node(config, echo=echo, workers=config.server.workers, config_source=config_source, config_text=text)
+        node = Node(config, echo=echo, workers=config.server.workers,
+                    delivery_workers=agent_count(config.server.delivery_workers),
+                    config_source=config_source, config_text=text)
         task = asyncio.ensure_future(node.run())
         reloads: set[asyncio.Task] = set()
 
@@ -878,9 +962,10 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
 
 
 def _remove_dead_snapshots(data_dir: Path) -> None:
-    """Config snapshots a node wrote for its receivers are removed when it stops; one
-    killed (kill -9, a crash) leaves them. Remove those whose process is gone."""
-    for path in data_dir.glob(".receivers-*-*.toml"):
+    """Config snapshots a node wrote for its receivers and delivery agents are removed
+    when it stops; one killed (kill -9, a crash) leaves them. Remove those whose process
+    is gone."""
+    for path in [*data_dir.glob(".receivers-*-*.toml"), *data_dir.glob(".agents-*-*.toml")]:
         try:
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):

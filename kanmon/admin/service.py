@@ -132,7 +132,8 @@ class AdminPlane:
         if request.get("op") == "reload":  # `kanmon reload`: the node answers with the outcome
             return await self.node.reload_request()
         if request.get("op") == "dns_cache":  # `kanmon dns cache show|flush`
-            return dns_cache_request(self.node.dns_cache, request.get("args") or {}, self.node.receivers)
+            return dns_cache_request(self.node.dns_cache, request.get("args") or {}, self.node.receivers,
+                                     getattr(self.node, "agents", None))
         if request.get("op") == "balance_set":  # `kanmon balance set VIRTUAL REAL MODE`
             return balance_set_request(self.node.balancer, request.get("args") or {})
         return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
@@ -231,10 +232,11 @@ class AdminPlane:
 DNS_CACHE_SHOW_LIMIT = 1000  # entries listed by default (the counts cover them all)
 
 
-def dns_cache_request(cache, args: dict, receivers=None) -> dict:
+def dns_cache_request(cache, args: dict, receivers=None, agents=None) -> dict:
     """`kanmon dns cache show` (counts and the most recently used answers of the main
     process: delivery, and the checks when there are no receiver processes) or `flush`
-    (the receiver processes' caches of the checks' answers too)."""
+    (the receiver processes' caches of the checks' answers too, and the delivery agent
+    processes' caches of MX/A/TLSA answers)."""
     if cache is None:
         return {"ok": False, "error": "this node has no mail role (no DNS cache)"}
     action = args.get("action", "show")
@@ -242,7 +244,10 @@ def dns_cache_request(cache, args: dict, receivers=None) -> dict:
         before = cache.stats()["entries"]
         cache.flush()
         told = receivers.flush_dns_caches() if receivers is not None else 0
-        return {"ok": True, "result": {"flushed": before, "receivers": told}}
+        result = {"flushed": before, "receivers": told}
+        if agents is not None:
+            result["agents"] = agents.flush_dns_caches()
+        return {"ok": True, "result": result}
     if action != "show":
         return {"ok": False, "error": f"unknown dns cache action {action!r}"}
     try:

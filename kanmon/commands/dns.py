@@ -159,4 +159,6 @@ def cache_flush(config_path: str | None) -> None:
     with AdminSession(config, require_server=True) as admin:
         result = admin.call("dns_cache", {"action": "flush"})
     told = f", and the caches of {result['receivers']} receiver process(es)" if result.get("receivers") else ""
+    if result.get("agents"):
+        told += f", and of {result['agents']} delivery agent process(es)"
     click.echo(f"{result['flushed']} answer(s) flushed{told}")

@@ -12,8 +12,9 @@ So delivery reserves each message's size too: a mailbox whose stored bytes plus 
 deliveries in flight to it reach its quota gets 452 4.2.2 (deferred: retried, bounced
 only when the queue lifetime ends), and a mailbox ends at most one message over its quota.
 Notices (the owner's over-quota notice among them) are delivered regardless, as Dovecot
-delivers its quota warnings. Every local delivery runs in the node's process, so the
-reservations are in memory.
+delivers its quota warnings. Every delivery to one mailbox runs in one process (the
+node's, or with [server] delivery_workers the agent process its mailbox hashes to), so
+the reservations are in memory.
 
 Trusts: recipients were validated by the accept checks and routing (local part is a
 configured mailbox: no "/" or ".." can reach a path). Never: report Sent before the

@@ -5,7 +5,10 @@ persisted schedule), routes each pending recipient, hands groups to the delivery
 and carries out what kanmon.queue.plan decides follows each attempt: the journal records
 first, then the delivery lines, the delay or failure notices (RFC 3464, through the
 injector), and the next retry or the removal from the spool. The envelope travels whole
-to the delivery agents (its SMTPUTF8 flag included).
+to the delivery agents (its SMTPUTF8 flag included). With [server] delivery_workers the
+deliveries run in agent processes (kanmon.agent, behind `agents`): this process then
+reads only envelopes and journals, and the agents' results are planned and journaled
+here exactly like in-process ones.
 
 Memory: the in-memory active set (messages with envelope loaded) is bounded by
 [queue] max_active; deferred messages wait as (due time, id) pairs only.
@@ -27,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kanmon.auth.dkimkeys import DkimKeyError
 from kanmon.auth.dkimsign import load_signer
@@ -50,6 +54,15 @@ NOTICE_KIND = {FAILED: "failure", DELAYED: "delay", DELIVERED: "success", RELAYE
 
 # remote(queue_id, envelope, rcpts, content, route): the SMTP agent (SmtpDelivery.deliver_route).
 RemoteDeliver = Callable[[str, Envelope, list[str], bytes, Route], Awaitable[list[RecipientResult]]]
+
+
+class DeliveryAgents(Protocol):
+    """Delivery agent processes ([server] delivery_workers, kanmon.agent.AgentPool): an
+    agent opens the queue file itself and delivers `rcpts` by `route`. deliver() raises
+    FileNotFoundError when the message is gone (deleted meanwhile) and CorruptEntry when
+    its queue file fails its checks (the queue manager sets it aside)."""
+
+    async def deliver(self, queue_id: str, rcpts: list[str], route: Route) -> list[RecipientResult]: ...
 
 
 @dataclass(order=True, slots=True)
@@ -77,6 +90,8 @@ class QueueManager:
         self.records = records
         self.local = local
         self.remote = remote
+        # Delivery agent processes; None: this process delivers (local and remote above).
+        self.agents: DeliveryAgents | None = None
         self.clock = clock or SystemClock()
         self.notices = notices  # kanmon.queue.notices.Notices, or None: no DSNs
         # The way into the queue for mail written in this process (notices, alerts, quota notices).
@@ -240,8 +255,19 @@ class QueueManager:
 
     async def _process(self, queue_id: str, fresh: tuple[SpoolEntry, bytes] | None) -> None:
         loop = asyncio.get_running_loop()
+        content: bytes | None
         if fresh is not None:
             entry, content = fresh  # just accepted: nothing on disk to read back
+        elif self.agents is not None:
+            # The agents read the content themselves: here only the envelope and journal,
+            # small reads (page cache) done on the loop: a thread hand-off costs more.
+            try:
+                entry = self.spool.load(queue_id)
+            except FileNotFoundError:
+                return  # deleted meanwhile (admin action)
+            except CorruptEntry:
+                return  # set aside to corrupt/ by the spool, with its event: never retried
+            content = None
         else:
             try:
                 entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
@@ -262,6 +288,12 @@ class QueueManager:
             *(self._deliver_group(queue_id, env, rcpts, content, route) for route, rcpts in groups.items()),
             return_exceptions=True,
         )
+        for outcome in outcomes:
+            if isinstance(outcome, FileNotFoundError):
+                return  # an agent found it deleted meanwhile (admin action): nothing to settle
+            if isinstance(outcome, CorruptEntry):
+                await loop.run_in_executor(self._io, self.spool.set_aside, queue_id, str(outcome))
+                return  # never retried; the spool's on_corrupt writes its event
         for (route, rcpts), outcome in zip(groups.items(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 self.records.record(Error(f"delivery agent error: {type(outcome).__name__}: {outcome}"), queue_id)
@@ -272,18 +304,26 @@ class QueueManager:
         await self._settle(entry, content, results, start, now)
 
     async def _deliver_group(
-        self, queue_id: str, env: Envelope, rcpts: list[str], content: bytes, route: Route
+        self, queue_id: str, env: Envelope, rcpts: list[str], content: bytes | None, route: Route
     ) -> list[RecipientResult]:
+        agents = self.agents
         if route.transport == "local":
+            if agents is not None:
+                return await agents.deliver(queue_id, rcpts, route)
+            assert content is not None
             return await self.local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice,
                                           queue_id=queue_id)
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
-        if env.crlf_checked and not isinstance(content, CrlfChecked):
+        if agents is None and env.crlf_checked and not isinstance(content, CrlfChecked):
             content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
         async with self._destination_slot(route.key):
             started = time.monotonic()
-            results = await self.remote(queue_id, env, rcpts, content, route)
+            if agents is not None:
+                results = await agents.deliver(queue_id, rcpts, route)
+            else:
+                assert content is not None
+                results = await self.remote(queue_id, env, rcpts, content, route)
             if self.on_attempt is not None:
                 self.on_attempt(route, results, time.monotonic() - started)
             return results
@@ -303,7 +343,7 @@ class QueueManager:
                 self._dest_limits[key] = (sem, users - 1)
 
     async def _settle(
-        self, entry: SpoolEntry, content: bytes, results: list[RecipientResult], start: float, now: float
+        self, entry: SpoolEntry, content: bytes | None, results: list[RecipientResult], start: float, now: float
     ) -> None:
         """Carry out the plan (kanmon.queue.plan): journal, log lines, notices, then retry or removal."""
         loop = asyncio.get_running_loop()
@@ -319,7 +359,14 @@ class QueueManager:
             self.records.record(NoticeSkipped(action), qid)
         for action in plan.not_requested:
             self.records.record(NoticeSkipped(action, "notify"), qid)
+        if plan.notices and content is None:  # delivered by an agent: read only when a notice needs it
+            try:
+                content = await loop.run_in_executor(self._io, self.spool.read_content, qid)
+            except (OSError, CorruptEntry) as e:
+                self.records.record(Error(f"cannot read the message for its notices: {e}"), qid)
+                content = b""
         for notice in plan.notices:
+            assert content is not None
             await self._notify(entry, content, notice, now)
         if plan.retry_at is not None:
             self.schedule(qid, plan.retry_at)

@@ -58,6 +58,7 @@ Behaviour, set as attributes at any time (read at each connection / command):
     drop = None                  # "greeting" | "starttls" (right after its 220) | "mid-data" |
                                  # "after-data" | "after-rset" (its 250): close the connection there
     hang = None                  # "greeting" | "data-end": never answer (client times out)
+    hold_data_end = None         # a threading.Event: the reply to the final dot waits until it is set
 
     SmtpSink(host, port=0, *, hostname="sink.test", ssl_context=None, implicit_tls=False)
         ssl_context + implicit_tls=False: STARTTLS offered; implicit_tls=True: TLS from the
@@ -145,6 +146,7 @@ class SmtpSink:
         self.max_transactions = 0
         self.drop: str | None = None
         self.hang: str | None = None
+        self.hold_data_end: threading.Event | None = None
         # records
         self.messages: list[Transaction] = []
         self.commands: list[str] = []
@@ -400,6 +402,9 @@ class SmtpSink:
                     return
                 n_tx += 1
                 self._record(tx)
+                hold = self.hold_data_end
+                while hold is not None and not hold.is_set():
+                    await asyncio.sleep(0.01)
                 await send(self.data_reply.format(n=f"{number}.{n_tx}"))
                 tx = None
             elif verb == "RSET":
