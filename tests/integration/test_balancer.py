@@ -25,6 +25,7 @@ from kanmon.balancer.service import BalancerService
 from kanmon.balancer.splice import HIGH_WATER
 from kanmon.config import ConfigError, HealthCheck, parse_config
 from kanmon.smtp.proxy_protocol import MAX_HEADER_BYTES, ProxyHeader, parse_proxy_header
+from tests.support.kanmon_node import free_port
 
 VIP = "127.0.0.30"
 MR1, MR2, MR3 = "127.0.0.31", "127.0.0.32", "127.0.0.33"
@@ -37,12 +38,6 @@ def run(coro: Awaitable[Any]) -> Any:
             return await coro
 
     return asyncio.run(bounded())
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:

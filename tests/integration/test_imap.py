@@ -22,6 +22,7 @@ from kanmon.config import parse_config
 from kanmon.store import maildir
 from kanmon.store.imap import ImapService
 from kanmon.store.users import AuthThrottle, Users
+from tests.support.kanmon_node import free_port
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 ALICE = "alice@example.test"
@@ -31,12 +32,6 @@ MSG = (b"From: Bob <bob@example.test>\r\nTo: alice@example.test\r\nSubject: quar
 
 imaplib.Commands.setdefault("MOVE", ("SELECTED",))
 imaplib.Commands.setdefault("IDLE", ("AUTH", "SELECTED"))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def deliver_new(root: Path, data: bytes) -> None:

@@ -21,15 +21,10 @@ from kanmon.config import parse_config
 from kanmon.store import maildir
 from kanmon.store.pop3 import Pop3Service
 from kanmon.store.users import AuthThrottle, Users
+from tests.support.kanmon_node import free_port
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 ALICE = "alice@example.test"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def deliver_new(root: Path, data: bytes) -> None:
