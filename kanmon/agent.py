@@ -63,7 +63,6 @@ __all__ = ["AGENT_EXITED", "AgentPool", "agent_count", "main", "result_from_wire
 RESTART_DELAY = 1.0  # seconds before an agent that died is started again
 READY_TIMEOUT = 60.0  # seconds a new agent may take to say it is ready
 MAX_LINE = 1 << 24  # bytes of one line on the socket (a result list of 1,000 recipients fits)
-MAX_AGENTS_BY_DEFAULT = 8
 SMALL_READ = 256 << 10  # bytes of queue file an agent reads on its event loop (larger: in a thread)
 
 AGENT_EXITED = LocalReply(451, "4.3.0", "delivery agent exited during the delivery; will retry")
@@ -71,11 +70,10 @@ NO_AGENT = LocalReply(451, "4.3.0", "no delivery agent is running; will retry")
 
 
 def agent_count(setting: int | None) -> int:
-    """[server] delivery_workers: the setting, or one agent per CPU core but one (the
-    main process and the receivers need one), at least 1 and at most 8."""
-    if setting is not None:
-        return setting
-    return max(1, min(MAX_AGENTS_BY_DEFAULT, (os.cpu_count() or 1) - 1))
+    """[server] delivery_workers: the setting; unset, none (the main process delivers).
+    Measured on the 2-core machine class, an agent costs more CPU per message than the
+    main process saves (docs/performance.md, "Delivery agents"), so they are opt-in."""
+    return 0 if setting is None else setting
 
 
 # ---------------------------------------------------------------------------

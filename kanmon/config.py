@@ -164,7 +164,7 @@ class ServerSection(Section):
     delivery_workers: int | None = Field(
         None, ge=0, le=64,
         description="Delivery agent processes (Maildir and SMTP) the main process hands deliveries to; "
-        "default: one per CPU core but one (at least 1, at most 8); 0: deliver in the main process",
+        "default 0: the main process delivers (agents cost more CPU than they save on 2 cores: docs/performance.md)",
     )
     user: str | None = Field(
         None, description="Started as root: run as this user, keeping only the right to bind ports below 1024",
