@@ -29,8 +29,10 @@ import shlex
 import shutil
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -472,15 +474,35 @@ class ConsoleApp:
         return {"category": category, "outcome": outcome or "no answer from the alerts within "
                 f"{ALERT_TEST_WAIT:.0f} s", "queue_id": qid}
 
+    async def _records(self, shared: Callable[[], Any] | None, local: Callable[[], Any]) -> Any:
+        """With [records] url, every node's records from PostgreSQL (as `kanmon trace`,
+        `log` and `stats` read them); when the database does not answer, or without it,
+        this node's own."""
+        if shared is not None and self.config.records.url:
+            try:
+                return await asyncio.to_thread(shared)
+            except Exception as e:  # noqa: BLE001 - the shared records do not answer: this node's own
+                self.emit(f"console: shared records do not answer ({type(e).__name__}); showing this node's own",
+                          kind="warning")
+        return await asyncio.to_thread(local)
+
     async def _trace(self, q: str, since: float | None) -> list[dict]:
+        from kanmon.records import pgquery  # noqa: PLC0415
         from kanmon.records.trace import trace  # noqa: PLC0415
 
-        return [t.as_dict() for t in await asyncio.to_thread(trace, self.data_dir, q, since)]
+        timelines = await self._records(lambda: pgquery.trace(self.config.records, q, since),
+                                        lambda: trace(self.data_dir, q, since))
+        return [t.as_dict() for t in timelines]
 
-    async def _events(self, grep: str | None, since: float | None, limit: int) -> list[dict]:
+    async def _events(self, grep: str | None, since: float | None, limit: int, shared: bool = True) -> list[dict]:
+        """Event lines; shared=False: this node's own (its DNS check's and balancer's history)."""
+        from kanmon.records import pgquery  # noqa: PLC0415
         from kanmon.records.query import search_events  # noqa: PLC0415
 
-        rows = await asyncio.to_thread(search_events, self.data_dir, since=since, grep=grep or None, limit=limit)
+        rows = await self._records(
+            (lambda: pgquery.search_events(self.config.records, since=since, grep=grep or None, limit=limit))
+            if shared else None,
+            lambda: search_events(self.data_dir, since=since, grep=grep or None, limit=limit))
         return [r.as_dict() for r in rows]
 
     async def _tail(self, after: int | None, grep: str | None) -> dict:
@@ -491,9 +513,12 @@ class ConsoleApp:
         return {"next": cursor, "events": [r.as_dict() for r in rows]}
 
     async def _stats(self, by: str, since: float, top: int = 5) -> dict:
+        from kanmon.records import pgquery  # noqa: PLC0415
         from kanmon.records.stats import collect  # noqa: PLC0415
 
-        return (await asyncio.to_thread(collect, self.data_dir, since, None, by, top)).as_dict()
+        report = await self._records(lambda: pgquery.collect(self.config.records, since, None, by, top),
+                                     lambda: collect(self.data_dir, since, None, by, top))
+        return report.as_dict()
 
     async def _chart_stats(self, by: str, now: float) -> dict:
         """The dashboard's charts, 24 hours by hour and 30 days by day: the buckets only,
@@ -573,7 +598,7 @@ class ConsoleApp:
         from kanmon.dnscheck.report import report_dict  # noqa: PLC0415
 
         monitor = getattr(self.node, "dns_monitor", None)
-        history = await self._events("dnscheck:", time.time() - 30 * 86400, 200)
+        history = await self._events("dnscheck:", time.time() - 30 * 86400, 200, shared=False)
         return {"every": self.config.dnscheck.every or None,
                 "last_run": monitor.last_run if monitor is not None else None,
                 "reports": [report_dict(r) for r in monitor.last_reports] if monitor is not None else [],
@@ -641,7 +666,7 @@ class ConsoleApp:
         balancer = getattr(self.node, "balancer", None)
         if balancer is None:
             return {"status": None, "problem": "no [balancer] is configured on this node", "history": []}
-        history = await self._events("balancer ", time.time() - 30 * 86400, 200)
+        history = await self._events("balancer ", time.time() - 30 * 86400, 200, shared=False)
         return {"status": balancer.status(), "problem": None, "history": history}
 
     def _policies(self) -> dict:

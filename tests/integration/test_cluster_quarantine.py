@@ -184,6 +184,27 @@ def test_the_console_of_the_other_relay_lists_shows_and_deletes(relays):
     assert mr1.delivered() == [] and mr2.delivered() == []
 
 
+def test_the_console_of_one_relay_traces_searches_and_counts_the_other_relays_mail(relays):
+    """With [records] url the console reads every node's records, as `kanmon trace`,
+    `log` and `stats` do: mail taken by mr1 is found on mr2's console, named by node."""
+    mr1, mr2 = relays
+    mr1.send("for the trace on mr2")
+    mr1.node.wait_idle()
+    assert len(mr1.delivered()) == 1
+    mr1.node.flush()
+    wait_for(mr1.node.node.records.shipper.flush, 30, "records shipped")
+    with httpx.Client(base_url=f"http://127.0.0.1:{mr2.console_port}", timeout=30) as client:
+        token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+        assert client.post("/login", data={"username": "alice", "password": "alice-pw", "csrf": token}).status_code == 303
+        (timeline,) = client.get("/api/v1/trace", params={"q": "suzuki@remote.example"}).json()
+        assert timeline["node"] == "mr1" and timeline["final"].startswith("delivered to tanaka@corp.example"), timeline
+        assert "for the trace on mr2" in client.get("/trace", params={"q": "suzuki@remote.example"}).text
+        events = client.get("/api/v1/events", params={"grep": "suzuki@remote.example"}).json()
+        assert events and {e["node"] for e in events} == {"mr1"}, events
+        stats = client.get("/api/v1/stats", params={"by": "day", "since": "1d"}).json()
+        assert stats["totals"]["received"] == 1 and stats["totals"]["delivered"] == 1, stats["totals"]
+
+
 def test_retention_purges_the_shared_store_and_resolves_an_unfinished_release(relays):
     mr1, mr2 = relays
     mr1.send("quarantine me")
