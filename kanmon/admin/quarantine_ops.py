@@ -24,6 +24,7 @@ import fnmatch
 import functools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from kanmon.content.decode import decode_header_value
 from kanmon.model import Envelope
@@ -31,12 +32,16 @@ from kanmon.quarantine.digest import digest_message
 from kanmon.quarantine.store import KINDS, QuarantineError, QuarantineStore
 from kanmon.records import events as ev
 from kanmon.records.store import header_fields
+from kanmon.spool.groupcommit import write_durably
 from kanmon.spool.store import CorruptEntry
 from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
 from kanmon.config import parse_duration
+
+
+RELEASED_LEDGER = "quarantine-released"  # under spool/: one released queue id a line
 
 
 @dataclass
@@ -168,16 +173,35 @@ class QuarantineOps:
             if to:
                 env.rcpts = list(to)
                 env.original_rcpts, env.dsn_notify, env.dsn_orcpt = {}, {}, {}
-            if not self.ops.spool.exists(qid):
+            if not self._released_here(qid):
                 try:
                     self.ops.injector.release_blocking(qid, env, content)
                 except BaseException:
                     self.store.unclaim(qid, self.node)
                     raise
+                # Before the entry goes: a crash or a store failure in between must not
+                # put a message already queued (perhaps delivered since) back in the
+                # quarantine, where it could be released a second time.
+                write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.ops.spool.fsync)
             self.ops.records.record(ev.QuarantineReleased(by, ", ".join(env.rcpts)), qid)
-            self.store.delete(qid, self.node)
+            try:
+                self.store.delete(qid, self.node)
+            except QuarantineError as e:  # released all the same; the entry goes at the next purge
+                errors.append(f"{qid}: released; its quarantine entry stays until the next purge ({e})")
             released.append(qid)
         return {"released": released, "errors": errors}
+
+    def _ledger(self) -> Path:
+        """spool/quarantine-released: the ids this node queued from the quarantine."""
+        return self.ops.spool.root / RELEASED_LEDGER
+
+    def _released_here(self, qid: str) -> bool:
+        if self.ops.spool.exists(qid):
+            return True
+        try:
+            return qid in self._ledger().read_text().split()
+        except FileNotFoundError:
+            return False
 
     @_with_store
     def delete(self, ids: list[str], by: str) -> dict:
@@ -238,7 +262,7 @@ class QuarantineOps:
         its entry goes; any other is back in the quarantine."""
         self.store.remove_orphans()
         for qid in self.store.claimed(self.node):
-            if self.ops.spool.exists(qid):
+            if self._released_here(qid):
                 with contextlib.suppress(QuarantineError):
                     self.store.delete(qid, self.node)
             else:

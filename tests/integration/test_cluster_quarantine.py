@@ -233,6 +233,36 @@ def test_retention_purges_the_shared_store_and_resolves_an_unfinished_release(re
     wait_for(lambda: len(mr1.delivered("sato@corp.example")) == 1, 15, "the release delivered")
 
 
+def test_a_release_whose_entry_could_not_be_removed_is_never_released_twice(relays, monkeypatch):
+    """The message is queued (and delivered) but removing its quarantine entry fails: the
+    entry stays claimed; the next purge must remove it, not put it back in the
+    quarantine, where any node could release it a second time."""
+    from kanmon.quarantine.store import QuarantineError
+    from kanmon.state.pgquarantine import PgQuarantine
+
+    mr1, mr2 = relays
+    mr1.send("quarantine me")
+    mr1.node.wait_idle()
+    (item,) = mr2.quarantine("list")["items"]
+    qid = item["id"]
+
+    def refuse(self, qid, node):
+        raise QuarantineError("the database went away")
+
+    monkeypatch.setattr(PgQuarantine, "delete", refuse)
+    r = mr2.quarantine("release", qid, code=1)
+    assert r["released"] == [qid] and "released; its quarantine entry stays" in r["errors"][0], r
+    wait_for(lambda: len(mr2.delivered()) == 1, 15, "the release delivered by mr2")
+    mr2.node.wait_idle()
+    monkeypatch.undo()
+    reply = mr2.control("quarantine_purge", {"keep": 10 * 86400})
+    assert reply["ok"], reply
+    assert mr1.quarantine("list")["items"] == []  # removed, not given back
+    assert "not in the quarantine" in mr1.quarantine("release", qid, code=1)["errors"][0]
+    mr1.node.wait_idle()
+    assert len(mr2.delivered()) == 1 and mr1.delivered() == []
+
+
 def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
     mr1, mr2 = relays
     mr1.send("quarantine me")
