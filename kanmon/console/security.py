@@ -18,11 +18,14 @@ Never: put a password or a hash in a cookie, or accept an unsigned or expired se
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +153,7 @@ class Revocations:
         self.revoked: dict[str, float] = {}
         self.not_before = 0.0
         self._stat: tuple | None = None
+        self._lock = threading.Lock()  # logouts run in threads; other processes: the flock below
         self._load()
 
     def _file_stat(self) -> tuple | None:
@@ -184,14 +188,27 @@ class Revocations:
         return login < self.not_before or sid in self.revoked
 
     def revoke(self, sid: str, until: float) -> None:
-        self._load()
-        now = self.clock()
-        kept = {k: v for k, v in self.revoked.items() if v > now}
-        kept[sid] = until
-        if len(kept) > MAX_REVOKED:
-            kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_REVOKED:])
-        self.revoked = kept
-        self._write()
+        with self._lock, self._file_lock():
+            self._stat = None  # read what another thread or process wrote, whatever its stat
+            self._load()
+            now = self.clock()
+            kept = {k: v for k, v in self.revoked.items() if v > now}
+            kept[sid] = until
+            if len(kept) > MAX_REVOKED:
+                kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_REVOKED:])
+            self.revoked = kept
+            self._write()
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        """The read-modify-write of the file, one at a time across processes."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.dir / f"{REVOKED_FILE}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _write(self) -> None:
         self.dir.mkdir(mode=0o700, exist_ok=True)

@@ -58,3 +58,25 @@ def test_a_damaged_file_is_moved_aside_and_older_sessions_are_refused(tmp_path: 
     assert len(warnings) == 1 and "damaged" in warnings[0]
     assert list((tmp_path / "console").glob(REVOKED_FILE + ".bad-*"))
     assert Revocations(tmp_path, clock=Clock(1000.0)).is_revoked("any", login=999.0)  # and so after a restart
+
+
+def test_concurrent_logouts_are_all_kept(tmp_path):
+    """Logouts run in threads (and other console processes write the same file): each
+    one's read-modify-write of the file must keep the others'."""
+    import threading
+
+    from kanmon.console.security import Revocations
+
+    stores = [Revocations(tmp_path) for _ in range(4)]  # as separate consoles of one node
+    sids = [f"s{i}" for i in range(64)]
+
+    def logout(i: int) -> None:
+        stores[i % 4].revoke(sids[i], 4_000_000_000.0)
+
+    threads = [threading.Thread(target=logout, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fresh = Revocations(tmp_path)
+    assert all(fresh.is_revoked(sid, 3_000_000_000.0) for sid in sids)
