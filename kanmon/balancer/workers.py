@@ -95,6 +95,11 @@ class WorkerPool:
             try:
                 proc = subprocess.Popen(cmd, pass_fds=[*self.fds, self.table.fd, write_fd],
                                         stdin=subprocess.PIPE)
+            except OSError as e:  # no process now (EAGAIN, ENOMEM, EMFILE): say so, try again
+                os.close(read_fd)
+                self.say(f"balancer: forwarding process {slot} cannot be started: {e}; trying again")
+                await asyncio.sleep(RESTART_DELAY)
+                continue
             finally:
                 os.close(write_fd)
             assert proc.stdin is not None

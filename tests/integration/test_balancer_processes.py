@@ -134,3 +134,35 @@ def test_a_forwarding_process_that_dies_is_started_again_and_ends_with_the_servi
                 s.listen()  # no process listens there any more
 
         run(main())
+
+
+def test_a_forwarding_process_that_cannot_be_started_is_tried_again(tmp_path, monkeypatch):
+    """fork/exec failing (EAGAIN, ENOMEM, EMFILE) is said in the log and tried again; the
+    slot is not left without a process, and no descriptor is left open."""
+    import subprocess
+    import types
+
+    from kanmon.balancer import workers
+
+    failures = []
+
+    def popen(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise OSError(11, "Resource temporarily unavailable")
+        return subprocess.Popen(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "subprocess", types.SimpleNamespace(Popen=popen, PIPE=subprocess.PIPE))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with relay_thread((MR1, "mr1")) as (_, (mr1,)):
+        async def main() -> None:
+            port = free_port(VIP)
+            async with balancer(tmp_path, one_vs(port, [(mr1, "active")]), processes=2) as b:
+                assert b.service._workers is not None
+                await wait_until(lambda: b.saw("forwarding process 1 cannot be started"), "the failure said")
+                await wait_until(b.service._workers.ready, "the forwarding process to accept after all")
+                assert failures == [1] and blocking_session(port) == "mr1"
+
+        run(main())
+    # the pipe of the failed start was closed (the service's own descriptors are gone too)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
