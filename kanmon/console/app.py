@@ -214,7 +214,11 @@ class ConsoleApp:
                 if request.method == "POST" and who.session is not None:
                     token = request.headers.get("x-csrf-token")
                     if token is None and not api:
-                        token = (await request.form()).get("csrf")
+                        # An upload's form is parsed here first (and kept by Starlette for
+                        # the handler): with the upload's own limits, not the defaults.
+                        form = (await request.form(max_files=1, max_fields=10) if max_body is not None
+                                else await request.form())
+                        token = form.get("csrf")
                     if not self.sessions.csrf_ok(who.session, token if isinstance(token, str) else None):
                         raise Refused(403, "CSRF token missing or wrong: reload the page")
                 response = await handler(request, who)
