@@ -87,7 +87,7 @@ def quarantined(node) -> list[dict]:
 
 def digest_links(node, rcpt: str) -> dict[str, str]:
     (raw,) = [m for m in maildir_messages(node.data_dir, rcpt) if b"X-Kanmon-Digest: quarantine" in m]
-    text = email.message_from_bytes(raw, policy=email.policy.default).get_body().get_content()
+    text = email.message_from_bytes(raw, policy=email.policy.default).get_body().get_content().replace("\r\n", "\n")
     found = dict(re.findall(r"^(release|delete): +(\S+)$", text, re.MULTILINE))
     assert set(found) == {"release", "delete"}, text
     return found
@@ -163,7 +163,7 @@ def test_a_digest_link_shows_on_get_acts_on_post_for_its_recipient_only_once(nod
         assert quarantined(node) == []
         assert c.get(suzuki["release"]).status_code == 404
         node.wait_idle()
-        assert released_copies(node, "tanaka@corp.example")[0:1] and released_copies(node, "suzuki@corp.example") == []
+        assert len(released_copies(node, "tanaka@corp.example")) == 1 and released_copies(node, "suzuki@corp.example") == []
         # Japanese.
         ja = c.get(suzuki["release"], headers={"Accept-Language": "ja"})
         assert ja.status_code == 404 and "もう隔離されていません" in ja.text

@@ -66,7 +66,7 @@ def test_a_changed_payload_is_forged(change) -> None:
 
 
 @pytest.mark.parametrize("mangle", [
-    lambda t: t[:-2] + ("AA" if t[-2:] != "AA" else "BB"),  # another MAC
+    lambda t: t.split(".")[0] + "." + ("B" if t.split(".")[1][0] == "A" else "A") + t.split(".")[1][1:],  # another MAC
     lambda t: t.split(".")[0],  # no MAC
     lambda t: t + ".x",  # three parts
     lambda t: "%%%." + t.split(".")[1],  # not base64
@@ -107,7 +107,7 @@ ROW = {"id": QID, "stored": NOW - 3600, "score": 7.5, "from": "spammer@bad.test"
 
 
 def _text(raw: bytes) -> str:
-    return email.message_from_bytes(raw, policy=email.policy.default).get_body().get_content()
+    return email.message_from_bytes(raw, policy=email.policy.default).get_body().get_content().replace("\r\n", "\n")
 
 
 def test_the_digest_without_links_tells_the_administrators_command() -> None:
