@@ -10,7 +10,10 @@ releasing node first claims the entry (in the shared store, of two nodes releasi
 at once one wins, the other is told it is gone); the entry is removed only after the
 message is durable in the spool (a crash in between leaves both, claimed by this node:
 releasing again, or the next purge, finds it already queued and only removes the entry).
-Every release and delete is an event naming who did it.
+Every release and delete is an event naming who did it. The digest's signed links
+(kanmon.quarantine.links, followed on the console's /q/ endpoint) act for one recipient:
+release_for / delete_for take that recipient's copy only, and leave the entry to the
+others when it has several.
 
 Trusts: ids and filters from the caller (checked here); nothing in the stored messages.
 Never: delete an entry before its release is durable; show a network string unescaped
