@@ -179,6 +179,34 @@ def test_a_digest_link_shows_on_get_acts_on_post_for_its_recipient_only_once(nod
     assert "deleted from quarantine by suzuki@corp.example" in trace, trace
 
 
+def test_the_other_way_round_a_deleted_copy_stays_deleted_and_the_last_copy_keeps_its_queue_id(node):
+    with smtplib.SMTP(node.host, node.port, source_address=(OUTSIDE, 0), timeout=10) as s:
+        s.sendmail("katou@partner.example", ["tanaka@corp.example", "suzuki@corp.example"], SPAM)
+    node.wait_idle()
+    (item,) = quarantined(node)
+    node.advance(3600)
+    for rcpt in ("tanaka@corp.example", "suzuki@corp.example"):
+        wait_for(lambda r=rcpt: len(maildir_messages(node.data_dir, r)) == 1, 10, f"{rcpt}'s digest")
+    tanaka, suzuki = digest_links(node, "tanaka@corp.example"), digest_links(node, "suzuki@corp.example")
+    with httpx.Client(timeout=30) as c:
+        r = c.post(tanaka["delete"], data={"token": tanaka["delete"].rsplit("/", 1)[1]})
+        assert r.status_code == 200 and "deleted" in r.text
+        (left,) = quarantined(node)
+        assert left["rcpts"] == ["suzuki@corp.example"]  # only tanaka's copy went
+        assert c.get(tanaka["release"]).status_code == 404  # and cannot come back
+        r = c.post(suzuki["release"], data={"token": suzuki["release"].rsplit("/", 1)[1]})
+        assert r.status_code == 200 and "released" in r.text
+        wait_for(lambda: len(released_copies(node, "suzuki@corp.example")) == 1, 10, "the released message")
+        node.wait_idle()
+        assert quarantined(node) == []
+        assert len(released_copies(node, "suzuki@corp.example")) == 1 and released_copies(node, "tanaka@corp.example") == []
+    node.flush()
+    trace = cli(node, "trace", item["id"]).output  # the last copy went out under the id it was accepted with
+    assert "deleted from quarantine by tanaka@corp.example (the copy for tanaka@corp.example)" in trace, trace
+    assert "released from quarantine by suzuki@corp.example to suzuki@corp.example" in trace, trace
+    assert "as " not in trace.split("released from quarantine by suzuki@corp.example to suzuki@corp.example")[1].split("\n")[0]
+
+
 def test_guessing_tokens_is_throttled_like_guessing_passwords(node):
     secret = links.load_secret(node.data_dir)
     good = links.sign(secret, "0123456789ABCDE", "tanaka@corp.example", "release", node.node.clock.now() + 3600)
