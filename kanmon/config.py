@@ -1310,6 +1310,9 @@ class ConsoleSection(Section):
                                                                       "however active")
     max_upload: Size = Field(1024 ** 3, ge=1, description="Largest queue backup the console takes for a restore "
                                                           "(a larger upload answers 413)")
+    public_url: str = Field("", description="Base URL at which recipients reach this console (e.g. "
+                                            "\"https://mail.example.jp:8443\"): the quarantine digest then carries a "
+                                            "signed release and delete link per message, to /q/...; empty: no links")
 
     @model_validator(mode="after")
     def _plain_only_on_loopback(self) -> ConsoleSection:
@@ -1318,6 +1321,10 @@ class ConsoleSection(Section):
                              f"{self.listen[0]}: passwords and session cookies would cross the network in clear")
         if self.session_timeout > self.session_lifetime:
             raise ValueError("session_timeout must not be longer than session_lifetime")
+        if self.public_url:
+            u = urlsplit(self.public_url)
+            if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+                raise ValueError(f"public_url {self.public_url!r}: an http(s) URL with a host and no query is needed")
         return self
 
 

@@ -10,7 +10,10 @@ releasing node first claims the entry (in the shared store, of two nodes releasi
 at once one wins, the other is told it is gone); the entry is removed only after the
 message is durable in the spool (a crash in between leaves both, claimed by this node:
 releasing again, or the next purge, finds it already queued and only removes the entry).
-Every release and delete is an event naming who did it.
+Every release and delete is an event naming who did it. The digest's signed links
+(kanmon.quarantine.links, followed on the console's /q/ endpoint) act for one recipient:
+release_for / delete_for take that recipient's copy only, and leave the entry to the
+others when it has several.
 
 Trusts: ids and filters from the caller (checked here); nothing in the stored messages.
 Never: delete an entry before its release is durable; show a network string unescaped
@@ -20,6 +23,7 @@ Never: delete an entry before its release is durable; show a network string unes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import re
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kanmon.content.decode import decode_header_value
-from kanmon.model import Envelope
+from kanmon.model import Envelope, new_queue_id
+from kanmon.quarantine import links
 from kanmon.quarantine.digest import digest_message
 from kanmon.quarantine.store import KINDS, QuarantineError, QuarantineStore
 from kanmon.records import events as ev
@@ -216,6 +221,73 @@ class QuarantineOps:
             deleted.append(qid)
         return {"deleted": deleted, "errors": errors}
 
+    def _mine(self, qid: str, rcpt: str) -> tuple[list[str], list[str]]:
+        """(this recipient's addresses in the entry, the others'); QuarantineError when
+        the entry or this recipient's copy is gone."""
+        entry, _ = self.store.load(qid)
+        rcpts = entry.envelope.rcpts
+        mine = [r for r in rcpts if r.lower() == rcpt.lower()]
+        if not mine:
+            raise QuarantineError(f"{qid}: not in the quarantine for {rcpt}")
+        return mine, [r for r in rcpts if r.lower() != rcpt.lower()]
+
+    @_with_store
+    def release_for(self, qid: str, rcpt: str, by: str) -> dict:
+        """Release one recipient's copy (the digest's link). The entry's only recipient:
+        release() to them. One of several: their copy enters the queue under a new queue
+        id (the event on the entry names it) and the entry keeps the others."""
+        try:
+            mine, others = self._mine(qid, rcpt)
+        except (QuarantineError, CorruptEntry) as e:
+            return {"released": [], "errors": [str(e)]}
+        if not others:
+            return self.release([qid], mine, by)
+        try:
+            self.store.claim(qid, self.node, self._now())
+        except QuarantineError as e:
+            return {"released": [], "errors": [str(e)]}
+        try:
+            entry, content = self.store.load(qid)
+            env = dataclasses.replace(entry.envelope, rcpts=list(mine), original_rcpts={}, dsn_notify={}, dsn_orcpt={})
+            copy_id = new_queue_id(self._now())
+            self.ops.injector.release_blocking(copy_id, env, content)
+            self.ops.records.record(ev.QuarantineReleased(by, f"{', '.join(mine)} as {copy_id}"), qid)
+            self.store.remove_rcpts(qid, mine, self.node)
+        finally:
+            self.store.unclaim(qid, self.node)
+        return {"released": [qid], "errors": [], "queue_id": copy_id}
+
+    @_with_store
+    def delete_for(self, qid: str, rcpt: str, by: str) -> dict:
+        """Delete one recipient's copy (the digest's link): the entry when they are its
+        only recipient, else only their address from it."""
+        try:
+            mine, others = self._mine(qid, rcpt)
+        except (QuarantineError, CorruptEntry) as e:
+            return {"deleted": [], "errors": [str(e)]}
+        if not others:
+            return self.delete([qid], by)
+        try:
+            self.store.remove_rcpts(qid, mine, self.node)
+        except QuarantineError as e:
+            return {"deleted": [], "errors": [str(e)]}
+        self.ops.records.record(ev.QuarantineDeleted(f"{by} (the copy for {', '.join(mine)})"), qid)
+        return {"deleted": [qid], "errors": []}
+
+    def link_secret(self) -> bytes:
+        return links.load_secret(self.ops.config.server.data_dir)
+
+    def _links(self, rcpt: str, rows: list[dict]) -> dict[str, tuple[str, str]] | None:
+        """id -> (release URL, delete URL) for one recipient's digest; None without
+        [console] public_url. A link lasts as long as its message is kept."""
+        console = self.ops.config.console
+        if console is None or not console.public_url:
+            return None
+        secret = self.link_secret()
+        keep = self.ops.config.quarantine.keep
+        return {r["id"]: tuple(links.url(console.public_url, links.sign(secret, r["id"], rcpt, action, r["stored"] + keep))
+                               for action in links.ACTIONS) for r in rows}
+
     @_with_store
     def digest(self, since: float, dry_run: bool = False, slot: float | None = None) -> dict:
         """Mail each recipient the spam-quarantine entries stored since `since` (through
@@ -239,8 +311,8 @@ class QuarantineOps:
         for row in self._rows(QuarantineFilters(kind="spam")):
             if "corrupt" in row or row["stored"] < since:
                 continue
-            for rcpt in row["rcpts"]:
-                per_rcpt.setdefault(rcpt.lower(), []).append(row)
+            for rcpt in {r.lower() for r in row["rcpts"]}:
+                per_rcpt.setdefault(rcpt, []).append(row)
         sent = {}
         now = self._now()
         for rcpt, rows in sorted(per_rcpt.items()):
@@ -248,7 +320,7 @@ class QuarantineOps:
             if dry_run:
                 continue
             content = digest_message(rcpt, rows, sender=sender, hostname=hostname, now=now,
-                                     keep_days=int(cfg.quarantine.keep // 86400))
+                                     keep_days=int(cfg.quarantine.keep // 86400), links=self._links(rcpt, rows))
             env = Envelope(mail_from="", rcpts=[rcpt], received_at=now, is_notice=True)
             self.ops.injector.inject_blocking(env, content, "quarantine digest")
         return {"digests": sent}

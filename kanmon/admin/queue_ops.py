@@ -819,6 +819,8 @@ OPERATIONS = {
     "quarantine_show": lambda ops, a: QuarantineOps(ops).show(str(a["id"]), int(a.get("lines", 50))),
     "quarantine_release": lambda ops, a: QuarantineOps(ops).release(
         [str(i) for i in a["ids"]], [str(t) for t in a["to"]] if a.get("to") else None, str(a.get("by", "kanmon quarantine release"))),
+    "quarantine_release_for": lambda ops, a: QuarantineOps(ops).release_for(str(a["id"]), str(a["rcpt"]), str(a["by"])),
+    "quarantine_delete_for": lambda ops, a: QuarantineOps(ops).delete_for(str(a["id"]), str(a["rcpt"]), str(a["by"])),
     "quarantine_delete": lambda ops, a: QuarantineOps(ops).delete([str(i) for i in a["ids"]], str(a.get("by", "kanmon quarantine delete"))),
     "quarantine_purge": lambda ops, a: QuarantineOps(ops).purge(float(a["keep"]), str(a.get("by", "retention"))),
     "quarantine_digest": lambda ops, a: QuarantineOps(ops).digest(

@@ -12,7 +12,8 @@ the same. Every write is an `audit:` line (kanmon.admin.accounts.audit).
 
 Trusts: nothing from the request: ids are checked (is_queue_id), filters validated by
 kanmon.admin.filters, text is escaped by Jinja2's autoescape, JSON bodies are bounded.
-Only /login, /static/ and /api/v1/openapi.json answer without a login.
+Only /login, /static/, /api/v1/openapi.json and the quarantine digest's signed links
+(/q/TOKEN: the token is the capability, kanmon.quarantine.links) answer without a login.
 Never: answer a page or API call without a valid session or token; run a write without
 the role's permission and (for a cookie) the CSRF token; put anything inline that the
 Content-Security-Policy would have to allow (no inline script or style).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import re
 import secrets
@@ -50,6 +52,7 @@ from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions, load_secret
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
+from kanmon.quarantine import links
 from kanmon.units import format_duration, format_size
 
 HERE = Path(__file__).parent
@@ -58,6 +61,7 @@ CHART_TTL = {"hour": 60.0, "day": 300.0}  # seconds a dashboard chart is kept be
 MAX_PAGE = 500
 MAX_JSON = 64 * 1024
 LOGIN_COOKIE = "kanmon_login"
+MAX_LINK_FORM = 4096  # the confirmation form of a digest link: its token and nothing else
 QUEUE_ACTIONS = ("hold", "release", "delete")
 BULK_ACTIONS = ("hold", "release", "delete", "bounce", "flush")
 FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "header", "body", "size", "attempts")
@@ -111,6 +115,7 @@ class ConsoleApp:
         self.env.filters["size"] = format_size
         # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
+        self._link_secret: bytes | None = None  # the digest links' key, read on first use
         self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, the dashboard chart's stats)
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
@@ -282,6 +287,8 @@ class ConsoleApp:
             Route("/settings", g(self.settings_page)),
             Route("/settings", g(self.settings_post), methods=["POST"]),
             Route("/api/v1/openapi.json", self.openapi),
+            Route("/q/{token}", self.link_page, methods=["GET"]),
+            Route("/q/{token}", self.link_post, methods=["POST"]),
             Route("/api/v1/me", g(self.api_me, api=True)),
             Route("/api/v1/queue", g(self.api_queue, api=True)),
             Route("/api/v1/queue/backup", g(self.api_backup, "backup", api=True), methods=["POST"]),
@@ -360,6 +367,71 @@ class ConsoleApp:
         self._set_session(response, request, session)
         response.delete_cookie(LOGIN_COOKIE, path="/login")
         return response
+
+    # -- the digest's signed links (no login: the token is the capability) --------------
+
+    async def link_page(self, request: Request) -> Response:
+        """GET never acts (scanners and previews fetch links): the message and a form."""
+        return await self._link(request, act=False)
+
+    async def link_post(self, request: Request) -> Response:
+        return await self._link(request, act=True)
+
+    async def _link(self, request: Request, act: bool) -> Response:
+        ip = client_ip(request)
+        gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language")))
+        token = request.path_params["token"]
+
+        def page(status: int, title: str, text: str, **ctx) -> Response:
+            return self.render(request, "quarantine_link.html", None, status, title=title, text=text, token=token, **ctx)
+
+        throttle = self.node.throttle
+        if await asyncio.to_thread(throttle.blocked_for, ip) > 0:
+            return page(429, gettext("Too many attempts"), gettext("Too many invalid links from your address: try again later."))
+        if self._link_secret is None:
+            self._link_secret = await asyncio.to_thread(links.load_secret, self.data_dir)
+        try:
+            link = links.verify(self._link_secret, token, self.node.clock.now())  # the clock the digest signed with
+        except links.LinkError as e:
+            # Counted like a failed login: guessing tokens blocks the address as guessing passwords does.
+            await asyncio.to_thread(throttle.failed, ip, None, False)
+            self.emit(f"console: quarantine link refused from {ip}: {e.reason}", kind="warning")
+            if e.reason == "expired":
+                return page(410, gettext("Link expired"), gettext("This link has expired: the message is no longer kept."))
+            return page(403, gettext("Invalid link"), gettext("This link is not valid. Copy the whole link from the digest."))
+        if act:
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit() or int(length) > MAX_LINK_FORM:
+                return page(413, gettext("Invalid link"), gettext("The form is not the one this page sent."))
+            form = await request.form()
+            sent = form.get("token")
+            if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), token.encode()):
+                return page(403, gettext("Invalid link"), gettext("The form is not the one this page sent."))
+        gone = (404, gettext("Message gone"),
+                gettext("This message is no longer in the quarantine for you: it was already released or deleted, "
+                        "or its retention ended."))
+        try:
+            item = await self.call("quarantine_show", {"id": link.qid, "lines": 0})
+        except Refused:
+            item = None
+        if item is None or "corrupt" in item or link.rcpt.lower() not in {r.lower() for r in item.get("rcpts", [])}:
+            return page(*gone)
+        if not act:
+            return page(200, gettext("Release message") if link.action == "release" else gettext("Delete message"),
+                        "", item=item, link=link)
+        op, key = ("quarantine_release_for", "released") if link.action == "release" else ("quarantine_delete_for", "deleted")
+        try:
+            result = await self.call(op, {"id": link.qid, "rcpt": link.rcpt, "by": link.rcpt})
+        except Refused as e:
+            result = {key: [], "errors": [e.message]}
+        done = bool(result.get(key))
+        audit(self.emit, link.rcpt, "recipient", f"quarantine {link.action}", link.qid, source=ip, via="digest link",
+              outcome="ok" if done else "; ".join(result.get("errors") or ["not done"]))
+        if not done:
+            return page(*gone)
+        if link.action == "release":
+            return page(200, gettext("Message released"), gettext("The message was released: it is on its way to your mailbox."))
+        return page(200, gettext("Message deleted"), gettext("The message was deleted."))
 
     async def logout(self, request: Request, who: Who) -> Response:
         if who.session is not None:  # a copy of the cookie kept elsewhere ends too, also after a restart

@@ -1,7 +1,8 @@
 """The spam quarantine digest: one mail per recipient listing what waits for them.
 
 Role: compose the digest (pure: rows in, a message out). Each entry shows date, sender,
-subject and score, and how to get it: until the web console's public endpoint exists,
+subject and score, and how to get it: with `[console] public_url` set, a release link and
+a delete link (signed, kanmon.quarantine.links: the caller passes them in); without it,
 the way is a command the administrator runs (`kanmon quarantine release ID`), so the
 digest tells the recipient to ask for it by its id.
 Never: put a sender's text into a header field (subjects are listed in the body only,
@@ -24,8 +25,10 @@ def _clean(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def digest_message(rcpt: str, rows: list[dict], *, sender: str, hostname: str, now: float, keep_days: int) -> bytes:
-    """The digest for one recipient (rows: quarantine_ops list rows, oldest first)."""
+def digest_message(rcpt: str, rows: list[dict], *, sender: str, hostname: str, now: float, keep_days: int,
+                   links: dict[str, tuple[str, str]] | None = None) -> bytes:
+    """The digest for one recipient (rows: quarantine_ops list rows, oldest first;
+    links: id -> (release URL, delete URL), or None: the administrator's command)."""
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = f"Mail quarantine <{sender}>"
     msg["To"] = rcpt
@@ -38,10 +41,19 @@ def digest_message(rcpt: str, rows: list[dict], *, sender: str, hostname: str, n
         f"These messages to {rcpt} were held as spam on {hostname}.",
         f"They are deleted after {keep_days} days.",
         "",
-        "To receive one, ask your mail administrator to release it by its id",
-        "(the administrator runs: kanmon quarantine release ID).",
-        "",
     ]
+    if links:
+        lines += [
+            "To receive one, open its release link; to remove it now, its delete link",
+            "(each link asks you to confirm; it works for you only, until the message's deletion).",
+            "",
+        ]
+    else:
+        lines += [
+            "To receive one, ask your mail administrator to release it by its id",
+            "(the administrator runs: kanmon quarantine release ID).",
+            "",
+        ]
     for r in rows:
         when = datetime.datetime.fromtimestamp(r["stored"]).astimezone().strftime("%Y-%m-%d %H:%M")
         score = f"  score {r['score']:g}" if r.get("score") else ""
@@ -50,8 +62,11 @@ def digest_message(rcpt: str, rows: list[dict], *, sender: str, hostname: str, n
             f"date:    {when}{score}",
             f"from:    {_clean(r['from']) or '<>'}",
             f"subject: {_clean(r['subject'])}",
-            f"release: kanmon quarantine release {r['id']} --to {rcpt}",
-            "",
         ]
+        if links and r["id"] in links:
+            release, delete = links[r["id"]]
+            lines += [f"release: {release}", f"delete:  {delete}", ""]
+        else:
+            lines += [f"release: kanmon quarantine release {r['id']} --to {rcpt}", ""]
     msg.set_content("\n".join(lines))
     return msg.as_bytes()

@@ -100,6 +100,16 @@ def decode_entry(queue_id: str, data: bytes, meta: Meta) -> tuple[Entry, bytes]:
     return Entry(queue_id, env, len(content), meta), content
 
 
+def without_rcpts(env: Envelope, rcpts: list[str]) -> Envelope:
+    """The envelope without these recipients (compared case-insensitively) and their DSN data."""
+    drop = {r.lower() for r in rcpts}
+    env.rcpts = [r for r in env.rcpts if r.lower() not in drop]
+    for table in (env.original_rcpts, env.dsn_notify, env.dsn_orcpt):
+        for key in [k for k in table if k.lower() in drop]:
+            del table[key]
+    return env
+
+
 @runtime_checkable
 class QuarantineStore(Protocol):
     """The quarantine's index and content, local or shared (blocking calls)."""
@@ -111,6 +121,12 @@ class QuarantineStore(Protocol):
     def delete(self, queue_id: str, node: str = "") -> None:
         """Remove the entry (QuarantineError when it is not there, or another node than
         `node` is releasing it)."""
+        ...
+
+    def remove_rcpts(self, queue_id: str, rcpts: list[str], node: str = "") -> None:
+        """Drop these recipients (case-insensitive) from the entry's envelope, durably;
+        the entry stays for the others (the caller deletes it when none would be left).
+        QuarantineError when it is gone or another node than `node` is releasing it."""
         ...
 
     def ids(self) -> list[str]: ...
@@ -186,6 +202,19 @@ class Quarantine:
         (self.dir / f"{queue_id}.msg").unlink(missing_ok=True)
         if self.fsync:
             fsync_dir(self.dir)
+
+    def remove_rcpts(self, queue_id: str, rcpts: list[str], node: str = "") -> None:
+        entry, content = self.load(queue_id)
+        env = without_rcpts(entry.envelope, rcpts)
+        msg, tmp = self.dir / f"{queue_id}.msg", self.dir / f".{queue_id}.msg.tmp"
+        try:
+            write_durably(tmp, encode_queue_file(env, content), sync=self.fsync)
+            os.replace(tmp, msg)  # the .meta stays: the entry is never absent meanwhile
+            if self.fsync:
+                fsync_dir(self.dir)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def claim(self, queue_id: str, node: str, now: float) -> None:
         """Only this node's admin operations (one at a time) release from here."""

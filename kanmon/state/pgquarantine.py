@@ -29,7 +29,7 @@ import errno
 from pathlib import Path
 
 from kanmon.model import Envelope, is_queue_id
-from kanmon.quarantine.store import Entry, Meta, QuarantineError, decode_entry
+from kanmon.quarantine.store import Entry, Meta, QuarantineError, decode_entry, without_rcpts
 from kanmon.spool.store import encode_queue_file
 from kanmon.state.postgresql import _Db
 
@@ -89,6 +89,18 @@ class PgQuarantine:
                             " RETURNING 1", (queue_id, node)).fetchone()
             if row is None:
                 raise self._why_not(c, queue_id)
+
+    def remove_rcpts(self, queue_id: str, rcpts: list[str], node: str = "") -> None:
+        _check_id(queue_id)
+        with self._db.transaction() as c:
+            c.execute(f"SET LOCAL statement_timeout = {WRITE_TIMEOUT_MS}")
+            row = c.execute("SELECT meta, data FROM quarantine WHERE id = %s AND (claimed_by IS NULL OR claimed_by = %s)"
+                            " FOR UPDATE", (queue_id, node)).fetchone()
+            if row is None:
+                raise self._why_not(c, queue_id)
+            entry, content = decode_entry(queue_id, bytes(row[1]), Meta.from_json(row[0].encode()))
+            data = encode_queue_file(without_rcpts(entry.envelope, rcpts), content)
+            c.execute("UPDATE quarantine SET data = %s WHERE id = %s", (data, queue_id))
 
     def claim(self, queue_id: str, node: str, now: float) -> None:
         _check_id(queue_id)

@@ -50,7 +50,7 @@ tls = false
 {tls}
 """ + TEST_DEFAULT_PROFILE
 
-PUBLIC = {"/login", "/api/v1/openapi.json"}
+PUBLIC = {"/login", "/api/v1/openapi.json", "/q/forged.token"}  # /q/: the digest's links, the token is the capability
 
 
 def node_config(tmp_path: Path, tls: str = ""):
@@ -107,7 +107,7 @@ def send_deferred(node) -> str:
     return items[0]["id"]
 
 
-def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None:
+def test_every_route_but_login_static_openapi_and_digest_links_needs_a_login(console) -> None:
     app = ConsoleApp(console.node, console.node.config)
     paths = []
     for route in app.app.routes:
@@ -115,7 +115,7 @@ def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None
         if path.startswith("/static"):
             continue
         methods = getattr(route, "methods", None) or {"GET"}
-        path = path.replace("{qid}", "0123456789ABCDE").replace("{action}", "hold")
+        path = path.replace("{qid}", "0123456789ABCDE").replace("{action}", "hold").replace("{token}", "forged.token")
         paths += [(m, path) for m in methods if m != "HEAD"]
     assert len(paths) > 25
     crawled = {path for _m, path in paths}
@@ -127,6 +127,8 @@ def test_every_route_but_login_static_and_openapi_needs_a_login(console) -> None
             r = c.request(method, path)
             if path in PUBLIC:
                 assert r.status_code in (200, 403), (method, path, r.status_code)
+                if path.startswith("/q/"):  # a forged link is refused, and its page is no login
+                    assert r.status_code == 403 and "This link is not valid" in r.text, (method, path)
             elif path.startswith("/api/"):
                 assert r.status_code == 401, (method, path, r.status_code)
             else:

@@ -94,6 +94,27 @@ def test_a_claim_by_one_node_keeps_the_entry_from_the_others(backend):
     assert mr1.ids() == []
 
 
+def test_one_recipients_copy_is_removed_and_the_entry_stays_for_the_others(backend):
+    kind, open_as = backend
+    mr1 = open_as("mr1")
+    qid = new_queue_id(T0)
+    env = envelope()
+    env.dsn_notify = {"alice@example.test": "NEVER", "bob@example.test": "FAILURE"}
+    mr1.put(qid, env, CONTENT, meta())
+    mr1.remove_rcpts(qid, ["ALICE@example.test"])  # addresses compare case-insensitively
+    entry, content = mr1.load(qid)
+    assert entry.envelope.rcpts == ["bob@example.test"] and entry.envelope.dsn_notify == {"bob@example.test": "FAILURE"}
+    assert content == CONTENT and entry.meta == meta() and mr1.ids() == [qid]
+    if kind == "postgresql":
+        mr1.claim(qid, "mr1", T0)
+        with pytest.raises(QuarantineError, match="being released by mr1"):
+            open_as("mr2").remove_rcpts(qid, ["bob@example.test"], "mr2")
+        mr1.unclaim(qid, "mr1")
+    mr1.delete(qid)
+    with pytest.raises(QuarantineError, match="not in the quarantine"):
+        mr1.remove_rcpts(qid, ["bob@example.test"])
+
+
 def test_two_nodes_releasing_one_entry_at_once_one_wins(backend):
     kind, open_as = backend
     if kind == "local":
