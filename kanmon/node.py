@@ -56,7 +56,9 @@ from kanmon.queue.pickup import Pickup
 from kanmon.listeners import Address, ListenSockets, Prepared
 from kanmon.metrics import MetricsServer
 from kanmon.receiver import ReceiverPool
-from kanmon.records.events import DnsblLookupFailed, Recovery, Reload, ReloadFailed, ScannerFailed, ScannerRecovered, Stopped
+from kanmon.records.events import (
+    BALANCER_KIND, DNSCHECK_KIND, DnsblLookupFailed, Recovery, Reload, ReloadFailed, ScannerFailed, ScannerRecovered, Stopped,
+)
 from kanmon.records.store import Records
 from kanmon.smtp.server import SmtpServer, SubmissionAuth
 from kanmon.store.imap import ImapService
@@ -316,7 +318,12 @@ class Node:
 
     def _balancer(self, config: Config) -> BalancerService:
         assert self.records is not None
-        return BalancerService(config, self.records.emit, self.monitoring.alerts.incident)
+        records = self.records
+
+        def emit(text: str, queue_id: str | None = None) -> None:  # its lines, found by their kind
+            records.emit(text, queue_id, kind=BALANCER_KIND)
+
+        return BalancerService(config, emit, self.monitoring.alerts.incident)
 
     # -- what a reload replaces ---------------------------------------------------------
 
@@ -618,7 +625,9 @@ class Node:
             elif name == "quarantine":
                 coro = self.admin.run_quarantine()
             elif self.config.dnscheck.every:  # dnscheck
-                monitor = DnsMonitor(self.config, self.records.emit, self.monitoring.dns_alert(), self.clock)
+                records = self.records
+                monitor = DnsMonitor(self.config, lambda text: records.emit(text, kind=DNSCHECK_KIND),
+                                     self.monitoring.dns_alert(), self.clock)
                 self.dns_monitor = monitor  # the console shows its last round
                 coro = monitor.run()
             else:

@@ -44,7 +44,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from kanmon.admin.accounts import ROLES, Account, AccountError, AdminAccounts, audit
+from kanmon.admin.accounts import AUDIT_KIND, ROLES, Account, AccountError, AdminAccounts, audit
 from kanmon.admin.filters import STATES, Filters
 from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
 from kanmon.console import charts, configedit, i18n, transfer
@@ -53,6 +53,7 @@ from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions,
 from kanmon.escape import for_log
 from kanmon.model import is_queue_id
 from kanmon.quarantine import links
+from kanmon.records.events import BALANCER_KIND, DNSCHECK_KIND
 from kanmon.units import format_duration, format_size
 
 HERE = Path(__file__).parent
@@ -570,15 +571,17 @@ class ConsoleApp:
                                         lambda: trace(self.data_dir, q, since))
         return [t.as_dict() for t in timelines]
 
-    async def _events(self, grep: str | None, since: float | None, limit: int, shared: bool = True) -> list[dict]:
-        """Event lines; shared=False: this node's own (its DNS check's and balancer's history)."""
+    async def _events(self, grep: str | None, since: float | None, limit: int, shared: bool = True,
+                      kinds: tuple[str, ...] = ()) -> list[dict]:
+        """Event lines; shared=False: this node's own (its DNS check's and balancer's history);
+        kinds: only lines of these kinds (this node's own, by the events(kind, ts) index)."""
         from kanmon.records import pgquery  # noqa: PLC0415
         from kanmon.records.query import search_events  # noqa: PLC0415
 
         rows = await self._records(
             (lambda: pgquery.search_events(self.config.records, since=since, grep=grep or None, limit=limit))
-            if shared else None,
-            lambda: search_events(self.data_dir, since=since, grep=grep or None, limit=limit))
+            if shared and not kinds else None,
+            lambda: search_events(self.data_dir, since=since, grep=grep or None, limit=limit, kinds=kinds))
         return [r.as_dict() for r in rows]
 
     async def _tail(self, after: int | None, grep: str | None) -> dict:
@@ -674,7 +677,7 @@ class ConsoleApp:
         from kanmon.dnscheck.report import report_dict  # noqa: PLC0415
 
         monitor = getattr(self.node, "dns_monitor", None)
-        history = await self._events("dnscheck:", time.time() - 30 * 86400, 200, shared=False)
+        history = await self._events(None, time.time() - 30 * 86400, 200, shared=False, kinds=(DNSCHECK_KIND,))
         return {"every": self.config.dnscheck.every or None,
                 "last_run": monitor.last_run if monitor is not None else None,
                 "reports": [report_dict(r) for r in monitor.last_reports] if monitor is not None else [],
@@ -742,7 +745,11 @@ class ConsoleApp:
         balancer = getattr(self.node, "balancer", None)
         if balancer is None:
             return {"status": None, "problem": "no [balancer] is configured on this node", "history": []}
-        history = await self._events("balancer ", time.time() - 30 * 86400, 200, shared=False)
+        since = time.time() - 30 * 86400
+        # Its own lines, and the administrators' audit lines of their `balancer MODE` writes.
+        own, audited = await asyncio.gather(self._events(None, since, 200, shared=False, kinds=(BALANCER_KIND,)),
+                                            self._events("balancer ", since, 200, shared=False, kinds=(AUDIT_KIND,)))
+        history = sorted(own + audited, key=lambda e: e["ts"])[-200:]
         return {"status": balancer.status(), "problem": None, "history": history}
 
     def _policies(self) -> dict:

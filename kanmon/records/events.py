@@ -125,6 +125,11 @@ class Note(Event):
 
 EVENT_TYPES["info"] = Note
 
+# Kinds of Notes whose lines are looked up as a set (the console's DNS and balancer pages
+# find them by the events(kind, ts) index, not by searching every line's text).
+DNSCHECK_KIND = "dnscheck"  # the periodic DNS check's lines ("dnscheck: ...")
+BALANCER_KIND = "balancer"  # the balancer's lines ("balancer NAME: ...", "balancer: ...")
+
 
 @_event
 class Error(Event):

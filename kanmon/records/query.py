@@ -90,9 +90,14 @@ def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: in
 
 def search_events(
     data_dir: Path, *, since: float | None = None, queue_id: str | None = None, grep: str | None = None,
-    limit: int = 10_000,
+    limit: int = 10_000, kinds: tuple[str, ...] = (),
 ) -> list[EventRow]:
+    """The newest `limit` event lines matching every filter given, oldest first.
+    kinds: only lines of these kinds (found by the events(kind, ts) index)."""
     where, args = [], []
+    if kinds:
+        where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+        args += kinds
     if since is not None:
         where.append("ts >= ?")
         args.append(since)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 from kanmon.escape import for_log
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
-from kanmon.records.events import FREE_TEXT, AuthFailed, Critical, Error, Event, LoginFailed, Note, component
+from kanmon.records.events import BALANCER_KIND, DNSCHECK_KIND, FREE_TEXT, AuthFailed, Critical, Error, Event, LoginFailed, Note, component
 from kanmon.records.logsinks import LogFile, SyslogSender, syslog_stamp
 
 SCHEMA = """
@@ -122,6 +122,29 @@ def migrate(db: sqlite3.Connection) -> None:
             if "duplicate column" not in str(e):
                 raise
     db.executescript(ADDED_INDEXES)
+    if db.execute("PRAGMA user_version").fetchone()[0] < NOTE_KINDS_VERSION:
+        _relabel_notes(db)
+
+
+# PRAGMA user_version from which the DNS check's and the balancer's lines carry kinds of
+# their own (before, they were "info" Notes found by searching every line's text).
+NOTE_KINDS_VERSION = 1
+
+
+def _relabel_notes(db: sqlite3.Connection) -> None:
+    """Give the lines an older version wrote as "info" Notes the kind they have now, once
+    (the "info" rows only, through the events(kind, ts) index), so the console's DNS and
+    balancer pages find them by kind. Several processes may run it at once: the second
+    finds nothing left to change."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] >= NOTE_KINDS_VERSION:
+            return
+        db.execute("UPDATE events SET kind = ? WHERE kind = 'info' AND substr(text, 1, 9) = 'dnscheck:'",
+                   (DNSCHECK_KIND,))
+        db.execute("UPDATE events SET kind = ? WHERE kind = 'info' AND substr(text, 1, 9) IN ('balancer ', 'balancer:')",
+                   (BALANCER_KIND,))
+        db.execute(f"PRAGMA user_version = {NOTE_KINDS_VERSION}")
 
 WRITE_INTERVAL = 0.2  # seconds between batches of record writes
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another connection's lock before the batch is spilled

@@ -324,3 +324,40 @@ def test_refusals_by_check_in_metrics_and_stats(tmp_path):
     s = collect(tmp_path, time.time() - 3600)
     assert s.rejected_by_check == [("verify", 2), ("-", 1), ("greylist", 1), ("rate", 1)]
     assert {"name": "verify", "count": 2} in s.as_dict()["rejected_by_check"]
+
+
+def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_database(tmp_path):
+    """The console's DNS and balancer pages find these lines by kind (the events(kind, ts)
+    index); the lines an older version wrote as "info" get their kind once, at migration."""
+    from kanmon.records.events import BALANCER_KIND, DNSCHECK_KIND
+    from kanmon.records.query import search_events
+
+    db = sqlite3.connect(tmp_path / "records.sqlite")
+    db.executescript(OLD_SCHEMA)
+    now = time.time()
+    old = [("info", "dnscheck: example.test got worse (ok -> error): x"), ("info", "balancer mail: real server a down"),
+           ("info", "balancer: stopped"), ("info", "listening on 127.0.0.1:25 (the balancer is elsewhere)"),
+           ("audit", "audit: alice (admin) from 127.0.0.1 via console: balancer disabled mail a -> now disabled"),
+           ("error", "dnscheck: not a note")]
+    db.executemany("INSERT INTO events(ts, kind, text) VALUES (?,?,?)", [(now, k, t) for k, t in old])
+    db.commit()
+    db.close()
+    records = Records(tmp_path, "mx1.example.test", log_file=False)  # migrates at open
+    records.emit("dnscheck: example.test better (error -> ok): fine", kind=DNSCHECK_KIND)
+    records.emit("dnscheck: a line written as info after the migration")
+    records.flush()
+    records.close()
+    open_db(tmp_path / "records.sqlite").close()  # opened again: the relabelling is not done twice
+
+    def texts(kinds, grep=None):
+        return [e.text for e in search_events(tmp_path, since=now - 60, kinds=kinds, grep=grep)]
+
+    assert texts((DNSCHECK_KIND,)) == ["dnscheck: example.test got worse (ok -> error): x",
+                                       "dnscheck: example.test better (error -> ok): fine"]
+    assert texts((BALANCER_KIND,)) == ["balancer mail: real server a down", "balancer: stopped"]
+    assert texts(("info",)) == ["listening on 127.0.0.1:25 (the balancer is elsewhere)",
+                                "dnscheck: a line written as info after the migration"]
+    assert texts(("audit",), "balancer ") == [old[4][1]]
+    assert texts(("error", "audit")) == [old[4][1], old[5][1]]
+    # the kind changes no line: the log file, stdout and `kanmon log events` print the text
+    assert [e.text for e in search_events(tmp_path, grep="dnscheck")][:2] == [old[0][1], old[5][1]]
