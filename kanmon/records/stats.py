@@ -83,9 +83,14 @@ def utc_offset(at: float | None = None) -> int:
 
 def collect(data_dir: Path, since: float, until: float | None = None, by: str = "day", top: int = TOP,
             progress: Callable[[int, int | None], None] | None = None) -> Stats:
-    """The report for [since, until). The five aggregations run at once, each on its own
-    read-only connection (sqlite3 releases the GIL while it steps), then are merged;
-    top=0: the buckets alone (the other four are empty).
+    """The report for [since, until); top=0: the buckets alone (the other four are empty).
+
+    A period covering much of the history: the five aggregations run at once, each on its
+    own read-only connection scanning the table (sqlite3 releases the GIL while it steps),
+    then are merged. A shorter period (the ts index is used): its rows are read through the
+    index once, into a temporary table the aggregations then share — following the index
+    to each row is most of the work, and it was done once per aggregation. The same SQL
+    either way, so the same report.
     progress(done, total), if given, is called as each aggregation finishes."""
     if by not in BUCKETS:
         raise ValueError(f"by must be one of {', '.join(BUCKETS)}")
@@ -101,8 +106,37 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
     path = Path(data_dir) / "records.sqlite"
     size = BUCKETS[by]
     off = utc_offset(until)
-    where = f"FROM history {scan} WHERE ts >= ? AND ts < ?"
-    queries = [
+    if top <= 0:  # the buckets only (the dashboard's chart): no top lists, no refusals by check
+        queries = _queries(f"FROM history {scan} WHERE ts >= ? AND ts < ?", off, size, since, until, top)[:1]
+    elif scan:
+        queries = _queries(f"FROM history {scan} WHERE ts >= ? AND ts < ?", off, size, since, until, top)
+    else:
+        return assemble(out, size, off, *_one_pass(path, off, size, since, until, top, progress))
+
+    def run(query: tuple[str, tuple]) -> list[tuple]:
+        conn = open_db(path, readonly=True)
+        try:
+            return conn.execute(*query).fetchall()
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(max_workers=len(queries), thread_name_prefix="stats") as pool:
+        futures = [pool.submit(run, q) for q in queries]
+        if progress is not None:
+            progress(0, len(futures))
+            for n, _done in enumerate(as_completed(futures), 1):
+                progress(n, len(futures))
+        rows, senders, recipients, domains, checks = ([*(f.result() for f in futures), [], [], [], []])[:5]
+    return assemble(out, size, off, rows, senders, recipients, domains, checks)
+
+
+PERIOD_COLUMNS = "ts, first, size, status, deferrals, disposition, mail_from, rcpt"  # what _queries reads of history
+
+
+def _queries(where: str, off: int, size: int, since: float, until: float, top: int) -> list[tuple[str, tuple]]:
+    """The five aggregations, the history's four reading the rows of `where` (FROM ...
+    WHERE ts >= ? AND ts < ?)."""
+    return [
         ("SELECT CAST((ts + ?) / ? AS INTEGER) AS b, SUM(first), SUM(first * size),"
          " SUM(status = 'Delivered'), SUM(deferrals > 0 AND disposition = 'Accept'),"
          f" SUM(status LIKE 'Bounced%'), SUM(disposition = 'Reject') {where} GROUP BY b ORDER BY b",
@@ -116,28 +150,32 @@ def collect(data_dir: Path, since: float, until: float | None = None, by: str = 
          (since, until, top)),
         # Refusals by the check that made them (the typed event's detail, not its text);
         # "-" for a protocol refusal no check made (bad syntax, limits of the session).
-        ("SELECT COALESCE(NULLIF(json_extract(detail, '$.check'), ''), '-') AS k, COUNT(*) AS c FROM events"
+        ("SELECT COALESCE(NULLIF(json_extract(detail, '$.check'), ''), '-') AS k, COUNT(*) AS c FROM main.events"
          " WHERE ts >= ? AND ts < ? AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
          (since, until)),
     ]
 
-    def run(query: tuple[str, tuple]) -> list[tuple]:
-        conn = open_db(path, readonly=True)
-        try:
-            return conn.execute(*query).fetchall()
-        finally:
-            conn.close()
 
-    if top <= 0:  # the buckets only (the dashboard's chart): no top lists, no refusals by check
-        queries = queries[:1]
-    with ThreadPoolExecutor(max_workers=len(queries), thread_name_prefix="stats") as pool:
-        futures = [pool.submit(run, q) for q in queries]
+def _one_pass(path: Path, off: int, size: int, since: float, until: float, top: int,
+              progress: Callable[[int, int | None], None] | None) -> list[list[tuple]]:
+    """The five aggregations' rows on one read-only connection (one snapshot), the
+    period's history rows copied once into a temporary table in memory."""
+    conn = open_db(path, readonly=True)
+    try:
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute(f"CREATE TEMP TABLE period AS SELECT {PERIOD_COLUMNS} FROM main.history WHERE ts >= ? AND ts < ?",
+                     (since, until))
+        queries = _queries("FROM temp.period WHERE ts >= ? AND ts < ?", off, size, since, until, top)
+        results = []
         if progress is not None:
-            progress(0, len(futures))
-            for n, _done in enumerate(as_completed(futures), 1):
-                progress(n, len(futures))
-        rows, senders, recipients, domains, checks = ([*(f.result() for f in futures), [], [], [], []])[:5]
-    return assemble(out, size, off, rows, senders, recipients, domains, checks)
+            progress(0, len(queries))
+        for n, query in enumerate(queries, 1):
+            results.append(conn.execute(*query).fetchall())
+            if progress is not None:
+                progress(n, len(queries))
+        return results
+    finally:
+        conn.close()
 
 
 def assemble(out: Stats, size: int, off: int, rows, senders, recipients, domains, checks) -> Stats:

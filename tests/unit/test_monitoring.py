@@ -326,6 +326,46 @@ def test_refusals_by_check_in_metrics_and_stats(tmp_path):
     assert {"name": "verify", "count": 2} in s.as_dict()["rejected_by_check"]
 
 
+def test_stats_of_a_short_period_read_once_answer_as_the_parallel_scans(tmp_path, monkeypatch):
+    """A period the ts index serves is read once into a temporary table; the report is
+    the same as the five aggregations over the table give (the path of longer periods)."""
+    import json
+    import random
+
+    from kanmon.records import stats
+
+    rng = random.Random(5)
+    now = time.time()
+    db = open_db(tmp_path / "records.sqlite")
+    senders = ["a@b.test", "A@b.test", "", None, "c@d.test", "Ünï@e.test"]
+    rcpts = ["x@example.test", "X@Example.TEST", "noat", "y@other.test", "z@ÄÖ.test", ""]
+    statuses = ["Delivered", "Bounced: 550 no", "bounced: 550 no", "Deferred: 451 later", "Queued", None]
+    with db:
+        db.executemany(
+            "INSERT INTO history(ts, mail_from, rcpt, size, disposition, queue_id, status, first, deferrals)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            [(now - rng.uniform(0, 10 * 86400), rng.choice(senders), rng.choice(rcpts), rng.choice([None, 0, 10, 999]),
+              rng.choice(["Accept", "Accept", "Reject", "Discard"]), f"Q{i}", rng.choice(statuses), rng.randrange(2),
+              rng.choice([0, 0, 1, 3])) for i in range(3000)])
+        db.executemany("INSERT INTO events(ts, kind, text, detail) VALUES (?,?,?,?)",
+                       [(now - rng.uniform(0, 10 * 86400), rng.choice(["reject", "reject-connect", "delivery"]), "line",
+                         rng.choice([None, json.dumps({"check": rng.choice(["verify", "rate", ""])})]))
+                        for _ in range(500)])
+    db.close()
+    one_pass = []
+    real_one_pass = stats._one_pass
+    monkeypatch.setattr(stats, "_one_pass", lambda *a: one_pass.append(a) or real_one_pass(*a))
+    for since, by in ((now - 86400, "hour"), (now - 2 * 86400, "day"), (now - 3 * 3600, "hour")):
+        quick = collect(tmp_path, since, now, by=by, top=4)
+        assert one_pass and one_pass.pop()  # the ts index's path: read once
+        with monkeypatch.context() as m:
+            m.setattr(stats, "_scan_hint", lambda *a: "NOT INDEXED")
+            scanned = collect(tmp_path, since, now, by=by, top=4)
+        assert not one_pass
+        assert quick == scanned and quick.totals.received > 0 and quick.top_recipients and quick.rejected_by_check
+    assert collect(tmp_path, now - 10 * 86400, now) is not None and not one_pass  # most of the table: scanned
+
+
 def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_database(tmp_path):
     """The console's DNS and balancer pages find these lines by kind (the events(kind, ts)
     index); the lines an older version wrote as "info" get their kind once, at migration."""
