@@ -14,6 +14,7 @@ The issue's figure is every page under 200 ms. Prints figures; asserts nothing. 
     python bench/console_pages.py                         # 100,000 queued, 1,000,000 history rows
     python bench/console_pages.py --messages 20000 --history 200000 --keep /tmp/kc
     python bench/console_pages.py --keep /tmp/kc --reuse  # the same data_dir again
+    python bench/console_pages.py --in-time-order         # records written in time order, as a node writes them
 """
 
 from __future__ import annotations
@@ -60,16 +61,26 @@ PASSWORD = "bench-password-1"
 SUBJECTS = ["Invoice {}", "=?UTF-8?B?6KuL5rGC5pu4?= {}", "Meeting notes {}", "【重要】お知らせ {}", "Re: order {}"]
 
 
-def fill_records(data_dir: Path, rows: int, now: float) -> None:
-    """rows history rows and as many events over the last 30 days, in one transaction."""
+def fill_records(data_dir: Path, rows: int, now: float, in_time_order: bool = False) -> None:
+    """rows history rows and as many events over the last 30 days, in one transaction.
+    By default in random time order (each row's time drawn on its own: a period's rows lie
+    on pages all over the table, the worst case for a query by time); in_time_order: in the
+    order of their times, as a node's records writer appends them."""
     rng = random.Random(9)
     t0 = time.monotonic()
+    span = 30 * 86400
+
+    def stamp(i: int) -> float:
+        if in_time_order:
+            return now - span + (i + rng.random()) * span / rows
+        return now - rng.uniform(0, span)
+
     db = open_db(data_dir / "records.sqlite")
     statuses = ["Sent (250 2.0.0 ok)"] * 8 + ["Deferred (451 4.4.1 Connection refused)", "Bounced (550 5.1.1 User unknown)"]
 
     def history():
         for i in range(rows):
-            ts = now - rng.uniform(0, 30 * 86400)
+            ts = stamp(i)
             qid = f"H{i:014d}"
             reject = i % 25 == 0
             yield (ts, f"198.51.100.{rng.randrange(250)}", f"user{rng.randrange(2000)}@sender{rng.randrange(300)}.example",
@@ -79,7 +90,7 @@ def fill_records(data_dir: Path, rows: int, now: float) -> None:
 
     def events():
         for i in range(rows):
-            ts = now - rng.uniform(0, 30 * 86400)
+            ts = stamp(i)
             yield (ts, f"H{i:014d}", "delivery", f"H{i:014d}: to=<rcpt{i % 20000}@example.test>, relay=local, "
                    "status=sent (delivered to maildir)", None, '{"status": "sent"}')
 
@@ -106,6 +117,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--keep", type=Path, help="build in this directory and keep it")
     ap.add_argument("--reuse", action="store_true", help="with --keep: use what an earlier run built there")
+    ap.add_argument("--in-time-order", action="store_true",
+                    help="write the history rows and events in the order of their times, as a node does")
     args = ap.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="kanmon-bench-console-"))
     data_dir = base / "data"
@@ -114,7 +127,7 @@ def main() -> None:
         if not args.reuse:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             build(data_dir, args.messages, now)
-            fill_records(data_dir, args.history, now)
+            fill_records(data_dir, args.history, now, args.in_time_order)
             AdminAccounts(data_dir).add("bench", "admin", PASSWORD)
         smtp, console = free_port(), free_port()
         config_file = base / "kanmon.toml"
