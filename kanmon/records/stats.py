@@ -69,7 +69,9 @@ def connect_records(data_dir: Path) -> sqlite3.Connection | None:
 def _scan_hint(db: sqlite3.Connection, since: float, until: float) -> str:
     """NOT INDEXED when the period covers much of the table: a sequential scan is several
     times faster than following the ts index row by row (measured: bench/stats_history.py)."""
-    first, last = db.execute("SELECT min(ts), max(ts) FROM history").fetchone()
+    # Two subqueries: SQLite answers a lone min() or max() from the ts index's end, but
+    # both in one SELECT walk the whole index (~0.1 s for a million rows).
+    first, last = db.execute("SELECT (SELECT min(ts) FROM history), (SELECT max(ts) FROM history)").fetchone()
     if first is None or last <= first:
         return ""
     covered = (min(until, last) - max(since, first)) / (last - first)
