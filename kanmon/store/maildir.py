@@ -191,7 +191,14 @@ def parse_filename(name: str) -> tuple[str, frozenset[str], str] | None:
                 flags.add(LETTER_TO_FLAG[ch])
             elif ch.isalpha():
                 extra += ch
-    return base, frozenset(flags), extra
+    key = frozenset(flags)
+    return base, _FLAG_SETS.setdefault(key, key), extra
+
+
+# One shared frozenset per combination of system flags (at most 2**5): a 20,000-message
+# folder then holds a few sets instead of 20,000, which Python's cyclic garbage collector
+# would otherwise walk on every full collection.
+_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 @dataclass
