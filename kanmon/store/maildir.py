@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import os
 import re
@@ -227,6 +228,14 @@ class Snapshot:
 
 
 STABLE_NS = 1_000_000_000  # a directory changed less than this before a scan is scanned again
+# A new scan of at least this many messages moves the process's live objects out of the
+# cyclic garbage collector's reach (gc.freeze). The scan's MessageInfo objects live as long as
+# the folder is unchanged; left in the oldest generation, every full collection walks all of
+# them, and a full collection triggered by the 20,000 small allocations of one
+# FETCH 1:* (FLAGS) cost that command more than its own work. Frozen objects are still freed
+# by reference counting when a later scan replaces them (they form no cycles); a collection
+# runs first so that no garbage cycle is frozen.
+FREEZE_AFTER_SCAN = 1000
 
 
 class Folder:
@@ -421,6 +430,9 @@ class Folder:
                             stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
             old = self._snapshot
             self._snapshot = snap
+            if len(msgs) >= FREEZE_AFTER_SCAN:
+                gc.collect()
+                gc.freeze()
             if old is not None and self._index is not None and len(msgs) < len(old.messages):
                 self._index.compact(set(self._messages))  # expunged: drop dead entries when many
             return snap
