@@ -412,30 +412,36 @@ class Folder:
         stat calls: SELECT, NOOP and IDLE on a large folder cost no directory listing),
         else a new scan (see sync)."""
         with self._lock:
+            snap, scanned = self._snapshot_locked(move_new)
+        if scanned and len(snap.messages) >= FREEZE_AFTER_SCAN:
+            # outside the folder's lock: a finalizer run by the collection may use the folder
+            gc.collect()
+            gc.freeze()
+        return snap
+
+    def _snapshot_locked(self, move_new: bool) -> tuple[Snapshot, bool]:
+        """(snapshot, whether it is a new scan); the caller holds self._lock."""
+        stamp = self._stamp()
+        snap = self._snapshot
+        if snap is not None and snap.reusable and snap.stamp == stamp and not (move_new and snap.has_new):
+            return snap, False
+        started = time.time_ns()
+        try:  # most scans change nothing: they need no lock (IDLE polls often)
+            msgs = self._sync_locked(move_new, None)
+        except _NeedLock:
+            with self._dotlock() as lock:
+                msgs = self._sync_locked(move_new, lock)
             stamp = self._stamp()
-            snap = self._snapshot
-            if snap is not None and snap.reusable and snap.stamp == stamp and not (move_new and snap.has_new):
-                return snap
-            started = time.time_ns()
-            try:  # most scans change nothing: they need no lock (IDLE polls often)
-                msgs = self._sync_locked(move_new, None)
-            except _NeedLock:
-                with self._dotlock() as lock:
-                    msgs = self._sync_locked(move_new, lock)
-                stamp = self._stamp()
-            highest = self._note_scan(msgs)
-            changed = max(s[2] for s in stamp[:2] if s is not None)
-            uids = [m.uid for m in msgs]
-            snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
-                            stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
-            old = self._snapshot
-            self._snapshot = snap
-            if len(msgs) >= FREEZE_AFTER_SCAN:
-                gc.collect()
-                gc.freeze()
-            if old is not None and self._index is not None and len(msgs) < len(old.messages):
-                self._index.compact(set(self._messages))  # expunged: drop dead entries when many
-            return snap
+        highest = self._note_scan(msgs)
+        changed = max(s[2] for s in stamp[:2] if s is not None)
+        uids = [m.uid for m in msgs]
+        snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
+                        stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
+        old = self._snapshot
+        self._snapshot = snap
+        if old is not None and self._index is not None and len(msgs) < len(old.messages):
+            self._index.compact(set(self._messages))  # expunged: drop dead entries when many
+        return snap, True
 
     def locate(self, msg: MessageInfo) -> Path | None:
         """The file of msg now, or None when it is gone."""
