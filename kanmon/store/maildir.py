@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import itertools
 import os
 import re
@@ -191,7 +192,14 @@ def parse_filename(name: str) -> tuple[str, frozenset[str], str] | None:
                 flags.add(LETTER_TO_FLAG[ch])
             elif ch.isalpha():
                 extra += ch
-    return base, frozenset(flags), extra
+    key = frozenset(flags)
+    return base, _FLAG_SETS.setdefault(key, key), extra
+
+
+# One shared frozenset per combination of system flags (at most 2**5): a 20,000-message
+# folder then holds a few sets instead of 20,000, which Python's cyclic garbage collector
+# would otherwise walk on every full collection.
+_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 @dataclass
@@ -220,6 +228,14 @@ class Snapshot:
 
 
 STABLE_NS = 1_000_000_000  # a directory changed less than this before a scan is scanned again
+# A new scan of at least this many messages moves the process's live objects out of the
+# cyclic garbage collector's reach (gc.freeze). The scan's MessageInfo objects live as long as
+# the folder is unchanged; left in the oldest generation, every full collection walks all of
+# them, and a full collection triggered by the 20,000 small allocations of one
+# FETCH 1:* (FLAGS) cost that command more than its own work. Frozen objects are still freed
+# by reference counting when a later scan replaces them (they form no cycles); a collection
+# runs first so that no garbage cycle is frozen.
+FREEZE_AFTER_SCAN = 1000
 
 
 class Folder:
@@ -396,27 +412,36 @@ class Folder:
         stat calls: SELECT, NOOP and IDLE on a large folder cost no directory listing),
         else a new scan (see sync)."""
         with self._lock:
+            snap, scanned = self._snapshot_locked(move_new)
+        if scanned and len(snap.messages) >= FREEZE_AFTER_SCAN:
+            # outside the folder's lock: a finalizer run by the collection may use the folder
+            gc.collect()
+            gc.freeze()
+        return snap
+
+    def _snapshot_locked(self, move_new: bool) -> tuple[Snapshot, bool]:
+        """(snapshot, whether it is a new scan); the caller holds self._lock."""
+        stamp = self._stamp()
+        snap = self._snapshot
+        if snap is not None and snap.reusable and snap.stamp == stamp and not (move_new and snap.has_new):
+            return snap, False
+        started = time.time_ns()
+        try:  # most scans change nothing: they need no lock (IDLE polls often)
+            msgs = self._sync_locked(move_new, None)
+        except _NeedLock:
+            with self._dotlock() as lock:
+                msgs = self._sync_locked(move_new, lock)
             stamp = self._stamp()
-            snap = self._snapshot
-            if snap is not None and snap.reusable and snap.stamp == stamp and not (move_new and snap.has_new):
-                return snap
-            started = time.time_ns()
-            try:  # most scans change nothing: they need no lock (IDLE polls often)
-                msgs = self._sync_locked(move_new, None)
-            except _NeedLock:
-                with self._dotlock() as lock:
-                    msgs = self._sync_locked(move_new, lock)
-                stamp = self._stamp()
-            highest = self._note_scan(msgs)
-            changed = max(s[2] for s in stamp[:2] if s is not None)
-            uids = [m.uid for m in msgs]
-            snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
-                            stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
-            old = self._snapshot
-            self._snapshot = snap
-            if old is not None and self._index is not None and len(msgs) < len(old.messages):
-                self._index.compact(set(self._messages))  # expunged: drop dead entries when many
-            return snap
+        highest = self._note_scan(msgs)
+        changed = max(s[2] for s in stamp[:2] if s is not None)
+        uids = [m.uid for m in msgs]
+        snap = Snapshot(msgs, uids, dict(zip(uids, msgs, strict=True)), {m.uid for m in msgs if m.recent},
+                        stamp, changed < started - STABLE_NS, any(m.subdir == "new" for m in msgs), highest)
+        old = self._snapshot
+        self._snapshot = snap
+        if old is not None and self._index is not None and len(msgs) < len(old.messages):
+            self._index.compact(set(self._messages))  # expunged: drop dead entries when many
+        return snap, True
 
     def locate(self, msg: MessageInfo) -> Path | None:
         """The file of msg now, or None when it is gone."""

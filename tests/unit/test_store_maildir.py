@@ -200,3 +200,29 @@ def test_stale_dotlock_is_taken_over_and_a_live_one_is_waited_for(box: Mailbox, 
         box.folder("INBOX").sync()  # a new message needs a UID: that waits for the lock
     lock.unlink()
     assert [m.uid for m in box.folder("INBOX").sync()] == [1, 2]
+
+
+def test_parse_filename_shares_one_set_per_flag_combination() -> None:
+    a, b = parse_filename("1.x:2,FS"), parse_filename("2.y:2,SF")
+    assert a is not None and b is not None
+    assert a[1] == {"\\Seen", "\\Flagged"} and a[1] is b[1]
+
+
+def test_a_large_scan_moves_live_objects_out_of_the_cyclic_gc(box: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    for i in range(3):
+        deliver_new(box.root, MSG + b"%d\n" % i)
+    inbox = box.folder("INBOX")
+    monkeypatch.setattr(maildir, "FREEZE_AFTER_SCAN", 4)
+    before = gc.get_freeze_count()
+    try:
+        assert len(inbox.sync()) == 3
+        assert gc.get_freeze_count() == before  # a small folder: nothing frozen
+        deliver_new(box.root, MSG + b"3\n")
+        msgs = inbox.sync()
+        assert len(msgs) == 4
+        assert gc.get_freeze_count() > before
+        assert not any(o is msgs[0] for o in gc.get_objects())  # out of the collector's generations
+    finally:
+        gc.unfreeze()
