@@ -53,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kanmon.children import module_command, wait_ready
 from kanmon.model import LocalReply, RecipientResult, Reply, Status
 from kanmon.routing import Route
 from kanmon.spool import journal
@@ -193,22 +194,10 @@ class AgentPool:
         """Start every agent and wait until each is ready; OSError if one is not (the
         pool is stopped then)."""
         self._tasks = [asyncio.ensure_future(self._supervise(a)) for a in self._agents]
-        waits = {asyncio.ensure_future(a.ready.wait()) for a in self._agents}
-        tasks = set(self._tasks)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ready_timeout
         try:
-            while waits:
-                done, _ = await asyncio.wait(waits | tasks, timeout=max(0.0, deadline - loop.time()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    raise OSError("a delivery agent process did not start in time")
-                if done & tasks:
-                    raise OSError("a delivery agent process exited before it was ready (see the log)")
-                waits -= done
+            await wait_ready([a.ready for a in self._agents], self._tasks,
+                             asyncio.get_running_loop().time() + ready_timeout, "a delivery agent process")
         except BaseException:
-            for w in waits:
-                w.cancel()
             await self.stop()
             raise
 
@@ -323,7 +312,7 @@ class AgentPool:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            cmd = [sys.executable, "-m", "kanmon.agent", "--index", str(agent.index), "--fd", str(child.fileno())]
+            cmd = [*module_command("kanmon.agent"), "--index", str(agent.index), "--fd", str(child.fileno())]
             if self.config_source is not None:
                 cmd += ["--config", self.config_source]
             if self.quiet:

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from kanmon.auth.dkimsign import load_signer
+from kanmon.children import module_command, wait_ready
 from kanmon.config import Config, load_config
 from kanmon.dnscache import DnsCache
 from kanmon.listeners import bind_listener
@@ -122,21 +123,7 @@ class ReceiverPool:
             raise
 
     async def _wait_ready(self, indexes: list[int], supervisors: list[asyncio.Task], deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        waits = {asyncio.ensure_future(self._ready[i].wait()) for i in indexes}
-        tasks = set(supervisors)
-        try:
-            while waits:
-                done, _ = await asyncio.wait(waits | tasks, timeout=max(0.0, deadline - loop.time()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    raise OSError("an SMTP receiver process did not start listening in time")
-                if done & tasks:
-                    raise OSError("an SMTP receiver process exited before it listened (see the log)")
-                waits -= done
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_ready([self._ready[i] for i in indexes], supervisors, deadline, "an SMTP receiver process")
 
     def retire_one(self, index: int) -> int | None:
         """Receiver `index` stops accepting, finishes its sessions and exits, and is not
@@ -176,7 +163,7 @@ class ReceiverPool:
         while not self._stopping and self._generation[index] == generation:
             read_fd, write_fd = os.pipe()
             fds = [s.fileno() for s in self.sockets] + [write_fd]
-            cmd = [sys.executable, "-m", "kanmon.receiver", "--index", str(index), "--notify-fd", str(write_fd),
+            cmd = [*module_command("kanmon.receiver"), "--index", str(index), "--notify-fd", str(write_fd),
                    "--listeners", json.dumps(self.listeners)]
             if self.config_source is not None:
                 cmd += ["--config", self.config_source]

@@ -29,10 +29,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kanmon.children import module_command
 
 if TYPE_CHECKING:
     from kanmon.balancer.shared import SharedTable
@@ -89,7 +90,7 @@ class WorkerPool:
             self._ready[slot].clear()
             read_fd, write_fd = os.pipe()
             spec = json.dumps(self.spec)
-            cmd = [sys.executable, "-m", "kanmon.balancer.forwarder", "--slot", str(slot),
+            cmd = [*module_command("kanmon.balancer.forwarder"), "--slot", str(slot),
                    "--table", f"{self.table.fd},{self.table.servers},{self.table.processes}",
                    "--notify-fd", str(write_fd), "--fds", ",".join(str(fd) for fd in self.fds)]
             try:
