@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -53,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kanmon.children import module_command, wait_ready
+from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.model import LocalReply, RecipientResult, Reply, Status
 from kanmon.routing import Route
 from kanmon.spool import journal
@@ -402,15 +401,6 @@ class AgentPool:
 # Agent-process side
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the main process dies (even by kill -9)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:
-        os._exit(0)  # the parent is already gone
 
 
 async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fsync: bool) -> None:
@@ -568,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--no-fsync", action="store_true")
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     try:
         import uvloop
 

@@ -1,7 +1,8 @@
 """Child processes of a node (SMTP receivers, delivery agents, balancer forwarders):
 how they are started and how their parent waits until each is ready.
 
-Role: the command line of a child, and the wait for its readiness events.
+Role: the command line of a child, the wait for its readiness events, and (in the
+child) dying with the parent.
 Trusts: the caller's module name and arguments.
 Never: let the working directory change what a child imports. `python -m` puts the
 current directory first on sys.path, so an admin's stray `dns.py` or `email.py` there
@@ -12,6 +13,9 @@ safe path) leaves it out.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import signal
 import sys
 from collections.abc import Iterable
 
@@ -41,3 +45,26 @@ async def wait_ready(events: Iterable[asyncio.Event], supervisors: Iterable[asyn
     finally:
         for w in waits:
             w.cancel()
+
+
+def die_with_parent() -> None:
+    """In a child: Linux's SIGKILL to this process when its parent dies (even by kill -9);
+    exit at once if the parent is already gone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(0)  # the parent is already gone
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that id exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

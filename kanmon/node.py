@@ -36,6 +36,7 @@ from typing import TextIO
 
 from kanmon.admin.service import AdminPlane
 from kanmon.agent import AgentPool, agent_count
+from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
@@ -979,11 +980,5 @@ def _remove_dead_snapshots(data_dir: Path) -> None:
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if pid != os.getpid() and not pid_alive(pid):
             path.unlink(missing_ok=True)
-        except OSError:
-            pass  # alive (owned by another user): not ours to remove

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from kanmon.auth.dkimsign import load_signer
-from kanmon.children import module_command, wait_ready
+from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.config import Config, load_config
 from kanmon.dnscache import DnsCache
 from kanmon.listeners import bind_listener
@@ -250,15 +249,6 @@ class ReceiverPool:
 # Receiver-process side
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the main process dies (even by kill -9)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:
-        os._exit(0)  # the parent is already gone
 
 
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:
@@ -359,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listeners", required=True)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     config = load_config(args.config)
     try:
         import uvloop

@@ -20,19 +20,9 @@ import sys
 from typing import Any
 
 from kanmon.balancer.workers import MAX_LINE, Forwarder
+from kanmon.children import die_with_parent
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the main process dies (even by kill -9)."""
-    try:
-        import ctypes  # noqa: PLC0415
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:
-        os._exit(0)  # the parent is already gone
 
 
 async def _forward(spec: dict[str, Any], slot: int, table_arg: str, fds: list[int], notify_fd: int) -> None:
@@ -82,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notify-fd", type=int, required=True)
     ap.add_argument("--fds", required=True)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     spec = json.loads(sys.stdin.buffer.read(16 << 20))
     try:
         import uvloop  # noqa: PLC0415

@@ -12,7 +12,6 @@ import email.policy
 import json
 import re
 import smtplib
-import time
 
 import httpx
 import pytest
@@ -23,7 +22,8 @@ from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.quarantine import links
 from kanmon.records.query import search_events
-from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
+from tests.integration.test_content_rules import SPAM_PROFILE, T0  # 07:00, the digest an hour away
+from tests.support.kanmon_node import RunningNode, free_port, maildir_messages, wait_for
 
 OUTSIDE = "127.0.0.9"
 GUESSER = "127.0.0.23"
@@ -43,23 +43,7 @@ mailboxes = ["tanaka", "suzuki"]
 listen = "127.0.0.1:{console}"
 tls = false
 public_url = "http://127.0.0.1:{console}/"
-[quarantine]
-keep = "7d"
-digest = "0 8 * * *"
-
-[[content_profile]]
-name = "inbound"
-quarantine_score = 5.0
-
-[[content_profile.rule]]
-name = "pills"
-subject = ["pills"]
-action = "score"
-score = 6.0
-""" + TEST_DEFAULT_PROFILE
-
-# 2026-03-02 07:00 local time: the digest (08:00) is an hour away.
-T0 = time.mktime((2026, 3, 2, 7, 0, 0, 0, 0, -1))
+"""  # + the spam profile of the content rules' tests: a quarantine, its 08:00 digest, a pills rule
 SPAM = (b"From: katou@partner.example\r\nTo: tanaka@corp.example, suzuki@corp.example\r\n"
         b"Subject: cheap pills <b>now</b>\r\nMessage-ID: <pills.1@partner.example>\r\n\r\nbuy\r\n")
 
@@ -68,7 +52,7 @@ SPAM = (b"From: katou@partner.example\r\nTo: tanaka@corp.example, suzuki@corp.ex
 def node(tmp_path):
     port, console = free_port(), free_port()
     config_file = tmp_path / "kanmon.toml"
-    config_file.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, console=console))
+    config_file.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, console=console) + SPAM_PROFILE)
     n = RunningNode(parse_config(config_file.read_text()), clock=ManualClock(T0))
     n.config_file = config_file
     n.console_url = f"http://127.0.0.1:{console}"

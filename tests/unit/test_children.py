@@ -40,3 +40,14 @@ def test_wait_ready_returns_when_every_event_is_set_and_names_the_child_otherwis
         idle.cancel()
 
     asyncio.run(main())
+
+
+def test_pid_alive():
+    import os
+
+    from kanmon.children import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(60)  # reaped: its id names no process now (until the kernel reuses it)
+    assert not pid_alive(child.pid) or os.path.exists(f"/proc/{child.pid}")
