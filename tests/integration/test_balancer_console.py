@@ -101,7 +101,7 @@ mode = "standby"
             def audited() -> list[str]:
                 return [e.text for e in search_events(data, grep="audit:") if "balancer" in e.text]
 
-            wait_for(lambda: len(audited()) >= 4, 10, "the audit lines")
+            wait_for(lambda: len(audited()) >= 4, 60, "the audit lines")
             lines = audited()
             assert any(f"alice (admin) from 127.0.0.1 via console: balancer disabled mail {active} -> now disabled"
                        in t for t in lines), lines

@@ -45,7 +45,7 @@ listen = {mr2_listen}
 
 
 def rcpt(node: RunningNode, address: str) -> tuple[int, str]:
-    with smtplib.SMTP(node.host, node.port, timeout=10) as s:
+    with smtplib.SMTP(node.host, node.port, timeout=60) as s:
         s.ehlo()
         s.mail("suzuki@corp.example")
         code, text = s.rcpt(address)
@@ -53,7 +53,7 @@ def rcpt(node: RunningNode, address: str) -> tuple[int, str]:
 
 
 def banner(node: RunningNode) -> str:
-    with smtplib.SMTP(timeout=10) as s:
+    with smtplib.SMTP(timeout=60) as s:
         _code, text = s.connect(node.host, node.port)
         return text.decode()
 

@@ -312,7 +312,7 @@ def _rcpt(node: str, cluster: Cluster, source: str, rcpt: str = "tanaka@corp.exa
 
 def test_a_triplet_greylisted_and_passed_on_mr1_passes_on_mr2(cluster):
     assert _rcpt("mr1", cluster, GREY_CLIENT) == 451
-    wait_for(lambda: _rcpt("mr1", cluster, GREY_CLIENT) == 250, 20, "the retry passing on mr1")
+    wait_for(lambda: _rcpt("mr1", cluster, GREY_CLIENT) == 250, 60, "the retry passing on mr1")
     assert _rcpt("mr2", cluster, GREY_CLIENT) == 250  # known to mr2 at once
     assert _rcpt("mr2", cluster, GREY_CLIENT, "suzuki@corp.example") == 451  # a new triplet is greylisted there
 

@@ -87,7 +87,7 @@ class Relay:
             return client.request(op, args)
 
     def send(self, subject: str, rcpt: str = "tanaka@corp.example") -> None:
-        with smtplib.SMTP(self.node.host, self.node.port, timeout=10) as s:
+        with smtplib.SMTP(self.node.host, self.node.port, timeout=60) as s:
             s.sendmail("suzuki@remote.example", [rcpt], f"Subject: {subject}\r\n\r\nbody of {subject}\r\n")
 
     def delivered(self, rcpt: str = "tanaka@corp.example") -> list[bytes]:
@@ -121,7 +121,7 @@ def test_a_message_quarantined_on_one_relay_is_released_from_the_other(relays):
     shown = mr2.quarantine("show", qid)
     assert shown["subject"] == "quarantine me" and shown["body"][0] == "body of quarantine me"
     assert f"{qid}: released" in mr2.cli("quarantine", "release", qid)
-    wait_for(lambda: len(mr2.delivered()) == 1, 15, "the release delivered by mr2")
+    wait_for(lambda: len(mr2.delivered()) == 1, 60, "the release delivered by mr2")
     mr2.node.wait_idle()
     assert b"Subject: quarantine me" in mr2.delivered()[0] and mr1.delivered() == []
     assert mr1.quarantine("list")["items"] == []
@@ -158,7 +158,7 @@ def test_two_relays_releasing_one_message_at_once_deliver_it_once(relays):
     assert sorted(len(r["released"]) for r in results) == [0, 1], results
     (loser,) = [r for r in results if not r["released"]]
     assert "not in the quarantine" in loser["errors"][0]
-    wait_for(lambda: len(mr1.delivered()) + len(mr2.delivered()) == 1, 15, "one delivery")
+    wait_for(lambda: len(mr1.delivered()) + len(mr2.delivered()) == 1, 60, "one delivery")
     for relay in relays:
         relay.node.wait_idle()
     assert len(mr1.delivered()) + len(mr2.delivered()) == 1  # and no second one once both are idle
@@ -230,7 +230,7 @@ def test_retention_purges_the_shared_store_and_resolves_an_unfinished_release(re
     reply = mr1.control("quarantine_purge", {"keep": 0})
     assert reply["ok"] and reply["result"]["deleted"] == [first]
     assert mr2.quarantine("list")["items"] == []
-    wait_for(lambda: len(mr1.delivered("sato@corp.example")) == 1, 15, "the release delivered")
+    wait_for(lambda: len(mr1.delivered("sato@corp.example")) == 1, 60, "the release delivered")
 
 
 def test_a_release_whose_entry_could_not_be_removed_is_never_released_twice(relays, monkeypatch):
@@ -252,7 +252,7 @@ def test_a_release_whose_entry_could_not_be_removed_is_never_released_twice(rela
     monkeypatch.setattr(PgQuarantine, "delete", refuse)
     r = mr2.quarantine("release", qid, code=1)
     assert r["released"] == [qid] and "released; its quarantine entry stays" in r["errors"][0], r
-    wait_for(lambda: len(mr2.delivered()) == 1, 15, "the release delivered by mr2")
+    wait_for(lambda: len(mr2.delivered()) == 1, 60, "the release delivered by mr2")
     mr2.node.wait_idle()
     monkeypatch.undo()
     reply = mr2.control("quarantine_purge", {"keep": 10 * 86400})
@@ -270,14 +270,14 @@ def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
     slot = 1_800_000_000.0  # the time the schedule fired for: the same on every node
     replies = [r.control("quarantine_digest", {"since": 0, "slot": slot})["result"] for r in (mr2, mr1)]
     assert replies == [{"digests": {"tanaka@corp.example": 1}}, {"digests": {}, "mailed_by": "mr2"}]
-    wait_for(lambda: len(mr2.delivered()) == 1, 15, "the digest")
+    wait_for(lambda: len(mr2.delivered()) == 1, 60, "the digest")
     assert b"Quarantine digest" in mr2.delivered()[0]
     # The next slot is mailed again (by whichever node claims it first).
     reply = mr1.control("quarantine_digest", {"since": 0, "slot": slot + 86400})["result"]
     assert reply == {"digests": {"tanaka@corp.example": 1}}
     # Run by hand (no slot), a digest is always mailed.
     assert mr2.control("quarantine_digest", {"since": 0})["result"] == {"digests": {"tanaka@corp.example": 1}}
-    wait_for(lambda: len(mr1.delivered()) == 1 and len(mr2.delivered()) == 2, 15, "the digests")
+    wait_for(lambda: len(mr1.delivered()) == 1 and len(mr2.delivered()) == 2, 60, "the digests")
 
 
 def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp_path, private_pg, monkeypatch):
@@ -290,7 +290,7 @@ def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp
             mr1.send("quarantine me")
         assert refused.value.smtp_code == 451
         mr1.send("not for the quarantine")  # mail no check sets aside flows as usual
-        wait_for(lambda: len(mr1.delivered()) == 1, 15, "the other message delivered")
+        wait_for(lambda: len(mr1.delivered()) == 1, 60, "the other message delivered")
         private_pg.start()
         mr1.send("quarantine me")  # the client's retry, once the database is back
         mr1.node.wait_idle()

@@ -125,13 +125,13 @@ def test_agents_deliver_to_maildir_and_by_smtp(tmp_path, sink):
             node.send(f"user{i}@relay.test", f"relayed {i}")
         with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as s:  # one message, two mailboxes
             s.sendmail("a@relay.test", ["alice@example.test", "bob@example.test"], "Subject: both\r\n\r\nx\r\n")
-        wait_for(lambda: len(maildir_messages(node.data, "alice@example.test")) == 7, 20, "local delivery")
-        wait_for(lambda: len(maildir_messages(node.data, "bob@example.test")) == 1, 20, "local delivery (bob)")
+        wait_for(lambda: len(maildir_messages(node.data, "alice@example.test")) == 7, 60, "local delivery")
+        wait_for(lambda: len(maildir_messages(node.data, "bob@example.test")) == 1, 60, "local delivery (bob)")
         sink.wait_for_messages(6, 30)
-        wait_for(lambda: node.queued() == [], 20, "an empty queue")
+        wait_for(lambda: node.queued() == [], 60, "an empty queue")
         assert sorted(t.rcpts[0] for t in sink.messages) == [f"user{i}@relay.test" for i in range(6)]
         # The main process journals and logs the results the agents reported.
-        wait_for(lambda: node.log().count("stat=Sent") == 14, 20, "the delivery lines")
+        wait_for(lambda: node.log().count("stat=Sent") == 14, 60, "the delivery lines")
         assert "mailer=esmtp, relay=[127.0.0.2]" in node.log()
         # `kanmon dns cache flush` reaches the agents' caches too (SIGUSR1; they live on).
         agents = agent_pids(node.proc)
@@ -159,20 +159,20 @@ def test_an_agent_killed_mid_delivery_defers_and_the_retry_delivers(tmp_path, si
         sink.wait_for_messages(1, 30)  # the agent sent it and waits for the reply
         (qid,) = node.queued()
         os.kill(agent, signal.SIGKILL)
-        wait_for(lambda: "stat=Deferred" in node.log(), 20, "the deferral")
+        wait_for(lambda: "stat=Deferred" in node.log(), 60, "the deferral")
         log = node.log()
         assert "delivery agent exited during the delivery; will retry" in log
         assert f"delivery agent 0 (pid {agent}) exited with status -9; 1 deliveries in flight" in log
         assert node.queued() == [qid]  # never lost
         state = (node.data / "spool/state" / qid).read_text()
         assert state.count('"k":"result"') == 1 and '"status":"deferred"' in state
-        wait_for(lambda: agent_pids(node.proc) not in ([], [agent]), 20, "a new agent")
+        wait_for(lambda: agent_pids(node.proc) not in ([], [agent]), 60, "a new agent")
         sink.hang = None
         out = node.kanmon("queue", "flush", qid)
         assert out.returncode == 0, out.stderr
-        wait_for(lambda: node.queued() == [], 20, "the retry to deliver")
+        wait_for(lambda: node.queued() == [], 60, "the retry to deliver")
         sink.wait_for_messages(2, 30)  # the first copy never got its 250: at least once
-        wait_for(lambda: node.log().count("stat=Sent") == 1, 20, "its delivery line")
+        wait_for(lambda: node.log().count("stat=Sent") == 1, 60, "its delivery line")
     finally:
         node.proc.terminate()
 
@@ -196,11 +196,11 @@ def test_a_reload_lets_the_old_agents_finish_their_deliveries(tmp_path, sink):
         assert alive(old)  # still delivering
         sink.hold_data_end = None
         node.send("carol@example.test", "after the reload")  # a new mailbox: the new config's agents
-        wait_for(lambda: len(maildir_messages(node.data, "carol@example.test")) == 1, 20, "delivery by a new agent")
+        wait_for(lambda: len(maildir_messages(node.data, "carol@example.test")) == 1, 60, "delivery by a new agent")
         release.set()
-        wait_for(lambda: node.queued() == [], 20, "the held delivery to be reported")
-        wait_for(lambda: not alive(old), 20, "the old agent to exit")
-        wait_for(lambda: node.log().count("stat=Sent") == 2, 20, "both delivery lines")
+        wait_for(lambda: node.queued() == [], 60, "the held delivery to be reported")
+        wait_for(lambda: not alive(old), 60, "the old agent to exit")
+        wait_for(lambda: node.log().count("stat=Sent") == 2, 60, "both delivery lines")
         assert "exited with status" not in node.log()
         assert len(sink.messages) == 1
     finally:
@@ -228,7 +228,7 @@ def test_a_stop_hands_in_flight_deliveries_back_to_the_queue(tmp_path, sink):
     release.set()
     node.proc.start()
     try:
-        wait_for(lambda: node.queued() == [], 20, "delivery after the restart")
-        wait_for(lambda: node.log().count("stat=Sent") == 1, 20, "its delivery line")
+        wait_for(lambda: node.queued() == [], 60, "delivery after the restart")
+        wait_for(lambda: node.log().count("stat=Sent") == 1, 60, "its delivery line")
     finally:
         node.proc.terminate()

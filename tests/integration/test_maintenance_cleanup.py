@@ -91,7 +91,7 @@ def build_morning_queue(site: Site, bounces: int, real: int) -> tuple[set[str], 
 def start(site: Site) -> None:
     """Start the node and wait until its job schedules count from the clock's time."""
     site.start()
-    wait_for(lambda: site.node.node.admin.schedules_from is not None, 10, "maintenance schedules")
+    wait_for(lambda: site.node.node.admin.schedules_from is not None, 60, "maintenance schedules")
 
 
 @pytest.fixture
@@ -151,7 +151,7 @@ def test_a_failed_run_alerts_is_kept_and_a_missed_run_is_made_up_at_start(tmp_pa
         start(s)
         s.wait_event("maintenance morning: catch-up run")
         wait_for(lambda: any(e.startswith(": maintenance morning: delete matched 3, acted on 3: ")
-                             and all(q in e for q in more) for e in s.events()), 10, "the catch-up run's result")
+                             and all(q in e for q in more) for e in s.events()), 60, "the catch-up run's result")
         assert set(s.ids()) == real
         listing = s.cli("maintenance", "list").output
         assert "(catch-up)" in listing

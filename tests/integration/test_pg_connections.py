@@ -132,7 +132,7 @@ def test_beyond_the_cap_batches_go_straight_to_the_journal_and_none_is_lost(tmp_
                          "mr1", tmp_path, max_pending=4)
     try:
         shipper.put(_batch(0))
-        wait_for(lambda: host.held, 10, "the shipper's thread to hang on the lost host")
+        wait_for(lambda: host.held, 60, "the shipper's thread to hang on the lost host")
         for i in range(1, 41):
             shipper.put(_batch(i))  # returns at once: the thread is stuck in connect
         assert len(shipper._pending) <= 4  # memory stays bounded
@@ -140,7 +140,7 @@ def test_beyond_the_cap_batches_go_straight_to_the_journal_and_none_is_lost(tmp_
         assert lines == shipper.overflowed >= 36  # durable already, before any write was tried
         private_pg.start()
         host.lost = False
-        wait_for(lambda: shipper.failing is not None, 20, "the connect attempt to time out")
+        wait_for(lambda: shipper.failing is not None, 60, "the connect attempt to time out")
         shipper.retry_now()
         assert shipper.flush(timeout=60)
     finally:

@@ -129,7 +129,7 @@ def test_a_digest_link_shows_on_get_acts_on_post_for_its_recipient_only_once(nod
         # POST: released to tanaka only; suzuki's copy stays in the quarantine.
         r = c.post(tanaka["release"], data={"token": token})
         assert r.status_code == 200 and "released" in r.text, r.text
-        wait_for(lambda: len(released_copies(node, "tanaka@corp.example")) == 1, 10, "the released message")
+        wait_for(lambda: len(released_copies(node, "tanaka@corp.example")) == 1, 60, "the released message")
         node.wait_idle()
         assert len(released_copies(node, "tanaka@corp.example")) == 1
         assert released_copies(node, "suzuki@corp.example") == []
@@ -180,7 +180,7 @@ def test_the_other_way_round_a_deleted_copy_stays_deleted_and_the_last_copy_keep
         assert c.get(tanaka["release"]).status_code == 404  # and cannot come back
         r = c.post(suzuki["release"], data={"token": suzuki["release"].rsplit("/", 1)[1]})
         assert r.status_code == 200 and "released" in r.text
-        wait_for(lambda: len(released_copies(node, "suzuki@corp.example")) == 1, 10, "the released message")
+        wait_for(lambda: len(released_copies(node, "suzuki@corp.example")) == 1, 60, "the released message")
         node.wait_idle()
         assert quarantined(node) == []
         assert len(released_copies(node, "suzuki@corp.example")) == 1 and released_copies(node, "tanaka@corp.example") == []

@@ -108,7 +108,7 @@ class Site:
     def send(self, sender: str, rcpts: list[str], subject: str, body: str = "hello") -> str:
         assert self.node is not None
         msg = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n{body}\r\n"
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as s:
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as s:
             s.sendmail(sender, rcpts, msg)
         self.node.wait_idle()
         return self.item(subject=subject)["id"] if subject else ""
@@ -259,9 +259,9 @@ def test_hold_waits_for_the_attempt_in_flight_then_nothing_more_is_tried(tmp_pat
         s = Site(tmp_path, "a", corp=corp.address, extra='[outbound]\ndata_timeout = "1s"\n')
         try:
             s.start()
-            with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as c:
+            with smtplib.SMTP("127.0.0.1", s.port, timeout=60) as c:
                 c.sendmail("alice@example.test", ["u1@corp.example"], "Subject: inflight\r\n\r\nx\r\n")
-            wait_for(lambda: s.ids("--state", "active"), 10, "a delivery in flight")
+            wait_for(lambda: s.ids("--state", "active"), 60, "a delivery in flight")
             (qid,) = s.ids("--state", "active")
             assert "1 message(s) held" in s.cli("queue", "hold", qid).output
             d = s.cli_json("queue", "show", qid)
@@ -320,7 +320,7 @@ def test_a_message_a_check_quarantines_waits_in_the_quarantine_until_released(si
     site.start()
     site.send("x@remote.example", ["alice@example.test"], "")  # the Subject asks for nothing: delivered
     site.send("x@remote.example", ["alice@example.test"], "")
-    with smtplib.SMTP("127.0.0.1", site.port, timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", site.port, timeout=60) as s:
         s.sendmail("x@remote.example", ["alice@example.test"], "Subject: quarantine me\r\n\r\nhello\r\n")
     site.node.wait_idle()
     (item,) = site.cli_json("quarantine", "list")["items"]
@@ -332,7 +332,7 @@ def test_a_message_a_check_quarantines_waits_in_the_quarantine_until_released(si
     assert (row.disposition, row.classification) == ("Quarantine", "Spam")
     assert "final: in the quarantine" in site.cli("trace", qid).output
     assert f"{qid}: released" in site.cli("quarantine", "release", qid).output
-    wait_for(lambda: len(maildir_messages(site.data_dir, "alice@example.test")) == 3, 10, "the released message")
+    wait_for(lambda: len(maildir_messages(site.data_dir, "alice@example.test")) == 3, 60, "the released message")
     assert sum(b"Subject: quarantine me" in m for m in maildir_messages(site.data_dir, "alice@example.test")) == 1
     site.node.wait_idle()
     assert site.ids() == []
@@ -345,7 +345,7 @@ def test_bounce_running_and_stopped(site):
     site.start()
     ids = _queue_three(site)
     assert "1 message(s) returned to sender" in site.cli("queue", "bounce", ids["m1"]).output
-    wait_for(lambda: maildir_messages(site.data_dir, "alice@example.test"), 10, "failure notice to alice")
+    wait_for(lambda: maildir_messages(site.data_dir, "alice@example.test"), 60, "failure notice to alice")
     (notice,) = maildir_messages(site.data_dir, "alice@example.test")
     assert b"Undelivered Mail Returned to Sender" in notice and b"returned to sender by the administrator" in notice
     assert b"Connection refused" in notice  # the last reply is reported too
@@ -361,7 +361,7 @@ def test_bounce_running_and_stopped(site):
     (row,) = [r for r in site.cli_json("queue", "list")["items"] if r["id"] != ids["m3"]]
     assert row["from"] == "" and row["rcpts"] == ["bob@example.test"]  # the notice, queued
     site.start()
-    wait_for(lambda: maildir_messages(site.data_dir, "bob@example.test"), 10, "failure notice to bob")
+    wait_for(lambda: maildir_messages(site.data_dir, "bob@example.test"), 60, "failure notice to bob")
     assert site.ids() == [ids["m3"]]
 
 
@@ -566,7 +566,7 @@ def test_restore_killed_then_run_again_every_message_once(site, tmp_path):
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
         try:
-            wait_for(lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 3, 20, "restore under way")
+            wait_for(lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 3, 60, "restore under way")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
@@ -849,13 +849,13 @@ def test_serve_and_cli_as_processes(tmp_path):
 
     try:
         for n in (1, 2):
-            with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as c:
+            with smtplib.SMTP("127.0.0.1", s.port, timeout=60) as c:
                 c.sendmail("alice@example.test", [f"u{n}@corp.example"], f"Subject: p{n}\r\n\r\nx\r\n")
 
         def listed() -> list[dict]:
             return json.loads(kanmon("queue", "list", "--json").stdout)["items"]
 
-        wait_for(lambda: len(listed()) == 2 and all(r["attempts"] for r in listed()), 20, "two deferred")
+        wait_for(lambda: len(listed()) == 2 and all(r["attempts"] for r in listed()), 60, "two deferred")
         first = listed()[0]["id"]
         r = kanmon("queue", "delete", first)
         assert r.returncode == 0 and "1 message(s) deleted" in r.stdout
@@ -902,7 +902,7 @@ def test_an_entry_damaged_while_running_is_set_aside_listed_and_deleted(site):
     assert rows[typed] == rows[flipped] == "deferred"  # as the index knew them: no file read for a listing
     site.node.advance(3600)  # the retry is due: the queue manager reads both back
     site.node.wait_idle()
-    wait_for(lambda: not (queue / flipped).exists(), 10, "the checksum-corrupt file set aside")
+    wait_for(lambda: not (queue / flipped).exists(), 60, "the checksum-corrupt file set aside")
     assert {typed, flipped} <= set(site.spool_corrupt())
     rows = {r["id"]: r["state"] for r in site.cli_json("queue", "list")["items"]}
     assert rows[typed] == rows[flipped] == "corrupt"

@@ -62,17 +62,17 @@ def start(tmp_path, workers=2) -> tuple[KanmonProcess, int]:
 
 
 def send(port: int, subject: str) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
         s.sendmail("a@remote.example", ["alice@example.test"], f"Subject: {subject}\r\n\r\nx\r\n")
 
 
 def test_receivers_accept_and_the_main_process_delivers(tmp_path):
     proc, port = start(tmp_path, workers=2)
     try:
-        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 60, "two receivers")
         for i in range(10):
             send(port, f"m{i}")
-        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 10, "delivery")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 60, "delivery")
         # The history row is written by the receiver, its final status by the main process:
         # every row ends up "Delivered", whichever writer flushes first.
         from kanmon.records.query import search_history
@@ -93,13 +93,13 @@ def test_receivers_accept_and_the_main_process_delivers(tmp_path):
 def test_a_killed_receiver_is_restarted_and_nothing_is_lost(tmp_path):
     proc, port = start(tmp_path, workers=1)
     try:
-        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 60, "the receiver")
         (first,) = receiver_pids(proc.proc.pid)
         send(port, "before")
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: receiver_pids(proc.proc.pid) not in ([], [first]), 15, "a new receiver")
-        wait_for(lambda: _sent_ok(port, "after"), 15, "mail accepted again")
-        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 2, 10, "delivery")
+        wait_for(lambda: receiver_pids(proc.proc.pid) not in ([], [first]), 60, "a new receiver")
+        wait_for(lambda: _sent_ok(port, "after"), 60, "mail accepted again")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 2, 60, "delivery")
         log = (tmp_path / "data/log/kanmon.log").read_text()
         assert f"SMTP receiver 0 (pid {first}) exited with status -9; restarting" in log
     finally:
@@ -112,7 +112,7 @@ def test_the_data_a_killed_receiver_was_spilling_is_removed(tmp_path):
     files go when it is replaced, not at the next start of the node."""
     proc, port = start(tmp_path, workers=1)
     try:
-        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 60, "the receiver")
         (first,) = receiver_pids(proc.proc.pid)
         incoming = tmp_path / "data/spool/incoming"
         spill = incoming / f"data-{first:x}.1.1"
@@ -120,7 +120,7 @@ def test_the_data_a_killed_receiver_was_spilling_is_removed(tmp_path):
         other = incoming / f"data-{first + 1:x}.1.1"  # another process's: left alone
         other.write_bytes(b"x")
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: not spill.exists(), 15, "the killed receiver's spill file to go")
+        wait_for(lambda: not spill.exists(), 60, "the killed receiver's spill file to go")
         assert other.exists()
     finally:
         proc.terminate()
@@ -135,10 +135,10 @@ def _sent_ok(port: int, subject: str) -> bool:
 
 def test_receivers_die_with_the_main_process(tmp_path):
     proc, port = start(tmp_path, workers=2)
-    wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+    wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 60, "two receivers")
     children = receiver_pids(proc.proc.pid)
     proc.kill()  # SIGKILL: no chance to clean up
-    wait_for(lambda: not any(alive(p) for p in children), 10, "receivers to die")
+    wait_for(lambda: not any(alive(p) for p in children), 60, "receivers to die")
     left = list((tmp_path / "data").glob(f".receivers-{proc.proc.pid}-*.toml"))
     assert left  # the killed node had no chance to remove its receivers' config snapshot
     # and the port is free for the next start, which removes the dead node's snapshot
@@ -182,7 +182,7 @@ def test_a_reload_replaces_the_receivers_without_cutting_a_session(tmp_path):
 
     proc, port = start(tmp_path, workers=1)
     try:
-        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 10, "the receiver")
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 60, "the receiver")
         (old,) = receiver_pids(proc.proc.pid)
         s = smtplib.SMTP("127.0.0.1", port, timeout=30)
         s.ehlo()
@@ -196,7 +196,7 @@ def test_a_reload_replaces_the_receivers_without_cutting_a_session(tmp_path):
         assert out.returncode == 0, out.stderr
         new = [p for p in receiver_pids(proc.proc.pid) if p != old]
         assert len(new) == 2  # ready before the reload answered
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:  # a new session: a new receiver
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:  # a new session: a new receiver
             c.ehlo()
             c.mail("a@remote.example")
             assert c.rcpt("carol@example.test")[0] == 250
@@ -204,11 +204,11 @@ def test_a_reload_replaces_the_receivers_without_cutting_a_session(tmp_path):
         assert s.rcpt("carol@example.test")[0] == 550  # the settings the session started with
         assert s.data(b"Subject: held\r\n\r\nx\r\n")[0] == 250
         s.quit()
-        wait_for(lambda: not alive(old), 15, "the old receiver to exit")
-        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 15, "delivery")
+        wait_for(lambda: not alive(old), 60, "the old receiver to exit")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 60, "delivery")
         assert "exited with status" not in (tmp_path / "data/log/kanmon.log").read_text()
         # the old snapshot goes once the old pool has reaped its receiver
-        wait_for(lambda: not list((tmp_path / "data").glob(".receivers-*-1.toml")), 15, "the old snapshot to go")
+        wait_for(lambda: not list((tmp_path / "data").glob(".receivers-*-1.toml")), 60, "the old snapshot to go")
     finally:
         proc.terminate()
 
@@ -220,7 +220,7 @@ def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transa
 
     proc, port = start(tmp_path, workers=2)
     try:
-        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 10, "two receivers")
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 60, "two receivers")
         old = set(receiver_pids(proc.proc.pid))
         s = smtplib.SMTP("127.0.0.1", port, timeout=60)
         s.ehlo()
@@ -241,8 +241,8 @@ def test_a_reload_with_two_workers_refuses_no_connection_and_keeps_a_held_transa
         assert s.rcpt("carol@example.test")[0] == 550  # the settings the session started with
         assert s.data(b"Subject: held\r\n\r\nx\r\n")[0] == 250
         s.quit()
-        wait_for(lambda: not any(alive(p) for p in old), 15, "the old receivers to exit")
-        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 15, "delivery")
+        wait_for(lambda: not any(alive(p) for p in old), 60, "the old receivers to exit")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 1, 60, "delivery")
         log = (tmp_path / "data/log/kanmon.log").read_text()
         assert "reload: SMTP receiver 0: pid" in log and "reload: SMTP receiver 1: pid" in log
         assert "exited with status" not in log

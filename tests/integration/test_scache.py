@@ -86,7 +86,8 @@ async def send(agent, sink, n: int, tls="none", rcpt="u{n}@corp.example"):
 async def settle(cond) -> None:
     """Wait until cond() holds: network I/O with the sink's thread (or a reaper woken by
     the ManualClock) has to happen first. Bounded; asserts nothing about time."""
-    for _ in range(1000):
+    deadline = asyncio.get_running_loop().time() + 60  # generous: a loaded machine is slow, never wrong
+    while asyncio.get_running_loop().time() < deadline:
         if cond():
             return
         await asyncio.sleep(0.005)

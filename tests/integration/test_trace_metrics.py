@@ -82,7 +82,7 @@ def scrape(port: int) -> dict[str, float]:
 
 def send(node, rcpts, subject, *, tls=False):
     msg = f"From: alice@example.test\r\nSubject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\nhello\r\n"
-    with smtplib.SMTP(node.host, node.port, timeout=10) as s:
+    with smtplib.SMTP(node.host, node.port, timeout=60) as s:
         s.ehlo("client.example")
         if tls:
             ctx = ssl.create_default_context()
@@ -241,14 +241,14 @@ def test_metrics_scraped_over_http(world):
 
 def test_metrics_open_connections_and_queue_gauges(world):
     node, _, port = world
-    with smtplib.SMTP(node.host, node.port, timeout=10) as s:
+    with smtplib.SMTP(node.host, node.port, timeout=60) as s:
         s.ehlo("idle.example")
 
         def one_open() -> bool:
             node.flush()
             return scrape(port)["kanmon_smtp_open_connections"] == 1
 
-        wait_for(one_open, 10, "one open connection in the metrics")
+        wait_for(one_open, 60, "one open connection in the metrics")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.9:{port}/other", timeout=10)
     e.value.close()
