@@ -110,6 +110,15 @@ def _trace(db, query: str, since: float) -> list[Timeline]:
             ).fetchall()
             qids = [r[0] for r in reversed(rows)]
             needle = bare.lower()
+            # An alias or a forward: the history holds the addresses delivered to; the
+            # address the sender used is the deliveries' orig_to (as in the log line).
+            for (qid,) in db.execute(
+                "SELECT DISTINCT queue_id FROM events WHERE ts >= ? AND kind = 'delivery' AND detail IS NOT NULL"
+                " AND lower(json_extract(detail, '$.orig_rcpt')) = ? ORDER BY queue_id LIMIT ?",
+                (since, needle, MAX_MESSAGES),
+            ):
+                if qid and qid not in qids:
+                    qids.append(qid)
             rejects = [
                 r[0] for r in db.execute(
                     "SELECT id FROM events WHERE ts >= ? AND kind = 'reject' AND detail IS NOT NULL"

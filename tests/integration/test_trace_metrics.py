@@ -303,3 +303,21 @@ def test_metrics_count_what_receiver_processes_did(tmp_path):
         assert scrape(metrics_port)["kanmon_smtp_connections_total"] == 5
     finally:
         proc.terminate()
+
+
+def test_trace_finds_mail_by_the_alias_address_the_sender_used(tmp_path):
+    """The history holds the addresses delivered to (bob); the admin asks about the
+    address the sender wrote (sales@, an alias): its deliveries' orig_to finds it."""
+    text = NODE.format(data_dir=tmp_path / "data", port=free_port(), corp="127.0.0.7:1", bounce="127.0.0.8:1",
+                       metrics_port=free_port("127.0.0.9"))
+    text = text.replace('mailboxes = ["alice", "bob"]', 'mailboxes = ["alice", "bob"]\naliases = { sales = ["bob"] }', 1)
+    node = RunningNode(parse_config(text), clock=ManualClock()).start()
+    try:
+        send(node, ["sales@example.test"], "to-sales")
+        node.wait_idle()
+        node.flush()
+        (t,) = trace(node.data_dir, "sales@example.test")
+        assert t.message_id == "<to-sales@example.test>" and t.final == "delivered to bob@example.test", t.final
+        assert [t.queue_id for t in trace(node.data_dir, "bob@example.test")] == [t.queue_id]
+    finally:
+        node.stop()
