@@ -234,8 +234,22 @@ STABLE_NS = 1_000_000_000  # a directory changed less than this before a scan is
 # them, and a full collection triggered by the 20,000 small allocations of one
 # FETCH 1:* (FLAGS) cost that command more than its own work. Frozen objects are still freed
 # by reference counting when a later scan replaces them (they form no cycles); a collection
-# runs first so that no garbage cycle is frozen.
+# runs first so that no garbage cycle is frozen. That collection holds the interpreter (the
+# node's event loop with it) for tens of milliseconds on a big heap, so it runs at most once
+# every FREEZE_EVERY seconds in a process, not after each scan a delivery causes.
 FREEZE_AFTER_SCAN = 1000
+FREEZE_EVERY = 300.0  # seconds (monotonic)
+_last_freeze = float("-inf")
+
+
+def _freeze_live_objects() -> None:
+    global _last_freeze
+    now = time.monotonic()
+    if now - _last_freeze < FREEZE_EVERY:
+        return
+    _last_freeze = now
+    gc.collect()
+    gc.freeze()
 
 
 class Folder:
@@ -414,9 +428,7 @@ class Folder:
         with self._lock:
             snap, scanned = self._snapshot_locked(move_new)
         if scanned and len(snap.messages) >= FREEZE_AFTER_SCAN:
-            # outside the folder's lock: a finalizer run by the collection may use the folder
-            gc.collect()
-            gc.freeze()
+            _freeze_live_objects()  # outside the folder's lock: a finalizer may use the folder
         return snap
 
     def _snapshot_locked(self, move_new: bool) -> tuple[Snapshot, bool]:

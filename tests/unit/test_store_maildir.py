@@ -215,6 +215,7 @@ def test_a_large_scan_moves_live_objects_out_of_the_cyclic_gc(box: Mailbox, monk
         deliver_new(box.root, MSG + b"%d\n" % i)
     inbox = box.folder("INBOX")
     monkeypatch.setattr(maildir, "FREEZE_AFTER_SCAN", 4)
+    monkeypatch.setattr(maildir, "_last_freeze", float("-inf"))
     before = gc.get_freeze_count()
     try:
         assert len(inbox.sync()) == 3
@@ -224,5 +225,9 @@ def test_a_large_scan_moves_live_objects_out_of_the_cyclic_gc(box: Mailbox, monk
         assert len(msgs) == 4
         assert gc.get_freeze_count() > before
         assert not any(o is msgs[0] for o in gc.get_objects())  # out of the collector's generations
+        deliver_new(box.root, MSG + b"4\n")
+        msgs = inbox.sync()
+        assert len(msgs) == 5
+        assert any(o is msgs[-1] for o in gc.get_objects())  # not frozen again within FREEZE_EVERY
     finally:
         gc.unfreeze()
