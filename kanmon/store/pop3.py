@@ -553,9 +553,9 @@ def _read_wire(folder: Folder, msg: MessageInfo) -> bytes | None:
 
 def _mark_seen_and_remove(folder: Folder, seen: list[MessageInfo], doomed: list[MessageInfo]) -> None:
     """QUIT's UPDATE: retrieved messages get \\Seen, deleted ones go (file executor)."""
-    for m in seen:
-        if "\\Seen" not in m.flags:
-            folder.set_flags(m, m.flags | {"\\Seen"})
+    changes = [(m, m.flags | {"\\Seen"}, None) for m in seen if "\\Seen" not in m.flags]
+    if changes:
+        folder.store_flags(changes)  # one change for them all
     folder.remove(doomed)
 
 

@@ -251,3 +251,21 @@ def test_dropped_tombstones_answer_every_missing_uid(server, monkeypatch) -> Non
         assert c.untagged_responses.pop("VANISHED") == [b"(EARLIER) 2,4,6"]
     finally:
         c.logout()
+
+
+def test_a_fetch_that_sets_seen_is_one_change(server) -> None:
+    """FETCH BODY[] of unseen messages sets \\Seen on each: one change of the folder (one
+    new mod-sequence for all of them, RFC 7162 allows it), not one per message."""
+    fill(server, 3)
+    c = connect(server)
+    try:
+        select(c, "(CONDSTORE)")
+        before = highest(c)
+        typ, _ = c.fetch("1:3", "(BODY[])")
+        assert typ == "OK"
+        after = modseqs(c)
+        assert len(after) == 3 and len(set(after.values())) == 1 and min(after.values()) > before, after
+        typ, data = c.fetch("1:3", "(FLAGS)")
+        assert all(b"\\Seen" in line for line in data if line), data
+    finally:
+        c.logout()

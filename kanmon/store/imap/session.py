@@ -1929,8 +1929,13 @@ def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -
             f.size = entry.vsize if entry is not None else folder.wire_size(info)
         if need.seen and "\\Seen" not in info.flags:
             f.marked_seen = True
-            f.info = folder.set_flags(info, info.flags | {"\\Seen"})
+            f.info = info  # replaced below by the message after its change
         out.append(f)
+    seen = [f for f in out if f.marked_seen]
+    if seen:  # one change (one mod-sequence, one write of the mod-sequence file) for the batch
+        after, _ = folder.store_flags([(f.info, f.info.flags | {"\\Seen"}, None) for f in seen])
+        for f, info_after in zip(seen, after):
+            f.info = info_after
     return out
 
 
