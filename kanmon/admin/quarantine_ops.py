@@ -277,13 +277,13 @@ class QuarantineOps:
     def link_secret(self) -> bytes:
         return links.load_secret(self.ops.config.server.data_dir)
 
-    def _links(self, rcpt: str, rows: list[dict]) -> dict[str, tuple[str, str]] | None:
+    def _links(self, rcpt: str, rows: list[dict], secret: bytes | None) -> dict[str, tuple[str, str]] | None:
         """id -> (release URL, delete URL) for one recipient's digest; None without
-        [console] public_url. A link lasts as long as its message is kept."""
+        [console] public_url (secret: the link secret, None then). A link lasts as long
+        as its message is kept."""
         console = self.ops.config.console
-        if console is None or not console.public_url:
+        if console is None or not console.public_url or secret is None:
             return None
-        secret = self.link_secret()
         keep = self.ops.config.quarantine.keep
         return {r["id"]: tuple(links.url(console.public_url, links.sign(secret, r["id"], rcpt, action, r["stored"] + keep))
                                for action in links.ACTIONS) for r in rows}
@@ -315,12 +315,14 @@ class QuarantineOps:
                 per_rcpt.setdefault(rcpt, []).append(row)
         sent = {}
         now = self._now()
+        linked = per_rcpt and not dry_run and cfg.console is not None and cfg.console.public_url
+        secret = self.link_secret() if linked else None  # read once for every digest
         for rcpt, rows in sorted(per_rcpt.items()):
             sent[rcpt] = len(rows)
             if dry_run:
                 continue
             content = digest_message(rcpt, rows, sender=sender, hostname=hostname, now=now,
-                                     keep_days=int(cfg.quarantine.keep // 86400), links=self._links(rcpt, rows))
+                                     keep_days=int(cfg.quarantine.keep // 86400), links=self._links(rcpt, rows, secret))
             env = Envelope(mail_from="", rcpts=[rcpt], received_at=now, is_notice=True)
             self.ops.injector.inject_blocking(env, content, "quarantine digest")
         return {"digests": sent}

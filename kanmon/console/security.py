@@ -17,7 +17,6 @@ Never: put a password or a hash in a cookie, or accept an unsigned or expired se
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -31,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-SECRET_BYTES = 32
+from kanmon import secretfile
+from kanmon.secretfile import b64, unb64
+
+SECRET_BYTES = secretfile.SECRET_BYTES
 COOKIE_NAME = "kanmon_session"
 MAX_COOKIE = 2048
 
@@ -39,30 +41,7 @@ MAX_COOKIE = 2048
 def load_secret(data_dir: Path | str) -> bytes:
     """The signing secret, created 0600 on first use (kept across restarts, so sessions
     survive a reload; delete the file to end every session)."""
-    d = Path(data_dir) / "console"
-    d.mkdir(mode=0o700, exist_ok=True)
-    path = d / "secret"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        data = path.read_bytes()
-        if len(data) >= SECRET_BYTES:
-            return data[:SECRET_BYTES]
-        raise ValueError(f"{path} is damaged (shorter than {SECRET_BYTES} bytes): delete it to make a new one") from None
-    secret = secrets.token_bytes(SECRET_BYTES)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-        f.flush()
-        os.fsync(f.fileno())
-    return secret
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return secretfile.load_secret(Path(data_dir) / "console", "secret")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +68,7 @@ class Sessions:
 
     def encode(self, s: Session) -> str:
         body = json.dumps([s.name, s.sid, s.ip, s.login, s.seen, s.pv], separators=(",", ":")).encode()
-        return _b64(body) + "." + _b64(self._mac(b"session", body))
+        return b64(body) + "." + b64(self._mac(b"session", body))
 
     def decode(self, cookie: str | None) -> Session | None:
         """The session in a cookie whose signature holds (no time or IP checks)."""
@@ -97,7 +76,7 @@ class Sessions:
             return None
         body_text, mac_text = cookie.split(".")
         try:
-            body, mac = _unb64(body_text), _unb64(mac_text)
+            body, mac = unb64(body_text), unb64(mac_text)
         except (ValueError, TypeError):
             return None
         if not hmac.compare_digest(mac, self._mac(b"session", body)):
@@ -123,7 +102,7 @@ class Sessions:
         return None
 
     def csrf_token(self, s: Session) -> str:
-        return _b64(self._mac(b"csrf", s.sid.encode()))
+        return b64(self._mac(b"csrf", s.sid.encode()))
 
     def csrf_ok(self, s: Session, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token).encode(), self.csrf_token(s).encode())

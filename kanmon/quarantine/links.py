@@ -16,16 +16,16 @@ an expired one.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from kanmon import secretfile
+from kanmon.secretfile import b64, unb64
+
 ACTIONS = ("release", "delete")
-SECRET_BYTES = 32
+SECRET_BYTES = secretfile.SECRET_BYTES
 SECRET_FILE = "quarantine-links.key"
 MAX_TOKEN = 1024  # longer than any token we make: refused before decoding
 
@@ -46,33 +46,10 @@ class Link:
     expires: float
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def load_secret(data_dir: Path | str) -> bytes:
     """The signing secret, created 0600 on first use (copy the file to every node that
     shares the quarantine; replacing it voids every link already mailed)."""
-    d = Path(data_dir) / "console"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = d / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        data = path.read_bytes()
-        if len(data) < SECRET_BYTES:
-            raise ValueError(f"{path} is damaged (shorter than {SECRET_BYTES} bytes): delete it to make a new one") from None
-        return data[:SECRET_BYTES]
-    secret = secrets.token_bytes(SECRET_BYTES)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-        f.flush()
-        os.fsync(f.fileno())
-    return secret
+    return secretfile.load_secret(Path(data_dir) / "console", SECRET_FILE)
 
 
 def _mac(secret: bytes, payload: bytes) -> bytes:
@@ -85,7 +62,7 @@ def sign(secret: bytes, qid: str, rcpt: str, action: str, expires: float) -> str
     if ":" in qid:
         raise ValueError("a quarantine id has no colon")
     payload = f"{action}:{qid}:{int(expires)}:{rcpt}".encode()
-    return f"{_b64(payload)}.{_b64(_mac(secret, payload))}"
+    return f"{b64(payload)}.{b64(_mac(secret, payload))}"
 
 
 def verify(secret: bytes, token: str, now: float) -> Link:
@@ -94,7 +71,7 @@ def verify(secret: bytes, token: str, now: float) -> Link:
         raise LinkError("forged")
     body, mac = token.split(".")
     try:
-        payload, given = _unb64(body), _unb64(mac)
+        payload, given = unb64(body), unb64(mac)
     except (ValueError, TypeError):
         raise LinkError("forged") from None
     if not hmac.compare_digest(_mac(secret, payload), given):
