@@ -239,9 +239,6 @@ class AgentPool:
     def pids(self) -> list[int]:
         return [a.proc.pid for a in self._agents if a.proc is not None and a.proc.poll() is None]
 
-    def in_flight(self) -> int:
-        return sum(len(a.pending) for a in self._agents)
-
     def flush_dns_caches(self) -> int:
         """`kanmon dns cache flush`: each agent forgets its MX/A/TLSA answers (SIGUSR1)."""
         told = 0

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kanmon.children import pid_alive
 from kanmon.model import RecipientResult, Status
 from kanmon.records.counters import parse_name
 from kanmon.records.store import open_db
@@ -174,15 +175,7 @@ def read_counters(db_path: Path) -> tuple[Counter[str], int]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 # ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from kanmon.listeners import bind_listener
 __all__ = ["ReceiverPool", "bind_listener", "main"]
 
 RESTART_DELAY = 1.0  # seconds before a receiver that died is started again
+WHAT = "an SMTP receiver process"  # in the errors of a start
 READY_TIMEOUT = 60.0  # seconds a new receiver may take to listen (at start and reload)
 
 
@@ -100,12 +101,12 @@ class ReceiverPool:
             if replacing is None:
                 for i in range(self.count):
                     self._tasks.append(asyncio.ensure_future(self._supervise(i, 0)))
-                await self._wait_ready(list(range(self.count)), list(self._tasks), deadline)
+                await wait_ready(self._ready, self._tasks, deadline, WHAT)
                 return
             for i in range(self.count):
                 task = asyncio.ensure_future(self._supervise(i, 0))
                 self._tasks.append(task)
-                await self._wait_ready([i], [task], deadline)
+                await wait_ready([self._ready[i]], [task], deadline, WHAT)
                 new = self._procs[i]
                 old = replacing.retire_one(i)
                 if old is not None and new is not None:
@@ -121,8 +122,6 @@ class ReceiverPool:
                 await self.stop()
             raise
 
-    async def _wait_ready(self, indexes: list[int], supervisors: list[asyncio.Task], deadline: float) -> None:
-        await wait_ready([self._ready[i] for i in indexes], supervisors, deadline, "an SMTP receiver process")
 
     def retire_one(self, index: int) -> int | None:
         """Receiver `index` stops accepting, finishes its sessions and exits, and is not
@@ -152,7 +151,8 @@ class ReceiverPool:
             tasks.append(asyncio.ensure_future(self._supervise(i, self._generation[i])))
         self._tasks += tasks
         try:
-            await self._wait_ready(indexes, tasks, asyncio.get_running_loop().time() + ready_timeout)
+            deadline = asyncio.get_running_loop().time() + ready_timeout
+            await wait_ready([self._ready[i] for i in indexes], tasks, deadline, WHAT)
         except OSError as e:
             self.emit(f"reload: the previous SMTP receivers could not all be started again: {e}", kind="error")
 
@@ -247,8 +247,6 @@ class ReceiverPool:
 
 # ---------------------------------------------------------------------------
 # Receiver-process side
-
-
 
 
 async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: int, quiet: bool) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kanmon.children import pid_alive
 from kanmon.escape import for_log
 from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters
 
@@ -593,12 +594,4 @@ def _writer_alive(path: Path) -> bool:
         pid = int(path.name.split(".", 1)[0])
     except ValueError:
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)

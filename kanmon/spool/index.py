@@ -83,10 +83,6 @@ class Entry:
         # texts: a str for one domain, a tuple for several or none)
         self.pending_domains = pending_domains
 
-    def all_rcpts(self) -> tuple[str, ...]:
-        r = self.rcpts
-        return (r,) if type(r) is str else r
-
     def pending_rcpts(self) -> list[str]:
         r, done = self.rcpts, self.done
         if type(r) is str:

@@ -300,11 +300,6 @@ class ModseqLog:
             return {u for u, ms in self.gone.items() if ms > modseq}
 
 
-def letters_of(flag_letters: str) -> str:
-    """The canonical form of a file's info letters (sorted, no duplicates)."""
-    return "".join(sorted(set(flag_letters)))
-
-
 def changed_messages(log: ModseqLog, present: Iterable[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[int]]:
     """decide() of a folder scan: the messages that are new or whose letters differ from
     the recorded ones, and the recorded UIDs that are no longer there."""
@@ -320,4 +315,4 @@ def changed_messages(log: ModseqLog, present: Iterable[tuple[int, str]]) -> tupl
     return changed, gone
 
 
-__all__ = ["MODSEQ_FILE", "ModseqLog", "changed_messages", "clock_floor", "letters_of", "modseq_path"]
+__all__ = ["MODSEQ_FILE", "ModseqLog", "changed_messages", "clock_floor", "modseq_path"]

@@ -55,6 +55,7 @@ from kanmon.store.imap import message as mime
 from kanmon.store.imap import mutf7
 from kanmon.store.imap import thread as ithread
 from kanmon.store.index import CacheEntry
+from kanmon.store.modseq import MAX_MODSEQ
 from kanmon.store.imap.parser import (
     CommandReader,
     Literal,
@@ -1987,7 +1988,6 @@ def _copy_messages(src: Folder, dest: Folder, infos: list[MessageInfo]) -> list[
     return pairs
 
 
-MAX_MODSEQ = (1 << 63) - 1
 
 
 def _number(value: object, what: str, zero: bool = False) -> int:
