@@ -73,7 +73,12 @@ class Reply:
 
     def wire(self) -> bytes:
         """CRLF-terminated reply line(s); a multi-line text becomes 250-... lines."""
-        lines = self.text.split("\n")
+        text = self.text
+        if "\n" not in text:  # one line: most replies (the SMTP session sends seven a message)
+            if self.enhanced:
+                return f"{self.code} {self.enhanced} {text}\r\n".encode("utf-8", "replace")
+            return f"{self.code} {text}\r\n".encode("utf-8", "replace")
+        lines = text.split("\n")
         out = []
         for i, line in enumerate(lines):
             sep = "-" if i < len(lines) - 1 else " "

@@ -41,6 +41,11 @@ class Stage(enum.Enum):
     RCPT = "rcpt"
     DATA = "data"
 
+    # Members are singletons compared by identity: the C-level identity hash, not
+    # Enum's hash of the name in Python (the hook tables are looked up by stage at
+    # every SMTP stage).
+    __hash__ = object.__hash__
+
 
 class Outcome(enum.Enum):
     ACCEPT = "accept"

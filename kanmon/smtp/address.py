@@ -65,6 +65,15 @@ def _split_path(arg: str, bad: Reply, strict: bool = False) -> tuple[str, str]:
         if not first or "<" in first or ">" in first:
             raise SmtpError(bad)
         return first, rest
+    if '"' not in arg:
+        # No quoted string: the path ends at the first ">" (one C-level scan).
+        i = arg.find(">", 1)
+        if i < 0:
+            raise SmtpError(bad)
+        rest = arg[i + 1 :]
+        if strict and rest and not rest.startswith(" "):
+            raise SmtpError(replies.STRICT_SYNTAX)  # <a@b>junk
+        return arg[1:i], rest
     i = 1
     in_quote = False
     while i < len(arg):

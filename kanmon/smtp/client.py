@@ -111,6 +111,22 @@ def check_address(address: str) -> None:
         raise ValueError("address is longer than 1000 characters")
 
 
+def _is_last_line(line: bytes) -> bool:
+    """RFC 5321 4.2: every line of a reply but the last has a hyphen after the code."""
+    return len(line) < 4 or line[3:4] != b"-"
+
+
+def _more_lines(line: bytes, lines: list[bytes]) -> bool:
+    """Append a reply line; whether more lines of the reply follow (ValueError beyond
+    MAX_REPLY_LINES)."""
+    lines.append(line)
+    if _is_last_line(line):
+        return False
+    if len(lines) >= MAX_REPLY_LINES:
+        raise ValueError(f"reply longer than {MAX_REPLY_LINES} lines")
+    return True
+
+
 def parse_reply(lines: Sequence[bytes]) -> Reply:
     """Reply lines (CRLF stripped) -> Reply. Raises ValueError for malformed lines.
 
@@ -396,19 +412,33 @@ class _Pipe(asyncio.Protocol):
             self._read_waiter.set_result(None)
 
     # used by SmtpConnection (callers wrap these in timeouts)
+    def read_line_nowait(self) -> bytes | None:
+        """A line already received, as read_line() returns it; None when no whole line
+        is buffered yet (nothing is taken then)."""
+        end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
+        if end >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if self._read_paused and len(self._buffer) <= READ_HIGH_WATER // 2 and self.transport is not None:
+                self._read_paused = False
+                self.transport.resume_reading()
+            return line.rstrip(b"\r\n")
+        if len(self._buffer) >= MAX_REPLY_LINE:
+            raise ValueError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+        return None
+
+    @property
+    def drain_needed(self) -> bool:
+        """Whether drain() has anything to do: wait (the transport asked us to stop
+        writing) or report the connection closed."""
+        return self._write_paused or self.closed
+
     async def read_line(self) -> bytes:
         """One line without its CRLF; at most MAX_REPLY_LINE bytes."""
         while True:
-            end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
-            if end >= 0:
-                line = bytes(self._buffer[: end + 1])
-                del self._buffer[: end + 1]
-                if self._read_paused and len(self._buffer) <= READ_HIGH_WATER // 2 and self.transport is not None:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                return line.rstrip(b"\r\n")
-            if len(self._buffer) >= MAX_REPLY_LINE:
-                raise ValueError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            line = self.read_line_nowait()
+            if line is not None:
+                return line
             if self.closed:
                 raise EOFError
             if self._read_paused and self.transport is not None:
@@ -562,15 +592,16 @@ class SmtpConnection:
 
     async def _read_reply(self, timeout: float, what: str, *, after_data_end: bool = False) -> Reply:
         lines: list[bytes] = []
+        pipe = self._pipe
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await self._pipe.read_line()
-                    lines.append(line)
-                    if len(line) < 4 or line[3:4] != b"-":
-                        break
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise ValueError(f"reply longer than {MAX_REPLY_LINES} lines")
+            # A reply already received (pipelined replies come in one read) is taken
+            # without arming a timer; the timeout bounds only the wait for the rest.
+            while (line := pipe.read_line_nowait()) is not None and _more_lines(line, lines):
+                pass
+            if not lines or not _is_last_line(lines[-1]):
+                async with asyncio.timeout(timeout):
+                    while _more_lines(await pipe.read_line(), lines):
+                        pass
             reply = parse_reply(lines)
             if reply.code == 421:
                 self._usable = False  # RFC 5321 3.8: the server is closing the channel
@@ -590,6 +621,8 @@ class SmtpConnection:
     async def _send(self, data: bytes | memoryview, what: str, *, timeout: float | None = None) -> None:
         try:
             self._pipe.write(data)
+            if not self._pipe.drain_needed:
+                return  # the transport takes it: no wait to bound (no timer armed)
             async with asyncio.timeout(self.settings.command_timeout if timeout is None else timeout):
                 await self._pipe.drain()
         except TimeoutError:

@@ -934,7 +934,7 @@ class SmtpProtocol(asyncio.Protocol):
             return
         if self.session is None:
             return
-        if not self.session.in_data and self.session.state.value == "greeting" and self.session.messages == 0:
+        if self.session.state is State.GREETING and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
                 # A PROXY header from an address that is not a trusted balancer: the
                 # client's (behind a trusted balancer, the one its header named).
@@ -997,7 +997,7 @@ class SmtpProtocol(asyncio.Protocol):
         if transport is None:
             return
         for a in actions:
-            if isinstance(a, Send):
+            if a.__class__ is Send:  # most actions: one class test, not the chain below
                 if not self._closed:
                     transport.write(a.data)
             elif isinstance(a, SpoolData):
