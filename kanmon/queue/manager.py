@@ -72,6 +72,42 @@ class _Due:
     queue_id: str = field(compare=False)
 
 
+class _DestinationSlot:
+    """`async with`: one of a destination's [outbound] max_per_destination places. The
+    destination's entry (semaphore, users) lives only while someone holds or waits for
+    a place. A class rather than an asynccontextmanager: entered for every delivery."""
+
+    __slots__ = ("_limits", "_key", "_size", "_sem")
+
+    def __init__(self, limits: dict[str, tuple[asyncio.Semaphore, int]], key: str, size: int):
+        self._limits = limits
+        self._key = key
+        self._size = size
+        self._sem: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> None:
+        sem, users = self._limits.get(self._key) or (asyncio.Semaphore(self._size), 0)
+        self._limits[self._key] = (sem, users + 1)
+        try:
+            await sem.acquire()
+        except BaseException:
+            self._leave()
+            raise
+        self._sem = sem
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._sem is not None
+        self._sem.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        sem, users = self._limits[self._key]
+        if users <= 1:
+            del self._limits[self._key]
+        else:
+            self._limits[self._key] = (sem, users - 1)
+
+
 class QueueManager:
     def __init__(
         self,
@@ -284,10 +320,25 @@ class QueueManager:
         for rcpt in pending:
             groups[self.router.route(rcpt)].append(rcpt)
         results: list[RecipientResult] = []
-        outcomes = await asyncio.gather(
-            *(self._deliver_group(queue_id, env, rcpts, content, route) for route, rcpts in groups.items()),
-            return_exceptions=True,
-        )
+        outcomes: list[list[RecipientResult] | BaseException]
+        if len(groups) == 1:
+            # One destination (the common case): awaited here, as gather(return_exceptions=True)
+            # would report it, without a task of its own.
+            ((route, rcpts),) = groups.items()
+            try:
+                outcomes = [await self._deliver_group(queue_id, env, rcpts, content, route)]
+            except asyncio.CancelledError as e:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this worker is being cancelled (the node stops)
+                outcomes = [e]
+            except Exception as e:  # noqa: BLE001 - reported below, as for several groups
+                outcomes = [e]
+        else:
+            outcomes = await asyncio.gather(
+                *(self._deliver_group(queue_id, env, rcpts, content, route) for route, rcpts in groups.items()),
+                return_exceptions=True,
+            )
         for outcome in outcomes:
             if isinstance(outcome, FileNotFoundError):
                 return  # an agent found it deleted meanwhile (admin action): nothing to settle
@@ -328,19 +379,8 @@ class QueueManager:
                 self.on_attempt(route, results, time.monotonic() - started)
             return results
 
-    @contextlib.asynccontextmanager
-    async def _destination_slot(self, key: str):
-        sem, users = self._dest_limits.get(key) or (asyncio.Semaphore(self.config.outbound.max_per_destination), 0)
-        self._dest_limits[key] = (sem, users + 1)
-        try:
-            async with sem:
-                yield
-        finally:
-            sem, users = self._dest_limits[key]
-            if users <= 1:
-                del self._dest_limits[key]
-            else:
-                self._dest_limits[key] = (sem, users - 1)
+    def _destination_slot(self, key: str) -> _DestinationSlot:
+        return _DestinationSlot(self._dest_limits, key, self.config.outbound.max_per_destination)
 
     async def _settle(
         self, entry: SpoolEntry, content: bytes | None, results: list[RecipientResult], start: float, now: float

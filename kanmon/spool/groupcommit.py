@@ -40,7 +40,7 @@ except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync per
 
 @dataclass(slots=True)
 class _Job:
-    files: Sequence[tuple[Path, Path, bytes]]
+    files: Sequence[tuple[str | Path, str | Path, bytes]]
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future | None
     results: list[OSError | None] = field(default_factory=list)
@@ -76,7 +76,14 @@ def write_durably(path: Path, data: bytes, *, append: bool = False, sync: bool =
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_dir(path: str | Path) -> None:
     """Make a directory's entries (creates, renames, unlinks) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -96,8 +103,9 @@ class GroupCommitter:
         self._thread.start()
         self.batches = 0
 
-    async def commit(self, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSError | None]:
-        """Write and make durable; one result per file (None = durable, or the error)."""
+    async def commit(self, files: Sequence[tuple[str | Path, str | Path, bytes]]) -> list[OSError | None]:
+        """Write and make durable; one result per file (None = durable, or the error).
+        Paths as str or Path (the spool's hot path passes str: no Path objects per message)."""
         loop = asyncio.get_running_loop()
         job = _Job(files, loop, loop.create_future())
         with self._cond:
@@ -107,7 +115,7 @@ class GroupCommitter:
             self._cond.notify()
         return await job.future
 
-    def commit_blocking(self, files: Sequence[tuple[Path, Path, bytes]]) -> list[OSError | None]:
+    def commit_blocking(self, files: Sequence[tuple[str | Path, str | Path, bytes]]) -> list[OSError | None]:
         job = _Job(files, None, None, done=threading.Event())
         with self._cond:
             self._jobs.append(job)
@@ -160,7 +168,7 @@ class GroupCommitter:
     def _commit(self, batch: list[_Job]) -> None:
         self.batches += 1
         per_file_sync = self.fsync and _syncfs is None
-        written: list[tuple[_Job, int, Path, Path]] = []
+        written: list[tuple[_Job, int, str | Path, str | Path]] = []
         for job in batch:
             job.results = [None] * len(job.files)
             for i, (tmp, final, data) in enumerate(job.files):
@@ -178,21 +186,21 @@ class GroupCommitter:
                 sync_files([fd])
             finally:
                 os.close(fd)
-        dirs: set[Path] = set()
+        dirs: set[str] = set()
         for job, i, tmp, final in written:
             try:
                 os.rename(tmp, final)
             except OSError as e:
                 job.results[i] = e
-                tmp.unlink(missing_ok=True)
+                _unlink(tmp)
                 continue
-            dirs.add(final.parent)
+            dirs.add(os.path.dirname(final) or ".")
         if self.fsync:
             for d in dirs:
                 fsync_dir(d)
 
     @staticmethod
-    def _write(path: Path, data: bytes, sync: bool) -> None:
+    def _write(path: str | Path, data: bytes, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
@@ -202,6 +210,6 @@ class GroupCommitter:
                 os.fdatasync(fd)
         except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            _unlink(path)
             raise
         os.close(fd)

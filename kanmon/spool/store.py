@@ -251,6 +251,7 @@ class Spool:
         self.queue = self.root / "queue"
         self.state_dir = self.root / "state"
         self.corrupt = self.root / "corrupt"
+        self._incoming, self._queue = str(self.incoming), str(self.queue)  # for the hot path's joins
         self.fsync = fsync
         self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         for d in (self.root, self.incoming, self.queue, self.state_dir, self.corrupt):
@@ -283,7 +284,7 @@ class Spool:
         """Make the message durable (group commit); raise SpoolError if it could not be."""
         data = encode_queue_file(env, content)
         try:
-            (err,) = await self.committer.commit([(self.incoming / queue_id, self.queue / queue_id, data)])
+            (err,) = await self.committer.commit([(f"{self._incoming}/{queue_id}", f"{self._queue}/{queue_id}", data)])
         except OSError as e:
             err = e
         if err is not None:
