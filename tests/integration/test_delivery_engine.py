@@ -3,6 +3,7 @@ server on loopback and a clock the tests advance (no sleeps for retries or notic
 
 from __future__ import annotations
 
+import asyncio
 import email
 import smtplib
 
@@ -364,5 +365,31 @@ def test_per_destination_slots_are_not_kept_after_delivery(tmp_path):
             store.wait_for_messages(1)
             node.wait_idle()
             assert node.node.queue._dest_limits == {}
+        finally:
+            node.stop()
+
+
+def test_a_delivery_that_raises_cancelled_error_is_deferred_and_the_queue_goes_on(tmp_path):
+    # One destination is awaited in the worker itself (no task of its own): a
+    # CancelledError from the agent (not a stop of the node) must be reported and the
+    # message deferred as any other agent failure, not end the worker silently.
+    port = free_port("127.0.0.7")
+    with SmtpSink("127.0.0.7", port) as store:
+        node = start_node(tmp_path, servers=[f"127.0.0.7:{port}"])
+        try:
+            queue = node.node.queue
+            real = queue.remote
+
+            async def cancelled(*args, **kwargs):
+                raise asyncio.CancelledError()
+
+            queue.remote = cancelled
+            send(node, ["a@corp.example"], subject="first")
+            wait_event(node, "delivery agent error: CancelledError")
+            wait_event(node, "a@corp.example>, delay=")  # deferred (to=<...>, stat=Deferred)
+            queue.remote = real
+            send(node, ["b@corp.example"], subject="second")
+            (m,) = store.wait_for_messages(1)
+            assert b"Subject: second" in m.data
         finally:
             node.stop()
