@@ -596,7 +596,7 @@ class SmtpConnection:
         try:
             # A reply already received (pipelined replies come in one read) is taken
             # without arming a timer; the timeout bounds only the wait for the rest.
-            while (line := pipe.read_line_nowait()) is not None and _more_lines(line, lines):
+            while pipe._buffer and (line := pipe.read_line_nowait()) is not None and _more_lines(line, lines):
                 pass
             if not lines or not _is_last_line(lines[-1]):
                 async with asyncio.timeout(timeout):
