@@ -52,6 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kanmon import gcpolicy
 from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.model import LocalReply, RecipientResult, Reply, Status
 from kanmon.routing import Route
@@ -514,6 +515,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
 
     reading = asyncio.ensure_future(read_requests())
     try:
+        gcpolicy.settle_after_start()  # what start-up built, out of the collector's sight
         out.send({"k": "ready"})
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(drain.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import ssl
@@ -73,12 +72,11 @@ from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool, SpoolEntry
 from kanmon.clusterconfig import ClusterWatch, starting_config
 from kanmon.state.backends import open_state
-from kanmon import sdnotify
+from kanmon import gcpolicy, sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
 
-FREEZE_AFTER = 10_000  # queued messages recovered at start from which gc.freeze() is worth it
 
 
 def read_config(source: str | None) -> tuple[Config, str | None]:
@@ -489,11 +487,6 @@ class Node:
             index.add(e.queue_id, e.envelope, e.size, e.state)
 
         count, corrupt, removed = self.spool.recover_each(recovered)
-        if count >= FREEZE_AFTER:
-            # What start-up built (up to a million index entries) lives as long as the
-            # process: out of the cyclic GC's sight, so that its full collections, which a
-            # queue walk's allocations set off, do not go through it again and again.
-            gc.freeze()
         for qid, why in corrupt:
             self.records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         if removed:
@@ -925,6 +918,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                 return
             finally:
                 sdnotify.ready(f"serving as {node.config.server.hostname}")
+            gcpolicy.resettle()  # what the old configuration held may be collected
             print(f"kanmon: reloaded (changed: {', '.join(result['changed']) or 'nothing'})", flush=True)
 
         def hup() -> None:
@@ -952,6 +946,8 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()}\n")
             print(node.describe(), flush=True)
+            # What start-up built (recovered index entries too) out of the collector's sight.
+            gcpolicy.settle_after_start()
             sdnotify.ready(f"serving as {config.server.hostname}")
         else:
             waiter.cancel()

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
+from kanmon import gcpolicy
 from kanmon.auth.dkimsign import load_signer
 from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.config import Config, load_config
@@ -314,6 +315,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
         await state.submit(state.gauges.drop_owner, owner)
         for s in servers:
             await s.start()
+        gcpolicy.settle_after_start()  # what start-up built, out of the collector's sight
         notify.write(b"ready\n")
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(retire.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
