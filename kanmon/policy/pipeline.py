@@ -348,7 +348,7 @@ class Pipeline:
         hooks = self.hooks_for(ctx.profile)[stage]
         if not hooks:
             return ACCEPT_DECISION if ctx.rcpt is None else Decision(recipients=ctx.recipients)
-        return _run_from(stage, hooks, 0, _Tally(), ctx)
+        return _run_from(stage, hooks, 0, None, ctx)
 
 
 _MAX_PROFILES = 64
@@ -359,17 +359,22 @@ def _active(check: Check, stage: Stage, profile: SessionProfile) -> bool:
     return True if active is None else bool(active(stage, profile))
 
 
-def _run_from(stage: Stage, hooks: tuple[tuple[Check, Hook], ...], i: int, tally: _Tally, ctx: Context) -> Decision | Pending:
+def _run_from(stage: Stage, hooks: tuple[tuple[Check, Hook], ...], i: int, tally: _Tally | None,
+              ctx: Context) -> Decision | Pending:
+    """tally: what the hooks before i answered; None while every one answered a plain
+    ACCEPTED (made at the first answer that carries something)."""
     n = len(hooks)
     while i < n:
         check, hook = hooks[i]
         try:
             r = hook(ctx)
         except Exception as e:  # noqa: BLE001 - a failing check fails by its failure mode
-            return tally.fail(check, f"{type(e).__name__}: {e}", ctx)
+            return (tally or _Tally()).fail(check, f"{type(e).__name__}: {e}", ctx)
         if r is ACCEPTED:  # the common answer carries nothing to add up
             i += 1
             continue
+        if tally is None:
+            tally = _Tally()
         if r.__class__ is not CheckResult:
             if inspect.isawaitable(r):
                 return Pending(stage, hooks, i, tally, ctx, r)
@@ -379,6 +384,8 @@ def _run_from(stage: Stage, hooks: tuple[tuple[Check, Hook], ...], i: int, tally
         if decided is not None:
             return decided
         i += 1
+    if tally is None:  # every hook answered a plain ACCEPTED: what _Tally.done() gives for nothing
+        return ACCEPT_DECISION if ctx.rcpt is None else Decision(recipients=ctx.recipients)
     return tally.done(ctx)
 
 
