@@ -89,6 +89,20 @@ def retry_delay(attempts: int, first: float, most: float, rng: Uniform) -> float
     return min(most, base * rng.uniform(1.0, 1.1))
 
 
+def _success_notices(env: Envelope, final: list[RecipientResult], may_notify: bool) -> tuple[NoticeRequest, ...]:
+    """Success notices, only when asked (NOTIFY=SUCCESS) and only where the next hop did
+    not take the request over (RFC 3461 5.2.2): delivered here, or relayed onward."""
+    if not may_notify or not env.dsn_notify:  # without NOTIFY, never a success notice (RFC 3461 4.1)
+        return ()
+    sent = [r for r in final if r.status is Status.SENT and not r.dsn_passed]
+    out = []
+    for action, rs in ((DELIVERED, [r for r in sent if r.mailer == "local"]),
+                       (RELAYED, [r for r in sent if r.mailer != "local"])):
+        if wanted := tuple(r for r in rs if env.wants_notice(r.rcpt, NOTIFY_KEYWORD[action])):
+            out.append(NoticeRequest(action, wanted))
+    return tuple(out)
+
+
 def attempt_now(state: QueueState) -> bool:
     """Whether a due message is attempted (a held one is left alone)."""
     return not state.hold
@@ -109,6 +123,12 @@ def plan_attempt(
     notices: whether this node sends notices at all (False: none are planned, and none
     reported as suppressed either).
     """
+    may_notify = bool(env.mail_from) and not env.is_notice and notices
+    if all(r.status is Status.SENT for r in results):
+        # Every recipient delivered (the common case): nothing to journal, retry, warn
+        # about or bounce; only success notices, where NOTIFY asked for them.
+        return Plan(results=tuple(results), expired=False, journal=(), retry_at=None,
+                    notices=_success_notices(env, results, may_notify), no_notice=(), remove=True)
     age = now - (env.received_at or now)
     deferred = any(r.status is Status.DEFERRED for r in results)
     # Expiry: lifetime reached (or lifetime 0) turns temporary failures into bounces, once
@@ -132,7 +152,6 @@ def plan_attempt(
     if still_deferred:
         retry_at = now + retry_delay(state.attempts + 1, settings.retry_first, settings.retry_most, rng)
         records.append(journal.Attempt(now, state.attempts + 1, retry_at))
-    may_notify = bool(env.mail_from) and not env.is_notice and notices
     not_requested: list[str] = []
 
     def asked(action: str, rs: tuple[RecipientResult, ...]) -> tuple[RecipientResult, ...]:
@@ -164,14 +183,7 @@ def plan_attempt(
             planned.append(NoticeRequest(FAILED, failed))
     if warn:
         planned.append(NoticeRequest(DELAYED, delayed))
-    if may_notify:
-        # Success notices, only when asked (NOTIFY=SUCCESS) and only where the next hop did
-        # not take the request over (RFC 3461 5.2.2): delivered here, or relayed onward.
-        sent = [r for r in final if r.status is Status.SENT and not r.dsn_passed]
-        for action, rs in ((DELIVERED, [r for r in sent if r.mailer == "local"]),
-                           (RELAYED, [r for r in sent if r.mailer != "local"])):
-            if wanted := asked(action, tuple(rs)):
-                planned.append(NoticeRequest(action, wanted))
+    planned += _success_notices(env, final, may_notify)
     # The journal first: after a crash, what is written is what happened. When every
     # recipient was delivered the removal is the record (a crash before it delivers
     # again: twice, never zero times), so nothing is journaled.
