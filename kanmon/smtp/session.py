@@ -170,6 +170,15 @@ class State(enum.Enum):
     WAIT_CHECK = "wait_check"  # a check needs I/O: the listener runs it (RunChecks)
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: the C-level identity hash (set
+    # membership tests at every command), not Enum's hash of the name in Python.
+    __hash__ = object.__hash__
+
+
+# States in which no command line is read (the session waits, takes DATA, or is closed).
+_NO_COMMANDS = frozenset({State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK,
+                          State.WAIT_CONTENT, State.CLOSED})
+
 
 @dataclass(slots=True)
 class SessionSettings:
@@ -429,8 +438,7 @@ class Session:
             self._data = bytearray()
 
     def _run_commands(self, out: list[Action]) -> None:
-        while self.state not in (State.DATA, State.WAIT_STORE, State.WAIT_TLS, State.WAIT_AUTH, State.WAIT_CHECK,
-                                 State.WAIT_CONTENT, State.CLOSED):
+        while self.state not in _NO_COMMANDS:
             lf = self._buf.find(b"\n")
             if self._skip_line:
                 if lf < 0:
