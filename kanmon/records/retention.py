@@ -20,7 +20,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from kanmon.records.store import open_db
+from kanmon.records.store import SLOT_COLUMNS, add_slot_counts, open_db, slot_counts, slot_of
 
 PRUNE_BATCH = 5000
 DAY = 86400.0
@@ -38,17 +38,39 @@ def prune(db_path: Path, before: float, batch: int = PRUNE_BATCH) -> tuple[int, 
             while True:
                 with db:
                     cur = db.execute(
-                        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)",
+                        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)"
+                        + (" RETURNING ts, first, size, status, deferrals, disposition" if table == "history" else ""),
                         (before, batch),
                     )
-                total += cur.rowcount
-                if cur.rowcount < batch:
+                    if table == "history":
+                        # The deleted rows' counts leave history_slots in the same transaction.
+                        deleted = cur.fetchall()
+                        add_slot_counts(db, _slot_sums(deleted, -1))
+                        count = len(deleted)
+                    else:
+                        count = cur.rowcount
+                total += count
+                if count < batch:
                     break
                 time.sleep(0.01)  # let the writer in between batches
             counts.append(total)
+        with db:  # the slots the prune emptied
+            db.execute("DELETE FROM history_slots WHERE slot <= ? AND "
+                       + " AND ".join(f"{c} = 0" for c in SLOT_COLUMNS), (slot_of(before),))
     finally:
         db.close()
     return counts[0], counts[1]
+
+
+def _slot_sums(rows, sign: int) -> dict[int, list[int]]:
+    """History rows (ts, first, size, status, deferrals, disposition) summed per slot, times sign."""
+    sums: dict[int, list[int]] = {}
+    for ts, *row in rows:
+        c = slot_counts(*row)
+        s = sums.setdefault(slot_of(ts), [0] * 6)
+        for i in range(6):
+            s[i] += sign * c[i]
+    return sums
 
 
 class Retention:

@@ -124,6 +124,72 @@ def migrate(db: sqlite3.Connection) -> None:
     db.executescript(ADDED_INDEXES)
     if db.execute("PRAGMA user_version").fetchone()[0] < NOTE_KINDS_VERSION:
         _relabel_notes(db)
+    if not has_table(db, "history_slots"):
+        _create_slots(db)
+
+
+# The history's counts per quarter hour (docs/records.md): what `kanmon stats`, the API and
+# the dashboard chart read instead of a GROUP BY over every history row of the period.
+# Every UTC offset in use is a whole number of quarter hours, so a local hour or day is a
+# sum of whole slots. The records writer keeps it, in the transaction of the rows it
+# counts (inserts, status updates); retention subtracts the rows it deletes.
+SLOT = 900
+SLOT_COLUMNS = ("received", "bytes", "delivered", "deferred", "bounced", "rejected")
+SLOTS_TABLE = (
+    "CREATE TABLE history_slots (slot INTEGER PRIMARY KEY, "  # CAST(ts / 900 AS INTEGER)
+    + ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in SLOT_COLUMNS) + ")"
+)
+# What one history row adds to its slot's counts, in SQL (the backfill and the periods a
+# slot does not cover) and in Python (slot_counts, the writer): the same rules.
+SLOT_SUMS = ("SUM(first), SUM(first * size), SUM(status = 'Delivered'), SUM(deferrals > 0 AND disposition = 'Accept'),"
+             " SUM(status LIKE 'Bounced%'), SUM(disposition = 'Reject')")
+SLOT_UPSERT = (
+    f"INSERT INTO history_slots(slot, {', '.join(SLOT_COLUMNS)}) VALUES (?,?,?,?,?,?,?) ON CONFLICT(slot) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in SLOT_COLUMNS)
+)
+
+
+def slot_of(ts: float) -> int:
+    """A history row's slot: the same float division and truncation as SQLite's CAST(ts / 900 AS INTEGER)."""
+    return int(ts / SLOT)
+
+
+def slot_counts(first, size, status, deferrals: int, disposition) -> tuple[int, int, int, int, int, int]:
+    """What a history row adds to its slot (SLOT_SUMS for one row; LIKE is case-blind for ASCII)."""
+    first = 1 if first else 0
+    status = status or ""
+    return (first, first * (size or 0), int(status == "Delivered"), int(deferrals > 0 and disposition == "Accept"),
+            int(status[:7].lower() == "bounced"), int(disposition == "Reject"))
+
+
+def add_slot_counts(db: sqlite3.Connection, sums: dict[int, list[int]]) -> None:
+    """Add (or, negative, subtract) counts per slot, inside the caller's transaction."""
+    rows = [(slot, *v) for slot, v in sums.items() if any(v)]
+    if rows:
+        db.executemany(SLOT_UPSERT, rows)
+
+
+def has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def _create_slots(db: sqlite3.Connection) -> None:
+    """Create history_slots and count the rows already there into it, once (several
+    processes may open the database at once: the second finds it made)."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if has_table(db, "history_slots"):
+            return
+        db.execute(SLOTS_TABLE)
+        db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+
+
+def rebuild_slots(db: sqlite3.Connection) -> None:
+    """Count history_slots again from the history (after rows were written with SQL
+    around the writer, as the benchmarks fill a database)."""
+    with db:
+        db.execute("DELETE FROM history_slots")
+        db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
 
 
 # PRAGMA user_version from which the DNS check's and the balancer's lines carry kinds of
@@ -219,6 +285,24 @@ def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"mess
             current = key.decode("ascii", "replace")
             out[current] = value.strip().decode("utf-8", "replace")
     return out
+
+
+def _count_inserts(sums: dict[int, list[int]], hist: list) -> None:
+    """New history rows' counts added to `sums` by slot (slot_counts, unrolled: it runs for every row)."""
+    for ts, _ip, _from, _rcpt, _subj, _mid, size, _cls, disposition, _qid, status, _auth, _helo, first in hist:
+        key = int(ts / SLOT)
+        s = sums.get(key)
+        if s is None:
+            s = sums[key] = [0, 0, 0, 0, 0, 0]
+        if first:
+            s[0] += 1
+            s[1] += size or 0
+        if disposition == "Reject":
+            s[5] += 1
+        if status == "Delivered":
+            s[2] += 1
+        elif status and status[:7].lower() == "bounced":
+            s[4] += 1
 
 
 def _rows(events=(), hist=(), status=(), counts=()) -> dict:
@@ -635,30 +719,59 @@ class Records:
                 db.executemany(
                     "INSERT INTO events(ts, queue_id, kind, text, session, detail) VALUES (?,?,?,?,?,?)",
                     [tuple(r) for r in rows["events"]])
+            sums: dict[int, list[int]] = {}
             if rows["hist"]:
                 db.executemany(
                     "INSERT INTO history(ts, client_ip, mail_from, rcpt, subject, message_id, size, classification,"
                     " disposition, queue_id, status, auth_user, helo, first) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [tuple(r) for r in rows["hist"]])
-            for ts, qid, rcpt, st, *tries in rows["status"]:
-                cur = db.execute(
-                    "UPDATE history SET status = ?, updated = ?, deferrals = deferrals + ?"
-                    " WHERE queue_id = ? AND rcpt = ?", (st, ts, 1 if st.startswith("Deferred") else 0, qid, rcpt)
-                )
-                if cur.rowcount == 0:
-                    # The row is written by another process (an SMTP receiver) whose writer
-                    # has not flushed yet: try again with the next batches.
-                    n = (tries[0] if tries else 0) + 1
-                    if retry and n <= STATUS_RETRIES:
-                        self._pending.append(("status", ts, qid, rcpt, st, n))
-                    elif retry:
-                        print(f"kanmon: records: no history row for {qid} {rcpt}; status {st!r} dropped",
-                              file=sys.stderr)
+                _count_inserts(sums, rows["hist"])
+            if rows["status"]:
+                self._update_status(db, rows["status"], sums, retry)
+            add_slot_counts(db, sums)
             if rows["counts"]:
                 db.executemany(
                     "INSERT INTO counters(pid, name, value) VALUES (?,?,?)"
                     " ON CONFLICT(pid, name) DO UPDATE SET value = value + excluded.value",
                     [tuple(r) for r in rows["counts"]])
+
+    def _update_status(self, db: sqlite3.Connection, updates: list, sums: dict[int, list[int]], retry: bool) -> None:
+        """The batch's status updates, in order, and what they change in the slots' counts:
+        the rows they touch read in one query (their counts before), written with one
+        UPDATE each (their final status, time and deferrals)."""
+        if not db.in_transaction:
+            db.execute("BEGIN IMMEDIATE")  # nothing may change the rows between reading and writing them
+        rows: dict[tuple[str, str], list[list]] = {}
+        for rid, qid, rcpt, *state in db.execute(
+            "SELECT id, queue_id, rcpt, ts, first, size, status, deferrals, disposition FROM history"
+            " WHERE queue_id IN (SELECT value FROM json_each(?))", (json.dumps(list({u[1] for u in updates})),),
+        ):
+            rows.setdefault((qid, rcpt), []).append([rid, None, *state])  # id, updated, ts, first, size, status, deferrals, disposition
+        before = {row[0]: slot_counts(*row[3:]) for found in rows.values() for row in found}
+        changed: dict[int, list] = {}
+        for ts, qid, rcpt, st, *tries in updates:
+            found = rows.get((qid, rcpt))
+            if not found:
+                # The row is written by another process (an SMTP receiver) whose writer
+                # has not flushed yet: try again with the next batches.
+                n = (tries[0] if tries else 0) + 1
+                if retry and n <= STATUS_RETRIES:
+                    self._pending.append(("status", ts, qid, rcpt, st, n))
+                elif retry:
+                    print(f"kanmon: records: no history row for {qid} {rcpt}; status {st!r} dropped", file=sys.stderr)
+                continue
+            deferred = 1 if st.startswith("Deferred") else 0
+            for row in found:
+                row[1], row[5], row[6] = ts, st, row[6] + deferred
+                changed[row[0]] = row
+        db.executemany("UPDATE history SET status = ?, updated = ?, deferrals = ? WHERE id = ?",
+                       [(row[5], row[1], row[6], rid) for rid, row in changed.items()])
+        for rid, row in changed.items():
+            after = slot_counts(*row[3:])
+            if after != before[rid]:
+                s = sums.setdefault(slot_of(row[2]), [0] * 6)
+                for i, (a, b) in enumerate(zip(after, before[rid])):
+                    s[i] += a - b
 
     # -- control ---------------------------------------------------------------------------
 
