@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import httpx  # noqa: E402
 
 from kanmon.admin.accounts import AdminAccounts  # noqa: E402
-from kanmon.records.store import open_db  # noqa: E402
+from kanmon.records.store import open_db, rebuild_slots  # noqa: E402
 from queue_ops import build, cpu, load, rss  # noqa: E402
 
 CONFIG = """
@@ -99,6 +99,7 @@ def fill_records(data_dir: Path, rows: int, now: float, in_time_order: bool = Fa
                        " disposition, queue_id, status, auth_user, helo, first) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                        history())
         db.executemany("INSERT INTO events(ts, queue_id, kind, text, session, detail) VALUES (?,?,?,?,?,?)", events())
+    rebuild_slots(db)  # the counts per quarter hour the records writer keeps for the rows it writes
     db.execute("ANALYZE")
     db.close()
     print(f"filled {rows:,} history rows and {rows:,} events in {time.monotonic() - t0:.1f} s", flush=True)

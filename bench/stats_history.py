@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kanmon.records.stats import collect  # noqa: E402
-from kanmon.records.store import open_db  # noqa: E402
+from kanmon.records.store import open_db, rebuild_slots  # noqa: E402
 
 
 def build(data_dir: Path, rows: int, days: int = 30) -> None:
@@ -59,6 +59,7 @@ def build(data_dir: Path, rows: int, days: int = 30) -> None:
             _insert(db, batch)
             batch.clear()
     _insert(db, batch)
+    rebuild_slots(db)  # the counts per quarter hour the records writer keeps for the rows it writes
     db.close()
 
 

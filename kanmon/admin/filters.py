@@ -199,7 +199,14 @@ class Filters:
             return False
         if self._to is not None and not any(self._to.search(r) for r in entry.pending_rcpts()):
             return False
-        if self._reason is not None and not any(self._reason_in(r) for r in entry.pending_replies()):
+        if self._reason is not None:
+            seen = self._reason_seen  # each distinct reply text searched once per walk, then a dict lookup
+            for reply in entry.pending_replies():
+                hit = seen.get(reply)
+                if hit is None:
+                    hit = self._reason_in(reply)
+                if hit:
+                    return True
             return False
         return True
 

@@ -58,10 +58,6 @@ from kanmon.units import format_duration, format_size
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
-CHART_TTL = {"hour": 60.0, "day": 300.0}  # seconds a dashboard chart is kept before it is counted again
-# Seconds an older count may still be shown while the chart is counted again in the
-# background (stale-while-revalidate); older than that, the page waits for the new count.
-CHART_STALE = {"hour": 600.0, "day": 3600.0}
 MAX_PAGE = 500
 MAX_JSON = 64 * 1024
 LOGIN_COOKIE = "kanmon_login"
@@ -120,8 +116,6 @@ class ConsoleApp:
         # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self._link_secret: bytes | None = None  # the digest links' key, read on first use
-        self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, the dashboard chart's stats)
-        self._chart_counting: dict[str, asyncio.Task[dict]] = {}  # by -> its count under way
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
 
@@ -368,8 +362,6 @@ class ConsoleApp:
             return await self.login_page(request, gettext("Wrong name or password."), 401)
         session = self.sessions.new(account.name, ip, account.password_version, time.time())
         self.emit(f"console: {account.name} ({account.role}) logged in from {ip}")
-        for by in CHART_TTL:  # the dashboard comes next: its charts are counted meanwhile
-            self._chart_stats_soon(by, time.time())
         response = RedirectResponse(_safe_next(str(form.get("next") or "")) or "/", 303)
         self._set_session(response, request, session)
         response.delete_cookie(LOGIN_COOKIE, path="/login")
@@ -607,38 +599,8 @@ class ConsoleApp:
 
     async def _chart_stats(self, by: str, now: float) -> dict:
         """The dashboard's charts, 24 hours by hour and 30 days by day: the buckets only,
-        counted at most once per CHART_TTL[by] (a GROUP BY over every history row of the
-        period: ~1.5 s of CPU for 30 days of a million rows, ~0.15 s for their last 24
-        hours, where every other part of the dashboard takes milliseconds). An older count
-        (up to CHART_STALE[by]) is shown while the next one is made in the background."""
-        cached = self._chart_cache.get(by)
-        if cached is not None and now - cached[0] < CHART_TTL[by]:
-            return cached[1]
-        counting = self._chart_stats_soon(by, now)
-        assert counting is not None
-        if cached is not None and now - cached[0] < CHART_STALE[by]:
-            return cached[1]
-        return await asyncio.shield(counting)  # a closed page does not cancel the count others wait for
-
-    def _chart_stats_soon(self, by: str, now: float) -> asyncio.Task[dict] | None:
-        """The count of chart `by` under way, started now unless one is under way; None
-        when the kept count is fresh."""
-        counting = self._chart_counting.get(by)
-        if counting is not None and not counting.done():
-            return counting
-        cached = self._chart_cache.get(by)
-        if cached is not None and now - cached[0] < CHART_TTL[by]:
-            return None
-
-        async def count() -> dict:
-            stats = await self._stats(by, now - (24 * 3600 if by == "hour" else 30 * 86400), top=0)
-            self._chart_cache[by] = (now, stats)
-            return stats
-
-        counting = asyncio.get_running_loop().create_task(count(), name=f"console chart {by}")
-        self._chart_counting[by] = counting
-        counting.add_done_callback(lambda t: t.cancelled() or t.exception())  # an error shows on the next wait
-        return counting
+        counted on each visit (from the history's counts per quarter hour: milliseconds)."""
+        return await self._stats(by, now - (24 * 3600 if by == "hour" else 30 * 86400), top=0)
 
     async def _alerts(self, since: float) -> dict:
         from kanmon.alerts import read_alerts  # noqa: PLC0415
