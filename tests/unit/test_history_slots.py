@@ -132,3 +132,36 @@ def test_an_offset_of_no_whole_quarter_hours_counts_the_rows(tmp_path):
         assert bucket_query(db, T0, T0 + 86400, 3600, 0) != _bucket_rows(db, "ts >= ? AND ts < ?", (T0, T0 + 86400), 0, 3600)
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("span", ["whole", "part"])  # a scan of the table; the period through the ts index
+def test_the_top_lists_equal_their_group_bys(tmp_path, span):
+    from kanmon.records.stats import collect
+
+    rng = random.Random(3)
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    names = ["Bob@Example.TEST", "bob@example.test", "Ärger@Bücher.example", "ärger@bücher.example", "no-at-sign",
+             "x@a.example", "y@a.example", "z@B.example", "w@b.example", "q@c@d.example"]
+    for i in range(600):
+        ts = T0 + rng.uniform(0, 10 * 86400)
+        rcpt = rng.choice(names)
+        records._put(("hist", ts, "192.0.2.1", rng.choice(names[:6]), rcpt, "s", "<m>", 10, "NotSpam",
+                      rng.choice(["Accept", "Accept", "Reject"]), f"Q{i:06d}", "Queued", "", "h", int(rng.random() < 0.7)))
+    records.close()
+    since, until = (T0 - 1, T0 + 11 * 86400) if span == "whole" else (T0 + 86400, T0 + 2 * 86400 + 5)
+    report = collect(tmp_path, since, until, by="hour", top=4)
+    db = open_db(tmp_path / "records.sqlite")
+    try:
+        where = "FROM history WHERE ts >= ? AND ts < ?"
+        rcpts = db.execute(f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND disposition = 'Accept'"
+                           " GROUP BY r ORDER BY c DESC, r LIMIT 4", (since, until)).fetchall()
+        domains = db.execute("SELECT lower(substr(rcpt, instr(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
+                             f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT 4",
+                             (since, until)).fetchall()
+        senders = db.execute(f"SELECT mail_from, COUNT(*) AS c {where} AND first = 1 GROUP BY mail_from"
+                             " ORDER BY c DESC, mail_from LIMIT 4", (since, until)).fetchall()
+    finally:
+        db.close()
+    assert report.top_recipients == rcpts and len(rcpts) == 4
+    assert report.top_domains == domains and len(domains) == 4
+    assert report.top_senders == senders
