@@ -109,6 +109,9 @@ CREATE TABLE cluster_config_state (
     node TEXT PRIMARY KEY, version BIGINT NOT NULL, state TEXT NOT NULL, error TEXT NOT NULL,
     ts DOUBLE PRECISION NOT NULL);
 """),
+    Migration(4, "events(kind, ts): the alert, DNS-check and reject lines found by kind, not by a scan", """
+CREATE INDEX events_kind_ts ON events (kind, ts);
+"""),
 )
 
 VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (
