@@ -101,7 +101,8 @@ CREATE INDEX IF NOT EXISTS history_rcpt ON history(rcpt COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS history_mail_from ON history(mail_from COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts);
 CREATE INDEX IF NOT EXISTS events_orig_rcpt ON events(lower(json_extract(detail, '$.orig_rcpt')))
-    WHERE kind = 'delivery' AND json_valid(detail) AND json_extract(detail, '$.orig_rcpt') != '';
+    WHERE kind = 'delivery' AND instr(detail, '"orig_rcpt": ""') = 0 AND json_valid(detail)
+    AND json_extract(detail, '$.orig_rcpt') != '';
 """
 
 
