@@ -116,6 +116,9 @@ class Filters:
         self._body = re.compile(m.body, re.I) if m.body else None
         self._size = parse_size_bound(m.size) if m.size else None
         self._attempts = parse_bound(m.attempts) if m.attempts else None
+        # Only a reason (and a state): the index walk's per-entry test is _reason_of alone.
+        self._reason_only = self._reason is not None and not self._idset and all(
+            v is None for k, v in self._criteria_fields().items() if k != "reason")
 
     # -- building -------------------------------------------------------------------------
 
@@ -200,15 +203,19 @@ class Filters:
         if self._to is not None and not any(self._to.search(r) for r in entry.pending_rcpts()):
             return False
         if self._reason is not None:
-            seen = self._reason_seen  # each distinct reply text searched once per walk, then a dict lookup
-            for reply in entry.pending_replies():
-                hit = seen.get(reply)
-                if hit is None:
-                    hit = self._reason_in(reply)
-                if hit:
-                    return True
-            return False
+            return self._reason_of(entry)
         return True
+
+    def _reason_of(self, entry: SpoolEntry | Entry) -> bool:
+        """The reason regex matches a reply recorded for a pending recipient."""
+        seen = self._reason_seen  # each distinct reply text searched once per walk, then a dict lookup
+        for reply in entry.pending_replies():
+            hit = seen.get(reply)
+            if hit is None:
+                hit = self._reason_in(reply)
+            if hit:
+                return True
+        return False
 
     def _reason_in(self, reply: str) -> bool:
         """The reason regex on one reply text, once per distinct text in a walk (a stuck
@@ -225,6 +232,8 @@ class Filters:
         """match_envelope() and match_entry() on an index entry. Its recipients checked
         are the pending ones: the same answer, since match_entry asks a pending one to
         match whatever the envelope's others do."""
+        if self._reason_only:  # the console's and the cleanup's usual reason filter: one call per entry
+            return (self.state == "all" or self.state == state) and self._reason_of(entry)
         return (self._match_head(entry.queue_id, entry.received_at, entry.mail_from, None, now)
                 and self.match_entry(entry, state))
 
