@@ -150,7 +150,7 @@ class QueueIndex:
     def _entry(self, queue_id: str, envelope: Envelope, size: int, state: QueueState) -> Entry:
         return self._pooled(entry_fields(queue_id, envelope, size, state))
 
-    def _pooled(self, f: tuple) -> Entry:
+    def _pooled(self, f: tuple, queue_id: str | None = None) -> Entry:
         """The Entry of entry_fields()' tuple, its repeated texts (sender, replies,
         domains) shared through the pool."""
         sh = self._shared
@@ -162,7 +162,7 @@ class QueueIndex:
         if replies is not None:
             replies = tuple(sh(x) for x in replies)
         domains = sh(domains) if type(domains) is str else tuple(sh(d) for d in domains)
-        return Entry(f[0], f[1], f[2], sh(f[3]), f[4], f[5], last, replies, f[8], f[9], f[10], domains)
+        return Entry(queue_id or f[0], f[1], f[2], sh(f[3]), f[4], f[5], last, replies, f[8], f[9], f[10], domains)
 
     def _domains(self, rcpts, done) -> str | tuple[str, ...]:
         found = _domains_of(rcpts, done)
@@ -218,11 +218,13 @@ class QueueIndex:
             self._entries[queue_id] = self._entry(queue_id, envelope, size, state or QueueState())
             self._sweep_pool()
 
-    def add_fields(self, fields: list[tuple]) -> list[Entry]:
+    def add_fields(self, fields: list[tuple], ids: list[str] | None = None) -> list[Entry]:
         """Add the entries of entry_fields() tuples (start-up recovery: a chunk of them
-        read by a child process); the entries added."""
+        read by a child process), with these id strings if given (equal to the tuples'
+        own); the entries added."""
         with self._lock:
-            added = [self._pooled(f) for f in fields]
+            added = [self._pooled(f, q) for f, q in zip(fields, ids, strict=True)] if ids is not None else [
+                self._pooled(f) for f in fields]
             entries = self._entries
             for e in added:
                 entries[e.queue_id] = e

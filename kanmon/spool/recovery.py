@@ -107,28 +107,36 @@ def recover_index(spool: Spool, each: Callable[[Entry, int], None], *, workers: 
         if workers >= 2 and len(names) >= parallel_from:
             chunks = _read_parallel(queue_dir, state_dir, names, workers, chunk, child_command, on_fallback)
         else:
-            chunks = ([read_one(queue_dir, state_dir, q) for q in names[i : i + chunk]]
+            chunks = ((names[i : i + chunk], [read_one(queue_dir, state_dir, q) for q in names[i : i + chunk]])
                       for i in range(0, len(names), chunk))
-        for records in chunks:
-            good = [r for r in records if len(r) > 3]
-            if len(good) < len(records):
-                for r in records:
-                    if len(r) == 3:
-                        qid, reason, move = r
-                        if move:
-                            spool.move_to_corrupt(qid)
-                        corrupt.append((qid, reason))
-            for entry, r in zip(index.add_fields([r[:-1] for r in good]), good, strict=True):
+        unreadable: set[str] = set()
+        for ids, records in chunks:
+            good, good_ids = [], []
+            for qid, r in zip(ids, records, strict=True):
+                if len(r) == 3:
+                    _, reason, move = r
+                    if move:
+                        spool.move_to_corrupt(qid)
+                    else:
+                        unreadable.add(qid)
+                    corrupt.append((qid, reason))
+                else:
+                    good.append(r)
+                    good_ids.append(qid)
+            # The listing's id strings, not the child's copies: one string per id in memory.
+            for entry, r in zip(index.add_fields(good, good_ids), good, strict=True):
                 each(entry, r[-1])
             count += len(good)
     finally:
         if was_enabled:
             gc.enable()
-    # Journals without a message (finished just before a crash) are leftovers.
-    known = set(names)
-    for name in os.listdir(spool.state_dir):
-        if name not in known:
-            (spool.state_dir / name).unlink(missing_ok=True)
+    del names
+    # Journals without a message (finished just before a crash) are leftovers; a queue
+    # file that could not be read keeps its journal.
+    with os.scandir(spool.state_dir) as it:
+        leftovers = [e.name for e in it if e.name not in index and e.name not in unreadable]
+    for name in leftovers:
+        (spool.state_dir / name).unlink(missing_ok=True)
     # The index now holds exactly those names: the first walk need not list queue/ again
     # (a million names are ~100 MB of strings for a moment) unless it changed since.
     spool.names_listed(mtime, listed_at)
@@ -192,7 +200,8 @@ class _Child:
 
 
 def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: int, chunk: int,
-                   child_command: list[str] | None, on_fallback: Callable[[str], None] | None) -> Iterator[list[tuple]]:
+                   child_command: list[str] | None,
+                   on_fallback: Callable[[str], None] | None) -> Iterator[tuple[list[str], list[tuple]]]:
     from kanmon.children import module_command  # noqa: PLC0415 - only a big recovery starts children
 
     chunks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
@@ -220,7 +229,7 @@ def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: in
                                     f"its share of the queue is read by the node itself")
             if records is None:
                 records = [read_one(queue_dir, state_dir, q) for q in ids]
-            yield records
+            yield ids, records
     finally:
         for child in children:
             if not child.failed:
