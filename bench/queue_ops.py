@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="with --keep: use the spool built there by an earlier run")
     ap.add_argument("--running", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the operations through a running server (its queue index)")
+    ap.add_argument("--recovery-only", action="store_true",
+                    help="with --running: stop the server once recovery is timed (rounds of the start alone)")
     ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                     help="time the operations on the files (a stopped node)")
     args = ap.parse_args()
@@ -144,7 +146,7 @@ def main() -> None:
         if args.offline:
             offline(config, config_file, data_dir)
         if args.running:
-            running(config_file, data_dir, args.messages)
+            running(config_file, data_dir, args.messages, args.recovery_only)
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -185,7 +187,7 @@ def offline(config, config_file: Path, data_dir: Path) -> None:
     print("    " + out.stdout.decode().strip())
 
 
-def running(config_file: Path, data_dir: Path, n: int) -> None:
+def running(config_file: Path, data_dir: Path, n: int, recovery_only: bool = False) -> None:
     """The same spool under `kanmon serve`: recovery, then the operations from its index."""
     import socket  # noqa: PLC0415
 
@@ -216,6 +218,8 @@ def running(config_file: Path, data_dir: Path, n: int) -> None:
         print(f"    server CPU time so far {cpu(proc.pid):.1f} s (+ {cpu(proc.pid, children=True):.1f} s in its ended "
               f"children: recovery's readers); RSS {rss(proc.pid) / 2**20:.0f} MB, "
               f"peak {rss(proc.pid, 'VmHWM') / 2**20:.0f} MB; load average {load()}")
+        if recovery_only:
+            return
 
         def ask(op: str, **a):
             with ControlClient(data_dir, timeout=600) as c:

@@ -12,7 +12,8 @@ def summary_lines(s: dict) -> list[str]:
     """Header, TOTAL, then one line per row: counts by minutes since arrival."""
     heads = ["T"] + [b.replace("m", "") for b in s["buckets"]]
     width = max([len(r["key"]) for r in s["rows"]] + [5]) + 1
-    lines = [" " * width + "".join(f"{h:>7}" for h in heads)]
+    col = max(7, len(str(s["total"]["count"])) + 1)  # a million and more still has a space before it
+    lines = [" " * width + "".join(f"{h:>{col}}" for h in heads)]
     for key, row in [("TOTAL", s["total"])] + [(r["key"], r) for r in s["rows"]]:
-        lines.append(f"{key:>{width}}" + "".join(f"{n:>7}" for n in [row["count"], *row["counts"]]))
+        lines.append(f"{key:>{width}}" + "".join(f"{n:>{col}}" for n in [row["count"], *row["counts"]]))
     return lines

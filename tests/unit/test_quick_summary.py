@@ -72,3 +72,9 @@ def test_anything_else_goes_the_whole_way(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("[server\n")
     assert quick._summary(["queue", "summary", "-c", str(tmp_path / "bad.toml")]) is False
     assert capsys.readouterr().out == ""
+
+
+def test_a_million_keeps_its_columns_apart():
+    big = {**SUMMARY, "total": {"count": 1_000_000, "counts": [1, 0, 999_999]}}
+    assert "TOTAL 1000000" in summary_lines(big)[1]
+    assert summary_lines(SUMMARY)[1].split() == ["TOTAL", "3", "1", "0", "2"]
