@@ -144,12 +144,17 @@ def recover_index(spool: Spool, each: Callable[[Entry, int], None], *, workers: 
 
 
 class _Child:
-    """One reading process and the frames it sends."""
+    """One reading process and the frames it sends (proc None: it could not be started)."""
 
     def __init__(self, command: list[str], names: list[str]):
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.buf = bytearray()
         self.failed = ""
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as e:  # no interpreter to start, no processes left...: its share is read here
+            self.failed = f"could not be started: {e}"
+            return
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write("\n".join(names).encode("utf-8", "surrogateescape"))
@@ -159,7 +164,7 @@ class _Child:
 
     def frame(self, timeout: float) -> bytes:
         """The next frame; OSError if it does not come whole."""
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         need = _LEN.size
         size = None
@@ -180,13 +185,18 @@ class _Child:
                 raise OSError("exited before it sent every chunk")
             self.buf += data
 
+    def exit_status(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
     def stop(self, why: str) -> None:
         self.failed = why
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         self.close()
 
     def close(self) -> None:
+        if self.proc is None:
+            return
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 try:
@@ -196,7 +206,8 @@ class _Child:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            pass
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: int, chunk: int,
@@ -207,6 +218,7 @@ def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: in
     chunks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
     base = child_command or module_command("kanmon.spool.recovery")
     children: list[_Child] = []
+    told: list[_Child] = []  # the children whose failure was reported
     try:
         for w in range(workers):
             share = [q for c in chunks[w::workers] for q in c]
@@ -221,20 +233,23 @@ def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: in
                             or any(type(r) is not tuple or r[0] != q for r, q in zip(records, ids))):
                         raise ValueError("sent records for other queue ids than asked")
                 except (OSError, ValueError, EOFError, TypeError, IndexError) as e:
-                    code = child.proc.poll()
+                    code = child.exit_status()
                     child.stop(f"{e}" + (f" (exit status {code})" if code is not None else ""))
                     records = None
+            if child.failed:
+                if child not in told:
+                    told.append(child)
                     if on_fallback is not None:
                         on_fallback(f"recovery: a reading process {child.failed}; "
                                     f"its share of the queue is read by the node itself")
-            if records is None:
                 records = [read_one(queue_dir, state_dir, q) for q in ids]
+            assert records is not None
             yield ids, records
     finally:
         for child in children:
             if not child.failed:
                 child.close()  # it has sent everything and exits (or, stopped early, finds its pipe closed)
-            if child.proc.poll() is None:
+            if child.proc is not None and child.proc.poll() is None:
                 child.proc.kill()
                 child.proc.wait()
 

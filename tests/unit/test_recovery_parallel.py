@@ -111,15 +111,20 @@ for i in range(0, len(names), n):
 GARBAGE = "import sys; sys.stdin.buffer.read(); sys.stdout.buffer.write(b'\\0\\0\\0\\4junk')"
 
 
-@pytest.mark.parametrize("child", [DIES_AT_ONCE, DIES_AFTER_ONE, WRONG_IDS, GARBAGE])
-def test_a_child_that_fails_leaves_its_share_to_the_node_nothing_lost_or_doubled(spooled, child):
+EXITS_UNREAD = "import os; os._exit(4)"  # before it reads its ids: the node's write may fail
+NOT_STARTED = None  # no such program: Popen fails
+
+
+@pytest.mark.parametrize("child", [DIES_AT_ONCE, DIES_AFTER_ONE, WRONG_IDS, GARBAGE, EXITS_UNREAD, NOT_STARTED])
+def test_a_child_that_fails_leaves_its_share_to_the_node_nothing_lost_or_doubled(spooled, child, tmp_path):
     data_dir, ids = spooled
     bad = ids[40]
     damage(data_dir, bad)
     expected = serial_entries(data_dir)  # also moves the damaged one aside...
     (data_dir / "spool" / "corrupt" / bad).rename(data_dir / "spool" / "queue" / bad)  # ...put it back
     (data_dir / "spool" / "corrupt" / (bad + ".state")).rename(data_dir / "spool" / "state" / bad)
-    spool, seen, corrupt, warnings, count = recover(data_dir, workers=2, child_command=[sys.executable, "-c", child])
+    command = [str(tmp_path / "no-such-python")] if child is None else [sys.executable, "-c", child]
+    spool, seen, corrupt, warnings, count = recover(data_dir, workers=2, child_command=command)
     assert seen == [q for q in ids if q != bad]  # each once, in order, though every child failed
     assert {q: fields(e) for q, e in spool.index._entries.items()} == expected
     assert [q for q, _ in corrupt] == [bad]
