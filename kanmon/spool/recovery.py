@@ -79,7 +79,7 @@ def default_workers() -> int:
 
 def recover_index(spool: Spool, each: Callable[[Entry, int], None], *, workers: int | None = None,
                   on_fallback: Callable[[str], None] | None = None, child_command: list[str] | None = None,
-                  chunk: int = CHUNK, parallel_from: int = PARALLEL_FROM) -> tuple[int, list[tuple[str, str]], int]:
+                  chunk: int = CHUNK, parallel_from: int | None = None) -> tuple[int, list[tuple[str, str]], int]:
     """Spool.recover_each() for a node that keeps an index (spool.index must be set):
     each(entry, journal lines refused) for every message, in queue id order, its entry
     already in the index. Returns (messages, [(id, reason) refused], incoming removed).
@@ -97,6 +97,8 @@ def recover_index(spool: Spool, each: Callable[[Entry, int], None], *, workers: 
     queue_dir, state_dir = os.fspath(spool.queue), os.fspath(spool.state_dir)
     if workers is None:
         workers = default_workers()
+    if parallel_from is None:
+        parallel_from = PARALLEL_FROM
     corrupt: list[tuple[str, str]] = []
     count = 0
     # Nothing recovery builds is garbage: no collection while it builds a million entries
