@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="with --keep: use the spool built there by an earlier run")
     ap.add_argument("--running", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the operations through a running server (its queue index)")
+    ap.add_argument("--recovery-only", action="store_true",
+                    help="with --running: stop the server once recovery is timed (rounds of the start alone)")
     ap.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                     help="time the operations on the files (a stopped node)")
     args = ap.parse_args()
@@ -144,7 +146,7 @@ def main() -> None:
         if args.offline:
             offline(config, config_file, data_dir)
         if args.running:
-            running(config_file, data_dir, args.messages)
+            running(config_file, data_dir, args.messages, args.recovery_only)
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -185,7 +187,7 @@ def offline(config, config_file: Path, data_dir: Path) -> None:
     print("    " + out.stdout.decode().strip())
 
 
-def running(config_file: Path, data_dir: Path, n: int) -> None:
+def running(config_file: Path, data_dir: Path, n: int, recovery_only: bool = False) -> None:
     """The same spool under `kanmon serve`: recovery, then the operations from its index."""
     import socket  # noqa: PLC0415
 
@@ -213,8 +215,11 @@ def running(config_file: Path, data_dir: Path, n: int) -> None:
                 raise SystemExit(f"kanmon serve exited with {proc.returncode}")
             time.sleep(0.05)
         print(f"{'start until the control socket answers (recovery)':<58} {time.monotonic() - t0:7.2f} s")
-        print(f"    server CPU time so far {cpu(proc.pid):.1f} s; RSS {rss(proc.pid) / 2**20:.0f} MB, "
+        print(f"    server CPU time so far {cpu(proc.pid):.1f} s (+ {cpu(proc.pid, children=True):.1f} s in its ended "
+              f"children: recovery's readers); RSS {rss(proc.pid) / 2**20:.0f} MB, "
               f"peak {rss(proc.pid, 'VmHWM') / 2**20:.0f} MB; load average {load()}")
+        if recovery_only:
+            return
 
         def ask(op: str, **a):
             with ControlClient(data_dir, timeout=600) as c:
@@ -226,7 +231,8 @@ def running(config_file: Path, data_dir: Path, n: int) -> None:
             s = timed(f"summary (control socket), round {rnd + 1}", lambda: ask("summary"))
         print(f"    {s['total']['count']:,} messages, {len(s['rows'])} destinations")
         r = timed("list --older-than 2d (control socket)", lambda: ask("list", filters={"older_than": 2 * 86400}))
-        print(f"    {r['count']:,} listed")
+        print(f"    {r['count']:,} listed; server RSS {rss(proc.pid) / 2**20:.0f} MB, "
+              f"peak {rss(proc.pid, 'VmHWM') / 2**20:.0f} MB")
         for rnd in range(3):
             r = timed(f"list --older-than 2d --domain d5.example (control socket), round {rnd + 1}",
                       lambda: ask("list", filters={"older_than": 2 * 86400, "domain": "d5.example"}))
@@ -241,7 +247,8 @@ def running(config_file: Path, data_dir: Path, n: int) -> None:
             return subprocess.run([sys.executable, "-m", "kanmon", *a, "-c", str(served)], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
 
-        out = timed("kanmon queue summary (process)", lambda: cli("queue", "summary"))
+        for rnd in range(3):
+            out = timed(f"kanmon queue summary (process), round {rnd + 1}", lambda: cli("queue", "summary"))
         print("    " + out.stdout.decode().splitlines()[1])
         timed("kanmon queue list --older-than 2d --domain d5.example (process)",
               lambda: cli("queue", "list", "--older-than", "2d", "--domain", "d5.example"))
@@ -272,10 +279,11 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def cpu(pid: int) -> float:
-    """User + system CPU seconds of a process."""
+def cpu(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a process (children: of its children it waited for)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    at = 13 if children else 11
+    return (int(fields[at]) + int(fields[at + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int, field: str = "VmRSS") -> int:

@@ -1,5 +1,5 @@
 """`python -m kanmon` is the `kanmon` command."""
 
-from kanmon.cli import main
+from kanmon.quick import main
 
 main()

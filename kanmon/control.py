@@ -36,8 +36,9 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "kanmon.lock"
@@ -196,8 +197,49 @@ class ControlServer:
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
-        writer.write(json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+        result = reply.get("result")
+        streamed = [k for k, v in result.items() if type(v) is Streamed] if type(result) is dict else []
+        if not streamed:
+            writer.write(json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+            await writer.drain()
+            return
+        # The same line, its long list written a batch at a time as it is built (an
+        # unpaged `queue list` of a million: never all its rows, nor all their JSON, at once).
+        key = streamed[0]
+        items: Streamed = result[key]
+        mark = f"\0stream-{os.urandom(8).hex()}"
+        head, tail = json.dumps({**reply, "result": {**result, key: mark}}, ensure_ascii=False,
+                                separators=(",", ":")).split(json.dumps(mark), 1)
+        writer.write(head.encode() + b"[")
+        first = True
+        for batch in items.batches():
+            if batch:
+                text = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))[1:-1]
+                writer.write((text if first else "," + text).encode())
+                first = False
+                await writer.drain()
+        writer.write(b"]" + tail.encode() + b"\n")
         await writer.drain()
+
+
+class Streamed:
+    """A list in a reply that the control socket writes in pieces as it builds them:
+    make(source) for each of sources, BATCH at a time (ControlServer._reply). Other
+    callers of the handler never get one (they ask without stream=True)."""
+
+    BATCH = 1000
+
+    def __init__(self, sources: list, make: Callable[[Any], Any]):
+        self.sources = sources
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def batches(self) -> Iterator[list]:
+        make, sources = self.make, self.sources
+        for i in range(0, len(sources), self.BATCH):
+            yield [make(x) for x in sources[i : i + self.BATCH]]
 
 
 def _progress_writer(writer: asyncio.StreamWriter) -> Callable[[int, int | None], None]:

@@ -51,6 +51,8 @@ from kanmon.policy.dnsbl import dnsbl_effect_handlers
 from kanmon.policy.scanners import scanner_effect_handlers
 from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
+from kanmon.spool.index import Entry
+from kanmon.spool.recovery import recover_index
 from kanmon.queue.notices import Notices
 from kanmon.queue.pickup import Pickup
 from kanmon.listeners import Address, ListenSockets, Prepared
@@ -69,7 +71,7 @@ from kanmon.store.pop3 import Pop3Service
 from kanmon.store.quota import QuotaNotices
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
-from kanmon.spool.store import CORRUPT_EVENT, Spool, SpoolEntry
+from kanmon.spool.store import CORRUPT_EVENT, Spool
 from kanmon.clusterconfig import ClusterWatch, starting_config
 from kanmon.state.backends import open_state
 from kanmon import gcpolicy, sdnotify
@@ -474,19 +476,23 @@ class Node:
     def recover(self) -> None:
         assert self.spool and self.records and self.queue
         # The admin's queue walks (list, summary, filtered actions) read memory from now on.
-        index = self.spool.keep_index()
+        self.spool.keep_index()
         refused: list[tuple[str, int]] = []
-        queue = self.queue
+        schedule = self.queue.schedule_recovered
 
-        def recovered(e: SpoolEntry) -> None:
-            # Each entry goes to the schedule and the index, then is let go: a million
-            # deferred messages are never all in memory as whole envelopes and journals.
-            if e.state.refused:
-                refused.append((e.queue_id, e.state.refused))
-            queue.load_recovered((e,))
-            index.add(e.queue_id, e.envelope, e.size, e.state)
+        def recovered(e: Entry, refused_lines: int) -> None:
+            # Each message is in the index (a compact entry, kanmon.spool.index) and goes
+            # to the schedule: a million deferred messages are never all in memory as
+            # whole envelopes and journals.
+            if refused_lines:
+                refused.append((e.queue_id, refused_lines))
+            schedule(e.queue_id, e.hold, e.next_attempt)
 
-        count, corrupt, removed = self.spool.recover_each(recovered)
+        def fell_back(why: str) -> None:
+            self.records.emit(why, None, "error")
+
+        # A big spool is read by child processes on every core (kanmon.spool.recovery).
+        count, corrupt, removed = recover_index(self.spool, recovered, on_fallback=fell_back)
         for qid, why in corrupt:
             self.records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         if removed:

@@ -45,6 +45,7 @@ from kanmon.auth.dkimsign import load_signer_lenient
 from kanmon.admin.quarantine_ops import QuarantineOps
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
+from kanmon.control import Streamed
 from kanmon.model import LocalReply, RecipientResult, Reply, Status, is_queue_id
 from kanmon.quarantine.store import QuarantineError
 from kanmon.queue.inject import Injector
@@ -298,10 +299,13 @@ class QueueOps:
             "next_attempt": None if state == "hold" else (entry.next_attempt or None),
         }
 
-    def list(self, filters: dict | Filters | None = None, offset: int = 0, limit: int | None = None) -> dict:
+    def list(self, filters: dict | Filters | None = None, offset: int = 0, limit: int | None = None, *,
+             stream: bool = False) -> dict:
         """The matching messages, oldest first; with offset/limit one page of them
         (`count` is every match: the console pages without sending them all). Only the
-        page's rows are built: the matches are sorted by (arrival, id) and sliced first."""
+        page's rows are built: the matches are sorted by (arrival, id) and sliced first.
+        stream (the control socket): a long page's rows are a kanmon.control.Streamed,
+        built and written a batch at a time."""
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         if offset < 0 or (limit is not None and limit < 0):
             raise ValueError("offset and limit are not negative")
@@ -319,7 +323,10 @@ class QueueOps:
             matches.sort(key=_by_id)  # by (arrival, id): two stable sorts on keys the GC does not track
             matches.sort(key=_by_arrival)
             page = matches[offset:end]
-        rows = [e.row if type(e) is _Corrupt else self.row(e, self._state_of(e, active)) for e in page]
+        def make(e) -> dict:
+            return e.row if type(e) is _Corrupt else self.row(e, self._state_of(e, active))
+
+        rows = Streamed(page, make) if stream and len(page) > Streamed.BATCH else [make(e) for e in page]
         return {"items": rows, "count": count, "now": self.link.now()}
 
     def _corrupt_rows(self, f: Filters) -> list[dict]:
@@ -802,8 +809,8 @@ class QueueOps:
 
 OPERATIONS = {
     # name over the control socket -> how to call QueueOps with the request's args
-    "list": lambda ops, a: ops.list(a.get("filters"), int(a.get("offset") or 0),
-                                    None if a.get("limit") is None else int(a["limit"])),
+    "list": lambda ops, a, stream=False: ops.list(a.get("filters"), int(a.get("offset") or 0),
+                                                  None if a.get("limit") is None else int(a["limit"]), stream=stream),
     "show": lambda ops, a: ops.show(a["id"], int(a.get("lines", 50))),
     "act": lambda ops, a: ops.act(a["action"], a.get("filters") or {}, dry_run=bool(a.get("dry_run")),
                                   source=str(a.get("source", "kanmon queue")), whole_queue=bool(a.get("whole_queue"))),
@@ -830,10 +837,12 @@ OPERATIONS = {
 }
 
 
-def dispatch(ops: QueueOps, request: dict, progress: Callable[[int, int | None], None] | None = None) -> dict:
+def dispatch(ops: QueueOps, request: dict, progress: Callable[[int, int | None], None] | None = None, *,
+             stream: bool = False) -> dict:
     """One control-socket request -> {"ok": true, "result": ..} or {"ok": false, "error": ..}.
 
     progress, if given, is called as long operations advance (done, total or None).
+    stream: the caller writes a kanmon.control.Streamed list (a long `list`) as it builds it.
     """
     name = request.get("op")
     args = request.get("args") or {}
@@ -841,6 +850,8 @@ def dispatch(ops: QueueOps, request: dict, progress: Callable[[int, int | None],
         return {"ok": False, "error": f"unknown operation {name!r}"}
     ops.progress = progress
     try:
+        if stream and name == "list":
+            return {"ok": True, "result": OPERATIONS[name](ops, args, stream=True)}
         return {"ok": True, "result": OPERATIONS[name](ops, args)}
     except (ValueError, LookupError, KeyError, TypeError, OSError, BackupError, SpoolError, QuarantineError, CorruptEntry) as e:
         return {"ok": False, "error": str(e) or type(e).__name__}

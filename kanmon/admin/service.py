@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from kanmon.cron import CronSchedule
@@ -110,7 +111,7 @@ class AdminPlane:
         node = self.node
         link = NodeLink(asyncio.get_running_loop(), node.queue, node.clock)
         self.ops = QueueOps(node.config, node.spool, node.records, link)
-        self.control = ControlServer(node.data_dir, self.handle)
+        self.control = ControlServer(node.data_dir, self.handle_control)
         await self.control.start()
 
     def reconfigure(self) -> None:
@@ -120,7 +121,11 @@ class AdminPlane:
             node = self.node
             self.ops = QueueOps(node.config, node.spool, node.records, self.ops.link)
 
-    async def handle(self, request: dict, progress=None) -> dict:
+    async def handle_control(self, request: dict, progress=None) -> dict:
+        """handle() for the control socket, which writes a long list as it builds it."""
+        return await self.handle(request, progress, stream=True)
+
+    async def handle(self, request: dict, progress=None, *, stream: bool = False) -> dict:
         assert self.ops is not None
         if request.get("op") == "pickup":  # `kanmon sendmail` wrote to maildrop: scan it now
             if self.node.pickup is None:
@@ -136,7 +141,8 @@ class AdminPlane:
                                      getattr(self.node, "agents", None))
         if request.get("op") == "balance_set":  # `kanmon balance set VIRTUAL REAL MODE`
             return balance_set_request(self.node.balancer, request.get("args") or {})
-        return await asyncio.get_running_loop().run_in_executor(self._pool, dispatch, self.ops, request, progress)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, partial(dispatch, self.ops, request, progress, stream=stream))
 
     async def stop(self) -> None:
         if self.control is not None:

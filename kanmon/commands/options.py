@@ -26,11 +26,10 @@ from pathlib import Path
 
 import click
 
+from kanmon.configpath import CONFIG_ENV, SYSTEM_CONFIG, find_config
 from kanmon.escape import for_terminal
 from kanmon.config import Config, ConfigError, load_config, parse_duration
 
-CONFIG_ENV = "KANMON_CONFIG"
-SYSTEM_CONFIG = Path("/etc/kanmon/kanmon.toml")
 EMBEDDED = "<embedded default>"
 _ROOT_KEY = "kanmon.config_path"
 
@@ -70,25 +69,9 @@ def explicit_config_path(given: str | None) -> str | None:
 
 
 def resolve_config_path(given: str | None) -> tuple[str | None, str | None]:
-    """(path or None for the embedded default, why it was chosen or None when -c gave it).
-
-    -c on the command wins over -c before the subcommand; then $KANMON_CONFIG (even if
-    the file is missing: that is an error to report, not a reason to look elsewhere),
-    then SYSTEM_CONFIG when it exists, then the embedded default.
-    """
-    explicit = explicit_config_path(given)
-    if explicit is not None:
-        return explicit, None
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return env, f"from ${CONFIG_ENV}"
-    try:
-        present = SYSTEM_CONFIG.is_file()
-    except OSError:  # there, but this user may not look (0640 root:kanmon): loading it says so
-        present = True
-    if present:
-        return str(SYSTEM_CONFIG), "no -c and no $KANMON_CONFIG"
-    return None, f"no -c, no ${CONFIG_ENV}, no {SYSTEM_CONFIG}"
+    """(path or None for the embedded default, why it was chosen or None when -c gave it):
+    -c on the command wins over -c before the subcommand; then kanmon.configpath.find_config."""
+    return find_config(explicit_config_path(given), SYSTEM_CONFIG)
 
 
 def json_option(help: str = "JSON instead of text."):  # noqa: A002 - click's own keyword

@@ -28,6 +28,7 @@ from kanmon.commands.options import (
     config_option, format_time, json_option, load_or_exit, load_with_path, progress_bar, shown,
 )
 from kanmon.config import QueueFilter, parse_hostport
+from kanmon.qshape import summary_lines
 from kanmon.spool import journal
 from kanmon.units import format_duration
 
@@ -279,11 +280,8 @@ def summary_cmd(config_path, by, as_json, **filters) -> None:
     if as_json:
         _echo_json(s)
         return
-    heads = ["T"] + [b.replace("m", "") for b in s["buckets"]]
-    width = max([len(r["key"]) for r in s["rows"]] + [5]) + 1
-    click.echo(" " * width + "".join(f"{h:>7}" for h in heads))
-    for key, row in [("TOTAL", s["total"])] + [(r["key"], r) for r in s["rows"]]:
-        click.echo(f"{key:>{width}}" + "".join(f"{n:>7}" for n in [row["count"], *row["counts"]]))
+    for line in summary_lines(s):
+        click.echo(line)
 
 
 @queue.command("review")

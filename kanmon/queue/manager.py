@@ -193,11 +193,15 @@ class QueueManager:
 
     def load_recovered(self, entries: list[SpoolEntry]) -> None:
         """After a restart: each message at its persisted next attempt (not all at once)."""
-        now = self.clock.now()
         for e in entries:
-            if e.state.hold:
-                continue
-            self.schedule(e.queue_id, max(e.state.next_attempt, now) if e.state.next_attempt else now)
+            self.schedule_recovered(e.queue_id, e.state.hold, e.state.next_attempt)
+
+    def schedule_recovered(self, queue_id: str, hold: bool, next_attempt: float) -> None:
+        """load_recovered() for one message, from what the queue index keeps of it."""
+        if hold:
+            return
+        now = self.clock.now()
+        self.schedule(queue_id, max(next_attempt, now) if next_attempt else now)
 
     def flush_nowait(self, queue_ids: list[str] | None = None) -> int:
         """Make scheduled messages due now (all, or the given ids)."""

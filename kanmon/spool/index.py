@@ -152,25 +152,25 @@ class QueueIndex:
         return self._pool.setdefault(text, text)
 
     def _entry(self, queue_id: str, envelope: Envelope, size: int, state: QueueState) -> Entry:
-        rcpts = envelope.rcpts
-        done = frozenset(state.done) if state.done else None
-        last: list = []
-        for rcpt, rec in state.last.items():
-            last += (rcpt, rec.t, self._shared(rec.reply))
-        pairs = dict.fromkeys((r.rcpt, r.reply) for r in state.history
-                              if isinstance(r, journal.Result) and r.reply and (done is None or r.rcpt not in done))
-        replies = tuple(self._shared(x) for pair in pairs for x in pair)
-        return Entry(queue_id, envelope.received_at, size, self._shared(envelope.mail_from),
-                     rcpts[0] if len(rcpts) == 1 else tuple(rcpts), done, tuple(last), _unless_last(replies, last),
-                     state.attempts, state.next_attempt, state.hold, self._domains(rcpts, done))
+        return self._pooled(entry_fields(queue_id, envelope, size, state))
+
+    def _pooled(self, f: tuple, queue_id: str | None = None) -> Entry:
+        """The Entry of entry_fields()' tuple, its repeated texts (sender, replies,
+        domains) shared through the pool."""
+        sh = self._shared
+        last, replies, domains = f[6], f[7], f[11]
+        if len(last) == 3:
+            last = (last[0], last[1], sh(last[2]))
+        elif last:
+            last = tuple(sh(x) if i % 3 == 2 else x for i, x in enumerate(last))
+        if replies is not None:
+            replies = tuple(sh(x) for x in replies)
+        domains = sh(domains) if type(domains) is str else tuple(sh(d) for d in domains)
+        return Entry(queue_id or f[0], f[1], f[2], sh(f[3]), f[4], f[5], last, replies, f[8], f[9], f[10], domains)
 
     def _domains(self, rcpts, done) -> str | tuple[str, ...]:
-        if type(rcpts) is str:
-            rcpts = (rcpts,)
-        found = {_domain(r) for r in rcpts if done is None or r not in done}
-        if len(found) == 1:
-            return self._shared(found.pop())
-        return tuple(sorted(self._shared(d) for d in found))
+        found = _domains_of(rcpts, done)
+        return self._shared(found) if type(found) is str else tuple(self._shared(d) for d in found)
 
     def _applied(self, e: Entry, records: Iterable[journal.Record]) -> Entry:
         """The entry after these journal records, as QueueState.apply adds them up."""
@@ -222,6 +222,19 @@ class QueueIndex:
             self._entries[queue_id] = self._entry(queue_id, envelope, size, state or QueueState())
             self._sweep_pool()
 
+    def add_fields(self, fields: list[tuple], ids: list[str] | None = None) -> list[Entry]:
+        """Add the entries of entry_fields() tuples (start-up recovery: a chunk of them
+        read by a child process), with these id strings if given (equal to the tuples'
+        own); the entries added."""
+        with self._lock:
+            added = [self._pooled(f, q) for f, q in zip(fields, ids, strict=True)] if ids is not None else [
+                self._pooled(f) for f in fields]
+            entries = self._entries
+            for e in added:
+                entries[e.queue_id] = e
+            self._sweep_pool()
+        return added
+
     def apply(self, queue_id: str, records: list[journal.Record]) -> None:
         with self._lock:
             entry = self._entries.get(queue_id)
@@ -259,6 +272,33 @@ class QueueIndex:
                 with self._lock:
                     if qid not in self._entries:
                         self._entries[qid] = self._entry(qid, *loaded)
+
+
+def entry_fields(queue_id: str, envelope: Envelope, size: int, state: QueueState) -> tuple:
+    """What an Entry keeps of a message, as a tuple of plain values in Entry's order (texts
+    not yet shared: a recovery child process sends these to the node, whose index pools
+    them, QueueIndex.add_fields)."""
+    rcpts = envelope.rcpts
+    done = frozenset(state.done) if state.done else None
+    last: list = []
+    for rcpt, rec in state.last.items():
+        last += (rcpt, rec.t, rec.reply)
+    pairs = dict.fromkeys((r.rcpt, r.reply) for r in state.history
+                          if isinstance(r, journal.Result) and r.reply and (done is None or r.rcpt not in done))
+    replies = tuple(x for pair in pairs for x in pair)
+    return (queue_id, envelope.received_at, size, envelope.mail_from, rcpts[0] if len(rcpts) == 1 else tuple(rcpts),
+            done, tuple(last), _unless_last(replies, last), state.attempts, state.next_attempt, state.hold,
+            _domains_of(rcpts, done))
+
+
+def _domains_of(rcpts, done) -> str | tuple[str, ...]:
+    """The pending recipients' domains: a str for one, a sorted tuple for several or none."""
+    if type(rcpts) is str:
+        rcpts = (rcpts,)
+    found = {_domain(r) for r in rcpts if done is None or r not in done}
+    if len(found) == 1:
+        return found.pop()
+    return tuple(sorted(found))
 
 
 def _remove_rcpt(flat: list, width: int, rcpt: str) -> None:

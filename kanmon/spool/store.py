@@ -456,6 +456,12 @@ class Spool:
         assert self.index is not None
         return self.index.entries()
 
+    def names_listed(self, mtime_ns: int, listed_at_ns: int) -> None:
+        """The index holds exactly the names listed at listed_at_ns from queue/, whose
+        mtime was then mtime_ns (recovery): the next walk lists them again only if
+        queue/ changed since (or the listing was racy, see _reconcile_names)."""
+        self._names_seen = mtime_ns if listed_at_ns - mtime_ns > 2_000_000_000 else None
+
     def _reconcile_names(self) -> None:
         """Bring the index up to date with the names in queue/, unless queue/ did not change
         since they were last listed: a name added, renamed in or removed changes the
@@ -468,7 +474,7 @@ class Spool:
             return
         listed_at = time.time_ns()
         index.reconcile_names({n for n in os.listdir(self.queue) if not n.startswith(".")}, self._load_for_index)
-        self._names_seen = before if listed_at - before > 2_000_000_000 else None
+        self.names_listed(before, listed_at)
 
     def _load_for_index(self, queue_id: str) -> tuple[Envelope, int, QueueState] | None:
         try:

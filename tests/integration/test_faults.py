@@ -166,7 +166,16 @@ def test_disk_full_answers_452_or_451_never_250_and_mail_flows_again(small_disk)
 # -- corrupt spool entries at start ---------------------------------------------------------------
 
 
-def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_kept(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "children"])
+def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_kept(tmp_path, parallel, monkeypatch):
+    if parallel:  # start-up recovery reads the spool in child processes (kanmon.spool.recovery)
+        from kanmon.spool import recovery
+
+        monkeypatch.setattr(recovery, "PARALLEL_FROM", 1)
+        monkeypatch.setattr(recovery, "default_workers", lambda: 2)
+        real_read = recovery._read_parallel
+        monkeypatch.setattr(recovery, "_read_parallel", lambda *a: read_in_children.append(a) or real_read(*a))
+    read_in_children: list = []
     # A torn last line (a crash during an append) or damage: the strict decoder refuses
     # the line, recovery says so as an error (alerted), and the message stays queued.
     from kanmon.records.query import search_events
@@ -184,9 +193,19 @@ def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_k
         (row,) = [e for e in search_events(data) if "journal line(s) refused" in e.text and e.kind == "error"]
         assert row.kind == "error" and row.queue_id == qid and "2 journal line(s) refused and skipped" in row.text
         assert (data / "spool/queue" / qid).exists()
+    assert bool(read_in_children) == parallel
 
 
-def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "children"])
+def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path, parallel, monkeypatch):
+    if parallel:  # start-up recovery reads the spool in child processes (kanmon.spool.recovery)
+        from kanmon.spool import recovery
+
+        monkeypatch.setattr(recovery, "PARALLEL_FROM", 1)
+        monkeypatch.setattr(recovery, "default_workers", lambda: 2)
+        real_read = recovery._read_parallel
+        monkeypatch.setattr(recovery, "_read_parallel", lambda *a: read_in_children.append(a) or real_read(*a))
+    read_in_children: list = []
     # The torn write is in test_relay_core.py; here: garbage, an empty file, a wrong
     # header, a good checksum around an envelope that is not one, and a flipped byte.
     data = tmp_path / "data"
@@ -238,6 +257,7 @@ def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path):
         # The critical alert reaches the administrator.
         wait_for(lambda: any(b"corrupt" in a for a in maildir_messages(data, "postmaster@example.test")), 20,
                  "critical alert mail about the corrupt entries")
+    assert bool(read_in_children) == parallel
 
 
 # -- next hop drops the connection ------------------------------------------------------------------

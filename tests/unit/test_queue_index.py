@@ -260,3 +260,18 @@ def test_texts_shared_between_entries_are_swept_once_no_entry_holds_them(tmp_pat
         assert idx._pool[e.mail_from] is e.mail_from
     assert all(e.last_reply()[0].startswith("451 busy") for e in kept)
     spool.close()
+
+
+def test_a_long_list_for_the_control_socket_is_streamed_with_the_same_rows(pair, monkeypatch):
+    from kanmon.control import Streamed
+
+    scan, index, files, node, rng = pair
+    monkeypatch.setattr(Streamed, "BATCH", 7)
+    for f in ({}, {"domain": "d1.example"}, {"state": "hold"}):
+        whole = index.list(f)
+        streamed = index.list(f, stream=True)
+        if len(whole["items"]) > Streamed.BATCH:
+            assert type(streamed["items"]) is Streamed
+            streamed["items"] = [row for batch in streamed["items"].batches() for row in batch]
+        assert streamed == whole, f
+    assert type(index.list({}, 0, 5, stream=True)["items"]) is list  # a short page: built at once
