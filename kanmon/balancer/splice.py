@@ -7,10 +7,13 @@ cost at most about HIGH_WATER plus one read per direction. A client's half-close
 passed on (its EOF becomes write_eof towards the real server, whose reply still flows
 back); EOF from the real server closes the link, as do either side being lost and
 idle_timeout without traffic. What the client sends before its real server is connected
-(an implicit-TLS ClientHello, any client-first protocol, an SMTP early talker's bytes:
-pause_reading in connection_made does not stop every event loop's first read) is held,
-up to EARLY_LIMIT bytes, and written to the real server first, in order, right after the
-PROXY header; past that limit the client stays paused until the real server is there.
+(an implicit-TLS ClientHello, any client-first protocol, an SMTP early talker's bytes)
+is held, up to EARLY_LIMIT bytes, and written to the real server first, in order, right
+after the PROXY header; past that limit the client is paused until the real server is
+there. A half-close meanwhile is passed on after them. (The client is not paused from
+the start: that cost two epoll changes per connection, and SMTP clients wait anyway.)
+Once both sides are connected, End.data_received writes each chunk straight to the
+other side (End.peer); a connection that ended leaves no reference cycle behind.
 
 Zero copy: on Linux, once a connection has carried SPLICE_AFTER bytes one way (a big
 message, an IMAP fetch of an attachment: not an SMTP dialogue, whose many small
