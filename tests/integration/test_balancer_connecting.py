@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import socket
+import struct
 import weakref
 from collections.abc import Iterator
 
@@ -163,3 +164,46 @@ def test_a_connection_that_ended_is_freed_without_the_cyclic_gc(tmp_path, loop):
             await echo.wait_closed()
 
     _run(loop, main())
+
+
+@pytest.mark.parametrize("limit", [True, False], ids=["max_connections", "no-limit"])
+def test_open_connections_reach_the_shared_table_at_once_only_where_another_process_decides_by_them(
+        tmp_path, monkeypatch, limit):
+    """With several processes, a server's open connections go to the shared table as they
+    change only when max_connections or least-session makes the other processes count them;
+    otherwise the counts loop publishes them with the totals (here: only at its start)."""
+    from kanmon.balancer import service as service_module
+    from kanmon.balancer.service import BalancerService
+    from kanmon.balancer.shared import SharedTable
+    from kanmon.balancer.workers import Forwarder
+    from kanmon.config import parse_config
+    from tests.integration.test_balancer import Client, config_text, kill_all, one_vs, relays
+
+    monkeypatch.setattr(service_module, "COUNTS_INTERVAL", 3600.0)
+
+    async def main() -> None:
+        (mr1,) = await relays((MR1, "mr1"))
+        sock = socket.socket()
+        sock.bind((VIP, 0))
+        sock.listen()
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        vs = one_vs(port, [(mr1, "active")], extra_real={0: "max_connections = 5"} if limit else None)
+        config = parse_config(config_text(tmp_path, vs, processes=2))
+        table = SharedTable.create(1, 2)  # zeroed: the server up and active, as the main process publishes
+        # This process is forwarding process 1 of 2 (no checks, the table as the main process's).
+        service = BalancerService(config, lambda text, queue_id=None: None, forwarder=Forwarder(table, 1, [sock]))
+        await service.start()
+        client = Client(port)
+        try:
+            assert await client.open() == "mr1"  # connected: the banner came through
+            # Slot 1's row for server 0 (the table has one server): its open connections.
+            (opened,) = struct.unpack_from("<q", table._map, table._counts_at + 1 * struct.calcsize("<qqqqq"))
+            assert opened == (1 if limit else 0)
+        finally:
+            await client.close()
+            await service.stop()
+            table.close()
+            await kill_all(mr1)
+
+    _run("asyncio", main())
