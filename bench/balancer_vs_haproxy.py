@@ -22,6 +22,7 @@ printed with every round: on a shared machine, read the ratios, not the absolute
     python bench/balancer_vs_haproxy.py                       # 3 rounds of 5,000 messages
     python bench/balancer_vs_haproxy.py --messages 1000 --rounds 1
     python bench/balancer_vs_haproxy.py --sizes 1000000 --messages 300 [--no-splice]
+    python bench/balancer_vs_haproxy.py --baseline-tree /tmp/old   # also kanmon from another checkout (A/B)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from bench.smtpdrive import SmtpSink, wait_port  # noqa: E402
 SINK = ("127.0.0.82", 2526)
 HAPROXY = ("127.0.0.80", 2525)
 KANMON = ("127.0.0.81", 2525)
+BASELINE = ("127.0.0.83", 2525)  # --baseline-tree: kanmon from another checkout, for an A/B in the same rounds
 TICKS = os.sysconf("SC_CLK_TCK")
 
 HAPROXY_CFG = """
@@ -115,9 +117,9 @@ def tree_cpu(pid: int) -> float:
 
 
 class Balancer:
-    def __init__(self, name: str, address: tuple[str, int], cmd: list[str]):
+    def __init__(self, name: str, address: tuple[str, int], cmd: list[str], env: dict[str, str] | None = None):
         self.name, self.address = name, address
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         wait_port(*address)
 
     def stop(self) -> None:
@@ -156,12 +158,15 @@ def main() -> int:
     ap.add_argument("--sizes", default="5000,100000", help="message sizes in bytes, comma-separated")
     ap.add_argument("--processes", type=int, default=0, help="kanmon's [balancer] processes (0: one per core)")
     ap.add_argument("--no-splice", action="store_true", help="kanmon's [balancer] splice = false (copy every byte)")
+    ap.add_argument("--baseline-tree", type=Path, help="also run kanmon from this checkout (e.g. a worktree of "
+                    "main) as 'baseline', in the same rounds: an A/B of two kanmon trees against one HAProxy")
     args = ap.parse_args()
     for tool in ("haproxy", "smtp-source", "smtp-sink"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed (Debian: apt-get install haproxy postfix)")
     work = Path(tempfile.mkdtemp(prefix="kanmon-bench-lb-"))
     (work / "lb").mkdir(mode=0o700)
+    (work / "base").mkdir(mode=0o700)
     (work / "haproxy.cfg").write_text(HAPROXY_CFG.format(front=HAPROXY, sink=SINK))
     (work / "lb.toml").write_text(KANMON_CFG.format(data_dir=work / "lb", front=KANMON, sink=SINK,
                                                    processes=args.processes,
@@ -171,15 +176,23 @@ def main() -> int:
     balancers: list[Balancer] = []
     try:
         balancers.append(Balancer("haproxy", HAPROXY, ["haproxy", "-db", "-f", str(work / "haproxy.cfg")]))
-        balancers.append(Balancer("kanmon", KANMON, env_python))
+        balancers.append(Balancer("kanmon", KANMON, env_python, {**os.environ, "PYTHONPATH": str(ROOT)}))
+        if args.baseline_tree is not None:
+            (work / "base.toml").write_text(KANMON_CFG.format(data_dir=work / "base", front=BASELINE, sink=SINK,
+                                                             processes=args.processes,
+                                                             splice="false" if args.no_splice else "true"))
+            balancers.append(Balancer("baseline", BASELINE,
+                                      [sys.executable, "-m", "kanmon", "serve", "-c", str(work / "base.toml"), "--quiet"],
+                                      {**os.environ, "PYTHONPATH": str(args.baseline_tree.resolve())}))
         time.sleep(3)  # both settle: first health checks done, forwarding processes started
         idle = {b.name: tree_rss_kb(b.proc.pid) / 1024 for b in balancers}
         procs = {b.name: len(tree_pids(b.proc.pid)) for b in balancers}
         print(f"cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}; idle RSS: HAProxy {idle['haproxy']:.1f} MB "
               f"({procs['haproxy']} process), kanmon {idle['kanmon']:.1f} MB ({procs['kanmon']} processes); "
-              f"ratio {idle['kanmon'] / idle['haproxy']:.2f}", flush=True)
+              f"ratio {idle['kanmon'] / idle['haproxy']:.2f}"
+              + (f"; baseline {idle['baseline']:.1f} MB" if "baseline" in idle else ""), flush=True)
         for size in (int(s) for s in args.sizes.split(",")):
-            cps_ratios, cpu_ratios = [], []
+            cps_ratios, cpu_ratios, base_cps, base_cpu = [], [], [], []
             for r in range(args.rounds):
                 order = balancers if r % 2 == 0 else list(reversed(balancers))
                 got = {}
@@ -189,16 +202,25 @@ def main() -> int:
                 cps_ratios.append(k["cps"] / h["cps"])
                 cpu_ratios.append(k["cpu_ms"] / h["cpu_ms"] if h["cpu_ms"] else float("nan"))
                 lost = {n: args.messages - g["arrived"] for n, g in got.items() if g["arrived"] != args.messages}
+                base = ""
+                if "baseline" in got:
+                    o = got["baseline"]
+                    base_cps.append(o["cps"] / h["cps"])
+                    base_cpu.append(o["cpu_ms"] / h["cpu_ms"] if h["cpu_ms"] else float("nan"))
+                    base = (f" | baseline {o['cps']:7.0f} conn/s {o['cpu_ms']:.3f} ms CPU/conn, /HAProxy conn/s "
+                            f"{base_cps[-1]:.2f}, CPU/conn {base_cpu[-1]:.2f}")
                 print(f"{size // 1000:>4} KB round {r + 1} (load {os.getloadavg()[0]:.1f}): "
                       f"HAProxy {h['cps']:7.0f} conn/s {h['cpu_ms']:.3f} ms CPU/conn | "
                       f"kanmon {k['cps']:7.0f} conn/s {k['cpu_ms']:.3f} ms CPU/conn | "
-                      f"kanmon/HAProxy conn/s {cps_ratios[-1]:.2f}, CPU/conn {cpu_ratios[-1]:.2f}"
+                      f"kanmon/HAProxy conn/s {cps_ratios[-1]:.2f}, CPU/conn {cpu_ratios[-1]:.2f}" + base
                       + (f"  (not arrived: {lost})" if lost else ""), flush=True)
             print(f"{size // 1000:>4} KB median of {args.rounds}: kanmon/HAProxy conn/s "
-                  f"{statistics.median(cps_ratios):.2f}, CPU per connection {statistics.median(cpu_ratios):.2f}",
-                  flush=True)
+                  f"{statistics.median(cps_ratios):.2f}, CPU per connection {statistics.median(cpu_ratios):.2f}"
+                  + (f"; baseline/HAProxy conn/s {statistics.median(base_cps):.2f}, CPU per connection "
+                     f"{statistics.median(base_cpu):.2f}" if base_cps else ""), flush=True)
         busy = {b.name: tree_rss_kb(b.proc.pid) / 1024 for b in balancers}
-        print(f"RSS after the runs: HAProxy {busy['haproxy']:.1f} MB, kanmon {busy['kanmon']:.1f} MB")
+        print(f"RSS after the runs: HAProxy {busy['haproxy']:.1f} MB, kanmon {busy['kanmon']:.1f} MB"
+              + (f", baseline {busy['baseline']:.1f} MB" if "baseline" in busy else ""))
     finally:
         for b in balancers:
             b.stop()

@@ -58,6 +58,17 @@ def _write_open(table: SharedTable, slot: int, index: int, real: RealServerState
     table.write_connections(slot, index, real.connections)
 
 
+def _time_out(task: asyncio.Task[None] | None, timed_out: list[bool]) -> None:
+    if task is not None and not task.done():
+        timed_out.append(True)
+        task.cancel()
+
+
+def _client_text(link: Link) -> str:
+    client = link.client_address
+    return address_text(client) if client is not None else "a client"
+
+
 class Emit(Protocol):
     def __call__(self, text: str, queue_id: str | None = None) -> None: ...
 
@@ -165,6 +176,11 @@ class _Virtual:
     links: set[Link] = field(default_factory=set)
     notices: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (last emitted, suppressed)
     sources: dict[str, tuple[str, int] | None] = field(default_factory=dict)  # real host -> source_address()
+    # Set at start: the callbacks of its links, and whether a connection needs the
+    # client's address before it is connected (PROXY header, source-ip-hash).
+    on_client: Callable[[Link], None] | None = None
+    on_finish: Callable[[Link], None] | None = None
+    wants_client: bool = False
 
     def source(self, real_host: str) -> tuple[str, int] | None:
         """source_address() of a real server, worked out once (not per connection)."""
@@ -212,6 +228,8 @@ class BalancerService:
         self._status_file = status_path(config.server.data_dir)
         self._data_dir = Path(config.server.data_dir)
         self._virtuals: list[_Virtual] = []
+        self._pool_list: list[Pool] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._ready: asyncio.Event | None = None
@@ -281,6 +299,11 @@ class BalancerService:
             servers = sum(len(v.pool.servers) for v in self._virtuals)
             self._table = SharedTable.create(servers, processes)
             self._table.publish(self._pools())
+        self._pool_list = self._pools()
+        self._loop = loop
+        for v in self._virtuals:
+            v.on_client, v.on_finish = self._on_client(v), self._on_finish(v)
+            v.wants_client = v.vs.proxy_protocol or v.vs.method == "source-ip-hash"
         if self._table is not None:
             self._share_open_counts()
         try:
@@ -526,7 +549,10 @@ class BalancerService:
         index = 0
         for v in self._virtuals:
             for real in v.pool.servers:
-                real.on_open_changed = partial(_write_open, table, slot, index)
+                # Only where another process decides by them; else the counts loop (a
+                # forwarding process) publishes them with the totals, for the status.
+                if self._needs_others:
+                    real.on_open_changed = partial(_write_open, table, slot, index)
                 index += 1
         if self._forwarder is not None:
             table.load_counts(slot, self._pools())  # a process started again goes on from its predecessor's totals
@@ -554,7 +580,7 @@ class BalancerService:
     # -- connections -----------------------------------------------------------------
 
     def _client_end(self, v: _Virtual) -> End:
-        return End(Link(v.vs.idle_timeout, self._on_client(v), self._on_finish(v), self._splice), "client")
+        return End(Link(v.vs.idle_timeout, v.on_client, v.on_finish, self._splice, self._loop), "client")
 
     def _on_client(self, v: _Virtual) -> Callable[[Link], None]:
         def on_client(link: Link) -> None:
@@ -591,23 +617,34 @@ class BalancerService:
             link.close()
 
     async def _connect_to_real(self, v: _Virtual, link: Link) -> None:
-        client, virtual = link.client_address, link.virtual_address
-        if client is None or virtual is None or link.finished:
+        # The client's address is read only where it is used (a PROXY header, a
+        # source-ip-hash choice, a notice): this runs for every connection.
+        client = link.client_address if v.wants_client else None
+        if link.finished or (v.wants_client and client is None):
             link.close()
             return
         if self._table is not None:
             if self._forwarder is not None:
-                self._table.refresh(self._pools())
+                self._table.refresh(self._pool_list)
             if self._needs_others:
-                self._table.others(self._slot, self._pools())
-        plan = v.pool.plan(client[0])
+                self._table.others(self._slot, self._pool_list)
+        plan = v.pool.plan(client[0] if client is not None else "")
         if not plan:
             self._notice(v, "none", f"no real server can take a connection (serving tier: {v.pool.tier}); "
-                         f"closed the connection from {address_text(client)}")
+                         f"closed the connection from {_client_text(link)}")
             link.close()
             return
-        header = build_proxy_v2(client, virtual) if v.vs.proxy_protocol else b""
-        loop = asyncio.get_running_loop()
+        if v.vs.proxy_protocol:
+            virtual = link.virtual_address
+            if client is None or virtual is None:
+                link.close()
+                return
+            header = build_proxy_v2(client, virtual)
+        else:
+            header = b""
+        loop = self._loop
+        assert loop is not None
+        task = link.connect_task
         for n, real in enumerate(plan):
             if link.finished:
                 return
@@ -615,17 +652,29 @@ class BalancerService:
                 continue
             link.reserve(real)
             host, port = real.config.address
+            # The connect timeout: a timer that cancels this task, told apart from any
+            # other cancel by `timed_out` (as asyncio.timeout, with less work per connection).
+            timed_out: list[bool] = []
+            timer = loop.call_later(v.vs.connect_timeout, _time_out, task, timed_out)
+            failure: OSError | TimeoutError | None = None
             try:
-                async with asyncio.timeout(v.vs.connect_timeout):
-                    _, end = await loop.create_connection(
-                        lambda: End(link, "server", header), host, port, local_addr=v.source(host)
-                    )
-            except (OSError, TimeoutError) as e:
+                _, end = await loop.create_connection(
+                    lambda: End(link, "server", header), host, port, local_addr=v.source(host)
+                )
+            except asyncio.CancelledError:
+                if not timed_out or task is None or task.uncancel() > 0:
+                    raise  # cancelled by the link or the service, not by the timer
+                failure = TimeoutError()
+            except OSError as err:
+                failure = err
+            finally:
+                timer.cancel()
+            if failure is not None:
                 link.release()
                 link.real = None
                 link.server = None
                 real.failed_connects += 1
-                why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+                why = "timed out" if isinstance(failure, TimeoutError) else (failure.strerror or str(failure))
                 self._notice(v, f"connect {real.address}", f"connect to real server {real.address} failed: {why}")
                 continue
             if link.finished:
@@ -634,7 +683,7 @@ class BalancerService:
             real.total_connections += 1
             link.server_connected(end)
             return
-        self._notice(v, "all-failed", f"no real server accepted the connection from {address_text(client)}; closed it")
+        self._notice(v, "all-failed", f"no real server accepted the connection from {_client_text(link)}; closed it")
         link.close()
 
     # -- events ----------------------------------------------------------------------

@@ -7,10 +7,13 @@ cost at most about HIGH_WATER plus one read per direction. A client's half-close
 passed on (its EOF becomes write_eof towards the real server, whose reply still flows
 back); EOF from the real server closes the link, as do either side being lost and
 idle_timeout without traffic. What the client sends before its real server is connected
-(an implicit-TLS ClientHello, any client-first protocol, an SMTP early talker's bytes:
-pause_reading in connection_made does not stop every event loop's first read) is held,
-up to EARLY_LIMIT bytes, and written to the real server first, in order, right after the
-PROXY header; past that limit the client stays paused until the real server is there.
+(an implicit-TLS ClientHello, any client-first protocol, an SMTP early talker's bytes)
+is held, up to EARLY_LIMIT bytes, and written to the real server first, in order, right
+after the PROXY header; past that limit the client is paused until the real server is
+there. A half-close meanwhile is passed on after them. (The client is not paused from
+the start: that cost two epoll changes per connection, and SMTP clients wait anyway.)
+Once both sides are connected, End.data_received writes each chunk straight to the
+other side (End.peer); a connection that ended leaves no reference cycle behind.
 
 Zero copy: on Linux, once a connection has carried SPLICE_AFTER bytes one way (a big
 message, an IMAP fetch of an attachment: not an SMTP dialogue, whose many small
@@ -61,7 +64,11 @@ class End(asyncio.Protocol):
         self.link = link
         self.side = side  # "client" | "server"
         self._first_bytes = first_bytes  # server side: the PROXY header, sent before anything else
+        self.inbound = side == "client"  # its bytes count as bytes_in of the real server
         self.transport: asyncio.Transport | None = None
+        # The other side while bytes go straight across through the transports (both
+        # connected, not spliced, not lost): data_received writes to it directly.
+        self.peer: End | None = None
         self._pause_reasons: set[str] = set()
         self.eof = False
         self.lost = False
@@ -73,10 +80,11 @@ class End(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self.side == "client":
-            # Read nothing until the real server is connected (bounded: the kernel's
-            # receive buffer holds what the client sends meanwhile; what is read all the
-            # same is held by the link, see Link.forward).
-            self.pause_reading("connecting")
+            # Until the real server is connected, what the client sends is held by the
+            # link (Link.forward), up to EARLY_LIMIT; past that the client is paused and
+            # the kernel's receive buffer holds the rest. (Not paused from the start: an
+            # SMTP client waits for the banner, and pausing and resuming every client
+            # costs two epoll changes per connection for nothing.)
             self.link.client_connected(self)
         else:
             # The real server may speak first (an SMTP banner) before the connecting
@@ -86,7 +94,25 @@ class End(asyncio.Protocol):
                 self.transport.write(self._first_bytes)
 
     def data_received(self, data: bytes) -> None:
-        self.link.forward(self, data)
+        peer = self.peer
+        if peer is None:
+            self.link.forward(self, data)
+            return
+        # The common case, inline (it runs for every chunk): both sides connected,
+        # copying through the transports. As Link.forward does, with fewer calls.
+        link = self.link
+        link._last_activity = link.loop.time()
+        transport = peer.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+        real = link.real
+        if real is not None:
+            if self.inbound:
+                real.bytes_in += len(data)
+            else:
+                real.bytes_out += len(data)
+        if link._splice_wanted:
+            link.copied(self, len(data))
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -96,6 +122,9 @@ class End(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.link.lost(self, exc)
+        # No callback follows: drop the transport's reference to us and ours to it, so
+        # that this connection's objects go by reference counting, not by the cyclic GC.
+        self.transport = None
 
     def pause_writing(self) -> None:
         # Our write buffer is full: stop reading from the other side.
@@ -146,8 +175,9 @@ class Link:
         on_client: Callable[[Link], None],
         on_finish: Callable[[Link], None],
         splice: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self._splice_wanted = splice and CAN_SPLICE
         self._copied = [0, 0]  # bytes forwarded on the transport path from the client, from the server
         self.spliced = False  # from some point on, its bytes went by splice(2), not through Python
@@ -215,6 +245,8 @@ class Link:
             self._count(self.client, len(early))
             end.write(early)
         if self.client is not None:
+            if not self.client.lost and not end.lost:
+                self.client.peer, end.peer = end, self.client
             self.client.resume_reading("connecting")
             if self._eof_held:  # it half-closed after the held bytes
                 self._eof_held = False
@@ -254,6 +286,7 @@ class Link:
             return False
         client.pause_reading("splice")
         server.pause_reading("splice")
+        client.peer = server.peer = None  # from now on a chunk read late goes through forward()
         self._pumps = (_Pump(self, cfd, sfd, up, client), _Pump(self, sfd, cfd, down, server))
         self.spliced = True
         for pump in self._pumps:
@@ -312,10 +345,14 @@ class Link:
         target.write(data)
         self._count(source, len(data))
         if self._splice_wanted:
-            way = 0 if source is self.client else 1
-            self._copied[way] += len(data)
-            if self._copied[way] >= SPLICE_AFTER and self.server is not None and not self._closing:
-                self._start_splice()  # while something waits in a write buffer: tried again at the next chunk
+            self.copied(source, len(data))
+
+    def copied(self, source: End, n: int) -> None:
+        """n bytes from source went through the transports: splice from SPLICE_AFTER on."""
+        way = 0 if source is self.client else 1
+        self._copied[way] += n
+        if self._copied[way] >= SPLICE_AFTER and self.server is not None and not self._closing:
+            self._start_splice()  # while something waits in a write buffer: tried again at the next chunk
 
     def _count(self, source: End | None, n: int) -> None:
         if self.real is not None:
@@ -328,8 +365,10 @@ class Link:
         target = self.other(source)
         if source is not self.client and source is not self.server:
             return
-        if source is self.client and self._holding and self._early:
-            self._eof_held = True  # passed on after the held bytes, by server_connected
+        if source is self.client and self._holding and (self._early or self.connect_task is not None):
+            # Passed on once the real server is connected (after the held bytes), by
+            # server_connected, as it was when the client was paused while connecting.
+            self._eof_held = True
             return
         if source is self.server:
             # The real server has finished (SMTP servers close after 221, or when they
@@ -353,7 +392,10 @@ class Link:
         # only). close() flushes what is already buffered for the survivor.
         if end is not self.client and end is not self.server:
             return  # an abandoned connect attempt
+        end.peer = None
         other = self.other(end)
+        if other is not None:
+            other.peer = None
         if other is not None:
             other.close()
         if self.connect_task is not None and not self.connect_task.done():
@@ -403,6 +445,13 @@ class Link:
         self._stop_splice()
         self._early = bytearray()
         self.release()
+        for end in (self.client, self.server):
+            if end is not None:
+                end.peer = None
+        # Both sides are gone: no callback of theirs reaches this link any more. Without
+        # the references both ways, a connection's objects are freed as it ends rather
+        # than left to the cyclic GC (whose collections cost a busy balancer CPU).
+        self.client = self.server = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
