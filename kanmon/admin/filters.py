@@ -24,6 +24,7 @@ import email.parser
 import email.policy
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 
@@ -216,6 +217,17 @@ class Filters:
             if hit:
                 return True
         return False
+
+    @property
+    def reason_only(self) -> bool:
+        """A reason (and a state) and no other criterion, no ids."""
+        return self._reason_only
+
+    @property
+    def reply_test(self) -> Callable[[str], bool] | None:
+        """The reason filter on one reply text, None without one: what the index's reply
+        map is asked with (kanmon.spool.index.QueueIndex.with_reply)."""
+        return self._reason_in if self._reason is not None else None
 
     def _reason_in(self, reply: str) -> bool:
         """The reason regex on one reply text, once per distinct text in a walk (a stuck

@@ -253,7 +253,12 @@ class QueueOps:
         if self.spool.index is not None and not filters.ids:
             # The hot loop of a walk of a million: only the checks the filters ask for.
             want, criteria, content = filters.state, filters.has_criteria, filters.needs_content
-            for e in self.spool.index_walk():
+            # A reason filter: only the entries holding a reply text it matches (the index's
+            # reply map: the regex once per distinct text), the rest of the filters on those.
+            reply_test = filters.reply_test
+            if reply_test is not None and filters.reason_only:
+                criteria = False  # those entries are exactly the reason's matches
+            for e in self.spool.index_walk(reply_test):
                 state = "hold" if e.hold else "active" if e.queue_id in active else "deferred"
                 if want != "all" and want != state:
                     continue

@@ -139,6 +139,9 @@ class QueueIndex:
         self._entries: dict[str, Entry] = {}
         self._pool: dict[str, str] = {}
         self._pool_limit = _POOL_MIN
+        # reply text -> the ids of the entries whose pending_replies() hold it (the reason
+        # filter: its regex on the few distinct texts, then their ids; not every entry)
+        self._by_reply: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -215,11 +218,41 @@ class QueueIndex:
             del pool[text]
         self._pool_limit = max(_POOL_MIN, 2 * len(pool))
 
+    def _put(self, queue_id: str, entry: Entry) -> None:
+        """Set an entry (new or replacing one), keeping _by_reply in step (under the lock)."""
+        old = self._entries.get(queue_id)
+        self._entries[queue_id] = entry
+        before = set(old.pending_replies()) if old is not None else set()
+        after = set(entry.pending_replies())
+        if before != after:
+            self._unlink(queue_id, before - after)
+            by = self._by_reply
+            for text in after - before:
+                ids = by.get(text)
+                if ids is None:
+                    by[text] = {queue_id}
+                else:
+                    ids.add(queue_id)
+
+    def _remove(self, queue_id: str) -> None:
+        old = self._entries.pop(queue_id, None)
+        if old is not None:
+            self._unlink(queue_id, set(old.pending_replies()))
+
+    def _unlink(self, queue_id: str, texts) -> None:
+        by = self._by_reply
+        for text in texts:
+            ids = by.get(text)
+            if ids is not None:
+                ids.discard(queue_id)
+                if not ids:
+                    del by[text]
+
     # -- changes --------------------------------------------------------------------------
 
     def add(self, queue_id: str, envelope: Envelope, size: int, state: QueueState | None = None) -> None:
         with self._lock:
-            self._entries[queue_id] = self._entry(queue_id, envelope, size, state or QueueState())
+            self._put(queue_id, self._entry(queue_id, envelope, size, state or QueueState()))
             self._sweep_pool()
 
     def add_fields(self, fields: list[tuple], ids: list[str] | None = None) -> list[Entry]:
@@ -239,12 +272,12 @@ class QueueIndex:
         with self._lock:
             entry = self._entries.get(queue_id)
             if entry is not None:
-                self._entries[queue_id] = self._applied(entry, records)
+                self._put(queue_id, self._applied(entry, records))
                 self._sweep_pool()
 
     def drop(self, queue_id: str) -> None:
         with self._lock:
-            self._entries.pop(queue_id, None)
+            self._remove(queue_id)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -252,6 +285,17 @@ class QueueIndex:
         """Every entry, as they are now (a list: the walk holds no lock)."""
         with self._lock:
             return list(self._entries.values())
+
+    def with_reply(self, match: Callable[[str], bool]) -> list[Entry]:
+        """The entries with a pending reply for which match(text) is true (the reason
+        filter): match is called once per distinct reply text, under the lock."""
+        with self._lock:
+            ids: set[str] = set()
+            for text, qids in self._by_reply.items():
+                if match(text):
+                    ids |= qids
+            entries = self._entries
+            return [entries[q] for q in ids]
 
     def get(self, queue_id: str) -> Entry | None:
         return self._entries.get(queue_id)
@@ -264,14 +308,14 @@ class QueueIndex:
         those gone are dropped (set operations in C)."""
         with self._lock:
             for qid in self._entries.keys() - names:
-                del self._entries[qid]
+                self._remove(qid)
             new = names - self._entries.keys()
         for qid in new:
             loaded = load(qid)
             if loaded is not None:
                 with self._lock:
                     if qid not in self._entries:
-                        self._entries[qid] = self._entry(qid, *loaded)
+                        self._put(qid, self._entry(qid, *loaded))
 
 
 def entry_fields(queue_id: str, envelope: Envelope, size: int, state: QueueState) -> tuple:

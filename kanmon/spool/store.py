@@ -448,13 +448,14 @@ class Spool:
                 continue
             yield SpoolEntry(qid, env, size, self.read_state(qid))
 
-    def index_walk(self) -> list[Entry]:
+    def index_walk(self, reply: Callable[[str], bool] | None = None) -> list[Entry]:
         """Every message's index entry (kanmon.spool.index), the index first brought up to
-        date with the names in queue/ (the messages other processes stored, those gone).
+        date with the names in queue/ (the messages other processes stored, those gone);
+        with reply, only those with a pending reply text it is true for (QueueIndex.with_reply).
         Only for a spool that keeps one."""
         self._reconcile_names()
         assert self.index is not None
-        return self.index.entries()
+        return self.index.entries() if reply is None else self.index.with_reply(reply)
 
     def names_listed(self, mtime_ns: int, listed_at_ns: int) -> None:
         """The index holds exactly the names listed at listed_at_ns from queue/, whose

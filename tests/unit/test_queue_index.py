@@ -275,3 +275,62 @@ def test_a_long_list_for_the_control_socket_is_streamed_with_the_same_rows(pair,
             streamed["items"] = [row for batch in streamed["items"].batches() for row in batch]
         assert streamed == whole, f
     assert type(index.list({}, 0, 5, stream=True)["items"]) is list  # a short page: built at once
+
+
+def by_reply_of(idx) -> dict[str, set[str]]:
+    """The reply map as it should be: every entry's pending replies, from scratch."""
+    out: dict[str, set[str]] = {}
+    for e in idx.entries():
+        for text in e.pending_replies():
+            out.setdefault(text, set()).add(e.queue_id)
+    return out
+
+
+def test_the_reply_map_follows_every_change_and_answers_as_the_naive_filter(tmp_path):
+    """The reason filter reads the index's reply text -> ids map: after random results
+    (deferred, final, empty replies), holds, schedules, removals, messages stored or
+    removed by another process (reconcile), it is exactly what the entries hold, and a
+    reason filter through it lists what the file scan lists."""
+    import re
+
+    config = parse_config(CONFIG.format(data_dir=tmp_path))
+    files, node = Spool(tmp_path, fsync=False), Spool(tmp_path, fsync=False)
+    idx = node.keep_index()
+    records = Records(tmp_path, "mx1.example.test")
+    scan = QueueOps(config, files, records, OfflineLink(Clock()))
+    index = QueueOps(config, node, records, OfflineLink(Clock()))
+    rng = random.Random(19)
+    replies = ["451 4.4.1 Connection refused", "450 4.1.1 User unknown", "421 4.7.0 Try again later", "",
+               "550 5.1.1 user unknown here"]
+    live: dict[str, list[str]] = {}
+    for step in range(500):
+        op = rng.randrange(10)
+        if op <= 1 or not live:
+            rcpts = [f"u{step}-{k}@d{rng.randrange(3)}.example" for k in range(rng.randrange(1, 4))]
+            qid = new_queue_id(NOW - step)
+            (files if op == 1 else node).store_blocking(qid, Envelope(f"s{step % 4}@example.test", rcpts,
+                                                                      received_at=NOW - step), b"Subject: x\r\n\r\nb\r\n")
+            live[qid] = rcpts
+        elif op == 2:
+            qid = rng.choice(list(live))
+            (files if rng.random() < 0.3 else node).remove(qid)
+            del live[qid]
+        else:
+            qid = rng.choice(list(live))
+            rcpts = live[qid]
+            recs = [journal.Result(NOW + step, r, rng.choice(["deferred", "deferred", "sent", "bounced"]),
+                                   rng.choice(replies)) for r in rng.sample(rcpts, rng.randrange(1, len(rcpts) + 1))]
+            recs += rng.choice([[], [journal.Hold(NOW, rng.random() < 0.5, "t")], [journal.Schedule(NOW, 0.0)]])
+            node.append_state(qid, recs)
+        if step % 25 == 0:
+            node.index_walk()  # the other process's stores and removals
+            assert idx._by_reply == by_reply_of(idx), step
+            for pattern in ("unknown", "^4", "refused|later", "nothing matches"):
+                rx = re.compile(pattern, re.I)
+                naive = {e.queue_id for e in idx.entries() if any(rx.search(t) for t in e.pending_replies())}
+                assert {e.queue_id for e in idx.with_reply(lambda t: rx.search(t) is not None)} == naive, pattern
+                for f in ({"reason": pattern}, {"reason": pattern, "state": "hold"}, {"reason": pattern, "to": "*-1@*"}):
+                    assert index.list(f) == scan.list(f), f
+    records.close()
+    files.close()
+    node.close()
