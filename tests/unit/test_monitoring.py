@@ -366,6 +366,62 @@ def test_stats_of_a_short_period_read_once_answer_as_the_parallel_scans(tmp_path
     assert collect(tmp_path, now - 10 * 86400, now) is not None and not one_pass  # most of the table: scanned
 
 
+def test_stats_count_the_whole_hours_once_and_again_when_rows_come_or_go(tmp_path, monkeypatch):
+    """The last 24 hours asked again (the console): the whole hours are counted once and
+    kept; an hour whose rows changed (a row added late, rows pruned) is counted again. The
+    report stays what the SQL aggregations over the table give."""
+    import random
+
+    from kanmon.records import stats
+
+    rng = random.Random(23)
+    now = 1_800_000_000.0 + 1234.5  # not on an hour
+    path = tmp_path / "records.sqlite"
+    db = open_db(path)
+    senders = ["a@b.test", "A@b.test", "", None, "c@d.test", "Ünï@e.test"]
+    rcpts = ["x@example.test", "X@Example.TEST", "noat", "y@other.test", "z@ÄÖ.test", ""]
+    with db:
+        db.executemany("INSERT INTO history(ts, mail_from, rcpt, disposition, queue_id, first) VALUES (?,?,?,?,?,?)",
+                       [(now - rng.uniform(0, 10 * 86400), rng.choice(senders), rng.choice(rcpts),
+                         rng.choice(["Accept", "Accept", "Reject"]), f"Q{i}", rng.randrange(2)) for i in range(8000)])
+    db.close()
+    counted = []
+    real_counted = stats._counted
+    monkeypatch.setattr(stats, "_counted", lambda conn, a, b: counted.append((a, b)) or real_counted(conn, a, b))
+
+    def both() -> tuple:
+        quick = collect(tmp_path, now - 86400, now, by="hour", top=3)
+        with monkeypatch.context() as m:
+            m.setattr(stats, "_scan_hint", lambda *a: "NOT INDEXED")
+            scanned = collect(tmp_path, now - 86400, now, by="hour", top=3)
+        assert quick == scanned and quick.top_senders and quick.top_domains
+        return quick
+
+    both()
+    assert len(counted) == 2 + 24 - 1  # the two ends and the 23 whole hours
+    counted.clear()
+    both()
+    assert len(counted) == 2  # the ends only
+    counted.clear()
+    late = now - 10 * 3600
+    db = open_db(path)
+    with db:
+        db.executemany("INSERT INTO history(ts, mail_from, rcpt, disposition, queue_id, first) VALUES (?,?,?,?,?,?)",
+                       [(late, "late@x.test", f"r{i}@late.test", "Accept", f"L{i}", 1) for i in range(100)])
+    db.close()
+    report = both()
+    assert len(counted) == 3 and ("late@x.test", 100) in report.top_senders and ("late.test", 100) in report.top_domains
+    counted.clear()
+    db = open_db(path)
+    with db:
+        db.execute("DELETE FROM history WHERE mail_from = 'late@x.test'")
+        db.execute("DELETE FROM history WHERE id IN (SELECT id FROM history WHERE ts >= ? AND ts < ? LIMIT 5)",
+                   (now - 5 * 3600, now - 2 * 3600))
+    db.close()
+    report = both()
+    assert len(counted) >= 3 and ("late@x.test", 100) not in report.top_senders
+
+
 def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_database(tmp_path):
     """The console's DNS and balancer pages find these lines by kind (the events(kind, ts)
     index); the lines an older version wrote as "info" get their kind once, at migration."""
