@@ -25,6 +25,10 @@ A queue file changed in place underneath the node (damage, a hand edit) is not l
 for by a walk (that would be a stat(2) per message): it is found, and set aside, when a
 stage next reads the file (the next attempt, `queue show`, bounce, backup).
 
+Beside the entries, a map from each distinct pending reply text to the ids of the entries
+that hold it (the `reason` filter's regex is tried on those few texts, and only their
+entries are walked): every entry set or removed goes through _put/_remove, which keep it.
+
 Entries are replaced, never changed in place, when records are applied: a walk (in the
 admin thread) reads a consistent snapshot while the queue manager appends (in its I/O
 threads).
@@ -262,9 +266,8 @@ class QueueIndex:
         with self._lock:
             added = [self._pooled(f, q) for f, q in zip(fields, ids, strict=True)] if ids is not None else [
                 self._pooled(f) for f in fields]
-            entries = self._entries
             for e in added:
-                entries[e.queue_id] = e
+                self._put(e.queue_id, e)
             self._sweep_pool()
         return added
 

@@ -331,6 +331,14 @@ def test_the_reply_map_follows_every_change_and_answers_as_the_naive_filter(tmp_
                 assert {e.queue_id for e in idx.with_reply(lambda t: rx.search(t) is not None)} == naive, pattern
                 for f in ({"reason": pattern}, {"reason": pattern, "state": "hold"}, {"reason": pattern, "to": "*-1@*"}):
                     assert index.list(f) == scan.list(f), f
+    # a node started on these files (the recovery's entries, added in chunks) has the same map
+    from kanmon.spool.recovery import recover_index
+
+    restarted = Spool(tmp_path, fsync=False)
+    again = restarted.keep_index()
+    recover_index(restarted, lambda e, refused: None, workers=0)
+    node.index_walk()
+    assert again._by_reply == by_reply_of(again) == by_reply_of(idx) and again._by_reply
     records.close()
-    files.close()
-    node.close()
+    for s in (files, node, restarted):
+        s.close()
