@@ -291,11 +291,17 @@ class QueueIndex:
 
     def with_reply(self, match: Callable[[str], bool]) -> list[Entry]:
         """The entries with a pending reply for which match(text) is true (the reason
-        filter): match is called once per distinct reply text, under the lock."""
+        filter): match is called once per distinct reply text, outside the lock (the
+        queue manager's changes do not wait for a regex); the texts that matched and
+        still have entries then give their entries under it."""
         with self._lock:
-            ids: set[str] = set()
-            for text, qids in self._by_reply.items():
-                if match(text):
+            texts = list(self._by_reply)
+        found = [t for t in texts if match(t)]
+        with self._lock:
+            by, ids = self._by_reply, set()
+            for text in found:
+                qids = by.get(text)
+                if qids is not None:
                     ids |= qids
             entries = self._entries
             return [entries[q] for q in ids]
