@@ -47,10 +47,9 @@ def time_value(d: dict, key: str, default: float | None = None) -> float:
     v = d.get(key, default)
     if type(v) is not float and type(v) is not int:
         raise SchemaError(f"{key} must be a number")
-    v = float(v)
-    if not (0.0 <= v <= MAX_TIME):  # also false for NaN
+    if not (0 <= v <= MAX_TIME):  # also false for NaN; before float(): a huge int would overflow it
         raise SchemaError(f"{key} is out of range")
-    return v
+    return float(v)
 
 
 def count(d: dict, key: str, default: int | None = None, limit: int = MAX_COUNT) -> int:
