@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text, time_value
+from kanmon.spool.schema import MAX_ADDRESS, MAX_COUNT, MAX_TEXT, MAX_TIME, SchemaError, count, flag, text, time_value
 
 STATUSES = ("sent", "deferred", "bounced")
 FINAL = ("sent", "bounced")
@@ -227,3 +227,96 @@ class QueueState:
         for rec in records:
             state.apply(rec)
         return state
+
+
+# ---------------------------------------------------------------------------
+# Start-up recovery's fast path (kanmon.spool.recovery): the few values the queue index
+# keeps, folded straight from the parsed lines without building records. It accepts only
+# what from_dict() accepts (the same checks, written inline) and answers None for anything
+# else, whereupon the caller decodes the journal with decode_all() and QueueState: a
+# journal with a refused line, or of a shape this does not know, takes the strict path.
+
+_MAX_TIME = MAX_TIME
+_json_decode = json.JSONDecoder().decode  # json.loads() less its encoding detection
+
+
+def _time_ok(v: Any) -> float | None:
+    tv = type(v)
+    if tv is float:
+        return v if 0.0 <= v <= _MAX_TIME else None
+    if tv is int:
+        return float(v) if 0 <= v <= _MAX_TIME else None
+    return None
+
+
+def fold_fast(raw: bytes) -> tuple | None:
+    """(done rcpts (a dict, insertion order), last {rcpt: (t, reply)}, [(rcpt, reply)] of the
+    results with a reply in order, attempts, next attempt, hold) of a whole journal whose
+    every line from_dict() accepts, as QueueState.from_bytes() would add them up; None when
+    a line would be refused or the journal is not one JSON object per line (the caller then
+    takes the strict path, which also counts the refused lines)."""
+    if not raw:
+        return {}, {}, [], 0, 0.0, False
+    if not raw.endswith(b"\n") or b"\n\n" in raw or raw.startswith(b"\n"):
+        return None
+    try:
+        # UTF-8 only (json.loads would also take UTF-16/32): what else parses here is refused
+        # or read again by the strict path.
+        items = _json_decode("[" + raw[:-1].replace(b"\n", b",").decode("utf-8") + "]")
+    except (ValueError, RecursionError):
+        return None
+    if len(items) != raw.count(b"\n"):
+        return None
+    done: dict = {}
+    last: dict = {}
+    replies: list = []
+    attempts, next_attempt, hold = 0, 0.0, False
+    str_ = str
+    for d in items:
+        if type(d) is not dict:
+            return None
+        kind = d.get("k")
+        t = d.get("t")
+        tt = type(t)
+        if tt is float:
+            if not 0.0 <= t <= _MAX_TIME:
+                return None
+        elif tt is int and 0 <= t <= _MAX_TIME:
+            t = float(t)
+        else:
+            return None
+        if kind == "result":
+            status, rcpt, reply = d.get("status"), d.get("rcpt"), d.get("reply")
+            relay, mailer, tls = d.get("relay", ""), d.get("mailer", ""), d.get("tls", "")
+            if (type(status) is not str_ or type(rcpt) is not str_ or type(reply) is not str_
+                    or type(relay) is not str_ or type(mailer) is not str_ or type(tls) is not str_
+                    or len(rcpt) > MAX_ADDRESS or len(reply) > MAX_TEXT or len(relay) > MAX_TEXT
+                    or len(mailer) > 64 or len(tls) > MAX_TEXT):
+                return None
+            if status == "deferred":
+                last[rcpt] = (t, reply)
+            elif status == "sent" or status == "bounced":
+                done[rcpt] = True
+                last.pop(rcpt, None)
+            else:
+                return None
+            if reply:
+                replies.append((rcpt, reply))
+        elif kind == "hold":
+            on, by = d.get("on"), d.get("by", "")
+            if type(on) is not bool or type(by) is not str_ or len(by) > MAX_TEXT:
+                return None
+            hold = on
+        elif kind == "schedule":
+            n = _time_ok(d.get("next"))
+            if n is None:
+                return None
+            next_attempt = n
+        elif kind == "attempt":
+            n, nx = d.get("n"), _time_ok(d.get("next"))
+            if type(n) is not int or not 0 <= n <= MAX_COUNT or nx is None:
+                return None
+            attempts, next_attempt = n, nx
+        elif kind != "warned":
+            return None
+    return done, last, replies, attempts, next_attempt, hold

@@ -41,9 +41,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-from kanmon.spool.index import Entry, entry_fields
-from kanmon.spool.journal import QueueState
-from kanmon.spool.store import CorruptEntry, Spool, _checked, _read_whole, envelope_from_json
+from kanmon.spool.index import Entry, _domains_of, _unless_last, entry_fields
+from kanmon.spool.journal import QueueState, fold_fast
+from kanmon.spool.store import CorruptEntry, Spool, _checked, _read_whole, envelope_fields_fast, envelope_from_json
 
 CHUNK = 2000  # queue ids per frame
 PARALLEL_FROM = 20_000  # messages from which children read (below, starting them costs more than it saves)
@@ -53,7 +53,42 @@ _LEN = struct.Struct(">I")
 
 def read_one(queue_dir: str, state_dir: str, qid: str) -> tuple:
     """The record of one message: entry_fields() + (journal lines refused,), or
-    (qid, reason, move to corrupt/) for a queue file the checks refuse or cannot read."""
+    (qid, reason, move to corrupt/) for a queue file the checks refuse or cannot read.
+
+    The usual message takes the fast path (store.envelope_fields_fast, journal.fold_fast:
+    the strict decoders' checks written inline, no Envelope, records nor QueueState built);
+    whatever either is not sure of is decoded by the strict decoders (read_one_strict),
+    which give the same record for what the fast path accepts."""
+    try:
+        ej, content = _checked(_read_whole(f"{queue_dir}/{qid}"))
+    except CorruptEntry as e:
+        return (qid, str(e) or type(e).__name__, True)
+    except OSError as e:
+        return (qid, f"unreadable: {e.strerror}", False)
+    env = envelope_fields_fast(ej)
+    if env is None:
+        return read_one_strict(queue_dir, state_dir, qid)
+    try:
+        raw = _read_whole(f"{state_dir}/{qid}")
+    except FileNotFoundError:
+        raw = b""
+    folded = fold_fast(raw)
+    if folded is None:
+        return read_one_strict(queue_dir, state_dir, qid)
+    sender, rcpts, at = env
+    done_d, last_d, replies, attempts, next_attempt, hold = folded
+    done = frozenset(done_d) if done_d else None
+    last: list = []
+    for rcpt, (t, reply) in last_d.items():
+        last += (rcpt, t, reply)
+    pairs = dict.fromkeys(p for p in replies if done is None or p[0] not in done)
+    flat = tuple(x for pair in pairs for x in pair)
+    return (qid, at, len(content), sender, rcpts[0] if len(rcpts) == 1 else tuple(rcpts), done, tuple(last),
+            _unless_last(flat, last), attempts, next_attempt, hold, _domains_of(rcpts, done), 0)
+
+
+def read_one_strict(queue_dir: str, state_dir: str, qid: str) -> tuple:
+    """read_one() through the strict decoders only (envelope_from_json, QueueState)."""
     try:
         ej, content = _checked(_read_whole(f"{queue_dir}/{qid}"))
         env = envelope_from_json(ej)

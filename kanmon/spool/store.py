@@ -129,6 +129,73 @@ def envelope_from_json(raw: bytes) -> Envelope:
         raise CorruptEntry(f"bad envelope: {e}") from None
 
 
+_CLIENT_TEXTS = (("name", "unknown", schema.MAX_TEXT), ("helo", "", schema.MAX_TEXT), ("proto", "SMTP", 64),
+                 ("tls", "", schema.MAX_TEXT), ("cipher", "", schema.MAX_TEXT), ("auth", "", MAX_ADDRESS))
+_ENV_MAPS = ("orcpts", "notify", "orcpt")
+_json_decode = json.JSONDecoder().decode  # json.loads() less its encoding detection
+_ENV_FLAGS = ("8bit", "utf8", "notice", "crlf")
+
+
+def envelope_fields_fast(raw: bytes) -> tuple[str, list[str], float] | None:
+    """(sender, recipients, arrival) of an envelope that envelope_from_json() accepts, for
+    start-up recovery (which keeps nothing else of it): the same checks, written inline,
+    without building the Envelope; None for anything it is not sure of (the caller then
+    decodes with envelope_from_json(), which refuses or accepts it)."""
+    try:
+        d = _json_decode(raw.decode("utf-8"))  # UTF-8 only: anything else goes to the strict decoder
+    except (ValueError, RecursionError):
+        return None
+    if type(d) is not dict:
+        return None
+    c = d.get("client")
+    if c is not None:
+        if type(c) is not dict:
+            return None
+        ip, port, bits = c.get("ip"), c.get("port", 0), c.get("bits", 0)
+        if (type(ip) is not str or len(ip) > MAX_ADDRESS or type(port) is not int or not 0 <= port <= 65535
+                or type(bits) is not int or not 0 <= bits <= 65535):
+            return None
+        for key, default, limit in _CLIENT_TEXTS:
+            v = c.get(key, default)
+            if type(v) is not str or len(v) > limit:
+                return None
+    rcpts, sender, at = d.get("rcpts"), d.get("from"), d.get("at", 0.0)
+    if type(rcpts) is not list or not rcpts or len(rcpts) > schema.MAX_ITEMS:
+        return None
+    for r in rcpts:
+        if type(r) is not str or len(r) > MAX_ADDRESS:
+            return None
+    if type(sender) is not str or len(sender) > MAX_ADDRESS:
+        return None
+    if type(at) is float:
+        if not 0.0 <= at <= schema.MAX_TIME:
+            return None
+    elif type(at) is int and 0 <= at <= schema.MAX_TIME:
+        at = float(at)
+    else:
+        return None
+    ret, envid, size_hint = d.get("ret", ""), d.get("envid", ""), d.get("size_hint", 0)
+    if (ret not in ("", "FULL", "HDRS") or type(ret) is not str or type(envid) is not str
+            or len(envid) > schema.MAX_TEXT or type(size_hint) is not int or not 0 <= size_hint <= schema.MAX_SIZE):
+        return None
+    for key in _ENV_FLAGS:
+        if type(d.get(key, False)) is not bool:
+            return None
+    for key in _ENV_MAPS:
+        m = d.get(key, _ABSENT)
+        if m is _ABSENT:
+            continue
+        if type(m) is not dict or len(m) > schema.MAX_ITEMS:
+            return None
+        for k, v in m.items():
+            if type(v) is not str or len(k) > MAX_ADDRESS or len(v) > schema.MAX_TEXT:
+                return None
+    return sender, list(rcpts), at
+
+
+_ABSENT = object()
+
+
 def encode_queue_file(env: Envelope, content: bytes) -> bytes:
     ej = envelope_to_json(env)
     crc = zlib.crc32(content, zlib.crc32(ej))
