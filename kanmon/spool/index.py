@@ -164,16 +164,21 @@ class QueueIndex:
     def _pooled(self, f: tuple, queue_id: str | None = None) -> Entry:
         """The Entry of entry_fields()' tuple, its repeated texts (sender, replies,
         domains) shared through the pool."""
-        sh = self._shared
-        last, replies, domains = f[6], f[7], f[11]
-        if len(last) == 3:
-            last = (last[0], last[1], sh(last[2]))
-        elif last:
-            last = tuple(sh(x) if i % 3 == 2 else x for i, x in enumerate(last))
+        sd = self._pool.setdefault  # _shared(), without a call per text (recovery adds a million)
+        last, replies, domains, sender = f[6], f[7], f[11], f[3]
+        if last:
+            n = len(last)
+            if n == 3:
+                last = (last[0], last[1], sd(last[2], last[2]))
+            elif n == 6:
+                last = (last[0], last[1], sd(last[2], last[2]), last[3], last[4], sd(last[5], last[5]))
+            else:
+                last = tuple([sd(x, x) if i % 3 == 2 else x for i, x in enumerate(last)])
         if replies is not None:
-            replies = tuple(sh(x) for x in replies)
-        domains = sh(domains) if type(domains) is str else tuple(sh(d) for d in domains)
-        return Entry(queue_id or f[0], f[1], f[2], sh(f[3]), f[4], f[5], last, replies, f[8], f[9], f[10], domains)
+            replies = tuple([sd(x, x) for x in replies])
+        domains = sd(domains, domains) if type(domains) is str else tuple([sd(d, d) for d in domains])
+        return Entry(queue_id or f[0], f[1], f[2], sd(sender, sender), f[4], f[5], last, replies, f[8], f[9], f[10],
+                     domains)
 
     def _domains(self, rcpts, done) -> str | tuple[str, ...]:
         found = _domains_of(rcpts, done)
