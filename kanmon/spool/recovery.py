@@ -3,10 +3,11 @@ queue files and journals, the node only adds what they found to its index and sc
 
 Role: recover_index() is the running node's recovery (kanmon.node): every queue file
 in spool/queue/ is read whole and checked against its CRC, its envelope decoded strictly,
-its journal decoded strictly (a refused line skipped and counted, as QueueState does),
+its journal decoded strictly (a refused line skipped and counted, as QueueState does;
+the usual message on read_one's fast path, the same checks inline, see read_one),
 and the message becomes one entry of the queue index (kanmon.spool.index.Entry) and one
 item of the queue manager's schedule. A million deferred messages are two million small
-files and ~70 µs of CPU each to decode: for a big spool (PARALLEL_FROM) the reading is
+files and ~85 µs of CPU each to read and decode (docs/performance.md): for a big spool (PARALLEL_FROM) the reading is
 shared by child processes (`python -m kanmon.spool.recovery`, one per core), each
 given every WORKERS-th chunk of CHUNK queue ids in id order. A child answers each
 chunk with one frame (4-byte length, then a marshal of one record per queue id in the
