@@ -113,3 +113,63 @@ def test_a_mail_node_loads_its_smtp_server(tmp_path):
     text = MAIL.format(data_dir=data_dir, vport=port)
     modules = modules_after_start(tmp_path, text, port, data_dir / "control.sock")
     assert {"kanmon.smtp.server", "kanmon.policy.standard"} <= modules
+
+
+def test_a_forwarding_process_does_not_load_the_config_models():
+    code = ("import sys, kanmon.balancer.forwarder, kanmon.balancer.service, kanmon.balancer.shared, "
+            "kanmon.balancer.workers; print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'kanmon.config'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_forwarding_process_reads_the_values_the_main_process_validated():
+    from kanmon.balancer.forwarder import settings
+    from kanmon.balancer.service import forwarder_spec
+    from kanmon.config import parse_config
+
+    config = parse_config("""
+[balancer]
+processes = 3
+backlog = 77
+splice = false
+
+[[balancer.virtual_server]]
+name = "mail"
+listen = "127.0.0.93:25"
+method = "least-session"
+proxy_protocol = true
+connect_timeout = "1500ms"
+idle_timeout = "2m"
+health = { type = "http", interval = "3s", timeout = "1s", fall = 4, rise = 2, path = "/up", host = "lb" }
+
+[[balancer.virtual_server.real]]
+address = "127.0.0.94:2525"
+weight = 3
+max_connections = 9
+
+[[balancer.virtual_server.real]]
+address = "[::1]:2526"
+mode = "standby"
+
+[[balancer.virtual_server]]
+name = "web"
+listen = "[::1]:8080"
+[[balancer.virtual_server.real]]
+address = "127.0.0.95:80"
+""")
+    balancer = config.balancer
+    assert balancer is not None
+    plain = settings(json.loads(json.dumps(forwarder_spec(balancer))), 3)  # as it crosses the pipe
+    assert (plain.balancer.processes, plain.balancer.backlog, plain.balancer.splice) == (3, 77, False)
+    assert len(plain.balancer.virtual_server) == len(balancer.virtual_server) == 2
+    for p, vs in zip(plain.balancer.virtual_server, balancer.virtual_server):
+        for name in type(vs).model_fields:
+            if name not in ("health", "real"):
+                assert getattr(p, name) == getattr(vs, name), name
+        for name in type(vs.health).model_fields:
+            assert getattr(p.health, name) == getattr(vs.health, name), name
+        assert len(p.real) == len(vs.real)
+        for pr, rs in zip(p.real, vs.real):
+            for name in type(rs).model_fields:
+                assert getattr(pr, name) == getattr(rs, name), name
+    assert plain.balancer.virtual_server[0].real[1].address == ("::1", 2526)
