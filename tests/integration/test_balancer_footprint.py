@@ -81,7 +81,7 @@ mailboxes = ["alice"]
 NOT_FOR_BALANCING = (
     "kanmon.smtp.server", "kanmon.smtp.session", "kanmon.policy.standard", "kanmon.receiver",
     "kanmon.store.pop3", "kanmon.store.imap.service", "kanmon.store.managesieve", "kanmon.console",
-    "kanmon.dnscheck.monitor",
+    "kanmon.dnscheck.monitor", "kanmon.dnscheck.checks", "spf",
 )
 
 
