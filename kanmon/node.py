@@ -32,7 +32,7 @@ import ssl
 import sys
 from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kanmon.admin.service import AdminPlane
 from kanmon.agent import AgentPool, agent_count
@@ -42,15 +42,9 @@ from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
 from kanmon.deliver.local import LocalDelivery
 from kanmon.deliver.sieving import SieveFilter
-from kanmon.dnscheck.monitor import DnsMonitor
 from kanmon.deliver.smtp import SmtpDelivery
 from kanmon.monitoring import Monitoring
-from kanmon.policy.quota import quota_effect_handlers
 from kanmon.dnscache import DnsCache
-from kanmon.policy.dns import CheckResolver
-from kanmon.policy.dnsbl import dnsbl_effect_handlers
-from kanmon.policy.scanners import scanner_effect_handlers
-from kanmon.policy.standard import standard_pipeline
 from kanmon.queue.manager import QueueManager
 from kanmon.spool.index import Entry
 from kanmon.spool.recovery import recover_index
@@ -58,18 +52,12 @@ from kanmon.queue.notices import Notices
 from kanmon.queue.pickup import Pickup
 from kanmon.listeners import Address, ListenSockets, Prepared
 from kanmon.metrics import MetricsServer
-from kanmon.receiver import ReceiverPool
 from kanmon.records.events import (
     BALANCER_KIND, DNSCHECK_KIND, DnsblLookupFailed, Recovery, Reload, ReloadFailed, ScannerFailed, ScannerRecovered, Stopped,
 )
 from kanmon.records.store import Records
-from kanmon.smtp.server import SmtpServer, SubmissionAuth
-from kanmon.store.imap import ImapService
 from kanmon.store import index as mindex
-from kanmon.store.maildir import forget_indexes, mailbox_usage
-from kanmon.store.managesieve import ManageSieveService
-from kanmon.store.pop3 import Pop3Service
-from kanmon.store.quota import QuotaNotices
+from kanmon.store.maildir import forget_indexes
 from kanmon.store.users import AuthThrottle, Users
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.spool.store import CORRUPT_EVENT, Spool
@@ -79,6 +67,14 @@ from kanmon import gcpolicy, sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
+
+if TYPE_CHECKING:
+    from kanmon.receiver import ReceiverPool
+    from kanmon.smtp.server import SmtpServer
+
+# The mail and store roles' listeners (SMTP server, accept checks, receiver processes,
+# POP3/IMAP/ManageSieve) are imported by Frontend building only when the config has
+# them: a node that only balances does not load them (docs/performance.md, idle RSS).
 
 
 
@@ -362,6 +358,15 @@ class Node:
                                                    on_error=partial(self.records.emit, kind="error")))
             users = Users(config, directory=directory)
             if mail_roles:
+                from kanmon.policy.dns import CheckResolver  # noqa: PLC0415 - see the note at the imports
+                from kanmon.policy.dnsbl import dnsbl_effect_handlers  # noqa: PLC0415
+                from kanmon.policy.quota import quota_effect_handlers  # noqa: PLC0415
+                from kanmon.policy.scanners import scanner_effect_handlers  # noqa: PLC0415
+                from kanmon.policy.standard import standard_pipeline  # noqa: PLC0415
+                from kanmon.smtp.server import SmtpServer, SubmissionAuth  # noqa: PLC0415
+                from kanmon.store.maildir import mailbox_usage  # noqa: PLC0415
+                from kanmon.store.quota import QuotaNotices  # noqa: PLC0415
+
                 # The accept checks; the I/O they need (mailbox usage) and their effects
                 # (quota notices) are passed in here, so policy/ imports no store module.
                 # Over-quota notices from listeners in this process enter through the
@@ -393,14 +398,20 @@ class Node:
                         ))
             # The store role: POP3, IMAP (each only when configured).
             if config.pop3 is not None:
+                from kanmon.store.pop3 import Pop3Service  # noqa: PLC0415
+
                 fe.services.append(Pop3Service(
                     config, tls_context, users, self.throttle, self.records.emit,
                     sockets=socks(config.pop3.listen, False) + socks(config.pop3.listen_tls, True)))
             if config.imap is not None:
+                from kanmon.store.imap import ImapService  # noqa: PLC0415
+
                 fe.services.append(ImapService(
                     config, tls_context, users, self.throttle, self.records.emit,
                     sockets=socks(config.imap.listen, False) + socks(config.imap.listen_tls, True)))
             if config.managesieve is not None:
+                from kanmon.store.managesieve import ManageSieveService  # noqa: PLC0415
+
                 fe.services.append(ManageSieveService(
                     config, tls_context, users, self.throttle, self.records.emit,
                     sockets=socks(config.managesieve.listen, False) + socks(config.managesieve.listen_tls, True)))
@@ -424,6 +435,8 @@ class Node:
     def _receiver_pool(self, config: Config, socks, workers: int, text: str | None) -> ReceiverPool:
         """The SMTP/submission sockets (bound by the node, errors show at start) handed
         to the receiver processes."""
+        from kanmon.receiver import ReceiverPool  # noqa: PLC0415 - only with [server] workers
+
         plan = [(a, "smtp", False) for a in config.smtp.listen]
         if config.submission is not None:
             plan += [(a, "submission", False) for a in config.submission.listen]
@@ -631,6 +644,8 @@ class Node:
             elif name == "quarantine":
                 coro = self.admin.run_quarantine()
             elif self.config.dnscheck.every:  # dnscheck
+                from kanmon.dnscheck.monitor import DnsMonitor  # noqa: PLC0415 - only with [dnscheck] every
+
                 records = self.records
                 monitor = DnsMonitor(self.config, lambda text: records.emit(text, kind=DNSCHECK_KIND),
                                      self.monitoring.dns_alert(), self.clock)

@@ -4,7 +4,7 @@ Role: run a BalancerService in forwarding mode on the listening sockets and the 
 table the main process passed down; tell the main process "ready" once it accepts, and
 hand it every event line; stop (closing its connections) on SIGTERM.
 
-Trusts: the main process (its spec on stdin, its descriptors).
+Trusts: the main process (its spec on stdin: values it validated; its descriptors).
 Never: outlive the main process (PR_SET_PDEATHSIG on Linux), bind an address, run
 health checks or write files.
 """
@@ -18,29 +18,41 @@ import os
 import signal
 import socket
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from kanmon.balancer.workers import MAX_LINE, Forwarder
 from kanmon.children import die_with_parent
 
 
+def settings(spec: dict[str, Any], processes: int) -> SimpleNamespace:
+    """The config a BalancerService reads, from the spec: the main process's validated
+    values (its model_dump), used as they are. Not the config models: pydantic and
+    kanmon.config would be most of this process's memory (docs/performance.md)."""
+    def real(r: dict[str, Any]) -> SimpleNamespace:
+        return SimpleNamespace(**{**r, "address": (r["address"][0], int(r["address"][1]))})
+
+    def virtual(vs: dict[str, Any]) -> SimpleNamespace:
+        return SimpleNamespace(**{**vs, "listen": (vs["listen"][0], int(vs["listen"][1])),
+                                  "health": SimpleNamespace(**vs["health"]), "real": [real(r) for r in vs["real"]]})
+
+    return SimpleNamespace(
+        server=SimpleNamespace(data_dir=spec.get("data_dir", ".")),
+        balancer=SimpleNamespace(virtual_server=[virtual(vs) for vs in spec["virtual_server"]], processes=processes,
+                                 backlog=int(spec["backlog"]), splice=bool(spec["splice"])),
+    )
 
 
 async def _forward(spec: dict[str, Any], slot: int, table_arg: str, fds: list[int], notify_fd: int) -> None:
     from kanmon.balancer.service import BalancerService  # noqa: PLC0415 - after PR_SET_PDEATHSIG
     from kanmon.balancer.shared import SharedTable  # noqa: PLC0415
-    from kanmon.config import Config  # noqa: PLC0415
 
     fd, servers, processes = (int(x) for x in table_arg.split(","))
     table = SharedTable(fd, servers, processes, create=False)
     sockets = [socket.socket(fileno=f) for f in fds]
     for s in sockets:
         s.setblocking(False)
-    config = Config.model_validate({
-        "server": {"data_dir": spec.get("data_dir", ".")},
-        "balancer": {"virtual_server": spec["virtual_server"], "processes": processes, "backlog": spec["backlog"],
-                     "splice": spec["splice"]},
-    })
+    config = settings(spec, processes)
 
     def say(text: str, queue_id: str | None = None) -> None:
         line = ("say " + text.replace("\n", " ")[: MAX_LINE - 100] + "\n").encode("utf-8", "replace")
@@ -49,7 +61,8 @@ async def _forward(spec: dict[str, Any], slot: int, table_arg: str, fds: list[in
         except OSError:
             pass
 
-    service = BalancerService(config, say, forwarder=Forwarder(table, slot, sockets))
+    # config: the same attributes as a Config's, plain values
+    service = BalancerService(config, say, forwarder=Forwarder(table, slot, sockets))  # type: ignore[arg-type]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -24,9 +24,12 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kanmon.config import HealthCheck
 from kanmon.smtp.proxy_protocol import build_proxy_v2
+
+if TYPE_CHECKING:
+    from kanmon.config import HealthCheck
 
 MAX_LINE = 4096  # longest reply line we read from a real server
 MAX_BANNER_LINES = 32  # RFC 5321 4.2.1 multi-line 220 greeting, bounded

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kanmon.balancer import health
 from kanmon.balancer.pool import Pool, PoolEvent, RealServerState, address_text
@@ -41,8 +41,10 @@ from kanmon.balancer.shared import SharedTable
 from kanmon.balancer.splice import End, Link
 from kanmon.balancer.workers import Forwarder, WorkerPool, can_fork_workers
 from kanmon.balancer.status import FORMAT_VERSION, read_admin_modes, status_path, write_admin_modes, write_status
-from kanmon.config import Config, ConfigError, VirtualServer
 from kanmon.smtp.proxy_protocol import build_proxy_v2
+
+if TYPE_CHECKING:  # a forwarding process gets its settings as plain values (kanmon.balancer.forwarder)
+    from kanmon.config import BalancerSection, Config, VirtualServer
 
 log = logging.getLogger("kanmon.balancer")
 
@@ -163,7 +165,17 @@ def validate_balancer(config: Config, *, privileges: bool = True) -> None:
     if privileges and not problems:
         problems = balancer_privilege_problems(config)
     if problems:
+        from kanmon.config import ConfigError  # noqa: PLC0415 - not loaded by a forwarding process
+
         raise ConfigError(problems)
+
+
+def forwarder_spec(balancer: BalancerSection) -> dict[str, Any]:
+    """What a forwarding process needs of [balancer]: the validated values (addresses as
+    [host, port], durations in seconds), which it uses as they are, without the config
+    models (kanmon.balancer.forwarder.settings)."""
+    return {"virtual_server": [vs.model_dump(mode="json") for vs in balancer.virtual_server],
+            "backlog": balancer.backlog, "splice": balancer.splice}
 
 
 @dataclass(eq=False)
@@ -558,17 +570,9 @@ class BalancerService:
             table.load_counts(slot, self._pools())  # a process started again goes on from its predecessor's totals
 
     def _worker_spec(self) -> dict[str, Any]:
-        """What a forwarding process needs of the config (kanmon.balancer.worker)."""
-        balancer = self.config.balancer
-        assert balancer is not None
-        vss = []
-        for v in self._virtuals:
-            d = v.vs.model_dump(mode="json")
-            d["listen"] = address_text(v.vs.listen)
-            for real, rs in zip(d["real"], v.vs.real):
-                real["address"] = address_text(rs.address)
-            vss.append(d)
-        return {"virtual_server": vss, "backlog": balancer.backlog, "splice": balancer.splice}
+        """What a forwarding process needs of the config (kanmon.balancer.forwarder)."""
+        assert self.config.balancer is not None
+        return forwarder_spec(self.config.balancer)
 
     def _write_status(self) -> None:
         try:

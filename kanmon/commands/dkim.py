@@ -24,10 +24,6 @@ from pydantic import ValidationError
 from kanmon.auth import dkimkeys
 from kanmon.commands.options import config_option, json_option, load_or_exit
 from kanmon.config import DkimSection, dkim_default_key_path, parse_hostport
-from kanmon.dnscheck.dkimstatus import key_statuses
-from kanmon.dnscheck.report import terminal_safe
-from kanmon.dnscheck.sources import SourceError
-from kanmon.dnscheck.targets import make_source
 
 
 def _fail(message: str) -> None:
@@ -118,6 +114,11 @@ def status(server: tuple[str, int] | None, as_json: bool, config_path: str | Non
     Exit 0: all good; 1: warnings (a key not signing yet is not published); 2: a signing
     key does not load or DNS does not publish it.
     """
+    from kanmon.dnscheck.dkimstatus import key_statuses  # noqa: PLC0415 - DNS checks (spf, cryptography) only for this command
+    from kanmon.dnscheck.report import terminal_safe  # noqa: PLC0415
+    from kanmon.dnscheck.sources import SourceError  # noqa: PLC0415
+    from kanmon.dnscheck.targets import make_source  # noqa: PLC0415
+
     config = load_or_exit(config_path)
     if not config.dkim:
         click.echo("no [[dkim]] keys configured: kanmon signs no mail (make one with kanmon dkim keygen)")

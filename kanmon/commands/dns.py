@@ -19,10 +19,6 @@ import click
 from kanmon.commands.admin_session import AdminSession
 from kanmon.commands.options import config_option, json_option, load_or_exit, load_with_path, shown
 from kanmon.config import parse_hostport
-from kanmon.dnscheck.checks import check_domain
-from kanmon.dnscheck.report import render_json, render_text
-from kanmon.dnscheck.sources import RecordingSource, SourceError
-from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets
 from kanmon.units import format_duration
 
 
@@ -96,6 +92,11 @@ def check(
 
     Exit 0: all good; 1: warnings; 2: errors.
     """
+    from kanmon.dnscheck.checks import check_domain  # noqa: PLC0415 - DNS checks (spf, cryptography) only for this command
+    from kanmon.dnscheck.report import render_json, render_text  # noqa: PLC0415
+    from kanmon.dnscheck.sources import RecordingSource, SourceError  # noqa: PLC0415
+    from kanmon.dnscheck.targets import TargetError, load_dkim_key, make_source, make_targets  # noqa: PLC0415
+
     if zones and server:
         raise click.UsageError("--zone and --server exclude each other: zone files are checked without DNS")
     # The config every command finds (-c, $KANMON_CONFIG, /etc/kanmon/kanmon.toml); the
