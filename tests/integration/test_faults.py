@@ -166,16 +166,22 @@ def test_disk_full_answers_452_or_451_never_250_and_mail_flows_again(small_disk)
 # -- corrupt spool entries at start ---------------------------------------------------------------
 
 
+def _recovery_in_children(monkeypatch) -> list:
+    """Make start-up recovery read even a tiny spool in two child processes
+    (kanmon.spool.recovery); the list returned collects each call of the parallel read."""
+    from kanmon.spool import recovery
+
+    calls: list = []
+    real_read = recovery._read_parallel
+    monkeypatch.setattr(recovery, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(recovery, "default_workers", lambda: 2)
+    monkeypatch.setattr(recovery, "_read_parallel", lambda *a: calls.append(a) or real_read(*a))
+    return calls
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "children"])
 def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_kept(tmp_path, parallel, monkeypatch):
-    if parallel:  # start-up recovery reads the spool in child processes (kanmon.spool.recovery)
-        from kanmon.spool import recovery
-
-        monkeypatch.setattr(recovery, "PARALLEL_FROM", 1)
-        monkeypatch.setattr(recovery, "default_workers", lambda: 2)
-        real_read = recovery._read_parallel
-        monkeypatch.setattr(recovery, "_read_parallel", lambda *a: read_in_children.append(a) or real_read(*a))
-    read_in_children: list = []
+    read_in_children = _recovery_in_children(monkeypatch) if parallel else []
     # A torn last line (a crash during an append) or damage: the strict decoder refuses
     # the line, recovery says so as an error (alerted), and the message stays queued.
     from kanmon.records.query import search_events
@@ -198,14 +204,7 @@ def test_a_damaged_journal_line_is_skipped_with_an_error_event_and_the_message_k
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "children"])
 def test_corrupt_spool_entries_are_moved_aside_with_a_critical_alert(tmp_path, parallel, monkeypatch):
-    if parallel:  # start-up recovery reads the spool in child processes (kanmon.spool.recovery)
-        from kanmon.spool import recovery
-
-        monkeypatch.setattr(recovery, "PARALLEL_FROM", 1)
-        monkeypatch.setattr(recovery, "default_workers", lambda: 2)
-        real_read = recovery._read_parallel
-        monkeypatch.setattr(recovery, "_read_parallel", lambda *a: read_in_children.append(a) or real_read(*a))
-    read_in_children: list = []
+    read_in_children = _recovery_in_children(monkeypatch) if parallel else []
     # The torn write is in test_relay_core.py; here: garbage, an empty file, a wrong
     # header, a good checksum around an envelope that is not one, and a flipped byte.
     data = tmp_path / "data"
