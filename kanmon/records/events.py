@@ -226,8 +226,9 @@ class Refused(Event):
         detail = f"; from=<{self.mail_from}>" if self.mail_from is not None else ""
         if self.rcpt:
             detail += f" to=<{self.rcpt}>"
+        check = f" check={self.check}" if self.check else ""
         return (f"NOQUEUE: reject: {self.stage} from {self.client}[{self.ip}]: {self.reply}{detail}"
-                f" proto={self.proto} helo=<{self.helo}>")
+                f" proto={self.proto} helo=<{self.helo}>{check}")
 
     def counts(self):
         rejected = (f"rejected|stage={self.stage}|class={reason_class(self.enhanced)}", 1)
@@ -254,7 +255,8 @@ class ConnectRefused(Event):
     check: str = ""
 
     def line(self) -> str:
-        return f"reject: connect from unknown[{self.ip}]: {self.reply} ({self.why})"
+        check = f" check={self.check}" if self.check else ""
+        return f"reject: connect from unknown[{self.ip}]: {self.reply} ({self.why}){check}"
 
     def counts(self):
         rejected = (f"rejected|stage=CONNECT|class={reason_class(self.enhanced)}", 1)

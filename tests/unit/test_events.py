@@ -24,13 +24,17 @@ LINES = [
     (ev.Refused("RCPT", "unknown", "127.0.0.1", "550 5.1.1 <x@example.test>: Recipient address rejected: User unknown",
                 "5.1.1", "a@b.test", "x@example.test", "ESMTP", "c", check="recipients"),
      "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <x@example.test>: Recipient address rejected: "
-     "User unknown; from=<a@b.test> to=<x@example.test> proto=ESMTP helo=<c>"),
+     "User unknown; from=<a@b.test> to=<x@example.test> proto=ESMTP helo=<c> check=recipients"),
     (ev.Refused("MAIL", "unknown", "::1", "452 4.3.1 Insufficient system storage", "4.3.1", "a@b.test", "", "ESMTP", "c"),
      "NOQUEUE: reject: MAIL from unknown[::1]: 452 4.3.1 Insufficient system storage; from=<a@b.test> proto=ESMTP helo=<c>"),
     (ev.Refused("HELO", "unknown", "::1", "501 5.5.4 Syntax", "5.5.4", None, "", "SMTP", ""),
      "NOQUEUE: reject: HELO from unknown[::1]: 501 5.5.4 Syntax proto=SMTP helo=<>"),
     (ev.ConnectRefused("127.0.0.1", "421 4.7.0 mx1 Too many connections", "4.7.0", "limit"),
      "reject: connect from unknown[127.0.0.1]: 421 4.7.0 mx1 Too many connections (limit)"),
+    (ev.ConnectRefused("127.0.0.1", "554 5.7.1 Service unavailable; client [127.0.0.1] blocked using zen.example",
+                       "5.7.1", "dnsbl", check="dnsbl"),
+     "reject: connect from unknown[127.0.0.1]: 554 5.7.1 Service unavailable; client [127.0.0.1] blocked using"
+     " zen.example (dnsbl) check=dnsbl"),
     (ev.ProxyRefused("192.0.2.9"), "reject: PROXY header from untrusted 192.0.2.9"),
     (ev.ProxyRefused("192.0.2.9", "bad signature"), "reject: bad PROXY header from 192.0.2.9: bad signature"),
     (ev.EarlyTalker("unknown", "192.0.2.9", 6, "554 5.5.1 Protocol error"),
