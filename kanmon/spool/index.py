@@ -143,9 +143,11 @@ class QueueIndex:
         self._entries: dict[str, Entry] = {}
         self._pool: dict[str, str] = {}
         self._pool_limit = _POOL_MIN
-        # reply text -> the ids of the entries whose pending_replies() hold it (the reason
-        # filter: its regex on the few distinct texts, then their ids; not every entry)
-        self._by_reply: dict[str, set[str]] = {}
+        # reply text -> the id (str) or ids (set, from the second on) of the entries whose
+        # pending_replies() hold it (the reason filter: its regex on the distinct texts, then
+        # their ids; not every entry). A text held by one entry (a reply quoting its own
+        # recipient or a server's session id: most of them) costs a dict slot, no set.
+        self._by_reply: dict[str, str | set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -239,7 +241,10 @@ class QueueIndex:
             for text in after - before:
                 ids = by.get(text)
                 if ids is None:
-                    by[text] = {queue_id}
+                    by[text] = queue_id
+                elif type(ids) is str:
+                    if ids != queue_id:
+                        by[text] = {ids, queue_id}
                 else:
                     ids.add(queue_id)
 
@@ -252,10 +257,17 @@ class QueueIndex:
         by = self._by_reply
         for text in texts:
             ids = by.get(text)
-            if ids is not None:
-                ids.discard(queue_id)
-                if not ids:
+            if ids is None:
+                continue
+            if type(ids) is str:
+                if ids == queue_id:
                     del by[text]
+                continue
+            ids.discard(queue_id)
+            if len(ids) == 1:
+                (by[text],) = ids
+            elif not ids:
+                del by[text]
 
     # -- changes --------------------------------------------------------------------------
 
@@ -298,7 +310,9 @@ class QueueIndex:
         """The entries with a pending reply for which match(text) is true (the reason
         filter): match is called once per distinct reply text, outside the lock (the
         queue manager's changes do not wait for a regex); the texts that matched and
-        still have entries then give their entries under it."""
+        still have entries then give their entries under it, in queue id order (ids
+        sort by time of arrival: an action's list and a backup's order do not depend on how
+        a set hashed them)."""
         with self._lock:
             texts = list(self._by_reply)
         found = [t for t in texts if match(t)]
@@ -306,10 +320,14 @@ class QueueIndex:
             by, ids = self._by_reply, set()
             for text in found:
                 qids = by.get(text)
-                if qids is not None:
+                if qids is None:
+                    continue
+                if type(qids) is str:
+                    ids.add(qids)
+                else:
                     ids |= qids
             entries = self._entries
-            return [entries[q] for q in ids]
+            return [entries[q] for q in sorted(ids)]
 
     def get(self, queue_id: str) -> Entry | None:
         return self._entries.get(queue_id)

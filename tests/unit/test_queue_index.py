@@ -283,7 +283,8 @@ def by_reply_of(idx) -> dict[str, set[str]]:
     for e in idx.entries():
         for text in e.pending_replies():
             out.setdefault(text, set()).add(e.queue_id)
-    return out
+    # a text of one entry is kept as its id alone, a set only from the second id on
+    return {text: next(iter(ids)) if len(ids) == 1 else ids for text, ids in out.items()}
 
 
 def test_the_reply_map_follows_every_change_and_answers_as_the_naive_filter(tmp_path):

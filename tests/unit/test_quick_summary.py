@@ -78,3 +78,12 @@ def test_a_million_keeps_its_columns_apart():
     big = {**SUMMARY, "total": {"count": 1_000_000, "counts": [1, 0, 999_999]}}
     assert "TOTAL 1000000" in summary_lines(big)[1]
     assert summary_lines(SUMMARY)[1].split() == ["TOTAL", "3", "1", "0", "2"]
+
+
+def test_a_domain_from_the_network_reaches_the_terminal_escaped():
+    # an SMTPUTF8 domain may carry C1 controls (CSI) and bidi overrides: never raw on a terminal
+    hostile = "ev\u009b31mil\u202e.example"
+    row = {"key": hostile, "count": 1, "counts": [0, 1, 0]}
+    lines = summary_lines({**SUMMARY, "rows": [row]})
+    assert not any(ch in "".join(lines) for ch in "\u009b\u202e")
+    assert lines[2].split()[0].startswith("ev") and lines[2].split()[1:] == ["1", "0", "1", "0"]
