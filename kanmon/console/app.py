@@ -69,6 +69,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'")
 ALERT_TEST_WAIT = 20.0
 TAIL_LIMIT = 200  # event lines one poll of the live tail brings at most
+CHART_TTL = {"hour": 60.0, "day": 300.0}  # the dashboard charts counted from shared records (PostgreSQL) are kept this long
 
 
 class Refused(Exception):
@@ -116,6 +117,7 @@ class ConsoleApp:
         # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self._link_secret: bytes | None = None  # the digest links' key, read on first use
+        self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, count): shared records only
         self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
         self.app.add_middleware(_Headers)
 
@@ -599,8 +601,19 @@ class ConsoleApp:
 
     async def _chart_stats(self, by: str, now: float) -> dict:
         """The dashboard's charts, 24 hours by hour and 30 days by day: the buckets only,
-        counted on each visit (from the history's counts per quarter hour: milliseconds)."""
-        return await self._stats(by, now - (24 * 3600 if by == "hour" else 30 * 86400), top=0)
+        counted on each visit from this node's records (their counts per quarter hour,
+        history_slots: milliseconds). Every node's records in PostgreSQL ([records] url)
+        have no such counts: there the count is a GROUP BY over the period's rows of every
+        node, kept CHART_TTL[by] seconds."""
+        since = now - (24 * 3600 if by == "hour" else 30 * 86400)
+        if not self.config.records.url:
+            return await self._stats(by, since, top=0)
+        cached = self._chart_cache.get(by)
+        if cached is not None and 0 <= now - cached[0] < CHART_TTL[by]:
+            return cached[1]
+        stats = await self._stats(by, since, top=0)
+        self._chart_cache[by] = (now, stats)
+        return stats
 
     async def _alerts(self, since: float) -> dict:
         from kanmon.alerts import read_alerts  # noqa: PLC0415

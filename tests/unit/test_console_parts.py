@@ -138,3 +138,36 @@ def test_a_node_without_a_console_does_not_import_the_web_stack() -> None:
             "print(sorted(m for m in ('starlette', 'uvicorn', 'jinja2', 'babel', 'kanmon.console.app') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_dashboard_charts_from_shared_records_are_kept_a_while_and_this_nodes_counted_each_visit():
+    """Every node's history in PostgreSQL has no counts per quarter hour: its chart (a
+    GROUP BY over the period) is kept CHART_TTL seconds; this node's own records are
+    counted on each visit (history_slots)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kanmon.console.app import CHART_TTL, ConsoleApp
+
+    def console(url: str | None):
+        asked: list = []
+
+        async def stats(by, since, top=5):
+            asked.append((by, since, top))
+            return {"count": len(asked)}
+
+        return SimpleNamespace(config=SimpleNamespace(records=SimpleNamespace(url=url)), _chart_cache={},
+                               _stats=stats), asked
+
+    def chart(c, by, now):
+        return asyncio.run(ConsoleApp._chart_stats(c, by, now))
+
+    shared, asked = console("postgresql://kanmon@127.0.0.1/kanmon")
+    assert chart(shared, "hour", 1000.0) == {"count": 1}
+    assert chart(shared, "hour", 1000.0 + CHART_TTL["hour"] - 1) == {"count": 1}  # kept
+    assert chart(shared, "day", 1001.0) == {"count": 2}  # each chart its own
+    assert chart(shared, "hour", 1000.0 + CHART_TTL["hour"]) == {"count": 3}  # counted again
+    assert chart(shared, "hour", 500.0) == {"count": 4}  # a clock set back does not keep an old count
+    assert asked[0] == ("hour", 1000.0 - 24 * 3600, 0) and asked[1] == ("day", 1001.0 - 30 * 86400, 0)
+    own, asked = console(None)
+    assert [chart(own, "hour", 1000.0) for _ in range(3)] == [{"count": 1}, {"count": 2}, {"count": 3}]
