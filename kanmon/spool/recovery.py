@@ -248,6 +248,11 @@ class _Child:
             self.proc.wait()
 
 
+# A child's record of one message: (id, reason, move) for a refused or unreadable file, or
+# entry_fields()'s 12 values and the message's schedule (read_one).
+_RECORD_LENGTHS = (3, 13)
+
+
 def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: int, chunk: int,
                    child_command: list[str] | None,
                    on_fallback: Callable[[str], None] | None) -> Iterator[tuple[list[str], list[tuple]]]:
@@ -268,8 +273,9 @@ def _read_parallel(queue_dir: str, state_dir: str, names: list[str], workers: in
                 try:
                     records = marshal.loads(child.frame(HANG_TIMEOUT))
                     if (type(records) is not list or len(records) != len(ids)
-                            or any(type(r) is not tuple or r[0] != q for r, q in zip(records, ids))):
-                        raise ValueError("sent records for other queue ids than asked")
+                            or any(type(r) is not tuple or len(r) not in _RECORD_LENGTHS or r[0] != q
+                                   for r, q in zip(records, ids))):
+                        raise ValueError("sent records for other queue ids than asked, or of no known shape")
                 except (OSError, ValueError, EOFError, TypeError, IndexError) as e:
                     code = child.exit_status()
                     child.stop(f"{e}" + (f" (exit status {code})" if code is not None else ""))

@@ -109,13 +109,22 @@ for i in range(0, len(names), n):
     sys.stdout.buffer.write(recovery._LEN.pack(len(data)) + data)
 """
 GARBAGE = "import sys; sys.stdin.buffer.read(); sys.stdout.buffer.write(b'\\0\\0\\0\\4junk')"
+SHORT_RECORDS = """
+import marshal, sys
+from kanmon.spool import recovery
+q, s, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+names = sys.stdin.buffer.read().decode().split("\\n")
+for i in range(0, len(names), n):
+    data = marshal.dumps([(x, 1.0) for x in names[i:i + n]])  # the right ids, records of no known shape
+    sys.stdout.buffer.write(recovery._LEN.pack(len(data)) + data)
+"""
 
 
 EXITS_UNREAD = "import os; os._exit(4)"  # before it reads its ids: the node's write may fail
 NOT_STARTED = None  # no such program: Popen fails
 
 
-@pytest.mark.parametrize("child", [DIES_AT_ONCE, DIES_AFTER_ONE, WRONG_IDS, GARBAGE, EXITS_UNREAD, NOT_STARTED])
+@pytest.mark.parametrize("child", [DIES_AT_ONCE, DIES_AFTER_ONE, WRONG_IDS, GARBAGE, SHORT_RECORDS, EXITS_UNREAD, NOT_STARTED])
 def test_a_child_that_fails_leaves_its_share_to_the_node_nothing_lost_or_doubled(spooled, child, tmp_path):
     data_dir, ids = spooled
     bad = ids[40]
