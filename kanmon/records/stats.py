@@ -240,6 +240,7 @@ _COUNTED_ROWS = ("SELECT first = 1, mail_from, disposition = 'Accept', lower(rcp
                  " WHERE ts >= ? AND ts < ? AND (first = 1 OR disposition = 'Accept')")
 HOUR = 3600
 CACHE_SPAN = 2 * 86400  # periods up to this long count their whole hours from _hour_cache
+CACHE_KEYS = 100_000  # addresses and domains kept per database at most (~15 MB): hours past it are counted each time
 _hour_cache: dict[tuple, tuple[tuple, tuple[Counter, Counter, Counter]]] = {}
 _hour_lock = threading.Lock()
 
@@ -271,6 +272,7 @@ def _period_counts(conn: sqlite3.Connection, path: Path, since: float, until: fl
         return _counted(conn, since, until)
     parts = [_counted(conn, since, first * HOUR), _counted(conn, end * HOUR, until)]
     kept: dict[tuple, tuple] = {}
+    keys = 0
     for h in range(first, end):
         mark = tuple(conn.execute("SELECT COUNT(*), MAX(id) FROM history WHERE ts >= ? AND ts < ?",
                                   (h * HOUR, (h + 1) * HOUR)).fetchone())
@@ -279,7 +281,10 @@ def _period_counts(conn: sqlite3.Connection, path: Path, since: float, until: fl
         with _hour_lock:
             hit = _hour_cache.get((db, h))
         counts = hit[1] if hit is not None and hit[0] == mark else _counted(conn, h * HOUR, (h + 1) * HOUR)
-        kept[(db, h)] = (mark, counts)
+        size = sum(map(len, counts))
+        if keys + size <= CACHE_KEYS:  # a relay of many distinct addresses keeps fewer hours, not more memory
+            kept[(db, h)] = (mark, counts)
+            keys += size
         parts.append(counts)
     with _hour_lock:  # only the hours of the latest period of each database stay
         for key in [k for k in _hour_cache if k[0] == db and k not in kept]:

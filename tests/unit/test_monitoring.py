@@ -422,6 +422,35 @@ def test_stats_count_the_whole_hours_once_and_again_when_rows_come_or_go(tmp_pat
     assert len(counted) >= 3 and ("late@x.test", 100) not in report.top_senders
 
 
+def test_the_hours_kept_for_stats_are_bounded_by_the_addresses_they_hold(tmp_path, monkeypatch):
+    """A relay of many distinct addresses: the hours kept hold at most CACHE_KEYS names in
+    all; the others are counted again on each request, and the report stays right."""
+    from kanmon.records import stats
+
+    now = 1_800_000_000.0 + 1234.5
+    path = tmp_path / "records.sqlite"
+    db = open_db(path)
+    with db:  # each of the last 24 hours: 10 rows of distinct senders, recipients and domains
+        db.executemany("INSERT INTO history(ts, mail_from, rcpt, disposition, queue_id, first) VALUES (?,?,?,?,?,?)",
+                       [(now - h * 3600 - 60 * i, f"s{h}.{i}@a.test", f"r@d{h}.{i}.test", "Accept", f"Q{h}.{i}", 1)
+                        for h in range(24) for i in range(10)])
+        db.executemany("INSERT INTO history(ts, mail_from, rcpt, disposition, queue_id, first) VALUES (?,?,?,?,?,?)",
+                       [(now - 2 * 86400 - 60 * i, "old@a.test", "r@old.test", "Accept", f"O{i}", 1)
+                        for i in range(5000)])  # older rows: the day is a small part (read once, not scanned)
+    db.close()
+    monkeypatch.setattr(stats, "CACHE_KEYS", 5 * 30)  # an hour holds 30 names (10 senders, recipients, domains)
+    stats._hour_cache.clear()
+    counted = []
+    real_counted = stats._counted
+    monkeypatch.setattr(stats, "_counted", lambda conn, a, b: counted.append((a, b)) or real_counted(conn, a, b))
+    first = collect(tmp_path, now - 86400, now, by="hour", top=3)
+    kept = [k for k in stats._hour_cache if k[0][0] == str(path)]
+    assert 0 < len(kept) and sum(sum(map(len, stats._hour_cache[k][1])) for k in kept) <= stats.CACHE_KEYS
+    counted.clear()
+    assert collect(tmp_path, now - 86400, now, by="hour", top=3) == first
+    assert len(counted) == 2 + 23 - len(kept)  # the ends and every hour not kept
+
+
 def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_database(tmp_path):
     """The console's DNS and balancer pages find these lines by kind (the events(kind, ts)
     index); the lines an older version wrote as "info" get their kind once, at migration."""
