@@ -127,6 +127,8 @@ class _SqliteDialect:
 
     @staticmethod
     def translate(sql: str) -> str:
+        sql = re.sub(r" INDEXED BY \w+", "", sql)  # SQLite's plan pinning: PostgreSQL plans its own
+        sql = sql.replace("instr(detail, ", "strpos(detail, ").replace(" AND json_valid(detail)", "")  # jsonb: always valid
         sql = re.sub(r"(\w+) = \? COLLATE NOCASE", r"lower(\1) = lower(?)", sql)
         sql = re.sub(r"json_extract\(detail, '\$\.(\w+)'\)", r"(detail::jsonb->>'\1')", sql)
         if sql.startswith("SELECT DISTINCT queue_id FROM history"):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-import kanmon.node
+import kanmon.policy.standard
 from kanmon.admin.accounts import AdminAccounts
 from kanmon.cli import main
 from kanmon.config import parse_config
@@ -96,7 +96,7 @@ class Relay:
 
 @pytest.fixture
 def relays(tmp_path, pg_url, monkeypatch):
-    monkeypatch.setattr(kanmon.node, "standard_pipeline",
+    monkeypatch.setattr(kanmon.policy.standard, "standard_pipeline",
                         lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
     started: list[Relay] = []
     try:
@@ -281,7 +281,7 @@ def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
 
 
 def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp_path, private_pg, monkeypatch):
-    monkeypatch.setattr(kanmon.node, "standard_pipeline",
+    monkeypatch.setattr(kanmon.policy.standard, "standard_pipeline",
                         lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
     mr1 = Relay(tmp_path, "mr1", private_pg.create_database())
     try:

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import kanmon.admin.service as admin_service
-import kanmon.node
+import kanmon.policy.standard
 from kanmon.admin.backup import BackupWriter
 from kanmon.admin.queue_ops import QueueOps
 from kanmon.cli import main
@@ -315,7 +315,7 @@ class QuarantineSubject(Check):
 def test_a_message_a_check_quarantines_waits_in_the_quarantine_until_released(site, monkeypatch):
     # A quarantine request puts the message in the quarantine store, not in the queue;
     # a release queues it under the same id and it is delivered.
-    monkeypatch.setattr(kanmon.node, "standard_pipeline",
+    monkeypatch.setattr(kanmon.policy.standard, "standard_pipeline",
                         lambda config, **io: Pipeline([*standard_checks(config, **io), QuarantineSubject()]))
     site.start()
     site.send("x@remote.example", ["alice@example.test"], "")  # the Subject asks for nothing: delivered
