@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from kanmon.configpath import DEFAULT_DATA_DIR
 from kanmon.cron import parse_schedule
 
 # ---------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class Section(BaseModel):
 
 class ServerSection(Section):
     hostname: str = Field("mx1.example.test", description="Name in the SMTP banner, EHLO and Received: headers")
-    data_dir: Path = Field(Path("./kanmon-data"), description="Spool, mailboxes, records and logs live here")
+    data_dir: Path = Field(Path(DEFAULT_DATA_DIR), description="Spool, mailboxes, records and logs live here")
     workers: int = Field(
         1, ge=0, le=64,
         description="SMTP receiver processes beside the main one (queue, delivery); 0: all in one process",

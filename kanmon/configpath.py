@@ -13,6 +13,7 @@ from pathlib import Path
 
 CONFIG_ENV = "KANMON_CONFIG"
 SYSTEM_CONFIG = Path("/etc/kanmon/kanmon.toml")
+DEFAULT_DATA_DIR = "./kanmon-data"  # [server] data_dir when the file does not set it (kanmon.config's default)
 
 
 def find_config(explicit: str | None, system: Path = SYSTEM_CONFIG) -> tuple[str | None, str | None]:

@@ -55,7 +55,7 @@ def _summary(argv: list[str]) -> bool:
         return False
     if by not in ("domain", "sender") or (before and len(before) != 2):
         return False
-    from kanmon.configpath import find_config  # noqa: PLC0415
+    from kanmon.configpath import DEFAULT_DATA_DIR, find_config  # noqa: PLC0415
     from kanmon.control import ControlClient  # noqa: PLC0415
 
     path, why = find_config(config)
@@ -63,7 +63,7 @@ def _summary(argv: list[str]) -> bool:
         return False  # the embedded default: the CLI says so and goes on
     try:
         with open(path, "rb") as f:
-            data_dir = tomllib.load(f).get("server", {}).get("data_dir", "./kanmon-data")
+            data_dir = tomllib.load(f).get("server", {}).get("data_dir", DEFAULT_DATA_DIR)
         if not isinstance(data_dir, str):
             return False
         with ControlClient(Path(data_dir), timeout=3600) as client:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from kanmon.admin.queue_ops import offline_queue_ops
+from kanmon.configpath import DEFAULT_DATA_DIR
 from kanmon.admin.reach import Unreachable, reach_queue
 from kanmon.alerts import STATE_FILE, StateFileError, decode_state
 from kanmon.config import Config
@@ -363,7 +364,7 @@ def restore_targets(config_path: Path, archived_config: bytes | None) -> Targets
         raise NodeBackupError(f"the configuration cannot be read: {e}") from None
     server = raw.get("server") or {}
     tls = raw.get("tls") or {}
-    return Targets(config_path, Path(server.get("data_dir", "./kanmon-data")),
+    return Targets(config_path, Path(server.get("data_dir", DEFAULT_DATA_DIR)),
                    {k: Path(tls[k]) for k in ("cert", "key") if isinstance(tls.get(k), str)})
 
 
