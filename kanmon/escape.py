@@ -3,7 +3,9 @@
 Role: the one place that says which characters a client's string may not carry into
 kanmon's own output. `for_log` escapes them (`\\x1b`, `\\t`, as Postfix logs them), so a
 log line stays one line of printable text and still shows what the client sent;
-`for_terminal` does the same for a table cell or any text printed to a TTY.
+`for_terminal` does the same for a table cell or any text printed to a TTY;
+`json_for_terminal` is the JSON a command prints (`--json`): the same value, with those
+characters written as JSON's `\\uXXXX` escapes.
 
 Covered: C0 controls (NUL, TAB, LF, CR, ESC...), DEL, C1 controls (U+0080-U+009F, which
 some terminals take as CSI/OSC), the line and paragraph separators, and the
@@ -15,7 +17,9 @@ lines keep their form), or raise.
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -49,3 +53,18 @@ def for_terminal(text: str, *, block: bool = False) -> str:
     if _UNSAFE_BLOCK.search(text) is None:
         return text
     return _UNSAFE_BLOCK.sub(_escape, text)
+
+
+# What json.dumps(ensure_ascii=False) leaves raw: it escapes C0 controls itself.
+_UNSAFE_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def json_for_terminal(value: Any, **dumps: Any) -> str:
+    """json.dumps(value, ensure_ascii=False, **dumps) with every unsafe character left
+    in it written as a `\\uXXXX` escape: the same JSON value, other text (Japanese,
+    UTF-8 addresses) readable as it is. (They can only occur inside JSON strings, where
+    the escape means the same character.)"""
+    text = json.dumps(value, ensure_ascii=False, **dumps)
+    if _UNSAFE_JSON.search(text) is None:
+        return text
+    return _UNSAFE_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

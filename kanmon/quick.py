@@ -17,10 +17,11 @@ it can answer.
 
 from __future__ import annotations
 
-import json
 import sys
 import tomllib
 from pathlib import Path
+
+from kanmon.escape import json_for_terminal
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def _summary(argv: list[str]) -> bool:
         print(f"kanmon: using {path} ({why})", file=sys.stderr)
     s = reply["result"]
     if as_json:
-        print(json.dumps(s, ensure_ascii=False, indent=1))
+        print(json_for_terminal(s, indent=1))
     else:
         from kanmon.qshape import summary_lines  # noqa: PLC0415
 

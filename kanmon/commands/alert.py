@@ -13,7 +13,6 @@ text from the network).
 
 from __future__ import annotations
 
-import json
 
 import click
 
@@ -27,6 +26,7 @@ from kanmon.commands.options import (
     shown,
 )
 from kanmon.config import ALERT_CATEGORIES
+from kanmon.escape import json_for_terminal
 
 WAIT_FOR_SERVER = 15.0
 
@@ -85,8 +85,8 @@ def alert_list(config_path, since, node, as_json) -> None:
         click.echo(shown(f"kanmon: shared records ({cfg.records.url}): {first}"), err=True)
         raise SystemExit(1) from None
     if as_json:
-        click.echo(json.dumps({"active": [dataclasses.asdict(a) for a in active],
-                               "recent": [dataclasses.asdict(a) for a in recent]}, ensure_ascii=False))
+        click.echo(json_for_terminal({"active": [dataclasses.asdict(a) for a in active],
+                               "recent": [dataclasses.asdict(a) for a in recent]}))
         return
 
     def where(a) -> str:

@@ -9,7 +9,6 @@ does not validate; show alert or error text unescaped (it may hold text from the
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import click
 
 from kanmon.commands.options import cell, config_option, format_time, json_option, load_or_exit, shown
 from kanmon.units import format_duration
+from kanmon.escape import json_for_terminal
 
 SILENT_AFTER = 3  # heartbeats missed before a node shows as silent
 
@@ -56,8 +56,8 @@ def cluster_status(config_path, as_json) -> None:
         for n in nodes:
             v = configs.get(n.node)
             config = {"version": v[0], "state": v[1], "error": v[2]} if v else None
-            click.echo(json.dumps({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT,
-                                   "config": config}, ensure_ascii=False))
+            click.echo(json_for_terminal({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT,
+                                   "config": config}))
         return
     if not nodes:
         click.echo("no node has reported yet (nodes report every "

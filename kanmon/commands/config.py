@@ -9,7 +9,6 @@ listens).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import click
 
 from kanmon.commands.options import EMBEDDED, config_option, exit_config_error, json_option, load_with_path
 from kanmon.config import ConfigError, example_config_text, parse_hostport, reference_markdown
+from kanmon.escape import json_for_terminal
 
 
 @click.group()
@@ -54,7 +54,7 @@ def config_check(config_path: str | None, as_json: bool) -> None:
     code = exit_code(findings)
     name = path or EMBEDDED
     if as_json:
-        click.echo(json.dumps({"config": name, "findings": [f.as_dict() for f in findings]}, ensure_ascii=False, indent=1))
+        click.echo(json_for_terminal({"config": name, "findings": [f.as_dict() for f in findings]}, indent=1))
         sys.exit(code)
     for f in findings:
         click.echo(f"{f.severity.upper():<7} {f.key}: {f.text}", err=f.severity != "note")

@@ -11,7 +11,6 @@ Never: use the system resolver when --zone or --server (or [dns] servers) is giv
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
 
 import click
@@ -20,6 +19,7 @@ from kanmon.commands.admin_session import AdminSession
 from kanmon.commands.options import config_option, json_option, load_or_exit, load_with_path, shown
 from kanmon.config import parse_hostport
 from kanmon.units import format_duration
+from kanmon.escape import json_for_terminal
 
 
 def _ip(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -143,7 +143,7 @@ def cache_show(limit: int, as_json: bool, config_path: str | None) -> None:
     with AdminSession(config, require_server=True) as admin:
         result = admin.call("dns_cache", {"action": "show", "limit": limit})
     if as_json:
-        click.echo(json.dumps(result, ensure_ascii=False, indent=1))
+        click.echo(json_for_terminal(result, indent=1))
         return
     click.echo(f"{result['entries']} answers ({result['positive']} positive, {result['negative']} negative; "
                f"at most {result['max_entries']}); {result['hits']} hits, {result['misses']} misses")

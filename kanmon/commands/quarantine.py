@@ -13,13 +13,13 @@ Never: open quarantine files itself.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from kanmon.commands.admin_session import AdminSession
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit, shown
+from kanmon.escape import json_for_terminal
 
 @click.group("quarantine")
 def quarantine() -> None:
@@ -50,7 +50,7 @@ def list_cmd(config_path, as_json, kind, mail_from, to, reason, older_than) -> N
         result = admin.call("quarantine_list", {"filters": filters})
     items = result["items"]
     if as_json:
-        click.echo(json.dumps(result, ensure_ascii=False))
+        click.echo(json_for_terminal(result))
         return
     if not items:
         click.echo("The quarantine is empty" if not any(filters.values()) else "No message matches")
@@ -79,7 +79,7 @@ def show_cmd(queue_id, lines, config_path, as_json) -> None:
     with AdminSession(cfg) as admin:
         r = admin.call("quarantine_show", {"id": queue_id, "lines": lines})
     if as_json:
-        click.echo(json.dumps(r, ensure_ascii=False))
+        click.echo(json_for_terminal(r))
         return
     click.echo(f"id: {r['id']} ({r['kind']} quarantine, since {format_time(r['stored'])})")
     click.echo(f"why: {shown(r['reason'], limit=200)}; check {r['check'] or '-'}; {r['classification']}"
@@ -128,7 +128,7 @@ def delete_cmd(queue_ids, config_path, as_json) -> None:
 
 def _report(r: dict, verb: str, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(r, ensure_ascii=False))
+        click.echo(json_for_terminal(r))
     else:
         for qid in r[verb]:
             click.echo(f"{qid}: {verb}")
@@ -156,7 +156,7 @@ def digest_cmd(since, dry_run, config_path, as_json) -> None:
     with AdminSession(cfg) as admin:
         r = admin.call("quarantine_digest", {"since_ago": seconds, "dry_run": dry_run})
     if as_json:
-        click.echo(json.dumps(r, ensure_ascii=False))
+        click.echo(json_for_terminal(r))
         return
     if not r["digests"]:
         click.echo("No spam quarantined for anyone in that period: no digest")

@@ -13,7 +13,6 @@ an expected error (exit 1 for a failed operation, 2 for bad arguments).
 
 from __future__ import annotations
 
-import json
 import sys
 import tarfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from kanmon.config import QueueFilter, parse_hostport
 from kanmon.qshape import summary_lines
 from kanmon.spool import journal
 from kanmon.units import format_duration
+from kanmon.escape import json_for_terminal
 
 
 
@@ -71,7 +71,7 @@ def make_filters(ids=(), state=None, **criteria) -> dict:
 
 
 def _echo_json(value) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False, indent=1))
+    click.echo(json_for_terminal(value, indent=1))
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import click
 from kanmon.commands.options import (
     cell, config_option, format_time, json_option, load_or_exit, parse_since, progress_bar, require_data_dir, shown,
 )
+from kanmon.escape import json_for_terminal
 
 
 @click.group()
@@ -118,7 +119,7 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
         )
     if as_json:
         for r in rows:
-            click.echo(json.dumps(r.as_dict(), ensure_ascii=False))
+            click.echo(json_for_terminal(r.as_dict()))
         return
     table = Table(box=None, header_style="bold")
     cols = ("time", "client", "from", "to", "subject", "size", "class", "disposition", "queue id", "status")
@@ -153,7 +154,7 @@ def trace(config_path, query, since, node, as_json) -> None:
         timelines = find(cfg.server.data_dir, query, parse_since(since))
     if as_json:
         for t in timelines:
-            click.echo(json.dumps(t.as_dict(), ensure_ascii=False))
+            click.echo(json_for_terminal(t.as_dict()))
         return
     if not timelines:
         click.echo(f"kanmon: nothing found for {query!r} in the last {since}", err=True)
@@ -216,7 +217,7 @@ def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
         with progress_bar("counting", not as_json) as progress:
             report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top, progress=progress)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
+        click.echo(json_for_terminal(report.as_dict()))
         return
     console = Console(width=120, force_terminal=False)
     whose = f", node {node}" if node else ", every node" if shared else ""
@@ -247,7 +248,7 @@ def _tls_stats(cfg, since: str, as_json: bool) -> None:
     start = parse_since(since) or 0.0
     reports = read_reports(cfg.server.data_dir, start, time.time())
     if as_json:
-        click.echo(json.dumps(reports, ensure_ascii=False))
+        click.echo(json_for_terminal(reports))
         return
     if not reports:
         click.echo(f"no outbound TLS sessions counted in the last {since} (reports in {report_dir(cfg.server.data_dir)})")

@@ -14,7 +14,6 @@ Never: write anything.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from email.utils import getaddresses
@@ -26,6 +25,7 @@ from kanmon.content.decode import decode_header_value
 from kanmon.content.inspect import inspect_message
 from kanmon.content.rules import CompiledProfile, Facts
 from kanmon.policy.content import content_profile_name
+from kanmon.escape import json_for_terminal
 
 @click.group("rules")
 def rules() -> None:
@@ -75,7 +75,7 @@ def test_cmd(message: str, profile_name: str | None, sender: str | None, rcpts: 
     v = found.verdict
     changed = v.action != "accept" or bool(v.subject_prefix or v.headers or v.score or v.bcc)
     if as_json:
-        click.echo(json.dumps({
+        click.echo(json_for_terminal({
             "profile": profile_name, "sender": sender, "recipients": list(rcpts), "from_outside": from_outside,
             "subject": found.message.subject,
             "matched": [{"rule": h.rule, "action": h.action, "why": h.why, "log_only": h.log_only} for h in v.hits],
@@ -85,7 +85,7 @@ def test_cmd(message: str, profile_name: str | None, sender: str | None, rcpts: 
             "outcome": {"action": v.action, "rule": v.rule, "reply": f"550 5.7.1 {v.reply_text}" if v.action == "reject" else "",
                         "subject_prefix": v.subject_prefix, "headers": [f"{n}: {val}" for n, val in v.headers],
                         "score": v.score, "redirect": v.redirect, "bcc": v.bcc},
-        }, ensure_ascii=False))
+        }))
         sys.exit(1 if changed else 0)
     click.echo(f"profile: {profile_name} (sender {shown(sender, limit=200) or '<>'}, "
                f"{'from outside' if from_outside else 'authenticated' if authenticated else 'from relay_networks'})")

@@ -10,7 +10,6 @@ from argv. Never: open the spool or the records database itself, or create data_
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from kanmon.admin.status import NOT_RUNNING, UNKNOWN, fetch_status, health
 from kanmon.control import REFUSED_USER
 from kanmon.commands.options import EMBEDDED, config_option, format_time, json_option, load_with_path
 from kanmon.units import format_duration
+from kanmon.escape import json_for_terminal
 
 
 @click.command()
@@ -39,16 +39,16 @@ def status(config_path: str | None, as_json: bool) -> None:
     doc, why = fetch_status(data_dir)
     if doc is None and REFUSED_USER in why:  # it runs, but will not tell this user
         if as_json:
-            click.echo(json.dumps({"running": True, "health": "unknown", "why": why, "data_dir": str(data_dir)},
-                                  ensure_ascii=False, indent=1))
+            click.echo(json_for_terminal({"running": True, "health": "unknown", "why": why, "data_dir": str(data_dir)},
+                                  indent=1))
         else:
             click.echo(f"kanmon: running, status unknown ({why}); run as the service's user or root")
         sys.exit(UNKNOWN)
     code, reasons = health(doc)
     if as_json:
         out = doc if doc is not None else {"running": False, "why": why, "data_dir": str(data_dir)}
-        click.echo(json.dumps({**out, "health": "not running" if code == NOT_RUNNING else
-                               "degraded" if code else "healthy", "reasons": reasons}, ensure_ascii=False, indent=1))
+        click.echo(json_for_terminal({**out, "health": "not running" if code == NOT_RUNNING else
+                               "degraded" if code else "healthy", "reasons": reasons}, indent=1))
         sys.exit(code)
     if doc is None:
         click.echo(f"kanmon: not running ({why}; config {path or EMBEDDED})")

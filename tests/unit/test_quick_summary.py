@@ -87,3 +87,25 @@ def test_a_domain_from_the_network_reaches_the_terminal_escaped():
     lines = summary_lines({**SUMMARY, "rows": [row]})
     assert not any(ch in "".join(lines) for ch in "\u009b\u202e")
     assert lines[2].split()[0].startswith("ev") and lines[2].split()[1:] == ["1", "0", "1", "0"]
+
+
+def test_the_json_summary_reaches_the_terminal_escaped(tmp_path, capsys):
+    hostile = "ev\u009b31mil\u202e.example"
+    row = {"key": hostile, "count": 1, "counts": [0, 1, 0]}
+    data_dir, cfg = config(tmp_path)
+
+    async def handler(request, progress=None):
+        return {"ok": True, "result": {**SUMMARY, "rows": [row]}}
+
+    async def main():
+        server = ControlServer(data_dir, handler)
+        await server.start()
+        try:
+            return await asyncio.to_thread(quick._summary, ["queue", "summary", "-c", cfg, "--json"])
+        finally:
+            await server.stop()
+
+    assert asyncio.run(main()) is True
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\u009b\u202e")
+    assert json.loads(out)["rows"][0]["key"] == hostile
