@@ -39,6 +39,7 @@ import select
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -188,17 +189,18 @@ class _Child:
         self.buf = bytearray()
         self.failed = ""
         self.proc: subprocess.Popen | None = None
+        # The ids go in a private, already unlinked file, not a pipe: writing megabytes
+        # of them into a pipe would block the node's start on a child that does not read
+        # (hung as it starts); from a file it reads them when it can, and a child that
+        # sends nothing is stopped after HANG_TIMEOUT like any other.
         try:
-            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        except OSError as e:  # no interpreter to start, no processes left...: its share is read here
+            with tempfile.TemporaryFile() as ids:
+                ids.write("\n".join(names).encode("utf-8", "surrogateescape"))
+                ids.flush()
+                ids.seek(0)
+                self.proc = subprocess.Popen(command, stdin=ids, stdout=subprocess.PIPE)
+        except OSError as e:  # no interpreter to start, no processes left, no room...: its share is read here
             self.failed = f"could not be started: {e}"
-            return
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("\n".join(names).encode("utf-8", "surrogateescape"))
-            self.proc.stdin.close()
-        except OSError as e:
-            self.stop(f"could not be given its queue ids: {e}")
 
     def frame(self, timeout: float) -> bytes:
         """The next frame; OSError if it does not come whole."""
@@ -235,12 +237,11 @@ class _Child:
     def close(self) -> None:
         if self.proc is None:
             return
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
+        if self.proc.stdout is not None:
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -177,3 +177,27 @@ def test_the_first_walk_after_recovery_does_not_list_the_queue_again(spooled, mo
         assert [p for p in listed if str(p).endswith("queue")]
     finally:
         records.close()
+
+
+def test_a_child_that_hangs_before_reading_its_ids_does_not_block_the_start(tmp_path):
+    # A big share of ids (more than a pipe holds) for a child that never reads them: the
+    # node's start goes on, and the frame that does not come fails after the hang timeout.
+    import threading
+
+    from kanmon.spool import recovery
+
+    names = [f"{i:016X}" for i in range(200_000)]  # ~3.4 MB of ids
+    made: list = []
+    t = threading.Thread(target=lambda: made.append(recovery._Child(
+        [sys.executable, "-c", "import time; time.sleep(600)"], names)), daemon=True)
+    t.start()
+    t.join(120)
+    try:
+        assert made, "the node blocked giving a child its queue ids"
+        child = made[0]
+        assert not child.failed
+        with pytest.raises(OSError, match="sent nothing"):
+            child.frame(0.2)
+    finally:
+        for child in made:
+            child.stop("test over")
