@@ -53,6 +53,9 @@ async def wait_until(predicate: Callable[[], bool], what: str, deadline: float =
 # A stand-in relay
 
 
+SETTLE_TURNS = 10  # loop turns from an accepted connection to its handler's first step (~4)
+
+
 @dataclass
 class Conn:
     peer: tuple[str, int]
@@ -90,6 +93,16 @@ class FakeRelay:
     async def kill(self) -> None:
         """Like a crashed process: the listener goes and every connection is reset."""
         assert self._server is not None
+        # A connection accepted just before the kill (a health check's) takes a few loop
+        # turns (accept, transport, connection_made, the handler's first step) before its
+        # handler holds its writer, and Python 3.11's Server.close() during them leaks its
+        # socket (the transport's Server._attach fails): stop accepting, let those turns
+        # run, then close; the handler's writer is aborted below.
+        loop = asyncio.get_running_loop()
+        for sock in self._server.sockets:
+            loop.remove_reader(sock.fileno())
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
         self._server.close()
         await self._server.wait_closed()
         self._server = None
