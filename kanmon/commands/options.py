@@ -18,7 +18,6 @@ config prints each bad key and exits 2. Never: print a traceback for an expected
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
