@@ -312,7 +312,8 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     owner = str(os.getpid())
     try:
         # Connections this process id held in an earlier life are not held any more.
-        await state.submit(state.gauges.drop_owner, owner)
+        await _forget_places(state, owner, records, index, "the connection counts of an earlier process "
+                             "with its id are not dropped")
         for s in servers:
             await s.start()
         gcpolicy.settle_after_start()  # what start-up built, out of the collector's sight
@@ -334,11 +335,26 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     finally:
         for s in servers:
             await s.stop()
-        await state.submit(state.gauges.drop_owner, owner)
+        await _forget_places(state, owner, records, index, "its connection counts are left to the main process")
         spool.close()
         state.close()
         records.close()
         notify.close()
+
+
+async def _forget_places(state, owner: str, records, index: int, left: str) -> None:
+    """Drop what this process id holds in the shared connection gauge (at start: an
+    earlier process of the same id; at exit: its own). The shared state down
+    (PostgreSQL) is one event line, never the receiver's end: the places stay until the
+    main process drops them after this receiver's exit, or the node's next start."""
+    from kanmon.escape import for_log
+    from kanmon.records.events import Error
+
+    try:
+        await state.submit(state.gauges.drop_owner, owner)
+    except Exception as e:  # noqa: BLE001 - shared state down: serve without it
+        records.record(Error(f"SMTP receiver {index} (pid {owner}): shared state unavailable, {left}: "
+                             + for_log(f"{type(e).__name__}: {e}")))
 
 
 def main(argv: list[str] | None = None) -> int:

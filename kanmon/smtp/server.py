@@ -23,6 +23,7 @@ timeout sweeper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
@@ -308,7 +309,12 @@ class Prober:
         checks answer from a probe from the first client on); then the rounds start."""
         if self._first is None:
             self._first = self.loop.run_in_executor(self._executor, self.pipeline.refresh)
-        await asyncio.shield(self._first)
+            self._first.add_done_callback(self._probed)
+        # A first probe that fails (the shared state down for the greylist's prune) is an
+        # event, as every later one: the checks answer by their failure modes meanwhile,
+        # and the listener listens.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._first)
         if self._task is None and not self.closed:
             self._task = asyncio.ensure_future(self._run())
 
