@@ -34,6 +34,7 @@ from kanmon.auth.dkimsign import load_signer
 from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.config import Config, load_config
 from kanmon.dnscache import DnsCache
+from kanmon.escape import for_log
 from kanmon.listeners import bind_listener
 
 __all__ = ["ExitedShares", "ReceiverPool", "bind_listener", "main"]
@@ -82,8 +83,6 @@ class ExitedShares:
         return list(self._pending)
 
     async def _run(self) -> None:
-        from kanmon.escape import for_log  # noqa: PLC0415
-
         delay = CLEANUP_RETRY
         while self._pending:
             owner = next(iter(self._pending))
@@ -438,7 +437,6 @@ async def _forget_places(state, owner: str, records, index: int, left: str) -> N
     earlier process of the same id; at exit: its own). The shared state down
     (PostgreSQL) is one event line, never the receiver's end: the places stay until the
     main process drops them after this receiver's exit, or the node's next start."""
-    from kanmon.escape import for_log
     from kanmon.records.events import Error
 
     try:
