@@ -69,7 +69,7 @@ from kanmon.tlscert import server_cert_paths, server_context
 from kanmon.userdb import Directory, UserFile, users_path
 
 if TYPE_CHECKING:
-    from kanmon.receiver import ReceiverPool
+    from kanmon.receiver import ExitedShares, ReceiverPool
     from kanmon.smtp.server import SmtpServer
 
 # The mail and store roles' listeners (SMTP server, accept checks, receiver processes,
@@ -230,6 +230,7 @@ class Node:
         self._reload_lock = asyncio.Lock()
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
+        self._exited_shares: ExitedShares | None = None  # with receiver processes: their gauge cleanup
 
     def _records_failed(self, text: str) -> None:
         """From the records writer thread: raise the `records` alert on the loop (or
@@ -435,7 +436,7 @@ class Node:
     def _receiver_pool(self, config: Config, socks, workers: int, text: str | None) -> ReceiverPool:
         """The SMTP/submission sockets (bound by the node, errors show at start) handed
         to the receiver processes."""
-        from kanmon.receiver import ReceiverPool  # noqa: PLC0415 - only with [server] workers
+        from kanmon.receiver import ExitedShares, ReceiverPool  # noqa: PLC0415 - only with [server] workers
 
         plan = [(a, "smtp", False) for a in config.smtp.listen]
         if config.submission is not None:
@@ -445,10 +446,12 @@ class Node:
         listeners = [{"fd": s.fileno(), "role": role, "tls": tls} for s, (_a, role, tls) in zip(sockets, plan)]
         assert self.queue is not None and self.records is not None
         source, snapshot = self._config_snapshot("receivers", text)
-        state = self.state
+        if self._exited_shares is None:  # one for the node: a reload's pools share it
+            self._exited_shares = ExitedShares(self.state, self.records.emit)
+        shares = self._exited_shares
 
         async def receiver_exited(pid: int) -> None:
-            await state.submit(state.gauges.drop_owner, str(pid))  # the connections it held are gone
+            shares.add(str(pid))  # the connections it held are gone (in the background: the state may be down)
             # The DATA it was spilling (never answered 250) would otherwise stay until the next start.
             assert self.spool is not None
             for path in self.spool.incoming.glob(f"data-{pid:x}.*"):
@@ -572,6 +575,8 @@ class Node:
                 self._tg = None
                 await self._stop_agents()
                 await self._stop_frontends()
+                if self._exited_shares is not None:
+                    await self._exited_shares.close()
                 for service in reversed(started):
                     await service.stop()
                 self.listen.close()

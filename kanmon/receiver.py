@@ -34,17 +34,88 @@ from kanmon.auth.dkimsign import load_signer
 from kanmon.children import die_with_parent, module_command, wait_ready
 from kanmon.config import Config, load_config
 from kanmon.dnscache import DnsCache
+from kanmon.escape import for_log
 from kanmon.listeners import bind_listener
 
-__all__ = ["ReceiverPool", "bind_listener", "main"]
+__all__ = ["ExitedShares", "ReceiverPool", "bind_listener", "main"]
 
 RESTART_DELAY = 1.0  # seconds before a receiver that died is started again
+RESTART_DELAY_MAX = 60.0  # ... doubled after each one that died before it listened, up to this
+CLEANUP_RETRY = 0.5  # seconds before the cleanup of an exited receiver's gauge places is tried again
+CLEANUP_RETRY_MAX = 30.0  # ... doubled after each failure, up to this
 WHAT = "an SMTP receiver process"  # in the errors of a start
 READY_TIMEOUT = 60.0  # seconds a new receiver may take to listen (at start and reload)
 
 
 # ---------------------------------------------------------------------------
 # Main-process side
+
+
+class ExitedShares:
+    """The main process's cleanup of the places exited receivers held in the shared
+    connection gauge (`drop_owner` of each one's pid), in the background: with the shared
+    state down (PostgreSQL), it is tried again after CLEANUP_RETRY seconds, doubled after
+    each failure up to CLEANUP_RETRY_MAX, until it is done; the node serves meanwhile
+    (the places held by a dead process only make the shared limits count a little high).
+    One event line when a receiver's cleanup first fails, one when it is done at last.
+    What is still to drop when the node stops is dropped by its next start
+    (gauges.clear)."""
+
+    def __init__(self, state, emit: Callable[..., None], *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.state = state
+        self.emit = emit
+        self._sleep = sleep
+        self._pending: dict[str, None] = {}  # owners (pids) to drop, in order
+        self._failed: set[str] = set()  # owners whose failure was said
+        self._task: asyncio.Future[None] | None = None
+        self._closing = False
+
+    def add(self, owner: str) -> None:
+        """The receiver of pid `owner` exited: drop its places (now, or when the state answers)."""
+        if self._closing:
+            return
+        self._pending[owner] = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def pending(self) -> list[str]:
+        return list(self._pending)
+
+    async def _run(self) -> None:
+        delay = CLEANUP_RETRY
+        while self._pending:
+            owner = next(iter(self._pending))
+            try:
+                await self.state.submit(self.state.gauges.drop_owner, owner)
+            except Exception as e:  # noqa: BLE001 - shared state down: try again later
+                if owner not in self._failed:
+                    self._failed.add(owner)
+                    self.emit(f"shared state unavailable: the connection counts of SMTP receiver pid {owner} are "
+                              "not dropped yet, trying again in the background: " + for_log(f"{type(e).__name__}: {e}"),
+                              kind="error")
+                if self._closing:
+                    return
+                await self._sleep(delay)
+                delay = min(delay * 2, CLEANUP_RETRY_MAX)
+                continue
+            del self._pending[owner]
+            delay = CLEANUP_RETRY
+            if owner in self._failed:
+                self._failed.discard(owner)
+                self.emit(f"shared state: the connection counts of SMTP receiver pid {owner} dropped")
+
+    async def close(self) -> None:
+        """The node stops: a cleanup under way finishes (one that fails is not tried again);
+        one waiting to try again is given up (the node's next start drops it)."""
+        self._closing = True
+        task = self._task
+        if task is None or task.done():
+            return
+        if self._failed:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class ReceiverPool:
@@ -79,6 +150,7 @@ class ReceiverPool:
         self._listening: set[subprocess.Popen] = set()  # said "ready"
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._stopped = asyncio.Event()  # set with _stopping: ends a wait before a restart
         self._ready: list[asyncio.Event] = [asyncio.Event() for _ in range(count)]
         # A supervisor restarts its receiver only while its generation is the index's
         # current one: retire_one() moves the index on, restore() starts a new supervisor.
@@ -160,7 +232,9 @@ class ReceiverPool:
     async def _supervise(self, index: int, generation: int) -> None:
         loop = asyncio.get_running_loop()
         ready = self._ready[index]
+        backoff = RESTART_DELAY  # before the next start after one that never listened
         while not self._stopping and self._generation[index] == generation:
+            listened = False
             read_fd, write_fd = os.pipe()
             fds = [s.fileno() for s in self.sockets] + [write_fd]
             cmd = [*module_command("kanmon.receiver"), "--index", str(index), "--notify-fd", str(write_fd),
@@ -187,6 +261,7 @@ class ReceiverPool:
                         self.on_queued(arg)
                     elif kind == "ready":
                         self._listening.add(proc)
+                        listened = True
                         ready.set()
             finally:
                 transport.close()
@@ -203,10 +278,24 @@ class ReceiverPool:
             if self._stopping or self._generation[index] != generation:
                 return  # stopped, or retired after a reload
             if not ready.is_set():
-                return  # it never listened: start() reports it (a loop would hide the reason)
-            self.emit(f"warning: SMTP receiver {index} (pid {proc.pid}) exited with status {code}; restarting",
-                      kind="error")
-            await asyncio.sleep(RESTART_DELAY)
+                return  # the first one never listened: start() reports it (a loop would hide the reason)
+            # One that listened is started again after RESTART_DELAY; one that died before
+            # it listened (what kills it at its start may last: a loop of starts would
+            # cost the node its CPU and the log its lines) after twice the previous delay,
+            # up to RESTART_DELAY_MAX.
+            if listened:
+                delay = backoff = RESTART_DELAY
+            else:
+                delay, backoff = backoff, min(backoff * 2, RESTART_DELAY_MAX)
+            when = "" if listened else " before it listened"
+            self.emit(f"warning: SMTP receiver {index} (pid {proc.pid}) exited with status {code}{when}; "
+                      f"restarting in {delay:g}s", kind="error")
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait `delay` seconds before a restart; stop() ends the wait."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), delay)
 
     async def retire(self) -> None:
         """After a reload: each receiver stops accepting, finishes its sessions under the
@@ -225,6 +314,7 @@ class ReceiverPool:
 
     async def stop(self, sig: int = signal.SIGTERM, wait: float | None = 10) -> None:
         self._stopping = True
+        self._stopped.set()
         for proc in list(self._live):
             if proc.poll() is None:
                 # SIGHUP asks a receiver to finish its sessions; one that never listened has none.
@@ -312,7 +402,8 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     owner = str(os.getpid())
     try:
         # Connections this process id held in an earlier life are not held any more.
-        await state.submit(state.gauges.drop_owner, owner)
+        await _forget_places(state, owner, records, index, "the connection counts of an earlier process "
+                             "with its id are not dropped")
         for s in servers:
             await s.start()
         gcpolicy.settle_after_start()  # what start-up built, out of the collector's sight
@@ -334,11 +425,25 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     finally:
         for s in servers:
             await s.stop()
-        await state.submit(state.gauges.drop_owner, owner)
+        await _forget_places(state, owner, records, index, "its connection counts are left to the main process")
         spool.close()
         state.close()
         records.close()
         notify.close()
+
+
+async def _forget_places(state, owner: str, records, index: int, left: str) -> None:
+    """Drop what this process id holds in the shared connection gauge (at start: an
+    earlier process of the same id; at exit: its own). The shared state down
+    (PostgreSQL) is one event line, never the receiver's end: the places stay until the
+    main process drops them after this receiver's exit, or the node's next start."""
+    from kanmon.records.events import Error
+
+    try:
+        await state.submit(state.gauges.drop_owner, owner)
+    except Exception as e:  # noqa: BLE001 - shared state down: serve without it
+        records.record(Error(f"SMTP receiver {index} (pid {owner}): shared state unavailable, {left}: "
+                             + for_log(f"{type(e).__name__}: {e}")))
 
 
 def main(argv: list[str] | None = None) -> int:

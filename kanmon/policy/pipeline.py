@@ -334,9 +334,18 @@ class Pipeline:
         return bool(self.hooks_for(profile)[stage])
 
     def refresh(self) -> None:
-        """Run the checks' probes (blocking I/O: the listener calls this in its probe thread)."""
+        """Run the checks' probes (blocking I/O: the listener calls this in its probe thread).
+        One that raises does not keep the others from running; the first error is raised
+        after them."""
+        error: Exception | None = None
         for r in self._refreshers:
-            r()
+            try:
+                r()
+            except Exception as e:  # noqa: BLE001 - raised below, once every probe ran
+                if error is None:
+                    error = e
+        if error is not None:
+            raise error
 
     def name_client(self, client: ClientInfo) -> None:
         """Name a client the checks remember (no I/O): its connect event then says who it is."""

@@ -23,6 +23,7 @@ timeout sweeper.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
@@ -46,6 +47,7 @@ from kanmon.policy.authcheck import AuthVerified
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
 from kanmon.policy.profiles import profile_for
 from kanmon.policy.standard import relay_access
+from kanmon.escape import for_log
 from kanmon.records import events as ev
 from kanmon.records.store import Records, header_fields
 from kanmon.smtp import proxy_protocol, replies
@@ -108,11 +110,14 @@ class GaugeBatch:
     limit is given back at once, as before."""
 
     def __init__(self, state: SharedState, owner: str, clock: Callable[[], float],
-                 spawn: Callable[[Awaitable[None]], object]):
+                 spawn: Callable[[Awaitable[None]], object], said: Callable[[ev.Event], None] | None = None):
+        """said: where the gauge's outage and return are told (the records), once each."""
         self.state = state
         self.owner = owner
         self.clock = clock
         self.spawn = spawn
+        self.said = said
+        self.unavailable = False  # the last transaction failed (the shared state is down)
         self._takes: list[tuple[tuple[str, ...], tuple[str, ...], asyncio.Future[list[int]]]] = []
         self._releases: list[str] = []
         self._running = False
@@ -234,12 +239,27 @@ class GaugeBatch:
                 try:
                     totals = await self.state.submit(self.state.gauges.apply, self.owner, releases,
                                                      [k for ks in wanted for k in ks], self.clock())
-                except Exception as e:  # noqa: BLE001 - each taker decides; releases are dropped with the owner's rows
+                except Exception as e:  # noqa: BLE001 - each taker decides (the process's own count still limits)
                     for _, local, fut in takes:
                         self._undo_local(local)
                         if not fut.done():
                             fut.set_exception(e)
+                    # The releases go with the next transaction (the next take, release or
+                    # trim starts it): never a loop of failing transactions with no taker.
+                    self._releases[:0] = releases
+                    if not self.unavailable:
+                        self.unavailable = True
+                        if self.said is not None:
+                            self.said(ev.Error("connection gauge unavailable (the connection limits count this "
+                                               "process's connections only until it answers): "
+                                               + for_log(f"{type(e).__name__}: {e}")))
+                    if not self._takes:
+                        return
                     continue
+                if self.unavailable:
+                    self.unavailable = False
+                    if self.said is not None:
+                        self.said(ev.Note("connection gauge available again"))
                 i = 0
                 for (keys, local, fut), ks in zip(takes, wanted):
                     mine, i = totals[i:i + len(ks)], i + len(ks)
@@ -308,7 +328,12 @@ class Prober:
         checks answer from a probe from the first client on); then the rounds start."""
         if self._first is None:
             self._first = self.loop.run_in_executor(self._executor, self.pipeline.refresh)
-        await asyncio.shield(self._first)
+            self._first.add_done_callback(self._probed)
+        # A first probe that fails (the shared state down for the greylist's prune) is an
+        # event, as every later one: the checks answer by their failure modes meanwhile,
+        # and the listener listens.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._first)
         if self._task is None and not self.closed:
             self._task = asyncio.ensure_future(self._run())
 
@@ -414,7 +439,8 @@ class SmtpServer:
         self.per_ip: Counter[str] = Counter()
         self.state = state
         self.gauge_owner = str(os.getpid())
-        self.gauge = GaugeBatch(state, self.gauge_owner, clock, self.spawn) if state is not None else None
+        self.gauge = (GaugeBatch(state, self.gauge_owner, clock, self.spawn, records.record)
+                      if state is not None else None)
         self._servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
@@ -809,8 +835,7 @@ class SmtpProtocol(asyncio.Protocol):
         assert server.gauge is not None
         try:
             totals = await server.gauge.acquire(*keys, limits=limits)
-        except Exception as e:  # noqa: BLE001 - the process's own count still limits
-            server.records.record(ev.Error(f"connection gauge unavailable: {type(e).__name__}: {e}"), session=self.sid)
+        except Exception:  # noqa: BLE001 - the process's own count still limits; the batch says it once
             totals = [0, 0]
         else:
             self._gauged = keys

@@ -30,7 +30,7 @@ from kanmon import clusterconfig
 from kanmon.cli import main
 from kanmon.config import parse_config
 from tests.support.dnsserver import DnsServer
-from tests.support.kanmon_node import KanmonProcess, free_port, maildir_messages, wait_for, wait_port
+from tests.support.kanmon_node import KanmonProcess, free_port, maildir_messages, wait_banner, wait_for, wait_port
 from tests.support.postgres import PgServer
 from tests.support.smtpsink import SmtpSink
 
@@ -133,6 +133,7 @@ class Node(KanmonProcess):
     def wait_listening(self) -> None:
         try:
             wait_port(self.host, self.port, 90)  # a loaded CI machine starts three interpreters at once
+            wait_banner(self.host, self.port, 90)  # the receivers listen: the node serves
         except AssertionError:
             self.kill()
             raise AssertionError(f"{self.config_file} did not start: {self.stderr_tail()}") from None

@@ -600,3 +600,31 @@ def test_a_failing_probe_and_failing_effects_are_error_events(tmp_path):
         assert all(kind in ERROR_KINDS for _, kind, _ in records.events)
 
     asyncio.run(main())
+
+
+def test_a_listener_whose_first_probe_fails_listens_and_every_probe_runs(tmp_path, monkeypatch):
+    """The first probe runs before the listener listens; one that raises (the shared state
+    down for the greylist's prune) is an event, not the listener's end, and does not keep
+    the other checks' probes (the free disk) from running."""
+    monkeypatch.setattr(server_module, "SWEEP_INTERVAL", 3600.0)
+    config = parse_config(CONFIG.format(data_dir=tmp_path, extra="", min_free_disk="0"))
+
+    async def main() -> None:
+        probe = Probe()
+        records = FakeRecords()
+        spool = Spool(tmp_path, fsync=False)
+        server = SmtpServer(config, Pipeline([BrokenProbe(), probe]), spool, records,  # type: ignore[arg-type]
+                            lambda *a: None, None, listeners=[("127.0.0.1", 0, False)])
+        try:
+            await server.start()
+            assert probe.calls == 1
+            host, port = server._servers[0].sockets[0].getsockname()[:2]
+            reader, writer = await asyncio.open_connection(host, port)
+            assert (await reader.readline()).startswith(b"220")
+            writer.close()
+            await until(lambda: any(kind == "probe-failed" for _, kind, _ in records.events), "the probe's event")
+        finally:
+            await server.stop()
+            spool.close()
+
+    asyncio.run(main())

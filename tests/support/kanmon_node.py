@@ -79,6 +79,22 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     wait_for(ok, timeout, f"{host}:{port} to listen")
 
 
+def wait_banner(host: str, port: int, timeout: float = 10.0) -> None:
+    """Until a connection to host:port is greeted with 220: with receiver processes the
+    main process binds the port before they listen, so a port that accepts does not yet
+    say the node serves (a test that stops a dependency then would stop it under the
+    receivers' start)."""
+    def ok() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.settimeout(5)
+                return s.recv(512).startswith(b"220")
+        except OSError:
+            return False
+
+    wait_for(ok, timeout, f"the 220 greeting of {host}:{port}")
+
+
 def make_config(template: str, data_dir: Path, host: str = "127.0.0.1", port: int | None = None, **extra) -> tuple[Config, str]:
     port = port or free_port(host)
     text = template.format(port=port, data_dir=str(data_dir), host=host, **extra)

@@ -226,3 +226,43 @@ def test_a_failed_transaction_leaves_the_kept_places_it_used_kept():
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
+
+
+# -- the shared state down --------------------------------------------------------------------
+
+
+def test_an_outage_is_said_once_and_its_end_once_and_its_releases_go_with_the_next_transaction():
+    async def main():
+        state, tasks, said = SlowState(), set(), []
+
+        def spawn(coro):
+            t = asyncio.ensure_future(coro)
+            tasks.add(t)
+            return t
+
+        batch = GaugeBatch(state, "pid1", lambda: 1000.0, spawn, said.append)
+        for _ in range(10):
+            state.gate.release()  # every transaction goes through; the test counts them
+        assert await batch.acquire(*KEYS) == [1, 1]
+        state.fail = True
+        batch.release(KEYS)  # a connection ends during the outage
+        await asyncio.gather(*tasks)
+        assert len(state.calls) == 2  # its transaction failed, and was not tried again in a loop
+        other = ("smtp 192.0.2.2", "smtp *")
+        for _ in range(2):
+            with pytest.raises(OSError):
+                await batch.acquire(*other)
+        await asyncio.gather(*tasks)
+        assert [c[1] for c in state.calls[1:]] == [list(KEYS)] * 3  # the release went with each try
+        assert [type(e).__name__ for e in said] == ["Error"]  # said once for the outage
+        assert said[0].line().startswith("connection gauge unavailable") and "state down" in said[0].line()
+        state.fail = False
+        assert await batch.acquire(*other) == [1, 1]  # the release applied before the take
+        await asyncio.gather(*tasks)
+        assert state.calls[-1][1] == list(KEYS)
+        assert (state.gauges.count(KEYS[0]), state.gauges.count("smtp *")) == (0, 1)
+        assert [e.line() for e in said[1:]] == ["connection gauge available again"]
+        assert await batch.acquire(*other) == [2, 2]
+        assert len(said) == 2  # nothing more while it answers
+
+    asyncio.run(main())
