@@ -17,7 +17,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 
 def module_command(module: str, *args: str) -> list[str]:
@@ -45,6 +45,48 @@ async def wait_ready(events: Iterable[asyncio.Event], supervisors: Iterable[asyn
     finally:
         for w in waits:
             w.cancel()
+
+
+async def pipe_lines(fd: int, limit: int) -> AsyncIterator[bytes]:
+    """The lines a child writes to the read end `fd` of its pipe (each with its b"\\n",
+    the last one perhaps without), until end of file; `fd` is closed at the end, once.
+    A line longer than `limit` bytes is dropped (read past, never kept whole).
+
+    Not `loop.connect_read_pipe(..., os.fdopen(fd))`: uvloop closes such a pipe twice
+    (libuv closes the descriptor, then the file object closes its number again), and a
+    file another thread opened between the two (a queue file, a Maildir file) lost its
+    descriptor: "Bad file descriptor" in the queue manager as a receiver exited."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    pending = b""
+    overlong = False  # reading past a line longer than limit
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not chunk:
+                break
+            pending += chunk
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                if not overlong and end + 1 - start <= limit:
+                    yield pending[start:end + 1]
+                overlong = False
+                start = end + 1
+            pending = pending[start:]
+            if len(pending) > limit:
+                pending, overlong = b"", True
+        if pending and not overlong:
+            yield pending
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def die_with_parent() -> None:

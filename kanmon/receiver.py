@@ -31,7 +31,7 @@ from pathlib import Path
 
 from kanmon import gcpolicy
 from kanmon.auth.dkimsign import load_signer
-from kanmon.children import die_with_parent, module_command, wait_ready
+from kanmon.children import die_with_parent, module_command, pipe_lines, wait_ready
 from kanmon.config import Config, load_config
 from kanmon.dnscache import DnsCache
 from kanmon.escape import for_log
@@ -247,24 +247,15 @@ class ReceiverPool:
             os.close(write_fd)
             self._procs[index] = proc
             self._live.add(proc)
-            reader = asyncio.StreamReader(limit=1 << 16)
-            transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-            )
-            try:
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        break  # the receiver exited (or closed its end)
-                    kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
-                    if kind == "queued" and arg:
-                        self.on_queued(arg)
-                    elif kind == "ready":
-                        self._listening.add(proc)
-                        listened = True
-                        ready.set()
-            finally:
-                transport.close()
+            # Until the receiver exits (or closes its end); the pipe is closed after.
+            async for line in pipe_lines(read_fd, 1 << 16):
+                kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+                if kind == "queued" and arg:
+                    self.on_queued(arg)
+                elif kind == "ready":
+                    self._listening.add(proc)
+                    listened = True
+                    ready.set()
             code = await loop.run_in_executor(None, proc.wait)
             self._live.discard(proc)
             self._listening.discard(proc)

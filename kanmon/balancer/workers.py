@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kanmon.children import module_command
+from kanmon.children import module_command, pipe_lines
 
 if TYPE_CHECKING:
     from kanmon.balancer.shared import SharedTable
@@ -108,24 +108,12 @@ class WorkerPool:
                 proc.stdin.write(spec.encode())  # on stdin: a long argv would show in every `ps`
                 proc.stdin.close()
             self._procs[slot] = proc
-            reader = asyncio.StreamReader(limit=MAX_LINE)
-            transport, _ = await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0))
-            try:
-                while True:
-                    try:
-                        line = await reader.readline()
-                    except (ValueError, asyncio.LimitOverrunError):
-                        continue
-                    if not line:
-                        break
-                    kind, _, text = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
-                    if kind == "ready":
-                        self._ready[slot].set()
-                    elif kind == "say":
-                        self.say(text)
-            finally:
-                transport.close()
+            async for line in pipe_lines(read_fd, MAX_LINE):  # until it exits; closes the pipe
+                kind, _, text = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
+                if kind == "ready":
+                    self._ready[slot].set()
+                elif kind == "say":
+                    self.say(text)
             code = await loop.run_in_executor(None, proc.wait)
             self.table.clear_slot(slot)
             if self._procs.get(slot) is proc:
