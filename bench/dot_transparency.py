@@ -4,7 +4,8 @@ What the relay does to a message's dots, and only that, with the tree on PYTHONP
 it once per tree to compare two): the SMTP session takes DATA in 64 KiB reads (the scan
 for the end, the unstuffing) up to its StoreMessage, and the outbound client makes the
 bytes after DATA (encode_data of what model.checked_body gives, CrlfChecked in a tree
-without it). The tree is the one on PYTHONPATH (it needs its tests/ too), not this file's. Messages of smtp-source's shape (no line starts with a dot) and one with
+without it). The tree is the one on PYTHONPATH (it needs its tests/ too), not this
+file's. Messages of smtp-source's shape (no line starts with a dot) and one with
 dot-leading lines. Prints microseconds per message (best of 7 batches); asserts nothing.
 
     PYTHONPATH=$PWD python bench/dot_transparency.py
