@@ -410,7 +410,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     from kanmon.deliver.sieving import SieveFilter
     from kanmon.deliver.smtp import SmtpDelivery
     from kanmon.dnscache import DnsCache
-    from kanmon.model import CrlfChecked
+    from kanmon.model import checked_body
     from kanmon.records.store import Records
     from kanmon.spool.groupcommit import GroupCommitter
     from kanmon.spool.store import CorruptEntry, Spool
@@ -483,8 +483,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
                 results = await local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice,
                                               queue_id=qid)
             else:
-                if env.crlf_checked:
-                    content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
+                content = checked_body(env, content)  # checked at DATA: the client need not scan it again
                 results = await remote.deliver_route(qid, env, rcpts, content, route)
             t = time.time()
             out.send({"k": "done", "n": n, "results": [result_to_wire(r, t) for r in results]})

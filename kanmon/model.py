@@ -146,6 +146,10 @@ class Envelope:
     # The content was checked at DATA: CRLF line ends only (no bare CR or LF). The
     # outbound client then need not scan it again before sending.
     crlf_checked: bool = False
+    # Whether a line of the content starts with a dot, seen by the scan at DATA: True, none
+    # does (the outbound client need not double any dot, checked_body); False, one does;
+    # None, not known (an older queue file, mail kanmon wrote itself): scan as before.
+    no_dot_lines: bool | None = None
     # RFC 3461 DSN parameters the client gave (empty: none given, our defaults apply).
     dsn_ret: str = ""  # FULL | HDRS (MAIL RET=)
     dsn_envid: str = ""  # MAIL ENVID=, decoded from xtext
@@ -194,3 +198,24 @@ class CrlfChecked(bytes):
     session refuses anything else at DATA): the outbound client need not scan it again."""
 
     __slots__ = ()
+
+
+class DotFree(CrlfChecked):
+    """A CrlfChecked body in which no line starts with a dot (seen at DATA): the outbound
+    client sends it without doubling dots (RFC 5321 4.5.2) and without scanning for them."""
+
+    __slots__ = ()
+
+
+def has_dot_line(block: bytes) -> bool:
+    """Whether a line of block (CRLF line ends, starting at a line's start) starts with a dot."""
+    return block.startswith(b".") or b"\r\n." in block
+
+
+def checked_body(env: Envelope, content: bytes) -> bytes:
+    """content as its envelope lets the outbound client trust it: DotFree when it is CRLF
+    only and no line starts with a dot, CrlfChecked when it is CRLF only, else unchanged."""
+    if not env.crlf_checked:
+        return content
+    kind = DotFree if env.no_dot_lines is True else CrlfChecked
+    return content if type(content) is kind else kind(content)

@@ -37,7 +37,7 @@ from kanmon.auth.dkimsign import load_signer
 from kanmon.clock import SystemClock
 from kanmon.config import Config
 from kanmon.deliver.local import LocalDelivery
-from kanmon.model import CrlfChecked, Envelope, RecipientResult, Reply, Status, describe_reply
+from kanmon.model import Envelope, RecipientResult, Reply, Status, checked_body, describe_reply
 from kanmon.queue.inject import Injector
 from kanmon.queue.plan import DELAYED, DELIVERED, FAILED, RELAYED, NoticeRequest, Settings, attempt_now, plan_attempt
 from kanmon.records.events import BOUNCED, DEFERRED, SENT, Delivery, Error, NoticeQueued, NoticeSkipped, Removed
@@ -370,8 +370,8 @@ class QueueManager:
                                           queue_id=queue_id)
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
-        if agents is None and env.crlf_checked and not isinstance(content, CrlfChecked):
-            content = CrlfChecked(content)  # checked at DATA: the client need not scan it again
+        if agents is None and content is not None:
+            content = checked_body(env, content)  # checked at DATA: the client need not scan it again
         async with self._destination_slot(route.key):
             started = time.monotonic()
             if agents is not None:

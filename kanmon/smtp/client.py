@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kanmon.model import CrlfChecked, Envelope, LocalReply, Reply, describe_reply
+from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, describe_reply
 from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
@@ -173,18 +173,19 @@ def encode_data(body: bytes) -> bytes:
 
     Bare CR and bare LF become CRLF (no smuggling downstream, CVE-2023-51764), unless the
     body is CrlfChecked; the body ends with CRLF, leading dots are doubled (RFC 5321
-    4.5.2). All C-level scans.
+    4.5.2), unless the body is DotFree (no line starts with a dot). All C-level scans.
     """
+    dot_free = isinstance(body, DotFree)
     if not isinstance(body, CrlfChecked):
         crlf = body.count(b"\r\n")
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
             body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
-    # RFC 5321 4.5.2: transparency.
-    body = body.replace(b"\r\n.", b"\r\n..")
-    if body.startswith(b"."):
-        body = b"." + body
+    if not dot_free:  # RFC 5321 4.5.2: transparency.
+        body = body.replace(b"\r\n.", b"\r\n..")
+        if body.startswith(b"."):
+            body = b"." + body
     return body + b".\r\n"
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from kanmon.auth.dkimsign import OFF_LOOP_SIZE, Signer, load_signer
 from kanmon.config import Config, SessionProfile
 from kanmon.listeners import stop_accepting
-from kanmon.model import ClientInfo, Envelope, Reply
+from kanmon.model import ClientInfo, Envelope, Reply, has_dot_line
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.authcheck import AuthVerified
 from kanmon.policy.pipeline import Decision, Outcome, Pipeline
@@ -1200,11 +1200,14 @@ class SmtpProtocol(asyncio.Protocol):
             # DKIM: signed once, here, so the spool (or the quarantine) holds what goes out
             # (docs/authentication.md, "Signing outgoing mail").
             try:
-                if len(a.content) > OFF_LOOP_SIZE:
+                unsigned = len(a.content)
+                if unsigned > OFF_LOOP_SIZE:
                     a.content = await asyncio.get_running_loop().run_in_executor(
                         None, server.signer.signed, a.content, server.clock(), True)
                 else:
                     a.content = server.signer.signed(a.content, server.clock(), True)
+                if a.envelope.no_dot_lines and has_dot_line(a.content[: len(a.content) - unsigned]):
+                    a.envelope.no_dot_lines = False  # said of what is stored (the fields on top too)
             except Exception as e:  # noqa: BLE001 - promise 7: 451 and an event, never an unsigned surprise
                 server.records.record(ev.Error(f"error signing message: {type(e).__name__}: {e}"), a.queue_id, session=self.sid)
                 self.waiting_for_us = False

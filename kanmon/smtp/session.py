@@ -42,7 +42,7 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
-from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, new_queue_id
+from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, has_dot_line, new_queue_id
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
@@ -263,6 +263,7 @@ class Session:
         self._spilled = 0  # octets spilled (what the message will be)
         self._spill_bad = False  # a bare CR or LF was in what was spilled
         self._line_start = True  # the next content octet begins a line
+        self._dot_seen = False  # a line of this DATA starts with a dot (the scan for its end saw it)
         self._now = now
         self._auth_mech = ""  # mechanism waiting for input (AUTH_INPUT)
         self._auth_user = ""  # LOGIN: the user name given so far
@@ -761,6 +762,7 @@ class Session:
         self._spilling = self._spill_bad = False
         self._spilled_pre = self._spilled = 0
         self._line_start = True
+        self._dot_seen = False
         self._reply(replies.START_DATA, out)
 
     def _rset(self, arg: str, out: list[Action]) -> None:
@@ -878,7 +880,10 @@ class Session:
         if self.settings.bare_lf:
             self._feed_data_lf(out)
             return
-        end = self._data.find(b"\r\n.\r\n", self._scan_from)
+        if self._dot_seen:
+            end = self._data.find(b"\r\n.\r\n", self._scan_from)
+        else:
+            end = self._find_end_noting_dots()
         if end < 0:
             if self._data_len > limit + 4096:
                 # Too big: keep reading to the end, keep only the tail for the scan.
@@ -899,6 +904,25 @@ class Session:
             self._finish_spilled(content, out)
             return
         self._finish_data(content, out)
+
+    def _find_end_noting_dots(self) -> int:
+        """Where <CRLF>.<CRLF> starts (-1: not read yet), found by a scan for "<CRLF>."
+        that notes a line starting with a dot on its way (the virtual CRLF before the
+        content covers the first line). Most messages have none: then the only hit is the
+        end, the scan costs what the search for the end alone costs, and neither the
+        unstuffing nor the outbound client need look for dots again (Envelope.no_dot_lines).
+        After the first such line, the search for the end alone goes on."""
+        data = self._data
+        i = data.find(b"\r\n.", self._scan_from)
+        if i < 0:
+            return -1
+        after = data[i + 3 : i + 5]
+        if after == b"\r\n":
+            return i
+        if after in (b"", b"\r"):
+            return -1  # not read yet: the caller scans again from at most 4 octets back
+        self._dot_seen = True
+        return data.find(b"\r\n.\r\n", i)
 
     def _feed_data_lf(self, out: list[Action]) -> None:
         """DATA from a client whose bare LF is normalised: a "." line ends it whether the
@@ -940,6 +964,7 @@ class Session:
                 if data[i + 3] == 10:  # <LF>.<CRLF>
                     end, after = i, i + 4
                     break
+            self._dot_seen = True  # a line starts with a dot
             pos = i + 2
         rest = bytes(data[after:])
         content = bytes(data[2 : end + 1])  # drop the context (virtual CRLF), keep the last line end
@@ -970,11 +995,12 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return
-        # RFC 5321 4.5.2: remove the transparency dot.
-        if content.startswith(b".."):
-            content = content[1:]
-        if b"\r\n.." in content:
-            content = content.replace(b"\r\n..", b"\r\n.")
+        # RFC 5321 4.5.2: remove the transparency dot (no line starts with one: nothing to do).
+        if self._dot_seen:
+            if content.startswith(b".."):
+                content = content[1:]
+            if b"\r\n.." in content:
+                content = content.replace(b"\r\n..", b"\r\n.")
         if len(content) > self.settings.max_message_size:
             self._end_transaction()
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
@@ -992,7 +1018,8 @@ class Session:
             self._reject("DATA", replies.HEADER_TOO_BIG, out, tx.envelope, may_close=False, check="max_header_size")
             return
         ctx = Context(self.client, tx.envelope, content=content, header_end=header_end)
-        self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, d, out), out)
+        no_dots = not self._dot_seen
+        self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, no_dots, d, out), out)
 
     # -- a message bigger than the DATA buffer: spilled as it arrives ------------------------
     #
@@ -1032,10 +1059,11 @@ class Session:
         self._spilled_pre += len(piece)
         if self._spill_bad:
             return b""  # refused at the end: nothing more is written
-        if line_start and piece.startswith(b".."):
-            piece = piece[1:]  # RFC 5321 4.5.2
-        if b"\r\n.." in piece:
-            piece = piece.replace(b"\r\n..", b"\r\n.")
+        if self._dot_seen:  # the scan for the end has seen every line start of the piece
+            if line_start and piece.startswith(b".."):
+                piece = piece[1:]  # RFC 5321 4.5.2
+            if b"\r\n.." in piece:
+                piece = piece.replace(b"\r\n..", b"\r\n.")
         self._spilled += len(piece)
         return piece
 
@@ -1068,7 +1096,8 @@ class Session:
         self.state = State.WAIT_CONTENT
         out.append(ReadSpooled(self._spilled))
 
-    def _data_decided(self, content: bytes, d: Decision, out: list[Action]) -> None:
+    def _data_decided(self, content: bytes, no_dots: bool, d: Decision, out: list[Action]) -> None:
+        """no_dots: no line of content starts with a dot (the scan at DATA saw none)."""
         tx = self._tx
         assert tx is not None
         if not d.accepted:
@@ -1076,7 +1105,8 @@ class Session:
             self._reject("DATA", d.reply, out, tx.envelope, decision=d, may_close=False)  # as the other DATA refusals
             return
         _merge(tx, d)
-        if d.content is not None:
+        rewritten = d.content is not None
+        if rewritten:
             content = d.content  # a check rewrote the message (a forged field removed, the Subject tagged)
         queue_id = new_queue_id(self._now or None)
         env = tx.envelope
@@ -1087,11 +1117,14 @@ class Session:
         if amend is not None:
             if amend.subject_prefix:
                 content = prefix_subject(content, amend.subject_prefix)
+                rewritten = True
             if amend.redirect or amend.bcc:
                 _reroute(env, amend.redirect, amend.bcc)
         trace = self._received_header(queue_id, env)
         if tx.headers:
-            trace += _header_lines(tx.headers)
+            trace += _header_lines(tx.headers)  # a content rule's field name may start with a dot
+        # What is stored is said of, whatever changed it: a rewritten message is scanned again.
+        env.no_dot_lines = not has_dot_line(trace) and (not has_dot_line(content) if rewritten else no_dots)
         self.state = State.WAIT_STORE
         out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine,
                                 amend.discard if amend is not None else "", d.findings, tx.quarantine_check,

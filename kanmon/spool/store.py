@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kanmon.model import ClientInfo, Envelope
+from kanmon.model import ClientInfo, Envelope, has_dot_line
 from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
 from kanmon.spool.index import Entry, QueueIndex
@@ -78,6 +78,8 @@ def envelope_to_json(env: Envelope) -> bytes:
     }
     if env.crlf_checked:
         data["crlf"] = True
+    if env.no_dot_lines is not None:  # seen at DATA (older files, and mail we write, have none: not known)
+        data["nodots"] = env.no_dot_lines
     # RFC 3461 parameters, only when the client gave them (older files have none).
     if env.dsn_ret:
         data["ret"] = env.dsn_ret
@@ -122,7 +124,8 @@ def envelope_from_json(raw: bytes) -> Envelope:
             client=client, size_hint=count(d, "size_hint", 0, schema.MAX_SIZE),
             body_8bit=flag(d, "8bit", False), smtputf8=flag(d, "utf8", False),
             received_at=schema.time_value(d, "at", 0.0), is_notice=flag(d, "notice", False),
-            crlf_checked=flag(d, "crlf", False), dsn_ret=ret, dsn_envid=text(d, "envid", ""),
+            crlf_checked=flag(d, "crlf", False), no_dot_lines=flag(d, "nodots") if "nodots" in d else None,
+            dsn_ret=ret, dsn_envid=text(d, "envid", ""),
             dsn_notify=schema.text_map(d, "notify"), dsn_orcpt=schema.text_map(d, "orcpt"),
         )
     except (SchemaError, ValueError, RecursionError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -133,7 +136,7 @@ _CLIENT_TEXTS = (("name", "unknown", schema.MAX_TEXT), ("helo", "", schema.MAX_T
                  ("tls", "", schema.MAX_TEXT), ("cipher", "", schema.MAX_TEXT), ("auth", "", MAX_ADDRESS))
 _ENV_MAPS = ("orcpts", "notify", "orcpt")
 _json_decode = json.JSONDecoder().decode  # json.loads() less its encoding detection
-_ENV_FLAGS = ("8bit", "utf8", "notice", "crlf")
+_ENV_FLAGS = ("8bit", "utf8", "notice", "crlf", "nodots")
 
 
 def envelope_fields_fast(raw: bytes) -> tuple[str, list[str], float] | None:
@@ -681,9 +684,14 @@ class Spool:
         if zlib.crc32(content, zlib.crc32(ej)) != crc:
             raise CorruptEntry(f"{what}: checksum mismatch")
         try:
-            return envelope_from_json(ej)
+            env = envelope_from_json(ej)
         except CorruptEntry as e:
             raise CorruptEntry(f"{what}: {e}") from None
+        if env.no_dot_lines and has_dot_line(content):
+            # A file from elsewhere (a backup, another node) that says "nodots" of a
+            # content with such a line would reach the next hop undoubled: a lone "." ends DATA there.
+            raise CorruptEntry(f"{what}: nodots is true but a line starts with a dot")
+        return env
 
     def import_raw(self, queue_id: str, queue_bytes: bytes, state_bytes: bytes) -> bool:
         """Put a message exported by export_raw() into this queue; False if it is already here.

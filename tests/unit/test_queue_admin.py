@@ -146,6 +146,19 @@ def test_import_raw_is_idempotent_and_checks_the_crc(tmp_path):
     b.close()
 
 
+def test_import_raw_refuses_nodots_said_of_a_content_with_a_dot_line(tmp_path):
+    # Such a file would go out undoubled: a "." line would end DATA at the next hop.
+    b = Spool(tmp_path / "b", fsync=False)
+    env = Envelope("a@b.example", ["c@d.example"], crlf_checked=True, no_dot_lines=True)
+    for content in (b"Subject: x\r\n\r\na\r\n.\r\nMAIL FROM:<evil@x>\r\n", b".first\r\n"):
+        with pytest.raises(CorruptEntry, match="nodots"):
+            b.import_raw(new_queue_id(), encode_queue_file(env, content), b"")
+    qid = new_queue_id()
+    assert b.import_raw(qid, encode_queue_file(env, b"Subject: x\r\n\r\nno dot. here\r\n"), b"") is True
+    assert b.load(qid).envelope.no_dot_lines is True
+    b.close()
+
+
 # -- the archive -------------------------------------------------------------------------------
 
 

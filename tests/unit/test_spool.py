@@ -117,3 +117,50 @@ def test_dsn_parameters_survive_the_spool_and_old_envelopes_decode_without_them(
     for bad in (b'"ret":"ALL"', b'"notify":{"c@d.example":1}', b'"orcpt":[]', b'"envid":7'):
         with pytest.raises(ValueError):
             envelope_from_json(old[:-1] + b"," + bad + b"}")
+
+
+def test_no_dot_lines_flag_survives_the_spool_and_an_old_file_means_unknown(tmp_path):
+    from kanmon.spool.store import envelope_fields_fast, envelope_from_json, envelope_to_json
+
+    spool = Spool(tmp_path)
+    for flag in (True, False, None):
+        q = new_queue_id()
+        e = env()
+        e.crlf_checked, e.no_dot_lines = True, flag
+        asyncio.run(spool.store(q, e, b"a\r\n"))
+        assert spool.load(q).envelope.no_dot_lines is flag
+        assert (b'"nodots"' in envelope_to_json(e)) is (flag is not None)  # an unknown is not written
+    spool.close()
+    assert env().no_dot_lines is None
+    # Decoded strictly, by the full decoder and the fast one of start-up recovery alike.
+    plain = envelope_to_json(env())
+    for bad in (b"null", b"1", b'"true"', b"[]"):
+        raw = plain[:-1] + b',"nodots":' + bad + b"}"
+        with pytest.raises(CorruptEntry, match="nodots"):
+            envelope_from_json(raw)
+        assert envelope_fields_fast(raw) is None
+    assert envelope_from_json(plain[:-1] + b',"nodots":true}').no_dot_lines is True
+    assert envelope_fields_fast(plain[:-1] + b',"nodots":false}') is not None
+
+
+def test_checked_body_lets_the_outbound_client_skip_the_dots_only_when_told():
+    from kanmon.model import CrlfChecked, DotFree, checked_body
+    from kanmon.smtp.client import encode_data
+
+    e = env()
+    body = b"Subject: x\r\n\r\n.a\r\nb\r\n"
+    assert type(checked_body(e, body)) is bytes  # not checked at DATA: scanned and normalised
+    e.crlf_checked = True
+    assert type(checked_body(e, body)) is CrlfChecked  # an old file: no "nodots", dots doubled
+    assert encode_data(checked_body(e, body)) == b"Subject: x\r\n\r\n..a\r\nb\r\n.\r\n"
+    e.no_dot_lines = False
+    assert type(checked_body(e, body)) is CrlfChecked
+    assert type(checked_body(e, DotFree(body))) is CrlfChecked  # the envelope has the last word
+    e.no_dot_lines = True
+    assert type(checked_body(e, body)) is DotFree and checked_body(e, body) == body
+    e.crlf_checked = False
+    assert type(checked_body(e, body)) is bytes  # dot-free means nothing for unchecked line ends
+    # A DotFree body goes out as it is: trusted like CrlfChecked, nothing doubled or scanned.
+    assert encode_data(DotFree(b"a\r\nb\r\n")) == b"a\r\nb\r\n.\r\n"
+    assert encode_data(DotFree(b".a\r\n.b")) == b".a\r\n.b\r\n.\r\n"  # (what it would do with a lie)
+    assert encode_data(DotFree(b"")) == b".\r\n"
