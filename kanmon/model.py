@@ -212,6 +212,21 @@ def has_dot_line(block: bytes) -> bool:
     return block.startswith(b".") or b"\r\n." in block
 
 
+def flags_problem(env: Envelope, content: bytes) -> str | None:
+    """What the envelope says of its content that the content does not bear out, or None.
+    For a file that comes from elsewhere (a backup, another node, the shared quarantine):
+    the outbound client trusts "crlf" and "nodots" (checked_body), and a bare LF or a dot
+    line sent on that trust would reach the next hop unnormalised or undoubled, where a
+    lone "." ends DATA (smuggling)."""
+    if env.crlf_checked:
+        crlf = content.count(b"\r\n")
+        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+            return "crlf is true but a line ends in a bare CR or LF"
+    if env.no_dot_lines and has_dot_line(content):
+        return "nodots is true but a line starts with a dot"
+    return None
+
+
 def checked_body(env: Envelope, content: bytes) -> bytes:
     """content as its envelope lets the outbound client trust it: DotFree when it is CRLF
     only and no line starts with a dot, CrlfChecked when it is CRLF only, else unchanged."""

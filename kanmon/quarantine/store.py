@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from kanmon.model import Envelope, is_queue_id
+from kanmon.model import Envelope, flags_problem, is_queue_id
 from kanmon.spool.groupcommit import fsync_dir, write_durably
 from kanmon.spool.store import CorruptEntry, decode_queue_header, encode_queue_file, envelope_from_json
 
@@ -97,6 +97,10 @@ def decode_entry(queue_id: str, data: bytes, meta: Meta) -> tuple[Entry, bytes]:
         env = envelope_from_json(ej)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptEntry(f"{queue_id}: bad envelope: {e}") from None
+    # Entries come from elsewhere too (a node backup's quarantine, the shared quarantine in
+    # PostgreSQL); a release sends the content on the trust of these flags.
+    if (problem := flags_problem(env, content)) is not None:
+        raise CorruptEntry(f"{queue_id}: {problem}")
     return Entry(queue_id, env, len(content), meta), content
 
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kanmon.model import ClientInfo, Envelope, has_dot_line
+from kanmon.model import ClientInfo, Envelope, flags_problem
 from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
 from kanmon.spool.index import Entry, QueueIndex
@@ -687,10 +687,8 @@ class Spool:
             env = envelope_from_json(ej)
         except CorruptEntry as e:
             raise CorruptEntry(f"{what}: {e}") from None
-        if env.no_dot_lines and has_dot_line(content):
-            # A file from elsewhere (a backup, another node) that says "nodots" of a
-            # content with such a line would reach the next hop undoubled: a lone "." ends DATA there.
-            raise CorruptEntry(f"{what}: nodots is true but a line starts with a dot")
+        if (problem := flags_problem(env, content)) is not None:  # a file from elsewhere (a backup, another node)
+            raise CorruptEntry(f"{what}: {problem}")
         return env
 
     def import_raw(self, queue_id: str, queue_bytes: bytes, state_bytes: bytes) -> bool:

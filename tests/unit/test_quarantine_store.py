@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
-from kanmon.quarantine.store import Meta, Quarantine, QuarantineError, QuarantineStore
+from kanmon.quarantine.store import Meta, Quarantine, QuarantineError, QuarantineStore, decode_entry
 from kanmon.spool.store import CorruptEntry
 from kanmon.state import pgquarantine
 from kanmon.state.pgquarantine import PgQuarantine
@@ -227,3 +227,22 @@ def test_a_damaged_shared_entry_is_reported_never_half_read(pg_url):
             store.meta(qid)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("flags, content, problem", [
+    ({"crlf_checked": True, "no_dot_lines": True}, b"Subject: x\r\n\r\nhi\r\n.\r\nMAIL FROM:<evil@x>\r\n", "nodots is true"),
+    ({"crlf_checked": True}, b"Subject: x\r\n\r\nhi\n.\r\nMAIL FROM:<evil@x>\r\n", "crlf is true"),
+])
+def test_an_entry_whose_flags_its_content_belies_is_refused(flags, content, problem):
+    """Entries come from elsewhere too (a node backup's quarantine restored file for file,
+    the shared quarantine in PostgreSQL): a release sends the content on the trust of the
+    envelope's crlf and nodots, and a lone "." line would end DATA at the next hop."""
+    from kanmon.spool.store import encode_queue_file
+
+    meta = Meta("quarantine", "r", "c", "Spam", 1.0, 1.0)
+    qid = new_queue_id()
+    with pytest.raises(CorruptEntry, match=problem):
+        decode_entry(qid, encode_queue_file(Envelope("a@b.example", ["c@d.example"], **flags), content), meta)
+    honest = Envelope("a@b.example", ["c@d.example"], crlf_checked=True, no_dot_lines=False)
+    entry, got = decode_entry(qid, encode_queue_file(honest, b"Subject: x\r\n\r\n.a dot line\r\n"), meta)
+    assert got.endswith(b"\r\n.a dot line\r\n") and entry.envelope.no_dot_lines is False

@@ -159,6 +159,20 @@ def test_import_raw_refuses_nodots_said_of_a_content_with_a_dot_line(tmp_path):
     b.close()
 
 
+def test_import_raw_refuses_crlf_said_of_a_content_with_a_bare_lf(tmp_path):
+    # "crlf" is trusted as "nodots" is: a bare LF before a dot line went out unnormalised,
+    # and <LF>.<CRLF> ends DATA at a next hop that takes a bare LF as a line end.
+    b = Spool(tmp_path / "b", fsync=False)
+    for flags in ({"crlf_checked": True}, {"crlf_checked": True, "no_dot_lines": True}):
+        env = Envelope("a@b.example", ["c@d.example"], **flags)
+        for content in (b"Subject: x\r\n\r\na\n.\r\nMAIL FROM:<evil@x>\r\n", b"Subject: x\r\n\r\na\rb\r\n"):
+            with pytest.raises(CorruptEntry, match="crlf is true"):
+                b.import_raw(new_queue_id(), encode_queue_file(env, content), b"")
+    plain = Envelope("a@b.example", ["c@d.example"])  # no flag: normalised when it goes out, as before
+    assert b.import_raw(new_queue_id(), encode_queue_file(plain, b"a\n.\r\n"), b"") is True
+    b.close()
+
+
 # -- the archive -------------------------------------------------------------------------------
 
 
