@@ -459,7 +459,7 @@ class Node:
 
         return ReceiverPool(source, listeners, sockets, workers, self.queue.submit_nowait,
                             self.records.emit, quiet=self.echo is None, own_config_file=snapshot,
-                            on_exit=receiver_exited)
+                            on_exit=receiver_exited, on_start=lambda pid: shares.started(str(pid)))
 
     def _config_snapshot(self, kind: str, text: str | None) -> tuple[str | None, bool]:
         """(config source, is a private snapshot) for child processes: they load exactly

@@ -82,6 +82,13 @@ class ExitedShares:
     def pending(self) -> list[str]:
         return list(self._pending)
 
+    def started(self, owner: str) -> None:
+        """A new receiver has pid `owner` (the kernel gave an exited one's pid again): what
+        that pid held is dropped by the new process's own start, and a cleanup still to come
+        here would drop the places the new one takes."""
+        self._pending.pop(owner, None)
+        self._failed.discard(owner)
+
     async def _run(self) -> None:
         delay = CLEANUP_RETRY
         while self._pending:
@@ -99,7 +106,7 @@ class ExitedShares:
                 await self._sleep(delay)
                 delay = min(delay * 2, CLEANUP_RETRY_MAX)
                 continue
-            del self._pending[owner]
+            self._pending.pop(owner, None)  # (started() may have taken it meanwhile)
             delay = CLEANUP_RETRY
             if owner in self._failed:
                 self._failed.discard(owner)
@@ -133,6 +140,7 @@ class ReceiverPool:
         quiet: bool = True,
         own_config_file: bool = False,
         on_exit: Callable[[int], Awaitable[None]] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ):
         """own_config_file: config_source is this pool's private snapshot of the config the
         main process validated (removed when the pool stops)."""
@@ -145,6 +153,7 @@ class ReceiverPool:
         self.emit = emit
         self.quiet = quiet
         self.on_exit = on_exit  # awaited with the pid of a receiver that exited
+        self.on_start = on_start  # called with the pid of each receiver started
         self._procs: list[subprocess.Popen | None] = [None] * count  # the current receiver of each index
         self._live: set[subprocess.Popen] = set()  # not reaped yet: current ones and retiring ones
         self._listening: set[subprocess.Popen] = set()  # said "ready"
@@ -245,17 +254,21 @@ class ReceiverPool:
                 cmd.append("--quiet")
             proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
             os.close(write_fd)
+            if self.on_start is not None:
+                self.on_start(proc.pid)
             self._procs[index] = proc
             self._live.add(proc)
-            # Until the receiver exits (or closes its end); the pipe is closed after.
-            async for line in pipe_lines(read_fd, 1 << 16):
-                kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
-                if kind == "queued" and arg:
-                    self.on_queued(arg)
-                elif kind == "ready":
-                    self._listening.add(proc)
-                    listened = True
-                    ready.set()
+            # Until the receiver exits (or closes its end); the pipe is closed after, at once
+            # (aclosing) even when a line's handling raises.
+            async with contextlib.aclosing(pipe_lines(read_fd, 1 << 16)) as lines:
+                async for line in lines:
+                    kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+                    if kind == "queued" and arg:
+                        self.on_queued(arg)
+                    elif kind == "ready":
+                        self._listening.add(proc)
+                        listened = True
+                        ready.set()
             code = await loop.run_in_executor(None, proc.wait)
             self._live.discard(proc)
             self._listening.discard(proc)

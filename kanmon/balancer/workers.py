@@ -108,12 +108,13 @@ class WorkerPool:
                 proc.stdin.write(spec.encode())  # on stdin: a long argv would show in every `ps`
                 proc.stdin.close()
             self._procs[slot] = proc
-            async for line in pipe_lines(read_fd, MAX_LINE):  # until it exits; closes the pipe
-                kind, _, text = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
-                if kind == "ready":
-                    self._ready[slot].set()
-                elif kind == "say":
-                    self.say(text)
+            async with contextlib.aclosing(pipe_lines(read_fd, MAX_LINE)) as lines:  # closes the pipe
+                async for line in lines:  # until it exits
+                    kind, _, text = line.decode("utf-8", "replace").rstrip("\n").partition(" ")
+                    if kind == "ready":
+                        self._ready[slot].set()
+                    elif kind == "say":
+                        self.say(text)
             code = await loop.run_in_executor(None, proc.wait)
             self.table.clear_slot(slot)
             if self._procs.get(slot) is proc:

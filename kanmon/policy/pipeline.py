@@ -335,17 +335,18 @@ class Pipeline:
 
     def refresh(self) -> None:
         """Run the checks' probes (blocking I/O: the listener calls this in its probe thread).
-        One that raises does not keep the others from running; the first error is raised
-        after them."""
-        error: Exception | None = None
+        One that raises does not keep the others from running; after them, the one error
+        is raised, or an ExceptionGroup of them all when several failed."""
+        errors: list[Exception] = []
         for r in self._refreshers:
             try:
                 r()
             except Exception as e:  # noqa: BLE001 - raised below, once every probe ran
-                if error is None:
-                    error = e
-        if error is not None:
-            raise error
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup("probes failed", errors)
 
     def name_client(self, client: ClientInfo) -> None:
         """Name a client the checks remember (no I/O): its connect event then says who it is."""

@@ -213,8 +213,8 @@ class GaugeBatch:
                 give += [key] * idle
             if key in self._held:
                 self._idle[key] = self.kept(key)
-        if give:
-            self._releases.extend(give)
+        self._releases.extend(give)
+        if self._releases:  # with the releases a failed transaction kept (the shared state was down)
             self._kick()
 
     def _kick(self) -> None:
@@ -355,8 +355,9 @@ class Prober:
         if fut.cancelled():
             return
         e = fut.exception()
-        if e is not None:  # a probe must not stop anything; the admin hears of it
-            self.records.record(ev.ProbeFailed(f"{type(e).__name__}: {e}"))
+        # A probe must not stop anything; the admin hears of each one that failed.
+        for one in (e.exceptions if isinstance(e, ExceptionGroup) else [e] if e is not None else []):
+            self.records.record(ev.ProbeFailed(f"{type(one).__name__}: {one}"))
 
     def release(self) -> None:
         """A listener stopped; the last one stops the rounds. A probe still running (hung)

@@ -602,6 +602,32 @@ def test_a_failing_probe_and_failing_effects_are_error_events(tmp_path):
     asyncio.run(main())
 
 
+class DownProbe(Check):
+    name = "down_probe"
+
+    def refresh(self) -> None:
+        raise ConnectionError("shared state down")
+
+
+def test_each_failing_probe_of_one_round_is_its_own_event():
+    """Two probes failing in one round (the greylist's prune with the shared state down, the
+    free disk's statvfs) are two events: neither hides the other."""
+    async def main() -> None:
+        records = FakeRecords()
+        prober = Prober.acquire(Pipeline([BrokenProbe(), DownProbe()]), records)  # type: ignore[arg-type]
+        try:
+            assert prober.tick()
+            await until(lambda: len(records.events) >= 2, "the probes' events")
+        finally:
+            prober.release()
+        assert [text for text, _, _ in records.events] == [
+            "check probe failed: OSError: stale file handle",
+            "check probe failed: ConnectionError: shared state down",
+        ]
+
+    asyncio.run(main())
+
+
 def test_a_listener_whose_first_probe_fails_listens_and_every_probe_runs(tmp_path, monkeypatch):
     """The first probe runs before the listener listens; one that raises (the shared state
     down for the greylist's prune) is an event, not the listener's end, and does not keep

@@ -266,3 +266,27 @@ def test_an_outage_is_said_once_and_its_end_once_and_its_releases_go_with_the_ne
         assert len(said) == 2  # nothing more while it answers
 
     asyncio.run(main())
+
+
+def test_releases_kept_through_an_outage_go_back_at_the_next_trim_of_an_idle_process():
+    """A process that takes no new connection after the outage still gives its places
+    back: the listener's periodic trim starts the transaction (once per trim, no loop)."""
+    async def main():
+        state, tasks = SlowState(), set()
+        batch = batch_for(state, tasks)
+        for _ in range(10):
+            state.gate.release()
+        assert await batch.acquire(*KEYS) == [1, 1]
+        state.fail = True
+        batch.release(KEYS)
+        await asyncio.gather(*tasks)
+        state.fail = False  # the state is back; no connection comes
+        batch.trim()
+        await asyncio.gather(*tasks)
+        assert (state.gauges.count(KEYS[0]), state.gauges.count("smtp *")) == (0, 0)
+        calls = len(state.calls)
+        batch.trim()  # nothing left to give back: no transaction
+        await asyncio.gather(*tasks)
+        assert len(state.calls) == calls
+
+    asyncio.run(main())

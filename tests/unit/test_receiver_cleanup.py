@@ -83,3 +83,30 @@ def test_a_cleanup_that_works_says_nothing_and_close_gives_up_a_failing_one():
         assert shares.pending() == ["2"]
 
     asyncio.run(main())
+
+
+def test_a_pid_given_again_to_a_new_receiver_is_not_cleaned_up_after_its_start():
+    """The kernel may give a new receiver the pid of one whose cleanup waits for the state:
+    that cleanup would drop the places the new receiver takes (its own start drops what the
+    pid held before)."""
+    async def main():
+        state = DownState()
+        state.down = True
+        retry = asyncio.Event()
+
+        async def sleep(delay: float) -> None:
+            await retry.wait()
+
+        shares = ExitedShares(state, lambda text, kind="info": None, sleep=sleep)
+        shares.add("4242")
+        while state.calls == 0:
+            await asyncio.sleep(0)
+        shares.started("4242")  # a new receiver, same pid
+        state.down = False
+        state.gauges.acquire("smtp 192.0.2.1", "4242", 1000.0)  # the new one's place
+        retry.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert shares.pending() == [] and state.gauges.count("smtp 192.0.2.1") == 1
+
+    asyncio.run(main())
