@@ -211,15 +211,29 @@ class ControlServer:
         head, tail = json.dumps({**reply, "result": {**result, key: mark}}, ensure_ascii=False,
                                 separators=(",", ":")).split(json.dumps(mark), 1)
         writer.write(head.encode() + b"[")
-        first = True
-        for batch in items.batches():
-            if batch:
-                text = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))[1:-1]
-                writer.write((text if first else "," + text).encode())
-                first = False
-                await writer.drain()
+        first, rows = True, 0
+        try:
+            for batch in items.batches():
+                if batch:
+                    text = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))[1:-1]
+                    writer.write((text if first else "," + text).encode())
+                    first = False
+                    rows += len(batch)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a row that cannot be built: the line is cut, then said
+            # The line already written cannot be taken back: it ends here, unfinished, and
+            # the next line is the error (ControlClient.request returns it as the reply).
+            writer.write(b"\n" + json.dumps({"ok": False, "error": f"the reply was cut after {rows} rows: "
+                                              f"{type(e).__name__}: {e}", CUT: True}).encode() + b"\n")
+            await writer.drain()
+            return
         writer.write(b"]" + tail.encode() + b"\n")
         await writer.drain()
+
+
+CUT = "cut"  # in the error line that follows a streamed reply cut short
 
 
 class Streamed:
@@ -319,13 +333,29 @@ class ControlClient:
             line = self._file.readline()
             if not line:
                 raise ConnectionError("the server closed the control connection")
-            reply = json.loads(line)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                reply = self._after_cut(line)
             if isinstance(reply, dict) and "progress" in reply and "ok" not in reply:
                 if progress is not None:
                     done, total = reply["progress"]
                     progress(int(done), None if total is None else int(total))
                 continue
             return reply
+
+    def _after_cut(self, line: bytes) -> dict:
+        """A reply line that is not JSON: the server cut it (a row it could not build) and
+        said why on the next line, which is the reply; anything else is a broken answer."""
+        assert self._file is not None
+        why = self._file.readline() if line.endswith(b"\n") else b""
+        try:
+            reply = json.loads(why)
+        except ValueError:
+            reply = None
+        if isinstance(reply, dict) and reply.get(CUT) is True and reply.get("ok") is False:
+            return reply
+        raise ConnectionError("the server's reply was not one JSON line")
 
     def close(self) -> None:
         if self._file is not None:
