@@ -19,31 +19,9 @@ import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 from kanmon.spool.store import decode_queue_header, encode_queue_file
-from tests.support.kanmon_node import KanmonProcess, _FailingDns, free_port, wait_for
+from tests.integration.test_delivery_agents import Node
+from tests.support.kanmon_node import wait_for
 from tests.support.smtpsink import SmtpSink
-
-CONFIG = """
-[server]
-hostname = "mx1.example.test"
-data_dir = "{data_dir}"
-workers = {workers}
-delivery_workers = {agents}
-[smtp]
-listen = ["127.0.0.1:{port}"]
-min_free_disk = "1MB"
-[dns]
-servers = ["{dns}"]
-[queue]
-retry = "1h..4h"
-[[domain]]
-name = "example.test"
-mailboxes = ["alice"]
-[[domain]]
-name = "relay.test"
-deliver = "relay"
-servers = ["{sink}"]
-tls = "none"
-"""
 
 PLAIN = (b"From: a@relay.test\r\nTo: bob@relay.test\r\nSubject: plain\r\n\r\n"
          + b"a line with a dot. in it\r\n" * 50 + b" .indented, not at the start\r\nlast\r\n")
@@ -65,30 +43,14 @@ def queue_file(data: Path) -> tuple[dict, bytes]:
     return json.loads(raw[at : at + elen]), raw[at + elen + 1 : at + elen + 1 + clen]
 
 
-class Relay:
-    def __init__(self, tmp_path: Path, sink: SmtpSink, workers: int, agents: int):
-        self.data = tmp_path / "data"
-        self.port = free_port()
-        self.agents = agents
-        cfg = tmp_path / "kanmon.toml"
-        cfg.write_text(CONFIG.format(data_dir=self.data, port=self.port, workers=workers, agents=agents,
-                                     dns=_FailingDns.address(), sink=sink.address))
-        self.proc = KanmonProcess(cfg, "127.0.0.1", self.port)
-
-    def start(self) -> Relay:
-        self.proc.start()
-        if self.agents:
-            wait_for(lambda: f"delivery agents: {self.agents} ready" in self.log(), 60, "the agents to be ready")
-        return self
-
-    def log(self) -> str:
-        try:
-            return (self.data / "log/kanmon.log").read_text()
-        except FileNotFoundError:
-            return ""
-
-    def queued(self) -> list[str]:
-        return sorted(p.name for p in (self.data / "spool/queue").iterdir())
+def start_relay(tmp_path: Path, sink: SmtpSink, workers: int, agents: int) -> Node:
+    """test_delivery_agents' node: the main process or `agents` agent processes deliver
+    to the sink for relay.test; ready to hand deliveries to its agents."""
+    node = Node(tmp_path, sink, agents=agents, workers=workers)
+    node.proc.start()
+    if agents:
+        node.wait_agents_ready(agents)
+    return node
 
 
 @pytest.fixture
@@ -99,7 +61,7 @@ def sink():
 
 @pytest.mark.parametrize(("workers", "agents"), [(1, 0), (0, 1)], ids=["main-delivers", "agent-delivers"])
 def test_messages_with_and_without_dot_lines_arrive_byte_for_byte(tmp_path, sink, workers, agents):
-    relay = Relay(tmp_path, sink, workers, agents).start()
+    relay = start_relay(tmp_path, sink, workers, agents)
     try:
         for n, (message, no_dots) in enumerate([(PLAIN, True), (DOTTED, False)], 1):
             sink.hold_data_end = threading.Event()  # the queue file stays while the sink holds the reply
@@ -135,7 +97,7 @@ def test_a_queue_file_without_nodots_is_still_stuffed(tmp_path, sink, agents):
     # A queue file of an older version: CRLF checked at DATA, nothing said about dots.
     content = b"Received: from old\r\n\tby mx1.example.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" + DOTTED
     write_queue_file(tmp_path / "data", content, None)
-    relay = Relay(tmp_path, sink, 0, agents)
+    relay = Node(tmp_path, sink, agents=agents, workers=0)
     relay.proc.start()  # recovery schedules it at once (the agents may not be ready yet: either delivers)
     try:
         [tx] = sink.wait_for_messages(1, 60)
@@ -151,7 +113,7 @@ def test_the_outbound_client_takes_nodots_at_its_word(tmp_path, sink):
     # writes this one: it has a line ".x"; here it shows the delivery path skips the dots.)
     content = b"Received: from old\r\n\tby mx1.example.test\r\nSubject: lie\r\n\r\n.leading dot\r\nend\r\n"
     write_queue_file(tmp_path / "data", content, True)
-    relay = Relay(tmp_path, sink, 0, 0)
+    relay = Node(tmp_path, sink, agents=0, workers=0)
     relay.proc.start()
     try:
         [tx] = sink.wait_for_messages(1, 60)

@@ -17,7 +17,7 @@ from kanmon.model import has_dot_line
 from kanmon.policy.pipeline import Amend, accept
 from kanmon.smtp.session import StoreMessage
 from tests.protocol.test_session_checks import MAIL, RCPT, SyncAt, ehlo, session
-from tests.protocol.test_session_spill import BIG, open_transaction
+from tests.protocol.test_session_spill import BIG, feed_in_pieces, open_transaction
 
 LINES = [b"", b".", b"..", b"...", b".x", b"..x", b"x", b"x.", b"Subject: hi", b" .", b".\r", b"." * 70, b"y" * 90]
 
@@ -31,14 +31,6 @@ def wire_and_expected(lines: list[bytes]) -> tuple[bytes, bytes, bool]:
     return wire, b"".join(line + b"\r\n" for line in kept), not any(line.startswith(b".") for line in kept)
 
 
-def feed_in_pieces(wire: bytes, cuts: list[int], trusted: bool, buffer: int):
-    lis = open_transaction(trusted, buffer, BIG)
-    at = 0
-    for cut in sorted(set(c % (len(wire) + 1) for c in cuts)) + [len(wire)]:
-        if cut > at:
-            lis.feed(wire[at:cut])
-            at = cut
-    return lis
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,7 +42,7 @@ def feed_in_pieces(wire: bytes, cuts: list[int], trusted: bool, buffer: int):
 )
 def test_the_flag_and_the_message_match_a_line_by_line_reading(lines, cuts, trusted, buffer):
     wire, expected, no_dots = wire_and_expected(lines)
-    lis = feed_in_pieces(wire, cuts, trusted, buffer)
+    lis = feed_in_pieces(open_transaction(trusted, buffer, BIG), wire, cuts)
     [store] = lis.stored
     content = store.content
     assert content.endswith(expected)
@@ -63,7 +55,7 @@ def test_the_flag_and_the_message_match_a_line_by_line_reading(lines, cuts, trus
 def test_a_dot_line_only_in_a_later_piece_of_a_spilled_message_is_unstuffed():
     # The first pieces go out before the dot line arrives: nothing in them to unstuff.
     body = b"Subject: big\r\n\r\n" + b"plain line\r\n" * 300 + b"..late dot\r\n" + b"tail\r\n"
-    lis = feed_in_pieces(body + b".\r\n", list(range(0, len(body), 101)), False, 512)
+    lis = feed_in_pieces(open_transaction(False, 512, BIG), body + b".\r\n", list(range(0, len(body), 101)))
     [store] = lis.stored
     assert store.content.endswith(b"\r\n" + b"plain line\r\n" * 300 + b".late dot\r\ntail\r\n")
     assert store.envelope.no_dot_lines is False
@@ -73,7 +65,7 @@ def test_a_dot_line_split_across_reads_is_seen():
     for cut in range(1, 8):
         wire = b"Subject: x\r\n\r\nab\r\n..c\r\n.\r\n"
         at = wire.index(b"\r\n..c") + cut
-        lis = feed_in_pieces(wire, [at], False, 1 << 30)
+        lis = feed_in_pieces(open_transaction(False, 1 << 30, BIG), wire, [at])
         [store] = lis.stored
         assert store.content.endswith(b"\r\nab\r\n.c\r\n") and store.envelope.no_dot_lines is False, cut
 
@@ -106,6 +98,6 @@ def test_a_rewritten_message_is_judged_by_what_is_stored():
 def test_a_trusted_clients_bare_lf_lines_are_seen_too():
     for wire, kept, no_dots in [(b"a\n..b\n.\n", b"a\r\n.b\r\n", False), (b"a\nb\r\n.\n", b"a\r\nb\r\n", True),
                                 (b"..a\nb\n.\r\n", b".a\r\nb\r\n", False)]:
-        lis = feed_in_pieces(wire, [], True, 1 << 30)
+        lis = feed_in_pieces(open_transaction(True, 1 << 30, BIG), wire, [])
         [store] = lis.stored
         assert store.content.endswith(b"\r\n" + kept) and store.envelope.no_dot_lines is no_dots, wire

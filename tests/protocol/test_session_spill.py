@@ -73,16 +73,20 @@ def outcome(lis: Listener) -> tuple[list[str], list[bytes]]:
     return codes(lis.actions), [body(a) for a in lis.stored]
 
 
-def run_both(message: bytes, cuts: list[int], trusted: bool, buffer: int, config: str = CONFIG):
-    whole = open_transaction(trusted, 1 << 30, config)
-    whole.feed(message)
-    pieces = open_transaction(trusted, buffer, config)
+def feed_in_pieces(lis: Listener, message: bytes, cuts: list[int]) -> Listener:
+    """message fed to lis in reads cut at `cuts` (taken modulo its length, sorted)."""
     at = 0
     for cut in sorted(set(c % (len(message) + 1) for c in cuts)) + [len(message)]:
         if cut > at:
-            pieces.feed(message[at:cut])
+            lis.feed(message[at:cut])
             at = cut
-    return whole, pieces
+    return lis
+
+
+def run_both(message: bytes, cuts: list[int], trusted: bool, buffer: int, config: str = CONFIG):
+    whole = open_transaction(trusted, 1 << 30, config)
+    whole.feed(message)
+    return whole, feed_in_pieces(open_transaction(trusted, buffer, config), message, cuts)
 
 
 ATOMS = [b".", b"..", b"\r\n", b"\r", b"\n", b"x", b"Subject: hi", b"\r\n.\r", b"\r\n..\r\n", b"\n.\n", b"\n.\r\n", b" "]

@@ -17,6 +17,7 @@ import uvloop
 from kanmon.children import pipe_lines
 
 RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+TURNS = 5  # loop turns from a write to the pipe to the reader's line (~3: poll, wake, read)
 
 
 def _collect(runner, writes: list[bytes], limit: int = 64) -> tuple[list[bytes], int]:
@@ -26,7 +27,8 @@ def _collect(runner, writes: list[bytes], limit: int = 64) -> tuple[list[bytes],
         async def writer() -> None:
             for chunk in writes:
                 os.write(w, chunk)
-                await asyncio.sleep(0.001)  # separate reads, so lines are cut across them
+                for _ in range(TURNS):  # the reader takes it before the next: lines cut across reads
+                    await asyncio.sleep(0)
             os.close(w)
 
         task = asyncio.ensure_future(writer())
@@ -60,13 +62,15 @@ def test_a_cancelled_reader_closes_the_pipe(loop: str) -> None:
     async def main() -> int:
         r, w = os.pipe()
 
+        first = asyncio.Event()
+
         async def read() -> None:
             async for _ in pipe_lines(r, 64):
-                pass
+                first.set()
 
         task = asyncio.ensure_future(read())
         os.write(w, b"ready\n")
-        await asyncio.sleep(0.01)
+        await first.wait()  # reading, and waiting for more
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -87,7 +91,8 @@ SCRIPT = textwrap.dedent("""
         os.write(w, b"ready\\n")
         os.close(w)
         assert [line async for line in pipe_lines(r, 64)] == [b"ready\\n"]
-        await asyncio.sleep(0.01)  # a close left to a later callback would show here
+        for _ in range(10):  # a close left to a later callback would show here
+            await asyncio.sleep(0)
 
     (uvloop.run if sys.argv[1] == "uvloop" else asyncio.run)(main())
 """)

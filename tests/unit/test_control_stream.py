@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from kanmon.control import ControlClient, ControlServer, Streamed
 
@@ -17,18 +16,15 @@ def serve_one(data_dir, reply: dict, asked: list) -> dict:
         asked.append(request)
         return reply
 
+    def ask():
+        with ControlClient(data_dir, timeout=30) as c:
+            got.update(c.request("list", {}))
+
     async def main():
         server = ControlServer(data_dir, handler)
         await server.start()
         try:
-            def ask():
-                with ControlClient(data_dir, timeout=30) as c:
-                    got.update(c.request("list", {}))
-            t = threading.Thread(target=ask)
-            t.start()
-            while t.is_alive():
-                await asyncio.sleep(0.01)
-            t.join()
+            await asyncio.to_thread(ask)  # the blocking client, while this loop serves it
         finally:
             await server.stop()
 
@@ -90,18 +86,15 @@ def test_a_reply_line_that_is_not_json_is_a_connection_error(tmp_path):
             writer.close()
 
         server = await asyncio.start_unix_server(garbage, path=str(tmp_path / SOCKET_NAME))
+        def ask():
+            try:
+                with ControlClient(tmp_path, timeout=30) as c:
+                    c.request("list", {})
+            except Exception as e:  # noqa: BLE001 - looked at below
+                raised.append(e)
+
         try:
-            def ask():
-                try:
-                    with ControlClient(tmp_path, timeout=30) as c:
-                        c.request("list", {})
-                except Exception as e:  # noqa: BLE001 - looked at below
-                    raised.append(e)
-            t = threading.Thread(target=ask)
-            t.start()
-            while t.is_alive():
-                await asyncio.sleep(0.01)
-            t.join()
+            await asyncio.to_thread(ask)  # the blocking client, while this loop serves it
         finally:
             server.close()
             await server.wait_closed()
