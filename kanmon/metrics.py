@@ -88,16 +88,22 @@ def _states(spool):
         yield qid, state.hold, bool(state.attempts or state.last)
 
 
-def queue_snapshot(spool) -> QueueSnapshot:
+def queue_snapshot(spool, active: frozenset[str] | set[str] = frozenset()) -> QueueSnapshot:
     """Count spool/queue files by journal state (blocking: run it in a thread).
 
-    new: never tried; deferred: tried and waiting; hold: held by the admin.
+    new: never tried; deferred: tried and waiting; hold: held by the admin; active (only
+    when the running queue manager's ids are given): being delivered now, counted there
+    and not as new or deferred, so that the states add up to the total.
     Age comes from the queue id (no file is opened for it). A running node's spool keeps
     an index (kanmon.spool.index): the journals are read from memory, not from state/."""
     snap = QueueSnapshot()
+    if active:
+        snap.counts["active"] = 0
     for qid, hold, tried in _states(spool):
         if hold:
             snap.counts["hold"] += 1
+        elif qid in active:
+            snap.counts["active"] += 1
         elif tried:
             snap.counts["deferred"] += 1
         else:

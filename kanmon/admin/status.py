@@ -70,8 +70,8 @@ async def node_status(plane) -> dict[str, Any]:
 
     node = plane.node
     loop = asyncio.get_running_loop()
-    snap = await loop.run_in_executor(None, queue_snapshot, node.spool)
-    active = len(node.queue.active_ids()) if node.queue is not None else 0
+    active_ids = node.queue.active_ids() if node.queue is not None else set()
+    snap = await loop.run_in_executor(None, queue_snapshot, node.spool, active_ids)
     alerts = []
     monitoring = getattr(node, "monitoring", None)
     if monitoring is not None:
@@ -106,8 +106,8 @@ async def node_status(plane) -> dict[str, Any]:
         "listeners": [{"key": key, "address": f"[{h}]:{p}" if ":" in h else f"{h}:{p}"}
                       for key, (h, p) in listeners(node.config)],
         "queue": {
-            "active": active,
-            "new": max(0, snap.counts.get("new", 0) - active),
+            "active": snap.counts.get("active", 0),
+            "new": snap.counts.get("new", 0),
             "deferred": snap.counts.get("deferred", 0),
             "hold": snap.counts.get("hold", 0),
             "corrupt": snap.counts.get("corrupt", 0),

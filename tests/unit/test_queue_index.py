@@ -343,3 +343,23 @@ def test_the_reply_map_follows_every_change_and_answers_as_the_naive_filter(tmp_
     records.close()
     for s in (files, node, restarted):
         s.close()
+
+
+def test_messages_being_delivered_are_counted_apart_so_the_states_add_up(tmp_path):
+    """`kanmon status` said "10 active, 0 new, 30 deferred" of 30 messages: the ten being
+    retried were counted as active and as deferred."""
+    from kanmon.metrics import queue_snapshot
+
+    spool = Spool(tmp_path, fsync=False)
+    ids = []
+    for i in range(6):
+        qid = new_queue_id()
+        spool.store_blocking(qid, Envelope("a@b.example", [f"r{i}@d.example"]), b"m")
+        ids.append(qid)
+    for qid in ids[2:]:
+        spool.append_state(qid, [journal.Attempt(1.0, 1, 1.0)])  # tried: deferred
+    snap = queue_snapshot(spool, {ids[0], ids[2], ids[3]})  # one new and two deferred in flight
+    assert (snap.counts["active"], snap.counts["new"], snap.counts["deferred"]) == (3, 1, 2)
+    assert sum(snap.counts[k] for k in ("active", "new", "deferred", "hold")) == 6 == snap.size
+    assert "active" not in queue_snapshot(spool).counts  # without the manager's ids: as before
+    spool.close()
