@@ -47,6 +47,7 @@ from kanmon.monitoring import Monitoring
 from kanmon.dnscache import DnsCache
 from kanmon.queue.manager import QueueManager
 from kanmon.spool.index import Entry
+from kanmon.spool import recycle
 from kanmon.spool.recovery import recover_index
 from kanmon.queue.notices import Notices
 from kanmon.queue.pickup import Pickup
@@ -563,6 +564,7 @@ class Node:
                 async with asyncio.TaskGroup() as tg:  # until cancelled
                     self._tg = tg
                     tg.create_task(self.queue.run())
+                    tg.create_task(self._sweep_recycled())
                     if self.delivery_workers:
                         tg.create_task(self._start_agents(self.delivery_workers, self.config_text))
                     if self.pickup is not None:
@@ -593,6 +595,15 @@ class Node:
             self.records.record(Stopped())
             self.records.close()
             self.admin.close()  # release the data_dir lock last
+
+    async def _sweep_recycled(self) -> None:
+        """Queue files kept for reuse that no new message took for a minute are removed
+        (kanmon.spool.recycle): a delivered message's bytes do not stay on disk."""
+        assert self.spool is not None
+        recycler = self.spool.recycler
+        while True:
+            await asyncio.sleep(recycle.SWEEP_EVERY)
+            await asyncio.to_thread(recycler.sweep)
 
     async def _start_agents(self, count: int, text: str | None) -> None:
         """The delivery agents start once the node serves (they cost its start nothing on a

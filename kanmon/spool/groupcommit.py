@@ -12,6 +12,8 @@ Why: fsync per file costs one journal commit each, and a thread per concurrent f
 costs GIL hand-offs on the event loop's core; one batch costs one hand-off and two
 flushes however many sessions are waiting (docs/performance.md has the figures).
 Where syncfs(2) is missing, each file is fdatasync'ed instead (same promise, slower).
+A queue file is written over a finished message's kept file when one is ready
+(kanmon.spool.recycle: no inode to allocate, no blocks to free), else into a new file.
 
 Trusts: its callers' paths. Never: rename a file into place before its data is flushed;
 resolve a caller's future before the rename is flushed.
@@ -27,6 +29,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kanmon.spool.recycle import Recycler
 
 _libc = None
 try:
@@ -45,6 +49,7 @@ class _Job:
     future: asyncio.Future | None
     results: list[OSError | None] = field(default_factory=list)
     done: threading.Event | None = None
+    recycler: Recycler | None = None  # queue files: written over a kept one when one is ready
 
 
 def sync_files(fds: Sequence[int]) -> None:
@@ -103,11 +108,14 @@ class GroupCommitter:
         self._thread.start()
         self.batches = 0
 
-    async def commit(self, files: Sequence[tuple[str | Path, str | Path, bytes]]) -> list[OSError | None]:
+    async def commit(self, files: Sequence[tuple[str | Path, str | Path, bytes]], *,
+                     recycler: Recycler | None = None) -> list[OSError | None]:
         """Write and make durable; one result per file (None = durable, or the error).
-        Paths as str or Path (the spool's hot path passes str: no Path objects per message)."""
+        Paths as str or Path (the spool's hot path passes str: no Path objects per message).
+        recycler: the spool's kept queue files, written over instead of new files
+        (kanmon.spool.recycle; the temporary paths are str then)."""
         loop = asyncio.get_running_loop()
-        job = _Job(files, loop, loop.create_future())
+        job = _Job(files, loop, loop.create_future(), recycler=recycler)
         with self._cond:
             if self._stop:
                 raise OSError("group committer is closed")
@@ -173,7 +181,7 @@ class GroupCommitter:
             job.results = [None] * len(job.files)
             for i, (tmp, final, data) in enumerate(job.files):
                 try:
-                    self._write(tmp, data, per_file_sync)
+                    self._write(tmp, data, per_file_sync, job.recycler)
                 except OSError as e:
                     job.results[i] = e
                     continue
@@ -200,12 +208,18 @@ class GroupCommitter:
                 fsync_dir(d)
 
     @staticmethod
-    def _write(path: str | Path, data: bytes, sync: bool) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write(path: str | Path, data: bytes, sync: bool, recycler: Recycler | None = None) -> None:
+        taken = recycler.take(path) if recycler is not None else None  # type: ignore[arg-type]
+        if taken is None:
+            fd, old_size = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 0
+        else:
+            fd, old_size = taken
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if old_size > len(data):
+                os.ftruncate(fd, len(data))  # a kept file longer than this one: cut to its length
             if sync:
                 os.fdatasync(fd)
         except BaseException:

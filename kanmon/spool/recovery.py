@@ -125,10 +125,7 @@ def recover_index(spool: Spool, each: Callable[[Entry, int], None], *, workers: 
     child_command: the child's command line without its arguments (tests)."""
     index = spool.index
     assert index is not None
-    removed = 0
-    for p in spool.incoming.iterdir():
-        p.unlink(missing_ok=True)
-        removed += 1
+    removed = spool.clear_at_start()
     mtime, listed_at = os.stat(spool.queue).st_mtime_ns, time.time_ns()
     names = sorted(spool.queue_ids())
     queue_dir, state_dir = os.fspath(spool.queue), os.fspath(spool.state_dir)

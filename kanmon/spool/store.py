@@ -10,6 +10,8 @@ Layout under <data_dir>/spool/:
     state/<id>       append-only journal of what happened to it (kanmon.spool.journal)
     corrupt/<id>     entries that failed their checks (at start, or when read back while
                      running), kept for the admin: `queue list` shows them, `queue delete` removes them
+    recycle/<name>   queue files of finished messages kept to be written over by new ones
+                     (kanmon.spool.recycle); never messages; emptied at start
 
 Queue file format (docs/spool-format.md):
     b"KANMON-Q1 <envelope length> <content length> <crc32 hex>\\n"
@@ -47,6 +49,7 @@ from kanmon.spool import journal, schema
 from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
 from kanmon.spool.index import Entry, QueueIndex
 from kanmon.spool.journal import QueueState
+from kanmon.spool.recycle import Recycler
 from kanmon.spool.schema import MAX_ADDRESS, SchemaError, count, flag, text
 
 MAGIC = b"KANMON-Q1 "
@@ -199,6 +202,13 @@ def envelope_fields_fast(raw: bytes) -> tuple[str, list[str], float] | None:
 _ABSENT = object()
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def encode_queue_file(env: Envelope, content: bytes) -> bytes:
     ej = envelope_to_json(env)
     crc = zlib.crc32(content, zlib.crc32(ej))
@@ -321,16 +331,19 @@ class Spool:
         self.queue = self.root / "queue"
         self.state_dir = self.root / "state"
         self.corrupt = self.root / "corrupt"
+        self.recycle = self.root / "recycle"
         self._incoming, self._queue = str(self.incoming), str(self.queue)  # for the hot path's joins
         self.fsync = fsync
         self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for d in (self.root, self.incoming, self.queue, self.state_dir, self.corrupt):
+        for d in (self.root, self.incoming, self.queue, self.state_dir, self.corrupt, self.recycle):
             d.mkdir(exist_ok=True, mode=0o700)
         # on_corrupt(queue_id, reason): told of each entry set aside (the owner of the
         # records turns it into a critical event; the spool never writes records).
         self.on_corrupt: Callable[[str, str], None] | None = None
         self._own_committer = committer is None
         self.committer = committer or GroupCommitter(self.root, fsync=fsync)
+        # Finished queue files, written over by new ones (once their removal from queue/ is durable).
+        self.recycler = Recycler(self.recycle, sync_dir=self.queue if fsync else None)
         self.index: QueueIndex | None = None  # a running node's (keep_index); None: scan() reads the files
         self._names_seen: int | None = None  # queue/'s mtime when its names were last listed (not racy)
 
@@ -354,7 +367,8 @@ class Spool:
         """Make the message durable (group commit); raise SpoolError if it could not be."""
         data = encode_queue_file(env, content)
         try:
-            (err,) = await self.committer.commit([(f"{self._incoming}/{queue_id}", f"{self._queue}/{queue_id}", data)])
+            (err,) = await self.committer.commit([(f"{self._incoming}/{queue_id}", f"{self._queue}/{queue_id}", data)],
+                                                 recycler=self.recycler)
         except OSError as e:
             err = e
         if err is not None:
@@ -384,11 +398,10 @@ class Spool:
         """The message is finished (every recipient final): forget it."""
         if self.index is not None:
             self.index.drop(queue_id)
-        for p in (self.queue / queue_id, self.state_dir / queue_id):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        path = f"{self._queue}/{queue_id}"
+        if not self.recycler.put(path, queue_id):  # kept to be written over, or unlinked
+            _unlink_quietly(path)
+        _unlink_quietly(f"{self.state_dir}/{queue_id}")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -454,6 +467,16 @@ class Spool:
         _count, corrupt, removed = self.recover_each(entries.append)
         return entries, corrupt, removed
 
+    def clear_at_start(self) -> int:
+        """Before recovery: remove incoming/ (never acknowledged) and the kept files of
+        recycle/ (never messages). Returns how many incoming/ files were removed."""
+        removed = 0
+        for p in self.incoming.iterdir():
+            p.unlink(missing_ok=True)
+            removed += 1
+        self.recycler.sweep(everything=True)
+        return removed
+
     def recover_each(self, each: Callable[[SpoolEntry], None]) -> tuple[int, list[tuple[str, str]], int]:
         """recover() handing each entry to each() as it is read, in queue id order, instead
         of keeping them all (a million deferred messages' envelopes and journals would
@@ -461,10 +484,7 @@ class Spool:
         adds each to the index and the schedule and lets it go).
 
         Returns (entries read, [(id, reason) moved to corrupt/], incoming removed)."""
-        removed = 0
-        for p in self.incoming.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 1
+        removed = self.clear_at_start()
         corrupt: list[tuple[str, str]] = []
         names = sorted(self.queue_ids())
         count = 0

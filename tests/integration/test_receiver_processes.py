@@ -7,6 +7,7 @@ import socket
 import signal
 import smtplib
 import subprocess
+import time
 from pathlib import Path
 
 from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for
@@ -86,6 +87,35 @@ def test_receivers_accept_and_the_main_process_delivers(tmp_path):
         (timeline,) = trace(tmp_path / "data", qid)
         kinds = [s.step for s in timeline.steps]
         assert kinds.index("accepted") < kinds.index("attempt") < kinds.index("removed"), kinds
+    finally:
+        proc.terminate()
+
+
+def test_the_receivers_write_new_messages_over_the_queue_files_of_delivered_ones(tmp_path):
+    """kanmon.spool.recycle across processes: the main process keeps each delivered
+    message's queue file in spool/recycle/, the two receivers write the next messages over
+    them (each file once), and every message arrives as it was sent."""
+    proc, port = start(tmp_path, workers=2)
+    recycle = tmp_path / "data/spool/recycle"
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 2, 60, "two receivers")
+        for i in range(10):
+            send(port, f"first {i}")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 60, "delivery")
+        wait_for(lambda: not list((tmp_path / "data/spool/queue").iterdir()), 60, "the queue files finished")
+        # Kept: the last message's file at least (a file kept for a second while the
+        # first ten arrived one after another was written over by a later one of them).
+        kept = set(os.listdir(recycle))
+        assert 1 <= len(kept) <= 10, kept
+        time.sleep(1.1)  # READY: only a file kept for a second is written over
+        for i in range(10):
+            send(port, f"second {i}")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 20, 60, "delivery")
+        assert kept.isdisjoint(os.listdir(recycle))  # every kept file was taken, by one receiver each
+        subjects = sorted(m.split(b"Subject: ", 1)[1].split(b"\n", 1)[0].decode()
+                          for m in maildir_messages(tmp_path / "data", "alice@example.test"))
+        assert subjects == sorted([f"first {i}" for i in range(10)] + [f"second {i}" for i in range(10)])
+        assert not list((tmp_path / "data/spool/queue").iterdir())
     finally:
         proc.terminate()
 

@@ -1,0 +1,196 @@
+"""Queue files kept for reuse (kanmon.spool.recycle): a finished message's file is
+written over by a new one, never read as a message, never kept long, never written
+through a link; the spool's contents stay exactly what they would be without it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from kanmon.model import ClientInfo, Envelope, new_queue_id
+from kanmon.spool.recycle import Recycler
+from kanmon.spool.store import Spool, encode_queue_file
+
+
+def env() -> Envelope:
+    return Envelope("a@remote.example", ["alice@example.test"], {}, ClientInfo("127.0.0.6", helo="c"), received_at=1.5)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def spool_with_clock(tmp_path, **kw) -> tuple[Spool, Clock]:
+    spool = Spool(tmp_path)
+    clock = Clock()
+    spool.recycler = Recycler(spool.recycle, sync_dir=spool.queue, clock_ms=clock, **kw)
+    return spool, clock
+
+
+def store(spool: Spool, content: bytes) -> str:
+    qid = new_queue_id()
+    asyncio.run(spool.store(qid, env(), content))
+    return qid
+
+
+def names(d) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+@pytest.mark.parametrize("first,second", [(30_000, 500), (500, 30_000), (4_000, 4_000)],
+                         ids=["longer-file-cut", "shorter-file-grown", "same-length"])
+def test_a_finished_queue_file_is_written_over_by_the_next_message(tmp_path, first, second):
+    spool, clock = spool_with_clock(tmp_path)
+    a = store(spool, b"Subject: a\r\n\r\n" + b"A" * first + b"\r\n")
+    inode = os.stat(spool.queue / a).st_ino
+    spool.remove(a)
+    assert names(spool.queue) == [] and len(names(spool.recycle)) == 1
+    clock.ms += 1000  # READY: a reader that opened it as a queue file has read it
+    content = b"Subject: b\r\n\r\n" + b"B" * second + b"\r\n"
+    b = store(spool, content)
+    path = spool.queue / b
+    assert os.stat(path).st_ino == inode and spool.recycler.reused == 1
+    assert path.read_bytes() == encode_queue_file(env(), content)  # its own bytes, nothing of A's
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert names(spool.recycle) == [] and names(spool.incoming) == []
+    assert Spool(tmp_path).recover()[0][0].envelope.mail_from == "a@remote.example"
+    assert spool.read_content(b) == content
+    spool.close()
+
+
+def test_a_kept_file_waits_before_it_is_written_over(tmp_path):
+    spool, clock = spool_with_clock(tmp_path)
+    a = store(spool, b"Subject: a\r\n\r\nx\r\n")
+    inode = os.stat(spool.queue / a).st_ino
+    spool.remove(a)
+    clock.ms += 999
+    b = store(spool, b"Subject: b\r\n\r\nx\r\n")
+    assert os.stat(spool.queue / b).st_ino != inode and len(names(spool.recycle)) == 1
+    clock.ms += 1  # listed again only after a pause while nothing was ready
+    c = store(spool, b"Subject: c\r\n\r\nx\r\n")
+    assert os.stat(spool.queue / c).st_ino != inode
+    clock.ms += 100
+    d = store(spool, b"Subject: d\r\n\r\nx\r\n")
+    assert os.stat(spool.queue / d).st_ino == inode and names(spool.recycle) == []
+    spool.close()
+
+
+def test_big_files_are_unlinked_and_the_kept_ones_are_bounded(tmp_path):
+    spool, clock = spool_with_clock(tmp_path, keep=8, max_size=10_000)
+    big = store(spool, b"Subject: big\r\n\r\n" + b"x" * 20_000 + b"\r\n")
+    spool.remove(big)
+    assert names(spool.recycle) == [] and names(spool.queue) == []
+    ids = [store(spool, b"Subject: s\r\n\r\nx\r\n") for _ in range(30)]
+    for i, qid in enumerate(ids):
+        clock.ms += 1
+        spool.remove(qid)
+        assert len(names(spool.recycle)) <= 8, i
+    assert names(spool.queue) == [] and len(names(spool.recycle)) == 8
+    spool.close()
+
+
+def test_the_sweep_removes_what_nobody_took_and_anything_else_found_there(tmp_path):
+    spool, clock = spool_with_clock(tmp_path)
+    old, young = store(spool, b"Subject: o\r\n\r\nx\r\n"), store(spool, b"Subject: y\r\n\r\nx\r\n")
+    spool.remove(old)
+    clock.ms += 30_000
+    spool.remove(young)
+    clock.ms += 30_000  # old: 60 s unused
+    (spool.recycle / "stray").write_bytes(b"?")
+    (spool.recycle / f"{clock.ms + 5_000}.from-before-a-reboot").write_bytes(b"?")  # a time still to come
+    assert spool.recycler.sweep() == 3
+    assert [n.partition(".")[2] for n in names(spool.recycle)] == [young]
+    assert spool.recycler.sweep(everything=True) == 1 and names(spool.recycle) == []
+    spool.close()
+
+
+def test_start_empties_the_kept_files_and_recovers_only_messages(tmp_path):
+    spool, clock = spool_with_clock(tmp_path)
+    kept, queued = store(spool, b"Subject: k\r\n\r\nx\r\n"), store(spool, b"Subject: q\r\n\r\nx\r\n")
+    spool.remove(kept)
+    clock.ms += 5_000
+    # A crash after a kept file was taken (renamed to its temporary name), before its rename into queue/:
+    assert spool.recycler.take(f"{spool.incoming}/{new_queue_id()}") is not None
+    store(spool, b"Subject: r\r\n\r\nx\r\n")  # nothing else is ready: a new file
+    kept_again = names(spool.queue)[-1]
+    spool.remove(kept_again)
+    spool.close()
+    entries, corrupt, removed = Spool(tmp_path).recover()
+    assert [e.queue_id for e in entries] == [queued] and corrupt == [] and removed == 1
+    assert names(tmp_path / "spool/recycle") == [] and names(tmp_path / "spool/incoming") == []
+
+
+def test_two_takers_one_file(tmp_path):
+    d = tmp_path / "recycle"
+    d.mkdir()
+    (tmp_path / "q").write_bytes(b"x" * 100)
+    clock = Clock()
+    putter, one, two = (Recycler(d, clock_ms=clock) for _ in range(3))
+    assert putter.put(str(tmp_path / "q"), "q1")
+    clock.ms += 1000
+    assert one._list() and two._list()  # both saw it
+    fd, size = one.take(str(tmp_path / "t1"))
+    os.close(fd)
+    assert size == 100 and two.take(str(tmp_path / "t2")) is None  # lost the race: the caller creates a file
+    assert not (tmp_path / "t2").exists() and names(d) == []
+
+
+def test_what_is_not_a_regular_file_is_removed_never_written_through(tmp_path):
+    d = tmp_path / "recycle"
+    d.mkdir()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep me")
+    os.symlink(target, d / "1.link")
+    os.mkfifo(d / "2.fifo")
+    clock = Clock()
+    clock.ms = 10_000
+    r = Recycler(d, clock_ms=clock)
+    assert r.take(str(tmp_path / "t")) is None
+    assert target.read_bytes() == b"keep me" and not os.path.lexists(tmp_path / "t") and names(d) == []
+
+
+def test_without_a_recycler_the_committer_creates_files_as_before(tmp_path):
+    spool, clock = spool_with_clock(tmp_path)
+    a = store(spool, b"Subject: a\r\n\r\nx\r\n")
+    spool.remove(a)
+    clock.ms += 5_000
+    # The same committer writing a mailbox file (kanmon.deliver.local): never over a kept queue file.
+    final = tmp_path / "mailbox-file"
+    (err,) = asyncio.run(spool.committer.commit([(str(tmp_path / "tmp-file"), str(final), b"mail")]))
+    assert err is None and final.read_bytes() == b"mail" and len(names(spool.recycle)) == 1
+    spool.close()
+
+
+def test_a_kept_file_is_written_over_only_after_its_removal_from_the_queue_is_durable(tmp_path, monkeypatch):
+    """The order of the real calls (os.fsync and os.rename wrapped, not replaced): after a
+    crash, queue/<old id> never names the bytes of another message."""
+    spool, clock = spool_with_clock(tmp_path)
+    a = store(spool, b"Subject: a\r\n\r\nx\r\n")
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        calls.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        calls.append(f"rename {src} -> {dst}")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    spool.remove(a)
+    clock.ms += 1000
+    store(spool, b"Subject: b\r\n\r\nx\r\n")
+    monkeypatch.undo()
+    put = next(i for i, c in enumerate(calls) if c.startswith(f"rename {spool.queue}/{a} -> {spool.recycle}/"))
+    taken = next(i for i, c in enumerate(calls) if c.startswith(f"rename {spool.recycle}/"))
+    synced = [i for i, c in enumerate(calls) if c == f"fsync {spool.queue}"]
+    assert any(put < i < taken for i in synced), calls
+    spool.close()
