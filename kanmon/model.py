@@ -207,6 +207,14 @@ class DotFree(CrlfChecked):
     __slots__ = ()
 
 
+def crlf_only(data: bytes, crlf: int) -> bool:
+    """Whether every CR in data is followed by LF and every LF preceded by CR, given crlf,
+    the count of CRLF in it: each CRLF holds one CR and one LF, so the CRs and LFs number
+    2 * crlf exactly when there is no other. One C-level pass that deletes them instead
+    of a count of each (docs/performance.md: ~90 us less a 100 KB message)."""
+    return len(data) - len(data.translate(None, b"\r\n")) == 2 * crlf
+
+
 def has_dot_line(block: bytes) -> bool:
     """Whether a line of block (CRLF line ends, starting at a line's start) starts with a dot."""
     return block.startswith(b".") or b"\r\n." in block
@@ -219,8 +227,7 @@ def flags_problem(env: Envelope, content: bytes) -> str | None:
     line sent on that trust would reach the next hop unnormalised or undoubled, where a
     lone "." ends DATA (smuggling)."""
     if env.crlf_checked:
-        crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        if not crlf_only(content, content.count(b"\r\n")):
             return "crlf is true but a line ends in a bare CR or LF"
     if env.no_dot_lines and has_dot_line(content):
         return "nodots is true but a line starts with a dot"

@@ -42,7 +42,7 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
-from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, has_dot_line, new_queue_id
+from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
@@ -974,10 +974,11 @@ class Session:
             self._finish_spilled(content, out)
             return
         crlf = content.count(b"\r\n")
-        if content.count(b"\r") != crlf:
-            self._finish_data(content, out)  # a bare CR: refused there
-            return
-        if content.count(b"\n") != crlf:  # bare LFs: every line end becomes CRLF
+        if not crlf_only(content, crlf):
+            if content.count(b"\r") != crlf:
+                self._finish_data(content, out)  # a bare CR: refused there
+                return
+            # bare LFs: every line end becomes CRLF
             content = (content.replace(b"\r\n", b"\n") if crlf else content).replace(b"\n", b"\r\n")
         self._finish_data(content, out, checked=True)
 
@@ -989,9 +990,8 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
-        # Every CR must be followed by LF and every LF preceded by CR (C-level counts).
-        crlf = 0 if checked else content.count(b"\r\n")
-        if not checked and (content.count(b"\r") != crlf or content.count(b"\n") != crlf):
+        # Every CR must be followed by LF and every LF preceded by CR (C-level passes).
+        if not checked and not crlf_only(content, content.count(b"\r\n")):
             self._end_transaction()
             self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return
@@ -1049,13 +1049,12 @@ class Session:
     def _clean_piece(self, piece: bytes, line_start: bool) -> bytes:
         """One piece of content: counted, checked for bare CR/LF (or normalised), unstuffed."""
         crlf = piece.count(b"\r\n")
-        if self.settings.bare_lf:
-            if piece.count(b"\r") != crlf:
-                self._spill_bad = True
-            elif piece.count(b"\n") != crlf:
-                piece = (piece.replace(b"\r\n", b"\n") if crlf else piece).replace(b"\n", b"\r\n")
-        elif piece.count(b"\r") != crlf or piece.count(b"\n") != crlf:
+        if crlf_only(piece, crlf):
+            pass
+        elif not self.settings.bare_lf or piece.count(b"\r") != crlf:
             self._spill_bad = True
+        else:
+            piece = (piece.replace(b"\r\n", b"\n") if crlf else piece).replace(b"\n", b"\r\n")
         self._spilled_pre += len(piece)
         if self._spill_bad:
             return b""  # refused at the end: nothing more is written

@@ -42,9 +42,9 @@ import stat
 import time
 from collections.abc import Callable
 
-KEEP = 256  # files kept at most
+KEEP = 1024  # files kept at most
 MAX_SIZE = 256 * 1024  # bigger queue files are unlinked: the inode is a small part of their cost
-READY = 1.0  # seconds in recycle/ before a file is written over
+READY = 0.25  # seconds in recycle/ before a file is written over
 IDLE = 60.0  # seconds unused before a file is removed
 SWEEP_EVERY = 30.0
 _LIST_EVERY = 0.1  # seconds between listings while nothing is ready

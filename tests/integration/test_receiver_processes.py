@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from kanmon.spool.recycle import READY
 from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for
 
 CONFIG = """
@@ -103,11 +104,11 @@ def test_the_receivers_write_new_messages_over_the_queue_files_of_delivered_ones
             send(port, f"first {i}")
         wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 10, 60, "delivery")
         wait_for(lambda: not list((tmp_path / "data/spool/queue").iterdir()), 60, "the queue files finished")
-        # Kept: the last message's file at least (a file kept for a second while the
-        # first ten arrived one after another was written over by a later one of them).
+        # Kept: the last message's file at least (a file kept for READY while the first
+        # ten arrived one after another was written over by a later one of them).
         kept = set(os.listdir(recycle))
         assert 1 <= len(kept) <= 10, kept
-        time.sleep(1.1)  # READY: only a file kept for a second is written over
+        time.sleep(READY + 0.1)  # only a file kept that long is written over
         for i in range(10):
             send(port, f"second {i}")
         wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 20, 60, "delivery")

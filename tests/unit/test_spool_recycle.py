@@ -10,12 +10,15 @@ import os
 import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
-from kanmon.spool.recycle import Recycler
+from kanmon.spool.recycle import READY, Recycler
 from kanmon.spool.store import Spool, encode_queue_file
 
 
 def env() -> Envelope:
     return Envelope("a@remote.example", ["alice@example.test"], {}, ClientInfo("127.0.0.6", helo="c"), received_at=1.5)
+
+
+READY_MS = int(READY * 1000)
 
 
 class Clock:
@@ -51,7 +54,7 @@ def test_a_finished_queue_file_is_written_over_by_the_next_message(tmp_path, fir
     inode = os.stat(spool.queue / a).st_ino
     spool.remove(a)
     assert names(spool.queue) == [] and len(names(spool.recycle)) == 1
-    clock.ms += 1000  # READY: a reader that opened it as a queue file has read it
+    clock.ms += READY_MS  # a reader that opened it as a queue file has read it
     content = b"Subject: b\r\n\r\n" + b"B" * second + b"\r\n"
     b = store(spool, content)
     path = spool.queue / b
@@ -69,10 +72,10 @@ def test_a_kept_file_waits_before_it_is_written_over(tmp_path):
     a = store(spool, b"Subject: a\r\n\r\nx\r\n")
     inode = os.stat(spool.queue / a).st_ino
     spool.remove(a)
-    clock.ms += 999
+    clock.ms += READY_MS - 1
     b = store(spool, b"Subject: b\r\n\r\nx\r\n")
     assert os.stat(spool.queue / b).st_ino != inode and len(names(spool.recycle)) == 1
-    clock.ms += 1  # listed again only after a pause while nothing was ready
+    clock.ms += 1  # ready now, but listed again only after a pause while nothing was ready
     c = store(spool, b"Subject: c\r\n\r\nx\r\n")
     assert os.stat(spool.queue / c).st_ino != inode
     clock.ms += 100
@@ -133,7 +136,7 @@ def test_two_takers_one_file(tmp_path):
     clock = Clock()
     putter, one, two = (Recycler(d, clock_ms=clock) for _ in range(3))
     assert putter.put(str(tmp_path / "q"), "q1")
-    clock.ms += 1000
+    clock.ms += READY_MS
     assert one._list() and two._list()  # both saw it
     fd, size = one.take(str(tmp_path / "t1"))
     os.close(fd)
@@ -186,7 +189,7 @@ def test_a_kept_file_is_written_over_only_after_its_removal_from_the_queue_is_du
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     spool.remove(a)
-    clock.ms += 1000
+    clock.ms += READY_MS
     store(spool, b"Subject: b\r\n\r\nx\r\n")
     monkeypatch.undo()
     put = next(i for i, c in enumerate(calls) if c.startswith(f"rename {spool.queue}/{a} -> {spool.recycle}/"))
