@@ -119,7 +119,9 @@ def test_start_empties_the_kept_files_and_recovers_only_messages(tmp_path):
     spool.remove(kept)
     clock.ms += 5_000
     # A crash after a kept file was taken (renamed to its temporary name), before its rename into queue/:
-    assert spool.recycler.take(f"{spool.incoming}/{new_queue_id()}") is not None
+    taken = spool.recycler.take(f"{spool.incoming}/{new_queue_id()}")
+    assert taken is not None
+    os.close(taken[0])
     store(spool, b"Subject: r\r\n\r\nx\r\n")  # nothing else is ready: a new file
     kept_again = names(spool.queue)[-1]
     spool.remove(kept_again)
