@@ -74,7 +74,9 @@ def _keep_only_bind_capability(libc: ctypes.CDLL) -> None:
 def prepare_data_dir(data_dir: Path, uid: int, gid: int) -> None:
     """data_dir exists, 0700, owned by the user; what root left in it (an earlier run
     as root, a command run as root) is handed over too: everything when data_dir itself
-    was not the user's, else the entries at its top level and in log/."""
+    was not the user's, else the entries at its top level, in log/ and in spool/ (a
+    folder a newer version adds there, such as spool/recycle/, made by a command run as
+    root before the node's first start)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = os.stat(data_dir)
@@ -83,7 +85,7 @@ def prepare_data_dir(data_dir: Path, uid: int, gid: int) -> None:
             for name in dirs + files:
                 os.lchown(os.path.join(root, name), uid, gid)
     else:
-        for sub in (data_dir, data_dir / "log"):
+        for sub in (data_dir, data_dir / "log", data_dir / "spool"):
             if sub.is_dir():
                 for entry in os.scandir(sub):
                     if entry.stat(follow_symlinks=False).st_uid != uid:

@@ -18,13 +18,15 @@ Promises:
 - A file is written over only once its removal from queue/ is durable (the taker
   fsyncs queue/ after each listing, before it takes what it listed): after a crash, a
   queue/ entry never points at another message's bytes.
-- A file waits READY seconds in recycle/ before it is written over, so a reader that
-  opened it as a queue file (`queue show`, an export) has read it; a reader that still
-  finds it changed gets a CRC mismatch on a message that is no longer queued.
+- A file waits READY seconds in recycle/ before it is written over, and a reader of a
+  queue file (`queue show`, an export) checks after reading that the queue's name still
+  names the file it read (kanmon.spool.store: else the message was finished meanwhile).
 - A file unused for IDLE seconds is removed (sweep(), by the node every SWEEP_EVERY
-  seconds): a delivered message's bytes do not stay on disk for long. The files are as
-  private as the queue (0600, in the 0700 spool).
-- At most KEEP files (of at most MAX_SIZE bytes each) are kept; anything else is unlinked.
+  seconds: IDLE to IDLE + SWEEP_EVERY): a delivered message's bytes do not stay on disk
+  for long. The files are as private as the queue (0600, in the 0700 spool); only a
+  regular file of ours with no other name (no hard link) is written over.
+- At most KEEP files (of at most MAX_SIZE bytes each: 256 MiB of disk at most) are kept;
+  anything else is unlinked.
 
 Names: "<monotonic ms>.<queue id>", the time it came in (CLOCK_MONOTONIC is one clock for
 every process of the machine; the names of a run before a restart are removed at start,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 
@@ -65,8 +68,9 @@ class Recycler:
         self.keep, self.max_size = keep, max_size
         self.ready_ms, self.idle_ms = int(ready * 1000), int(idle * 1000)
         self._clock = clock_ms
-        self._count = 0  # files put since the last count of the directory (this process)
-        self._full_for = 0  # puts left to unlink without counting again (the directory was full)
+        self._lock = threading.Lock()  # put() runs in the queue manager's I/O threads
+        self._until_count = 0  # puts left before the directory is counted again
+        self._was_full = False  # what the last count said
         self._ready: list[str] = []  # names ready to be taken, the last one first
         self._next_list = 0  # ms: when to list again while nothing is ready
         self.reused = 0  # files taken (this process)
@@ -83,38 +87,40 @@ class Recycler:
             return True
         except OSError:
             return False
-        if size > self.max_size or self._full():
+        if size > self.max_size:
             return False
-        try:
-            os.rename(path, f"{self.dir}/{self._clock()}.{queue_id}")
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        self._count += 1
+        with self._lock:
+            if self._full():
+                return False
+            try:
+                os.rename(path, f"{self.dir}/{self._clock()}.{queue_id}")
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
         return True
 
     def _full(self) -> bool:
-        if self._full_for > 0:
-            self._full_for -= 1
-            return True
-        if self._count < self.keep // 2:
-            return False
+        """Whether the directory holds KEEP files, counted again only when it could: with
+        n files found, after KEEP - n puts (the takers only lower it); when full, after
+        KEEP / 4 puts unlinked. So it never holds more than KEEP."""
+        if self._until_count > 0:
+            self._until_count -= 1
+            return self._was_full
         try:
-            self._count = len(os.listdir(self.dir))  # what the takers left
+            n = len(os.listdir(self.dir))
         except OSError:
             return True
-        if self._count >= self.keep:
-            self._full_for = self.keep // 4  # count again after a while, not on every put
-            return True
-        return False
+        self._was_full = n >= self.keep
+        self._until_count = self.keep // 4 if self._was_full else self.keep - n - 1
+        return self._was_full
 
     # -- the one that writes new queue files (the group committer) ------------------------------
 
     def take(self, dest: str) -> tuple[int, int] | None:
         """A kept file renamed to dest and opened for writing: (fd, its size), or None
-        (nothing ready: the caller creates a new file). What is not a regular file is
-        removed, never written through."""
+        (nothing ready: the caller creates a new file). What is not a regular file of
+        ours with no other name is removed, never written through."""
         while True:
             if not self._ready and not self._list():
                 return None
@@ -129,7 +135,8 @@ class Recycler:
             try:
                 fd = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode):
+                # Ours alone: a file with another name (a hard link) is never written through.
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
                     self.reused += 1
                     return fd, st.st_size
             except OSError:
@@ -188,7 +195,8 @@ class Recycler:
                 except OSError:
                     continue  # taken meanwhile (or not a file: left alone)
                 removed += 1
-        self._count = 0
+        with self._lock:
+            self._until_count = 0  # count again at the next put
         return removed
 
 

@@ -36,6 +36,7 @@ the caller records in the event log); read or write mailbox files.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -200,6 +201,34 @@ def envelope_fields_fast(raw: bytes) -> tuple[str, list[str], float] | None:
 
 
 _ABSENT = object()
+
+
+def _same_file(fd: int, path: str | os.PathLike) -> None:
+    """Raise FileNotFoundError unless path still names the file open as fd: checked after
+    a reader read a queue file, which a finished message leaves for spool/recycle/, where
+    another message may be written over it (kanmon.spool.recycle). A file in queue/ never
+    changes and never comes back once it left, so a name that still matches after the read
+    means the bytes read were this message's."""
+    try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise FileNotFoundError(errno.ENOENT, "the message was finished while it was read", os.fspath(path))
+
+
+def _read_verified(path: str | os.PathLike) -> bytes:
+    """A queue file's bytes, read by a reader other than the queue manager (a command, an
+    export), and still this message's after the read (_same_file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        _same_file(fd, path)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -413,10 +442,11 @@ class Spool:
             elen, clen, _crc, off = decode_queue_header(head)
             f.seek(off)
             ej = f.read(elen)
+            _same_file(f.fileno(), path)
         return envelope_from_json(ej), clen
 
     def read_content(self, queue_id: str) -> bytes:
-        env_json, content = self._read_checked(self.queue / queue_id)
+        env_json, content = _checked(_read_verified(self.queue / queue_id))
         return content
 
     def _read_checked(self, path: Path) -> tuple[bytes, bytes]:
@@ -470,11 +500,21 @@ class Spool:
     def clear_at_start(self) -> int:
         """Before recovery: remove incoming/ (never acknowledged) and the kept files of
         recycle/ (never messages). Returns how many incoming/ files were removed."""
+        leftovers = [e for d in (self.incoming, self.recycle) for e in os.scandir(d)]
+        if not leftovers:
+            return 0
+        # After a crash of a file system without a journal (fsck aside), a queue file and
+        # a name here may share one file: the queue's name is the one that counts.
+        queued = {e.inode() for e in os.scandir(self.queue)}
         removed = 0
-        for p in self.incoming.iterdir():
-            p.unlink(missing_ok=True)
-            removed += 1
-        self.recycler.sweep(everything=True)
+        for e in leftovers:
+            if e.inode() in queued:
+                continue
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+            removed += os.path.dirname(e.path) == self._incoming
         return removed
 
     def recover_each(self, each: Callable[[SpoolEntry], None]) -> tuple[int, list[tuple[str, str]], int]:
@@ -586,6 +626,7 @@ class Spool:
             ej = head[off : off + elen]
             if len(ej) < elen:
                 ej = os.pread(fd, elen, off)
+            _same_file(fd, self.queue / queue_id)
         finally:
             os.close(fd)
         return envelope_from_json(ej), clen
@@ -596,7 +637,9 @@ class Spool:
         fd = os.open(self.queue / queue_id, os.O_RDONLY)
         try:
             elen, clen, _crc, off = decode_queue_header(os.pread(fd, MAX_HEADER_LINE, 0))
-            return os.pread(fd, min(clen, max(0, limit)), off + elen + 1)
+            prefix = os.pread(fd, min(clen, max(0, limit)), off + elen + 1)
+            _same_file(fd, self.queue / queue_id)
+            return prefix
         finally:
             os.close(fd)
 
@@ -685,8 +728,8 @@ class Spool:
 
     def export_raw(self, queue_id: str) -> tuple[bytes, bytes]:
         """(queue file bytes, journal bytes), the queue file's checksum verified."""
-        data = (self.queue / queue_id).read_bytes()
         path = self.queue / queue_id
+        data = _read_verified(path)
         self._check_bytes(data, str(path))
         try:
             state = (self.state_dir / queue_id).read_bytes()

@@ -41,14 +41,16 @@ def test_prepare_data_dir_hands_over_what_root_left(tmp_path) -> None:
     (data / "log").mkdir(parents=True)
     (data / "users.json").write_text("{}")
     (data / "log" / "kanmon.log").write_text("")
-    (data / "spool").mkdir()
-    (data / "spool" / "deep").write_text("")
+    (data / "spool" / "queue").mkdir(parents=True)
+    (data / "spool" / "queue" / "deep").write_text("")
     prepare_data_dir(data, nobody.pw_uid, nobody.pw_gid)  # data_dir was root's: everything
     assert {p.stat().st_uid for p in [data, *data.rglob("*")]} == {nobody.pw_uid}
     assert data.stat().st_mode & 0o777 == 0o700
     (data / "users.json").chmod(0o600)
     os.chown(data / "users.json", 0, 0)  # `kanmon user add` run as root later
-    os.chown(data / "spool" / "deep", 0, 0)
+    os.chown(data / "spool" / "queue" / "deep", 0, 0)
+    (data / "spool" / "recycle").mkdir()  # a folder a newer version adds, made by a command run as root
     prepare_data_dir(data, nobody.pw_uid, nobody.pw_gid)
     assert (data / "users.json").stat().st_uid == nobody.pw_uid
-    assert (data / "spool" / "deep").stat().st_uid == 0  # not walked when data_dir is already the user's
+    assert (data / "spool" / "recycle").stat().st_uid == nobody.pw_uid
+    assert (data / "spool" / "queue" / "deep").stat().st_uid == 0  # not walked when data_dir is already the user's

@@ -199,3 +199,79 @@ def test_a_kept_file_is_written_over_only_after_its_removal_from_the_queue_is_du
     synced = [i for i, c in enumerate(calls) if c == f"fsync {spool.queue}"]
     assert any(put < i < taken for i in synced), calls
     spool.close()
+
+
+def test_the_bound_holds_after_a_sweep_and_with_puts_from_many_threads(tmp_path):
+    d = tmp_path / "recycle"
+    d.mkdir()
+    clock = Clock()
+    r = Recycler(d, keep=8, clock_ms=clock)
+    for i in range(3):
+        (tmp_path / f"q{i}").write_bytes(b"x")
+        assert r.put(str(tmp_path / f"q{i}"), f"q{i}")
+    assert r.sweep() == 0  # nothing idle: a sweep that removed nothing
+    results = []
+
+    def put(i: int) -> None:
+        (tmp_path / f"p{i}").write_bytes(b"x")
+        results.append(r.put(str(tmp_path / f"p{i}"), f"p{i}"))
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(40)))
+    assert len(names(d)) == 8 and results.count(True) == 5
+
+
+def test_a_kept_file_with_another_name_is_never_written_through(tmp_path):
+    d = tmp_path / "recycle"
+    d.mkdir()
+    other = tmp_path / "a-snapshot-of-it"
+    other.write_bytes(b"a delivered message")
+    os.link(other, d / "1.q1")  # e.g. a `cp -al` copy of the data directory
+    clock = Clock()
+    clock.ms = 10_000
+    assert Recycler(d, clock_ms=clock).take(str(tmp_path / "t")) is None
+    assert other.read_bytes() == b"a delivered message" and not os.path.lexists(tmp_path / "t") and names(d) == []
+
+
+def test_a_reader_that_finds_the_message_finished_meanwhile_says_so_and_not_another_message(tmp_path):
+    """A command's read (`queue show`, an export) of a message finished while it read:
+    the file it opened was kept and written over by another message; the reader checks
+    that the queue's name still names what it read."""
+    from kanmon.spool.store import _same_file
+
+    spool, clock = spool_with_clock(tmp_path)
+    a = store(spool, b"Subject: a\r\n\r\nx\r\n")
+    path = spool.queue / a
+    fd = os.open(path, os.O_RDONLY)  # the reader opened it ...
+    try:
+        _same_file(fd, path)  # (still queued: fine)
+        spool.remove(a)
+        clock.ms += READY_MS
+        b = store(spool, b"Subject: b\r\n\r\nx\r\n")
+        assert os.fstat(fd).st_ino == os.stat(spool.queue / b).st_ino  # ... and now holds B's bytes
+        with pytest.raises(FileNotFoundError):
+            _same_file(fd, path)
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        spool.read_content(a)
+    with pytest.raises(FileNotFoundError):
+        spool.export_raw(a)
+    assert spool.read_content(b) == b"Subject: b\r\n\r\nx\r\n" and spool.export_raw(b)[0]
+    spool.close()
+
+
+def test_start_leaves_alone_a_name_that_shares_a_queued_file(tmp_path):
+    """After a crash of a file system without a journal, a name in incoming/ or recycle/
+    may share the file of a queued message: the queued message is kept."""
+    spool = Spool(tmp_path)
+    q = store(spool, b"Subject: q\r\n\r\nx\r\n")
+    os.link(spool.queue / q, spool.incoming / "stale")
+    os.link(spool.queue / q, spool.recycle / f"1.{q}")
+    (spool.recycle / "2.other").write_bytes(b"x")
+    spool.close()
+    entries, corrupt, removed = Spool(tmp_path).recover()
+    assert [e.queue_id for e in entries] == [q] and corrupt == [] and removed == 0
+    assert names(tmp_path / "spool/recycle") == [f"1.{q}"]
