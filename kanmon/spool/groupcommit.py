@@ -29,8 +29,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kanmon.spool.recycle import Recycler
+if TYPE_CHECKING:  # kanmon.spool.recycle calls fsync_dir from here
+    from kanmon.spool.recycle import Recycler
 
 _libc = None
 try:
@@ -81,7 +83,8 @@ def write_durably(path: Path, data: bytes, *, append: bool = False, sync: bool =
         os.close(fd)
 
 
-def _unlink(path: str | Path) -> None:
+def unlink_quietly(path: str | Path) -> None:
+    """Unlink; a file already gone is not an error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -200,7 +203,7 @@ class GroupCommitter:
                 os.rename(tmp, final)
             except OSError as e:
                 job.results[i] = e
-                _unlink(tmp)
+                unlink_quietly(tmp)
                 continue
             dirs.add(os.path.dirname(final) or ".")
         if self.fsync:
@@ -224,6 +227,6 @@ class GroupCommitter:
                 os.fdatasync(fd)
         except BaseException:
             os.close(fd)
-            _unlink(path)
+            unlink_quietly(path)
             raise
         os.close(fd)

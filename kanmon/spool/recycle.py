@@ -45,6 +45,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from kanmon.spool.groupcommit import fsync_dir
+
 KEEP = 1024  # files kept at most
 MAX_SIZE = 256 * 1024  # bigger queue files are unlinked: the inode is a small part of their cost
 READY = 0.25  # seconds in recycle/ before a file is written over
@@ -164,11 +166,7 @@ class Recycler:
         ready.sort(reverse=True)  # popped from the end: the oldest first, before the sweep takes it
         if ready and self.sync_dir is not None:
             try:  # what was listed left queue/ before: that is durable from here on
-                fd = os.open(self.sync_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_dir(self.sync_dir)
             except OSError:
                 ready = []
         self._ready = [name for _at, name in ready]
@@ -178,9 +176,9 @@ class Recycler:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    def sweep(self, everything: bool = False) -> int:
-        """Remove the files unused for IDLE seconds (everything: all of them, at start, and
-        anything in the directory that is not a kept file). Returns how many."""
+    def sweep(self) -> int:
+        """Remove the files unused for IDLE seconds, and anything in the directory that is
+        not a kept file (at start, Spool.clear_at_start empties it). Returns how many."""
         now = self._clock()
         removed = 0
         try:
@@ -189,7 +187,7 @@ class Recycler:
             return 0
         for name in names:
             at = name_time(name)
-            if everything or at is None or now - at >= self.idle_ms or at > now:
+            if at is None or now - at >= self.idle_ms or at > now:
                 try:
                     os.unlink(f"{self.dir}/{name}")
                 except OSError:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from kanmon.model import ClientInfo, Envelope, flags_problem
 from kanmon.spool import journal, schema
-from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, write_durably
+from kanmon.spool.groupcommit import GroupCommitter, fsync_dir, sync_files, unlink_quietly, write_durably
 from kanmon.spool.index import Entry, QueueIndex
 from kanmon.spool.journal import QueueState
 from kanmon.spool.recycle import Recycler
@@ -217,27 +217,6 @@ def _same_file(fd: int, path: str | os.PathLike) -> None:
         raise FileNotFoundError(errno.ENOENT, "the message was finished while it was read", os.fspath(path))
 
 
-def _read_verified(path: str | os.PathLike) -> bytes:
-    """A queue file's bytes, read by a reader other than the queue manager (a command, an
-    export), and still this message's after the read (_same_file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        _same_file(fd, path)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def encode_queue_file(env: Envelope, content: bytes) -> bytes:
     ej = envelope_to_json(env)
     crc = zlib.crc32(content, zlib.crc32(ej))
@@ -276,18 +255,22 @@ def _checked(data: bytes) -> tuple[bytes, bytes]:
     return ej, content
 
 
-def _read_whole(path: str) -> bytes:
-    """A file's bytes; one read(2) for a file under 64 KiB (a short read of a regular file is its end)."""
+def _read_whole(path: str | os.PathLike, *, still_named: bool = False) -> bytes:
+    """A file's bytes; one read(2) for a file under 64 KiB (a short read of a regular file is its end).
+    still_named: a queue file read by a reader other than the queue manager (a command, an
+    export), checked after the read to be still this message's (_same_file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.read(fd, 65536)
-        if len(data) < 65536:
-            return data
-        chunks = [data]
-        while data:
-            data = os.read(fd, 1 << 20)
-            chunks.append(data)
-        return b"".join(chunks)
+        if len(data) == 65536:
+            chunks = [data]
+            while data:
+                data = os.read(fd, 1 << 20)
+                chunks.append(data)
+            data = b"".join(chunks)
+        if still_named:
+            _same_file(fd, path)
+        return data
     finally:
         os.close(fd)
 
@@ -429,8 +412,8 @@ class Spool:
             self.index.drop(queue_id)
         path = f"{self._queue}/{queue_id}"
         if not self.recycler.put(path, queue_id):  # kept to be written over, or unlinked
-            _unlink_quietly(path)
-        _unlink_quietly(f"{self.state_dir}/{queue_id}")
+            unlink_quietly(path)
+        unlink_quietly(f"{self.state_dir}/{queue_id}")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -446,7 +429,7 @@ class Spool:
         return envelope_from_json(ej), clen
 
     def read_content(self, queue_id: str) -> bytes:
-        env_json, content = _checked(_read_verified(self.queue / queue_id))
+        env_json, content = _checked(_read_whole(self.queue / queue_id, still_named=True))
         return content
 
     def _read_checked(self, path: Path) -> tuple[bytes, bytes]:
@@ -729,7 +712,7 @@ class Spool:
     def export_raw(self, queue_id: str) -> tuple[bytes, bytes]:
         """(queue file bytes, journal bytes), the queue file's checksum verified."""
         path = self.queue / queue_id
-        data = _read_verified(path)
+        data = _read_whole(path, still_named=True)
         self._check_bytes(data, str(path))
         try:
             state = (self.state_dir / queue_id).read_bytes()

@@ -109,7 +109,7 @@ def test_the_sweep_removes_what_nobody_took_and_anything_else_found_there(tmp_pa
     (spool.recycle / f"{clock.ms + 5_000}.from-before-a-reboot").write_bytes(b"?")  # a time still to come
     assert spool.recycler.sweep() == 3
     assert [n.partition(".")[2] for n in names(spool.recycle)] == [young]
-    assert spool.recycler.sweep(everything=True) == 1 and names(spool.recycle) == []
+    assert spool.clear_at_start() == 0 and names(spool.recycle) == []  # at start: everything
     spool.close()
 
 
