@@ -29,10 +29,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # kanmon.spool.recycle calls fsync_dir from here
-    from kanmon.spool.recycle import Recycler
+
+class Recycler(Protocol):
+    """What the committer asks of kanmon.spool.recycle.Recycler (which imports from here)."""
+
+    def take(self, dest: str) -> tuple[int, int] | None: ...
 
 _libc = None
 try:
