@@ -2,7 +2,7 @@
 message to the same next hop (like Postfix's scache with smtp_connection_cache_on_demand).
 
 Role: hand the SMTP delivery agent (kanmon.deliver.smtp) an open, greeted session for a
-SessionKey — a cached one that still answers RSET, or a new one — and take it back after
+SessionKey — a cached one, reset with RSET, or a new one — and take it back after
 the transaction. A session is cached only when it is in a known state: the last
 transaction ended with a reply (no half-sent message, no 421, no timeout), it has been
 used fewer than `reuse_count` times and it was opened less than `reuse_time` ago. Cached
@@ -22,9 +22,11 @@ transport security decision (MX delivery: policy domain, source and description 
 requirement), the HELO name, the source address, and the AUTH identity. A session is
 only ever reused for exactly the same key.
 
-Trusts: the caller's key and settings. Does not trust a cached session: it is probed
-with RSET before each reuse, and the caller retries on a fresh session when a reused
-one turns out dead (kanmon.deliver.smtp).
+Trusts: the caller's key and settings. Does not trust a cached session: one the server
+has closed is dropped when it is taken; every reuse starts with RSET (with PIPELINING in
+the same write as the transaction's MAIL, RCPT and DATA, so it costs no round trip of
+its own: the client's reset_pending), and the caller retries on a fresh session when a
+reused one refuses RSET or turns out dead before the message was sent (kanmon.deliver.smtp).
 
 Never: reuse a session whose last transaction is in doubt, keep a session past its
 limits, exceed the per-destination bound, or wait on the network without a timeout.
@@ -149,7 +151,7 @@ class SessionCache:
         # counters (tests, stats)
         self.opened = 0  # sessions opened
         self.reused = 0  # deliveries that took a cached session
-        self.dropped = 0  # cached sessions found dead at reuse (RSET failed)
+        self.dropped = 0  # cached sessions found dead at reuse (closed, RSET refused, lost before the message)
         self.expired = 0  # cached sessions closed at their idle, time or count limit
 
     # -- the caller's side
@@ -210,9 +212,14 @@ class SessionCache:
                 dest = self._dest(key)  # taking the last idle session may have tidied it away
                 dest.busy += 1
                 self._busy[id(cached.conn)] = cached
-                if await cached.conn.reset():  # RFC 5321 4.1.1.5: a clean slate, and alive
+                conn = cached.conn
+                if conn.usable and conn.supports("PIPELINING"):
+                    conn.reset_pending = True  # RFC 5321 4.1.1.5, sent with the next MAIL
                     self.reused += 1
-                    return cached.conn, True
+                    return conn, True
+                if await conn.reset():  # RFC 5321 4.1.1.5: a clean slate, and alive
+                    self.reused += 1
+                    return conn, True
                 # Closed while idle (EOF, 421, broken pipe): drop it, look again.
                 self.dropped += 1
                 self._busy.pop(id(cached.conn), None)

@@ -307,8 +307,9 @@ class SmtpDelivery:
                     results = await self._transactions(conn, mail_from, rcpts, body, smtputf8, dsn)
             except ConnectionLost as e:
                 if lease.reused and e.try_next and not fresh and conn.transactions == first_transaction + 1:
-                    # The cached session died under us in this delivery's first transaction,
-                    # before its final dot: nothing of it was delivered.
+                    # The cached session died under us (or refused its RSET) in this delivery's
+                    # first transaction, before its final dot: nothing of it was delivered.
+                    self.cache.dropped += 1
                     fresh = True
                     continue
                 return e.reply, not e.try_next

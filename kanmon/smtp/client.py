@@ -2,7 +2,8 @@
 
 Role: speak ESMTP to a next hop (a relay server, a smarthost or an MX host) and report
 what it said for each recipient. Greeting, EHLO (HELO fallback), STARTTLS by policy,
-PIPELINING, SIZE, 8BITMIME/SMTPUTF8, DATA, RSET between transactions, QUIT. The
+PIPELINING, SIZE, 8BITMIME/SMTPUTF8, DATA, RSET between transactions (with PIPELINING
+in one write with the next MAIL, RCPT and DATA: `reset_pending`), QUIT. The
 caller (deliver/smtp.py) decides what to do with the results; this module never
 touches the spool or the records.
 
@@ -553,6 +554,9 @@ class SmtpConnection:
         self.extensions: dict[str, str] = {}
         self.transactions = 0
         self.last_used = time.monotonic()
+        # RSET owed before the next transaction (a cached session taken for reuse): sent
+        # first in that transaction's pipelined group, or on its own without PIPELINING.
+        self.reset_pending = False
         self._stage = _Stage()
         self._usable = True
 
@@ -751,6 +755,10 @@ class SmtpConnection:
         if not self.usable:
             raise self._lost("starting a verification probe")
         self.last_used = time.monotonic()
+        if self.reset_pending:
+            self.reset_pending = False
+            if not await self.reset():
+                raise self._lost("resetting the session (RSET was refused)")
         utf8 = " SMTPUTF8" if not (mail_from.isascii() and rcpt.isascii()) and self.supports("SMTPUTF8") else ""
         mail_reply = await self._command(f"MAIL FROM:<{mail_from}>{utf8}", "sending MAIL FROM")
         rcpt_reply: Reply | None = None
@@ -780,6 +788,11 @@ class SmtpConnection:
             raise self._lost("starting a new transaction")
         self.last_used = time.monotonic()
         self.transactions += 1
+        reset = self.reset_pending
+        if reset and not self.supports("PIPELINING"):
+            self.reset_pending = reset = False
+            if not await self.reset():
+                raise self._lost("resetting the session (RSET was refused)")
 
         need_utf8 = smtputf8 or not mail_from.isascii() or not all(r.isascii() for r in rcpts)
         if need_utf8 and not self.supports("SMTPUTF8"):
@@ -813,15 +826,26 @@ class SmtpConnection:
         mail_line = f"MAIL FROM:<{mail_from}>" + "".join(" " + p for p in params)
 
         if self.supports("PIPELINING"):
-            return await self._transaction_pipelined(mail_line, rcpt_lines, rcpts, data)
+            return await self._transaction_pipelined(mail_line, rcpt_lines, rcpts, data, reset)
         return await self._transaction_lockstep(mail_line, rcpt_lines, rcpts, data)
 
     async def _transaction_pipelined(
-        self, mail_line: str, rcpt_lines: list[str], rcpts: Sequence[str], data: bytes
+        self, mail_line: str, rcpt_lines: list[str], rcpts: Sequence[str], data: bytes, reset: bool = False
     ) -> TransactionResult:
         # RFC 2920 3.1: MAIL, all RCPTs and DATA in one go; DATA is the last of the group.
-        batch = "\r\n".join([mail_line, *rcpt_lines, "DATA"]) + "\r\n"
-        await self._send(batch.encode("utf-8"), "sending MAIL FROM")
+        # RSET may lead it (RFC 2920 3.1 lists it among the commands a group may hold):
+        # a reused session is reset without a round trip of its own.
+        lines = [mail_line, *rcpt_lines, "DATA"]
+        if reset:
+            self.reset_pending = False
+            lines.insert(0, "RSET")
+        await self._send(("\r\n".join(lines) + "\r\n").encode("utf-8"), "sending MAIL FROM")
+        if reset:
+            rset_reply = await self._read_reply(self.settings.command_timeout, "receiving the reply to RSET")
+            if rset_reply.code != 250:
+                # Closing (421) or not fit for reuse: cut it before the body could be asked
+                # for; the server drops the transaction it opened, nothing was delivered.
+                raise self._lost(f"resetting the session (RSET answered {rset_reply.code})")
         mail_reply = await self._read_reply(self.settings.command_timeout, "receiving the reply to MAIL FROM")
         replies: list[tuple[str, Reply]] = []
         for r in rcpts:

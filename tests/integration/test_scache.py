@@ -112,6 +112,35 @@ def test_messages_to_one_destination_share_one_session(store):
     assert "QUIT" in store.commands  # closed at agent.close()
 
 
+def test_a_reused_session_is_reset_in_the_same_write_as_its_transaction(store):
+    """RSET, MAIL, RCPT and DATA go as one pipelined group (RFC 2920): the sink holds its
+    replies to RSET, MAIL and RCPT until DATA arrives, so a client that waited for the
+    reply to RSET before sending MAIL would time out and open a second session."""
+    store.require_pipelining = True
+
+    async def body(agent):
+        return [await send(agent, store, n) for n in range(3)], agent.cache
+
+    (results, cache), log = run(make_config(), body)
+    assert [r.status for r in results] == [Status.SENT] * 3
+    assert store.connections == 1 and cache.reused == 2 and cache.dropped == 0
+    assert [m.rcpts for m in store.wait_for_messages(3)] == [[f"u{n}@corp.example"] for n in range(3)]
+    after_first = store.commands[store.commands.index("DATA") + 1 :]
+    assert [c.split(":")[0] for c in after_first] == ["RSET", "MAIL FROM", "RCPT TO", "DATA"] * 2 + ["QUIT"]
+
+
+def test_without_pipelining_a_reused_session_is_reset_on_its_own(store):
+    store.pipelining = False
+
+    async def body(agent):
+        return [await send(agent, store, n) for n in range(3)], agent.cache
+
+    (results, cache), _ = run(make_config(), body)
+    assert [r.status for r in results] == [Status.SENT] * 3
+    assert store.connections == 1 and cache.reused == 2
+    assert store.commands.count("RSET") == 2
+
+
 def test_relay_route_to_the_mail_store_reuses_its_session(store):
     route = SimpleNamespace(transport="relay", domain="corp.example", hops=((store.host, store.port),), tls="none")
 
@@ -209,12 +238,12 @@ def test_a_refused_rset_means_a_fresh_session(store, refusal):
         first = await send(agent, store, 0)
         store.rset_reply = refusal
         second = await send(agent, store, 1)
-        return [first, second]
+        return [first, second], agent.cache
 
-    results, log = run(make_config(), body)
+    (results, cache), log = run(make_config(), body)
     assert [r.status for r in results] == [Status.SENT, Status.SENT]
-    assert store.connections == 2
-    assert [m.connection for m in store.wait_for_messages(2)] == [1, 2]
+    assert store.connections == 2 and cache.dropped == 1
+    assert [m.connection for m in store.wait_for_messages(2)] == [1, 2]  # the refused session took nothing
     assert "relay=" not in log.text()
 
 

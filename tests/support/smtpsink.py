@@ -37,7 +37,7 @@ Behaviour, set as attributes at any time (read at each connection / command):
     esmtp = True                 # False: EHLO gets "502 5.5.1", the client must use HELO
     helo_reply = None            # a reply line to HELO
     pipelining = True            # announce PIPELINING
-    require_pipelining = False   # hold the replies to MAIL/RCPT until DATA arrives
+    require_pipelining = False   # hold the replies to RSET/MAIL/RCPT until DATA arrives
                                  # (a client that waits for each reply then times out)
     smtputf8 = True, eightbitmime = True
     dsn = False                  # announce DSN (RFC 3461; parameters are recorded, not acted on)
@@ -303,7 +303,7 @@ class SmtpSink:
             arg = line[len(verb):].strip()
 
             async def reply(text: str) -> None:
-                if self.require_pipelining and verb in ("MAIL", "RCPT"):
+                if self.require_pipelining and verb in ("RSET", "MAIL", "RCPT"):
                     held.append(text)
                     return
                 if held:
@@ -410,7 +410,7 @@ class SmtpSink:
             elif verb == "RSET":
                 tx = None
                 held.clear()
-                await send(self.rset_reply)
+                await reply(self.rset_reply)
                 if self.rset_reply.startswith("421") or self.drop == "after-rset":
                     return
             elif verb == "NOOP":
