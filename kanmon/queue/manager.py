@@ -44,7 +44,7 @@ from kanmon.records.events import BOUNCED, DEFERRED, SENT, Delivery, Error, Noti
 from kanmon.records.store import Records
 from kanmon.routing import Route, Router
 from kanmon.spool.journal import QueueState
-from kanmon.spool.store import CorruptEntry, Spool, SpoolEntry
+from kanmon.spool.store import CorruptEntry, NotCached, Spool, SpoolEntry
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error in delivery; will retry")
 NO_REMOTE_AGENT = Reply(451, "4.3.0", "no delivery agent for remote destinations")
@@ -310,7 +310,10 @@ class QueueManager:
             content = None
         else:
             try:
-                entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
+                try:
+                    entry, content = self.spool.load_with_content_cached(queue_id)  # no thread hand-off
+                except NotCached:
+                    entry, content = await loop.run_in_executor(self._io, self.spool.load_with_content, queue_id)
             except FileNotFoundError:
                 return  # deleted meanwhile (admin action)
             except CorruptEntry:

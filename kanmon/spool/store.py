@@ -275,6 +275,41 @@ def _read_whole(path: str | os.PathLike, *, still_named: bool = False) -> bytes:
         os.close(fd)
 
 
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+class NotCached(Exception):
+    """A read that would have waited for the disk (the file is not all in the page cache)."""
+
+
+def _read_cached(path: str) -> bytes:
+    """A whole file, only if every byte is in the page cache: preadv(2) with RWF_NOWAIT
+    never waits for the disk (NotCached instead; also where the kernel or file system
+    cannot say). For the event loop, which must not block: its caller reads again in a
+    thread. FileNotFoundError when there is no such file."""
+    if not _NOWAIT:
+        raise NotCached(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise NotCached(path) from e  # the thread's read meets it again and reports it
+    try:
+        size = os.fstat(fd).st_size
+        buf = bytearray(size + 1)  # one more: a file that grew reads longer than its size
+        try:
+            n = os.preadv(fd, [buf], 0, _NOWAIT)
+        except OSError as e:  # EAGAIN: not cached; EOPNOTSUPP: no such read here
+            raise NotCached(path) from e
+        if n != size:
+            raise NotCached(path)  # partly cached (a short read), or changed under us
+        del buf[size:]
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class SpoolEntry:
     """A queued message as read from its files. The queue walks (filters, the rows of
@@ -454,6 +489,21 @@ class Spool:
             self.set_aside(queue_id, str(e))
             raise
         return SpoolEntry(queue_id, env, len(content), self.read_state(queue_id)), content
+
+    def load_with_content_cached(self, queue_id: str) -> tuple[SpoolEntry, bytes]:
+        """load_with_content for the event loop: NotCached instead of waiting for the disk
+        (and for an entry that fails its checks, which load_with_content then sets aside).
+        A message just received is in the page cache: no thread hand-off for it."""
+        try:
+            ej, content = _checked(_read_cached(f"{self._queue}/{queue_id}"))
+            env = envelope_from_json(ej)
+        except CorruptEntry as e:
+            raise NotCached(queue_id) from e
+        try:
+            state = QueueState.from_bytes(_read_cached(f"{self.state_dir}/{queue_id}"))
+        except FileNotFoundError:
+            state = QueueState()
+        return SpoolEntry(queue_id, env, len(content), state), content
 
     def read_message(self, queue_id: str) -> tuple[Envelope, bytes]:
         """Envelope and content, checked against the CRC, without the journal and without

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 
 import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 from kanmon.spool import journal
-from kanmon.spool.store import CorruptEntry, Spool, SpoolError, decode_queue_header, encode_queue_file
+from kanmon.spool.store import CorruptEntry, NotCached, Spool, SpoolError, decode_queue_header, encode_queue_file
 
 
 def env() -> Envelope:
@@ -164,3 +166,62 @@ def test_checked_body_lets_the_outbound_client_skip_the_dots_only_when_told():
     assert encode_data(DotFree(b"a\r\nb\r\n")) == b"a\r\nb\r\n.\r\n"
     assert encode_data(DotFree(b".a\r\n.b")) == b".a\r\n.b\r\n.\r\n"  # (what it would do with a lie)
     assert encode_data(DotFree(b"")) == b".\r\n"
+
+
+# ---------------------------------------------------------------------------
+# The queue manager's read on the event loop: only from the page cache
+
+
+def _stored(tmp_path, content=b"Subject: s\r\n\r\nx\r\n" * 500):
+    spool = Spool(tmp_path)
+    q = new_queue_id()
+    asyncio.run(spool.store(q, env(), content))
+    return spool, q, content
+
+
+def test_a_cached_read_gives_what_the_thread_read_gives(tmp_path):
+    spool, q, content = _stored(tmp_path)
+    spool.append_state(q, [journal.Result(1.0, "alice@example.test", "sent", "250")])
+    entry, got = spool.load_with_content_cached(q)
+    slow_entry, slow = spool.load_with_content(q)
+    assert got == slow == content
+    assert entry.envelope == slow_entry.envelope and entry.size == slow_entry.size == len(content)
+    assert entry.pending_rcpts() == slow_entry.pending_rcpts() == ["bob@example.test"]
+    with pytest.raises(FileNotFoundError):
+        spool.load_with_content_cached(new_queue_id())
+    spool.close()
+
+
+@pytest.mark.parametrize("kernel", ["EAGAIN", "short read", "EOPNOTSUPP"])
+def test_a_file_not_in_the_page_cache_is_left_to_the_thread(tmp_path, monkeypatch, kernel):
+    """What preadv(2) with RWF_NOWAIT answers for a file not (all) in the page cache.
+    Simulated: evicting a file (posix_fadvise DONTNEED) does not make the kernel refuse
+    reliably, as the read-ahead it starts may finish before it looks again."""
+    spool, q, content = _stored(tmp_path)
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, flags=0):
+        assert flags == os.RWF_NOWAIT
+        if kernel == "short read":
+            return real(fd, [memoryview(buffers[0])[:100]], offset, flags)
+        raise OSError(errno.EAGAIN if kernel == "EAGAIN" else errno.EOPNOTSUPP, kernel)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(NotCached):
+        spool.load_with_content_cached(q)
+    monkeypatch.undo()
+    assert spool.load_with_content(q)[1] == content  # the thread's read waits for the disk
+    spool.close()
+
+
+def test_a_damaged_file_read_from_the_cache_is_left_to_the_thread_to_set_aside(tmp_path):
+    spool, q, _ = _stored(tmp_path)
+    path = tmp_path / "spool/queue" / q
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(NotCached):
+        spool.load_with_content_cached(q)
+    assert path.exists()  # untouched: load_with_content sets it aside, with its event
+    with pytest.raises(CorruptEntry):
+        spool.load_with_content(q)
+    assert not path.exists() and (tmp_path / "spool/corrupt" / q).exists()
+    spool.close()
