@@ -27,6 +27,11 @@ class FakeSession:
         self.transactions = 0
         self.rset_ok = True
         self.closed = ""  # "quit" | "close" | "abort"
+        self.pipelining = False  # True: RSET is left to the next transaction (reset_pending)
+        self.reset_pending = False
+
+    def supports(self, keyword: str) -> bool:
+        return keyword == "PIPELINING" and self.pipelining
 
     async def reset(self) -> bool:
         return self.rset_ok and not self.closed
