@@ -729,6 +729,14 @@ class SmtpConnection:
 
     # -- transactions
 
+    async def _reset_alone(self) -> None:
+        """The RSET a reuse owes (reset_pending), as a command of its own: for a
+        transaction that cannot carry it in a pipelined group. ConnectionLost if refused."""
+        if self.reset_pending:
+            self.reset_pending = False
+            if not await self.reset():
+                raise self._lost("resetting the session (RSET was refused)")
+
     async def reset(self) -> bool:
         """RSET before reusing the connection; False if it is no longer fit for use."""
         if not self.usable:
@@ -755,10 +763,7 @@ class SmtpConnection:
         if not self.usable:
             raise self._lost("starting a verification probe")
         self.last_used = time.monotonic()
-        if self.reset_pending:
-            self.reset_pending = False
-            if not await self.reset():
-                raise self._lost("resetting the session (RSET was refused)")
+        await self._reset_alone()
         utf8 = " SMTPUTF8" if not (mail_from.isascii() and rcpt.isascii()) and self.supports("SMTPUTF8") else ""
         mail_reply = await self._command(f"MAIL FROM:<{mail_from}>{utf8}", "sending MAIL FROM")
         rcpt_reply: Reply | None = None
@@ -788,11 +793,9 @@ class SmtpConnection:
             raise self._lost("starting a new transaction")
         self.last_used = time.monotonic()
         self.transactions += 1
-        reset = self.reset_pending
-        if reset and not self.supports("PIPELINING"):
-            self.reset_pending = reset = False
-            if not await self.reset():
-                raise self._lost("resetting the session (RSET was refused)")
+        reset = self.reset_pending and self.supports("PIPELINING")  # else sent alone, now
+        if not reset:
+            await self._reset_alone()
 
         need_utf8 = smtputf8 or not mail_from.isascii() or not all(r.isascii() for r in rcpts)
         if need_utf8 and not self.supports("SMTPUTF8"):
