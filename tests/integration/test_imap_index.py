@@ -48,7 +48,7 @@ def deliver(root: Path, data: bytes, hook: bool = False) -> None:
     name = maildir.unique_name(len(stored), len(data))
     (root / "tmp" / name).write_bytes(stored)
     os.rename(root / "tmp" / name, root / "new" / name)
-    cache.record_deliveries([(root / "new" / name, stored)])
+    cache.record_deliveries([(root / "new" / name, stored, None)])
 
 
 def envelopes(c) -> dict[int, bytes]:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from kanmon.deliver.local import LocalDelivery
-from kanmon.model import Status
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kanmon.deliver.local import LocalDelivery, stored_and_wire
+from kanmon.model import CrlfChecked, Status
 from kanmon.spool.groupcommit import GroupCommitter
+from kanmon.store import index as mindex
+from kanmon.store.imap import cache
+from kanmon.store.index import MailboxIndex
+from kanmon.store.maildir import to_crlf
 
 
 def test_unsafe_recipients_are_deferred_and_nothing_is_written_outside(tmp_path: Path) -> None:
@@ -25,3 +32,46 @@ def test_unsafe_recipients_are_deferred_and_nothing_is_written_outside(tmp_path:
     assert delivered[0].read_bytes().startswith(b"Return-Path: <alice@example.test>\nDelivered-To: Bob@Example.Test\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mailboxes"]
     assert sorted(p.name for p in (tmp_path / "mailboxes").iterdir()) == ["example.test"]
+
+
+# The IMAP cache entry local delivery records is made from the message's wire form. When
+# the content was checked CRLF only at DATA (CrlfChecked), that form is the content itself
+# behind the head's: it must be exactly what IMAP would make from the file, to_crlf(file).
+_line = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+_crlf_content = st.lists(_line, max_size=20).map(lambda lines: b"".join(x + b"\r\n" for x in lines))
+_text = st.text(max_size=20)
+
+
+@settings(max_examples=300)
+@given(content=_crlf_content, mail_from=_text, rcpt=_text)
+def test_the_wire_form_of_a_checked_message_is_what_imap_makes_from_the_file(content, mail_from, rcpt) -> None:
+    head = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace")
+    body = content.translate(None, b"\r")
+    stored, pieces = stored_and_wire(head, CrlfChecked(content), body)
+    assert stored == head + body
+    assert pieces is not None and b"".join(pieces) == to_crlf(stored)
+    assert stored_and_wire(head, content, body) == (stored, None)  # not checked: made from the file
+
+
+def _deliver_and_entry(tmp_path: Path, content: bytes):
+    committer = GroupCommitter(tmp_path, fsync=False)
+    try:
+        asyncio.run(LocalDelivery(tmp_path, committer).deliver("alice@example.test", ["bob@example.test"], content))
+    finally:
+        committer.close()
+    box = tmp_path / "mailboxes" / "example.test" / "bob"
+    (path,) = (box / "new").iterdir()
+    recorded = MailboxIndex(mindex.index_path(box)).get(path.name)
+    return path, recorded
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_delivery_records_the_entry_imap_would_make_from_the_file(tmp_path: Path, checked: bool) -> None:
+    content = (b"From: Alice <alice@example.test>\r\nSubject: =?UTF-8?B?5pel5pys?=\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+               b"one\r\ntwo\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nthree\r\n--b--\r\n")
+    path, recorded = _deliver_and_entry(tmp_path, CrlfChecked(content) if checked else content)
+    made = cache.entry_for_file(path)
+    assert made is not None and recorded is not None
+    assert recorded == made[0]
+    assert recorded.vsize == len(to_crlf(path.read_bytes())) == len(content) + path.read_bytes().index(b"From:") + 2

@@ -166,7 +166,7 @@ def test_delivery_hook_records_the_entry(tmp_path: Path) -> None:
     stored = MSG.replace(b"\r\n", b"\n")
     p = box / "new" / "1700000000.M1P1Q1.host"
     p.write_bytes(stored)
-    cache.record_deliveries([(p, stored)])
+    cache.record_deliveries([(p, stored, None)])
     e = MailboxIndex(box / mindex.INDEX_FILE).get(p.name)
     assert e is not None and e.size == len(stored) and e.vsize == len(MSG)
     assert e.internal_date == int(os.stat(p).st_mtime)

@@ -121,16 +121,17 @@ def entries(folder: Folder, infos: list[MessageInfo], search_only: bool = False)
 MAX_DELIVERY_ENTRY = 1 << 20  # larger messages get their entry when IMAP first asks
 
 
-def record_deliveries(files: list[tuple[Path, bytes]]) -> None:
+def record_deliveries(files: list[tuple[Path, bytes, tuple[bytes, ...] | None]]) -> None:
     """Local delivery's hook: add the cache entries of messages it has just written
-    (path in a Maildir's new/, the stored LF bytes). A failure is the cache's, never the
-    delivery's: that entry is skipped (IMAP makes it when it is asked for)."""
-    for path, stored in files:
+    (path in a Maildir's new/, the stored LF bytes, and their wire form, to_crlf(stored),
+    in pieces when the delivery has it already; None: made here). A failure is the
+    cache's, never the delivery's: that entry is skipped (IMAP makes it when it is asked for)."""
+    for path, stored, pieces in files:
         if len(stored) > MAX_DELIVERY_ENTRY:
             continue
         try:
             mtime = os.stat(path).st_mtime
-            wire = to_crlf(stored)
+            wire = to_crlf(stored) if pieces is None else b"".join(pieces)
             entry = make_entry(wire, mtime, len(stored))
             mindex.MailboxIndex(mindex.index_path(path.parent.parent)).add(path.name.partition(":")[0], entry)
         except (OSError, ValueError):
