@@ -53,6 +53,19 @@ def rss_kb(pid: int) -> int:
     return total
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system, seconds) of a process and its live children so far."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            total += cpu_s(int(child))
+    except OSError:
+        pass
+    return total
+
+
 def count_files(d: Path) -> int:
     try:
         return sum(1 for _ in os.scandir(d))
@@ -111,6 +124,7 @@ suspend_delivery = {"true" if args.hold else "false"}
                 break
             time.sleep(0.1)
         new = work / "data/mailboxes/example.test/bench/new"
+        cpu0 = cpu_s(proc.pid)
         t0 = time.perf_counter()
         subprocess.run([smtp_source, "-s", str(args.sessions), "-l", str(args.size), "-m", str(args.messages),
                         "-f", "sender@remote.example", "-t", "bench@example.test", f"{args.host}:{args.port}"],
@@ -123,6 +137,7 @@ suspend_delivery = {"true" if args.hold else "false"}
             time.sleep(0.05)
         t_deliver = time.perf_counter() - t0
         delivered = count_files(new)
+        cpu = cpu_s(proc.pid) - cpu0
     finally:
         stop.set()
         proc.send_signal(signal.SIGTERM)
@@ -132,6 +147,7 @@ suspend_delivery = {"true" if args.hold else "false"}
     print(f"kanmon accept-to-Maildir, {args.messages} x {args.size} bytes, {args.sessions} sessions, fsync on")
     print(f"  accepted : {args.messages / t_accept:8.0f} msg/s  ({t_accept:.1f} s until smtp-source finished)")
     print(f"  delivered: {delivered / t_deliver:8.0f} msg/s  ({delivered} in Maildir after {t_deliver:.1f} s)")
+    print(f"  kanmon CPU: {cpu / args.messages * 1000:7.2f} ms per message (all its processes, user + system)")
     print(f"  peak RSS : {peak[0] / 1024:8.0f} MB")
     return 0
 
