@@ -43,6 +43,7 @@ from email.utils import formatdate
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
+from kanmon.scan import find_pair, line_ends
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
@@ -928,12 +929,12 @@ class Session:
         """DATA from a client whose bare LF is normalised: a "." line ends it whether the
         lines around it end in CRLF or LF (<LF>.<LF>, <LF>.<CRLF>; as Postfix before
         3.9, which still serves $mynetworks so). Such a client is trusted not to smuggle.
-        One C-level scan for "<LF>." per read; a CRLF-only message is not copied again."""
+        One scan for "<LF>." per read (kanmon.scan.find_pair); a CRLF-only message is not copied again."""
         data = self._data
         pos = self._scan_from
         n = len(data)
         while True:
-            i = data.find(b"\n.", pos)
+            i = find_pair(data, b"\n.", pos)
             if i < 0 or i + 2 >= n:
                 if self._data_len > self.settings.max_message_size + 4096:
                     self._too_big(out)  # too big: read to the end, keep only the tail
@@ -973,9 +974,9 @@ class Session:
         if self._spilling:
             self._finish_spilled(content, out)
             return
-        crlf = content.count(b"\r\n")
-        if not crlf_only(content, crlf):
-            if content.count(b"\r") != crlf:
+        crlf, cr, lf = line_ends(content)
+        if not crlf == cr == lf:
+            if cr != crlf:
                 self._finish_data(content, out)  # a bare CR: refused there
                 return
             # bare LFs: every line end becomes CRLF
@@ -990,8 +991,8 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
             return
-        # Every CR must be followed by LF and every LF preceded by CR (C-level passes).
-        if not checked and not crlf_only(content, content.count(b"\r\n")):
+        # Every CR must be followed by LF and every LF preceded by CR (one pass: kanmon.scan.line_ends).
+        if not checked and not crlf_only(content):
             self._end_transaction()
             self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return
@@ -1027,7 +1028,7 @@ class Session:
     # first line, then the last two octets already spilled. A cut never splits a CRLF, a
     # "<LF>." (a dot-stuffed line start or the terminator) or the terminator's last four
     # octets, so each piece is checked (bare CR/LF), normalised (a trusted client's bare LF)
-    # and dot-unstuffed on its own, with the same C-level counts and replaces as a whole
+    # and dot-unstuffed on its own, with the same counts (kanmon.scan.line_ends) and replaces as a whole
     # message, and the result is the same octets (tests/protocol/test_session_spill.py).
 
     def _spill(self, out: list[Action]) -> None:
@@ -1048,10 +1049,10 @@ class Session:
 
     def _clean_piece(self, piece: bytes, line_start: bool) -> bytes:
         """One piece of content: counted, checked for bare CR/LF (or normalised), unstuffed."""
-        crlf = piece.count(b"\r\n")
-        if crlf_only(piece, crlf):
+        crlf, cr, lf = line_ends(piece)
+        if crlf == cr == lf:
             pass
-        elif not self.settings.bare_lf or piece.count(b"\r") != crlf:
+        elif not self.settings.bare_lf or cr != crlf:
             self._spill_bad = True
         else:
             piece = (piece.replace(b"\r\n", b"\n") if crlf else piece).replace(b"\n", b"\r\n")

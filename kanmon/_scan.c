@@ -1,0 +1,162 @@
+/* kanmon._scan: the two scans over every received message's octets, in C.
+ *
+ * Role: the optional compiled half of kanmon/scan.py, which holds the same functions in
+ * Python and says what each returns; that module uses these when this one was built
+ * (setup.py builds it where a C compiler is found; the install goes on without it).
+ * CPython runs bytes.count and bytes.find for two octets one octet at a time, and
+ * translate builds a new object: on this project's machine class those passes cost
+ * ~350 us of a 100 KB message (docs/performance.md). Here they read 16 octets a step.
+ *
+ * Trusts: nothing in the octets. Reads only inside the buffer it was given (each
+ * 16-octet load is at most the buffer's last 16 octets; a pair is read only where both
+ * octets are inside). Never: write to the buffer, keep a reference to it, or return
+ * anything but what the Python definitions in kanmon/scan.py return
+ * (tests/unit/test_scan.py compares the two on generated and hostile input).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#if defined(__SSE2__)
+/* The sum of the 16 octet counters of acc. */
+static Py_ssize_t sum_octets(__m128i acc)
+{
+    __m128i sums = _mm_sad_epu8(acc, _mm_setzero_si128());
+    return (Py_ssize_t)_mm_cvtsi128_si32(sums) + (Py_ssize_t)_mm_cvtsi128_si32(_mm_srli_si128(sums, 8));
+}
+#endif
+
+/* (crlf, cr, lf): how many "\r\n" pairs, "\r" and "\n" octets the buffer holds. */
+static void count_line_ends(const unsigned char *s, Py_ssize_t n, Py_ssize_t *crlf, Py_ssize_t *cr,
+                            Py_ssize_t *lf)
+{
+    Py_ssize_t i = 0, c_crlf = 0, c_cr = 0, c_lf = 0;
+#if defined(__SSE2__)
+    if (n >= 17) {
+        const __m128i vcr = _mm_set1_epi8('\r'), vlf = _mm_set1_epi8('\n');
+        c_cr = s[0] == '\r';
+        c_lf = s[0] == '\n';
+        i = 1;
+        /* Each step: the 16 octets at i, and the 16 before them by one (s + i - 1), whose
+         * "\r" a "\n" at i follows. Counted per octet lane, at most 255 steps a round. */
+        while (i + 16 <= n) {
+            __m128i acc_cr = _mm_setzero_si128(), acc_lf = _mm_setzero_si128(), acc_crlf = _mm_setzero_si128();
+            int steps = 0;
+            for (; steps < 255 && i + 16 <= n; steps++, i += 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(s + i));
+                __m128i before = _mm_loadu_si128((const __m128i *)(s + i - 1));
+                __m128i is_cr = _mm_cmpeq_epi8(v, vcr), is_lf = _mm_cmpeq_epi8(v, vlf);
+                acc_cr = _mm_sub_epi8(acc_cr, is_cr); /* a match is -1 in its lane */
+                acc_lf = _mm_sub_epi8(acc_lf, is_lf);
+                acc_crlf = _mm_sub_epi8(acc_crlf, _mm_and_si128(is_lf, _mm_cmpeq_epi8(before, vcr)));
+            }
+            c_cr += sum_octets(acc_cr);
+            c_lf += sum_octets(acc_lf);
+            c_crlf += sum_octets(acc_crlf);
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == '\r') {
+            c_cr++;
+        } else if (c == '\n') {
+            c_lf++;
+            c_crlf += i > 0 && s[i - 1] == '\r';
+        }
+    }
+    *crlf = c_crlf;
+    *cr = c_cr;
+    *lf = c_lf;
+}
+
+/* The first i >= start with s[i] == a and s[i + 1] == b, or -1. */
+static Py_ssize_t find_pair(const unsigned char *s, Py_ssize_t n, unsigned char a, unsigned char b,
+                            Py_ssize_t start)
+{
+    Py_ssize_t i = start;
+#if defined(__SSE2__)
+    const __m128i va = _mm_set1_epi8((char)a), vb = _mm_set1_epi8((char)b);
+    /* the block at i and the block at i + 1: both loads end inside the buffer */
+    for (; i + 17 <= n; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i y = _mm_loadu_si128((const __m128i *)(s + i + 1));
+        unsigned m = (unsigned)_mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi8(x, va), _mm_cmpeq_epi8(y, vb)));
+        if (m)
+            return i + __builtin_ctz(m);
+    }
+#endif
+    for (; i + 1 < n; i++) {
+        if (s[i] == a && s[i + 1] == b)
+            return i;
+    }
+    return -1;
+}
+
+static PyObject *py_line_ends(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    Py_ssize_t crlf, cr, lf;
+    (void)self;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    count_line_ends((const unsigned char *)view.buf, view.len, &crlf, &cr, &lf);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nnn)", crlf, cr, lf);
+}
+
+static PyObject *py_find_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view, pair;
+    Py_ssize_t start, found;
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "find_pair(data, pair, start) takes 3 arguments");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (start < 0) {
+        PyErr_SetString(PyExc_ValueError, "start must not be negative");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &pair, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (pair.len != 2) {
+        PyBuffer_Release(&pair);
+        PyErr_SetString(PyExc_ValueError, "pair must be two octets");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&pair);
+        return NULL;
+    }
+    found = start >= view.len ? -1
+        : find_pair((const unsigned char *)view.buf, view.len, ((const unsigned char *)pair.buf)[0],
+                    ((const unsigned char *)pair.buf)[1], start);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&pair);
+    return PyLong_FromSsize_t(found);
+}
+
+static PyMethodDef methods[] = {
+    {"line_ends", py_line_ends, METH_O, "line_ends(data) -> (crlf, cr, lf): counts of \\r\\n, \\r and \\n."},
+    {"find_pair", (PyCFunction)(void (*)(void))py_find_pair, METH_FASTCALL,
+     "find_pair(data, pair, start) -> data.find(pair, start) for a two-octet pair and start >= 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kanmon._scan", "The DATA scans in C (kanmon/scan.py has them in Python).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__scan(void)
+{
+    return PyModule_Create(&module);
+}
