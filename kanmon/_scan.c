@@ -8,8 +8,8 @@
  * ~350 us of a 100 KB message (docs/performance.md). Here they read 16 octets a step.
  *
  * Trusts: nothing in the octets. Reads only inside the buffer it was given (each
- * 16-octet load is at most the buffer's last 16 octets; a pair is read only where both
- * octets are inside). Never: write to the buffer, keep a reference to it, or return
+ * 16-octet load is at most the buffer's last 16 octets; a pattern is compared only where
+ * all its octets are inside). Never: write to the buffer, keep a reference to it, or return
  * anything but what the Python definitions in kanmon/scan.py return
  * (tests/unit/test_scan.py compares the two on generated and hostile input).
  */
@@ -75,24 +75,27 @@ static void count_line_ends(const unsigned char *s, Py_ssize_t n, Py_ssize_t *cr
     *lf = c_lf;
 }
 
-/* The first i >= start with s[i] == a and s[i + 1] == b, or -1. */
-static Py_ssize_t find_pair(const unsigned char *s, Py_ssize_t n, unsigned char a, unsigned char b,
-                            Py_ssize_t start)
+/* The first i >= start where the m octets of p (m is 2 or 3) are at s[i..i+m-1], or -1. */
+static Py_ssize_t find_short(const unsigned char *s, Py_ssize_t n, const unsigned char *p, Py_ssize_t m,
+                             Py_ssize_t start)
 {
     Py_ssize_t i = start;
 #if defined(__SSE2__)
-    const __m128i va = _mm_set1_epi8((char)a), vb = _mm_set1_epi8((char)b);
-    /* the block at i and the block at i + 1: both loads end inside the buffer */
-    for (; i + 17 <= n; i += 16) {
-        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
-        __m128i y = _mm_loadu_si128((const __m128i *)(s + i + 1));
-        unsigned m = (unsigned)_mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi8(x, va), _mm_cmpeq_epi8(y, vb)));
-        if (m)
-            return i + __builtin_ctz(m);
+    const __m128i v0 = _mm_set1_epi8((char)p[0]), v1 = _mm_set1_epi8((char)p[1]);
+    const __m128i v2 = _mm_set1_epi8((char)p[m - 1]);
+    /* the blocks at i, i + 1 and i + m - 1: every load ends inside the buffer */
+    for (; i + 15 + m <= n; i += 16) {
+        __m128i hit = _mm_and_si128(_mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i)), v0),
+                                    _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i + 1)), v1));
+        if (m == 3)
+            hit = _mm_and_si128(hit, _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i + 2)), v2));
+        unsigned mask = (unsigned)_mm_movemask_epi8(hit);
+        if (mask)
+            return i + __builtin_ctz(mask);
     }
 #endif
-    for (; i + 1 < n; i++) {
-        if (s[i] == a && s[i + 1] == b)
+    for (; i + m <= n; i++) {
+        if (s[i] == p[0] && s[i + 1] == p[1] && s[i + m - 1] == p[m - 1])
             return i;
     }
     return -1;
@@ -110,13 +113,13 @@ static PyObject *py_line_ends(PyObject *self, PyObject *arg)
     return Py_BuildValue("(nnn)", crlf, cr, lf);
 }
 
-static PyObject *py_find_pair(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *py_find_short(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view, pair;
+    Py_buffer view, pattern;
     Py_ssize_t start, found;
     (void)self;
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "find_pair(data, pair, start) takes 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "find_short(data, pattern, start) takes 3 arguments");
         return NULL;
     }
     start = PyLong_AsSsize_t(args[2]);
@@ -126,29 +129,29 @@ static PyObject *py_find_pair(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "start must not be negative");
         return NULL;
     }
-    if (PyObject_GetBuffer(args[1], &pair, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(args[1], &pattern, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (pair.len != 2) {
-        PyBuffer_Release(&pair);
-        PyErr_SetString(PyExc_ValueError, "pair must be two octets");
+    if (pattern.len != 2 && pattern.len != 3) {
+        PyBuffer_Release(&pattern);
+        PyErr_SetString(PyExc_ValueError, "pattern must be two or three octets");
         return NULL;
     }
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&pair);
+        PyBuffer_Release(&pattern);
         return NULL;
     }
     found = start >= view.len ? -1
-        : find_pair((const unsigned char *)view.buf, view.len, ((const unsigned char *)pair.buf)[0],
-                    ((const unsigned char *)pair.buf)[1], start);
+        : find_short((const unsigned char *)view.buf, view.len, (const unsigned char *)pattern.buf, pattern.len,
+                     start);
     PyBuffer_Release(&view);
-    PyBuffer_Release(&pair);
+    PyBuffer_Release(&pattern);
     return PyLong_FromSsize_t(found);
 }
 
 static PyMethodDef methods[] = {
     {"line_ends", py_line_ends, METH_O, "line_ends(data) -> (crlf, cr, lf): counts of \\r\\n, \\r and \\n."},
-    {"find_pair", (PyCFunction)(void (*)(void))py_find_pair, METH_FASTCALL,
-     "find_pair(data, pair, start) -> data.find(pair, start) for a two-octet pair and start >= 0."},
+    {"find_short", (PyCFunction)(void (*)(void))py_find_short, METH_FASTCALL,
+     "find_short(data, pattern, start) -> data.find(pattern, start) for a pattern of 2 or 3 octets, start >= 0."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,9 +1,9 @@
-"""The scans over every received message's octets: line ends counted, a pair found.
+"""The scans over every received message's octets: line ends counted, "<CRLF>." found.
 
 Role: what the DATA paths (kanmon.smtp.session) and the spool's flag checks
 (kanmon.model) ask of a message's octets, defined here in Python, and done by the
 compiled kanmon._scan (kanmon/_scan.c) when the install built it: CPython's
-``bytes.count`` and ``bytes.find`` look at two-octet patterns one octet at a time and
+``bytes.count`` and ``bytes.find`` look at two- and three-octet patterns one octet at a time and
 ``translate`` builds a new object, ~350 us of a 100 KB message on this project's machine
 class; the C reads 16 octets a step (docs/performance.md). ``COMPILED`` says which runs.
 Both give the same answers (tests/unit/test_scan.py compares them).
@@ -26,19 +26,20 @@ def py_line_ends(data: Buffer) -> tuple[int, int, int]:
     return crlf, b.count(b"\r"), b.count(b"\n")
 
 
-def py_find_pair(data: Buffer, pair: bytes, start: int) -> int:
-    """data.find(pair, start) for a two-octet pair and a start that is not negative."""
-    if len(pair) != 2:
-        raise ValueError("pair must be two octets")
+def py_find_short(data: Buffer, pattern: bytes, start: int) -> int:
+    """data.find(pattern, start) for a pattern of two or three octets and a start that is
+    not negative."""
+    if len(pattern) not in (2, 3):
+        raise ValueError("pattern must be two or three octets")
     if start < 0:
         raise ValueError("start must not be negative")
     b = bytes(data) if not isinstance(data, (bytes, bytearray)) else data
-    return b.find(pair, start)
+    return b.find(pattern, start)
 
 
 try:
-    from kanmon._scan import find_pair, line_ends
+    from kanmon._scan import find_short, line_ends
     COMPILED = True
 except ImportError:  # not built (no C compiler where it was installed): the same in Python
-    line_ends, find_pair = py_line_ends, py_find_pair
+    line_ends, find_short = py_line_ends, py_find_short
     COMPILED = False

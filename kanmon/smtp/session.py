@@ -43,7 +43,7 @@ from email.utils import formatdate
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
-from kanmon.scan import find_pair, line_ends
+from kanmon.scan import find_short, line_ends
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
@@ -914,7 +914,7 @@ class Session:
         unstuffing nor the outbound client need look for dots again (Envelope.no_dot_lines).
         After the first such line, the search for the end alone goes on."""
         data = self._data
-        i = data.find(b"\r\n.", self._scan_from)
+        i = find_short(data, b"\r\n.", self._scan_from)
         if i < 0:
             return -1
         after = data[i + 3 : i + 5]
@@ -929,12 +929,12 @@ class Session:
         """DATA from a client whose bare LF is normalised: a "." line ends it whether the
         lines around it end in CRLF or LF (<LF>.<LF>, <LF>.<CRLF>; as Postfix before
         3.9, which still serves $mynetworks so). Such a client is trusted not to smuggle.
-        One scan for "<LF>." per read (kanmon.scan.find_pair); a CRLF-only message is not copied again."""
+        One scan for "<LF>." per read (kanmon.scan.find_short); a CRLF-only message is not copied again."""
         data = self._data
         pos = self._scan_from
         n = len(data)
         while True:
-            i = find_pair(data, b"\n.", pos)
+            i = find_short(data, b"\n.", pos)
             if i < 0 or i + 2 >= n:
                 if self._data_len > self.settings.max_message_size + 4096:
                     self._too_big(out)  # too big: read to the end, keep only the tail

@@ -39,7 +39,7 @@ def test_the_python_definitions(data: bytes, start: int) -> None:
     """What runs where the C was not built (and what the C is compared with)."""
     assert scan.py_line_ends(data) == (data.count(b"\r\n"), data.count(b"\r"), data.count(b"\n"))
     assert scan.py_line_ends(memoryview(data)) == scan.py_line_ends(data)
-    assert scan.py_find_pair(data, b"\n.", start) == data.find(b"\n.", start)
+    assert scan.py_find_short(data, b"\n.", start) == data.find(b"\n.", start)
 
 
 @needs_c
@@ -53,26 +53,23 @@ def test_line_ends_agree(data: bytes) -> None:
 
 @needs_c
 @settings(max_examples=1500)
-@given(octets, st.sampled_from([b"\n.", b"\r\n", b"..", b"\r\r", b"x\x00"]), st.integers(0, 130))
-def test_find_pair_agrees(data: bytes, pair: bytes, start: int) -> None:
-    expected = data.find(pair, start)
-    assert _scan.find_pair(data, pair, start) == scan.py_find_pair(data, pair, start) == expected
-    assert _scan.find_pair(bytearray(data), pair, start) == expected
+@given(octets, st.sampled_from([b"\n.", b"\r\n", b"..", b"\r\r", b"x\x00", b"\r\n.", b"\n.\r", b"x\x00\x00"]),
+       st.integers(0, 130))
+def test_find_short_agrees(data: bytes, pattern: bytes, start: int) -> None:
+    expected = data.find(pattern, start)
+    assert _scan.find_short(data, pattern, start) == scan.py_find_short(data, pattern, start) == expected
+    assert _scan.find_short(bytearray(data), pattern, start) == expected
 
 
 @needs_c
 def test_every_offset_inside_and_across_blocks() -> None:
     for n in range(0, 70):
         for k in range(n):
-            for a, b in ((b"\r", b"\n"), (b"\n", b".")):
-                data = bytearray(b"y" * n)
-                data[k:k + 1] = a
-                if k + 1 < n:
-                    data[k + 1:k + 2] = b
-                data = bytes(data[:n])
+            for pattern in (b"\r\n", b"\n.", b"\r\n."):
+                data = (b"y" * k + pattern + b"y" * n)[:n]  # whole, or cut by the end
                 assert _scan.line_ends(data) == scan.py_line_ends(data), (n, k)
                 for start in (0, k, k + 1, max(0, k - 16)):
-                    assert _scan.find_pair(data, a + b, start) == data.find(a + b, start), (n, k, start)
+                    assert _scan.find_short(data, pattern, start) == data.find(pattern, start), (n, k, start)
 
 
 @needs_c
@@ -82,42 +79,46 @@ def test_long_messages() -> None:
         data = bytes(rng.choice(b"ab\r\n.") if rng.random() < 0.1 else 97 for _ in range(size))
         assert _scan.line_ends(data) == scan.py_line_ends(data)
         for start in (0, 1, size // 3, size - 17, size - 2, size - 1, size, size + 5):
-            assert _scan.find_pair(data, b"\n.", start) == data.find(b"\n.", start)
+            assert _scan.find_short(data, b"\n.", start) == data.find(b"\n.", start)
+            assert _scan.find_short(data, b"\r\n.", start) == data.find(b"\r\n.", start)
     for run in (b"\r", b"\n", b"\r\n", b"\n."):  # every lane's counter full, many rounds over
         data = run * (70_000 // len(run)) + b"x"
         assert _scan.line_ends(data) == scan.py_line_ends(data), run
     clean = b"La de da de da.\r\n" * 6000
     assert _scan.line_ends(clean) == (6000, 6000, 6000)
-    assert _scan.find_pair(clean, b"\n.", 0) == -1
+    assert _scan.find_short(clean, b"\n.", 0) == -1
 
 
 @pytest.mark.parametrize("impl", [pytest.param("c", marks=needs_c), "py"])
 def test_bad_arguments_are_refused_alike(impl: str) -> None:
     line_ends = _scan.line_ends if impl == "c" else scan.py_line_ends
-    find_pair = _scan.find_pair if impl == "c" else scan.py_find_pair
+    find_short = _scan.find_short if impl == "c" else scan.py_find_short
     with pytest.raises(ValueError):
-        find_pair(b"abc", b"\n.", -1)
+        find_short(b"abc", b"\n.", -1)
     with pytest.raises(ValueError):
-        find_pair(b"abc", b"\n", 0)
+        find_short(b"abc", b"\n", 0)
     with pytest.raises(ValueError):
-        find_pair(b"abc", b"\n.x", 0)
+        find_short(b"abc", b"\n.x.", 0)
     with pytest.raises(TypeError):
         line_ends("text, not octets")
     with pytest.raises(TypeError):
-        find_pair("text", b"\n.", 0)
-    assert find_pair(b"", b"\n.", 0) == -1 and find_pair(b"\n.", b"\n.", 2) == -1
+        find_short("text", b"\n.", 0)
+    assert find_short(b"", b"\n.", 0) == -1 and find_short(b"\n.", b"\n.", 2) == -1
     assert line_ends(b"") == (0, 0, 0)
 
 
 @needs_c
 def test_nothing_past_the_end_is_read() -> None:
     """A view that ends before the buffer does: the octet after its end would complete the
-    pair, and must not be looked at (nor a whole 16-octet block past it)."""
-    for n in range(1, 70):
-        backing = b"y" * (n - 1) + b"x\x00" + b"\r\n" * 20
+    pattern, and must not be looked at (nor a whole 16-octet block past it)."""
+    for n in range(2, 70):
+        backing = b"y" * (n - 1) + b"x\x00\x00" + b"\r\n" * 20
         view = memoryview(backing)[:n]
-        assert _scan.find_pair(view, b"x\x00", 0) == -1, n
-        assert _scan.find_pair(view, b"x\x00", n - 1) == -1, n
+        assert _scan.find_short(view, b"x\x00", 0) == -1, n
+        assert _scan.find_short(view, b"x\x00", n - 1) == -1, n
+        assert _scan.find_short(view, b"x\x00\x00", 0) == -1, n
+        assert _scan.find_short(memoryview(backing)[:n + 1], b"x\x00\x00", 0) == -1, n
+        assert _scan.find_short(memoryview(backing)[:n + 2], b"x\x00\x00", 0) == n - 1, n
         assert _scan.line_ends(memoryview(backing)[:n]) == (0, 0, 0), n
 
 
