@@ -54,13 +54,15 @@ def rss_kb(pid: int) -> int:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU time (user + system, seconds) of a process and its live children so far."""
+    """CPU time (user + system, seconds) of a process and its live children so far (a
+    child that has ended is not counted: kanmon's receivers live as long as the node)."""
     total = 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            total += cpu_s(int(child))
+        for task in Path(f"/proc/{pid}/task").iterdir():  # children of every thread
+            for child in (task / "children").read_text().split():
+                total += cpu_s(int(child))
     except OSError:
         pass
     return total

@@ -5,7 +5,8 @@
  * (setup.py builds it where a C compiler is found; the install goes on without it).
  * CPython runs bytes.count and bytes.find for two octets one octet at a time, and
  * translate builds a new object: on this project's machine class those passes cost
- * ~350 us of a 100 KB message (docs/performance.md). Here they read 16 octets a step.
+ * ~330 us of a 100 KB message (docs/performance.md). Here they read 16 octets a step
+ * (SSE2; without it, plain loops, and kanmon/scan.py keeps its own: VECTOR says which).
  *
  * Trusts: nothing in the octets. Reads only inside the buffer it was given (each
  * 16-octet load is at most the buffer's last 16 octets; a pattern is compared only where
@@ -161,5 +162,18 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__scan(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* Without SSE2 the loops above go one octet at a time, no faster than CPython's:
+     * kanmon/scan.py then keeps its Python definitions. */
+#if defined(__SSE2__)
+    if (PyModule_AddIntConstant(m, "VECTOR", 1) < 0) {
+#else
+    if (PyModule_AddIntConstant(m, "VECTOR", 0) < 0) {
+#endif
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -479,11 +479,11 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
             except CorruptEntry as e:
                 out.send({"k": "corrupt", "n": n, "why": str(e)})
                 return
-            content = checked_body(env, content)  # checked at DATA: neither the client nor the IMAP cache scans it again
             if route.transport == "local":
                 results = await local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice,
                                               queue_id=qid)
             else:
+                content = checked_body(env, content)  # checked at DATA: the client need not scan it again
                 results = await remote.deliver_route(qid, env, rcpts, content, route)
             t = time.time()
             out.send({"k": "done", "n": n, "results": [result_to_wire(r, t) for r in results]})

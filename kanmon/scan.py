@@ -4,8 +4,8 @@ Role: what the DATA paths (kanmon.smtp.session) and the spool's flag checks
 (kanmon.model) ask of a message's octets, defined here in Python, and done by the
 compiled kanmon._scan (kanmon/_scan.c) when the install built it: CPython's
 ``bytes.count`` and ``bytes.find`` look at two- and three-octet patterns one octet at a time and
-``translate`` builds a new object, ~350 us of a 100 KB message on this project's machine
-class; the C reads 16 octets a step (docs/performance.md). ``COMPILED`` says which runs.
+``translate`` builds a new object, ~330 us of a 100 KB message on this project's machine
+class; the C reads 16 octets a step (SSE2; docs/performance.md). ``COMPILED`` says which runs.
 Both give the same answers (tests/unit/test_scan.py compares them).
 
 Trusts: nothing in the octets. Never: change them.
@@ -38,8 +38,17 @@ def py_find_short(data: Buffer, pattern: bytes, start: int) -> int:
 
 
 try:
-    from kanmon._scan import find_short, line_ends
-    COMPILED = True
+    from kanmon import _scan
 except ImportError:  # not built (no C compiler where it was installed): the same in Python
-    line_ends, find_short = py_line_ends, py_find_short
-    COMPILED = False
+    _scan = None
+
+# The compiled scans where they read 16 octets a step (SSE2: every x86-64); elsewhere
+# their plain loops are no faster than CPython's, and the Python definitions run.
+COMPILED = _scan is not None and bool(_scan.VECTOR)
+line_ends = _scan.line_ends if COMPILED else py_line_ends
+find_short = _scan.find_short if COMPILED else py_find_short
+
+
+def count_crlf(data: bytes | bytearray) -> int:
+    """How many "\\r\\n" pairs data holds (one count, compiled or not)."""
+    return line_ends(data)[0] if COMPILED else data.count(b"\r\n")

@@ -369,9 +369,8 @@ class QueueManager:
             if agents is not None:
                 return await agents.deliver(queue_id, rcpts, route)
             assert content is not None
-            # checked at DATA: the IMAP cache entry is made from it without another pass
-            return await self.local.deliver(env.mail_from, rcpts, checked_body(env, content),
-                                            quota_exempt=env.is_notice, queue_id=queue_id)
+            return await self.local.deliver(env.mail_from, rcpts, content, quota_exempt=env.is_notice,
+                                          queue_id=queue_id)
         if self.remote is None:
             return [RecipientResult(r, Status.DEFERRED, NO_REMOTE_AGENT, mailer="esmtp") for r in rcpts]
         if agents is None and content is not None:

@@ -30,7 +30,7 @@ def test_ci_runs_the_compiled_scans() -> None:
     """.ci/run sets KANMON_REQUIRE_C: there, an install that did not build the C fails."""
     if os.environ.get("KANMON_REQUIRE_C") != "1":
         pytest.skip("KANMON_REQUIRE_C is not set (only CI requires the compiled scans)")
-    assert _scan is not None and scan.COMPILED
+    assert _scan is not None and _scan.VECTOR and scan.COMPILED
 
 
 @settings(max_examples=500)
@@ -40,6 +40,7 @@ def test_the_python_definitions(data: bytes, start: int) -> None:
     assert scan.py_line_ends(data) == (data.count(b"\r\n"), data.count(b"\r"), data.count(b"\n"))
     assert scan.py_line_ends(memoryview(data)) == scan.py_line_ends(data)
     assert scan.py_find_short(data, b"\n.", start) == data.find(b"\n.", start)
+    assert scan.count_crlf(data) == data.count(b"\r\n")
 
 
 @needs_c

@@ -18,7 +18,7 @@ import email.utils
 import re
 from dataclasses import dataclass, field
 
-from kanmon.scan import line_ends
+from kanmon.scan import count_crlf
 
 MAX_DEPTH = 20
 MAX_PARTS = 1000
@@ -324,7 +324,7 @@ def _lines(part: Part) -> int:
     """The body's line count (BODY and BODYSTRUCTURE both give it: counted once a part)."""
     if part.line_count < 0:
         body = part.body
-        n = line_ends(body)[0]  # the CRLF pairs
+        n = count_crlf(body)
         if body and not body.endswith(b"\r\n"):
             n += 1
         part.line_count = n
