@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kanmon.deliver.local import LocalDelivery, stored_and_wire
+from kanmon.deliver.local import LocalDelivery, stored_and_wire, wire_body
 from kanmon.model import CrlfChecked, Status
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.store import index as mindex
@@ -48,7 +48,7 @@ _text = st.text(max_size=20)
 def test_the_wire_form_is_what_imap_makes_from_the_file(content, mail_from, rcpt) -> None:
     head = f"Return-Path: <{mail_from}>\nDelivered-To: {rcpt}\n".encode("utf-8", "replace")
     body = content.translate(None, b"\r")
-    stored, pieces = stored_and_wire(head, content, body)
+    stored, pieces = stored_and_wire(head, body, wire_body(content))
     assert stored == head + body
     if pieces is None:  # made from the file by the cache hook
         rest = content.replace(b"\r\n", b"")
