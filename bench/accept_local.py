@@ -39,32 +39,41 @@ def ensure_smtp_source() -> str:
     return "/usr/sbin/smtp-source"
 
 
-def rss_kb(pid: int) -> int:
-    """RSS of a process and its children (the SMTP receiver processes)."""
-    total = 0
+def tree(pid: int) -> list[int]:
+    """A process and its live descendants (children of every thread: the SMTP receiver
+    processes); one that has ended is not listed."""
+    pids = [pid]
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            total += rss_kb(int(child))
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                pids += tree(int(child))
     except OSError:
         pass
+    return pids
+
+
+def rss_kb(pid: int) -> int:
+    """RSS of a process and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
     return total
 
 
 def cpu_s(pid: int) -> float:
-    """CPU time (user + system, seconds) of a process and its live children so far (a
-    child that has ended is not counted: kanmon's receivers live as long as the node)."""
+    """CPU time (user + system, seconds) of a process and its descendants so far (kanmon's
+    receivers live as long as the node, so none has ended and taken its time with it)."""
     total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        for task in Path(f"/proc/{pid}/task").iterdir():  # children of every thread
-            for child in (task / "children").read_text().split():
-                total += cpu_s(int(child))
-    except OSError:
-        pass
     return total
 
 

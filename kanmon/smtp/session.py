@@ -43,8 +43,8 @@ from email.utils import formatdate
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
 from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
-from kanmon.scan import find_short, line_ends
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
+from kanmon.scan import find_short, line_ends
 from kanmon.smtp import replies
 from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, parse_path, parse_ret
 

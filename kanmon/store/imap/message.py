@@ -105,7 +105,6 @@ class Part:
     children: list[Part] = field(default_factory=list)  # multipart
     message: Part | None = None  # message/rfc822
     fields: list[tuple[str, str, bytes]] = field(default_factory=list)
-    line_count: int = field(default=-1, repr=False, compare=False)  # _lines(self), once counted
 
     def get(self, name: str) -> str | None:
         name = name.lower()
@@ -320,15 +319,11 @@ def _disposition(part: Part) -> bytes:
     return ilist([istr(kind.upper()), _params(params)])
 
 
-def _lines(part: Part) -> int:
-    """The body's line count (BODY and BODYSTRUCTURE both give it: counted once a part)."""
-    if part.line_count < 0:
-        body = part.body
-        n = count_crlf(body)
-        if body and not body.endswith(b"\r\n"):
-            n += 1
-        part.line_count = n
-    return part.line_count
+def _lines(body: bytes) -> int:
+    n = count_crlf(body)
+    if body and not body.endswith(b"\r\n"):
+        n += 1
+    return n
 
 
 def bodystructure(part: Part, extended: bool = True) -> bytes:
@@ -349,9 +344,9 @@ def bodystructure(part: Part, extended: bool = True) -> bytes:
     ]
     if part.is_message:
         assert part.message is not None
-        items += [envelope(part.message), bodystructure(part.message, extended), str(_lines(part)).encode()]
+        items += [envelope(part.message), bodystructure(part.message, extended), str(_lines(part.body)).encode()]
     elif part.maintype == "text":
-        items.append(str(_lines(part)).encode())
+        items.append(str(_lines(part.body)).encode())
     if extended:
         items += [istr(part.get("content-md5")), _disposition(part), istr(part.get("content-language")), istr(part.get("content-location"))]
     return ilist(items)
