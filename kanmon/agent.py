@@ -230,7 +230,8 @@ class AgentPool:
             return
         gathered = asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await asyncio.wait_for(asyncio.shield(gathered), wait)
+            async with asyncio.timeout(wait):
+                await asyncio.shield(gathered)
         except TimeoutError:
             for a in self._agents:
                 if a.proc is not None and a.proc.poll() is None:
@@ -298,7 +299,8 @@ class AgentPool:
                 return min(candidates, key=lambda a: len(a.pending))
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait()
             except TimeoutError:
                 return None
         return None

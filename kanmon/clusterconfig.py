@@ -320,7 +320,8 @@ class ClusterWatch:
                     print(f"kanmon: cluster: {e}", file=sys.stderr)
                     await self._apply_cached(e)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL)
+                    async with asyncio.timeout(POLL):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             self._stop.set()

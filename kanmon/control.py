@@ -162,7 +162,8 @@ class ControlServer:
             refused = peer not in (None, os.geteuid(), 0)
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        line = await reader.readline()
                 except (asyncio.LimitOverrunError, ValueError):
                     await self._reply(writer, {"ok": False, "error": "request too long"})
                     return

@@ -299,7 +299,8 @@ class ReceiverPool:
     async def _pause(self, delay: float) -> None:
         """Wait `delay` seconds before a restart; stop() ends the wait."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopped.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._stopped.wait()
 
     async def retire(self) -> None:
         """After a reload: each receiver stops accepting, finishes its sessions under the

@@ -61,7 +61,8 @@ async def scan(address: str, data: bytes, *, timeout: float = 60.0, max_length: 
     if len(data) > max_length:
         return ScanResult("too_big", f"{len(data)} bytes, more than the {max_length} clamd accepts")
     try:
-        return await asyncio.wait_for(_scan(address, data), timeout)
+        async with asyncio.timeout(timeout):
+            return await _scan(address, data)
     except asyncio.TimeoutError:
         return ScanResult("error", f"clamd at {address} did not answer within {timeout:g} s")
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
@@ -106,12 +107,14 @@ def parse_answer(answer: bytes) -> ScanResult:
 async def ping(address: str, timeout: float = 5.0) -> str:
     """"" when clamd answers PONG, else what went wrong (for the scanner alert)."""
     try:
-        reader, writer = await asyncio.wait_for(_open(address), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await _open(address)
     except (OSError, ValueError, asyncio.TimeoutError) as e:
         return f"clamd at {address}: {type(e).__name__}: {e}"
     try:
         writer.write(b"zPING\0")
-        answer = await asyncio.wait_for(reader.readuntil(b"\0"), timeout)
+        async with asyncio.timeout(timeout):
+            answer = await reader.readuntil(b"\0")
         return "" if answer.rstrip(b"\0") == b"PONG" else f"clamd at {address}: unexpected answer {answer[:50]!r}"
     except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
         return f"clamd at {address}: {type(e).__name__}: {e}"

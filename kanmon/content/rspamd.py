@@ -43,7 +43,8 @@ async def check(url: str, data: bytes, *, ip: str = "", helo: str = "", mail_fro
                 queue_id: str = "", timeout: float = 30.0) -> SpamResult:
     """Rspamd's verdict; never raises for a network or protocol problem (status error)."""
     try:
-        return await asyncio.wait_for(_check(url, data, ip, helo, mail_from, rcpts, user, queue_id), timeout)
+        async with asyncio.timeout(timeout):
+            return await _check(url, data, ip, helo, mail_from, rcpts, user, queue_id)
     except asyncio.TimeoutError:
         return SpamResult("error", error=f"rspamd at {url} did not answer within {timeout:g} s")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:

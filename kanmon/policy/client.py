@@ -151,7 +151,8 @@ class ClientIdentityCheck(Check):
     async def _wait(self, client: ClientInfo, then) -> CheckResult:
         task = self._start(client)
         try:
-            identity = await asyncio.wait_for(asyncio.shield(task), self.lookup_bound)
+            async with asyncio.timeout(self.lookup_bound):
+                identity = await asyncio.shield(task)
         except Exception:  # noqa: BLE001 - a timeout or a failed lookup: the name is unknown
             identity = Identity("unknown", Identity.TEMPFAIL)
         client.name = identity.name

@@ -426,7 +426,8 @@ class Pending:
             assert aw is not None, "resolve() runs once"
             check = self._hooks[self._index][0]
             try:
-                r = await asyncio.wait_for(aw, check.timeout)
+                async with asyncio.timeout(check.timeout):
+                    r = await aw
             except asyncio.TimeoutError:
                 return tally.fail(check, f"no answer within {check.timeout:g} s", ctx)
             except Exception as e:  # noqa: BLE001 - a failing check fails by its failure mode

@@ -312,7 +312,8 @@ class RecipientVerifyCheck(Check):
                     return result, entry
         task = self._start_probe(key, address, domain)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.probe_wait), None
+            async with asyncio.timeout(self.probe_wait):
+                return await asyncio.shield(task), None
         except TimeoutError:
             return ProbeResult(UNREACHABLE, f"no answer within {self.probe_wait:g} s (still probing)", "", now), None
 

@@ -26,6 +26,7 @@ anything but regular files directly in maildrop/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -193,10 +194,9 @@ class Pickup:
         while True:
             self._wake.clear()
             await self.scan()
-            try:
-                await asyncio.wait_for(self._wake.wait(), POLL_EVERY)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_EVERY):
+                    await self._wake.wait()
 
     def _names(self) -> list[str]:
         try:

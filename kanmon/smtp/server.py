@@ -1304,10 +1304,8 @@ class SmtpProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         assert self.session is not None and self.client is not None and server.tls_context is not None
         try:
-            transport = await asyncio.wait_for(
-                loop.start_tls(self.transport, self, server.tls_context, server_side=True),
-                server.handshake_timeout,
-            )
+            async with asyncio.timeout(server.handshake_timeout):
+                transport = await loop.start_tls(self.transport, self, server.tls_context, server_side=True)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
             server.records.record(ev.TlsStarted(self.client.name, self.client.ip, error=str(e or type(e).__name__)),
                                   session=self.sid)

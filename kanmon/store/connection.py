@@ -386,7 +386,8 @@ class SessionConnection(asyncio.Protocol):
                 poll = max(poll, WATCHED_POLL)
             polling = poll is not None and poll < wait
             try:
-                await asyncio.wait_for(self._wakeup.wait(), poll if polling else wait)
+                async with asyncio.timeout(poll if polling else wait):
+                    await self._wakeup.wait()
             except TimeoutError:
                 if polling:
                     return _POLL
@@ -427,7 +428,8 @@ class SessionConnection(asyncio.Protocol):
                 self.transport.write(ev.data)
                 if not self._writable.is_set():
                     try:
-                        await asyncio.wait_for(self._writable.wait(), self.write_timeout)
+                        async with asyncio.timeout(self.write_timeout):
+                            await self._writable.wait()
                     except TimeoutError:
                         return False
             elif isinstance(ev, Delay):
@@ -683,7 +685,8 @@ class ListenerSet:
                 s.abandon()
         for s in self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
+                async with asyncio.timeout(5):
+                    await s.wait_closed()  # TlsAcceptor: its handshakes are abandoned
         self.servers = []
         if self._stopping is not None:
             self._stopping.set()
@@ -696,7 +699,8 @@ class ListenerSet:
                 conn.transport.abort()
         if self._connections:  # let connection_lost run, so every socket is really closed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._none_left.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self._none_left.wait()
         if self._files is not None:
             files, self._files = self._files, None
             await asyncio.get_running_loop().run_in_executor(None, files.shutdown)

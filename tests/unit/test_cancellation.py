@@ -1,0 +1,97 @@
+"""A stop that arrives together with a wake-up still stops.
+
+The node stops by cancelling its tasks. On Python 3.11, `asyncio.wait_for` returns the
+awaited result when the awaited thing finishes in the same turn of the loop as the
+cancellation, and the cancellation is lost: a loop that waits for a wake-up that way
+goes round again, and the node never stops (seen in CI: a node with [cluster] still held
+its data_dir after its stop, and the next start on that data_dir waited for the lock).
+kanmon waits with `asyncio.timeout`, which keeps the cancellation."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import kanmon
+from kanmon.clusterconfig import ClusterWatch, node_config
+from kanmon.queue.pickup import Pickup
+
+PUSHED = """
+[server]
+hostname = "relay.example.test"
+data_dir = "{data_dir}"
+[[domain]]
+name = "corp.example"
+mailboxes = ["tanaka"]
+[records]
+url = "postgresql://kanmon@127.0.0.1:1/kanmon"
+"""
+
+
+async def _cancelled_with_a_wake(run, waiting, wake) -> asyncio.Task:
+    """Start run(), let it reach its wait, then wake it and cancel it in one turn."""
+    task = asyncio.create_task(run())
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if waiting():
+            break
+    for _ in range(10):  # past the check it made: waiting for the wake-up now
+        await asyncio.sleep(0)
+    assert waiting() and not task.done()
+    wake()
+    task.cancel()
+    await asyncio.wait({task}, timeout=10)
+    return task
+
+
+def test_the_cluster_watch_stops_when_the_stop_comes_with_a_notification(tmp_path):
+    local = {"records": {"url": "postgresql://kanmon@127.0.0.1:1/kanmon", "node": "mr1"}, "cluster": {"node": "mr1"}}
+    config, _text = node_config(PUSHED.format(data_dir=tmp_path), "mr1", local, "v1")
+    node = SimpleNamespace(config=config, data_dir=tmp_path, records=SimpleNamespace(emit=lambda *a, **k: None))
+    watch = ClusterWatch(node, (RuntimeError,))
+    checks: list[int] = []
+
+    async def check() -> None:  # the database's answer: nothing new
+        checks.append(1)
+
+    watch.check = check  # type: ignore[method-assign]
+
+    async def scenario() -> asyncio.Task:
+        return await _cancelled_with_a_wake(watch.run, lambda: bool(checks), lambda: watch._wake.set())
+
+    task = asyncio.run(scenario())
+    assert task.done() and task.cancelled(), "the watch went round again after its stop"
+    assert len(checks) == 1
+
+
+def test_the_pickup_stops_when_the_stop_comes_with_a_wake(tmp_path):
+    pickup = Pickup(tmp_path, injector=None, records=None, hostname="relay.example.test", max_size=1000)
+    scans: list[int] = []
+    real_scan = pickup.scan
+
+    async def scan() -> int:
+        scans.append(1)
+        return await real_scan()
+
+    pickup.scan = scan  # type: ignore[method-assign]
+
+    async def scenario() -> asyncio.Task:
+        return await _cancelled_with_a_wake(pickup.run, lambda: bool(scans), pickup.wake)
+
+    task = asyncio.run(scenario())
+    assert task.done() and task.cancelled(), "the pickup went round again after its stop"
+    assert len(scans) == 1
+
+
+def test_no_part_of_kanmon_waits_with_asyncio_wait_for():
+    """The same loss anywhere else (a session, an agent, the control socket): kanmon's
+    code uses asyncio.timeout. (Python 3.12 fixed wait_for; kanmon runs on 3.11.)"""
+    found = []
+    for path in sorted(Path(kanmon.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "wait_for" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "asyncio":
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"asyncio.wait_for loses a cancellation on Python 3.11: {found}"
