@@ -1,9 +1,10 @@
 """`kanmon status`: the running node describes itself; the health verdict over it.
 
 Role: node_status(plane) builds, inside `kanmon serve` (the control socket's "status"
-request), one JSON document: process (pid, start time, version), the config it runs
-(file, sha256, whether the file changed since), listeners, the queue (active, new,
-deferred, held, corrupt, oldest), active alerts, [[maintenance]] runs, the balancer.
+request), one JSON document: process (pid, start time, version), runtime (Python's
+version, whether the DATA scans run compiled), the config it runs (file, sha256,
+whether the file changed since), listeners, the queue (active, new, deferred, held,
+corrupt, oldest), active alerts, [[maintenance]] runs, the balancer.
 fetch_status(data_dir) asks for it from outside (the CLI); health(doc) is the pure verdict the command prints and exits with: healthy or
 degraded, and why.
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from kanmon import __version__
+from kanmon import __version__, scan
 from kanmon.config import default_config_text
 from kanmon.control import REFUSED_USER, ControlClient, DataDirLock, LockBusy, NoServer
 
@@ -96,6 +98,9 @@ async def node_status(plane) -> dict[str, Any]:
         "started_at": plane.started_at,
         "uptime": time.time() - plane.started_at,
         "version": __version__,
+        # Python's version, and whether the DATA scans run compiled (the optional C part
+        # is built where pip finds a compiler; without it they run in Python, slower).
+        "runtime": {"python": platform.python_version(), "compiled_scans": scan.COMPILED},
         "hostname": node.config.server.hostname,
         "data_dir": str(Path(node.data_dir).resolve()),
         "config": {

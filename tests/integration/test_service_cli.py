@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import platform
 import smtplib
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
-from kanmon import control
+from kanmon import control, scan
 from kanmon.admin.status import config_digest
 from kanmon.cli import main
 from kanmon.commands import options
@@ -215,7 +216,10 @@ def test_status_running_healthy_degraded_and_not_running(node, tmp_path):
     assert f"running, healthy (pid " in r.stdout
     assert f"listening:   127.0.0.1:{running.port}" in r.stdout and "smtp.listen[0]" in r.stdout
     assert "maintenance: nightly (hold): last not yet, next " in r.stdout
+    compiled = "compiled" if scan.COMPILED else "in Python (the C part was not built"
+    assert f"runtime:     Python {platform.python_version()}, DATA scans {compiled}" in r.stdout
     doc = json.loads(run("status", "-c", str(cfg), "--json").stdout)
+    assert doc["runtime"] == {"python": platform.python_version(), "compiled_scans": scan.COMPILED}
     assert doc["running"] and doc["health"] == "healthy" and doc["config"]["file"] == str(cfg)
     assert doc["config"]["changed_on_disk"] is False and len(doc["config"]["sha256"]) == 64
     assert doc["queue"]["total"] == 0 and doc["balancer"] is None
