@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.model import RecipientResult, Reply, Status, crlf_only
+from kanmon.scan import strip_cr
 from kanmon.smtp.replies import OVER_QUOTA
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.store.imap.cache import record_deliveries
@@ -109,8 +110,8 @@ class LocalDelivery:
         with an active Sieve script gets what the script decides (kanmon.deliver.sieving):
         its folders, and its redirects and vacation reply queued once the files are durable."""
         # Accepted content has no bare CR (the session refuses it), so deleting every CR
-        # turns CRLF into LF in one C-level pass (4x faster than replace on 100 KB).
-        body = content.translate(None, b"\r")
+        # turns CRLF into LF in one pass (kanmon.scan: ~14 us for 100 KB compiled).
+        body = strip_cr(content)
         body_wire = wire_body(content)
         files: list[tuple[Path, Path, bytes]] = []
         wires: list[tuple[bytes, ...] | None] = []  # each file's wire form, for the IMAP cache entry

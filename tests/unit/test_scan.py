@@ -76,6 +76,7 @@ def test_the_python_definitions(data: bytes, start: int) -> None:
     assert scan.py_line_ends(memoryview(data)) == scan.py_line_ends(data)
     assert scan.py_find_short(data, b"\n.", start) == data.find(b"\n.", start)
     assert scan.count_crlf(data) == data.count(b"\r\n")
+    assert scan.py_strip_cr(data) == scan.py_strip_cr(memoryview(data)) == data.replace(b"\r", b"")
 
 
 @settings(max_examples=1500)
@@ -93,6 +94,25 @@ def test_find_short_agrees(c_scan, data: bytes, pattern: bytes, start: int) -> N
     expected = data.find(pattern, start)
     assert c_scan.find_short(data, pattern, start) == scan.py_find_short(data, pattern, start) == expected
     assert c_scan.find_short(bytearray(data), pattern, start) == expected
+
+
+@settings(max_examples=1500)
+@given(octets, st.integers(0, 8), st.integers(0, 8))
+def test_strip_cr_agrees(c_scan, data: bytes, cut_start: int, cut_end: int) -> None:
+    expected = data.replace(b"\r", b"")
+    out = c_scan.strip_cr(data)
+    assert type(out) is bytes and out == scan.py_strip_cr(data) == expected
+    assert c_scan.strip_cr(bytearray(data)) == expected
+    view = memoryview(b"\r" * cut_start + data + b"x\r" * cut_end)[cut_start:cut_start + len(data)]
+    assert c_scan.strip_cr(view) == expected  # nothing outside the view is read or copied
+
+
+def test_strip_cr_of_long_and_extreme_input(c_scan) -> None:
+    line = b"Lorem ipsum dolor sit amet.\r\n"
+    for data in (line * 40_000, b"\r" * 100_001, b"x" * 100_001, b"\r\n" * 50_000, b"", b"\r", b"x"):
+        assert c_scan.strip_cr(data) == data.replace(b"\r", b""), data[:10]
+    with pytest.raises(TypeError):
+        c_scan.strip_cr("text, not octets")
 
 
 def test_every_offset_inside_and_across_blocks(c_scan) -> None:
