@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -55,7 +56,14 @@ PERMISSIONS = {
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile (as kanmon.store.users)
-_DUMMY = _hasher.hash("kanmon: a password nobody has")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """What an unknown name's password is verified against (as long as a known one's).
+    Made on first use: an argon2 hash costs ~0.2-0.3 s of CPU and its memory, which every
+    `kanmon` command and process importing this module paid at import."""
+    return _hasher.hash("kanmon: a password nobody has")
 
 
 class AccountError(ValueError):
@@ -174,7 +182,7 @@ class AdminAccounts:
         work for an unknown name (a dummy hash is verified)."""
         account = self.get(name) if isinstance(name, str) and _NAME_RE.match(name) else None
         try:
-            ok = _hasher.verify(account.hash if account else _DUMMY, password[:MAX_PASSWORD])
+            ok = _hasher.verify(account.hash if account else _dummy_hash(), password[:MAX_PASSWORD])
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             ok = False
         return account if ok and account is not None and len(password) <= MAX_PASSWORD else None
