@@ -229,10 +229,9 @@ class AgentPool:
         if not self._tasks:
             return
         gathered = asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            async with asyncio.timeout(wait):
-                await asyncio.shield(gathered)
-        except TimeoutError:
+        # asyncio.wait, not asyncio.timeout: this runs while the node stops (kanmon.aio)
+        done, _pending = await asyncio.wait({gathered}, timeout=wait)
+        if not done:
             for a in self._agents:
                 if a.proc is not None and a.proc.poll() is None:
                     a.proc.kill()

@@ -60,10 +60,11 @@ def status(config_path: str | None, as_json: bool) -> None:
     click.echo(f"  config:      {c['file'] or EMBEDDED} sha256 {(c['sha256'] or '?')[:12]}"
                + ("  (changed on disk since: kanmon reload applies it)" if c["changed_on_disk"] else ""))
     click.echo(f"  data:        {doc['data_dir']}")
-    runtime = doc.get("runtime") or {}
-    click.echo(f"  runtime:     Python {runtime.get('python', '?')}, DATA scans "
-               + ("compiled" if runtime.get("compiled_scans") else
-                  "in Python (the C part was not built: install with a C compiler for the faster scans)"))
+    runtime = doc.get("runtime")
+    if runtime is not None:  # a server started before this kanmon was installed does not say
+        click.echo(f"  runtime:     Python {runtime['python']}, DATA scans "
+                   + ("compiled" if runtime["compiled_scans"] else
+                      "in Python (the C part was not built: install with a C compiler for the faster scans)"))
     for listener in doc["listeners"]:
         click.echo(f"  listening:   {listener['address']:<22} {listener['key']}")
     q = doc["queue"]

@@ -34,6 +34,7 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
+from kanmon.aio import kept
 from kanmon.model import Reply, SmtpError
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ class MxResolver:
         """Records of rdtype (empty: the name exists without them). Raises _Nxdomain or SmtpError 4xx."""
         text = name.to_text(omit_final_dot=True)
         try:
-            answer = await self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            answer = await kept(self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False))
         except dns.resolver.NXDOMAIN:
             raise _Nxdomain(text) from None
         except dns.resolver.LifetimeTimeout:
@@ -215,7 +216,7 @@ class MxResolver:
         qname = _to_name(name)
         text = qname.to_text(omit_final_dot=True)
         try:
-            answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+            answer = await kept(self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False))
         except dns.resolver.NXDOMAIN as e:
             # RFC 4035 3.2.3: a validated denial carries AD too.
             responses = list(e.responses().values()) if hasattr(e, "responses") else []

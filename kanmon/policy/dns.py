@@ -34,6 +34,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from kanmon.aio import kept
+
 if TYPE_CHECKING:
     from kanmon.config import Config
     from kanmon.dnscache import DnsCache
@@ -191,7 +193,7 @@ class CheckResolver:
             # Not a valid DNS name (an overlong label...): no such domain.
             return DnsAnswer(name, rdtype, DnsStatus.NXDOMAIN, ttl=DEFAULT_NEGATIVE_TTL, error=type(e).__name__)
         try:
-            answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+            answer = await kept(self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False))
         except dns.resolver.NXDOMAIN as e:
             return DnsAnswer(name, rdtype, DnsStatus.NXDOMAIN, ttl=_negative_ttl(_nx_response(e, qname)))
         except dns.resolver.LifetimeTimeout:

@@ -1307,7 +1307,7 @@ class SmtpProtocol(asyncio.Protocol):
             async with asyncio.timeout(server.handshake_timeout):
                 transport = await loop.start_tls(self.transport, self, server.tls_context, server_side=True)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
-            server.records.record(ev.TlsStarted(self.client.name, self.client.ip, error=str(e or type(e).__name__)),
+            server.records.record(ev.TlsStarted(self.client.name, self.client.ip, error=str(e) or type(e).__name__),
                                   session=self.sid)
             if self.transport is not None:
                 self.transport.close()

@@ -38,6 +38,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kanmon.aio import settle
 from kanmon.config import MailboxAccessSection, TlsSection
 from kanmon.listeners import stop_accepting
 from kanmon.store.watch import DirectoryWatcher
@@ -685,8 +686,7 @@ class ListenerSet:
                 s.abandon()
         for s in self.servers:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await s.wait_closed()  # TlsAcceptor: its handshakes are abandoned
+                await settle(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
         self.servers = []
         if self._stopping is not None:
             self._stopping.set()
@@ -698,9 +698,7 @@ class ListenerSet:
             if conn.transport is not None:
                 conn.transport.abort()
         if self._connections:  # let connection_lost run, so every socket is really closed
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await self._none_left.wait()
+            await settle(self._none_left.wait(), 5)
         if self._files is not None:
             files, self._files = self._files, None
             await asyncio.get_running_loop().run_in_executor(None, files.shutdown)

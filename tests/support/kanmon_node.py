@@ -251,13 +251,13 @@ class RunningNode:
                 self.loop.call_soon_threadsafe(self._task.cancel)
             except RuntimeError:
                 pass
-        self._thread.join(30)
+        self._thread.join(90)  # the node's own bounded waits at stop (agents, listeners, records) are shorter
         if self._thread.is_alive():  # a lost stop: said here, not by the next start's wait for the lock
             try:
                 left = sorted(repr(t.get_coro()) for t in asyncio.all_tasks(self.loop))
             except RuntimeError:  # the set changed meanwhile: the node's thread runs on
                 left = ["?"]
-            raise AssertionError(f"the node did not stop within 30 s of its cancellation; tasks left: {left}")
+            raise AssertionError(f"the node did not stop within 90 s of its cancellation; tasks left: {left}")
 
     def __enter__(self) -> RunningNode:
         return self.start()

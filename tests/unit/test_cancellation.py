@@ -5,7 +5,9 @@ awaited result when the awaited thing finishes in the same turn of the loop as t
 cancellation, and the cancellation is lost: a loop that waits for a wake-up that way
 goes round again, and the node never stops (seen in CI: a node with [cluster] still held
 its data_dir after its stop, and the next start on that data_dir waited for the lock).
-kanmon waits with `asyncio.timeout`, which keeps the cancellation."""
+kanmon waits with `asyncio.timeout`, which keeps the cancellation; a library's wait_for
+(dnspython's) is awaited through kanmon.aio.kept; a stopping task bounds its waits with
+kanmon.aio.settle (asyncio.timeout before 3.11.3 raises CancelledError there)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import kanmon
+from kanmon import clusterconfig
+from kanmon.aio import kept, settle
 from kanmon.clusterconfig import ClusterWatch, node_config
+from kanmon.queue import pickup as pickup_module
 from kanmon.queue.pickup import Pickup
 
 PUSHED = """
@@ -30,8 +35,9 @@ url = "postgresql://kanmon@127.0.0.1:1/kanmon"
 """
 
 
-async def _cancelled_with_a_wake(run, waiting, wake) -> asyncio.Task:
-    """Start run(), let it reach its wait, then wake it and cancel it in one turn."""
+async def _cancelled_with_a_wake(run, waiting, wake) -> None:
+    """Start run(), let it reach its wait, then wake it and cancel it in one turn: it
+    ends, cancelled (asyncio.run would cancel a task left running again: asserted here)."""
     task = asyncio.create_task(run())
     for _ in range(1000):
         await asyncio.sleep(0)
@@ -42,11 +48,12 @@ async def _cancelled_with_a_wake(run, waiting, wake) -> asyncio.Task:
     assert waiting() and not task.done()
     wake()
     task.cancel()
-    await asyncio.wait({task}, timeout=10)
-    return task
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and task.cancelled(), "it went round again after its stop"
 
 
-def test_the_cluster_watch_stops_when_the_stop_comes_with_a_notification(tmp_path):
+def test_the_cluster_watch_stops_when_the_stop_comes_with_a_notification(tmp_path, monkeypatch):
+    monkeypatch.setattr(clusterconfig, "POLL", 3600.0)  # only the wake-up ends its wait, whatever the load
     local = {"records": {"url": "postgresql://kanmon@127.0.0.1:1/kanmon", "node": "mr1"}, "cluster": {"node": "mr1"}}
     config, _text = node_config(PUSHED.format(data_dir=tmp_path), "mr1", local, "v1")
     node = SimpleNamespace(config=config, data_dir=tmp_path, records=SimpleNamespace(emit=lambda *a, **k: None))
@@ -58,15 +65,12 @@ def test_the_cluster_watch_stops_when_the_stop_comes_with_a_notification(tmp_pat
 
     watch.check = check  # type: ignore[method-assign]
 
-    async def scenario() -> asyncio.Task:
-        return await _cancelled_with_a_wake(watch.run, lambda: bool(checks), lambda: watch._wake.set())
-
-    task = asyncio.run(scenario())
-    assert task.done() and task.cancelled(), "the watch went round again after its stop"
+    asyncio.run(_cancelled_with_a_wake(watch.run, lambda: bool(checks), lambda: watch._wake.set()))
     assert len(checks) == 1
 
 
-def test_the_pickup_stops_when_the_stop_comes_with_a_wake(tmp_path):
+def test_the_pickup_stops_when_the_stop_comes_with_a_wake(tmp_path, monkeypatch):
+    monkeypatch.setattr(pickup_module, "POLL_EVERY", 3600.0)
     pickup = Pickup(tmp_path, injector=None, records=None, hostname="relay.example.test", max_size=1000)
     scans: list[int] = []
     real_scan = pickup.scan
@@ -77,12 +81,61 @@ def test_the_pickup_stops_when_the_stop_comes_with_a_wake(tmp_path):
 
     pickup.scan = scan  # type: ignore[method-assign]
 
-    async def scenario() -> asyncio.Task:
-        return await _cancelled_with_a_wake(pickup.run, lambda: bool(scans), pickup.wake)
-
-    task = asyncio.run(scenario())
-    assert task.done() and task.cancelled(), "the pickup went round again after its stop"
+    asyncio.run(_cancelled_with_a_wake(pickup.run, lambda: bool(scans), pickup.wake))
     assert len(scans) == 1
+
+
+def test_a_cancellation_a_library_loses_is_raised_again():
+    """dnspython bounds its reads with asyncio.wait_for: kanmon.aio.kept raises the stop
+    that landed with the answer (every DNS query of kanmon goes through it)."""
+    async def library(event: asyncio.Event) -> str:  # as dnspython's asyncio backend waits
+        await asyncio.wait_for(event.wait(), 30)  # here on purpose: kanmon's own code never does
+        return "answer"
+
+    async def scenario() -> None:
+        event = asyncio.Event()
+        rounds = []
+
+        async def resolver_loop() -> None:
+            while True:
+                rounds.append(await kept(library(event)))
+                event.clear()
+
+        task = asyncio.create_task(resolver_loop())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        event.set()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert task in done and task.cancelled() and rounds == []
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_task_waits_a_bounded_time():
+    """kanmon.aio.settle in a task whose cancellation is being handled (a node's shutdown
+    runs in one): False after the delay, the waited thing cancelled, no exception; True
+    when it finishes, its exception not raised."""
+    async def stopping() -> tuple[bool, bool, bool]:
+        forever = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # shutting down, as a node's finally does
+        late = await settle(forever, 0.01)
+
+        async def fails() -> None:
+            raise OSError("gone")
+
+        return late, forever.cancelled(), await settle(fails(), 10)
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        task = asyncio.create_task(stopping())
+        await asyncio.sleep(0)
+        task.cancel()
+        return await task
+
+    assert asyncio.run(scenario()) == (False, True, True)
 
 
 def test_no_part_of_kanmon_waits_with_asyncio_wait_for():
