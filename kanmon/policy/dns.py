@@ -169,15 +169,20 @@ class CheckResolver:
         if cached is not None:
             return cached
         key = _key(name, rdtype)
-        running = self._inflight.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
+        while (running := self._inflight.get(key)) is not None:
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not running.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this asker is being stopped
+                # The asker whose lookup it was was stopped (its client left): ask again.
         fut: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
             answer = await self._lookup(*key)
         except BaseException:
-            fut.cancel()  # the first asker was cancelled: the others' checks fail by their failure mode
+            fut.cancel()  # this asker was stopped (or a bug): the others ask again, above
             raise
         finally:
             del self._inflight[key]

@@ -148,3 +148,37 @@ def test_no_part_of_kanmon_waits_with_asyncio_wait_for():
                     isinstance(node.value, ast.Name) and node.value.id == "asyncio":
                 found.append(f"{path.name}:{node.lineno}")
     assert not found, f"asyncio.wait_for loses a cancellation on Python 3.11: {found}"
+
+
+def test_a_dns_query_shared_by_two_checks_survives_the_first_askers_stop():
+    """Two sessions ask the same name at once: one lookup. The session whose lookup it was
+    is stopped (its client left): the other gets its answer from a lookup of its own,
+    not the first one's CancelledError (which its check's failure mode does not catch)."""
+    from kanmon.policy.dns import CheckResolver, DnsAnswer, DnsStatus
+
+    resolver = CheckResolver(servers=[("127.0.0.1", 1)], timeout=1.0)
+    lookups: list[asyncio.Event] = []
+
+    async def lookup(name: str, rdtype: str) -> DnsAnswer:
+        answered = asyncio.Event()
+        lookups.append(answered)
+        await answered.wait()
+        return DnsAnswer(name, rdtype, DnsStatus.NXDOMAIN, ttl=60.0)
+
+    resolver._lookup = lookup  # type: ignore[method-assign]  # the DNS server's side
+
+    async def scenario() -> None:
+        first = asyncio.create_task(resolver.query("mail.example.test", "A"))
+        second = asyncio.create_task(resolver.query("mail.example.test", "A"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(lookups) == 1  # shared
+        first.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert first.cancelled() and not second.done() and len(lookups) == 2  # asked again
+        lookups[1].set()
+        answer = await asyncio.wait_for(second, 10)
+        assert answer.status is DnsStatus.NXDOMAIN
+
+    asyncio.run(scenario())
