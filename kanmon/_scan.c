@@ -151,8 +151,8 @@ static PyObject *py_find_short(PyObject *self, PyObject *const *args, Py_ssize_t
 
 /* data without its "\r" octets: CRLF line ends become LF (what a Maildir file holds).
  * memchr finds each CR (the C library reads a block a step on every platform), memcpy
- * moves what lies between; the GIL is released meanwhile (the buffer export keeps a
- * bytearray from being resized). */
+ * moves what lies between. The GIL is kept: ~14 us for 100 KB, where taking it back after
+ * a release could wait for another thread's switch interval (5 ms). */
 static PyObject *py_strip_cr(PyObject *self, PyObject *arg)
 {
     Py_buffer view;
@@ -168,7 +168,6 @@ static PyObject *py_strip_cr(PyObject *self, PyObject *arg)
     const unsigned char *s = (const unsigned char *)view.buf;
     char *d = PyBytes_AS_STRING(out);
     Py_ssize_t n = view.len, i = 0, w = 0;
-    Py_BEGIN_ALLOW_THREADS
     while (i < n) {
         const unsigned char *cr = memchr(s + i, '\r', (size_t)(n - i));
         Py_ssize_t end = cr != NULL ? cr - s : n;
@@ -176,7 +175,6 @@ static PyObject *py_strip_cr(PyObject *self, PyObject *arg)
         w += end - i;
         i = end + 1;
     }
-    Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (w != n && _PyBytes_Resize(&out, w) < 0)
         return NULL;
