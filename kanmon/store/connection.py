@@ -685,8 +685,7 @@ class ListenerSet:
             if isinstance(s, TlsAcceptor):
                 s.abandon()
         for s in self.servers:
-            with contextlib.suppress(Exception):
-                await settle(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
+            await settle(s.wait_closed(), 5)  # TlsAcceptor: its handshakes are abandoned
         self.servers = []
         if self._stopping is not None:
             self._stopping.set()
