@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from kanmon.admin.service import AdminPlane
+from kanmon.aio import reap
 from kanmon.agent import AgentPool, agent_count
 from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
@@ -639,8 +640,7 @@ class Node:
     async def _stop_frontends(self) -> None:
         for task, frontend in list(self._retiring.items()):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await reap(task)
             await frontend.stop()  # sessions still open after a reload end with the node
         self._retiring.clear()
         if self.frontend is not None:

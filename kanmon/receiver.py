@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from kanmon import gcpolicy
+from kanmon.aio import reap
 from kanmon.auth.dkimsign import load_signer
 from kanmon.children import die_with_parent, module_command, pipe_lines, wait_ready
 from kanmon.config import Config, load_config
@@ -121,8 +122,7 @@ class ExitedShares:
             return
         if self._failed:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await reap(task)
 
 
 class ReceiverPool:
