@@ -202,7 +202,8 @@ class RunningNode:
         wait_for(lambda: self.node.started.is_set() or self._error is not None or not self._thread.is_alive(),
                  15, "node start")
         if self._error is not None or not self.node.started.is_set():
-            raise RuntimeError(f"node did not start: {self._error!r}")
+            error, self._error = self._error, None  # reported here, not again by stop()
+            raise RuntimeError(f"node did not start: {error!r}") from error
         return self
 
     def call(self, fn: Callable, *args):
@@ -258,6 +259,10 @@ class RunningNode:
             except RuntimeError:  # the set changed meanwhile: the node's thread runs on
                 left = ["?"]
             raise AssertionError(f"the node did not stop within 90 s of its cancellation; tasks left: {left}")
+        error, self._error = self._error, None
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            # its shutdown failed (an error start() did not already report)
+            raise AssertionError(f"the node's stop failed: {error!r}") from error
 
     def __enter__(self) -> RunningNode:
         return self.start()
