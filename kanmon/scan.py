@@ -50,12 +50,14 @@ try:
 except ImportError:  # not built (no C compiler where it was installed): the same in Python
     _scan = None
 
-# The compiled scans where they read 16 octets a step (SSE2: every x86-64); elsewhere
+# The compiled DATA scans where they read 16 octets a step (SSE2: every x86-64); elsewhere
 # their plain loops are no faster than CPython's, and the Python definitions run.
+# strip_cr is compiled wherever it was built: memchr and memcpy are the C library's own
+# fast loops on every platform, where translate looks up each octet.
 COMPILED = _scan is not None and bool(_scan.VECTOR)
 line_ends = _scan.line_ends if COMPILED else py_line_ends
 find_short = _scan.find_short if COMPILED else py_find_short
-strip_cr = _scan.strip_cr if COMPILED else py_strip_cr
+strip_cr = _scan.strip_cr if _scan is not None else py_strip_cr
 
 
 def count_crlf(data: bytes | bytearray) -> int:

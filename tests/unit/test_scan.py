@@ -61,6 +61,27 @@ def c_scan(request, tmp_path_factory):
     assert module.VECTOR == (request.param == "sse2")
     return module
 
+def test_which_definitions_run(c_scan, monkeypatch) -> None:
+    """With the SSE2 build, all the compiled scans; with the plain loops (ARM), the Python
+    line_ends and find_short, but the compiled strip_cr (memchr and memcpy are fast
+    there too)."""
+    import importlib
+    import sys
+
+    import kanmon
+
+    monkeypatch.setitem(sys.modules, "kanmon._scan", c_scan)
+    monkeypatch.setattr(kanmon, "_scan", c_scan, raising=False)
+    chosen = importlib.reload(scan)
+    try:
+        assert chosen.strip_cr is c_scan.strip_cr
+        assert chosen.COMPILED == bool(c_scan.VECTOR)
+        assert (chosen.line_ends is c_scan.line_ends) == (chosen.find_short is c_scan.find_short) == chosen.COMPILED
+    finally:
+        monkeypatch.undo()
+        importlib.reload(scan)
+
+
 # Mostly the octets the scans look for, so that pairs and their neighbours are common.
 octets = st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\n.", b"\xff", b"\x00"]),
                   max_size=120).map(b"".join)
