@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from kanmon.cron import CronSchedule
+from kanmon.admin import lastdigest
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
@@ -188,16 +189,25 @@ class AdminPlane:
 
     async def run_quarantine(self) -> None:
         """[quarantine]: purge what is older than `keep` (at start, then hourly) and mail
-        the spam digest on its cron schedule (each lists what arrived since the last one;
-        the first, what arrived in the day before it)."""
+        the spam digest on its cron schedule (each lists what arrived since the last one,
+        whose time is kept across restarts in kanmon.admin.lastdigest's file; the first,
+        what arrived in the day before it)."""
         cfg = self.node.config.quarantine
         clock = self.node.clock
         schedule = CronSchedule.parse(cfg.digest) if cfg.digest else None
         now = clock.now()
         next_purge = now
         next_digest = schedule.next_after(now) if schedule is not None else float("inf")
-        last_digest = now - 86400
         records = self.node.records
+        last_digest = now - 86400
+        if schedule is not None:
+            saved, refused = await asyncio.to_thread(lastdigest.load, self.node.data_dir)
+            if refused:
+                records.record(Error(f"quarantine digest: {lastdigest.FILE} refused ({for_log(refused)}; a file "
+                                     f"that is not one is moved aside to {lastdigest.FILE}.bad): the next "
+                                     "digest lists the day before it"))
+            if saved is not None and saved <= now:
+                last_digest = saved
         while True:
             now = clock.now()
             if now >= next_purge:
@@ -207,9 +217,15 @@ class AdminPlane:
                 next_purge = now + 3600
             if now >= next_digest:
                 reply = await self.handle({"op": "quarantine_digest", "args": {"since": last_digest, "slot": next_digest}})
-                if not reply.get("ok"):
+                if not reply.get("ok"):  # the next one lists these entries again
                     records.record(Error(f"quarantine digest failed: {reply.get('error')}"))
-                last_digest = now
+                else:
+                    last_digest = now
+                    try:
+                        await asyncio.to_thread(lastdigest.save, self.node.data_dir, now, fsync=self.node.fsync)
+                    except OSError as e:  # the digest was mailed; after a restart it may list these again
+                        records.record(Error(f"quarantine digest: its time not kept in {lastdigest.FILE}: "
+                                             + for_log(f"{type(e).__name__}: {e}")))
                 assert schedule is not None
                 next_digest = schedule.next_after(now)
             await clock.sleep_until(min(next_purge, next_digest))

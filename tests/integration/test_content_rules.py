@@ -319,6 +319,45 @@ def test_spam_goes_to_the_users_quarantine_and_the_digest_lists_it(spam_node):
     assert "tanaka@corp.example: 1 message (dry run: not sent)" in r.output, r.output
 
 
+def test_a_restart_between_digests_does_not_list_what_the_last_digest_mailed(spam_node, tmp_path):
+    """The digest lists what arrived since the last one, across a restart of the node: its
+    time is kept in <data_dir>/quarantine-digest.json (before, a restarted node listed the
+    day before the restart again). A file that is not one is moved aside and said."""
+    node = spam_node
+    send(node, japanese_message(subject="cheap pills"))
+    node.wait_idle()
+    node.advance(3600)  # day 1, 08:00: the first digest
+    wait_for(lambda: len(maildir_messages(node.data_dir, "tanaka@corp.example")) == 1, 10, "the first digest")
+    node.wait_idle()
+    node.advance(4 * 3600)  # 12:00
+    node.stop()
+    assert json.loads((node.data_dir / "quarantine-digest.json").read_text()) == {"version": 1, "last": T0 + 3600}
+    assert (node.data_dir / "quarantine-digest.json").stat().st_mode & 0o777 == 0o600
+
+    restarted = RunningNode(parse_config(node.config_file.read_text()), clock=ManualClock(T0 + 5 * 3600))
+    with restarted:
+        send(restarted, japanese_message(subject="more pills"))
+        restarted.wait_idle()
+        restarted.advance(20 * 3600)  # day 2, 08:00: the second digest
+        wait_for(lambda: len(maildir_messages(node.data_dir, "tanaka@corp.example")) == 2, 10, "the second digest")
+        restarted.wait_idle()
+    second = [m for m in maildir_messages(node.data_dir, "tanaka@corp.example") if b"subject: more pills" in m]
+    assert len(second) == 1 and b"Quarantine digest: 1 message held for you" in second[0]
+    assert b"subject: cheap pills" not in second[0]
+
+    (node.data_dir / "quarantine-digest.json").write_text('{"version": 1, "last": "yesterday"}')
+    again = RunningNode(parse_config(node.config_file.read_text()), clock=ManualClock(T0 + 30 * 3600))
+    with again:
+        wait_for(lambda: (node.data_dir / "quarantine-digest.json.bad").exists(), 10, "the file moved aside")
+
+        def said() -> bool:
+            again.flush()
+            return any("quarantine-digest.json refused (last must be a time" in e.text
+                       for e in search_events(node.data_dir, grep="quarantine digest"))
+
+        wait_for(said, 10, "the error event")
+
+
 def test_quarantined_messages_are_purged_after_keep(spam_node):
     node = spam_node
     send(node, japanese_message(subject="cheap pills"))

@@ -1,0 +1,28 @@
+"""<data_dir>/quarantine-digest.json: decoded strictly, written whole and private."""
+
+from __future__ import annotations
+
+import pytest
+
+from kanmon.admin import lastdigest
+
+
+def test_the_time_is_kept_and_read_back(tmp_path):
+    assert lastdigest.load(tmp_path) == (None, "")
+    lastdigest.save(tmp_path, 1772402400.5)
+    assert lastdigest.load(tmp_path) == (1772402400.5, "")
+    assert (tmp_path / lastdigest.FILE).stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / (lastdigest.FILE + ".tmp")).exists()
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\xff", b"[]", b'{"version": 1}', b'{"version": 2, "last": 1}', b'{"version": 1, "last": 1, "x": 0}',
+    b'{"version": 1, "last": true}', b'{"version": 1, "last": -1}', b'{"version": 1, "last": NaN}',
+    b'{"version": 1, "last": Infinity}', b'{"version": 1, "last": "1"}',
+])
+def test_anything_else_is_refused_and_moved_aside(tmp_path, raw):
+    (tmp_path / lastdigest.FILE).write_bytes(raw)
+    last, why = lastdigest.load(tmp_path)
+    assert last is None and why
+    assert (tmp_path / (lastdigest.FILE + ".bad")).read_bytes() == raw
+    assert not (tmp_path / lastdigest.FILE).exists()
