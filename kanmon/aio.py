@@ -8,9 +8,6 @@ Role: two helpers for what asyncio on Python 3.11 gets wrong.
 - settle(aw, delay): a bounded wait in a stopping task. asyncio.timeout before 3.11.3
   (Debian 12 has 3.11.2) raises CancelledError instead of TimeoutError in a task that is
   being cancelled, which a node's shutdown is; asyncio.wait bounds the wait instead.
-- reap(task): awaits a task this one cancelled or told to end, and ends its cancellation
-  and its error there; `with suppress(CancelledError): await task` would also swallow a
-  cancellation of the calling task that lands meanwhile (a second stop).
 kanmon's own bounded waits use asyncio.timeout, never asyncio.wait_for
 (tests/unit/test_cancellation.py).
 
@@ -48,18 +45,3 @@ async def settle(aw: Awaitable[object], delay: float) -> bool:
     if not future.cancelled():
         future.exception()  # retrieved: not reported as never retrieved
     return True
-
-
-async def reap(task: asyncio.Future[object]) -> None:
-    """await task, which the caller cancelled or told to end: its CancelledError or error
-    ends here (the caller is stopping it; a failure of its own it reports itself). A
-    cancellation of this task requested meanwhile is raised."""
-    me = asyncio.current_task()
-    before = me.cancelling() if me is not None else 0
-    try:
-        await task
-    except asyncio.CancelledError:
-        if me is not None and me.cancelling() > before:
-            raise
-    except Exception:
-        pass

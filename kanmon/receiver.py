@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 
 from kanmon import gcpolicy
-from kanmon.aio import reap
 from kanmon.auth.dkimsign import load_signer
 from kanmon.children import die_with_parent, module_command, pipe_lines, wait_ready
 from kanmon.config import Config, load_config
@@ -122,7 +121,8 @@ class ExitedShares:
             return
         if self._failed:
             task.cancel()
-        await reap(task)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class ReceiverPool:

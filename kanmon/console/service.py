@@ -18,8 +18,6 @@ import contextlib
 import socket
 import ssl
 
-from kanmon.aio import reap
-
 
 class ConsoleServer:
     def __init__(self, node, config, sock: socket.socket, tls: ssl.SSLContext | None):
@@ -69,6 +67,8 @@ class ConsoleServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
-        task, self._task, self._server = self._task, None, None
-        if task is not None:
-            await reap(task)
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self._server = None

@@ -7,9 +7,7 @@ goes round again, and the node never stops (seen in CI: a node with [cluster] st
 its data_dir after its stop, and the next start on that data_dir waited for the lock).
 kanmon waits with `asyncio.timeout`, which keeps the cancellation; a library's wait_for
 (dnspython's) is awaited through kanmon.aio.kept; a stopping task bounds its waits with
-kanmon.aio.settle (asyncio.timeout before 3.11.3 raises CancelledError there); a task it
-stopped is awaited with kanmon.aio.reap, which ends that task's cancellation but not a
-second stop of its own."""
+kanmon.aio.settle (asyncio.timeout before 3.11.3 raises CancelledError there)."""
 
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from types import SimpleNamespace
 
 import kanmon
 from kanmon import clusterconfig
-from kanmon.aio import kept, reap, settle
+from kanmon.aio import kept, settle
 from kanmon.clusterconfig import ClusterWatch, node_config
 from kanmon.queue import pickup as pickup_module
 from kanmon.queue.pickup import Pickup
@@ -138,57 +136,6 @@ def test_a_stopping_task_waits_a_bounded_time():
         return await task
 
     assert asyncio.run(scenario()) == (False, True, True)
-
-
-def test_a_stopped_task_is_reaped_quietly_but_a_second_stop_goes_on():
-    """kanmon.aio.reap: the cancellation or error of the task the caller stopped ends
-    there; a cancellation of the caller itself meanwhile (a second SIGTERM while a
-    frontend's sessions wind down) is raised, where `suppress(CancelledError)` ate it."""
-    async def reaped() -> list[str]:
-        async def fails() -> None:
-            raise OSError("gone")
-
-        quiet = asyncio.create_task(asyncio.sleep(3600))
-        failed = asyncio.create_task(fails())
-        await asyncio.sleep(0)
-        quiet.cancel()
-        await reap(quiet)
-        await reap(failed)
-        return [str(quiet.cancelled()), str(failed.exception())]
-
-    async def second_stop() -> tuple[bool, list[str]]:
-        cleaned = asyncio.Event()
-        went_on: list[str] = []
-
-        async def winding_down() -> None:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                await cleaned.wait()  # its own cleanup takes a while
-                raise
-
-        async def stopping(child: asyncio.Task) -> None:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                pass  # the first stop: shutting down, as a node's finally does
-            child.cancel()
-            await reap(child)
-            went_on.append("after the second stop")
-
-        child = asyncio.create_task(winding_down())
-        task = asyncio.create_task(stopping(child))
-        await asyncio.sleep(0)
-        task.cancel()  # the first stop
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert child.cancelling() and not child.done() and not task.done()
-        task.cancel()  # the second
-        done, _ = await asyncio.wait({task}, timeout=10)
-        return task in done and task.cancelled(), went_on
-
-    assert asyncio.run(reaped()) == ["True", "gone"]
-    assert asyncio.run(second_stop()) == (True, [])
 
 
 def test_no_part_of_kanmon_waits_with_asyncio_wait_for():
