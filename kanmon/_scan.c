@@ -7,8 +7,8 @@
  * translate builds a new object: on this project's machine class those passes cost
  * ~330 us of a 100 KB message (docs/performance.md). Here they read 16 octets a step
  * (SSE2; without it, plain loops, and kanmon/scan.py keeps its own: VECTOR says which).
- * strip_cr finds each CR with memchr and copies the runs between with memcpy: fast on
- * every platform, so kanmon/scan.py uses it wherever this module was built.
+ * strip_cr finds each CR with memchr and copies the runs between with memcpy, the C
+ * library's own block-at-a-time loops: kanmon/scan.py uses it wherever this module was built.
  *
  * Trusts: nothing in the octets. Reads only inside the buffer it was given (each
  * 16-octet load is at most the buffer's last 16 octets; a pattern is compared only where

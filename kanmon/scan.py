@@ -53,7 +53,8 @@ except ImportError:  # not built (no C compiler where it was installed): the sam
 # The compiled DATA scans where they read 16 octets a step (SSE2: every x86-64); elsewhere
 # their plain loops are no faster than CPython's, and the Python definitions run.
 # strip_cr is compiled wherever it was built: memchr and memcpy are the C library's own
-# fast loops on every platform, where translate looks up each octet.
+# block-at-a-time loops (on ARM too; not measured there), where translate looks up each
+# octet. COMPILED speaks of the DATA scans only.
 COMPILED = _scan is not None and bool(_scan.VECTOR)
 line_ends = _scan.line_ends if COMPILED else py_line_ends
 find_short = _scan.find_short if COMPILED else py_find_short

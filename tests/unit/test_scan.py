@@ -61,25 +61,26 @@ def c_scan(request, tmp_path_factory):
     assert module.VECTOR == (request.param == "sse2")
     return module
 
-def test_which_definitions_run(c_scan, monkeypatch) -> None:
+
+def test_which_definitions_run(c_scan) -> None:
     """With the SSE2 build, all the compiled scans; with the plain loops (ARM), the Python
-    line_ends and find_short, but the compiled strip_cr (memchr and memcpy are fast
-    there too)."""
+    line_ends and find_short, but the compiled strip_cr (memchr and memcpy are the C
+    library's block-at-a-time loops there too)."""
     import importlib
     import sys
 
     import kanmon
 
-    monkeypatch.setitem(sys.modules, "kanmon._scan", c_scan)
-    monkeypatch.setattr(kanmon, "_scan", c_scan, raising=False)
-    chosen = importlib.reload(scan)
     try:
-        assert chosen.strip_cr is c_scan.strip_cr
-        assert chosen.COMPILED == bool(c_scan.VECTOR)
-        assert (chosen.line_ends is c_scan.line_ends) == (chosen.find_short is c_scan.find_short) == chosen.COMPILED
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "kanmon._scan", c_scan)
+            mp.setattr(kanmon, "_scan", c_scan, raising=False)
+            chosen = importlib.reload(scan)
+            assert chosen.strip_cr is c_scan.strip_cr
+            assert chosen.COMPILED == bool(c_scan.VECTOR)
+            assert (chosen.line_ends is c_scan.line_ends) == (chosen.find_short is c_scan.find_short) == chosen.COMPILED
     finally:
-        monkeypatch.undo()
-        importlib.reload(scan)
+        importlib.reload(scan)  # the module as this install chose it
 
 
 # Mostly the octets the scans look for, so that pairs and their neighbours are common.
