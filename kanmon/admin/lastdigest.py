@@ -8,17 +8,18 @@ again, entries already mailed among them.
 
 Trusts: nothing in the file: it is decoded strictly; a file it refuses is moved aside
 (quarantine-digest.json.bad), the caller logs that and the digest starts afresh (the day
-before). Never: write the file other than whole (a temporary file, fsynced, renamed).
+before). Never: write the file other than whole (a temporary file, fsynced, renamed);
+the read and write are kanmon.admin.maintenance's run log's.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-from kanmon.spool.groupcommit import fsync_dir, write_durably
+from kanmon.admin.maintenance import read_or_set_aside
+from kanmon.spool.groupcommit import replace_durably
 
 FILE = "quarantine-digest.json"
 VERSION = 1
@@ -30,37 +31,26 @@ def decode(raw: bytes) -> float:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"not JSON: {e}") from None
-    if not isinstance(data, dict) or set(data) != {"version", "last"} or data["version"] != VERSION:
+    if not isinstance(data, dict) or set(data) != {"version", "last"} or type(data["version"]) is not int \
+            or data["version"] != VERSION:
         raise ValueError(f"not a version {VERSION} digest time")
     last = data["last"]
-    if isinstance(last, bool) or not isinstance(last, (int, float)) or not math.isfinite(last) or last < 0:
+    if isinstance(last, bool) or not isinstance(last, (int, float)):
         raise ValueError("last must be a time")
-    return float(last)
+    try:
+        last = float(last)
+    except OverflowError:
+        raise ValueError("last must be a time") from None
+    if not math.isfinite(last) or last < 0:
+        raise ValueError("last must be a time")
+    return last
 
 
 def load(data_dir: Path) -> tuple[float | None, str]:
-    """(the last digest's time or None, why a file was refused or could not be read, or "")."""
-    path = Path(data_dir) / FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None, ""
-    except OSError as e:
-        return None, f"unreadable: {e}"
-    try:
-        return decode(raw), ""
-    except ValueError as e:
-        try:
-            os.replace(path, path.with_name(FILE + ".bad"))
-        except OSError as moved:
-            return None, f"{e}; not moved aside: {moved}"
-        return None, str(e)
+    """(the last digest's time or None, why a file was refused and moved aside, or "").
+    An error reading it is raised (OSError)."""
+    return read_or_set_aside(Path(data_dir) / FILE, decode, limit=4096)
 
 
 def save(data_dir: Path, last: float, *, fsync: bool = True) -> None:
-    path = Path(data_dir) / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    write_durably(tmp, json.dumps({"version": VERSION, "last": last}).encode() + b"\n", sync=fsync)
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
+    replace_durably(Path(data_dir) / FILE, json.dumps({"version": VERSION, "last": last}).encode() + b"\n", sync=fsync)

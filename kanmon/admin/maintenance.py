@@ -21,15 +21,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from kanmon.cron import CronSchedule
-from kanmon.spool.groupcommit import fsync_dir, write_durably
+from kanmon.spool.groupcommit import replace_durably
 from kanmon.units import format_duration
 
 FILE = "maintenance.json"
 VERSION = 1
+T = TypeVar("T")
 
 
 class RunLogError(ValueError):
@@ -117,15 +120,9 @@ class RunLog:
         self._load()
 
     def _load(self) -> None:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            self.runs, self.since = decode(raw)
-        except RunLogError as e:
-            self.refused = str(e)
-            os.replace(self.path, self.path.with_name(FILE + ".bad"))
+        loaded, self.refused = read_or_set_aside(self.path, decode)
+        if loaded is not None:
+            self.runs, self.since = loaded
 
     def last(self, job: str) -> JobRun | None:
         return self.runs.get(job)
@@ -149,11 +146,26 @@ class RunLog:
         keep = set(jobs)
         self.runs = {k: v for k, v in self.runs.items() if k in keep}
         self.since = {k: v for k, v in self.since.items() if k in keep}
-        tmp = self.path.with_name(FILE + ".tmp")
-        write_durably(tmp, encode(self.runs, self.since), sync=self.fsync)
-        os.replace(tmp, self.path)
-        if self.fsync:
-            fsync_dir(self.path.parent)
+        replace_durably(self.path, encode(self.runs, self.since), sync=self.fsync)
+
+
+def read_or_set_aside(path: Path, decode: Callable[[bytes], T], *, limit: int = 1 << 20) -> tuple[T | None, str]:
+    """(decode(the file's bytes), "") for a small state file of the data_dir; (None, "") when
+    there is none. One that is bigger than limit or that decode refuses (ValueError; or
+    RecursionError, OverflowError: JSON nested too deep, a number too big for a float)
+    is moved aside to <name>.bad: (None, why). An error reading it is raised (OSError)."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
+    except FileNotFoundError:
+        return None, ""
+    try:
+        if len(raw) > limit:
+            raise ValueError(f"bigger than {limit} octets")
+        return decode(raw), ""
+    except (ValueError, RecursionError, OverflowError) as e:
+        os.replace(path, path.with_name(path.name + ".bad"))
+        return None, str(e) or type(e).__name__
 
 
 def missed(schedule: str, last_run: JobRun | None, since: float | None, now: float) -> float | None:

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from kanmon.cron import CronSchedule
 from kanmon.admin import lastdigest
+from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
@@ -201,11 +201,15 @@ class AdminPlane:
         records = self.node.records
         last_digest = now - 86400
         if schedule is not None:
-            saved, refused = await asyncio.to_thread(lastdigest.load, self.node.data_dir)
+            try:
+                saved, refused = await asyncio.to_thread(lastdigest.load, self.node.data_dir)
+            except OSError as e:
+                saved, refused = None, ""
+                records.record(Error(f"quarantine digest: {lastdigest.FILE} unreadable ("
+                                     + for_log(f"{type(e).__name__}: {e}") + "): the next digest lists the day before it"))
             if refused:
-                records.record(Error(f"quarantine digest: {lastdigest.FILE} refused ({for_log(refused)}; a file "
-                                     f"that is not one is moved aside to {lastdigest.FILE}.bad): the next "
-                                     "digest lists the day before it"))
+                records.record(Error(f"quarantine digest: {lastdigest.FILE} refused ({for_log(refused)}), moved "
+                                     f"aside to {lastdigest.FILE}.bad: the next digest lists the day before it"))
             if saved is not None and saved <= now:
                 last_digest = saved
         while True:

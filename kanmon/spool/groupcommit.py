@@ -86,6 +86,16 @@ def write_durably(path: Path, data: bytes, *, append: bool = False, sync: bool =
         os.close(fd)
 
 
+def replace_durably(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write a small file whole (mode 0600): a temporary file beside it, fdatasynced,
+    renamed over it, the rename synced. A reader sees the old content or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_durably(tmp, data, sync=sync)
+    os.replace(tmp, path)
+    if sync:
+        fsync_dir(path.parent)
+
+
 def unlink_quietly(path: str | Path) -> None:
     """Unlink; a file already gone is not an error."""
     try:

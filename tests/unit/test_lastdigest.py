@@ -18,9 +18,13 @@ def test_the_time_is_kept_and_read_back(tmp_path):
 @pytest.mark.parametrize("raw", [
     b"", b"\xff", b"[]", b'{"version": 1}', b'{"version": 2, "last": 1}', b'{"version": 1, "last": 1, "x": 0}',
     b'{"version": 1, "last": true}', b'{"version": 1, "last": -1}', b'{"version": 1, "last": NaN}',
-    b'{"version": 1, "last": Infinity}', b'{"version": 1, "last": "1"}',
-])
+    b'{"version": 1, "last": Infinity}', b'{"version": 1, "last": "1"}', b'{"version": true, "last": 1}',
+    b'{"version": 1, "last": 1' + b"0" * 400 + b"}", b"[" * 100_000 + b"]" * 100_000,
+    b'{"version": 1, "last": 1}' + b" " * 5000,
+], ids=lambda raw: repr(raw[:40]))
 def test_anything_else_is_refused_and_moved_aside(tmp_path, raw):
+    """Including JSON nested too deep, a number too big for a float and a file of more
+    than 4 KiB: refused, not raised (the node's quarantine task would end)."""
     (tmp_path / lastdigest.FILE).write_bytes(raw)
     last, why = lastdigest.load(tmp_path)
     assert last is None and why

@@ -225,6 +225,13 @@ def test_run_log_round_trip_private_and_strict(tmp_path):
     refused = mt.RunLog(tmp_path, fsync=False)
     assert refused.refused and refused.runs == {} and not log.path.exists()
     assert (tmp_path / "maintenance.json.bad").read_bytes() == b"\xff not json"
+    # JSON nested too deep, a number too big for a float: refused and moved aside too, not raised
+    huge = json.loads(json.dumps(data))
+    huge["jobs"]["stale"]["last"]["started"] = 10**400
+    for hostile in (b"[" * 100_000 + b"]" * 100_000, json.dumps(huge).encode()):
+        log.path.write_bytes(hostile)
+        refused = mt.RunLog(tmp_path, fsync=False)
+        assert refused.refused and refused.runs == {} and not log.path.exists()
 
 
 def local(y, mo, d, h=0, mi=0) -> float:
