@@ -19,6 +19,7 @@ data_dir = "{data_dir}"
 [smtp]
 listen = ["127.0.0.1:{port}"]
 relay_networks = ["127.0.0.1/32"]
+greet_pause = "0s"  # the pregreet wait has its own tests (test_hostile_input)
 min_free_disk = "1MB"
 [[domain]]
 name = "corp.example"

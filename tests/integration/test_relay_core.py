@@ -31,6 +31,7 @@ data_dir = "{data_dir}"
 [smtp]
 listen = ["{host}:{port}"]
 relay_networks = ["127.0.0.1/32"]
+greet_pause = "0s"  # the pregreet wait has its own tests (test_hostile_input)
 min_free_disk = "{min_free_disk}"
 max_message_size = "{max_size}"
 max_connections_per_ip = {per_ip}
