@@ -35,7 +35,9 @@ _RECIPIENT_HEADERS = ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")
 
 def refusal(msg: MessageView, args: VacationArgs, own: set[str]) -> str | None:
     """Why no reply may be sent (a short reason for the event line), or None.
-    own: every address of the user (the mailbox and its aliases), lower case."""
+    own: the user's own addresses, lower case: the caller gives the mailbox's; its
+    aliases are the script's :addresses (docs/sieve.md), as with Dovecot Pigeonhole's
+    default (no sieve_vacation_use_original_recipient)."""
     sender = msg.mail_from.lower()
     if not sender:
         return "the sender is <>"
