@@ -320,7 +320,7 @@ def test_spam_goes_to_the_users_quarantine_and_the_digest_lists_it(spam_node):
     assert "tanaka@corp.example: 1 message (dry run: not sent)" in r.output, r.output
 
 
-def test_a_restart_between_digests_does_not_list_what_the_last_digest_mailed(spam_node, tmp_path):
+def test_a_restart_between_digests_does_not_list_what_the_last_digest_mailed(spam_node):
     """The digest lists what arrived since the last one, across a restart of the node: its
     time is kept in <data_dir>/quarantine-digest.json (before, a restarted node listed the
     day before the restart again). A file that is not one is moved aside and said."""
