@@ -391,13 +391,24 @@ def test_postgresql_stopped_and_started_under_load_loses_no_record(cluster):
     assert not errors, errors
     wait_for(lambda: all(cluster.stored(mid) for mid in sent), 60, "every message delivered")
 
+    seen: list[tuple] = []
+
     def complete() -> bool:
         with psycopg.connect(cluster.url) as conn:
             rows = conn.execute("SELECT message_id, node, status FROM history WHERE message_id = ANY(%s)",
                                 (sent,)).fetchall()
+        seen[:] = rows
         return len(rows) == 2 * len(sent) and all(status == "Delivered" for _m, _n, status in rows)
 
-    wait_for(complete, 90, "every record in the shared records once the journals are written")
+    try:
+        wait_for(complete, 90, "every record in the shared records once the journals are written")
+    except AssertionError as e:  # what was missing, for a failure seen once in a while on a loaded machine
+        hops = {(m, "store" if n == "store" else "relay") for m, n, _s in seen}
+        missing = sorted((m, hop) for m in sent for hop in ("relay", "store") if (m, hop) not in hops)
+        journals = {node: sorted(p.name for p in (cluster.tmp / node / "records-spill-postgresql").glob("*.jsonl"))
+                    for node in ("mr1", "mr2", "store")}
+        raise AssertionError(f"{e}: {len(seen)} rows for {len(sent)} messages; missing {missing}; not Delivered "
+                             f"{[r for r in seen if r[2] != 'Delivered']}; journals left {journals}") from None
     with psycopg.connect(cluster.url) as conn:
         per_message = conn.execute(
             "SELECT message_id, array_agg(node ORDER BY node) FROM history WHERE message_id = ANY(%s)"
