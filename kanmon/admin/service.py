@@ -24,10 +24,10 @@ from functools import partial
 from typing import Any
 
 from kanmon.admin import lastdigest
-from kanmon.cron import CronSchedule
 from kanmon.admin.queue_ops import QueueOps, dispatch
 from kanmon.admin.status import config_digest, node_status
 from kanmon.control import ControlServer, DataDirLock
+from kanmon.cron import CronSchedule
 from kanmon.escape import for_log
 from kanmon.records.events import Error, MaintenanceRun
 
