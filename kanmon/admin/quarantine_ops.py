@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kanmon.config import parse_duration
 from kanmon.content.decode import decode_header_value
 from kanmon.model import Envelope, new_queue_id
 from kanmon.quarantine import links
@@ -43,10 +44,21 @@ from kanmon.state.backends import is_shared, node_name, open_quarantine, open_st
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
-from kanmon.config import parse_duration
+DIGEST_LAST = "last"  # key, in the shared state's cache DIGEST_CLAIM, of the last scheduled digest's time
+_EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")  # what repr() of an epoch time writes there, nothing else
 
 
 RELEASED_LEDGER = "quarantine-released"  # under spool/: one released queue id a line
+
+
+def shared_since(last, now: float, fallback: float) -> float:
+    """The time a shared scheduled digest lists from: the last one's, as the shared state
+    holds it (a CacheEntry, or None), decoded strictly; `fallback` (this node's own last
+    digest) where there is none or it is not a time up to now."""
+    if last is None or not isinstance(last.value, str) or not _EPOCH.fullmatch(last.value):
+        return fallback
+    when = float(last.value)
+    return when if 0 < when <= now else fallback
 
 
 @dataclass
@@ -295,16 +307,22 @@ class QuarantineOps:
 
         slot: the time the [quarantine] digest schedule fired for. Every node runs the
         schedule; with the quarantine shared, only the first node to claim the slot
-        mails (the others answer whom it was), so a recipient gets one digest."""
+        mails (the others answer whom it was), so a recipient gets one digest. That node
+        lists what arrived since the last scheduled digest of any node (kept in the shared
+        state when one is mailed), not since its own: the nodes take turns."""
         cfg = self.ops.config
-        if slot is not None and is_shared(cfg) and not dry_run:
+        listed_at = self._now()  # before the listing: what arrives meanwhile is in the next one too
+        shared_slot = slot is not None and is_shared(cfg) and not dry_run
+        if shared_slot:
             state = open_state(cfg)
             try:
-                claim = state.alert_claims.claim(DIGEST_CLAIM, f"{slot:.0f}", self.node, self._now(), DIGEST_CLAIM_KEEP)
+                claim = state.alert_claims.claim(DIGEST_CLAIM, f"{slot:.0f}", self.node, listed_at, DIGEST_CLAIM_KEEP)
+                last = state.cache(DIGEST_CLAIM).get(DIGEST_LAST, listed_at) if claim.mail else None
             finally:
                 state.close()
             if not claim.mail:
                 return {"digests": {}, "mailed_by": claim.mailed_by}
+            since = shared_since(last, listed_at, since)
         hostname = cfg.server.hostname
         sender = cfg.quarantine.digest_from or f"postmaster@{hostname}"
         per_rcpt: dict[str, list[dict]] = {}
@@ -325,6 +343,17 @@ class QuarantineOps:
                                      keep_days=int(cfg.quarantine.keep // 86400), links=self._links(rcpt, rows, secret))
             env = Envelope(mail_from="", rcpts=[rcpt], received_at=now, is_notice=True)
             self.ops.injector.inject_blocking(env, content, "quarantine digest")
+        if shared_slot:  # mailed: the next slot's node lists from here (for as long as entries are kept)
+            state = None
+            try:
+                state = open_state(cfg)
+                state.cache(DIGEST_CLAIM).put(DIGEST_LAST, repr(listed_at), max(cfg.quarantine.keep, DIGEST_CLAIM_KEEP),
+                                              listed_at)
+            except Exception as e:  # noqa: BLE001 - the digests are mailed all the same: not a failed digest
+                return {"digests": sent, "not_kept": f"{type(e).__name__}: {e}"}
+            finally:
+                if state is not None:
+                    state.close()
         return {"digests": sent}
 
     @_with_store

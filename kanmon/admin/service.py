@@ -224,6 +224,9 @@ class AdminPlane:
                 if not reply.get("ok"):  # the next one lists these entries again
                     records.record(Error(f"quarantine digest failed: {reply.get('error')}"))
                 else:
+                    if (reply.get("result") or {}).get("not_kept"):  # mailed; the next node may list these again
+                        records.record(Error("quarantine digest: its time not kept in the shared state: "
+                                             + for_log(reply["result"]["not_kept"])))
                     last_digest = now
                     try:
                         await asyncio.to_thread(lastdigest.save, self.node.data_dir, now, fsync=self.node.fsync)

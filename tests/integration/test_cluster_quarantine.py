@@ -272,12 +272,39 @@ def test_one_digest_for_a_scheduled_slot_whichever_relays_run_it(relays):
     assert replies == [{"digests": {"tanaka@corp.example": 1}}, {"digests": {}, "mailed_by": "mr2"}]
     wait_for(lambda: len(mr2.delivered()) == 1, 60, "the digest")
     assert b"Quarantine digest" in mr2.delivered()[0]
-    # The next slot is mailed again (by whichever node claims it first).
+    # The next slot is mailed by whichever node claims it first, from the last scheduled
+    # digest of any node: mr1's own last time (0 here) does not list again what mr2 mailed.
     reply = mr1.control("quarantine_digest", {"since": 0, "slot": slot + 86400})["result"]
-    assert reply == {"digests": {"tanaka@corp.example": 1}}
-    # Run by hand (no slot), a digest is always mailed.
-    assert mr2.control("quarantine_digest", {"since": 0})["result"] == {"digests": {"tanaka@corp.example": 1}}
+    assert reply == {"digests": {}}
+    mr2.send("quarantine me")
+    mr2.node.wait_idle()
+    reply = mr1.control("quarantine_digest", {"since": 0, "slot": slot + 2 * 86400})["result"]
+    assert reply == {"digests": {"tanaka@corp.example": 1}}  # the new one only
+    # Run by hand (no slot), a digest is always mailed, from the time it is given.
+    assert mr2.control("quarantine_digest", {"since": 0})["result"] == {"digests": {"tanaka@corp.example": 2}}
     wait_for(lambda: len(mr1.delivered()) == 1 and len(mr2.delivered()) == 2, 60, "the digests")
+
+
+def test_a_digest_whose_time_the_shared_state_cannot_keep_is_still_mailed(relays, monkeypatch):
+    """The digests are mailed before the time is kept: a failure to keep it is said (the
+    node logs it), not reported as a failed digest (which would mail them again)."""
+    import psycopg
+
+    import kanmon.state.postgresql
+
+    mr1, _mr2 = relays
+    mr1.send("quarantine me")
+    mr1.node.wait_idle()
+
+    def refuse(*_args, **_kwargs):
+        raise psycopg.OperationalError("the database went away")
+
+    monkeypatch.setattr(kanmon.state.postgresql.PgCache, "put", refuse)
+    reply = mr1.control("quarantine_digest", {"since": 0, "slot": 1_800_000_000.0})
+    assert reply["ok"], reply
+    assert reply["result"] == {"digests": {"tanaka@corp.example": 1},
+                               "not_kept": "OperationalError: the database went away"}
+    wait_for(lambda: len(mr1.delivered()) == 1, 60, "the digest")
 
 
 def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp_path, private_pg, monkeypatch):

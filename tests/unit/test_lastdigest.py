@@ -30,3 +30,18 @@ def test_anything_else_is_refused_and_moved_aside(tmp_path, raw):
     assert last is None and why
     assert (tmp_path / (lastdigest.FILE + ".bad")).read_bytes() == raw
     assert not (tmp_path / lastdigest.FILE).exists()
+
+
+def test_a_shared_digest_time_is_decoded_strictly() -> None:
+    """The last scheduled digest's time in the shared state: used only when it is a time
+    up to now; otherwise the node's own (the fallback)."""
+    from kanmon.admin.quarantine_ops import shared_since
+    from kanmon.state.api import CacheEntry
+
+    def entry(value: str) -> CacheEntry:
+        return CacheEntry("last", value, 0.0, 1e12)
+
+    assert shared_since(entry("1000.5"), 2000.0, 7.0) == 1000.5
+    assert shared_since(None, 2000.0, 7.0) == 7.0
+    for bad in ("", "soon", "nan", "inf", "-1", "0", "2000.1", "1e400", "1_000"):
+        assert shared_since(entry(bad), 2000.0, 7.0) == 7.0, bad
