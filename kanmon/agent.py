@@ -416,6 +416,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     from kanmon.spool.groupcommit import GroupCommitter
     from kanmon.spool.store import CorruptEntry, Spool
     from kanmon.store import index as mindex
+    from kanmon.userdb import Directory, UserFile, users_path
 
     config = load_config(config_source)
     data_dir = Path(config.server.data_dir)
@@ -447,11 +448,13 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
             from kanmon.queue.inject import Injector  # noqa: PLC0415
 
             injectors.append(Injector(spool, records, queued, hostname=config.server.hostname,
-                                      signer=load_signer(config)))
+                                      signer=load_signer(config), expand=local_users.expand))
         return await injectors[0].inject(env, content, origin)
 
     sv = config.sieve
-    local = LocalDelivery(data_dir, committer, quota_of=quota_of)
+    # The agent's config is the node's of its start (a reload starts new agents).
+    local_users = Directory(config, UserFile(users_path(config), on_error=lambda _message: None))
+    local = LocalDelivery(data_dir, committer, quota_of=quota_of, is_mailbox=local_users.is_mailbox)
     local.sieve = SieveFilter(data_dir, config.server.hostname, inject, records.emit, clock=time.time,
                               settings=lambda: (sv.max_redirects, sv.max_script_size, sv.enabled))
     dns_cache = DnsCache(config.dns.cache_entries)  # this agent's (SIGUSR1 flushes it)

@@ -246,6 +246,16 @@ class Node:
         if text is not None and getattr(self, "monitoring", None) is not None:
             self.monitoring.alerts.raise_alert("records", "database", text)
 
+    def _directory(self) -> Directory:
+        """The mailboxes and aliases of the running config and the users file (local
+        delivery and the injector ask; a reload's new config is seen at once). Its
+        users-file warnings are the receivers' Directory's to report."""
+        directory = self._local_directory
+        if directory is None or directory.config is not self.config:
+            directory = Directory(self.config, UserFile(users_path(self.config), on_error=lambda _message: None))
+            self._local_directory = directory
+        return directory
+
     def _quota_of(self, domain: str) -> int | None:
         """The per-mailbox quota of a local domain in the running config (delivery asks)."""
         for d in self.config.domain:
@@ -281,7 +291,9 @@ class Node:
         # An entry refused while running (queue manager, admin): a critical event (alerted).
         self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
         configure_index(config)
-        self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of)
+        self._local_directory: Directory | None = None
+        self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of,
+                                   is_mailbox=lambda address: self._directory().is_mailbox(address))
         self.dns_cache = DnsCache(config.dns.cache_entries)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache,
                                    clock=self.clock)
@@ -289,6 +301,8 @@ class Node:
             config, self.spool, self.records, self.local, self.remote.deliver_route,
             clock=self.clock, notices=Notices(config),
         )
+        # Mail kanmon queues itself goes where RCPT TO would send it (aliases, mailboxes).
+        self.queue.injector.expand = lambda address: self._directory().expand(address)
         # Users' Sieve filters at local delivery: what they send enters through the injector.
         self.local.sieve = SieveFilter(self.data_dir, config.server.hostname, self.queue.injector.inject,
                                        self.records.emit, clock=self.clock.now, settings=self._sieve_settings)

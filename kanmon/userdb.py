@@ -280,3 +280,19 @@ class Directory:
     def is_mailbox(self, address: str) -> bool:
         local, at, domain = address.lower().rpartition("@")
         return bool(at) and local in self.tables().mailboxes.get(domain, ())
+
+    def expand(self, address: str) -> tuple[str, ...]:
+        """Where mail kanmon queues itself for `address` goes, as RCPT TO would have it
+        (kanmon.policy.access.LocalRecipientsCheck): a local domain's mailbox in its
+        lower-case spelling, an alias as its targets; anything else as it is (an unknown
+        local part is refused by local delivery, 550 5.1.1; other domains are not ours
+        to expand)."""
+        local, at, domain = address.rpartition("@")
+        tables = self.tables()
+        domain = domain.lower()
+        if not at or domain not in tables.mailboxes:
+            return (address,)
+        local = local.lower()
+        if local in tables.mailboxes[domain]:
+            return (f"{local}@{domain}",)
+        return tables.aliases.get(domain, {}).get(local) or (address,)

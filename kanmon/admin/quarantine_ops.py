@@ -41,6 +41,7 @@ from kanmon.records.store import header_fields
 from kanmon.spool.groupcommit import write_durably
 from kanmon.spool.store import CorruptEntry
 from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
+from kanmon.userdb import Directory
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
@@ -174,6 +175,10 @@ class QuarantineOps:
     @_with_store
     def release(self, ids: list[str], to: list[str] | None, by: str) -> dict:
         released, errors = [], []
+        unknown = self._unknown_local(to or [])
+        if unknown:  # a typo must not bounce the message to its (outside) sender
+            return {"released": [], "errors": [f"--to {a}: not a mailbox or alias of a local domain: nothing released"
+                                               for a in unknown]}
         for qid in ids:
             try:
                 self.store.claim(qid, self.node, self._now())
@@ -207,6 +212,14 @@ class QuarantineOps:
                 errors.append(f"{qid}: released; its quarantine entry stays until the next purge ({e})")
             released.append(qid)
         return {"released": released, "errors": errors}
+
+    def _unknown_local(self, addresses: list[str]) -> list[str]:
+        """The addresses of a local domain that are neither a mailbox nor an alias."""
+        directory = Directory(self.ops.config)
+        local_domains = directory.tables().mailboxes
+        return [a for a in addresses if a.rpartition("@")[2].lower() in local_domains
+                and not any(directory.is_mailbox(t) or t.rpartition("@")[2].lower() not in local_domains
+                            for t in directory.expand(a))]
 
     def _ledger(self) -> Path:
         """spool/quarantine-released: the ids this node queued from the quarantine."""

@@ -16,8 +16,9 @@ delivers its quota warnings. Every delivery to one mailbox runs in one process (
 node's, or with [server] delivery_workers the agent process its mailbox hashes to), so
 the reservations are in memory.
 
-Trusts: recipients were validated by the accept checks and routing (local part is a
-configured mailbox: no "/" or ".." can reach a path). Never: report Sent before the
+Trusts: recipients were validated by the accept checks and routing, or expanded by the
+injector, and is_mailbox is asked again here (local part is a configured mailbox: no "/"
+or ".." can reach a path). Never: report Sent before the
 file and its directory entry are durable; write outside the mailbox directory; walk a
 mailbox (quota usage) on the event loop.
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 from kanmon.deliver.sieving import Decision, SieveFilter
 from kanmon.model import RecipientResult, Reply, Status, crlf_only
 from kanmon.scan import strip_cr
-from kanmon.smtp.replies import OVER_QUOTA
+from kanmon.smtp.replies import OVER_QUOTA, UNKNOWN_USER
 from kanmon.spool.groupcommit import GroupCommitter
 from kanmon.store.imap.cache import record_deliveries
 from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make_dirs_private, to_crlf
@@ -92,11 +93,16 @@ class LocalDelivery:
     mailer = "local"
 
     def __init__(self, data_dir: Path, committer: GroupCommitter,
-                 quota_of: Callable[[str], int | None] | None = None, sieve: SieveFilter | None = None):
+                 quota_of: Callable[[str], int | None] | None = None, sieve: SieveFilter | None = None,
+                 is_mailbox: Callable[[str], bool] | None = None):
         """quota_of(domain): the per-mailbox quota in bytes of a domain, None without one
         (asked at each delivery, so a reload's new quotas apply at once). sieve: users'
-        filters (None: every message goes to INBOX)."""
+        filters (None: every message goes to INBOX). is_mailbox(address): whether it is a
+        mailbox of the running config or users file (asked at each delivery); a recipient
+        that is not gets 550 5.1.1 (bounced) instead of a new Maildir nobody reads. None:
+        every recipient is taken as one (the accept checks decided)."""
         self.sieve = sieve
+        self.is_mailbox = is_mailbox
         self.data_dir = Path(data_dir)
         self.committer = committer
         self.quota_of = quota_of or (lambda domain: None)
@@ -120,6 +126,11 @@ class LocalDelivery:
         reserved: list[tuple[Path, int]] = []
         try:
             for rcpt in rcpts:
+                if self.is_mailbox is not None and not self.is_mailbox(rcpt):
+                    # Mail kanmon queued itself (sendmail, a release --to, a notice) for a
+                    # local part that is no mailbox, or one removed since it was queued.
+                    results.append(RecipientResult(rcpt, Status.BOUNCED, UNKNOWN_USER, relay="local", mailer="local"))
+                    continue
                 try:
                     box = _mailbox_of(self.data_dir, rcpt)
                     if box not in self._known:

@@ -33,6 +33,7 @@ from kanmon.records.events import Accepted
 from kanmon.records.store import header_fields
 
 Submit = Callable[[str, Envelope, bytes], None]
+Expand = Callable[[str], tuple[str, ...]]
 
 
 class Injector:
@@ -42,17 +43,43 @@ class Injector:
     keys (kanmon.auth.dkimsign.load_signer); None signs nothing."""
 
     def __init__(self, spool, records, submit: Submit, *, hostname: str = "localhost", clock=None,
-                 signer: Signer | None = None):
+                 signer: Signer | None = None, expand: Expand | None = None):
         self.spool = spool
         self.records = records
         self.submit = submit
         self.hostname = hostname
         self.clock = clock or SystemClock()
         self.signer = signer or Signer()
+        # expand(rcpt): a local domain's aliases and mailboxes as RCPT TO expands them
+        # (kanmon.userdb.Directory.expand); None leaves the recipients as they are.
+        self.expand = expand
+
+    def _expanded(self, env: Envelope) -> dict:
+        """The envelope's changes for its recipients expanded: each target keeps the
+        address it came from as its original recipient, and that one's DSN parameters."""
+        if self.expand is None:
+            return {}
+        rcpts: dict[str, None] = {}
+        original, notify, orcpt = dict(env.original_rcpts), dict(env.dsn_notify), dict(env.dsn_orcpt)
+        for rcpt in env.rcpts:
+            for target in self.expand(rcpt):
+                if target in rcpts:
+                    continue
+                rcpts[target] = None
+                if target != rcpt:
+                    original.setdefault(target, env.original_rcpts.get(rcpt, rcpt))
+                    if rcpt in env.dsn_notify:
+                        notify.setdefault(target, env.dsn_notify[rcpt])
+                    if rcpt in env.dsn_orcpt:
+                        orcpt.setdefault(target, env.dsn_orcpt[rcpt])
+        if list(rcpts) == env.rcpts:
+            return {}
+        return {"rcpts": list(rcpts), "original_rcpts": original, "dsn_notify": notify, "dsn_orcpt": orcpt}
 
     def _prepare(self, env: Envelope) -> Envelope:
-        """The envelope as queued: arrival time and the internal client filled in."""
-        changes: dict = {}
+        """The envelope as queued: arrival time and the internal client filled in, the
+        recipients expanded."""
+        changes: dict = self._expanded(env)
         if not env.received_at:
             changes["received_at"] = self.clock.now()
         if env.client is None:
@@ -90,6 +117,8 @@ class Injector:
         """A message accepted earlier into the quarantine enters the queue under the id it
         got then (its accept line and history rows exist; `kanmon trace ID` follows it on):
         stored durably, then handed to the queue manager. The caller records the release."""
+        changes = self._expanded(env)  # a release --to an alias
+        env = dataclasses.replace(env, **changes) if changes else env
         self.spool.store_blocking(queue_id, env, content)
         self.submit(queue_id, env, content)
 

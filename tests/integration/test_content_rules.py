@@ -164,6 +164,11 @@ def test_quarantine_release_to_another_recipient_and_delete(node):
     node.wait_idle()
     ids = [i["id"] for i in json.loads(cli(node, "quarantine", "list", "--json").output)["items"]]
     assert len(ids) == 2
+    # A local address that is no mailbox or alias: refused, nothing released (a bounce
+    # would go to the quarantined message's outside sender).
+    r = cli(node, "quarantine", "release", ids[0], "--to", "reveiw@corp.example")
+    assert r.exit_code == 1 and "--to reveiw@corp.example: not a mailbox or alias of a local domain" in r.output, r.output
+    assert len(json.loads(cli(node, "quarantine", "list", "--json").output)["items"]) == 2
     r = cli(node, "quarantine", "release", ids[0], "--to", "review@corp.example")
     assert r.exit_code == 0, r.output
     r = cli(node, "quarantine", "delete", ids[1])

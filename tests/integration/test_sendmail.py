@@ -35,6 +35,7 @@ min_free_disk = "1MB"
 [[domain]]
 name = "example.test"
 mailboxes = ["alice", "bob"]
+aliases = {{ team = ["alice", "bob"] }}
 [[domain]]
 name = "dest.example"
 deliver = "relay"
@@ -108,6 +109,24 @@ def test_f_F_i_and_bcc(config_file: Path) -> None:
         assert b"lost" not in second
     history = [e for e in search_events(cfg.server.data_dir) if e.kind == "accepted"]
     assert any("from=<ops@example.test>" in e.text for e in history)
+
+
+def test_an_alias_reaches_its_mailboxes_and_an_unknown_local_part_bounces(config_file: Path) -> None:
+    """Mail kanmon queues itself goes where RCPT TO would send it: an alias to its
+    mailboxes, a mailbox in any case to its one Maildir, and a local part that is no
+    mailbox or alias back to the sender (550 5.1.1), never into a new Maildir."""
+    cfg = load_config(config_file)
+    data_dir = Path(cfg.server.data_dir)
+    with RunningNode(cfg):
+        assert sendmail(config_file, "-f", "bob@example.test", "team@example.test", "Alice@EXAMPLE.test",
+                        "ghost@example.test", message=b"Subject: to three\n\nhi\n") == 0
+        bounce = [m for m in delivered(config_file, "bob@example.test", 2) if b"Subject: to three" not in m[:400]]
+        assert len(bounce) == 1 and b"ghost@example.test" in bounce[0] and b"5.1.1" in bounce[0]
+        (a,) = delivered(config_file, "alice@example.test")
+        assert b"Subject: to three" in a and b"Delivered-To: alice@example.test" in a
+    assert sorted(p.name for p in (data_dir / "mailboxes" / "example.test").iterdir()) == ["alice", "bob"]
+    rows = [e.text for e in search_events(cfg.server.data_dir) if "ghost@example.test" in e.text]
+    assert any("stat=Bounced" in t or "dsn=5.1.1" in t for t in rows), rows
 
 
 def test_exit_codes(config_file: Path, tmp_path: Path) -> None:

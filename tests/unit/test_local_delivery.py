@@ -87,3 +87,18 @@ def test_delivery_records_the_entry_imap_would_make_from_the_file(tmp_path: Path
     assert made is not None and recorded is not None
     assert recorded == made[0]
     assert recorded.vsize == len(to_crlf(path.read_bytes()))
+
+
+def test_a_recipient_that_is_no_mailbox_is_bounced_and_gets_no_maildir(tmp_path: Path) -> None:
+    """is_mailbox (the running config's mailboxes): anything else gets 550 5.1.1, as at
+    RCPT, instead of a new Maildir nobody can log in to."""
+    committer = GroupCommitter(tmp_path, fsync=False)
+    try:
+        local = LocalDelivery(tmp_path, committer, is_mailbox=lambda a: a.lower() == "bob@example.test")
+        results = asyncio.run(local.deliver("alice@example.test", ["ghost@example.test", "Bob@Example.Test"],
+                                            b"Subject: hi\r\n\r\nbody\r\n"))
+    finally:
+        committer.close()
+    assert [r.status for r in results] == [Status.BOUNCED, Status.SENT]
+    assert (results[0].reply.code, results[0].reply.enhanced) == (550, "5.1.1")
+    assert sorted(p.name for p in (tmp_path / "mailboxes" / "example.test").iterdir()) == ["bob"]

@@ -79,3 +79,24 @@ def test_a_storage_error_reaches_the_caller_and_nothing_is_recorded(spool):
     with pytest.raises(SpoolError):
         asyncio.run(Injector(Broken(), rec, rec.submit).inject(Envelope("", ["a@example.test"]), CONTENT, "x"))
     assert rec.calls == []
+
+
+def test_the_recipients_are_expanded_each_target_keeping_where_it_came_from(spool):
+    """With expand (a local domain's aliases), each target is queued once, with the address
+    it came from as its original recipient and that address's DSN parameters."""
+    rec = Recorder(spool)
+    aliases = {"team@example.test": ("alice@example.test", "bob@example.test"), "Alice@example.test": ("alice@example.test",)}
+    injector = Injector(spool, rec, rec.submit, clock=ManualClock(1_800_000_000.0),
+                        expand=lambda address: aliases.get(address, (address,)))
+    env = Envelope("ops@example.test", ["team@example.test", "Alice@example.test", "carol@example.org"],
+                   dsn_notify={"team@example.test": "NEVER"}, dsn_orcpt={"team@example.test": "rfc822;team@example.test"})
+    injector.inject_blocking(env, CONTENT, "sendmail")
+    submitted = [c for c in rec.calls if c[0] == "submit"][0][2]
+    assert submitted.rcpts == ["alice@example.test", "bob@example.test", "carol@example.org"]
+    assert submitted.original_rcpts == {"alice@example.test": "team@example.test", "bob@example.test": "team@example.test"}
+    assert submitted.dsn_notify == {"team@example.test": "NEVER", "alice@example.test": "NEVER", "bob@example.test": "NEVER"}
+    assert submitted.dsn_orcpt["bob@example.test"] == "rfc822;team@example.test"
+    # Without expand, the recipients are queued as given.
+    plain = Injector(spool, rec, rec.submit, clock=ManualClock(1_800_000_000.0))
+    plain.inject_blocking(Envelope("", ["team@example.test"]), CONTENT, "alert")
+    assert [c for c in rec.calls if c[0] == "submit"][-1][2].rcpts == ["team@example.test"]

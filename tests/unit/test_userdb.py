@@ -153,3 +153,17 @@ def test_a_damaged_file_is_never_overwritten(cfg) -> None:
         Users(cfg).add("carol@example.test", "pw")
     assert path.read_bytes() == b"garbage"
     assert not os.path.exists(str(path) + ".tmp")
+
+
+def test_mail_kanmon_queues_itself_is_expanded_as_rcpt_would_expand_it(cfg) -> None:
+    """Directory.expand (the injector's): a mailbox in its lower-case spelling, an alias to
+    its targets, everything else as it is (an unknown local part is local delivery's to
+    refuse; a relay domain and foreign domains are not expanded)."""
+    directory = userdb.Directory(cfg)
+    assert directory.expand("Alice@EXAMPLE.test") == ("alice@example.test",)
+    assert directory.expand("SALES@example.test") == ("alice@example.test",)
+    assert directory.expand("ghost@example.test") == ("ghost@example.test",)
+    assert directory.expand("sales@relay.test") == ("sales@relay.test",)
+    assert directory.expand("Someone@Elsewhere.example") == ("Someone@Elsewhere.example",)
+    assert directory.expand("no-at-sign") == ("no-at-sign",)
+    assert directory.is_mailbox("alice@example.test") and not directory.is_mailbox("sales@example.test")
