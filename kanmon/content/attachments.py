@@ -186,6 +186,26 @@ def _zip_entries(data: bytes) -> int | None:
     return int.from_bytes(data[at + 10:at + 12], "little")
 
 
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A zip member's name as the sender's machine wrote it. Without the UTF-8 flag
+    (APPNOTE 4.4.4 bit 11) zipfile reads the bytes as CP437, the format's original
+    charset, but Japanese zips are not: Windows Explorer writes CP932, Info-ZIP on Linux
+    UTF-8 without the flag. The bytes come back from CP437 (a one-to-one table) and are
+    read as UTF-8, then CP932; neither: the CP437 text. Never raises."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        raw = info.filename.encode("cp437")
+    except UnicodeEncodeError:  # not a name zipfile decoded from CP437: keep it
+        return info.filename
+    for codec in ("utf-8", "cp932"):
+        try:
+            return raw.decode(codec)
+        except UnicodeDecodeError:
+            pass
+    return info.filename
+
+
 def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget, item: Item) -> None:
     if depth + 1 > MAX_DEPTH:
         budget.hit(f"archives nested deeper than {MAX_DEPTH}")
@@ -209,7 +229,7 @@ def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budge
                 return
             if info.is_dir():
                 continue
-            member = info.filename
+            member = _member_name(info)
             if info.flag_bits & 0x1:  # APPNOTE 4.4.4 bit 0: encrypted
                 item.classes.add("encrypted")
                 inv.items.append(Item(member, "", "application/octet-stream",

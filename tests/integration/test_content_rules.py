@@ -18,7 +18,7 @@ from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
 from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
-from tests.support.mailsamples import attachment, encrypted_zip, japanese_message
+from tests.support.mailsamples import attachment, encrypted_zip, japanese_message, zip_with_names
 
 OUTSIDE = "127.0.0.9"
 
@@ -273,6 +273,23 @@ def test_rules_test_escapes_control_characters(node, tmp_path):
     eml.write_bytes(b"From: a@b.example\r\nTo: tanaka@corp.example\r\nSubject: =?UTF-8?B?G10wO293bmVkBw==?=\r\n\r\nhi\r\n")
     r = CliRunner().invoke(main, ["rules", "test", str(eml), "-c", str(node.config_file)])
     assert "\x1b" not in r.output and "\\x1b]0;owned\\x07" in r.output
+
+
+def test_rules_test_shows_zip_member_names_as_windows_wrote_them_and_escapes_hostile_ones(node, tmp_path):
+    # No UTF-8 flag on any name: CP932 as Windows Explorer writes, nested; then a name
+    # whose UTF-8 carries a C1 CSI and a right-to-left override.
+    inner = zip_with_names({"請求書.xlsx".encode("utf-8"): b"x"})
+    win = zip_with_names({"見積書.zip".encode("cp932"): inner, "\x9b31m\u202efdp.exe".encode("utf-8"): b"MZ"})
+    eml = tmp_path / "win.eml"
+    eml.write_bytes(japanese_message(subject="ご連絡", attachments=[attachment(win, "win.zip")]))
+    r = CliRunner().invoke(main, ["rules", "test", str(eml), "-c", str(node.config_file)])
+    assert "attachment: 見積書.zip in win.zip: application/zip [archive]" in r.output, r.output
+    assert "attachment: 請求書.xlsx in 見積書.zip: application/octet-stream" in r.output
+    assert "attachment: \\x9b31m\\u202efdp.exe in win.zip: application/x-msdownload [executable]" in r.output
+    assert "\x9b" not in r.output and "\u202e" not in r.output
+    r = CliRunner().invoke(main, ["rules", "test", str(eml), "--json", "-c", str(node.config_file)])
+    assert "\x9b" not in r.output and "\u202e" not in r.output
+    assert {"\x9b31m\u202efdp.exe", "見積書.zip", "請求書.xlsx"} <= {a["name"] for a in json.loads(r.output)["attachments"]}
 
 
 SPAM_PROFILE = """

@@ -103,6 +103,31 @@ def plain_zip(members: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+def zip_with_names(members: dict[str | bytes, bytes]) -> bytes:
+    """A zip whose member names are written as given: a str as zipfile writes it (the
+    UTF-8 flag, bit 11, set when it is not ASCII), bytes as they are without the flag, as
+    Windows Explorer (CP932) and Info-ZIP zip on Linux (UTF-8) write them. zipfile sets
+    the flag on any name not ASCII, so such bytes go in as an ASCII stand-in of their
+    length, replaced in the local header and the central directory (names are outside
+    the CRC)."""
+    out = io.BytesIO()
+    stand_ins: dict[bytes, bytes] = {}
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for i, (name, data) in enumerate(members.items()):
+            if isinstance(name, str):
+                z.writestr(name, data)
+                continue
+            stand_in = f"~{i}~".ljust(len(name), "~").encode()
+            assert len(stand_in) == len(name), "a raw name of 4 bytes or more"
+            z.writestr(stand_in.decode(), data)
+            stand_ins[stand_in] = name
+    archive = out.getvalue()
+    for stand_in, raw in stand_ins.items():
+        assert archive.count(stand_in) == 2, "the stand-in is in the two headers only"
+        archive = archive.replace(stand_in, raw)
+    return archive
+
+
 def attachment(data: bytes, filename: str, *, rfc2231: str | None = "iso-2022-jp", subtype: str = "octet-stream"):
     """An attachment part named as Japanese mailers name it: RFC 2231 (filename*=) in a
     charset, or (rfc2231=None) an encoded-word in quotes, as Outlook and Becky! write."""

@@ -13,7 +13,8 @@ from kanmon.config import parse_config
 from kanmon.content import attachments as att_module
 from kanmon.content.inspect import inspect_message
 from kanmon.content.rules import CompiledProfile, Facts
-from tests.support.mailsamples import attachment, encrypted_zip, japanese_message, plain_zip
+from kanmon.escape import for_terminal
+from tests.support.mailsamples import attachment, encrypted_zip, japanese_message, plain_zip, zip_with_names
 
 OUTSIDE = Facts("katou@partner.example", ("tanaka@corp.example",), True, False)
 INSIDE = Facts("tanaka@corp.example", ("katou@partner.example",), False, True)
@@ -224,6 +225,47 @@ def test_a_zip_claiming_too_many_entries_is_refused_before_it_is_parsed():
     found = inspect_message(profile(rule("r", "tag", subject='["x"]')),
                             japanese_message(attachments=[attachment(plain_zip(members), "many.zip")]), OUTSIDE)
     assert "more than 1000 files" in found.attachments.limit and found.verdict.rule == "archive_limit"
+
+
+# -- zip member names without the UTF-8 flag, as Windows and Linux write them ----------
+
+
+def zip_items(data: bytes, patterns: str):
+    """The verdict of an attachment_name rule on a message carrying the zip, and its members."""
+    found = inspect_message(names_rule(patterns), japanese_message(attachments=[attachment(data, "files.zip")]), OUTSIDE)
+    return found.verdict, [i for i in found.attachments.items if i.container == "files.zip"]
+
+
+@pytest.mark.parametrize(("raw", "patterns", "name"), [
+    ("見積書.exe".encode("cp932"), '["見積書*"]', "見積書.exe"),  # Windows Explorer
+    ("表示ソフト.exe".encode("cp932"), '["*ソフト.exe"]', "表示ソフト.exe"),  # trail bytes 0x5c ("\\")
+    ("請求書.xlsx".encode("utf-8"), '["請求書.xlsx"]', "請求書.xlsx"),  # Info-ZIP zip on Linux
+], ids=["cp932", "cp932-trail-0x5c", "utf-8"])
+def test_zip_member_names_without_the_utf8_flag_match_a_japanese_glob(raw, patterns, name):
+    data = zip_with_names({raw: MZ})
+    assert not zipfile.ZipFile(io.BytesIO(data)).infolist()[0].flag_bits & 0x800
+    v, items = zip_items(data, patterns)
+    assert [i.name for i in items] == [name]
+    assert v.action == "reject" and f"attachment {name!r} matches" in v.hits[0].why
+
+
+def test_a_zip_mixing_flagged_and_unflagged_names_reads_each_by_its_flag():
+    data = zip_with_names({"請求書.xlsx": b"PK", "見積書.exe".encode("cp932"): MZ})
+    assert [i.flag_bits & 0x800 for i in zipfile.ZipFile(io.BytesIO(data)).infolist()] == [0x800, 0]
+    _v, items = zip_items(data, '["*.exe"]')
+    assert [i.name for i in items] == ["請求書.xlsx", "見積書.exe"]
+    for name in ("請求書.xlsx", "見積書.exe"):
+        v, _items = zip_items(data, f'["{name[:3]}*"]')
+        assert v.action == "reject" and f"attachment {name!r} matches" in v.hits[0].why
+
+
+def test_hostile_zip_member_names_do_not_raise_and_are_escaped_where_shown():
+    utf8 = "\x9b31m\u202efdp.exe".encode("utf-8")  # a C1 CSI and a right-to-left override, valid UTF-8
+    neither = b"\x1b]0;x\x07\x81 .exe"  # ESC, BEL, and 0x81 0x20: neither UTF-8 nor CP932
+    v, items = zip_items(zip_with_names({utf8: MZ, neither: MZ}), '["*.exe"]')
+    assert [i.name for i in items] == ["\x9b31m\u202efdp.exe", neither.decode("cp437")]
+    assert [for_terminal(i.name) for i in items] == ["\\x9b31m\\u202efdp.exe", "\\x1b]0;x\\x07\u00fc .exe"]
+    assert v.action == "reject" and v.hits[0].why == "attachment '\\x9b31m\\u202efdp.exe' matches '*.exe'"
 
 
 def test_nesting_deeper_than_the_parser_can_recurse_is_kept_unread_and_goes_by_archive_limit():
