@@ -1013,7 +1013,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
             waiter.cancel()
         try:
             await task
-        except OSError as e:
+        except (OSError, ValueError) as e:  # a file the config names, refused (recipients_file, ...)
             print(f"kanmon: cannot start: {e}", file=sys.stderr)
             return 1
         except asyncio.CancelledError:

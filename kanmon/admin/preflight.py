@@ -263,6 +263,8 @@ def check_files(config: Config) -> list[Finding]:
     if config.dnscheck.dkim_key is not None:
         files.append(("dnscheck.dkim_key", config.dnscheck.dkim_key))
     files += [(f"dkim[{i}].key", config.dkim_key_path(d)) for i, d in enumerate(config.dkim) if d.active]
+    files += [(f"domain[{i}].recipients_file", d.recipients_file)
+              for i, d in enumerate(config.domain) if d.recipients_file is not None]
     for key, path in files:
         if not Path(path).exists():
             found.append(Finding("error", key, f"{path} does not exist"))

@@ -21,13 +21,33 @@ from kanmon.admin.verify import BadAddress, explain_address, flush_cache, list_c
 from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
 
 
-class _AddressGroup(click.Group):
-    """A group whose first argument may be an address: `kanmon verify x@y` runs `address`."""
+_VALUED = ("-c", "--config")  # the options before a subcommand that take a value
+
+
+class _OptionsFirst(click.Group):
+    """A group whose subcommand's options may come before its name, as `-c FILE` may
+    anywhere else (`kanmon verify cache -c FILE list`): they are moved after it. With
+    `default`, a first argument that names no subcommand is that command's
+    (`kanmon verify -c FILE x@y` runs `address`)."""
+
+    default: str | None = None
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["address", *args]
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            i += 2 if args[i] in _VALUED else 1
+        if i < len(args) and args[i] != "--":
+            if args[i] in self.commands:
+                args = [args[i], *args[:i], *args[i + 1:]]
+            elif self.default is not None:
+                args = [self.default, *args]
         return super().parse_args(ctx, args)
+
+
+class _AddressGroup(_OptionsFirst):
+    """`kanmon verify x@y` runs `address`."""
+
+    default = "address"
 
 
 @click.group("verify", cls=_AddressGroup)
@@ -66,7 +86,7 @@ def address_cmd(address: str, probe: bool, config_path: str | None, as_json: boo
     sys.exit(0 if ex.reply is None else 1)
 
 
-@verify.group("cache")
+@verify.group("cache", cls=_OptionsFirst)
 def cache() -> None:
     """The verification cache shared by the receivers (callout results)."""
 

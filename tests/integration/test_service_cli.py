@@ -9,6 +9,7 @@ import json
 import platform
 import smtplib
 import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,20 @@ def test_check_files_and_data_dir(tmp_path):
     assert errors(check_json(not_dir, 2))["server.data_dir"] == f"{tmp_path / 'file'} is not a directory"
     notes = errors(check_json(write(tmp_path, name="new.toml"), 0), "note")
     assert notes["server.data_dir"].endswith("does not exist yet; kanmon serve creates it")
+
+
+def test_a_missing_recipients_file_is_an_error_of_check_and_a_clean_refusal_of_serve(tmp_path):
+    """`config check` names every file serve reads; serve refuses one it cannot read with
+    one line, not a traceback."""
+    missing = tmp_path / "missing.recipients"
+    cfg = write(tmp_path, extra=f'[[domain]]\nname = "list.example"\ndeliver = "relay"\nservers = ["127.0.0.1:9"]\n'
+                                f'verify = "list"\nrecipients_file = "{missing}"\n')
+    assert errors(check_json(cfg, 2))["domain[1].recipients_file"] == f"{missing} does not exist"
+    out = subprocess.run([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines()[-1].startswith("kanmon: cannot start: domain list.example: recipients_file")
+    assert "Traceback" not in out.stderr, out.stderr
 
 
 # -- a running node: check, status, flush, backup ------------------------------------------

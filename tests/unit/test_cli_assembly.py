@@ -58,3 +58,22 @@ def test_a_command_imports_only_its_own_group():
     assert "kanmon.commands.status" in loaded
     assert not {"kanmon.commands.backup", "kanmon.commands.verify", "kanmon.commands.queue",
                 "kanmon.commands.balance", "kanmon.commands.user"} & loaded, loaded
+
+
+def test_verify_takes_its_options_before_or_after_the_address(tmp_path) -> None:
+    """`kanmon verify -c FILE ADDRESS` (options first, as everywhere else) reaches the
+    command as `kanmon verify ADDRESS -c FILE` does, and so do `cache`'s subcommands: the
+    missing config is the error, not the option."""
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+
+    nope = str(tmp_path / "nope.toml")
+    for args in (["verify", "-c", nope, "x@example.test"], ["verify", "x@example.test", "-c", nope],
+                 ["verify", "--probe", "x@example.test", "-c", nope], ["verify", "--json", "-c", nope, "x@example.test"],
+                 ["verify", "-c", nope, "address", "x@example.test"], ["verify", "cache", "-c", nope, "list"],
+                 ["verify", "-c", nope, "cache", "flush", "x@"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "nope.toml" in r.output and "No such option" not in r.output, (args, r.output)
+    r = CliRunner().invoke(main, ["verify", "--help"])
+    assert r.exit_code == 0 and "address" in r.output and "cache" in r.output
