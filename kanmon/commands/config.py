@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from kanmon.commands.options import EMBEDDED, config_option, exit_config_error, json_option, load_with_path
-from kanmon.config import ConfigError, example_config_text, parse_hostport, reference_markdown
+from kanmon.commands.options import EMBEDDED, config_option, exit_config_error, json_option, resolve_config_path
+from kanmon.config import ConfigError, example_config_text, load_config, parse_hostport, reference_markdown
 from kanmon.escape import json_for_terminal
 
 
@@ -40,14 +40,28 @@ def config_check(config_path: str | None, as_json: bool) -> None:
     from kanmon.admin.preflight import exit_code, preflight, raw_toml  # noqa: PLC0415
     from kanmon.admin.status import fetch_status  # noqa: PLC0415
 
-    cfg, path = load_with_path(config_path)
+    def refused(e: ConfigError, name: str) -> None:
+        if as_json:  # the errors as findings too: a script reading --json gets them
+            click.echo(json_for_terminal({"config": name, "findings": [
+                {"severity": "error", "key": "", "text": line} for line in e.messages]}, indent=1))
+            sys.exit(2)
+        exit_config_error(e)
+
+    path, why = resolve_config_path(config_path)
+    if why is not None:
+        click.echo(f"kanmon: using {path or EMBEDDED} ({why})", err=True)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        refused(e, path or EMBEDDED)
+        raise AssertionError("unreachable") from None
     if cfg.balancer is not None:
         from kanmon.balancer.service import validate_balancer  # noqa: PLC0415 - only with a balancer
 
         try:
             validate_balancer(cfg)  # what the models alone cannot see (duplicates, ICMP privilege)
         except ConfigError as e:
-            exit_config_error(e)
+            refused(e, path or EMBEDDED)
     doc, _why = fetch_status(Path(cfg.server.data_dir))
     ours = {parse_hostport(entry["address"]) for entry in doc["listeners"]} if doc else set()
     findings = preflight(cfg, raw_toml(path), ours)

@@ -184,6 +184,14 @@ def test_check_files_and_data_dir(tmp_path):
     assert notes["server.data_dir"].endswith("does not exist yet; kanmon serve creates it")
 
 
+def test_check_json_gives_a_bad_key_as_a_finding(tmp_path):
+    """A config that does not validate: with --json, its errors are findings on stdout
+    (exit 2), not text on stderr only."""
+    cfg = write(tmp_path, extra="[queue]\nlisen = 3\n")
+    (finding,) = check_json(cfg, 2)
+    assert finding[0] == "error" and "queue.lisen" in finding[2] and "(line " in finding[2], finding
+
+
 def test_a_missing_recipients_file_is_an_error_of_check_and_a_clean_refusal_of_serve(tmp_path):
     """`config check` names every file serve reads; serve refuses one it cannot read with
     one line, not a traceback."""
