@@ -9,7 +9,9 @@ characters written as JSON's `\\uXXXX` escapes.
 
 Covered: C0 controls (NUL, TAB, LF, CR, ESC...), DEL, C1 controls (U+0080-U+009F, which
 some terminals take as CSI/OSC), the line and paragraph separators, and the
-bidirectional overrides and isolates (text that reads differently than it is stored).
+bidirectional overrides and isolates (text that reads differently than it is stored),
+and lone surrogates (bytes that were not UTF-8, kept by surrogateescape: they cannot be
+written to a UTF-8 log or terminal at all).
 
 Trusts: nothing; any str. Never: change printable text (backslashes included: existing
 lines keep their form), or raise.
@@ -21,7 +23,7 @@ import json
 import re
 from typing import Any
 
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -41,7 +43,7 @@ def for_log(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
-_UNSAFE_BLOCK = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_BLOCK = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def for_terminal(text: str, *, block: bool = False) -> str:
@@ -56,7 +58,7 @@ def for_terminal(text: str, *, block: bool = False) -> str:
 
 
 # What json.dumps(ensure_ascii=False) leaves raw: it escapes C0 controls itself.
-_UNSAFE_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def json_for_terminal(value: Any, **dumps: Any) -> str:

@@ -198,12 +198,29 @@ def _member_name(info: zipfile.ZipInfo) -> str:
         raw = info.filename.encode("cp437")
     except UnicodeEncodeError:  # not a name zipfile decoded from CP437: keep it
         return info.filename
+    return _name_from(raw, info.filename)
+
+
+def _name_from(raw: bytes, otherwise: str) -> str:
+    """An archive member's name from its bytes: UTF-8, then CP932; neither: `otherwise`."""
     for codec in ("utf-8", "cp932"):
         try:
             return raw.decode(codec)
         except UnicodeDecodeError:
             pass
-    return info.filename
+    return otherwise
+
+
+def _tar_name(member: tarfile.TarInfo) -> str:
+    """A tar member's name: tarfile reads the bytes as UTF-8 with surrogateescape, so a
+    CP932 name (a tar made on Windows) comes back as lone surrogates; it is read as CP932
+    then (as a zip member's name is). Names that are neither keep their escapes, which
+    kanmon.escape writes as `\\udcXX` wherever they are shown."""
+    try:
+        raw = member.name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return member.name
+    return _name_from(raw, member.name)
 
 
 def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budget, item: Item) -> None:
@@ -216,7 +233,11 @@ def _walk_zip(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budge
         return
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+        # Its members cannot be listed (a damaged central directory; a name flagged UTF-8
+        # that is not): nothing inside could be checked, so the profile's archive_limit
+        # decides, as for an archive past its bounds. Skipping it hid `evil.exe` inside.
+        budget.hit(f"a zip archive that cannot be opened ({type(e).__name__})")
         return
     with z:
         infos = z.infolist()
@@ -300,7 +321,7 @@ def _walk_tar(name: str, data: bytes, depth: int, inv: Inventory, budget: _Budge
                 body = _read_bounded(f, budget, member.size) if f is not None else b""
                 if body is None:
                     return True
-                _inspect(member.name, "", body, depth + 1, name, inv, budget)
+                _inspect(_tar_name(member), "", body, depth + 1, name, inv, budget)
                 if budget.limit:
                     return True
     except (tarfile.TarError, OSError, EOFError, ValueError):

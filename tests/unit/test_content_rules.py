@@ -326,6 +326,40 @@ def test_tar_archives_plain_and_compressed_are_opened(mode, name):
     assert v.action == "reject" and "run.exe" in v.hits[0].why
 
 
+def test_a_tar_member_name_from_windows_matches_a_japanese_glob_and_others_are_escaped():
+    """tarfile reads names as UTF-8 with surrogateescape: a CP932 name (a tar made on
+    Windows) is read as CP932; bytes that are neither stay escaped wherever shown."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="cp932") as tar:
+        for name in ("見積書.exe", "\udc81\udcffx.exe"):
+            info = tarfile.TarInfo(name)
+            info.size = len(MZ)
+            tar.addfile(info, io.BytesIO(MZ))
+    msg = japanese_message(attachments=[attachment(out.getvalue(), "files.tar")])
+    found = inspect_message(names_rule('["見積書*"]'), msg, OUTSIDE)
+    names = [i.name for i in found.attachments.items if i.container == "files.tar"]
+    assert names[0] == "見積書.exe" and found.verdict.action == "reject"
+    assert for_terminal(names[1]) == "\\udc81\\udcffx.exe"
+
+
+def test_a_zip_that_cannot_be_opened_goes_by_archive_limit():
+    """A zip whose member list cannot be read (here a name flagged UTF-8 that is not,
+    which zipfile refuses) was skipped, so a name rule never saw `evil.exe` inside: now
+    nothing inside could be checked, and the profile's archive_limit decides."""
+    data = bytearray(plain_zip({"evil-x.exe": MZ}))
+    for sig, flag_at, name_at in ((b"PK\x03\x04", 6, 30), (b"PK\x01\x02", 8, 46)):
+        at = data.find(sig)
+        data[at + flag_at:at + flag_at + 2] = (0x800).to_bytes(2, "little")
+        data[at + name_at + 4] = 0xFF  # "evil\xffx.exe": not UTF-8
+    with pytest.raises(UnicodeDecodeError):
+        zipfile.ZipFile(io.BytesIO(bytes(data)))
+    found = inspect_message(names_rule('["*.exe"]'), japanese_message(attachments=[attachment(bytes(data), "a.zip")]), OUTSIDE)
+    assert "cannot be opened" in found.attachments.limit
+    assert found.verdict.action == "quarantine" and found.verdict.rule == "archive_limit"
+
+
 def test_ip_policy_names_the_content_profile_and_a_recipient_policy_wins():
     from kanmon.policy.content import content_profile_names
 

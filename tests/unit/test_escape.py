@@ -43,3 +43,12 @@ def test_json_for_a_terminal_is_the_same_value_with_nothing_unsafe_raw(value) ->
 def test_json_for_a_terminal_keeps_readable_text() -> None:
     assert json_for_terminal({"d": "ev\u009b31m\u202e.example", "s": "日本語"}) == \
         '{"d": "ev\\u009b31m\\u202e.example", "s": "日本語"}'
+
+
+def test_lone_surrogates_are_escaped_so_the_text_can_be_written():
+    """Bytes that were not UTF-8, kept by surrogateescape (a tar member's name): written
+    raw they cannot be encoded at all (the log line or the command would fail)."""
+    text = "a\udc8cb"
+    for out in (for_log(text), for_terminal(text), for_terminal(text, block=True), json_for_terminal(text)):
+        assert "\\udc8c" in out
+        out.encode("utf-8")
