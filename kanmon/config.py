@@ -14,6 +14,7 @@ server's job).
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import functools
 import ipaddress
@@ -1542,32 +1543,163 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _find_line(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best effort: the line where the innermost named key of loc is written."""
-    keys = [str(p) for p in loc if isinstance(p, str) and not p.startswith(("function-", "list[", "tuple["))]
-    if not text or not keys:
-        return None
-    lines = text.splitlines()
-    # Prefer the line of the innermost key after the line of its section header.
-    start = 0
-    if len(keys) > 1:
-        header = re.compile(r"^\s*\[\[?\s*" + re.escape(keys[0]) + r"[\].]")
-        # [[table]] arrays: the n-th header for loc ("table", n, ...).
-        nth = loc[1] if len(loc) > 1 and isinstance(loc[1], int) and loc[0] == keys[0] else 0
-        for i, line in enumerate(lines):
-            if header.match(line):
-                start = i
-                if nth == 0:
-                    break
-                nth -= 1
-    key_re = re.compile(r"^\s*\"?" + re.escape(keys[-1]) + r"\"?\s*=")
-    for i in range(start, len(lines)):
-        if key_re.match(lines[i]):
-            return i + 1
-    for i, line in enumerate(lines):
-        if key_re.match(line) or re.match(r"^\s*\[\[?\s*" + re.escape(keys[-1]) + r"\s*\]", line):
-            return i + 1
-    return None
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_SCALAR = re.compile(r"[^,\]}\r\n#]+")  # a number, boolean or date-time: up to what ends it
+
+
+def _toml_lines(text: str) -> dict[tuple[Any, ...], int]:
+    """Where each thing of a (valid) TOML text is written: its path as pydantic names it
+    (("content_profile", 0, "rule", 5, "action"), ("smtp", "listen", 1)) -> line number.
+
+    A key is at the line of its `key =`; an array element at the line where it starts;
+    a table at the line of its header ([x], [[x]]; a table that only dotted keys make, at
+    their first line). Each [[a.b]] is counted under the element of [[a]] it follows.
+    """
+    newlines = [i for i, c in enumerate(text) if c == "\n"]
+    lines: dict[tuple[Any, ...], int] = {}
+    arrays: dict[tuple[Any, ...], int] = {}  # [[header]] path (with the indices above it) -> tables so far
+    n = len(text)
+
+    def line_at(pos: int) -> int:
+        return bisect.bisect_left(newlines, pos) + 1
+
+    def blank(pos: int, newline: bool = True) -> int:
+        while pos < n:
+            c = text[pos]
+            if c in " \t" or (newline and c in "\r\n"):
+                pos += 1
+            elif c == "#":
+                while pos < n and text[pos] != "\n":
+                    pos += 1
+            else:
+                break
+        return pos
+
+    def string(pos: int) -> int:
+        """The end of the string at pos."""
+        q = text[pos]
+        if text.startswith(q * 3, pos):
+            i = pos + 3
+            while not text.startswith(q * 3, i):
+                if i >= n:
+                    raise ValueError("unterminated string")
+                i += 2 if q == '"' and text[i] == "\\" else 1
+            end = i + 3
+            while end < n and end < i + 5 and text[end] == q:  # up to two quotes end the content
+                end += 1
+            return end
+        i = pos + 1
+        while text[i] != q:
+            i += 2 if q == '"' and text[i] == "\\" else 1
+        return i + 1
+
+    def key(pos: int) -> tuple[tuple[str, ...], int]:
+        parts: list[str] = []
+        while True:
+            pos = blank(pos, newline=False)
+            if text[pos] in "\"'":
+                end = string(pos)
+                parts.append(tomllib.loads("k = " + text[pos:end])["k"])  # escapes decoded as TOML does
+                pos = end
+            else:
+                m = _TOML_BARE_KEY.match(text, pos)
+                if not m:
+                    raise ValueError(f"no key at {pos}")
+                parts.append(m.group())
+                pos = m.end()
+            pos = blank(pos, newline=False)
+            if text[pos] != ".":
+                return tuple(parts), pos
+            pos += 1
+
+    def value(pos: int, path: tuple[Any, ...]) -> int:
+        c = text[pos]
+        if c in "\"'":
+            return string(pos)
+        if c == "[":
+            pos, i = blank(pos + 1), 0
+            while text[pos] != "]":
+                lines[path + (i,)] = line_at(pos)
+                pos = blank(value(pos, path + (i,)))
+                if text[pos] == ",":
+                    pos = blank(pos + 1)
+                i += 1
+            return pos + 1
+        if c == "{":
+            pos = blank(pos + 1)
+            while text[pos] != "}":
+                pos = blank(key_value(pos, path))
+                if text[pos] == ",":
+                    pos = blank(pos + 1)
+            return pos + 1
+        m = _TOML_SCALAR.match(text, pos)
+        if not m:
+            raise ValueError(f"no value at {pos}")
+        return m.end()
+
+    def key_value(pos: int, table: tuple[Any, ...]) -> int:
+        line = line_at(pos)
+        parts, pos = key(pos)
+        for k in range(1, len(parts) + 1):
+            lines.setdefault(table + parts[:k], line)
+        if text[pos] != "=":
+            raise ValueError(f"no = at {pos}")
+        return value(blank(pos + 1, newline=False), table + parts)
+
+    def header(parts: tuple[str, ...], line: int, array: bool) -> tuple[Any, ...]:
+        path: tuple[Any, ...] = ()
+        for k, part in enumerate(parts):
+            path += (part,)
+            last = k == len(parts) - 1
+            if last and array:
+                lines.setdefault(path, line)
+                arrays[path] = arrays.get(path, 0) + 1
+                path += (arrays[path] - 1,)
+            elif path in arrays:  # [a.b] or [[a.b]] after [[a]]: in a's last element
+                path += (arrays[path] - 1,)
+            if last:
+                lines[path] = line
+            else:
+                lines.setdefault(path, line)
+        return path
+
+    table: tuple[Any, ...] = ()
+    pos = blank(0)
+    while pos < n:
+        if text[pos] == "[":
+            array = text.startswith("[[", pos)
+            line = line_at(pos)
+            parts, pos = key(pos + (2 if array else 1))
+            close = "]]" if array else "]"
+            if not text.startswith(close, pos):
+                raise ValueError(f"no {close} at {pos}")
+            pos += len(close)
+            table = header(parts, line, array)
+        else:
+            pos = key_value(pos, table)
+        pos = blank(pos)
+    return lines
+
+
+def _is_pydantic_tag(part: str) -> bool:
+    """A name pydantic puts in an error's location that is not a key: the member of a union
+    (`TextMatch`, `list[str]`, `str`), a validator (`function-after[...]`)."""
+    return "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "none")
+
+
+def _line_of(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    """The line of the innermost part of loc that is written in the text: the key itself, or
+    for a key that is missing the table it is missing from. None when not even the
+    outermost part is written (nothing to point at)."""
+    path: tuple[Any, ...] = ()
+    found = None
+    for part in loc:
+        if path + (part,) in lines:
+            path += (part,)
+            found = lines[path]
+        elif not (isinstance(part, str) and _is_pydantic_tag(part)):
+            break
+    return found
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -1579,11 +1711,15 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
+        try:
+            lines = _toml_lines(text)
+        except (IndexError, ValueError):  # tomllib read it: a case the scanner does not know
+            lines = {}
         messages = []
         for err in e.errors():
             loc = err["loc"]
             where = _loc_text(loc)
-            line = _find_line(text, loc)
+            line = _line_of(lines, loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

@@ -84,6 +84,82 @@ def test_bad_values_are_each_named():
     assert "queue.warn_after (line 7): 'soon' is not a duration" in joined
 
 
+def test_nested_array_of_tables_errors_name_their_own_line():
+    # [[content_profile.rule]] is counted under each [[content_profile]]: the error is on
+    # the third rule's line, not the first rule's key of that name.
+    msgs = errors_of(
+        '[[content_profile]]\nname = "inbound"\n\n'
+        '[[content_profile.rule]]\nname = "exe"\nattachment_name = ["*.exe"]\naction = "quarantine"\n\n'
+        '[[content_profile.rule]]\nname = "big"\nsize_over = "20MB"\naction = "reject"\n\n'
+        '[[content_profile.rule]]\nname = "lottery"\nsubject = ["lottery"]\naction = "discrad"\n\n'  # line 17
+        '[[content_profile]]\nname = "outbound"\n\n'
+        '[[content_profile.rule]]\nname = "secret"\nbody = ["confidential"]\naction = "bcc"\naddress = "audit@corp.example"\n\n'
+        '[[content_profile.rule]]\nname = "zip"\nattachment_nam = ["*.zip"]\naction = "tag"\n'  # line 30
+    )
+    joined = "\n".join(msgs)
+    assert "k.toml: content_profile[0].rule[2].action (line 17): Input should be" in joined
+    assert "k.toml: content_profile[1].rule[1].attachment_nam (line 30): unknown key" in joined
+    assert len(msgs) == 2
+
+
+def test_error_in_a_rule_as_a_whole_names_its_header():
+    msgs = errors_of(
+        '[[content_profile]]\nname = "a"\n[[content_profile.rule]]\nname = "r1"\nsubject = ["x"]\naction = "tag"\n'
+        '[[content_profile]]\nname = "b"\n[[content_profile.rule]]\nname = "r1"\nsubject = ["x"]\naction = "tag"\n'
+        '[[content_profile.rule]]\nname = "r2"\naction = "tag"\n'  # line 13: no condition
+    )
+    assert msgs == ["k.toml: content_profile[1].rule[1] (line 13): rule 'r2' has no condition (it would match every message)"]
+
+
+BALANCER = (
+    '[balancer]\n'
+    '[[balancer.virtual_server]]\nname = "a"\nlisten = "127.0.0.1:2500"\n'  # lines 2-4
+    '[balancer.virtual_server.health]\ntype = "tcp"\ninterval = "5s"\n'  # lines 5-7
+    '[[balancer.virtual_server.real]]\naddress = "127.0.0.31:2525"\nweight = 2\n'  # lines 8-10
+    '[[balancer.virtual_server.real]]\naddress = "127.0.0.32:2525"\n'  # lines 11-12
+    '[[balancer.virtual_server]]\nname = "b"\nlisten = "127.0.0.1:2501"\n'  # lines 13-15
+)
+
+
+def test_sub_table_of_an_array_element_names_its_own_line():
+    (msg,) = errors_of(BALANCER + '[balancer.virtual_server.health]\ntype = "udp"\n')  # line 17
+    assert msg.startswith("k.toml: balancer.virtual_server[1].health.type (line 17): Input should be")
+
+
+def test_array_of_tables_under_the_second_element_is_counted_from_zero():
+    (msg,) = errors_of(
+        BALANCER + '[[balancer.virtual_server.real]]\naddress = "127.0.0.41:2525"\n'  # lines 16-17
+        '[[balancer.virtual_server.real]]\naddress = "127.0.0.42:2525"\nweight = -1\n'  # lines 18-20
+    )
+    assert msg.startswith("k.toml: balancer.virtual_server[1].real[1].weight (line 20): Input should be")
+
+
+def test_dotted_keys_name_their_line():
+    msgs = errors_of(
+        'server.hostname = "a.example"\nqueue.warn_after = "soon"\n'
+        + BALANCER + 'health.type = "tcp"\nhealth.interval = "never"\n'  # line 19
+    )
+    assert msgs == [
+        "k.toml: queue.warn_after (line 2): 'soon' is not a duration (write 30s, 5m, 4h or 3d)",
+        "k.toml: balancer.virtual_server[1].health.interval (line 19): 'never' is not a duration (write 30s, 5m, 4h or 3d)",
+    ]
+
+
+def test_inline_table_keys_name_their_line():
+    (msg,) = errors_of(BALANCER + 'health = { type = "smtp", interval = "never" }\n')  # line 16
+    assert msg == "k.toml: balancer.virtual_server[1].health.interval (line 16): 'never' is not a duration (write 30s, 5m, 4h or 3d)"
+
+
+def test_elements_of_a_multi_line_array_name_their_line():
+    (msg,) = errors_of('[smtp]\nlisten = [\n  "127.0.0.1:25",  # a comment, with [brackets]\n  "nowhere",\n]\n')
+    assert msg == "k.toml: smtp.listen[1] (line 4): 'nowhere' is not ip:port (e.g. 127.0.0.1:2525 or [::1]:2525)"
+
+
+def test_missing_key_names_the_table_it_is_missing_from():
+    msgs = errors_of('[[domain]]\nname = "a.example"\n\n[[domain]]\ndeliver = "local"\n')
+    assert msgs == ["k.toml: domain[1].name (line 4): required key is missing"]
+
+
 def test_missing_certificate_file_is_an_error(tmp_path):
     msgs = errors_of(f'[tls]\ncert = "{tmp_path}/nope.pem"\nkey = "{tmp_path}/nope.key"\n')
     assert any("tls.cert (line 2): file" in m and "does not exist" in m for m in msgs)
