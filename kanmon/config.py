@@ -1713,7 +1713,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except ValidationError as e:
         try:
             lines = _toml_lines(text)
-        except (IndexError, ValueError):  # tomllib read it: a case the scanner does not know
+        except (IndexError, ValueError, RecursionError):  # tomllib read it: a case the scanner does not know
             lines = {}
         messages = []
         for err in e.errors():
