@@ -72,18 +72,27 @@ class DataDirLock:
         self.path = Path(data_dir) / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self, wait: float = 0.0, poll: float = 0.1) -> None:
+    def acquire(self, wait: float = 0.0, poll: float = 0.1, on_wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock, waiting up to `wait` seconds for its holder; LockBusy after.
+        on_wait(what): called once, as soon as a wait begins, with what holds the lock
+        (`<path> is held by another kanmon process (pid N)`), so the caller can say it
+        waits rather than stay silent."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + wait
+        waiting = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                what = f"{self.path} is held by another kanmon process (pid {holder})"
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
                     os.close(fd)
-                    raise LockBusy(f"{self.path} is held by another kanmon process (pid {holder})") from None
+                    raise LockBusy(what) from None
+                if not waiting and on_wait is not None:
+                    on_wait(what)
+                waiting = True
                 time.sleep(poll)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -2,7 +2,8 @@
 
 Role: built by kanmon.node. At construction it takes <data_dir>/kanmon.lock (before
 spool recovery, so an offline admin command is never half-way through the spool when the
-server starts; it waits up to LOCK_WAIT for one to finish). start() opens the control
+server starts; it waits up to LOCK_WAIT for one to finish, or for a server stopping for a
+restart, and says so on stderr as the wait begins). start() opens the control
 socket (kanmon.control); each request runs kanmon.admin.queue_ops in one worker thread
 (so a scan of 100,000 messages never stalls the event loop, and operations never
 overlap); NodeLink lets that thread reach the queue manager in the event loop.
@@ -18,6 +19,7 @@ event loop), or run a maintenance job that is not in the validated config.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -94,13 +96,20 @@ def balance_set_request(balancer, args: dict) -> dict:
         return {"ok": False, "error": str(e.args[0]) if e.args else str(e)}
 
 
+def _say_waiting(what: str) -> None:
+    """Said on stderr at once, not after the wait: a second `kanmon serve` on the same
+    data_dir would otherwise be silent for LOCK_WAIT seconds before it refuses."""
+    print(f"kanmon: {what}; waiting up to {LOCK_WAIT:g} s for it to finish"
+          " (a server stopping for a restart, or an offline admin command)", file=sys.stderr, flush=True)
+
+
 class AdminPlane:
     """One per node: `services` entry (start/stop) plus run_maintenance() in the TaskGroup."""
 
     def __init__(self, node):
         self.node = node
         self.lock = DataDirLock(node.data_dir)
-        self.lock.acquire(wait=LOCK_WAIT)
+        self.lock.acquire(wait=LOCK_WAIT, on_wait=_say_waiting)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         self.ops: QueueOps | None = None
         self.control: ControlServer | None = None

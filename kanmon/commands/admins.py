@@ -4,7 +4,8 @@ Role: the commands for console accounts (kanmon.admin.accounts does the work; th
 is <data_dir>/admins.json). A running console sees a change at its next request. Every
 change is an `audit:` line in the event log (`kanmon log events --grep audit:`).
 Trusts: nothing from argv (names and roles are checked). Passwords come from a prompt
-(asked twice) or, with --password-stdin, the first line of standard input.
+(asked twice) or, with --password-stdin, the first line of standard input; with no
+terminal and no --password-stdin the command exits 2.
 Never: echo a password, print a stored token (a new one is shown once), or print a
 traceback for an expected error.
 """
@@ -17,7 +18,7 @@ import sys
 import click
 
 from kanmon.admin.accounts import LANGUAGES, ROLES, AccountError, AdminAccounts, audit_offline
-from kanmon.commands.options import config_option, format_time, json_option, load_or_exit
+from kanmon.commands.options import ask_new_password, config_option, format_time, json_option, load_or_exit
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -26,9 +27,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _password(from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    return click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
+    return ask_new_password(from_stdin, "--password-stdin")
 
 
 def _open(config_path):

@@ -1,5 +1,5 @@
 """What every `kanmon` command group shares: the -c and --json options, finding and
-loading the config, and reading and showing times.
+loading the config, reading and showing times, and asking for a new password.
 
 Which config a command uses, like other daemons: `-c FILE` (before or after the
 subcommand: `kanmon -c FILE queue list` and `kanmon queue list -c FILE` are the same),
@@ -121,6 +121,19 @@ def _isatty(stream) -> bool:
         return stream is not None and stream.isatty()
     except (AttributeError, ValueError):  # replaced or closed
         return False
+
+
+def ask_new_password(from_stdin: bool, stdin_flag: str) -> str:
+    """A new password: the first line of standard input (with `stdin_flag`), else asked
+    twice on the terminal. With no terminal to ask on (standard input piped, redirected
+    or closed) the command exits 2 and names `stdin_flag`, as passwd(1) refuses, rather
+    than let getpass warn that the password may be echoed and read it from the pipe."""
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not _isatty(sys.stdin):
+        click.echo(f"kanmon: no terminal to ask the password on: pipe it with {stdin_flag}", err=True)
+        sys.exit(2)
+    return click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
 
 
 @contextlib.contextmanager

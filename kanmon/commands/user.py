@@ -6,7 +6,7 @@ the users file is kanmon/userdb.py). The running server sees changes within a se
 without a reload.
 Trusts: nothing from argv; an address that is not a mailbox exits 2 with a clear
 message. Passwords come from a prompt (asked twice) or, with --stdin, the first
-line of standard input.
+line of standard input; with no terminal and no --stdin the command exits 2.
 
 Never: echo a password, accept an empty one, or print a traceback for an expected error.
 """
@@ -21,7 +21,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kanmon.commands.options import cell, config_option, json_option, load_or_exit, require_data_dir, shown
+from kanmon.commands.options import (
+    ask_new_password, cell, config_option, json_option, load_or_exit, require_data_dir, shown,
+)
 from kanmon.store.maildir import MaildirError
 from kanmon.store.sieve import SieveError
 from kanmon.store.sievescripts import ScriptError, ScriptStore
@@ -50,9 +52,7 @@ def user() -> None:
 
 
 def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
-        return sys.stdin.readline().rstrip("\r\n")
-    return click.prompt("New password", hide_input=True, confirmation_prompt="Repeat password")
+    return ask_new_password(from_stdin, "--stdin")
 
 
 @user.command("add")

@@ -8,10 +8,11 @@ profile; replies like Postfix's (`504 5.5.2 <name>: Helo command rejected: need
 fully-qualified hostname`). HELO itself is always required before MAIL (the session
 answers 503 5.5.1), so helo_required needs no check of its own.
 
-Trusts: the HELO name only as text (already one word without controls); our own names
-and addresses from the configuration.
+Trusts: the HELO name only as text (one word, but it may carry control characters: a
+reply shows it escaped, as kanmon.escape.for_log writes it); our own names and addresses
+from the configuration.
 Never: pass a name because DNS failed (helo_resolvable answers 450 then), query DNS for
-a profile that does not ask for it.
+a profile that does not ask for it, send the client's name back raw.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ipaddress
 import re
 
 from kanmon.config import Config, SessionProfile
+from kanmon.escape import for_log
 from kanmon.model import Reply
 from kanmon.policy.access import RelayAccess
 from kanmon.policy.dns import CheckResolver, DnsAnswer
@@ -34,19 +36,19 @@ def _helo(ctx: Context) -> str:
 
 
 def helo_invalid(name: str) -> Reply:
-    return Reply(501, "5.5.2", f"<{name}>: Helo command rejected: Invalid name")
+    return Reply(501, "5.5.2", f"<{for_log(name)}>: Helo command rejected: Invalid name")
 
 
 def helo_not_fqdn(name: str) -> Reply:
-    return Reply(504, "5.5.2", f"<{name}>: Helo command rejected: need fully-qualified hostname")
+    return Reply(504, "5.5.2", f"<{for_log(name)}>: Helo command rejected: need fully-qualified hostname")
 
 
 def helo_is_ours(name: str) -> Reply:
-    return Reply(550, "5.7.1", f"<{name}>: Helo command rejected: that is my name, not yours")
+    return Reply(550, "5.7.1", f"<{for_log(name)}>: Helo command rejected: that is my name, not yours")
 
 
 def helo_not_found(name: str) -> Reply:
-    return Reply(450, "4.7.1", f"<{name}>: Helo command rejected: Host not found")
+    return Reply(450, "4.7.1", f"<{for_log(name)}>: Helo command rejected: Host not found")
 
 
 def address_literal(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

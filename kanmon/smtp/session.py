@@ -604,7 +604,7 @@ class Session:
         self._tx = None
         self.state = State.READY
         lines = [
-            f"{self.settings.hostname} Hello {name} [{self.client.ip}]",
+            self.settings.hostname,  # the client's name is not echoed (as Postfix): it may carry controls
             "PIPELINING",
             f"SIZE {self.settings.max_message_size}",
             "8BITMIME",

@@ -407,9 +407,12 @@ class _Checker:
     def __init__(self) -> None:
         self.extensions: set[str] = set()
 
-    def need(self, node: _Node, extension: str) -> None:
+    def need(self, node: _Node, extension: str, tag: str = "") -> None:
+        """tag: the tagged argument that needs the extension (`fileinto :create`), when
+        the command itself does not."""
         if extension not in self.extensions:
-            raise SieveError(node.line, f'{node.name} needs require "{extension}"')
+            what = f"{node.name} {tag}" if tag else node.name
+            raise SieveError(node.line, f'{what} needs require "{extension}"')
 
     def block(self, nodes: list[_Node], top: bool) -> tuple[Command, ...]:
         out: list[Command] = []
@@ -477,9 +480,9 @@ class _Checker:
             self.need(node, "fileinto")
             tags, args = _take_tags(node, {":create": 0, ":copy": 0})
             if ":create" in tags:
-                self.need(node, "mailbox")
+                self.need(node, "mailbox", ":create")
             if ":copy" in tags:
-                self.need(node, "copy")
+                self.need(node, "copy", ":copy")
             if len(args) != 1:
                 raise SieveError(node.line, "fileinto needs one folder name")
             folder = _one_string(node, args[0], "the folder")
@@ -489,7 +492,7 @@ class _Checker:
         if name == "redirect":
             tags, args = _take_tags(node, {":copy": 0})
             if ":copy" in tags:
-                self.need(node, "copy")
+                self.need(node, "copy", ":copy")
             if len(args) != 1:
                 raise SieveError(node.line, "redirect needs one address")
             address = _one_string(node, args[0], "the address").strip()

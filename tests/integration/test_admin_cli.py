@@ -4,15 +4,20 @@ audit lines they leave in the event log."""
 from __future__ import annotations
 
 import json
+import os
 import stat
+import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 from click.testing import CliRunner
 
 from kanmon.admin.accounts import AccountError, AdminAccounts, decode
 from kanmon.cli import main
 from kanmon.records.query import search_events
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -49,6 +54,34 @@ def test_add_refuses_a_bad_role_an_existing_name_and_an_empty_password(config_fi
     assert r.exit_code == 2 and "exists already" in r.output
     r = run(config_file, "add", "Bad Name", "--role", "admin", "--password-stdin", input="pw\n")
     assert r.exit_code == 2 and "not an admin name" in r.output
+
+
+def test_without_a_terminal_add_and_passwd_refuse_and_name_password_stdin(config_file: Path, tmp_path: Path) -> None:
+    said = "kanmon: no terminal to ask the password on: pipe it with --password-stdin"
+    r = run(config_file, "add", "alice", "--role", "admin", input="pw\npw\n")  # CliRunner: not a terminal
+    assert r.exit_code == 2 and said in r.output
+    assert AdminAccounts(tmp_path / "data").get("alice") is None
+    run(config_file, "add", "alice", "--role", "admin", "--password-stdin", input="first\n")
+    r = run(config_file, "passwd", "alice", input="pw\npw\n")
+    assert r.exit_code == 2 and said in r.output
+    assert AdminAccounts(tmp_path / "data").verify("alice", "first") is not None
+
+
+def test_add_asks_the_password_twice_in_a_terminal(config_file: Path, tmp_path: Path) -> None:
+    child = pexpect.spawn(sys.executable, ["-m", "kanmon", "admin", "add", "alice", "--role", "auditor",
+                                           "-c", str(config_file)],
+                          cwd=str(ROOT), timeout=60, encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        child.expect("New password: ")
+        child.sendline("s3cret pass")
+        child.expect("Repeat password: ")
+        child.sendline("s3cret pass")
+        child.expect(pexpect.EOF)
+        shown = child.before
+    finally:
+        child.close()
+    assert child.exitstatus == 0, shown
+    assert "s3cret" not in shown and AdminAccounts(tmp_path / "data").verify("alice", "s3cret pass").role == "auditor"
 
 
 def test_token_is_shown_once_stored_as_a_digest_and_replaced(config_file: Path, tmp_path: Path) -> None:

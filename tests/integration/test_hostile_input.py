@@ -131,14 +131,34 @@ def test_early_talker_behind_a_trusted_balancer_is_judged_by_its_own_address(tmp
         with socket.create_connection((n.host, n.port), timeout=15, source_address=("127.0.0.5", 0)) as raw:
             # A relay client (127.0.0.1) behind the balancer is not delayed.
             raw.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40001 25\r\nEHLO ok\r\n")
-            assert b"250-mx1.example.test Hello ok" in recv_until(raw, b"\r\n250 ")
+            assert b"250-mx1.example.test\r\n" in recv_until(raw, b"\r\n250 ")
 
 
 def test_relay_clients_are_not_made_to_wait(node):
     with connect(node) as raw:
         raw.sendall(b"EHLO early\r\n")  # before the banner, but from a relay network
         data = recv_until(raw, b"\r\n250 ")
-        assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test Hello early" in data
+        assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
+
+
+def test_a_greeting_with_control_bytes_is_not_echoed_and_logged_escaped(node):
+    """An admin testing with telnet or openssl s_client has a terminal: the client's
+    bytes never come back raw, and the event log shows them escaped."""
+    with connect(node) as raw:
+        recv_reply(raw)
+        raw.sendall(b"EHLO \x1b[31mevil\x07\r\n")
+        reply = recv_reply(raw)
+        assert reply.startswith(b"250-mx1.example.test\r\n") and b"evil" not in reply, reply
+        raw.sendall(b"HELO \x1b[31mevil\x07\r\n")
+        assert recv_reply(raw) == b"250 mx1.example.test\r\n"
+        raw.sendall(b"MAIL FROM:<a@remote.example>\r\n")  # one at a time: a HELO client
+        assert recv_reply(raw).startswith(b"250 ")
+        raw.sendall(b"RCPT TO:<nobody@example.test>\r\n")
+        assert recv_reply(raw).startswith(b"550 ")
+    node.wait_idle()
+    node.flush()
+    (reject,) = [e for e in search_events(node.data_dir) if e.kind == "reject"]
+    assert "helo=<\\x1b[31mevil\\x07>" in reject.text, reject.text
 
 
 # -- pipelining without PIPELINING -------------------------------------------------------------

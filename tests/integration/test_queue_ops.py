@@ -13,6 +13,7 @@ import smtplib
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from kanmon.policy.pipeline import ACCEPTED, Check, Pipeline, accept
 from kanmon.policy.standard import standard_checks
 from kanmon.records.query import search_events, search_history
 from kanmon.spool.store import Spool
-from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, maildir_messages, wait_for
+from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, maildir_messages, wait_banner, wait_for
 from tests.support.smtpsink import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -836,6 +837,43 @@ def test_control_socket_is_owner_only_and_the_lock_keeps_others_out(site, monkey
     lock = DataDirLock(site.data_dir)
     lock.acquire()  # free again
     lock.release()
+
+
+def test_a_second_serve_says_at_once_that_it_waits_for_the_lock_and_starts_once_it_is_free(tmp_path):
+    """A restart whose old process is still finishing: the new `kanmon serve` says on
+    stderr at once which process holds the lock and how long it waits (it said nothing
+    for 30 s, then refused), and starts as soon as the old one has exited."""
+    s = Site(tmp_path, "a")
+    first = KanmonProcess(s.config_file, "127.0.0.1", s.port).start()
+    second = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(s.config_file), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert second.stderr is not None
+        for line in second.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("waiting up to" in line for line in lines), 20, "the second serve to say it waits")
+        assert first.proc is not None and first.proc.poll() is None  # said while the holder still runs
+        (said,) = lines
+        assert said.startswith(f"kanmon: {s.data_dir / 'kanmon.lock'} is held by another kanmon process "
+                               f"(pid {first.proc.pid}); waiting up to 30 s for it to finish"), said
+        first.terminate()
+        wait_banner("127.0.0.1", s.port, 30)  # the second serves
+        assert second.poll() is None
+        second.terminate()
+        assert second.wait(20) == 0, lines
+    finally:
+        first.kill()
+        if second.poll() is None:
+            second.kill()
+        second.wait(10)
+        reader.join(10)  # EOF once the second has exited
+        second.stderr.close()
 
 
 def test_serve_and_cli_as_processes(tmp_path):

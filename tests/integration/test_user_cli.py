@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 from click.testing import CliRunner
 
 from kanmon.cli import main
 from kanmon.config import load_config
 from kanmon.store.users import Users
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -36,18 +42,61 @@ def users_of(config_file: Path) -> Users:
     return Users(load_config(config_file))
 
 
+def in_a_terminal(config_file: Path, *args: str) -> pexpect.spawn:
+    """`kanmon user ARGS -c FILE` with a terminal (a pty) to ask the password on."""
+    return pexpect.spawn(sys.executable, ["-m", "kanmon", "user", *args, "-c", str(config_file)], cwd=str(ROOT),
+                         timeout=60, encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def test_passwd_prompts_twice_and_sets_a_working_password(config_file: Path) -> None:
-    r = run(config_file, "passwd", "alice@example.test", input="hunter22\nhunter22\n")
-    assert r.exit_code == 0, r.output
-    assert "hunter22" not in r.output
+    child = in_a_terminal(config_file, "passwd", "alice@example.test")
+    try:
+        child.expect("New password: ")
+        child.sendline("hunter22")
+        child.expect("Repeat password: ")
+        child.sendline("hunter22")
+        child.expect(pexpect.EOF)
+        shown = child.before
+    finally:
+        child.close()
+    assert child.exitstatus == 0, shown
+    assert "password set for alice@example.test" in shown and "hunter22" not in shown
     assert users_of(config_file).verify("alice@example.test", "hunter22")
 
 
 def test_passwd_mismatch_asks_again(config_file: Path) -> None:
-    r = run(config_file, "passwd", "alice@example.test", input="one\ntwo\nthree\nthree\n")
-    assert r.exit_code == 0, r.output
-    assert "do not match" in r.output.lower() or "match" in r.output.lower()
+    child = in_a_terminal(config_file, "passwd", "alice@example.test")
+    try:
+        for password in ("one", "two"):
+            child.expect("password: ")
+            child.sendline(password)
+        child.expect("do not match")
+        for password in ("three", "three"):
+            child.expect("password: ")
+            child.sendline(password)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
     assert users_of(config_file).verify("alice@example.test", "three")
+
+
+def test_add_without_a_terminal_refuses_and_names_stdin(config_file: Path) -> None:
+    """Piped, with no terminal anywhere (a new session: no /dev/tty either), and no
+    --stdin: a clear refusal, exit 2, nothing added; not getpass's GetPassWarning and
+    `Password input may be echoed` with the first line taken as the password."""
+    r = subprocess.run([sys.executable, "-m", "kanmon", "user", "add", "carol@example.test", "-c", str(config_file)],
+                       input="pw\npw\n", capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       start_new_session=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "kanmon: no terminal to ask the password on: pipe it with --stdin\n"
+    assert not users_of(config_file).is_mailbox("carol@example.test")
+
+
+def test_passwd_without_a_terminal_refuses_and_names_stdin(config_file: Path) -> None:
+    r = run(config_file, "passwd", "alice@example.test", input="pw\npw\n")  # CliRunner: not a terminal
+    assert r.exit_code == 2 and "no terminal to ask the password on: pipe it with --stdin" in r.output
+    assert not users_of(config_file).verify("alice@example.test", "pw")
 
 
 def test_passwd_stdin(config_file: Path) -> None:

@@ -41,6 +41,8 @@ def test_a_broken_script_is_refused_with_line_and_reason(config_file: Path, tmp_
     r = run(config_file, ALICE, "-", input='keep;\nfileinto "X";\n')
     assert r.exit_code == 2
     assert 'line 2: fileinto needs require "fileinto"' in r.output and "nothing changed" in r.output
+    r = run(config_file, ALICE, "-", input='require "fileinto";\nfileinto :create "Reports";\n')
+    assert r.exit_code == 2 and 'line 2: fileinto :create needs require "mailbox"' in r.output, r.output
     assert ActiveScripts(tmp_path / "data").lookup(ALICE) is None
     r = run(config_file, "nobody@example.test", "-", input="keep;")
     assert r.exit_code == 2 and "not a mailbox" in r.output

@@ -313,6 +313,30 @@ def test_helo_then_esmtp_parameters_are_refused():
     assert sent(s.feed(b"MAIL FROM:<a@b.example> SIZE=10\r\n")).startswith(b"555")
 
 
+HOSTILE_NAME = b"\x1b[31mevil\x07"
+
+
+def test_greeting_replies_never_send_the_clients_name_back():
+    """A terminal (telnet, openssl s_client) would run the client's control bytes: the
+    EHLO reply does not echo the name (as Postfix: `250-hostname`), nor does HELO's,
+    on port 25 or on submission."""
+    port25 = make_session()
+    port25.greeting()
+    for s in (port25, submission_session(tls=False), submission_session()):  # greeted
+        reply = sent(s.feed(b"EHLO " + HOSTILE_NAME + b"\r\n"))
+        assert reply.startswith(b"250-mx1.example.test\r\n250-PIPELINING\r\n"), reply
+        assert sent(s.feed(b"HELO " + HOSTILE_NAME + b"\r\n")) == b"250 mx1.example.test\r\n"
+        assert s.client.helo == HOSTILE_NAME.decode()  # kept as sent: the event log escapes it
+
+
+def test_a_helo_check_refusal_shows_the_name_escaped():
+    s = make_session("192.0.2.9", config=CONFIG + '[[session_profile]]\nname = "default"\nhelo_strict = true\n')
+    s.greeting()
+    s.feed(b"EHLO " + HOSTILE_NAME + b"\r\n")
+    assert sent(s.feed(b"MAIL FROM:<a@b.example>\r\n")) == (
+        b"501 5.5.2 <\\x1b[31mevil\\x07>: Helo command rejected: Invalid name\r\n")
+
+
 def test_every_reply_has_an_enhanced_status_code():
     s = ready(make_session())
     out = s.feed(b"NOOP\r\nBOGUS\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\nVRFY x\r\n")

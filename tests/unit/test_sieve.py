@@ -155,7 +155,10 @@ def test_runtime_limit_keeps_the_message():
 
 
 @pytest.mark.parametrize("script, line, reason", [
-    ('fileinto "x";', 1, 'needs require "fileinto"'),
+    ('fileinto "x";', 1, 'fileinto needs require "fileinto"'),
+    ('require "fileinto";\nfileinto :create "Reports";', 2, 'fileinto :create needs require "mailbox"'),
+    ('require "fileinto";\nfileinto :copy "Reports";', 2, 'fileinto :copy needs require "copy"'),
+    ('redirect :copy "a@example.net";', 1, 'redirect :copy needs require "copy"'),
     ('keep;\nrequire "fileinto";', 2, "require must come before"),
     ('require "regex";', 1, "unsupported extension"),
     ('if true {\n keep;\n', 2, "missing '}'"),
