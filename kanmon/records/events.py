@@ -307,7 +307,9 @@ class ProxyTimeout(Event):
 
 @_event
 class TlsStarted(Event):
-    """STARTTLS on an SMTP session we serve; `error` when the handshake failed."""
+    """STARTTLS on an SMTP session we serve, or the TLS of one on an implicit-TLS port
+    (submissions, 465: the same line, as sendmail logs both); `error` when a STARTTLS
+    handshake failed."""
 
     KIND = "tls-in"
     client: str

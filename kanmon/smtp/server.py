@@ -888,6 +888,9 @@ class SmtpProtocol(asyncio.Protocol):
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.pipeline.name_client(client)
         server.records.record(ev.Connected(client.name, ip), session=self.sid)
+        if client.tls_version:  # implicit TLS (RFC 8314): logged as a STARTTLS is, as sendmail does
+            server.records.record(ev.TlsStarted(client.name, ip, client.tls_version, client.tls_cipher, client.tls_bits),
+                                  session=self.sid)
         if profile.greet_pause > 0 and not server.submission:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do

@@ -111,6 +111,12 @@ def test_implicit_tls_submission_and_relay_to_another_domain(store):
         assert s.sendmail("alice@example.test", ["friend@elsewhere.example"], "Subject: out\r\n\r\nx\r\n") == {}
     (m,) = store.sink.wait_for_messages(1, timeout=10)
     assert m.rcpts == ["friend@elsewhere.example"]
+    # The session's TLS is in the event log as a STARTTLS's is (sendmail's line for both).
+    from kanmon.records.query import search_events
+
+    store.flush()
+    assert any(e.text.startswith("STARTTLS=server, relay=") and "version=TLSv1." in e.text
+               for e in search_events(store.data_dir)), "no TLS line for the implicit-TLS session"
 
 
 def test_auth_before_tls_is_refused_with_538(store):
