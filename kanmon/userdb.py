@@ -180,6 +180,7 @@ class UserFile:
         self._checked = float("-inf")
         self._lock = threading.Lock()
         self.generation = 0  # bumped at each accepted change (readers cache derived tables)
+        self.trouble = ""  # why the file as it is now was not taken ("": it was, or there is none)
 
     def current(self) -> UserData:
         now = self.clock()
@@ -215,8 +216,10 @@ class UserFile:
             try:
                 new = read(self.path)
             except (UserFileError, OSError) as e:
+                self.trouble = f"users file {self.path} refused: {e}"
                 self.on_error(f"users file {self.path} refused, the previous users stay: {e}")
                 return
+        self.trouble = ""
         if new != self._data:
             self._data = new
             self.generation += 1
@@ -280,6 +283,19 @@ class Directory:
     def is_mailbox(self, address: str) -> bool:
         local, at, domain = address.lower().rpartition("@")
         return bool(at) and local in self.tables().mailboxes.get(domain, ())
+
+    def deliverable(self, address: str) -> bool | None:
+        """Local delivery's question: True, a mailbox; False, not one, after reading the
+        users file again now (a mailbox `kanmon user add` made a moment ago, which a
+        receiver may have seen first, is not refused); None, the users file cannot be read
+        or was refused, so a mailbox of it cannot be told from an unknown one (deferred,
+        never bounced, until it can)."""
+        if self.is_mailbox(address):
+            return True
+        self.userfile.reload()
+        if self.userfile.trouble:
+            return None
+        return self.is_mailbox(address)
 
     def expand(self, address: str) -> tuple[str, ...]:
         """Where mail kanmon queues itself for `address` goes, as RCPT TO would have it

@@ -44,6 +44,7 @@ from kanmon.store.maildir import MaildirError, mailbox_path, mailbox_usage, make
 _counter = itertools.count(1)
 DELIVERED = Reply(250, "2.0.0", "delivered to maildir")
 SIEVE_SEND_FAILED = Reply(451, "4.3.0", "the redirect of a Sieve script could not be queued")
+USERS_UNKNOWN = Reply(451, "4.3.0", "the users file cannot be read: whether this is a mailbox is not known")
 
 
 def _mailbox_of(data_dir: Path, address: str) -> Path:
@@ -94,13 +95,15 @@ class LocalDelivery:
 
     def __init__(self, data_dir: Path, committer: GroupCommitter,
                  quota_of: Callable[[str], int | None] | None = None, sieve: SieveFilter | None = None,
-                 is_mailbox: Callable[[str], bool] | None = None):
+                 is_mailbox: Callable[[str], bool | None] | None = None):
         """quota_of(domain): the per-mailbox quota in bytes of a domain, None without one
         (asked at each delivery, so a reload's new quotas apply at once). sieve: users'
         filters (None: every message goes to INBOX). is_mailbox(address): whether it is a
-        mailbox of the running config or users file (asked at each delivery); a recipient
-        that is not gets 550 5.1.1 (bounced) instead of a new Maildir nobody reads. None:
-        every recipient is taken as one (the accept checks decided)."""
+        mailbox of the running config or users file (asked at each delivery; userdb's
+        Directory.deliverable); a recipient that is not gets 550 5.1.1 (bounced) instead
+        of a new Maildir nobody reads, and one it cannot tell (None: the users file is
+        unreadable) is deferred. None: every recipient is taken as one (the accept checks
+        decided)."""
         self.sieve = sieve
         self.is_mailbox = is_mailbox
         self.data_dir = Path(data_dir)
@@ -126,7 +129,11 @@ class LocalDelivery:
         reserved: list[tuple[Path, int]] = []
         try:
             for rcpt in rcpts:
-                if self.is_mailbox is not None and not self.is_mailbox(rcpt):
+                known = self.is_mailbox(rcpt) if self.is_mailbox is not None else True
+                if known is None:
+                    results.append(RecipientResult(rcpt, Status.DEFERRED, USERS_UNKNOWN, relay="local", mailer="local"))
+                    continue
+                if not known:
                     # Mail kanmon queued itself (sendmail, a release --to, a notice) for a
                     # local part that is no mailbox, or one removed since it was queued.
                     results.append(RecipientResult(rcpt, Status.BOUNCED, UNKNOWN_USER, relay="local", mailer="local"))

@@ -129,6 +129,22 @@ def test_an_alias_reaches_its_mailboxes_and_an_unknown_local_part_bounces(config
     assert any("stat=Bounced" in t or "dsn=5.1.1" in t for t in rows), rows
 
 
+def test_a_mailbox_added_while_running_is_delivered_to_at_once(config_file: Path) -> None:
+    """Local delivery reads the users file again before it calls a recipient unknown: mail
+    for a mailbox `kanmon user add` made a moment ago is delivered, not bounced."""
+    from kanmon.store.users import Users
+
+    cfg = load_config(config_file)
+    with RunningNode(cfg):
+        assert sendmail(config_file, "alice@example.test", message=b"Subject: first\n\nx\n") == 0
+        delivered(config_file, "alice@example.test")
+        Users(cfg).add("carol@example.test", "pw-carol")
+        assert sendmail(config_file, "-f", "bob@example.test", "carol@example.test", message=b"Subject: new\n\nx\n") == 0
+        (m,) = delivered(config_file, "carol@example.test")
+        assert b"Subject: new" in m
+    assert maildir_messages(Path(cfg.server.data_dir), "bob@example.test") == []  # no bounce
+
+
 def test_exit_codes(config_file: Path, tmp_path: Path) -> None:
     assert sendmail(config_file, "-t", message=b"Subject: nobody\n\n") == EX_USAGE
     assert sendmail(config_file, "-Z", "alice@example.test", message=b"\n") == EX_USAGE

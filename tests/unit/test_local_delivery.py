@@ -102,3 +102,15 @@ def test_a_recipient_that_is_no_mailbox_is_bounced_and_gets_no_maildir(tmp_path:
     assert [r.status for r in results] == [Status.BOUNCED, Status.SENT]
     assert (results[0].reply.code, results[0].reply.enhanced) == (550, "5.1.1")
     assert sorted(p.name for p in (tmp_path / "mailboxes" / "example.test").iterdir()) == ["bob"]
+
+
+def test_a_recipient_nobody_can_tell_is_deferred_not_bounced(tmp_path: Path) -> None:
+    """is_mailbox answering None (the users file unreadable): 451, retried, no Maildir."""
+    committer = GroupCommitter(tmp_path, fsync=False)
+    try:
+        local = LocalDelivery(tmp_path, committer, is_mailbox=lambda a: None)
+        (result,) = asyncio.run(local.deliver("alice@example.test", ["carol@example.test"], b"Subject: hi\r\n\r\nx\r\n"))
+    finally:
+        committer.close()
+    assert result.status == Status.DEFERRED and result.reply.code == 451
+    assert not (tmp_path / "mailboxes").exists()

@@ -167,3 +167,21 @@ def test_mail_kanmon_queues_itself_is_expanded_as_rcpt_would_expand_it(cfg) -> N
     assert directory.expand("Someone@Elsewhere.example") == ("Someone@Elsewhere.example",)
     assert directory.expand("no-at-sign") == ("no-at-sign",)
     assert directory.is_mailbox("alice@example.test") and not directory.is_mailbox("sales@example.test")
+
+
+def test_delivery_reads_the_file_again_before_it_calls_a_recipient_unknown(cfg) -> None:
+    """Directory.deliverable (local delivery's): a mailbox added a moment ago (a receiver
+    may have accepted mail for it already) is found by reading the file now, not bounced
+    until the next once-a-second look; while the file is refused, nothing can be told
+    (None: deferred, never bounced)."""
+    clock = Clock()
+    directory = userdb.Directory(cfg, userdb.UserFile(userdb.users_path(cfg), clock=clock, on_error=lambda _m: None))
+    assert directory.deliverable("alice@example.test") is True  # the config's
+    assert directory.deliverable("carol@example.test") is False
+    Users(cfg).add("carol@example.test", "pw-carol")  # no clock step: the cached look is still current
+    assert not directory.is_mailbox("carol@example.test")
+    assert directory.deliverable("carol@example.test") is True
+    userdb.users_path(cfg).write_bytes(b"garbage")
+    assert directory.deliverable("dave@example.test") is None
+    assert directory.deliverable("carol@example.test") is True  # the last good file's mailboxes stay
+    assert directory.deliverable("alice@example.test") is True
