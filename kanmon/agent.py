@@ -457,6 +457,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     local = LocalDelivery(data_dir, committer, quota_of=quota_of, is_mailbox=local_users.deliverable)
     local.sieve = SieveFilter(data_dir, config.server.hostname, inject, records.emit, clock=time.time,
                               settings=lambda: (sv.max_redirects, sv.max_script_size, sv.enabled))
+    local.sieve.unknown_local = local_users.is_unknown_local
     dns_cache = DnsCache(config.dns.cache_entries)  # this agent's (SIGUSR1 flushes it)
     remote = SmtpDelivery(config, records.record, data_dir=data_dir, dns_cache=dns_cache)
     remote.on_server_used = lambda dest, used, failed: out.send(

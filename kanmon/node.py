@@ -306,6 +306,7 @@ class Node:
         # Users' Sieve filters at local delivery: what they send enters through the injector.
         self.local.sieve = SieveFilter(self.data_dir, config.server.hostname, self.queue.injector.inject,
                                        self.records.emit, clock=self.clock.now, settings=self._sieve_settings)
+        self.local.sieve.unknown_local = lambda address: self._directory().is_unknown_local(address)
         self.mail_roles = has_mail_roles(config)
         if not self.mail_roles:
             self.workers = 0

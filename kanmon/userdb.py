@@ -297,6 +297,17 @@ class Directory:
             return None
         return self.is_mailbox(address)
 
+    def is_unknown_local(self, address: str) -> bool:
+        """An address of a local domain that is neither a mailbox nor an alias leading to
+        one (or out of our local domains): what a `release --to` or a Sieve redirect must
+        not queue, whose bounce would go to the message's outside sender."""
+        tables = self.tables()
+        local_domains = tables.mailboxes
+        if address.rpartition("@")[2].lower() not in local_domains:
+            return False
+        return not any(self.is_mailbox(t) or t.rpartition("@")[2].lower() not in local_domains
+                       for t in self.expand(address))
+
     def expand(self, address: str) -> tuple[str, ...]:
         """Where mail kanmon queues itself for `address` goes, as RCPT TO would have it
         (kanmon.policy.access.LocalRecipientsCheck): a local domain's mailbox in its

@@ -41,7 +41,7 @@ from kanmon.records.store import header_fields
 from kanmon.spool.groupcommit import write_durably
 from kanmon.spool.store import CorruptEntry
 from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
-from kanmon.userdb import Directory
+from kanmon.userdb import Directory, UserFile, users_path
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
@@ -215,11 +215,10 @@ class QuarantineOps:
 
     def _unknown_local(self, addresses: list[str]) -> list[str]:
         """The addresses of a local domain that are neither a mailbox nor an alias."""
-        directory = Directory(self.ops.config)
-        local_domains = directory.tables().mailboxes
-        return [a for a in addresses if a.rpartition("@")[2].lower() in local_domains
-                and not any(directory.is_mailbox(t) or t.rpartition("@")[2].lower() not in local_domains
-                            for t in directory.expand(a))]
+        if not addresses:
+            return []
+        directory = Directory(self.ops.config, UserFile(users_path(self.ops.config), on_error=lambda _message: None))
+        return [a for a in addresses if directory.is_unknown_local(a)]
 
     def _ledger(self) -> Path:
         """spool/quarantine-released: the ids this node queued from the quarantine."""

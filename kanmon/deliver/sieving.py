@@ -80,6 +80,10 @@ class SieveFilter:
         self.clock = clock
         self.settings = settings
         self.scripts = ActiveScripts(self.data_dir)
+        # unknown_local(address): a local domain's address that is no mailbox or alias
+        # (kanmon.userdb.Directory.is_unknown_local); a redirect there keeps the message
+        # in INBOX, as its bounce would go to the outside sender. None: not asked.
+        self.unknown_local: Callable[[str], bool] | None = None
 
     def wanted(self, rcpt: str) -> bool:
         return self.settings()[2] and has_script(self.data_dir, rcpt)
@@ -115,6 +119,12 @@ class SieveFilter:
             if looped:
                 decision.notes.append((f"sieve {rcpt}: not redirected to {address}: the message already went "
                                        f"through this mailbox (Delivered-To); kept in INBOX", "warning"))
+                if box.root not in decision.boxes:
+                    decision.boxes.append(box.root)
+                continue
+            if self.unknown_local is not None and self.unknown_local(address):
+                decision.notes.append((f"sieve {rcpt}: not redirected to {escape(address)}: not a mailbox or alias of "
+                                       f"a local domain; kept in INBOX", "warning"))
                 if box.root not in decision.boxes:
                     decision.boxes.append(box.root)
                 continue

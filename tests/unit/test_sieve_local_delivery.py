@@ -92,3 +92,20 @@ def test_filtering_switched_off(tmp_path):
         assert r.status is Status.SENT and h.inbox() == 1
     finally:
         h.committer.close()
+
+
+def test_a_redirect_to_no_mailbox_of_ours_keeps_the_message(tmp_path):
+    """A redirect to a local domain's address that is no mailbox or alias is not queued
+    (its bounce would go to the outside sender): the message stays in INBOX, with a
+    warning; a redirect elsewhere is queued as before."""
+    script(tmp_path, 'redirect "sales-team@example.test"; redirect "dave@elsewhere.example";')
+    h = Harness(tmp_path)
+    h.local.sieve.unknown_local = lambda address: address == "sales-team@example.test"
+    try:
+        (r,) = h.deliver()
+        assert r.status is Status.SENT and h.inbox() == 1
+        assert h.sent == [("carol@remote.example", ["dave@elsewhere.example"], "sieve redirect")]
+        assert any(k == "warning" and "not redirected to sales-team@example.test: not a mailbox or alias" in t
+                   for t, k in h.events)
+    finally:
+        h.committer.close()

@@ -185,3 +185,10 @@ def test_delivery_reads_the_file_again_before_it_calls_a_recipient_unknown(cfg) 
     assert directory.deliverable("dave@example.test") is None
     assert directory.deliverable("carol@example.test") is True  # the last good file's mailboxes stay
     assert directory.deliverable("alice@example.test") is True
+
+
+def test_an_unknown_local_address_is_one_no_mailbox_or_alias_leads_to(cfg) -> None:
+    directory = userdb.Directory(cfg)
+    assert directory.is_unknown_local("ghost@example.test")
+    assert not directory.is_unknown_local("Alice@example.test") and not directory.is_unknown_local("sales@example.test")
+    assert not directory.is_unknown_local("anyone@relay.test") and not directory.is_unknown_local("x@elsewhere.example")
