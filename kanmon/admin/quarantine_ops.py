@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,21 +46,34 @@ from kanmon.userdb import Directory, UserFile, users_path
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
-DIGEST_LAST = "last"  # key, in the shared state's cache DIGEST_CLAIM, of the last scheduled digest's time
-_EPOCH = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")  # what repr() of an epoch time writes there, nothing else
+DIGEST_LAST = "last"  # key, in the shared state's cache DIGEST_CLAIM, of the last scheduled digest
+# A shared digest lists from this long before the last one, less the entries that one
+# mailed: an entry's time is its receiving node's clock, taken before its row commits, so
+# one a node commits late (its clock behind, a slow insert) is mailed later, never skipped.
+DIGEST_OVERLAP = 120.0
+DIGEST_MAX_IDS = 10_000  # ids kept of the last digest's overlap (beyond: mailed twice, not lost)
+
+
+def shared_last(last, now: float) -> tuple[float, frozenset[str]] | None:
+    """The last shared scheduled digest as the shared state holds it (a CacheEntry, or
+    None): (when it listed, the ids it mailed that were stored within DIGEST_OVERLAP
+    before that), decoded strictly; None where there is none or it is not that."""
+    if last is None or not isinstance(last.value, str) or len(last.value) > 64 * DIGEST_MAX_IDS:
+        return None
+    try:
+        doc = json.loads(last.value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or set(doc) != {"t", "ids"}:
+        return None
+    when, ids = doc["t"], doc["ids"]
+    if type(when) not in (int, float) or not 0 < when <= now or not isinstance(ids, list) \
+            or len(ids) > DIGEST_MAX_IDS or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids):
+        return None
+    return float(when), frozenset(ids)
 
 
 RELEASED_LEDGER = "quarantine-released"  # under spool/: one released queue id a line
-
-
-def shared_since(last, now: float, fallback: float) -> float:
-    """The time a shared scheduled digest lists from: the last one's, as the shared state
-    holds it (a CacheEntry, or None), decoded strictly; `fallback` (this node's own last
-    digest) where there is none or it is not a time up to now."""
-    if last is None or not isinstance(last.value, str) or not _EPOCH.fullmatch(last.value):
-        return fallback
-    when = float(last.value)
-    return when if 0 < when <= now else fallback
 
 
 @dataclass
@@ -324,6 +338,7 @@ class QuarantineOps:
         state when one is mailed), not since its own: the nodes take turns."""
         cfg = self.ops.config
         listed_at = self._now()  # before the listing: what arrives meanwhile is in the next one too
+        mailed: frozenset[str] = frozenset()  # ids the last shared digest mailed within its overlap
         shared_slot = slot is not None and is_shared(cfg) and not dry_run
         if shared_slot:
             state = open_state(cfg)
@@ -334,12 +349,19 @@ class QuarantineOps:
                 state.close()
             if not claim.mail:
                 return {"digests": {}, "mailed_by": claim.mailed_by}
-            since = shared_since(last, listed_at, since)
+            previous = shared_last(last, listed_at)
+            if previous is not None:
+                since, mailed = previous[0] - DIGEST_OVERLAP, previous[1]
         hostname = cfg.server.hostname
         sender = cfg.quarantine.digest_from or f"postmaster@{hostname}"
         per_rcpt: dict[str, list[dict]] = {}
+        overlap: dict[str, float] = {}  # id -> stored: what the next shared digest must not list again
         for row in self._rows(QuarantineFilters(kind="spam")):
             if "corrupt" in row or row["stored"] < since:
+                continue
+            if row["stored"] >= listed_at - DIGEST_OVERLAP:
+                overlap[row["id"]] = row["stored"]  # mailed by the last digest or by this one
+            if row["id"] in mailed:
                 continue
             for rcpt in {r.lower() for r in row["rcpts"]}:
                 per_rcpt.setdefault(rcpt, []).append(row)
@@ -359,8 +381,9 @@ class QuarantineOps:
             state = None
             try:
                 state = open_state(cfg)
-                state.cache(DIGEST_CLAIM).put(DIGEST_LAST, repr(listed_at), max(cfg.quarantine.keep, DIGEST_CLAIM_KEEP),
-                                              listed_at)
+                recent_ids = sorted(overlap, key=overlap.__getitem__)[-DIGEST_MAX_IDS:]  # the latest, if ever more
+                state.cache(DIGEST_CLAIM).put(DIGEST_LAST, json.dumps({"t": listed_at, "ids": recent_ids}),
+                                              max(cfg.quarantine.keep, DIGEST_CLAIM_KEEP), listed_at)
             except Exception as e:  # noqa: BLE001 - the digests are mailed all the same: not a failed digest
                 return {"digests": sent, "not_kept": f"{type(e).__name__}: {e}"}
             finally:

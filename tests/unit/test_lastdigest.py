@@ -33,15 +33,23 @@ def test_anything_else_is_refused_and_moved_aside(tmp_path, raw):
 
 
 def test_a_shared_digest_time_is_decoded_strictly() -> None:
-    """The last scheduled digest's time in the shared state: used only when it is a time
-    up to now; otherwise the node's own (the fallback)."""
-    from kanmon.admin.quarantine_ops import shared_since
+    """The last scheduled digest in the shared state: used only when it is what the
+    digest writes (a time up to now, the ids it mailed within its overlap); otherwise
+    None, and the node lists from its own time."""
+    import json
+
+    from kanmon.admin.quarantine_ops import shared_last
     from kanmon.state.api import CacheEntry
 
     def entry(value: str) -> CacheEntry:
         return CacheEntry("last", value, 0.0, 1e12)
 
-    assert shared_since(entry("1000.5"), 2000.0, 7.0) == 1000.5
-    assert shared_since(None, 2000.0, 7.0) == 7.0
-    for bad in ("", "soon", "nan", "inf", "-1", "0", "2000.1", "1e400", "1_000"):
-        assert shared_since(entry(bad), 2000.0, 7.0) == 7.0, bad
+    assert shared_last(entry('{"t": 1000.5, "ids": ["1M1A", "1M1B"]}'), 2000.0) == (1000.5, frozenset({"1M1A", "1M1B"}))
+    assert shared_last(entry('{"t": 1000, "ids": []}'), 2000.0) == (1000.0, frozenset())
+    assert shared_last(None, 2000.0) is None
+    for bad in ("", "soon", "1000.5", "[]", '{"t": 1000}', '{"t": "1000", "ids": []}', '{"t": true, "ids": []}',
+                '{"t": NaN, "ids": []}', '{"t": Infinity, "ids": []}', '{"t": 0, "ids": []}', '{"t": 2000.1, "ids": []}',
+                '{"t": 1e400, "ids": []}', '{"t": 1000, "ids": [1]}', '{"t": 1000, "ids": [""]}',
+                '{"t": 1000, "ids": ["x"], "more": 1}', json.dumps({"t": 1000, "ids": ["x" * 65]}),
+                "[" * 100000 + "]" * 100000):
+        assert shared_last(entry(bad), 2000.0) is None, bad[:40]
