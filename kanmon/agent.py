@@ -416,7 +416,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     from kanmon.spool.groupcommit import GroupCommitter
     from kanmon.spool.store import CorruptEntry, Spool
     from kanmon.store import index as mindex
-    from kanmon.userdb import Directory, UserFile, users_path
+    from kanmon.userdb import quiet_directory
 
     config = load_config(config_source)
     data_dir = Path(config.server.data_dir)
@@ -453,7 +453,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
 
     sv = config.sieve
     # The agent's config is the node's of its start (a reload starts new agents).
-    local_users = Directory(config, UserFile(users_path(config), on_error=lambda _message: None))
+    local_users = quiet_directory(config)
     local = LocalDelivery(data_dir, committer, quota_of=quota_of, is_mailbox=local_users.deliverable)
     local.sieve = SieveFilter(data_dir, config.server.hostname, inject, records.emit, clock=time.time,
                               settings=lambda: (sv.max_redirects, sv.max_script_size, sv.enabled))

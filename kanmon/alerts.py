@@ -80,7 +80,7 @@ from kanmon.records.events import (
     ScannerRecovered,
 )
 from kanmon.units import format_duration, format_size
-from kanmon.userdb import Directory
+from kanmon.userdb import quiet_directory
 
 CHECK_INTERVAL = 60.0  # seconds between threshold checks (on the node's clock)
 EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
@@ -213,7 +213,7 @@ class Alerts:
         self.queue = queue
         # Alert mail enters the queue like every message kanmon writes itself.
         self.injector = Injector(spool, records, queue.submit_nowait, hostname=config.server.hostname, clock=clock,
-                                 signer=load_signer_lenient(config), expand=Directory(config).expand)
+                                 signer=load_signer_lenient(config), expand=quiet_directory(config).expand)
         self.clock = clock
         self.cert_path = cert_path
         self.data_dir = Path(config.server.data_dir)

@@ -67,7 +67,7 @@ from kanmon.state.backends import open_state
 from kanmon import gcpolicy, sdnotify
 from kanmon.privileges import PrivilegeError, drop_privileges, make_private
 from kanmon.tlscert import server_cert_paths, server_context
-from kanmon.userdb import Directory, UserFile, users_path
+from kanmon.userdb import Directory, UserFile, quiet_directory, users_path
 
 if TYPE_CHECKING:
     from kanmon.receiver import ExitedShares, ReceiverPool
@@ -248,11 +248,10 @@ class Node:
 
     def _directory(self) -> Directory:
         """The mailboxes and aliases of the running config and the users file (local
-        delivery and the injector ask; a reload's new config is seen at once). Its
-        users-file warnings are the receivers' Directory's to report."""
+        delivery and the injector ask; a reload's new config is seen at once)."""
         directory = self._local_directory
         if directory is None or directory.config is not self.config:
-            directory = Directory(self.config, UserFile(users_path(self.config), on_error=lambda _message: None))
+            directory = quiet_directory(self.config)
             self._local_directory = directory
         return directory
 
@@ -1015,7 +1014,9 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         try:
             await task
         except (OSError, ValueError) as e:  # a file the config names, refused (recipients_file, ...)
-            print(f"kanmon: cannot start: {e}", file=sys.stderr)
+            if waiter in done and not isinstance(e, OSError):
+                raise  # after the start: not the config's refusal, the traceback is wanted
+            print(f"kanmon: {'stopped' if waiter in done else 'cannot start'}: {e}", file=sys.stderr)
             return 1
         except asyncio.CancelledError:
             pass

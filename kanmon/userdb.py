@@ -323,3 +323,11 @@ class Directory:
         if local in tables.mailboxes[domain]:
             return (f"{local}@{domain}",)
         return tables.aliases.get(domain, {}).get(local) or (address,)
+
+
+def quiet_directory(config: Config) -> Directory:
+    """A Directory of config's mailboxes and aliases for what delivers and queues mail
+    (local delivery, the injectors, a release): the users file's refusals are reported by
+    the receivers' Directory and `kanmon user` (Directory.deliverable defers meanwhile),
+    not once more by each of these."""
+    return Directory(config, UserFile(users_path(config), on_error=lambda _message: None))

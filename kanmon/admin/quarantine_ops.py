@@ -42,7 +42,7 @@ from kanmon.records.store import header_fields
 from kanmon.spool.groupcommit import write_durably
 from kanmon.spool.store import CorruptEntry
 from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
-from kanmon.userdb import Directory, UserFile, users_path
+from kanmon.userdb import quiet_directory
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
@@ -231,7 +231,7 @@ class QuarantineOps:
         """The addresses of a local domain that are neither a mailbox nor an alias."""
         if not addresses:
             return []
-        directory = Directory(self.ops.config, UserFile(users_path(self.ops.config), on_error=lambda _message: None))
+        directory = quiet_directory(self.ops.config)
         return [a for a in addresses if directory.is_unknown_local(a)]
 
     def _ledger(self) -> Path:

@@ -56,7 +56,7 @@ from kanmon.spool import journal
 from kanmon.spool.index import Entry
 from kanmon.spool.store import CORRUPT_EVENT, CorruptEntry, Spool, SpoolEntry, SpoolError
 from kanmon.spool.groupcommit import write_durably
-from kanmon.userdb import Directory
+from kanmon.userdb import quiet_directory
 
 ACTIONS = ("delete", "hold", "release", "bounce", "flush", "requeue")
 # qshape's age buckets, in minutes; the last column is "older than 1280m".
@@ -223,7 +223,7 @@ class QueueOps:
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
         self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
                                  hostname=config.server.hostname, clock=link, signer=load_signer_lenient(config),
-                                 expand=Directory(config).expand)
+                                 expand=quiet_directory(config).expand)
         # progress(done, total or None) for long operations (backup, restore, bulk
         # actions); set by dispatch() for one request when the caller asked for it.
         self.progress: Callable[[int, int | None], None] | None = None
