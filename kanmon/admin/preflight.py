@@ -197,6 +197,26 @@ def check_names(config: Config) -> list[Finding]:
                                      f"{d.name}: aliases {aliases[folded]!r} and {alias!r} are one address "
                                      "(names are case-insensitive); merge them"))
             aliases[folded] = alias
+    found += check_alias_targets(config)
+    return found
+
+
+def check_alias_targets(config: Config) -> list[Finding]:
+    """An alias of the config whose target is an address of a local domain that is
+    neither a mailbox nor an alias (of the config or the users file): RCPT accepts mail
+    for the alias, and delivery then bounces it (550 5.1.1), to a sender outside."""
+    from kanmon.userdb import quiet_directory  # noqa: PLC0415 - reads the users file: only here
+
+    directory = quiet_directory(config)
+    found = []
+    for i, d in enumerate(config.domain):
+        for alias, targets in d.aliases.items():
+            for target in targets:
+                address = target if "@" in target else f"{target}@{d.name}"
+                if directory.is_unknown_local(address):
+                    found.append(Finding("warning", f"domain[{i}].aliases",
+                                         f"{d.name}: alias {alias!r} -> {address}: not a mailbox or alias of a local "
+                                         "domain (mail to the alias is accepted, then bounced)"))
     return found
 
 

@@ -184,6 +184,15 @@ def test_check_files_and_data_dir(tmp_path):
     assert notes["server.data_dir"].endswith("does not exist yet; kanmon serve creates it")
 
 
+def test_check_warns_of_an_alias_whose_target_is_no_mailbox_of_ours(tmp_path):
+    """RCPT accepts mail for the alias; its target would bounce it after acceptance."""
+    cfg = write(tmp_path, extra='[[domain]]\nname = "b.test"\nmailboxes = ["bob"]\n'
+                                'aliases = { team = ["bob", "ghost@example.test", "x@elsewhere.example"] }\n')
+    warnings = errors(check_json(cfg, 1), "warning")
+    assert warnings["domain[1].aliases"] == ("b.test: alias 'team' -> ghost@example.test: not a mailbox or alias of "
+                                             "a local domain (mail to the alias is accepted, then bounced)")
+
+
 def test_check_json_gives_a_bad_key_as_a_finding(tmp_path):
     """A config that does not validate: with --json, its errors are findings on stdout
     (exit 2), not text on stderr only."""
