@@ -19,7 +19,7 @@ import pytest
 from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
 from tests.integration.test_relay_core import recv_reply, recv_until
-from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, KanmonProcess, RunningNode, free_port, maildir_messages
+from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, KanmonProcess, RunningNode, free_port, maildir_messages, wait_for
 
 CONFIG = """
 [server]
@@ -155,9 +155,12 @@ def test_a_greeting_with_control_bytes_is_not_echoed_and_logged_escaped(node):
         assert recv_reply(raw).startswith(b"250 ")
         raw.sendall(b"RCPT TO:<nobody@example.test>\r\n")
         assert recv_reply(raw).startswith(b"550 ")
-    node.wait_idle()
-    node.flush()
-    (reject,) = [e for e in search_events(node.data_dir) if e.kind == "reject"]
+    def rejects() -> list:
+        node.flush()
+        return [e for e in search_events(node.data_dir) if e.kind == "reject" and "nobody@example.test" in e.text]
+
+    wait_for(lambda: bool(rejects()), 30, "the RCPT refusal in the event log")  # written after the reply
+    (reject,) = rejects()
     assert "helo=<\\x1b[31mevil\\x07>" in reject.text, reject.text
 
 
