@@ -98,6 +98,33 @@ class DataDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def wait_free(self, wait: float, poll: float = 0.1, on_wait: Callable[[str], None] | None = None) -> None:
+        """Wait up to `wait` seconds for the lock to be free, without keeping it; LockBusy
+        after. For `kanmon serve` before its event loop runs, so that SIGTERM and Ctrl-C
+        end the wait (in the loop they would wait for it). No lock file yet: free."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            deadline = time.monotonic() + wait
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return  # free: closing the file below lets it go again
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                    what = f"{self.path} is held by another kanmon process (pid {holder})"
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(what) from None
+                    if not waiting and on_wait is not None:
+                        on_wait(what)
+                    waiting = True
+                    time.sleep(poll)
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None

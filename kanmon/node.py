@@ -34,12 +34,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from kanmon.admin.service import AdminPlane
+from kanmon.admin.service import LOCK_WAIT, AdminPlane, say_lock_wait
 from kanmon.agent import AgentPool, agent_count
 from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
 from kanmon.config import Config, ConfigError, load_config, parse_config
+from kanmon.control import DataDirLock, LockBusy
 from kanmon.deliver.local import LocalDelivery
 from kanmon.deliver.sieving import SieveFilter
 from kanmon.deliver.smtp import SmtpDelivery
@@ -931,6 +932,16 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         return 1
     if switched and echo is not None:
         print(f"kanmon: {switched}", file=echo, flush=True)
+    # Another kanmon holding the data_dir (a server stopping for a restart, an offline admin
+    # command): waited for here, before the event loop, where SIGTERM and Ctrl-C end the
+    # wait at once; the node takes the lock itself when it starts (AdminPlane).
+    try:
+        DataDirLock(Path(config.server.data_dir)).wait_free(LOCK_WAIT, on_wait=say_lock_wait)
+    except LockBusy as e:
+        print(f"kanmon: cannot start: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     try:
         import uvloop  # noqa: PLC0415 - optional, faster event loop
 

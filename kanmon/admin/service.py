@@ -96,7 +96,7 @@ def balance_set_request(balancer, args: dict) -> dict:
         return {"ok": False, "error": str(e.args[0]) if e.args else str(e)}
 
 
-def _say_waiting(what: str) -> None:
+def say_lock_wait(what: str) -> None:
     """Said on stderr at once, not after the wait: a second `kanmon serve` on the same
     data_dir would otherwise be silent for LOCK_WAIT seconds before it refuses."""
     print(f"kanmon: {what}; waiting up to {LOCK_WAIT:g} s for it to finish"
@@ -109,7 +109,7 @@ class AdminPlane:
     def __init__(self, node):
         self.node = node
         self.lock = DataDirLock(node.data_dir)
-        self.lock.acquire(wait=LOCK_WAIT, on_wait=_say_waiting)
+        self.lock.acquire(wait=LOCK_WAIT, on_wait=say_lock_wait)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         self.ops: QueueOps | None = None
         self.control: ControlServer | None = None

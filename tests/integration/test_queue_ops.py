@@ -876,6 +876,28 @@ def test_a_second_serve_says_at_once_that_it_waits_for_the_lock_and_starts_once_
         second.stderr.close()
 
 
+def test_a_serve_waiting_for_the_lock_ends_at_once_on_sigterm(tmp_path):
+    """The wait happens before the event loop: SIGTERM (a `systemctl stop`) ends it at
+    once, not after the 30 s it would otherwise wait."""
+    s = Site(tmp_path, "a")
+    first = KanmonProcess(s.config_file, "127.0.0.1", s.port).start()
+    second = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(s.config_file), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert second.stderr is not None
+        line = second.stderr.readline()  # blocks until it says it waits
+        assert "waiting up to 30 s" in line, line
+        second.terminate()
+        second.wait(10)  # well inside the 30 s wait: a TimeoutExpired here is the defect
+        assert first.proc is not None and first.proc.poll() is None  # the holder never let go
+    finally:
+        first.kill()
+        if second.poll() is None:
+            second.kill()
+        second.wait(10)
+        second.stderr.close()
+
+
 def test_serve_and_cli_as_processes(tmp_path):
     s = Site(tmp_path, "a")
     s.config_file.write_text(s.config_file.read_text().replace("workers = 0", "workers = 1"))
