@@ -209,6 +209,7 @@ class QuarantineOps:
             if to:
                 env.rcpts = list(to)
                 env.original_rcpts, env.dsn_notify, env.dsn_orcpt = {}, {}, {}
+                env = self.ops.injector.expanded(env)  # the event names whom it goes to
             if not self._released_here(qid):
                 try:
                     self.ops.injector.release_blocking(qid, env, content)

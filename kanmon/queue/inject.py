@@ -113,12 +113,16 @@ class Injector:
         self._accepted(queue_id, env, content, origin)
         return queue_id
 
+    def expanded(self, env: Envelope) -> Envelope:
+        """The envelope with its recipients expanded as they will be queued."""
+        changes = self._expanded(env)
+        return dataclasses.replace(env, **changes) if changes else env
+
     def release_blocking(self, queue_id: str, env: Envelope, content: bytes) -> None:
         """A message accepted earlier into the quarantine enters the queue under the id it
         got then (its accept line and history rows exist; `kanmon trace ID` follows it on):
         stored durably, then handed to the queue manager. The caller records the release."""
-        changes = self._expanded(env)  # a release --to an alias
-        env = dataclasses.replace(env, **changes) if changes else env
+        env = self.expanded(env)  # a release --to an alias
         self.spool.store_blocking(queue_id, env, content)
         self.submit(queue_id, env, content)
 

@@ -34,6 +34,7 @@ min_free_disk = "1MB"
 [[domain]]
 name = "corp.example"
 mailboxes = ["tanaka", "suzuki", "review", "audit"]
+aliases = {{ reviewers = ["review", "audit"] }}
 
 [[content_profile]]
 name = "inbound"
@@ -169,14 +170,17 @@ def test_quarantine_release_to_another_recipient_and_delete(node):
     r = cli(node, "quarantine", "release", ids[0], "--to", "reveiw@corp.example")
     assert r.exit_code == 1 and "--to reveiw@corp.example: not a mailbox or alias of a local domain" in r.output, r.output
     assert len(json.loads(cli(node, "quarantine", "list", "--json").output)["items"]) == 2
-    r = cli(node, "quarantine", "release", ids[0], "--to", "review@corp.example")
+    r = cli(node, "quarantine", "release", ids[0], "--to", "reviewers@corp.example")  # an alias: its mailboxes
     assert r.exit_code == 0, r.output
+    assert any("released from quarantine by kanmon quarantine release to review@corp.example, audit@corp.example" in t
+               for t in events_of(node, ids[0])), events_of(node, ids[0])
     r = cli(node, "quarantine", "delete", ids[1])
     assert r.exit_code == 0 and f"{ids[1]}: deleted" in r.output
     r = cli(node, "quarantine", "delete", ids[1])
     assert r.exit_code == 1 and "not in the quarantine" in r.output
     node.wait_idle()
     assert len(maildir_messages(node.data_dir, "review@corp.example")) == 1
+    assert len(maildir_messages(node.data_dir, "audit@corp.example")) == 1
     assert maildir_messages(node.data_dir, "tanaka@corp.example") == []
     assert "deleted from the quarantine" in cli(node, "trace", ids[1]).output
 
