@@ -16,6 +16,8 @@ with a SHA-256 of each member in the end record:
     quarantine/<path>             <data_dir>/quarantine/, when present
     mailboxes/<path>              <data_dir>/mailboxes/ (the mail store)
     queue/queue-backup.tar        the queue, in the queue backup format (docs/queue-backup.md)
+    queue/maintenance.json        <data_dir>/maintenance.json (the [[maintenance]] jobs' last runs), when present
+    queue/quarantine-digest.json  <data_dir>/quarantine-digest.json (the last digest's time), when present
     kanmon-node-backup-end.json   {"members": {name: sha256}}: a truncated archive lacks it
 
 The queue part goes through the queue operations (the running server's control socket,
@@ -47,6 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kanmon.admin import lastdigest, maintenance
 from kanmon.admin.queue_ops import offline_queue_ops
 from kanmon.configpath import DEFAULT_DATA_DIR
 from kanmon.admin.reach import Unreachable, reach_queue
@@ -64,6 +67,10 @@ PARTS = ("config", "users", "dkim", "tls", "alerts", "quarantine", "mailboxes", 
 TREES = {"dkim": "dkim", "quarantine": "quarantine", "mailboxes": "mailboxes"}  # part -> dir in data_dir
 MAX_MEMBER = 1 << 32
 QUEUE_MEMBER = "queue/queue-backup.tar"
+# Run logs (member -> the file in data_dir, its strict decoder): restored only where the
+# node has none, since one there is newer (a node started once already keeps its own).
+RUN_LOGS = {"queue/maintenance.json": (maintenance.FILE, maintenance.decode),
+            "queue/quarantine-digest.json": (lastdigest.FILE, lastdigest.decode)}
 # The accounts table as kanmon.store.users creates it (for a restore onto a fresh data_dir).
 ACCOUNTS_TABLE = ("CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, hash TEXT, locked INTEGER NOT NULL "
                   "DEFAULT 0, last_login REAL, last_ip TEXT, changed REAL)")
@@ -238,6 +245,11 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
                     w.add(ALERT_STATE, state)
                     n += 1
             elif part == "queue":
+                for member, (file, _decode) in RUN_LOGS.items():
+                    log = _read_if_present(data_dir / file)  # each replaced whole by the node: one moment
+                    if log is not None:
+                        w.add(member, log)
+                        n += 1
                 if (data_dir / "spool").is_dir():
                     try:
                         with reach_queue(config) as q:
@@ -389,6 +401,8 @@ def _destination(name: str, t: Targets) -> Path | None:
         return t.config_path
     if name == ALERT_STATE:
         return t.data_dir / STATE_FILE
+    if name in RUN_LOGS:
+        return t.data_dir / RUN_LOGS[name][0]
     if part in TREES:
         return t.data_dir / TREES[part] / rest
     if part == "users" and rest.startswith("files/"):
@@ -441,11 +455,16 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
             decode_state(v.small[ALERT_STATE])
         except StateFileError as e:
             raise NodeBackupError(f"{ALERT_STATE}: {e}") from None
+    for name in set(RUN_LOGS) & set(wanted):
+        try:  # likewise
+            RUN_LOGS[name][1](v.small[name])
+        except (ValueError, RecursionError, OverflowError) as e:
+            raise NodeBackupError(f"{name}: {e}") from None
     # Refuse before writing anything: files that exist and differ, accounts that differ.
     conflicts = []
     for name in wanted:
         dest = _destination(name, t)
-        if dest is not None and not (name.startswith("mailboxes/") and _in_maildir(dest)):
+        if dest is not None and name not in RUN_LOGS and not (name.startswith("mailboxes/") and _in_maildir(dest)):
             have = _file_sha(dest)
             if have is not None and have != v.members[name]:
                 conflicts.append(str(dest))
@@ -512,7 +531,8 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
             dest = _destination(name, t)
             if dest is None:
                 continue
-            if _file_sha(dest) == v.members[name] or (part == "mailboxes" and _in_maildir(dest)):
+            if _file_sha(dest) == v.members[name] or (part == "mailboxes" and _in_maildir(dest)) or (
+                    name in RUN_LOGS and dest.exists()):  # the node's own run log is newer
                 summary["parts"][part]["same"] += 1
             else:
                 _write_private(dest, data)

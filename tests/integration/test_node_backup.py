@@ -19,6 +19,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
+from kanmon.admin import lastdigest, maintenance
 from kanmon.alerts import STATE_FILE, AlertState, decode_state, encode_state
 from kanmon.cli import main
 from kanmon.config import load_config
@@ -105,6 +106,9 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     raised = AlertState("queue", "test-backlog", "the queue is long", since=now - 60, last_sent=now - 60,
                         last_seen=now)
     (data_dir / STATE_FILE).write_bytes(encode_state({("queue", "test-backlog"): raised}, {}))
+    # The run logs: the last digest's time (its next one lists from there), the jobs' last runs.
+    lastdigest.save(data_dir, now - 3600, fsync=False)
+    (data_dir / maintenance.FILE).write_bytes(maintenance.encode({}, {"nightly": now - 7200}))
     cfg = load_config(config_file)
     archive = tmp_path / "node.tar"
     with RunningNode(cfg):
@@ -132,6 +136,9 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     assert (data_dir / "dkim" / "example.test.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
     states, _failover = decode_state((data_dir / STATE_FILE).read_bytes())
     assert states[("queue", "test-backlog")].last_sent == pytest.approx(now - 60)
+    assert lastdigest.load(data_dir) == (pytest.approx(now - 3600), "")
+    assert maintenance.decode((data_dir / maintenance.FILE).read_bytes())[1] == {"nightly": pytest.approx(now - 7200)}
+    assert oct((data_dir / lastdigest.FILE).stat().st_mode & 0o777) == "0o600"
     # Idempotent: a second run restores nothing and duplicates nothing.
     r = cli("restore", str(archive), "-c", c, "--json")
     assert r.exit_code == 0, r.output
@@ -164,6 +171,21 @@ def test_restore_refuses_to_overwrite_without_force_and_only(site, tmp_path: Pat
     assert r.exit_code == 0, r.output
     assert key.read_text() == "one\n"
     assert cli("restore", str(archive), "-c", c, "--only", "nope").exit_code == 2
+
+
+def test_a_node_keeps_its_own_run_logs_when_restored_onto(site, tmp_path: Path) -> None:
+    """The run logs in an archive are restored where the node has none; a node that has
+    its own (it ran since) keeps them, and that is no conflict to force."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    data_dir.mkdir(mode=0o700)
+    lastdigest.save(data_dir, 1_000_000.0, fsync=False)
+    archive = tmp_path / "node.tar"
+    assert cli("backup", str(archive), "-c", c, "--only", "queue").exit_code == 0
+    lastdigest.save(data_dir, 2_000_000.0, fsync=False)
+    r = cli("restore", str(archive), "-c", c, "--only", "queue")
+    assert r.exit_code == 0, r.output
+    assert lastdigest.load(data_dir) == (2_000_000.0, "")
 
 
 def test_a_damaged_archive_is_refused_before_anything_is_written(site, tmp_path: Path) -> None:
