@@ -260,6 +260,9 @@ def test_status_running_healthy_degraded_and_not_running(node, tmp_path):
     assert "running, degraded" in r.stdout and "degraded:    alert disk//data: disk nearly full" in r.stdout
     cfg.write_text(cfg.read_text() + "\n# edited\n")
     assert json.loads(run("status", "-c", str(cfg), "--json", code=1).stdout)["config"]["changed_on_disk"]
+    run("reload", "-c", str(cfg))  # the edited file is the running one now
+    doc = json.loads(run("status", "-c", str(cfg), "--json", code=1).stdout)
+    assert doc["config"]["changed_on_disk"] is False and doc["config"]["sha256"] == config_digest(str(cfg))
     running.stop()
     r = run("status", "-c", str(cfg), code=3)
     assert r.stdout.startswith("kanmon: not running (no kanmon serve for ")
