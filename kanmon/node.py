@@ -91,6 +91,12 @@ def read_config(source: str | None) -> tuple[Config, str | None]:
     return parse_config(text, source), text
 
 
+def os_reason(e: OSError) -> str:
+    """An OSError as an administrator reads it: "cannot listen on ...: Address already in
+    use", without Python's "[Errno 98]" before it."""
+    return e.strerror if e.errno is not None and e.strerror and e.filename is None else str(e)
+
+
 class ReloadError(Exception):
     """A reload that was refused or failed: the running configuration stays."""
 
@@ -751,13 +757,13 @@ class Node:
                 agents = self._agent_pool(delivery_workers, text)
                 await agents.start()
             except OSError as e:
-                self._refused(f"delivery agents: {e}")
+                self._refused(f"delivery agents: {os_reason(e)}")
         try:
             prepared = self.listen.prepare(listen_addresses(new, self.mail_roles))
         except OSError as e:
             if agents is not None:
                 await agents.stop()
-            self._refused(str(e))
+            self._refused(os_reason(e))
         frontend = None
         try:
             frontend = self._frontend(new, prepared, workers, text)
@@ -804,7 +810,7 @@ class Node:
             self._refused(f"the TLS certificate and key do not load: {e}")
         except OSError as e:
             self.listen.abort(prepared)
-            self._refused(str(e))
+            self._refused(os_reason(e))
         except Exception as e:  # noqa: BLE001 - whatever fails, the old configuration stays
             self.listen.abort(prepared)
             self._refused(f"{type(e).__name__}: {e}")

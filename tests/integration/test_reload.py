@@ -193,7 +193,7 @@ def test_a_reload_that_cannot_be_prepared_leaves_the_old_config_serving(tmp_path
                        + f'[metrics]\nlisten = "127.0.0.1:{busy_port}"\n')
         out = reload(cfg)
         assert out.returncode == 1
-        assert f"cannot listen on 127.0.0.1:{busy_port}" in out.stderr and "running configuration stays" in out.stderr
+        assert f"stays: cannot listen on 127.0.0.1:{busy_port}" in out.stderr and "running configuration stays" in out.stderr
         assert rcpt_code(port, "carol@example.test") == 550  # the old config, still serving
 
         # A certificate that does not match its key.
