@@ -50,7 +50,7 @@ from kanmon.config import ALERT_CATEGORIES, Config, parse_duration
 from kanmon.console import charts, configedit, i18n, transfer
 from kanmon.console.openapi import openapi_document
 from kanmon.console.security import COOKIE_NAME, Revocations, Session, Sessions, load_secret
-from kanmon.escape import for_log
+from kanmon.escape import for_log, for_terminal
 from kanmon.model import is_queue_id
 from kanmon.quarantine import links
 from kanmon.records.events import BALANCER_KIND, DNSCHECK_KIND
@@ -71,6 +71,14 @@ ALERT_TEST_WAIT = 20.0
 TAIL_LIMIT = 200  # event lines one poll of the live tail brings at most
 CHART_TTL = {"hour": 60.0, "day": 300.0}  # the dashboard charts counted from shared records (PostgreSQL) are kept this long
 
+
+
+def _shown(value):
+    """Jinja's finalize: text shown with kanmon.escape.for_terminal (block: line ends
+    kept); markup the templates made (Markup: it has __html__) and other values as they are."""
+    if isinstance(value, str) and not hasattr(value, "__html__"):
+        return for_terminal(value.replace("\r\n", "\n"), block=True)
+    return value
 
 class Refused(Exception):
     def __init__(self, status: int, message: str):
@@ -110,8 +118,12 @@ class ConsoleApp:
         self.data_dir = Path(config.server.data_dir)
         self.accounts = AdminAccounts(self.data_dir)
         self.sessions = Sessions(load_secret(self.data_dir), self.cfg.session_timeout, self.cfg.session_lifetime)
+        # finalize: every {{ value }} that is text, before HTML escaping, has its control
+        # characters, bidi overrides and lone surrogates escaped as the CLI shows them
+        # (`\x1b`, `\u202e`): autoescape stops markup, not an ESC or a U+202E that turns
+        # "gnp.exe" round in the browser. Line ends and tabs stay (message bodies in <pre>).
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
-                               extensions=["jinja2.ext.i18n"])
+                               extensions=["jinja2.ext.i18n"], finalize=_shown)
         self.env.filters["time"] = _time
         self.env.filters["size"] = format_size
         # Logged-out sessions (a copy of the cookie ends too), kept on disk across restarts.

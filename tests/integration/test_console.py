@@ -4,6 +4,8 @@ the audit lines, Japanese pages, TLS with the node's certificate."""
 
 from __future__ import annotations
 
+import base64
+
 import re
 import smtplib
 import ssl
@@ -474,3 +476,22 @@ def test_text_from_the_network_is_escaped_on_every_page(console) -> None:
         assert page.status_code == 200, path
         assert "<script>alert" not in page.text and "<img src=x" not in page.text, path
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in c.get(f"/queue/{qid}").text
+
+
+def test_control_characters_and_bidi_overrides_are_shown_escaped_on_pages(console) -> None:
+    """Autoescaping stops markup, not an ESC, or a U+202E that shows "exe.png" as
+    "gnp.exe": pages show them as the CLI does (\\x1b, \\u202e)."""
+    subject = "=?utf-8?b?" + base64.b64encode("evil \x1b[31mRED \u202egnp.exe".encode()).decode() + "?="
+    with smtplib.SMTP(console.host, console.port, timeout=30) as s:
+        s.sendmail("sender@example.test", ["bob@down.example"],
+                   f"Subject: {subject}\r\n\r\nbody \x1b[2J \u202e gnp.exe\r\n".encode())
+    console.wait_idle()
+    qid = console.node.admin.ops.list({})["items"][0]["id"]
+    c = login(console, "alice", "alice-pw")
+    pages = {path: c.get(path) for path in (f"/queue/{qid}", f"/trace?q={qid}", "/queue?subject=evil")}
+    for path, page in pages.items():
+        assert page.status_code == 200, path
+        assert "\x1b" not in page.text and "\u202e" not in page.text, path
+    assert "evil \\x1b[31mRED \\u202egnp.exe" in pages[f"/trace?q={qid}"].text  # the decoded Subject
+    body = pages[f"/queue/{qid}"].text
+    assert "body \\x1b[2J \\u202e gnp.exe\n" in body and "\\r" not in body  # line ends kept, not shown
