@@ -160,8 +160,8 @@ class ConsoleApp:
         reply = await self.node.admin.handle({"op": op, "args": args})
         if not reply.get("ok"):
             error = str(reply.get("error"))
-            raise Refused(404 if "not in the queue" in error or "no such" in error.lower() or "not found" in error
-                          else 400, error)
+            missing = ("not in the queue", "not in the quarantine", "no such", "No such", "not found")
+            raise Refused(404 if any(m in error for m in missing) else 400, error)
         return reply["result"]
 
     # -- who is asking -------------------------------------------------------------------------

@@ -495,3 +495,10 @@ def test_control_characters_and_bidi_overrides_are_shown_escaped_on_pages(consol
     assert "evil \\x1b[31mRED \\u202egnp.exe" in pages[f"/trace?q={qid}"].text  # the decoded Subject
     body = pages[f"/queue/{qid}"].text
     assert "body \\x1b[2J \\u202e gnp.exe\n" in body and "\\r" not in body  # line ends kept, not shown
+
+
+def test_a_message_not_in_the_quarantine_is_404_as_documented(console) -> None:
+    c = login(console, "alice", "alice-pw")
+    for path in ("/api/v1/quarantine/1M1RW48JZJY4N57", "/quarantine/1M1RW48JZJY4N57"):
+        r = c.get(path)
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
