@@ -527,8 +527,8 @@ class Alerts:
                 category = str(json.loads(detail or "{}").get("category") or "critical")
             except (ValueError, AttributeError):
                 category = "critical"
-            self.raise_alert(category, "test", f"test alert ({category}) requested with `kanmon alert test`: "
-                             "if you read this, alert mail reaches you", force=True)
+            self.raise_alert(category, "test", f"test alert ({category}) requested (`kanmon alert test`, the console"
+                             " or the API): if you read this, alert mail reaches you", force=True)
             return
         if kind in (ScannerFailed.KIND, ScannerRecovered.KIND):
             scanner = text.split(" ", 2)[1] if text.startswith("scanner ") else "scanner"
@@ -802,9 +802,9 @@ class AlertRecord:
     node: str = ""  # the node that saw it (shared records); "" for this node's own records
 
 
-def _fold_alerts(rows) -> tuple[list[AlertRecord], list[AlertRecord]]:
-    """Alert events (ts, detail as JSON text or a dict, node), oldest first: (all of them;
-    the alerts active now, per node)."""
+def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[AlertRecord]]:
+    """Alert events (ts, detail as JSON text or a dict, node), oldest first, all of them:
+    (those since `since`; the alerts active now, per node, however long ago they began)."""
     out: list[AlertRecord] = []
     latest: dict[tuple[str, str, str], AlertRecord] = {}
     for ts, detail, node in rows:
@@ -816,7 +816,8 @@ def _fold_alerts(rows) -> tuple[list[AlertRecord], list[AlertRecord]]:
             continue
         rec = AlertRecord(ts, str(d.get("category", "")), str(d.get("key", "")), str(d.get("state", "")),
                           d.get("since", ts), str(d.get("text", "")), node or "")
-        out.append(rec)
+        if rec.ts >= since:
+            out.append(rec)
         latest[(rec.node, rec.category, rec.key)] = rec
     active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
     return out, active
@@ -835,15 +836,16 @@ def recent_alerts(data_dir: Path, since: float) -> tuple[list[AlertRecord], list
     try:
         # INDEXED BY: the plan must not depend on ANALYZE, whose statistics see one kind
         # in a million rows as unselective and scan the table (docs/monitoring.md).
+        # Every alert event, not only those since `since`: an alert still active began
+        # before any window (alert events are few; the records' retention bounds them).
         try:
             rows = db.execute("SELECT ts, detail, '' FROM events INDEXED BY events_kind_ts"
-                              " WHERE kind = 'alert' AND ts >= ? ORDER BY id", (since,)).fetchall()
+                              " WHERE kind = 'alert' ORDER BY id").fetchall()
         except sqlite3.OperationalError:  # a read-only database of a version without the index
-            rows = db.execute("SELECT ts, detail, '' FROM events WHERE kind = 'alert' AND ts >= ? ORDER BY id",
-                              (since,)).fetchall()
+            rows = db.execute("SELECT ts, detail, '' FROM events WHERE kind = 'alert' ORDER BY id").fetchall()
     finally:
         db.close()
-    return _fold_alerts(rows)
+    return _fold_alerts(rows, since)
 
 
 def cluster_alerts(section, since: float, node: str | None = None) -> tuple[list[AlertRecord], list[AlertRecord]]:
@@ -852,7 +854,7 @@ def cluster_alerts(section, since: float, node: str | None = None) -> tuple[list
     cannot be read."""
     from kanmon.records import pgquery
 
-    return _fold_alerts(pgquery.alert_events(section, since, node))
+    return _fold_alerts(pgquery.alert_events(section, 0.0, node), since)  # as recent_alerts: active from all
 
 
 def read_alerts(config: Config, since: float, node: str | None = None) -> tuple[list[AlertRecord], list[AlertRecord]]:

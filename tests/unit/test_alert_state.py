@@ -228,3 +228,21 @@ def test_alert_config_keys():
                 '[alerts]\ncategories = ["license"]\n'):
         with pytest.raises(ConfigError):
             parse_config(bad)
+
+
+def test_an_alert_raised_before_the_window_is_still_active_in_the_list() -> None:
+    """`kanmon alert list --since 1m` (and the console's, and the API's) lists as active an
+    alert raised before the minute and not cleared since; the recent events are the
+    window's only; a test alert is never active."""
+    import json
+
+    from kanmon.alerts import _fold_alerts
+
+    def row(ts: float, key: str, state: str) -> tuple:
+        return (ts, json.dumps({"category": "dns", "key": key, "state": state, "since": ts, "text": key}), "")
+
+    rows = [row(100.0, "example.test", "raised"), row(150.0, "other.test", "raised"), row(900.0, "other.test", "cleared"),
+            row(950.0, "test", "raised")]
+    recent, active = _fold_alerts(rows, since=800.0)
+    assert [(r.key, r.state) for r in recent] == [("other.test", "cleared"), ("test", "raised")]
+    assert [r.key for r in active] == ["example.test"]
