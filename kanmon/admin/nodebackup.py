@@ -57,6 +57,7 @@ from kanmon.alerts import STATE_FILE, StateFileError, decode_state
 from kanmon.config import Config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.records.store import open_db
+from kanmon.store.maildir import make_dirs_private
 
 FORMAT = "kanmon-node-backup"
 VERSION = 1
@@ -428,6 +429,28 @@ def _in_maildir(dest: Path) -> bool:
     return False
 
 
+def _maildir_folders(names: list[str]) -> set[PurePosixPath]:
+    """The Maildir folders (relative to mailboxes/) the mailboxes members are in: each
+    account's root <domain>/<local> (INBOX) and its Maildir++ folders <root>/.<name>."""
+    folders = set()
+    for name in names:
+        rel = PurePosixPath(name).parts[1:]
+        if name.startswith("mailboxes/") and len(rel) >= 3:
+            folders.add(PurePosixPath(*rel[:2]))
+            if len(rel) >= 4 and rel[2].startswith("."):
+                folders.add(PurePosixPath(*rel[:3]))
+    return folders
+
+
+def _complete_maildirs(t: Targets, names: list[str]) -> None:
+    """The archive holds files only: a folder's empty cur/, new/ or tmp/ is not in it, and
+    without cur/ a folder does not exist for IMAP, POP3 or `kanmon user list` (its read
+    mail in cur/ neither). Every folder restored gets all three (0700), as delivery makes them."""
+    for rel in sorted(_maildir_folders(names)):
+        for sub in ("cur", "new", "tmp"):
+            make_dirs_private(t.data_dir / TREES["mailboxes"] / rel / sub)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.restore-{os.getpid()}")
@@ -537,6 +560,8 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
             else:
                 _write_private(dest, data)
                 summary["parts"][part]["restored"] += 1
+        if "mailboxes" in parts:
+            _complete_maildirs(t, wanted)
         config = load(t.config_path) if load is not None and ("users" in parts or "queue" in parts) else None
         if "users" in parts and accounts:
             n = _restore_accounts(t.data_dir, accounts)

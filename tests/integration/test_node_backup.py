@@ -24,6 +24,7 @@ from kanmon.alerts import STATE_FILE, AlertState, decode_state, encode_state
 from kanmon.cli import main
 from kanmon.config import load_config
 from kanmon.admin.nodebackup import NodeBackupError, verify_node_archive
+from kanmon.store.maildir import Folder, Mailbox, unique_name
 from tests.support.kanmon_node import RunningNode, free_port, maildir_messages, wait_for
 
 NODE = """
@@ -204,3 +205,38 @@ def test_a_damaged_archive_is_refused_before_anything_is_written(site, tmp_path:
     r = cli("restore", str(archive), "-c", str(config_file))
     assert r.exit_code == 1 and "checksum" in r.output
     assert not (data_dir / "dkim").exists()
+
+
+def test_a_restored_maildir_is_whole_and_shows_its_read_mail(site, tmp_path: Path) -> None:
+    """The archive holds files only, so a Maildir's empty cur/, new/ or tmp/ is not in it:
+    the restore makes every folder whole again. A message that was read (in cur/ only, as
+    an IMAP client leaves it) is counted and readable, and an empty folder still exists."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    box = Mailbox.for_address(data_dir, "example.test", "alice").ensure()  # with the empty special-use folders
+    box.folder("INBOX").append(b"Subject: read\r\n\r\nold mail\r\n", flags=["\\Seen"])
+    root = box.root
+    assert not any((root / "new").iterdir()) and len(box.folder_names()) == 5
+    folders = box.folder_names()
+    # bob's mail was delivered and not read yet: in new/ only.
+    bob = Mailbox.for_address(data_dir, "example.test", "bob").ensure(special_use=False).root
+    (bob / "new" / unique_name(9, 11)).write_bytes(b"\nnew mail\n")
+    archive = tmp_path / "node.tar"
+    r = cli("backup", str(archive), "-c", c, "--only", "mailboxes")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(data_dir)
+    r = cli("restore", str(archive), "-c", c, "--only", "mailboxes")
+    assert r.exit_code == 0, r.output
+    assert Mailbox(root).folder_names() == folders
+    for name in folders:
+        path = root if name == "INBOX" else root / f".{name}"
+        for sub in ("cur", "new", "tmp"):
+            assert (path / sub).is_dir(), path / sub
+            assert oct((path / sub).stat().st_mode & 0o777) == "0o700"
+    r = cli("user", "list", "--json", "-c", c)
+    assert r.exit_code == 0, r.output
+    counts = {u["mailbox"]: u["messages"] for u in json.loads(r.output)}
+    assert counts == {"alice@example.test": 1, "bob@example.test": 1}
+    inbox = Folder(root, "INBOX")  # not the cached one of the tree removed above
+    [msg] = inbox.sync()
+    assert inbox.read(msg) == b"Subject: read\n\nold mail\n"
