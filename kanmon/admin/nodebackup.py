@@ -501,21 +501,26 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
     if conflicts and not force:
         raise NodeBackupError("restore would replace what differs (use --force): " + ", ".join(conflicts[:10])
                               + (f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""))
-    t.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = DataDirLock(t.data_dir)
+    # As `kanmon serve` does: what is made without an explicit mode (SQLite's own files,
+    # the parents mkdir makes) is private too, whatever umask root runs this with.
+    umask = os.umask(0o077)
     try:
-        lock.acquire(wait=0)
-    except LockBusy as e:
-        raise NodeBackupError(f"{e}: stop kanmon before restoring") from None
-    config_existed = t.config_path.exists()
-    try:
-        summary = _restore_locked(archive, v, t, parts, wanted, accounts, load, say)
-    finally:
+        t.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = DataDirLock(t.data_dir)
         try:
-            _hand_over(t, config_existed)
+            lock.acquire(wait=0)
+        except LockBusy as e:
+            raise NodeBackupError(f"{e}: stop kanmon before restoring") from None
+        config_existed = t.config_path.exists()
+        try:
+            return _restore_locked(archive, v, t, parts, wanted, accounts, load, say)
         finally:
-            lock.release()
-    return summary
+            try:
+                _hand_over(t, config_existed)
+            finally:
+                lock.release()
+    finally:
+        os.umask(umask)
 
 
 def _hand_over(t: Targets, config_existed: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import json
+import os
 import poplib
 import shutil
 import smtplib
@@ -240,3 +241,39 @@ def test_a_restored_maildir_is_whole_and_shows_its_read_mail(site, tmp_path: Pat
     inbox = Folder(root, "INBOX")  # not the cached one of the tree removed above
     [msg] = inbox.sync()
     assert inbox.read(msg) == b"Subject: read\n\nold mail\n"
+
+
+def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path) -> None:
+    """Run as root with umask 022 (or a node's new data_dir), a restore still leaves
+    every directory it makes under data_dir 0700 and every file 0600: SQLite's own files
+    (records.sqlite holds the password hashes) and the mailboxes/<domain> parents too."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg):
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
+            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
+        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
+        r = cli("backup", str(archive), "-c", c, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["queue"] == 1
+    shutil.rmtree(data_dir)
+    old = os.umask(0o022)
+    try:
+        r = cli("restore", str(archive), "-c", c)
+        assert os.umask(0o022) == 0o022  # the caller's umask is given back
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert (data_dir / "records.sqlite").exists() and (data_dir / "mailboxes" / "example.test").is_dir()
+    loose = []
+    for root, dirs, files in os.walk(data_dir):
+        for name, want in [*((d, 0o700) for d in dirs), *((f, 0o600) for f in files)]:
+            path = Path(root) / name
+            if path.stat().st_mode & 0o777 != want:
+                loose.append(f"{path.relative_to(data_dir)} {oct(path.stat().st_mode & 0o777)}")
+    assert oct(data_dir.stat().st_mode & 0o777) == "0o700"
+    assert loose == [], loose
