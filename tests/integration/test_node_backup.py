@@ -277,3 +277,46 @@ def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path)
                 loose.append(f"{path.relative_to(data_dir)} {oct(path.stat().st_mode & 0o777)}")
     assert oct(data_dir.stat().st_mode & 0o777) == "0o700"
     assert loose == [], loose
+
+
+def test_an_existing_config_is_kept_and_decides_where_every_part_goes(site, tmp_path: Path) -> None:
+    """A new machine with its own config (another data_dir, other TLS paths): the restore
+    puts every part where that config says, the queue too, and keeps the file, even with
+    --force (the archive's config over it would split the node over two data_dirs)."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg):
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
+            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
+        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
+        r = cli("backup", str(archive), "-c", c, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["queue"] == 1
+    shutil.rmtree(data_dir)  # the old machine is gone
+    new_data, new_tls = tmp_path / "new-data", tmp_path / "new-tls"
+    new_config = tmp_path / "new-etc" / "kanmon.toml"
+    new_config.parent.mkdir()
+    new_config.write_text(NODE.format(data_dir=new_data, smtp=free_port(), pop3=free_port(), imap=free_port(),
+                                      tls_dir=new_tls))
+    text = new_config.read_bytes()
+    n = str(new_config)
+    for force in ((), ("--force",)):  # no conflict to force: the kept config is not compared
+        r = cli("restore", str(archive), "-c", n, *force)
+        assert r.exit_code == 0, r.output
+        assert f"config: kept {n} (its paths are used); the archive's is not restored" in r.output
+        assert new_config.read_bytes() == text
+    assert not data_dir.exists()  # nothing went to the archive's data_dir
+    assert (new_tls / "cert.pem").exists() and (new_tls / "key.pem").exists()
+    assert len(maildir_messages(new_data, "alice@example.test")) == 1
+    r = cli("restore", str(archive), "-c", n, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["config_kept"] == n
+    new_cfg = load_config(new_config)
+    with RunningNode(new_cfg):
+        r = cli("queue", "list", "--json", "-c", n)
+        assert r.exit_code == 0, r.output
+        assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
