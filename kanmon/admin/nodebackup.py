@@ -25,7 +25,8 @@ or the spool under the data_dir lock), so it is consistent while the node runs; 
 accounts are read in one SQLite transaction. `restore_node` runs on a stopped node only
 (it holds the data_dir lock): it verifies the whole archive first, then refuses to
 replace anything that differs unless forced, and skips what is already there, so running
-it twice changes nothing the second time.
+it twice changes nothing the second time. A config file that exists is kept (never
+replaced by the archive's) and decides every target.
 
 Trusts: nothing in an archive being read: member names are checked (a known part, no
 absolute path, no `..`), sizes bounded, every checksum verified before anything is
@@ -57,12 +58,14 @@ from kanmon.alerts import STATE_FILE, StateFileError, decode_state
 from kanmon.config import Config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.records.store import open_db
+from kanmon.store.maildir import make_dirs_private
 
 FORMAT = "kanmon-node-backup"
 VERSION = 1
 HEAD = "kanmon-node-backup.json"
 END = "kanmon-node-backup-end.json"
 ALERT_STATE = "alerts/alert-state.json"
+CONFIG = "config/kanmon.toml"
 PARTS = ("config", "users", "dkim", "tls", "alerts", "quarantine", "mailboxes", "queue")
 TREES = {"dkim": "dkim", "quarantine": "quarantine", "mailboxes": "mailboxes"}  # part -> dir in data_dir
 MAX_MEMBER = 1 << 32
@@ -221,7 +224,7 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
             n = 0
             if part == "config":
                 if config_path is not None:
-                    n += w.add_file("config/kanmon.toml", Path(config_path))
+                    n += w.add_file(CONFIG, Path(config_path))
             elif part == "users":
                 w.add("users/accounts.json", json.dumps(_accounts(data_dir)).encode())
                 n += 1
@@ -343,7 +346,7 @@ def verify_node_archive(path: Path) -> Verified:
         if name in seen:
             raise NodeBackupError(f"{path}: member {name!r} appears twice")
         seen[name] = _sha(data)
-        if name.endswith(".json") or name == "config/kanmon.toml":
+        if name.endswith(".json") or name == CONFIG:
             small[name] = data
     if head is None:
         raise NodeBackupError(f"{path}: empty archive")
@@ -397,7 +400,7 @@ def _read_if_present(path: Path) -> bytes | None:
 def _destination(name: str, t: Targets) -> Path | None:
     """The file a member restores to (None: not a plain file member)."""
     part, _, rest = name.partition("/")
-    if name == "config/kanmon.toml":
+    if name == CONFIG:
         return t.config_path
     if name == ALERT_STATE:
         return t.data_dir / STATE_FILE
@@ -428,6 +431,28 @@ def _in_maildir(dest: Path) -> bool:
     return False
 
 
+def _maildir_folders(names: list[str]) -> set[PurePosixPath]:
+    """The Maildir folders (relative to mailboxes/) the mailboxes members are in: each
+    account's root <domain>/<local> (INBOX) and its Maildir++ folders <root>/.<name>."""
+    folders = set()
+    for name in names:
+        rel = PurePosixPath(name).parts[1:]
+        if name.startswith("mailboxes/") and len(rel) >= 3:
+            folders.add(PurePosixPath(*rel[:2]))
+            if len(rel) >= 4 and rel[2].startswith("."):
+                folders.add(PurePosixPath(*rel[:3]))
+    return folders
+
+
+def _complete_maildirs(t: Targets, names: list[str]) -> None:
+    """The archive holds files only: a folder's empty cur/, new/ or tmp/ is not in it, and
+    without cur/ a folder does not exist for IMAP, POP3 or `kanmon user list` (its read
+    mail in cur/ neither). Every folder restored gets all three (0700), as delivery makes them."""
+    for rel in sorted(_maildir_folders(names)):
+        for sub in ("cur", "new", "tmp"):
+            make_dirs_private(t.data_dir / TREES["mailboxes"] / rel / sub)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.restore-{os.getpid()}")
@@ -448,8 +473,12 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
     users and queue parts, which need the config's domains and data_dir)."""
     say = progress or (lambda _text: None)
     v = verify_node_archive(Path(archive))
-    t = restore_targets(Path(config_path), v.small.get("config/kanmon.toml"))
-    wanted = [n for n in v.members if n not in (HEAD, END) and n.partition("/")[0] in parts]
+    # A config file that exists decides where every part goes, and is kept: the archive's
+    # written over it would send the parts restored after it (the queue) to its data_dir.
+    config_existed = Path(config_path).exists()
+    t = restore_targets(Path(config_path), v.small.get(CONFIG))
+    wanted = [n for n in v.members if n not in (HEAD, END) and n.partition("/")[0] in parts
+              and not (n == CONFIG and config_existed)]
     if ALERT_STATE in wanted:
         try:  # the node would move a damaged one aside at start: refuse it here instead
             decode_state(v.small[ALERT_STATE])
@@ -478,21 +507,25 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
     if conflicts and not force:
         raise NodeBackupError("restore would replace what differs (use --force): " + ", ".join(conflicts[:10])
                               + (f" and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""))
-    t.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = DataDirLock(t.data_dir)
+    # As `kanmon serve` does: what is made without an explicit mode (SQLite's own files,
+    # the parents mkdir makes) is private too, whatever umask root runs this with.
+    umask = os.umask(0o077)
     try:
-        lock.acquire(wait=0)
-    except LockBusy as e:
-        raise NodeBackupError(f"{e}: stop kanmon before restoring") from None
-    config_existed = t.config_path.exists()
-    try:
-        summary = _restore_locked(archive, v, t, parts, wanted, accounts, load, say)
-    finally:
+        t.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = DataDirLock(t.data_dir)
         try:
-            _hand_over(t, config_existed)
+            lock.acquire(wait=0)
+        except LockBusy as e:
+            raise NodeBackupError(f"{e}: stop kanmon before restoring") from None
+        try:
+            return _restore_locked(archive, v, t, parts, wanted, accounts, load, say, config_existed)
         finally:
-            lock.release()
-    return summary
+            try:
+                _hand_over(t, config_existed)
+            finally:
+                lock.release()
+    finally:
+        os.umask(umask)
 
 
 def _hand_over(t: Targets, config_existed: bool) -> None:
@@ -515,8 +548,9 @@ def _hand_over(t: Targets, config_existed: bool) -> None:
         os.chmod(t.config_path, 0o640)
 
 
-def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, load, say) -> dict:
-    summary: dict = {"parts": {p: {"restored": 0, "same": 0} for p in parts}, "queue": None}
+def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, load, say, config_kept) -> dict:
+    summary: dict = {"parts": {p: {"restored": 0, "same": 0} for p in parts}, "queue": None,
+                     "config_kept": str(t.config_path) if config_kept and "config" in parts else None}
     queue_tmp = t.data_dir / f".restore-queue-{os.getpid()}.tar"
     try:
         for name, data in _members(Path(archive)):
@@ -537,6 +571,8 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
             else:
                 _write_private(dest, data)
                 summary["parts"][part]["restored"] += 1
+        if "mailboxes" in parts:
+            _complete_maildirs(t, wanted)
         config = load(t.config_path) if load is not None and ("users" in parts or "queue" in parts) else None
         if "users" in parts and accounts:
             n = _restore_accounts(t.data_dir, accounts)
@@ -555,7 +591,10 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
     finally:
         queue_tmp.unlink(missing_ok=True)
     for part in parts:
-        say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there")
+        if part == "config" and summary["config_kept"]:
+            say(f"config: kept {t.config_path} (its paths are used); the archive's is not restored")
+        else:
+            say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there")
     return summary
 
 

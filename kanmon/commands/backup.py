@@ -83,10 +83,10 @@ def backup(config_path, file, only, force, as_json) -> None:
 def restore(config_path, file, only, force, as_json) -> None:
     """Restore a `kanmon backup` archive onto this node, which must be stopped.
 
-    The whole archive is verified first. The config goes to the -c file (written from the
-    archive when it does not exist: its data_dir is where the rest goes). Anything that
-    exists and differs is refused unless --force; what is already there is skipped, so a
-    second run changes nothing.
+    The whole archive is verified first. The config goes to the -c file when it does not
+    exist (its data_dir is where the rest goes); a -c file that exists is kept, even with
+    --force, and its own paths are used. Anything else that exists and differs is refused
+    unless --force; what is already there is skipped, so a second run changes nothing.
     """
     parts = _parts(only)
     target = _config_file(config_path) or options.SYSTEM_CONFIG

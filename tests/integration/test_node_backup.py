@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import imaplib
 import json
+import os
 import poplib
 import shutil
 import smtplib
@@ -24,6 +25,7 @@ from kanmon.alerts import STATE_FILE, AlertState, decode_state, encode_state
 from kanmon.cli import main
 from kanmon.config import load_config
 from kanmon.admin.nodebackup import NodeBackupError, verify_node_archive
+from kanmon.store.maildir import Folder, Mailbox, unique_name
 from tests.support.kanmon_node import RunningNode, free_port, maildir_messages, wait_for
 
 NODE = """
@@ -204,3 +206,117 @@ def test_a_damaged_archive_is_refused_before_anything_is_written(site, tmp_path:
     r = cli("restore", str(archive), "-c", str(config_file))
     assert r.exit_code == 1 and "checksum" in r.output
     assert not (data_dir / "dkim").exists()
+
+
+def test_a_restored_maildir_is_whole_and_shows_its_read_mail(site, tmp_path: Path) -> None:
+    """The archive holds files only, so a Maildir's empty cur/, new/ or tmp/ is not in it:
+    the restore makes every folder whole again. A message that was read (in cur/ only, as
+    an IMAP client leaves it) is counted and readable, and an empty folder still exists."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    box = Mailbox.for_address(data_dir, "example.test", "alice").ensure()  # with the empty special-use folders
+    box.folder("INBOX").append(b"Subject: read\r\n\r\nold mail\r\n", flags=["\\Seen"])
+    root = box.root
+    assert not any((root / "new").iterdir()) and len(box.folder_names()) == 5
+    folders = box.folder_names()
+    # bob's mail was delivered and not read yet: in new/ only.
+    bob = Mailbox.for_address(data_dir, "example.test", "bob").ensure(special_use=False).root
+    (bob / "new" / unique_name(9, 11)).write_bytes(b"\nnew mail\n")
+    archive = tmp_path / "node.tar"
+    r = cli("backup", str(archive), "-c", c, "--only", "mailboxes")
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(data_dir)
+    r = cli("restore", str(archive), "-c", c, "--only", "mailboxes")
+    assert r.exit_code == 0, r.output
+    assert Mailbox(root).folder_names() == folders
+    for name in folders:
+        path = root if name == "INBOX" else root / f".{name}"
+        for sub in ("cur", "new", "tmp"):
+            assert (path / sub).is_dir(), path / sub
+            assert oct((path / sub).stat().st_mode & 0o777) == "0o700"
+    r = cli("user", "list", "--json", "-c", c)
+    assert r.exit_code == 0, r.output
+    counts = {u["mailbox"]: u["messages"] for u in json.loads(r.output)}
+    assert counts == {"alice@example.test": 1, "bob@example.test": 1}
+    inbox = Folder(root, "INBOX")  # not the cached one of the tree removed above
+    [msg] = inbox.sync()
+    assert inbox.read(msg) == b"Subject: read\n\nold mail\n"
+
+
+def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path) -> None:
+    """Run as root with umask 022 (or a node's new data_dir), a restore still leaves
+    every directory it makes under data_dir 0700 and every file 0600: SQLite's own files
+    (records.sqlite holds the password hashes) and the mailboxes/<domain> parents too."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg):
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
+            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
+        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
+        r = cli("backup", str(archive), "-c", c, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["queue"] == 1
+    shutil.rmtree(data_dir)
+    old = os.umask(0o022)
+    try:
+        r = cli("restore", str(archive), "-c", c)
+        assert os.umask(0o022) == 0o022  # the caller's umask is given back
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert (data_dir / "records.sqlite").exists() and (data_dir / "mailboxes" / "example.test").is_dir()
+    loose = []
+    for root, dirs, files in os.walk(data_dir):
+        for name, want in [*((d, 0o700) for d in dirs), *((f, 0o600) for f in files)]:
+            path = Path(root) / name
+            if path.stat().st_mode & 0o777 != want:
+                loose.append(f"{path.relative_to(data_dir)} {oct(path.stat().st_mode & 0o777)}")
+    assert oct(data_dir.stat().st_mode & 0o777) == "0o700"
+    assert loose == [], loose
+
+
+def test_an_existing_config_is_kept_and_decides_where_every_part_goes(site, tmp_path: Path) -> None:
+    """A new machine with its own config (another data_dir, other TLS paths): the restore
+    puts every part where that config says, the queue too, and keeps the file, even with
+    --force (the archive's config over it would split the node over two data_dirs)."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg):
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
+            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
+        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
+        r = cli("backup", str(archive), "-c", c, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["queue"] == 1
+    shutil.rmtree(data_dir)  # the old machine is gone
+    new_data, new_tls = tmp_path / "new-data", tmp_path / "new-tls"
+    new_config = tmp_path / "new-etc" / "kanmon.toml"
+    new_config.parent.mkdir()
+    new_config.write_text(NODE.format(data_dir=new_data, smtp=free_port(), pop3=free_port(), imap=free_port(),
+                                      tls_dir=new_tls))
+    text = new_config.read_bytes()
+    n = str(new_config)
+    for force in ((), ("--force",)):  # no conflict to force: the kept config is not compared
+        r = cli("restore", str(archive), "-c", n, *force)
+        assert r.exit_code == 0, r.output
+        assert f"config: kept {n} (its paths are used); the archive's is not restored" in r.output
+        assert new_config.read_bytes() == text
+    assert not data_dir.exists()  # nothing went to the archive's data_dir
+    assert (new_tls / "cert.pem").exists() and (new_tls / "key.pem").exists()
+    assert len(maildir_messages(new_data, "alice@example.test")) == 1
+    r = cli("restore", str(archive), "-c", n, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["config_kept"] == n
+    new_cfg = load_config(new_config)
+    with RunningNode(new_cfg):
+        r = cli("queue", "list", "--json", "-c", n)
+        assert r.exit_code == 0, r.output
+        assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
