@@ -93,7 +93,9 @@ def alert_list(config_path, since, node, as_json) -> None:
         return f"{a.node:<10} " if cfg.records.url else ""
 
     def first_line(a) -> str:
-        return a.text.splitlines()[0] if a.text else ""
+        line = a.text.splitlines()[0] if a.text else ""
+        # A key taken from the text (the DNS check's "DNS check of DOMAIN") is not said twice.
+        return line[len(a.key) + 2:] if a.key and line.startswith(f"{a.key}: ") else line
 
     whose = f", node {node}" if node else ", every node" if cfg.records.url else ""
     click.echo(f"active ({len(active)}{whose}):")

@@ -248,6 +248,12 @@ def test_dns_check_getting_worse_is_mailed(tmp_path, admin_sink):
             (mail,) = wait_alert(admin_sink, "dns")
             assert "DNS check of example.test" in subject(mail)
             assert "kanmon dns check" in body(mail)
+            node.flush()
+            listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml")],
+                                     capture_output=True, text=True, timeout=60)
+            lines = [x for x in listing.stdout.splitlines() if "DNS check of" in x]  # active, and recent
+            assert len(lines) == 2 and all(x.count("DNS check of example.test") == 1 and x.endswith(": ok -> error")
+                                           for x in lines), lines
         finally:
             node.stop()
 
