@@ -68,6 +68,8 @@ def listeners(config: Config) -> list[tuple[str, tuple[str, int]]]:
                 out += [(f"{name}.{field}[{i}]", a) for i, a in enumerate(getattr(section, field))]
     if config.metrics.listen is not None:
         out.append(("metrics.listen", config.metrics.listen))
+    if config.console is not None:
+        out.append(("console.listen", config.console.listen))
     if config.balancer is not None:
         out += [(f"balancer.virtual_server[{i}].listen", vs.listen)
                 for i, vs in enumerate(config.balancer.virtual_server)]

@@ -123,13 +123,15 @@ def test_check_a_busy_port_and_duplicate_addresses(tmp_path):
     other = free_port()
     try:
         cfg = write(tmp_path, port=port, extra=f'[imap]\nlisten = ["127.0.0.1:{other}"]\n'
-                                                f'[metrics]\nlisten = "127.0.0.1:{other}"\n')
+                                                f'[metrics]\nlisten = "127.0.0.1:{other}"\n'
+                                                f'[console]\nlisten = "127.0.0.1:{other}"\n')
         found = errors(check_json(cfg, 2))
         assert "is in use by another program" in found["smtp.listen[0]"]
         assert found["metrics.listen"] == f"127.0.0.1:{other} is also imap.listen[0]: one address, one listener"
+        assert found["console.listen"] == f"127.0.0.1:{other} is also imap.listen[0]: one address, one listener"
         r = run("config", "check", "-c", str(cfg), code=2)
         assert f"ERROR   smtp.listen[0]: 127.0.0.1:{port} is in use" in r.stderr
-        assert r.stdout.strip().endswith(f"{cfg}: 2 errors")
+        assert r.stdout.strip().endswith(f"{cfg}: 3 errors")
     finally:
         busy.close()
     wild = write(tmp_path, name="wild.toml", port=other, extra=f'[pop3]\nlisten = ["0.0.0.0:{other}"]\n')
