@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kanmon.config import (
+    ALERT_CATEGORIES,
     Config,
     ConfigError,
     default_config_text,
@@ -187,7 +188,9 @@ def test_embedded_default_and_example_are_valid():
     assert str(default.server.data_dir) == "kanmon-data"
     assert default.domain[0].name == "example.test" and default.domain[0].mailboxes == ["postmaster"]
     assert [str(n) for n in default.smtp.relay_networks] == ["127.0.0.0/8"]
-    parse_config(example_config_text())
+    example = parse_config(example_config_text())
+    # Its alert categories are the default: every one (a reader copies the list).
+    assert example.alerts.categories == list(ALERT_CATEGORIES)
 
 
 def test_example_mentions_every_key():
