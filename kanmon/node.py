@@ -902,6 +902,12 @@ class Node:
                     lines.append(f"kanmon: {name} on {host}:{port} (STARTTLS)")
                 for host, port in section.listen_tls:
                     lines.append(f"kanmon: {name} on {host}:{port} (implicit TLS)")
+        if c.console is not None:
+            host, port = c.console.listen
+            lines.append(f"kanmon: console on {'https' if c.console.tls else 'http'}://{host}:{port}/")
+        if c.metrics.listen is not None:
+            host, port = c.metrics.listen
+            lines.append(f"kanmon: metrics on http://{host}:{port}/metrics")
         for d in c.domain:
             if d.deliver == "local":
                 lines.append(

@@ -502,3 +502,8 @@ def test_a_message_not_in_the_quarantine_is_404_as_documented(console) -> None:
     for path in ("/api/v1/quarantine/1M1RW48JZJY4N57", "/quarantine/1M1RW48JZJY4N57"):
         r = c.get(path)
         assert r.status_code == 404, (path, r.status_code, r.text[:200])
+
+
+def test_the_start_up_lines_say_where_the_console_is(console) -> None:
+    """`kanmon serve` prints what it listens on: the console too."""
+    assert f"kanmon: console on {console.console_url}/" in console.node.describe().splitlines()
