@@ -549,13 +549,16 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
             assert config is not None
             with offline_queue_ops(config) as ops:
                 result = ops.restore(str(queue_tmp), source="kanmon restore")
-            summary["queue"] = {"restored": len(result["restored"]), "skipped": len(result["skipped"])}
+            summary["queue"] = {"restored": len(result["restored"]), "skipped": len(result["skipped"]),
+                                "held": len(result["on_hold"])}
             summary["parts"]["queue"]["restored"] = len(result["restored"])
             summary["parts"]["queue"]["same"] = len(result["skipped"])
     finally:
         queue_tmp.unlink(missing_ok=True)
     for part in parts:
-        say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there")
+        held = summary["queue"]["held"] if part == "queue" and summary["queue"] else 0
+        say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there"
+            + (f" ({held} held, as they were)" if held else ""))
     return summary
 
 

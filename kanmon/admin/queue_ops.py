@@ -615,38 +615,41 @@ class QueueOps:
 
         The queue id is the identity: a message already in the queue, or restored here
         before (the ledger spool/restored), is skipped; so restoring twice, or again after
-        an interrupted restore, never duplicates.
+        an interrupted restore, never duplicates. A message held in the archive (the admin
+        held it there) stays held here; hold=True holds every one.
         """
         archive = Path(path)
         total = verify_archive(archive)
         done = self._restored_ids()
         now = self.link.now()
-        restored, skipped = [], []
+        restored, skipped, on_hold = [], [], []
         for n, msg in enumerate(read_archive(archive)):
             self._report(n, total)
             qid = msg.queue_id
             if qid in done:
                 skipped.append(qid)
                 continue
-            records = [journal.Hold(now, hold, source), journal.Schedule(now, 0.0)]
             state = msg.state_bytes
             if state and not state.endswith(b"\n"):
                 state += b"\n"  # a torn last line in the source journal stays harmless
-            state += journal.encode(records)
+            held = hold or journal.QueueState.from_bytes(state).hold
+            state += journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
             created = self.spool.import_raw(qid, msg.queue_bytes, state)
             self._append_ledger(qid)
             if created:
                 restored.append(qid)
+                if held:
+                    on_hold.append(qid)
                 env, size = self.spool.read_envelope(qid)
-                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=bool(hold)), qid)
-                if not hold:
+                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
+                if not held:
                     self.link.due_now([qid])
             else:
                 skipped.append(qid)
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
         head = archive_head(archive)
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
-                **finish_move(head, archive, total)}
+                "on_hold": on_hold, **finish_move(head, archive, total)}
 
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)

@@ -358,7 +358,7 @@ def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
 def restore_cmd(config_path, file, hold, as_json) -> None:
     """Put the messages of a backup into this queue (checksums verified; never twice).
 
-    Then it prints the command that removes them from the node the backup came from.
+    A message held in the archive stays held. Then it prints the command that removes them from the node the backup came from.
     """
     cfg = load_or_exit(config_path)
     with AdminSession(cfg) as admin, progress_bar("restoring", not as_json) as progress:
@@ -366,10 +366,13 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
     if as_json:
         _echo_json(r)
         return
+    on_hold = set(r["on_hold"])
     for qid in r["restored"]:
-        click.echo(f"restored {qid}" + (" (held)" if hold else ""))
+        click.echo(f"restored {qid}" + (" (held)" if qid in on_hold else ""))
     click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped'])} already here, "
                f"{r['in_archive']} in the archive")
+    if on_hold and not hold:
+        click.echo(f"{len(on_hold)} of them held, as they were in the archive (`kanmon queue release` delivers them)")
     if r["finish_command"]:
         if r["then"] != "hold":
             click.echo(f"Warning: the backup left these messages queued on {r['origin']}: until they are "

@@ -476,6 +476,7 @@ def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
             b.start()
             out = b.cli("queue", "restore", str(archive)).output
             assert f"restored {ids['m1']}" in out and "2 message(s) restored, 0 already here" in out
+            b.cli("queue", "release", ids["m2"])  # held on a, held here until released
             store.wait_for_messages(2)
             b.node.wait_idle()
             assert sorted(m.data.split(b"Subject: ")[1][:2] for m in store.messages) == [b"m1", b"m2"]
@@ -493,6 +494,42 @@ def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
             assert sorted(r["id"] for r in held) == sorted([ids["m1"], ids["m2"]])
             m1 = next(r for r in held if r["id"] == ids["m1"])
             assert m1["arrival"] == pytest.approx(a.clock.now() - 7200, abs=5) and "Connection refused" in m1["last_reply"]
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_a_message_held_in_the_archive_stays_held_when_restored(tmp_path):
+    a = Site(tmp_path, "a")
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        try:
+            a.start()
+            ids = _queue_three(a)
+            a.cli("queue", "hold", ids["m2"])  # say, a suspicious message the admin held
+            archive = tmp_path / "queue.kbk"
+            a.cli("queue", "backup", str(archive), "--domain", "corp.example")
+            a.stop()
+            b.start()
+            out = b.cli("queue", "restore", str(archive)).output
+            assert f"restored {ids['m2']} (held)" in out and f"restored {ids['m1']}\n" in out
+            assert "2 message(s) restored" in out and "1 of them held, as they were in the archive" in out
+            store.wait_for_messages(1)
+            b.node.advance(86400)
+            b.node.wait_idle()
+            assert len(store.messages) == 1 and b"Subject: m1" in store.messages[0].data
+            assert b.ids("--state", "hold") == [ids["m2"]]
+            b.wait_event(f"{ids['m2']}: from=<bob@example.test>")
+            assert any(ids["m2"] in e and "proto=restore" in e and "held" in e for e in b.events())
+            b.cli("queue", "release", ids["m2"])  # released, it goes
+            store.wait_for_messages(2)
+            b.stop()
+            # On a stopped node, with --json: the restored ids that are held.
+            c = Site(tmp_path, "c")
+            Spool(c.data_dir).close()
+            r = c.cli_json("queue", "restore", str(archive))
+            assert r["held"] is False and r["on_hold"] == [ids["m2"]]
+            assert c.ids("--state", "hold") == [ids["m2"]] and c.ids("--state", "deferred") == [ids["m1"]]
         finally:
             a.stop()
             b.stop()
