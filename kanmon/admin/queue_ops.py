@@ -629,27 +629,50 @@ class QueueOps:
             if qid in done:
                 skipped.append(qid)
                 continue
-            state = msg.state_bytes
-            if state and not state.endswith(b"\n"):
-                state += b"\n"  # a torn last line in the source journal stays harmless
-            held = hold or journal.QueueState.from_bytes(state).hold
-            state += journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
-            created = self.spool.import_raw(qid, msg.queue_bytes, state)
-            self._append_ledger(qid)
-            if created:
-                restored.append(qid)
-                if held:
-                    on_hold.append(qid)
-                env, size = self.spool.read_envelope(qid)
-                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
-                if not held:
-                    self.link.due_now([qid])
-            else:
+            archived = msg.state_bytes
+            if archived and not archived.endswith(b"\n"):
+                archived += b"\n"  # a torn last line in the source journal stays harmless
+            held = hold or journal.QueueState.from_bytes(archived).hold
+            state = archived + journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
+            if not self.spool.import_raw(qid, msg.queue_bytes, state):
+                # Already queued. Into the ledger goes only the copy a restore made (this
+                # one, killed before its ledger line), never the message itself, as on the
+                # node the backup came from: the archive must still bring that one back.
+                if self._restored_copy(qid, archived, source):
+                    self._append_ledger(qid)
                 skipped.append(qid)
+                continue
+            self._append_ledger(qid)
+            restored.append(qid)
+            if held:
+                on_hold.append(qid)
+            env, size = self.spool.read_envelope(qid)
+            self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
+            if not held:
+                self.link.due_now([qid])
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
         head = archive_head(archive)
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
                 "on_hold": on_hold, **finish_move(head, archive, total)}
+
+    def _restored_copy(self, qid: str, archived: bytes, source: str) -> bool:
+        """Whether the queued qid is a copy this restore wrote: its journal is the archived
+        one, then the hold and schedule records (both of one time) it adds, by source."""
+        try:
+            _queue, here = self.spool.export_raw(qid)
+        except (OSError, CorruptEntry):
+            return False
+        if not here.startswith(archived):
+            return False
+        lines = here[len(archived):].split(b"\n", 2)
+        if len(lines) < 3:
+            return False
+        try:
+            hold, schedule = journal.decode(lines[0]), journal.decode(lines[1])
+        except journal.JournalError:
+            return False
+        return (isinstance(hold, journal.Hold) and hold.by == source and isinstance(schedule, journal.Schedule)
+                and schedule.t == hold.t and schedule.next == 0.0)
 
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)
