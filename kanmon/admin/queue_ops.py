@@ -180,23 +180,27 @@ def last_reply(entry: SpoolEntry | Entry) -> tuple[str, float]:
     return entry.last_reply()
 
 
-def finish_move(head: dict, archive: Path, count: int) -> dict:
+def finish_move(head: dict, archive: Path, count: int, hostname: str, identity: str | None) -> dict:
     """What is left to do on the node an archive came from, once it is restored here.
 
     Every message of the archive is now queued here (or was restored here before), so
     the copies on the old node must go: the command deletes exactly the archive's ids
-    there (`--ids-from` reads and verifies the archive, as written on that node).
+    there (`--ids-from` reads and verifies the archive, as written on that node). Nothing
+    when the archive was written from this very queue (same hostname and, when the archive
+    records one, same spool identity: Spool.identity): the command would delete what was
+    just restored.
     """
     origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
     node = str(head.get("hostname") or "the old node")
     then = origin.get("then")
-    if not count or then == "delete":
-        return {"origin": node, "then": then, "finish_command": None}
+    same = head.get("hostname") == hostname and origin.get("identity", identity) == identity
+    if not count or then == "delete" or same:
+        return {"origin": node, "then": then, "finish_command": None, "same_node": same}
     path = str(origin.get("path") or archive)
     command = ["kanmon", "queue", "delete", "--ids-from", path]
     if origin.get("config"):
         command += ["-c", str(origin["config"])]
-    return {"origin": node, "then": then, "finish_command": shlex.join(command)}
+    return {"origin": node, "then": then, "finish_command": shlex.join(command), "same_node": same}
 
 
 def parse_reply_text(text: str) -> Reply:
@@ -563,7 +567,8 @@ class QueueOps:
             raise ValueError(f"--then must be one of {', '.join(t for t in THEN if t)}")
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         target = Path(path)
-        origin = {"path": str(target.resolve()), "then": then, "config": origin_config}
+        origin = {"path": str(target.resolve()), "then": then, "config": origin_config,
+                  "identity": self.spool.identity(create=True)}
         writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now(), origin=origin)
         quiesced: list[str] = []
         try:
@@ -653,7 +658,8 @@ class QueueOps:
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
         head = archive_head(archive)
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
-                "on_hold": on_hold, **finish_move(head, archive, total)}
+                "on_hold": on_hold,
+                **finish_move(head, archive, total, self.config.server.hostname, self.spool.identity())}
 
     def _restored_copy(self, qid: str, archived: bytes, source: str) -> bool:
         """Whether the queued qid is a copy this restore wrote: its journal is the archived

@@ -373,7 +373,9 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
                f"{r['in_archive']} in the archive")
     if on_hold and not hold:
         click.echo(f"{len(on_hold)} of them held, as they were in the archive (`kanmon queue release` delivers them)")
-    if r["finish_command"]:
+    if r["same_node"]:
+        click.echo("The backup was written by this node: nothing to finish on another one")
+    elif r["finish_command"]:
         if r["then"] != "hold":
             click.echo(f"Warning: the backup left these messages queued on {r['origin']}: until they are "
                        "deleted there, it may deliver them too")

@@ -682,6 +682,26 @@ def test_backup_then_hold_restore_prints_what_finishes_the_move(tmp_path):
             b.stop()
 
 
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_backup_restored_onto_the_node_it_came_from_prints_no_delete_command(site, tmp_path, running):
+    # The command would delete here what was just restored. Another node of the same
+    # hostname (a replacement) still gets it: test_backup_then_hold_restore_prints_...
+    site.start()
+    ids = _queue_three(site)
+    archive = tmp_path / "q.kbk"
+    site.cli("queue", "backup", str(archive), "--domain", "corp.example")
+    if not running:
+        site.stop()
+    site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")  # by mistake
+    out = site.cli("queue", "restore", str(archive)).output
+    assert "2 message(s) restored" in out and "To finish the move" not in out and "--ids-from" not in out
+    assert "Warning" not in out and "The backup was written by this node" in out
+    site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")
+    (site.data_dir / "spool" / "restored").unlink()
+    r = site.cli_json("queue", "restore", str(archive))
+    assert r["finish_command"] is None and r["same_node"] is True and len(r["restored"]) == 2
+
+
 def test_backup_then_delete_on_a_stopped_node(site, tmp_path):
     site.start()
     ids = _queue_three(site)
