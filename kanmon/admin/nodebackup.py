@@ -199,7 +199,8 @@ def _alert_events(data_dir: Path) -> list[dict]:
 
 def backup_node(config: Config, config_path: Path | None, target: Path, parts: tuple[str, ...] = PARTS,
                 *, force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Write the archive; a summary {"path", "parts": {part: files}, "queue": messages}."""
+    """Write the archive; a summary {"path", "parts": {part: files}, "queue": messages,
+    "queue_set_aside": [ids set aside now], "queue_corrupt": damaged files left out}."""
     target = Path(target)
     if target.exists() and not force:
         raise NodeBackupError(f"{target} exists (use --force to replace it)")
@@ -259,6 +260,12 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
                         raise NodeBackupError(f"queue: {e}") from None
                     w.add_file(QUEUE_MEMBER, queue_tmp)
                     summary["queue"] = result["count"]
+                    # Damaged queue files (set aside now, or before): in spool/corrupt/, not here.
+                    summary["queue_set_aside"] = result["set_aside"]
+                    summary["queue_corrupt"] = result["corrupt"]
+                    if result["corrupt"]:
+                        say(f"queue: {result['corrupt']} damaged queue file(s) in spool/corrupt/ left out"
+                            + (f", {len(result['set_aside'])} of them set aside now" if result["set_aside"] else ""))
                     n += 1
             summary["parts"][part] = n
             say(f"{part}: {n} file(s)")

@@ -561,7 +561,9 @@ class QueueOps:
         fsynced and renamed, exactly the messages written into it are held or deleted. If
         the archive cannot be written, nothing is held or deleted and every message goes
         back to its schedule. origin_config (the -c of the command) is recorded in the
-        archive so that restore can print the command that finishes the move here.
+        archive so that restore can print the command that finishes the move here. A queue
+        file that fails its checksum when read is set aside to spool/corrupt/ (with the
+        event, as the queue manager does) and left out; the rest is written.
         """
         if then not in THEN:
             raise ValueError(f"--then must be one of {', '.join(t for t in THEN if t)}")
@@ -571,6 +573,7 @@ class QueueOps:
                   "identity": self.spool.identity(create=True)}
         writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now(), origin=origin)
         quiesced: list[str] = []
+        set_aside: list[str] = []
         try:
             rows = [(e.queue_id, e, s) for e, s in self.select(f)]
             for start in range(0, len(rows), 1000):
@@ -585,21 +588,27 @@ class QueueOps:
                         entry = self._load(qid)
                         if entry is None:
                             continue
-                    writer.add(self.spool, qid, {
-                        "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "arrival": entry.received_at,
-                        "size": entry.size, "state": state,
-                    })
+                    try:
+                        writer.add(self.spool, qid, {
+                            "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "arrival": entry.received_at,
+                            "size": entry.size, "state": state,
+                        })
+                    except CorruptEntry as e:
+                        if self.spool.set_aside(qid, str(e)):
+                            set_aside.append(qid)
             writer.finish()
         except BaseException:
             writer.abort()
             self.link.due_now(quiesced)  # back to their schedule: nothing was moved
             raise
         self.records.record(ev.Backup(len(writer.ids), str(target), source))
-        result = {"path": str(target), "count": len(writer.ids), "ids": writer.ids, "then": then}
+        # Damaged queue files are in none: those set aside now, and all spool/corrupt/ holds.
+        result = {"path": str(target), "count": len(writer.ids), "ids": writer.ids, "then": then,
+                  "set_aside": set_aside, "corrupt": len(self.spool.corrupt_ids())}
         if then:
             # Only what the archive holds, and only now that it is durable.
-            written = set(writer.ids)
-            self.link.due_now([q for q in quiesced if q not in written])
+            done = set(writer.ids) | set(set_aside)  # the rest left the queue meanwhile
+            self.link.due_now([q for q in quiesced if q not in done])
             acted = self.act(then, Filters(ids=list(writer.ids)), source=f"{source} --then {then}",
                              states=("deferred", "active", "hold"))
             result["acted"] = acted["acted"]

@@ -343,6 +343,12 @@ def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
         _echo_json(r)
         return
     click.echo(f"{r['count']} message(s) written to {r['path']}")
+    if r["set_aside"]:
+        click.echo(f"{len(r['set_aside'])} damaged queue file(s) set aside to spool/corrupt/, not in the archive: "
+                   + " ".join(r["set_aside"][:20]))
+    if r["corrupt"] > len(r["set_aside"]):
+        click.echo(f"{r['corrupt'] - len(r['set_aside'])} other damaged queue file(s) in spool/corrupt/, not in the "
+                   "archive (kanmon queue list --state corrupt)")
     if then:
         done = "held" if then == "hold" else "deleted"
         click.echo(f"{len(r['acted'])} of them {done} here")

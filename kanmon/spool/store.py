@@ -854,15 +854,16 @@ class Spool:
         if self.index is not None:
             self.index.add(queue_id, env, len(content))
 
-    def set_aside(self, queue_id: str, reason: str) -> None:
+    def set_aside(self, queue_id: str, reason: str) -> bool:
         """An entry refused while running: to corrupt/, and on_corrupt told (once: a
-        second reader finding it gone does nothing)."""
+        second reader finding it gone does nothing). True if this call moved it."""
         try:
             moved = self.move_to_corrupt(queue_id)
         except OSError:
-            return  # left in place: the next reader tries again
+            return False  # left in place: the next reader tries again
         if moved and self.on_corrupt is not None:
             self.on_corrupt(queue_id, reason)
+        return moved
 
     def move_to_corrupt(self, queue_id: str) -> bool:
         """Queue file and journal to corrupt/; False if the queue file was not there."""

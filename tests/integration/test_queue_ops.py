@@ -552,6 +552,34 @@ def test_damaged_archive_is_refused_whole(site, tmp_path):
     assert b.ids() == []
 
 
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_damaged_queue_file_is_set_aside_and_the_rest_backed_up(site, tmp_path, running):
+    site.start()
+    ids = _queue_three(site)
+    if not running:
+        site.stop()
+    queue = site.data_dir / "spool" / "queue"
+    data = bytearray((queue / ids["m2"]).read_bytes())
+    data[-3] ^= 0x20  # the checksum no longer fits
+    (queue / ids["m2"]).write_bytes(bytes(data))
+    archive = tmp_path / "q.kbk"
+    out = site.cli("queue", "backup", str(archive)).output
+    assert "2 message(s) written" in out
+    assert f"1 damaged queue file(s) set aside to spool/corrupt/, not in the archive: {ids['m2']}" in out
+    assert ids["m2"] in site.spool_corrupt() and not (queue / ids["m2"]).exists()
+    site.wait_event(f"{ids['m2']}: corrupt queue file moved to spool/corrupt/")
+    assert site.ids("--state", "corrupt") == [ids["m2"]]
+    # The next backup says the damaged file is left out too.
+    r = site.cli_json("queue", "backup", str(tmp_path / "again.kbk"))
+    assert r["count"] == 2 and r["set_aside"] == [] and r["corrupt"] == 1
+    out = site.cli("queue", "backup", str(tmp_path / "again.kbk"), "--force").output
+    assert "1 other damaged queue file(s) in spool/corrupt/, not in the archive" in out
+    b = Site(tmp_path, "b")
+    Spool(b.data_dir).close()
+    assert "2 message(s) restored" in b.cli("queue", "restore", str(archive), "--hold").output
+    assert sorted(b.ids()) == sorted([ids["m1"], ids["m3"]])
+
+
 def _backup_of(site: Site, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
     site.start()
     ids = [site.send("alice@example.test", [f"u{i}@corp.example"], f"r{i:02d}") for i in range(n)]
