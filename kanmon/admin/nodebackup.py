@@ -202,7 +202,8 @@ def _alert_events(data_dir: Path) -> list[dict]:
 
 def backup_node(config: Config, config_path: Path | None, target: Path, parts: tuple[str, ...] = PARTS,
                 *, force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Write the archive; a summary {"path", "parts": {part: files}, "queue": messages}."""
+    """Write the archive; a summary {"path", "parts": {part: files}, "queue": messages,
+    "queue_set_aside": [ids set aside now], "queue_corrupt": damaged files left out}."""
     target = Path(target)
     if target.exists() and not force:
         raise NodeBackupError(f"{target} exists (use --force to replace it)")
@@ -262,6 +263,12 @@ def backup_node(config: Config, config_path: Path | None, target: Path, parts: t
                         raise NodeBackupError(f"queue: {e}") from None
                     w.add_file(QUEUE_MEMBER, queue_tmp)
                     summary["queue"] = result["count"]
+                    # Damaged queue files (set aside now, or before): in spool/corrupt/, not here.
+                    summary["queue_set_aside"] = result["set_aside"]
+                    summary["queue_corrupt"] = result["corrupt"]
+                    if result["corrupt"]:
+                        say(f"queue: {result['corrupt']} damaged queue file(s) in spool/corrupt/ left out"
+                            + (f", {len(result['set_aside'])} of them set aside now" if result["set_aside"] else ""))
                     n += 1
             summary["parts"][part] = n
             say(f"{part}: {n} file(s)")
@@ -585,7 +592,8 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
             assert config is not None
             with offline_queue_ops(config) as ops:
                 result = ops.restore(str(queue_tmp), source="kanmon restore")
-            summary["queue"] = {"restored": len(result["restored"]), "skipped": len(result["skipped"])}
+            summary["queue"] = {"restored": len(result["restored"]), "skipped": len(result["skipped"]),
+                                "held": len(result["on_hold"])}
             summary["parts"]["queue"]["restored"] = len(result["restored"])
             summary["parts"]["queue"]["same"] = len(result["skipped"])
     finally:
@@ -593,8 +601,10 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
     for part in parts:
         if part == "config" and summary["config_kept"]:
             say(f"config: kept {t.config_path} (its paths are used); the archive's is not restored")
-        else:
-            say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there")
+            continue
+        held = summary["queue"]["held"] if part == "queue" and summary["queue"] else 0
+        say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there"
+            + (f" ({held} held, as they were)" if held else ""))
     return summary
 
 

@@ -180,23 +180,27 @@ def last_reply(entry: SpoolEntry | Entry) -> tuple[str, float]:
     return entry.last_reply()
 
 
-def finish_move(head: dict, archive: Path, count: int) -> dict:
+def finish_move(head: dict, archive: Path, count: int, hostname: str, identity: str | None) -> dict:
     """What is left to do on the node an archive came from, once it is restored here.
 
     Every message of the archive is now queued here (or was restored here before), so
     the copies on the old node must go: the command deletes exactly the archive's ids
-    there (`--ids-from` reads and verifies the archive, as written on that node).
+    there (`--ids-from` reads and verifies the archive, as written on that node). Nothing
+    when the archive was written from this very queue (same hostname and, when the archive
+    records one, same spool identity: Spool.identity): the command would delete what was
+    just restored.
     """
     origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
     node = str(head.get("hostname") or "the old node")
     then = origin.get("then")
-    if not count or then == "delete":
-        return {"origin": node, "then": then, "finish_command": None}
+    same = head.get("hostname") == hostname and origin.get("identity", identity) == identity
+    if not count or then == "delete" or same:
+        return {"origin": node, "then": then, "finish_command": None, "same_node": same}
     path = str(origin.get("path") or archive)
     command = ["kanmon", "queue", "delete", "--ids-from", path]
     if origin.get("config"):
         command += ["-c", str(origin["config"])]
-    return {"origin": node, "then": then, "finish_command": shlex.join(command)}
+    return {"origin": node, "then": then, "finish_command": shlex.join(command), "same_node": same}
 
 
 def parse_reply_text(text: str) -> Reply:
@@ -557,15 +561,19 @@ class QueueOps:
         fsynced and renamed, exactly the messages written into it are held or deleted. If
         the archive cannot be written, nothing is held or deleted and every message goes
         back to its schedule. origin_config (the -c of the command) is recorded in the
-        archive so that restore can print the command that finishes the move here.
+        archive so that restore can print the command that finishes the move here. A queue
+        file that fails its checksum when read is set aside to spool/corrupt/ (with the
+        event, as the queue manager does) and left out; the rest is written.
         """
         if then not in THEN:
             raise ValueError(f"--then must be one of {', '.join(t for t in THEN if t)}")
         f = filters if isinstance(filters, Filters) else Filters.from_json(filters)
         target = Path(path)
-        origin = {"path": str(target.resolve()), "then": then, "config": origin_config}
+        origin = {"path": str(target.resolve()), "then": then, "config": origin_config,
+                  "identity": self.spool.identity(create=True)}
         writer = BackupWriter(target, self.config.server.hostname, f.describe(), self.link.now(), origin=origin)
         quiesced: list[str] = []
+        set_aside: list[str] = []
         try:
             rows = [(e.queue_id, e, s) for e, s in self.select(f)]
             for start in range(0, len(rows), 1000):
@@ -580,21 +588,27 @@ class QueueOps:
                         entry = self._load(qid)
                         if entry is None:
                             continue
-                    writer.add(self.spool, qid, {
-                        "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "arrival": entry.received_at,
-                        "size": entry.size, "state": state,
-                    })
+                    try:
+                        writer.add(self.spool, qid, {
+                            "from": entry.mail_from, "rcpts": entry.pending_rcpts(), "arrival": entry.received_at,
+                            "size": entry.size, "state": state,
+                        })
+                    except CorruptEntry as e:
+                        if self.spool.set_aside(qid, str(e)):
+                            set_aside.append(qid)
             writer.finish()
         except BaseException:
             writer.abort()
             self.link.due_now(quiesced)  # back to their schedule: nothing was moved
             raise
         self.records.record(ev.Backup(len(writer.ids), str(target), source))
-        result = {"path": str(target), "count": len(writer.ids), "ids": writer.ids, "then": then}
+        # Damaged queue files are in none: those set aside now, and all spool/corrupt/ holds.
+        result = {"path": str(target), "count": len(writer.ids), "ids": writer.ids, "then": then,
+                  "set_aside": set_aside, "corrupt": len(self.spool.corrupt_ids())}
         if then:
             # Only what the archive holds, and only now that it is durable.
-            written = set(writer.ids)
-            self.link.due_now([q for q in quiesced if q not in written])
+            done = set(writer.ids) | set(set_aside)  # the rest left the queue meanwhile
+            self.link.due_now([q for q in quiesced if q not in done])
             acted = self.act(then, Filters(ids=list(writer.ids)), source=f"{source} --then {then}",
                              states=("deferred", "active", "hold"))
             result["acted"] = acted["acted"]
@@ -615,38 +629,65 @@ class QueueOps:
 
         The queue id is the identity: a message already in the queue, or restored here
         before (the ledger spool/restored), is skipped; so restoring twice, or again after
-        an interrupted restore, never duplicates.
+        an interrupted restore, never duplicates. A message held in the archive (the admin
+        held it there) stays held here; hold=True holds every one.
         """
         archive = Path(path)
         total = verify_archive(archive)
         done = self._restored_ids()
         now = self.link.now()
-        restored, skipped = [], []
+        restored, skipped, on_hold = [], [], []
         for n, msg in enumerate(read_archive(archive)):
             self._report(n, total)
             qid = msg.queue_id
             if qid in done:
                 skipped.append(qid)
                 continue
-            records = [journal.Hold(now, hold, source), journal.Schedule(now, 0.0)]
-            state = msg.state_bytes
-            if state and not state.endswith(b"\n"):
-                state += b"\n"  # a torn last line in the source journal stays harmless
-            state += journal.encode(records)
-            created = self.spool.import_raw(qid, msg.queue_bytes, state)
-            self._append_ledger(qid)
-            if created:
-                restored.append(qid)
-                env, size = self.spool.read_envelope(qid)
-                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=bool(hold)), qid)
-                if not hold:
-                    self.link.due_now([qid])
-            else:
+            archived = msg.state_bytes
+            if archived and not archived.endswith(b"\n"):
+                archived += b"\n"  # a torn last line in the source journal stays harmless
+            held = hold or journal.QueueState.from_bytes(archived).hold
+            state = archived + journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
+            if not self.spool.import_raw(qid, msg.queue_bytes, state):
+                # Already queued. Into the ledger goes only the copy a restore made (this
+                # one, killed before its ledger line), never the message itself, as on the
+                # node the backup came from: the archive must still bring that one back.
+                if self._restored_copy(qid, archived, source):
+                    self._append_ledger(qid)
                 skipped.append(qid)
+                continue
+            self._append_ledger(qid)
+            restored.append(qid)
+            if held:
+                on_hold.append(qid)
+            env, size = self.spool.read_envelope(qid)
+            self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
+            if not held:
+                self.link.due_now([qid])
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
         head = archive_head(archive)
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
-                **finish_move(head, archive, total)}
+                "on_hold": on_hold,
+                **finish_move(head, archive, total, self.config.server.hostname, self.spool.identity())}
+
+    def _restored_copy(self, qid: str, archived: bytes, source: str) -> bool:
+        """Whether the queued qid is a copy this restore wrote: its journal is the archived
+        one, then the hold and schedule records (both of one time) it adds, by source."""
+        try:
+            _queue, here = self.spool.export_raw(qid)
+        except (OSError, CorruptEntry):
+            return False
+        if not here.startswith(archived):
+            return False
+        lines = here[len(archived):].split(b"\n", 2)
+        if len(lines) < 3:
+            return False
+        try:
+            hold, schedule = journal.decode(lines[0]), journal.decode(lines[1])
+        except journal.JournalError:
+            return False
+        return (isinstance(hold, journal.Hold) and hold.by == source and isinstance(schedule, journal.Schedule)
+                and schedule.t == hold.t and schedule.next == 0.0)
 
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)

@@ -71,6 +71,8 @@ def backup(config_path, file, only, force, as_json) -> None:
         click.echo(json.dumps(result, indent=1))
     else:
         queue = "" if result["queue"] is None else f", {result['queue']} queued message(s)"
+        if result.get("queue_corrupt"):
+            queue += f", {result['queue_corrupt']} damaged queue file(s) left out (in spool/corrupt/)"
         click.echo(f"backup written to {result['path']} ({sum(result['parts'].values())} file(s){queue})")
 
 

@@ -343,6 +343,12 @@ def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
         _echo_json(r)
         return
     click.echo(f"{r['count']} message(s) written to {r['path']}")
+    if r["set_aside"]:
+        click.echo(f"{len(r['set_aside'])} damaged queue file(s) set aside to spool/corrupt/, not in the archive: "
+                   + " ".join(r["set_aside"][:20]))
+    if r["corrupt"] > len(r["set_aside"]):
+        click.echo(f"{r['corrupt'] - len(r['set_aside'])} other damaged queue file(s) in spool/corrupt/, not in the "
+                   "archive (kanmon queue list --state corrupt)")
     if then:
         done = "held" if then == "hold" else "deleted"
         click.echo(f"{len(r['acted'])} of them {done} here")
@@ -358,7 +364,7 @@ def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
 def restore_cmd(config_path, file, hold, as_json) -> None:
     """Put the messages of a backup into this queue (checksums verified; never twice).
 
-    Then it prints the command that removes them from the node the backup came from.
+    A message held in the archive stays held. Then it prints the command that removes them from the node the backup came from.
     """
     cfg = load_or_exit(config_path)
     with AdminSession(cfg) as admin, progress_bar("restoring", not as_json) as progress:
@@ -366,11 +372,16 @@ def restore_cmd(config_path, file, hold, as_json) -> None:
     if as_json:
         _echo_json(r)
         return
+    on_hold = set(r["on_hold"])
     for qid in r["restored"]:
-        click.echo(f"restored {qid}" + (" (held)" if hold else ""))
+        click.echo(f"restored {qid}" + (" (held)" if qid in on_hold else ""))
     click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped'])} already here, "
                f"{r['in_archive']} in the archive")
-    if r["finish_command"]:
+    if on_hold and not hold:
+        click.echo(f"{len(on_hold)} of them held, as they were in the archive (`kanmon queue release` delivers them)")
+    if r["same_node"]:
+        click.echo("The backup was written by this node: nothing to finish on another one")
+    elif r["finish_command"]:
         if r["then"] != "hold":
             click.echo(f"Warning: the backup left these messages queued on {r['origin']}: until they are "
                        "deleted there, it may deliver them too")

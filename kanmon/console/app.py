@@ -538,10 +538,6 @@ class ConsoleApp:
         finally:
             path.unlink(missing_ok=True)
         result = {**result, "path": name, "size": size}
-        if result.get("origin") == self.config.server.hostname:
-            # A backup of this node put back here (say, after a wrong delete): nothing is
-            # left to finish, and the command would delete what was just restored.
-            result["finish_command"] = None
         if result.get("finish_command"):
             # An archive downloaded from a console was written in that node's transfer
             # directory and removed once sent: the command names the file the admin has.

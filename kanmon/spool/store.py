@@ -12,6 +12,8 @@ Layout under <data_dir>/spool/:
                      running), kept for the admin: `queue list` shows them, `queue delete` removes them
     recycle/<name>   queue files of finished messages kept to be written over by new ones
                      (kanmon.spool.recycle); never messages; emptied at start
+    identity         32 random hex digits naming this queue, made by its first backup:
+                     a restore knows an archive written from this very queue by it
 
 Queue file format (docs/spool-format.md):
     b"KANMON-Q1 <envelope length> <content length> <crc32 hex>\\n"
@@ -39,6 +41,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -680,6 +684,35 @@ class Spool:
         """Queue ids in corrupt/ (moved there by recovery; kept for the admin)."""
         return sorted(p.name for p in self.corrupt.iterdir() if not p.name.endswith(".state"))
 
+    def identity(self, *, create: bool = False) -> str | None:
+        """This queue's identity (the file spool/identity), made with create=True when
+        there is none. A file that is not 32 hex digits is none (create replaces it).
+        A copy of the whole data_dir carries it along; a restored node makes its own."""
+        path = self.root / "identity"
+        try:
+            value = path.read_bytes()[:64].strip().decode("ascii", "replace")
+        except FileNotFoundError:
+            value = ""
+        if re.fullmatch(r"[0-9a-f]{32}", value):
+            return value
+        if not create:
+            return None
+        value = secrets.token_hex(16)
+        tmp = self.root / f".identity.{os.getpid()}.{secrets.token_hex(4)}"
+        write_durably(tmp, value.encode() + b"\n", sync=self.fsync)
+        try:
+            if path.exists():
+                os.replace(tmp, path)  # not one: replaced
+            else:
+                os.link(tmp, path)  # two made at once: the first one stays
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.fsync:
+            fsync_dir(self.root)
+        return self.identity()
+
     def exists(self, queue_id: str) -> bool:
         return (self.queue / queue_id).is_file()
 
@@ -821,15 +854,16 @@ class Spool:
         if self.index is not None:
             self.index.add(queue_id, env, len(content))
 
-    def set_aside(self, queue_id: str, reason: str) -> None:
+    def set_aside(self, queue_id: str, reason: str) -> bool:
         """An entry refused while running: to corrupt/, and on_corrupt told (once: a
-        second reader finding it gone does nothing)."""
+        second reader finding it gone does nothing). True if this call moved it."""
         try:
             moved = self.move_to_corrupt(queue_id)
         except OSError:
-            return  # left in place: the next reader tries again
+            return False  # left in place: the next reader tries again
         if moved and self.on_corrupt is not None:
             self.on_corrupt(queue_id, reason)
+        return moved
 
     def move_to_corrupt(self, queue_id: str) -> bool:
         """Queue file and journal to corrupt/; False if the queue file was not there."""

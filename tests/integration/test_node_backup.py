@@ -156,6 +156,55 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
         assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
 
 
+def test_a_held_message_stays_held_after_a_node_restore(site, tmp_path: Path) -> None:
+    """The node carries on where it stopped: what the admin held there is not delivered."""
+    config_file, _tls_dir, _data_dir, _ctx = site
+    c = str(config_file)
+    cfg = load_config(config_file)
+    archive = tmp_path / "node.tar"
+    with RunningNode(cfg) as node:
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["one@dest.example"], "Subject: due\r\n\r\nwaiting\r\n")
+            s.sendmail("a@remote.example", ["two@dest.example"], "Subject: suspicious\r\n\r\nheld\r\n")
+        node.wait_idle()
+        items = json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]
+        held = next(i["id"] for i in items if i["rcpts"] == ["two@dest.example"])
+        assert cli("queue", "hold", held, "-c", c).exit_code == 0
+        r = cli("backup", str(archive), "-c", c, "--only", "queue")
+        assert r.exit_code == 0, r.output
+    assert cli("queue", "delete", "--state", "all", "--yes", "-c", c).exit_code == 0  # the queue lost
+    r = cli("restore", str(archive), "-c", c, "--only", "queue", "--json")
+    assert r.exit_code == 0, r.output
+    states = {i["id"]: i["state"] for i in json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]}
+    assert states[held] == "hold" and sorted(states.values()) == ["deferred", "hold"]
+    assert json.loads(r.output)["queue"] == {"restored": 2, "skipped": 0, "held": 1}
+
+
+def test_a_damaged_queue_file_does_not_stop_a_node_backup(site, tmp_path: Path) -> None:
+    """Stopped, as running: the damaged file is set aside (spool/corrupt/) and the rest is in."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    cfg = load_config(config_file)
+    with RunningNode(cfg) as node:
+        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+            s.sendmail("a@remote.example", ["one@dest.example"], "Subject: fine\r\n\r\nwaiting\r\n")
+            s.sendmail("a@remote.example", ["two@dest.example"], "Subject: damaged\r\n\r\nwaiting\r\n")
+        node.wait_idle()
+    items = json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]
+    damaged = next(i["id"] for i in items if i["rcpts"] == ["two@dest.example"])
+    path = data_dir / "spool" / "queue" / damaged
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x20
+    path.write_bytes(bytes(data))
+    archive = tmp_path / "node.tar"
+    r = cli("backup", str(archive), "-c", c, "--only", "queue")
+    assert r.exit_code == 0, r.output
+    assert "1 queued message(s), 1 damaged queue file(s) left out (in spool/corrupt/)" in r.output
+    assert (data_dir / "spool" / "corrupt" / damaged).exists()
+    r = cli("backup", str(tmp_path / "again.tar"), "-c", c, "--only", "queue", "--json")
+    assert json.loads(r.output)["queue_corrupt"] == 1 and json.loads(r.output)["queue"] == 1
+
+
 def test_restore_refuses_to_overwrite_without_force_and_only(site, tmp_path: Path) -> None:
     config_file, _tls_dir, data_dir, _ctx = site
     c = str(config_file)

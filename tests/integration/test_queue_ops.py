@@ -476,6 +476,7 @@ def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
             b.start()
             out = b.cli("queue", "restore", str(archive)).output
             assert f"restored {ids['m1']}" in out and "2 message(s) restored, 0 already here" in out
+            b.cli("queue", "release", ids["m2"])  # held on a, held here until released
             store.wait_for_messages(2)
             b.node.wait_idle()
             assert sorted(m.data.split(b"Subject: ")[1][:2] for m in store.messages) == [b"m1", b"m2"]
@@ -498,6 +499,42 @@ def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
             b.stop()
 
 
+def test_a_message_held_in_the_archive_stays_held_when_restored(tmp_path):
+    a = Site(tmp_path, "a")
+    with SmtpSink("127.0.0.9") as store:
+        b = Site(tmp_path, "b", corp=store.address)
+        try:
+            a.start()
+            ids = _queue_three(a)
+            a.cli("queue", "hold", ids["m2"])  # say, a suspicious message the admin held
+            archive = tmp_path / "queue.kbk"
+            a.cli("queue", "backup", str(archive), "--domain", "corp.example")
+            a.stop()
+            b.start()
+            out = b.cli("queue", "restore", str(archive)).output
+            assert f"restored {ids['m2']} (held)" in out and f"restored {ids['m1']}\n" in out
+            assert "2 message(s) restored" in out and "1 of them held, as they were in the archive" in out
+            store.wait_for_messages(1)
+            b.node.advance(86400)
+            b.node.wait_idle()
+            assert len(store.messages) == 1 and b"Subject: m1" in store.messages[0].data
+            assert b.ids("--state", "hold") == [ids["m2"]]
+            b.wait_event(f"{ids['m2']}: from=<bob@example.test>")
+            assert any(ids["m2"] in e and "proto=restore" in e and "held" in e for e in b.events())
+            b.cli("queue", "release", ids["m2"])  # released, it goes
+            store.wait_for_messages(2)
+            b.stop()
+            # On a stopped node, with --json: the restored ids that are held.
+            c = Site(tmp_path, "c")
+            Spool(c.data_dir).close()
+            r = c.cli_json("queue", "restore", str(archive))
+            assert r["held"] is False and r["on_hold"] == [ids["m2"]]
+            assert c.ids("--state", "hold") == [ids["m2"]] and c.ids("--state", "deferred") == [ids["m1"]]
+        finally:
+            a.stop()
+            b.stop()
+
+
 def test_damaged_archive_is_refused_whole(site, tmp_path):
     site.start()
     _queue_three(site)
@@ -513,6 +550,34 @@ def test_damaged_archive_is_refused_whole(site, tmp_path):
     archive.write_bytes(bytes(data[: len(data) // 2]))
     assert b.cli("queue", "restore", str(archive), code=1).output
     assert b.ids() == []
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_damaged_queue_file_is_set_aside_and_the_rest_backed_up(site, tmp_path, running):
+    site.start()
+    ids = _queue_three(site)
+    if not running:
+        site.stop()
+    queue = site.data_dir / "spool" / "queue"
+    data = bytearray((queue / ids["m2"]).read_bytes())
+    data[-3] ^= 0x20  # the checksum no longer fits
+    (queue / ids["m2"]).write_bytes(bytes(data))
+    archive = tmp_path / "q.kbk"
+    out = site.cli("queue", "backup", str(archive)).output
+    assert "2 message(s) written" in out
+    assert f"1 damaged queue file(s) set aside to spool/corrupt/, not in the archive: {ids['m2']}" in out
+    assert ids["m2"] in site.spool_corrupt() and not (queue / ids["m2"]).exists()
+    site.wait_event(f"{ids['m2']}: corrupt queue file moved to spool/corrupt/")
+    assert site.ids("--state", "corrupt") == [ids["m2"]]
+    # The next backup says the damaged file is left out too.
+    r = site.cli_json("queue", "backup", str(tmp_path / "again.kbk"))
+    assert r["count"] == 2 and r["set_aside"] == [] and r["corrupt"] == 1
+    out = site.cli("queue", "backup", str(tmp_path / "again.kbk"), "--force").output
+    assert "1 other damaged queue file(s) in spool/corrupt/, not in the archive" in out
+    b = Site(tmp_path, "b")
+    Spool(b.data_dir).close()
+    assert "2 message(s) restored" in b.cli("queue", "restore", str(archive), "--hold").output
+    assert sorted(b.ids()) == sorted([ids["m1"], ids["m3"]])
 
 
 def _backup_of(site: Site, tmp_path: Path, n: int) -> tuple[Path, list[str]]:
@@ -555,6 +620,30 @@ def test_restore_interrupted_then_run_again_every_message_once(site, tmp_path, m
         assert "2 message(s) restored, 4 already here" in out
         _deliver_all_once(b, store, 6)
         b.stop()
+        # The 4th, queued by the first run and not in its ledger, was put there by the second.
+        out = b.cli("queue", "restore", str(archive)).output
+        assert "0 message(s) restored, 6 already here" in out
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_restore_that_restores_nothing_keeps_the_backup_usable(site, tmp_path, running):
+    # Restored onto the node it came from while the messages are still queued there:
+    # nothing restored, and nothing written into the ledger, so that once the messages
+    # are deleted the same backup still brings them back.
+    site.start()
+    ids = _queue_three(site)
+    archive = tmp_path / "q.kbk"
+    site.cli("queue", "backup", str(archive), "--domain", "corp.example")
+    if not running:
+        site.stop()
+    assert "0 message(s) restored, 2 already here" in site.cli("queue", "restore", str(archive)).output
+    ledger = site.data_dir / "spool" / "restored"
+    assert not ledger.exists() or ledger.read_text() == ""
+    site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")
+    out = site.cli("queue", "restore", str(archive)).output
+    assert "2 message(s) restored, 0 already here" in out
+    assert sorted(site.ids()) == sorted(ids.values())
+    assert sorted(ledger.read_text().split()) == sorted([ids["m1"], ids["m2"]])
 
 
 def test_restore_killed_then_run_again_every_message_once(site, tmp_path):
@@ -619,6 +708,26 @@ def test_backup_then_hold_restore_prints_what_finishes_the_move(tmp_path):
         finally:
             a.stop()
             b.stop()
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_backup_restored_onto_the_node_it_came_from_prints_no_delete_command(site, tmp_path, running):
+    # The command would delete here what was just restored. Another node of the same
+    # hostname (a replacement) still gets it: test_backup_then_hold_restore_prints_...
+    site.start()
+    ids = _queue_three(site)
+    archive = tmp_path / "q.kbk"
+    site.cli("queue", "backup", str(archive), "--domain", "corp.example")
+    if not running:
+        site.stop()
+    site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")  # by mistake
+    out = site.cli("queue", "restore", str(archive)).output
+    assert "2 message(s) restored" in out and "To finish the move" not in out and "--ids-from" not in out
+    assert "Warning" not in out and "The backup was written by this node" in out
+    site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")
+    (site.data_dir / "spool" / "restored").unlink()
+    r = site.cli_json("queue", "restore", str(archive))
+    assert r["finish_command"] is None and r["same_node"] is True and len(r["restored"]) == 2
 
 
 def test_backup_then_delete_on_a_stopped_node(site, tmp_path):

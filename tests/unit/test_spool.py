@@ -225,3 +225,19 @@ def test_a_damaged_file_read_from_the_cache_is_left_to_the_thread_to_set_aside(t
         spool.load_with_content(q)
     assert not path.exists() and (tmp_path / "spool/corrupt" / q).exists()
     spool.close()
+
+
+def test_the_spool_identity_is_made_once_kept_and_private(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.identity() is None  # never backed up: none made
+    made = spool.identity(create=True)
+    assert made is not None and len(made) == 32 and int(made, 16) >= 0
+    assert spool.identity() == made and Spool(tmp_path).identity(create=True) == made
+    path = tmp_path / "spool" / "identity"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in (tmp_path / "spool").iterdir() if p.name.startswith(".identity")] == []
+    path.write_text("not an identity\n")  # damaged: none, and a new one replaces it
+    assert spool.identity() is None
+    again = spool.identity(create=True)
+    assert again is not None and again != made and spool.identity() == again
+    spool.close()
