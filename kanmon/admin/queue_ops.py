@@ -624,17 +624,20 @@ class QueueOps:
         except FileNotFoundError:
             return set()
 
-    def restore(self, path: str, hold: bool = False, source: str = "kanmon queue restore") -> dict:
+    def restore(self, path: str, hold: bool = False, source: str = "kanmon queue restore", again: bool = False) -> dict:
         """Verify the whole archive, then put each message in the queue once.
 
         The queue id is the identity: a message already in the queue, or restored here
         before (the ledger spool/restored), is skipped; so restoring twice, or again after
         an interrupted restore, never duplicates. A message held in the archive (the admin
-        held it there) stays held here; hold=True holds every one.
+        held it there) stays held here; hold=True holds every one. again=True ignores the
+        ledger: the admin brings back on purpose what left the queue since (a message
+        still queued is skipped all the same); its ids go "before" in the result otherwise.
         """
         archive = Path(path)
         total = verify_archive(archive)
-        done = self._restored_ids()
+        done = set() if again else self._restored_ids()
+        before: list[str] = []
         now = self.link.now()
         restored, skipped, on_hold = [], [], []
         for n, msg in enumerate(read_archive(archive)):
@@ -642,52 +645,31 @@ class QueueOps:
             qid = msg.queue_id
             if qid in done:
                 skipped.append(qid)
+                if not self.spool.exists(qid):
+                    before.append(qid)  # restored (or seen queued) here before, and gone since
                 continue
-            archived = msg.state_bytes
-            if archived and not archived.endswith(b"\n"):
-                archived += b"\n"  # a torn last line in the source journal stays harmless
-            held = hold or journal.QueueState.from_bytes(archived).hold
-            state = archived + journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
-            if not self.spool.import_raw(qid, msg.queue_bytes, state):
-                # Already queued. Into the ledger goes only the copy a restore made (this
-                # one, killed before its ledger line), never the message itself, as on the
-                # node the backup came from: the archive must still bring that one back.
-                if self._restored_copy(qid, archived, source):
-                    self._append_ledger(qid)
-                skipped.append(qid)
-                continue
+            state = msg.state_bytes
+            if state and not state.endswith(b"\n"):
+                state += b"\n"  # a torn last line in the source journal stays harmless
+            held = hold or journal.QueueState.from_bytes(state).hold
+            state += journal.encode([journal.Hold(now, held, source), journal.Schedule(now, 0.0)])
+            created = self.spool.import_raw(qid, msg.queue_bytes, state)
             self._append_ledger(qid)
-            restored.append(qid)
-            if held:
-                on_hold.append(qid)
-            env, size = self.spool.read_envelope(qid)
-            self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
-            if not held:
-                self.link.due_now([qid])
+            if created:
+                restored.append(qid)
+                if held:
+                    on_hold.append(qid)
+                env, size = self.spool.read_envelope(qid)
+                self.records.record(ev.Accepted(env.mail_from, size, len(env.rcpts), "restore", held=held), qid)
+                if not held:
+                    self.link.due_now([qid])
+            else:
+                skipped.append(qid)
         self._log("restore", restored, source, f"archive {archive} ({total} in it)")
         head = archive_head(archive)
         return {"path": str(archive), "in_archive": total, "restored": restored, "skipped": skipped, "held": hold,
-                "on_hold": on_hold,
+                "on_hold": on_hold, "before": before,
                 **finish_move(head, archive, total, self.config.server.hostname, self.spool.identity())}
-
-    def _restored_copy(self, qid: str, archived: bytes, source: str) -> bool:
-        """Whether the queued qid is a copy this restore wrote: its journal is the archived
-        one, then the hold and schedule records (both of one time) it adds, by source."""
-        try:
-            _queue, here = self.spool.export_raw(qid)
-        except (OSError, CorruptEntry):
-            return False
-        if not here.startswith(archived):
-            return False
-        lines = here[len(archived):].split(b"\n", 2)
-        if len(lines) < 3:
-            return False
-        try:
-            hold, schedule = journal.decode(lines[0]), journal.decode(lines[1])
-        except journal.JournalError:
-            return False
-        return (isinstance(hold, journal.Hold) and hold.by == source and isinstance(schedule, journal.Schedule)
-                and schedule.t == hold.t and schedule.next == 0.0)
 
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)
@@ -865,7 +847,8 @@ OPERATIONS = {
     "summary": lambda ops, a: ops.summary(a.get("filters"), a.get("by", "domain")),
     "backup": lambda ops, a: ops.backup(a["path"], a.get("filters"), str(a.get("source", "kanmon queue backup")),
                                         then=a.get("then"), origin_config=a.get("origin_config")),
-    "restore": lambda ops, a: ops.restore(a["path"], bool(a.get("hold")), str(a.get("source", "kanmon queue restore"))),
+    "restore": lambda ops, a: ops.restore(a["path"], bool(a.get("hold")), str(a.get("source", "kanmon queue restore")),
+                                          again=bool(a.get("again"))),
     "drain": lambda ops, a: ops.drain(a["host"], int(a["port"]), a.get("filters"), a.get("tls", "opportunistic"),
                                       str(a.get("source", "kanmon queue drain")), dry_run=bool(a.get("dry_run")),
                                       whole_queue=bool(a.get("whole_queue"))),

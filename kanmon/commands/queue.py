@@ -360,23 +360,27 @@ def backup_cmd(config_path, file, then, force, as_json, **filters) -> None:
 @config_option
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @click.option("--hold", is_flag=True, help="Restore on hold instead of scheduling for delivery.")
+@click.option("--again", is_flag=True,
+              help="Also restore what a restore here put in the queue before and has left it since (deleted by mistake).")
 @json_option()
-def restore_cmd(config_path, file, hold, as_json) -> None:
+def restore_cmd(config_path, file, hold, again, as_json) -> None:
     """Put the messages of a backup into this queue (checksums verified; never twice).
 
     A message held in the archive stays held. Then it prints the command that removes them from the node the backup came from.
     """
     cfg = load_or_exit(config_path)
     with AdminSession(cfg) as admin, progress_bar("restoring", not as_json) as progress:
-        r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold}, progress)
+        r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold, "again": again}, progress)
     if as_json:
         _echo_json(r)
         return
     on_hold = set(r["on_hold"])
     for qid in r["restored"]:
         click.echo(f"restored {qid}" + (" (held)" if qid in on_hold else ""))
-    click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped'])} already here, "
-               f"{r['in_archive']} in the archive")
+    before = r.get("before") or []
+    click.echo(f"{len(r['restored'])} message(s) restored, {len(r['skipped']) - len(before)} already here, "
+               + (f"{len(before)} restored here before and gone since (delivered, or deleted: --again restores "
+                  "those), " if before else "") + f"{r['in_archive']} in the archive")
     if on_hold and not hold:
         click.echo(f"{len(on_hold)} of them held, as they were in the archive (`kanmon queue release` delivers them)")
     if r["same_node"]:
