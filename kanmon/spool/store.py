@@ -693,6 +693,8 @@ class Spool:
             value = path.read_bytes()[:64].strip().decode("ascii", "replace")
         except FileNotFoundError:
             value = ""
+        except OSError:  # unreadable (another owner): none; never the failure of a backup or restore
+            return None
         if re.fullmatch(r"[0-9a-f]{32}", value):
             return value
         if not create:
@@ -700,6 +702,14 @@ class Spool:
         value = secrets.token_hex(16)
         tmp = self.root / f".identity.{os.getpid()}.{secrets.token_hex(4)}"
         write_durably(tmp, value.encode() + b"\n", sync=self.fsync)
+        try:
+            # Made by root for a spool of the service's user (an offline backup as root):
+            # the file is the spool's owner's, or the server could not read it.
+            st = os.stat(self.root)
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        except OSError:
+            pass
         try:
             if path.exists():
                 os.replace(tmp, path)  # not one: replaced

@@ -241,3 +241,31 @@ def test_the_spool_identity_is_made_once_kept_and_private(tmp_path):
     again = spool.identity(create=True)
     assert again is not None and again != made and spool.identity() == again
     spool.close()
+
+
+def test_an_identity_made_by_root_belongs_to_the_spools_owner(tmp_path):
+    """An offline backup run as root makes the identity in a spool of the service's user:
+    the file is that user's, or the running server could not read it and every later
+    backup and restore through it failed (an unreadable one is none, never an error)."""
+    import os
+    import pwd
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file for another user")
+    nobody = pwd.getpwnam("nobody")
+    spool = Spool(tmp_path)
+    os.chown(tmp_path / "spool", nobody.pw_uid, nobody.pw_gid)
+    spool.identity(create=True)
+    st = (tmp_path / "spool" / "identity").stat()
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    os.chown(tmp_path / "spool" / "identity", 0, 0)
+    os.chmod(tmp_path / "spool" / "identity", 0o000)
+    pid = os.fork()
+    if pid == 0:  # as nobody: unreadable, so none
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        os._exit(0 if Spool.identity(spool) is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    spool.close()
