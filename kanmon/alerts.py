@@ -819,7 +819,10 @@ def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[Aler
         if rec.ts >= since:
             out.append(rec)
         latest[(rec.node, rec.category, rec.key)] = rec
-    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"]
+    # A critical alert is an error event, which nothing clears: active within the window
+    # only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
+    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"
+              and (r.category != "critical" or r.ts >= since)]
     return out, active
 
 

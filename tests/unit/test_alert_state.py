@@ -246,3 +246,8 @@ def test_an_alert_raised_before_the_window_is_still_active_in_the_list() -> None
     recent, active = _fold_alerts(rows, since=800.0)
     assert [(r.key, r.state) for r in recent] == [("other.test", "cleared"), ("test", "raised")]
     assert [r.key for r in active] == ["example.test"]
+    # A critical alert (an error event: nothing clears it) is active within the window only.
+    critical = (120.0, json.dumps({"category": "critical", "key": "stage", "state": "raised", "since": 120.0,
+                                   "text": "stage failed"}), "")
+    assert [r.key for r in _fold_alerts([*rows, critical], since=800.0)[1]] == ["example.test"]
+    assert [r.key for r in _fold_alerts([*rows, critical], since=100.0)[1]] == ["example.test", "stage"]
