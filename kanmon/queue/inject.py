@@ -122,8 +122,7 @@ class Injector:
         """A message accepted earlier into the quarantine enters the queue under the id it
         got then (its accept line and history rows exist; `kanmon trace ID` follows it on):
         stored durably, then handed to the queue manager. The caller records the release."""
-        env = self.expanded(env)  # a release --to an alias
-        self.spool.store_blocking(queue_id, env, content)
+        self.spool.store_blocking(queue_id, env, content)  # its recipients are final (release --to expands them)
         self.submit(queue_id, env, content)
 
     def _accepted(self, queue_id: str, env: Envelope, content: bytes, origin: str) -> None:

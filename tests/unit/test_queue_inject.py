@@ -100,3 +100,17 @@ def test_the_recipients_are_expanded_each_target_keeping_where_it_came_from(spoo
     plain = Injector(spool, rec, rec.submit, clock=ManualClock(1_800_000_000.0))
     plain.inject_blocking(Envelope("", ["team@example.test"]), CONTENT, "alert")
     assert [c for c in rec.calls if c[0] == "submit"][-1][2].rcpts == ["team@example.test"]
+
+
+def test_a_release_queues_the_recipients_it_is_given(spool):
+    """release_blocking does not expand again: a release --to is expanded once, by the
+    release (as RCPT TO expands once), so an alias whose target is an alias is not
+    followed a second level."""
+    rec = Recorder(spool)
+    aliases = {"team@example.test": ("ops@example.test", "bob@example.test"), "ops@example.test": ("carol@example.test",)}
+    injector = Injector(spool, rec, rec.submit, clock=ManualClock(1_800_000_000.0),
+                        expand=lambda address: aliases.get(address, (address,)))
+    env = injector.expanded(Envelope("a@remote.example", ["team@example.test"], received_at=1_800_000_000.0))
+    assert env.rcpts == ["ops@example.test", "bob@example.test"]
+    injector.release_blocking("1M1Q3Z0Kd4B71R2", env, CONTENT)
+    assert [c for c in rec.calls if c[0] == "submit"][-1][2].rcpts == ["ops@example.test", "bob@example.test"]
