@@ -186,14 +186,15 @@ def finish_move(head: dict, archive: Path, count: int, hostname: str, identity: 
     Every message of the archive is now queued here (or was restored here before), so
     the copies on the old node must go: the command deletes exactly the archive's ids
     there (`--ids-from` reads and verifies the archive, as written on that node). Nothing
-    when the archive was written from this very queue (same hostname and, when the archive
-    records one, same spool identity: Spool.identity): the command would delete what was
-    just restored.
+    when the archive was written from this very queue (same hostname and same spool
+    identity, Spool.identity): the command would delete what was just restored. An
+    archive that records no identity (written before there was one) is taken as from
+    another node: a replacement machine often has the old one's name.
     """
     origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
     node = str(head.get("hostname") or "the old node")
     then = origin.get("then")
-    same = head.get("hostname") == hostname and origin.get("identity", identity) == identity
+    same = head.get("hostname") == hostname and identity is not None and origin.get("identity") == identity
     if not count or then == "delete" or same:
         return {"origin": node, "then": then, "finish_command": None, "same_node": same}
     path = str(origin.get("path") or archive)

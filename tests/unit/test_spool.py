@@ -269,3 +269,19 @@ def test_an_identity_made_by_root_belongs_to_the_spools_owner(tmp_path):
         os._exit(0 if Spool.identity(spool) is None else 1)
     assert os.waitpid(pid, 0)[1] == 0
     spool.close()
+
+
+def test_an_archive_without_an_identity_is_taken_as_from_another_node():
+    """finish_move: same hostname and same spool identity only; an older archive (no
+    identity) may come from the replacement's predecessor of the same name."""
+    from pathlib import Path
+
+    from kanmon.admin.queue_ops import finish_move
+
+    mine = "a" * 32
+    head = {"hostname": "mx1.example.test", "origin": {"then": None, "path": "/b/q.kbk", "identity": mine}}
+    assert finish_move(head, Path("q.kbk"), 2, "mx1.example.test", mine)["same_node"] is True
+    older = {"hostname": "mx1.example.test", "origin": {"then": None, "path": "/b/q.kbk"}}
+    moved = finish_move(older, Path("q.kbk"), 2, "mx1.example.test", mine)
+    assert moved["same_node"] is False and moved["finish_command"] == "kanmon queue delete --ids-from /b/q.kbk"
+    assert finish_move(head, Path("q.kbk"), 2, "mx1.example.test", None)["same_node"] is False
