@@ -24,6 +24,7 @@ before its successor is ready.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import gc
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from kanmon.admin.service import LOCK_WAIT, AdminPlane, say_lock_wait
+from kanmon.admin.status import config_digest
 from kanmon.agent import AgentPool, agent_count
 from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
@@ -85,7 +87,7 @@ def read_config(source: str | None) -> tuple[Config, str | None]:
     if source is None:
         return load_config(None), None
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        text = Path(source).read_bytes().decode("utf-8")  # as it is (line ends too): its digest is the file's
     except (OSError, UnicodeDecodeError):
         return load_config(source), None  # raises the ConfigError that names the problem
     return parse_config(text, source), text
@@ -712,6 +714,10 @@ class Node:
         except ConfigError as e:
             self._refused("; ".join(e.messages))
         result = await self.reload(new, text)
+        admin = getattr(self, "admin", None)
+        if admin is not None:  # `kanmon status`: the digest of the text now running
+            admin.config_sha256 = (hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None
+                                        else config_digest(self.config_source))
         if self.cluster_watch is not None:
             self.cluster_watch.local_file_reloaded()
         return result

@@ -126,8 +126,7 @@ class AdminPlane:
 
     def reconfigure(self) -> None:
         """After a reload: the next operation uses the node's new config (one running
-        now finishes with the old one), and `kanmon status` the file's new digest."""
-        self.config_sha256 = config_digest(self.node.config_source)
+        now finishes with the old one). (`kanmon status`'s digest: Node.reload_file.)"""
         if self.ops is not None:
             node = self.node
             self.ops = QueueOps(node.config, node.spool, node.records, self.ops.link)
