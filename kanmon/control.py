@@ -104,7 +104,7 @@ class DataDirLock:
         end the wait (in the loop they would wait for it). No lock file yet: free."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        except OSError:  # none yet, or unreadable: the node's own acquire() says what is wrong
             return
         try:
             deadline = time.monotonic() + wait
