@@ -100,7 +100,6 @@ def imap_login(cfg, ctx, password: str) -> int:
 def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Path) -> None:
     config_file, tls_dir, data_dir, ctx = site
     c = str(config_file)
-    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="old secret\n").exit_code == 0
     (data_dir / "dkim").mkdir(parents=True, exist_ok=True)
     (data_dir / "dkim" / "example.test.key").write_text("-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n")
     # An alert mailed a minute ago: after a restore it must not be mailed again at once.
@@ -111,21 +110,12 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     # The run logs: the last digest's time (its next one lists from there), the jobs' last runs.
     lastdigest.save(data_dir, now - 3600, fsync=False)
     (data_dir / maintenance.FILE).write_bytes(maintenance.encode({}, {"nightly": now - 7200}))
-    cfg = load_config(config_file)
-    archive = tmp_path / "node.tar"
-    with RunningNode(cfg):
-        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
-            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
-            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
-        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
-        r = cli("backup", str(archive), "-c", c, "--json")
-        assert r.exit_code == 0, r.output
-        result = json.loads(r.output)
-        assert result["queue"] == 1 and result["parts"]["dkim"] == 1 and result["parts"]["tls"] == 2
-        assert result["parts"]["alerts"] == 2  # the alert events and the alert state
-        # An existing file is not replaced without --force.
-        r = cli("backup", str(archive), "-c", c)
-        assert r.exit_code == 1 and "--force" in r.output
+    archive, result = _backed_up_node(site, tmp_path, "old secret")
+    assert result["parts"]["dkim"] == 1 and result["parts"]["tls"] == 2
+    assert result["parts"]["alerts"] == 2  # the alert events and the alert state
+    # An existing file is not replaced without --force.
+    r = cli("backup", str(archive), "-c", c)
+    assert r.exit_code == 1 and "--force" in r.output
     verify_node_archive(archive)
 
     # New hardware: nothing of the old node is left.
@@ -292,13 +282,12 @@ def test_a_restored_maildir_is_whole_and_shows_its_read_mail(site, tmp_path: Pat
     assert inbox.read(msg) == b"Subject: read\n\nold mail\n"
 
 
-def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path) -> None:
-    """Run as root with umask 022 (or a node's new data_dir), a restore still leaves
-    every directory it makes under data_dir 0700 and every file 0600: SQLite's own files
-    (records.sqlite holds the password hashes) and the mailboxes/<domain> parents too."""
+def _backed_up_node(site, tmp_path: Path, password: str = "secret") -> tuple[Path, dict]:
+    """A node with alice's password, a delivered and a queued message, backed up while it
+    runs: the archive and what `kanmon backup --json` said."""
     config_file, _tls_dir, data_dir, _ctx = site
     c = str(config_file)
-    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
+    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input=f"{password}\n").exit_code == 0
     cfg = load_config(config_file)
     archive = tmp_path / "node.tar"
     with RunningNode(cfg):
@@ -308,7 +297,18 @@ def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path)
         wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
         r = cli("backup", str(archive), "-c", c, "--json")
         assert r.exit_code == 0, r.output
-        assert json.loads(r.output)["queue"] == 1
+        result = json.loads(r.output)
+        assert result["queue"] == 1
+    return archive, result
+
+
+def test_a_restore_writes_private_modes_whatever_the_umask(site, tmp_path: Path) -> None:
+    """Run as root with umask 022 (or a node's new data_dir), a restore still leaves
+    every directory it makes under data_dir 0700 and every file 0600: SQLite's own files
+    (records.sqlite holds the password hashes) and the mailboxes/<domain> parents too."""
+    config_file, _tls_dir, data_dir, _ctx = site
+    c = str(config_file)
+    archive, _result = _backed_up_node(site, tmp_path)
     shutil.rmtree(data_dir)
     old = os.umask(0o022)
     try:
@@ -333,18 +333,7 @@ def test_an_existing_config_is_kept_and_decides_where_every_part_goes(site, tmp_
     puts every part where that config says, the queue too, and keeps the file, even with
     --force (the archive's config over it would split the node over two data_dirs)."""
     config_file, _tls_dir, data_dir, _ctx = site
-    c = str(config_file)
-    assert cli("user", "passwd", "alice@example.test", "--stdin", "-c", c, input="secret\n").exit_code == 0
-    cfg = load_config(config_file)
-    archive = tmp_path / "node.tar"
-    with RunningNode(cfg):
-        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
-            s.sendmail("a@remote.example", ["alice@example.test"], "Subject: kept\r\n\r\nold mail\r\n")
-            s.sendmail("a@remote.example", ["someone@dest.example"], "Subject: queued\r\n\r\nwaiting\r\n")
-        wait_for(lambda: len(maildir_messages(data_dir, "alice@example.test")) == 1, 15, "delivery")
-        r = cli("backup", str(archive), "-c", c, "--json")
-        assert r.exit_code == 0, r.output
-        assert json.loads(r.output)["queue"] == 1
+    archive, _result = _backed_up_node(site, tmp_path)
     shutil.rmtree(data_dir)  # the old machine is gone
     new_data, new_tls = tmp_path / "new-data", tmp_path / "new-tls"
     new_config = tmp_path / "new-etc" / "kanmon.toml"

@@ -462,16 +462,23 @@ def test_review_in_a_terminal(site, running):
 # -- backup and restore ------------------------------------------------------------------------
 
 
+def _backup_with_m2_held(a, tmp_path):
+    """Site a started with three messages, m2 held there, the two for corp.example backed
+    up: their ids by name, the archive, what the backup said."""
+    a.start()
+    ids = _queue_three(a)
+    a.cli("queue", "hold", ids["m2"])
+    archive = tmp_path / "queue.kbk"
+    return ids, archive, a.cli("queue", "backup", str(archive), "--domain", "corp.example").output
+
+
 def test_backup_on_a_restore_on_b_delivered_by_b(tmp_path):
     a = Site(tmp_path, "a")
     with SmtpSink("127.0.0.9") as store:
         b = Site(tmp_path, "b", corp=store.address)
         try:
-            a.start()
-            ids = _queue_three(a)
-            a.cli("queue", "hold", ids["m2"])
-            archive = tmp_path / "queue.kbk"
-            assert "2 message(s) written" in a.cli("queue", "backup", str(archive), "--domain", "corp.example").output
+            ids, archive, out = _backup_with_m2_held(a, tmp_path)
+            assert "2 message(s) written" in out
             assert sorted(a.ids()) == sorted(ids.values())  # a backup takes nothing away
             b.start()
             out = b.cli("queue", "restore", str(archive)).output
@@ -504,11 +511,7 @@ def test_a_message_held_in_the_archive_stays_held_when_restored(tmp_path):
     with SmtpSink("127.0.0.9") as store:
         b = Site(tmp_path, "b", corp=store.address)
         try:
-            a.start()
-            ids = _queue_three(a)
-            a.cli("queue", "hold", ids["m2"])  # say, a suspicious message the admin held
-            archive = tmp_path / "queue.kbk"
-            a.cli("queue", "backup", str(archive), "--domain", "corp.example")
+            ids, archive, _out = _backup_with_m2_held(a, tmp_path)  # m2: say, a suspicious message the admin held
             a.stop()
             b.start()
             out = b.cli("queue", "restore", str(archive)).output
@@ -598,18 +601,25 @@ def _deliver_all_once(b: Site, store: SmtpSink, n: int) -> None:
     assert b.ids() == []
 
 
-@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
-def test_a_restore_never_brings_back_what_left_the_queue_unless_again(site, tmp_path, running):
-    # Restored onto the node it came from while the messages are still queued there:
-    # nothing restored. Once they have left the queue (delivered, or deleted), the same
-    # backup does not bring them back (a delivered one would go twice) and says why;
-    # --again does, on purpose, for a message deleted by mistake.
+def _corp_backup(site, tmp_path, running: bool):
+    """Three messages queued on the site, the two for corp.example backed up (then the site
+    stopped unless running): their ids by name, and the archive."""
     site.start()
     ids = _queue_three(site)
     archive = tmp_path / "q.kbk"
     site.cli("queue", "backup", str(archive), "--domain", "corp.example")
     if not running:
         site.stop()
+    return ids, archive
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_restore_never_brings_back_what_left_the_queue_unless_again(site, tmp_path, running):
+    # Restored onto the node it came from while the messages are still queued there:
+    # nothing restored. Once they have left the queue (delivered, or deleted), the same
+    # backup does not bring them back (a delivered one would go twice) and says why;
+    # --again does, on purpose, for a message deleted by mistake.
+    ids, archive = _corp_backup(site, tmp_path, running)
     assert "0 message(s) restored, 2 already here" in site.cli("queue", "restore", str(archive)).output
     site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")
     out = site.cli("queue", "restore", str(archive)).output
@@ -713,12 +723,7 @@ def test_backup_then_hold_restore_prints_what_finishes_the_move(tmp_path):
 def test_a_backup_restored_onto_the_node_it_came_from_prints_no_delete_command(site, tmp_path, running):
     # The command would delete here what was just restored. Another node of the same
     # hostname (a replacement) still gets it: test_backup_then_hold_restore_prints_...
-    site.start()
-    ids = _queue_three(site)
-    archive = tmp_path / "q.kbk"
-    site.cli("queue", "backup", str(archive), "--domain", "corp.example")
-    if not running:
-        site.stop()
+    ids, archive = _corp_backup(site, tmp_path, running)
     site.cli("queue", "delete", ids["m1"], ids["m2"], "--yes")  # by mistake
     out = site.cli("queue", "restore", str(archive)).output
     assert "2 message(s) restored" in out and "To finish the move" not in out and "--ids-from" not in out
