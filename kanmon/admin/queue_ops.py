@@ -399,8 +399,10 @@ class QueueOps:
         corrupt = []
         if action == "delete" and f.state in ("corrupt", "all") and (f.ids or f.state == "corrupt"):
             corrupt = [r["id"] for r in self._corrupt_rows(f)]
+        # Ids given that no message has (a typo, or gone before): said, not silently "0 held".
+        missing = [qid for qid in dict.fromkeys(f.ids or ()) if qid not in corrupt and not self.spool.exists(qid)]
         result = {"action": action, "matched": len(targets) + len(corrupt), "dry_run": dry_run,
-                  "ids": targets + corrupt, "acted": [], "skipped": []}
+                  "ids": targets + corrupt, "acted": [], "skipped": [], "missing": missing}
         if dry_run:
             return result
         now = self.link.now()

@@ -254,6 +254,9 @@ def _act_command(action: str, doc: str, confirm: bool = True):
         click.echo(f"{len(result['acted'])} message(s) {done}")
         if result["skipped"]:
             click.echo(f"{len(result['skipped'])} skipped (no longer queued): {' '.join(result['skipped'][:20])}")
+        missing = result.get("missing") or []
+        if missing:  # an id given that no message has (a typo, or gone before): said, as postsuper does
+            click.echo(f"{len(missing)} not in the queue: {shown(' '.join(missing[:20]))}")
 
     return command
 

@@ -233,6 +233,9 @@ def test_hold_flush_release_delete_on_a_running_node(site):
     assert "1 message(s) held" in site.cli("queue", "hold", ids["m1"]).output
     assert site.ids("--state", "hold") == [ids["m1"]]
     site.wait_event(f"{ids['m1']}: held by administrator")
+    # An id no message has (a typo) is said, not a silent "0 held"; one already held is no typo.
+    out = site.cli("queue", "hold", "1M1RW0QD50M0HSZ", ids["m1"]).output
+    assert "0 message(s) held" in out and "1 not in the queue: 1M1RW0QD50M0HSZ" in out, out
     assert "final: on hold, deferred for" in site.cli("trace", ids["m1"]).output
     with SmtpSink("127.0.0.7", port) as corp:
         site.cli("queue", "flush")  # m2 now; m1 is held, m3's server is still down
