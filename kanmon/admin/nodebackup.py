@@ -163,7 +163,8 @@ def _users_files(data_dir: Path) -> list[Path]:
     """Users data files kept beside the records database (users.*), when present."""
     if not data_dir.is_dir():
         return []
-    return sorted(p for p in data_dir.iterdir() if p.name.startswith("users") and p.is_file())
+    return sorted(p for p in data_dir.iterdir()
+                  if p.name.startswith("users") and not p.name.endswith(".lock") and p.is_file())  # no lock file
 
 
 def _accounts(data_dir: Path) -> list[dict]:

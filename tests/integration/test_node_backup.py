@@ -110,7 +110,9 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
     # The run logs: the last digest's time (its next one lists from there), the jobs' last runs.
     lastdigest.save(data_dir, now - 3600, fsync=False)
     (data_dir / maintenance.FILE).write_bytes(maintenance.encode({}, {"nightly": now - 7200}))
+    (data_dir / "users.json.lock").write_bytes(b"")  # kanmon user's lock file: not data, not archived
     archive, result = _backed_up_node(site, tmp_path, "old secret")
+    assert not [n for n in verify_node_archive(archive).members if n.endswith(".lock")]
     assert result["parts"]["dkim"] == 1 and result["parts"]["tls"] == 2
     assert result["parts"]["alerts"] == 2  # the alert events and the alert state
     # An existing file is not replaced without --force.
