@@ -78,22 +78,11 @@ class DataDirLock:
         (`<path> is held by another kanmon process (pid N)`), so the caller can say it
         waits rather than stay silent."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + wait
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                what = f"{self.path} is held by another kanmon process (pid {holder})"
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockBusy(what) from None
-                if not waiting and on_wait is not None:
-                    on_wait(what)
-                waiting = True
-                time.sleep(poll)
+        try:
+            self._take(fd, wait, poll, on_wait)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -107,23 +96,28 @@ class DataDirLock:
         except OSError:  # none yet, or unreadable: the node's own acquire() says what is wrong
             return
         try:
-            deadline = time.monotonic() + wait
-            waiting = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return  # free: closing the file below lets it go again
-                except BlockingIOError:
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                    what = f"{self.path} is held by another kanmon process (pid {holder})"
-                    if time.monotonic() >= deadline:
-                        raise LockBusy(what) from None
-                    if not waiting and on_wait is not None:
-                        on_wait(what)
-                    waiting = True
-                    time.sleep(poll)
+            self._take(fd, wait, poll, on_wait)
         finally:
-            os.close(fd)
+            os.close(fd)  # free: closing the file lets it go again
+
+    def _take(self, fd: int, wait: float, poll: float, on_wait: Callable[[str], None] | None) -> None:
+        """flock fd exclusively, waiting up to `wait` seconds (on_wait said once); LockBusy
+        naming the holder's pid after."""
+        deadline = time.monotonic() + wait
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                what = f"{self.path} is held by another kanmon process (pid {holder})"
+                if time.monotonic() >= deadline:
+                    raise LockBusy(what) from None
+                if not waiting and on_wait is not None:
+                    on_wait(what)
+                waiting = True
+                time.sleep(poll)
 
     def release(self) -> None:
         if self._fd is not None:

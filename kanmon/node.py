@@ -24,7 +24,6 @@ before its successor is ready.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import contextlib
 import gc
 import os
@@ -716,8 +715,7 @@ class Node:
         result = await self.reload(new, text)
         admin = getattr(self, "admin", None)
         if admin is not None:  # `kanmon status`: the digest of the text now running
-            admin.config_sha256 = (hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None
-                                        else config_digest(self.config_source))
+            admin.config_sha256 = config_digest(self.config_source, text)
         if self.cluster_watch is not None:
             self.cluster_watch.local_file_reloaded()
         return result

@@ -301,28 +301,37 @@ class Directory:
         """An address of a local domain that is neither a mailbox nor an alias leading to
         one (or out of our local domains): what a `release --to` or a Sieve redirect must
         not queue, whose bounce would go to the message's outside sender."""
-        tables = self.tables()
-        local_domains = tables.mailboxes
-        if address.rpartition("@")[2].lower() not in local_domains:
-            return False
-        return not any(self.is_mailbox(t) or t.rpartition("@")[2].lower() not in local_domains
-                       for t in self.expand(address))
+        def unknown() -> bool:
+            local_domains = self.tables().mailboxes
+            if address.rpartition("@")[2].lower() not in local_domains:
+                return False
+            return not any(self.is_mailbox(t) or t.rpartition("@")[2].lower() not in local_domains
+                           for t in self.expand(address))
 
-    def expand(self, address: str) -> tuple[str, ...]:
-        """Where mail kanmon queues itself for `address` goes, as RCPT TO would have it
-        (kanmon.policy.access.LocalRecipientsCheck): a local domain's mailbox in its
-        lower-case spelling, an alias as its targets; anything else as it is (an unknown
-        local part is refused by local delivery, 550 5.1.1; other domains are not ours
-        to expand)."""
+        if not unknown():
+            return False
+        self.userfile.reload()  # as deliverable(): not refused for want of a look at the file now
+        return unknown()
+
+    def local_targets(self, address: str) -> tuple[str, ...] | None:
+        """What `address` of a local domain stands for, as RCPT TO expands it (one level):
+        its mailbox in the lower-case spelling, or an alias's targets; None for a local
+        part that is neither, or a domain that is not delivered here."""
         local, at, domain = address.rpartition("@")
         tables = self.tables()
         domain = domain.lower()
         if not at or domain not in tables.mailboxes:
-            return (address,)
+            return None
         local = local.lower()
         if local in tables.mailboxes[domain]:
             return (f"{local}@{domain}",)
-        return tables.aliases.get(domain, {}).get(local) or (address,)
+        return tables.aliases.get(domain, {}).get(local)
+
+    def expand(self, address: str) -> tuple[str, ...]:
+        """Where mail kanmon queues itself for `address` goes: local_targets, else the
+        address as it is (an unknown local part is refused by local delivery, 550 5.1.1;
+        other domains are not ours to expand)."""
+        return self.local_targets(address) or (address,)
 
 
 def quiet_directory(config: Config) -> Directory:

@@ -42,7 +42,6 @@ from kanmon.records.store import header_fields
 from kanmon.spool.groupcommit import write_durably
 from kanmon.spool.store import CorruptEntry
 from kanmon.state.backends import is_shared, node_name, open_quarantine, open_state
-from kanmon.userdb import quiet_directory
 
 DIGEST_CLAIM = "quarantine-digest"  # the alert-claim category of the digest's scheduled runs
 DIGEST_CLAIM_KEEP = 86400.0  # a slot claimed is not mailed again by another node within a day
@@ -230,10 +229,7 @@ class QuarantineOps:
 
     def _unknown_local(self, addresses: list[str]) -> list[str]:
         """The addresses of a local domain that are neither a mailbox nor an alias."""
-        if not addresses:
-            return []
-        directory = quiet_directory(self.ops.config)
-        return [a for a in addresses if directory.is_unknown_local(a)]
+        return [a for a in addresses if self.ops.directory.is_unknown_local(a)]
 
     def _ledger(self) -> Path:
         """spool/quarantine-released: the ids this node queued from the quarantine."""

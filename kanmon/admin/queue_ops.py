@@ -226,9 +226,12 @@ class QueueOps:
         self.notices = Notices(config)
         self._run_log: RunLog | None = None
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.
+        # Mailboxes and aliases (followed in the users file): what the injector expands, and
+        # what a quarantine release --to checks.
+        self.directory = quiet_directory(config)
         self.injector = Injector(spool, records, lambda qid, env, content: link.submit(qid),
                                  hostname=config.server.hostname, clock=link, signer=load_signer_lenient(config),
-                                 expand=quiet_directory(config).expand)
+                                 expand=self.directory.expand)
         # progress(done, total or None) for long operations (backup, restore, bulk
         # actions); set by dispatch() for one request when the caller asked for it.
         self.progress: Callable[[int, int | None], None] | None = None

@@ -56,10 +56,14 @@ def fetch_status(data_dir: Path) -> tuple[dict | None, str]:
     return reply["result"], ""
 
 
-def config_digest(path: str | None) -> str | None:
-    """sha256 of the config file's bytes (of the embedded default for None); None if unreadable."""
+def config_digest(path: str | None, text: str | None = None) -> str | None:
+    """sha256 of the config file's bytes (of the embedded default for None; of `text`, the
+    file as a reload read it, when given); None if unreadable."""
     try:
-        data = Path(path).read_bytes() if path is not None else default_config_text().encode()
+        if text is not None:
+            data = text.encode("utf-8")
+        else:
+            data = Path(path).read_bytes() if path is not None else default_config_text().encode()
     except OSError:
         return None
     return hashlib.sha256(data).hexdigest()

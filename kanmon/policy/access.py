@@ -119,11 +119,7 @@ class LocalRecipientsCheck(Check):
         domain = self.access.domains.get(rcpt.domain)
         if domain is None or domain.deliver == "relay":
             return ACCEPTED if rcpt is ctx.rcpt else accept(recipients=(rcpt.address,))
-        local = rcpt.local.lower()
-        tables = self.access.directory.tables()
-        if local in tables.mailboxes.get(domain.name, ()):
-            return accept(recipients=(f"{local}@{domain.name}",))
-        targets = tables.aliases[domain.name].get(local)
+        targets = self.access.directory.local_targets(f"{rcpt.local}@{domain.name}")
         if targets is None:
             return refuse(replies.UNKNOWN_USER)
         return accept(recipients=targets)
