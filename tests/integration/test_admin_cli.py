@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from kanmon.admin.accounts import AccountError, AdminAccounts, decode
 from kanmon.cli import main
 from kanmon.records.query import search_events
+from tests.support.terminal import type_new_password
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,16 +72,8 @@ def test_add_asks_the_password_twice_in_a_terminal(config_file: Path, tmp_path: 
     child = pexpect.spawn(sys.executable, ["-m", "kanmon", "admin", "add", "alice", "--role", "auditor",
                                            "-c", str(config_file)],
                           cwd=str(ROOT), timeout=60, encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        child.expect("New password: ")
-        child.sendline("s3cret pass")
-        child.expect("Repeat password: ")
-        child.sendline("s3cret pass")
-        child.expect(pexpect.EOF)
-        shown = child.before
-    finally:
-        child.close()
-    assert child.exitstatus == 0, shown
+    status, shown = type_new_password(child, "s3cret pass")
+    assert status == 0, shown
     assert "s3cret" not in shown and AdminAccounts(tmp_path / "data").verify("alice", "s3cret pass").role == "auditor"
 
 

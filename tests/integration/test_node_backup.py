@@ -148,19 +148,23 @@ def test_backup_while_running_then_restore_on_a_fresh_machine(site, tmp_path: Pa
         assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
 
 
+def _two_queued(cfg, c: str) -> dict[str, str]:
+    """Two messages queued for dest.example (its server down) on the running node: recipient -> queue id."""
+    with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
+        for rcpt in ("one@dest.example", "two@dest.example"):
+            s.sendmail("a@remote.example", [rcpt], f"Subject: to {rcpt}\r\n\r\nwaiting\r\n")
+    wait_for(lambda: len(json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]) == 2, 15, "two queued")
+    return {i["rcpts"][0]: i["id"] for i in json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]}
+
+
 def test_a_held_message_stays_held_after_a_node_restore(site, tmp_path: Path) -> None:
     """The node carries on where it stopped: what the admin held there is not delivered."""
     config_file, _tls_dir, _data_dir, _ctx = site
     c = str(config_file)
     cfg = load_config(config_file)
     archive = tmp_path / "node.tar"
-    with RunningNode(cfg) as node:
-        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
-            s.sendmail("a@remote.example", ["one@dest.example"], "Subject: due\r\n\r\nwaiting\r\n")
-            s.sendmail("a@remote.example", ["two@dest.example"], "Subject: suspicious\r\n\r\nheld\r\n")
-        node.wait_idle()
-        items = json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]
-        held = next(i["id"] for i in items if i["rcpts"] == ["two@dest.example"])
+    with RunningNode(cfg):
+        held = _two_queued(cfg, c)["two@dest.example"]  # say, the suspicious one
         assert cli("queue", "hold", held, "-c", c).exit_code == 0
         r = cli("backup", str(archive), "-c", c, "--only", "queue")
         assert r.exit_code == 0, r.output
@@ -177,13 +181,8 @@ def test_a_damaged_queue_file_does_not_stop_a_node_backup(site, tmp_path: Path) 
     config_file, _tls_dir, data_dir, _ctx = site
     c = str(config_file)
     cfg = load_config(config_file)
-    with RunningNode(cfg) as node:
-        with smtplib.SMTP(*cfg.smtp.listen[0], timeout=10) as s:
-            s.sendmail("a@remote.example", ["one@dest.example"], "Subject: fine\r\n\r\nwaiting\r\n")
-            s.sendmail("a@remote.example", ["two@dest.example"], "Subject: damaged\r\n\r\nwaiting\r\n")
-        node.wait_idle()
-    items = json.loads(cli("queue", "list", "--json", "-c", c).output)["items"]
-    damaged = next(i["id"] for i in items if i["rcpts"] == ["two@dest.example"])
+    with RunningNode(cfg):
+        damaged = _two_queued(cfg, c)["two@dest.example"]
     path = data_dir / "spool" / "queue" / damaged
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x20

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from kanmon.cli import main
 from kanmon.config import load_config
 from kanmon.store.users import Users
+from tests.support.terminal import type_new_password
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,16 +51,8 @@ def in_a_terminal(config_file: Path, *args: str) -> pexpect.spawn:
 
 def test_passwd_prompts_twice_and_sets_a_working_password(config_file: Path) -> None:
     child = in_a_terminal(config_file, "passwd", "alice@example.test")
-    try:
-        child.expect("New password: ")
-        child.sendline("hunter22")
-        child.expect("Repeat password: ")
-        child.sendline("hunter22")
-        child.expect(pexpect.EOF)
-        shown = child.before
-    finally:
-        child.close()
-    assert child.exitstatus == 0, shown
+    status, shown = type_new_password(child, "hunter22")
+    assert status == 0, shown
     assert "password set for alice@example.test" in shown and "hunter22" not in shown
     assert users_of(config_file).verify("alice@example.test", "hunter22")
 
