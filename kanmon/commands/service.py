@@ -104,18 +104,35 @@ def service() -> None:
 def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, no_user: bool,
             exec_start: str | None, dry_run: bool) -> None:
     """Write the systemd unit, create the system user, the config and the data directory."""
-    text = Path(source).read_text() if source else example_config_text()
+    config_path = Path(config_dir) / "kanmon.toml"
+    # An existing config is kept, so the unit's ReadWritePaths= and the data directory
+    # follow that config, not --config FILE (which is then not installed at all).
+    keep = config_path.exists()
+    if keep:
+        try:
+            text = config_path.read_text()
+        except OSError as e:
+            click.echo(f"kanmon: cannot read the existing {config_path} ({e.strerror}); "
+                       "run as root, or remove it to install another", err=True)
+            sys.exit(2)
+        origin = str(config_path)
+    else:
+        text = Path(source).read_text() if source else example_config_text()
+        origin = source or "<example>"
     try:
-        cfg = parse_config(text, source or "<example>")
+        cfg = parse_config(text, origin)
     except ConfigError as e:
         for line in e.messages:
             click.echo(f"kanmon: {line}", err=True)
+        if keep:
+            click.echo(f"kanmon: the existing {config_path} is kept and must be valid: fix it "
+                       "(kanmon config check), or remove it to install another", err=True)
         sys.exit(2)
     data_dir = Path(cfg.server.data_dir)
     if not data_dir.is_absolute():
-        click.echo(f"kanmon: [server] data_dir {data_dir} is relative; a service needs an absolute path", err=True)
+        click.echo(f"kanmon: [server] data_dir {data_dir} in {origin} is relative; "
+                   "a service needs an absolute path", err=True)
         sys.exit(2)
-    config_path = Path(config_dir) / "kanmon.toml"
     unit_path = Path(unit_dir) / UNIT_NAME
     exists = _user_exists(user_name)
     group_name = grp.getgrgid(pwd.getpwnam(user_name).pw_gid).gr_name if exists else user_name
@@ -139,8 +156,11 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
             subprocess.run(cmd, check=True)
             exists = True
     owner = _ids(user_name) if exists and os.geteuid() == 0 else None
-    if config_path.exists():
-        step(f"keep the existing {config_path}")
+    if keep:
+        step(f"keep the existing {config_path} (its data_dir {data_dir} is used)")
+        if source is not None and not _same_config(Path(source), config_path, text):
+            click.echo(f"kanmon: {source} is not installed: {config_path} exists and is never "
+                       "overwritten (edit it, or remove it and run this again)", err=True)
     else:
         step(f"write {config_path} (0640, readable by {user_name})")
         if not dry_run:
@@ -169,6 +189,14 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
     else:
         click.echo(f"next: load {unit_path} into your service manager, or run: "
                    f"{exec_start or default_exec_start()} serve -c {config_path}")
+
+
+def _same_config(source: Path, installed: Path, installed_text: str) -> bool:
+    """--config names the installed file itself, or a copy of it."""
+    try:
+        return source.resolve() == installed.resolve() or source.read_text() == installed_text
+    except OSError:
+        return False
 
 
 def _user_exists(name: str) -> bool:

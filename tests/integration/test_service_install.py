@@ -50,10 +50,11 @@ def test_install_writes_config_data_dir_and_a_valid_unit(tmp_path: Path) -> None
     for line in REQUIRED:
         assert line in unit
     assert f"serve -c {conf}" in unit
-    conf.write_text("# edited by the admin\n")
+    edited = f'# edited by the admin\n[server]\ndata_dir = "{data}"\n'
+    conf.write_text(edited)
     r = CliRunner().invoke(main, args(tmp_path))
     assert r.exit_code == 0 and "keep the existing" in r.output
-    assert conf.read_text() == "# edited by the admin\n"
+    assert conf.read_text() == edited
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
@@ -83,3 +84,33 @@ def test_a_program_the_sandbox_hides_is_warned_about(tmp_path: Path) -> None:
             assert f"is under {hidden}, which the unit's sandbox hides" in r.stderr
         else:
             assert "sandbox hides" not in r.stderr
+
+
+def test_a_second_install_with_another_config_follows_the_kept_config(tmp_path: Path) -> None:
+    """The config in place is kept, so the unit's ReadWritePaths= and the data directory
+    are the kept config's data_dir, not the one of the --config FILE not installed."""
+    assert CliRunner().invoke(main, args(tmp_path)).exit_code == 0
+    other = tmp_path / "other.toml"
+    other.write_text(f'[server]\ndata_dir = "{tmp_path / "elsewhere"}"\n')
+    r = CliRunner().invoke(main, ["service", "install", "--config", str(other), "--config-dir", str(tmp_path / "etc"),
+                                  "--unit-dir", str(tmp_path / "units"), "--user", "nobody", "--no-user"])
+    assert r.exit_code == 0, r.output
+    kept = tmp_path / "etc" / "kanmon.toml"
+    assert f"keep the existing {kept} (its data_dir {tmp_path / 'var' / 'kanmon'} is used)" in r.stdout
+    assert f"{other} is not installed" in r.stderr
+    assert kept.read_text() == config(tmp_path).read_text()
+    unit = (tmp_path / "units" / "kanmon.service").read_text()
+    assert f"ReadWritePaths={tmp_path / 'var' / 'kanmon'}\n" in unit
+    assert not (tmp_path / "elsewhere").exists()
+    # the same file again (or a copy of the kept one) is no news
+    r = CliRunner().invoke(main, args(tmp_path))
+    assert r.exit_code == 0 and "not installed" not in r.stderr
+
+
+def test_a_kept_config_that_is_invalid_stops_the_install(tmp_path: Path) -> None:
+    conf = tmp_path / "etc" / "kanmon.toml"
+    conf.parent.mkdir()
+    conf.write_text("[server]\nno_such_key = 1\n")
+    r = CliRunner().invoke(main, args(tmp_path))
+    assert r.exit_code == 2 and "no_such_key" in r.stderr and f"the existing {conf} is kept and must be valid" in r.stderr
+    assert not (tmp_path / "units").exists() and not (tmp_path / "var").exists()
