@@ -26,7 +26,8 @@ accounts are read in one SQLite transaction. `restore_node` runs on a stopped no
 (it holds the data_dir lock): it verifies the whole archive first, then refuses to
 replace anything that differs unless forced, and skips what is already there, so running
 it twice changes nothing the second time. A config file that exists is kept (never
-replaced by the archive's) and decides every target.
+replaced by the archive's) and decides every target; without one, a restore must
+include the config part (the archive's then decides), or it is refused before writing.
 
 Trusts: nothing in an archive being read: member names are checked (a known part, no
 absolute path, no `..`), sizes bounded, every checksum verified before anything is
@@ -55,7 +56,7 @@ from kanmon.admin.queue_ops import offline_queue_ops
 from kanmon.configpath import DEFAULT_DATA_DIR
 from kanmon.admin.reach import Unreachable, reach_queue
 from kanmon.alerts import STATE_FILE, StateFileError, decode_state
-from kanmon.config import Config
+from kanmon.config import Config, ConfigError, parse_config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.records.store import open_db
 from kanmon.store.maildir import make_dirs_private
@@ -478,13 +479,29 @@ def restore_node(archive: Path, config_path: Path, parts: tuple[str, ...] = PART
     """Restore onto a stopped node; {"parts": {part: {"restored": n, "same": n}}, "queue": ..}.
 
     load(config_path) -> Config: how the restored config is validated and loaded (for the
-    users and queue parts, which need the config's domains and data_dir)."""
+    queue part, whose operations need the whole config)."""
     say = progress or (lambda _text: None)
     v = verify_node_archive(Path(archive))
     # A config file that exists decides where every part goes, and is kept: the archive's
     # written over it would send the parts restored after it (the queue) to its data_dir.
     config_existed = Path(config_path).exists()
+    if not config_existed and "config" not in parts:
+        # The archive's paths would be used but its config not written: the parts would
+        # land where no config of this node points, and the users and queue parts need the
+        # node's config loaded. Refused before anything is written.
+        raise NodeBackupError(
+            f"{config_path} does not exist and the config is not among the parts restored: the node's config "
+            f"decides where each part goes. Restore it too (--only config,{','.join(parts)}), or install "
+            "this node's config first (kanmon service install)")
     t = restore_targets(Path(config_path), v.small.get(CONFIG))
+    if "queue" in parts and "tls" not in parts:
+        # The queue part loads the config: validated before anything is written (with the
+        # tls part its certificate and key come from the archive, so it is loaded after).
+        text = Path(config_path).read_bytes() if config_existed else v.small[CONFIG]
+        try:
+            parse_config(text.decode("utf-8", "replace"), str(config_path))
+        except ConfigError as e:
+            raise NodeBackupError("the config restored onto is not valid: " + "; ".join(e.messages)) from None
     wanted = [n for n in v.members if n not in (HEAD, END) and n.partition("/")[0] in parts
               and not (n == CONFIG and config_existed)]
     if ALERT_STATE in wanted:
@@ -581,7 +598,7 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
                 summary["parts"][part]["restored"] += 1
         if "mailboxes" in parts:
             _complete_maildirs(t, wanted)
-        config = load(t.config_path) if load is not None and ("users" in parts or "queue" in parts) else None
+        config = load(t.config_path) if load is not None and "queue" in parts else None
         if "users" in parts and accounts:
             n = _restore_accounts(t.data_dir, accounts)
             summary["parts"]["users"]["restored"] += n

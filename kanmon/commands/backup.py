@@ -87,7 +87,7 @@ def restore(config_path, file, only, force, as_json) -> None:
 
     The whole archive is verified first. The config goes to the -c file when it does not
     exist (its data_dir is where the rest goes); a -c file that exists is kept, even with
-    --force, and its own paths are used. Anything else that exists and differs is refused
+    --force, and its own paths are used; without one, --only must include config. Anything else that exists and differs is refused
     unless --force; what is already there is skipped, so a second run changes nothing.
     """
     parts = _parts(only)

@@ -359,3 +359,32 @@ def test_an_existing_config_is_kept_and_decides_where_every_part_goes(site, tmp_
         r = cli("queue", "list", "--json", "-c", n)
         assert r.exit_code == 0, r.output
         assert [i["rcpts"] for i in json.loads(r.output)["items"]] == [["someone@dest.example"]]
+
+
+def test_some_parts_onto_a_node_without_config_need_the_config_part(site, tmp_path: Path) -> None:
+    """No config file and --only without config: refused before anything is written (the
+    parts would land where no config of this node points; the queue needs the config).
+    With the config part among them, they go where the archive's config says."""
+    config_file, tls_dir, data_dir, _ctx = site
+    archive, _result = _backed_up_node(site, tmp_path)
+    shutil.rmtree(data_dir)
+    config_file.unlink()
+    shutil.rmtree(tls_dir)
+    before = sorted(tmp_path.rglob("*"))
+    for only in ("users", "queue", "dkim"):
+        r = cli("restore", str(archive), "-c", str(config_file), "--only", only)
+        assert r.exit_code == 1, r.output
+        assert (f"{config_file} does not exist and the config is not among the parts restored" in r.stderr
+                and f"--only config,{only}" in r.stderr), r.stderr
+        assert sorted(tmp_path.rglob("*")) == before
+    # the config and queue without the tls part: the config (its certificate is missing
+    # here) is found invalid before anything is written, not after
+    r = cli("restore", str(archive), "-c", str(config_file), "--only", "config,queue")
+    assert r.exit_code == 1 and "the config restored onto is not valid" in r.stderr and "cert" in r.stderr, r.output
+    assert sorted(tmp_path.rglob("*")) == before
+    r = cli("restore", str(archive), "-c", str(config_file), "--only", "config,users")
+    assert r.exit_code == 0, r.output
+    assert config_file.exists() and (data_dir / "records.sqlite").exists()
+    r = cli("restore", str(archive), "-c", str(config_file), "--only", "tls,queue", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["queue"]["restored"] == 1
