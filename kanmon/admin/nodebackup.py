@@ -78,6 +78,7 @@ RUN_LOGS = {"queue/maintenance.json": (maintenance.FILE, maintenance.decode),
 # The accounts table as kanmon.store.users creates it (for a restore onto a fresh data_dir).
 ACCOUNTS_TABLE = ("CREATE TABLE IF NOT EXISTS accounts (address TEXT PRIMARY KEY, hash TEXT, locked INTEGER NOT NULL "
                   "DEFAULT 0, last_login REAL, last_ip TEXT, changed REAL)")
+TLS_PAIR = ("tls/cert", "tls/key")  # the [tls] certificate and key: restored to the config's paths
 ALERT_KINDS = ("alert", "alert-mail", "alert-not-mailed", "alert-request")
 
 
@@ -575,7 +576,8 @@ def _hand_over(t: Targets, config_existed: bool) -> None:
 
 def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, load, say, config_kept) -> dict:
     summary: dict = {"parts": {p: {"restored": 0, "same": 0} for p in parts}, "queue": None,
-                     "config_kept": str(t.config_path) if config_kept and "config" in parts else None}
+                     "config_kept": str(t.config_path) if config_kept and "config" in parts else None,
+                     "tls_not_restored": []}
     queue_tmp = t.data_dir / f".restore-queue-{os.getpid()}.tar"
     try:
         for name, data in _members(Path(archive)):
@@ -589,6 +591,8 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
                 continue
             dest = _destination(name, t)
             if dest is None:
+                if name in TLS_PAIR:  # the config restored onto has no [tls]: nowhere to go
+                    summary["tls_not_restored"].append(name)
                 continue
             if _file_sha(dest) == v.members[name] or (part == "mailboxes" and _in_maildir(dest)) or (
                     name in RUN_LOGS and dest.exists()):  # the node's own run log is newer
@@ -623,6 +627,11 @@ def _restore_locked(archive, v: Verified, t: Targets, parts, wanted, accounts, l
         held = summary["queue"]["held"] if part == "queue" and summary["queue"] else 0
         say(f"{part}: {summary['parts'][part]['restored']} restored, {summary['parts'][part]['same']} already there"
             + (f" ({held} held, as they were)" if held else ""))
+        if part == "tls" and summary["tls_not_restored"]:
+            skipped = " and ".join(summary["tls_not_restored"])
+            say(f"tls: the archive's {skipped} not restored: {t.config_path} has no [tls] section to say where "
+                f"they go; to use them, extract them (umask 077; tar xOf {archive} tls/cert > cert.pem; likewise "
+                "tls/key > key.pem) and set [tls] cert and key")
     return summary
 
 

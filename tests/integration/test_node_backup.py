@@ -388,3 +388,19 @@ def test_some_parts_onto_a_node_without_config_need_the_config_part(site, tmp_pa
     r = cli("restore", str(archive), "-c", str(config_file), "--only", "tls,queue", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["queue"]["restored"] == 1
+
+
+def test_a_kept_config_without_tls_is_told_the_archives_certificate_is_not_restored(site, tmp_path: Path) -> None:
+    """The kept config decides the TLS paths: one without [tls] has none, so the archive's
+    certificate and key are not restored; the restore says so, and how to get them."""
+    archive, _result = _backed_up_node(site, tmp_path)
+    plain = tmp_path / "plain-etc" / "kanmon.toml"
+    plain.parent.mkdir()
+    plain.write_text(f'[server]\nhostname = "mx2.example.test"\ndata_dir = "{tmp_path / "plain-data"}"\n')
+    r = cli("restore", str(archive), "-c", str(plain), "--only", "tls")
+    assert r.exit_code == 0, r.output
+    assert (f"tls: the archive's tls/cert and tls/key not restored: {plain} has no [tls] section" in r.stderr
+            and f"tar xOf {archive} tls/cert > cert.pem" in r.stderr), r.stderr
+    r = cli("restore", str(archive), "-c", str(plain), "--only", "tls", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tls_not_restored"] == ["tls/cert", "tls/key"]
