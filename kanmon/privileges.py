@@ -94,6 +94,21 @@ def prepare_data_dir(data_dir: Path, uid: int, gid: int) -> None:
     os.chmod(data_dir, 0o700)
 
 
+def hand_over_to_owner(data_dir: Path) -> None:
+    """Run as root on a data_dir of the service's user: what root made in it (a restore,
+    a spool a command made) becomes that user's, or the server could not read it."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(data_dir)
+    if st.st_uid == 0:
+        return
+    for root, dirs, files in os.walk(data_dir):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            if os.lstat(path).st_uid == 0:
+                os.lchown(path, st.st_uid, st.st_gid)
+
+
 PRIVATE_SUBDIRS = ("log", "spool", "state")  # their entries are checked too, not what lies deeper
 SHARED = ("maildrop",)  # the local sendmail's drop directory: its mode is the pickup's (docs/sendmail.md)
 

@@ -58,6 +58,7 @@ from kanmon.admin.reach import Unreachable, reach_queue
 from kanmon.alerts import STATE_FILE, StateFileError, decode_state
 from kanmon.config import Config, ConfigError, parse_config
 from kanmon.control import DataDirLock, LockBusy
+from kanmon.privileges import hand_over_to_owner
 from kanmon.records.store import open_db
 from kanmon.store.maildir import make_dirs_private
 
@@ -559,16 +560,10 @@ def _hand_over(t: Targets, config_existed: bool) -> None:
     becomes that user's (the server could not read a root-owned mailbox or database),
     and a config file it wrote is readable by the user's group (0640), as `kanmon
     service install` leaves it."""
-    if os.geteuid() != 0:
-        return
+    hand_over_to_owner(t.data_dir)
     st = os.stat(t.data_dir)
-    if st.st_uid == 0:
+    if os.geteuid() != 0 or st.st_uid == 0:
         return
-    for root, dirs, files in os.walk(t.data_dir):
-        for name in [*dirs, *files]:
-            path = os.path.join(root, name)
-            if os.lstat(path).st_uid == 0:
-                os.lchown(path, st.st_uid, st.st_gid)
     if not config_existed and t.config_path.exists():
         os.chown(t.config_path, 0, st.st_gid)
         os.chmod(t.config_path, 0o640)

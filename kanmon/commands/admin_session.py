@@ -8,6 +8,7 @@ Role: AdminSession, shared by the command groups that run kanmon.admin operation
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import click
 from kanmon.admin.queue_ops import QueueOps, dispatch, offline_queue_ops
 from kanmon.config import Config
 from kanmon.control import ControlClient, DataDirLock, LockBusy, NoServer
+from kanmon.privileges import hand_over_to_owner
 
 FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket listens
 
@@ -24,9 +26,13 @@ FIND_SERVER_WAIT = 30.0  # a server starting up holds the lock before its socket
 class AdminSession:
     """`with AdminSession(cfg) as admin: admin.call("list", {...})`."""
 
-    def __init__(self, config: Config, require_server: bool = False):
+    def __init__(self, config: Config, require_server: bool = False, make_spool: bool = False):
         self.config = config
         self.require_server = require_server
+        # A restore onto a node never served: the spool is made (0700, as kanmon serve
+        # makes it) instead of refused; other operations on no spool mean a wrong -c.
+        self.make_spool = make_spool
+        self._umask: int | None = None
         self.data_dir = Path(config.server.data_dir)
         self.client: ControlClient | None = None
         self.lock: DataDirLock | None = None
@@ -39,7 +45,14 @@ class AdminSession:
 
     def __enter__(self) -> AdminSession:
         if not (self.data_dir / "spool").is_dir():
-            _fail(f"no spool in {self.data_dir} (wrong -c file, or kanmon never ran here)")
+            if not self.make_spool:
+                _fail(f"no spool in {self.data_dir} (wrong -c file, or kanmon never ran here)")
+            click.echo(f"kanmon: no spool in {self.data_dir} yet (kanmon never served it): making one, "
+                       "as kanmon serve would", err=True)
+            # As `kanmon serve` runs: what is made here (the spool, the records database)
+            # is private whatever umask this command runs with.
+            self._umask = os.umask(0o077)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         deadline = time.monotonic() + FIND_SERVER_WAIT
         while True:
             try:
@@ -85,8 +98,14 @@ class AdminSession:
             self.client.close()
         if self._offline is not None:
             self._offline.close()
-        if self.lock is not None:
-            self.lock.release()
+        try:
+            if self._umask is not None and self.lock is not None:
+                hand_over_to_owner(self.data_dir)  # made as root for the service user: theirs
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            if self._umask is not None:
+                os.umask(self._umask)
 
 
 def _fail(message: str, code: int = 1):

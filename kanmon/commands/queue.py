@@ -372,7 +372,7 @@ def restore_cmd(config_path, file, hold, again, as_json) -> None:
     A message held in the archive stays held. Then it prints the command that removes them from the node the backup came from.
     """
     cfg = load_or_exit(config_path)
-    with AdminSession(cfg) as admin, progress_bar("restoring", not as_json) as progress:
+    with AdminSession(cfg, make_spool=True) as admin, progress_bar("restoring", not as_json) as progress:
         r = admin.call("restore", {"path": str(Path(file).resolve()), "hold": hold, "again": again}, progress)
     if as_json:
         _echo_json(r)

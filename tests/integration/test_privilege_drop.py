@@ -11,6 +11,7 @@ prefix is bind-mounted at a path nobody can reach. Skipped where that cannot be 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -198,5 +199,36 @@ def test_a_restore_run_as_root_leaves_the_data_dir_to_its_user(world: Path) -> N
     r = CliRunner().invoke(main, ["restore", str(archive), "-c", str(conf)])
     assert r.exit_code == 0, r.output
     assert (data / "mailboxes" / "example.test" / "alice" / "new" / "1.m1.host").exists()
+    wrong = [p for p in [data, *data.rglob("*")] if p.lstat().st_uid != nobody.pw_uid]
+    assert wrong == []
+
+
+def test_a_queue_restore_run_as_root_makes_the_spool_its_users(world: Path) -> None:
+    """`kanmon queue restore` as root onto the service user's data_dir that was never
+    served (what `kanmon service install` leaves): the spool it makes, the restored
+    messages and the records are that user's, or the server could not start on them."""
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+    from kanmon.model import new_queue_id
+    from kanmon.spool.store import Spool
+    from tests.unit.test_spool import env
+
+    nobody = pwd.getpwnam("nobody")
+    conf = world / "kanmon.toml"
+    old, data = world / "old", world / "data"
+    conf.write_text(f'[server]\ndata_dir = "{old}"\n')
+    spool = Spool(old)
+    asyncio.run(spool.store(new_queue_id(), env(), b"Subject: queued\r\n\r\nx\r\n"))
+    spool.close()
+    archive = world / "queue.kbk"
+    r = CliRunner().invoke(main, ["queue", "backup", str(archive), "-c", str(conf)])
+    assert r.exit_code == 0, r.output
+    conf.write_text(f'[server]\ndata_dir = "{data}"\n')
+    data.mkdir(mode=0o700)
+    os.chown(data, nobody.pw_uid, nobody.pw_gid)
+    r = CliRunner().invoke(main, ["queue", "restore", str(archive), "-c", str(conf)])
+    assert r.exit_code == 0, r.output
+    assert "making one" in r.stderr and "1 message(s) restored" in r.stdout, r.output
     wrong = [p for p in [data, *data.rglob("*")] if p.lstat().st_uid != nobody.pw_uid]
     assert wrong == []

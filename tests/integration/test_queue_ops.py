@@ -541,6 +541,27 @@ def test_a_message_held_in_the_archive_stays_held_when_restored(tmp_path):
             b.stop()
 
 
+def test_a_restore_onto_a_node_never_served_makes_its_spool(site, tmp_path):
+    """A new relay taking over a queue before its first start: no spool (no data_dir even)
+    yet. The restore makes them, private whatever the umask, as `kanmon serve` would, and
+    says so; other queue commands there still say the -c is probably wrong."""
+    ids, archive = _corp_backup(site, tmp_path, running=False)
+    b = Site(tmp_path, "b")
+    assert not b.data_dir.exists()
+    assert "no spool in" in b.cli("queue", "list", code=1).output
+    old = os.umask(0o022)
+    try:
+        r = b.cli("queue", "restore", str(archive))
+    finally:
+        os.umask(old)
+    assert f"no spool in {b.data_dir} yet (kanmon never served it): making one" in r.stderr
+    assert "2 message(s) restored" in r.stdout
+    assert sorted(b.ids()) == sorted([ids["m1"], ids["m2"]])
+    loose = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in [b.data_dir, *b.data_dir.rglob("*")]
+             if p.stat().st_mode & 0o777 not in (0o700 if p.is_dir() else 0o600,)]
+    assert loose == []
+
+
 def test_damaged_archive_is_refused_whole(site, tmp_path):
     site.start()
     _queue_three(site)
