@@ -297,6 +297,7 @@ class Node:
         records = self.records
         # An entry refused while running (queue manager, admin): a critical event (alerted).
         self.spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
+        self.spool.on_refused = lambda text: records.emit(text, kind="error")  # a spool file moved aside
         configure_index(config)
         self._local_directory: Directory | None = None
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of,

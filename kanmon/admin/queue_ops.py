@@ -223,6 +223,8 @@ class QueueOps:
         self.link = link
         if spool.on_corrupt is None:  # a stopped node: the admin command reports what it sets aside
             spool.on_corrupt = lambda qid, why: records.emit(CORRUPT_EVENT.format(why), qid, "critical")
+        if spool.on_refused is None:
+            spool.on_refused = lambda text: records.emit(text, kind="error")
         self.notices = Notices(config)
         self._run_log: RunLog | None = None
         # Notices from `queue bounce` enter the queue like every message kanmon writes itself.

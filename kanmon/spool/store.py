@@ -14,6 +14,7 @@ Layout under <data_dir>/spool/:
                      (kanmon.spool.recycle); never messages; emptied at start
     identity         32 random hex digits naming this queue, made by its first backup:
                      a restore knows an archive written from this very queue by it
+                     (one that is not is moved aside to identity.bad, with an event)
 
 Queue file format (docs/spool-format.md):
     b"KANMON-Q1 <envelope length> <content length> <crc32 hex>\\n"
@@ -62,6 +63,10 @@ MAX_HEADER_LINE = 128
 MAX_ENVELOPE = 64 << 20  # bytes of envelope JSON (100,000 recipients fit many times over)
 # The critical event of an entry set aside (at start, or when a stage reads it back).
 CORRUPT_EVENT = "corrupt queue file moved to spool/corrupt/: {}"
+IDENTITY_LIMIT = 33  # 32 hex digits and a newline
+IDENTITY_REFUSED = "identity.bad"
+IDENTITY_EVENT = (f"spool/identity is not 32 hex digits: moved aside to spool/{IDENTITY_REFUSED}; the queue "
+                  "has none until its next backup makes a new one")
 
 
 class SpoolError(Exception):
@@ -391,6 +396,9 @@ class Spool:
         # on_corrupt(queue_id, reason): told of each entry set aside (the owner of the
         # records turns it into a critical event; the spool never writes records).
         self.on_corrupt: Callable[[str, str], None] | None = None
+        # on_refused(event text): told of another spool file (the identity) that its
+        # strict decoder refused and that was moved aside (an error event).
+        self.on_refused: Callable[[str], None] | None = None
         self._own_committer = committer is None
         self.committer = committer or GroupCommitter(self.root, fsync=fsync)
         # Finished queue files, written over by new ones (once their removal from queue/ is durable).
@@ -686,17 +694,30 @@ class Spool:
 
     def identity(self, *, create: bool = False) -> str | None:
         """This queue's identity (the file spool/identity), made with create=True when
-        there is none. A file that is not 32 hex digits is none (create replaces it).
+        there is none. A file that is not 32 hex digits is none: moved aside to
+        identity.bad, on_refused told (create then makes a new one).
         A copy of the whole data_dir carries it along; a restored node makes its own."""
         path = self.root / "identity"
         try:
-            value = path.read_bytes()[:64].strip().decode("ascii", "replace")
+            with path.open("rb") as f:
+                raw = f.read(IDENTITY_LIMIT + 1)
         except FileNotFoundError:
-            value = ""
+            raw = None
         except OSError:  # unreadable (another owner): none; never the failure of a backup or restore
             return None
-        if re.fullmatch(r"[0-9a-f]{32}", value):
-            return value
+        if raw is not None:
+            if re.fullmatch(rb"[0-9a-f]{32}\n?", raw):
+                return raw[:32].decode("ascii")
+            # Refused by the strict decoder: moved aside with an event (promise 10), and none.
+            try:
+                os.replace(path, self.root / IDENTITY_REFUSED)
+            except FileNotFoundError:
+                pass  # another reader moved it meanwhile (and told)
+            except OSError:
+                return None  # cannot be moved: left, and none
+            else:
+                if self.on_refused is not None:
+                    self.on_refused(IDENTITY_EVENT)
         if not create:
             return None
         value = secrets.token_hex(16)
@@ -711,10 +732,7 @@ class Spool:
         except OSError:
             pass
         try:
-            if path.exists():
-                os.replace(tmp, path)  # not one: replaced
-            else:
-                os.link(tmp, path)  # two made at once: the first one stays
+            os.link(tmp, path)  # two made at once: the first one stays
         except FileExistsError:
             pass
         finally:

@@ -562,6 +562,25 @@ def test_a_restore_onto_a_node_never_served_makes_its_spool(site, tmp_path):
     assert loose == []
 
 
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_a_damaged_spool_identity_is_moved_aside_with_an_event(site, tmp_path, running):
+    """The identity's strict decoder refuses a damaged file: the backup moves it aside
+    with an error event (by the server, or by the command on a stopped node) and writes
+    a new one, instead of replacing it silently."""
+    site.start()
+    _queue_three(site)
+    site.cli("queue", "backup", str(tmp_path / "first.kbk"))
+    identity = site.data_dir / "spool" / "identity"
+    made = identity.read_bytes()
+    if not running:
+        site.stop()
+    identity.write_bytes(b"garbage\n")
+    site.cli("queue", "backup", str(tmp_path / "second.kbk"))
+    assert (site.data_dir / "spool" / "identity.bad").read_bytes() == b"garbage\n"
+    assert identity.read_bytes() != made and len(identity.read_bytes()) == 33
+    site.wait_event("spool/identity is not 32 hex digits: moved aside to spool/identity.bad")
+
+
 def test_damaged_archive_is_refused_whole(site, tmp_path):
     site.start()
     _queue_three(site)

@@ -10,7 +10,7 @@ import pytest
 
 from kanmon.model import ClientInfo, Envelope, new_queue_id
 from kanmon.spool import journal
-from kanmon.spool.store import CorruptEntry, NotCached, Spool, SpoolError, decode_queue_header, encode_queue_file
+from kanmon.spool.store import IDENTITY_EVENT, CorruptEntry, NotCached, Spool, SpoolError, decode_queue_header, encode_queue_file
 
 
 def env() -> Envelope:
@@ -236,10 +236,28 @@ def test_the_spool_identity_is_made_once_kept_and_private(tmp_path):
     path = tmp_path / "spool" / "identity"
     assert path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in (tmp_path / "spool").iterdir() if p.name.startswith(".identity")] == []
-    path.write_text("not an identity\n")  # damaged: none, and a new one replaces it
+    spool.close()
+
+
+@pytest.mark.parametrize("damaged", [b"not an identity\n", b"", b"0" * 31 + b"\n", b"0" * 32 + b"\njunk",
+                                     b"0" * 32 + b" " * 40, b"\xff" * 32])
+def test_a_damaged_identity_is_moved_aside_with_an_event_and_counts_as_none(tmp_path, damaged):
+    """Promise 10: what the strict decoder refuses is moved aside (spool/identity.bad),
+    told once (on_refused: the owner of the records writes the event), and none; a
+    backup (create=True) then makes a new one."""
+    spool = Spool(tmp_path)
+    told: list[str] = []
+    spool.on_refused = told.append
+    path = tmp_path / "spool" / "identity"
+    path.write_bytes(damaged)
     assert spool.identity() is None
+    assert (tmp_path / "spool" / "identity.bad").read_bytes() == damaged and not path.exists()
+    assert told == [IDENTITY_EVENT] and "moved aside to spool/identity.bad" in told[0]
+    assert spool.identity() is None and len(told) == 1  # nothing left to refuse
+    path.write_bytes(damaged)
     again = spool.identity(create=True)
-    assert again is not None and again != made and spool.identity() == again
+    assert again is not None and spool.identity() == again and len(told) == 2
+    assert path.stat().st_mode & 0o777 == 0o600
     spool.close()
 
 
