@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from enum import Enum
 from typing import Any
 
@@ -240,6 +241,27 @@ def check_sendable(address: str) -> None:
         raise ValueError(f"address {address!r} contains an angle bracket outside a quoted local part")
     if len(address) > MAX_SENDABLE:
         raise ValueError(f"address is longer than {MAX_SENDABLE} characters")
+
+
+# A Date or Message-ID field's name at a line's start (a folded line starts with WSP).
+_ORIGIN_FIELD = re.compile(rb"^(date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def missing_origin_fields(content: bytes, now: float, hostname: str) -> bytes:
+    """The Date: and Message-ID: fields content's header lacks (RFC 5322 3.6.1, 3.6.4 and
+    3.6: both should be there), to put on top of it, or b"": what Postfix's cleanup adds
+    for its local clients (always_add_missing_headers = no). Date in this process's
+    local time zone (formatdate, as our Received: fields), Message-ID at hostname.
+    content: CRLF text; its header ends at the first empty line (none: all of it)."""
+    end = content.find(b"\r\n\r\n")
+    header_end = 0 if content.startswith(b"\r\n") else (end + 2 if end >= 0 else len(content))
+    present = {m.group(1).lower() for m in _ORIGIN_FIELD.finditer(content, 0, header_end)}
+    added = b""
+    if b"date" not in present:
+        added += f"Date: {formatdate(now, localtime=True)}\r\n".encode("ascii")
+    if b"message-id" not in present:
+        added += f"Message-ID: <{int(now * 1000)}.{os.urandom(8).hex()}@{hostname}>\r\n".encode("utf-8")
+    return added
 
 
 def has_dot_line(block: bytes) -> bool:

@@ -42,7 +42,9 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
-from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
+from kanmon.model import (
+    ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, missing_origin_fields, new_queue_id,
+)
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.scan import find_short, line_ends
 from kanmon.smtp import replies
@@ -1021,6 +1023,14 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.HEADER_TOO_BIG, out, tx.envelope, may_close=False, check="max_header_size")
             return
+        if self.client.auth_user:
+            # Submission (RFC 6409 8.2, 8.3): a missing Date: or Message-ID: is added, as
+            # Postfix's cleanup does for its local clients; before the checks see the
+            # message, and before DKIM signs it (docs/mail-clients.md, "Date and Message-ID").
+            added = missing_origin_fields(content, self._now or time.time(), self.settings.hostname)
+            if added:
+                content = added + content
+                header_end = content.find(b"\r\n\r\n")
         ctx = Context(self.client, tx.envelope, content=content, header_end=header_end)
         no_dots = not self._dot_kept
         self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, no_dots, d, out), out)
