@@ -7,9 +7,11 @@ Trusts: its callers; parsing of untrusted text lives in smtp/ and policy/.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from enum import Enum
 from typing import Any
 
@@ -214,6 +216,52 @@ def crlf_only(data: bytes) -> bool:
     pairs, the CRs and the LFs number the same (one pass: kanmon.scan.line_ends)."""
     crlf, cr, lf = line_ends(data)
     return crlf == cr == lf
+
+
+# What can end or split an SMTP command line anywhere (also U+0085, U+2028, U+2029, which
+# some peers read as line ends), and the angle brackets, which end a path unless quoted.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_ANGLE = re.compile(r"[<>]")
+# A leading RFC 5321 4.1.2 Quoted-string local part: "..." with backslash pairs, then @.
+_QUOTED_LOCAL = re.compile(r'^"(?:[^"\\]|\\.)*"(?=@)')
+MAX_SENDABLE = 1000
+
+
+def check_sendable(address: str) -> None:
+    """Raise ValueError if `address` cannot be written as <address> on an outbound MAIL
+    FROM or RCPT TO line: a control or line-breaking character anywhere, an angle
+    bracket outside a quoted local part ("<b>"@example.org is legal, RFC 5321 4.1.2
+    qtextSMTP), or more than 1000 characters. The outbound client refuses these, and
+    kanmon.smtp.address.parse_path refuses them at MAIL/RCPT (553), so the two agree:
+    nothing the receiver accepts is bounced at delivery for its syntax."""
+    if _LINE_BREAKING.search(address):
+        raise ValueError(f"address {address!r} contains a control character")
+    quoted = _QUOTED_LOCAL.match(address)
+    if _ANGLE.search(address, quoted.end() if quoted else 0):
+        raise ValueError(f"address {address!r} contains an angle bracket outside a quoted local part")
+    if len(address) > MAX_SENDABLE:
+        raise ValueError(f"address is longer than {MAX_SENDABLE} characters")
+
+
+# A Date or Message-ID field's name at a line's start (a folded line starts with WSP).
+_ORIGIN_FIELD = re.compile(rb"^(date|message-id)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def missing_origin_fields(content: bytes, now: float, hostname: str) -> bytes:
+    """The Date: and Message-ID: fields content's header lacks (RFC 5322 3.6.1, 3.6.4 and
+    3.6: both should be there), to put on top of it, or b"": what Postfix's cleanup adds
+    for its local clients (always_add_missing_headers = no). Date in this process's
+    local time zone (formatdate, as our Received: fields), Message-ID at hostname.
+    content: CRLF text; its header ends at the first empty line (none: all of it)."""
+    end = content.find(b"\r\n\r\n")
+    header_end = 0 if content.startswith(b"\r\n") else (end + 2 if end >= 0 else len(content))
+    present = {m.group(1).lower() for m in _ORIGIN_FIELD.finditer(content, 0, header_end)}
+    added = b""
+    if b"date" not in present:
+        added += f"Date: {formatdate(now, localtime=True)}\r\n".encode("ascii")
+    if b"message-id" not in present:
+        added += f"Message-ID: <{int(now * 1000)}.{os.urandom(8).hex()}@{hostname}>\r\n".encode("utf-8")
+    return added
 
 
 def has_dot_line(block: bytes) -> bool:

@@ -34,10 +34,10 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from pathlib import Path
 
-from kanmon.model import ClientInfo, Envelope, SmtpError
+from kanmon.model import ClientInfo, Envelope, SmtpError, missing_origin_fields
 from kanmon.records import events as ev
 from kanmon.smtp.address import parse_path
 
@@ -251,11 +251,8 @@ class Pickup:
         if "from" not in names:
             who = f'"{msg.fullname}" <{sender}>' if msg.fullname else f"<{sender}>"
             added.append(f"From: {who}\r\n")
-        if "date" not in names:
-            added.append(f"Date: {formatdate(now, localtime=True)}\r\n")
-        if "message-id" not in names:
-            added.append(f"Message-ID: {make_msgid(domain=self.hostname)}\r\n")
-        content = "".join(added).encode("utf-8") + content
+        # Date: and Message-ID: when missing, as for authenticated submission (one definition).
+        content = "".join(added).encode("utf-8") + missing_origin_fields(content, now, self.hostname) + content
         env = Envelope(sender, rcpts, client=ClientInfo(ip="127.0.0.1", name="localhost", helo=self.hostname,
                                                         proto="sendmail"),
                        crlf_checked=True, smtputf8=any(ord(c) > 127 for c in sender + "".join(rcpts)))

@@ -14,7 +14,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from kanmon.model import Reply, SmtpError
+from kanmon.model import Reply, SmtpError, check_sendable
 from kanmon.smtp import replies
 from kanmon.smtp.xtext import xtext_decode
 
@@ -189,7 +189,12 @@ def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool, strict: boo
             raise SmtpError(replies.ROUTED_ADDRESS)  # u@victim@ours
     local = _check_local(local, non_ascii, bad)
     domain = _check_domain(domain, non_ascii, bad)
-    return Path(f"{local}@{domain}", local, domain, params)
+    address = f"{local}@{domain}"
+    try:
+        check_sendable(address)  # what the outbound client would refuse is refused now
+    except ValueError:
+        raise SmtpError(replies.UNSENDABLE_SENDER if is_sender else replies.UNSENDABLE_RCPT) from None
+    return Path(address, local, domain, params)
 
 
 # ---------------------------------------------------------------------------

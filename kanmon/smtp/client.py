@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, describe_reply
+from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, check_sendable, describe_reply
 from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ TLS_POLICIES = ("none", "opportunistic", "required", "verify", "smtps")
 
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
-_ADDRESS_FORBIDDEN_RE = re.compile(r"[\x00-\x1f\x7f<>\x85\u2028\u2029]")
 
 
 # ---------------------------------------------------------------------------
@@ -105,11 +104,9 @@ def clean_text(text: str) -> str:
 
 
 def check_address(address: str) -> None:
-    """Raise ValueError if an envelope address could break an SMTP command line."""
-    if _ADDRESS_FORBIDDEN_RE.search(address):
-        raise ValueError(f"address {address!r} contains a control character or angle bracket")
-    if len(address) > 1000:
-        raise ValueError("address is longer than 1000 characters")
+    """Raise ValueError if an envelope address could break an SMTP command line (the
+    receiver's parse_path refuses the same at MAIL/RCPT: kanmon.model.check_sendable)."""
+    check_sendable(address)
 
 
 def _is_last_line(line: bytes) -> bool:

@@ -42,7 +42,9 @@ from email.utils import formatdate
 
 from kanmon.config import SessionProfile
 from kanmon.content.decode import prefix_subject
-from kanmon.model import ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, new_queue_id
+from kanmon.model import (
+    ClientInfo, Envelope, Reply, SmtpError, crlf_only, has_dot_line, missing_origin_fields, new_queue_id,
+)
 from kanmon.policy.pipeline import Context, Decision, Finding, Pending, Pipeline, Stage, outranks
 from kanmon.scan import find_short, line_ends
 from kanmon.smtp import replies
@@ -265,6 +267,7 @@ class Session:
         self._spill_bad = False  # a bare CR or LF was in what was spilled
         self._line_start = True  # the next content octet begins a line
         self._dot_seen = False  # a line of this DATA starts with a dot (the scan for its end saw it)
+        self._dot_kept = False  # a line of the message starts with a dot once unstuffed (it came as "..x")
         self._now = now
         self._auth_mech = ""  # mechanism waiting for input (AUTH_INPUT)
         self._auth_user = ""  # LOGIN: the user name given so far
@@ -763,7 +766,7 @@ class Session:
         self._spilling = self._spill_bad = False
         self._spilled_pre = self._spilled = 0
         self._line_start = True
-        self._dot_seen = False
+        self._dot_seen = self._dot_kept = False
         self._reply(replies.START_DATA, out)
 
     def _rset(self, arg: str, out: list[Action]) -> None:
@@ -996,12 +999,14 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.BARE_NEWLINE, out, tx.envelope, may_close=False, check="bare_newline")
             return
-        # RFC 5321 4.5.2: remove the transparency dot (no line starts with one: nothing to do).
+        # RFC 5321 4.5.2: a line that starts with a dot (and has more: "." alone ended DATA)
+        # loses that dot, whether the client doubled it ("..x") or not (".x"), as Postfix's
+        # smtpd does. No line starts with one: nothing to do.
         if self._dot_seen:
-            if content.startswith(b".."):
+            if content.startswith(b"."):
                 content = content[1:]
-            if b"\r\n.." in content:
-                content = content.replace(b"\r\n..", b"\r\n.")
+            content = content.replace(b"\r\n.", b"\r\n")
+            self._dot_kept = has_dot_line(content)
         if len(content) > self.settings.max_message_size:
             self._end_transaction()
             self._reject("DATA", replies.MESSAGE_TOO_BIG, out, tx.envelope, may_close=False, check="max_message_size")
@@ -1018,8 +1023,16 @@ class Session:
             self._end_transaction()
             self._reject("DATA", replies.HEADER_TOO_BIG, out, tx.envelope, may_close=False, check="max_header_size")
             return
+        if self.client.auth_user:
+            # Submission (RFC 6409 8.2, 8.3): a missing Date: or Message-ID: is added, as
+            # Postfix's cleanup does for its local clients; before the checks see the
+            # message, and before DKIM signs it (docs/mail-clients.md, "Date and Message-ID").
+            added = missing_origin_fields(content, self._now or time.time(), self.settings.hostname)
+            if added:
+                content = added + content
+                header_end = content.find(b"\r\n\r\n")
         ctx = Context(self.client, tx.envelope, content=content, header_end=header_end)
-        no_dots = not self._dot_seen
+        no_dots = not self._dot_kept
         self._ask(Stage.DATA, ctx, lambda d, out: self._data_decided(content, no_dots, d, out), out)
 
     # -- a message bigger than the DATA buffer: spilled as it arrives ------------------------
@@ -1060,10 +1073,11 @@ class Session:
         if self._spill_bad:
             return b""  # refused at the end: nothing more is written
         if self._dot_seen:  # the scan for the end has seen every line start of the piece
-            if line_start and piece.startswith(b".."):
-                piece = piece[1:]  # RFC 5321 4.5.2
-            if b"\r\n.." in piece:
-                piece = piece.replace(b"\r\n..", b"\r\n.")
+            if line_start and piece.startswith(b"."):
+                piece = piece[1:]  # RFC 5321 4.5.2, as in _finish_data
+            piece = piece.replace(b"\r\n.", b"\r\n")
+            if (line_start and piece.startswith(b".")) or b"\r\n." in piece:
+                self._dot_kept = True
         self._spilled += len(piece)
         return piece
 

@@ -7,11 +7,14 @@ status` compare the published record with the key in use.
 
 from __future__ import annotations
 
+import email.utils
 import importlib.util
 import json
 import os
+import re
 import shutil
 import smtplib
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -24,6 +27,7 @@ from click.testing import CliRunner
 from kanmon.auth.dkimsign import load_signer
 from kanmon.cli import main
 from kanmon.config import parse_config
+from kanmon.store.users import Users
 from tests.support.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
 from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
 from tests.support.smtpsink import SmtpSink
@@ -227,6 +231,33 @@ def test_the_relay_signs_its_users_mail_and_its_notices_not_outside_mail(tmp_pat
                 c.sendmail("a@other.example", ["bob@remote.example"], MESSAGE.replace(b"alice@example.test", b"a@other.example"))
             tx2 = sink.wait_for_messages(2)[1]
             assert b"DKIM-Signature" not in tx2.data
+
+
+def test_submission_without_date_and_message_id_gets_both_and_they_are_signed(tmp_path, dns_server):
+    # Added before the signature is made: covered by it (h= names them), and it verifies.
+    key, zone = keygen(tmp_path)
+    dns_server.set_records(zone=zone + "\n")
+    submission = free_port()
+    with SmtpSink("127.0.0.9") as sink:
+        text = NODE.format(data_dir=tmp_path / "data", port=free_port(), sink=sink.port, dns=dns_server.address,
+                           key=key, algorithm="rsa-sha256", next_key=tmp_path / "next.key")
+        cfg = parse_config(text + f'[submission]\nlisten = ["127.0.0.1:{submission}"]\n')
+        Users(cfg).set_password("alice@example.test", "correct horse")
+        with RunningNode(cfg) as node:
+            with smtplib.SMTP(node.host, submission, timeout=10) as c:
+                c.starttls(context=ssl._create_unverified_context())
+                c.login("alice@example.test", "correct horse")
+                c.sendmail("alice@example.test", ["bob@remote.example"],
+                           b"From: Alice <alice@example.test>\r\nTo: bob@remote.example\r\nSubject: bare\r\n\r\nHi.\r\n")
+            (tx,) = sink.wait_for_messages(1)
+    header = tx.data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ")
+    fields = header.split(b"\r\n")
+    assert [f.split(b":")[0] for f in fields[:4]] == [b"DKIM-Signature", b"Received", b"Date", b"Message-ID"]
+    assert re.fullmatch(rb"Message-ID: <\d+\.[0-9a-f]{16}@mx1\.example\.test>", fields[3])
+    assert email.utils.parsedate_to_datetime(fields[2][6:].decode()).tzinfo is not None  # RFC 5322 date-time
+    signed = re.search(rb"h=([^;]*);", fields[0].replace(b" ", b"")).group(1).split(b":")
+    assert b"date" in signed and b"message-id" in signed
+    assert dkim.verify(tx.data, dnsfunc=dns_txt(dns_server))
 
 
 def test_a_key_that_does_not_load_stops_the_start(tmp_path):

@@ -80,6 +80,25 @@ def test_messages_with_and_without_dot_lines_arrive_byte_for_byte(tmp_path, sink
         relay.proc.terminate()
 
 
+def test_a_dot_the_client_did_not_double_is_deleted(tmp_path, sink):
+    # RFC 5321 4.5.2 (and Postfix): a line ".x" from a client that did not dot-stuff loses
+    # its dot, as "..x" does one of its two; only "<CRLF>.<CRLF>" ends DATA.
+    relay = start_relay(tmp_path, sink, 1, 0)
+    try:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as s:
+            s.ehlo()
+            assert s.mail("a@relay.test")[0] == 250 and s.rcpt("bob@relay.test")[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(b"Subject: unstuffed\r\n\r\n.x\r\n..y\r\n.\r\n")  # as written: no dot doubled
+            assert s.getreply()[0] == 250
+        [tx] = sink.wait_for_messages(1, 30)
+        assert tx.data.endswith(b"\r\nSubject: unstuffed\r\n\r\nx\r\n.y\r\n")
+        assert tx.raw_data.endswith(b"\r\n\r\nx\r\n..y\r\n")  # doubled again on the way out
+        wait_for(lambda: relay.queued() == [], 30, "an empty queue")
+    finally:
+        relay.proc.terminate()
+
+
 def write_queue_file(data: Path, content: bytes, no_dot_lines: bool | None) -> None:
     env = Envelope("a@relay.test", ["bob@relay.test"], client=ClientInfo("127.0.0.1", helo="old"),
                    received_at=1_700_000_000.0, crlf_checked=True, no_dot_lines=no_dot_lines)

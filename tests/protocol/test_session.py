@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from kanmon.config import parse_config
@@ -408,6 +411,60 @@ def test_auth_login_dialogue_and_failures():
     out = s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0pw") + b"\r\n")
     out = s.auth_result(None, replies.AUTH_BLOCKED)
     assert sent(out).startswith(b"421 4.7.0") and isinstance(out[-1], Close)
+
+
+def _submitted(message: bytes) -> bytes:
+    """What an authenticated user's message is stored as (the session's clock: now=...)."""
+    s = submission_session()
+    s.set_time(1_790_000_000.0)
+    s.feed(b"EHLO pc\r\n")
+    s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0secret") + b"\r\n")
+    s.auth_result("alice@example.test")
+    out = s.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\nDATA\r\n" + message + b".\r\n")
+    (store,) = stores(out)
+    return store.content
+
+
+def test_submission_adds_a_missing_date_and_message_id(monkeypatch):
+    # RFC 6409 8.2, 8.3 (Postfix's cleanup for local clients): under the Received: field,
+    # Date in the local time zone, Message-ID at the node's hostname.
+    monkeypatch.setenv("TZ", "JST-9")  # POSIX form: no tzdata needed
+    time.tzset()
+    try:
+        content = _submitted(b"From: alice@example.test\r\nSubject: bare\r\n\r\nhello\r\n")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    fields = content.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    received = [i for i, f in enumerate(fields) if f.startswith(b"Received: ")]
+    assert received == [0]
+    date, msgid = [f for f in fields if f.startswith((b"Date: ", b"Message-ID: "))]
+    assert date == b"Date: Mon, 21 Sep 2026 23:13:20 +0900"  # 1_790_000_000 (14:13:20 UTC) in Tokyo
+    assert re.fullmatch(rb"Message-ID: <\d+\.[0-9a-f]{16}@mx1\.example\.test>", msgid)
+    assert content.endswith(b"\r\nFrom: alice@example.test\r\nSubject: bare\r\n\r\nhello\r\n")
+
+
+@pytest.mark.parametrize("message", [
+    b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMESSAGE-ID: <m1@pc.example>\r\nSubject: s\r\n\r\nx\r\n",
+    b"subject: s\r\nmessage-id : <m1@pc.example>\r\ndate:Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nx\r\n",
+])
+def test_submission_keeps_the_date_and_message_id_it_has(message):
+    content = _submitted(message)
+    assert content.count(b"Date:") + content.count(b"date:") == 1
+    assert content.lower().count(b"message-id") == 1 and content.endswith(message)
+
+
+def test_only_a_missing_field_is_added_and_one_in_the_body_does_not_count():
+    content = _submitted(b"Message-ID: <m1@pc.example>\r\n\r\nDate: in the body\r\n")
+    assert content.count(b"\r\nDate: ") == 2 and content.count(b"Message-ID:") == 1
+
+
+def test_mail_from_strangers_and_relay_networks_gets_no_date_or_message_id():
+    # Postfix adds them only for its local clients; relayed mail is passed on as it came.
+    for ip in ("192.0.2.9", "127.0.0.1"):  # outside; in relay_networks
+        s = ready(make_session(ip))
+        (store,) = stores(s.feed(TX + b"Subject: bare\r\n\r\nhello\r\n.\r\n"))
+        assert b"Date:" not in store.content and b"Message-ID:" not in store.content
 
 
 def test_auth_is_unknown_on_port_25():

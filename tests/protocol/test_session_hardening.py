@@ -256,7 +256,8 @@ def test_only_crlf_dot_crlf_ends_data_and_stored_content_is_clean(body, ending, 
     assert replies_[3] in ("250", "552", "554")
     if replies_[3] == "250":
         first = stored[0].content
-        unstuffed = (content[1:] if content.startswith(b"..") else content).replace(b"\r\n..", b"\r\n.")
+        # RFC 5321 4.5.2: every line that starts with a dot loses it ("." alone ended DATA).
+        unstuffed = (content[1:] if content.startswith(b".") else content).replace(b"\r\n.", b"\r\n")
         assert first.startswith(b"Received: ") and first.endswith(unstuffed)
     for m in stored:
         c = m.content

@@ -251,7 +251,7 @@ def test_normalised_data_ends_the_same_however_it_is_split():
         assert codes(out)[-2:] == ["250", "250"]  # queued, then NOOP
         body = m.content.split(b"Subject: s", 1)[1]
         want = want or body
-        assert body == want == b"\r\n\r\n.hidden?\r\n.dot\r\nx\r\n"  # only ".." loses a dot
+        assert body == want == b"\r\n\r\nhidden?\r\n.dot\r\nx\r\n"  # a leading dot is deleted (RFC 5321 4.5.2)
 
 
 def test_normalised_data_without_an_end_is_bounded():

@@ -76,6 +76,7 @@ The pytest fixture ``smtp_sink`` yields a started sink on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import threading
 from collections.abc import Iterator
@@ -84,6 +85,19 @@ from dataclasses import dataclass, field
 import pytest
 
 __all__ = ["SmtpSink", "Transaction", "smtp_sink", "tls_server_context"]
+
+# <path> and its parameters; a quoted local part may hold spaces and angle brackets.
+_PATH = re.compile(r'<((?:"(?:[^"\\]|\\.)*"|[^<>"])*)>\s*(.*)$')
+
+
+def _split_path(text: str) -> tuple[str, str]:
+    """'<"a b"@x> SIZE=1' -> ('"a b"@x', 'SIZE=1'); without <>, up to the first space."""
+    text = text.strip()
+    m = _PATH.match(text)
+    if m:
+        return m.group(1), m.group(2)
+    address, _, params = text.partition(" ")
+    return address.strip("<>"), params
 
 
 def tls_server_context(ca, *identities: str) -> ssl.SSLContext:  # ca: trustme.CA
@@ -357,15 +371,14 @@ class SmtpSink:
                     return
                 text = self.mail_reply
                 if text.startswith("250"):
-                    address, _, params = arg[5:].strip().partition(" ") if arg.upper().startswith("FROM:") else ("", "", "")
-                    tx = Transaction(address.strip("<>"), tls=tls, helo=helo, params=params, connection=number)
+                    address, params = _split_path(arg[5:]) if arg.upper().startswith("FROM:") else ("", "")
+                    tx = Transaction(address, tls=tls, helo=helo, params=params, connection=number)
                 await reply(text)
             elif verb == "RCPT":
                 if tx is None:
                     await reply("503 5.5.1 Error: need MAIL command")
                     continue
-                path, _, rcpt_params = arg[3:].strip().partition(" ") if arg.upper().startswith("TO:") else (arg, "", "")
-                address = path.strip("<>")
+                address, rcpt_params = _split_path(arg[3:] if arg.upper().startswith("TO:") else arg)
                 text = self.rcpt_replies.get(address.lower(), self.default_rcpt_reply)
                 if self.max_rcpts and len(tx.rcpts) >= self.max_rcpts:
                     text = "452 4.5.3 Too many recipients"

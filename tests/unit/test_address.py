@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kanmon.model import SmtpError
+from kanmon.model import SmtpError, check_sendable
 from kanmon.smtp.address import parse_path
 
 
@@ -36,6 +36,26 @@ def test_postmaster_without_domain():
 def test_quoted_local_part():
     assert rcpt('<"john smith"@example.test>').address == '"john smith"@example.test'
     assert rcpt('<"plain"@example.test>').address == "plain@example.test"
+    assert rcpt('<"<b>q</b>"@example.test>').address == '"<b>q</b>"@example.test'  # qtextSMTP has < and >
+    assert rcpt('<"a\\"<"@example.test>').address == '"a\\"<"@example.test'
+
+
+@pytest.mark.parametrize("local", ['"a\u2028b"', "a\u2028b", '"a\x85b"', "a\u2029b"])
+def test_what_the_outbound_client_refuses_is_refused_at_mail_and_rcpt(local):
+    # Line ends to some peers: the outbound client would not write them (check_sendable).
+    assert code_of(f"<{local}@example.test> SMTPUTF8", is_sender=True, utf8=True) == "553 5.1.7"
+    assert code_of(f"<{local}@example.test>", utf8=True) == "553 5.1.3"
+
+
+@pytest.mark.parametrize("text", ["", "a@b.example", '"john doe"@b.example', '"<b>q</b>"@b.example', '"a\\"<"@b'])
+def test_sendable(text):
+    check_sendable(text)
+
+
+@pytest.mark.parametrize("text", ["<a@b>", 'a"<"@b', '"a"<@b', "a@b>", '"a\u2028"@b', "a@b\r\nDATA", "a@" + "b" * 1000])
+def test_not_sendable(text):
+    with pytest.raises(ValueError):
+        check_sendable(text)
 
 
 def test_ip_literals():

@@ -83,13 +83,15 @@ def test_encoded_data_never_has_a_bare_cr_or_lf_or_an_early_end():
     assert wire.find(b"\r\n.\r\n") == len(wire) - 5
 
 
-@pytest.mark.parametrize("address", ["a@b\r\nRCPT TO:<c@d>", "a\n@b", "a\x00@b", "<a@b>", "a@b\x7f", "a\u2028@b"])
+@pytest.mark.parametrize("address", ["a@b\r\nRCPT TO:<c@d>", "a\n@b", "a\x00@b", "<a@b>", "a@b\x7f", "a\u2028@b",
+                                     'a"<"@b', '"a">@b'])
 def test_addresses_that_could_inject_commands_are_refused(address):
     with pytest.raises(ValueError):
         check_address(address)
 
 
-@pytest.mark.parametrize("address", ["", "a@b.example", '"john doe"@b.example', "jörg@b.example"])
+@pytest.mark.parametrize("address", ["", "a@b.example", '"john doe"@b.example', "jörg@b.example",
+                                     '"<b>q</b>"@b.example'])
 def test_ordinary_addresses_pass(address):
     check_address(address)
 
