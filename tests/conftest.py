@@ -100,6 +100,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The processes the tests start (a node's receivers and agents run `python -P -m`, the
+    # `kanmon` command) import kanmon from this tree, not from wherever it was installed:
+    # in a second checkout (a git worktree) they would otherwise run the other tree's code.
+    here = str(Path(__file__).resolve().parent.parent)
+    if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != here:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
     if os.environ.get("PYTEST_XDIST_WORKER"):
         try:
             _own_loopback()
