@@ -85,6 +85,7 @@ PROFILE_MEMO_MAX = 4096  # client addresses whose session profile a listener rem
 # Spilled messages read back into memory at once (for the checks and the queue file):
 # what bounds the memory of big messages however many sessions send them.
 READBACK_PLACES = 1
+EARLY_LIMIT = 64 << 10  # bytes kept from a client before its session opens (the pregreet test refuses it anyway)
 KEEP_FOR_DELIVERY = 1 << 20  # a message up to this size goes to the queue with its content (no re-read)
 _session_ids = itertools.count(1)
 
@@ -747,6 +748,10 @@ class SmtpProtocol(asyncio.Protocol):
         self._gauge_limits: tuple[int, ...] | None = None  # the limits the connection was admitted under
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
+        # What the client sent before its session opened (read while the shared connection
+        # gauge answers: uvloop starts reading after connection_made, where a pause does
+        # nothing), fed to the session once it opens: through the pregreet test.
+        self._early: bytes = b""
         self._lines_seen = 0  # session.lines_read at the last progress (per-command deadline)
         self._check_task: asyncio.Task[None] | None = None  # running the session's pending checks
         self._spill: SpillWriter | _FailedSpill | None = None  # this message's content beyond the DATA buffer
@@ -896,8 +901,11 @@ class SmtpProtocol(asyncio.Protocol):
             # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do
             # relay clients (the built-in "trusted" profile has greet_pause 0).
             self._greet_timer = asyncio.get_running_loop().call_later(profile.greet_pause, self._greet)
-            return
-        self._do(self.session.greeting())
+        else:
+            self._do(self.session.greeting())
+        if self._early and not self._closed:
+            early, self._early = self._early, b""
+            self.data_received(early)
 
     def _greet(self) -> None:
         self._greet_timer = None
@@ -964,6 +972,10 @@ class SmtpProtocol(asyncio.Protocol):
             self._proxy_header(data)
             return
         if self.session is None:
+            if not self._closed and self.client is not None:  # admitted once the gauge answers
+                self._early += data
+                if len(self._early) > EARLY_LIMIT:  # a flood before the banner: not kept
+                    self._refuse(replies.EARLY_TALKER, f"{len(self._early)} bytes before the greeting", "greet_pause")
             return
         if self.session.state is State.GREETING and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
@@ -1018,8 +1030,8 @@ class SmtpProtocol(asyncio.Protocol):
         src = result.source
         client = ClientInfo(ip=src[0], port=src[1]) if src else ClientInfo(ip=self.peer_ip)
         self._begin(client)
-        if rest and self.session is not None and not self._closed:
-            self.data_received(rest)  # through the pregreet test and the deadlines
+        if rest and not self._closed:
+            self.data_received(rest)  # through the pregreet test and the deadlines (kept until the session opens)
 
     # -- actions -------------------------------------------------------------------------------
 

@@ -141,6 +141,42 @@ def test_relay_clients_are_not_made_to_wait(node):
         assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
 
 
+def test_what_comes_with_the_connection_is_read_by_a_receiver_process(tmp_path):
+    """In a receiver process ([server] workers, uvloop) the session opens after the shared
+    connection gauge answers; pausing the read in connection_made does nothing there (uvloop
+    has not started reading yet), so the bytes that came with the connection arrived before
+    the session and were dropped: an outside early talker slipped past the pregreet test
+    unrefused and unlogged, and a relay client's EHLO was never answered; behind a trusted
+    balancer, the bytes after the PROXY header the same."""
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(config_text(tmp_path / "data", port, greet_pause="3s", workers=1).replace(
+        "[smtp]", '[smtp]\ntrusted_proxies = ["127.0.0.5/32"]'))
+    proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+    try:
+        for _ in range(3):  # the first connection waits for the gauge; later ones may not
+            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(OUTSIDE, 0)) as raw:
+                raw.sendall(b"EHLO bot\r\n")
+                assert recv_all(raw) == b"554 5.5.1 Error: talking before the greeting (protocol violation)\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
+                raw.sendall(b"EHLO early\r\n")  # a relay client: not delayed, and answered
+                data = recv_until(raw, b"\r\n250 ")
+                assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
+            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.5", 0)) as raw:
+                # Behind a trusted balancer: its header and the outside client's early bytes at once.
+                raw.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\nEHLO bot\r\n")
+                assert recv_all(raw).startswith(b"554 5.5.1 ")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            early = [e for e in search_events(tmp_path / "data") if "early talker" in e.text]
+            if len(early) == 6:
+                break
+            time.sleep(0.2)
+        assert len(early) == 6
+    finally:
+        proc.kill()
+
+
 def test_a_greeting_with_control_bytes_is_not_echoed_and_logged_escaped(node):
     """An admin testing with telnet or openssl s_client has a terminal: the client's
     bytes never come back raw, and the event log shows them escaped."""
