@@ -979,7 +979,8 @@ class Alert(Event):
     """An alert raised, suppressed (mailed recently) or cleared (`kanmon alert list`).
 
     `text` is the whole alert text; `summary` the one-line text of this change;
-    `mailed` False: its category is not mailed; `last_sent`: when it was last mailed.
+    `mailed` False: its category is not mailed; `last_sent`: when it was last mailed;
+    `test`: the test button's (`kanmon alert test`), never an active alert, whatever its key.
     """
 
     KIND = "alert"
@@ -991,6 +992,7 @@ class Alert(Event):
     summary: str = ""
     mailed: bool = True
     last_sent: float | None = None
+    test: bool = False
 
     def line(self) -> str:
         head = f"alert {self.category}/{self.key}"
@@ -1010,6 +1012,7 @@ class AlertMailed(Event):
     category: str
     key: str
     subject: str
+    test: bool = False  # the test button's (kanmon alert test waits for it)
 
     def line(self) -> str:
         return f"alert mail ({self.category}/{self.key}) queued: {self.subject}"
@@ -1020,6 +1023,7 @@ class AlertNotMailed(Event):
     KIND = "alert-not-mailed"
     why: str
     subject: str
+    test: bool = False  # the test button's (kanmon alert test waits for it)
 
     def line(self) -> str:
         return f"alert not mailed ({self.why}): {self.subject}"

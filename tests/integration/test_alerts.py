@@ -21,6 +21,8 @@ import trustme
 from kanmon.alerts import CHECK_INTERVAL
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
+from kanmon.control import ControlClient
+from kanmon.records.events import ScannerFailed
 from kanmon.records.query import search_events
 from tests.support.dnsserver import DnsServer
 from tests.support.kanmon_node import RunningNode, free_port, wait_for
@@ -272,15 +274,22 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         assert "test alert (queue)" in subject(mail)
         # A category left out of [alerts] categories is recorded, not mailed.
         node.call(node.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
+        # A scanner named "test" failing is a real alert, whose key is "test" too.
+        node.node.records.record(ScannerFailed("test", "connection refused"))
+        wait_event(node, "alert scanner/test")
         node.flush()
         listing = subprocess.run(
             [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
             capture_output=True, text=True, timeout=60,
         )
         data = json.loads(listing.stdout)
-        assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data")]
-        assert {(a["category"], a["state"]) for a in data["recent"]} == {("queue", "raised"), ("disk", "raised")}
+        assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data"), ("scanner", "test")]
+        assert {(a["category"], a["state"], a["test"]) for a in data["recent"]} == {
+            ("queue", "raised", True), ("disk", "raised", False), ("scanner", "raised", False)}
         assert alert_mails(admin_sink, "disk") == []
+        with ControlClient(node.data_dir) as client:  # what `kanmon status` reads
+            status = client.request("status")["result"]
+        assert sorted((a["category"], a["key"]) for a in status["alerts"]) == [("disk", "/data"), ("scanner", "test")]
     finally:
         node.stop()
 

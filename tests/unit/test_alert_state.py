@@ -12,10 +12,12 @@ import time
 
 import pytest
 
-from kanmon.alerts import STATE_FILE, Alerts, StateFileError, decode_state
+from kanmon.alerts import STATE_FILE, Alerts, StateFileError, _fold_alerts, decode_state, recent_alerts
 from kanmon.clock import ManualClock
 from kanmon.config import ConfigError, parse_config
 from kanmon.model import Envelope, new_queue_id
+from kanmon.records.events import AlertRequest, ScannerFailed, ScannerRecovered
+from kanmon.records.store import Records
 from kanmon.spool.store import Spool
 from tests.unit.test_monitoring import FakeQueue, FakeRecords
 
@@ -89,16 +91,17 @@ GOOD = {"category": "queue", "key": "size", "text": "t", "since": 1.0, "last_sen
 ])
 def test_the_state_decoder_is_strict(change):
     item = {**GOOD, **change}
+    for fmt in (1, 2):  # the format before test alerts were told apart by a flag is read too
+        with pytest.raises(StateFileError):
+            decode_state(json.dumps({"format": fmt, "alerts": [item], "failover": {}}).encode())
+        with pytest.raises(StateFileError):
+            decode_state(json.dumps({"format": fmt, "alerts": [GOOD, GOOD], "failover": {}}).encode())
+        states, failover = decode_state(json.dumps({"format": fmt, "alerts": [GOOD], "failover": {"d": "s"}}).encode())
+        assert states[("queue", "size")].since == 1.0 and failover == {"d": "s"}
     with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 1, "alerts": [item], "failover": {}}).encode())
-    with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 2, "alerts": [], "failover": {}}).encode())
-    with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 1, "alerts": [GOOD, GOOD], "failover": {}}).encode())
+        decode_state(json.dumps({"format": 3, "alerts": [], "failover": {}}).encode())
     with pytest.raises(StateFileError):
         decode_state(b"\xff\xfe")
-    states, failover = decode_state(json.dumps({"format": 1, "alerts": [GOOD], "failover": {"d": "s"}}).encode())
-    assert states[("queue", "size")].since == 1.0 and failover == {"d": "s"}
 
 
 def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
@@ -113,6 +116,64 @@ def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
     clock.advance(2 * 3600)
     alerts.save_state()
     assert set(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == {("queue", "size")}
+    spool.close()
+
+
+# -- test alerts --------------------------------------------------------------------------
+
+
+def with_records(tmp_path, clock: ManualClock | None = None):
+    """make() with the real records (the events `kanmon alert list` reads back)."""
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    alerts, _, clock, mails, spool = make(tmp_path, clock=clock, records=records)
+    return alerts, records, clock, mails, spool
+
+
+def listed(tmp_path, records) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """(recent (category, key, state), active (category, key)) as `kanmon alert list` shows them."""
+    records.flush()
+    recent, active = recent_alerts(tmp_path, 0.0)
+    return [(r.category, r.key, r.state) for r in recent], [(r.category, r.key) for r in active]
+
+
+def test_a_real_alert_keyed_test_is_shown_and_the_test_button_leaves_it_alone(tmp_path):
+    """A scanner named "test" is a real alert of key "test": active in the list and the
+    status (kanmon.admin.status reads the states), and the test button of its category
+    neither hides it nor changes it. Test alerts are told apart by their flag."""
+    alerts, records, clock, mails, spool = with_records(tmp_path)
+    alerts._on_event(ScannerFailed.KIND, None, "scanner test failed: connection refused")
+    clock.advance(60)
+    alerts._on_event(AlertRequest.KIND, None, "test alert requested: scanner", '{"category": "scanner"}')
+    st = alerts.states[("scanner", "test")]
+    assert st.active and st.text.startswith("scanner test failed") and st.since == 1_000_000.0
+    assert list(alerts.states) == [("scanner", "test")]  # the test alert keeps no state
+    recent, active = listed(tmp_path, records)
+    assert recent == [("scanner", "test", "raised"), ("scanner", "test", "raised")] and active == [("scanner", "test")]
+    records.flush()
+    recent_records = recent_alerts(tmp_path, 0.0)[0]
+    assert [r.test for r in recent_records] == [False, True]
+    alerts.save_state()
+    assert list(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == [("scanner", "test")]
+    # The scanner answers again: cleared; the test button's event never made it active either.
+    alerts._on_event(ScannerRecovered.KIND, None, "scanner test answers again")
+    assert listed(tmp_path, records)[1] == []
+    records.close()
+    spool.close()
+
+
+def test_test_alerts_of_the_old_format_are_not_alerts(tmp_path):
+    """Before the flag, the key "test" was all that told a test alert: the events and the
+    state file written then are read that way (the state file: format 1)."""
+    item = {"text": "t", "since": 1.0, "last_sent": 1.0, "active": True, "last_seen": 1.0, "resolved_sent": None}
+    old = {"format": 1, "failover": {}, "alerts": [{"category": "queue", "key": "test", **item},
+                                                    {"category": "disk", "key": "/data", **item}]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    alerts, _, _, _, spool = make(tmp_path)
+    assert list(alerts.states) == [("disk", "/data")]
+    alerts.save_state()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["format"] == 2
+    rows = [(1.0, json.dumps({"category": "queue", "key": "test", "state": "raised", "since": 1.0, "text": "t"}), "")]
+    assert _fold_alerts(rows)[1] == []
     spool.close()
 
 
