@@ -107,6 +107,8 @@ CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
 STATE_FILE = "alert-state.json"
 STATE_FORMAT = 2  # 1: test alerts were kept too, told apart by their key "test" (read still)
 STATE_MAX_ALERTS = 1000  # the most recent ones are kept; older, inactive ones do not matter
+LOST_AT_START = "this node started without its state (alert-state.json damaged, removed or not written)"
+LOST_PRUNED = f"more alerts than the {STATE_MAX_ALERTS} the node keeps: the oldest is no longer followed"
 
 
 @dataclass(slots=True)
@@ -203,10 +205,13 @@ class Alerts:
         free_disk: Callable[[], int] | None = None,
         stderr: TextIO | None = None,
         shared=None,
+        previous: Alerts | None = None,
     ):
         """shared: the SharedState the nodes of a cluster share ([records] url): an alert
         another node mailed within the interval is not mailed again (one mail per
-        incident for the cluster, naming the nodes that see it). None: this node alone."""
+        incident for the cluster, naming the nodes that see it). None: this node alone.
+        previous: the Alerts a reload replaces, whose state (in memory, newer than the
+        file) goes on here; None: the state is read from the file."""
         self.config = config
         self.shared = shared
         self.node = config.records.node or config.server.hostname
@@ -238,7 +243,13 @@ class Alerts:
         self._state_version = 0  # bumped on each change; a write never replaces a newer one
         self._state_written = 0
         self._save_failed = False
-        self.load_state()
+        if previous is not None:
+            self.states, self.failover = previous.states, previous.failover
+            self._last_event_id = max(self._last_event_id, previous._last_event_id)
+            self._state_lock = previous._state_lock  # its last save may still be under way
+        else:
+            self.load_state()
+            self._forget_lost_states()
 
     # -- raising ------------------------------------------------------------------------
 
@@ -664,6 +675,25 @@ class Alerts:
             self.records.record(Critical(f"alerts: the saved alert state {self.state_path} is damaged ({e}); it "
                                          f"{where}; alerts start afresh and may be mailed again"))
 
+    def _forget_lost_states(self) -> None:
+        """Alerts this node's events show active but whose state it no longer has (the
+        state file was damaged, removed or not yet written) would stay active in `kanmon
+        alert list` until a later event of theirs, which a check that finds all well
+        never makes (it clears only what it knows). Each gets an "unknown" event: not
+        active; raised again (and mailed) by its source if it still holds."""
+        try:
+            _recent, active = recent_alerts(self.data_dir, float("inf"))
+        except sqlite3.Error as e:
+            self.records.emit(f"alerts: cannot read the alert events back: {e}", kind="error")
+            return
+        for r in active:
+            st = self.states.get((r.category, r.key))
+            if r.category != "critical" and (st is None or not st.active):
+                self._forget(AlertState(r.category, r.key, r.text, r.since), LOST_AT_START)
+
+    def _forget(self, st: AlertState, why: str) -> None:
+        self._event(st, "unknown", summary=f"{why}; raised again if it still holds")
+
     def _state_dirty(self) -> None:
         self._state_version += 1
         if self._state_changed is not None:
@@ -680,6 +710,9 @@ class Alerts:
 
         keep = [st for st in self.states.values() if recent(st) or (st.active and st.category != "critical")]
         keep.sort(key=lambda st: max(st.last_seen, st.last_sent or 0.0), reverse=True)
+        for st in keep[STATE_MAX_ALERTS:]:
+            if st.active and st.category != "critical":  # a critical one is active for its interval only
+                self._forget(st, LOST_PRUNED)
         self.states = {(st.category, st.key): st for st in reversed(keep[:STATE_MAX_ALERTS])}
         return self._state_version, encode_state(self.states, self.failover)
 
@@ -811,7 +844,7 @@ def _first(text: str) -> str:
 # Reading alerts back (kanmon alert list)
 
 
-INACTIVE = ("cleared",)  # an alert whose latest event is one of these is not active
+INACTIVE = ("cleared", "unknown")  # an alert whose latest event is one of these is not active
 
 
 @dataclass(slots=True)
@@ -819,7 +852,7 @@ class AlertRecord:
     ts: float
     category: str
     key: str
-    state: str  # raised | suppressed | cleared
+    state: str  # raised | suppressed | cleared | unknown (the node lost its state)
     since: float
     text: str
     node: str = ""  # the node that saw it (shared records); "" for this node's own records

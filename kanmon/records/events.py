@@ -976,7 +976,8 @@ class Stopped(Event):
 
 @_event
 class Alert(Event):
-    """An alert raised, suppressed (mailed recently) or cleared (`kanmon alert list`).
+    """An alert raised, suppressed (mailed recently), cleared, or unknown (the node lost
+    its state: not active any more until raised again) (`kanmon alert list`).
 
     `text` is the whole alert text; `summary` the one-line text of this change;
     `mailed` False: its category is not mailed; `last_sent`: when it was last mailed;
@@ -986,7 +987,7 @@ class Alert(Event):
     KIND = "alert"
     category: str
     key: str
-    state: str  # raised | suppressed | cleared
+    state: str  # raised | suppressed | cleared | unknown
     since: float
     text: str
     summary: str = ""
@@ -999,6 +1000,8 @@ class Alert(Event):
         summary = _first(self.summary or self.text)
         if self.state == "cleared":
             return f"{head} cleared: {summary}"
+        if self.state == "unknown":
+            return f"{head} no longer known: {summary}"
         if self.state == "suppressed":
             return f"{head} (already mailed {_stamp(self.last_sent or 0.0)}): {summary}"
         if not self.mailed:

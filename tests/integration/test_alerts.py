@@ -315,6 +315,29 @@ def test_a_restart_does_not_mail_again_what_was_mailed_within_the_interval(tmp_p
         node.stop()
 
 
+def test_an_alert_whose_state_was_lost_is_not_listed_active_after_the_restart(tmp_path, admin_sink):
+    """The disk was full; the state file is damaged while the node is stopped, and the disk
+    has room again when it starts: the check finds all well but knows no disk alert to
+    clear, so the start says the alert unknown instead of leaving it active for ever."""
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_alert(admin_sink, "disk")
+    finally:
+        node.stop()
+    (tmp_path / "data" / "alert-state.json").write_bytes(b"\x00garbage")
+    node = start(tmp_path, admin_sink)
+    try:
+        next_check(node)  # a round that finds the disk fine has run
+        node.flush()
+        listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"),
+                                  "--json"], capture_output=True, text=True, timeout=60)
+        data = json.loads(listing.stdout)
+        assert [a["category"] for a in data["active"] if a["category"] != "critical"] == [], data["active"]
+        assert [a["state"] for a in data["recent"] if a["category"] == "disk"] == ["raised", "unknown"]
+    finally:
+        node.stop()
+
+
 def test_a_damaged_alert_state_file_is_moved_aside_and_the_node_starts(tmp_path, admin_sink):
     def damage(node: RunningNode) -> None:
         (tmp_path / "data").mkdir(parents=True, exist_ok=True)

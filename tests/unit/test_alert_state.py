@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from kanmon.alerts import STATE_FILE, Alerts, StateFileError, _fold_alerts, decode_state, recent_alerts
+import kanmon.alerts as alerts_module
+from kanmon.alerts import STATE_FILE, Alerts, StateFileError, _fold_alerts, decode_state, encode_state, recent_alerts
 from kanmon.clock import ManualClock
 from kanmon.config import ConfigError, parse_config
 from kanmon.model import Envelope, new_queue_id
@@ -119,7 +120,7 @@ def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
     spool.close()
 
 
-# -- test alerts --------------------------------------------------------------------------
+# -- test alerts, and alerts whose state is lost ------------------------------------------
 
 
 def with_records(tmp_path, clock: ManualClock | None = None):
@@ -174,6 +175,61 @@ def test_test_alerts_of_the_old_format_are_not_alerts(tmp_path):
     assert json.loads((tmp_path / STATE_FILE).read_text())["format"] == 2
     rows = [(1.0, json.dumps({"category": "queue", "key": "test", "state": "raised", "since": 1.0, "text": "t"}), "")]
     assert _fold_alerts(rows)[1] == []
+    spool.close()
+
+
+def test_an_alert_whose_state_was_lost_is_no_longer_active_in_the_list(tmp_path):
+    """The state file damaged or removed: the alerts its events show active are said
+    "unknown" at start (not active), instead of staying active until a later event of
+    theirs, which a check that finds all well never makes (it clears only what it knows)."""
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    alerts.raise_alert("disk", "/data", "free disk space low")
+    alerts.raise_alert("queue", "size", "900 messages")
+    alerts.raise_alert("critical", "boom", "error event")  # active for its interval only: left alone
+    alerts.save_state()
+    spool.close()
+    kept = decode_state((tmp_path / STATE_FILE).read_bytes())[0]
+    del kept[("disk", "/data")]  # its state lost; the queue's kept
+    (tmp_path / STATE_FILE).write_bytes(encode_state(kept, {}))
+    records.flush()
+    again, _, _, _, spool = make(tmp_path, clock=clock, records=records)
+    recent, active = listed(tmp_path, records)
+    assert recent[-1] == ("disk", "/data", "unknown") and ("disk", "/data") not in active
+    assert ("queue", "size") in active and again.states[("queue", "size")].active
+    again.clear("disk", "/data", "free disk space 9 GB")  # nothing known: nothing said, nothing active
+    assert listed(tmp_path, records)[1] == active
+    # Raised again (the disk still full): active again, a new episode.
+    assert again.raise_alert("disk", "/data", "free disk space low") is True
+    assert ("disk", "/data") in listed(tmp_path, records)[1]
+    records.close()
+    spool.close()
+
+
+def test_an_active_alert_pruned_from_the_state_is_no_longer_active_in_the_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(alerts_module, "STATE_MAX_ALERTS", 2)
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    for n in range(3):
+        alerts.raise_alert("dns", f"example{n}.test", "no MX")
+        clock.advance(60)
+    alerts.save_state()
+    assert set(alerts.states) == {("dns", "example1.test"), ("dns", "example2.test")}
+    recent, active = listed(tmp_path, records)
+    assert recent[-1] == ("dns", "example0.test", "unknown") and ("dns", "example0.test") not in active
+    assert len(active) == 2
+    records.close()
+    spool.close()
+
+
+def test_a_reload_goes_on_with_the_state_in_memory(tmp_path):
+    """The alerts a reload makes take the running state, not the file (which a change of
+    the last moment may not have reached): nothing is forgotten or said unknown."""
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    alerts.raise_alert("disk", "/data", "free disk space low")  # not saved yet
+    records.flush()
+    again = Alerts(alerts.config, records, spool, FakeQueue(), clock, previous=alerts)
+    assert again.states[("disk", "/data")].active
+    assert listed(tmp_path, records) == ([("disk", "/data", "raised")], [("disk", "/data")])
+    records.close()
     spool.close()
 
 
