@@ -303,7 +303,7 @@ class Node:
         configure_index(config)
         self._local_directory: Directory | None = None
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of,
-                                   is_mailbox=lambda address: self._directory().deliverable(address))
+                                   is_mailbox=lambda address: self._directory().wait_deliverable(address))
         self.dns_cache = DnsCache(config.dns.cache_entries)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache,
                                    clock=self.clock)
