@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -244,8 +244,11 @@ class Alerts:
         self._state_written = 0
         self._save_failed = False
         if previous is not None:
-            self.states, self.failover = previous.states, previous.failover
-            self._last_event_id = max(self._last_event_id, previous._last_event_id)
+            # Copies: what the old one's last moments change (a check under way in its
+            # thread) is not taken as mailed here, where its mail would never be sent.
+            self.states = {k: replace(st) for k, st in previous.states.items()}
+            self.failover = dict(previous.failover)
+            self._last_event_id = previous._last_event_id  # the events it acted on, no more
             self._state_lock = previous._state_lock  # its last save may still be under way
         else:
             self.load_state()
@@ -535,10 +538,12 @@ class Alerts:
         finally:
             db.close()
 
-    def poll_events(self) -> list[tuple[str, str | None, str, str | None]]:
-        """New error/critical events and alert requests since the last look (blocking)."""
+    def poll_events(self) -> tuple[list[tuple[str, str | None, str, str | None]], int]:
+        """(new error/critical events and alert requests since the last look, the id
+        they run up to) (blocking). The watcher moves on to that id once it has acted on
+        them (a reload's Alerts goes on from there: nothing is skipped or done twice)."""
         if not self._db_path.exists():
-            return []
+            return [], self._last_event_id
         db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
         try:
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
@@ -549,8 +554,7 @@ class Alerts:
             ).fetchall()
         finally:
             db.close()
-        self._last_event_id = max(self._last_event_id, top)
-        return rows
+        return rows, top
 
     def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
         if kind == AlertRequest.KIND:
@@ -599,8 +603,10 @@ class Alerts:
     async def _watch_events(self) -> None:
         while True:
             try:
-                for kind, qid, text, detail in await asyncio.to_thread(self.poll_events):
+                rows, top = await asyncio.to_thread(self.poll_events)
+                for kind, qid, text, detail in rows:
                     self._on_event(kind, qid, text, detail)
+                self._last_event_id = max(self._last_event_id, top)
             except sqlite3.Error as e:
                 print(f"kanmon: alerts cannot read the records: {e}", file=self.stderr)
             await asyncio.sleep(EVENT_POLL)

@@ -17,7 +17,7 @@ from kanmon.alerts import STATE_FILE, Alerts, StateFileError, _fold_alerts, deco
 from kanmon.clock import ManualClock
 from kanmon.config import ConfigError, parse_config
 from kanmon.model import Envelope, new_queue_id
-from kanmon.records.events import AlertRequest, ScannerFailed, ScannerRecovered
+from kanmon.records.events import AlertRequest, Error, ScannerFailed, ScannerRecovered
 from kanmon.records.store import Records
 from kanmon.spool.store import Spool
 from tests.unit.test_monitoring import FakeQueue, FakeRecords
@@ -222,13 +222,17 @@ def test_an_active_alert_pruned_from_the_state_is_no_longer_active_in_the_list(t
 
 def test_a_reload_goes_on_with_the_state_in_memory(tmp_path):
     """The alerts a reload makes take the running state, not the file (which a change of
-    the last moment may not have reached): nothing is forgotten or said unknown."""
+    the last moment may not have reached): nothing is forgotten or said unknown; and its
+    watcher goes on from the last event the old one acted on."""
     alerts, records, clock, _, spool = with_records(tmp_path)
     alerts.raise_alert("disk", "/data", "free disk space low")  # not saved yet
+    records.record(Error("delivery: stage failed"))  # not looked at yet by the old one's watcher
     records.flush()
     again = Alerts(alerts.config, records, spool, FakeQueue(), clock, previous=alerts)
     assert again.states[("disk", "/data")].active
     assert listed(tmp_path, records) == ([("disk", "/data", "raised")], [("disk", "/data")])
+    rows, _top = again.poll_events()  # nor is an event of the reload's moment skipped
+    assert [(kind, text) for kind, _, text, _ in rows] == [("error", "delivery: stage failed")]
     records.close()
     spool.close()
 
