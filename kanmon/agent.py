@@ -454,7 +454,7 @@ async def _serve(config_source: str | None, fd: int, index: int, quiet: bool, fs
     sv = config.sieve
     # The agent's config is the node's of its start (a reload starts new agents).
     local_users = quiet_directory(config)
-    local = LocalDelivery(data_dir, committer, quota_of=quota_of, is_mailbox=local_users.deliverable)
+    local = LocalDelivery(data_dir, committer, quota_of=quota_of, is_mailbox=local_users.wait_deliverable)
     local.sieve = SieveFilter(data_dir, config.server.hostname, inject, records.emit, clock=time.time,
                               settings=lambda: (sv.max_redirects, sv.max_script_size, sv.enabled))
     local.sieve.unknown_local = local_users.is_unknown_local

@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -105,8 +105,10 @@ LOOK_CLOSER = {
 CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
 
 STATE_FILE = "alert-state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: test alerts were kept too, told apart by their key "test" (read still)
 STATE_MAX_ALERTS = 1000  # the most recent ones are kept; older, inactive ones do not matter
+LOST_AT_START = "this node started without its state (alert-state.json damaged, removed or not written)"
+LOST_PRUNED = f"more alerts than the {STATE_MAX_ALERTS} the node keeps: the oldest is no longer followed"
 
 
 @dataclass(slots=True)
@@ -135,14 +137,15 @@ def decode_state(raw: bytes) -> tuple[dict[tuple[str, str], AlertState], dict[st
     """The alert state file -> (states by (category, key), failovers outstanding).
 
     Strict: any unknown or missing field, wrong type or unknown category is refused
-    (StateFileError); nothing of a refused file is used."""
+    (StateFileError); nothing of a refused file is used. A format 1 file's alerts keyed
+    "test" were the test button's (that format kept them): they are left out."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise StateFileError(f"not JSON: {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"format", "alerts", "failover"}:
         raise StateFileError("not an alert state document")
-    if doc["format"] != STATE_FORMAT or isinstance(doc["format"], bool):
+    if doc["format"] not in (1, STATE_FORMAT) or isinstance(doc["format"], bool):
         raise StateFileError(f"unknown format {doc['format']!r}")
     if not isinstance(doc["alerts"], list) or not isinstance(doc["failover"], dict):
         raise StateFileError("alerts must be a list and failover an object")
@@ -160,6 +163,8 @@ def decode_state(raw: bytes) -> tuple[dict[tuple[str, str], AlertState], dict[st
             raise StateFileError(f"alert {n}: unknown category {item['category']!r}")
         if (item["category"], item["key"]) in states:
             raise StateFileError(f"alert {n}: {item['category']}/{item['key']} is listed twice")
+        if doc["format"] == 1 and item["key"] == "test":
+            continue
         states[(item["category"], item["key"])] = AlertState(**item)
     failover: dict[str, str] = {}
     for dest, used in doc["failover"].items():
@@ -200,10 +205,13 @@ class Alerts:
         free_disk: Callable[[], int] | None = None,
         stderr: TextIO | None = None,
         shared=None,
+        previous: Alerts | None = None,
     ):
         """shared: the SharedState the nodes of a cluster share ([records] url): an alert
         another node mailed within the interval is not mailed again (one mail per
-        incident for the cluster, naming the nodes that see it). None: this node alone."""
+        incident for the cluster, naming the nodes that see it). None: this node alone.
+        previous: the Alerts a reload replaces, whose state (in memory, newer than the
+        file) goes on here; None: the state is read from the file."""
         self.config = config
         self.shared = shared
         self.node = config.records.node or config.server.hostname
@@ -235,7 +243,16 @@ class Alerts:
         self._state_version = 0  # bumped on each change; a write never replaces a newer one
         self._state_written = 0
         self._save_failed = False
-        self.load_state()
+        if previous is not None:
+            # Copies: what the old one's last moments change (a check under way in its
+            # thread) is not taken as mailed here, where its mail would never be sent.
+            self.states = {k: replace(st) for k, st in previous.states.items()}
+            self.failover = dict(previous.failover)
+            self._last_event_id = previous._last_event_id  # the events it acted on, no more
+            self._state_lock = previous._state_lock  # its last save may still be under way
+        else:
+            self.load_state()
+            self._forget_lost_states()
 
     # -- raising ------------------------------------------------------------------------
 
@@ -270,6 +287,23 @@ class Alerts:
         self._event(st, "raised")
         self._enqueue(category, key, self._subject(category, text), self._body(st, text, look), force)
         return True
+
+    def test_alert(self, category: str) -> None:
+        """The test button (`kanmon alert test`, the console, the API): a mail of `category`
+        now, whatever the rate limit and the category list. It is no alert of the node's:
+        its event says test (never active), and it keeps no state, so a real alert whose
+        key is "test" (a scanner of that name) is neither hidden nor changed by it."""
+        if category not in ALERT_CATEGORIES:
+            category = "critical"
+        text = (f"test alert ({category}) requested (`kanmon alert test`, the console or the API): "
+                "if you read this, alert mail reaches you")
+        st = AlertState(category, "test", text, since=self.clock.now())
+        self.records.record(Alert(category, "test", "raised", st.since, text, test=True))
+        subject, body = self._subject(category, text), self._body(st, text)
+        if self._outbox is None:  # not running (tests driving it by hand): log only
+            self._fallback(subject, body, "alerts not running", test=True)
+            return
+        self._outbox.put_nowait((category, "test", subject, body, "test"))
 
     def clear(self, category: str, key: str, text: str, *, mail: bool = False) -> None:
         """The condition is over. mail: say so by mail (delivery and ha recoveries do)."""
@@ -504,10 +538,12 @@ class Alerts:
         finally:
             db.close()
 
-    def poll_events(self) -> list[tuple[str, str | None, str, str | None]]:
-        """New error/critical events and alert requests since the last look (blocking)."""
+    def poll_events(self) -> tuple[list[tuple[str, str | None, str, str | None]], int]:
+        """(new error/critical events and alert requests since the last look, the id
+        they run up to) (blocking). The watcher moves on to that id once it has acted on
+        them (a reload's Alerts goes on from there: nothing is skipped or done twice)."""
         if not self._db_path.exists():
-            return []
+            return [], self._last_event_id
         db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
         try:
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
@@ -518,8 +554,7 @@ class Alerts:
             ).fetchall()
         finally:
             db.close()
-        self._last_event_id = max(self._last_event_id, top)
-        return rows
+        return rows, top
 
     def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
         if kind == AlertRequest.KIND:
@@ -527,8 +562,7 @@ class Alerts:
                 category = str(json.loads(detail or "{}").get("category") or "critical")
             except (ValueError, AttributeError):
                 category = "critical"
-            self.raise_alert(category, "test", f"test alert ({category}) requested (`kanmon alert test`, the console"
-                             " or the API): if you read this, alert mail reaches you", force=True)
+            self.test_alert(category)
             return
         if kind in (ScannerFailed.KIND, ScannerRecovered.KIND):
             scanner = text.split(" ", 2)[1] if text.startswith("scanner ") else "scanner"
@@ -569,8 +603,10 @@ class Alerts:
     async def _watch_events(self) -> None:
         while True:
             try:
-                for kind, qid, text, detail in await asyncio.to_thread(self.poll_events):
+                rows, top = await asyncio.to_thread(self.poll_events)
+                for kind, qid, text, detail in rows:
                     self._on_event(kind, qid, text, detail)
+                self._last_event_id = max(self._last_event_id, top)
             except sqlite3.Error as e:
                 print(f"kanmon: alerts cannot read the records: {e}", file=self.stderr)
             await asyncio.sleep(EVENT_POLL)
@@ -586,7 +622,7 @@ class Alerts:
                 body = await self._resolve(category, key, subject, body)
             if body is None:
                 continue
-            await self.send(category, key, subject, body)
+            await self.send(category, key, subject, body, test=ask == "test")
 
     async def _claim(self, category: str, key: str, subject: str, body: str) -> str | None:
         """The body to mail (naming the nodes that see the alert), or None when another
@@ -645,6 +681,25 @@ class Alerts:
             self.records.record(Critical(f"alerts: the saved alert state {self.state_path} is damaged ({e}); it "
                                          f"{where}; alerts start afresh and may be mailed again"))
 
+    def _forget_lost_states(self) -> None:
+        """Alerts this node's events show active but whose state it no longer has (the
+        state file was damaged, removed or not yet written) would stay active in `kanmon
+        alert list` until a later event of theirs, which a check that finds all well
+        never makes (it clears only what it knows). Each gets an "unknown" event: not
+        active; raised again (and mailed) by its source if it still holds."""
+        try:
+            _recent, active = recent_alerts(self.data_dir, float("inf"))
+        except sqlite3.Error as e:
+            self.records.emit(f"alerts: cannot read the alert events back: {e}", kind="error")
+            return
+        for r in active:
+            st = self.states.get((r.category, r.key))
+            if r.category != "critical" and (st is None or not st.active):
+                self._forget(AlertState(r.category, r.key, r.text, r.since), LOST_AT_START)
+
+    def _forget(self, st: AlertState, why: str) -> None:
+        self._event(st, "unknown", summary=f"{why}; raised again if it still holds")
+
     def _state_dirty(self) -> None:
         self._state_version += 1
         if self._state_changed is not None:
@@ -661,6 +716,9 @@ class Alerts:
 
         keep = [st for st in self.states.values() if recent(st) or (st.active and st.category != "critical")]
         keep.sort(key=lambda st: max(st.last_seen, st.last_sent or 0.0), reverse=True)
+        for st in keep[STATE_MAX_ALERTS:]:
+            if st.active and st.category != "critical":  # a critical one is active for its interval only
+                self._forget(st, LOST_PRUNED)
         self.states = {(st.category, st.key): st for st in reversed(keep[:STATE_MAX_ALERTS])}
         return self._state_version, encode_state(self.states, self.failover)
 
@@ -720,10 +778,11 @@ class Alerts:
             return
         self._outbox.put_nowait((category, key, subject, body, "resolve"))
 
-    async def send(self, category: str, key: str, subject: str, body: str) -> str | None:
-        """Queue one alert mail; its queue id, or None when it went to log and stderr."""
+    async def send(self, category: str, key: str, subject: str, body: str, *, test: bool = False) -> str | None:
+        """Queue one alert mail; its queue id, or None when it went to log and stderr.
+        test: the test button's (its events say so)."""
         if not self.cfg.to:
-            self._fallback(subject, body, "no [alerts] to")
+            self._fallback(subject, body, "no [alerts] to", test=test)
             return None
         now = self.clock.now()
         hostname = self.config.server.hostname
@@ -741,14 +800,14 @@ class Alerts:
         try:
             qid = await self.injector.inject(env, content, "alert")
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
-            self._fallback(subject, body, f"queue refused it: {e}")
+            self._fallback(subject, body, f"queue refused it: {e}", test=test)
             return None
-        self.records.record(AlertMailed(category, key, subject), qid)
+        self.records.record(AlertMailed(category, key, subject, test), qid)
         self.sent += 1
         return qid
 
-    def _fallback(self, subject: str, body: str, why: str) -> None:
-        self.records.record(AlertNotMailed(why, subject))
+    def _fallback(self, subject: str, body: str, why: str, *, test: bool = False) -> None:
+        self.records.record(AlertNotMailed(why, subject, test))
         try:
             print(f"kanmon: ALERT: {subject}\n{body}", file=self.stderr, flush=True)
         except (OSError, ValueError):
@@ -791,15 +850,19 @@ def _first(text: str) -> str:
 # Reading alerts back (kanmon alert list)
 
 
+INACTIVE = ("cleared", "unknown")  # an alert whose latest event is one of these is not active
+
+
 @dataclass(slots=True)
 class AlertRecord:
     ts: float
     category: str
     key: str
-    state: str  # raised | suppressed | cleared
+    state: str  # raised | suppressed | cleared | unknown (the node lost its state)
     since: float
     text: str
     node: str = ""  # the node that saw it (shared records); "" for this node's own records
+    test: bool = False  # the test button's (kanmon alert test): never active
 
 
 def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[AlertRecord]]:
@@ -814,14 +877,18 @@ def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[Aler
             continue
         if not isinstance(d, dict):
             continue
-        rec = AlertRecord(ts, str(d.get("category", "")), str(d.get("key", "")), str(d.get("state", "")),
-                          d.get("since", ts), str(d.get("text", "")), node or "")
+        key = str(d.get("key", ""))
+        # The test button's event says so; before it did, its key "test" was all there was.
+        test = d["test"] if isinstance(d.get("test"), bool) else key == "test"
+        rec = AlertRecord(ts, str(d.get("category", "")), key, str(d.get("state", "")),
+                          d.get("since", ts), str(d.get("text", "")), node or "", test)
         if rec.ts >= since:
             out.append(rec)
-        latest[(rec.node, rec.category, rec.key)] = rec
+        if not test:  # nor does it end a real alert of the same key
+            latest[(rec.node, rec.category, rec.key)] = rec
     # A critical alert is an error event, which nothing clears: active within the window
     # only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
-    active = [r for r in latest.values() if r.state != "cleared" and r.key != "test"
+    active = [r for r in latest.values() if r.state not in INACTIVE
               and (r.category != "critical" or r.ts >= since)]
     return out, active
 
@@ -898,10 +965,11 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
         while time.monotonic() < deadline:
             row = db.execute(
                 "SELECT text, queue_id FROM events WHERE id > ? AND kind = ? AND json_extract(detail, '$.category') = ?"
-                " AND json_extract(detail, '$.key') = 'test' ORDER BY id LIMIT 1",
+                " AND json_extract(detail, '$.test') ORDER BY id LIMIT 1",
                 (request_id, AlertMailed.KIND, category),
             ).fetchone() or db.execute(
-                "SELECT text, queue_id FROM events WHERE id > ? AND kind = ? ORDER BY id LIMIT 1",
+                "SELECT text, queue_id FROM events WHERE id > ? AND kind = ? AND json_extract(detail, '$.test')"
+                " ORDER BY id LIMIT 1",
                 (request_id, AlertNotMailed.KIND),
             ).fetchone()
             if row:

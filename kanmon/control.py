@@ -87,22 +87,10 @@ class DataDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
-    def wait_free(self, wait: float, poll: float = 0.1, on_wait: Callable[[str], None] | None = None) -> None:
-        """Wait up to `wait` seconds for the lock to be free, without keeping it; LockBusy
-        after. For `kanmon serve` before its event loop runs, so that SIGTERM and Ctrl-C
-        end the wait (in the loop they would wait for it). No lock file yet: free."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:  # none yet, or unreadable: the node's own acquire() says what is wrong
-            return
-        try:
-            self._take(fd, wait, poll, on_wait)
-        finally:
-            os.close(fd)  # free: closing the file lets it go again
-
     def _take(self, fd: int, wait: float, poll: float, on_wait: Callable[[str], None] | None) -> None:
         """flock fd exclusively, waiting up to `wait` seconds (on_wait said once); LockBusy
-        naming the holder's pid after."""
+        naming the holder's pid after. (Never a probe that takes the lock and lets it go:
+        at that moment another process's acquire(wait=0) would be refused.)"""
         deadline = time.monotonic() + wait
         waiting = False
         while True:

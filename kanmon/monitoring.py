@@ -47,11 +47,11 @@ class Monitoring:
 
     def reconfigure(self, config) -> None:
         """After a reload: alerts and retention with the new config (the node restarts
-        run()); the metrics keep counting."""
+        run()); the alert state in memory goes on; the metrics keep counting."""
         node = self.node
         cert, _key = server_cert_paths(config)
         self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert,
-                             shared=node.state if config.records.url else None)
+                             shared=node.state if config.records.url else None, previous=self.alerts)
         node.remote.on_server_used = self.alerts.on_server_used
         self.retention = Retention(config, node.records.emit, node.clock)
 

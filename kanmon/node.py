@@ -201,12 +201,14 @@ class Node:
         delivery_workers: int = 0,
         config_source: str | None = None,
         config_text: str | None = None,
+        data_dir_lock: DataDirLock | None = None,
     ):
         """workers: SMTP receiver processes (kanmon.receiver); 0 receives in this process.
         delivery_workers: delivery agent processes (kanmon.agent); 0 delivers in this process.
         config_source: the config file the receivers load and a reload reads (None: the
         embedded default). config_text: the text `config` was parsed from (the receivers
-        get a snapshot of it)."""
+        get a snapshot of it). data_dir_lock: <data_dir>/kanmon.lock, taken already
+        (`kanmon serve`, before its event loop); None: the admin plane takes it."""
         cluster_start = None
         if config.cluster is not None:  # the pushed version this node applied last, kept on its disk
             config, config_text, cluster_start = starting_config(config, config_text)
@@ -218,6 +220,7 @@ class Node:
         self.agents: AgentPool | None = None
         self._draining: dict[asyncio.Task, AgentPool] = {}  # agent pools a reload replaced, finishing
         self.config_source = config_source
+        self.data_dir_lock = data_dir_lock
         self.config = config
         self.echo = echo
         self.clock = clock or SystemClock()
@@ -301,7 +304,7 @@ class Node:
         configure_index(config)
         self._local_directory: Directory | None = None
         self.local = LocalDelivery(self.data_dir, self.committer, quota_of=self._quota_of,
-                                   is_mailbox=lambda address: self._directory().deliverable(address))
+                                   is_mailbox=lambda address: self._directory().wait_deliverable(address))
         self.dns_cache = DnsCache(config.dns.cache_entries)
         self.remote = SmtpDelivery(config, self.records.record, data_dir=self.data_dir, dns_cache=self.dns_cache,
                                    clock=self.clock)
@@ -951,14 +954,27 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
         print(f"kanmon: {switched}", file=echo, flush=True)
     # Another kanmon holding the data_dir (a server stopping for a restart, an offline admin
     # command): waited for here, before the event loop, where SIGTERM and Ctrl-C end the
-    # wait at once; the node takes the lock itself when it starts (AdminPlane).
+    # wait at once. The lock is taken here and kept: the node's admin plane holds it from
+    # then on (no moment between the wait and the start when another process could take
+    # it, and no probe that takes it for a moment, which would refuse another's try).
+    lock = DataDirLock(Path(config.server.data_dir))
     try:
-        DataDirLock(Path(config.server.data_dir)).wait_free(LOCK_WAIT, on_wait=say_lock_wait)
+        lock.acquire(LOCK_WAIT, on_wait=say_lock_wait)
     except LockBusy as e:
         print(f"kanmon: cannot start: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except OSError:  # no data_dir yet (made at start), or unreadable: the node's own acquire() says what is wrong
+        pass
+    try:
+        return _serve(config, config_source, echo, lock)
+    finally:
+        lock.release()  # normally the node's admin plane did, after the spool closed
+
+
+def _serve(config: Config, config_source: str | None, echo: TextIO | None, lock: DataDirLock) -> int:
+    """run_node's event loop, the data_dir lock taken (or not: lock.held)."""
     try:
         import uvloop  # noqa: PLC0415 - optional, faster event loop
 
@@ -993,7 +1009,7 @@ def run_node(config: Config, config_source: str | None = None, echo: TextIO | No
                 text = None
         node = Node(config, echo=echo, workers=config.server.workers,
                     delivery_workers=agent_count(config.server.delivery_workers),
-                    config_source=config_source, config_text=text)
+                    config_source=config_source, config_text=text, data_dir_lock=lock)
         task = asyncio.ensure_future(node.run())
         reloads: set[asyncio.Task] = set()
 

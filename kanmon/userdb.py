@@ -17,6 +17,7 @@ others (0600), or store a password (only argon2 hashes, made by the caller).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -175,29 +176,39 @@ class UserFile:
         self.path = Path(path)
         self.clock = clock
         self.on_error = on_error
-        self._data = EMPTY
+        # (generation, data): one attribute, so a reader in another thread than the one
+        # reloading never pairs new data with an old generation, or the reverse. The
+        # generation is bumped at each accepted change (readers cache derived tables).
+        self._seen: tuple[int, UserData] = (0, EMPTY)
         self._stat: tuple | None = None
         self._checked = float("-inf")
         self._lock = threading.Lock()
-        self.generation = 0  # bumped at each accepted change (readers cache derived tables)
         self.trouble = ""  # why the file as it is now was not taken ("": it was, or there is none)
+
+    @property
+    def generation(self) -> int:
+        return self._seen[0]
+
+    def seen(self) -> tuple[int, UserData]:
+        """(generation, data) as taken last, without looking at the file."""
+        return self._seen
 
     def current(self) -> UserData:
         now = self.clock()
         if now - self._checked < CHECK_EVERY:
-            return self._data
+            return self._seen[1]
         with self._lock:
             if now - self._checked >= CHECK_EVERY:
                 self._checked = now
                 self._refresh()
-        return self._data
+        return self._seen[1]
 
     def reload(self) -> UserData:
         """Look at the file now (after this process changed it)."""
         with self._lock:
             self._checked = self.clock()
             self._refresh()
-        return self._data
+        return self._seen[1]
 
     def _refresh(self) -> None:
         try:
@@ -220,9 +231,9 @@ class UserFile:
                 self.on_error(f"users file {self.path} refused, the previous users stay: {e}")
                 return
         self.trouble = ""
-        if new != self._data:
-            self._data = new
-            self.generation += 1
+        generation, data = self._seen
+        if new != data:
+            self._seen = (generation + 1, new)
 
 
 @dataclass(frozen=True)
@@ -240,17 +251,18 @@ class Directory:
     def __init__(self, config: Config, userfile: UserFile | None = None):
         self.config = config
         self.userfile = userfile or UserFile(users_path(config))
-        self._generation = -1
-        self._tables: Tables | None = None
+        # (generation, tables): one attribute, as UserFile's (deliverable's look at the
+        # file runs in a worker thread while the event loop asks).
+        self._cache: tuple[int, Tables] | None = None
 
     def tables(self) -> Tables:
-        data = self.userfile.current()
-        gen = self.userfile.generation
-        tables = self._tables
-        if tables is None or gen != self._generation:
-            tables = self._combine(data)
-            self._tables, self._generation = tables, gen
-        return tables
+        self.userfile.current()  # a look at the file when one is due
+        gen, data = self.userfile.seen()
+        cache = self._cache
+        if cache is None or cache[0] != gen:
+            cache = (gen, self._combine(data))
+            self._cache = cache
+        return cache[1]
 
     def _combine(self, data: UserData) -> Tables:
         local_domains = [d for d in self.config.domain if d.deliver == "local"]
@@ -296,6 +308,13 @@ class Directory:
         if self.userfile.trouble:
             return None
         return self.is_mailbox(address)
+
+    async def wait_deliverable(self, address: str) -> bool | None:
+        """deliverable() for the event loop: a mailbox known now is answered at once; the
+        users file is read again (a stat, a read if it changed) in a worker thread."""
+        if self.is_mailbox(address):
+            return True
+        return await asyncio.to_thread(self.deliverable, address)
 
     def is_unknown_local(self, address: str) -> bool:
         """An address of a local domain that is neither a mailbox nor an alias leading to

@@ -3,7 +3,8 @@
 Role: built by kanmon.node. At construction it takes <data_dir>/kanmon.lock (before
 spool recovery, so an offline admin command is never half-way through the spool when the
 server starts; it waits up to LOCK_WAIT for one to finish, or for a server stopping for a
-restart, and says so on stderr as the wait begins). start() opens the control
+restart, and says so on stderr as the wait begins), or keeps the one `kanmon serve` took
+before its event loop (kanmon.node.run_node). start() opens the control
 socket (kanmon.control); each request runs kanmon.admin.queue_ops in one worker thread
 (so a scan of 100,000 messages never stalls the event loop, and operations never
 overlap); NodeLink lets that thread reach the queue manager in the event loop.
@@ -108,8 +109,12 @@ class AdminPlane:
 
     def __init__(self, node):
         self.node = node
-        self.lock = DataDirLock(node.data_dir)
-        self.lock.acquire(wait=LOCK_WAIT, on_wait=say_lock_wait)
+        held = node.data_dir_lock
+        if held is not None and held.held:
+            self.lock = held  # `kanmon serve` waited for it before its event loop
+        else:
+            self.lock = DataDirLock(node.data_dir)
+            self.lock.acquire(wait=LOCK_WAIT, on_wait=say_lock_wait)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         self.ops: QueueOps | None = None
         self.control: ControlServer | None = None

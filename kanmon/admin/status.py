@@ -87,8 +87,8 @@ async def node_status(plane) -> dict[str, Any]:
         def current(st) -> bool:
             # A critical alert is an error event: nothing ever clears it, so it counts
             # while a repeat would still be suppressed ([alerts] min_interval), not forever.
-            # A test alert (`kanmon alert test`) checks that alert mail arrives; the node is not degraded.
-            return st.active and st.key != "test" and (
+            # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
+            return st.active and (
                 st.category != "critical" or now - st.last_seen < watcher.interval(st.category))
 
         alerts = [{"category": s.category, "key": s.key, "text": s.text.splitlines()[0] if s.text else "",

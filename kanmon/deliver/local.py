@@ -30,7 +30,7 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kanmon.deliver.sieving import Decision, SieveFilter
@@ -95,14 +95,14 @@ class LocalDelivery:
 
     def __init__(self, data_dir: Path, committer: GroupCommitter,
                  quota_of: Callable[[str], int | None] | None = None, sieve: SieveFilter | None = None,
-                 is_mailbox: Callable[[str], bool | None] | None = None):
+                 is_mailbox: Callable[[str], Awaitable[bool | None]] | None = None):
         """quota_of(domain): the per-mailbox quota in bytes of a domain, None without one
         (asked at each delivery, so a reload's new quotas apply at once). sieve: users'
-        filters (None: every message goes to INBOX). is_mailbox(address): whether it is a
-        mailbox of the running config or users file (asked at each delivery; userdb's
-        Directory.deliverable); a recipient that is not gets 550 5.1.1 (bounced) instead
-        of a new Maildir nobody reads, and one it cannot tell (None: the users file is
-        unreadable) is deferred. None: every recipient is taken as one (the accept checks
+        filters (None: every message goes to INBOX). is_mailbox(address), awaited: whether
+        it is a mailbox of the running config or users file (asked at each delivery;
+        userdb's Directory.wait_deliverable, which reads the file off the loop); a
+        recipient that is not gets 550 5.1.1 (bounced) instead of a new Maildir nobody
+        reads, and one it cannot tell (None: the users file is unreadable) is deferred. None: every recipient is taken as one (the accept checks
         decided)."""
         self.sieve = sieve
         self.is_mailbox = is_mailbox
@@ -129,7 +129,7 @@ class LocalDelivery:
         reserved: list[tuple[Path, int]] = []
         try:
             for rcpt in rcpts:
-                known = self.is_mailbox(rcpt) if self.is_mailbox is not None else True
+                known = await self.is_mailbox(rcpt) if self.is_mailbox is not None else True
                 if known is None:
                     results.append(RecipientResult(rcpt, Status.DEFERRED, USERS_UNKNOWN, relay="local", mailer="local"))
                     continue

@@ -976,27 +976,32 @@ class Stopped(Event):
 
 @_event
 class Alert(Event):
-    """An alert raised, suppressed (mailed recently) or cleared (`kanmon alert list`).
+    """An alert raised, suppressed (mailed recently), cleared, or unknown (the node lost
+    its state: not active any more until raised again) (`kanmon alert list`).
 
     `text` is the whole alert text; `summary` the one-line text of this change;
-    `mailed` False: its category is not mailed; `last_sent`: when it was last mailed.
+    `mailed` False: its category is not mailed; `last_sent`: when it was last mailed;
+    `test`: the test button's (`kanmon alert test`), never an active alert, whatever its key.
     """
 
     KIND = "alert"
     category: str
     key: str
-    state: str  # raised | suppressed | cleared
+    state: str  # raised | suppressed | cleared | unknown
     since: float
     text: str
     summary: str = ""
     mailed: bool = True
     last_sent: float | None = None
+    test: bool = False
 
     def line(self) -> str:
         head = f"alert {self.category}/{self.key}"
         summary = _first(self.summary or self.text)
         if self.state == "cleared":
             return f"{head} cleared: {summary}"
+        if self.state == "unknown":
+            return f"{head} no longer known: {summary}"
         if self.state == "suppressed":
             return f"{head} (already mailed {_stamp(self.last_sent or 0.0)}): {summary}"
         if not self.mailed:
@@ -1010,6 +1015,7 @@ class AlertMailed(Event):
     category: str
     key: str
     subject: str
+    test: bool = False  # the test button's (kanmon alert test waits for it)
 
     def line(self) -> str:
         return f"alert mail ({self.category}/{self.key}) queued: {self.subject}"
@@ -1020,6 +1026,7 @@ class AlertNotMailed(Event):
     KIND = "alert-not-mailed"
     why: str
     subject: str
+    test: bool = False  # the test button's (kanmon alert test waits for it)
 
     def line(self) -> str:
         return f"alert not mailed ({self.why}): {self.subject}"

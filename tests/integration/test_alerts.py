@@ -21,6 +21,8 @@ import trustme
 from kanmon.alerts import CHECK_INTERVAL
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
+from kanmon.control import ControlClient
+from kanmon.records.events import ScannerFailed
 from kanmon.records.query import search_events
 from tests.support.dnsserver import DnsServer
 from tests.support.kanmon_node import RunningNode, free_port, wait_for
@@ -272,15 +274,22 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         assert "test alert (queue)" in subject(mail)
         # A category left out of [alerts] categories is recorded, not mailed.
         node.call(node.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
+        # A scanner named "test" failing is a real alert, whose key is "test" too.
+        node.node.records.record(ScannerFailed("test", "connection refused"))
+        wait_event(node, "alert scanner/test")
         node.flush()
         listing = subprocess.run(
             [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
             capture_output=True, text=True, timeout=60,
         )
         data = json.loads(listing.stdout)
-        assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data")]
-        assert {(a["category"], a["state"]) for a in data["recent"]} == {("queue", "raised"), ("disk", "raised")}
+        assert [(a["category"], a["key"]) for a in data["active"]] == [("disk", "/data"), ("scanner", "test")]
+        assert {(a["category"], a["state"], a["test"]) for a in data["recent"]} == {
+            ("queue", "raised", True), ("disk", "raised", False), ("scanner", "raised", False)}
         assert alert_mails(admin_sink, "disk") == []
+        with ControlClient(node.data_dir) as client:  # what `kanmon status` reads
+            status = client.request("status")["result"]
+        assert sorted((a["category"], a["key"]) for a in status["alerts"]) == [("disk", "/data"), ("scanner", "test")]
     finally:
         node.stop()
 
@@ -302,6 +311,29 @@ def test_a_restart_does_not_mail_again_what_was_mailed_within_the_interval(tmp_p
         assert len({m["Message-ID"] for m in alert_mails(admin_sink, "disk")}) == 1
         next_check(node, 3600)  # past min_interval it is mailed again
         wait_for(lambda: len({m["Message-ID"] for m in alert_mails(admin_sink, "disk")}) == 2, 15, "a second disk mail")
+    finally:
+        node.stop()
+
+
+def test_an_alert_whose_state_was_lost_is_not_listed_active_after_the_restart(tmp_path, admin_sink):
+    """The disk was full; the state file is damaged while the node is stopped, and the disk
+    has room again when it starts: the check finds all well but knows no disk alert to
+    clear, so the start says the alert unknown instead of leaving it active for ever."""
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_alert(admin_sink, "disk")
+    finally:
+        node.stop()
+    (tmp_path / "data" / "alert-state.json").write_bytes(b"\x00garbage")
+    node = start(tmp_path, admin_sink)
+    try:
+        next_check(node)  # a round that finds the disk fine has run
+        node.flush()
+        listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"),
+                                  "--json"], capture_output=True, text=True, timeout=60)
+        data = json.loads(listing.stdout)
+        assert [a["category"] for a in data["active"] if a["category"] != "critical"] == [], data["active"]
+        assert [a["state"] for a in data["recent"] if a["category"] == "disk"] == ["raised", "unknown"]
     finally:
         node.stop()
 

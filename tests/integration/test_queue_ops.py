@@ -5,6 +5,7 @@ real processes (`python -m kanmon`, a pseudo-terminal for review)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -366,7 +367,8 @@ def test_bounce_running_and_stopped(site):
     assert row["from"] == "" and row["rcpts"] == ["bob@example.test"]  # the notice, queued
     site.start()
     wait_for(lambda: maildir_messages(site.data_dir, "bob@example.test"), 60, "failure notice to bob")
-    assert site.ids() == [ids["m3"]]
+    # As above: the notice's queue file goes after its delivery, not with it.
+    wait_for(lambda: site.ids() == [ids["m3"]], 30, "the notice to bob removed from the queue")
 
 
 def test_bounce_of_a_message_from_the_null_sender_sends_no_notice(site):
@@ -1030,6 +1032,42 @@ def test_a_second_serve_says_at_once_that_it_waits_for_the_lock_and_starts_once_
         second.wait(10)
         reader.join(10)  # EOF once the second has exited
         second.stderr.close()
+
+
+def test_serve_keeps_the_lock_it_waited_for_until_its_node_has_it(tmp_path, monkeypatch):
+    """`kanmon serve` waits for the lock before its event loop and keeps it for the node:
+    it never takes it for a moment and lets it go (a probe, during which another
+    process's acquire(wait=0) is refused), and no offline command can take it between
+    the wait and the node's start."""
+    import kanmon.node
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    seen: dict = {}
+
+    class StubNode:
+        def __init__(self, config, **kw):
+            try:
+                other = DataDirLock(data_dir)
+                other.acquire(wait=0)
+                other.release()
+                seen["free"] = True
+            except LockBusy:
+                seen["free"] = False
+            lock = kw.get("data_dir_lock")
+            seen["handed"] = lock is not None and lock.held
+            self.started = asyncio.Event()
+
+        async def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(kanmon.node, "Node", StubNode)
+    config = parse_config(f'[server]\ndata_dir = "{data_dir}"\n')
+    assert kanmon.node.run_node(config, echo=None) == 0
+    assert seen == {"free": False, "handed": True}
+    lock = DataDirLock(data_dir)
+    lock.acquire(wait=0)  # let go when serve ends
+    lock.release()
 
 
 def test_a_serve_waiting_for_the_lock_ends_at_once_on_sigterm(tmp_path):

@@ -258,7 +258,7 @@ def test_status_running_healthy_degraded_and_not_running(node, tmp_path):
     assert doc["config"]["changed_on_disk"] is False and len(doc["config"]["sha256"]) == 64
     assert doc["queue"]["total"] == 0 and doc["balancer"] is None
     # A test alert (`kanmon alert test`) checks the mail; it does not make the node degraded.
-    running.call(running.node.monitoring.alerts.raise_alert, "queue", "test", "test alert (queue) requested")
+    running.call(running.node.monitoring.alerts.test_alert, "queue")
     assert "running, healthy" in run("status", "-c", str(cfg)).stdout
     running.call(running.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
     r = run("status", "-c", str(cfg), code=1)

@@ -12,10 +12,13 @@ import time
 
 import pytest
 
-from kanmon.alerts import STATE_FILE, Alerts, StateFileError, decode_state
+import kanmon.alerts as alerts_module
+from kanmon.alerts import STATE_FILE, Alerts, StateFileError, _fold_alerts, decode_state, encode_state, recent_alerts
 from kanmon.clock import ManualClock
 from kanmon.config import ConfigError, parse_config
 from kanmon.model import Envelope, new_queue_id
+from kanmon.records.events import AlertRequest, Error, ScannerFailed, ScannerRecovered
+from kanmon.records.store import Records
 from kanmon.spool.store import Spool
 from tests.unit.test_monitoring import FakeQueue, FakeRecords
 
@@ -89,16 +92,17 @@ GOOD = {"category": "queue", "key": "size", "text": "t", "since": 1.0, "last_sen
 ])
 def test_the_state_decoder_is_strict(change):
     item = {**GOOD, **change}
+    for fmt in (1, 2):  # the format before test alerts were told apart by a flag is read too
+        with pytest.raises(StateFileError):
+            decode_state(json.dumps({"format": fmt, "alerts": [item], "failover": {}}).encode())
+        with pytest.raises(StateFileError):
+            decode_state(json.dumps({"format": fmt, "alerts": [GOOD, GOOD], "failover": {}}).encode())
+        states, failover = decode_state(json.dumps({"format": fmt, "alerts": [GOOD], "failover": {"d": "s"}}).encode())
+        assert states[("queue", "size")].since == 1.0 and failover == {"d": "s"}
     with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 1, "alerts": [item], "failover": {}}).encode())
-    with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 2, "alerts": [], "failover": {}}).encode())
-    with pytest.raises(StateFileError):
-        decode_state(json.dumps({"format": 1, "alerts": [GOOD, GOOD], "failover": {}}).encode())
+        decode_state(json.dumps({"format": 3, "alerts": [], "failover": {}}).encode())
     with pytest.raises(StateFileError):
         decode_state(b"\xff\xfe")
-    states, failover = decode_state(json.dumps({"format": 1, "alerts": [GOOD], "failover": {"d": "s"}}).encode())
-    assert states[("queue", "size")].since == 1.0 and failover == {"d": "s"}
 
 
 def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
@@ -113,6 +117,123 @@ def test_the_saved_state_keeps_what_matters_and_forgets_the_rest(tmp_path):
     clock.advance(2 * 3600)
     alerts.save_state()
     assert set(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == {("queue", "size")}
+    spool.close()
+
+
+# -- test alerts, and alerts whose state is lost ------------------------------------------
+
+
+def with_records(tmp_path, clock: ManualClock | None = None):
+    """make() with the real records (the events `kanmon alert list` reads back)."""
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    alerts, _, clock, mails, spool = make(tmp_path, clock=clock, records=records)
+    return alerts, records, clock, mails, spool
+
+
+def listed(tmp_path, records) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """(recent (category, key, state), active (category, key)) as `kanmon alert list` shows them."""
+    records.flush()
+    recent, active = recent_alerts(tmp_path, 0.0)
+    return [(r.category, r.key, r.state) for r in recent], [(r.category, r.key) for r in active]
+
+
+def test_a_real_alert_keyed_test_is_shown_and_the_test_button_leaves_it_alone(tmp_path):
+    """A scanner named "test" is a real alert of key "test": active in the list and the
+    status (kanmon.admin.status reads the states), and the test button of its category
+    neither hides it nor changes it. Test alerts are told apart by their flag."""
+    alerts, records, clock, mails, spool = with_records(tmp_path)
+    alerts._on_event(ScannerFailed.KIND, None, "scanner test failed: connection refused")
+    clock.advance(60)
+    alerts._on_event(AlertRequest.KIND, None, "test alert requested: scanner", '{"category": "scanner"}')
+    st = alerts.states[("scanner", "test")]
+    assert st.active and st.text.startswith("scanner test failed") and st.since == 1_000_000.0
+    assert list(alerts.states) == [("scanner", "test")]  # the test alert keeps no state
+    recent, active = listed(tmp_path, records)
+    assert recent == [("scanner", "test", "raised"), ("scanner", "test", "raised")] and active == [("scanner", "test")]
+    records.flush()
+    recent_records = recent_alerts(tmp_path, 0.0)[0]
+    assert [r.test for r in recent_records] == [False, True]
+    alerts.save_state()
+    assert list(decode_state((tmp_path / STATE_FILE).read_bytes())[0]) == [("scanner", "test")]
+    # The scanner answers again: cleared; the test button's event never made it active either.
+    alerts._on_event(ScannerRecovered.KIND, None, "scanner test answers again")
+    assert listed(tmp_path, records)[1] == []
+    records.close()
+    spool.close()
+
+
+def test_test_alerts_of_the_old_format_are_not_alerts(tmp_path):
+    """Before the flag, the key "test" was all that told a test alert: the events and the
+    state file written then are read that way (the state file: format 1)."""
+    item = {"text": "t", "since": 1.0, "last_sent": 1.0, "active": True, "last_seen": 1.0, "resolved_sent": None}
+    old = {"format": 1, "failover": {}, "alerts": [{"category": "queue", "key": "test", **item},
+                                                    {"category": "disk", "key": "/data", **item}]}
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    alerts, _, _, _, spool = make(tmp_path)
+    assert list(alerts.states) == [("disk", "/data")]
+    alerts.save_state()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["format"] == 2
+    rows = [(1.0, json.dumps({"category": "queue", "key": "test", "state": "raised", "since": 1.0, "text": "t"}), "")]
+    assert _fold_alerts(rows)[1] == []
+    spool.close()
+
+
+def test_an_alert_whose_state_was_lost_is_no_longer_active_in_the_list(tmp_path):
+    """The state file damaged or removed: the alerts its events show active are said
+    "unknown" at start (not active), instead of staying active until a later event of
+    theirs, which a check that finds all well never makes (it clears only what it knows)."""
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    alerts.raise_alert("disk", "/data", "free disk space low")
+    alerts.raise_alert("queue", "size", "900 messages")
+    alerts.raise_alert("critical", "boom", "error event")  # active for its interval only: left alone
+    alerts.save_state()
+    spool.close()
+    kept = decode_state((tmp_path / STATE_FILE).read_bytes())[0]
+    del kept[("disk", "/data")]  # its state lost; the queue's kept
+    (tmp_path / STATE_FILE).write_bytes(encode_state(kept, {}))
+    records.flush()
+    again, _, _, _, spool = make(tmp_path, clock=clock, records=records)
+    recent, active = listed(tmp_path, records)
+    assert recent[-1] == ("disk", "/data", "unknown") and ("disk", "/data") not in active
+    assert ("queue", "size") in active and again.states[("queue", "size")].active
+    again.clear("disk", "/data", "free disk space 9 GB")  # nothing known: nothing said, nothing active
+    assert listed(tmp_path, records)[1] == active
+    # Raised again (the disk still full): active again, a new episode.
+    assert again.raise_alert("disk", "/data", "free disk space low") is True
+    assert ("disk", "/data") in listed(tmp_path, records)[1]
+    records.close()
+    spool.close()
+
+
+def test_an_active_alert_pruned_from_the_state_is_no_longer_active_in_the_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(alerts_module, "STATE_MAX_ALERTS", 2)
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    for n in range(3):
+        alerts.raise_alert("dns", f"example{n}.test", "no MX")
+        clock.advance(60)
+    alerts.save_state()
+    assert set(alerts.states) == {("dns", "example1.test"), ("dns", "example2.test")}
+    recent, active = listed(tmp_path, records)
+    assert recent[-1] == ("dns", "example0.test", "unknown") and ("dns", "example0.test") not in active
+    assert len(active) == 2
+    records.close()
+    spool.close()
+
+
+def test_a_reload_goes_on_with_the_state_in_memory(tmp_path):
+    """The alerts a reload makes take the running state, not the file (which a change of
+    the last moment may not have reached): nothing is forgotten or said unknown; and its
+    watcher goes on from the last event the old one acted on."""
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    alerts.raise_alert("disk", "/data", "free disk space low")  # not saved yet
+    records.record(Error("delivery: stage failed"))  # not looked at yet by the old one's watcher
+    records.flush()
+    again = Alerts(alerts.config, records, spool, FakeQueue(), clock, previous=alerts)
+    assert again.states[("disk", "/data")].active
+    assert listed(tmp_path, records) == ([("disk", "/data", "raised")], [("disk", "/data")])
+    rows, _top = again.poll_events()  # nor is an event of the reload's moment skipped
+    assert [(kind, text) for kind, _, text, _ in rows] == [("error", "delivery: stage failed")]
+    records.close()
     spool.close()
 
 

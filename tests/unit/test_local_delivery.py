@@ -94,7 +94,10 @@ def test_a_recipient_that_is_no_mailbox_is_bounced_and_gets_no_maildir(tmp_path:
     RCPT, instead of a new Maildir nobody can log in to."""
     committer = GroupCommitter(tmp_path, fsync=False)
     try:
-        local = LocalDelivery(tmp_path, committer, is_mailbox=lambda a: a.lower() == "bob@example.test")
+        async def is_mailbox(address: str) -> bool:
+            return address.lower() == "bob@example.test"
+
+        local = LocalDelivery(tmp_path, committer, is_mailbox=is_mailbox)
         results = asyncio.run(local.deliver("alice@example.test", ["ghost@example.test", "Bob@Example.Test"],
                                             b"Subject: hi\r\n\r\nbody\r\n"))
     finally:
@@ -108,7 +111,10 @@ def test_a_recipient_nobody_can_tell_is_deferred_not_bounced(tmp_path: Path) -> 
     """is_mailbox answering None (the users file unreadable): 451, retried, no Maildir."""
     committer = GroupCommitter(tmp_path, fsync=False)
     try:
-        local = LocalDelivery(tmp_path, committer, is_mailbox=lambda a: None)
+        async def cannot_tell(address: str) -> None:
+            return None
+
+        local = LocalDelivery(tmp_path, committer, is_mailbox=cannot_tell)
         (result,) = asyncio.run(local.deliver("alice@example.test", ["carol@example.test"], b"Subject: hi\r\n\r\nx\r\n"))
     finally:
         committer.close()

@@ -3,8 +3,10 @@ reader, and how the file combines with the config's mailboxes and aliases."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,31 @@ def test_delivery_reads_the_file_again_before_it_calls_a_recipient_unknown(cfg) 
     assert directory.deliverable("dave@example.test") is None
     assert directory.deliverable("carol@example.test") is True  # the last good file's mailboxes stay
     assert directory.deliverable("alice@example.test") is True
+
+
+def test_delivery_reads_the_users_file_off_the_event_loop(cfg, monkeypatch) -> None:
+    """Directory.wait_deliverable (what local delivery awaits): the same answers as
+    deliverable, and the look at the file for a recipient not known yet (a stat, a read)
+    is made in a worker thread, not on the event loop's."""
+    clock = Clock()
+    directory = userdb.Directory(cfg, userdb.UserFile(userdb.users_path(cfg), clock=clock, on_error=lambda _m: None))
+    Users(cfg).add("carol@example.test", "pw-carol")
+    directory.tables()  # the cached look: carol's addition is seen by it
+    Users(cfg).add("dave@example.test", "pw-dave")  # no clock step: not seen until the file is read again
+    reads: list[threading.Thread] = []
+    read = userdb.read
+    monkeypatch.setattr(userdb, "read", lambda path: (reads.append(threading.current_thread()), read(path))[1])
+
+    async def ask() -> tuple[list[bool | None], threading.Thread]:
+        answers = [await directory.wait_deliverable(a) for a in
+                   ("alice@example.test", "carol@example.test", "dave@example.test", "ghost@example.test")]
+        return answers, threading.current_thread()
+
+    answers, loop_thread = asyncio.run(ask())
+    assert answers == [True, True, True, False]
+    assert reads and loop_thread not in reads
+    userdb.users_path(cfg).write_bytes(b"garbage")
+    assert asyncio.run(directory.wait_deliverable("erin@example.test")) is None  # refused: cannot tell
 
 
 def test_an_unknown_local_address_is_one_no_mailbox_or_alias_leads_to(cfg) -> None:
