@@ -75,6 +75,7 @@ class Target:
     dkim_key: tuple[str, bytes] | None = None  # (key type, public key as DKIM publishes it)
     receives_mail: bool = False  # a [[domain]] of ours: a null MX is then a mistake
     signing_keys: tuple[SigningKey, ...] = ()  # our [[dkim]] keys for this domain (when no selector is given)
+    notes: tuple[str, ...] = ()  # what the config says beside the checks (outbound DANE, MTA-STS), after their notes
 
 
 @dataclass
@@ -121,6 +122,7 @@ def check_domain(source: DnsSource, target: Target) -> Report:
         report.notes.append("DKIM not checked: no selector configured ([dnscheck] dkim_selector or --dkim-selector)")
     add(check_mta_sts(source, target.domain))
     add(check_tls_rpt(source, target.domain))
+    report.notes.extend(target.notes)
     return report
 
 

@@ -56,6 +56,22 @@ def signing_keys(config: Config, domain: str) -> tuple[SigningKey, ...]:
     return ()
 
 
+def outbound_tls_notes(config: Config) -> list[str]:
+    """What our own MX delivery does about the destinations' DANE and MTA-STS (the
+    config decides; docs/outbound-tls.md). Notes of every report made with a config:
+    `kanmon dns check`, the console's DNS page and the periodic check say the same."""
+    if config.dns.dnssec == "trust-ad":
+        servers = ", ".join(f"{h}:{p}" for h, p in config.dns.servers) or "the system resolver"
+        dane = (f"outbound DANE: on ([dns] dnssec = \"trust-ad\": the AD bit of {servers} is trusted; "
+                "it must be a validating resolver on this host or a link you control)")
+    else:
+        dane = ("outbound DANE: off (no validating resolver: [dns] dnssec is not \"trust-ad\", "
+                "so destinations' TLSA records are not used)")
+    sts = "outbound MTA-STS: " + ("on ([outbound] mta_sts = true)" if config.outbound.mta_sts
+                                  else "off ([outbound] mta_sts = false)")
+    return [dane, sts]
+
+
 def make_source(
     config: Config | None, server: tuple[str, int] | None = None, zones: Sequence[str | Path] = ()
 ) -> DnsSource:
@@ -98,6 +114,7 @@ def make_targets(
             dkim_key=dkim_key,
             receives_mail=config is not None and config.find_domain(d) is not None,
             signing_keys=signing_keys(config, d) if config is not None and not dkim_selector else (),
+            notes=tuple(outbound_tls_notes(config)) if config is not None else (),
         )
         for d in domains
     ]
