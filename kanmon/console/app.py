@@ -155,6 +155,25 @@ class ConsoleApp:
             can=(lambda perm: who is not None and who.account.can(perm)), path=request.url.path, **ctx)
         return HTMLResponse(html, status)
 
+    def redirect(self, who: Who, path: str, params: dict | None = None, **status: str) -> RedirectResponse:
+        """303 to path?params, with status lines (msg=..., error=...) signed for this session:
+        the page shows them (status()); a link someone else made shows none."""
+        query = dict(params or {})
+        for kind, text in status.items():
+            if text and who.session is not None:
+                query[kind] = text
+                query[f"{kind}_sig"] = self.sessions.status_token(who.session, kind, text)
+        return RedirectResponse(path + ("?" + urllib.parse.urlencode(query) if query else ""), 303)
+
+    def status(self, request: Request, who: Who, kind: str = "msg") -> str:
+        """The status line of the address (see redirect()), if the console wrote it for this
+        session; otherwise nothing."""
+        text = request.query_params.get(kind, "")
+        token = request.query_params.get(f"{kind}_sig")
+        if text and who.session is not None and self.sessions.status_ok(who.session, kind, text, token):
+            return text
+        return ""
+
     async def call(self, op: str, args: dict) -> dict:
         """An admin-plane operation (kanmon.admin.queue_ops.dispatch, in its worker thread)."""
         reply = await self.node.admin.handle({"op": op, "args": args})
@@ -952,7 +971,7 @@ class ConsoleApp:
         def page_url(o: int) -> str:
             return "/queue?" + urllib.parse.urlencode({**keep, "offset": o, "limit": limit})
         return self.render(request, "queue.html", who, result=result, offset=offset, limit=limit, error=error,
-                           filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=params.get("msg", ""),
+                           filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=self.status(request, who),
                            prev_url=page_url(max(0, offset - limit)) if offset > 0 else None,
                            next_url=page_url(offset + limit) if offset + limit < result["count"] else None,
                            pages=page_links(offset, limit, result["count"], page_url),
@@ -961,7 +980,7 @@ class ConsoleApp:
     async def message_page(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
         detail = await self.call("show", {"id": qid, "lines": 50})
-        return self.render(request, "message.html", who, m=detail, msg=request.query_params.get("msg", ""))
+        return self.render(request, "message.html", who, m=detail, msg=self.status(request, who))
 
     async def message_act(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
@@ -972,7 +991,7 @@ class ConsoleApp:
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
         form = await request.form()
         back = "/queue" if action == "delete" or form.get("back") == "list" else f"/queue/{qid}"
-        return RedirectResponse(f"{back}?{urllib.parse.urlencode({'msg': msg})}", 303)
+        return self.redirect(who, back, msg=msg)
 
     async def queue_bulk(self, request: Request, who: Who) -> Response:
         """A selection (checked ids) or the current filter: first a confirmation that shows
@@ -994,12 +1013,12 @@ class ConsoleApp:
                                filter_query=str(form.get("filter_query") or ""))
         result = await self._act(who, action, ids or None, filters)
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
-        return RedirectResponse("/queue?" + urllib.parse.urlencode({"msg": msg}), 303)
+        return self.redirect(who, "/queue", msg=msg)
 
     async def backup_page(self, request: Request, who: Who) -> Response:
         keep = {k: request.query_params.get(k) for k in ("state", *FILTER_PARAMS) if request.query_params.get(k)}
         return self.render(request, "backup.html", who, filters=keep, states=STATES, filter_names=FILTER_PARAMS,
-                           max_upload=format_size(self.cfg.max_upload), error=request.query_params.get("error", ""))
+                           max_upload=format_size(self.cfg.max_upload), error=self.status(request, who, "error"))
 
     async def backup_download(self, request: Request, who: Who) -> Response:
         """The checked messages of the queue page, or a filter (the queue page's, or this
@@ -1016,7 +1035,7 @@ class ConsoleApp:
         except Refused as e:
             if e.status != 400:
                 raise
-            return RedirectResponse("/queue/backup?" + urllib.parse.urlencode({**params, "error": e.message}), 303)
+            return self.redirect(who, "/queue/backup", params, error=e.message)
         return self._archive_response(path, result)
 
     async def restore_upload(self, request: Request, who: Who) -> Response:
@@ -1101,7 +1120,7 @@ class ConsoleApp:
         p = request.query_params
         args = {k: p.get(k) for k in ("kind", "from", "to", "reason", "older_than") if p.get(k)}
         result = await self.call("quarantine_list", {"filters": args})
-        return self.render(request, "quarantine.html", who, items=result["items"], msg=p.get("msg", ""), filters=args)
+        return self.render(request, "quarantine.html", who, items=result["items"], msg=self.status(request, who), filters=args)
 
     async def quarantine_item(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
@@ -1111,15 +1130,15 @@ class ConsoleApp:
         qid = _qid(request.path_params["qid"])
         action = request.path_params["action"]
         await self._quarantine_act(who, qid, action)
-        return RedirectResponse("/quarantine?" + urllib.parse.urlencode({"msg": f"{action}: {qid}"}), 303)
+        return self.redirect(who, "/quarantine", msg=f"{action}: {qid}")
 
     async def maintenance_page(self, request: Request, who: Who) -> Response:
         listing = await self._maintenance()
         for j in listing["jobs"]:
             j["filters_text"] = ", ".join(f"{k} {format_duration(v) if k == 'older_than' else v}"
                                           for k, v in j["filters"].items() if v is not None)
-        return self.render(request, "maintenance.html", who, jobs=listing["jobs"], msg=request.query_params.get("msg", ""),
-                           error=request.query_params.get("error", ""))
+        return self.render(request, "maintenance.html", who, jobs=listing["jobs"], msg=self.status(request, who),
+                           error=self.status(request, who, "error"))
 
     async def maintenance_run(self, request: Request, who: Who) -> Response:
         job = request.path_params["job"]
@@ -1131,11 +1150,10 @@ class ConsoleApp:
         except Refused as e:
             if e.status == 404:
                 raise
-            return RedirectResponse("/maintenance?" + urllib.parse.urlencode(
-                {"error": f"{job}: {gettext('failed')}: {e.message}"}), 303)
+            return self.redirect(who, "/maintenance", error=f"{job}: {gettext('failed')}: {e.message}")
         head = gettext("Dry run") if dry_run else gettext("Ran")
         text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
-        return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
+        return self.redirect(who, "/maintenance", msg=text)
 
     async def balancer_page(self, request: Request, who: Who, result: dict | None = None) -> Response:
         return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time(), result=result)
@@ -1161,7 +1179,7 @@ class ConsoleApp:
                            setting=_setting)
 
     async def users_page(self, request: Request, who: Who) -> Response:
-        return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
+        return self.render(request, "users.html", who, u=await self._users(), msg=self.status(request, who))
 
     async def users_add_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1169,14 +1187,13 @@ class ConsoleApp:
         if password != str(form.get("confirm") or ""):
             raise Refused(400, "the two passwords differ; nothing changed")
         result = await self._user_add(who, str(form.get("address") or ""), password or None)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"add: {result['mailbox']}"}), 303)
+        return self.redirect(who, "/users", msg=f"add: {result['mailbox']}")
 
     async def alias_set_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
         targets = str(form.get("targets") or "").replace(",", " ").split()
         result = await self._alias_set(who, str(form.get("alias") or ""), targets)
-        return RedirectResponse("/users?" + urllib.parse.urlencode(
-            {"msg": f"alias: {result['alias']} -> {', '.join(result['targets'])}"}), 303)
+        return self.redirect(who, "/users", msg=f"alias: {result['alias']} -> {', '.join(result['targets'])}")
 
     async def alias_delete_page(self, request: Request, who: Who) -> Response:
         address = request.path_params["address"]
@@ -1185,7 +1202,7 @@ class ConsoleApp:
             return self.render(request, "users_confirm.html", who, kind="alias", address=address,
                                action=f"/users/alias/{urllib.parse.quote(address, safe='@')}/delete")
         result = await self._alias_delete(who, address)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"alias delete: {result['alias']}"}), 303)
+        return self.redirect(who, "/users", msg=f"alias delete: {result['alias']}")
 
     async def users_act(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1200,7 +1217,7 @@ class ConsoleApp:
             if password != str(form.get("confirm") or ""):
                 raise Refused(400, "the two passwords differ; nothing changed")
         result = await self._user_act(who, request.path_params["address"], action, password)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"{action}: {result['mailbox']}"}), 303)
+        return self.redirect(who, "/users", msg=f"{action}: {result['mailbox']}")
 
     async def dns_page(self, request: Request, who: Who) -> Response:
         """The last periodic round, or (?run=1) a check made now; a check changes nothing,
@@ -1219,7 +1236,7 @@ class ConsoleApp:
     async def config_page(self, request: Request, who: Who) -> Response:
         cfg = await self._config()
         return self.render(request, "config.html", who, cfg=cfg, text=cfg["text"], base=cfg["digest"], checked=None,
-                           msg=request.query_params.get("msg", ""), error="")
+                           msg=self.status(request, who), error="")
 
     async def config_check_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1243,7 +1260,7 @@ class ConsoleApp:
                                checked=await self._config_check(text), error=e.message)
         gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
         msg = f"{gettext('Applied and reloaded')}: {', '.join(result['changed']) or gettext('nothing changed')}"
-        return RedirectResponse("/config?" + urllib.parse.urlencode({"msg": msg}), 303)
+        return self.redirect(who, "/config", msg=msg)
 
     async def config_version_page(self, request: Request, who: Who) -> Response:
         name = request.path_params["name"]

@@ -221,6 +221,30 @@ def test_hold_and_release_from_the_pages_and_the_audit_lines(console) -> None:
     assert any(e.fields and e.fields.get("who") == "otto" for e in lines)
 
 
+def test_only_the_consoles_own_status_lines_are_shown_never_text_from_a_link(console) -> None:
+    """?msg= and ?error= show a status line only when the console wrote it, for this session:
+    a crafted link cannot put official-looking text on a page."""
+    qid = send_deferred(console)
+    c = login(console, "otto", "otto-pw")
+    r = c.post(f"/queue/{qid}/hold", data={"csrf": csrf_of(c, f"/queue/{qid}")})
+    assert r.status_code == 303
+    own = r.headers["location"]
+    assert '<p class="msg" id="msg">hold: 1 of 1</p>' in c.get(own).text
+    forged = "Your password expired: call +81-3-0000-0000"
+    for path in ("/queue", f"/queue/{qid}", "/quarantine", "/maintenance", "/users"):
+        page = c.get(path, params={"msg": forged}).text
+        assert 'id="msg"' not in page and "password expired" not in page, path
+    assert "password expired" not in c.get("/maintenance", params={"error": forged}).text
+    page = login(console, "alice", "alice-pw").get("/queue/backup", params={"error": forged})
+    assert page.status_code == 200 and "password expired" not in page.text
+    # The console's own line with its text changed, or shown to another session: nothing.
+    url = httpx.URL(own)
+    changed = url.copy_set_param("msg", forged)
+    assert "password expired" not in c.get(str(changed)).text and 'id="msg"' not in c.get(str(changed)).text
+    other = login(console, "otto", "otto-pw")
+    assert 'id="msg"' not in other.get(own).text
+
+
 def test_bulk_delete_by_filter_asks_first_with_the_count(console) -> None:
     qid = send_deferred(console)
     c = login(console, "alice", "alice-pw")
