@@ -107,6 +107,19 @@ def test_every_text_of_the_pages_has_a_japanese_translation() -> None:
     assert not missing, missing
 
 
+def test_every_refusal_has_a_japanese_translation_with_the_same_fields() -> None:
+    """An error page shows a refusal's message in the reader's language: its template
+    translated, then filled ({role}, {path}...), so each translation keeps the fields."""
+    text = (Path(i18n.__file__).parent / "app.py").read_text()
+    templates = set(re.findall(r'Refused\(\d+, "([^"]+)"(?=[,)])', text))
+    templates |= {"the request was refused"}  # Refused(status, ...) of Starlette's own refusals
+    assert len(templates) > 40
+    ja = i18n.catalogue("ja")
+    assert not sorted(t for t in templates if t not in ja)
+    fields = re.compile(r"\{(\w+)\}")
+    assert [t for t in templates if sorted(fields.findall(t)) != sorted(fields.findall(ja[t]))] == []
+
+
 @pytest.mark.parametrize("value, top", [(0, 1), (1, 1), (3, 5), (7, 10), (11, 20), (150, 200), (1000, 1000)])
 def test_the_chart_axis_ends_at_a_round_number(value, top) -> None:
     assert charts.nice_max(value) == top
