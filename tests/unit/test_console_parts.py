@@ -74,6 +74,18 @@ def test_csrf_tokens_belong_to_one_session() -> None:
     assert not s.csrf_ok(a, s.csrf_token(b)) and not s.csrf_ok(a, None) and not s.csrf_ok(a, "")
 
 
+def test_a_status_line_shows_only_with_its_own_mac_for_its_session_and_kind() -> None:
+    s = sessions()
+    a, b = s.new("alice", "ip", "pv", 1.0), s.new("alice", "ip", "pv", 1.0)
+    token = s.status_token(a, "msg", "hold: 1 of 1")
+    assert s.status_ok(a, "msg", "hold: 1 of 1", token)
+    assert not s.status_ok(a, "msg", "hold: 2 of 2", token)  # the text changed
+    assert not s.status_ok(b, "msg", "hold: 1 of 1", token)  # another session
+    assert not s.status_ok(a, "error", "hold: 1 of 1", token)  # shown as another kind
+    assert not s.status_ok(a, "msg", "hold: 1 of 1", None) and not s.status_ok(a, "msg", "hold: 1 of 1", "")
+    assert token != s.csrf_token(a)
+
+
 def test_the_secret_is_made_once_and_private(tmp_path: Path) -> None:
     first = load_secret(tmp_path)
     assert load_secret(tmp_path) == first and len(first) == 32
