@@ -143,7 +143,8 @@ class ConsoleApp:
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self._link_secret: bytes | None = None  # the digest links' key, read on first use
         self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, count): shared records only
-        self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed, HTTPException: self._http_error})
+        self.app = Starlette(routes=self.routes(),
+                             exception_handlers={Exception: self._crashed, HTTPException: self._http_error})
         self.app.add_middleware(_Headers)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -812,7 +813,8 @@ class ConsoleApp:
         if not reply.get("ok"):
             await asyncio.to_thread(configedit.write_whole, path, previous)
             self.write_audit(who, "config apply", str(path), f"reload refused: {reply.get('error')}")
-            raise Refused(400, "the reload was refused, the previous file is back: {error}", error=str(reply.get("error")))
+            raise Refused(400, "the reload was refused, the previous file is back: {error}",
+                          error=str(reply.get("error")))
         if not await asyncio.to_thread(configedit.history, self.data_dir):
             await asyncio.to_thread(configedit.save_version, self.data_dir, previous, "before-console")
         version = await asyncio.to_thread(configedit.save_version, self.data_dir, text, who.account.name)

@@ -96,7 +96,8 @@ def this_node(config: Config, ips: Sequence[str] = ()) -> ThisNode:
             pass  # not an address: make_targets reports a bad [dnscheck] ips / source_ips
     if config.balancer is not None:  # our own virtual addresses: the balancer runs on this node
         addresses.extend(vs.listen[0] for vs in config.balancer.virtual_server)
-    fronts = [(str(net), "a balancer in front of this node, [smtp] trusted_proxies") for net in config.smtp.trusted_proxies]
+    fronts = [(str(net), "a balancer in front of this node, [smtp] trusted_proxies")
+              for net in config.smtp.trusted_proxies]
     fronts += [(host, "the relay of this mail store, [outbound] smarthost") for host, _port in config.outbound.smarthost]
     return ThisNode(
         names=tuple(dict.fromkeys(n.lower().rstrip(".") for n in names)),
