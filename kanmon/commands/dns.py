@@ -41,21 +41,6 @@ def _server(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
         raise click.BadParameter(str(e)) from None
 
 
-def outbound_tls_notes(config) -> list[str]:
-    """What our own MX delivery does about the destinations' DANE and MTA-STS (the
-    config decides; docs/outbound-tls.md)."""
-    if config.dns.dnssec == "trust-ad":
-        servers = ", ".join(f"{h}:{p}" for h, p in config.dns.servers) or "the system resolver"
-        dane = (f"outbound DANE: on ([dns] dnssec = \"trust-ad\": the AD bit of {servers} is trusted; "
-                "it must be a validating resolver on this host or a link you control)")
-    else:
-        dane = ("outbound DANE: off (no validating resolver: [dns] dnssec is not \"trust-ad\", "
-                "so destinations' TLSA records are not used)")
-    sts = "outbound MTA-STS: " + ("on ([outbound] mta_sts = true)" if config.outbound.mta_sts
-                                  else "off ([outbound] mta_sts = false)")
-    return [dane, sts]
-
-
 @click.group("dns")
 def dns() -> None:
     """DNS health check (the MX/A/PTR/SPF mistakes that make servers refuse our mail) and the DNS cache."""
@@ -117,8 +102,6 @@ def check(
         report = check_domain(recorder or source, t)
         if recorder is not None:
             report.looked_at = recorder.take()
-        if config is not None:
-            report.notes.extend(outbound_tls_notes(config))
         reports.append(report)
     if as_json:
         click.echo(render_json(reports), nl=False)

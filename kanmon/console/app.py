@@ -39,6 +39,7 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -81,10 +82,22 @@ def _shown(value):
     return value
 
 class Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
+    """A request refused with an HTTP status. message is an English template whose
+    {names} are filled from args: the API and the logs get it in English, an error page
+    in the reader's language (the template translated, then filled)."""
+
+    def __init__(self, status: int, message: str, **args: object):
+        self.template = message
+        self.args_ = args
+        self.message = message.format(**args) if args else message
+        super().__init__(self.message)
         self.status = status
-        self.message = message
+
+    def text(self, gettext) -> str:
+        """The message in the language of gettext (English where it has no translation)."""
+        if not self.args_:
+            return gettext(self.message)
+        return gettext(self.template).format(**self.args_)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +143,8 @@ class ConsoleApp:
         self.revocations = Revocations(self.data_dir, warn=lambda text: self.emit(text, kind="warning"))
         self._link_secret: bytes | None = None  # the digest links' key, read on first use
         self._chart_cache: dict[str, tuple[float, dict]] = {}  # by -> (when, count): shared records only
-        self.app = Starlette(routes=self.routes(), exception_handlers={Exception: self._crashed})
+        self.app = Starlette(routes=self.routes(),
+                             exception_handlers={Exception: self._crashed, HTTPException: self._http_error})
         self.app.add_middleware(_Headers)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -143,7 +157,38 @@ class ConsoleApp:
                   kind="error")
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": "internal error (see the event log)"}, 500)
-        return HTMLResponse("<h1>500</h1><p>internal error (see the event log)</p>", 500)
+        try:
+            return await self._error_page(request, None, 500, Refused(500, "internal error (see the event log)"))
+        except Exception:  # the page itself failed: the plainest answer
+            return HTMLResponse("<h1>500</h1><p>internal error (see the event log)</p>", 500)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals (no such route: 404; a method a route does not take:
+        405), as the console's other error pages."""
+        status = getattr(exc, "status_code", 500)
+        headers = getattr(exc, "headers", None)
+        if status == 404:
+            refused = Refused(404, "no such page")
+        elif status == 405:
+            refused = Refused(405, "this address does not take this method")
+        else:
+            refused = Refused(status, "the request was refused")
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": refused.message}, status, headers=headers)
+        response = await self._error_page(request, None, status, refused)
+        response.headers.update(headers or {})
+        return response
+
+    async def _error_page(self, request: Request, who: Who | None, status: int, refused: Refused) -> HTMLResponse:
+        """An error page in the reader's language: the admin's choice when the request
+        carries a good session, else the browser's."""
+        if who is None:
+            try:
+                who, _ = await self.authenticate(request)
+            except Exception:
+                who = None
+        gettext = self.gettext_of(request, who)
+        return self.render(request, "error.html", who, status, code=status, text=refused.text(gettext))
 
     def render(self, request: Request, name: str, who: Who | None, status: int = 200, **ctx) -> HTMLResponse:
         lang = i18n.negotiate(request.headers.get("accept-language"), who.account.lang if who else None)
@@ -154,6 +199,30 @@ class ConsoleApp:
             csrf=self.sessions.csrf_token(who.session) if who and who.session else "",
             can=(lambda perm: who is not None and who.account.can(perm)), path=request.url.path, **ctx)
         return HTMLResponse(html, status)
+
+    def gettext_of(self, request: Request, who: Who | None):
+        """gettext in the language of this request's pages."""
+        return i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"),
+                                               who.account.lang if who else None))[0]
+
+    def redirect(self, who: Who, path: str, params: dict | None = None, **status: str) -> RedirectResponse:
+        """303 to path?params, with status lines (msg=..., error=...) signed for this session:
+        the page shows them (status()); a link someone else made shows none."""
+        query = dict(params or {})
+        for kind, text in status.items():
+            if text and who.session is not None:
+                query[kind] = text
+                query[f"{kind}_sig"] = self.sessions.status_token(who.session, kind, text)
+        return RedirectResponse(path + ("?" + urllib.parse.urlencode(query) if query else ""), 303)
+
+    def status(self, request: Request, who: Who, kind: str = "msg") -> str:
+        """The status line of the address (see redirect()), if the console wrote it for this
+        session; otherwise nothing."""
+        text = request.query_params.get(kind, "")
+        token = request.query_params.get(f"{kind}_sig")
+        if text and who.session is not None and self.sessions.status_ok(who.session, kind, text, token):
+            return text
+        return ""
 
     async def call(self, op: str, args: dict) -> dict:
         """An admin-plane operation (kanmon.admin.queue_ops.dispatch, in its worker thread)."""
@@ -203,6 +272,7 @@ class ConsoleApp:
         anything reads it), CSRF (writes with the cookie), then handler."""
 
         async def endpoint(request: Request) -> Response:
+            who: Who | None = None
             try:
                 who, why = await self.authenticate(request)
                 if who is None:
@@ -222,11 +292,11 @@ class ConsoleApp:
                         response.delete_cookie(COOKIE_NAME, path="/")
                     return response
                 if not who.account.can(perm):
-                    raise Refused(403, f"the role {who.account.role} may not do this")
+                    raise Refused(403, "the role {role} may not do this", role=who.account.role)
                 if max_body is not None and request.method == "POST":
                     length = request.headers.get("content-length")
                     if length is not None and (not length.isdigit() or int(length) > max_body):
-                        raise Refused(413, f"the upload is larger than {format_size(max_body)}")
+                        raise Refused(413, "the upload is larger than {size}", size=format_size(max_body))
                     if length is None and not api:  # a form is read whole: its size must be known first
                         raise Refused(411, "a Content-Length is needed")
                 if request.method == "POST" and who.session is not None:
@@ -248,8 +318,7 @@ class ConsoleApp:
             except Refused as e:
                 if api or request.url.path.startswith("/api/"):
                     return JSONResponse({"error": e.message}, e.status)
-                return HTMLResponse(f"<!doctype html><title>{e.status}</title><h1>{e.status}</h1>"
-                                    f"<p>{_html(e.message)}</p><p><a href=\"/\">back</a></p>", e.status)
+                return await self._error_page(request, who, e.status, e)
 
         return endpoint
 
@@ -475,7 +544,9 @@ class ConsoleApp:
         if ids is not None:
             bad = [i for i in ids if not is_queue_id(i)]
             if bad or not ids:
-                raise Refused(400, "not a queue id: " + ", ".join(bad[:3]) if bad else "no message selected")
+                if not bad:
+                    raise Refused(400, "no message selected")
+                raise Refused(400, "not a queue id: {ids}", ids=", ".join(for_log(b[:40]) for b in bad[:3]))
             filters = {"ids": ids, "state": "all"}
         source = f"console {who.account.name}"
         result = await self.call("act", {"action": action, "filters": filters, "dry_run": dry_run, "source": source})
@@ -490,7 +561,7 @@ class ConsoleApp:
         if ids:
             bad = [i for i in ids if not is_queue_id(i)]
             if bad:
-                raise Refused(400, "not a queue id: " + ", ".join(for_log(b[:40]) for b in bad[:3]))
+                raise Refused(400, "not a queue id: {ids}", ids=", ".join(for_log(b[:40]) for b in bad[:3]))
             return {"ids": ids, "state": "all"}, " ".join(ids[:20]) + (" ..." if len(ids) > 20 else "")
         filters = filters or {"state": "all"}
         return filters, Filters.from_json(filters).describe() or "the whole queue"
@@ -527,8 +598,8 @@ class ConsoleApp:
                 size = await transfer.receive(chunks, path, self.cfg.max_upload)
             except transfer.TooLarge:
                 self.write_audit(who, "queue restore", target, "refused: larger than max_upload")
-                raise Refused(413, f"the upload is larger than {format_size(self.cfg.max_upload)} "
-                                   "([console] max_upload)") from None
+                raise Refused(413, "the upload is larger than {size} ([console] max_upload)",
+                              size=format_size(self.cfg.max_upload)) from None
             try:
                 result = await self.call("restore", {"path": str(path), "hold": hold,
                                                      "source": f"console {who.account.name}"})
@@ -550,7 +621,7 @@ class ConsoleApp:
 
     async def _alert_test(self, who: Who, category: str) -> dict:
         if category not in ALERT_CATEGORIES:
-            raise Refused(400, f"category must be one of {', '.join(ALERT_CATEGORIES)}")
+            raise Refused(400, "category must be one of {names}", names=", ".join(ALERT_CATEGORIES))
         from kanmon.alerts import request_test_alert  # noqa: PLC0415
 
         outcome = await asyncio.to_thread(request_test_alert, self.data_dir, category, ALERT_TEST_WAIT)
@@ -655,7 +726,7 @@ class ConsoleApp:
         `by` this admin); a dry run changes nothing and is not audited."""
         names = [j["name"] for j in (await self._maintenance())["jobs"]]
         if job not in names:
-            raise Refused(404, f"no maintenance job {job!r}")
+            raise Refused(404, "no maintenance job {job}", job=repr(job))
         try:
             result = await self.call("maintenance_run", {"job": job, "dry_run": dry_run, "by": f"console {who.account.name}"})
         except Refused as e:
@@ -682,7 +753,7 @@ class ConsoleApp:
         try:
             return await asyncio.to_thread(run)
         except (SourceError, TargetError) as e:
-            raise Refused(400, f"cannot run the DNS check: {e}") from None
+            raise Refused(400, "cannot run the DNS check: {error}", error=str(e)) from None
 
     async def _dns_last(self) -> dict:
         """The periodic check's last round ([dnscheck] every) and its event lines of 30 days."""
@@ -707,7 +778,7 @@ class ConsoleApp:
         try:
             text = await asyncio.to_thread(path.read_text, encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise Refused(400, f"cannot read {path}: {e}") from None
+            raise Refused(400, "cannot read {path}: {error}", path=str(path), error=str(e)) from None
         running = self.node.config_text or ""
         return {"path": str(path), "text": text, "digest": configedit.digest(text),
                 "running_differs": text != running,
@@ -728,21 +799,22 @@ class ConsoleApp:
         checked = await self._config_check(text)
         if not checked["usable"]:
             self.write_audit(who, "config apply", str(path), "refused by config check")
-            raise Refused(400, "config check found errors: " + "; ".join(
+            raise Refused(400, "config check found errors: {errors}", errors="; ".join(
                 f"{f['key']}: {f['text']}" for f in checked["findings"] if f["severity"] == "error"))
         previous = await asyncio.to_thread(path.read_text, encoding="utf-8")
         if base is not None and base != configedit.digest(previous):
-            raise Refused(409, f"{path} changed since you opened it: reload the page")
+            raise Refused(409, "{path} changed since you opened it: reload the page", path=str(path))
         try:
             await asyncio.to_thread(configedit.write_whole, path, text)
         except OSError as e:
             self.write_audit(who, "config apply", str(path), f"cannot write: {e.strerror or e}")
-            raise Refused(400, f"cannot write {path}: {e.strerror or e}") from None
+            raise Refused(400, "cannot write {path}: {error}", path=str(path), error=str(e.strerror or e)) from None
         reply = await self.node.admin.handle({"op": "reload"})
         if not reply.get("ok"):
             await asyncio.to_thread(configedit.write_whole, path, previous)
             self.write_audit(who, "config apply", str(path), f"reload refused: {reply.get('error')}")
-            raise Refused(400, f"the reload was refused, the previous file is back: {reply.get('error')}")
+            raise Refused(400, "the reload was refused, the previous file is back: {error}",
+                          error=str(reply.get("error")))
         if not await asyncio.to_thread(configedit.history, self.data_dir):
             await asyncio.to_thread(configedit.save_version, self.data_dir, previous, "before-console")
         version = await asyncio.to_thread(configedit.save_version, self.data_dir, text, who.account.name)
@@ -799,7 +871,7 @@ class ConsoleApp:
         from kanmon.balancer.pool import ADMIN_MODES  # noqa: PLC0415
 
         if not all(isinstance(x, str) and x for x in (virtual, real, mode)) or mode not in ADMIN_MODES:
-            raise Refused(400, f"virtual, real and mode ({', '.join(ADMIN_MODES)}) are needed")
+            raise Refused(400, "virtual, real and mode ({modes}) are needed", modes=", ".join(ADMIN_MODES))
         assert isinstance(virtual, str) and isinstance(real, str) and isinstance(mode, str)
         target = f"{virtual} {real}"
         reply = balance_set_request(getattr(self.node, "balancer", None), {
@@ -850,10 +922,10 @@ class ConsoleApp:
             await asyncio.to_thread(change, self._users_store())
         except UnknownMailbox as e:
             self.write_audit(who, action, target, f"failed: {e}")
-            raise Refused(404, f"{e}; nothing changed") from None
+            raise Refused(404, "{error}; nothing changed", error=str(e)) from None
         except (ValueError, OSError) as e:
             self.write_audit(who, action, target, f"failed: {e}")
-            raise Refused(400, f"{e}; nothing changed") from None
+            raise Refused(400, "{error}; nothing changed", error=str(e)) from None
         self.write_audit(who, action, target, "ok")
 
     async def _user_add(self, who: Who, address: str, password: str | None) -> dict:
@@ -896,7 +968,7 @@ class ConsoleApp:
         users = self._users_store()
         address = address.strip().lower()
         if not await asyncio.to_thread(users.is_mailbox, address):
-            raise Refused(404, f"{for_log(address)} is not a mailbox of a local domain")
+            raise Refused(404, "{address} is not a mailbox of a local domain", address=for_log(address))
         try:
             if action == "password":
                 if not password:
@@ -906,7 +978,7 @@ class ConsoleApp:
                 await asyncio.to_thread(users.set_locked, address, action == "lock")
         except (ValueError, UnknownMailbox, OSError) as e:
             self.write_audit(who, f"user {action}", address, f"failed: {e}")
-            raise Refused(400, f"{e}; nothing changed") from None
+            raise Refused(400, "{error}; nothing changed", error=str(e)) from None
         self.write_audit(who, f"user {action}", address, "ok")
         return {"mailbox": address, "action": action, "done": True}
 
@@ -947,12 +1019,12 @@ class ConsoleApp:
         try:
             result = await self._queue_list(params, offset, limit)
         except Refused as e:
-            result, error = {"items": [], "count": 0}, e.message
+            result, error = {"items": [], "count": 0}, e.text(self.gettext_of(request, who))
         keep = {k: params.get(k) for k in ("state", *FILTER_PARAMS) if params.get(k)}
         def page_url(o: int) -> str:
             return "/queue?" + urllib.parse.urlencode({**keep, "offset": o, "limit": limit})
         return self.render(request, "queue.html", who, result=result, offset=offset, limit=limit, error=error,
-                           filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=params.get("msg", ""),
+                           filters=keep, states=STATES, filter_names=FILTER_PARAMS, msg=self.status(request, who),
                            prev_url=page_url(max(0, offset - limit)) if offset > 0 else None,
                            next_url=page_url(offset + limit) if offset + limit < result["count"] else None,
                            pages=page_links(offset, limit, result["count"], page_url),
@@ -961,7 +1033,7 @@ class ConsoleApp:
     async def message_page(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
         detail = await self.call("show", {"id": qid, "lines": 50})
-        return self.render(request, "message.html", who, m=detail, msg=request.query_params.get("msg", ""))
+        return self.render(request, "message.html", who, m=detail, msg=self.status(request, who))
 
     async def message_act(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
@@ -972,7 +1044,7 @@ class ConsoleApp:
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
         form = await request.form()
         back = "/queue" if action == "delete" or form.get("back") == "list" else f"/queue/{qid}"
-        return RedirectResponse(f"{back}?{urllib.parse.urlencode({'msg': msg})}", 303)
+        return self.redirect(who, back, msg=msg)
 
     async def queue_bulk(self, request: Request, who: Who) -> Response:
         """A selection (checked ids) or the current filter: first a confirmation that shows
@@ -980,7 +1052,7 @@ class ConsoleApp:
         form = await request.form()
         action = str(form.get("action") or "")
         if action not in BULK_ACTIONS:
-            raise Refused(400, f"action must be one of {', '.join(BULK_ACTIONS)}")
+            raise Refused(400, "action must be one of {names}", names=", ".join(BULK_ACTIONS))
         ids = [str(i) for i in form.getlist("id")]
         filters = None
         if not ids:
@@ -994,12 +1066,12 @@ class ConsoleApp:
                                filter_query=str(form.get("filter_query") or ""))
         result = await self._act(who, action, ids or None, filters)
         msg = f"{action}: {len(result['acted'])} of {result['matched']}"
-        return RedirectResponse("/queue?" + urllib.parse.urlencode({"msg": msg}), 303)
+        return self.redirect(who, "/queue", msg=msg)
 
     async def backup_page(self, request: Request, who: Who) -> Response:
         keep = {k: request.query_params.get(k) for k in ("state", *FILTER_PARAMS) if request.query_params.get(k)}
         return self.render(request, "backup.html", who, filters=keep, states=STATES, filter_names=FILTER_PARAMS,
-                           max_upload=format_size(self.cfg.max_upload), error=request.query_params.get("error", ""))
+                           max_upload=format_size(self.cfg.max_upload), error=self.status(request, who, "error"))
 
     async def backup_download(self, request: Request, who: Who) -> Response:
         """The checked messages of the queue page, or a filter (the queue page's, or this
@@ -1016,7 +1088,7 @@ class ConsoleApp:
         except Refused as e:
             if e.status != 400:
                 raise
-            return RedirectResponse("/queue/backup?" + urllib.parse.urlencode({**params, "error": e.message}), 303)
+            return self.redirect(who, "/queue/backup", params, error=e.text(self.gettext_of(request, who)))
         return self._archive_response(path, result)
 
     async def restore_upload(self, request: Request, who: Who) -> Response:
@@ -1031,7 +1103,7 @@ class ConsoleApp:
         except Refused as e:
             if e.status not in (400, 404, 413):
                 raise
-            result, error = None, e.message
+            result, error = None, e.text(self.gettext_of(request, who))
         finally:
             await upload.close()
         return self.render(request, "restore_result.html", who, result=result, error=error,
@@ -1101,7 +1173,7 @@ class ConsoleApp:
         p = request.query_params
         args = {k: p.get(k) for k in ("kind", "from", "to", "reason", "older_than") if p.get(k)}
         result = await self.call("quarantine_list", {"filters": args})
-        return self.render(request, "quarantine.html", who, items=result["items"], msg=p.get("msg", ""), filters=args)
+        return self.render(request, "quarantine.html", who, items=result["items"], msg=self.status(request, who), filters=args)
 
     async def quarantine_item(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
@@ -1111,15 +1183,15 @@ class ConsoleApp:
         qid = _qid(request.path_params["qid"])
         action = request.path_params["action"]
         await self._quarantine_act(who, qid, action)
-        return RedirectResponse("/quarantine?" + urllib.parse.urlencode({"msg": f"{action}: {qid}"}), 303)
+        return self.redirect(who, "/quarantine", msg=f"{action}: {qid}")
 
     async def maintenance_page(self, request: Request, who: Who) -> Response:
         listing = await self._maintenance()
         for j in listing["jobs"]:
             j["filters_text"] = ", ".join(f"{k} {format_duration(v) if k == 'older_than' else v}"
                                           for k, v in j["filters"].items() if v is not None)
-        return self.render(request, "maintenance.html", who, jobs=listing["jobs"], msg=request.query_params.get("msg", ""),
-                           error=request.query_params.get("error", ""))
+        return self.render(request, "maintenance.html", who, jobs=listing["jobs"], msg=self.status(request, who),
+                           error=self.status(request, who, "error"))
 
     async def maintenance_run(self, request: Request, who: Who) -> Response:
         job = request.path_params["job"]
@@ -1131,11 +1203,10 @@ class ConsoleApp:
         except Refused as e:
             if e.status == 404:
                 raise
-            return RedirectResponse("/maintenance?" + urllib.parse.urlencode(
-                {"error": f"{job}: {gettext('failed')}: {e.message}"}), 303)
+            return self.redirect(who, "/maintenance", error=f"{job}: {gettext('failed')}: {e.text(gettext)}")
         head = gettext("Dry run") if dry_run else gettext("Ran")
         text = f"{head} {job}: {gettext(r['action'])} {gettext('matched')} {r['matched']}, {gettext('acted on')} {len(r['acted'])}"
-        return RedirectResponse("/maintenance?" + urllib.parse.urlencode({"msg": text}), 303)
+        return self.redirect(who, "/maintenance", msg=text)
 
     async def balancer_page(self, request: Request, who: Who, result: dict | None = None) -> Response:
         return self.render(request, "balancer.html", who, b=await self._balancer(), now=time.time(), result=result)
@@ -1161,7 +1232,7 @@ class ConsoleApp:
                            setting=_setting)
 
     async def users_page(self, request: Request, who: Who) -> Response:
-        return self.render(request, "users.html", who, u=await self._users(), msg=request.query_params.get("msg", ""))
+        return self.render(request, "users.html", who, u=await self._users(), msg=self.status(request, who))
 
     async def users_add_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1169,14 +1240,13 @@ class ConsoleApp:
         if password != str(form.get("confirm") or ""):
             raise Refused(400, "the two passwords differ; nothing changed")
         result = await self._user_add(who, str(form.get("address") or ""), password or None)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"add: {result['mailbox']}"}), 303)
+        return self.redirect(who, "/users", msg=f"add: {result['mailbox']}")
 
     async def alias_set_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
         targets = str(form.get("targets") or "").replace(",", " ").split()
         result = await self._alias_set(who, str(form.get("alias") or ""), targets)
-        return RedirectResponse("/users?" + urllib.parse.urlencode(
-            {"msg": f"alias: {result['alias']} -> {', '.join(result['targets'])}"}), 303)
+        return self.redirect(who, "/users", msg=f"alias: {result['alias']} -> {', '.join(result['targets'])}")
 
     async def alias_delete_page(self, request: Request, who: Who) -> Response:
         address = request.path_params["address"]
@@ -1185,7 +1255,7 @@ class ConsoleApp:
             return self.render(request, "users_confirm.html", who, kind="alias", address=address,
                                action=f"/users/alias/{urllib.parse.quote(address, safe='@')}/delete")
         result = await self._alias_delete(who, address)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"alias delete: {result['alias']}"}), 303)
+        return self.redirect(who, "/users", msg=f"alias delete: {result['alias']}")
 
     async def users_act(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1200,7 +1270,7 @@ class ConsoleApp:
             if password != str(form.get("confirm") or ""):
                 raise Refused(400, "the two passwords differ; nothing changed")
         result = await self._user_act(who, request.path_params["address"], action, password)
-        return RedirectResponse("/users?" + urllib.parse.urlencode({"msg": f"{action}: {result['mailbox']}"}), 303)
+        return self.redirect(who, "/users", msg=f"{action}: {result['mailbox']}")
 
     async def dns_page(self, request: Request, who: Who) -> Response:
         """The last periodic round, or (?run=1) a check made now; a check changes nothing,
@@ -1212,14 +1282,14 @@ class ConsoleApp:
             try:
                 reports = await self._dns_check()
             except Refused as e:
-                error, reports = e.message, []
+                error, reports = e.text(self.gettext_of(request, who)), []
         return self.render(request, "dns.html", who, reports=reports, ran=ran, error=error, last=last,
                            checked_at=time.time() if ran else last["last_run"])
 
     async def config_page(self, request: Request, who: Who) -> Response:
         cfg = await self._config()
         return self.render(request, "config.html", who, cfg=cfg, text=cfg["text"], base=cfg["digest"], checked=None,
-                           msg=request.query_params.get("msg", ""), error="")
+                           msg=self.status(request, who), error="")
 
     async def config_check_page(self, request: Request, who: Who) -> Response:
         form = await request.form()
@@ -1240,10 +1310,10 @@ class ConsoleApp:
                 raise
             cfg = await self._config()
             return self.render(request, "config.html", who, e.status, cfg=cfg, text=text, base=base or "",
-                               checked=await self._config_check(text), error=e.message)
+                               checked=await self._config_check(text), error=e.text(self.gettext_of(request, who)))
         gettext, _ = i18n.gettext_for(i18n.negotiate(request.headers.get("accept-language"), who.account.lang))
         msg = f"{gettext('Applied and reloaded')}: {', '.join(result['changed']) or gettext('nothing changed')}"
-        return RedirectResponse("/config?" + urllib.parse.urlencode({"msg": msg}), 303)
+        return self.redirect(who, "/config", msg=msg)
 
     async def config_version_page(self, request: Request, who: Who) -> Response:
         name = request.path_params["name"]
@@ -1460,12 +1530,6 @@ class _Headers:
         await self.app(scope, receive, send_with_headers)
 
 
-def _html(text: str) -> str:
-    from html import escape  # noqa: PLC0415
-
-    return escape(text)
-
-
 def page_links(offset: int, limit: int, count: int, url, around: int = 3) -> dict:
     """The queue page's paging: page n of total, and links to the first and last pages and
     to those within `around` of this one (None between them: a gap shown as an ellipsis).
@@ -1487,9 +1551,9 @@ def _int(text, default):
     try:
         value = int(text)
     except ValueError:
-        raise Refused(400, f"{text!r} is not a number") from None
+        raise Refused(400, "{text} is not a number", text=repr(text)) from None
     if value < 0:
-        raise Refused(400, f"{value} is negative")
+        raise Refused(400, "{value} is negative", value=value)
     return value
 
 
@@ -1525,7 +1589,7 @@ def _address(text: str) -> str:
     store checks it strictly)."""
     text = text.strip().lower()
     if len(text) > 320 or not text or any(c.isspace() or not c.isprintable() for c in text):
-        raise Refused(400, f"{for_log(text[:80])!r} is not an address")
+        raise Refused(400, "{text} is not an address", text=repr(for_log(text[:80])))
     return text
 
 
@@ -1539,7 +1603,7 @@ def _since(text: str) -> float:
     try:
         return time.time() - parse_duration(text)
     except ValueError as e:
-        raise Refused(400, f"since: {e}") from None
+        raise Refused(400, "since: {error}", error=str(e)) from None
 
 
 def _safe_next(target: str | None) -> str:

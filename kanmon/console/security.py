@@ -107,6 +107,15 @@ class Sessions:
     def csrf_ok(self, s: Session, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(str(token).encode(), self.csrf_token(s).encode())
 
+    def status_token(self, s: Session, kind: str, text: str) -> str:
+        """The MAC of a status line (kind: msg or error) the console wrote for this session
+        and put in the address it redirects to: only such a line is shown, never text a
+        crafted link brings along."""
+        return b64(self._mac(b"status", "\0".join((s.sid, kind, text)).encode("utf-8", "surrogatepass")))
+
+    def status_ok(self, s: Session, kind: str, text: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(str(token).encode(), self.status_token(s, kind, text).encode())
+
 
 REVOKED_FILE = "revoked.json"
 REVOKED_FORMAT = "kanmon-console-revoked 1"

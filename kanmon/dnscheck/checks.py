@@ -65,6 +65,19 @@ class SigningKey:
 
 
 @dataclass(frozen=True)
+class ThisNode:
+    """What the config knows of where mail for our domains should arrive: this node's
+    names and addresses, and the hosts in front of it that pass mail on to it."""
+
+    names: tuple[str, ...] = ()  # [server] hostname, [dnscheck] helo
+    addresses: tuple[str, ...] = ()  # specific [smtp] listen addresses, [outbound] bind_address and
+    # source_ips, [dnscheck] ips, our own [balancer] virtual addresses
+    wildcard: bool = False  # [smtp] listen on 0.0.0.0 or ::: every address of the host, none named
+    fronts: tuple[tuple[str, str], ...] = ()  # (network or host name, what it is): a balancer in front
+    # ([smtp] trusted_proxies), the relay of a mail store ([outbound] smarthost)
+
+
+@dataclass(frozen=True)
 class Target:
     """What to check: one domain and our side of the mail path."""
 
@@ -75,6 +88,8 @@ class Target:
     dkim_key: tuple[str, bytes] | None = None  # (key type, public key as DKIM publishes it)
     receives_mail: bool = False  # a [[domain]] of ours: a null MX is then a mistake
     signing_keys: tuple[SigningKey, ...] = ()  # our [[dkim]] keys for this domain (when no selector is given)
+    notes: tuple[str, ...] = ()  # what the config says beside the checks (outbound DANE, MTA-STS), after their notes
+    node: ThisNode | None = None  # from the config: are the MX hosts of a domain we receive mail for ours?
 
 
 @dataclass
@@ -101,7 +116,12 @@ def check_domain(source: DnsSource, target: Target) -> Report:
     """Every check for one domain, in the order an administrator reads them."""
     report = Report(target.domain, source.description)
     add = report.findings.extend
-    add(check_mx(source, target.domain, target.receives_mail))
+    hosts: dict[str, list[str] | None] = {}
+    add(check_mx(source, target.domain, target.receives_mail, hosts))
+    if target.receives_mail and target.node is not None:
+        findings, notes = check_mx_reaches_us(target.domain, hosts, target.node)
+        add(findings)
+        report.notes.extend(notes)
     if target.ips:
         add(check_reverse(source, target.ips))
     else:
@@ -121,6 +141,7 @@ def check_domain(source: DnsSource, target: Target) -> Report:
         report.notes.append("DKIM not checked: no selector configured ([dnscheck] dkim_selector or --dkim-selector)")
     add(check_mta_sts(source, target.domain))
     add(check_tls_rpt(source, target.domain))
+    report.notes.extend(target.notes)
     return report
 
 
@@ -176,7 +197,10 @@ def _addresses(source: DnsSource, name: str) -> tuple[list[str], list[Answer]]:
 # MX: RFC 5321 5.1, RFC 7505 (null MX), RFC 2181 10.3 (no CNAME targets)
 
 
-def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> list[Finding]:
+def check_mx(source: DnsSource, domain: str, receives_mail: bool = False,
+             hosts: dict[str, list[str] | None] | None = None) -> list[Finding]:
+    """The mx findings; hosts (when given) gets each MX host's addresses (None: its own
+    name servers could not be asked)."""
     ans = source.lookup(domain, "MX")
     if ans.status in UNANSWERED:
         return [_failed("mx", domain, ans, f"senders cannot find where to deliver; mail to {domain} is delayed")]
@@ -222,8 +246,10 @@ def check_mx(source: DnsSource, domain: str, receives_mail: bool = False) -> lis
             ))
             continue
         seen_hosts[name] = pref
-        finding, has_address = _check_mx_host(source, domain, pref, name)
+        finding, has_address, addrs = _check_mx_host(source, domain, pref, name)
         findings.append(finding)
+        if hosts is not None:
+            hosts[name] = addrs
         reachable += has_address is True
         unchecked += has_address is None
     if not reachable and not unchecked:
@@ -251,15 +277,16 @@ def _implicit_mx(source: DnsSource, domain: str) -> Finding:
     )
 
 
-def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tuple[Finding, bool | None]:
-    """The finding for one MX host, and whether senders can find an address for it
-    (None: not known here, the host's own name servers could not be asked)."""
+def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tuple[Finding, bool | None, list[str] | None]:
+    """The finding for one MX host, whether senders can find an address for it (None:
+    not known here, the host's own name servers could not be asked), and its addresses
+    (None: the lookup failed or could not be made)."""
     if _is_ip_literal(host):  # RFC 7505 3 / RFC 5321 5.1: an MX names a host, never an address
         return _error(
             "mx", domain, f"MX {pref} {host} is an IP address, not a host name",
             "senders look it up as a name, find nothing and cannot deliver there; publish an A record "
             "for a name and point the MX at that name",
-        ), False
+        ), False, []
     addrs, answers = _addresses(source, host)
     cname = next((a for a in answers if a.via_cname), None)
     if cname is not None:  # RFC 2181 10.3
@@ -267,23 +294,93 @@ def _check_mx_host(source: DnsSource, domain: str, pref: int, host: str) -> tupl
             "mx", domain, f"MX {pref} {host} is a CNAME (to {cname.canonical})",
             "an MX must name the host itself (RFC 2181 10.3); some senders refuse or mis-route it and mail "
             f"to {domain} is delayed. Point the MX at {cname.canonical}",
-        ), bool(addrs)
+        ), bool(addrs), addrs
     if addrs:
         via = next((a.server for a in answers if a.server), "")
         return _ok("mx", domain, f"MX {pref} {host} -> {', '.join(addrs)}"
-                   + (f" (from its own name server {via})" if via else "")), True
+                   + (f" (from its own name server {via})" if via else "")), True, addrs
     failed = [a for a in answers if a.status in UNANSWERED]
     delegated = next((a for a in failed if a.status is Status.DELEGATED), None)
     if delegated is not None:
-        return _delegated("mx", domain, delegated, f"MX {pref} {host}"), None
+        return _delegated("mx", domain, delegated, f"MX {pref} {host}"), None, None
     if failed:
-        return _failed("mx", domain, failed[0], f"senders cannot reach {host}; mail to {domain} is delayed"), False
+        return _failed("mx", domain, failed[0], f"senders cannot reach {host}; mail to {domain} is delayed"), False, None
     what = "does not exist (NXDOMAIN)" if answers[0].status is Status.NXDOMAIN else "has no A or AAAA record"
     return _error(
         "mx", domain, f"MX {pref} {host} {what}",
         f"senders cannot connect to {host}; they try the other MX hosts, and with none left mail to "
         f"{domain} queues at the senders and bounces after days",
-    ), False
+    ), False, []
+
+
+def _fronts(node: ThisNode) -> tuple[list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]],
+                                     dict[str, str]]:
+    nets, names = [], {}
+    for spec, what in node.fronts:
+        try:
+            nets.append((ipaddress.ip_network(spec, strict=False), what))
+        except ValueError:
+            names[spec.rstrip(".").lower()] = what
+    return nets, names
+
+
+def _node_description(node: ThisNode) -> str:
+    parts = list(dict.fromkeys(node.names)) + list(dict.fromkeys(node.addresses))
+    if node.wildcard:
+        parts.append("listening on every address ([smtp] listen 0.0.0.0 or ::)")
+    text = ", ".join(parts)
+    if node.fronts:
+        text += "; in front of it: " + ", ".join(f"{spec} ({what})" for spec, what in node.fronts)
+    return text
+
+
+def check_mx_reaches_us(domain: str, hosts: dict[str, list[str] | None],
+                        node: ThisNode) -> tuple[list[Finding], list[str]]:
+    """For a domain we receive mail for: is one of its MX hosts this node, or a host the
+    config says passes mail on to it (a balancer in front, the relay of a mail store)?
+    hosts: each MX host's addresses (None: not known). A warning only when the config
+    can tell; when it cannot (no address of this node named, a private address behind a
+    NAT, an MX host not looked up), a note says what was not compared and why.
+    (findings, notes)."""
+    if not hosts:
+        return [], []  # null MX, implicit MX, no MX: check_mx has said what it means
+    names = {n.rstrip(".").lower() for n in node.names}
+    ours = {ipaddress.ip_address(a) for a in node.addresses}
+    front_nets, front_names = _fronts(node)
+    for host, addrs in hosts.items():
+        if host in names or host in front_names:
+            return [], []
+        for a in addrs or ():
+            ip = ipaddress.ip_address(a)
+            if ip in ours or any(ip in net for net, _ in front_nets):
+                return [], []
+    listing = "; ".join(f"{h} ({', '.join(a)})" for h, a in hosts.items() if a)
+    unknown = [h for h, a in hosts.items() if a is None]
+    if not listing:
+        if unknown:
+            return [], [f"MX of {domain} not compared with this node: the addresses of {', '.join(unknown)} "
+                         "could not be looked up"]
+        return [], []  # no MX host has an address: check_mx reports that as an error
+    if unknown:
+        return [], [f"MX of {domain} not compared with this node: {listing} is not this node, but the addresses "
+                    f"of {', '.join(unknown)} could not be looked up"]
+    if not ours:
+        return [], [f"MX of {domain} ({listing}) not compared with this node: the config names none of its "
+                    "addresses ([smtp] listen is 0.0.0.0 or ::, no [dnscheck] ips or [outbound] source_ips); "
+                    "set [dnscheck] ips to the public address the MX should reach"]
+    mx_ips = [ipaddress.ip_address(a) for a in (addr for a in hosts.values() if a for addr in a)]
+    if any(ip.is_global for ip in mx_ips) and not any(ip.is_global for ip in ours):
+        return [], [f"MX of {domain} ({listing}) not compared with this node: the config knows only its "
+                    f"private addresses ({', '.join(node.addresses)}), and a NAT address that forwards to this "
+                    "node cannot be told from someone else's server; set [dnscheck] ips to this node's public "
+                    "address to have it compared"]
+    return [_warn(
+        "mx", domain, f"no MX host of {domain} is this node: {listing}; this node is {_node_description(node)}",
+        f"senders deliver mail for {domain} to those hosts, not to this node: if they are someone else's "
+        "servers (an old provider's, a typo), our mail goes there or bounces; point the MX at this node. If one "
+        "of them passes mail on to this node, the config does not say so: a balancer in front of it is named "
+        "by [smtp] trusted_proxies, the relay in front of a mail store by [outbound] smarthost",
+    )], []
 
 
 # ---------------------------------------------------------------------------

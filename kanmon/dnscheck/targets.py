@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kanmon.auth import dkimkeys
 from kanmon.config import Config
-from kanmon.dnscheck.checks import SigningKey, Target, dkim_public_key_from_pem
+from kanmon.dnscheck.checks import SigningKey, Target, ThisNode, dkim_public_key_from_pem
 from kanmon.dnscheck.sources import DnsSource, ResolverSource, ZoneSource
 
 
@@ -54,6 +54,57 @@ def signing_keys(config: Config, domain: str) -> tuple[SigningKey, ...]:
                     out.append(SigningKey(d, e.selector, (pub.key_type, pub.data), e.active))
             return tuple(out)
     return ()
+
+
+def outbound_tls_notes(config: Config) -> list[str]:
+    """What our own MX delivery does about the destinations' DANE and MTA-STS (the
+    config decides; docs/outbound-tls.md). Notes of every report made with a config:
+    `kanmon dns check`, the console's DNS page and the periodic check say the same."""
+    if config.dns.dnssec == "trust-ad":
+        servers = ", ".join(f"{h}:{p}" for h, p in config.dns.servers) or "the system resolver"
+        dane = (f"outbound DANE: on ([dns] dnssec = \"trust-ad\": the AD bit of {servers} is trusted; "
+                "it must be a validating resolver on this host or a link you control)")
+    else:
+        dane = ("outbound DANE: off (no validating resolver: [dns] dnssec is not \"trust-ad\", "
+                "so destinations' TLSA records are not used)")
+    sts = "outbound MTA-STS: " + ("on ([outbound] mta_sts = true)" if config.outbound.mta_sts
+                                  else "off ([outbound] mta_sts = false)")
+    return [dane, sts]
+
+
+def this_node(config: Config, ips: Sequence[str] = ()) -> ThisNode:
+    """Where the config says mail for our domains arrives: this node (its names and
+    addresses; ips: our outgoing addresses as the check was given them) and the hosts in
+    front of it (docs/dnscheck.md, "Is the MX this node?")."""
+    names = [config.server.hostname] + ([config.dnscheck.helo] if config.dnscheck.helo else [])
+    addresses: list[str] = []
+    wildcard = False
+    for host, _port in config.smtp.listen:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            names.append(host)  # a listen address given as a name
+            continue
+        if ip.is_unspecified:
+            wildcard = True
+        else:
+            addresses.append(str(ip))
+    for ip_text in [config.outbound.bind_address or "", *config.outbound.source_ips, *config.dnscheck.ips, *ips]:
+        try:
+            addresses.append(str(ipaddress.ip_address(ip_text.strip())))
+        except ValueError:
+            pass  # not an address: make_targets reports a bad [dnscheck] ips / source_ips
+    if config.balancer is not None:  # our own virtual addresses: the balancer runs on this node
+        addresses.extend(vs.listen[0] for vs in config.balancer.virtual_server)
+    fronts = [(str(net), "a balancer in front of this node, [smtp] trusted_proxies")
+              for net in config.smtp.trusted_proxies]
+    fronts += [(host, "the relay of this mail store, [outbound] smarthost") for host, _port in config.outbound.smarthost]
+    return ThisNode(
+        names=tuple(dict.fromkeys(n.lower().rstrip(".") for n in names)),
+        addresses=tuple(dict.fromkeys(addresses)),
+        wildcard=wildcard,
+        fronts=tuple(fronts),
+    )
 
 
 def make_source(
@@ -98,6 +149,8 @@ def make_targets(
             dkim_key=dkim_key,
             receives_mail=config is not None and config.find_domain(d) is not None,
             signing_keys=signing_keys(config, d) if config is not None and not dkim_selector else (),
+            notes=tuple(outbound_tls_notes(config)) if config is not None else (),
+            node=this_node(config, ips) if config is not None else None,
         )
         for d in domains
     ]

@@ -221,6 +221,30 @@ def test_hold_and_release_from_the_pages_and_the_audit_lines(console) -> None:
     assert any(e.fields and e.fields.get("who") == "otto" for e in lines)
 
 
+def test_only_the_consoles_own_status_lines_are_shown_never_text_from_a_link(console) -> None:
+    """?msg= and ?error= show a status line only when the console wrote it, for this session:
+    a crafted link cannot put official-looking text on a page."""
+    qid = send_deferred(console)
+    c = login(console, "otto", "otto-pw")
+    r = c.post(f"/queue/{qid}/hold", data={"csrf": csrf_of(c, f"/queue/{qid}")})
+    assert r.status_code == 303
+    own = r.headers["location"]
+    assert '<p class="msg" id="msg">hold: 1 of 1</p>' in c.get(own).text
+    forged = "Your password expired: call +81-3-0000-0000"
+    for path in ("/queue", f"/queue/{qid}", "/quarantine", "/maintenance", "/users"):
+        page = c.get(path, params={"msg": forged}).text
+        assert 'id="msg"' not in page and "password expired" not in page, path
+    assert "password expired" not in c.get("/maintenance", params={"error": forged}).text
+    page = login(console, "alice", "alice-pw").get("/queue/backup", params={"error": forged})
+    assert page.status_code == 200 and "password expired" not in page.text
+    # The console's own line with its text changed, or shown to another session: nothing.
+    url = httpx.URL(own)
+    changed = url.copy_set_param("msg", forged)
+    assert "password expired" not in c.get(str(changed)).text and 'id="msg"' not in c.get(str(changed)).text
+    other = login(console, "otto", "otto-pw")
+    assert 'id="msg"' not in other.get(own).text
+
+
 def test_bulk_delete_by_filter_asks_first_with_the_count(console) -> None:
     qid = send_deferred(console)
     c = login(console, "alice", "alice-pw")
@@ -381,6 +405,38 @@ def test_pages_in_japanese_by_browser_and_by_the_admin_choice(console) -> None:
     assert "Dashboard" in c.get("/", headers={"Accept-Language": "en"}).text
     c.post("/settings", data={"csrf": csrf_of(c, "/settings"), "lang": "ja"})
     assert "ダッシュボード" in c.get("/", headers={"Accept-Language": "en"}).text
+
+
+def test_error_pages_are_in_the_readers_language(console, monkeypatch: pytest.MonkeyPatch) -> None:
+    ja = {"Accept-Language": "ja,en;q=0.5"}
+    c = login(console, "otto", "otto-pw")
+    r = c.get("/config", headers=ja)  # an operator may not see the configuration
+    assert r.status_code == 403 and '<html lang="ja">' in r.text
+    assert "403 権限がありません" in r.text and "ロール operator にはこの操作の権限がありません" in r.text
+    assert "ダッシュボード" in r.text  # the page has the console's navigation
+    r = c.get("/config", headers={"Accept-Language": "en"})
+    assert r.status_code == 403 and "403 Forbidden" in r.text and "the role operator may not do this" in r.text
+    r = c.get("/queue", params={"offset": "x<b>"}, headers=ja)
+    assert r.status_code == 400 and "400 不正な要求" in r.text and "&#39;x&lt;b&gt;&#39; は数値ではありません" in r.text
+    r = c.get("/queue/not-an-id", headers=ja)
+    assert r.status_code == 404 and "404 見つかりません" in r.text and "キューIDではありません" in r.text
+    # Starlette's own refusals: no such route, a method the route does not take; with no login too.
+    for client in (c, api_client(console)):
+        r = client.get("/no/such/page", headers=ja)
+        assert r.status_code == 404 and "404 見つかりません" in r.text and "このページはありません" in r.text
+    r = api_client(console).post("/", headers=ja)
+    assert r.status_code == 405 and "405 このメソッドは使えません" in r.text and r.headers["allow"]
+    assert api_client(console).get("/api/v1/no/such").json() == {"error": "no such page"}
+    # A crash: the admin's own language choice holds for it too.
+    c.post("/settings", data={"csrf": csrf_of(c, "/settings"), "lang": "ja"})
+
+    async def broken(request):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(console.node.admin, "handle", broken)
+    r = c.get("/queue", headers={"Accept-Language": "en"})
+    assert r.status_code == 500 and "500 内部エラー" in r.text and "詳細はイベントログ" in r.text
+    assert "boom" not in r.text
 
 
 def test_dashboard_draws_the_volume_chart(console) -> None:

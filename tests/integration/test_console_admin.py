@@ -393,6 +393,31 @@ def test_backup_download_of_a_selection_and_restore_upload(tmp_path: Path) -> No
         stop_node(node)
 
 
+def test_a_restore_says_how_many_stayed_held_as_in_the_archive(tmp_path: Path) -> None:
+    """`kanmon queue restore` says "N of them held, as they were in the archive"; so does the page."""
+    from tests.integration.test_console import send_deferred
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    node = start_node(tmp_path)
+    try:
+        first = send_deferred(node)
+        node.node.admin.ops.act("hold", {"ids": [first]}, source="test")
+        a = login(node, "alice", "alice-pw")
+        token = csrf_of(a, "/queue")
+        archive = a.post("/queue/backup", data={"csrf": token, "id": first, "filter_query": ""}).content
+        node.node.admin.ops.act("delete", {"ids": [first], "state": "all"}, source="test")
+        r = a.post("/queue/restore", data={"csrf": token}, files={"archive": ("q.tar", archive, "application/x-tar")},
+                   headers={"Accept-Language": "ja"})
+        assert r.status_code == 200
+        assert '<td id="restore-restored">1</td>' in r.text and '<td id="restore-on-hold">1</td>' in r.text
+        assert "うち保留のまま" in r.text and 'id="restore-held-note"' in r.text
+        assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == first
+    finally:
+        stop_node(node)
+
+
 def test_a_restore_upload_larger_than_max_upload_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir(mode=0o700)

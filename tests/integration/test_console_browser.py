@@ -1,7 +1,7 @@
 """The console in a real browser: Debian's chromium driven by Playwright against a real
 node. Log in, see the dashboard chart, hold and release a deferred message, press Test
 on the alert page and see the alert delivered to a mailbox, and an auditor who sees no
-write button and gets 403 from the API; add a mailbox and an alias on the Users page, see
+write button and gets 403 from the API; an error page in Japanese; add a mailbox and an alias on the Users page, see
 the Policies page, watch a new line arrive in the event log's live tail, download a queue
 backup of a checked message and restore it by upload. No page may break the
 Content-Security-Policy.
@@ -99,6 +99,7 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     assert page.inner_text("#message-state") == "deferred"
     page.click("button.act-hold")
     page.wait_for_selector("#message-state:text('hold')")
+    assert page.inner_text("#msg") == "hold: 1 of 1"  # the console's own status line, signed for this session
     shot(page, "message")
     assert node.node.admin.ops.list({"state": "hold"})["items"][0]["id"] == qid
     page.click("button.act-release")
@@ -127,6 +128,11 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     page.goto("/")
     page.wait_for_selector("text=ダッシュボード")
     shot(page, "dashboard-ja")
+    # Error pages in the chosen language; a status line from a crafted link is not shown.
+    page.goto("/no/such/page")
+    assert page.inner_text("#error-title") == "404 見つかりません"
+    page.goto("/queue?msg=" + "Your password expired")
+    assert page.locator("#msg").count() == 0
     context.close()
 
     # The auditor reads everything and sees no write button; the API answers 403.

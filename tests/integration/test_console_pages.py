@@ -153,6 +153,9 @@ def test_dns_health_shows_the_periodic_round_and_checks_now(tmp_path: Path) -> N
             assert '<span class="severity-error">error</span>' in page  # the PTR is missing
             assert "got worse (ok -&gt; error)" in page  # the history line
             assert "<script>x" not in page and "&lt;script&gt;x" in page  # DNS data is escaped
+            # The notes `kanmon dns check -c` prints: what our outbound delivery does with DANE and MTA-STS.
+            assert "outbound DANE: off (no validating resolver" in page
+            assert "outbound MTA-STS: off ([outbound] mta_sts = false)" in page
             last = c.get("/api/v1/dns").json()
             assert [r["domain"] for r in last["reports"]] == ["example.test"] and last["every"] == 6 * 3600
             ptr = [f for f in last["reports"][0]["findings"] if f["check"] == "ptr"]
@@ -166,6 +169,8 @@ def test_dns_health_shows_the_periodic_round_and_checks_now(tmp_path: Path) -> N
             assert {f["severity"] for f in now[0]["findings"] if f["check"] in ("ptr", "fcrdns")} == {"ok"}
             page = c.get("/dns", params={"run": "1"}, headers={"Accept-Language": "ja"}).text
             assert "今回の検査" in page and "意味と影響" in page and 'id="dns-example.test"' in page
+            assert "outbound DANE: off" in page and "outbound MTA-STS: off" in page
+            assert any(n.startswith("outbound DANE: off") for n in now[0]["notes"])
             for client in running.clients:
                 client.close()
 

@@ -485,3 +485,84 @@ def test_dns_text_reaches_the_terminal_escaped(check: Check) -> None:
     r = check(hostile, REVERSE, "--show")
     assert "\x1b" not in r.output and "\u202e" not in r.output
     assert "v=spf1 -all \\x1b[2J\\u202e | v=spf1 [bold red]x[/] -all" in only(r, "ERROR", "spf")
+
+
+# ---------------------------------------------------------------------------
+# Is the MX of a domain we receive mail for this node (or a host in front of it)?
+
+
+def _node_config(tmp_path: Path, extra: str = "", listen: str = "127.0.0.5:2525") -> str:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'[server]\nhostname = "{HELO}"\n\n[smtp]\nlisten = ["{listen}"]\n{extra}\n'
+        f'[dnscheck]\nips = ["{IP}"]\n\n[[domain]]\nname = "example.test"\n'
+    )
+    return str(cfg)
+
+
+def test_mx_of_our_domain_naming_someone_elses_hosts_is_a_warning(check: Check, tmp_path: Path) -> None:
+    # This node: relay.example.test, listening on 127.0.0.5, sending from 203.0.113.3; the MX
+    # names mx1 and mx2 (192.0.2.1, 192.0.2.2), another server.
+    r = check(FORWARD, REVERSE, "-c", _node_config(tmp_path))
+    assert r.exit_code == 1, r.output
+    assert ("WARN  mx       example.test: no MX host of example.test is this node: mx1.example.test (192.0.2.1); "
+            f"mx2.example.test (192.0.2.2, 2001:db8::2); this node is {HELO}, 127.0.0.5, {IP} -- senders deliver "
+            "mail for example.test to those hosts, not to this node") in only(r, "WARN", "mx")
+    # A domain kanmon does not receive mail for is not compared (no -c: nothing known).
+    assert check(FORWARD, REVERSE).exit_code == 0
+
+
+@pytest.mark.parametrize("listen, extra", [
+    ("192.0.2.2:25", ""),                                                # listens on an MX address
+    ("0.0.0.0:25", '\n[outbound]\nsource_ips = ["192.0.2.1"]\n'),        # its public address is an MX address
+    ("127.0.0.31:2525", 'trusted_proxies = ["192.0.2.1/32"]\n'),        # behind the balancer at the MX address
+    ("127.0.0.7:2525", '\n[outbound]\nsmarthost = ["192.0.2.2:25"]\n'),  # a store: the MX is its relay
+    ("127.0.0.7:2525", '\n[outbound]\nsmarthost = ["mx1.example.test:25"]\n'),  # ... named by its host name
+    ("127.0.0.5:2525", '\n[balancer]\n[[balancer.virtual_server]]\nname = "mail"\nlisten = "192.0.2.1:25"\n'),
+])
+def test_mx_reaching_this_node_or_the_host_in_front_of_it_is_ok(check: Check, tmp_path: Path,
+                                                                 listen: str, extra: str) -> None:
+    r = check(FORWARD, REVERSE, "-c", _node_config(tmp_path, extra, listen))
+    assert r.exit_code == 0, r.output
+    assert "this node" not in r.output
+
+
+def test_mx_named_by_the_nodes_hostname_is_ok(check: Check, tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[server]\nhostname = "MX2.example.test"\n[dnscheck]\nips = ["{IP}"]\nhelo = "{HELO}"\n'
+                   '[[domain]]\nname = "example.test"\n')
+    r = check(FORWARD, REVERSE, "-c", str(cfg))
+    assert r.exit_code == 0, r.output
+
+
+def test_mx_not_compared_when_the_config_cannot_tell_says_so(check: Check, tmp_path: Path) -> None:
+    # Listening on every address, no address of this node named (no --ip either): a note, no warning.
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[server]\nhostname = "{HELO}"\n[smtp]\nlisten = ["0.0.0.0:25"]\n[[domain]]\nname = "example.test"\n')
+    r = check(FORWARD, REVERSE, "-c", str(cfg))
+    assert not lines(r, "WARN", "mx"), r.output
+    assert ("note: MX of example.test (mx1.example.test (192.0.2.1); mx2.example.test (192.0.2.2, 2001:db8::2)) not "
+            "compared with this node: the config names none of its addresses") in r.output
+    # Only private addresses known, a public MX address: it may be a NAT address forwarding to
+    # this node (1.2.3.4: a public address to Python's is_global, unlike the documentation ranges).
+    public = edit(FORWARD, drop=("mx1 ", "mx2 "), add=("mx1 IN A 1.2.3.4", "mx2 IN A 1.2.3.5"))
+    cfg.write_text(f'[server]\nhostname = "{HELO}"\n[smtp]\nlisten = ["10.0.0.5:25"]\n[[domain]]\nname = "example.test"\n')
+    r = check(public, REVERSE, "-c", str(cfg), "--ip", IP)
+    assert not lines(r, "WARN", "mx"), r.output
+    assert ("note: MX of example.test (mx1.example.test (1.2.3.4); mx2.example.test (1.2.3.5)) not compared with this "
+            f"node: the config knows only its private addresses (10.0.0.5, {IP}), and a NAT address") in r.output
+    # ... once the public address is named (the config, or --ip), compared: someone else's server.
+    r = check(public, REVERSE, "-c", str(cfg), "--ip", "1.2.3.9")
+    assert "no MX host of example.test is this node" in only(r, "WARN", "mx")
+    cfg.write_text(cfg.read_text() + '[dnscheck]\nips = ["1.2.3.4"]\n')
+    assert not lines(check(public, REVERSE, "-c", str(cfg)), "WARN", "mx")
+
+
+def test_mx_host_delegated_and_not_asked_is_not_compared(tmp_path: Path) -> None:
+    (tmp_path / "fwd.zone").write_text(DELEGATED)
+    (tmp_path / "rev.zone").write_text(REVERSE)
+    r = run_cli("example.test", "--zone", str(tmp_path / "fwd.zone"), "--zone", str(tmp_path / "rev.zone"),
+                "-c", _node_config(tmp_path))
+    assert "no MX host" not in r.output and "ERROR" not in r.output, r.output
+    assert ("note: MX of example.test not compared with this node: the addresses of mail.example.test could not "
+            "be looked up") in r.output

@@ -74,6 +74,18 @@ def test_csrf_tokens_belong_to_one_session() -> None:
     assert not s.csrf_ok(a, s.csrf_token(b)) and not s.csrf_ok(a, None) and not s.csrf_ok(a, "")
 
 
+def test_a_status_line_shows_only_with_its_own_mac_for_its_session_and_kind() -> None:
+    s = sessions()
+    a, b = s.new("alice", "ip", "pv", 1.0), s.new("alice", "ip", "pv", 1.0)
+    token = s.status_token(a, "msg", "hold: 1 of 1")
+    assert s.status_ok(a, "msg", "hold: 1 of 1", token)
+    assert not s.status_ok(a, "msg", "hold: 2 of 2", token)  # the text changed
+    assert not s.status_ok(b, "msg", "hold: 1 of 1", token)  # another session
+    assert not s.status_ok(a, "error", "hold: 1 of 1", token)  # shown as another kind
+    assert not s.status_ok(a, "msg", "hold: 1 of 1", None) and not s.status_ok(a, "msg", "hold: 1 of 1", "")
+    assert token != s.csrf_token(a)
+
+
 def test_the_secret_is_made_once_and_private(tmp_path: Path) -> None:
     first = load_secret(tmp_path)
     assert load_secret(tmp_path) == first and len(first) == 32
@@ -105,6 +117,19 @@ def test_every_text_of_the_pages_has_a_japanese_translation() -> None:
     assert len(wanted) > 80
     missing = sorted(w for w in wanted if w not in i18n.catalogue("ja"))
     assert not missing, missing
+
+
+def test_every_refusal_has_a_japanese_translation_with_the_same_fields() -> None:
+    """An error page shows a refusal's message in the reader's language: its template
+    translated, then filled ({role}, {path}...), so each translation keeps the fields."""
+    text = (Path(i18n.__file__).parent / "app.py").read_text()
+    templates = set(re.findall(r'Refused\(\d+, "([^"]+)"(?=[,)])', text))
+    templates |= {"the request was refused"}  # Refused(status, ...) of Starlette's own refusals
+    assert len(templates) > 40
+    ja = i18n.catalogue("ja")
+    assert not sorted(t for t in templates if t not in ja)
+    fields = re.compile(r"\{(\w+)\}")
+    assert [t for t in templates if sorted(fields.findall(t)) != sorted(fields.findall(ja[t]))] == []
 
 
 @pytest.mark.parametrize("value, top", [(0, 1), (1, 1), (3, 5), (7, 10), (11, 20), (150, 200), (1000, 1000)])
