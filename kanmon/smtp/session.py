@@ -249,6 +249,12 @@ class Session:
         self.tls_active = settings.tls_active
         self.esmtp = False
         self.errors = 0
+        # Errors that follow from a refusal already counted, in a pipelined group (RFC 2920
+        # 3.1: the client sends RCPT and DATA before it reads MAIL's and RCPT's replies):
+        # 503 to the RCPTs after a refused MAIL and to the DATA after every RCPT was
+        # refused. So many of them do not count toward max_errors (bounded: one MAIL's
+        # worth of RCPTs and a DATA); the refusal itself did.
+        self._excused = 0
         self.messages = 0
         self.transactions = 0  # MAIL commands accepted (max_messages)
         self.ehlos = self.noops = self.rsets = 0
@@ -509,6 +515,10 @@ class Session:
         content). A 421 reply closes the session."""
         reply = reply or replies.LOCAL_ERROR
         self.errors += 1
+        if command == "MAIL":
+            self._excused = self.settings.max_recipients + 1
+        elif command == "RCPT" and self._tx is not None and not self._tx.accepted_rcpts:
+            self._excused = max(self._excused, 1)
         out.append(Send(reply.wire()))
         if decision is None and not check and reply is replies.STRICT_SYNTAX:
             check = "strict_syntax"  # the profile's strict_syntax, named like a check's (events, metrics)
@@ -699,6 +709,7 @@ class Session:
             self._reject("MAIL", d.reply, out, env, decision=d)  # the event and history name the sender
             return
         tx = self._tx = _Transaction(env)
+        self._excused = 0
         self.transactions += 1
         _merge(tx, d)
         self.state = State.MAIL
@@ -706,6 +717,9 @@ class Session:
 
     def _rcpt(self, arg: str, out: list[Action]) -> None:
         if self._tx is None:
+            if self._excused:  # after a refused MAIL, pipelined
+                self._excused -= 1
+                self.errors -= 1
             raise SmtpError(replies.NEED_MAIL if self.state is not State.GREETING else replies.NEED_HELO)
         if not arg[:3].upper() == "TO:":
             raise SmtpError(replies.RCPT_SYNTAX)
@@ -753,9 +767,12 @@ class Session:
     def _data_cmd(self, arg: str, out: list[Action]) -> None:
         if arg.strip():
             raise SmtpError(replies.SYNTAX_PARAMS)
-        if self._tx is None:
-            raise SmtpError(replies.NEED_MAIL if self.state is not State.GREETING else replies.NEED_HELO)
-        if self.state is not State.RCPT:
+        excused, self._excused = self._excused, 0  # the pipelined group ends here
+        if self._tx is None or self.state is not State.RCPT:
+            if excused:  # after a refused MAIL, or every RCPT refused
+                self.errors -= 1
+            if self._tx is None:
+                raise SmtpError(replies.NEED_MAIL if self.state is not State.GREETING else replies.NEED_HELO)
             raise SmtpError(replies.NEED_RCPT)
         self.state = State.DATA
         # A virtual CRLF before the content lets ".\r\n" as the very first line end DATA.
@@ -774,6 +791,7 @@ class Session:
         if self.settings.max_rset and self.rsets > self.settings.max_rset:
             raise LimitExceeded(replies.TOO_MANY_RSET, "max_rset")
         self._tx = None
+        self._excused = 0
         if self.state not in (State.GREETING,):
             self.state = State.READY
         self._reply(replies.RSET_OK, out)

@@ -291,6 +291,30 @@ def test_too_many_errors_closes_with_421():
     assert s.feed(b"NOOP\r\n") == []
 
 
+def test_the_503s_a_refusal_causes_in_a_pipelined_group_do_not_count_toward_max_errors():
+    """RFC 2920 3.1: a pipelining client sends RCPT and DATA before it reads MAIL's and
+    RCPT's replies, so a refused MAIL brings 503s to its RCPTs and DATA, and a refused
+    last RCPT a 503 to the DATA: the refusal counts, what follows from it does not (a
+    relay reusing its connection for several User-unknown messages was cut at max_errors)."""
+    s = ready(make_session(max_errors=3))
+    unknown = b"MAIL FROM:<a@remote.example>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\nRSET\r\n"
+    bad_mail = b"MAIL FROM:<a@remote.example> BODY=NONE\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nRSET\r\n"
+    assert codes(s.feed(unknown)) == ["250", "550", "503", "250"]
+    assert codes(s.feed(bad_mail)) == ["501", "503", "503", "503", "250"]
+    assert s.errors == 2 and s.state is not State.CLOSED
+    # Outside such a group a 503 is the client's own error, and counts.
+    out = s.feed(b"DATA\r\n")
+    assert codes(out) == ["503", "421"] and isinstance(out[-1], Close)
+
+
+def test_excused_503s_are_bounded_by_the_refusal():
+    s = ready(make_session(max_errors=3))
+    s.settings.max_recipients = 2
+    out = s.feed(b"MAIL FROM:<a@remote.example> BODY=NONE\r\n" + b"RCPT TO:<alice@example.test>\r\n" * 6)
+    # One error for the MAIL, three RCPTs excused (max_recipients + 1), then two counted.
+    assert codes(out) == ["501", "503", "503", "503", "503", "503", "421"]
+
+
 def test_sequence_errors():
     s = make_session()
     s.greeting()
