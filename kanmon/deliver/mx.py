@@ -68,6 +68,13 @@ class NextHop:
     def is_literal(self) -> bool:
         return is_ip(self.host)
 
+    @property
+    def tls_relay(self) -> str:
+        """The relay= of a STARTTLS=client line, as sendmail writes it: `mx.example.test.`,
+        `[192.0.2.7]` (`:port` added when it is not 25), as the to= line's relay= begins."""
+        port = f":{self.port}" if self.port != 25 else ""
+        return (f"[{self.host}]" if self.is_literal else f"{self.host.rstrip('.')}.") + port
+
     def relay_text(self, address: str) -> str:
         """`store.corp.example. [192.0.2.7]` (`:port` added when it is not 25)."""
         port = f":{self.port}" if self.port != 25 else ""

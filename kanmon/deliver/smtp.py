@@ -368,9 +368,9 @@ class SmtpDelivery:
     def _log_session(self, queue_id: str, conn: SmtpConnection, hop: NextHop) -> None:
         if conn.tls is not None:
             t = conn.tls
-            self.emit(TlsClient(hop.host, t.version, t.verify, t.cipher, t.bits, t.alg_bits), queue_id)
+            self.emit(TlsClient(hop.tls_relay, t.version, t.verify, t.cipher, t.bits, t.alg_bits), queue_id)
         elif conn.tls_note and "does not offer" not in conn.tls_note:
-            self.emit(TlsClient(hop.host, note=conn.tls_note), queue_id)
+            self.emit(TlsClient(hop.tls_relay, note=conn.tls_note), queue_id)
 
 
 __all__ = ["MAILER", "SmtpDelivery", "status_of"]

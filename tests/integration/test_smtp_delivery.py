@@ -112,7 +112,7 @@ def test_primary_down_alternate_takes_it_then_primary_back(primary, alternate):
     assert results[0].status is Status.SENT
     assert results[0].relay == f"[{ALTERNATE}]:{primary.port}"
     assert alternate.wait_for_messages(1)[0].data == BODY
-    assert (f"relay=[{PRIMARY}]:{primary.port}, Connection refused by {PRIMARY}; trying next server", "QID1") in log.lines
+    assert (f"relay=[{PRIMARY}]:{tls_primary.port}, Connection refused by {PRIMARY}; trying next server", "QID1") in log.lines
     primary.start()
     results, _ = deliver(make_config(), ["c@corp.example"], hops(primary, alternate, port=primary.port))
     assert results[0].relay == f"[{PRIMARY}]:{primary.port}"
@@ -274,7 +274,7 @@ def test_starttls_is_logged_and_recorded(tls_primary, ca_file):
     assert r.tls.startswith("TLSv1.") and r.tls.endswith("verify=OK")
     [(line, qid)] = [x for x in log.lines if x[0].startswith("STARTTLS=client")]
     assert qid == "QID1"
-    assert line.startswith(f"STARTTLS=client, relay={PRIMARY}, version=TLSv1.")
+    assert line.startswith(f"STARTTLS=client, relay=[{PRIMARY}]:{tls_primary.port}, version=TLSv1.")
     assert ", verify=OK, cipher=" in line and ", bits=" in line
     assert tls_primary.wait_for_messages(1)[0].tls
 
@@ -367,6 +367,6 @@ def test_opportunistic_handshake_failure_is_logged_and_mail_goes_in_plaintext(tl
     results, log = deliver(make_config(), ["b@corp.example"], hops(tls_primary, port=tls_primary.port), tls="opportunistic")
     assert results[0].status is Status.SENT and results[0].tls == ""
     [line] = [t for t, _ in log.lines if t.startswith("STARTTLS=client")]
-    assert line.startswith(f"STARTTLS=client, relay={PRIMARY}, TLS handshake with {PRIMARY} failed")
+    assert line.startswith(f"STARTTLS=client, relay=[{PRIMARY}]:{tls_primary.port}, TLS handshake with {PRIMARY} failed")
     assert line.endswith("continued without TLS")
     assert not tls_primary.wait_for_messages(1)[0].tls

@@ -51,7 +51,7 @@ def test_relay_and_store_exchange_mail_with_starttls(tmp_path):
             wait_for(lambda: maildir_messages(store.data_dir, "alice@corp.example")
                      and maildir_messages(store.data_dir, "bob@corp.example"), 15, "inbound delivery")
             tls_lines = [t for t in texts(relay) if t.startswith("STARTTLS=client")]
-            assert tls_lines and "relay=127.0.0.7" in tls_lines[0].replace("[", "").replace("]", "")
+            assert tls_lines and "STARTTLS=client, relay=[127.0.0.7]:2525, " in tls_lines[0]  # as the to= line's relay=
             assert "version=TLSv1.3" in tls_lines[0] and "verify=FAIL" in tls_lines[0]
             (m,) = maildir_messages(store.data_dir, "alice@corp.example")
             assert m.count(b"Received: from") == 2  # relay's and store's trace
