@@ -112,7 +112,7 @@ def test_primary_down_alternate_takes_it_then_primary_back(primary, alternate):
     assert results[0].status is Status.SENT
     assert results[0].relay == f"[{ALTERNATE}]:{primary.port}"
     assert alternate.wait_for_messages(1)[0].data == BODY
-    assert (f"relay=[{PRIMARY}]:{tls_primary.port}, Connection refused by {PRIMARY}; trying next server", "QID1") in log.lines
+    assert (f"relay=[{PRIMARY}]:{primary.port}, Connection refused by {PRIMARY}; trying next server", "QID1") in log.lines
     primary.start()
     results, _ = deliver(make_config(), ["c@corp.example"], hops(primary, alternate, port=primary.port))
     assert results[0].relay == f"[{PRIMARY}]:{primary.port}"
