@@ -557,20 +557,34 @@ class Folder:
 
     def wire_size(self, msg: MessageInfo) -> int:
         """Size with CRLF line endings (RFC822.SIZE, POP3 LIST); 0 if gone."""
+        size = self.wire_size_or_none(msg)
+        return size if size is not None else 0
+
+    def wire_size_or_none(self, msg: MessageInfo) -> int | None:
+        """Size with CRLF line endings; None when it is not known (no W= in its name)
+        and the file is gone."""
         if msg.vsize is None:
             data = self.read(msg)
-            msg.vsize = len(to_crlf(data)) if data is not None else 0
+            if data is None:
+                return None
+            msg.vsize = len(to_crlf(data))
             cached = self._messages.get(msg.base)
             if cached is not None:
                 cached.vsize = msg.vsize
         return msg.vsize
 
     def internal_date(self, msg: MessageInfo) -> float:
+        """The file's mtime (IMAP INTERNALDATE); now if gone."""
+        when = self.internal_date_or_none(msg)
+        return when if when is not None else time.time()
+
+    def internal_date_or_none(self, msg: MessageInfo) -> float | None:
+        """The file's mtime; None when the file is gone."""
         p = self._locate(msg)
         try:
-            return p.stat().st_mtime if p else time.time()
+            return p.stat().st_mtime if p else None
         except FileNotFoundError:
-            return time.time()
+            return None
 
     # -- keywords
     def _load_keywords(self) -> None:
