@@ -1009,12 +1009,26 @@ class Mailbox:
         return names
 
     def create_folder(self, name: str) -> None:
+        """Create a folder and the superior names it needs that do not exist yet, as
+        folders too (RFC 3501 6.3.3: CREATE a.b.c makes a and a.b, which LIST then shows
+        and SELECT opens)."""
         name = check_folder_name(name)
         if name == "INBOX" or self._folder_path(name).exists():
             raise FolderExists(f"folder {name} already exists")
+        self._create_parents(name)
         p = self._folder_path(name)
         _make_maildir(p)
         (p / "maildirfolder").touch()
+
+    def _create_parents(self, name: str) -> None:
+        """Make the missing superior folders of name (Maildir++ keeps each level in its
+        own directory: .a, .a.b; a missing one would only be a \\Noselect name)."""
+        parts = name.split(DELIMITER)
+        for n in range(1, len(parts)):
+            p = self._folder_path(DELIMITER.join(parts[:n]))
+            if not (p / "cur").is_dir():
+                _make_maildir(p)
+                (p / "maildirfolder").touch()
 
     def delete_folder(self, name: str) -> None:
         name = check_folder_name(name)
@@ -1043,6 +1057,7 @@ class Mailbox:
             raise FolderNotFound(f"folder {old} does not exist")
         if new.startswith(old + DELIMITER):
             raise MaildirError("a folder cannot be moved below itself")
+        self._create_parents(new)  # RFC 3501 6.3.5, as CREATE does
         moves = [(old, new)]
         for name in self.folder_names():
             if name.startswith(old + DELIMITER):

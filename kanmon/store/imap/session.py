@@ -787,23 +787,34 @@ class ImapSession:
         if verb == "LSUB":
             subs = yield FileWork(self.mailbox.subscriptions)
             candidates = [n for n in subs] + (["INBOX"] if "INBOX" not in subs else [])
+            # RFC 3501 6.3.9: with "%" last, an unsubscribed level above a subscribed
+            # name is returned, \Noselect
+            levels = _missing_levels(candidates) if full.endswith("%") else set()
         else:
             candidates = names
+            # RFC 3501 6.3.8, 6.3.4: a level that is no folder itself (Top after DELETE
+            # Top, while Top.Sub is there; or made by another program) is \Noselect
+            levels = _missing_levels(names)
         lines = []
-        for name in candidates:
+        rows = candidates + sorted(levels)
+        if verb == "LIST":
+            rows.sort(key=lambda n: (n != "INBOX", n))  # each level before what it holds
+        for name in rows:
             if name == "INBOX":
                 if not re.match(rx.pattern, name, re.I):
                     continue
             elif not rx.match(name):
                 continue
             attrs = []
-            if name not in existing:
+            if name in levels:
+                attrs.append("\\Noselect \\HasChildren" if verb == "LIST" else "\\Noselect")
+            elif name not in existing:
                 attrs.append("\\NonExistent" if verb == "LIST" else "\\Noselect")
             elif any(other.startswith(name + DELIMITER) for other in existing):
                 attrs.append("\\HasChildren")
             else:
                 attrs.append("\\HasNoChildren")
-            if name in uses:
+            if name in uses and name not in levels:
                 attrs.append(uses[name])
             lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + self._name_out(name) + b"\r\n")
         return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
@@ -2084,6 +2095,19 @@ def _uid_set(uids: list[int]) -> str:
     if start is not None:
         out.append(f"{start}:{prev}" if start != prev else str(start))
     return ",".join(out)
+
+
+def _missing_levels(names: list[str]) -> set[str]:
+    """The superior hierarchical names of names that are not among them (RFC 3501 6.3.8)."""
+    have = set(names)
+    out = set()
+    for name in names:
+        parts = name.split(DELIMITER)
+        for n in range(1, len(parts)):
+            level = DELIMITER.join(parts[:n])
+            if level not in have:
+                out.add(level)
+    return out
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
