@@ -1049,10 +1049,11 @@ class Mailbox:
         """Rename a folder and its children (RFC 3501 6.3.5)."""
         old = check_folder_name(old)
         new = check_folder_name(new)
-        if old == "INBOX":
-            raise MaildirError("renaming INBOX is not supported")
         if new == "INBOX" or self._folder_path(new).exists():
             raise FolderExists(f"folder {new} already exists")
+        if old == "INBOX":
+            self._rename_inbox(new)
+            return
         if not (self._folder_path(old) / "cur").is_dir():
             raise FolderNotFound(f"folder {old} does not exist")
         if new.startswith(old + DELIMITER):
@@ -1077,6 +1078,50 @@ class Mailbox:
             if src in subs:
                 self.unsubscribe(src)
                 self.subscribe(dst)
+
+    def _rename_inbox(self, new: str) -> None:
+        """RFC 3501 6.3.5: RENAME INBOX moves its messages into a new folder and leaves
+        INBOX empty (and there). Each message file is renamed into the new folder's
+        cur/ or new/ (same name, flags kept; its keyword letters mean the same there:
+        the new folder starts with INBOX's dovecot-keywords). It takes new UIDs there,
+        as any folder a client has not seen. Not atomic as a whole: a crash midway
+        leaves some messages in each folder, never none or two copies. Mail delivered
+        meanwhile may land in either."""
+        self.create_folder(new)  # FolderExists if another session made it meanwhile
+        dest = self._folder_path(new)
+        inbox = self.folder("INBOX")
+        with inbox._lock:  # this process's flag and keyword changes wait
+            try:
+                keywords = (self.root / KEYWORDS_FILE).read_bytes()
+            except FileNotFoundError:
+                keywords = b""
+            if keywords:
+                tmp = dest / f"{KEYWORDS_FILE}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(keywords)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest / KEYWORDS_FILE)
+            for _ in range(3):  # a file renamed meanwhile (a flag change by another program): again
+                missed = False
+                for sub in ("cur", "new"):
+                    try:
+                        names = os.listdir(self.root / sub)
+                    except FileNotFoundError:
+                        continue
+                    for name in names:
+                        if parse_filename(name) is None:
+                            continue
+                        try:
+                            os.rename(self.root / sub / name, dest / sub / name)
+                        except FileNotFoundError:
+                            missed = True
+                if not missed:
+                    break
+            for path in (dest / "cur", dest / "new", self.root / "cur", self.root / "new"):
+                fsync_dir(path)
+        self.subscribe(new)
 
     # -- special use (RFC 6154): the defaults by name, and what clients asked for at CREATE
     def special_uses(self) -> dict[str, str]:

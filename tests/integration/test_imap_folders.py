@@ -1,6 +1,6 @@
 """IMAP folder hierarchy over real sockets with imaplib (STARTTLS): CREATE makes the
 superior names (RFC 3501 6.3.3), LIST returns a level that is no folder as \\Noselect
-(6.3.8)."""
+(6.3.8), RENAME INBOX moves its messages (6.3.5)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from kanmon.store import maildir
-from tests.integration.test_imap import connect, make_server
+from tests.integration.test_imap import connect, deliver_new, make_server
 
 ca = pytest.fixture(scope="module")(lambda: trustme.CA())
 
@@ -87,3 +87,39 @@ def test_a_missing_level_is_listed_noselect(server) -> None:
         assert listing(c, "", "Trash")["Trash"] == "\\Noselect \\HasChildren"
     finally:
         c.logout()
+
+
+def test_rename_inbox_moves_its_messages(server) -> None:
+    root = server.box.root
+    for n in range(3):
+        deliver_new(root, f"From: b@example.test\r\nSubject: m{n}\r\nMessage-ID: <m{n}@x>\r\n\r\nbody {n}\r\n".encode())
+    c, other = connect(server), connect(server)
+    try:
+        other.select("INBOX")
+        c.select("INBOX")
+        assert c.store("2", "+FLAGS", r"(\Flagged $Important)")[0] == "OK"
+        c.close()
+        deliver_new(root, b"From: b@example.test\r\nSubject: m3\r\n\r\nstill in new/\r\n")
+        typ, data = c.rename("INBOX", "Old-Inbox")
+        assert typ == "OK", data
+        assert c.status("INBOX", "(MESSAGES)")[1] == [b"INBOX (MESSAGES 0)"]
+        assert c.status("Old-Inbox", "(MESSAGES)")[1] == [b"Old-Inbox (MESSAGES 4)"]
+        c.select("Old-Inbox")
+        typ, data = c.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert sorted(re.search(rb"Subject: (m\d)", x[1]).group(1) for x in data if isinstance(x, tuple)) == [
+            b"m0", b"m1", b"m2", b"m3"]
+        # flags kept, and keywords mean the same in the new folder
+        assert c.search(None, "KEYWORD", "$Important")[1] == c.search(None, "SUBJECT", "m1")[1]
+        assert c.search(None, "FLAGGED")[1] == c.search(None, "SUBJECT", "m1")[1]
+        assert "Old-Inbox" in listing(c, "", "*", "LSUB")
+        # the session that had INBOX open is told they are gone
+        other.noop()
+        assert other.untagged_responses.get("EXPUNGE") == [b"3", b"2", b"1"]
+        # INBOX still takes mail
+        deliver_new(root, b"From: b@example.test\r\nSubject: after\r\n\r\nhi\r\n")
+        assert c.status("INBOX", "(MESSAGES)")[1] == [b"INBOX (MESSAGES 1)"]
+        assert c.rename("INBOX", "Old-Inbox")[0] == "NO"  # the name exists
+        assert c.status("INBOX", "(MESSAGES)")[1] == [b"INBOX (MESSAGES 1)"]
+    finally:
+        c.logout()
+        other.logout()
