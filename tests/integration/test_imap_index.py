@@ -273,6 +273,54 @@ def test_japanese_search(server) -> None:
     c.logout()
 
 
+RAW_JIS = (b"From: j@example.org\r\nTo: alice@example.test\r\nSubject: " + "納品書の送付".encode("iso2022_jp")
+           + b"\r\nMessage-ID: <rawjis@example.org>\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_search_finds_a_raw_iso2022jp_subject(server, hook: bool) -> None:
+    """A Subject in raw ISO-2022-JP (7-bit, not MIME-encoded) is found by a UTF-8 SEARCH,
+    whether its index entry was made by delivery or by IMAP; SORT and THREAD read it too."""
+    deliver(server.box.root, RAW_JIS, hook)
+    deliver(server.box.root, message(1, "別件"), hook)
+    c = connect(server)
+    try:
+        c.select("INBOX")
+        c.literal = "納品書".encode()
+        typ, data = c.search("UTF-8", "SUBJECT")
+        assert typ == "OK" and data[0] == b"1"
+        c.literal = "納品書".encode()
+        assert c.search("UTF-8", "HEADER", "SUBJECT")[1][0] == b"1"  # read from the file
+        typ, data = c.sort("(SUBJECT)", "UTF-8", "ALL")
+        assert data[0] == b"2 1"  # 別 (U+5225) before 納 (U+7D0D)
+    finally:
+        c.logout()
+
+
+def test_an_entry_indexed_before_raw_iso2022jp_was_decoded_is_made_again(server) -> None:
+    """An index entry written by an older kanmon holds the raw subject's ESC sequences
+    in its search text: SEARCH makes it again from the file instead of missing it."""
+    root = server.box.root
+    deliver_new(root, RAW_JIS)
+    folder = server.box.folder("INBOX")
+    info = folder.sync()[0]
+    entry = cache.make_entry(RAW_JIS, 0, len(RAW_JIS))
+    stale = "\0".join(["納品書の送付".encode("iso2022_jp").decode().casefold(), "j@example.org",
+                       "alice@example.test", "", ""]).encode()
+    folder.index.add(info.base, entry._replace(search=stale))
+    assert b"\x1b$b" in folder.index.get(info.base).search  # as an older kanmon wrote it
+    c = connect(server)
+    try:
+        c.select("INBOX")
+        c.literal = "納品書".encode()
+        assert c.search("UTF-8", "SUBJECT")[1][0] == b"1"
+        assert b"\x1b" not in folder.index.get(info.base).search  # made again, kept
+        fresh = mindex.MailboxIndex(mindex.index_path(root))
+        assert "納品書の送付" in cache.search_fields(fresh.get(info.base))["subject"]
+    finally:
+        c.logout()
+
+
 def test_search_finds_messages_the_index_cannot_hold(server, monkeypatch) -> None:
     monkeypatch.setattr(mindex, "MAX_RECORD", 64)  # every entry too large to cache
     deliver_new(server.box.root, b"From: a@example.test\r\nSubject: needle one\r\n\r\nhi\r\n")

@@ -1819,7 +1819,7 @@ def _sent_time(value: str | None, fallback: float) -> float:
 def _sort(folder: Folder, rows: list[tuple[int, int, MessageInfo]],
           criteria: list[tuple[str, bool]]) -> list[tuple[int, int]]:
     """SORT's ordering of (seq, uid) rows, from the index entries (file executor)."""
-    entries = icache.entries(folder, [r[2] for r in rows]) if rows else []
+    entries = icache.entries(folder, [r[2] for r in rows], texts=True) if rows else []
     keyed = []
     for (seq, u, info), e in zip(rows, entries, strict=True):
         got: dict[str, str] = {}
@@ -1856,7 +1856,7 @@ def _thread_rows(folder: Folder, rows: list[tuple[int, int, MessageInfo]]) -> li
     out = []
     for start in range(0, len(rows), SEARCH_BATCH):
         batch = rows[start:start + SEARCH_BATCH]
-        entries = icache.entries(folder, [r[2] for r in batch])
+        entries = icache.entries(folder, [r[2] for r in batch], texts=True)
         for (seq, u, info), e in zip(batch, entries, strict=True):
             got: dict[str, str] = {}
             subject = ""
