@@ -2,7 +2,7 @@
 part, and the attachments with their real names.
 
 Role: turn a received message (bytes, CRLF) into text a person would read: RFC 2047
-encoded-words in header fields, RFC 2231 parameter values (continuations, charsets),
+encoded-words in header fields, raw header bytes (8-bit, or 7-bit ISO-2022-JP), RFC 2231 parameter values (continuations, charsets),
 bodies in base64 and quoted-printable, charsets as Japanese mail uses them (ISO-2022-JP
 with the CP932 extensions Windows mailers write, Shift_JIS as CP932, EUC-JP, UTF-8), and
 HTML reduced to its text. Text is NFKC-normalised for matching, so full-width and
@@ -101,10 +101,14 @@ def _jis_to_sjis(data: bytes) -> bytes:
     return bytes(out)
 
 
+_JIS_DESIGNATION = re.compile(rb"\x1b\$[@B]")  # ESC $ @, ESC $ B: JIS X 0208 (RFC 1468)
+
+
 def decode_bytes(data: bytes, label: str | None = None) -> str:
-    """Bytes in a declared (or missing, or wrong) charset as text; never raises."""
+    """Bytes in a declared (or missing, or wrong) charset as text; never raises.
+    Undeclared ISO-2022-JP is recognised by its JIS X 0208 designation only."""
     codec = _codec(label)
-    if codec == "iso2022_jp" or (not codec and b"\x1b$" in data):
+    if codec == "iso2022_jp" or (not codec and b"\x1b$" in data and _JIS_DESIGNATION.search(data)):
         try:
             return data.decode("iso2022_jp")
         except UnicodeDecodeError:
@@ -129,9 +133,12 @@ _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
 def decode_header_value(value: str) -> str:
     """A header field's value as text: RFC 2047 encoded-words decoded (in any charset,
-    also where a mailer put them inside quotes), raw 8-bit bytes guessed, folding undone."""
-    if any(ord(c) > 0x7F for c in value):
-        # Raw 8-bit header bytes (the parser keeps them as surrogate escapes).
+    also where a mailer put them inside quotes), raw bytes guessed (8-bit: UTF-8, then
+    Shift_JIS/CP932, then EUC-JP; 7-bit with an ISO-2022-JP designation such as
+    ``ESC $ B``: ISO-2022-JP, as older Japanese mailers write a Subject), folding undone."""
+    if "\x1b" in value or not value.isascii():
+        # Raw header bytes (the parser keeps 8-bit ones as surrogate escapes); a lone
+        # ESC that designates nothing stays as it is.
         raw = value.encode("utf-8", "surrogateescape")
         value = decode_bytes(raw)
     value = value.replace("\r\n", "").replace("\n", "")

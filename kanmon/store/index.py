@@ -272,9 +272,10 @@ class MailboxIndex:
 
     def search_texts(self, bases: list[str]) -> list[str | None]:
         """The decoded search text (CacheEntry.search: the normalized Subject, From, To,
-        Cc, Bcc joined by NUL) of each message, None where there is no entry. Kept
-        decoded in memory once asked for (an entry never changes for its base), so a
-        SEARCH of a large folder is a pass over strings, not over records."""
+        Cc, Bcc joined by NUL) of each message, None where there is no entry (or only an
+        outdated one). Kept decoded in memory once asked for (an entry changes only when
+        one is added again for its base, which drops the kept text), so a SEARCH of a
+        large folder is a pass over strings, not over records."""
         with self._lock:
             self._refresh()
             memo = self._texts
@@ -292,6 +293,11 @@ class MailboxIndex:
                             out.append(None)
                             continue
                         raw = search_bytes(data, off)
+                    if b"\x1b" in raw:
+                        # made before raw ISO-2022-JP header fields were decoded (it kept
+                        # their ESC; cache.outdated_text): as no text, so it is made again
+                        out.append(None)
+                        continue
                     t = memo[base] = raw.decode("utf-8", "surrogatepass")
                 out.append(t)
             return out
@@ -319,6 +325,7 @@ class MailboxIndex:
             append_records(self.path, b"".join(records))
             for base, e in entries:
                 self._added[base] = e
+                self._texts.pop(base, None)  # a new entry for a base replaces the old one
 
     def add(self, base: str, entry: CacheEntry) -> None:
         self.add_many([(base, entry)])

@@ -557,20 +557,34 @@ class Folder:
 
     def wire_size(self, msg: MessageInfo) -> int:
         """Size with CRLF line endings (RFC822.SIZE, POP3 LIST); 0 if gone."""
+        size = self.wire_size_or_none(msg)
+        return size if size is not None else 0
+
+    def wire_size_or_none(self, msg: MessageInfo) -> int | None:
+        """Size with CRLF line endings; None when it is not known (no W= in its name)
+        and the file is gone."""
         if msg.vsize is None:
             data = self.read(msg)
-            msg.vsize = len(to_crlf(data)) if data is not None else 0
+            if data is None:
+                return None
+            msg.vsize = len(to_crlf(data))
             cached = self._messages.get(msg.base)
             if cached is not None:
                 cached.vsize = msg.vsize
         return msg.vsize
 
     def internal_date(self, msg: MessageInfo) -> float:
+        """The file's mtime (IMAP INTERNALDATE); now if gone."""
+        when = self.internal_date_or_none(msg)
+        return when if when is not None else time.time()
+
+    def internal_date_or_none(self, msg: MessageInfo) -> float | None:
+        """The file's mtime; None when the file is gone."""
         p = self._locate(msg)
         try:
-            return p.stat().st_mtime if p else time.time()
+            return p.stat().st_mtime if p else None
         except FileNotFoundError:
-            return time.time()
+            return None
 
     # -- keywords
     def _load_keywords(self) -> None:
@@ -995,12 +1009,26 @@ class Mailbox:
         return names
 
     def create_folder(self, name: str) -> None:
+        """Create a folder and the superior names it needs that do not exist yet, as
+        folders too (RFC 3501 6.3.3: CREATE a.b.c makes a and a.b, which LIST then shows
+        and SELECT opens)."""
         name = check_folder_name(name)
         if name == "INBOX" or self._folder_path(name).exists():
             raise FolderExists(f"folder {name} already exists")
+        self._create_parents(name)
         p = self._folder_path(name)
         _make_maildir(p)
         (p / "maildirfolder").touch()
+
+    def _create_parents(self, name: str) -> None:
+        """Make the missing superior folders of name (Maildir++ keeps each level in its
+        own directory: .a, .a.b; a missing one would only be a \\Noselect name)."""
+        parts = name.split(DELIMITER)
+        for n in range(1, len(parts)):
+            p = self._folder_path(DELIMITER.join(parts[:n]))
+            if not (p / "cur").is_dir():
+                _make_maildir(p)
+                (p / "maildirfolder").touch()
 
     def delete_folder(self, name: str) -> None:
         name = check_folder_name(name)
@@ -1021,14 +1049,16 @@ class Mailbox:
         """Rename a folder and its children (RFC 3501 6.3.5)."""
         old = check_folder_name(old)
         new = check_folder_name(new)
-        if old == "INBOX":
-            raise MaildirError("renaming INBOX is not supported")
         if new == "INBOX" or self._folder_path(new).exists():
             raise FolderExists(f"folder {new} already exists")
+        if old == "INBOX":
+            self._rename_inbox(new)
+            return
         if not (self._folder_path(old) / "cur").is_dir():
             raise FolderNotFound(f"folder {old} does not exist")
         if new.startswith(old + DELIMITER):
             raise MaildirError("a folder cannot be moved below itself")
+        self._create_parents(new)  # RFC 3501 6.3.5, as CREATE does
         moves = [(old, new)]
         for name in self.folder_names():
             if name.startswith(old + DELIMITER):
@@ -1048,6 +1078,50 @@ class Mailbox:
             if src in subs:
                 self.unsubscribe(src)
                 self.subscribe(dst)
+
+    def _rename_inbox(self, new: str) -> None:
+        """RFC 3501 6.3.5: RENAME INBOX moves its messages into a new folder and leaves
+        INBOX empty (and there). Each message file is renamed into the new folder's
+        cur/ or new/ (same name, flags kept; its keyword letters mean the same there:
+        the new folder starts with INBOX's dovecot-keywords). It takes new UIDs there,
+        as any folder a client has not seen. Not atomic as a whole: a crash midway
+        leaves some messages in each folder, never none or two copies. Mail delivered
+        meanwhile may land in either."""
+        self.create_folder(new)  # FolderExists if another session made it meanwhile
+        dest = self._folder_path(new)
+        inbox = self.folder("INBOX")
+        with inbox._lock:  # this process's flag and keyword changes wait
+            try:
+                keywords = (self.root / KEYWORDS_FILE).read_bytes()
+            except FileNotFoundError:
+                keywords = b""
+            if keywords:
+                tmp = dest / f"{KEYWORDS_FILE}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(keywords)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest / KEYWORDS_FILE)
+            for _ in range(3):  # a file renamed meanwhile (a flag change by another program): again
+                missed = False
+                for sub in ("cur", "new"):
+                    try:
+                        names = os.listdir(self.root / sub)
+                    except FileNotFoundError:
+                        continue
+                    for name in names:
+                        if parse_filename(name) is None:
+                            continue
+                        try:
+                            os.rename(self.root / sub / name, dest / sub / name)
+                        except FileNotFoundError:
+                            missed = True
+                if not missed:
+                    break
+            for path in (dest / "cur", dest / "new", self.root / "cur", self.root / "new"):
+                fsync_dir(path)
+        self.subscribe(new)
 
     # -- special use (RFC 6154): the defaults by name, and what clients asked for at CREATE
     def special_uses(self) -> dict[str, str]:

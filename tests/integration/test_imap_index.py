@@ -142,6 +142,63 @@ def test_expunge_from_another_session(server) -> None:
     b.logout()
 
 
+def command(c, line: str) -> tuple[list[bytes], bytes]:
+    """Send one tagged command on imaplib's socket; (untagged responses with their
+    literals inline, the tagged reply line)."""
+    c.send(b"t1 " + line.encode() + b"\r\n")
+    untagged: list[bytes] = []
+    while True:
+        got = c.readline()
+        m = re.search(rb"\{(\d+)\}\r\n$", got)
+        while m:
+            got += c.read(int(m.group(1)))
+            more = c.readline()
+            got += more
+            m = re.search(rb"\{(\d+)\}\r\n$", more)
+        if got.startswith(b"t1 "):
+            return untagged, got
+        untagged.append(got)
+
+
+@pytest.mark.parametrize("item", [
+    "BODY.PEEK[]", "BODY[]", "BODY.PEEK[HEADER]", "BODY.PEEK[TEXT]", "RFC822", "RFC822.TEXT",
+    "RFC822.HEADER", "BODY.PEEK[]<0.10>", "BODY.PEEK[1]", "BODY.PEEK[HEADER.FIELDS (X-NOT-CACHED)]",
+    "ENVELOPE", "INTERNALDATE", "RFC822.SIZE",
+])
+def test_fetch_of_a_message_expunged_by_another_session(server, item: str) -> None:
+    """RFC 2180 4.1.2: a message whose file another session removed gets no FETCH
+    response (never an empty body) and the FETCH a tagged NO [EXPUNGEISSUED] (RFC 5530);
+    the others are answered; the EXPUNGE comes at the next NOOP."""
+    root = server.box.root
+    for i in range(3):
+        data = maildir.to_lf(message(i))
+        name = maildir.unique_name(len(data), len(message(i)))
+        name = re.sub(r",W=\d+", "", name)  # a foreign Maildir's name: no size hint
+        (root / "cur" / (name + ":2,")).write_bytes(data)
+    a, b = connect(server), connect(server)
+    try:
+        a.select("INBOX")
+        assert a.fetch("1:3", "(UID)")[0] == "OK"
+        b.select("INBOX")
+        b.store("2", "+FLAGS", r"(\Deleted)")
+        b.expunge()
+        untagged, tagged = command(a, f"UID FETCH 1:* (UID {item})")
+        assert tagged == b"t1 NO [EXPUNGEISSUED] Some of the requested messages no longer exist\r\n"
+        assert [re.match(rb"\* (\d+) FETCH \(UID (\d+) ", x).groups() for x in untagged] == [
+            (b"1", b"1"), (b"3", b"3")]
+        assert all(b"{0}" not in x and b'""' not in x and b"RFC822.SIZE 0" not in x for x in untagged)
+        untagged, tagged = command(a, f"FETCH 2 ({item})")
+        assert untagged == [] and tagged.startswith(b"t1 NO [EXPUNGEISSUED] ")
+        assert a.fetch("2", "(FLAGS)")[0] == "OK"  # flags are the session's: answered
+        a.noop()
+        assert a.untagged_responses.get("EXPUNGE") == [b"2"]
+        typ, data = a.fetch("1:*", f"({item})")
+        assert typ == "OK" and len([x for x in data if x != b")"]) == 2
+    finally:
+        a.logout()
+        b.logout()
+
+
 def test_maildir_changed_behind_our_back(server) -> None:
     root = server.box.root
     for i in range(3):
@@ -214,6 +271,54 @@ def test_japanese_search(server) -> None:
     assert c.search("UTF-8", "FROM", "a@example", "NOT", "SEEN", "SUBJECT")[1][0].split() == [b"1", b"2"]
     assert c.search(None, "OR", "SUBJECT", "plain", "SUBJECT", "other")[1][0].split() == [b"3", b"4", b"5"]
     c.logout()
+
+
+RAW_JIS = (b"From: j@example.org\r\nTo: alice@example.test\r\nSubject: " + "納品書の送付".encode("iso2022_jp")
+           + b"\r\nMessage-ID: <rawjis@example.org>\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_search_finds_a_raw_iso2022jp_subject(server, hook: bool) -> None:
+    """A Subject in raw ISO-2022-JP (7-bit, not MIME-encoded) is found by a UTF-8 SEARCH,
+    whether its index entry was made by delivery or by IMAP; SORT and THREAD read it too."""
+    deliver(server.box.root, RAW_JIS, hook)
+    deliver(server.box.root, message(1, "別件"), hook)
+    c = connect(server)
+    try:
+        c.select("INBOX")
+        c.literal = "納品書".encode()
+        typ, data = c.search("UTF-8", "SUBJECT")
+        assert typ == "OK" and data[0] == b"1"
+        c.literal = "納品書".encode()
+        assert c.search("UTF-8", "HEADER", "SUBJECT")[1][0] == b"1"  # read from the file
+        typ, data = c.sort("(SUBJECT)", "UTF-8", "ALL")
+        assert data[0] == b"2 1"  # 別 (U+5225) before 納 (U+7D0D)
+    finally:
+        c.logout()
+
+
+def test_an_entry_indexed_before_raw_iso2022jp_was_decoded_is_made_again(server) -> None:
+    """An index entry written by an older kanmon holds the raw subject's ESC sequences
+    in its search text: SEARCH makes it again from the file instead of missing it."""
+    root = server.box.root
+    deliver_new(root, RAW_JIS)
+    folder = server.box.folder("INBOX")
+    info = folder.sync()[0]
+    entry = cache.make_entry(RAW_JIS, 0, len(RAW_JIS))
+    stale = "\0".join(["納品書の送付".encode("iso2022_jp").decode().casefold(), "j@example.org",
+                       "alice@example.test", "", ""]).encode()
+    folder.index.add(info.base, entry._replace(search=stale))
+    assert b"\x1b$b" in folder.index.get(info.base).search  # as an older kanmon wrote it
+    c = connect(server)
+    try:
+        c.select("INBOX")
+        c.literal = "納品書".encode()
+        assert c.search("UTF-8", "SUBJECT")[1][0] == b"1"
+        assert b"\x1b" not in folder.index.get(info.base).search  # made again, kept
+        fresh = mindex.MailboxIndex(mindex.index_path(root))
+        assert "納品書の送付" in cache.search_fields(fresh.get(info.base))["subject"]
+    finally:
+        c.logout()
 
 
 def test_search_finds_messages_the_index_cannot_hold(server, monkeypatch) -> None:

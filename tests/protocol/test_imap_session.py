@@ -297,8 +297,8 @@ def test_list_with_special_use_and_folder_operations(env) -> None:
     assert "\\Trash" in out and "\\Junk" in out and "\\Drafts" in out
     assert '* LIST (\\Noselect) "." ""' in d.cmd('b LIST "" ""')
     assert "c OK" in d.cmd("c CREATE Projects.2026")
-    assert "d OK" in d.cmd("d CREATE Projects")
-    assert "e NO [ALREADYEXISTS]" in d.cmd("e CREATE Projects")
+    assert "d NO [ALREADYEXISTS]" in d.cmd("d CREATE Projects")  # made by c (RFC 3501 6.3.3)
+    assert "e OK" in d.cmd("e SELECT Projects")
     out = d.cmd('f LIST "" "Projects%"')
     assert '(\\HasChildren) "." Projects' in out and "Projects.2026" not in out
     assert "g OK" in d.cmd("g RENAME Projects Archive")

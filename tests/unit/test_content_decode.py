@@ -42,6 +42,19 @@ def test_raw_8bit_subject_is_read():
     assert decode_message(msg).subject == "請求書"
 
 
+def test_raw_iso2022jp_subject_is_read():
+    # 7-bit, not MIME-encoded: ESC $ B ... ESC ( B, as older Japanese mailers write it
+    raw = to_iso2022jp("納品書の送付①").decode("ascii")
+    assert decode_header_value(raw) == "納品書の送付①"
+    assert decode_header_value("Re: " + "請求書".encode("iso2022_jp").decode() + " " + jis_word("です")) == "Re: 請求書 です"
+    msg = b"Subject: " + "納品書".encode("iso2022_jp") + b"\r\nFrom: a@b\r\n\r\nbody\r\n"
+    assert decode_message(msg).subject == "納品書"
+    # an ESC that designates no Japanese set is left alone
+    assert decode_header_value("a\x1b(Bb") == "a\x1b(Bb"
+    assert decode_header_value("a\x1b$Ab") == "a\x1b$Ab"  # GB 2312 (ISO-2022-JP-2): not guessed
+    assert decode_header_value("plain") == "plain"
+
+
 def test_broken_encoded_word_and_base64_never_raise():
     assert decode_header_value("=?UTF-8?B?!!!notbase64?=") is not None
     msg = (b"Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"

@@ -47,12 +47,20 @@ def sent_day(value: str | None) -> int:
 
 
 def search_text(tree: mime.Part) -> bytes:
-    """Decoded (RFC 2047, Japanese charsets too), normalized values of SEARCH_FIELDS."""
+    """Decoded (RFC 2047, Japanese charsets too, raw ISO-2022-JP included), normalized
+    values of SEARCH_FIELDS. It never holds an ESC (see outdated_text)."""
     out = []
     for name in SEARCH_FIELDS:
         values = [decode_header_value(v) for n, v, _ in tree.fields if n == name]
-        out.append(normalize(" ".join(values)).replace("\0", " "))
+        out.append(normalize(" ".join(values)).replace("\0", " ").replace("\x1b", " "))
     return "\0".join(out).encode("utf-8", "surrogatepass")
+
+
+def outdated_text(search: bytes) -> bool:
+    """Whether an entry's search text was made before raw ISO-2022-JP header fields were
+    decoded (it kept their ESC sequences): such an entry is made again from the file
+    when SEARCH, SORT or THREAD needs its text (docs/mailbox-index.md)."""
+    return b"\x1b" in search
 
 
 def make_entry(wire: bytes, internal_date: float, size: int, tree: mime.Part | None = None) -> mindex.CacheEntry:
@@ -99,14 +107,18 @@ def entry_for_file(path: os.PathLike | str) -> tuple[mindex.CacheEntry, bytes, m
     return make_entry(wire, st.st_mtime, len(raw), tree), wire, tree
 
 
-def entries(folder: Folder, infos: list[MessageInfo], search_only: bool = False) -> list[mindex.CacheEntry | None]:
+def entries(folder: Folder, infos: list[MessageInfo], search_only: bool = False,
+            texts: bool = False) -> list[mindex.CacheEntry | None]:
     """The cache entries of these messages, reading and adding the missing ones (None:
-    the message is gone). search_only: what SEARCH needs (see MailboxIndex.get_many)."""
+    the message is gone). search_only: what SEARCH needs (see MailboxIndex.get_many);
+    search_only or texts: the caller reads the search text, so an outdated one
+    (outdated_text) counts as missing."""
     idx = folder.index
     found = idx.get_many([i.base for i in infos], search_only)
     missing: list[tuple[str, mindex.CacheEntry]] = []
+    texts = texts or search_only
     for n, (info, e) in enumerate(zip(infos, found, strict=True)):
-        if e is not None:
+        if e is not None and not (texts and outdated_text(e.search)):
             continue
         p = folder.locate(info)
         got = entry_for_file(p) if p is not None else None

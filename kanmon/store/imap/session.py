@@ -17,7 +17,9 @@ maildir.check_folder_name; message numbers and UIDs are looked up, never indexed
 
 Never: accept LOGIN/AUTHENTICATE on a plain connection before STARTTLS (LOGINDISABLED,
 RFC 3501 6.2.3); keep bytes pipelined before the TLS handshake (CVE-2011-0411); send
-EXPUNGE responses during FETCH, STORE or SEARCH (RFC 3501 7.4.1); change a mailbox
+EXPUNGE responses during FETCH, STORE or SEARCH (RFC 3501 7.4.1); answer a message
+whose file another session removed with an empty body (RFC 2180 4.1.2: NO
+[EXPUNGEISSUED]); change a mailbox
 selected with EXAMINE; touch a file itself (every Maildir call is a FileWork, and the
 calls it names read a snapshot, never the session).
 """
@@ -785,23 +787,34 @@ class ImapSession:
         if verb == "LSUB":
             subs = yield FileWork(self.mailbox.subscriptions)
             candidates = [n for n in subs] + (["INBOX"] if "INBOX" not in subs else [])
+            # RFC 3501 6.3.9: with "%" last, an unsubscribed level above a subscribed
+            # name is returned, \Noselect
+            levels = _missing_levels(candidates) if full.endswith("%") else set()
         else:
             candidates = names
+            # RFC 3501 6.3.8, 6.3.4: a level that is no folder itself (Top after DELETE
+            # Top, while Top.Sub is there; or made by another program) is \Noselect
+            levels = _missing_levels(names)
         lines = []
-        for name in candidates:
+        rows = candidates + sorted(levels)
+        if verb == "LIST":
+            rows.sort(key=lambda n: (n != "INBOX", n))  # each level before what it holds
+        for name in rows:
             if name == "INBOX":
                 if not re.match(rx.pattern, name, re.I):
                     continue
             elif not rx.match(name):
                 continue
             attrs = []
-            if name not in existing:
+            if name in levels:
+                attrs.append("\\Noselect \\HasChildren" if verb == "LIST" else "\\Noselect")
+            elif name not in existing:
                 attrs.append("\\NonExistent" if verb == "LIST" else "\\Noselect")
             elif any(other.startswith(name + DELIMITER) for other in existing):
                 attrs.append("\\HasChildren")
             else:
                 attrs.append("\\HasNoChildren")
-            if name in uses:
+            if name in uses and name not in levels:
                 attrs.append(uses[name])
             lines.append(f'* {verb} ({" ".join(attrs)}) "{DELIMITER}" '.encode() + self._name_out(name) + b"\r\n")
         return [Send(b"".join(lines) + f"{tag} OK {verb} completed\r\n".encode())]
@@ -1261,6 +1274,7 @@ class ImapSession:
             return [Send(f"{tag} OK FETCH completed\r\n".encode())]
         chosen = [(seq, u, sel.infos[u]) for seq, u in targets if u in sel.infos]
         start = 0
+        expunged = False
         while start < len(chosen):
             batch = chosen[start:start + (FETCH_BATCH if need.content else FETCH_BATCH_CACHED)]
             files = None
@@ -1270,6 +1284,12 @@ class ImapSession:
                 files = yield FileWork(_message_files, (sel.folder, [i for _, _, i in batch], need))
                 batch = batch[:len(files)]
             for n, (seq, u, info) in enumerate(batch):
+                if files and files[n].gone:
+                    # RFC 2180 4.1.2: nothing for a message expunged by another session
+                    # whose file was needed (never an empty body); its EXPUNGE comes at
+                    # the next command that may send one (RFC 3501 7.4.1)
+                    expunged = True
+                    continue
                 out.append(self._fetch_one(seq, u, info, wanted, files[n] if files else None))
             start += len(batch)
             # Batch by batch: the adapter writes each and waits for the transport to drain
@@ -1277,6 +1297,8 @@ class ImapSession:
             # pipelined ones: they run one at a time) is never held whole.
             yield Send(b"".join(out))
             out = []
+        if expunged:
+            return [Send(b"".join(out) + f"{tag} {FETCH_EXPUNGED}\r\n".encode())]
         return [Send(b"".join(out) + f"{tag} OK FETCH completed\r\n".encode())]
 
     def _fetch_modifiers(self, mods: object, uid: bool) -> tuple[int | None, bool]:
@@ -1797,7 +1819,7 @@ def _sent_time(value: str | None, fallback: float) -> float:
 def _sort(folder: Folder, rows: list[tuple[int, int, MessageInfo]],
           criteria: list[tuple[str, bool]]) -> list[tuple[int, int]]:
     """SORT's ordering of (seq, uid) rows, from the index entries (file executor)."""
-    entries = icache.entries(folder, [r[2] for r in rows]) if rows else []
+    entries = icache.entries(folder, [r[2] for r in rows], texts=True) if rows else []
     keyed = []
     for (seq, u, info), e in zip(rows, entries, strict=True):
         got: dict[str, str] = {}
@@ -1834,7 +1856,7 @@ def _thread_rows(folder: Folder, rows: list[tuple[int, int, MessageInfo]]) -> li
     out = []
     for start in range(0, len(rows), SEARCH_BATCH):
         batch = rows[start:start + SEARCH_BATCH]
-        entries = icache.entries(folder, [r[2] for r in batch])
+        entries = icache.entries(folder, [r[2] for r in batch], texts=True)
         for (seq, u, info), e in zip(batch, entries, strict=True):
             got: dict[str, str] = {}
             subject = ""
@@ -1856,9 +1878,17 @@ def _thread_rows(folder: Folder, rows: list[tuple[int, int, MessageInfo]]) -> li
 
 
 def _read_parsed(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part]:
-    """A message in wire form (CRLF) and its MIME tree; an expunged one reads as empty."""
+    """A message in wire form (CRLF) and its MIME tree; an expunged one reads as empty
+    (SEARCH, SORT and THREAD: it matches nothing; FETCH uses _read_message)."""
+    return _read_message(folder, info) or (b"", mime.parse(b""))
+
+
+def _read_message(folder: Folder, info: MessageInfo) -> tuple[bytes, mime.Part] | None:
+    """A message in wire form (CRLF) and its MIME tree; None when its file is gone."""
     raw = folder.read(info)
-    wire = to_crlf(raw) if raw is not None else b""
+    if raw is None:
+        return None
+    wire = to_crlf(raw)
     return wire, mime.parse(wire)
 
 
@@ -1895,9 +1925,12 @@ class _MessageFiles:
     marked_seen: bool = False  # \Seen was not set and we set it
     info: MessageInfo | None = None  # the message after that (None: it is gone)
     entry: CacheEntry | None = None  # from the index (need.cache)
+    gone: bool = False  # expunged by another session: its file was needed and is not there
 
 
 FETCH_BATCH = 100  # messages per FileWork
+# RFC 5530 3 (EXPUNGEISSUED), RFC 2180 4.1.2; Dovecot's words
+FETCH_EXPUNGED = "NO [EXPUNGEISSUED] Some of the requested messages no longer exist"
 FETCH_BATCH_CACHED = 1000  # messages per FileWork when the index answers (no file read)
 FETCH_BATCH_BYTES = 1 << 20  # stored bytes per FileWork, when content is read
 
@@ -1913,25 +1946,42 @@ def _message_files(folder: Folder, infos: list[MessageInfo], need: _FileNeeds) -
         if read >= FETCH_BATCH_BYTES:
             break
         f = _MessageFiles()
+        out.append(f)
         entry = cached[n] if cached is not None else None
-        if need.content:
-            f.wire, f.tree = _read_parsed(folder, info)
+        if need.content or (need.cache and (entry is None or (need.headers and not entry.headers))):
+            # (no entry: not indexed yet or gone meanwhile; or its header fields were
+            # too large to cache): read the file
+            got = _read_message(folder, info)
+            if got is None:  # RFC 2180 4.1.2: no FETCH response for it, a tagged NO
+                f.gone = True
+                continue
+            f.wire, f.tree = got
             read += len(f.wire)
         elif need.cache:
-            if entry is None or (need.headers and not entry.headers):
-                # gone meanwhile (answered as an empty message), or its header fields
-                # were too large to cache: read the file
-                f.wire, f.tree = _read_parsed(folder, info)
-            else:
-                f.entry = entry
+            f.entry = entry
         if need.date:
-            f.date = entry.internal_date if entry is not None else folder.internal_date(info)
+            if entry is not None:
+                f.date = entry.internal_date
+            else:
+                date = folder.internal_date_or_none(info)
+                if date is None:
+                    f.gone = True
+                    continue
+                f.date = date
         if need.size:
-            f.size = entry.vsize if entry is not None else folder.wire_size(info)
+            if entry is not None:
+                f.size = entry.vsize
+            elif info.vsize is None and f.tree is not None:
+                f.size = len(f.wire)  # read above: no second read for wire_size
+            else:
+                size = folder.wire_size_or_none(info)
+                if size is None:
+                    f.gone = True
+                    continue
+                f.size = size
         if need.seen and "\\Seen" not in info.flags:
             f.marked_seen = True
             f.info = info  # replaced below by the message after its change
-        out.append(f)
     seen = [f for f in out if f.marked_seen]
     if seen:  # one change (one mod-sequence, one write of the mod-sequence file) for the batch
         after, _ = folder.store_flags([(f.info, f.info.flags | {"\\Seen"}, None) for f in seen])
@@ -2045,6 +2095,19 @@ def _uid_set(uids: list[int]) -> str:
     if start is not None:
         out.append(f"{start}:{prev}" if start != prev else str(start))
     return ",".join(out)
+
+
+def _missing_levels(names: list[str]) -> set[str]:
+    """The superior hierarchical names of names that are not among them (RFC 3501 6.3.8)."""
+    have = set(names)
+    out = set()
+    for name in names:
+        parts = name.split(DELIMITER)
+        for n in range(1, len(parts)):
+            level = DELIMITER.join(parts[:n])
+            if level not in have:
+                out.add(level)
+    return out
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
