@@ -235,6 +235,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._background: dict[str, asyncio.Task] = {}
         self._retiring: dict[asyncio.Task, Frontend] = {}
+        self._retiring_balancers: dict[asyncio.Task, BalancerService] = {}  # replaced by a reload, finishing
         self.cluster_watch = ClusterWatch(self, (ReloadError,), cluster_start) if config.cluster is not None else None
         self._reload_lock = asyncio.Lock()
         self._old_remotes: list[SmtpDelivery] = []
@@ -602,8 +603,10 @@ class Node:
                 await self._stop_frontends()
                 if self._exited_shares is not None:
                     await self._exited_shares.close()
+                await self._stop_balancers()  # the one running now may have come with a reload
                 for service in reversed(started):
-                    await service.stop()
+                    if not isinstance(service, BalancerService):
+                        await service.stop()
                 self.listen.close()
         except asyncio.CancelledError:
             pass
@@ -860,35 +863,50 @@ class Node:
         return changed
 
     def spawn_balancer_swap(self, old: Config, new: Config) -> None:
-        """The balancer's virtual addresses are its own sockets: it restarts (after the
-        rest of the reload), and if the new one cannot start the old one comes back."""
+        """The balancer of `new` starts (after the rest of the reload) on the listening
+        sockets of the running one, which then retires: it takes no new connection and
+        its open ones run to their end (promise 8). If the new one cannot start, the
+        running one goes on serving as it was."""
         async def swap() -> None:
             assert self.records is not None
             previous = self.balancer
-            if previous is not None:
-                await previous.stop()
-                self.services.remove(previous)
-            self.balancer = None
-            if new.balancer is None:
-                return
-            try:
+            candidate = None
+            if new.balancer is not None:
                 candidate = self._balancer(new)
                 try:
-                    await candidate.start()
-                except (OSError, ValueError) as e:
+                    await candidate.start(replacing=previous)
+                except (OSError, ValueError, ConfigError) as e:
                     self.records.record(ReloadFailed(f"balancer: {e}; the previous balancer configuration stays"))
-                    if old.balancer is None:
-                        return
-                    candidate = self._balancer(old)
-                    await candidate.start()
-            except Exception as e:  # noqa: BLE001 - the node keeps running without a balancer
-                self.records.emit(f"balancer: cannot start after the reload: {type(e).__name__}: {e}", kind="critical")
-                return
+                    return
+                except Exception as e:  # noqa: BLE001 - the running balancer goes on
+                    self.records.emit(f"balancer: cannot start after the reload: {type(e).__name__}: {e}; "
+                                      "the previous balancer configuration stays", kind="critical")
+                    return
             self.balancer = candidate
-            self.services.append(candidate)
+            if previous is not None:
+                self.services.remove(previous)
+                self._retire_balancer(previous)
+            if candidate is not None:
+                self.services.append(candidate)
 
         assert self._tg is not None
         self._tg.create_task(swap())
+
+    def _retire_balancer(self, balancer: BalancerService) -> None:
+        """Let a replaced balancer's connections finish in the background (stopped with the node)."""
+        task = asyncio.ensure_future(balancer.retire())
+        self._retiring_balancers[task] = balancer
+        task.add_done_callback(lambda t: self._retiring_balancers.pop(t, None))
+
+    async def _stop_balancers(self) -> None:
+        """At node stop: the running balancer and those still retiring after a reload."""
+        for task, balancer in list(self._retiring_balancers.items()):
+            await balancer.stop()  # closes what is left; retire() then returns
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._retiring_balancers.clear()
+        if self.balancer is not None:
+            await self.balancer.stop()
 
     def describe(self) -> str:
         """What the operator sees at start: listeners, where mail goes, where data lives."""
