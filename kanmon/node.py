@@ -40,7 +40,7 @@ from kanmon.agent import AgentPool, agent_count
 from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
-from kanmon.config import Config, ConfigError, load_config, parse_config
+from kanmon.config import Config, ConfigError, balance_only, load_config, parse_config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.deliver.local import LocalDelivery
 from kanmon.deliver.sieving import SieveFilter
@@ -128,8 +128,8 @@ def configure_index(config: Config) -> None:
 
 
 def has_mail_roles(config: Config) -> bool:
-    """A config with only [server] and [balancer] is a node that only balances."""
-    return not (config.balancer is not None and "smtp" not in config.model_fields_set and not config.domain)
+    """Not a node that only balances (config.balance_only)."""
+    return not balance_only(config)
 
 
 class Frontend:
@@ -915,8 +915,16 @@ class Node:
         if self.mail_roles:
             for host, port in c.smtp.listen:
                 lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        running = self.balancer.real_modes() if self.balancer is not None else {}
         for vs in c.balancer.virtual_server if c.balancer else []:
-            reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({r.mode})" for r in vs.real)
+            modes = running.get(vs.name, {})
+
+            def mode_text(address: str, configured: str) -> str:
+                mode = modes.get(address, configured)  # an administrator's mode, kept across restarts
+                return mode if mode == configured else f"{mode}, as an administrator set it; configured {configured}"
+
+            reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({mode_text(f'{r.address[0]}:{r.address[1]}', r.mode)})"
+                              for r in vs.real)
             lines.append(f"kanmon: balancer {vs.name} on {vs.listen[0]}:{vs.listen[1]} ({vs.method}) -> {reals}")
         for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP"),
                               (c.managesieve, "ManageSieve")):
@@ -941,7 +949,9 @@ class Node:
                 hops = ", ".join(f"{h}:{p}" for h, p in d.servers)
                 lines.append(f"kanmon: mail for @{d.name} -> relayed to {hops}")
         out = c.outbound
-        if out.smarthost:
+        if not self.mail_roles:
+            pass  # a node that only balances takes no mail
+        elif out.smarthost:
             lines.append("kanmon: other domains -> smarthost " + ", ".join(f"{h}:{p}" for h, p in out.smarthost))
         else:
             lines.append("kanmon: other domains -> by MX (relay_networks: "

@@ -525,6 +525,11 @@ class BalancerService:
                 self._event(event, v, server)
         return {"virtual_server": virtual, "changed": bool(events), **server.snapshot()}
 
+    def real_modes(self) -> dict[str, dict[str, str]]:
+        """virtual server name -> {real server address: the mode in effect} (an
+        administrator's where one is set, else the configured one)."""
+        return {v.vs.name: {s.address: s.mode for s in v.pool.servers} for v in self._virtuals}
+
     def admin_modes(self) -> dict[str, dict[str, str]]:
         """virtual server name -> {real server address: administrator's mode}."""
         return {v.vs.name: modes for v in self._virtuals if (modes := v.pool.admin_modes())}
