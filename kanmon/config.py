@@ -1702,6 +1702,12 @@ def _line_of(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | N
     return found
 
 
+def balance_only(config: Config) -> bool:
+    """A config with [balancer] and neither [smtp] nor a [[domain]] is a node that only
+    balances (docs/balancer.md, step 2): no SMTP listener, no mail roles."""
+    return config.balancer is not None and "smtp" not in config.model_fields_set and not config.domain
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse and validate TOML text; raise ConfigError naming every bad key."""
     try:

@@ -40,7 +40,7 @@ from kanmon.agent import AgentPool, agent_count
 from kanmon.children import pid_alive
 from kanmon.balancer.service import BalancerService
 from kanmon.clock import SystemClock
-from kanmon.config import Config, ConfigError, load_config, parse_config
+from kanmon.config import Config, ConfigError, balance_only, load_config, parse_config
 from kanmon.control import DataDirLock, LockBusy
 from kanmon.deliver.local import LocalDelivery
 from kanmon.deliver.sieving import SieveFilter
@@ -128,8 +128,8 @@ def configure_index(config: Config) -> None:
 
 
 def has_mail_roles(config: Config) -> bool:
-    """A config with only [server] and [balancer] is a node that only balances."""
-    return not (config.balancer is not None and "smtp" not in config.model_fields_set and not config.domain)
+    """Not a node that only balances (config.balance_only)."""
+    return not balance_only(config)
 
 
 class Frontend:
@@ -238,6 +238,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._background: dict[str, asyncio.Task] = {}
         self._retiring: dict[asyncio.Task, Frontend] = {}
+        self._retiring_balancers: dict[asyncio.Task, BalancerService] = {}  # replaced by a reload, finishing
         self.cluster_watch = ClusterWatch(self, (ReloadError,), cluster_start) if config.cluster is not None else None
         self._reload_lock = asyncio.Lock()
         self._old_remotes: list[SmtpDelivery] = []
@@ -605,8 +606,10 @@ class Node:
                 await self._stop_frontends()
                 if self._exited_shares is not None:
                     await self._exited_shares.close()
+                await self._stop_balancers()  # the one running now may have come with a reload
                 for service in reversed(started):
-                    await service.stop()
+                    if not isinstance(service, BalancerService):
+                        await service.stop()
                 self.listen.close()
         except asyncio.CancelledError:
             pass
@@ -863,35 +866,50 @@ class Node:
         return changed
 
     def spawn_balancer_swap(self, old: Config, new: Config) -> None:
-        """The balancer's virtual addresses are its own sockets: it restarts (after the
-        rest of the reload), and if the new one cannot start the old one comes back."""
+        """The balancer of `new` starts (after the rest of the reload) on the listening
+        sockets of the running one, which then retires: it takes no new connection and
+        its open ones run to their end (promise 8). If the new one cannot start, the
+        running one goes on serving as it was."""
         async def swap() -> None:
             assert self.records is not None
             previous = self.balancer
-            if previous is not None:
-                await previous.stop()
-                self.services.remove(previous)
-            self.balancer = None
-            if new.balancer is None:
-                return
-            try:
+            candidate = None
+            if new.balancer is not None:
                 candidate = self._balancer(new)
                 try:
-                    await candidate.start()
-                except (OSError, ValueError) as e:
+                    await candidate.start(replacing=previous)
+                except (OSError, ValueError, ConfigError) as e:
                     self.records.record(ReloadFailed(f"balancer: {e}; the previous balancer configuration stays"))
-                    if old.balancer is None:
-                        return
-                    candidate = self._balancer(old)
-                    await candidate.start()
-            except Exception as e:  # noqa: BLE001 - the node keeps running without a balancer
-                self.records.emit(f"balancer: cannot start after the reload: {type(e).__name__}: {e}", kind="critical")
-                return
+                    return
+                except Exception as e:  # noqa: BLE001 - the running balancer goes on
+                    self.records.emit(f"balancer: cannot start after the reload: {type(e).__name__}: {e}; "
+                                      "the previous balancer configuration stays", kind="critical")
+                    return
             self.balancer = candidate
-            self.services.append(candidate)
+            if previous is not None:
+                self.services.remove(previous)
+                self._retire_balancer(previous)
+            if candidate is not None:
+                self.services.append(candidate)
 
         assert self._tg is not None
         self._tg.create_task(swap())
+
+    def _retire_balancer(self, balancer: BalancerService) -> None:
+        """Let a replaced balancer's connections finish in the background (stopped with the node)."""
+        task = asyncio.ensure_future(balancer.retire())
+        self._retiring_balancers[task] = balancer
+        task.add_done_callback(lambda t: self._retiring_balancers.pop(t, None))
+
+    async def _stop_balancers(self) -> None:
+        """At node stop: the running balancer and those still retiring after a reload."""
+        for task, balancer in list(self._retiring_balancers.items()):
+            await balancer.stop()  # closes what is left; retire() then returns
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._retiring_balancers.clear()
+        if self.balancer is not None:
+            await self.balancer.stop()
 
     def describe(self) -> str:
         """What the operator sees at start: listeners, where mail goes, where data lives."""
@@ -900,8 +918,16 @@ class Node:
         if self.mail_roles:
             for host, port in c.smtp.listen:
                 lines.append(f"kanmon: SMTP on {host}:{port} (STARTTLS offered)")
+        running = self.balancer.real_modes() if self.balancer is not None else {}
         for vs in c.balancer.virtual_server if c.balancer else []:
-            reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({r.mode})" for r in vs.real)
+            modes = running.get(vs.name, {})
+
+            def mode_text(address: str, configured: str) -> str:
+                mode = modes.get(address, configured)  # an administrator's mode, kept across restarts
+                return mode if mode == configured else f"{mode}, as an administrator set it; configured {configured}"
+
+            reals = ", ".join(f"{r.address[0]}:{r.address[1]} ({mode_text(f'{r.address[0]}:{r.address[1]}', r.mode)})"
+                              for r in vs.real)
             lines.append(f"kanmon: balancer {vs.name} on {vs.listen[0]}:{vs.listen[1]} ({vs.method}) -> {reals}")
         for section, name in ((c.submission, "submission"), (c.pop3, "POP3"), (c.imap, "IMAP"),
                               (c.managesieve, "ManageSieve")):
@@ -926,7 +952,9 @@ class Node:
                 hops = ", ".join(f"{h}:{p}" for h, p in d.servers)
                 lines.append(f"kanmon: mail for @{d.name} -> relayed to {hops}")
         out = c.outbound
-        if out.smarthost:
+        if not self.mail_roles:
+            pass  # a node that only balances takes no mail
+        elif out.smarthost:
             lines.append("kanmon: other domains -> smarthost " + ", ".join(f"{h}:{p}" for h, p in out.smarthost))
         else:
             lines.append("kanmon: other domains -> by MX (relay_networks: "

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kanmon.config import Config, format_duration_setting
+from kanmon.config import Config, balance_only, format_duration_setting
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ def exit_code(findings: Iterable[Finding]) -> int:
 
 
 def listeners(config: Config) -> list[tuple[str, tuple[str, int]]]:
-    """(key, (host, port)) of every address kanmon serve listens on."""
-    out: list[tuple[str, tuple[str, int]]] = [(f"smtp.listen[{i}]", a) for i, a in enumerate(config.smtp.listen)]
+    """(key, (host, port)) of every address kanmon serve listens on (a node that only
+    balances has no SMTP listener: config.balance_only)."""
+    out: list[tuple[str, tuple[str, int]]] = [] if balance_only(config) else [
+        (f"smtp.listen[{i}]", a) for i, a in enumerate(config.smtp.listen)]
     for name in ("submission", "pop3", "imap", "managesieve"):
         section = getattr(config, name)
         if section is not None:
@@ -149,6 +151,10 @@ def check_bindable(config: Config, ours: set[tuple[str, int]] | None = None) -> 
 def check_certificate(config: Config, now: float | None = None) -> list[Finding]:
     """[tls] cert and key: readable, the same pair, and not expired (or expiring soon)."""
     if config.tls is None:
+        speaks_tls = (config.console is not None and config.console.tls) or any(
+            getattr(config, name) is not None for name in ("submission", "pop3", "imap", "managesieve"))
+        if balance_only(config) and not speaks_tls:
+            return []  # nothing of it speaks TLS (the balancer copies bytes, STARTTLS included)
         return [Finding("note", "tls", "no [tls]: kanmon serve uses a self-signed certificate in data_dir/tls")]
     cert, key = config.tls.cert, config.tls.key
     found = []

@@ -21,7 +21,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
-from kanmon.balancer.workers import MAX_LINE, Forwarder
+from kanmon.balancer.workers import MAX_LINE, RETIRE_SIGNAL, Forwarder
 from kanmon.children import die_with_parent
 
 
@@ -61,19 +61,35 @@ async def _forward(spec: dict[str, Any], slot: int, table_arg: str, fds: list[in
         except OSError:
             pass
 
+    def notice(index: int, kind: str, text: str) -> None:
+        line = f"notice {index}\t{kind.replace(chr(9), ' ')}\t{text}".replace("\n", " ")[: MAX_LINE - 100] + "\n"
+        try:
+            os.write(notify_fd, line.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
     # config: the same attributes as a Config's, plain values
-    service = BalancerService(config, say, forwarder=Forwarder(table, slot, sockets))  # type: ignore[arg-type]
-    stop = asyncio.Event()
+    service = BalancerService(config, say, forwarder=Forwarder(table, slot, sockets, notice))  # type: ignore[arg-type]
+    stop, retire = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(RETIRE_SIGNAL, retire.set)  # a reload: finish the open connections, then exit
     await service.start()
     # What start built lives as long as the process: out of the cyclic GC's sight, so
     # that the collections the connections' allocations set off do not walk it again.
     gc.freeze()
     try:
         os.write(notify_fd, b"ready\n")
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        retiring = asyncio.ensure_future(retire.wait())
+        await asyncio.wait({stopping, retiring}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            retiring = asyncio.ensure_future(service.retire())
+            await asyncio.wait({stopping, retiring}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not retiring.done():
+            retiring.cancel()
     finally:
         await service.stop()
         os.close(notify_fd)

@@ -248,7 +248,9 @@ class BalancerService:
         self._changed: asyncio.Event | None = None
         self._all_finished: asyncio.Event | None = None
         self._started_at = 0.0
-        self._state = "new"  # new -> running -> stopped
+        self._state = "new"  # new -> running -> (retiring ->) stopped
+        self._background: list[asyncio.Task[None]] = []  # checks, status, counts: what retire() ends first
+        self._retired: asyncio.Event | None = None  # set when a retiring service's connections are all done
 
     # -- public ------------------------------------------------------------------
 
@@ -285,11 +287,14 @@ class BalancerService:
             "virtual_servers": virtual_servers,
         }
 
-    async def start(self) -> None:
+    async def start(self, replacing: BalancerService | None = None) -> None:
         """Bind every virtual address and start the checks.
 
+        replacing: the running service a reload replaces. A virtual address it listens on
+        is taken over (a duplicate of its listening socket: nothing queued in the kernel
+        is lost, no connection is refused meanwhile); the caller then retire()s it.
         Raises ConfigError (a ping check without ICMP privilege) or OSError (an address
-        cannot be bound; nothing stays bound then).
+        cannot be bound; nothing stays bound then, and `replacing` is untouched).
         """
         if self._state != "new":
             raise RuntimeError("BalancerService.start() called twice")
@@ -301,7 +306,9 @@ class BalancerService:
             _Virtual(i, Pool.from_config(vs, now)) for i, vs in enumerate(self.config.balancer.virtual_server)
         ]
         self._ready, self._changed, self._all_finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self._retired = asyncio.Event()
         self._all_finished.set()
+        taken = replacing.listening_sockets() if replacing is not None else {}
         balancer = self.config.balancer
         self._needs_others = any(v.vs.method == "least-session" or any(r.max_connections for r in v.vs.real)
                                  for v in self._virtuals)
@@ -326,6 +333,15 @@ class BalancerService:
                     if self._forwarder is not None:
                         v.server = await loop.create_server(factory, sock=self._forwarder.sockets[v.index],
                                                             backlog=balancer.backlog, start_serving=False)
+                    elif v.vs.listen in taken:
+                        sock = socket.socket(fileno=os.dup(taken[v.vs.listen]))
+                        sock.setblocking(False)
+                        try:
+                            v.server = await loop.create_server(factory, sock=sock, backlog=balancer.backlog,
+                                                                start_serving=False)
+                        except BaseException:
+                            sock.close()
+                            raise
                     else:
                         v.server = await loop.create_server(factory, host, port, reuse_address=True,
                                                             backlog=balancer.backlog,
@@ -336,7 +352,8 @@ class BalancerService:
                     ) from e
             if self._table is not None and self._forwarder is None:
                 sockets = [v.server.sockets[0] for v in self._virtuals]  # type: ignore[union-attr]
-                self._workers = WorkerPool(self._table, sockets, self._worker_spec(), processes - 1, self._say)
+                self._workers = WorkerPool(self._table, sockets, self._worker_spec(), processes - 1, self._say,
+                                           self._worker_notice)
         except BaseException:
             if self._workers is not None:
                 await self._workers.stop()
@@ -371,11 +388,77 @@ class BalancerService:
         for text in kept:
             self._say(text)
 
+    def listening_sockets(self) -> dict[tuple[str, int], int]:
+        """Configured virtual address -> the descriptor of its listening socket (for the
+        service a reload starts in this one's place: start(replacing=))."""
+        out: dict[tuple[str, int], int] = {}
+        for v in self._virtuals:
+            if v.server is not None and v.server.sockets:
+                out[v.vs.listen] = v.server.sockets[0].fileno()
+        return out
+
+    def open_connections(self) -> int:
+        """Connections open now, in every process of this service."""
+        return sum(s["connections"] for vs in self.status()["virtual_servers"] for s in vs["servers"])  # type: ignore[index]
+
+    async def retire(self) -> None:
+        """A reload replaced this service: stop accepting (the new service has the
+        listening sockets) and stop the checks and the status file (the new service's
+        now), but let every open connection run to its end, in this process and in the
+        forwarding processes (each still bounded by idle_timeout); then stop. stop()
+        during this closes what is left, as at a node stop."""
+        if self._state != "running":
+            return
+        self._state = "retiring"
+        for v in self._virtuals:
+            if v.server is not None:
+                v.server.close()  # this service's descriptor only: the new service listens on its own
+        for task in self._background:
+            task.cancel()
+        if self._forwarder is None:
+            open_now = self.open_connections()
+            self._say(f"balancer: reload: the previous configuration takes no new connections; "
+                      f"its {open_now} open connection(s) run to their end")
+        assert self._all_finished is not None and self._retired is not None
+        workers = asyncio.ensure_future(self._workers.retire()) if self._workers is not None else None
+        try:
+            await self._all_finished.wait()
+            if workers is not None:
+                await workers
+        finally:
+            if workers is not None and not workers.done():
+                workers.cancel()
+        if self._state != "retiring":
+            return  # stop() took over
+        self._retired.set()
+        if self._main is not None:
+            try:
+                await self._main
+            except Exception:  # a bug in a task; stopping goes on
+                log.exception("balancer: its task group failed")
+        await self._close_servers()
+        self._state = "stopped"
+        if self._table is not None and self._forwarder is None:
+            self._table.close()
+            self._table = None
+        if self._forwarder is None:
+            self._say("balancer: the previous configuration's connections have all ended; it stopped")
+
+    async def _close_servers(self) -> None:
+        for v in self._virtuals:
+            if v.server is not None:
+                try:
+                    async with asyncio.timeout(STOP_GRACE):
+                        await v.server.wait_closed()
+                except TimeoutError:
+                    pass
+
     async def stop(self) -> None:
         """Stop listening, stop the checks, close open connections (aborted after a grace)."""
-        if self._state != "running":
+        if self._state not in ("running", "retiring"):
             self._state = "stopped"
             return
+        retiring = self._state == "retiring"
         self._state = "stopping"
         for v in self._virtuals:
             if v.server is not None:
@@ -406,17 +489,12 @@ class BalancerService:
                     await self._all_finished.wait()
             except TimeoutError:
                 log.error("balancer: %d connections did not close on stop", sum(len(v.links) for v in self._virtuals))
-        for v in self._virtuals:
-            if v.server is not None:
-                try:
-                    async with asyncio.timeout(STOP_GRACE):
-                        await v.server.wait_closed()
-                except TimeoutError:
-                    pass
+        await self._close_servers()
         self._state = "stopped"
         if self._forwarder is not None:
             return
-        self._write_status()
+        if not retiring:  # a retired service's file is its successor's
+            self._write_status()
         if self._table is not None:
             self._table.close()
             self._table = None
@@ -446,6 +524,11 @@ class BalancerService:
             for event in events:
                 self._event(event, v, server)
         return {"virtual_server": virtual, "changed": bool(events), **server.snapshot()}
+
+    def real_modes(self) -> dict[str, dict[str, str]]:
+        """virtual server name -> {real server address: the mode in effect} (an
+        administrator's where one is set, else the configured one)."""
+        return {v.vs.name: {s.address: s.mode for s in v.pool.servers} for v in self._virtuals}
 
     def admin_modes(self) -> dict[str, dict[str, str]]:
         """virtual server name -> {real server address: administrator's mode}."""
@@ -495,16 +578,20 @@ class BalancerService:
     # -- tasks -------------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self._ready is not None
+        assert self._ready is not None and self._retired is not None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             if self._forwarder is not None:
-                tg.create_task(self._counts_loop(), name="balancer counts")
+                self._background.append(tg.create_task(self._counts_loop(), name="balancer counts"))
             else:
                 for v in self._virtuals:
                     for real in v.pool.checked_servers():
-                        tg.create_task(self._check_loop(v, real), name=f"check {v.vs.name} {real.address}")
-                tg.create_task(self._status_loop(), name="balancer status")
+                        self._background.append(
+                            tg.create_task(self._check_loop(v, real), name=f"check {v.vs.name} {real.address}"))
+                self._background.append(tg.create_task(self._status_loop(), name="balancer status"))
+            # Holds the group open while a retiring service's connections finish (their
+            # connect tasks are its tasks too); stop() cancels it with the rest.
+            tg.create_task(self._retired.wait(), name="balancer retiring")
             self._ready.set()
         self._tg = None
 
@@ -588,7 +675,8 @@ class BalancerService:
 
     def _on_client(self, v: _Virtual) -> Callable[[Link], None]:
         def on_client(link: Link) -> None:
-            if self._tg is None or self._state != "running":
+            # "retiring": accepted just before the listener closed; it runs like the others
+            if self._tg is None or self._state not in ("running", "retiring"):
                 link.close()
                 return
             v.links.add(link)
@@ -692,6 +780,11 @@ class BalancerService:
 
     # -- events ----------------------------------------------------------------------
 
+    def _worker_notice(self, index: int, kind: str, text: str, pid: int) -> None:
+        """A forwarding process's notice (workers.WorkerPool): under this process's limit."""
+        if 0 <= index < len(self._virtuals):
+            self._notice(self._virtuals[index], kind, text, pid)
+
     def _say(self, text: str) -> None:
         try:
             self._emit(text)
@@ -709,8 +802,15 @@ class BalancerService:
         if self._changed is not None:
             self._changed.set()
 
-    def _notice(self, v: _Virtual, kind: str, text: str) -> None:
-        """A rate-limited event-log line for per-connection trouble."""
+    def _notice(self, v: _Virtual, kind: str, text: str, pid: int | None = None) -> None:
+        """A rate-limited event-log line for per-connection trouble. A forwarding process
+        hands its notices to the main process, so that one limit holds for all of them;
+        pid: the forwarding process whose trouble it was (the log line names it)."""
+        if self._forwarder is not None and self._forwarder.notice is not None:
+            self._forwarder.notice(v.index, kind, text)
+            return
+        if pid is not None:
+            text = f"{text} (forwarding process pid {pid})"
         now = time.monotonic()
         last, suppressed = v.notices.get(kind, (float("-inf"), 0))
         if now - last < NOTICE_INTERVAL:

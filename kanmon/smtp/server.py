@@ -747,6 +747,10 @@ class SmtpProtocol(asyncio.Protocol):
         self._gauged: tuple[str, ...] = ()  # the shared connection gauges' keys, once acquired
         self._gauge_limits: tuple[int, ...] | None = None  # the limits the connection was admitted under
         self._proxy_buf: bytearray | None = None  # collecting a PROXY header from a trusted balancer
+        # A trusted balancer's PROXY LOCAL connection: its health check (PROXY spec 2.2,
+        # connections the proxy makes for itself). Greeted at once, no connect/disconnect
+        # lines (every few seconds per balancer, they would bury the clients' lines).
+        self._health_check = False
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         # What the client sent before its session opened (read while the shared connection
         # gauge answers: uvloop starts reading after connection_made, where a pause does
@@ -848,8 +852,9 @@ class SmtpProtocol(asyncio.Protocol):
         self.waiting_for_us = False
         if self._closed:  # the client left while the gauge answered: it did connect
             self._release_gauge()
-            server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
-            server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
+            if not self._health_check:
+                server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
+                server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
             return
         self._resume()
         self._admitted(client, profile, keys, limits, totals)
@@ -892,14 +897,16 @@ class SmtpProtocol(asyncio.Protocol):
         ip = client.ip
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.pipeline.name_client(client)
-        server.records.record(ev.Connected(client.name, ip), session=self.sid)
+        if not self._health_check:
+            server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if client.tls_version:  # implicit TLS (RFC 8314): logged as a STARTTLS is, as sendmail does
             server.records.record(ev.TlsStarted(client.name, ip, client.tls_version, client.tls_cipher, client.tls_bits),
                                   session=self.sid)
-        if profile.greet_pause > 0 and not server.submission:
+        if profile.greet_pause > 0 and not server.submission and not self._health_check:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do
-            # relay clients (the built-in "trusted" profile has greet_pause 0).
+            # relay clients (the built-in "trusted" profile has greet_pause 0) and a
+            # trusted balancer's health checks.
             self._greet_timer = asyncio.get_running_loop().call_later(profile.greet_pause, self._greet)
         else:
             self._do(self.session.greeting())
@@ -937,7 +944,7 @@ class SmtpProtocol(asyncio.Protocol):
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
         self._release_gauge()
-        if self.session is not None and self.client is not None:
+        if self.session is not None and self.client is not None and not self._health_check:
             server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
         # The peer is gone: a check still running is stopped (its effects are not carried
@@ -1028,6 +1035,7 @@ class SmtpProtocol(asyncio.Protocol):
         rest = bytes(self._proxy_buf[result.consumed :])
         self._proxy_buf = None
         src = result.source
+        self._health_check = result.command == "LOCAL"
         client = ClientInfo(ip=src[0], port=src[1]) if src else ClientInfo(ip=self.peer_ip)
         self._begin(client)
         if rest and not self._closed:

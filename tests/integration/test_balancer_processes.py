@@ -10,6 +10,7 @@ the forwarding process can accept then. The relays run in a thread of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from tests.integration.test_balancer import (
     MR1,
     MR2,
     VIP,
+    Client,
     FakeRelay,
     balancer,
     free_port,
@@ -166,3 +168,47 @@ def test_a_forwarding_process_that_cannot_be_started_is_tried_again(tmp_path, mo
         run(main())
     # the pipe of the failed start was closed (the service's own descriptors are gone too)
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+
+def test_the_start_line_names_every_process(tmp_path):
+    with relay_thread((MR1, "mr1")) as (_, (mr1,)):
+        async def main() -> None:
+            port = free_port(VIP)
+            async with balancer(tmp_path, one_vs(port, [(mr1, "active")]), processes=2) as b:
+                assert b.service._workers is not None
+                (forwarder,) = b.service._workers.pids()
+                line = next(e for e in b.events if "processes accept and forward" in e)
+                assert f"(pids {os.getpid()}, {forwarder})" in line
+
+        run(main())
+
+
+def test_a_failed_connect_is_logged_once_across_the_processes_with_the_pid_that_saw_it(tmp_path, monkeypatch):
+    """The rate limit of the per-connection notices holds for the balancer, not per
+    process: a forwarding process hands its notices to the main process."""
+    from kanmon.balancer import service
+
+    monkeypatch.setattr(service, "NOTICE_INTERVAL", 1e6)  # one line for the whole test, whatever its speed
+    with relay_thread((MR1, "mr1"), (MR2, "mr2")) as (rloop, (mr1, mr2)):
+        asyncio.run_coroutine_threadsafe(mr1.kill(), rloop).result(DEADLINE)  # its port refuses now
+
+        async def main() -> None:
+            port = free_port(VIP)
+            # Checks far apart: mr1 stays "up" (one failed check of 3) while connects to it fail.
+            vs = one_vs(port, [(mr1, "active"), (mr2, "standby")],
+                        health_check='{ type = "tcp", interval = "1h", timeout = "1s", retries = 3 }')
+            async with balancer(tmp_path, vs, processes=2) as b:
+                assert b.service._workers is not None
+                await wait_until(b.service._workers.ready, "the forwarding process to accept")
+                (forwarder,) = b.service._workers.pids()
+                blocking_session(port)  # only the forwarding process accepts: this loop is blocked
+                await wait_until(lambda: b.saw(f"failed: Connection refused (forwarding process pid {forwarder})"),
+                                 "the forwarding process's notice, with its pid")
+                for _ in range(4):  # whichever process takes them: no second line
+                    with contextlib.suppress(AssertionError):
+                        await Client(port).session()
+                    blocking_session(port)
+                await asyncio.sleep(0.2)  # the pipe's lines, if any were written
+                assert sum(f"connect to real server {mr1.address} failed" in e for e in b.events) == 1
+
+        run(main())
