@@ -2,7 +2,8 @@
 
 Role: speak ESMTP to a next hop (a relay server, a smarthost or an MX host) and report
 what it said for each recipient. Greeting, EHLO (HELO fallback), STARTTLS by policy,
-PIPELINING, SIZE, 8BITMIME/SMTPUTF8, DATA, RSET between transactions (with PIPELINING
+PIPELINING, SIZE, 8BITMIME (8-bit parts re-encoded 7-bit for a server without it:
+kanmon.smtp.downgrade)/SMTPUTF8, DATA, RSET between transactions (with PIPELINING
 in one write with the next MAIL, RCPT and DATA: `reset_pending`), QUIT. The
 caller (deliver/smtp.py) decides what to do with the results; this module never
 touches the spool or the records.
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, check_sendable, describe_reply
+from kanmon.smtp.downgrade import downgrade_8bit
 from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
@@ -801,6 +803,13 @@ class SmtpConnection:
                 550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.address}"
             )
             return TransactionResult([(r, reply) for r in rcpts])
+        eight_bit = not body.isascii()
+        if eight_bit and not self.supports("8BITMIME"):
+            # RFC 6152 3: a server without 8BITMIME gets 7-bit data: the 8-bit parts are
+            # re-encoded (quoted-printable, base64), as Postfix does. 8-bit octets in
+            # headers cannot be, and go as they are (docs/outbound-smtp.md).
+            body = downgrade_8bit(body)
+            eight_bit = False
         data = encode_data(body)
         size = len(data)
         if self.max_size and size > self.max_size:
@@ -814,7 +823,7 @@ class SmtpConnection:
         params = []
         if self.supports("SIZE"):
             params.append(f"SIZE={size}")
-        if not body.isascii() and self.supports("8BITMIME"):
+        if eight_bit:
             params.append("BODY=8BITMIME")  # RFC 6152
         if need_utf8:
             params.append("SMTPUTF8")  # RFC 6531 3.4
