@@ -673,17 +673,17 @@ class Session:
             if key == "SIZE":
                 # RFC 1870: refuse at MAIL when the declared size is over the limit.
                 if value is None or not value.isdigit() or len(value) > 20:
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.size_hint = int(value)
                 if env.size_hint > self.settings.max_message_size:
                     raise LimitExceeded(replies.MESSAGE_TOO_BIG, "max_message_size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.body_8bit = value.upper() == "8BITMIME"
             elif key == "SMTPUTF8":
                 if value is not None:
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.smtputf8 = True
             elif key == "RET":
                 env.dsn_ret = parse_ret(value)  # RFC 3461 4.3
