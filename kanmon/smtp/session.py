@@ -1147,11 +1147,15 @@ class Session:
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""
         c = self.client
-        if c.auth_user:
-            proto = "ESMTPSA" if self.tls_active else "ESMTPA"
+        # RFC 3848 (ESMTPS/ESMTPA/ESMTPSA) and RFC 6531 3.7.3: a transaction with the
+        # SMTPUTF8 parameter is UTF8SMTP, UTF8SMTPS, UTF8SMTPA or UTF8SMTPSA.
+        if env.smtputf8:
+            proto = "UTF8SMTP"
         else:
-            proto = "ESMTPS" if self.tls_active else ("ESMTP" if self.esmtp else "SMTP")
-        c.proto = proto
+            proto = "ESMTP" if self.esmtp or c.auth_user or self.tls_active else "SMTP"
+        if proto != "SMTP":
+            proto += ("S" if self.tls_active else "") + ("A" if c.auth_user else "")
+        c.proto = proto  # the accept line's proto= and the queue file say the same
         helo = _printable(c.helo or "unknown")
         lines = [f"Received: from {helo} ({_printable(c.name)} [{c.ip}])"]
         if self.tls_active and c.tls_version:

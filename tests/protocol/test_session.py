@@ -467,6 +467,38 @@ def test_mail_from_strangers_and_relay_networks_gets_no_date_or_message_id():
         assert b"Date:" not in store.content and b"Message-ID:" not in store.content
 
 
+UTF8_TX = ("MAIL FROM:<jöran@remote.example> SMTPUTF8\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+           "Subject: ü\r\n\r\nx\r\n.\r\n").encode()
+
+
+def test_an_smtputf8_transaction_is_utf8smtp_in_received_and_proto():
+    # RFC 6531 3.7.3: UTF8SMTP (UTF8SMTPS with TLS); the next plain message is ESMTP(S) again.
+    s = ready(make_session())
+    (store,) = stores(s.feed(UTF8_TX))
+    assert b"with UTF8SMTP id " + store.queue_id.encode() in store.content
+    assert store.envelope.client.proto == "UTF8SMTP"
+    s.message_stored(store.queue_id)
+    (plain,) = stores(s.feed(TX + b"x\r\n.\r\n"))
+    assert b"with ESMTP id " in plain.content and plain.envelope.client.proto == "ESMTP"
+    s.message_stored(plain.queue_id)
+    s.feed(b"STARTTLS\r\n")
+    s.tls_started("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+    s.feed(b"EHLO c\r\n")
+    (tls,) = stores(s.feed(UTF8_TX))
+    assert b"with UTF8SMTPS id " in tls.content and tls.envelope.client.proto == "UTF8SMTPS"
+
+
+def test_an_authenticated_smtputf8_submission_is_utf8smtpsa():
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0secret") + b"\r\n")
+    s.auth_result("alice@example.test")
+    out = s.feed("MAIL FROM:<alice@example.test> SMTPUTF8\r\nRCPT TO:<jörg@far.example>\r\nDATA\r\n"
+                 "Subject: ü\r\n\r\nx\r\n.\r\n".encode())
+    (store,) = stores(out)
+    assert b"with UTF8SMTPSA id " in store.content and store.envelope.client.proto == "UTF8SMTPSA"
+
+
 def test_auth_is_unknown_on_port_25():
     s = ready(make_session())
     assert sent(s.feed(b"AUTH PLAIN " + b64("\0a\0b") + b"\r\n")).startswith(b"500 5.5.2")
