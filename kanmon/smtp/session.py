@@ -53,6 +53,9 @@ from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, pa
 # RFC 5321 4.5.3.1.4 (512, including CRLF), plus what RFC 3461 4 adds to RCPT for
 # ORCPT (500) and NOTIFY (14) and RFC 1870 and 3461 add to MAIL at most.
 MAX_COMMAND_LINE = 512 + 500 + 14
+# RFC 4954 4: an AUTH command with its initial response, and each line of the SASL
+# exchange after it, may be up to 12288 octets (a Kerberos ticket, a long OAuth token).
+MAX_AUTH_LINE = 12288 + 2
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
 MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
 # DATA held in memory before it goes to the listener's spill file in pieces (SpoolData):
@@ -458,15 +461,18 @@ class Session:
                 del self._buf[: lf + 1]
                 self._skip_line = False
                 continue
+            limit = MAX_COMMAND_LINE
+            if self.state is State.AUTH_INPUT or self._buf[:5].upper() == b"AUTH ":
+                limit = MAX_AUTH_LINE
             if lf < 0:
-                if len(self._buf) > MAX_COMMAND_LINE:
+                if len(self._buf) > limit:
                     # RFC 5321 4.5.3.1.4: never buffer an unbounded line.
                     self._skipped = len(self._buf)
                     self._buf.clear()
                     self._skip_line = True
                     self._error(replies.LINE_TOO_LONG, "line", out)
                 return
-            if lf + 1 > MAX_COMMAND_LINE:
+            if lf + 1 > limit:
                 del self._buf[: lf + 1]
                 self._error(replies.LINE_TOO_LONG, "line", out)
                 continue
