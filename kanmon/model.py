@@ -126,7 +126,7 @@ class ClientInfo:
     port: int = 0
     name: str = "unknown"  # reverse DNS name, when looked up
     helo: str = ""
-    proto: str = "SMTP"  # SMTP | ESMTP | ESMTPS | ESMTPA | ESMTPSA
+    proto: str = "SMTP"  # SMTP | ESMTP | ESMTPS | ESMTPA | ESMTPSA | UTF8SMTP[S][A] (RFC 6531 3.7.3)
     tls_version: str = ""
     tls_cipher: str = ""
     tls_bits: int = 0

@@ -63,9 +63,12 @@ class NoticeRecipient:
     @classmethod
     def from_result(cls, result: RecipientResult, original_rcpt: str = "", orcpt: str = "") -> NoticeRecipient:
         """From a delivery result; Remote-MTA is taken from its relay
-        (`store.corp.example. [192.0.2.7]:25` -> `store.corp.example`, `[192.0.2.7]` as is)."""
+        (`store.corp.example. [192.0.2.7]:25` -> `store.corp.example`, `[192.0.2.7]` as is)
+        when a remote server gave the reply. A reply we made up ourselves (a LocalReply:
+        connection refused, a timeout before the greeting, a lost connection, a DNS
+        failure) has none: no remote MTA said anything (RFC 3464 2.3.5; as Postfix)."""
         relay = result.relay.strip()
-        if not relay or relay == "local":
+        if not relay or relay == "local" or isinstance(result.reply, LocalReply):
             mta = ""
         elif relay.startswith("["):
             mta = relay[: relay.find("]") + 1] if "]" in relay else ""

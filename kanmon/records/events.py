@@ -422,7 +422,7 @@ class Accepted(Event):
     def counts(self):
         source = "internal" if self.proto == "internal" else "smtp"
         out = ((f"received|source={source}", 1), (f"received_bytes|source={source}", self.size))
-        if source == "smtp" and self.proto.startswith("ESMTPS"):
+        if source == "smtp" and self.proto.startswith(("ESMTPS", "UTF8SMTPS")):
             out += (("received_tls", 1),)
         return out
 

@@ -52,6 +52,18 @@ def _split_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def _control_in_params(rest: str) -> Reply:
+    """The reply for a control character after the path: 501 5.5.4 naming the parameter
+    it is in (a parameter's value, not the address, is what is wrong)."""
+    for item in rest.split(" "):
+        if _CONTROL.search(item):
+            key = item.partition("=")[0]
+            if re.match(r"^[A-Za-z0-9][A-Za-z0-9-]*$", key):
+                return replies.bad_parameter(key)
+            break
+    return replies.SYNTAX_PARAMS
+
+
 def _split_path(arg: str, bad: Reply, strict: bool = False) -> tuple[str, str]:
     """'<a@b> SIZE=1' -> ('a@b', 'SIZE=1'), honouring quoted strings inside <>.
     strict: the address must be in <> and followed by nothing or a space (RFC 5321
@@ -148,9 +160,11 @@ def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool, strict: boo
     address must be in <> (a session profile's strict_syntax); otherwise a bare
     address without spaces is taken, as Postfix does."""
     bad = replies.BAD_SENDER_SYNTAX if is_sender else replies.BAD_RCPT_SYNTAX
-    if _CONTROL.search(arg):
-        raise SmtpError(bad)  # NUL and other controls never belong in a path
     inside, rest = _split_path(arg, bad, strict)
+    if _CONTROL.search(inside):
+        raise SmtpError(bad)  # NUL and other controls never belong in a path
+    if _CONTROL.search(rest):
+        raise SmtpError(_control_in_params(rest))
     params = _split_params(rest)
     utf8 = "SMTPUTF8" in params and is_sender
     non_ascii = not inside.isascii()
@@ -199,7 +213,7 @@ def parse_path(arg: str, *, is_sender: bool, smtputf8_allowed: bool, strict: boo
 
 # ---------------------------------------------------------------------------
 # RFC 3461 DSN parameters: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT.
-# A malformed value is 501 5.5.4, like any other parameter syntax error.
+# A malformed value is 501 5.5.4 naming the parameter, like any other parameter syntax error.
 
 MAX_ENVID = 100  # RFC 3461 4.4
 MAX_ORCPT = 500  # RFC 3461 4.2
@@ -214,20 +228,20 @@ def _printable(text: str) -> bool:
 def parse_ret(value: str | None) -> str:
     """RET=FULL|HDRS (RFC 3461 4.3) -> "FULL" or "HDRS"."""
     if value is None or value.upper() not in ("FULL", "HDRS"):
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("RET"))
     return value.upper()
 
 
 def parse_envid(value: str | None) -> str:
     """ENVID=xtext (RFC 3461 4.4) -> the decoded envelope id (printable US-ASCII)."""
     if not value or len(value) > MAX_ENVID:
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("ENVID"))
     try:
         envid = xtext_decode(value)
     except ValueError:
-        raise SmtpError(replies.SYNTAX_PARAMS) from None
+        raise SmtpError(replies.bad_parameter("ENVID")) from None
     if not envid.isascii() or not _printable(envid):
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("ENVID"))
     return envid
 
 
@@ -236,26 +250,26 @@ def parse_notify(value: str | None) -> str:
     keywords given, comma-separated in a fixed order. NEVER with another keyword, an
     unknown or an empty one is a syntax error."""
     if not value:
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("NOTIFY"))
     words = value.upper().split(",")
     if words == ["NEVER"]:
         return "NEVER"
     if any(w not in NOTIFY_KEYWORDS for w in words):
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("NOTIFY"))
     return ",".join(k for k in NOTIFY_KEYWORDS if k in words)
 
 
 def parse_orcpt(value: str | None) -> str:
     """ORCPT=addr-type;xtext (RFC 3461 4.2) -> "addr-type;address", decoded."""
     if not value or len(value) > MAX_ORCPT:
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("ORCPT"))
     addr_type, sep, encoded = value.partition(";")
     if not sep or not encoded or not _ADDR_TYPE.match(addr_type):
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("ORCPT"))
     try:
         address = xtext_decode(encoded, utf8=addr_type.lower() == "utf-8")
     except ValueError:
-        raise SmtpError(replies.SYNTAX_PARAMS) from None
+        raise SmtpError(replies.bad_parameter("ORCPT")) from None
     if not _printable(address):
-        raise SmtpError(replies.SYNTAX_PARAMS)
+        raise SmtpError(replies.bad_parameter("ORCPT"))
     return f"{addr_type.lower() if addr_type.lower() in ('rfc822', 'utf-8') else addr_type};{address}"

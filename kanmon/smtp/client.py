@@ -2,7 +2,8 @@
 
 Role: speak ESMTP to a next hop (a relay server, a smarthost or an MX host) and report
 what it said for each recipient. Greeting, EHLO (HELO fallback), STARTTLS by policy,
-PIPELINING, SIZE, 8BITMIME/SMTPUTF8, DATA, RSET between transactions (with PIPELINING
+PIPELINING, SIZE, 8BITMIME (8-bit parts re-encoded 7-bit for a server without it:
+kanmon.smtp.downgrade)/SMTPUTF8, DATA, RSET between transactions (with PIPELINING
 in one write with the next MAIL, RCPT and DATA: `reset_pending`), QUIT. The
 caller (deliver/smtp.py) decides what to do with the results; this module never
 touches the spool or the records.
@@ -10,7 +11,7 @@ touches the spool or the records.
 Trusts: the caller's envelope and body (already accepted and spooled by us) — but still
 refuses addresses with control characters, because they would become SMTP commands.
 Does not trust the server at all: every reply line is bounded (RFC 5321 4.5.3.1.5,
-MAX_REPLY_LINE, MAX_REPLY_LINES), every read has a timeout (RFC 5321 4.5.3.2), reply
+MAX_REPLY_LINE: a longer line is cut, not refused, as Postfix does; MAX_REPLY_LINES), every read has a timeout (RFC 5321 4.5.3.2), reply
 text is stripped of control characters before anyone logs it or puts it into a DSN, and
 whatever the server sent after its `220` to STARTTLS is thrown away (CVE-2011-0411;
 DESIGN.md promise 3).
@@ -35,13 +36,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, check_sendable, describe_reply
+from kanmon.smtp.downgrade import downgrade_8bit
 from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
     from kanmon.config import Config, TlsPolicy
 
-# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF.
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including CRLF. A longer one is
+# tolerated, as Postfix does: its first MAX_REPLY_LINE - 2 octets are kept, the rest of the
+# line is dropped; a "line" still without its LF after MAX_REPLY_DISCARD more octets is a
+# protocol error. A whole reply keeps at most MAX_REPLY_LINES * MAX_REPLY_LINE octets.
 MAX_REPLY_LINE = 512
+MAX_REPLY_DISCARD = 64 * 1024
 # Our own bound on a multi-line reply (an EHLO answer has ~10-20 lines).
 MAX_REPLY_LINES = 100
 # Pause reading from a server that sends more than this without being asked.
@@ -374,6 +380,10 @@ class _Pipe(asyncio.Protocol):
         self._read_paused = False
         self.closed = False
         self.close_exc: BaseException | None = None
+        # An over-long reply line being dropped up to its LF: its kept start, and how much
+        # of the rest has gone.
+        self._long_line: bytes | None = None
+        self._dropped = 0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -413,18 +423,40 @@ class _Pipe(asyncio.Protocol):
     # used by SmtpConnection (callers wrap these in timeouts)
     def read_line_nowait(self) -> bytes | None:
         """A line already received, as read_line() returns it; None when no whole line
-        is buffered yet (nothing is taken then)."""
+        is buffered yet (nothing is taken then, but the dropped part of an over-long line).
+        ValueError for a line without LF after MAX_REPLY_DISCARD octets."""
+        if self._long_line is not None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                self._dropped += len(self._buffer)
+                self._buffer.clear()
+                self._resume_reading()
+                if self._dropped > MAX_REPLY_DISCARD:
+                    raise ValueError(f"reply line longer than {MAX_REPLY_LINE + MAX_REPLY_DISCARD} bytes")
+                return None
+            del self._buffer[: end + 1]
+            line, self._long_line = self._long_line, None
+            self._resume_reading()
+            return line
         end = self._buffer.find(b"\n", 0, MAX_REPLY_LINE)
         if end >= 0:
             line = bytes(self._buffer[: end + 1])
             del self._buffer[: end + 1]
-            if self._read_paused and len(self._buffer) <= READ_HIGH_WATER // 2 and self.transport is not None:
-                self._read_paused = False
-                self.transport.resume_reading()
+            self._resume_reading()
             return line.rstrip(b"\r\n")
         if len(self._buffer) >= MAX_REPLY_LINE:
-            raise ValueError(f"reply line longer than {MAX_REPLY_LINE} bytes")
+            # Longer than RFC 5321 allows (no LF in its first MAX_REPLY_LINE octets): keep
+            # its start, drop the rest up to the LF, so a valid code still decides.
+            self._long_line = bytes(self._buffer[: MAX_REPLY_LINE - 2])
+            del self._buffer[:MAX_REPLY_LINE]
+            self._dropped = 2
+            return self.read_line_nowait()
         return None
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and len(self._buffer) <= READ_HIGH_WATER // 2 and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     @property
     def drain_needed(self) -> bool:
@@ -433,7 +465,7 @@ class _Pipe(asyncio.Protocol):
         return self._write_paused or self.closed
 
     async def read_line(self) -> bytes:
-        """One line without its CRLF; at most MAX_REPLY_LINE bytes."""
+        """One line without its CRLF; at most MAX_REPLY_LINE bytes (a longer one cut)."""
         while True:
             line = self.read_line_nowait()
             if line is not None:
@@ -453,6 +485,7 @@ class _Pipe(asyncio.Protocol):
         """Throw away whatever the server sent that we have not read (CVE-2011-0411)."""
         n = len(self._buffer)
         self._buffer.clear()
+        self._long_line = None
         return n
 
     def write(self, data: bytes | memoryview) -> None:
@@ -801,6 +834,13 @@ class SmtpConnection:
                 550, "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.address}"
             )
             return TransactionResult([(r, reply) for r in rcpts])
+        eight_bit = not body.isascii()
+        if eight_bit and not self.supports("8BITMIME"):
+            # RFC 6152 3: a server without 8BITMIME gets 7-bit data: the 8-bit parts are
+            # re-encoded (quoted-printable, base64), as Postfix does. 8-bit octets in
+            # headers cannot be, and go as they are (docs/outbound-smtp.md).
+            body = downgrade_8bit(body)
+            eight_bit = False
         data = encode_data(body)
         size = len(data)
         if self.max_size and size > self.max_size:
@@ -814,7 +854,7 @@ class SmtpConnection:
         params = []
         if self.supports("SIZE"):
             params.append(f"SIZE={size}")
-        if not body.isascii() and self.supports("8BITMIME"):
+        if eight_bit:
             params.append("BODY=8BITMIME")  # RFC 6152
         if need_utf8:
             params.append("SMTPUTF8")  # RFC 6531 3.4

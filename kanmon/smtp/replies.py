@@ -47,6 +47,14 @@ LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
 SYNTAX_PARAMS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+
+
+def bad_parameter(name: str) -> Reply:
+    """501 5.5.4 naming the MAIL/RCPT parameter whose value is malformed (name: a
+    keyword already checked to be [A-Za-z0-9-], as the client wrote it)."""
+    return Reply(501, "5.5.4", f"Syntax error in {name.upper()[:24]} parameter")
+
+
 EHLO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")

@@ -53,6 +53,9 @@ from kanmon.smtp.address import Path, parse_envid, parse_notify, parse_orcpt, pa
 # RFC 5321 4.5.3.1.4 (512, including CRLF), plus what RFC 3461 4 adds to RCPT for
 # ORCPT (500) and NOTIFY (14) and RFC 1870 and 3461 add to MAIL at most.
 MAX_COMMAND_LINE = 512 + 500 + 14
+# RFC 4954 4: an AUTH command with its initial response, and each line of the SASL
+# exchange after it, may be up to 12288 octets (a Kerberos ticket, a long OAuth token).
+MAX_AUTH_LINE = 12288 + 2
 MAX_PIPELINE_BUFFER = 64 * 1024  # unprocessed input kept while a command waits
 MAX_DISCARDED_LINE = 64 * 1024  # an over-long command line this long is an attack: 421 and close
 # DATA held in memory before it goes to the listener's spill file in pieces (SpoolData):
@@ -464,15 +467,18 @@ class Session:
                 del self._buf[: lf + 1]
                 self._skip_line = False
                 continue
+            limit = MAX_COMMAND_LINE
+            if self.state is State.AUTH_INPUT or self._buf[:5].upper() == b"AUTH ":
+                limit = MAX_AUTH_LINE
             if lf < 0:
-                if len(self._buf) > MAX_COMMAND_LINE:
+                if len(self._buf) > limit:
                     # RFC 5321 4.5.3.1.4: never buffer an unbounded line.
                     self._skipped = len(self._buf)
                     self._buf.clear()
                     self._skip_line = True
                     self._error(replies.LINE_TOO_LONG, "line", out)
                 return
-            if lf + 1 > MAX_COMMAND_LINE:
+            if lf + 1 > limit:
                 del self._buf[: lf + 1]
                 self._error(replies.LINE_TOO_LONG, "line", out)
                 continue
@@ -683,17 +689,17 @@ class Session:
             if key == "SIZE":
                 # RFC 1870: refuse at MAIL when the declared size is over the limit.
                 if value is None or not value.isdigit() or len(value) > 20:
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.size_hint = int(value)
                 if env.size_hint > self.settings.max_message_size:
                     raise LimitExceeded(replies.MESSAGE_TOO_BIG, "max_message_size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.body_8bit = value.upper() == "8BITMIME"
             elif key == "SMTPUTF8":
                 if value is not None:
-                    raise SmtpError(replies.SYNTAX_PARAMS)
+                    raise SmtpError(replies.bad_parameter(key))
                 env.smtputf8 = True
             elif key == "RET":
                 env.dsn_ret = parse_ret(value)  # RFC 3461 4.3
@@ -1165,11 +1171,15 @@ class Session:
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""
         c = self.client
-        if c.auth_user:
-            proto = "ESMTPSA" if self.tls_active else "ESMTPA"
+        # RFC 3848 (ESMTPS/ESMTPA/ESMTPSA) and RFC 6531 3.7.3: a transaction with the
+        # SMTPUTF8 parameter is UTF8SMTP, UTF8SMTPS, UTF8SMTPA or UTF8SMTPSA.
+        if env.smtputf8:
+            proto = "UTF8SMTP"
         else:
-            proto = "ESMTPS" if self.tls_active else ("ESMTP" if self.esmtp else "SMTP")
-        c.proto = proto
+            proto = "ESMTP" if self.esmtp or c.auth_user or self.tls_active else "SMTP"
+        if proto != "SMTP":
+            proto += ("S" if self.tls_active else "") + ("A" if c.auth_user else "")
+        c.proto = proto  # the accept line's proto= and the queue file say the same
         helo = _printable(c.helo or "unknown")
         lines = [f"Received: from {helo} ({_printable(c.name)} [{c.ip}])"]
         if self.tls_active and c.tls_version:

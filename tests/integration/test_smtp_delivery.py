@@ -159,6 +159,19 @@ def test_remote_4xx_as_the_last_reason(primary, alternate):
     assert describe_reply(results[0].reply) == "421 4.3.0 Server shutting down"
 
 
+def test_a_notice_names_a_remote_mta_only_when_a_server_answered(primary, alternate):
+    from kanmon.deliver.dsn import NoticeRecipient
+
+    primary.stop()
+    alternate.stop()
+    refused, _ = deliver(make_config(), ["b@corp.example"], hops(primary, alternate, port=primary.port))
+    assert refused[0].relay and NoticeRecipient.from_result(refused[0]).remote_mta == ""  # connection refused
+    alternate.start()
+    alternate.greeting = "421 4.3.0 Server shutting down"
+    answered, _ = deliver(make_config(), ["b@corp.example"], hops(alternate, port=primary.port))
+    assert NoticeRecipient.from_result(answered[0]).remote_mta == f"[{ALTERNATE}]"
+
+
 def test_per_recipient_results(primary, alternate):
     primary.rcpt_replies = {
         "later@corp.example": "451 4.3.0 <later@corp.example>: Temporary lookup failure",

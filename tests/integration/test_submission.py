@@ -148,6 +148,19 @@ def test_bad_credentials_bad_base64_and_cancel(store):
         assert s.docmd("*")[0] == 501
 
 
+def test_a_4_kb_auth_plain_line_is_read_as_credentials(store):
+    # RFC 4954 4: AUTH lines up to 12288 octets; before, "500 5.5.2 Error: line too long".
+    import base64
+
+    token = base64.b64encode(b"\0alice@example.test\0" + b"x" * 3000).decode()
+    with smtplib.SMTP("127.0.0.1", store.ports["sub"], timeout=10) as s:
+        s.starttls(context=unverified())
+        s.ehlo()
+        code, text = s.docmd("AUTH", "PLAIN " + token)
+        assert (code, text[:5]) == (535, b"5.7.8")
+        s.login("alice@example.test", "correct horse")
+
+
 def test_sender_spoofing_is_refused_but_aliases_are_allowed(store):
     with pytest.raises(smtplib.SMTPSenderRefused) as e:
         submit(store, sender="bob@example.test")

@@ -437,6 +437,47 @@ def test_auth_login_dialogue_and_failures():
     assert sent(out).startswith(b"421 4.7.0") and isinstance(out[-1], Close)
 
 
+def test_auth_lines_up_to_12288_octets_are_taken():
+    # RFC 4954 4: the AUTH command with an initial response, and each continuation line of
+    # the exchange, may be 12288 octets long (a long token); other commands keep their limit.
+    from kanmon.smtp.session import MAX_AUTH_LINE, MAX_COMMAND_LINE
+
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    password = "p" * 4000
+    line = b"AUTH PLAIN " + b64("\0alice@example.test\0" + password)
+    assert MAX_COMMAND_LINE < len(line) + 2
+    (auth,) = [a for a in s.feed(line + b"\r\n") if isinstance(a, Authenticate)]
+    assert auth.password == password
+    assert sent(s.auth_result(None)).startswith(b"535 5.7.8")
+    # The continuation line of a SASL exchange, at the limit exactly (with its CRLF).
+    assert sent(s.feed(b"AUTH PLAIN\r\n")) == b"334 \r\n"
+    prefix = "\0alice@example.test\0"
+    token = b64(prefix + "q" * ((MAX_AUTH_LINE - 2) // 4 * 3 - len(prefix)))
+    assert len(token) + 2 == MAX_AUTH_LINE
+    (auth,) = [a for a in s.feed(token + b"\r\n") if isinstance(a, Authenticate)]
+    assert auth.password == "q" * ((MAX_AUTH_LINE - 2) // 4 * 3 - len(prefix))
+
+
+def test_auth_lines_beyond_12288_octets_and_long_other_commands_are_refused():
+    from kanmon.smtp.session import MAX_AUTH_LINE
+
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    long_auth = b"AUTH PLAIN " + b"A" * (MAX_AUTH_LINE - 11 - 2 + 1)  # one octet over, with CRLF
+    assert sent(s.feed(long_auth + b"\r\n")) == replies.LINE_TOO_LONG.wire()
+    # Arriving in pieces, the buffer never holds more than the AUTH limit.
+    s.feed(b"AUTH PLAIN ")
+    out = []
+    for _ in range(4):
+        out += s.feed(b"A" * 4096)
+        assert s.buffered() <= MAX_AUTH_LINE
+    assert sent(out) == replies.LINE_TOO_LONG.wire()
+    s.feed(b"\r\n")
+    assert sent(s.feed(b"NOOP " + b"x" * 2000 + b"\r\n")) == replies.LINE_TOO_LONG.wire()
+    assert sent(s.feed(b"NOOP\r\n")).startswith(b"250")
+
+
 def _submitted(message: bytes) -> bytes:
     """What an authenticated user's message is stored as (the session's clock: now=...)."""
     s = submission_session()
@@ -489,6 +530,38 @@ def test_mail_from_strangers_and_relay_networks_gets_no_date_or_message_id():
         s = ready(make_session(ip))
         (store,) = stores(s.feed(TX + b"Subject: bare\r\n\r\nhello\r\n.\r\n"))
         assert b"Date:" not in store.content and b"Message-ID:" not in store.content
+
+
+UTF8_TX = ("MAIL FROM:<jöran@remote.example> SMTPUTF8\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+           "Subject: ü\r\n\r\nx\r\n.\r\n").encode()
+
+
+def test_an_smtputf8_transaction_is_utf8smtp_in_received_and_proto():
+    # RFC 6531 3.7.3: UTF8SMTP (UTF8SMTPS with TLS); the next plain message is ESMTP(S) again.
+    s = ready(make_session())
+    (store,) = stores(s.feed(UTF8_TX))
+    assert b"with UTF8SMTP id " + store.queue_id.encode() in store.content
+    assert store.envelope.client.proto == "UTF8SMTP"
+    s.message_stored(store.queue_id)
+    (plain,) = stores(s.feed(TX + b"x\r\n.\r\n"))
+    assert b"with ESMTP id " in plain.content and plain.envelope.client.proto == "ESMTP"
+    s.message_stored(plain.queue_id)
+    s.feed(b"STARTTLS\r\n")
+    s.tls_started("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+    s.feed(b"EHLO c\r\n")
+    (tls,) = stores(s.feed(UTF8_TX))
+    assert b"with UTF8SMTPS id " in tls.content and tls.envelope.client.proto == "UTF8SMTPS"
+
+
+def test_an_authenticated_smtputf8_submission_is_utf8smtpsa():
+    s = submission_session()
+    s.feed(b"EHLO pc\r\n")
+    s.feed(b"AUTH PLAIN " + b64("\0alice@example.test\0secret") + b"\r\n")
+    s.auth_result("alice@example.test")
+    out = s.feed("MAIL FROM:<alice@example.test> SMTPUTF8\r\nRCPT TO:<jörg@far.example>\r\nDATA\r\n"
+                 "Subject: ü\r\n\r\nx\r\n.\r\n".encode())
+    (store,) = stores(out)
+    assert b"with UTF8SMTPSA id " in store.content and store.envelope.client.proto == "UTF8SMTPSA"
 
 
 def test_auth_is_unknown_on_port_25():

@@ -63,7 +63,8 @@ def test_without_dsn_parameters_the_envelope_has_none_and_the_defaults_apply():
 ])
 def test_bad_mail_dsn_parameters_are_501(params):
     s = ready(make_session())
-    assert sent(s.feed(b"MAIL FROM:<s@remote.example> " + params + b"\r\n")) == replies.SYNTAX_PARAMS.wire()
+    name = params.partition(b"=")[0].decode()
+    assert sent(s.feed(b"MAIL FROM:<s@remote.example> " + params + b"\r\n")) == replies.bad_parameter(name).wire()
 
 
 @pytest.mark.parametrize("params", [
@@ -74,7 +75,32 @@ def test_bad_mail_dsn_parameters_are_501(params):
 def test_bad_rcpt_dsn_parameters_are_501(params):
     s = ready(make_session())
     s.feed(b"MAIL FROM:<s@remote.example>\r\n")
-    assert sent(s.feed(b"RCPT TO:<alice@example.test> " + params + b"\r\n")) == replies.SYNTAX_PARAMS.wire()
+    name = params.partition(b"=")[0].decode()
+    assert sent(s.feed(b"RCPT TO:<alice@example.test> " + params + b"\r\n")) == replies.bad_parameter(name).wire()
+
+
+@pytest.mark.parametrize("command, name", [
+    (b"MAIL FROM:<x@example.org> ENVID=ab\x1bc", "ENVID"),
+    (b"MAIL FROM:<x@example.org> RET=FULL ENVID=ab\x00c", "ENVID"),
+    (b"MAIL FROM:<x@example.org> SIZE=1\x7f", "SIZE"),
+    (b"RCPT TO:<alice@example.test> ORCPT=rfc822;carol+2B\x1bx@down.test", "ORCPT"),
+    (b"RCPT TO:<alice@example.test> NOTIFY=SUCCESS\x1f,DELAY", "NOTIFY"),
+])
+def test_control_characters_in_a_parameter_are_501_5_5_4_naming_it(command, name):
+    # A control character in a parameter's value is a parameter error, not a bad address.
+    s = ready(make_session())
+    if command.startswith(b"RCPT"):
+        s.feed(b"MAIL FROM:<s@remote.example>\r\n")
+    reply = sent(s.feed(command + b"\r\n"))
+    assert reply == replies.bad_parameter(name).wire()
+    assert reply.startswith(b"501 5.5.4 ") and name.encode() in reply
+
+
+def test_control_characters_in_the_address_are_still_address_syntax():
+    s = ready(make_session())
+    assert sent(s.feed(b"MAIL FROM:<x\x1by@example.org> ENVID=abc\r\n")) == replies.BAD_SENDER_SYNTAX.wire()
+    s.feed(b"MAIL FROM:<s@remote.example>\r\n")
+    assert sent(s.feed(b"RCPT TO:<al\x00ice@example.test> NOTIFY=NEVER\r\n")) == replies.BAD_RCPT_SYNTAX.wire()
 
 
 def test_unknown_rcpt_parameters_and_dsn_after_helo_are_still_555():

@@ -231,6 +231,23 @@ def test_notice_recipient_from_a_delivery_result(relay, mta):
     assert NoticeRecipient.from_result(result).remote_mta == mta
 
 
+@pytest.mark.parametrize("reply", [
+    LocalReply(451, "4.4.1", "Connection refused by 192.0.2.7"),
+    LocalReply(451, "4.4.2", "conversation with 192.0.2.7 timed out while receiving the initial server greeting"),
+    LocalReply(451, "4.4.2", "lost connection with 192.0.2.7 while sending message body"),
+])
+def test_no_remote_mta_when_no_remote_server_said_it(reply):
+    from kanmon.model import RecipientResult, Status
+
+    result = RecipientResult("b@down.test", Status.BOUNCED, reply, "mx.down.test. [192.0.2.7]:25", "esmtp")
+    rcpt = NoticeRecipient.from_result(result)
+    assert rcpt.remote_mta == ""
+    data, _ = build_failure_notice(ORIGINAL, "alice@corp.example", "relay.corp.example", [rcpt], ARRIVAL, ARRIVAL + 9)
+    (_, fields) = status_groups(parse(data))
+    assert "Remote-MTA" not in fields and fields["Diagnostic-Code"].startswith("X-Kanmon; ")
+    assert b" said: " not in data
+
+
 # -- RFC 3461: success notices, ENVID, ORCPT, RET ----------------------------------------------
 
 from kanmon.deliver.dsn import SUCCESS_SUBJECT, build_success_notice  # noqa: E402

@@ -229,6 +229,8 @@ def test_a_row_written_before_events_had_fields_comes_back_as_text():
     (ev.TlsStarted("unknown", "127.0.0.1", error="EOF"), []),
     (ev.Accepted("a@b.test", 120, 2, "ESMTPS", "unknown [127.0.0.1]", "<m@x>"),
      [("received|source=smtp", 1), ("received_bytes|source=smtp", 120), ("received_tls", 1)]),
+    (ev.Accepted("a@b.test", 120, 1, "UTF8SMTPSA", "pc [10.0.0.5]", "<m@x>"),  # RFC 6531 3.7.3: over TLS too
+     [("received|source=smtp", 1), ("received_bytes|source=smtp", 120), ("received_tls", 1)]),
     (ev.Accepted("", 900, 1, "internal", "local"), [("received|source=internal", 1), ("received_bytes|source=internal", 900)]),
     (ev.Delivery("b@x.test", "Sent", "esmtp", "2.0.0", "250 ok"), [("delivered|mailer=esmtp", 1)]),
     (ev.Delivery("b@x.test", "Sent", "", "2.0.0", ""), [("delivered|mailer=local", 1)]),

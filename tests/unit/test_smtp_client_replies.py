@@ -7,7 +7,15 @@ import asyncio
 
 import pytest
 
-from kanmon.smtp.client import MAX_REPLY_LINES, ClientSettings, ConnectionLost, SmtpConnection, _Pipe
+from kanmon.smtp.client import (
+    MAX_REPLY_DISCARD,
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    ClientSettings,
+    ConnectionLost,
+    SmtpConnection,
+    _Pipe,
+)
 
 
 class _Transport:
@@ -91,6 +99,47 @@ def test_a_reply_of_too_many_lines_is_a_protocol_error(split):
         with pytest.raises(ConnectionLost) as e:
             await conn._read_reply(30, "reading")
         assert e.value.reply.enhanced == "4.5.0" and transport.aborted
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 300])
+def test_a_reply_line_over_512_octets_is_cut_and_the_next_reply_read(pieces):
+    # RFC 5321 4.5.3.1.5 says 512; servers send more. Its start is kept (as Postfix does).
+    async def run() -> list:
+        conn, pipe, transport = _connection()
+        data = b"550-5.1.1 " + b"u" * 3000 + b"\r\n550 5.1.1 User unknown\r\n250 2.1.5 Ok\r\n"
+        step = -(-len(data) // pieces)
+        loop = asyncio.get_running_loop()
+        pipe.data_received(data[:step])
+        for i, start in enumerate(range(step, len(data), step)):
+            loop.call_later(0.001 * (i + 1), pipe.data_received, data[start:start + step])
+        first = await conn._read_reply(30, "reading")
+        second = await conn._read_reply(30, "reading")
+        assert not transport.aborted and conn.usable
+        return [first, second]
+
+    first, second = asyncio.run(run())
+    assert (first.code, first.enhanced) == (550, "5.1.1")
+    head, last = first.text.split("\n")
+    assert head == "u" * (MAX_REPLY_LINE - 2 - len("550-5.1.1 ")) and last == "User unknown"
+    assert (second.code, second.text) == (250, "Ok")
+
+
+def test_a_reply_line_without_end_is_still_bounded():
+    async def run() -> None:
+        conn, pipe, transport = _connection()
+        reading = asyncio.ensure_future(conn._read_reply(30, "reading"))
+        for _ in range((MAX_REPLY_DISCARD + MAX_REPLY_LINE) // 4096 + 2):
+            if reading.done():
+                break
+            pipe.data_received(b"550 " + b"x" * 4092)
+            await asyncio.sleep(0)
+            assert len(pipe._buffer) < MAX_REPLY_LINE  # the reader drops what it does not keep
+        with pytest.raises(ConnectionLost) as e:
+            await reading
+        assert e.value.reply.enhanced == "4.5.0" and transport.aborted
+        assert f"longer than {MAX_REPLY_LINE + MAX_REPLY_DISCARD} bytes" in e.value.reply.text
 
     asyncio.run(run())
 
