@@ -244,18 +244,22 @@ class Node:
         self.balancer: BalancerService | None = None
         self._exited_shares: ExitedShares | None = None  # with receiver processes: their gauge cleanup
 
-    def _records_failed(self, text: str) -> None:
-        """From the records writer thread: raise the `records` alert on the loop (or
-        once monitoring has started, for a failure at start)."""
-        self._records_failure = text
+    def _records_failed(self, text: str, key: str = "database") -> None:
+        """From a records writer thread: raise the `records` alert on the loop (or
+        once monitoring has started, for a failure at start). key: "database" (this
+        node's SQLite records) or "shared database" (PostgreSQL, [records] url); each is
+        resolved by its own "takes writes again" event (kanmon.alerts.RECOVERIES)."""
+        self._records_failures[key] = text
         monitoring = getattr(self, "monitoring", None)
         if monitoring is not None:
             self._loop.call_soon_threadsafe(self._raise_records_alert)
 
     def _raise_records_alert(self) -> None:
-        text, self._records_failure = self._records_failure, None
-        if text is not None and getattr(self, "monitoring", None) is not None:
-            self.monitoring.alerts.raise_alert("records", "database", text)
+        if getattr(self, "monitoring", None) is None:
+            return
+        while self._records_failures:
+            key, text = self._records_failures.popitem()
+            self.monitoring.alerts.raise_alert("records", key, text)
 
     def _directory(self) -> Directory:
         """The mailboxes and aliases of the running config and the users file (local
@@ -286,12 +290,13 @@ class Node:
         # left readable is corrected and said in an event once the records are open.
         corrected = make_private(self.data_dir)
         self._loop = asyncio.get_running_loop()
-        self._records_failure: str | None = None
+        self._records_failures: dict[str, str] = {}  # records alerts to raise, by key
         # A records database that refuses writes (locked, deleted): the batches are kept in
         # the spill journal; the administrator hears of it (a `records` alert). The node
         # also writes what ended processes (receivers, a crashed run) left spilled.
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log,
-                               on_failure=self._records_failed, replay_others=True, shared=config.records)
+                               on_failure=self._records_failed, replay_others=True, shared=config.records,
+                               on_shared_failure=partial(self._records_failed, key="shared database"))
         if corrected:
             self.records.emit(f"data_dir {self.data_dir}: made private (0700 directories, 0600 files), were readable "
                               f"by others: {', '.join(corrected)}", kind="warning")

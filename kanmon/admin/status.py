@@ -85,8 +85,9 @@ async def node_status(plane) -> dict[str, Any]:
         now = watcher.clock.now()
 
         def current(st) -> bool:
-            # A critical alert is an error event: nothing ever clears it, so it counts
-            # while a repeat would still be suppressed ([alerts] min_interval), not forever.
+            # A critical alert is an error event: unless a recovery event clears it
+            # (kanmon.alerts.RECOVERIES), it counts while a repeat would still be
+            # suppressed ([alerts] min_interval), not forever.
             # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
             return st.active and (
                 st.category != "critical" or now - st.last_seen < watcher.interval(st.category))

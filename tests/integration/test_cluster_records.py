@@ -62,6 +62,10 @@ def test_two_relays_keep_working_through_a_database_outage_and_lose_no_record(tm
             node.node.records.shipper.retry_now()
             node.flush()
             wait_for(node.node.records.shipper.flush, 30, "the journal replayed")
+        # "takes writes again" ends the records alert (not left active until a restart).
+        alerts = mr1.node.monitoring.alerts
+        assert ("records", "shared database") in alerts.states
+        wait_for(lambda: not alerts.states[("records", "shared database")].active, 20, "the records alert resolved")
     finally:
         mr1.stop()
         mr2.stop()
