@@ -886,6 +886,32 @@ def _first(text: str) -> str:
     return text.split("\n", 1)[0]
 
 
+TITLE_MAX = 160  # characters of an alert's line in `alert list`, `kanmon status`, `cluster status`
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the cut marked with "...": at the last
+    space if there is one in the last third, else within the word."""
+    if len(text) <= limit:
+        return text
+    cut = text[: max(limit - 3, 1)]
+    space = cut.rfind(" ")
+    if space >= len(cut) * 2 // 3:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."
+
+
+def alert_title(category: str, key: str, text: str, limit: int = TITLE_MAX) -> str:
+    """An alert as a list shows it: the first line of its latest text, shortened. A
+    critical alert's key is that text masked and cut (critical_key, for matching), never
+    shown; another's key is shown before the line unless the line begins with it and a colon.
+    Not escaped: the caller shows it through kanmon.escape (the text may hold network data)."""
+    line = _first(text)
+    if category != "critical" and key and not line.startswith(f"{key}:"):
+        line = f"{key}: {line}" if line else key
+    return shorten(line or key, limit)
+
+
 def critical_key(text: str) -> str:
     """The key of a critical alert raised from an error event's line: queue ids and
     numbers masked, so that the same failure again (another message, port or pid) is the

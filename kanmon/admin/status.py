@@ -139,7 +139,10 @@ def health(doc: dict[str, Any] | None) -> tuple[int, list[str]]:
     real server up; else HEALTHY."""
     if not doc or not doc.get("running"):
         return NOT_RUNNING, ["kanmon is not running"]
-    reasons = [f"alert {a['category']}/{a['key']}: {a['text']}" for a in doc.get("alerts") or []]
+    from kanmon.alerts import alert_title  # noqa: PLC0415
+
+    reasons = [f"alert {a['category']}: {alert_title(a['category'], a['key'], a['text'])}"
+               for a in doc.get("alerts") or []]
     corrupt = (doc.get("queue") or {}).get("corrupt", 0)
     if corrupt:
         reasons.append(f"{corrupt} corrupt queue file(s) in spool/corrupt")

@@ -410,3 +410,32 @@ def test_the_records_alert_is_resolved_when_the_database_takes_writes_again(tmp_
         assert status_alerts(node) == []
     finally:
         node.stop()
+
+
+def test_lists_show_an_alerts_real_text_shortened_not_its_masked_key(tmp_path, admin_sink):
+    """A critical alert's key is its event's line with the digits masked and cut at 80
+    characters (the same failure again is the same alert); `alert list` and `kanmon
+    status` show the line itself, cut at a word with "...", escaped."""
+    from kanmon.records.events import ReloadFailed
+
+    node = start(tmp_path, admin_sink)
+    try:
+        reason = ("mr1.toml: session_profile[0].greylist: cannot listen on 192.0.2.1:25: Address not available "
+                  "(the address is not on this host: check [smtp] listen) \x1b[31m")
+        node.node.records.record(ReloadFailed(reason))
+        wait_alert(admin_sink, "critical")
+        node.flush()
+        config = str(tmp_path / "kanmon.toml")
+        listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", config],
+                                 capture_output=True, text=True, timeout=60).stdout
+        status = subprocess.run([sys.executable, "-m", "kanmon", "status", "-c", config],
+                                capture_output=True, text=True, timeout=60).stdout
+        for out in (listing, status):
+            lines = [x for x in out.splitlines() if "reload refused" in x]
+            assert lines, out
+            for line in lines:
+                assert "#" not in line and "session_profile[0].greylist: cannot listen on 192.0.2.1:25:" in line, line
+                assert line.endswith("...") and not line.endswith(" ...") and "\x1b" not in line, line
+                assert "error event: reload refused" in line
+    finally:
+        node.stop()

@@ -189,5 +189,5 @@ def test_cluster_status_shows_each_nodes_queue_and_alerts(tmp_path, private_pg):
     assert ("delivery", "store") in [(a["category"], a["key"]) for a in nodes["mr1"]["alerts"]], out.output
     assert nodes["mr2"]["alerts"] == [] and not nodes["mr1"]["silent"]
     table = CliRunner().invoke(main, ["cluster", "status", "-c", str(cfg)]).output
-    assert "mr2.example.test" in table and "1 (new 1" in table and "delivery/store" in table
+    assert "mr2.example.test" in table and "1 (new 1" in table and "delivery: store: store" in table
     assert "\x1b" not in table  # alert text from the network, escaped

@@ -394,3 +394,16 @@ def test_recovery_events_resolve_the_alerts_they_end_and_no_others(tmp_path):
     assert len(resolved) == 2 and all("critical: resolved: " in t.splitlines()[0] for t in resolved)
     assert "The alert it resolves: error event: connection gauge unavailable" in resolved[0]
     spool.close()
+
+
+def test_an_alert_title_is_its_text_shortened_at_a_word_with_a_marker():
+    from kanmon.alerts import alert_title, critical_key
+
+    text = "error event: cannot listen on 192.0.2.1:25: Address not available\nmore details"
+    assert critical_key(text) == "error event: cannot listen on #.#.#.#:#: Address not available\nmore details"
+    assert alert_title("critical", critical_key(text), text) == "error event: cannot listen on 192.0.2.1:25: Address not available"
+    assert alert_title("critical", "k", text, limit=40) == "error event: cannot listen on..."
+    assert alert_title("critical", "k", "x" * 50, limit=20) == "x" * 17 + "..."  # no space: cut within, marked
+    assert alert_title("disk", "/data", "free disk space low") == "/data: free disk space low"
+    assert alert_title("dns", "DNS check of a.example", "DNS check of a.example: ok -> error") == \
+        "DNS check of a.example: ok -> error"
