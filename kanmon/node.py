@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import ssl
 import sys
@@ -96,6 +97,9 @@ def os_reason(e: OSError) -> str:
     """An OSError as an administrator reads it: "cannot listen on ...: Address already in
     use", without Python's "[Errno 98]" before it."""
     return e.strerror if e.errno is not None and e.strerror and e.filename is None else str(e)
+
+
+STATUS_REASON_MAX = 300  # characters of a refused reload's reason in the service manager's STATUS=
 
 
 class ReloadError(Exception):
@@ -716,7 +720,23 @@ class Node:
         return {"ok": True, "result": result}
 
     async def reload_file(self) -> dict:
-        """Read and validate the config file again, then reload() it."""
+        """Read and validate the config file again, then reload() it: SIGHUP and `kanmon
+        reload` (the control socket). The service manager hears of it (sd_notify):
+        RELOADING=1 before, READY=1 after, with a STATUS= that says a refusal."""
+        sdnotify.reloading()
+        status = "reload failed; serving the previous configuration"
+        try:
+            result = await self._reload_file()
+            status = f"serving as {self.config.server.hostname}"
+            return result
+        except ReloadError as e:
+            reason = re.sub(r"[\x00-\x1f\x7f]+", " ", str(e))  # one line: a newline would start another assignment
+            status = f"reload refused: {reason[:STATUS_REASON_MAX]}; serving the previous configuration"
+            raise
+        finally:
+            sdnotify.ready(status)
+
+    async def _reload_file(self) -> dict:
         try:
             new, text = read_config(self.config_source)
         except ConfigError as e:
@@ -1019,14 +1039,11 @@ def _serve(config: Config, config_source: str | None, echo: TextIO | None, lock:
         reloads: set[asyncio.Task] = set()
 
         async def on_hup() -> None:
-            sdnotify.reloading()
             try:
-                result = await node.reload_file()
+                result = await node.reload_file()  # tells the service manager (sd_notify)
             except ReloadError as e:
                 print(f"kanmon: reload refused, the running configuration stays: {e}", file=sys.stderr, flush=True)
                 return
-            finally:
-                sdnotify.ready(f"serving as {node.config.server.hostname}")
             gcpolicy.resettle()  # what the old configuration held may be collected
             print(f"kanmon: reloaded (changed: {', '.join(result['changed']) or 'nothing'})", flush=True)
 
