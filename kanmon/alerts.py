@@ -356,6 +356,14 @@ class Alerts:
         else:
             self.raise_alert(category, key, text)
 
+    def current(self) -> list[AlertState]:
+        """The alerts active now (`kanmon status`, the cluster heartbeat). A critical
+        alert is an error event: unless a recovery event clears it (RECOVERIES), it counts
+        while a repeat would still be suppressed ([alerts] min_interval), not forever."""
+        now = self.clock.now()
+        return [st for st in self.states.values() if st.active and (
+            st.category != "critical" or now - st.last_seen < self.interval(st.category))]
+
     def interval(self, category: str) -> float:
         """The same alert is mailed at most once per this."""
         return self.cfg.expiry_every if category == "expiry" else self.cfg.min_interval

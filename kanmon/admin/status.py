@@ -81,19 +81,9 @@ async def node_status(plane) -> dict[str, Any]:
     alerts = []
     monitoring = getattr(node, "monitoring", None)
     if monitoring is not None:
-        watcher = monitoring.alerts
-        now = watcher.clock.now()
-
-        def current(st) -> bool:
-            # A critical alert is an error event: unless a recovery event clears it
-            # (kanmon.alerts.RECOVERIES), it counts while a repeat would still be
-            # suppressed ([alerts] min_interval), not forever.
-            # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
-            return st.active and (
-                st.category != "critical" or now - st.last_seen < watcher.interval(st.category))
-
+        # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
         alerts = [{"category": s.category, "key": s.key, "text": s.text.splitlines()[0] if s.text else "",
-                   "since": s.since} for s in watcher.states.values() if current(s)]
+                   "since": s.since} for s in monitoring.alerts.current()]
     balancer = None
     for service in node.services:
         if hasattr(service, "status") and hasattr(service, "status_file"):
