@@ -19,7 +19,11 @@ they follow routing. Categories (docs/monitoring.md):
 - archive: the archive quota (check_archive(), for the archive store);
 - expiry: our TLS certificate, our DKIM key due for rotation, [[alerts.reminder]] dates;
 - dns: raised by the DNS health check (kanmon.dnscheck.monitor);
-- records: the records database refuses writes (the node, told by kanmon.records.store).
+- records: the records database refuses writes (the node, told by kanmon.records.store:
+  key "database", or "shared database" for PostgreSQL).
+
+An alert whose condition has a recovery event is resolved by it (RECOVERIES: a reload
+that takes effect ends "reload refused", "takes writes again" a records alert...).
 
 With shared state ([records] url), one incident gets one mail for the cluster: the first
 node that sees it mails it (AlertClaims.claim), and the last node that sees it end mails
@@ -87,6 +91,26 @@ EVENT_POLL = 1.0  # seconds between looks at new error events and alert requests
 RATIO_WINDOW = 3600.0
 RATIO_MIN_RESULTS = 10
 WATCHED_KINDS = (*ERROR_KINDS, AlertRequest.KIND, ScannerFailed.KIND, ScannerRecovered.KIND)  # events the watcher acts on
+
+# Conditions with a recovery event: (the recovery event's kind, the start of its line,
+# the category of the alerts it resolves, the start of their key). A critical alert's key
+# is its error event's line, digits masked (critical_key). The watcher resolves each
+# active alert that matches, with a "resolved" mail as for a balancer's or a relay's
+# recovery (docs/monitoring.md lists them).
+RECOVERIES = (
+    # A reload that took effect: the running configuration is the one asked for.
+    ("reload", "", "critical", "reload refused, the running configuration stays: "),
+    ("reload", "", "critical", "cluster: configuration version "),
+    ("reload", "", "critical", "cluster: cached configuration version "),
+    # The records database (SQLite; PostgreSQL with [records] url) takes writes again.
+    ("info", "records: the database takes writes again", "records", "database"),
+    ("info", "records: the shared records database (PostgreSQL) takes writes again", "records", "shared database"),
+    # The shared state answers a receiver again.
+    ("info", "connection gauge available again", "critical", "connection gauge unavailable "),
+    ("info", "shared state: the connection counts of SMTP receiver pid ", "critical",
+     "shared state unavailable: the connection counts of SMTP receiver pid "),
+)
+RECOVERY_KINDS = tuple(dict.fromkeys(kind for kind, *_ in RECOVERIES))
 
 SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
 
@@ -332,6 +356,14 @@ class Alerts:
         else:
             self.raise_alert(category, key, text)
 
+    def current(self) -> list[AlertState]:
+        """The alerts active now (`kanmon status`, the cluster heartbeat). A critical
+        alert is an error event: unless a recovery event clears it (RECOVERIES), it counts
+        while a repeat would still be suppressed ([alerts] min_interval), not forever."""
+        now = self.clock.now()
+        return [st for st in self.states.values() if st.active and (
+            st.category != "critical" or now - st.last_seen < self.interval(st.category))]
+
     def interval(self, category: str) -> float:
         """The same alert is mailed at most once per this."""
         return self.cfg.expiry_every if category == "expiry" else self.cfg.min_interval
@@ -547,10 +579,12 @@ class Alerts:
         db = sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, timeout=10)
         try:
             top = db.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+            recoveries = " OR ".join("(kind = ? AND instr(text, ?) = 1)" for _ in RECOVERIES)
             rows = db.execute(
                 "SELECT kind, queue_id, text, detail FROM events WHERE id > ? AND id <= ?"
-                f" AND kind IN ({', '.join('?' * len(WATCHED_KINDS))}) ORDER BY id",
-                (self._last_event_id, top, *WATCHED_KINDS),
+                f" AND (kind IN ({', '.join('?' * len(WATCHED_KINDS))}) OR {recoveries}) ORDER BY id",
+                (self._last_event_id, top, *WATCHED_KINDS,
+                 *(x for kind, start, _c, _k in RECOVERIES for x in (kind, start))),
             ).fetchall()
         finally:
             db.close()
@@ -572,10 +606,24 @@ class Alerts:
             else:
                 self.clear("scanner", scanner, text)
             return
+        if kind not in WATCHED_KINDS:  # a recovery (RECOVERIES)
+            self._recovered(kind, text)
+            return
         where = f"{qid}: " if qid else ""
-        key = re.sub(r"[0-9A-Z]{15}|\d+", "#", text)[:80]
+        key = critical_key(text)
         look = f"\nTo see the message's history: kanmon trace {qid}" if qid else ""
         self.raise_alert("critical", key, f"{'critical' if kind == 'critical' else 'error'} event: {where}{text}{look}")
+
+    def _recovered(self, kind: str, text: str) -> None:
+        """A recovery event: the active alerts it ends are resolved (RECOVERIES)."""
+        for rkind, start, category, key_start in RECOVERIES:
+            if kind != rkind or not text.startswith(start):
+                continue
+            if category == "critical":
+                key_start = critical_key(key_start)
+            for (cat, key), st in list(self.states.items()):
+                if cat == category and key.startswith(key_start) and st.active:
+                    self.clear(cat, key, f"{text}\nThe alert it resolves: {_first(st.text)}", mail=True)
 
     # -- running --------------------------------------------------------------------------
 
@@ -846,6 +894,39 @@ def _first(text: str) -> str:
     return text.split("\n", 1)[0]
 
 
+TITLE_MAX = 160  # characters of an alert's line in `alert list`, `kanmon status`, `cluster status`
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the cut marked with "...": at the last
+    space if there is one in the last third, else within the word."""
+    if len(text) <= limit:
+        return text
+    cut = text[: max(limit - 3, 1)]
+    space = cut.rfind(" ")
+    if space >= len(cut) * 2 // 3:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "..."
+
+
+def alert_title(category: str, key: str, text: str, limit: int = TITLE_MAX) -> str:
+    """An alert as a list shows it: the first line of its latest text, shortened. A
+    critical alert's key is that text masked and cut (critical_key, for matching), never
+    shown; another's key is shown before the line unless the line begins with it and a colon.
+    Not escaped: the caller shows it through kanmon.escape (the text may hold network data)."""
+    line = _first(text)
+    if category != "critical" and key and not line.startswith(f"{key}:"):
+        line = f"{key}: {line}" if line else key
+    return shorten(line or key, limit)
+
+
+def critical_key(text: str) -> str:
+    """The key of a critical alert raised from an error event's line: queue ids and
+    numbers masked, so that the same failure again (another message, port or pid) is the
+    same alert, and cut to 80 characters. A key, never a text to show (alert_title)."""
+    return re.sub(r"[0-9A-Z]{15}|\d+", "#", text)[:80]
+
+
 # ---------------------------------------------------------------------------
 # Reading alerts back (kanmon alert list)
 
@@ -886,8 +967,8 @@ def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[Aler
             out.append(rec)
         if not test:  # nor does it end a real alert of the same key
             latest[(rec.node, rec.category, rec.key)] = rec
-    # A critical alert is an error event, which nothing clears: active within the window
-    # only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
+    # A critical alert is an error event, which only a recovery event clears (RECOVERIES):
+    # otherwise active within the window only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
     active = [r for r in latest.values() if r.state not in INACTIVE
               and (r.category != "critical" or r.ts >= since)]
     return out, active

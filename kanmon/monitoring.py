@@ -90,7 +90,7 @@ class Monitoring:
         snap = await asyncio.to_thread(queue_snapshot, node.spool)
         queue = {**snap.counts, "size": snap.size, "oldest_waiting": snap.oldest_waiting}
         alerts = [{"category": st.category, "key": st.key, "text": st.text, "since": st.since}
-                  for st in self.alerts.states.values() if st.active]
+                  for st in self.alerts.current()]  # as `kanmon status` counts them
         name = config.records.node or config.server.hostname
         now = time.time()  # the snapshot's time: a slower, older beat never replaces a newer one
 

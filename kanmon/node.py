@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import ssl
 import sys
@@ -96,6 +97,9 @@ def os_reason(e: OSError) -> str:
     """An OSError as an administrator reads it: "cannot listen on ...: Address already in
     use", without Python's "[Errno 98]" before it."""
     return e.strerror if e.errno is not None and e.strerror and e.filename is None else str(e)
+
+
+STATUS_REASON_MAX = 300  # characters of a refused reload's reason in the service manager's STATUS=
 
 
 class ReloadError(Exception):
@@ -245,18 +249,22 @@ class Node:
         self.balancer: BalancerService | None = None
         self._exited_shares: ExitedShares | None = None  # with receiver processes: their gauge cleanup
 
-    def _records_failed(self, text: str) -> None:
-        """From the records writer thread: raise the `records` alert on the loop (or
-        once monitoring has started, for a failure at start)."""
-        self._records_failure = text
+    def _records_failed(self, text: str, key: str = "database") -> None:
+        """From a records writer thread: raise the `records` alert on the loop (or
+        once monitoring has started, for a failure at start). key: "database" (this
+        node's SQLite records) or "shared database" (PostgreSQL, [records] url); each is
+        resolved by its own "takes writes again" event (kanmon.alerts.RECOVERIES)."""
+        self._records_failures[key] = text
         monitoring = getattr(self, "monitoring", None)
         if monitoring is not None:
             self._loop.call_soon_threadsafe(self._raise_records_alert)
 
     def _raise_records_alert(self) -> None:
-        text, self._records_failure = self._records_failure, None
-        if text is not None and getattr(self, "monitoring", None) is not None:
-            self.monitoring.alerts.raise_alert("records", "database", text)
+        if getattr(self, "monitoring", None) is None:
+            return
+        while self._records_failures:
+            key, text = self._records_failures.popitem()
+            self.monitoring.alerts.raise_alert("records", key, text)
 
     def _directory(self) -> Directory:
         """The mailboxes and aliases of the running config and the users file (local
@@ -287,12 +295,13 @@ class Node:
         # left readable is corrected and said in an event once the records are open.
         corrected = make_private(self.data_dir)
         self._loop = asyncio.get_running_loop()
-        self._records_failure: str | None = None
+        self._records_failures: dict[str, str] = {}  # records alerts to raise, by key
         # A records database that refuses writes (locked, deleted): the batches are kept in
         # the spill journal; the administrator hears of it (a `records` alert). The node
         # also writes what ended processes (receivers, a crashed run) left spilled.
         self.records = Records(self.data_dir, config.server.hostname, echo=self.echo, log=config.log,
-                               on_failure=self._records_failed, replay_others=True, shared=config.records)
+                               on_failure=self._records_failed, replay_others=True, shared=config.records,
+                               on_shared_failure=partial(self._records_failed, key="shared database"))
         if corrected:
             self.records.emit(f"data_dir {self.data_dir}: made private (0700 directories, 0600 files), were readable "
                               f"by others: {', '.join(corrected)}", kind="warning")
@@ -714,7 +723,23 @@ class Node:
         return {"ok": True, "result": result}
 
     async def reload_file(self) -> dict:
-        """Read and validate the config file again, then reload() it."""
+        """Read and validate the config file again, then reload() it: SIGHUP and `kanmon
+        reload` (the control socket). The service manager hears of it (sd_notify):
+        RELOADING=1 before, READY=1 after, with a STATUS= that says a refusal."""
+        sdnotify.reloading()
+        status = "reload failed; serving the previous configuration"
+        try:
+            result = await self._reload_file()
+            status = f"serving as {self.config.server.hostname}"
+            return result
+        except ReloadError as e:
+            reason = re.sub(r"[\x00-\x1f\x7f]+", " ", str(e))  # one line: a newline would start another assignment
+            status = f"reload refused: {reason[:STATUS_REASON_MAX]}; serving the previous configuration"
+            raise
+        finally:
+            sdnotify.ready(status)
+
+    async def _reload_file(self) -> dict:
         try:
             new, text = read_config(self.config_source)
         except ConfigError as e:
@@ -1042,14 +1067,11 @@ def _serve(config: Config, config_source: str | None, echo: TextIO | None, lock:
         reloads: set[asyncio.Task] = set()
 
         async def on_hup() -> None:
-            sdnotify.reloading()
             try:
-                result = await node.reload_file()
+                result = await node.reload_file()  # tells the service manager (sd_notify)
             except ReloadError as e:
                 print(f"kanmon: reload refused, the running configuration stays: {e}", file=sys.stderr, flush=True)
                 return
-            finally:
-                sdnotify.ready(f"serving as {node.config.server.hostname}")
             gcpolicy.resettle()  # what the old configuration held may be collected
             print(f"kanmon: reloaded (changed: {', '.join(result['changed']) or 'nothing'})", flush=True)
 

@@ -81,18 +81,9 @@ async def node_status(plane) -> dict[str, Any]:
     alerts = []
     monitoring = getattr(node, "monitoring", None)
     if monitoring is not None:
-        watcher = monitoring.alerts
-        now = watcher.clock.now()
-
-        def current(st) -> bool:
-            # A critical alert is an error event: nothing ever clears it, so it counts
-            # while a repeat would still be suppressed ([alerts] min_interval), not forever.
-            # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
-            return st.active and (
-                st.category != "critical" or now - st.last_seen < watcher.interval(st.category))
-
+        # (A test alert, `kanmon alert test`, keeps no state: the node is not degraded.)
         alerts = [{"category": s.category, "key": s.key, "text": s.text.splitlines()[0] if s.text else "",
-                   "since": s.since} for s in watcher.states.values() if current(s)]
+                   "since": s.since} for s in monitoring.alerts.current()]
     balancer = None
     for service in node.services:
         if hasattr(service, "status") and hasattr(service, "status_file"):
@@ -138,7 +129,10 @@ def health(doc: dict[str, Any] | None) -> tuple[int, list[str]]:
     real server up; else HEALTHY."""
     if not doc or not doc.get("running"):
         return NOT_RUNNING, ["kanmon is not running"]
-    reasons = [f"alert {a['category']}/{a['key']}: {a['text']}" for a in doc.get("alerts") or []]
+    from kanmon.alerts import alert_title  # noqa: PLC0415
+
+    reasons = [f"alert {a['category']}: {alert_title(a['category'], a['key'], a['text'])}"
+               for a in doc.get("alerts") or []]
     corrupt = (doc.get("queue") or {}).get("corrupt", 0)
     if corrupt:
         reasons.append(f"{corrupt} corrupt queue file(s) in spool/corrupt")

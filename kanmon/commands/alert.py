@@ -69,7 +69,7 @@ def alert_list(config_path, since, node, as_json) -> None:
     """Recent alerts, and which are still active (on every node with [records] url)."""
     import dataclasses
 
-    from kanmon.alerts import read_alerts
+    from kanmon.alerts import alert_title, read_alerts
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
@@ -92,18 +92,17 @@ def alert_list(config_path, since, node, as_json) -> None:
     def where(a) -> str:
         return f"{a.node:<10} " if cfg.records.url else ""
 
-    def first_line(a) -> str:
-        line = a.text.splitlines()[0] if a.text else ""
-        # A key taken from the text (the DNS check's "DNS check of DOMAIN") is not said twice.
-        return line[len(a.key) + 2:] if a.key and line.startswith(f"{a.key}: ") else line
+    def title(a) -> str:
+        # The latest text, not a critical alert's key (its text masked and cut, for matching).
+        return alert_title(a.category, a.key, a.text)
 
     whose = f", node {node}" if node else ", every node" if cfg.records.url else ""
     click.echo(f"active ({len(active)}{whose}):")
     for a in active:
-        click.echo(shown(f"  {where(a)}{a.category:<12} since {format_time(a.since)}  {a.key}: {first_line(a)}"))
+        click.echo(shown(f"  {where(a)}{a.category:<12} since {format_time(a.since)}  {title(a)}"))
     click.echo(f"\nrecent ({len(recent)}):")
     for a in recent:
-        click.echo(shown(f"  {format_time(a.ts)}  {where(a)}{a.category:<12} {a.state:<10} {a.key}: {first_line(a)}"))
+        click.echo(shown(f"  {format_time(a.ts)}  {where(a)}{a.category:<12} {a.state:<10} {title(a)}"))
 
 
 def _is_database_error(e: Exception) -> bool:

@@ -35,6 +35,7 @@ def cluster_status(config_path, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kanmon.alerts import alert_title
     from kanmon.monitoring import HEARTBEAT
     from kanmon.records import pgquery
 
@@ -74,7 +75,7 @@ def cluster_status(config_path, as_json) -> None:
         q = n.queue
         queue = f"{q.get('size', 0)} (new {q.get('new', 0)}, deferred {q.get('deferred', 0)}, hold {q.get('hold', 0)})"
         oldest = format_time(q.get("oldest_waiting")) if q.get("oldest_waiting") else "-"
-        alerts = "; ".join(f"{a.get('category')}/{a.get('key')}: {a.get('text', '').splitlines()[0] if a.get('text') else ''}"
+        alerts = "; ".join(f"{a.get('category')}: {alert_title(str(a.get('category')), str(a.get('key')), str(a.get('text') or ''))}"
                            for a in n.alerts) or "-"
         v = configs.get(n.node)
         config = "local file" if v is None else f"v{v[0]} {v[1]}" + (f": {v[2]}" if v[2] else "")

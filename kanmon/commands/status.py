@@ -18,7 +18,7 @@ import click
 
 from kanmon.admin.status import NOT_RUNNING, UNKNOWN, fetch_status, health
 from kanmon.control import REFUSED_USER
-from kanmon.commands.options import EMBEDDED, config_option, format_time, json_option, load_with_path
+from kanmon.commands.options import EMBEDDED, config_option, format_time, json_option, load_with_path, shown
 from kanmon.units import format_duration
 from kanmon.escape import json_for_terminal
 
@@ -34,6 +34,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     running (as `systemctl status`); 4: running, but this user may not ask (run it as
     the service's user or root).
     """
+    from kanmon.alerts import alert_title  # noqa: PLC0415 - the alerts module only for this command
+
     cfg, path = load_with_path(config_path)
     data_dir = Path(cfg.server.data_dir)
     doc, why = fetch_status(data_dir)
@@ -75,7 +77,8 @@ def status(config_path: str | None, as_json: bool) -> None:
                f"{q['hold']} held" + (f", {q['corrupt']} corrupt" if q["corrupt"] else "") + oldest)
     click.echo(f"  alerts:      {len(doc['alerts'])} active")
     for a in doc["alerts"]:
-        click.echo(f"               {a['category']}/{a['key']} since {format_time(a['since'])}: {a['text']}")
+        click.echo(shown(f"               {a['category']} since {format_time(a['since'])}: "
+                         f"{alert_title(a['category'], a['key'], a['text'])}"))
     for job in doc["maintenance"]:
         last = format_time(job["last_run"], "not yet") + (f" FAILED: {job['last_error']}" if job["last_error"] else "")
         click.echo(f"  maintenance: {job['name']} ({job['action']}): last {last}, next {format_time(job['next_run'])}")
@@ -83,5 +86,5 @@ def status(config_path: str | None, as_json: bool) -> None:
         servers = ", ".join(f"{s['address']} {s['state']}" for s in vs["servers"])
         click.echo(f"  balancer:    {vs['name']} on {vs['listen']} serving {vs['serving']}: {servers}")
     for r in reasons:
-        click.echo(f"  degraded:    {r}")
+        click.echo(shown(f"  degraded:    {r}"))
     sys.exit(code)

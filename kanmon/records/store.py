@@ -349,7 +349,7 @@ class Records:
     def __init__(self, data_dir: Path, hostname: str, *, echo: TextIO | None = None, log_file: bool = True,
                  log: LogSection | None = None, rotate: bool = True,
                  on_failure: Callable[[str], None] | None = None, replay_others: bool = False,
-                 shared: RecordsSection | None = None):
+                 shared: RecordsSection | None = None, on_shared_failure: Callable[[str], None] | None = None):
         """log: the [log] section (destinations, syslog socket, rotation); None: the
         file only, never rotated. log_file=False: no file whatever `log` says.
         rotate=False: follow the node's rotation of the file but never rotate it (SMTP
@@ -358,7 +358,8 @@ class Records:
         replay_others: also write what other (ended) processes left in the spill
         journal (the node, at its start).
         shared: the [records] section; with a `url`, every batch is also written to the
-        shared records in PostgreSQL (kanmon.records.pg), tagged with the node's name."""
+        shared records in PostgreSQL (kanmon.records.pg), tagged with the node's name;
+        on_shared_failure(text): as on_failure, for those (default: on_failure)."""
         self.data_dir = Path(data_dir)
         self.hostname = hostname
         self.db_path = self.data_dir / "records.sqlite"
@@ -392,7 +393,7 @@ class Records:
         if shared is not None and shared.url:
             from kanmon.records.pg import Shipper
 
-            self.shipper = Shipper(shared, shared.node or hostname, self.data_dir, on_failure=on_failure,
+            self.shipper = Shipper(shared, shared.node or hostname, self.data_dir, on_failure=on_shared_failure or on_failure,
                                    replay_others=replay_others, notify=self.emit)
         self._thread = threading.Thread(target=self._writer, name="records", daemon=True)
         self._thread.start()

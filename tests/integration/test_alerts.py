@@ -4,6 +4,7 @@ test advances, `kanmon alert test` and `kanmon alert list`."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email
 import email.policy
@@ -350,5 +351,91 @@ def test_a_damaged_alert_state_file_is_moved_aside_and_the_node_starts(tmp_path,
         (mail,) = wait_alert(admin_sink, "critical")
         assert "alerts: the saved alert state" in subject(mail) and "is damaged" in body(mail)
         assert list((tmp_path / "data").glob("alert-state.json.damaged-*"))
+    finally:
+        node.stop()
+
+
+def reload_now(node: RunningNode, config) -> None:
+    asyncio.run_coroutine_threadsafe(node.node.reload(config), node.loop).result(60)
+
+
+def status_alerts(node: RunningNode) -> list[tuple[str, str]]:
+    with ControlClient(node.data_dir) as client:  # what `kanmon status` reads
+        doc = client.request("status")["result"]
+    return [(a["category"], a["key"]) for a in doc["alerts"]]
+
+
+def test_a_refused_reload_is_resolved_by_a_reload_that_takes_effect(tmp_path, admin_sink):
+    """The critical "reload refused" alert ends when a later reload takes effect: `kanmon
+    status` is healthy again at once (not an hour later), `alert list` shows it cleared,
+    and the administrator, who had its mail, gets a "resolved" mail."""
+    from kanmon.node import ReloadError
+
+    node = start(tmp_path, admin_sink)
+    try:
+        good = node.node.config
+        moved = parse_config((tmp_path / "kanmon.toml").read_text().replace(str(tmp_path / "data"),
+                                                                              str(tmp_path / "elsewhere")))
+        with pytest.raises(ReloadError):
+            reload_now(node, moved)
+        (mail,) = wait_alert(admin_sink, "critical")
+        assert "reload refused" in subject(mail)
+        wait_for(lambda: [c for c, _k in status_alerts(node)] == ["critical"], 15, "the alert in the status")
+        reload_now(node, good)
+        mails = wait_alert(admin_sink, "critical", 2)
+        assert "resolved: reload: new configuration in effect" in subject(mails[1])
+        assert "The alert it resolves: error event: reload refused" in body(mails[1])
+        assert status_alerts(node) == []
+        node.flush()
+        listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"),
+                                  "--json"], capture_output=True, text=True, timeout=60)
+        data = json.loads(listing.stdout)
+        assert data["active"] == []
+        assert [a["state"] for a in data["recent"] if a["category"] == "critical"] == ["raised", "cleared"]
+    finally:
+        node.stop()
+
+
+def test_the_records_alert_is_resolved_when_the_database_takes_writes_again(tmp_path, admin_sink):
+    """The writer says the database refuses writes (as its failing commit does); its next
+    write works and says "takes writes again": that ends the `records` alert."""
+    node = start(tmp_path, admin_sink)
+    try:
+        records = node.node.records
+        node.call(records._fail, "records database: writes fail (injected)")  # the alert is raised before the next write
+        (mail,) = wait_alert(admin_sink, "records")
+        assert "writes fail (injected)" in subject(mail)
+        mails = wait_alert(admin_sink, "records", 2)
+        assert "resolved: records: the database takes writes again" in subject(mails[1])
+        assert status_alerts(node) == []
+    finally:
+        node.stop()
+
+
+def test_lists_show_an_alerts_real_text_shortened_not_its_masked_key(tmp_path, admin_sink):
+    """A critical alert's key is its event's line with the digits masked and cut at 80
+    characters (the same failure again is the same alert); `alert list` and `kanmon
+    status` show the line itself, cut at a word with "...", escaped."""
+    from kanmon.records.events import ReloadFailed
+
+    node = start(tmp_path, admin_sink)
+    try:
+        reason = ("mr1.toml: session_profile[0].greylist: cannot listen on 192.0.2.1:25: Address not available "
+                  "(the address is not on this host: check [smtp] listen) \x1b[31m")
+        node.node.records.record(ReloadFailed(reason))
+        wait_alert(admin_sink, "critical")
+        node.flush()
+        config = str(tmp_path / "kanmon.toml")
+        listing = subprocess.run([sys.executable, "-m", "kanmon", "alert", "list", "-c", config],
+                                 capture_output=True, text=True, timeout=60).stdout
+        status = subprocess.run([sys.executable, "-m", "kanmon", "status", "-c", config],
+                                capture_output=True, text=True, timeout=60).stdout
+        for out in (listing, status):
+            lines = [x for x in out.splitlines() if "reload refused" in x]
+            assert lines, out
+            for line in lines:
+                assert "#" not in line and "session_profile[0].greylist: cannot listen on 192.0.2.1:25:" in line, line
+                assert line.endswith("...") and not line.endswith(" ...") and "\x1b" not in line, line
+                assert "error event: reload refused" in line
     finally:
         node.stop()

@@ -328,3 +328,48 @@ def test_a_changed_log_section_applies_on_reload(tmp_path):
 def log_text_of(data: Path) -> str:
     log = data / "log/kanmon.log"
     return log.read_text() if log.exists() else ""
+
+
+def test_both_reload_paths_tell_the_service_manager_and_a_refusal_says_so(tmp_path, monkeypatch):
+    """SIGHUP and `kanmon reload` (the control socket) each send RELOADING=1 (with
+    MONOTONIC_USEC) and then READY=1; after a refused reload STATUS= says so."""
+    import signal
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))  # the server inherits it
+
+    def next_message() -> str:
+        while True:
+            msg = notify.recv(4096).decode()
+            if msg != "WATCHDOG=1":
+                return msg
+
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice"'))
+    proc = KanmonProcess(cfg, "127.0.0.1", port).start()
+    try:
+        assert next_message() == "READY=1\nSTATUS=serving as mx1.example.test"
+        proc.proc.send_signal(signal.SIGHUP)
+        reloading = next_message()
+        assert reloading.startswith("RELOADING=1\nMONOTONIC_USEC=") and reloading.split("=")[-1].isdigit()
+        assert next_message() == "READY=1\nSTATUS=serving as mx1.example.test"
+        # A file that validates but cannot be applied: the address is not on this host.
+        cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice"').replace(
+            f'listen = ["127.0.0.1:{port}"]', f'listen = ["127.0.0.1:{port}", "192.0.2.1:{port}"]'))
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        out = reload(cfg)
+        assert out.returncode != 0 and "192.0.2.1" in out.stderr, (out.stdout, out.stderr)
+        assert next_message().startswith("RELOADING=1\nMONOTONIC_USEC=")
+        refused = next_message()
+        assert refused.startswith("READY=1\nSTATUS=reload refused: ") and "192.0.2.1" in refused, refused
+        assert refused.endswith("; serving the previous configuration") and refused.count("\n") == 1
+        proc.proc.send_signal(signal.SIGHUP)  # the same refusal by SIGHUP
+        assert next_message().startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert next_message() == refused
+        assert rcpt_code(port, "alice@example.test") == 250  # the previous configuration serves
+    finally:
+        proc.terminate()
+        notify.close()

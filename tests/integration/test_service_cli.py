@@ -262,7 +262,7 @@ def test_status_running_healthy_degraded_and_not_running(node, tmp_path):
     assert "running, healthy" in run("status", "-c", str(cfg)).stdout
     running.call(running.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
     r = run("status", "-c", str(cfg), code=1)
-    assert "running, degraded" in r.stdout and "degraded:    alert disk//data: disk nearly full" in r.stdout
+    assert "running, degraded" in r.stdout and "degraded:    alert disk: /data: disk nearly full" in r.stdout
     cfg.write_text(cfg.read_text() + "\n# edited\n")
     assert json.loads(run("status", "-c", str(cfg), "--json", code=1).stdout)["config"]["changed_on_disk"]
     run("reload", "-c", str(cfg))  # the edited file is the running one now
@@ -513,7 +513,7 @@ def test_another_user_is_told_why_the_control_socket_refuses_and_status_is_unkno
 
 
 def test_an_error_event_degrades_status_for_the_alert_interval_not_forever(tmp_path):
-    """A critical alert (an error event) has no condition that clears it: status counts it
+    """A critical alert (an error event without a recovery event) has no condition that clears it: status counts it
     while a repeat would be suppressed ([alerts] min_interval), then is healthy again."""
     from kanmon.clock import ManualClock
 
@@ -522,7 +522,7 @@ def test_an_error_event_degrades_status_for_the_alert_interval_not_forever(tmp_p
     try:
         running.call(running.node.monitoring.alerts.raise_alert, "critical", "pickup", "error event: pickup: boom")
         r = run("status", "-c", str(cfg), code=1)
-        assert "degraded:    alert critical/pickup: error event: pickup: boom" in r.stdout
+        assert "degraded:    alert critical: error event: pickup: boom" in r.stdout
         running.advance(3599)
         run("status", "-c", str(cfg), code=1)
         running.advance(2)

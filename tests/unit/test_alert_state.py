@@ -372,3 +372,38 @@ def test_an_alert_raised_before_the_window_is_still_active_in_the_list() -> None
                                    "text": "stage failed"}), "")
     assert [r.key for r in _fold_alerts([*rows, critical], since=800.0)[1]] == ["example.test"]
     assert [r.key for r in _fold_alerts([*rows, critical], since=100.0)[1]] == ["example.test", "stage"]
+
+
+def test_recovery_events_resolve_the_alerts_they_end_and_no_others(tmp_path):
+    """The watcher's recoveries (kanmon.alerts.RECOVERIES): the shared state answering a
+    receiver again ends its "connection gauge unavailable" alert (whatever the pid or
+    port in it), with a "resolved" mail; an unrelated critical alert stays."""
+    alerts, _records, _clock, mails, spool = make(tmp_path)
+    alerts._on_event("error", None, "connection gauge unavailable (the connection limits count this process's "
+                     "connections only until it answers): OperationalError: connection to 127.0.0.1:5432 refused")
+    alerts._on_event("error", None, "shared state unavailable: the connection counts of SMTP receiver pid 4242 are "
+                     "not dropped yet, trying again in the background: OperationalError: refused")
+    alerts._on_event("error", None, "delivery agent error: RuntimeError: boom")
+    assert len(mails) == 3
+    alerts._on_event("info", None, "connection gauge available again")
+    alerts._on_event("info", None, "shared state: the connection counts of SMTP receiver pid 4242 dropped")
+    alerts._on_event("info", None, "a login, nothing to do with it")
+    active = [key for (cat, key), st in alerts.states.items() if st.active]
+    assert active == ["delivery agent error: RuntimeError: boom"]
+    resolved = [text for _c, _k, text in mails[3:]]
+    assert len(resolved) == 2 and all("critical: resolved: " in t.splitlines()[0] for t in resolved)
+    assert "The alert it resolves: error event: connection gauge unavailable" in resolved[0]
+    spool.close()
+
+
+def test_an_alert_title_is_its_text_shortened_at_a_word_with_a_marker():
+    from kanmon.alerts import alert_title, critical_key
+
+    text = "error event: cannot listen on 192.0.2.1:25: Address not available\nmore details"
+    assert critical_key(text) == "error event: cannot listen on #.#.#.#:#: Address not available\nmore details"
+    assert alert_title("critical", critical_key(text), text) == "error event: cannot listen on 192.0.2.1:25: Address not available"
+    assert alert_title("critical", "k", text, limit=40) == "error event: cannot listen on..."
+    assert alert_title("critical", "k", "x" * 50, limit=20) == "x" * 17 + "..."  # no space: cut within, marked
+    assert alert_title("disk", "/data", "free disk space low") == "/data: free disk space low"
+    assert alert_title("dns", "DNS check of a.example", "DNS check of a.example: ok -> error") == \
+        "DNS check of a.example: ok -> error"
