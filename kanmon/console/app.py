@@ -64,6 +64,7 @@ MAX_JSON = 64 * 1024
 LOGIN_COOKIE = "kanmon_login"
 MAX_LINK_FORM = 4096  # the confirmation form of a digest link: its token and nothing else
 QUEUE_ACTIONS = ("hold", "release", "delete")
+CONSOLE_THEN = (None, "hold")  # what a console backup does here once the archive is written
 BULK_ACTIONS = ("hold", "release", "delete", "bounce", "flush")
 FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "header", "body", "size", "attempts")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -566,26 +567,38 @@ class ConsoleApp:
         filters = filters or {"state": "all"}
         return filters, Filters.from_json(filters).describe() or "the whole queue"
 
-    async def _backup(self, who: Who, ids: list[str], filters: dict | None) -> tuple[Path, dict]:
+    async def _backup(self, who: Who, ids: list[str], filters: dict | None, then: str | None = None) -> tuple[Path, dict]:
         """The selected messages written by the node into a queue backup archive (the
         format of `kanmon queue backup`), in the transfer directory; the caller sends it
-        and removes it."""
+        and removes it. then="hold" holds here exactly the messages written into it, once
+        it is complete on the node's disk (`kanmon queue backup --then hold`); None (the
+        default, as the command's) leaves them queued. Never "delete": the archive is only
+        on its way to the browser (the finish step deletes them, docs/console.md)."""
+        if then not in CONSOLE_THEN:  # never "delete": see docs/console.md
+            raise Refused(400, "then is keep (leave them queued here) or hold (hold them here): {then} is not",
+                          then=repr(for_log(str(then)[:40])))
         filters, target = self._selection(ids, filters)
         path = await asyncio.to_thread(transfer.new_path, self.data_dir, "backup")
+        # Recorded in the archive: the restore names this file in the command that finishes the move here.
+        origin_config = str(Path(self.node.config_source).resolve()) if self.node.config_source else None
         try:
-            result = await self.call("backup", {"path": str(path), "filters": filters,
+            result = await self.call("backup", {"path": str(path), "filters": filters, "then": then,
+                                                "origin_config": origin_config,
                                                 "source": f"console {who.account.name}"})
         except Refused as e:
             path.unlink(missing_ok=True)
             self.write_audit(who, "queue backup", target, f"failed: {e.message}")
             raise
-        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded")
+        held = f", {len(result.get('acted') or [])} held here" if then == "hold" else ""
+        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded{held}")
         return path, result
 
     def _archive_response(self, path: Path, result: dict) -> Response:
         name = f"kanmon-queue-{self.config.server.hostname}-{time.strftime('%Y%m%d-%H%M%S')}.tar"
-        return FileResponse(path, media_type="application/x-tar", filename=name,
-                            headers={"X-Kanmon-Count": str(result["count"])},
+        headers = {"X-Kanmon-Count": str(result["count"])}
+        if result.get("then") == "hold":
+            headers["X-Kanmon-Held"] = str(len(result.get("acted") or []))
+        return FileResponse(path, media_type="application/x-tar", filename=name, headers=headers,
                             background=BackgroundTask(path.unlink, missing_ok=True))
 
     async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
@@ -1083,8 +1096,9 @@ class ConsoleApp:
             params = {k: v[0] for k, v in query.items()}
         else:
             params = {k: str(form.get(k)) for k in ("state", *FILTER_PARAMS) if form.get(k)}
+        then = _then(form.get("then"))
         try:
-            path, result = await self._backup(who, ids, None if ids else self._filters(params))
+            path, result = await self._backup(who, ids, None if ids else self._filters(params), then)
         except Refused as e:
             if e.status != 400:
                 raise
@@ -1359,7 +1373,8 @@ class ConsoleApp:
         if filters is not None and (not isinstance(filters, dict) or
                                     not all(isinstance(v, str) for v in filters.values())):
             raise Refused(400, "filters is an object of the queue list's filters (strings)")
-        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}))
+        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}),
+                                          _then(body.get("then")))
         return self._archive_response(path, result)
 
     async def api_restore(self, request: Request, who: Who) -> Response:
@@ -1591,6 +1606,14 @@ def _address(text: str) -> str:
     if len(text) > 320 or not text or any(c.isspace() or not c.isprintable() for c in text):
         raise Refused(400, "{text} is not an address", text=repr(for_log(text[:80])))
     return text
+
+
+def _then(value) -> str | None:
+    """What a backup does here afterwards, as a form or a JSON body says it: "hold", else
+    nothing ("keep", empty or absent); anything else is left for _backup to refuse."""
+    if value in (None, "", "keep"):
+        return None
+    return value if isinstance(value, str) else repr(value)
 
 
 def _qid(text: str) -> str:

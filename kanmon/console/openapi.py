@@ -131,11 +131,17 @@ def openapi_document() -> dict:
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }
     tar = {"description": "the archive (the format of `kanmon queue backup`, docs/queue-backup.md); the header "
-                          "X-Kanmon-Count says how many messages it holds",
+                          "X-Kanmon-Count says how many messages it holds, X-Kanmon-Held (with then: hold) how "
+                          "many of them were held here",
            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
     backup = _op("admin only: download the messages of `ids`, else of `filters` (the query parameters of GET "
-                 "/api/v1/queue; none: the whole queue), as a queue backup archive; they stay queued here",
+                 "/api/v1/queue; none: the whole queue), as a queue backup archive; then: keep (the default, as "
+                 "`kanmon queue backup`) leaves them queued here, hold holds here exactly the messages written into "
+                 "it once it is complete (`--then hold`: the old relay no longer delivers what the new one will)",
                  write=True, response=tar, body={"type": "object", "properties": {
+                     "then": {"type": ["string", "null"], "enum": ["keep", "hold", None],
+                              "description": "what is done here after the backup (never delete: the finish step "
+                                             "deletes them, POST /api/v1/queue/finish)"},
                      "ids": {"type": "array", "items": {"type": "string"}, "description": "queue ids"},
                      "filters": {"type": "object", "additionalProperties": {"type": "string"},
                                  "description": "state, from, to, domain, older_than, reason, ..."}}})

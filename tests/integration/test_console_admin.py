@@ -445,3 +445,59 @@ def test_a_restore_upload_larger_than_max_upload_is_refused(tmp_path: Path) -> N
         assert not list((data / "console" / "transfer").iterdir())
     finally:
         stop_node(node)
+
+
+def archive_head(archive: bytes) -> dict:
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return json.loads(tar.extractfile("kanmon-backup.json").read())
+
+
+def test_a_console_backup_holds_the_messages_here_when_asked(tmp_path: Path) -> None:
+    """`kanmon queue backup --then hold` on the page and in the API: once the archive is
+    written, exactly its messages are held here, so the old relay no longer delivers what
+    the new one will. The default leaves them queued, as the command's does."""
+    from tests.integration.test_console import send_deferred
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    node = start_node(tmp_path)
+    try:
+        first = send_deferred(node)
+        node.node.config_source = str(tmp_path / "relay.toml")  # as `kanmon serve -c relay.toml` runs it
+        a = login(node, "alice", "alice-pw")
+        token = csrf_of(a, "/queue")
+        assert 'class="act-backup-hold"' in a.get("/queue").text
+        page = a.get("/queue/backup").text
+        assert 'name="then" value="keep" checked' in page and 'name="then" value="hold"' in page
+        assert "both relays hold the same messages" in page
+        assert "ここで保留にする" in a.get("/queue/backup", headers={"Accept-Language": "ja"}).text
+        # The default: queued here still, as `kanmon queue backup` leaves them.
+        r = a.post("/queue/backup", data={"csrf": token, "id": first, "then": "keep"})
+        assert r.status_code == 200 and "x-kanmon-held" not in r.headers
+        assert archive_head(r.content)["origin"]["then"] is None
+        assert node.node.admin.ops.list({"state": "deferred"})["count"] == 1
+        # Hold: written, then held here; the archive says so (its restore warns of nothing).
+        r = a.post("/queue/backup", data={"csrf": token, "id": first, "then": "hold"})
+        assert r.status_code == 200 and r.headers["x-kanmon-count"] == "1" and r.headers["x-kanmon-held"] == "1"
+        origin = archive_head(r.content)["origin"]
+        assert origin["then"] == "hold" and origin["config"] == str(tmp_path / "relay.toml")
+        assert [i["id"] for i in node.node.admin.ops.list({"state": "hold"})["items"]] == [first]
+        node.node.admin.ops.act("release", {"ids": [first]}, source="test")
+        # The API: "then": "hold"; never "delete" (the archive is only on its way to the client).
+        api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(data).new_token('alice')}"})
+        r = api.post("/api/v1/queue/backup", json={"ids": [first], "then": "delete"})
+        assert r.status_code == 400 and "then is keep" in r.json()["error"]
+        assert node.node.admin.ops.list({"state": "deferred"})["count"] == 1
+        r = api.post("/api/v1/queue/backup", json={"ids": [first], "then": "hold"})
+        assert r.status_code == 200 and r.headers["x-kanmon-held"] == "1"
+        assert node.node.admin.ops.list({"state": "hold"})["count"] == 1
+        node.flush()
+        assert any(f"queue backup {first} -> 1 message(s) downloaded, 1 held here" in t
+                   for t in audit_lines(node, "queue backup"))
+    finally:
+        stop_node(node)
