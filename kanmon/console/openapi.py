@@ -156,6 +156,16 @@ def openapi_document() -> dict:
                               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     restore["responses"]["413"] = _ERROR
     paths["/api/v1/queue/restore"] = {"post": restore}
+    finish = _op("admin only: finish a move on the node a queue backup archive came from (the body, as uploaded; "
+                 "the same archive the new node restored): delete here its messages still queued, as `kanmon queue "
+                 "delete --ids-from ARCHIVE`. Verified whole first; refused (400) for an archive this node's queue "
+                 "did not write, and on a node that restored any of its messages. Answers `{in_archive, origin, "
+                 "then, ids, held, size, dry_run, deleted, skipped}`; 413 past [console] max_upload",
+                 [_q("dry_run", "true: only count what would be deleted (ids, held)", "boolean"),
+                  _q("name", "the archive's name for the audit log")], write=True)
+    finish["requestBody"] = restore["requestBody"]
+    finish["responses"]["413"] = _ERROR
+    paths["/api/v1/queue/finish"] = {"post": finish}
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
     paths["/api/v1/users/mailboxes"] = {"post": _op(
