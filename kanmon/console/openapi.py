@@ -148,7 +148,7 @@ def openapi_document() -> dict:
     paths["/api/v1/queue/backup"] = {"post": backup}
     restore = _op("admin only: restore a queue backup archive (the body, as uploaded), as `kanmon queue restore`: "
                   "verified whole first; a message already here, or restored here before, is skipped. Answers "
-                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command}`; 413 past "
+                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command, finish_placeholder}`; 413 past "
                   "[console] max_upload",
                   [_q("hold", "true: restore on hold", "boolean"), _q("name", "the archive's name for the audit log")],
                   write=True)
