@@ -1044,7 +1044,8 @@ class AlertsSection(Section):
         0.5, ge=0, le=1, description="delivery: share of deferred results over the last hour (at least 10 results)"
     )
     archive_used_above: float = Field(
-        0.9, gt=0, le=1, description="archive: share of the archive quota in use (raised by the archive store)"
+        0.9, gt=0, le=1,
+        description="archive: share of the `[archive] quota` the archive maildir uses (checked every minute)"
     )
     cert_expires_within: Duration = Field(14 * 86400.0, description="expiry: our TLS certificate expires within this")
     dkim_rotate_after: Duration | None = Field(
@@ -1850,6 +1851,13 @@ def reference_markdown() -> str:
         "Generated from `kanmon/config.py` by `kanmon config reference`; a test checks that this",
         "file matches the code. Durations: `30s`, `5m`, `4h`, `3d`. Sizes: `512KB`, `50MB`, `1GB`",
         "(`KiB`/`MiB`/`GiB` for powers of two). Endpoints: `ip:port` or `[ipv6]:port`.",
+        "",
+        "Size units are decimal: `KB` is 1000 bytes, `MB` 1000 KB, `GB` 1000 MB; `KiB`, `MiB`",
+        "and `GiB` are 1024 bytes, 1024 KiB and 1024 MiB (case does not matter; a bare number is",
+        "bytes). FortiMail's limits are binary, though its GUI writes them KB: its 10240 KB",
+        "message size limit is `10MiB` (10,485,760 bytes) and a 32 KB header limit is `32KiB`.",
+        "Copying such a limit from FortiMail, write `KiB`/`MiB`: `10MB` would be 10,000,000 bytes,",
+        "and a message FortiMail took could be refused here.",
         "",
     ]
 

@@ -46,6 +46,7 @@ from kanmon.admin.quarantine_ops import QuarantineOps
 from kanmon.cron import CronSchedule
 from kanmon.config import Config, MaintenanceJob
 from kanmon.control import Streamed
+from kanmon.escape import for_log
 from kanmon.model import LocalReply, RecipientResult, Reply, Status, is_queue_id
 from kanmon.quarantine.store import QuarantineError
 from kanmon.queue.inject import Injector
@@ -64,6 +65,7 @@ BUCKETS = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 RETURNED = "message returned to sender by the administrator"
 THEN = (None, "hold", "delete")  # what `backup --then` does to the archived messages here
 RESTORE_LEDGER = "restored"  # <data_dir>/spool/restored: ids restored here, one a line
+CONFIG_PLACEHOLDER = "OLD-NODE-CONFIG"  # the finish command's -c when the archive does not say which file
 FILE_HINT = "the run log (<data_dir>/maintenance.json)"
 EVENT_ID_LIMIT = 100  # ids listed in the summary line (each id also gets a line of its own)
 
@@ -190,18 +192,25 @@ def finish_move(head: dict, archive: Path, count: int, hostname: str, identity: 
     identity, Spool.identity): the command would delete what was just restored. An
     archive that records no identity (written before there was one) is taken as from
     another node: a replacement machine often has the old one's name.
+
+    The command names the old node's config file (origin.config, the -c of the backup,
+    or the file the node runs with for a console backup). When the archive does not
+    record one, it says `-c OLD-NODE-CONFIG` and finish_placeholder names that word for
+    the admin to replace: a command without -c would act on whichever config the shell
+    finds there ($KANMON_CONFIG, /etc/kanmon/kanmon.toml), maybe another node's queue.
+    The same node can finish the move from its console instead (finish_check).
     """
     origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
     node = str(head.get("hostname") or "the old node")
     then = origin.get("then")
     same = head.get("hostname") == hostname and identity is not None and origin.get("identity") == identity
     if not count or then == "delete" or same:
-        return {"origin": node, "then": then, "finish_command": None, "same_node": same}
+        return {"origin": node, "then": then, "finish_command": None, "finish_placeholder": None, "same_node": same}
     path = str(origin.get("path") or archive)
-    command = ["kanmon", "queue", "delete", "--ids-from", path]
-    if origin.get("config"):
-        command += ["-c", str(origin["config"])]
-    return {"origin": node, "then": then, "finish_command": shlex.join(command), "same_node": same}
+    config = str(origin["config"]) if origin.get("config") else CONFIG_PLACEHOLDER
+    command = ["kanmon", "queue", "delete", "--ids-from", path, "-c", config]
+    return {"origin": node, "then": then, "finish_command": shlex.join(command),
+            "finish_placeholder": None if origin.get("config") else CONFIG_PLACEHOLDER, "same_node": same}
 
 
 def parse_reply_text(text: str) -> Reply:
@@ -679,6 +688,32 @@ class QueueOps:
                 "on_hold": on_hold, "before": before,
                 **finish_move(head, archive, total, self.config.server.hostname, self.spool.identity())}
 
+    def finish_check(self, path: str) -> dict:
+        """The finish step of a move, on the node an archive came from: which of its
+        messages are still queued here (deleting them finishes the move: what `kanmon
+        queue delete --ids-from ARCHIVE` deletes). The archive is verified whole first.
+
+        Refused (ValueError) where the archive was not written: by the spool identity it
+        records (or, in an archive without one, its hostname); and on a node that restored
+        any of its messages (the node the mail moved to: deleting them would lose it).
+        """
+        archive = Path(path)
+        ids = [m.queue_id for m in read_archive(archive)]
+        head = archive_head(archive)
+        origin = head.get("origin") if isinstance(head.get("origin"), dict) else {}
+        node = for_log(str(head.get("hostname") or "another node")[:255])
+        restored = self._restored_ids().intersection(ids)
+        if restored:
+            raise ValueError(f"{len(restored)} of its messages were restored here: this is the node the queue "
+                             f"moved to, not the one it came from ({node}); nothing deleted")
+        theirs = origin.get("identity")
+        if (theirs != self.spool.identity()) if theirs else (head.get("hostname") != self.config.server.hostname):
+            raise ValueError(f"this archive was written by the queue of {node}, not by this node's: "
+                             "finish the move on the node it came from")
+        rows = list(self.select(Filters(ids=ids, state="all"))) if ids else []
+        return {"path": str(archive), "in_archive": len(ids), "origin": node, "then": origin.get("then"),
+                "ids": [e.queue_id for e, _ in rows], "held": sum(1 for _, st in rows if st == "hold")}
+
     def _append_ledger(self, qid: str) -> None:
         write_durably(self._ledger(), qid.encode() + b"\n", append=True, sync=self.spool.fsync)
 
@@ -857,6 +892,7 @@ OPERATIONS = {
                                         then=a.get("then"), origin_config=a.get("origin_config")),
     "restore": lambda ops, a: ops.restore(a["path"], bool(a.get("hold")), str(a.get("source", "kanmon queue restore")),
                                           again=bool(a.get("again"))),
+    "finish_check": lambda ops, a: ops.finish_check(a["path"]),
     "drain": lambda ops, a: ops.drain(a["host"], int(a["port"]), a.get("filters"), a.get("tls", "opportunistic"),
                                       str(a.get("source", "kanmon queue drain")), dry_run=bool(a.get("dry_run")),
                                       whole_queue=bool(a.get("whole_queue"))),

@@ -47,7 +47,7 @@ def dns() -> None:
 
 
 @dns.command("check")
-@click.argument("domain")
+@click.argument("domain", required=False)
 @click.option("--ip", "ips", multiple=True, callback=_ip, help="Our outgoing address (repeatable). Default: from the config.")
 @click.option("--helo", default=None, help="The name we announce in EHLO. Default: from the config.")
 @click.option("--zone", "zones", multiple=True, type=click.Path(dir_okay=False),
@@ -62,7 +62,7 @@ def dns() -> None:
 @json_option("Print the report as JSON.")
 @config_option
 def check(
-    domain: str,
+    domain: str | None,
     ips: tuple[str, ...],
     helo: str | None,
     zones: tuple[str, ...],
@@ -75,7 +75,8 @@ def check(
 ) -> None:
     """Check DOMAIN's MX, reverse DNS of our IPs, HELO name, SPF, DMARC, DKIM, MTA-STS, TLS-RPT.
 
-    Exit 0: all good; 1: warnings; 2: errors.
+    Without DOMAIN: [dnscheck] domains of the config, else every [[domain]] (one report each).
+    Exit 0: all good; 1: warnings; 2: errors (the worst of the reports).
     """
     from kanmon.dnscheck.checks import check_domain  # noqa: PLC0415 - DNS checks (spf, cryptography) only for this command
     from kanmon.dnscheck.report import render_json, render_text  # noqa: PLC0415
@@ -89,13 +90,18 @@ def check(
     config, found = load_with_path(config_path)
     if found is None:
         config = None
+    if domain is None and config is None:
+        raise click.UsageError("give DOMAIN: without a config file (-c, $KANMON_CONFIG, /etc/kanmon/kanmon.toml) "
+                               "there is no [[domain]] to check")
     try:
         key = load_dkim_key(dkim_key) if dkim_key else None
         source = make_source(config, server, zones)
-        targets = make_targets(config, [domain], ips, helo, dkim_selector, key)
+        targets = make_targets(config, [domain] if domain else [], ips, helo, dkim_selector, key)
     except (SourceError, TargetError) as e:
         click.echo(f"kanmon: {e}", err=True)
         sys.exit(2)
+    if not targets:
+        raise click.UsageError(f"give DOMAIN: {found} has no [[domain]] and no [dnscheck] domains")
     reports = []
     recorder = RecordingSource(source) if show else None
     for t in targets:

@@ -394,6 +394,11 @@ def restore_cmd(config_path, file, hold, again, as_json) -> None:
                        "deleted there, it may deliver them too")
         click.echo(f"To finish the move, run on {r['origin']}:")
         click.echo(f"  {r['finish_command']}")
+        if r.get("finish_placeholder"):
+            click.echo(f"  (replace {r['finish_placeholder']} with the config file kanmon runs with on "
+                       f"{shown(r['origin'])}: the archive does not say)")
+        click.echo(f"or, on the console of {shown(r['origin'])}, upload the archive under Queue backup and restore, "
+                   "Finish a move")
     elif r["then"] == "delete":
         click.echo(f"Nothing to finish on {r['origin']}: the backup deleted them there (--then delete)")
 

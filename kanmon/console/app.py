@@ -4,7 +4,7 @@ Role: authenticate every request (a signed session cookie, or `Authorization: Be
 with a token from `kanmon admin token`), check the role's permission, check the CSRF
 token of every write made with the cookie, and call the operations the CLI calls — the
 admin plane's queue and quarantine operations through `node.admin.handle` (the same
-dispatch as the control socket, in its worker thread: queue backup and restore too),
+dispatch as the control socket, in its worker thread: queue backup, restore and the finish of a move too),
 kanmon.records (trace, stats, event search and tail), kanmon.store.users (the functions
 `kanmon user` calls) and kanmon.alerts (the test alert) in threads off the event loop. Pages
 and API share one function per operation (`_queue_list`, `_act`, ...), so they answer
@@ -64,6 +64,7 @@ MAX_JSON = 64 * 1024
 LOGIN_COOKIE = "kanmon_login"
 MAX_LINK_FORM = 4096  # the confirmation form of a digest link: its token and nothing else
 QUEUE_ACTIONS = ("hold", "release", "delete")
+CONSOLE_THEN = (None, "hold")  # what a console backup does here once the archive is written
 BULK_ACTIONS = ("hold", "release", "delete", "bounce", "flush")
 FILTER_PARAMS = ("from", "to", "domain", "older_than", "reason", "subject", "header", "body", "size", "attempts")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -340,6 +341,9 @@ class ConsoleApp:
             Route("/queue/backup", g(self.backup_page, "backup")),
             Route("/queue/backup", g(self.backup_download, "backup"), methods=["POST"]),
             Route("/queue/restore", g(self.restore_upload, "backup", max_body=self._upload_bound()), methods=["POST"]),
+            Route("/queue/finish", g(self.finish_upload, "backup", max_body=self._upload_bound()), methods=["POST"]),
+            Route("/queue/finish/confirm", g(self.finish_confirm, "backup", max_body=self._upload_bound()),
+                  methods=["POST"]),
             Route("/queue/{qid}", g(self.message_page)),
             Route("/queue/{qid}/{action}", g(self.message_act, "queue"), methods=["POST"]),
             Route("/trace", g(self.trace_page)),
@@ -375,6 +379,8 @@ class ConsoleApp:
             Route("/api/v1/queue", g(self.api_queue, api=True)),
             Route("/api/v1/queue/backup", g(self.api_backup, "backup", api=True), methods=["POST"]),
             Route("/api/v1/queue/restore", g(self.api_restore, "backup", api=True, max_body=self._upload_bound()),
+                  methods=["POST"]),
+            Route("/api/v1/queue/finish", g(self.api_finish, "backup", api=True, max_body=self._upload_bound()),
                   methods=["POST"]),
             Route("/api/v1/queue/{qid}", g(self.api_message, api=True)),
             Route("/api/v1/queue/{qid}/{action}", g(self.api_message_act, "queue", api=True), methods=["POST"]),
@@ -566,26 +572,38 @@ class ConsoleApp:
         filters = filters or {"state": "all"}
         return filters, Filters.from_json(filters).describe() or "the whole queue"
 
-    async def _backup(self, who: Who, ids: list[str], filters: dict | None) -> tuple[Path, dict]:
+    async def _backup(self, who: Who, ids: list[str], filters: dict | None, then: str | None = None) -> tuple[Path, dict]:
         """The selected messages written by the node into a queue backup archive (the
         format of `kanmon queue backup`), in the transfer directory; the caller sends it
-        and removes it."""
+        and removes it. then="hold" holds here exactly the messages written into it, once
+        it is complete on the node's disk (`kanmon queue backup --then hold`); None (the
+        default, as the command's) leaves them queued. Never "delete": the archive is only
+        on its way to the browser (the finish step deletes them, docs/console.md)."""
+        if then not in CONSOLE_THEN:  # never "delete": see docs/console.md
+            raise Refused(400, "then is keep (leave them queued here) or hold (hold them here): {then} is not",
+                          then=repr(for_log(str(then)[:40])))
         filters, target = self._selection(ids, filters)
         path = await asyncio.to_thread(transfer.new_path, self.data_dir, "backup")
+        # Recorded in the archive: the restore names this file in the command that finishes the move here.
+        origin_config = str(Path(self.node.config_source).resolve()) if self.node.config_source else None
         try:
-            result = await self.call("backup", {"path": str(path), "filters": filters,
+            result = await self.call("backup", {"path": str(path), "filters": filters, "then": then,
+                                                "origin_config": origin_config,
                                                 "source": f"console {who.account.name}"})
         except Refused as e:
             path.unlink(missing_ok=True)
             self.write_audit(who, "queue backup", target, f"failed: {e.message}")
             raise
-        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded")
+        held = f", {len(result.get('acted') or [])} held here" if then == "hold" else ""
+        self.write_audit(who, "queue backup", target, f"{result['count']} message(s) downloaded{held}")
         return path, result
 
     def _archive_response(self, path: Path, result: dict) -> Response:
         name = f"kanmon-queue-{self.config.server.hostname}-{time.strftime('%Y%m%d-%H%M%S')}.tar"
-        return FileResponse(path, media_type="application/x-tar", filename=name,
-                            headers={"X-Kanmon-Count": str(result["count"])},
+        headers = {"X-Kanmon-Count": str(result["count"])}
+        if result.get("then") == "hold":
+            headers["X-Kanmon-Held"] = str(len(result.get("acted") or []))
+        return FileResponse(path, media_type="application/x-tar", filename=name, headers=headers,
                             background=BackgroundTask(path.unlink, missing_ok=True))
 
     async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
@@ -618,6 +636,41 @@ class ConsoleApp:
                          f"{len(result['restored'])} restored, {len(result['skipped'])} already here, "
                          f"{result['in_archive']} in the archive" + (" (held)" if hold else ""))
         return result
+
+    async def _finish_check(self, who: Who, chunks, name: str) -> dict:
+        """An uploaded archive on the node it came from: its messages still queued here,
+        which the finish step of the move deletes (QueueOps.finish_check; refused on the
+        node the queue moved to). Changes nothing."""
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "finish")
+        target = for_log(name[:200]) or "upload"
+        try:
+            try:
+                size = await transfer.receive(chunks, path, self.cfg.max_upload)
+            except transfer.TooLarge:
+                self.write_audit(who, "queue finish move", target, "refused: larger than max_upload")
+                raise Refused(413, "the upload is larger than {size} ([console] max_upload)",
+                              size=format_size(self.cfg.max_upload)) from None
+            try:
+                result = await self.call("finish_check", {"path": str(path)})
+            except Refused as e:
+                self.write_audit(who, "queue finish move", target, f"refused: {e.message}")
+                raise Refused(400, e.message.replace(str(path), name or "the upload")) from None
+        finally:
+            path.unlink(missing_ok=True)
+        return {**result, "path": name, "size": size}
+
+    async def _finish_delete(self, who: Who, ids: list[str], name: str) -> dict:
+        """The finish step of a move: delete here the messages of its archive (ids as the
+        check found them), as `kanmon queue delete --ids-from ARCHIVE` does."""
+        target = for_log(name[:200]) or "upload"
+        if not ids:
+            return {"deleted": [], "skipped": []}
+        filters, _ = self._selection(ids, None)
+        result = await self.call("act", {"action": "delete", "filters": filters,
+                                         "source": f"console {who.account.name}: finish move {target}"})
+        self.write_audit(who, "queue finish move", target,
+                         f"{len(result['acted'])} deleted here, {len(result['skipped'])} gone meanwhile")
+        return {"deleted": result["acted"], "skipped": result["skipped"]}
 
     async def _alert_test(self, who: Who, category: str) -> dict:
         if category not in ALERT_CATEGORIES:
@@ -1071,7 +1124,8 @@ class ConsoleApp:
     async def backup_page(self, request: Request, who: Who) -> Response:
         keep = {k: request.query_params.get(k) for k in ("state", *FILTER_PARAMS) if request.query_params.get(k)}
         return self.render(request, "backup.html", who, filters=keep, states=STATES, filter_names=FILTER_PARAMS,
-                           max_upload=format_size(self.cfg.max_upload), error=self.status(request, who, "error"))
+                           max_upload=format_size(self.cfg.max_upload), error=self.status(request, who, "error"),
+                           msg=self.status(request, who, "msg"))
 
     async def backup_download(self, request: Request, who: Who) -> Response:
         """The checked messages of the queue page, or a filter (the queue page's, or this
@@ -1083,8 +1137,9 @@ class ConsoleApp:
             params = {k: v[0] for k, v in query.items()}
         else:
             params = {k: str(form.get(k)) for k in ("state", *FILTER_PARAMS) if form.get(k)}
+        then = _then(form.get("then"))
         try:
-            path, result = await self._backup(who, ids, None if ids else self._filters(params))
+            path, result = await self._backup(who, ids, None if ids else self._filters(params), then)
         except Refused as e:
             if e.status != 400:
                 raise
@@ -1108,6 +1163,34 @@ class ConsoleApp:
             await upload.close()
         return self.render(request, "restore_result.html", who, result=result, error=error,
                            archive=upload.filename or "", hold=hold)
+
+    async def finish_upload(self, request: Request, who: Who) -> Response:
+        """The finish step of a move, first half: the archive uploaded on the old relay;
+        the page shows how many of its messages are still here and asks before deleting."""
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("archive")
+        if upload is None or isinstance(upload, str):
+            raise Refused(400, "choose a queue backup archive (.tar) to upload")
+        try:
+            result = await self._finish_check(who, transfer.upload_chunks(upload), upload.filename or "")
+            error = ""
+        except Refused as e:
+            if e.status not in (400, 404, 413):
+                raise
+            result, error = None, e.text(self.gettext_of(request, who))
+        finally:
+            await upload.close()
+        return self.render(request, "finish_confirm.html", who, result=result, error=error,
+                           archive=upload.filename or "")
+
+    async def finish_confirm(self, request: Request, who: Who) -> Response:
+        """The second half: delete the messages the confirmation page counted."""
+        form = await request.form(max_files=0, max_fields=10)
+        ids = str(form.get("ids") or "").split()
+        name = str(form.get("archive") or "")
+        result = await self._finish_delete(who, ids, name)
+        msg = f"finish move: {len(result['deleted'])} deleted here"
+        return self.redirect(who, "/queue/backup", msg=msg)
 
     async def trace_page(self, request: Request, who: Who) -> Response:
         from kanmon.records.query import search_history  # noqa: PLC0415
@@ -1359,13 +1442,21 @@ class ConsoleApp:
         if filters is not None and (not isinstance(filters, dict) or
                                     not all(isinstance(v, str) for v in filters.values())):
             raise Refused(400, "filters is an object of the queue list's filters (strings)")
-        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}))
+        path, result = await self._backup(who, ids, None if ids else self._filters(filters or {}),
+                                          _then(body.get("then")))
         return self._archive_response(path, result)
 
     async def api_restore(self, request: Request, who: Who) -> Response:
         hold = request.query_params.get("hold") in ("1", "true", "yes")
         return JSONResponse(await self._restore(who, request.stream(), request.query_params.get("name") or "upload",
                                                 hold))
+
+    async def api_finish(self, request: Request, who: Who) -> Response:
+        name = request.query_params.get("name") or "upload"
+        check = await self._finish_check(who, request.stream(), name)
+        if request.query_params.get("dry_run") in ("1", "true", "yes"):
+            return JSONResponse({**check, "dry_run": True, "deleted": [], "skipped": []})
+        return JSONResponse({**check, "dry_run": False, **(await self._finish_delete(who, check["ids"], name))})
 
     async def api_message(self, request: Request, who: Who) -> Response:
         qid = _qid(request.path_params["qid"])
@@ -1591,6 +1682,14 @@ def _address(text: str) -> str:
     if len(text) > 320 or not text or any(c.isspace() or not c.isprintable() for c in text):
         raise Refused(400, "{text} is not an address", text=repr(for_log(text[:80])))
     return text
+
+
+def _then(value) -> str | None:
+    """What a backup does here afterwards, as a form or a JSON body says it: "hold", else
+    nothing ("keep", empty or absent); anything else is left for _backup to refuse."""
+    if value in (None, "", "keep"):
+        return None
+    return value if isinstance(value, str) else repr(value)
 
 
 def _qid(text: str) -> str:

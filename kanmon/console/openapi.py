@@ -131,18 +131,24 @@ def openapi_document() -> dict:
         "/api/v1/quarantine/{qid}": {"get": _op("one quarantined message", [_QID])},
     }
     tar = {"description": "the archive (the format of `kanmon queue backup`, docs/queue-backup.md); the header "
-                          "X-Kanmon-Count says how many messages it holds",
+                          "X-Kanmon-Count says how many messages it holds, X-Kanmon-Held (with then: hold) how "
+                          "many of them were held here",
            "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}
     backup = _op("admin only: download the messages of `ids`, else of `filters` (the query parameters of GET "
-                 "/api/v1/queue; none: the whole queue), as a queue backup archive; they stay queued here",
+                 "/api/v1/queue; none: the whole queue), as a queue backup archive; then: keep (the default, as "
+                 "`kanmon queue backup`) leaves them queued here, hold holds here exactly the messages written into "
+                 "it once it is complete (`--then hold`: the old relay no longer delivers what the new one will)",
                  write=True, response=tar, body={"type": "object", "properties": {
+                     "then": {"type": ["string", "null"], "enum": ["keep", "hold", None],
+                              "description": "what is done here after the backup (never delete: the finish step "
+                                             "deletes them, POST /api/v1/queue/finish)"},
                      "ids": {"type": "array", "items": {"type": "string"}, "description": "queue ids"},
                      "filters": {"type": "object", "additionalProperties": {"type": "string"},
                                  "description": "state, from, to, domain, older_than, reason, ..."}}})
     paths["/api/v1/queue/backup"] = {"post": backup}
     restore = _op("admin only: restore a queue backup archive (the body, as uploaded), as `kanmon queue restore`: "
                   "verified whole first; a message already here, or restored here before, is skipped. Answers "
-                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command}`; 413 past "
+                  "`{in_archive, restored, skipped, held, size, origin, then, finish_command, finish_placeholder}`; 413 past "
                   "[console] max_upload",
                   [_q("hold", "true: restore on hold", "boolean"), _q("name", "the archive's name for the audit log")],
                   write=True)
@@ -150,6 +156,16 @@ def openapi_document() -> dict:
                               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     restore["responses"]["413"] = _ERROR
     paths["/api/v1/queue/restore"] = {"post": restore}
+    finish = _op("admin only: finish a move on the node a queue backup archive came from (the body, as uploaded; "
+                 "the same archive the new node restored): delete here its messages still queued, as `kanmon queue "
+                 "delete --ids-from ARCHIVE`. Verified whole first; refused (400) for an archive this node's queue "
+                 "did not write, and on a node that restored any of its messages. Answers `{in_archive, origin, "
+                 "then, ids, held, size, dry_run, deleted, skipped}`; 413 past [console] max_upload",
+                 [_q("dry_run", "true: only count what would be deleted (ids, held)", "boolean"),
+                  _q("name", "the archive's name for the audit log")], write=True)
+    finish["requestBody"] = restore["requestBody"]
+    finish["responses"]["413"] = _ERROR
+    paths["/api/v1/queue/finish"] = {"post": finish}
     for action in ("hold", "release", "delete"):
         paths[f"/api/v1/queue/{{qid}}/{action}"] = {"post": _op(f"{action} one message", [_QID], write=True)}
     paths["/api/v1/users/mailboxes"] = {"post": _op(

@@ -5,6 +5,7 @@ log's live tail, and the queue backup download and restore upload."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -445,3 +446,128 @@ def test_a_restore_upload_larger_than_max_upload_is_refused(tmp_path: Path) -> N
         assert not list((data / "console" / "transfer").iterdir())
     finally:
         stop_node(node)
+
+
+def archive_head(archive: bytes) -> dict:
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return json.loads(tar.extractfile("kanmon-backup.json").read())
+
+
+def test_a_console_backup_holds_the_messages_here_when_asked(tmp_path: Path) -> None:
+    """`kanmon queue backup --then hold` on the page and in the API: once the archive is
+    written, exactly its messages are held here, so the old relay no longer delivers what
+    the new one will. The default leaves them queued, as the command's does."""
+    from tests.integration.test_console import send_deferred
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    AdminAccounts(data).add("alice", "admin", "alice-pw")
+    node = start_node(tmp_path)
+    try:
+        first = send_deferred(node)
+        node.node.config_source = str(tmp_path / "relay.toml")  # as `kanmon serve -c relay.toml` runs it
+        a = login(node, "alice", "alice-pw")
+        token = csrf_of(a, "/queue")
+        assert 'class="act-backup-hold"' in a.get("/queue").text
+        page = a.get("/queue/backup").text
+        assert 'name="then" value="keep" checked' in page and 'name="then" value="hold"' in page
+        assert "both relays hold the same messages" in page
+        assert "ここで保留にする" in a.get("/queue/backup", headers={"Accept-Language": "ja"}).text
+        # The default: queued here still, as `kanmon queue backup` leaves them.
+        r = a.post("/queue/backup", data={"csrf": token, "id": first, "then": "keep"})
+        assert r.status_code == 200 and "x-kanmon-held" not in r.headers
+        assert archive_head(r.content)["origin"]["then"] is None
+        assert node.node.admin.ops.list({"state": "deferred"})["count"] == 1
+        # Hold: written, then held here; the archive says so (its restore warns of nothing).
+        r = a.post("/queue/backup", data={"csrf": token, "id": first, "then": "hold"})
+        assert r.status_code == 200 and r.headers["x-kanmon-count"] == "1" and r.headers["x-kanmon-held"] == "1"
+        origin = archive_head(r.content)["origin"]
+        assert origin["then"] == "hold" and origin["config"] == str(tmp_path / "relay.toml")
+        assert [i["id"] for i in node.node.admin.ops.list({"state": "hold"})["items"]] == [first]
+        node.node.admin.ops.act("release", {"ids": [first]}, source="test")
+        # The API: "then": "hold"; never "delete" (the archive is only on its way to the client).
+        api = api_client(node, headers={"Authorization": f"Bearer {AdminAccounts(data).new_token('alice')}"})
+        r = api.post("/api/v1/queue/backup", json={"ids": [first], "then": "delete"})
+        assert r.status_code == 400 and "then is keep" in r.json()["error"]
+        assert node.node.admin.ops.list({"state": "deferred"})["count"] == 1
+        r = api.post("/api/v1/queue/backup", json={"ids": [first], "then": "hold"})
+        assert r.status_code == 200 and r.headers["x-kanmon-held"] == "1"
+        assert node.node.admin.ops.list({"state": "hold"})["count"] == 1
+        node.flush()
+        assert any(f"queue backup {first} -> 1 message(s) downloaded, 1 held here" in t
+                   for t in audit_lines(node, "queue backup"))
+    finally:
+        stop_node(node)
+
+
+def test_a_move_is_finished_from_the_old_relays_console(tmp_path: Path) -> None:
+    """The restore on the new relay says how to finish the move without a shell on the
+    old one: upload the same archive on the old relay's console, which counts what it
+    will delete and asks first (and refuses on the node the queue moved to); the command
+    it prints names the old node's config file, or a placeholder the admin must replace."""
+    from tests.integration.test_console import send_deferred
+
+    nodes = {}
+    for name in ("old", "new"):
+        (tmp_path / name / "data").mkdir(mode=0o700, parents=True)
+        AdminAccounts(tmp_path / name / "data").add("alice", "admin", "alice-pw")
+    try:
+        for name in ("old", "new"):
+            nodes[name] = start_node(tmp_path / name)
+        old, new = nodes["old"], nodes["new"]
+        first = send_deferred(old)
+        old.node.config_source = str(tmp_path / "old.toml")
+        a, b = login(old, "alice", "alice-pw"), login(new, "alice", "alice-pw")
+        token_a, token_b = csrf_of(a, "/queue"), csrf_of(b, "/queue")
+        archive = a.post("/queue/backup", data={"csrf": token_a, "id": first, "then": "hold"}).content
+        assert 'id="finish-form"' in a.get("/queue/backup").text
+        # Restored on the new relay: the finish is said for the console, and the command has -c.
+        r = b.post("/queue/restore", data={"csrf": token_b}, files={"archive": ("q.tar", archive, "application/x-tar")})
+        assert '<td id="restore-restored">1</td>' in r.text and 'id="finish-console"' in r.text
+        assert "Finish a move" in r.text
+        assert (f'<pre id="finish-command">kanmon queue delete --ids-from q.tar -c {tmp_path / "old.toml"}</pre>'
+                in r.text)
+        assert 'id="finish-placeholder"' not in r.text and "may deliver them too" not in r.text
+        # On the new relay the finish step is refused: it would delete the moved mail.
+        r = b.post("/queue/finish", data={"csrf": token_b}, files={"archive": ("q.tar", archive, "application/x-tar")})
+        assert r.status_code == 200 and "restored here" in r.text, re.sub(r"(?s).*<main>|</main>.*", "", r.text)
+        assert 'id="finish-error"' in r.text
+        assert 'id="finish-confirm-form"' not in r.text
+        assert new.node.admin.ops.list({})["count"] == 1
+        # On the old relay: the count, then the delete only once confirmed.
+        api = api_client(old, headers={"Authorization": f"Bearer {AdminAccounts(old.data_dir).new_token('alice')}"})
+        dry = api.post("/api/v1/queue/finish?dry_run=true&name=q.tar", content=archive).json()
+        assert dry["ids"] == [first] and dry["deleted"] == [] and dry["in_archive"] == 1
+        r = a.post("/queue/finish", data={"csrf": token_a}, files={"archive": ("q.tar", archive, "application/x-tar")},
+                   headers={"Accept-Language": "ja"})
+        assert '<td id="finish-here">1</td>' in r.text and '<td id="finish-held">1</td>' in r.text
+        assert "移行の完了" in r.text
+        assert old.node.admin.ops.list({})["count"] == 1  # asked, not done
+        r = a.post("/queue/finish/confirm", data={"csrf": token_a, "archive": "q.tar", "ids": first})
+        assert r.status_code == 303 and "finish+move%3A+1+deleted+here" in r.headers["location"]
+        assert old.node.admin.ops.list({})["count"] == 0 and new.node.admin.ops.list({})["count"] == 1
+        r = api.post("/api/v1/queue/finish?name=q.tar", content=archive).json()
+        assert r["ids"] == [] and r["deleted"] == []  # done already: nothing left
+        # An archive written by another node's queue is refused here.
+        api_b = api_client(new, headers={"Authorization": f"Bearer {AdminAccounts(new.data_dir).new_token('alice')}"})
+        theirs = api_b.post("/api/v1/queue/backup", json={"ids": [first]}).content
+        r = api.post("/api/v1/queue/finish?name=b.tar", content=theirs)
+        assert r.status_code == 400 and "not by this node" in r.json()["error"]
+        assert new.node.admin.ops.list({})["count"] == 1
+        # An archive that does not say which config file: the command shows a placeholder.
+        old.node.config_source = None
+        send_deferred(old)
+        second = a.post("/queue/backup", data={"csrf": token_a, "state": "deferred"}).content
+        r = b.post("/queue/restore", data={"csrf": token_b}, files={"archive": ("r.tar", second, "application/x-tar")})
+        assert "-c OLD-NODE-CONFIG</pre>" in r.text and 'id="finish-placeholder"' in r.text
+        assert "may deliver them too" in r.text  # left queued there
+        old.flush()
+        assert any("via console: queue finish move q.tar -> 1 deleted here, 0 gone meanwhile" in t
+                   for t in audit_lines(old, "finish move"))
+    finally:
+        for running in nodes.values():
+            stop_node(running)

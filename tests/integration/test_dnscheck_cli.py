@@ -407,6 +407,35 @@ def test_usage_errors_exit_2(tmp_path: Path, server: DnsServer) -> None:
     assert r.exit_code == 2 and "kanmon: dnscheck.ips: 'nonsense' is not an IP address" in r.output
 
 
+def test_without_a_domain_every_domain_of_the_config_is_checked(server: DnsServer, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kanmon dns check -c relay.toml`: DOMAIN defaults to every [[domain]] (docs/dnscheck.md),
+    one report each; the exit code is the worst of them."""
+    server.set_records(zone=FORWARD + REVERSE)  # other.test has no records at all
+    cfg = tmp_path / "relay.toml"
+    head = f'[dns]\nservers = ["{server.address}"]\ntimeout = "1s"\n[dnscheck]\nips = ["{IP}"]\nhelo = "{HELO}"\n'
+    cfg.write_text(head + '[[domain]]\nname = "example.test"\n')
+    r = run_cli("-c", str(cfg))
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("DNS check of example.test using")
+    cfg.write_text(head + '[[domain]]\nname = "example.test"\n[[domain]]\nname = "other.test"\n')
+    r = run_cli("-c", str(cfg))
+    assert r.exit_code == 2, r.output
+    reports = [line for line in r.output.splitlines() if line.startswith("DNS check of ")]
+    assert [line.split()[3] for line in reports] == ["example.test", "other.test"]
+    r = run_cli("-c", str(cfg), "--json")
+    assert [(d["domain"], d["exit_code"]) for d in json.loads(r.output)][0] == ("example.test", 0)
+    # A DOMAIN given is checked alone; nothing to default to is a usage error, not a traceback.
+    assert run_cli("example.test", "-c", str(cfg)).exit_code == 0
+    cfg.write_text(head)
+    r = run_cli("-c", str(cfg))
+    assert r.exit_code == 2 and "give DOMAIN" in r.output and "has no [[domain]]" in r.output
+    monkeypatch.delenv("KANMON_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("--server", server.address)
+    assert r.exit_code == 2 and "give DOMAIN: without a config file" in r.output
+
+
 # ---------------------------------------------------------------------------
 # A mail host delegated to other name servers (`mail IN NS linkp1`: a link-balancing
 # device answers for it), and --show

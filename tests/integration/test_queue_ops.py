@@ -749,6 +749,7 @@ def test_backup_then_hold_restore_prints_what_finishes_the_move(tmp_path):
             store.wait_for_messages(2)
             argv = _finish_command(out)
             assert argv == ["queue", "delete", "--ids-from", str(archive), "-c", str(a.config_file)]
+            assert "Finish a move" in out and "OLD-NODE-CONFIG" not in out  # or on the old node's console
             # The old relay started again (to flush what is left) delivers none of them.
             a.start()
             a.node.advance(86400)

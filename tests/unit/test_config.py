@@ -268,3 +268,12 @@ def test_example_config_deletes_no_mail_by_default():
     text = example_config_text()
     assert parse_config(text).maintenance == []
     assert '# action = "delete"' in text and "commented out" in text
+
+
+def test_the_fortimail_size_example_of_the_policy_doc_is_binary() -> None:
+    """docs/policy.md gives FortiMail users KiB/MiB (its KB are 1024 bytes, kanmon's 1000):
+    the example parses, to FortiMail's byte counts."""
+    text = (ROOT / "docs/policy.md").read_text()
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "32KiB" in b)
+    profile = next(p for p in parse_config(block).session_profile if p.name == "default")
+    assert (profile.max_header_size, profile.max_message_size) == (32 * 1024, 10240 * 1024)

@@ -301,5 +301,12 @@ def test_an_archive_without_an_identity_is_taken_as_from_another_node():
     assert finish_move(head, Path("q.kbk"), 2, "mx1.example.test", mine)["same_node"] is True
     older = {"hostname": "mx1.example.test", "origin": {"then": None, "path": "/b/q.kbk"}}
     moved = finish_move(older, Path("q.kbk"), 2, "mx1.example.test", mine)
-    assert moved["same_node"] is False and moved["finish_command"] == "kanmon queue delete --ids-from /b/q.kbk"
+    assert moved["same_node"] is False
+    # Nor its config file: a placeholder the admin must replace (no -c would take whichever config is found there).
+    assert moved["finish_command"] == "kanmon queue delete --ids-from /b/q.kbk -c OLD-NODE-CONFIG"
+    assert moved["finish_placeholder"] == "OLD-NODE-CONFIG"
+    told = finish_move({**older, "origin": {**older["origin"], "config": "/etc/kanmon/mx1.toml"}}, Path("q.kbk"), 2,
+                       "mx1.example.test", mine)
+    assert told["finish_command"] == "kanmon queue delete --ids-from /b/q.kbk -c /etc/kanmon/mx1.toml"
+    assert told["finish_placeholder"] is None
     assert finish_move(head, Path("q.kbk"), 2, "mx1.example.test", None)["same_node"] is False
