@@ -68,7 +68,7 @@ def _split_path(arg: str, bad: Reply, strict: bool = False) -> tuple[str, str]:
     """'<a@b> SIZE=1' -> ('a@b', 'SIZE=1'), honouring quoted strings inside <>.
     strict: the address must be in <> and followed by nothing or a space (RFC 5321
     4.1.2 Path, Postfix strict_rfc821_envelopes): else STRICT_SYNTAX."""
-    arg = arg.strip()
+    arg = arg.strip(" ")  # spaces only: a control character at either end is refused, not dropped
     if not arg.startswith("<"):
         if strict:
             raise SmtpError(replies.STRICT_SYNTAX)

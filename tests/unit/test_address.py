@@ -81,6 +81,12 @@ def test_bad_syntax(text):
     assert code_of(text) == "501 5.1.3"
 
 
+@pytest.mark.parametrize("text", ["\x1c<u@example.test>", "\x0b<u@example.test>", "<u@example.test>\x1f",
+                                  "<u@example.test>\x0c", "\x1cu@example.test"])
+def test_control_characters_at_either_end_are_refused_not_dropped(text):
+    assert code_of(text).startswith("501 ")
+
+
 def test_length_limits():
     assert code_of("<" + "a" * 65 + "@example.test>") == "501 5.1.3"
     assert code_of("<u@" + ("a" * 60 + ".") * 5 + "example>") == "501 5.1.3"
