@@ -171,3 +171,46 @@ def test_a_cached_version_is_read_strictly(tmp_path):
         (tmp_path / clusterconfig.CACHE_FILE).write_text(json.dumps(bad))
         with pytest.raises(clusterconfig.CacheError):
             clusterconfig.read_cache(tmp_path)
+
+
+def test_a_reload_with_the_newest_version_refused_runs_the_version_applied_last(tmp_path, private_pg):
+    """`kanmon reload` on a relay whose newest pushed version it refuses: it runs the
+    version it applied last (as a restart would), not its local file, and says so."""
+    import json
+
+    url = private_pg.create_database()
+    port = free_port()
+    local_path = tmp_path / "mr1.toml"
+    local_path.write_text(LOCAL.format(node="mr1", data_dir=tmp_path / "mr1", port=port, url=url))
+    mr1 = RunningNode(parse_config(local_path.read_text()))
+    mr1.node.config_source = str(local_path)
+    mr1.start()
+    section = mr1.config.records
+
+    def push(listen: str) -> None:
+        path = tmp_path / "cluster.toml"
+        path.write_text(PUSHED.format(url=url, mr1_dir=tmp_path / "mr1", mr2_dir=tmp_path / "mr2",
+                                      mr1_listen=listen, mr2_listen='["127.0.0.1:1"]'))
+        assert CliRunner().invoke(main, ["cluster", "push", "-c", str(path)]).exit_code == 0
+
+    try:
+        push(f'["127.0.0.1:{port}"]')
+        wait_for(lambda: clusterconfig.states(section).get("mr1", (0,))[:2] == (1, "applied"), 30, "version 1 applied")
+        push('["192.0.2.1:25"]')
+        wait_for(lambda: clusterconfig.states(section).get("mr1", (0,))[:2] == (2, "refused"), 30, "version 2 refused")
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250  # version 1 serving
+
+        reload = CliRunner().invoke(main, ["reload", "-c", str(local_path)])
+        assert reload.exit_code == 0, reload.output
+        assert "configuration version 2 refused" in reload.output
+        assert "running configuration version 1" in reload.output
+        # Version 1 still runs (the local file names no suzuki, and another hostname).
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250 and "mr1-pushed.example.test" in banner(mr1)
+        assert clusterconfig.states(section)["mr1"][:2] == (2, "refused")
+
+        status = CliRunner().invoke(main, ["status", "--json", "-c", str(local_path)])
+        assert json.loads(status.output)["config"]["cluster"] == {"node": "mr1", "version": 1}, status.output
+        text = CliRunner().invoke(main, ["status", "-c", str(local_path)]).output
+        assert "runs pushed configuration version 1" in text, text
+    finally:
+        mr1.stop()
