@@ -30,7 +30,7 @@ def cluster() -> None:
 @config_option
 @json_option("One JSON object per node.")
 def cluster_status(config_path, as_json) -> None:
-    """Every node: last seen, version, queue (what waits on a dead node), active alerts."""
+    """Every node: last seen, version, queue (what waits on a stopped or dead node), active alerts."""
     import psycopg
     from rich.console import Console
     from rich.table import Table
@@ -56,8 +56,8 @@ def cluster_status(config_path, as_json) -> None:
         for n in nodes:
             v = configs.get(n.node)
             config = {"version": v[0], "state": v[1], "error": v[2]} if v else None
-            click.echo(json_for_terminal({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT,
-                                   "config": config}))
+            click.echo(json_for_terminal({**n.as_dict(), "silent": not n.stopped and now - n.last_seen > SILENT_AFTER * HEARTBEAT,
+                                   "queue_as_of": n.last_seen, "config": config}))
         return
     if not nodes:
         click.echo("no node has reported yet (nodes report every "
@@ -70,9 +70,14 @@ def cluster_status(config_path, as_json) -> None:
         table.add_column(col, overflow="fold")
     for n in nodes:
         age = max(0.0, now - n.last_seen)
-        seen = f"{format_duration(age)} ago" + (" (SILENT)" if age > SILENT_AFTER * HEARTBEAT else "")
+        silent = not n.stopped and age > SILENT_AFTER * HEARTBEAT
+        seen = f"{format_duration(age)} ago" + (" (stopped)" if n.stopped else " (SILENT)" if silent else "")
         q = n.queue
         queue = f"{q.get('size', 0)} (new {q.get('new', 0)}, deferred {q.get('deferred', 0)}, hold {q.get('hold', 0)})"
+        if n.stopped:  # its last heartbeat, sent as it stopped: what it holds until it returns
+            queue += " at its stop"
+        elif silent:  # it died: what it held at its last heartbeat (it may have taken more since)
+            queue += f" as of its last heartbeat, {format_time(n.last_seen)}"
         oldest = format_time(q.get("oldest_waiting")) if q.get("oldest_waiting") else "-"
         alerts = "; ".join(f"{a.get('category')}/{a.get('key')}: {a.get('text', '').splitlines()[0] if a.get('text') else ''}"
                            for a in n.alerts) or "-"

@@ -212,8 +212,9 @@ class NodeStatus:
     version: str
     started: float
     last_seen: float
-    queue: dict  # counts by state, "size", "oldest_waiting" (epoch seconds or None)
+    queue: dict  # counts by state, "size", "oldest_waiting" (epoch seconds or None), as of last_seen
     alerts: list  # active alerts: {"category", "key", "text", "since"}
+    stopped: bool = False  # the last heartbeat was the one a graceful stop sends
 
     def as_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -226,4 +227,8 @@ def cluster_nodes(section: RecordsSection) -> list[NodeStatus]:
             return []
         rows = conn.execute("SELECT node, hostname, version, started, last_seen, queue, alerts FROM cluster_nodes"
                             ' ORDER BY node COLLATE "C"').fetchall()
-    return [NodeStatus(*r) for r in rows]
+    out = []
+    for node, hostname, version, started, last_seen, queue, alerts in rows:
+        stopped = bool(queue.pop("stopped", False)) if isinstance(queue, dict) else False
+        out.append(NodeStatus(node, hostname, version, started, last_seen, queue, alerts, stopped))
+    return out
