@@ -287,8 +287,16 @@ def check_files(config: Config) -> list[Finding]:
     files += [(f"dkim[{i}].key", config.dkim_key_path(d)) for i, d in enumerate(config.dkim) if d.active]
     files += [(f"domain[{i}].recipients_file", d.recipients_file)
               for i, d in enumerate(config.domain) if d.recipients_file is not None]
+    if config.records.password_file is not None:  # read by every process that reaches PostgreSQL
+        files.append(("records.password_file", config.records.password_file))
     for key, path in files:
-        if not Path(path).exists():
+        try:
+            exists = Path(path).exists()
+        except OSError as e:  # a directory on the way it cannot search
+            found.append(Finding("error", key, f"{path} cannot be reached by {_user_name(os.geteuid())}: "
+                                               f"{e.strerror or e}"))
+            continue
+        if not exists:
             found.append(Finding("error", key, f"{path} does not exist"))
         elif not os.access(path, os.R_OK):
             found.append(Finding("error", key, f"{path} is not readable by {_user_name(os.geteuid())}"))

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from kanmon.children import pid_alive
 from kanmon.escape import for_log
-from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters
+from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters, read_password
 
 if TYPE_CHECKING:
     import psycopg
@@ -129,7 +129,7 @@ def connect(url: str, password_file: Path | None = None, *, timeouts: tuple[int,
 
     extra: dict[str, Any] = libpq_parameters(url, "kanmon", timeouts)
     if password_file is not None:
-        extra["password"] = Path(password_file).read_text().strip()
+        extra["password"] = read_password(password_file)
     extra.update(kwargs)
     return psycopg.connect(url, **extra)
 

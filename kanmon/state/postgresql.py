@@ -40,7 +40,7 @@ from kanmon.state.api import (
     bucket_estimate,
     decide_resolution,
 )
-from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters
+from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters, read_password
 
 if TYPE_CHECKING:
     import psycopg
@@ -107,7 +107,7 @@ class _Db:
         # keepalives, and a check waits no longer than STATE_TIMEOUTS on a locked row
         extra: dict[str, Any] = {**libpq_parameters(self.url, "kanmon-state", STATE_TIMEOUTS), "autocommit": True}
         if self.password_file is not None:
-            extra["password"] = Path(self.password_file).read_text().strip()
+            extra["password"] = read_password(self.password_file)
         return psycopg.connect(self.url, **extra)
 
     @property
