@@ -226,7 +226,11 @@ class TlsSection(Section):
     @field_validator("cert", "key")
     @classmethod
     def _exists(cls, v: Path) -> Path:
-        if not v.is_file():
+        try:
+            found = v.is_file()
+        except OSError as e:  # a directory on its path this user cannot search (run as the service's user)
+            raise ValueError(f"file {str(v)!r} cannot be reached by this user: {e.strerror or e}") from None
+        if not found:
             raise ValueError(f"file {str(v)!r} does not exist")
         return v
 

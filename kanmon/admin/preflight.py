@@ -274,9 +274,8 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def check_files(config: Config) -> list[Finding]:
-    """Files kanmon serve reads, and data_dir, checked with the current user's rights."""
-    found = []
+def service_files(config: Config) -> list[tuple[str, Path]]:
+    """(key, path) of every file kanmon serve reads (besides its config and data_dir)."""
     files = []
     if config.tls is not None:
         files += [("tls.cert", config.tls.cert), ("tls.key", config.tls.key)]
@@ -289,7 +288,13 @@ def check_files(config: Config) -> list[Finding]:
               for i, d in enumerate(config.domain) if d.recipients_file is not None]
     if config.records.password_file is not None:  # read by every process that reaches PostgreSQL
         files.append(("records.password_file", config.records.password_file))
-    for key, path in files:
+    return [(key, Path(path)) for key, path in files]
+
+
+def check_files(config: Config) -> list[Finding]:
+    """Files kanmon serve reads, and data_dir, checked with the current user's rights."""
+    found = []
+    for key, path in service_files(config):
         try:
             exists = Path(path).exists()
         except OSError as e:  # a directory on the way it cannot search

@@ -1,7 +1,10 @@
-"""[records] password_file that kanmon's user cannot read (the docs' recipe once made it
-root's alone): `kanmon config check`, run as that user, says so on the key; `kanmon
-serve` starts (its SMTP receiver processes too) and takes mail, as with a database it
-cannot reach, and its log names the key and the file.
+"""Files kanmon's user cannot read, as `sudo -u kanmon kanmon config check` meets them.
+
+[records] password_file (the docs' recipe once made it root's alone): `kanmon config
+check` says so on the key; `kanmon serve` starts (its SMTP receiver processes too) and
+takes mail, as with a database it cannot reach, and its log names the key and the file.
+A [tls] certificate in a directory that user cannot search: a config error naming the
+key, in `config check` and `serve`, never a traceback.
 
 "That user" is root without the capabilities that let it read any file (setpriv), the
 password file being another user's with mode 0600: the same refusal the service user
@@ -68,3 +71,24 @@ def _answers(port: int) -> bool:
             return s.noop()[0] == 250
     except OSError:
         return False
+
+
+def test_a_certificate_in_a_directory_the_user_cannot_search_is_a_config_error(tmp_path):
+    import trustme
+
+    locked = tmp_path / "certs"
+    locked.mkdir()
+    pem = locked / "both.pem"
+    trustme.CA().issue_cert("mx1.example.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    os.chown(locked, 65534, 65534)
+    locked.chmod(0o700)
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'[server]\nhostname = "mx1.example.test"\ndata_dir = "{tmp_path / "data"}"\n'
+                   f'[smtp]\nlisten = ["127.0.0.1:{free_port()}"]\n[tls]\ncert = "{pem}"\nkey = "{pem}"\n')
+    for command in (["config", "check"], ["serve", "--quiet"]):
+        run = subprocess.run([*NO_DAC, sys.executable, "-m", "kanmon", *command, "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert "tls.cert (line 7): file " in run.stderr, run.stderr  # (a long path is shortened in the middle)
+        assert "cannot be reached by this user: Permission denied" in run.stderr, run.stderr
