@@ -261,6 +261,25 @@ def commit_batches(conn: psycopg.Connection, node: str, batches: list[tuple[str,
                 " FROM history_status WHERE node = %s AND queue_id = ANY(%s) GROUP BY queue_id, rcpt) s"
                 " WHERE h.node = %s AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
                 (node, touched, node))
+        orphans = sorted({r[1] for r in status} - {r[9] for r in hist if r[9]})
+        if orphans:
+            # A message this node delivers under another node's history row: released here
+            # from the shared quarantine, where the node that took it wrote its row
+            # ("Quarantined"). That row takes this node's newest status for its recipient.
+            # The other nodes are those with batches (a loose index scan of their key).
+            conn.execute(
+                "WITH RECURSIVE n AS (SELECT min(node) AS node FROM records_batches"
+                " UNION ALL SELECT (SELECT min(node) FROM records_batches WHERE node > n.node) FROM n"
+                " WHERE n.node IS NOT NULL)"
+                " UPDATE history h SET status = s.status, updated = s.ts, deferrals = s.deferrals FROM ("
+                " SELECT queue_id, rcpt, (array_agg(status ORDER BY ts DESC, id DESC))[1] AS status, max(ts) AS ts,"
+                " count(*) FILTER (WHERE status LIKE 'Deferred%%') AS deferrals"
+                " FROM history_status st WHERE node = %s AND queue_id = ANY(%s) AND NOT EXISTS ("
+                "  SELECT 1 FROM history o WHERE o.node = %s AND o.queue_id = st.queue_id AND o.rcpt = st.rcpt)"
+                " GROUP BY queue_id, rcpt) s"
+                " WHERE h.node = ANY(ARRAY(SELECT node FROM n WHERE node IS NOT NULL AND node != %s))"
+                " AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
+                (node, orphans, node, node))
     return [key in new for key, _rows in batches]
 
 

@@ -128,6 +128,9 @@ class _SqliteDialect:
     @staticmethod
     def translate(sql: str) -> str:
         sql = re.sub(r" INDEXED BY \w+", "", sql)  # SQLite's plan pinning: PostgreSQL plans its own
+        # Each step of a timeline names the node that wrote it (trace._step reads an 8th column).
+        sql = sql.replace("SELECT id, ts, queue_id, kind, text, session, detail FROM events",
+                          "SELECT id, ts, queue_id, kind, text, session, detail, node FROM events")
         sql = sql.replace("instr(detail, ", "strpos(detail, ").replace(" AND json_valid(detail)", "")  # jsonb: always valid
         sql = re.sub(r"(\w+) = \? COLLATE NOCASE", r"lower(\1) = lower(?)", sql)
         sql = re.sub(r"json_extract\(detail, '\$\.(\w+)'\)", r"(detail::jsonb->>'\1')", sql)
