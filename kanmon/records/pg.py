@@ -458,17 +458,31 @@ class Shipper:
             return
         if not batch and not spilled:
             return
-        try:
-            conn = self._connection()
-            if batch and self._spill_files():
-                # put() spilled newer batches while these were taken: all go by the
-                # journal, which is written in the batches' order.
-                self._spill(batch)
-                batch = []
-            replayed = self._replay(conn)
-            for i in range(0, len(batch), BATCHES_PER_COMMIT):
-                self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
-        except (psycopg.Error, OSError) as e:
+        failed: Exception | None = None
+        for attempt in (1, 2):
+            kept = self._conn is not None and not self._conn.closed
+            try:
+                conn = self._connection()
+                if batch and self._spill_files():
+                    # put() spilled newer batches while these were taken: all go by the
+                    # journal, which is written in the batches' order.
+                    self._spill(batch)
+                    batch = []
+                replayed = self._replay(conn)
+                for i in range(0, len(batch), BATCHES_PER_COMMIT):
+                    self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
+            except psycopg.OperationalError as e:
+                self._drop_connection()
+                if kept and attempt == 1:
+                    # The kept connection was closed by the server (PostgreSQL restarted):
+                    # once more on a new one (a batch already committed is skipped by its key).
+                    continue
+                failed = e
+            except (psycopg.Error, OSError) as e:
+                failed = e
+            break
+        if failed is not None:
+            e = failed
             self._drop_connection()
             self._spill(batch)  # those already committed are skipped by their key on replay
             self._retry_at = time.monotonic() + self._backoff
