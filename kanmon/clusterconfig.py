@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kanmon.config import Config, ConfigError, parse_config
+from kanmon.config import Config, ConfigError, parse_config, toml_line_finder
 
 if TYPE_CHECKING:
     import psycopg
@@ -105,13 +105,30 @@ def node_config(text: str, node: str, local: dict, source: str) -> tuple[Config,
     overlays = data.pop("node", {})
     if not isinstance(overlays, dict):
         raise ConfigError([f"{source}: node: must be tables [node.NAME.SECTION]"])
-    merged = _merge(data, overlays.get(node, {}))
+    overlay = overlays.get(node, {})
+    merged = _merge(data, overlay)
     for section in LOCAL_SECTIONS:
         merged.pop(section, None)
         if section in local:
             merged[section] = local[section]
     out = to_toml(merged)
-    return parse_config(out, f"{source} for node {node}" if node else source), out
+    in_file = toml_line_finder(text)
+
+    def line_of(loc: tuple) -> int | None:
+        """An error's line in the pushed file: in the node's overlay when the key comes
+        from there, else in the shared part (the text parsed is made, all on line 1)."""
+        if loc and loc[0] in LOCAL_SECTIONS:
+            return None  # the node's own file's, not this one's
+        found, d = 0, overlay
+        for part in loc:
+            if not isinstance(d, dict) or part not in d:
+                break
+            found, d = found + 1, d[part]
+        if found >= min(2, len(loc)):
+            return in_file(("node", node, *loc))
+        return in_file(loc)
+
+    return parse_config(out, f"{source} for node {node}" if node else source, line_of), out
 
 
 def validate_push(text: str) -> list[str]:

@@ -20,6 +20,7 @@ import functools
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -1706,8 +1707,21 @@ def _line_of(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | N
     return found
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate TOML text; raise ConfigError naming every bad key."""
+def toml_line_finder(text: str) -> Callable[[tuple[Any, ...]], int | None]:
+    """loc -> the line of `text` where the key pydantic names by loc is written (or the
+    table it is missing from); None when the text does not hold it."""
+    try:
+        lines = _toml_lines(text)
+    except (IndexError, ValueError, RecursionError):  # tomllib read it: a case the scanner does not know
+        lines = {}
+    return lambda loc: _line_of(lines, loc)
+
+
+def parse_config(text: str, source: str = "<config>",
+                 line_of: Callable[[tuple[Any, ...]], int | None] | None = None) -> Config:
+    """Parse and validate TOML text; raise ConfigError naming every bad key. line_of: where
+    an error's key is written, when `text` was made from another file (a cluster's file
+    with a node's overlay, kanmon.clusterconfig); by default, its line in `text`."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -1715,15 +1729,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        try:
-            lines = _toml_lines(text)
-        except (IndexError, ValueError, RecursionError):  # tomllib read it: a case the scanner does not know
-            lines = {}
+        if line_of is None:
+            line_of = toml_line_finder(text)
         messages = []
         for err in e.errors():
             loc = err["loc"]
             where = _loc_text(loc)
-            line = _line_of(lines, loc)
+            line = line_of(loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

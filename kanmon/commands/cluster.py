@@ -90,7 +90,10 @@ def cluster_status(config_path, as_json) -> None:
 @cluster.command("push")
 @click.option("-c", "--config", "path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The cluster's configuration file, with [node.NAME.SECTION] overlays.")
-def cluster_push(path) -> None:
+@click.option("--check", "check_only", is_flag=True,
+              help="Only validate the file (as it is and with each node's overlay): nothing is pushed and the "
+                   "database is not asked. Exit 0 when it would be pushed, 1 when not.")
+def cluster_push(path, check_only) -> None:
     """Validate FILE (as it is, and with each node's overlay) and store it as the newest
     version; nodes with [cluster] apply it by a graceful reload and report the outcome
     (`kanmon cluster status`). The file's own [records] url says where to push."""
@@ -111,10 +114,16 @@ def cluster_push(path) -> None:
             click.echo(shown(f"kanmon: {path}: {line}"), err=True)
         click.echo("kanmon: nothing pushed", err=True)
         raise SystemExit(1)
-    cfg, _text = clusterconfig.node_config(text, "", {k: v for k, v in tomllib.loads(text).items()
+    data = tomllib.loads(text)
+    cfg, _text = clusterconfig.node_config(text, "", {k: v for k, v in data.items()
                                                       if k in clusterconfig.LOCAL_SECTIONS}, path)
     if not cfg.records.url:
         raise click.UsageError("the file's [records] url says where to push: set it")
+    if check_only:
+        nodes = sorted(data.get("node", {}))
+        click.echo(shown(f"{path}: ok (as it is" + (f", and for node {', '.join(nodes)}" if nodes else "")
+                         + "); nothing pushed"))
+        return
     try:
         version = clusterconfig.push(cfg.records, text)
     except ConfigError as e:  # validated above; a race with the file changing

@@ -214,3 +214,27 @@ def test_a_reload_with_the_newest_version_refused_runs_the_version_applied_last(
         assert "runs pushed configuration version 1" in text, text
     finally:
         mr1.stop()
+
+
+def test_push_names_the_line_of_the_file_and_check_validates_without_pushing(tmp_path):
+    """An error names the key's line in the pushed file (in the shared part, or in the
+    node's overlay), as `config check` does; `--check` validates and pushes nothing (the
+    database, here one that does not exist, is not asked)."""
+    path = tmp_path / "cluster.toml"
+    good = ('[server]\nhostname = "relay.example.test"\n\n[records]\n'
+            'url = "postgresql://kanmon@127.0.0.1:1/kanmon"\n\n'
+            '[node.mr1.smtp]\nlisten = ["127.0.0.1:2525"]\n')
+
+    def run(*args: str):
+        return CliRunner().invoke(main, ["cluster", "push", *args, "-c", str(path)])
+
+    path.write_text(good.replace('hostname = "relay.example.test"\n', 'hostname = "relay.example.test"\nno_such_key = 1\n'))
+    bad = run()
+    assert bad.exit_code == 1 and "server.no_such_key (line 3): unknown key" in bad.output, bad.output
+    assert "server.no_such_key (line 3): unknown key" in run("--check").output
+    path.write_text(good + "bogus = 3\n")
+    overlay = run("--check")
+    assert overlay.exit_code == 1 and "for node mr1: smtp.bogus (line 9): unknown key" in overlay.output, overlay.output
+    path.write_text(good)
+    ok = run("--check")
+    assert ok.exit_code == 0 and "ok (as it is, and for node mr1); nothing pushed" in ok.output, ok.output
