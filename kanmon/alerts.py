@@ -124,7 +124,7 @@ LOOK_CLOSER = {
     "expiry": "kanmon alert list",
     "dns": "kanmon dns check",
     "scanner": "kanmon log events --since 1h --grep scanner",
-    "records": "tail {data_dir}/log/kanmon.log; ls -l {data_dir}/records.sqlite* {data_dir}/records-spill",
+    "records": "tail {data_dir}/log/kanmon.log; ls -l {data_dir}/records.sqlite* {spill}",
 }
 CERT_LOOK_CLOSER = "openssl x509 -noout -subject -enddate -in {cert}"
 
@@ -876,7 +876,11 @@ class Alerts:
         return f"[kanmon {self.config.server.hostname}] {category}: {summary}"
 
     def _command(self, category: str) -> str:
-        return LOOK_CLOSER[category].format(data_dir=self.data_dir)
+        # The records' journals: the local SQLite's, and with [records] url PostgreSQL's.
+        spill = [self.data_dir / "records-spill"]
+        if self.config.records.url:
+            spill.append(self.data_dir / "records-spill-postgresql")
+        return LOOK_CLOSER[category].format(data_dir=self.data_dir, spill=" ".join(map(str, spill)))
 
     def _body(self, st: AlertState, text: str, look: str | None = None) -> str:
         return (

@@ -13,7 +13,8 @@ Each node keeps the version it applied in <data_dir>/cluster-config.json (privat
 replaced atomically): a node that starts (while the database is down, or before it
 answers) runs that version, validated again, and says so in its event log; without it,
 or when it no longer validates, the local file. The database then decides: a newer
-version is applied as it is pushed.
+version is applied as it is pushed. A reload of the local file (SIGHUP) runs what a
+restart would: the newest version when it loads, else the one applied last.
 
 Trusts: the database (written only by `kanmon cluster push`, which validates); every
 version is validated again by each node before it applies it; nothing in the cache file
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kanmon.config import Config, ConfigError, parse_config
+from kanmon.config import Config, ConfigError, parse_config, toml_line_finder
 
 if TYPE_CHECKING:
     import psycopg
@@ -104,13 +105,30 @@ def node_config(text: str, node: str, local: dict, source: str) -> tuple[Config,
     overlays = data.pop("node", {})
     if not isinstance(overlays, dict):
         raise ConfigError([f"{source}: node: must be tables [node.NAME.SECTION]"])
-    merged = _merge(data, overlays.get(node, {}))
+    overlay = overlays.get(node, {})
+    merged = _merge(data, overlay)
     for section in LOCAL_SECTIONS:
         merged.pop(section, None)
         if section in local:
             merged[section] = local[section]
     out = to_toml(merged)
-    return parse_config(out, f"{source} for node {node}" if node else source), out
+    in_file = toml_line_finder(text)
+
+    def line_of(loc: tuple) -> int | None:
+        """An error's line in the pushed file: in the node's overlay when the key comes
+        from there, else in the shared part (the text parsed is made, all on line 1)."""
+        if loc and loc[0] in LOCAL_SECTIONS:
+            return None  # the node's own file's, not this one's
+        found, d = 0, overlay
+        for part in loc:
+            if not isinstance(d, dict) or part not in d:
+                break
+            found, d = found + 1, d[part]
+        if found >= min(2, len(loc)):
+            return in_file(("node", node, *loc))
+        return in_file(loc)
+
+    return parse_config(out, f"{source} for node {node}" if node else source, line_of), out
 
 
 def validate_push(text: str) -> list[str]:
@@ -288,6 +306,7 @@ class ClusterWatch:
         config = node.config
         self.name = config.cluster.node
         self.section = config.records  # the local file's: how this node reaches the database
+        self.cluster = config.cluster
         self.local = local_sections(config)
         self.reload_errors = reload_errors
         self.start_note = start[1] if start else None
@@ -296,14 +315,55 @@ class ClusterWatch:
         self._wake: asyncio.Event | None = None
         self._stop = threading.Event()
         self._cache_tried = self.applied is not None  # the cached version, once per local file
+        self._lock = asyncio.Lock()  # one version applied at a time (the watch, a reload of the local file)
 
-    def local_file_reloaded(self) -> None:
-        """The node reloaded its local file (SIGHUP): the cluster's version applies again
-        (the cached one while the database does not answer)."""
-        self.applied, self.seen = None, 0
-        self._cache_tried = False
-        if self._wake is not None:
-            self._wake.set()
+    async def reload_local(self, local: Config, text: str | None) -> dict:
+        """A reload of the node's local file (SIGHUP, `kanmon reload`), `local` its new
+        content, validated: the node runs the configuration a restart would run, never
+        its local file while a pushed version applies. That is the newest pushed
+        version when it loads; when it is refused (or the database does not answer), the
+        version this node applied last, kept on its disk; the local file only when there
+        is none. node.reload()'s result, with "cluster": {"version": the version now
+        running or None, "refused": {"version", "error"} when the newest was refused}.
+        reload_errors when nothing could be loaded (the old configuration still serving)."""
+        # [records] and [cluster] take effect at a restart: the node keeps those it started with.
+        local = local.model_copy(update={"records": self.section, "cluster": self.cluster})
+        async with self._lock:
+            refused = None
+            try:
+                row = await asyncio.to_thread(self._latest)
+            except Exception as e:  # noqa: BLE001 - the database is down: the version kept on disk
+                print(f"kanmon: cluster: {e}", file=sys.stderr)
+                row = None
+            if row is not None:
+                version, pushed = row
+                self.seen = max(self.seen, version)
+                try:
+                    new, out = node_config(pushed, self.name, self.local, f"cluster config version {version}")
+                    result = await self.node.reload(new, out)
+                except ConfigError as e:
+                    refused = {"version": version, "error": "; ".join(e.messages)}
+                except self.reload_errors as e:
+                    refused = {"version": version, "error": str(e)}
+                else:
+                    await self._applied(version, pushed)
+                    return {**result, "cluster": {"version": version, "refused": None}}
+                self.node.records.emit(f"cluster: configuration version {version} refused: {refused['error']}",
+                                       kind="error")
+                await asyncio.to_thread(self._write_state, version, "refused", refused["error"])
+            new, out, note = await asyncio.to_thread(starting_config, local, text)
+            if note is not None and note[0] is None:
+                self.node.records.emit(note[1], kind="error")
+            result = await self.node.reload(new, out)
+            self.applied = note[0] if note is not None else None
+            self._cache_tried = True
+            if self.applied is not None:
+                why = (f"version {refused['version']} was refused" if refused is not None
+                       else "the database does not answer" if row is None else "")
+                self.node.records.emit(f"cluster: reload: runs configuration version {self.applied}, the last one "
+                                       f"this node applied (kept in {self.node.data_dir / CACHE_FILE})"
+                                       + (f": {why}" if why else ""))
+            return {**result, "cluster": {"version": self.applied, "refused": refused}}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -314,11 +374,12 @@ class ClusterWatch:
         listener.start()
         try:
             while True:
-                try:
-                    await self.check()
-                except Exception as e:  # noqa: BLE001 - the database is down: the next check tries again
-                    print(f"kanmon: cluster: {e}", file=sys.stderr)
-                    await self._apply_cached(e)
+                async with self._lock:
+                    try:
+                        await self.check()
+                    except Exception as e:  # noqa: BLE001 - the database is down: the next check tries again
+                        print(f"kanmon: cluster: {e}", file=sys.stderr)
+                        await self._apply_cached(e)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL):
                         await self._wake.wait()
@@ -381,16 +442,21 @@ class ClusterWatch:
             state, error = "refused", str(e)
             self.node.records.emit(f"cluster: configuration version {version} refused: {error}", kind="error")
         else:
-            state, error = "applied", ""
-            self.applied = version
-            self.node.records.emit(f"cluster: configuration version {version} applied")
-            try:
-                await asyncio.to_thread(write_cache, self.node.data_dir, version, self.name, text)
-            except OSError as e:
-                self.node.records.emit(f"cluster: cannot keep configuration version {version} in "
-                                       f"{self.node.data_dir / CACHE_FILE}: {e.strerror or e}", kind="error")
+            await self._applied(version, text)
+            return "applied"
         await asyncio.to_thread(self._write_state, version, state, error)
         return state
+
+    async def _applied(self, version: int, text: str) -> None:
+        """`version` now runs: say so, keep it on disk, report it."""
+        self.applied = version
+        self.node.records.emit(f"cluster: configuration version {version} applied")
+        try:
+            await asyncio.to_thread(write_cache, self.node.data_dir, version, self.name, text)
+        except OSError as e:
+            self.node.records.emit(f"cluster: cannot keep configuration version {version} in "
+                                   f"{self.node.data_dir / CACHE_FILE}: {e.strerror or e}", kind="error")
+        await asyncio.to_thread(self._write_state, version, "applied", "")
 
     def _latest(self) -> tuple[int, str] | None:
         with _connect(self.section) as conn:

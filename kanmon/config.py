@@ -20,6 +20,7 @@ import functools
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -226,7 +227,11 @@ class TlsSection(Section):
     @field_validator("cert", "key")
     @classmethod
     def _exists(cls, v: Path) -> Path:
-        if not v.is_file():
+        try:
+            found = v.is_file()
+        except OSError as e:  # a directory on its path this user cannot search (run as the service's user)
+            raise ValueError(f"file {str(v)!r} cannot be reached by this user: {e.strerror or e}") from None
+        if not found:
             raise ValueError(f"file {str(v)!r} does not exist")
         return v
 
@@ -1709,8 +1714,21 @@ def balance_only(config: Config) -> bool:
     return config.balancer is not None and "smtp" not in config.model_fields_set and not config.domain
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse and validate TOML text; raise ConfigError naming every bad key."""
+def toml_line_finder(text: str) -> Callable[[tuple[Any, ...]], int | None]:
+    """loc -> the line of `text` where the key pydantic names by loc is written (or the
+    table it is missing from); None when the text does not hold it."""
+    try:
+        lines = _toml_lines(text)
+    except (IndexError, ValueError, RecursionError):  # tomllib read it: a case the scanner does not know
+        lines = {}
+    return lambda loc: _line_of(lines, loc)
+
+
+def parse_config(text: str, source: str = "<config>",
+                 line_of: Callable[[tuple[Any, ...]], int | None] | None = None) -> Config:
+    """Parse and validate TOML text; raise ConfigError naming every bad key. line_of: where
+    an error's key is written, when `text` was made from another file (a cluster's file
+    with a node's overlay, kanmon.clusterconfig); by default, its line in `text`."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -1718,15 +1736,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        try:
-            lines = _toml_lines(text)
-        except (IndexError, ValueError, RecursionError):  # tomllib read it: a case the scanner does not know
-            lines = {}
+        if line_of is None:
+            line_of = toml_line_finder(text)
         messages = []
         for err in e.errors():
             loc = err["loc"]
             where = _loc_text(loc)
-            line = _line_of(lines, loc)
+            line = line_of(loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

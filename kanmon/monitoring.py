@@ -8,7 +8,8 @@ to its BalancerService); the alert state saved in data_dir across restarts;
 DeliveryMetrics fed by QueueManager.on_attempt; the metrics the node's MetricsServer
 serves (the node builds that listener, so a reload can hand its socket on); Retention of
 the records; with shared records (`[records] url`), the node's heartbeat there every
-HEARTBEAT seconds (its queue and active alerts, for `kanmon cluster status`).
+HEARTBEAT seconds (its queue and active alerts, for `kanmon cluster status`), and a last
+one at a graceful stop.
 
 Trusts: the node's validated config and built stages. Never: start anything before the
 node's recovery (the node calls start() after it), or outlive the node's TaskGroup.
@@ -28,6 +29,7 @@ from kanmon.tlscert import server_cert_paths
 
 
 HEARTBEAT = 30.0  # seconds between a node's heartbeats in the shared records
+FINAL_HEARTBEAT_TIMEOUT = 10.0  # seconds a stopping node gives its last heartbeat
 
 
 class Monitoring:
@@ -63,7 +65,16 @@ class Monitoring:
         pass
 
     async def stop(self) -> None:
-        pass
+        """At a graceful stop (the node's deliveries and receivers are done): a last
+        heartbeat, marked stopped, so `kanmon cluster status` shows what the node holds
+        as it stops, not what it held at its last periodic beat."""
+        if not self.node.config.records.url:
+            return
+        try:
+            async with asyncio.timeout(FINAL_HEARTBEAT_TIMEOUT):
+                await self.beat(stopped=True)
+        except Exception as e:  # noqa: BLE001 - the database is down: the last periodic beat stays
+            print(f"kanmon: cluster heartbeat at stop: {e or type(e).__name__}", file=sys.stderr)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -82,13 +93,14 @@ class Monitoring:
                 print(f"kanmon: cluster heartbeat: {e}", file=sys.stderr)
             await self.node.clock.sleep(HEARTBEAT)
 
-    async def beat(self) -> None:
+    async def beat(self, stopped: bool = False) -> None:
+        """One heartbeat; stopped: the last one of a node stopping gracefully."""
         from kanmon.metrics import queue_snapshot
         from kanmon.records.pg import connect, heartbeat, migrate
 
         node, config = self.node, self.node.config
         snap = await asyncio.to_thread(queue_snapshot, node.spool)
-        queue = {**snap.counts, "size": snap.size, "oldest_waiting": snap.oldest_waiting}
+        queue = {**snap.counts, "size": snap.size, "oldest_waiting": snap.oldest_waiting, "stopped": stopped}
         alerts = [{"category": st.category, "key": st.key, "text": st.text, "since": st.since}
                   for st in self.alerts.current()]  # as `kanmon status` counts them
         name = config.records.node or config.server.hostname

@@ -744,12 +744,13 @@ class Node:
             new, text = read_config(self.config_source)
         except ConfigError as e:
             self._refused("; ".join(e.messages))
-        result = await self.reload(new, text)
+        if self.cluster_watch is not None:  # the version the cluster gives this node, as at a restart
+            result = await self.cluster_watch.reload_local(new, text)
+        else:
+            result = await self.reload(new, text)
         admin = getattr(self, "admin", None)
-        if admin is not None:  # `kanmon status`: the digest of the text now running
+        if admin is not None:  # `kanmon status`: the digest of the local file as read
             admin.config_sha256 = config_digest(self.config_source, text)
-        if self.cluster_watch is not None:
-            self.cluster_watch.local_file_reloaded()
         return result
 
     def _refused(self, reason: str):

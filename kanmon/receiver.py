@@ -165,6 +165,7 @@ class ReceiverPool:
         # current one: retire_one() moves the index on, restore() starts a new supervisor.
         self._generation: list[int] = [0] * count
         self._retired: set[int] = set()
+        self._failure: str | None = None  # why the last receiver that could not start could not
 
     async def start(self, ready_timeout: float = READY_TIMEOUT, replacing: ReceiverPool | None = None) -> None:
         """Start every receiver and wait until each listens; OSError if one does not.
@@ -183,12 +184,12 @@ class ReceiverPool:
             if replacing is None:
                 for i in range(self.count):
                     self._tasks.append(asyncio.ensure_future(self._supervise(i, 0)))
-                await wait_ready(self._ready, self._tasks, deadline, WHAT)
+                await self._wait_ready(self._ready, self._tasks, deadline)
                 return
             for i in range(self.count):
                 task = asyncio.ensure_future(self._supervise(i, 0))
                 self._tasks.append(task)
-                await wait_ready([self._ready[i]], [task], deadline, WHAT)
+                await self._wait_ready([self._ready[i]], [task], deadline)
                 new = self._procs[i]
                 old = replacing.retire_one(i)
                 if old is not None and new is not None:
@@ -204,6 +205,15 @@ class ReceiverPool:
                 await self.stop()
             raise
 
+
+    async def _wait_ready(self, events, tasks, deadline: float) -> None:
+        """wait_ready(), its error with the reason a receiver gave before it exited."""
+        try:
+            await wait_ready(events, tasks, deadline, WHAT)
+        except OSError as e:
+            if self._failure is None:
+                raise
+            raise OSError(f"{e}: {self._failure}") from None
 
     def retire_one(self, index: int) -> int | None:
         """Receiver `index` stops accepting, finishes its sessions and exits, and is not
@@ -265,6 +275,8 @@ class ReceiverPool:
                     kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
                     if kind == "queued" and arg:
                         self.on_queued(arg)
+                    elif kind == "failed":  # why it cannot start, said before it exits
+                        self._failure = arg[:500]
                     elif kind == "ready":
                         self._listening.add(proc)
                         listened = True
@@ -352,7 +364,7 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     from kanmon.policy.quota import quota_effect_handlers
     from kanmon.policy.standard import standard_pipeline
     from kanmon.queue.inject import Injector
-    from kanmon.records.events import DnsblLookupFailed, ScannerFailed, ScannerRecovered
+    from kanmon.records.events import DnsblLookupFailed, Error, ScannerFailed, ScannerRecovered
     from kanmon.records.store import Records
     from kanmon.smtp.server import SmtpServer, SubmissionAuth
     from kanmon.spool.store import Spool
@@ -367,36 +379,51 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                       rotate=False, shared=config.records)
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
-    state = open_state(config, data_dir)  # shared with the main process and the other receivers
-    dns_cache = DnsCache(config.dns.cache_entries)  # this process's checks' (SIGUSR1 flushes it)
-    pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
-                                 resolver=CheckResolver.from_config(config, cache=dns_cache))
-    tls = server_context(config)
 
-    def queued(queue_id: str, envelope, content: bytes) -> None:
-        try:
-            notify.write(f"queued {queue_id}\n".encode())
-        except (BrokenPipeError, OSError):
-            pass  # the main process is gone; recovery will find the message
+    def build():
+        state = open_state(config, data_dir)  # shared with the main process and the other receivers
+        dns_cache = DnsCache(config.dns.cache_entries)  # this process's checks' (SIGUSR1 flushes it)
+        pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
+                                     resolver=CheckResolver.from_config(config, cache=dns_cache))
+        tls = server_context(config)
 
-    # Over-quota notices are written here, where the check runs: stored, recorded and
-    # announced to the main process like received mail.
-    effects = quota_effect_handlers(
-        QuotaNotices(data_dir, Injector(spool, records, queued, hostname=config.server.hostname,
-                                        signer=load_signer(config)))
-    )
-    effects.update(dnsbl_effect_handlers(lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
-    effects.update(scanner_effect_handlers(
-        lambda e: records.record(ScannerFailed(e.scanner, e.error) if e.error else ScannerRecovered(e.scanner))))
-    servers = []
-    for role in ("smtp", "submission"):
-        socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]
-        if not socks:
-            continue
-        # The AUTH throttle counts in the shared state: the failures of every process add up.
-        auth = SubmissionAuth(Users(config), AuthThrottle(state=state)) if role == "submission" else None
-        servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
-                                  submission=role == "submission", auth=auth, effects=effects, state=state))
+        def queued(queue_id: str, envelope, content: bytes) -> None:
+            try:
+                notify.write(f"queued {queue_id}\n".encode())
+            except (BrokenPipeError, OSError):
+                pass  # the main process is gone; recovery will find the message
+
+        # Over-quota notices are written here, where the check runs: stored, recorded and
+        # announced to the main process like received mail.
+        effects = quota_effect_handlers(
+            QuotaNotices(data_dir, Injector(spool, records, queued, hostname=config.server.hostname,
+                                            signer=load_signer(config)))
+        )
+        effects.update(dnsbl_effect_handlers(lambda e: records.record(DnsblLookupFailed(e.ip, e.zone, e.error))))
+        effects.update(scanner_effect_handlers(
+            lambda e: records.record(ScannerFailed(e.scanner, e.error) if e.error else ScannerRecovered(e.scanner))))
+        servers = []
+        for role in ("smtp", "submission"):
+            socks = [(socket.socket(fileno=item["fd"]), item["tls"]) for item in listeners if item["role"] == role]
+            if not socks:
+                continue
+            # The AUTH throttle counts in the shared state: the failures of every process add up.
+            auth = SubmissionAuth(Users(config), AuthThrottle(state=state)) if role == "submission" else None
+            servers.append(SmtpServer(config, pipeline, spool, records, queued, tls, sockets=socks,
+                                      submission=role == "submission", auth=auth, effects=effects, state=state))
+        return state, dns_cache, servers
+
+    try:
+        state, dns_cache, servers = build()
+    except Exception as e:
+        # Said before the process exits, on the pipe (the main process's one-line error at
+        # its start gives it) and in the log: a traceback on stderr alone is easily missed.
+        why = for_log(f"{type(e).__name__}: {e}")
+        records.record(Error(f"SMTP receiver {index} (pid {os.getpid()}) cannot start: {why}"))
+        with contextlib.suppress(OSError):
+            notify.write(f"failed {why}\n".encode("utf-8", "replace"))
+        records.close()
+        raise
     stop = asyncio.Event()
     retire = asyncio.Event()
     loop = asyncio.get_running_loop()

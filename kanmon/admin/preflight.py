@@ -280,9 +280,8 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def check_files(config: Config) -> list[Finding]:
-    """Files kanmon serve reads, and data_dir, checked with the current user's rights."""
-    found = []
+def service_files(config: Config) -> list[tuple[str, Path]]:
+    """(key, path) of every file kanmon serve reads (besides its config and data_dir)."""
     files = []
     if config.tls is not None:
         files += [("tls.cert", config.tls.cert), ("tls.key", config.tls.key)]
@@ -293,8 +292,22 @@ def check_files(config: Config) -> list[Finding]:
     files += [(f"dkim[{i}].key", config.dkim_key_path(d)) for i, d in enumerate(config.dkim) if d.active]
     files += [(f"domain[{i}].recipients_file", d.recipients_file)
               for i, d in enumerate(config.domain) if d.recipients_file is not None]
-    for key, path in files:
-        if not Path(path).exists():
+    if config.records.password_file is not None:  # read by every process that reaches PostgreSQL
+        files.append(("records.password_file", config.records.password_file))
+    return [(key, Path(path)) for key, path in files]
+
+
+def check_files(config: Config) -> list[Finding]:
+    """Files kanmon serve reads, and data_dir, checked with the current user's rights."""
+    found = []
+    for key, path in service_files(config):
+        try:
+            exists = Path(path).exists()
+        except OSError as e:  # a directory on the way it cannot search
+            found.append(Finding("error", key, f"{path} cannot be reached by {_user_name(os.geteuid())}: "
+                                               f"{e.strerror or e}"))
+            continue
+        if not exists:
             found.append(Finding("error", key, f"{path} does not exist"))
         elif not os.access(path, os.R_OK):
             found.append(Finding("error", key, f"{path} is not readable by {_user_name(os.geteuid())}"))

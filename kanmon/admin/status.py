@@ -104,6 +104,9 @@ async def node_status(plane) -> dict[str, Any]:
             "file": node.config_source,
             "sha256": plane.config_sha256,
             "changed_on_disk": digest_now is not None and digest_now != plane.config_sha256,
+            # A node following the cluster ([cluster]): the pushed version it runs (None: its local file).
+            "cluster": None if getattr(node, "cluster_watch", None) is None else
+            {"node": node.cluster_watch.name, "version": node.cluster_watch.applied},
         },
         "listeners": [{"key": key, "address": f"[{h}]:{p}" if ":" in h else f"{h}:{p}"}
                       for key, (h, p) in listeners(node.config)],

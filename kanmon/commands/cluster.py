@@ -30,7 +30,7 @@ def cluster() -> None:
 @config_option
 @json_option("One JSON object per node.")
 def cluster_status(config_path, as_json) -> None:
-    """Every node: last seen, version, queue (what waits on a dead node), active alerts."""
+    """Every node: last seen, version, queue (what waits on a stopped or dead node), active alerts."""
     import psycopg
     from rich.console import Console
     from rich.table import Table
@@ -57,8 +57,8 @@ def cluster_status(config_path, as_json) -> None:
         for n in nodes:
             v = configs.get(n.node)
             config = {"version": v[0], "state": v[1], "error": v[2]} if v else None
-            click.echo(json_for_terminal({**n.as_dict(), "silent": now - n.last_seen > SILENT_AFTER * HEARTBEAT,
-                                   "config": config}))
+            click.echo(json_for_terminal({**n.as_dict(), "silent": not n.stopped and now - n.last_seen > SILENT_AFTER * HEARTBEAT,
+                                   "queue_as_of": n.last_seen, "config": config}))
         return
     if not nodes:
         click.echo("no node has reported yet (nodes report every "
@@ -71,9 +71,14 @@ def cluster_status(config_path, as_json) -> None:
         table.add_column(col, overflow="fold")
     for n in nodes:
         age = max(0.0, now - n.last_seen)
-        seen = f"{format_duration(age)} ago" + (" (SILENT)" if age > SILENT_AFTER * HEARTBEAT else "")
+        silent = not n.stopped and age > SILENT_AFTER * HEARTBEAT
+        seen = f"{format_duration(age)} ago" + (" (stopped)" if n.stopped else " (SILENT)" if silent else "")
         q = n.queue
         queue = f"{q.get('size', 0)} (new {q.get('new', 0)}, deferred {q.get('deferred', 0)}, hold {q.get('hold', 0)})"
+        if n.stopped:  # its last heartbeat, sent as it stopped: what it holds until it returns
+            queue += " at its stop"
+        elif silent:  # it died: what it held at its last heartbeat (it may have taken more since)
+            queue += f" as of its last heartbeat, {format_time(n.last_seen)}"
         oldest = format_time(q.get("oldest_waiting")) if q.get("oldest_waiting") else "-"
         alerts = "; ".join(f"{a.get('category')}: {alert_title(str(a.get('category')), str(a.get('key')), str(a.get('text') or ''))}"
                            for a in n.alerts) or "-"
@@ -86,7 +91,10 @@ def cluster_status(config_path, as_json) -> None:
 @cluster.command("push")
 @click.option("-c", "--config", "path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The cluster's configuration file, with [node.NAME.SECTION] overlays.")
-def cluster_push(path) -> None:
+@click.option("--check", "check_only", is_flag=True,
+              help="Only validate the file (as it is and with each node's overlay): nothing is pushed and the "
+                   "database is not asked. Exit 0 when it would be pushed, 1 when not.")
+def cluster_push(path, check_only) -> None:
     """Validate FILE (as it is, and with each node's overlay) and store it as the newest
     version; nodes with [cluster] apply it by a graceful reload and report the outcome
     (`kanmon cluster status`). The file's own [records] url says where to push."""
@@ -107,10 +115,16 @@ def cluster_push(path) -> None:
             click.echo(shown(f"kanmon: {path}: {line}"), err=True)
         click.echo("kanmon: nothing pushed", err=True)
         raise SystemExit(1)
-    cfg, _text = clusterconfig.node_config(text, "", {k: v for k, v in tomllib.loads(text).items()
+    data = tomllib.loads(text)
+    cfg, _text = clusterconfig.node_config(text, "", {k: v for k, v in data.items()
                                                       if k in clusterconfig.LOCAL_SECTIONS}, path)
     if not cfg.records.url:
         raise click.UsageError("the file's [records] url says where to push: set it")
+    if check_only:
+        nodes = sorted(data.get("node", {}))
+        click.echo(shown(f"{path}: ok (as it is" + (f", and for node {', '.join(nodes)}" if nodes else "")
+                         + "); nothing pushed"))
+        return
     try:
         version = clusterconfig.push(cfg.records, text)
     except ConfigError as e:  # validated above; a race with the file changing

@@ -164,7 +164,9 @@ def trace(config_path, query, since, node, as_json) -> None:
             click.echo()
         head = t.queue_id or "(rejected, not queued)"
         # Message-IDs, addresses, subjects, EHLO names and replies come from the network.
-        click.echo(shown(f"{head}  {t.message_id or '-'}" + (f"  on {t.node}" if t.node else "")))
+        nodes = t.nodes()  # shared records: every node its steps come from, each line names its own
+        click.echo(shown(f"{head}  {t.message_id or '-'}" + (f"  on {', '.join(nodes)}" if nodes else "")))
+        width = max((len(s.node) for s in t.steps), default=0)
         click.echo(shown(f"  from=<{t.mail_from}> to=" + ", ".join(f"<{r}>" for r in t.rcpts)
                          + (f"  size={t.size}" if t.size else "") + (f"  subject={t.subject!r}" if t.subject else "")))
         if t.client_ip:
@@ -178,7 +180,8 @@ def trace(config_path, query, since, node, as_json) -> None:
             if s.kind == "connect" and s.detail.get("helo"):
                 extra += f"  [EHLO {s.detail['helo']}]"
             text = "the message left the queue" if s.kind == "removed" else s.text  # its log line is just "removed"
-            click.echo(shown(f"  {format_time(s.ts)}  {s.step:<9} {text}{extra}"))
+            node = f"{s.node:<{width}} " if width else ""
+            click.echo(shown(f"  {format_time(s.ts)}  {node}{s.step:<9} {text}{extra}"))
         click.echo(f"  final: {t.final}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kanmon.commands.options import config_option, load_with_path
+from kanmon.commands.options import config_option, load_with_path, shown
 
 
 @click.command()
@@ -60,3 +60,11 @@ def reload(config_path: str | None) -> None:
     result = reply.get("result") or {}
     changed = ", ".join(result.get("changed") or []) or "nothing"
     click.echo(f"kanmon: reloaded {result.get('config', config_path)} (changed: {changed})")
+    cluster = result.get("cluster")
+    if cluster is not None:  # a node following the cluster runs its pushed version, as a restart would
+        refused = cluster.get("refused")
+        if refused:
+            click.echo(shown(f"kanmon: cluster: configuration version {refused['version']} refused: {refused['error']}"),
+                       err=True)
+        click.echo(f"kanmon: cluster: running configuration version {cluster['version']}" if cluster.get("version")
+                   else "kanmon: cluster: running the local file (no pushed version applied)")

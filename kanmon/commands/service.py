@@ -138,12 +138,20 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
     group_name = grp.getgrgid(pwd.getpwnam(user_name).pw_gid).gr_name if exists else user_name
     unit = unit_text(exec_start or default_exec_start(), config_path, data_dir, user_name, group_name)
     program = Path((exec_start or default_exec_start()).split()[0])
-    hidden = next((d for d in SANDBOX_HIDDEN if d == program or d in program.parents), None)
+    hidden = _sandbox_hidden(program)
     if hidden is not None:
         # The unit's PrivateTmp=yes and ProtectHome=yes hide these trees from the service.
         click.echo(f"kanmon: warning: {program} is under {hidden}, which the unit's sandbox hides "
                    "(PrivateTmp=yes, ProtectHome=yes): the service would not start. Install kanmon "
                    "elsewhere (e.g. python3 -m venv /opt/kanmon) or pass --exec-start.", err=True)
+    from kanmon.admin.preflight import service_files  # noqa: PLC0415 - the one list of files serve reads
+
+    for key, path in [("--config-dir", Path(config_dir)), ("server.data_dir", data_dir), *service_files(cfg)]:
+        hidden = _sandbox_hidden(path)
+        if hidden is not None:
+            click.echo(f"kanmon: warning: {key} {path} is under {hidden}, which the unit's sandbox hides "
+                       "(PrivateTmp=yes, ProtectHome=yes): the service would not find it. Move it "
+                       "(e.g. under /etc/kanmon or /var/lib/kanmon).", err=True)
 
     def step(what: str) -> None:
         click.echo(("would: " if dry_run else "") + what)
@@ -189,6 +197,12 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
     else:
         click.echo(f"next: load {unit_path} into your service manager, or run: "
                    f"{exec_start or default_exec_start()} serve -c {config_path}")
+
+
+def _sandbox_hidden(path: Path) -> Path | None:
+    """The tree of SANDBOX_HIDDEN that holds `path` (made absolute), or None."""
+    path = Path(os.path.abspath(path))
+    return next((d for d in SANDBOX_HIDDEN if d == path or d in path.parents), None)
 
 
 def _same_config(source: Path, installed: Path, installed_text: str) -> bool:

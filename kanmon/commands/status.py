@@ -61,6 +61,11 @@ def status(config_path: str | None, as_json: bool) -> None:
     c = doc["config"]
     click.echo(f"  config:      {c['file'] or EMBEDDED} sha256 {(c['sha256'] or '?')[:12]}"
                + ("  (changed on disk since: kanmon reload applies it)" if c["changed_on_disk"] else ""))
+    cluster = c.get("cluster")
+    if cluster is not None:  # the file gives only [records] and [cluster] while a pushed version runs
+        click.echo(f"  cluster:     node {cluster['node']}, " + (
+            f"runs pushed configuration version {cluster['version']}" if cluster["version"] is not None
+            else "runs its local file (no pushed version applied)"))
     click.echo(f"  data:        {doc['data_dir']}")
     runtime = doc.get("runtime")
     if runtime is not None:  # a server started before this kanmon was installed does not say

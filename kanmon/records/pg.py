@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from kanmon.children import pid_alive
 from kanmon.escape import for_log
-from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters
+from kanmon.state.pgconnect import WRITE_TIMEOUTS, libpq_parameters, read_password
 
 if TYPE_CHECKING:
     import psycopg
@@ -129,7 +129,7 @@ def connect(url: str, password_file: Path | None = None, *, timeouts: tuple[int,
 
     extra: dict[str, Any] = libpq_parameters(url, "kanmon", timeouts)
     if password_file is not None:
-        extra["password"] = Path(password_file).read_text().strip()
+        extra["password"] = read_password(password_file)
     extra.update(kwargs)
     return psycopg.connect(url, **extra)
 
@@ -261,6 +261,25 @@ def commit_batches(conn: psycopg.Connection, node: str, batches: list[tuple[str,
                 " FROM history_status WHERE node = %s AND queue_id = ANY(%s) GROUP BY queue_id, rcpt) s"
                 " WHERE h.node = %s AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
                 (node, touched, node))
+        orphans = sorted({r[1] for r in status} - {r[9] for r in hist if r[9]})
+        if orphans:
+            # A message this node delivers under another node's history row: released here
+            # from the shared quarantine, where the node that took it wrote its row
+            # ("Quarantined"). That row takes this node's newest status for its recipient.
+            # The other nodes are those with batches (a loose index scan of their key).
+            conn.execute(
+                "WITH RECURSIVE n AS (SELECT min(node) AS node FROM records_batches"
+                " UNION ALL SELECT (SELECT min(node) FROM records_batches WHERE node > n.node) FROM n"
+                " WHERE n.node IS NOT NULL)"
+                " UPDATE history h SET status = s.status, updated = s.ts, deferrals = s.deferrals FROM ("
+                " SELECT queue_id, rcpt, (array_agg(status ORDER BY ts DESC, id DESC))[1] AS status, max(ts) AS ts,"
+                " count(*) FILTER (WHERE status LIKE 'Deferred%%') AS deferrals"
+                " FROM history_status st WHERE node = %s AND queue_id = ANY(%s) AND NOT EXISTS ("
+                "  SELECT 1 FROM history o WHERE o.node = %s AND o.queue_id = st.queue_id AND o.rcpt = st.rcpt)"
+                " GROUP BY queue_id, rcpt) s"
+                " WHERE h.node = ANY(ARRAY(SELECT node FROM n WHERE node IS NOT NULL AND node != %s))"
+                " AND h.queue_id = s.queue_id AND h.rcpt = s.rcpt",
+                (node, orphans, node, node))
     return [key in new for key, _rows in batches]
 
 
@@ -439,17 +458,31 @@ class Shipper:
             return
         if not batch and not spilled:
             return
-        try:
-            conn = self._connection()
-            if batch and self._spill_files():
-                # put() spilled newer batches while these were taken: all go by the
-                # journal, which is written in the batches' order.
-                self._spill(batch)
-                batch = []
-            replayed = self._replay(conn)
-            for i in range(0, len(batch), BATCHES_PER_COMMIT):
-                self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
-        except (psycopg.Error, OSError) as e:
+        failed: Exception | None = None
+        for attempt in (1, 2):
+            kept = self._conn is not None and not self._conn.closed
+            try:
+                conn = self._connection()
+                if batch and self._spill_files():
+                    # put() spilled newer batches while these were taken: all go by the
+                    # journal, which is written in the batches' order.
+                    self._spill(batch)
+                    batch = []
+                replayed = self._replay(conn)
+                for i in range(0, len(batch), BATCHES_PER_COMMIT):
+                    self._commit_many(conn, batch[i:i + BATCHES_PER_COMMIT])
+            except psycopg.OperationalError as e:
+                self._drop_connection()
+                if kept and attempt == 1:
+                    # The kept connection was closed by the server (PostgreSQL restarted):
+                    # once more on a new one (a batch already committed is skipped by its key).
+                    continue
+                failed = e
+            except (psycopg.Error, OSError) as e:
+                failed = e
+            break
+        if failed is not None:
+            e = failed
             self._drop_connection()
             self._spill(batch)  # those already committed are skipped by their key on replay
             self._retry_at = time.monotonic() + self._backoff

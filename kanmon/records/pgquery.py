@@ -128,6 +128,9 @@ class _SqliteDialect:
     @staticmethod
     def translate(sql: str) -> str:
         sql = re.sub(r" INDEXED BY \w+", "", sql)  # SQLite's plan pinning: PostgreSQL plans its own
+        # Each step of a timeline names the node that wrote it (trace._step reads an 8th column).
+        sql = sql.replace("SELECT id, ts, queue_id, kind, text, session, detail FROM events",
+                          "SELECT id, ts, queue_id, kind, text, session, detail, node FROM events")
         sql = sql.replace("instr(detail, ", "strpos(detail, ").replace(" AND json_valid(detail)", "")  # jsonb: always valid
         sql = re.sub(r"(\w+) = \? COLLATE NOCASE", r"lower(\1) = lower(?)", sql)
         sql = re.sub(r"json_extract\(detail, '\$\.(\w+)'\)", r"(detail::jsonb->>'\1')", sql)
@@ -212,8 +215,9 @@ class NodeStatus:
     version: str
     started: float
     last_seen: float
-    queue: dict  # counts by state, "size", "oldest_waiting" (epoch seconds or None)
+    queue: dict  # counts by state, "size", "oldest_waiting" (epoch seconds or None), as of last_seen
     alerts: list  # active alerts: {"category", "key", "text", "since"}
+    stopped: bool = False  # the last heartbeat was the one a graceful stop sends
 
     def as_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -226,4 +230,8 @@ def cluster_nodes(section: RecordsSection) -> list[NodeStatus]:
             return []
         rows = conn.execute("SELECT node, hostname, version, started, last_seen, queue, alerts FROM cluster_nodes"
                             ' ORDER BY node COLLATE "C"').fetchall()
-    return [NodeStatus(*r) for r in rows]
+    out = []
+    for node, hostname, version, started, last_seen, queue, alerts in rows:
+        stopped = bool(queue.pop("stopped", False)) if isinstance(queue, dict) else False
+        out.append(NodeStatus(node, hostname, version, started, last_seen, queue, alerts, stopped))
+    return out

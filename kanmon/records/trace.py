@@ -48,6 +48,7 @@ class Step:
     text: str
     detail: dict = field(default_factory=dict)  # the event's fields
     kind: str = ""  # the event's kind
+    node: str = ""  # the node that wrote it (shared records; "" in a node's SQLite)
 
 
 @dataclass(slots=True)
@@ -69,7 +70,15 @@ class Timeline:
         d = asdict(self)
         if not self.node:
             del d["node"]
+        for step in d["steps"]:
+            if not step["node"]:
+                del step["node"]
         return d
+
+    def nodes(self) -> list[str]:
+        """The nodes its steps come from, in order (a message released on another node
+        than the one that quarantined it has two)."""
+        return list(dict.fromkeys(s.node for s in self.steps if s.node)) or ([self.node] if self.node else [])
 
 
 def classify(kind: str, queue_id: str | None) -> str:
@@ -155,14 +164,15 @@ def _trace(db, query: str, since: float) -> list[Timeline]:
 
 
 def _step(row) -> Step:
-    _id, ts, qid, kind, text, _session, detail = row
+    """A step from an events row (id, ts, queue_id, kind, text, session, detail[, node])."""
+    _id, ts, qid, kind, text, _session, detail = row[:7]
     d = {}
     if detail:
         try:
             d = json.loads(detail)
         except ValueError:
             d = {}
-    return Step(ts, classify(kind, qid), text, d if isinstance(d, dict) else {}, kind)
+    return Step(ts, classify(kind, qid), text, d if isinstance(d, dict) else {}, kind, row[7] if len(row) > 7 else "")
 
 
 def _session_steps(db, session: str | None, before_id: int) -> list[Step]:

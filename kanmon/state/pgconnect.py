@@ -13,12 +13,18 @@ writer, the shared state, the cluster's configuration watch, the admin commands)
 A parameter the URL sets itself wins (`?keepalives_idle=10`, `?options=-c%20statement_timeout%3D2s`):
 these are defaults, documented in docs/cluster.md.
 
+The password of `[records] password_file` is read here too (read_password), so a file
+the service's user cannot read says so, naming the key, wherever kanmon connects.
+
 Trusts: the validated URL. Never: connect (this module only computes parameters), or
 put a password anywhere.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 CONNECT_TIMEOUT = 5  # seconds: libpq connect_timeout
@@ -42,3 +48,27 @@ def libpq_parameters(url: str, application_name: str, timeouts: tuple[int, int])
     if "options" not in given:  # the URL's own options replace these whole (libpq's rule for a parameter)
         out["options"] = f"-c statement_timeout={statement} -c lock_timeout={lock}"
     return out
+
+
+class PasswordFileError(OSError):
+    """[records] password_file cannot be read (as a database that cannot be reached: the
+    caller's failure path for an unavailable database applies)."""
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+def read_password(path: Path) -> str:
+    """The password in `path` ([records] password_file); PasswordFileError naming the key,
+    the file and the user kanmon runs as when it cannot be read."""
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PasswordFileError(getattr(e, "errno", None) or 0,
+                                f"[records] password_file {path}: cannot be read by user {user} ({reason}); "
+                                "make it readable by kanmon's user (docs/cluster.md)") from None

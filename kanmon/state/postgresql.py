@@ -27,7 +27,7 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,7 +40,7 @@ from kanmon.state.api import (
     bucket_estimate,
     decide_resolution,
 )
-from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters
+from kanmon.state.pgconnect import STATE_TIMEOUTS, libpq_parameters, read_password
 
 if TYPE_CHECKING:
     import psycopg
@@ -107,7 +107,7 @@ class _Db:
         # keepalives, and a check waits no longer than STATE_TIMEOUTS on a locked row
         extra: dict[str, Any] = {**libpq_parameters(self.url, "kanmon-state", STATE_TIMEOUTS), "autocommit": True}
         if self.password_file is not None:
-            extra["password"] = Path(self.password_file).read_text().strip()
+            extra["password"] = read_password(self.password_file)
         return psycopg.connect(self.url, **extra)
 
     @property
@@ -131,12 +131,26 @@ class _Db:
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
-        """One transaction; on a connection error the thread's connection is dropped."""
+        """One transaction; on a connection error the thread's connection is dropped. A
+        kept connection the server closed meanwhile (PostgreSQL restarted: "terminating
+        connection due to administrator command") fails at its BEGIN, before anything of
+        the transaction ran: it is replaced by a new one once, not reported as an outage."""
         import psycopg
 
-        conn = self.conn
+        for attempt in (1, 2):
+            kept = getattr(self._local, "conn", None) is not None and not self._local.conn.closed
+            conn = self.conn
+            stack = ExitStack()
+            try:
+                stack.enter_context(conn.transaction())  # BEGIN
+            except psycopg.OperationalError:
+                self._drop(conn)
+                if kept and attempt == 1:
+                    continue
+                raise
+            break
         try:
-            with conn.transaction():
+            with stack:
                 yield conn
         except psycopg.OperationalError:
             self._drop(conn)

@@ -171,3 +171,70 @@ def test_a_cached_version_is_read_strictly(tmp_path):
         (tmp_path / clusterconfig.CACHE_FILE).write_text(json.dumps(bad))
         with pytest.raises(clusterconfig.CacheError):
             clusterconfig.read_cache(tmp_path)
+
+
+def test_a_reload_with_the_newest_version_refused_runs_the_version_applied_last(tmp_path, private_pg):
+    """`kanmon reload` on a relay whose newest pushed version it refuses: it runs the
+    version it applied last (as a restart would), not its local file, and says so."""
+    import json
+
+    url = private_pg.create_database()
+    port = free_port()
+    local_path = tmp_path / "mr1.toml"
+    local_path.write_text(LOCAL.format(node="mr1", data_dir=tmp_path / "mr1", port=port, url=url))
+    mr1 = RunningNode(parse_config(local_path.read_text()))
+    mr1.node.config_source = str(local_path)
+    mr1.start()
+    section = mr1.config.records
+
+    def push(listen: str) -> None:
+        path = tmp_path / "cluster.toml"
+        path.write_text(PUSHED.format(url=url, mr1_dir=tmp_path / "mr1", mr2_dir=tmp_path / "mr2",
+                                      mr1_listen=listen, mr2_listen='["127.0.0.1:1"]'))
+        assert CliRunner().invoke(main, ["cluster", "push", "-c", str(path)]).exit_code == 0
+
+    try:
+        push(f'["127.0.0.1:{port}"]')
+        wait_for(lambda: clusterconfig.states(section).get("mr1", (0,))[:2] == (1, "applied"), 30, "version 1 applied")
+        push('["192.0.2.1:25"]')
+        wait_for(lambda: clusterconfig.states(section).get("mr1", (0,))[:2] == (2, "refused"), 30, "version 2 refused")
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250  # version 1 serving
+
+        reload = CliRunner().invoke(main, ["reload", "-c", str(local_path)])
+        assert reload.exit_code == 0, reload.output
+        assert "configuration version 2 refused" in reload.output
+        assert "running configuration version 1" in reload.output
+        # Version 1 still runs (the local file names no suzuki, and another hostname).
+        assert rcpt(mr1, "suzuki@corp.example")[0] == 250 and "mr1-pushed.example.test" in banner(mr1)
+        assert clusterconfig.states(section)["mr1"][:2] == (2, "refused")
+
+        status = CliRunner().invoke(main, ["status", "--json", "-c", str(local_path)])
+        assert json.loads(status.output)["config"]["cluster"] == {"node": "mr1", "version": 1}, status.output
+        text = CliRunner().invoke(main, ["status", "-c", str(local_path)]).output
+        assert "runs pushed configuration version 1" in text, text
+    finally:
+        mr1.stop()
+
+
+def test_push_names_the_line_of_the_file_and_check_validates_without_pushing(tmp_path):
+    """An error names the key's line in the pushed file (in the shared part, or in the
+    node's overlay), as `config check` does; `--check` validates and pushes nothing (the
+    database, here one that does not exist, is not asked)."""
+    path = tmp_path / "cluster.toml"
+    good = ('[server]\nhostname = "relay.example.test"\n\n[records]\n'
+            'url = "postgresql://kanmon@127.0.0.1:1/kanmon"\n\n'
+            '[node.mr1.smtp]\nlisten = ["127.0.0.1:2525"]\n')
+
+    def run(*args: str):
+        return CliRunner().invoke(main, ["cluster", "push", *args, "-c", str(path)])
+
+    path.write_text(good.replace('hostname = "relay.example.test"\n', 'hostname = "relay.example.test"\nno_such_key = 1\n'))
+    bad = run()
+    assert bad.exit_code == 1 and "server.no_such_key (line 3): unknown key" in bad.output, bad.output
+    assert "server.no_such_key (line 3): unknown key" in run("--check").output
+    path.write_text(good + "bogus = 3\n")
+    overlay = run("--check")
+    assert overlay.exit_code == 1 and "for node mr1: smtp.bogus (line 9): unknown key" in overlay.output, overlay.output
+    path.write_text(good)
+    ok = run("--check")
+    assert ok.exit_code == 0 and "ok (as it is, and for node mr1); nothing pushed" in ok.output, ok.output

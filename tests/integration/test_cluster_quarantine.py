@@ -346,3 +346,34 @@ def test_a_message_the_shared_quarantine_cannot_take_is_refused_451_not_lost(tmp
         assert [r["subject"] for r in mr1.quarantine("list")["items"]] == ["quarantine me"]
     finally:
         mr1.node.stop()
+
+
+def test_the_trace_and_the_history_of_a_message_released_on_the_other_relay_name_each_node(relays):
+    """Quarantined on mr1, released and delivered by mr2: each line of `kanmon trace`
+    (and each step of --json) names its node, the head names both; the history row mr1
+    wrote ("Quarantined") takes mr2's delivery."""
+    mr1, mr2 = relays
+    mr1.send("quarantine me")
+    mr1.node.wait_idle()
+    (item,) = mr2.quarantine("list")["items"]
+    qid = item["id"]
+    assert f"{qid}: released" in mr2.cli("quarantine", "release", qid)
+    wait_for(lambda: len(mr2.delivered()) == 1, 60, "the release delivered by mr2")
+    mr2.node.wait_idle()
+    for relay in (mr1, mr2):
+        relay.node.flush()
+        wait_for(relay.node.node.records.shipper.flush, 30, "records shipped")
+
+    (timeline,) = map(json.loads, mr1.cli("trace", qid, "--json").splitlines())
+    steps = {(s["node"], s["kind"]) for s in timeline["steps"]}
+    assert {("mr1", "accepted"), ("mr1", "quarantine"), ("mr2", "quarantine-release"), ("mr2", "delivery")} <= steps
+    text = mr1.cli("trace", qid)
+    assert f"{qid}  " in text and "on mr1, mr2" in text.splitlines()[0], text
+    lines = [line for line in text.splitlines() if line.startswith("  20")]
+    assert lines and all(" mr1 " in line or " mr2 " in line for line in lines), text
+    assert any(" mr2 " in line and "attempt" in line and "stat=Sent" in line for line in lines), text
+
+    def rows() -> list:
+        return pgquery.search_history(mr1.node.config.records, queue_id=qid)
+
+    wait_for(lambda: [(r.node, r.status) for r in rows()] == [("mr1", "Delivered")], 30, "mr1's row delivered")

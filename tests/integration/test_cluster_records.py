@@ -197,3 +197,38 @@ def test_cluster_status_shows_each_nodes_queue_and_alerts(tmp_path, private_pg):
     table = CliRunner().invoke(main, ["cluster", "status", "-c", str(cfg)]).output
     assert "mr2.example.test" in table and "1 (new 1" in table and "delivery: store: store" in table
     assert "\x1b" not in table  # alert text from the network, escaped
+
+
+def test_cluster_status_shows_a_stopped_nodes_queue_at_its_stop_and_a_dead_ones_as_of_its_last_beat(
+        tmp_path, private_pg):
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from kanmon.cli import main
+    from kanmon.records.pg import connect, heartbeat
+
+    url = private_pg.create_database()
+    text = CONFIG.format(data_dir=tmp_path / "mr2", port=free_port(), url=url, node="mr2")
+    mr2 = RunningNode(parse_config(text + "[queue]\nsuspend_delivery = true\n")).start()  # its mail waits
+    try:
+        wait_for(lambda: mr2.node.monitoring.heartbeats >= 1, 30, "the first heartbeat")
+        send(mr2, "taken after the last periodic heartbeat")  # the next periodic beat is 30 s away
+    finally:
+        mr2.stop()  # graceful: a last heartbeat
+    with connect(url, None, autocommit=True) as conn:  # a node that died: its beat of long ago stays
+        heartbeat(conn, "dead", "dead.example.test", "0.1.0", time.time() - 7200, time.time() - 3600,
+                  {"size": 2, "new": 0, "deferred": 2, "hold": 0, "oldest_waiting": None, "stopped": False}, [])
+    cfg = tmp_path / "any.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "mr1", port=1, url=url, node="mr1"))
+    out = CliRunner().invoke(main, ["cluster", "status", "--json", "-c", str(cfg)])
+    assert out.exit_code == 0, out.output
+    nodes = {n["node"]: n for n in map(json.loads, out.output.splitlines())}
+    assert nodes["mr2"]["queue"]["size"] == 1 and nodes["mr2"]["stopped"] and not nodes["mr2"]["silent"], out.output
+    assert nodes["dead"]["silent"] and not nodes["dead"]["stopped"]
+    assert nodes["dead"]["queue_as_of"] == nodes["dead"]["last_seen"]
+    table = CliRunner().invoke(main, ["cluster", "status", "-c", str(cfg)]).output
+    lines = {line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in nodes}
+    assert "1 (new 1, deferred 0, hold 0) at its stop" in lines["mr2"] and "(stopped)" in lines["mr2"], table
+    assert "(SILENT)" in lines["dead"] and "2 (new 0, deferred 2, hold 0) as of its last heartbeat" in lines["dead"], table

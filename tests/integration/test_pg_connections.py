@@ -150,3 +150,35 @@ def test_beyond_the_cap_batches_go_straight_to_the_journal_and_none_is_lost(tmp_
         got = [q for (q,) in conn.execute("SELECT queue_id FROM events ORDER BY id")]
     assert got == [f"QUEUE{i:05d}" for i in range(41)]  # every one, once, in the order put
     assert not list((tmp_path / pg.SPILL_DIR).glob("*.jsonl"))
+
+
+def _restart_fast(server) -> None:
+    """A planned restart: sessions end with "terminating connection due to administrator
+    command" (AdminShutdown), the server is back at once."""
+    server._as_postgres([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
+    server.start()
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_once_not_reported(tmp_path, private_pg):
+    """After PostgreSQL restarted, the first use of a kept connection fails (the server
+    closed it): the shared state and the records writer try once more on a new
+    connection, instead of answering a check with its failure mode or raising the
+    records alert for a database that is up."""
+    from kanmon.state.postgresql import PostgresState
+
+    url = private_pg.create_database()
+    state = PostgresState(url, "mr1")
+    failures: list[str] = []
+    shipper = pg.Shipper(RecordsSection(url=url), "mr1", tmp_path, on_failure=failures.append)
+    try:
+        assert state.counters.hit("k", 3600.0, 1000.0) == 1
+        shipper.put(_batch(0))
+        assert shipper.flush(timeout=60) and shipper.written == 1
+        _restart_fast(private_pg)
+        assert state.counters.hit("k", 3600.0, 1000.0) == 2  # not OperationalError (AdminShutdown)
+        shipper.put(_batch(1))
+        assert shipper.flush(timeout=60) and shipper.written == 2
+        assert shipper.failing is None and failures == []
+    finally:
+        shipper.close()
+        state.close()

@@ -82,8 +82,8 @@ def test_a_program_the_sandbox_hides_is_warned_about(tmp_path: Path) -> None:
         assert r.exit_code == 0, r.output
         if hidden:
             assert f"is under {hidden}, which the unit's sandbox hides" in r.stderr
-        else:
-            assert "sandbox hides" not in r.stderr
+        else:  # (the test's directories are under /tmp: they are warned about, not the program)
+            assert f"{program.split()[0]} is under" not in r.stderr
 
 
 def test_a_second_install_with_another_config_follows_the_kept_config(tmp_path: Path) -> None:
@@ -114,3 +114,28 @@ def test_a_kept_config_that_is_invalid_stops_the_install(tmp_path: Path) -> None
     r = CliRunner().invoke(main, args(tmp_path))
     assert r.exit_code == 2 and "no_such_key" in r.stderr and f"the existing {conf} is kept and must be valid" in r.stderr
     assert not (tmp_path / "units").exists() and not (tmp_path / "var").exists()
+
+
+def test_files_and_directories_the_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
+    """[tls] cert and key, records.password_file (and every file serve reads), data_dir and
+    --config-dir under /tmp (PrivateTmp=yes) or /home, /root (ProtectHome=yes): the
+    service would not find them."""
+    from kanmon.commands.service import _sandbox_hidden
+    import trustme
+
+    pem = tmp_path / "both.pem"
+    trustme.CA().issue_cert("mx1.example.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    src = tmp_path / "tls.toml"
+    src.write_text(f'[server]\ndata_dir = "/var/lib/kanmon-test"\n[tls]\ncert = "{pem}"\nkey = "{pem}"\n'
+                   f'[records]\nurl = "postgresql://kanmon@127.0.0.81:5432/kanmon"\n'
+                   f'password_file = "{tmp_path / "db.pass"}"\n')
+    r = CliRunner().invoke(main, ["service", "install", "--config", str(src), "--config-dir", str(tmp_path / "etc"),
+                                  "--unit-dir", str(tmp_path / "u"), "--user", "nobody", "--no-user", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    for key, path in (("tls.cert", pem), ("tls.key", pem), ("records.password_file", tmp_path / "db.pass"),
+                      ("--config-dir", tmp_path / "etc")):
+        assert f"warning: {key} {path} is under /tmp, which the unit's sandbox hides" in r.stderr, r.stderr
+    assert "server.data_dir" not in r.stderr
+    assert _sandbox_hidden(Path("/root/certs-walk/mx1.pem")) == Path("/root")
+    assert _sandbox_hidden(Path("/home/ann/db.pass")) == Path("/home")
+    assert _sandbox_hidden(Path("/etc/kanmon/db.pass")) is None
