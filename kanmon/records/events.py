@@ -574,6 +574,9 @@ class QuarantineDeleted(Event):
 
 
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
+# The history status of a recipient whose message an administrator (or a maintenance job)
+# deleted from the queue before it was final: "Deleted by administrator (SOURCE)".
+DELETED = "Deleted"
 
 
 @_event

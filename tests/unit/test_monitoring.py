@@ -486,3 +486,38 @@ def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_dat
     assert texts(("error", "audit")) == [old[4][1], old[5][1]]
     # the kind changes no line: the log file, stdout and `kanmon log events` print the text
     assert [e.text for e in search_events(tmp_path, grep="dnscheck")][:2] == [old[0][1], old[5][1]]
+
+
+def test_trace_final_says_deleted_returned_or_expired(tmp_path):
+    """A message that left the queue by an administrator's delete, an administrator's
+    bounce or its lifetime says so in `final:`, never "in the queue"."""
+    from kanmon.records import events as ev
+    from kanmon.records.trace import trace
+
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    deferred = ev.Delivery("d@corp.example", ev.DEFERRED, "esmtp", "4.4.1", "Connection refused", delay=1, xdelay=1)
+    for qid in ("0000000000001BC", "0000000000002BC", "0000000000003BC", "0000000000004BC"):
+        records.record(ev.Accepted("a@b.test", 10, 1, "ESMTP", "unknown [127.0.0.1]", "<m@b>"), qid)
+    records.record(deferred, "0000000000001BC")
+    records.record(ev.AdminChanged("delete", "kanmon queue delete"), "0000000000001BC")
+    records.record(ev.AdminChanged("delete", "maintenance stale"), "0000000000002BC")  # never tried
+    records.record(deferred, "0000000000003BC")
+    records.record(ev.Delivery("d@corp.example", ev.BOUNCED, "admin", "5.0.0",
+                               "message returned to sender by the administrator", note="kanmon queue bounce"),
+                   "0000000000003BC")
+    records.record(ev.AdminChanged("bounce", "kanmon queue bounce"), "0000000000003BC")
+    records.record(ev.Delivery("d@corp.example", ev.BOUNCED, "esmtp", "5.4.1", "Connection refused",
+                               note="message expired in the queue"), "0000000000004BC")
+    records.record(ev.Removed(), "0000000000004BC")
+    records.flush()
+    records.close()
+    (t,) = trace(tmp_path, "0000000000001BC")
+    assert t.final == ("deleted by administrator (kanmon queue delete), not delivered to d@corp.example"
+                       " (last reply: Connection refused)")
+    (t,) = trace(tmp_path, "0000000000002BC")
+    assert t.final == "deleted by administrator (maintenance stale), not tried"
+    (t,) = trace(tmp_path, "0000000000003BC")
+    assert t.final == ("bounced for d@corp.example (message returned to sender by the administrator"
+                       " (kanmon queue bounce))")
+    (t,) = trace(tmp_path, "0000000000004BC")
+    assert t.final == "bounced for d@corp.example (Connection refused (message expired in the queue))"
