@@ -4,8 +4,9 @@ Role: use the second core the way Postfix does (smtpd apart from qmgr). The main
 binds every SMTP and submission socket, runs recovery, then starts `[server] workers`
 receiver processes (`python -m kanmon.receiver`) that inherit the listening sockets and
 accept on them. A receiver makes each message durable in the spool itself (the same
-group commit and promise 1), then tells the main process "queued <id>" over a pipe; the
-main process's queue manager reads the message from the spool and delivers it. A
+group commit and promise 1), then, once its records writer has written the message's log
+lines, tells the main process "queued <id>" over a pipe; the main process's queue
+manager reads the message from the spool and delivers it. A
 receiver that dies is started again; one that is not told about cannot lose anything:
 its messages are in the spool and recovery schedules them at the next start.
 
@@ -373,11 +374,17 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
                                  resolver=CheckResolver.from_config(config, cache=dns_cache))
     tls = server_context(config)
 
-    def queued(queue_id: str, envelope, content: bytes) -> None:
+    def tell(queue_id: str) -> None:
         try:
-            notify.write(f"queued {queue_id}\n".encode())
-        except (BrokenPipeError, OSError):
-            pass  # the main process is gone; recovery will find the message
+            notify.write(f"queued {queue_id}\n".encode())  # one write under PIPE_BUF: atomic
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the main process is gone (or we stop); recovery will find the message
+
+    def queued(queue_id: str, envelope, content: bytes) -> None:
+        # The main process is told once this process's lines about the message (the
+        # session, from=...) are in the log: its delivery lines come after them, as in
+        # sendmail's and Postfix's logs (the records writer calls tell, no extra fsync).
+        records.after_lines(partial(tell, queue_id))
 
     # Over-quota notices are written here, where the check runs: stored, recorded and
     # announced to the main process like received mail.

@@ -464,6 +464,16 @@ class Records:
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
         self._put(("status", time.time(), queue_id, rcpt, status))
 
+    def after_lines(self, callback: Callable[[], None]) -> None:
+        """Call callback (in the writer thread) once the log lines of everything recorded
+        before it are written (file, syslog, stdout), before its batch goes to the
+        database. An SMTP receiver process tells the main process of a message this way,
+        so that the message's lines (from=..., its session) are in the log before the
+        queue manager can write its delivery lines (docs/monitoring.md). No thread is
+        woken for it: it waits for the writer's next pass (WRITE_INTERVAL at most).
+        An exception from callback is printed on stderr, never raised."""
+        self._put(("after", callback))
+
     def _configure_log(self, log: LogSection | None) -> None:
         to = log.to if log is not None else ["file"]
         self._log_path = self.data_dir / "log" / "kanmon.log" if self._log_file and "file" in to else None
@@ -679,6 +689,7 @@ class Records:
 
     def _write(self, batch: list[tuple], log_fh: LogFile | None, retry: bool = True) -> None:
         events, hist, status, lines, syslog_lines = [], [], [], [], []
+        after: list[Callable[[], None]] = []
         counts: Counter[str] = Counter()
         pid = os.getpid()
         for item in batch:
@@ -705,6 +716,8 @@ class Records:
                 hist.append(row)
             elif item[0] == "status":
                 status.append(item)
+            elif item[0] == "after":
+                after.append(item[1])
         if lines:
             # The plain log line first (DESIGN.md promise 9): a database failure below
             # must not take it along.
@@ -722,6 +735,11 @@ class Records:
                     self._echo.flush()
                 except (OSError, ValueError):
                     pass
+        for callback in after:  # the lines recorded before each are written
+            try:
+                callback()
+            except Exception as e:  # noqa: BLE001 - one callback must not lose the batch
+                print(f"kanmon: records: after-lines callback failed: {type(e).__name__}: {e}", file=sys.stderr)
         if events or hist or status or counts:
             rows = _rows(events=events, hist=hist, status=[list(x[1:]) for x in status],
                          counts=[[pid, name, value] for name, value in counts.items()])

@@ -76,3 +76,20 @@ def test_an_event_whose_fields_cannot_be_encoded_loses_nothing_else(tmp_path):
     texts = [e.text for e in search_events(tmp_path)]
     assert "removed" in texts
     assert any(t.startswith("unprintable") for t in texts)
+
+
+def test_after_lines_is_called_once_the_lines_recorded_before_it_are_in_the_log(tmp_path):
+    from kanmon.records.events import Note
+    from kanmon.records.store import Records
+
+    records = Records(tmp_path, "mx1.example.test")
+    seen: list[str] = []
+    records.record(Note("from=<a@b.test>, size=1"), "0000000000001BC")
+    records.after_lines(lambda: seen.append((tmp_path / "log/kanmon.log").read_text()))
+    records.after_lines(lambda: 1 / 0)  # printed on stderr, the writer goes on
+    records.record(Note("later"))
+    records.flush()
+    records.close()
+    (text,) = seen
+    assert "0000000000001BC: from=<a@b.test>, size=1" in text
+    assert "later" in (tmp_path / "log/kanmon.log").read_text()
