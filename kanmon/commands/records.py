@@ -232,7 +232,8 @@ def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
                       str(b.rejected))
     console.print(table)
     for title, rows in (("top senders", report.top_senders), ("top recipients", report.top_recipients),
-                        ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check)):
+                        ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check),
+                        ("connections refused by check", report.connections_refused_by_check)):
         console.print(f"\n{title}:")
         for name, count in rows:
             console.print(f"  {count:>8}  {shown(name)}", markup=False, highlight=False)

@@ -221,6 +221,11 @@ class Refused(Event):
     proto: str
     helo: str
     check: str = ""
+    # History rows the refusal wrote (`kanmon stats` "rejected" and "rejected by check"): a
+    # refused recipient 1, a message refused at DATA its recipients, a sender refused at
+    # MAIL by a check 1, a protocol error (no recipient yet) 0. None: recorded before it
+    # was counted.
+    history_rows: int | None = None
 
     def line(self) -> str:
         detail = f"; from=<{self.mail_from}>" if self.mail_from is not None else ""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from kanmon.records.pg import connect
 from kanmon.state.pgconnect import READ_TIMEOUTS
 from kanmon.records.query import EventRow, HistoryRow
-from kanmon.records.stats import BUCKETS, TOP, Stats, assemble, utc_offset
+from kanmon.records.stats import BUCKETS, NO_CHECK, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
 
 if TYPE_CHECKING:
@@ -172,6 +172,12 @@ def trace(section: RecordsSection, query: str, since: float | None = None, node:
     return timelines
 
 
+PG_CHECK_LABEL = f"COALESCE(NULLIF(detail::jsonb->>'check', ''), '{NO_CHECK}')"
+PG_LEGACY_ROWS = ("CASE WHEN detail::jsonb->>'reply' LIKE '421%%' THEN 0"
+                  " WHEN detail::jsonb->>'stage' IN ('RCPT', 'DATA') THEN 1"
+                  " WHEN detail::jsonb->>'stage' = 'MAIL' AND detail::jsonb->>'check' != '' THEN 1 ELSE 0 END")
+
+
 def collect(section: RecordsSection, since: float, until: float | None = None, by: str = "day", top: int = TOP,
             node: str | None = None) -> Stats:
     """kanmon.records.stats.collect over every node's history (or one node's)."""
@@ -193,9 +199,13 @@ def collect(section: RecordsSection, since: float, until: float | None = None, b
          " LIMIT %s", (since, until, top)),
         ("SELECT lower(substr(rcpt, strpos(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
          f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT %s", (since, until, top)),
-        ("SELECT COALESCE(NULLIF(detail::jsonb->>'check', ''), '-') AS k, COUNT(*) AS c FROM events"
-         " WHERE ts >= %s AND ts < %s AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
-         (since, until)),
+        # As kanmon.records.stats._queries: the history rows each refusal wrote, by check.
+        (f"SELECT 'rcpt', {PG_CHECK_LABEL}, SUM(COALESCE((detail::jsonb->>'history_rows')::int, {PG_LEGACY_ROWS})) AS c"
+         " FROM events WHERE ts >= %s AND ts < %s AND kind = 'reject' GROUP BY 2"
+         f" HAVING SUM(COALESCE((detail::jsonb->>'history_rows')::int, {PG_LEGACY_ROWS})) > 0"
+         f" UNION ALL SELECT 'connect', {PG_CHECK_LABEL}, COUNT(*) FROM events"
+         " WHERE ts >= %s AND ts < %s AND kind = 'reject-connect' GROUP BY 2",
+         (since, until, since, until)),
     ]
     with _node_views(section, node) as conn:
         results = [conn.execute(q, args).fetchall() for q, args in queries]

@@ -1,0 +1,68 @@
+"""What the records report about refusals and senders: `kanmon stats` counts refused
+recipients (not protocol errors), a recipient refused for its parameters is recorded
+with its address, and `kanmon log history` tells the null sender from no sender."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+
+import pytest
+from click.testing import CliRunner
+
+from kanmon.cli import main
+from kanmon.clock import ManualClock
+from kanmon.config import parse_config
+from kanmon.records.query import search_events, search_history
+from kanmon.records.stats import collect
+from tests.support.kanmon_node import RunningNode, free_port
+
+NODE = """
+[server]
+hostname = "mx1.example.test"
+data_dir = "{data_dir}"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+min_free_disk = "1MB"
+[[domain]]
+name = "example.test"
+mailboxes = ["alice", "carol"]
+"""
+
+
+@pytest.fixture
+def node(tmp_path):
+    text = NODE.format(data_dir=tmp_path / "data", port=free_port())
+    (tmp_path / "kanmon.toml").write_text(text)
+    n = RunningNode(parse_config(text), clock=ManualClock()).start()
+    n.config_file = tmp_path / "kanmon.toml"
+    yield n
+    n.stop()
+
+
+def cli(node, *args: str) -> str:
+    out = CliRunner().invoke(main, [*args, "-c", str(node.config_file)])
+    assert out.exit_code == 0, (out.output, out.exception)
+    return out.output
+
+
+def test_stats_rejected_counts_refused_recipients_not_protocol_errors(node):
+    with smtplib.SMTP(node.host, node.port, timeout=30) as s:
+        s.ehlo("client.example")
+        assert s.docmd("RCPT", "TO:<alice@example.test>")[0] == 503  # no MAIL yet
+        assert s.docmd("MAIL", "FROM:<a@remote.example>")[0] == 250
+        assert s.docmd("DATA")[0] == 503  # no recipient yet
+        assert s.docmd("RCPT", "TO:<nobody@example.test>")[0] == 550
+        assert s.docmd("RCPT", "TO:<alice@example.test>")[0] == 250
+        assert s.docmd("RSET")[0] == 250
+    node.flush()
+    rows = search_history(node.data_dir)
+    assert [(r.rcpt, r.disposition) for r in rows] == [("nobody@example.test", "Reject")]
+    s = collect(node.data_dir, 0)
+    assert s.totals.rejected == 1
+    assert s.rejected_by_check == [("local_recipients", 1)]
+    assert sum(c for _, c in s.rejected_by_check) == s.totals.rejected
+    # The protocol errors are still in the event log (and the metrics), just not counted as refused recipients.
+    assert sum("503 " in e.text for e in search_events(node.data_dir)) == 2
+    report = json.loads(cli(node, "stats", "--json"))
+    assert report["totals"]["rejected"] == 1 and report["rejected_by_check"] == [{"name": "local_recipients", "count": 1}]
