@@ -66,3 +66,23 @@ def test_stats_rejected_counts_refused_recipients_not_protocol_errors(node):
     assert sum("503 " in e.text for e in search_events(node.data_dir)) == 2
     report = json.loads(cli(node, "stats", "--json"))
     assert report["totals"]["rejected"] == 1 and report["rejected_by_check"] == [{"name": "local_recipients", "count": 1}]
+
+
+def test_a_recipient_refused_for_a_bad_dsn_parameter_is_recorded_with_its_address(node):
+    with smtplib.SMTP(node.host, node.port, timeout=30) as s:
+        s.ehlo("client.example")
+        assert s.docmd("MAIL", "FROM:<a@remote.example>")[0] == 250
+        code, text = s.docmd("RCPT", "TO:<carol@example.test> NOTIFY=BOGUS")
+        assert (code, text[:5]) == (501, b"5.5.4")
+        assert s.docmd("RCPT", "TO:<alice@example.test> FOO=1")[0] == 555  # an unknown parameter
+        assert s.docmd("RCPT", "TO:<c\x1b[2Jx@example.test> NOTIFY=BOGUS")[0] == 501  # no address parsed
+    node.flush()
+    lines = [e.text for e in search_events(node.data_dir) if "NOQUEUE: reject: RCPT" in e.text]
+    assert len(lines) == 3
+    assert "501 5.5.4" in lines[0] and "from=<a@remote.example> to=<carol@example.test> proto=ESMTP" in lines[0]
+    assert "555 5.5.4" in lines[1] and "to=<alice@example.test>" in lines[1]
+    assert " to=<" not in lines[2] and "\x1b" not in lines[2]
+    rows = search_history(node.data_dir)
+    assert sorted(r.rcpt for r in rows) == ["alice@example.test", "carol@example.test"]
+    assert {r.disposition for r in rows} == {"Reject"}
+    assert collect(node.data_dir, 0).rejected_by_check == [("(session)", 2)]
