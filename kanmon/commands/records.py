@@ -89,8 +89,9 @@ def log_events(config_path, since, queue_id, grep, node, as_json, limit) -> None
 @log.command("history")
 @config_option
 @click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
-@click.option("--from", "mail_from", help="Envelope sender contains TEXT.")
-@click.option("--to", "rcpt", help="Recipient contains TEXT.")
+@click.option("--from", "mail_from", metavar="PATTERN",
+              help="Envelope sender: contains TEXT, or a shell pattern with * and ? (*@example.com); <> is the null sender.")
+@click.option("--to", "rcpt", metavar="PATTERN", help="Recipient: contains TEXT, or a shell pattern with * and ?.")
 @click.option("--subject", help="Subject contains TEXT.")
 @click.option("--id", "queue_id", help="This queue id.")
 @node_option
@@ -127,7 +128,9 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
         table.add_column(col, overflow="fold")
     for r in rows:
         # Every cell is text, not markup: subjects and addresses come from the network.
-        values = (format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size),
+        # The null sender is <>; a refusal before any MAIL command has no sender: "-".
+        sender = "-" if r.mail_from is None else r.mail_from or "<>"
+        values = (format_time(r.ts), r.client_ip, sender, r.rcpt, r.subject, str(r.size),
                   r.classification, r.disposition, r.queue_id, r.status)
         table.add_row(*(cell(v) for v in ((*values, r.node) if shared else values)))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
 from kanmon.state.pgconnect import READ_TIMEOUTS
-from kanmon.records.query import EventRow, HistoryRow
+from kanmon.records.query import EventRow, HistoryRow, address_like
 from kanmon.records.stats import BUCKETS, NO_CHECK, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
 
@@ -80,10 +80,17 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
     if since is not None:
         where.append("ts >= %s")
         args.append(since)
-    for column, value in (("mail_from", mail_from), ("rcpt", rcpt), ("subject", subject)):
-        if value:
-            where.append(_contains(column))
-            args.append(value)
+    for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
+        if value:  # as kanmon.records.query.search_history: <>, a shell pattern or a substring
+            like = address_like(value)
+            if like is None:
+                where.append(f"{column} = ''")
+            else:
+                where.append(f"{column} ILIKE %s ESCAPE '\\'")
+                args.append(like)
+    if subject:
+        where.append(_contains("subject"))
+        args.append(subject)
     if queue_id:
         where.append("queue_id = %s")
         args.append(queue_id)
@@ -94,7 +101,8 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
         section,
         "SELECT ts, client_ip, mail_from, rcpt, subject, message_id, size, classification, disposition,"
         " queue_id, status, auth_user, node FROM history", where, args, limit)
-    return [HistoryRow(*("" if v is None else v for v in r[:12]), node=r[12]) for r in rows]
+    # NULL text reads as "", but a NULL sender (no MAIL command) stays None.
+    return [HistoryRow(*("" if v is None and n != 2 else v for n, v in enumerate(r[:12])), node=r[12]) for r in rows]
 
 
 def alert_events(section: RecordsSection, since: float, node: str | None = None,

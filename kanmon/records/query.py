@@ -41,11 +41,26 @@ def _event_row(ts, queue_id, kind, text, detail) -> EventRow:
     return EventRow(ts, queue_id, kind, text, fields if isinstance(fields, dict) else None)
 
 
+NULL_SENDER = "<>"  # --from '<>': the null sender (bounces and other notices), as in the queue's filters
+
+
+def address_like(pattern: str) -> str | None:
+    """An address filter of `kanmon log history` as a LIKE pattern (case-insensitive, a backslash
+    escapes): with `*` or `?` a shell pattern over the whole address (`*@example.com`),
+    without them a substring; None for `<>`, the null sender (an empty MAIL FROM)."""
+    if pattern.strip() == NULL_SENDER:
+        return None
+    body = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    if "*" in pattern or "?" in pattern:
+        return body.replace("*", "%").replace("?", "_")
+    return f"%{body}%"
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryRow:
     ts: float
     client_ip: str
-    mail_from: str
+    mail_from: str | None  # "" the null sender <>; None: no MAIL command (a refusal before it)
     rcpt: str
     subject: str
     message_id: str
@@ -81,7 +96,10 @@ def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: in
         if "detail" in select and "detail" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
             select = select.replace("detail", "NULL")  # an old database, not migrated yet: no fields
         sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY ts DESC, id DESC LIMIT ?"
-        rows = [row(*(("" if v is None and row is HistoryRow else v) for v in r)) for r in db.execute(sql, [*args, limit])]
+        if row is HistoryRow:  # NULL text columns read as "", but a NULL sender (no MAIL) stays None
+            rows = [row(*(("" if v is None and n != 2 else v) for n, v in enumerate(r))) for r in db.execute(sql, [*args, limit])]
+        else:
+            rows = [row(*r) for r in db.execute(sql, [*args, limit])]
     finally:
         db.close()
     rows.reverse()
@@ -143,10 +161,17 @@ def search_history(
     if since is not None:
         where.append("ts >= ?")
         args.append(since)
-    for column, value in (("mail_from", mail_from), ("rcpt", rcpt), ("subject", subject)):
+    for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
         if value:
-            where.append(f"instr(lower({column}), lower(?)) > 0")
-            args.append(value)
+            like = address_like(value)
+            if like is None:
+                where.append(f"{column} = ''")
+            else:
+                where.append(f"lower({column}) LIKE lower(?) ESCAPE '\\'")
+                args.append(like)
+    if subject:
+        where.append("instr(lower(subject), lower(?)) > 0")
+        args.append(subject)
     if queue_id:
         where.append("queue_id = ?")
         args.append(queue_id)

@@ -457,7 +457,8 @@ class Records:
         rcpts = [rcpt] if rcpt else (env.rcpts if env and env.rcpts else [""])
         for r in rcpts:
             self._put((
-                "hist", time.time(), client_ip, env.mail_from if env else "", r, "", "", env.size_hint if env else 0,
+                # No envelope: refused before MAIL; its sender is NULL (shown "-"), not the null sender <>.
+                "hist", time.time(), client_ip, env.mail_from if env else None, r, "", "", env.size_hint if env else 0,
                 classification, disposition, "", str(reply), auth_user, helo, 0,
             ))
 

@@ -86,3 +86,29 @@ def test_a_recipient_refused_for_a_bad_dsn_parameter_is_recorded_with_its_addres
     assert sorted(r.rcpt for r in rows) == ["alice@example.test", "carol@example.test"]
     assert {r.disposition for r in rows} == {"Reject"}
     assert collect(node.data_dir, 0).rejected_by_check == [("(session)", 2)]
+
+
+def test_history_from_the_null_sender_and_rows_without_a_sender(node):
+    with smtplib.SMTP(node.host, node.port, timeout=30) as s:
+        s.sendmail("", ["alice@example.test"], "Subject: a bounce\r\n\r\nx\r\n")
+        s.sendmail("bob@remote.example", ["alice@example.test"], "Subject: from bob\r\n\r\nx\r\n")
+        s.ehlo("client.example")
+        # Refused at MAIL by a limit: no transaction, so no sender (not the null sender).
+        assert s.docmd("MAIL", f"FROM:<x@remote.example> SIZE={10**12}")[0] == 552
+    node.wait_idle()
+    node.flush()
+    rows = search_history(node.data_dir)
+    assert sorted((r.mail_from is None, r.mail_from or "") for r in rows) == [
+        (False, ""), (False, "bob@remote.example"), (True, "")]
+    (bounce,) = search_history(node.data_dir, mail_from="<>")
+    assert bounce.mail_from == "" and bounce.rcpt == "alice@example.test"
+    assert [r.mail_from for r in search_history(node.data_dir, mail_from="*@REMOTE.example")] == ["bob@remote.example"]
+    assert [r.mail_from for r in search_history(node.data_dir, mail_from="b_b")] == []  # _ is no wildcard
+    assert len(search_history(node.data_dir, rcpt="alice@*")) == 2 and search_history(node.data_dir, rcpt="lice@*") == []
+    out = cli(node, "log", "history", "--from", "<>")
+    assert "<>" in out and "bob@" not in out and "a bounce" in out
+    table = cli(node, "log", "history").splitlines()
+    (refused,) = [line for line in table if "552" in line]
+    assert " - " in refused and "<>" not in refused
+    js = [json.loads(line) for line in cli(node, "log", "history", "--json").splitlines()]
+    assert sorted(str(r["mail_from"]) for r in js) == ["", "None", "bob@remote.example"]
