@@ -112,3 +112,17 @@ def test_history_from_the_null_sender_and_rows_without_a_sender(node):
     assert " - " in refused and "<>" not in refused
     js = [json.loads(line) for line in cli(node, "log", "history", "--json").splitlines()]
     assert sorted(str(r["mail_from"]) for r in js) == ["", "None", "bob@remote.example"]
+
+
+def test_a_raw_shift_jis_or_iso_2022_jp_subject_is_found_by_log_history(node):
+    text = "請求書送付のお知らせ"
+    with smtplib.SMTP(node.host, node.port, timeout=30) as s:
+        for n, charset in enumerate(("shift_jis", "iso2022_jp")):
+            s.sendmail("s@remote.example", ["alice@example.test"], b"From: s@remote.example\r\nSubject: "
+                       + text.encode(charset) + f"\r\nMessage-ID: <raw{n}@remote.example>\r\n\r\nbody\r\n".encode())
+    node.wait_idle()
+    node.flush()
+    assert sorted(r.subject for r in search_history(node.data_dir)) == [text, text]
+    assert len(search_history(node.data_dir, subject="請求書")) == 2
+    js = [json.loads(line) for line in cli(node, "log", "history", "--subject", "請求書", "--json").splitlines()]
+    assert [r["subject"] for r in js] == [text, text]
