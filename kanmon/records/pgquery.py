@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
 from kanmon.state.pgconnect import READ_TIMEOUTS
-from kanmon.records.query import EventRow, HistoryRow, address_like
+from kanmon.records.query import EventRow, HistoryRow, address_like, message_ids
 from kanmon.records.stats import BUCKETS, NO_CHECK, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
 
@@ -53,12 +53,16 @@ def _contains(column: str) -> str:
     return f"strpos(lower(coalesce({column}, '')), lower(%s)) > 0"
 
 
-def search_events(section: RecordsSection, *, since: float | None = None, queue_id: str | None = None,
-                  grep: str | None = None, node: str | None = None, limit: int = 10_000) -> list[EventRow]:
+def search_events(section: RecordsSection, *, since: float | None = None, until: float | None = None,
+                  queue_id: str | None = None, grep: str | None = None, node: str | None = None,
+                  limit: int = 10_000) -> list[EventRow]:
     where, args = [], []
     if since is not None:
         where.append("ts >= %s")
         args.append(since)
+    if until is not None:
+        where.append("ts < %s")
+        args.append(until)
     if queue_id:
         where.append("(queue_id = %s OR strpos(text, %s) > 0)")
         args += [queue_id, queue_id]
@@ -73,13 +77,20 @@ def search_events(section: RecordsSection, *, since: float | None = None, queue_
             for ts, qid, kind, text, detail, n in rows]
 
 
-def search_history(section: RecordsSection, *, since: float | None = None, mail_from: str | None = None,
-                   rcpt: str | None = None, subject: str | None = None, queue_id: str | None = None,
+def search_history(section: RecordsSection, *, since: float | None = None, until: float | None = None,
+                   mail_from: str | None = None, rcpt: str | None = None, subject: str | None = None,
+                   queue_id: str | None = None, message_id: str | None = None,
                    node: str | None = None, limit: int = 10_000) -> list[HistoryRow]:
     where, args = [], []
     if since is not None:
         where.append("ts >= %s")
         args.append(since)
+    if until is not None:
+        where.append("ts < %s")
+        args.append(until)
+    if message_id:
+        where.append("message_id IN (%s, %s)")
+        args += message_ids(message_id)
     for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
         if value:  # as kanmon.records.query.search_history: <>, a shell pattern or a substring
             like = address_like(value)

@@ -106,11 +106,19 @@ def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: in
     return rows
 
 
+def message_ids(value: str) -> tuple[str, str]:
+    """A Message-ID as given (with or without its angle brackets): both spellings, as the
+    history may hold either."""
+    bare = value.strip().removeprefix("<").removesuffix(">")
+    return f"<{bare}>", bare
+
+
 def search_events(
-    data_dir: Path, *, since: float | None = None, queue_id: str | None = None, grep: str | None = None,
-    limit: int = 10_000, kinds: tuple[str, ...] = (),
+    data_dir: Path, *, since: float | None = None, until: float | None = None, queue_id: str | None = None,
+    grep: str | None = None, limit: int = 10_000, kinds: tuple[str, ...] = (),
 ) -> list[EventRow]:
-    """The newest `limit` event lines matching every filter given, oldest first.
+    """The newest `limit` event lines matching every filter given, oldest first; since
+    and until: the period [since, until).
     kinds: only lines of these kinds (found by the events(kind, ts) index)."""
     where, args = [], []
     if kinds:
@@ -119,6 +127,9 @@ def search_events(
     if since is not None:
         where.append("ts >= ?")
         args.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        args.append(until)
     if queue_id:
         where.append("(queue_id = ? OR text LIKE ?)")
         args += [queue_id, f"%{queue_id}%"]
@@ -154,13 +165,22 @@ def tail_events(data_dir: Path, after: int | None, *, grep: str | None = None,
 
 
 def search_history(
-    data_dir: Path, *, since: float | None = None, mail_from: str | None = None, rcpt: str | None = None,
-    subject: str | None = None, queue_id: str | None = None, limit: int = 10_000,
+    data_dir: Path, *, since: float | None = None, until: float | None = None, mail_from: str | None = None,
+    rcpt: str | None = None, subject: str | None = None, queue_id: str | None = None, message_id: str | None = None,
+    limit: int = 10_000,
 ) -> list[HistoryRow]:
+    """The newest `limit` history rows matching every filter given, oldest first; since
+    and until: the period [since, until); message_id: exactly, brackets or not."""
     where, args = [], []
     if since is not None:
         where.append("ts >= ?")
         args.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        args.append(until)
+    if message_id:
+        where.append("message_id IN (?, ?)")
+        args += message_ids(message_id)
     for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
         if value:
             like = address_like(value)
