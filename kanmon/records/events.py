@@ -406,14 +406,14 @@ class Accepted(Event):
     nrcpts: int
     proto: str
     relay: str = ""  # "name [ip]" of the client, or "local"
-    msgid: str | None = None  # None: not in the line
+    msgid: str | None = None  # None or "" (the message has none): not in the line
     auth: str = ""
     held: bool = False
     origin: str = ""  # for mail kanmon wrote itself: what wrote it (not in the line)
 
     def line(self) -> str:
         out = f"from=<{self.mail_from}>, size={self.size}, nrcpts={self.nrcpts}"
-        if self.msgid is not None:
+        if self.msgid:  # as Postfix's message-id= and sendmail's msgid=: only when the header is there
             out += f", msgid={self.msgid}"
         out += f", proto={self.proto}"
         if self.relay:
