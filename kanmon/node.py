@@ -968,10 +968,14 @@ class Node:
         if c.metrics.listen is not None:
             host, port = c.metrics.listen
             lines.append(f"kanmon: metrics on http://{host}:{port}/metrics")
+        try:  # the mailboxes of the config and of the users file (kanmon user add)
+            boxes = self._directory().tables().mailboxes
+        except Exception:  # noqa: BLE001 - the banner must not stop the start; the config's then
+            boxes = {}
         for d in c.domain:
             if d.deliver == "local":
                 lines.append(
-                    f"kanmon: mail for @{d.name} ({', '.join(d.mailboxes) or 'no mailboxes'}) -> "
+                    f"kanmon: mail for @{d.name} ({_mailboxes_text(d.mailboxes, boxes.get(d.name))}) -> "
                     f"{(self.data_dir / 'mailboxes' / d.name).resolve()}/<mailbox>/new/"
                 )
             else:
@@ -986,6 +990,21 @@ class Node:
             lines.append("kanmon: other domains -> by MX (relay_networks: "
                          + ", ".join(str(n) for n in c.smtp.relay_networks) + ")")
         return "\n".join(lines)
+
+
+BANNER_MAILBOXES = 5  # mailboxes named in the start-up banner per domain; past them, counted
+
+
+def _mailboxes_text(in_config, all_boxes) -> str:
+    """A local domain's mailboxes for the banner: named (the first few), how many in all,
+    and how many of them come from the users file (users.json, `kanmon user add`)."""
+    names = sorted(all_boxes if all_boxes is not None else in_config)
+    if not names:
+        return "no mailboxes"
+    from_file = len(set(names) - set(in_config))
+    text = ", ".join(names[:BANNER_MAILBOXES]) + (", ..." if len(names) > BANNER_MAILBOXES else "")
+    count = f"{len(names)} mailbox{'es' if len(names) != 1 else ''}"
+    return f"{text}: {count}" + (f", {from_file} from users.json" if from_file else "")
 
 
 def run_node(config: Config, config_source: str | None = None, echo: TextIO | None = sys.stdout) -> int:

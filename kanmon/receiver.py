@@ -4,8 +4,10 @@ Role: use the second core the way Postfix does (smtpd apart from qmgr). The main
 binds every SMTP and submission socket, runs recovery, then starts `[server] workers`
 receiver processes (`python -m kanmon.receiver`) that inherit the listening sockets and
 accept on them. A receiver makes each message durable in the spool itself (the same
-group commit and promise 1), then tells the main process "queued <id>" over a pipe; the
-main process's queue manager reads the message from the spool and delivers it. A
+group commit and promise 1), then tells the main process "queued <id>" over a pipe, and
+"logged <id>" once its records writer has written the message's log lines; the main
+process's queue manager then reads the message from the spool and delivers it (at once
+if the receiver exits before "logged"). A
 receiver that dies is started again; one that is not told about cannot lose anything:
 its messages are in the spool and recovery schedules them at the next start.
 
@@ -270,17 +272,31 @@ class ReceiverPool:
             self._live.add(proc)
             # Until the receiver exits (or closes its end); the pipe is closed after, at once
             # (aclosing) even when a line's handling raises.
-            async with contextlib.aclosing(pipe_lines(read_fd, 1 << 16)) as lines:
-                async for line in lines:
-                    kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
-                    if kind == "queued" and arg:
-                        self.on_queued(arg)
-                    elif kind == "failed":  # why it cannot start, said before it exits
-                        self._failure = arg[:500]
-                    elif kind == "ready":
-                        self._listening.add(proc)
-                        listened = True
-                        ready.set()
+            # "queued ID": the message is durable (said before its 250); it is held back
+            # from delivery until "logged ID" (the receiver's log lines about it are
+            # written: its from= line comes before our delivery lines in the log), or
+            # until the receiver exits, whichever comes first (a receiver killed in between
+            # loses no message, and none waits for the next start).
+            held: dict[str, None] = {}
+            try:
+                async with contextlib.aclosing(pipe_lines(read_fd, 1 << 16)) as lines:
+                    async for line in lines:
+                        kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+                        if kind == "queued" and arg:
+                            held[arg] = None
+                        elif kind == "logged" and arg:
+                            if arg in held:
+                                del held[arg]
+                                self.on_queued(arg)
+                        elif kind == "failed":  # why it cannot start, said before it exits
+                            self._failure = arg[:500]
+                        elif kind == "ready":
+                            self._listening.add(proc)
+                            listened = True
+                            ready.set()
+            finally:
+                for qid in held:
+                    self.on_queued(qid)
             code = await loop.run_in_executor(None, proc.wait)
             self._live.discard(proc)
             self._listening.discard(proc)
@@ -380,18 +396,26 @@ async def _serve(config: Config, listeners: list[dict], notify_fd: int, index: i
     spool = Spool(data_dir)
     notify = os.fdopen(notify_fd, "wb", buffering=0)
 
+    def tell(what: str, queue_id: str) -> None:
+        try:
+            notify.write(f"{what} {queue_id}\n".encode())  # one write under PIPE_BUF: atomic
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the main process is gone (or we stop); recovery will find the message
+
+    def queued(queue_id: str, envelope, content: bytes) -> None:
+        # Before the 250: the main process knows the message is durable ("queued"). It
+        # delivers it once this process's lines about it (the session, from=...) are in
+        # the log ("logged", from the records writer: no extra fsync), so its delivery
+        # lines come after them, as in sendmail's and Postfix's logs.
+        tell("queued", queue_id)
+        records.after_lines(partial(tell, "logged", queue_id))
+
     def build():
         state = open_state(config, data_dir)  # shared with the main process and the other receivers
         dns_cache = DnsCache(config.dns.cache_entries)  # this process's checks' (SIGUSR1 flushes it)
         pipeline = standard_pipeline(config, quota_usage=partial(mailbox_usage, data_dir), state=state,
                                      resolver=CheckResolver.from_config(config, cache=dns_cache))
         tls = server_context(config)
-
-        def queued(queue_id: str, envelope, content: bytes) -> None:
-            try:
-                notify.write(f"queued {queue_id}\n".encode())
-            except (BrokenPipeError, OSError):
-                pass  # the main process is gone; recovery will find the message
 
         # Over-quota notices are written here, where the check runs: stored, recorded and
         # announced to the main process like received mail.

@@ -409,7 +409,11 @@ class QueueOps:
         if states is None:
             states = {"release": ("hold",), "flush": ("deferred", "active"), "requeue": ("deferred", "active"),
                       "hold": ("deferred", "active")}.get(action, ("deferred", "active", "hold"))
-        targets = [e.queue_id for e, s in self.select(f) if s in states]
+        selected = [(e.queue_id, e.pending_rcpts() if action == "delete" else ()) for e, s in self.select(f) if s in states]
+        targets = [qid for qid, _ in selected]
+        # A deleted message's recipients still waiting: their history rows say "Deleted".
+        pending = {qid: rcpts for qid, rcpts in selected if rcpts}
+        del selected
         corrupt = []
         if action == "delete" and f.state in ("corrupt", "all") and (f.ids or f.state == "corrupt"):
             corrupt = [r["id"] for r in self._corrupt_rows(f)]
@@ -461,7 +465,7 @@ class QueueOps:
         finally:
             if action in ("delete", "bounce"):
                 self.spool.sync_dirs()
-            self._log(action, acted, source, f.describe())
+            self._log(action, acted, source, f.describe(), pending)
         result["acted"] = acted
         return result
 
@@ -505,12 +509,17 @@ class QueueOps:
         self.spool.delete(qid)
         return True
 
-    def _log(self, action: str, ids: list[str], source: str, what: str) -> None:
-        """Every change to the queue in the event log: what, how many, which ids, from where."""
+    def _log(self, action: str, ids: list[str], source: str, what: str,
+             pending: dict[str, Any] | None = None) -> None:
+        """Every change to the queue in the event log: what, how many, which ids, from where.
+        pending: a deleted message's recipients not yet final, whose history rows get the
+        status DELETED (docs/monitoring.md)."""
         shown = " ".join(ids[:EVENT_ID_LIMIT]) + (f" ... and {len(ids) - EVENT_ID_LIMIT} more" if len(ids) > EVENT_ID_LIMIT else "")
         self.records.record(ev.AdminAction(action, len(ids), source, what, shown))
         for qid in ids:
             self.records.record(ev.AdminChanged(action, source), qid)
+            for rcpt in (pending or {}).get(qid, ()):
+                self.records.history_status(qid, rcpt, f"{ev.DELETED} by administrator ({source})")
 
     # -- summary (qshape) --------------------------------------------------------------------
 

@@ -158,14 +158,37 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
         yield update
 
 
-def parse_since(text: str | None, option: str = "--since") -> float | None:
-    """`--since 3d` -> the Unix time 3 days ago (None stays None); a bad value is a usage error."""
+TIME_HELP = "a DURATION ago (1h, 3d) or a time: 2026-12-03, 2026-12-03T19:43[:SS] (local time; or with Z, +09:00)"
+
+
+def parse_since(text: str | None, option: str = "--since", now: float | None = None) -> float | None:
+    """`--since 3d` -> the Unix time 3 days before now; `--since 2026-12-03T19:43` -> that
+    time (ISO 8601: local time unless it says Z or an offset; a date alone is its local
+    midnight). None stays None; a bad value is a usage error naming the option."""
     if text is None:
         return None
+    text = text.strip()
     try:
-        return time.time() - parse_duration(text)
+        return (time.time() if now is None else now) - parse_duration(text)
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint=option) from None
+        error = str(e)
+    if text[:4].isdigit() and text[4:5] == "-":  # a duration never starts like a year
+        import datetime
+
+        try:
+            when = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a time (YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS], "
+                                     "local unless it ends with Z or an offset such as +09:00)",
+                                     param_hint=option) from None
+        return when.timestamp()  # naive: local time, as mktime reads it
+    raise click.BadParameter(f"{error}; or a time such as 2026-12-03T19:43", param_hint=option) from None
+
+
+def parse_until(text: str | None, option: str = "--until", now: float | None = None) -> float | None:
+    """`--until`: the same forms as parse_since (a DURATION is that long before now); the
+    period ends before it."""
+    return parse_since(text, option, now)
 
 
 def format_time(ts: float | None, empty: str = "-") -> str:

@@ -17,7 +17,8 @@ import time
 import click
 
 from kanmon.commands.options import (
-    cell, config_option, format_time, json_option, load_or_exit, parse_since, progress_bar, require_data_dir, shown,
+    TIME_HELP, cell, config_option, format_time, json_option, load_or_exit, parse_since, parse_until, progress_bar,
+    require_data_dir, shown,
 )
 from kanmon.escape import json_for_terminal
 
@@ -53,30 +54,56 @@ def _need_shared(cfg, node: str | None) -> bool:
     return False
 
 
+def _period(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    """--since and --until as Unix times; an empty period is a usage error."""
+    start, end = parse_since(since), parse_until(until)
+    if start is not None and end is not None and end <= start:
+        raise click.BadParameter(f"the period ends ({until}) before it starts ({since})", param_hint="--until")
+    return start, end
+
+
+def _since_words(since: str, last: str = "last") -> str:
+    """'last 7d' for a duration, 'since 2026-12-03T19:43' for a time."""
+    is_time = since[:4].isdigit() and since[4:5] == "-"
+    return f"since {since}" if is_time else f"{last} {since}"
+
+
+def _period_text(since: str | None, until: str | None) -> str:
+    if since and until:
+        return f" from {since} until {until}"
+    return f" since {since}" if since else f" until {until}" if until else ""
+
+
+since_option = click.option("--since", metavar="WHEN", help=f"Only from WHEN on: {TIME_HELP}.")
+until_option = click.option("--until", metavar="WHEN", help="Only before WHEN (the same forms as --since).")
+
+
 @log.command("events")
 @config_option
-@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
+@since_option
+@until_option
 @click.option("--id", "queue_id", help="Only lines about this queue id.")
 @click.option("--grep", help="Only lines containing TEXT (case-insensitive).")
 @node_option
 @json_option("One JSON object per line.")
 @click.option("--limit", default=10_000, show_default=True, help="At most this many lines (the newest).")
-def log_events(config_path, since, queue_id, grep, node, as_json, limit) -> None:
+def log_events(config_path, since, until, queue_id, grep, node, as_json, limit) -> None:
     """The event log: connections, TLS, accepts, rejects, deliveries."""
     from kanmon.records.query import search_events
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
+    start, end = _period(since, until)
     if _need_shared(cfg, node):
         from kanmon.records import pgquery
 
         with shared_records(cfg):
-            rows = pgquery.search_events(cfg.records, since=parse_since(since), queue_id=queue_id, grep=grep,
+            rows = pgquery.search_events(cfg.records, since=start, until=end, queue_id=queue_id, grep=grep,
                                          node=node, limit=limit)
     else:
-        rows = search_events(cfg.server.data_dir, since=parse_since(since), queue_id=queue_id, grep=grep, limit=limit)
+        rows = search_events(cfg.server.data_dir, since=start, until=end, queue_id=queue_id, grep=grep, limit=limit)
     if queue_id and not rows:
-        click.echo(f"kanmon: no event for queue id {queue_id!r}" + (f" in the last {since}" if since else ""), err=True)
+        click.echo(f"kanmon: no event for queue id {queue_id!r}{_period_text(since, until)}", err=True)
         raise SystemExit(1)
     for r in rows:
         if as_json:
@@ -88,15 +115,20 @@ def log_events(config_path, since, queue_id, grep, node, as_json, limit) -> None
 
 @log.command("history")
 @config_option
-@click.option("--since", help="Only the last DURATION (e.g. 1h, 3d).")
-@click.option("--from", "mail_from", help="Envelope sender contains TEXT.")
-@click.option("--to", "rcpt", help="Recipient contains TEXT.")
+@since_option
+@until_option
+@click.option("--from", "mail_from", metavar="PATTERN",
+              help="Envelope sender: contains TEXT, or a shell pattern with * and ? (*@example.com); <> is the null sender.")
+@click.option("--to", "rcpt", metavar="PATTERN", help="Recipient: contains TEXT, or a shell pattern with * and ?.")
 @click.option("--subject", help="Subject contains TEXT.")
 @click.option("--id", "queue_id", help="This queue id.")
+@click.option("--msgid", "message_id", metavar="MESSAGE-ID",
+              help="This Message-ID, exactly (the angle brackets are optional).")
 @node_option
 @json_option("One JSON object per line.")
 @click.option("--limit", default=10_000, show_default=True, help="At most this many rows (the newest).")
-def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as_json, limit) -> None:
+def log_history(config_path, since, until, mail_from, rcpt, subject, queue_id, message_id, node, as_json,
+                limit) -> None:
     """The message history: one row per message and recipient."""
     from rich.console import Console
     from rich.table import Table
@@ -106,16 +138,18 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
     shared = _need_shared(cfg, node)
+    start, end = _period(since, until)
     if shared:
         from kanmon.records import pgquery
 
         with shared_records(cfg):
-            rows = pgquery.search_history(cfg.records, since=parse_since(since), mail_from=mail_from, rcpt=rcpt,
-                                          subject=subject, queue_id=queue_id, node=node, limit=limit)
+            rows = pgquery.search_history(cfg.records, since=start, until=end, mail_from=mail_from, rcpt=rcpt,
+                                          subject=subject, queue_id=queue_id, message_id=message_id, node=node,
+                                          limit=limit)
     else:
         rows = search_history(
-            cfg.server.data_dir, since=parse_since(since), mail_from=mail_from, rcpt=rcpt, subject=subject,
-            queue_id=queue_id, limit=limit,
+            cfg.server.data_dir, since=start, until=end, mail_from=mail_from, rcpt=rcpt, subject=subject,
+            queue_id=queue_id, message_id=message_id, limit=limit,
         )
     if as_json:
         for r in rows:
@@ -127,7 +161,9 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
         table.add_column(col, overflow="fold")
     for r in rows:
         # Every cell is text, not markup: subjects and addresses come from the network.
-        values = (format_time(r.ts), r.client_ip, r.mail_from or "<>", r.rcpt, r.subject, str(r.size),
+        # The null sender is <>; a refusal before any MAIL command has no sender: "-".
+        sender = "-" if r.mail_from is None else r.mail_from or "<>"
+        values = (format_time(r.ts), r.client_ip, sender, r.rcpt, r.subject, str(r.size),
                   r.classification, r.disposition, r.queue_id, r.status)
         table.add_row(*(cell(v) for v in ((*values, r.node) if shared else values)))
     Console(width=200 if not sys.stdout.isatty() else None).print(table)
@@ -136,7 +172,7 @@ def log_history(config_path, since, mail_from, rcpt, subject, queue_id, node, as
 @click.command()
 @config_option
 @click.argument("query")
-@click.option("--since", default="7d", show_default=True, help="Only messages of the last DURATION.")
+@click.option("--since", metavar="WHEN", default="7d", show_default=True, help=f"Only messages from WHEN on: {TIME_HELP}.")
 @node_option
 @json_option("One JSON object per message.")
 def trace(config_path, query, since, node, as_json) -> None:
@@ -157,7 +193,7 @@ def trace(config_path, query, since, node, as_json) -> None:
             click.echo(json_for_terminal(t.as_dict()))
         return
     if not timelines:
-        click.echo(f"kanmon: nothing found for {query!r} in the last {since}", err=True)
+        click.echo(f"kanmon: nothing found for {query!r} {_since_words(since, 'in the last')}", err=True)
         raise SystemExit(1)
     for n, t in enumerate(timelines):
         if n:
@@ -188,13 +224,14 @@ def trace(config_path, query, since, node, as_json) -> None:
 @click.command()
 @config_option
 @click.option("--by", type=click.Choice(["hour", "day"]), default="day", show_default=True, help="Bucket size.")
-@click.option("--since", default="7d", show_default=True, help="The last DURATION.")
+@click.option("--since", metavar="WHEN", default="7d", show_default=True, help=f"From WHEN on: {TIME_HELP}.")
+@until_option
 @json_option("The whole report as one JSON object.")
 @click.option("--top", default=10, show_default=True, help="How many top senders, recipients and domains.")
 @click.option("--tls", "tls_reports", is_flag=True,
               help="Outbound TLS instead: sessions and failures per destination policy domain (the TLS-RPT daily reports).")
 @node_option
-def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
+def stats(config_path, by, since, until, as_json, top, tls_reports, node) -> None:
     """Mail volume: received, delivered, deferred, bounced, rejected, bytes; top senders,
     recipients and destination domains. With --tls: outbound TLS sessions and policy
     failures per destination domain (MTA-STS, DANE, tls_policy; RFC 8460 reports)."""
@@ -209,22 +246,26 @@ def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
     if tls_reports:
         if node is not None:
             raise click.UsageError("--tls reads this node's own reports: no --node")
+        if until is not None:
+            raise click.UsageError("--tls reads the day reports since --since: no --until")
         _tls_stats(cfg, since, as_json)
         return
+    start, end = _period(since, until)
     if shared:
         from kanmon.records import pgquery
 
         with shared_records(cfg):
-            report = pgquery.collect(cfg.records, parse_since(since), by=by, top=top, node=node)
+            report = pgquery.collect(cfg.records, start, end, by=by, top=top, node=node)
     else:
         with progress_bar("counting", not as_json) as progress:
-            report = collect(cfg.server.data_dir, parse_since(since), by=by, top=top, progress=progress)
+            report = collect(cfg.server.data_dir, start, end, by=by, top=top, progress=progress)
     if as_json:
         click.echo(json_for_terminal(report.as_dict()))
         return
     console = Console(width=120, force_terminal=False)
     whose = f", node {node}" if node else ", every node" if shared else ""
-    table = Table(box=None, header_style="bold", title=f"by {by}, last {since}{whose}")
+    period = f"from {since} until {until}" if until else _since_words(since)
+    table = Table(box=None, header_style="bold", title=f"by {by}, {period}{whose}")
     cols = ("start", "received", "bytes", "delivered", "deferred", "bounced", "rejected")
     for col in cols:
         table.add_column(col, justify="left" if col == "start" else "right")
@@ -235,7 +276,8 @@ def stats(config_path, by, since, as_json, top, tls_reports, node) -> None:
                       str(b.rejected))
     console.print(table)
     for title, rows in (("top senders", report.top_senders), ("top recipients", report.top_recipients),
-                        ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check)):
+                        ("top destination domains", report.top_domains), ("rejected by check", report.rejected_by_check),
+                        ("connections refused by check", report.connections_refused_by_check)):
         console.print(f"\n{title}:")
         for name, count in rows:
             console.print(f"  {count:>8}  {shown(name)}", markup=False, highlight=False)

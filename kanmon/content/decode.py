@@ -120,12 +120,29 @@ def decode_bytes(data: bytes, label: str | None = None) -> str:
             if codec not in ("cp932", "euc_jp", "utf-8"):
                 return data.decode(codec, "replace")
     # Undeclared, or not what was declared: UTF-8, then the Japanese encodings, then Latin-1.
-    for guess in ("utf-8", "cp932", "euc_jp"):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    found = []
+    for guess in ("cp932", "euc_jp"):
         try:
-            return data.decode(guess)
+            found.append(data.decode(guess))
         except UnicodeDecodeError:
             pass
+    if found:
+        # EUC-JP bytes often decode as CP932 too, as half-width katakana and the user-defined
+        # area (which Japanese mail hardly uses): the reading with fewer of those wins, CP932 on a tie.
+        return min(found, key=_odd_chars)
     return data.decode(codec, "replace") if codec else data.decode("latin-1")
+
+
+_ODD = re.compile("[\uff61-\uff9f\ue000-\uf8ff]")  # half-width katakana, private use
+
+
+def _odd_chars(text: str) -> int:
+    """How many of those in the first 64 K characters (enough to tell; bounded)."""
+    return len(_ODD.findall(text, 0, 65536))
 
 
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")

@@ -221,6 +221,11 @@ class Refused(Event):
     proto: str
     helo: str
     check: str = ""
+    # History rows the refusal wrote (`kanmon stats` "rejected" and "rejected by check"): a
+    # refused recipient 1, a message refused at DATA its recipients, a sender refused at
+    # MAIL by a check 1, a protocol error (no recipient yet) 0. None: recorded before it
+    # was counted.
+    history_rows: int | None = None
 
     def line(self) -> str:
         detail = f"; from=<{self.mail_from}>" if self.mail_from is not None else ""
@@ -401,14 +406,14 @@ class Accepted(Event):
     nrcpts: int
     proto: str
     relay: str = ""  # "name [ip]" of the client, or "local"
-    msgid: str | None = None  # None: not in the line
+    msgid: str | None = None  # None or "" (the message has none): not in the line
     auth: str = ""
     held: bool = False
     origin: str = ""  # for mail kanmon wrote itself: what wrote it (not in the line)
 
     def line(self) -> str:
         out = f"from=<{self.mail_from}>, size={self.size}, nrcpts={self.nrcpts}"
-        if self.msgid is not None:
+        if self.msgid:  # as Postfix's message-id= and sendmail's msgid=: only when the header is there
             out += f", msgid={self.msgid}"
         out += f", proto={self.proto}"
         if self.relay:
@@ -574,6 +579,9 @@ class QuarantineDeleted(Event):
 
 
 SENT, DEFERRED, BOUNCED, NOT_DRAINED = "Sent", "Deferred", "Bounced", "Not drained"
+# The history status of a recipient whose message an administrator (or a maintenance job)
+# deleted from the queue before it was final: "Deleted by administrator (SOURCE)".
+DELETED = "Deleted"
 
 
 @_event

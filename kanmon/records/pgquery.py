@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from kanmon.records.pg import connect
 from kanmon.state.pgconnect import READ_TIMEOUTS
-from kanmon.records.query import EventRow, HistoryRow
-from kanmon.records.stats import BUCKETS, TOP, Stats, assemble, utc_offset
+from kanmon.records.query import EventRow, HistoryRow, address_like, message_ids
+from kanmon.records.stats import BUCKETS, NO_CHECK, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
 
 if TYPE_CHECKING:
@@ -53,12 +53,16 @@ def _contains(column: str) -> str:
     return f"strpos(lower(coalesce({column}, '')), lower(%s)) > 0"
 
 
-def search_events(section: RecordsSection, *, since: float | None = None, queue_id: str | None = None,
-                  grep: str | None = None, node: str | None = None, limit: int = 10_000) -> list[EventRow]:
+def search_events(section: RecordsSection, *, since: float | None = None, until: float | None = None,
+                  queue_id: str | None = None, grep: str | None = None, node: str | None = None,
+                  limit: int = 10_000) -> list[EventRow]:
     where, args = [], []
     if since is not None:
         where.append("ts >= %s")
         args.append(since)
+    if until is not None:
+        where.append("ts < %s")
+        args.append(until)
     if queue_id:
         where.append("(queue_id = %s OR strpos(text, %s) > 0)")
         args += [queue_id, queue_id]
@@ -73,17 +77,31 @@ def search_events(section: RecordsSection, *, since: float | None = None, queue_
             for ts, qid, kind, text, detail, n in rows]
 
 
-def search_history(section: RecordsSection, *, since: float | None = None, mail_from: str | None = None,
-                   rcpt: str | None = None, subject: str | None = None, queue_id: str | None = None,
+def search_history(section: RecordsSection, *, since: float | None = None, until: float | None = None,
+                   mail_from: str | None = None, rcpt: str | None = None, subject: str | None = None,
+                   queue_id: str | None = None, message_id: str | None = None,
                    node: str | None = None, limit: int = 10_000) -> list[HistoryRow]:
     where, args = [], []
     if since is not None:
         where.append("ts >= %s")
         args.append(since)
-    for column, value in (("mail_from", mail_from), ("rcpt", rcpt), ("subject", subject)):
-        if value:
-            where.append(_contains(column))
-            args.append(value)
+    if until is not None:
+        where.append("ts < %s")
+        args.append(until)
+    if message_id:
+        where.append("message_id IN (%s, %s)")
+        args += message_ids(message_id)
+    for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
+        if value:  # as kanmon.records.query.search_history: <>, a shell pattern or a substring
+            like = address_like(value)
+            if like is None:
+                where.append(f"{column} = ''")
+            else:
+                where.append(f"{column} ILIKE %s ESCAPE '\\'")
+                args.append(like)
+    if subject:
+        where.append(_contains("subject"))
+        args.append(subject)
     if queue_id:
         where.append("queue_id = %s")
         args.append(queue_id)
@@ -94,7 +112,8 @@ def search_history(section: RecordsSection, *, since: float | None = None, mail_
         section,
         "SELECT ts, client_ip, mail_from, rcpt, subject, message_id, size, classification, disposition,"
         " queue_id, status, auth_user, node FROM history", where, args, limit)
-    return [HistoryRow(*("" if v is None else v for v in r[:12]), node=r[12]) for r in rows]
+    # NULL text reads as "", but a NULL sender (no MAIL command) stays None.
+    return [HistoryRow(*("" if v is None and n != 2 else v for n, v in enumerate(r[:12])), node=r[12]) for r in rows]
 
 
 def alert_events(section: RecordsSection, since: float, node: str | None = None,
@@ -175,6 +194,12 @@ def trace(section: RecordsSection, query: str, since: float | None = None, node:
     return timelines
 
 
+PG_CHECK_LABEL = f"COALESCE(NULLIF(detail::jsonb->>'check', ''), '{NO_CHECK}')"
+PG_LEGACY_ROWS = ("CASE WHEN detail::jsonb->>'reply' LIKE '421%%' THEN 0"
+                  " WHEN detail::jsonb->>'stage' IN ('RCPT', 'DATA') THEN 1"
+                  " WHEN detail::jsonb->>'stage' = 'MAIL' AND detail::jsonb->>'check' != '' THEN 1 ELSE 0 END")
+
+
 def collect(section: RecordsSection, since: float, until: float | None = None, by: str = "day", top: int = TOP,
             node: str | None = None) -> Stats:
     """kanmon.records.stats.collect over every node's history (or one node's)."""
@@ -196,9 +221,13 @@ def collect(section: RecordsSection, since: float, until: float | None = None, b
          " LIMIT %s", (since, until, top)),
         ("SELECT lower(substr(rcpt, strpos(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
          f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT %s", (since, until, top)),
-        ("SELECT COALESCE(NULLIF(detail::jsonb->>'check', ''), '-') AS k, COUNT(*) AS c FROM events"
-         " WHERE ts >= %s AND ts < %s AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
-         (since, until)),
+        # As kanmon.records.stats._queries: the history rows each refusal wrote, by check.
+        (f"SELECT 'rcpt', {PG_CHECK_LABEL}, SUM(COALESCE((detail::jsonb->>'history_rows')::int, {PG_LEGACY_ROWS})) AS c"
+         " FROM events WHERE ts >= %s AND ts < %s AND kind = 'reject' GROUP BY 2"
+         f" HAVING SUM(COALESCE((detail::jsonb->>'history_rows')::int, {PG_LEGACY_ROWS})) > 0"
+         f" UNION ALL SELECT 'connect', {PG_CHECK_LABEL}, COUNT(*) FROM events"
+         " WHERE ts >= %s AND ts < %s AND kind = 'reject-connect' GROUP BY 2",
+         (since, until, since, until)),
     ]
     with _node_views(section, node) as conn:
         results = [conn.execute(q, args).fetchall() for q, args in queries]

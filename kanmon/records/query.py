@@ -41,11 +41,26 @@ def _event_row(ts, queue_id, kind, text, detail) -> EventRow:
     return EventRow(ts, queue_id, kind, text, fields if isinstance(fields, dict) else None)
 
 
+NULL_SENDER = "<>"  # --from '<>': the null sender (bounces and other notices), as in the queue's filters
+
+
+def address_like(pattern: str) -> str | None:
+    """An address filter of `kanmon log history` as a LIKE pattern (case-insensitive, a backslash
+    escapes): with `*` or `?` a shell pattern over the whole address (`*@example.com`),
+    without them a substring; None for `<>`, the null sender (an empty MAIL FROM)."""
+    if pattern.strip() == NULL_SENDER:
+        return None
+    body = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    if "*" in pattern or "?" in pattern:
+        return body.replace("*", "%").replace("?", "_")
+    return f"%{body}%"
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryRow:
     ts: float
     client_ip: str
-    mail_from: str
+    mail_from: str | None  # "" the null sender <>; None: no MAIL command (a refusal before it)
     rcpt: str
     subject: str
     message_id: str
@@ -81,18 +96,29 @@ def _newest(data_dir: Path, select: str, where: list[str], args: list, limit: in
         if "detail" in select and "detail" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
             select = select.replace("detail", "NULL")  # an old database, not migrated yet: no fields
         sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY ts DESC, id DESC LIMIT ?"
-        rows = [row(*(("" if v is None and row is HistoryRow else v) for v in r)) for r in db.execute(sql, [*args, limit])]
+        if row is HistoryRow:  # NULL text columns read as "", but a NULL sender (no MAIL) stays None
+            rows = [row(*(("" if v is None and n != 2 else v) for n, v in enumerate(r))) for r in db.execute(sql, [*args, limit])]
+        else:
+            rows = [row(*r) for r in db.execute(sql, [*args, limit])]
     finally:
         db.close()
     rows.reverse()
     return rows
 
 
+def message_ids(value: str) -> tuple[str, str]:
+    """A Message-ID as given (with or without its angle brackets): both spellings, as the
+    history may hold either."""
+    bare = value.strip().removeprefix("<").removesuffix(">")
+    return f"<{bare}>", bare
+
+
 def search_events(
-    data_dir: Path, *, since: float | None = None, queue_id: str | None = None, grep: str | None = None,
-    limit: int = 10_000, kinds: tuple[str, ...] = (),
+    data_dir: Path, *, since: float | None = None, until: float | None = None, queue_id: str | None = None,
+    grep: str | None = None, limit: int = 10_000, kinds: tuple[str, ...] = (),
 ) -> list[EventRow]:
-    """The newest `limit` event lines matching every filter given, oldest first.
+    """The newest `limit` event lines matching every filter given, oldest first; since
+    and until: the period [since, until).
     kinds: only lines of these kinds (found by the events(kind, ts) index)."""
     where, args = [], []
     if kinds:
@@ -101,6 +127,9 @@ def search_events(
     if since is not None:
         where.append("ts >= ?")
         args.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        args.append(until)
     if queue_id:
         where.append("(queue_id = ? OR text LIKE ?)")
         args += [queue_id, f"%{queue_id}%"]
@@ -136,17 +165,33 @@ def tail_events(data_dir: Path, after: int | None, *, grep: str | None = None,
 
 
 def search_history(
-    data_dir: Path, *, since: float | None = None, mail_from: str | None = None, rcpt: str | None = None,
-    subject: str | None = None, queue_id: str | None = None, limit: int = 10_000,
+    data_dir: Path, *, since: float | None = None, until: float | None = None, mail_from: str | None = None,
+    rcpt: str | None = None, subject: str | None = None, queue_id: str | None = None, message_id: str | None = None,
+    limit: int = 10_000,
 ) -> list[HistoryRow]:
+    """The newest `limit` history rows matching every filter given, oldest first; since
+    and until: the period [since, until); message_id: exactly, brackets or not."""
     where, args = [], []
     if since is not None:
         where.append("ts >= ?")
         args.append(since)
-    for column, value in (("mail_from", mail_from), ("rcpt", rcpt), ("subject", subject)):
+    if until is not None:
+        where.append("ts < ?")
+        args.append(until)
+    if message_id:
+        where.append("message_id IN (?, ?)")
+        args += message_ids(message_id)
+    for column, value in (("mail_from", mail_from), ("rcpt", rcpt)):
         if value:
-            where.append(f"instr(lower({column}), lower(?)) > 0")
-            args.append(value)
+            like = address_like(value)
+            if like is None:
+                where.append(f"{column} = ''")
+            else:
+                where.append(f"lower({column}) LIKE lower(?) ESCAPE '\\'")
+                args.append(like)
+    if subject:
+        where.append("instr(lower(subject), lower(?)) > 0")
+        args.append(subject)
     if queue_id:
         where.append("queue_id = ?")
         args.append(queue_id)

@@ -53,11 +53,13 @@ class Stats:
     top_senders: list[tuple[str, int]] = field(default_factory=list)
     top_recipients: list[tuple[str, int]] = field(default_factory=list)
     top_domains: list[tuple[str, int]] = field(default_factory=list)
-    rejected_by_check: list[tuple[str, int]] = field(default_factory=list)  # refusals (commands, connections) by check
+    # The "rejected" column's refusals (recipients, senders refused by a check) by check: the same sum.
+    rejected_by_check: list[tuple[str, int]] = field(default_factory=list)
+    connections_refused_by_check: list[tuple[str, int]] = field(default_factory=list)  # before the greeting
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        for key in ("top_senders", "top_recipients", "top_domains", "rejected_by_check"):
+        for key in ("top_senders", "top_recipients", "top_domains", "rejected_by_check", "connections_refused_by_check"):
             d[key] = [{"name": n, "count": c} for n, c in getattr(self, key)]
         return d
 
@@ -201,12 +203,27 @@ def _queries(where: str, since: float, until: float, top: int) -> list[tuple[str
          (since, until, top)),
         # Every recipient's count (not only the top ones): the domains are summed from them.
         (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND disposition = 'Accept' GROUP BY r", (since, until)),
-        # Refusals by the check that made them (the typed event's detail, not its text);
-        # "-" for a protocol refusal no check made (bad syntax, limits of the session).
-        ("SELECT COALESCE(NULLIF(json_extract(detail, '$.check'), ''), '-') AS k, COUNT(*) AS c FROM main.events"
-         " WHERE ts >= ? AND ts < ? AND kind IN ('reject', 'reject-connect') GROUP BY k ORDER BY c DESC, k",
-         (since, until)),
+        # Refusals by the check that made them (the typed event's detail, not its text):
+        # the history rows each refusal wrote (so they add up to the "rejected" column),
+        # and the connections refused; "(session)" where no check did (a bad parameter,
+        # a limit of the session).
+        (f"SELECT 'rcpt', {CHECK_LABEL}, SUM(COALESCE(json_extract(detail, '$.history_rows'), {LEGACY_ROWS})) AS c"
+         " FROM main.events WHERE ts >= ? AND ts < ? AND kind = 'reject' GROUP BY 2 HAVING c > 0"
+         f" UNION ALL SELECT 'connect', {CHECK_LABEL}, COUNT(*) FROM main.events"
+         " WHERE ts >= ? AND ts < ? AND kind = 'reject-connect' GROUP BY 2",
+         (since, until, since, until)),
     ]
+
+
+NO_CHECK = "(session)"  # a refusal no check made: the SMTP session's own (syntax, parameters, limits)
+CHECK_LABEL = f"COALESCE(NULLIF(json_extract(detail, '$.check'), ''), '{NO_CHECK}')"
+# The history rows of a refusal recorded before its event counted them (no history_rows):
+# as that version wrote them, one for each refusal at RCPT or DATA and each sender refused
+# at MAIL by a check, none for a 421.
+LEGACY_ROWS = ("CASE WHEN json_extract(detail, '$.reply') LIKE '421%' THEN 0"
+               " WHEN json_extract(detail, '$.stage') IN ('RCPT', 'DATA') THEN 1"
+               " WHEN json_extract(detail, '$.stage') = 'MAIL' AND json_extract(detail, '$.check') != '' THEN 1"
+               " ELSE 0 END")
 
 
 def _one_pass(path: Path, since: float, until: float, top: int,
@@ -334,5 +351,7 @@ def assemble(out: Stats, size: int, off: int, rows, senders, recipients, domains
     out.top_senders = [(s or "<>", c) for s, c in senders]
     out.top_recipients = [(r, c) for r, c in recipients]
     out.top_domains = [(d, c) for d, c in domains]
-    out.rejected_by_check = [(k, c) for k, c in checks]
+    checks = sorted(checks, key=lambda r: (-r[2], r[1]))
+    out.rejected_by_check = [(k, int(c)) for what, k, c in checks if what == "rcpt"]
+    out.connections_refused_by_check = [(k, int(c)) for what, k, c in checks if what == "connect"]
     return out

@@ -16,8 +16,9 @@ writes it to the shared records in PostgreSQL from a thread of its own (with its
 spill journal): this writer never waits for PostgreSQL.
 
 Trusts: its callers. Text from the network (subjects, addresses) is stored as data,
-never interpreted. Decoding of MIME encoded-words happens here, in the writer thread,
-and a malformed header is recorded as it is, never a crash.
+never interpreted. Decoding of Subjects (raw Japanese bytes, MIME encoded-words) happens
+here, in the writer thread, and a malformed header is recorded as readable as it gets,
+never a crash.
 Never: block the caller on disk I/O or wake a thread per line (emit() only appends to
 a queue the writer drains every WRITE_INTERVAL); drop a batch the database refused.
 """
@@ -33,7 +34,6 @@ import sys
 import threading
 import time
 from collections import deque
-from email.header import decode_header, make_header
 from pathlib import Path
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from kanmon.config import LogSection, RecordsSection
 
+from kanmon.content.decode import decode_header_value
 from kanmon.escape import for_log
 from kanmon.model import Envelope, Reply
 from kanmon.records.counters import add_counts
@@ -281,25 +282,32 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 def decode_subject(raw: str) -> str:
-    """RFC 2047 decoding; a broken encoded-word is kept as written."""
-    if "=?" not in raw:
+    """A Subject as header_fields read it, as text: raw header bytes (kept as surrogate
+    escapes) in the charset Japanese mail uses, ISO-2022-JP by its escapes, then UTF-8,
+    CP932, EUC-JP, each strictly (kanmon.content.decode.decode_bytes, the one guesser);
+    RFC 2047 encoded-words decoded; a broken encoded-word is kept as written. Never raises."""
+    if "=?" not in raw and "\x1b" not in raw and raw.isascii():
         return raw
     try:
-        return str(make_header(decode_header(raw)))
-    except Exception:  # noqa: BLE001 - any malformed header: record it raw
-        return raw
+        return decode_header_value(raw)
+    except Exception:  # noqa: BLE001 - any malformed header: record it as readable as it gets
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"message-id")) -> dict[str, str]:
-    """Unfolded values of a few header fields, looking only at the header block."""
+    """Unfolded values of a few header fields, looking only at the header block (its first
+    64 KB). The Subject keeps its raw bytes as surrogate escapes, for decode_subject (the
+    records writer) or decode_header_value to decode in their charset; the others read
+    as UTF-8 (U+FFFD for what is not)."""
     end = content.find(b"\r\n\r\n")
     block = content[: end if end >= 0 else min(len(content), 65536)][:65536]
     out: dict[str, str] = {}
+    errors: dict[str, str] = {}
     current: str | None = None
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
-                out[current] += " " + line.strip().decode("utf-8", "replace")
+                out[current] += " " + line.strip().decode("utf-8", errors[current])
             continue
         current = None
         name, colon, value = line.partition(b":")
@@ -308,7 +316,8 @@ def header_fields(content: bytes, names: tuple[bytes, ...] = (b"subject", b"mess
         key = name.strip().lower()
         if key in names and key.decode() not in out:
             current = key.decode("ascii", "replace")
-            out[current] = value.strip().decode("utf-8", "replace")
+            errors[current] = "surrogateescape" if current == "subject" else "replace"
+            out[current] = value.strip().decode("utf-8", errors[current])
     return out
 
 
@@ -458,12 +467,23 @@ class Records:
         rcpts = [rcpt] if rcpt else (env.rcpts if env and env.rcpts else [""])
         for r in rcpts:
             self._put((
-                "hist", time.time(), client_ip, env.mail_from if env else "", r, "", "", env.size_hint if env else 0,
+                # No envelope: refused before MAIL; its sender is NULL (shown "-"), not the null sender <>.
+                "hist", time.time(), client_ip, env.mail_from if env else None, r, "", "", env.size_hint if env else 0,
                 classification, disposition, "", str(reply), auth_user, helo, 0,
             ))
 
     def history_status(self, queue_id: str, rcpt: str, status: str) -> None:
         self._put(("status", time.time(), queue_id, rcpt, status))
+
+    def after_lines(self, callback: Callable[[], None]) -> None:
+        """Call callback (in the writer thread) once the log lines of everything recorded
+        before it are written (file, syslog, stdout), before its batch goes to the
+        database. An SMTP receiver process tells the main process of a message this way,
+        so that the message's lines (from=..., its session) are in the log before the
+        queue manager can write its delivery lines (docs/monitoring.md). No thread is
+        woken for it: it waits for the writer's next pass (WRITE_INTERVAL at most).
+        An exception from callback is printed on stderr, never raised."""
+        self._put(("after", callback))
 
     def _configure_log(self, log: LogSection | None) -> None:
         to = log.to if log is not None else ["file"]
@@ -680,6 +700,7 @@ class Records:
 
     def _write(self, batch: list[tuple], log_fh: LogFile | None, retry: bool = True) -> None:
         events, hist, status, lines, syslog_lines = [], [], [], [], []
+        after: list[Callable[[], None]] = []
         counts: Counter[str] = Counter()
         pid = os.getpid()
         for item in batch:
@@ -706,6 +727,8 @@ class Records:
                 hist.append(row)
             elif item[0] == "status":
                 status.append(item)
+            elif item[0] == "after":
+                after.append(item[1])
         if lines:
             # The plain log line first (DESIGN.md promise 9): a database failure below
             # must not take it along.
@@ -723,6 +746,11 @@ class Records:
                     self._echo.flush()
                 except (OSError, ValueError):
                     pass
+        for callback in after:  # the lines recorded before each are written
+            try:
+                callback()
+            except Exception as e:  # noqa: BLE001 - one callback must not lose the batch
+                print(f"kanmon: records: after-lines callback failed: {type(e).__name__}: {e}", file=sys.stderr)
         if events or hist or status or counts:
             rows = _rows(events=events, hist=hist, status=[list(x[1:]) for x in status],
                          counts=[[pid, name, value] for name, value in counts.items()])

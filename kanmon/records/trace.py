@@ -233,6 +233,7 @@ def _final(t: Timeline) -> str:
     removed = any(s.kind == "removed" for s in t.steps)
     results: dict[str, tuple[str, str]] = {}  # rcpt -> (status, reply) of its last attempt
     holds: list[str] = []
+    deleted = ""  # who deleted the message from the queue (an administrator, a maintenance job)
     quarantine = ""  # the last quarantine step: in it, released, deleted; or discarded
     for s in t.steps:
         d = s.detail
@@ -241,6 +242,10 @@ def _final(t: Timeline) -> str:
             results[d["rcpt"]] = (d.get("status", ""), reply)
         elif s.kind == "admin-message" and d.get("action") in ("hold", "release"):
             holds.append(d["action"])
+        elif s.kind == "admin-message" and d.get("action") == "delete":
+            deleted = d.get("source") or "?"
+        elif s.kind == "admin-message" and d.get("action") == "bounce":
+            removed = True  # returned to sender: each recipient bounced, the message deleted
         elif s.kind == "quarantine-hold":  # held at acceptance, until released
             holds.append("hold")
         elif s.kind in ("quarantine", "quarantine-release", "quarantine-delete", "discard"):
@@ -260,6 +265,16 @@ def _final(t: Timeline) -> str:
     if bounced:
         parts.append("bounced for " + ", ".join(f"{r} ({results[r][1]})" for r in bounced))
     on_hold = bool(holds) and holds[-1] == "hold" and not removed
+    if deleted:
+        # Deleted from the queue: what was still waiting will never be delivered.
+        by = f"deleted by administrator ({deleted})"
+        if deferred:
+            parts.append(f"{by}, not delivered to " + ", ".join(f"{r} (last reply: {results[r][1]})" for r in deferred))
+        elif not results:
+            parts.append(f"{by}, not tried")
+        elif not delivered and not bounced:
+            parts.append(by)
+        return "; ".join(parts)
     if deferred and not removed:
         state = "on hold" if on_hold else "in the queue"
         parts.append(f"{state}, deferred for " + ", ".join(f"{r} ({results[r][1]})" for r in deferred))

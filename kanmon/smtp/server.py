@@ -1175,13 +1175,24 @@ class SmtpProtocol(asyncio.Protocol):
         if a.error:
             records.record(ev.CheckFailed(a.check or "", a.command, a.error, str(a.reply)), session=self.sid)
         env = a.envelope
+        # History rows (what `kanmon stats` counts as rejected): a recipient refused at RCPT,
+        # the recipients of a message refused at DATA, a sender refused at MAIL by a check
+        # (sender, client, HELO checks). A command refused before there is a recipient to
+        # refuse (503 need MAIL/RCPT, a RCPT whose address does not parse) is a protocol
+        # error: its line only. A 421 closes the session: no verdict on a recipient.
+        rows = 0
+        if a.reply.code != 421:
+            if a.command == "RCPT":
+                rows = 1 if a.rcpt else 0
+            elif a.command == "DATA":
+                rows = len(env.rcpts) if env and env.rcpts else 0
+            elif a.command == "MAIL" and a.check:
+                rows = 1
         records.record(ev.Refused(
             a.command, c.name, c.ip, str(a.reply), a.reply.enhanced, env.mail_from if env else None, a.rcpt or "",
-            c.proto, c.helo, a.check or "",
+            c.proto, c.helo, a.check or "", rows,
         ), session=self.sid)
-        if (a.command in ("RCPT", "DATA") or (a.command == "MAIL" and a.check)) and a.reply.code != 421:
-            # A check's refusal at MAIL (sender, client, HELO checks) is a history row too; a
-            # 421 closes the session: no verdict on a recipient.
+        if rows:
             records.history_reject(env, a.rcpt, a.reply, c.ip, c.auth_user, c.helo,
                                    classification=a.classification, disposition="Reject")
 

@@ -735,15 +735,20 @@ class Session:
             raise LimitExceeded(replies.TOO_MANY_RECIPIENTS, "max_recipients")
         path = parse_path(arg[3:], is_sender=False, smtputf8_allowed=self._tx.envelope.smtputf8, strict=self._strict_syntax)
         notify = orcpt = ""
-        for key, value in path.params.items():
-            if not self.esmtp:
-                raise SmtpError(replies.PARAM_UNKNOWN)
-            if key == "NOTIFY":
-                notify = parse_notify(value)  # RFC 3461 4.1
-            elif key == "ORCPT":
-                orcpt = parse_orcpt(value)  # RFC 3461 4.2
-            else:
-                raise SmtpError(replies.PARAM_UNKNOWN)
+        try:
+            for key, value in path.params.items():
+                if not self.esmtp:
+                    raise SmtpError(replies.PARAM_UNKNOWN)
+                if key == "NOTIFY":
+                    notify = parse_notify(value)  # RFC 3461 4.1
+                elif key == "ORCPT":
+                    orcpt = parse_orcpt(value)  # RFC 3461 4.2
+                else:
+                    raise SmtpError(replies.PARAM_UNKNOWN)
+        except SmtpError as e:
+            # The address parsed: the refusal names it (to=<..>, the history row), as Postfix logs it.
+            self._reject("RCPT", e.reply, out, self._tx.envelope, path.address)
+            return
         self._ask(Stage.RCPT, Context(self.client, self._tx.envelope, rcpt=path),
                   lambda d, out: self._rcpt_decided(path, d, out, notify, orcpt), out)
 

@@ -258,6 +258,24 @@ def test_hold_flush_release_delete_on_a_running_node(site):
     assert any(f"{ids['m1']}: held by administrator" in e for e in site.events())
 
 
+def test_a_deleted_message_is_said_deleted_by_trace_and_history(site):
+    """Not "in the queue, deferred": the final state and the history rows say who deleted it."""
+    site.start()
+    ids = _queue_three(site)
+    site.cli("queue", "delete", ids["m2"], "--yes")
+    site.node.flush()
+    wait_for(lambda: search_history(site.data_dir, queue_id=ids["m2"])[0].status.startswith("Deleted"), 10,
+             "the history row's status")
+    (row,) = search_history(site.data_dir, queue_id=ids["m2"])
+    assert row.status == "Deleted by administrator (kanmon queue delete)" and row.disposition == "Accept"
+    out = site.cli("trace", ids["m2"]).output
+    assert "final: deleted by administrator (kanmon queue delete), not delivered to u2@corp.example (last reply:" in out
+    assert "in the queue" not in out.split("final:")[1]
+    assert "Deleted by administrator" in site.cli("log", "history", "--to", "u2@").output
+    # The others are untouched.
+    assert search_history(site.data_dir, queue_id=ids["m1"])[0].status.startswith("Deferred")
+
+
 def test_hold_waits_for_the_attempt_in_flight_then_nothing_more_is_tried(tmp_path):
     with SmtpSink("127.0.0.7") as corp:
         corp.hang = "data-end"  # the attempt stays in flight until our data timeout

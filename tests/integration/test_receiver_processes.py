@@ -92,6 +92,31 @@ def test_receivers_accept_and_the_main_process_delivers(tmp_path):
         proc.terminate()
 
 
+def test_a_message_from_a_receiver_has_its_from_line_before_its_delivery_lines_in_the_log(tmp_path):
+    """The log read the sendmail way (grep ID kanmon.log): the receiver's from= line comes
+    first, then the main process's to=... stat=Sent and removed, for every message."""
+    proc, port = start(tmp_path, workers=1)
+    try:
+        wait_for(lambda: len(receiver_pids(proc.proc.pid)) == 1, 60, "the receiver")
+        # Before, each message's order depended on how the two processes' writer passes
+        # (0.2 s each) fell: many messages, so that some fall the wrong way.
+        for i in range(40):
+            send(port, f"m{i}")
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 40, 60, "delivery")
+        log = tmp_path / "data/log/kanmon.log"
+        wait_for(lambda: log.read_text().count(": removed\n") == 40, 30, "every removed line")
+        lines = log.read_text().splitlines()
+        qids = {line.split(": ")[1] for line in lines if "kanmon/smtpd[" in line and ": from=<" in line}
+        assert len(qids) == 40
+        for qid in qids:
+            mine = [line for line in lines if f": {qid}: " in line]
+            kinds = [("from" if ": from=<" in m else "to" if ": to=<" in m else "removed" if m.endswith(": removed")
+                      else "other") for m in mine]
+            assert kinds.index("from") < kinds.index("to") < kinds.index("removed"), mine
+    finally:
+        proc.terminate()
+
+
 def test_the_receivers_write_new_messages_over_the_queue_files_of_delivered_ones(tmp_path):
     """kanmon.spool.recycle across processes: the main process keeps each delivered
     message's queue file in spool/recycle/, the two receivers write the next messages over

@@ -145,3 +145,12 @@ def test_prefix_subject_is_7bit_once_and_keeps_the_body():
     assert prefix_subject(tagged, "[要確認]") == tagged
     assert tagged.endswith(b"\r\n\r\nbody Subject: not this\r\n")
     assert prefix_subject(b"From: a\r\n\r\nx\r\n", "[X]") == b"From: a\r\nSubject: [X]\r\n\r\nx\r\n"
+
+
+def test_undeclared_euc_jp_is_not_read_as_cp932_half_width_katakana():
+    from kanmon.content.decode import decode_bytes
+
+    text = "請求書送付のお知らせ"
+    assert decode_bytes(text.encode("euc_jp")) == text
+    assert decode_bytes(text.encode("cp932")) == text
+    assert decode_bytes("ﾃｽﾄ送付".encode("cp932")) == "ﾃｽﾄ送付"  # Shift_JIS EUC-JP cannot read stays CP932

@@ -56,7 +56,7 @@ LINES = [
     (ev.Accepted("a@b.test", 120, 2, "ESMTPS", "unknown [127.0.0.1]", "<m@x>"),
      "from=<a@b.test>, size=120, nrcpts=2, msgid=<m@x>, proto=ESMTPS, relay=unknown [127.0.0.1]"),
     (ev.Accepted("a@b.test", 120, 1, "ESMTPSA", "pc1 [10.0.0.5]", "", auth="alice@example.test"),
-     "from=<a@b.test>, size=120, nrcpts=1, msgid=, proto=ESMTPSA, relay=pc1 [10.0.0.5], auth=alice@example.test"),
+     "from=<a@b.test>, size=120, nrcpts=1, proto=ESMTPSA, relay=pc1 [10.0.0.5], auth=alice@example.test"),
     (ev.Accepted("", 900, 1, "internal", "local"), "from=<>, size=900, nrcpts=1, proto=internal, relay=local"),
     (ev.Accepted("kanmon@mx1", 700, 1, "internal", "local", "<alert.1@mx1>"),
      "from=<kanmon@mx1>, size=700, nrcpts=1, msgid=<alert.1@mx1>, proto=internal, relay=local"),

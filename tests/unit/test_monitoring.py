@@ -308,12 +308,20 @@ def test_refusals_by_check_in_metrics_and_stats(tmp_path):
     records = Records(tmp_path, "mx1.example.test", log_file=False)
     for _ in range(2):
         records.record(Refused("RCPT", "unknown", "192.0.2.9", "550 5.1.1 <x@corp.example>: Recipient address rejected:"
-                               " User unknown", "5.1.1", "a@b.test", "x@corp.example", "ESMTP", "h", check="verify"))
+                               " User unknown", "5.1.1", "a@b.test", "x@corp.example", "ESMTP", "h", check="verify",
+                               history_rows=1))
     records.record(Refused("RCPT", "unknown", "192.0.2.9", "451 4.7.1 Greylisted", "4.7.1", "a@b.test", "y@corp.example",
-                           "ESMTP", "h", check="greylist"))
+                           "ESMTP", "h", check="greylist", history_rows=1))
     records.record(CheckFailed("dnsbl", "connect", "timed out", "451 4.3.0 try again"))
     records.record(ConnectRefused("192.0.2.9", "421 4.7.0 too many", "4.7.0", "rate", check="rate"))
-    records.record(Refused("MAIL", "unknown", "192.0.2.9", "501 5.5.4 syntax", "5.5.4", None, "", "ESMTP", "h"))
+    records.record(Refused("MAIL", "unknown", "192.0.2.9", "501 5.5.4 syntax", "5.5.4", None, "", "ESMTP", "h",
+                           history_rows=0))
+    # A message refused at DATA counts its recipients; a refusal of an older version (no
+    # history_rows) one, as that version wrote one history row.
+    records.record(Refused("DATA", "unknown", "192.0.2.9", "554 5.7.1 spam", "5.7.1", "a@b.test", "", "ESMTP", "h",
+                           check="spam", history_rows=3))
+    records.record(Refused("RCPT", "unknown", "192.0.2.9", "550 5.7.1 relay", "5.7.1", "a@b.test", "z@else.test",
+                           "ESMTP", "h", check="relay"))
     records.flush()
     records.close()
     m = parse_metrics(Metrics(tmp_path, Spool(tmp_path / "spool"), DeliveryMetrics()).render())
@@ -322,7 +330,8 @@ def test_refusals_by_check_in_metrics_and_stats(tmp_path):
     assert m['kanmon_checks_total{check="dnsbl",result="error"}'] == 1
     assert m['kanmon_checks_total{check="rate",result="tempfail"}'] == 1
     s = collect(tmp_path, time.time() - 3600)
-    assert s.rejected_by_check == [("verify", 2), ("-", 1), ("greylist", 1), ("rate", 1)]
+    assert s.rejected_by_check == [("spam", 3), ("verify", 2), ("greylist", 1), ("relay", 1)]
+    assert s.connections_refused_by_check == [("rate", 1)]
     assert {"name": "verify", "count": 2} in s.as_dict()["rejected_by_check"]
 
 
@@ -349,7 +358,7 @@ def test_stats_of_a_short_period_read_once_answer_as_the_parallel_scans(tmp_path
               rng.choice([0, 0, 1, 3])) for i in range(3000)])
         db.executemany("INSERT INTO events(ts, kind, text, detail) VALUES (?,?,?,?)",
                        [(now - rng.uniform(0, 10 * 86400), rng.choice(["reject", "reject-connect", "delivery"]), "line",
-                         rng.choice([None, json.dumps({"check": rng.choice(["verify", "rate", ""])})]))
+                         rng.choice([None, json.dumps({"check": rng.choice(["verify", "rate", ""]), "stage": "RCPT"})]))
                         for _ in range(500)])
     db.close()
     one_pass = []
@@ -486,3 +495,38 @@ def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_dat
     assert texts(("error", "audit")) == [old[4][1], old[5][1]]
     # the kind changes no line: the log file, stdout and `kanmon log events` print the text
     assert [e.text for e in search_events(tmp_path, grep="dnscheck")][:2] == [old[0][1], old[5][1]]
+
+
+def test_trace_final_says_deleted_returned_or_expired(tmp_path):
+    """A message that left the queue by an administrator's delete, an administrator's
+    bounce or its lifetime says so in `final:`, never "in the queue"."""
+    from kanmon.records import events as ev
+    from kanmon.records.trace import trace
+
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    deferred = ev.Delivery("d@corp.example", ev.DEFERRED, "esmtp", "4.4.1", "Connection refused", delay=1, xdelay=1)
+    for qid in ("0000000000001BC", "0000000000002BC", "0000000000003BC", "0000000000004BC"):
+        records.record(ev.Accepted("a@b.test", 10, 1, "ESMTP", "unknown [127.0.0.1]", "<m@b>"), qid)
+    records.record(deferred, "0000000000001BC")
+    records.record(ev.AdminChanged("delete", "kanmon queue delete"), "0000000000001BC")
+    records.record(ev.AdminChanged("delete", "maintenance stale"), "0000000000002BC")  # never tried
+    records.record(deferred, "0000000000003BC")
+    records.record(ev.Delivery("d@corp.example", ev.BOUNCED, "admin", "5.0.0",
+                               "message returned to sender by the administrator", note="kanmon queue bounce"),
+                   "0000000000003BC")
+    records.record(ev.AdminChanged("bounce", "kanmon queue bounce"), "0000000000003BC")
+    records.record(ev.Delivery("d@corp.example", ev.BOUNCED, "esmtp", "5.4.1", "Connection refused",
+                               note="message expired in the queue"), "0000000000004BC")
+    records.record(ev.Removed(), "0000000000004BC")
+    records.flush()
+    records.close()
+    (t,) = trace(tmp_path, "0000000000001BC")
+    assert t.final == ("deleted by administrator (kanmon queue delete), not delivered to d@corp.example"
+                       " (last reply: Connection refused)")
+    (t,) = trace(tmp_path, "0000000000002BC")
+    assert t.final == "deleted by administrator (maintenance stale), not tried"
+    (t,) = trace(tmp_path, "0000000000003BC")
+    assert t.final == ("bounced for d@corp.example (message returned to sender by the administrator"
+                       " (kanmon queue bounce))")
+    (t,) = trace(tmp_path, "0000000000004BC")
+    assert t.final == "bounced for d@corp.example (Connection refused (message expired in the queue))"

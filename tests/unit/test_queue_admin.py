@@ -281,6 +281,9 @@ class Events:
     def record(self, event, queue_id=None, **kw):
         self.lines.append((queue_id, event.line()))
 
+    def history_status(self, queue_id, rcpt, status):
+        self.lines.append((queue_id, f"status {rcpt}: {status}"))
+
 
 def test_a_failed_hold_or_delete_puts_the_rest_back_on_the_schedule_and_logs_what_was_done(tmp_path, monkeypatch):
     from kanmon.admin.queue_ops import QueueOps
@@ -309,6 +312,9 @@ def test_a_failed_hold_or_delete_puts_the_rest_back_on_the_schedule_and_logs_wha
     assert link.calls == [("quiesce", ids[2:]), ("due_now", ids[3:])]  # not deleted: back to delivery
     assert not spool.exists(ids[2]) and spool.exists(ids[3])
     assert any(t.startswith("admin: delete 1 message(s) by `test`") and ids[2] in t for _, t in events.lines)
+    # Only the deleted one's recipient is said deleted in the history; the other stays queued.
+    assert [(q, t) for q, t in events.lines if t.startswith("status ")] == [
+        (ids[2], "status c@d.example: Deleted by administrator (test)")]
 
     def full(self, batch):
         raise OSError(28, "No space left on device")

@@ -76,3 +76,42 @@ def test_an_event_whose_fields_cannot_be_encoded_loses_nothing_else(tmp_path):
     texts = [e.text for e in search_events(tmp_path)]
     assert "removed" in texts
     assert any(t.startswith("unprintable") for t in texts)
+
+
+def test_after_lines_is_called_once_the_lines_recorded_before_it_are_in_the_log(tmp_path):
+    from kanmon.records.events import Note
+    from kanmon.records.store import Records
+
+    records = Records(tmp_path, "mx1.example.test")
+    seen: list[str] = []
+    records.record(Note("from=<a@b.test>, size=1"), "0000000000001BC")
+    records.after_lines(lambda: seen.append((tmp_path / "log/kanmon.log").read_text()))
+    records.after_lines(lambda: 1 / 0)  # printed on stderr, the writer goes on
+    records.record(Note("later"))
+    records.flush()
+    records.close()
+    (text,) = seen
+    assert "0000000000001BC: from=<a@b.test>, size=1" in text
+    assert "later" in (tmp_path / "log/kanmon.log").read_text()
+
+
+def test_a_raw_japanese_subject_is_decoded_for_the_history():
+    """Subjects sent as raw bytes (no encoded-word), as Japanese mailers still do: the
+    charset told by ISO-2022-JP's escapes, or UTF-8, CP932, EUC-JP tried strictly."""
+    text = "請求書送付のお知らせ"
+
+    def subject(raw: bytes) -> str:
+        return decode_subject(header_fields(b"Subject: " + raw + b"\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n")["subject"])
+
+    assert subject(text.encode("shift_jis")) == text
+    assert subject(text.encode("iso2022_jp")) == text
+    assert subject(text.encode("euc_jp")) == text
+    assert subject(text.encode("utf-8")) == text
+    assert subject("①請求書".encode("cp932")) == "①請求書"  # a Windows extension (NEC row 13)
+    assert subject(b"=?ISO-2022-JP?B?" + __import__("base64").b64encode(text.encode("iso2022_jp")) + b"?=") == text
+    # Folded over two lines, each ISO-2022-JP with its own escapes.
+    folded = "請求書".encode("iso2022_jp") + b"\r\n " + "送付".encode("iso2022_jp")
+    assert subject(folded) == "請求書 送付"
+    assert subject(b"plain =?broken") == "plain =?broken"
+    assert isinstance(subject(bytes(range(0x80, 0x100))), str)  # garbage: some text, never an exception
+    assert header_fields(b"Message-ID: <\xff@x>\r\n\r\n")["message-id"] == "<\ufffd@x>"
