@@ -30,13 +30,14 @@ import re
 import ssl
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kanmon.model import CrlfChecked, DotFree, Envelope, LocalReply, Reply, check_sendable, describe_reply
-from kanmon.smtp.downgrade import downgrade_8bit
+from kanmon.smtp.downgrade import ConversionLimit, downgrade_8bit
 from kanmon.smtp.xtext import xtext_encode
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ READ_HIGH_WATER = 64 * 1024
 # The body goes out in blocks; each must be taken within command_timeout
 # (RFC 5321 4.5.3.2.5: data block, 3 minutes), so a big message on a slow link is fine.
 DATA_BLOCK = 256 * 1024
+# 8-bit to 7-bit conversions (kanmon.smtp.downgrade) run here, one at a time, off the loop.
+_DOWNGRADE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kanmon-downgrade")
 
 TLS_POLICIES = ("none", "opportunistic", "required", "verify", "smtps")
 
@@ -839,7 +842,19 @@ class SmtpConnection:
             # RFC 6152 3: a server without 8BITMIME gets 7-bit data: the 8-bit parts are
             # re-encoded (quoted-printable, base64), as Postfix does. 8-bit octets in
             # headers cannot be, and go as they are (docs/outbound-smtp.md).
-            body = downgrade_8bit(body)
+            # CPU work of up to a few hundred ms for a large message: off the event loop,
+            # one conversion at a time (each holds about twice the converted message).
+            self._stage.name = "converting the message to 7-bit"
+            try:
+                body = await asyncio.get_running_loop().run_in_executor(_DOWNGRADE_POOL, downgrade_8bit, body)
+            except ConversionLimit as e:
+                # RFC 6152 3: convert, or fail the delivery; never 8-bit octets to this server.
+                reply = LocalReply(
+                    554, "5.6.3",
+                    f"8-bit message could not be converted to 7-bit for host {self.address}, which does not"
+                    f" offer 8BITMIME: {e}",
+                )
+                return TransactionResult([(r, reply) for r in rcpts])
             eight_bit = False
         data = encode_data(body)
         size = len(data)

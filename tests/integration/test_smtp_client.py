@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import threading
 
 import pytest
 import trustme
 
 from kanmon.model import DotFree, LocalReply
+from kanmon.smtp.downgrade import MAX_DEPTH, downgrade_8bit
 from kanmon.smtp.client import (
     ClientSettings,
     ConnectFailed,
@@ -225,6 +227,35 @@ def test_8bit_body_to_a_helo_server_goes_quoted_printable(sink):
     asyncio.run(send(sink, body=EIGHT_BIT_MIME))
     msg = sink.wait_for_messages(1)[0]
     assert msg.params == "" and msg.data.isascii()
+
+
+def test_conversion_runs_off_the_event_loop(sink, monkeypatch):
+    # DESIGN.md promise 6: converting a large message is CPU work; the loop keeps serving.
+    import kanmon.smtp.client as client
+    threads = []
+
+    def recording(body):
+        threads.append(threading.current_thread())
+        return downgrade_8bit(body)
+
+    monkeypatch.setattr(client, "downgrade_8bit", recording)
+    sink.eightbitmime = False
+    _, result = asyncio.run(send(sink, body=EIGHT_BIT_MIME))
+    assert codes(result) == {"b@corp.example": 250}
+    assert threads and threads[0] is not threading.main_thread()
+    assert sink.wait_for_messages(1)[0].data.isascii()
+
+
+def test_8bit_body_beyond_the_conversion_bounds_bounces_for_a_7bit_server(sink):
+    # RFC 6152 3: convert or fail the delivery; 8-bit octets never go to this server.
+    sink.eightbitmime = False
+    body = b"Subject: deep\r\n\r\n" + "Grüße\r\n".encode()
+    for _ in range(MAX_DEPTH + 2):
+        body = b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\n" + body
+    _, result = asyncio.run(send(sink, body=body))
+    reply = result.replies[0][1]
+    assert isinstance(reply, LocalReply) and (reply.code, reply.enhanced) == (554, "5.6.3")
+    assert not any(c.startswith("MAIL") for c in sink.commands)
 
 
 def test_utf8_address_to_server_without_smtputf8_bounces(sink):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import binascii
 import email
 import email.policy
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kanmon.deliver.dsn import build_failure_notice
 from kanmon.model import Reply
-from kanmon.smtp.downgrade import MAX_DEPTH, downgrade_8bit
+from kanmon.smtp.downgrade import MAX_DEPTH, MAX_STEPS, ConversionLimit, downgrade_8bit, encode_quoted_printable
 
 
 def parse(data: bytes):
@@ -175,12 +181,91 @@ def test_a_boundary_prefix_inside_a_part_is_not_a_delimiter():
     assert leaves(out) == [("text/plain", TEXT + b"--bx not a delimiter\r\n" + TEXT[:-2])]
 
 
-def test_nesting_beyond_the_bound_is_left_as_it_is():
+def test_8bit_nesting_beyond_the_bound_cannot_be_converted():
+    # RFC 6152 3: convert or fail the delivery; never 8-bit octets to a 7-bit server.
     inner = b"Subject: deep\r\n\r\n" + TEXT
     for _ in range(MAX_DEPTH + 5):
         inner = b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\n" + inner
-    out = downgrade_8bit(inner)  # no RecursionError, no unbounded work
-    assert out == inner
+    with pytest.raises(ConversionLimit):
+        downgrade_8bit(inner)  # no RecursionError, no unbounded work
+
+
+def test_7bit_nesting_beyond_the_bound_is_sent_as_it_is():
+    inner = b"Subject: deep\r\n\r\nascii\r\n"
+    for _ in range(MAX_DEPTH + 5):
+        inner = b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\n" + inner
+    data = "Subject: ü\r\n".encode() + inner  # 8-bit only in the top header
+    assert downgrade_8bit(data) == data
+
+
+def test_too_many_parts_cannot_be_converted():
+    parts = b"".join(b"--b\r\n\r\nx\r\n" for _ in range(MAX_STEPS))
+    data = b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + \
+        b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + TEXT + b"--b--\r\n"
+    with pytest.raises(ConversionLimit):
+        downgrade_8bit(data)
+
+
+def nested_message(size: int, depth: int) -> bytes:
+    text = "Grüße aus Köln, ein Text mit Umlauten: äöü ÄÖÜ ß, und ASCII.\r\n".encode()
+    inner = b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text * (size // len(text))
+    for i in range(depth):
+        inner = (b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+                 + inner + b"\r\n--b%d--\r\n" % i)
+    return b"MIME-Version: 1.0\r\n" + inner
+
+
+@pytest.mark.parametrize("depth", [0, MAX_DEPTH])
+def test_memory_stays_within_a_small_multiple_of_the_message(depth):
+    # DESIGN.md promise 6: no copy of a part per nesting level (a sanity bound, not speed).
+    data = nested_message(2_000_000, depth)
+    tracemalloc.start()
+    try:
+        out = downgrade_8bit(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.isascii() and leaves(out) == leaves(data)
+    assert peak < 4 * len(data)
+
+
+# RFC 2045 6.7: quoted-printable lines of at most 76 characters, CRLF line ends only.
+line = st.one_of(
+    st.binary(max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    # text near the line limit, with blanks that must be encoded at a line's end
+    st.lists(st.sampled_from([b"x", b" ", b"\t", b"=", b".", "ü".encode()]), min_size=70, max_size=90).map(b"".join),
+)
+crlf_text = st.lists(line, max_size=8).map(b"\r\n".join)
+
+
+def check_quoted_printable(body: bytes, encoded: bytes) -> None:
+    assert encoded.isascii()
+    assert encoded.count(b"\n") == encoded.count(b"\r\n") == encoded.count(b"\r")
+    assert all(len(line) <= 76 for line in encoded.split(b"\r\n"))
+    assert binascii.a2b_qp(encoded) == body
+
+
+@settings(max_examples=400, deadline=None)
+@given(crlf_text)
+def test_quoted_printable_lines_are_short_crlf_and_decode_back(body):
+    check_quoted_printable(body, b"".join(encode_quoted_printable(body)))
+
+
+@pytest.mark.parametrize("body", [
+    b"x" * 74 + b"\t\r\nabc",  # b2a_qp: a 77-character line
+    b"x" * 74 + b" ",
+    "ü".encode() * 200,  # no line feed: b2a_qp soft-breaks with a bare LF
+    b"y" * 75 + b"\t" * 3 + b"\r\n",
+])
+def test_quoted_printable_edge_cases(body):
+    check_quoted_printable(body, b"".join(encode_quoted_printable(body)))
+
+
+def test_quoted_printable_of_a_long_line_is_cut_in_chunks(monkeypatch):
+    import kanmon.smtp.downgrade as downgrade
+    monkeypatch.setattr(downgrade, "QP_CHUNK", 100)
+    body = ("ü x\t" * 200 + "\r\n" + "a" * 99 + "\r\n" + "b" * 500).encode()
+    check_quoted_printable(body, b"".join(encode_quoted_printable(body)))
 
 
 def test_a_notice_with_the_8bit_original_is_converted():
