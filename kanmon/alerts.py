@@ -73,6 +73,7 @@ from kanmon.model import Envelope
 from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
 from kanmon.records.events import (
+    BOUNCED,
     DEFERRED,
     ERROR_KINDS,
     Alert,
@@ -110,6 +111,9 @@ RECOVERIES = (
     ("info", "shared state: the connection counts of SMTP receiver pid ", "critical",
      "shared state unavailable: the connection counts of SMTP receiver pid "),
 )
+UNDELIVERED = "alert-mail-undelivered"  # poll_events: a bounced or expired alert mail (not an event kind)
+UNDELIVERED_STATE = "undelivered"  # the alert event of such a mail (kanmon alert list)
+
 RECOVERY_KINDS = tuple(dict.fromkeys(kind for kind, *_ in RECOVERIES))
 
 SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
@@ -586,11 +590,22 @@ class Alerts:
                 (self._last_event_id, top, *WATCHED_KINDS,
                  *(x for kind, start, _c, _k in RECOVERIES for x in (kind, start))),
             ).fetchall()
+            # Alert mail (its alert-mail event has its queue id) that bounced or expired:
+            # from <>, nobody else hears of it.
+            rows += [(UNDELIVERED, qid, delivery, mailed) for qid, delivery, mailed in db.execute(
+                "SELECT d.queue_id, d.detail, m.detail FROM events d JOIN events m"
+                " ON m.queue_id = d.queue_id AND m.kind = ? WHERE d.id > ? AND d.id <= ? AND d.kind = 'delivery'"
+                " AND json_extract(d.detail, '$.status') = ? ORDER BY d.id",
+                (AlertMailed.KIND, self._last_event_id, top, BOUNCED),
+            ).fetchall()]
         finally:
             db.close()
         return rows, top
 
     def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
+        if kind == UNDELIVERED:
+            self.undelivered(qid or "", text, detail)
+            return
         if kind == AlertRequest.KIND:
             try:
                 category = str(json.loads(detail or "{}").get("category") or "critical")
@@ -613,6 +628,34 @@ class Alerts:
         key = critical_key(text)
         look = f"\nTo see the message's history: kanmon trace {qid}" if qid else ""
         self.raise_alert("critical", key, f"{'critical' if kind == 'critical' else 'error'} event: {where}{text}{look}")
+
+    def undelivered(self, qid: str, delivery: str, mailed: str | None) -> None:
+        """An alert mail that bounced or expired (its delivery event's and its
+        alert-mail event's fields, as JSON): an alert-not-mailed event and an alert event
+        of state "undelivered" (`kanmon alert list`, the console; it does not change
+        whether the alert is active), and a line on stderr. Never an error event: its
+        alert would be mailed to the same address and bounce again."""
+        try:
+            d, m = json.loads(delivery or "{}"), json.loads(mailed or "{}")
+        except ValueError:
+            return
+        if not isinstance(d, dict) or not isinstance(m, dict):
+            return
+        category = str(m.get("category") or "critical")
+        key, subject, test = str(m.get("key") or ""), str(m.get("subject") or ""), m.get("test") is True
+        note = f" ({d['note']})" if d.get("note") else ""
+        why = f"not delivered to <{d.get('rcpt', '')}>: {d.get('reply', '')}{note}"
+        self.records.record(AlertNotMailed(why, subject, test), qid or None)
+        st = self.states.get((category, key))
+        if category in ALERT_CATEGORIES:
+            text = st.text if st and not test else subject
+            self.records.record(Alert(category, key, UNDELIVERED_STATE, st.since if st and not test else self.clock.now(),
+                                      f"alert mail {qid} {why}\n{text}", f"alert mail {qid} {why}",
+                                      last_sent=st.last_sent if st else None, test=test), qid or None)
+        try:
+            print(f"kanmon: ALERT mail {qid} {why}: {subject}", file=self.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
     def _recovered(self, kind: str, text: str) -> None:
         """A recovery event: the active alerts it ends are resolved (RECOVERIES)."""
@@ -835,7 +878,7 @@ class Alerts:
         now = self.clock.now()
         hostname = self.config.server.hostname
         msg = EmailMessage(policy=email.policy.SMTP)  # CRLF, encoded words, folded headers
-        msg["From"] = f"kanmon on {hostname} <{self.sender}>"
+        msg["From"] = f"kanmon on {hostname} <{self.sender}>"  # [alerts] from: the header only
         msg["To"] = ", ".join(self.cfg.to)
         msg["Subject"] = re.sub(r"[\r\n\t]+", " ", subject)  # event text never makes a header of its own
         msg["Date"] = format_datetime(datetime.datetime.fromtimestamp(now).astimezone())
@@ -844,7 +887,11 @@ class Alerts:
         msg["X-Kanmon-Alert"] = category
         msg.set_content(body)
         content = msg.as_bytes()
-        env = Envelope(mail_from=self.sender, rcpts=list(self.cfg.to), received_at=now, is_notice=True)
+        # From <>, as DSNs are (and FortiMail's and Postfix's notices to the postmaster):
+        # a store that refuses our own domain as sender from a host outside its
+        # relay_networks (sender_spoof) takes it, and nothing ever answers an alert with
+        # a bounce. Whether it arrived is followed by its delivery events (undelivered()).
+        env = Envelope(mail_from="", rcpts=list(self.cfg.to), received_at=now, is_notice=True)
         try:
             qid = await self.injector.inject(env, content, "alert")
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
@@ -939,7 +986,7 @@ class AlertRecord:
     ts: float
     category: str
     key: str
-    state: str  # raised | suppressed | cleared | unknown (the node lost its state)
+    state: str  # raised | suppressed | cleared | unknown (the node lost its state) | undelivered (its mail bounced)
     since: float
     text: str
     node: str = ""  # the node that saw it (shared records); "" for this node's own records
@@ -965,7 +1012,8 @@ def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[Aler
                           d.get("since", ts), str(d.get("text", "")), node or "", test)
         if rec.ts >= since:
             out.append(rec)
-        if not test:  # nor does it end a real alert of the same key
+        # A test's event, nor an undelivered mail's, ends a real alert of the same key.
+        if not test and rec.state != UNDELIVERED_STATE:
             latest[(rec.node, rec.category, rec.key)] = rec
     # A critical alert is an error event, which only a recovery event clears (RECOVERIES):
     # otherwise active within the window only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
@@ -1059,3 +1107,20 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
     finally:
         db.close()
     return None
+
+
+def wait_alert_delivery(data_dir: Path, queue_id: str, wait: float) -> tuple[str, bool]:
+    """The delivery of a test alert's mail, as `kanmon trace` says it ("delivered to ...",
+    "bounced for ... (reply)", "in the queue, deferred for ..."), waiting up to `wait`
+    seconds for it to leave the queue: (that text, whether it left the queue)."""
+    from kanmon.records.trace import trace
+
+    deadline = time.monotonic() + wait
+    while True:
+        timelines = trace(Path(data_dir), queue_id)
+        t = timelines[0] if timelines else None
+        if t is not None and any(s.kind == "removed" for s in t.steps):
+            return t.final, True
+        if time.monotonic() >= deadline:
+            return (t.final if t is not None else "not in the records yet"), False
+        time.sleep(0.2)  # a command waiting for another process: there is no clock to advance

@@ -29,6 +29,7 @@ from kanmon.config import ALERT_CATEGORIES
 from kanmon.escape import json_for_terminal
 
 WAIT_FOR_SERVER = 15.0
+WAIT_FOR_DELIVERY = 10.0
 
 
 @click.group()
@@ -40,9 +41,11 @@ def alert() -> None:
 @config_option
 @click.option("--category", type=click.Choice(ALERT_CATEGORIES), default="critical", show_default=True)
 @click.option("--wait", default=WAIT_FOR_SERVER, show_default=True, help="Seconds to wait for the server.")
-def alert_test(config_path, category, wait) -> None:
-    """Ask the running server to mail a test alert now."""
-    from kanmon.alerts import request_test_alert
+@click.option("--wait-delivery", default=WAIT_FOR_DELIVERY, show_default=True,
+              help="Seconds to wait for the mail's delivery outcome (exit 1 when it bounced); 0: do not wait.")
+def alert_test(config_path, category, wait, wait_delivery) -> None:
+    """Ask the running server to mail a test alert now, and say whether it was delivered."""
+    from kanmon.alerts import request_test_alert, wait_alert_delivery
 
     cfg = load_or_exit(config_path)
     require_data_dir(cfg, config_path)
@@ -56,8 +59,16 @@ def alert_test(config_path, category, wait) -> None:
     if outcome.startswith("alert not mailed"):
         raise SystemExit(1)
     qid = outcome.rpartition("(queue id ")[2].rstrip(")") if "(queue id " in outcome else None
-    click.echo(f"kanmon: follow it with `kanmon trace {qid}`" if qid
-               else "kanmon: follow it with `kanmon log events --since 5m --grep alert`")
+    if not qid:
+        click.echo("kanmon: follow it with `kanmon log events --since 5m --grep alert`")
+        return
+    # Queued is not delivered: the alert mail is sent from <>, so a server that refuses
+    # it tells nobody but our records. Wait a little for its outcome, as the console does.
+    final, done = wait_alert_delivery(cfg.server.data_dir, qid, wait_delivery)
+    click.echo(shown(f"kanmon: delivery: {final}" if done else f"kanmon: delivery: not final after {wait_delivery:.0f} s: {final}"))
+    click.echo(f"kanmon: follow it with `kanmon trace {qid}`")
+    if done and "bounced for " in final:
+        raise SystemExit(1)
 
 
 @alert.command("list")

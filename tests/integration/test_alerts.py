@@ -439,3 +439,68 @@ def test_lists_show_an_alerts_real_text_shortened_not_its_masked_key(tmp_path, a
                 assert "error event: reload refused" in line
     finally:
         node.stop()
+
+
+def test_alert_mail_is_sent_from_the_null_sender(tmp_path, admin_sink):
+    """The envelope sender is <> (as DSNs, FortiMail's and Postfix's notices): a store that
+    refuses our own domain as sender from outside its relay_networks takes it; [alerts]
+    from is the From: header."""
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_alert(admin_sink, "disk")
+        (tx,) = [m for m in admin_sink.messages if m.rcpts == ["admin@admin.example"]]
+        assert tx.mail_from == ""
+        assert "<kanmon@mx1.example.test>" in email.message_from_bytes(tx.data)["From"]
+    finally:
+        node.stop()
+
+
+REFUSED = "550 5.7.1 <admin@admin.example>: Recipient address rejected: not logged in"
+
+
+def test_an_alert_mail_that_bounces_is_recorded_and_the_test_command_says_so(tmp_path, admin_sink):
+    """Alert mail from <> gets no bounce: its failure is recorded (alert-not-mailed, an
+    "undelivered" alert event that `alert list` shows) and `kanmon alert test` waits for
+    the delivery outcome and exits 1."""
+    admin_sink.rcpt_replies = {"admin@admin.example": REFUSED}
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_event(node, "alert disk/")
+        wait_event(node, "alert not mailed (not delivered to <admin@admin.example>: 550 5.7.1")
+        wait_event(node, "mail not delivered: alert mail ")
+        out = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "test", "-c", str(tmp_path / "kanmon.toml"), "--category", "dns"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "alert mail (dns/test) queued" in out.stdout
+        assert "kanmon: delivery: bounced for admin@admin.example (550 5.7.1" in out.stdout, out.stdout
+        node.flush()
+        listing = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        data = json.loads(listing.stdout)
+        assert [(a["category"], a["state"]) for a in data["active"]] == [("disk", "raised")]  # still active
+        undelivered = [(a["category"], a["test"]) for a in data["recent"] if a["state"] == "undelivered"]
+        assert ("disk", False) in undelivered and ("dns", True) in undelivered
+        text = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml")],
+            capture_output=True, text=True, timeout=60,
+        ).stdout
+        assert "undelivered" in text and "not delivered to <admin@admin.example>: 550 5.7.1" in text, text
+    finally:
+        node.stop()
+
+
+def test_the_test_command_reports_the_delivery(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "test", "-c", str(tmp_path / "kanmon.toml")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "kanmon: delivery: delivered to admin@admin.example" in out.stdout, out.stdout
+    finally:
+        node.stop()
