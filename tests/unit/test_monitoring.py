@@ -169,8 +169,9 @@ def test_alert_goes_through_the_spool_and_the_queue(tmp_path):
     assert queue.submitted == [qid]
     entry = spool.load(qid)
     assert entry.envelope.rcpts == ["admin@admin.example"] and entry.envelope.is_notice
-    assert entry.envelope.mail_from == "kanmon@mx1.example.test"
+    assert entry.envelope.mail_from == ""  # from <>, as DSNs; [alerts] from is the From: header
     content = spool.read_content(qid)
+    assert b"<kanmon@mx1.example.test>" in content.split(b"\r\n\r\n", 1)[0]
     assert b"Subject: [kanmon mx1] queue: 5 messages\r\n" in content and b"Auto-Submitted: auto-generated" in content
     spool.close()
 
