@@ -504,3 +504,34 @@ def test_the_test_command_reports_the_delivery(tmp_path, admin_sink):
         assert "kanmon: delivery: delivered to admin@admin.example" in out.stdout, out.stdout
     finally:
         node.stop()
+
+
+def test_a_reload_of_smtp_min_free_disk_moves_the_disk_alert_at_once(tmp_path, admin_sink):
+    """The disk alert's threshold defaults to [smtp] min_free_disk: a reload that raises it
+    (SMTP refuses with 452 4.3.1 at once) raises the disk alert too, without a restart."""
+    node = start(tmp_path, admin_sink)
+    try:
+        next_check(node)
+        assert alert_mails(admin_sink, "disk") == []
+        text = (tmp_path / "kanmon.toml").read_text().replace('min_free_disk = "1MB"', 'min_free_disk = "1000TB"')
+        reload_now(node, parse_config(text))
+        (mail,) = wait_alert(admin_sink, "disk")  # on the clock the test never moves again
+        assert "below the threshold" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_a_reload_that_adds_an_archive_quota_checks_it_at_once(tmp_path, admin_sink):
+    arch = tmp_path / "archive"
+    (arch / "new").mkdir(parents=True)
+    (arch / "new" / "1.eml").write_bytes(b"x" * 4096)
+    node = start(tmp_path, admin_sink, extra=f'[archive]\nmaildir = "{arch}"\n')
+    try:
+        next_check(node)
+        assert alert_mails(admin_sink, "archive") == []
+        text = (tmp_path / "kanmon.toml").read_text() + 'quota = "4KB"\n'
+        reload_now(node, parse_config(text))
+        (mail,) = wait_alert(admin_sink, "archive")
+        assert "of its quota" in body(mail)
+    finally:
+        node.stop()
