@@ -475,7 +475,7 @@ def test_an_alert_mail_that_bounces_is_recorded_and_the_test_command_says_so(tmp
         assert out.returncode == 1, (out.stdout, out.stderr)
         assert "alert mail (dns/test) queued" in out.stdout
         assert "kanmon: delivery: bounced for admin@admin.example (550 5.7.1" in out.stdout, out.stdout
-        node.flush()
+        wait_event(node, "alert dns/test mail not delivered: alert mail ")  # the watcher's next look
         listing = subprocess.run(
             [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
             capture_output=True, text=True, timeout=60,

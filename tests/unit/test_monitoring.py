@@ -487,3 +487,38 @@ def test_dns_check_and_balancer_lines_have_kinds_of_their_own_also_in_an_old_dat
     assert texts(("error", "audit")) == [old[4][1], old[5][1]]
     # the kind changes no line: the log file, stdout and `kanmon log events` print the text
     assert [e.text for e in search_events(tmp_path, grep="dnscheck")][:2] == [old[0][1], old[5][1]]
+
+
+def test_a_retention_run_again_waits_out_its_day(tmp_path):
+    """The alerts start again at every reload; the retention a reload keeps (its
+    settings unchanged) does not prune again before its day is over."""
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nkeep = "1d"\n')
+    open_db(tmp_path / "records.sqlite").close()
+    clock = ManualClock()
+    runs: list[float] = []
+    retention = Retention(cfg, print, clock)
+
+    async def once() -> tuple[int, int]:
+        runs.append(clock.now())
+        return 0, 0
+
+    retention.run_once = once
+
+    async def scenario() -> None:
+        task = asyncio.create_task(retention.run())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 1
+        task.cancel()
+        again = asyncio.create_task(retention.run())  # the kept one, run again after a reload
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 1
+        clock.advance(86400)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 2
+        again.cancel()
+
+    asyncio.run(scenario())
+    assert Retention(cfg, print, clock).settings() == retention.settings()
