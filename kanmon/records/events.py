@@ -1037,13 +1037,15 @@ class AlertNotMailed(Event):
 
 @_event
 class AlertRequest(Event):
-    """`kanmon alert test`: the running server mails a test alert of `category`."""
+    """`kanmon alert test`: the running server mails a test alert of `category` (to `to`,
+    when given, instead of [alerts] to)."""
 
     KIND = "alert-request"
     category: str
+    to: str = ""  # `--to`: the address it goes to instead of [alerts] to
 
     def line(self) -> str:
-        return f"test alert requested: {self.category}"
+        return f"test alert requested: {self.category}" + (f" to <{self.to}>" if self.to else "")
 
 
 # -- syslog-style program names ------------------------------------------------------------------

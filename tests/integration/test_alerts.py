@@ -273,6 +273,10 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         assert re.search(r"\(queue id [0-9A-Za-z]+\)", out.stdout) and "kanmon trace " in out.stdout, out.stdout
         (mail,) = wait_alert(admin_sink, "queue")  # the test button ignores the category list
         assert "test alert (queue)" in subject(mail)
+        # ...but says that the real ones of this category are not mailed, as the CLI does.
+        assert "note: queue is not in [alerts] categories: real queue alerts are recorded" in out.stdout, out.stdout
+        assert "Real queue alerts are NOT mailed: queue is not in [alerts] categories" in body(mail)
+        assert "mailed at most once" not in body(mail)
         # A category left out of [alerts] categories is recorded, not mailed.
         node.call(node.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
         # A scanner named "test" failing is a real alert, whose key is "test" too.
@@ -533,5 +537,26 @@ def test_a_reload_that_adds_an_archive_quota_checks_it_at_once(tmp_path, admin_s
         reload_now(node, parse_config(text))
         (mail,) = wait_alert(admin_sink, "archive")
         assert "of its quota" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_the_test_command_sends_to_another_address_with_to(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink, alerts='categories = ["critical"]')
+    try:
+        config = str(tmp_path / "kanmon.toml")
+        bad = subprocess.run([sys.executable, "-m", "kanmon", "alert", "test", "-c", config, "--to", "x@y>, z@w"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--to" in bad.stderr and "is not a mail address" in bad.stderr, bad.stderr
+        out = subprocess.run([sys.executable, "-m", "kanmon", "alert", "test", "-c", config, "--to", "other@admin.example"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "delivered to other@admin.example" in out.stdout, out.stdout
+        assert "note:" not in out.stdout  # critical is mailed
+        (tx,) = [m for m in admin_sink.messages if m.rcpts == ["other@admin.example"]]
+        msg = email.message_from_bytes(tx.data)
+        assert msg["To"] == "other@admin.example" and "alert mail reaches <other@admin.example>" in body(msg)
+        assert "Real critical alerts are mailed at most once every 1h" in body(msg)
+        assert alert_mails(admin_sink) == []  # nothing to [alerts] to
     finally:
         node.stop()
