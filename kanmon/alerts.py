@@ -73,6 +73,7 @@ from kanmon.model import Envelope
 from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
 from kanmon.records.events import (
+    BOUNCED,
     DEFERRED,
     ERROR_KINDS,
     Alert,
@@ -110,6 +111,9 @@ RECOVERIES = (
     ("info", "shared state: the connection counts of SMTP receiver pid ", "critical",
      "shared state unavailable: the connection counts of SMTP receiver pid "),
 )
+UNDELIVERED = "alert-mail-undelivered"  # poll_events: a bounced or expired alert mail (not an event kind)
+UNDELIVERED_STATE = "undelivered"  # the alert event of such a mail (kanmon alert list)
+
 RECOVERY_KINDS = tuple(dict.fromkeys(kind for kind, *_ in RECOVERIES))
 
 SUBJECT_SUMMARY_MAX = 100  # characters of the text's first line in the Subject
@@ -256,7 +260,8 @@ class Alerts:
         self.failover: dict[str, str] = {}  # destination -> server in use instead of the first
         self.sent = 0
         self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
-        self._outbox: asyncio.Queue[tuple[str, str, str, str, str | None]] | None = None
+        # (category, key, subject, body, what to ask the cluster, recipients: None for [alerts] to)
+        self._outbox: asyncio.Queue[tuple[str, str, str, str, str | None, list[str] | None]] | None = None
         self._db_path = self.data_dir / "records.sqlite"
         # Before the state is loaded: a damaged state file's event comes after this id,
         # so the watcher mails it as a critical alert.
@@ -312,22 +317,28 @@ class Alerts:
         self._enqueue(category, key, self._subject(category, text), self._body(st, text, look), force)
         return True
 
-    def test_alert(self, category: str) -> None:
+    def test_alert(self, category: str, to: str = "") -> None:
         """The test button (`kanmon alert test`, the console, the API): a mail of `category`
         now, whatever the rate limit and the category list. It is no alert of the node's:
         its event says test (never active), and it keeps no state, so a real alert whose
-        key is "test" (a scanner of that name) is neither hidden nor changed by it."""
+        key is "test" (a scanner of that name) is neither hidden nor changed by it.
+        to: an address to send it to instead of [alerts] to (`alert test --to`)."""
         if category not in ALERT_CATEGORIES:
             category = "critical"
+        if to and not is_test_address(to):
+            self._fallback(self._subject(category, f"test alert ({category})"), "",
+                           f"--to {to!r} is not a mail address", test=True)
+            return
+        where = "you" if not to else f"<{to}>"
         text = (f"test alert ({category}) requested (`kanmon alert test`, the console or the API): "
-                "if you read this, alert mail reaches you")
+                f"if you read this, alert mail reaches {where}")
         st = AlertState(category, "test", text, since=self.clock.now())
         self.records.record(Alert(category, "test", "raised", st.since, text, test=True))
-        subject, body = self._subject(category, text), self._body(st, text)
+        subject, body = self._subject(category, text), self._body(st, text, test=True)
         if self._outbox is None:  # not running (tests driving it by hand): log only
             self._fallback(subject, body, "alerts not running", test=True)
             return
-        self._outbox.put_nowait((category, "test", subject, body, "test"))
+        self._outbox.put_nowait((category, "test", subject, body, "test", [to] if to else None))
 
     def clear(self, category: str, key: str, text: str, *, mail: bool = False) -> None:
         """The condition is over. mail: say so by mail (delivery and ha recoveries do)."""
@@ -586,17 +597,30 @@ class Alerts:
                 (self._last_event_id, top, *WATCHED_KINDS,
                  *(x for kind, start, _c, _k in RECOVERIES for x in (kind, start))),
             ).fetchall()
+            # Alert mail (its alert-mail event has its queue id) that bounced or expired:
+            # from <>, nobody else hears of it.
+            rows += [(UNDELIVERED, qid, delivery, mailed) for qid, delivery, mailed in db.execute(
+                "SELECT d.queue_id, d.detail, m.detail FROM events d JOIN events m"
+                " ON m.queue_id = d.queue_id AND m.kind = ? WHERE d.id > ? AND d.id <= ? AND d.kind = 'delivery'"
+                " AND json_extract(d.detail, '$.status') = ? ORDER BY d.id",
+                (AlertMailed.KIND, self._last_event_id, top, BOUNCED),
+            ).fetchall()]
         finally:
             db.close()
         return rows, top
 
     def _on_event(self, kind: str, qid: str | None, text: str, detail: str | None = None) -> None:
+        if kind == UNDELIVERED:
+            self.undelivered(qid or "", text, detail)
+            return
         if kind == AlertRequest.KIND:
             try:
-                category = str(json.loads(detail or "{}").get("category") or "critical")
+                request = json.loads(detail or "{}")
+                category = str(request.get("category") or "critical")
+                to = str(request.get("to") or "")
             except (ValueError, AttributeError):
-                category = "critical"
-            self.test_alert(category)
+                category, to = "critical", ""
+            self.test_alert(category, to)
             return
         if kind in (ScannerFailed.KIND, ScannerRecovered.KIND):
             scanner = text.split(" ", 2)[1] if text.startswith("scanner ") else "scanner"
@@ -613,6 +637,34 @@ class Alerts:
         key = critical_key(text)
         look = f"\nTo see the message's history: kanmon trace {qid}" if qid else ""
         self.raise_alert("critical", key, f"{'critical' if kind == 'critical' else 'error'} event: {where}{text}{look}")
+
+    def undelivered(self, qid: str, delivery: str, mailed: str | None) -> None:
+        """An alert mail that bounced or expired (its delivery event's and its
+        alert-mail event's fields, as JSON): an alert-not-mailed event and an alert event
+        of state "undelivered" (`kanmon alert list`, the console; it does not change
+        whether the alert is active), and a line on stderr. Never an error event: its
+        alert would be mailed to the same address and bounce again."""
+        try:
+            d, m = json.loads(delivery or "{}"), json.loads(mailed or "{}")
+        except ValueError:
+            return
+        if not isinstance(d, dict) or not isinstance(m, dict):
+            return
+        category = str(m.get("category") or "critical")
+        key, subject, test = str(m.get("key") or ""), str(m.get("subject") or ""), m.get("test") is True
+        note = f" ({d['note']})" if d.get("note") else ""
+        why = f"not delivered to <{d.get('rcpt', '')}>: {d.get('reply', '')}{note}"
+        self.records.record(AlertNotMailed(why, subject, test), qid or None)
+        st = self.states.get((category, key))
+        if category in ALERT_CATEGORIES:
+            text = st.text if st and not test else subject
+            self.records.record(Alert(category, key, UNDELIVERED_STATE, st.since if st and not test else self.clock.now(),
+                                      f"alert mail {qid} {why}\n{text}", f"alert mail {qid} {why}",
+                                      last_sent=st.last_sent if st else None, test=test), qid or None)
+        try:
+            print(f"kanmon: ALERT mail {qid} {why}: {subject}", file=self.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
 
     def _recovered(self, kind: str, text: str) -> None:
         """A recovery event: the active alerts it ends are resolved (RECOVERIES)."""
@@ -662,7 +714,7 @@ class Alerts:
     async def _sender(self) -> None:
         assert self._outbox is not None
         while True:
-            category, key, subject, body, ask = await self._outbox.get()
+            category, key, subject, body, ask, rcpts = await self._outbox.get()
             shared = self.shared if self.cfg.to else None  # nothing to mail: no claim on the cluster's mail
             if ask == "claim" and shared is not None:
                 body = await self._claim(category, key, subject, body)
@@ -670,7 +722,7 @@ class Alerts:
                 body = await self._resolve(category, key, subject, body)
             if body is None:
                 continue
-            await self.send(category, key, subject, body, test=ask == "test")
+            await self.send(category, key, subject, body, test=ask == "test", to=rcpts)
 
     async def _claim(self, category: str, key: str, subject: str, body: str) -> str | None:
         """The body to mail (naming the nodes that see the alert), or None when another
@@ -816,7 +868,7 @@ class Alerts:
         if self._outbox is None:  # not running (tests driving it by hand): log only
             self._fallback(subject, body, "alerts not running")
             return
-        self._outbox.put_nowait((category, key, subject, body, None if force else "claim"))
+        self._outbox.put_nowait((category, key, subject, body, None if force else "claim", None))
 
     def _enqueue_resolved(self, category: str, key: str, subject: str, body: str) -> None:
         """A "resolved" mail: one for the cluster's incident (self.shared), sent by the
@@ -824,19 +876,21 @@ class Alerts:
         if self.shared is None or self._outbox is None:
             self._enqueue(category, key, subject, body, True)
             return
-        self._outbox.put_nowait((category, key, subject, body, "resolve"))
+        self._outbox.put_nowait((category, key, subject, body, "resolve", None))
 
-    async def send(self, category: str, key: str, subject: str, body: str, *, test: bool = False) -> str | None:
+    async def send(self, category: str, key: str, subject: str, body: str, *, test: bool = False,
+                   to: list[str] | None = None) -> str | None:
         """Queue one alert mail; its queue id, or None when it went to log and stderr.
-        test: the test button's (its events say so)."""
-        if not self.cfg.to:
+        test: the test button's (its events say so). to: instead of [alerts] to (a test's --to)."""
+        rcpts = list(to or self.cfg.to)
+        if not rcpts:
             self._fallback(subject, body, "no [alerts] to", test=test)
             return None
         now = self.clock.now()
         hostname = self.config.server.hostname
         msg = EmailMessage(policy=email.policy.SMTP)  # CRLF, encoded words, folded headers
-        msg["From"] = f"kanmon on {hostname} <{self.sender}>"
-        msg["To"] = ", ".join(self.cfg.to)
+        msg["From"] = f"kanmon on {hostname} <{self.sender}>"  # [alerts] from: the header only
+        msg["To"] = ", ".join(rcpts)
         msg["Subject"] = re.sub(r"[\r\n\t]+", " ", subject)  # event text never makes a header of its own
         msg["Date"] = format_datetime(datetime.datetime.fromtimestamp(now).astimezone())
         msg["Message-ID"] = make_msgid("alert", domain=hostname)
@@ -844,7 +898,11 @@ class Alerts:
         msg["X-Kanmon-Alert"] = category
         msg.set_content(body)
         content = msg.as_bytes()
-        env = Envelope(mail_from=self.sender, rcpts=list(self.cfg.to), received_at=now, is_notice=True)
+        # From <>, as DSNs are (and FortiMail's and Postfix's notices to the postmaster):
+        # a store that refuses our own domain as sender from a host outside its
+        # relay_networks (sender_spoof) takes it, and nothing ever answers an alert with
+        # a bounce. Whether it arrived is followed by its delivery events (undelivered()).
+        env = Envelope(mail_from="", rcpts=rcpts, received_at=now, is_notice=True)
         try:
             qid = await self.injector.inject(env, content, "alert")
         except Exception as e:  # noqa: BLE001 - the queue cannot take it: log and stderr
@@ -882,14 +940,22 @@ class Alerts:
             spill.append(self.data_dir / "records-spill-postgresql")
         return LOOK_CLOSER[category].format(data_dir=self.data_dir, spill=" ".join(map(str, spill)))
 
-    def _body(self, st: AlertState, text: str, look: str | None = None) -> str:
+    def _body(self, st: AlertState, text: str, look: str | None = None, *, test: bool = False) -> str:
+        every = format_duration(self.interval(st.category))
+        if not test:
+            how = f"This alert is mailed at most once every {every} while it lasts;\n"
+        elif st.category in self.cfg.categories:
+            how = f"Real {st.category} alerts are mailed at most once every {every} while they last;\n"
+        else:  # the test button mails any category; its real alerts would not be
+            how = (f"Real {st.category} alerts are NOT mailed: {st.category} is not in [alerts] categories "
+                   "(add it there and reload to have them mailed);\nthey are recorded all the same:\n")
         return (
             f"What happened: {text}\n\n"
             f"Since: {_stamp(st.since)}\n"
             f"Category: {st.category}\n"
             f"Server: {self.config.server.hostname}\n\n"
             f"To look closer: {look or self._command(st.category)}\n\n"
-            f"This alert is mailed at most once every {format_duration(self.interval(st.category))} while it lasts;\n"
+            f"{how}"
             "`kanmon alert list` shows recent alerts and which are still active.\n"
         )
 
@@ -943,7 +1009,7 @@ class AlertRecord:
     ts: float
     category: str
     key: str
-    state: str  # raised | suppressed | cleared | unknown (the node lost its state)
+    state: str  # raised | suppressed | cleared | unknown (the node lost its state) | undelivered (its mail bounced)
     since: float
     text: str
     node: str = ""  # the node that saw it (shared records); "" for this node's own records
@@ -969,7 +1035,8 @@ def _fold_alerts(rows, since: float = 0.0) -> tuple[list[AlertRecord], list[Aler
                           d.get("since", ts), str(d.get("text", "")), node or "", test)
         if rec.ts >= since:
             out.append(rec)
-        if not test:  # nor does it end a real alert of the same key
+        # A test's event, nor an undelivered mail's, ends a real alert of the same key.
+        if not test and rec.state != UNDELIVERED_STATE:
             latest[(rec.node, rec.category, rec.key)] = rec
     # A critical alert is an error event, which only a recovery event clears (RECOVERIES):
     # otherwise active within the window only (kanmon status likewise counts it for [alerts] min_interval), not for ever.
@@ -1024,7 +1091,22 @@ def read_alerts(config: Config, since: float, node: str | None = None) -> tuple[
 # The test button (kanmon alert test)
 
 
-def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None:
+def is_test_address(address: str) -> bool:
+    """An address `kanmon alert test --to` may send to: one mailbox, local@domain, as
+    RCPT TO takes it (no source route, no control characters), ASCII."""
+    from kanmon.model import SmtpError
+    from kanmon.smtp.address import parse_path
+
+    if not address or "<" in address or ">" in address or not address.isascii():
+        return False
+    try:
+        path = parse_path(f"<{address}>", is_sender=False, smtputf8_allowed=False, strict=True)
+    except SmtpError:
+        return False
+    return bool(path.address) and "@" in path.address and not path.domain.startswith("[")
+
+
+def request_test_alert(data_dir: Path, category: str, wait: float, to: str = "") -> str | None:
     """Ask the running server to mail a test alert, and wait up to `wait` seconds for it.
 
     The request is an AlertRequest event in records.sqlite; the server's
@@ -1040,7 +1122,7 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
     db = open_db(path)
     try:
         with db:
-            request = AlertRequest(category)
+            request = AlertRequest(category, to)
             cur = db.execute(
                 "INSERT INTO events(ts, queue_id, kind, text, detail) VALUES (?, NULL, ?, ?, ?)",
                 (time.time(), request.KIND, request.line(), json.dumps(request.fields())),
@@ -1063,3 +1145,20 @@ def request_test_alert(data_dir: Path, category: str, wait: float) -> str | None
     finally:
         db.close()
     return None
+
+
+def wait_alert_delivery(data_dir: Path, queue_id: str, wait: float) -> tuple[str, bool]:
+    """The delivery of a test alert's mail, as `kanmon trace` says it ("delivered to ...",
+    "bounced for ... (reply)", "in the queue, deferred for ..."), waiting up to `wait`
+    seconds for it to leave the queue: (that text, whether it left the queue)."""
+    from kanmon.records.trace import trace
+
+    deadline = time.monotonic() + wait
+    while True:
+        timelines = trace(Path(data_dir), queue_id)
+        t = timelines[0] if timelines else None
+        if t is not None and any(s.kind == "removed" for s in t.steps):
+            return t.final, True
+        if time.monotonic() >= deadline:
+            return (t.final if t is not None else "not in the records yet"), False
+        time.sleep(0.2)  # a command waiting for another process: there is no clock to advance

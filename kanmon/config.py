@@ -1038,7 +1038,7 @@ class AlertsSection(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     to: list[str] = Field(default_factory=list, description="Alert mail goes to these addresses; empty: log and stderr only")
-    from_: str = Field("", alias="from", description="Sender of alert mail (default: kanmon@<server.hostname>)")
+    from_: str = Field("", alias="from", description="From: header of alert mail (default: kanmon@<server.hostname>); the envelope sender is <>")
     min_interval: Duration = Field(3600.0, description="The same alert is mailed at most once per interval (expiry: expiry_every)")
     disk_free_below: Size | None = Field(None, description="disk: free space in data_dir under this (default: smtp.min_free_disk)")
     queue_size_above: int = Field(1000, ge=1, description="queue: more messages than this in the queue")

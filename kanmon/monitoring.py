@@ -48,14 +48,18 @@ class Monitoring:
         self.retention = Retention(config, node.records.emit, node.clock)
 
     def reconfigure(self, config) -> None:
-        """After a reload: alerts and retention with the new config (the node restarts
-        run()); the alert state in memory goes on; the metrics keep counting."""
+        """After a reload (of any section: the alerts read many): alerts and retention
+        with the new config (the node restarts run()); the alert state in memory goes on;
+        a retention whose settings did not change is kept, so a reload does not prune
+        again; the metrics keep counting."""
         node = self.node
         cert, _key = server_cert_paths(config)
         self.alerts = Alerts(config, node.records, node.spool, node.queue, node.clock, cert_path=cert,
                              shared=node.state if config.records.url else None, previous=self.alerts)
         node.remote.on_server_used = self.alerts.on_server_used
-        self.retention = Retention(config, node.records.emit, node.clock)
+        retention = Retention(config, node.records.emit, node.clock)
+        if retention.settings() != self.retention.settings():  # else it waits out its day
+            self.retention = retention
 
     def dns_alert(self):
         """The `alert(category, text)` callable for kanmon.dnscheck.monitor.DnsMonitor."""

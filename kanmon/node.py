@@ -876,7 +876,12 @@ class Node:
         if "log" in changed:  # the receivers started for `new` log the new way already
             self.records.reconfigure_log(new.log)
         restart = set()
-        if {"alerts", "records", "tls", "server"} & set(changed):
+        if changed:
+            # Any section: the alerts read far more than [alerts] (the disk threshold's
+            # default [smtp] min_free_disk, [archive] quota, [[dkim]] and [dnscheck]
+            # keys, [tls], [[domain]] for their recipients...), and a list of them goes
+            # stale with the next threshold. Rebuilding is cheap: the alert state goes
+            # on, and the first round of checks runs at once with the new values.
             self.monitoring.reconfigure(new)
             restart.add("monitoring")
         if "maintenance" in changed:

@@ -984,8 +984,9 @@ class Stopped(Event):
 
 @_event
 class Alert(Event):
-    """An alert raised, suppressed (mailed recently), cleared, or unknown (the node lost
-    its state: not active any more until raised again) (`kanmon alert list`).
+    """An alert raised, suppressed (mailed recently), cleared, unknown (the node lost
+    its state: not active any more until raised again), or undelivered (its mail bounced
+    or expired; no change to whether it is active) (`kanmon alert list`).
 
     `text` is the whole alert text; `summary` the one-line text of this change;
     `mailed` False: its category is not mailed; `last_sent`: when it was last mailed;
@@ -995,7 +996,7 @@ class Alert(Event):
     KIND = "alert"
     category: str
     key: str
-    state: str  # raised | suppressed | cleared | unknown
+    state: str  # raised | suppressed | cleared | unknown | undelivered (its mail bounced or expired)
     since: float
     text: str
     summary: str = ""
@@ -1010,6 +1011,8 @@ class Alert(Event):
             return f"{head} cleared: {summary}"
         if self.state == "unknown":
             return f"{head} no longer known: {summary}"
+        if self.state == "undelivered":
+            return f"{head} mail not delivered: {summary}"
         if self.state == "suppressed":
             return f"{head} (already mailed {_stamp(self.last_sent or 0.0)}): {summary}"
         if not self.mailed:
@@ -1042,13 +1045,15 @@ class AlertNotMailed(Event):
 
 @_event
 class AlertRequest(Event):
-    """`kanmon alert test`: the running server mails a test alert of `category`."""
+    """`kanmon alert test`: the running server mails a test alert of `category` (to `to`,
+    when given, instead of [alerts] to)."""
 
     KIND = "alert-request"
     category: str
+    to: str = ""  # `--to`: the address it goes to instead of [alerts] to
 
     def line(self) -> str:
-        return f"test alert requested: {self.category}"
+        return f"test alert requested: {self.category}" + (f" to <{self.to}>" if self.to else "")
 
 
 # -- syslog-style program names ------------------------------------------------------------------

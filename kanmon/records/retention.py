@@ -81,6 +81,11 @@ class Retention:
         self.clock = clock
         self.shared = config.records if config.records.url else None
         self.node = config.records.node or config.server.hostname
+        self.last_run: float | None = None  # on the clock: a kept Retention waits out its day
+
+    def settings(self) -> tuple:
+        """What it prunes and where: a reload that leaves these alone keeps it (and its day)."""
+        return (self.keep, self.db_path, self.shared, self.node)
 
     async def run_once(self) -> tuple[int, int]:
         if not self.keep:
@@ -117,9 +122,12 @@ class Retention:
                       f" older than {stamp} from the shared records")
 
     async def run(self) -> None:
-        """Prune now and then daily, until cancelled; nothing when keep is 0."""
+        """Prune now (or, run again after a reload, a day after the last time) and then
+        daily, until cancelled; nothing when keep is 0."""
         if not self.keep:
             return
         while True:
+            if self.last_run is not None:  # started again by a reload: not before its day is over
+                await self.clock.sleep_until(self.last_run + DAY)
+            self.last_run = self.clock.now()
             await self.run_once()
-            await self.clock.sleep(DAY)

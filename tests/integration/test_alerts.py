@@ -273,6 +273,10 @@ def test_alert_test_and_list_commands(tmp_path, admin_sink):
         assert re.search(r"\(queue id [0-9A-Za-z]+\)", out.stdout) and "kanmon trace " in out.stdout, out.stdout
         (mail,) = wait_alert(admin_sink, "queue")  # the test button ignores the category list
         assert "test alert (queue)" in subject(mail)
+        # ...but says that the real ones of this category are not mailed, as the CLI does.
+        assert "note: queue is not in [alerts] categories: real queue alerts are recorded" in out.stdout, out.stdout
+        assert "Real queue alerts are NOT mailed: queue is not in [alerts] categories" in body(mail)
+        assert "mailed at most once" not in body(mail)
         # A category left out of [alerts] categories is recorded, not mailed.
         node.call(node.node.monitoring.alerts.raise_alert, "disk", "/data", "disk nearly full")
         # A scanner named "test" failing is a real alert, whose key is "test" too.
@@ -437,5 +441,122 @@ def test_lists_show_an_alerts_real_text_shortened_not_its_masked_key(tmp_path, a
                 assert "#" not in line and "session_profile[0].greylist: cannot listen on 192.0.2.1:25:" in line, line
                 assert line.endswith("...") and not line.endswith(" ...") and "\x1b" not in line, line
                 assert "error event: reload refused" in line
+    finally:
+        node.stop()
+
+
+def test_alert_mail_is_sent_from_the_null_sender(tmp_path, admin_sink):
+    """The envelope sender is <> (as DSNs, FortiMail's and Postfix's notices): a store that
+    refuses our own domain as sender from outside its relay_networks takes it; [alerts]
+    from is the From: header."""
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_alert(admin_sink, "disk")
+        (tx,) = [m for m in admin_sink.messages if m.rcpts == ["admin@admin.example"]]
+        assert tx.mail_from == ""
+        assert "<kanmon@mx1.example.test>" in email.message_from_bytes(tx.data)["From"]
+    finally:
+        node.stop()
+
+
+REFUSED = "550 5.7.1 <admin@admin.example>: Recipient address rejected: not logged in"
+
+
+def test_an_alert_mail_that_bounces_is_recorded_and_the_test_command_says_so(tmp_path, admin_sink):
+    """Alert mail from <> gets no bounce: its failure is recorded (alert-not-mailed, an
+    "undelivered" alert event that `alert list` shows) and `kanmon alert test` waits for
+    the delivery outcome and exits 1."""
+    admin_sink.rcpt_replies = {"admin@admin.example": REFUSED}
+    node = start(tmp_path, admin_sink, alerts='disk_free_below = "1000TB"')
+    try:
+        wait_event(node, "alert disk/")
+        wait_event(node, "alert not mailed (not delivered to <admin@admin.example>: 550 5.7.1")
+        wait_event(node, "mail not delivered: alert mail ")
+        out = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "test", "-c", str(tmp_path / "kanmon.toml"), "--category", "dns"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "alert mail (dns/test) queued" in out.stdout
+        assert "kanmon: delivery: bounced for admin@admin.example (550 5.7.1" in out.stdout, out.stdout
+        wait_event(node, "alert dns/test mail not delivered: alert mail ")  # the watcher's next look
+        listing = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml"), "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+        data = json.loads(listing.stdout)
+        assert [(a["category"], a["state"]) for a in data["active"]] == [("disk", "raised")]  # still active
+        undelivered = [(a["category"], a["test"]) for a in data["recent"] if a["state"] == "undelivered"]
+        assert ("disk", False) in undelivered and ("dns", True) in undelivered
+        text = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "list", "-c", str(tmp_path / "kanmon.toml")],
+            capture_output=True, text=True, timeout=60,
+        ).stdout
+        assert "undelivered" in text and "not delivered to <admin@admin.example>: 550 5.7.1" in text, text
+    finally:
+        node.stop()
+
+
+def test_the_test_command_reports_the_delivery(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "kanmon", "alert", "test", "-c", str(tmp_path / "kanmon.toml")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "kanmon: delivery: delivered to admin@admin.example" in out.stdout, out.stdout
+    finally:
+        node.stop()
+
+
+def test_a_reload_of_smtp_min_free_disk_moves_the_disk_alert_at_once(tmp_path, admin_sink):
+    """The disk alert's threshold defaults to [smtp] min_free_disk: a reload that raises it
+    (SMTP refuses with 452 4.3.1 at once) raises the disk alert too, without a restart."""
+    node = start(tmp_path, admin_sink)
+    try:
+        next_check(node)
+        assert alert_mails(admin_sink, "disk") == []
+        text = (tmp_path / "kanmon.toml").read_text().replace('min_free_disk = "1MB"', 'min_free_disk = "1000TB"')
+        reload_now(node, parse_config(text))
+        (mail,) = wait_alert(admin_sink, "disk")  # on the clock the test never moves again
+        assert "below the threshold" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_a_reload_that_adds_an_archive_quota_checks_it_at_once(tmp_path, admin_sink):
+    arch = tmp_path / "archive"
+    (arch / "new").mkdir(parents=True)
+    (arch / "new" / "1.eml").write_bytes(b"x" * 4096)
+    node = start(tmp_path, admin_sink, extra=f'[archive]\nmaildir = "{arch}"\n')
+    try:
+        next_check(node)
+        assert alert_mails(admin_sink, "archive") == []
+        text = (tmp_path / "kanmon.toml").read_text() + 'quota = "4KB"\n'
+        reload_now(node, parse_config(text))
+        (mail,) = wait_alert(admin_sink, "archive")
+        assert "of its quota" in body(mail)
+    finally:
+        node.stop()
+
+
+def test_the_test_command_sends_to_another_address_with_to(tmp_path, admin_sink):
+    node = start(tmp_path, admin_sink, alerts='categories = ["critical"]')
+    try:
+        config = str(tmp_path / "kanmon.toml")
+        bad = subprocess.run([sys.executable, "-m", "kanmon", "alert", "test", "-c", config, "--to", "x@y>, z@w"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--to" in bad.stderr and "is not a mail address" in bad.stderr, bad.stderr
+        out = subprocess.run([sys.executable, "-m", "kanmon", "alert", "test", "-c", config, "--to", "other@admin.example"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (out.stdout, out.stderr)
+        assert "delivered to other@admin.example" in out.stdout, out.stdout
+        assert "note:" not in out.stdout  # critical is mailed
+        (tx,) = [m for m in admin_sink.messages if m.rcpts == ["other@admin.example"]]
+        msg = email.message_from_bytes(tx.data)
+        assert msg["To"] == "other@admin.example" and "alert mail reaches <other@admin.example>" in body(msg)
+        assert "Real critical alerts are mailed at most once every 1h" in body(msg)
+        assert alert_mails(admin_sink) == []  # nothing to [alerts] to
     finally:
         node.stop()

@@ -407,3 +407,12 @@ def test_an_alert_title_is_its_text_shortened_at_a_word_with_a_marker():
     assert alert_title("disk", "/data", "free disk space low") == "/data: free disk space low"
     assert alert_title("dns", "DNS check of a.example", "DNS check of a.example: ok -> error") == \
         "DNS check of a.example: ok -> error"
+
+
+def test_a_test_alerts_to_address_is_one_mailbox():
+    from kanmon.alerts import is_test_address
+
+    assert is_test_address("admin@example.test")
+    for bad in ("", "admin", "a@b.test>, c@d.test", "a b@c.test", "<a@b.test>", "@relay:a@b.test",
+                "a@[192.0.2.1]", "a@b.test\r\nBcc: x@y.test", "\u00e9@b.test"):
+        assert not is_test_address(bad), bad

@@ -169,8 +169,9 @@ def test_alert_goes_through_the_spool_and_the_queue(tmp_path):
     assert queue.submitted == [qid]
     entry = spool.load(qid)
     assert entry.envelope.rcpts == ["admin@admin.example"] and entry.envelope.is_notice
-    assert entry.envelope.mail_from == "kanmon@mx1.example.test"
+    assert entry.envelope.mail_from == ""  # from <>, as DSNs; [alerts] from is the From: header
     content = spool.read_content(qid)
+    assert b"<kanmon@mx1.example.test>" in content.split(b"\r\n\r\n", 1)[0]
     assert b"Subject: [kanmon mx1] queue: 5 messages\r\n" in content and b"Auto-Submitted: auto-generated" in content
     spool.close()
 
@@ -530,3 +531,38 @@ def test_trace_final_says_deleted_returned_or_expired(tmp_path):
                        " (kanmon queue bounce))")
     (t,) = trace(tmp_path, "0000000000004BC")
     assert t.final == "bounced for d@corp.example (Connection refused (message expired in the queue))"
+
+
+def test_a_retention_run_again_waits_out_its_day(tmp_path):
+    """The alerts start again at every reload; the retention a reload keeps (its
+    settings unchanged) does not prune again before its day is over."""
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nkeep = "1d"\n')
+    open_db(tmp_path / "records.sqlite").close()
+    clock = ManualClock()
+    runs: list[float] = []
+    retention = Retention(cfg, print, clock)
+
+    async def once() -> tuple[int, int]:
+        runs.append(clock.now())
+        return 0, 0
+
+    retention.run_once = once
+
+    async def scenario() -> None:
+        task = asyncio.create_task(retention.run())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 1
+        task.cancel()
+        again = asyncio.create_task(retention.run())  # the kept one, run again after a reload
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 1
+        clock.advance(86400)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(runs) == 2
+        again.cancel()
+
+    asyncio.run(scenario())
+    assert Retention(cfg, print, clock).settings() == retention.settings()
