@@ -255,8 +255,8 @@ class Session:
         # Errors that follow from a refusal already counted, in a pipelined group (RFC 2920
         # 3.1: the client sends RCPT and DATA before it reads MAIL's and RCPT's replies):
         # 503 to the RCPTs after a refused MAIL and to the DATA after every RCPT was
-        # refused. So many of them do not count toward max_errors (bounded: one MAIL's
-        # worth of RCPTs and a DATA); the refusal itself did.
+        # refused. Those sent before the refusal's reply do not count toward max_errors
+        # (bounded: one MAIL's worth of RCPTs and a DATA); the refusal itself did.
         self._excused = 0
         self.messages = 0
         self.transactions = 0  # MAIL commands accepted (max_messages)
@@ -521,9 +521,10 @@ class Session:
         content). A 421 reply closes the session."""
         reply = reply or replies.LOCAL_ERROR
         self.errors += 1
+        # Only commands the client sent before this reply (already buffered) were pipelined.
         if command == "MAIL":
-            self._excused = self.settings.max_recipients + 1
-        elif command == "RCPT" and self._tx is not None and not self._tx.accepted_rcpts:
+            self._excused = min(self._buf.count(b"\n"), self.settings.max_recipients + 1)
+        elif command == "RCPT" and self._tx is not None and not self._tx.accepted_rcpts and b"\n" in self._buf:
             self._excused = max(self._excused, 1)
         out.append(Send(reply.wire()))
         if decision is None and not check and reply is replies.STRICT_SYNTAX:

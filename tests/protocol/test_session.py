@@ -307,6 +307,15 @@ def test_the_503s_a_refusal_causes_in_a_pipelined_group_do_not_count_toward_max_
     assert codes(out) == ["503", "421"] and isinstance(out[-1], Close)
 
 
+def test_only_commands_sent_before_the_refusal_are_excused():
+    s = ready(make_session(max_errors=3))
+    assert codes(s.feed(b"MAIL FROM:<a@remote.example> BODY=NONE\r\n")) == ["501"]
+    # The client read the 501 and goes on anyway, one command at a time: its own errors.
+    assert codes(s.feed(b"RCPT TO:<alice@example.test>\r\n")) == ["503"]
+    out = s.feed(b"RCPT TO:<alice@example.test>\r\n")
+    assert codes(out) == ["503", "421"] and isinstance(out[-1], Close)
+
+
 def test_excused_503s_are_bounded_by_the_refusal():
     s = ready(make_session(max_errors=3))
     s.settings.max_recipients = 2
