@@ -102,11 +102,15 @@ def hand_over_to_owner(data_dir: Path) -> None:
     st = os.stat(data_dir)
     if st.st_uid == 0:
         return
-    for root, dirs, files in os.walk(data_dir):
+    # By directory descriptors, never following a link: the tree is writable by that user,
+    # who could swap a directory for a link to /etc between a listing and the descent.
+    for _root, dirs, files, dir_fd in os.fwalk(data_dir, follow_symlinks=False):
         for name in [*dirs, *files]:
-            path = os.path.join(root, name)
-            if os.lstat(path).st_uid == 0:
-                os.lchown(path, st.st_uid, st.st_gid)
+            try:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_uid == 0:
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:  # gone meanwhile
+                continue
 
 
 PRIVATE_SUBDIRS = ("log", "spool", "state")  # their entries are checked too, not what lies deeper

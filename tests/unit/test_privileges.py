@@ -54,3 +54,21 @@ def test_prepare_data_dir_hands_over_what_root_left(tmp_path) -> None:
     assert (data / "users.json").stat().st_uid == nobody.pw_uid
     assert (data / "spool" / "recycle").stat().st_uid == nobody.pw_uid
     assert (data / "spool" / "queue" / "deep").stat().st_uid == 0  # not walked when data_dir is already the user's
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_hand_over_gives_roots_files_to_the_data_dirs_owner_and_follows_no_link(tmp_path):
+    from kanmon.privileges import hand_over_to_owner
+
+    data, outside = tmp_path / "data", tmp_path / "etc"
+    (data / "spool").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("x")
+    (data / "spool" / "f").write_text("x")
+    (data / "link-dir").symlink_to(outside)
+    (data / "link-file").symlink_to(outside / "secret")
+    os.chown(data, 65534, 65534)
+    hand_over_to_owner(data)
+    assert os.stat(data / "spool").st_uid == 65534 and os.stat(data / "spool" / "f").st_uid == 65534
+    assert os.lstat(data / "link-dir").st_uid == 65534  # the link itself
+    assert os.stat(outside).st_uid == 0 and os.stat(outside / "secret").st_uid == 0  # never what it points at
