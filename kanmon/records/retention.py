@@ -114,6 +114,10 @@ class Retention:
 
         try:
             events, history = await asyncio.to_thread(run)
+        except psycopg.errors.UndefinedTable:
+            self.emit("records: pruning the shared records failed: the database has no records schema yet "
+                      "(create it: kanmon records migrate, docs/cluster.md step 3)", kind="error")
+            return
         except (psycopg.Error, OSError) as e:
             self.emit(f"records: pruning the shared records failed: {e}", kind="error")
             return

@@ -351,3 +351,22 @@ def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):
         assert conn.execute("SELECT node FROM history").fetchall() == [("mr2",)]
         # batch keys go by when they were written (now here), not by their rows' times
         assert len(conn.execute("SELECT batch FROM records_batches").fetchall()) == 4
+
+
+def test_retention_on_a_database_without_the_schema_says_to_create_it(tmp_path, pg_url):
+    import asyncio
+
+    from kanmon.config import parse_config
+    from kanmon.records.retention import Retention
+
+    cfg = parse_config(f'[server]\ndata_dir = "{tmp_path}"\n[records]\nurl = "{pg_url}"\nnode = "mr1"\nkeep = "1h"\n')
+
+    class Clock:
+        def now(self) -> float:
+            return 10_000.0
+
+    lines: list[str] = []
+    asyncio.run(Retention(cfg, lambda text, *a, **k: lines.append(text), Clock()).run_once())
+    assert [line for line in lines if "shared records" in line] == [
+        "records: pruning the shared records failed: the database has no records schema yet "
+        "(create it: kanmon records migrate, docs/cluster.md step 3)"]
