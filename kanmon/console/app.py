@@ -606,26 +606,35 @@ class ConsoleApp:
         return FileResponse(path, media_type="application/x-tar", filename=name, headers=headers,
                             background=BackgroundTask(path.unlink, missing_ok=True))
 
-    async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
-        """An uploaded archive into the queue, as `kanmon queue restore` does (verified whole
-        first; a message already here, or restored here before, is skipped)."""
-        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "restore")
+    async def _upload_call(self, who: Who, chunks, name: str, kind: str, audit: str, failed: str,
+                           op: str, params: dict) -> tuple[dict, int]:
+        """An uploaded archive received whole into the transfer directory (max_upload), then
+        the admin operation `op` on it; (its result, the size). Refusals are audited as
+        `audit` ("<failed>: why") and answered 413/400 naming the upload, not our path."""
+        path = await asyncio.to_thread(transfer.new_path, self.data_dir, kind)
         target = for_log(name[:200]) or "upload"
         try:
             try:
                 size = await transfer.receive(chunks, path, self.cfg.max_upload)
             except transfer.TooLarge:
-                self.write_audit(who, "queue restore", target, "refused: larger than max_upload")
+                self.write_audit(who, audit, target, "refused: larger than max_upload")
                 raise Refused(413, "the upload is larger than {size} ([console] max_upload)",
                               size=format_size(self.cfg.max_upload)) from None
             try:
-                result = await self.call("restore", {"path": str(path), "hold": hold,
-                                                     "source": f"console {who.account.name}"})
+                result = await self.call(op, {"path": str(path), **params})
             except Refused as e:
-                self.write_audit(who, "queue restore", target, f"failed: {e.message}")
+                self.write_audit(who, audit, target, f"{failed}: {e.message}")
                 raise Refused(400, e.message.replace(str(path), name or "the upload")) from None
         finally:
             path.unlink(missing_ok=True)
+        return result, size
+
+    async def _restore(self, who: Who, chunks, name: str, hold: bool) -> dict:
+        """An uploaded archive into the queue, as `kanmon queue restore` does (verified whole
+        first; a message already here, or restored here before, is skipped)."""
+        target = for_log(name[:200]) or "upload"
+        result, size = await self._upload_call(who, chunks, name, "restore", "queue restore", "failed", "restore",
+                                               {"hold": hold, "source": f"console {who.account.name}"})
         result = {**result, "path": name, "size": size}
         if result.get("finish_command"):
             # An archive downloaded from a console was written in that node's transfer
@@ -641,22 +650,8 @@ class ConsoleApp:
         """An uploaded archive on the node it came from: its messages still queued here,
         which the finish step of the move deletes (QueueOps.finish_check; refused on the
         node the queue moved to). Changes nothing."""
-        path = await asyncio.to_thread(transfer.new_path, self.data_dir, "finish")
-        target = for_log(name[:200]) or "upload"
-        try:
-            try:
-                size = await transfer.receive(chunks, path, self.cfg.max_upload)
-            except transfer.TooLarge:
-                self.write_audit(who, "queue finish move", target, "refused: larger than max_upload")
-                raise Refused(413, "the upload is larger than {size} ([console] max_upload)",
-                              size=format_size(self.cfg.max_upload)) from None
-            try:
-                result = await self.call("finish_check", {"path": str(path)})
-            except Refused as e:
-                self.write_audit(who, "queue finish move", target, f"refused: {e.message}")
-                raise Refused(400, e.message.replace(str(path), name or "the upload")) from None
-        finally:
-            path.unlink(missing_ok=True)
+        result, size = await self._upload_call(who, chunks, name, "finish", "queue finish move", "refused",
+                                               "finish_check", {})
         return {**result, "path": name, "size": size}
 
     async def _finish_delete(self, who: Who, ids: list[str], name: str) -> dict:
