@@ -105,13 +105,12 @@ def test_a_balancer_reload_lets_sessions_in_data_finish_and_new_ones_follow_the_
             assert code == 250, text
             assert s.quit()[0] == 221
         held.clear()
-        log = (tmp_path / "lb/log/kanmon.log").read_text()
-        assert "the previous configuration takes no new connections" in log
+        def logged(text: str) -> bool:  # the log is written by the records writer, a moment later
+            return text in (tmp_path / "lb/log/kanmon.log").read_text()
 
-        def retired() -> bool:
-            return "the previous configuration's connections have all ended" in (tmp_path / "lb/log/kanmon.log").read_text()
-
-        wait_for(retired, 30, "the previous balancer to stop once its connections ended")
+        wait_for(lambda: logged("the previous configuration takes no new connections"), 30, "the retirement said")
+        wait_for(lambda: logged("the previous configuration's connections have all ended"), 30,
+                 "the previous balancer to stop once its connections ended")
         mr1.flush()
         assert len(list((tmp_path / "mr1/mailboxes/corp.example/alice/new").iterdir())) == HELD
 
