@@ -172,8 +172,14 @@ def install(source: str | None, config_dir: str, unit_dir: str, user_name: str, 
     else:
         step(f"write {config_path} (0640, readable by {user_name})")
         if not dry_run:
+            # Modes set, not left to the umask: under an admin's umask 077 the service's
+            # user could read neither the directory nor the file, and would not start.
+            made_dir = not config_path.parent.exists()
             config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if made_dir:
+                os.chmod(config_path.parent, 0o750)
             fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.fchmod(fd, 0o640)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             if owner:

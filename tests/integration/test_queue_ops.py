@@ -1082,7 +1082,11 @@ def test_serve_keeps_the_lock_it_waited_for_until_its_node_has_it(tmp_path, monk
 
     monkeypatch.setattr(kanmon.node, "Node", StubNode)
     config = parse_config(f'[server]\ndata_dir = "{data_dir}"\n')
-    assert kanmon.node.run_node(config, echo=None) == 0
+    umask = os.umask(0o022)
+    try:
+        assert kanmon.node.run_node(config, echo=None) == 0
+    finally:
+        os.umask(umask)  # run_node makes it 077, for a serve; not for the other tests of this worker
     assert seen == {"free": False, "handed": True}
     lock = DataDirLock(data_dir)
     lock.acquire(wait=0)  # let go when serve ends

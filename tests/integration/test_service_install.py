@@ -4,6 +4,7 @@ accepts."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,6 +64,17 @@ def test_install_writes_config_data_dir_and_a_valid_unit(tmp_path: Path) -> None
     # the only remark allowed is systemd's about the test's User=nobody
     problems = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip() and "Special user nobody" not in ln]
     assert out.returncode == 0 and problems == [], out.stdout + out.stderr
+
+
+def test_the_config_is_readable_by_the_services_group_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # a hardened admin shell
+    try:
+        r = CliRunner().invoke(main, args(tmp_path))
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "etc").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "etc" / "kanmon.toml").stat().st_mode & 0o777 == 0o640
 
 
 def test_a_relative_data_dir_is_refused(tmp_path: Path) -> None:
