@@ -101,8 +101,10 @@ WATCHED_KINDS = (*ERROR_KINDS, AlertRequest.KIND, ScannerFailed.KIND, ScannerRec
 RECOVERIES = (
     # A reload that took effect: the running configuration is the one asked for.
     ("reload", "", "critical", "reload refused, the running configuration stays: "),
-    ("reload", "", "critical", "cluster: configuration version "),
-    ("reload", "", "critical", "cluster: cached configuration version "),
+    # A pushed version applied: not any reload (a reload after a refusal runs the version
+    # applied last, and would resolve the refusal it has just raised).
+    ("info", "cluster: configuration version ", "critical", "cluster: configuration version "),
+    ("info", "cluster: configuration version ", "critical", "cluster: cached configuration version "),
     # The records database (SQLite; PostgreSQL with [records] url) takes writes again.
     ("info", "records: the database takes writes again", "records", "database"),
     ("info", "records: the shared records database (PostgreSQL) takes writes again", "records", "shared database"),

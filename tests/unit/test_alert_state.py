@@ -396,6 +396,22 @@ def test_recovery_events_resolve_the_alerts_they_end_and_no_others(tmp_path):
     spool.close()
 
 
+def test_a_refused_cluster_version_is_resolved_by_a_version_applied_not_by_any_reload(tmp_path):
+    """A reload after a refusal runs the version applied last, which records a reload: that
+    must not resolve the refusal it has just raised; a version applied does."""
+    from kanmon.records.events import Reload
+
+    alerts, _records, _clock, mails, spool = make(tmp_path)
+    alerts._on_event("error", None, "cluster: configuration version 7 refused: cannot listen on 192.0.2.1:25")
+    alerts._on_event("reload", None, Reload("nothing").line())
+    assert [key for (_c, key), st in alerts.states.items() if st.active] == [
+        "cluster: configuration version # refused: cannot listen on #.#.#.#:#"]
+    alerts._on_event("info", None, "cluster: configuration version 8 applied")
+    assert not [key for (_c, key), st in alerts.states.items() if st.active]
+    assert "critical: resolved: " in mails[-1][2].splitlines()[0]
+    spool.close()
+
+
 def test_an_alert_title_is_its_text_shortened_at_a_word_with_a_marker():
     from kanmon.alerts import alert_title, critical_key
 
