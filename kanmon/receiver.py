@@ -47,6 +47,10 @@ CLEANUP_RETRY = 0.5  # seconds before the cleanup of an exited receiver's gauge 
 CLEANUP_RETRY_MAX = 30.0  # ... doubled after each failure, up to this
 WHAT = "an SMTP receiver process"  # in the errors of a start
 READY_TIMEOUT = 60.0  # seconds a new receiver may take to listen (at start and reload)
+# A message a receiver took waits for its log lines ("logged") at most this long: a records
+# writer that is stuck (a blocked stdout, a locked database) costs the log's order, never
+# the delivery.
+LOGGED_WAIT = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -275,19 +279,26 @@ class ReceiverPool:
             # "queued ID": the message is durable (said before its 250); it is held back
             # from delivery until "logged ID" (the receiver's log lines about it are
             # written: its from= line comes before our delivery lines in the log), or
-            # until the receiver exits, whichever comes first (a receiver killed in between
-            # loses no message, and none waits for the next start).
-            held: dict[str, None] = {}
+            # until the receiver exits, or LOGGED_WAIT, whichever comes first (a receiver
+            # killed in between loses no message, none waits for the next start, nor for
+            # a stuck records writer).
+            held: dict[str, asyncio.TimerHandle] = {}
+
+            def release(qid: str) -> None:
+                timer = held.pop(qid, None)
+                if timer is not None:
+                    timer.cancel()
+                    self.on_queued(qid)
+
             try:
                 async with contextlib.aclosing(pipe_lines(read_fd, 1 << 16)) as lines:
                     async for line in lines:
                         kind, _, arg = line.decode("ascii", "replace").strip().partition(" ")
                         if kind == "queued" and arg:
-                            held[arg] = None
+                            if arg not in held:
+                                held[arg] = loop.call_later(LOGGED_WAIT, release, arg)
                         elif kind == "logged" and arg:
-                            if arg in held:
-                                del held[arg]
-                                self.on_queued(arg)
+                            release(arg)
                         elif kind == "failed":  # why it cannot start, said before it exits
                             self._failure = arg[:500]
                         elif kind == "ready":
@@ -295,8 +306,8 @@ class ReceiverPool:
                             listened = True
                             ready.set()
             finally:
-                for qid in held:
-                    self.on_queued(qid)
+                for qid in list(held):
+                    release(qid)
             code = await loop.run_in_executor(None, proc.wait)
             self._live.discard(proc)
             self._listening.discard(proc)

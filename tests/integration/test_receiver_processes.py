@@ -7,11 +7,12 @@ import socket
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from kanmon.spool.recycle import READY
-from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for
+from tests.support.kanmon_node import BannerHammer, KanmonProcess, free_port, maildir_messages, wait_for, wait_port
 
 CONFIG = """
 [server]
@@ -115,6 +116,30 @@ def test_a_message_from_a_receiver_has_its_from_line_before_its_delivery_lines_i
             assert kinds.index("from") < kinds.index("to") < kinds.index("removed"), mine
     finally:
         proc.terminate()
+
+
+def test_a_receiver_whose_log_writer_is_stuck_does_not_hold_its_messages_back(tmp_path):
+    """Delivery waits for a receiver's log lines about the message (the test above), but
+    not for ever: with `kanmon serve`'s stdout a pipe nobody reads (a stalled journald, a
+    paused terminal), the receiver's records writer blocks once the pipe is full, and its
+    messages are delivered all the same."""
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(CONFIG.format(data_dir=tmp_path / "data", port=port, workers=1))
+    proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # stdout never read
+    try:
+        wait_for(lambda: len(receiver_pids(proc.pid)) == 1, 60, "the receiver")
+        wait_port("127.0.0.1", port, 30)
+        body = "Subject: s\r\n\r\n" + "x" * 200 + "\r\n"
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            for _ in range(400):  # several lines each: far more than a pipe holds (64 KiB)
+                s.sendmail("a@remote.example", ["alice@example.test"], body)
+        wait_for(lambda: len(maildir_messages(tmp_path / "data", "alice@example.test")) == 400, 90, "delivery")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 def test_the_receivers_write_new_messages_over_the_queue_files_of_delivered_ones(tmp_path):
