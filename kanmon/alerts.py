@@ -264,6 +264,7 @@ class Alerts:
         self.checks = 0  # threshold rounds done (tests wait for it before moving the clock)
         # (category, key, subject, body, what to ask the cluster, recipients: None for [alerts] to)
         self._outbox: asyncio.Queue[tuple[str, str, str, str, str | None, list[str] | None]] | None = None
+        self._previous: Alerts | None = None
         self._db_path = self.data_dir / "records.sqlite"
         # Before the state is loaded: a damaged state file's event comes after this id,
         # so the watcher mails it as a critical alert.
@@ -281,6 +282,9 @@ class Alerts:
             self.failover = dict(previous.failover)
             self._last_event_id = previous._last_event_id  # the events it acted on, no more
             self._state_lock = previous._state_lock  # its last save may still be under way
+            # Its mail not sent yet (queued, or waiting on the cluster's claim): sent by this
+            # one, which starts with it (its state says those alerts were mailed).
+            self._previous = previous
         else:
             self.load_state()
             self._forget_lost_states()
@@ -684,6 +688,10 @@ class Alerts:
     async def run(self) -> None:
         """The sender, the event watcher and the threshold checks (until cancelled)."""
         self._outbox = asyncio.Queue()
+        previous, self._previous = self._previous, None
+        if previous is not None and previous._outbox is not None:
+            while not previous._outbox.empty():
+                self._outbox.put_nowait(previous._outbox.get_nowait())
         self._loop = asyncio.get_running_loop()
         self._state_changed = asyncio.Event()
         try:

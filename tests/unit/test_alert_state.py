@@ -237,6 +237,41 @@ def test_a_reload_goes_on_with_the_state_in_memory(tmp_path):
     spool.close()
 
 
+def test_a_reload_sends_the_mail_the_old_alerts_had_not_sent_yet(tmp_path):
+    """The old one's state says the alert was mailed once its mail was queued: a reload
+    that dropped its outbox would have lost the mail and kept the alert quiet for
+    min_interval."""
+    import asyncio
+
+    alerts, records, clock, _, spool = with_records(tmp_path)
+    del alerts._enqueue  # make()'s stand-in: the real one, to the outbox
+    alerts._outbox = asyncio.Queue()  # running, its sender not yet at this mail
+    assert alerts.raise_alert("disk", "/data", "free disk space low") is True
+    again = Alerts(alerts.config, records, spool, FakeQueue(), clock, previous=alerts)
+    assert again.raise_alert("disk", "/data", "free disk space low") is False  # mailed, says the state
+    sent: list[str] = []
+
+    async def sender() -> None:
+        while True:
+            category, key, _subject, _body, _ask, _rcpts = await again._outbox.get()
+            sent.append(f"{category} {key}")
+
+    async def scenario() -> None:
+        again._sender = sender
+        task = asyncio.create_task(again.run())
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if sent:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert sent == ["disk /data"]
+    records.close()
+    spool.close()
+
+
 # -- queue oldest and messages on hold --------------------------------------------------
 
 
