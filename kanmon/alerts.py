@@ -69,6 +69,7 @@ from typing import TextIO
 
 from kanmon.auth.dkimsign import load_signer_lenient
 from kanmon.config import ALERT_CATEGORIES, Config
+from kanmon.escape import for_log
 from kanmon.model import Envelope
 from kanmon.policy.disk import free_disk_bytes  # the same measure as SMTP's 452 at MAIL
 from kanmon.queue.inject import Injector
@@ -668,7 +669,7 @@ class Alerts:
                                       f"alert mail {qid} {why}\n{text}", f"alert mail {qid} {why}",
                                       last_sent=st.last_sent if st else None, test=test), qid or None)
         try:
-            print(f"kanmon: ALERT mail {qid} {why}: {subject}", file=self.stderr, flush=True)
+            print(for_log(f"kanmon: ALERT mail {qid} {why}: {subject}"), file=self.stderr, flush=True)  # a remote's reply
         except (OSError, ValueError):
             pass
 
