@@ -8,6 +8,11 @@ asserts them. Usage:
 
     python bench/accept_local.py                       # 100 KB, 20 sessions, 20,000 messages
     python bench/accept_local.py --size 5120 --messages 5000
+    python bench/accept_local.py --messages 10000 --rounds 5
+
+Before it measures, it waits out the few minutes after an earlier bench deleted its
+files when the file system is ext4 without a journal (bench/quietfs.py says why);
+--no-wait measures at once.
 
 Only loopback addresses are used (127.0.0.60 by default).
 """
@@ -18,12 +23,18 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import quietfs  # noqa: E402
 
 
 def ensure_smtp_source() -> str:
@@ -84,20 +95,8 @@ def count_files(d: Path) -> int:
         return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--size", type=int, default=102400, help="message size in bytes (smtp-source -l)")
-    ap.add_argument("--sessions", type=int, default=20)
-    ap.add_argument("--host", default="127.0.0.60")
-    ap.add_argument("--port", type=int, default=2526)
-    ap.add_argument("--keep", action="store_true", help="keep the data directory")
-    ap.add_argument("--hold", action="store_true", help="receive only: [queue] suspend_delivery = true")
-    ap.add_argument("--workers", type=int, default=1, help="[server] workers (SMTP receiver processes)")
-    args = ap.parse_args()
-
-    smtp_source = ensure_smtp_source()
-    work = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+def run_once(args: argparse.Namespace, smtp_source: str, work: Path) -> dict[str, float]:
+    """One run of kanmon in work/ (left for the caller to delete); its figures."""
     cfg = work / "kanmon.toml"
     cfg.write_text(f"""
 [server]
@@ -117,7 +116,6 @@ suspend_delivery = {"true" if args.hold else "false"}
 """)
     proc = subprocess.Popen([sys.executable, "-m", "kanmon", "serve", "-c", str(cfg), "--quiet"],
                             stdout=subprocess.DEVNULL)
-    print(f"kanmon serve, [server] workers = {args.workers}", flush=True)
     peak = [0]
     stop = threading.Event()
 
@@ -153,13 +151,55 @@ suspend_delivery = {"true" if args.hold else "false"}
         stop.set()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(f"kanmon accept-to-Maildir, {args.messages} x {args.size} bytes, {args.sessions} sessions, fsync on")
-    print(f"  accepted : {args.messages / t_accept:8.0f} msg/s  ({t_accept:.1f} s until smtp-source finished)")
-    print(f"  delivered: {delivered / t_deliver:8.0f} msg/s  ({delivered} in Maildir after {t_deliver:.1f} s)")
-    print(f"  kanmon CPU: {cpu / args.messages * 1000:7.2f} ms per message (all its processes, user + system)")
-    print(f"  peak RSS : {peak[0] / 1024:8.0f} MB")
+    return {"accepted": args.messages / t_accept, "t_accept": t_accept, "delivered": delivered / t_deliver,
+            "n_delivered": delivered, "t_deliver": t_deliver, "cpu_ms": cpu / args.messages * 1000,
+            "rss_mb": peak[0] / 1024}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--size", type=int, default=102400, help="message size in bytes (smtp-source -l)")
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--host", default="127.0.0.60")
+    ap.add_argument("--port", type=int, default=2526)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs back to back, each on a new data directory; all are deleted after the last")
+    ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="measure at once even if a bench deleted its files minutes ago (bench/quietfs.py)")
+    ap.add_argument("--hold", action="store_true", help="receive only: [queue] suspend_delivery = true")
+    ap.add_argument("--workers", type=int, default=1, help="[server] workers (SMTP receiver processes)")
+    args = ap.parse_args()
+
+    smtp_source = ensure_smtp_source()
+    base = Path(tempfile.mkdtemp(prefix="kanmon-bench-"))
+    quietfs.wait_quiet(base, wait=not args.no_wait)
+    print(f"kanmon serve, [server] workers = {args.workers}", flush=True)
+    print(f"kanmon accept-to-Maildir, {args.messages} x {args.size} bytes, {args.sessions} sessions, fsync on",
+          flush=True)
+    results = []
+    try:
+        for n in range(1, args.rounds + 1):
+            work = base / f"round{n}"
+            work.mkdir()
+            r = run_once(args, smtp_source, work)
+            results.append(r)
+            print(f"round {n} ({time.strftime('%H:%M:%S', time.gmtime())} UTC, load {os.getloadavg()[0]:.1f})")
+            print(f"  accepted : {r['accepted']:8.0f} msg/s  ({r['t_accept']:.1f} s until smtp-source finished)")
+            print(f"  delivered: {r['delivered']:8.0f} msg/s  ({r['n_delivered']} in Maildir after"
+                  f" {r['t_deliver']:.1f} s)")
+            print(f"  kanmon CPU: {r['cpu_ms']:7.2f} ms per message (all its processes, user + system)")
+            print(f"  peak RSS : {r['rss_mb']:8.0f} MB", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept in {base}")
+        else:
+            quietfs.remove_tree(base)
+    if len(results) > 1:
+        med = {k: statistics.median(r[k] for r in results) for k in ("accepted", "delivered", "cpu_ms")}
+        print(f"medians: accepted {med['accepted']:.0f} msg/s, delivered {med['delivered']:.0f} msg/s,"
+              f" {med['cpu_ms']:.2f} ms CPU per message")
     return 0
 
 
