@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import quietfs  # noqa: E402
 from bench.smtpdrive import SmtpSink, wait_port  # noqa: E402
 
 SINK = ("127.0.0.72", 2526)
@@ -310,7 +311,7 @@ def idle_connections(count: int) -> None:
         for s in socks:
             s.close()
         k.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        quietfs.remove_tree(work)
 
 
 def main() -> int:
@@ -321,6 +322,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="102400,5120")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections to hold (0: skip)")
     ap.add_argument("--workers", type=int, default=1, help="kanmon's [server] workers")
+    ap.add_argument("--no-wait", action="store_true",
+                    help="measure at once even if a bench deleted its files minutes ago (bench/quietfs.py)")
     ap.add_argument("--no-connection-cache", action="store_true",
                     help="kanmon opens a new connection to the next hop for each message")
     ap.add_argument("--delivery-workers", type=int, default=None,
@@ -333,6 +336,7 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("run as root (Postfix and smtp-sink need it)")
     ensure_postfix()
+    quietfs.wait_quiet(Path(tempfile.gettempdir()), wait=not args.no_wait)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # kanmon inherits it; 5,000 sockets need it
     if hard < 2 * args.idle + 100:
@@ -350,7 +354,7 @@ def main() -> int:
                     try:
                         pair[cls.name] = run_one(cls(work), sink, size, args.messages, args.sessions)
                     finally:
-                        shutil.rmtree(work, ignore_errors=True)
+                        quietfs.remove_tree(work)
                     r = pair[cls.name]
                     print(f"size {size:>6} round {rnd + 1} {cls.name:8} accepted {r['accepted']:7.0f} msg/s  "
                           f"delivered {r['delivered']:7.0f} msg/s  peak RSS {r['rss_mb']:5.0f} MB  "
@@ -370,7 +374,7 @@ def main() -> int:
             try:
                 r = run_one(cls(work, hold=True), sink, 102400, args.messages, args.sessions, hold=True)
             finally:
-                shutil.rmtree(work, ignore_errors=True)
+                quietfs.remove_tree(work)
             print(f"receive only (delivery held), 100 KB: {cls.name:8} {r['accepted']:7.0f} msg/s accepted")
     finally:
         sink.stop()
