@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
 
+from bench import quietfs  # noqa: E402
 from kanmon.admin.accounts import AdminAccounts  # noqa: E402
 from kanmon.records.store import open_db, rebuild_slots  # noqa: E402
 from queue_ops import build, cpu, load, rss  # noqa: E402
@@ -136,7 +135,7 @@ def main() -> None:
         measure(config_file, data_dir, console, args.rounds)
     finally:
         if args.keep is None:
-            shutil.rmtree(base, ignore_errors=True)
+            quietfs.remove_tree(base)
 
 
 def measure(config_file: Path, data_dir: Path, port: int, rounds: int) -> None:

@@ -41,6 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import quietfs  # noqa: E402
+
 KANMON = ("127.0.0.80", 1143)
 DOVECOT = ("127.0.0.81", 1143)
 USER = "alice@example.test"
@@ -301,7 +304,7 @@ def main() -> None:
         shutil.copytree(source, kanmon_box)
         dovecot_box = base / "dovecot-mail"
         shutil.copytree(source, dovecot_box)
-        shutil.rmtree(source)
+        quietfs.remove_tree(source)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         kanmon = subprocess.Popen([sys.executable, __file__, "--serve", str(base / "kanmon"), str(cert), str(key)], env=env)
         procs.append(kanmon)
@@ -361,7 +364,7 @@ def main() -> None:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        shutil.rmtree(base, ignore_errors=True)
+        quietfs.remove_tree(base)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import quietfs  # noqa: E402
 from kanmon.admin.queue_ops import Filters, OfflineLink, QueueOps  # noqa: E402
 from kanmon.config import parse_config  # noqa: E402
 from kanmon.model import ClientInfo, Envelope, new_queue_id  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
             running(config_file, data_dir, args.messages, args.recovery_only)
     finally:
         if args.keep is None:
-            shutil.rmtree(base, ignore_errors=True)
+            quietfs.remove_tree(base)
 
 
 def offline(config, config_file: Path, data_dir: Path) -> None:

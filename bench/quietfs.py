@@ -67,7 +67,7 @@ def wait_quiet(path: Path, wait: bool = True) -> None:
     deleted its files less than QUIET_S seconds ago, wait out the rest (or say that the
     figures will be low, with wait=False)."""
     try:
-        since = time.time() - float(STAMP.read_text())
+        since = max(0.0, time.time() - float(STAMP.read_text()))  # a stamp from the future counts as now
     except (OSError, ValueError):
         return
     if since >= QUIET_S or not journal_less_ext4(path):
