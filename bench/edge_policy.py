@@ -61,7 +61,7 @@ DNS = ("127.0.0.83", 5353)
 SENDER = "sender@bench-sender.example"
 RCPT = "rcpt@corp.example"
 
-ZONE = f"""
+ZONE = """
 bench-sender.example.       300 IN MX 10 mx.bench-sender.example.
 mx.bench-sender.example.    300 IN A  192.0.2.25
 1.0.0.127.in-addr.arpa.     300 IN PTR client.bench-client.example.

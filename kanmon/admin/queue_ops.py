@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kanmon.admin.backup import BackupError, BackupWriter, archive_head, read_archive, verify_archive
-from kanmon.admin.filters import BODY_SCAN_BYTES, STATES, Filters, domain_of  # noqa: F401 - STATES, Filters: importable from here too
+from kanmon.admin.filters import BODY_SCAN_BYTES, Filters, domain_of
 from kanmon.admin.maintenance import JobRun, RunLog, describe_run, missed
 from kanmon.auth.dkimsign import load_signer_lenient
 from kanmon.admin.quarantine_ops import QuarantineOps

@@ -1372,7 +1372,7 @@ class ImapSession:
 
         entry = files.entry if files is not None else None
 
-        for name, section, partial in wanted:
+        for name, section, span in wanted:
             if name == "UID":
                 parts.append(f"UID {u}".encode())
             elif name in ("FLAGS", "MODSEQ"):
@@ -1401,8 +1401,8 @@ class ImapSession:
                     w, t = load()
                     data = mime.section_bytes(t, w, section) or b""
                 label = f"BODY[{section.label()}]"
-                if partial is not None:
-                    start, length = partial
+                if span is not None:
+                    start, length = span
                     data = data[start:] if length is None else data[start:start + length]
                     label += f"<{start}>"
                 parts.append(label.encode() + b" " + (b"{%d}\r\n" % len(data) + data))
