@@ -206,12 +206,17 @@ class LocalDelivery:
             return True
         lock = self._quota_locks.setdefault(box, asyncio.Lock())
         async with lock:  # one look at the mailbox at a time, so each sees the others' reservations
+            # The deliveries in flight are counted as they were when the walk began: one
+            # that ends during the walk (its file renamed into new/ after the walk passed,
+            # its reservation released before the walk returned) is then counted once or
+            # twice, never not at all. Twice defers this message (452, retried) a little early.
+            in_flight = self._reserved.get(box, 0)
             try:
                 usage = await asyncio.get_running_loop().run_in_executor(
                     None, mailbox_usage, self.data_dir, domain, local)
             except OSError:
                 usage = 0  # an unreadable mailbox: the write below reports the problem
-            if usage + self._reserved.get(box, 0) >= quota:
+            if usage + in_flight >= quota:
                 return False
             self._reserved[box] = self._reserved.get(box, 0) + size
             reserved.append((box, size))

@@ -120,3 +120,56 @@ def test_a_recipient_nobody_can_tell_is_deferred_not_bounced(tmp_path: Path) -> 
         committer.close()
     assert result.status == Status.DEFERRED and result.reply.code == 451
     assert not (tmp_path / "mailboxes").exists()
+
+
+def test_a_delivery_that_ends_during_the_quota_walk_still_counts(tmp_path: Path, monkeypatch) -> None:
+    # A and B are reserved and writing (60 KB each against 100 KB: B is the one message
+    # over). C walks the mailbox while their files are not there yet; A and B finish and
+    # release their reservations before C's walk returns. C must still count them: the
+    # walk saw neither file, so only the reservations as they were when it began can.
+    import threading
+
+    from kanmon.deliver import local as local_mod
+
+    gate = asyncio.Event()
+    ab_done = threading.Event()
+    walks: list[int] = []
+    real_usage = local_mod.mailbox_usage
+
+    def usage(data_dir, domain, local):
+        walks.append(1)
+        found = real_usage(data_dir, domain, local)
+        if len(walks) == 3:  # C's walk: nothing of A's or B's yet; let them finish now
+            loop.call_soon_threadsafe(gate.set)
+            assert ab_done.wait(10)
+        return found
+
+    class Gated(GroupCommitter):
+        async def commit(self, files, **kw):
+            await gate.wait()
+            return await super().commit(files, **kw)
+
+    monkeypatch.setattr(local_mod, "mailbox_usage", usage)
+    committer = Gated(tmp_path, fsync=False)
+    content = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 60
+
+    async def run():
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        local = LocalDelivery(tmp_path, committer, quota_of=lambda d: 100_000)
+        a = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
+        b = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
+        c = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
+        first = await asyncio.gather(a, b)
+        ab_done.set()
+        return first + [await c]
+
+    loop = None
+    try:
+        results = asyncio.run(run())
+    finally:
+        committer.close()
+    assert len(walks) == 3
+    assert [r[0].status for r in results] == [Status.SENT, Status.SENT, Status.DEFERRED]
+    assert results[2][0].reply.code == 452
+    assert len(list((tmp_path / "mailboxes" / "example.test" / "alice" / "new").iterdir())) == 2
