@@ -131,7 +131,7 @@ def test_a_delivery_that_ends_during_the_quota_walk_still_counts(tmp_path: Path,
 
     from kanmon.deliver import local as local_mod
 
-    gate = asyncio.Event()
+    gate = threading.Event()  # A's and B's writes wait for it
     ab_done = threading.Event()
     walks: list[int] = []
     real_usage = local_mod.mailbox_usage
@@ -140,13 +140,13 @@ def test_a_delivery_that_ends_during_the_quota_walk_still_counts(tmp_path: Path,
         walks.append(1)
         found = real_usage(data_dir, domain, local)
         if len(walks) == 3:  # C's walk: nothing of A's or B's yet; let them finish now
-            loop.call_soon_threadsafe(gate.set)
+            gate.set()
             assert ab_done.wait(10)
         return found
 
     class Gated(GroupCommitter):
         async def commit(self, files, **kw):
-            await gate.wait()
+            assert await asyncio.to_thread(gate.wait, 10)
             return await super().commit(files, **kw)
 
     monkeypatch.setattr(local_mod, "mailbox_usage", usage)
@@ -154,17 +154,13 @@ def test_a_delivery_that_ends_during_the_quota_walk_still_counts(tmp_path: Path,
     content = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 60
 
     async def run():
-        nonlocal loop
-        loop = asyncio.get_running_loop()
         local = LocalDelivery(tmp_path, committer, quota_of=lambda d: 100_000)
-        a = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
-        b = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
-        c = asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
+        a, b, c = (asyncio.create_task(local.deliver("s@remote.example", ["alice@example.test"], content))
+                   for _ in range(3))
         first = await asyncio.gather(a, b)
         ab_done.set()
         return first + [await c]
 
-    loop = None
     try:
         results = asyncio.run(run())
     finally:
