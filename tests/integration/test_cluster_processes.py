@@ -238,6 +238,11 @@ def alert_mails(sink: SmtpSink, category: str) -> list[bytes]:
     return [m.data for m in list(sink.messages) if f"X-Kanmon-Alert: {category}".encode() in m.data]
 
 
+def store_final(cluster, mid: str) -> str | None:
+    timelines = [json.loads(line) for line in cluster.cli("store", "trace", mid, "--json").splitlines()]
+    return next((t["final"] for t in timelines if t["node"] == "store"), None)
+
+
 def test_mail_through_mr1_then_mr2_after_failover_traced_from_any_node(cluster):
     first = cluster.send("mr1", "through mr1")
     wait_for(lambda: cluster.stored(first), 30, "delivery through mr1")
@@ -248,6 +253,10 @@ def test_mail_through_mr1_then_mr2_after_failover_traced_from_any_node(cluster):
         for mid, relay in ((first, "mr1"), (second, "mr2")):
             wait_for(lambda: cluster.shared_history(mid) == sorted([(relay, "Delivered"), ("store", "Delivered")]),
                      30, "both hops in the shared records")
+            # The history row comes before the store's "removed" line (its records
+            # writer's next batch); until that line is in, the trace says "still in the queue".
+            wait_for(lambda: store_final(cluster, mid) == "delivered to tanaka@corp.example",
+                     30, "the store's removed line in the shared records")
             for node in ("store", "mr2", "mr1"):  # any node's config (mr1's even while it is down)
                 timelines = [json.loads(line) for line in cluster.cli(node, "trace", mid, "--json").splitlines()]
                 assert sorted(t["node"] for t in timelines) == sorted([relay, "store"])
