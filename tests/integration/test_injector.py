@@ -99,10 +99,16 @@ def check_notice_is_recorded(config_path: str, data_dir, metrics_port: int) -> N
     (row,) = history()
     assert row["mail_from"] == "" and row["rcpt"] == "alice@example.test"
     assert row["subject"] == "Your mailbox is full" and row["message_id"].startswith("<")
-    # The trace: accepted (proto=internal) and delivered to the mailbox.
-    out = runner.invoke(main, ["trace", "-c", config_path, "--json", qid])
-    assert out.exit_code == 0, out.output
-    (timeline,) = [json.loads(line) for line in out.output.splitlines()]
+    # The trace: accepted (proto=internal) and delivered to the mailbox. Its "removed"
+    # line may come a records batch after the history row's status.
+    def trace() -> dict:
+        out = runner.invoke(main, ["trace", "-c", config_path, "--json", qid])
+        assert out.exit_code == 0, out.output
+        (timeline,) = [json.loads(line) for line in out.output.splitlines()]
+        return timeline
+
+    wait_for(lambda: "still in the queue" not in trace()["final"], 15, "the notice's removed line")
+    timeline = trace()
     steps = [(s["step"], s["text"]) for s in timeline["steps"]]
     accepted = [t for st, t in steps if st == "accepted"]
     assert len(accepted) == 1 and accepted[0].startswith("from=<>, size=") and "proto=internal, relay=local" in accepted[0]
