@@ -327,7 +327,7 @@ def main() -> int:
     ap.add_argument("--no-connection-cache", action="store_true",
                     help="kanmon opens a new connection to the next hop for each message")
     ap.add_argument("--delivery-workers", type=int, default=None,
-                    help="kanmon's [server] delivery_workers (default: kanmon's default, one per core)")
+                    help="kanmon's [server] delivery_workers (default: kanmon's default, 0: the main process delivers)")
     args = ap.parse_args()
     Kanmon.workers = args.workers
     Kanmon.delivery_workers = args.delivery_workers
