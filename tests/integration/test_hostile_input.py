@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -141,38 +142,64 @@ def test_relay_clients_are_not_made_to_wait(node):
         assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
 
 
+def unread_by_server(port: int, client: socket.socket) -> int | None:
+    """Bytes the server's end of this loopback connection has not read yet (its socket's
+    receive queue in /proc/net/tcp), None while the kernel lists no such connection."""
+    client_port = client.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
+            return int(f[4].split(":")[1], 16)
+    return None
+
+
+def sent_before_the_session_opens(port: int, data_dir: Path, source: str, data: bytes) -> socket.socket:
+    """A connection whose first bytes the receiver process has read before its session
+    opened: the shared state's database is locked (the test holds its write transaction)
+    so the connection gauge cannot answer until the server has read every byte sent."""
+    lock = sqlite3.connect(data_dir / "state.db", isolation_level=None, timeout=15)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # the gauge's transaction waits behind this one
+        raw = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
+        raw.sendall(data)
+        wait_for(lambda: unread_by_server(port, raw) == 0, timeout=15)
+        lock.execute("COMMIT")
+    finally:
+        lock.close()
+    return raw
+
+
 def test_what_comes_with_the_connection_is_read_by_a_receiver_process(tmp_path):
     """In a receiver process ([server] workers, uvloop) the session opens after the shared
     connection gauge answers; pausing the read in connection_made does nothing there (uvloop
     has not started reading yet), so the bytes that came with the connection arrived before
     the session and were dropped: an outside early talker slipped past the pregreet test
     unrefused and unlogged, and a relay client's EHLO was never answered; behind a trusted
-    balancer, the bytes after the PROXY header the same."""
+    balancer, the bytes after the PROXY header the same. The test holds the shared state
+    until the receiver has read the bytes, so the session always opens after them."""
     port = free_port()
     cfg = tmp_path / "kanmon.toml"
-    cfg.write_text(config_text(tmp_path / "data", port, greet_pause="3s", workers=1).replace(
-        "[smtp]", '[smtp]\ntrusted_proxies = ["127.0.0.5/32"]'))
+    data_dir = tmp_path / "data"
+    cfg.write_text(config_text(data_dir, port, greet_pause="3s", workers=1).replace(
+        "[smtp]", '[smtp]\ntrusted_proxies = ["127.0.0.5/32"]').replace(
+        'relay_networks = ["127.0.0.1/32"]', 'relay_networks = ["127.0.0.1/32", "127.0.0.6/32"]'))
     proc = KanmonProcess(cfg, "127.0.0.1", port).start()
     try:
-        for _ in range(3):  # the first connection waits for the gauge; later ones may not
-            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(OUTSIDE, 0)) as raw:
-                raw.sendall(b"EHLO bot\r\n")
-                assert recv_all(raw) == b"554 5.5.1 Error: talking before the greeting (protocol violation)\r\n"
-            with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
-                raw.sendall(b"EHLO early\r\n")  # a relay client: not delayed, and answered
-                data = recv_until(raw, b"\r\n250 ")
-                assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
-            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.5", 0)) as raw:
-                # Behind a trusted balancer: its header and the outside client's early bytes at once.
-                raw.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\nEHLO bot\r\n")
-                assert recv_all(raw).startswith(b"554 5.5.1 ")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            early = [e for e in search_events(tmp_path / "data") if "early talker" in e.text]
-            if len(early) == 6:
-                break
-            time.sleep(0.2)
-        assert len(early) == 6
+        # The receiver serves (its start-up takes the shared state too) before the lock is held.
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+            assert s.noop()[0] == 250
+        # Each from an address not seen before (not 127.0.0.1): its connection takes its place through the
+        # gauge (a place kept from an earlier connection of the same address is taken at once).
+        with sent_before_the_session_opens(port, data_dir, OUTSIDE, b"EHLO bot\r\n") as raw:
+            assert recv_all(raw) == b"554 5.5.1 Error: talking before the greeting (protocol violation)\r\n"
+        with sent_before_the_session_opens(port, data_dir, "127.0.0.6", b"EHLO early\r\n") as raw:
+            data = recv_until(raw, b"\r\n250 ")  # a relay client: not delayed, and answered
+            assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
+        # Behind a trusted balancer: its header and the outside client's early bytes at once.
+        with sent_before_the_session_opens(port, data_dir, "127.0.0.5",
+                                           b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\nEHLO bot\r\n") as raw:
+            assert recv_all(raw).startswith(b"554 5.5.1 ")
+        wait_for(lambda: sum("early talker" in e.text for e in search_events(data_dir)) == 2, timeout=30)
     finally:
         proc.kill()
 
