@@ -208,7 +208,14 @@ def test_a_failed_connect_is_logged_once_across_the_processes_with_the_pid_that_
                     with contextlib.suppress(AssertionError):
                         await Client(port).session()
                     blocking_session(port)
-                await asyncio.sleep(0.2)  # the pipe's lines, if any were written
+                # Nine connections, each tried mr1 first (it stays "up"): nine notices reach
+                # the main process's limit, one written and eight counted as suppressed.
+                (v,) = b.service._virtuals
+
+                def notices() -> int:
+                    seen = v.notices.get(f"connect {mr1.address}")
+                    return 0 if seen is None else 1 + seen[1]
+                await wait_until(lambda: notices() >= 9, "every connection's notice in the main process")
                 assert sum(f"connect to real server {mr1.address} failed" in e for e in b.events) == 1
 
         run(main())
