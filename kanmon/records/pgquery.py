@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from kanmon.records.pg import connect
 from kanmon.state.pgconnect import READ_TIMEOUTS
 from kanmon.records.query import EventRow, HistoryRow, address_like, message_ids
+from kanmon.records.store import ACCEPTED
 from kanmon.records.stats import BUCKETS, NO_CHECK, TOP, Stats, assemble, utc_offset
 from kanmon.records.trace import Timeline, _trace
 
@@ -212,15 +213,15 @@ def collect(section: RecordsSection, since: float, until: float | None = None, b
     where = "FROM history WHERE ts >= %s AND ts < %s"
     queries = [
         ("SELECT floor((ts + %s) / %s)::bigint AS b, SUM(first), SUM(first * size),"
-         " SUM((status = 'Delivered')::int), SUM((deferrals > 0 AND disposition = 'Accept')::int),"
+         f" SUM((status = 'Delivered')::int), SUM((deferrals > 0 AND {ACCEPTED})::int),"
          f" SUM((status LIKE 'Bounced%%')::int), SUM((disposition = 'Reject')::int) {where} GROUP BY b ORDER BY b",
          (off, size, since, until)),
         (f"SELECT mail_from, COUNT(*) AS c {where} AND first = 1 GROUP BY mail_from ORDER BY c DESC, mail_from LIMIT %s",
          (since, until, top)),
-        (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND disposition = 'Accept' GROUP BY r ORDER BY c DESC, r"
+        (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND {ACCEPTED} GROUP BY r ORDER BY c DESC, r"
          " LIMIT %s", (since, until, top)),
         ("SELECT lower(substr(rcpt, strpos(rcpt, '@') + 1)) AS d, COUNT(*) AS c"
-         f" {where} AND disposition = 'Accept' GROUP BY d ORDER BY c DESC, d LIMIT %s", (since, until, top)),
+         f" {where} AND {ACCEPTED} GROUP BY d ORDER BY c DESC, d LIMIT %s", (since, until, top)),
         # As kanmon.records.stats._queries: the history rows each refusal wrote, by check.
         (f"SELECT 'rcpt', {PG_CHECK_LABEL}, SUM(COALESCE((detail::jsonb->>'history_rows')::int, {PG_LEGACY_ROWS})) AS c"
          " FROM events WHERE ts >= %s AND ts < %s AND kind = 'reject' GROUP BY 2"

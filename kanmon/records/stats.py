@@ -26,7 +26,7 @@ from itertools import compress
 from operator import itemgetter
 from pathlib import Path
 
-from kanmon.records.store import SLOT, SLOT_COLUMNS, SLOT_SUMS, has_table, open_db
+from kanmon.records.store import ACCEPTED, SLOT, SLOT_COLUMNS, SLOT_SUMS, has_table, open_db
 
 BUCKETS = {"hour": 3600, "day": 86400}
 TOP = 10
@@ -202,7 +202,7 @@ def _queries(where: str, since: float, until: float, top: int) -> list[tuple[str
         (f"SELECT mail_from, COUNT(*) AS c {where} AND first = 1 GROUP BY mail_from ORDER BY c DESC, mail_from LIMIT ?",
          (since, until, top)),
         # Every recipient's count (not only the top ones): the domains are summed from them.
-        (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND disposition = 'Accept' GROUP BY r", (since, until)),
+        (f"SELECT lower(rcpt) AS r, COUNT(*) AS c {where} AND {ACCEPTED} GROUP BY r", (since, until)),
         # Refusals by the check that made them (the typed event's detail, not its text):
         # the history rows each refusal wrote (so they add up to the "rejected" column),
         # and the connections refused; "(session)" where no check did (a bad parameter,
@@ -252,9 +252,9 @@ def _one_pass(path: Path, since: float, until: float, top: int,
 # The rows the top lists count: a message's sender once (first), each accepted recipient
 # (lower case as SQLite's lower(): ASCII only) and its domain (what follows the first @,
 # the whole address without one: as _top_recipients takes it).
-_COUNTED_ROWS = ("SELECT first = 1, mail_from, disposition = 'Accept', lower(rcpt),"
+_COUNTED_ROWS = (f"SELECT first = 1, mail_from, {ACCEPTED}, lower(rcpt),"
                  " substr(lower(rcpt), instr(lower(rcpt), '@') + 1) FROM history"
-                 " WHERE ts >= ? AND ts < ? AND (first = 1 OR disposition = 'Accept')")
+                 f" WHERE ts >= ? AND ts < ? AND (first = 1 OR {ACCEPTED})")
 HOUR = 3600
 CACHE_SPAN = 2 * 86400  # periods up to this long count their whole hours from _hour_cache
 CACHE_KEYS = 100_000  # addresses and domains kept per database at most (~15 MB): hours past it are counted each time

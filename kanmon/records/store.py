@@ -85,6 +85,19 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+# The history rows of a message accepted for delivery: `Accept`, and `Tag` (accepted with
+# a Subject prefix); not `Quarantine`, `Discard` or `Reject`. What the stats count as a
+# recipient (deferred, the top lists) and the trace looks an address up among.
+ACCEPTED_DISPOSITIONS = ("Accept", "Tag")
+
+
+def accepted_sql(column: str = "disposition") -> str:
+    """SQL true for a row of ACCEPTED_DISPOSITIONS (column: the disposition's name there)."""
+    return f"{column} IN ({', '.join(repr(d) for d in ACCEPTED_DISPOSITIONS)})"
+
+
+ACCEPTED = accepted_sql()
+
 # Columns added after the first release: (table, column, declaration). open_db adds the
 # missing ones to an old database (docs/monitoring.md); old rows get the defaults, and the
 # `first` flag is filled in once from the rows already there.
@@ -120,7 +133,7 @@ def migrate(db: sqlite3.Connection) -> None:
                 if (table, column) == ("history", "first"):
                     db.execute(
                         "UPDATE history SET first = 1 WHERE id IN"
-                        " (SELECT min(id) FROM history WHERE disposition = 'Accept' GROUP BY queue_id)"
+                        f" (SELECT min(id) FROM history WHERE {ACCEPTED} GROUP BY queue_id)"
                     )
         except sqlite3.OperationalError as e:
             if "duplicate column" not in str(e):
@@ -128,6 +141,8 @@ def migrate(db: sqlite3.Connection) -> None:
     db.executescript(ADDED_INDEXES)
     if db.execute("PRAGMA user_version").fetchone()[0] < NOTE_KINDS_VERSION:
         _relabel_notes(db)
+    if db.execute("PRAGMA user_version").fetchone()[0] < TAGGED_VERSION:
+        _count_tagged(db)
     if not has_table(db, "history_slots"):
         _create_slots(db)
 
@@ -146,7 +161,7 @@ SLOTS_TABLE = (
 )
 # What one history row adds to its slot's counts, in SQL (the backfill and the periods a
 # slot does not cover) and in Python (slot_counts, the writer): the same rules.
-SLOT_SUMS = ("SUM(first), SUM(first * size), SUM(status = 'Delivered'), SUM(deferrals > 0 AND disposition = 'Accept'),"
+SLOT_SUMS = (f"SUM(first), SUM(first * size), SUM(status = 'Delivered'), SUM(deferrals > 0 AND {ACCEPTED}),"
              " SUM(status LIKE 'Bounced%'), SUM(disposition = 'Reject')")
 SLOT_UPSERT = (
     f"INSERT INTO history_slots(slot, {', '.join(SLOT_COLUMNS)}) VALUES (?,?,?,?,?,?,?) ON CONFLICT(slot) DO UPDATE SET "
@@ -162,11 +177,13 @@ SLOTS_STATUS_TRIGGER = f"""
 CREATE TRIGGER IF NOT EXISTS history_slots_status AFTER UPDATE OF status, deferrals ON history
 WHEN (old.status = 'Delivered') IS NOT (new.status = 'Delivered')
   OR (old.status LIKE 'Bounced%') IS NOT (new.status LIKE 'Bounced%')
-  OR (old.deferrals > 0 AND old.disposition = 'Accept') IS NOT (new.deferrals > 0 AND new.disposition = 'Accept')
+  OR (old.deferrals > 0 AND {accepted_sql("old.disposition")})
+    IS NOT (new.deferrals > 0 AND {accepted_sql("new.disposition")})
 BEGIN
   INSERT INTO history_slots(slot, delivered, deferred, bounced) VALUES (CAST(new.ts / {SLOT} AS INTEGER),
     ifnull(new.status = 'Delivered', 0) - ifnull(old.status = 'Delivered', 0),
-    ifnull(new.deferrals > 0 AND new.disposition = 'Accept', 0) - ifnull(old.deferrals > 0 AND old.disposition = 'Accept', 0),
+    ifnull(new.deferrals > 0 AND {accepted_sql("new.disposition")}, 0)
+      - ifnull(old.deferrals > 0 AND {accepted_sql("old.disposition")}, 0),
     ifnull(new.status LIKE 'Bounced%', 0) - ifnull(old.status LIKE 'Bounced%', 0))
   ON CONFLICT(slot) DO UPDATE SET delivered = delivered + excluded.delivered, deferred = deferred + excluded.deferred,
     bounced = bounced + excluded.bounced;
@@ -183,7 +200,7 @@ def slot_counts(first, size, status, deferrals: int, disposition) -> tuple[int, 
     """What a history row adds to its slot (SLOT_SUMS for one row; LIKE is case-blind for ASCII)."""
     first = 1 if first else 0
     status = status or ""
-    return (first, first * (size or 0), int(status == "Delivered"), int(deferrals > 0 and disposition == "Accept"),
+    return (first, first * (size or 0), int(status == "Delivered"), int(deferrals > 0 and disposition in ACCEPTED_DISPOSITIONS),
             int(status[:7].lower() == "bounced"), int(disposition == "Reject"))
 
 
@@ -210,6 +227,23 @@ def _create_slots(db: sqlite3.Connection) -> None:
         db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
 
 
+def _count_tagged(db: sqlite3.Connection) -> None:
+    """An older version counted only `Accept` rows as accepted where the stats count
+    recipients (deferred, the top lists): replace the slots' trigger with one that counts
+    `Tag` rows too and count the slots again from the history, once (several processes
+    may run it at once: the second finds it done)."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] >= TAGGED_VERSION:
+            return
+        if has_table(db, "history_slots"):
+            db.execute("DROP TRIGGER IF EXISTS history_slots_status")
+            db.execute(SLOTS_STATUS_TRIGGER)
+            db.execute("DELETE FROM history_slots")
+            db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+        db.execute(f"PRAGMA user_version = {TAGGED_VERSION}")
+
+
 def rebuild_slots(db: sqlite3.Connection) -> None:
     """Count history_slots again from the history (after rows were written with SQL
     around the writer, as the benchmarks fill a database)."""
@@ -221,6 +255,9 @@ def rebuild_slots(db: sqlite3.Connection) -> None:
 # PRAGMA user_version from which the DNS check's and the balancer's lines carry kinds of
 # their own (before, they were "info" Notes found by searching every line's text).
 NOTE_KINDS_VERSION = 1
+# ... from which a `Tag` row (accepted with a Subject prefix) counts as accepted in the
+# slots (deferred) as it does in the top lists and the trace (ACCEPTED).
+TAGGED_VERSION = 2
 
 
 def _relabel_notes(db: sqlite3.Connection) -> None:

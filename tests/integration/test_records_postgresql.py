@@ -353,6 +353,23 @@ def test_retention_prunes_this_nodes_old_shared_rows_only(tmp_path, pg_url):
         assert len(conn.execute("SELECT batch FROM records_batches").fetchall()) == 4
 
 
+def test_shared_stats_count_a_tagged_recipient_as_accepted(pg_url):
+    """As the local stats (test_history_slots): Tag rows' deferrals and recipients count,
+    Quarantine's do not."""
+    hist = [[100.0 + n, "192.0.2.7", "a@x", f"{d.lower()}@y.example", "s", "", 1, "NotSpam", d, f"Q{n}", "Queued", "",
+             "", 1] for n, d in enumerate(("Accept", "Tag", "Quarantine"))]
+    deferred = [[200.0, f"Q{n}", f"{d.lower()}@y.example", "Deferred (451 4.4.1 try later)"]
+                for n, d in enumerate(("Accept", "Tag", "Quarantine"))]
+    with pg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn)
+        pg.commit_batch(conn, "mr1", "rows", {"events": [], "hist": hist, "status": [], "counts": []})
+        pg.commit_batch(conn, "mr1", "deferred", {"events": [], "hist": [], "status": deferred, "counts": []})
+    report = pgquery.collect(section(pg_url), 0.0, 3600.0, by="hour")
+    assert (report.totals.received, report.totals.deferred) == (3, 2)
+    assert sorted(report.top_recipients) == [("accept@y.example", 1), ("tag@y.example", 1)]
+    assert report.top_domains == [("y.example", 2)]
+
+
 def test_retention_on_a_database_without_the_schema_says_to_create_it(tmp_path, pg_url):
     import asyncio
 

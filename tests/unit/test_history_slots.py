@@ -165,3 +165,71 @@ def test_the_top_lists_equal_their_group_bys(tmp_path, span):
     assert report.top_recipients == rcpts and len(rcpts) == 4
     assert report.top_domains == domains and len(domains) == 4
     assert report.top_senders == senders
+
+
+def test_a_tagged_recipient_counts_as_accepted_in_the_columns_and_the_top_lists(tmp_path):
+    """Tag (accepted with a Subject prefix: a spam tag, SPF's or DMARC's tag) is mail
+    delivered as Accept is: its deferrals and its recipients count; Quarantine and Discard
+    (never queued for delivery) do not."""
+    from kanmon.records.stats import collect
+
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    try:
+        for n, disposition in enumerate(("Accept", "Tag", "Quarantine", "Discard")):
+            _hist(records, T0 + n, f"Q{n}", f"{disposition.lower()}@example.test", disposition=disposition)
+        records.flush()
+        for n, disposition in enumerate(("Accept", "Tag", "Quarantine", "Discard")):
+            records.history_status(f"Q{n}", f"{disposition.lower()}@example.test", "Deferred (451 4.4.1 try later)")
+        records.flush()
+        records.history_status("Q1", "tag@example.test", "Delivered")
+        records.flush()
+    finally:
+        records.close()
+    report = collect(tmp_path, T0 - 1, T0 + 3600, by="hour")
+    assert (report.totals.received, report.totals.deferred, report.totals.delivered) == (4, 2, 1)
+    assert sorted(report.top_recipients) == [("accept@example.test", 1), ("tag@example.test", 1)]
+    assert report.top_domains == [("example.test", 2)]
+    db = open_db(tmp_path / "records.sqlite")
+    try:
+        assert _slots(db) == _group_by(db)
+    finally:
+        db.close()
+
+
+def test_an_older_database_counts_its_tagged_rows_again_once(tmp_path):
+    """A database of the version that counted only Accept rows as deferred (its trigger
+    and its slots) gets the current trigger and its slots counted again at open, once."""
+    from kanmon.records.store import SLOTS_STATUS_TRIGGER, TAGGED_VERSION
+
+    path = tmp_path / "records.sqlite"
+    records = Records(tmp_path, "mx1.example.test", log_file=False)
+    try:
+        for n in range(6):
+            _hist(records, T0 + n, f"Q{n}", f"r{n}@example.test", disposition="Tag" if n % 2 else "Accept")
+        records.flush()
+        for n in range(6):
+            records.history_status(f"Q{n}", f"r{n}@example.test", "Deferred (451 4.4.1 try later)")
+        records.flush()
+    finally:
+        records.close()
+    db = sqlite3.connect(path)
+    old_trigger = SLOTS_STATUS_TRIGGER.replace("disposition IN ('Accept', 'Tag')", "disposition = 'Accept'")
+    assert old_trigger != SLOTS_STATUS_TRIGGER
+    with db:
+        db.execute("DROP TRIGGER history_slots_status")
+        db.execute(old_trigger)
+        db.execute("UPDATE history_slots SET deferred = 3")  # what that version counted: the Accept rows
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    db = open_db(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == TAGGED_VERSION
+        assert db.execute("SELECT sum(deferred) FROM history_slots").fetchone()[0] == 6
+        assert _slots(db) == _group_by(db)
+        db.execute("UPDATE history SET status = 'Delivered', deferrals = 0 WHERE queue_id = 'Q1'")  # the new trigger
+        assert db.execute("SELECT sum(deferred) FROM history_slots").fetchone()[0] == 5
+        db.execute("UPDATE history_slots SET received = received + 7")  # opened again: not counted again
+        open_db(path).close()
+        assert db.execute("SELECT sum(received) FROM history_slots").fetchone()[0] == 6 + 7
+    finally:
+        db.close()
