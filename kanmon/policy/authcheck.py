@@ -367,7 +367,7 @@ class DmarcCheck(Check):
             arc.result if arc is not None and arc.result != "none" else "", dmarc.from_domain if dmarc is not None else "", action, ar,
         )
         return accept(headers=(("Authentication-Results", ar),), content=new_content, effects=(effect,),
-                      quarantine=quarantine, classification=CLASSIFICATION if action != "none" else "")
+                      quarantine=quarantine, classification=CLASSIFICATION if action != "none" else "", tagged=tagged)
 
 
 def _best(sigs: list[DkimSignatureResult] | None) -> str:

@@ -91,6 +91,7 @@ class CheckResult:
     content: bytes | None = None  # DATA: the message rewritten (fields removed, Subject tagged); the later checks see it
     amend: Amend | None = None  # DATA: changes to the message or its recipients
     findings: tuple[Finding, ...] = ()  # for the message's trace
+    tagged: bool = False  # DATA: this check's content has a Subject prefix it put there (history: Tag)
 
 
 ACCEPTED = CheckResult()
@@ -186,6 +187,7 @@ class Decision:
     amend: Amend | None = None  # DATA, accepted: changes to the message or its recipients
     findings: tuple[Finding, ...] = ()
     quarantine_check: str = ""  # the check that asked for quarantine
+    tagged: bool = False  # DATA, accepted: a check's rewritten content has a Subject prefix of its own
 
     @property
     def accepted(self) -> bool:
@@ -201,7 +203,7 @@ class _Tally:
     """Results accumulated so far at one stage."""
 
     __slots__ = ("headers", "score", "quarantine", "effects", "classification", "content", "amend", "findings",
-                 "quarantine_check")
+                 "quarantine_check", "tagged")
 
     def __init__(self) -> None:
         self.headers: tuple[tuple[str, str], ...] = ()
@@ -213,6 +215,7 @@ class _Tally:
         self.amend: Amend | None = None
         self.findings: tuple[Finding, ...] = ()
         self.quarantine_check = ""
+        self.tagged = False
 
     def add(self, check: Check, r: CheckResult, ctx: Context) -> Decision | None:
         """Take one result; the Decision when it decides (not an accept), else None."""
@@ -232,6 +235,7 @@ class _Tally:
         if r.content is not None:
             self.content = ctx.content = r.content
             ctx.header_end = r.content.find(b"\r\n\r\n")
+            self.tagged = self.tagged or r.tagged
         if r.findings:
             self.findings += r.findings
         if r.amend is not None:
@@ -253,7 +257,7 @@ class _Tally:
         return Decision(
             headers=self.headers, score=self.score, quarantine=self.quarantine, effects=self.effects,
             recipients=ctx.recipients, classification=self.classification, content=self.content,
-            amend=self.amend, findings=self.findings, quarantine_check=self.quarantine_check,
+            amend=self.amend, findings=self.findings, quarantine_check=self.quarantine_check, tagged=self.tagged,
         )
 
     def _decision(self, ctx: Context, outcome: Outcome, reply: Reply, check: Check, cls: str, error: str = "") -> Decision:

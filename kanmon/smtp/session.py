@@ -1172,7 +1172,7 @@ class Session:
         self.state = State.WAIT_STORE
         out.append(StoreMessage(queue_id, env, trace + content, tx.classification or "NotSpam", tx.score, tx.quarantine,
                                 amend.discard if amend is not None else "", d.findings, tx.quarantine_check,
-                                bool(amend is not None and amend.subject_prefix)))
+                                d.tagged or bool(amend is not None and amend.subject_prefix)))
 
     def _received_header(self, queue_id: str, env: Envelope) -> bytes:
         """RFC 5321 4.4 trace field, folded like Postfix's."""

@@ -124,4 +124,6 @@ def test_spf_fail_is_tagged_by_the_default_profile(node, dns_server):  # noqa: F
     assert b"\nSubject: [SUSPECT] quarterly figures" in delivered.replace(b"\r\n", b"\n")
     node.flush()
     rows = search_history(node.data_dir)
-    assert [(r.disposition, r.classification) for r in rows] == [("Accept", "Spoofing")]
+    assert [(r.disposition, r.classification) for r in rows] == [("Tag", "Spoofing")]  # as a content rule's tag
+    (timeline,) = trace(node.data_dir, "a@sender.test")  # found by its sender, as an Accept row is
+    assert timeline.queue_id == rows[0].queue_id
