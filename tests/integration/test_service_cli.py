@@ -135,7 +135,10 @@ def test_check_a_busy_port_and_duplicate_addresses(tmp_path):
     finally:
         busy.close()
     wild = write(tmp_path, name="wild.toml", port=other, extra=f'[pop3]\nlisten = ["0.0.0.0:{other}"]\n')
-    assert "overlaps smtp.listen[0]" in errors(check_json(wild, 2))["pop3.listen[0]"]
+    # Every error of the key: a test beside this one may listen on the port on another
+    # 127.0.0.x by now, which adds "in use" for the wildcard (the bind check comes after).
+    pop3 = [text for sev, key, text in check_json(wild, 2) if (sev, key) == ("error", "pop3.listen[0]")]
+    assert any("overlaps smtp.listen[0]" in text for text in pop3), pop3
 
 
 def test_check_names_and_networks(tmp_path):
