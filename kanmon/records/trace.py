@@ -26,7 +26,6 @@ from pathlib import Path
 from kanmon.model import is_queue_id
 from kanmon.records.events import BOUNCED, DEFERRED, SENT
 from kanmon.records.stats import connect_records
-from kanmon.records.store import ACCEPTED
 
 MAX_MESSAGES = 200  # timelines per query; the newest are kept
 
@@ -128,7 +127,7 @@ def _trace(db, query: str, since: float) -> list[Timeline]:
         if not qids and "@" in bare:
             rows = db.execute(
                 "SELECT queue_id, min(ts) AS t FROM history WHERE (mail_from = ? COLLATE NOCASE OR rcpt = ? COLLATE NOCASE)"
-                f" AND {ACCEPTED} AND ts >= ? GROUP BY queue_id ORDER BY t DESC LIMIT ?",
+                " AND queue_id != '' AND ts >= ? GROUP BY queue_id ORDER BY t DESC LIMIT ?",
                 (bare, bare, since, MAX_MESSAGES),
             ).fetchall()
             qids = [r[0] for r in reversed(rows)]

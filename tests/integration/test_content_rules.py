@@ -17,6 +17,7 @@ from kanmon.cli import main
 from kanmon.clock import ManualClock
 from kanmon.config import parse_config
 from kanmon.records.query import search_events, search_history
+from kanmon.records.trace import trace
 from tests.support.kanmon_node import TEST_DEFAULT_PROFILE, RunningNode, free_port, maildir_messages, wait_for
 from tests.support.mailsamples import attachment, encrypted_zip, japanese_message, zip_with_names
 
@@ -127,6 +128,8 @@ def test_iso2022jp_invoice_with_encrypted_zip_is_quarantined_with_the_rule_named
     assert row.disposition == "Quarantine" and row.classification == "Policy"
     assert (node.data_dir / "quarantine" / f"{qid}.msg").exists()
     assert not list((node.data_dir / "spool").rglob(f"*{qid}*"))  # not in the queue
+    # "Where is the mail from katou?": the trace finds it by the sender's address, held.
+    assert [t.queue_id for t in trace(node.data_dir, "katou@partner.example")] == [qid]
 
 
 def cli(node, *args):
@@ -226,6 +229,7 @@ def test_discard_answers_250_and_keeps_nothing_but_the_trace(node):
     qid = queue_id_of(node, "unsubscribe-me")
     assert any("discarded: content rule junk" in t for t in events_of(node, qid))
     assert not list((node.data_dir / "spool").rglob(f"*{qid}*"))
+    assert [t.queue_id for t in trace(node.data_dir, "katou@partner.example")] == [qid]  # found by its sender
 
 
 def test_redirect_and_bcc(node):
