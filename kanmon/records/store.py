@@ -87,7 +87,7 @@ CREATE TABLE IF NOT EXISTS counters (
 
 # The history rows of a message accepted for delivery: `Accept`, and `Tag` (accepted with
 # a Subject prefix); not `Quarantine`, `Discard` or `Reject`. What the stats count as a
-# recipient (deferred, the top lists) and the trace looks an address up among.
+# recipient (deferred, the top lists; SQLite and PostgreSQL alike).
 ACCEPTED_DISPOSITIONS = ("Accept", "Tag")
 
 
@@ -256,7 +256,7 @@ def rebuild_slots(db: sqlite3.Connection) -> None:
 # their own (before, they were "info" Notes found by searching every line's text).
 NOTE_KINDS_VERSION = 1
 # ... from which a `Tag` row (accepted with a Subject prefix) counts as accepted in the
-# slots (deferred) as it does in the top lists and the trace (ACCEPTED).
+# slots (deferred) as it does in the top lists (ACCEPTED).
 TAGGED_VERSION = 2
 
 
