@@ -245,6 +245,9 @@ class Node:
         self._retiring_balancers: dict[asyncio.Task, BalancerService] = {}  # replaced by a reload, finishing
         self.cluster_watch = ClusterWatch(self, (ReloadError,), cluster_start) if config.cluster is not None else None
         self._reload_lock = asyncio.Lock()
+        self._reloads_asked = 0  # reload_file calls not yet ended (a SIGHUP and `kanmon reload` may overlap)
+        self._reload_seq = 0  # reload_file calls so far
+        self._reload_status = (0, "")  # (call number, STATUS=) of the latest call asked that has ended
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
         self._exited_shares: ExitedShares | None = None  # with receiver processes: their gauge cleanup
@@ -725,8 +728,14 @@ class Node:
     async def reload_file(self) -> dict:
         """Read and validate the config file again, then reload() it: SIGHUP and `kanmon
         reload` (the control socket). The service manager hears of it (sd_notify):
-        RELOADING=1 before, READY=1 after, with a STATUS= that says a refusal."""
+        RELOADING=1 before, READY=1 after, with a STATUS= that says a refusal. Reloads asked
+        while one runs (they take their turns) get one READY=1, when the last has ended:
+        the manager's reload is not over while one still waits. Its STATUS= is the one of
+        the reload asked last (it read the file as it is now)."""
         sdnotify.reloading()
+        self._reloads_asked += 1
+        self._reload_seq += 1
+        seq = self._reload_seq
         status = "reload failed; serving the previous configuration"
         try:
             result = await self._reload_file()
@@ -737,7 +746,11 @@ class Node:
             status = f"reload refused: {reason[:STATUS_REASON_MAX]}; serving the previous configuration"
             raise
         finally:
-            sdnotify.ready(status)
+            self._reloads_asked -= 1
+            if seq > self._reload_status[0]:
+                self._reload_status = (seq, status)
+            if not self._reloads_asked:
+                sdnotify.ready(self._reload_status[1])
 
     async def _reload_file(self) -> dict:
         try:

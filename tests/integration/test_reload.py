@@ -373,3 +373,51 @@ def test_both_reload_paths_tell_the_service_manager_and_a_refusal_says_so(tmp_pa
     finally:
         proc.terminate()
         notify.close()
+
+
+def test_reloads_asked_while_one_runs_end_with_one_ready_after_the_last(tmp_path, monkeypatch):
+    """A SIGHUP and `kanmon reload` at once: each says RELOADING=1, and READY=1 comes once,
+    when the last has ended (an earlier one's READY=1 would tell the service manager the
+    reload was over while the other still waited), with the status of the one asked last."""
+    import asyncio
+
+    from kanmon.config import parse_config
+    from tests.support.kanmon_node import RunningNode
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+
+    def messages(n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            msg = notify.recv(4096).decode()
+            if msg != "WATCHDOG=1":
+                out.append("RELOADING=1" if msg.startswith("RELOADING=1\nMONOTONIC_USEC=") else msg)
+        return out
+
+    port = free_port()
+    cfg = tmp_path / "kanmon.toml"
+    text = CONFIG.format(data_dir=tmp_path / "data", port=port, mailboxes='"alice"')
+    cfg.write_text(text)
+    rn = RunningNode(parse_config(text))
+    rn.node.config_source = str(cfg)
+    rn.start()
+    try:
+        node = rn.node
+
+        async def two_at_once() -> None:
+            async with node._reload_lock:  # a reload running: both asked now wait their turn
+                first = asyncio.ensure_future(node.reload_file())
+                second = asyncio.ensure_future(node.reload_file())
+                await asyncio.sleep(0)  # both have said RELOADING=1 and wait for the lock
+            await asyncio.gather(first, second)
+
+        asyncio.run_coroutine_threadsafe(two_at_once(), rn.loop).result(30)
+        asyncio.run_coroutine_threadsafe(node.reload_file(), rn.loop).result(30)  # one more, alone: a marker
+        ready = "READY=1\nSTATUS=serving as mx1.example.test"
+        assert messages(5) == ["RELOADING=1", "RELOADING=1", ready, "RELOADING=1", ready]
+    finally:
+        rn.stop()
+        notify.close()
