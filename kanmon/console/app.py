@@ -667,15 +667,20 @@ class ConsoleApp:
                          f"{len(result['acted'])} deleted here, {len(result['skipped'])} gone meanwhile")
         return {"deleted": result["acted"], "skipped": result["skipped"]}
 
-    async def _alert_test(self, who: Who, category: str) -> dict:
+    async def _alert_test(self, who: Who, category: str, to: str = "") -> dict:
+        """to: one mailbox instead of [alerts] to ("": those), as `kanmon alert test --to`."""
+        from kanmon.alerts import is_test_address, request_test_alert  # noqa: PLC0415
+
         if category not in ALERT_CATEGORIES:
             raise Refused(400, "category must be one of {names}", names=", ".join(ALERT_CATEGORIES))
-        from kanmon.alerts import request_test_alert  # noqa: PLC0415
-
-        outcome = await asyncio.to_thread(request_test_alert, self.data_dir, category, ALERT_TEST_WAIT)
+        to = to.strip()
+        if to and not is_test_address(to):
+            raise Refused(400, "send the test to one mailbox, local@domain")
+        outcome = await asyncio.to_thread(request_test_alert, self.data_dir, category, ALERT_TEST_WAIT, to)
         qid = outcome.rpartition("(queue id ")[2].rstrip(")") if outcome and "(queue id " in outcome else None
-        self.write_audit(who, "alert test", category, "no answer" if outcome is None else ("queued " + qid if qid else "not mailed"))
-        return {"category": category, "outcome": outcome or "no answer from the alerts within "
+        self.write_audit(who, "alert test", category + (f" to {for_log(to)}" if to else ""),
+                         "no answer" if outcome is None else ("queued " + qid if qid else "not mailed"))
+        return {"category": category, "to": to, "outcome": outcome or "no answer from the alerts within "
                 f"{ALERT_TEST_WAIT:.0f} s", "queue_id": qid}
 
     async def _records(self, shared: Callable[[], Any] | None, local: Callable[[], Any]) -> Any:
@@ -1232,12 +1237,12 @@ class ConsoleApp:
 
     async def alerts_test(self, request: Request, who: Who) -> Response:
         form = await request.form()
-        result = await self._alert_test(who, str(form.get("category") or ""))
+        result = await self._alert_test(who, str(form.get("category") or ""), str(form.get("to") or ""))
         if request.headers.get("hx-request"):
             return self.render(request, "alert_result.html", who, result=result)
         data = await self._alerts(time.time() - 7 * 86400)
         return self.render(request, "alerts.html", who, categories=ALERT_CATEGORIES, alerts=data,
-                           cfg=self.config.alerts, result=result)
+                           cfg=self.config.alerts, result=result, to=result["to"])
 
     async def alert_status(self, request: Request, who: Who) -> Response:
         """The delivery status of a test alert (polled by the page until it is final)."""
@@ -1492,7 +1497,7 @@ class ConsoleApp:
 
     async def api_alerts_test(self, request: Request, who: Who) -> Response:
         body = await _json_body(request)
-        return JSONResponse(await self._alert_test(who, str(body.get("category") or "")))
+        return JSONResponse(await self._alert_test(who, str(body.get("category") or ""), str(body.get("to") or "")))
 
     async def api_maintenance(self, request: Request, who: Who) -> Response:
         return JSONResponse(await self._maintenance())

@@ -90,7 +90,8 @@ def openapi_document() -> dict:
         "/api/v1/alerts": {"get": _op("active and recent alerts", [_q("since", "duration, default 7d")])},
         "/api/v1/alerts/test": {"post": _op("send a test alert of a category; its queue id", write=True, body={
             "type": "object", "required": ["category"],
-            "properties": {"category": {"type": "string", "enum": list(ALERT_CATEGORIES)}}})},
+            "properties": {"category": {"type": "string", "enum": list(ALERT_CATEGORIES)},
+                           "to": {"type": "string", "description": "one mailbox instead of [alerts] to"}}})},
         "/api/v1/maintenance": {"get": _op("the [[maintenance]] jobs with last run, result and next run, as "
                                            "`kanmon maintenance list --json`")},
         "/api/v1/maintenance/{job}/run": {"post": _op(

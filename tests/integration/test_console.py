@@ -34,7 +34,7 @@ relay_networks = ["127.0.0.0/8"]
 min_free_disk = "1MB"
 [[domain]]
 name = "example.test"
-mailboxes = ["alice"]
+mailboxes = ["alice", "bob"]
 [[domain]]
 name = "down.example"
 deliver = "relay"
@@ -397,6 +397,24 @@ def test_the_alert_test_button_mails_a_test_alert_to_the_mailbox(console) -> Non
     console.flush()
     assert "delivery-status" in status.text, [e.text for e in search_events(console.data_dir, grep="console:")]
     assert c.post("/api/v1/alerts/test", json={"category": "nope"}, headers={"X-CSRF-Token": token}).status_code == 400
+
+
+def test_the_alert_test_button_sends_to_the_address_given_instead(console) -> None:
+    """As `kanmon alert test --to`: the page's address field, and the API's "to"."""
+    c = login(console, "alice", "alice-pw")
+    token = csrf_of(c, "/alerts")
+    page = c.post("/alerts/test", data={"csrf": token, "category": "disk", "to": "bob@example.test"})  # no script
+    assert page.status_code == 200, page.text
+    assert 'id="alert-test-to" value="bob@example.test"' in page.text  # kept for the next test
+    wait_for(lambda: maildir_messages(console.data_dir, "bob@example.test"), 30, "the alert in bob's mailbox")
+    assert b"X-Kanmon-Alert: disk" in maildir_messages(console.data_dir, "bob@example.test")[0]
+    r = c.post("/api/v1/alerts/test", json={"category": "queue", "to": "bob@example.test"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json()["to"] == "bob@example.test", r.text
+    wait_for(lambda: len(maildir_messages(console.data_dir, "bob@example.test")) == 2, 30, "the second in bob's mailbox")
+    assert maildir_messages(console.data_dir, "alice@example.test") == []  # [alerts] to had neither
+    for bad in ("bob", "<bob@example.test>", "a@b.example, c@d.example", "bob@example.test\r\nRCPT TO:<x@y>"):
+        r = c.post("/api/v1/alerts/test", json={"category": "queue", "to": bad}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 400 and "one mailbox" in r.text, (bad, r.text)
 
 
 def test_pages_in_japanese_by_browser_and_by_the_admin_choice(console) -> None:

@@ -118,6 +118,12 @@ def test_admin_and_auditor_in_chromium(browser, node) -> None:
     node.flush()
     page.wait_for_selector(f"#status-{alert_id}")  # htmx polled the delivery status
     shot(page, "alerts")
+    # The address field: the next test goes to bob instead (htmx sends the button's form).
+    page.fill("#alert-test-to", "bob@example.test")
+    page.click("#category-disk button.test")
+    page.wait_for_selector("#result-disk a.qid")
+    wait_for(lambda: maildir_messages(node.data_dir, "bob@example.test"), 30, "the alert in bob's mailbox")
+    assert b"X-Kanmon-Alert: disk" in maildir_messages(node.data_dir, "bob@example.test")[0]
     page.goto(f"/trace?q={alert_id}")
     page.wait_for_selector(".timeline")
     shot(page, "trace")
