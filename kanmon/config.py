@@ -215,6 +215,11 @@ class SmtpSection(Section):
     trusted_proxies: list[Network] = Field(
         default_factory=list, description="Balancers allowed to send a PROXY protocol header (v1/v2)"
     )
+    health_check_clients: list[Network] = Field(
+        default_factory=list,
+        description="Monitors (a FortiGate TCP health check, a balancer's probe): greeted at once, and a connection "
+        "of theirs that ends before it sends anything writes no connect/disconnect lines (one that talks is logged)",
+    )
 
 
 class TlsSection(Section):

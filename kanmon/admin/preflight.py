@@ -233,7 +233,8 @@ def _network_keys(raw: Any, prefix: str) -> Iterable[tuple[str, str]]:
     if isinstance(raw, dict):
         for k, v in raw.items():
             key = f"{prefix}.{k}" if prefix else k
-            if k in ("relay_networks", "trusted_proxies", "networks", "clients") and isinstance(v, list):
+            if k in ("relay_networks", "trusted_proxies", "health_check_clients", "networks", "clients") \
+                    and isinstance(v, list):
                 for n, item in enumerate(v):
                     if isinstance(item, str) and "/" in item:
                         yield f"{key}[{n}]", item

@@ -450,6 +450,7 @@ class SmtpServer:
         self._quarantine: QuarantineStore | None = None
         self._archive: ArchiveStore | None = None
         self._trusted_proxies = list(config.smtp.trusted_proxies)
+        self._health_check_clients = list(config.smtp.health_check_clients)
         self.handshake_timeout = config.tls.handshake_timeout if config.tls is not None else TLS_HANDSHAKE_TIMEOUT
         self._acceptors: list[TlsAcceptor] = []
         self.accepted = 0
@@ -654,6 +655,16 @@ class SmtpServer:
             return False
         return any(addr in net for net in self._trusted_proxies)
 
+    def is_health_check_client(self, ip: str) -> bool:
+        """[smtp] health_check_clients: a monitor's address."""
+        if not self._health_check_clients:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._health_check_clients)
+
     async def _sweep(self) -> None:
         """One timer for all connections (sweep_nowait); it awaits nothing else (the
         probes run in the Prober), so no probe or busy executor delays a timeout."""
@@ -751,6 +762,9 @@ class SmtpProtocol(asyncio.Protocol):
         # connections the proxy makes for itself). Greeted at once, no connect/disconnect
         # lines (every few seconds per balancer, they would bury the clients' lines).
         self._health_check = False
+        # A monitor's connection ([smtp] health_check_clients): its connect line waits
+        # for its first bytes, and is never written if it ends without any.
+        self._monitor = False
         self._greet_timer: asyncio.TimerHandle | None = None  # greet_pause running (pregreet test)
         # What the client sent before its session opened (read while the shared connection
         # gauge answers: uvloop starts reading after connection_made, where a pause does
@@ -805,6 +819,8 @@ class SmtpProtocol(asyncio.Protocol):
         smtp = server.config.smtp
         self.client = client
         ip = client.ip
+        # (On an implicit-TLS port the handshake has been made: logged as any client.)
+        self._monitor = not self._health_check and not client.tls_version and server.is_health_check_client(ip)
         if len(server.connections) > smtp.max_connections:
             self._refuse(replies.TOO_MANY_CONNECTIONS, f"connection limit {smtp.max_connections} reached", "max_connections")
             return
@@ -852,7 +868,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.waiting_for_us = False
         if self._closed:  # the client left while the gauge answered: it did connect
             self._release_gauge()
-            if not self._health_check:
+            if not self._health_check and not self._monitor:
                 server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
                 server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
             return
@@ -897,16 +913,16 @@ class SmtpProtocol(asyncio.Protocol):
         ip = client.ip
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.pipeline.name_client(client)
-        if not self._health_check:
+        if not self._health_check and not self._monitor:
             server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if client.tls_version:  # implicit TLS (RFC 8314): logged as a STARTTLS is, as sendmail does
             server.records.record(ev.TlsStarted(client.name, ip, client.tls_version, client.tls_cipher, client.tls_bits),
                                   session=self.sid)
-        if profile.greet_pause > 0 and not server.submission and not self._health_check:
+        if profile.greet_pause > 0 and not server.submission and not self._health_check and not self._monitor:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do
-            # relay clients (the built-in "trusted" profile has greet_pause 0) and a
-            # trusted balancer's health checks.
+            # relay clients (the built-in "trusted" profile has greet_pause 0), a
+            # trusted balancer's health checks and [smtp] health_check_clients.
             self._greet_timer = asyncio.get_running_loop().call_later(profile.greet_pause, self._greet)
         else:
             self._do(self.session.greeting())
@@ -944,7 +960,7 @@ class SmtpProtocol(asyncio.Protocol):
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
         self._release_gauge()
-        if self.session is not None and self.client is not None and not self._health_check:
+        if self.session is not None and self.client is not None and not self._health_check and not self._monitor:
             server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
         # The peer is gone: a check still running is stopped (its effects are not carried
@@ -984,6 +1000,9 @@ class SmtpProtocol(asyncio.Protocol):
                 if len(self._early) > EARLY_LIMIT:  # a flood before the banner: not kept
                     self._refuse(replies.EARLY_TALKER, f"{len(self._early)} bytes before the greeting", "greet_pause")
             return
+        if self._monitor:  # a monitor that talks: logged from here on as any client
+            self._monitor = False
+            self.server.records.record(ev.Connected(self.session.client.name, self.session.client.ip), session=self.sid)
         if self.session.state is State.GREETING and self.session.messages == 0:
             if data.startswith((b"PROXY ", proxy_protocol.V2_SIGNATURE[:6])) and not self.session.client.helo:
                 # A PROXY header from an address that is not a trusted balancer: the

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from kanmon.config import parse_config
 from kanmon.records.query import search_events
 from kanmon.smtp.proxy_protocol import build_proxy_v2
 from tests.integration.test_hostile_input import config_text, recv_all
 from tests.integration.test_relay_core import recv_reply
-from tests.support.kanmon_node import RunningNode, free_port
+from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, wait_for
 
 BALANCER = "127.0.0.30"
 
@@ -32,3 +34,50 @@ def test_a_balancer_health_check_skips_the_pregreet_wait_and_the_connect_lines(t
         lines = [e.text for e in search_events(n.data_dir)]
         assert "connect from unknown[192.0.2.77]" in lines
         assert not [line for line in lines if BALANCER in line], lines
+
+
+MONITOR = "127.0.0.31"  # a FortiGate's TCP health check, say
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # in the node; in a receiver process (the default), whose
+def test_a_monitor_that_connects_and_leaves_writes_no_lines_and_one_that_talks_is_logged(tmp_path, workers) -> None:
+    """[smtp] health_check_clients: a TCP monitor's connect-and-close every few seconds
+    would fill the log with connect/disconnect pairs; it writes nothing. The same address
+    sending a command is logged as any client (and greeted at once, as a check should be).
+    In a receiver process a connection that closes while the shared connection gauge
+    answers takes another path to its lines (it did connect): the same there."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    text = config_text(data_dir, port, greet_pause="500ms", workers=workers).replace(
+        "[smtp]", f'[smtp]\nhealth_check_clients = ["{MONITOR}/32"]')
+    cfg = tmp_path / "kanmon.toml"
+    cfg.write_text(text)
+    server = KanmonProcess(cfg, "127.0.0.1", port).start() if workers else RunningNode(parse_config(text)).start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(MONITOR, 0)):
+                pass  # connect and close, as a TCP monitor does
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(MONITOR, 0)) as raw:
+                assert recv_reply(raw).startswith(b"220 ")  # at once: no pregreet wait
+        with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(MONITOR, 0)) as raw:
+            raw.sendall(b"QUIT\r\n")  # before the banner: no pregreet test for it
+            answer = recv_all(raw)
+            assert answer.startswith(b"220 ") and b"\r\n221 " in answer, answer
+        with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.9", 0)) as raw:
+            assert recv_reply(raw).startswith(b"220 ")  # another client: logged, silent or not
+
+        def lines() -> list[str]:
+            if not workers:
+                server.node.records.flush()
+            return [e.text for e in search_events(data_dir)]
+        # The last connection's disconnect line: everything of the earlier ones is written by then.
+        wait_for(lambda: "disconnect from unknown[127.0.0.9]" in lines(), 30, "the last disconnect line")
+        mine = [line for line in lines() if MONITOR in line]
+        assert [line.split(" ", 1)[0] for line in mine] == ["connect", "disconnect"], mine  # the one that talked
+        assert "connect from unknown[127.0.0.9]" in lines()
+    finally:
+        if workers:
+            server.kill()
+        else:
+            server.stop()
