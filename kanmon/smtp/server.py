@@ -90,6 +90,16 @@ KEEP_FOR_DELIVERY = 1 << 20  # a message up to this size goes to the queue with 
 _session_ids = itertools.count(1)
 
 
+def _in_networks(ip: str, networks: list) -> bool:
+    if not networks:
+        return False  # the common case: none configured, no address to parse
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
 class GaugeBatch:
     """This process's takes and releases of places in the shared connection gauges,
     grouped: what arrives while one state transaction runs goes into the next
@@ -647,23 +657,11 @@ class SmtpServer:
         return task
 
     def is_trusted_proxy(self, ip: str) -> bool:
-        if not self._trusted_proxies:
-            return False  # the common case: no balancer, no address to parse
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self._trusted_proxies)
+        return _in_networks(ip, self._trusted_proxies)
 
     def is_health_check_client(self, ip: str) -> bool:
         """[smtp] health_check_clients: a monitor's address."""
-        if not self._health_check_clients:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self._health_check_clients)
+        return _in_networks(ip, self._health_check_clients)
 
     async def _sweep(self) -> None:
         """One timer for all connections (sweep_nowait); it awaits nothing else (the
