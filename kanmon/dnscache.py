@@ -83,16 +83,20 @@ class DnsCache:
     # -- dnspython's interface -----------------------------------------------------------
 
     def get(self, key: tuple) -> dns.resolver.Answer | None:
+        """One lookup of dnspython's is two gets: its (name, type) and, when that misses,
+        the name's NXDOMAIN (name, ANY). A hit counts on either; a miss only on the
+        second, so that hits + misses is the number of lookups."""
         now = self._clock()
+        counts_miss = key[1] == dns.rdatatype.ANY
         with self._lock:
             hit = self._data.get(key)
             if hit is None:
-                self.misses += 1
+                self.misses += counts_miss
                 return None
             expires, answer = hit
             if expires <= now:
                 del self._data[key]
-                self.misses += 1
+                self.misses += counts_miss
                 return None
             self._data.move_to_end(key)
             self.hits += 1

@@ -70,6 +70,24 @@ def test_a_positive_answer_is_kept_for_its_ttl_and_no_longer(dns_server):
     assert cache.hits >= 4
 
 
+def test_hits_and_misses_count_lookups(dns_server):
+    """`kanmon dns cache show`'s hits and misses: one per lookup, whether the answer was
+    kept (positive or NXDOMAIN) or asked for (dnspython looks a name up under its type
+    and then under ANY for a kept NXDOMAIN: that is still one lookup)."""
+    dns_server.set_records(zone=ZONE)
+    cache = DnsCache(clock=Clock())
+    r = mx(dns_server, cache)
+
+    async def main():
+        for _ in range(3):
+            await r.lookup("dest.example", "MX")  # asked once, then kept
+            await r.lookup("nowhere.dest.example", "MX")  # NXDOMAIN: asked once, then kept
+
+    asyncio.run(main())
+    assert count(dns_server, "dest.example.", "MX") == 1 and count(dns_server, "nowhere.dest.example.", "MX") == 1
+    assert (cache.hits, cache.misses) == (4, 2), (cache.hits, cache.misses)
+
+
 @pytest.mark.parametrize("name, qtype, expect", [
     ("nowhere.dest.example", "MX", "nxdomain"),  # no such name
     ("mx.dest.example", "MX", "nodata"),  # the name exists, without MX
