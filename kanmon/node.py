@@ -247,7 +247,7 @@ class Node:
         self._reload_lock = asyncio.Lock()
         self._reloads_asked = 0  # reload_file calls not yet ended (a SIGHUP and `kanmon reload` may overlap)
         self._reload_seq = 0  # reload_file calls so far
-        self._reload_status = (0, "")  # (call number, STATUS=) of the latest call asked that has ended
+        self._reload_status = ""  # STATUS= of the call asked last, once it has ended
         self._old_remotes: list[SmtpDelivery] = []
         self.balancer: BalancerService | None = None
         self._exited_shares: ExitedShares | None = None  # with receiver processes: their gauge cleanup
@@ -747,10 +747,10 @@ class Node:
             raise
         finally:
             self._reloads_asked -= 1
-            if seq > self._reload_status[0]:
-                self._reload_status = (seq, status)
+            if seq == self._reload_seq:
+                self._reload_status = status
             if not self._reloads_asked:
-                sdnotify.ready(self._reload_status[1])
+                sdnotify.ready(self._reload_status)
 
     async def _reload_file(self) -> dict:
         try:

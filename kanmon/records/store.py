@@ -215,6 +215,11 @@ def has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
+def _count_slots(db: sqlite3.Connection) -> None:
+    """Count the history into an empty history_slots (inside the caller's transaction)."""
+    db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+
+
 def _create_slots(db: sqlite3.Connection) -> None:
     """Create history_slots and count the rows already there into it, once (several
     processes may open the database at once: the second finds it made)."""
@@ -224,7 +229,7 @@ def _create_slots(db: sqlite3.Connection) -> None:
             return
         db.execute(SLOTS_TABLE)
         db.execute(SLOTS_STATUS_TRIGGER)
-        db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+        _count_slots(db)
 
 
 def _count_tagged(db: sqlite3.Connection) -> None:
@@ -240,7 +245,7 @@ def _count_tagged(db: sqlite3.Connection) -> None:
             db.execute("DROP TRIGGER IF EXISTS history_slots_status")
             db.execute(SLOTS_STATUS_TRIGGER)
             db.execute("DELETE FROM history_slots")
-            db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+            _count_slots(db)
         db.execute(f"PRAGMA user_version = {TAGGED_VERSION}")
 
 
@@ -249,7 +254,7 @@ def rebuild_slots(db: sqlite3.Connection) -> None:
     around the writer, as the benchmarks fill a database)."""
     with db:
         db.execute("DELETE FROM history_slots")
-        db.execute(f"INSERT INTO history_slots SELECT CAST(ts / {SLOT} AS INTEGER), {SLOT_SUMS} FROM history GROUP BY 1")
+        _count_slots(db)
 
 
 # PRAGMA user_version from which the DNS check's and the balancer's lines carry kinds of

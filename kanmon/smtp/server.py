@@ -790,6 +790,12 @@ class SmtpProtocol(asyncio.Protocol):
             self._closed = True
 
     @property
+    def _unlogged(self) -> bool:
+        """No connect/disconnect lines (and no pregreet wait): a trusted balancer's health
+        check, or a monitor that has not talked (yet)."""
+        return self._health_check or self._monitor
+
+    @property
     def awaiting_proxy_header(self) -> bool:
         return self._proxy_buf is not None and not self._closed
 
@@ -866,7 +872,7 @@ class SmtpProtocol(asyncio.Protocol):
         self.waiting_for_us = False
         if self._closed:  # the client left while the gauge answered: it did connect
             self._release_gauge()
-            if not self._health_check and not self._monitor:
+            if not self._unlogged:
                 server.records.record(ev.Connected(client.name, client.ip), session=self.sid)
                 server.records.record(ev.Disconnected(client.name, client.ip), session=self.sid)
             return
@@ -911,12 +917,12 @@ class SmtpProtocol(asyncio.Protocol):
         ip = client.ip
         self.session = Session(settings, server.pipeline, client, server.clock())
         server.pipeline.name_client(client)
-        if not self._health_check and not self._monitor:
+        if not self._unlogged:
             server.records.record(ev.Connected(client.name, ip), session=self.sid)
         if client.tls_version:  # implicit TLS (RFC 8314): logged as a STARTTLS is, as sendmail does
             server.records.record(ev.TlsStarted(client.name, ip, client.tls_version, client.tls_cipher, client.tls_bits),
                                   session=self.sid)
-        if profile.greet_pause > 0 and not server.submission and not self._health_check and not self._monitor:
+        if profile.greet_pause > 0 and not server.submission and not self._unlogged:
             # Pregreet test (Postfix postscreen_greet_wait): an SMTP client waits for the
             # banner (RFC 5321 3.1); spambots often do not. Submission skips it, and so do
             # relay clients (the built-in "trusted" profile has greet_pause 0), a
@@ -958,7 +964,7 @@ class SmtpProtocol(asyncio.Protocol):
             if server.per_ip[self.client.ip] <= 0:
                 del server.per_ip[self.client.ip]
         self._release_gauge()
-        if self.session is not None and self.client is not None and not self._health_check and not self._monitor:
+        if self.session is not None and self.client is not None and not self._unlogged:
             server.records.record(ev.Disconnected(self.client.name, self.client.ip), session=self.sid)
         self._closed = True
         # The peer is gone: a check still running is stopped (its effects are not carried
