@@ -9,10 +9,12 @@ speed figure.
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import socket
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -142,30 +144,45 @@ def test_relay_clients_are_not_made_to_wait(node):
         assert data.startswith(b"220 mx1.example.test ESMTP") and b"\r\n250-mx1.example.test\r\n" in data
 
 
-def unread_by_server(port: int, client: socket.socket) -> int | None:
-    """Bytes the server's end of this loopback connection has not read yet (its socket's
-    receive queue in /proc/net/tcp), None while the kernel lists no such connection."""
-    client_port = client.getsockname()[1]
+def server_side(port: int, client_port: int) -> tuple[int, int] | None:
+    """(TCP state, bytes not read yet) of the server's end of a loopback connection, from
+    /proc/net/tcp; None while the kernel lists no such socket."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
         if int(f[1].rsplit(":", 1)[1], 16) == port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
-            return int(f[4].split(":")[1], 16)
+            return int(f[3], 16), int(f[4].split(":")[1], 16)
     return None
+
+
+CLOSE_WAIT = 8  # the peer has closed; this end not yet
+
+
+def unread_by_server(port: int, client: socket.socket) -> int | None:
+    """Bytes the server's end of this loopback connection has not read yet."""
+    side = server_side(port, client.getsockname()[1])
+    return None if side is None else side[1]
+
+
+@contextlib.contextmanager
+def shared_state_locked(data_dir: Path) -> Iterator[None]:
+    """The shared state's database held in a write transaction: a receiver process's
+    connection gauge cannot answer (its transaction waits) until the block ends."""
+    lock = sqlite3.connect(data_dir / "state.db", isolation_level=None, timeout=15)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        yield
+        lock.execute("COMMIT")
+    finally:
+        lock.close()
 
 
 def sent_before_the_session_opens(port: int, data_dir: Path, source: str, data: bytes) -> socket.socket:
     """A connection whose first bytes the receiver process has read before its session
-    opened: the shared state's database is locked (the test holds its write transaction)
-    so the connection gauge cannot answer until the server has read every byte sent."""
-    lock = sqlite3.connect(data_dir / "state.db", isolation_level=None, timeout=15)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # the gauge's transaction waits behind this one
+    opened: the gauge cannot answer until the server has read every byte sent."""
+    with shared_state_locked(data_dir):
         raw = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
         raw.sendall(data)
         wait_for(lambda: unread_by_server(port, raw) == 0, timeout=15)
-        lock.execute("COMMIT")
-    finally:
-        lock.close()
     return raw
 
 

@@ -4,6 +4,7 @@ for it; a client behind the same balancer still waits for greet_pause and is log
 
 from __future__ import annotations
 
+import smtplib
 import socket
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from kanmon.config import parse_config
 from kanmon.records.query import search_events
 from kanmon.smtp.proxy_protocol import build_proxy_v2
-from tests.integration.test_hostile_input import config_text, recv_all
+from tests.integration.test_hostile_input import CLOSE_WAIT, config_text, recv_all, server_side, shared_state_locked
 from tests.integration.test_relay_core import recv_reply
 from tests.support.kanmon_node import KanmonProcess, RunningNode, free_port, wait_for
 
@@ -45,7 +46,8 @@ def test_a_monitor_that_connects_and_leaves_writes_no_lines_and_one_that_talks_i
     would fill the log with connect/disconnect pairs; it writes nothing. The same address
     sending a command is logged as any client (and greeted at once, as a check should be).
     In a receiver process a connection that closes while the shared connection gauge
-    answers takes another path to its lines (it did connect): the same there."""
+    answers takes another path to its lines (it did connect): the same there (the test
+    holds the shared state so that the first probe takes that path)."""
     port = free_port()
     data_dir = tmp_path / "data"
     text = config_text(data_dir, port, greet_pause="500ms", workers=workers).replace(
@@ -54,6 +56,17 @@ def test_a_monitor_that_connects_and_leaves_writes_no_lines_and_one_that_talks_i
     cfg.write_text(text)
     server = KanmonProcess(cfg, "127.0.0.1", port).start() if workers else RunningNode(parse_config(text)).start()
     try:
+        if workers:
+            with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:  # the receiver serves (its start takes the state)
+                assert s.noop()[0] == 250
+            # The first probe closes while the gauge cannot answer: the receiver has seen
+            # the close (its end is no longer waiting to close) before the gauge's answer.
+            with shared_state_locked(data_dir):
+                probe = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(MONITOR, 0))
+                probe_port = probe.getsockname()[1]
+                wait_for(lambda: server_side(port, probe_port) is not None, 15, "the probe accepted")
+                probe.close()
+                wait_for(lambda: (server_side(port, probe_port) or (0, 0))[0] != CLOSE_WAIT, 15, "the close seen")
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(MONITOR, 0)):
                 pass  # connect and close, as a TCP monitor does
